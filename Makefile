@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   builds .venv, installs sparsecore, runs the main job (writes demo-output/)
+#   make test   builds .venv, installs sparsecore with its test tools, runs the suite
+# A machine without torch gets the CPU build of torch 2.13.0. To reuse a torch you
+# already have, run: make VENV_FLAGS=--system-site-packages test
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,viz]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sparsecore demo --out demo-output
+
+test: $(STAMP)
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-enable --benchmark-json=bench/results/cpu-latest.json
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Lowerings of the block-mask IR, one package per device family; see sparsecore.registry."""

@@ -1,0 +1,63 @@
+"""NumPy reference lowering, written to be read rather than to be fast.
+
+For every batch element, head and query block it walks the listed key blocks in
+order and keeps a running (max, sum, output) triple: the online softmax of
+FlashAttention (Dao et al. 2022, Algorithm 1), in float64. A row with no blocks
+keeps sum 0 and yields output 0 and LSE -inf, which is the IR's rule.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import numpy as np
+
+from sparsecore.capabilities import Capabilities
+from sparsecore.ir import BlockMask
+from sparsecore.registry import Backend, Run
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    capabilities = Capabilities(devices=("reference",), array_type="numpy", dtypes=frozenset({"float32", "float64"}))
+    install_hint = "needs only numpy"
+
+    def unavailable_reason(self, device: str) -> str | None:
+        return None
+
+    def lower(self, mask: BlockMask, device: str, options: Hashable) -> Run:
+        def run(q, k, v, scale, return_lse):
+            out, lse = reference_attention(mask, q, k, v, scale)
+            return out.astype(q.dtype), (lse if return_lse else None)
+        return run
+
+
+def reference_attention(mask: BlockMask, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                        scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Block-sparse attention by definition; returns float64 output and float32 LSE."""
+    batch, num_heads, q_len, head_dim = q.shape
+    group = num_heads // k.shape[1]  # query heads per key head
+    out = np.zeros((batch, num_heads, q_len, head_dim), dtype=np.float64)
+    lse = np.full((batch, num_heads, q_len), -np.inf, dtype=np.float64)
+    for b in range(batch):
+        for h in range(num_heads):
+            keys, values = k[b, h // group].astype(np.float64), v[b, h // group].astype(np.float64)
+            for i in range(mask.num_q_blocks):
+                rows = slice(mask.q_offsets[i], mask.q_offsets[i + 1])
+                query = q[b, h, rows].astype(np.float64)
+                running_max = np.full(query.shape[0], -np.inf)
+                running_sum = np.zeros(query.shape[0])
+                acc = np.zeros_like(query)
+                for j in mask.row(h, i):
+                    cols = slice(mask.kv_offsets[j], mask.kv_offsets[j + 1])
+                    scores = query @ keys[cols].T * scale
+                    new_max = np.maximum(running_max, scores.max(axis=1))
+                    correction = np.exp(running_max - new_max)
+                    weights = np.exp(scores - new_max[:, None])
+                    running_sum = running_sum * correction + weights.sum(axis=1)
+                    acc = acc * correction[:, None] + weights @ values[cols]
+                    running_max = new_max
+                if running_sum.any():  # a non-empty row: every sum is positive
+                    out[b, h, rows] = acc / running_sum[:, None]
+                    lse[b, h, rows] = running_max + np.log(running_sum)
+    return out, lse.astype(np.float32)

@@ -1,0 +1,6 @@
+"""Benchmarks share the test helpers (oracle, targets)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))

@@ -1,0 +1,161 @@
+"""Save and load a :class:`BlockMask` as a safetensors file, without pickle.
+
+The layout follows the safetensors format (huggingface/safetensors, "Format"): an
+8-byte little-endian header length N, N bytes of JSON header, then the raw tensor
+bytes. The header maps each tensor name to ``{"dtype", "shape", "data_offsets"}``
+and holds string metadata under ``"__metadata__"``. Files written here open with the
+``safetensors`` library; this module reads them with its own strict parser so that
+loading needs nothing beyond numpy and can reject every malformed or hostile file
+with a ``ValueError`` before any large allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .validation import meta_to_json
+
+if TYPE_CHECKING:
+    from .block_mask import BlockMask
+
+FORMAT_NAME = "sparsecore.BlockMask"
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 1 << 20  # a mask header is a few hundred bytes; refuse anything absurd
+MAX_FILE_BYTES = 1 << 31
+
+# name -> (safetensors dtype, numpy little-endian dtype, ndim); written in this order.
+TENSORS = {
+    "q_offsets": ("I64", "<i8", 1),
+    "kv_offsets": ("I64", "<i8", 1),
+    "indptr": ("I32", "<i4", 2),
+    "indices": ("I32", "<i4", 1),
+    "budgets": ("F64", "<f8", 1),
+}
+
+
+def save(mask: "BlockMask", path: Path) -> Path:
+    header: dict[str, Any] = {"__metadata__": {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "num_heads": str(mask.num_heads),
+        "meta": meta_to_json(mask.meta),
+    }}
+    chunks = []
+    offset = 0
+    for name, (st_dtype, np_dtype, _) in TENSORS.items():
+        data = np.ascontiguousarray(getattr(mask, name), dtype=np_dtype).tobytes()
+        header[name] = {"dtype": st_dtype, "shape": list(getattr(mask, name).shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the buffer 8-byte aligned, as the format recommends
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+    return path
+
+
+def load(path: Path) -> "BlockMask":
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: file is {size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask may take")
+    return from_bytes(path.read_bytes(), str(path))
+
+
+def from_bytes(data: bytes, source: str = "<bytes>") -> "BlockMask":
+    """Parse a mask file's bytes; every defect raises ``ValueError`` naming ``source``."""
+    from .block_mask import BlockMask
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"{source}: not a valid sparsecore mask file: {reason}")
+
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, too short for the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise bad(f"declared header length {header_len:,} does not fit (file has {len(data):,} bytes, "
+                  f"limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupted")
+    header = _parse_json(data[8:8 + header_len], "header", bad)
+    if not isinstance(header, dict):
+        raise bad(f"header must be a JSON object, got {type(header).__name__}")
+    expected_keys = {"__metadata__", *TENSORS}
+    if set(header) != expected_keys:
+        raise bad(f"header keys must be {sorted(expected_keys)}, got {sorted(map(str, header))}")
+    meta_fields = _check_metadata(header["__metadata__"], bad)
+
+    buffer = memoryview(data)[8 + header_len:]
+    arrays = {}
+    spans = []
+    for name, (st_dtype, np_dtype, ndim) in TENSORS.items():
+        arrays[name], span = _read_tensor(name, header[name], st_dtype, np_dtype, ndim, buffer, bad)
+        spans.append(span)
+    _check_coverage(spans, len(buffer), bad)
+
+    try:
+        num_heads = int(meta_fields["num_heads"])
+    except ValueError:
+        raise bad(f"__metadata__.num_heads must be an integer string, got {meta_fields['num_heads']!r}") from None
+    meta = _parse_json(meta_fields["meta"].encode(), "__metadata__.meta", bad)
+    try:
+        return BlockMask(num_heads, arrays["q_offsets"], arrays["kv_offsets"], arrays["indptr"], arrays["indices"],
+                         arrays["budgets"], meta)
+    except (TypeError, ValueError) as err:
+        raise bad(f"the arrays do not form a valid mask: {err}") from None
+
+
+def _parse_json(raw: bytes, what: str, bad) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise bad(f"{what} is not valid UTF-8 JSON ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def _check_metadata(metadata: Any, bad) -> dict[str, str]:
+    required = ("format", "format_version", "num_heads", "meta")
+    if not isinstance(metadata, dict) or not all(isinstance(metadata.get(k), str) for k in required):
+        raise bad(f"__metadata__ must be an object with string fields {list(required)}")
+    if metadata["format"] != FORMAT_NAME:
+        raise bad(f"__metadata__.format is {metadata['format']!r}, expected {FORMAT_NAME!r}")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise bad(f"format_version {metadata['format_version']!r} is not supported (this sparsecore reads "
+                  f"{FORMAT_VERSION!r}); upgrade sparsecore or re-save the mask with this version")
+    return metadata
+
+
+def _read_tensor(name: str, entry: Any, st_dtype: str, np_dtype: str, ndim: int, buffer: memoryview, bad):
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise bad(f"{name}: entry must have exactly dtype, shape, data_offsets")
+    if entry["dtype"] != st_dtype:
+        raise bad(f"{name}: dtype must be {st_dtype}, got {entry['dtype']!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and len(shape) == ndim and all(_is_count(s) for s in shape)):
+        raise bad(f"{name}: shape must be a list of {ndim} non-negative integers, got {str(shape)[:80]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise bad(f"{name}: data_offsets must be [begin, end] non-negative integers, got {str(offsets)[:80]}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+    if end < begin or end - begin != nbytes or end > len(buffer):
+        raise bad(f"{name}: data_offsets {offsets} do not hold shape {shape} of {st_dtype} ({nbytes:,} bytes) "
+                  f"inside a {len(buffer):,}-byte buffer")
+    array = np.frombuffer(buffer[begin:end], dtype=np_dtype).reshape(shape)
+    return array, (begin, end)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(spans: list[tuple[int, int]], size: int, bad) -> None:
+    """The tensors must tile the buffer exactly: no overlap, no gap, no trailing bytes."""
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise bad(f"tensor data overlaps or leaves a gap at byte {position} of the buffer")
+        position = end
+    if position != size:
+        raise bad(f"{size - position:,} unexpected bytes after the last tensor")

@@ -1,0 +1,180 @@
+"""Validation of the block-mask IR, in one place and in tiers.
+
+Tier 1 checks types and shapes (cheap, no look at values); tier 2 checks values
+(offsets, CSR pointers, index ranges, order, budgets). Every failure is a
+``ValueError`` or ``TypeError`` whose message names the field, what was expected,
+what was found, and where it makes sense, what to do about it.
+
+The functions here take raw user input (numpy arrays, torch tensors, lists) and
+return canonical read-only numpy arrays; :class:`sparsecore.ir.BlockMask` calls
+them from ``__post_init__`` so that no invalid mask can exist.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+INDEX_LIMIT = np.iinfo(np.int32).max  # indptr/indices are int32 by contract
+
+
+def as_numpy(value: Any, field: str) -> np.ndarray:
+    """Return ``value`` as a numpy array; accepts numpy, torch tensors and sequences."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{field}: expected an array-like of integers, got {type(value).__name__} ({err})") from None
+
+
+def check_int(value: Any, field: str, *, minimum: int) -> int:
+    """An ``int`` (not ``bool``) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{field}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def integer_array(value: Any, field: str, *, ndim: int, dtype: type) -> np.ndarray:
+    """Tier 1 for an index array: integer dtype, ``ndim`` dimensions, values fit ``dtype``."""
+    arr = as_numpy(value, field)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        if arr.size == 0 and arr.dtype == np.float64:  # an empty Python list
+            arr = arr.astype(dtype)
+        else:
+            raise TypeError(f"{field}: expected an integer array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{field}: expected {ndim} dimension(s), got shape {tuple(arr.shape)}")
+    info = np.iinfo(dtype)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise ValueError(f"{field}: values must fit {np.dtype(dtype).name}, got range [{arr.min()}, {arr.max()}]")
+    return frozen(arr.astype(dtype, copy=True))
+
+
+def frozen(arr: np.ndarray) -> np.ndarray:
+    """Return ``arr`` C-contiguous and read-only (the caller passes an array it owns)."""
+    arr = np.ascontiguousarray(arr)
+    arr.setflags(write=False)
+    return arr
+
+
+def check_offsets(offsets: np.ndarray, field: str) -> None:
+    """Block boundaries: ``[0, ..., length]``, strictly increasing, at least one block."""
+    if offsets.shape[0] < 2:
+        raise ValueError(f"{field}: expected at least 2 boundaries [0, ..., length], got {offsets.tolist()}")
+    if offsets[0] != 0:
+        raise ValueError(f"{field}[0]: expected 0 (blocks start at token 0), got {offsets[0]}")
+    steps = np.diff(offsets)
+    if (steps <= 0).any():
+        k = int(np.argmax(steps <= 0))
+        raise ValueError(
+            f"{field}: boundaries must be strictly increasing, got {field}[{k}]={offsets[k]} "
+            f"followed by {field}[{k + 1}]={offsets[k + 1]} (an empty or negative-size block)"
+        )
+
+
+def check_csr(indptr: np.ndarray, indices: np.ndarray, num_heads: int, num_q_blocks: int, num_kv_blocks: int,
+              kv_len: int) -> None:
+    """Tier 1 + 2 for the per-head CSR lists."""
+    expected = (num_heads, num_q_blocks + 1)
+    if indptr.shape != expected:
+        raise ValueError(f"indptr: expected shape [num_heads, num_q_blocks + 1] = {list(expected)}, "
+                         f"got {list(indptr.shape)}")
+    flat_starts = indptr[:, 0]
+    if indptr[0, 0] != 0:
+        raise ValueError(f"indptr[0, 0]: expected 0 (the lists start at the beginning of indices), got {indptr[0, 0]}")
+    if (np.diff(indptr, axis=1) < 0).any():
+        h, i = np.argwhere(np.diff(indptr, axis=1) < 0)[0]
+        raise ValueError(f"indptr[{h}]: expected non-decreasing pointers, got indptr[{h}, {i}]={indptr[h, i]} "
+                         f"> indptr[{h}, {i + 1}]={indptr[h, i + 1]}")
+    if num_heads > 1 and (flat_starts[1:] != indptr[:-1, -1]).any():
+        h = int(np.argmax(flat_starts[1:] != indptr[:-1, -1])) + 1
+        raise ValueError(f"indptr[{h}, 0]: expected {indptr[h - 1, -1]} (each head's lists follow the previous "
+                         f"head's in indices), got {indptr[h, 0]}")
+    if indptr[-1, -1] != indices.shape[0]:
+        raise ValueError(f"indices: expected {indptr[-1, -1]} entries (indptr[-1, -1]), got {indices.shape[0]}")
+    if indices.size == 0:
+        return
+    bad = (indices < 0) | (indices >= num_kv_blocks)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(f"indices[{k}]={indices[k]} is out of range: key blocks are 0..{num_kv_blocks - 1} "
+                         f"(kv_len={kv_len}, {num_kv_blocks} blocks)")
+    # Within a row, ids must strictly increase; a row boundary may go down.
+    steps = np.diff(indices.astype(np.int64))
+    row_starts = np.zeros(indices.shape[0], dtype=bool)
+    row_starts[indptr.ravel()[(indptr.ravel() > 0) & (indptr.ravel() < indices.shape[0])]] = True
+    bad = (steps <= 0) & ~row_starts[1:]
+    if bad.any():
+        k = int(np.argmax(bad)) + 1
+        h, i = _row_of(indptr, k)
+        what = "a duplicate" if indices[k] == indices[k - 1] else "out of order"
+        raise ValueError(f"indices[{k}]={indices[k]} after indices[{k - 1}]={indices[k - 1]} in row (head {h}, "
+                         f"query block {i}) is {what}: each row must be sorted ascending and unique "
+                         f"(use BlockMask.from_lists to sort rows)")
+
+
+def _row_of(indptr: np.ndarray, position: int) -> tuple[int, int]:
+    """The (head, query block) whose list holds ``indices[position]``."""
+    for h in range(indptr.shape[0]):
+        if indptr[h, 0] <= position < indptr[h, -1]:
+            i = int(np.searchsorted(indptr[h], position, side="right")) - 1
+            return h, i
+    raise IndexError(position)  # unreachable for a position inside indices
+
+
+def check_budgets(value: Any, num_heads: int) -> np.ndarray:
+    """Per-head budgets: float ``[num_heads]``, finite, in [0, 1]."""
+    arr = as_numpy(value, "budgets")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == np.bool_:
+        raise TypeError(f"budgets: expected a float array, got dtype {arr.dtype}")
+    if arr.shape != (num_heads,):
+        raise ValueError(f"budgets: expected shape [num_heads] = [{num_heads}], got {list(arr.shape)}")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0) | (arr > 1)
+    if bad.any():
+        h = int(np.argmax(bad))
+        raise ValueError(f"budgets[{h}]={arr[h]}: expected a fraction of key blocks in [0, 1]")
+    return frozen(arr)
+
+
+def freeze_meta(meta: Any) -> Mapping[str, Any]:
+    """``meta`` must be a JSON-able dict with string keys; returns a read-only deep copy."""
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
+    try:
+        text = json.dumps(meta, sort_keys=True, allow_nan=False, default=_thaw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"meta: expected a JSON-serializable dict (str keys; str, number, bool, None, list, dict "
+                         f"values; no NaN), got {err}") from None
+    return _deep_freeze(json.loads(text))
+
+
+def _deep_freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({k: _deep_freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_deep_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """``json.dumps`` fallback for the read-only containers made by :func:`freeze_meta`."""
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def meta_to_json(meta: Mapping[str, Any]) -> str:
+    """Canonical JSON text of a frozen ``meta``."""
+    return json.dumps(meta, sort_keys=True, allow_nan=False, default=_thaw)
+
+

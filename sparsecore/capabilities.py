@@ -1,0 +1,78 @@
+"""What a lowering can take, as data.
+
+The registry picks backends from these fields, named backends raise from them, and
+the test suite derives its skips from them; no code anywhere asks "which backend is
+this?". Each check returns the list of unmet capabilities as sentences (empty when
+the backend can take the input), so callers can join them into one error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sparsecore.ir import BlockMask
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Static description of one lowering.
+
+    Attributes:
+        devices: device types the backend compiles for (``"cpu"``, ``"cuda"``, ...).
+        array_type: ``"numpy"`` or ``"torch"``: what q, k, v must be.
+        dtypes: element types accepted, by name (``"float32"``, ``"bfloat16"``, ...).
+        head_dims: accepted head dims, or None for any.
+        gqa: whether key heads may be fewer than query heads.
+        lse: whether the kernel can return the log-sum-exp.
+        uniform_q_blocks / uniform_kv_blocks: blocks must all have one size, except
+            a shorter last block.
+        kv_len_divisible: the key length must be a multiple of the key block size
+            (no short last key block).
+    """
+
+    devices: tuple[str, ...]
+    array_type: str
+    dtypes: frozenset[str]
+    head_dims: frozenset[int] | None = None
+    gqa: bool = True
+    lse: bool = True
+    uniform_q_blocks: bool = False
+    uniform_kv_blocks: bool = False
+    kv_len_divisible: bool = False
+
+    def mask_problems(self, mask: "BlockMask") -> list[str]:
+        """Unmet capabilities for ``mask`` (empty list: the backend can take it)."""
+        problems = []
+        if self.uniform_q_blocks and mask.uniform_block_size("q") is None:
+            problems.append(f"uniform_q_blocks: needs query blocks of one size (a shorter last one is fine), "
+                            f"got sizes {_sizes(mask.q_block_sizes)}")
+        kv_block = mask.uniform_block_size("kv")
+        if self.uniform_kv_blocks and kv_block is None:
+            problems.append(f"uniform_kv_blocks: needs key blocks of one size (a shorter last one is fine), "
+                            f"got sizes {_sizes(mask.kv_block_sizes)}")
+        if self.kv_len_divisible and kv_block is not None and mask.kv_len % kv_block:
+            problems.append(f"kv_len_divisible: needs kv_len to be a multiple of the key block size, got "
+                            f"kv_len={mask.kv_len} with blocks of {kv_block} (last block {mask.kv_len % kv_block})")
+        return problems
+
+    def tensor_problems(self, dtype: str, head_dim: int, num_heads: int, num_kv_heads: int,
+                        return_lse: bool) -> list[str]:
+        """Unmet capabilities for tensors of this dtype and shape."""
+        problems = []
+        if dtype not in self.dtypes:
+            problems.append(f"dtypes: supports {sorted(self.dtypes)}, got {dtype}")
+        if self.head_dims is not None and head_dim not in self.head_dims:
+            problems.append(f"head_dims: supports {sorted(self.head_dims)}, got {head_dim}")
+        if not self.gqa and num_kv_heads != num_heads:
+            problems.append(f"gqa: needs as many key heads as query heads, got {num_heads} query and "
+                            f"{num_kv_heads} key heads")
+        if return_lse and not self.lse:
+            problems.append("lse: cannot return the log-sum-exp; call with return_lse=False")
+        return problems
+
+
+def _sizes(sizes: Any) -> str:
+    distinct = sorted({int(s) for s in sizes})
+    return str(distinct[:8])[:-1] + (", ...]" if len(distinct) > 8 else "]")

@@ -1,0 +1,38 @@
+"""Dense masked attention in float64 NumPy, for the CLI's accuracy columns and self-check.
+
+This is a user-facing yardstick (``sparsecore demo``, ``sparsecore check``); the test
+suite has its own, independently written oracle in ``tests/oracle.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparsecore.ir import BlockMask
+
+
+def masked_dense_attention(mask: BlockMask, q, k, v, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax attention restricted to ``mask.token_mask()``; returns float64 (out, lse)."""
+    q, k, v = (to_numpy64(x) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    keys = np.repeat(k, group, axis=1)
+    values = np.repeat(v, group, axis=1)
+    scores = np.where(mask.token_mask()[None], q @ keys.swapaxes(-1, -2) * scale, -np.inf)
+    with np.errstate(invalid="ignore"):  # rows with no key: -inf - -inf, replaced below
+        lse = np.logaddexp.reduce(scores, axis=-1)
+        weights = np.exp(scores - lse[..., None])
+    weights = np.nan_to_num(weights, nan=0.0)
+    return weights @ values, lse
+
+
+def to_numpy64(x) -> np.ndarray:
+    """A numpy or torch array as float64 numpy."""
+    if hasattr(x, "detach"):
+        return x.detach().double().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def relative_error(out, ref: np.ndarray) -> tuple[float, float]:
+    """(max abs error, relative L2 error) of ``out`` against ``ref``."""
+    diff = to_numpy64(out) - ref
+    return float(abs(diff).max()), float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-300))

@@ -1,0 +1,54 @@
+"""Test configuration: Hypothesis profiles and the cross-device matrix printed at the end.
+
+Profiles: ``ci`` (derandomized, bounded: reproducible in CI), ``dev`` (random, more
+examples). Pick with ``HYPOTHESIS_PROFILE``; the default is ``dev``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: oracle, strategies, targets
+
+from targets import all_targets  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+_MATRIX: dict = defaultdict(lambda: {"ran": 0, "passed": 0, "failed": 0, "skipped": 0, "reason": ""})
+
+
+def pytest_runtest_logreport(report):
+    target = dict(report.user_properties).get("target")
+    if target is None:
+        return
+    row = _MATRIX[target]
+    if report.skipped:
+        row["skipped"] += 1
+        row["reason"] = row["reason"] or str(report.longrepr[2]).removeprefix("Skipped: ")
+    elif report.when == "call":
+        row["ran"] += 1
+        row["passed" if report.passed else "failed"] += 1
+    elif report.failed:  # an error in setup or teardown
+        row["failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MATRIX:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("cross-device matrix: every registered backend x device")
+    pairs = sorted({(t.backend, t.device) for t in all_targets()})
+    write(f"{'backend':<12}{'device':<11}{'ran':>5}{'passed':>8}{'failed':>8}{'skipped':>9}  reason")
+    for pair in pairs:
+        row = _MATRIX[pair]
+        write(f"{pair[0]:<12}{pair[1]:<11}{row['ran']:>5}{row['passed']:>8}{row['failed']:>8}{row['skipped']:>9}"
+              f"  {row['reason'][:90]}")

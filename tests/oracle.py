@@ -1,0 +1,40 @@
+"""The test oracle: float64 dense attention under the mask expanded to tokens.
+
+Written independently of every lowering: it expands the IR's lists to a token
+mask itself and runs plain softmax attention on it. A row that keeps no key gives
+output 0 and LSE -inf (the IR's rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def expand_to_tokens(mask) -> np.ndarray:
+    """bool[H, q_len, kv_len]: True where query token attends to key token."""
+    tokens = np.zeros((mask.num_heads, mask.q_len, mask.kv_len), dtype=bool)
+    for h in range(mask.num_heads):
+        for i in range(mask.num_q_blocks):
+            q0, q1 = mask.q_offsets[i], mask.q_offsets[i + 1]
+            for j in mask.row(h, i):
+                tokens[h, q0:q1, mask.kv_offsets[j]:mask.kv_offsets[j + 1]] = True
+    return tokens
+
+
+def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, tokens: np.ndarray,
+                    scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masked softmax attention in float64; q [B,H,S,D], k/v [B,Hkv,T,D], tokens [H,S,T]."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    scores = np.einsum("bhsd,bhtd->bhst", q, k) * scale
+    scores = np.where(tokens[None], scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    kept = np.isfinite(row_max)
+    shifted = np.exp(scores - np.where(kept, row_max, 0.0))
+    total = shifted.sum(axis=-1, keepdims=True)
+    probs = np.where(kept, shifted / np.where(kept, total, 1.0), 0.0)
+    out = np.einsum("bhst,bhtd->bhsd", probs, v)
+    lse = np.where(kept, row_max + np.log(np.where(kept, total, 1.0)), -np.inf)[..., 0]
+    return out, lse

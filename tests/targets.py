@@ -1,0 +1,59 @@
+"""Every (backend, device, dtype) the registry declares, and how to feed each one.
+
+The property suite is parametrized over :func:`all_targets`, so a backend joins it
+by registering; whether a target runs here comes from the backend itself
+(``unavailable_reason``), never from a list in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+import sparsecore
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    device: str
+    dtype: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.device}-{self.dtype}"
+
+    @property
+    def capabilities(self) -> sparsecore.Capabilities:
+        return sparsecore.registered_backends()[self.backend].capabilities
+
+    def unavailable_reason(self) -> str | None:
+        return sparsecore.registered_backends()[self.backend].unavailable_reason(self.device)
+
+    def cast(self, *arrays: np.ndarray) -> tuple[list, list[np.ndarray]]:
+        """The arrays in this target's type, dtype and device, and their rounded values as float64."""
+        if self.capabilities.array_type == "numpy":
+            cast = [a.astype(self.dtype) for a in arrays]
+            return cast, [a.astype(np.float64) for a in cast]
+        import torch
+        cast = [torch.from_numpy(a).to(device=self.device, dtype=getattr(torch, self.dtype)) for a in arrays]
+        return cast, [c.double().cpu().numpy() for c in cast]
+
+
+def all_targets() -> list[Target]:
+    return [Target(name, device, dtype)
+            for name, backend in sorted(sparsecore.registered_backends().items())
+            for device in backend.capabilities.devices
+            for dtype in sorted(backend.capabilities.dtypes)]
+
+
+def to_float64(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64)
+    return x.double().cpu().numpy()
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale

@@ -1,0 +1,133 @@
+"""Constructors, views and identity of BlockMask, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oracle import expand_to_tokens
+from strategies import block_masks
+
+from sparsecore import BlockMask, Capabilities
+
+ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
+
+
+def small() -> BlockMask:
+    # q_len 10 in blocks [0,4,8,10]; kv_len 6 in blocks [0,4,6]
+    dense = np.array([[[1, 0], [1, 1], [0, 0]],
+                      [[0, 1], [0, 1], [1, 1]]], dtype=bool)
+    return BlockMask.from_dense(dense, 10, 6, 4, meta={"method": "hand"})
+
+
+def test_uniform_offsets_short_last_block():
+    assert BlockMask.uniform_offsets(10, 4).tolist() == [0, 4, 8, 10]
+    assert BlockMask.uniform_offsets(8, 4).tolist() == [0, 4, 8]
+    assert BlockMask.uniform_offsets(3, 8).tolist() == [0, 3]
+
+
+def test_from_dense_round_trips_and_builds_csr():
+    mask = small()
+    assert mask.indptr.tolist() == [[0, 1, 3, 3], [3, 4, 5, 7]]
+    assert mask.indices.tolist() == [0, 0, 1, 1, 1, 0, 1]
+    assert (mask.to_dense() == np.array([[[1, 0], [1, 1], [0, 0]], [[0, 1], [0, 1], [1, 1]]], dtype=bool)).all()
+
+
+def test_from_lists_sorts_rows_and_accepts_sets():
+    mask = BlockMask.from_lists([[{2, 0}, []], [[1], (2, 1, 0)]], [0, 5, 9], [0, 3, 6, 7])
+    assert mask.row(0, 0).tolist() == [0, 2] and mask.row(0, 1).tolist() == []
+    assert mask.row(1, 1).tolist() == [0, 1, 2]
+
+
+def test_full_keeps_everything():
+    mask = BlockMask.full(3, 50, 70, 16, 32)
+    assert mask.density() == 1.0 and mask.to_dense().all()
+    assert mask.num_q_blocks == 4 and mask.num_kv_blocks == 3
+    assert np.allclose(mask.budgets, 1.0)
+
+
+def test_density_flops_budgets_by_hand():
+    mask = small()
+    # head 0: block rows of 4, 4, 2 query tokens keep 4, 6, 0 key tokens -> 16 + 24 = 40 of 60 pairs
+    # head 1: rows keep 2, 2, 6 key tokens -> 8 + 8 + 12 = 28 of 60
+    assert np.allclose(mask.density(per_head=True), [40 / 60, 28 / 60])
+    assert mask.density() == pytest.approx(68 / 120)
+    assert mask.flops(head_dim=8) == 4 * 68 * 8
+    assert mask.dense_flops(head_dim=8) == 4 * 2 * 10 * 6 * 8
+    assert np.allclose(mask.budgets, [(1 + 2 + 0) / 3 / 2, (1 + 1 + 2) / 3 / 2])
+
+
+def test_token_mask_by_hand_and_limit():
+    tokens = small().token_mask()
+    assert tokens.shape == (2, 10, 6)
+    assert tokens[0, :4, :4].all() and not tokens[0, :4, 4:].any()
+    assert not tokens[0, 8:].any() and tokens[1, 8:].all()
+    with pytest.raises(ValueError, match=r"token_mask: 2x10x6 = 120 elements exceeds the limit of 100"):
+        small().token_mask(limit=100)
+
+
+@given(block_masks(ANY, num_heads=3))
+def test_token_mask_equals_an_independent_expansion(mask):
+    assert (mask.token_mask() == expand_to_tokens(mask)).all()
+    assert mask.density() == pytest.approx(expand_to_tokens(mask).mean())
+
+
+@given(block_masks(ANY, num_heads=2))
+def test_dense_and_lists_constructors_agree(mask):
+    if mask.uniform_block_size("q") and mask.uniform_block_size("kv"):
+        again = BlockMask.from_dense(mask.to_dense(), mask.q_len, mask.kv_len, mask.uniform_block_size("q"),
+                                     mask.uniform_block_size("kv"))
+        assert again.fingerprint() == mask.fingerprint()
+    rows = [[mask.row(h, i) for i in range(mask.num_q_blocks)] for h in range(mask.num_heads)]
+    assert BlockMask.from_lists(rows, mask.q_offsets, mask.kv_offsets).fingerprint() == mask.fingerprint()
+
+
+def test_select_heads():
+    mask = small()
+    one = mask.select_heads([1])
+    assert one.num_heads == 1 and (one.to_dense()[0] == mask.to_dense()[1]).all()
+    swapped = mask.select_heads(np.array([1, 0]))
+    assert (swapped.to_dense() == mask.to_dense()[::-1]).all()
+    assert np.allclose(swapped.budgets, mask.budgets[::-1]) and swapped.meta == mask.meta
+    assert mask.select_heads(slice(0, 1)).num_heads == 1
+    assert mask.select_heads(np.array([False, True])).fingerprint() == one.fingerprint()
+    with pytest.raises(ValueError, match=r"heads: expected a non-empty selection of 0..1, got \[2\]"):
+        mask.select_heads([2])
+
+
+def test_row_bounds():
+    with pytest.raises(IndexError, match=r"h=2: expected 0..1"):
+        small().row(2, 0)
+
+
+def test_fingerprint_is_stable_and_ignores_budgets_and_meta():
+    mask = small()
+    # A change to this value means saved cache keys and compiled-kernel reuse change: do it on purpose only.
+    assert mask.fingerprint() == "78ce3a17c925f83bee580599b33ef4e8ce51f47f0313bff230c92c537faf5321"
+    relabeled = BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                          budgets=[0.1, 0.2], meta={"method": "other"})
+    assert relabeled.fingerprint() == mask.fingerprint() and hash(relabeled) == hash(mask)
+    assert relabeled != mask
+    moved = BlockMask.from_lists([[[0], [0, 1], []], [[1], [1], [0, 1]]], mask.q_offsets, [0, 3, 6])
+    assert moved.fingerprint() != mask.fingerprint()
+
+
+def test_repr_and_to_string():
+    mask = small()
+    assert repr(mask) == "BlockMask(heads=2, q_len=10, kv_len=6, blocks=3x2, nnz=7, density=0.5667, method='hand')"
+    text = mask.to_string()
+    assert "head 0" in text and "#." in text and "##" in text and ".." in text
+    assert "larger than max_blocks=1" in mask.to_string(max_blocks=1)
+
+
+def test_render_writes_a_png(tmp_path):
+    path = small().render(tmp_path / "sub" / "mask.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@given(st.integers(1, 40), st.integers(1, 9))
+def test_uniform_block_size(length, block):
+    mask = BlockMask.full(1, length, length, block)
+    assert mask.uniform_block_size("q") == block or (length < block and mask.uniform_block_size("q") == length)

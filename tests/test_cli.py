@@ -1,0 +1,71 @@
+"""The sparsecore command: demo, show, check (run in-process through cli.main)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparsecore import BlockMask
+from sparsecore.cli import main
+from sparsecore.demo import DemoShape, format_table, run_demo
+
+
+def test_demo_prints_the_table_and_writes_pictures(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "mask" in out and "density" in out and "vs dense" in out
+    for name in ("dense", "local-frame-window", "random-blocks"):
+        assert name in out
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[1/" in err  # progress goes to stderr
+    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    assert all(row["rel_err"] < 1e-5 for row in rows)
+    assert rows[0]["density"] == 1.0 and rows[1]["density"] < 0.5
+
+
+def test_demo_rows_are_correct_on_a_tiny_shape(tmp_path):
+    rows = run_demo(tmp_path, device="cpu", shape=DemoShape(frames=3, height=4, width=4, heads=2, head_dim=16),
+                    log=lambda s: None)
+    assert [r["mask"] for r in rows][:3] == ["dense", "local-frame-window", "random-blocks"]
+    assert all(r["rel_err"] < 1e-5 for r in rows)
+    assert "FLOPs saved" in format_table(rows)
+
+
+def test_show_prints_stats_and_writes_a_png(tmp_path, capsys):
+    mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 64, 64, 16, meta={"method": "diag"})
+    path = mask.save(tmp_path / "m.safetensors")
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "density=0.2500" in out and "'method': 'diag'" in out and mask.fingerprint() in out
+    assert (tmp_path / "m.png").exists()
+
+
+def test_show_reports_a_bad_file_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a mask")
+    assert main(["show", str(bad)]) == 2
+    assert "not a valid sparsecore mask file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["reference", "cpu"])
+def test_check_passes_on_correct_backends(device, capsys):
+    assert main(["check", "--device", device, "--cases", "6", "--seed", "1"]) == 0
+    assert "all cases match dense attention" in capsys.readouterr().out
+
+
+def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
+    import sparsecore
+    from sparsecore.backends.portable import lowering
+
+    real = lowering._attend
+
+    def off_by_a_little(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out * 1.001, lse
+    monkeypatch.setattr(lowering, "_attend", off_by_a_little)
+    sparsecore.clear_cache()
+    assert main(["check", "--device", "cpu", "--cases", "6", "--seed", "1"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    sparsecore.clear_cache()

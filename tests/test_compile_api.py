@@ -1,0 +1,174 @@
+"""sparsecore.compile: device and backend selection, errors, caching, and call-time input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecore
+from sparsecore import BlockMask, Capabilities, UnsupportedError
+from sparsecore import registry
+
+
+def mask() -> BlockMask:
+    return BlockMask.from_dense(np.random.default_rng(1).random((4, 3, 2)) < 0.6, 40, 30, 16)
+
+
+def tensors(dtype=torch.float32, heads=4, kv_heads=2, q_len=40, kv_len=30, dim=8):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, q_len, dim, generator=g, dtype=dtype)
+    k = torch.randn(1, kv_heads, kv_len, dim, generator=g, dtype=dtype)
+    return q, k, torch.randn_like(k)
+
+
+def test_unknown_device_lists_known_ones():
+    with pytest.raises(ValueError, match=r"device='tpu' is not known; known devices: .*cpu.*reference"):
+        sparsecore.compile(mask(), device="tpu")
+
+
+def test_device_must_be_a_string():
+    with pytest.raises(TypeError, match=r"device: expected a string"):
+        sparsecore.compile(mask(), device=0)
+
+
+def test_known_device_that_cannot_run_here_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the test is about machines without it")
+    with pytest.raises(RuntimeError, match=r"no backend can run on device 'cuda' here: .*is_available\(\) is False"):
+        sparsecore.compile(mask(), device="cuda")
+
+
+def test_mask_must_be_a_block_mask():
+    with pytest.raises(TypeError, match=r"mask: expected a sparsecore.ir.BlockMask, got ndarray"):
+        sparsecore.compile(np.ones((1, 2, 2), bool), device="cpu")
+
+
+def test_backend_errors():
+    with pytest.raises(ValueError, match=r"backend='nope' is not registered; registered: .*portable.*reference"):
+        sparsecore.compile(mask(), device="cpu", backend="nope")
+    with pytest.raises(UnsupportedError, match=r"backend 'reference' compiles for \['reference'\], not device 'cpu'"):
+        sparsecore.compile(mask(), device="cpu", backend="reference")
+
+
+def test_options_are_checked():
+    with pytest.raises(TypeError, match=r"backend 'portable' got unknown option\(s\) \['tile'\]; accepted: chunk_elements"):
+        sparsecore.compile(mask(), device="cpu", tile=3)
+    with pytest.raises(ValueError, match=r"chunk_elements: expected a positive int, got 0"):
+        sparsecore.compile(mask(), device="cpu", chunk_elements=0)
+    with pytest.raises(TypeError, match=r"backend 'reference' got unknown option\(s\) \['x'\]; accepted: none"):
+        sparsecore.compile(mask(), device="reference", x=1)
+
+
+def test_kernels_are_cached_by_structure_and_options():
+    sparsecore.clear_cache()
+    m = mask()
+    first = sparsecore.compile(m, device="cpu")
+    relabeled = BlockMask(m.num_heads, m.q_offsets, m.kv_offsets, m.indptr, m.indices, meta={"step": 9})
+    assert sparsecore.compile(relabeled, device="cpu") is first
+    assert sparsecore.compile(m, device="cpu", chunk_elements=1000) is not first
+    sparsecore.clear_cache()
+    assert sparsecore.compile(m, device="cpu") is not first
+    assert "backend='portable'" in repr(first) and "device='cpu'" in repr(first)
+
+
+def test_small_chunks_give_the_same_result():
+    m = mask()
+    q, k, v = tensors()
+    whole = sparsecore.compile(m, device="cpu")(q, k, v)
+    chunked = sparsecore.compile(m, device="cpu", chunk_elements=1)(q, k, v)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda kern, q, k, v: kern(q.numpy(), k, v), TypeError, r"q: backend 'portable' takes torch arrays, got ndarray"),
+    (lambda kern, q, k, v: kern(q[0], k, v), ValueError, r"q: expected 4 dimensions \[B, heads, length, head_dim\]"),
+    (lambda kern, q, k, v: kern(q[:, :3], k, v), ValueError, r"q: expected \[B, 4, 40, D\] to match the mask"),
+    (lambda kern, q, k, v: kern(q[:, :, :39], k, v), ValueError, r"q: expected \[B, 4, 40, D\]"),
+    (lambda kern, q, k, v: kern(q, k, v[:, :, :29]), ValueError, r"k, v: expected the same shape"),
+    (lambda kern, q, k, v: kern(q, k[:, :, :29], v[:, :, :29]), ValueError, r"k: expected \[1, H_kv, 30, 8\]"),
+    (lambda kern, q, k, v: kern(q, k[..., :4], v[..., :4]), ValueError, r"k: expected \[1, H_kv, 30, 8\]"),
+    (lambda kern, q, k, v: kern(q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)), ValueError,
+     r"k: the number of key heads must divide the query heads \(4\), got 3"),
+    (lambda kern, q, k, v: kern(q.half(), k, v), TypeError, r"q, k, v: expected one dtype, got float16, float32, float32"),
+    (lambda kern, q, k, v: kern(q.int(), k.int(), v.int()), UnsupportedError,
+     r"backend 'portable' cannot run these inputs: dtypes: supports .*got int32"),
+    (lambda kern, q, k, v: kern(q, k, v, scale="0.1"), TypeError, r"scale: expected a float or None"),
+    (lambda kern, q, k, v: kern(q, k, v, scale=float("inf")), ValueError, r"scale: expected a finite float, got inf"),
+    (lambda kern, q, k, v: kern(q.to("meta"), k.to("meta"), v.to("meta")), ValueError,
+     r"tensors are on 'meta' but the kernel was compiled for device 'cpu'"),
+    (lambda kern, q, k, v: kern(q, k.to("meta"), v), ValueError, r"q, k, v: expected one device"),
+])
+def test_call_time_input_errors(call, error, message):
+    kernel = sparsecore.compile(mask(), device="cpu")
+    with pytest.raises(error, match=message):
+        call(kernel, *tensors())
+
+
+def test_reference_takes_numpy_only_and_its_dtypes():
+    kernel = sparsecore.compile(mask(), device="reference")
+    q, k, v = (t.numpy() for t in tensors())
+    with pytest.raises(TypeError, match=r"q: backend 'reference' takes numpy arrays, got Tensor \(convert with .numpy\(\)\)"):
+        kernel(*tensors())
+    with pytest.raises(UnsupportedError, match=r"dtypes: supports \['float32', 'float64'\], got float16"):
+        kernel(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16))
+    out = kernel(q, k, v)
+    assert out.dtype == np.float32 and out.shape == q.shape
+
+
+@dataclass(frozen=True)
+class _Opts:
+    pass
+
+
+class _UniformOnly(registry.Backend):
+    """A fake backend that needs uniform key blocks and prefers itself: exercises capability-based selection."""
+
+    name = "uniform-only-test"
+    capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float32"}),
+                                uniform_kv_blocks=True, kv_len_divisible=True, head_dims=frozenset({8}), lse=False)
+    install_hint = "test only"
+
+    def unavailable_reason(self, device):
+        return None
+
+    def preference(self, mask):
+        return 100
+
+    def lower(self, mask, device, options):
+        return lambda q, k, v, scale, return_lse: (torch.zeros_like(q), None)
+
+
+@pytest.fixture
+def uniform_only(monkeypatch):
+    backend = _UniformOnly()
+    monkeypatch.setitem(registry._REGISTRY, backend.name, backend)
+    yield backend
+    sparsecore.clear_cache()
+
+
+def test_selection_follows_capabilities_and_preference(uniform_only):
+    uniform = BlockMask.full(2, 32, 32, 16)
+    assert sparsecore.compile(uniform, device="cpu").backend is uniform_only
+    ragged = BlockMask.from_lists([[[0, 1]], [[1]]], [0, 10], [0, 7, 32])
+    assert sparsecore.compile(ragged, device="cpu").backend.name == "portable"
+    short_last = BlockMask.full(1, 30, 30, 16)
+    assert sparsecore.compile(short_last, device="cpu").backend.name == "portable"
+    with pytest.raises(UnsupportedError, match=r"uniform_kv_blocks: needs key blocks of one size.*got sizes \[7, 25\]"):
+        sparsecore.compile(ragged, device="cpu", backend=uniform_only.name)
+    with pytest.raises(UnsupportedError, match=r"kv_len_divisible: needs kv_len to be a multiple"):
+        sparsecore.compile(short_last, device="cpu", backend=uniform_only.name)
+    kernel = sparsecore.compile(uniform, device="cpu")
+    q = torch.zeros(1, 2, 32, 16)
+    with pytest.raises(UnsupportedError, match=r"head_dims: supports \[8\], got 16; lse: cannot return"):
+        kernel(q, q, q, return_lse=True)
+
+
+def test_register_rejects_duplicates_and_non_backends():
+    with pytest.raises(TypeError, match=r"register\(\): expected a sparsecore Backend instance"):
+        sparsecore.register(object())
+    portable = type(sparsecore.registered_backends()["portable"])()
+    with pytest.raises(ValueError, match=r"a backend named 'portable' is already registered"):
+        sparsecore.register(portable)
