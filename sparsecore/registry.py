@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable
 
 from .capabilities import Capabilities
 
@@ -57,6 +57,14 @@ class Backend(ABC):
     @abstractmethod
     def lower(self, mask: "BlockMask", device: str, options: Hashable) -> Run:
         """Plan ``mask`` for ``device`` (once) and return the function that runs it."""
+
+    def emulator(self) -> ContextManager[None] | None:
+        """A context in which this backend runs on CPU without its device (for tests), or None.
+
+        The property suite runs every backend that has one under it, so a lowering for
+        hardware CI lacks (an NPU) still executes on every generated mask.
+        """
+        return None
 
     def preference(self, mask: "BlockMask") -> int:
         """Rank among backends that can take ``mask`` on a device; the highest is the default."""

@@ -46,9 +46,9 @@ def pytest_terminal_summary(terminalreporter):
         return
     write = terminalreporter.write_line
     terminalreporter.section("cross-device matrix: every registered backend x device")
-    pairs = sorted({(t.backend, t.device) for t in all_targets()})
-    write(f"{'backend':<12}{'device':<11}{'ran':>5}{'passed':>8}{'failed':>8}{'skipped':>9}  reason")
+    pairs = sorted({t.matrix_row for t in all_targets()})
+    write(f"{'backend':<12}{'device':<16}{'ran':>5}{'passed':>8}{'failed':>8}{'skipped':>9}  reason")
     for pair in pairs:
         row = _MATRIX[pair]
-        write(f"{pair[0]:<12}{pair[1]:<11}{row['ran']:>5}{row['passed']:>8}{row['failed']:>8}{row['skipped']:>9}"
+        write(f"{pair[0]:<12}{pair[1]:<16}{row['ran']:>5}{row['passed']:>8}{row['failed']:>8}{row['skipped']:>9}"
               f"  {row['reason'][:90]}")

@@ -20,10 +20,18 @@ class Target:
     backend: str
     device: str
     dtype: str
+    emulated: bool = False  # run inside the backend's emulator() context (no device needed)
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{self.device}-{self.dtype}"
+        return f"{self.backend}-{self.device}-{self.dtype}" + ("-emulated" if self.emulated else "")
+
+    @property
+    def matrix_row(self) -> tuple[str, str]:
+        return self.backend, self.device + (" (emulated)" if self.emulated else "")
+
+    def emulator(self):
+        return sparsecore.registered_backends()[self.backend].emulator()
 
     @property
     def capabilities(self) -> sparsecore.Capabilities:
@@ -43,8 +51,10 @@ class Target:
 
 
 def all_targets() -> list[Target]:
-    return [Target(name, device, dtype)
+    """Each backend x device x dtype, plus an emulated copy for backends that offer an emulator."""
+    return [Target(name, device, dtype, emulated)
             for name, backend in sorted(sparsecore.registered_backends().items())
+            for emulated in ((False, True) if backend.emulator() is not None else (False,))
             for device in backend.capabilities.devices
             for dtype in sorted(backend.capabilities.dtypes)]
 

@@ -7,6 +7,8 @@ capability. Everything else is compared with the float64 oracle in ``oracle.py``
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,11 +26,12 @@ TARGETS = all_targets()
 @pytest.fixture(params=TARGETS, ids=[t.id for t in TARGETS])
 def target(request):
     t = request.param
-    request.node.user_properties.append(("target", (t.backend, t.device)))
-    reason = t.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"{t.backend} on {t.device}: {reason}")
-    return t
+    request.node.user_properties.append(("target", t.matrix_row))
+    with t.emulator() if t.emulated else contextlib.nullcontext():
+        reason = t.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"{t.backend} on {t.device}: {reason}")
+        yield t
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only picks the target

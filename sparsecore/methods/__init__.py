@@ -1,0 +1,1 @@
+"""Sparsity methods: planners that emit BlockMask IRs (none imports a device library)."""
