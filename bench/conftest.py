@@ -1,4 +1,4 @@
-"""Benchmarks share the test helpers (oracle, targets)."""
+"""Benchmarks share the test helpers (oracle, targets) and their own case builders."""
 
 import sys
 from pathlib import Path

@@ -30,6 +30,7 @@ class Capabilities:
             a shorter last block.
         kv_len_divisible: the key length must be a multiple of the key block size
             (no short last key block).
+        min_q_block: smallest query block (in tokens) the backend computes correctly.
     """
 
     devices: tuple[str, ...]
@@ -41,6 +42,7 @@ class Capabilities:
     uniform_q_blocks: bool = False
     uniform_kv_blocks: bool = False
     kv_len_divisible: bool = False
+    min_q_block: int = 1
 
     def mask_problems(self, mask: "BlockMask") -> list[str]:
         """Unmet capabilities for ``mask`` (empty list: the backend can take it)."""
@@ -48,6 +50,9 @@ class Capabilities:
         if self.uniform_q_blocks and mask.uniform_block_size("q") is None:
             problems.append(f"uniform_q_blocks: needs query blocks of one size (a shorter last one is fine), "
                             f"got sizes {_sizes(mask.q_block_sizes)}")
+        if mask.q_block_sizes.min() < self.min_q_block:
+            problems.append(f"min_q_block: needs query blocks of at least {self.min_q_block} tokens, got one of "
+                            f"{int(mask.q_block_sizes.min())}")
         kv_block = mask.uniform_block_size("kv")
         if self.uniform_kv_blocks and kv_block is None:
             problems.append(f"uniform_kv_blocks: needs key blocks of one size (a shorter last one is fine), "

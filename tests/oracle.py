@@ -28,13 +28,13 @@ def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, tokens: np.ndar
     group = q.shape[1] // k.shape[1]
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
-    scores = np.einsum("bhsd,bhtd->bhst", q, k) * scale
+    scores = q @ np.swapaxes(k, -1, -2) * scale
     scores = np.where(tokens[None], scores, -np.inf)
     row_max = scores.max(axis=-1, keepdims=True)
     kept = np.isfinite(row_max)
     shifted = np.exp(scores - np.where(kept, row_max, 0.0))
     total = shifted.sum(axis=-1, keepdims=True)
     probs = np.where(kept, shifted / np.where(kept, total, 1.0), 0.0)
-    out = np.einsum("bhst,bhtd->bhsd", probs, v)
+    out = probs @ v
     lse = np.where(kept, row_max + np.log(np.where(kept, total, 1.0)), -np.inf)[..., 0]
     return out, lse

@@ -44,11 +44,14 @@ class AttentionCase:
 def offsets(draw, caps: Capabilities, side: str, length: int | None = None) -> np.ndarray:
     """Block boundaries for one side ("q" or "kv") that the capabilities allow."""
     uniform = caps.uniform_q_blocks if side == "q" else caps.uniform_kv_blocks
-    style = "uniform" if uniform else draw(st.sampled_from(["uniform", "uniform", "arbitrary"]))
+    min_block = caps.min_q_block if side == "q" else 1
+    style = "uniform" if uniform or min_block > 1 else draw(st.sampled_from(["uniform", "uniform", "arbitrary"]))
     if style == "uniform":
-        block = draw(st.integers(1, 256))
+        block = draw(st.integers(min_block, 256))
         if length is None:
-            length = draw(st.integers(1, min(MAX_LEN, block * MAX_BLOCKS)))
+            length = draw(st.integers(min_block, min(MAX_LEN, block * MAX_BLOCKS)))
+            if block < length and 0 < length % block < min_block:  # a short last block may not go below it
+                length -= length % block
             if side == "kv" and caps.kv_len_divisible:
                 length = block * max(1, length // block)
         return BlockMask.uniform_offsets(length, block)

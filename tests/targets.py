@@ -30,6 +30,11 @@ class Target:
     def matrix_row(self) -> tuple[str, str]:
         return self.backend, self.device + (" (emulated)" if self.emulated else "")
 
+    @property
+    def tensor_device(self) -> str:
+        """Emulators (the NPU emulator, Triton's interpreter) run on CPU tensors."""
+        return "cpu" if self.emulated else self.device
+
     def emulator(self):
         return sparsecore.registered_backends()[self.backend].emulator()
 
@@ -46,7 +51,7 @@ class Target:
             cast = [a.astype(self.dtype) for a in arrays]
             return cast, [a.astype(np.float64) for a in cast]
         import torch
-        cast = [torch.from_numpy(a).to(device=self.device, dtype=getattr(torch, self.dtype)) for a in arrays]
+        cast = [torch.from_numpy(a).to(device=self.tensor_device, dtype=getattr(torch, self.dtype)) for a in arrays]
         return cast, [c.double().cpu().numpy() for c in cast]
 
 

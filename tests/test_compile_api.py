@@ -128,7 +128,8 @@ class _UniformOnly(registry.Backend):
 
     name = "uniform-only-test"
     capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float32"}),
-                                uniform_kv_blocks=True, kv_len_divisible=True, head_dims=frozenset({8}), lse=False)
+                                uniform_kv_blocks=True, kv_len_divisible=True, head_dims=frozenset({8}), lse=False,
+                                min_q_block=4)
     install_hint = "test only"
 
     def unavailable_reason(self, device):
@@ -160,6 +161,9 @@ def test_selection_follows_capabilities_and_preference(uniform_only):
         sparsecore.compile(ragged, device="cpu", backend=uniform_only.name)
     with pytest.raises(UnsupportedError, match=r"kv_len_divisible: needs kv_len to be a multiple"):
         sparsecore.compile(short_last, device="cpu", backend=uniform_only.name)
+    tiny_rows = BlockMask.full(1, 30, 32, 3, 16)
+    with pytest.raises(UnsupportedError, match=r"min_q_block: needs query blocks of at least 4 tokens, got one of 3"):
+        sparsecore.compile(tiny_rows, device="cpu", backend=uniform_only.name)
     kernel = sparsecore.compile(uniform, device="cpu")
     q = torch.zeros(1, 2, 32, 16)
     with pytest.raises(UnsupportedError, match=r"head_dims: supports \[8\], got 16; lse: cannot return"):

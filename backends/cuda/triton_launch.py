@@ -1,0 +1,73 @@
+"""Host side of the Triton lowering: pick the tile config, plan once per config, launch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from sparsecore.ir import BlockMask
+
+from .tiling import TilePlan, plan_tiles
+from .triton_backend import TritonConfig, TritonOptions, default_config
+from .triton_kernel import LOG2E, block_sparse_attention_fwd
+
+
+class TritonLaunch:
+    """The run function of one compiled mask: ``(q, k, v, scale, return_lse) -> (out, lse)``."""
+
+    def __init__(self, mask: BlockMask, options: TritonOptions) -> None:
+        self.mask = mask
+        self.options = options
+        self._plans: dict[tuple, TilePlan] = {}
+        self.last_compiled = None  # Triton's compiled kernel of the last launch: n_regs, n_spills, metadata.shared
+
+    def config(self, q: torch.Tensor) -> TritonConfig:
+        config = default_config(q.shape[-1], q.element_size(), q.device)
+        overrides = {k: v for k, v in vars(self.options).items() if v is not None}
+        return replace(config, **overrides)
+
+    def plan(self, config: TritonConfig, device: torch.device) -> TilePlan:
+        """The tile plan for this config on ``device`` (built there on first use, then cached)."""
+        key = (config.block_m, config.block_n, str(device))
+        if key not in self._plans:
+            self._plans[key] = plan_tiles(self.mask, config.block_m, config.block_n, device)
+        return self._plans[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        batch, num_heads, q_len, head_dim = q.shape
+        num_kv_heads, kv_len = k.shape[1], k.shape[2]
+        config = self.config(q)
+        plan = self.plan(config, q.device)
+        out = torch.empty_like(q)
+        lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else out
+        descs = _descriptors(q, k, v, config) if config.use_tma else (q, k, v)
+        grid = (max(plan.num_programs, 1), batch)
+        if plan.num_programs == 0:
+            return out.zero_(), (lse.fill_(-torch.inf) if return_lse else None)
+        self.last_compiled = block_sparse_attention_fwd[grid](
+            q, k, v, out, lse, *descs, plan.programs, plan.full_start, plan.partial_start, plan.partial_end,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            num_heads, num_kv_heads, q_len, kv_len, scale * LOG2E,
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=config.warp_specialize,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out, (lse if return_lse else None)
+
+
+def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TritonConfig):
+    """Host TMA descriptors over the [rows, D] views of contiguous q, k, v."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    head_dim = q.shape[-1]
+
+    def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
+        flat = t.view(-1, head_dim)
+        return TensorDescriptor(flat, shape=list(flat.shape), strides=list(flat.stride()), block_shape=[rows, head_dim])
+    return describe(q, config.block_m), describe(k, config.block_n), describe(v, config.block_n)

@@ -1,0 +1,283 @@
+"""CUDA benchmark of issue 3: sparsecore's lowerings against dense cuDNN, FlexAttention and FlashInfer.
+
+Run on a GPU machine (the device tool):
+
+    python bench/cuda_benchmark.py --out bench/results [--sizes 32768 98304] [--frames] [--sweep]
+
+All kernels run in one process on the same q, k, v (bf16, B=1, H=12, D=128),
+timed with ``triton.testing.do_bench`` (median; 50 ms warm-up, 300 ms of repeats).
+Effective TFLOP/s = 4 * S^2 * D * H * density / time. Every sparse output is also
+compared with FlexAttention's (an independent implementation) as a sanity check.
+Writes ``cuda-<date>.json`` and ``cuda-<date>.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import sparsecore  # noqa: E402
+from cuda_cases import FRAME_TOKENS, lvsa_frames, random_rows  # noqa: E402
+from sparsecore import BlockMask  # noqa: E402
+
+HEADS, HEAD_DIM, DTYPE = 12, 128, torch.bfloat16
+TRITON_SWEEP = [  # (block_m, block_n, num_warps, num_stages, use_tma)
+    (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 4, 3, True), (128, 64, 8, 3, True),
+    (128, 128, 8, 3, False), (128, 64, 4, 3, False), (64, 128, 4, 3, True), (128, 128, 4, 2, True),
+]
+
+
+@dataclass
+class Row:
+    case: str
+    seq_len: int
+    density: float
+    kernel: str
+    ms: float | None = None
+    eff_tflops: float | None = None
+    rel_diff_vs_flex: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- baselines
+def flex_attention_fn(mask: BlockMask, q, k, v) -> Callable[[], torch.Tensor]:
+    """FlexAttention with the same mask: 128-token blocks; blocks fully inside the mask skip the mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+    from torch.nn.attention.flex_attention import flex_attention
+    tile = 128
+    token_block_q = torch.from_numpy(_token_to_block(mask.q_offsets)).to(q.device)
+    token_block_kv = torch.from_numpy(_token_to_block(mask.kv_offsets)).to(q.device)
+    block_map = torch.from_numpy(mask.to_dense()).to(q.device)                         # [H, MB, NB]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return block_map[h, token_block_q[q_idx], token_block_kv[kv_idx]]
+
+    partial, full = _flex_tiles(mask, tile)
+    def as_lists(tiles):
+        counts = tiles.sum(-1).to(torch.int32)[None]
+        order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[None]
+        return counts.contiguous(), order.contiguous()
+    kv_num, kv_idx = as_lists(partial.to(q.device))
+    full_num, full_idx = as_lists(full.to(q.device))
+    block_mask = FlexBlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile,
+                                              mask_mod=mask_mod, seq_lengths=(mask.q_len, mask.kv_len),
+                                              compute_q_blocks=False)
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=block_mask)
+
+
+def _token_to_block(offsets) -> "np.ndarray":
+    import numpy as np
+    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.int64)
+
+
+def _flex_tiles(mask: BlockMask, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, which 128x128 token tiles are partly / fully kept (bool [H, Mt, Nt])."""
+    import numpy as np
+    dense = mask.to_dense()
+    mt, nt = -(-mask.q_len // tile), -(-mask.kv_len // tile)
+    q_first = _token_to_block(mask.q_offsets)[np.minimum(np.arange(mt) * tile, mask.q_len - 1)]
+    q_last = _token_to_block(mask.q_offsets)[np.minimum(np.arange(mt) * tile + tile - 1, mask.q_len - 1)]
+    k_first = _token_to_block(mask.kv_offsets)[np.minimum(np.arange(nt) * tile, mask.kv_len - 1)]
+    k_last = _token_to_block(mask.kv_offsets)[np.minimum(np.arange(nt) * tile + tile - 1, mask.kv_len - 1)]
+    any_kept = np.zeros((mask.num_heads, mt, nt), dtype=bool)
+    all_kept = np.ones((mask.num_heads, mt, nt), dtype=bool)
+    # a tile spans blocks q_first..q_last x k_first..k_last; with blocks >= the tile that is at most 2 x 2
+    if (q_last - q_first).max() > 1 or (k_last - k_first).max() > 1:
+        raise ValueError("the FlexAttention baseline supports IR blocks of at least 128 tokens")
+    for qs in (q_first, q_last):
+        for ks in (k_first, k_last):
+            kept = dense[:, qs][:, :, ks]
+            any_kept |= kept
+            all_kept &= kept
+    partial = any_kept & ~all_kept
+    if mask.q_len % tile or mask.kv_len % tile:   # ragged last tiles always need the mask_mod
+        edge = np.zeros((mt, nt), dtype=bool)
+        edge[-1, :] = bool(mask.q_len % tile)
+        edge[:, -1] |= bool(mask.kv_len % tile)
+        partial |= all_kept & edge
+        all_kept &= ~edge
+    return torch.from_numpy(partial), torch.from_numpy(all_kept)
+
+
+def flashinfer_variable_fn(mask: BlockMask, q, k, v) -> Callable[[], torch.Tensor]:
+    """FlashInfer's own per-head wrapper (VariableBlockSparseAttentionWrapper), HND layout."""
+    import flashinfer
+    device = q.device
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
+    wrapper = flashinfer.VariableBlockSparseAttentionWrapper(workspace, backend="auto")
+    heads = mask.num_heads
+    row_sz = torch.from_numpy(mask.q_block_sizes).to(torch.int32)[None].repeat(heads, 1).to(device)
+    col_sz = torch.from_numpy(mask.kv_block_sizes).to(torch.int32)[None].repeat(heads, 1).to(device)
+    wrapper.plan(torch.from_numpy(mask.to_dense()).to(device), row_sz, col_sz, num_qo_heads=heads,
+                 num_kv_heads=heads, head_dim=q.shape[-1], q_data_type=q.dtype, kv_data_type=q.dtype)
+    q3, k3, v3 = q[0], k[0], v[0]
+    return lambda: wrapper.run(q3, k3, v3)
+
+
+# -------------------------------------------------------------------- cases
+def sparse_kernels(mask: BlockMask, q, k, v, sweep: bool, flashinfer: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    kernels: dict[str, Callable[[], torch.Tensor]] = {}
+    triton_kernel = sparsecore.compile(mask, device="cuda", backend="triton")
+    kernels["sparsecore triton"] = lambda: triton_kernel(q, k, v)
+    if not flashinfer:
+        return (kernels | _sweep(mask, q, k, v)) if sweep else kernels
+    default = sparsecore.compile(mask, device="cuda")
+    kernels[f"sparsecore default ({default.backend.name})"] = lambda: default(q, k, v)
+    if not sparsecore.registered_backends()["flashinfer"].capabilities.mask_problems(mask):
+        fi = sparsecore.compile(mask, device="cuda", backend="flashinfer")
+        kernels["sparsecore flashinfer (fold-heads fa3)"] = lambda: fi(q, k, v)
+    if sweep:
+        kernels |= _sweep(mask, q, k, v)
+    kernels["FlashInfer VariableBlockSparse (per-head)"] = flashinfer_variable_fn(mask, q, k, v)
+    return kernels
+
+
+def _sweep(mask: BlockMask, q, k, v) -> dict[str, Callable[[], torch.Tensor]]:
+    kernels = {}
+    for bm, bn, warps, stages, tma in TRITON_SWEEP:
+        kern = sparsecore.compile(mask, device="cuda", backend="triton", block_m=bm, block_n=bn,
+                                  num_warps=warps, num_stages=stages, use_tma=tma)
+        kernels[f"triton {bm}x{bn} w{warps} s{stages}{' tma' if tma else ''}"] = (lambda kern=kern: kern(q, k, v))
+    return kernels
+
+
+def run_case(case: str, mask: BlockMask, rows: list[Row], sweep: bool, flashinfer: bool, log) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, mask.q_len, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+               for _ in range(3))
+    density = mask.density()
+    useful = 4.0 * mask.q_len * mask.kv_len * HEAD_DIM * HEADS * density
+    kernels = sparse_kernels(mask, q, k, v, sweep, flashinfer)
+    log(f"  {case}: compiling FlexAttention")
+    reference = flex_attention_fn(mask, q, k, v)
+    flex_out = reference()
+    outputs = {"FlexAttention (compiled)": (reference, flex_out)}
+    for name, fn in kernels.items():
+        log(f"  {case}: {name}")
+        outputs[name] = (fn, fn())
+    for name, (fn, out) in outputs.items():
+        ms = bench(fn)
+        rows.append(Row(case, mask.q_len, density, name, ms, useful / ms / 1e9,
+                        None if name.startswith("Flex") else rel_diff(out, flex_out)))
+        log(f"    {name:<45} {ms:9.3f} ms {useful / ms / 1e9:7.1f} eff TFLOP/s")
+
+
+def run_dense(seq_len: int, rows: list[Row], log) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    flops = 4.0 * seq_len * seq_len * HEAD_DIM * HEADS
+    rows.append(Row("dense", seq_len, 1.0, "torch SDPA cuDNN (dense)", ms, flops / ms / 1e9))
+    log(f"  dense S={seq_len}: cuDNN {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+
+
+def planning_ms(mask: BlockMask) -> dict[str, float]:
+    """IR -> launch metadata time for the Triton lowering: first plan, and a cached compile() after it."""
+    from sparsecore.backends.cuda.tiling import plan_tiles
+    plan_tiles(mask, 128, 128, "cuda")                      # warm the CUDA ops
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    plan_tiles(mask, 128, 128, "cuda")
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - start) * 1e3
+    sparsecore.compile(mask, device="cuda", backend="triton")
+    start = time.perf_counter()
+    sparsecore.compile(mask, device="cuda", backend="triton")
+    cached = (time.perf_counter() - start) * 1e3
+    return {"plan_on_gpu_ms": first, "compile_cached_ms": cached}
+
+
+def versions() -> dict[str, str]:
+    import triton
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda or "", "cudnn": str(torch.backends.cudnn.version()),
+            "python": platform.python_version(), "sparsecore": sparsecore.__version__}
+    try:
+        import flashinfer
+        info["flashinfer"] = flashinfer.__version__
+    except ImportError as err:
+        info["flashinfer"] = f"not importable: {err}"
+    return info
+
+
+def markdown(rows: list[Row], meta: dict) -> str:
+    lines = [f"# CUDA block-sparse attention benchmark, {meta['date']}", "",
+             f"Machine: {meta['versions']['gpu']}; torch {meta['versions']['torch']}, triton "
+             f"{meta['versions']['triton']}, flashinfer {meta['versions']['flashinfer']}, CUDA "
+             f"{meta['versions']['cuda']}, cuDNN {meta['versions']['cudnn']}.",
+             f"bf16, B=1, H={HEADS}, D={HEAD_DIM}; `triton.testing.do_bench` median (50 ms warm-up, 300 ms repeats). "
+             "eff TFLOP/s = 4*S^2*D*H*density / time. rel diff: relative L2 distance to FlexAttention's output.", "",
+             "| case | S | density | kernel | ms | eff TFLOP/s | rel diff vs Flex |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = "" if r.rel_diff_vs_flex is None else f"{r.rel_diff_vs_flex:.1e}"
+        lines.append(f"| {r.case} | {r.seq_len} | {r.density:.4f} | {r.kernel} | {r.ms:.3f} | {r.eff_tflops:.1f} | "
+                     f"{diff} |")
+    if meta.get("planning"):
+        lines += ["", "Planning (IR -> Triton launch metadata), 98304 tokens, 12 heads, d=0.25: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in meta["planning"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--sizes", type=int, nargs="*", default=[32768, 98304])
+    parser.add_argument("--densities", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--frames", action="store_true", help="also the LVSA frame mask at 188,760 tokens")
+    parser.add_argument("--sweep", action="store_true", help="time every Triton config of TRITON_SWEEP too")
+    parser.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer kernels (no JIT wait)")
+    args = parser.parse_args()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if not torch.cuda.is_available():
+        print("cuda_benchmark.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    meta = {"date": datetime.date.today().isoformat(), "versions": versions()}
+    log(json.dumps(meta))
+    for seq_len in args.sizes:
+        run_dense(seq_len, rows, log)
+        for density in args.densities:
+            run_case(f"random 128-blocks d={density}", random_rows(HEADS, seq_len, density), rows,
+                     args.sweep and seq_len == args.sizes[0], not args.no_flashinfer, log)
+    if 98304 in args.sizes:
+        meta["planning"] = planning_ms(random_rows(HEADS, 98304, 0.25))
+    if args.frames:
+        frames = lvsa_frames(HEADS)
+        run_dense(frames.q_len, rows, log)
+        run_case(f"LVSA frames ({FRAME_TOKENS}-token blocks, 21 of 121)", frames, rows, args.sweep,
+                 not args.no_flashinfer, log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cuda-{meta['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [vars(r) for r in rows]}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

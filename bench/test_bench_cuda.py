@@ -1,0 +1,62 @@
+"""pytest-benchmark suite for the CUDA lowerings (issue 3), dense cuDNN beside every mask.
+
+    pytest bench/test_bench_cuda.py --benchmark-enable
+
+Same masks as bench/cuda_benchmark.py (which prints the committed table with
+triton.testing.do_bench and the external baselines). Each case is skipped, with the
+backend's own reason, where its backend cannot run. The timed call synchronizes the
+GPU (pytest-benchmark times on the host); results are checked after timing against
+the portable backend on the same GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsecore
+from cuda_cases import random_rows
+
+HEADS, HEAD_DIM, SEQ = 12, 128, 32768
+DENSITIES = [0.1, 0.25, 0.5]
+KERNELS = ["cudnn-dense", "default", "triton", "flashinfer"]
+
+
+def _skip_reason(kind: str) -> str | None:
+    backend = {"cudnn-dense": "portable", "default": "triton"}.get(kind, kind)
+    return sparsecore.registered_backends()[backend].unavailable_reason("cuda")
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_cuda_attention_speed(benchmark, density, kind):
+    reason = _skip_reason(kind)
+    if reason is not None:
+        pytest.skip(f"{kind} on cuda: {reason}")
+    mask = random_rows(HEADS, SEQ, density)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, SEQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    if kind == "cudnn-dense":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        flops = mask.dense_flops(HEAD_DIM)
+    else:
+        kernel = sparsecore.compile(mask, device="cuda", backend=None if kind == "default" else kind)
+        fn = lambda: kernel(q, k, v)  # noqa: E731
+        flops = mask.flops(HEAD_DIM)
+    fn()
+
+    def timed():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    benchmark.group = f"S{SEQ}-d{density}"
+    out = benchmark.pedantic(timed, rounds=20, warmup_rounds=3)
+    benchmark.extra_info.update(density=mask.density(), eff_tflops=flops / benchmark.stats.stats.median / 1e12)
+    if kind != "cudnn-dense":
+        check = sparsecore.compile(mask, device="cuda", backend="portable")(q, k, v)
+        assert float((out.float() - check.float()).norm() / check.float().norm()) < 2e-2

@@ -1,0 +1,72 @@
+"""Realistic block shapes on every available torch backend: frame-sized blocks, D=128, GQA 2:1 and 4:1.
+
+The generated cases in test_backends_match_oracle.py are small; these are the shapes
+video DiTs use (1560-token latent frames of Wan 2.1 at 480x832, 128-token blocks) at
+a length the float64 oracle still computes in seconds. They run wherever a backend is
+available (GPU targets on a GPU machine; the portable backend everywhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from checks import run_and_compare
+from targets import all_targets
+
+from sparsecore import BlockMask
+
+FRAME = 1560  # tokens per latent frame: Wan 2.1 at 480x832 after 2x2 patchify (30 x 52)
+
+
+def frame_window_mask(num_heads: int, frames: int, text: int, seed: int) -> BlockMask:
+    """Each frame keeps a per-head window of neighbouring frames, frame 0 as an anchor, and the text block."""
+    rng = np.random.default_rng(seed)
+    offsets = np.append(np.arange(frames + 1) * FRAME, frames * FRAME + text) if text else np.arange(frames + 1) * FRAME
+    blocks = len(offsets) - 1
+    rows = []
+    for _ in range(num_heads):
+        width = int(rng.integers(0, 2))
+        head = [{0, *range(max(0, i - width), min(frames, i + width + 1))} | ({frames} if text else set())
+                for i in range(frames)]
+        if text:
+            head.append(set(range(blocks)))  # text attends to everything
+        rows.append(head)
+    return BlockMask.from_lists(rows, offsets, offsets)
+
+
+def random_blocks(num_heads: int, q_len: int, kv_len: int, block: int, density: float, seed: int) -> BlockMask:
+    rng = np.random.default_rng(seed)
+    dense = rng.random((num_heads, -(-q_len // block), -(-kv_len // block))) < density
+    dense[:, 1] = False  # an empty row in every head
+    return BlockMask.from_dense(dense, q_len, kv_len, block)
+
+
+CASES = {
+    # name: (mask, batch, kv heads, head dim)
+    "frames_1560_with_text_gqa2_d128": (frame_window_mask(4, 4, 226, 0), 1, 2, 128),
+    "frames_1560_d64": (frame_window_mask(2, 3, 0, 1), 1, 2, 64),
+    "blocks_128_gqa4_d128_short_last": (random_blocks(8, 4000, 4000, 128, 0.3, 2), 1, 2, 128),
+    "blocks_128_q_ne_kv_d64": (random_blocks(4, 2048, 4096, 128, 0.25, 3), 2, 4, 64),
+    "blocks_64_d128": (random_blocks(2, 4096, 4096, 64, 0.2, 4), 1, 2, 128),
+}
+TARGETS = [t for t in all_targets() if t.capabilities.array_type == "torch" and not t.emulated
+           and t.device != "cpu" and t.dtype in ("float16", "bfloat16")]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("target", TARGETS, ids=[t.id for t in TARGETS])
+def test_realistic_masks_match_dense_oracle(request, target, name):
+    request.node.user_properties.append(("target", target.matrix_row))
+    reason = target.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{target.backend} on {target.device}: {reason}")
+    mask, batch, kv_heads, head_dim = CASES[name]
+    problems = target.capabilities.mask_problems(mask) + target.capabilities.tensor_problems(
+        target.dtype, head_dim, mask.num_heads, kv_heads, False)
+    if problems:
+        pytest.skip(f"{target.backend} cannot take {name}: {'; '.join(problems)}")
+    rng = np.random.default_rng(len(name))
+    q = rng.standard_normal((batch, mask.num_heads, mask.q_len, head_dim))
+    k, v = (rng.standard_normal((batch, kv_heads, mask.kv_len, head_dim)) for _ in range(2))
+    run_and_compare(target, mask, q, k, v)
