@@ -1,0 +1,320 @@
+"""The npu lowering on CPU: import hygiene, availability messages, routes, call arguments, the LSE merge.
+
+Numbers are checked against the float64 oracle under the emulator
+(``sparsecore.backends.npu.emulate``); the generated-mask property suite covers the
+same lowering in ``test_backends_match_oracle.py`` (target ``npu-npu-*-emulated``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import subprocess
+import sys
+import textwrap
+import types
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from checks import assert_matches
+from npu_cases import PATH_CASES
+from oracle import dense_attention, expand_to_tokens
+from targets import default_scale
+
+import sparsecore
+from sparsecore import BlockMask, UnsupportedError
+from sparsecore.backends.npu import NpuBackend, NpuOptions, emulate, loader
+from sparsecore.backends.npu.merge import merge_partials
+from sparsecore.backends.npu.plan import (BLOCK_Y, full_op_blocks, key_pieces, plan_fallback, plan_hybrid,
+                                          query_runs)
+
+NPU = NpuBackend()
+
+
+@contextmanager
+def counted_emulator():
+    """The emulator with its two ops wrapped to record every call's arguments."""
+    with emulate() as module:
+        log = {"npu_block_sparse_attention": [], "npu_fusion_attention": []}
+        for name in log:
+            op = getattr(module, name)
+
+            def spy(*args, _op=op, _log=log[name], **kwargs):
+                _log.append((args, kwargs))
+                return _op(*args, **kwargs)
+
+            setattr(module, name, spy)
+        yield module, log
+
+
+def run_case(case, dtype: str, **options):
+    """Compile and run ``case`` for npu under the current emulator; returns (out, lse) as float64 and the oracle's."""
+    kernel = sparsecore.compile(case.mask, device="npu", **options)
+    q, k, v = (torch.from_numpy(a).to(getattr(torch, dtype)) for a in case.inputs())
+    out, lse = kernel(q, k, v, scale=case.scale, return_lse=True)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(lse.shape) == tuple(q.shape[:3])
+    ref_out, ref_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                       expand_to_tokens(case.mask), default_scale(q.shape[-1], case.scale))
+    return out.double().numpy(), lse.double().numpy(), ref_out, ref_lse
+
+
+# ----------------------------------------------------------------------------------------- import hygiene
+
+def test_import_sparsecore_never_imports_torch_npu():
+    script = textwrap.dedent("""
+        import sys
+        import sparsecore
+        import sparsecore.backends.npu
+        backends = sparsecore.registered_backends()
+        assert "npu" in backends, sorted(backends)
+        backends["npu"].capabilities
+        backends["npu"].emulator()            # creating the context manager installs nothing
+        assert "torch_npu" not in sys.modules, "torch_npu was imported"
+        print("clean")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "clean"
+
+
+# ----------------------------------------------------------------------------------- availability messages
+
+@pytest.fixture
+def no_torch_npu(monkeypatch):
+    """A process where torch_npu is neither imported nor installed."""
+    sparsecore.registered_backends()
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch_npu" else real_find_spec(name, *a))
+
+
+def test_missing_torch_npu_says_what_to_install(no_torch_npu):
+    reason = NPU.unavailable_reason("npu")
+    assert reason == "torch_npu is not installed"
+    mask = BlockMask.full(1, 128, 128, 128)
+    with pytest.raises(RuntimeError, match=r"npu: torch_npu is not installed \(pip install torch-npu==2\.14.*CANN"):
+        sparsecore.compile(mask, device="npu")
+
+
+@pytest.mark.parametrize("error", [ImportError("libhccl.so: cannot open shared object file"),
+                                   OSError("libascendcl.so: cannot open shared object file"),
+                                   RuntimeError("Two accelerators cannot be used at the same time in PyTorch")])
+def test_a_failing_import_is_reported_not_raised(monkeypatch, error):
+    sparsecore.registered_backends()
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    real_find_spec, real_import = importlib.util.find_spec, importlib.import_module
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torch_npu" else real_find_spec(name, *a))
+
+    def failing_import(name, *args):
+        if name == "torch_npu":
+            raise error
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", failing_import)
+    reason = NPU.unavailable_reason("npu")
+    assert reason.startswith(f"import torch_npu failed with {type(error).__name__}: {error}")
+    with pytest.raises(RuntimeError, match=type(error).__name__):
+        sparsecore.compile(BlockMask.full(1, 128, 128, 128), device="npu")
+
+
+def test_a_real_looking_module_without_a_device_is_unavailable(monkeypatch):
+    fake = types.ModuleType("torch_npu")
+    fake.__version__ = "2.14.0"
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    monkeypatch.delattr(torch, "npu", raising=False)
+    assert "torch.npu.is_available() is False" in NPU.unavailable_reason("npu")
+    assert loader.hardware_problem() == NPU.unavailable_reason("npu")
+
+
+def test_a_blocked_import_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    assert "blocked" in NPU.unavailable_reason("npu")
+
+
+def test_emulator_makes_the_backend_available_on_cpu_tensors(no_torch_npu):
+    assert NPU.tensor_device_problem("npu", "cpu") is not None
+    with emulate():
+        assert NPU.unavailable_reason("npu") is None
+        assert NPU.tensor_device_problem("npu", "cpu") is None
+        assert "emulator" in loader.hardware_problem()
+    assert "torch_npu" not in sys.modules
+
+
+def test_a_kernel_compiled_under_the_emulator_keeps_no_module(no_torch_npu):
+    mask = BlockMask.full(2, 128, 128, 128)
+    q = torch.randn(1, 2, 128, 64, dtype=torch.float16, generator=torch.Generator().manual_seed(0))
+    with emulate():
+        kernel = sparsecore.compile(mask, device="npu")
+        first = kernel(q, q, q)
+    with emulate():                                     # a fresh emulator module: looked up per call
+        assert torch.equal(kernel(q, q, q), first)
+    with pytest.raises(ValueError, match="tensors are on 'cpu' but the kernel was compiled for device 'npu'"):
+        kernel(q, q, q)                                 # CPU tensors are accepted only under the emulator
+    run = NPU.lower(mask, "npu", NpuOptions())
+    with pytest.raises(RuntimeError, match="torch_npu is not installed.*only while the emulator is installed"):
+        run(q, q, q, 0.125, False)
+
+
+# ---------------------------------------------------------------------------------------- routes and numbers
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(PATH_CASES))
+def test_each_path_matches_the_oracle_and_takes_its_route(name, dtype):
+    path_case = PATH_CASES[name]
+    with counted_emulator() as (_, log):
+        out, lse, ref_out, ref_lse = run_case(path_case.case, dtype)
+    assert_matches(dtype, out, lse, ref_out, ref_lse)
+    used = (bool(log["npu_block_sparse_attention"]), bool(log["npu_fusion_attention"]))
+    expected = {"block_sparse": (True, False), "both": (True, True), "fallback": (False, True)}[path_case.route]
+    assert used == expected, f"{name} ({path_case.why}): block-sparse/fallback calls {used}, expected {expected}"
+
+
+@pytest.mark.parametrize("name", ["frames_1560_with_text", "gqa_4_to_1", "empty_rows_and_head"])
+def test_float32_goes_through_the_fallback_only(name):
+    with counted_emulator() as (_, log):
+        out, lse, ref_out, ref_lse = run_case(PATH_CASES[name].case, "float32")
+    assert_matches("float32", out, lse, ref_out, ref_lse)
+    assert not log["npu_block_sparse_attention"] and log["npu_fusion_attention"]
+
+
+def test_path_fallback_and_tiny_chunks_split_rows_and_still_match():
+    case = PATH_CASES["blocks_64_disagreeing_pairs"].case
+    options = {"path": "fallback", "chunk_elements": 2 * 8 * 130}   # a few rows per chunk
+    plan = plan_fallback(case.mask, options["chunk_elements"])
+    assert len(plan.fallback_chunks) > case.mask.num_q_blocks
+    for chunk in plan.fallback_chunks:
+        assert case.mask.num_heads * len(chunk.q_tokens) * len(chunk.kv_tokens) <= options["chunk_elements"]
+    with counted_emulator() as (_, log):
+        out, lse, ref_out, ref_lse = run_case(case, "float16", **options)
+    assert_matches("float16", out, lse, ref_out, ref_lse)
+    assert not log["npu_block_sparse_attention"]
+    assert len(log["npu_fusion_attention"]) == len(plan.fallback_chunks) * case.batch
+
+
+def test_a_torch_npu_without_the_block_sparse_op_warns_and_uses_the_fallback():
+    case = PATH_CASES["aligned_128_multiples"].case
+    with counted_emulator() as (module, log):
+        del module.npu_block_sparse_attention
+        with pytest.warns(RuntimeWarning, match="lacks npu_block_sparse_attention"):
+            out, lse, ref_out, ref_lse = run_case(case, "bfloat16")
+    assert_matches("bfloat16", out, lse, ref_out, ref_lse)
+    assert log["npu_fusion_attention"]
+
+
+def test_no_lse_requested_skips_the_lse_of_unmerged_calls():
+    case = PATH_CASES["aligned_128_multiples"].case
+    q, k, v = (torch.from_numpy(a).half() for a in case.inputs())
+    with counted_emulator() as (_, log):
+        out = sparsecore.compile(case.mask, device="npu")(q, k, v)
+    assert isinstance(out, torch.Tensor)
+    assert all(kwargs["softmax_lse_flag"] == 0 for _, kwargs in log["npu_block_sparse_attention"])
+
+
+# --------------------------------------------------------------------------------- the arguments of each call
+
+def test_call_arguments_follow_the_op_docs():
+    """Polarity, explicit scale, block shape, layouts, precision: what the emulator cannot tell from numbers alone."""
+    case = PATH_CASES["blocks_64_disagreeing_pairs"].case
+    mask = case.mask
+    q, k, v = (torch.from_numpy(a).bfloat16() for a in case.inputs())
+    with counted_emulator() as (_, log):
+        sparsecore.compile(mask, device="npu")(q, k, v, scale=0.25, return_lse=True)
+    (args, kwargs), = log["npu_block_sparse_attention"]
+    compute = args[3]
+    assert compute.dtype == torch.int8 and set(compute.unique().tolist()) <= {0, 1}
+    assert args[4] == [64, BLOCK_Y]
+    assert kwargs == {"q_input_layout": "BNSD", "kv_input_layout": "BNSD", "num_key_value_heads": 2,
+                      "scale_value": 0.25, "inner_precise": 0, "softmax_lse_flag": 1}
+    # 1 = compute exactly where the IR keeps the whole 128-token op block
+    dense = mask.to_dense()
+    whole = dense[:, :, 0::2] & dense[:, :, 1::2]
+    assert np.array_equal(compute[0].numpy().astype(bool), whole)
+    for args, kwargs in log["npu_fusion_attention"]:
+        assert args[3:] == (mask.num_heads, "BNSD")
+        assert kwargs["scale"] == 0.25 and kwargs["sparse_mode"] == 0 and kwargs["inner_precise"] == 0
+        assert kwargs["atten_mask"].dtype == torch.bool and kwargs["atten_mask"].shape[:2] == (1, mask.num_heads)
+    # True = masked out: the fallback attends exactly the kept tokens of the half-kept op blocks
+    tokens = expand_to_tokens(mask)
+    kept_by_fallback = np.zeros_like(tokens)
+    plan = plan_hybrid(mask, NpuOptions().chunk_elements)
+    for chunk, (args, kwargs) in zip(plan.fallback_chunks, log["npu_fusion_attention"]):
+        attend = ~kwargs["atten_mask"][0].numpy()
+        kept_by_fallback[:, chunk.q_tokens[:, None], chunk.kv_tokens[None, :]] |= attend
+    op_tokens = np.repeat(np.repeat(whole, 64, axis=1), 128, axis=2)
+    assert np.array_equal(kept_by_fallback, tokens & ~op_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+def test_query_runs_cut_at_size_changes_and_absorb_a_short_last_block():
+    mask = BlockMask.from_lists([[[0]] * 6], [0, 64, 128, 160, 224, 288, 300], [0, 300])
+    assert query_runs(mask) == [(0, 3), (3, 6)]
+    frames = PATH_CASES["frames_1560_with_text"].case.mask
+    assert query_runs(frames) == [(0, 3)]            # two frames and the shorter text block: one call
+
+
+def test_key_pieces_and_full_blocks_on_frame_boundaries():
+    mask = BlockMask.from_lists([[[1], [0, 1]]], [0, 1560, 1600], [0, 1560, 1600])
+    pieces = key_pieces(mask, BLOCK_Y)
+    assert pieces.bounds.tolist() == [*range(0, 1600, 128), 1560, 1600]
+    assert pieces.ir_block.tolist() == [0] * 13 + [1]
+    assert pieces.op_block.tolist() == [*range(13), 12]
+    full = full_op_blocks(mask.to_dense(), pieces)
+    assert full[0, 0].tolist() == [False] * 13       # op block 12 = 1536..1600 holds 24 tokens of block 0
+    assert full[0, 1].tolist() == [True] * 13
+
+
+def test_plan_routes_by_exactness():
+    summaries = {name: plan_hybrid(c.case.mask, NpuOptions().chunk_elements).summary()
+                 for name, c in PATH_CASES.items()}
+    assert summaries["aligned_128_multiples"]["fallback_chunks"] == 0
+    assert summaries["blocks_64_agreeing_pairs"]["fallback_chunks"] == 0
+    frames = summaries["frames_1560_with_text"]
+    assert frames["block_sparse_calls"] == 1 and frames["fallback_chunks"] >= 1
+    # fallback work is only the kept tokens of the straddling op blocks
+    assert frames["fallback_pairs"] < 0.05 * expand_to_tokens(PATH_CASES["frames_1560_with_text"].case.mask).sum()
+
+
+# ------------------------------------------------------------------------------------------------- the merge
+
+def test_merge_is_attention_over_the_union():
+    out, lse = merge_partials(torch.tensor([[1.0, 2.0]]), torch.tensor([0.0]),
+                              torch.tensor([[5.0, 6.0]]), torch.tensor([math.log(3.0)]))
+    # weights exp(0) = 1 and exp(log 3) = 3 out of 4
+    assert torch.allclose(out, torch.tensor([[(1 + 15) / 4, (2 + 18) / 4]]))
+    assert torch.allclose(lse, torch.tensor([math.log(4.0)]))
+
+
+def test_merge_ignores_empty_parts_even_if_their_output_is_nan():
+    nan, inf = math.nan, math.inf
+    out, lse = merge_partials(torch.tensor([[nan], [3.0], [nan]]), torch.tensor([-inf, 0.5, -inf]),
+                              torch.tensor([[7.0], [nan], [nan]]), torch.tensor([1.25, -inf, -inf]))
+    assert out.tolist() == [[7.0], [3.0], [0.0]]
+    assert lse.tolist() == [1.25, 0.5, -inf]
+
+
+def test_merge_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="matching shapes"):
+        merge_partials(torch.zeros(2, 4), torch.zeros(2), torch.zeros(3, 4), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+@pytest.mark.parametrize("options, error", [({"path": "gpu"}, ValueError), ({"chunk_elements": 0}, ValueError),
+                                            ({"chunk_elements": True}, TypeError), ({"tile": 3}, TypeError)])
+def test_bad_options_are_rejected(options, error):
+    with emulate():
+        with pytest.raises(error):
+            sparsecore.compile(BlockMask.full(1, 128, 128, 128), device="npu", **options)
+
+
+def test_more_heads_than_the_fused_op_takes_is_unsupported():
+    with emulate():
+        with pytest.raises(UnsupportedError, match="at most 256 query heads"):
+            sparsecore.compile(BlockMask.full(257, 16, 16, 16), device="npu")
