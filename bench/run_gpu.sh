@@ -2,7 +2,7 @@
 # Reproduce the GPU results on a lent GPU machine (see shared/device/README.md):
 #   bash bench/run_gpu.sh STAGE...      stages: warm test sweep bench
 # warm:  JIT-compile FlashInfer's fa3 modules (bf16/fp16 x head dim 64/128) in the background; wait: join them
-# diag-triton, diag-flashinfer: bench/gpu_diagnostics.py
+# diag-triton, diag-flashinfer: bench/gpu_diagnostics.py; block-mass: bench/block_mass_device.py (AdaSpa search)
 # test:  the property suite and the realistic-mask tests on every CUDA target
 # sweep: Triton tile configs at S=32768 and on the LVSA frame mask (no FlashInfer)
 # bench: the full side-by-side table (writes cuda-<date>.json/.md under $OUT)
@@ -33,6 +33,7 @@ for stage in "$@"; do
         tests/test_large_masks.py -k "${TEST_FILTER:-cuda and not emulated}" > "$OUT/gpu-tests-${TEST_TAG:-all}.log" 2>&1; tail -25 "$OUT/gpu-tests-${TEST_TAG:-all}.log" ;;
     diag-triton) python3 bench/gpu_diagnostics.py triton 2>&1 | tee "$OUT/diag-triton.log" ;;
     diag-flashinfer) python3 bench/gpu_diagnostics.py flashinfer 2>&1 | tee "$OUT/diag-flashinfer.log" ;;
+    block-mass) python3 bench/block_mass_device.py --out "$OUT" 2>&1 | tail -40 ;;
     sweep) python3 bench/cuda_benchmark.py --out "$OUT/sweep" --sizes 32768 --sweep --no-flashinfer --frames ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -9,9 +9,10 @@
 from sparsecore.ir import BlockMask
 
 from .capabilities import Capabilities
+from .geometry import VideoGeometry
 from .kernel import CompiledKernel, clear_cache, compile
 from .registry import Backend, UnsupportedError, known_devices, register, registered_backends
 
 __all__ = ["BlockMask", "Backend", "Capabilities", "CompiledKernel", "UnsupportedError", "registered_backends",
-           "clear_cache", "compile", "known_devices", "register"]
+           "VideoGeometry", "clear_cache", "compile", "known_devices", "register"]
 __version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""The CUDA implementation of :func:`sparsecore.search.block_mass`, registered by this package.
+
+Pass 1 (no cached LSE) runs our Triton attention kernel over a full mask for the row
+LSE; pass 2 is :mod:`.block_mass_kernel`, fused (no score matrix in memory). Triton is
+imported only when it runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors
+inside the Triton backend's emulator, which is how CI tests it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+
+from sparsecore.ir import BlockMask
+
+from . import triton_backend
+
+BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray) -> str | None:
+    """None if the Triton kernel takes these inputs, else why not (block_mass then uses torch)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not one of {HEAD_DIMS}"
+    if q.dtype not in DTYPES or k.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype} is not one of fp16, bf16, fp32 (same for q and k)"
+    return triton_backend.TritonBackend().tensor_device_problem("cuda", q.device.type)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor | None,
+        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .block_mass_kernel import block_mass_fwd
+    from .triton_kernel import LOG2E
+    batch, heads, q_len, head_dim = q.shape
+    q, k = q.contiguous(), k.contiguous()
+    if lse is None:
+        lse = _fresh_lse(q, k, scale)
+    lse = lse.contiguous()
+    programs, tile_start, tile_end, tile_block = (torch.from_numpy(a).to(q.device)
+                                                  for a in _tiles(q_offsets, kv_offsets))
+    mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
+    block_mass_fwd[(programs.shape[0], heads, batch)](
+        q, k, lse, mass, programs, tile_start, tile_end, tile_block,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
+        tile_start.shape[0], scale * LOG2E,
+        GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+    return mass, lse
+
+
+def _fresh_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row LSE of dense attention from our Triton kernel (k doubles as v: only the LSE is kept)."""
+    from sparsecore.kernel import compile
+    dense = BlockMask.full(q.shape[1], q.shape[2], k.shape[2], 128)
+    _, lse = compile(dense, device="cuda", backend="triton")(q, k, k, scale=scale, return_lse=True)
+    return lse
+
+
+def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray):
+    """Query-tile programs (start, end, block) and key tiles (start, end, block), cut at block edges."""
+    def cut(offsets: np.ndarray, size: int):
+        per_block = -(-np.diff(offsets) // size)
+        block = np.repeat(np.arange(len(per_block)), per_block)
+        within = np.arange(len(block)) - np.repeat(np.cumsum(per_block) - per_block, per_block)
+        return offsets[block] + size * within, offsets[block + 1], block
+    q_start, q_end, q_block = cut(q_offsets, BLOCK_M)
+    kv_start, kv_end, kv_block = cut(kv_offsets, BLOCK_N)
+    as32 = lambda *arrays: [np.ascontiguousarray(a, dtype=np.int32) for a in arrays]  # noqa: E731
+    return (as32(np.stack([q_start, q_end, q_block], axis=1))[0], *as32(kv_start, kv_end, kv_block))

@@ -1,0 +1,188 @@
+"""Token layout of a video DiT sequence after patchify: frame-major video tokens, then text.
+
+A latent video of ``frames x height x width`` patches (after the VAE and the patch
+embedding) becomes ``frames * height * width`` tokens in frame-major, then row-major
+order: token ``t * P + y * width + x`` (``P = height * width``) is patch ``(t, y, x)``.
+Joint-attention models (HunyuanVideo, SD3-style MM-DiT) append the text tokens to
+the same sequence, after the video by default (``text_position="end"``) or before it
+(``"start"``); cross-attention models (Wan) have ``text_tokens=0``.
+
+Shapes used in the acceptance tests (480x832 video, VAE 8x spatial + 2x2 patches or
+16x spatial + 1x1 patches, 4x temporal): Wan 2.1 1x = 21x30x52 (81 video frames),
+Wan 2.1 6x = 121x30x52, HunyuanVideo 1.5 1x = 33x30x52 (129 video frames) + text.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+TEXT_POSITIONS = ("start", "end")
+
+
+def _positive_int(value: object, field: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{field}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """The token layout of one DiT attention sequence.
+
+    Args:
+        frames: latent frames T (after temporal VAE compression).
+        height, width: patches per frame along y and x (``P = height * width`` tokens per frame).
+        text_tokens: text tokens in the same sequence (joint attention), 0 for none.
+        text_position: ``"end"`` (after the video, HunyuanVideo / MM-DiT) or ``"start"``.
+    """
+
+    frames: int
+    height: int
+    width: int
+    text_tokens: int = 0
+    text_position: str = "end"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "frames", _positive_int(self.frames, "frames"))
+        set_(self, "height", _positive_int(self.height, "height"))
+        set_(self, "width", _positive_int(self.width, "width"))
+        set_(self, "text_tokens", _positive_int(self.text_tokens, "text_tokens", minimum=0))
+        if self.text_position not in TEXT_POSITIONS:
+            raise ValueError(f"text_position: expected one of {TEXT_POSITIONS}, got {self.text_position!r}")
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def frame_tokens(self) -> int:
+        """P: tokens per latent frame."""
+        return self.height * self.width
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.frame_tokens
+
+    @property
+    def tokens(self) -> int:
+        """L: the sequence length (video + text)."""
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def video_start(self) -> int:
+        """Sequence index of the first video token."""
+        return self.text_tokens if self.text_position == "start" else 0
+
+    @property
+    def video_slice(self) -> slice:
+        return slice(self.video_start, self.video_start + self.video_tokens)
+
+    @property
+    def text_slice(self) -> slice:
+        start = 0 if self.text_position == "start" else self.video_tokens
+        return slice(start, start + self.text_tokens)
+
+    def __str__(self) -> str:
+        text = f" + {self.text_tokens} text ({self.text_position})" if self.text_tokens else ""
+        return f"{self.frames}x{self.height}x{self.width}{text} = {self.tokens} tokens"
+
+    # ------------------------------------------------------------ blocks
+    def frame_offsets(self) -> np.ndarray:
+        """Sequence boundaries of the latent frames, int64 ``[frames + 1]``."""
+        return self.video_start + np.arange(self.frames + 1, dtype=np.int64) * self.frame_tokens
+
+    def block_offsets(self, block_size: int | None = None, *, split_text: bool = True,
+                      text_block: int | None = None) -> np.ndarray:
+        """Block boundaries over the whole sequence, int64 ``[num_blocks + 1]`` (an IR offset array).
+
+        Args:
+            block_size: None for one block per latent frame (``P`` tokens); an int for
+                fixed-size blocks over the video tokens (the last video block may be short).
+            split_text: keep text and video in separate blocks (a block boundary at the
+                modality boundary). False cuts the whole sequence into uniform
+                ``block_size`` blocks, which some kernels need; a block may then hold
+                both video and text tokens.
+            text_block: size of the text blocks (default: ``block_size``, or ``P`` for
+                frame blocks); the last text block may be short.
+        """
+        if block_size is not None:
+            block_size = _positive_int(block_size, "block_size")
+        if not split_text:
+            if block_size is None:
+                raise ValueError("block_size: split_text=False needs a fixed block size, got None "
+                                 "(frame blocks always end at the modality boundary)")
+            return _uniform(self.tokens, block_size)
+        video = self.frame_offsets() - self.video_start if block_size is None else _uniform(self.video_tokens,
+                                                                                            block_size)
+        parts = [("video", video)]
+        if self.text_tokens:
+            size = text_block if text_block is not None else (block_size or self.frame_tokens)
+            text = _uniform(self.text_tokens, _positive_int(size, "text_block"))
+            parts.append(("text", text))
+            if self.text_position == "start":
+                parts.reverse()
+        offsets, start = [np.zeros(1, dtype=np.int64)], 0
+        for _, part in parts:
+            offsets.append(start + part[1:])
+            start += int(part[-1])
+        return np.concatenate(offsets)
+
+    def block_frames(self, offsets: np.ndarray) -> np.ndarray:
+        """Latent frame of each block's first token, int64 ``[num_blocks]`` (-1 for a text block)."""
+        return self.frame_of(np.asarray(offsets)[:-1])
+
+    def text_blocks(self, offsets: np.ndarray) -> np.ndarray:
+        """bool ``[num_blocks]``: True where a block holds any text token."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        t0, t1 = self.text_slice.start, self.text_slice.stop
+        return (offsets[:-1] < t1) & (offsets[1:] > t0) if self.text_tokens else np.zeros(len(offsets) - 1, bool)
+
+    # ------------------------------------------------------------ token <-> (t, y, x)
+    def is_text(self, tokens: np.ndarray | int) -> np.ndarray:
+        tokens = self._check_tokens(tokens)
+        return (tokens >= self.text_slice.start) & (tokens < self.text_slice.stop)
+
+    def frame_of(self, tokens: np.ndarray | int) -> np.ndarray:
+        """Latent frame of each token, int64 (-1 for text tokens)."""
+        tokens = self._check_tokens(tokens)
+        local = tokens - self.video_start
+        return np.where(self.is_text(tokens), -1, local // self.frame_tokens)
+
+    def position(self, tokens: np.ndarray | int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(t, y, x)`` of each token, int64 arrays; ``(-1, -1, -1)`` for text tokens."""
+        tokens = self._check_tokens(tokens)
+        text = self.is_text(tokens)
+        local = np.where(text, 0, tokens - self.video_start)
+        t, rest = np.divmod(local, self.frame_tokens)
+        y, x = np.divmod(rest, self.width)
+        return tuple(np.where(text, -1, a) for a in (t, y, x))  # type: ignore[return-value]
+
+    def token(self, t: np.ndarray | int, y: np.ndarray | int, x: np.ndarray | int) -> np.ndarray:
+        """Sequence index of patch ``(t, y, x)`` (inverse of :meth:`position`)."""
+        t, y, x = (np.asarray(a, dtype=np.int64) for a in (t, y, x))
+        for name, a, n in (("t", t, self.frames), ("y", y, self.height), ("x", x, self.width)):
+            if a.size and (a.min() < 0 or a.max() >= n):
+                raise ValueError(f"{name}: expected values in [0, {n}), got range [{a.min()}, {a.max()}]")
+        return self.video_start + t * self.frame_tokens + y * self.width + x
+
+    def video_positions(self) -> np.ndarray:
+        """``(t, y, x)`` of every video token in sequence order, int64 ``[video_tokens, 3]``."""
+        t, y, x = np.meshgrid(np.arange(self.frames), np.arange(self.height), np.arange(self.width), indexing="ij")
+        return np.stack([t.ravel(), y.ravel(), x.ravel()], axis=1).astype(np.int64)
+
+    def _check_tokens(self, tokens: np.ndarray | int) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens: expected integer token indices, got dtype {tokens.dtype}")
+        tokens = tokens.astype(np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tokens):
+            raise ValueError(f"tokens: expected indices in [0, {self.tokens}), got range [{tokens.min()}, "
+                             f"{tokens.max()}]")
+        return tokens
+
+
+def _uniform(length: int, block: int) -> np.ndarray:
+    return np.append(np.arange(0, length, block, dtype=np.int64), np.int64(length))

@@ -1,0 +1,297 @@
+"""LVSA: frame windows plus rotating global anchor frames, for long-video extrapolation.
+
+Paper: "LVSA: Training-Free Sparse Attention for Long Video Diffusion", Glorian et al.,
+arXiv 2605.31057 (Sec. 2, Def. 2, Alg. 1, Eq. 3).
+Official code: https://github.com/JiusiServe/LongVideoSparseAttention (v1.2.0, c72a36b):
+``lvsa/sparse_attention.py`` (``adaptive_window_bounds``, ``expanded_window_bounds``,
+``compute_auto_kfi``, ``compute_global_indices``, ``compute_boundary_guard_frames``),
+``lvsa/lvsa_processor.py::set_step``, ``lvsa-vllm-omni/lvsa_vllm_omni/config.py``.
+
+Pattern: query frame ``t`` attends to ``A(t) = G ∪ W(t)``: the global anchors ``G``
+(the ``first_frames`` leading frames, periodic anchors every ``T_per`` frames, and
+sequence-parallel boundary guards) and its local window ``W(t)``. The adaptive window
+is shifted at the edges to keep ``2W+1`` frames; the expanded window (default) grows,
+alternating left then right, until it holds ``min(2W+1, T-|G|)`` non-anchor frames,
+so every frame attends to exactly ``|G| + min(2W+1, T-|G|)`` frames. At step ``s``
+the periodic anchors are ``{(s mod T_per + i T_per) mod T : i < ceil(T / T_per)}``
+(Eq. 3); leading frames and guards do not rotate. When the budget ``C`` covers the
+video (``T <= C``) every frame is an anchor: the pattern is dense.
+
+Defaults (released code, paper runs): ``window=3`` latent frames (12 video frames),
+``first_frames=1`` (4 video frames), ``reference_frames=21`` (Wan 2.x; 33 for
+HunyuanVideo 1.5, 13 for CogVideoX: :data:`REFERENCE_FRAMES`), ``anchor_rule="auto"``
+(the ``--auto-keyframes`` rule of the paper's benchmark scripts), ``rotate=True``,
+``expand_window=True``, ``sparsity_scale=1.0``.
+
+Where the paper is silent or paper and code differ, we chose:
+
+- Anchor interval: ``anchor_rule="auto"`` is the code's ``compute_auto_kfi`` (strict
+  rule vs closed-form fallback, the larger wins); ``"paper"`` is
+  ``T_per = floor(T / (C - (2W+1)))`` (needs ``C > 2W+1``), dense at ``T <= C``.
+  ``anchor_interval=n`` fixes it. ``sparsity_scale`` scales C the code's way in both
+  rules: ``C' = max(first_frames + 1, int(C * scale))``.
+- Expanded window: the paper says "widen the side with most room"; we follow the
+  code (one frame left, then one right, repeat; a side at the edge is skipped).
+- Rotation: step ``s`` uses offset ``s mod T_per`` (Eq. 3). The released example
+  calls ``set_step(s)`` at the end of step ``s``, so its step ``s`` uses ``s - 1``;
+  pass ``step - 1`` to reproduce it.
+- Text tokens (joint attention, HunyuanVideo 1.5): video queries attend to all text
+  tokens and text queries attend to everything, as in code v1.2 (which computes the
+  video-to-text part as a separate dense call merged by LSE; here it is one mask).
+- Blocks: one block per latent frame (``P`` tokens, the code's FlashInfer ``R = C = P``),
+  text cut into blocks of at most ``P``. ``block_size=n`` retiles to fixed ``n``-token
+  blocks: a block pair is kept when any token pair of the frame pattern is, so the
+  retiled mask is the smallest mask on that grid that covers the frame pattern (a
+  block straddling two frames sees the union of both frames' sets).
+- Sequence parallelism: ``sp_world > 1`` adds the code's boundary guards (frames
+  within ``W`` of each rank's first frame, ranks splitting the video tokens evenly).
+- The pattern is the same for every head and layer; ``q`` / ``k`` are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+
+from .common import check_fraction, check_geometry, check_int, check_params, check_step, geometry_meta, shared_mask
+
+METHOD = "lvsa"
+PAPER = "arXiv:2605.31057"
+REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "cogvideox": 13}
+ANCHOR_RULES = ("auto", "paper")
+DEFAULTS: dict[str, Any] = {
+    "window": 3,
+    "first_frames": 1,
+    "reference_frames": REFERENCE_FRAMES["wan"],
+    "anchor_rule": "auto",
+    "anchor_interval": None,
+    "rotate": True,
+    "expand_window": True,
+    "sparsity_scale": 1.0,
+    "block_size": None,
+    "sp_world": 1,
+}
+
+
+@dataclass(frozen=True)
+class FramePattern:
+    """The frame-level pattern of one step.
+
+    ``anchors``: sorted global frames (int64); ``windows``: int64 ``[T, 2]`` inclusive
+    ``[lo, hi]`` per query frame (``hi < lo`` for an empty window, ``window=0``);
+    ``anchor_interval``: ``T_per`` (1 means every frame is an anchor: dense).
+    """
+
+    frames: int
+    anchor_interval: int
+    anchors: np.ndarray
+    windows: np.ndarray
+
+    @property
+    def dense(self) -> bool:
+        return len(self.anchors) == self.frames
+
+    def attended(self) -> np.ndarray:
+        """bool ``[T, T]``: query frame (row) attends to key frame (column)."""
+        cols = np.arange(self.frames)
+        attended = (cols[None, :] >= self.windows[:, :1]) & (cols[None, :] <= self.windows[:, 1:])
+        attended[:, self.anchors] = True
+        return attended
+
+
+def anchor_interval(frames: int, *, window: int, first_frames: int, reference_frames: int, rule: str = "auto",
+                    sparsity_scale: float = 1.0) -> int:
+    """``T_per``: frames between periodic anchors (1 = every frame an anchor = dense)."""
+    scaled = max(first_frames + 1, int(reference_frames * sparsity_scale))
+    if frames <= scaled:
+        return 1
+    span = min(2 * window + 1, frames)
+    if rule == "paper":
+        if scaled <= 2 * window + 1:
+            raise ValueError(f"reference_frames: the paper rule needs C > 2W+1 = {2 * window + 1}, got C={scaled} "
+                             f"(after sparsity_scale); lower window or use anchor_rule='auto'")
+        return max(1, frames // (scaled - (2 * window + 1)))
+    target_globals = max(first_frames, min(scaled, frames) - span)
+    strict = 1
+    for interval in range(frames, 0, -1):         # largest interval whose anchor set is big enough
+        count = len(set(range(min(first_frames, frames))) | set(range(0, frames, interval)))
+        if count >= target_globals:
+            strict = interval
+            break
+    mandatory = 2 * window + first_frames
+    fallback = math.ceil(max(frames - mandatory, scaled - mandatory) / max(scaled - mandatory, 1))
+    return max(strict, fallback)
+
+
+def anchors_at(frames: int, interval: int, step: int, *, first_frames: int, rotate: bool = True,
+               guards: np.ndarray | None = None) -> np.ndarray:
+    """Sorted anchor frames at ``step``: leading frames, rotated periodic anchors (Eq. 3), guards."""
+    offset = step % interval if rotate else 0
+    periodic = (offset + interval * np.arange(-(-frames // interval))) % frames
+    anchors = np.zeros(frames, dtype=bool)
+    anchors[:min(first_frames, frames)] = True
+    anchors[periodic] = True
+    if guards is not None:
+        anchors[guards] = True
+    return np.nonzero(anchors)[0]
+
+
+def window_bounds(frames: int, window: int, anchors: np.ndarray, expand: bool = True) -> np.ndarray:
+    """int64 ``[T, 2]`` inclusive window per query frame (adaptive, optionally expanded)."""
+    bounds = np.empty((frames, 2), dtype=np.int64)
+    if window == 0:
+        bounds[:, 0] = np.arange(frames)
+        bounds[:, 1] = np.arange(frames) - 1
+        return bounds
+    is_anchor = np.zeros(frames, dtype=bool)
+    is_anchor[anchors] = True
+    free = np.concatenate([[0], np.cumsum(~is_anchor)])        # free[j] = non-anchors in [0, j)
+    target = min(2 * window + 1, frames - len(anchors))
+    for t in range(frames):
+        lo = max(0, min(t - window, frames - 1 - 2 * window))
+        hi = min(frames - 1, max(t + window, 2 * window))
+        if expand:
+            while free[hi + 1] - free[lo] < target:
+                if lo > 0:
+                    lo -= 1
+                    if free[hi + 1] - free[lo] >= target:
+                        break
+                if hi < frames - 1:
+                    hi += 1
+        bounds[t] = lo, hi
+    return bounds
+
+
+def boundary_guards(geometry: VideoGeometry, sp_world: int, window: int) -> np.ndarray:
+    """Frames within ``window`` of each sequence-parallel rank boundary (code: compute_boundary_guard_frames)."""
+    if sp_world == 1:
+        return np.zeros(0, dtype=np.int64)
+    if geometry.video_tokens % sp_world:
+        raise ValueError(f"sp_world: the {geometry.video_tokens} video tokens must split evenly over the ranks, "
+                         f"got sp_world={sp_world}; pad the sequence or pick a divisor")
+    local = geometry.video_tokens // sp_world
+    guards = set()
+    for rank in range(1, sp_world):
+        frame = rank * local // geometry.frame_tokens
+        guards.update(range(max(0, frame - window), min(geometry.frames, frame + window + 1)))
+    return np.array(sorted(guards), dtype=np.int64)
+
+
+def frame_pattern(geometry: VideoGeometry, step: int, **params: Any) -> FramePattern:
+    """The frame-level pattern at ``step`` (parameters as for :func:`plan`)."""
+    p = _params(params)
+    frames = geometry.frames
+    interval = p["anchor_interval"]
+    if interval is None:
+        interval = anchor_interval(frames, window=p["window"], first_frames=p["first_frames"],
+                                   reference_frames=p["reference_frames"], rule=p["anchor_rule"],
+                                   sparsity_scale=p["sparsity_scale"])
+    guards = boundary_guards(geometry, p["sp_world"], p["window"])
+    anchors = anchors_at(frames, interval, check_step(step), first_frames=p["first_frames"], rotate=p["rotate"],
+                         guards=guards)
+    return FramePattern(frames, int(interval), anchors, window_bounds(frames, p["window"], anchors,
+                                                                      p["expand_window"]))
+
+
+def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
+         k: Any = None, **params: Any) -> BlockMask:
+    """The LVSA mask at ``step`` (same for every head and layer; ``q``, ``k`` unused).
+
+    Args:
+        geometry: token layout; blocks are latent frames unless ``block_size`` is given.
+        num_heads: heads of the mask.
+        step: denoising step (0-based); rotates the periodic anchors.
+        layer: recorded in ``meta`` only.
+        **params: ``window``, ``first_frames``, ``reference_frames``, ``anchor_rule``
+            (``"auto"`` | ``"paper"``), ``anchor_interval`` (int to fix ``T_per``), ``rotate``,
+            ``expand_window``, ``sparsity_scale``, ``block_size`` (None: frame blocks),
+            ``sp_world`` (sequence-parallel ranks, adds boundary guards). See ``DEFAULTS``.
+    """
+    num_heads = check_geometry(geometry, num_heads)
+    p = _params(params)
+    pattern = frame_pattern(geometry, step, **params)
+    frame_map = pattern.attended()
+    offsets = geometry.block_offsets(None)
+    blocks = len(offsets) - 1
+    block_map = np.ones((blocks, blocks), dtype=bool)          # text rows and text columns: dense
+    video = geometry.block_frames(offsets) >= 0
+    block_map[np.ix_(video, video)] = frame_map
+    if p["block_size"] is not None:
+        offsets, block_map = _retile(geometry, offsets, block_map, p["block_size"])
+    meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "params": p,
+            "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
+            "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
+    return shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
+
+
+class LVSASession:
+    """Per-run LVSA state: the masks of the current rotation offsets, shared by every layer.
+
+    LVSA needs no per-layer cache (the pattern depends on the step only); the session
+    memoizes ``plan`` by (geometry, heads, anchor offset) so each step builds one mask.
+    """
+
+    def __init__(self, num_steps: int, **params: Any) -> None:
+        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.params = _params(params)
+        self._cache: dict[tuple, BlockMask] = {}
+
+    def action(self, step: int) -> str:
+        check_step(step, self.num_steps)
+        return "plan"
+
+    def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
+             q: Any = None, k: Any = None) -> BlockMask:
+        check_step(step, self.num_steps)
+        pattern_key = tuple(frame_pattern(geometry, step, **self.params).anchors.tolist())
+        key = (geometry, num_heads, pattern_key)
+        if key not in self._cache:
+            self._cache = {key: plan(geometry, num_heads, step=step, layer=None, **self.params)}
+        return self._cache[key]
+
+
+def session(num_steps: int = 50, **params: Any) -> LVSASession:
+    """An :class:`LVSASession` for a run of ``num_steps`` denoising steps."""
+    return LVSASession(num_steps, **params)
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
+    p = check_params(params, DEFAULTS, METHOD)
+    p["window"] = check_int(p["window"], "window", 0)
+    p["first_frames"] = check_int(p["first_frames"], "first_frames", 0)
+    p["reference_frames"] = check_int(p["reference_frames"], "reference_frames", 1)
+    p["sp_world"] = check_int(p["sp_world"], "sp_world", 1)
+    if p["anchor_rule"] not in ANCHOR_RULES:
+        raise ValueError(f"anchor_rule: expected one of {ANCHOR_RULES}, got {p['anchor_rule']!r}")
+    if p["anchor_interval"] is not None:
+        p["anchor_interval"] = check_int(p["anchor_interval"], "anchor_interval", 1)
+    if p["block_size"] is not None:
+        p["block_size"] = check_int(p["block_size"], "block_size", 1)
+    p["sparsity_scale"] = check_fraction(p["sparsity_scale"], "sparsity_scale", 0.0, math.inf, open_low=True)
+    for name in ("rotate", "expand_window"):
+        if not isinstance(p[name], bool):
+            raise TypeError(f"{name}: expected a bool, got {type(p[name]).__name__} {p[name]!r}")
+    return p
+
+
+def _retile(geometry: VideoGeometry, offsets: np.ndarray, block_map: np.ndarray,
+            block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frame-block map on fixed ``block_size`` blocks: the smallest covering block map."""
+    fixed = geometry.block_offsets(block_size)
+    touch = _touching(fixed, offsets).astype(np.float32)       # [fixed blocks, frame blocks]
+    retiled = (touch @ block_map.astype(np.float32) @ touch.T) > 0
+    return fixed, retiled
+
+
+def _touching(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """bool ``[len(fine) - 1, len(coarse) - 1]``: fine block overlaps coarse block."""
+    first = np.searchsorted(coarse, fine[:-1], side="right") - 1
+    last = np.searchsorted(coarse, fine[1:], side="left") - 1
+    cols = np.arange(len(coarse) - 1)[None, :]
+    return (cols >= first[:, None]) & (cols <= last[:, None])

@@ -1,0 +1,324 @@
+"""PASA: pooled block scores, stochastic top-k, curvature-aware density per step.
+
+Paper: "Ride the Wave: Precision-Allocated Sparse Attention for Smooth Video
+Generation", Zhang et al., arXiv 2604.12219 (Sec. 4.1 Eq. 9-11 curvature budgets;
+grouped statistics; stochastic selection bias). It extends PISA, arXiv 2602.01077.
+Official code: none public for PASA; the base method's code is
+https://github.com/xie-lab-ml/piecewise-sparse-attention
+(``piecewise_attn/kernels/piecewise_sparse_attn_hyd.py``: mean-pooled q/k blocks of
+64, ``score = q_mean . k_mean * scale``, ``top_k = max(1, int(density * NT))`` per query block).
+
+Pattern: q and k are mean-pooled per 64-token block; block score = ``q̄_i . k̄_j * scale``
+(PISA's routing score for video). A Gumbel bias is added to the scores, drawn afresh
+per (seed, layer, step, head), and every video query-block row keeps its ``k_t`` best video
+key blocks. Density per step: the first 20% of steps are dense; for the others
+``rho_t = rho * l_t / mean(l)``, with ``l_t`` the L1 change of the model's velocity
+prediction between adjacent steps measured on a calibration run
+(:class:`CurvatureRecorder`, :class:`CurvatureProfile`), clipped to
+``[min_density, 1]`` with the clipped mass redistributed so the mean over sparse
+steps stays ``rho`` (:func:`density_schedule`). Without a profile ``rho_t = rho``.
+
+PASA's first-order (Taylor) approximation of the unselected blocks, computed with
+per-group statistics over groups of 32 key blocks, is kernel work and a later issue:
+these masks keep or drop blocks only. ``group_size`` (32) is recorded in ``meta`` for
+that kernel; the routing uses no group statistic (PISA's covariance routing term is
+for images only).
+
+Where the paper is silent, we chose:
+
+- Selection noise: Gumbel(0, ``noise_scale``) added to the block scores (logits,
+  natural-log units) before top-k. At ``noise_scale = 1`` this is Gumbel-top-k, i.e.
+  sampling ``k`` blocks without replacement from ``softmax(scores)``; small scales only
+  reorder near-tied blocks (swaps are bounded by ``noise_scale * range(noise)``).
+  Default 0.2: on the synthetic workload about 18% of the selected blocks change from
+  one step to the next at a recall cost of about 1 point (docs/fidelity.md shows 0 to
+  1). Drawn with a ``torch.Generator`` on the scores' device seeded from ``(seed,
+  layer, step, head)``: the same seed gives the same mask on the same device type.
+- Dense steps: ``ceil(dense_fraction * num_steps)`` (10 of 50); ``dense_layers``
+  (default ``(0,)``: PISA's first dense layer) are dense at every step.
+- ``l_t`` for step ``t >= 1`` is ``mean |v_t - v_(t-1)|``; step 0 (no predecessor) takes
+  ``l_1`` if it is ever sparse. The mean in ``l_t / mean(l)`` is over the sparse steps.
+- Clipping: ``rho_t = clip(c * l_t, min_density, 1)`` with ``c`` found by bisection so
+  the mean is exactly ``rho`` (water-filling); ``min_density`` default ``rho / 2``.
+  Per-row counts are ``round(rho_t * NB_video)``, at least 1.
+- Text tokens (joint attention): text key blocks are kept in every row and text rows
+  keep everything (AdaSpa's text sink; PASA does not say).
+- Scores are averaged over the batch (one mask per head for the whole batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+
+from .common import (check_fraction, check_geometry, check_int, check_params, check_qk, check_step, dense_mask,
+                     geometry_meta, keep_count, mask_from_rows, text_sink, topk_rows)
+
+METHOD = "pasa"
+PAPER = "arXiv:2604.12219"
+DEFAULTS: dict[str, Any] = {
+    "density": 0.15,
+    "block_size": 64,
+    "dense_fraction": 0.2,
+    "min_density": None,
+    "noise_scale": 0.2,
+    "seed": 0,
+    "dense_layers": (0,),
+    "group_size": 32,
+    "scale": None,
+}
+
+
+# ------------------------------------------------------------------ curvature profile
+@dataclass(frozen=True)
+class CurvatureProfile:
+    """``l[t]``: mean L1 change of the velocity prediction from step ``t-1`` to ``t`` (``l[0]`` is NaN)."""
+
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        values = np.asarray(self.values, dtype=np.float64)
+        if values.ndim != 1 or len(values) < 1:
+            raise ValueError(f"values: expected a 1-D array of per-step changes, got shape {list(values.shape)}")
+        if (~np.isnan(values[1:]) & ((values[1:] < 0) | ~np.isfinite(values[1:]))).any():
+            raise ValueError("values: expected finite non-negative changes (NaN only for unrecorded steps)")
+        object.__setattr__(self, "values", values)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile as JSON (``{"method": "pasa", "l1_change": [...]}``, NaN as null)."""
+        path = Path(path)
+        data = [None if np.isnan(x) else float(x) for x in self.values]
+        path.write_text(json.dumps({"method": METHOD, "quantity": "mean |v_t - v_(t-1)|", "l1_change": data}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CurvatureProfile":
+        try:
+            data = json.loads(Path(path).read_text())["l1_change"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a PASA curvature profile ({err}); write one with CurvatureProfile.save")
+        return cls(np.array([np.nan if x is None else x for x in data], dtype=np.float64))
+
+    @classmethod
+    def average(cls, profiles: Sequence["CurvatureProfile"]) -> "CurvatureProfile":
+        """The mean of several calibration runs (the paper averages 10 prompts)."""
+        lengths = {p.num_steps for p in profiles}
+        if len(lengths) != 1:
+            raise ValueError(f"profiles: expected runs of one step count, got {sorted(lengths)}")
+        return cls(np.mean([p.values for p in profiles], axis=0))
+
+
+class CurvatureRecorder:
+    """Records ``l_t`` during a calibration run: call ``record(step, velocity)`` after each step."""
+
+    def __init__(self, num_steps: int) -> None:
+        self.num_steps = check_int(num_steps, "num_steps", 2)
+        self._values = np.full(self.num_steps, np.nan)
+        self._previous: tuple[int, torch.Tensor] | None = None
+
+    def record(self, step: int, velocity: torch.Tensor) -> None:
+        step = check_step(step, self.num_steps)
+        if not isinstance(velocity, torch.Tensor):
+            raise TypeError(f"velocity: expected the model's velocity prediction as a tensor, got "
+                            f"{type(velocity).__name__}")
+        velocity = velocity.detach().float()
+        if self._previous is not None and self._previous[0] == step - 1:
+            if self._previous[1].shape != velocity.shape:
+                raise ValueError(f"velocity: expected shape {list(self._previous[1].shape)} as at step {step - 1}, "
+                                 f"got {list(velocity.shape)}")
+            self._values[step] = float((velocity - self._previous[1]).abs().mean())
+        self._previous = (step, velocity.clone())
+
+    def profile(self) -> CurvatureProfile:
+        if np.isnan(self._values[1:]).any():
+            missing = (np.nonzero(np.isnan(self._values[1:]))[0] + 1).tolist()
+            raise ValueError(f"profile: steps {missing[:8]} have no recorded change; record every step in order")
+        return CurvatureProfile(self._values.copy())
+
+
+def dense_steps(num_steps: int, dense_fraction: float) -> int:
+    """Leading dense steps: ``ceil(dense_fraction * num_steps)``."""
+    return min(num_steps, math.ceil(dense_fraction * num_steps - 1e-9))
+
+
+def density_schedule(num_steps: int, density: float, *, dense_fraction: float = 0.2,
+                     profile: CurvatureProfile | None = None, min_density: float | None = None) -> np.ndarray:
+    """Density per step, float64 ``[num_steps]``: 1 on dense steps, mean ``density`` over the others."""
+    num_steps = check_int(num_steps, "num_steps", 1)
+    density = check_fraction(density, "density", open_low=True)
+    dense_fraction = check_fraction(dense_fraction, "dense_fraction")
+    min_density = density / 2 if min_density is None else check_fraction(min_density, "min_density")
+    if min_density > density:
+        raise ValueError(f"min_density: expected <= density={density}, got {min_density}")
+    first = dense_steps(num_steps, dense_fraction)
+    out = np.ones(num_steps)
+    if first == num_steps:
+        return out
+    if profile is None:
+        out[first:] = density
+        return out
+    if profile.num_steps != num_steps:
+        raise ValueError(f"profile: recorded for {profile.num_steps} steps, the run has {num_steps}; "
+                         f"calibrate with the same step count")
+    change = profile.values.copy()
+    if len(change) > 1:
+        change[0] = change[1]
+    weights = change[first:]
+    if not np.isfinite(weights).all() or weights.sum() <= 0:
+        raise ValueError("profile: the sparse steps' changes must be finite with a positive sum")
+    out[first:] = _water_fill(weights / weights.mean(), density, min_density)
+    return out
+
+
+def _water_fill(gamma: np.ndarray, density: float, low: float) -> np.ndarray:
+    """``clip(c * gamma, low, 1)`` with ``c`` chosen so the mean is ``density``."""
+    if density >= 1.0:
+        return np.ones_like(gamma)
+    reachable = np.where(gamma > 0, 1.0, low).mean()
+    if reachable < density:
+        raise ValueError(f"profile: too many sparse steps with zero change to reach density={density} "
+                         f"(at most {reachable:.4f}); record the profile again or lower density")
+    lo, hi = 0.0, 1.0
+    while np.clip(hi * gamma, low, 1.0).mean() < density and hi < 1e12:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if np.clip(mid * gamma, low, 1.0).mean() < density:
+            lo = mid
+        else:
+            hi = mid
+    rho = np.clip(hi * gamma, low, 1.0)
+    free = (rho > low) & (rho < 1.0)                 # exact mean: rescale the unclipped steps
+    if free.any():
+        rho[free] *= (density * len(rho) - rho[~free].sum()) / rho[free].sum()
+    return rho
+
+
+# ------------------------------------------------------------------ scores and noise
+def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
+    """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``."""
+    sizes = torch.from_numpy(np.diff(offsets)).to(x.device, torch.float32)
+    block_of = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))).to(x.device)
+    sums = torch.zeros(*x.shape[:2], len(sizes), x.shape[3], device=x.device).index_add_(2, block_of, x.float())
+    return sums / sizes[None, None, :, None]
+
+
+def pooled_scores(q_means: torch.Tensor, k_means: torch.Tensor, head: int, scale: float) -> torch.Tensor:
+    """Head ``head``'s block scores ``q̄_i . k̄_j * scale``, float32 ``[MB, NB]`` (mean over the batch).
+
+    ``q_means`` ``[B, H, MB, D]`` and ``k_means`` ``[B, H_kv, NB, D]`` from :func:`block_means`.
+    """
+    kv_head = head // (q_means.shape[1] // k_means.shape[1])
+    scores = q_means[:, head] @ k_means[:, kv_head].transpose(-1, -2)
+    return (scores[0] if len(scores) == 1 else scores.mean(0)).mul_(scale)
+
+
+def selection_noise(shape: tuple[int, ...], *, seed: int, layer: int | None, step: int, head: int, scale: float,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gumbel(0, ``scale``) noise, reproducible from ``(seed, layer, step, head)`` on a device type."""
+    key = np.random.SeedSequence([int(seed), 0 if layer is None else int(layer) + 1, int(step), int(head)])
+    gen = torch.Generator(device=device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
+    uniform = torch.rand(shape, generator=gen, device=device).clamp_(1e-30, 1.0 - 1e-7)
+    return uniform.log_().neg_().log_().mul_(-scale)                                # -log(-log(U)) * scale
+
+
+# ------------------------------------------------------------------ planning
+def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
+         k: Any = None, num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> BlockMask:
+    """The PASA mask at ``step`` of a ``num_steps`` run.
+
+    Args:
+        geometry, num_heads: the layout and heads of the mask.
+        step: denoising step (0-based); selects the density and reseeds the noise.
+        layer: reseeds the noise; layers in ``dense_layers`` are dense.
+        q, k: ``[B, H, L, D]`` / ``[B, H_kv, L, D]`` (or without B); needed at sparse steps.
+        num_steps: steps of the run (for the dense 20% and the schedule).
+        profile: a calibration :class:`CurvatureProfile` (None: constant density).
+        **params: ``density`` (0.15), ``block_size`` (64), ``dense_fraction`` (0.2),
+            ``min_density`` (None: density / 2), ``noise_scale`` (0.2), ``seed`` (0),
+            ``dense_layers`` ((0,)), ``group_size`` (32, recorded), ``scale`` (None: 1/sqrt(D)).
+    """
+    p = _params(params)
+    schedule = density_schedule(num_steps, p["density"], dense_fraction=p["dense_fraction"], profile=profile,
+                                min_density=p["min_density"])
+    return _plan(geometry, num_heads, step, layer, q, k, p, schedule)
+
+
+class PASASession:
+    """Per-run PASA state: the density schedule (from a profile) and the seed; no per-layer cache."""
+
+    def __init__(self, num_steps: int, profile: CurvatureProfile | None = None, **params: Any) -> None:
+        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.params = _params(params)
+        self.profile = profile
+        self.schedule = density_schedule(self.num_steps, self.params["density"],
+                                         dense_fraction=self.params["dense_fraction"], profile=profile,
+                                         min_density=self.params["min_density"])
+
+    def action(self, step: int) -> str:
+        return "dense" if self.schedule[check_step(step, self.num_steps)] >= 1.0 else "select"
+
+    def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
+             q: Any = None, k: Any = None) -> BlockMask:
+        return _plan(geometry, num_heads, step, layer, q, k, self.params, self.schedule)
+
+
+def session(num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> PASASession:
+    """A :class:`PASASession` for a run of ``num_steps`` denoising steps."""
+    return PASASession(num_steps, profile, **params)
+
+
+def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, q: Any, k: Any, p: dict,
+          schedule: np.ndarray) -> BlockMask:
+    num_heads = check_geometry(geometry, num_heads)
+    step = check_step(step, len(schedule))
+    rho = float(schedule[step])
+    meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "density": rho,
+            "params": {**p, "dense_layers": list(p["dense_layers"])}, "geometry": geometry_meta(geometry)}
+    if rho >= 1.0 or (layer is not None and layer in p["dense_layers"]):
+        return dense_mask(geometry, num_heads, {**meta, "action": "dense"})
+    q, k = check_qk(q, k, geometry, num_heads)
+    offsets = geometry.block_offsets(p["block_size"])
+    scale = q.shape[-1] ** -0.5 if p["scale"] is None else float(p["scale"])
+    q_means, k_means = block_means(q, offsets), block_means(k, offsets)
+    text, video = text_sink(geometry, offsets)
+    keep = keep_count(rho, int(video.sum()))
+    rows = []
+    for h in range(num_heads):                      # one head at a time: memory is one [MB, NB] score map
+        scores = pooled_scores(q_means, k_means, h, scale)
+        if p["noise_scale"] > 0:
+            scores += selection_noise(tuple(scores.shape), seed=p["seed"], layer=layer, step=step, head=h,
+                                      scale=p["noise_scale"], device=scores.device)
+        rows.append(topk_rows(scores, keep, text)[0])
+    return mask_from_rows(rows, offsets, offsets, budgets=np.full(num_heads, rho),
+                               meta={**meta, "action": "select", "keep_blocks": keep})
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
+    p = check_params(params, DEFAULTS, METHOD)
+    p["density"] = check_fraction(p["density"], "density", open_low=True)
+    p["dense_fraction"] = check_fraction(p["dense_fraction"], "dense_fraction")
+    if p["min_density"] is not None:
+        p["min_density"] = check_fraction(p["min_density"], "min_density")
+    p["noise_scale"] = check_fraction(p["noise_scale"], "noise_scale", 0.0, math.inf)
+    p["seed"] = check_int(p["seed"], "seed", 0)
+    p["block_size"] = check_int(p["block_size"], "block_size", 1)
+    p["group_size"] = check_int(p["group_size"], "group_size", 1)
+    try:
+        p["dense_layers"] = tuple(sorted({check_int(x, "dense_layers[i]", 0) for x in p["dense_layers"]}))
+    except TypeError:
+        raise TypeError(f"dense_layers: expected a sequence of layer ints, got {p['dense_layers']!r}") from None
+    return p

@@ -1,0 +1,141 @@
+"""The synthetic video workload and the fidelity metrics (checked against the float64 oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oracle import dense_attention, expand_to_tokens
+from strategies import block_masks
+
+from sparsecore import BlockMask, Capabilities
+from sparsecore.geometry import VideoGeometry
+from sparsecore.quality import attention_fidelity, fidelity_of_masks
+from sparsecore.workloads import rope_dims, video_qkv
+
+ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
+
+
+def dense_probs(q, k, head: int) -> np.ndarray:
+    """float64 dense softmax of one head (batch 0)."""
+    s = q[0, head].double().numpy() @ k[0, head].double().numpy().T / np.sqrt(q.shape[-1])
+    s -= s.max(axis=1, keepdims=True)
+    p = np.exp(s)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------ workload
+def test_same_seed_same_tensors_and_shapes():
+    g = VideoGeometry(3, 4, 5, text_tokens=6)
+    a = video_qkv(g, 4, 16, seed=1, num_kv_heads=2, batch=2)
+    b = video_qkv(g, 4, 16, seed=1, num_kv_heads=2, batch=2)
+    c = video_qkv(g, 4, 16, seed=2, num_kv_heads=2, batch=2)
+    assert [t.shape for t in a] == [(2, 4, 66, 16), (2, 2, 66, 16), (2, 2, 66, 16)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert all(torch.isfinite(t).all() for t in a)
+    assert video_qkv(g, 2, 16, seed=1, dtype=torch.float64)[0].dtype == torch.float64
+
+
+def test_rope_split_matches_wan():
+    assert rope_dims(128) == (44, 42, 42)
+    assert sum(rope_dims(64)) == 64
+
+
+def test_head_kinds_have_the_locality_they_claim():
+    g = VideoGeometry(12, 6, 6)
+    q, k, _ = video_qkv(g, 5, 64, seed=0, kinds=("local", "spatial", "temporal", "global", "sink"))
+    t, y, x = (np.asarray(a) for a in g.position(np.arange(g.tokens)))
+    same_frame = t[:, None] == t[None, :]
+    same_place = (y[:, None] == y[None, :]) & (x[:, None] == x[None, :]) & ~same_frame   # in other frames
+    near_time = np.abs(t[:, None] - t[None, :]) <= 1
+    mass = {kind: dense_probs(q, k, h) for h, kind in enumerate(("local", "spatial", "temporal", "global", "sink"))}
+    frame_mass = {kind: (p * same_frame).sum(1).mean() for kind, p in mass.items()}
+    place_mass = {kind: (p * same_place).sum(1).mean() for kind, p in mass.items()}
+    assert frame_mass["spatial"] > 0.5 > frame_mass["temporal"]                # spatial heads stay in their frame
+    assert place_mass["temporal"] > 2 * place_mass["spatial"]                   # temporal heads follow a position
+    assert (mass["local"] * near_time).sum(1).mean() > (mass["global"] * near_time).sum(1).mean()
+    uniform = 1 / g.tokens
+    column = {kind: p.mean(0) for kind, p in mass.items()}                      # mass each key receives
+    assert column["sink"].max() > 20 * uniform and column["sink"].max() > 3 * column["local"].max()
+
+
+def test_workload_input_errors():
+    g = VideoGeometry(2, 2, 2)
+    with pytest.raises(ValueError, match="head_dim: expected an even number"):
+        video_qkv(g, 2, 15, seed=0)
+    with pytest.raises(ValueError, match="num_kv_heads: expected a divisor"):
+        video_qkv(g, 4, 16, seed=0, num_kv_heads=3)
+    with pytest.raises(ValueError, match="kinds"):
+        video_qkv(g, 2, 16, seed=0, kinds=("swirl",))
+
+
+# ------------------------------------------------------------------ fidelity
+def oracle_fidelity(q, k, v, mask: BlockMask):
+    """Per-head recall, rel L2, cosine from the float64 oracle (batch 1, no GQA)."""
+    scale = q.shape[-1] ** -0.5
+    q64, k64, v64 = (t.double().numpy() for t in (q, k, v))
+    full = np.ones((mask.num_heads, mask.q_len, mask.kv_len), dtype=bool)
+    tokens = expand_to_tokens(mask)
+    dense_out, dense_lse = dense_attention(q64, k64, v64, full, scale)
+    out, lse = dense_attention(q64, k64, v64, tokens, scale)
+    recall = np.exp(lse - dense_lse)[0].mean(axis=1)
+    diff = ((out - dense_out) ** 2).sum(axis=(0, 2, 3))
+    ref = (dense_out ** 2).sum(axis=(0, 2, 3))
+    dot = (out * dense_out).sum(axis=(0, 2, 3))
+    cosine = dot / np.maximum(np.sqrt((out ** 2).sum(axis=(0, 2, 3)) * ref), 1e-300)
+    return recall, np.sqrt(diff / ref), cosine
+
+
+@settings(max_examples=25)
+@given(block_masks(ANY, num_heads=2), st.integers(0, 2**32 - 1), st.sampled_from([8, 16]))
+def test_fidelity_matches_the_float64_oracle(mask, seed, head_dim):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, n, head_dim, generator=gen) * 2 for n in (mask.q_len, mask.kv_len, mask.kv_len))
+    fid = attention_fidelity(q, k, v, mask, max_elements=97)                     # many small chunks
+    recall, rel_l2, cosine = oracle_fidelity(q, k, v, mask)
+    np.testing.assert_allclose(fid.recall, recall, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fid.rel_l2, rel_l2, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(fid.cosine, cosine, rtol=1e-4, atol=1e-5)
+    assert (fid.min_recall <= fid.recall + 1e-9).all()
+
+
+def test_dense_and_empty_masks_are_the_extremes():
+    g = VideoGeometry(4, 3, 3)
+    q, k, v = video_qkv(g, 2, 16, seed=3)
+    full = BlockMask.full(2, g.tokens, g.tokens, 9)
+    empty = BlockMask.from_lists([[[]] * 4] * 2, g.frame_offsets(), g.frame_offsets())
+    dense, none = fidelity_of_masks(q, k, v, [full, empty])
+    np.testing.assert_allclose(dense.recall, 1.0, rtol=1e-5)
+    np.testing.assert_allclose(dense.rel_l2, 0.0, atol=1e-5)
+    np.testing.assert_allclose(dense.cosine, 1.0, rtol=1e-5)
+    assert (none.recall == 0).all() and np.allclose(none.rel_l2, 1.0) and (none.cosine == 0).all()
+
+
+def test_rows_whose_kept_mass_underflows_are_still_exact():
+    g = VideoGeometry(2, 2, 2)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 8, 8, generator=gen) * 40
+    k = torch.randn(1, 2, 8, 8, generator=gen)
+    k[:, :, 4:] *= 40                                     # frame 1's keys dwarf frame 0's: kept mass ~ exp(-1000)
+    v = torch.randn(1, 2, 8, 8, generator=gen)
+    offsets = g.frame_offsets()
+    mask = BlockMask.from_lists([[[0], [0]]] * 2, offsets, offsets)       # keep only the weak frame
+    fid = attention_fidelity(q, k, v, mask)
+    _, rel_l2, cosine = oracle_fidelity(q, k, v, mask)
+    np.testing.assert_allclose(fid.rel_l2, rel_l2, rtol=1e-4)
+    np.testing.assert_allclose(fid.cosine, cosine, rtol=1e-4, atol=1e-6)
+
+
+def test_gqa_and_batches_pool_per_query_head():
+    g = VideoGeometry(3, 2, 2)
+    q, k, v = video_qkv(g, 4, 8, seed=5, num_kv_heads=2, batch=2)
+    mask = BlockMask.from_lists([[[0], [0, 1], [2]]] * 4, g.frame_offsets(), g.frame_offsets())
+    fid = attention_fidelity(q, k, v, mask)
+    per_batch = [attention_fidelity(q[b], k[b], v[b], mask).recall for b in range(2)]
+    np.testing.assert_allclose(fid.recall, np.mean(per_batch, axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match="to match the mask"):
+        attention_fidelity(q[:, :2], k, v, mask)
