@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -88,14 +88,12 @@ def flex_attention_fn(mask: BlockMask, q, k, v) -> Callable[[], torch.Tensor]:
     return lambda: compiled(q, k, v, block_mask=block_mask)
 
 
-def _token_to_block(offsets) -> "np.ndarray":
-    import numpy as np
+def _token_to_block(offsets) -> np.ndarray:
     return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)).astype(np.int64)
 
 
 def _flex_tiles(mask: BlockMask, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head, which 128x128 token tiles are partly / fully kept (bool [H, Mt, Nt])."""
-    import numpy as np
     dense = mask.to_dense()
     mt, nt = -(-mask.q_len // tile), -(-mask.kv_len // tile)
     q_first = _token_to_block(mask.q_offsets)[np.minimum(np.arange(mt) * tile, mask.q_len - 1)]

@@ -32,7 +32,7 @@ def as_numpy(value: Any, field: str) -> np.ndarray:
         raise TypeError(f"{field}: expected an array-like of integers, got {type(value).__name__} ({err})") from None
 
 
-def check_int(value: Any, field: str, *, minimum: int) -> int:
+def check_int(value: Any, field: str, minimum: int = 1) -> int:
     """An ``int`` (not ``bool``) that is at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{field}: expected an int, got {type(value).__name__} {value!r}")

@@ -14,20 +14,13 @@ Wan 2.1 6x = 121x30x52, HunyuanVideo 1.5 1x = 33x30x52 (129 video frames) + text
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from sparsecore.ir.validation import check_int
+
 TEXT_POSITIONS = ("start", "end")
-
-
-def _positive_int(value: object, field: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{field}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{field}: expected an int >= {minimum}, got {value}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -49,10 +42,10 @@ class VideoGeometry:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "frames", _positive_int(self.frames, "frames"))
-        set_(self, "height", _positive_int(self.height, "height"))
-        set_(self, "width", _positive_int(self.width, "width"))
-        set_(self, "text_tokens", _positive_int(self.text_tokens, "text_tokens", minimum=0))
+        set_(self, "frames", check_int(self.frames, "frames"))
+        set_(self, "height", check_int(self.height, "height"))
+        set_(self, "width", check_int(self.width, "width"))
+        set_(self, "text_tokens", check_int(self.text_tokens, "text_tokens", minimum=0))
         if self.text_position not in TEXT_POSITIONS:
             raise ValueError(f"text_position: expected one of {TEXT_POSITIONS}, got {self.text_position!r}")
 
@@ -109,7 +102,7 @@ class VideoGeometry:
                 frame blocks); the last text block may be short.
         """
         if block_size is not None:
-            block_size = _positive_int(block_size, "block_size")
+            block_size = check_int(block_size, "block_size")
         if not split_text:
             if block_size is None:
                 raise ValueError("block_size: split_text=False needs a fixed block size, got None "
@@ -120,7 +113,7 @@ class VideoGeometry:
         parts = [("video", video)]
         if self.text_tokens:
             size = text_block if text_block is not None else (block_size or self.frame_tokens)
-            text = _uniform(self.text_tokens, _positive_int(size, "text_block"))
+            text = _uniform(self.text_tokens, check_int(size, "text_block"))
             parts.append(("text", text))
             if self.text_position == "start":
                 parts.reverse()

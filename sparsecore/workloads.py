@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sparsecore.ir.validation import check_int
+
 from .geometry import VideoGeometry
 
 
@@ -90,15 +92,15 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
     Returns:
         q ``[B, H, L, D]``, k and v ``[B, H_kv, L, D]`` in ``dtype`` on ``device``.
     """
-    num_heads = _int(num_heads, "num_heads")
-    head_dim = _int(head_dim, "head_dim", 6)
+    num_heads = check_int(num_heads, "num_heads")
+    head_dim = check_int(head_dim, "head_dim", 6)
     if head_dim % 2:
         raise ValueError(f"head_dim: expected an even number (rotary pairs), got {head_dim}")
-    num_kv_heads = num_heads if num_kv_heads is None else _int(num_kv_heads, "num_kv_heads")
+    num_kv_heads = num_heads if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
-    batch = _int(batch, "batch")
-    sinks = _int(sinks, "sinks", 0)
+    batch = check_int(batch, "batch")
+    sinks = check_int(sinks, "sinks", 0)
     kinds = tuple(DEFAULT_KINDS if kinds is None else kinds)
     unknown = [k for k in kinds if k not in HEAD_KINDS]
     if not kinds or unknown:
@@ -144,14 +146,6 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
                     q[b, h, geometry.text_slice] = text @ project * (0.5 * base / math.sqrt(d)) + direction
     device = torch.device(device)
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
-
-
-def _int(value: object, field: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{field}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{field}: expected an int >= {minimum}, got {value}")
-    return int(value)
 
 
 def _rope_tables(geometry: VideoGeometry, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,17 +15,10 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.validation import check_int  # noqa: F401  (the planners' integer checks)
 
 
 # ------------------------------------------------------------------ parameter checks
-def check_int(value: Any, field: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{field}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{field}: expected an int >= {minimum}, got {value}")
-    return int(value)
-
-
 def check_fraction(value: Any, field: str, low: float = 0.0, high: float = 1.0, *, open_low: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{field}: expected a float, got {type(value).__name__} {value!r}")
