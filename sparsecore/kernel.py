@@ -51,8 +51,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
         backend: a registered backend name, or None for the preferred one that can take ``mask``.
         **options: backend-specific options (see each backend's options dataclass).
 
-    Kernels are cached by ``mask.fingerprint()``, device, backend and options, so
-    compiling the same pattern again (next layer, next step) costs a dict lookup.
+    Kernels are cached by ``mask.fingerprint()`` and the arguments, so compiling the
+    same pattern again (next layer, next step) costs a dict lookup and no backend probing.
 
     Raises:
         ValueError: unknown device or backend name.
@@ -62,14 +62,19 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
     """
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask: expected a sparsecore.ir.BlockMask, got {type(mask).__name__}")
+    request = (mask.fingerprint(), device, backend, tuple(sorted(options.items())))
+    try:
+        cached = _CACHE.get(request)
+    except TypeError:  # an unhashable option value
+        raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "
+                        f"{ {k: type(v).__name__ for k, v in options.items()} }") from None
+    if cached is not None:  # the per-layer, per-step path: no backend probing
+        _CACHE.move_to_end(request)
+        return cached
     chosen = select(mask, device, backend)
     parsed = chosen.parse_options(options)
-    key = (mask.fingerprint(), device, chosen.name, parsed)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
     kernel = CompiledKernel(mask, device, chosen, parsed, chosen.lower(mask, device, parsed))
-    _CACHE[key] = kernel
+    _CACHE[request] = kernel
     if len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return kernel

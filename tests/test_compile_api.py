@@ -74,6 +74,11 @@ def test_kernels_are_cached_by_structure_and_options():
     assert "backend='portable'" in repr(first) and "device='cpu'" in repr(first)
 
 
+def test_unhashable_options_are_named():
+    with pytest.raises(TypeError, match=r"compile\(\): options must be plain values .*'chunk_elements': 'list'"):
+        sparsecore.compile(mask(), device="cpu", chunk_elements=[1])
+
+
 def test_small_chunks_give_the_same_result():
     m = mask()
     q, k, v = tensors()
