@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,viz]' triton==3.6.0 'numpy<2.4'
+	$(PY) -m pip install --quiet -e '.[test,viz]' triton==3.6.0 'numpy<2.4' diffusers==0.42.1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,6 +6,7 @@
 # test:  the property suite and the realistic-mask tests on every CUDA target
 # sweep: Triton tile configs at S=32768 and on the LVSA frame mask (no FlashInfer)
 # bench: the full side-by-side table (writes cuda-<date>.json/.md under $OUT)
+# e2e:   bench/e2e_benchmark.py, Wan / HunyuanVideo 1.5 transformer steps (writes e2e-<date>.json/.md)
 # Needs the wheels in .whl/ (shared/device/fetch-wheels.sh) carried with the tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ for stage in "$@"; do
     diag-triton) python3 bench/gpu_diagnostics.py triton 2>&1 | tee "$OUT/diag-triton.log" ;;
     diag-flashinfer) python3 bench/gpu_diagnostics.py flashinfer 2>&1 | tee "$OUT/diag-flashinfer.log" ;;
     block-mass) python3 bench/block_mass_device.py --out "$OUT" 2>&1 | tail -40 ;;
+    e2e) python3 bench/flashinfer_warmup.py bfloat16 128 && python3 bench/e2e_benchmark.py --out "$OUT" --budget-s ${E2E_BUDGET:-360} ;;
     sweep) python3 bench/cuda_benchmark.py --out "$OUT/sweep" --sizes 32768 --sweep --no-flashinfer --frames ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames ;;
     *) echo "unknown stage $stage"; exit 2 ;;

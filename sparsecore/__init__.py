@@ -16,3 +16,11 @@ from .registry import Backend, UnsupportedError, known_devices, register, regist
 __all__ = ["BlockMask", "Backend", "Capabilities", "CompiledKernel", "UnsupportedError", "registered_backends",
            "VideoGeometry", "clear_cache", "compile", "known_devices", "register"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``sparsecore.integrations`` loads on first use (it imports no model library until asked)."""
+    if name == "integrations":
+        import importlib
+        return importlib.import_module("sparsecore.integrations")
+    raise AttributeError(f"module 'sparsecore' has no attribute {name!r}")

@@ -56,9 +56,13 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
 
 
 def _fresh_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row LSE of dense attention from our Triton kernel (k doubles as v: only the LSE is kept)."""
+    """Row LSE of dense attention from our Triton kernel (k doubles as v: only the LSE is kept).
+
+    One block per head: the kernel retiles it into the same tiles as any dense mask, and
+    the mask stays a few entries long at any length (planning and hashing cost nothing).
+    """
     from sparsecore.kernel import compile
-    dense = BlockMask.full(q.shape[1], q.shape[2], k.shape[2], 128)
+    dense = BlockMask.full(q.shape[1], q.shape[2], k.shape[2], q.shape[2], k.shape[2])
     _, lse = compile(dense, device="cuda", backend="triton")(q, k, k, scale=scale, return_lse=True)
     return lse
 

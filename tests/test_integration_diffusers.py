@@ -1,0 +1,410 @@
+"""diffusers integration on tiny random Wan 2.1 and HunyuanVideo 1.5 models (diffusers 0.42, CPU, fp32).
+
+Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
+the output of a float64 oracle (the same model with diffusers' own processors, whose
+attention call is replaced by masked softmax written here, under the mask expanded by
+tests/oracle.py); remove() restores the model exactly; steps follow the timesteps; dense
+steps take the model's own path; LVSA, AdaSpa and PASA sessions run end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import HunyuanVideo15Transformer3DModel, WanTransformer3DModel
+from diffusers.models.transformers import transformer_hunyuan_video15, transformer_wan
+from oracle import expand_to_tokens
+
+from sparsecore import BlockMask, VideoGeometry
+from sparsecore.integrations import diffusers as sparse
+
+FRAMES, HEIGHT, WIDTH = 8, 8, 8                # latent grid after patchify: 512 video tokens
+
+
+# ------------------------------------------------------------------ tiny models and inputs
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], Any]
+    inputs: Callable[..., dict]
+    module: Any                                 # the diffusers module whose dispatch_attention_fn the oracle replaces
+    attention: Callable[[Any], list]            # the self-attention modules, by layer
+
+
+def tiny_wan() -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                 rope_max_seq_len=32).eval()
+
+
+def wan_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen)}
+
+
+def tiny_hunyuan() -> HunyuanVideo15Transformer3DModel:
+    torch.manual_seed(0)
+    return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                            num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1,
+                                            patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+                                            rope_axes_dim=(4, 6, 6)).eval()
+
+
+HUNYUAN_TEXT = {   # (MLLM mask, ByT5 mask) per sample; image tokens are padding (t2v: zero image embeds)
+    "ragged": [([1, 1, 1, 1, 0, 0], [1, 1, 0, 0]), ([1, 1, 1, 1, 1, 0], [1, 1, 1, 0])],   # 6 and 8 valid of 13
+    "same": [([1, 1, 1, 0, 0, 0], [1, 0, 0, 0]), ([1, 1, 1, 0, 0, 0], [1, 0, 0, 0])],     # 4 and 4 valid
+    "full": [([1] * 6, [1] * 4)],                                                        # no padding but images
+}
+
+
+def hunyuan_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    masks = (HUNYUAN_TEXT[text] * batch)[:batch]
+    images = torch.zeros(batch, 3, 8) if text != "full" else torch.randn(batch, 3, 8, generator=gen)
+    return {"hidden_states": torch.randn(batch, 4, FRAMES, HEIGHT, WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 6, 16, generator=gen),
+            "encoder_attention_mask": torch.tensor([m for m, _ in masks]),
+            "encoder_hidden_states_2": torch.randn(batch, 4, 8, generator=gen),
+            "encoder_attention_mask_2": torch.tensor([m for _, m in masks]),
+            "image_embeds": images}
+
+
+CASES = {
+    "wan": Case("wan", tiny_wan, wan_inputs, transformer_wan, lambda m: [b.attn1 for b in m.blocks]),
+    "hunyuan": Case("hunyuan", tiny_hunyuan, hunyuan_inputs, transformer_hunyuan_video15,
+                    lambda m: [b.attn for b in m.transformer_blocks]),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> Case:
+    return CASES[request.param]
+
+
+def forward(model: Any, inputs: dict, timestep: float) -> torch.Tensor:
+    batch = inputs["hidden_states"].shape[0]
+    dtype = inputs["hidden_states"].dtype
+    with torch.no_grad():
+        return model(**inputs, timestep=torch.full((batch,), timestep, dtype=dtype), return_dict=False)[0]
+
+
+def full_mask(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+    return BlockMask.full(num_heads, geometry.tokens, geometry.tokens, 48)
+
+
+def random_mask(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+    """A different random pattern per head, layer, step and text length on 32-token blocks (+ text blocks)."""
+    offsets = geometry.block_offsets(32)
+    blocks = len(offsets) - 1
+    rng = np.random.default_rng([7, layer, step, geometry.text_tokens])
+    keep = rng.random((num_heads, blocks, blocks)) < 0.35
+    keep[:, np.arange(blocks), np.arange(blocks)] = True                   # no empty row
+    lists = [[np.nonzero(keep[h, i])[0] for i in range(blocks)] for h in range(num_heads)]
+    return BlockMask.from_lists(lists, offsets, offsets)
+
+
+# ------------------------------------------------------------------ the float64 oracle
+class MaskedSoftmaxOracle:
+    """Stands in for diffusers' dispatch_attention_fn: plain masked softmax over float64 tensors.
+
+    Self-attention of a tagged layer is restricted to ``provider``'s mask on the sample's
+    valid tokens (read from diffusers' own padding mask); padding rows attend to nothing
+    (output 0, as SDPA gives); other calls (Wan's cross-attention) are dense.
+    """
+
+    def __init__(self, provider: Callable, step: int) -> None:
+        self.provider, self.step, self.layer = provider, step, None
+        self.valid_text: list[int] = []
+
+    def dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        q, k, v = (t.permute(0, 2, 1, 3).double() for t in (query, key, value))     # [B, H, S, D]
+        batch, heads, seq, dim = q.shape
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
+        allowed = torch.ones(batch, heads, seq, k.shape[2], dtype=torch.bool)
+        if attn_mask is not None:
+            allowed &= attn_mask.bool()
+        if self.layer is not None:
+            video = FRAMES * HEIGHT * WIDTH
+            self.valid_text = []
+            for b in range(batch):
+                valid = int(allowed[b, 0, 0].sum()) if attn_mask is not None else seq
+                geometry = VideoGeometry(FRAMES, HEIGHT, WIDTH, text_tokens=valid - video)
+                self.valid_text.append(valid - video)
+                tokens = torch.from_numpy(expand_to_tokens(self.provider(geometry, heads, self.step, self.layer)))
+                own = torch.zeros(heads, seq, seq, dtype=torch.bool)
+                own[:, :valid, :valid] = tokens
+                allowed[b] &= own
+        probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
+        return (probs @ v).permute(0, 2, 1, 3).to(query.dtype)
+
+
+class Tagged:
+    """Wraps a diffusers processor so the oracle knows which layer's self-attention runs."""
+
+    def __init__(self, oracle: MaskedSoftmaxOracle, layer: int, inner: Any) -> None:
+        self.oracle, self.layer, self.inner = oracle, layer, inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 image_rotary_emb=None):
+        self.oracle.layer = self.layer
+        try:
+            extra = {"rotary_emb": rotary_emb} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        finally:
+            self.oracle.layer = None
+
+
+def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step: int, timestep: float,
+                  monkeypatch) -> tuple[torch.Tensor, list[int]]:
+    reference = copy.deepcopy(model).double()
+    oracle = MaskedSoftmaxOracle(provider, step)
+    for layer, module in enumerate(case.attention(reference)):
+        module.set_processor(Tagged(oracle, layer, module.processor))
+    inputs64 = {name: t.double() if t.is_floating_point() else t for name, t in inputs.items()}
+    with monkeypatch.context() as patch:
+        patch.setattr(case.module, "dispatch_attention_fn", oracle.dispatch)
+        return forward(reference, inputs64, timestep), oracle.valid_text
+
+
+# ------------------------------------------------------------------ tests
+def test_dense_mask_gives_the_original_processors_output(case):
+    model, inputs = case.build(), case.inputs()
+    expected = forward(model, inputs, 999.0)
+    handle = sparse.apply(model, method=full_mask, device="cpu")
+    try:
+        got = forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    rows = {(s["layer"], s["step"], s["backend"], s["density"]) for s in handle.stats()}
+    assert rows == {(0, 0, "dense", 1.0), (1, 0, "dense", 1.0)}
+
+
+@pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
+                                        ("hunyuan", "full")])
+def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
+    case = CASES[name]                                       # Wan has no text in its self-attention: one case
+    model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
+    dense = forward(model, inputs, 500.0)
+    expected, valid_text = oracle_output(case, model, inputs, random_mask, 0, 500.0, monkeypatch)
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        got = forward(model, inputs, 500.0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)     # fp32 vs fp64: ~6e-7 seen
+    assert (got - dense).abs().max() > 5e-3                  # the mask matters (~2e-2 from dense attention)
+    stats = handle.stats()
+    assert {s["backend"] for s in stats} == {"portable"} and all(0 < s["density"] < 1 for s in stats)
+    if case.name == "hunyuan":
+        expected_text = {"ragged": [6, 8], "same": [4, 4], "full": [13]}[text]
+        assert valid_text == expected_text
+        assert sorted({s["text_tokens"] for s in stats}) == sorted(set(expected_text))
+        assert {s["padding"] for s in stats} == {13 - n for n in expected_text}
+
+
+def test_remove_restores_processors_hooks_and_output(case):
+    model, inputs = case.build(), case.inputs()
+    modules = case.attention(model)
+    originals = [m.processor for m in modules]
+    hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    before = forward(model, inputs, 999.0)
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    assert all(type(m.processor).__name__.endswith("SparseAttnProcessor") for m in modules)
+    assert not torch.equal(forward(model, inputs, 999.0), before)
+    handle.remove()
+    handle.remove()                                           # idempotent
+    assert all(m.processor is p for m, p in zip(modules, originals))
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+    assert torch.equal(forward(model, inputs, 999.0), before)
+    again = sparse.apply(model, method=full_mask, device="cpu")    # can be applied again after remove()
+    again.remove()
+
+
+def test_steps_follow_timesteps_with_guidance_calls_sharing_a_step(case):
+    calls = []
+
+    def recording(geometry, num_heads, step, layer):
+        calls.append((step, layer))
+        return random_mask(geometry, num_heads, step, layer)
+
+    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    handle = sparse.apply(model, method=recording, device="cpu", num_steps=3)
+    try:
+        assert handle.step is None
+        seen = []
+        for timestep in (999.0, 999.0, 700.0, 700.0, 400.0, 400.0):        # cond + uncond per step
+            forward(model, inputs, timestep)
+            seen.append(handle.step)
+        assert seen == [0, 0, 1, 1, 2, 2]
+        assert calls == [(s, layer) for s in range(3) for layer in range(2)]   # planned once per (layer, step)
+        assert [s["calls"] for s in handle.stats()] == [2] * 6
+        with pytest.raises(ValueError, match="num_steps"):
+            forward(model, inputs, 100.0)                                   # a 4th step in a 3-step run
+        forward(model, inputs, 999.0)                                       # a larger timestep: new run
+        assert handle.step == 0 and handle.run == 1
+        handle.set_step(2)                                                  # explicit steps override timesteps
+        forward(model, inputs, 10.0)
+        forward(model, inputs, 5.0)
+        assert handle.step == 2 and calls[-2:] == [(2, 0), (2, 1)]
+        handle.set_step(1)                                                  # going back: another run
+        assert handle.run == 2
+        handle.set_step(None)
+        forward(model, inputs, 50.0)
+        assert handle.step == 0 and handle.run == 3
+        with pytest.raises(ValueError, match="num_steps"):
+            handle.set_step(3)
+    finally:
+        handle.remove()
+    assert [s["run"] for s in handle.stats()][-2:] == [3, 3]
+
+
+def test_dense_warmup_steps_take_the_model_path(case):
+    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    reference = [forward(model, inputs, t) for t in (999.0, 800.0)]
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=2, search_steps=(2,),
+                          sparsity=0.5)
+    try:
+        outputs = [forward(model, inputs, t) for t in (999.0, 800.0, 600.0, 400.0)]
+    finally:
+        handle.remove()
+    for got, expected in zip(outputs[:2], reference):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    table = {(s["layer"], s["step"]): (s["backend"], s["action"]) for s in handle.stats()}
+    for layer in (0, 1):
+        assert [table[layer, step] for step in range(4)] == [("dense", "dense"), ("dense", "dense"),
+                                                             ("dense", "search"), ("portable", "reuse")]
+
+
+METHODS = {
+    "lvsa": {"reference_frames": 4, "window": 1},          # 8 latent frames > 4: sparse at every step
+    "adaspa": {"warmup_steps": 1, "search_steps": (1, 2), "sparsity": 0.6, "block_size": 32},
+    "pasa": {"dense_fraction": 0.25, "density": 0.3, "block_size": 32},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_sessions_run_end_to_end(case, method):
+    model, inputs = case.build(), case.inputs(batch=1, text="ragged")
+    uncond = case.inputs(batch=1, text="same", seed=2)
+    handle = sparse.apply(model, method=method, device="cpu", num_steps=4, **METHODS[method])
+    handle.timing(True)
+    try:
+        for timestep in (999.0, 750.0, 500.0, 250.0):
+            assert torch.isfinite(forward(model, inputs, timestep)).all()
+            assert torch.isfinite(forward(model, uncond, timestep)).all()
+    finally:
+        handle.remove()
+    stats = handle.stats()
+    geometries = 2 if case.name == "hunyuan" else 1           # HunyuanVideo: two valid text lengths
+    expected_calls = 1 if case.name == "hunyuan" else 2
+    assert len(stats) == 4 * 2 * geometries
+    for s in stats:
+        assert s["calls"] == expected_calls and s["ms"] >= 0 and s["ms_total"] >= s["ms"]
+        assert 0 < s["density"] <= 1 and (s["backend"] == "dense") == (s["density"] == 1.0)
+    sparse_steps = {s["step"] for s in stats if s["backend"] != "dense"}
+    assert sparse_steps == {"lvsa": {0, 1, 2, 3}, "adaspa": {2, 3}, "pasa": {1, 2, 3}}[method]
+    if method == "pasa":                                                # PASA's dense first layer
+        assert {s["backend"] for s in stats if s["layer"] == 0} == {"dense"}
+    if method == "lvsa" and case.name == "hunyuan":
+        assert handle.params["reference_frames"] == 4
+
+
+def test_lvsa_takes_the_hunyuanvideo_horizon_by_default():
+    handle = sparse.apply(tiny_hunyuan(), method="lvsa", device="cpu")
+    handle.remove()
+    assert handle.params["reference_frames"] == 33
+    model, inputs = tiny_hunyuan(), hunyuan_inputs(batch=1, text="same")
+    handle = sparse.apply(model, method="lvsa", device="cpu")           # 8 frames <= 33: dense at every step
+    try:
+        forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    assert {s["backend"] for s in handle.stats()} == {"dense"}
+
+
+def test_backend_and_parallel_settings_reach_the_original_processor(case):
+    model = case.build()
+    module = case.attention(model)[0]
+    original = module.processor
+    handle = sparse.apply(model, method=full_mask, device="cpu")
+    try:
+        module.processor._attention_backend = "native"
+        assert original._attention_backend == "native"
+        assert module.processor._parallel_config is None
+    finally:
+        handle.remove()
+    assert module.processor is original and original._attention_backend == "native"
+
+
+def test_context_parallel_config_raises_until_supported(case):
+    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    handle = sparse.apply(model, method=full_mask, device="cpu")
+    try:
+        for module in case.attention(model):
+            module.processor._parallel_config = object()        # what enable_parallelism() sets
+        with pytest.raises(NotImplementedError, match="parallel_config: .*issue 7"):
+            forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+
+
+def test_text_padding_that_is_not_trailing_raises():
+    model, inputs = tiny_hunyuan(), hunyuan_inputs(batch=1, text="same")
+
+    def scramble(block, args):                                           # padding before valid text
+        hidden, text, temb, mask, *rest = args
+        return (hidden, text, temb, mask.flip(-1), *rest)
+
+    model.transformer_blocks[0].register_forward_pre_hook(scramble)
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        with pytest.raises(ValueError, match="valid text tokens first"):
+            forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+
+
+def test_bad_arguments_raise_with_the_field_name():
+    model = tiny_wan()
+    with pytest.raises(TypeError, match="transformer: expected a diffusers WanTransformer3DModel"):
+        sparse.apply(torch.nn.Linear(2, 2), method="lvsa", device="cpu")
+    with pytest.raises(ValueError, match="method: expected one of"):
+        sparse.apply(model, method="dense", device="cpu")
+    with pytest.raises(TypeError, match="unknown parameter"):
+        sparse.apply(model, method="lvsa", device="cpu", windw=2)
+    with pytest.raises(TypeError, match="params: a callable method takes no parameters"):
+        sparse.apply(model, method=full_mask, device="cpu", window=2)
+    with pytest.raises(ValueError, match="device="):
+        sparse.apply(model, method="lvsa", device="tpu")
+    with pytest.raises(ValueError, match="backend: expected None or a registered"):
+        sparse.apply(model, method="lvsa", device="cpu", backend="fast")
+    with pytest.raises(ValueError, match="num_steps"):
+        sparse.apply(model, method="lvsa", device="cpu", num_steps=0)
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        with pytest.raises(ValueError, match="already applied"):
+            sparse.apply(model, method="lvsa", device="cpu")
+    finally:
+        handle.remove()
+    assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
+
+
+def test_a_callable_returning_a_wrong_mask_raises():
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=lambda g, h, s, layer: BlockMask.full(h + 1, g.tokens, g.tokens, 64),
+                          device="cpu")
+    try:
+        with pytest.raises(ValueError, match="expected 2 heads"):
+            forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
