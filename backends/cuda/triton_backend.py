@@ -59,16 +59,22 @@ class TritonOptions:
                 raise ValueError(f"{name}: expected a power of two >= 16 (a Triton tile side), got {value}")
 
 
-def default_config(head_dim: int, element_size: int, device: torch.device) -> TritonConfig:
-    """The tuned tile shape; see bench/results/cuda-*.md for the measurements behind it."""
+def default_config(head_dim: int, element_size: int, device: torch.device, q_block: int | None = None,
+                   kv_block: int | None = None) -> TritonConfig:
+    """The tuned tile shape (bench/results/cuda-2026-11-22*), narrowed to 64 for masks of 64-token blocks.
+
+    ``q_block`` / ``kv_block``: the mask's uniform block sizes (None when ragged). A
+    128-wide tile over 64-token blocks would compute twice the pairs it keeps on each
+    side (AdaSpa's blocks, measured 3x slower end to end), so such masks get 64-wide tiles.
+    """
     if device.type != "cuda":  # the interpreter: mid-size tiles exercise partial tiles and run fast
         return TritonConfig(64, 64, 4, 1, use_tma=False)
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
     if element_size == 4:  # fp32: shared memory, not tiles, is the limit
         return TritonConfig(64, 32, 4, 2, use_tma=False)
-    if head_dim >= 128:
-        return TritonConfig(128, 128, 8, 3, use_tma=hopper)
-    return TritonConfig(128, 64, 4, 3, use_tma=hopper)
+    block_m = 64 if q_block is not None and q_block <= 64 else 128
+    block_n = 64 if (kv_block is not None and kv_block <= 64) or head_dim < 128 else 128
+    return TritonConfig(block_m, block_n, 8 if block_m == 128 else 4, 3, use_tma=hopper)
 
 
 class TritonBackend(Backend):

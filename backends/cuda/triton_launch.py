@@ -23,7 +23,8 @@ class TritonLaunch:
         self.last_compiled = None  # Triton's compiled kernel of the last launch: n_regs, n_spills, metadata.shared
 
     def config(self, q: torch.Tensor) -> TritonConfig:
-        config = default_config(q.shape[-1], q.element_size(), q.device)
+        config = default_config(q.shape[-1], q.element_size(), q.device, self.mask.uniform_block_size("q"),
+                                self.mask.uniform_block_size("kv"))
         overrides = {k: v for k, v in vars(self.options).items() if v is not None}
         return replace(config, **overrides)
 
