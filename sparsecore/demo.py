@@ -49,14 +49,6 @@ class DemoShape:
     seed: int = 0
 
     @property
-    def frame_tokens(self) -> int:
-        return self.height * self.width
-
-    @property
-    def tokens(self) -> int:
-        return self.frames * self.frame_tokens
-
-    @property
     def geometry(self) -> VideoGeometry:
         return VideoGeometry(self.frames, self.height, self.width)
 
@@ -68,12 +60,13 @@ def demo_inputs(shape: DemoShape) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def dense_mask(shape: DemoShape) -> BlockMask:
-    return BlockMask.full(shape.heads, shape.tokens, shape.tokens, shape.frame_tokens, meta={"method": "dense"})
+    g = shape.geometry
+    return BlockMask.full(shape.heads, g.tokens, g.tokens, g.frame_tokens, meta={"method": "dense"})
 
 
 def local_frame_window(shape: DemoShape, width: int = 1) -> BlockMask:
     """Each frame attends to the frames within ``width`` of it (one block per frame)."""
-    offsets = BlockMask.uniform_offsets(shape.tokens, shape.frame_tokens)
+    offsets = shape.geometry.frame_offsets()
     n = shape.frames
     rows = [[range(max(0, i - width), min(n, i + width + 1)) for i in range(n)]] * shape.heads
     return BlockMask.from_lists(rows, offsets, offsets, meta={"method": "local_frame_window", "width": width})
@@ -82,10 +75,11 @@ def local_frame_window(shape: DemoShape, width: int = 1) -> BlockMask:
 def random_blocks(shape: DemoShape, block: int = 64, density: float = 0.25) -> BlockMask:
     """Seeded random 64-token blocks, a different pattern per head, diagonal always kept."""
     rng = np.random.default_rng(shape.seed)
-    n = -(-shape.tokens // block)
+    tokens = shape.geometry.tokens
+    n = -(-tokens // block)
     dense = rng.random((shape.heads, n, n)) < density
     dense[:, np.arange(n), np.arange(n)] = True
-    return BlockMask.from_dense(dense, shape.tokens, shape.tokens, block,
+    return BlockMask.from_dense(dense, tokens, tokens, block,
                                 meta={"method": "random_blocks", "density": density, "seed": shape.seed})
 
 
@@ -148,7 +142,7 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
     cpu_inputs = demo_inputs(shape)
     q, k, v = (t.to(device, dtype) for t in cpu_inputs)
     scale = shape.head_dim ** -0.5
-    log(f"sparsecore demo: {shape.frames} frames x {shape.height}x{shape.width} patches = {shape.tokens} tokens, "
+    log(f"sparsecore demo: {shape.frames} frames x {shape.height}x{shape.width} patches = {shape.geometry.tokens} tokens, "
         f"{shape.heads} heads, head_dim {shape.head_dim}, synthetic video q/k/v, {dtype} on {device}")
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
     dense_seconds = _median_seconds(sdpa, device)
