@@ -7,6 +7,7 @@
 # sweep: Triton tile configs at S=32768 and on the LVSA frame mask (no FlashInfer)
 # bench: the full side-by-side table (writes cuda-<date>.json/.md under $OUT)
 # e2e:   bench/e2e_benchmark.py, Wan / HunyuanVideo 1.5 transformer steps (writes e2e-<date>.json/.md)
+# multigpu: bench/multigpu_benchmark.py, one GPU vs all GPUs under diffusers Ulysses (writes multigpu-<date>.*)
 # Needs the wheels in .whl/ (shared/device/fetch-wheels.sh) carried with the tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,19 @@ for stage in "$@"; do
     e2e) python3 bench/flashinfer_warmup.py bfloat16 128 && python3 bench/e2e_benchmark.py --out "$OUT" --budget-s ${E2E_BUDGET:-360} ;;
     sweep) python3 bench/cuda_benchmark.py --out "$OUT/sweep" --sizes 32768 --sweep --no-flashinfer --frames ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames ;;
+    multigpu)
+      # NVLink multicast stays off on shared hosts (shared/device KINDS.md)
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+      python3 bench/flashinfer_warmup.py bfloat16 128
+      for run in "wan-1.3b lvsa" "wan-14b lvsa --layers ${LAYERS_14B:-10}" "wan-1.3b adaspa" "wan-1.3b dense"; do
+        read -r model method extra <<< "$run"
+        python3 bench/multigpu_benchmark.py --model $model --method $method --out "$OUT/multigpu" $extra 2>&1 \
+          | grep -v '^{'
+        python3 -m torch.distributed.run --nproc_per_node "$gpus" bench/multigpu_benchmark.py --model $model \
+          --method $method --out "$OUT/multigpu" $extra 2>&1 | grep -v '^{'
+      done
+      python3 bench/multigpu_benchmark.py --report "$OUT/multigpu" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

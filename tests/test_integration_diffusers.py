@@ -13,12 +13,14 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import HunyuanVideo15Transformer3DModel, WanTransformer3DModel
+from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, ParallelConfig,
+                       WanTransformer3DModel)
 from diffusers.models.transformers import transformer_hunyuan_video15, transformer_wan
 from oracle import expand_to_tokens
 
@@ -346,13 +348,38 @@ def test_backend_and_parallel_settings_reach_the_original_processor(case):
     assert module.processor is original and original._attention_backend == "native"
 
 
-def test_context_parallel_config_raises_until_supported(case):
-    model, inputs = case.build(), case.inputs(batch=1, text="same")
-    handle = sparse.apply(model, method=full_mask, device="cpu")
+def context_parallel(**degrees) -> ParallelConfig:
+    """A ParallelConfig as enable_parallelism leaves it on a processor, for checks that run before any collective."""
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
+    config.context_parallel_config._ulysses_mesh = SimpleNamespace(get_group=lambda: None)
+    config.context_parallel_config._ulysses_local_rank = 0
+    return config
+
+
+@pytest.mark.parametrize("degrees, message", [
+    ({"ring_degree": 2}, "ring_degree: sparsecore's sparse attention runs under Ulysses only"),
+    ({"ring_degree": 2, "ulysses_degree": 2}, "ring_degree: .*got ring_degree=2, ulysses_degree=2"),
+    ({"ulysses_degree": 2, "ulysses_anything": True}, "ulysses_anything: expected False"),
+])
+def test_context_parallel_configs_the_sparse_path_does_not_run_raise(degrees, message):
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu")
     try:
-        for module in case.attention(model):
-            module.processor._parallel_config = object()        # what enable_parallelism() sets
-        with pytest.raises(NotImplementedError, match="parallel_config: .*issue 7"):
+        for module in CASES["wan"].attention(model):
+            module.processor._parallel_config = context_parallel(**degrees)     # what enable_parallelism() sets
+        with pytest.raises(ValueError, match=message):
+            forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+
+
+def test_context_parallel_hunyuan_raises():
+    model, inputs = tiny_hunyuan(), hunyuan_inputs(batch=1, text="same")
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        for module in CASES["hunyuan"].attention(model):
+            module.processor._parallel_config = context_parallel(ulysses_degree=2)
+        with pytest.raises(ValueError, match="context parallelism for WanTransformer3DModel only"):
             forward(model, inputs, 999.0)
     finally:
         handle.remove()

@@ -246,3 +246,13 @@ def test_valid_ir_at_model_shapes(geometry, heads):
     assert (lengths == lengths[:, :1]).all()                  # row-wise: one count per head
     assert mask.meta["step"] == 10 and mask.meta["layer"] == 5
     assert adaspa.plan(geometry, heads, step=0).density() == 1.0
+
+
+def test_cached_search_with_a_stale_lse_raises_instead_of_nan_budgets():
+    g = VideoGeometry(6, 4, 8, text_tokens=8)
+    session = adaspa.session(num_steps=5, block_size=16, warmup_steps=1, search_steps=(1, 3))
+    q1, k1, _ = video_qkv(g, 6, 16, seed=1, batch=2, sharpness=2.0)
+    q2, k2, _ = video_qkv(g, 6, 16, seed=2, batch=2, sharpness=2.0)   # unrelated content: masses overflow
+    session.plan(g, 6, step=1, layer=0, q=q1, k=k1)
+    with pytest.raises(ValueError, match="lse: the cached LSE is far below the scores of layer 0 at step 3"):
+        session.plan(g, 6, step=3, layer=0, q=q2, k=k2)

@@ -24,15 +24,20 @@ backend in diffusers' attention registry: in 0.42 the registry is keyed by the c
 ``set_attention_backend`` / ``enable_parallelism`` validate against the enum), the dispatch call
 carries no (layer, step), and HunyuanVideo 1.5's processor builds the dense ``[B, 1, S, S]``
 padding mask before dispatching (about 2.9 GB at 53K tokens) even where the IR needs none.
-Context parallelism stays open (issue 7): ``_attention_backend`` and ``_parallel_config`` of
-our processors read and write the original processor's, so ``set_attention_backend`` and
-``enable_parallelism`` reach the model as before, and the dense path already passes
-``parallel_config`` to the dispatch. Under Ulysses each rank holds a shard of the sequence;
-the sparse path will call diffusers' own ``_templated_context_parallel_attention`` with a
-sparsecore ``forward_op`` that runs ``mask.select_heads(<this rank's heads>)`` on the
-all-to-all's output (the full sequence for ``H / world`` heads), and plan from the global
-geometry the pre-hook sees before the split. Until then a forward under a parallel config
-raises ``NotImplementedError``.
+Context parallelism (Ulysses). ``_attention_backend`` and ``_parallel_config`` of our
+processors read and write the original processor's, so ``set_attention_backend`` and
+``enable_parallelism`` reach the model as before (before or after ``apply``). Under
+``ContextParallelConfig(ulysses_degree=N)`` each rank's processor gets ``S / N`` tokens of all
+heads; :mod:`sparsecore.integrations.ulysses` hands diffusers' own Ulysses template
+(``_templated_context_parallel_attention``, the hook every context-parallel backend of
+diffusers uses) a ``forward_op`` that runs on the whole sequence for the rank's ``H / N``
+heads: the mask is planned for those heads (sessions' ``heads=HeadShard``; AdaSpa all-gathers
+its per-head recalls to rank every head as one process would; callables are planned for all
+heads and sliced), dense steps run diffusers' dispatch on the rank's heads. The geometry comes
+from the pre-hook, which sees the whole video before diffusers splits it. Outputs equal the
+one-process outputs (tests/test_integration_context_parallel.py). Ring attention
+(``ring_degree > 1``) and ``ulysses_anything`` raise ``ValueError``; HunyuanVideo 1.5 has no
+context-parallel plan in diffusers 0.42 and raises too.
 
 Geometry. A forward pre-hook on the transformer reads ``hidden_states`` ``[B, C, F, H, W]``
 and the config's patch sizes (Wan ``patch_size`` = (p_t, p_h, p_w); HunyuanVideo 1.5
@@ -81,7 +86,7 @@ Layouts: diffusers' processors hold ``[B, S, H, D]``; the kernel gets contiguous
 ``[B, H, S, D]`` and the default scale ``1/sqrt(D)`` (the processors pass none to the dispatch).
 
 Limits: inference only (sparse kernels have no backward); Python-side planning (not for
-``torch.compile(fullgraph=True)``); context parallelism on sparse steps is issue 7; processors
+``torch.compile(fullgraph=True)``); context parallelism: Ulysses on Wan only; processors
 replaced after ``apply`` are overwritten by ``remove()``.
 """
 
@@ -92,7 +97,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -103,7 +108,7 @@ import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int
-from sparsecore.methods import SESSIONS, lvsa
+from sparsecore.methods import SESSIONS, HeadShard, lvsa
 from sparsecore.registry import device_type, registered_backends
 
 try:
@@ -117,6 +122,8 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without diffusers
     raise ImportError(f"sparsecore.integrations.diffusers needs diffusers 0.42 ({err}); install it with "
                       f"pip install 'sparsecore[diffusers]' (tested with diffusers==0.42.1)") from err
+
+from . import ulysses
 
 TESTED_DIFFUSERS = "0.42"
 PREPARED_MASKS = 512    # (density, padded mask) memo entries per handle: a few per layer and text length
@@ -177,10 +184,14 @@ class _SparseProcessor:
         self.original._parallel_config = value
 
     def _dispatch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """The model's own attention: diffusers' dispatch, as the original processor calls it."""
+                  attn_mask: torch.Tensor | None, parallel: bool = True) -> torch.Tensor:
+        """The model's own attention: diffusers' dispatch, as the original processor calls it.
+
+        ``parallel=False``: on this rank's tensors only (inside the Ulysses all-to-alls).
+        """
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+                                     backend=self._attention_backend,
+                                     parallel_config=self._parallel_config if parallel else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
@@ -358,6 +369,16 @@ class SparseAttentionHandle:
             self._new_run()
         self._manual, self._step = True, step
 
+    def mask(self, layer: int) -> BlockMask | None:
+        """The mask ``layer`` planned last (its valid tokens, before text padding), None before its first call.
+
+        Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
+        A batch of several text lengths (HunyuanVideo 1.5) plans one mask per length; this is the last.
+        """
+        layer = check_int(layer, "layer", 0)
+        plans = [plan for (planned, _), plan in self._plans.items() if planned == layer]
+        return plans[-1].mask if plans else None
+
     def timing(self, enabled: bool = True) -> None:
         """Record the time of every attention call (CUDA events on GPU) into ``stats()`` as ``ms``."""
         if not isinstance(enabled, bool):
@@ -453,13 +474,7 @@ class SparseAttentionHandle:
     # ---------------------------------------------------------------- called by the processors
     def _tracking(self, processor: _SparseProcessor) -> bool:
         """Whether this call runs inside a hooked forward of a live handle (else: original processor)."""
-        if not self._active or self._removed:
-            return False
-        if processor._parallel_config is not None:
-            raise NotImplementedError("parallel_config: diffusers context parallelism (Ulysses/ring) is not supported "
-                                      "by sparsecore's processors yet (issue 7); expected no parallel config, got one "
-                                      "set by enable_parallelism; call handle.remove() to run the model densely")
-        return True
+        return self._active and not self._removed
 
     def _text_valid(self, processor: _SparseProcessor, mask: torch.Tensor | None, batch: int,
                     text: int) -> list[int]:
@@ -485,15 +500,44 @@ class SparseAttentionHandle:
 
     def _attend(self, processor: _SparseProcessor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 text_valid: list[int] | None, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Attention of one layer call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path."""
+        """Attention of one layer call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
+
+        Under Ulysses context parallelism ``S`` is this rank's part of the sequence; diffusers'
+        all-to-alls run around :meth:`_attend_heads` on the whole sequence for this rank's heads.
+        """
+        group = ulysses.ulysses_group(processor._parallel_config)
+        if group is None:
+            return self._attend_heads(processor, query, key, value, text_valid, dense, None)
+        layer, geometry, heads = processor.layer, self.geometry, query.shape[2]
+        if text_valid is not None:
+            raise ValueError(f"parallel_config: sparsecore runs under context parallelism for "
+                             f"WanTransformer3DModel only (diffusers 0.42 has no context-parallel plan for "
+                             f"{self.spec.model_class.__name__}), got one at layer {layer}; call handle.remove() to "
+                             f"run the model densely")
+        if heads % group.world or query.shape[1] * group.world != geometry.video_tokens:
+            raise ValueError(f"hidden_states: under Ulysses degree {group.world} layer {layer} expected "
+                             f"{geometry.video_tokens} / {group.world} tokens and heads divisible by {group.world}, "
+                             f"got {query.shape[1]} tokens and {heads} heads; pick a ulysses_degree dividing both")
+        shard = group.shard(heads, query.device)
+
+        def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            dense_heads = lambda: processor._dispatch(q, k, v, None, parallel=False)  # noqa: E731
+            return self._attend_heads(processor, q, k, v, None, dense_heads, shard)
+
+        return ulysses.attention(query, key, value, group, local)
+
+    def _attend_heads(self, processor: _SparseProcessor, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, text_valid: list[int] | None, dense: Callable[[], torch.Tensor],
+                      shard: HeadShard | None) -> torch.Tensor:
+        """``[B, S, h, D]`` in and out, the whole sequence: all heads, or the ``shard``'s (Ulysses)."""
         layer, geometry = processor.layer, self.geometry
         batch, seq_len, heads = query.shape[0], query.shape[1], query.shape[2]
         text = seq_len - geometry.video_tokens
         if text < 0 or (text_valid is None and text != 0):
             raise ValueError(f"hidden_states: layer {layer} got {seq_len} tokens, expected {geometry.video_tokens} "
                              f"video tokens ({geometry.frames}x{geometry.height}x{geometry.width} after patchify, "
-                             f"from the transformer's input) plus text; a changed sequence (context parallelism "
-                             f"splits it) is not supported")
+                             f"from the transformer's input) plus text; call handle.remove() to run this input "
+                             f"densely")
         counts = text_valid if text_valid is not None else [0] * batch
         groups: dict[int, list[int]] = {}
         for row, count in enumerate(counts):
@@ -504,7 +548,7 @@ class SparseAttentionHandle:
                               text_position="end")
             index = None if len(rows) == batch else torch.tensor(rows, device=query.device)
             pick = (lambda t: t) if index is None else (lambda t, i=index: t.index_select(0, i))
-            plan = self._plan(layer, g, heads, seq_len, pick(query), pick(key))
+            plan = self._plan(layer, g, heads, seq_len, pick(query), pick(key), shard)
             plans.append((index, pick, plan))
         if all(plan.kernel is None for _, _, plan in plans):
             return self._time(plans[0][2].record, query, dense)
@@ -525,7 +569,7 @@ class SparseAttentionHandle:
         return out
 
     def _plan(self, layer: int, geometry: VideoGeometry, heads: int, seq_len: int, query: torch.Tensor,
-              key: torch.Tensor) -> _Plan:
+              key: torch.Tensor, shard: HeadShard | None) -> _Plan:
         """The (layer, geometry) plan at the current step: planned at its first call, reused by the others."""
         step = self._step
         plan = self._plans.get((layer, geometry))
@@ -534,7 +578,7 @@ class SparseAttentionHandle:
             return plan
         q_view = query.transpose(1, 2)[:, :, :geometry.tokens]         # [B, H, L, D] over the valid tokens
         k_view = key.transpose(1, 2)[:, :, :geometry.tokens]
-        mask = self._mask(layer, geometry, heads, step, q_view, k_view)
+        mask = self._mask(layer, geometry, heads, step, q_view, k_view, shard)
         density, run_mask = self._prepared(mask, seq_len)
         kernel = fingerprint = None
         if run_mask is not None:
@@ -544,9 +588,11 @@ class SparseAttentionHandle:
             else:
                 kernel = sparsecore.compile(run_mask, device=self.device, backend=self.backend)
         fields = {"run": self._run, "layer": layer, "step": step, "density": density,
-                  "backend": "dense" if kernel is None else kernel.backend.name, "action": self._action(geometry, step, mask),
+                  "backend": "dense" if kernel is None else kernel.backend.name,
+                  "action": self._action(geometry, step, mask),
                   "calls": 1, "tokens": geometry.tokens, "text_tokens": geometry.text_tokens,
-                  "padding": seq_len - geometry.tokens}
+                  "padding": seq_len - geometry.tokens,
+                  "heads": [0, heads] if shard is None else [shard.start, shard.stop]}
         record = self._records.setdefault((self._run, layer, step, geometry), _Record(fields))
         if record.fields is not fields:                                  # planned again after set_step
             record.fields["calls"] += 1
@@ -555,19 +601,24 @@ class SparseAttentionHandle:
         return plan
 
     def _mask(self, layer: int, geometry: VideoGeometry, heads: int, step: int, q: torch.Tensor,
-              k: torch.Tensor) -> BlockMask:
+              k: torch.Tensor, shard: HeadShard | None) -> BlockMask:
+        """The method's mask of ``heads`` heads (all of them, or the ``shard``'s; q, k hold those heads)."""
+        total = heads if shard is None else shard.total
         if self._provider is not None:
-            mask = self._provider(geometry, heads, step, layer)
+            mask = self._provider(geometry, total, step, layer)
             source = f"method callable {getattr(self._provider, '__name__', self._provider)!r}"
         else:
             session = self._session(geometry)
-            mask = session.plan(geometry, heads, step=step, layer=layer, q=q, k=k)
+            mask = session.plan(geometry, total, step=step, layer=layer, q=q, k=k, heads=shard)
             source = f"method {self.method!r}"
         if not isinstance(mask, BlockMask):
             raise TypeError(f"mask: {source} must return a sparsecore BlockMask, got {type(mask).__name__}")
-        if mask.num_heads != heads or mask.q_len != geometry.tokens or mask.kv_len != geometry.tokens:
-            raise ValueError(f"mask: {source} returned {mask!r} for layer {layer} step {step}; expected {heads} heads "
-                             f"and q_len = kv_len = {geometry.tokens} (geometry {geometry})")
+        expected = total if self._provider is not None else heads
+        if mask.num_heads != expected or mask.q_len != geometry.tokens or mask.kv_len != geometry.tokens:
+            raise ValueError(f"mask: {source} returned {mask!r} for layer {layer} step {step}; expected {expected} "
+                             f"heads and q_len = kv_len = {geometry.tokens} (geometry {geometry})")
+        if self._provider is not None and shard is not None:
+            mask = _heads_of(mask, shard.start, shard.stop)
         return mask
 
     def _prepared(self, mask: BlockMask, seq_len: int) -> tuple[float, BlockMask | None]:
@@ -616,6 +667,12 @@ class SparseAttentionHandle:
             record.seconds += time.perf_counter() - began
         record.timed += 1
         return out
+
+
+@lru_cache(maxsize=64)
+def _heads_of(mask: BlockMask, start: int, stop: int) -> BlockMask:
+    """``mask.select_heads(range(start, stop))``, memoized (callables often return one mask for every layer)."""
+    return mask.select_heads(range(start, stop))
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:

@@ -52,8 +52,9 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.search import block_mass
 
-from .common import (check_fraction, check_geometry, check_int, check_params, check_qk, check_step, dense_mask,
-                     geometry_meta, keep_count, mask_from_rows, text_sink, topk_rows, HeadRows)
+from .common import (HeadRows, HeadShard, check_fraction, check_geometry, check_int, check_params, check_qk,
+                     check_shard, check_step, dense_mask, geometry_meta, keep_count, mask_from_rows, text_sink,
+                     topk_rows)
 
 METHOD = "adaspa"
 PAPER = "arXiv:2502.21079"
@@ -84,9 +85,15 @@ def head_sparsities(recalls: np.ndarray, sparsity: float, threshold: float = 0.8
 
 
 def select(mass: torch.Tensor, geometry: VideoGeometry, offsets: np.ndarray, *, sparsity: float,
-           head_adaptive: bool = True, recall_threshold: float = 0.8) -> tuple[list[HeadRows], np.ndarray, np.ndarray]:
-    """From block masses ``[H, MB, NB]``: (rows per head, head sparsities, recall at the base sparsity)."""
+           head_adaptive: bool = True, recall_threshold: float = 0.8,
+           shard: HeadShard | None = None) -> tuple[list[HeadRows], np.ndarray, np.ndarray]:
+    """From block masses ``[H, MB, NB]``: (rows per head, head sparsities, recall at the base sparsity).
+
+    With a ``shard``, ``mass`` holds that shard's heads; the head-adaptive ranking runs over every
+    head's recall (``shard.all_heads``), and sparsities and recalls are returned for all heads.
+    """
     heads = mass.shape[0]
+    shard = check_shard(shard, heads) if shard is None else shard
     text, video = text_sink(geometry, offsets)
     video_blocks = int(video.sum())
     base_keep = keep_count(1.0 - sparsity, video_blocks)
@@ -99,18 +106,20 @@ def select(mass: torch.Tensor, geometry: VideoGeometry, offsets: np.ndarray, *, 
         forced = m[:, text_index].sum() + m[text_index][:, video_index].sum()   # the text sink's mass
         recalls[h] = (kept + float(forced)) / max(float(m.sum()), np.finfo(np.float64).tiny)
         rows.append(head_rows)
+    recalls = shard.all_heads(recalls)
     if not head_adaptive:
-        return rows, np.full(heads, sparsity), recalls
+        return rows, np.full(shard.total, sparsity), recalls
     sparsities = head_sparsities(recalls, sparsity, recall_threshold)
     for h in range(heads):
-        keep = keep_count(1.0 - sparsities[h], video_blocks)
+        keep = keep_count(1.0 - sparsities[shard.start + h], video_blocks)
         if keep != base_keep:
             rows[h] = topk_rows(mass[h], keep, text)[0]
     return rows, sparsities, recalls
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
-         k: Any = None, lse: torch.Tensor | None = None, mass: Any = None, **params: Any) -> BlockMask:
+         k: Any = None, lse: torch.Tensor | None = None, mass: Any = None, heads: HeadShard | None = None,
+         **params: Any) -> BlockMask:
     """The AdaSpa mask from one search at ``step`` (dense before ``warmup_steps``).
 
     Args:
@@ -121,16 +130,17 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         lse: float32 ``[B, H, L]`` natural-log LSE of a dense pass (``kernel(..., return_lse=True)``),
             possibly from an earlier step (cached search); None computes a fresh one.
         mass: precomputed block masses ``[H, MB, NB]`` on ``block_size`` blocks instead of q, k.
+        heads: a :class:`~.common.HeadShard`: q, k, lse and mass hold only its heads, and so does the mask.
         **params: ``sparsity`` (0.8), ``block_size`` (64), ``head_adaptive`` (True),
             ``recall_threshold`` (0.8), ``warmup_steps`` (10), ``scale`` (None: 1/sqrt(D)),
             ``impl`` (block-mass implementation, ``"auto"``). ``search_steps`` is used by sessions.
     """
-    num_heads = check_geometry(geometry, num_heads)
+    shard = check_shard(heads, check_geometry(geometry, num_heads))
     p = _params(params)
     step = check_step(step)
     if step < p["warmup_steps"]:
-        return dense_mask(geometry, num_heads, _meta(geometry, p, layer, step, "dense"))
-    return _search(geometry, num_heads, p, layer, step, q, k, lse, mass, "search")[0]
+        return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
+    return _search(geometry, shard, p, layer, step, q, k, lse, mass, "search")[0]
 
 
 class AdaSpaSession:
@@ -162,21 +172,27 @@ class AdaSpaSession:
         return "cached-search" if step in searches else "reuse"
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, lse: torch.Tensor | None = None) -> BlockMask:
-        """The mask for ``(layer, step)``; ``lse`` at the first search skips pass 1 (a dense pass's LSE)."""
+             q: Any = None, k: Any = None, lse: torch.Tensor | None = None,
+             heads: HeadShard | None = None) -> BlockMask:
+        """The mask for ``(layer, step)``; ``lse`` at the first search skips pass 1 (a dense pass's LSE).
+
+        ``heads``: plan only this :class:`~.common.HeadShard` (q, k, lse of its heads; the same
+        shard at every step of the run).
+        """
         action = self.action(step)
         p = self.params
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
         if action == "dense":
-            return dense_mask(geometry, num_heads, _meta(geometry, p, layer, step, "dense"))
+            return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
         if action == "search":
-            mask, fresh = _search(geometry, num_heads, p, layer, step, q, k, lse, None, action)
+            mask, fresh = _search(geometry, shard, p, layer, step, q, k, lse, None, action)
             self._masks[layer], self._lse[layer] = mask, fresh
-            return dense_mask(geometry, num_heads, _meta(geometry, p, layer, step, "search"))
+            return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "search"))
         if layer not in self._lse:
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} ({action}); "
                              f"call plan at the first search step {p['search_steps'][0]} for every layer first")
         if action == "cached-search":
-            self._masks[layer] = _search(geometry, num_heads, p, layer, step, q, k, self._lse[layer], None,
+            self._masks[layer] = _search(geometry, shard, p, layer, step, q, k, self._lse[layer], None,
                                          action)[0]
         return self._masks[layer]
 
@@ -192,26 +208,34 @@ def session(num_steps: int = 50, **params: Any) -> AdaSpaSession:
     return AdaSpaSession(num_steps, **params)
 
 
-def _search(geometry: VideoGeometry, num_heads: int, p: dict, layer: Any, step: int, q: Any, k: Any,
+def _search(geometry: VideoGeometry, shard: HeadShard, p: dict, layer: Any, step: int, q: Any, k: Any,
             lse: torch.Tensor | None, mass: Any, action: str) -> tuple[BlockMask, torch.Tensor | None]:
     offsets = geometry.block_offsets(p["block_size"])
     blocks = len(offsets) - 1
+    num_heads = shard.size
     lse_used = None
     if mass is None:
         q, k = check_qk(q, k, geometry, num_heads)
         result = block_mass(q, k, offsets, offsets, lse=lse, scale=p["scale"], impl=p["impl"])
         mass, lse_used = result.mass.sum(0), result.lse
+        if lse is not None and not bool(torch.isfinite(mass).all()):
+            raise ValueError(f"lse: the cached LSE is far below the scores of layer {layer} at step {step} (block "
+                             f"masses overflow float32); a cached search needs inputs close to those of the search "
+                             f"step that made the LSE, as consecutive denoising steps are; pass lse=None (or make "
+                             f"this step the first of search_steps) for a fresh search")
     else:
         mass = torch.as_tensor(mass)
         if tuple(mass.shape) != (num_heads, blocks, blocks) or not mass.is_floating_point():
             raise ValueError(f"mass: expected float block masses [{num_heads}, {blocks}, {blocks}] on "
                              f"{p['block_size']}-token blocks, got {mass.dtype} {list(mass.shape)}")
     rows, sparsities, recalls = select(mass, geometry, offsets, sparsity=p["sparsity"],
-                                       head_adaptive=p["head_adaptive"], recall_threshold=p["recall_threshold"])
+                                       head_adaptive=p["head_adaptive"], recall_threshold=p["recall_threshold"],
+                                       shard=shard)
     meta = _meta(geometry, p, layer, step, action)
     meta.update(head_sparsity=sparsities.tolist(), base_recall=recalls.tolist(),
                 lse="fresh" if lse is None else "given")
-    return mask_from_rows(rows, offsets, offsets, budgets=1.0 - sparsities, meta=meta), lse_used
+    budgets = 1.0 - sparsities[shard.start:shard.stop]
+    return mask_from_rows(rows, offsets, offsets, budgets=budgets, meta=meta), lse_used
 
 
 def _meta(geometry: VideoGeometry, p: dict, layer: Any, step: int, action: str) -> dict[str, Any]:

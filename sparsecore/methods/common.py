@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -71,6 +72,61 @@ def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[t
         raise ValueError(f"k: expected [{q.shape[0]}, H_kv, {geometry.tokens}, {q.shape[3]}] on {q.device} with "
                          f"H_kv dividing {num_heads}, got {list(k.shape)} on {k.device}")
     return q, k
+
+
+# ------------------------------------------------------------------ head shards
+@dataclass(frozen=True)
+class HeadShard:
+    """Heads ``[start, stop)`` of ``total``: what one rank holds under head-parallel attention.
+
+    Under Ulysses sequence parallelism (diffusers' ``ContextParallelConfig(ulysses_degree=N)``)
+    the all-to-all leaves each rank the whole sequence for ``total / N`` consecutive heads. A
+    session's ``plan(..., heads=shard)`` then gets ``q`` / ``k`` of those heads only and returns
+    their mask: equal to ``plan(...)`` over all heads with the full ``q`` / ``k``, followed by
+    ``select_heads(range(start, stop))``. ``gather`` maps a float64 array of per-head values of this
+    shard (``[stop - start]``) to the values of all ``total`` heads in head order: an all-gather over
+    the ranks holding the other shards, which methods whose choices couple heads call (AdaSpa ranks
+    every head's recall). None means this shard is all there is (one process).
+    """
+
+    start: int
+    stop: int
+    total: int
+    gather: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def heads(self) -> range:
+        return range(self.start, self.stop)
+
+    def all_heads(self, values: np.ndarray) -> np.ndarray:
+        """Per-head ``values`` of this shard extended to every head (``gather``; checked)."""
+        values = np.asarray(values, dtype=np.float64)
+        if self.size == self.total:
+            return values
+        if self.gather is None:
+            raise ValueError(f"heads.gather: a shard of heads [{self.start}, {self.stop}) of {self.total} needs a "
+                             f"gather over the other shards for this method, got None")
+        gathered = np.asarray(self.gather(values), dtype=np.float64)
+        if gathered.shape != (self.total,) or not np.array_equal(gathered[self.start:self.stop], values):
+            raise ValueError(f"heads.gather: expected the {self.total} heads' values with this shard's at "
+                             f"[{self.start}, {self.stop}), got shape {gathered.shape}")
+        return gathered
+
+
+def check_shard(heads: Any, num_heads: int) -> HeadShard:
+    """``heads`` (a :class:`HeadShard` or None for all heads) checked against ``num_heads``."""
+    if heads is None:
+        return HeadShard(0, num_heads, num_heads)
+    if not isinstance(heads, HeadShard):
+        raise TypeError(f"heads: expected a sparsecore.methods.HeadShard or None, got {type(heads).__name__}")
+    start, stop = check_int(heads.start, "heads.start", 0), check_int(heads.stop, "heads.stop", 1)
+    if heads.total != num_heads or not start < stop <= num_heads:
+        raise ValueError(f"heads: expected 0 <= start < stop <= total == num_heads={num_heads}, got {heads}")
+    return heads
 
 
 # ------------------------------------------------------------------ building masks

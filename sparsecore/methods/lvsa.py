@@ -59,7 +59,8 @@ import numpy as np
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 
-from .common import check_fraction, check_geometry, check_int, check_params, check_step, geometry_meta, shared_mask
+from .common import (HeadShard, check_fraction, check_geometry, check_int, check_params, check_shard, check_step,
+                     geometry_meta, shared_mask)
 
 METHOD = "lvsa"
 PAPER = "arXiv:2605.31057"
@@ -247,12 +248,15 @@ class LVSASession:
         return "plan"
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None) -> BlockMask:
+             q: Any = None, k: Any = None, heads: HeadShard | None = None) -> BlockMask:
+        """The mask at ``step`` (``heads``: only this shard's heads, see :class:`~.common.HeadShard`)."""
         check_step(step, self.num_steps)
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
         pattern_key = tuple(frame_pattern(geometry, step, **self.params).anchors.tolist())
-        key = (geometry, num_heads, pattern_key)
+        key = (geometry, num_heads, shard.start, shard.stop, pattern_key)
         if key not in self._cache:
-            self._cache = {key: plan(geometry, num_heads, step=step, layer=None, **self.params)}
+            mask = plan(geometry, shard.size, step=step, layer=None, **self.params)    # every head alike
+            self._cache = {key: mask}
         return self._cache[key]
 
 

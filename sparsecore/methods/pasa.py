@@ -60,8 +60,8 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 
-from .common import (check_fraction, check_geometry, check_int, check_params, check_qk, check_step, dense_mask,
-                     geometry_meta, keep_count, mask_from_rows, text_sink, topk_rows)
+from .common import (HeadShard, check_fraction, check_geometry, check_int, check_params, check_qk, check_shard,
+                     check_step, dense_mask, geometry_meta, keep_count, mask_from_rows, text_sink, topk_rows)
 
 METHOD = "pasa"
 PAPER = "arXiv:2604.12219"
@@ -237,7 +237,8 @@ def selection_noise(shape: tuple[int, ...], *, seed: int, layer: int | None, ste
 
 # ------------------------------------------------------------------ planning
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
-         k: Any = None, num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> BlockMask:
+         k: Any = None, num_steps: int = 50, profile: CurvatureProfile | None = None, heads: HeadShard | None = None,
+         **params: Any) -> BlockMask:
     """The PASA mask at ``step`` of a ``num_steps`` run.
 
     Args:
@@ -247,6 +248,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         q, k: ``[B, H, L, D]`` / ``[B, H_kv, L, D]`` (or without B); needed at sparse steps.
         num_steps: steps of the run (for the dense 20% and the schedule).
         profile: a calibration :class:`CurvatureProfile` (None: constant density).
+        heads: a :class:`~.common.HeadShard`: q, k hold only its heads, and so does the mask.
         **params: ``density`` (0.15), ``block_size`` (64), ``dense_fraction`` (0.2),
             ``min_density`` (None: density / 2), ``noise_scale`` (0.2), ``seed`` (0),
             ``dense_layers`` ((0,)), ``group_size`` (32, recorded), ``scale`` (None: 1/sqrt(D)).
@@ -254,7 +256,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
     p = _params(params)
     schedule = density_schedule(num_steps, p["density"], dense_fraction=p["dense_fraction"], profile=profile,
                                 min_density=p["min_density"])
-    return _plan(geometry, num_heads, step, layer, q, k, p, schedule)
+    return _plan(geometry, num_heads, step, layer, q, k, p, schedule, heads)
 
 
 class PASASession:
@@ -272,8 +274,9 @@ class PASASession:
         return "dense" if self.schedule[check_step(step, self.num_steps)] >= 1.0 else "select"
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None) -> BlockMask:
-        return _plan(geometry, num_heads, step, layer, q, k, self.params, self.schedule)
+             q: Any = None, k: Any = None, heads: HeadShard | None = None) -> BlockMask:
+        """The mask at ``(layer, step)`` (``heads``: only this :class:`~.common.HeadShard`)."""
+        return _plan(geometry, num_heads, step, layer, q, k, self.params, self.schedule, heads)
 
 
 def session(num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> PASASession:
@@ -282,8 +285,9 @@ def session(num_steps: int = 50, profile: CurvatureProfile | None = None, **para
 
 
 def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, q: Any, k: Any, p: dict,
-          schedule: np.ndarray) -> BlockMask:
-    num_heads = check_geometry(geometry, num_heads)
+          schedule: np.ndarray, heads: HeadShard | None) -> BlockMask:
+    shard = check_shard(heads, check_geometry(geometry, num_heads))
+    num_heads = shard.size
     step = check_step(step, len(schedule))
     rho = float(schedule[step])
     meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "density": rho,
@@ -300,8 +304,8 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, q: Any
     for h in range(num_heads):                      # one head at a time: memory is one [MB, NB] score map
         scores = pooled_scores(q_means, k_means, h, scale)
         if p["noise_scale"] > 0:
-            scores += selection_noise(tuple(scores.shape), seed=p["seed"], layer=layer, step=step, head=h,
-                                      scale=p["noise_scale"], device=scores.device)
+            scores += selection_noise(tuple(scores.shape), seed=p["seed"], layer=layer, step=step,
+                                      head=shard.start + h, scale=p["noise_scale"], device=scores.device)
         rows.append(topk_rows(scores, keep, text)[0])
     return mask_from_rows(rows, offsets, offsets, budgets=np.full(num_heads, rho),
                                meta={**meta, "action": "select", "keep_blocks": keep})

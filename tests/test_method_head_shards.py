@@ -1,0 +1,113 @@
+"""Planning one rank's heads (HeadShard, Ulysses): each shard's mask is the all-heads mask's slice.
+
+The ranks run as threads here; their ``gather`` is an all-gather through a barrier, as
+torch.distributed's would be. The multi-process version through diffusers is in
+test_integration_context_parallel.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.methods import HeadShard, adaspa, lvsa, pasa
+from sparsecore.workloads import video_qkv
+
+GEOMETRY = VideoGeometry(6, 4, 8, text_tokens=8)
+HEADS = 6
+ADASPA = {"block_size": 16, "warmup_steps": 1, "search_steps": (1, 3)}
+
+
+def shards(world: int) -> list[HeadShard]:
+    """One HeadShard per rank whose gather is a barrier all-gather across the ``world`` threads."""
+    barrier, slots = threading.Barrier(world), [None] * world
+    size = HEADS // world
+
+    def gather_for(rank: int):
+        def gather(values: np.ndarray) -> np.ndarray:
+            slots[rank] = values
+            barrier.wait()
+            out = np.concatenate(slots)
+            barrier.wait()                      # nobody overwrites a slot before every rank has read them
+            return out
+        return gather
+
+    return [HeadShard(r * size, (r + 1) * size, HEADS, gather_for(r)) for r in range(world)]
+
+
+def per_rank(world: int, plan_shard) -> list:
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(plan_shard, shards(world)))
+
+
+def inputs(seed: int, drift: float = 0.0):
+    """q, k of one step; ``drift`` > 0: seed 1's tensors moved a little (a later step of the same run)."""
+    q, k, _ = video_qkv(GEOMETRY, HEADS, 16, seed=seed, batch=2, sharpness=2.0)
+    if drift:
+        gen = torch.Generator().manual_seed(seed + 100)
+        q, k = (t + drift * torch.randn(t.shape, generator=gen) for t in (q, k))
+    return q, k
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_adaspa_session_shards_match_the_all_heads_session(world):
+    steps = [(0, 0.0), (1, 0.0), (2, None), (3, 0.05), (4, None)]   # dense, search, reuse, cached search, reuse
+    full = adaspa.session(num_steps=5, **ADASPA)
+    sessions = [adaspa.session(num_steps=5, **ADASPA) for _ in range(world)]
+    adapted = False
+    for step, drift in steps:
+        q, k = inputs(1, drift) if drift is not None else (None, None)
+        expected = full.plan(GEOMETRY, HEADS, step=step, layer=0, q=q, k=k)
+
+        def plan_shard(shard, step=step, q=q, k=k):
+            pick = (lambda t: None if t is None else t[:, shard.start:shard.stop])
+            return sessions[shard.start // shard.size].plan(GEOMETRY, HEADS, step=step, layer=0, q=pick(q),
+                                                            k=pick(k), heads=shard)
+
+        for shard, got in zip(shards(world), per_rank(world, plan_shard)):
+            assert got == expected.select_heads(shard.heads), (step, shard)
+        adapted |= len(set(expected.budgets.tolist())) > 1
+    assert adapted, "the inputs never gave heads different budgets: the test would not see a wrong head slice"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pasa_shards_draw_each_heads_own_noise(world):
+    session = pasa.session(num_steps=10, density=0.3, block_size=16, dense_layers=())
+    q, k = inputs(5)
+    expected = session.plan(GEOMETRY, HEADS, step=6, layer=2, q=q, k=k)
+    rows = [expected.select_heads([h]).indices.tolist() for h in range(HEADS)]
+    assert len({tuple(r) for r in rows}) > 1
+
+    def plan_shard(shard):
+        return session.plan(GEOMETRY, HEADS, step=6, layer=2, q=q[:, shard.start:shard.stop],
+                            k=k[:, shard.start:shard.stop], heads=shard)
+
+    for shard, got in zip(shards(world), per_rank(world, plan_shard)):
+        assert got == expected.select_heads(shard.heads)
+
+
+def test_lvsa_shard_is_the_shared_pattern():
+    video = VideoGeometry(30, 2, 2)
+    session = lvsa.session(num_steps=4)
+    expected = session.plan(video, HEADS, step=2)
+    for shard in shards(3):
+        assert session.plan(video, HEADS, step=2, heads=shard) == expected.select_heads(shard.heads)
+
+
+def test_shard_errors_name_the_field():
+    session = lvsa.session(num_steps=4)
+    with pytest.raises(ValueError, match="heads: expected 0 <= start < stop <= total"):
+        session.plan(GEOMETRY, HEADS, step=0, heads=HeadShard(4, 8, 8))
+    with pytest.raises(TypeError, match="heads: expected a sparsecore.methods.HeadShard"):
+        session.plan(GEOMETRY, HEADS, step=0, heads=(0, 3))
+    lonely = HeadShard(0, 3, HEADS)
+    with pytest.raises(ValueError, match="heads.gather: a shard of heads"):
+        lonely.all_heads(np.zeros(3))
+    liar = HeadShard(0, 3, HEADS, gather=lambda values: np.zeros(HEADS))
+    with pytest.raises(ValueError, match="heads.gather: expected the 6 heads' values"):
+        liar.all_heads(np.ones(3))
