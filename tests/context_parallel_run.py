@@ -30,6 +30,7 @@ TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising 
 LVSA = {"window": 1, "reference_frames": 6, "first_frames": 1}
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
+PARALLEL_FIRST = {"lvsa", "adaspa"}                 # these enable parallelism before apply(), the others after
 WORKER_SECONDS = 240                                   # a hung collective fails the test instead of CI
 
 
@@ -117,8 +118,12 @@ def worker(rank: int, world: int, port: int, methods: list[str], results: Any) -
         for method in methods:
             model = tiny_wan()
             provider, params = METHODS[method]
+            config = ContextParallelConfig(ulysses_degree=world)
+            if method in PARALLEL_FIRST:
+                model.enable_parallelism(config=config)
             handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+            if method not in PARALLEL_FIRST:
+                model.enable_parallelism(config=config)
             data, outputs = inputs(), []
             with torch.no_grad():
                 for t in TIMESTEPS:

@@ -3,7 +3,8 @@
 A tiny random Wan model with sparsecore applied gives the same outputs under
 ``ulysses_degree=N`` as in one process (fp32), and each rank runs its own heads' slice of the
 one-process masks. The masks differ per head (LVSA with per-head rotations, AdaSpa's search),
-so a wrong head slice fails both checks.
+so a wrong head slice fails both checks. Half of the methods enable parallelism before
+``apply()``, half after: both orders work.
 """
 
 from __future__ import annotations
