@@ -392,7 +392,8 @@ class SparseAttentionHandle:
         the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"`` for the
         model's own attention), ``action`` (the method's word for the step, when it gives one),
         ``calls``, ``tokens`` (valid sequence length), ``text_tokens`` (valid text), ``padding`` (text
-        padding tokens), and with timing on ``ms`` (mean per timed call) and ``ms_total``.
+        padding tokens), ``heads`` (``[start, stop)`` of the heads this process ran: all of them, or
+        its Ulysses rank's), and with timing on ``ms`` (mean per timed call) and ``ms_total``.
         """
         if any(r.events for r in self._records.values()):
             torch.cuda.synchronize()

@@ -93,7 +93,7 @@ def select(mass: torch.Tensor, geometry: VideoGeometry, offsets: np.ndarray, *, 
     head's recall (``shard.all_heads``), and sparsities and recalls are returned for all heads.
     """
     heads = mass.shape[0]
-    shard = check_shard(shard, heads) if shard is None else shard
+    shard = HeadShard(0, heads, heads) if shard is None else shard
     text, video = text_sink(geometry, offsets)
     video_blocks = int(video.sum())
     base_keep = keep_count(1.0 - sparsity, video_blocks)
