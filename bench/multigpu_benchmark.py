@@ -7,7 +7,7 @@
 Each launch appends one row to ``DIR/multigpu-rows.jsonl``: per-step time (one transformer
 forward, median of the timed steps after one warm-up step; with N ranks the steps start
 together after a barrier and end when every rank has synchronized), peak memory of every
-rank, and the output of the last step saved as ``DIR/out-<model>-<method>-<N>.pt``. A run
+rank, and the output of the last step saved as ``DIR/out-<model>-<method>-<L>layers-<N>.pt``. A run
 with N > 1 compares its output with the one-GPU file of the same model and method (run
 first). ``--report`` writes ``multigpu-<date>.json`` and ``.md``.
 
@@ -108,12 +108,12 @@ def run(args: argparse.Namespace, world: int, rank: int, device: str) -> dict:
            "peak_gib_per_gpu": peaks, "density": statistics.mean(s["density"] for s in last) if last else None,
            "backends": sorted({s["backend"] for s in last}), "heads_rank0": last[0]["heads"] if last else None,
            "meta": versions(device) | {"gpus": world}}
-    stem = args.out / f"out-{args.model}-{args.method}"
+    stem = args.out / f"out-{args.model}-{args.method}-{layers}layers"
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(output.float().cpu(), f"{stem}-{world}.pt")
         reference = Path(f"{stem}-1.pt")
-        if world > 1 and reference.exists():
+        if world > 1 and reference.exists():                # the one-GPU run, made first
             row["vs_one_gpu"] = compare(output.float().cpu(), torch.load(reference))
     return row
 
@@ -158,7 +158,7 @@ def report(folder: Path) -> int:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    one = {(r["model"], r["method"]): r for r in rows if r["world"] == 1}
+    one = {(r["model"], r["method"], r["layers_run"]): r for r in rows if r["world"] == 1}
     lines = [f"# One GPU vs several (diffusers Ulysses), Wan transformer step, {meta['date']}", "",
              f"Machine: {meta['gpus']}x {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton "
              f"{meta['triton']}, flashinfer {meta['flashinfer']}. bf16, batch 1, random weights, 512 text tokens, "
@@ -171,8 +171,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "| model | method | GPUs | step (s) | rate vs 1 GPU | first step (s) | peak GiB per GPU | density | "
              "output vs 1 GPU (rel. L2 / max abs) | layers run/full | kernels |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["model"], list(STEPS).index(r["method"]), r["world"])):
-        base = one.get((r["model"], r["method"]))
+    for r in sorted(rows, key=lambda r: (r["model"], list(STEPS).index(r["method"]), -r["layers_run"], r["world"])):
+        base = one.get((r["model"], r["method"], r["layers_run"]))
         rate = f"{base['step_s'] / r['step_s']:.2f}x" if base else ""
         vs = r.get("vs_one_gpu")
         vs_text = f"{vs['rel_l2']:.1e} / {vs['max_abs']:.1e}" if vs else ("reference" if r["world"] == 1 else "")
