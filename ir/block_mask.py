@@ -1,16 +1,16 @@
 """The block-mask IR: which key blocks each query block of each head attends to.
 
-Format (all arrays are numpy, read-only, validated at construction):
+Format (validated at construction):
 
 ``num_heads``  int
     Number of query heads. The mask is per *query* head; under grouped-query
     attention several query heads share one key head but may keep different blocks.
-``q_offsets``  int64 ``[num_q_blocks + 1]``
+``q_offsets``  int64 ``[num_q_blocks + 1]`` (NumPy, read-only)
     Query block boundaries ``[0, ..., q_len]``, strictly increasing. Block ``i``
     holds query tokens ``q_offsets[i] : q_offsets[i + 1]``. Uniform blocks with a
     short last block are the common case; any sizes are allowed (frame-sized,
     text-sized blocks).
-``kv_offsets``  int64 ``[num_kv_blocks + 1]``
+``kv_offsets``  int64 ``[num_kv_blocks + 1]`` (NumPy, read-only)
     Key/value block boundaries, same rules, ending at ``kv_len``.
 ``indptr``  int32 ``[num_heads, num_q_blocks + 1]``
     CSR row pointers into the one shared ``indices`` array: the list of (head ``h``,
@@ -26,10 +26,21 @@ Format (all arrays are numpy, read-only, validated at construction):
     Defaults to the fraction each head actually keeps.
 ``meta``  read-only JSON-able mapping
     Method name, layer, step, parameters. Kernels ignore it.
+``unselected``  :class:`~.unselected.Unselected`
+    What rows get from the key blocks they do not list: nothing (``"drop"``, the
+    default) or an approximation (PASA). Kernels that cannot compute it refuse the mask.
+
+Where the lists live. Block boundaries are host NumPy arrays: they follow from the
+video geometry, are small, and every lowering plans its launch shape from them. The
+lists (``indptr``, ``indices``, ``budgets``) are either NumPy arrays (host masks: files,
+tests, the reference lowering, hand-written patterns) or torch tensors on one device
+(masks that methods build every layer and step, which stay where the kernel runs).
+:meth:`BlockMask.to` and :meth:`BlockMask.to_host` convert explicitly; NumPy arrays are
+read-only, torch tensors are owned by the mask and must not be written to.
 
 Semantics: query tokens of block ``i`` of head ``h`` attend, with softmax, to exactly
-the key tokens of the blocks listed for ``(h, i)``. ``sparsecore.backends.reference``
-is the executable definition.
+the key tokens of the blocks listed for ``(h, i)`` (plus the approximation of the others
+when ``unselected`` says so). ``sparsecore.backends.reference`` is the executable definition.
 """
 
 from __future__ import annotations
@@ -42,7 +53,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import csr
 from . import validation as v
+from .unselected import DROP, Unselected
 
 TOKEN_MASK_LIMIT = 1 << 28  # elements of a bool[H, q_len, kv_len] token mask (256 MiB)
 
@@ -54,31 +67,107 @@ class BlockMask:
     num_heads: int
     q_offsets: np.ndarray
     kv_offsets: np.ndarray
-    indptr: np.ndarray
-    indices: np.ndarray
-    budgets: np.ndarray | None = None
+    indptr: Any
+    indices: Any
+    budgets: Any = None
     meta: Mapping[str, Any] = field(default=None)  # type: ignore[assignment]
+    unselected: Unselected = DROP
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: canonicalize fields once, here
         num_heads = v.check_int(self.num_heads, "num_heads", minimum=1)
         q_offsets = v.integer_array(self.q_offsets, "q_offsets", ndim=1, dtype=np.int64)
         kv_offsets = v.integer_array(self.kv_offsets, "kv_offsets", ndim=1, dtype=np.int64)
-        indptr = v.integer_array(self.indptr, "indptr", ndim=2, dtype=np.int32)
-        indices = v.integer_array(self.indices, "indices", ndim=1, dtype=np.int32)
         v.check_offsets(q_offsets, "q_offsets")
         v.check_offsets(kv_offsets, "kv_offsets")
-        v.check_csr(indptr, indices, num_heads, len(q_offsets) - 1, len(kv_offsets) - 1, int(kv_offsets[-1]))
-        set_(self, "num_heads", num_heads)
-        set_(self, "q_offsets", q_offsets)
-        set_(self, "kv_offsets", kv_offsets)
-        set_(self, "indptr", indptr)
-        set_(self, "indices", indices)
-        if self.budgets is None:
-            set_(self, "budgets", v.frozen(self._kept_block_fraction()))
+        num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
+        if csr.is_tensor(self.indptr) or csr.is_tensor(self.indices):
+            indptr, indices, budgets = v.check_device_lists(self.indptr, self.indices, self.budgets, num_heads,
+                                                            num_q_blocks, num_kv_blocks, int(kv_offsets[-1]))
         else:
-            set_(self, "budgets", v.check_budgets(self.budgets, num_heads))
-        set_(self, "meta", v.freeze_meta(self.meta))
+            indptr = v.integer_array(self.indptr, "indptr", ndim=2, dtype=np.int32)
+            indices = v.integer_array(self.indices, "indices", ndim=1, dtype=np.int32)
+            v.check_csr(indptr, indices, num_heads, num_q_blocks, num_kv_blocks, int(kv_offsets[-1]))
+            budgets = None if self.budgets is None else v.check_budgets(self.budgets, num_heads)
+        if not isinstance(self.unselected, Unselected):
+            raise TypeError(f"unselected: expected a sparsecore.ir.Unselected, got {type(self.unselected).__name__}")
+        for name, value in (("num_heads", num_heads), ("q_offsets", q_offsets), ("kv_offsets", kv_offsets),
+                            ("indptr", indptr), ("indices", indices), ("meta", v.freeze_meta(self.meta))):
+            set_(self, name, value)
+        set_(self, "budgets", self._kept_block_fraction() if budgets is None else budgets)
+
+    @classmethod
+    def unchecked(cls, num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray, indptr: Any, indices: Any,
+                  budgets: Any, meta: Mapping[str, Any] | None = None,
+                  unselected: Unselected = DROP) -> "BlockMask":
+        """A mask from lists that are valid by construction, without reading their values.
+
+        For planners that build masks every layer and step on the device (AdaSpa, PASA):
+        their lists come from ``csr`` builders over top-k selections, sorted and in
+        range by construction, so the element checks (and their host round trip) would
+        only repeat work. Offsets and ``meta`` are still checked (host, small); the
+        lists' dtypes must already be int32 (indptr, indices) and float64 (budgets), on
+        one device, and are taken as they are. Everything else uses the constructor.
+        """
+        mask = cls.__new__(cls)
+        set_ = object.__setattr__
+        offsets = [v.integer_array(o, name, ndim=1, dtype=np.int64) for o, name in
+                   ((q_offsets, "q_offsets"), (kv_offsets, "kv_offsets"))]
+        for name, value in (("num_heads", num_heads), ("q_offsets", offsets[0]), ("kv_offsets", offsets[1]),
+                            ("indptr", indptr), ("indices", indices), ("budgets", budgets),
+                            ("meta", v.freeze_meta(meta)), ("unselected", unselected)):
+            set_(mask, name, value)
+        return mask
+
+    # ------------------------------------------------------------------ where the lists live
+    @property
+    def device(self) -> Any:
+        """The torch device holding the lists, or None for a host (NumPy) mask."""
+        return self.indptr.device if csr.is_tensor(self.indptr) else None
+
+    @property
+    def on_host(self) -> bool:
+        return self.device is None
+
+    def to(self, device: Any) -> "BlockMask":
+        """This mask with its lists as torch tensors on ``device`` (memoized: a host mask uploads once)."""
+        import torch
+        device = torch.device(device)
+        if device.type != "cpu" and device.index is None:
+            device = torch.device(device.type, getattr(torch, device.type).current_device())
+        if self.device == device:
+            return self
+        key = str(device)
+        if key not in self._copies:
+            put = lambda a: (torch.from_numpy(np.array(a)) if self.on_host else a).to(device)  # noqa: E731
+            self._copies[key] = BlockMask.unchecked(
+                self.num_heads, self.q_offsets, self.kv_offsets, put(self.indptr).to(torch.int32),
+                put(self.indices).to(torch.int32), put(self.budgets).to(torch.float64), self.meta, self.unselected)
+        return self._copies[key]
+
+    def to_host(self) -> "BlockMask":
+        """This mask with NumPy lists (one device-to-host copy for a device mask, memoized)."""
+        if self.on_host:
+            return self
+        if "host" not in self._copies:
+            host = lambda t: v.frozen(t.detach().cpu().numpy())  # noqa: E731
+            self._copies["host"] = BlockMask.unchecked(self.num_heads, self.q_offsets, self.kv_offsets,
+                                                       host(self.indptr), host(self.indices), host(self.budgets),
+                                                       self.meta, self.unselected)
+        return self._copies["host"]
+
+    @cached_property
+    def _copies(self) -> dict[str, "BlockMask"]:
+        return {}
+
+    @cached_property
+    def compiled_kernels(self) -> dict:
+        """``sparsecore.compile``'s kernels of this device mask (keyed by device, backend, options).
+
+        Device masks are cached by identity, not by content: hashing millions of indices on
+        the host every layer is what the IR on the device avoids.
+        """
+        return {}
 
     # ------------------------------------------------------------------ shape
     @property
@@ -89,30 +178,21 @@ class BlockMask:
     def kv_len(self) -> int:
         return int(self.kv_offsets[-1])
 
-    @property
-    def num_q_blocks(self) -> int:
-        return len(self.q_offsets) - 1
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return len(self.kv_offsets) - 1
+    num_q_blocks = property(lambda self: len(self.q_offsets) - 1, doc="Number of query blocks.")
+    num_kv_blocks = property(lambda self: len(self.kv_offsets) - 1, doc="Number of key blocks.")
 
     @property
     def nnz(self) -> int:
-        return len(self.indices)
+        return int(self.indices.shape[0])
+
+    q_block_sizes = property(lambda self: np.diff(self.q_offsets), doc="Query block sizes, int64 ``[MB]``.")
+    kv_block_sizes = property(lambda self: np.diff(self.kv_offsets), doc="Key block sizes, int64 ``[NB]``.")
 
     @property
-    def q_block_sizes(self) -> np.ndarray:
-        return np.diff(self.q_offsets)
-
-    @property
-    def kv_block_sizes(self) -> np.ndarray:
-        return np.diff(self.kv_offsets)
-
-    @property
-    def row_lengths(self) -> np.ndarray:
-        """Number of key blocks per (head, query block), int64 ``[H, MB]``."""
-        return np.diff(self.indptr.astype(np.int64), axis=1)
+    def row_lengths(self) -> Any:
+        """Number of key blocks per (head, query block), int64 ``[H, MB]`` (on the lists' side)."""
+        counts = self.indptr[:, 1:] - self.indptr[:, :-1]
+        return counts.long() if csr.is_tensor(counts) else counts.astype(np.int64)
 
     def uniform_block_size(self, which: str) -> int | None:
         """The block size if every block but a shorter last one has it, else None.
@@ -136,83 +216,39 @@ class BlockMask:
     @classmethod
     def from_dense(cls, mask: Any, q_len: int, kv_len: int, q_block: int, kv_block: int | None = None, *,
                    budgets: Any = None, meta: Mapping[str, Any] | None = None) -> "BlockMask":
-        """Build from a boolean block map ``mask[H, MB, NB]`` over uniform blocks.
-
-        ``kv_block`` defaults to ``q_block``; ``MB = ceil(q_len / q_block)`` and
-        ``NB = ceil(kv_len / kv_block)`` must match the map's shape.
-        """
-        dense = v.as_numpy(mask, "mask")
-        if dense.dtype != np.bool_:
-            raise TypeError(f"mask: expected a bool array [H, MB, NB], got dtype {dense.dtype} "
-                            f"(use mask.astype(bool) if 1 means keep)")
-        if dense.ndim != 3:
-            raise ValueError(f"mask: expected 3 dimensions [H, MB, NB], got shape {list(dense.shape)}")
-        q_offsets = cls.uniform_offsets(q_len, q_block)
-        kv_offsets = cls.uniform_offsets(kv_len, q_block if kv_block is None else kv_block)
-        expected = (len(q_offsets) - 1, len(kv_offsets) - 1)
-        if dense.shape[1:] != expected:
-            raise ValueError(f"mask: expected shape [H, {expected[0]}, {expected[1]}] for q_len={q_len}, "
-                             f"kv_len={kv_len} and these block sizes, got {list(dense.shape)}")
-        counts = dense.sum(axis=2, dtype=np.int64).ravel()
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        indptr = _per_head_indptr(indptr, dense.shape[0], dense.shape[1])
-        indices = np.nonzero(dense.reshape(-1, dense.shape[2]))[1]
-        return cls(dense.shape[0], q_offsets, kv_offsets, indptr, indices, budgets, meta)
+        """Build from a boolean block map ``mask[H, MB, NB]`` over uniform blocks (:func:`.constructors.from_dense`)."""
+        from .constructors import from_dense
+        return from_dense(mask, q_len, kv_len, q_block, kv_block, budgets=budgets, meta=meta)
 
     @classmethod
     def from_lists(cls, lists: Sequence[Sequence[Iterable[int]]], q_offsets: Any, kv_offsets: Any, *,
                    budgets: Any = None, meta: Mapping[str, Any] | None = None) -> "BlockMask":
-        """Build from ``lists[h][i]``: an iterable of key-block ids for head h, query block i.
-
-        Rows are sorted here (their order carries no meaning); a repeated id raises.
-        """
-        q_offsets = v.as_numpy(q_offsets, "q_offsets")
-        num_q_blocks = len(q_offsets) - 1
-        rows: list[np.ndarray] = []
-        for h, head in enumerate(lists):
-            head = list(head)
-            if len(head) != num_q_blocks:
-                raise ValueError(f"lists[{h}]: expected one list per query block ({num_q_blocks}), got {len(head)}")
-            for i, row in enumerate(head):
-                ids = np.sort(v.as_numpy(list(row), f"lists[{h}][{i}]").astype(np.int64).ravel())
-                if ids.size > 1 and (np.diff(ids) == 0).any():
-                    raise ValueError(f"lists[{h}][{i}]: key block {ids[np.argmax(np.diff(ids) == 0)]} "
-                                     f"is listed twice; each block may appear once per row")
-                rows.append(ids)
-        num_heads = len(rows) // num_q_blocks if num_q_blocks else 0
-        counts = np.array([len(r) for r in rows], dtype=np.int64)
-        indptr = _per_head_indptr(np.concatenate([[0], np.cumsum(counts)]), num_heads, num_q_blocks)
-        indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        return cls(num_heads, q_offsets, kv_offsets, indptr, indices, budgets, meta)
+        """Build from ``lists[h][i]``, the key-block ids of head h, query block i (:func:`.constructors.from_lists`)."""
+        from .constructors import from_lists
+        return from_lists(lists, q_offsets, kv_offsets, budgets=budgets, meta=meta)
 
     @classmethod
     def full(cls, num_heads: int, q_len: int, kv_len: int, q_block: int, kv_block: int | None = None, *,
              meta: Mapping[str, Any] | None = None) -> "BlockMask":
         """The dense mask: every query block keeps every key block."""
-        q_offsets = cls.uniform_offsets(q_len, q_block)
-        kv_offsets = cls.uniform_offsets(kv_len, q_block if kv_block is None else kv_block)
-        mb, nb = len(q_offsets) - 1, len(kv_offsets) - 1
-        dense = np.ones((v.check_int(num_heads, "num_heads", minimum=1), mb, nb), dtype=bool)
-        return cls.from_dense(dense, q_len, kv_len, q_block, kv_block, meta=meta)
+        from .constructors import full
+        return full(num_heads, q_len, kv_len, q_block, kv_block, meta=meta)
 
     # ------------------------------------------------------------------ views
-    def row(self, h: int, i: int) -> np.ndarray:
+    def row(self, h: int, i: int) -> Any:
         """Key-block ids of head ``h``, query block ``i`` (read-only)."""
         if not 0 <= h < self.num_heads:
             raise IndexError(f"h={h}: expected 0..{self.num_heads - 1}")
         if not 0 <= i < self.num_q_blocks:
             raise IndexError(f"i={i}: expected 0..{self.num_q_blocks - 1}")
-        return self.indices[self.indptr[h, i]:self.indptr[h, i + 1]]
+        return self.indices[int(self.indptr[h, i]):int(self.indptr[h, i + 1])]
 
-    def to_dense(self) -> np.ndarray:
-        """Boolean block map ``[H, MB, NB]``."""
-        dense = np.zeros((self.num_heads, self.num_q_blocks, self.num_kv_blocks), dtype=bool)
-        rows = np.repeat(np.arange(self.num_heads * self.num_q_blocks), self.row_lengths.ravel())
-        dense.reshape(-1, self.num_kv_blocks)[rows, self.indices] = True
-        return dense
+    def to_dense(self) -> Any:
+        """Boolean block map ``[H, MB, NB]`` (on the lists' side)."""
+        return csr.to_block_map(self.indptr, self.indices, self.num_kv_blocks)
 
     def token_mask(self, limit: int = TOKEN_MASK_LIMIT) -> np.ndarray:
-        """Boolean token map ``[H, q_len, kv_len]`` (True = attend).
+        """Boolean token map ``[H, q_len, kv_len]`` (True = attend), on the host.
 
         Refuses when ``H * q_len * kv_len`` exceeds ``limit`` elements, since the
         point of the IR is to never build this for real sequence lengths.
@@ -222,32 +258,38 @@ class BlockMask:
             raise ValueError(f"token_mask: {self.num_heads}x{self.q_len}x{self.kv_len} = {size:,} elements exceeds "
                              f"the limit of {limit:,}; use to_dense() for the block map, select_heads() for fewer "
                              f"heads, or pass a larger limit")
-        dense = self.to_dense()
+        dense = self.to_host().to_dense()
         q_rep = np.repeat(np.arange(self.num_q_blocks), self.q_block_sizes)
         kv_rep = np.repeat(np.arange(self.num_kv_blocks), self.kv_block_sizes)
         return dense[:, q_rep][:, :, kv_rep]
 
-    def _kept_pairs(self) -> np.ndarray:
-        """Token pairs kept per head, int64 ``[H]``."""
-        kv_tokens = np.concatenate([[0], np.cumsum(self.kv_block_sizes[self.indices])])
-        per_row = kv_tokens[self.indptr[:, 1:]] - kv_tokens[self.indptr[:, :-1]]  # key tokens per row
-        return (per_row * self.q_block_sizes[None, :]).sum(axis=1)
+    def kept_pairs(self) -> Any:
+        """Token pairs kept per head, int64 ``[H]`` (on the lists' side; O(rows) for uniform key blocks)."""
+        per_row = csr.kept_key_tokens(self.indptr, self.indices, self.kv_offsets)
+        sizes = self.q_block_sizes
+        if csr.is_tensor(per_row):
+            from .uploads import on_device
+            return (per_row * on_device(sizes, per_row.device)[None, :]).sum(dim=1)
+        return (per_row * sizes[None, :]).sum(axis=1)
 
     def density(self, per_head: bool = False) -> float | np.ndarray:
-        """Fraction of (query, key) token pairs kept: overall, or float64 ``[H]``."""
-        kept = self._kept_pairs()
+        """Fraction of (query, key) token pairs kept: overall, or float64 ``[H]`` (a host read for a device mask)."""
+        kept = self.kept_pairs()
+        kept = kept.cpu().numpy() if csr.is_tensor(kept) else kept
         if per_head:
             return kept / (self.q_len * self.kv_len)
         return float(kept.sum() / (self.num_heads * self.q_len * self.kv_len))
 
-    def _kept_block_fraction(self) -> np.ndarray:
+    def _kept_block_fraction(self) -> Any:
         """Mean fraction of key blocks kept per query block, per head (the default budget)."""
-        return self.row_lengths.mean(axis=1) / self.num_kv_blocks
+        lengths = self.row_lengths
+        return v.frozen(lengths.mean(axis=1) / self.num_kv_blocks) if self.on_host else \
+            lengths.double().mean(dim=1) / self.num_kv_blocks
 
     def flops(self, head_dim: int) -> int:
         """Useful FLOPs of one batch element: 4 * kept pairs * head_dim (QK^T and PV)."""
         head_dim = v.check_int(head_dim, "head_dim", minimum=1)
-        return int(4 * self._kept_pairs().sum() * head_dim)
+        return int(4 * int(self.kept_pairs().sum()) * head_dim)
 
     def dense_flops(self, head_dim: int) -> int:
         """FLOPs of dense attention over the same shape: 4 * H * q_len * kv_len * head_dim."""
@@ -266,25 +308,51 @@ class BlockMask:
             raise TypeError(f"heads: expected ints, a slice or a bool array, got dtype {idx.dtype}")
         if idx.size == 0 or ((idx < 0) | (idx >= self.num_heads)).any():
             raise ValueError(f"heads: expected a non-empty selection of 0..{self.num_heads - 1}, got {idx.tolist()}")
-        rows = [[self.row(int(h), i) for i in range(self.num_q_blocks)] for h in idx]
-        return BlockMask.from_lists(rows, self.q_offsets, self.kv_offsets, budgets=self.budgets[idx], meta=self.meta)
+        if not self.on_host:
+            import torch
+            idx = torch.as_tensor(idx, device=self.device)
+        indptr, indices = csr.select_heads(self.indptr, self.indices, idx)
+        if self.on_host:
+            return BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, v.frozen(indptr.astype(np.int32)),
+                                       v.frozen(indices.astype(np.int32)), v.frozen(self.budgets[idx]), self.meta,
+                                       self.unselected)
+        return BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, indptr.int(), indices.contiguous(),
+                                   self.budgets[idx], self.meta, self.unselected)
+
+    def with_trailing_block(self, length: int, meta: Mapping[str, Any] | None = None) -> "BlockMask":
+        """This mask extended to ``length`` tokens on both sides by one block that no row lists and whose own
+        rows are empty (e.g. text padding: output 0 there, as a fully masked row gets)."""
+        length = v.check_int(length, "length", max(self.q_len, self.kv_len) + 1)
+        if self.on_host:
+            indptr = v.frozen(np.concatenate([self.indptr, self.indptr[:, -1:]], axis=1))
+        else:
+            import torch
+            indptr = torch.cat([self.indptr, self.indptr[:, -1:]], dim=1)
+        return BlockMask.unchecked(self.num_heads, np.append(self.q_offsets, length),
+                                   np.append(self.kv_offsets, length), indptr, self.indices, self.budgets,
+                                   self.meta if meta is None else meta, self.unselected)
 
     # --------------------------------------------------------------- identity
     @cached_property
     def _fingerprint(self) -> str:
+        host = self.to_host()
         digest = hashlib.sha256()
         digest.update(b"sparsecore.BlockMask/1")
         digest.update(np.array(self.num_heads, "<i8").tobytes())
-        for arr in (self.q_offsets, self.kv_offsets, self.indptr, self.indices):  # little-endian: same on any host
+        for arr in (host.q_offsets, host.kv_offsets, host.indptr, host.indices):  # little-endian: same on any host
             digest.update(np.array(arr.size, "<i8").tobytes())
             digest.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        if self.unselected != DROP:
+            digest.update(str(self.unselected).encode())
         return digest.hexdigest()
 
     def fingerprint(self) -> str:
-        """Stable SHA-256 hex digest of the structure (heads, offsets, lists).
+        """Stable SHA-256 hex digest of the structure (heads, offsets, lists, ``unselected``).
 
         Budgets and meta do not enter it: they do not change what a kernel computes,
-        so masks that differ only there share one compiled kernel.
+        so masks that differ only there share one compiled kernel. A device mask is
+        copied to the host to be hashed (O(nnz)): the compile cache keys device masks
+        by identity instead, so hot paths never call this.
         """
         return self._fingerprint
 
@@ -294,40 +362,36 @@ class BlockMask:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockMask):
             return NotImplemented
-        return (self._fingerprint == other._fingerprint and np.array_equal(self.budgets, other.budgets)
+        return (self._fingerprint == other._fingerprint
+                and np.array_equal(self.to_host().budgets, other.to_host().budgets)
                 and v.meta_to_json(self.meta) == v.meta_to_json(other.meta))
 
     def __repr__(self) -> str:
         method = f", method={self.meta['method']!r}" if "method" in self.meta else ""
+        where = "" if self.on_host else f", device={str(self.device)!r}"
+        unselected = "" if self.unselected == DROP else f", unselected={str(self.unselected)!r}"
         return (f"BlockMask(heads={self.num_heads}, q_len={self.q_len}, kv_len={self.kv_len}, "
                 f"blocks={self.num_q_blocks}x{self.num_kv_blocks}, nnz={self.nnz}, "
-                f"density={self.density():.4f}{method})")
+                f"density={self.density():.4f}{method}{unselected}{where})")
 
     # --------------------------------------------------- pictures and files
     def to_string(self, max_blocks: int = 64) -> str:
         """Text picture of each head's block map (``#`` kept, ``.`` skipped)."""
         from .draw import block_map_text
-        return block_map_text(self, max_blocks)
+        return block_map_text(self.to_host(), max_blocks)
 
     def render(self, path: str | Path, heads: Sequence[int] | None = None) -> Path:
         """Write a PNG of the per-head block maps (needs matplotlib); returns the path."""
         from .draw import render_png
-        return render_png(self, Path(path), heads)
+        return render_png(self.to_host(), Path(path), heads)
 
     def save(self, path: str | Path) -> Path:
-        """Write the mask as a safetensors file (no pickle); returns the path."""
+        """Write a safetensors file (no pickle; a device mask is copied to the host); returns the path."""
         from .serialization import save
-        return save(self, Path(path))
+        return save(self.to_host(), Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "BlockMask":
-        """Read a mask written by :meth:`save`; any bad file raises ``ValueError``."""
+        """Read a mask written by :meth:`save` (a host mask); any bad file raises ``ValueError``."""
         from .serialization import load
         return load(Path(path))
-
-
-def _per_head_indptr(flat: np.ndarray, num_heads: int, num_q_blocks: int) -> np.ndarray:
-    """Turn a flat row-pointer array over ``H * MB`` rows into the ``[H, MB + 1]`` form."""
-    flat = np.asarray(flat, dtype=np.int64)
-    rows = np.arange(num_heads)[:, None] * num_q_blocks + np.arange(num_q_blocks + 1)[None, :]
-    return flat[rows]

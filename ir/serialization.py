@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .unselected import Unselected
 from .validation import meta_to_json
 
 if TYPE_CHECKING:
     from .block_mask import BlockMask
 
 FORMAT_NAME = "sparsecore.BlockMask"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"            # 2 adds ``unselected``; version 1 files (no such field) load as "drop"
+READABLE_VERSIONS = ("1", "2")
 MAX_HEADER_BYTES = 1 << 20  # a mask header is a few hundred bytes; refuse anything absurd
 MAX_FILE_BYTES = 1 << 31
 
@@ -45,6 +47,7 @@ def save(mask: "BlockMask", path: Path) -> Path:
         "format_version": FORMAT_VERSION,
         "num_heads": str(mask.num_heads),
         "meta": meta_to_json(mask.meta),
+        "unselected": str(mask.unselected),
     }}
     chunks = []
     offset = 0
@@ -102,8 +105,9 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> "BlockMask":
         raise bad(f"__metadata__.num_heads must be an integer string, got {meta_fields['num_heads']!r}") from None
     meta = _parse_json(meta_fields["meta"].encode(), "__metadata__.meta", bad)
     try:
+        unselected = Unselected.parse(meta_fields.get("unselected", "drop"))
         return BlockMask(num_heads, arrays["q_offsets"], arrays["kv_offsets"], arrays["indptr"], arrays["indices"],
-                         arrays["budgets"], meta)
+                         arrays["budgets"], meta, unselected)
     except (TypeError, ValueError) as err:
         raise bad(f"the arrays do not form a valid mask: {err}") from None
 
@@ -121,9 +125,13 @@ def _check_metadata(metadata: Any, bad) -> dict[str, str]:
         raise bad(f"__metadata__ must be an object with string fields {list(required)}")
     if metadata["format"] != FORMAT_NAME:
         raise bad(f"__metadata__.format is {metadata['format']!r}, expected {FORMAT_NAME!r}")
-    if metadata["format_version"] != FORMAT_VERSION:
+    if metadata["format_version"] not in READABLE_VERSIONS:
         raise bad(f"format_version {metadata['format_version']!r} is not supported (this sparsecore reads "
-                  f"{FORMAT_VERSION!r}); upgrade sparsecore or re-save the mask with this version")
+                  f"{list(READABLE_VERSIONS)}); upgrade sparsecore or re-save the mask with this version")
+    allowed = set(required) | ({"unselected"} if metadata["format_version"] != "1" else set())
+    if set(metadata) - allowed or not all(isinstance(metadata[k], str) for k in metadata):
+        raise bad(f"__metadata__ of format_version {metadata['format_version']} takes the string fields "
+                  f"{sorted(allowed)}, got {sorted(map(str, metadata))}")
     return metadata
 
 

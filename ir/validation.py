@@ -5,9 +5,12 @@ Tier 1 checks types and shapes (cheap, no look at values); tier 2 checks values
 ``ValueError`` or ``TypeError`` whose message names the field, what was expected,
 what was found, and where it makes sense, what to do about it.
 
-The functions here take raw user input (numpy arrays, torch tensors, lists) and
-return canonical read-only numpy arrays; :class:`sparsecore.ir.BlockMask` calls
-them from ``__post_init__`` so that no invalid mask can exist.
+The functions here take raw user input (numpy arrays, lists) and return canonical
+read-only numpy arrays; :class:`sparsecore.ir.BlockMask` calls them from
+``__post_init__`` so that no invalid mask can exist. Masks whose lists are torch
+tensors on a device are checked by :func:`check_device_lists`: the same predicates,
+evaluated on the device and read back in one transfer; when one fails, the NumPy
+checks run on a host copy to produce the message, so both paths say the same thing.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .csr import is_tensor
+
 INDEX_LIMIT = np.iinfo(np.int32).max  # indptr/indices are int32 by contract
 
 
 def as_numpy(value: Any, field: str) -> np.ndarray:
-    """Return ``value`` as a numpy array; accepts numpy, torch tensors and sequences."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+    """Return ``value`` as a numpy array; accepts numpy, torch tensors (copied to the host) and sequences."""
+    if is_tensor(value):
         value = value.detach().cpu().numpy()
     try:
         return np.asarray(value)
@@ -178,3 +183,63 @@ def meta_to_json(meta: Mapping[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, allow_nan=False, default=_thaw)
 
 
+
+
+def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, num_q_blocks: int,
+                       num_kv_blocks: int, kv_len: int) -> tuple[Any, Any, Any]:
+    """Validate torch-held lists on their device; returns them as owned int32 / float64 tensors.
+
+    Tier 1 (types, shapes, one device) reads no values. Tier 2 evaluates every value
+    predicate of :func:`check_csr` and :func:`check_budgets` on the device and reads the
+    flags back once; on a failure the NumPy checks run on host copies for the message.
+    """
+    import torch
+    for name, t in (("indptr", indptr), ("indices", indices)):
+        if not is_tensor(t):
+            raise TypeError(f"{name}: expected a torch tensor like the other lists (a mask keeps indptr, indices and "
+                            f"budgets on one side: all NumPy or all torch), got {type(t).__name__}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name}: expected an integer array, got dtype {str(t.dtype).removeprefix('torch.')}")
+    for name, t, ndim in (("indptr", indptr, 2), ("indices", indices, 1)):
+        if t.ndim != ndim:
+            raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {tuple(t.shape)}")
+    expected = (num_heads, num_q_blocks + 1)
+    if tuple(indptr.shape) != expected:
+        raise ValueError(f"indptr: expected shape [num_heads, num_q_blocks + 1] = {list(expected)}, "
+                         f"got {list(indptr.shape)}")
+    if indices.device != indptr.device:
+        raise ValueError(f"indices: expected the device of indptr ({indptr.device}), got {indices.device}")
+    if budgets is not None:
+        if not is_tensor(budgets) or budgets.device != indptr.device:
+            raise TypeError(f"budgets: expected a tensor on {indptr.device} like indptr, got "
+                            f"{getattr(budgets, 'device', type(budgets).__name__)}")
+        if not budgets.is_floating_point():
+            raise TypeError(f"budgets: expected a float array, got dtype {str(budgets.dtype).removeprefix('torch.')}")
+        if tuple(budgets.shape) != (num_heads,):
+            raise ValueError(f"budgets: expected shape [num_heads] = [{num_heads}], got {list(budgets.shape)}")
+    ptr, idx = indptr.to(torch.int64), indices.to(torch.int64)
+    flags = [ptr.min() >= 0, ptr.max() <= INDEX_LIMIT, ptr[0, 0] == 0, (ptr[:, 1:] >= ptr[:, :-1]).all(),
+             (ptr[1:, 0] == ptr[:-1, -1]).all(), ptr[-1, -1] == idx.shape[0]]
+    if idx.numel():
+        starts = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        inner = ptr.reshape(-1)
+        starts[inner[(inner > 0) & (inner < idx.shape[0])]] = True
+        flags += [idx.min() >= 0, idx.max() < num_kv_blocks, ((idx[1:] > idx[:-1]) | starts[1:]).all()]
+    if budgets is not None:
+        flags.append((torch.isfinite(budgets) & (budgets >= 0) & (budgets <= 1)).all())
+    if not bool(torch.stack(flags).all()):                                  # the one host round trip
+        host_ptr = integer_array(indptr, "indptr", ndim=2, dtype=np.int32)
+        host_idx = integer_array(indices, "indices", ndim=1, dtype=np.int32)
+        check_csr(host_ptr, host_idx, num_heads, num_q_blocks, num_kv_blocks, kv_len)
+        if budgets is not None:
+            check_budgets(budgets, num_heads)
+        raise ValueError("indptr, indices: the device check failed but the host check found no defect; "
+                         "this is a bug in sparsecore, please report it")
+    budgets = None if budgets is None else _owned(budgets, torch.float64)
+    return _owned(indptr, torch.int32), _owned(indices, torch.int32), budgets
+
+
+def _owned(tensor: Any, dtype: Any) -> Any:
+    """A contiguous copy in ``dtype`` that the caller cannot reach (the mask owns its tensors)."""
+    converted = tensor.to(dtype).contiguous()
+    return converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted

@@ -4,14 +4,25 @@
     mask = sparsecore.BlockMask.from_dense(block_map, q_len, kv_len, q_block=128)
     kernel = sparsecore.compile(mask, device="cuda")
     out, lse = kernel(q, k, v, return_lse=True)
+
+The package is three folders of the repository (see pyproject.toml): ``sparsecore/``,
+``ir/`` (imported as ``sparsecore.ir``) and ``backends/`` (``sparsecore.backends``). An
+install maps them into one tree; in a source checkout, the lines below let
+``import sparsecore`` find the other two beside this folder, so it works from the
+repository root before any install.
 """
 
-from sparsecore.ir import BlockMask
+from pathlib import Path as _Path
 
-from .capabilities import Capabilities
-from .geometry import VideoGeometry
-from .kernel import CompiledKernel, clear_cache, compile
-from .registry import Backend, UnsupportedError, known_devices, register, registered_backends
+if not (_Path(__file__).parent / "ir").is_dir():                     # a source checkout, not an install
+    __path__.append(str(_Path(__file__).resolve().parent.parent))     # sparsecore.ir -> ir/, .backends -> backends/
+
+from sparsecore.ir import BlockMask  # noqa: E402
+
+from .capabilities import Capabilities  # noqa: E402
+from .geometry import VideoGeometry  # noqa: E402
+from .kernel import CompiledKernel, clear_cache, compile  # noqa: E402
+from .registry import Backend, UnsupportedError, known_devices, register, registered_backends  # noqa: E402
 
 __all__ = ["BlockMask", "Backend", "Capabilities", "CompiledKernel", "UnsupportedError", "registered_backends",
            "VideoGeometry", "clear_cache", "compile", "known_devices", "register"]

@@ -31,6 +31,9 @@ class Capabilities:
         kv_len_divisible: the key length must be a multiple of the key block size
             (no short last key block).
         min_q_block: smallest query block (in tokens) the backend computes correctly.
+        unselected: the treatments of unlisted key blocks it computes (``mask.unselected.kind``).
+        max_heads: most query heads one mask may have (None: any).
+        max_rows: most (head, query block) rows one mask may have per batch element (None: any).
     """
 
     devices: tuple[str, ...]
@@ -43,6 +46,9 @@ class Capabilities:
     uniform_kv_blocks: bool = False
     kv_len_divisible: bool = False
     min_q_block: int = 1
+    unselected: frozenset[str] = frozenset({"drop"})
+    max_heads: int | None = None
+    max_rows: int | None = None
 
     def mask_problems(self, mask: "BlockMask") -> list[str]:
         """Unmet capabilities for ``mask`` (empty list: the backend can take it)."""
@@ -60,6 +66,17 @@ class Capabilities:
         if self.kv_len_divisible and kv_block is not None and mask.kv_len % kv_block:
             problems.append(f"kv_len_divisible: needs kv_len to be a multiple of the key block size, got "
                             f"kv_len={mask.kv_len} with blocks of {kv_block} (last block {mask.kv_len % kv_block})")
+        if self.max_heads is not None and mask.num_heads > self.max_heads:
+            problems.append(f"max_heads: takes at most {self.max_heads} query heads, got a mask with "
+                            f"{mask.num_heads}; split the heads (mask.select_heads) and compile each part")
+        rows = mask.num_heads * mask.num_q_blocks
+        if self.max_rows is not None and rows > self.max_rows:
+            problems.append(f"max_rows: takes at most {self.max_rows:,} (head, query block) rows, got "
+                            f"{mask.num_heads} x {mask.num_q_blocks} = {rows:,}; use larger query blocks or "
+                            f"another backend")
+        if mask.unselected.kind not in self.unselected:
+            problems.append(f"unselected: computes {sorted(self.unselected)} for unlisted key blocks, got a mask "
+                            f"asking for {str(mask.unselected)!r}")
         return problems
 
     def tensor_problems(self, dtype: str, head_dim: int, num_heads: int, num_kv_heads: int,

@@ -1,10 +1,22 @@
-"""``sparsecore.compile``: lower a mask once, cache the result, check every call's inputs.
+"""``sparsecore.compile``: lower a mask, choose the backend per input signature, check every call's inputs.
 
 Calling convention (all backends): ``out = kernel(q, k, v, scale=None)`` or
 ``out, lse = kernel(q, k, v, return_lse=True)`` with q ``[B, H, q_len, D]`` and
 k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h`` reads key head
 ``h // (H // H_kv)``. ``scale`` defaults to ``1/sqrt(D)``. A query row whose list is
 empty gives output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``.
+
+Choice of backend. ``compile`` finds the backends that can take the mask on the device
+(capabilities, availability; most preferred first). The first call with a new input
+signature (dtype, head dim, heads, key heads, LSE wanted, tensor device) picks the most
+preferred of them whose capabilities take those inputs, lowers the mask for it once and
+remembers the choice; later calls with that signature only check shapes and launch.
+So a kernel never refuses inputs that another registered backend would take.
+
+Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
+across layers and steps compiles once). A device mask, which methods build every layer
+and step, is never hashed: its kernels hang off the mask object itself, so reusing the
+mask (AdaSpa's reuse steps) reuses them and dropping it frees them.
 """
 
 from __future__ import annotations
@@ -16,72 +28,154 @@ from typing import Any, Hashable
 
 from sparsecore.ir import BlockMask
 
-from .registry import Backend, Run, UnsupportedError, select
+from .inputs import AttentionShape, attention_shape
+from .registry import Backend, Run, UnsupportedError, candidates
 
-CACHE_SIZE = 64  # compiled kernels kept; masks change per layer and step, so the cache is bounded
+CACHE_SIZE = 64  # compiled kernels of host masks kept
 _CACHE: "OrderedDict[tuple, CompiledKernel]" = OrderedDict()
 
 
 class CompiledKernel:
-    """A mask lowered for one device by one backend; call it like attention."""
+    """A mask compiled for one device; call it like attention (see the module docstring)."""
 
-    def __init__(self, mask: BlockMask, device: str, backend: Backend, options: Hashable, run: Run) -> None:
+    def __init__(self, mask: BlockMask, device: str, choices: list[tuple[Backend, Hashable]]) -> None:
         self.mask = mask
         self.device = device
-        self.backend = backend
-        self.options = options
-        self._run = run
+        self._choices = choices
+        self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
+        self._runs: dict[tuple, Run] = {}
+        self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
+
+    @property
+    def options(self) -> Hashable:
+        return self._choices[0][1]
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
-        head_dim = check_inputs(self, q, k, v, return_lse)
-        scale = check_scale(scale, head_dim)
-        out, lse = self._run(q, k, v, scale, return_lse)
+        run, scale = self._run_for(q, k, v, scale, return_lse)
+        out, lse = run(q, k, v, scale, return_lse)
         return (out, lse) if return_lse else out
+
+    def prepare(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> None:
+        """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
+        run, _ = self._run_for(q, k, v, scale, return_lse)
+        if hasattr(run, "prepare"):
+            run.prepare(q, k, v)
+
+    def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float]:
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
+        shape = self._check_shape(q, k, v)
+        scale = check_scale(scale, shape.head_dim)
+        backend, options = self._backend_for(shape, return_lse, q)
+        problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None
+        if problem:
+            raise ValueError(f"q: {problem}; move them with .to({self.device!r}) or compile for their device")
+        run_key = (backend.name, str(getattr(q, "device", "host")))
+        run = self._runs.get(run_key)
+        if run is None:
+            mask = self.mask.to_host() if backend.plans_on_host else self.mask.to(q.device)
+            run = self._runs[run_key] = backend.lower(mask, self.device, options)
+        self.backend = backend
+        return run, scale
+
+    def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:
+        mask = self.mask
+        q_shape = tuple(getattr(q, "shape", ()))
+        if len(q_shape) == 4 and (q_shape[1], q_shape[2]) != (mask.num_heads, mask.q_len):
+            raise ValueError(f"q: expected [B, {mask.num_heads}, {mask.q_len}, D] to match the mask "
+                             f"(num_heads={mask.num_heads}, q_len={mask.q_len}), got {list(q_shape)}")
+        array_type = self._choices[0][0].capabilities.array_type
+        try:
+            shape = attention_shape(q, k, v, kind=array_type, kv_len=mask.kv_len)
+        except TypeError as err:
+            if "expected a" in str(err) and "array" in str(err):
+                name = str(err).split(":")[0]
+                hint = " (convert with .numpy())" if array_type == "numpy" else " (convert with torch.from_numpy)"
+                got = {"q": q, "k": k, "v": v}.get(name)
+                raise TypeError(f"{name}: backend {self.backend.name!r} takes {array_type} arrays, got "
+                                f"{type(got).__name__}{hint}") from None
+            raise
+        return shape
+
+    def _backend_for(self, shape: AttentionShape, return_lse: bool, q: Any) -> tuple[Backend, Hashable]:
+        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, shape.device)
+        chosen = self._by_signature.get(signature)
+        if chosen is None:
+            problems = {}
+            for backend, options in self._choices:
+                found = backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads,
+                                                             shape.num_kv_heads, return_lse)
+                if not found:
+                    chosen = self._by_signature[signature] = (backend, options)
+                    break
+                problems[backend.name] = found
+            else:
+                if len(problems) == 1:
+                    name, found = next(iter(problems.items()))
+                    raise UnsupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(found)}")
+                lines = "; ".join(f"{name}: {', '.join(found)}" for name, found in problems.items())
+                raise UnsupportedError(f"no backend compiled for this mask can run these inputs: {lines}")
+        return chosen
 
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
 
 
 def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **options: Any) -> CompiledKernel:
-    """Lower ``mask`` for ``device`` and return a callable kernel.
+    """Compile ``mask`` for ``device`` and return a callable kernel.
 
     Args:
-        mask: the block-mask IR.
+        mask: the block-mask IR (host or device lists).
         device: ``"reference"`` (NumPy float64 spec), ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), ``"npu"``.
-        backend: a registered backend name, or None for the preferred one that can take ``mask``.
-        **options: backend-specific options (see each backend's options dataclass).
-
-    Kernels are cached by ``mask.fingerprint()`` and the arguments, so compiling the
-    same pattern again (next layer, next step) costs a dict lookup and no backend probing.
+        backend: a registered backend name, or None for the preferred one that takes the mask and,
+            at each call, the inputs.
+        **options: backend-specific options (see each backend's options dataclass); with
+            ``backend=None`` only backends that accept them are considered.
 
     Raises:
         ValueError: unknown device or backend name.
         UnsupportedError: the named backend (or every available one) cannot take this mask.
         RuntimeError: the device is known but no backend for it can run here (says why).
-        TypeError: ``mask`` is not a BlockMask, or an unknown option.
+        TypeError: ``mask`` is not a BlockMask, or an option no candidate accepts.
     """
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask: expected a sparsecore.ir.BlockMask, got {type(mask).__name__}")
-    request = (mask.fingerprint(), device, backend, tuple(sorted(options.items())))
     try:
-        cached = _CACHE.get(request)
+        request = (device, backend, tuple(sorted(options.items())))
+        hash(request)
     except TypeError:  # an unhashable option value
         raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "
                         f"{ {k: type(v).__name__ for k, v in options.items()} }") from None
+    cache, key = (_CACHE, (mask.fingerprint(), *request)) if mask.on_host else (mask.compiled_kernels, request)
+    cached = cache.get(key)
     if cached is not None:  # the per-layer, per-step path: no backend probing
-        _CACHE.move_to_end(request)
+        if cache is _CACHE:
+            _CACHE.move_to_end(key)
         return cached
-    chosen = select(mask, device, backend)
-    parsed = chosen.parse_options(options)
-    kernel = CompiledKernel(mask, device, chosen, parsed, chosen.lower(mask, device, parsed))
-    _CACHE[request] = kernel
-    if len(_CACHE) > CACHE_SIZE:
+    kernel = CompiledKernel(mask, device, _choices(candidates(mask, device, backend), options))
+    cache[key] = kernel
+    if cache is _CACHE and len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return kernel
 
 
+def _choices(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Backend, Hashable]]:
+    """Each candidate with its parsed options; with options given, those that reject them drop out."""
+    if not options:
+        return [(b, b.parse_options({})) for b in backends]
+    choices, errors = [], []
+    for b in backends:
+        try:
+            choices.append((b, b.parse_options(options)))
+        except TypeError as err:
+            errors.append(str(err))
+    if not choices:
+        raise TypeError("; ".join(errors))
+    return choices
+
+
 def clear_cache() -> None:
-    """Forget every compiled kernel (frees plans and device buffers they hold)."""
+    """Forget every compiled kernel of host masks (frees plans and device buffers they hold)."""
     _CACHE.clear()
 
 
@@ -93,53 +187,3 @@ def check_scale(scale: Any, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
     return float(scale)
-
-
-def check_inputs(kernel: CompiledKernel, q: Any, k: Any, v: Any, return_lse: bool) -> int:
-    """Validate q, k, v against the mask and the backend's capabilities; returns the head dim."""
-    caps = kernel.backend.capabilities
-    mask = kernel.mask
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if _array_type(t) != caps.array_type:
-            hint = " (convert with .numpy())" if caps.array_type == "numpy" else " (convert with torch.from_numpy)"
-            raise TypeError(f"{name}: backend {kernel.backend.name!r} takes {caps.array_type} arrays, "
-                            f"got {type(t).__name__}{hint}")
-        if len(t.shape) != 4:
-            raise ValueError(f"{name}: expected 4 dimensions [B, heads, length, head_dim], got shape {list(t.shape)}")
-    batch, num_heads, q_len, head_dim = q.shape
-    if num_heads != mask.num_heads or q_len != mask.q_len:
-        raise ValueError(f"q: expected [B, {mask.num_heads}, {mask.q_len}, D] to match the mask "
-                         f"(num_heads={mask.num_heads}, q_len={mask.q_len}), got {list(q.shape)}")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k, v: expected the same shape, got k {list(k.shape)} and v {list(v.shape)}")
-    if k.shape[0] != batch or k.shape[2] != mask.kv_len or k.shape[3] != head_dim:
-        raise ValueError(f"k: expected [{batch}, H_kv, {mask.kv_len}, {head_dim}] (batch and head_dim of q, "
-                         f"kv_len={mask.kv_len} of the mask), got {list(k.shape)}")
-    num_kv_heads = k.shape[1]
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"k: the number of key heads must divide the query heads ({num_heads}), got {num_kv_heads}")
-    if batch < 1 or head_dim < 1:
-        raise ValueError(f"q: expected batch >= 1 and head_dim >= 1, got shape {list(q.shape)}")
-    dtypes = {_dtype_name(t) for t in (q, k, v)}
-    if len(dtypes) != 1:
-        raise TypeError(f"q, k, v: expected one dtype, got {_dtype_name(q)}, {_dtype_name(k)}, {_dtype_name(v)}")
-    if caps.array_type == "torch":
-        devices = {t.device for t in (q, k, v)}
-        if len(devices) != 1:
-            raise ValueError(f"q, k, v: expected one device, got {[str(t.device) for t in (q, k, v)]}")
-        problem = kernel.backend.tensor_device_problem(kernel.device, q.device.type)
-        if problem:
-            raise ValueError(f"q: {problem}; move them with .to({kernel.device!r}) or compile for their device")
-    problems = caps.tensor_problems(dtypes.pop(), head_dim, num_heads, num_kv_heads, return_lse)
-    if problems:
-        raise UnsupportedError(f"backend {kernel.backend.name!r} cannot run these inputs: {'; '.join(problems)}")
-    return head_dim
-
-
-def _array_type(t: Any) -> str:
-    module = type(t).__module__.split(".")[0]
-    return {"numpy": "numpy", "torch": "torch"}.get(module, module)
-
-
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")

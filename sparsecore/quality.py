@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.uploads import on_device
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,9 @@ class _TokenMap:
     """Expands a mask's block map to float 0/1 token rows ``[H, c, L_kv]`` for a query chunk."""
 
     def __init__(self, mask: BlockMask, device: torch.device) -> None:
-        self.blocks = torch.from_numpy(mask.to_dense()).to(device, torch.float32)     # [H, MB, NB]
-        self.q_block = torch.from_numpy(np.repeat(np.arange(mask.num_q_blocks), mask.q_block_sizes)).to(device)
-        self.kv_block = torch.from_numpy(np.repeat(np.arange(mask.num_kv_blocks), mask.kv_block_sizes)).to(device)
+        self.blocks = mask.to(device).to_dense().to(torch.float32)                     # [H, MB, NB]
+        self.q_block = on_device(np.repeat(np.arange(mask.num_q_blocks), mask.q_block_sizes), device)
+        self.kv_block = on_device(np.repeat(np.arange(mask.num_kv_blocks), mask.kv_block_sizes), device)
 
     def rows(self, rows: slice) -> torch.Tensor:
         return self.blocks[:, self.q_block[rows]][:, :, self.kv_block]

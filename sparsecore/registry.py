@@ -1,14 +1,18 @@
 """The backend registry: every lowering registers a :class:`Backend`, selection reads capabilities.
 
-A backend package exposes ``BACKENDS``, a tuple of :class:`Backend` instances; the
-built-in packages are listed in :data:`BUILTIN_PACKAGES` and imported on first use.
+A backend package exposes ``BACKENDS``, a tuple of :class:`Backend` instances. Every
+package under ``sparsecore.backends`` (the ``backends/`` folder) is imported on first use
+and its backends registered: a new backend is a new folder with its ``BACKENDS``.
 Importing a backend package must not import its device library (triton, flashinfer,
 torch_npu): that happens in :meth:`Backend.unavailable_reason` and :meth:`Backend.lower`.
+Besides lowering masks, a backend may offer optional operations (:class:`BlockMassOp`),
+found through this registry too.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable
@@ -18,15 +22,22 @@ from .capabilities import Capabilities
 if TYPE_CHECKING:
     from sparsecore.ir import BlockMask
 
-BUILTIN_PACKAGES = (
-    "sparsecore.backends.reference",
-    "sparsecore.backends.portable",
-    "sparsecore.backends.cuda",
-    "sparsecore.backends.npu",
-)
 
 # run(q, k, v, scale, return_lse) -> (out, lse or None); inputs already validated.
 Run = Callable[[Any, Any, Any, float, bool], "tuple[Any, Any]"]
+
+
+@dataclass(frozen=True)
+class BlockMassOp:
+    """A backend's implementation of AdaSpa's block-mass pass (:func:`sparsecore.search.block_mass`).
+
+    ``run(q, k, q_offsets, kv_offsets, lse, scale) -> mass`` float32 ``[B, H, MB, NB]`` given the
+    row LSE (pass 2 of the search; the search makes a fresh LSE itself when none is cached).
+    ``supports(q, k, q_offsets, kv_offsets)`` is None when it takes the inputs, else why not.
+    """
+
+    run: Callable[..., Any]
+    supports: Callable[..., "str | None"]
 
 
 class UnsupportedError(ValueError):
@@ -49,6 +60,8 @@ class Backend(ABC):
     capabilities: Capabilities
     install_hint: str = ""
     options_type: type = NoOptions
+    plans_on_host: bool = False   # lower() reads the mask's lists with NumPy (else torch, on the run device)
+    block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
 
     @abstractmethod
     def unavailable_reason(self, device: str) -> str | None:
@@ -56,7 +69,11 @@ class Backend(ABC):
 
     @abstractmethod
     def lower(self, mask: "BlockMask", device: str, options: Hashable) -> Run:
-        """Plan ``mask`` for ``device`` (once) and return the function that runs it."""
+        """Plan ``mask`` for ``device`` (once) and return the function that runs it.
+
+        ``mask`` arrives on the host when :attr:`plans_on_host` is set, else with its lists on
+        the device of the tensors it will run on (see :meth:`BlockMask.to`).
+        """
 
     def emulator(self) -> ContextManager[None] | None:
         """A context in which this backend runs on CPU without its device (for tests), or None.
@@ -108,8 +125,9 @@ def registered_backends() -> dict[str, Backend]:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        for package in BUILTIN_PACKAGES:
-            for backend in importlib.import_module(package).BACKENDS:
+        import sparsecore.backends as folder
+        for package in sorted(m.name for m in pkgutil.iter_modules(folder.__path__) if m.ispkg):
+            for backend in importlib.import_module(f"{folder.__name__}.{package}").BACKENDS:
                 register(backend)
     return dict(_REGISTRY)
 
@@ -128,27 +146,32 @@ def device_type(device: str) -> str:
     return kind
 
 
-def select(mask: "BlockMask", device: str, name: str | None) -> Backend:
-    """The backend that compiles ``mask`` for ``device``: the named one, or the preferred capable one."""
+def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend]:
+    """The backends that can compile ``mask`` for ``device`` here, most preferred first.
+
+    ``name`` restricts them to that backend. Raises when none can: ``ValueError`` for an
+    unknown name, ``RuntimeError`` when no backend for the device runs here (saying why),
+    ``UnsupportedError`` when none takes the mask (naming each unmet capability).
+    """
     kind = device_type(device)
-    candidates = [b for b in registered_backends().values() if kind in b.capabilities.devices]
+    found = [b for b in registered_backends().values() if kind in b.capabilities.devices]
     if name is not None:
         if name not in registered_backends():
             raise ValueError(f"backend={name!r} is not registered; "
                              f"registered: {', '.join(sorted(registered_backends()))}")
         chosen = registered_backends()[name]
-        if chosen not in candidates:
+        if chosen not in found:
             raise UnsupportedError(f"backend {name!r} compiles for {list(chosen.capabilities.devices)}, "
                                    f"not device {device!r}")
-        candidates = [chosen]
-    reasons = {b.name: b.unavailable_reason(device) for b in candidates}
-    available = [b for b in candidates if reasons[b.name] is None]
+        found = [chosen]
+    reasons = {b.name: b.unavailable_reason(device) for b in found}
+    available = [b for b in found if reasons[b.name] is None]
     if not available:
-        lines = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in candidates)
+        lines = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
         raise RuntimeError(f"no backend can run on device {device!r} here: {lines}")
     problems = {b.name: b.capabilities.mask_problems(mask) for b in available}
     capable = [b for b in available if not problems[b.name]]
     if not capable:
         lines = "; ".join(f"{n}: {', '.join(p)}" for n, p in problems.items())
         raise UnsupportedError(f"no available backend for device {device!r} can take {mask!r}: {lines}")
-    return max(capable, key=lambda b: b.preference(mask))
+    return sorted(capable, key=lambda b: -b.preference(mask))

@@ -11,9 +11,15 @@ from tolerances import LSE_ABS, OUT_REL
 import sparsecore
 
 
-def run_and_compare(target: Target, mask, q, k, v, scale=None) -> None:
-    """Compile ``mask`` for ``target``, run it on q, k, v (float64 numpy), check it against the oracle."""
-    kernel = sparsecore.compile(mask, device=target.device, backend=target.backend)
+def run_and_compare(target: Target, mask, q, k, v, scale=None, device_held: bool = False) -> None:
+    """Compile ``mask`` for ``target``, run it on q, k, v (float64 numpy), check it against the oracle.
+
+    ``device_held``: compile the mask with its lists as torch tensors on the tensors' device, as
+    methods build them (the oracle reads the host mask either way).
+    """
+    torch_device = target.tensor_device if target.capabilities.array_type == "torch" else "cpu"
+    compiled = mask.to(torch_device) if device_held else mask
+    kernel = sparsecore.compile(compiled, device=target.device, backend=target.backend)
     args, (q64, k64, v64) = target.cast(q, k, v)
     want_lse = target.capabilities.lse
     result = kernel(*args, scale=scale, return_lse=want_lse)

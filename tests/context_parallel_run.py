@@ -79,7 +79,7 @@ def run(method: str) -> dict:
         for t in TIMESTEPS:
             timestep = torch.full((2,), t)
             outputs.append(model(**data, timestep=timestep, return_dict=False)[0].numpy())
-    masks = [handle.mask(layer) for layer in range(len(model.blocks))]
+    masks = [handle.mask(layer).to_host() for layer in range(len(model.blocks))]
     heads = [row["heads"] for row in handle.stats() if row["layer"] == 0][-1]
     return {"outputs": np.stack(outputs), "masks": [m.to_dense() for m in masks], "heads": heads,
             "budgets": [m.budgets for m in masks], "backends": sorted({row["backend"] for row in handle.stats()})}
@@ -130,7 +130,7 @@ def worker(rank: int, world: int, port: int, methods: list[str], results: Any) -
                     outputs.append(model(**data, timestep=torch.full((2,), t), return_dict=False)[0].numpy())
             heads = [row["heads"] for row in handle.stats() if row["layer"] == 0][-1]
             out[method] = {"outputs": np.stack(outputs), "heads": heads,
-                           "masks": [handle.mask(layer).to_dense() for layer in range(len(model.blocks))]}
+                           "masks": [handle.mask(layer).to_host().to_dense() for layer in range(len(model.blocks))]}
         results.put((rank, out))
     except BaseException:                                # the parent reports it; a worker never hangs silently
         results.put((rank, traceback.format_exc()))

@@ -38,7 +38,8 @@ def target(request):
 @given(data=st.data())
 def test_generated_masks_match_dense_oracle(target, data):
     case = data.draw(attention_cases(target.capabilities), label="case")
-    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale)
+    device_held = data.draw(st.booleans(), label="lists held as device tensors")
+    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=device_held)
 
 
 def _frames(num_frames: int, frame: int, text: int) -> np.ndarray:
@@ -88,3 +89,4 @@ def test_named_masks_match_dense_oracle(target, name):
     if problems:
         pytest.skip(f"{target.backend} cannot take {name}: {'; '.join(problems)}")
     run_and_compare(target, case.mask, *case.inputs(), scale=case.scale)
+    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=True)

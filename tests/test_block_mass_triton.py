@@ -40,13 +40,16 @@ def test_triton_block_mass_matches_float64(device, q_offsets, kv_offsets, heads,
     q = torch.randn(1, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
     k = torch.randn(1, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
     want = mass_float64(q, k, q_offsets, kv_offsets)
-    mass, lse = triton_block_mass.run(q.to(device), k.to(device), q_offsets, kv_offsets, None, head_dim ** -0.5)
+    lse = torch.logsumexp(q.double() @ k.double().repeat_interleave(heads[0] // heads[1], 1).transpose(-1, -2)
+                          * head_dim ** -0.5, dim=-1).float()                 # the fresh LSE, float64 then rounded
+    mass = triton_block_mass.run(q.to(device), k.to(device), q_offsets, kv_offsets, lse.to(device), head_dim ** -0.5)
     tolerance = 1e-5 if dtype == "float32" else 2e-3
     got = mass.double().cpu().numpy()
     assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
     np.testing.assert_allclose(got.sum(axis=3), np.broadcast_to(np.diff(q_offsets), got.shape[:3]), rtol=tolerance)
-    cached, _ = triton_block_mass.run(q.to(device), k.to(device), q_offsets, kv_offsets, lse, head_dim ** -0.5)
-    assert np.linalg.norm(cached.double().cpu().numpy() - got) <= 1e-6 * np.linalg.norm(want)  # same LSE, same masses
+    older = triton_block_mass.run(q.to(device), k.to(device), q_offsets, kv_offsets, lse.to(device) + 0.5,
+                                  head_dim ** -0.5)                          # a cached, stale LSE rescales every mass
+    np.testing.assert_allclose(older.double().cpu().numpy(), got * np.exp(-0.5), rtol=tolerance, atol=1e-9)
 
 
 def test_cuda_tensors_dispatch_to_the_triton_kernel():

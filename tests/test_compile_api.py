@@ -171,8 +171,11 @@ def test_selection_follows_capabilities_and_preference(uniform_only):
         sparsecore.compile(tiny_rows, device="cpu", backend=uniform_only.name)
     kernel = sparsecore.compile(uniform, device="cpu")
     q = torch.zeros(1, 2, 32, 16)
+    kernel(q, q, q, return_lse=True)                    # inputs the preferred backend refuses run on another one
+    assert kernel.backend.name == "portable"
+    named = sparsecore.compile(uniform, device="cpu", backend=uniform_only.name)
     with pytest.raises(UnsupportedError, match=r"head_dims: supports \[8\], got 16; lse: cannot return"):
-        kernel(q, q, q, return_lse=True)
+        named(q, q, q, return_lse=True)
 
 
 def test_register_rejects_duplicates_and_non_backends():
@@ -181,3 +184,65 @@ def test_register_rejects_duplicates_and_non_backends():
     portable = type(sparsecore.registered_backends()["portable"])()
     with pytest.raises(ValueError, match=r"a backend named 'portable' is already registered"):
         sparsecore.register(portable)
+
+
+class _FakeCuda(registry.Backend):
+    """A backend that claims an available CUDA device and runs on CPU tensors; writes its tag into the output."""
+
+    def __init__(self, name, dtypes, head_dims, lse, rank, tag):
+        self.name, self.rank, self.tag = name, rank, tag
+        self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
+                                         head_dims=frozenset(head_dims), lse=lse)
+        self.lowered = 0
+
+    def unavailable_reason(self, device):
+        return None
+
+    def tensor_device_problem(self, device, tensor_device):
+        return None
+
+    def preference(self, mask):
+        return self.rank
+
+    def lower(self, mask, device, options):
+        self.lowered += 1
+
+        def run(q, k, v, scale, return_lse):
+            out = torch.full_like(q, self.tag)
+            return out, (torch.zeros(q.shape[:3]) if return_lse else None)
+        return run
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fast = _FakeCuda("fake-fast", {"bfloat16", "float16"}, {64, 128}, lse=False, rank=100, tag=1.0)
+    wide = _FakeCuda("fake-wide", {"float32", "bfloat16", "float16"}, {32, 64, 128}, lse=True, rank=50, tag=2.0)
+    registered = {name: b for name, b in registry.registered_backends().items() if "cuda" not in b.capabilities.devices}
+    monkeypatch.setattr(registry, "_REGISTRY", {**registered, fast.name: fast, wide.name: wide})
+    yield fast, wide
+    sparsecore.clear_cache()
+
+
+@pytest.mark.parametrize("dtype, head_dim, lse, expected", [
+    (torch.bfloat16, 128, False, "fake-fast"),       # the preferred backend takes these
+    (torch.float32, 128, False, "fake-wide"),        # fp32: only the other one
+    (torch.bfloat16, 32, False, "fake-wide"),        # head dim 32: only the other one
+    (torch.bfloat16, 128, True, "fake-wide"),        # the LSE: only the other one
+])
+def test_compile_runs_each_input_signature_on_a_backend_that_takes_it(fake_cuda, dtype, head_dim, lse, expected):
+    mask = BlockMask.full(2, 64, 64, 32)
+    kernel = sparsecore.compile(mask, device="cuda")
+    q = torch.zeros(1, 2, 64, head_dim, dtype=dtype)
+    result = kernel(q, q, q, return_lse=lse)
+    out = result[0] if lse else result
+    assert kernel.backend.name == expected and float(out.flatten()[0]) == {"fake-fast": 1.0, "fake-wide": 2.0}[expected]
+    kernel(q, q, q, return_lse=lse)                                       # the same signature: chosen and lowered once
+    assert sum(b.lowered for b in fake_cuda) == 1
+
+
+def test_a_named_backend_still_refuses_inputs_it_cannot_take(fake_cuda):
+    kernel = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda", backend="fake-fast")
+    q = torch.zeros(1, 2, 64, 32)
+    with pytest.raises(UnsupportedError, match=r"backend 'fake-fast' cannot run these inputs: dtypes: .*float32; "
+                                               r"head_dims: supports \[64, 128\], got 32"):
+        kernel(q, q, q)

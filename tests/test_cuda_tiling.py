@@ -21,7 +21,7 @@ from sparsecore.backends.cuda.tiling import plan_tiles
 
 def covered_pairs(mask: BlockMask, block_m: int, block_n: int) -> np.ndarray:
     """Count, per (head, query, key) token pair, how often the plan's programs compute it."""
-    plan = plan_tiles(mask, block_m, block_n)
+    plan = plan_tiles(mask.to("cpu"), block_m, block_n)
     full, p_start, p_end = (t.numpy() for t in (plan.full_start, plan.partial_start, plan.partial_end))
     assert (p_end - p_start < block_n).all() and (p_end > p_start).all(), "partial tiles are partial, not empty"
     counts = np.zeros((mask.num_heads, mask.q_len, mask.kv_len), dtype=np.int64)
@@ -43,7 +43,7 @@ def test_tiles_cover_every_kept_pair_exactly_once(mask, block_m, block_n):
 
 @given(block_masks(ANY, num_heads=2))
 def test_programs_are_ordered_longest_first(mask):
-    programs = plan_tiles(mask, 32, 32).programs.numpy()
+    programs = plan_tiles(mask.to("cpu"), 32, 32).programs.numpy()
     work = programs[:, 4] + programs[:, 6]
     assert (np.diff(work) <= 0).all()
 
@@ -52,7 +52,7 @@ def test_adjacent_blocks_merge_into_runs_so_only_run_ends_are_partial():
     # frame blocks of 39 tokens: frames 0-2 kept together form one run of 117 tokens
     offsets = np.arange(0, 39 * 6 + 1, 39)
     mask = BlockMask.from_lists([[[0, 1, 2, 5]] * 6], offsets, offsets)
-    plan = plan_tiles(mask, 64, 32)
+    plan = plan_tiles(mask.to("cpu"), 64, 32)
     _, _, _, full_first, num_full, partial_first, num_partial = plan.programs[0].tolist()
     assert (num_full, num_partial) == (4, 2)               # 117 = 3*32 + 21 ; 39 = 32 + 7
     assert plan.full_start[full_first:full_first + 4].tolist() == [0, 32, 64, 195]
@@ -64,8 +64,8 @@ def test_flashinfer_fold_maps_heads_to_their_key_head_per_batch():
     # 4 query heads, 2 key heads (G = 2), 2 query blocks, 3 key blocks
     lists = [[[0], [1, 2]], [[2], []], [[0, 1], [0]], [[1], [2]]]
     mask = BlockMask.from_lists(lists, [0, 8, 16], [0, 8, 16, 24])
-    indptr, indices = FoldedHeadsLaunch(mask, "auto")._folded_csr(batch=2, num_kv_heads=2)
-    rows = [indices[indptr[r]:indptr[r + 1]].tolist() for r in range(len(indptr) - 1)]
+    indptr, indices = (t.tolist() for t in FoldedHeadsLaunch(mask.to("cpu"), "auto")._folded_csr(2, 2))
+    rows = [indices[indptr[r]:indptr[r + 1]] for r in range(len(indptr) - 1)]
     expected = []
     for b in range(2):
         for h, head in enumerate(lists):

@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from strategies import offsets
 
 import sparsecore
-from sparsecore import BlockMask, Capabilities
-from sparsecore import search
+import method_reference as ref
+
+import sparsecore
+from sparsecore import BlockMask, Capabilities, registry
 from sparsecore.geometry import VideoGeometry
-from sparsecore.methods import adaspa
-from sparsecore.methods.common import mask_from_rows
+from sparsecore.methods import HeadShard, adaspa
 from sparsecore.quality import attention_fidelity
-from sparsecore.search import block_mass, register_block_mass
+from sparsecore.search import block_mass, torch_block_mass
 from sparsecore.workloads import video_qkv
 
 ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
@@ -69,27 +70,44 @@ def test_block_mass_with_the_kernels_lse_and_a_cached_lse():
     assert np.linalg.norm(cached - want) <= 1e-5 * np.linalg.norm(want)
 
 
+class _FakeMassBackend(registry.Backend):
+    """A CPU backend that offers only a block-mass pass: the search finds it through the registry."""
+
+    name = "fake-mass"
+    capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float32"}))
+    calls: list = []
+
+    def __init__(self) -> None:
+        self.block_mass = registry.BlockMassOp(run=self._run, supports=lambda q, k, qo, ko: "odd" if q.shape[2] % 2
+                                               else None)
+
+    def _run(self, q, k, q_offsets, kv_offsets, lse, scale):
+        self.calls.append(scale)
+        return torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale)
+
+    def unavailable_reason(self, device):
+        return None
+
+    def preference(self, mask):
+        return -100
+
+    def lower(self, mask, device, options):
+        raise NotImplementedError
+
+
 def test_block_mass_dispatches_through_the_registry(monkeypatch):
-    monkeypatch.setattr(search, "_IMPLS", {})
-    calls = []
-
-    def fake(q, k, q_offsets, kv_offsets, lse, scale):
-        calls.append(scale)
-        return search.torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale)
-
-    register_block_mass("cpu", fake, name="fake", supports=lambda q, k, qo, ko: "odd" if q.shape[2] % 2 else None)
+    fake = _FakeMassBackend()
+    monkeypatch.setitem(registry._REGISTRY, fake.name, fake)
     q, k = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
     offs = np.array([0, 4, 8])
-    assert block_mass(q, k, offs, offs).impl == "fake" and calls == [8 ** -0.5]
+    assert block_mass(q, k, offs, offs).impl == "fake-mass" and fake.calls == [8 ** -0.5]
     assert block_mass(q, k, offs, offs, impl="torch").impl == "torch"
     odd_q, odd = torch.randn(1, 2, 7, 8), np.array([0, 4, 7])
     assert block_mass(odd_q, k, odd, offs).impl == "torch"                 # auto falls back, naming nothing lost
     with pytest.raises(ValueError, match="cannot take these inputs: odd"):
-        block_mass(odd_q, k, odd, offs, impl="fake")
+        block_mass(odd_q, k, odd, offs, impl="fake-mass")
     with pytest.raises(ValueError, match="not registered"):
-        block_mass(q, k, offs, offs, impl="triton")
-    with pytest.raises(ValueError, match="already has implementation"):
-        register_block_mass("cpu", fake, name="other")
+        block_mass(q, k, offs, offs, impl="nonesuch")
 
 
 def test_block_mass_input_errors():
@@ -101,37 +119,44 @@ def test_block_mass_input_errors():
         block_mass(q, k, offs, offs, lse=torch.zeros(1, 2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="end at L_q=8"):
         block_mass(q, k, np.array([0, 4, 9]), offs)
-    with pytest.raises(ValueError, match="H_kv dividing"):
+    with pytest.raises(ValueError, match="key heads must divide the query heads"):
         block_mass(q, torch.randn(1, 3, 8, 8), offs, offs)
 
 
 # ------------------------------------------------------------------ selection and budgets
-@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 4), st.integers(0, 20), st.sampled_from(["start", "end"]),
-       st.integers(1, 16), st.integers(1, 3), st.floats(0.0, 0.95), st.integers(0, 2**32 - 1))
-def test_top_k_keeps_the_largest_masses_and_the_text_sink(frames, height, width, text, position, block, heads,
-                                                          sparsity, seed):
-    g = VideoGeometry(frames, height, width, text_tokens=text, text_position=position)
+geometries = st.builds(VideoGeometry, st.integers(1, 6), st.integers(1, 4), st.integers(1, 4), st.integers(0, 20),
+                       st.sampled_from(["start", "end"]))
+
+
+@given(geometries, st.integers(1, 16), st.integers(1, 4), st.floats(0.0, 0.95), st.booleans(), st.floats(0.0, 1.0),
+       st.integers(0, 2**32 - 1), st.data())
+def test_device_search_equals_the_host_statement_of_the_rules(g, block, heads, sparsity, adaptive, threshold, seed,
+                                                              data):
     offs = g.block_offsets(block)
     n = len(offs) - 1
     mass = torch.rand(heads, n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    rows, sparsities, _ = adaspa.select(mass, g, offs, sparsity=sparsity, head_adaptive=False)
-    dense = mask_from_rows(rows, offs, offs).to_dense()
-    text_blocks = g.text_blocks(offs)
-    video = np.nonzero(~text_blocks)[0]
-    keep = max(1, round((1 - sparsity) * len(video)))
-    assert dense[:, :, text_blocks].all() and dense[:, text_blocks, :].all()
-    m = mass.numpy()
-    for h in range(heads):
-        for i in video:
-            kept = dense[h, i, video]
-            assert kept.sum() == keep
-            if not kept.all():
-                assert m[h, i, video][kept].min() > m[h, i, video][~kept].max()
+    text = g.text_blocks(offs)
+    want, sparsities, recalls = ref.adaspa(mass.numpy(), text, sparsity, threshold, adaptive)
+    start = data.draw(st.integers(0, heads - 1), label="shard start")
+    stop = data.draw(st.integers(start + 1, heads), label="shard stop")
+    full = torch.from_numpy(recalls)
+    gather = lambda values: torch.cat([full[:start], values, full[stop:]])      # noqa: E731  (the other ranks')
+    shard = HeadShard(start, stop, heads, gather)
+    params = adaspa.AdaSpaParams(sparsity=sparsity, head_adaptive=adaptive, recall_threshold=threshold,
+                                 block_size=block)
+    meta = {"layer": 0, "step": 10}
+    mask = adaspa.search(mass[start:stop].float(), g, offs, params, shard, meta)
+    assert mask.device == torch.device("cpu") and mask.nnz == int(want[start:stop].sum())
+    assert mask == BlockMask.from_lists([[np.flatnonzero(r) for r in head] for head in want[start:stop]], offs, offs,
+                                        budgets=1 - sparsities[start:stop], meta=mask.meta)
+    assert meta["head_sparsity"] == pytest.approx(sparsities.tolist())
+    assert meta["base_recall"] == pytest.approx(recalls.tolist(), rel=1e-5)
 
 
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=24), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
 def test_head_budgets_keep_the_base_average(recalls, sparsity, threshold):
-    out = adaspa.head_sparsities(np.array(recalls), sparsity, threshold)
+    out = adaspa.head_sparsities(torch.tensor(recalls, dtype=torch.float64), sparsity, threshold).numpy()
+    assert out == pytest.approx(ref.head_sparsities(np.array(recalls), sparsity, threshold))
     assert out.mean() == pytest.approx(sparsity, abs=1e-12)
     assert ((out >= 0) & (out <= 1)).all() and len(set(out.tolist())) <= 3
     order = np.argsort(-np.array(recalls), kind="stable")
@@ -143,9 +168,9 @@ def test_head_budgets_keep_the_base_average(recalls, sparsity, threshold):
 
 
 def test_paper_example_levels():
-    out = adaspa.head_sparsities(np.array([0.95, 0.9, 0.7, 0.5, 0.85, 0.3]), 0.8)   # n = 3 of 6
+    out = adaspa.head_sparsities(torch.tensor([0.95, 0.9, 0.7, 0.5, 0.85, 0.3]), 0.8)   # n = 3 of 6
     assert sorted(out.tolist()) == pytest.approx([0.7, 0.7, 0.7, 0.9, 0.9, 0.9])
-    capped = adaspa.head_sparsities(np.array([0.95, 0.9, 0.99, 0.3]), 0.8)          # n = 3 > H/2: capped at 2
+    capped = adaspa.head_sparsities(torch.tensor([0.95, 0.9, 0.99, 0.3]), 0.8)          # n = 3 > H/2: capped at 2
     assert sorted(capped.tolist()) == pytest.approx([0.7, 0.7, 0.9, 0.9])
 
 
@@ -183,33 +208,36 @@ def test_recall_on_inputs_with_known_block_masses():
     adaptive = adaspa.plan(g, 3, step=10, q=q, k=k, block_size=8, sparsity=0.75)
     recalls = np.array(adaptive.meta["base_recall"])
     n = min(int((recalls > 0.8).sum()), 1)
-    expected = adaspa.head_sparsities(recalls, 0.75)
+    expected = ref.head_sparsities(recalls, 0.75, 0.8)
     assert adaptive.meta["head_sparsity"] == pytest.approx(expected.tolist())
     assert adaptive.budgets.tolist() == pytest.approx((1 - expected).tolist())
-    assert n == 0 or adaptive.row_lengths[np.argmax(recalls)].max() < adaptive.row_lengths[np.argmin(recalls)].max()
+    lengths = adaptive.row_lengths.numpy()
+    assert n == 0 or lengths[np.argmax(recalls)].max() < lengths[np.argmin(recalls)].max()
 
 
 # ------------------------------------------------------------------ schedule and session
 def test_session_schedule_dense_search_reuse_cached_search():
     session = adaspa.session(num_steps=50)
-    actions = [session.action(s) for s in range(50)]
-    assert actions[:10] == ["dense"] * 10 and actions[10] == "search" and actions[30] == "cached-search"
-    assert set(actions[11:30]) == {"reuse"} and set(actions[31:]) == {"reuse"}
-
     g = VideoGeometry(6, 4, 4)
-    q1, k1, _ = video_qkv(g, 2, 32, seed=1)
+    actions = [session.action(g, s) for s in range(50)]
+    assert [a.label for a in actions[:10]] == ["dense"] * 10 and actions[10].label == "search"
+    assert actions[30].label == "cached-search" and {a.label for a in actions[11:30] + actions[31:]} == {"reuse"}
+    assert actions[10].dense and actions[10].wants_lse and not actions[30].dense and not actions[11].needs_qk
+
+    q1, k1, v1 = video_qkv(g, 2, 32, seed=1)
     q2, k2, _ = video_qkv(g, 2, 32, seed=2)
     assert session.plan(g, 2, step=3, layer=0).density() == 1.0
-    at_search = session.plan(g, 2, step=10, layer=0, q=q1, k=k1)
-    assert at_search.density() == 1.0 and at_search.meta["action"] == "search"   # the search step runs dense
-    searched = session.cached_mask(0)
-    assert searched == adaspa.plan(g, 2, step=10, layer=0, q=q1, k=k1)
+    _, dense_lse = sparsecore.search.dense_attention(q1, k1, v1)
+    searched = session.plan(g, 2, step=10, layer=0, q=q1, k=k1, lse=dense_lse)   # the dense pass's LSE: pass 2 only
+    assert searched.meta["action"] == "search" and searched.meta["lse"] == "given"
+    assert session.cached_mask(0) is searched
+    fresh = adaspa.plan(g, 2, step=10, layer=0, q=q1, k=k1)                     # the same as a fresh search
+    assert searched.fingerprint() == fresh.fingerprint() and fresh.meta["lse"] == "fresh"
     assert session.plan(g, 2, step=11, layer=0) is searched
-    fresh_lse = block_mass(q1, k1, g.block_offsets(64), g.block_offsets(64)).lse
     later = session.plan(g, 2, step=30, layer=0, q=q2, k=k2)
     assert later.meta["lse"] == "given" and later.meta["action"] == "cached-search"
-    expected = adaspa.plan(g, 2, step=30, layer=0, q=q2, k=k2, lse=fresh_lse)
-    assert later.fingerprint() == expected.fingerprint()
+    expected = adaspa.plan(g, 2, step=30, layer=0, q=q2, k=k2, lse=dense_lse)
+    assert later.fingerprint() == expected.fingerprint() and torch.equal(later.budgets, expected.budgets)
     assert session.plan(g, 2, step=45, layer=0) is later
     with pytest.raises(ValueError, match="no search result cached for this layer"):
         session.plan(g, 2, step=12, layer=1)
@@ -227,6 +255,8 @@ def test_parameter_errors_name_the_field():
         adaspa.plan(g, 1, step=10)
     with pytest.raises(ValueError, match="mass: expected float block masses"):
         adaspa.plan(g, 1, step=10, mass=torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="head_adaptive: expected a bool"):
+        adaspa.session(head_adaptive="yes")
 
 
 @pytest.mark.parametrize("geometry, heads", [
@@ -241,8 +271,8 @@ def test_valid_ir_at_model_shapes(geometry, heads):
     mask = adaspa.plan(geometry, heads, step=10, layer=5, mass=mass)
     video = ~geometry.text_blocks(offs)
     assert mask.q_len == geometry.tokens and mask.num_heads == heads
-    assert mask.budgets.mean() == pytest.approx(0.2)
-    lengths = mask.row_lengths[:, video]
+    assert float(mask.budgets.mean()) == pytest.approx(0.2)
+    lengths = mask.row_lengths.numpy()[:, video]
     assert (lengths == lengths[:, :1]).all()                  # row-wise: one count per head
     assert mask.meta["step"] == 10 and mask.meta["layer"] == 5
     assert adaspa.plan(geometry, heads, step=0).density() == 1.0

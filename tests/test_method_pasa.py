@@ -7,12 +7,13 @@ import functools
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import method_reference as ref
+
 from sparsecore.geometry import VideoGeometry
-from sparsecore.methods import pasa
-from sparsecore.methods.common import mask_from_rows, topk_rows
+from sparsecore.methods import HeadShard, noise, pasa
 from sparsecore.workloads import video_qkv
 
 GEOMETRY = VideoGeometry(12, 4, 8)        # 384 tokens: 6 blocks of 64
@@ -44,44 +45,71 @@ def test_noise_is_redrawn_per_layer_step_and_seed():
 def test_pooled_scores_are_block_means():
     q, k = inputs(heads=2)
     offs = GEOMETRY.block_offsets(64)
-    qm, km = pasa.block_means(q, offs), pasa.block_means(k, offs)
-    q64 = q[0, 1].double().numpy().reshape(6, 64, -1).mean(1)
-    k64 = k[0, 1].double().numpy().reshape(6, 64, -1).mean(1)
-    np.testing.assert_allclose(pasa.pooled_scores(qm, km, 1, 0.5).numpy(), q64 @ k64.T * 0.5, rtol=1e-4, atol=1e-5)
+    want = ref.pasa_scores(q.double().numpy(), k.double().numpy(), offs, 0.5)
+    np.testing.assert_allclose(pasa.pooled_scores(q, k, offs, 0.5).numpy(), want, rtol=1e-4, atol=1e-5)
 
 
-def selected(scores: torch.Tensor, keep: int) -> np.ndarray:
-    """bool [n, n]: the row-wise top-k of square block scores (no text)."""
-    n = scores.shape[0]
-    rows = topk_rows(scores, keep, np.zeros(n, dtype=bool))[0]
-    return mask_from_rows([rows], np.arange(n + 1), np.arange(n + 1)).to_dense()[0]
+def test_noise_is_the_splitmix_counter_hash_on_any_shard():
+    full = noise.gumbel(range(0, 3), 5, 7, seed=11, layer=4, step=9, scale=0.7, device="cpu")
+    np.testing.assert_allclose(full.double().numpy(), ref.gumbel(range(0, 3), 5, 7, 11, 4, 9, 0.7), rtol=1e-6)
+    assert torch.equal(noise.gumbel(range(1, 3), 5, 7, seed=11, layer=4, step=9, scale=0.7, device="cpu"), full[1:])
+    assert not torch.equal(noise.gumbel(range(0, 3), 5, 7, seed=11, layer=None, step=9, scale=0.7, device="cpu"),
+                           full)
+
+
+geometries = st.builds(VideoGeometry, st.integers(2, 8), st.integers(1, 4), st.integers(1, 4), st.integers(0, 24),
+                       st.sampled_from(["start", "end"]))
+
+
+@settings(max_examples=40)
+@given(geometries, st.sampled_from([4, 8, 16]), st.sampled_from([(2, 2), (4, 2), (3, 1)]), st.floats(0.05, 0.9),
+       st.sampled_from([0.0, 0.2, 2.0]), st.integers(0, 2**31 - 1), st.data())
+def test_device_plan_equals_the_host_statement_of_the_rules(g, block, heads, density, noise_scale, seed, data):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads[0], g.tokens, 16, generator=gen)
+    k = torch.randn(2, heads[1], g.tokens, 16, generator=gen)
+    start = data.draw(st.integers(0, heads[0] - 1), label="shard start")
+    stop = data.draw(st.integers(start + 1, heads[0]), label="shard stop")
+    group = heads[0] // heads[1]
+    assume(start % group == 0 and stop % group == 0)              # a shard holds whole key heads
+    session = pasa.session(num_steps=10, density=density, block_size=block, noise_scale=noise_scale, seed=seed % 97,
+                           dense_layers=())
+    mask = session.plan(g, heads[0], step=5, layer=3, q=q[:, start:stop], k=k[:, start // group:stop // group],
+                        heads=HeadShard(start, stop, heads[0]))
+    offs = g.block_offsets(block)
+    text = g.text_blocks(offs)
+    scores = ref.pasa_scores(q.double().numpy(), k.double().numpy(), offs, 16 ** -0.5)
+    video = np.flatnonzero(~text)
+    scores[np.ix_(range(heads[0]), video, video)] += ref.gumbel(range(heads[0]), len(video), len(video), seed % 97, 3,
+                                                                 5, noise_scale)
+    keep = ref.keep_count(density, len(video))
+    want = ref.sink_map(scores, text, [keep] * heads[0])[start:stop]
+    got = mask.to_dense().numpy()
+    clear = ref.cut_gaps(scores, text, [keep] * heads[0])[start:stop] > 1e-4     # float32 vs float64 near-ties
+    assert (got[clear] == want[clear]).all()
+    assert (got.sum(axis=2) == want.sum(axis=2)).all() and mask.device == torch.device("cpu")
+    assert torch.equal(mask.budgets, torch.full((stop - start,), density, dtype=torch.float64))
 
 
 @given(st.integers(0, 2**31 - 1), st.floats(1e-4, 0.5), st.integers(2, 40), st.integers(1, 39))
 def test_noise_moves_selections_only_among_near_tied_blocks(seed, scale, cols, keep):
     assume(keep < cols)
     rng = np.random.default_rng(seed)
-    scores = torch.from_numpy(rng.standard_normal((cols, cols)) * 3).float()
-    noise = pasa.selection_noise((cols, cols), seed=seed, layer=0, step=0, head=0, scale=scale)
-    clean = selected(scores, keep)
-    noisy = selected(scores + noise, keep)
-    spread = float(noise.max() - noise.min())
-    s = scores.numpy()
+    scores = rng.standard_normal((1, cols, cols)) * 3
+    bias = noise.gumbel(range(1), cols, cols, seed=seed, layer=0, step=0, scale=scale, device="cpu").double().numpy()
+    text = np.zeros(cols, dtype=bool)
+    clean, noisy = ref.sink_map(scores, text, [keep])[0], ref.sink_map(scores + bias, text, [keep])[0]
+    spread = float(bias.max() - bias.min())
     for row in range(cols):
         promoted, demoted = noisy[row] & ~clean[row], clean[row] & ~noisy[row]
         if promoted.any():                   # a swap needs the noise to bridge the score gap
-            assert s[row, demoted].max() - s[row, promoted].min() <= spread + 1e-5
-    tiny = pasa.selection_noise((cols, cols), seed=seed, layer=0, step=0, head=0, scale=1e-12)
-    gaps = np.diff(np.sort(s, axis=1), axis=1)
-    assume(gaps.min() > 1e-6)
-    again = selected(scores + tiny, keep)
-    assert (again == clean).all()
+            assert scores[0, row, demoted].max() - scores[0, row, promoted].min() <= spread + 1e-5
 
 
 def test_gumbel_noise_has_the_gumbel_moments():
-    noise = pasa.selection_noise((400, 500), seed=3, layer=None, step=7, head=0, scale=0.5)
-    assert noise.mean().item() == pytest.approx(0.5 * 0.5772, abs=0.01)
-    assert noise.std().item() == pytest.approx(0.5 * np.pi / np.sqrt(6), abs=0.01)
+    sample = noise.gumbel(range(1), 400, 500, seed=3, layer=None, step=7, scale=0.5, device="cpu")
+    assert sample.mean().item() == pytest.approx(0.5 * 0.5772, abs=0.01)
+    assert sample.std().item() == pytest.approx(0.5 * np.pi / np.sqrt(6), abs=0.01)
 
 
 # ------------------------------------------------------------------ budgets
@@ -139,7 +167,8 @@ def test_session_follows_the_schedule_and_counts_blocks():
     curve = pasa.CurvatureProfile(np.array([np.nan] + [1.0] * 39 + [4.0] * 10))
     session = pasa.session(num_steps=50, profile=curve, block_size=16)
     q, k = inputs()
-    assert [session.action(s) for s in (0, 9, 10)] == ["dense", "dense", "select"]
+    assert [session.action(GEOMETRY, s).label for s in (0, 9, 10)] == ["dense", "dense", "select"]
+    assert session.action(GEOMETRY, 20, layer=0).dense and session.action(GEOMETRY, 20, layer=0).label == "dense"
     assert session.plan(GEOMETRY, 2, step=5, layer=1).density() == 1.0
     assert session.plan(GEOMETRY, 2, step=20, layer=0, q=q, k=k).density() == 1.0     # dense layer 0
     quiet = session.plan(GEOMETRY, 2, step=20, layer=1, q=q, k=k)
@@ -147,6 +176,7 @@ def test_session_follows_the_schedule_and_counts_blocks():
     blocks = quiet.num_kv_blocks
     for mask in (quiet, busy):
         assert (mask.row_lengths == max(1, round(mask.meta["density"] * blocks))).all()
+        assert mask.meta["keep_blocks"] == max(1, round(mask.meta["density"] * blocks))
     assert busy.meta["density"] > 0.15 > quiet.meta["density"]
     assert np.mean(session.schedule[10:]) == pytest.approx(0.15)
 
@@ -165,7 +195,8 @@ def test_valid_ir_at_model_shapes(geometry, heads):
     text = geometry.text_blocks(offs)
     keep = round(0.15 * (~text).sum())
     assert mask.q_len == geometry.tokens and mask.num_heads == heads
-    assert (mask.row_lengths[:, ~text] == keep + text.sum()).all() and (mask.row_lengths[:, text] == len(text)).all()
+    lengths = mask.row_lengths.numpy()
+    assert (lengths[:, ~text] == keep + text.sum()).all() and (lengths[:, text] == len(text)).all()
     assert mask.meta["method"] == "pasa" and mask.meta["step"] == 20 and mask.meta["layer"] == 3
 
 
@@ -178,3 +209,7 @@ def test_parameter_errors_name_the_field():
         pasa.plan(GEOMETRY, 1, step=20)
     with pytest.raises(ValueError, match="step: expected 0 <= step < num_steps=50"):
         pasa.plan(GEOMETRY, 1, step=50)
+    with pytest.raises(TypeError, match="dense_layers\\[0\\]: expected an int"):
+        pasa.session(dense_layers=["0"])
+    with pytest.raises(TypeError, match="profile: expected a pasa.CurvatureProfile"):
+        pasa.session(profile="flat")

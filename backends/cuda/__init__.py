@@ -1,14 +1,13 @@
-"""NVIDIA GPU lowerings: a Triton block-sparse FlashAttention kernel (any mask) and FlashInfer (uniform blocks),
-and the Triton implementation of AdaSpa's block-mass search (:mod:`.block_mass`).
+"""NVIDIA GPU lowerings: a Triton block-sparse FlashAttention kernel (any mask, and AdaSpa's block-mass pass),
+FlashAttention-4's block sparsity (any mask, Hopper/Blackwell) and FlashInfer (uniform blocks).
 
-Importing this package imports neither triton nor flashinfer; the lowerings do, when used.
+Importing this package imports none of triton, flash_attn or flashinfer; the lowerings do, when used.
+May import: ``sparsecore.ir``, ``sparsecore.registry``, ``sparsecore.capabilities`` (never
+``sparsecore.kernel``, the methods or the integrations).
 """
 
-from sparsecore.search import register_block_mass
-
-from . import block_mass
+from .fa4_backend import Fa4Backend
 from .flashinfer_backend import FlashInferBackend
 from .triton_backend import TritonBackend
 
-BACKENDS = (TritonBackend(), FlashInferBackend())
-register_block_mass("cuda", block_mass.run, name="triton", supports=block_mass.supports)
+BACKENDS = (TritonBackend(), Fa4Backend(), FlashInferBackend())

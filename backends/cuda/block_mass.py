@@ -1,9 +1,11 @@
-"""The CUDA implementation of :func:`sparsecore.search.block_mass`, registered by this package.
+"""The CUDA implementation of AdaSpa's block-mass pass (:func:`sparsecore.search.block_mass`).
 
-Pass 1 (no cached LSE) runs our Triton attention kernel over a full mask for the row
-LSE; pass 2 is :mod:`.block_mass_kernel`, fused (no score matrix in memory). Triton is
-imported only when it runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors
-inside the Triton backend's emulator, which is how CI tests it.
+Pass 2 only: given the row LSE (fresh from the search's dense pass, or cached), the
+fused kernel of :mod:`.block_mass_kernel` adds ``exp(scale * q.k - lse)`` per (query
+block, key block) without writing scores to memory. Triton is imported only when it
+runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors inside the Triton
+backend's emulator, which is how CI tests it. Offered through
+``TritonBackend.block_mass`` (a :class:`~sparsecore.registry.BlockMassOp`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import importlib.util
 import numpy as np
 import torch
 
-from sparsecore.ir import BlockMask
+from sparsecore.ir.uploads import on_device
 
-from . import triton_backend
+from . import interpreter
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 HEAD_DIMS = (16, 32, 64, 128)
@@ -23,27 +25,26 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray) -> str | None:
-    """None if the Triton kernel takes these inputs, else why not (block_mass then uses torch)."""
+    """None if the Triton kernel takes these inputs, else why not (the search then uses torch)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} is not one of {HEAD_DIMS}"
     if q.dtype not in DTYPES or k.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype} is not one of fp16, bf16, fp32 (same for q and k)"
-    return triton_backend.TritonBackend().tensor_device_problem("cuda", q.device.type)
+    if not interpreter.active() and not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    return interpreter.tensor_device_problem("cuda", q.device.type)
 
 
-def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor | None,
-        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor,
+        scale: float) -> torch.Tensor:
+    """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``)."""
     from .block_mass_kernel import block_mass_fwd
     from .triton_kernel import LOG2E
     batch, heads, q_len, head_dim = q.shape
-    q, k = q.contiguous(), k.contiguous()
-    if lse is None:
-        lse = _fresh_lse(q, k, scale)
-    lse = lse.contiguous()
-    programs, tile_start, tile_end, tile_block = (torch.from_numpy(a).to(q.device)
-                                                  for a in _tiles(q_offsets, kv_offsets))
+    q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
+    programs, tile_start, tile_end, tile_block = (on_device(a, q.device) for a in _tiles(q_offsets, kv_offsets))
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
     block_mass_fwd[(programs.shape[0], heads, batch)](
         q, k, lse, mass, programs, tile_start, tile_end, tile_block,
@@ -52,19 +53,7 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
         tile_start.shape[0], scale * LOG2E,
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
-    return mass, lse
-
-
-def _fresh_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row LSE of dense attention from our Triton kernel (k doubles as v: only the LSE is kept).
-
-    One block per head: the kernel retiles it into the same tiles as any dense mask, and
-    the mask stays a few entries long at any length (planning and hashing cost nothing).
-    """
-    from sparsecore.kernel import compile
-    dense = BlockMask.full(q.shape[1], q.shape[2], k.shape[2], q.shape[2], k.shape[2])
-    _, lse = compile(dense, device="cuda", backend="triton")(q, k, k, scale=scale, return_lse=True)
-    return lse
+    return mass
 
 
 def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray):

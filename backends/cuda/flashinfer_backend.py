@@ -12,12 +12,15 @@ the layout measured at 500-515 eff TFLOP/s with per-head masks on an H100
 Takes: uniform query blocks R and key blocks C (the last query block may be short:
 queries are then padded per head to whole blocks), ``kv_len % C == 0`` (the wrapper
 reshapes keys into pages of C), fp16/bf16, head dims 64/128 (the ones tested on the H100),
+at most ``MAX_ROWS`` block rows (batch x heads x query blocks) per plan, and
 ``R >= 4``: below that the wrapper switches to its CUDA-core decode kernel, which on an
 H100 (2026-11-22, flashinfer 0.6.1) returned wrong outputs for R=2 and faulted for R=3
 (bench/results/cuda-2026-11-22-runs/flashinfer-edge-shapes.log). FlashInfer returns
 a base-2 LSE; it is converted to natural log. Rows whose list is empty are set to
 output 0 and LSE -inf after the call (FlashInfer does not document what it writes
-there). Plans are built per (batch, dtype, head dim, scale) on first use and reused.
+there). Plans are built per (batch, dtype, head dim, scale) on first use and reused;
+the folded lists are built with torch ops on the device of the mask's lists
+(FlashInfer's ``plan()`` then reads its row pointers on the host, as its API requires).
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
-from sparsecore.registry import Backend, Run
+from sparsecore.registry import Backend, Run, UnsupportedError
 
+MAX_ROWS = 32768  # block rows of one plan: 12 heads x 2,949 64-token blocks failed on an H200 (issue 13)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace, shared by all plans on a device
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
@@ -54,7 +57,7 @@ class FlashInferBackend(Backend):
     options_type = FlashInferOptions
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 128}), uniform_q_blocks=True, uniform_kv_blocks=True,
-                                kv_len_divisible=True, min_q_block=4)
+                                kv_len_divisible=True, min_q_block=4, max_rows=MAX_ROWS)
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("flashinfer") is None:
@@ -64,8 +67,8 @@ class FlashInferBackend(Backend):
         return None
 
     def preference(self, mask: BlockMask) -> int:
-        from .selection import flashinfer_preference
-        return flashinfer_preference(mask)
+        from .selection import preference
+        return preference(self.name, mask)
 
     def lower(self, mask: BlockMask, device: str, options: FlashInferOptions) -> Run:
         return FoldedHeadsLaunch(mask, options.variant)
@@ -80,20 +83,24 @@ class FoldedHeadsLaunch:
         self.q_block = mask.uniform_block_size("q")
         self.kv_block = mask.uniform_block_size("kv")
         self.padded_q_len = mask.num_q_blocks * self.q_block
-        self._empty_rows = np.repeat(mask.row_lengths == 0, self.q_block, axis=1)  # [H, padded_q_len]
-        self._empty_rows_on: dict[torch.device, torch.Tensor] = {}
+        empty = mask.row_lengths == 0
+        self._empty_rows = empty.repeat_interleave(self.q_block, dim=1) if bool(empty.any()) else None
         self._wrappers: dict[tuple, object] = {}
 
-    def _folded_csr(self, batch: int, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
-        """indptr over rows (b, h, i) and indices into the block-diagonal key-block space."""
+    def _folded_csr(self, batch: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """indptr over rows (b, h, i) and indices into the block-diagonal key-block space (int32, on the device)."""
         mask = self.mask
         group = mask.num_heads // num_kv_heads
-        lengths = np.tile(mask.row_lengths.ravel(), batch)
-        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        head_of_entry = np.repeat(np.arange(mask.num_heads), np.diff(mask.indptr[:, [0, -1]], axis=1).ravel())
-        per_batch = [(b * num_kv_heads + head_of_entry // group) * mask.num_kv_blocks + mask.indices
-                     for b in range(batch)]
-        return indptr, np.concatenate(per_batch).astype(np.int32)
+        device = mask.indptr.device
+        lengths = mask.row_lengths.reshape(-1).repeat(batch)
+        indptr = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=device)
+        torch.cumsum(lengths, 0, out=indptr[1:])
+        per_head = (mask.indptr[:, -1] - mask.indptr[:, 0]).long()
+        head_of_entry = torch.repeat_interleave(torch.arange(mask.num_heads, device=device), per_head,
+                                                output_size=mask.nnz)
+        batches = torch.arange(batch, device=device)[:, None]
+        folded = (batches * num_kv_heads + head_of_entry // group) * mask.num_kv_blocks + mask.indices.long()
+        return indptr.to(torch.int32), folded.reshape(-1).to(torch.int32)
 
     def _wrapper(self, q: torch.Tensor, num_kv_heads: int, scale: float):
         batch, num_heads, _, head_dim = q.shape
@@ -104,17 +111,26 @@ class FoldedHeadsLaunch:
                 _WORKSPACES[q.device] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
             wrapper = flashinfer.BlockSparseAttentionWrapper(_WORKSPACES[q.device], backend=self.variant)
             indptr, indices = self._folded_csr(batch, num_kv_heads)
-            wrapper.plan(torch.from_numpy(indptr).to(q.device), torch.from_numpy(indices).to(q.device),
+            wrapper.plan(indptr, indices,
                          M=batch * num_heads * self.padded_q_len, N=batch * num_kv_heads * self.mask.kv_len,
                          R=self.q_block, C=self.kv_block, num_qo_heads=1, num_kv_heads=1, head_dim=head_dim,
                          sm_scale=scale, q_data_type=q.dtype, kv_data_type=q.dtype, o_data_type=q.dtype)
             self._wrappers[key] = wrapper
         return self._wrappers[key]
 
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Plan the wrapper a call with these inputs (and the default scale) would use."""
+        if self.mask.nnz:
+            self._wrapper(q, k.shape[1], q.shape[-1] ** -0.5)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads = k.shape[1]
+        if batch * num_heads * self.mask.num_q_blocks > MAX_ROWS:
+            raise UnsupportedError(f"flashinfer: batch x heads x query blocks = {batch} x {num_heads} x "
+                                   f"{self.mask.num_q_blocks} exceeds the {MAX_ROWS:,} block rows one plan takes; "
+                                   f"split the batch, or compile with backend=None or 'triton'")
         if self.mask.nnz == 0:  # nothing to attend to anywhere (FlashInfer's plan needs one block)
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
             return torch.zeros_like(q), lse
@@ -131,10 +147,8 @@ class FoldedHeadsLaunch:
                     lse=None if lse is None else lse.view(-1, 1), return_lse=return_lse)
         if lse is not None:
             lse.mul_(math.log(2.0))                       # FlashInfer's LSE is base 2
-        if self._empty_rows.any():
-            if q.device not in self._empty_rows_on:
-                self._empty_rows_on[q.device] = torch.from_numpy(self._empty_rows).to(q.device)
-            empty = self._empty_rows_on[q.device]
+        if self._empty_rows is not None:
+            empty = self._empty_rows
             out.masked_fill_(empty[None, :, :, None], 0.0)
             if lse is not None:
                 lse.masked_fill_(empty[None], -math.inf)

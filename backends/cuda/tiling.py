@@ -12,18 +12,23 @@ lists, each in row order, so no sort is needed.
 Programs are ordered by descending work (longest-processing-time first), so the rows
 of unequal length that head-adaptive masks produce finish together.
 
-The plan is computed with torch ops on the device that will run the kernel (a
+The plan is computed with torch ops on the device that holds the mask's lists (a
 98K-token, 12-head mask has millions of tiles: a GPU plans it in about a millisecond),
-and on CPU for tests.
+and on CPU for tests. The sizes of the tile lists depend on the lists' values, so the
+plan reads three numbers back to the host, once; every other size follows from the
+block boundaries, which are on the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.csr import row_of_entry
+from sparsecore.ir.uploads import on_device
 
 PROGRAM_FIELDS = ("head", "q_start", "q_end", "full_first", "num_full", "partial_first", "num_partial")
 
@@ -51,62 +56,67 @@ class TilePlan:
     def num_programs(self) -> int:
         return self.programs.shape[0]
 
-    def computed_pairs(self) -> int:
-        """Query x key pairs the kernel computes per batch element, padding included."""
-        tiles = self.programs[:, 4].sum() + self.programs[:, 6].sum()
-        return int(tiles) * self.block_m * self.block_n
 
+def plan_tiles(mask: BlockMask, block_m: int, block_n: int) -> TilePlan:
+    """The tile plan of ``mask`` (lists on the device that will run it) for tiles of ``block_m`` x ``block_n``."""
+    if mask.on_host:
+        raise ValueError("mask: plan_tiles needs the lists on the run device (mask.to(device)), got a host mask")
+    device = mask.device
+    indices = mask.indices.long()
+    kv_offsets = on_device(mask.kv_offsets, device)
+    num_rows, nnz = mask.num_heads * mask.num_q_blocks, mask.nnz
 
-def plan_tiles(mask: BlockMask, block_m: int, block_n: int, device: torch.device | str = "cpu") -> TilePlan:
-    """The tile plan of ``mask`` for tiles of ``block_m`` x ``block_n``, built on ``device``."""
-    device = torch.device(device)
-    as_tensor = lambda a: torch.tensor(a, dtype=torch.int64, device=device)  # noqa: E731  (copies: IR arrays are read-only)
-    indices, kv_offsets = as_tensor(mask.indices), as_tensor(mask.kv_offsets)
-    row_lengths = as_tensor(mask.row_lengths.ravel())
-    num_rows = mask.num_heads * mask.num_q_blocks
+    # Runs of consecutive key blocks within a row, as token ranges [begin, end), in arrays of
+    # nnz slots (an upper bound on the number of runs) so nothing waits for a count.
+    row = row_of_entry(mask.indptr, nnz)
+    starts_run = torch.ones(nnz, dtype=torch.bool, device=device)
+    starts_run[1:] = (indices[1:] != indices[:-1] + 1) | (row[1:] != row[:-1])
+    run_id = torch.cumsum(starts_run, 0) - 1
+    slots = torch.zeros(nnz, dtype=torch.int64, device=device)
+    run_begin = slots.scatter_reduce(0, run_id, kv_offsets[indices], "amin", include_self=False)
+    run_end = slots.scatter_reduce(0, run_id, kv_offsets[indices + 1], "amax", include_self=False)
+    run_row = slots.scatter_reduce(0, run_id, row, "amax", include_self=False)
+    is_run = torch.arange(nnz, device=device) <= (run_id[-1] if nnz else -1)
+    full_per_run = torch.where(is_run, (run_end - run_begin) // block_n, 0)
+    has_partial = is_run & ((run_end - run_begin) % block_n > 0)
+    num_runs, total_full, total_partial = (int(x) for x in torch.stack(      # the one host read
+        [is_run.sum(), full_per_run.sum(), has_partial.sum()]).tolist())
 
-    # Runs of consecutive key blocks within a row, as token ranges [begin, end).
-    row_of_entry = torch.repeat_interleave(torch.arange(num_rows, device=device), row_lengths,
-                                           output_size=mask.nnz)
-    starts_run = torch.ones(mask.nnz, dtype=torch.bool, device=device)
-    starts_run[1:] = (indices[1:] != indices[:-1] + 1) | (row_of_entry[1:] != row_of_entry[:-1])
-    run_first = torch.nonzero(starts_run).squeeze(1)
-    run_last = torch.cat([run_first[1:] - 1, torch.tensor([mask.nnz - 1], device=device)])[:len(run_first)]
-    run_begin = kv_offsets[indices[run_first]]
-    run_end = kv_offsets[indices[run_last] + 1]
-    run_row = row_of_entry[run_first]
-
-    # Each run: its full tiles from the run's first token, then at most one partial tile.
-    full_per_run = (run_end - run_begin) // block_n
-    has_partial = (run_end - run_begin) % block_n > 0
-    full_run = torch.repeat_interleave(torch.arange(len(run_first), device=device), full_per_run)
-    full_in_run = torch.arange(len(full_run), device=device) - torch.repeat_interleave(
-        torch.cumsum(full_per_run, 0) - full_per_run, full_per_run)
+    run_begin, run_end, run_row = run_begin[:num_runs], run_end[:num_runs], run_row[:num_runs]
+    full_per_run, has_partial = full_per_run[:num_runs], has_partial[:num_runs]
+    full_run = torch.repeat_interleave(torch.arange(num_runs, device=device), full_per_run, output_size=total_full)
+    first_of_run = torch.cumsum(full_per_run, 0) - full_per_run
+    full_in_run = torch.arange(total_full, device=device) - first_of_run[full_run]
     full_start = run_begin[full_run] + block_n * full_in_run
-    partial_start = (run_begin + block_n * full_per_run)[has_partial]
-    partial_end = run_end[has_partial]
+    partial_slot = torch.where(has_partial, torch.cumsum(has_partial, 0) - 1, total_partial)
+    partial_start = torch.empty(total_partial + 1, dtype=torch.int64, device=device).scatter_(
+        0, partial_slot, run_begin + block_n * full_per_run)[:total_partial]
+    partial_end = torch.empty(total_partial + 1, dtype=torch.int64, device=device).scatter_(
+        0, partial_slot, run_end)[:total_partial]
 
     num_full = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, full_per_run)
-    num_partial = torch.bincount(run_row[has_partial], minlength=num_rows)
-    programs = _programs(mask, block_m, num_full, num_partial, device)
+    num_partial = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, has_partial.long())
+    programs = _programs(mask, block_m, num_full, num_partial)
     to32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return TilePlan(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
 
 
-def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial: torch.Tensor,
-              device: torch.device) -> torch.Tensor:
-    """One program per (head, query tile), longest rows first."""
-    q_offsets = torch.tensor(mask.q_offsets, device=device)
-    q_tiles = (q_offsets[1:] - q_offsets[:-1] + block_m - 1) // block_m       # query tiles per IR block
-    per_row = q_tiles.repeat(mask.num_heads)
-    row = torch.repeat_interleave(torch.arange(len(per_row), device=device), per_row)
-    tile_in_block = torch.arange(len(row), device=device) - torch.repeat_interleave(
-        torch.cumsum(per_row, 0) - per_row, per_row)
-    block = row % mask.num_q_blocks
+def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial: torch.Tensor) -> torch.Tensor:
+    """One program per (head, query tile), longest rows first; the counts follow from the host offsets."""
+    device = num_full.device
+    tiles_per_block = -(-mask.q_block_sizes // block_m)                            # host: query tiles per IR block
+    tile_block = np.repeat(np.arange(mask.num_q_blocks), tiles_per_block)
+    tile_in_block = np.arange(len(tile_block)) - np.repeat(np.cumsum(tiles_per_block) - tiles_per_block,
+                                                           tiles_per_block)
+    tile_start = on_device(mask.q_offsets[tile_block] + block_m * tile_in_block, device)
+    tile_end = on_device(mask.q_offsets[tile_block + 1], device)
+    tile_block = on_device(tile_block, device)
+    tiles = len(tile_block)
+    head = torch.arange(mask.num_heads, device=device).repeat_interleave(tiles)
+    row = head * mask.num_q_blocks + tile_block.repeat(mask.num_heads)
     full_first = torch.cumsum(num_full, 0) - num_full
     partial_first = torch.cumsum(num_partial, 0) - num_partial
-    programs = torch.stack([row // mask.num_q_blocks, q_offsets[block] + block_m * tile_in_block,
-                            q_offsets[block + 1], full_first[row], num_full[row], partial_first[row],
-                            num_partial[row]], dim=1)
+    programs = torch.stack([head, tile_start.repeat(mask.num_heads), tile_end.repeat(mask.num_heads),
+                            full_first[row], num_full[row], partial_first[row], num_partial[row]], dim=1)
     work = num_full[row] + num_partial[row]
     return programs[torch.argsort(work, descending=True, stable=True)]

@@ -9,7 +9,7 @@ import torch
 from sparsecore.ir import BlockMask
 
 from .tiling import TilePlan, plan_tiles
-from .triton_backend import TritonConfig, TritonOptions, default_config
+from .triton_config import TritonConfig, TritonOptions, default_config
 from .triton_kernel import LOG2E, block_sparse_attention_fwd
 
 
@@ -28,12 +28,16 @@ class TritonLaunch:
         overrides = {k: v for k, v in vars(self.options).items() if v is not None}
         return replace(config, **overrides)
 
-    def plan(self, config: TritonConfig, device: torch.device) -> TilePlan:
-        """The tile plan for this config on ``device`` (built there on first use, then cached)."""
-        key = (config.block_m, config.block_n, str(device))
+    def plan(self, config: TritonConfig) -> TilePlan:
+        """The tile plan for this config (built on the mask's device on first use, then cached)."""
+        key = (config.block_m, config.block_n)
         if key not in self._plans:
-            self._plans[key] = plan_tiles(self.mask, config.block_m, config.block_n, device)
+            self._plans[key] = plan_tiles(self.mask, config.block_m, config.block_n)
         return self._plans[key]
+
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Build the tile plan a call with ``q`` would use."""
+        self.plan(self.config(q))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -41,7 +45,7 @@ class TritonLaunch:
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads, kv_len = k.shape[1], k.shape[2]
         config = self.config(q)
-        plan = self.plan(config, q.device)
+        plan = self.plan(config)
         out = torch.empty_like(q)
         lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else out
         descs = _descriptors(q, k, v, config) if config.use_tma else (q, k, v)

@@ -75,8 +75,9 @@ class NpuBackend(Backend):
     name = "npu"
     capabilities = Capabilities(devices=("npu",), array_type="torch",
                                 dtypes=frozenset({"float16", "bfloat16", "float32"}),
-                                head_dims=frozenset(BLOCK_SPARSE_HEAD_DIMS))
+                                head_dims=frozenset(BLOCK_SPARSE_HEAD_DIMS), max_heads=MAX_HEADS)
     install_hint = loader.INSTALL_HINT
+    plans_on_host = True
     options_type = NpuOptions
 
     def unavailable_reason(self, device: str) -> str | None:
@@ -91,9 +92,6 @@ class NpuBackend(Backend):
         return super().tensor_device_problem(device, tensor_device)
 
     def lower(self, mask: BlockMask, device: str, options: Hashable) -> Run:
-        if mask.num_heads > MAX_HEADS:
-            raise UnsupportedError(f"npu: npu_fusion_attention takes at most {MAX_HEADS} query heads, got a mask with "
-                                   f"{mask.num_heads}; split the heads (mask.select_heads) and compile each part")
         return NpuKernel(mask, options)
 
 

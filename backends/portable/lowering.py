@@ -3,9 +3,10 @@
 Works on any torch device with plain tensor ops, so it is the fallback for devices
 without a native lowering and the fast path on CPU.
 
-Plan (once per mask, on the host): the (head, query block) rows are sorted by how
-many key blocks they keep and cut into chunks whose padded work fits a memory
-budget. Each chunk stores its rows' head, query-token range and padded list of key
+Plan (once per mask, with torch ops on the device of the mask's lists): the (head,
+query block) rows are sorted by how many key blocks they keep and cut into chunks
+whose padded work fits a memory budget; the cut reads the row lengths on the host
+once. Each chunk stores its rows' head, query-token range and padded list of key
 block ids. Run (per batch element and chunk): gather the chunk's queries
 ``[R, QB, D]`` and key/value tokens ``[R, NB * KB, D]`` (padding masked to -inf),
 compute exact softmax attention in float32 (float64 for float64 inputs; torch's
@@ -75,17 +76,19 @@ class Chunk:
 
 
 def plan_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) -> list[Chunk]:
-    """Group the mask's rows into padded chunks; all arrays built vectorized on the host."""
-    lengths = mask.row_lengths.ravel()                       # key blocks per row, [H * MB]
-    order = np.argsort(-lengths, kind="stable")
-    order = order[lengths[order] > 0]                        # empty rows stay 0 / -inf
+    """Group the mask's rows into padded chunks; sizes from one host read of the row lengths."""
+    mask = mask.to(device)
+    lengths = mask.row_lengths.reshape(-1)                   # key blocks per row, [H * MB]
+    host_lengths = lengths.cpu().numpy()                     # the one host read: chunk sizes depend on it
+    order = np.argsort(-host_lengths, kind="stable")
+    order = order[host_lengths[order] > 0]                   # empty rows stay 0 / -inf
     max_q, max_kv = int(mask.q_block_sizes.max()), int(mask.kv_block_sizes.max())
-    starts = mask.indptr[:, :-1].ravel().astype(np.int64)
+    starts = mask.indptr[:, :-1].reshape(-1).long()
     chunks = []
     position = 0
     while position < len(order):
-        end = _chunk_end(order, position, lengths, max_q, max_kv, chunk_elements)
-        chunks.append(_make_chunk(mask, order[position:end], lengths, starts, device))
+        end = _chunk_end(order, position, host_lengths, max_q, max_kv, chunk_elements)
+        chunks.append(_make_chunk(mask, order[position:end], host_lengths, starts, device))
         position = end
     return chunks
 
@@ -97,7 +100,7 @@ def _chunk_end(order: np.ndarray, position: int, lengths: np.ndarray, max_q: int
     return min(len(order), position + max(1, chunk_elements // per_row))
 
 
-def _make_chunk(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, starts: np.ndarray,
+def _make_chunk(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, starts: torch.Tensor,
                 device: torch.device) -> Chunk:
     num_q_blocks = mask.num_q_blocks
     heads, blocks = rows // num_q_blocks, rows % num_q_blocks
@@ -107,21 +110,23 @@ def _make_chunk(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, starts: 
     q_valid = q_offsets < q_sizes[:, None]
     q_tokens = mask.q_offsets[blocks][:, None] + np.where(q_valid, q_offsets, 0)
 
+    put = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
     nb = int(lengths[rows].max())
-    slot = np.arange(nb)[None, :]
-    block_valid = slot < lengths[rows][:, None]
-    block_ids = mask.indices[np.where(block_valid, starts[rows][:, None] + slot, 0)]
-    kb = int(mask.kv_block_sizes[block_ids[block_valid]].max())
-    within = np.arange(kb)[None, None, :]
-    kv_valid = block_valid[:, :, None] & (within < mask.kv_block_sizes[block_ids][:, :, None])
-    kv_tokens = np.where(kv_valid, mask.kv_offsets[block_ids][:, :, None] + within, 0)
-
-    def put(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
+    row_lengths = put(lengths[rows].astype(np.int64))
+    slot = torch.arange(nb, device=device)[None, :]
+    block_valid = slot < row_lengths[:, None]
+    entry = torch.where(block_valid, starts[put(rows.astype(np.int64))][:, None] + slot, 0)
+    block_ids = mask.indices[entry].long()
+    kv_sizes, kv_offsets = put(mask.kv_block_sizes), put(mask.kv_offsets)
+    kb = int(mask.kv_block_sizes.max())
+    within = torch.arange(kb, device=device)[None, None, :]
+    kv_valid = block_valid[:, :, None] & (within < kv_sizes[block_ids][:, :, None])
+    # Padding points at the row's first kept token, never at a token the row does not attend to:
+    # a non-finite value there must not reach the row even through a zero weight.
+    first = kv_offsets[block_ids[:, :1]][:, :, None]
+    kv_tokens = torch.where(kv_valid, kv_offsets[block_ids][:, :, None] + within, first)
     return Chunk(put(heads.astype(np.int64)), put(q_tokens.astype(np.int64)), put(q_valid),
-                 put(kv_tokens.reshape(len(rows), -1).astype(np.int64)), put(kv_valid.reshape(len(rows), -1)),
-                 not kv_valid.all())
+                 kv_tokens.reshape(len(rows), -1), kv_valid.reshape(len(rows), -1), not bool(kv_valid.all()))
 
 
 def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, padded: bool,

@@ -1,15 +1,18 @@
-"""Sparsity methods: planners that emit BlockMask IRs (none imports a device library).
+"""Sparsity methods: planners that emit BlockMask IRs; none imports a device library.
 
-Each module has ``plan(geometry, num_heads, *, step, layer=None, q=None, k=None, **params)
--> BlockMask`` and ``session(num_steps=..., **params)`` for runs across denoising steps.
-Sessions' ``plan`` also takes ``heads=HeadShard(...)`` to plan one rank's heads under
-head-parallel (Ulysses) attention.
+Each method module has a frozen parameter dataclass, ``plan(geometry, num_heads, *, step,
+layer=None, q=None, k=None, **params) -> BlockMask`` for one call, and ``session(num_steps,
+**params)`` returning a :class:`Session` for a run across denoising steps (the contract the
+integration, CLI and demo use: :mod:`.contract`). Sessions' ``plan`` also takes
+``heads=HeadShard(...)`` to plan one rank's heads under head-parallel (Ulysses) attention.
+
+May import: ``sparsecore.ir``, ``sparsecore.geometry``, ``sparsecore.inputs``,
+``sparsecore.search`` (the block-mass operation, found through the backend registry).
 """
 
 from . import adaspa, lvsa, pasa
-from .common import HeadShard
+from .contract import HeadShard, Session, StepAction
 
-PLANNERS = {"lvsa": lvsa.plan, "adaspa": adaspa.plan, "pasa": pasa.plan}
 SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session}
 
-__all__ = ["PLANNERS", "SESSIONS", "HeadShard", "adaspa", "lvsa", "pasa"]
+__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "pasa"]

@@ -15,11 +15,19 @@ with the per-head sparsity ``s_h``: at base sparsity ``s`` each head's recall (m
 kept / total mass) is measured, ``n`` = heads with recall > 0.8, the ``n`` best get
 ``(1+s)/2`` and the ``n`` worst ``(3s-1)/2``; the rest keep ``s``.
 
-Schedule (:class:`AdaSpaSession`, 0-based steps): steps ``< warmup_steps`` are dense;
-at the first search step the output is dense and the search runs with a fresh LSE
-(Fused Online Search, both passes); later search steps reuse that step's LSE (only
-pass 2: LSE-Cached Search) and apply their new mask at once; steps in between reuse
-the last mask of their layer.
+Schedule (:class:`AdaSpaSession`, 0-based steps): steps before the first search are
+dense; at the first search step the output is dense and the search runs with that
+output's LSE when the caller has it (the integration does), else computes one (Fused
+Online Search); later search steps reuse the first search's LSE (only pass 2:
+LSE-Cached Search) and apply their new mask at once; steps in between reuse the last
+mask of their layer.
+
+Everything after the block masses runs on their device, for all heads at once: one
+ranked top-k per (head, video row) up to the largest budget any head can get, each
+head's recall from the top ``k`` of its base budget plus the text sink's mass, the
+head-adaptive ranking (an all-gather of the recalls under a head shard), and the CSR
+built by scatter. The mask's size depends on the ranking, so a search reads one small
+vector back (its size, head sparsities and recalls for ``meta``); reuse steps read nothing.
 
 Where the paper is silent, we chose:
 
@@ -43,78 +51,120 @@ Where the paper is silent, we chose:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.search import block_mass
 
-from .common import (HeadRows, HeadShard, check_fraction, check_geometry, check_int, check_params, check_qk,
-                     check_shard, check_step, dense_mask, geometry_meta, keep_count, mask_from_rows, text_sink,
-                     topk_rows)
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_qk,
+                       check_scale, check_shard, check_step, geometry_meta, params_from)
+from .selection import (SinkLayout, dense_mask, keep_count, keep_counts, rows_from_top, selection_nnz, sink_mask,
+                        top_video)
+from sparsecore.ir.validation import check_int
 
 METHOD = "adaspa"
 PAPER = "arXiv:2502.21079"
-DEFAULTS: dict[str, Any] = {
-    "sparsity": 0.8,
-    "block_size": 64,
-    "head_adaptive": True,
-    "recall_threshold": 0.8,
-    "warmup_steps": 10,
-    "search_steps": (10, 30),
-    "scale": None,
-    "impl": "auto",
-}
 
 
-def head_sparsities(recalls: np.ndarray, sparsity: float, threshold: float = 0.8) -> np.ndarray:
-    """Per-head sparsity from per-head recall at the base sparsity (three levels, mean = ``sparsity``)."""
-    recalls = np.asarray(recalls, dtype=np.float64)
-    heads = len(recalls)
-    n = min(int((recalls > threshold).sum()), heads // 2)
-    delta = min((1.0 - sparsity) / 2.0, sparsity)
-    out = np.full(heads, sparsity)
-    order = np.argsort(-recalls, kind="stable")          # best recall first
-    if n:
-        out[order[:n]] = sparsity + delta
-        out[order[heads - n:]] = sparsity - delta
-    return out
+@dataclass(frozen=True)
+class AdaSpaParams:
+    """AdaSpa's parameters (paper defaults), checked once.
 
-
-def select(mass: torch.Tensor, geometry: VideoGeometry, offsets: np.ndarray, *, sparsity: float,
-           head_adaptive: bool = True, recall_threshold: float = 0.8,
-           shard: HeadShard | None = None) -> tuple[list[HeadRows], np.ndarray, np.ndarray]:
-    """From block masses ``[H, MB, NB]``: (rows per head, head sparsities, recall at the base sparsity).
-
-    With a ``shard``, ``mass`` holds that shard's heads; the head-adaptive ranking runs over every
-    head's recall (``shard.all_heads``), and sparsities and recalls are returned for all heads.
+    ``sparsity``: base fraction of video key blocks dropped per row (0.8). ``block_size``: tokens per
+    block (64). ``head_adaptive``: three budget levels by recall (True). ``recall_threshold``: what
+    counts as a good recall (0.8). ``warmup_steps``: leading dense steps (10). ``search_steps``:
+    0-based steps that search (10, 30). ``scale``: softmax scale (None: 1/sqrt(D)). ``impl``:
+    block-mass implementation (``"auto"``, ``"torch"`` or a backend's name).
     """
-    heads = mass.shape[0]
-    shard = HeadShard(0, heads, heads) if shard is None else shard
-    text, video = text_sink(geometry, offsets)
-    video_blocks = int(video.sum())
-    base_keep = keep_count(1.0 - sparsity, video_blocks)
-    text_index = torch.from_numpy(np.nonzero(text)[0]).to(mass.device)
-    video_index = torch.from_numpy(np.nonzero(video)[0]).to(mass.device)
-    rows, recalls = [], np.empty(heads)
-    for h in range(heads):
-        head_rows, kept = topk_rows(mass[h], base_keep, text)
-        m = mass[h].double()
-        forced = m[:, text_index].sum() + m[text_index][:, video_index].sum()   # the text sink's mass
-        recalls[h] = (kept + float(forced)) / max(float(m.sum()), np.finfo(np.float64).tiny)
-        rows.append(head_rows)
-    recalls = shard.all_heads(recalls)
-    if not head_adaptive:
-        return rows, np.full(shard.total, sparsity), recalls
-    sparsities = head_sparsities(recalls, sparsity, recall_threshold)
-    for h in range(heads):
-        keep = keep_count(1.0 - sparsities[shard.start + h], video_blocks)
-        if keep != base_keep:
-            rows[h] = topk_rows(mass[h], keep, text)[0]
-    return rows, sparsities, recalls
+
+    sparsity: float = 0.8
+    block_size: int = 64
+    head_adaptive: bool = True
+    recall_threshold: float = 0.8
+    warmup_steps: int = 10
+    search_steps: tuple[int, ...] = (10, 30)
+    scale: float | None = None
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "sparsity", check_fraction(self.sparsity, "sparsity"))
+        set_(self, "recall_threshold", check_fraction(self.recall_threshold, "recall_threshold"))
+        set_(self, "block_size", check_int(self.block_size, "block_size", 1))
+        set_(self, "warmup_steps", check_int(self.warmup_steps, "warmup_steps", 0))
+        set_(self, "head_adaptive", check_bool(self.head_adaptive, "head_adaptive"))
+        set_(self, "search_steps", check_int_tuple(self.search_steps, "search_steps"))
+        set_(self, "scale", check_scale(self.scale))
+        if not isinstance(self.impl, str):
+            raise TypeError(f"impl: expected a block-mass implementation name such as 'auto', got {self.impl!r}")
+
+    def meta(self) -> dict[str, Any]:
+        return {**vars(self), "search_steps": list(self.search_steps)}
+
+
+def head_sparsities(recalls: torch.Tensor, sparsity: float, threshold: float = 0.8) -> torch.Tensor:
+    """Per-head sparsity from per-head recall at the base sparsity (three levels, mean = ``sparsity``).
+
+    ``recalls``: float tensor ``[H]`` (any device). ``n`` = heads with recall above ``threshold``,
+    capped at ``H // 2``; the ``n`` best get ``s + delta``, the ``n`` worst ``s - delta``.
+    """
+    recalls = torch.as_tensor(recalls, dtype=torch.float64)
+    heads = recalls.shape[0]
+    n = torch.clamp((recalls > threshold).sum(), max=heads // 2)
+    delta = min((1.0 - sparsity) / 2.0, sparsity)
+    order = torch.argsort(-recalls, stable=True)                           # best recall first
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(heads, device=recalls.device)
+    return sparsity + delta * (rank < n).double() - delta * (rank >= heads - n).double()
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search's outcome: the mask, every head's sparsity and base recall (host lists), the LSE used."""
+
+    mask: BlockMask
+    lse: torch.Tensor | None
+
+
+def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaParams, shard: HeadShard,
+           meta: dict[str, Any], *, finite_check: bool = False) -> BlockMask:
+    """The mask from block masses ``[H, MB, NB]`` of ``shard``'s heads (row-wise top-k, text sink, budgets).
+
+    The head-adaptive ranking runs over every head's recall (``shard.all_heads``). ``meta`` gains
+    ``head_sparsity`` and ``base_recall`` of all heads.
+    """
+    layout = SinkLayout.of(geometry, offsets)
+    video_blocks, s = layout.video_blocks, p.sparsity
+    base_keep = keep_count(1.0 - s, video_blocks)
+    delta = min((1.0 - s) / 2.0, s)
+    max_keep = keep_count(1.0 - (s - delta), video_blocks) if p.head_adaptive else base_keep
+    top = top_video(mass, layout, max(max_keep, base_keep), ranked=True)
+    heavy = mass.double()
+    forced = heavy[:, :, layout.text].sum(dim=(1, 2)) + heavy[:, layout.text, layout.video].sum(dim=(1, 2))
+    kept = top.values[..., :base_keep].double().sum(dim=(1, 2))
+    total = heavy.sum(dim=(1, 2)).clamp(min=torch.finfo(torch.float64).tiny)
+    recalls = shard.all_heads((kept + forced) / total)
+    sparsities = head_sparsities(recalls, s, p.recall_threshold) if p.head_adaptive else torch.full_like(recalls, s)
+    keep = keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
+    video_row_counts = (keep + layout.text_blocks).sum()
+    flags = [torch.isfinite(heavy).all().double()] if finite_check else []
+    summary = torch.cat([video_row_counts.double().reshape(1), *[f.reshape(1) for f in flags], sparsities,
+                         recalls]).tolist()                                 # the one host read of a search
+    if finite_check and not summary[1]:
+        raise ValueError(f"lse: the cached LSE is far below the scores of layer {meta['layer']} at step "
+                         f"{meta['step']} (block masses overflow float32); a cached search needs inputs close to those "
+                         f"of the search step that made the LSE, as consecutive denoising steps are; pass lse=None "
+                         f"(or make this step the first of search_steps) for a fresh search")
+    total_heads = shard.total
+    head_sparsity = summary[-2 * total_heads:-total_heads]
+    meta.update(head_sparsity=head_sparsity, base_recall=summary[-total_heads:])
+    nnz = selection_nnz(layout, shard.size, int(summary[0]))
+    return sink_mask(rows_from_top(top, layout, keep), layout, offsets, nnz, 1.0 - sparsities[shard.start:shard.stop],
+                     meta)
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
@@ -130,74 +180,72 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         lse: float32 ``[B, H, L]`` natural-log LSE of a dense pass (``kernel(..., return_lse=True)``),
             possibly from an earlier step (cached search); None computes a fresh one.
         mass: precomputed block masses ``[H, MB, NB]`` on ``block_size`` blocks instead of q, k.
-        heads: a :class:`~.common.HeadShard`: q, k, lse and mass hold only its heads, and so does the mask.
-        **params: ``sparsity`` (0.8), ``block_size`` (64), ``head_adaptive`` (True),
-            ``recall_threshold`` (0.8), ``warmup_steps`` (10), ``scale`` (None: 1/sqrt(D)),
-            ``impl`` (block-mass implementation, ``"auto"``). ``search_steps`` is used by sessions.
+        heads: a :class:`~.contract.HeadShard`: q, k, lse and mass hold only its heads, and so does the mask.
+        **params: :class:`AdaSpaParams` fields.
     """
     shard = check_shard(heads, check_geometry(geometry, num_heads))
-    p = _params(params)
+    p = params_from(AdaSpaParams, METHOD, params)
     step = check_step(step)
-    if step < p["warmup_steps"]:
+    if step < p.warmup_steps:
         return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
-    return _search(geometry, shard, p, layer, step, q, k, lse, mass, "search")[0]
+    return _search(geometry, shard, p, layer, step, q, k, lse, mass, "search").mask
 
 
 class AdaSpaSession:
-    """Per-run AdaSpa state: per layer, the last searched mask and the first search's LSE.
+    """Per-run AdaSpa state: per layer, the last searched mask and the first search's LSE (see :class:`Session`)."""
 
-    ``action(step)`` is ``"dense"`` (warmup), ``"search"`` (first search: output dense,
-    mask searched with a fresh LSE), ``"cached-search"`` (later search with the cached
-    LSE; the new mask applies now) or ``"reuse"``. ``plan`` returns the mask to run at
-    ``step`` for ``layer`` and needs q, k only at search steps.
-    """
+    method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_int(num_steps, "num_steps", 1)
-        self.params = _params(params)
-        searches = self.params["search_steps"]
-        if not searches or any(s < self.params["warmup_steps"] or s >= self.num_steps for s in searches):
-            raise ValueError(f"search_steps: expected steps in [warmup_steps={self.params['warmup_steps']}, "
+        self.params = params_from(AdaSpaParams, METHOD, params)
+        searches = self.params.search_steps
+        if not searches or any(s < self.params.warmup_steps or s >= self.num_steps for s in searches):
+            raise ValueError(f"search_steps: expected steps in [warmup_steps={self.params.warmup_steps}, "
                              f"num_steps={self.num_steps}), got {list(searches)}")
         self._masks: dict[Any, BlockMask] = {}
         self._lse: dict[Any, torch.Tensor] = {}
 
-    def action(self, step: int) -> str:
+    def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
-        searches = self.params["search_steps"]
+        searches = self.params.search_steps
         if step < searches[0]:
-            return "dense"
+            return StepAction("dense", dense=True, plans=False)
         if step == searches[0]:
-            return "search"
-        return "cached-search" if step in searches else "reuse"
+            return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=True)
+        if step in searches:
+            return StepAction("cached-search", dense=False, plans=True, needs_qk=True)
+        return StepAction("reuse", dense=False, plans=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
              q: Any = None, k: Any = None, lse: torch.Tensor | None = None,
              heads: HeadShard | None = None) -> BlockMask:
-        """The mask for ``(layer, step)``; ``lse`` at the first search skips pass 1 (a dense pass's LSE).
+        """The mask for ``(layer, step)``: dense (warm-up), searched (search steps) or the layer's last search.
 
-        ``heads``: plan only this :class:`~.common.HeadShard` (q, k, lse of its heads; the same
-        shard at every step of the run).
+        At the first search step the returned mask is the one searched for the next steps (the
+        step's own output is dense: :meth:`action`); ``lse`` there is the LSE of that dense output
+        (it skips pass 1). ``heads``: plan only this shard (the same shard at every step of the run).
         """
-        action = self.action(step)
+        action = self.action(geometry, step, layer)
         p = self.params
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        if action == "dense":
+        if action.dense and not action.plans:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
-        if action == "search":
-            mask, fresh = _search(geometry, shard, p, layer, step, q, k, lse, None, action)
-            self._masks[layer], self._lse[layer] = mask, fresh
-            return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "search"))
+        if action.label == "search":
+            found = _search(geometry, shard, p, layer, step, q, k, lse, None, action.label)
+            self._masks[layer], self._lse[layer] = found.mask, found.lse
+            return found.mask
         if layer not in self._lse:
-            raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} ({action}); "
-                             f"call plan at the first search step {p['search_steps'][0]} for every layer first")
-        if action == "cached-search":
+            raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
+                             f"({action.label}); call plan at the first search step {p.search_steps[0]} for every "
+                             f"layer first")
+        if action.label == "cached-search":
             self._masks[layer] = _search(geometry, shard, p, layer, step, q, k, self._lse[layer], None,
-                                         action)[0]
+                                         action.label).mask
         return self._masks[layer]
 
     def cached_mask(self, layer: int | None = None) -> BlockMask:
-        """The last searched mask of ``layer`` (e.g. to inspect it at the first search step)."""
+        """The last searched mask of ``layer``."""
         if layer not in self._masks:
             raise KeyError(f"layer={layer!r}: nothing searched yet")
         return self._masks[layer]
@@ -208,55 +256,26 @@ def session(num_steps: int = 50, **params: Any) -> AdaSpaSession:
     return AdaSpaSession(num_steps, **params)
 
 
-def _search(geometry: VideoGeometry, shard: HeadShard, p: dict, layer: Any, step: int, q: Any, k: Any,
-            lse: torch.Tensor | None, mass: Any, action: str) -> tuple[BlockMask, torch.Tensor | None]:
-    offsets = geometry.block_offsets(p["block_size"])
+def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: Any, step: int, q: Any, k: Any,
+            lse: torch.Tensor | None, mass: Any, action: str) -> Search:
+    offsets = geometry.block_offsets(p.block_size)
     blocks = len(offsets) - 1
-    num_heads = shard.size
     lse_used = None
     if mass is None:
-        q, k = check_qk(q, k, geometry, num_heads)
-        result = block_mass(q, k, offsets, offsets, lse=lse, scale=p["scale"], impl=p["impl"])
+        q, k = check_qk(q, k, geometry, shard.size)
+        result = block_mass(q, k, offsets, offsets, lse=lse, scale=p.scale, impl=p.impl)
         mass, lse_used = result.mass.sum(0), result.lse
-        if lse is not None and not bool(torch.isfinite(mass).all()):
-            raise ValueError(f"lse: the cached LSE is far below the scores of layer {layer} at step {step} (block "
-                             f"masses overflow float32); a cached search needs inputs close to those of the search "
-                             f"step that made the LSE, as consecutive denoising steps are; pass lse=None (or make "
-                             f"this step the first of search_steps) for a fresh search")
     else:
         mass = torch.as_tensor(mass)
-        if tuple(mass.shape) != (num_heads, blocks, blocks) or not mass.is_floating_point():
-            raise ValueError(f"mass: expected float block masses [{num_heads}, {blocks}, {blocks}] on "
-                             f"{p['block_size']}-token blocks, got {mass.dtype} {list(mass.shape)}")
-    rows, sparsities, recalls = select(mass, geometry, offsets, sparsity=p["sparsity"],
-                                       head_adaptive=p["head_adaptive"], recall_threshold=p["recall_threshold"],
-                                       shard=shard)
+        if tuple(mass.shape) != (shard.size, blocks, blocks) or not mass.is_floating_point():
+            raise ValueError(f"mass: expected float block masses [{shard.size}, {blocks}, {blocks}] on "
+                             f"{p.block_size}-token blocks, got {mass.dtype} {list(mass.shape)}")
     meta = _meta(geometry, p, layer, step, action)
-    meta.update(head_sparsity=sparsities.tolist(), base_recall=recalls.tolist(),
-                lse="fresh" if lse is None else "given")
-    budgets = 1.0 - sparsities[shard.start:shard.stop]
-    return mask_from_rows(rows, offsets, offsets, budgets=budgets, meta=meta), lse_used
+    meta["lse"] = "fresh" if lse is None else "given"
+    mask = search(mass, geometry, offsets, p, shard, meta, finite_check=lse is not None)
+    return Search(mask, lse_used)
 
 
-def _meta(geometry: VideoGeometry, p: dict, layer: Any, step: int, action: str) -> dict[str, Any]:
-    params = {**p, "search_steps": list(p["search_steps"])}
-    return {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "action": action, "params": params,
+def _meta(geometry: VideoGeometry, p: AdaSpaParams, layer: Any, step: int, action: str) -> dict[str, Any]:
+    return {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "action": action, "params": p.meta(),
             "geometry": geometry_meta(geometry)}
-
-
-def _params(params: dict[str, Any]) -> dict[str, Any]:
-    p = check_params(params, DEFAULTS, METHOD)
-    p["sparsity"] = check_fraction(p["sparsity"], "sparsity")
-    p["recall_threshold"] = check_fraction(p["recall_threshold"], "recall_threshold")
-    p["block_size"] = check_int(p["block_size"], "block_size", 1)
-    p["warmup_steps"] = check_int(p["warmup_steps"], "warmup_steps", 0)
-    if not isinstance(p["head_adaptive"], bool):
-        raise TypeError(f"head_adaptive: expected a bool, got {p['head_adaptive']!r}")
-    try:
-        searches = tuple(sorted(check_int(s, "search_steps[i]", 0) for s in p["search_steps"]))
-    except TypeError:
-        raise TypeError(f"search_steps: expected a sequence of step ints, got {p['search_steps']!r}") from None
-    if len(set(searches)) != len(searches):
-        raise ValueError(f"search_steps: expected distinct steps, got {list(p['search_steps'])}")
-    p["search_steps"] = searches
-    return p

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -59,25 +60,49 @@ import numpy as np
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 
-from .common import (HeadShard, check_fraction, check_geometry, check_int, check_params, check_shard, check_step,
-                     geometry_meta, shared_mask)
+from sparsecore.ir.validation import check_int
+
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_shard, check_step,
+                       geometry_meta, params_from)
+from .selection import shared_mask
 
 METHOD = "lvsa"
 PAPER = "arXiv:2605.31057"
 REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "cogvideox": 13}
 ANCHOR_RULES = ("auto", "paper")
-DEFAULTS: dict[str, Any] = {
-    "window": 3,
-    "first_frames": 1,
-    "reference_frames": REFERENCE_FRAMES["wan"],
-    "anchor_rule": "auto",
-    "anchor_interval": None,
-    "rotate": True,
-    "expand_window": True,
-    "sparsity_scale": 1.0,
-    "block_size": None,
-    "sp_world": 1,
-}
+
+
+@dataclass(frozen=True)
+class LVSAParams:
+    """LVSA's parameters (the released code's defaults), checked once; see the module docstring."""
+
+    window: int = 3
+    first_frames: int = 1
+    reference_frames: int = REFERENCE_FRAMES["wan"]
+    anchor_rule: str = "auto"
+    anchor_interval: int | None = None
+    rotate: bool = True
+    expand_window: bool = True
+    sparsity_scale: float = 1.0
+    block_size: int | None = None
+    sp_world: int = 1
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "window", check_int(self.window, "window", 0))
+        set_(self, "first_frames", check_int(self.first_frames, "first_frames", 0))
+        set_(self, "reference_frames", check_int(self.reference_frames, "reference_frames", 1))
+        set_(self, "sp_world", check_int(self.sp_world, "sp_world", 1))
+        if self.anchor_rule not in ANCHOR_RULES:
+            raise ValueError(f"anchor_rule: expected one of {ANCHOR_RULES}, got {self.anchor_rule!r}")
+        if self.anchor_interval is not None:
+            set_(self, "anchor_interval", check_int(self.anchor_interval, "anchor_interval", 1))
+        if self.block_size is not None:
+            set_(self, "block_size", check_int(self.block_size, "block_size", 1))
+        set_(self, "sparsity_scale", check_fraction(self.sparsity_scale, "sparsity_scale", 0.0, math.inf,
+                                                    open_low=True))
+        check_bool(self.rotate, "rotate")
+        check_bool(self.expand_window, "expand_window")
 
 
 @dataclass(frozen=True)
@@ -185,19 +210,22 @@ def boundary_guards(geometry: VideoGeometry, sp_world: int, window: int) -> np.n
 
 
 def frame_pattern(geometry: VideoGeometry, step: int, **params: Any) -> FramePattern:
-    """The frame-level pattern at ``step`` (parameters as for :func:`plan`)."""
-    p = _params(params)
+    """The frame-level pattern at ``step`` (parameters: :class:`LVSAParams` fields)."""
+    return _pattern(geometry, step, params_from(LVSAParams, METHOD, params))
+
+
+@lru_cache(maxsize=256)
+def _pattern(geometry: VideoGeometry, step: int, p: LVSAParams) -> FramePattern:
     frames = geometry.frames
-    interval = p["anchor_interval"]
+    interval = p.anchor_interval
     if interval is None:
-        interval = anchor_interval(frames, window=p["window"], first_frames=p["first_frames"],
-                                   reference_frames=p["reference_frames"], rule=p["anchor_rule"],
-                                   sparsity_scale=p["sparsity_scale"])
-    guards = boundary_guards(geometry, p["sp_world"], p["window"])
-    anchors = anchors_at(frames, interval, check_step(step), first_frames=p["first_frames"], rotate=p["rotate"],
+        interval = anchor_interval(frames, window=p.window, first_frames=p.first_frames,
+                                   reference_frames=p.reference_frames, rule=p.anchor_rule,
+                                   sparsity_scale=p.sparsity_scale)
+    guards = boundary_guards(geometry, p.sp_world, p.window)
+    anchors = anchors_at(frames, interval, check_step(step), first_frames=p.first_frames, rotate=p.rotate,
                          guards=guards)
-    return FramePattern(frames, int(interval), anchors, window_bounds(frames, p["window"], anchors,
-                                                                      p["expand_window"]))
+    return FramePattern(frames, int(interval), anchors, window_bounds(frames, p.window, anchors, p.expand_window))
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
@@ -209,23 +237,25 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         num_heads: heads of the mask.
         step: denoising step (0-based); rotates the periodic anchors.
         layer: recorded in ``meta`` only.
-        **params: ``window``, ``first_frames``, ``reference_frames``, ``anchor_rule``
-            (``"auto"`` | ``"paper"``), ``anchor_interval`` (int to fix ``T_per``), ``rotate``,
-            ``expand_window``, ``sparsity_scale``, ``block_size`` (None: frame blocks),
-            ``sp_world`` (sequence-parallel ranks, adds boundary guards). See ``DEFAULTS``.
+        **params: :class:`LVSAParams` fields: ``window``, ``first_frames``, ``reference_frames``,
+            ``anchor_rule`` (``"auto"`` | ``"paper"``), ``anchor_interval`` (int to fix ``T_per``),
+            ``rotate``, ``expand_window``, ``sparsity_scale``, ``block_size`` (None: frame blocks),
+            ``sp_world`` (sequence-parallel ranks, adds boundary guards).
     """
-    num_heads = check_geometry(geometry, num_heads)
-    p = _params(params)
-    pattern = frame_pattern(geometry, step, **params)
+    return _plan(geometry, check_geometry(geometry, num_heads), step, layer, params_from(LVSAParams, METHOD, params))
+
+
+def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVSAParams) -> BlockMask:
+    pattern = _pattern(geometry, step, p)
     frame_map = pattern.attended()
     offsets = geometry.block_offsets(None)
     blocks = len(offsets) - 1
     block_map = np.ones((blocks, blocks), dtype=bool)          # text rows and text columns: dense
     video = geometry.block_frames(offsets) >= 0
     block_map[np.ix_(video, video)] = frame_map
-    if p["block_size"] is not None:
-        offsets, block_map = _retile(geometry, offsets, block_map, p["block_size"])
-    meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "params": p,
+    if p.block_size is not None:
+        offsets, block_map = _retile(geometry, offsets, block_map, p.block_size)
+    meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "params": vars(p),
             "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
             "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
     return shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
@@ -235,53 +265,39 @@ class LVSASession:
     """Per-run LVSA state: the masks of the current rotation offsets, shared by every layer.
 
     LVSA needs no per-layer cache (the pattern depends on the step only); the session
-    memoizes ``plan`` by (geometry, heads, anchor offset) so each step builds one mask.
+    memoizes the mask by (geometry, heads, anchors) so each step builds one mask, and the
+    compile cache uploads each pattern to the device once.
     """
+
+    method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_int(num_steps, "num_steps", 1)
-        self.params = _params(params)
+        self.params = params_from(LVSAParams, METHOD, params)
         self._cache: dict[tuple, BlockMask] = {}
 
-    def action(self, step: int) -> str:
+    def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
+        """Dense when the video fits the training horizon (every frame an anchor), else the frame pattern."""
         check_step(step, self.num_steps)
-        return "plan"
+        if _pattern(geometry, step, self.params).dense:
+            return StepAction("dense", dense=True, plans=False)
+        return StepAction("plan", dense=False, plans=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, heads: HeadShard | None = None) -> BlockMask:
-        """The mask at ``step`` (``heads``: only this shard's heads, see :class:`~.common.HeadShard`)."""
+             q: Any = None, k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
+        """The mask at ``step`` (``heads``: only this shard's heads, see :class:`~.contract.HeadShard`)."""
         check_step(step, self.num_steps)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        pattern_key = tuple(frame_pattern(geometry, step, **self.params).anchors.tolist())
+        pattern_key = tuple(_pattern(geometry, step, self.params).anchors.tolist())
         key = (geometry, num_heads, shard.start, shard.stop, pattern_key)
         if key not in self._cache:
-            mask = plan(geometry, shard.size, step=step, layer=None, **self.params)    # every head alike
-            self._cache = {key: mask}
+            self._cache = {key: _plan(geometry, shard.size, step, None, self.params)}    # every head alike
         return self._cache[key]
 
 
 def session(num_steps: int = 50, **params: Any) -> LVSASession:
     """An :class:`LVSASession` for a run of ``num_steps`` denoising steps."""
     return LVSASession(num_steps, **params)
-
-
-def _params(params: dict[str, Any]) -> dict[str, Any]:
-    p = check_params(params, DEFAULTS, METHOD)
-    p["window"] = check_int(p["window"], "window", 0)
-    p["first_frames"] = check_int(p["first_frames"], "first_frames", 0)
-    p["reference_frames"] = check_int(p["reference_frames"], "reference_frames", 1)
-    p["sp_world"] = check_int(p["sp_world"], "sp_world", 1)
-    if p["anchor_rule"] not in ANCHOR_RULES:
-        raise ValueError(f"anchor_rule: expected one of {ANCHOR_RULES}, got {p['anchor_rule']!r}")
-    if p["anchor_interval"] is not None:
-        p["anchor_interval"] = check_int(p["anchor_interval"], "anchor_interval", 1)
-    if p["block_size"] is not None:
-        p["block_size"] = check_int(p["block_size"], "block_size", 1)
-    p["sparsity_scale"] = check_fraction(p["sparsity_scale"], "sparsity_scale", 0.0, math.inf, open_low=True)
-    for name in ("rotate", "expand_window"):
-        if not isinstance(p[name], bool):
-            raise TypeError(f"{name}: expected a bool, got {type(p[name]).__name__} {p[name]!r}")
-    return p
 
 
 def _retile(geometry: VideoGeometry, offsets: np.ndarray, block_map: np.ndarray,

@@ -24,6 +24,11 @@ these masks keep or drop blocks only. ``group_size`` (32) is recorded in ``meta`
 that kernel; the routing uses no group statistic (PISA's covariance routing term is
 for images only).
 
+Planning runs on the scores' device for all heads at once: block means by ``index_add``,
+one batched score product, the noise from counters (:mod:`.noise`), one top-k, and the
+CSR by scatter. Every size is known from the schedule and the geometry, so a sparse
+step reads nothing back to the host.
+
 Where the paper is silent, we chose:
 
 - Selection noise: Gumbel(0, ``noise_scale``) added to the block scores (logits,
@@ -32,8 +37,8 @@ Where the paper is silent, we chose:
   reorder near-tied blocks (swaps are bounded by ``noise_scale * range(noise)``).
   Default 0.2: on the synthetic workload about 18% of the selected blocks change from
   one step to the next at a recall cost of about 1 point (docs/fidelity.md shows 0 to
-  1). Drawn with a ``torch.Generator`` on the scores' device seeded from ``(seed,
-  layer, step, head)``: the same seed gives the same mask on the same device type.
+  1). Drawn from counters (:func:`.noise.gumbel`) keyed by ``(seed, layer, step, head)``:
+  the same seed gives the same mask on any device and for any head shard.
 - Dense steps: ``ceil(dense_fraction * num_steps)`` (10 of 50); ``dense_layers``
   (default ``(0,)``: PISA's first dense layer) are dense at every step.
 - ``l_t`` for step ``t >= 1`` is ``mean |v_t - v_(t-1)|``; step 0 (no predecessor) takes
@@ -59,23 +64,55 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.validation import check_int
 
-from .common import (HeadShard, check_fraction, check_geometry, check_int, check_params, check_qk, check_shard,
-                     check_step, dense_mask, geometry_meta, keep_count, mask_from_rows, text_sink, topk_rows)
+from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_qk, check_scale,
+                       check_shard, check_step, geometry_meta, params_from)
+from .noise import gumbel
+from .selection import (SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask,
+                        top_video)
 
 METHOD = "pasa"
 PAPER = "arXiv:2604.12219"
-DEFAULTS: dict[str, Any] = {
-    "density": 0.15,
-    "block_size": 64,
-    "dense_fraction": 0.2,
-    "min_density": None,
-    "noise_scale": 0.2,
-    "seed": 0,
-    "dense_layers": (0,),
-    "group_size": 32,
-    "scale": None,
-}
+
+
+@dataclass(frozen=True)
+class PASAParams:
+    """PASA's parameters, checked once.
+
+    ``density``: mean fraction of video key blocks kept over the sparse steps (0.15, the
+    paper's 85% sparsity). ``block_size``: tokens per block (64). ``dense_fraction``: leading
+    dense steps (0.2). ``min_density``: floor of the per-step density (None: density / 2).
+    ``noise_scale``: Gumbel selection noise (0.2). ``seed``. ``dense_layers``: layers dense at
+    every step ((0,)). ``group_size``: key blocks per shared statistic (32, recorded).
+    ``scale``: softmax scale (None: 1/sqrt(D)).
+    """
+
+    density: float = 0.15
+    block_size: int = 64
+    dense_fraction: float = 0.2
+    min_density: float | None = None
+    noise_scale: float = 0.2
+    seed: int = 0
+    dense_layers: tuple[int, ...] = (0,)
+    group_size: int = 32
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "density", check_fraction(self.density, "density", open_low=True))
+        set_(self, "dense_fraction", check_fraction(self.dense_fraction, "dense_fraction"))
+        if self.min_density is not None:
+            set_(self, "min_density", check_fraction(self.min_density, "min_density"))
+        set_(self, "noise_scale", check_fraction(self.noise_scale, "noise_scale", 0.0, math.inf))
+        set_(self, "seed", check_int(self.seed, "seed", 0))
+        set_(self, "block_size", check_int(self.block_size, "block_size", 1))
+        set_(self, "group_size", check_int(self.group_size, "group_size", 1))
+        set_(self, "dense_layers", check_int_tuple(self.dense_layers, "dense_layers"))
+        set_(self, "scale", check_scale(self.scale))
+
+    def meta(self) -> dict[str, Any]:
+        return {**vars(self), "dense_layers": list(self.dense_layers)}
 
 
 # ------------------------------------------------------------------ curvature profile
@@ -207,32 +244,15 @@ def _water_fill(gamma: np.ndarray, density: float, low: float) -> np.ndarray:
     return rho
 
 
-# ------------------------------------------------------------------ scores and noise
-def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
-    """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``."""
-    sizes = torch.from_numpy(np.diff(offsets)).to(x.device, torch.float32)
-    block_of = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))).to(x.device)
-    sums = torch.zeros(*x.shape[:2], len(sizes), x.shape[3], device=x.device).index_add_(2, block_of, x.float())
-    return sums / sizes[None, None, :, None]
+# ------------------------------------------------------------------ scores
+def pooled_scores(q: torch.Tensor, k: torch.Tensor, offsets: np.ndarray, scale: float) -> torch.Tensor:
+    """Every head's block scores ``q̄_i . k̄_j * scale``, float32 ``[H, MB, NB]`` (mean over the batch).
 
-
-def pooled_scores(q_means: torch.Tensor, k_means: torch.Tensor, head: int, scale: float) -> torch.Tensor:
-    """Head ``head``'s block scores ``q̄_i . k̄_j * scale``, float32 ``[MB, NB]`` (mean over the batch).
-
-    ``q_means`` ``[B, H, MB, D]`` and ``k_means`` ``[B, H_kv, NB, D]`` from :func:`block_means`.
+    q ``[B, H, L, D]``, k ``[B, H_kv, L, D]``; query head h reads key head ``h // (H // H_kv)``.
     """
-    kv_head = head // (q_means.shape[1] // k_means.shape[1])
-    scores = q_means[:, head] @ k_means[:, kv_head].transpose(-1, -2)
-    return (scores[0] if len(scores) == 1 else scores.mean(0)).mul_(scale)
-
-
-def selection_noise(shape: tuple[int, ...], *, seed: int, layer: int | None, step: int, head: int, scale: float,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Gumbel(0, ``scale``) noise, reproducible from ``(seed, layer, step, head)`` on a device type."""
-    key = np.random.SeedSequence([int(seed), 0 if layer is None else int(layer) + 1, int(step), int(head)])
-    gen = torch.Generator(device=device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
-    uniform = torch.rand(shape, generator=gen, device=device).clamp_(1e-30, 1.0 - 1e-7)
-    return uniform.log_().neg_().log_().mul_(-scale)                                # -log(-log(U)) * scale
+    q_means, k_means = block_means(q, offsets), block_means(k, offsets)
+    k_means = k_means.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return (q_means @ k_means.transpose(-1, -2)).mean(dim=0).mul_(scale)
 
 
 # ------------------------------------------------------------------ planning
@@ -248,81 +268,60 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         q, k: ``[B, H, L, D]`` / ``[B, H_kv, L, D]`` (or without B); needed at sparse steps.
         num_steps: steps of the run (for the dense 20% and the schedule).
         profile: a calibration :class:`CurvatureProfile` (None: constant density).
-        heads: a :class:`~.common.HeadShard`: q, k hold only its heads, and so does the mask.
-        **params: ``density`` (0.15), ``block_size`` (64), ``dense_fraction`` (0.2),
-            ``min_density`` (None: density / 2), ``noise_scale`` (0.2), ``seed`` (0),
-            ``dense_layers`` ((0,)), ``group_size`` (32, recorded), ``scale`` (None: 1/sqrt(D)).
+        heads: a :class:`~.contract.HeadShard`: q, k hold only its heads, and so does the mask.
+        **params: :class:`PASAParams` fields.
     """
-    p = _params(params)
-    schedule = density_schedule(num_steps, p["density"], dense_fraction=p["dense_fraction"], profile=profile,
-                                min_density=p["min_density"])
-    return _plan(geometry, num_heads, step, layer, q, k, p, schedule, heads)
+    return PASASession(num_steps, profile, **params).plan(geometry, num_heads, step=step, layer=layer, q=q, k=k,
+                                                          heads=heads)
 
 
 class PASASession:
-    """Per-run PASA state: the density schedule (from a profile) and the seed; no per-layer cache."""
+    """Per-run PASA state: the density schedule (from a profile) and the parameters; no per-layer cache."""
+
+    method = METHOD
 
     def __init__(self, num_steps: int, profile: CurvatureProfile | None = None, **params: Any) -> None:
         self.num_steps = check_int(num_steps, "num_steps", 1)
-        self.params = _params(params)
+        self.params = params_from(PASAParams, METHOD, params)
+        if profile is not None and not isinstance(profile, CurvatureProfile):
+            raise TypeError(f"profile: expected a pasa.CurvatureProfile or None, got {type(profile).__name__}")
         self.profile = profile
-        self.schedule = density_schedule(self.num_steps, self.params["density"],
-                                         dense_fraction=self.params["dense_fraction"], profile=profile,
-                                         min_density=self.params["min_density"])
+        self.schedule = density_schedule(self.num_steps, self.params.density,
+                                         dense_fraction=self.params.dense_fraction, profile=profile,
+                                         min_density=self.params.min_density)
 
-    def action(self, step: int) -> str:
-        return "dense" if self.schedule[check_step(step, self.num_steps)] >= 1.0 else "select"
+    def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
+        step = check_step(step, self.num_steps)
+        if self.schedule[step] >= 1.0 or (layer is not None and layer in self.params.dense_layers):
+            return StepAction("dense", dense=True, plans=False)
+        return StepAction("select", dense=False, plans=True, needs_qk=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, heads: HeadShard | None = None) -> BlockMask:
-        """The mask at ``(layer, step)`` (``heads``: only this :class:`~.common.HeadShard`)."""
-        return _plan(geometry, num_heads, step, layer, q, k, self.params, self.schedule, heads)
+             q: Any = None, k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
+        """The mask at ``(layer, step)`` (``heads``: only this :class:`~.contract.HeadShard`; ``lse`` unused)."""
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
+        action = self.action(geometry, step, layer)
+        p = self.params
+        rho = float(self.schedule[step])
+        meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "density": rho,
+                "params": p.meta(), "geometry": geometry_meta(geometry), "action": action.label}
+        if action.dense:
+            return dense_mask(geometry, shard.size, meta)
+        q, k = check_qk(q, k, geometry, shard.size)
+        offsets = geometry.block_offsets(p.block_size)
+        layout = SinkLayout.of(geometry, offsets)
+        scores = pooled_scores(q, k, offsets, q.shape[-1] ** -0.5 if p.scale is None else p.scale)
+        if p.noise_scale > 0:
+            scores[:, layout.video, layout.video] += gumbel(shard.heads, layout.video_blocks, layout.video_blocks,
+                                                             seed=p.seed, layer=layer, step=step,
+                                                             scale=p.noise_scale, device=scores.device)
+        keep = keep_count(rho, layout.video_blocks)
+        nnz = selection_nnz(layout, shard.size, shard.size * (keep + layout.text_blocks))
+        budgets = torch.full((shard.size,), rho, dtype=torch.float64, device=scores.device)
+        return sink_mask(rows_from_top(top_video(scores, layout, keep), layout, keep), layout, offsets, nnz, budgets,
+                         {**meta, "keep_blocks": keep})
 
 
 def session(num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> PASASession:
     """A :class:`PASASession` for a run of ``num_steps`` denoising steps."""
     return PASASession(num_steps, profile, **params)
-
-
-def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, q: Any, k: Any, p: dict,
-          schedule: np.ndarray, heads: HeadShard | None) -> BlockMask:
-    shard = check_shard(heads, check_geometry(geometry, num_heads))
-    num_heads = shard.size
-    step = check_step(step, len(schedule))
-    rho = float(schedule[step])
-    meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "density": rho,
-            "params": {**p, "dense_layers": list(p["dense_layers"])}, "geometry": geometry_meta(geometry)}
-    if rho >= 1.0 or (layer is not None and layer in p["dense_layers"]):
-        return dense_mask(geometry, num_heads, {**meta, "action": "dense"})
-    q, k = check_qk(q, k, geometry, num_heads)
-    offsets = geometry.block_offsets(p["block_size"])
-    scale = q.shape[-1] ** -0.5 if p["scale"] is None else float(p["scale"])
-    q_means, k_means = block_means(q, offsets), block_means(k, offsets)
-    text, video = text_sink(geometry, offsets)
-    keep = keep_count(rho, int(video.sum()))
-    rows = []
-    for h in range(num_heads):                      # one head at a time: memory is one [MB, NB] score map
-        scores = pooled_scores(q_means, k_means, h, scale)
-        if p["noise_scale"] > 0:
-            scores += selection_noise(tuple(scores.shape), seed=p["seed"], layer=layer, step=step,
-                                      head=shard.start + h, scale=p["noise_scale"], device=scores.device)
-        rows.append(topk_rows(scores, keep, text)[0])
-    return mask_from_rows(rows, offsets, offsets, budgets=np.full(num_heads, rho),
-                               meta={**meta, "action": "select", "keep_blocks": keep})
-
-
-def _params(params: dict[str, Any]) -> dict[str, Any]:
-    p = check_params(params, DEFAULTS, METHOD)
-    p["density"] = check_fraction(p["density"], "density", open_low=True)
-    p["dense_fraction"] = check_fraction(p["dense_fraction"], "dense_fraction")
-    if p["min_density"] is not None:
-        p["min_density"] = check_fraction(p["min_density"], "min_density")
-    p["noise_scale"] = check_fraction(p["noise_scale"], "noise_scale", 0.0, math.inf)
-    p["seed"] = check_int(p["seed"], "seed", 0)
-    p["block_size"] = check_int(p["block_size"], "block_size", 1)
-    p["group_size"] = check_int(p["group_size"], "group_size", 1)
-    try:
-        p["dense_layers"] = tuple(sorted({check_int(x, "dense_layers[i]", 0) for x in p["dense_layers"]}))
-    except TypeError:
-        raise TypeError(f"dense_layers: expected a sequence of layer ints, got {p['dense_layers']!r}") from None
-    return p

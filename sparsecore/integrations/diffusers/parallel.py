@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention
@@ -94,9 +93,9 @@ def _no_backward(ctx: Any, grad_out: torch.Tensor, *args: Any) -> Any:
                               "torch.no_grad(), or call handle.remove() to train with diffusers' attention")
 
 
-def _all_gather(values: np.ndarray, *, world: int, group: Any, device: torch.device) -> np.ndarray:
-    """Per-head float64 values of every rank of ``group``, in rank (= head) order."""
-    local = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+def _all_gather(values: torch.Tensor, *, world: int, group: Any, device: torch.device) -> torch.Tensor:
+    """Per-head float64 values of every rank of ``group``, in rank (= head) order, on ``device``."""
+    local = values.to(device=device, dtype=torch.float64).contiguous()
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local, group=group)
-    return torch.cat(parts).cpu().numpy()
+    return torch.cat(parts)

@@ -1,0 +1,255 @@
+"""The ``fa4`` lowering: any BlockMask through FlashAttention-4's block sparsity (CuTe DSL).
+
+FA4's forward runs a list of full key tiles and a list of mask key tiles per (head,
+query tile); :mod:`.fa4_layout` converts the IR to those lists exactly (tiles that
+blocks cover whole are full; the rest are mask tiles decided by a lookup ``mask_mod``
+over the IR's bit-packed block map). Masks aligned with the tiles (uniform 128 blocks,
+64-token blocks on 64 tiles) run with full tiles only and no mask_mod, the path measured
+at 603-641 eff TFLOP/s on an H200 (shared/ANCHORS.md).
+
+API facts relied on (read in the flash-attn-4 4.0.0b36 wheel from PyPI, files under
+``flash_attn/cute/``: interface.py, block_sparsity.py, block_sparse_utils.py, flash_fwd_sm90.py,
+mask.py, softmax.py, cute_dsl_utils.py, utils.py; mask_mod examples from FA4's tests, which the
+wheel does not ship, at Dao-AILab/flash-attention tag fa4-v4.0.0.beta27, commit 0251105a,
+tests/cute/mask_mod_definitions.py and test_mask_mod.py):
+
+- ``interface.flash_attn_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None,
+  causal=False, window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1,
+  pack_gqa=None, deterministic=False, score_mod=None, score_mod_bwd=None, mask_mod=None,
+  aux_tensors=None, aux_scalars=None, block_sparse_tensors=None, block_sparse_tensors_bwd=None,
+  return_lse=False, ...) -> (out, lse)``. The 4th positional parameter is ``qv``: we pass
+  everything after k, v by keyword.
+- Layout ``q [B, Sq, H, D]``, ``k, v [B, Sk, Hkv, D]``, fp16/bf16, ``H % Hkv == 0`` (query head
+  h reads key head ``h // (H / Hkv)``); a tensor with unit last stride and 16-byte aligned
+  other strides is used as is (``cute_dsl_utils.maybe_contiguous``), so our ``[B, H, S, D]``
+  tensors go in as transposed views without a copy. ``out [B, Sq, H, D]`` in q's dtype; ``lse``
+  float32 ``[B, H, Sq]``, natural log (``softmax.finalize``: ``(max * scale * log2 e + log2 sum) *
+  ln 2``), None unless ``return_lse`` (or autograd needs it). ``softmax_scale`` defaults to 1/sqrt(D).
+- ``block_sparsity.BlockSparseTensorsTorch(mask_block_cnt [B, H, M], mask_block_idx [B, H, M, N],
+  full_block_cnt, full_block_idx, ..., block_size=(q, kv))``: int32 on CUDA; B and H may be 1
+  (expanded); ``M = ceil(Sq / q)``; ``N <= ceil(Sk / kv)`` (compact lists: only the first ``cnt``
+  entries are read). A per-head H turns pack_gqa off (``_flash_attn_fwd``); we pass
+  ``pack_gqa=False``, so mask_mod's ``head`` is the query head.
+- SM90 tiles (``_tile_size_fwd_sm90``, ``_fit_sm90_fwd_tile_to_block_sparsity``): at head dim
+  <= 128, ``block_size`` in {64, 128} x {64, 128} gives exactly that tile; the sparse key block
+  must equal ``tile_n`` ("Block sparsity requires sparse_block_size[1]=... to match tile_n"), the
+  query block be a multiple of ``tile_m``. Head dims 8..256 (multiple of 8) compile on SM90; at
+  192/256 tile_n is 112/80, which a 64/128 key block does not match, so we take 64, 96, 128.
+  SM100: tile 128 x 128 with ``q_stage = 2`` (query block a multiple of 256), key blocks may
+  be multiples of 128 (kv subtiles): we use (256, 128) there (untested: no SM100 here).
+- ``block_sparse_utils.consume_block_sparse_loads`` walks each list from its last entry and
+  applies sequence-length masking only to the first tile it takes: lists must be ascending
+  so the short last key tile is taken first. Full tiles skip mask_mod. Mask tiles call
+  ``mask_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors)`` per element (scalar
+  TensorSSA indices on SM90, ``mask.py``) and keep the pair where it returns True; the
+  indices may point past the sequence in padded tile positions, so the aux tensors are
+  padded to whole tiles. ``aux_tensors`` is a list of torch tensors indexed inside mask_mod
+  (``__leading_dim__`` marks the unit-stride dim, as FA4's tests do); the uint32 bit test
+  follows FA4's own ``cute_packed_mask_aux`` (``utils.shr_u32``).
+- A query tile with empty lists gets output 0 and LSE -inf (``softmax.reset(); acc_O.fill(0)``
+  in ``flash_fwd_sm90``), a row masked out everywhere gets row sum 0, hence LSE -inf and
+  output 0 (``softmax.finalize``). That is code, not documentation: rows whose IR list is
+  empty are set to 0 / -inf here as well.
+- Kernels compile per (dtype, head dim, tile, mask_mod source hash, aux dtypes, broadcast
+  pattern, ...) (``compile_key``), not per shape or mask: the first call takes 2-4 s.
+
+Plans: the converted tensors are built on the first call on a device (one host sync)
+and reused for every batch size (FA4 broadcasts the batch dimension).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsecore.capabilities import Capabilities
+from sparsecore.ir import BlockMask
+from sparsecore.registry import Backend, Run, UnsupportedError
+
+from .fa4_layout import Fa4Layout, choose_tile_side, to_fa4
+
+SM90_SIDES = (64, 128)
+
+
+@dataclass(frozen=True)
+class Fa4Options:
+    """Tile overrides (None: chosen from the mask's blocks, :func:`.fa4_layout.choose_tile_side`).
+
+    ``tile_m``: query tile (= FA4's sparse query block), ``tile_n``: key tile (= sparse key
+    block). SM90 takes 64 or 128 for each; SM100 a multiple of 256 and of 128.
+    """
+
+    tile_m: int | None = None
+    tile_n: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tile_m", "tile_n"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16
+                                      or value % 16):
+                raise ValueError(f"{name}: expected None or a multiple of 16 (a kernel tile side), got {value!r}")
+
+
+class Fa4Backend(Backend):
+    name = "fa4"
+    install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
+    options_type = Fa4Options
+    plans_on_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
+    capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
+                                head_dims=frozenset({64, 96, 128}))
+
+    def unavailable_reason(self, device: str) -> str | None:
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash-attn-4 is not installed (no module flash_attn)"
+        if not torch.cuda.is_available():
+            return f"torch.cuda.is_available() is False in torch {torch.__version__}"
+        try:
+            major, minor = torch.cuda.get_device_capability(torch.device(device))
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            return f"cannot query device {device!r}: {exc}"
+        if major not in (9, 10):
+            return (f"compute capability {major}.{minor}: this lowering uses FA4's block-sparse forward on "
+                    f"9.x (Hopper) and 10.x (Blackwell) only")
+        error = _import_error()
+        if error is not None:
+            return f"flash_attn.cute is not importable: {error}"
+        return None
+
+    def preference(self, mask: BlockMask) -> int:
+        from .selection import preference
+        return preference(self.name, mask)
+
+    def lower(self, mask: BlockMask, device: str, options: Fa4Options) -> Run:
+        major = torch.cuda.get_device_capability(torch.device(device))[0]
+        tile_m, tile_n = tile_shape(mask, major, options)
+        return Fa4Launch(mask, tile_m, tile_n)
+
+
+def tile_shape(mask: BlockMask, major: int, options: Fa4Options) -> tuple[int, int]:
+    """(tile_m, tile_n) for compute capability ``major``: the options', else chosen per side from the blocks."""
+    if major == 9:
+        for name, value in (("tile_m", options.tile_m), ("tile_n", options.tile_n)):
+            if value is not None and value not in SM90_SIDES:
+                raise UnsupportedError(f"{name}: FA4's block-sparse forward on SM90 takes tiles of {list(SM90_SIDES)} "
+                                       f"(the sparse key block must equal the kernel's key tile), got {value}; "
+                                       f"leave it None to choose from the mask")
+        tile_m = options.tile_m or choose_tile_side(mask.q_offsets, SM90_SIDES)
+        tile_n = options.tile_n or choose_tile_side(mask.kv_offsets, SM90_SIDES)
+        return tile_m, tile_n
+    tile_m, tile_n = options.tile_m or 256, options.tile_n or 128
+    if tile_m % 256 or tile_n % 128:
+        raise UnsupportedError(f"tile_m, tile_n: FA4's block-sparse forward on SM100 takes query tiles of a "
+                               f"multiple of 256 (2 x 128, q_stage 2) and key tiles of a multiple of 128, got "
+                               f"({tile_m}, {tile_n})")
+    return tile_m, tile_n
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error() -> str | None:
+    """Why ``flash_attn.cute`` cannot be imported here (None: it can). Imported once per process."""
+    try:
+        import flash_attn.cute  # noqa: F401
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001  (any failure of the CuTe DSL stack makes the backend unavailable)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def lookup_mask_mod() -> Any:
+    """The CuTe DSL mask_mod of the lookup: keep (q, k) iff row (head, q_block[q]) keeps key block kv_block[k].
+
+    ``aux_tensors``: ``[q_block_of_token int32, kv_block_of_token int32, keep_bits uint32 [H, MB, NW]]`` (NW even)
+    (:class:`.fa4_layout.Fa4Layout`). Built on first use: importing cutlass is slow and
+    must not happen at ``import sparsecore``. The names it uses are module globals, as
+    in FA4's own mask_mods, so its compile-cache hash is its source.
+    """
+    global cutlass, cute, fa_utils
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils as fa_utils
+
+    @cute.jit
+    def sparsecore_block_lookup(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        q_block = aux_tensors[0]
+        kv_block = aux_tensors[1]
+        keep_bits = aux_tensors[2]
+        qb = q_block[m_idx[0]]
+        kb = kv_block[n_idx[0]]
+        word = keep_bits[head[0], qb, kb // cutlass.Int32(32)]
+        shift = cutlass.Uint32(kb % cutlass.Int32(32))
+        bit_set = cutlass.Boolean(fa_utils.shr_u32(word, shift) & cutlass.Uint32(1))
+        result = cute.make_rmem_tensor(n_idx.shape, dtype=cutlass.Boolean)
+        for j in cutlass.range_constexpr(cute.size(n_idx.shape)):
+            result[j] = bit_set
+        return result.load()
+
+    return sparsecore_block_lookup
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    layout: Fa4Layout
+    sparse: Any                       # BlockSparseTensorsTorch
+    aux: list[torch.Tensor] | None
+    mask_mod: Any
+
+
+class Fa4Launch:
+    """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4."""
+
+    def __init__(self, mask: BlockMask, tile_m: int, tile_n: int) -> None:
+        self.mask = mask
+        self.tile_m, self.tile_n = tile_m, tile_n
+        self._prepared: dict[torch.device, _Prepared] = {}
+
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Convert the mask for a call with ``q`` (what the first call would do before launching)."""
+        self.converted(q.device)
+
+    def converted(self, device: torch.device | str) -> _Prepared:
+        """The converted tensors on ``device`` (built on first use, then cached)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._prepared:
+            from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+            layout = to_fa4(self.mask, self.tile_m, self.tile_n, device)
+            sparse = BlockSparseTensorsTorch(
+                mask_block_cnt=layout.mask_block_cnt, mask_block_idx=layout.mask_block_idx,
+                full_block_cnt=layout.full_block_cnt, full_block_idx=layout.full_block_idx,
+                block_size=(self.tile_m, self.tile_n))
+            aux = mask_mod = None
+            if layout.needs_mask_mod:
+                aux = [layout.q_block_of_token, layout.kv_block_of_token, layout.keep_bits.view(torch.uint32)]
+                for tensor in aux:
+                    tensor.__leading_dim__ = tensor.ndim - 1
+                mask_mod = lookup_mask_mod()
+            self._prepared[device] = _Prepared(layout, sparse, aux, mask_mod)
+        return self._prepared[device]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, num_heads, q_len, _ = q.shape
+        if len(self.mask.indices) == 0:  # nothing attended anywhere: no kernel (and no compile) needed
+            lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
+            return torch.zeros_like(q), lse
+        prepared = self.converted(q.device)
+        from flash_attn.cute import flash_attn_func
+        with torch.cuda.device(q.device):
+            out, lse = flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
+                pack_gqa=False, mask_mod=prepared.mask_mod, aux_tensors=prepared.aux,
+                block_sparse_tensors=prepared.sparse, return_lse=return_lse)
+        empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
+        if empty is not None:
+            out = out.masked_fill(empty[None, :, :, None], 0.0)
+            if return_lse:
+                lse = lse.masked_fill(empty.t()[None], -math.inf)
+        # [B, H, q_len, D] view of FA4's [B, q_len, H, D] output (no copy; .contiguous() if needed)
+        return out.transpose(1, 2), (lse if return_lse else None)

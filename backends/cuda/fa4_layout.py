@@ -1,0 +1,348 @@
+"""The block-mask IR as FlashAttention-4's block-sparse tensors, exact for any block boundaries.
+
+FA4 (``flash_attn.cute``, pip ``flash-attn-4``) takes block sparsity on its own tile
+grid: per (batch, head, query tile ``t``) a list of *full* key tiles, computed without
+any mask, and a list of *mask* key tiles, on which a ``mask_mod`` decides each
+(query, key) pair (``BlockSparseTensorsTorch``; see fa4_backend.py for the API facts).
+The IR's blocks have any sizes (64/128-token blocks, 1560-token frames, odd text
+blocks, short last blocks), so IR blocks and kernel tiles need not line up.
+
+How this module makes it exact: **classification + a lookup mask_mod, no re-layout.**
+For a tile pair (query tile ``t``, key tile ``n``) of head ``h`` we count, for every
+IR query block (row) overlapping ``t``, the key tokens of ``n`` its row keeps.
+
+- every row overlapping ``t`` keeps all of ``n``'s keys -> a *full* tile (no mask work);
+- some row keeps some of them -> a *mask* tile: the ``mask_mod`` looks the pair up as
+  ``keep[h, qblock(q), kvblock(k)]`` in three small aux tensors (token -> query block,
+  token -> key block, and the IR's block map bit-packed into uint32 words);
+- no row keeps any -> the tile is not listed.
+
+Query tiles that straddle two IR query blocks are therefore handled by the same
+lookup: their list is the union of both rows' tiles, and where the rows disagree the
+tile is a mask tile. Why this and not padding each IR block to whole tiles (a token
+permutation of q, or of k/v): padding costs on *every* tile (1560-token frames ->
+1664, 6.7% more rows and keys, plus a gather of q/k/v and a scatter of the output per
+call), while the mask tiles cost only where blocks and tiles disagree: on LVSA's
+121 x 1560 frame mask with 128 x 128 tiles, 10% of the listed tiles are mask tiles and
+the kernel computes 5.5% more pairs than the mask keeps (this module, counted on CPU);
+a mask tile's extra work is a few integer ops and three cached loads per element, and
+a straddling query tile adds just the keys its two frames do not share. Masks whose
+blocks align with the tiles (uniform 128 blocks on 128 tiles, 64 on 64) get only full
+tiles and no mask_mod at all: the path measured at 603-641 eff TFLOP/s on an H200.
+
+The tile shape is the kernel's (on SM90 the sparse key block must equal the key tile;
+the sparse query block may be a multiple of the query tile). :func:`choose_tile_side`
+picks, per side, the candidate tile that minimizes the computed tokens of an isolated
+block divided by a per-tile-size efficiency (:data:`SIDE_EFFICIENCY`, a prior until
+bench/fa4_check.py measures it): 128 for 128-aligned or large blocks, 64 for 64-token
+blocks (AdaSpa), whose 128 x 128 tiles would be mostly mask tiles computing 2-4x the
+kept pairs.
+
+Everything runs as torch ops on the target device (on CPU for tests): no Python loop
+over heads, rows or blocks (only over the at most ``bn`` blocks a key tile can overlap
+and the at most ``bm`` rows a query tile can overlap, a few for real masks), and one
+host round trip per mask, a single ``.tolist()`` that sizes the compact index tensors
+(the host-side tables derived from the offsets go up in one copy before any kernel).
+The IR's ``indptr``/``indices`` may be numpy arrays or torch tensors on any device.
+Transient memory is a few bytes per element of the block map ``[H, MB, NB]`` and of the
+tile map ``[H, QT, NT]`` (about 1 GB for 12 heads x 188K tokens in 64-token blocks);
+above :data:`DENSE_LIMIT` elements the conversion refuses and names the triton backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sparsecore.registry import UnsupportedError
+
+DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map [H, MB, NB], row coverage [H, MB, NT]
+SM90_TILE_SIDES = (64, 128)
+SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
+
+
+@dataclass(frozen=True)
+class Fa4Layout:
+    """FA4 block-sparse tensors of one mask for tiles of ``tile_m`` x ``tile_n``, on one device.
+
+    ``mask_block_cnt / full_block_cnt``: int32 ``[1, H, QT]`` (batch broadcast by FA4);
+    ``mask_block_idx / full_block_idx``: int32 ``[1, H, QT, W]``, ``W >= 1``, each list
+    ascending in its first ``cnt`` entries (the rest is 0 and never read). ``QT =
+    ceil(q_len / tile_m)`` query tiles, key tiles ``0 .. ceil(kv_len / tile_n) - 1``.
+
+    Only when there are mask tiles (``needs_mask_mod``), the aux tensors of the lookup
+    mask_mod: ``q_block_of_token`` int32 ``[QT * tile_m]`` and ``kv_block_of_token``
+    int32 ``[NT * tile_n]`` (padded to whole tiles with the last block, so padded
+    positions read in bounds), and ``keep_bits`` int32 ``[H, MB, NW]``: bit
+    ``j % 32`` of word ``j // 32`` is 1 when row (h, i) keeps key block j (pass it to
+    FA4 viewed as uint32; the word count is rounded up to even). ``empty_tokens``: bool ``[q_len, H]``, query tokens whose
+    row keeps nothing, or None when there are none.
+    """
+
+    tile_m: int
+    tile_n: int
+    num_heads: int
+    q_len: int
+    kv_len: int
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor
+    full_block_idx: torch.Tensor
+    q_block_of_token: torch.Tensor | None
+    kv_block_of_token: torch.Tensor | None
+    keep_bits: torch.Tensor | None
+    empty_tokens: torch.Tensor | None
+    num_full_tiles: int
+    num_mask_tiles: int
+
+    @property
+    def needs_mask_mod(self) -> bool:
+        return self.num_mask_tiles > 0
+
+    @property
+    def num_q_tiles(self) -> int:
+        return -(-self.q_len // self.tile_m)
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return -(-self.kv_len // self.tile_n)
+
+    def computed_pairs(self) -> int:
+        """Query x key pairs the kernel computes per batch element, padding and masked pairs included."""
+        return (self.num_full_tiles + self.num_mask_tiles) * self.tile_m * self.tile_n
+
+
+# --------------------------------------------------------------------------------------------- tile choice
+def choose_tile_side(offsets: Any, candidates: Sequence[int] = SM90_TILE_SIDES) -> int:
+    """The tile side among ``candidates`` that computes the fewest tokens per kept block, per efficiency.
+
+    Each block is costed as if kept alone: the tiles it touches times the tile side,
+    divided by :data:`SIDE_EFFICIENCY`. Ties go to the larger tile.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    starts, ends = offsets[:-1], offsets[1:]
+    best, best_cost = None, None
+    for side in sorted(candidates, reverse=True):
+        touched = -(-ends // side) - starts // side
+        cost = float((touched * side).sum()) / SIDE_EFFICIENCY.get(side, 1.0)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = side, cost
+    return int(best)
+
+
+# --------------------------------------------------------------------------------------------- conversion
+def _block_of_position(offsets: np.ndarray, count: int) -> np.ndarray:
+    """Block id of positions ``0 .. count-1`` (positions past the end get the last block)."""
+    ids = np.searchsorted(offsets, np.arange(count, dtype=np.int64), side="right") - 1
+    return np.minimum(ids, len(offsets) - 2)
+
+
+def _check_size(name: str, shape: tuple[int, ...], tile_m: int, tile_n: int) -> None:
+    size = int(np.prod(shape, dtype=np.int64))
+    if size > DENSE_LIMIT:
+        raise UnsupportedError(
+            f"fa4: the {name} {list(shape)} has {size:,} elements, over the limit of {DENSE_LIMIT:,} "
+            f"for tiles {tile_m}x{tile_n}; expected fewer, larger blocks (many tiny blocks at this length); "
+            f"use backend='triton', which takes any block layout")
+
+
+def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cpu") -> Fa4Layout:
+    """FA4's block-sparse tensors (and the lookup mask_mod's aux tensors) for ``mask`` on ``device``.
+
+    ``mask`` is a :class:`sparsecore.ir.BlockMask` (or any object with its fields;
+    ``indptr``/``indices`` may be torch tensors on any device). Exact for every
+    layout the IR allows; see the module docstring. One host sync.
+    """
+    device = torch.device(device)
+    for name, side in (("tile_m", tile_m), ("tile_n", tile_n)):
+        if not isinstance(side, (int, np.integer)) or side < 1:
+            raise ValueError(f"{name}: expected a positive int (a kernel tile side), got {side!r}")
+    tile_m, tile_n = int(tile_m), int(tile_n)
+    q_off = np.asarray(mask.q_offsets, dtype=np.int64)
+    kv_off = np.asarray(mask.kv_offsets, dtype=np.int64)
+    H, MB, NB = int(mask.num_heads), len(q_off) - 1, len(kv_off) - 1
+    q_len, kv_len = int(q_off[-1]), int(kv_off[-1])
+    QT, NT = -(-q_len // tile_m), -(-kv_len // tile_n)
+    _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
+    _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
+    _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
+
+    # Host side (NumPy, from the offsets): which IR blocks each tile overlaps. A key tile overlaps
+    # at most `smax` blocks, a query tile at most `rmax` rows (both 1-3 for real masks).
+    tile_start = np.arange(NT, dtype=np.int64) * tile_n
+    tile_end = np.minimum(tile_start + tile_n, kv_len)
+    first = np.searchsorted(kv_off, tile_start, side="right") - 1
+    last = np.searchsorted(kv_off, tile_end - 1, side="right") - 1
+    smax = int((last - first).max()) + 1
+    seg = first[:, None] + np.arange(smax)[None, :]
+    seg_block = np.minimum(seg, last[:, None])                                             # [NT, smax]
+    seg_len = np.where(seg <= last[:, None], np.minimum(kv_off[seg_block + 1], tile_end[:, None])
+                       - np.maximum(kv_off[seg_block], tile_start[:, None]), 0)
+    q_tile_start = np.arange(QT, dtype=np.int64) * tile_m
+    row_first = np.searchsorted(q_off, q_tile_start, side="right") - 1
+    row_last = np.searchsorted(q_off, np.minimum(q_tile_start + tile_m, q_len) - 1, side="right") - 1
+    rmax = int((row_last - row_first).max()) + 1
+    row_table = np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :])  # [rmax, QT]
+    host = {"seg_block": seg_block, "seg_len": seg_len, "width": tile_end - tile_start, "rows": row_table,
+            "q_block": _block_of_position(q_off, QT * tile_m), "kv_block": _block_of_position(kv_off, NT * tile_n)}
+    lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
+    host.update({name: np.asarray(a) for name, a in lists.items() if not isinstance(a, torch.Tensor)})
+    dev = _upload(host, device)                       # one host-to-device copy, before any kernel
+    indptr = (dev["indptr"] if "indptr" in dev else lists["indptr"].to(device, torch.int64)).reshape(H, MB + 1)
+    indices = (dev["indices"] if "indices" in dev else lists["indices"].to(device, torch.int64)).reshape(-1)
+
+    # The block map, from the CSR (fixed-size ops: no sync).
+    nnz = indices.numel()
+    row_len = (indptr[:, 1:] - indptr[:, :-1]).reshape(-1)                                 # [H*MB]
+    row_of_entry = torch.repeat_interleave(torch.arange(H * MB, device=device), row_len, output_size=nnz)
+    keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
+    keep[row_of_entry * NB + indices] = True
+    keep = keep.view(H, MB, NB)
+    del row_of_entry
+
+    # Key side: kept key tokens of each row in each key tile.
+    cover = torch.zeros(H, MB, NT, dtype=torch.int16, device=device)                      # <= tile_n
+    seg_len_t = dev["seg_len"].to(torch.int16)
+    for c in range(smax):
+        cover += keep[:, :, dev["seg_block"][:, c]] * seg_len_t[:, c]
+    row_full = cover == dev["width"].to(torch.int16)                                      # [H, MB, NT]
+    row_any = cover > 0
+    del cover
+
+    # Query side: a tile is full if every row overlapping it is, listed if any row is.
+    full = torch.ones(H, QT, NT, dtype=torch.bool, device=device)
+    listed = torch.zeros(H, QT, NT, dtype=torch.bool, device=device)
+    for c in range(rmax):
+        full &= row_full[:, dev["rows"][c], :]
+        listed |= row_any[:, dev["rows"][c], :]
+    del row_full, row_any
+    partial = listed & ~full
+
+    full_cnt = full.sum(-1, dtype=torch.int32)                                            # [H, QT]
+    mask_cnt = partial.sum(-1, dtype=torch.int32)
+    empty_row = (row_len == 0).view(H, MB)
+    stats = torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
+                         mask_cnt.sum(dtype=torch.int64), empty_row.any().long()])
+    max_full, max_mask, num_full, num_mask, any_empty = stats.tolist()                   # the one host sync
+
+    q_block = dev["q_block"].to(torch.int32)
+    aux = (None, None, None)
+    if num_mask:
+        aux = (q_block, dev["kv_block"].to(torch.int32), _pack_bits(keep))
+    empty_tokens = empty_row[:, dev["q_block"][:q_len]].t().contiguous() if any_empty else None
+    return Fa4Layout(
+        tile_m=tile_m, tile_n=tile_n, num_heads=H, q_len=q_len, kv_len=kv_len,
+        mask_block_cnt=mask_cnt.view(1, H, QT), mask_block_idx=_packed_lists(partial, max_mask),
+        full_block_cnt=full_cnt.view(1, H, QT), full_block_idx=_packed_lists(full, max_full),
+        q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
+        num_full_tiles=int(num_full), num_mask_tiles=int(num_mask))
+
+
+def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Int arrays to ``device`` as int64 in one copy (a pageable copy waits for the stream: do it once)."""
+    flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays.values()])
+    buffer = torch.from_numpy(flat).to(device)
+    out, start = {}, 0
+    for name, a in arrays.items():
+        size = int(np.asarray(a).size)
+        out[name] = buffer[start:start + size].view(np.shape(a))
+        start += size
+    return out
+
+
+def _packed_lists(flags: torch.Tensor, width: int) -> torch.Tensor:
+    """Ascending column ids of the set flags of each row, packed left: int32 ``[1, H, QT, max(width, 1)]``."""
+    H, QT, NT = flags.shape
+    width = max(int(width), 1)
+    ctype = torch.int16 if NT < (1 << 15) else torch.int32
+    running = flags.reshape(H * QT, NT).cumsum(-1, dtype=ctype)                            # non-decreasing
+    wanted = torch.arange(1, width + 1, dtype=ctype, device=flags.device).expand(H * QT, width).contiguous()
+    ids = torch.searchsorted(running, wanted)                                              # first column reaching k
+    ids = torch.where(ids < NT, ids, torch.zeros_like(ids))                                # past the count: unused
+    return ids.to(torch.int32).view(1, H, QT, width)
+
+
+def _pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """bool ``[H, MB, NB]`` -> int32 words ``[H, MB, NW]``, bit j % 32 of word j // 32.
+
+    ``NW = 2 * ceil(NB / 64)``: an even word count keeps the last dim the only one of unit
+    stride, which FA4's aux-tensor import (``__leading_dim__``) wants unambiguous.
+    """
+    H, MB, NB = keep.shape
+    words = 2 * -(-NB // 64)
+    padded = torch.zeros(H, MB, words * 32, dtype=torch.bool, device=keep.device)
+    padded[:, :, :NB] = keep
+    padded = padded.view(H, MB, words, 32)
+    out = torch.zeros(H, MB, words, dtype=torch.int32, device=keep.device)
+    for bit in range(32):  # the sign bit's weight is -2^31: the int32 word has the uint32 bit pattern
+        out += padded[..., bit].to(torch.int32) * (-(1 << 31) if bit == 31 else (1 << bit))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checks (tests)
+def check_layout(layout: Fa4Layout) -> None:
+    """Assert the invariants FA4 relies on; raises AssertionError naming the first broken one.
+
+    Lists ascending and unique within their counts (FA4 walks them from the end and
+    applies sequence-length masking to the first tile it takes, so the short last key
+    tile must be last), ids in range, no tile both full and masked, counts within the
+    index width, int32 tensors of the documented shapes.
+    """
+    H, QT, NT = layout.num_heads, layout.num_q_tiles, layout.num_kv_tiles
+    for kind in ("full", "mask"):
+        cnt, idx = getattr(layout, f"{kind}_block_cnt"), getattr(layout, f"{kind}_block_idx")
+        assert cnt.dtype == torch.int32 and idx.dtype == torch.int32, f"{kind}: expected int32 tensors"
+        assert tuple(cnt.shape) == (1, H, QT), f"{kind}_block_cnt: expected [1, {H}, {QT}], got {list(cnt.shape)}"
+        assert idx.shape[:3] == (1, H, QT) and 1 <= idx.shape[3] <= NT, \
+            f"{kind}_block_idx: expected [1, {H}, {QT}, 1..{NT}], got {list(idx.shape)}"
+        assert (cnt >= 0).all() and (cnt <= idx.shape[3]).all(), f"{kind}: a count exceeds the index width"
+        valid = torch.arange(idx.shape[3]) < cnt[..., None].cpu()
+        ids = idx.cpu()
+        assert ((ids >= 0) & (ids < NT))[valid].all(), f"{kind}: a key tile id is out of 0..{NT - 1}"
+        ascending = (ids[..., 1:] > ids[..., :-1]) | ~valid[..., 1:]
+        assert ascending.all(), f"{kind}: a list is not strictly ascending"
+    full, partial = tile_status(layout)
+    assert not (full & partial).any(), "a key tile is listed both as full and as mask"
+    if layout.needs_mask_mod:
+        assert layout.q_block_of_token is not None and layout.q_block_of_token.numel() == QT * layout.tile_m
+        assert layout.kv_block_of_token is not None and layout.kv_block_of_token.numel() == NT * layout.tile_n
+        assert layout.keep_bits is not None and layout.keep_bits.dtype == torch.int32
+
+
+def tile_status(layout: Fa4Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[H, QT, NT]`` maps of the full and the mask tiles, rebuilt from the lists (on CPU)."""
+    H, QT, NT = layout.num_heads, layout.num_q_tiles, layout.num_kv_tiles
+    maps = []
+    for kind in ("full", "mask"):
+        cnt = getattr(layout, f"{kind}_block_cnt").cpu()[0].long()
+        idx = getattr(layout, f"{kind}_block_idx").cpu()[0].long()
+        valid = torch.arange(idx.shape[-1]) < cnt[..., None]
+        grid = torch.zeros(H, QT, NT + 1, dtype=torch.bool)
+        grid.scatter_(2, torch.where(valid, idx, NT), torch.ones_like(valid))
+        maps.append(grid[:, :, :NT])
+    return maps[0], maps[1]
+
+
+def expand_layout(layout: Fa4Layout) -> torch.Tensor:
+    """What FA4 computes with these tensors, as bool ``[H, q_len, kv_len]`` (True = attended).
+
+    Full tiles: every pair in bounds. Mask tiles: the pairs the lookup mask_mod keeps,
+    ``keep_bits[h, q_block[q], kv_block[k] // 32] >> (kv_block[k] % 32) & 1``. Plain
+    torch on CPU, for tests at small sizes.
+    """
+    q_len, kv_len = layout.q_len, layout.kv_len
+    full, partial = tile_status(layout)
+    q_tile = torch.arange(q_len) // layout.tile_m
+    kv_tile = torch.arange(kv_len) // layout.tile_n
+    attended = full[:, q_tile][:, :, kv_tile]
+    if layout.needs_mask_mod:
+        q_block = layout.q_block_of_token.cpu().long()[:q_len]
+        kv_block = layout.kv_block_of_token.cpu().long()[:kv_len]
+        words = layout.keep_bits.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        word = words[:, q_block][:, :, kv_block // 32]                                    # [H, q_len, kv_len]
+        kept = ((word >> (kv_block % 32)) & 1).bool()
+        attended |= partial[:, q_tile][:, :, kv_tile] & kept
+    return attended

@@ -1,0 +1,43 @@
+"""Whether Triton kernels run in Triton's CPU interpreter, and the emulation switch the tests use.
+
+Under ``TRITON_INTERPRET=1`` Triton runs kernels on CPU tensors (fp16/fp32 only: the
+interpreter's bf16 dot is wrong). Inside :func:`emulating` the CUDA lowerings that use
+Triton accept CPU tensors, which is how CPU CI runs the property suite on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+_EMULATING = False
+
+
+def interpreting() -> bool:
+    """Whether Triton was told to interpret kernels (read as Triton reads it when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def active() -> bool:
+    """Inside :func:`emulating`: kernels run on CPU tensors through the interpreter."""
+    return _EMULATING
+
+
+@contextlib.contextmanager
+def emulating() -> Iterator[None]:
+    global _EMULATING
+    previous, _EMULATING = _EMULATING, True
+    try:
+        yield
+    finally:
+        _EMULATING = previous
+
+
+def tensor_device_problem(device: str, tensor_device: str) -> str | None:
+    """Why tensors on ``tensor_device`` cannot run a Triton kernel compiled for ``device`` (None: they can)."""
+    if _EMULATING:
+        return None if tensor_device == "cpu" else f"the Triton interpreter runs on CPU tensors, got {tensor_device!r}"
+    if tensor_device != device.split(":")[0]:
+        return f"tensors are on {tensor_device!r} but the kernel was compiled for device {device!r}"
+    return None

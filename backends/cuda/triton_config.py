@@ -1,0 +1,55 @@
+"""Tile shapes and launch parameters of the Triton lowering: the tuned defaults and the user's overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Kernel tile shape and launch parameters."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool
+    warp_specialize: bool = False
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """Overrides of the tuned config (None: keep the default for the head dim, dtype and GPU)."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    use_tma: bool | None = None
+    warp_specialize: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{name}: expected a power of two >= 16 (a Triton tile side), got {value}")
+
+
+def default_config(head_dim: int, element_size: int, device: torch.device, q_block: int | None = None,
+                   kv_block: int | None = None) -> TritonConfig:
+    """The tuned tile shape (bench/results/cuda-2026-11-22*), narrowed to 64 for masks of 64-token blocks.
+
+    ``q_block`` / ``kv_block``: the mask's uniform block sizes (None when ragged). A
+    128-wide tile over 64-token blocks would compute twice the pairs it keeps on each
+    side (AdaSpa's blocks, measured 3x slower end to end), so such masks get 64-wide tiles.
+    """
+    if device.type != "cuda":  # the interpreter: mid-size tiles exercise partial tiles and run fast
+        return TritonConfig(64, 64, 4, 1, use_tma=False)
+    hopper = torch.cuda.get_device_capability(device)[0] >= 9
+    if element_size == 4:  # fp32: shared memory, not tiles, is the limit
+        return TritonConfig(64, 32, 4, 2, use_tma=False)
+    block_m = 64 if q_block is not None and q_block <= 64 else 128
+    block_n = 64 if (kv_block is not None and kv_block <= 64) or head_dim < 128 else 128
+    return TritonConfig(block_m, block_n, 8 if block_m == 128 else 4, 3, use_tma=hopper)

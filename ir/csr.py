@@ -1,0 +1,145 @@
+"""Building and transforming the IR's per-head CSR lists, on the host (NumPy) or on a torch device.
+
+This is the one place that turns selections into ``indptr`` / ``indices`` and back, so
+constructors, methods and lowerings agree on the layout (see :mod:`.block_mask`: heads
+stored one after another, ``indptr[h + 1, 0] == indptr[h, -1]``). Every function takes
+and returns arrays of one kind: NumPy arrays stay NumPy, torch tensors stay on their
+device, and the torch paths make no host round trip unless the docstring says so.
+Nothing loops in Python over heads, rows or blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def is_tensor(value: Any) -> bool:
+    """True for a torch tensor (checked without importing torch)."""
+    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "device")
+
+
+def indptr_from_counts(counts: Any) -> Any:
+    """``[H, MB + 1]`` row pointers (int64) from per-row counts ``[H, MB]``, heads one after another."""
+    num_heads, num_rows = counts.shape
+    if is_tensor(counts):
+        import torch
+        flat = torch.zeros(num_heads * num_rows + 1, dtype=torch.int64, device=counts.device)
+        torch.cumsum(counts.reshape(-1).to(torch.int64), 0, out=flat[1:])
+        rows = torch.arange(num_heads, device=counts.device)[:, None] * num_rows
+        return flat[rows + torch.arange(num_rows + 1, device=counts.device)[None, :]]
+    flat = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64).ravel())])
+    return flat[np.arange(num_heads)[:, None] * num_rows + np.arange(num_rows + 1)[None, :]]
+
+
+def from_block_map(dense: Any) -> tuple[Any, Any]:
+    """``(indptr [H, MB + 1], indices [nnz])`` of a bool block map ``[H, MB, NB]``.
+
+    On a torch device this costs one host round trip (the number of kept blocks sizes
+    ``indices``).
+    """
+    num_blocks = dense.shape[2]
+    if is_tensor(dense):
+        import torch
+        indices = torch.nonzero(dense.reshape(-1, num_blocks))[:, 1]     # row-major: sorted within a row
+        return indptr_from_counts(dense.sum(dim=2)), indices
+    return indptr_from_counts(dense.sum(axis=2)), np.nonzero(dense.reshape(-1, num_blocks))[1]
+
+
+def scatter_rows(indices: Any, indptr: Any, rows: Any, padded: Any, counts: Any) -> None:
+    """Write padded row lists into ``indices`` (torch, in place): row ``rows[r]`` of every head gets
+    ``padded[h, r, :counts[h, r]]``.
+
+    ``indices`` is 1-D with one spare slot at the end (``len = nnz + 1``) that absorbs the
+    padding writes, so the scatter needs no data-dependent size. ``rows`` are query-block
+    indices ``[R]``; ``padded`` ``[H, R, K]``; ``counts`` ``[H, R]``.
+    """
+    import torch
+    spare = indices.shape[0] - 1
+    slot = torch.arange(padded.shape[2], device=padded.device)
+    target = indptr[:, rows][:, :, None] + slot
+    target = torch.where(slot < counts[:, :, None], target, spare)
+    indices.scatter_(0, target.reshape(-1), padded.reshape(-1).to(indices.dtype))
+
+
+def row_of_entry(indptr: Any, nnz: int) -> Any:
+    """The flat row ``h * MB + i`` of every entry of ``indices`` (int64 ``[nnz]``)."""
+    lengths = (indptr[:, 1:] - indptr[:, :-1]).reshape(-1)
+    if is_tensor(indptr):
+        import torch
+        return torch.repeat_interleave(torch.arange(lengths.shape[0], device=indptr.device), lengths.to(torch.int64),
+                                       output_size=nnz)
+    return np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
+
+
+def to_block_map(indptr: Any, indices: Any, num_kv_blocks: int) -> Any:
+    """Bool block map ``[H, MB, NB]`` of the lists."""
+    num_heads, num_rows = indptr.shape[0], indptr.shape[1] - 1
+    rows = row_of_entry(indptr, indices.shape[0])
+    if is_tensor(indptr):
+        import torch
+        dense = torch.zeros(num_heads * num_rows, num_kv_blocks, dtype=torch.bool, device=indptr.device)
+        dense[rows, indices.to(torch.int64)] = True
+    else:
+        dense = np.zeros((num_heads * num_rows, num_kv_blocks), dtype=bool)
+        dense[rows, indices] = True
+    return dense.reshape(num_heads, num_rows, num_kv_blocks)
+
+
+def select_heads(indptr: Any, indices: Any, heads: Any) -> tuple[Any, Any]:
+    """The lists of query heads ``heads`` (int ``[n]``, same kind as the arrays), in that order."""
+    lengths = indptr[heads, -1] - indptr[heads, 0]                         # entries per selected head
+    if is_tensor(indptr):
+        import torch
+        lengths = lengths.to(torch.int64)
+        total = int(lengths.sum())                                          # one host round trip
+        starts = indptr[heads, 0].to(torch.int64)
+        new_start = torch.cumsum(lengths, 0) - lengths
+        head_of = torch.repeat_interleave(torch.arange(len(heads), device=indptr.device), lengths, output_size=total)
+        position = torch.arange(total, device=indptr.device) - new_start[head_of] + starts[head_of]
+        new_indptr = indptr[heads].to(torch.int64) - starts[:, None] + new_start[:, None]
+        return new_indptr, indices[position]
+    lengths = lengths.astype(np.int64)
+    starts = indptr[heads, 0].astype(np.int64)
+    new_start = np.cumsum(lengths) - lengths
+    head_of = np.repeat(np.arange(len(heads)), lengths)
+    position = np.arange(int(lengths.sum())) - new_start[head_of] + starts[head_of]
+    return indptr[heads].astype(np.int64) - starts[:, None] + new_start[:, None], indices[position]
+
+
+def kept_key_tokens(indptr: Any, indices: Any, kv_offsets: np.ndarray) -> Any:
+    """Key tokens each row keeps, int64 ``[H, MB]`` (same kind as the arrays).
+
+    Uniform key blocks (a short last one allowed) need only ``indptr`` and each row's last
+    entry: ``count * block - shortfall`` when the row keeps the short last block, so the
+    work is O(rows). Other layouts sum the kept blocks' sizes: O(kept blocks).
+    """
+    sizes = np.diff(kv_offsets)
+    counts = indptr[:, 1:] - indptr[:, :-1]
+    block = int(sizes[0])
+    uniform = bool((sizes[:-1] == block).all()) and int(sizes[-1]) <= block
+    if is_tensor(indptr):
+        import torch
+        counts = counts.to(torch.int64)
+        if uniform:
+            shortfall = block - int(sizes[-1])
+            if shortfall == 0 or indices.shape[0] == 0:
+                return counts * block
+            last = indices[(indptr[:, 1:].to(torch.int64) - 1).clamp(min=0)]
+            keeps_last = (counts > 0) & (last == len(sizes) - 1)
+            return counts * block - shortfall * keeps_last.to(torch.int64)
+        from .uploads import on_device
+        prefix = torch.zeros(indices.shape[0] + 1, dtype=torch.int64, device=indptr.device)
+        sizes_t = on_device(sizes, indptr.device)
+        torch.cumsum(sizes_t[indices.to(torch.int64)], 0, out=prefix[1:])
+        return prefix[indptr[:, 1:].to(torch.int64)] - prefix[indptr[:, :-1].to(torch.int64)]
+    counts = counts.astype(np.int64)
+    if uniform:
+        shortfall = block - int(sizes[-1])
+        if shortfall == 0 or indices.shape[0] == 0:
+            return counts * block
+        last = indices[np.maximum(indptr[:, 1:].astype(np.int64) - 1, 0)]
+        return counts * block - shortfall * ((counts > 0) & (last == len(sizes) - 1))
+    prefix = np.concatenate([[0], np.cumsum(sizes[indices])])
+    return prefix[indptr[:, 1:]] - prefix[indptr[:, :-1]]

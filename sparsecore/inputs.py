@@ -1,0 +1,88 @@
+"""The one check of attention inputs, shared by kernels, methods, the block-mass search and fidelity.
+
+Layout everywhere: q ``[B, H, L_q, D]``, k and v ``[B, H_kv, L_kv, D]`` with ``H % H_kv == 0``;
+query head ``h`` reads key head ``h // (H // H_kv)``. Every failure names the argument,
+what was expected and what was got. Only shapes, dtypes and devices are read: no values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a call's q, k (and v) are: sizes, dtype name (``"bfloat16"``) and device type (``"cuda"``)."""
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str
+    device: str          # torch device type, or "host" for NumPy arrays
+
+    @property
+    def group(self) -> int:
+        """Query heads per key head."""
+        return self.num_heads // self.num_kv_heads
+
+
+def array_kind(t: Any) -> str:
+    """``"torch"``, ``"numpy"`` or the top-level module of whatever ``t`` is."""
+    module = type(t).__module__.split(".")[0]
+    return {"numpy": "numpy", "torch": "torch"}.get(module, module)
+
+
+def dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def attention_shape(q: Any, k: Any, v: Any = None, *, kind: str = "torch", kv_len: int | None = None) -> AttentionShape:
+    """Check q, k (and v if given) against the layout above; returns their :class:`AttentionShape`.
+
+    ``kind``: ``"torch"`` or ``"numpy"``, what the arrays must be. ``kv_len``: the key length
+    required (e.g. a mask's), if any. Floating point is not required here (a kernel's
+    capabilities say which dtypes it takes, naming them).
+    """
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        if array_kind(t) != kind:
+            hint = " (convert with .numpy())" if kind == "numpy" else " (convert with torch.from_numpy)"
+            raise TypeError(f"{name}: expected a {kind} array [B, heads, length, head_dim], got "
+                            f"{type(t).__name__}{hint}")
+        if len(t.shape) != 4:
+            raise ValueError(f"{name}: expected 4 dimensions [B, heads, length, head_dim], got shape {list(t.shape)}")
+    batch, num_heads, q_len, head_dim = (int(s) for s in q.shape)
+    if v is not None and tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k, v: expected the same shape, got k {list(k.shape)} and v {list(v.shape)}")
+    if batch < 1 or head_dim < 1 or num_heads < 1:
+        raise ValueError(f"q: expected batch >= 1, heads >= 1 and head_dim >= 1, got shape {list(q.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim or (kv_len is not None and k.shape[2] != kv_len):
+        length, why = ("L_kv", "batch and head_dim of q") if kv_len is None else \
+            (kv_len, f"batch and head_dim of q, kv_len={kv_len} of the mask")
+        raise ValueError(f"k: expected [{batch}, H_kv, {length}, {head_dim}] ({why}), got {list(k.shape)}")
+    num_kv_heads = int(k.shape[1])
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"k: the number of key heads must divide the query heads ({num_heads}), got {num_kv_heads}")
+    dtypes = [dtype_name(t) for _, t in named]
+    if len(set(dtypes)) != 1:
+        raise TypeError(f"{', '.join(n for n, _ in named)}: expected one dtype, got {', '.join(dtypes)}")
+    device = "host"
+    if kind == "torch":
+        devices = [t.device for _, t in named]
+        if len(set(devices)) != 1:
+            raise ValueError(f"{', '.join(n for n, _ in named)}: expected one device, got {[str(d) for d in devices]}")
+        device = devices[0].type
+    return AttentionShape(batch, num_heads, num_kv_heads, q_len, int(k.shape[2]), head_dim, dtypes[0], device)
+
+
+def as_batched(t: Any, name: str) -> Any:
+    """A ``[heads, L, D]`` tensor as ``[1, heads, L, D]``; None raises naming ``name``; others pass through."""
+    if t is None:
+        raise ValueError(f"{name}: this method needs {name} (a [B, heads, L, D] tensor) at this step, got None")
+    if array_kind(t) not in ("torch", "numpy"):
+        raise TypeError(f"{name}: expected a tensor [B, heads, L, D], got {type(t).__name__}")
+    return t[None] if len(t.shape) == 3 else t

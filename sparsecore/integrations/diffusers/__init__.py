@@ -1,0 +1,51 @@
+"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 and HunyuanVideo 1.5, in one call.
+
+    import sparsecore.integrations.diffusers as sparse
+    handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
+    video = pipe(prompt, num_frames=481, num_inference_steps=50).frames   # the same call as before
+    handle.stats()                        # per (layer, step): density, kernel, calls, time if asked
+    handle.remove()                       # the original processors, exactly
+
+Modules, one job each (data flows one way: processor -> planner -> kernel):
+
+- :mod:`.models`: the supported models, where their self-attention lives, how they make q, k, v.
+- :mod:`.processors`: the attention processors put in place of diffusers' own.
+- :mod:`.steps`: which denoising step and run a forward belongs to.
+- :mod:`.planner`: the method's decision per (layer, step), masks, kernels.
+- :mod:`.parallel`: routing through diffusers' Ulysses context parallelism.
+- :mod:`.stats`: per (layer, step) records and timing.
+- :mod:`.handle`: ``apply()`` and the handle (hooks, step control, stats, ``remove()``).
+
+Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
+``HunyuanVideo15AttnProcessor2_0`` (``attn.set_processor``). We did not register a backend in
+diffusers' attention registry: in 0.42 it is keyed by the closed enum ``AttentionBackendName``,
+the dispatch call carries no (layer, step), and HunyuanVideo 1.5's processor builds the dense
+``[B, 1, S, S]`` padding mask before dispatching even where the IR needs none.
+
+Text (HunyuanVideo 1.5): video then text on the sequence axis. The model orders each
+sample's text as valid tokens first, then padding; a row's valid tokens must come first (else
+``ValueError``); the method plans on the valid prefix (LVSA keeps text dense both ways, AdaSpa
+and PASA use a text sink), and the kernel runs the mask extended by one padding block that no
+row attends to: exactly the model's masking. Samples of a batch with different valid counts
+run as separate groups, each with its own geometry. LVSA's ``reference_frames`` defaults to 33
+(the HunyuanVideo 1.5 horizon) for this model unless given.
+
+Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses on
+Wan only; processors replaced after ``apply`` are overwritten by ``remove()``.
+"""
+
+from __future__ import annotations
+
+try:
+    import diffusers  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without diffusers
+    raise ImportError(f"sparsecore.integrations.diffusers needs diffusers 0.42 ({err}); install it with "
+                      f"pip install 'diffusers==0.42.1' (tested version)") from err
+
+from .handle import SparseAttentionHandle, apply
+from .models import SUPPORTED_MODELS, ModelSpec
+from .planner import MethodProvider
+from .processors import HunyuanVideo15SparseAttnProcessor, WanSparseAttnProcessor
+
+__all__ = ["SUPPORTED_MODELS", "HunyuanVideo15SparseAttnProcessor", "MethodProvider", "ModelSpec",
+           "SparseAttentionHandle", "WanSparseAttnProcessor", "apply"]

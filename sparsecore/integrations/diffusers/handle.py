@@ -1,0 +1,311 @@
+"""``apply()`` and the handle it returns: hooks, step control, stats, ``remove()``.
+
+The forward pre-hook reads the video geometry from ``hidden_states`` ``[B, C, F, H, W]`` and the
+config's patch sizes, and advances the step (:mod:`.steps`). Each processor call then goes
+through :meth:`SparseAttentionHandle.attend`: context-parallel routing (:mod:`.parallel`),
+grouping of samples by valid text length (HunyuanVideo 1.5), and the planner (:mod:`.planner`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import diffusers
+import torch
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+from sparsecore.ir.validation import check_int
+from sparsecore.methods import SESSIONS, HeadShard
+from sparsecore.registry import device_type, registered_backends
+
+from . import parallel
+from .models import ModelSpec, spec_of
+from .planner import MethodProvider, Planner
+from .processors import SPARSE_PROCESSORS, SparseProcessor
+from .stats import Stats
+from .steps import StepTracker
+
+TESTED_DIFFUSERS = "0.42"
+
+
+class SparseAttentionHandle:
+    """What :func:`apply` returns: step control, stats, timing, and ``remove()``.
+
+    Attributes:
+        model: the transformer. spec: its :class:`~.models.ModelSpec`. method: the method name (or the
+        callable). params: the method's parameters. device, backend: what ``sparsecore.compile`` gets.
+        num_steps: steps per run. geometry: the video geometry of the last forward (no text).
+    """
+
+    def __init__(self, model: Any, spec: ModelSpec, method: str | MethodProvider, params: dict, device: str,
+                 backend: str | None, num_steps: int) -> None:
+        self.model = model
+        self.spec = spec
+        self.method = method
+        self.params = params
+        self.device = device
+        self.backend = backend
+        self.num_steps = num_steps
+        self.geometry: VideoGeometry | None = None
+        self.active = False
+        self._stats = Stats()
+        self._planner = Planner(method, params, device, backend, num_steps, self._stats)
+        self._steps = StepTracker(num_steps, self._planner.new_run)
+        self._text_cache: tuple[Any, Any] | None = None
+        self._removed = False
+        self._originals: list[tuple[Any, Any]] = []
+        self._hooks: list[Any] = []
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def step(self) -> int | None:
+        """The current denoising step (None before the first forward)."""
+        return self._steps.step
+
+    @property
+    def run(self) -> int:
+        """The index of the current run (sampling loop), from 0; stats rows carry it."""
+        return self._steps.run
+
+    def set_step(self, step: int | None) -> None:
+        """Use ``step`` for the following forwards (explicit steps); None returns to automatic tracking.
+
+        A step below the current one starts a new run (fresh method sessions).
+        """
+        self._steps.set_step(step)
+
+    def mask(self, layer: int) -> BlockMask | None:
+        """The mask ``layer`` planned last (its valid tokens, before text padding), None before its first plan.
+
+        Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
+        A batch of several text lengths (HunyuanVideo 1.5) plans one mask per length; this is the last.
+        """
+        return self._planner.last_mask(check_int(layer, "layer", 0))
+
+    def timing(self, enabled: bool = True) -> None:
+        """Record the time of every attention call (device events) into ``stats()`` as ``ms``."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
+        self._stats.timing = enabled
+
+    def stats(self) -> list[dict]:
+        """One dict per (run, layer, step, geometry) in call order.
+
+        Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of token pairs the method kept over
+        the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"`` for the
+        model's own attention), ``action`` (the method's word for the step), ``calls``, ``tokens`` (valid
+        sequence length), ``text_tokens`` (valid text), ``padding`` (text padding tokens), ``heads``
+        (``[start, stop)`` of the heads this process ran: all of them, or its Ulysses rank's), and with
+        timing on ``ms`` (mean per timed call) and ``ms_total``.
+        """
+        return self._stats.rows()
+
+    def remove(self) -> None:
+        """Put the original processors back (the same objects) and drop the hooks, masks and kernels."""
+        if self._removed:
+            return
+        for module, original in self._originals:
+            module.set_processor(original)
+        for hook in self._hooks:
+            hook.remove()
+        self._removed, self.active = True, False
+        self._planner.new_run()
+        self._text_cache = None
+
+    def __repr__(self) -> str:
+        method = self.method if isinstance(self.method, str) else getattr(self.method, "__name__", "callable")
+        return (f"SparseAttentionHandle(model={self.spec.name}, method={method!r}, device={self.device!r}, "
+                f"layers={len(self._originals)}, step={self.step}, removed={self._removed})")
+
+    # ---------------------------------------------------------------- hooks
+    def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+            got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(f"hidden_states: expected a latent video [B, C, F, H, W] for {type(module).__name__}, "
+                             f"got {got}")
+        p_t, p_h, p_w = self.spec.patch(module.config)
+        self.geometry = VideoGeometry(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
+        self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        self._text_cache = None
+        self.active = True
+
+    def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
+        self.active = False
+        self._text_cache = None
+
+    # ---------------------------------------------------------------- called by the processors
+    def text_valid(self, processor: SparseProcessor, mask: torch.Tensor | None, batch: int, text: int) -> list[int]:
+        """Valid text tokens per sample; checks they come first (the model's order). Cached per forward."""
+        if mask is None:
+            return [text] * batch
+        if self._text_cache is not None and self._text_cache[0] is mask:
+            return self._text_cache[1]
+        if mask.ndim != 2 or tuple(mask.shape) != (batch, text):
+            raise ValueError(f"attention_mask: expected the text mask [{batch}, {text}] (batch, text tokens), got "
+                             f"{list(mask.shape)} at layer {processor.layer}")
+        valid = mask.bool()
+        counts = valid.sum(dim=1)
+        prefix = torch.arange(text, device=valid.device)[None, :] < counts[:, None]
+        if not bool((prefix == valid).all()):
+            raise ValueError("attention_mask: expected each sample's valid text tokens first, then its padding "
+                             "(the order HunyuanVideo15Transformer3DModel.forward builds), got padding before a valid "
+                             "token; the block-mask IR has one pattern for the whole batch and cannot skip tokens "
+                             "inside the sequence; call handle.remove() to run this input densely")
+        result = counts.tolist()
+        self._text_cache = (mask, result)
+        return result
+
+    def attend(self, processor: SparseProcessor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               text_valid: list[int] | None, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Attention of one layer call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
+
+        Under Ulysses context parallelism ``S`` is this rank's part of the sequence; diffusers'
+        all-to-alls run around the planner on the whole sequence for this rank's heads.
+        """
+        group = parallel.ulysses_group(processor._parallel_config)
+        if group is None:
+            return self._attend_groups(processor.layer, query, key, value, text_valid, dense, None)
+        layer, geometry, heads = processor.layer, self.geometry, query.shape[2]
+        if text_valid is not None:
+            raise ValueError(f"parallel_config: sparsecore runs under context parallelism for "
+                             f"WanTransformer3DModel only (diffusers 0.42 has no context-parallel plan for "
+                             f"{self.spec.model_class.__name__}), got one at layer {layer}; call handle.remove() to "
+                             f"run the model densely")
+        if heads % group.world or query.shape[1] * group.world != geometry.video_tokens:
+            raise ValueError(f"hidden_states: under Ulysses degree {group.world} layer {layer} expected "
+                             f"{geometry.video_tokens} / {group.world} tokens and heads divisible by {group.world}, "
+                             f"got {query.shape[1]} tokens and {heads} heads; pick a ulysses_degree dividing both")
+        shard = group.shard(heads, query.device)
+
+        def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            dense_heads = lambda: processor.dispatch(q, k, v, None, parallel=False)  # noqa: E731
+            return self._attend_groups(layer, q, k, v, None, dense_heads, shard)
+
+        return parallel.attention(query, key, value, group, local)
+
+    def _attend_groups(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       text_valid: list[int] | None, dense: Callable[[], torch.Tensor],
+                       shard: HeadShard | None) -> torch.Tensor:
+        """``[B, S, h, D]`` in and out, the whole sequence; samples grouped by their valid text length."""
+        geometry, step, run = self.geometry, self._steps.step, self._steps.run
+        batch, seq_len = query.shape[0], query.shape[1]
+        text = seq_len - geometry.video_tokens
+        if text < 0 or (text_valid is None and text != 0):
+            raise ValueError(f"hidden_states: layer {layer} got {seq_len} tokens, expected {geometry.video_tokens} "
+                             f"video tokens ({geometry.frames}x{geometry.height}x{geometry.width} after patchify, "
+                             f"from the transformer's input) plus text; call handle.remove() to run this input "
+                             f"densely")
+        groups: dict[int, list[int]] = {}
+        for row, count in enumerate(text_valid if text_valid is not None else [0] * batch):
+            groups.setdefault(int(count), []).append(row)
+        if len(groups) == 1:
+            count = next(iter(groups))
+            return self._planner.attend(layer, self._with_text(geometry, count), step, run, query, key, value, shard,
+                                        dense)
+        full_dense: list[torch.Tensor] = []                  # the dense path runs once for every group needing it
+
+        def dense_rows(rows: torch.Tensor) -> torch.Tensor:
+            if not full_dense:
+                full_dense.append(dense())
+            return full_dense[0].index_select(0, rows)
+
+        out = query.new_zeros(query.shape[:3] + (value.shape[3],))
+        for count, rows in groups.items():
+            index = torch.tensor(rows, device=query.device)
+            pick = lambda t, i=index: t.index_select(0, i)    # noqa: E731
+            result = self._planner.attend(layer, self._with_text(geometry, count), step, run, pick(query), pick(key),
+                                          pick(value), shard, lambda i=index: dense_rows(i))
+            out.index_copy_(0, index, result.to(out.dtype))
+        return out
+
+    @staticmethod
+    def _with_text(geometry: VideoGeometry, count: int) -> VideoGeometry:
+        return VideoGeometry(geometry.frames, geometry.height, geometry.width, text_tokens=count, text_position="end")
+
+
+def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str = "cuda", backend: str | None = None,
+          num_steps: int = 50, **params: Any) -> SparseAttentionHandle:
+    """Route the self-attention of every block of ``transformer`` through sparsecore.
+
+    Args:
+        transformer: a diffusers 0.42 ``WanTransformer3DModel`` or ``HunyuanVideo15Transformer3DModel``
+            (e.g. ``pipe.transformer``) with diffusers' own attention processors.
+        method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
+            **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
+        device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
+            tensors must be there when it runs.
+        backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
+        num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
+        **params: the method's parameters (see docs/methods.md).
+
+    Returns:
+        A :class:`SparseAttentionHandle` (``set_step``, ``step``, ``stats``, ``timing``, ``mask``, ``remove``).
+
+    Raises:
+        TypeError: unsupported model class or processor, unknown method parameter, bad argument type.
+        ValueError: unknown method, device or backend, bad values, or sparsecore already applied.
+    """
+    spec = spec_of(transformer)
+    num_steps = check_int(num_steps, "num_steps", 1)
+    if isinstance(method, str):
+        if method not in SESSIONS:
+            raise ValueError(f"method: expected one of {sorted(SESSIONS)} or a callable (geometry, num_heads, step, "
+                             f"layer) -> BlockMask, got {method!r}")
+        if method == "lvsa":
+            params.setdefault("reference_frames", spec.reference_frames)
+        SESSIONS[method](num_steps=num_steps, **params)              # checks the parameters now
+    elif callable(method):
+        if params:
+            raise TypeError(f"params: a callable method takes no parameters, got {sorted(params)}; bind them in the "
+                            f"callable (functools.partial)")
+    else:
+        raise TypeError(f"method: expected a method name {sorted(SESSIONS)} or a callable, got "
+                        f"{type(method).__name__}")
+    device_type(device)
+    if backend is not None and backend not in registered_backends():
+        raise ValueError(f"backend: expected None or a registered sparsecore backend "
+                         f"({', '.join(sorted(registered_backends()))}), got {backend!r}")
+    if not diffusers.__version__.startswith(TESTED_DIFFUSERS + "."):
+        warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
+                      f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
+                      f"handle.remove() (dense)", stacklevel=2)
+    modules = _attention_modules(transformer, spec)
+    handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps)
+    sparse_class = SPARSE_PROCESSORS[spec.name]
+    for layer, module in enumerate(modules):
+        original = module.processor
+        handle._originals.append((module, original))
+        module.set_processor(sparse_class(handle, layer, original))
+    handle._hooks = [transformer.register_forward_pre_hook(handle._pre_forward, with_kwargs=True),
+                     transformer.register_forward_hook(handle._post_forward, always_call=True)]
+    return handle
+
+
+def _attention_modules(transformer: Any, spec: ModelSpec) -> list[Any]:
+    blocks = getattr(transformer, spec.blocks, None)
+    if blocks is None or len(blocks) == 0:
+        raise TypeError(f"transformer.{spec.blocks}: expected the transformer blocks of a {spec.model_class.__name__}, "
+                        f"got {type(blocks).__name__}")
+    modules = []
+    for layer, block in enumerate(blocks):
+        module = getattr(block, spec.attention, None)
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, SparseProcessor):
+            message = (f"transformer: sparsecore is already applied to this model ({spec.blocks}[{layer}]."
+                       f"{spec.attention}); call remove() on the earlier handle first")
+            raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
+        if type(processor) is not spec.processor_class:
+            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}.processor: expected diffusers' "
+                            f"{spec.processor_class.__name__}, got {type(processor).__name__}; sparsecore replaces "
+                            f"only diffusers' own processor (restore it, e.g. with "
+                            f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
+                            f"integration first)")
+        if spec.name == "wan" and (module.is_cross_attention or module.add_k_proj is not None):
+            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}: expected Wan self-attention, got a cross-"
+                            f"attention module")
+        modules.append(module)
+    return modules

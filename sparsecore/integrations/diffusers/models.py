@@ -1,0 +1,134 @@
+"""The diffusers models sparsecore plugs into: where their self-attention lives and how it makes q, k, v.
+
+One :class:`ModelSpec` per model family (diffusers 0.42.1):
+
+- ``WanTransformer3DModel`` (Wan 2.1 and 2.2, T2V/I2V/TI2V): the self-attention ``blocks[i].attn1``;
+  q, k, v as diffusers' ``WanAttnProcessor`` makes them (``transformer_wan._get_qkv_projections``,
+  ``norm_q`` / ``norm_k``, Wan's interleaved RoPE, which is a closure inside that processor and
+  so is re-stated in :func:`wan_rope` with the same arithmetic). The cross-attention ``attn2``
+  (text, and the image context of I2V) is not touched.
+- ``HunyuanVideo15Transformer3DModel``: the joint video+text attention
+  ``transformer_blocks[i].attn``, video then text on the sequence axis, as diffusers'
+  ``HunyuanVideo15AttnProcessor2_0`` builds it (``apply_rotary_emb`` on the video part, the
+  ``add_*_proj`` text projections and their norms). The text refiner's attention stays dense.
+
+Both flatten the patch grid frame-major (``Conv3d`` output ``.flatten(2)``), the token order
+of :class:`sparsecore.VideoGeometry`; ``patch`` reads the patch sizes from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
+                                                                       HunyuanVideo15Transformer3DModel)
+from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
+                                                           _get_qkv_projections)
+
+from sparsecore.methods import lvsa
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one diffusers model keeps its self-attention, and how it patchifies."""
+
+    name: str
+    model_class: type
+    processor_class: type          # diffusers' processor we replace (exact type)
+    blocks: str                    # attribute holding the transformer blocks
+    attention: str                 # the self-attention module of a block
+    reference_frames: int          # LVSA's C for this model
+    patch: Callable[[Any], tuple[int, int, int]]
+    joint_text: bool               # text tokens share the attention sequence (after the video)
+
+
+def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE: channel pair (2i, 2i+1) turns by the angle whose cosine is
+    ``freqs_cos[..., 2i]`` and sine ``freqs_sin[..., 2i+1]`` (diffusers 0.42's ``WanAttnProcessor``)."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def wan_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """Wan self-attention's q, k, v ``[B, S, H, D]``."""
+    query, key, value = _get_qkv_projections(attn, hidden_states, None)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    if rotary_emb is not None:
+        query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
+    return query, key, value
+
+
+def wan_output(attn: Any, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    out = attn.to_out[0](out.flatten(2, 3).type_as(query))
+    return attn.to_out[1](out)
+
+
+def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """HunyuanVideo 1.5's joint q, k, v ``[B, S_video + S_text, H, D]`` (video first)."""
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                              for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        text_q = attn.norm_added_q(text_q)
+    if attn.norm_added_k is not None:
+        text_k = attn.norm_added_k(text_k)
+    return tuple(torch.cat(pair, dim=1) for pair in ((query, text_q), (key, text_k), (value, text_v)))
+
+
+def hunyuan_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = out.flatten(2, 3).to(query.dtype)
+    video_out, text_out = out[:, :-text], out[:, -text:]
+    if getattr(attn, "to_out", None) is not None:
+        video_out = attn.to_out[1](attn.to_out[0](video_out))
+    if getattr(attn, "to_add_out", None) is not None:
+        text_out = attn.to_add_out(text_out)
+    return video_out, text_out
+
+
+def joint_padding_mask(text_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """HunyuanVideo 1.5's dense-path mask: ``valid_i & valid_j`` ``[B, 1, S, S]``, video always valid."""
+    if text_mask is None:
+        return None
+    valid = F.pad(text_mask, (seq_len - text_mask.shape[1], 0), value=True).bool()
+    return valid[:, None, None, :] & valid[:, None, :, None]
+
+
+def _wan_patch(config: Any) -> tuple[int, int, int]:
+    p_t, p_h, p_w = (int(p) for p in config.patch_size)
+    return p_t, p_h, p_w
+
+
+def _hunyuan_patch(config: Any) -> tuple[int, int, int]:
+    return int(config.patch_size_t), int(config.patch_size), int(config.patch_size)
+
+
+WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, "blocks", "attn1", lvsa.REFERENCE_FRAMES["wan"],
+                _wan_patch, joint_text=False)
+HUNYUAN_VIDEO_15 = ModelSpec("hunyuanvideo-1.5", HunyuanVideo15Transformer3DModel, HunyuanVideo15AttnProcessor2_0,
+                             "transformer_blocks", "attn", lvsa.REFERENCE_FRAMES["hunyuanvideo-1.5"], _hunyuan_patch,
+                             joint_text=True)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15)
+
+
+def spec_of(transformer: Any) -> ModelSpec:
+    for spec in SUPPORTED_MODELS:
+        if isinstance(transformer, spec.model_class):
+            return spec
+    names = ", ".join(spec.model_class.__name__ for spec in SUPPORTED_MODELS)
+    hint = " (a torch.compile wrapper: apply before compiling)" if hasattr(transformer, "_orig_mod") else ""
+    raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__}{hint}; other "
+                    f"models need their own processor (sparsecore.compile a mask and call it from one)")

@@ -1,0 +1,187 @@
+"""From one layer's q, k, v to its attention output: the method's decision, the mask, the kernel.
+
+For every (layer, valid-token geometry) the first call of a step asks the method's session
+what the step does (:meth:`Session.action`), plans the mask if it must (with q, k only when
+the method needs them), compiles it, and keeps all of that for the other calls of the step
+(classifier-free guidance run as separate calls reuses it). Dense steps run the model's own
+attention; AdaSpa's first search step runs dense attention that also returns its LSE, which
+the search reuses, and prepares the kernel of the searched mask there, so the step after it
+only launches. One session per geometry, so batches whose text lengths differ (HunyuanVideo
+1.5) keep separate per-layer state.
+
+Masks the session builds on the device stay there: nothing here hashes or copies them.
+Masks whose valid tokens are a prefix of a padded sequence run extended by one trailing block
+that no row lists (:meth:`BlockMask.with_trailing_block`): output 0 on the padding, as the
+model's masked attention gives.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import sparsecore
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
+from sparsecore.search import dense_attention
+
+from .stats import Record, Stats
+
+MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
+PADDED_MASKS = 256        # (mask, padded length) pairs kept: a few per layer and text length
+
+
+class CallableSession:
+    """A method given as a callable ``(geometry, num_heads, step, layer) -> BlockMask``, as a :class:`Session`.
+
+    Every step plans; a full mask on the host runs the model's own attention. Under a head shard the
+    callable is asked for all heads and the shard's heads are taken (memoized per mask).
+    """
+
+    method = "callable"
+    params = None
+
+    def __init__(self, provider: MethodProvider, num_steps: int) -> None:
+        self.provider = provider
+        self.num_steps = num_steps
+        self._shards: OrderedDict[tuple, BlockMask] = OrderedDict()
+
+    def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
+        return StepAction("plan", dense=False, plans=True)
+
+    def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
+             k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
+        mask = self.provider(geometry, num_heads, step, layer)
+        source = f"method callable {getattr(self.provider, '__name__', self.provider)!r}"
+        if not isinstance(mask, BlockMask):
+            raise TypeError(f"mask: {source} must return a sparsecore BlockMask, got {type(mask).__name__}")
+        if mask.num_heads != num_heads or mask.q_len != geometry.tokens or mask.kv_len != geometry.tokens:
+            raise ValueError(f"mask: {source} returned {mask!r} for layer {layer} step {step}; expected {num_heads} "
+                             f"heads and q_len = kv_len = {geometry.tokens} (geometry {geometry})")
+        if heads is None or heads.size == heads.total:
+            return mask
+        key = (id(mask), heads.start, heads.stop)
+        if key not in self._shards:
+            self._shards[key] = (mask, mask.select_heads(range(heads.start, heads.stop)))
+            if len(self._shards) > 64:
+                self._shards.popitem(last=False)
+        return self._shards[key][1]
+
+
+@dataclass
+class LayerPlan:
+    """What one (layer, geometry) runs at one step: ``kernel`` None means dense attention.
+
+    ``dense_out``: the output of the dense pass that also gave the search its LSE, handed to
+    the call that planned (later calls of the step run dense attention again).
+    """
+
+    step: int
+    mask: BlockMask | None
+    kernel: Any
+    record: Record
+    dense_out: torch.Tensor | None = None
+
+
+class Planner:
+    """Sessions, plans and kernels of one handle (see the module docstring)."""
+
+    def __init__(self, method: str | MethodProvider, params: dict[str, Any], device: str, backend: str | None,
+                 num_steps: int, stats: Stats) -> None:
+        self.method = method
+        self.params = params
+        self.device = device
+        self.backend = backend
+        self.num_steps = num_steps
+        self.stats = stats
+        self._sessions: dict[VideoGeometry, Session] = {}
+        self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
+        self._padded: OrderedDict[tuple, tuple[BlockMask, BlockMask]] = OrderedDict()
+
+    def new_run(self) -> None:
+        self._sessions.clear()
+        self._plans.clear()
+
+    def session(self, geometry: VideoGeometry) -> Session:
+        found = self._sessions.get(geometry)
+        if found is None:
+            if callable(self.method):
+                found = CallableSession(self.method, self.num_steps)
+            else:
+                found = SESSIONS[self.method](num_steps=self.num_steps, **self.params)
+            self._sessions[geometry] = found
+        return found
+
+    def last_mask(self, layer: int) -> BlockMask | None:
+        masks = [plan.mask for (planned, _), plan in self._plans.items() if planned == layer and plan.mask is not None]
+        return masks[-1] if masks else None
+
+    def attend(self, layer: int, geometry: VideoGeometry, step: int, run: int, query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, shard: HeadShard | None,
+               dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Attention ``[B, S, h, D]`` of one group of samples whose valid tokens are ``geometry``'s (a prefix of S)."""
+        seq_len, heads = query.shape[1], query.shape[2]
+        plan = self._plans.get((layer, geometry))
+        fresh = plan is None or plan.step != step
+        if fresh:
+            plan = self._plan(layer, geometry, step, run, heads, shard, query, key, value)
+        else:
+            plan.record.fields["calls"] += 1
+        if plan.kernel is None:
+            if plan.dense_out is not None:
+                out, plan.dense_out = plan.dense_out, None
+                return out
+            return self.stats.time(plan.record, query, dense)
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+        return self.stats.time(plan.record, query, lambda: plan.kernel(q, k, v)).transpose(1, 2)
+
+    def _plan(self, layer: int, geometry: VideoGeometry, step: int, run: int, heads: int, shard: HeadShard | None,
+              query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> LayerPlan:
+        session = self.session(geometry)
+        action = session.action(geometry, step, layer)
+        seq_len = query.shape[1]
+        record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
+        plan = LayerPlan(step, None, None, record)
+        self._plans[(layer, geometry)] = plan
+        if not action.plans:
+            return plan
+        q = k = lse = None
+        if action.needs_qk or isinstance(session, CallableSession):
+            q = query.transpose(1, 2)[:, :, :geometry.tokens]                # [B, H, L, D] over the valid tokens
+            k = key.transpose(1, 2)[:, :, :geometry.tokens]
+        if action.wants_lse and seq_len == geometry.tokens:                  # the dense output, with its LSE
+            out, lse = self.stats.time(record, query, lambda: dense_attention(q, k, value.transpose(1, 2)))
+            plan.dense_out = out.transpose(1, 2)
+        plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
+                                 lse=lse, heads=shard)
+        run_mask = self._padded_mask(plan.mask, seq_len)
+        if action.dense:                       # a mask planned at a dense step serves the steps after it
+            self._prepare(run_mask, query, key, value)
+        elif not (plan.mask.on_host and plan.mask.density() >= 1.0):     # a full mask runs the model's path
+            plan.kernel = record.kernel = sparsecore.compile(run_mask, device=self.device, backend=self.backend)
+            record.mask = plan.mask
+        return plan
+
+    def _prepare(self, mask: BlockMask, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Compile and plan the kernel of a mask searched at a dense step, so the next step only launches."""
+        kernel = sparsecore.compile(mask, device=self.device, backend=self.backend)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        kernel.prepare(q, k, v)
+
+    def _padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
+        """``mask`` extended to ``seq_len`` tokens by an unlisted trailing block (text padding), memoized per mask."""
+        if seq_len == mask.q_len:
+            return mask
+        key = (id(mask), seq_len)
+        found = self._padded.get(key)
+        if found is None:
+            meta = {**mask.meta, "padding": seq_len - mask.q_len}
+            found = self._padded[key] = (mask, mask.with_trailing_block(seq_len, meta))
+            if len(self._padded) > PADDED_MASKS:
+                self._padded.popitem(last=False)
+        return found[1]

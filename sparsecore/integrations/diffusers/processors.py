@@ -1,0 +1,99 @@
+"""The attention processors that replace diffusers' own on the self-attention modules.
+
+A processor computes q, k, v exactly as the diffusers processor it replaces (:mod:`.models`),
+hands them to the handle's attention (planner and kernel, or the model's own attention on
+dense steps) and applies the output projections. Calls outside a hooked forward of a live
+handle (and Wan's cross-attention) go to the original processor unchanged.
+
+``_attention_backend`` and ``_parallel_config`` read and write the original processor's, so
+diffusers' ``set_attention_backend`` and ``enable_parallelism`` reach the model as before
+(before or after ``apply``) and survive ``remove()``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from . import models
+
+if TYPE_CHECKING:
+    from .handle import SparseAttentionHandle
+
+
+class SparseProcessor:
+    """Shared part: the handle, the layer, the original processor (for dense fallbacks and remove())."""
+
+    def __init__(self, handle: "SparseAttentionHandle", layer: int, original: Any) -> None:
+        self._handle = handle
+        self.layer = layer
+        self.original = original
+
+    @property
+    def _attention_backend(self) -> Any:
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.original._parallel_config = value
+
+    def dispatch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attn_mask: torch.Tensor | None, parallel: bool = True) -> torch.Tensor:
+        """The model's own attention: diffusers' dispatch, as the original processor calls it.
+
+        ``parallel=False``: on this rank's tensors only (inside the context-parallel all-to-alls).
+        """
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend,
+                                     parallel_config=self._parallel_config if parallel else None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
+
+
+class WanSparseAttnProcessor(SparseProcessor):
+    """Self-attention of a ``WanTransformer3DModel`` block (``attn1``) through sparsecore."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or not self._handle.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if attention_mask is not None:
+            raise ValueError(f"attention_mask: Wan self-attention (layer {self.layer}) expected None, got a "
+                             f"{list(attention_mask.shape)} mask; the block-mask IR cannot add a token mask; "
+                             f"call handle.remove() to run this model densely")
+        query, key, value = models.wan_qkv(attn, hidden_states, rotary_emb)
+        out = self._handle.attend(self, query, key, value, None, lambda: self.dispatch(query, key, value, None))
+        return models.wan_output(attn, out, query)
+
+
+class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
+    """Joint video+text attention of a ``HunyuanVideo15Transformer3DModel`` block through sparsecore."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        if encoder_hidden_states is None or not self._handle.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = models.hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        text = encoder_hidden_states.shape[1]
+        valid = self._handle.text_valid(self, attention_mask, query.shape[0], text)
+        dense = lambda: self.dispatch(query, key, value,  # noqa: E731  (the [B, 1, S, S] mask only when dense)
+                                      models.joint_padding_mask(attention_mask, query.shape[1]))
+        out = self._handle.attend(self, query, key, value, valid, dense)
+        return models.hunyuan_output(attn, out, query, text)
+
+
+SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,
+                     models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor}

@@ -1,0 +1,69 @@
+"""Per (run, layer, step, geometry) statistics of a handle: what ran, how often, how long.
+
+Values that need the device (a device mask's density, event timings) are read when
+:meth:`Stats.rows` is called, never on the attention path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+from sparsecore.methods import HeadShard
+from sparsecore.timing import Stopwatch
+
+
+@dataclass
+class Record:
+    """One (run, layer, step, geometry): its fields, the mask it ran (None: dense) and the kernel."""
+
+    fields: dict
+    mask: BlockMask | None = None
+    kernel: Any = None
+    watch: Stopwatch | None = None
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.timing = False
+        self._records: dict[tuple, Record] = {}
+
+    def record(self, run: int, layer: int, step: int, geometry: VideoGeometry, seq_len: int, heads: int,
+               shard: HeadShard | None, action: str) -> Record:
+        """The record of this (run, layer, step, geometry), counting this call (a new one, or planned again)."""
+        key = (run, layer, step, geometry)
+        found = self._records.get(key)
+        if found is not None:                                        # planned again after set_step
+            found.fields["calls"] += 1
+            return found
+        fields = {"run": run, "layer": layer, "step": step, "action": action, "calls": 1,
+                  "tokens": geometry.tokens, "text_tokens": geometry.text_tokens, "padding": seq_len - geometry.tokens,
+                  "heads": [0, heads] if shard is None else [shard.start, shard.stop]}
+        self._records[key] = Record(fields)
+        return self._records[key]
+
+    def time(self, record: Record, like: torch.Tensor, fn: Callable[[], Any]) -> Any:
+        """``fn()``, timed into ``record`` on ``like``'s device when timing is on."""
+        if not self.timing:
+            return fn()
+        if record.watch is None:
+            record.watch = Stopwatch(like.device)
+        with record.watch:
+            return fn()
+
+    def rows(self) -> list[dict]:
+        """One dict per record in call order (keys: see ``SparseAttentionHandle.stats``)."""
+        out = []
+        for record in self._records.values():
+            row = dict(record.fields)
+            row["density"] = 1.0 if record.mask is None else record.mask.density()
+            row["backend"] = "dense" if record.kernel is None else record.kernel.backend.name
+            if record.watch is not None and record.watch.count:
+                total = record.watch.seconds * 1e3
+                row.update(ms=total / record.watch.count, ms_total=total)
+            out.append(row)
+        return out

@@ -1,0 +1,193 @@
+"""What every method is to the rest of sparsecore: a frozen parameter set and a :class:`Session`.
+
+A session carries one run (one sampling loop) of a method. The integration, the CLI and
+the demo drive every method the same way:
+
+1. ``session.action(geometry, step, layer)`` says, before any attention runs, what the
+   (layer, step) does: dense attention (the model's own path) or a sparse mask, and
+   whether :meth:`Session.plan` must run there (and needs ``q`` / ``k``, or can use the
+   LSE of the step's dense output).
+2. ``session.plan(geometry, num_heads, step=, layer=, q=, k=, lse=, heads=)`` returns the
+   mask: the one to run at a sparse step, or (AdaSpa's first search) the mask searched
+   for the steps after it.
+
+Parameters are validated once, when the session is made; plan() checks only its inputs.
+Nothing here imports a device library.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+from sparsecore.ir.validation import check_int
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class StepAction:
+    """What one (layer, step) of a method does.
+
+    ``label`` is the method's word for it (stats show it): ``"dense"``, ``"search"``,
+    ``"cached-search"``, ``"reuse"``, ``"select"``, ``"plan"``. ``dense``: the
+    output is dense attention. ``plans``: :meth:`Session.plan` must run. ``needs_qk``:
+    that call needs this step's q and k. ``wants_lse``: it can reuse the LSE of this
+    step's dense output instead of computing one (AdaSpa's Fused Online Search).
+    """
+
+    label: str
+    dense: bool
+    plans: bool
+    needs_qk: bool = False
+    wants_lse: bool = False
+
+
+@runtime_checkable
+class Session(Protocol):
+    """One run of a method; see the module docstring."""
+
+    method: str
+    num_steps: int
+    params: Any
+
+    def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
+        ...
+
+    def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
+             k: Any = None, lse: Any = None, heads: "HeadShard | None" = None) -> BlockMask:
+        ...
+
+
+# ------------------------------------------------------------------ parameter checks
+def params_from(params_type: type[P], method: str, params: Mapping[str, Any]) -> P:
+    """``params_type(**params)``; an unknown name raises TypeError listing the accepted ones."""
+    accepted = [f.name for f in fields(params_type)]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise TypeError(f"{method}: unknown parameter(s) {unknown}; accepted: {', '.join(sorted(accepted))}")
+    return params_type(**params)
+
+
+def check_fraction(value: Any, field: str, low: float = 0.0, high: float = 1.0, *, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{field}: expected a float, got {type(value).__name__} {value!r}")
+    if value > high or value < low or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{field}: expected a value in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def check_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{field}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_scale(value: Any) -> float | None:
+    """A softmax scale override: None (``1/sqrt(D)``) or a positive finite float."""
+    if value is None:
+        return None
+    return check_fraction(value, "scale", 0.0, math.inf, open_low=True)
+
+
+def check_int_tuple(values: Any, field: str, minimum: int = 0) -> tuple[int, ...]:
+    """A sequence of ints as a sorted tuple of distinct values."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{field}: expected a sequence of ints, got {type(values).__name__} {values!r}")
+    checked = [check_int(x, f"{field}[{i}]", minimum) for i, x in enumerate(values)]
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"{field}: expected distinct values, got {list(values)}")
+    return tuple(sorted(checked))
+
+
+def check_geometry(geometry: Any, num_heads: Any) -> int:
+    if not isinstance(geometry, VideoGeometry):
+        raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
+    return check_int(num_heads, "num_heads", 1)
+
+
+def check_step(step: Any, num_steps: int | None = None) -> int:
+    step = check_int(step, "step", 0)
+    if num_steps is not None and step >= num_steps:
+        raise ValueError(f"step: expected 0 <= step < num_steps={num_steps}, got {step}")
+    return step
+
+
+# ------------------------------------------------------------------ head shards
+@dataclass(frozen=True)
+class HeadShard:
+    """Heads ``[start, stop)`` of ``total``: what one rank holds under head-parallel attention.
+
+    Under Ulysses sequence parallelism (diffusers' ``ContextParallelConfig(ulysses_degree=N)``)
+    the all-to-all leaves each rank the whole sequence for ``total / N`` consecutive heads. A
+    session's ``plan(..., heads=shard)`` then gets ``q`` / ``k`` of those heads only and returns
+    their mask: equal to ``plan(...)`` over all heads with the full ``q`` / ``k``, followed by
+    ``select_heads(range(start, stop))``. ``gather`` maps a float64 tensor of per-head values of
+    this shard (``[stop - start]``, on the compute device) to the values of all ``total`` heads in
+    head order: an all-gather over the ranks holding the other shards, which methods whose
+    choices couple heads call (AdaSpa ranks every head's recall). None means this shard is all
+    there is (one process).
+    """
+
+    start: int
+    stop: int
+    total: int
+    gather: Callable[[Any], Any] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def heads(self) -> range:
+        return range(self.start, self.stop)
+
+    def all_heads(self, values: Any) -> Any:
+        """Per-head ``values`` (a torch tensor ``[size]``) of this shard extended to every head (``gather``)."""
+        if self.size == self.total:
+            return values
+        if self.gather is None:
+            raise ValueError(f"heads.gather: a shard of heads [{self.start}, {self.stop}) of {self.total} needs a "
+                             f"gather over the other shards for this method, got None")
+        gathered = self.gather(values)
+        shape = tuple(getattr(gathered, "shape", ()))
+        if shape != (self.total,) or not bool((gathered[self.start:self.stop] == values).all()):
+            raise ValueError(f"heads.gather: expected the {self.total} heads' values with this shard's at "
+                             f"[{self.start}, {self.stop}), got shape {shape}")
+        return gathered
+
+
+def check_shard(heads: Any, num_heads: int) -> HeadShard:
+    """``heads`` (a :class:`HeadShard` or None for all heads) checked against ``num_heads``."""
+    if heads is None:
+        return HeadShard(0, num_heads, num_heads)
+    if not isinstance(heads, HeadShard):
+        raise TypeError(f"heads: expected a sparsecore.methods.HeadShard or None, got {type(heads).__name__}")
+    start, stop = check_int(heads.start, "heads.start", 0), check_int(heads.stop, "heads.stop", 1)
+    if heads.total != num_heads or not start < stop <= num_heads:
+        raise ValueError(f"heads: expected 0 <= start < stop <= total == num_heads={num_heads}, got {heads}")
+    return heads
+
+
+def geometry_meta(geometry: VideoGeometry) -> dict[str, Any]:
+    return {"frames": geometry.frames, "height": geometry.height, "width": geometry.width,
+            "text_tokens": geometry.text_tokens, "text_position": geometry.text_position}
+
+
+def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[Any, Any]:
+    """q ``[B, num_heads, L, D]`` and k ``[B, H_kv, L, D]`` (a missing batch axis is added) over the geometry's tokens."""
+    from sparsecore.inputs import as_batched, attention_shape
+    q, k = as_batched(q, "q"), as_batched(k, "k")
+    shape = attention_shape(q, k)
+    if not q.is_floating_point():
+        raise TypeError(f"q, k: expected float tensors, got {q.dtype}")
+    if shape.q_len != geometry.tokens or shape.kv_len != geometry.tokens or shape.num_heads != num_heads:
+        raise ValueError(f"q, k: expected [B, {num_heads}, {geometry.tokens}, D] and [B, H_kv, {geometry.tokens}, D] "
+                         f"for geometry {geometry}, got q {list(q.shape)} and k {list(k.shape)}")
+    return q, k

@@ -1,0 +1,144 @@
+"""Row-wise block selection on the compute device, and the masks the planners build from it.
+
+AdaSpa and PASA both score every (query block, key block) pair of every head, keep each
+video row's best key blocks, and force a *text sink*: text key blocks are kept in every
+row and text rows keep everything (AdaSpa, arXiv 2502.21079 Sec. 4.3; PASA says nothing
+of text, so it follows). Here that is one batched ``topk`` over ``[H, rows, blocks]``, one
+sort, and the CSR lists written with ``scatter`` into arrays whose sizes are known before
+any value is read (:func:`sparsecore.ir.csr.scatter_rows`): no Python loop over heads or
+rows, and no host round trip unless the caller's row counts are data-dependent.
+
+Text blocks are contiguous (:meth:`VideoGeometry.block_offsets` keeps them at the end or
+the start), so the video part of a score map is a plain slice. LVSA's static patterns are
+built on the host (:func:`shared_mask`) and uploaded once per pattern by the compile cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.uploads import on_device
+
+def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
+    """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``."""
+    sizes = np.diff(offsets)
+    block_of = on_device(np.repeat(np.arange(len(sizes)), sizes), x.device)
+    divisor = on_device(sizes.astype(np.float32), x.device)
+    sums = torch.zeros(*x.shape[:2], len(sizes), x.shape[3], device=x.device).index_add_(2, block_of, x.float())
+    return sums / divisor[None, None, :, None]
+
+
+@dataclass(frozen=True)
+class SinkLayout:
+    """Where video and text blocks sit on a square block grid (the same offsets for queries and keys)."""
+
+    num_blocks: int
+    video: slice
+    text: slice
+
+    @classmethod
+    def of(cls, geometry: VideoGeometry, offsets: np.ndarray) -> "SinkLayout":
+        text = np.flatnonzero(geometry.text_blocks(offsets))
+        num_blocks = len(offsets) - 1
+        if not len(text):
+            return cls(num_blocks, slice(0, num_blocks), slice(num_blocks, num_blocks))
+        text_slice = slice(int(text[0]), int(text[-1]) + 1)
+        video = slice(text_slice.stop, num_blocks) if text_slice.start == 0 else slice(0, text_slice.start)
+        return cls(num_blocks, video, text_slice)
+
+    @property
+    def video_blocks(self) -> int:
+        return self.video.stop - self.video.start
+
+    @property
+    def text_blocks(self) -> int:
+        return self.text.stop - self.text.start
+
+
+def keep_count(density: float, video_blocks: int) -> int:
+    """Blocks kept per row for a density: ``round(density * video_blocks)``, at least 1."""
+    return int(min(video_blocks, max(1, round(density * video_blocks))))
+
+
+def keep_counts(densities: torch.Tensor, video_blocks: int) -> torch.Tensor:
+    """:func:`keep_count` of every head at once (int64; ``torch.round`` rounds halves to even, as ``round``)."""
+    return torch.round(densities.double() * video_blocks).clamp(1, video_blocks).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Each head's video rows as padded sorted lists: ``rows[h, r, :counts[h]]`` (block ids, int32)."""
+
+    rows: torch.Tensor
+    counts: torch.Tensor | int
+
+
+def top_video(scores: torch.Tensor, layout: SinkLayout, max_keep: int, *, ranked: bool = False):
+    """``torch.topk`` of every video row over the video key blocks of ``scores [H, MB, NB]``.
+
+    ``ranked``: values (and indices) in descending order, needed when heads keep
+    different prefixes of the top ``max_keep`` (:func:`rows_from_top` with a tensor ``keep``).
+    """
+    return torch.topk(scores[:, layout.video, layout.video], max_keep, dim=-1, sorted=ranked)
+
+
+def rows_from_top(top: Any, layout: SinkLayout, keep: torch.Tensor | int) -> Selection:
+    """Each video row's kept blocks: its top ``keep`` video blocks (all of ``top`` when ``keep`` is an int, a
+    ranked prefix per head when it is an int64 tensor ``[H]``) plus every text block, sorted."""
+    chosen = top.indices + layout.video.start
+    if isinstance(keep, torch.Tensor):
+        slot = torch.arange(chosen.shape[-1], device=chosen.device)
+        chosen = torch.where(slot < keep[:, None, None], chosen, layout.num_blocks)   # sorts after every block id
+    text = torch.arange(layout.text.start, layout.text.stop, device=chosen.device)
+    rows = torch.cat([chosen, text.expand(*chosen.shape[:2], -1)], dim=-1)
+    return Selection(torch.sort(rows, dim=-1).values.to(torch.int32), keep + layout.text_blocks)
+
+
+def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz: int, budgets: torch.Tensor,
+              meta: Mapping[str, Any]) -> BlockMask:
+    """The mask of a :class:`Selection`: video rows as selected, text rows keep every block.
+
+    ``nnz`` is the number of kept blocks (a host int the caller knows or read once).
+    """
+    rows = selection.rows
+    heads, device = rows.shape[0], rows.device
+    counts = torch.full((heads, layout.num_blocks), layout.num_blocks, dtype=torch.int64, device=device)
+    counts[:, layout.video] = torch.as_tensor(selection.counts, device=device).reshape(-1, 1)
+    indptr = csr.indptr_from_counts(counts)
+    indices = torch.empty(nnz + 1, dtype=torch.int32, device=device)     # + 1: the slot padding writes go to
+    video_rows = torch.arange(layout.video.start, layout.video.stop, device=device)
+    csr.scatter_rows(indices, indptr, video_rows, rows, counts[:, layout.video])
+    if layout.text_blocks:
+        text_rows = torch.arange(layout.text.start, layout.text.stop, device=device)
+        every = torch.arange(layout.num_blocks, device=device).expand(heads, layout.text_blocks, -1)
+        csr.scatter_rows(indices, indptr, text_rows, every, counts[:, layout.text])
+    # Valid by construction: rows are sorted top-k ids (distinct, in range) plus the text ids
+    # (distinct from video ids), counts match the scattered entries, and nnz sums the counts.
+    return BlockMask.unchecked(heads, offsets, offsets, indptr.to(torch.int32), indices[:nnz],
+                               budgets.to(torch.float64), meta)
+
+
+def selection_nnz(layout: SinkLayout, heads: int, video_row_counts: int) -> int:
+    """Kept blocks of a sink mask whose video rows keep ``video_row_counts`` blocks summed over heads."""
+    return layout.video_blocks * video_row_counts + heads * layout.text_blocks * layout.num_blocks
+
+
+# ------------------------------------------------------------------ host masks (static patterns)
+def shared_mask(block_map: np.ndarray, num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray, *,
+                budgets: Any = None, meta: Mapping[str, Any] | None = None) -> BlockMask:
+    """A host BlockMask whose every head has the bool ``[MB, NB]`` map."""
+    indptr, indices = csr.from_block_map(np.broadcast_to(block_map, (num_heads, *block_map.shape)))
+    return BlockMask(num_heads, q_offsets, kv_offsets, indptr, indices, budgets, meta)
+
+
+def dense_mask(geometry: VideoGeometry, num_heads: int, meta: Mapping[str, Any]) -> BlockMask:
+    """Full attention on frame-sized blocks (the cheapest IR of a dense step at any length)."""
+    offsets = geometry.block_offsets(None)
+    return shared_mask(np.ones((len(offsets) - 1,) * 2, dtype=bool), num_heads, offsets, offsets,
+                       budgets=np.ones(num_heads), meta=meta)

@@ -1,0 +1,119 @@
+"""Masks whose lists live in torch tensors: same validation, same views, explicit conversions.
+
+CI has no GPU: torch CPU tensors take the device code paths (every torch op, the one
+host read of the validation flags), which are device-agnostic by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsecore import BlockMask
+from sparsecore.ir import Unselected
+
+from test_block_mask_validation import INDICES, INDPTR, KV_OFF, Q_OFF
+from test_block_mask_validation import test_invalid_fields_raise_naming_the_field as _host_cases
+
+LIST_FIELDS = ("indptr", "indices", "budgets")
+DEVICE_CASES = [p for p in _host_cases.pytestmark[0].args[1]
+                if set(p[0]) <= set(LIST_FIELDS) and np.asarray(next(iter(p[0].values()))).dtype.kind in "iuf"]
+
+
+def device_fields(**changes):
+    fields = dict(indptr=INDPTR, indices=INDICES, budgets=np.array([0.5, 0.25]))
+    fields.update(changes)
+    return {name: torch.tensor(np.asarray(value)) for name, value in fields.items()}    # copies
+
+
+@pytest.mark.parametrize("changes, error, message", DEVICE_CASES)
+def test_device_lists_are_checked_with_the_host_messages(changes, error, message):
+    with pytest.raises(error, match=message):
+        BlockMask(2, Q_OFF, KV_OFF, **device_fields(**changes))
+
+
+def test_mixed_host_and_device_lists_are_refused():
+    with pytest.raises(TypeError, match="indices: expected a torch tensor like the other lists"):
+        BlockMask(2, Q_OFF, KV_OFF, torch.as_tensor(INDPTR), INDICES)
+
+
+def test_device_mask_owns_copies_of_its_tensors():
+    fields = device_fields()
+    mask = BlockMask(2, Q_OFF, KV_OFF, **fields)
+    fields["indices"][0] = 3
+    assert mask.indices[0] == 0 and mask.indices.dtype == torch.int32 and mask.budgets.dtype == torch.float64
+    assert mask.device == torch.device("cpu") and not mask.on_host
+
+
+@st.composite
+def host_masks(draw):
+    heads = draw(st.integers(1, 4))
+    q_len, kv_len = draw(st.integers(1, 200)), draw(st.integers(1, 200))
+    q_block, kv_block = draw(st.integers(1, 64)), draw(st.integers(1, 64))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    shape = (heads, -(-q_len // q_block), -(-kv_len // kv_block))
+    dense = rng.random(shape) < draw(st.sampled_from([0.0, 0.2, 0.7, 1.0]))
+    if draw(st.booleans()):      # arbitrary key boundaries: the O(kept blocks) token count
+        cuts = np.unique(rng.integers(1, kv_len, size=min(kv_len - 1, 6))) if kv_len > 1 else np.array([], int)
+        kv_offsets = np.concatenate([[0], cuts, [kv_len]])
+        dense = rng.random((heads, shape[1], len(kv_offsets) - 1)) < 0.5
+        lists = [[np.nonzero(r)[0] for r in head] for head in dense]
+        return BlockMask.from_lists(lists, BlockMask.uniform_offsets(q_len, q_block), kv_offsets)
+    return BlockMask.from_dense(dense, q_len, kv_len, q_block, kv_block, meta={"method": "test"})
+
+
+@settings(max_examples=60)
+@given(mask=host_masks(), data=st.data())
+def test_device_views_equal_host_views(mask, data):
+    device = mask.to("cpu")
+    assert not device.on_host and device.device == torch.device("cpu")
+    assert device == mask and device.fingerprint() == mask.fingerprint()
+    np.testing.assert_array_equal(device.to_dense().numpy(), mask.to_dense())
+    np.testing.assert_array_equal(device.row_lengths.numpy(), mask.row_lengths)
+    np.testing.assert_array_equal(device.kept_pairs().numpy(), mask.kept_pairs())
+    assert device.density() == mask.density() and device.flops(8) == mask.flops(8)
+    heads = data.draw(st.lists(st.integers(0, mask.num_heads - 1), min_size=1, max_size=5), label="heads")
+    assert device.select_heads(heads) == mask.select_heads(heads)
+    assert mask.select_heads(heads) == BlockMask.from_lists(
+        [[mask.row(h, i) for i in range(mask.num_q_blocks)] for h in heads], mask.q_offsets, mask.kv_offsets,
+        budgets=mask.budgets[heads], meta=mask.meta)
+    longer = max(mask.q_len, mask.kv_len) + 5
+    assert device.with_trailing_block(longer) == mask.with_trailing_block(longer)
+
+
+def test_kept_pairs_counts_tokens_by_definition():
+    mask = BlockMask.from_lists([[[0, 2], [2], []]], [0, 4, 8, 9], [0, 5, 10, 13])
+    expected = 4 * (5 + 3) + 4 * 3                         # rows of 4, 4 and 1 tokens; blocks of 5, 5, 3
+    assert mask.kept_pairs().tolist() == [expected] == mask.to("cpu").kept_pairs().tolist()
+
+
+def test_conversions_are_explicit_and_memoized(tmp_path):
+    mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 16, 16, 4)
+    device = mask.to("cpu")
+    assert mask.to("cpu") is device and device.to("cpu") is device and device.to_host() == mask
+    assert isinstance(device.indices, torch.Tensor) and isinstance(device.to_host().indices, np.ndarray)
+    assert BlockMask.load(device.save(tmp_path / "m.safetensors")) == mask
+
+
+def test_unselected_enters_the_structure_and_the_file(tmp_path):
+    mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 16, 16, 4)
+    grouped = BlockMask(1, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                        unselected=Unselected("grouped-first-order", 2))
+    assert grouped != mask and grouped.fingerprint() != mask.fingerprint()
+    loaded = BlockMask.load(grouped.save(tmp_path / "g.safetensors"))
+    assert loaded.unselected == Unselected.parse("grouped-first-order:2") and loaded == grouped
+    with pytest.raises(ValueError, match="unselected.kind: expected one of"):
+        Unselected("linear")
+    with pytest.raises(ValueError, match="only the 'grouped-first-order' kind takes a group size"):
+        Unselected("zeroth", 4)
+
+
+def test_unchecked_takes_lists_as_they_are():
+    mask = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 6, 6, 2).to("cpu")
+    rebuilt = BlockMask.unchecked(1, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, mask.budgets,
+                                  {"method": "x"})
+    assert rebuilt.indices is mask.indices and rebuilt == BlockMask.from_dense(np.eye(3, dtype=bool)[None], 6, 6, 2,
+                                                                               meta={"method": "x"})

@@ -1,0 +1,320 @@
+"""The ``fa4`` lowering's conversion to FlashAttention-4 block-sparse tensors, checked on CPU.
+
+No GPU and no flash_attn needed: :func:`to_fa4` is plain torch, and
+:func:`expand_layout` replays what FA4 computes with its output (full tiles whole, mask
+tiles through the lookup mask_mod's aux tensors), which must equal the IR's token mask
+expanded independently (tests/oracle.py) for every block layout. The glue around the
+kernel call (layouts, GQA, scale, LSE, empty rows) runs against a stand-in for
+``flash_attn.cute`` that checks FA4's input contract and computes attention in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import types
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oracle import dense_attention, expand_to_tokens
+from strategies import block_masks
+
+from sparsecore import BlockMask, Capabilities
+from sparsecore.backends.cuda import fa4_layout
+from sparsecore.backends.cuda.fa4_layout import (check_layout, choose_tile_side, expand_layout, tile_status,
+                                                 to_fa4)
+from sparsecore.registry import UnsupportedError
+
+ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
+SIDES = st.sampled_from([16, 32, 64, 128])
+
+
+def assert_exact(mask: BlockMask, tile_m: int, tile_n: int) -> fa4_layout.Fa4Layout:
+    layout = to_fa4(mask, tile_m, tile_n)
+    check_layout(layout)
+    got = expand_layout(layout).numpy()
+    want = expand_to_tokens(mask)
+    assert got.shape == want.shape
+    wrong = np.argwhere(got != want)
+    assert wrong.size == 0, f"{len(wrong)} token pairs differ, first (head, q, k) = {wrong[0].tolist()}"
+    empty = ~want.any(axis=2)                                                   # [H, q_len]
+    if empty.any():
+        assert layout.empty_tokens is not None and (layout.empty_tokens.numpy().T == empty).all()
+    else:
+        assert layout.empty_tokens is None
+    return layout
+
+
+def random_mask(rng: np.random.Generator, q_offsets, kv_offsets, num_heads: int, density: float) -> BlockMask:
+    mb, nb = len(q_offsets) - 1, len(kv_offsets) - 1
+    dense = rng.random((num_heads, mb, nb)) < density
+    rows = [[np.nonzero(dense[h, i])[0] for i in range(mb)] for h in range(num_heads)]
+    return BlockMask.from_lists(rows, q_offsets, kv_offsets)
+
+
+# ------------------------------------------------------------------------------------------ any layout
+@given(block_masks(ANY, num_heads=3), SIDES, SIDES)
+def test_conversion_is_exact_for_any_layout(mask, tile_m, tile_n):
+    assert_exact(mask, tile_m, tile_n)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.sampled_from([(16, 16), (32, 16), (16, 32), (64, 32)]))
+def test_frame_blocks_with_text_and_short_tails(seed, heads, tiles):
+    # 39-token "frames" (1560 scaled down), a 23-token text block, query and key lengths that differ
+    rng = np.random.default_rng(seed)
+    frames = int(rng.integers(2, 9))
+    q_offsets = np.append(np.arange(0, 39 * frames + 1, 39), 39 * frames + 23)
+    kv_frames = int(rng.integers(1, 9))
+    kv_offsets = np.append(np.arange(0, 39 * kv_frames + 1, 39), 39 * kv_frames + int(rng.integers(1, 40)))
+    mask = random_mask(rng, q_offsets, kv_offsets, heads, float(rng.choice([0.2, 0.5, 0.9])))
+    assert_exact(mask, *tiles)
+
+
+# ------------------------------------------------------------------------------------------ named layouts
+def test_uniform_128_blocks_on_128_tiles_are_full_tiles_without_mask_mod():
+    rng = np.random.default_rng(1)
+    offsets = BlockMask.uniform_offsets(128 * 9 + 50, 128)                      # short last block
+    mask = random_mask(rng, offsets, offsets, 4, 0.3)
+    layout = assert_exact(mask, 128, 128)
+    assert not layout.needs_mask_mod and layout.keep_bits is None
+    assert layout.num_full_tiles == mask.nnz
+    full, partial = tile_status(layout)
+    assert torch.equal(full, torch.from_numpy(mask.to_dense())) and not partial.any()
+
+
+def test_64_token_blocks_on_64_tiles_are_full_and_on_128_tiles_exact_through_mask_tiles():
+    rng = np.random.default_rng(2)
+    offsets = BlockMask.uniform_offsets(64 * 20, 64)
+    mask = random_mask(rng, offsets, offsets, 3, 0.25)
+    small = assert_exact(mask, 64, 64)
+    assert not small.needs_mask_mod and small.computed_pairs() == mask.flops(1) // 4
+    large = assert_exact(mask, 128, 128)
+    assert large.needs_mask_mod and large.computed_pairs() > mask.flops(1) // 4
+
+
+def test_adaspa_like_head_adaptive_rows_with_text_sink():
+    rng = np.random.default_rng(3)
+    video, text = 64 * 24 + 24, 70                                              # short last video block, odd text
+    offsets = np.concatenate([BlockMask.uniform_offsets(video, 64), video + np.array([64, text])])
+    mb = len(offsets) - 1
+    rows = []
+    for h, keep in enumerate([3, 8, 15]):                                       # three row-count levels
+        head = []
+        for i in range(mb):
+            chosen = set(rng.choice(mb - 2, size=min(keep, mb - 2), replace=False).tolist()) | {i} | {mb - 2, mb - 1}
+            head.append(sorted(c for c in chosen if c < mb) if i < mb - 2 else list(range(mb)))
+        rows.append(head)
+    mask = BlockMask.from_lists(rows, offsets, offsets)
+    for tiles in ((64, 64), (128, 128), (128, 64)):
+        assert_exact(mask, *tiles)
+
+
+def test_lvsa_like_frame_windows():
+    frames, frame = 14, 39
+    offsets = np.arange(0, frames * frame + 1, frame)
+    rows = [[sorted({*range(max(0, i - 2), min(frames, i + 3)), 0, 7}) for i in range(frames)]]
+    mask = BlockMask.from_lists(rows * 2, offsets, offsets)
+    layout = assert_exact(mask, 32, 32)
+    assert layout.needs_mask_mod and layout.num_full_tiles > 0
+
+
+def test_empty_rows_all_empty_heads_and_q_len_differs_from_kv_len():
+    offsets_q = np.array([0, 5, 40, 41, 100])
+    offsets_kv = np.array([0, 16, 17, 60])
+    rows = [[[], [0, 2], [], [1]], [[], [], [], []], [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 2]]]
+    mask = BlockMask.from_lists(rows, offsets_q, offsets_kv)
+    for tiles in ((16, 16), (32, 64), (128, 128)):
+        layout = assert_exact(mask, *tiles)
+        assert layout.empty_tokens is not None
+
+
+def test_every_tile_empty_gives_zero_counts():
+    offsets = BlockMask.uniform_offsets(200, 50)
+    mask = BlockMask.from_lists([[[]] * 4] * 2, offsets, offsets)
+    layout = assert_exact(mask, 64, 64)
+    assert layout.num_full_tiles == layout.num_mask_tiles == 0
+    assert layout.full_block_idx.shape[-1] == 1 and layout.mask_block_idx.shape[-1] == 1
+
+
+def test_short_last_key_tile_is_last_in_its_list():
+    # FA4 applies sequence-length masking only to the first tile it takes, walking lists from the end
+    offsets_q = BlockMask.uniform_offsets(64, 64)
+    offsets_kv = np.array([0, 100, 150])                                       # kv_len 150: tiles 0..2, tile 2 short
+    mask = BlockMask.from_lists([[[0, 1]]], offsets_q, offsets_kv)
+    layout = assert_exact(mask, 64, 64)
+    full_cnt, full_idx = layout.full_block_cnt[0, 0, 0], layout.full_block_idx[0, 0, 0]
+    mask_cnt, mask_idx = layout.mask_block_cnt[0, 0, 0], layout.mask_block_idx[0, 0, 0]
+    assert full_idx[:full_cnt].tolist() == [0, 1, 2] and mask_cnt == 0
+    assert mask_idx.shape[0] == 1
+
+
+def test_lists_from_torch_tensors_match_lists_from_numpy():
+    rng = np.random.default_rng(4)
+    mask = random_mask(rng, np.array([0, 30, 31, 90, 128]), np.array([0, 7, 64, 100, 190]), 3, 0.5)
+    as_tensors = types.SimpleNamespace(num_heads=mask.num_heads, q_offsets=mask.q_offsets, kv_offsets=mask.kv_offsets,
+                                       indptr=torch.tensor(np.array(mask.indptr)),
+                                       indices=torch.tensor(np.array(mask.indices)))
+    a, b = to_fa4(mask, 32, 32), to_fa4(as_tensors, 32, 32)
+    for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "q_block_of_token",
+                 "kv_block_of_token", "keep_bits", "empty_tokens"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+
+
+def test_masks_with_lists_on_a_torch_device_convert_identically():
+    if not hasattr(BlockMask, "to"):
+        pytest.skip("this IR keeps its lists in NumPy only (no BlockMask.to)")
+    rng = np.random.default_rng(6)
+    mask = random_mask(rng, np.array([0, 20, 64, 65, 130]), np.array([0, 64, 100, 190]), 2, 0.6)
+    on_torch = mask.to("cpu")
+    assert isinstance(on_torch.indices, torch.Tensor)
+    a, b = to_fa4(mask, 32, 64), to_fa4(on_torch, 32, 64)
+    for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "keep_bits"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+# ------------------------------------------------------------------------------------------ tile choice, limits
+def test_tile_choice_follows_the_blocks():
+    assert choose_tile_side(BlockMask.uniform_offsets(32768, 128)) == 128
+    assert choose_tile_side(BlockMask.uniform_offsets(32768 + 17, 128)) == 128
+    assert choose_tile_side(BlockMask.uniform_offsets(188736, 64)) == 64
+    assert choose_tile_side(np.arange(0, 121 * 1560 + 1, 1560)) == 128         # LVSA frames
+    assert choose_tile_side(BlockMask.uniform_offsets(4096, 256)) == 128
+
+
+def test_too_large_dense_intermediates_are_refused_with_a_remedy(monkeypatch):
+    monkeypatch.setattr(fa4_layout, "DENSE_LIMIT", 1000)
+    mask = BlockMask.full(4, 64 * 16, 64 * 16, 64)                             # block map 4 x 16 x 16 = 1024
+    with pytest.raises(UnsupportedError, match="triton"):
+        to_fa4(mask, 64, 64)
+
+
+def test_bad_tile_sides_raise():
+    mask = BlockMask.full(1, 64, 64, 32)
+    with pytest.raises(ValueError, match="tile_m"):
+        to_fa4(mask, 0, 64)
+
+
+# ------------------------------------------------------------------------------------------ backend glue
+def test_importing_the_backend_imports_no_device_library():
+    code = ("import sys, sparsecore.backends.cuda.fa4_backend as b; "
+            "bad = [m for m in ('flash_attn', 'cutlass') if m in sys.modules]; "
+            "assert not bad, bad; print(b.Fa4Backend.name)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fa4"
+
+
+def test_unavailable_here_says_why():
+    from sparsecore.backends.cuda.fa4_backend import Fa4Backend
+    reason = Fa4Backend().unavailable_reason("cuda")
+    if reason is None:
+        pytest.skip("fa4 is available on this machine (an SM90/SM100 GPU with flash-attn-4)")
+    assert "flash" in reason or "cuda" in reason or "capability" in reason
+
+
+def test_tile_shape_options_are_checked_per_architecture():
+    from sparsecore.backends.cuda.fa4_backend import Fa4Options, tile_shape
+    mask = BlockMask.full(1, 1560 * 3, 1560 * 3, 1560)
+    assert tile_shape(mask, 9, Fa4Options()) == (128, 128)
+    assert tile_shape(BlockMask.full(1, 640, 640, 64), 9, Fa4Options()) == (64, 64)
+    assert tile_shape(mask, 9, Fa4Options(tile_m=64)) == (64, 128)
+    assert tile_shape(mask, 10, Fa4Options()) == (256, 128)
+    with pytest.raises(UnsupportedError, match="tile_n"):
+        tile_shape(mask, 9, Fa4Options(tile_n=256))
+    with pytest.raises(UnsupportedError, match="256"):
+        tile_shape(mask, 10, Fa4Options(tile_m=128))
+    with pytest.raises(ValueError, match="tile_m"):
+        Fa4Options(tile_m=100)
+
+
+class _FakeSparse(NamedTuple):
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor | None = None
+    full_block_idx: torch.Tensor | None = None
+    cu_total_m_blocks: torch.Tensor | None = None
+    cu_block_idx_offsets: torch.Tensor | None = None
+    block_size: tuple[int, int] | None = None
+
+
+def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod, aux_tensors,
+                          block_sparse_tensors, return_lse):
+    """FA4's forward contract, computed in float64 on CPU; rows with no key get NaN (ours must fix them)."""
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert not causal and pack_gqa is False and isinstance(block_sparse_tensors, _FakeSparse)
+    batch, q_len, heads, dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    bm, bn = block_sparse_tensors.block_size
+    pairs = torch.zeros(heads, q_len, kv_len, dtype=torch.bool)
+    q_tile, kv_tile = torch.arange(q_len) // bm, torch.arange(kv_len) // bn
+    for kind in ("full", "mask"):
+        cnt = getattr(block_sparse_tensors, f"{kind}_block_cnt")[0]
+        idx = getattr(block_sparse_tensors, f"{kind}_block_idx")[0]
+        assert cnt.dtype == idx.dtype == torch.int32 and cnt.shape == (heads, -(-q_len // bm))
+        grid = torch.zeros(heads, cnt.shape[1], -(-kv_len // bn), dtype=torch.bool)
+        for h in range(heads):
+            for t in range(cnt.shape[1]):
+                grid[h, t, idx[h, t, :cnt[h, t]].long()] = True
+        tiles = grid[:, q_tile][:, :, kv_tile]
+        if kind == "full":
+            pairs |= tiles
+        elif cnt.any():
+            assert mask_mod is not None and [a.dtype for a in aux_tensors] == [torch.int32, torch.int32, torch.uint32]
+            q_block, kv_block, bits = aux_tensors
+            words = bits.view(torch.int32).long() & 0xFFFFFFFF
+            qb, kb = q_block[:q_len].long(), kv_block[:kv_len].long()
+            kept = (words[:, qb][:, :, kb // 32] >> (kb % 32)) & 1
+            pairs |= tiles & kept.bool()
+    group = heads // kv_heads
+    kk = k.double().repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    vv = v.double().repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    scores = (q.double().permute(0, 2, 1, 3) @ kk.transpose(-1, -2)) * softmax_scale
+    scores = scores.masked_fill(~pairs[None], -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)                                      # -inf on empty rows
+    out = torch.softmax(scores, dim=-1) @ vv                                   # NaN on empty rows
+    return out.permute(0, 2, 1, 3).to(q.dtype), (lse.float() if return_lse else None)
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = _fake_flash_attn_func
+    sparsity = types.ModuleType("flash_attn.cute.block_sparsity")
+    sparsity.BlockSparseTensorsTorch = _FakeSparse
+    root = types.ModuleType("flash_attn")
+    root.cute = cute
+    for name, module in (("flash_attn", root), ("flash_attn.cute", cute), ("flash_attn.cute.block_sparsity", sparsity)):
+        monkeypatch.setitem(sys.modules, name, module)
+    from sparsecore.backends.cuda import fa4_backend
+    monkeypatch.setattr(fa4_backend, "lookup_mask_mod", lambda: "lookup-mask-mod")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    return fa4_backend
+
+
+@pytest.mark.parametrize("tiles", [(32, 32), (16, 64)])
+@pytest.mark.parametrize("group", [1, 2])
+def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tiles, group):
+    rng = np.random.default_rng(5)
+    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
+    mask = random_mask(rng, q_offsets, kv_offsets, 4, 0.5)
+    rows = [[list(mask.row(h, i)) for i in range(3)] for h in range(4)]
+    rows[1][2] = []                                                             # an empty row
+    mask = BlockMask.from_lists(rows, q_offsets, kv_offsets)
+    launch = fake_fa4.Fa4Launch(mask, *tiles)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
+    v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
+    out, lse = launch(q, k, v, 0.3, True)
+    want_out, want_lse = dense_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(mask), 0.3)
+    assert out.shape == q.shape and lse.shape == (2, 4, 101) and lse.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), want_out, atol=1e-10)
+    np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-6)
+    assert (out[:, 1, 78:] == 0).all() and torch.isneginf(lse[:, 1, 78:]).all()
+    assert launch(q, k, v, 0.3, False)[1] is None
