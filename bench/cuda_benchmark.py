@@ -1,13 +1,17 @@
-"""CUDA benchmark of issue 3: sparsecore's lowerings against dense cuDNN, FlexAttention and FlashInfer.
+"""CUDA benchmark: sparsecore's lowerings against cuDNN and FA4 dense, FA4's own block sparsity,
+FlexAttention and FlashInfer.
 
 Run on a GPU machine (the device tool):
 
-    python bench/cuda_benchmark.py --out bench/results [--sizes 32768 98304] [--frames] [--sweep]
+    python bench/cuda_benchmark.py --out bench/results [--sizes 32768 98304] [--frames] [--adaspa] [--selection]
 
 All kernels run in one process on the same q, k, v (bf16, B=1, H=12, D=128),
 timed with ``triton.testing.do_bench`` (median; 50 ms warm-up, 300 ms of repeats).
 Effective TFLOP/s = 4 * S^2 * D * H * density / time. Every sparse output is also
-compared with FlexAttention's (an independent implementation) as a sanity check.
+compared with FlexAttention's (an independent implementation), or with the Triton
+lowering's where FlexAttention's 128-token tiles cannot take the mask, as a sanity check.
+``--selection`` times each CUDA lowering over block size x density x length x head dim and
+writes the fastest per point: the table behind ``backends/cuda/selection.py``.
 Writes ``cuda-<date>.json`` and ``cuda-<date>.md`` and prints the table.
 """
 
@@ -135,21 +139,38 @@ def flashinfer_variable_fn(mask: BlockMask, q, k, v) -> Callable[[], torch.Tenso
     return lambda: wrapper.run(q3, k3, v3)
 
 
+def fa4_raw_fn(mask: BlockMask, q, k, v) -> Callable[[], torch.Tensor]:
+    """FA4's block sparsity called directly with full blocks on the mask's own (tile-sized) blocks: the anchor."""
+    from fa4_check import anchor_tensors
+    from flash_attn.cute import flash_attn_func
+    sparse = anchor_tensors(mask, mask.uniform_block_size("kv"))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return lambda: flash_attn_func(qt, kt, vt, block_sparse_tensors=sparse)[0]
+
+
+def available(name: str, mask: BlockMask) -> bool:
+    backend = sparsecore.registered_backends()[name]
+    return backend.unavailable_reason("cuda") is None and not backend.capabilities.mask_problems(mask)
+
+
 # -------------------------------------------------------------------- cases
 def sparse_kernels(mask: BlockMask, q, k, v, sweep: bool, flashinfer: bool) -> dict[str, Callable[[], torch.Tensor]]:
     kernels: dict[str, Callable[[], torch.Tensor]] = {}
-    triton_kernel = sparsecore.compile(mask, device="cuda", backend="triton")
-    kernels["sparsecore triton"] = lambda: triton_kernel(q, k, v)
-    if not flashinfer:
-        return (kernels | _sweep(mask, q, k, v)) if sweep else kernels
     default = sparsecore.compile(mask, device="cuda")
+    default(q, k, v)
     kernels[f"sparsecore default ({default.backend.name})"] = lambda: default(q, k, v)
-    if not sparsecore.registered_backends()["flashinfer"].capabilities.mask_problems(mask):
-        fi = sparsecore.compile(mask, device="cuda", backend="flashinfer")
-        kernels["sparsecore flashinfer (fold-heads fa3)"] = lambda: fi(q, k, v)
+    for name in ("triton", "fa4") + (("flashinfer",) if flashinfer else ()):
+        if available(name, mask):
+            kern = sparsecore.compile(mask, device="cuda", backend=name)
+            kernels[f"sparsecore {name}"] = lambda kern=kern: kern(q, k, v)
     if sweep:
         kernels |= _sweep(mask, q, k, v)
-    kernels["FlashInfer VariableBlockSparse (per-head)"] = flashinfer_variable_fn(mask, q, k, v)
+    block = mask.uniform_block_size("kv")
+    if available("fa4", mask) and block in (64, 128) and mask.uniform_block_size("q") == block \
+            and mask.kv_len % block == 0:
+        kernels["FA4 block-sparse, raw (full blocks)"] = fa4_raw_fn(mask, q, k, v)
+    if flashinfer and block is not None:
+        kernels["FlashInfer VariableBlockSparse (per-head)"] = flashinfer_variable_fn(mask, q, k, v)
     return kernels
 
 
@@ -169,17 +190,24 @@ def run_case(case: str, mask: BlockMask, rows: list[Row], sweep: bool, flashinfe
     density = mask.density()
     useful = 4.0 * mask.q_len * mask.kv_len * HEAD_DIM * HEADS * density
     kernels = sparse_kernels(mask, q, k, v, sweep, flashinfer)
-    log(f"  {case}: compiling FlexAttention")
-    reference = flex_attention_fn(mask, q, k, v)
-    flex_out = reference()
-    outputs = {"FlexAttention (compiled)": (reference, flex_out)}
+    outputs = {}
+    try:
+        log(f"  {case}: compiling FlexAttention")
+        reference_fn = flex_attention_fn(mask, q, k, v)
+        outputs["FlexAttention (compiled)"] = (reference_fn, reference_fn())
+        reference_name = "FlexAttention (compiled)"
+    except ValueError as err:                  # blocks under 128 tokens: Flex's baseline here cannot take them
+        log(f"  {case}: no FlexAttention baseline ({err}); outputs compared with the Triton lowering")
+        reference_name = "sparsecore triton"
     for name, fn in kernels.items():
         log(f"  {case}: {name}")
         outputs[name] = (fn, fn())
+    reference_out = outputs[reference_name][1]
     for name, (fn, out) in outputs.items():
         ms = bench(fn)
         rows.append(Row(case, mask.q_len, density, name, ms, useful / ms / 1e9,
-                        None if name.startswith("Flex") else rel_diff(out, flex_out)))
+                        None if name == reference_name else rel_diff(out, reference_out),
+                        note=f"vs {reference_name}"))
         log(f"    {name:<45} {ms:9.3f} ms {useful / ms / 1e9:7.1f} eff TFLOP/s")
 
 
@@ -192,15 +220,22 @@ def run_dense(seq_len: int, rows: list[Row], log) -> None:
     flops = 4.0 * seq_len * seq_len * HEAD_DIM * HEADS
     rows.append(Row("dense", seq_len, 1.0, "torch SDPA cuDNN (dense)", ms, flops / ms / 1e9))
     log(f"  dense S={seq_len}: cuDNN {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+    if sparsecore.registered_backends()["fa4"].unavailable_reason("cuda") is None:
+        from flash_attn.cute import flash_attn_func
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        ms = bench(lambda: flash_attn_func(qt, kt, vt)[0])
+        rows.append(Row("dense", seq_len, 1.0, "FA4 (dense)", ms, flops / ms / 1e9))
+        log(f"  dense S={seq_len}: FA4 {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
 
 
 def planning_ms(mask: BlockMask) -> dict[str, float]:
     """IR -> launch metadata time for the Triton lowering: first plan, and a cached compile() after it."""
     from sparsecore.backends.cuda.tiling import plan_tiles
-    plan_tiles(mask, 128, 128, "cuda")                      # warm the CUDA ops
+    mask = mask.to("cuda")
+    plan_tiles(mask, 128, 128)                              # warm the CUDA ops
     torch.cuda.synchronize()
     start = time.perf_counter()
-    plan_tiles(mask, 128, 128, "cuda")
+    plan_tiles(mask, 128, 128)
     torch.cuda.synchronize()
     first = (time.perf_counter() - start) * 1e3
     sparsecore.compile(mask, device="cuda", backend="triton")
@@ -210,31 +245,69 @@ def planning_ms(mask: BlockMask) -> dict[str, float]:
     return {"plan_on_gpu_ms": first, "compile_cached_ms": cached}
 
 
+def selection_table(log, flashinfer: bool) -> list[dict]:
+    """Each lowering's time per (block size, density, S, head dim): which one ``compile`` should prefer."""
+    points = []
+    names = ("triton", "fa4") + (("flashinfer",) if flashinfer else ())
+    for block in (64, 128, FRAME_TOKENS):
+        for seq_len in (32760, 98280) if block == FRAME_TOKENS else (32768, 98304):
+            for density in (0.1, 0.25):
+                for head_dim in (64, 128):
+                    mask = random_rows(HEADS, seq_len, density, block=block)
+                    gen = torch.Generator(device="cuda").manual_seed(0)
+                    q, k, v = (torch.randn(1, HEADS, seq_len, head_dim, device="cuda", dtype=DTYPE, generator=gen)
+                               for _ in range(3))
+                    ms = {}
+                    for name in names:
+                        if available(name, mask):
+                            kern = sparsecore.compile(mask, device="cuda", backend=name)
+                            kern(q, k, v)
+                            ms[name] = bench(lambda kern=kern: kern(q, k, v))
+                    fastest = min(ms, key=ms.get)
+                    points.append({"block": block, "density": density, "seq_len": seq_len, "head_dim": head_dim,
+                                   "ms": ms, "fastest": fastest})
+                    log(f"  selection block {block} d={density} S={seq_len} D={head_dim}: "
+                        + ", ".join(f"{n} {t:.2f} ms" for n, t in ms.items()) + f" -> {fastest}")
+    return points
+
+
 def versions() -> dict[str, str]:
     import triton
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda or "", "cudnn": str(torch.backends.cudnn.version()),
             "python": platform.python_version(), "sparsecore": sparsecore.__version__}
-    try:
-        import flashinfer
-        info["flashinfer"] = flashinfer.__version__
-    except ImportError as err:
-        info["flashinfer"] = f"not importable: {err}"
+    from importlib.metadata import PackageNotFoundError, version
+    for name, dist in (("flashinfer", "flashinfer-python"), ("flash_attn_4", "flash-attn-4"),
+                       ("cutlass_dsl", "nvidia-cutlass-dsl")):
+        try:
+            info[name] = version(dist)
+        except PackageNotFoundError:
+            info[name] = "not installed"
     return info
 
 
 def markdown(rows: list[Row], meta: dict) -> str:
     lines = [f"# CUDA block-sparse attention benchmark, {meta['date']}", "",
              f"Machine: {meta['versions']['gpu']}; torch {meta['versions']['torch']}, triton "
-             f"{meta['versions']['triton']}, flashinfer {meta['versions']['flashinfer']}, CUDA "
+             f"{meta['versions']['triton']}, flashinfer {meta['versions']['flashinfer']}, flash-attn-4 "
+             f"{meta['versions']['flash_attn_4']} (CuTe DSL {meta['versions']['cutlass_dsl']}), CUDA "
              f"{meta['versions']['cuda']}, cuDNN {meta['versions']['cudnn']}.",
              f"bf16, B=1, H={HEADS}, D={HEAD_DIM}; `triton.testing.do_bench` median (50 ms warm-up, 300 ms repeats). "
-             "eff TFLOP/s = 4*S^2*D*H*density / time. rel diff: relative L2 distance to FlexAttention's output.", "",
-             "| case | S | density | kernel | ms | eff TFLOP/s | rel diff vs Flex |", "|---|---|---|---|---|---|---|"]
+             "eff TFLOP/s = 4*S^2*D*H*density / time. rel diff: relative L2 distance to FlexAttention's output "
+             "(or the Triton lowering's where Flex's 128-token tiles cannot take the mask).", "",
+             "| case | S | density | kernel | ms | eff TFLOP/s | rel diff |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = "" if r.rel_diff_vs_flex is None else f"{r.rel_diff_vs_flex:.1e}"
         lines.append(f"| {r.case} | {r.seq_len} | {r.density:.4f} | {r.kernel} | {r.ms:.3f} | {r.eff_tflops:.1f} | "
                      f"{diff} |")
+    if meta.get("selection"):
+        lines += ["", "## Fastest lowering per point (drives `backends/cuda/selection.py`)", "",
+                  "| block | density | S | head dim | triton ms | fa4 ms | flashinfer ms | fastest |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in meta["selection"]:
+            ms = [("" if p["ms"].get(n) is None else f"{p['ms'][n]:.3f}") for n in ("triton", "fa4", "flashinfer")]
+            lines.append(f"| {p['block']} | {p['density']} | {p['seq_len']} | {p['head_dim']} | {' | '.join(ms)} | "
+                         f"{p['fastest']} |")
     if meta.get("planning"):
         lines += ["", "Planning (IR -> Triton launch metadata), 98304 tokens, 12 heads, d=0.25: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in meta["planning"].items())]
@@ -249,6 +322,8 @@ def main() -> int:
     parser.add_argument("--frames", action="store_true", help="also the LVSA frame mask at 188,760 tokens")
     parser.add_argument("--sweep", action="store_true", help="time every Triton config of TRITON_SWEEP too")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer kernels (no JIT wait)")
+    parser.add_argument("--adaspa", action="store_true", help="also an AdaSpa-shaped mask: 64-token blocks at 6x")
+    parser.add_argument("--selection", action="store_true", help="time every lowering per (block, density, S, D)")
     args = parser.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     if not torch.cuda.is_available():
@@ -269,6 +344,13 @@ def main() -> int:
         run_dense(frames.q_len, rows, log)
         run_case(f"LVSA frames ({FRAME_TOKENS}-token blocks, 21 of 121)", frames, rows, args.sweep,
                  not args.no_flashinfer, log)
+    if args.adaspa:
+        from fa4_check import adaspa_large
+        mask = adaspa_large(HEADS, 188736, 64, (0.1, 0.2, 0.3), seed=0)
+        run_dense(mask.q_len, rows, log)
+        run_case("AdaSpa-shaped (64-token blocks, 3 row-count levels)", mask, rows, False, not args.no_flashinfer, log)
+    if args.selection:
+        meta["selection"] = selection_table(log, not args.no_flashinfer)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"cuda-{meta['date']}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [vars(r) for r in rows]}, indent=1))

@@ -26,10 +26,10 @@ def gumbel(heads: range, rows: int, cols: int, seed: int, layer: int | None, ste
     key = np.uint64(0)
     for part in (seed, -1 if layer is None else layer, step):
         key = splitmix64(key ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF))
-    head = np.arange(heads.start, heads.stop, dtype=np.uint64)[:, None, None]
+    head_key = splitmix64(np.arange(heads.start, heads.stop, dtype=np.uint64) ^ key)[:, None, None]
     cell = np.arange(rows * cols, dtype=np.uint64).reshape(1, rows, cols)
-    bits = splitmix64(splitmix64(head ^ key) ^ cell)
-    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+    bits = splitmix64(head_key ^ cell)
+    uniform = ((bits >> np.uint64(40)).astype(np.float64) + 0.5) * 2.0 ** -24
     return -np.log(-np.log(uniform)) * scale
 
 

@@ -51,7 +51,7 @@ def test_pooled_scores_are_block_means():
 
 def test_noise_is_the_splitmix_counter_hash_on_any_shard():
     full = noise.gumbel(range(0, 3), 5, 7, seed=11, layer=4, step=9, scale=0.7, device="cpu")
-    np.testing.assert_allclose(full.double().numpy(), ref.gumbel(range(0, 3), 5, 7, 11, 4, 9, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(full.double().numpy(), ref.gumbel(range(0, 3), 5, 7, 11, 4, 9, 0.7), rtol=1e-5)
     assert torch.equal(noise.gumbel(range(1, 3), 5, 7, seed=11, layer=4, step=9, scale=0.7, device="cpu"), full[1:])
     assert not torch.equal(noise.gumbel(range(0, 3), 5, 7, seed=11, layer=None, step=9, scale=0.7, device="cpu"),
                            full)

@@ -4,8 +4,8 @@ PASA (arXiv 2604.12219) adds independent random bias to the block scores before 
 drawn afresh per layer and step. Here every entry's noise is a pure function of
 ``(seed, layer, step, head, row, column)``: a SplitMix64 hash (Steele, Lea and Flood,
 "Fast splittable pseudorandom number generators", OOPSLA 2014; the finalizer of Java's
-``SplittableRandom``) of the entry's counter under a key mixed from the other four, mapped
-to a uniform ``(0, 1)`` with 53 bits and then to ``Gumbel(0, scale)``. So the noise of a head
+``SplittableRandom``) of the entry's counter under a per-head key mixed from the other four,
+mapped to a uniform ``(0, 1)`` with 24 bits (float32) and then to ``Gumbel(0, scale)``. So the noise of a head
 is the same whether it is drawn alone (a Ulysses rank's shard) or with every head, on a
 CPU or a GPU, with no generator state and no Python loop over heads.
 
@@ -47,8 +47,8 @@ def gumbel(heads: range, rows: int, cols: int, *, seed: int, layer: int | None, 
            device: torch.device | str) -> torch.Tensor:
     """Gumbel(0, ``scale``) noise, float32 ``[len(heads), rows, cols]`` for the given global head indices."""
     key = entry_key(seed, layer, step)
-    head = torch.arange(heads.start, heads.stop, device=device, dtype=torch.int64)
+    head_key = splitmix64(torch.arange(heads.start, heads.stop, device=device, dtype=torch.int64) ^ key)
     cell = torch.arange(rows * cols, device=device, dtype=torch.int64).view(1, rows, cols)
-    bits = splitmix64(splitmix64(head.view(-1, 1, 1) ^ key) ^ cell)
-    uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0 ** -53                      # in (0, 1)
-    return (-torch.log(-torch.log(uniform)) * scale).float()
+    bits = splitmix64(head_key.view(-1, 1, 1) ^ cell)
+    uniform = (_shift_right(bits, 40).float() + 0.5) * 2.0 ** -24                       # in (0, 1)
+    return uniform.log_().neg_().log_().mul_(-scale)

@@ -1,0 +1,158 @@
+"""Per-layer planning time of each method at Wan 2.1 geometries: what a step pays before its kernel launches.
+
+    python bench/planning_benchmark.py [--device cuda] [--lengths 1x 6x] [--out DIR]
+
+For one layer of a Wan 2.1 1.3B-shaped model (12 heads, head dim 128; 480x832 video: 1x = 21
+latent frames, 32,760 tokens; 6x = 121 frames, 188,760 tokens) and each method's step kinds,
+the time from the session's decision to a kernel that only has to launch: ``session.action``,
+``session.plan`` (with q, k where the method needs them), ``sparsecore.compile`` and the
+kernel's ``prepare`` (tile plan, FA4 conversion, ...). The device queue is drained before each
+timed repeat, so the number is the planning's own host time plus the device work it waits for
+(its top-k, block masses): nothing of earlier layers. Also reported: how many host reads
+(device-to-host copies) one plan makes, counted with torch's CUDA sync debug mode on GPU.
+
+AdaSpa's search step runs the block-mass pass; on a CPU it takes random block masses instead
+(a dense pass over 188K tokens is not a CPU job), so the CPU rows time the selection only.
+Writes ``planning-<device>-<date>.json`` and ``.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sparsecore
+from sparsecore import VideoGeometry
+from sparsecore.methods import adaspa, lvsa, pasa
+from sparsecore.search import dense_attention
+from sparsecore.timing import synchronize
+
+LENGTHS = {"1x": VideoGeometry(21, 30, 52), "6x": VideoGeometry(121, 30, 52)}
+HEADS, HEAD_DIM = 12, 128
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, object]:
+    fn()                                                     # warm: kernels compiled, caches filled
+    times, result = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        began = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), result
+
+
+def host_reads(fn, device: str) -> int | None:
+    """Device-to-host synchronizations during ``fn()`` (CUDA only: torch's sync debug mode warns on each)."""
+    if not device.startswith("cuda"):
+        return None
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def prepared(mask, q, k, v, device: str):
+    """The compiled, planned kernel on a GPU; on a CPU the mask only (the portable lowering's plan of a
+    188K-token mask would gather billions of token ids: not a CPU workload)."""
+    if not device.startswith("cuda"):
+        return mask
+    kernel = sparsecore.compile(mask, device=device)
+    kernel.prepare(q, k, v)
+    return kernel
+
+
+def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, geometry.tokens, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+               for _ in range(3))
+    pasa_session = pasa.session(num_steps=50)
+    yield "pasa", "select", lambda: prepared(pasa_session.plan(geometry, HEADS, step=20, layer=3, q=q, k=k),
+                                             q, k, v, device)
+    lvsa_session = lvsa.session(num_steps=50)
+    for step in (20, 21):                                    # a new rotation each step: a new mask
+        yield "lvsa", f"plan (step {step})", lambda s=step: prepared(lvsa_session.plan(geometry, HEADS, step=s),
+                                                                     q, k, v, device)
+    ada = adaspa.session(num_steps=50)
+    if device.startswith("cuda"):
+        _, lse = dense_attention(q, k, v)
+        yield "adaspa", "search (pass 2 on the dense pass's LSE)", \
+            lambda: prepared(ada.plan(geometry, HEADS, step=10, layer=0, q=q, k=k, lse=lse), q, k, v, device)
+        yield "adaspa", "cached search", \
+            lambda: prepared(ada.plan(geometry, HEADS, step=30, layer=0, q=q, k=k), q, k, v, device)
+    else:
+        offsets = geometry.block_offsets(64)
+        mass = torch.rand(HEADS, len(offsets) - 1, len(offsets) - 1, generator=torch.Generator().manual_seed(1))
+        yield "adaspa", "selection (given masses)", \
+            lambda: prepared(adaspa.plan(geometry, HEADS, step=10, layer=0, mass=mass), q, k, v, device)
+    if device.startswith("cuda"):
+        searched = ada.cached_mask(0)
+        yield "adaspa", "reuse", lambda: prepared(searched, q, k, v, device)
+
+
+def run(device: str, lengths: list[str], repeats: int) -> list[dict]:
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rows = []
+    for label in lengths:
+        geometry = LENGTHS[label]
+        for method, step, fn in cases(geometry, device, dtype):
+            seconds, kernel = timed(fn, device, repeats)
+            reads = host_reads(fn, device)
+            mask = getattr(kernel, "mask", kernel)
+            backend = kernel.backend.name if hasattr(kernel, "backend") else "(plan only)"
+            rows.append({"length": label, "tokens": geometry.tokens, "method": method, "step": step,
+                         "ms_per_layer": seconds * 1e3, "host_reads": reads, "backend": backend,
+                         "density": mask.density()})
+            print(f"{label} {method:7s} {step:42s} {seconds * 1e3:9.2f} ms  reads {reads}  {backend}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Per-layer planning time, {meta['date']}", "",
+             f"Device: {meta['device']}; torch {meta['torch']}. Wan 2.1 1.3B layer shape: {HEADS} heads x "
+             f"{HEAD_DIM}, 480x832. Median of {meta['repeats']} after a warm-up; the device queue is drained before "
+             "each repeat. `bench/planning_benchmark.py`.", "",
+             "| length | tokens | method | step | ms per layer | host reads | backend | density |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reads = "" if r["host_reads"] is None else r["host_reads"]
+        lines.append(f"| {r['length']} | {r['tokens']:,} | {r['method']} | {r['step']} | {r['ms_per_layer']:.2f} | "
+                     f"{reads} | {r['backend']} | {r['density']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lengths", nargs="*", default=["1x", "6x"], choices=sorted(LENGTHS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+    rows = run(args.device, args.lengths, args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"planning-{args.device.split(':')[0]}-{meta['date']}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
