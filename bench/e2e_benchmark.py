@@ -1,9 +1,10 @@
-"""End-to-end benchmark of issue 6: one transformer forward per denoising step, dense vs sparsecore.
+"""End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
-    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15] [--tiny]
+    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15] [--lengths 6x]
+                                  [--modes eager compiled] [--tiny]
 
-Random-weight models with the real configurations (weights do not change timing),
-bf16 on one GPU, batch 1 (one CFG branch), 512 text tokens:
+Random-weight models with the real configurations (weights do not change timing), bf16 on one
+GPU, batch 1 (one CFG branch), 512 text tokens:
 
 - ``wan-1.3b``: Wan 2.1 1.3B (30 layers, 12 heads x 128, ffn 8960) at 480x832 with 21, 41,
   81, 121 latent frames (81/161/321/481 video frames: 1x, 2x, 4x, 6x the training length).
@@ -12,14 +13,16 @@ bf16 on one GPU, batch 1 (one CFG branch), 512 text tokens:
 - ``hv15``: HunyuanVideo 1.5-shaped (16 heads x 128, 8.3B at 54 layers) at 480p (30x53
   latent) with 33 and 65 latent frames (1x, 2x its horizon), run with 6 of 54 layers, scaled.
 
-Per configuration: step time with dense attention (torch SDPA, default backend: cuDNN on
-an H100), with LVSA and with AdaSpa through ``sparsecore.integrations.diffusers``; peak
-memory; the share of the step spent in attention. LVSA steps are timed at three
-consecutive sparse steps (its anchors rotate, so each step plans and compiles a new
-mask); AdaSpa's mask-reuse step is the median of three steps after its search step,
-which is reported too. A step that JIT-compiles a kernel config for the first time is
-thus outvoted by the two after it.
-``--tiny`` runs the same code on tiny configs on any device (a smoke test).
+Modes compare like with like: ``eager`` (diffusers' own attention, cuDNN SDPA, against
+sparsecore eagerly) and ``compiled`` (diffusers' regional compilation,
+``compile_repeated_blocks(fullgraph=True)``, on both sides). Per method, each kind of step its
+schedule has is timed (one transformer forward; the median of the repeats after a warm-up that
+compiles kernels): dense; LVSA's sparse step; AdaSpa's first search (dense output + block-mass
+search), reuse steps (the first one reported too), cached search; PASA's sparse step. A 50-step
+generation's time is then composed from the schedule: AdaSpa = 10 dense + 1 search + 1 cached
+search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its steps.
+Host planning per layer (``plan_ms`` of the handle's stats, median over layers) and peak
+memory are reported per row. ``--tiny`` runs the same code on tiny configs on any device.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 
 import sparsecore
 from sparsecore.integrations import diffusers as sc_diffusers
+from sparsecore.timing import synchronize
 
 TEXT_TOKENS = 512
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -107,19 +111,33 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                 return_dict=False)
 
 
+
+NUM_STEPS = 50
+SCHEDULES = {   # method -> (kind of step, how many of the 50)
+    "dense": [("dense", 50)],
+    "lvsa": [("sparse", 50)],
+    "adaspa": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
+    "pasa": [("dense", 10), ("sparse", 40)],
+}
+STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
+    "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
+    "adaspa": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
+    "pasa": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
+}
+
+
 def timed_forward(model, inputs: dict, timestep: float, device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # HunyuanVideo 1.5 embeds the timestep in the timestep's own dtype: give it the model's
     dtype = model.dtype if type(model).__name__.startswith("HunyuanVideo15") else torch.float32
-    sync()
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         model(timestep=torch.tensor([timestep], device=device, dtype=dtype), **inputs)
-    sync()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def peak_memory_gib(device: str) -> float | None:
+def peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
@@ -128,142 +146,165 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_case(case: Case, tiny: bool, device: str, log: Callable[[str], None]) -> list[dict]:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build_model(case, tiny, device, dtype)
-    inputs = model_inputs(model, case, device, dtype)
-    rows = []
-    scale = case.layers_full / case.layers_run
+def kind_times(seconds: list[tuple[str, float]]) -> dict[str, float]:
+    """Median per kind; a kind timed more than once drops its first run (it compiles kernels)."""
+    kinds: dict[str, list[float]] = {}
+    for kind, s in seconds:
+        kinds.setdefault(kind, []).append(s)
+    return {kind: statistics.median(times[1:] if len(times) > 1 else times) for kind, times in kinds.items()}
 
-    def record(method: str, seconds: list[float], attention_s: float | None, extra: dict) -> None:
-        step = statistics.median(seconds)
-        rows.append(dict(model=case.model, length=case.label, latent_frames=case.frames,
-                         layers_run=case.layers_run, layers_full=case.layers_full, method=method,
-                         step_s=step * scale, step_s_measured=step, peak_gib=peak_memory_gib(device),
-                         attention_share=None if attention_s is None else attention_s / step, **extra))
-        log(f"  {case.model} {case.label} {method:<16} step {step * scale:8.3f} s"
-            + (f" (measured {step:.3f} s on {case.layers_run} layers)" if scale != 1 else "")
-            + (f", attention {attention_s / step:5.1%}" if attention_s is not None else "")
-            + (f", peak {peak_memory_gib(device):.1f} GiB" if device == "cuda" else ""))
 
-    # dense: the model's own attention (SDPA); attention share from a standalone SDPA call at this shape
+def generation(method: str, times: dict[str, float]) -> float:
+    return sum(count * times[kind] for kind, count in SCHEDULES[method])
+
+
+def warm_kernels(model, device: str, dtype: torch.dtype) -> None:
+    """Compile, on small inputs, the kernels a step runs only once (AdaSpa's block-mass pass and the kernel of its
+    64-token masks): the JIT time of a first call is not a step's time. Kernels compile per dtype and head dim,
+    not per length."""
+    import numpy as np
+    from sparsecore.search import block_mass
+    heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
+    q = torch.randn(1, heads, 1024, dim, device=device, dtype=dtype)
+    offsets = np.arange(0, 1025, 64)
+    block_mass(q, q, offsets, offsets)
+    keep = np.random.default_rng(0).random((heads, 16, 16)) < 0.3
+    sparsecore.compile(sparsecore.BlockMask.from_dense(keep, 1024, 1024, 64), device=device)(q, q, q)
+    synchronize(device)
+
+
+def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log) -> list[dict]:
+    rows, scale = [], case.layers_full / case.layers_run
+    warm_kernels(model, device, model.dtype)
     reset_peak(device)
-    try:
-        timed_forward(model, inputs, 999.0, device)
-        dense = [timed_forward(model, inputs, 999.0, device) for _ in range(2)]
-        record("dense (SDPA)", dense, _dense_attention_seconds(model, case, device, dtype) * case.layers_run,
-               {"tokens": _tokens(model, case)})
-    except torch.OutOfMemoryError as err:
-        rows.append(dict(model=case.model, length=case.label, method="dense (SDPA)", error=f"out of memory: {err}"))
-        log(f"  {case.model} {case.label} dense: out of memory")
-        torch.cuda.empty_cache()
-
-    for method, steps, params in (("lvsa", (20, 21, 22), {}), ("adaspa", (10, 11, 12, 13), {})):
-        handle = sc_diffusers.apply(model, method=method, device=device, num_steps=50, **params)
+    dense = [timed_forward(model, inputs, 999.0, device) for _ in range(2)]
+    dense_time = dense[1] * scale
+    base = dict(model=case.model, length=case.label, latent_frames=case.frames, mode=mode,
+                layers_run=case.layers_run, layers_full=case.layers_full)
+    rows.append(dict(base, method="dense", steps={"dense": dense_time}, generation_s=generation("dense",
+                {"dense": dense_time}), peak_gib=peak_gib(device), first_step_s=dense[0] * scale))
+    log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
+    for method, plan in STEPS.items():
+        handle = sc_diffusers.apply(model, method=method, device=device, num_steps=NUM_STEPS)
         handle.timing(True)
         reset_peak(device)
-        seconds = []
-        for step in steps:
-            handle.set_step(step)
-            seconds.append(timed_forward(model, inputs, 1000.0 - 20 * step, device))
-        stats = [s for s in handle.stats() if s["step"] == steps[-1]]
-        attention = sum(s.get("ms") or 0.0 for s in stats) / 1e3 if stats else None
-        density = statistics.mean(s["density"] for s in stats) if stats else None
-        backends = sorted({s["backend"] for s in stats})
-        if method == "adaspa":   # step 10 searches (dense output); 11-13 reuse its mask (median: one may JIT-compile)
-            record("adaspa search", seconds[:1], None, {"backends": ["dense output + block-mass search"]})
-            record("adaspa", seconds[1:], attention, {"density": density, "backends": backends})
-        else:
-            record(method, seconds, attention, {"density": density, "backends": backends})
-        handle.remove()
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            seconds = []
+            for kind, step in plan:
+                handle.set_step(step)
+                seconds.append((kind, timed_forward(model, inputs, 1000.0 - 19 * step, device) * scale))
+            times = kind_times(seconds)
+            times.setdefault("dense", dense_time)
+            stats = handle.stats()
+            plan_ms = [s["plan_ms"] for s in stats if "plan_ms" in s and s["backend"] != "dense"]
+            sparse = [s for s in stats if s["backend"] != "dense"]
+            rows.append(dict(base, method=method, steps=times, generation_s=generation(method, times),
+                             peak_gib=peak_gib(device), density=statistics.mean(s["density"] for s in sparse)
+                             if sparse else 1.0, backends=sorted({s["backend"] for s in stats}),
+                             plan_ms_median=statistics.median(plan_ms) if plan_ms else None,
+                             plan_ms_by_action={a: statistics.median(p for s in stats if s["action"] == a
+                                                                     for p in [s.get("plan_ms")] if p is not None)
+                                                for a in {s["action"] for s in stats if s.get("plan_ms") is not None}},
+                             first_step_s=seconds[0][1]))
+            log(f"  {case.model} {case.label} {mode:8s} {method:10s} " + ", ".join(
+                f"{k} {t:.3f} s" for k, t in times.items() if k != "dense") + f"; generation {generation(method, times):.1f} s"
+                f" vs dense {generation('dense', {'dense': dense_time}):.1f} s; plan/layer {rows[-1]['plan_ms_median']}")
+        finally:
+            handle.remove()
     return rows
 
 
-def _tokens(model, case: Case) -> int:
-    patch = model.config.patch_size
-    spatial = (patch[1] * patch[2]) if isinstance(patch, (tuple, list)) else patch * patch
-    return case.frames * case.height * case.width // spatial
-
-
-def _dense_attention_seconds(model, case: Case, device: str, dtype: torch.dtype) -> float:
-    """Time of one dense self-attention call (SDPA) at the model's token count and heads."""
-    heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-    tokens = _tokens(model, case) + (0 if case.model.startswith("wan") else TEXT_TOKENS + 64 + 729)
-    q, k, v = (torch.randn(1, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
-    f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    f()
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") / 1e3
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
+def run_case(case: Case, modes: list[str], tiny: bool, device: str, log) -> list[dict]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for mode in modes:
+        model = build_model(case, tiny, device, dtype)
+        inputs = model_inputs(model, case, device, dtype)
+        if mode == "compiled":
+            model.compile_repeated_blocks(fullgraph=True)
+        try:
+            rows += run_mode(case, model, inputs, mode, device, log)
+        except torch.OutOfMemoryError as err:
+            rows.append(dict(model=case.model, length=case.label, mode=mode, method="(all)", error=f"out of memory: {err}"))
+            log(f"  {case.model} {case.label} {mode}: out of memory")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# End-to-end transformer step, dense vs sparsecore, {meta['date']}", "",
+    lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
-             f"flashinfer {meta['flashinfer']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens. "
-             "Step = one transformer forward; rows measured on fewer layers are scaled to the full depth "
-             "(layers run / full). Speedup against the dense row of the same model and length.", "",
-             "| model | length | latent frames | tokens | method | step (s) | speedup | density | attention share | "
-             "peak GiB | layers run/full | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {(r["model"], r["length"]): r for r in rows if r["method"] == "dense (SDPA)" and "step_s" in r}
-    tokens = {(r["model"], r["length"]): r.get("tokens") for r in dense.values()}
+             f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens. "
+             "Step = one transformer forward (median after a warm-up); rows measured on fewer layers are scaled to the "
+             "full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore eagerly; compiled: "
+             "`compile_repeated_blocks(fullgraph=True)` on both sides. Generation = the 50-step schedule composed from "
+             "the measured steps (AdaSpa 10 dense + search + cached search + 38 reuse; PASA 10 dense + 40 sparse; "
+             "LVSA 50). Speedups against the dense row of the same model, length and mode.", "",
+             "| model | length | mode | method | step kinds (s) | step speedup | generation (s) | generation speedup "
+             "| density | plan ms/layer | peak GiB | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['length']} | | | {r['method']} | {r['error'][:60]} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {r['error'][:60]} |"
+                         + " |" * 7)
             continue
-        base = dense.get((r["model"], r["length"]))
-        speedup = f"{base['step_s'] / r['step_s']:.2f}x" if base else ""
-        share = "" if r["attention_share"] is None else f"{r['attention_share']:.0%}"
+        d = dense.get((r["model"], r["length"], r["mode"]))
+        main = r["steps"].get("sparse", r["steps"].get("reuse", r["steps"]["dense"]))
+        step_speedup = f"{d['steps']['dense'] / main:.2f}x" if d else ""
+        gen_speedup = f"{d['generation_s'] / r['generation_s']:.2f}x" if d else ""
+        kinds = ", ".join(f"{k} {t:.3f}" for k, t in r["steps"].items() if not (k == "dense" and r["method"] != "dense"))
+        plan = "" if r.get("plan_ms_median") is None else f"{r['plan_ms_median']:.1f}"
+        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
         density = "" if r.get("density") is None else f"{r['density']:.3f}"
-        peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {r['model']} | {r['length']} | {r['latent_frames']} | {tokens.get((r['model'], r['length']), '')}"
-                     f" | {r['method']} | {r['step_s']:.3f} | {speedup} | {density} | {share} | {peak} | "
-                     f"{r['layers_run']}/{r['layers_full']} | {', '.join(r.get('backends', []))} |")
+        lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {kinds} | {step_speedup} | "
+                     f"{r['generation_s']:.1f} | {gen_speedup} | {density} | {plan} | {peak} | "
+                     f"{', '.join(r.get('backends', []))} |")
     return "\n".join(lines) + "\n"
 
 
 def versions(device: str) -> dict:
     import diffusers
+    from importlib.metadata import PackageNotFoundError, version
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "python": platform.python_version(), "sparsecore": sparsecore.__version__,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
-    for name in ("triton", "flashinfer"):
+    for name, dist in (("triton", "triton"), ("flash_attn_4", "flash-attn-4"), ("flashinfer", "flashinfer-python")):
         try:
-            info[name] = __import__(name).__version__
-        except ImportError as err:
-            info[name] = f"not importable: {err}"
+            info[name] = version(dist)
+        except PackageNotFoundError:
+            info[name] = "not installed"
     return info
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--models", nargs="*", default=["wan-1.3b", "wan-14b", "hv15"])
-    parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
+    parser.add_argument("--models", nargs="*", default=["wan-1.3b"])
     parser.add_argument("--lengths", nargs="*", default=None, help="only these lengths, e.g. 1x 6x")
+    parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
     parser.add_argument("--budget-s", type=float, default=540, help="skip remaining cases after this many seconds")
+    parser.add_argument("--tag", default="", help="added to the output file names")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
     meta = versions(device)
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []
-    for case in cases(args.models, args.tiny):
-        if args.lengths and case.label not in args.lengths:
-            continue
+    stem = args.out / ((f"e2e-tiny" if args.tiny else f"e2e-{meta['date']}") + args.tag)
+    chosen = [c for c in cases(args.models, args.tiny) if not args.lengths or c.label in args.lengths]
+    if args.lengths:                                          # in the order asked for: the most wanted first
+        chosen.sort(key=lambda c: args.lengths.index(c.label))
+    for case in chosen:
         if time.perf_counter() - start > args.budget_s:
             log(f"  skipped {case.model} {case.label}: time budget of {args.budget_s:.0f} s spent")
             continue
         log(f"{case.model} {case.label}: {case.frames} latent frames, {case.layers_run} layers")
-        rows += run_case(case, args.tiny, device, log)
+        rows += run_case(case, args.modes, args.tiny, device, log)
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / ("e2e-tiny" if args.tiny else f"e2e-{meta['date']}")
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         stem.with_suffix(".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

@@ -104,6 +104,16 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
         yield "adaspa", "reuse", lambda: prepared(searched, q, k, v, device)
 
 
+def check_dense_lse(device: str) -> float:
+    """Max |LSE difference| of :func:`dense_attention` (cuDNN on CUDA) against float32 logsumexp, GQA 2:1."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    q = torch.randn(1, 4, 777, HEAD_DIM, device=device, generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 2, 901, HEAD_DIM, device=device, generator=gen).to(torch.bfloat16)
+    _, lse = dense_attention(q, k, k)
+    want = torch.logsumexp(q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2) * HEAD_DIM ** -0.5, -1)
+    return float((lse - want).abs().max())
+
+
 def run(device: str, lengths: list[str], repeats: int) -> list[dict]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     rows = []
@@ -125,7 +135,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Per-layer planning time, {meta['date']}", "",
              f"Device: {meta['device']}; torch {meta['torch']}. Wan 2.1 1.3B layer shape: {HEADS} heads x "
              f"{HEAD_DIM}, 480x832. Median of {meta['repeats']} after a warm-up; the device queue is drained before "
-             "each repeat. `bench/planning_benchmark.py`.", "",
+             "each repeat. `bench/planning_benchmark.py`. The dense pass's LSE (the search's pass 1) against float32 "
+             f"logsumexp: max |diff| {meta['dense_lse_max_abs_diff']:.1e}.", "",
              "| length | tokens | method | step | ms per layer | host reads | backend | density |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -145,6 +156,8 @@ def main() -> int:
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "repeats": args.repeats,
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+    meta["dense_lse_max_abs_diff"] = check_dense_lse(args.device)
+    print(f"dense_attention LSE vs float32 logsumexp: max |diff| {meta['dense_lse_max_abs_diff']:.2e}", flush=True)
     rows = run(args.device, args.lengths, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"planning-{args.device.split(':')[0]}-{meta['date']}"

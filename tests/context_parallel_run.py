@@ -65,7 +65,18 @@ METHODS: dict[str, tuple[Any, dict]] = {
     "lvsa": ("lvsa", LVSA),
     "lvsa-per-head": (lvsa_per_head, {}),
     "adaspa": ("adaspa", ADASPA),
+    "adaspa-compiled": ("adaspa", ADASPA),              # the transformer's blocks under torch.compile
 }
+
+
+def prepare(model: WanTransformer3DModel, method: str) -> None:
+    """What a run does to the model after apply(): compile its blocks for the "-compiled" methods.
+
+    Not ``fullgraph=True``: diffusers 0.42's own context-parallel block hooks do not trace
+    (``hasattr`` in ``hooks/context_parallel.py``), with or without sparsecore.
+    """
+    if method.endswith("-compiled"):
+        model.compile_repeated_blocks(fullgraph=False, backend="aot_eager")
 
 
 def run(method: str) -> dict:
@@ -73,6 +84,7 @@ def run(method: str) -> dict:
     model = tiny_wan()
     provider, params = METHODS[method]
     handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
+    prepare(model, method)
     data = inputs()
     outputs = []
     with torch.no_grad():
@@ -124,6 +136,7 @@ def worker(rank: int, world: int, port: int, methods: list[str], results: Any) -
             handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
             if method not in PARALLEL_FIRST:
                 model.enable_parallelism(config=config)
+            prepare(model, method)
             data, outputs = inputs(), []
             with torch.no_grad():
                 for t in TIMESTEPS:

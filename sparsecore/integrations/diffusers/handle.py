@@ -1,9 +1,13 @@
 """``apply()`` and the handle it returns: hooks, step control, stats, ``remove()``.
 
 The forward pre-hook reads the video geometry from ``hidden_states`` ``[B, C, F, H, W]`` and the
-config's patch sizes, and advances the step (:mod:`.steps`). Each processor call then goes
-through :meth:`SparseAttentionHandle.attend`: context-parallel routing (:mod:`.parallel`),
-grouping of samples by valid text length (HunyuanVideo 1.5), and the planner (:mod:`.planner`).
+config's patch sizes, and advances the step (:mod:`.steps`); the hooks always run eagerly
+(``torch.compiler.disable``: under ``torch.compile`` of the whole transformer that is one graph
+break, before the forward; regional compilation does not compile them at all). Each processor call reaches
+:meth:`SparseAttentionHandle.attend_next` through the custom op (:mod:`.op`): the layer is the
+call's place in the forward (blocks run in order; the post-hook checks that every layer came),
+then context-parallel routing (:mod:`.parallel`), grouping of samples by valid text length
+(HunyuanVideo 1.5), and the planner (:mod:`.planner`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sparsecore.ir.validation import check_int
 from sparsecore.methods import SESSIONS, HeadShard
 from sparsecore.registry import device_type, registered_backends
 
-from . import parallel
+from . import op, parallel
 from .models import ModelSpec, spec_of
 from .planner import MethodProvider, Planner
 from .processors import SPARSE_PROCESSORS, SparseProcessor
@@ -57,7 +61,10 @@ class SparseAttentionHandle:
         self._text_cache: tuple[Any, Any] | None = None
         self._removed = False
         self._originals: list[tuple[Any, Any]] = []
+        self._processors: list[SparseProcessor] = []
+        self._calls = 0
         self._hooks: list[Any] = []
+        self.id = op.register(self, model)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -131,11 +138,17 @@ class SparseAttentionHandle:
         self.geometry = VideoGeometry(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
         self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None))
         self._text_cache = None
+        self._calls = 0
         self.active = True
 
     def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
+        calls, self._calls = self._calls, 0
         self.active = False
         self._text_cache = None
+        if calls not in (0, len(self._processors)):
+            raise ValueError(f"transformer: {calls} of its {len(self._processors)} self-attention layers ran in this "
+                             f"forward; sparsecore counts layers by their order in the forward, so blocks must not be "
+                             f"skipped (a block cache, a pruned model); call handle.remove() to run this model densely")
 
     # ---------------------------------------------------------------- called by the processors
     def text_valid(self, processor: SparseProcessor, mask: torch.Tensor | None, batch: int, text: int) -> list[int]:
@@ -159,13 +172,23 @@ class SparseAttentionHandle:
         self._text_cache = (mask, result)
         return result
 
-    def attend(self, processor: SparseProcessor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               text_valid: list[int] | None, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Attention of one layer call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
+    def attend_next(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    text_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the next layer's call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
 
-        Under Ulysses context parallelism ``S`` is this rank's part of the sequence; diffusers'
+        ``text_mask``: HunyuanVideo 1.5's text padding mask ``[B, text]`` (None: all text valid, or no
+        text). Under Ulysses context parallelism ``S`` is this rank's part of the sequence; diffusers'
         all-to-alls run around the planner on the whole sequence for this rank's heads.
         """
+        if not self.active or self._calls >= len(self._processors):
+            raise RuntimeError(f"sparsecore: attention call {self._calls + 1} outside a forward of the transformer or "
+                               f"beyond its {len(self._processors)} self-attention layers")
+        processor = self._processors[self._calls]
+        self._calls += 1
+        text_valid = None
+        if self.spec.joint_text:
+            text_valid = self.text_valid(processor, text_mask, query.shape[0], query.shape[1] - self.geometry.tokens)
+        dense = lambda: processor.dense(query, key, value, text_mask)  # noqa: E731
         group = parallel.ulysses_group(processor._parallel_config)
         if group is None:
             return self._attend_groups(processor.layer, query, key, value, text_valid, dense, None)
@@ -182,7 +205,7 @@ class SparseAttentionHandle:
         shard = group.shard(heads, query.device)
 
         def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            dense_heads = lambda: processor.dispatch(q, k, v, None, parallel=False)  # noqa: E731
+            dense_heads = lambda: processor.dense(q, k, v, None, parallel=False)  # noqa: E731
             return self._attend_groups(layer, q, k, v, None, dense_heads, shard)
 
         return parallel.attention(query, key, value, group, local)
@@ -279,9 +302,13 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     for layer, module in enumerate(modules):
         original = module.processor
         handle._originals.append((module, original))
-        module.set_processor(sparse_class(handle, layer, original))
-    handle._hooks = [transformer.register_forward_pre_hook(handle._pre_forward, with_kwargs=True),
-                     transformer.register_forward_hook(handle._post_forward, always_call=True)]
+        handle._processors.append(sparse_class(handle, layer, original))
+        module.set_processor(handle._processors[-1])
+    # Step tracking reads the timestep's value: never traced (regional compilation leaves these hooks eager
+    # anyway; torch.compile of the whole transformer calls them eagerly, one graph break before its forward).
+    handle._hooks = [transformer.register_forward_pre_hook(torch.compiler.disable(handle._pre_forward),
+                                                           with_kwargs=True),
+                     transformer.register_forward_hook(torch.compiler.disable(handle._post_forward), always_call=True)]
     return handle
 
 

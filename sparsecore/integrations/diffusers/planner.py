@@ -129,7 +129,8 @@ class Planner:
         plan = self._plans.get((layer, geometry))
         fresh = plan is None or plan.step != step
         if fresh:
-            plan = self._plan(layer, geometry, step, run, heads, shard, query, key, value)
+            plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, heads, shard, query, key,
+                                                            value), query.device)
         else:
             plan.record.fields["calls"] += 1
         if plan.kernel is None:

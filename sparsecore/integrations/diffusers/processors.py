@@ -1,9 +1,10 @@
 """The attention processors that replace diffusers' own on the self-attention modules.
 
 A processor computes q, k, v exactly as the diffusers processor it replaces (:mod:`.models`),
-hands them to the handle's attention (planner and kernel, or the model's own attention on
-dense steps) and applies the output projections. Calls outside a hooked forward of a live
-handle (and Wan's cross-attention) go to the original processor unchanged.
+hands them to sparsecore's attention op (:mod:`.op`: the handle's planner and kernel, or the
+model's own attention on dense steps, all opaque to ``torch.compile``) and applies the output
+projections. Calls outside a hooked forward of a live handle (and Wan's cross-attention) go
+to the original processor unchanged.
 
 ``_attention_backend`` and ``_parallel_config`` read and write the original processor's, so
 diffusers' ``set_attention_backend`` and ``enable_parallelism`` reach the model as before
@@ -18,6 +19,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from . import models
+from .op import diffusers_attention
 
 if TYPE_CHECKING:
     from .handle import SparseAttentionHandle
@@ -57,6 +59,11 @@ class SparseProcessor:
                                      backend=self._attention_backend,
                                      parallel_config=self._parallel_config if parallel else None)
 
+    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None,
+              parallel: bool = True) -> torch.Tensor:
+        """The model's own self-attention of this layer on ``[B, S, H, D]`` tensors."""
+        return self.dispatch(query, key, value, None, parallel)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
 
@@ -74,7 +81,7 @@ class WanSparseAttnProcessor(SparseProcessor):
                              f"{list(attention_mask.shape)} mask; the block-mask IR cannot add a token mask; "
                              f"call handle.remove() to run this model densely")
         query, key, value = models.wan_qkv(attn, hidden_states, rotary_emb)
-        out = self._handle.attend(self, query, key, value, None, lambda: self.dispatch(query, key, value, None))
+        out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.wan_output(attn, out, query)
 
 
@@ -87,12 +94,13 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
         if encoder_hidden_states is None or not self._handle.active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = models.hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        text = encoder_hidden_states.shape[1]
-        valid = self._handle.text_valid(self, attention_mask, query.shape[0], text)
-        dense = lambda: self.dispatch(query, key, value,  # noqa: E731  (the [B, 1, S, S] mask only when dense)
-                                      models.joint_padding_mask(attention_mask, query.shape[1]))
-        out = self._handle.attend(self, query, key, value, valid, dense)
-        return models.hunyuan_output(attn, out, query, text)
+        out = diffusers_attention(query, key, value, attention_mask, self._handle.id)
+        return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
+
+    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None,
+              parallel: bool = True) -> torch.Tensor:
+        """The model's own joint attention: valid tokens only (``valid_i & valid_j``, a ``[B, 1, S, S]`` mask)."""
+        return self.dispatch(query, key, value, models.joint_padding_mask(text_mask, query.shape[1]), parallel)
 
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,

@@ -1,7 +1,9 @@
 """Per (run, layer, step, geometry) statistics of a handle: what ran, how often, how long.
 
 Values that need the device (a device mask's density, event timings) are read when
-:meth:`Stats.rows` is called, never on the attention path.
+:meth:`Stats.rows` is called, never on the attention path. With timing on, each plan's host
+time is measured too (``plan_ms``: from the processor's call to a kernel that only has to
+launch; the device is synchronized first, so earlier layers' work is not counted).
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import time
+
 import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import HeadShard
-from sparsecore.timing import Stopwatch
+from sparsecore.timing import Stopwatch, synchronize
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Record:
     mask: BlockMask | None = None
     kernel: Any = None
     watch: Stopwatch | None = None
+    plan_seconds: float | None = None
 
 
 class Stats:
@@ -55,6 +60,16 @@ class Stats:
         with record.watch:
             return fn()
 
+    def plan_timed(self, plan: Callable[[], Any], device: torch.device) -> Any:
+        """``plan()`` (which returns an object with a ``record``), its host time stored there when timing is on."""
+        if not self.timing:
+            return plan()
+        synchronize(device)
+        began = time.perf_counter()
+        result = plan()
+        result.record.plan_seconds = time.perf_counter() - began
+        return result
+
     def rows(self) -> list[dict]:
         """One dict per record in call order (keys: see ``SparseAttentionHandle.stats``)."""
         out = []
@@ -65,5 +80,7 @@ class Stats:
             if record.watch is not None and record.watch.count:
                 total = record.watch.seconds * 1e3
                 row.update(ms=total / record.watch.count, ms_total=total)
+            if record.plan_seconds is not None:
+                row["plan_ms"] = record.plan_seconds * 1e3
             out.append(row)
         return out

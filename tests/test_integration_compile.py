@@ -1,0 +1,103 @@
+"""sparsecore inside torch.compile: compiled transformers equal eager ones, with no graph break or recompile.
+
+Tiny random Wan and HunyuanVideo 1.5 models with sparsecore applied run five denoising steps
+eagerly, then compiled as diffusers recommends (``compile_repeated_blocks(fullgraph=True)``)
+or whole (``torch.compile(transformer)``). The attention is one custom op
+(``torch.ops.sparsecore.diffusers_attention``): the compiled outputs equal the eager ones in
+fp32, Dynamo records no graph break, and after the first step nothing is compiled again
+(``error_on_recompile``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from test_integration_diffusers import forward, hunyuan_inputs, random_mask, tiny_hunyuan, tiny_wan, wan_inputs
+
+import sparsecore.integrations.diffusers as sparse
+
+TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)
+METHODS = {
+    "lvsa": {"reference_frames": 4, "window": 1},
+    "adaspa": {"warmup_steps": 1, "search_steps": (1, 3), "sparsity": 0.6, "block_size": 32},
+    "pasa": {"dense_fraction": 0.2, "density": 0.3, "block_size": 32},
+    "callable": {},
+}
+MODELS = {"wan": (tiny_wan, lambda: wan_inputs(batch=2)),
+          "hunyuan": (tiny_hunyuan, lambda: hunyuan_inputs(batch=2, text="ragged"))}
+
+
+def run(model, inputs, method: str, compile_as: str | None, backend: str = "aot_eager") -> tuple[list, list]:
+    """Outputs of the five steps and the handle's stats; compiled before the first step if asked."""
+    handle = sparse.apply(model, method=random_mask if method == "callable" else method, device="cpu",
+                          num_steps=len(TIMESTEPS), **METHODS[method])
+    call = model
+    if compile_as == "blocks":
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    elif compile_as == "whole":
+        call = torch.compile(model, backend=backend)
+    outputs = []
+    try:
+        for step, t in enumerate(TIMESTEPS):
+            if step == 1:
+                compiled_graphs = counters["stats"]["unique_graphs"]
+            with torch._dynamo.config.patch(error_on_recompile=step > 0 and compile_as is not None):
+                outputs.append(forward(call, inputs, t))
+        if compile_as is not None:
+            assert counters["stats"]["unique_graphs"] == compiled_graphs, "compiled again after the first step"
+    finally:
+        handle.remove()
+    return outputs, handle.stats()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_regional_fullgraph_compile_equals_eager_with_no_break_or_recompile(name, method):
+    build, inputs = MODELS[name]
+    model, data = build(), inputs()
+    eager, eager_stats = run(model, data, method, None)
+    compiled, stats = run(model, data, method, "blocks")
+    for step, (got, want) in enumerate(zip(compiled, eager)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert [(s["step"], s["backend"]) for s in stats] == [(s["step"], s["backend"]) for s in eager_stats]
+    assert {s["backend"] for s in stats} - {"dense"}, "no sparse step ran: the test would not see the kernel"
+
+
+def test_whole_model_compile_equals_eager():
+    model, data = tiny_wan(), wan_inputs(batch=2)
+    eager, _ = run(model, data, "pasa", None)
+    compiled, _ = run(model, data, "pasa", "whole")
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_inductor_compile_equals_eager():
+    model, data = tiny_wan(), wan_inputs(batch=1)
+    eager, _ = run(model, data, "adaspa", None)
+    compiled, _ = run(model, data, "adaspa", "blocks", backend="inductor")
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)       # inductor's fused fp32 kernels
+
+
+def test_remove_after_compile_restores_the_dense_model():
+    model, data = tiny_wan(), wan_inputs(batch=1)
+    dense = [forward(model, data, t) for t in TIMESTEPS[:2]]
+    run(model, data, "lvsa", "blocks")                                      # applied, compiled, removed
+    again = [forward(model, data, t) for t in TIMESTEPS[:2]]
+    for got, want in zip(again, dense):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
