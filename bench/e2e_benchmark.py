@@ -189,29 +189,41 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log) -> li
         handle.timing(True)
         reset_peak(device)
         try:
-            seconds = []
-            for kind, step in plan:
-                handle.set_step(step)
-                seconds.append((kind, timed_forward(model, inputs, 1000.0 - 19 * step, device) * scale))
-            times = kind_times(seconds)
-            times.setdefault("dense", dense_time)
-            stats = handle.stats()
-            plan_ms = [s["plan_ms"] for s in stats if "plan_ms" in s and s["backend"] != "dense"]
-            sparse = [s for s in stats if s["backend"] != "dense"]
-            rows.append(dict(base, method=method, steps=times, generation_s=generation(method, times),
-                             peak_gib=peak_gib(device), density=statistics.mean(s["density"] for s in sparse)
-                             if sparse else 1.0, backends=sorted({s["backend"] for s in stats}),
-                             plan_ms_median=statistics.median(plan_ms) if plan_ms else None,
-                             plan_ms_by_action={a: statistics.median(p for s in stats if s["action"] == a
-                                                                     for p in [s.get("plan_ms")] if p is not None)
-                                                for a in {s["action"] for s in stats if s.get("plan_ms") is not None}},
-                             first_step_s=seconds[0][1]))
-            log(f"  {case.model} {case.label} {mode:8s} {method:10s} " + ", ".join(
-                f"{k} {t:.3f} s" for k, t in times.items() if k != "dense") + f"; generation {generation(method, times):.1f} s"
-                f" vs dense {generation('dense', {'dense': dense_time}):.1f} s; plan/layer {rows[-1]['plan_ms_median']}")
+            rows.append(run_method(case, model, inputs, mode, method, plan, handle, dense_time, scale, base, device,
+                                   log))
+        except (RuntimeError, ValueError) as err:            # a failing method is reported; the others still run
+            rows.append(dict(base, method=method, error=f"{type(err).__name__}: {err}"))
+            log(f"  !!! {case.model} {case.label} {mode} {method} FAILED: {type(err).__name__}: {str(err)[:400]}")
         finally:
             handle.remove()
     return rows
+
+
+def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: list, handle, dense_time: float,
+               scale: float, base: dict, device: str, log) -> dict:
+    """One method's row: its kinds of step timed, the generation composed, planning and memory."""
+    seconds = []
+    for kind, step in plan:
+        handle.set_step(step)
+        seconds.append((kind, timed_forward(model, inputs, 1000.0 - 19 * step, device) * scale))
+    times = kind_times(seconds)
+    times.setdefault("dense", dense_time)
+    stats = handle.stats()
+    planned = [s for s in stats if s.get("plan_ms") is not None]
+    sparse = [s for s in stats if s["backend"] != "dense"]
+    plan_ms = [s["plan_ms"] for s in planned if s["backend"] != "dense"]
+    row = dict(base, method=method, steps=times, generation_s=generation(method, times), peak_gib=peak_gib(device),
+               density=statistics.mean(s["density"] for s in sparse) if sparse else 1.0,
+               backends=sorted({s["backend"] for s in stats}),
+               plan_ms_median=statistics.median(plan_ms) if plan_ms else None,
+               plan_ms_by_action={action: statistics.median(s["plan_ms"] for s in planned if s["action"] == action)
+                                  for action in {s["action"] for s in planned}},
+               first_step_s=seconds[0][1])
+    log(f"  {case.model} {case.label} {mode:8s} {method:10s} "
+        + ", ".join(f"{k} {t:.3f} s" for k, t in times.items() if k != "dense")
+        + f"; generation {row['generation_s']:.1f} s vs dense {generation('dense', {'dense': dense_time}):.1f} s; "
+        f"plan/layer {row['plan_ms_median']}")
+    return row
 
 
 def run_case(case: Case, modes: list[str], tiny: bool, device: str, log) -> list[dict]:

@@ -8,7 +8,8 @@
 #   fa4check   bench/fa4_check.py: the fa4 lowering against float32 dense attention, then its timing
 #   test       the property suite and the realistic-mask tests on every CUDA target (log under $OUT)
 #   planning   bench/planning_benchmark.py: per-layer planning time at Wan 1x / 6x
-#   bench      bench/cuda_benchmark.py: the side-by-side kernel table (+ LVSA frames, AdaSpa-shaped, selection)
+#   bench      bench/cuda_benchmark.py: the side-by-side kernel table (+ LVSA frames, AdaSpa-shaped)
+#   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
 #   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs under diffusers Ulysses
 set -uo pipefail
@@ -39,6 +40,7 @@ for stage in "$@"; do
         > "$OUT/gpu-tests.log" 2>&1; tail -30 "$OUT/gpu-tests.log" ;;
     planning) python3 bench/planning_benchmark.py --device cuda --out "$OUT" 2>&1 | tail -25 ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames --adaspa ${BENCH_FLAGS:-} 2>&1 | grep -v "^  " ;;
+    selection) python3 bench/cuda_benchmark.py --out "$OUT" --sizes --no-flashinfer --selection 2>&1 | tail -32 ;;
     e2e) python3 bench/e2e_benchmark.py --out "$OUT" ${E2E_FLAGS:-} ;;
     multigpu)
       # NVLink multicast stays off on shared hosts (shared/device KINDS.md)

@@ -22,14 +22,22 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def lowbias32(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = np.asarray(x, dtype=np.uint32)
+        x = (x ^ (x >> np.uint32(16))) * np.uint32(0x7FEB352D)
+        x = (x ^ (x >> np.uint32(15))) * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+
 def gumbel(heads: range, rows: int, cols: int, seed: int, layer: int | None, step: int, scale: float) -> np.ndarray:
     key = np.uint64(0)
     for part in (seed, -1 if layer is None else layer, step):
         key = splitmix64(key ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF))
-    head_key = splitmix64(np.arange(heads.start, heads.stop, dtype=np.uint64) ^ key)[:, None, None]
-    cell = np.arange(rows * cols, dtype=np.uint64).reshape(1, rows, cols)
-    bits = splitmix64(head_key ^ cell)
-    uniform = ((bits >> np.uint64(40)).astype(np.float64) + 0.5) * 2.0 ** -24
+    head_key = (splitmix64(np.arange(heads.start, heads.stop, dtype=np.uint64) ^ key) >> np.uint64(32))
+    cell = np.arange(rows * cols, dtype=np.uint32).reshape(1, rows, cols)
+    bits = lowbias32(cell ^ head_key.astype(np.uint32)[:, None, None])
+    uniform = ((bits >> np.uint32(9)).astype(np.float64) + 0.5) * 2.0 ** -23
     return -np.log(-np.log(uniform)) * scale
 
 

@@ -106,6 +106,11 @@ def test_noise_moves_selections_only_among_near_tied_blocks(seed, scale, cols, k
             assert scores[0, row, demoted].max() - scores[0, row, promoted].min() <= spread + 1e-5
 
 
+def test_noise_is_finite_on_every_counter():
+    sample = noise.gumbel(range(2), 2048, 2048, seed=1, layer=2, step=3, scale=1.0, device="cpu")   # 8 M draws
+    assert torch.isfinite(sample).all()                  # the extreme uniforms stay inside (0, 1) in float32
+
+
 def test_gumbel_noise_has_the_gumbel_moments():
     sample = noise.gumbel(range(1), 400, 500, seed=3, layer=None, step=7, scale=0.5, device="cpu")
     assert sample.mean().item() == pytest.approx(0.5 * 0.5772, abs=0.01)

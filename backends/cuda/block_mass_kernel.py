@@ -44,3 +44,45 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]
         p = tl.where(col_ok[None, :], tl.math.exp2(scores), 0.0)
         tl.atomic_add(mass_row + tl.load(TileBlock + t), tl.sum(tl.sum(p, 1), 0))
+
+
+@triton.jit
+def block_mass_uniform_fwd(Q, K, Lse, Mass,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
+                           q_len, kv_len, num_q_blocks, num_kv_blocks, qk_scale,
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The same masses when every block has ``BLOCK`` tokens (a shorter last one allowed) on both sides.
+
+    Tiles of ``BLOCK_M x BLOCK_N`` tokens span several blocks (``BLOCK`` divides both): each
+    tile's probabilities are summed per (query block, key block) in registers, then added
+    with one atomic per pair. Token ``t`` is in block ``t // BLOCK``.
+    """
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, mask=row_ok,
+                  other=float("inf"))
+    lse = tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))  # log2
+    k_ptrs = K + b.to(tl.int64) * stride_kb + (head // GROUP).to(tl.int64) * stride_kh \
+        + offs_n[None, :] * stride_kn + offs_d[:, None]
+    q_blocks = pid * (BLOCK_M // BLOCK) + tl.arange(0, BLOCK_M // BLOCK)
+    mass_rows = Mass + b.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh \
+        + q_blocks.to(tl.int64)[:, None] * stride_mi
+    for start in tl.range(0, kv_len, BLOCK_N, num_stages=NUM_STAGES):
+        col_ok = start + offs_n < kv_len
+        k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]
+        p = tl.where(col_ok[None, :], tl.math.exp2(scores), 0.0)
+        p = tl.reshape(p, (BLOCK_M // BLOCK, BLOCK, BLOCK_N // BLOCK, BLOCK))
+        per_pair = tl.sum(tl.sum(p, 3), 1)                                        # [query blocks, key blocks]
+        k_blocks = start // BLOCK + tl.arange(0, BLOCK_N // BLOCK)
+        ok = (q_blocks < num_q_blocks)[:, None] & (k_blocks < num_kv_blocks)[None, :]
+        tl.atomic_add(mass_rows + k_blocks[None, :], per_pair, mask=ok)

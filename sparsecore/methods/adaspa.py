@@ -124,7 +124,7 @@ def head_sparsities(recalls: torch.Tensor, sparsity: float, threshold: float = 0
 
 @dataclass(frozen=True)
 class Search:
-    """One search's outcome: the mask, every head's sparsity and base recall (host lists), the LSE used."""
+    """One search's outcome: the mask and the LSE the search used (cached by the session for later searches)."""
 
     mask: BlockMask
     lse: torch.Tensor | None
@@ -143,15 +143,16 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     delta = min((1.0 - s) / 2.0, s)
     max_keep = keep_count(1.0 - (s - delta), video_blocks) if p.head_adaptive else base_keep
     top = top_video(mass, layout, max(max_keep, base_keep), ranked=True)
-    heavy = mass.double()
-    forced = heavy[:, :, layout.text].sum(dim=(1, 2)) + heavy[:, layout.text, layout.video].sum(dim=(1, 2))
-    kept = top.values[..., :base_keep].double().sum(dim=(1, 2))
-    total = heavy.sum(dim=(1, 2)).clamp(min=torch.finfo(torch.float64).tiny)
+    f64 = torch.float64                                   # sums in float64, without a float64 copy of the masses
+    forced = mass[:, :, layout.text].sum(dim=(1, 2), dtype=f64) + mass[:, layout.text, layout.video].sum(dim=(1, 2),
+                                                                                                      dtype=f64)
+    kept = top.values[..., :base_keep].sum(dim=(1, 2), dtype=f64)
+    total = mass.sum(dim=(1, 2), dtype=f64).clamp(min=torch.finfo(f64).tiny)
     recalls = shard.all_heads((kept + forced) / total)
     sparsities = head_sparsities(recalls, s, p.recall_threshold) if p.head_adaptive else torch.full_like(recalls, s)
     keep = keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
     video_row_counts = (keep + layout.text_blocks).sum()
-    flags = [torch.isfinite(heavy).all().double()] if finite_check else []
+    flags = [torch.isfinite(total).all().double()] if finite_check else []
     summary = torch.cat([video_row_counts.double().reshape(1), *[f.reshape(1) for f in flags], sparsities,
                          recalls]).tolist()                                 # the one host read of a search
     if finite_check and not summary[1]:

@@ -26,12 +26,22 @@ from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import on_device
 
 def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
-    """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``."""
+    """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``.
+
+    The leading run of equal-size blocks (the video) is a reshape and a mean; the rest (a short
+    last block, text blocks) an ``index_add`` over its few tokens.
+    """
     sizes = np.diff(offsets)
-    block_of = on_device(np.repeat(np.arange(len(sizes)), sizes), x.device)
-    divisor = on_device(sizes.astype(np.float32), x.device)
-    sums = torch.zeros(*x.shape[:2], len(sizes), x.shape[3], device=x.device).index_add_(2, block_of, x.float())
-    return sums / divisor[None, None, :, None]
+    run = int(np.argmax(sizes != sizes[0])) if (sizes != sizes[0]).any() else len(sizes)
+    size, split = int(sizes[0]), int(offsets[run])
+    head = x[:, :, :split].unflatten(2, (run, size)).mean(dim=3, dtype=torch.float32)
+    if run == len(sizes):
+        return head
+    rest = sizes[run:]
+    block_of = on_device(np.repeat(np.arange(len(rest)), rest), x.device)
+    sums = torch.zeros(*x.shape[:2], len(rest), x.shape[3], device=x.device).index_add_(2, block_of,
+                                                                                       x[:, :, split:].float())
+    return torch.cat([head, sums / on_device(rest.astype(np.float32), x.device)[None, None, :, None]], dim=2)
 
 
 @dataclass(frozen=True)
