@@ -435,3 +435,24 @@ def test_a_callable_returning_a_wrong_mask_raises():
             forward(model, inputs, 999.0)
     finally:
         handle.remove()
+
+
+def test_a_run_holds_only_the_current_steps_masks():
+    """Stats and plans must not keep every step's masks and kernels alive (a generation would grow without bound)."""
+    import gc
+    import weakref
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=6, dense_fraction=0.2, density=0.3,
+                          block_size=32, dense_layers=())
+    handle.timing(True)
+    seen = []
+    try:
+        for t in (999.0, 800.0, 600.0, 400.0, 200.0):
+            forward(model, inputs, t)
+            seen += [weakref.ref(handle.mask(layer)) for layer in range(2) if handle.mask(layer) is not None]
+        gc.collect()
+        alive = [ref for ref in seen if ref() is not None]
+        assert len(seen) == 6 and len(alive) == 2, (len(seen), len(alive))   # 3 sparse steps x 2 layers; 2 left
+        assert all(0 < row["density"] < 1 for row in handle.stats() if row["backend"] != "dense")
+    finally:
+        handle.remove()

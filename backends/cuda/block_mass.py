@@ -1,11 +1,11 @@
 """The CUDA implementation of AdaSpa's block-mass pass (:func:`sparsecore.search.block_mass`).
 
 Pass 2 only: given the row LSE (fresh from the search's dense pass, or cached), the
-fused kernels of :mod:`.block_mass_kernel` add ``exp(scale * q.k - lse)`` per (query
-block, key block) without writing scores to memory: ``block_mass_uniform_fwd`` when both
-sides have one block size that divides its 128-token tiles (AdaSpa's 64-token grid: full
-matrix-unit tiles, sums per block pair in registers), ``block_mass_fwd`` for any blocks
-(tiles cut at block edges). Triton is imported only when it
+fused kernel of :mod:`.block_mass_kernel` adds ``exp(scale * q.k - lse)`` per (query
+block, key block) without writing scores to memory. On an H200 at Wan 6x (188,736 tokens,
+12 heads, 64-token blocks, bf16) it takes 380 ms, as long as cuDNN's dense attention there
+(389 ms); a variant with 128 x 128 tiles summed per block pair in registers took 421 ms
+and was not kept (bench/results/gpu-2026-11-30-runs/notes.md). Triton is imported only when it
 runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors inside the Triton
 backend's emulator, which is how CI tests it. Offered through
 ``TritonBackend.block_mass`` (a :class:`~sparsecore.registry.BlockMassOp`).
@@ -48,18 +48,6 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
     batch, heads, q_len, head_dim = q.shape
     q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
-    block = _uniform_block(q_offsets, kv_offsets)
-    tile = 64 if q.element_size() == 4 or not q.is_cuda else 128      # fp32 / the interpreter: smaller tiles
-    if block is not None and tile % block == 0:
-        from .block_mass_kernel import block_mass_uniform_fwd
-        block_mass_uniform_fwd[(-(-q_len // tile), heads, batch)](
-            q, k, lse, mass, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
-            q_len, k.shape[2], mass.shape[2], mass.shape[3], scale * LOG2E,
-            GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=tile, BLOCK_N=tile, BLOCK=block,
-            NUM_STAGES=3 if q.is_cuda else 1, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=8 if tile == 128 else 4)
-        return mass
     programs, tile_start, tile_end, tile_block = (on_device(a, q.device) for a in _tiles(q_offsets, kv_offsets))
     block_mass_fwd[(programs.shape[0], heads, batch)](
         q, k, lse, mass, programs, tile_start, tile_end, tile_block,
@@ -69,15 +57,6 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
     return mass
-
-
-def _uniform_block(q_offsets: np.ndarray, kv_offsets: np.ndarray) -> int | None:
-    """The one block size of both sides (a shorter last block allowed), if there is one."""
-    sizes = [np.diff(q_offsets), np.diff(kv_offsets)]
-    block = int(sizes[0][0])
-    if all((s[:-1] == block).all() and s[-1] <= block for s in sizes):
-        return block
-    return None
 
 
 def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray):

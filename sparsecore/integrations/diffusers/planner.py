@@ -139,7 +139,10 @@ class Planner:
                 return out
             return self.stats.time(plan.record, query, dense)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-        return self.stats.time(plan.record, query, lambda: plan.kernel(q, k, v)).transpose(1, 2)
+        out = self.stats.time(plan.record, query, lambda: plan.kernel(q, k, v)).transpose(1, 2)
+        if fresh:
+            plan.record.ran(plan.mask, plan.kernel)
+        return out
 
     def _plan(self, layer: int, geometry: VideoGeometry, step: int, run: int, heads: int, shard: HeadShard | None,
               query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> LayerPlan:
@@ -164,8 +167,7 @@ class Planner:
         if action.dense:                       # a mask planned at a dense step serves the steps after it
             self._prepare(run_mask, query, key, value)
         elif not (plan.mask.on_host and plan.mask.density() >= 1.0):     # a full mask runs the model's path
-            plan.kernel = record.kernel = sparsecore.compile(run_mask, device=self.device, backend=self.backend)
-            record.mask = plan.mask
+            plan.kernel = sparsecore.compile(run_mask, device=self.device, backend=self.backend)
         return plan
 
     def _prepare(self, mask: BlockMask, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:

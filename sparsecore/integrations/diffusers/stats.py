@@ -1,7 +1,9 @@
 """Per (run, layer, step, geometry) statistics of a handle: what ran, how often, how long.
 
 Values that need the device (a device mask's density, event timings) are read when
-:meth:`Stats.rows` is called, never on the attention path. With timing on, each plan's host
+:meth:`Stats.rows` is called, never on the attention path. Records keep a mask's kept-pair
+count (a scalar on its device) and the kernel's backend name, never the mask or the kernel:
+a generation's records must not hold every step's lists and plans. With timing on, each plan's host
 time is measured too (``plan_ms``: from the processor's call to a kernel that only has to
 launch; the device is synchronized first, so earlier layers' work is not counted).
 """
@@ -23,13 +25,20 @@ from sparsecore.timing import Stopwatch, synchronize
 
 @dataclass
 class Record:
-    """One (run, layer, step, geometry): its fields, the mask it ran (None: dense) and the kernel."""
+    """One (run, layer, step, geometry): its fields, what its mask kept, the backend that ran, its times."""
 
     fields: dict
-    mask: BlockMask | None = None
-    kernel: Any = None
+    kept: Any = None                 # kept token pairs (a 0-d tensor on the mask's device, or an int); None: dense
+    pairs: int = 1                   # all token pairs of the mask (heads x q_len x kv_len)
+    backend: str = "dense"
     watch: Stopwatch | None = None
     plan_seconds: float | None = None
+
+    def ran(self, mask: BlockMask, kernel: Any) -> None:
+        """Note the sparse mask this record's calls run and the kernel that ran them."""
+        self.kept = mask.kept_pairs().sum()
+        self.pairs = mask.num_heads * mask.q_len * mask.kv_len
+        self.backend = kernel.backend.name
 
 
 class Stats:
@@ -75,8 +84,8 @@ class Stats:
         out = []
         for record in self._records.values():
             row = dict(record.fields)
-            row["density"] = 1.0 if record.mask is None else record.mask.density()
-            row["backend"] = "dense" if record.kernel is None else record.kernel.backend.name
+            row["density"] = 1.0 if record.kept is None else float(record.kept) / record.pairs
+            row["backend"] = record.backend
             if record.watch is not None and record.watch.count:
                 total = record.watch.seconds * 1e3
                 row.update(ms=total / record.watch.count, ms_total=total)
