@@ -228,21 +228,21 @@ def run_dense(seq_len: int, rows: list[Row], log) -> None:
         log(f"  dense S={seq_len}: FA4 {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
 
 
-def planning_ms(mask: BlockMask) -> dict[str, float]:
-    """IR -> launch metadata time for the Triton lowering: first plan, and a cached compile() after it."""
-    from sparsecore.backends.cuda.tiling import plan_tiles
+def scheduling_ms(mask: BlockMask) -> dict[str, float]:
+    """IR -> launch metadata time for the Triton lowering: the tile schedule, and a cached compile() after it."""
+    from sparsecore.backends.cuda.tiling import schedule_tiles
     mask = mask.to("cuda")
-    plan_tiles(mask, 128, 128)                              # warm the CUDA ops
+    schedule_tiles(mask, 128, 128)                              # warm the CUDA ops
     torch.cuda.synchronize()
     start = time.perf_counter()
-    plan_tiles(mask, 128, 128)
+    schedule_tiles(mask, 128, 128)
     torch.cuda.synchronize()
     first = (time.perf_counter() - start) * 1e3
     sparsecore.compile(mask, device="cuda", backend="triton")
     start = time.perf_counter()
     sparsecore.compile(mask, device="cuda", backend="triton")
     cached = (time.perf_counter() - start) * 1e3
-    return {"plan_on_gpu_ms": first, "compile_cached_ms": cached}
+    return {"schedule_on_gpu_ms": first, "compile_cached_ms": cached}
 
 
 def selection_table(log, flashinfer: bool) -> list[dict]:
@@ -308,9 +308,9 @@ def markdown(rows: list[Row], meta: dict) -> str:
             ms = [("" if p["ms"].get(n) is None else f"{p['ms'][n]:.3f}") for n in ("triton", "fa4", "flashinfer")]
             lines.append(f"| {p['block']} | {p['density']} | {p['seq_len']} | {p['head_dim']} | {' | '.join(ms)} | "
                          f"{p['fastest']} |")
-    if meta.get("planning"):
-        lines += ["", "Planning (IR -> Triton launch metadata), 98304 tokens, 12 heads, d=0.25: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in meta["planning"].items())]
+    if meta.get("scheduling"):
+        lines += ["", "Scheduling (IR -> Triton launch metadata), 98304 tokens, 12 heads, d=0.25: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in meta["scheduling"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -338,7 +338,7 @@ def main() -> int:
             run_case(f"random 128-blocks d={density}", random_rows(HEADS, seq_len, density), rows,
                      args.sweep and seq_len == args.sizes[0], not args.no_flashinfer, log)
     if 98304 in args.sizes:
-        meta["planning"] = planning_ms(random_rows(HEADS, 98304, 0.25))
+        meta["scheduling"] = scheduling_ms(random_rows(HEADS, 98304, 0.25))
     if args.frames:
         frames = lvsa_frames(HEADS)
         run_dense(frames.q_len, rows, log)

@@ -73,7 +73,7 @@ class CompiledKernel:
         run_key = (backend.name, str(getattr(q, "device", "host")))
         run = self._runs.get(run_key)
         if run is None:
-            mask = self.mask.to_host() if backend.plans_on_host else self.mask.to(q.device)
+            mask = self.mask.to_host() if backend.lowers_from_host else self.mask.to(q.device)
             run = self._runs[run_key] = backend.lower(mask, self.device, options)
         self.backend = backend
         return run, scale

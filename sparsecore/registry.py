@@ -60,7 +60,7 @@ class Backend(ABC):
     capabilities: Capabilities
     install_hint: str = ""
     options_type: type = NoOptions
-    plans_on_host: bool = False   # lower() reads the mask's lists with NumPy (else torch, on the run device)
+    lowers_from_host: bool = False   # lower() reads the mask's lists with NumPy (else torch, on the run device)
     block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
 
     @abstractmethod
@@ -71,7 +71,7 @@ class Backend(ABC):
     def lower(self, mask: "BlockMask", device: str, options: Hashable) -> Run:
         """Plan ``mask`` for ``device`` (once) and return the function that runs it.
 
-        ``mask`` arrives on the host when :attr:`plans_on_host` is set, else with its lists on
+        ``mask`` arrives on the host when :attr:`lowers_from_host` is set, else with its lists on
         the device of the tensors it will run on (see :meth:`BlockMask.to`).
         """
 

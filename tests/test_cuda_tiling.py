@@ -1,6 +1,6 @@
-"""The CUDA lowerings' host-side planning, checked on any machine (no GPU, no triton needed).
+"""The CUDA lowerings' launch metadata, checked on any machine (no GPU, no triton needed).
 
-Triton's tile plan must cover every kept (query, key) pair exactly once and nothing
+Triton's tile schedule must cover every kept (query, key) pair exactly once and nothing
 else; FlashInfer's folded CSR must map head h of batch b to key head h // G.
 """
 
@@ -16,16 +16,16 @@ from test_block_mask_views import ANY
 
 from sparsecore import BlockMask
 from sparsecore.backends.cuda.flashinfer_backend import FoldedHeadsLaunch
-from sparsecore.backends.cuda.tiling import plan_tiles
+from sparsecore.backends.cuda.tiling import schedule_tiles
 
 
 def covered_pairs(mask: BlockMask, block_m: int, block_n: int) -> np.ndarray:
-    """Count, per (head, query, key) token pair, how often the plan's programs compute it."""
-    plan = plan_tiles(mask.to("cpu"), block_m, block_n)
-    full, p_start, p_end = (t.numpy() for t in (plan.full_start, plan.partial_start, plan.partial_end))
+    """Count, per (head, query, key) token pair, how often the schedule's programs compute it."""
+    tiles = schedule_tiles(mask.to("cpu"), block_m, block_n)
+    full, p_start, p_end = (t.numpy() for t in (tiles.full_start, tiles.partial_start, tiles.partial_end))
     assert (p_end - p_start < block_n).all() and (p_end > p_start).all(), "partial tiles are partial, not empty"
     counts = np.zeros((mask.num_heads, mask.q_len, mask.kv_len), dtype=np.int64)
-    for head, q_start, q_end, full_first, num_full, partial_first, num_partial in plan.programs.numpy():
+    for head, q_start, q_end, full_first, num_full, partial_first, num_partial in tiles.programs.numpy():
         rows = slice(q_start, min(q_end, q_start + block_m))
         for start in full[full_first:full_first + num_full]:
             counts[head, rows, start:start + block_n] += 1
@@ -43,7 +43,7 @@ def test_tiles_cover_every_kept_pair_exactly_once(mask, block_m, block_n):
 
 @given(block_masks(ANY, num_heads=2))
 def test_programs_are_ordered_longest_first(mask):
-    programs = plan_tiles(mask.to("cpu"), 32, 32).programs.numpy()
+    programs = schedule_tiles(mask.to("cpu"), 32, 32).programs.numpy()
     work = programs[:, 4] + programs[:, 6]
     assert (np.diff(work) <= 0).all()
 
@@ -52,12 +52,12 @@ def test_adjacent_blocks_merge_into_runs_so_only_run_ends_are_partial():
     # frame blocks of 39 tokens: frames 0-2 kept together form one run of 117 tokens
     offsets = np.arange(0, 39 * 6 + 1, 39)
     mask = BlockMask.from_lists([[[0, 1, 2, 5]] * 6], offsets, offsets)
-    plan = plan_tiles(mask.to("cpu"), 64, 32)
-    _, _, _, full_first, num_full, partial_first, num_partial = plan.programs[0].tolist()
+    tiles = schedule_tiles(mask.to("cpu"), 64, 32)
+    _, _, _, full_first, num_full, partial_first, num_partial = tiles.programs[0].tolist()
     assert (num_full, num_partial) == (4, 2)               # 117 = 3*32 + 21 ; 39 = 32 + 7
-    assert plan.full_start[full_first:full_first + 4].tolist() == [0, 32, 64, 195]
-    assert plan.partial_start[partial_first:partial_first + 2].tolist() == [96, 227]
-    assert plan.partial_end[partial_first:partial_first + 2].tolist() == [117, 234]
+    assert tiles.full_start[full_first:full_first + 4].tolist() == [0, 32, 64, 195]
+    assert tiles.partial_start[partial_first:partial_first + 2].tolist() == [96, 227]
+    assert tiles.partial_end[partial_first:partial_first + 2].tolist() == [117, 234]
 
 
 def test_flashinfer_fold_maps_heads_to_their_key_head_per_batch():

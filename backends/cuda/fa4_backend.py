@@ -99,7 +99,7 @@ class Fa4Backend(Backend):
     name = "fa4"
     install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
     options_type = Fa4Options
-    plans_on_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
+    lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 96, 128}))
 

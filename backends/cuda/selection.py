@@ -6,13 +6,18 @@ the mask, and ``compile`` falls back down the ranking for inputs a lowering refu
 head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and shared/ANCHORS.md):
 
 - 128-token blocks, S = 32K / 98K, d = 0.1-0.5: the ``fa4`` lowering 610-654 (= FA4's own call,
-  608-668), FlashInfer fold-heads 505-552, Triton 457-492 (H200, 2026-11-30).
-- 64-token blocks (AdaSpa), S = 98K-189K, d = 0.2: Triton 440, ``fa4`` on 64x64 tiles 397-409 (its
-  128-row tiles over pairs of blocks turn most tiles into mask tiles: 170 and below), FlashInfer
-  272 (H200, 2026-11-30); FlashInfer fails at 2,949 blocks x 12 heads (its ``max_rows``).
-- 1560-token frame blocks (LVSA, S = 188,760, d = 0.17): ``fa4`` 557 (11% of its tiles masked),
-  FlashInfer 506-529, Triton 411.
-Files: bench/results/gpu-2026-11-30-runs/fa4-check.md, bench/results/cuda-2026-11-22.md.
+  608-668), FlashInfer fold-heads 505-552, Triton 457-492 (H200, 2026-11-30). Per point of the
+  selection sweep (d = 0.1 / 0.25, D = 64 / 128): fa4 1.3-1.7x faster than Triton everywhere.
+- 64-token blocks (AdaSpa): Triton faster than fa4 at 6 of 8 points (by 1-25%; fa4 ahead by
+  1% at S = 32K, D = 128); FlashInfer 272 eff TFLOP/s against Triton's 440 and fails at 2,949
+  blocks x 12 heads (its ``max_rows``). FA4 on SM90 needs the key block to equal its tile, so
+  64-token blocks run on 64 x 64 tiles (one warpgroup) or as mask tiles.
+- 1560-token frame blocks: on LVSA's frame mask at 6x (188,760 tokens, d = 0.17) fa4 runs at
+  557 eff TFLOP/s (68 ms; 11% of its tiles masked), FlashInfer 506-529, Triton 411. On random
+  frame rows fa4 wins at D = 64 (by 18-38%) and ties Triton at D = 128 (within 5% either way).
+- Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton.
+Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
+bench/results/cuda-2026-11-22.md.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ lists, each in row order, so no sort is needed.
 Programs are ordered by descending work (longest-processing-time first), so the rows
 of unequal length that head-adaptive masks produce finish together.
 
-The plan is computed with torch ops on the device that holds the mask's lists (a
-98K-token, 12-head mask has millions of tiles: a GPU plans it in about a millisecond),
-and on CPU for tests. The sizes of the tile lists depend on the lists' values, so the
-plan reads three numbers back to the host, once; every other size follows from the
+The schedule is computed with torch ops on the device that holds the mask's lists (a
+98K-token, 12-head mask has millions of tiles: a GPU builds it in about a millisecond),
+and on CPU for tests. The sizes of the tile lists depend on the lists' values, so
+scheduling reads three numbers back to the host, once; every other size follows from the
 block boundaries, which are on the host.
 """
 
@@ -34,7 +34,7 @@ PROGRAM_FIELDS = ("head", "q_start", "q_end", "full_first", "num_full", "partial
 
 
 @dataclass(frozen=True)
-class TilePlan:
+class TileSchedule:
     """Launch metadata, int32 tensors on one device.
 
     ``programs [P, 7]``: per program, the fields of :data:`PROGRAM_FIELDS`: the query
@@ -57,10 +57,10 @@ class TilePlan:
         return self.programs.shape[0]
 
 
-def plan_tiles(mask: BlockMask, block_m: int, block_n: int) -> TilePlan:
-    """The tile plan of ``mask`` (lists on the device that will run it) for tiles of ``block_m`` x ``block_n``."""
+def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
+    """The tile schedule of ``mask`` (lists on the device that will run it) for tiles of ``block_m`` x ``block_n``."""
     if mask.on_host:
-        raise ValueError("mask: plan_tiles needs the lists on the run device (mask.to(device)), got a host mask")
+        raise ValueError("mask: schedule_tiles needs the lists on the run device (mask.to(device)), got a host mask")
     device = mask.device
     indices = mask.indices.long()
     kv_offsets = on_device(mask.kv_offsets, device)
@@ -98,7 +98,7 @@ def plan_tiles(mask: BlockMask, block_m: int, block_n: int) -> TilePlan:
     num_partial = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, has_partial.long())
     programs = _programs(mask, block_m, num_full, num_partial)
     to32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return TilePlan(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
+    return TileSchedule(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
 
 
 def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial: torch.Tensor) -> torch.Tensor:

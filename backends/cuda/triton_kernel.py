@@ -1,4 +1,4 @@
-"""Triton block-sparse FlashAttention forward over a :class:`~.tiling.TilePlan`.
+"""Triton block-sparse FlashAttention forward over a :class:`~.tiling.TileSchedule`.
 
 One program computes one query tile of one head: it loads the tile's queries once,
 walks the key tiles listed for its row with the online softmax of FlashAttention-2

@@ -1,4 +1,4 @@
-"""Host side of the Triton lowering: pick the tile config, plan once per config, launch."""
+"""Host side of the Triton lowering: pick the tile config, schedule the tiles once per config, launch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from sparsecore.ir import BlockMask
 
-from .tiling import TilePlan, plan_tiles
+from .tiling import TileSchedule, schedule_tiles
 from .triton_config import TritonConfig, TritonOptions, default_config
 from .triton_kernel import LOG2E, block_sparse_attention_fwd
 
@@ -19,7 +19,7 @@ class TritonLaunch:
     def __init__(self, mask: BlockMask, options: TritonOptions) -> None:
         self.mask = mask
         self.options = options
-        self._plans: dict[tuple, TilePlan] = {}
+        self._schedules: dict[tuple, TileSchedule] = {}
         self.last_compiled = None  # Triton's compiled kernel of the last launch: n_regs, n_spills, metadata.shared
 
     def config(self, q: torch.Tensor) -> TritonConfig:
@@ -28,16 +28,16 @@ class TritonLaunch:
         overrides = {k: v for k, v in vars(self.options).items() if v is not None}
         return replace(config, **overrides)
 
-    def plan(self, config: TritonConfig) -> TilePlan:
-        """The tile plan for this config (built on the mask's device on first use, then cached)."""
+    def schedule(self, config: TritonConfig) -> TileSchedule:
+        """The tile schedule for this config (built on the mask's device on first use, then cached)."""
         key = (config.block_m, config.block_n)
-        if key not in self._plans:
-            self._plans[key] = plan_tiles(self.mask, config.block_m, config.block_n)
-        return self._plans[key]
+        if key not in self._schedules:
+            self._schedules[key] = schedule_tiles(self.mask, config.block_m, config.block_n)
+        return self._schedules[key]
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Build the tile plan a call with ``q`` would use."""
-        self.plan(self.config(q))
+        """Build the tile schedule a call with ``q`` would use."""
+        self.schedule(self.config(q))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -45,15 +45,15 @@ class TritonLaunch:
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads, kv_len = k.shape[1], k.shape[2]
         config = self.config(q)
-        plan = self.plan(config)
+        tiles = self.schedule(config)
         out = torch.empty_like(q)
         lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else out
         descs = _descriptors(q, k, v, config) if config.use_tma else (q, k, v)
-        grid = (max(plan.num_programs, 1), batch)
-        if plan.num_programs == 0:
+        grid = (max(tiles.num_programs, 1), batch)
+        if tiles.num_programs == 0:
             return out.zero_(), (lse.fill_(-torch.inf) if return_lse else None)
         self.last_compiled = block_sparse_attention_fwd[grid](
-            q, k, v, out, lse, *descs, plan.programs, plan.full_start, plan.partial_start, plan.partial_end,
+            q, k, v, out, lse, *descs, tiles.programs, tiles.full_start, tiles.partial_start, tiles.partial_end,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),

@@ -77,7 +77,7 @@ class NpuBackend(Backend):
                                 dtypes=frozenset({"float16", "bfloat16", "float32"}),
                                 head_dims=frozenset(BLOCK_SPARSE_HEAD_DIMS), max_heads=MAX_HEADS)
     install_hint = loader.INSTALL_HINT
-    plans_on_host = True
+    lowers_from_host = True
     options_type = NpuOptions
 
     def unavailable_reason(self, device: str) -> str | None:

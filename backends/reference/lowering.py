@@ -21,7 +21,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     capabilities = Capabilities(devices=("reference",), array_type="numpy", dtypes=frozenset({"float32", "float64"}))
     install_hint = "needs only numpy"
-    plans_on_host = True
+    lowers_from_host = True
 
     def unavailable_reason(self, device: str) -> str | None:
         return None
