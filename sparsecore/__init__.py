@@ -5,6 +5,13 @@
     kernel = sparsecore.compile(mask, device="cuda")
     out, lse = kernel(q, k, v, return_lse=True)
 
+This folder holds the compile API (``kernel``), the backend registry and capabilities,
+the one attention-input check (``inputs``), the one device timer (``timing``), the block-mass
+search (``search``), video geometry, synthetic workloads, fidelity metrics, the CLI and the
+demo; ``methods/`` and ``integrations/`` below it. Modules here import ``sparsecore.ir`` and
+each other, never an integration; backends are reached only through the registry. The
+architecture, with a picture of the data flow: docs/architecture.md.
+
 The package is three folders of the repository (see pyproject.toml): ``sparsecore/``,
 ``ir/`` (imported as ``sparsecore.ir``) and ``backends/`` (``sparsecore.backends``). An
 install maps them into one tree; in a source checkout, the lines below let

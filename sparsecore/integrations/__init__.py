@@ -1,10 +1,11 @@
-"""Integrations of sparsecore into model libraries; each submodule imports its library only when used.
+"""Integrations of sparsecore into model libraries; each subpackage imports its library only when used.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda")
 
-``sparsecore.integrations.diffusers`` needs diffusers 0.42 (``pip install 'sparsecore[diffusers]'``).
-Importing this package imports no model library.
+``sparsecore.integrations.diffusers`` needs diffusers 0.42 (``pip install ".[diffusers]"`` from a
+checkout). Importing this package imports no model library. An integration may import everything
+in sparsecore; nothing in sparsecore imports an integration.
 """
 
 from __future__ import annotations
