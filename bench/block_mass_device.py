@@ -8,7 +8,8 @@
 2. Time at the Wan 2.1 1x shape (21x30x52 = 32760 tokens, 12 heads, head_dim 128,
    bf16 inputs, blocks of 64): the fused search (LSE computed, both passes), the
    LSE-cached search (pass 2 only), and torch SDPA dense attention for scale.
-3. The planners on device tensors at that shape: AdaSpa (search + selection) and PASA.
+3. The planners on device tensors at that shape: AdaSpa (search + selection) and PASA
+   (bench/planning_benchmark.py times them per layer, with the kernels' preparation).
 
 Writes ``block_mass_<device>.json`` to ``--out``.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,24 +28,14 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import adaspa, pasa
-from sparsecore.search import block_mass, block_mass_impls
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from sparsecore.search import block_mass, block_mass_ops
+from sparsecore.timing import median_seconds
 
 
 def timed(fn, device: str, repeats: int = 3) -> tuple[object, float]:
+    """(the result of one call, the median seconds of ``repeats`` more after it)."""
     result = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
+    return result, median_seconds(fn, device, warmup=0, repeats=repeats)
 
 
 def reference_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray) -> np.ndarray:
@@ -108,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = args.device
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
-              "torch": torch.__version__, "impls": sorted(i.name for i in block_mass_impls().values()),
+              "torch": torch.__version__, "impls": sorted(block_mass_ops()),
               "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     report["accuracy"] = accuracy(device)

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the CUDA lowerings (issue 3), dense cuDNN beside every mask.
+"""pytest-benchmark suite for the CUDA lowerings, dense cuDNN beside every mask.
 
     pytest bench/test_bench_cuda.py --benchmark-enable
 
@@ -16,10 +16,11 @@ import torch
 
 import sparsecore
 from cuda_cases import random_rows
+from sparsecore.timing import synchronize
 
 HEADS, HEAD_DIM, SEQ = 12, 128, 32768
 DENSITIES = [0.1, 0.25, 0.5]
-KERNELS = ["cudnn-dense", "default", "triton", "flashinfer"]
+KERNELS = ["cudnn-dense", "default", "fa4", "triton", "flashinfer"]
 
 
 def _skip_reason(kind: str) -> str | None:
@@ -52,7 +53,7 @@ def test_cuda_attention_speed(benchmark, density, kind):
 
     def timed():
         out = fn()
-        torch.cuda.synchronize()
+        synchronize("cuda")
         return out
     benchmark.group = f"S{SEQ}-d{density}"
     out = benchmark.pedantic(timed, rounds=20, warmup_rounds=3)
