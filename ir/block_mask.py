@@ -78,8 +78,7 @@ class BlockMask:
         num_heads = v.check_int(self.num_heads, "num_heads", minimum=1)
         q_offsets = v.integer_array(self.q_offsets, "q_offsets", ndim=1, dtype=np.int64)
         kv_offsets = v.integer_array(self.kv_offsets, "kv_offsets", ndim=1, dtype=np.int64)
-        v.check_offsets(q_offsets, "q_offsets")
-        v.check_offsets(kv_offsets, "kv_offsets")
+        v.check_extent(num_heads, q_offsets, kv_offsets)   # boundaries, and sizes whose pair counts fit int64
         num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
         if csr.is_tensor(self.indptr) or csr.is_tensor(self.indices):
             indptr, indices, budgets = v.check_device_lists(self.indptr, self.indices, self.budgets, num_heads,
@@ -113,6 +112,7 @@ class BlockMask:
         set_ = object.__setattr__
         offsets = [v.integer_array(o, name, ndim=1, dtype=np.int64) for o, name in
                    ((q_offsets, "q_offsets"), (kv_offsets, "kv_offsets"))]
+        v.check_extent(v.check_int(num_heads, "num_heads", minimum=1), *offsets)
         for name, value in (("num_heads", num_heads), ("q_offsets", offsets[0]), ("kv_offsets", offsets[1]),
                             ("indptr", indptr), ("indices", indices), ("budgets", budgets),
                             ("meta", v.freeze_meta(meta)), ("unselected", unselected)):
@@ -132,7 +132,7 @@ class BlockMask:
     def to(self, device: Any) -> "BlockMask":
         """This mask with its lists as torch tensors on ``device`` (memoized: a host mask uploads once)."""
         import torch
-        device = torch.device(device)
+        device = v.torch_device(device)
         if device.type != "cpu" and device.index is None:
             device = torch.device(device.type, getattr(torch, device.type).current_device())
         if self.device == device:
@@ -320,8 +320,11 @@ class BlockMask:
                                    self.budgets[idx], self.meta, self.unselected)
 
     def with_trailing_block(self, length: int, meta: Mapping[str, Any] | None = None) -> "BlockMask":
-        """This mask extended to ``length`` tokens on both sides by one block that no row lists and whose own
-        rows are empty (e.g. text padding: output 0 there, as a fully masked row gets)."""
+        """This mask extended to ``length`` tokens by one unlisted block with empty rows (padding: output 0)."""
+        if self.unselected.kind != "drop":
+            raise ValueError(f"unselected: with_trailing_block expected a mask that drops unlisted blocks, got "
+                             f"{str(self.unselected)!r} (the trailing block would enter every row's approximation); "
+                             f"run the mask on its {self.q_len} tokens and write 0 to the rest")
         length = v.check_int(length, "length", max(self.q_len, self.kv_len) + 1)
         if self.on_host:
             indptr = v.frozen(np.concatenate([self.indptr, self.indptr[:, -1:]], axis=1))
@@ -383,15 +386,15 @@ class BlockMask:
     def render(self, path: str | Path, heads: Sequence[int] | None = None) -> Path:
         """Write a PNG of the per-head block maps (needs matplotlib); returns the path."""
         from .draw import render_png
-        return render_png(self.to_host(), Path(path), heads)
+        return render_png(self.to_host(), path, heads)
 
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file (no pickle; a device mask is copied to the host); returns the path."""
         from .serialization import save
-        return save(self.to_host(), Path(path))
+        return save(self.to_host(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> "BlockMask":
         """Read a mask written by :meth:`save` (a host mask); any bad file raises ``ValueError``."""
         from .serialization import load
-        return load(Path(path))
+        return load(path)

@@ -1,11 +1,16 @@
 """Named constructors of the IR: from a dense block map, from per-row lists, the full mask.
 
 They turn convenient forms into the canonical CSR (:mod:`.csr`) and hand it to
-:class:`~.block_mask.BlockMask`, which validates it.
+:class:`~.block_mask.BlockMask`, which validates it. Each checks its arguments' types,
+shapes and claimed sizes before building anything in proportion to them, and takes
+key-block ids as they are: an id must be an int (``0.7``, ``True``, ``"1"`` and a dict's
+keys are refused, not converted).
 """
 
 from __future__ import annotations
 
+import itertools
+import numbers
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -13,6 +18,15 @@ import numpy as np
 from . import csr
 from . import validation as v
 from .block_mask import BlockMask
+
+
+def _uniform_shape(num_heads: int, q_len: Any, kv_len: Any, q_block: Any, kv_block: Any) -> tuple[int, int, int, int]:
+    """Checked ``(q_len, kv_len, q_block, kv_block)`` whose token pairs fit the IR (nothing allocated)."""
+    q_len, kv_len = v.check_int(q_len, "q_len", minimum=1), v.check_int(kv_len, "kv_len", minimum=1)
+    q_block = v.check_int(q_block, "q_block", minimum=1)
+    kv_block = q_block if kv_block is None else v.check_int(kv_block, "kv_block", minimum=1)
+    v.check_pairs(num_heads, q_len, kv_len)
+    return q_len, kv_len, q_block, kv_block
 
 
 def from_dense(mask: Any, q_len: int, kv_len: int, q_block: int, kv_block: int | None = None, *,
@@ -29,46 +43,102 @@ def from_dense(mask: Any, q_len: int, kv_len: int, q_block: int, kv_block: int |
                         f"(use mask.astype(bool) if 1 means keep)")
     if dense.ndim != 3:
         raise ValueError(f"mask: expected 3 dimensions [H, MB, NB], got shape {list(dense.shape)}")
-    q_offsets = BlockMask.uniform_offsets(q_len, q_block)
-    kv_offsets = BlockMask.uniform_offsets(kv_len, q_block if kv_block is None else kv_block)
-    expected = (len(q_offsets) - 1, len(kv_offsets) - 1)
-    if tuple(dense.shape[1:]) != expected:
+    if dense.shape[0] < 1:
+        raise ValueError(f"mask: expected at least one head, got shape {list(dense.shape)}")
+    q_len, kv_len, q_block, kv_block = _uniform_shape(dense.shape[0], q_len, kv_len, q_block, kv_block)
+    expected = (-(-q_len // q_block), -(-kv_len // kv_block))
+    if tuple(dense.shape[1:]) != expected:           # checked before the offsets are built: they are this large
         raise ValueError(f"mask: expected shape [H, {expected[0]}, {expected[1]}] for q_len={q_len}, "
                          f"kv_len={kv_len} and these block sizes, got {list(dense.shape)}")
+    q_offsets = BlockMask.uniform_offsets(q_len, q_block)
+    kv_offsets = BlockMask.uniform_offsets(kv_len, kv_block)
     indptr, indices = csr.from_block_map(dense)
     return BlockMask(dense.shape[0], q_offsets, kv_offsets, indptr, indices, budgets, meta)
 
 
 def from_lists(lists: Sequence[Sequence[Iterable[int]]], q_offsets: Any, kv_offsets: Any, *,
                budgets: Any = None, meta: Mapping[str, Any] | None = None) -> BlockMask:
-    """Build from ``lists[h][i]``: an iterable of key-block ids for head h, query block i.
+    """Build from ``lists[h][i]``: an iterable of key-block ids (ints) for head h, query block i.
 
     Rows are sorted here (their order carries no meaning); a repeated id raises.
     """
-    q_offsets = v.as_numpy(q_offsets, "q_offsets")
-    num_q_blocks = len(q_offsets) - 1
+    q_offsets = v.integer_array(q_offsets, "q_offsets", ndim=1, dtype=np.int64)
+    kv_offsets = v.integer_array(kv_offsets, "kv_offsets", ndim=1, dtype=np.int64)
+    v.check_offsets(q_offsets, "q_offsets")
+    v.check_offsets(kv_offsets, "kv_offsets")
+    num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
+    heads = _sequence(lists, "lists", "one list of rows per head")
+    if not heads:
+        raise ValueError("lists: expected at least one head (a list of one id list per query block), got none")
+    v.check_pairs(len(heads), int(q_offsets[-1]), int(kv_offsets[-1]))
     rows: list[np.ndarray] = []
-    for h, head in enumerate(lists):
-        head = list(head)
+    for h, head in enumerate(heads):
+        head = _sequence(head, f"lists[{h}]", f"one id list per query block ({num_q_blocks})")
         if len(head) != num_q_blocks:
             raise ValueError(f"lists[{h}]: expected one list per query block ({num_q_blocks}), got {len(head)}")
         for i, row in enumerate(head):
-            ids = np.sort(v.as_numpy(list(row), f"lists[{h}][{i}]").astype(np.int64).ravel())
-            if ids.size > 1 and (np.diff(ids) == 0).any():
-                raise ValueError(f"lists[{h}][{i}]: key block {ids[np.argmax(np.diff(ids) == 0)]} "
-                                 f"is listed twice; each block may appear once per row")
-            rows.append(ids)
-    num_heads = len(rows) // num_q_blocks if num_q_blocks else 0
-    counts = np.array([len(r) for r in rows], dtype=np.int64).reshape(num_heads, num_q_blocks)
+            rows.append(_row_ids(row, f"lists[{h}][{i}]", num_kv_blocks, int(kv_offsets[-1])))
+    counts = np.array([len(r) for r in rows], dtype=np.int64).reshape(len(heads), num_q_blocks)
+    if int(counts.sum()) > v.INDEX_LIMIT:
+        raise ValueError(f"lists: {int(counts.sum()):,} key-block ids in all, more than the int32 index limit "
+                         f"{v.INDEX_LIMIT:,}; use larger blocks")
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return BlockMask(num_heads, q_offsets, kv_offsets, csr.indptr_from_counts(counts), indices, budgets, meta)
+    return BlockMask(len(heads), q_offsets, kv_offsets, csr.indptr_from_counts(counts), indices, budgets, meta)
+
+
+def _sequence(value: Any, field: str, what: str) -> list:
+    """``value`` as a list, refusing what would be read as something else (a str, a dict, a scalar)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) or \
+            (isinstance(value, np.ndarray) and value.ndim == 0):
+        raise TypeError(f"{field}: expected a sequence ({what}), got {type(value).__name__} {_short(value)}")
+    return list(value)
+
+
+def _row_ids(row: Any, field: str, num_kv_blocks: int, kv_len: int) -> np.ndarray:
+    """One row's key-block ids as sorted int64, each an int in ``0..num_kv_blocks - 1``, each once."""
+    if csr.is_tensor(row) or isinstance(row, np.ndarray):
+        ids = v.as_numpy(row, field)
+        if ids.ndim != 1 or ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{field}: expected a 1-D array of int key-block ids, got dtype {ids.dtype} of shape "
+                            f"{list(ids.shape)}")
+        bad = (ids < 0) | (ids >= num_kv_blocks)
+        if bad.any():
+            raise ValueError(f"{field}: key block {ids[np.argmax(bad)]} is out of range: key blocks are "
+                             f"0..{num_kv_blocks - 1} (kv_len={kv_len}, {num_kv_blocks} blocks)")
+        ids = np.sort(ids.astype(np.int64))
+    else:
+        if isinstance(row, (str, bytes, Mapping)) or not isinstance(row, Iterable):
+            raise TypeError(f"{field}: expected an iterable of int key-block ids, got {type(row).__name__} "
+                            f"{_short(row)}")
+        items = list(itertools.islice(row, num_kv_blocks + 1))    # more ids than blocks cannot be valid
+        for position, item in enumerate(items):
+            if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Integral):
+                raise TypeError(f"{field}[{position}]: expected an int key-block id, got {type(item).__name__} "
+                                f"{_short(item)}")
+            if not 0 <= item < num_kv_blocks:
+                raise ValueError(f"{field}: key block {item} is out of range: key blocks are 0..{num_kv_blocks - 1} "
+                                 f"(kv_len={kv_len}, {num_kv_blocks} blocks)")
+        ids = np.sort(np.array(items, dtype=np.int64))
+    if ids.size > 1 and (np.diff(ids) == 0).any():
+        raise ValueError(f"{field}: key block {ids[np.argmax(np.diff(ids) == 0)]} "
+                         f"is listed twice; each block may appear once per row")
+    return ids
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def full(num_heads: int, q_len: int, kv_len: int, q_block: int, kv_block: int | None = None, *,
          meta: Mapping[str, Any] | None = None) -> BlockMask:
     """The dense mask: every query block keeps every key block."""
-    q_offsets = BlockMask.uniform_offsets(q_len, q_block)
-    kv_offsets = BlockMask.uniform_offsets(kv_len, q_block if kv_block is None else kv_block)
-    mb, nb = len(q_offsets) - 1, len(kv_offsets) - 1
-    dense = np.ones((v.check_int(num_heads, "num_heads", minimum=1), mb, nb), dtype=bool)
+    num_heads = v.check_int(num_heads, "num_heads", minimum=1)
+    q_len, kv_len, q_block, kv_block = _uniform_shape(num_heads, q_len, kv_len, q_block, kv_block)
+    mb, nb = -(-q_len // q_block), -(-kv_len // kv_block)
+    if num_heads * mb * nb > v.INDEX_LIMIT:                   # checked before the block map is built
+        raise ValueError(f"q_block, kv_block: the full mask of {num_heads} heads x {mb:,} x {nb:,} blocks keeps "
+                         f"{num_heads * mb * nb:,} blocks, more than the int32 index limit {v.INDEX_LIMIT:,}; use "
+                         f"larger blocks")
+    dense = np.ones((num_heads, mb, nb), dtype=bool)
     return from_dense(dense, q_len, kv_len, q_block, kv_block, meta=meta)

@@ -11,16 +11,18 @@ with a ``ValueError`` before any large allocation.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from .unselected import Unselected
-from .validation import meta_to_json
+from .validation import as_path, meta_to_json
 
 if TYPE_CHECKING:
     from .block_mask import BlockMask
@@ -41,7 +43,8 @@ TENSORS = {
 }
 
 
-def save(mask: "BlockMask", path: Path) -> Path:
+def save(mask: "BlockMask", path: Any) -> Path:
+    path = as_path(path)
     header: dict[str, Any] = {"__metadata__": {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -63,59 +66,100 @@ def save(mask: "BlockMask", path: Path) -> Path:
     return path
 
 
-def load(path: Path) -> "BlockMask":
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ValueError(f"{path}: file is {size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask may take")
-    return from_bytes(path.read_bytes(), str(path))
+def load(path: Any) -> "BlockMask":
+    """Read a mask file: its 8-byte length and header first, checked, then exactly the data they describe."""
+    path = as_path(path)
+    try:
+        info = path.stat()
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: cannot read a mask file here ({type(err).__name__}: {err.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path}: is a directory, not a mask file; pass the path of a file written by "
+                         f"BlockMask.save (e.g. {path / 'mask.safetensors'})")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file (a device, pipe or socket); pass a file written by "
+                         f"BlockMask.save")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: file is {info.st_size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask may take")
+    try:
+        with open(path, "rb") as file:
+            return _read(file, info.st_size, str(path))
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a mask file") from None
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> "BlockMask":
     """Parse a mask file's bytes; every defect raises ``ValueError`` naming ``source``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data: expected the bytes of a mask file, got {type(data).__name__}")
+    return _read(io.BytesIO(data), len(data), source)
+
+
+def _read(file: BinaryIO, size: int, source: str) -> "BlockMask":
     from .block_mask import BlockMask
 
     def bad(reason: str) -> ValueError:
         return ValueError(f"{source}: not a valid sparsecore mask file: {reason}")
 
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes, too short for the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise bad(f"declared header length {header_len:,} does not fit (file has {len(data):,} bytes, "
+    if size < 8:
+        raise bad(f"{size} bytes, too short for the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", file.read(8))
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise bad(f"declared header length {header_len:,} does not fit (file has {size:,} bytes, "
                   f"limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupted")
-    header = _parse_json(data[8:8 + header_len], "header", bad)
+    header = _parse_json(_read_exactly(file, header_len, bad), "header", bad)
     if not isinstance(header, dict):
         raise bad(f"header must be a JSON object, got {type(header).__name__}")
     expected_keys = {"__metadata__", *TENSORS}
     if set(header) != expected_keys:
-        raise bad(f"header keys must be {sorted(expected_keys)}, got {sorted(map(str, header))}")
+        raise bad(f"header keys must be {sorted(expected_keys)}, got {sorted(map(str, header))[:12]}")
     meta_fields = _check_metadata(header["__metadata__"], bad)
-
-    buffer = memoryview(data)[8 + header_len:]
-    arrays = {}
-    spans = []
-    for name, (st_dtype, np_dtype, ndim) in TENSORS.items():
-        arrays[name], span = _read_tensor(name, header[name], st_dtype, np_dtype, ndim, buffer, bad)
-        spans.append(span)
-    _check_coverage(spans, len(buffer), bad)
-
-    try:
-        num_heads = int(meta_fields["num_heads"])
-    except ValueError:
-        raise bad(f"__metadata__.num_heads must be an integer string, got {meta_fields['num_heads']!r}") from None
+    data_size = size - 8 - header_len
+    spans = {name: _span(name, header[name], st_dtype, np_dtype, ndim, data_size, bad)
+             for name, (st_dtype, np_dtype, ndim) in TENSORS.items()}
+    _check_coverage(list(spans.values()), data_size, bad)
+    num_heads = meta_fields["num_heads"]
+    if not (num_heads.isascii() and num_heads.isdigit() and len(num_heads) <= 9 and num_heads[0] != "0"):
+        raise bad(f"__metadata__.num_heads must be an integer string (a positive decimal), got {num_heads[:40]!r}")
     meta = _parse_json(meta_fields["meta"].encode(), "__metadata__.meta", bad)
+
+    buffer = memoryview(_read_exactly(file, data_size, bad))   # only now: the header says what the bytes are
+    arrays = {name: np.frombuffer(buffer[begin:end], dtype=TENSORS[name][1]).reshape(header[name]["shape"])
+              for name, (begin, end) in spans.items()}
     try:
         unselected = Unselected.parse(meta_fields.get("unselected", "drop"))
-        return BlockMask(num_heads, arrays["q_offsets"], arrays["kv_offsets"], arrays["indptr"], arrays["indices"],
-                         arrays["budgets"], meta, unselected)
+        return BlockMask(int(num_heads), arrays["q_offsets"], arrays["kv_offsets"], arrays["indptr"],
+                         arrays["indices"], arrays["budgets"], meta, unselected)
     except (TypeError, ValueError) as err:
         raise bad(f"the arrays do not form a valid mask: {err}") from None
 
 
+def _read_exactly(file: BinaryIO, count: int, bad) -> bytes:
+    data = file.read(count)
+    if len(data) != count:
+        raise bad(f"expected {count:,} more bytes, got {len(data):,} (the file changed while being read)")
+    return data
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice (``json.loads`` alone would keep the last value silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
 def _parse_json(raw: bytes, what: str, bad) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise bad(f"{what} has the key {str(err)[:40]!r} twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:   # JSONDecodeError, int digit limits
         raise bad(f"{what} is not valid UTF-8 JSON ({type(err).__name__}: {str(err)[:80]})") from None
 
 
@@ -135,11 +179,12 @@ def _check_metadata(metadata: Any, bad) -> dict[str, str]:
     return metadata
 
 
-def _read_tensor(name: str, entry: Any, st_dtype: str, np_dtype: str, ndim: int, buffer: memoryview, bad):
+def _span(name: str, entry: Any, st_dtype: str, np_dtype: str, ndim: int, data_size: int, bad) -> tuple[int, int]:
+    """The byte range of tensor ``name`` in the data, checked against its dtype and shape (no data read)."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise bad(f"{name}: entry must have exactly dtype, shape, data_offsets")
     if entry["dtype"] != st_dtype:
-        raise bad(f"{name}: dtype must be {st_dtype}, got {entry['dtype']!r}")
+        raise bad(f"{name}: dtype must be {st_dtype}, got {str(entry['dtype'])[:20]!r}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and len(shape) == ndim and all(_is_count(s) for s in shape)):
         raise bad(f"{name}: shape must be a list of {ndim} non-negative integers, got {str(shape)[:80]}")
@@ -147,11 +192,10 @@ def _read_tensor(name: str, entry: Any, st_dtype: str, np_dtype: str, ndim: int,
         raise bad(f"{name}: data_offsets must be [begin, end] non-negative integers, got {str(offsets)[:80]}")
     begin, end = offsets
     nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
-    if end < begin or end - begin != nbytes or end > len(buffer):
-        raise bad(f"{name}: data_offsets {offsets} do not hold shape {shape} of {st_dtype} ({nbytes:,} bytes) "
-                  f"inside a {len(buffer):,}-byte buffer")
-    array = np.frombuffer(buffer[begin:end], dtype=np_dtype).reshape(shape)
-    return array, (begin, end)
+    if end < begin or end - begin != nbytes or end > data_size:
+        raise bad(f"{name}: data_offsets {str(offsets)[:60]} do not hold shape {str(shape)[:60]} of {st_dtype} "
+                  f"({nbytes:.4g} bytes) inside a {data_size:,}-byte buffer")
+    return begin, end
 
 
 def _is_count(value: Any) -> bool:

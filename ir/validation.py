@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -25,6 +27,8 @@ import numpy as np
 from .csr import is_tensor
 
 INDEX_LIMIT = np.iinfo(np.int32).max  # indptr/indices are int32 by contract
+PAIR_LIMIT = 1 << 62                   # num_heads * q_len * kv_len: kept-pair counts are int64 with headroom
+META_DEPTH = 32                        # nesting levels allowed in ``meta``
 
 
 def as_numpy(value: Any, field: str) -> np.ndarray:
@@ -35,6 +39,30 @@ def as_numpy(value: Any, field: str) -> np.ndarray:
         return np.asarray(value)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{field}: expected an array-like of integers, got {type(value).__name__} ({err})") from None
+
+
+def as_path(value: Any, field: str = "path") -> Path:
+    """A file path from a str or ``os.PathLike`` (not bytes, not a number), without a NUL character."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        raise TypeError(f"{field}: expected a str or pathlib.Path, got {type(value).__name__}")
+    path = Path(value)
+    if "\x00" in str(path):
+        raise ValueError(f"{field}: expected a file path, got one with a NUL character: {str(path)[:60]!r}")
+    return path
+
+
+def torch_device(value: Any, field: str = "device") -> Any:
+    """A ``torch.device`` from a device string or device (not an int, which torch would read as a CUDA index)."""
+    import torch
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{field}: expected a device string such as 'cpu' or 'cuda:0' (or a torch.device), got "
+                        f"{type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError as err:
+        raise ValueError(f"{field}: {value[:40]!r} is not a torch device ({str(err)[:120]})") from None
 
 
 def check_int(value: Any, field: str, minimum: int = 1) -> int:
@@ -54,6 +82,8 @@ def integer_array(value: Any, field: str, *, ndim: int, dtype: type) -> np.ndarr
             arr = arr.astype(dtype)
         else:
             raise TypeError(f"{field}: expected an integer array, got dtype {arr.dtype}")
+    if arr.ndim == 0:
+        raise TypeError(f"{field}: expected a {ndim}-D integer array, got the scalar {type(value).__name__} {value!r}")
     if arr.ndim != ndim:
         raise ValueError(f"{field}: expected {ndim} dimension(s), got shape {tuple(arr.shape)}")
     info = np.iinfo(dtype)
@@ -72,16 +102,33 @@ def frozen(arr: np.ndarray) -> np.ndarray:
 def check_offsets(offsets: np.ndarray, field: str) -> None:
     """Block boundaries: ``[0, ..., length]``, strictly increasing, at least one block."""
     if offsets.shape[0] < 2:
-        raise ValueError(f"{field}: expected at least 2 boundaries [0, ..., length], got {offsets.tolist()}")
+        raise ValueError(f"{field}: expected at least 2 boundaries [0, ..., length], got {offsets.tolist()[:8]}")
     if offsets[0] != 0:
         raise ValueError(f"{field}[0]: expected 0 (blocks start at token 0), got {offsets[0]}")
-    steps = np.diff(offsets)
-    if (steps <= 0).any():
-        k = int(np.argmax(steps <= 0))
+    down = offsets[1:] <= offsets[:-1]          # compared, not subtracted: a difference could overflow int64
+    if down.any():
+        k = int(np.argmax(down))
         raise ValueError(
             f"{field}: boundaries must be strictly increasing, got {field}[{k}]={offsets[k]} "
             f"followed by {field}[{k + 1}]={offsets[k + 1]} (an empty or negative-size block)"
         )
+
+
+def check_extent(num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray) -> None:
+    """Both sides' boundaries, and a total size whose token-pair counts fit int64 (``H * q_len * kv_len < 2**62``)."""
+    check_offsets(q_offsets, "q_offsets")
+    check_offsets(kv_offsets, "kv_offsets")
+    check_pairs(num_heads, int(q_offsets[-1]), int(kv_offsets[-1]))
+
+
+def check_pairs(num_heads: int, q_len: int, kv_len: int) -> None:
+    """``num_heads * q_len * kv_len`` below :data:`PAIR_LIMIT` (Python ints: no overflow while checking)."""
+    pairs = int(num_heads) * int(q_len) * int(kv_len)
+    if pairs >= PAIR_LIMIT:
+        raise ValueError(f"q_offsets, kv_offsets: num_heads x q_len x kv_len = {num_heads} x {q_len} x {kv_len} = "
+                         f"{pairs:.3e} token pairs, expected fewer than 2**62 (their counts are int64); the block "
+                         f"boundaries claim a sequence no attention input can have: check q_offsets[-1] and "
+                         f"kv_offsets[-1]")
 
 
 def check_csr(indptr: np.ndarray, indices: np.ndarray, num_heads: int, num_q_blocks: int, num_kv_blocks: int,
@@ -155,12 +202,34 @@ def freeze_meta(meta: Any) -> Mapping[str, Any]:
         meta = {}
     if not isinstance(meta, Mapping):
         raise TypeError(f"meta: expected a dict, got {type(meta).__name__}")
+    _check_json(meta, "meta", 0)       # json.dumps alone would turn a key 1 into "1" and a tuple into a list
     try:
         text = json.dumps(meta, sort_keys=True, allow_nan=False, default=_thaw)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"meta: expected a JSON-serializable dict (str keys; str, number, bool, None, list, dict "
                          f"values; no NaN), got {err}") from None
     return _deep_freeze(json.loads(text))
+
+
+def _check_json(value: Any, where: str, depth: int) -> None:
+    """Every key a str, every value a JSON type (str, finite number, bool, None, list, dict); names the place."""
+    expected = ("expected a JSON-serializable dict (str keys; str, number, bool, None, list, dict values; no NaN), "
+                "got")
+    if depth > META_DEPTH:
+        raise ValueError(f"meta: {expected} values nested deeper than {META_DEPTH} levels at {where}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"meta: {expected} the key {key!r} of type {type(key).__name__} at {where} (keys "
+                                 f"are not converted: use str({key!r}))")
+            _check_json(item, f"{where}[{key!r}]", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, float) and not np.isfinite(value):
+        raise ValueError(f"meta: {expected} {value} at {where}")
+    elif value is not None and not isinstance(value, (str, bool, int, float)):
+        raise ValueError(f"meta: {expected} a {type(value).__name__} at {where}")
 
 
 def _deep_freeze(value: Any) -> Any:

@@ -2,13 +2,16 @@
 
 A self-test for a user's machine (does the kernel for my device compute the right
 thing?). It covers short last blocks, arbitrary block boundaries, empty rows,
-per-head patterns and GQA; it stops at the first mismatch.
+per-head patterns and GQA; it stops at the first mismatch. A case the backend cannot
+take (its capabilities) is reported as skipped, never as checked; a run in which no case
+ran does not pass. :func:`device_problem` says in one line why a device, backend and
+dtype cannot run here (the command line's errors, and the demo's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,8 +20,10 @@ from sparsecore.ir import BlockMask
 
 from .dense import masked_dense_attention, relative_error, to_numpy64
 from .kernel import compile
+from .registry import Backend, UnsupportedError, device_type, registered_backends
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}  # relative L2 of the output
+HEAD_DIMS = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,47 @@ class CheckResult:
     backend: str
     rel_err: float
     passed: bool
+    skipped: str | None = None     # why the backend could not take the case (then nothing was checked)
+
+
+@dataclass(frozen=True)
+class CheckSummary:
+    ran: int
+    passed: int
+    skipped: int
+
+    @property
+    def ok(self) -> bool:
+        """At least one case ran and every case that ran matched."""
+        return self.ran > 0 and self.passed == self.ran
+
+
+def device_problem(device: Any, backend: str | None = None, dtype: str | None = None) -> str | None:
+    """Why ``device`` (with ``backend`` and ``dtype`` if given) cannot run here, in one line; None when it can."""
+    try:
+        kind = device_type(device)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    backends = registered_backends()
+    if backend is not None and backend not in backends:
+        return f"backend={backend!r} is not registered; registered: {', '.join(sorted(backends))}"
+    found = [b for b in backends.values() if kind in b.capabilities.devices and backend in (None, b.name)]
+    if not found:
+        return (f"backend {backend!r} compiles for {list(backends[backend].capabilities.devices)}, not device "
+                f"{device!r}; leave the backend out to use the device's preferred one")
+    reasons = {b.name: b.unavailable_reason(device) for b in found}
+    available = [b for b in found if reasons[b.name] is None]
+    if not available:
+        why = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
+        return f"no backend can run on device {device!r} here: {why}"
+    if dtype is not None and not any(dtype in b.capabilities.dtypes for b in available):
+        takes = "; ".join(f"{b.name} takes {', '.join(sorted(b.capabilities.dtypes))}" for b in available)
+        return f"dtype {dtype!r} is not supported on device {device!r}: {takes}"
+    index = device.partition(":")[2]
+    module = getattr(torch, kind, None)
+    if index and kind != "cpu" and hasattr(module, "device_count") and int(index) >= module.device_count():
+        return f"device={device!r}: this machine has {module.device_count()} {kind} device(s), numbered from 0"
+    return None
 
 
 def random_case(rng: np.random.Generator, head_dims: tuple[int, ...]) -> tuple[BlockMask, int, int]:
@@ -49,25 +95,42 @@ def random_case(rng: np.random.Generator, head_dims: tuple[int, ...]) -> tuple[B
     return BlockMask.from_lists(rows, q_off, kv_off), kv_heads, int(rng.choice(head_dims))
 
 
+def _head_dims(device: str, backend: str | None) -> tuple[int, ...]:
+    """The head dims some backend that may run takes (so cases are not drawn only to be skipped)."""
+    kind = device_type(device)
+    chosen: list[Backend] = [b for b in registered_backends().values()
+                             if kind in b.capabilities.devices and backend in (None, b.name)]
+    dims = tuple(d for d in HEAD_DIMS if any(b.capabilities.head_dims is None or d in b.capabilities.head_dims
+                                             for b in chosen))
+    return dims[:3] or HEAD_DIMS
+
+
 def run_check(device: str, backend: str | None, cases: int, seed: int, dtype: str,
-              report: Callable[[CheckResult], None]) -> bool:
-    """Run ``cases`` random cases; returns True when all pass."""
+              report: Callable[[CheckResult], None]) -> CheckSummary:
+    """Run ``cases`` random cases; stops at the first mismatch. Cases the backend cannot take are skipped."""
     rng = np.random.default_rng(seed)
+    ran = passed = skipped = 0
     for case in range(cases):
-        mask, kv_heads, head_dim = random_case(rng, (16, 32, 64))
-        kernel = compile(mask, device=device, backend=backend)
+        mask, kv_heads, head_dim = random_case(rng, _head_dims(device, backend))
+        description = f"{mask!r}, kv_heads={kv_heads}, head_dim={head_dim}"
         shapes = [(1, mask.num_heads, mask.q_len, head_dim)] + [(1, kv_heads, mask.kv_len, head_dim)] * 2
         arrays = [rng.standard_normal(s) for s in shapes]
-        if kernel.backend.capabilities.array_type == "numpy":
-            inputs = [a.astype(dtype) for a in arrays]
-        else:
-            inputs = [torch.from_numpy(a).to(device=device, dtype=getattr(torch, dtype)) for a in arrays]
-        out = kernel(*inputs)
+        try:
+            kernel = compile(mask, device=device, backend=backend)
+            if kernel.backend.capabilities.array_type == "numpy":
+                inputs = [a.astype(dtype) for a in arrays]
+            else:
+                inputs = [torch.from_numpy(a).to(device=device, dtype=getattr(torch, dtype)) for a in arrays]
+            out = kernel(*inputs)
+        except UnsupportedError as err:            # the backend's capabilities do not cover this case
+            skipped += 1
+            report(CheckResult(case, description, backend or "-", float("nan"), False, skipped=str(err)))
+            continue
         ref, _ = masked_dense_attention(mask, *inputs, scale=head_dim ** -0.5)
         _, rel = relative_error(to_numpy64(out), ref)
-        passed = bool(np.isfinite(rel) and rel <= TOLERANCE[dtype])
-        report(CheckResult(case, f"{mask!r}, kv_heads={kv_heads}, head_dim={head_dim}", kernel.backend.name,
-                           rel, passed))
-        if not passed:
-            return False
-    return True
+        ok = bool(np.isfinite(rel) and rel <= TOLERANCE[dtype])
+        ran, passed = ran + 1, passed + ok
+        report(CheckResult(case, description, kernel.backend.name, rel, ok))
+        if not ok:
+            break
+    return CheckSummary(ran, passed, skipped)

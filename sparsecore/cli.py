@@ -1,17 +1,60 @@
-"""The ``sparsecore`` command: ``demo``, ``show MASK_FILE``, ``check --device D``."""
+"""The ``sparsecore`` command: ``demo``, ``show MASK_FILE``, ``check --device D``.
+
+Every user error (an unknown or absent device, a backend or dtype it cannot run, a bad
+number, a missing or malformed file, an unwritable output) prints one line on stderr,
+``sparsecore <command>: error: ...``, and exits 2; no traceback. ``check`` exits 1 on a
+mismatch and never reports a check it did not run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
 
 from sparsecore.ir import BlockMask
 
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+USER_ERRORS = (ValueError, TypeError, OSError)   # raised by the library on bad input; UnsupportedError included
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsecore", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+
+class UserError(Exception):
+    """A one-line complaint about the command line (printed, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 case, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..2**63-1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsecore", description="Compile block-sparse attention masks for any device.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="build masks for a small video input, compile, run, check and time them")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for mask PNGs and demo.json")
@@ -24,57 +67,99 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="compare a backend with dense attention on random masks")
     check.add_argument("--device", required=True, help="reference, cpu, cuda, npu")
     check.add_argument("--backend", default=None, help="a registered backend (default: the device's preferred one)")
-    check.add_argument("--cases", type=int, default=25)
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--dtype", default=None, help="float32 (default), float64, float16, bfloat16")
+    check.add_argument("--cases", type=_count, default=25, help="random cases to run (at least 1)")
+    check.add_argument("--seed", type=_seed, default=0)
+    check.add_argument("--dtype", default=None, choices=DTYPES, help="float32 (default; float64 on reference)")
+    return parser
 
-    args = parser.parse_args(argv)
-    return {"demo": _demo, "show": _show, "check": _check}[args.command](args)
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"demo": _demo, "show": _show, "check": _check}[args.command](args)
+    except (UserError, *USER_ERRORS) as err:
+        print(f"sparsecore {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparsecore {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 1200 else text[:1197] + "..."
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .check import device_problem
     from .demo import format_table, run_demo
+    if args.device is not None:
+        problem = device_problem(args.device)
+        if problem:
+            raise UserError(f"{problem}; leave out --device to use the best device present")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder; pass a folder for the pictures and demo.json")
     rows = run_demo(args.out, device=args.device)
     print(format_table(rows))
-    print(f"mask pictures and demo.json written to {args.out}/")
+    print(f"demo.json{'' if all(r['png'] is None for r in rows) else ' and mask pictures'} written to {args.out}/")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    try:
-        mask = BlockMask.load(args.mask_file)
-    except (OSError, ValueError) as err:
-        print(f"sparsecore show: {err}", file=sys.stderr)
-        return 2
+    from sparsecore.ir.draw import MatplotlibMissing
+    mask = BlockMask.load(args.mask_file)
     print(repr(mask))
     print(f"blocks: q {_block_summary(mask.q_block_sizes)}, kv {_block_summary(mask.kv_block_sizes)}")
-    print(f"density per head: {' '.join(f'{d:.3f}' for d in mask.density(per_head=True))}")
-    print(f"budgets per head: {' '.join(f'{b:.3f}' for b in mask.budgets)}")
-    print(f"meta: {dict(mask.meta)}")
+    print(f"density per head: {_first(f'{d:.3f}' for d in mask.density(per_head=True))}")
+    print(f"budgets per head: {_first(f'{b:.3f}' for b in mask.budgets)}")
+    meta = str(dict(mask.meta))
+    print(f"meta: {meta if len(meta) <= 400 else meta[:397] + '...'}")
     print(f"fingerprint: {mask.fingerprint()}")
-    if max(mask.num_q_blocks, mask.num_kv_blocks) <= 48:
+    if max(mask.num_q_blocks, mask.num_kv_blocks) <= 48 and mask.num_heads <= 16:
         print(mask.to_string())
-    png = mask.render(args.png or args.mask_file.with_suffix(".png"))
+    try:
+        png = mask.render(args.png or args.mask_file.with_suffix(".png"))
+    except MatplotlibMissing as err:
+        print(f"picture skipped: {err}")
+        return 0
     print(f"picture: {png}")
     return 0
 
 
+def _first(items, count: int = 16) -> str:
+    items = list(items)
+    return " ".join(items[:count]) + (f" ... ({len(items)} heads)" if len(items) > count else "")
+
+
 def _block_summary(sizes) -> str:
-    distinct = sorted(set(int(s) for s in sizes))
+    distinct = [int(s) for s in np.unique(sizes)]
     return f"{len(sizes)} blocks of sizes {distinct[:6]}{' ...' if len(distinct) > 6 else ''}"
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import run_check
+    from .check import device_problem, run_check
     dtype = args.dtype or ("float64" if args.device == "reference" else "float32")
+    problem = device_problem(args.device, args.backend, dtype)
+    if problem:
+        raise UserError(problem)
 
     def report(result) -> None:
+        if result.skipped:
+            print(f"skip case {result.case:3d}: {result.skipped}")
+            return
         status = "ok  " if result.passed else "FAIL"
         print(f"{status} case {result.case:3d} [{result.backend}] rel err {result.rel_err:.2e}  {result.description}")
 
-    passed = run_check(args.device, args.backend, args.cases, args.seed, dtype, report)
-    print("all cases match dense attention" if passed else "MISMATCH: the kernel differs from dense attention")
-    return 0 if passed else 1
+    summary = run_check(args.device, args.backend, args.cases, args.seed, dtype, report)
+    skipped = f" ({summary.skipped} more skipped: the backend cannot take them)" if summary.skipped else ""
+    if summary.ran == 0:
+        print(f"NOTHING CHECKED: the backend could take none of the {args.cases} cases")
+        return 1
+    if summary.ok:
+        print(f"all {summary.ran} cases match dense attention{skipped}")
+        return 0
+    print("MISMATCH: the kernel differs from dense attention")
+    return 1
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,16 +25,20 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.draw import MatplotlibMissing
 
+from .check import device_problem
 from .dense import masked_dense_attention, relative_error
 from .geometry import VideoGeometry
 from .kernel import compile
 from .methods import adaspa, lvsa, pasa
 from .quality import attention_fidelity
 from .registry import registered_backends
+from .timing import median_seconds
 from .workloads import video_qkv
 
 DEVICE_PREFERENCE = ("cuda", "npu", "cpu")
+WARMUP, REPEATS = 3, 9          # untimed calls, then timed ones; the median is reported
 
 
 @dataclass(frozen=True)
@@ -120,23 +122,35 @@ def best_device() -> str:
     raise RuntimeError("no backend runs on this machine (not even cpu); reinstall sparsecore")
 
 
-def _median_seconds(fn: Callable[[], object], device: str, repeats: int = 5) -> float:
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object], device: str) -> float:
+    """Median wall time of ``fn()`` over :data:`REPEATS` calls after :data:`WARMUP` untimed ones."""
+    return median_seconds(fn, device, warmup=WARMUP, repeats=REPEATS)
+
+
+def _picture(mask: BlockMask, path: Path, log: Callable[[str], None], noted: list[str]) -> str | None:
+    """``mask.render(path)``, or None with a one-line note (the first time) when matplotlib is missing."""
+    try:
+        return str(mask.render(path))
+    except MatplotlibMissing as err:
+        if not noted:
+            noted.append(str(err))
+            log(f"mask pictures skipped: {err}")
+        return None
 
 
 def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoShape(),
              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
+    """Build, compile, run, check and time every mask of :data:`DEMO_MASKS`; writes ``demo.json`` (and PNGs).
+
+    Raises ``RuntimeError`` (one line, from :func:`sparsecore.check.device_problem`) when ``device``
+    cannot run here. Times: the median of :data:`REPEATS` calls after :data:`WARMUP` untimed ones, the
+    kernel's first call (choice of backend, planning) done before; dense SDPA is timed right after each
+    kernel on the same inputs, so the ratio compares times taken under the same load.
+    """
+    if device is not None:
+        problem = device_problem(device)
+        if problem:
+            raise RuntimeError(problem)
     device = device or best_device()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     cpu_inputs = demo_inputs(shape)
@@ -145,9 +159,8 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
     log(f"sparsecore demo: {shape.frames} frames x {shape.height}x{shape.width} patches = {shape.geometry.tokens} tokens, "
         f"{shape.heads} heads, head_dim {shape.head_dim}, synthetic video q/k/v, {dtype} on {device}")
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
-    dense_seconds = _median_seconds(sdpa, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, noted = [], []
     for step, (name, build) in enumerate(DEMO_MASKS.items(), 1):
         log(f"[{step}/{len(DEMO_MASKS)}] {name}: building mask")
         mask = build(shape)
@@ -157,14 +170,17 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
         ref, _ = masked_dense_attention(mask, q, k, v, scale)
         max_err, rel_err = relative_error(out, ref)
         fidelity = attention_fidelity(*cpu_inputs, mask, scale=scale).summary()
-        seconds = _median_seconds(lambda: kernel(q, k, v, scale=scale), device)
-        png = mask.render(out_dir / f"{name}.png")
+        seconds = _seconds(lambda: kernel(q, k, v, scale=scale), device)
+        dense_seconds = _seconds(sdpa, device)
+        png = _picture(mask, out_dir / f"{name}.png", log, noted)
         rows.append({"mask": name, "backend": kernel.backend.name, "blocks": f"{mask.num_q_blocks}x{mask.num_kv_blocks}",
                      "density": mask.density(), "flops_saved": 1 - mask.flops(shape.head_dim) /
                      mask.dense_flops(shape.head_dim), "recall": fidelity["recall"],
                      "dense_rel_err": fidelity["rel_l2"], "max_err": max_err, "rel_err": rel_err,
-                     "ms": seconds * 1e3, "dense_sdpa_ms": dense_seconds * 1e3, "png": str(png)})
+                     "ms": seconds * 1e3, "dense_sdpa_ms": dense_seconds * 1e3, "png": png})
     (out_dir / "demo.json").write_text(json.dumps({"device": device, "dtype": str(dtype), "shape": vars(shape),
+                                                   "timing": {"warmup": WARMUP, "repeats": REPEATS,
+                                                              "statistic": "median"},
                                                    "rows": rows}, indent=2))
     return rows
 
@@ -179,5 +195,7 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['ms']:>9.2f}{r['dense_sdpa_ms'] / r['ms']:>9.2f}x")
     lines.append("recall: softmax mass kept; out err: relative L2 of the output vs dense attention without a mask "
                  "(head means). max/rel err: the kernel against float64 dense attention under the same mask. "
-                 "vs dense: time of torch SDPA without a mask / time of the sparse kernel.")
+                 f"ms: the sparse kernel's call, median of {REPEATS} after {WARMUP} warm-up calls (planning excluded). "
+                 "vs dense: torch SDPA without a mask, timed the same way right after, / the kernel's time; "
+                 "at this small size fixed per-call costs weigh more than at video lengths.")
     return "\n".join(lines)

@@ -12,8 +12,16 @@ from sparsecore.ir import BlockMask
 
 
 def masked_dense_attention(mask: BlockMask, q, k, v, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax attention restricted to ``mask.token_mask()``; returns float64 (out, lse)."""
+    """Softmax attention restricted to ``mask.token_mask()``; returns float64 (out, lse).
+
+    A mask that approximates its unlisted blocks (``mask.unselected``, PASA) is computed by the
+    reference lowering, the executable definition of that approximation.
+    """
     q, k, v = (to_numpy64(x) for x in (q, k, v))
+    if mask.unselected.kind != "drop":
+        from sparsecore.backends.reference.lowering import reference_attention
+        out, lse = reference_attention(mask.to_host(), q, k, v, scale)
+        return out, lse.astype(np.float64)
     group = q.shape[1] // k.shape[1]
     keys = np.repeat(k, group, axis=1)
     values = np.repeat(v, group, axis=1)

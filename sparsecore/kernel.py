@@ -29,7 +29,7 @@ from typing import Any, Hashable
 from sparsecore.ir import BlockMask
 
 from .inputs import AttentionShape, attention_shape
-from .registry import Backend, Run, UnsupportedError, candidates
+from .registry import Backend, Run, UnsupportedError, candidates, device_type
 
 CACHE_SIZE = 64  # compiled kernels of host masks kept
 _CACHE: "OrderedDict[tuple, CompiledKernel]" = OrderedDict()
@@ -140,6 +140,10 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
     """
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask: expected a sparsecore.ir.BlockMask, got {type(mask).__name__}")
+    if not isinstance(device, str):
+        device_type(device)                              # the argument's own TypeError before any option's
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected None or a registered backend name (str), got {type(backend).__name__}")
     try:
         request = (device, backend, tuple(sorted(options.items())))
         hash(request)
@@ -152,6 +156,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
         if cache is _CACHE:
             _CACHE.move_to_end(key)
         return cached
+    device_type(device)                                  # a cache miss: check the device string fully
+    _check_index(device)
     kernel = CompiledKernel(mask, device, _choices(candidates(mask, device, backend), options))
     cache[key] = kernel
     if cache is _CACHE and len(_CACHE) > CACHE_SIZE:
@@ -172,6 +178,19 @@ def _choices(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Bac
     if not choices:
         raise TypeError("; ".join(errors))
     return choices
+
+
+def _check_index(device: str) -> None:
+    """``"cuda:3"`` on a machine with fewer devices is refused here, not at the first call."""
+    kind, _, index = device.partition(":")
+    if not index or kind in ("cpu", "reference"):
+        return
+    import torch
+    module = getattr(torch, kind, None)
+    if module is not None and hasattr(module, "device_count") and module.is_available() \
+            and int(index) >= module.device_count():
+        raise ValueError(f"device={device!r}: this machine has {module.device_count()} {kind} device(s), numbered "
+                         f"from 0")
 
 
 def clear_cache() -> None:

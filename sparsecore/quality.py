@@ -18,6 +18,8 @@ that of dense attention, so this is for validation, not for the hot path.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +28,7 @@ import torch
 
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import on_device
+from sparsecore.ir.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[1]:
         raise ValueError(f"k, v: expected equal shapes [{batch}, H_kv, L, {head_dim}] with H_kv dividing {heads}, "
                          f"got k {list(k.shape)}, v {list(v.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not
+                              math.isfinite(scale)):
+        raise TypeError(f"scale: expected a finite float or None (for 1/sqrt(D)), got {type(scale).__name__} {scale!r}")
+    max_elements = check_int(max_elements, "max_elements", 1)
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"compute_dtype: expected torch.float32 or torch.float64, got {compute_dtype!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     group = heads // k.shape[1]
     device = q.device
@@ -157,7 +166,7 @@ def _as_4d(t, name: str) -> torch.Tensor:
             raise TypeError(f"{name}: expected a torch tensor or numpy array, got {type(t).__name__} ({err})") from None
     if t.ndim == 3:
         t = t[None]
-    if t.ndim != 4 or not t.is_floating_point():
-        raise ValueError(f"{name}: expected a float tensor [B, heads, length, D] or [heads, length, D], "
+    if t.ndim != 4 or not t.is_floating_point() or 0 in t.shape:
+        raise ValueError(f"{name}: expected a non-empty float tensor [B, heads, length, D] or [heads, length, D], "
                          f"got {t.dtype} of shape {list(t.shape)}")
     return t

@@ -139,10 +139,14 @@ def known_devices() -> list[str]:
 def device_type(device: str) -> str:
     """``"cuda:1"`` -> ``"cuda"``; checks the type is one some backend compiles for."""
     if not isinstance(device, str):
-        raise TypeError(f"device: expected a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
-    kind = device.split(":", 1)[0]
+        raise TypeError(f"device: expected a string such as 'cpu' or 'cuda:0', got {type(device).__name__} "
+                        f"{str(device)[:40]}")
+    kind, colon, index = device.partition(":")
     if kind not in known_devices():
-        raise ValueError(f"device={device!r} is not known; known devices: {', '.join(known_devices())}")
+        raise ValueError(f"device={device[:40]!r} is not known; known devices: {', '.join(known_devices())}")
+    if colon and not (index.isascii() and index.isdigit() and len(index) <= 6):
+        raise ValueError(f"device={device[:40]!r}: expected {kind!r} or '{kind}:N' with N a device index (0, 1, ...), "
+                         f"got index {index[:20]!r}")
     return kind
 
 

@@ -92,7 +92,10 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
     Returns:
         q ``[B, H, L, D]``, k and v ``[B, H_kv, L, D]`` in ``dtype`` on ``device``.
     """
+    if not isinstance(geometry, VideoGeometry):
+        raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
     num_heads = check_int(num_heads, "num_heads")
+    seed = check_int(seed, "seed", 0)
     head_dim = check_int(head_dim, "head_dim", 6)
     if head_dim % 2:
         raise ValueError(f"head_dim: expected an even number (rotary pairs), got {head_dim}")
@@ -102,11 +105,18 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
     batch = check_int(batch, "batch")
     sinks = check_int(sinks, "sinks", 0)
     kinds = tuple(DEFAULT_KINDS if kinds is None else kinds)
-    unknown = [k for k in kinds if k not in HEAD_KINDS]
+    unknown = [k for k in kinds if not isinstance(k, str) or k not in HEAD_KINDS]
     if not kinds or unknown:
         raise ValueError(f"kinds: expected a non-empty sequence of {sorted(HEAD_KINDS)}, got {list(kinds)}")
-    if not isinstance(sharpness, numbers.Real) or not sharpness > 0:
-        raise ValueError(f"sharpness: expected a positive float, got {sharpness!r}")
+    for name, value in (("sharpness", sharpness), ("rope_theta", rope_theta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a torch floating dtype such as torch.float32, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({err})") from None
 
     gen = torch.Generator().manual_seed(int(seed))
     length, video, group = geometry.tokens, geometry.video_slice, num_heads // num_kv_heads
@@ -144,7 +154,6 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
                 q[b, h, video] = _rotate(rotary + const + jitter, cos, sin) + plain + direction
                 if geometry.text_tokens:
                     q[b, h, geometry.text_slice] = text @ project * (0.5 * base / math.sqrt(d)) + direction
-    device = torch.device(device)
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 

@@ -7,10 +7,12 @@ by registering; whether a target runs here comes from the backend itself
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
 import sparsecore
 
@@ -44,6 +46,15 @@ class Target:
 
     def unavailable_reason(self) -> str | None:
         return sparsecore.registered_backends()[self.backend].unavailable_reason(self.device)
+
+    @contextlib.contextmanager
+    def running(self):
+        """This target inside its emulator (if emulated); skips, saying why, where it cannot run here."""
+        with self.emulator() if self.emulated else contextlib.nullcontext():
+            reason = self.unavailable_reason()
+            if reason is not None:
+                pytest.skip(f"{self.backend} on {self.device}: {reason}")
+            yield self
 
     def cast(self, *arrays: np.ndarray) -> tuple[list, list[np.ndarray]]:
         """The arrays in this target's type, dtype and device, and their rounded values as float64."""

@@ -7,7 +7,6 @@ capability. Everything else is compared with the float64 oracle in ``oracle.py``
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -25,12 +24,8 @@ TARGETS = all_targets()
 
 @pytest.fixture(params=TARGETS, ids=[t.id for t in TARGETS])
 def target(request):
-    t = request.param
-    request.node.user_properties.append(("target", t.matrix_row))
-    with t.emulator() if t.emulated else contextlib.nullcontext():
-        reason = t.unavailable_reason()
-        if reason is not None:
-            pytest.skip(f"{t.backend} on {t.device}: {reason}")
+    request.node.user_properties.append(("target", request.param.matrix_row))
+    with request.param.running() as t:
         yield t
 
 

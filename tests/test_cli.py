@@ -20,8 +20,10 @@ def test_demo_prints_the_table_and_writes_pictures(tmp_path, capsys):
         assert name in out
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "[1/" in err  # progress goes to stderr
-    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
-    assert all(row["rel_err"] < 1e-5 for row in rows)
+    report = json.loads((tmp_path / "demo.json").read_text())
+    rows = report["rows"]
+    assert report["timing"] == {"warmup": 3, "repeats": 9, "statistic": "median"} and "median of 9" in out
+    assert all(row["rel_err"] < 1e-5 and row["ms"] > 0 and row["dense_sdpa_ms"] > 0 for row in rows)
     assert rows[0]["density"] == 1.0 and rows[1]["density"] < 0.5
 
 
@@ -52,7 +54,7 @@ def test_show_reports_a_bad_file_and_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("device", ["reference", "cpu"])
 def test_check_passes_on_correct_backends(device, capsys):
     assert main(["check", "--device", device, "--cases", "6", "--seed", "1"]) == 0
-    assert "all cases match dense attention" in capsys.readouterr().out
+    assert "all 6 cases match dense attention" in capsys.readouterr().out
 
 
 def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
-from sparsecore.ir.validation import check_int
+from sparsecore.ir.validation import INDEX_LIMIT, PAIR_LIMIT, check_int
 
 P = TypeVar("P")
 
@@ -107,9 +107,21 @@ def check_int_tuple(values: Any, field: str, minimum: int = 0) -> tuple[int, ...
 
 
 def check_geometry(geometry: Any, num_heads: Any) -> int:
+    """The geometry's type, and a size one mask can describe (checked before any plan is built in proportion)."""
     if not isinstance(geometry, VideoGeometry):
         raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
-    return check_int(num_heads, "num_heads", 1)
+    num_heads = check_int(num_heads, "num_heads", 1)
+    frame_blocks = geometry.frames + (1 if geometry.text_tokens else 0)
+    if num_heads * frame_blocks ** 2 > INDEX_LIMIT or num_heads * geometry.tokens ** 2 >= PAIR_LIMIT:
+        raise ValueError(f"geometry: {geometry} with num_heads={num_heads} is larger than one mask can describe "
+                         f"(heads x frame blocks^2 must be at most {INDEX_LIMIT:,} and heads x tokens^2 below 2**62); "
+                         f"plan fewer heads at a time (heads=HeadShard(...)) or check the geometry")
+    return num_heads
+
+
+def check_layer(layer: Any) -> int | None:
+    """A layer index (an int >= 0) or None: methods record it and key their per-layer state by it."""
+    return None if layer is None else check_int(layer, "layer", 0)
 
 
 def check_step(step: Any, num_steps: int | None = None) -> int:

@@ -1,0 +1,93 @@
+"""Hostile arguments to ``sparsecore.integrations.diffusers.apply``: refused at the call, the model untouched.
+
+A device that cannot run here (``"cuda"`` on a CPU host), a backend for another device
+(``backend="triton", device="cpu"``), an unknown or malformed device, method, parameter or
+step count must fail when ``apply`` is called, naming the argument, and leave the model's
+processors as they were; nothing may wait for the first forward to fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostile import refused
+
+pytest.importorskip("diffusers", reason="the diffusers integration needs diffusers 0.42 (pip install '.[diffusers]')")
+from test_integration_diffusers import tiny_wan  # noqa: E402
+
+import sparsecore  # noqa: E402
+from sparsecore import UnsupportedError  # noqa: E402
+from sparsecore.integrations import diffusers as sparse  # noqa: E402
+
+MODEL = tiny_wan()
+AVAILABLE = {d for d in sparsecore.known_devices()
+             if any(d in b.capabilities.devices and b.unavailable_reason(d) is None
+                    for b in sparsecore.registered_backends().values())}
+
+
+def processors(model) -> list:
+    return [type(block.attn1.processor) for block in model.blocks]
+
+
+def refused_untouched(fields, types=(ValueError, TypeError), **kwargs):
+    before = processors(MODEL)
+    arguments = {"method": "lvsa", "device": "cpu", "num_steps": 10, **kwargs}
+    refused(lambda: sparse.apply(MODEL, **arguments), fields, types=types)
+    assert processors(MODEL) == before, "a refused apply() changed the model"
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=25)
+@given(device=st.one_of(st.integers(), st.none(), st.lists(st.just("cpu"), min_size=1, max_size=1),
+                        st.sampled_from(["gpu", "cpu:abc", "cpu:", "CPU", "", "cuda:x", "npu:-1", "cpu:0:1"])))
+def test_malformed_devices(device):
+    refused_untouched("device", device=device)
+
+
+def test_devices_that_cannot_run_here_fail_at_the_call_not_at_the_first_forward():
+    """The issue: apply(model, device="cuda") on a CPU host was accepted and failed at the first forward."""
+    for device in sorted(set(sparsecore.known_devices()) - AVAILABLE - {"reference"}):
+        refused_untouched(f"device {device!r}", types=(RuntimeError,), device=device)
+    if "cuda" in AVAILABLE:
+        refused_untouched("device", types=(RuntimeError,), device=f"cuda:{torch.cuda.device_count()}")
+
+
+@given(backend=st.one_of(st.integers(), st.lists(st.text(max_size=2), max_size=1), st.just("bogus"),
+                         st.sampled_from(sorted(set(sparsecore.registered_backends()) - {"portable"}))))
+def test_backends(backend):
+    """The issue: backend="triton" with device="cpu" was accepted."""
+    refused_untouched("backend", types=(ValueError, TypeError, UnsupportedError), backend=backend)
+
+
+@given(method=st.one_of(st.sampled_from(["bogus", "LVSA", "", "dense"]), st.integers(), st.none(),
+                        st.just(["lvsa"])))
+def test_methods(method):
+    refused_untouched("method", method=method)
+
+
+@given(num_steps=st.sampled_from([0, -1, True, 1.5, "50", None]))
+def test_step_counts(num_steps):
+    refused_untouched("num_steps", num_steps=num_steps)
+
+
+@given(param=st.sampled_from([("window", -1), ("window", 1.5), ("windw", 3), ("rotate", "yes"),
+                              ("anchor_rule", "bogus"), ("sparsity_scale", float("nan"))]))
+def test_method_parameters(param):
+    name, value = param
+    refused_untouched(name, **{name: value})
+
+
+def test_callable_methods_take_no_parameters_and_transformers_must_be_supported():
+    refused_untouched("params", method=lambda g, h, s, l: None, window=3)
+    refused(lambda: sparse.apply(torch.nn.Linear(2, 2), device="cpu"), "transformer")
+    refused(lambda: sparse.apply(None, device="cpu"), "transformer")
+
+
+def test_apply_twice_is_refused_and_a_valid_apply_still_works():
+    handle = sparse.apply(MODEL, method="lvsa", device="cpu", num_steps=10)
+    try:
+        refused(lambda: sparse.apply(MODEL, method="lvsa", device="cpu", num_steps=10), "already applied")
+    finally:
+        handle.remove()

@@ -1,0 +1,212 @@
+"""Hostile input to the IR's constructors: refused with ValueError/TypeError naming the field, within bounds.
+
+Every call runs under :func:`hostile.bounded` (1 GiB more address space, 20 s): values that
+claim huge sizes must be refused before anything is built in proportion to them. Valid
+masks of extreme but legal sizes must keep every promise (density of a full mask is 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hostile import bounded, refused
+
+from sparsecore import BlockMask
+
+Q_OFF = [0, 16, 32, 40]
+KV_OFF = [0, 32, 64, 96, 100]
+INDPTR = [[0, 2, 3, 3], [3, 4, 6, 8]]
+INDICES = [0, 2, 1, 3, 0, 1, 2, 3]
+ROWS = [[[0, 2], [1], []], [[3], [0, 1], [2, 3]]]          # the same mask as lists
+
+NOT_INTS = st.one_of(st.booleans(), st.floats(allow_nan=True), st.text(max_size=3), st.none(),
+                     st.lists(st.integers(0, 3), min_size=1, max_size=2).map(tuple), st.just({"a": 1}),
+                     st.just(np.float32(1.0)), st.just(np.bool_(True)), st.just(1 + 2j))
+HUGE = st.integers(2**63, 2**70) | st.integers(-(2**70), -(2**63) - 1)
+
+
+def make(**changes):
+    fields = dict(num_heads=2, q_offsets=Q_OFF, kv_offsets=KV_OFF, indptr=INDPTR, indices=INDICES)
+    fields.update(changes)
+    return BlockMask(**fields)
+
+
+@st.composite
+def hostile_offsets(draw):
+    """Boundaries that are wrong in one way: element types, int64 overflow, order, start, shape, claimed size."""
+    good = list(draw(st.sampled_from([Q_OFF, KV_OFF])))
+    kind = draw(st.sampled_from(["element", "overflow", "order", "start", "scalar", "2d", "empty", "huge"]))
+    if kind == "element":
+        good[draw(st.integers(0, len(good) - 1))] = draw(st.one_of(st.floats(), st.text(max_size=2), st.none(),
+                                                                 st.booleans()))
+        return good
+    if kind == "overflow":
+        return [0, 2**63 - 1, -(2**63)] if draw(st.booleans()) else [0, draw(HUGE)]
+    if kind == "order":
+        i = draw(st.integers(1, len(good) - 2))
+        good[i], good[i + 1] = good[i + 1], draw(st.sampled_from([good[i], good[i] - 1, -5]))
+        return good
+    if kind == "start":
+        return [draw(st.integers(1, 10) | st.integers(-10, -1))] + good[1:]
+    if kind == "scalar":
+        return draw(st.integers(0, 2**40))
+    if kind == "2d":
+        return [good]
+    if kind == "empty":
+        return draw(st.sampled_from([[], [0]]))
+    return [0, draw(st.integers(2**56, 2**63 - 1))]   # 2 heads x this x 100 >= 2**62 pairs: no input is this long
+
+
+@given(value=NOT_INTS | st.integers(max_value=0) | HUGE.filter(lambda x: x < 0))
+def test_num_heads(value):
+    refused(lambda: make(num_heads=value), "num_heads")
+
+
+@given(offsets=hostile_offsets(), side=st.sampled_from(["q_offsets", "kv_offsets"]))
+def test_offsets_in_the_constructor_and_from_lists(offsets, side):
+    fields = (side, "q_offsets, kv_offsets")
+    refused(lambda: make(**{side: offsets}), fields)
+    other = {"q_offsets": Q_OFF, "kv_offsets": KV_OFF}
+    other[side] = offsets
+    refused(lambda: BlockMask.from_lists(ROWS, other["q_offsets"], other["kv_offsets"]), fields)
+
+
+def test_offsets_that_overflow_int64_when_subtracted():
+    """The issue's case: [0, 2**63-1, -2**63] has positive int64 differences after wrap-around."""
+    refused(lambda: BlockMask.from_lists([[[0], [0]]], [0, 2**63 - 1, -(2**63)], [0, 4]), "q_offsets")
+
+
+@given(bad=st.one_of(NOT_INTS.filter(lambda x: not isinstance(x, (tuple, str))), st.integers(4, 2**40),
+                     st.integers(max_value=-1), HUGE, st.just({1: "x"}), st.just([[0]]), st.just(b"\x01")),
+       where=st.tuples(st.integers(0, 1), st.integers(0, 2)))
+def test_from_lists_takes_only_int_ids_in_range(bad, where):
+    """0.7 is not block 0, True is not block 1, "1" is not block 1, a dict is not its keys."""
+    rows = [[list(r) for r in head] for head in ROWS]
+    h, i = where
+    rows[h][i] = rows[h][i] + [bad] if not isinstance(bad, dict) else bad
+    refused(lambda: BlockMask.from_lists(rows, Q_OFF, KV_OFF), f"lists[{h}][{i}]")
+
+
+@given(lists=st.one_of(st.integers(), st.text(max_size=3), st.none(), st.just({0: [[0]]}), st.just([]),
+                       st.just([5]), st.just(["abc"]), st.just([[[0]] * 2]), st.just([[{0: 1}, [0], [0]]])))
+def test_from_lists_structure(lists):
+    refused(lambda: BlockMask.from_lists(lists, Q_OFF, KV_OFF), "lists")
+
+
+def test_from_lists_examples_from_the_issue():
+    for row, got in (([0.7], "float 0.7"), ([True], "bool True"), (["1"], "str '1'"), ([None], "NoneType None")):
+        message = str(refused(lambda: BlockMask.from_lists([[row]], [0, 4], [0, 4, 8]), "lists[0][0]"))
+        assert got in message
+    assert "dict" in str(refused(lambda: BlockMask.from_lists([[{1: "a"}]], [0, 4], [0, 4, 8]), "lists[0][0]"))
+
+
+def test_from_lists_does_not_materialize_an_endless_row():
+    import itertools
+    refused(lambda: BlockMask.from_lists([[itertools.count()]], [0, 4], [0, 4, 8]), "lists[0][0]")
+    refused(lambda: BlockMask.from_lists([[range(10**12)]], [0, 4], [0, 4, 8]), "lists[0][0]")
+
+
+def _deep(depth: int) -> dict:
+    meta: dict = {}
+    for _ in range(depth):
+        meta = {"x": meta}
+    return meta
+
+
+@given(meta=st.one_of(
+    st.dictionaries(st.integers() | st.booleans() | st.none() | st.tuples(st.text(max_size=2)), st.integers(),
+                    min_size=1, max_size=3),
+    st.dictionaries(st.text(max_size=3), st.sampled_from([float("nan"), float("inf"), object(), {1, 2}, b"x",
+                                                          np.int64(3), 1j]), min_size=1, max_size=2),
+    st.just({"a": {"b": [1, {2: 3}]}}), st.just(_deep(100)), st.just([("a", 1)]), st.text(max_size=3)))
+def test_meta(meta):
+    """Keys are not converted (the issue: {1: 'x'} became {'1': 'x'}); values must be JSON."""
+    refused(lambda: make(meta=meta), "meta")
+
+
+@given(budgets=st.one_of(st.lists(st.floats(0, 1), min_size=3, max_size=3), st.just([0.5]),
+                         st.tuples(st.floats(0, 1), st.sampled_from([float("nan"), -0.1, 1.5, float("inf")])),
+                         st.just(["a", "b"]), st.just(0.5), st.just([[0.1, 0.2]]), st.just([True, False])))
+def test_budgets(budgets):
+    refused(lambda: make(budgets=list(budgets) if isinstance(budgets, tuple) else budgets), "budgets")
+
+
+@given(position=st.integers(0, 7), value=st.one_of(st.integers(4, 2**31 - 1), st.integers(-(2**31), -1), HUGE))
+def test_indices_out_of_range(position, value):
+    indices = list(INDICES)
+    indices[position] = value
+    refused(lambda: make(indices=indices), "indices")
+
+
+@given(data=st.data())
+def test_indptr(data):
+    indptr = [list(r) for r in INDPTR]
+    h, i = data.draw(st.integers(0, 1)), data.draw(st.integers(0, 3))
+    indptr[h][i] = data.draw(st.one_of(st.integers(9, 2**40), st.integers(max_value=-1), HUGE,
+                                       st.sampled_from([1.5, None, "2"])).filter(lambda x: x != INDPTR[h][i]))
+    refused(lambda: make(indptr=indptr), ("indptr", "indices"))
+
+
+SIZE = st.integers(1, 2**40)
+
+
+@given(q_len=SIZE | NOT_INTS | st.integers(max_value=0), kv_len=SIZE, q_block=st.integers(1, 8) | NOT_INTS,
+       heads=st.integers(1, 4))
+def test_from_dense_checks_sizes_before_building_offsets(q_len, kv_len, q_block, heads):
+    """The issue: from_dense(..., q_len=3e8) allocated 4.6 GB before the shape error."""
+    mask = np.ones((heads, 2, 2), dtype=bool)
+    valid = isinstance(q_len, int) and not isinstance(q_len, bool) and 1 <= q_len and isinstance(q_block, int) \
+        and not isinstance(q_block, bool) and -(-q_len // q_block) == 2 and -(-kv_len // q_block) == 2
+    if valid:
+        with bounded():
+            assert BlockMask.from_dense(mask, q_len, kv_len, q_block).num_q_blocks == 2
+        return
+    refused(lambda: BlockMask.from_dense(mask, q_len, kv_len, q_block), ("mask", "q_len", "kv_len", "q_block",
+                                                                         "q_offsets, kv_offsets"))
+
+
+def test_from_dense_example_from_the_issue():
+    refused(lambda: BlockMask.from_dense(np.ones((1, 2, 2), bool), 3 * 10**9, 8, 1), ("mask", "q_offsets"))
+
+
+@given(heads=st.integers(1, 2**20), q_len=SIZE, kv_len=SIZE, block=st.integers(1, 2**20))
+def test_full_is_refused_or_exact_within_bounds(heads, q_len, kv_len, block):
+    """A full mask either builds (density exactly 1, whatever its size) or is refused before it is built."""
+    blocks = heads * -(-q_len // block) * -(-kv_len // block)
+    if blocks <= 1 << 22 and heads * q_len * kv_len < 2**62:
+        with bounded():
+            mask = BlockMask.full(heads, q_len, kv_len, block)
+            assert mask.density() == 1.0 and (mask.density(per_head=True) == 1.0).all()
+            assert mask.flops(8) == mask.dense_flops(8) == 4 * heads * q_len * kv_len * 8
+        return
+    if blocks <= 2**31 - 1 and heads * q_len * kv_len < 2**62:
+        return          # legal but large: building it is the caller's choice
+    refused(lambda: BlockMask.full(heads, q_len, kv_len, block), ("q_block, kv_block", "q_offsets, kv_offsets"))
+
+
+def test_density_of_huge_blocks_is_exact_or_refused():
+    """The issue: blocks of 2**40 tokens made density() of a full mask 0.0 (int64 overflow)."""
+    refused(lambda: BlockMask.full(1, 2**40, 2**40, 2**40), "q_offsets, kv_offsets")
+    mask = BlockMask.full(3, 2**30, 2**30, 2**29)                        # 3 * 2**60 pairs: legal
+    assert mask.density() == 1.0 and mask.flops(1) == 4 * 3 * 2**60
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda: BlockMask.uniform_offsets(2**40, 0), "block"),
+    (lambda: BlockMask.uniform_offsets(1.5, 1), "length"),
+    (lambda: BlockMask.full(True, 4, 4, 4), "num_heads"),
+    (lambda: BlockMask.from_dense(np.ones((0, 1, 1), bool), 4, 4, 4), "mask"),
+    (lambda: BlockMask.from_dense([[["x"]]], 4, 4, 4), "mask"),
+    (lambda: make().select_heads([5]), "heads"),
+    (lambda: make().select_heads(["a"]), "heads"),
+    (lambda: make().flops(0), "head_dim"),
+    (lambda: make().token_mask(limit=10), "token_mask"),
+    (lambda: make().render(5), "path"),
+    (lambda: make().render("x.png", heads=[7]), "heads"),
+    (lambda: make().render("x.png", heads="01"), "heads"),
+])
+def test_other_entry_points(call, field):
+    refused(call, field)

@@ -1,0 +1,142 @@
+"""Hostile paths and files for ``BlockMask.load``: ValueError (a bad file) or TypeError (a bad argument), bounded.
+
+``load`` reads the 8-byte header length and the header first, checks them, and only then
+reads exactly the data they describe; a directory, a device or a pipe is refused without
+reading it. Memory and time are bounded per call (:func:`hostile.bounded`); a file whose
+size alone would exceed the bound is made sparse, so nothing here writes gigabytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostile import bounded, refused
+
+from sparsecore import BlockMask
+from sparsecore.ir.serialization import from_bytes
+
+
+def sample() -> BlockMask:
+    dense = np.random.default_rng(0).random((2, 3, 4)) < 0.5
+    return BlockMask.from_dense(dense, 40, 50, 16, kv_block=13, meta={"method": "hand", "p": [1, 2]})
+
+
+def parts(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def build(header: dict | str, buffer: bytes) -> bytes:
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text)) + text + buffer
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> bytes:
+    return sample().save(tmp_path_factory.mktemp("good") / "m.safetensors").read_bytes()
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                       max_size=3), max_leaves=6)
+FIELDS = [("q_offsets", "shape"), ("q_offsets", "data_offsets"), ("indptr", "shape"), ("indptr", "dtype"),
+          ("indices", "shape"), ("indices", "data_offsets"), ("budgets", "dtype"), ("budgets", "data_offsets"),
+          ("__metadata__", "num_heads"), ("__metadata__", "meta"), ("__metadata__", "format_version"),
+          ("__metadata__", "unselected"), ("__metadata__", "format"), ("kv_offsets", None), ("__metadata__", None)]
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=150)
+@given(field=st.sampled_from(FIELDS), value=JSON_VALUES)
+def test_any_header_edit_is_refused_or_loads_a_valid_mask(good, field, value):
+    header, buffer = parts(good)
+    entry, key = field
+    if key is None:
+        header[entry] = value
+    else:
+        header[entry][key] = value
+    data = build(header, buffer)
+    with bounded():
+        try:
+            mask = from_bytes(data, "edited")
+        except ValueError as err:
+            assert str(err).startswith("edited: not a valid sparsecore mask file: ")
+            return
+    assert isinstance(mask, BlockMask) and 0.0 <= mask.density() <= 1.0       # a harmless edit (e.g. meta)
+
+
+@given(claim=st.integers(2**20, 2**62))
+def test_huge_claimed_shapes_are_refused_before_any_read(good, claim):
+    header, buffer = parts(good)
+    header["indices"]["shape"] = [claim]
+    header["indices"]["data_offsets"] = [header["indices"]["data_offsets"][0],
+                                         header["indices"]["data_offsets"][0] + 4 * claim]
+    refused(lambda: from_bytes(build(header, buffer), "huge"), "indices: data_offsets")
+
+
+def test_duplicate_header_keys_are_refused(good):
+    """json.loads keeps the last value of a repeated key; a mask file must not mean two things."""
+    header, buffer = parts(good)
+    text = json.dumps(header)
+    twice = text.replace('"indices":', '"indices": {"dtype": "I32", "shape": [0], "data_offsets": [0, 0]}, '
+                                       '"indices":', 1)
+    refused(lambda: from_bytes(build(twice, buffer), "dup"), "has the key 'indices' twice")
+    meta = dict(header)
+    meta["__metadata__"] = {**header["__metadata__"], "meta": '{"method": "a", "method": "b"}'}
+    refused(lambda: from_bytes(build(meta, buffer), "dup"), "__metadata__.meta has the key 'method' twice")
+
+
+@pytest.mark.parametrize("num_heads", ["", "0", "-2", "2.0", " 2", "2_0", "\u0662", "1" * 5000, "0x2", "+2"])
+def test_num_heads_must_be_a_plain_decimal(good, num_heads):
+    header, buffer = parts(good)
+    header["__metadata__"]["num_heads"] = num_heads
+    refused(lambda: from_bytes(build(header, buffer), "heads"), "num_heads")
+
+
+def test_a_huge_file_with_a_bad_header_is_refused_without_reading_it(tmp_path):
+    """The issue: load read a whole 1.9 GB file before rejecting its header."""
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 2) + b"[]")
+        f.truncate(1_900_000_000)                      # sparse: takes no disk space
+    refused(lambda: BlockMask.load(path), "header must be a JSON object", headroom=256 << 20)
+
+
+def test_a_huge_file_whose_header_does_not_describe_it_is_refused_without_reading_the_data(tmp_path, good):
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(good)
+        f.truncate(1_900_000_000)
+    refused(lambda: BlockMask.load(path), "unexpected bytes after the last tensor", headroom=256 << 20)
+
+
+def test_paths_that_are_not_mask_files(tmp_path):
+    refused(lambda: BlockMask.load(tmp_path), "is a directory")              # was IsADirectoryError
+    refused(lambda: BlockMask.load("/dev/zero"), "not a regular file")        # would read forever
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    refused(lambda: BlockMask.load(fifo), "not a regular file")              # would block forever
+    assert time.monotonic() - began < 5
+    refused(lambda: BlockMask.load(str(tmp_path / "a\x00b")), "path")
+    refused(lambda: BlockMask.load(tmp_path / ("x" * 5000)), "cannot read")  # name too long
+    with pytest.raises(FileNotFoundError):
+        BlockMask.load(tmp_path / "missing.safetensors")
+
+
+@given(path=st.one_of(st.integers(), st.none(), st.binary(max_size=4), st.lists(st.text(max_size=2), max_size=2),
+                      st.floats()))
+def test_path_arguments_of_the_wrong_type(path):
+    refused(lambda: BlockMask.load(path), "path")
+    refused(lambda: sample().save(path), "path")
+
+
+def test_from_bytes_takes_bytes():
+    refused(lambda: from_bytes("not bytes"), "data")

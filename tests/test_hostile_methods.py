@@ -1,0 +1,171 @@
+"""Hostile arguments to the methods (LVSA, AdaSpa, PASA): their plans, sessions and parameters.
+
+Every parameter of every method gets values that are wrong in type or range; every plan
+argument (geometry, heads, step, layer, head shard, q and k) gets wrong types, shapes,
+dtypes and non-finite values. Each must raise ValueError/TypeError naming the field (q and
+k by name, not "meta"), within :func:`hostile.bounded`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hostile import refused
+
+from sparsecore import VideoGeometry
+from sparsecore.methods import HeadShard, adaspa, lvsa, pasa
+
+G = VideoGeometry(6, 4, 4)                     # 96 tokens: blocks of 16 below
+HEADS = 2
+NAN, INF = math.nan, math.inf
+
+NOT_INT = [True, 1.5, "3", None, [1], 2 + 0j]
+NOT_BOOL = [1, 0, "yes", None, 1.0]
+NOT_FRACTION = [-0.1, 1.1, NAN, INF, "0.5", True, None, [0.5]]
+BAD = {
+    "lvsa": {"window": [-1, *NOT_INT], "first_frames": [-1, *NOT_INT], "reference_frames": [0, -2, *NOT_INT],
+             "anchor_rule": ["bogus", 3, None, ["auto"]], "anchor_interval": [0, -1, True, 1.5, "2"],
+             "rotate": NOT_BOOL, "expand_window": NOT_BOOL, "sparsity_scale": [0.0, -1.0, NAN, INF, "1", True],
+             "block_size": [0, -16, 16.0, "16", True], "sp_world": [0, -1, *NOT_INT],
+             "approximation": ["bogus", 3, None, "drop:2", "grouped-first-order:0", "grouped-first-order:x",
+                               "grouped-first-order:\u00b2", "grouped-first-order:" + "9" * 5000]},
+    "adaspa": {"sparsity": NOT_FRACTION, "recall_threshold": NOT_FRACTION, "block_size": [0, *NOT_INT],
+               "head_adaptive": NOT_BOOL, "warmup_steps": [-1, *NOT_INT],
+               "search_steps": [[-1], [10, 10], "10", 10, [1.5], None, [True]],
+               "scale": [0.0, -1.0, NAN, INF, "x", True], "impl": [3, None, ["auto"]],
+               "approximation": ["bogus", 3]},
+    "pasa": {"density": [0.0, *NOT_FRACTION], "dense_fraction": NOT_FRACTION, "min_density": [1.5, -0.5, NAN, "x"],
+             "noise_scale": [-1.0, NAN, INF, "0.2", True], "seed": [-1, *NOT_INT], "block_size": [0, *NOT_INT],
+             "dense_layers": [[-1], "0", [0, 0], 0, [0.5]], "group_size": [0, *NOT_INT],
+             "approximation": ["bogus", 3], "scale": [0.0, NAN, "x"]},
+}
+MODULES = {"lvsa": lvsa, "adaspa": adaspa, "pasa": pasa}
+CASES = [(method, name, value) for method, table in BAD.items() for name, values in table.items() for value in values]
+
+
+@pytest.mark.parametrize("method, name, value", CASES, ids=[f"{m}-{n}-{v!r}" for m, n, v in CASES])
+def test_every_parameter_refuses_wrong_values(method, name, value):
+    refused(lambda: MODULES[method].session(num_steps=50, **{name: value}), name)
+
+
+@given(method=st.sampled_from(sorted(MODULES)), name=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
+def test_unknown_parameters_are_named(method, name):
+    from dataclasses import fields
+    params = {"lvsa": lvsa.LVSAParams, "adaspa": adaspa.AdaSpaParams, "pasa": pasa.PASAParams}[method]
+    if name in {f.name for f in fields(params)} | {"profile"}:
+        return
+    refused(lambda: MODULES[method].session(num_steps=50, **{name: 1}), name)
+
+
+@given(method=st.sampled_from(sorted(MODULES)), num_steps=st.sampled_from([0, -1, True, 1.5, "50", None]))
+def test_session_lengths(method, num_steps):
+    refused(lambda: MODULES[method].session(num_steps=num_steps), "num_steps")
+
+
+def test_session_relations_and_profiles():
+    refused(lambda: adaspa.session(num_steps=20, search_steps=(10, 30)), "search_steps")
+    refused(lambda: adaspa.session(num_steps=50, warmup_steps=20, search_steps=(10,)), "search_steps")
+    refused(lambda: pasa.session(profile="x"), "profile")                       # the issue's example
+    refused(lambda: pasa.session(profile=[0.1, 0.2]), "profile")
+
+
+def qk(heads=HEADS, tokens=G.tokens, dim=16, batch=1, dtype=torch.float32, kv_heads=HEADS):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, heads, tokens, dim, generator=g).to(dtype),
+            torch.randn(batch, kv_heads, tokens, dim, generator=g).to(dtype))
+
+
+def planners():
+    """(name, plan(**arguments)) for each method at a step where it plans with q and k."""
+    return {
+        "lvsa": lambda **a: lvsa.plan(a.pop("geometry", G), a.pop("num_heads", HEADS), step=a.pop("step", 0),
+                                      reference_frames=2, **a),
+        "adaspa": lambda **a: adaspa.plan(a.pop("geometry", G), a.pop("num_heads", HEADS), step=a.pop("step", 10),
+                                          block_size=16, **a),
+        "pasa": lambda **a: pasa.plan(a.pop("geometry", G), a.pop("num_heads", HEADS), step=a.pop("step", 20),
+                                      block_size=16, **a),
+    }
+
+
+@given(method=st.sampled_from(sorted(MODULES)), argument=st.sampled_from([
+    ("geometry", None), ("geometry", (6, 4, 4)), ("geometry", 96), ("geometry", VideoGeometry(10**9, 1, 1)),
+    ("geometry", VideoGeometry(100_000, 2, 2)), ("geometry", VideoGeometry(60, 10**6, 10**6)),
+    ("num_heads", 0), ("num_heads", True), ("num_heads", 2.0), ("num_heads", -1),
+    ("step", -1), ("step", True), ("step", 1.5), ("step", None), ("step", "3"),
+    ("layer", -1), ("layer", 1.5), ("layer", [1]), ("layer", "a"), ("layer", True),
+    ("heads", (0, 1, 2)), ("heads", HeadShard(1, 1, 2)), ("heads", HeadShard(0, 3, 3)),
+    ("heads", HeadShard(-1, 1, 2))]))
+def test_plan_arguments(method, argument):
+    name, value = argument
+    q, k = qk()
+    field = "heads" if name == "heads" else name
+    refused(lambda: planners()[method](**{name: value, "q": q, "k": k}), field)
+
+
+def _bad_qk(kind: str):
+    q, k = qk()
+    if kind == "missing":
+        return None, k, "q"
+    if kind == "type":
+        return q.tolist(), k, "q"
+    if kind == "batch0":
+        return (*qk(batch=0), "q")
+    if kind == "dim0":
+        return (*qk(dim=0), "q")
+    if kind == "tokens":
+        return (*qk(tokens=G.tokens - 1), "q, k")
+    if kind == "heads":
+        return (*qk(heads=3, kv_heads=3), "q, k")
+    if kind == "gqa":
+        return (*qk(kv_heads=3), "k")
+    if kind == "dtype":
+        return (*qk(dtype=torch.int32), "q, k")
+    if kind == "rank":
+        return q[0, 0], k, "q"
+    if kind == "mismatch":
+        return q, k.double(), "q, k"
+    value = {"nan": NAN, "inf": INF, "-inf": -INF}[kind]
+    q[0, 1, 7, 3] = value
+    return q, k, "q, k"
+
+
+@pytest.mark.parametrize("method", ["adaspa", "pasa"])
+@pytest.mark.parametrize("kind", ["missing", "type", "batch0", "dim0", "tokens", "heads", "gqa", "dtype", "rank",
+                                  "mismatch", "nan", "inf", "-inf"])
+def test_q_and_k(method, kind):
+    q, k, field = _bad_qk(kind)
+    if method == "pasa" and kind in ("nan", "inf", "-inf"):
+        # PASA plans on the device with no host read; checking finiteness would add a sync per layer and step.
+        # Its mask is still a valid one, and the non-finite query rows give non-finite output in the kernel.
+        assert planners()[method](q=q, k=k).num_heads == HEADS
+        return
+    refused(lambda: planners()[method](q=q, k=k), field)
+
+
+def test_adaspa_names_q_and_k_for_non_finite_inputs_not_meta():
+    """The issue: NaN in q for AdaSpa raised an error about ``meta``."""
+    q, k = qk()
+    q[0, 0, 0, 0] = NAN
+    message = str(refused(lambda: adaspa.plan(G, HEADS, step=10, q=q, k=k, block_size=16), "q, k"))
+    assert "meta" not in message
+
+
+@pytest.mark.parametrize("method", sorted(MODULES))
+def test_geometries_no_mask_can_describe_are_refused_before_planning(method):
+    """A geometry claiming 10**9 frames made LVSA loop for minutes and AdaSpa's dense warm-up allocate 931 GiB."""
+    for geometry in (VideoGeometry(10**9, 1, 1), VideoGeometry(10**6, 8, 8)):
+        session = MODULES[method].session(num_steps=50)
+        refused(lambda: session.plan(geometry, HEADS, step=0), "geometry")
+    refused(lambda: lvsa.session(num_steps=50).action(VideoGeometry(10**9, 1, 1), 0), "geometry")
+
+
+def test_session_steps_beyond_the_run():
+    for method in MODULES:
+        session = MODULES[method].session(num_steps=12, **({"search_steps": (10,)} if method == "adaspa" else {}))
+        refused(lambda: session.plan(G, HEADS, step=12), "step")
+        refused(lambda: session.action(G, -1), "step")
