@@ -208,8 +208,8 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor,
     approx_lse = top + torch.log(total)                                   # -inf where nothing is approximated
     merged = torch.logaddexp(exact_lse, approx_lse)
     base = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
-    exact_weight = torch.exp(exact_lse - base)[..., None]
-    exact = torch.where(exact_weight > 0, exact_weight * out[:, :, span].to(top.dtype), 0.0)
+    exact_weight = torch.exp(exact_lse - base)[..., None]                # 0 on empty rows, whatever out holds
+    exact = torch.where(torch.isneginf(exact_lse)[..., None], 0.0, exact_weight * out[:, :, span].to(top.dtype))
     approx = torch.where(torch.isfinite(top), torch.exp(top - base), torch.zeros_like(top))[..., None] * numerator
     out[:, :, span] = (exact + approx).to(out.dtype)
     lse[:, :, span] = merged.to(lse.dtype)
@@ -217,8 +217,11 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor,
 
 def with_approximation(exact: ExactRun, mask: BlockMask, chunk_elements: int = CHUNK_ELEMENTS):
     """A lowering's run for an approximating mask: ``exact(q, k, v, scale) -> (out, lse)`` over the listed
-    blocks (LSE in at least float32; float64 for float64 inputs keeps float64 accurate), then
-    :func:`statistics` and :func:`approximate_into`. Plans are built once per device."""
+    blocks, then :func:`statistics` and :func:`approximate_into`; the output is returned in q's dtype.
+
+    ``exact`` may return its output in q's dtype or wider and its LSE in float32 or wider (float64
+    for float64 inputs keeps the float64 result exact to float64). Plans are built once per device.
+    """
     plans: dict[str, tuple[StatisticsPlan, RowPlan]] = {}
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -230,5 +233,5 @@ def with_approximation(exact: ExactRun, mask: BlockMask, chunk_elements: int = C
         stats_plan, row_plan = plans[key]
         out, lse = exact(q, k, v, scale)
         approximate_into(out, lse, q, statistics(k, v, stats_plan), row_plan, scale, chunk_elements)
-        return out, (lse.float() if return_lse else None)
+        return out.to(q.dtype), (lse.float() if return_lse else None)
     return run

@@ -15,7 +15,10 @@ Two parts:
    variants that show each method's knobs (AdaSpa without head-adaptive budgets; AdaSpa's
    session at step 30 on drifted inputs: the reused mask, the LSE-cached search, a fresh
    search; PASA selection noise 0 / 0.2 / 0.5 / 1 with the fraction of selected blocks
-   that changes from one step to the next at fixed inputs).
+   that changes from one step to the next at fixed inputs). These rows measure the selection
+   (:mod:`sparsecore.quality`: exact attention over the kept blocks, unselected blocks dropped).
+3. The approximation of the unselected blocks (PASA's default, issue 16): drop vs zeroth vs
+   global vs grouped first order through the compiled kernel (:mod:`fidelity_unselected`).
 
 Minutes on a 2-core CPU. Numbers are for this synthetic workload only: they compare
 the methods' patterns on a controlled input, not their quality on a real model.
@@ -40,6 +43,10 @@ from sparsecore.ir import BlockMask
 from sparsecore.methods import adaspa, lvsa, pasa
 from sparsecore.quality import fidelity_of_masks
 from sparsecore.workloads import video_qkv
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fidelity_unselected import approximation_rows  # noqa: E402
+from fidelity_unselected import markdown as approximation_markdown  # noqa: E402
 
 MODEL_SHAPES = [
     ("Wan 2.1 1x (21x30x52)", VideoGeometry(21, 30, 52), 12, 21),
@@ -109,8 +116,8 @@ def fidelity_rows() -> list[dict]:
         ]
         churn = {}
         for noise in (0.0, 0.2, 0.5, 1.0):
-            a = pasa.plan(g, HEADS, step=10, q=q, k=k, noise_scale=noise)
-            b = pasa.plan(g, HEADS, step=11, q=q, k=k, noise_scale=noise)
+            a = pasa.plan(g, HEADS, step=10, q=q, k=k, noise_scale=noise, approximation="drop")
+            b = pasa.plan(g, HEADS, step=11, q=q, k=k, noise_scale=noise, approximation="drop")
             da, db = a.to_dense(), b.to_dense()
             churn[noise] = float((da & ~db).sum() / da.sum())
             label = "defaults: rho=0.15, block 64, Gumbel 0.2, step 10" if noise == 0.2 else f"selection noise {noise}"
@@ -157,8 +164,9 @@ def markdown(report: dict) -> str:
              "patterns on a controlled input; they are not model quality.", "",
              "Recall: softmax mass kept (mean over heads; worst head and worst query also shown). "
              "Rel L2 / cosine: the masked output against dense attention, mean over heads. "
-             "PASA rows keep or drop blocks only (the first-order approximation of dropped blocks is "
-             "kernel work, not in these numbers). Churn: fraction of PASA's selected blocks that change "
+             "These rows measure the selection: exact attention over the kept blocks, the others dropped "
+             "(PASA's rows are planned with `approximation=\"drop\"`; its default first-order approximation of the "
+             "dropped blocks is measured in "Approximating the unselected blocks" below). Churn: fraction of PASA's selected blocks that change "
              "between two adjacent steps at the same inputs (only the selection noise differs). "
              "Drifted inputs: q, k, v of step 30 are cos(0.3) x (step-10 inputs) + sin(0.3) x (another seed's), "
              "to exercise AdaSpa's reuse and LSE-cached search.", ""]
@@ -174,9 +182,14 @@ def markdown(report: dict) -> str:
                          f"{r['worst_head_recall']:.4f} | {r['min_recall']:.4f} | {r['rel_l2']:.4f} | "
                          f"{r['cosine']:.4f} | {churn} |")
         lines.append("")
+    lines += approximation_markdown(report["approximation"])
     t = report["lvsa_121_frames"]
-    lines += ["## Planning at model shapes", "",
-              f"LVSA at Wan 2.1 6x (121 latent frames, 12 heads, frame blocks): median "
+    source = report.get("planning_from")
+    lines += ["## Planning at model shapes", ""]
+    if source:
+        lines += [f"Planning timings from an earlier run on an idle CPU ({source['machine']}, {source['date']}, torch "
+                  f"{source['torch']}; `--keep-planning`).", ""]
+    lines += [f"LVSA at Wan 2.1 6x (121 latent frames, 12 heads, frame blocks): median "
               f"**{t['median_ms']:.2f} ms** per plan over {t['runs']} steps (max {t['max_ms']:.2f} ms).", "",
               "AdaSpa plans here from random block masses and PASA from random q, k with head_dim 8: "
               "the times are the planners' own work (top-k, CSR building, IR validation) on this CPU; "
@@ -192,13 +205,22 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "docs")
+    parser.add_argument("--keep-planning", action="store_true",
+                        help="reuse the planning timings of the fidelity.json in --out (timings need an idle CPU; "
+                             "the fidelity numbers do not)")
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
     start = time.perf_counter()
-    print("planning LVSA at 121 frames", file=sys.stderr, flush=True)
-    report = {"lvsa_121_frames": lvsa_timing()}
-    report["planning"] = planning_rows()
+    if args.keep_planning:
+        kept = json.loads((args.out / "fidelity.json").read_text())
+        report = {name: kept[name] for name in ("lvsa_121_frames", "planning")}
+        report["planning_from"] = kept.get("planning_from") or {key: kept[key] for key in ("machine", "date", "torch")}
+    else:
+        print("planning LVSA at 121 frames", file=sys.stderr, flush=True)
+        report = {"lvsa_121_frames": lvsa_timing()}
+        report["planning"] = planning_rows()
     report["fidelity"] = fidelity_rows()
+    report["approximation"] = approximation_rows(FIDELITY_SHAPES, HEADS, HEAD_DIM, SEED)
     report.update(machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                   date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), torch=torch.__version__,
                   seconds=time.perf_counter() - start)

@@ -29,7 +29,7 @@ import sparsecore
 from sparsecore import BlockMask, UnsupportedError
 from sparsecore.backends.npu import NpuBackend, NpuOptions, emulate, loader
 from sparsecore.backends.npu.merge import merge_partials
-from sparsecore.backends.npu.plan import (BLOCK_Y, full_op_blocks, key_pieces, plan_fallback, plan_hybrid,
+from sparsecore.backends.npu.schedule import (BLOCK_Y, full_op_blocks, key_pieces, schedule_fallback, schedule_hybrid,
                                           query_runs)
 
 NPU = NpuBackend()
@@ -186,15 +186,15 @@ def test_float32_goes_through_the_fallback_only(name):
 def test_path_fallback_and_tiny_chunks_split_rows_and_still_match():
     case = PATH_CASES["blocks_64_disagreeing_pairs"].case
     options = {"path": "fallback", "chunk_elements": 2 * 8 * 130}   # a few rows per chunk
-    plan = plan_fallback(case.mask, options["chunk_elements"])
-    assert len(plan.fallback_chunks) > case.mask.num_q_blocks
-    for chunk in plan.fallback_chunks:
+    schedule = schedule_fallback(case.mask, options["chunk_elements"])
+    assert len(schedule.fallback_chunks) > case.mask.num_q_blocks
+    for chunk in schedule.fallback_chunks:
         assert case.mask.num_heads * len(chunk.q_tokens) * len(chunk.kv_tokens) <= options["chunk_elements"]
     with counted_emulator() as (_, log):
         out, lse, ref_out, ref_lse = run_case(case, "float16", **options)
     assert_matches("float16", out, lse, ref_out, ref_lse)
     assert not log["npu_block_sparse_attention"]
-    assert len(log["npu_fusion_attention"]) == len(plan.fallback_chunks) * case.batch
+    assert len(log["npu_fusion_attention"]) == len(schedule.fallback_chunks) * case.batch
 
 
 def test_a_torch_npu_without_the_block_sparse_op_warns_and_uses_the_fallback():
@@ -242,15 +242,15 @@ def test_call_arguments_follow_the_op_docs():
     # True = masked out: the fallback attends exactly the kept tokens of the half-kept op blocks
     tokens = expand_to_tokens(mask)
     kept_by_fallback = np.zeros_like(tokens)
-    plan = plan_hybrid(mask, NpuOptions().chunk_elements)
-    for chunk, (args, kwargs) in zip(plan.fallback_chunks, log["npu_fusion_attention"]):
+    schedule = schedule_hybrid(mask, NpuOptions().chunk_elements)
+    for chunk, (args, kwargs) in zip(schedule.fallback_chunks, log["npu_fusion_attention"]):
         attend = ~kwargs["atten_mask"][0].numpy()
         kept_by_fallback[:, chunk.q_tokens[:, None], chunk.kv_tokens[None, :]] |= attend
     op_tokens = np.repeat(np.repeat(whole, 64, axis=1), 128, axis=2)
     assert np.array_equal(kept_by_fallback, tokens & ~op_tokens)
 
 
-# ---------------------------------------------------------------------------------------------------- the plan
+# ---------------------------------------------------------------------------------------------------- the schedule
 
 def test_query_runs_cut_at_size_changes_and_absorb_a_short_last_block():
     mask = BlockMask.from_lists([[[0]] * 6], [0, 64, 128, 160, 224, 288, 300], [0, 300])
@@ -270,8 +270,8 @@ def test_key_pieces_and_full_blocks_on_frame_boundaries():
     assert full[0, 1].tolist() == [True] * 13
 
 
-def test_plan_routes_by_exactness():
-    summaries = {name: plan_hybrid(c.case.mask, NpuOptions().chunk_elements).summary()
+def test_schedule_routes_by_exactness():
+    summaries = {name: schedule_hybrid(c.case.mask, NpuOptions().chunk_elements).summary()
                  for name, c in PATH_CASES.items()}
     assert summaries["aligned_128_multiples"]["fallback_chunks"] == 0
     assert summaries["blocks_64_agreeing_pairs"]["fallback_chunks"] == 0

@@ -5,7 +5,9 @@ mask's tiles (:mod:`.tiling`) and uploads them; later calls only launch. Under
 ``TRITON_INTERPRET=1`` Triton runs kernels on CPU tensors; the backend then offers
 that as its :meth:`emulator` (:mod:`.interpreter`), which is how CPU CI runs the
 property suite on it (fp16/fp32 only: the interpreter's bf16 dot is wrong). It also
-offers AdaSpa's block-mass pass (:mod:`.block_mass`).
+offers AdaSpa's block-mass pass (:mod:`.block_mass`). Masks that approximate the blocks a
+row does not list (PASA) get a second Triton pass that merges the approximation into the
+exact kernel's output through its LSE (:mod:`.approximation_launch`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
+from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, BlockMassOp, Run
 
 from . import block_mass, interpreter
@@ -32,7 +35,7 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         dtypes = {"float16", "float32"} if interpreter.interpreting() else {"float16", "bfloat16", "float32"}
         self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
-                                         head_dims=frozenset({16, 32, 64, 128}))
+                                         head_dims=frozenset({16, 32, 64, 128}), unselected=frozenset(KINDS))
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("triton") is None:

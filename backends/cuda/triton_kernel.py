@@ -11,7 +11,8 @@ Notation: M = query tile rows (BLOCK_M), N = key tile columns (BLOCK_N), D = hea
 With ``USE_TMA`` the key/value (and query) tiles come through host-built tensor
 descriptors (Hopper TMA); otherwise through pointer arithmetic. Both give the same
 result; a tile that runs past its run reads neighbouring tokens (or TMA's zero fill
-past the tensor end) whose scores are masked.
+past the tensor end) whose scores are masked and whose values are replaced by 0 (a
+non-finite value there would otherwise reach the row through its zero weight).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def _load_kv(k_ptrs, v_ptrs, desc_k, desc_v, row, col_ok, stride_kn, stride_vn,
     if USE_TMA:
         k = desc_k.load([row, 0]).T
         v = desc_v.load([row, 0])
+        if MASKED:  # past the run: the scores become -inf, but weight 0 * a NaN or inf value there is NaN
+            v = tl.where(col_ok[:, None], v, 0.0)
     elif MASKED:
         k = tl.load(k_ptrs + row * stride_kn, mask=col_ok[None, :], other=0.0)
         v = tl.load(v_ptrs + row * stride_vn, mask=col_ok[:, None], other=0.0)

@@ -21,6 +21,10 @@ class TritonLaunch:
         self.options = options
         self._schedules: dict[tuple, TileSchedule] = {}
         self.last_compiled = None  # Triton's compiled kernel of the last launch: n_regs, n_spills, metadata.shared
+        self.approximation = None  # masks that approximate unlisted blocks: a second pass merges it in place
+        if mask.unselected.kind != "drop":
+            from .approximation_launch import ApproximationLaunch
+            self.approximation = ApproximationLaunch(mask)
 
     def config(self, q: torch.Tensor) -> TritonConfig:
         config = default_config(q.shape[-1], q.element_size(), q.device, self.mask.uniform_block_size("q"),
@@ -36,8 +40,10 @@ class TritonLaunch:
         return self._schedules[key]
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Build the tile schedule a call with ``q`` would use."""
+        """Build the tile schedule (and the approximation's plan) a call with ``q`` would use."""
         self.schedule(self.config(q))
+        if self.approximation is not None:
+            self.approximation.plan(q.device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,11 +53,25 @@ class TritonLaunch:
         config = self.config(q)
         tiles = self.schedule(config)
         out = torch.empty_like(q)
-        lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else out
+        want_lse = return_lse or self.approximation is not None
+        lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device) if want_lse else out
+        if tiles.num_programs == 0:                 # no row lists a block
+            out.zero_()
+            if want_lse:
+                lse.fill_(-torch.inf)
+        else:
+            self._exact(q, k, v, out, lse, scale, want_lse, config, tiles)
+        if self.approximation is not None:
+            self.approximation(q, k, v, out, lse, scale)
+        return out, (lse if return_lse else None)
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+               scale: float, return_lse: bool, config: TritonConfig, tiles: TileSchedule) -> None:
+        """The block-sparse kernel over the listed blocks (``lse`` written when ``return_lse``)."""
+        batch, num_heads, q_len, head_dim = q.shape
+        num_kv_heads, kv_len = k.shape[1], k.shape[2]
         descs = _descriptors(q, k, v, config) if config.use_tma else (q, k, v)
-        grid = (max(tiles.num_programs, 1), batch)
-        if tiles.num_programs == 0:
-            return out.zero_(), (lse.fill_(-torch.inf) if return_lse else None)
+        grid = (tiles.num_programs, batch)
         self.last_compiled = block_sparse_attention_fwd[grid](
             q, k, v, out, lse, *descs, tiles.programs, tiles.full_start, tiles.partial_start, tiles.partial_end,
             q.stride(0), q.stride(1), q.stride(2),
@@ -64,7 +84,6 @@ class TritonLaunch:
             WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=config.warp_specialize,
             num_warps=config.num_warps, num_stages=config.num_stages)
-        return out, (lse if return_lse else None)
 
 
 def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TritonConfig):

@@ -28,7 +28,7 @@ import types
 
 import torch
 
-from .plan import BLOCK_Y
+from .schedule import BLOCK_Y
 
 
 def block_sparse_attention(torch_npu: types.ModuleType, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

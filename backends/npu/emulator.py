@@ -80,13 +80,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+            skips: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked softmax attention in float32 over heads already paired with their key heads.
 
     q [N, Sq, D], k/v [N, Skv, D], allowed [N, Sq, Skv] (True = attend). Returns
     (out [N, Sq, Dv], row max [N, Sq], row sum [N, Sq], empty rows [N, Sq]); rows with
-    no allowed key have out NaN (0/0), max -inf and sum 0.
+    no allowed key have out NaN (0/0), max -inf and sum 0. A masked key gets weight 0;
+    ``skips``: the op never reads masked keys (the block-sparse op skips blocks), so a
+    non-finite masked value does not reach the row; otherwise it does (``0 * NaN``), as
+    in a kernel that computes every tile and masks the scores.
     """
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, -math.inf)
@@ -94,8 +97,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     row_max = scores.amax(dim=-1)
     weights = torch.exp(scores - torch.where(empty, 0.0, row_max)[..., None])
     row_sum = weights.sum(dim=-1)
-    out = torch.matmul(weights, v.float()) / row_sum[..., None]
-    return out, row_max, row_sum, empty
+    v = v.float()
+    bad = ~torch.isfinite(v).all(dim=-1)                            # [N, Skv]: tokens with a non-finite value
+    if not skips or not bool(bad.any()):
+        return torch.matmul(weights, v) / row_sum[..., None], row_max, row_sum, empty
+    tokens = bad.any(dim=0).nonzero()[:, 0]
+    out = torch.matmul(weights, v.masked_fill(bad[..., None], 0.0))
+    part = weights[:, :, tokens, None] * v[:, None, tokens]         # [N, Sq, J, Dv]: only the few bad tokens
+    read = allowed[:, :, tokens] & bad[:, None, tokens]
+    out = out + torch.where(read[..., None], part, 0.0).sum(dim=2)
+    return out / row_sum[..., None], row_max, row_sum, empty
 
 
 def _kv_heads(num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -209,7 +220,7 @@ def _block_sparse_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     col_block = torch.arange(kv_len) // block_y
     compute = block_mask != 0                                       # the CPU golden tests `mask != 0`
     allowed = compute[:, row_block][:, :, col_block]
-    out, row_max, row_sum, empty = _attend(q, k, v, allowed, scale)
+    out, row_max, row_sum, empty = _attend(q, k, v, allowed, scale, skips=True)
     lse = row_max + torch.log(row_sum)
     empty_rows = ~compute[:, row_block].any(dim=-1)                 # no block at all: undefined
     out = out.masked_fill(empty_rows[..., None], math.nan)

@@ -1,12 +1,12 @@
 """The Ascend NPU lowering: torch_npu's block-sparse op where the IR fits its grid, its fused op elsewhere.
 
-Compile time (``lower``): :func:`.plan.plan_hybrid` maps the mask onto
+Compile time (``lower``): :func:`.schedule.schedule_hybrid` maps the mask onto
 ``npu_block_sparse_attention``'s block grid exactly and collects what the grid cannot
-express (mixed op blocks, see :mod:`.plan`) into fallback chunks for
-``npu_fusion_attention``. No torch_npu is needed to plan.
+express (mixed op blocks, see :mod:`.schedule`) into fallback chunks for
+``npu_fusion_attention``. No torch_npu is needed to schedule.
 
 Call time: the ``torch_npu`` module is looked up afresh (:func:`.loader.require_torch_npu`),
-the plan's arrays are moved to the tensors' device once per device, then
+the schedule's arrays are moved to the tensors' device once per device, then
 
 1. one block-sparse call per run of equal query blocks writes its rows (rows with no
    block get output 0 / LSE -inf: the op leaves them undefined);
@@ -15,7 +15,7 @@ the plan's arrays are moved to the tensors' device once per device, then
    0 / -inf (undefined in the op without ``inner_precise=2``), and merges into the rows
    through the LSEs (:func:`.merge.merge_partials`).
 
-The whole mask goes to the fallback plan (:func:`.plan.plan_fallback`) when the
+The whole mask goes to the fallback schedule (:func:`.schedule.schedule_fallback`) when the
 block-sparse op cannot take the call: float32 inputs (it takes fp16/bf16 only), a GQA
 group it rejects (it needs G < 128 and 128 % G == 0), a torch_npu without it (older than
 2.14; warned once), or ``path="fallback"``.
@@ -35,12 +35,14 @@ import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
+from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, Run, UnsupportedError
 
+from ..approximation import with_approximation
 from . import calls, loader
 from .emulator import emulate
 from .merge import merge_partials
-from .plan import NpuPlan, plan_fallback, plan_hybrid
+from .schedule import OpSchedule, schedule_fallback, schedule_hybrid
 
 PATHS = ("auto", "fallback")
 MAX_HEADS = 256                                   # npu_fusion_attention: "Nq 1..256"
@@ -75,7 +77,8 @@ class NpuBackend(Backend):
     name = "npu"
     capabilities = Capabilities(devices=("npu",), array_type="torch",
                                 dtypes=frozenset({"float16", "bfloat16", "float32"}),
-                                head_dims=frozenset(BLOCK_SPARSE_HEAD_DIMS), max_heads=MAX_HEADS)
+                                head_dims=frozenset(BLOCK_SPARSE_HEAD_DIMS), max_heads=MAX_HEADS,
+                                unselected=frozenset(KINDS))
     install_hint = loader.INSTALL_HINT
     lowers_from_host = True
     options_type = NpuOptions
@@ -92,7 +95,11 @@ class NpuBackend(Backend):
         return super().tensor_device_problem(device, tensor_device)
 
     def lower(self, mask: BlockMask, device: str, options: Hashable) -> Run:
-        return NpuKernel(mask, options)
+        kernel = NpuKernel(mask, options)
+        if mask.unselected.kind == "drop":
+            return kernel
+        # The approximation of unlisted blocks: torch ops on the NPU, merged with the ops' exact part by LSE.
+        return with_approximation(lambda q, k, v, scale: kernel(q, k, v, scale, True), mask)
 
 
 def block_sparse_problems(dtype: torch.dtype, head_dim: int, group: int) -> list[str]:
@@ -128,22 +135,22 @@ class _DeviceChunk:
 
 
 class NpuKernel:
-    """The run function of one compiled mask: plans per kind, their tensors per device."""
+    """The run function of one compiled mask: schedules per kind, their tensors per device."""
 
     def __init__(self, mask: BlockMask, options: NpuOptions) -> None:
         self.mask = mask
         self.options = options
-        self._plans: dict[str, NpuPlan] = {}
+        self._schedules: dict[str, OpSchedule] = {}
         self._on_device: dict[tuple[str, str], tuple[list[_DeviceCall], list[_DeviceChunk]]] = {}
         self._warned = False
         if options.path == "auto":
-            self.plan("hybrid")   # the common plan is built at compile time, off the hot path
+            self.schedule("hybrid")   # the common schedule is built at compile time, off the hot path
 
-    def plan(self, kind: str) -> NpuPlan:
-        if kind not in self._plans:
-            build = plan_hybrid if kind == "hybrid" else plan_fallback
-            self._plans[kind] = build(self.mask, self.options.chunk_elements)
-        return self._plans[kind]
+    def schedule(self, kind: str) -> OpSchedule:
+        if kind not in self._schedules:
+            build = schedule_hybrid if kind == "hybrid" else schedule_fallback
+            self._schedules[kind] = build(self.mask, self.options.chunk_elements)
+        return self._schedules[kind]
 
     def kind_for(self, torch_npu: types.ModuleType, q: torch.Tensor, k: torch.Tensor) -> str:
         """``"hybrid"`` (block-sparse op + fallback) or ``"fallback"`` (fused op only) for this call."""
@@ -161,7 +168,7 @@ class NpuKernel:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         torch_npu = loader.require_torch_npu()
-        block_calls, chunks = self._device_plan(self.kind_for(torch_npu, q, k), q.device)
+        block_calls, chunks = self._device_schedule(self.kind_for(torch_npu, q, k), q.device)
         batch, heads, q_len, _ = q.shape
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
         lse = torch.full((batch, heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
@@ -172,19 +179,19 @@ class NpuKernel:
             _run_fallback(torch_npu, chunk, q, key, value, scale, out, lse)
         return out, (lse if return_lse else None)
 
-    def _device_plan(self, kind: str, device: torch.device) -> tuple[list[_DeviceCall], list[_DeviceChunk]]:
+    def _device_schedule(self, kind: str, device: torch.device) -> tuple[list[_DeviceCall], list[_DeviceChunk]]:
         key = (kind, str(device))
         if key not in self._on_device:
-            plan = self.plan(kind)
+            schedule = self.schedule(kind)
 
             def put(a: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
             block_calls = [_DeviceCall(c.q_start, c.q_end, c.block_x, put(c.block_mask), put(c.row_empty), c.merges)
-                           for c in plan.block_sparse_calls]
+                           for c in schedule.block_sparse_calls]
             chunks = [_DeviceChunk(put(c.q_tokens), put(c.kv_tokens), put(c.row_group), put(c.key_piece),
                                    put(c.allowed), put(c.row_has_keys))
-                      for c in plan.fallback_chunks]
+                      for c in schedule.fallback_chunks]
             self._on_device[key] = (block_calls, chunks)
         return self._on_device[key]
 
@@ -212,12 +219,18 @@ def _run_fallback(torch_npu: types.ModuleType, chunk: _DeviceChunk, q: torch.Ten
     rows = chunk.q_tokens
     attend = chunk.allowed[:, chunk.row_group][:, :, chunk.key_piece][None]
     no_keys = ~chunk.row_has_keys[None]
+    kv_of = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // key.shape[1])
     for b in range(q.shape[0]):
         query = q[b:b + 1, :, rows]
         keys, values = key[b:b + 1, :, chunk.kv_tokens], value[b:b + 1, :, chunk.kv_tokens]
+        # The fused op computes masked-out keys with weight 0, and 0 * NaN = NaN: it gets finite tokens, and
+        # the rows that attend to a non-finite one are made NaN (dense attention makes them non-finite).
+        bad = ~(torch.isfinite(keys).all(dim=-1) & torch.isfinite(values).all(dim=-1))      # [1, H_kv, L]
+        keys, values = keys.masked_fill(bad[..., None], 0), values.masked_fill(bad[..., None], 0)
+        poisoned = (attend & bad[:, kv_of, None, :]).any(dim=-1)                            # [1, H, R]
         part_out, part_lse = calls.fusion_attention(torch_npu, query, keys, values, attend, scale)
-        part_out = part_out.float().masked_fill(no_keys[..., None], 0)
-        part_lse = part_lse.float().masked_fill(no_keys, -math.inf)
+        part_out = part_out.float().masked_fill(no_keys[..., None], 0).masked_fill(poisoned[..., None], math.nan)
+        part_lse = part_lse.float().masked_fill(no_keys, -math.inf).masked_fill(poisoned, math.nan)
         merged_out, merged_lse = merge_partials(out[b:b + 1, :, rows].float(), lse[b:b + 1, :, rows],
                                                 part_out, part_lse)
         out[b:b + 1, :, rows] = merged_out.to(out.dtype)

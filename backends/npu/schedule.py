@@ -1,7 +1,7 @@
-"""Plan: which (query, key) block pairs of a BlockMask each torch_npu op computes. Host-side numpy only.
+"""The op schedule: which (query, key) block pairs of a BlockMask each torch_npu op computes. Host-side numpy only.
 
 ``npu_block_sparse_attention`` skips whole blocks of a fixed grid, ``[bx, by]`` with
-``by`` a multiple of 128 on Atlas A2/A3, and has no mask inside a block. The planner
+``by`` a multiple of 128 on Atlas A2/A3, and has no mask inside a block. The scheduler
 maps the IR onto that grid exactly and hands everything the grid cannot express to
 ``npu_fusion_attention`` with a token mask; the two results are merged through their
 LSEs (:mod:`.merge`). Nothing is approximated.
@@ -22,7 +22,7 @@ an op key block is
 So 128-multiple IR blocks and 64-token blocks that come in agreeing aligned pairs go
 entirely to the block-sparse op; frame-sized blocks (1560 = 12 x 128 + 24 tokens) go to it
 except the op blocks that straddle a boundary where the selection changes; a text
-segment of odd size goes where its op blocks fall. The ``"fallback"`` plan sends every
+segment of odd size goes where its op blocks fall. The ``"fallback"`` schedule sends every
 kept piece to ``npu_fusion_attention`` (used for float32, GQA groups the op rejects, or
 ``path="fallback"``).
 
@@ -69,7 +69,7 @@ class FallbackChunk:
 
 
 @dataclass(frozen=True)
-class NpuPlan:
+class OpSchedule:
     kind: str                                  # "hybrid" or "fallback"
     block_sparse_calls: tuple[BlockSparseCall, ...]
     fallback_chunks: tuple[FallbackChunk, ...]
@@ -136,7 +136,7 @@ def query_runs(mask: BlockMask) -> list[tuple[int, int]]:
     return runs
 
 
-def plan_hybrid(mask: BlockMask, chunk_elements: int) -> NpuPlan:
+def schedule_hybrid(mask: BlockMask, chunk_elements: int) -> OpSchedule:
     """Block-sparse op for every full op block, fallback for the kept tokens of mixed ones."""
     dense = mask.to_dense()
     pieces = key_pieces(mask, BLOCK_Y)
@@ -152,16 +152,16 @@ def plan_hybrid(mask: BlockMask, chunk_elements: int) -> NpuPlan:
         calls.append(BlockSparseCall(q_start, q_end, int(mask.q_block_sizes[first]),
                                      np.ascontiguousarray(block_mask, dtype=np.int8), row_empty,
                                      bool(residual[:, first:end].any())))
-    return NpuPlan("hybrid", tuple(calls), plan_fallback_chunks(mask, residual, pieces, chunk_elements))
+    return OpSchedule("hybrid", tuple(calls), chunk_fallback(mask, residual, pieces, chunk_elements))
 
 
-def plan_fallback(mask: BlockMask, chunk_elements: int) -> NpuPlan:
+def schedule_fallback(mask: BlockMask, chunk_elements: int) -> OpSchedule:
     """Every kept token through npu_fusion_attention; pieces are the IR's own key blocks."""
     pieces = key_pieces(mask, None)
-    return NpuPlan("fallback", (), plan_fallback_chunks(mask, mask.to_dense(), pieces, chunk_elements))
+    return OpSchedule("fallback", (), chunk_fallback(mask, mask.to_dense(), pieces, chunk_elements))
 
 
-def plan_fallback_chunks(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
+def chunk_fallback(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
                          chunk_elements: int) -> tuple[FallbackChunk, ...]:
     """Group the query blocks that have fallback work into chunks of at most ``chunk_elements`` mask entries."""
     heads = mask.num_heads

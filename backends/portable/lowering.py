@@ -3,14 +3,16 @@
 Works on any torch device with plain tensor ops, so it is the fallback for devices
 without a native lowering and the fast path on CPU.
 
-Plan (once per mask, with torch ops on the device of the mask's lists): the (head,
-query block) rows are sorted by how many key blocks they keep and cut into chunks
-whose padded work fits a memory budget; the cut reads the row lengths on the host
-once. Each chunk stores its rows' head, query-token range and padded list of key
-block ids. Run (per batch element and chunk): gather the chunk's queries
-``[R, QB, D]`` and key/value tokens ``[R, NB * KB, D]`` (padding masked to -inf),
-compute exact softmax attention in float32 (float64 for float64 inputs; torch's
-fused SDPA when no LSE is asked for), and write the valid rows back. Empty rows give output 0 and LSE -inf.
+Schedule (once per mask, with torch ops on the device of the mask's lists): the (head,
+query block) rows are sorted by how many key tokens they keep and cut into chunks
+whose padded work fits a memory budget (a row whose scores alone exceed it is cut into
+pieces of query tokens); the cut reads the row lengths on the host once. Each chunk
+stores its rows' head, query tokens and key tokens (the kept blocks' tokens one after
+another, padded to the chunk's longest row). Run (per batch element and chunk): gather
+the chunk's queries ``[R, QB, D]`` and key/value tokens ``[R, L, D]`` (padding masked to
+-inf, and pointing at a token the row attends to), compute exact softmax attention in
+float32 (float64 for float64 inputs; torch's fused SDPA when no LSE is asked for), and
+write the valid rows back. Empty rows give output 0 and LSE -inf.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
+from sparsecore.ir.csr import kept_key_tokens
+from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, Run
+
+from ..approximation import with_approximation
 
 PORTABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
@@ -42,7 +48,8 @@ class PortableOptions:
 class PortableBackend(Backend):
     name = "portable"
     capabilities = Capabilities(devices=PORTABLE_DEVICES, array_type="torch",
-                                dtypes=frozenset({"float32", "float16", "bfloat16", "float64"}))
+                                dtypes=frozenset({"float32", "float16", "bfloat16", "float64"}),
+                                unselected=frozenset(KINDS))
     install_hint = "needs only torch"
     options_type = PortableOptions
 
@@ -59,74 +66,103 @@ class PortableBackend(Backend):
         return -10  # a native lowering, where one exists, is always preferred
 
     def lower(self, mask: BlockMask, device: str, options: PortableOptions) -> Run:
-        chunks = plan_chunks(mask, options.chunk_elements, torch.device(device))
+        chunks = schedule_chunks(mask, options.chunk_elements, torch.device(device))
+        if mask.unselected.kind != "drop":   # exact part with its LSE in the compute dtype, then the approximation
+            exact = lambda q, k, v, scale: run_chunks(mask, chunks, q, k, v, scale, True, partial=True)  # noqa: E731
+            return with_approximation(exact, mask, options.chunk_elements)
         return lambda q, k, v, scale, return_lse: run_chunks(mask, chunks, q, k, v, scale, return_lse)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows processed together; ``R`` rows padded to ``QB`` query tokens and ``NB`` key blocks of ``KB``."""
+    """Rows processed together; ``R`` rows padded to ``QB`` query tokens and ``L`` key tokens.
+
+    ``L`` is the most key tokens a row of the chunk keeps: a row's key tokens are its kept
+    blocks' tokens one after another, so padding never grows with the size of the largest
+    block (a frame-sized or text block beside small ones) times the number of blocks.
+    """
 
     heads: torch.Tensor        # int64 [R]
     q_tokens: torch.Tensor     # int64 [R, QB]: query positions (padding repeats a valid one)
     q_valid: torch.Tensor      # bool  [R, QB]
-    kv_tokens: torch.Tensor    # int64 [R, NB * KB]: key positions (padding points at 0)
-    kv_valid: torch.Tensor     # bool  [R, NB * KB]
+    kv_tokens: torch.Tensor    # int64 [R, L]: key positions (padding repeats the row's first kept token)
+    kv_valid: torch.Tensor     # bool  [R, L]
     padded: bool               # whether any kv_valid entry is False
 
 
-def plan_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) -> list[Chunk]:
-    """Group the mask's rows into padded chunks; sizes from one host read of the row lengths."""
+def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) -> list[Chunk]:
+    """Group the mask's rows into padded chunks; sizes from one host read of the row lengths.
+
+    A row whose own scores exceed ``chunk_elements`` (a large query block keeping many keys) is cut
+    into pieces of query tokens that share its gathered key positions.
+    """
     mask = mask.to(device)
     lengths = mask.row_lengths.reshape(-1)                   # key blocks per row, [H * MB]
-    host_lengths = lengths.cpu().numpy()                     # the one host read: chunk sizes depend on it
-    order = np.argsort(-host_lengths, kind="stable")
+    kept = kept_key_tokens(mask.indptr, mask.indices, mask.kv_offsets).reshape(-1)   # key tokens per row
+    host_lengths, host_kept = torch.stack([lengths, kept.to(lengths.dtype)]).cpu().numpy()  # the one host read
+    order = np.argsort(-host_kept, kind="stable")
     order = order[host_lengths[order] > 0]                   # empty rows stay 0 / -inf
-    max_q, max_kv = int(mask.q_block_sizes.max()), int(mask.kv_block_sizes.max())
+    max_q = int(mask.q_block_sizes.max())
     starts = mask.indptr[:, :-1].reshape(-1).long()
     chunks = []
     position = 0
     while position < len(order):
-        end = _chunk_end(order, position, host_lengths, max_q, max_kv, chunk_elements)
-        chunks.append(_make_chunk(mask, order[position:end], host_lengths, starts, device))
+        end = _chunk_end(order, position, host_kept, max_q, chunk_elements)
+        rows = order[position:end]
+        keys = _key_tokens(mask, rows, host_lengths, host_kept, starts, device)
+        size, row_kept = int(mask.q_block_sizes[rows[0] % mask.num_q_blocks]), int(host_kept[rows[0]])
+        if len(rows) == 1 and size * row_kept > chunk_elements:
+            piece = max(1, chunk_elements // row_kept)
+            chunks.extend(_chunk(mask, rows, keys, device, (first, min(size, first + piece)))
+                          for first in range(0, size, piece))
+        else:
+            chunks.append(_chunk(mask, rows, keys, device))
         position = end
     return chunks
 
 
-def _chunk_end(order: np.ndarray, position: int, lengths: np.ndarray, max_q: int, max_kv: int,
-               chunk_elements: int) -> int:
-    """End of the chunk starting at ``position``: rows are sorted longest first, so the first bounds the padding."""
-    per_row = max_q * int(lengths[order[position]]) * max_kv
+def _chunk_end(order: np.ndarray, position: int, kept: np.ndarray, max_q: int, chunk_elements: int) -> int:
+    """End of the chunk starting at ``position``: rows are sorted by kept key tokens; the first bounds the padding."""
+    per_row = max_q * int(kept[order[position]])
     return min(len(order), position + max(1, chunk_elements // per_row))
 
 
-def _make_chunk(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, starts: torch.Tensor,
-                device: torch.device) -> Chunk:
-    num_q_blocks = mask.num_q_blocks
-    heads, blocks = rows // num_q_blocks, rows % num_q_blocks
-    q_sizes = mask.q_block_sizes[blocks]
-    qb = int(q_sizes.max())
-    q_offsets = np.arange(qb)[None, :]
-    q_valid = q_offsets < q_sizes[:, None]
-    q_tokens = mask.q_offsets[blocks][:, None] + np.where(q_valid, q_offsets, 0)
+def _chunk(mask: BlockMask, rows: np.ndarray, keys: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+           piece: tuple[int, int] | None = None) -> Chunk:
+    """The chunk of ``rows`` (all their query tokens, or the ``piece`` of query tokens of a single row)."""
+    heads, blocks = rows // mask.num_q_blocks, rows % mask.num_q_blocks
+    first, q_sizes = mask.q_offsets[blocks], mask.q_block_sizes[blocks]
+    if piece is not None:
+        first, q_sizes = first + piece[0], np.full_like(q_sizes, piece[1] - piece[0])
+    offsets = np.arange(int(q_sizes.max()))[None, :]
+    q_valid = offsets < q_sizes[:, None]
+    q_tokens = first[:, None] + np.where(q_valid, offsets, 0)
+    put = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
+    kv_tokens, kv_valid = keys
+    return Chunk(put(heads.astype(np.int64)), put(q_tokens.astype(np.int64)), put(q_valid), kv_tokens, kv_valid,
+                 not bool(kv_valid.all()))
 
+
+def _key_tokens(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, kept: np.ndarray, starts: torch.Tensor,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions ``[R, L]`` of ``rows`` (their kept blocks' tokens one after another) and which are real."""
     put = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
     nb = int(lengths[rows].max())
-    row_lengths = put(lengths[rows].astype(np.int64))
     slot = torch.arange(nb, device=device)[None, :]
-    block_valid = slot < row_lengths[:, None]
+    block_valid = slot < put(lengths[rows].astype(np.int64))[:, None]
     entry = torch.where(block_valid, starts[put(rows.astype(np.int64))][:, None] + slot, 0)
-    block_ids = mask.indices[entry].long()
-    kv_sizes, kv_offsets = put(mask.kv_block_sizes), put(mask.kv_offsets)
-    kb = int(mask.kv_block_sizes.max())
-    within = torch.arange(kb, device=device)[None, None, :]
-    kv_valid = block_valid[:, :, None] & (within < kv_sizes[block_ids][:, :, None])
+    block_ids = mask.indices[entry].long()                                       # [R, nb]
+    kv_offsets = put(mask.kv_offsets)
+    sizes = torch.where(block_valid, kv_offsets[block_ids + 1] - kv_offsets[block_ids], 0)
+    ends = torch.cumsum(sizes, dim=1)                                            # [R, nb]: end of each kept block
+    position = torch.arange(int(kept[rows].max()), device=device)[None, :].expand(len(rows), -1).contiguous()
+    which = torch.searchsorted(ends, position, right=True).clamp(max=nb - 1)     # the kept block holding a position
+    kv_valid = position < ends[:, -1:]
+    within = position - (ends.gather(1, which) - sizes.gather(1, which))
     # Padding points at the row's first kept token, never at a token the row does not attend to:
     # a non-finite value there must not reach the row even through a zero weight.
-    first = kv_offsets[block_ids[:, :1]][:, :, None]
-    kv_tokens = torch.where(kv_valid, kv_offsets[block_ids][:, :, None] + within, first)
-    return Chunk(put(heads.astype(np.int64)), put(q_tokens.astype(np.int64)), put(q_valid),
-                 kv_tokens.reshape(len(rows), -1), kv_valid.reshape(len(rows), -1), not bool(kv_valid.all()))
+    kv_tokens = torch.where(kv_valid, kv_offsets[block_ids.gather(1, which)] + within, kv_offsets[block_ids[:, :1]])
+    return kv_tokens, kv_valid
 
 
 def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_valid: torch.Tensor, padded: bool,
@@ -150,13 +186,16 @@ def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_
 
 
 def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               scale: float, return_lse: bool, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention over the listed blocks; ``partial``: output and LSE in the compute dtype (float32, float64
+    for float64 inputs), a partial result to merge with the approximation of unlisted blocks."""
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(batch, num_heads * q_len, head_dim, dtype=q.dtype, device=q.device)
-    lse = torch.full((batch, num_heads * q_len), -torch.inf, dtype=torch.float32, device=q.device)
+    out_dtype, lse_dtype = (compute, compute) if partial else (q.dtype, torch.float32)
+    out = torch.zeros(batch, num_heads * q_len, head_dim, dtype=out_dtype, device=q.device)
+    lse = torch.full((batch, num_heads * q_len), -torch.inf, dtype=lse_dtype, device=q.device)
     q_flat = q.reshape(batch, num_heads * q_len, head_dim)
     k_flat = k.reshape(batch, num_kv_heads * kv_len, head_dim)
     v_flat = v.reshape(batch, num_kv_heads * kv_len, head_dim)
@@ -169,7 +208,7 @@ def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.T
             keys = k_flat[b, kv_index].to(compute)                              # [R, L, D]
             values = v_flat[b, kv_index].to(compute)
             result, row_lse = _attend(queries, keys, values, chunk.kv_valid, chunk.padded, scale, return_lse)
-            out[b, valid_rows] = result[chunk.q_valid].to(q.dtype)
+            out[b, valid_rows] = result[chunk.q_valid].to(out_dtype)
             if return_lse:
-                lse[b, valid_rows] = row_lse[chunk.q_valid].float()
+                lse[b, valid_rows] = row_lse[chunk.q_valid].to(lse_dtype)
     return out.reshape(q.shape), (lse.reshape(batch, num_heads, q_len) if return_lse else None)

@@ -33,7 +33,7 @@ class ReferenceBackend(Backend):
     capabilities = Capabilities(devices=("reference",), array_type="numpy", dtypes=frozenset({"float32", "float64"}),
                                 unselected=frozenset(KINDS))
     install_hint = "needs only numpy"
-    plans_on_host = True
+    lowers_from_host = True
 
     def unavailable_reason(self, device: str) -> str | None:
         return None

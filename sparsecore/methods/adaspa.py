@@ -61,7 +61,8 @@ from sparsecore.ir import BlockMask
 from sparsecore.search import block_mass
 
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_qk,
-                       check_scale, check_shard, check_step, geometry_meta, params_from)
+                       check_layer, check_scale, check_shard, check_step, geometry_meta, params_from)
+from .approximation import check_approximation, unselected_of, with_unselected
 from .selection import (SinkLayout, dense_mask, keep_count, keep_counts, rows_from_top, selection_nnz, sink_mask,
                         top_video)
 from sparsecore.ir.validation import check_int
@@ -78,7 +79,10 @@ class AdaSpaParams:
     block (64). ``head_adaptive``: three budget levels by recall (True). ``recall_threshold``: what
     counts as a good recall (0.8). ``warmup_steps``: leading dense steps (10). ``search_steps``:
     0-based steps that search (10, 30). ``scale``: softmax scale (None: 1/sqrt(D)). ``impl``:
-    block-mass implementation (``"auto"``, ``"torch"`` or a backend's name).
+    block-mass implementation (``"auto"``, ``"torch"`` or a backend's name). ``approximation``: what
+    rows get from the blocks they do not keep (``"drop"``, AdaSpa's own; PASA's ``"grouped-first-order"``
+    (groups of 32 key blocks, or ``"grouped-first-order:<blocks>"``), ``"global-first-order"``, ``"zeroth"``;
+    :mod:`.approximation`).
     """
 
     sparsity: float = 0.8
@@ -89,6 +93,7 @@ class AdaSpaParams:
     search_steps: tuple[int, ...] = (10, 30)
     scale: float | None = None
     impl: str = "auto"
+    approximation: str = "drop"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -99,6 +104,7 @@ class AdaSpaParams:
         set_(self, "head_adaptive", check_bool(self.head_adaptive, "head_adaptive"))
         set_(self, "search_steps", check_int_tuple(self.search_steps, "search_steps"))
         set_(self, "scale", check_scale(self.scale))
+        set_(self, "approximation", check_approximation(self.approximation))
         if not isinstance(self.impl, str):
             raise TypeError(f"impl: expected a block-mass implementation name such as 'auto', got {self.impl!r}")
 
@@ -152,20 +158,25 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     sparsities = head_sparsities(recalls, s, p.recall_threshold) if p.head_adaptive else torch.full_like(recalls, s)
     keep = keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
     video_row_counts = (keep + layout.text_blocks).sum()
-    flags = [torch.isfinite(total).all().double()] if finite_check else []
-    summary = torch.cat([video_row_counts.double().reshape(1), *[f.reshape(1) for f in flags], sparsities,
+    finite = torch.isfinite(total).all().double()
+    summary = torch.cat([video_row_counts.double().reshape(1), finite.reshape(1), sparsities,
                          recalls]).tolist()                                 # the one host read of a search
     if finite_check and not summary[1]:
         raise ValueError(f"lse: the cached LSE is far below the scores of layer {meta['layer']} at step "
-                         f"{meta['step']} (block masses overflow float32); a cached search needs inputs close to those "
-                         f"of the search step that made the LSE, as consecutive denoising steps are; pass lse=None "
-                         f"(or make this step the first of search_steps) for a fresh search")
+                         f"{meta['step']} (block masses overflow float32), or q, k hold NaN or inf; a cached search "
+                         f"needs inputs close to those of the search step that made the LSE, as consecutive "
+                         f"denoising steps are; pass lse=None (or make this step the first of search_steps) for a "
+                         f"fresh search")
+    if not summary[1]:
+        raise ValueError(f"q, k: the block masses of layer {meta['layer']} at step {meta['step']} are not finite: q or "
+                         f"k (or the given mass) holds NaN or inf; check the model's activations at this layer")
     total_heads = shard.total
     head_sparsity = summary[-2 * total_heads:-total_heads]
     meta.update(head_sparsity=head_sparsity, base_recall=summary[-total_heads:])
     nnz = selection_nnz(layout, shard.size, int(summary[0]))
-    return sink_mask(rows_from_top(top, layout, keep), layout, offsets, nnz, 1.0 - sparsities[shard.start:shard.stop],
+    mask = sink_mask(rows_from_top(top, layout, keep), layout, offsets, nnz, 1.0 - sparsities[shard.start:shard.stop],
                      meta)
+    return with_unselected(mask, unselected_of(p.approximation, 32))
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
@@ -186,7 +197,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
     """
     shard = check_shard(heads, check_geometry(geometry, num_heads))
     p = params_from(AdaSpaParams, METHOD, params)
-    step = check_step(step)
+    step, layer = check_step(step), check_layer(layer)
     if step < p.warmup_steps:
         return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
     return _search(geometry, shard, p, layer, step, q, k, lse, mass, "search").mask
@@ -227,7 +238,7 @@ class AdaSpaSession:
         step's own output is dense: :meth:`action`); ``lse`` there is the LSE of that dense output
         (it skips pass 1). ``heads``: plan only this shard (the same shard at every step of the run).
         """
-        action = self.action(geometry, step, layer)
+        action = self.action(geometry, step, check_layer(layer))
         p = self.params
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         if action.dense and not action.plans:

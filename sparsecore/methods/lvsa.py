@@ -44,7 +44,11 @@ Where the paper is silent or paper and code differ, we chose:
   retiled mask is the smallest mask on that grid that covers the frame pattern (a
   block straddling two frames sees the union of both frames' sets).
 - Sequence parallelism: ``sp_world > 1`` adds the code's boundary guards (frames
-  within ``W`` of each rank's first frame, ranks splitting the video tokens evenly).
+  within ``W`` of each rank's first frame, ranks splitting the video tokens evenly). The
+  code needs them because its ranks see only their own window keys plus the broadcast
+  anchors; sparsecore's ring (``ring_degree = sp_world``) fetches every key a row lists,
+  so the guards are opt-in there (``sp_world=ring_degree`` reproduces the code's masks;
+  default 1 keeps the one-GPU mask), and meaningless under Ulysses (no sequence split).
 - The pattern is the same for every head and layer; ``q`` / ``k`` are ignored.
 """
 
@@ -62,8 +66,9 @@ from sparsecore.ir import BlockMask
 
 from sparsecore.ir.validation import check_int
 
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_shard, check_step,
-                       geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer,
+                       check_shard, check_step, geometry_meta, params_from)
+from .approximation import check_approximation, unselected_of, with_unselected
 from .selection import shared_mask
 
 METHOD = "lvsa"
@@ -86,6 +91,7 @@ class LVSAParams:
     sparsity_scale: float = 1.0
     block_size: int | None = None
     sp_world: int = 1
+    approximation: str = "drop"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -101,6 +107,7 @@ class LVSAParams:
             set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "sparsity_scale", check_fraction(self.sparsity_scale, "sparsity_scale", 0.0, math.inf,
                                                     open_low=True))
+        set_(self, "approximation", check_approximation(self.approximation))
         check_bool(self.rotate, "rotate")
         check_bool(self.expand_window, "expand_window")
 
@@ -240,9 +247,11 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         **params: :class:`LVSAParams` fields: ``window``, ``first_frames``, ``reference_frames``,
             ``anchor_rule`` (``"auto"`` | ``"paper"``), ``anchor_interval`` (int to fix ``T_per``),
             ``rotate``, ``expand_window``, ``sparsity_scale``, ``block_size`` (None: frame blocks),
-            ``sp_world`` (sequence-parallel ranks, adds boundary guards).
+            ``sp_world`` (sequence-parallel ranks, adds boundary guards), ``approximation`` (``"drop"``;
+            or PASA's approximation of the blocks a row does not keep, :mod:`.approximation`).
     """
-    return _plan(geometry, check_geometry(geometry, num_heads), step, layer, params_from(LVSAParams, METHOD, params))
+    return _plan(geometry, check_geometry(geometry, num_heads), step, check_layer(layer),
+                 params_from(LVSAParams, METHOD, params))
 
 
 def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVSAParams) -> BlockMask:
@@ -258,7 +267,8 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
     meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "params": vars(p),
             "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
             "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
-    return shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
+    mask = shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
+    return mask if pattern.dense else with_unselected(mask, unselected_of(p.approximation, 32))
 
 
 class LVSASession:
@@ -279,6 +289,7 @@ class LVSASession:
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense when the video fits the training horizon (every frame an anchor), else the frame pattern."""
         check_step(step, self.num_steps)
+        check_geometry(geometry, 1)
         if _pattern(geometry, step, self.params).dense:
             return StepAction("dense", dense=True, plans=False)
         return StepAction("plan", dense=False, plans=True)

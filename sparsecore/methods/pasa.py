@@ -18,11 +18,14 @@ prediction between adjacent steps measured on a calibration run
 ``[min_density, 1]`` with the clipped mass redistributed so the mean over sparse
 steps stays ``rho`` (:func:`density_schedule`). Without a profile ``rho_t = rho``.
 
-PASA's first-order (Taylor) approximation of the unselected blocks, computed with
-per-group statistics over groups of 32 key blocks, is kernel work and a later issue:
-these masks keep or drop blocks only. ``group_size`` (32) is recorded in ``meta`` for
-that kernel; the routing uses no group statistic (PISA's covariance routing term is
-for images only).
+Unselected blocks: sparse masks carry ``unselected = grouped-first-order:32`` (``approximation``,
+``group_size``): every key block a row does not keep enters its softmax through PASA's
+first-order Taylor approximation around the block's mean key, with one first-order
+statistic per group of 32 consecutive key blocks (:mod:`sparsecore.ir.unselected`; the
+kernels compute it). ``approximation="global-first-order"`` is PISA's single statistic,
+``"zeroth"`` drops the first-order term and ``"drop"`` keeps or drops blocks only. The
+routing uses no group statistic (PISA's covariance routing term is for images only).
+Dense masks (dense steps and layers) have nothing to approximate and stay ``"drop"``.
 
 Planning runs on the scores' device for all heads at once: block means by ``index_add``,
 one batched score product, the noise from counters (:mod:`.noise`), one top-k, and the
@@ -49,6 +52,10 @@ Where the paper is silent, we chose:
 - Text tokens (joint attention): text key blocks are kept in every row and text rows
   keep everything (AdaSpa's text sink; PASA does not say).
 - Scores are averaged over the batch (one mask per head for the whole batch).
+- Grouped approximation: groups are ``group_size`` consecutive key blocks counted from block 0
+  (text blocks included, the last group may be shorter), the group statistic covers selected
+  blocks too, and a block's share is ``|B_j| H_g / T_g`` (PISA's code scales its global
+  statistic the same way); statistics per batch element and key head (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int
 
+from .approximation import check_approximation, unselected_of, with_unselected
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_qk, check_scale,
-                       check_shard, check_step, geometry_meta, params_from)
+                       check_layer, check_shard, check_step, geometry_meta, params_from)
 from .noise import gumbel
 from .selection import (SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask,
                         top_video)
@@ -84,7 +92,9 @@ class PASAParams:
     paper's 85% sparsity). ``block_size``: tokens per block (64). ``dense_fraction``: leading
     dense steps (0.2). ``min_density``: floor of the per-step density (None: density / 2).
     ``noise_scale``: Gumbel selection noise (0.2). ``seed``. ``dense_layers``: layers dense at
-    every step ((0,)). ``group_size``: key blocks per shared statistic (32, recorded).
+    every step ((0,)). ``group_size``: key blocks per shared first-order statistic (32).
+    ``approximation``: what rows get from the blocks they do not keep (``"grouped-first-order"``,
+    ``"global-first-order"``, ``"zeroth"`` or ``"drop"``; :mod:`.approximation`).
     ``scale``: softmax scale (None: 1/sqrt(D)).
     """
 
@@ -96,6 +106,7 @@ class PASAParams:
     seed: int = 0
     dense_layers: tuple[int, ...] = (0,)
     group_size: int = 32
+    approximation: str = "grouped-first-order"
     scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +119,7 @@ class PASAParams:
         set_(self, "seed", check_int(self.seed, "seed", 0))
         set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "group_size", check_int(self.group_size, "group_size", 1))
+        set_(self, "approximation", check_approximation(self.approximation))
         set_(self, "dense_layers", check_int_tuple(self.dense_layers, "dense_layers"))
         set_(self, "scale", check_scale(self.scale))
 
@@ -300,7 +312,7 @@ class PASASession:
              q: Any = None, k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
         """The mask at ``(layer, step)`` (``heads``: only this :class:`~.contract.HeadShard`; ``lse`` unused)."""
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        action = self.action(geometry, step, layer)
+        action = self.action(geometry, step, check_layer(layer))
         p = self.params
         rho = float(self.schedule[step])
         meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "density": rho,
@@ -318,8 +330,10 @@ class PASASession:
         keep = keep_count(rho, layout.video_blocks)
         nnz = selection_nnz(layout, shard.size, shard.size * (keep + layout.text_blocks))
         budgets = torch.full((shard.size,), rho, dtype=torch.float64, device=scores.device)
-        return sink_mask(rows_from_top(top_video(scores, layout, keep), layout, keep), layout, offsets, nnz, budgets,
-                         {**meta, "keep_blocks": keep})
+        unselected = unselected_of(p.approximation, p.group_size)
+        mask = sink_mask(rows_from_top(top_video(scores, layout, keep), layout, keep), layout, offsets, nnz, budgets,
+                         {**meta, "keep_blocks": keep, "unselected": str(unselected)})
+        return with_unselected(mask, unselected)
 
 
 def session(num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> PASASession:

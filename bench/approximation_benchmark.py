@@ -1,0 +1,127 @@
+"""GPU cost of PASA's approximation of the unselected blocks (issue 16), next to the exact block-sparse part.
+
+Not run yet (no GPU time was left when it was written). On a GPU machine (the device tool):
+
+    python bench/approximation_benchmark.py --out bench/results [--sizes 32760 188760] [--head-dim 128]
+
+For each length (Wan 2.1 1x = 21x30x52 = 32,760 tokens and 6x = 121x30x52 = 188,760 tokens by
+default), 12 heads, bf16, a PASA mask at its defaults (64-token blocks, rho 0.15, step 10; pooled
+scores of random q, k: the density, not the selection, sets the cost) is compiled for the ``triton``
+lowering with each ``approximation``, and timed with ``triton.testing.do_bench`` (median):
+
+- ``exact``: the drop-only mask (the block-sparse kernel alone);
+- ``total``: the same selection with zeroth / global-first-order / grouped-first-order;
+- ``statistics``: :func:`sparsecore.backends.approximation.statistics` alone (k̄, ΣV, H_g / T_g);
+- ``pass``: the Triton approximation pass alone (``ApproximationLaunch`` on a fixed exact result);
+- ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale.
+
+It also checks the lowering on the GPU: the Triton bf16 output against the ``portable`` lowering
+in float32 on the same mask (relative L2; the CPU suite holds both to a float64 oracle).
+Writes ``approximation-<date>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+import sparsecore  # noqa: E402
+from sparsecore.backends.approximation import StatisticsPlan, statistics  # noqa: E402
+from sparsecore.backends.cuda.approximation_launch import ApproximationLaunch  # noqa: E402
+from sparsecore.geometry import VideoGeometry  # noqa: E402
+from sparsecore.ir import BlockMask  # noqa: E402
+from sparsecore.methods import pasa  # noqa: E402
+from sparsecore.methods.approximation import unselected_of, with_unselected  # noqa: E402
+
+HEADS = 12
+GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 52), 9760: VideoGeometry(61, 10, 16)}
+KINDS = ("zeroth", "global-first-order", "grouped-first-order")
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=50, rep=300))
+
+
+def with_kind(mask: BlockMask, kind: str) -> BlockMask:
+    return with_unselected(mask, unselected_of(kind, 32))
+
+
+def rows_for(tokens: int, head_dim: int, check: bool) -> list[dict]:
+    g = GEOMETRIES[tokens]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, g.tokens, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    drop = pasa.plan(g, HEADS, step=10, q=q, k=k, approximation="drop")
+    exact_kernel = sparsecore.compile(drop, device="cuda", backend="triton")
+    exact_ms = bench(lambda: exact_kernel(q, k, v))
+    dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    rows = [{"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": "drop",
+             "exact_ms": exact_ms, "total_ms": exact_ms, "dense_sdpa_ms": dense_ms}]
+    for kind in KINDS:
+        mask = with_kind(drop, kind)
+        kernel = sparsecore.compile(mask, device="cuda", backend="triton")
+        total_ms = bench(lambda: kernel(q, k, v))
+        plan = StatisticsPlan.build(mask.kv_offsets, mask.unselected, q.device)
+        stats_ms = bench(lambda: statistics(k, v, plan))
+        launch = ApproximationLaunch(mask.to(q.device))
+        out, lse = exact_kernel(q, k, v, return_lse=True)
+        pass_ms = bench(lambda: launch(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms   # merges in place: same cost
+        row = {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": kind,
+               "exact_ms": exact_ms, "total_ms": total_ms, "statistics_ms": stats_ms, "pass_ms": pass_ms,
+               "overhead": total_ms / exact_ms - 1, "dense_sdpa_ms": dense_ms}
+        if check:
+            reference = sparsecore.compile(mask, device="cuda", backend="portable")(q.float(), k.float(), v.float())
+            got = kernel(q, k, v).float()
+            row["rel_l2_vs_portable_fp32"] = float((got - reference).norm() / reference.norm())
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Approximation of unselected blocks on {report['gpu']} ({report['date']})", "",
+             f"torch {report['torch']}, triton {report['triton']}; PASA defaults, {HEADS} heads, bf16, "
+             "triton lowering.",
+             "", "| tokens | D | density | approximation | exact ms | total ms | overhead | statistics ms | pass ms "
+             "| dense SDPA ms | rel L2 vs portable fp32 |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        fmt = lambda key, spec: "" if r.get(key) is None else format(r[key], spec)  # noqa: E731
+        lines.append(f"| {r['tokens']} | {r['head_dim']} | {r['density']:.3f} | {r['approximation']} | "
+                     f"{r['exact_ms']:.2f} | {r['total_ms']:.2f} | {fmt('overhead', '.1%')} | "
+                     f"{fmt('statistics_ms', '.2f')} | {fmt('pass_ms', '.2f')} | {r['dense_sdpa_ms']:.2f} | "
+                     f"{fmt('rel_l2_vs_portable_fp32', '.2e')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32760, 188760], choices=sorted(GEOMETRIES))
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--no-check", action="store_true", help="skip the portable float32 comparison")
+    args = parser.parse_args(argv)
+    import triton
+    rows = []
+    for tokens in args.sizes:
+        rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760)
+    date = datetime.date.today().isoformat()
+    report = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
+              "triton": triton.__version__, "host": platform.node(), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"approximation-{date}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"approximation-{date}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

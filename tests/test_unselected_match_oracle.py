@@ -1,0 +1,238 @@
+"""Masks that approximate the key blocks a row does not list (PASA / PISA): every backend equals the float64 oracle.
+
+Each backend that declares an approximating kind in ``capabilities.unselected`` runs on
+generated masks (odd lengths, short last blocks, arbitrary boundaries, empty and full rows,
+GQA, per-head differences) with each kind it declares, and on named cases (text-like blocks,
+a row with no listed block, a running maximum that grows inside the approximated part);
+``oracle_unselected.py`` is the independent float64 statement. Backends that do not declare
+a kind must refuse such masks with the capability's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from checks import assert_matches
+from oracle_unselected import approximated_attention, block_terms
+from strategies import AttentionCase, attention_cases
+from targets import all_targets, default_scale, to_float64
+from tolerances import OUT_REL
+
+import sparsecore
+from sparsecore import BlockMask
+from sparsecore.ir import Unselected
+
+APPROXIMATING = ("zeroth", "global-first-order", "grouped-first-order")
+TARGETS = [t for t in all_targets() if set(APPROXIMATING) & t.capabilities.unselected]
+
+
+@pytest.fixture(params=TARGETS, ids=[t.id for t in TARGETS])
+def target(request):
+    with request.param.running() as t:
+        yield t
+
+
+def approximating(mask: BlockMask, unselected: Unselected | str) -> BlockMask:
+    """``mask`` (a host mask) with ``unselected`` instead of its own treatment (validated constructor)."""
+    unselected = Unselected.parse(unselected) if isinstance(unselected, str) else unselected
+    return BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, mask.budgets,
+                     mask.meta, unselected)
+
+
+def run_and_compare(target, mask: BlockMask, q, k, v, scale=None, device_held: bool = False) -> None:
+    torch_device = target.tensor_device if target.capabilities.array_type == "torch" else "cpu"
+    kernel = sparsecore.compile(mask.to(torch_device) if device_held else mask, device=target.device,
+                                backend=target.backend)
+    args, (q64, k64, v64) = target.cast(q, k, v)
+    out, lse = kernel(*args, scale=scale, return_lse=True)
+    assert str(lse.dtype).endswith("float32") and out.dtype == args[0].dtype
+    ref_out, ref_lse = approximated_attention(q64, k64, v64, mask, default_scale(q.shape[-1], scale))
+    assert np.isfinite(ref_lse).all()          # every row has mass: each key block is listed or approximated
+    assert_matches(target.dtype, to_float64(out), to_float64(lse), ref_out, ref_lse)
+
+
+@st.composite
+def approximated_cases(draw, caps: sparsecore.Capabilities) -> AttentionCase:
+    case = draw(attention_cases(caps))
+    kind = draw(st.sampled_from([k for k in APPROXIMATING if k in caps.unselected]), label="kind")
+    group = draw(st.sampled_from([1, 2, 3, 32]), label="group blocks") if kind == "grouped-first-order" else None
+    return dataclasses.replace(case, mask=approximating(case.mask, Unselected(kind, group)))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_masks_match_the_oracle(target, data):
+    case = data.draw(approximated_cases(target.capabilities), label="case")
+    device_held = data.draw(st.booleans(), label="lists held as device tensors")
+    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=device_held)
+
+
+# ------------------------------------------------------------------ named cases
+def _mask(dense: np.ndarray, q_offsets, kv_offsets, unselected: str) -> BlockMask:
+    rows = [[np.nonzero(dense[h, i])[0] for i in range(dense.shape[1])] for h in range(dense.shape[0])]
+    return approximating(BlockMask.from_lists(rows, np.asarray(q_offsets), np.asarray(kv_offsets)), unselected)
+
+
+def _random_inputs(mask: BlockMask, num_kv_heads: int, head_dim: int, seed: int, batch: int = 1):
+    return AttentionCase(mask, batch, num_kv_heads, head_dim, seed, None).inputs()
+
+
+def _growing_maximum():
+    """One query row per head whose approximated scores grow block after block, far above its listed block.
+
+    Keys of block j point along q with weight j, so ``s q·k̄_j`` rises by ~2 per block across 40
+    blocks and 14 groups of 3: a kernel that does not rescale the approximated sums (the denominator
+    in particular) when the running maximum grows is off by orders of magnitude.
+    """
+    rng = np.random.default_rng(21)
+    head_dim, blocks, size = 64, 40, 4
+    offsets = np.arange(0, blocks * size + 1, size)
+    dense = np.zeros((2, 1, blocks), dtype=bool)
+    dense[:, 0, 0] = True                                          # the listed block has the lowest scores
+    mask = _mask(dense, [0, 8], offsets, "grouped-first-order:3")
+    direction = rng.standard_normal(head_dim)
+    direction /= np.linalg.norm(direction)
+    q = np.broadcast_to(4.0 * direction, (1, 2, 8, head_dim)).copy() + 0.05 * rng.standard_normal((1, 2, 8, head_dim))
+    level = np.repeat(np.arange(blocks) * 0.5, size)[None, None, :, None]
+    k = level * direction + 0.3 * rng.standard_normal((1, 1, blocks * size, head_dim))
+    v = rng.standard_normal((1, 1, blocks * size, head_dim))
+    return mask, q, k, v, 1.0
+
+
+def _named():
+    rng = np.random.default_rng(5)
+    cases = {}
+    frames = np.array([0, 39, 78, 117, 156, 195, 234, 247])         # six 39-token "frames" and a 13-token text block
+    window = np.zeros((4, 7, 7), dtype=bool)
+    for i in range(7):
+        window[:, i, max(0, i - 1):i + 2] = True
+    window[:, :, 6] = window[:, 6, :] = True                        # text sink
+    cases["frame_blocks_with_text"] = (_mask(window, frames, frames, "grouped-first-order:2"), 2, 64, None)
+    empty = rng.random((3, 5, 5)) < 0.4
+    empty[0, 2] = False                                             # a row that lists nothing: approximation only
+    empty[1] = False                                                # a head that lists nothing
+    empty[2] = True                                                 # a head that lists everything: exact only
+    offsets = BlockMask.uniform_offsets(80, 16)
+    cases["empty_rows_and_full_head"] = (_mask(empty, offsets, offsets, "global-first-order"), 3, 64, None)
+    gqa = rng.random((8, 3, 4)) < 0.4
+    cases["gqa_4_to_1_short_last_block"] = (_mask(gqa, BlockMask.uniform_offsets(96, 32),
+                                                  BlockMask.uniform_offsets(100, 32), "grouped-first-order:3"),
+                                            2, 32, None)
+    ragged = rng.random((4, 2, 5)) < 0.5
+    cases["gqa_2_to_1_q_len_ne_kv_len_zeroth"] = (_mask(ragged, [0, 30, 64], [0, 1, 40, 41, 100, 160], "zeroth"),
+                                                  2, 64, 0.3)
+    cases["group_wider_than_the_sequence"] = (_mask(rng.random((2, 4, 5)) < 0.3, BlockMask.uniform_offsets(64, 16),
+                                                    BlockMask.uniform_offsets(70, 16), "grouped-first-order:32"),
+                                              1, 16, None)
+    return cases
+
+
+NAMED = _named()
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_masks_match_the_oracle(target, name):
+    mask, num_kv_heads, head_dim, scale = NAMED[name]
+    _run_named(target, mask, *_random_inputs(mask, num_kv_heads, head_dim, seed=len(name), batch=2), scale)
+
+
+def test_a_growing_maximum_matches_the_oracle(target):
+    mask, q, k, v, scale = _growing_maximum()
+    _run_named(target, mask, q, k, v, scale)
+
+
+def _run_named(target, mask, q, k, v, scale):
+    problems = target.capabilities.mask_problems(mask) + target.capabilities.tensor_problems(
+        target.dtype, q.shape[-1], mask.num_heads, k.shape[1], True)
+    if problems:
+        pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
+    run_and_compare(target, mask, q, k, v, scale=scale)
+    run_and_compare(target, mask, q, k, v, scale=scale, device_held=True)
+
+
+# ------------------------------------------------------------------ the tests can fail
+def test_the_growing_maximum_catches_an_unrescaled_denominator():
+    """The case above separates a correct kernel from PISA's public one, which adds the approximated
+    denominator without rescaling it when the running maximum grows (the same walk with the rescale
+    matches the oracle, so the bug alone makes the difference)."""
+    mask, q, k, v, scale = _growing_maximum()
+    zeroth = approximating(mask, "zeroth")
+    ref_out, ref_lse = approximated_attention(q, k, v, zeroth, scale)
+    out, lse = _walk(q, k, v, zeroth, scale, tile=3, rescale_denominator=True)
+    np.testing.assert_allclose(out, ref_out[0, 0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_lse[0, 0], rtol=1e-12)
+    out, lse = _walk(q, k, v, zeroth, scale, tile=3, rescale_denominator=False)
+    assert np.linalg.norm(out - ref_out[0, 0]) / np.linalg.norm(ref_out[0, 0]) > 100 * OUT_REL["float16"]
+    assert abs(lse - ref_lse[0, 0]).max() > 1.0
+
+
+def _walk(q, k, v, mask, scale, tile, rescale_denominator):
+    """Head 0: the exact part online, then tiles of zeroth-order approximated blocks (PISA's walk)."""
+    mean_key, value_sum, _ = block_terms(k[0, 0], v[0, 0], mask.kv_offsets, "zeroth", None)
+    sizes = np.diff(mask.kv_offsets)
+    listed = mask.to_dense()[0, 0]
+    rows, end = q[0, 0], mask.kv_offsets[1]
+    exact = rows @ k[0, 0, :end].T * scale                                  # the one listed block (block 0)
+    m = exact.max(axis=1)
+    weights = np.exp(exact - m[:, None])
+    l_exact, acc = weights.sum(axis=1), weights @ v[0, 0, :end]
+    approx_sum = np.zeros(len(rows))
+    for start in range(0, len(sizes), tile):
+        cols = [j for j in range(start, min(len(sizes), start + tile)) if not listed[j]]
+        score = rows @ mean_key[cols].T * scale
+        new_m = np.maximum(m, score.max(axis=1))
+        alpha = np.exp(m - new_m)
+        acc, l_exact, m = acc * alpha[:, None], l_exact * alpha, new_m
+        if rescale_denominator:
+            approx_sum = approx_sum * alpha
+        p = np.exp(score - m[:, None])
+        acc = acc + p @ value_sum[cols]
+        approx_sum = approx_sum + (p * sizes[cols]).sum(axis=1)
+    total = l_exact + approx_sum
+    return acc / total[:, None], m + np.log(total)
+
+
+def test_the_kinds_differ_from_each_other():
+    """A lowering that computed another kind than the mask asks for would fail the comparisons above."""
+    mask, num_kv_heads, head_dim, _ = NAMED["gqa_4_to_1_short_last_block"]
+    q, k, v = _random_inputs(mask, num_kv_heads, head_dim, seed=3)
+    kinds = ["drop", "zeroth", "global-first-order", "grouped-first-order:1", "grouped-first-order:2"]
+    outs = {kind: approximated_attention(q, k, v, approximating(mask, kind), 0.5)[0] for kind in kinds}
+    for a in kinds:
+        for b in kinds:
+            if a < b:
+                diff = np.linalg.norm(outs[a] - outs[b]) / np.linalg.norm(outs[a])
+                assert diff > 100 * OUT_REL["float32"], (a, b, diff)
+
+
+def test_backends_that_do_not_declare_a_kind_refuse_it_by_name():
+    mask = NAMED["empty_rows_and_full_head"][0]
+    for name, backend in sparsecore.registered_backends().items():
+        for kind in APPROXIMATING:
+            problems = backend.capabilities.mask_problems(approximating(mask, Unselected(kind, 2)
+                                                                        if kind == "grouped-first-order" else kind))
+            declared = kind in backend.capabilities.unselected
+            assert declared == (not any(p.startswith("unselected:") for p in problems)), (name, kind, problems)
+    kernel = sparsecore.compile(mask, device="cpu")
+    assert kernel.backend.name == "portable"
+
+
+def test_approximation_is_exact_for_rows_that_list_everything_and_alone_for_rows_that_list_nothing():
+    rng = np.random.default_rng(8)
+    offsets = BlockMask.uniform_offsets(48, 16)
+    full = approximating(BlockMask.full(1, 48, 48, 16), "grouped-first-order:2")
+    none = _mask(np.zeros((1, 3, 3), dtype=bool), offsets, offsets, "zeroth")
+    q, k, v = (rng.standard_normal((1, 1, 48, 8)) for _ in range(3))
+    dense_out, _ = approximated_attention(q, k, v, BlockMask.full(1, 48, 48, 16), 0.5)
+    got = sparsecore.compile(full, device="reference")(q, k, v, scale=0.5)
+    np.testing.assert_allclose(got, dense_out, rtol=1e-12, atol=1e-12)
+    k_bar = k[0, 0].reshape(3, 16, 8).mean(axis=1)                   # the zeroth order by hand: blocks as tokens
+    weights = np.exp(q[0, 0] @ k_bar.T * 0.5)
+    by_hand = weights @ v[0, 0].reshape(3, 16, 8).sum(axis=1) / (16 * weights.sum(axis=1))[:, None]
+    got = sparsecore.compile(none, device="reference")(q, k, v, scale=0.5)
+    np.testing.assert_allclose(got[0, 0], by_hand, rtol=1e-12, atol=1e-12)
