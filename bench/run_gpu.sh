@@ -10,8 +10,9 @@
 #   planning   bench/planning_benchmark.py: per-layer planning time at Wan 1x / 6x
 #   bench      bench/cuda_benchmark.py: the side-by-side kernel table (+ LVSA frames, AdaSpa-shaped)
 #   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
+#   approximation  bench/approximation_benchmark.py: PASA's approximation pass next to the exact kernel
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
-#   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs under diffusers Ulysses
+#   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs: Ulysses, then ring (and unified on >= 4)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -41,6 +42,7 @@ for stage in "$@"; do
     planning) python3 bench/planning_benchmark.py --device cuda --out "$OUT" 2>&1 | tail -25 ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames --adaspa ${BENCH_FLAGS:-} 2>&1 | grep -v "^  " ;;
     selection) python3 bench/cuda_benchmark.py --out "$OUT" --sizes --no-flashinfer --selection 2>&1 | tail -32 ;;
+    approximation) python3 bench/approximation_benchmark.py --out "$OUT" 2>&1 | tail -20 ;;
     e2e) python3 bench/e2e_benchmark.py --out "$OUT" ${E2E_FLAGS:-} ;;
     multigpu)
       # NVLink multicast stays off on shared hosts (shared/device KINDS.md)
@@ -52,6 +54,13 @@ for stage in "$@"; do
           | grep -v '^{'
         python3 -m torch.distributed.run --nproc_per_node "$gpus" bench/multigpu_benchmark.py --model $model \
           --method $method --out "$OUT/multigpu" $extra 2>&1 | grep -v '^{'
+      done
+      modes="ring"; (( gpus >= 4 )) && modes="ring unified"              # unified needs ring 2 x Ulysses >= 2
+      for mode in $modes; do
+        for method in lvsa adaspa dense; do
+          python3 -m torch.distributed.run --nproc_per_node "$gpus" bench/multigpu_benchmark.py --model wan-1.3b \
+            --method $method --mode $mode --out "$OUT/multigpu" 2>&1 | grep -v '^{'
+        done
       done
       python3 bench/multigpu_benchmark.py --report "$OUT/multigpu" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

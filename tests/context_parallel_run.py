@@ -1,7 +1,10 @@
-"""A tiny Wan model with sparsecore applied, run in one process or in N gloo processes under Ulysses.
+"""Tiny Wan and HunyuanVideo 1.5 models with sparsecore applied, in one process or in N gloo processes.
 
 Shared by test_integration_context_parallel.py (the parent) and its spawned workers, which
-import this module by name (it holds no test, so the workers do not import pytest).
+import this module by name (it holds no test, so the workers do not import pytest). Modes:
+``ulysses`` (diffusers' ``enable_parallelism`` as a user calls it), ``ring`` and ``unified``
+(ring x Ulysses, through ``sparsecore.integrations.diffusers.parallel.enable_parallelism``, which
+HunyuanVideo 1.5 needs for its context-parallel plan).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import queue
 import socket
 import traceback
+from dataclasses import fields
 from datetime import timedelta
 from typing import Any
 
@@ -18,19 +22,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import WanTransformer3DModel
-from diffusers import ContextParallelConfig
+from diffusers import ContextParallelConfig, HunyuanVideo15Transformer3DModel, WanTransformer3DModel
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
+from sparsecore.integrations.diffusers import parallel
+from sparsecore.integrations.diffusers.ring import RingWork
 from sparsecore.methods import lvsa
+from sparsecore.methods.pasa import PASAParams
 
 HEADS = 4
 TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising step
-LVSA = {"window": 1, "reference_frames": 6, "first_frames": 1}
+LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
+        "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
-PARALLEL_FIRST = {"lvsa", "adaspa"}                 # these enable parallelism before apply(), the others after
+PASA = {"density": 0.4, "block_size": 16, "dense_layers": (), "noise_scale": 0.5,
+        **({"approximation": "drop"} if "approximation" in {f.name for f in fields(PASAParams)} else {})}
+PARALLEL_FIRST = {"lvsa", "adaspa", "pasa"}         # these enable parallelism before apply(), the others after
 WORKER_SECONDS = 240                                   # a hung collective fails the test instead of CI
 
 
@@ -41,11 +50,30 @@ def tiny_wan() -> WanTransformer3DModel:
                                  rope_max_seq_len=32).eval()
 
 
-def inputs() -> dict:
-    """Two samples (as with CFG), 12 latent frames of 4x4 patches: 192 tokens, divisible by 2 and 4 ranks."""
+def tiny_hunyuan() -> HunyuanVideo15Transformer3DModel:
+    torch.manual_seed(0)
+    return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=HEADS,
+                                            attention_head_dim=16, num_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
+                                            patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+                                            image_embed_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def inputs(model: str) -> dict:
+    """Two samples (as with CFG). Wan: 12 latent frames of 4x4 patches (192 tokens). HunyuanVideo 1.5: 8 frames of
+    4x4 (128 video tokens) and 13 text tokens, 6 and 8 of them valid (two text lengths in one batch)."""
     gen = torch.Generator().manual_seed(3)
-    return {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
-            "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
+    if model == "wan":
+        return {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
+                "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
+    return {"hidden_states": 2.0 * torch.randn(2, 4, 8, 4, 4, generator=gen),
+            "encoder_hidden_states": torch.randn(2, 6, 16, generator=gen),
+            "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]),
+            "encoder_hidden_states_2": torch.randn(2, 4, 8, generator=gen),
+            "encoder_attention_mask_2": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]),
+            "image_embeds": torch.zeros(2, 3, 8)}
+
+
+MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan}
 
 
 def full(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
@@ -55,54 +83,76 @@ def full(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> Bloc
 
 def lvsa_per_head(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
     """LVSA's pattern with head ``h``'s anchors rotated as at step ``step + 2h + layer``: a different mask per head."""
-    maps = [lvsa.plan(geometry, 1, step=step + 2 * h + layer, **LVSA).to_dense()[0] for h in range(num_heads)]
+    params = LVSA["wan" if geometry.text_tokens == 0 else "hunyuan"]
+    maps = [lvsa.plan(geometry, 1, step=step + 2 * h + layer, **params).to_dense()[0] for h in range(num_heads)]
     offsets = geometry.block_offsets(None)
     return BlockMask.from_lists([[np.nonzero(row)[0] for row in m] for m in maps], offsets, offsets)
 
 
-METHODS: dict[str, tuple[Any, dict]] = {
-    "dense": (full, {}),
-    "lvsa": ("lvsa", LVSA),
-    "lvsa-per-head": (lvsa_per_head, {}),
-    "adaspa": ("adaspa", ADASPA),
-    "adaspa-compiled": ("adaspa", ADASPA),              # the transformer's blocks under torch.compile
-}
+def band(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+    """Each frame attends to its neighbours only (text both ways): far ring shards hold no listed key."""
+    offsets = geometry.block_offsets(None)
+    frames = geometry.block_frames(offsets)
+    video = frames >= 0
+    keep = ~(video[:, None] & video[None, :]) | (np.abs(frames[:, None] - frames[None, :]) <= 1)
+    rows = [[np.nonzero(row)[0] for row in keep]] * num_heads
+    return BlockMask.from_lists(rows, offsets, offsets)
 
 
-def prepare(model: WanTransformer3DModel, method: str) -> None:
+def method(model: str, name: str, ring: int = 1) -> tuple[Any, dict]:
+    """The provider and parameters of a test method (``lvsa-guards``: LVSA's boundary guards of ``ring`` shards)."""
+    return {"dense": (full, {}),
+            "lvsa": ("lvsa", LVSA[model]),
+            "lvsa-guards": ("lvsa", {**LVSA[model], "sp_world": ring}),
+            "lvsa-per-head": (lvsa_per_head, {}),
+            "band": (band, {}),
+            "adaspa": ("adaspa", ADASPA),
+            "adaspa-compiled": ("adaspa", ADASPA),          # the transformer's blocks under torch.compile
+            "pasa": ("pasa", PASA)}[name]
+
+
+def prepare(model: torch.nn.Module, name: str) -> None:
     """What a run does to the model after apply(): compile its blocks for the "-compiled" methods.
 
     Not ``fullgraph=True``: diffusers 0.42's own context-parallel block hooks do not trace
     (``hasattr`` in ``hooks/context_parallel.py``), with or without sparsecore.
     """
-    if method.endswith("-compiled"):
+    if name.endswith("-compiled"):
         model.compile_repeated_blocks(fullgraph=False, backend="aot_eager")
 
 
-def run(method: str) -> dict:
-    """Outputs of every step and the last masks of both layers, with sparsecore applied (CPU, portable)."""
-    model = tiny_wan()
-    provider, params = METHODS[method]
-    handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
-    prepare(model, method)
-    data = inputs()
-    outputs = []
+def denoise(model: torch.nn.Module, model_name: str) -> np.ndarray:
+    data, outputs = inputs(model_name), []
     with torch.no_grad():
         for t in TIMESTEPS:
-            timestep = torch.full((2,), t)
-            outputs.append(model(**data, timestep=timestep, return_dict=False)[0].numpy())
-    masks = [handle.mask(layer).to_host() for layer in range(len(model.blocks))]
+            outputs.append(model(**data, timestep=torch.full((2,), t), return_dict=False)[0].numpy())
+    return np.stack(outputs)
+
+
+def observe(model: torch.nn.Module, handle: Any) -> dict:
+    """Each layer's last mask (block map) and budgets, the heads of this process, the backends that ran, and
+    which key shards each ring rank's rows needed in the last plans (ring runs)."""
+    layers = len(model.blocks if isinstance(model, WanTransformer3DModel) else model.transformer_blocks)
+    masks = [handle.mask(layer).to_host() for layer in range(layers)]
     heads = [row["heads"] for row in handle.stats() if row["layer"] == 0][-1]
-    return {"outputs": np.stack(outputs), "masks": [m.to_dense() for m in masks], "heads": heads,
-            "budgets": [m.budgets for m in masks], "backends": sorted({row["backend"] for row in handle.stats()})}
+    needs = [plan.kernel.need for plan in handle._planner._plans.values() if isinstance(plan.kernel, RingWork)]
+    return {"masks": [m.to_dense() for m in masks], "heads": heads, "budgets": [m.budgets for m in masks],
+            "backends": sorted({row["backend"] for row in handle.stats()}), "needs": needs}
 
 
-def run_dense() -> np.ndarray:
+def run(model_name: str, name: str, ring: int = 1) -> dict:
+    """Outputs of every step and the last masks of both layers, with sparsecore applied, in one process."""
+    model = MODELS[model_name]()
+    provider, params = method(model_name, name, ring)
+    handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
+    prepare(model, name)
+    outputs = denoise(model, model_name)
+    return {**observe(model, handle), "outputs": outputs}
+
+
+def run_dense(model_name: str = "wan") -> np.ndarray:
     """The same steps with diffusers' own processors (no sparsecore): what the dense method must match."""
-    model, data = tiny_wan(), inputs()
-    with torch.no_grad():
-        return np.stack([model(**data, timestep=torch.full((2,), t), return_dict=False)[0].numpy()
-                         for t in TIMESTEPS])
+    return denoise(MODELS[model_name](), model_name)
 
 
 # ------------------------------------------------------------------ N processes
@@ -119,7 +169,16 @@ def allow_context_parallel_on_cpu() -> None:
         logging.Logger.warning_once = logging.Logger.warning
 
 
-def worker(rank: int, world: int, port: int, methods: list[str], results: Any) -> None:
+def config(mode: str, world: int) -> ContextParallelConfig:
+    """``ulysses`` / ``ring``: all ``world`` ranks in one group; ``unified``: ring 2 x Ulysses ``world / 2``."""
+    if mode == "ulysses":
+        return ContextParallelConfig(ulysses_degree=world)
+    if mode == "ring":
+        return ContextParallelConfig(ring_degree=world)
+    return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2)
+
+
+def worker(rank: int, world: int, port: int, mode: str, jobs: list[tuple[str, str]], results: Any) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
@@ -127,23 +186,20 @@ def worker(rank: int, world: int, port: int, methods: list[str], results: Any) -
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=WORKER_SECONDS))
         out = {}
-        for method in methods:
-            model = tiny_wan()
-            provider, params = METHODS[method]
-            config = ContextParallelConfig(ulysses_degree=world)
-            if method in PARALLEL_FIRST:
-                model.enable_parallelism(config=config)
+        for model_name, name in jobs:
+            model = MODELS[model_name]()
+            cp = config(mode, world)
+            provider, params = method(model_name, name, cp.ring_degree)
+            enable = (lambda: model.enable_parallelism(config=cp)) if (mode, model_name) == ("ulysses", "wan") else \
+                (lambda: parallel.enable_parallelism(model, cp))                  # HunyuanVideo 1.5: sparsecore's plan
+            if name in PARALLEL_FIRST:
+                enable()
             handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
-            if method not in PARALLEL_FIRST:
-                model.enable_parallelism(config=config)
-            prepare(model, method)
-            data, outputs = inputs(), []
-            with torch.no_grad():
-                for t in TIMESTEPS:
-                    outputs.append(model(**data, timestep=torch.full((2,), t), return_dict=False)[0].numpy())
-            heads = [row["heads"] for row in handle.stats() if row["layer"] == 0][-1]
-            out[method] = {"outputs": np.stack(outputs), "heads": heads,
-                           "masks": [handle.mask(layer).to_host().to_dense() for layer in range(len(model.blocks))]}
+            if name not in PARALLEL_FIRST:
+                enable()
+            prepare(model, name)
+            outputs = denoise(model, model_name)
+            out[(model_name, name)] = {**observe(model, handle), "outputs": outputs}
         results.put((rank, out))
     except BaseException:                                # the parent reports it; a worker never hangs silently
         results.put((rank, traceback.format_exc()))
@@ -152,14 +208,14 @@ def worker(rank: int, world: int, port: int, methods: list[str], results: Any) -
             dist.destroy_process_group()
 
 
-def run_parallel(world: int, methods: list[str]) -> list[dict]:
-    """Per rank: {method: outputs, heads, masks} from ``world`` gloo processes on loopback."""
+def run_parallel(mode: str, world: int, jobs: list[tuple[str, str]]) -> list[dict]:
+    """Per rank: {(model, method): outputs, heads, masks} from ``world`` gloo processes on loopback."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, world, port, methods, results), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, mode, jobs, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     by_rank: dict[int, Any] = {}

@@ -1,56 +1,160 @@
-"""sparsecore inside diffusers' Ulysses context parallelism: 2 and 4 gloo processes on loopback (CPU).
+"""sparsecore inside context parallelism: Ulysses, ring and ring x Ulysses, in gloo processes on loopback (CPU).
 
-A tiny random Wan model with sparsecore applied gives the same outputs under
-``ulysses_degree=N`` as in one process (fp32), and each rank runs its own heads' slice of the
-one-process masks. The masks differ per head (LVSA with per-head rotations, AdaSpa's search),
-so a wrong head slice fails both checks. Half of the methods enable parallelism before
-``apply()``, half after: both orders work.
+Tiny random Wan and HunyuanVideo 1.5 models with sparsecore applied give the same outputs in N
+processes as in one (fp32, 1e-5, five denoising steps), and each rank's masks are the one-process
+masks' slice of its heads (every rank plans the whole sequence). The masks differ per head (LVSA
+with per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring
+step fails both checks. Half of the methods enable parallelism before ``apply()``, half after.
+
+Modes: Ulysses 2 and 4 (diffusers' own all-to-alls around sparsecore; HunyuanVideo 1.5 through
+sparsecore's exchange and context-parallel plan), ring 2, ring 4, and ring 2 x Ulysses 2.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
+from diffusers import ContextParallelConfig, ParallelConfig
 
-from context_parallel_run import METHODS, run, run_dense, run_parallel
+from context_parallel_run import LVSA, inputs, run, run_dense, run_parallel, tiny_wan
 
-WORLDS = (2, 4)
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32; the all-to-alls move values exactly
+from sparsecore import BlockMask, VideoGeometry
+from sparsecore.integrations import diffusers as sparse
+from sparsecore.integrations.diffusers import parallel
+from sparsecore.integrations.diffusers.planner import Planner
+from sparsecore.integrations.diffusers.ring import RingGroup
+from sparsecore.integrations.diffusers.sharded import ShardedAttention
+from sparsecore.integrations.diffusers.stats import Stats
+from sparsecore.ir import Unselected
 
-
-@pytest.fixture(scope="module")
-def single() -> dict:
-    return {method: run(method) for method in METHODS}
-
-
-@pytest.fixture(scope="module", params=WORLDS, ids=[f"ulysses{w}" for w in WORLDS])
-def parallel(request) -> tuple[int, list[dict]]:
-    return request.param, run_parallel(request.param, list(METHODS))
-
-
-def test_dense_method_matches_diffusers_own_processors(single):
-    np.testing.assert_allclose(single["dense"]["outputs"], run_dense(), **TOLERANCE)
-    assert single["dense"]["backends"] == ["dense"]
-
-
-def test_sparse_masks_differ_per_head_and_change_the_output(single):
-    for method in ("lvsa-per-head", "adaspa"):
-        masks = single[method]["masks"][0]
-        assert any(not np.array_equal(masks[0], masks[h]) for h in range(1, len(masks))), method
-        assert single[method]["backends"] != ["dense"], method
-        assert np.abs(single[method]["outputs"][-1] - single["dense"]["outputs"][-1]).max() > 1e-3, method
-    assert all(len(set(b.tolist())) > 1 for b in single["adaspa"]["budgets"])      # head-adaptive budgets at work
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
+ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]
+           + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")],
+           4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
+RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa", "pasa")]
+        + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")],
+        ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
+        + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],
+        ("unified", 4): [("wan", m) for m in ("lvsa", "lvsa-per-head", "adaspa", "pasa")]
+        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")]}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_ulysses_matches_one_process(single, parallel, method):
-    world, ranks = parallel
-    for rank, result in enumerate(ranks):
-        got = result[method]
-        np.testing.assert_allclose(got["outputs"], single[method]["outputs"], **TOLERANCE,
-                                   err_msg=f"{method}, ulysses_degree={world}, rank {rank}")
-        size = len(single[method]["masks"][0]) // world
-        assert got["heads"] == [rank * size, (rank + 1) * size]
-        for layer, mask in enumerate(got["masks"]):
-            expected = single[method]["masks"][layer][rank * size:(rank + 1) * size]
-            assert np.array_equal(mask, expected), (method, world, rank, layer)
+@lru_cache(maxsize=None)
+def single(model: str, method: str, ring: int = 1) -> dict:
+    return run(model, method, ring)
+
+
+@pytest.fixture(scope="module", params=sorted(ULYSSES), ids=[f"ulysses{w}" for w in sorted(ULYSSES)])
+def ulysses(request) -> tuple[int, list[dict]]:
+    return request.param, run_parallel("ulysses", request.param, ULYSSES[request.param])
+
+
+@pytest.fixture(scope="module", params=list(RING), ids=["ring2", "ring4", "ring2xulysses2"])
+def ring(request) -> tuple[str, int, list[dict]]:
+    mode, world = request.param
+    return mode, world, run_parallel(mode, world, RING[request.param])
+
+
+def check_ranks(ranks: list[dict], jobs: list, ring_degree: int, ulysses_degree: int, label: str) -> None:
+    """Outputs equal one process's; rank ``g = r U + u`` has heads ``u`` of the one-process masks."""
+    for model, method in jobs:
+        expected = single(model, method, ring_degree if method == "lvsa-guards" else 1)
+        size = len(expected["masks"][0]) // ulysses_degree
+        for rank, result in enumerate(ranks):
+            got, u = result[(model, method)], rank % ulysses_degree
+            np.testing.assert_allclose(got["outputs"], expected["outputs"], **TOLERANCE,
+                                       err_msg=f"{model} {method}, {label}, rank {rank}")
+            assert got["heads"] == [u * size, (u + 1) * size]
+            for layer, mask in enumerate(got["masks"]):
+                assert np.array_equal(mask, expected["masks"][layer][u * size:(u + 1) * size]), \
+                    (model, method, label, rank, layer)
+
+
+def test_dense_method_matches_diffusers_own_processors():
+    for model in ("wan", "hunyuan"):
+        np.testing.assert_allclose(single(model, "dense")["outputs"], run_dense(model), **TOLERANCE)
+        assert single(model, "dense")["backends"] == ["dense"]
+
+
+def test_sparse_masks_differ_per_head_and_change_the_output():
+    for model, method in [("wan", "lvsa-per-head"), ("wan", "adaspa"), ("hunyuan", "pasa")]:
+        result, dense = single(model, method), single(model, "dense")
+        masks = result["masks"][0]
+        assert any(not np.array_equal(masks[0], masks[h]) for h in range(1, len(masks))), (model, method)
+        assert result["backends"] != ["dense"], (model, method)
+        assert np.abs(result["outputs"][-1] - dense["outputs"][-1]).max() > 1e-3, (model, method)
+    assert all(len(set(b.tolist())) > 1 for b in single("wan", "adaspa")["budgets"])   # head-adaptive budgets at work
+
+
+def test_lvsa_guards_add_anchor_frames_at_the_shard_boundary():
+    plain, guarded = single("wan", "lvsa")["masks"][0], single("wan", "lvsa-guards", 2)["masks"][0]
+    assert guarded.sum() > plain.sum() and (guarded | plain).sum() == guarded.sum()
+
+
+def test_ulysses_matches_one_process(ulysses):
+    world, ranks = ulysses
+    check_ranks(ranks, ULYSSES[world], 1, world, f"ulysses_degree={world}")
+
+
+def test_ring_matches_one_process(ring):
+    mode, world, ranks = ring
+    ring_degree, ulysses_degree = (world, 1) if mode == "ring" else (2, world // 2)
+    check_ranks(ranks, RING[(mode, world)], ring_degree, ulysses_degree, f"{mode} {world}")
+    for job in RING[(mode, world)]:                       # every rank of a ring group has the same transfer table
+        tables = [result[job]["needs"] for result in ranks]
+        assert all(len(need) == ring_degree for needs in tables for need in needs)
+        assert all(tables[rank] == tables[rank % ulysses_degree] for rank in range(world)), job
+    if ("wan", "band") in RING[(mode, world)]:              # frames see their neighbours only: far shards are skipped
+        needs = ranks[0][("wan", "band")]["needs"]
+        assert needs and all(not need[0][2] and not need[2][0] and need[0][1] for need in needs)
+
+
+@pytest.mark.parametrize("field, value", [("ulysses_anything", True), ("ring_anything", True)])
+def test_uneven_shards_are_refused_naming_the_field(field, value):
+    cp = SimpleNamespace(ring_degree=2, ulysses_degree=1, ulysses_anything=False, ring_anything=False)
+    setattr(cp, field, value)
+    with pytest.raises(ValueError, match=f"context_parallel_config.{field}: expected False"):
+        parallel.layout(SimpleNamespace(context_parallel_config=cp))
+
+
+def fake_parallel_config(**degrees) -> ParallelConfig:
+    """A ParallelConfig as enable_parallelism leaves it on a processor, for checks that run before any collective."""
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
+    cp = config.context_parallel_config
+    cp._ulysses_mesh = cp._ring_mesh = SimpleNamespace(get_group=lambda: None)
+    cp._ulysses_local_rank = cp._ring_local_rank = 0
+    return config
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"sp_world": 3}, "sp_world: LVSA's boundary guards sit at the ring's shard boundaries.*got 3"),
+    ({}, "hidden_states: under ring degree 2 x Ulysses degree 1 layer 0 expected 192 / 2 video tokens"),
+])
+def test_ring_checks_name_the_field_before_any_collective(params, message):
+    model = tiny_wan()
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=5, **{**LVSA["wan"], **params})
+    try:
+        for block in model.blocks:
+            block.attn1.processor._parallel_config = fake_parallel_config(ring_degree=2)
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            model(**inputs("wan"), timestep=torch.full((2,), 999.0), return_dict=False)
+    finally:
+        handle.remove()
+
+
+def test_approximated_masks_are_refused_under_ring():
+    geometry = VideoGeometry(4, 2, 2)
+
+    def zeroth(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+        mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None].repeat(num_heads, 0), 16, 16, 4)
+        return BlockMask.unchecked(num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                                   mask.budgets, None, Unselected("zeroth"))
+
+    planner = Planner(zeroth, {}, "cpu", None, 5, Stats())
+    q = torch.zeros(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="unselected: under ring attention .* got 'zeroth'.*approximation='drop'"):
+        ShardedAttention(planner).attend(0, geometry, 0, 0, q, q, q, None, None, ring=RingGroup(2, 0, None), video=8)

@@ -12,7 +12,12 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.processors`: the attention processors put in place of diffusers' own.
 - :mod:`.steps`: which denoising step and run a forward belongs to.
 - :mod:`.planner`: the method's decision per (layer, step), masks, kernels.
-- :mod:`.parallel`: routing through diffusers' Ulysses context parallelism.
+- :mod:`.parallel`: context-parallel layouts, diffusers' Ulysses routing, the HunyuanVideo 1.5 plan
+  and :func:`enable_parallelism`.
+- :mod:`.sharded`: ring and unified context parallelism (and HunyuanVideo 1.5 under Ulysses):
+  planning on whole sequences, running this rank's rows.
+- :mod:`.ring`: ring attention over a block-sparse mask (P2P shards, LSE merge).
+- :mod:`.op`: the custom op ``torch.ops.sparsecore.diffusers_attention`` (compiled models).
 - :mod:`.stats`: per (layer, step) records and timing.
 - :mod:`.handle`: ``apply()`` and the handle (hooks, step control, stats, ``remove()``).
 
@@ -26,12 +31,14 @@ Text (HunyuanVideo 1.5): video then text on the sequence axis. The model orders 
 sample's text as valid tokens first, then padding; a row's valid tokens must come first (else
 ``ValueError``); the method plans on the valid prefix (LVSA keeps text dense both ways, AdaSpa
 and PASA use a text sink), and the kernel runs the mask extended by one padding block that no
-row attends to: exactly the model's masking. Samples of a batch with different valid counts
+row attends to: exactly the model's masking (masks that approximate unkept blocks run on the
+valid prefix instead, padding rows set to 0). Samples of a batch with different valid counts
 run as separate groups, each with its own geometry. LVSA's ``reference_frames`` defaults to 33
 (the HunyuanVideo 1.5 horizon) for this model unless given.
 
-Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses on
-Wan only; processors replaced after ``apply`` are overwritten by ``remove()``.
+Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses,
+ring and unified on Wan and HunyuanVideo 1.5 (even shards only; no approximating masks under a
+ring); processors replaced after ``apply`` are overwritten by ``remove()``.
 """
 
 from __future__ import annotations
@@ -44,8 +51,9 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 
 from .handle import SparseAttentionHandle, apply
 from .models import SUPPORTED_MODELS, ModelSpec
+from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import HunyuanVideo15SparseAttnProcessor, WanSparseAttnProcessor
 
-__all__ = ["SUPPORTED_MODELS", "HunyuanVideo15SparseAttnProcessor", "MethodProvider", "ModelSpec",
-           "SparseAttentionHandle", "WanSparseAttnProcessor", "apply"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "HunyuanVideo15SparseAttnProcessor", "MethodProvider",
+           "ModelSpec", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import diffusers
@@ -29,6 +30,7 @@ from . import op, parallel
 from .models import ModelSpec, spec_of
 from .planner import MethodProvider, Planner
 from .processors import SPARSE_PROCESSORS, SparseProcessor
+from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
 
@@ -57,6 +59,7 @@ class SparseAttentionHandle:
         self.active = False
         self._stats = Stats()
         self._planner = Planner(method, params, device, backend, num_steps, self._stats)
+        self._sharded = ShardedAttention(self._planner)         # ring / unified context parallelism
         self._steps = StepTracker(num_steps, self._planner.new_run)
         self._text_cache: tuple[Any, Any] | None = None
         self._removed = False
@@ -177,27 +180,25 @@ class SparseAttentionHandle:
         """Attention of the next layer's call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
 
         ``text_mask``: HunyuanVideo 1.5's text padding mask ``[B, text]`` (None: all text valid, or no
-        text). Under Ulysses context parallelism ``S`` is this rank's part of the sequence; diffusers'
-        all-to-alls run around the planner on the whole sequence for this rank's heads.
+        text). Under context parallelism ``S`` is this rank's part of the video (and all the text):
+        Ulysses on Wan runs inside diffusers' all-to-alls (:func:`.parallel.attention`); ring, unified
+        and HunyuanVideo 1.5 run sparsecore's exchange and ring (:mod:`.sharded`, :mod:`.ring`).
         """
         if not self.active or self._calls >= len(self._processors):
             raise RuntimeError(f"sparsecore: attention call {self._calls + 1} outside a forward of the transformer or "
                                f"beyond its {len(self._processors)} self-attention layers")
         processor = self._processors[self._calls]
         self._calls += 1
+        layout = parallel.layout(processor._parallel_config)
+        if layout is not None and (layout.ring.world > 1 or self.spec.joint_text):
+            return self._attend_sharded(processor, layout, query, key, value, text_mask)
         text_valid = None
         if self.spec.joint_text:
             text_valid = self.text_valid(processor, text_mask, query.shape[0], query.shape[1] - self.geometry.tokens)
         dense = lambda: processor.dense(query, key, value, text_mask)  # noqa: E731
-        group = parallel.ulysses_group(processor._parallel_config)
-        if group is None:
+        if layout is None:
             return self._attend_groups(processor.layer, query, key, value, text_valid, dense, None)
-        layer, geometry, heads = processor.layer, self.geometry, query.shape[2]
-        if text_valid is not None:
-            raise ValueError(f"parallel_config: sparsecore runs under context parallelism for "
-                             f"WanTransformer3DModel only (diffusers 0.42 has no context-parallel plan for "
-                             f"{self.spec.model_class.__name__}), got one at layer {layer}; call handle.remove() to "
-                             f"run the model densely")
+        group, layer, geometry, heads = layout.ulysses, processor.layer, self.geometry, query.shape[2]
         if heads % group.world or query.shape[1] * group.world != geometry.video_tokens:
             raise ValueError(f"hidden_states: under Ulysses degree {group.world} layer {layer} expected "
                              f"{geometry.video_tokens} / {group.world} tokens and heads divisible by {group.world}, "
@@ -210,13 +211,48 @@ class SparseAttentionHandle:
 
         return parallel.attention(query, key, value, group, local)
 
+    def _attend_sharded(self, processor: SparseProcessor, layout: parallel.Layout, query: torch.Tensor,
+                        key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """Ring / unified context parallelism (any model), and HunyuanVideo 1.5 under Ulysses: sparsecore's exchange."""
+        layer, geometry, heads = processor.layer, self.geometry, query.shape[2]
+        ring, ulysses = layout.ring, layout.ulysses
+        sp_world = self.params.get("sp_world", 1) if self.method == "lvsa" else 1
+        if ring.world > 1 and sp_world not in (1, ring.world):
+            raise ValueError(f"sp_world: LVSA's boundary guards sit at the ring's shard boundaries, so expected 1 (no "
+                             f"guards: sparsecore's ring fetches every key shard a row lists) or the ring degree "
+                             f"{ring.world} (the released code's guards), got {sp_world}; pass sp_world=1 or "
+                             f"sp_world={ring.world} to apply()")
+        local_video = geometry.video_tokens // layout.world
+        text = query.shape[1] - local_video
+        if geometry.video_tokens % layout.world or heads % ulysses.world or text < 0 or \
+                (text and not self.spec.joint_text):
+            raise ValueError(f"hidden_states: under ring degree {ring.world} x Ulysses degree {ulysses.world} layer "
+                             f"{layer} expected {geometry.video_tokens} / {layout.world} video tokens"
+                             f"{' (+ the text)' if self.spec.joint_text else ''} and heads divisible by "
+                             f"{ulysses.world}, got {query.shape[1]} tokens and {heads} heads; pick degrees whose "
+                             f"product divides the video tokens and a ulysses_degree dividing the heads")
+        text_valid = self.text_valid(processor, text_mask, query.shape[0], text) if self.spec.joint_text else None
+        exchange = parallel.Exchange(ulysses, local_video)
+        q, k, v = (exchange.heads_in(t) for t in (query, key, value))
+        shard = ulysses.shard(heads, query.device) if ulysses.world > 1 else None
+        video = local_video * ulysses.world
+        attend = partial(self._sharded.attend, ring=ring, video=video)
+        out = self._attend_groups(layer, q, k, v, text_valid, None, shard, attend, video)
+        return exchange.heads_out(out)
+
     def _attend_groups(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       text_valid: list[int] | None, dense: Callable[[], torch.Tensor],
-                       shard: HeadShard | None) -> torch.Tensor:
-        """``[B, S, h, D]`` in and out, the whole sequence; samples grouped by their valid text length."""
+                       text_valid: list[int] | None, dense: Callable[[], torch.Tensor] | None,
+                       shard: HeadShard | None, attend: Callable[..., torch.Tensor] | None = None,
+                       video_rows: int | None = None) -> torch.Tensor:
+        """``[B, S, h, D]`` in and out, samples grouped by their valid text length.
+
+        ``attend``: the planner's (``S`` = the whole sequence; default) or the sharded path's (``S`` = this
+        rank's ``video_rows`` video tokens, then the text).
+        """
         geometry, step, run = self.geometry, self._steps.step, self._steps.run
+        attend = self._planner.attend if attend is None else attend
         batch, seq_len = query.shape[0], query.shape[1]
-        text = seq_len - geometry.video_tokens
+        text = seq_len - (geometry.video_tokens if video_rows is None else video_rows)
         if text < 0 or (text_valid is None and text != 0):
             raise ValueError(f"hidden_states: layer {layer} got {seq_len} tokens, expected {geometry.video_tokens} "
                              f"video tokens ({geometry.frames}x{geometry.height}x{geometry.width} after patchify, "
@@ -227,8 +263,7 @@ class SparseAttentionHandle:
             groups.setdefault(int(count), []).append(row)
         if len(groups) == 1:
             count = next(iter(groups))
-            return self._planner.attend(layer, self._with_text(geometry, count), step, run, query, key, value, shard,
-                                        dense)
+            return attend(layer, self._with_text(geometry, count), step, run, query, key, value, shard, dense)
         full_dense: list[torch.Tensor] = []                  # the dense path runs once for every group needing it
 
         def dense_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -240,8 +275,8 @@ class SparseAttentionHandle:
         for count, rows in groups.items():
             index = torch.tensor(rows, device=query.device)
             pick = lambda t, i=index: t.index_select(0, i)    # noqa: E731
-            result = self._planner.attend(layer, self._with_text(geometry, count), step, run, pick(query), pick(key),
-                                          pick(value), shard, lambda i=index: dense_rows(i))
+            result = attend(layer, self._with_text(geometry, count), step, run, pick(query), pick(key), pick(value),
+                            shard, lambda i=index: dense_rows(i))
             out.index_copy_(0, index, result.to(out.dtype))
         return out
 
@@ -270,7 +305,10 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
 
     Raises:
         TypeError: unsupported model class or processor, unknown method parameter, bad argument type.
-        ValueError: unknown method, device or backend, bad values, or sparsecore already applied.
+        ValueError: unknown method, device or backend, bad values, or sparsecore already applied;
+            ``UnsupportedError`` (a ValueError) for a backend that does not compile for ``device``.
+        RuntimeError: ``device`` is known but nothing runs on it here (e.g. ``"cuda"`` without a GPU), as
+            :func:`sparsecore.compile` says; the message names the device and what is missing.
     """
     spec = spec_of(transformer)
     num_steps = check_int(num_steps, "num_steps", 1)
@@ -288,10 +326,19 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     else:
         raise TypeError(f"method: expected a method name {sorted(SESSIONS)} or a callable, got "
                         f"{type(method).__name__}")
-    device_type(device)
-    if backend is not None and backend not in registered_backends():
+    from sparsecore.check import device_problem
+    from sparsecore.registry import UnsupportedError
+    kind = device_type(device)
+    if backend is not None and (not isinstance(backend, str) or backend not in registered_backends()):
         raise ValueError(f"backend: expected None or a registered sparsecore backend "
                          f"({', '.join(sorted(registered_backends()))}), got {backend!r}")
+    devices = () if backend is None else registered_backends()[backend].capabilities.devices
+    if backend is not None and kind not in devices:
+        raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
+                               f"backend=None for the device's preferred one")
+    problem = device_problem(device, backend)          # checked now, not at the first forward
+    if problem:
+        raise RuntimeError(f"device: {problem}; pass the device the model runs on")
     if not diffusers.__version__.startswith(TESTED_DIFFUSERS + "."):
         warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "

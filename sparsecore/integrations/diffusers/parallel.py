@@ -1,20 +1,21 @@
-"""sparsecore attention inside diffusers 0.42's Ulysses context parallelism.
+"""sparsecore attention inside diffusers 0.42's context parallelism: Ulysses, ring, and both (unified).
 
-Under ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`` every
-rank holds ``S / N`` tokens of the sequence for all ``H`` heads. diffusers' attention backends
-that support context parallelism (``_native_attention``, ``_flash_attention``, ...) do not
-communicate themselves: they pass their single-device kernel as ``forward_op`` to
-``attention_dispatch._templated_context_parallel_attention``, whose Ulysses template
-(``TemplatedUlyssesAttention``) all-to-alls q, k, v so that the rank of index ``r`` in the
-Ulysses group holds the whole sequence for heads ``[r H/N, (r+1) H/N)``, calls ``forward_op``
-there, and all-to-alls the output back to ``S / N`` tokens. :func:`attention` plugs in at that
-point, the same way: its ``forward_op`` runs sparsecore on the rank's heads (the mask planned
-for those heads, :class:`~sparsecore.methods.HeadShard`), so the communication is diffusers'
-own and works with whatever process group the mesh was built on (NCCL, HCCL, gloo).
+Under ``transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=R, ulysses_degree=U))``
+the model's context-parallel plan splits the video tokens into ``R U`` equal chunks (rank ``r U + u``
+of the ``("ring", "ulysses")`` mesh holds chunk ``r U + u``), so each processor sees ``V / (R U)``
+video tokens of all ``H`` heads (and HunyuanVideo 1.5's text, replicated: :data:`HUNYUAN_VIDEO_15_CP_PLAN`).
 
-Supported: Ulysses (``ulysses_degree = N > 1``, ``ring_degree = 1``, ``ulysses_anything=False``,
-``H`` divisible by ``N``). Ring attention splits the keys across ranks (each rank would run a
-slice of the mask per ring step and merge by LSE); it is rejected with a ``ValueError``.
+- Ulysses only, Wan (``R = 1``): diffusers' own template (``_templated_context_parallel_attention``)
+  all-to-alls q, k, v so that Ulysses rank ``u`` holds the whole sequence for heads
+  ``[u H/U, (u+1) H/U)``; :func:`attention` plugs sparsecore in as its ``forward_op``.
+- Ring or unified, and HunyuanVideo 1.5 under any degrees: sparsecore's own exchange. The Ulysses
+  all-to-all (diffusers' ``_all_to_all_dim_exchange``) gives each rank ``V / R`` video tokens of
+  its ``H / U`` heads (:class:`Exchange`; the replicated text just takes its heads); the ring part is
+  :mod:`.ring` (sub-mask per ring step, LSE merge, transfers skipped where the mask needs none).
+  diffusers' ring template is not used: it all-gathers every key shard up front (no transfer can
+  be skipped, ``R`` shards of memory), and its LSE merge turns rows with no keys into NaN.
+
+Every rank plans the mask of its heads over the whole sequence (:mod:`.sharded`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,33 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention_dispatch import _all_to_all_dim_exchange, _templated_context_parallel_attention
 
 from sparsecore.methods import HeadShard
 
+from .ring import RingGroup
+
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["UlyssesGroup", "attention", "ulysses_group"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "Exchange", "Layout", "UlyssesGroup", "attention", "enable_parallelism",
+           "layout"]
+
+HUNYUAN_VIDEO_15_CP_PLAN = {
+    # RoPE of the video tokens: split like them. The text (encoder_hidden_states, its padding mask) is not
+    # split: every rank holds all of it and sparsecore's attention keeps it identical on every rank.
+    "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+             1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+    "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+"""A context-parallel plan for ``HunyuanVideo15Transformer3DModel`` (diffusers 0.42 has none), for sparsecore only.
+
+diffusers' own processor cannot run under any plan of this model: it builds a ``[B, 1, S, S]`` padding mask
+from the rank's local sequence, which matches neither the Ulysses layout (whole sequence, mask all-gathered
+on the key axis only) nor ring steps (the padding sits in one shard). sparsecore's processors take the text
+mask ``[B, text]`` instead, so this plan is valid while sparsecore is applied (not after ``handle.remove()``).
+"""
 
 
 @dataclass(frozen=True)
@@ -51,27 +72,101 @@ class UlyssesGroup:
                          partial(_all_gather, world=self.world, group=self.group, device=device))
 
 
-def ulysses_group(parallel_config: Any) -> UlyssesGroup | None:
-    """The Ulysses group of a processor's ``_parallel_config``; None without context parallelism.
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place under context parallelism: its ring group and its Ulysses group (either may be of size 1)."""
 
-    Raises ``ValueError`` for configurations the sparse path does not run: ring attention
-    (``ring_degree > 1``, alone or with Ulysses) and ``ulysses_anything``.
+    ring: RingGroup
+    ulysses: UlyssesGroup
+
+    @property
+    def world(self) -> int:
+        return self.ring.world * self.ulysses.world
+
+
+def layout(parallel_config: Any) -> Layout | None:
+    """The :class:`Layout` of a processor's ``_parallel_config``; None without context parallelism.
+
+    Raises ``ValueError`` for ``ulysses_anything`` / ``ring_anything`` (uneven shards).
     """
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None or cp.ring_degree * cp.ulysses_degree == 1:
         return None
-    remedy = ("use ContextParallelConfig(ulysses_degree=N) with ring_degree=1, or call handle.remove() to run the "
-              "model densely")
-    if cp.ring_degree > 1:
-        raise ValueError(f"parallel_config.context_parallel_config.ring_degree: sparsecore's sparse attention runs "
-                         f"under Ulysses only (ring_degree=1, ulysses_degree=N), got ring_degree={cp.ring_degree}, "
-                         f"ulysses_degree={cp.ulysses_degree}; ring attention splits the keys across ranks, which "
-                         f"the sparse path does not do; {remedy}")
-    if cp.ulysses_anything:
-        raise ValueError(f"parallel_config.context_parallel_config.ulysses_anything: expected False (every rank holds "
-                         f"H / N heads of the whole sequence), got True; {remedy}")
-    mesh = cp._ulysses_mesh
-    return UlyssesGroup(cp.ulysses_degree, cp._ulysses_local_rank, mesh.get_group(), parallel_config)
+    remedy = ("use ContextParallelConfig(ring_degree=R, ulysses_degree=U) with the video tokens divisible by R U "
+              "and the heads by U, or call handle.remove() to run the model densely")
+    for name in ("ulysses_anything", "ring_anything"):
+        if getattr(cp, name, False):
+            raise ValueError(f"parallel_config.context_parallel_config.{name}: expected False (sparsecore's shards "
+                             f"are equal: V / (R U) video tokens and H / U heads per rank), got True; {remedy}")
+    ulysses = UlyssesGroup(cp.ulysses_degree, cp._ulysses_local_rank, cp._ulysses_mesh.get_group(), parallel_config)
+    return Layout(RingGroup(cp.ring_degree, cp._ring_local_rank, cp._ring_mesh.get_group()), ulysses)
+
+
+def enable_parallelism(transformer: Any, config: Any) -> None:
+    """``transformer.enable_parallelism(config=config)`` for sparsecore's context parallelism (any degrees).
+
+    HunyuanVideo 1.5 gets :data:`HUNYUAN_VIDEO_15_CP_PLAN`; Wan keeps diffusers' plan, and its
+    cross-attention over the (replicated) text runs on each rank's tokens locally: exact, no communication,
+    and any attention backend (diffusers' ring template needs one that returns an LSE).
+    """
+    from diffusers import ContextParallelConfig, ParallelConfig
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+
+    if not isinstance(config, (ContextParallelConfig, ParallelConfig)):
+        raise TypeError(f"config: expected a diffusers ContextParallelConfig or ParallelConfig, got "
+                        f"{type(config).__name__}")
+    if isinstance(transformer, HunyuanVideo15Transformer3DModel):
+        transformer.enable_parallelism(config=config, cp_plan=HUNYUAN_VIDEO_15_CP_PLAN)
+    elif isinstance(transformer, WanTransformer3DModel):
+        transformer.enable_parallelism(config=config)
+        for block in transformer.blocks:
+            block.attn2.processor._parallel_config = None
+    else:
+        raise TypeError(f"transformer: expected a diffusers WanTransformer3DModel or HunyuanVideo15Transformer3DModel, "
+                        f"got {type(transformer).__name__}")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The Ulysses all-to-all of the ring path: ``[B, V/(RU) + T, H, D]`` <-> ``[B, V/R + T, H/U, D]``.
+
+    Video tokens go through diffusers' ``_all_to_all_dim_exchange`` on the Ulysses group; the text
+    (replicated) keeps this rank's heads on the way in and all-gathers the heads on the way out.
+    """
+
+    ulysses: UlyssesGroup
+    video: int                    # video tokens per rank before the exchange: V / (R U)
+
+    def heads_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ulysses.world == 1:
+            return x
+        group, size = self.ulysses.group, x.shape[2] // self.ulysses.world
+        video = _all_to_all_dim_exchange(x[:, :self.video].contiguous(), 2, 1, group)
+        text = x[:, self.video:, self.ulysses.rank * size:(self.ulysses.rank + 1) * size]
+        return torch.cat([video, text], dim=1) if text.shape[1] else video
+
+    def heads_out(self, out: torch.Tensor) -> torch.Tensor:
+        if self.ulysses.world == 1:
+            return out
+        video = self.video * self.ulysses.world                       # V / R rows of video after the exchange
+        result = _all_to_all_dim_exchange(out[:, :video].contiguous(), 1, 2, self.ulysses.group)
+        if out.shape[1] == video:
+            return result
+        text = out[:, video:].contiguous()
+        parts = [torch.empty_like(text) for _ in range(self.ulysses.world)]
+        dist.all_gather(parts, text, group=self.ulysses.group)
+        return torch.cat([result, torch.cat(parts, dim=2)], dim=1)
+
+
+def gather_sequence(x: torch.Tensor, ring: RingGroup, video: int) -> torch.Tensor:
+    """``[B, V/R + T, h, D]`` of every ring rank as the whole sequence ``[B, V + T, h, D]`` (video in rank order)."""
+    if ring.world == 1:
+        return x
+    local = x[:, :video].contiguous()
+    parts = [torch.empty_like(local) for _ in range(ring.world)]
+    dist.all_gather(parts, local, group=ring.group)
+    return torch.cat(parts + [x[:, video:]], dim=1)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ulysses: UlyssesGroup,

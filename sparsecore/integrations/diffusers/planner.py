@@ -12,7 +12,9 @@ only launches. One session per geometry, so batches whose text lengths differ (H
 Masks the session builds on the device stay there: nothing here hashes or copies them.
 Masks whose valid tokens are a prefix of a padded sequence run extended by one trailing block
 that no row lists (:meth:`BlockMask.with_trailing_block`): output 0 on the padding, as the
-model's masked attention gives.
+model's masked attention gives. Masks that approximate their unlisted blocks (PASA) cannot be
+extended so (the padding block would enter every row's approximation): they run on the valid
+prefix alone and the padding rows' output is written as 0.
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ class LayerPlan:
     dense_out: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan needs from the call that makes it, for one process or one rank of a sequence split.
+
+    ``sequence(with_values)``: q, k (and v) of the whole sequence, ``[B, H, L, D]`` over the valid
+    tokens (asked for only when the method needs them); ``rows``: this call's rows ``[B, S, h, D]``
+    of a whole-sequence dense output; ``runner``: what runs a (padded) mask (a compiled kernel, or
+    a ring rank's cut of it); ``prepare``: do before the next step what that runner's first call would.
+    """
+
+    sequence: Callable[[bool], tuple]
+    rows: Callable[[torch.Tensor], torch.Tensor]
+    runner: Callable[[BlockMask], Any]
+    prepare: Callable[[Any], None]
+
+
 class Planner:
     """Sessions, plans and kernels of one handle (see the module docstring)."""
 
@@ -125,60 +143,75 @@ class Planner:
                key: torch.Tensor, value: torch.Tensor, shard: HeadShard | None,
                dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Attention ``[B, S, h, D]`` of one group of samples whose valid tokens are ``geometry``'s (a prefix of S)."""
-        seq_len, heads = query.shape[1], query.shape[2]
-        plan = self._plans.get((layer, geometry))
-        fresh = plan is None or plan.step != step
-        if fresh:
-            plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, heads, shard, query, key,
-                                                            value), query.device)
-        else:
-            plan.record.fields["calls"] += 1
+        def sequence(with_values: bool) -> tuple[torch.Tensor, ...]:
+            views = [t.transpose(1, 2)[:, :, :geometry.tokens] for t in (query, key)]   # [B, H, L, D], valid tokens
+            return (*views, value.transpose(1, 2)) if with_values else tuple(views)
+
+        def prepare(kernel: Any) -> None:
+            kernel.prepare(*(t.transpose(1, 2)[:, :, :kernel.mask.q_len] for t in (query, key, value)))
+
+        io = PlanInputs(sequence, rows=lambda out: out, runner=self.compiled, prepare=prepare)
+        plan, fresh = self.plan_for(layer, geometry, step, run, query.shape[1], query.shape[2], shard, query, io)
         if plan.kernel is None:
             if plan.dense_out is not None:
                 out, plan.dense_out = plan.dense_out, None
                 return out
             return self.stats.time(plan.record, query, dense)
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
-        out = self.stats.time(plan.record, query, lambda: plan.kernel(q, k, v)).transpose(1, 2)
+        tokens, seq_len = plan.kernel.mask.q_len, query.shape[1]                 # tokens < seq_len: the prefix
+        q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
+        out = self.stats.time(plan.record, query, lambda: plan.kernel(q, k, v))
+        if tokens < seq_len:
+            out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
+        out = out.transpose(1, 2)
         if fresh:
             plan.record.ran(plan.mask, plan.kernel)
         return out
 
-    def _plan(self, layer: int, geometry: VideoGeometry, step: int, run: int, heads: int, shard: HeadShard | None,
-              query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> LayerPlan:
+    def compiled(self, mask: BlockMask) -> Any:
+        """The compiled kernel of a (padded) mask for this handle's device and backend."""
+        return sparsecore.compile(mask, device=self.device, backend=self.backend)
+
+    def plan_for(self, layer: int, geometry: VideoGeometry, step: int, run: int, seq_len: int, heads: int,
+                 shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> tuple[LayerPlan, bool]:
+        """The (layer, geometry)'s plan at ``step`` (made at its first call, counted at the others) and whether
+        it was just made. ``seq_len``: the whole sequence's length (valid tokens plus padding)."""
+        plan = self._plans.get((layer, geometry))
+        if plan is not None and plan.step == step:
+            plan.record.fields["calls"] += 1
+            return plan, False
+        plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard, like, io),
+                                     like.device)
+        return plan, True
+
+    def _plan(self, layer: int, geometry: VideoGeometry, step: int, run: int, seq_len: int, heads: int,
+              shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> LayerPlan:
         session = self.session(geometry)
         action = session.action(geometry, step, layer)
-        seq_len = query.shape[1]
         record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
         plan = LayerPlan(step, None, None, record)
         self._plans[(layer, geometry)] = plan
         if not action.plans:
             return plan
         q = k = lse = None
-        if action.needs_qk or isinstance(session, CallableSession):
-            q = query.transpose(1, 2)[:, :, :geometry.tokens]                # [B, H, L, D] over the valid tokens
-            k = key.transpose(1, 2)[:, :, :geometry.tokens]
-        if action.wants_lse and seq_len == geometry.tokens:                  # the dense output, with its LSE
-            out, lse = self.stats.time(record, query, lambda: dense_attention(q, k, value.transpose(1, 2)))
-            plan.dense_out = out.transpose(1, 2)
+        wants_lse = action.wants_lse and seq_len == geometry.tokens
+        if action.needs_qk:
+            q, k, *v = io.sequence(wants_lse)
+            if wants_lse:                                                    # the dense output, with its LSE
+                out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
+                plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, heads=shard)
-        run_mask = self._padded_mask(plan.mask, seq_len)
+        run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
-            self._prepare(run_mask, query, key, value)
-        elif not (plan.mask.on_host and plan.mask.density() >= 1.0):     # a full mask runs the model's path
-            plan.kernel = sparsecore.compile(run_mask, device=self.device, backend=self.backend)
+            io.prepare(io.runner(run_mask))
+        elif not (plan.mask.on_host and plan.mask.density() >= 1.0):     # a full mask runs the dense path
+            plan.kernel = io.runner(run_mask)
         return plan
 
-    def _prepare(self, mask: BlockMask, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Compile and plan the kernel of a mask searched at a dense step, so the next step only launches."""
-        kernel = sparsecore.compile(mask, device=self.device, backend=self.backend)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        kernel.prepare(q, k, v)
-
-    def _padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
-        """``mask`` extended to ``seq_len`` tokens by an unlisted trailing block (text padding), memoized per mask."""
-        if seq_len == mask.q_len:
+    def padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
+        """``mask`` extended to ``seq_len`` tokens by an unlisted trailing block (text padding), memoized per mask;
+        an approximating mask as it is (it runs on the valid prefix, see the module docstring)."""
+        if seq_len == mask.q_len or mask.unselected.kind != "drop":
             return mask
         key = (id(mask), seq_len)
         found = self._padded.get(key)

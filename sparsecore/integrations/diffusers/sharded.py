@@ -1,0 +1,120 @@
+"""Planning and running attention on a sequence shard (ring and unified context parallelism; HunyuanVideo 1.5).
+
+What each rank plans: the mask of its heads over the *whole* sequence, as one process plans it
+(``Session.plan`` with the rank's :class:`~sparsecore.methods.HeadShard` under Ulysses, all heads
+under ring only). Methods that need q and k (AdaSpa's searches, PASA's pooled scores) get the whole
+sequence's q and k of the rank's heads, all-gathered over the ring group at the steps that plan
+(AdaSpa's first search also gathers v: its dense output and LSE come from one dense pass over the
+whole sequence, whose rows of this rank are the step's output). Every rank of a ring group plans
+from the same tensors, so its mask is the one-process mask's slice of its heads; the planning work
+of those steps is repeated on every rank of the ring (not split): simple and exact, at the cost of
+no speed-up on planning steps (LVSA and reuse steps plan without q and k).
+
+What each rank runs: :mod:`.ring` on the mask (a sparse step), or on the full mask of the valid
+tokens (a dense step: there is no model attention to fall back to under ring, since diffusers'
+ring template would need an LSE-returning backend and HunyuanVideo 1.5's processor has no
+context-parallel mask). The cut of a mask for a rank (its slices, their kernels, and which
+transfers are needed) hangs off the mask, like its compiled kernels: a mask reused across layers
+(LVSA) or steps (AdaSpa) is cut once, and dropping it frees the pieces.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask
+from sparsecore.methods import HeadShard
+from sparsecore.methods.selection import dense_mask
+
+from . import ring as ring_attention
+from .parallel import gather_sequence
+from .planner import PlanInputs, Planner
+from .ring import RingGroup, RingWork
+
+DENSE_MASKS = 64           # full masks of dense steps kept, one per (geometry, heads, length)
+
+
+class ShardedAttention:
+    """The ring path of one handle: plans through the handle's :class:`.planner.Planner`, runs :mod:`.ring`."""
+
+    def __init__(self, planner: Planner) -> None:
+        self.planner = planner
+        self._dense: OrderedDict[tuple, BlockMask] = OrderedDict()
+
+    def attend(self, layer: int, geometry: VideoGeometry, step: int, run: int, query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, shard: HeadShard | None, dense: Callable | None, *,
+               ring: RingGroup, video: int) -> torch.Tensor:
+        """Attention ``[B, V/R + T, h, D]`` of this rank's tokens (``video`` = V/R video tokens, then all T text).
+
+        Without a ring (HunyuanVideo 1.5 under Ulysses) each rank holds whole sequences: the planner's
+        own path runs them (the dense path as the full mask, through the ring's one step).
+        """
+        planner = self.planner
+        if ring.world == 1:
+            def full() -> torch.Tensor:
+                work = self._work(self._full(geometry, query.shape[2], query.shape[1]), ring, video, query)
+                return ring_attention.run(work, ring, query, key, value)
+            return planner.attend(layer, geometry, step, run, query, key, value, shard, full)
+        seq_len = ring.world * video + query.shape[1] - video
+
+        def sequence(with_values: bool) -> tuple[torch.Tensor, ...]:
+            views = [gather_sequence(t, ring, video).transpose(1, 2)[:, :, :geometry.tokens] for t in (query, key)]
+            return (*views, gather_sequence(value, ring, video).transpose(1, 2)) if with_values else tuple(views)
+
+        def runner(mask: BlockMask) -> RingWork:
+            if mask.unselected.kind != "drop":
+                raise ValueError(f"unselected: under ring attention (ring degree {ring.world}) expected masks that "
+                                 f"drop the blocks a row does not keep, got {str(mask.unselected)!r} at layer {layer}: "
+                                 f"its approximation uses statistics of whole key blocks and groups of blocks, which "
+                                 f"the ring's key shards cut; pass approximation='drop', or run under Ulysses only "
+                                 f"(ring_degree=1: each rank holds whole sequences)")
+            return self._work(mask, ring, video, query)
+
+        io = PlanInputs(sequence, rows=lambda out: _rows(out, ring, video), runner=runner,
+                        prepare=lambda work: None)                   # cutting a mask is all a ring step prepares
+        plan, fresh = planner.plan_for(layer, geometry, step, run, seq_len, query.shape[2], shard, query, io)
+        if plan.dense_out is not None:
+            out, plan.dense_out = plan.dense_out, None
+            return out
+        work = plan.kernel
+        if work is None:                                                  # dense: the full mask, through the ring
+            work = self._work(self._full(geometry, query.shape[2], seq_len), ring, video, query)
+        out = planner.stats.time(plan.record, query, lambda: ring_attention.run(work, ring, query, key, value))
+        if fresh and plan.kernel is not None:
+            ran = [k for k in [*work.steps, work.text] if k is not None]
+            if ran:
+                plan.record.ran(plan.mask, ran[0])
+        return out
+
+    def _work(self, mask: BlockMask, ring: RingGroup, video: int, like: torch.Tensor) -> RingWork:
+        """The cut of ``mask`` for this rank, made once per mask (collective: every rank asks for the same masks)."""
+        planner = self.planner
+        key = ("ring", ring.world, ring.rank, video, planner.device, planner.backend)
+        found = mask.compiled_kernels.get(key)
+        if found is None:
+            found = mask.compiled_kernels[key] = ring_attention.plan_work(mask, ring, video, planner.device,
+                                                                          planner.backend, like)
+        return found
+
+    def _full(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:
+        """The full mask of the valid tokens (frame blocks), extended by the padding block to ``seq_len``."""
+        key = (geometry, heads, seq_len)
+        found = self._dense.get(key)
+        if found is None:
+            found = dense_mask(geometry, heads, {"method": "dense"})
+            if seq_len != found.q_len:
+                found = found.with_trailing_block(seq_len)
+            self._dense[key] = found
+            if len(self._dense) > DENSE_MASKS:
+                self._dense.popitem(last=False)
+        return found
+
+
+def _rows(full: torch.Tensor, ring: RingGroup, video: int) -> torch.Tensor:
+    """This rank's rows ``[B, V/R + T, h, D]`` of a whole-sequence tensor ``[B, V + T, h, D]``."""
+    start, total_video = ring.rank * video, ring.world * video
+    return torch.cat([full[:, start:start + video], full[:, total_video:]], dim=1)

@@ -1,0 +1,55 @@
+"""The ring's arithmetic in one process: per-shard slices of a mask, merged by LSE, equal the whole mask's attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategies import block_masks
+
+import sparsecore
+from sparsecore import Capabilities
+from sparsecore.integrations.diffusers.ring import merge
+from sparsecore.ir.slicing import slices
+
+ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
+
+
+def test_merge_handles_rows_without_keys_on_either_side():
+    out = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.0, 0.0], [0.0, 0.0]]])
+    lse = torch.tensor([[0.5, float("-inf"), float("-inf"), 2.0]])
+    other = torch.tensor([[[5.0, 6.0], [7.0, 8.0], [0.0, 0.0], [1.0, 1.0]]])
+    other_lse = torch.tensor([[float("-inf"), 1.5, float("-inf"), 2.0]])
+    got, got_lse = merge(out, lse, other, other_lse)
+    assert torch.equal(got[0, 0], out[0, 0]) and got_lse[0, 0] == 0.5            # right side empty
+    assert torch.equal(got[0, 1], other[0, 1]) and got_lse[0, 1] == 1.5          # left side empty
+    assert torch.equal(got[0, 2], torch.zeros(2)) and got_lse[0, 2] == float("-inf")   # both empty
+    assert torch.allclose(got[0, 3], torch.tensor([0.5, 0.5])) and abs(float(got_lse[0, 3]) - 2 - np.log(2)) < 1e-6
+    assert not torch.isnan(got).any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), shards=st.integers(1, 4), heads=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_shard_slices_merged_by_lse_equal_the_whole_mask(data, shards, heads, seed):
+    mask = data.draw(block_masks(ANY, heads))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, mask.q_len, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, heads, mask.kv_len, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    whole, whole_lse = sparsecore.compile(mask, device="cpu")(q, k, v, return_lse=True)
+    q_cuts = np.linspace(0, mask.q_len, shards + 1).astype(int)
+    kv_cuts = np.linspace(0, mask.kv_len, shards + 1).astype(int)
+    keys = [(int(a), int(b)) for a, b in zip(kv_cuts[:-1], kv_cuts[1:]) if b > a]
+    for a, b in zip(q_cuts[:-1], q_cuts[1:]):
+        if b == a:
+            continue
+        out = torch.zeros(1, heads, b - a, 8, dtype=torch.float64)
+        lse = torch.full((1, heads, b - a), float("-inf"), dtype=torch.float64)
+        for (c, d), piece in zip(keys, slices(mask, (int(a), int(b)), keys)):
+            if piece.nnz:                                    # an empty slice is a skipped ring step
+                part, part_lse = sparsecore.compile(piece, device="cpu")(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d],
+                                                                         return_lse=True)
+                out, lse = merge(out, lse, part, part_lse.double())
+        torch.testing.assert_close(out, whole[:, :, a:b], rtol=1e-6, atol=1e-6)     # LSEs are float32
+        torch.testing.assert_close(lse, whole_lse[:, :, a:b].double(), rtol=1e-6, atol=1e-6)
