@@ -12,7 +12,8 @@
 #   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
 #   approximation  bench/approximation_benchmark.py: PASA's approximation pass next to the exact kernel
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
-#   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs: Ulysses, then ring (and unified on >= 4)
+#   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs (Ulysses, or ring 2 x Ulysses where the heads
+#              do not divide), then the ring alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -48,19 +49,19 @@ for stage in "$@"; do
       # NVLink multicast stays off on shared hosts (shared/device KINDS.md)
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-      for run in "wan-1.3b lvsa" "wan-14b lvsa --layers ${LAYERS_14B:-10}" "wan-1.3b adaspa" "wan-1.3b dense"; do
-        read -r model method extra <<< "$run"
+      # Ulysses where the GPU count divides the heads, else ring 2 x Ulysses N/2 (12 heads on 8 GPUs)
+      mode_for() { (( $1 % gpus == 0 )) && echo "--mode ulysses" || echo "--mode unified --ring-degree 2"; }
+      for run in "wan-1.3b 12 lvsa" "wan-14b 40 lvsa --layers ${LAYERS_14B:-10}" "wan-1.3b 12 adaspa" \
+                 "wan-1.3b 12 dense"; do
+        read -r model heads method extra <<< "$run"
         python3 bench/multigpu_benchmark.py --model $model --method $method --out "$OUT/multigpu" $extra 2>&1 \
           | grep -v '^{'
         python3 -m torch.distributed.run --nproc_per_node "$gpus" bench/multigpu_benchmark.py --model $model \
-          --method $method --out "$OUT/multigpu" $extra 2>&1 | grep -v '^{'
+          --method $method $(mode_for $heads) --out "$OUT/multigpu" $extra 2>&1 | grep -v '^{'
       done
-      modes="ring"; (( gpus >= 4 )) && modes="ring unified"              # unified needs ring 2 x Ulysses >= 2
-      for mode in $modes; do
-        for method in lvsa adaspa dense; do
-          python3 -m torch.distributed.run --nproc_per_node "$gpus" bench/multigpu_benchmark.py --model wan-1.3b \
-            --method $method --mode $mode --out "$OUT/multigpu" 2>&1 | grep -v '^{'
-        done
+      for method in lvsa adaspa dense; do                                 # the ring alone, for comparison
+        python3 -m torch.distributed.run --nproc_per_node "$gpus" bench/multigpu_benchmark.py --model wan-1.3b \
+          --method $method --mode ring --out "$OUT/multigpu" 2>&1 | grep -v '^{'
       done
       python3 bench/multigpu_benchmark.py --report "$OUT/multigpu" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
