@@ -1,6 +1,6 @@
 """GPU cost of PASA's approximation of the unselected blocks (issue 16), next to the exact block-sparse part.
 
-Not run yet (no GPU time was left when it was written). On a GPU machine (the device tool):
+Measured on an H200 on 2026-11-30 (bench/results/approximation-2026-11-30.md). On a GPU machine:
 
     python bench/approximation_benchmark.py --out bench/results [--sizes 32760 188760] [--head-dim 128]
 

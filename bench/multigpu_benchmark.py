@@ -20,7 +20,8 @@ row needs them), ``unified`` (``ring_degree=--ring-degree`` x ``ulysses_degree=N
 Ring and unified runs are set up with ``sparsecore.integrations.diffusers.parallel.enable_parallelism``
 (HunyuanVideo 1.5's context-parallel plan; Wan's cross-attention runs locally). Their rows also
 record ``ring_pairs``: the fraction of (query shard, key shard) pairs the last step's masks need
-(1.0: every ring step runs and transfers; lower: steps skipped), averaged over layers.
+(1.0: every ring step runs and transfers; lower: steps skipped), averaged over layers, and
+``ring_load``: the token pairs each rank's ring steps compute (a ring step ends with its slowest rank).
 
 Models as in ``e2e_benchmark.py`` (random weights, bf16, batch 1, 512 text tokens) at 6x
 length (121 latent frames, 480x832: 188,760 tokens): ``wan-1.3b`` (30 layers, 12 heads),
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace, world: int, rank: int, device: str) -> dict:
            "step_s": statistics.median(seconds[1:]) * FULL_DEPTH[args.model] / layers,
            "peak_gib_per_gpu": peaks, "density": statistics.mean(s["density"] for s in last) if last else None,
            "backends": sorted({s["backend"] for s in last}), "heads_rank0": last[0]["heads"] if last else None,
-           "ring_pairs": ring_pairs(handle), "meta": versions(device) | {"gpus": world}}
+           "ring_pairs": ring_pairs(handle), "ring_load": gather_floats(ring_load(handle), world, device),
+           "meta": versions(device) | {"gpus": world}}
     suffix = "" if args.mode == "ulysses" or world == 1 else f"-{args.mode}"
     stem = args.out / f"out-{args.model}-{row['method']}-{layers}layers"
     if rank == 0:
@@ -178,6 +180,15 @@ def ring_pairs(handle) -> float | None:
     if not needs or len(needs[0]) == 1:
         return None
     return statistics.mean(sum(map(sum, need)) / len(need) ** 2 for need in needs)
+
+
+def ring_load(handle) -> float:
+    """Token pairs this rank's ring steps compute under the current plans (its load; 0.0 without a ring)."""
+    from sparsecore.integrations.diffusers.ring import RingWork
+    works = [] if handle is None else [plan.kernel for plan in handle._planner._plans.values()
+                                       if isinstance(plan.kernel, RingWork)]
+    return float(sum(int(kernel.mask.kept_pairs().sum()) for work in works
+                     for kernel in [*work.steps, work.text] if kernel is not None))
 
 
 def timed_step(model: torch.nn.Module, inputs: dict, timestep: float, device: str, world: int) -> tuple:
@@ -230,10 +241,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "over the timed steps. Output vs one GPU: "
              "relative L2 error and max |difference| of the last step's output. Mode: ulysses (heads split), ring "
              "(sequence split, sparsecore's ring), unified (ring x Ulysses degrees). Ring pairs: fraction of "
-             "(query shard, key shard) pairs the masks need (the rest: ring steps skipped, no transfer).", "",
+             "(query shard, key shard) pairs the masks need (the rest: ring steps skipped, no transfer). Ring load: "
+             "the busiest rank's token pairs over the mean rank's (1.00: balanced).", "",
              "| model | method | GPUs | mode | step (s) | rate vs 1 GPU | first step (s) | peak GiB per GPU | "
-             "density | ring pairs | output vs 1 GPU (rel. L2 / max abs) | layers run/full | kernels |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "density | ring pairs | ring load | output vs 1 GPU (rel. L2 / max abs) | layers run/full | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda r: (r["model"], list(STEPS).index(r["method"].split("+")[0]), -r["layers_run"], r["world"],  # noqa
                        r.get("mode", "ulysses"))
     for r in sorted(rows, key=order):
@@ -248,8 +260,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if mode == "unified":
             mode = f"ring {r['ring_degree']} x ulysses {r['ulysses_degree']}"
         pairs = "" if r.get("ring_pairs") is None else f"{r['ring_pairs']:.2f}"
+        loads = r.get("ring_load") or [0.0]
+        load = f"{max(loads) / (sum(loads) / len(loads)):.2f}" if sum(loads) else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['world']} | {mode} | {r['step_s']:.3f} | {rate} | {first} | "
-                     f"{peaks} | {density} | {pairs} | {vs_text} | {r['layers_run']}/{r['layers_full']} | "
+                     f"{peaks} | {density} | {pairs} | {load} | {vs_text} | {r['layers_run']}/{r['layers_full']} | "
                      f"{', '.join(r['backends']) or 'diffusers SDPA'} |")
     return "\n".join(lines) + "\n"
 

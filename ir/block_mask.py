@@ -6,41 +6,37 @@ Format (validated at construction):
     Number of query heads. The mask is per *query* head; under grouped-query
     attention several query heads share one key head but may keep different blocks.
 ``q_offsets``  int64 ``[num_q_blocks + 1]`` (NumPy, read-only)
-    Query block boundaries ``[0, ..., q_len]``, strictly increasing. Block ``i``
-    holds query tokens ``q_offsets[i] : q_offsets[i + 1]``. Uniform blocks with a
-    short last block are the common case; any sizes are allowed (frame-sized,
-    text-sized blocks).
+    Query block boundaries ``[0, ..., q_len]``, strictly increasing. Block ``i`` holds query tokens
+    ``q_offsets[i] : q_offsets[i + 1]``. Uniform blocks with a short last block are the common case;
+    any sizes are allowed (frame-sized, text-sized blocks).
 ``kv_offsets``  int64 ``[num_kv_blocks + 1]`` (NumPy, read-only)
     Key/value block boundaries, same rules, ending at ``kv_len``.
 ``indptr``  int32 ``[num_heads, num_q_blocks + 1]``
-    CSR row pointers into the one shared ``indices`` array: the list of (head ``h``,
-    query block ``i``) is ``indices[indptr[h, i] : indptr[h, i + 1]]``. Heads are
-    stored in order, so ``indptr[h + 1, 0] == indptr[h, -1]``, ``indptr[0, 0] == 0``
-    and ``indptr[-1, -1] == len(indices)``.
+    CSR row pointers into the one shared ``indices`` array: the list of (head ``h``, query block ``i``)
+    is ``indices[indptr[h, i] : indptr[h, i + 1]]``. Heads are stored in order, so
+    ``indptr[h + 1, 0] == indptr[h, -1]``, ``indptr[0, 0] == 0`` and ``indptr[-1, -1] == len(indices)``.
 ``indices``  int32 ``[nnz]``
     Key block ids, each row sorted ascending and unique. An empty row is allowed:
     its query tokens attend to nothing, giving output 0 and LSE -inf.
 ``budgets``  float64 ``[num_heads]``
-    The per-head budget the method asked for, as a fraction of key blocks per query
-    block in [0, 1]. Kernels ignore it; it records intent (head-adaptive methods).
-    Defaults to the fraction each head actually keeps.
+    The per-head budget the method asked for, as a fraction of key blocks per query block in [0, 1].
+    Kernels ignore it; it records intent (head-adaptive methods). Defaults to the fraction kept.
 ``meta``  read-only JSON-able mapping
     Method name, layer, step, parameters. Kernels ignore it.
 ``unselected``  :class:`~.unselected.Unselected`
-    What rows get from the key blocks they do not list: nothing (``"drop"``, the
-    default) or an approximation (PASA). Kernels that cannot compute it refuse the mask.
+    What rows get from the key blocks they do not list: nothing (``"drop"``, the default) or an
+    approximation (PASA). Kernels that cannot compute it refuse the mask.
 
-Where the lists live. Block boundaries are host NumPy arrays: they follow from the
-video geometry, are small, and every lowering plans its launch shape from them. The
-lists (``indptr``, ``indices``, ``budgets``) are either NumPy arrays (host masks: files,
-tests, the reference lowering, hand-written patterns) or torch tensors on one device
-(masks that methods build every layer and step, which stay where the kernel runs).
-:meth:`BlockMask.to` and :meth:`BlockMask.to_host` convert explicitly; NumPy arrays are
-read-only, torch tensors are owned by the mask and must not be written to.
+Where the lists live. Block boundaries are host NumPy arrays: they follow from the video geometry,
+are small, and every lowering plans its launch shape from them. The lists (``indptr``, ``indices``,
+``budgets``) are either NumPy arrays (host masks: files, tests, the reference lowering, hand-written
+patterns) or torch tensors on one device (masks that methods build every layer and step, which stay
+where the kernel runs). :meth:`BlockMask.to` and :meth:`BlockMask.to_host` convert explicitly; NumPy
+arrays are read-only, torch tensors are owned by the mask and must not be written to.
 
-Semantics: query tokens of block ``i`` of head ``h`` attend, with softmax, to exactly
-the key tokens of the blocks listed for ``(h, i)`` (plus the approximation of the others
-when ``unselected`` says so). ``sparsecore.backends.reference`` is the executable definition.
+Semantics: query tokens of block ``i`` of head ``h`` attend, with softmax, to exactly the key tokens
+of the blocks listed for ``(h, i)`` (plus the approximation of the others when ``unselected`` says
+so). ``sparsecore.backends.reference`` is the executable definition.
 """
 
 from __future__ import annotations
@@ -170,20 +166,12 @@ class BlockMask:
         return {}
 
     # ------------------------------------------------------------------ shape
-    @property
-    def q_len(self) -> int:
-        return int(self.q_offsets[-1])
-
-    @property
-    def kv_len(self) -> int:
-        return int(self.kv_offsets[-1])
-
+    q_len = property(lambda self: int(self.q_offsets[-1]), doc="Number of query tokens.")
+    kv_len = property(lambda self: int(self.kv_offsets[-1]), doc="Number of key tokens.")
     num_q_blocks = property(lambda self: len(self.q_offsets) - 1, doc="Number of query blocks.")
     num_kv_blocks = property(lambda self: len(self.kv_offsets) - 1, doc="Number of key blocks.")
 
-    @property
-    def nnz(self) -> int:
-        return int(self.indices.shape[0])
+    nnz = property(lambda self: int(self.indices.shape[0]), doc="Number of listed (head, query block, key block).")
 
     q_block_sizes = property(lambda self: np.diff(self.q_offsets), doc="Query block sizes, int64 ``[MB]``.")
     kv_block_sizes = property(lambda self: np.diff(self.kv_offsets), doc="Key block sizes, int64 ``[NB]``.")
@@ -195,15 +183,24 @@ class BlockMask:
         return counts.long() if csr.is_tensor(counts) else counts.astype(np.int64)
 
     def uniform_block_size(self, which: str) -> int | None:
-        """The block size if every block but a shorter last one has it, else None.
+        """The block size if every block but a shorter last one has it, else None (``which``: ``"q"`` or ``"kv"``)."""
+        return self._common_block_size(which, short_first=False)
 
-        ``which`` is ``"q"`` or ``"kv"``.
+    def interior_block_size(self, which: str) -> int | None:
+        """The size of every block but a shorter first and last one, else None (one or two blocks: the larger).
+
+        What a kernel's tiles should fit: a slice of a uniform mask over a token range (a ring shard,
+        :mod:`.slicing`) cuts its first and last blocks short and keeps this size inside.
         """
+        return self._common_block_size(which, short_first=True)
+
+    def _common_block_size(self, which: str, short_first: bool) -> int | None:
         sizes = {"q": self.q_block_sizes, "kv": self.kv_block_sizes}[which]
-        size = int(sizes[0])
-        if (sizes[:-1] == size).all() and sizes[-1] <= size:
-            return size
-        return None
+        if not short_first:
+            size, inner = int(sizes[0]), sizes[:-1]
+        else:
+            size, inner = (int(sizes[1]), sizes[1:-1]) if len(sizes) > 2 else (int(sizes.max()), sizes[:0])
+        return size if (inner == size).all() and sizes[0] <= size and sizes[-1] <= size else None
 
     # ------------------------------------------------------------ constructors
     @staticmethod

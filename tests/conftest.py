@@ -1,7 +1,9 @@
 """Test configuration: Hypothesis profiles and the cross-device matrix printed at the end.
 
 Profiles: ``ci`` (derandomized, bounded: reproducible in CI), ``dev`` (random, more
-examples). Pick with ``HYPOTHESIS_PROFILE``; the default is ``dev``.
+examples), ``gpu`` (as ``ci`` but no shrinking: on a GPU machine every example may compile a
+kernel, so the first failing example is reported as found). Pick with ``HYPOTHESIS_PROFILE``;
+the default is ``dev``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: oracle, strategies, targets
 
@@ -21,6 +23,8 @@ settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gpu", parent=settings.get_profile("ci"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 _MATRIX: dict = defaultdict(lambda: {"ran": 0, "passed": 0, "failed": 0, "skipped": 0, "reason": ""})

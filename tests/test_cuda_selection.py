@@ -6,11 +6,17 @@ choice before any call is checked (nothing is lowered or run).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 import sparsecore
 from sparsecore import BlockMask
+from sparsecore.backends.cuda.triton_launch import TritonLaunch
+from sparsecore.backends.cuda.triton_config import TritonOptions
+from sparsecore.ir.slicing import slice_mask
 
 
 @pytest.fixture
@@ -33,6 +39,7 @@ def frames(block: int, count: int, text: int = 0) -> BlockMask:
     (frames(64, 40), "triton"),               # AdaSpa's 64-token blocks: Triton measured faster
     (frames(1560, 3), "fa4"),                 # LVSA's frames
     (frames(1560, 3, text=200), "fa4"),       # frames + a text block: mixed sizes
+    (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
 ])
 def test_default_lowering_per_block_class(cuda_available, mask, expected):
     assert sparsecore.compile(mask, device="cuda").backend.name == expected
@@ -44,3 +51,13 @@ def test_flashinfer_is_not_offered_more_block_rows_than_its_plan_takes(cuda_avai
     big = BlockMask(12, offsets, offsets, indptr, np.tile(np.arange(2949), 12))     # the diagonal only
     problems = sparsecore.registered_backends()["flashinfer"].capabilities.mask_problems(big)
     assert any(p.startswith("max_rows:") for p in problems)
+
+
+@pytest.mark.parametrize("block, tile", [(64, 64), (1560, 128)])
+def test_triton_tiles_fit_the_blocks_of_a_ring_shard(monkeypatch, block, tile):
+    """A shard edge cuts the first block short; the tiles still fit the blocks inside (on a Hopper GPU)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    shard = slice_mask(frames(block, 40), (block * 20 + block // 3, block * 40), (0, block * 40))
+    q = SimpleNamespace(shape=(1, 2, shard.q_len, 128), element_size=lambda: 2, device=torch.device("cuda"))
+    config = TritonLaunch(shard, TritonOptions()).config(q)
+    assert (config.block_m, config.block_n) == (tile, tile)

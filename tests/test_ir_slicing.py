@@ -94,3 +94,19 @@ def test_approximated_masks_slice_by_rows_only():
     assert slice_mask(approx, (0, 16), [(0, 8), (8, 16)]).meta["slice"]["kv"] == ((0, 16),)   # adjacent: one range
     with pytest.raises(ValueError, match="kv_ranges: a mask with unselected='zeroth'"):
         slice_mask(approx, (0, 16), (0, 8))
+
+
+@given(blocks=st.integers(1, 12), block=st.integers(1, 9), cut=st.data())
+def test_a_shard_of_a_uniform_mask_keeps_its_interior_block_size(blocks, block, cut):
+    mask = BlockMask.full(1, blocks * block, blocks * block, block)
+    start = cut.draw(st.integers(0, mask.q_len - 1))
+    stop = cut.draw(st.integers(start + 1, mask.q_len))
+    shard = slice_mask(mask, (start, stop), (start, stop))
+    expected = block if stop - start > 2 * block else int(shard.q_block_sizes.max())
+    assert shard.interior_block_size("q") == shard.interior_block_size("kv") == expected
+
+
+def test_interior_block_size_is_none_for_mixed_interior_sizes():
+    mask = BlockMask.from_lists([[[0], [1], [2], [3]]], [0, 4, 8, 10, 14], [0, 4, 8, 10, 14])
+    assert mask.interior_block_size("q") is None and mask.uniform_block_size("q") is None
+    assert BlockMask.full(1, 20, 20, 8).interior_block_size("kv") == 8

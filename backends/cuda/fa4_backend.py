@@ -101,7 +101,10 @@ class Fa4Backend(Backend):
     options_type = Fa4Options
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
-                                head_dims=frozenset({64, 96, 128}))
+                                head_dims=frozenset({64, 96, 128}),
+                                nonfinite_spread="FA4's mask tiles give masked-out keys weight 0 and still multiply "
+                                                 "their values (0 * inf = NaN): a non-finite value reaches the rows "
+                                                 "of every query tile that computes its key tile (H200, 2026-11-30)")
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("flash_attn") is None:

@@ -15,7 +15,9 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
 - 1560-token frame blocks: on LVSA's frame mask at 6x (188,760 tokens, d = 0.17) fa4 runs at
   557 eff TFLOP/s (68 ms; 11% of its tiles masked), FlashInfer 506-529, Triton 411. On random
   frame rows fa4 wins at D = 64 (by 18-38%) and ties Triton at D = 128 (within 5% either way).
-- Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton.
+- Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton. A mask whose
+  first and last blocks are short (a ring shard's slice) is classed by its interior size, so a ring
+  step of AdaSpa's mask stays on Triton's 64-wide tiles.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/cuda-2026-11-22.md.
 """
@@ -34,7 +36,8 @@ RANKS = {
 
 
 def block_class(mask: BlockMask) -> str:
-    block = mask.uniform_block_size("kv")
+    """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class."""
+    block = mask.interior_block_size("kv")
     if block is None:
         return "ragged"
     if block < 128:
