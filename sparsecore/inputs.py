@@ -7,6 +7,8 @@ what was expected and what was got. Only shapes, dtypes and devices are read: no
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,3 +88,14 @@ def as_batched(t: Any, name: str) -> Any:
     if array_kind(t) not in ("torch", "numpy"):
         raise TypeError(f"{name}: expected a tensor [B, heads, L, D], got {type(t).__name__}")
     return t[None] if len(t.shape) == 3 else t
+
+
+def check_scale(scale: Any, head_dim: int) -> float:
+    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a finite real number (``TypeError``/``ValueError``)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    return float(scale)

@@ -21,14 +21,12 @@ mask (AdaSpa's reuse steps) reuses them and dropping it frees them.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections import OrderedDict
 from typing import Any, Hashable
 
 from sparsecore.ir import BlockMask
 
-from .inputs import AttentionShape, attention_shape
+from .inputs import AttentionShape, attention_shape, check_scale
 from .registry import Backend, Run, UnsupportedError, candidates, device_type
 
 CACHE_SIZE = 64  # compiled kernels of host masks kept
@@ -196,13 +194,3 @@ def _check_index(device: str) -> None:
 def clear_cache() -> None:
     """Forget every compiled kernel of host masks (frees plans and device buffers they hold)."""
     _CACHE.clear()
-
-
-def check_scale(scale: Any, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
-    return float(scale)

@@ -21,7 +21,6 @@ output and LSE from one pass.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import on_device
 
-from .inputs import attention_shape
+from .inputs import attention_shape, check_scale
 from .registry import BlockMassOp, registered_backends
 
 
@@ -69,9 +68,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     """
     q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
     _check_inputs(q, k, q_offsets, kv_offsets, lse)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    scale = check_scale(scale, q.shape[-1])
     name = _choose(q, k, q_offsets, kv_offsets, impl)
     if lse is None:
         _, lse = dense_attention(q, k, k, scale)                   # pass 1: only the LSE is kept

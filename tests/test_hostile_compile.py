@@ -211,3 +211,12 @@ def test_portable_cuts_a_row_whose_scores_exceed_the_chunk_budget():
     scores = q[0, 0, rows] @ k[0, 0].T / 4
     assert torch.allclose(out[0, 0, rows], torch.softmax(scores, -1) @ v[0, 0], atol=1e-5)
     assert torch.allclose(lse[0, 0, rows], torch.logsumexp(scores, -1), atol=1e-4)
+
+
+@pytest.mark.parametrize("scale, error", [("x", TypeError), (True, TypeError), ([0.1], TypeError),
+                                          (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_block_mass_scale(scale, error):
+    from sparsecore.search import block_mass
+    q = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(0))
+    offsets = np.array([0, 32, 64])
+    refused(lambda: block_mass(q, q, offsets, offsets, scale=scale), "scale", types=(error,))
