@@ -68,7 +68,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     """
     q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
     _check_inputs(q, k, q_offsets, kv_offsets, lse)
-    scale = check_scale(scale, q.shape[-1])
+    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.shape[-1])
     name = _choose(q, k, q_offsets, kv_offsets, impl)
     if lse is None:
         _, lse = dense_attention(q, k, k, scale)                   # pass 1: only the LSE is kept
