@@ -6,7 +6,9 @@
 # Stages:
 #   warm       JIT-compile FlashInfer's fa3 modules (bf16/fp16 x head dim 64/128) in the background; wait: join them
 #   fa4check   bench/fa4_check.py: the fa4 lowering against float32 dense attention, then its timing
-#   test       the property suite and the realistic-mask tests on every CUDA target (log under $OUT)
+#   test       the property suite, the realistic-mask, non-finite isolation and approximation tests on every
+#              CUDA target (HYPOTHESIS_PROFILE=gpu: no shrinking; log under $OUT); run after warm/wait
+#   ringslices bench/ring_slices.py: do a rank's ring slices cost half the whole mask (Triton, one GPU)
 #   planning   bench/planning_benchmark.py: per-layer planning time at Wan 1x / 6x
 #   bench      bench/cuda_benchmark.py: the side-by-side kernel table (+ LVSA frames, AdaSpa-shaped)
 #   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
@@ -14,6 +16,7 @@
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
 #   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs (Ulysses, or ring 2 x Ulysses where the heads
 #              do not divide), then the ring alone
+#   pack       everything under $OUT into $OUT/results.tgz (the device tool returns only a few files of $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -37,9 +40,11 @@ for stage in "$@"; do
     wait) wait; cat "$OUT"/warm-*.log | grep -E "warm:|Error" ;;
     fa4check) python3 bench/fa4_check.py --out "$OUT" 2>&1 | tail -60 ;;
     test)
-      HYPOTHESIS_PROFILE=ci python3 -P -m pytest -q -p no:cacheprovider tests/test_backends_match_oracle.py \
-        tests/test_large_masks.py tests/test_block_mass_triton.py -k "${TEST_FILTER:-cuda and not emulated}" \
-        > "$OUT/gpu-tests.log" 2>&1; tail -30 "$OUT/gpu-tests.log" ;;
+      HYPOTHESIS_PROFILE=gpu python3 -P -m pytest -q -p no:cacheprovider -rfE --tb=short \
+        tests/test_backends_match_oracle.py tests/test_large_masks.py tests/test_block_mass_triton.py \
+        tests/test_nonfinite_isolation.py tests/test_unselected_match_oracle.py \
+        -k "${TEST_FILTER:-cuda and not emulated}" > "$OUT/gpu-tests.log" 2>&1; tail -30 "$OUT/gpu-tests.log" ;;
+    ringslices) python3 bench/ring_slices.py 2>&1 | tail -4 ;;
     planning) python3 bench/planning_benchmark.py --device cuda --out "$OUT" 2>&1 | tail -25 ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames --adaspa ${BENCH_FLAGS:-} 2>&1 | grep -v "^  " ;;
     selection) python3 bench/cuda_benchmark.py --out "$OUT" --sizes --no-flashinfer --selection 2>&1 | tail -32 ;;
@@ -64,6 +69,8 @@ for stage in "$@"; do
           --method $method --mode ring --out "$OUT/multigpu" 2>&1 | grep -v '^{'
       done
       python3 bench/multigpu_benchmark.py --report "$OUT/multigpu" ;;
+    pack) [[ "$OUT" != bench/results ]] || { echo "pack: set OUT (the device tool's \$OUT), not bench/results"; exit 2; }
+          tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT/" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
