@@ -166,7 +166,8 @@ def markdown(report: dict) -> str:
              "Rel L2 / cosine: the masked output against dense attention, mean over heads. "
              "These rows measure the selection: exact attention over the kept blocks, the others dropped "
              "(PASA's rows are planned with `approximation=\"drop\"`; its default first-order approximation of the "
-             "dropped blocks is measured in "Approximating the unselected blocks" below). Churn: fraction of PASA's selected blocks that change "
+             "dropped blocks is measured in \"Approximating the unselected blocks\" below). Churn: fraction of PASA's "
+             "selected blocks that change "
              "between two adjacent steps at the same inputs (only the selection noise differs). "
              "Drifted inputs: q, k, v of step 30 are cos(0.3) x (step-10 inputs) + sin(0.3) x (another seed's), "
              "to exercise AdaSpa's reuse and LSE-cached search.", ""]

@@ -114,3 +114,10 @@ def test_import_from_a_fresh_checkout_root_needs_no_install():
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("sparsecore.kernel") and "portable" in result.stdout
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_bench_scripts_parse(script):
+    """Benchmark scripts run only on GPU machines or by hand; a syntax error must not wait for that."""
+    source = (ROOT / "bench" / script).read_text()
+    ast.parse(source, filename=script)
