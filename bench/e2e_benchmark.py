@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from report import write_report
+
 import sparsecore
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.timing import synchronize
@@ -316,9 +318,7 @@ def main() -> int:
             continue
         log(f"{case.model} {case.label}: {case.frames} latent frames, {case.layers_run} layers")
         rows += run_case(case, args.modes, args.tiny, device, log)
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        stem.with_suffix(".md").write_text(markdown(rows, meta))
+        write_report(stem, meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from e2e_benchmark import Case, build_model, model_inputs, versions
+from report import write_report
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.timing import synchronize
 
@@ -222,9 +223,7 @@ def compare(got: torch.Tensor, reference: torch.Tensor) -> dict:
 def report(folder: Path) -> int:
     rows = [json.loads(line) for line in (folder / "multigpu-rows.jsonl").read_text().splitlines() if line.strip()]
     meta = rows[-1]["meta"]
-    stem = folder / f"multigpu-{meta['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    write_report(folder / f"multigpu-{meta['date']}", meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 

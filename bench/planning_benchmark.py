@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from report import write_report
 
 import sparsecore
 from sparsecore import VideoGeometry
@@ -159,10 +160,7 @@ def main() -> int:
     meta["dense_lse_max_abs_diff"] = check_dense_lse(args.device)
     print(f"dense_attention LSE vs float32 logsumexp: max |diff| {meta['dense_lse_max_abs_diff']:.2e}", flush=True)
     rows = run(args.device, args.lengths, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"planning-{args.device.split(':')[0]}-{meta['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    write_report(args.out / f"planning-{args.device.split(':')[0]}-{meta['date']}", meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 
