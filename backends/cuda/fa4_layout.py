@@ -282,36 +282,7 @@ def _pack_bits(keep: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# --------------------------------------------------------------------------------------------- checks (tests)
-def check_layout(layout: Fa4Layout) -> None:
-    """Assert the invariants FA4 relies on; raises AssertionError naming the first broken one.
-
-    Lists ascending and unique within their counts (FA4 walks them from the end and
-    applies sequence-length masking to the first tile it takes, so the short last key
-    tile must be last), ids in range, no tile both full and masked, counts within the
-    index width, int32 tensors of the documented shapes.
-    """
-    H, QT, NT = layout.num_heads, layout.num_q_tiles, layout.num_kv_tiles
-    for kind in ("full", "mask"):
-        cnt, idx = getattr(layout, f"{kind}_block_cnt"), getattr(layout, f"{kind}_block_idx")
-        assert cnt.dtype == torch.int32 and idx.dtype == torch.int32, f"{kind}: expected int32 tensors"
-        assert tuple(cnt.shape) == (1, H, QT), f"{kind}_block_cnt: expected [1, {H}, {QT}], got {list(cnt.shape)}"
-        assert idx.shape[:3] == (1, H, QT) and 1 <= idx.shape[3] <= NT, \
-            f"{kind}_block_idx: expected [1, {H}, {QT}, 1..{NT}], got {list(idx.shape)}"
-        assert (cnt >= 0).all() and (cnt <= idx.shape[3]).all(), f"{kind}: a count exceeds the index width"
-        valid = torch.arange(idx.shape[3]) < cnt[..., None].cpu()
-        ids = idx.cpu()
-        assert ((ids >= 0) & (ids < NT))[valid].all(), f"{kind}: a key tile id is out of 0..{NT - 1}"
-        ascending = (ids[..., 1:] > ids[..., :-1]) | ~valid[..., 1:]
-        assert ascending.all(), f"{kind}: a list is not strictly ascending"
-    full, partial = tile_status(layout)
-    assert not (full & partial).any(), "a key tile is listed both as full and as mask"
-    if layout.needs_mask_mod:
-        assert layout.q_block_of_token is not None and layout.q_block_of_token.numel() == QT * layout.tile_m
-        assert layout.kv_block_of_token is not None and layout.kv_block_of_token.numel() == NT * layout.tile_n
-        assert layout.keep_bits is not None and layout.keep_bits.dtype == torch.int32
-
-
+# --------------------------------------------------------------------------------------------- replay (tests)
 def tile_status(layout: Fa4Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """bool ``[H, QT, NT]`` maps of the full and the mask tiles, rebuilt from the lists (on CPU)."""
     H, QT, NT = layout.num_heads, layout.num_q_tiles, layout.num_kv_tiles
