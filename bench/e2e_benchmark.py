@@ -21,6 +21,7 @@ compiles kernels): dense; LVSA's sparse step; AdaSpa's first search (dense outpu
 search), reuse steps (the first one reported too), cached search; PASA's sparse step. A 50-step
 generation's time is then composed from the schedule: AdaSpa = 10 dense + 1 search + 1 cached
 search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its steps.
+``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks).
 Host planning per layer (``plan_ms`` of the handle's stats, median over layers) and peak
 memory are reported per row. ``--tiny`` runs the same code on tiny configs on any device.
 """
@@ -120,11 +121,16 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "lvsa": [("sparse", 50)],
     "adaspa": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
+    "pasa-drop": [("dense", 10), ("sparse", 40)],
+}
+VARIANTS = {    # row name -> (method, parameters): PASA without its approximation of unkept blocks
+    "pasa-drop": ("pasa", {"approximation": "drop"}),
 }
 STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
     "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
     "adaspa": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
     "pasa": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
+    "pasa-drop": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
 }
 
 
@@ -165,17 +171,18 @@ def warm_kernels(model, device: str, dtype: torch.dtype) -> None:
     64-token masks): the JIT time of a first call is not a step's time. Kernels compile per dtype and head dim,
     not per length."""
     import numpy as np
-    from sparsecore.search import block_mass
+    from sparsecore.search import block_mass, dense_attention_with_mass
     heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
     q = torch.randn(1, heads, 1024, dim, device=device, dtype=dtype)
     offsets = np.arange(0, 1025, 64)
     block_mass(q, q, offsets, offsets)
+    dense_attention_with_mass(q, q, q, offsets, offsets)
     keep = np.random.default_rng(0).random((heads, 16, 16)) < 0.3
     sparsecore.compile(sparsecore.BlockMask.from_dense(keep, 1024, 1024, 64), device=device)(q, q, q)
     synchronize(device)
 
 
-def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log) -> list[dict]:
+def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, methods: list[str]) -> list[dict]:
     rows, scale = [], case.layers_full / case.layers_run
     warm_kernels(model, device, model.dtype)
     reset_peak(device)
@@ -186,8 +193,10 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log) -> li
     rows.append(dict(base, method="dense", steps={"dense": dense_time}, generation_s=generation("dense",
                 {"dense": dense_time}), peak_gib=peak_gib(device), first_step_s=dense[0] * scale))
     log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
-    for method, plan in STEPS.items():
-        handle = sc_diffusers.apply(model, method=method, device=device, num_steps=NUM_STEPS)
+    for method in methods:
+        plan = STEPS[method]
+        name, params = VARIANTS.get(method, (method, {}))
+        handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **params)
         handle.timing(True)
         reset_peak(device)
         try:
@@ -228,7 +237,7 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     return row
 
 
-def run_case(case: Case, modes: list[str], tiny: bool, device: str, log) -> list[dict]:
+def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods: list[str]) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for mode in modes:
@@ -237,7 +246,7 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log) -> list
         if mode == "compiled":
             model.compile_repeated_blocks(fullgraph=True)
         try:
-            rows += run_mode(case, model, inputs, mode, device, log)
+            rows += run_mode(case, model, inputs, mode, device, log, methods)
         except torch.OutOfMemoryError as err:
             rows.append(dict(model=case.model, length=case.label, mode=mode, method="(all)", error=f"out of memory: {err}"))
             log(f"  {case.model} {case.label} {mode}: out of memory")
@@ -299,6 +308,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=["wan-1.3b"])
     parser.add_argument("--lengths", nargs="*", default=None, help="only these lengths, e.g. 1x 6x")
     parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--methods", nargs="*", default=[m for m in STEPS if m != "pasa-drop"], choices=list(STEPS),
+                        help="sparse methods next to dense (pasa-drop: PASA without its approximation)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
     parser.add_argument("--budget-s", type=float, default=540, help="skip remaining cases after this many seconds")
     parser.add_argument("--tag", default="", help="added to the output file names")
@@ -317,7 +328,7 @@ def main() -> int:
             log(f"  skipped {case.model} {case.label}: time budget of {args.budget_s:.0f} s spent")
             continue
         log(f"{case.model} {case.label}: {case.frames} latent frames, {case.layers_run} layers")
-        rows += run_case(case, args.modes, args.tiny, device, log)
+        rows += run_case(case, args.modes, args.tiny, device, log, args.methods)
         write_report(stem, meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0

@@ -9,7 +9,10 @@ the time from the session's decision to a kernel that only has to launch: ``sess
 kernel's ``prepare`` (tile plan, FA4 conversion, ...). The device queue is drained before each
 timed repeat, so the number is the planning's own host time plus the device work it waits for
 (its top-k, block masses): nothing of earlier layers. Also reported: how many host reads
-(device-to-host copies) one plan makes, counted with torch's CUDA sync debug mode on GPU.
+(device-to-host copies) one plan makes, counted with torch's CUDA sync debug mode on GPU, and
+the host's own time: the same call made while the device is still busy with a 1-second sleep
+kernel queued before it, so the call only enqueues its work. A call that reads from the device
+waits for the sleep there; its host time is not measurable this way and shows as "waits".
 
 AdaSpa's search step runs the block-mass pass; on a CPU it takes random block masses instead
 (a dense pass over 188K tokens is not a CPU job), so the CPU rows time the selection only.
@@ -33,7 +36,7 @@ from report import write_report
 import sparsecore
 from sparsecore import VideoGeometry
 from sparsecore.methods import adaspa, lvsa, pasa
-from sparsecore.search import dense_attention
+from sparsecore.search import dense_attention, dense_attention_with_mass
 from sparsecore.timing import synchronize
 
 LENGTHS = {"1x": VideoGeometry(21, 30, 52), "6x": VideoGeometry(121, 30, 52)}
@@ -50,6 +53,22 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
         synchronize(device)
         times.append(time.perf_counter() - began)
     return statistics.median(times), result
+
+
+def host_seconds(fn, device: str, repeats: int) -> float | None:
+    """Median host time of ``fn()`` while the device works through a queued sleep (None: fn waited for it)."""
+    if not device.startswith("cuda"):
+        return None
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        torch.cuda._sleep(2_000_000_000)                     # about a second of device time at ~2 GHz
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+        synchronize(device)
+    seconds = statistics.median(times)
+    return None if seconds > 0.5 else seconds
 
 
 def host_reads(fn, device: str) -> int | None:
@@ -93,6 +112,12 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
         _, lse = dense_attention(q, k, v)
         yield "adaspa", "search (pass 2 on the dense pass's LSE)", \
             lambda: prepared(ada.plan(geometry, HEADS, step=10, layer=0, q=q, k=k, lse=lse), q, k, v, device)
+        offsets = geometry.block_offsets(64)
+        _, found = dense_attention_with_mass(q, k, v, offsets, offsets)
+        fused_lse, fused_mass = found.lse, found.mass.sum(0)
+        yield "adaspa", f"search (masses from the dense pass: {found.impl})", \
+            lambda: prepared(ada.plan(geometry, HEADS, step=10, layer=0, lse=fused_lse, mass=fused_mass), q, k, v,
+                             device)
         yield "adaspa", "cached search", \
             lambda: prepared(ada.plan(geometry, HEADS, step=30, layer=0, q=q, k=k), q, k, v, device)
     else:
@@ -123,12 +148,15 @@ def run(device: str, lengths: list[str], repeats: int) -> list[dict]:
         for method, step, fn in cases(geometry, device, dtype):
             seconds, kernel = timed(fn, device, repeats)
             reads = host_reads(fn, device)
+            host = host_seconds(fn, device, repeats)
             mask = getattr(kernel, "mask", kernel)
             backend = kernel.backend.name if hasattr(kernel, "backend") else "(plan only)"
             rows.append({"length": label, "tokens": geometry.tokens, "method": method, "step": step,
-                         "ms_per_layer": seconds * 1e3, "host_reads": reads, "backend": backend,
+                         "ms_per_layer": seconds * 1e3, "host_ms": None if host is None else host * 1e3,
+                         "host_reads": reads, "backend": backend,
                          "density": mask.density()})
-            print(f"{label} {method:7s} {step:42s} {seconds * 1e3:9.2f} ms  reads {reads}  {backend}", flush=True)
+            print(f"{label} {method:7s} {step:42s} {seconds * 1e3:9.2f} ms  host {host}  reads {reads}  {backend}",
+                  flush=True)
     return rows
 
 
@@ -138,12 +166,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{HEAD_DIM}, 480x832. Median of {meta['repeats']} after a warm-up; the device queue is drained before "
              "each repeat. `bench/planning_benchmark.py`. The dense pass's LSE (the search's pass 1) against float32 "
              f"logsumexp: max |diff| {meta['dense_lse_max_abs_diff']:.1e}.", "",
-             "| length | tokens | method | step | ms per layer | host reads | backend | density |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| length | tokens | method | step | ms per layer | host ms | host reads | backend | density |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reads = "" if r["host_reads"] is None else r["host_reads"]
+        host = "waits" if r["host_reads"] and r["host_ms"] is None else \
+            ("" if r["host_ms"] is None else f"{r['host_ms']:.2f}")
         lines.append(f"| {r['length']} | {r['tokens']:,} | {r['method']} | {r['step']} | {r['ms_per_layer']:.2f} | "
-                     f"{reads} | {r['backend']} | {r['density']:.3f} |")
+                     f"{host} | {reads} | {r['backend']} | {r['density']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

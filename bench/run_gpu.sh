@@ -10,6 +10,7 @@
 #              CUDA target (HYPOTHESIS_PROFILE=gpu: no shrinking; log under $OUT); run after warm/wait
 #   ringslices bench/ring_slices.py: do a rank's ring slices cost half the whole mask (Triton, one GPU)
 #   planning   bench/planning_benchmark.py: per-layer planning time at Wan 1x / 6x
+#   searchstep bench/search_step.py: AdaSpa's search step, fused pass vs cuDNN dense + block-mass pass
 #   bench      bench/cuda_benchmark.py: the side-by-side kernel table (+ LVSA frames, AdaSpa-shaped)
 #   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
 #   approximation  bench/approximation_benchmark.py: PASA's approximation pass next to the exact kernel
@@ -46,6 +47,7 @@ for stage in "$@"; do
         -k "${TEST_FILTER:-cuda and not emulated}" > "$OUT/gpu-tests.log" 2>&1; tail -30 "$OUT/gpu-tests.log" ;;
     ringslices) python3 bench/ring_slices.py 2>&1 | tail -4 ;;
     planning) python3 bench/planning_benchmark.py --device cuda --out "$OUT" 2>&1 | tail -25 ;;
+    searchstep) python3 bench/search_step.py --out "$OUT" 2>&1 | tail -30 ;;
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames --adaspa ${BENCH_FLAGS:-} 2>&1 | grep -v "^  " ;;
     selection) python3 bench/cuda_benchmark.py --out "$OUT" --sizes --no-flashinfer --selection 2>&1 | tail -32 ;;
     approximation) python3 bench/approximation_benchmark.py --out "$OUT" 2>&1 | tail -20 ;;

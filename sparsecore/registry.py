@@ -34,10 +34,15 @@ class BlockMassOp:
     ``run(q, k, q_offsets, kv_offsets, lse, scale) -> mass`` float32 ``[B, H, MB, NB]`` given the
     row LSE (pass 2 of the search; the search makes a fresh LSE itself when none is cached).
     ``supports(q, k, q_offsets, kv_offsets)`` is None when it takes the inputs, else why not.
+    Optional, the first search step in one pass: ``with_output(q, k, v, q_offsets, kv_offsets, scale)
+    -> (out, lse, mass)``, the dense output and its LSE with exact masses, where
+    ``with_output_supports(q, k, v, q_offsets, kv_offsets)`` is None.
     """
 
     run: Callable[..., Any]
     supports: Callable[..., "str | None"]
+    with_output: Callable[..., Any] | None = None
+    with_output_supports: Callable[..., "str | None"] | None = None
 
 
 class UnsupportedError(ValueError):

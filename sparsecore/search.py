@@ -15,8 +15,10 @@ One function, :func:`block_mass`, runs the pass of the first backend whose
 :class:`~sparsecore.registry.BlockMassOp` takes the inputs (the Triton kernel on CUDA),
 else ``torch_block_mass`` on any torch device, in query chunks: memory is the
 ``[B, H, MB, NB]`` result plus ``max_elements`` scores. A fresh LSE ("pass 1") comes from
-:func:`dense_attention`, which is also how AdaSpa's first search step gets its dense
-output and LSE from one pass.
+:func:`dense_attention`. AdaSpa's first search step needs the dense output as well:
+:func:`dense_attention_with_mass` gives output, LSE and exact masses from a backend's
+single pass where one takes the inputs (Triton on CUDA: the online softmax's per-block
+sums kept until the LSE is known), else from the two passes.
 """
 
 from __future__ import annotations
@@ -77,6 +79,29 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     else:
         mass = block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale)
     return BlockMass(mass, lse, name)
+
+
+def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: Any, kv_offsets: Any,
+                              scale: float | None = None, *, impl: str = "auto") -> tuple[torch.Tensor, BlockMass]:
+    """Dense attention ``[B, H, L_q, D]`` and the exact block masses of the same scores (AdaSpa's first search step).
+
+    Arguments as :func:`block_mass` plus ``v [B, H_kv, L_kv, D]``. With ``impl="auto"`` a registered
+    backend's fused pass (``BlockMassOp.with_output``) where it takes the inputs; otherwise
+    :func:`dense_attention` for the output and LSE, then :func:`block_mass` on that LSE.
+    ``BlockMass.impl`` names what ran (``"<backend> fused"`` for the one-pass path).
+    """
+    q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
+    _check_inputs(q, k, q_offsets, kv_offsets, None)
+    attention_shape(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.shape[-1])
+    name = _choose(q, k, q_offsets, kv_offsets, impl)
+    op = block_mass_ops().get(name)
+    if op is not None and op.with_output is not None and op.with_output_supports(q, k, v, q_offsets,
+                                                                                  kv_offsets) is None:
+        out, lse, mass = op.with_output(q, k, v, q_offsets, kv_offsets, scale)
+        return out, BlockMass(mass, lse, f"{name} fused")
+    out, lse = dense_attention(q, k, v, scale)
+    return out, block_mass(q, k, q_offsets, kv_offsets, lse, scale, impl=name)
 
 
 def _choose(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, impl: str) -> str:

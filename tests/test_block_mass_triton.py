@@ -1,4 +1,4 @@
-"""The Triton block-mass kernel (AdaSpa's search on CUDA) against float64 dense block masses.
+"""The Triton block-mass kernel and the fused first-search pass (AdaSpa on CUDA) against float64 dense attention.
 
 Runs on a GPU, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, as CI
 does) inside the Triton backend's emulator; otherwise it skips with the backend's reason.
@@ -19,7 +19,8 @@ from test_method_adaspa import ANY, mass_float64
 
 import sparsecore
 from sparsecore.backends.cuda import block_mass as triton_block_mass
-from sparsecore.search import block_mass
+from sparsecore.backends.cuda import search_attention
+from sparsecore.search import block_mass, dense_attention_with_mass
 
 
 @pytest.fixture
@@ -59,3 +60,71 @@ def test_cuda_tensors_dispatch_to_the_triton_kernel():
     result = block_mass(q, q, np.array([0, 128, 256]), np.array([0, 64, 256]))
     assert result.impl == "triton"
 
+
+
+# ------------------------------------------------------------------ the first search step in one pass
+def dense_float64(q, k, v):
+    """Dense attention and natural-log LSE in float64 (GQA by repeating key heads)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offsets(ANY, "q"), offsets(ANY, "kv"), st.sampled_from([(1, 1), (4, 2), (3, 1)]), st.integers(1, 2),
+       st.sampled_from([16, 32]), st.sampled_from(["float32", "float16"]), st.sampled_from([1, 2]),
+       st.booleans(), st.integers(0, 2**32 - 1))
+def test_fused_search_pass_matches_float64(device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, pieces,
+                                           one_head_chunks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
+    k, v = (torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
+            for _ in range(2))
+    config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
+    scratch = 1 if one_head_chunks else search_attention.SCRATCH_BYTES          # 1 byte: one head per launch
+    out, lse, mass = search_attention.run(q.to(device), k.to(device), v.to(device), q_offsets, kv_offsets,
+                                          head_dim ** -0.5, config=config, scratch_bytes=scratch)
+    want_out, want_lse = dense_float64(q, k, v)
+    want_mass = mass_float64(q, k, q_offsets, kv_offsets)
+    got_mass = mass.double().cpu().numpy()
+    tolerance = 1e-5 if dtype == "float32" else 2e-3
+    assert np.linalg.norm(got_mass - want_mass) <= tolerance * np.linalg.norm(want_mass)
+    assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
+    assert (out.double().cpu() - want_out).norm() <= tolerance * want_out.norm()
+
+
+@given(offsets(ANY, "kv"), st.sampled_from([1, 2, 3]))
+def test_piece_layout_covers_every_key_once_inside_its_block(kv_offsets, pieces):
+    layout = search_attention.piece_layout(kv_offsets, pieces)
+    start, block_end, block = triton_block_mass.cut_blocks(kv_offsets, 64)
+    end = np.minimum(start + 64, block_end)
+    assert (start[1:] == end[:-1]).all() and start[0] == 0 and end[-1] == kv_offsets[-1]
+    covered = np.zeros(len(start), dtype=int)
+    for first, piece in zip(layout.full_start, layout.full_piece):              # full tiles: full pieces in a row
+        run = np.arange(piece, piece + pieces)
+        assert (end[run] - start[run] == 64).all() and start[piece] == first
+        assert (start[run[1:]] == end[run[:-1]]).all()
+        covered[run] += 1
+    covered[layout.solo_piece] += 1
+    np.testing.assert_array_equal(covered, 1)
+    np.testing.assert_array_equal(start[layout.solo_piece], layout.solo_start)
+    np.testing.assert_array_equal(end[layout.solo_piece], layout.solo_end)
+    np.testing.assert_array_equal(layout.piece_block, block)
+    assert (kv_offsets[block] <= start).all() and (end <= kv_offsets[block + 1]).all()
+
+
+def test_dense_attention_with_mass_takes_the_fused_pass_or_two_passes(device):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen).half().to(device) for _ in range(3))
+    q_offsets, kv_offsets = np.array([0, 64, 128, 150]), np.array([0, 100, 150])
+    out, fused = dense_attention_with_mass(q, k, v, q_offsets, kv_offsets)
+    _, two_pass = dense_attention_with_mass(q, k, v, q_offsets, kv_offsets, impl="torch")
+    assert fused.impl == "triton fused" and two_pass.impl == "torch"
+    want = mass_float64(q.cpu(), k.cpu(), q_offsets, kv_offsets)
+    for found in (fused, two_pass):
+        got = found.mass.double().cpu().numpy()
+        assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
+    want_out, _ = dense_float64(q.cpu(), k.cpu(), v.cpu())
+    assert (out.double().cpu() - want_out).norm() <= 2e-3 * want_out.norm()

@@ -245,6 +245,27 @@ def test_session_schedule_dense_search_reuse_cached_search():
         adaspa.session(num_steps=20, search_steps=(10, 30))
 
 
+def test_first_search_from_the_dense_pass_masses_equals_the_two_pass_search():
+    g = VideoGeometry(6, 4, 4, text_tokens=5)
+    session = adaspa.session(num_steps=50)
+    action = session.action(g, 10)
+    assert action.wants_lse and action.mass_block_size == 64
+    assert adaspa.session(num_steps=50, scale=0.2).action(g, 10).mass_block_size is None   # masses at 1/sqrt(D) only
+    q, k, v = video_qkv(g, 3, 32, seed=7)
+    offsets = g.block_offsets(action.mass_block_size)
+    out, found = sparsecore.search.dense_attention_with_mass(q, k, v, offsets, offsets)
+    want_out, want_lse = sparsecore.search.dense_attention(q, k, v)
+    assert torch.allclose(out, want_out, atol=1e-6) and torch.allclose(found.lse, want_lse, atol=1e-6)
+    from_masses = session.plan(g, 3, step=10, layer=0, lse=found.lse, mass=found.mass.sum(0))
+    two_pass = adaspa.plan(g, 3, step=10, layer=0, q=q, k=k, lse=want_lse)
+    assert from_masses.fingerprint() == two_pass.fingerprint()
+    q2, k2, _ = video_qkv(g, 3, 32, seed=8)                      # the later search uses the cached LSE of the pass
+    later = session.plan(g, 3, step=30, layer=0, q=q2, k=k2)
+    assert later.fingerprint() == adaspa.plan(g, 3, step=30, layer=0, q=q2, k=k2, lse=found.lse).fingerprint()
+    with pytest.raises(ValueError, match="lse: .*mass without lse"):
+        adaspa.session(num_steps=50).plan(g, 3, step=10, layer=0, mass=found.mass.sum(0))
+
+
 def test_parameter_errors_name_the_field():
     g = VideoGeometry(4, 4, 4)
     with pytest.raises(TypeError, match="unknown parameter"):

@@ -41,8 +41,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
 
 
 def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor,
-        scale: float) -> torch.Tensor:
-    """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``)."""
+        scale: float, *, num_warps: int = NUM_WARPS, num_stages: int | None = None) -> torch.Tensor:
+    """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``).
+
+    ``num_warps``, ``num_stages``: launch overrides (None: Triton's default stages) for tuning runs.
+    """
     from .block_mass_kernel import block_mass_fwd
     from .triton_kernel import LOG2E
     batch, heads, q_len, head_dim = q.shape
@@ -55,18 +58,22 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
         lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
         tile_start.shape[0], scale * LOG2E,
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}))
     return mass
+
+
+def cut_blocks(offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each block cut into spans of at most ``size`` tokens from its start: per span (start, its block's end, block)."""
+    per_block = -(-np.diff(offsets) // size)
+    block = np.repeat(np.arange(len(per_block)), per_block)
+    within = np.arange(len(block)) - np.repeat(np.cumsum(per_block) - per_block, per_block)
+    return offsets[block] + size * within, offsets[block + 1], block
 
 
 def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray):
     """Query-tile programs (start, end, block) and key tiles (start, end, block), cut at block edges."""
-    def cut(offsets: np.ndarray, size: int):
-        per_block = -(-np.diff(offsets) // size)
-        block = np.repeat(np.arange(len(per_block)), per_block)
-        within = np.arange(len(block)) - np.repeat(np.cumsum(per_block) - per_block, per_block)
-        return offsets[block] + size * within, offsets[block + 1], block
-    q_start, q_end, q_block = cut(q_offsets, BLOCK_M)
-    kv_start, kv_end, kv_block = cut(kv_offsets, BLOCK_N)
+    q_start, q_end, q_block = cut_blocks(q_offsets, BLOCK_M)
+    kv_start, kv_end, kv_block = cut_blocks(kv_offsets, BLOCK_N)
     as32 = lambda *arrays: [np.ascontiguousarray(a, dtype=np.int32) for a in arrays]  # noqa: E731
     return (as32(np.stack([q_start, q_end, q_block], axis=1))[0], *as32(kv_start, kv_end, kv_block))

@@ -14,9 +14,9 @@ of unequal length that head-adaptive masks produce finish together.
 
 The schedule is computed with torch ops on the device that holds the mask's lists (a
 98K-token, 12-head mask has millions of tiles: a GPU builds it in about a millisecond),
-and on CPU for tests. The sizes of the tile lists depend on the lists' values, so
-scheduling reads three numbers back to the host, once; every other size follows from the
-block boundaries, which are on the host.
+and on CPU for tests. The number of tiles depends on the lists' values; the tile lists are
+sized by bounds that follow from the host block boundaries and ``nnz`` instead, so
+scheduling reads nothing back to the host (a new mask of a known shape waits for nothing).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class TileSchedule:
     and its row's full tiles ``full_start[full_first : full_first + num_full]`` and
     partial tiles ``partial_start/partial_end[partial_first : ... + num_partial]``.
     A full tile covers keys ``start : start + block_n``; a partial one
-    ``start : partial_end`` (fewer than ``block_n``).
+    ``start : partial_end`` (fewer than ``block_n``). The lists are sized by upper bounds:
+    slots no program's range reaches hold arbitrary values.
     """
 
     block_m: int
@@ -79,20 +80,18 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     is_run = torch.arange(nnz, device=device) <= (run_id[-1] if nnz else -1)
     full_per_run = torch.where(is_run, (run_end - run_begin) // block_n, 0)
     has_partial = is_run & ((run_end - run_begin) % block_n > 0)
-    num_runs, total_full, total_partial = (int(x) for x in torch.stack(      # the one host read
-        [is_run.sum(), full_per_run.sum(), has_partial.sum()]).tolist())
 
-    run_begin, run_end, run_row = run_begin[:num_runs], run_end[:num_runs], run_row[:num_runs]
-    full_per_run, has_partial = full_per_run[:num_runs], has_partial[:num_runs]
-    full_run = torch.repeat_interleave(torch.arange(num_runs, device=device), full_per_run, output_size=total_full)
-    first_of_run = torch.cumsum(full_per_run, 0) - full_per_run
-    full_in_run = torch.arange(total_full, device=device) - first_of_run[full_run]
-    full_start = run_begin[full_run] + block_n * full_in_run
-    partial_slot = torch.where(has_partial, torch.cumsum(has_partial, 0) - 1, total_partial)
-    partial_start = torch.empty(total_partial + 1, dtype=torch.int64, device=device).scatter_(
-        0, partial_slot, run_begin + block_n * full_per_run)[:total_partial]
-    partial_end = torch.empty(total_partial + 1, dtype=torch.int64, device=device).scatter_(
-        0, partial_slot, run_end)[:total_partial]
+    # Tile lists sized by host bounds (a run of blocks has at most the sum of their full tiles, and
+    # at most one partial tile): slots past the programs' ranges are never read, and no count is read.
+    max_full = nnz * -(-int(np.diff(mask.kv_offsets).max(initial=0)) // block_n)
+    last_full = torch.cumsum(full_per_run, 0)                                   # one past each run's last full tile
+    full_run = torch.searchsorted(last_full, torch.arange(max_full, device=device), right=True).clamp_(max=nnz - 1)
+    full_start = run_begin[full_run] + block_n * (torch.arange(max_full, device=device) - (last_full -
+                                                                                              full_per_run)[full_run])
+    partial_slot = torch.where(has_partial, torch.cumsum(has_partial, 0) - 1, nnz)
+    partial_start = torch.zeros(nnz + 1, dtype=torch.int64, device=device).scatter_(
+        0, partial_slot, run_begin + block_n * full_per_run)
+    partial_end = torch.zeros(nnz + 1, dtype=torch.int64, device=device).scatter_(0, partial_slot, run_end)
 
     num_full = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, full_per_run)
     num_partial = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, has_partial.long())

@@ -223,20 +223,23 @@ class AdaSpaSession:
         searches = self.params.search_steps
         if step < searches[0]:
             return StepAction("dense", dense=True, plans=False)
-        if step == searches[0]:
-            return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=True)
+        if step == searches[0]:                  # masses from the dense pass hold for the default scale only
+            return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=True,
+                              mass_block_size=self.params.block_size if self.params.scale is None else None)
         if step in searches:
             return StepAction("cached-search", dense=False, plans=True, needs_qk=True)
         return StepAction("reuse", dense=False, plans=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, lse: torch.Tensor | None = None,
+             q: Any = None, k: Any = None, lse: torch.Tensor | None = None, mass: Any = None,
              heads: HeadShard | None = None) -> BlockMask:
         """The mask for ``(layer, step)``: dense (warm-up), searched (search steps) or the layer's last search.
 
         At the first search step the returned mask is the one searched for the next steps (the
         step's own output is dense: :meth:`action`); ``lse`` there is the LSE of that dense output
-        (it skips pass 1). ``heads``: plan only this shard (the same shard at every step of the run).
+        (it skips pass 1), and ``mass`` (with that ``lse``) the block masses ``[H, MB, NB]`` of
+        this step's q, k from the same pass (:func:`sparsecore.search.dense_attention_with_mass`;
+        no pass 2 then). ``heads``: plan only this shard (the same shard at every step of the run).
         """
         action = self.action(geometry, step, check_layer(layer))
         p = self.params
@@ -244,7 +247,10 @@ class AdaSpaSession:
         if action.dense and not action.plans:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
         if action.label == "search":
-            found = _search(geometry, shard, p, layer, step, q, k, lse, None, action.label)
+            if mass is not None and lse is None:
+                raise ValueError(f"lse: the first search step's masses need the LSE of the same dense pass (to "
+                                 f"cache for step {p.search_steps[1:] or 'later'} searches), got mass without lse")
+            found = _search(geometry, shard, p, layer, step, q, k, lse, mass, action.label)
             self._masks[layer], self._lse[layer] = found.mask, found.lse
             return found.mask
         if layer not in self._lse:
@@ -272,7 +278,7 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
             lse: torch.Tensor | None, mass: Any, action: str) -> Search:
     offsets = geometry.block_offsets(p.block_size)
     blocks = len(offsets) - 1
-    lse_used = None
+    lse_used, given_mass = lse, mass is not None
     if mass is None:
         q, k = check_qk(q, k, geometry, shard.size)
         result = block_mass(q, k, offsets, offsets, lse=lse, scale=p.scale, impl=p.impl)
@@ -284,7 +290,7 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
                              f"{p.block_size}-token blocks, got {mass.dtype} {list(mass.shape)}")
     meta = _meta(geometry, p, layer, step, action)
     meta["lse"] = "fresh" if lse is None else "given"
-    mask = search(mass, geometry, offsets, p, shard, meta, finite_check=lse is not None)
+    mask = search(mass, geometry, offsets, p, shard, meta, finite_check=lse is not None and not given_mass)
     return Search(mask, lse_used)
 
 

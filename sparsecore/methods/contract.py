@@ -7,7 +7,7 @@ the demo drive every method the same way:
    (layer, step) does: dense attention (the model's own path) or a sparse mask, and
    whether :meth:`Session.plan` must run there (and needs ``q`` / ``k``, or can use the
    LSE of the step's dense output).
-2. ``session.plan(geometry, num_heads, step=, layer=, q=, k=, lse=, heads=)`` returns the
+2. ``session.plan(geometry, num_heads, step=, layer=, q=, k=, lse=, mass=, heads=)`` returns the
    mask: the one to run at a sparse step, or (AdaSpa's first search) the mask searched
    for the steps after it.
 
@@ -39,6 +39,9 @@ class StepAction:
     output is dense attention. ``plans``: :meth:`Session.plan` must run. ``needs_qk``:
     that call needs this step's q and k. ``wants_lse``: it can reuse the LSE of this
     step's dense output instead of computing one (AdaSpa's Fused Online Search).
+    ``mass_block_size``: it can also take the block masses ``[H, MB, NB]`` of this step's q, k on
+    ``geometry.block_offsets(mass_block_size)`` blocks, which the dense output's pass can give
+    (:func:`sparsecore.search.dense_attention_with_mass`); None: it computes them itself.
     """
 
     label: str
@@ -46,6 +49,7 @@ class StepAction:
     plans: bool
     needs_qk: bool = False
     wants_lse: bool = False
+    mass_block_size: int | None = None
 
 
 @runtime_checkable
@@ -60,7 +64,7 @@ class Session(Protocol):
         ...
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
-             k: Any = None, lse: Any = None, heads: "HeadShard | None" = None) -> BlockMask:
+             k: Any = None, lse: Any = None, mass: Any = None, heads: "HeadShard | None" = None) -> BlockMask:
         ...
 
 

@@ -295,7 +295,8 @@ class LVSASession:
         return StepAction("plan", dense=False, plans=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
+             q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,
+             heads: HeadShard | None = None) -> BlockMask:
         """The mask at ``step`` (``heads``: only this shard's heads, see :class:`~.contract.HeadShard`)."""
         check_step(step, self.num_steps)
         shard = check_shard(heads, check_geometry(geometry, num_heads))

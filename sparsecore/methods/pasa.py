@@ -309,8 +309,8 @@ class PASASession:
         return StepAction("select", dense=False, plans=True, needs_qk=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
-        """The mask at ``(layer, step)`` (``heads``: only this :class:`~.contract.HeadShard`; ``lse`` unused)."""
+             q: Any = None, k: Any = None, lse: Any = None, mass: Any = None, heads: HeadShard | None = None) -> BlockMask:
+        """The mask at ``(layer, step)`` (``heads``: only this :class:`~.contract.HeadShard`; ``lse``, ``mass`` unused)."""
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         action = self.action(geometry, step, check_layer(layer))
         p = self.params

@@ -4,8 +4,9 @@ For every (layer, valid-token geometry) the first call of a step asks the method
 what the step does (:meth:`Session.action`), plans the mask if it must (with q, k only when
 the method needs them), compiles it, and keeps all of that for the other calls of the step
 (classifier-free guidance run as separate calls reuses it). Dense steps run the model's own
-attention; AdaSpa's first search step runs dense attention that also returns its LSE, which
-the search reuses, and prepares the kernel of the searched mask there, so the step after it
+attention; AdaSpa's first search step runs dense attention that also returns its LSE and,
+where a backend can give them from the same pass, the block masses the search needs
+(:func:`sparsecore.search.dense_attention_with_mass`), and prepares the kernel of the searched mask there, so the step after it
 only launches. One session per geometry, so batches whose text lengths differ (HunyuanVideo
 1.5) keep separate per-layer state.
 
@@ -30,7 +31,7 @@ import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
-from sparsecore.search import dense_attention
+from sparsecore.search import dense_attention, dense_attention_with_mass
 
 from .stats import Record, Stats
 
@@ -57,7 +58,7 @@ class CallableSession:
         return StepAction("plan", dense=False, plans=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
-             k: Any = None, lse: Any = None, heads: HeadShard | None = None) -> BlockMask:
+             k: Any = None, lse: Any = None, mass: Any = None, heads: HeadShard | None = None) -> BlockMask:
         mask = self.provider(geometry, num_heads, step, layer)
         source = f"method callable {getattr(self.provider, '__name__', self.provider)!r}"
         if not isinstance(mask, BlockMask):
@@ -192,15 +193,21 @@ class Planner:
         self._plans[(layer, geometry)] = plan
         if not action.plans:
             return plan
-        q = k = lse = None
+        q = k = lse = mass = None
         wants_lse = action.wants_lse and seq_len == geometry.tokens
         if action.needs_qk:
             q, k, *v = io.sequence(wants_lse)
-            if wants_lse:                                                    # the dense output, with its LSE
+            if wants_lse and action.mass_block_size:           # the dense output, its LSE and the block masses
+                offsets = geometry.block_offsets(action.mass_block_size)
+                out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
+                                                                                            offsets))
+                lse, mass = found.lse, found.mass.sum(0)
+            elif wants_lse:                                                  # the dense output, with its LSE
                 out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
+            if wants_lse:
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
-                                 lse=lse, heads=shard)
+                                 lse=lse, mass=mass, heads=shard)
         run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
             io.prepare(io.runner(run_mask))

@@ -1,0 +1,148 @@
+"""AdaSpa's first search step on CUDA in one dense pass: output, LSE and exact block masses.
+
+The host side of :mod:`.search_attention_kernel` (read its docstring for the method).
+:func:`sparsecore.search.dense_attention_with_mass` runs it through
+``TritonBackend.block_mass.with_output`` where it takes the inputs; elsewhere the search
+step is cuDNN's dense pass then the block-mass pass (:mod:`.block_mass`) on its LSE.
+
+Memory: the partial sums are one float32 per (row, key piece) of a head: ``L_q * L_kv / 64``
+floats, 2.2 GB per head at Wan 2.1's 6x length (188,760 tokens). Heads run in chunks whose
+partial sums fit ``scratch_bytes`` (one launch pair per chunk; at least one head per chunk).
+Under ``TRITON_INTERPRET=1`` it runs on CPU tensors inside the Triton backend's emulator
+(how CI tests it against a float64 oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsecore.ir.uploads import on_device
+
+from . import block_mass
+from .block_mass import cut_blocks
+
+SCRATCH_BYTES = 8 << 30
+REDUCE_ROWS, REDUCE_PIECES = 64, 64
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Tile shape of the fused pass: ``block_m`` query rows by ``pieces`` x 64 keys."""
+
+    block_m: int
+    pieces: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool
+
+
+def default_config(q: torch.Tensor) -> SearchConfig:
+    if q.device.type != "cuda":                       # the interpreter: small tiles run fast
+        return SearchConfig(32, 2, 4, 1, use_tma=False)
+    if q.element_size() == 4:
+        return SearchConfig(64, 1, 4, 2, use_tma=False)
+    return SearchConfig(128, 2, 8, 3, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+@dataclass(frozen=True)
+class PieceLayout:
+    """Key pieces (at most 64 keys inside one block) and the tiles that walk them, int32 host arrays.
+
+    Full tiles: ``full_start[t]`` and pieces ``full_piece[t] + 0 .. pieces-1``; solo tiles: keys
+    ``solo_start[t]:solo_end[t]``, piece ``solo_piece[t]``. ``piece_block[p]``: the key block of piece ``p``.
+    """
+
+    full_start: np.ndarray
+    full_piece: np.ndarray
+    solo_start: np.ndarray
+    solo_end: np.ndarray
+    solo_piece: np.ndarray
+    piece_block: np.ndarray
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.piece_block)
+
+
+def piece_layout(kv_offsets: np.ndarray, pieces: int) -> PieceLayout:
+    """Cut the key blocks into pieces and group each run of full pieces into tiles of ``pieces`` from its start."""
+    start, block_end, block = cut_blocks(np.asarray(kv_offsets, dtype=np.int64), 64)
+    end = np.minimum(start + 64, block_end)
+    index = np.arange(len(start))
+    full = end - start == 64
+    begins = full & ~np.r_[False, full[:-1]]
+    ends = full & ~np.r_[full[1:], False]
+    first = np.maximum.accumulate(np.where(begins, index, 0))                  # its run's first piece
+    last = np.minimum.accumulate(np.where(ends, index, len(index))[::-1])[::-1]  # its run's last piece
+    position = index - first
+    covered = full & (position < (last - first + 1) // pieces * pieces)
+    leads = covered & (position % pieces == 0)
+    as32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)  # noqa: E731
+    return PieceLayout(as32(start[leads]), as32(index[leads]), as32(start[~covered]), as32(end[~covered]),
+                       as32(index[~covered]), as32(block))
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray,
+             kv_offsets: np.ndarray) -> str | None:
+    """None if the fused pass takes these inputs, else why not (the search step then runs two passes)."""
+    reason = block_mass.supports(q, k, q_offsets, kv_offsets)
+    if reason is None and (v.dtype != q.dtype or v.shape != k.shape):
+        reason = f"v: expected {q.dtype} {list(k.shape)} like k, got {v.dtype} {list(v.shape)}"
+    return reason
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray,
+        scale: float, *, config: SearchConfig | None = None,
+        scratch_bytes: int = SCRATCH_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense attention ``out [B, H, L_q, D]``, its natural-log LSE float32 ``[B, H, L_q]`` and the block masses
+    float32 ``[B, H, MB, NB]`` of ``q_offsets`` x ``kv_offsets`` blocks, from one pass over the scores."""
+    from .search_attention_kernel import piece_mass_fwd, search_attention_fwd
+    from .triton_kernel import LOG2E
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    config = config or default_config(q)
+    layout = piece_layout(kv_offsets, config.pieces)
+    per_head = batch * layout.num_pieces * q_len * 4
+    chunk = int(max(1, min(heads, scratch_bytes // per_head)))
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
+    partial = torch.empty(batch, chunk, layout.num_pieces, q_len, dtype=torch.float32, device=q.device)
+    padded = lambda a: on_device(np.r_[a, 0].astype(np.int32), q.device)  # noqa: E731  (never empty)
+    tiles = [padded(a) for a in (layout.full_start, layout.full_piece, layout.solo_start, layout.solo_end,
+                                 layout.solo_piece)]
+    piece_block = padded(layout.piece_block)
+    q_start, q_end, q_block = cut_blocks(np.asarray(q_offsets, dtype=np.int64), REDUCE_ROWS)
+    programs = on_device(np.stack([q_start, q_end, q_block], axis=1).astype(np.int32), q.device)
+    descs = _descriptors(k, v, config.pieces * 64) if config.use_tma else (k, v)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    for first in range(0, heads, chunk):                # chunks of heads, so the partial sums fit scratch_bytes
+        count = min(chunk, heads - first)
+        search_attention_fwd[(-(-q_len // config.block_m), count, batch)](
+            q, k, v, out, lse, partial, *descs, *tiles,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+            kv_heads, q_len, kv_len, len(layout.full_start), len(layout.solo_start), first, scale * LOG2E,
+            GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, PIECES=config.pieces,
+            USE_TMA=config.use_tma, DOT_PRECISION=precision, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+        piece_mass_fwd[(programs.shape[0], count, batch)](
+            partial, lse, mass, programs, piece_block,
+            partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+            mass.stride(0), mass.stride(1), mass.stride(2), layout.num_pieces, first,
+            BLOCK_R=REDUCE_ROWS, BLOCK_P=REDUCE_PIECES, num_warps=4)
+    return out, lse, mass
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Host TMA descriptors over the ``[rows, D]`` views of contiguous k and v."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    head_dim = k.shape[-1]
+    flat = [t.view(-1, head_dim) for t in (k, v)]
+    return tuple(TensorDescriptor(f, shape=list(f.shape), strides=list(f.stride()), block_shape=[block_n, head_dim])
+                 for f in flat)
