@@ -29,6 +29,7 @@ the three steps: the one place a lowering without a native approximation gets it
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask, Unselected
+from sparsecore.ir.uploads import on_device
 
 PIECE_TOKENS = 2048          # widest piece of the key sequence one gather takes (bounds padding)
 CHUNK_ELEMENTS = 1 << 24     # default working set of the pass: query rows x (blocks + group terms) per chunk
@@ -101,6 +103,18 @@ class StatisticsPlan:
 
     @classmethod
     def build(cls, kv_offsets: np.ndarray, unselected: Unselected, device: torch.device) -> "StatisticsPlan":
+        """The plan, memoized per (boundaries, kind, device): a host-to-device copy from pageable memory waits
+        for the device's queue, so a new mask of a known layout (PASA's every layer and step) uploads nothing."""
+        key = (np.asarray(kv_offsets).tobytes(), str(unselected), str(device))
+        found = _PLANS.get(key)
+        if found is None:
+            found = _PLANS[key] = cls._build(kv_offsets, unselected, device)
+            if len(_PLANS) > PLAN_ENTRIES:
+                _PLANS.popitem(last=False)
+        return found
+
+    @classmethod
+    def _build(cls, kv_offsets: np.ndarray, unselected: Unselected, device: torch.device) -> "StatisticsPlan":
         sizes = np.diff(kv_offsets)
         put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
         bounds = group_bounds(len(sizes), unselected)
@@ -111,6 +125,16 @@ class StatisticsPlan:
             group_tokens = put(np.diff(kv_offsets[bounds]).astype(np.float64))
         return cls(_pieces(kv_offsets, device), put(sizes.astype(np.float64)),
                    put(np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)), groups, group_of, group_tokens)
+
+
+PLAN_ENTRIES = 16
+_PLANS: "OrderedDict[tuple, StatisticsPlan]" = OrderedDict()
+
+
+def query_blocks(mask: BlockMask, device: torch.device) -> torch.Tensor:
+    """Each query token's block, int64 ``[L]`` on ``device`` (built there from the uploaded block sizes)."""
+    sizes = on_device(mask.q_block_sizes.astype(np.int64), device)
+    return torch.repeat_interleave(torch.arange(mask.num_q_blocks, device=device), sizes, output_size=mask.q_len)
 
 
 @dataclass(frozen=True)
@@ -156,8 +180,7 @@ class RowPlan:
 
     @classmethod
     def build(cls, mask: BlockMask, device: torch.device) -> "RowPlan":
-        q_block = np.repeat(np.arange(mask.num_q_blocks), mask.q_block_sizes).astype(np.int64)
-        return cls(mask.to(device).to_dense(), torch.from_numpy(q_block).to(device))
+        return cls(mask.to(device).to_dense(), query_blocks(mask, device))
 
 
 def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stats: BlockStatistics,

@@ -38,9 +38,8 @@ from sparsecore.timing import median_seconds
 
 LENGTHS = {"1x": VideoGeometry(21, 30, 52), "2x": VideoGeometry(41, 30, 52), "6x": VideoGeometry(121, 30, 52)}
 HEADS, HEAD_DIM = 12, 128
-FUSED = [None, SearchConfig(128, 1, 8, 3, True), SearchConfig(128, 2, 8, 2, True), SearchConfig(128, 2, 8, 3, False),
-         SearchConfig(64, 2, 4, 3, True)]
-CACHED = [(mass_pass.NUM_WARPS, None), (4, 2), (4, 4), (8, 3)]
+FUSED = [None, SearchConfig(128, 2, 8, 2, True), SearchConfig(128, 2, 8, 4, True), SearchConfig(128, 2, 8, 2, False)]
+CACHED = [(mass_pass.NUM_WARPS, None), (4, 4)]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

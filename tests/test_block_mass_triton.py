@@ -75,9 +75,9 @@ def dense_float64(q, k, v):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(offsets(ANY, "q"), offsets(ANY, "kv"), st.sampled_from([(1, 1), (4, 2), (3, 1)]), st.integers(1, 2),
        st.sampled_from([16, 32]), st.sampled_from(["float32", "float16"]), st.sampled_from([1, 2]),
-       st.booleans(), st.integers(0, 2**32 - 1))
+       st.booleans(), st.sampled_from([1.0, -1.0]), st.integers(0, 2**32 - 1))
 def test_fused_search_pass_matches_float64(device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, pieces,
-                                           one_head_chunks, seed):
+                                           one_head_chunks, sign, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
     k, v = (torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
@@ -85,9 +85,9 @@ def test_fused_search_pass_matches_float64(device, q_offsets, kv_offsets, heads,
     config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
     scratch = 1 if one_head_chunks else search_attention.SCRATCH_BYTES          # 1 byte: one head per launch
     out, lse, mass = search_attention.run(q.to(device), k.to(device), v.to(device), q_offsets, kv_offsets,
-                                          head_dim ** -0.5, config=config, scratch_bytes=scratch)
-    want_out, want_lse = dense_float64(q, k, v)
-    want_mass = mass_float64(q, k, q_offsets, kv_offsets)
+                                          sign * head_dim ** -0.5, config=config, scratch_bytes=scratch)
+    want_out, want_lse = dense_float64(sign * q, k, v)                  # a negative scale: the scores of -q
+    want_mass = mass_float64(sign * q, k, q_offsets, kv_offsets)
     got_mass = mass.double().cpu().numpy()
     tolerance = 1e-5 if dtype == "float32" else 2e-3
     assert np.linalg.norm(got_mass - want_mass) <= tolerance * np.linalg.norm(want_mass)

@@ -7,6 +7,7 @@ else; FlashInfer's folded CSR must map head h of batch b to key head h // G.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +16,10 @@ from oracle import expand_to_tokens
 from strategies import block_masks
 from test_block_mask_views import ANY
 
-from sparsecore import BlockMask
+import sparsecore
+from sparsecore import BlockMask, VideoGeometry
+from sparsecore.methods import pasa
+from sparsecore.workloads import video_qkv
 from sparsecore.backends.cuda.flashinfer_backend import FoldedHeadsLaunch
 from sparsecore.backends.cuda.tiling import schedule_tiles
 
@@ -80,4 +84,23 @@ def test_scheduling_reads_nothing_back_to_the_host(mask, block_m, block_n):
     held = mask.to("cpu")                              # as a method builds it: lists on the run device
     with HostReads() as reads:
         schedule_tiles(held, block_m, block_n)
+    assert reads.calls == []
+
+
+def test_a_pasa_step_plans_and_prepares_its_triton_kernel_without_host_reads():
+    """Per layer and step, PASA's plan and the kernel's preparation only queue device work."""
+    backend = sparsecore.registered_backends()["triton"]
+    emulator = backend.emulator()
+    if emulator is None:
+        pytest.skip(f"triton on cuda: {backend.unavailable_reason('cuda')} (the CPU check needs TRITON_INTERPRET=1)")
+    g = VideoGeometry(5, 6, 8, text_tokens=7)
+    q, k, v = video_qkv(g, 4, 32, seed=3)
+    q, k, v = (t.half() for t in (q, k, v))
+    session = pasa.session(num_steps=50)
+    with emulator:
+        session.plan(g, 4, step=20, layer=1, q=q, k=k)                    # first use: uploads of the layout
+        sparsecore.compile(session.plan(g, 4, step=20, layer=2, q=q, k=k), device="cuda").prepare(q, k, v)
+        with HostReads() as reads:
+            mask = session.plan(g, 4, step=21, layer=3, q=q, k=k)
+            sparsecore.compile(mask, device="cuda", backend="triton").prepare(q, k, v)
     assert reads.calls == []

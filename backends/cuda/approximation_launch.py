@@ -9,13 +9,12 @@ block map as ``uint8 [H, MB, NB]`` and each query token's block.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 
 from sparsecore.ir import BlockMask
 
-from ..approximation import StatisticsPlan, group_bounds, statistics
+from ..approximation import StatisticsPlan, group_bounds, query_blocks, statistics
 from .approximation_kernel import approximate_unselected_fwd
 
 
@@ -34,10 +33,9 @@ class ApproximationLaunch:
         key = str(device)
         if key not in self._plans:
             mask = self.mask
-            q_block = np.repeat(np.arange(mask.num_q_blocks), mask.q_block_sizes).astype(np.int32)
             self._plans[key] = (StatisticsPlan.build(mask.kv_offsets, mask.unselected, device),
                                 mask.to(device).to_dense().to(torch.uint8).contiguous(),
-                                torch.from_numpy(q_block).to(device))
+                                query_blocks(mask, device).to(torch.int32))
         return self._plans[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

@@ -30,13 +30,17 @@ REDUCE_ROWS, REDUCE_PIECES = 64, 64
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Tile shape of the fused pass: ``block_m`` query rows by ``pieces`` x 64 keys."""
+    """Tile shape of the fused pass: ``block_m`` query rows by ``pieces`` (1 or 2) x 64 keys."""
 
     block_m: int
     pieces: int
     num_warps: int
     num_stages: int
     use_tma: bool
+
+    def __post_init__(self) -> None:
+        if self.pieces not in (1, 2):
+            raise ValueError(f"pieces: expected 1 or 2 key pieces of 64 per tile, got {self.pieces}")
 
 
 def default_config(q: torch.Tensor) -> SearchConfig:
@@ -129,7 +133,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
             lse.stride(0), lse.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
             kv_heads, q_len, kv_len, len(layout.full_start), len(layout.solo_start), first, scale * LOG2E,
             GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, PIECES=config.pieces,
-            USE_TMA=config.use_tma, DOT_PRECISION=precision, num_warps=config.num_warps,
+            USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0, DOT_PRECISION=precision, num_warps=config.num_warps,
             num_stages=config.num_stages)
         piece_mass_fwd[(programs.shape[0], count, batch)](
             partial, lse, mass, programs, piece_block,

@@ -13,9 +13,11 @@ the final LSE: ``mass[p, q] = sum over rows i of p and pieces of q of exp2(a - l
 The scores are neither written nor recomputed; the extra traffic is one float per row and
 piece, written once and read once.
 
-A full key tile is ``PIECES`` consecutive full pieces (an unmasked ``PIECES * PIECE``-key
-tile whose per-piece sums are masked row sums); every other piece (a short block's, or
-one left over) runs alone as a masked tile. Rows are cut into ``BLOCK_M`` tiles with no
+A full key tile is ``PIECES`` (1 or 2) consecutive full pieces: an unmasked ``PIECES * PIECE``-key
+tile whose first piece's sum is a masked row sum and whose second is the rest of the row sum
+(one select and one add per score beyond FlashAttention's own work; the difference is exact
+to float32 rounding of the tile's row sum, 2^-23 of it, and clamped at 0). Every other piece
+(a short block's, or one left over) runs alone as a masked tile. Rows are cut into ``BLOCK_M`` tiles with no
 regard to query blocks: the partial sums are per row.
 """
 
@@ -30,9 +32,8 @@ PIECE = 64  # keys per piece
 
 
 @triton.jit
-def _piece_log_sum(p, m_new, in_piece):
-    """``m + log2(sum of p over the piece's columns)`` per row (-inf where the sum is 0)."""
-    sums = tl.sum(tl.where(in_piece[None, :], p, 0.0), 1)
+def _log_sum(sums, m_new):
+    """``m + log2(sums)`` per row (-inf where the sum is 0)."""
     return tl.where(sums > 0.0, m_new + tl.math.log2(tl.where(sums > 0.0, sums, 1.0)), float("-inf"))
 
 
@@ -44,7 +45,7 @@ def search_attention_fwd(
         stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_pb, stride_ph, stride_pp,
         num_kv_heads, q_len, kv_len, num_full, num_solo, head_offset, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PIECES: tl.constexpr,
-        USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        USE_TMA: tl.constexpr, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     BLOCK_N: tl.constexpr = PIECES * 64
     chunk_head = tl.program_id(1)
     b = tl.program_id(2)
@@ -72,14 +73,24 @@ def search_attention_fwd(
         piece = tl.load(FullPiece + t).to(tl.int64)
         k, v = _load_kv(k_ptrs, v_ptrs, desc_k, desc_v, kv_row0 + start, col_all, stride_kn, stride_vn, False,
                         USE_TMA)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        for j in tl.static_range(PIECES):
-            in_piece = (offs_n >= j * 64) & (offs_n < (j + 1) * 64)
-            tl.store(partial + (piece + j) * stride_pp, _piece_log_sum(p, m_new, in_piece), mask=row_ok)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if SCALE_POSITIVE:                    # max(qk) * scale == max(qk * scale): one multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        else:
+            qk = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+        row_sum = tl.sum(p, 1)
+        if PIECES == 1:
+            tl.store(partial + piece * stride_pp, _log_sum(row_sum, m_new), mask=row_ok)
+        else:                                 # two pieces: one masked sum; the second is the rest of the row's
+            first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1)
+            tl.store(partial + piece * stride_pp, _log_sum(first, m_new), mask=row_ok)
+            tl.store(partial + (piece + 1) * stride_pp, _log_sum(tl.maximum(row_sum - first, 0.0), m_new),
+                     mask=row_ok)
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     for t in range(0, num_solo):
@@ -89,10 +100,10 @@ def search_attention_fwd(
         qk = tl.where(col_ok[None, :], tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
-        tl.store(partial + tl.load(SoloPiece + t).to(tl.int64) * stride_pp, _piece_log_sum(p, m_new, col_ok),
-                 mask=row_ok)
+        row_sum = tl.sum(p, 1)
+        tl.store(partial + tl.load(SoloPiece + t).to(tl.int64) * stride_pp, _log_sum(row_sum, m_new), mask=row_ok)
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 

@@ -52,11 +52,15 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 
 def entry_key(seed: int, layer: int | None, step: int) -> int:
-    """The key of one (seed, layer, step), as a Python int in int64 range."""
-    key = torch.tensor(0, dtype=torch.int64)
+    """The key of one (seed, layer, step), as a Python int in int64 range (Python ints: no tensor to read back)."""
+    mask = (1 << 64) - 1
+    key = 0
     for part in (seed, -1 if layer is None else layer, step):
-        key = splitmix64(key ^ int(part))
-    return int(key)
+        x = ((key ^ (int(part) & mask)) + GOLDEN) & mask               # SplitMix64 as in splitmix64, on uint64
+        x = ((x ^ (x >> 30)) * (MIX_1 & mask)) & mask
+        x = ((x ^ (x >> 27)) * (MIX_2 & mask)) & mask
+        key = x ^ (x >> 31)
+    return key - (1 << 64) if key >> 63 else key
 
 
 def head_keys(heads: range, seed: int, layer: int | None, step: int, device: torch.device | str) -> torch.Tensor:

@@ -119,7 +119,8 @@ def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz
     rows = selection.rows
     heads, device = rows.shape[0], rows.device
     counts = torch.full((heads, layout.num_blocks), layout.num_blocks, dtype=torch.int64, device=device)
-    counts[:, layout.video] = torch.as_tensor(selection.counts, device=device).reshape(-1, 1)
+    counts[:, layout.video] = selection.counts.reshape(-1, 1) if isinstance(selection.counts, torch.Tensor) \
+        else selection.counts                                      # an int fills: no host-to-device copy
     indptr = csr.indptr_from_counts(counts)
     indices = torch.empty(nnz + 1, dtype=torch.int32, device=device)     # + 1: the slot padding writes go to
     video_rows = torch.arange(layout.video.start, layout.video.stop, device=device)
