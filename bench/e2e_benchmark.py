@@ -312,7 +312,7 @@ def main() -> int:
                         help="sparse methods next to dense (pasa-drop: PASA without its approximation)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
     parser.add_argument("--budget-s", type=float, default=540, help="skip remaining cases after this many seconds")
-    parser.add_argument("--tag", default="", help="added to the output file names")
+    parser.add_argument("--tag", default="", help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731

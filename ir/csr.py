@@ -80,7 +80,8 @@ def to_block_map(indptr: Any, indices: Any, num_kv_blocks: int) -> Any:
     if is_tensor(indptr):
         import torch
         dense = torch.zeros(num_heads * num_rows, num_kv_blocks, dtype=torch.bool, device=indptr.device)
-        dense[rows, indices.to(torch.int64)] = True
+        kept = torch.ones((), dtype=torch.bool, device=indptr.device).expand(rows.shape[0])   # no scalar upload
+        dense.index_put_((rows, indices.to(torch.int64)), kept)
     else:
         dense = np.zeros((num_heads * num_rows, num_kv_blocks), dtype=bool)
         dense[rows, indices] = True

@@ -128,3 +128,16 @@ def test_dense_attention_with_mass_takes_the_fused_pass_or_two_passes(device):
         assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
     want_out, _ = dense_float64(q.cpu(), k.cpu(), v.cpu())
     assert (out.double().cpu() - want_out).norm() <= 2e-3 * want_out.norm()
+
+
+def test_fused_search_pass_splits_full_tiles_into_their_two_blocks(device):
+    q_offsets, kv_offsets = np.array([0, 64, 128, 200]), np.array([0, 64, 128, 192, 256, 300])
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 200 if i == 0 else 300, 16, generator=gen) for i in range(3))
+    layout = search_attention.piece_layout(kv_offsets, 2)
+    assert list(layout.full_start) == [0, 128]                     # two full 128-key tiles, one solo piece
+    config = search_attention.SearchConfig(32, 2, 4, 1, use_tma=False)
+    _, _, mass = search_attention.run(q.to(device), k.to(device), v.to(device), q_offsets, kv_offsets, 0.25,
+                                      config=config)
+    want = mass_float64(q * (0.25 * 16 ** 0.5), k, q_offsets, kv_offsets)          # scale 0.25 through q
+    np.testing.assert_allclose(mass.double().cpu().numpy(), want, rtol=1e-5, atol=1e-9)

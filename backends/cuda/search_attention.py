@@ -48,7 +48,8 @@ def default_config(q: torch.Tensor) -> SearchConfig:
         return SearchConfig(32, 2, 4, 1, use_tma=False)
     if q.element_size() == 4:
         return SearchConfig(64, 1, 4, 2, use_tma=False)
-    return SearchConfig(128, 2, 8, 3, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
+    # H200, Wan 6x (bench/results/search-step-2026-11-30.md): 2 stages 625 ms, 3 stages 639 ms; 64-key tiles 1020 ms
+    return SearchConfig(128, 2, 8, 2, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 @dataclass(frozen=True)
