@@ -141,3 +141,11 @@ def test_fused_search_pass_splits_full_tiles_into_their_two_blocks(device):
                                       config=config)
     want = mass_float64(q * (0.25 * 16 ** 0.5), k, q_offsets, kv_offsets)          # scale 0.25 through q
     np.testing.assert_allclose(mass.double().cpu().numpy(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_the_fused_pass_refuses_lengths_whose_partial_sums_do_not_fit(device):
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16, device=device).expand(1, 1, 1 << 19, 16)   # no memory
+    offsets = np.array([0, 1 << 19])
+    reason = search_attention.supports(q, q, q, offsets, offsets)
+    assert reason is not None and "GiB" in reason and "scratch" in reason          # the search then runs two passes
+    assert search_attention.supports(q[:, :, :4096], q[:, :, :4096], q[:, :, :4096], [0, 4096], [0, 4096]) is None

@@ -96,6 +96,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.nd
     reason = block_mass.supports(q, k, q_offsets, kv_offsets)
     if reason is None and (v.dtype != q.dtype or v.shape != k.shape):
         reason = f"v: expected {q.dtype} {list(k.shape)} like k, got {v.dtype} {list(v.shape)}"
+    pieces = int((-(-np.diff(np.asarray(kv_offsets, dtype=np.int64)) // 64)).sum())
+    per_head = q.shape[0] * pieces * q.shape[2] * 4
+    if reason is None and per_head > SCRATCH_BYTES:
+        reason = (f"one head's partial sums would take {per_head / 2**30:.1f} GiB, over the {SCRATCH_BYTES >> 30} GiB "
+                  f"scratch limit")
     return reason
 
 
