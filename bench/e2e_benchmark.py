@@ -121,7 +121,6 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "lvsa": [("sparse", 50)],
     "adaspa": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
-    "pasa-drop": [("dense", 10), ("sparse", 40)],
 }
 VARIANTS = {    # row name -> (method, parameters): PASA without its approximation of unkept blocks
     "pasa-drop": ("pasa", {"approximation": "drop"}),
@@ -130,8 +129,8 @@ STEPS = {       # method -> (kind, step index) forwards, in order; the first of 
     "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
     "adaspa": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
     "pasa": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
-    "pasa-drop": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
 }
+ROWS = [*STEPS, *VARIANTS]
 
 
 def timed_forward(model, inputs: dict, timestep: float, device: str) -> float:
@@ -163,7 +162,7 @@ def kind_times(seconds: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def generation(method: str, times: dict[str, float]) -> float:
-    return sum(count * times[kind] for kind, count in SCHEDULES[method])
+    return sum(count * times[kind] for kind, count in SCHEDULES[VARIANTS.get(method, (method,))[0]])
 
 
 def warm_kernels(model, device: str, dtype: torch.dtype) -> None:
@@ -194,8 +193,8 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
                 {"dense": dense_time}), peak_gib=peak_gib(device), first_step_s=dense[0] * scale))
     log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
     for method in methods:
-        plan = STEPS[method]
         name, params = VARIANTS.get(method, (method, {}))
+        plan = STEPS[name]
         handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **params)
         handle.timing(True)
         reset_peak(device)
@@ -308,11 +307,12 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=["wan-1.3b"])
     parser.add_argument("--lengths", nargs="*", default=None, help="only these lengths, e.g. 1x 6x")
     parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--methods", nargs="*", default=[m for m in STEPS if m != "pasa-drop"], choices=list(STEPS),
+    parser.add_argument("--methods", nargs="*", default=list(STEPS), choices=ROWS,
                         help="sparse methods next to dense (pasa-drop: PASA without its approximation)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
     parser.add_argument("--budget-s", type=float, default=540, help="skip remaining cases after this many seconds")
-    parser.add_argument("--tag", default="", help="added to the output file names (a tag that begins with '-': --tag=-x)")
+    parser.add_argument("--tag", default="",
+                        help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731

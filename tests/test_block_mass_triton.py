@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oracle import dense_attention as oracle_attention
 from strategies import offsets
 from test_method_adaspa import ANY, mass_float64
 
@@ -64,12 +65,11 @@ def test_cuda_tensors_dispatch_to_the_triton_kernel():
 
 # ------------------------------------------------------------------ the first search step in one pass
 def dense_float64(q, k, v):
-    """Dense attention and natural-log LSE in float64 (GQA by repeating key heads)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
-    scores = q.double() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse[..., None]) @ v, lse
+    """Dense attention and natural-log LSE from the float64 oracle (every token pair kept)."""
+    tokens = np.ones((q.shape[1], q.shape[2], k.shape[2]), dtype=bool)
+    out, lse = oracle_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), tokens,
+                                q.shape[-1] ** -0.5)
+    return torch.from_numpy(out), torch.from_numpy(lse)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

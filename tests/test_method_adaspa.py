@@ -251,6 +251,7 @@ def test_first_search_from_the_dense_pass_masses_equals_the_two_pass_search():
     action = session.action(g, 10)
     assert action.wants_lse and action.mass_block_size == 64
     assert adaspa.session(num_steps=50, scale=0.2).action(g, 10).mass_block_size is None   # masses at 1/sqrt(D) only
+    assert adaspa.session(num_steps=50, impl="torch").action(g, 10).mass_block_size is None     # the impl asked for
     q, k, v = video_qkv(g, 3, 32, seed=7)
     offsets = g.block_offsets(action.mass_block_size)
     out, found = sparsecore.search.dense_attention_with_mass(q, k, v, offsets, offsets)

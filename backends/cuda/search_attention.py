@@ -24,6 +24,7 @@ from sparsecore.ir.uploads import on_device
 from . import block_mass
 from .block_mass import cut_blocks
 
+PIECE = 64                     # keys per piece (the kernel's tiles are 1 or 2 pieces wide)
 SCRATCH_BYTES = 8 << 30
 REDUCE_ROWS, REDUCE_PIECES = 64, 64
 
@@ -74,10 +75,10 @@ class PieceLayout:
 
 def piece_layout(kv_offsets: np.ndarray, pieces: int) -> PieceLayout:
     """Cut the key blocks into pieces and group each run of full pieces into tiles of ``pieces`` from its start."""
-    start, block_end, block = cut_blocks(np.asarray(kv_offsets, dtype=np.int64), 64)
-    end = np.minimum(start + 64, block_end)
+    start, block_end, block = cut_blocks(np.asarray(kv_offsets, dtype=np.int64), PIECE)
+    end = np.minimum(start + PIECE, block_end)
     index = np.arange(len(start))
-    full = end - start == 64
+    full = end - start == PIECE
     begins = full & ~np.r_[False, full[:-1]]
     ends = full & ~np.r_[full[1:], False]
     first = np.maximum.accumulate(np.where(begins, index, 0))                  # its run's first piece
@@ -96,7 +97,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.nd
     reason = block_mass.supports(q, k, q_offsets, kv_offsets)
     if reason is None and (v.dtype != q.dtype or v.shape != k.shape):
         reason = f"v: expected {q.dtype} {list(k.shape)} like k, got {v.dtype} {list(v.shape)}"
-    pieces = int((-(-np.diff(np.asarray(kv_offsets, dtype=np.int64)) // 64)).sum())
+    pieces = int((-(-np.diff(np.asarray(kv_offsets, dtype=np.int64)) // PIECE)).sum())
     per_head = q.shape[0] * pieces * q.shape[2] * 4
     if reason is None and per_head > SCRATCH_BYTES:
         reason = (f"one head's partial sums would take {per_head / 2**30:.1f} GiB, over the {SCRATCH_BYTES >> 30} GiB "
@@ -111,6 +112,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
     float32 ``[B, H, MB, NB]`` of ``q_offsets`` x ``kv_offsets`` blocks, from one pass over the scores."""
     from .search_attention_kernel import piece_mass_fwd, search_attention_fwd
     from .triton_kernel import LOG2E
+    from .triton_launch import describe
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     q, k, v = (t.contiguous() for t in (q, k, v))
@@ -128,7 +130,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
     piece_block = padded(layout.piece_block)
     q_start, q_end, q_block = cut_blocks(np.asarray(q_offsets, dtype=np.int64), REDUCE_ROWS)
     programs = on_device(np.stack([q_start, q_end, q_block], axis=1).astype(np.int32), q.device)
-    descs = _descriptors(k, v, config.pieces * 64) if config.use_tma else (k, v)
+    descs = (describe(k, config.pieces * PIECE), describe(v, config.pieces * PIECE)) if config.use_tma else (k, v)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for first in range(0, heads, chunk):                # chunks of heads, so the partial sums fit scratch_bytes
         count = min(chunk, heads - first)
@@ -148,11 +150,3 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
             BLOCK_R=REDUCE_ROWS, BLOCK_P=REDUCE_PIECES, num_warps=4)
     return out, lse, mass
 
-
-def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """Host TMA descriptors over the ``[rows, D]`` views of contiguous k and v."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    head_dim = k.shape[-1]
-    flat = [t.view(-1, head_dim) for t in (k, v)]
-    return tuple(TensorDescriptor(f, shape=list(f.shape), strides=list(f.stride()), block_shape=[block_n, head_dim])
-                 for f in flat)

@@ -6,14 +6,14 @@ Online Search is a dense attention for the output and the LSE, then a second pas
 every score for the masses. But the online softmax already sums each row's scores over
 every key tile (the update of ``l_i``); only the final LSE is missing when it does. So
 :func:`search_attention_fwd`, a dense FlashAttention-2 forward (the loop of
-:mod:`.triton_kernel`), also writes, per row and per key *piece* (at most ``PIECE`` keys
-inside one key block), the log of the piece's sum under the running maximum,
+:mod:`.triton_kernel`), also writes, per row and per key *piece* (at most 64 keys inside one
+key block: ``search_attention.PIECE``), the log of the piece's sum under the running maximum,
 ``a = m + log2(sum_piece exp2(s - m))``; :func:`piece_mass_fwd` then reduces them under
 the final LSE: ``mass[p, q] = sum over rows i of p and pieces of q of exp2(a - lse2_i)``.
 The scores are neither written nor recomputed; the extra traffic is one float per row and
 piece, written once and read once.
 
-A full key tile is ``PIECES`` (1 or 2) consecutive full pieces: an unmasked ``PIECES * PIECE``-key
+A full key tile is ``PIECES`` (1 or 2) consecutive full pieces: an unmasked ``PIECES * 64``-key
 tile whose first piece's sum is a masked row sum and whose second is the rest of the row sum
 (one select and one add per score beyond FlashAttention's own work; the difference is exact
 to float32 rounding of the tile's row sum, 2^-23 of it, and clamped at 0). Every other piece
@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 
 from .triton_kernel import _load_kv
-
-PIECE = 64  # keys per piece
 
 
 @triton.jit

@@ -85,9 +85,9 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     # at most one partial tile): slots past the programs' ranges are never read, and no count is read.
     max_full = nnz * -(-int(np.diff(mask.kv_offsets).max(initial=0)) // block_n)
     last_full = torch.cumsum(full_per_run, 0)                                   # one past each run's last full tile
-    full_run = torch.searchsorted(last_full, torch.arange(max_full, device=device), right=True).clamp_(max=nnz - 1)
-    full_start = run_begin[full_run] + block_n * (torch.arange(max_full, device=device) - (last_full -
-                                                                                              full_per_run)[full_run])
+    full_slot = torch.arange(max_full, device=device)
+    full_run = torch.searchsorted(last_full, full_slot, right=True).clamp_(max=nnz - 1)
+    full_start = run_begin[full_run] + block_n * (full_slot - (last_full - full_per_run)[full_run])
     partial_slot = torch.where(has_partial, torch.cumsum(has_partial, 0) - 1, nnz)
     partial_start = torch.zeros(nnz + 1, dtype=torch.int64, device=device).scatter_(
         0, partial_slot, run_begin + block_n * full_per_run)

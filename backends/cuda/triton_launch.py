@@ -88,10 +88,11 @@ class TritonLaunch:
 
 def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TritonConfig):
     """Host TMA descriptors over the [rows, D] views of contiguous q, k, v."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    head_dim = q.shape[-1]
-
-    def describe(t: torch.Tensor, rows: int) -> TensorDescriptor:
-        flat = t.view(-1, head_dim)
-        return TensorDescriptor(flat, shape=list(flat.shape), strides=list(flat.stride()), block_shape=[rows, head_dim])
     return describe(q, config.block_m), describe(k, config.block_n), describe(v, config.block_n)
+
+
+def describe(t: torch.Tensor, rows: int):
+    """A host TMA descriptor over the ``[rows of all heads, D]`` view of contiguous ``t``, in tiles of ``rows``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    flat = t.view(-1, t.shape[-1])
+    return TensorDescriptor(flat, shape=list(flat.shape), strides=list(flat.stride()), block_shape=[rows, t.shape[-1]])

@@ -223,9 +223,10 @@ class AdaSpaSession:
         searches = self.params.search_steps
         if step < searches[0]:
             return StepAction("dense", dense=True, plans=False)
-        if step == searches[0]:                  # masses from the dense pass hold for the default scale only
+        if step == searches[0]:     # masses from the dense pass: at the default scale, with the default impl
+            fused = self.params.scale is None and self.params.impl == "auto"
             return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=True,
-                              mass_block_size=self.params.block_size if self.params.scale is None else None)
+                              mass_block_size=self.params.block_size if fused else None)
         if step in searches:
             return StepAction("cached-search", dense=False, plans=True, needs_qk=True)
         return StepAction("reuse", dense=False, plans=True)

@@ -6,9 +6,9 @@ the method needs them), compiles it, and keeps all of that for the other calls o
 (classifier-free guidance run as separate calls reuses it). Dense steps run the model's own
 attention; AdaSpa's first search step runs dense attention that also returns its LSE and,
 where a backend can give them from the same pass, the block masses the search needs
-(:func:`sparsecore.search.dense_attention_with_mass`), and prepares the kernel of the searched mask there, so the step after it
-only launches. One session per geometry, so batches whose text lengths differ (HunyuanVideo
-1.5) keep separate per-layer state.
+(:func:`sparsecore.search.dense_attention_with_mass`), and prepares the kernel of the searched
+mask there, so the step after it only launches. One session per geometry, so batches whose
+text lengths differ (HunyuanVideo 1.5) keep separate per-layer state.
 
 Masks the session builds on the device stay there: nothing here hashes or copies them.
 Masks whose valid tokens are a prefix of a padded sequence run extended by one trailing block
@@ -197,14 +197,14 @@ class Planner:
         wants_lse = action.wants_lse and seq_len == geometry.tokens
         if action.needs_qk:
             q, k, *v = io.sequence(wants_lse)
-            if wants_lse and action.mass_block_size:           # the dense output, its LSE and the block masses
-                offsets = geometry.block_offsets(action.mass_block_size)
-                out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
-                                                                                            offsets))
-                lse, mass = found.lse, found.mass.sum(0)
-            elif wants_lse:                                                  # the dense output, with its LSE
-                out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
-            if wants_lse:
+            if wants_lse:                         # the dense output, its LSE and (if wanted) the block masses
+                if action.mass_block_size:
+                    offsets = geometry.block_offsets(action.mass_block_size)
+                    out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
+                                                                                                offsets))
+                    lse, mass = found.lse, found.mass.sum(0)
+                else:
+                    out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)
