@@ -11,9 +11,11 @@ lowering with each ``approximation``, and timed with ``triton.testing.do_bench``
 
 - ``exact``: the drop-only mask (the block-sparse kernel alone);
 - ``total``: the same selection with zeroth / global-first-order / grouped-first-order;
-- ``statistics``: :func:`sparsecore.backends.approximation.statistics` alone (k̄, ΣV, H_g / T_g);
+- ``statistics``: the Triton statistics kernel alone (k̄, ΣV, H_g / T_g; ``ApproximationLaunch.statistics``),
+  and the torch statistics the ``portable`` lowering uses, for comparison;
 - ``pass``: the Triton approximation pass alone (``ApproximationLaunch`` on a fixed exact result);
-- ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale.
+- ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale;
+- with ``--sweep``: the grouped pass under each tile config of :data:`SWEEP` (the default is the first).
 
 It also checks the lowering on the GPU: the Triton bf16 output against the ``portable`` lowering
 in float32 on the same mask (relative L2; the CPU suite holds both to a float64 oracle).
@@ -30,12 +32,13 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.approximation import StatisticsPlan, statistics  # noqa: E402
-from sparsecore.backends.cuda.approximation_launch import ApproximationLaunch  # noqa: E402
+from sparsecore.backends.cuda.approximation_launch import ApproximationConfig, ApproximationLaunch  # noqa: E402
 from sparsecore.geometry import VideoGeometry  # noqa: E402
 from sparsecore.ir import BlockMask  # noqa: E402
 from sparsecore.methods import pasa  # noqa: E402
@@ -44,6 +47,13 @@ from sparsecore.methods.approximation import unselected_of, with_unselected  # n
 HEADS = 12
 GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 52), 9760: VideoGeometry(61, 10, 16)}
 KINDS = ("zeroth", "global-first-order", "grouped-first-order")
+SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), ApproximationConfig(128, 64, 8, 2),
+         ApproximationConfig(64, 32, 4, 2), ApproximationConfig(64, 32, 4, 3), ApproximationConfig(64, 64, 4, 2),
+         ApproximationConfig(128, 128, 8, 2)]
+
+
+def label(config: ApproximationConfig) -> str:
+    return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
 
 
 def bench(fn) -> float:
@@ -55,7 +65,7 @@ def with_kind(mask: BlockMask, kind: str) -> BlockMask:
     return with_unselected(mask, unselected_of(kind, 32))
 
 
-def rows_for(tokens: int, head_dim: int, check: bool) -> list[dict]:
+def rows_for(tokens: int, head_dim: int, check: bool, sweep: bool) -> list[dict]:
     g = GEOMETRIES[tokens]
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, g.tokens, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -70,14 +80,26 @@ def rows_for(tokens: int, head_dim: int, check: bool) -> list[dict]:
         mask = with_kind(drop, kind)
         kernel = sparsecore.compile(mask, device="cuda", backend="triton")
         total_ms = bench(lambda: kernel(q, k, v))
-        plan = StatisticsPlan.build(mask.kv_offsets, mask.unselected, q.device)
-        stats_ms = bench(lambda: statistics(k, v, plan))
+        torch_plan = StatisticsPlan.build(mask.kv_offsets, mask.unselected, q.device)
+        torch_stats_ms = bench(lambda: statistics(k, v, torch_plan))
         launch = ApproximationLaunch(mask.to(q.device))
+        plan = launch.plan(q.device)
+        stats_ms = bench(lambda: launch.statistics(k, v, plan))
         out, lse = exact_kernel(q, k, v, return_lse=True)
         pass_ms = bench(lambda: launch(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms   # merges in place: same cost
         row = {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": kind,
-               "exact_ms": exact_ms, "total_ms": total_ms, "statistics_ms": stats_ms, "pass_ms": pass_ms,
-               "overhead": total_ms / exact_ms - 1, "dense_sdpa_ms": dense_ms}
+               "exact_ms": exact_ms, "total_ms": total_ms, "statistics_ms": stats_ms,
+               "torch_statistics_ms": torch_stats_ms, "pass_ms": pass_ms, "overhead": total_ms / exact_ms - 1,
+               "dense_sdpa_ms": dense_ms}
+        if sweep and kind in ("zeroth", "grouped-first-order"):
+            row["sweep"] = {}
+            for config in SWEEP:
+                swept = ApproximationLaunch(mask.to(q.device), config)
+                try:
+                    ms = bench(lambda: swept(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms
+                except triton.runtime.errors.OutOfResources:      # a config too large for this GPU: reported
+                    ms = None
+                row["sweep"][label(config)] = ms
         if check:
             reference = sparsecore.compile(mask, device="cuda", backend="portable")(q.float(), k.float(), v.float())
             got = kernel(q, k, v).float()
@@ -91,14 +113,24 @@ def markdown(report: dict) -> str:
     lines = [f"# Approximation of unselected blocks on {report['gpu']} ({report['date']})", "",
              f"torch {report['torch']}, triton {report['triton']}; PASA defaults, {HEADS} heads, bf16, "
              "triton lowering.",
-             "", "| tokens | D | density | approximation | exact ms | total ms | overhead | statistics ms | pass ms "
-             "| dense SDPA ms | rel L2 vs portable fp32 |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| tokens | D | density | approximation | exact ms | total ms | overhead | statistics ms "
+             "| torch statistics ms | pass ms | dense SDPA ms | rel L2 vs portable fp32 |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         fmt = lambda key, spec: "" if r.get(key) is None else format(r[key], spec)  # noqa: E731
         lines.append(f"| {r['tokens']} | {r['head_dim']} | {r['density']:.3f} | {r['approximation']} | "
                      f"{r['exact_ms']:.2f} | {r['total_ms']:.2f} | {fmt('overhead', '.1%')} | "
-                     f"{fmt('statistics_ms', '.2f')} | {fmt('pass_ms', '.2f')} | {r['dense_sdpa_ms']:.2f} | "
+                     f"{fmt('statistics_ms', '.2f')} | {fmt('torch_statistics_ms', '.2f')} | {fmt('pass_ms', '.2f')} | "
+                     f"{r['dense_sdpa_ms']:.2f} | "
                      f"{fmt('rel_l2_vs_portable_fp32', '.2e')} |")
+    swept = [r for r in report["rows"] if r.get("sweep")]
+    if swept:
+        lines += ["", "Pass (ms) per tile config (the first is the default):",
+                  "", "| tokens | approximation | " + " | ".join(swept[0]["sweep"]) + " |",
+                  "|---:|---|" + "---:|" * len(swept[0]["sweep"])]
+        lines += [f"| {r['tokens']} | {r['approximation']} | "
+                  + " | ".join("out of resources" if ms is None else f"{ms:.2f}" for ms in r["sweep"].values())
+                  + " |" for r in swept]
     return "\n".join(lines) + "\n"
 
 
@@ -108,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32760, 188760], choices=sorted(GEOMETRIES))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-check", action="store_true", help="skip the portable float32 comparison")
+    parser.add_argument("--sweep", action="store_true", help="time the grouped pass under each config of SWEEP")
     args = parser.parse_args(argv)
-    import triton
     rows = []
     for tokens in args.sizes:
-        rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760)
+        rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760, sweep=args.sweep)
     date = datetime.date.today().isoformat()
     report = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
               "triton": triton.__version__, "host": platform.node(), "rows": rows}

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
+import contextlib
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: oracle, strategies, targets
 
+import sparsecore  # noqa: E402
 from targets import all_targets  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, print_blob=True,
@@ -26,6 +29,20 @@ settings.register_profile("dev", max_examples=100, deadline=None, print_blob=Tru
 settings.register_profile("gpu", parent=settings.get_profile("ci"),
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+
+@pytest.fixture
+def triton_device():
+    """Where Triton kernels run: "cuda", or "cpu" through Triton's interpreter (TRITON_INTERPRET=1, as CI does)
+    inside the Triton backend's emulator; otherwise the test skips with the backend's reason."""
+    backend = sparsecore.registered_backends()["triton"]
+    emulator = backend.emulator()
+    if emulator is None and backend.unavailable_reason("cuda") is not None:
+        pytest.skip(f"triton on cuda: {backend.unavailable_reason('cuda')} (or set TRITON_INTERPRET=1)")
+    with emulator or contextlib.nullcontext():
+        yield "cpu" if emulator is not None else "cuda"
+
 
 _MATRIX: dict = defaultdict(lambda: {"ran": 0, "passed": 0, "failed": 0, "skipped": 0, "reason": ""})
 

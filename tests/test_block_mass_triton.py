@@ -6,8 +6,6 @@ does) inside the Triton backend's emulator; otherwise it skips with the backend'
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -24,33 +22,23 @@ from sparsecore.backends.cuda import search_attention
 from sparsecore.search import block_mass, dense_attention_with_mass
 
 
-@pytest.fixture
-def device():
-    backend = sparsecore.registered_backends()["triton"]
-    emulator = backend.emulator()
-    if emulator is None and backend.unavailable_reason("cuda") is not None:
-        pytest.skip(f"triton on cuda: {backend.unavailable_reason('cuda')} (or set TRITON_INTERPRET=1)")
-    with emulator or contextlib.nullcontext():
-        yield "cpu" if emulator is not None else "cuda"
-
-
 @settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(offsets(ANY, "q"), offsets(ANY, "kv"), st.sampled_from([(1, 1), (4, 2), (2, 1)]), st.sampled_from([16, 32]),
        st.sampled_from(["float32", "float16"]), st.integers(0, 2**32 - 1))
-def test_triton_block_mass_matches_float64(device, q_offsets, kv_offsets, heads, head_dim, dtype, seed):
+def test_triton_block_mass_matches_float64(triton_device, q_offsets, kv_offsets, heads, head_dim, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
     k = torch.randn(1, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
     want = mass_float64(q, k, q_offsets, kv_offsets)
     lse = torch.logsumexp(q.double() @ k.double().repeat_interleave(heads[0] // heads[1], 1).transpose(-1, -2)
                           * head_dim ** -0.5, dim=-1).float()                 # the fresh LSE, float64 then rounded
-    mass = triton_block_mass.run(q.to(device), k.to(device), q_offsets, kv_offsets, lse.to(device), head_dim ** -0.5)
+    q, k, lse = (x.to(triton_device) for x in (q, k, lse))
+    mass = triton_block_mass.run(q, k, q_offsets, kv_offsets, lse, head_dim ** -0.5)
     tolerance = 1e-5 if dtype == "float32" else 2e-3
     got = mass.double().cpu().numpy()
     assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
     np.testing.assert_allclose(got.sum(axis=3), np.broadcast_to(np.diff(q_offsets), got.shape[:3]), rtol=tolerance)
-    older = triton_block_mass.run(q.to(device), k.to(device), q_offsets, kv_offsets, lse.to(device) + 0.5,
-                                  head_dim ** -0.5)                          # a cached, stale LSE rescales every mass
+    older = triton_block_mass.run(q, k, q_offsets, kv_offsets, lse + 0.5, head_dim ** -0.5)   # a stale LSE rescales
     np.testing.assert_allclose(older.double().cpu().numpy(), got * np.exp(-0.5), rtol=tolerance, atol=1e-9)
 
 
@@ -76,7 +64,7 @@ def dense_float64(q, k, v):
 @given(offsets(ANY, "q"), offsets(ANY, "kv"), st.sampled_from([(1, 1), (4, 2), (3, 1)]), st.integers(1, 2),
        st.sampled_from([16, 32]), st.sampled_from(["float32", "float16"]), st.sampled_from([1, 2]),
        st.booleans(), st.sampled_from([1.0, -1.0]), st.integers(0, 2**32 - 1))
-def test_fused_search_pass_matches_float64(device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, pieces,
+def test_fused_search_pass_matches_float64(triton_device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, pieces,
                                            one_head_chunks, sign, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
@@ -84,8 +72,9 @@ def test_fused_search_pass_matches_float64(device, q_offsets, kv_offsets, heads,
             for _ in range(2))
     config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
     scratch = 1 if one_head_chunks else search_attention.SCRATCH_BYTES          # 1 byte: one head per launch
-    out, lse, mass = search_attention.run(q.to(device), k.to(device), v.to(device), q_offsets, kv_offsets,
-                                          sign * head_dim ** -0.5, config=config, scratch_bytes=scratch)
+    on_device = (x.to(triton_device) for x in (q, k, v))
+    out, lse, mass = search_attention.run(*on_device, q_offsets, kv_offsets, sign * head_dim ** -0.5, config=config,
+                                          scratch_bytes=scratch)
     want_out, want_lse = dense_float64(sign * q, k, v)                  # a negative scale: the scores of -q
     want_mass = mass_float64(sign * q, k, q_offsets, kv_offsets)
     got_mass = mass.double().cpu().numpy()
@@ -115,9 +104,9 @@ def test_piece_layout_covers_every_key_once_inside_its_block(kv_offsets, pieces)
     assert (kv_offsets[block] <= start).all() and (end <= kv_offsets[block + 1]).all()
 
 
-def test_dense_attention_with_mass_takes_the_fused_pass_or_two_passes(device):
+def test_dense_attention_with_mass_takes_the_fused_pass_or_two_passes(triton_device):
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen).half().to(device) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen).half().to(triton_device) for _ in range(3))
     q_offsets, kv_offsets = np.array([0, 64, 128, 150]), np.array([0, 100, 150])
     out, fused = dense_attention_with_mass(q, k, v, q_offsets, kv_offsets)
     _, two_pass = dense_attention_with_mass(q, k, v, q_offsets, kv_offsets, impl="torch")
@@ -130,21 +119,21 @@ def test_dense_attention_with_mass_takes_the_fused_pass_or_two_passes(device):
     assert (out.double().cpu() - want_out).norm() <= 2e-3 * want_out.norm()
 
 
-def test_fused_search_pass_splits_full_tiles_into_their_two_blocks(device):
+def test_fused_search_pass_splits_full_tiles_into_their_two_blocks(triton_device):
     q_offsets, kv_offsets = np.array([0, 64, 128, 200]), np.array([0, 64, 128, 192, 256, 300])
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, 200 if i == 0 else 300, 16, generator=gen) for i in range(3))
     layout = search_attention.piece_layout(kv_offsets, 2)
     assert list(layout.full_start) == [0, 128]                     # two full 128-key tiles, one solo piece
     config = search_attention.SearchConfig(32, 2, 4, 1, use_tma=False)
-    _, _, mass = search_attention.run(q.to(device), k.to(device), v.to(device), q_offsets, kv_offsets, 0.25,
+    _, _, mass = search_attention.run(*(x.to(triton_device) for x in (q, k, v)), q_offsets, kv_offsets, 0.25,
                                       config=config)
     want = mass_float64(q * (0.25 * 16 ** 0.5), k, q_offsets, kv_offsets)          # scale 0.25 through q
     np.testing.assert_allclose(mass.double().cpu().numpy(), want, rtol=1e-5, atol=1e-9)
 
 
-def test_the_fused_pass_refuses_lengths_whose_partial_sums_do_not_fit(device):
-    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16, device=device).expand(1, 1, 1 << 19, 16)   # no memory
+def test_the_fused_pass_refuses_lengths_whose_partial_sums_do_not_fit(triton_device):
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16, device=triton_device).expand(1, 1, 1 << 19, 16)   # no memory
     offsets = np.array([0, 1 << 19])
     reason = search_attention.supports(q, q, q, offsets, offsets)
     assert reason is not None and "GiB" in reason and "scratch" in reason          # the search then runs two passes

@@ -60,7 +60,7 @@ def run_and_compare(target, mask: BlockMask, q, k, v, scale=None, device_held: b
 def approximated_cases(draw, caps: sparsecore.Capabilities) -> AttentionCase:
     case = draw(attention_cases(caps))
     kind = draw(st.sampled_from([k for k in APPROXIMATING if k in caps.unselected]), label="kind")
-    group = draw(st.sampled_from([1, 2, 3, 32]), label="group blocks") if kind == "grouped-first-order" else None
+    group = draw(st.sampled_from([1, 2, 3, 8, 32]), label="group blocks") if kind == "grouped-first-order" else None
     return dataclasses.replace(case, mask=approximating(case.mask, Unselected(kind, group)))
 
 

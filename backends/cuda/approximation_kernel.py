@@ -3,16 +3,24 @@
 Runs after the exact block-sparse kernel (:mod:`.triton_kernel`), which leaves each row's
 output and natural-log LSE over its listed blocks in ``Out`` / ``Lse``. One program takes
 ``BLOCK_M`` query rows of one head and batch element and walks every key block's summary
-(``k̄_j``, ``ΣV_j``, ``|B_j|``) in tiles of ``BLOCK_N`` blocks, group by group (a group is
-``group_blocks`` consecutive blocks: all of them for the global kind, one group of the
-whole sequence for ``"zeroth"``). Listed blocks are masked out per row from the block map
-(``uint8 [H, MB, NB]``, each row reading its own query block's line).
+(``k̄_j``, ``ΣV_j``, ``|B_j|``) in tiles of ``BLOCK_N`` blocks (a group is ``group_blocks``
+consecutive blocks: all of them for the global kind, one group of the whole sequence for
+``"zeroth"``). When a tile holds whole groups (``GROUPS_PER_TILE`` of them: PASA's 32-block
+groups in 32-block tiles) the walk is one flat loop, each tile adding its groups' first-order
+terms; otherwise it goes group by group. Listed blocks are masked out per row from the block
+map (``uint8 [H, MB, NB]``, each row reading its own query block's line).
 
 Online softmax in base 2, as the exact kernel: ``m`` the running max of ``s q·k̄_j``,
 ``z = Σ |B_j| 2^(score - m)``, ``acc = Σ 2^(score - m) ΣV_j + first-order terms``; every
-quantity (also each group's running weight ``c``) is rescaled when ``m`` grows. At a
-group's end the first-order term ``s c (q H_g / T_g)`` joins ``acc``. Finally the rows
+quantity (also each group's running weight ``c``) is rescaled when ``m`` grows. Once a
+group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``. Finally the rows
 merge with the exact part by log-sum-exp and overwrite ``Out`` / ``Lse``.
+
+Operands (:mod:`.approximation_launch` picks them per input dtype): the means and value sums
+share one dtype, the group matrices theirs; q is converted to each. For bf16 inputs the
+group matrices and value sums bf16, the means bf16 as ``hi + lo`` (``SPLIT_MEANS``: the mean
+enters the exponent, two bf16 products carry it to about 2^-16); otherwise everything is float32 (tf32 products for fp16, whose range the group matrices may
+exceed; IEEE for float32). Products accumulate in float32.
 """
 
 from __future__ import annotations
@@ -22,14 +30,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _summary_tile(q, m_i, acc, listed_rows, row_ok, offs_n, col_ok, offs_d, stats, qk_scale,
+                  MeansHigh, MeansLow, ValueSums, Sizes,
+                  HEAD_DIM: tl.constexpr, SPLIT_MEANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of block summaries: the new running max, the rescale ``alpha``, each unlisted block's weight
+    ``|B_j| 2^(score - m)`` (0 on listed blocks) and ``acc`` rescaled plus ``Σ 2^(score - m) ΣV_j``."""
+    at = (stats + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]                  # [N, D]
+    score = tl.dot(q, tl.trans(tl.load(MeansHigh + at, mask=col_ok[:, None], other=0.0)),
+                   input_precision=DOT_PRECISION)
+    if SPLIT_MEANS:
+        score = tl.dot(q, tl.trans(tl.load(MeansLow + at, mask=col_ok[:, None], other=0.0)), score)
+    listed = tl.load(listed_rows[:, None] + offs_n[None, :], mask=row_ok[:, None] & col_ok[None, :], other=1)
+    score = tl.where((listed == 0) & col_ok[None, :], score * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(score, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)                                          # 0 while nothing was seen
+    p = tl.math.exp2(score - m_safe[:, None])                                   # 0 on listed blocks
+    weights = p * tl.load(Sizes + offs_n, mask=col_ok, other=0.0)[None, :]
+    sums = tl.load(ValueSums + at, mask=col_ok[:, None], other=0.0)
+    acc = tl.dot(p.to(sums.dtype), sums, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, alpha, weights, acc
+
+
+@triton.jit
 def approximate_unselected_fwd(
-        Q, Out, Lse, KeyMeans, ValueSums, Sizes, GroupMatrices, Listed, QBlock,
+        Q, Out, Lse, MeansHigh, MeansLow, ValueSums, Sizes, GroupMatrices, Listed, QBlock,
         stride_qb, stride_qh, stride_qm,
         stride_ob, stride_oh, stride_om,
         stride_lb, stride_lh,
         num_heads, num_kv_heads, q_len, num_q_blocks, num_kv_blocks, group_blocks, num_groups, scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        FIRST_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        FIRST_ORDER: tl.constexpr, GROUPS_PER_TILE: tl.constexpr, SPLIT_MEANS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2)
@@ -39,44 +71,50 @@ def approximate_unselected_fwd(
     row_ok = offs_m < q_len
     q_ptrs = Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm \
         + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_in = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = q_in.to(ValueSums.dtype.element_ty)                                 # the operand dtype of the means
     q_block = tl.load(QBlock + offs_m, mask=row_ok, other=0)
     listed_rows = Listed + (head.to(tl.int64) * num_q_blocks + q_block.to(tl.int64)) * num_kv_blocks
     stats = (b.to(tl.int64) * num_kv_heads + kv_head) * num_kv_blocks      # first block of this key head
+    first_group = (b.to(tl.int64) * num_kv_heads + kv_head) * num_groups   # this key head's first H_g / T_g
+    square = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
     qk_scale = scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     z_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for g in range(0, num_groups):
-        start = g * group_blocks
-        end = tl.minimum(start + group_blocks, num_kv_blocks)
-        c_i = tl.zeros([BLOCK_M], tl.float32)                               # this group's weight, in 2^m units
-        for j0 in range(start, end, BLOCK_N):
+    if GROUPS_PER_TILE > 0:              # each tile holds whole groups: one flat (pipelined) loop
+        for j0 in range(0, num_kv_blocks, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < end
-            means = tl.load(KeyMeans + (stats + offs_n)[None, :] * HEAD_DIM + offs_d[:, None], mask=col_ok[None, :],
-                            other=0.0)                                      # [D, N]
-            listed = tl.load(listed_rows[:, None] + offs_n[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                             other=1)
-            score = tl.dot(q, means, input_precision=DOT_PRECISION) * qk_scale
-            score = tl.where((listed == 0) & col_ok[None, :], score, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(score, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)                              # 0 while nothing was seen
-            p = tl.math.exp2(score - m_safe[:, None])                       # 0 on listed blocks
-            sizes = tl.load(Sizes + offs_n, mask=col_ok, other=0.0)
-            mass = tl.sum(p * sizes[None, :], 1)
-            z_i = z_i * alpha + mass
-            c_i = c_i * alpha + mass
-            sums = tl.load(ValueSums + (stats + offs_n)[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None],
-                           other=0.0)                                       # [N, D]
-            acc = tl.dot(p, sums, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_new, alpha, weights, acc = _summary_tile(
+                q, m_i, acc, listed_rows, row_ok, offs_n, offs_n < num_kv_blocks, offs_d, stats, qk_scale,
+                MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION)
+            z_i = z_i * alpha + tl.sum(weights, 1)
+            member = tl.arange(0, BLOCK_N) // (BLOCK_N // GROUPS_PER_TILE)      # each column's group in the tile
+            for gi in tl.static_range(GROUPS_PER_TILE):
+                g = j0 // (BLOCK_N // GROUPS_PER_TILE) + gi
+                c = tl.sum(tl.where(member[None, :] == gi, weights, 0.0), 1)
+                matrix = tl.load(GroupMatrices + (first_group + g) * HEAD_DIM * HEAD_DIM + square, mask=g < num_groups,
+                                 other=0.0)
+                acc += (scale * c)[:, None] * tl.dot(q_in.to(matrix.dtype), matrix, input_precision=DOT_PRECISION)
             m_i = m_new
-        if FIRST_ORDER:
-            matrix = tl.load(GroupMatrices + ((b.to(tl.int64) * num_kv_heads + kv_head) * num_groups + g)
-                             * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])   # H_g / T_g
-            acc += (scale * c_i)[:, None] * tl.dot(q, matrix, input_precision=DOT_PRECISION)
+    else:                                # walk group by group; a group's weight ``c`` rescales with the max
+        for g in range(0, num_groups):
+            start = g * group_blocks
+            end = tl.minimum(start + group_blocks, num_kv_blocks)
+            c_i = tl.zeros([BLOCK_M], tl.float32)
+            for j0 in range(start, end, BLOCK_N):
+                offs_n = j0 + tl.arange(0, BLOCK_N)
+                m_new, alpha, weights, acc = _summary_tile(
+                    q, m_i, acc, listed_rows, row_ok, offs_n, offs_n < end, offs_d, stats, qk_scale,
+                    MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION)
+                mass = tl.sum(weights, 1)
+                z_i = z_i * alpha + mass
+                c_i = c_i * alpha + mass
+                m_i = m_new
+            if FIRST_ORDER:
+                matrix = tl.load(GroupMatrices + (first_group + g) * HEAD_DIM * HEAD_DIM + square)
+                acc += (scale * c_i)[:, None] * tl.dot(q_in.to(matrix.dtype), matrix, input_precision=DOT_PRECISION)
 
     # merge with the exact part: total = 2^lse2 + z 2^m, numerator = 2^lse2 out + 2^m acc (base-2 units)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om \

@@ -1,61 +1,145 @@
 """Host side of the Triton approximation of unlisted key blocks: statistics, then one pass that merges in place.
 
-Per call: the block statistics of k and v (:func:`sparsecore.backends.approximation.statistics`,
-torch, on the GPU: O(kv_len D²) per key head), then :func:`.approximation_kernel.approximate_unselected_fwd`
-over every (query tile, head, batch element), which reads the exact kernel's output and LSE and
-overwrites them with the merged result. Per mask and device, once: the statistics plan, the
-block map as ``uint8 [H, MB, NB]`` and each query token's block.
+Per call: :func:`.statistics_kernel.block_statistics_fwd` reads k and v once for the block
+summaries (k̄_j, ΣV_j and the pieces of H_g), the pieces of each group are summed and divided
+by its tokens (torch, ``[G, D, D]`` per key head), then :func:`.approximation_kernel.approximate_unselected_fwd`
+runs over every (query tile, head, batch element), reading the exact kernel's output and LSE
+and overwriting them with the merged result. Per mask and device, once: the block boundaries,
+the group token counts, the block map as ``uint8 [H, MB, NB]`` and each query token's block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import triton
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.uploads import on_device
 
-from ..approximation import StatisticsPlan, group_bounds, query_blocks, statistics
+from ..approximation import PIECE_TOKENS, group_bounds, query_blocks
 from .approximation_kernel import approximate_unselected_fwd
+from .statistics_kernel import block_statistics_fwd
+
+# 16-bit operands of the pass's products per input dtype (float32 for the rest). bf16 keeps float32's range, so
+# the group matrices cannot overflow; fp16's could (tf32 products then).
+OPERANDS = {torch.bfloat16: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ApproximationConfig:
+    """Tiles of the pass: ``block_m`` query rows per program, ``block_n`` key blocks per step."""
+
+    block_m: int = 128
+    block_n: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+INTERPRETER_CONFIG = ApproximationConfig(64, 16, 4, 1)     # small tiles keep the CPU interpreter quick
+
+
+@dataclass(frozen=True)
+class _DevicePlan:
+    kv_offsets: torch.Tensor        # int64 [NB + 1]
+    sizes: torch.Tensor             # float32 [NB]: |B_j|
+    group_tokens: torch.Tensor | None   # float32 [G]: T_g (first-order kinds)
+    listed: torch.Tensor            # uint8 [H, MB, NB]
+    q_block: torch.Tensor           # int32 [L]
+
+
+@dataclass(frozen=True)
+class _Statistics:
+    means_high: torch.Tensor        # [B, Hk, NB, D] in the operand dtype
+    means_low: torch.Tensor         # the remainder k̄ - hi when split, else means_high (unread)
+    split: bool
+    value_sums: torch.Tensor        # [B, Hk, NB, D]
+    group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g (first-order kinds; else means_high, unread)
 
 
 class ApproximationLaunch:
     """Merges the approximation of ``mask``'s unlisted blocks into an exact ``(out, lse)``."""
 
-    def __init__(self, mask: BlockMask) -> None:
+    def __init__(self, mask: BlockMask, config: ApproximationConfig | None = None) -> None:
         self.mask = mask
+        self.config = config
         bounds = group_bounds(mask.num_kv_blocks, mask.unselected)
         self.first_order = bounds is not None
         self.group_blocks = mask.num_kv_blocks if bounds is None else int(bounds[1] - bounds[0])
         self.num_groups = 1 if bounds is None else len(bounds) - 1
-        self._plans: dict[str, tuple[StatisticsPlan, torch.Tensor, torch.Tensor]] = {}
+        widest = int(np.diff(mask.kv_offsets).max())
+        self.piece_blocks = max(1, min(self.group_blocks, PIECE_TOKENS // widest))   # blocks per statistics program
+        self.pieces_per_group = -(-self.group_blocks // self.piece_blocks)
+        self._plans: dict[str, _DevicePlan] = {}
 
-    def plan(self, device: torch.device) -> tuple[StatisticsPlan, torch.Tensor, torch.Tensor]:
+    def plan(self, device: torch.device) -> _DevicePlan:
         key = str(device)
         if key not in self._plans:
             mask = self.mask
-            self._plans[key] = (StatisticsPlan.build(mask.kv_offsets, mask.unselected, device),
-                                mask.to(device).to_dense().to(torch.uint8).contiguous(),
-                                query_blocks(mask, device).to(torch.int32))
+            offsets = np.asarray(mask.kv_offsets, dtype=np.int64)
+            bounds = group_bounds(mask.num_kv_blocks, mask.unselected)
+            group_tokens = None if bounds is None else on_device(np.diff(offsets[bounds]).astype(np.float32), device)
+            self._plans[key] = _DevicePlan(on_device(offsets, device), on_device(np.diff(offsets).astype(np.float32),
+                                                                                 device), group_tokens,
+                                           mask.to(device).to_dense().to(torch.uint8).contiguous(),
+                                           query_blocks(mask, device).to(torch.int32))
         return self._plans[key]
+
+    def config_for(self, device: torch.device) -> ApproximationConfig:
+        return self.config or (ApproximationConfig() if device.type == "cuda" else INTERPRETER_CONFIG)
+
+    def statistics(self, k: torch.Tensor, v: torch.Tensor, plan: _DevicePlan) -> _Statistics:
+        """The block summaries of contiguous ``k, v [B, Hk, T, D]`` in the pass's operand dtypes."""
+        batch, num_kv_heads, _, head_dim = k.shape
+        operand = OPERANDS.get(k.dtype, torch.float32)
+        split = operand != torch.float32
+        shape = (batch, num_kv_heads, self.mask.num_kv_blocks, head_dim)
+        high, sums = (torch.empty(shape, dtype=operand, device=k.device) for _ in range(2))
+        low = torch.empty_like(high) if split else high
+        pieces = self.num_groups * self.pieces_per_group
+        partials = torch.empty((batch, num_kv_heads, pieces, head_dim, head_dim) if self.first_order else (1,),
+                               dtype=torch.float32, device=k.device)
+        block_statistics_fwd[(pieces, num_kv_heads, batch)](
+            k, v, plan.kv_offsets, high, low, sums, partials,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            num_kv_heads, self.mask.num_kv_blocks, self.group_blocks, self.pieces_per_group, self.piece_blocks,
+            HEAD_DIM=head_dim, BLOCK_T=64 if k.device.type == "cuda" else 16, FIRST_ORDER=self.first_order,
+            SPLIT_MEANS=split, DOT_PRECISION=_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4)
+        matrices = high
+        if self.first_order:
+            grouped = partials.view(batch, num_kv_heads, self.num_groups, self.pieces_per_group, head_dim, head_dim)
+            matrices = (grouped.sum(dim=3) / plan.group_tokens[:, None, None]).to(operand)
+        return _Statistics(high, low, split, sums, matrices)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  scale: float) -> None:
         """``out``/``lse``: the exact kernel's result over the listed blocks (contiguous), overwritten."""
-        stats_plan, listed, q_block = self.plan(q.device)
-        stats = statistics(k, v, stats_plan)
+        plan = self.plan(q.device)
+        stats = self.statistics(k, v, plan)
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads = k.shape[1]
-        block_m, block_n = (64, 32) if q.device.type == "cuda" else (64, 16)   # the interpreter: smaller tiles
-        matrices = stats.group_matrices if self.first_order else stats.key_means   # unread without first order
-        grid = (triton.cdiv(q_len, block_m), num_heads, batch)
+        config = self.config_for(q.device)
+        grid = (triton.cdiv(q_len, config.block_m), num_heads, batch)
         approximate_unselected_fwd[grid](
-            q, out, lse, stats.key_means.contiguous(), stats.value_sums.contiguous(), stats.sizes.contiguous(),
-            matrices.contiguous(), listed, q_block,
+            q, out, lse, stats.means_high, stats.means_low, stats.value_sums, plan.sizes,
+            stats.group_matrices, plan.listed, plan.q_block,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             num_heads, num_kv_heads, q_len, self.mask.num_q_blocks, self.mask.num_kv_blocks, self.group_blocks,
             self.num_groups, scale,
-            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            FIRST_ORDER=self.first_order, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=4, num_stages=2)
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            FIRST_ORDER=self.first_order, GROUPS_PER_TILE=self.groups_per_tile(config.block_n),
+            SPLIT_MEANS=stats.split, DOT_PRECISION=_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def groups_per_tile(self, block_n: int) -> int:
+        """Groups in a tile of ``block_n`` blocks when tiles hold whole groups (at most 4), else 0."""
+        whole = self.num_groups > 1 and block_n % self.group_blocks == 0 and block_n // self.group_blocks <= 4
+        return block_n // self.group_blocks if whole else 0
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """IEEE float32 products for float32 inputs; tf32 for fp16 (and unused for bf16 operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,71 @@
+"""Triton kernel for the block statistics of the approximation of unlisted key blocks: one read of k and v.
+
+For each key block ``j`` (arbitrary boundaries ``KvOffsets``) of one key head and batch
+element: the mean key ``k̄_j`` and the value sum ``ΣV_j``; for first-order kinds also the
+block's share of its group matrix, ``Σ_{t in B_j} (k_t - k̄_j)ᵀ v_t`` (the definition in
+:mod:`sparsecore.ir.unselected`), as ``[D x T] x [T x D]`` products of the centred key tile.
+
+One program takes a *piece*: at most ``piece_blocks`` consecutive blocks inside one group
+(``pieces_per_group`` pieces per group, the last group's surplus pieces empty), and writes
+its partial matrix; the host sums the pieces of a group and divides by its tokens. Means go
+out as ``hi + lo`` in the pass's operand dtype when ``SPLIT_MEANS`` (bf16: the mean enters
+the exponent, and two bf16 terms carry it to about 2^-16), value sums in that dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_statistics_fwd(
+        K, V, KvOffsets, MeansHigh, MeansLow, ValueSums, Partials,
+        stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        num_kv_heads, num_kv_blocks, group_blocks, pieces_per_group, piece_blocks,
+        HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, FIRST_ORDER: tl.constexpr, SPLIT_MEANS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    piece = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2)
+    group = piece // pieces_per_group
+    group_end = tl.minimum((group + 1) * group_blocks, num_kv_blocks)
+    first = group * group_blocks + (piece % pieces_per_group) * piece_blocks
+    last = tl.minimum(first + piece_blocks, group_end)
+    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    stats = (b.to(tl.int64) * num_kv_heads + kv_head) * num_kv_blocks      # this key head's first block
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    operand = ValueSums.dtype.element_ty
+
+    matrix = tl.zeros([HEAD_DIM, HEAD_DIM], tl.float32)
+    for j in range(first, last):
+        start = tl.load(KvOffsets + j)
+        end = tl.load(KvOffsets + j + 1)
+        key_sum = tl.zeros([HEAD_DIM], tl.float32)
+        value_sum = tl.zeros([HEAD_DIM], tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            rows = t0 + offs_t
+            ok = rows < end
+            key_sum += tl.sum(tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None],
+                                      other=0.0).to(tl.float32), 0)
+            value_sum += tl.sum(tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None],
+                                        other=0.0).to(tl.float32), 0)
+        mean = key_sum / (end - start).to(tl.float32)
+        high = mean.to(operand)
+        tl.store(MeansHigh + (stats + j) * HEAD_DIM + offs_d, high)
+        if SPLIT_MEANS:
+            tl.store(MeansLow + (stats + j) * HEAD_DIM + offs_d, (mean - high.to(tl.float32)).to(operand))
+        tl.store(ValueSums + (stats + j) * HEAD_DIM + offs_d, value_sum.to(operand))
+        if FIRST_ORDER:                      # second walk over the block (in cache): centred keys times values
+            for t0 in range(start, end, BLOCK_T):
+                rows = t0 + offs_t
+                ok = rows < end
+                keys = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=ok[:, None], other=0.0)
+                values = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None], other=0.0)
+                centred = tl.where(ok[:, None], keys.to(tl.float32) - mean[None, :], 0.0)
+                matrix = tl.dot(tl.trans(centred), values.to(tl.float32), matrix, input_precision=DOT_PRECISION)
+    if FIRST_ORDER:
+        slot = (b.to(tl.int64) * num_kv_heads + kv_head) * tl.num_programs(0) + piece
+        tl.store(Partials + slot * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], matrix)
