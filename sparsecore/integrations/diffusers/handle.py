@@ -96,7 +96,9 @@ class SparseAttentionHandle:
         return self._planner.last_mask(check_int(layer, "layer", 0))
 
     def timing(self, enabled: bool = True) -> None:
-        """Record the time of every attention call (device events) into ``stats()`` as ``ms``."""
+        """Record the time of every attention call (device events) into ``stats()`` as ``ms``, and each plan's
+        host time as ``plan_ms``. To time a plan alone the device is synchronized before it, so a step runs
+        slower with timing on: time whole steps with it off."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
         self._stats.timing = enabled
