@@ -169,25 +169,36 @@ def generation(method: str, times: dict[str, float]) -> float:
     return sum(count * times[kind] for kind, count in SCHEDULES[VARIANTS.get(method, (method,))[0]])
 
 
-def warm_kernels(model, device: str, dtype: torch.dtype) -> None:
-    """Compile, on small inputs, the kernels a step runs only once (AdaSpa's block-mass pass and the kernel of its
-    64-token masks): the JIT time of a first call is not a step's time. Kernels compile per dtype and head dim,
-    not per length."""
+def video_tokens(model, inputs: dict) -> int:
+    """Tokens of the latent video after patchify (Wan: ``patch_size`` (t, h, w); HunyuanVideo 1.5: ``patch_size``
+    and ``patch_size_t``)."""
+    _, _, frames, height, width = inputs["hidden_states"].shape
+    config = model.config
+    patch = config.patch_size
+    pt, ph, pw = patch if isinstance(patch, (tuple, list)) else (config.get("patch_size_t", 1), patch, patch)
+    return (frames // pt) * (height // ph) * (width // pw)
+
+
+def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype) -> None:
+    """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
+    this length, on one head: the JIT time of a first call is not a step's time, and Triton specializes its
+    kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse."""
     import numpy as np
     from sparsecore.search import block_mass, dense_attention_with_mass
-    heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-    q = torch.randn(1, heads, 1024, dim, device=device, dtype=dtype)
-    offsets = np.arange(0, 1025, 64)
+    tokens, dim = video_tokens(model, inputs), model.config.attention_head_dim
+    q = torch.randn(1, 1, tokens, dim, device=device, dtype=dtype)
+    offsets = np.append(np.arange(0, tokens, 64), tokens)
     block_mass(q, q, offsets, offsets)
     dense_attention_with_mass(q, q, q, offsets, offsets)
-    keep = np.random.default_rng(0).random((heads, 16, 16)) < 0.3
-    sparsecore.compile(sparsecore.BlockMask.from_dense(keep, 1024, 1024, 64), device=device)(q, q, q)
+    blocks = len(offsets) - 1
+    keep = np.random.default_rng(0).random((1, blocks, blocks)) < min(1.0, 16 / blocks)
+    sparsecore.compile(sparsecore.BlockMask.from_dense(keep, tokens, tokens, 64), device=device)(q, q, q)
     synchronize(device)
 
 
 def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, methods: list[str]) -> list[dict]:
     rows, scale = [], case.layers_full / case.layers_run
-    warm_kernels(model, device, model.dtype)
+    warm_kernels(model, inputs, device, model.dtype)
     reset_peak(device)
     dense = [timed_forward(model, inputs, 999.0, device) for _ in range(2)]
     dense_time = dense[1] * scale
