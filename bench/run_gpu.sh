@@ -15,6 +15,7 @@
 #   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
 #   approximation  bench/approximation_benchmark.py: PASA's approximation pass next to the exact kernel
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
+#   memory     bench/memory_profile.py: the live allocations at a PASA / AdaSpa / dense step's peak at 6x
 #   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs (Ulysses, or ring 2 x Ulysses where the heads
 #              do not divide), then the ring alone
 #   pack       everything under $OUT into $OUT/results.tgz (the device tool returns only a few files of $OUT)
@@ -52,6 +53,7 @@ for stage in "$@"; do
     selection) python3 bench/cuda_benchmark.py --out "$OUT" --sizes --no-flashinfer --selection 2>&1 | tail -32 ;;
     approximation) python3 bench/approximation_benchmark.py --out "$OUT" 2>&1 | tail -20 ;;
     e2e) python3 bench/e2e_benchmark.py --out "$OUT" ${E2E_FLAGS:-} ;;
+    memory) for method in pasa adaspa dense; do python3 bench/memory_profile.py --method $method --out "$OUT"; done ;;
     multigpu)
       # NVLink multicast stays off on shared hosts (shared/device KINDS.md)
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

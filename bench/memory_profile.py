@@ -1,0 +1,118 @@
+"""Where a step's peak GPU memory goes: the live allocations at the peak, grouped by the code that made them.
+
+    python bench/memory_profile.py --method pasa --length 6x [--out bench/results]
+
+Builds the e2e benchmark's random-weight Wan 2.1 1.3B at ``--length`` (bf16, one GPU), runs one
+step of ``--method`` (``dense``: diffusers' own attention) to compile its kernels, then records
+PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``) over the next
+step of the same kind. The recorded trace is replayed to the moment of the highest allocated
+total; the blocks alive then are grouped by their innermost frame in this repository (else
+their innermost frame) and listed largest first, with ``max_memory_allocated`` for reference.
+Writes ``memory-<method>-<length>-<date>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from e2e_benchmark import build_model, cases, model_inputs
+
+from sparsecore.integrations import diffusers as sc_diffusers
+
+REPO = str(Path(__file__).resolve().parent.parent)
+STEPS = {"pasa": (12, 13), "lvsa": (22, 23), "adaspa": (10, 11)}   # (a step that compiles, the step recorded)
+
+
+def _replay(trace: list[dict], stop: int | None = None) -> tuple[int, int, dict[int, dict]]:
+    """Blocks allocated within ``trace[:stop]`` and still alive at its end, the bytes they hold at their highest,
+    and the event index of that highest (frees of blocks allocated before the trace are ignored)."""
+    live: dict[int, dict] = {}
+    now = peak = peak_index = 0
+    for index, event in enumerate(trace[:stop]):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            now += event["size"]
+            if now > peak:
+                peak, peak_index = now, index
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            now -= live.pop(event["addr"])["size"]
+    return peak, peak_index, live
+
+
+def peak_blocks(trace: list[dict]) -> tuple[int, list[dict]]:
+    """The highest total of bytes allocated within ``trace`` (the allocator's events, in order) and the
+    ``alloc`` events of the blocks alive at that moment."""
+    peak, index, _ = _replay(trace)
+    return peak, list(_replay(trace, index + 1)[2].values())
+
+
+def origin(event: dict) -> str:
+    """The innermost frame of this repository that made the block (else the innermost frame)."""
+    frames = event.get("frames") or []
+    ours = [f for f in frames if f["filename"].startswith(REPO)]
+    frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+
+
+def step(model, inputs: dict) -> None:
+    with torch.no_grad():
+        model(timestep=torch.tensor([500.0], device="cuda", dtype=model.dtype), **inputs)
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="pasa", choices=["dense", *STEPS],
+                        help="adaspa: its search step compiles, its first reuse step is recorded")
+    parser.add_argument("--length", default="6x", choices=["1x", "2x", "4x", "6x"])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device: the allocator history is CUDA's")
+    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == args.length)
+    model = build_model(case, False, "cuda", torch.bfloat16)
+    inputs = model_inputs(model, case, "cuda", torch.bfloat16)
+    handle = None
+    if args.method != "dense":
+        handle = sc_diffusers.apply(model, method=args.method, device="cuda", num_steps=50)
+        handle.set_step(STEPS[args.method][0])
+    step(model, inputs)                                              # compiles; plans this step's masks
+    if handle is not None:
+        handle.set_step(STEPS[args.method][1])
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    step(model, inputs)
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = [e for device in snapshot["device_traces"] for e in device]
+    peak, live = peak_blocks(trace)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for event in live:
+        groups[origin(event)].append(event["size"])
+    date = datetime.date.today().isoformat()
+    lines = [f"# Peak GPU memory of a {args.method} step, Wan 2.1 1.3B at {args.length} ({date})", "",
+             f"{torch.cuda.get_device_name()}, torch {torch.__version__}; max_memory_allocated "
+             f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; the recorded step's peak "
+             f"{peak / 2**30:.2f} GiB above what was allocated before it (the model's weights, the plans of the "
+             f"step before), over {len(trace)} events.", "",
+             "| made at | blocks | GiB |", "|---|---:|---:|"]
+    for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
+        lines.append(f"| `{where}` | {len(sizes)} | {sum(sizes) / 2**30:.2f} |")
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"memory-{args.method}-{args.length}-{date}.md").write_text(text)
+    print(text)
+    if handle is not None:
+        handle.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
