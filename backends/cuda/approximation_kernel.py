@@ -13,14 +13,14 @@ map (``uint8 [H, MB, NB]``, each row reading its own query block's line).
 Online softmax in base 2, as the exact kernel: ``m`` the running max of ``s q·k̄_j``,
 ``z = Σ |B_j| 2^(score - m)``, ``acc = Σ 2^(score - m) ΣV_j + first-order terms``; every
 quantity (also each group's running weight ``c``) is rescaled when ``m`` grows. Once a
-group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``. Finally the rows
-merge with the exact part by log-sum-exp and overwrite ``Out`` / ``Lse``.
+group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``.
+Finally the rows merge with the exact part by log-sum-exp and overwrite ``Out`` / ``Lse``.
 
 Operands (:mod:`.approximation_launch` picks them per input dtype): the means and value sums
-share one dtype, the group matrices theirs; q is converted to each. For bf16 inputs the
-group matrices and value sums bf16, the means bf16 as ``hi + lo`` (``SPLIT_MEANS``: the mean
-enters the exponent, two bf16 products carry it to about 2^-16); otherwise everything is float32 (tf32 products for fp16, whose range the group matrices may
-exceed; IEEE for float32). Products accumulate in float32.
+share one dtype, the group matrices theirs; q is converted to each. For bf16 inputs all are
+bf16, the means as ``hi + lo`` (``SPLIT_MEANS``: the mean enters the exponent, and two bf16
+products carry it to about 2^-16); otherwise all are float32 (TF32 products for fp16, whose
+range a group matrix may exceed; IEEE for float32). Products accumulate in float32.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ class ApproximationLaunch:
             self.num_groups, scale,
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             FIRST_ORDER=self.first_order, GROUPS_PER_TILE=self.groups_per_tile(config.block_n),
-            SPLIT_MEANS=stats.split, DOT_PRECISION=_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+            SPLIT_MEANS=stats.split, DOT_PRECISION=_precision(q.dtype), num_warps=config.num_warps,
+            num_stages=config.num_stages)
 
     def groups_per_tile(self, block_n: int) -> int:
         """Groups in a tile of ``block_n`` blocks when tiles hold whole groups (at most 4), else 0."""
