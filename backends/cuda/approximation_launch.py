@@ -5,7 +5,9 @@ summaries (k̄_j, ΣV_j and the pieces of H_g), the pieces of each group are sum
 by its tokens (torch, ``[G, D, D]`` per key head), then :func:`.approximation_kernel.approximate_unselected_fwd`
 runs over every (query tile, head, batch element), reading the exact kernel's output and LSE
 and overwriting them with the merged result. Per mask and device, once: the block boundaries,
-the group token counts, the block map as ``uint8 [H, MB, NB]`` and each query token's block.
+the group token counts and each query token's block. The block map ``[H, MB, NB]`` the pass reads
+is scattered from the lists at each call instead of kept (a step's plans are alive for all
+layers at once, and the map of a 12-head mask at 6x is 100 MB; the scatter costs well under 1 ms).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ class _DevicePlan:
     kv_offsets: torch.Tensor        # int64 [NB + 1]
     sizes: torch.Tensor             # float32 [NB]: |B_j|
     group_tokens: torch.Tensor | None   # float32 [G]: T_g (first-order kinds)
-    listed: torch.Tensor            # uint8 [H, MB, NB]
     q_block: torch.Tensor           # int32 [L]
 
 
@@ -81,9 +82,8 @@ class ApproximationLaunch:
             offsets = np.asarray(mask.kv_offsets, dtype=np.int64)
             bounds = group_bounds(mask.num_kv_blocks, mask.unselected)
             group_tokens = None if bounds is None else on_device(np.diff(offsets[bounds]).astype(np.float32), device)
-            self._plans[key] = _DevicePlan(on_device(offsets, device), on_device(np.diff(offsets).astype(np.float32),
-                                                                                 device), group_tokens,
-                                           mask.to(device).to_dense().to(torch.uint8).contiguous(),
+            sizes = on_device(np.diff(offsets).astype(np.float32), device)
+            self._plans[key] = _DevicePlan(on_device(offsets, device), sizes, group_tokens,
                                            query_blocks(mask, device).to(torch.int32))
         return self._plans[key]
 
@@ -118,13 +118,14 @@ class ApproximationLaunch:
         """``out``/``lse``: the exact kernel's result over the listed blocks (contiguous), overwritten."""
         plan = self.plan(q.device)
         stats = self.statistics(k, v, plan)
+        listed = self.mask.to(q.device).to_dense().view(torch.uint8)      # bool -> bytes, no copy
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads = k.shape[1]
         config = self.config_for(q.device)
         grid = (triton.cdiv(q_len, config.block_m), num_heads, batch)
         approximate_unselected_fwd[grid](
             q, out, lse, stats.means_high, stats.means_low, stats.value_sums, plan.sizes,
-            stats.group_matrices, plan.listed, plan.q_block,
+            stats.group_matrices, listed, plan.q_block,
             q.stride(0), q.stride(1), q.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
