@@ -170,12 +170,10 @@ def generation(method: str, times: dict[str, float]) -> float:
 
 
 def video_tokens(model, inputs: dict) -> int:
-    """Tokens of the latent video after patchify (Wan: ``patch_size`` (t, h, w); HunyuanVideo 1.5: ``patch_size``
-    and ``patch_size_t``)."""
+    """Tokens of the latent video after patchify (the model's patch as the integration reads it)."""
+    from sparsecore.integrations.diffusers.models import spec_of
     _, _, frames, height, width = inputs["hidden_states"].shape
-    config = model.config
-    patch = config.patch_size
-    pt, ph, pw = patch if isinstance(patch, (tuple, list)) else (config.get("patch_size_t", 1), patch, patch)
+    pt, ph, pw = spec_of(model).patch(model.config)
     return (frames // pt) * (height // ph) * (width // pw)
 
 

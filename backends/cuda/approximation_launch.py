@@ -24,6 +24,7 @@ from sparsecore.ir.uploads import on_device
 from ..approximation import PIECE_TOKENS, group_bounds, query_blocks
 from .approximation_kernel import approximate_unselected_fwd
 from .statistics_kernel import block_statistics_fwd
+from .triton_config import dot_precision
 
 # 16-bit operands of the pass's products per input dtype (float32 for the rest). bf16 keeps float32's range, so
 # the group matrices cannot overflow; fp16's could (tf32 products then).
@@ -106,7 +107,7 @@ class ApproximationLaunch:
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             num_kv_heads, self.mask.num_kv_blocks, self.group_blocks, self.pieces_per_group, self.piece_blocks,
             HEAD_DIM=head_dim, BLOCK_T=64 if k.device.type == "cuda" else 16, FIRST_ORDER=self.first_order,
-            SPLIT_MEANS=split, DOT_PRECISION=_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4)
+            SPLIT_MEANS=split, DOT_PRECISION=dot_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4)
         matrices = high
         if self.first_order:
             grouped = partials.view(batch, num_kv_heads, self.num_groups, self.pieces_per_group, head_dim, head_dim)
@@ -133,7 +134,7 @@ class ApproximationLaunch:
             self.num_groups, scale,
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             FIRST_ORDER=self.first_order, GROUPS_PER_TILE=self.groups_per_tile(config.block_n),
-            SPLIT_MEANS=stats.split, DOT_PRECISION=_precision(q.dtype), num_warps=config.num_warps,
+            SPLIT_MEANS=stats.split, DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps,
             num_stages=config.num_stages)
 
     def groups_per_tile(self, block_n: int) -> int:
@@ -141,7 +142,3 @@ class ApproximationLaunch:
         whole = self.num_groups > 1 and block_n % self.group_blocks == 0 and block_n // self.group_blocks <= 4
         return block_n // self.group_blocks if whole else 0
 
-
-def _precision(dtype: torch.dtype) -> str:
-    """IEEE float32 products for float32 inputs; tf32 for fp16 (and unused for bf16 operands)."""
-    return "ieee" if dtype == torch.float32 else "tf32"

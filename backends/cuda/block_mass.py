@@ -21,6 +21,7 @@ import torch
 from sparsecore.ir.uploads import on_device
 
 from . import interpreter
+from .triton_config import dot_precision
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 HEAD_DIMS = (16, 32, 64, 128)
@@ -58,7 +59,7 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
         lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
         tile_start.shape[0], scale * LOG2E,
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}))
     return mass
 

@@ -23,6 +23,7 @@ from sparsecore.ir.uploads import on_device
 
 from . import block_mass
 from .block_mass import cut_blocks
+from .triton_config import dot_precision
 
 PIECE = 64                     # keys per piece (the kernel's tiles are 1 or 2 pieces wide)
 SCRATCH_BYTES = 8 << 30
@@ -131,7 +132,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
     q_start, q_end, q_block = cut_blocks(np.asarray(q_offsets, dtype=np.int64), REDUCE_ROWS)
     programs = on_device(np.stack([q_start, q_end, q_block], axis=1).astype(np.int32), q.device)
     descs = (describe(k, config.pieces * PIECE), describe(v, config.pieces * PIECE)) if config.use_tma else (k, v)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = dot_precision(q.dtype)
     for first in range(0, heads, chunk):                # chunks of heads, so the partial sums fit scratch_bytes
         count = min(chunk, heads - first)
         search_attention_fwd[(-(-q_len // config.block_m), count, batch)](

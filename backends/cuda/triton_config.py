@@ -37,6 +37,12 @@ class TritonOptions:
                 raise ValueError(f"{name}: expected a power of two >= 16 (a Triton tile side), got {value}")
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for inputs of ``dtype``: IEEE float32 products for float32 inputs, TF32 for
+    products the kernel takes in float32 from 16-bit inputs (unused where the operands stay 16-bit)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def default_config(head_dim: int, element_size: int, device: torch.device, q_block: int | None = None,
                    kv_block: int | None = None) -> TritonConfig:
     """The tuned tile shape (bench/results/cuda-2026-11-22*), narrowed to 64 for masks of 64-token blocks.

@@ -9,7 +9,7 @@ import torch
 from sparsecore.ir import BlockMask
 
 from .tiling import TileSchedule, schedule_tiles
-from .triton_config import TritonConfig, TritonOptions, default_config
+from .triton_config import TritonConfig, TritonOptions, default_config, dot_precision
 from .triton_kernel import LOG2E, block_sparse_attention_fwd
 
 
@@ -82,7 +82,7 @@ class TritonLaunch:
             num_heads, num_kv_heads, q_len, kv_len, scale * LOG2E,
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=config.warp_specialize,
+            DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=config.warp_specialize,
             num_warps=config.num_warps, num_stages=config.num_stages)
 
 
