@@ -2,11 +2,11 @@
 
     python bench/memory_profile.py --method pasa --length 6x [--out bench/results]
 
-Builds the e2e benchmark's random-weight Wan 2.1 1.3B at ``--length`` (bf16, one GPU), runs one
-step of ``--method`` (``dense``: diffusers' own attention) to compile its kernels, then records
-PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``) over the next
-step of the same kind. The recorded trace is replayed to the moment of the highest allocated
-total; the blocks alive then are grouped by their innermost frame in this repository (else
+Builds the e2e benchmark's random-weight Wan 2.1 1.3B at ``--length`` (bf16, one GPU) and records
+PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``) over two steps of
+``--method`` (``dense``: diffusers' own attention): the first compiles its kernels and plans its
+masks, the second is a step of the kind that repeats (``--steps`` picks them). The recorded trace
+is replayed to the moment of the highest allocated total; the blocks alive then are grouped by their innermost frame in this repository (else
 their innermost frame) and listed largest first, with ``max_memory_allocated`` for reference.
 Writes ``memory-<method>-<length>-<date>.md``.
 """
@@ -26,7 +26,7 @@ from e2e_benchmark import build_model, cases, model_inputs
 from sparsecore.integrations import diffusers as sc_diffusers
 
 REPO = str(Path(__file__).resolve().parent.parent)
-STEPS = {"pasa": (12, 13), "lvsa": (22, 23), "adaspa": (10, 11)}   # (a step that compiles, the step recorded)
+STEPS = {"pasa": (12, 13), "lvsa": (22, 23), "adaspa": (10, 11)}   # (a step that compiles, the next one)
 
 
 def _replay(trace: list[dict], stop: int | None = None) -> tuple[int, int, dict[int, dict]]:
@@ -73,22 +73,25 @@ def main() -> int:
     parser.add_argument("--length", default="6x", choices=["1x", "2x", "4x", "6x"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "SECOND"),
+                        help=f"the two steps recorded (default {STEPS})")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator history is CUDA's")
     case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == args.length)
     model = build_model(case, False, "cuda", torch.bfloat16)
     inputs = model_inputs(model, case, "cuda", torch.bfloat16)
-    handle = None
+    handle, steps = None, args.steps or STEPS.get(args.method, (0, 1))
     if args.method != "dense":
         handle = sc_diffusers.apply(model, method=args.method, device="cuda", num_steps=50)
-        handle.set_step(STEPS[args.method][0])
-    step(model, inputs)                                              # compiles; plans this step's masks
-    if handle is not None:
-        handle.set_step(STEPS[args.method][1])
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-    step(model, inputs)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+    peaks = []
+    for index in steps:
+        if handle is not None:
+            handle.set_step(index)
+        step(model, inputs)
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30)
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = [e for device in snapshot["device_traces"] for e in device]
@@ -99,9 +102,9 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     lines = [f"# Peak GPU memory of a {args.method} step, Wan 2.1 1.3B at {args.length} ({date})", "",
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}; max_memory_allocated "
-             f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; the recorded step's peak "
-             f"{peak / 2**30:.2f} GiB above what was allocated before it (the model's weights, the plans of the "
-             f"step before), over {len(trace)} events.", "",
+             f"{peaks[-1]:.2f} GiB (after step {steps[0]}: {peaks[0]:.2f}); the recorded peak {peak / 2**30:.2f} GiB "
+             f"above what was allocated before step {steps[0]} (the model's weights, inputs), over {len(trace)} "
+             f"events.", "",
              "| made at | blocks | GiB |", "|---|---:|---:|"]
     for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
         lines.append(f"| `{where}` | {len(sizes)} | {sum(sizes) / 2**30:.2f} |")

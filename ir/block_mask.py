@@ -42,6 +42,7 @@ so). ``sparsecore.backends.reference`` is the executable definition.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -157,12 +158,21 @@ class BlockMask:
         return {}
 
     @cached_property
-    def compiled_kernels(self) -> dict:
-        """``sparsecore.compile``'s kernels of this device mask (keyed by device, backend, options).
+    def compiled_kernels(self) -> "weakref.WeakValueDictionary":
+        """``sparsecore.compile``'s kernels of this device mask (keyed by device, backend, options), held weakly.
 
         Device masks are cached by identity, not by content: hashing millions of indices on
-        the host every layer is what the IR on the device avoids.
+        the host every layer is what the IR on the device avoids. A kernel refers to its mask,
+        so a strong reference back would make a cycle that only the garbage collector frees:
+        per-step masks and their tile schedules (hundreds of MB a layer at long lengths) then
+        piled up over steps. A kernel lives as long as its users hold it.
         """
+        return weakref.WeakValueDictionary()
+
+    @cached_property
+    def derived(self) -> dict:
+        """What a lowering derives from this device mask once and keeps with it (a ring rank's cut and
+        kernels); the values must not refer back to this mask (they would make a reference cycle)."""
         return {}
 
     # ------------------------------------------------------------------ shape

@@ -15,8 +15,9 @@ So a kernel never refuses inputs that another registered backend would take.
 
 Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
 across layers and steps compiles once). A device mask, which methods build every layer
-and step, is never hashed: its kernels hang off the mask object itself, so reusing the
-mask (AdaSpa's reuse steps) reuses them and dropping it frees them.
+and step, is never hashed: the mask object itself holds its kernels, weakly (a kernel refers
+to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
+returns that kernel, and dropping the kernel frees it at once.
 """
 
 from __future__ import annotations

@@ -246,3 +246,21 @@ def test_a_named_backend_still_refuses_inputs_it_cannot_take(fake_cuda):
     with pytest.raises(UnsupportedError, match=r"backend 'fake-fast' cannot run these inputs: dtypes: .*float32; "
                                                r"head_dims: supports \[64, 128\], got 32"):
         kernel(q, q, q)
+
+
+def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector():
+    """A device mask holds its kernels weakly (a kernel refers to its mask): while a kernel is held, compiling
+    the mask again returns it; once dropped, mask and kernel are freed by reference counting alone."""
+    import gc
+    import weakref
+    gc.collect()
+    gc.disable()
+    try:
+        device_mask = mask().to("cpu")
+        kernel = sparsecore.compile(device_mask, device="cpu")
+        assert sparsecore.compile(device_mask, device="cpu") is kernel
+        mask_ref, kernel_ref = weakref.ref(device_mask), weakref.ref(kernel)
+        del device_mask, kernel
+        assert mask_ref() is None and kernel_ref() is None
+    finally:
+        gc.enable()

@@ -53,6 +53,19 @@ def test_programs_are_ordered_longest_first(mask):
     assert (np.diff(work) <= 0).all()
 
 
+@given(st.integers(1, 3), st.integers(2, 7), st.integers(1, 64), st.integers(0, 2**32 - 1))
+def test_blocks_of_whole_tiles_have_at_most_one_partial_tile_per_row(tiles_per_block, blocks, last, seed):
+    """Key blocks of whole tiles (64-token blocks, 32-key tiles) but a short last one: the partial lists are
+    sized by the rows, not the kept blocks, and the schedule still covers every kept pair once."""
+    block_n = 32
+    offsets = np.append(np.arange(blocks) * tiles_per_block * block_n, (blocks - 1) * tiles_per_block * block_n + last)
+    keep = np.random.default_rng(seed).random((2, blocks, blocks)) < 0.6
+    mask = BlockMask.from_lists([[np.flatnonzero(row).tolist() for row in head] for head in keep], offsets, offsets)
+    tiles = schedule_tiles(mask.to("cpu"), 16, block_n)
+    assert tiles.partial_start.shape[0] <= 2 * blocks + 1 and tiles.partial_end.shape == tiles.partial_start.shape
+    assert (covered_pairs(mask, 16, block_n) == expand_to_tokens(mask)).all()
+
+
 def test_adjacent_blocks_merge_into_runs_so_only_run_ends_are_partial():
     # frame blocks of 39 tokens: frames 0-2 kept together form one run of 117 tokens
     offsets = np.arange(0, 39 * 6 + 1, 39)

@@ -424,7 +424,9 @@ def test_a_callable_returning_a_wrong_mask_raises():
 
 
 def test_a_run_holds_only_the_current_steps_masks():
-    """Stats and plans must not keep every step's masks and kernels alive (a generation would grow without bound)."""
+    """Stats and plans must not keep every step's masks and kernels alive (a generation would grow without bound),
+    and nothing may wait for the garbage collector to free them: a reference cycle through a mask kept the
+    masks and tile schedules of several steps alive on a GPU (tens of GB at long lengths)."""
     import gc
     import weakref
     model, inputs = tiny_wan(), wan_inputs(batch=1)
@@ -432,13 +434,40 @@ def test_a_run_holds_only_the_current_steps_masks():
                           block_size=32, dense_layers=())
     handle.timing(True)
     seen = []
+    gc.collect()
+    gc.disable()
     try:
         for t in (999.0, 800.0, 600.0, 400.0, 200.0):
             forward(model, inputs, t)
             seen += [weakref.ref(handle.mask(layer)) for layer in range(2) if handle.mask(layer) is not None]
-        gc.collect()
-        alive = [ref for ref in seen if ref() is not None]
+        alive = [ref for ref in seen if ref() is not None]                  # a kernel would keep its mask alive
         assert len(seen) == 6 and len(alive) == 2, (len(seen), len(alive))   # 3 sparse steps x 2 layers; 2 left
         assert all(0 < row["density"] < 1 for row in handle.stats() if row["backend"] != "dense")
     finally:
+        gc.enable()
         handle.remove()
+
+
+def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch):
+    """AdaSpa's mask, searched at a dense step, is compiled and prepared there once; its reuse steps find that
+    kernel (the mask holds it weakly, the plans hold it) instead of compiling and preparing it again."""
+    import sparsecore.kernel as kernel_module
+    made = []
+
+    class Counted(kernel_module.CompiledKernel):
+        def __init__(self, mask, *args, **kwargs):
+            super().__init__(mask, *args, **kwargs)
+            made.append(mask.meta.get("method"))          # not the kernel: holding it here would keep it alive
+
+    monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=5, warmup_steps=2, search_steps=(2,),
+                          sparsity=0.5)
+    try:
+        for t in (999.0, 800.0, 600.0, 400.0, 200.0):
+            forward(model, inputs, t)
+    finally:
+        handle.remove()
+    actions = [(s["step"], s["action"], s["backend"]) for s in handle.stats() if s["layer"] == 0]
+    assert actions[2:] == [(2, "search", "dense"), (3, "reuse", "portable"), (4, "reuse", "portable")]
+    assert made.count("adaspa") == 2          # one kernel per layer, made at the search (and the dense pass's full mask)

@@ -88,16 +88,25 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     full_slot = torch.arange(max_full, device=device)
     full_run = torch.searchsorted(last_full, full_slot, right=True).clamp_(max=nnz - 1)
     full_start = run_begin[full_run] + block_n * (full_slot - (last_full - full_per_run)[full_run])
-    partial_slot = torch.where(has_partial, torch.cumsum(has_partial, 0) - 1, nnz)
-    partial_start = torch.zeros(nnz + 1, dtype=torch.int64, device=device).scatter_(
+    max_partial = _max_partial_tiles(mask, block_n)
+    partial_slot = torch.where(has_partial, torch.cumsum(has_partial, 0) - 1, max_partial)
+    partial_start = torch.zeros(max_partial + 1, dtype=torch.int64, device=device).scatter_(
         0, partial_slot, run_begin + block_n * full_per_run)
-    partial_end = torch.zeros(nnz + 1, dtype=torch.int64, device=device).scatter_(0, partial_slot, run_end)
+    partial_end = torch.zeros(max_partial + 1, dtype=torch.int64, device=device).scatter_(0, partial_slot, run_end)
 
     num_full = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, full_per_run)
     num_partial = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, has_partial.long())
     programs = _programs(mask, block_m, num_full, num_partial)
     to32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return TileSchedule(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
+
+
+def _max_partial_tiles(mask: BlockMask, block_n: int) -> int:
+    """A host bound on the partial tiles: one per run (``nnz``), but when every key block except the last is a
+    whole number of tiles (64-token blocks on 64-key tiles), a run's length is too unless it ends with the last
+    block, which a row lists at most once: one per row. (The lists a step's plans keep alive shrink by 2 x nnz.)"""
+    whole = not (np.diff(mask.kv_offsets)[:-1] % block_n).any()
+    return min(mask.nnz, mask.num_heads * mask.num_q_blocks) if whole else mask.nnz
 
 
 def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,9 @@ class LayerPlan:
     """What one (layer, geometry) runs at one step: ``kernel`` None means dense attention.
 
     ``dense_out``: the output of the dense pass that also gave the search its LSE, handed to
-    the call that planned (later calls of the step run dense attention again).
+    the call that planned (later calls of the step run dense attention again). ``prepared``: the
+    runner of a mask planned at a dense step, prepared for the steps after it and held until then
+    (a mask holds its kernels weakly).
     """
 
     step: int
@@ -89,6 +91,7 @@ class LayerPlan:
     kernel: Any
     record: Record
     dense_out: torch.Tensor | None = None
+    prepared: Any = None
 
 
 @dataclass(frozen=True)
@@ -176,10 +179,12 @@ class Planner:
                  shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> tuple[LayerPlan, bool]:
         """The (layer, geometry)'s plan at ``step`` (made at its first call, counted at the others) and whether
         it was just made. ``seq_len``: the whole sequence's length (valid tokens plus padding)."""
-        plan = self._plans.get((layer, geometry))
-        if plan is not None and plan.step == step:
-            plan.record.fields["calls"] += 1
-            return plan, False
+        previous = self._plans.get((layer, geometry))
+        if previous is not None and previous.step == step:
+            previous.record.fields["calls"] += 1
+            return previous, False
+        # ``previous`` stays referenced until the new plan is made: a mask the method reuses (AdaSpa's reuse
+        # steps) holds its kernels weakly, so its kernel is found, not compiled again, only while still held.
         plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard, like, io),
                                      like.device)
         return plan, True
@@ -210,7 +215,8 @@ class Planner:
                                  lse=lse, mass=mass, heads=shard)
         run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
-            io.prepare(io.runner(run_mask))
+            plan.prepared = io.runner(run_mask)
+            io.prepare(plan.prepared)
         elif not (plan.mask.on_host and plan.mask.density() >= 1.0):     # a full mask runs the dense path
             plan.kernel = io.runner(run_mask)
         return plan

@@ -94,9 +94,9 @@ class ShardedAttention:
         """The cut of ``mask`` for this rank, made once per mask (collective: every rank asks for the same masks)."""
         planner = self.planner
         key = ("ring", ring.world, ring.rank, video, planner.device, planner.backend)
-        found = mask.compiled_kernels.get(key)
+        found = mask.derived.get(key)
         if found is None:
-            found = mask.compiled_kernels[key] = ring_attention.plan_work(mask, ring, video, planner.device,
+            found = mask.derived[key] = ring_attention.plan_work(mask, ring, video, planner.device,
                                                                           planner.backend, like)
         return found
 
