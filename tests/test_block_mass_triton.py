@@ -71,7 +71,8 @@ def test_fused_search_pass_matches_float64(triton_device, q_offsets, kv_offsets,
     k, v = (torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
             for _ in range(2))
     config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
-    scratch = 1 if one_head_chunks else search_attention.SCRATCH_BYTES          # 1 byte: one head per launch
+    one_head = batch * search_attention.piece_layout(kv_offsets, pieces).num_pieces * q.shape[2] * 4
+    scratch = one_head if one_head_chunks else search_attention.SCRATCH_BYTES    # one head's partial sums per launch
     on_device = (x.to(triton_device) for x in (q, k, v))
     out, lse, mass = search_attention.run(*on_device, q_offsets, kv_offsets, sign * head_dim ** -0.5, config=config,
                                           scratch_bytes=scratch)
@@ -132,9 +133,63 @@ def test_fused_search_pass_splits_full_tiles_into_their_two_blocks(triton_device
     np.testing.assert_allclose(mass.double().cpu().numpy(), want, rtol=1e-5, atol=1e-9)
 
 
-def test_the_fused_pass_refuses_lengths_whose_partial_sums_do_not_fit(triton_device):
+def test_the_fused_pass_takes_lengths_whose_partial_sums_exceed_the_scratch_limit(triton_device):
     q = torch.zeros(1, 1, 1, 16, dtype=torch.float16, device=triton_device).expand(1, 1, 1 << 19, 16)   # no memory
     offsets = np.array([0, 1 << 19])
-    reason = search_attention.supports(q, q, q, offsets, offsets)
-    assert reason is not None and "GiB" in reason and "scratch" in reason          # the search then runs two passes
-    assert search_attention.supports(q[:, :, :4096], q[:, :, :4096], q[:, :, :4096], [0, 4096], [0, 4096]) is None
+    assert search_attention.supports(q, q, q, offsets, offsets) is None      # a head's partial sums: 16 GiB
+    pieces = search_attention.piece_layout(offsets, 2).num_pieces
+    assert search_attention.scratch_chunks(1, 1, pieces, 1 << 19, 128, search_attention.SCRATCH_BYTES) == (1, 1 << 15)
+
+
+@st.composite
+def rows_cut_inside_tiles(draw, tile):
+    """Query block offsets of arbitrary lengths over several ``tile``-row tiles, no edge on a tile's edge."""
+    length = draw(st.integers(4 * tile + 1, 7 * tile + 20))     # over two tiles and their slack
+    cuts = draw(st.lists(st.integers(1, length - 1).filter(lambda c: c % tile != 0), max_size=12, unique=True))
+    return np.array([0, *sorted(cuts), length], dtype=np.int64)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows_cut_inside_tiles(32), offsets(ANY, "kv"), st.sampled_from([(2, 1), (4, 2), (3, 1)]),
+       st.sampled_from(["float32", "float16"]), st.sampled_from([1, 2]), st.integers(1, 2), st.integers(0, 1000),
+       st.sampled_from([1.0, -1.0]), st.integers(0, 2**32 - 1))
+def test_fused_search_pass_in_row_chunks_matches_float64(triton_device, q_offsets, kv_offsets, heads, dtype, pieces,
+                                                         tiles, slack, sign, seed):
+    """Row chunks of one or two 32-row tiles, whose edges cut query blocks and reduce programs."""
+    batch, head_dim, block_m = 2, 16, 32
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
+    k, v = (torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
+            for _ in range(2))
+    config = search_attention.SearchConfig(block_m, pieces, 4, 1, use_tma=False)
+    num_pieces = search_attention.piece_layout(kv_offsets, pieces).num_pieces
+    scratch = tiles * batch * num_pieces * block_m * 4 + slack % (batch * num_pieces * block_m * 4)   # a few KB
+    head_chunk, row_chunk = search_attention.scratch_chunks(batch, heads[0], num_pieces, q.shape[2], block_m, scratch)
+    assert head_chunk == 1 and row_chunk in (block_m, 2 * block_m) and row_chunk < q.shape[2]
+    on_device = (x.to(triton_device) for x in (q, k, v))
+    out, lse, mass = search_attention.run(*on_device, q_offsets, kv_offsets, sign * head_dim ** -0.5, config=config,
+                                          scratch_bytes=scratch)
+    want_out, want_lse = dense_float64(sign * q, k, v)                  # a negative scale: the scores of -q
+    want_mass = mass_float64(sign * q, k, q_offsets, kv_offsets)
+    got_mass = mass.double().cpu().numpy()
+    tolerance = 1e-5 if dtype == "float32" else 2e-3
+    assert np.linalg.norm(got_mass - want_mass) <= tolerance * np.linalg.norm(want_mass)
+    np.testing.assert_allclose(got_mass.sum(axis=3), np.broadcast_to(np.diff(q_offsets), got_mass.shape[:3]),
+                               rtol=tolerance)                       # every row counted once: row sums = block sizes
+    assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
+    assert (out.double().cpu() - want_out).norm() <= tolerance * want_out.norm()
+
+
+@given(st.integers(1, 4), st.integers(1, 48), st.integers(1, 5000), st.integers(1, 300_000),
+       st.sampled_from([16, 32, 64, 128]), st.one_of(st.integers(1, 1 << 20), st.integers(1, 1 << 36)))
+def test_scratch_chunks_keep_the_partial_sums_within_the_limit(batch, heads, num_pieces, q_len, block_m, scratch):
+    head_chunk, row_chunk = search_attention.scratch_chunks(batch, heads, num_pieces, q_len, block_m, scratch)
+    per_row = batch * num_pieces * 4                                    # bytes of one row of one head
+    assert batch * head_chunk * num_pieces * row_chunk * 4 <= max(scratch, per_row * block_m)   # partial's bytes
+    assert 1 <= head_chunk <= heads and 1 <= row_chunk <= q_len
+    if per_row * q_len <= scratch:                                      # whole heads, as many as fit
+        assert row_chunk == q_len and head_chunk == min(heads, scratch // (per_row * q_len))
+    else:                                                               # one head, rows in whole tiles
+        assert head_chunk == 1 and (row_chunk % block_m == 0 or row_chunk == q_len < block_m)
+        most_rows = max(1, scratch // (per_row * block_m)) * block_m
+        assert -(-q_len // row_chunk) == -(-q_len // most_rows)         # as few row chunks as fit

@@ -5,9 +5,12 @@ The host side of :mod:`.search_attention_kernel` (read its docstring for the met
 ``TritonBackend.block_mass.with_output`` where it takes the inputs; elsewhere the search
 step is cuDNN's dense pass then the block-mass pass (:mod:`.block_mass`) on its LSE.
 
-Memory: the partial sums are one float32 per (row, key piece) of a head: ``L_q * L_kv / 64``
-floats, 2.2 GB per head at Wan 2.1's 6x length (188,760 tokens). Heads run in chunks whose
-partial sums fit ``scratch_bytes`` (one launch pair per chunk; at least one head per chunk).
+Memory: the scratch holds the partial sums, one float32 per (row, key piece) of a head and
+batch element: ``L_q * L_kv / 64`` floats, 2.2 GB per head at Wan 2.1's 6x length (188,760
+tokens). They run in chunks of heads x rows that fit ``scratch_bytes`` (1 GiB by default; one
+launch pair per chunk, :func:`scratch_chunks`): whole heads while one fits, else one head at a
+time in even row chunks of whole ``block_m`` tiles. At 6x (batch 1, 128-row tiles) a head runs in
+3 chunks of 62,976 rows: 0.69 GiB of scratch. Any length runs, with at least one tile of rows a chunk.
 Under ``TRITON_INTERPRET=1`` it runs on CPU tensors inside the Triton backend's emulator
 (how CI tests it against a float64 oracle).
 """
@@ -15,6 +18,7 @@ Under ``TRITON_INTERPRET=1`` it runs on CPU tensors inside the Triton backend's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import numpy as np
 import torch
@@ -26,7 +30,7 @@ from .block_mass import cut_blocks
 from .triton_config import dot_precision
 
 PIECE = 64                     # keys per piece (the kernel's tiles are 1 or 2 pieces wide)
-SCRATCH_BYTES = 8 << 30
+SCRATCH_BYTES = 1 << 30       # a target for the partial sums (at least one tile of rows runs)
 REDUCE_ROWS, REDUCE_PIECES = 64, 64
 
 
@@ -98,19 +102,31 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.nd
     reason = block_mass.supports(q, k, q_offsets, kv_offsets)
     if reason is None and (v.dtype != q.dtype or v.shape != k.shape):
         reason = f"v: expected {q.dtype} {list(k.shape)} like k, got {v.dtype} {list(v.shape)}"
-    pieces = int((-(-np.diff(np.asarray(kv_offsets, dtype=np.int64)) // PIECE)).sum())
-    per_head = q.shape[0] * pieces * q.shape[2] * 4
-    if reason is None and per_head > SCRATCH_BYTES:
-        reason = (f"one head's partial sums would take {per_head / 2**30:.1f} GiB, over the {SCRATCH_BYTES >> 30} GiB "
-                  f"scratch limit")
     return reason
+
+
+def scratch_chunks(batch: int, heads: int, num_pieces: int, q_len: int, block_m: int,
+                   scratch_bytes: int) -> tuple[int, int]:
+    """(heads, rows) per launch pair, so the partial sums ``batch * heads * num_pieces * rows * 4`` bytes fit
+    ``scratch_bytes``: whole heads while one fits, else one head in as few even row chunks of whole ``block_m``
+    tiles as fit. At least one tile of rows (the limit is then a target: ``batch * num_pieces * block_m * 4``)."""
+    per_row = batch * num_pieces * 4
+    if per_row * q_len <= scratch_bytes:
+        return max(1, min(heads, scratch_bytes // max(1, per_row * q_len))), max(1, q_len)
+    tiles = max(1, scratch_bytes // (per_row * block_m))           # tiles of rows that fit
+    chunks = -(-q_len // (tiles * block_m))
+    return 1, min(q_len, -(-q_len // (chunks * block_m)) * block_m)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray,
         scale: float, *, config: SearchConfig | None = None,
         scratch_bytes: int = SCRATCH_BYTES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense attention ``out [B, H, L_q, D]``, its natural-log LSE float32 ``[B, H, L_q]`` and the block masses
-    float32 ``[B, H, MB, NB]`` of ``q_offsets`` x ``kv_offsets`` blocks, from one pass over the scores."""
+    float32 ``[B, H, MB, NB]`` of ``q_offsets`` x ``kv_offsets`` blocks, from one pass over the scores.
+
+    ``scratch_bytes``: a target for the partial sums, run in chunks of heads x rows (:func:`scratch_chunks`);
+    a chunk holds at least one ``config.block_m`` tile of rows of one head.
+    """
     from .search_attention_kernel import piece_mass_fwd, search_attention_fwd
     from .triton_kernel import LOG2E
     from .triton_launch import describe
@@ -119,35 +135,40 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
     q, k, v = (t.contiguous() for t in (q, k, v))
     config = config or default_config(q)
     layout = piece_layout(kv_offsets, config.pieces)
-    per_head = batch * layout.num_pieces * q_len * 4
-    chunk = int(max(1, min(heads, scratch_bytes // per_head)))
+    head_chunk, row_chunk = scratch_chunks(batch, heads, layout.num_pieces, q_len, config.block_m, scratch_bytes)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
-    partial = torch.empty(batch, chunk, layout.num_pieces, q_len, dtype=torch.float32, device=q.device)
+    partial = torch.empty(batch, head_chunk, layout.num_pieces, row_chunk, dtype=torch.float32, device=q.device)
     padded = lambda a: on_device(np.r_[a, 0].astype(np.int32), q.device)  # noqa: E731  (never empty)
     tiles = [padded(a) for a in (layout.full_start, layout.full_piece, layout.solo_start, layout.solo_end,
                                  layout.solo_piece)]
     piece_block = padded(layout.piece_block)
     q_start, q_end, q_block = cut_blocks(np.asarray(q_offsets, dtype=np.int64), REDUCE_ROWS)
     programs = on_device(np.stack([q_start, q_end, q_block], axis=1).astype(np.int32), q.device)
+    row_starts = np.arange(0, q_len, row_chunk)
+    row_ends = np.minimum(row_starts + row_chunk, q_len)
+    row_chunks = list(zip(row_starts.tolist(), row_ends.tolist(),      # and the reduce programs that overlap each
+                          np.searchsorted(q_end, row_starts, side="right").tolist(),   # (sorted by rows: a range)
+                          np.searchsorted(q_start, row_ends).tolist()))
     descs = (describe(k, config.pieces * PIECE), describe(v, config.pieces * PIECE)) if config.use_tma else (k, v)
     precision = dot_precision(q.dtype)
-    for first in range(0, heads, chunk):                # chunks of heads, so the partial sums fit scratch_bytes
-        count = min(chunk, heads - first)
-        search_attention_fwd[(-(-q_len // config.block_m), count, batch)](
+    for first, (row_start, row_end, first_program, end_program) in product(range(0, heads, head_chunk), row_chunks):
+        count = min(head_chunk, heads - first)          # chunks of heads x rows, so the partial sums fit scratch_bytes
+        search_attention_fwd[(-(-(row_end - row_start) // config.block_m), count, batch)](
             q, k, v, out, lse, partial, *descs, *tiles,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
-            kv_heads, q_len, kv_len, len(layout.full_start), len(layout.solo_start), first, scale * LOG2E,
+            kv_heads, row_start, row_end, kv_len, len(layout.full_start), len(layout.solo_start), first, scale * LOG2E,
             GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, PIECES=config.pieces,
             USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0, DOT_PRECISION=precision, num_warps=config.num_warps,
             num_stages=config.num_stages)
-        piece_mass_fwd[(programs.shape[0], count, batch)](
+        piece_mass_fwd[(end_program - first_program, count, batch)](
             partial, lse, mass, programs, piece_block,
             partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-            mass.stride(0), mass.stride(1), mass.stride(2), layout.num_pieces, first,
+            mass.stride(0), mass.stride(1), mass.stride(2), layout.num_pieces, first, first_program, row_start,
+            row_end,
             BLOCK_R=REDUCE_ROWS, BLOCK_P=REDUCE_PIECES, num_warps=4)
     return out, lse, mass
 

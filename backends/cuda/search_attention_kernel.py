@@ -19,6 +19,10 @@ tile whose first piece's sum is a masked row sum and whose second is the rest of
 to float32 rounding of the tile's row sum, 2^-23 of it, and clamped at 0). Every other piece
 (a short block's, or one left over) runs alone as a masked tile. Rows are cut into ``BLOCK_M`` tiles with no
 regard to query blocks: the partial sums are per row.
+
+Both kernels take a chunk of rows ``[row_start, row_end)`` (the host bounds the partial sums'
+memory by chunks of heads and rows): the partial sums hold only the chunk's rows, at ``row - row_start``;
+a query block cut by a chunk edge adds its two parts to its masses in two launches (atomic adds).
 """
 
 from __future__ import annotations
@@ -41,18 +45,19 @@ def search_attention_fwd(
         FullStart, FullPiece, SoloStart, SoloEnd, SoloPiece,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_pb, stride_ph, stride_pp,
-        num_kv_heads, q_len, kv_len, num_full, num_solo, head_offset, qk_scale,
+        num_kv_heads, row_start, row_end, kv_len, num_full, num_solo, head_offset, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PIECES: tl.constexpr,
         USE_TMA: tl.constexpr, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Output, LSE and partial sums of ``BLOCK_M`` rows of the chunk ``[row_start, row_end)``."""
     BLOCK_N: tl.constexpr = PIECES * 64
     chunk_head = tl.program_id(1)
     b = tl.program_id(2)
     head = head_offset + chunk_head
     kv_head = head // GROUP
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)      # absolute rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
+    row_ok = offs_m < row_end
     q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     k_ptrs = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn \
@@ -60,7 +65,7 @@ def search_attention_fwd(
     v_ptrs = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn \
         + offs_d[None, :]
     kv_row0 = (b * num_kv_heads + kv_head) * kv_len if USE_TMA else 0
-    partial = Partial + b.to(tl.int64) * stride_pb + chunk_head.to(tl.int64) * stride_ph + offs_m
+    partial = Partial + b.to(tl.int64) * stride_pb + chunk_head.to(tl.int64) * stride_ph + (offs_m - row_start)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -115,9 +120,13 @@ def search_attention_fwd(
 @triton.jit
 def piece_mass_fwd(Partial, Lse, Mass, Programs, PieceBlock,
                    stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
-                   num_pieces, head_offset, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Add ``exp2(a - lse2)`` of one query tile's rows (inside one query block) into that block's masses."""
-    pid = tl.program_id(0)
+                   num_pieces, head_offset, program_offset, row_start, row_end,
+                   BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Add ``exp2(a - lse2)`` of one query tile's rows (inside one query block) into that block's masses.
+
+    Only the tile's rows inside the chunk ``[row_start, row_end)`` whose partial sums ``Partial`` holds.
+    """
+    pid = program_offset + tl.program_id(0)
     chunk_head = tl.program_id(1)
     b = tl.program_id(2)
     head = head_offset + chunk_head
@@ -125,11 +134,11 @@ def piece_mass_fwd(Partial, Lse, Mass, Programs, PieceBlock,
     q_end = tl.load(Programs + pid * 3 + 1)
     q_block = tl.load(Programs + pid * 3 + 2)
     offs_r = q_start + tl.arange(0, BLOCK_R)
-    row_ok = offs_r < q_end
+    row_ok = (offs_r >= row_start) & (offs_r < tl.minimum(q_end, row_end))
     lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_r, mask=row_ok,
                   other=float("inf"))
     lse2 = tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))
-    rows = Partial + b.to(tl.int64) * stride_pb + chunk_head.to(tl.int64) * stride_ph + offs_r[None, :]
+    rows = Partial + b.to(tl.int64) * stride_pb + chunk_head.to(tl.int64) * stride_ph + (offs_r - row_start)[None, :]
     mass_row = Mass + b.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mi
     for first in range(0, num_pieces, BLOCK_P):
         offs_p = first + tl.arange(0, BLOCK_P)
