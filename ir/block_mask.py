@@ -135,44 +135,35 @@ class BlockMask:
         if self.device == device:
             return self
         key = str(device)
-        if key not in self._copies:
+        if key not in self.derived:
             put = lambda a: (torch.from_numpy(np.array(a)) if self.on_host else a).to(device)  # noqa: E731
-            self._copies[key] = BlockMask.unchecked(
+            self.derived[key] = BlockMask.unchecked(
                 self.num_heads, self.q_offsets, self.kv_offsets, put(self.indptr).to(torch.int32),
                 put(self.indices).to(torch.int32), put(self.budgets).to(torch.float64), self.meta, self.unselected)
-        return self._copies[key]
+        return self.derived[key]
 
     def to_host(self) -> "BlockMask":
         """This mask with NumPy lists (one device-to-host copy for a device mask, memoized)."""
         if self.on_host:
             return self
-        if "host" not in self._copies:
+        if "host" not in self.derived:
             host = lambda t: v.frozen(t.detach().cpu().numpy())  # noqa: E731
-            self._copies["host"] = BlockMask.unchecked(self.num_heads, self.q_offsets, self.kv_offsets,
+            self.derived["host"] = BlockMask.unchecked(self.num_heads, self.q_offsets, self.kv_offsets,
                                                        host(self.indptr), host(self.indices), host(self.budgets),
                                                        self.meta, self.unselected)
-        return self._copies["host"]
-
-    @cached_property
-    def _copies(self) -> dict[str, "BlockMask"]:
-        return {}
+        return self.derived["host"]
 
     @cached_property
     def compiled_kernels(self) -> "weakref.WeakValueDictionary":
-        """``sparsecore.compile``'s kernels of this device mask (keyed by device, backend, options), held weakly.
-
-        Device masks are cached by identity, not by content: hashing millions of indices on
-        the host every layer is what the IR on the device avoids. A kernel refers to its mask,
-        so a strong reference back would make a cycle that only the garbage collector frees:
-        per-step masks and their tile schedules (hundreds of MB a layer at long lengths) then
-        piled up over steps. A kernel lives as long as its users hold it.
-        """
+        """``sparsecore.compile``'s kernels of this device mask (by device, backend, options), cached by identity
+        (hashing millions of indices every layer is what the IR on the device avoids) and held weakly: a kernel
+        refers to its mask, and a cycle would wait for the garbage collector (steps' plans piled up on GPUs)."""
         return weakref.WeakValueDictionary()
 
     @cached_property
     def derived(self) -> dict:
-        """What a lowering derives from this device mask once and keeps with it (a ring rank's cut and
-        kernels); the values must not refer back to this mask (they would make a reference cycle)."""
+        """What is derived once and kept with this mask (its copies on other devices, a ring rank's cut); nothing
+        in it may refer back to the mask."""
         return {}
 
     # ------------------------------------------------------------------ shape
