@@ -8,11 +8,11 @@ all rows in one run, median of 3 after a warm-up:
 - ``dense``: cuDNN's dense attention with its LSE (what a dense step's layer costs);
 - ``two passes``: that, then the Triton block-mass pass on its LSE (the first search step before);
 - ``fused (...)``: :func:`sparsecore.backends.cuda.search_attention.run`, output + LSE + masses
-  from one pass, for several tile configs (the default first);
+  from one pass, for several tile configs and scratch limits of its partial sums (the default first);
 - ``cached search pass``: the block-mass pass alone on a cached LSE (a later search step's extra
   work), for several launch configs (the default first).
 
-Also checked, per length: the fused pass's masses against the two-pass masses and its output against
+Each row also reports the memory its call allocates beyond its inputs at its peak. Also checked, per length: the fused pass's masses against the two-pass masses and its output against
 cuDNN's (relative L2), and whether AdaSpa selects the same blocks from either. Writes
 ``search-step-<date>.json`` and ``.md`` to ``--out``.
 """
@@ -39,7 +39,8 @@ from sparsecore.timing import median_seconds
 
 LENGTHS = {"1x": VideoGeometry(21, 30, 52), "2x": VideoGeometry(41, 30, 52), "6x": VideoGeometry(121, 30, 52)}
 HEADS, HEAD_DIM = 12, 128
-FUSED = [None, SearchConfig(128, 2, 8, 3, True), SearchConfig(128, 2, 8, 2, False)]   # 4 stages: over shared memory
+FUSED = [(None, search_attention.SCRATCH_BYTES), (None, 8 << 30), (None, 4 << 30), (None, 2 << 30),
+         (SearchConfig(128, 2, 8, 3, True), search_attention.SCRATCH_BYTES)]     # 4 stages: over shared memory
 CACHED = [(mass_pass.NUM_WARPS, None), (4, 4)]
 
 
@@ -57,8 +58,13 @@ def run(label: str) -> list[dict]:
     rows = []
 
     def add(kind: str, fn, **extra) -> None:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         seconds = median_seconds(fn, "cuda", warmup=1, repeats=3)
-        rows.append({"length": label, "tokens": geometry.tokens, "kind": kind, "ms": seconds * 1e3, **extra})
+        extra_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+        rows.append({"length": label, "tokens": geometry.tokens, "kind": kind, "ms": seconds * 1e3,
+                     "extra_gib": extra_gib, **extra})
         print(f"{label} {kind:60s} {seconds * 1e3:9.2f} ms", flush=True)
 
     dense_out, lse = dense_attention(q, k, v)
@@ -69,18 +75,20 @@ def run(label: str) -> list[dict]:
     add("dense (sparsecore's Triton kernel, full mask, with LSE)", lambda: full(q, k, v, return_lse=True))
     add("two passes (cuDNN dense + block-mass pass)",
         lambda: mass_pass.run(q, k, offsets, offsets, dense_attention(q, k, v)[1], scale))
-    for config in FUSED:
+    for config, scratch in FUSED:
         name = "default" if config is None else (f"block_m {config.block_m}, {config.pieces * 64} keys, "
                                                  f"{config.num_warps} warps, {config.num_stages} stages, "
                                                  f"{'TMA' if config.use_tma else 'pointers'}")
-        out, fused_lse, mass = search_attention.run(q, k, v, offsets, offsets, scale, config=config)
+        name += f", scratch {scratch / 2**30:g} GiB"
+        out, fused_lse, mass = search_attention.run(q, k, v, offsets, offsets, scale, config=config,
+                                                    scratch_bytes=scratch)
         checks = {"mass_vs_two_pass": relative(mass, two_pass), "out_vs_cudnn": relative(out, dense_out),
                   "lse_max_abs_diff": float((fused_lse - lse).abs().max())}
-        if config is None:
+        if config is None and scratch == search_attention.SCRATCH_BYTES:
             checks["same_adaspa_mask"] = same_mask(geometry, mass, two_pass, fused_lse)
         del out, fused_lse, mass
-        add(f"fused ({name})", lambda c=config: search_attention.run(q, k, v, offsets, offsets, scale, config=c),
-            **checks)
+        add(f"fused ({name})", lambda c=config, b=scratch: search_attention.run(q, k, v, offsets, offsets, scale,
+                                                                                config=c, scratch_bytes=b), **checks)
     for warps, stages in CACHED:
         add(f"cached search pass ({warps} warps, {stages or 'default'} stages)",
             lambda w=warps, s=stages: mass_pass.run(q, k, offsets, offsets, lse, scale, num_warps=w, num_stages=s))
@@ -103,13 +111,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}. Wan 2.1 1.3B layer: {HEADS} heads x "
              f"{HEAD_DIM}, bf16, 480x832, 64-token blocks; median of 3 after a warm-up, all rows in one run. "
              "`bench/search_step.py`.", "",
-             "| length | tokens | kind | ms | x dense | masses vs two passes | out vs cuDNN | same AdaSpa rows |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| length | tokens | kind | ms | x dense | GiB allocated | masses vs two passes | out vs cuDNN | "
+             "same AdaSpa rows |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[key]:.1e}" if key in r else "" for key in ("mass_vs_two_pass", "out_vs_cudnn")]
         same = f"{r['same_adaspa_mask']:.4f}" if "same_adaspa_mask" in r else ""
         lines.append(f"| {r['length']} | {r['tokens']:,} | {r['kind']} | {r['ms']:.1f} | {r['vs_dense']:.2f} | "
-                     f"{cells[0]} | {cells[1]} | {same} |")
+                     f"{r['extra_gib']:.2f} | {cells[0]} | {cells[1]} | {same} |")
     return "\n".join(lines) + "\n"
 
 
