@@ -181,17 +181,17 @@ def video_tokens(model, inputs: dict) -> int:
 
 def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype) -> None:
     """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
-    this length, on one head: the JIT time of a first call is not a step's time, and Triton specializes its
+    this length and head count: the JIT time of a first call is not a step's time, and Triton specializes its
     kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse."""
     import numpy as np
     from sparsecore.search import block_mass, dense_attention_with_mass
     tokens, dim = video_tokens(model, inputs), model.config.attention_head_dim
-    q = torch.randn(1, 1, tokens, dim, device=device, dtype=dtype)
+    q = torch.randn(1, model.config.num_attention_heads, tokens, dim, device=device, dtype=dtype)
     offsets = np.append(np.arange(0, tokens, 64), tokens)
     block_mass(q, q, offsets, offsets)
     dense_attention_with_mass(q, q, q, offsets, offsets)
     blocks = len(offsets) - 1
-    keep = np.random.default_rng(0).random((1, blocks, blocks)) < min(1.0, 16 / blocks)
+    keep = np.random.default_rng(0).random((q.shape[1], blocks, blocks)) < min(1.0, 16 / blocks)
     sparsecore.compile(sparsecore.BlockMask.from_dense(keep, tokens, tokens, 64), device=device)(q, q, q)
     synchronize(device)
 

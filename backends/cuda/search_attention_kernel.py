@@ -39,7 +39,9 @@ def _log_sum(sums, m_new):
     return tl.where(sums > 0.0, m_new + tl.math.log2(tl.where(sums > 0.0, sums, 1.0)), float("-inf"))
 
 
-@triton.jit
+# Offsets that change from launch to launch of one call (chunks of heads and rows) are not specialized on (Triton
+# would compile a variant for each value that is 1 or divisible by 16, inside a timed search step).
+@triton.jit(do_not_specialize=["row_start", "row_end", "head_offset"])
 def search_attention_fwd(
         Q, K, V, Out, Lse, Partial, desc_k, desc_v,
         FullStart, FullPiece, SoloStart, SoloEnd, SoloPiece,
@@ -117,7 +119,7 @@ def search_attention_fwd(
              (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)                       # natural log
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["head_offset", "program_offset", "row_start", "row_end"])
 def piece_mass_fwd(Partial, Lse, Mass, Programs, PieceBlock,
                    stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
                    num_pieces, head_offset, program_offset, row_start, row_end,
