@@ -66,21 +66,29 @@ def dense_float64(q, k, v):
        st.booleans(), st.sampled_from([1.0, -1.0]), st.integers(0, 2**32 - 1))
 def test_fused_search_pass_matches_float64(triton_device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, pieces,
                                            one_head_chunks, sign, seed):
+    config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
+    one_head = batch * search_attention.piece_layout(kv_offsets, pieces).num_pieces * int(q_offsets[-1]) * 4
+    scratch = one_head if one_head_chunks else search_attention.SCRATCH_BYTES    # one head's partial sums per launch
+    assert_fused_pass_matches_float64(triton_device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, sign, seed,
+                                      config, scratch)
+
+
+def assert_fused_pass_matches_float64(device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, sign, seed, config,
+                                      scratch):
+    """Random q, k, v; the fused pass's output, LSE and masses against float64, every row's mass counted once."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
     k, v = (torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
             for _ in range(2))
-    config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
-    one_head = batch * search_attention.piece_layout(kv_offsets, pieces).num_pieces * q.shape[2] * 4
-    scratch = one_head if one_head_chunks else search_attention.SCRATCH_BYTES    # one head's partial sums per launch
-    on_device = (x.to(triton_device) for x in (q, k, v))
-    out, lse, mass = search_attention.run(*on_device, q_offsets, kv_offsets, sign * head_dim ** -0.5, config=config,
-                                          scratch_bytes=scratch)
+    out, lse, mass = search_attention.run(*(x.to(device) for x in (q, k, v)), q_offsets, kv_offsets,
+                                          sign * head_dim ** -0.5, config=config, scratch_bytes=scratch)
     want_out, want_lse = dense_float64(sign * q, k, v)                  # a negative scale: the scores of -q
     want_mass = mass_float64(sign * q, k, q_offsets, kv_offsets)
     got_mass = mass.double().cpu().numpy()
     tolerance = 1e-5 if dtype == "float32" else 2e-3
     assert np.linalg.norm(got_mass - want_mass) <= tolerance * np.linalg.norm(want_mass)
+    np.testing.assert_allclose(got_mass.sum(axis=3), np.broadcast_to(np.diff(q_offsets), got_mass.shape[:3]),
+                               rtol=tolerance)                       # every row counted once: row sums = block sizes
     assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
     assert (out.double().cpu() - want_out).norm() <= tolerance * want_out.norm()
 
@@ -157,27 +165,14 @@ def test_fused_search_pass_in_row_chunks_matches_float64(triton_device, q_offset
                                                          tiles, slack, sign, seed):
     """Row chunks of one or two 32-row tiles, whose edges cut query blocks and reduce programs."""
     batch, head_dim, block_m = 2, 16, 32
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
-    k, v = (torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen).to(getattr(torch, dtype))
-            for _ in range(2))
     config = search_attention.SearchConfig(block_m, pieces, 4, 1, use_tma=False)
     num_pieces = search_attention.piece_layout(kv_offsets, pieces).num_pieces
     scratch = tiles * batch * num_pieces * block_m * 4 + slack % (batch * num_pieces * block_m * 4)   # a few KB
-    head_chunk, row_chunk = search_attention.scratch_chunks(batch, heads[0], num_pieces, q.shape[2], block_m, scratch)
-    assert head_chunk == 1 and row_chunk in (block_m, 2 * block_m) and row_chunk < q.shape[2]
-    on_device = (x.to(triton_device) for x in (q, k, v))
-    out, lse, mass = search_attention.run(*on_device, q_offsets, kv_offsets, sign * head_dim ** -0.5, config=config,
-                                          scratch_bytes=scratch)
-    want_out, want_lse = dense_float64(sign * q, k, v)                  # a negative scale: the scores of -q
-    want_mass = mass_float64(sign * q, k, q_offsets, kv_offsets)
-    got_mass = mass.double().cpu().numpy()
-    tolerance = 1e-5 if dtype == "float32" else 2e-3
-    assert np.linalg.norm(got_mass - want_mass) <= tolerance * np.linalg.norm(want_mass)
-    np.testing.assert_allclose(got_mass.sum(axis=3), np.broadcast_to(np.diff(q_offsets), got_mass.shape[:3]),
-                               rtol=tolerance)                       # every row counted once: row sums = block sizes
-    assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
-    assert (out.double().cpu() - want_out).norm() <= tolerance * want_out.norm()
+    q_len = int(q_offsets[-1])
+    head_chunk, row_chunk = search_attention.scratch_chunks(batch, heads[0], num_pieces, q_len, block_m, scratch)
+    assert head_chunk == 1 and row_chunk in (block_m, 2 * block_m) and row_chunk < q_len
+    assert_fused_pass_matches_float64(triton_device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, sign, seed,
+                                      config, scratch)
 
 
 @given(st.integers(1, 4), st.integers(1, 48), st.integers(1, 5000), st.integers(1, 300_000),
