@@ -14,7 +14,10 @@ remembers the choice; later calls with that signature only check shapes and laun
 So a kernel never refuses inputs that another registered backend would take.
 
 Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
-across layers and steps compiles once). A device mask, which methods build every layer
+across layers and steps compiles once), the most recently used first, at most
+:data:`CACHE_SIZE` of them listing at most :data:`CACHE_BLOCKS` blocks together (a kernel's
+device lists and tile plan grow with its blocks: a method returning new large host masks
+every step must not pile them up). A device mask, which methods build every layer
 and step, is never hashed: the mask object itself holds its kernels, weakly (a kernel refers
 to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
 returns that kernel, and dropping the kernel frees it at once.
@@ -30,7 +33,8 @@ from sparsecore.ir import BlockMask
 from .inputs import AttentionShape, attention_shape, check_scale
 from .registry import Backend, Run, UnsupportedError, candidates, device_type
 
-CACHE_SIZE = 64  # compiled kernels of host masks kept
+CACHE_SIZE = 64             # compiled kernels of host masks kept
+CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
 _CACHE: "OrderedDict[tuple, CompiledKernel]" = OrderedDict()
 
 
@@ -159,8 +163,10 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
     _check_index(device)
     kernel = CompiledKernel(mask, device, _choices(candidates(mask, device, backend), options))
     cache[key] = kernel
-    if cache is _CACHE and len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    if cache is _CACHE:                                   # evict the least recently used; keep the new one
+        listed = lambda: sum(k.mask.nnz for k in _CACHE.values())      # noqa: E731
+        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed() > CACHE_BLOCKS):
+            _CACHE.popitem(last=False)
     return kernel
 
 

@@ -264,3 +264,18 @@ def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector(
         assert mask_ref() is None and kernel_ref() is None
     finally:
         gc.enable()
+
+
+def test_the_host_mask_cache_is_bounded_by_the_blocks_it_lists(monkeypatch):
+    """New large host masks every step must not pile up compiled kernels: the least recently used go first."""
+    import sparsecore.kernel as kernel_module
+    sparsecore.clear_cache()
+    monkeypatch.setattr(kernel_module, "CACHE_BLOCKS", 130)
+    masks = [BlockMask.from_dense(np.random.default_rng(seed).random((4, 4, 4)) < 0.9, 64, 64, 16) for seed in range(3)]
+    assert [m.nnz for m in masks] == [59, 58, 61]                          # two fit in 130 blocks, not three
+    kernels = [sparsecore.compile(m, device="cpu") for m in masks[:2]]
+    assert sparsecore.compile(masks[0], device="cpu") is kernels[0]           # masks[0] now the most recently used
+    sparsecore.compile(masks[2], device="cpu")                               # over 130 blocks: masks[1] goes
+    assert sparsecore.compile(masks[0], device="cpu") is kernels[0]
+    assert sparsecore.compile(masks[1], device="cpu") is not kernels[1]
+    sparsecore.clear_cache()

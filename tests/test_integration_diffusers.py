@@ -471,3 +471,33 @@ def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch):
     actions = [(s["step"], s["action"], s["backend"]) for s in handle.stats() if s["layer"] == 0]
     assert actions[2:] == [(2, "search", "dense"), (3, "reuse", "portable"), (4, "reuse", "portable")]
     assert made.count("adaspa") == 2          # one kernel per layer, made at the search (and the dense pass's full mask)
+
+
+def test_padded_masks_live_only_as_long_as_their_mask():
+    """A callable's new mask of every step, run on padded text (HunyuanVideo 1.5): the padded versions the
+    integration derives must not keep old steps' masks alive (no cache of them, no cycle waiting for the
+    garbage collector)."""
+    import gc
+    import weakref
+    seen = []
+
+    def fresh(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+        keep = np.random.default_rng(step * 7 + layer).random((num_heads, 8, 8)) < 0.5
+        offsets = np.linspace(0, geometry.tokens, 9).astype(np.int64)
+        mask = BlockMask.from_lists([[np.flatnonzero(r).tolist() or [0] for r in h] for h in keep], offsets,
+                                    offsets).to("cpu")
+        seen.append(weakref.ref(mask))
+        return mask
+
+    model = tiny_hunyuan()
+    handle = sparse.apply(model, method=fresh, device="cpu", num_steps=4)
+    gc.collect()
+    gc.disable()
+    try:
+        for t in (999.0, 800.0, 600.0, 400.0):
+            forward(model, hunyuan_inputs(batch=2, text="ragged"), t)
+        alive = [ref for ref in seen if ref() is not None]
+        assert len(seen) >= 8 * 2 and len(alive) <= len(seen) // 4, (len(seen), len(alive))   # the last step's
+    finally:
+        gc.enable()
+        handle.remove()

@@ -20,7 +20,6 @@ prefix alone and the padding rows' output is written as 0.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,6 @@ from sparsecore.search import dense_attention, dense_attention_with_mass
 from .stats import Record, Stats
 
 MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
-PADDED_MASKS = 256        # (mask, padded length) pairs kept: a few per layer and text length
 
 
 class CallableSession:
@@ -52,7 +50,6 @@ class CallableSession:
     def __init__(self, provider: MethodProvider, num_steps: int) -> None:
         self.provider = provider
         self.num_steps = num_steps
-        self._shards: OrderedDict[tuple, BlockMask] = OrderedDict()
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         return StepAction("plan", dense=False, plans=True)
@@ -68,12 +65,10 @@ class CallableSession:
                              f"heads and q_len = kv_len = {geometry.tokens} (geometry {geometry})")
         if heads is None or heads.size == heads.total:
             return mask
-        key = (id(mask), heads.start, heads.stop)
-        if key not in self._shards:
-            self._shards[key] = (mask, mask.select_heads(range(heads.start, heads.stop)))
-            if len(self._shards) > 64:
-                self._shards.popitem(last=False)
-        return self._shards[key][1]
+        key = ("heads", heads.start, heads.stop)                      # kept with the mask, freed with it
+        if key not in mask.derived:
+            mask.derived[key] = mask.select_heads(range(heads.start, heads.stop))
+        return mask.derived[key]
 
 
 @dataclass
@@ -123,7 +118,6 @@ class Planner:
         self.stats = stats
         self._sessions: dict[VideoGeometry, Session] = {}
         self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
-        self._padded: OrderedDict[tuple, tuple[BlockMask, BlockMask]] = OrderedDict()
 
     def new_run(self) -> None:
         self._sessions.clear()
@@ -226,11 +220,7 @@ class Planner:
         an approximating mask as it is (it runs on the valid prefix, see the module docstring)."""
         if seq_len == mask.q_len or mask.unselected.kind != "drop":
             return mask
-        key = (id(mask), seq_len)
-        found = self._padded.get(key)
-        if found is None:
-            meta = {**mask.meta, "padding": seq_len - mask.q_len}
-            found = self._padded[key] = (mask, mask.with_trailing_block(seq_len, meta))
-            if len(self._padded) > PADDED_MASKS:
-                self._padded.popitem(last=False)
-        return found[1]
+        key = ("padded", seq_len)                                     # kept with the mask, freed with it
+        if key not in mask.derived:
+            mask.derived[key] = mask.with_trailing_block(seq_len, {**mask.meta, "padding": seq_len - mask.q_len})
+        return mask.derived[key]
