@@ -72,6 +72,10 @@ NAMED_CASES = {
     "gqa_2_to_1_q_len_ne_kv_len": AttentionCase(_random(4, 64, 160, 32, 0.5, 3), 2, 2, 64, 15, 0.3),
     "single_token_blocks": AttentionCase(_random(2, 20, 24, 1, 0.3, 4), 1, 1, 8, 16, None),
     "one_block_longer_than_sequence_tile": AttentionCase(_random(2, 300, 280, 256, 0.7, 5), 1, 1, 64, 17, None),
+    # 64-token blocks are the Triton kernel's key tiles (its full tiles read the lists themselves): a short last
+    # block (its one partial tile), and one that is whole
+    "blocks_that_are_kernel_tiles": AttentionCase(_random(4, 340, 340, 64, 0.5, 6), 2, 2, 32, 18, None),
+    "blocks_that_are_kernel_tiles_no_short": AttentionCase(_random(2, 256, 256, 64, 0.6, 7), 1, 1, 32, 19, None),
 }
 
 

@@ -28,6 +28,7 @@ def covered_pairs(mask: BlockMask, block_m: int, block_n: int) -> np.ndarray:
     """Count, per (head, query, key) token pair, how often the schedule's programs compute it."""
     tiles = schedule_tiles(mask.to("cpu"), block_m, block_n)
     full, p_start, p_end = (t.numpy() for t in (tiles.full_start, tiles.partial_start, tiles.partial_end))
+    full = full * block_n if tiles.full_in_blocks else full              # block ids of blocks that are the tiles
     counts = np.zeros((mask.num_heads, mask.q_len, mask.kv_len), dtype=np.int64)
     for head, q_start, q_end, full_first, num_full, partial_first, num_partial in tiles.programs.numpy():
         rows = slice(q_start, min(q_end, q_start + block_m))
@@ -63,6 +64,21 @@ def test_blocks_of_whole_tiles_have_at_most_one_partial_tile_per_row(tiles_per_b
     mask = BlockMask.from_lists([[np.flatnonzero(row).tolist() for row in head] for head in keep], offsets, offsets)
     tiles = schedule_tiles(mask.to("cpu"), 16, block_n)
     assert tiles.partial_start.shape[0] <= 2 * blocks + 1 and tiles.partial_end.shape == tiles.partial_start.shape
+    assert (covered_pairs(mask, 16, block_n) == expand_to_tokens(mask)).all()
+
+
+@given(st.sampled_from([16, 32, 64]), st.integers(1, 9), st.integers(1, 64), st.integers(0, 2**32 - 1))
+def test_blocks_that_are_the_tiles_schedule_from_the_lists_themselves(block_n, blocks, last, seed):
+    """Key blocks of ``block_n`` keys (a shorter last one): the full tiles are the mask's own indices (block ids),
+    no list of nnz entries is built, and every kept pair is still covered once."""
+    last = min(last, block_n)
+    offsets = np.append(np.arange(blocks) * block_n, (blocks - 1) * block_n + last)
+    keep = np.random.default_rng(seed).random((3, blocks, blocks)) < 0.5
+    mask = BlockMask.from_lists([[np.flatnonzero(row).tolist() for row in head] for head in keep], offsets, offsets)
+    device_mask = mask.to("cpu")
+    tiles = schedule_tiles(device_mask, 16, block_n)
+    assert tiles.full_in_blocks and tiles.full_start.data_ptr() == device_mask.indices.data_ptr()
+    assert tiles.partial_start.numel() == 1
     assert (covered_pairs(mask, 16, block_n) == expand_to_tokens(mask)).all()
 
 

@@ -12,6 +12,12 @@ lists, each in row order, so no sort is needed.
 Programs are ordered by descending work (longest-processing-time first), so the rows
 of unequal length that head-adaptive masks produce finish together.
 
+When the key blocks are the tiles (every block but a shorter last one holds ``block_n``
+keys: AdaSpa's and PASA's 64-token blocks on 64-key tiles), the full tiles of a row are its
+listed blocks: the schedule then points into the mask's own ``indices`` (``full_in_blocks``:
+the kernel reads block ids and multiplies by ``block_n``), and the only partial tile is the
+last block, so no list of the size of ``nnz`` is built or kept.
+
 The schedule is computed with torch ops on the device that holds the mask's lists (a
 98K-token, 12-head mask has millions of tiles: a GPU builds it in about a millisecond),
 and on CPU for tests. The number of tiles depends on the lists' values; the tile lists are
@@ -42,8 +48,9 @@ class TileSchedule:
     and its row's full tiles ``full_start[full_first : full_first + num_full]`` and
     partial tiles ``partial_start/partial_end[partial_first : ... + num_partial]``.
     A full tile covers keys ``start : start + block_n``; a partial one
-    ``start : partial_end`` (fewer than ``block_n``). The lists are sized by upper bounds:
-    slots no program's range reaches hold arbitrary values.
+    ``start : partial_end`` (fewer than ``block_n``); with ``full_in_blocks`` a full tile covers
+    keys ``id * block_n : (id + 1) * block_n`` of the block id at ``full_start[t]``. The lists are
+    sized by upper bounds: slots no program's range reaches hold arbitrary values.
     """
 
     block_m: int
@@ -52,6 +59,7 @@ class TileSchedule:
     full_start: torch.Tensor
     partial_start: torch.Tensor
     partial_end: torch.Tensor
+    full_in_blocks: bool = False        # full_start holds key block ids: a tile starts at id * block_n
 
     @property
     def num_programs(self) -> int:
@@ -62,6 +70,8 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     """The tile schedule of ``mask`` (lists on the device that will run it) for tiles of ``block_m`` x ``block_n``."""
     if mask.on_host:
         raise ValueError("mask: schedule_tiles needs the lists on the run device (mask.to(device)), got a host mask")
+    if _blocks_are_tiles(mask, block_n):
+        return _schedule_blocks(mask, block_m, block_n)
     device = mask.device
     indices = mask.indices.long()
     kv_offsets = on_device(mask.kv_offsets, device)
@@ -96,20 +106,49 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
 
     num_full = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, full_per_run)
     num_partial = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, has_partial.long())
-    programs = _programs(mask, block_m, num_full, num_partial)
+    programs = _programs(mask, block_m, num_full, num_partial, torch.cumsum(num_full, 0) - num_full,
+                         torch.cumsum(num_partial, 0) - num_partial)
     to32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return TileSchedule(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
 
 
 def _max_partial_tiles(mask: BlockMask, block_n: int) -> int:
     """A host bound on the partial tiles: one per run (``nnz``), but when every key block except the last is a
-    whole number of tiles (64-token blocks on 64-key tiles), a run's length is too unless it ends with the last
+    whole number of tiles (128-token blocks on 64-key tiles), a run's length is too unless it ends with the last
     block, which a row lists at most once: one per row. (The lists a step's plans keep alive shrink by 2 x nnz.)"""
     whole = not (np.diff(mask.kv_offsets)[:-1] % block_n).any()
     return min(mask.nnz, mask.num_heads * mask.num_q_blocks) if whole else mask.nnz
 
 
-def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial: torch.Tensor) -> torch.Tensor:
+def _blocks_are_tiles(mask: BlockMask, block_n: int) -> bool:
+    """Every key block holds ``block_n`` keys but the last, which holds at most that many."""
+    sizes = np.diff(mask.kv_offsets)
+    return len(sizes) > 0 and bool((sizes[:-1] == block_n).all()) and 0 < sizes[-1] <= block_n
+
+
+def _schedule_blocks(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
+    """The schedule of a mask whose key blocks are the tiles: a row's full tiles are its listed blocks (the short
+    last block, listed last in a sorted row, is its one partial tile), read from the mask's ``indices``."""
+    device = mask.device
+    indptr = mask.indptr.long()
+    first, end = indptr[:, :-1].reshape(-1), indptr[:, 1:].reshape(-1)       # each flat row h * MB + i's entries
+    counts = end - first
+    last = mask.num_kv_blocks - 1
+    last_start, kv_len = int(mask.kv_offsets[last]), int(mask.kv_offsets[-1])
+    if kv_len - last_start < block_n and mask.nnz:        # a short last block: a row listing it has one partial tile
+        final = mask.indices[(end - 1).clamp_(min=0)]
+        num_partial = ((counts > 0) & (final == last)).long()
+    else:
+        num_partial = torch.zeros_like(counts)
+    programs = _programs(mask, block_m, counts - num_partial, num_partial, first, torch.zeros_like(counts))
+    bound = lambda value: torch.full((1,), value, dtype=torch.int32, device=device)  # noqa: E731
+    ids = mask.indices if mask.indices.is_contiguous() else mask.indices.contiguous()       # int32 (device lists)
+    return TileSchedule(block_m, block_n, programs.to(torch.int32).contiguous(), ids, bound(last_start),
+                        bound(kv_len), full_in_blocks=True)
+
+
+def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial: torch.Tensor,
+              full_first: torch.Tensor, partial_first: torch.Tensor) -> torch.Tensor:
     """One program per (head, query tile), longest rows first; the counts follow from the host offsets."""
     device = num_full.device
     tiles_per_block = -(-mask.q_block_sizes // block_m)                            # host: query tiles per IR block
@@ -122,8 +161,6 @@ def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial
     tiles = len(tile_block)
     head = torch.arange(mask.num_heads, device=device).repeat_interleave(tiles)
     row = head * mask.num_q_blocks + tile_block.repeat(mask.num_heads)
-    full_first = torch.cumsum(num_full, 0) - num_full
-    partial_first = torch.cumsum(num_partial, 0) - num_partial
     programs = torch.stack([head, tile_start.repeat(mask.num_heads), tile_end.repeat(mask.num_heads),
                             full_first[row], num_full[row], partial_first[row], num_partial[row]], dim=1)
     work = num_full[row] + num_partial[row]

@@ -73,7 +73,7 @@ def block_sparse_attention_fwd(
         num_heads, num_kv_heads, q_len, kv_len, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FULL_IN_BLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     program = Programs + pid * 7  # fields: tiling.PROGRAM_FIELDS
@@ -108,6 +108,8 @@ def block_sparse_attention_fwd(
     col_all = offs_n < BLOCK_N
     for t in tl.range(full_first, full_first + num_full, warp_specialize=WARP_SPECIALIZE):
         start = tl.load(FullStart + t)
+        if FULL_IN_BLOCKS:                                   # key block ids of blocks that are the tiles
+            start = start * BLOCK_N
         k, v = _load_kv(k_ptrs, v_ptrs, desc_k, desc_v, kv_row0 + start, col_all, stride_kn, stride_vn,
                         False, USE_TMA)
         acc, l_i, m_i = _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, col_all, False, SCALE_POSITIVE,

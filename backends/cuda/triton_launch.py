@@ -83,7 +83,7 @@ class TritonLaunch:
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
             DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=config.warp_specialize,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            FULL_IN_BLOCKS=tiles.full_in_blocks, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TritonConfig):
