@@ -27,7 +27,8 @@ layer's plan, which a dense step does not pay. Host planning per layer (``plan_m
 handle's stats, median over layers) comes from one more forward with timing on, a step of the
 kind that repeats (:data:`PLAN_PROBE`: LVSA's step, AdaSpa's reuse, PASA's sparse step). Peak
 memory per row (``max_memory_allocated``): dense over its second step (the first compiles the
-blocks in compiled mode), a method over all its steps from ``apply()`` on. ``--tiny`` runs the same code on tiny configs on any device.
+blocks in compiled mode), a method over all its steps from ``apply()`` on. ``--tiny`` runs the
+same code on tiny configs on any device.
 """
 
 from __future__ import annotations

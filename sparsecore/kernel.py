@@ -164,9 +164,9 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
     kernel = CompiledKernel(mask, device, _choices(candidates(mask, device, backend), options))
     cache[key] = kernel
     if cache is _CACHE:                                   # evict the least recently used; keep the new one
-        listed = lambda: sum(k.mask.nnz for k in _CACHE.values())      # noqa: E731
-        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed() > CACHE_BLOCKS):
-            _CACHE.popitem(last=False)
+        listed = sum(k.mask.nnz for k in _CACHE.values())
+        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed > CACHE_BLOCKS):
+            listed -= _CACHE.popitem(last=False)[1].mask.nnz
     return kernel
 
 
