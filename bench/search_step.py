@@ -10,7 +10,7 @@ all rows in one run, median of 3 after a warm-up:
 - ``fused (...)``: :func:`sparsecore.backends.cuda.search_attention.run`, output + LSE + masses
   from one pass, for several tile configs and scratch limits of its partial sums (the default first);
 - ``cached search pass``: the block-mass pass alone on a cached LSE (a later search step's extra
-  work), for several launch configs (the default first).
+  work; 64-token blocks take its uniform-block kernel), for several launch configs (the default first).
 
 Each row also reports the memory its call allocates beyond its inputs at its peak. Also checked, per length: the fused pass's masses against the two-pass masses and its output against
 cuDNN's (relative L2), and whether AdaSpa selects the same blocks from either. Writes
@@ -41,7 +41,8 @@ LENGTHS = {"1x": VideoGeometry(21, 30, 52), "2x": VideoGeometry(41, 30, 52), "6x
 HEADS, HEAD_DIM = 12, 128
 FUSED = [(None, search_attention.SCRATCH_BYTES), (None, 8 << 30), (None, 4 << 30), (None, 2 << 30),
          (SearchConfig(128, 2, 8, 3, True), search_attention.SCRATCH_BYTES)]     # 4 stages: over shared memory
-CACHED = [(mass_pass.NUM_WARPS, None), (4, 4)]
+CACHED = [None, mass_pass.UniformConfig(64, 4, 3, True), mass_pass.UniformConfig(64, 4, 3, False),
+          mass_pass.UniformConfig(128, 8, 2, False)]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,9 +90,11 @@ def run(label: str) -> list[dict]:
         del out, fused_lse, mass
         add(f"fused ({name})", lambda c=config, b=scratch: search_attention.run(q, k, v, offsets, offsets, scale,
                                                                                 config=c, scratch_bytes=b), **checks)
-    for warps, stages in CACHED:
-        add(f"cached search pass ({warps} warps, {stages or 'default'} stages)",
-            lambda w=warps, s=stages: mass_pass.run(q, k, offsets, offsets, lse, scale, num_warps=w, num_stages=s))
+    for config in CACHED:
+        name = "default" if config is None else (f"{config.block_n} keys, {config.num_warps} warps, "
+                                                 f"{config.num_stages} stages, {'TMA' if config.use_tma else 'pointers'}")
+        add(f"cached search pass ({name})",
+            lambda c=config: mass_pass.run(q, k, offsets, offsets, lse, scale, config=c))
     dense_ms = rows[0]["ms"]
     for row in rows:
         row["vs_dense"] = row["ms"] / dense_ms

@@ -88,6 +88,26 @@ def to_block_map(indptr: Any, indices: Any, num_kv_blocks: int) -> Any:
     return dense.reshape(num_heads, num_rows, num_kv_blocks)
 
 
+def to_block_bits(indptr: Any, indices: Any, num_kv_blocks: int) -> Any:
+    """The block map packed in bits, int32 ``[H, MB, ceil(NB / 32)]``: bit ``j % 32`` of word ``j // 32`` is set
+    when block ``j`` is listed (an eighth of the bool map's bytes; a kernel reads 32 blocks of a row in one load)."""
+    num_heads, num_rows = indptr.shape[0], indptr.shape[1] - 1
+    words = -(-num_kv_blocks // 32)
+    rows = row_of_entry(indptr, indices.shape[0])
+    if is_tensor(indptr):
+        import torch
+        where = rows * words + indices.to(torch.int64) // 32
+        one = torch.ones((), dtype=torch.int32, device=indptr.device).expand(indices.shape[0])   # no scalar upload
+        bits = torch.bitwise_left_shift(one, (indices % 32).to(torch.int32))                 # bit 31: INT32_MIN
+        packed = torch.zeros(num_heads * num_rows * words, dtype=torch.int32, device=indptr.device)
+        packed.scatter_add_(0, where, bits)       # a row lists a block once: the sum of its distinct bits is their OR
+    else:
+        packed = np.zeros(num_heads * num_rows * words, dtype=np.uint32)
+        np.bitwise_or.at(packed, rows * words + indices // 32, np.left_shift(np.uint32(1), (indices % 32).astype(np.uint32)))
+        packed = packed.view(np.int32)
+    return packed.reshape(num_heads, num_rows, words)
+
+
 def select_heads(indptr: Any, indices: Any, heads: Any) -> tuple[Any, Any]:
     """The lists of query heads ``heads`` (int ``[n]``, same kind as the arrays), in that order."""
     lengths = indptr[heads, -1] - indptr[heads, 0]                         # entries per selected head

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsecore import BlockMask
-from sparsecore.ir import Unselected
+from sparsecore.ir import Unselected, csr
 
 from test_block_mask_validation import INDICES, INDPTR, KV_OFF, Q_OFF
 from test_block_mask_validation import test_invalid_fields_raise_naming_the_field as _host_cases
@@ -82,6 +82,21 @@ def test_device_views_equal_host_views(mask, data):
         budgets=mask.budgets[heads], meta=mask.meta)
     longer = max(mask.q_len, mask.kv_len) + 5
     assert device.with_trailing_block(longer) == mask.with_trailing_block(longer)
+
+
+@settings(max_examples=40)
+@given(mask=host_masks())
+def test_block_bits_unpack_to_the_block_map(mask):
+    """The packed map (PASA's approximation pass reads it) holds bit j % 32 of word j // 32 for listed block j."""
+    device = mask.to("cpu")
+    want = mask.to_dense()
+    for packed in (csr.to_block_bits(mask.indptr, mask.indices, mask.num_kv_blocks),
+                   csr.to_block_bits(device.indptr, device.indices, device.num_kv_blocks).numpy()):
+        assert packed.dtype == np.int32 and packed.shape == (*want.shape[:2], -(-mask.num_kv_blocks // 32))
+        bits = (packed.astype(np.int64)[..., None] & 0xFFFFFFFF) >> np.arange(32) & 1
+        unpacked = bits.reshape(*want.shape[:2], -1).astype(bool)
+        np.testing.assert_array_equal(unpacked[..., :mask.num_kv_blocks], want)
+        assert not unpacked[..., mask.num_kv_blocks:].any()
 
 
 def test_kept_pairs_counts_tokens_by_definition():

@@ -17,6 +17,7 @@ from strategies import offsets
 from test_method_adaspa import ANY, mass_float64
 
 import sparsecore
+from sparsecore import BlockMask
 from sparsecore.backends.cuda import block_mass as triton_block_mass
 from sparsecore.backends.cuda import search_attention
 from sparsecore.search import block_mass, dense_attention_with_mass
@@ -40,6 +41,35 @@ def test_triton_block_mass_matches_float64(triton_device, q_offsets, kv_offsets,
     np.testing.assert_allclose(got.sum(axis=3), np.broadcast_to(np.diff(q_offsets), got.shape[:3]), rtol=tolerance)
     older = triton_block_mass.run(q, k, q_offsets, kv_offsets, lse + 0.5, head_dim ** -0.5)   # a stale LSE rescales
     np.testing.assert_allclose(older.double().cpu().numpy(), got * np.exp(-0.5), rtol=tolerance, atol=1e-9)
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 330), st.integers(1, 330), st.sampled_from([(1, 1), (4, 2), (2, 1)]), st.integers(1, 2),
+       st.sampled_from([16, 32]), st.sampled_from(["float32", "float16"]), st.sampled_from([64, 128]),
+       st.integers(0, 2**32 - 1))
+def test_uniform_block_kernel_matches_float64(triton_device, q_len, kv_len, heads, batch, head_dim, dtype, block_n,
+                                              seed):
+    """64-token blocks (AdaSpa's) take the table-free kernel, one or two blocks a key tile, a short last block or
+    not; a row whose LSE is not finite adds nothing, and a stale LSE rescales every mass."""
+    q_offsets, kv_offsets = (BlockMask.uniform_offsets(n, 64) for n in (q_len, kv_len))
+    assert triton_block_mass.uniform_blocks(q_offsets) and triton_block_mass.uniform_blocks(kv_offsets)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads[0], q_len, head_dim, generator=gen).to(getattr(torch, dtype))
+    k = torch.randn(batch, heads[1], kv_len, head_dim, generator=gen).to(getattr(torch, dtype))
+    scores = q.double() @ k.double().repeat_interleave(heads[0] // heads[1], 1).transpose(-1, -2) * head_dim ** -0.5
+    lse = torch.logsumexp(scores, dim=-1) + 0.25                                   # a stale LSE
+    dropped = torch.rand(lse.shape, generator=gen) < 0.1
+    infinite = torch.where(torch.rand(lse.shape, generator=gen) < 0.5, float("inf"), float("-inf")).double()
+    lse[dropped] = infinite[dropped]
+    want = mass_float64(q, k, q_offsets, kv_offsets, np.where(dropped.numpy(), np.inf, lse.numpy()))
+    config = triton_block_mass.UniformConfig(block_n, 4, 1, use_tma=False)
+    mass = triton_block_mass.run(q.to(triton_device), k.to(triton_device), q_offsets, kv_offsets,
+                                 lse.float().to(triton_device), head_dim ** -0.5, config=config)
+    got = mass.double().cpu().numpy()
+    tolerance = 1e-5 if dtype == "float32" else 2e-3
+    assert got.shape == want.shape
+    assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
+    np.testing.assert_allclose(got, want, rtol=tolerance * 10, atol=1e-6)
 
 
 def test_cuda_tensors_dispatch_to_the_triton_kernel():

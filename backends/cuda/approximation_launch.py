@@ -5,9 +5,9 @@ summaries (k̄_j, ΣV_j and the pieces of H_g), the pieces of each group are sum
 by its tokens (torch, ``[G, D, D]`` per key head), then :func:`.approximation_kernel.approximate_unselected_fwd`
 runs over every (query tile, head, batch element), reading the exact kernel's output and LSE
 and overwriting them with the merged result. Per mask and device, once: the block boundaries,
-the group token counts and each query token's block. The block map ``[H, MB, NB]`` the pass reads
-is scattered from the lists at each call instead of kept (a step's plans are alive for all
-layers at once, and the map of a 12-head mask at 6x is 100 MB; the scatter costs well under 1 ms).
+the group token counts and each query token's block. The block map the pass reads, packed in
+bits (``[H, MB, ceil(NB / 32)]`` int32), is scattered from the lists at each call instead of kept
+(a step's plans are alive for all layers at once).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import triton
 
-from sparsecore.ir import BlockMask
+from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import on_device
 
 from ..approximation import PIECE_TOKENS, group_bounds, query_blocks
@@ -119,7 +119,8 @@ class ApproximationLaunch:
         """``out``/``lse``: the exact kernel's result over the listed blocks (contiguous), overwritten."""
         plan = self.plan(q.device)
         stats = self.statistics(k, v, plan)
-        listed = self.mask.to(q.device).to_dense().view(torch.uint8)      # bool -> bytes, no copy
+        device_mask = self.mask.to(q.device)
+        listed = csr.to_block_bits(device_mask.indptr, device_mask.indices, device_mask.num_kv_blocks)
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads = k.shape[1]
         config = self.config_for(q.device)
@@ -134,8 +135,14 @@ class ApproximationLaunch:
             self.num_groups, scale,
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             FIRST_ORDER=self.first_order, GROUPS_PER_TILE=self.groups_per_tile(config.block_n),
-            SPLIT_MEANS=stats.split, DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps,
-            num_stages=config.num_stages)
+            SPLIT_MEANS=stats.split, DOT_PRECISION=dot_precision(q.dtype),
+            WORD_TILES=self.word_tiles(config.block_n), num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def word_tiles(self, block_n: int) -> bool:
+        """Whether every tile of ``block_n`` blocks lies inside one 32-block word of the packed map: tiles start at
+        multiples of ``block_n`` (one flat walk, or groups that hold whole tiles) and ``block_n`` divides 32."""
+        aligned = self.groups_per_tile(block_n) > 0 or self.num_groups == 1 or self.group_blocks % block_n == 0
+        return 32 % block_n == 0 and aligned
 
     def groups_per_tile(self, block_n: int) -> int:
         """Groups in a tile of ``block_n`` blocks when tiles hold whole groups (at most 4), else 0."""

@@ -1,19 +1,21 @@
 """The CUDA implementation of AdaSpa's block-mass pass (:func:`sparsecore.search.block_mass`).
 
 Pass 2 only: given the row LSE (fresh from the search's dense pass, or cached), the
-fused kernel of :mod:`.block_mass_kernel` adds ``exp(scale * q.k - lse)`` per (query
-block, key block) without writing scores to memory. On an H200 at Wan 6x (188,736 tokens,
-12 heads, 64-token blocks, bf16) it takes 380 ms, as long as cuDNN's dense attention there
-(389 ms); a variant with 128 x 128 tiles summed per block pair in registers took 421 ms
-and was not kept (bench/results/gpu-2026-11-30-runs/notes.md). Triton is imported only when it
-runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors inside the Triton
-backend's emulator, which is how CI tests it. Offered through
+fused kernels of :mod:`.block_mass_kernel` add ``exp(scale * q.k - lse)`` per (query
+block, key block) without writing scores to memory. Blocks of 64 tokens (AdaSpa's; every
+block but a shorter last one, on both sides) take ``block_mass_uniform_fwd``, which needs no
+tile tables: on an H200 at Wan 6x (188,760 tokens, 12 heads, bf16) 251 ms with 64-row x
+128-key tiles read by TMA, against 383 ms for the table-driven kernel every other layout
+takes and 402 ms for cuDNN's dense attention (2026-11-30, ``bench/search_step.py``). Triton is
+imported only when it runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors inside
+the Triton backend's emulator, which is how CI tests it. Offered through
 ``TritonBackend.block_mass`` (a :class:`~sparsecore.registry.BlockMassOp`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,8 +26,38 @@ from . import interpreter
 from .triton_config import dot_precision
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
+UNIFORM_BLOCK = 64              # the block size block_mass_uniform_fwd takes
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class UniformConfig:
+    """Launch of the 64-token-block kernel: ``block_n`` keys a tile (64 or 128), TMA key loads (Hopper)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool
+
+    def __post_init__(self) -> None:
+        if self.block_n not in (64, 128):
+            raise ValueError(f"block_n: expected 64 or 128 keys (one or two blocks a tile), got {self.block_n}")
+
+
+def default_uniform_config(q: torch.Tensor) -> UniformConfig:
+    """H200, Wan 6x, bf16 (2026-11-30): 128 keys by TMA 251 ms; 64 keys 264 ms (TMA) / 266 ms (pointers)."""
+    if q.device.type != "cuda":
+        return UniformConfig(128, 4, 1, use_tma=False)
+    if q.element_size() == 4:
+        return UniformConfig(64, 4, 2, use_tma=False)
+    return UniformConfig(128, 4, 3, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+def uniform_blocks(offsets: np.ndarray) -> bool:
+    """Every block holds :data:`UNIFORM_BLOCK` tokens but the last, which holds 1 to that many."""
+    sizes = np.diff(offsets)
+    return bool((sizes[:-1] == UNIFORM_BLOCK).all() and 0 < sizes[-1] <= UNIFORM_BLOCK)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray) -> str | None:
@@ -42,15 +74,18 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
 
 
 def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor,
-        scale: float, *, num_warps: int = NUM_WARPS, num_stages: int | None = None) -> torch.Tensor:
+        scale: float, *, config: UniformConfig | None = None) -> torch.Tensor:
     """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``).
 
-    ``num_warps``, ``num_stages``: launch overrides (None: Triton's default stages) for tuning runs.
+    ``config``: the launch of the 64-token-block kernel (None: :func:`default_uniform_config`), for tuning runs
+    and tests; other layouts take the table-driven kernel.
     """
+    q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
+    if uniform_blocks(q_offsets) and uniform_blocks(kv_offsets):
+        return _run_uniform(q, k, len(kv_offsets) - 1, lse, scale, config or default_uniform_config(q))
     from .block_mass_kernel import block_mass_fwd
     from .triton_kernel import LOG2E
     batch, heads, q_len, head_dim = q.shape
-    q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
     programs, tile_start, tile_end, tile_block = (on_device(a, q.device) for a in _tiles(q_offsets, kv_offsets))
     block_mass_fwd[(programs.shape[0], heads, batch)](
@@ -59,8 +94,27 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
         lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
         tile_start.shape[0], scale * LOG2E,
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}))
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=NUM_WARPS)
+    return mass
+
+
+def _run_uniform(q: torch.Tensor, k: torch.Tensor, num_kv_blocks: int, lse: torch.Tensor, scale: float,
+                 config: UniformConfig) -> torch.Tensor:
+    from .block_mass_kernel import block_mass_uniform_fwd
+    from .triton_kernel import LOG2E
+    from .triton_launch import describe
+    batch, heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    num_q_blocks = -(-q_len // UNIFORM_BLOCK)
+    mass = torch.empty(batch, heads, num_q_blocks, num_kv_blocks, dtype=torch.float32, device=q.device)
+    desc_k = describe(k, config.block_n) if config.use_tma else None
+    block_mass_uniform_fwd[(num_q_blocks, heads, batch)](
+        q, k, lse, mass, desc_k,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
+        num_kv_heads, q_len, kv_len, num_kv_blocks, scale * LOG2E,
+        GROUP=heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_N=config.block_n, USE_TMA=config.use_tma,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
     return mass
 
 

@@ -45,3 +45,61 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
         p = tl.where(col_ok[None, :], tl.math.exp2(scores), 0.0)
         tl.atomic_add(mass_row + tl.load(TileBlock + t), tl.sum(tl.sum(p, 1), 0))
 
+
+
+@triton.jit
+def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
+                           num_kv_heads, q_len, kv_len, num_kv_blocks, qk_scale,
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                           USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The same masses when every block holds 64 tokens but a shorter last one, on both sides.
+
+    One program per query block (64 rows); key tiles of ``BLOCK_N`` (64 or 128) keys start at
+    multiples of ``BLOCK_N``, so a tile's blocks are known without tables and a full tile needs no
+    mask. Each program writes its own row of masses: plain stores. A 128-key tile's second
+    block gets each row's tile sum less its first block's (clamped at 0: exact to float32
+    rounding of the row's tile sum). The keys past the last full tile run as one masked tile.
+    """
+    q_block = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    kv_head = head // GROUP
+    offs_m = q_block * 64 + tl.arange(0, 64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, mask=row_ok,
+                  other=float("inf"))
+    lse = tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))  # log2
+    k_ptrs = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn \
+        + offs_d[:, None]
+    kv_row0 = (b * num_kv_heads + kv_head) * kv_len if USE_TMA else 0
+    mass_row = Mass + b.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mi
+    num_full = kv_len // BLOCK_N
+    for t in range(0, num_full):
+        if USE_TMA:
+            k = desc_k.load([kv_row0 + t * BLOCK_N, 0]).T
+        else:
+            k = tl.load(k_ptrs + (t * BLOCK_N) * stride_kn)
+        p = tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        row_sum = tl.sum(p, 1)
+        if BLOCK_N == 64:
+            tl.store(mass_row + t, tl.sum(row_sum, 0))
+        else:
+            first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1)
+            tl.store(mass_row + 2 * t, tl.sum(first, 0))
+            tl.store(mass_row + 2 * t + 1, tl.sum(tl.maximum(row_sum - first, 0.0), 0))
+    start = num_full * BLOCK_N
+    if start < kv_len:
+        col_ok = start + offs_n < kv_len
+        k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
+        p = tl.where(col_ok[None, :], tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+                                                   - lse[:, None]), 0.0)
+        for piece in tl.static_range(BLOCK_N // 64):
+            inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
+            block = start // 64 + piece
+            tl.store(mass_row + block, tl.sum(tl.sum(tl.where(inside, p, 0.0), 1), 0), mask=block < num_kv_blocks)
