@@ -4,9 +4,9 @@ Pass 2 only: given the row LSE (fresh from the search's dense pass, or cached), 
 fused kernels of :mod:`.block_mass_kernel` add ``exp(scale * q.k - lse)`` per (query
 block, key block) without writing scores to memory. Blocks of 64 tokens (AdaSpa's; every
 block but a shorter last one, on both sides) take ``block_mass_uniform_fwd``, which needs no
-tile tables: on an H200 at Wan 6x (188,760 tokens, 12 heads, bf16) 251 ms with 64-row x
+tile tables: on an H200 at Wan 6x (188,760 tokens, 12 heads, bf16) 238 ms with 64-row x
 128-key tiles read by TMA, against 383 ms for the table-driven kernel every other layout
-takes and 402 ms for cuDNN's dense attention (2026-11-30, ``bench/search_step.py``). Triton is
+takes and 380 ms for cuDNN's dense attention (2026-11-30, ``bench/search_step.py``). Triton is
 imported only when it runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors inside
 the Triton backend's emulator, which is how CI tests it. Offered through
 ``TritonBackend.block_mass`` (a :class:`~sparsecore.registry.BlockMassOp`).
@@ -46,7 +46,8 @@ class UniformConfig:
 
 
 def default_uniform_config(q: torch.Tensor) -> UniformConfig:
-    """H200, Wan 6x, bf16 (2026-11-30): 128 keys by TMA 251 ms; 64 keys 264 ms (TMA) / 266 ms (pointers)."""
+    """H200, Wan 6x, bf16 (2026-11-30, search-step-2026-11-30_uniform.md): 128 keys, 4 warps, TMA 238 ms; 64 keys
+    252 ms (TMA) / 261 ms (pointers); 128 keys with 8 warps by pointers 416 ms."""
     if q.device.type != "cuda":
         return UniformConfig(128, 4, 1, use_tma=False)
     if q.element_size() == 4:
@@ -57,7 +58,7 @@ def default_uniform_config(q: torch.Tensor) -> UniformConfig:
 def uniform_blocks(offsets: np.ndarray) -> bool:
     """Every block holds :data:`UNIFORM_BLOCK` tokens but the last, which holds 1 to that many."""
     sizes = np.diff(offsets)
-    return bool((sizes[:-1] == UNIFORM_BLOCK).all() and 0 < sizes[-1] <= UNIFORM_BLOCK)
+    return bool(len(sizes) > 0 and (sizes[:-1] == UNIFORM_BLOCK).all() and 0 < sizes[-1] <= UNIFORM_BLOCK)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray) -> str | None:

@@ -46,7 +46,6 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
         tl.atomic_add(mass_row + tl.load(TileBlock + t), tl.sum(tl.sum(p, 1), 0))
 
 
-
 @triton.jit
 def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
                            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
