@@ -13,6 +13,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _query_rows(Q, Lse, b, head, offs_m, row_ok, offs_d, stride_qb, stride_qh, stride_qm, stride_lb, stride_lh):
+    """A tile's queries and their LSE in log2 units, +inf where missing or not finite (such rows add nothing)."""
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, mask=row_ok,
+                  other=float("inf"))
+    return q, tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))
+
+
+@triton.jit
 def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
@@ -29,11 +39,8 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_end
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, mask=row_ok,
-                  other=float("inf"))
-    lse = tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))  # log2
+    q, lse = _query_rows(Q, Lse, b, head, offs_m, row_ok, offs_d, stride_qb, stride_qh, stride_qm, stride_lb,
+                         stride_lh)
     k_ptrs = K + b.to(tl.int64) * stride_kb + (head // GROUP).to(tl.int64) * stride_kh \
         + offs_n[None, :] * stride_kn + offs_d[:, None]
     mass_row = Mass + b.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mi
@@ -69,11 +76,8 @@ def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, mask=row_ok,
-                  other=float("inf"))
-    lse = tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))  # log2
+    q, lse = _query_rows(Q, Lse, b, head, offs_m, row_ok, offs_d, stride_qb, stride_qh, stride_qm, stride_lb,
+                         stride_lh)
     k_ptrs = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn \
         + offs_d[:, None]
     kv_row0 = (b * num_kv_heads + kv_head) * kv_len if USE_TMA else 0
