@@ -36,7 +36,8 @@ class BlockMassOp:
     ``supports(q, k, q_offsets, kv_offsets)`` is None when it takes the inputs, else why not.
     Optional, the first search step in one pass: ``with_output(q, k, v, q_offsets, kv_offsets, scale)
     -> (out, lse, mass)``, the dense output and its LSE with exact masses, where
-    ``with_output_supports(q, k, v, q_offsets, kv_offsets)`` is None.
+    ``with_output_supports(q, k, v, q_offsets, kv_offsets)`` is None: the backend takes the inputs in one
+    pass and prefers it to its dense pass then ``run`` (else the reason it does not).
     """
 
     run: Callable[..., Any]
