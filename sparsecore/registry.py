@@ -5,7 +5,7 @@ package under ``sparsecore.backends`` (the ``backends/`` folder) is imported on 
 and its backends registered: a new backend is a new folder with its ``BACKENDS``.
 Importing a backend package must not import its device library (triton, flashinfer,
 torch_npu): that happens in :meth:`Backend.unavailable_reason` and :meth:`Backend.lower`.
-Besides lowering masks, a backend may offer optional operations (:class:`BlockMassOp`),
+Besides lowering masks, a backend may offer optional operations (:class:`BlockMassOp`, :class:`RowTopOp`),
 found through this registry too.
 """
 
@@ -46,6 +46,21 @@ class BlockMassOp:
     with_output_supports: Callable[..., "str | None"] | None = None
 
 
+@dataclass(frozen=True)
+class RowTopOp:
+    """A backend's row-wise top-k for the planners (:func:`sparsecore.methods.selection.sorted_top`).
+
+    ``run(scores, k, noise) -> ids`` int32 ``[H, R, k]``: the column ids of each row's ``k`` largest
+    entries of ``scores`` float32 ``[H, R, C]`` (any strides) plus ``noise`` (a
+    :class:`sparsecore.noise.GumbelNoise` of the ``R x C`` map, or None), in ascending order; among
+    entries equal to the ``k``-th largest the lowest ids. ``supports(scores, k)`` is None when it
+    takes the inputs, else why not.
+    """
+
+    run: Callable[..., Any]
+    supports: Callable[..., "str | None"]
+
+
 class UnsupportedError(ValueError):
     """A backend cannot take this mask or these tensors; the message names the unmet capability."""
 
@@ -68,6 +83,7 @@ class Backend(ABC):
     options_type: type = NoOptions
     lowers_from_host: bool = False   # lower() reads the mask's lists with NumPy (else torch, on the run device)
     block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
+    row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
 
     @abstractmethod
     def unavailable_reason(self, device: str) -> str | None:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import method_reference as ref
 
 from sparsecore.geometry import VideoGeometry
-from sparsecore.methods import HeadShard, noise, pasa
+from sparsecore import noise
+from sparsecore.methods import HeadShard, pasa
 from sparsecore.workloads import video_qkv
 
 GEOMETRY = VideoGeometry(12, 4, 8)        # 384 tokens: 6 blocks of 64

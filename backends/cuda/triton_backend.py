@@ -5,8 +5,8 @@ mask's tiles (:mod:`.tiling`) and uploads them; later calls only launch. Under
 ``TRITON_INTERPRET=1`` Triton runs kernels on CPU tensors; the backend then offers
 that as its :meth:`emulator` (:mod:`.interpreter`), which is how CPU CI runs the
 property suite on it (fp16/fp32 only: the interpreter's bf16 dot is wrong). It also
-offers AdaSpa's block-mass pass (:mod:`.block_mass`) and its first search step in one dense
-pass (:mod:`.search_attention`). Masks that approximate the blocks a
+offers AdaSpa's block-mass pass (:mod:`.block_mass`), its first search step in one dense
+pass (:mod:`.search_attention`) and the planners' row-wise top-k (:mod:`.row_top`). Masks that approximate the blocks a
 row does not list (PASA) get a second Triton pass that merges the approximation into the
 exact kernel's output through its LSE (:mod:`.approximation_launch`).
 """
@@ -21,9 +21,9 @@ import torch
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.ir.unselected import KINDS
-from sparsecore.registry import Backend, BlockMassOp, Run
+from sparsecore.registry import Backend, BlockMassOp, RowTopOp, Run
 
-from . import block_mass, interpreter, search_attention
+from . import block_mass, interpreter, row_top, search_attention
 from .triton_config import TritonOptions
 
 
@@ -33,6 +33,7 @@ class TritonBackend(Backend):
     options_type = TritonOptions
     block_mass = BlockMassOp(run=block_mass.run, supports=block_mass.supports, with_output=search_attention.run,
                              with_output_supports=search_attention.supports)
+    row_top = RowTopOp(run=row_top.run, supports=row_top.supports)
 
     def __init__(self) -> None:
         dtypes = {"float16", "float32"} if interpreter.interpreting() else {"float16", "bfloat16", "float32"}

@@ -28,7 +28,8 @@ routing uses no group statistic (PISA's covariance routing term is for images on
 Dense masks (dense steps and layers) have nothing to approximate and stay ``"drop"``.
 
 Planning runs on the scores' device for all heads at once: block means by ``index_add``,
-one batched score product, the noise from counters (:mod:`.noise`), one top-k, and the
+one batched score product, the noise from counters (:mod:`sparsecore.noise`) and one top-k (both in one
+kernel where a backend offers it: :func:`.selection.sorted_top`), and the
 CSR by scatter. Every size is known from the schedule and the geometry, so a sparse
 step reads nothing back to the host.
 
@@ -40,7 +41,7 @@ Where the paper is silent, we chose:
   reorder near-tied blocks (swaps are bounded by ``noise_scale * range(noise)``).
   Default 0.2: on the synthetic workload about 18% of the selected blocks change from
   one step to the next at a recall cost of about 1 point (docs/fidelity.md shows 0 to
-  1). Drawn from counters (:func:`.noise.gumbel`) keyed by ``(seed, layer, step, head)``:
+  1). Drawn from counters (:func:`sparsecore.noise.gumbel`) keyed by ``(seed, layer, step, head)``:
   the same seed gives the same mask on any device and for any head shard.
 - Dense steps: ``ceil(dense_fraction * num_steps)`` (10 of 50); ``dense_layers``
   (default ``(0,)``: PISA's first dense layer) are dense at every step.
@@ -76,9 +77,8 @@ from sparsecore.ir.validation import check_int
 from .approximation import check_approximation, unselected_of, with_unselected
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_qk, check_scale,
                        check_layer, check_shard, check_step, geometry_meta, params_from)
-from .noise import gumbel
-from .selection import (SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask,
-                        top_video)
+from sparsecore.noise import GumbelNoise, head_keys
+from .selection import SinkLayout, block_means, dense_mask, keep_count, selection_nnz, sink_mask, sink_rows, sorted_top
 
 METHOD = "pasa"
 PAPER = "arXiv:2604.12219"
@@ -323,15 +323,14 @@ class PASASession:
         offsets = geometry.block_offsets(p.block_size)
         layout = SinkLayout.of(geometry, offsets)
         scores = pooled_scores(q, k, offsets, q.shape[-1] ** -0.5 if p.scale is None else p.scale)
-        if p.noise_scale > 0:
-            scores[:, layout.video, layout.video] += gumbel(shard.heads, layout.video_blocks, layout.video_blocks,
-                                                             seed=p.seed, layer=layer, step=step,
-                                                             scale=p.noise_scale, device=scores.device)
+        noise = GumbelNoise(head_keys(shard.heads, p.seed, layer, step, scores.device), p.noise_scale) \
+            if p.noise_scale > 0 else None
         keep = keep_count(rho, layout.video_blocks)
         nnz = selection_nnz(layout, shard.size, shard.size * (keep + layout.text_blocks))
         budgets = torch.full((shard.size,), rho, dtype=torch.float64, device=scores.device)
         unselected = unselected_of(p.approximation, p.group_size)
-        mask = sink_mask(rows_from_top(top_video(scores, layout, keep), layout, keep), layout, offsets, nnz, budgets,
+        video_ids = sorted_top(scores[:, layout.video, layout.video], keep, noise)
+        mask = sink_mask(sink_rows(video_ids, layout), layout, offsets, nnz, budgets,
                          {**meta, "keep_blocks": keep, "unselected": str(unselected)})
         return with_unselected(mask, unselected)
 

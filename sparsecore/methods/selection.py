@@ -6,7 +6,10 @@ row and text rows keep everything (AdaSpa, arXiv 2502.21079 Sec. 4.3; PASA says 
 of text, so it follows). Here that is one batched ``topk`` over ``[H, rows, blocks]``, one
 sort, and the CSR lists written with ``scatter`` into arrays whose sizes are known before
 any value is read (:func:`sparsecore.ir.csr.scatter_rows`): no Python loop over heads or
-rows, and no host round trip unless the caller's row counts are data-dependent.
+rows, and no host round trip unless the caller's row counts are data-dependent. Where every
+row keeps the same number of blocks (PASA), :func:`sorted_top` takes a backend's row-wise
+top-k (:class:`sparsecore.registry.RowTopOp`; Triton on CUDA), noise included, where one
+takes the scores.
 
 Text blocks are contiguous (:meth:`VideoGeometry.block_offsets` keeps them at the end or
 the start), so the video part of a score map is a plain slice. LVSA's static patterns are
@@ -24,6 +27,8 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import on_device
+from sparsecore.noise import GumbelNoise
+from sparsecore.registry import RowTopOp, registered_backends
 
 def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
     """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``.
@@ -96,6 +101,39 @@ def top_video(scores: torch.Tensor, layout: SinkLayout, max_keep: int, *, ranked
     different prefixes of the top ``max_keep`` (:func:`rows_from_top` with a tensor ``keep``).
     """
     return torch.topk(scores[:, layout.video, layout.video], max_keep, dim=-1, sorted=ranked)
+
+
+def sorted_top(scores: torch.Tensor, k: int, noise: GumbelNoise | None = None) -> torch.Tensor:
+    """Column ids int32 ``[H, R, k]``, ascending, of each row's ``k`` largest ``scores + noise`` (float32 ``[H, R, C]``).
+
+    A registered backend's :class:`~sparsecore.registry.RowTopOp` where one takes the scores (it keeps the
+    lowest ids among entries tied at the ``k``-th value), else torch: the noise map, ``topk``, a sort
+    (ties: whichever ``topk`` returns).
+    """
+    op = _row_top(scores, k)
+    if op is not None:
+        return op.run(scores, k, noise)
+    if noise is not None:
+        scores = scores + noise.sample(scores.shape[1], scores.shape[2])
+    return torch.sort(torch.topk(scores, k, dim=-1, sorted=False).indices, dim=-1).values.to(torch.int32)
+
+
+def _row_top(scores: torch.Tensor, k: int) -> RowTopOp | None:
+    ops = (b.row_top for b in registered_backends().values() if b.row_top is not None)
+    return next((op for op in ops if op.supports(scores, k) is None), None)
+
+
+def sink_rows(video_ids: torch.Tensor, layout: SinkLayout) -> Selection:
+    """The :class:`Selection` of video rows that keep the sorted video blocks ``video_ids`` (int32 ``[H, R, k]``,
+    counted from the first video block) and every text block: text and video ids are two runs, so no sort."""
+    heads, rows, keep = video_ids.shape
+    video_ids = video_ids + layout.video.start
+    if not layout.text_blocks:
+        return Selection(video_ids, keep)
+    text = torch.arange(layout.text.start, layout.text.stop, dtype=torch.int32, device=video_ids.device)
+    parts = [video_ids, text.expand(heads, rows, -1)]
+    return Selection(torch.cat(parts if layout.text.start > layout.video.start else parts[::-1], dim=-1),
+                     keep + layout.text_blocks)
 
 
 def rows_from_top(top: Any, layout: SinkLayout, keep: torch.Tensor | int) -> Selection:

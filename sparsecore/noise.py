@@ -17,6 +17,8 @@ are arithmetic shifts with the sign bits masked off. The per-entry work is 32-bi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 GOLDEN = -7046029254386353131        # 0x9E3779B97F4A7C15 as int64
@@ -70,12 +72,31 @@ def head_keys(heads: range, seed: int, layer: int | None, step: int, device: tor
     return torch.where(high >= 1 << 31, high - (1 << 32), high).to(torch.int32)
 
 
+@dataclass(frozen=True)
+class GumbelNoise:
+    """The noise of one ``(seed, layer, step)`` for some heads: entry ``(h, r, c)`` of a ``rows x cols`` map is
+    Gumbel(0, ``scale``) of the counter ``r * cols + c`` XOR ``keys[h]`` (int32 ``[H]``, :func:`head_keys`).
+
+    :meth:`sample` writes the map; a backend may compute the same values where it reads the scores
+    (``sparsecore.registry.RowTopOp``): every step is 32-bit integer arithmetic and one float32
+    conversion, exact everywhere, then two float32 ``log``, which libraries may round differently
+    in the last bit (as torch's CPU and CUDA ``log`` may).
+    """
+
+    keys: torch.Tensor
+    scale: float
+
+    def sample(self, rows: int, cols: int) -> torch.Tensor:
+        """The noise map, float32 ``[H, rows, cols]``."""
+        if rows * cols >= MAX_ENTRIES:
+            raise ValueError(f"rows, cols: the noise counter is 32-bit, got {rows} x {cols} entries per head")
+        bits = torch.arange(rows * cols, device=self.keys.device, dtype=torch.int32).view(1, rows, cols) \
+            ^ self.keys.view(-1, 1, 1)
+        uniform = _mix32_(bits).bitwise_right_shift_(9).bitwise_and_((1 << 23) - 1).float().add_(0.5).mul_(2.0 ** -23)
+        return uniform.log_().neg_().log_().mul_(-self.scale)
+
+
 def gumbel(heads: range, rows: int, cols: int, *, seed: int, layer: int | None, step: int, scale: float,
            device: torch.device | str) -> torch.Tensor:
     """Gumbel(0, ``scale``) noise, float32 ``[len(heads), rows, cols]`` for the given global head indices."""
-    if rows * cols >= MAX_ENTRIES:
-        raise ValueError(f"rows, cols: the noise counter is 32-bit, got {rows} x {cols} entries per head")
-    keys = head_keys(heads, seed, layer, step, device)
-    bits = torch.arange(rows * cols, device=device, dtype=torch.int32).view(1, rows, cols) ^ keys.view(-1, 1, 1)
-    uniform = _mix32_(bits).bitwise_right_shift_(9).bitwise_and_((1 << 23) - 1).float().add_(0.5).mul_(2.0 ** -23)
-    return uniform.log_().neg_().log_().mul_(-scale)
+    return GumbelNoise(head_keys(heads, seed, layer, step, device), scale).sample(rows, cols)
