@@ -74,6 +74,9 @@ def main() -> int:
     parser.add_argument("--ring-degree", type=int, default=2, help="ring degree of --mode unified")
     parser.add_argument("--sp-world", type=int, default=1, help="LVSA's sp_world: boundary guards at the edges of "
                         "this many sequence shards (the ring degree to reproduce the released code; 1: none)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after the timed steps, one more step of the last kind under torch.profiler: each rank "
+                             "writes DIR/profile-<model>-<method>-<mode>-<N>-rank<r>.txt (kernel and host tables)")
     args = parser.parse_args()
     if args.report is not None:
         return report(args.report)
@@ -146,6 +149,9 @@ def run(args: argparse.Namespace, world: int, rank: int, device: str) -> dict:
         seconds.append(elapsed)
         if rank == 0:
             print(f"{args.model} {args.method} {args.mode} world={world} step {step}: {elapsed:.3f} s", flush=True)
+    if args.profile is not None:
+        profile_step(model, inputs, handle, steps[-1], device, world, args.profile / (
+            f"profile-{args.model}-{args.method}-{args.mode if world > 1 else 'one'}-{world}-rank{rank}.txt"))
     peaks = gather_floats(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0, world, device)
     stats = handle.stats() if handle is not None else []
     last = [s for s in stats if s["step"] == steps[-1]]
@@ -170,6 +176,25 @@ def run(args: argparse.Namespace, world: int, rank: int, device: str) -> dict:
         if world > 1 and reference.exists():                # the one-GPU run, made first
             row["vs_one_gpu"] = compare(output.float().cpu(), torch.load(reference))
     return row
+
+
+def profile_step(model: torch.nn.Module, inputs: dict, handle, step: int, device: str, world: int,
+                 path: Path) -> None:
+    """One more step like ``step`` under torch.profiler: its wall time, the device's busy time (kernels and copies
+    summed), and the ops by device time and by host time, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+    if handle is not None:
+        handle.set_step(step)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        elapsed, _ = timed_step(model, inputs, 1000.0 - 20 * step, device, world)
+    averages = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in averages) / 1e6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"step {step}: wall {elapsed:.3f} s under the profiler; device busy {busy:.3f} s (kernels and "
+                    f"copies summed, overlaps counted twice)\n\n"
+                    + averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+                    + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
 def ring_pairs(handle) -> float | None:

@@ -145,6 +145,7 @@ def run(model_name: str, name: str, ring: int = 1) -> dict:
     model = MODELS[model_name]()
     provider, params = method(model_name, name, ring)
     handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
+    handle.keep_masks(True)                                 # observe() reads every layer's last mask
     prepare(model, name)
     outputs = denoise(model, model_name)
     return {**observe(model, handle), "outputs": outputs}
@@ -195,6 +196,7 @@ def worker(rank: int, world: int, port: int, mode: str, jobs: list[tuple[str, st
             if name in PARALLEL_FIRST:
                 enable()
             handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
+            handle.keep_masks(True)
             if name not in PARALLEL_FIRST:
                 enable()
             prepare(model, name)

@@ -433,6 +433,7 @@ def test_a_run_holds_only_the_current_steps_masks():
     handle = sparse.apply(model, method="pasa", device="cpu", num_steps=6, dense_fraction=0.2, density=0.3,
                           block_size=32, dense_layers=())
     handle.timing(True)
+    handle.keep_masks(True)                      # PASA's masks are the calls' own: kept only when asked
     seen = []
     gc.collect()
     gc.disable()
@@ -443,6 +444,32 @@ def test_a_run_holds_only_the_current_steps_masks():
         alive = [ref for ref in seen if ref() is not None]                  # a kernel would keep its mask alive
         assert len(seen) == 6 and len(alive) == 2, (len(seen), len(alive))   # 3 sparse steps x 2 layers; 2 left
         assert all(0 < row["density"] < 1 for row in handle.stats() if row["backend"] != "dense")
+    finally:
+        gc.enable()
+        handle.remove()
+
+
+def test_masks_made_per_call_are_freed_after_their_call():
+    """PASA plans every call from its own q, k: no layer's lists may stay alive while the next layers run (at Wan
+    6x they put 1.7 GiB on top of the model's peak); with keep_masks on, each layer's last mask is kept."""
+    import gc
+    from sparsecore import BlockMask
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=6, dense_fraction=0.2, density=0.3,
+                          block_size=32, dense_layers=())
+    alive = lambda: [o for o in gc.get_objects() if isinstance(o, BlockMask) and o.meta.get("method") == "pasa"]  # noqa: E731
+    gc.collect()
+    gc.disable()
+    try:
+        for t in (999.0, 800.0, 600.0):
+            forward(model, inputs, t)
+        assert [row["action"] for row in handle.stats()][-2:] == ["select", "select"]
+        assert alive() == [] and handle.mask(0) is None
+        handle.keep_masks(True)
+        forward(model, inputs, 400.0)
+        assert len(alive()) == 2 and handle.mask(1) is not None
+        with pytest.raises(TypeError, match="enabled"):
+            handle.keep_masks("yes")
     finally:
         gc.enable()
         handle.remove()

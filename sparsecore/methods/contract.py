@@ -42,6 +42,8 @@ class StepAction:
     ``mass_block_size``: it can also take the block masses ``[H, MB, NB]`` of this step's q, k on
     ``geometry.block_offsets(mass_block_size)`` blocks, which the dense output's pass can give
     (:func:`sparsecore.search.dense_attention_with_mass`); None: it computes them itself.
+    ``per_call``: the mask is the call's own (made from its q, k, kept by nobody after it): the
+    integrations plan it at every call of the step and hold no layer's lists while others run.
     """
 
     label: str
@@ -50,6 +52,7 @@ class StepAction:
     needs_qk: bool = False
     wants_lse: bool = False
     mass_block_size: int | None = None
+    per_call: bool = False
 
 
 @runtime_checkable

@@ -306,7 +306,7 @@ class PASASession:
         step = check_step(step, self.num_steps)
         if self.schedule[step] >= 1.0 or (layer is not None and layer in self.params.dense_layers):
             return StepAction("dense", dense=True, plans=False)
-        return StepAction("select", dense=False, plans=True, needs_qk=True)
+        return StepAction("select", dense=False, plans=True, needs_qk=True, per_call=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
              q: Any = None, k: Any = None, lse: Any = None, mass: Any = None, heads: HeadShard | None = None) -> BlockMask:

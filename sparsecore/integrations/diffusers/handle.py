@@ -90,10 +90,20 @@ class SparseAttentionHandle:
     def mask(self, layer: int) -> BlockMask | None:
         """The mask ``layer`` planned last (its valid tokens, before text padding), None before its first plan.
 
+        A method that plans at every call from its q, k (PASA) keeps no mask after the call: None for its
+        layers unless :meth:`keep_masks` is on.
+
         Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
         A batch of several text lengths (HunyuanVideo 1.5) plans one mask per length; this is the last.
         """
         return self._planner.last_mask(check_int(layer, "layer", 0))
+
+    def keep_masks(self, enabled: bool = True) -> None:
+        """Keep each layer's last mask (and kernel) for :meth:`mask` also where the method plans at every call
+        (PASA), at the memory cost of every layer's lists held at once; other methods keep theirs anyway."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
+        self._planner.keep_masks = enabled
 
     def timing(self, enabled: bool = True) -> None:
         """Record the time of every attention call (device events) into ``stats()`` as ``ms``, and each plan's

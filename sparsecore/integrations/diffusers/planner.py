@@ -3,7 +3,10 @@
 For every (layer, valid-token geometry) the first call of a step asks the method's session
 what the step does (:meth:`Session.action`), plans the mask if it must (with q, k only when
 the method needs them), compiles it, and keeps all of that for the other calls of the step
-(classifier-free guidance run as separate calls reuses it). Dense steps run the model's own
+(classifier-free guidance run as separate calls reuses it). A mask the method makes from
+each call's q, k alone (``StepAction.per_call``: PASA's) is planned at every call and kept
+by nothing after it, unless :attr:`Planner.keep_masks` is set: holding every layer's lists
+while the others run would put them all on top of the model's peak memory (1.7 GiB at Wan 6x). Dense steps run the model's own
 attention; AdaSpa's first search step runs dense attention that also returns its LSE and,
 where a backend can give them from the same pass, the block masses the search needs
 (:func:`sparsecore.search.dense_attention_with_mass`), and prepares the kernel of the searched
@@ -118,6 +121,7 @@ class Planner:
         self.stats = stats
         self._sessions: dict[VideoGeometry, Session] = {}
         self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
+        self.keep_masks = False                  # keep per-call plans too (for ``last_mask``), as other plans are
 
     def new_run(self) -> None:
         self._sessions.clear()
@@ -189,7 +193,10 @@ class Planner:
         action = session.action(geometry, step, layer)
         record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
         plan = LayerPlan(step, None, None, record)
-        self._plans[(layer, geometry)] = plan
+        if action.per_call and not self.keep_masks:
+            self._plans.pop((layer, geometry), None)     # the caller holds the plan for its call only
+        else:
+            self._plans[(layer, geometry)] = plan
         if not action.plans:
             return plan
         q = k = lse = mass = None
