@@ -29,7 +29,8 @@ length (121 latent frames, 480x832: 188,760 tokens): ``wan-1.3b`` (30 layers, 12
 (HunyuanVideo 1.5, 16 heads, 54 layers; ``--frames 65`` at 480p: 103,350 video tokens, which
 only 2 ranks divide; ``--layers`` as for the 14B). Methods: ``lvsa`` (steps 20-23: its anchors
 rotate, so every step plans and compiles its mask, as in a real run; ``--sp-world R`` adds the
-released code's boundary guards at the edges of R shards, also on the one-GPU reference run), ``adaspa``
+released code's boundary guards at the edges of R shards, also on the one-GPU reference run), ``pasa``
+(steps 10-13, sparse: one GPU or Ulysses; its default approximation refuses a ring), ``adaspa``
 (step 10 searches, its time is ``first_step_s``; steps 11-13 reuse the mask) or ``dense``
 (diffusers' own attention and own context parallelism; ring and unified need an LSE-returning
 backend there, ``_native_cudnn`` is set; Wan only).
@@ -56,6 +57,7 @@ from sparsecore.timing import synchronize
 
 STEPS = {"lvsa": (20, 21, 22, 23),       # the first is the warm-up
          "adaspa": (10, 11, 12, 13),     # 10: search (dense output; per-head recalls all-gathered), then reuse
+         "pasa": (10, 11, 12, 13),       # sparse steps (layer 0 dense); under a ring only with approximation="drop"
          "dense": (0, 1, 2, 3)}
 FULL_DEPTH = {"wan-1.3b": 30, "wan-14b": 40, "hv15": 54}
 MODES = ("ulysses", "ring", "unified")
