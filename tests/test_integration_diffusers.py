@@ -457,7 +457,9 @@ def test_masks_made_per_call_are_freed_after_their_call():
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method="pasa", device="cpu", num_steps=6, dense_fraction=0.2, density=0.3,
                           block_size=32, dense_layers=())
-    alive = lambda: [o for o in gc.get_objects() if isinstance(o, BlockMask) and o.meta.get("method") == "pasa"]  # noqa: E731
+
+    def alive() -> list:
+        return [o for o in gc.get_objects() if isinstance(o, BlockMask) and o.meta.get("method") == "pasa"]
     gc.collect()
     gc.disable()
     try:

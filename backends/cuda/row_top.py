@@ -21,7 +21,7 @@ MAX_COLUMNS = 16384          # a row's scores are held by one program (64 KiB of
 
 
 def supports(scores: Any, k: int) -> str | None:
-    """None if the kernel takes ``scores`` float32 ``[H, R, C]`` and ``k``, else why not (the planner then uses torch)."""
+    """None if the kernel takes ``scores`` float32 ``[H, R, C]`` and ``k``, else why not (the planners use torch)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3 or scores.dtype != torch.float32:
@@ -46,7 +46,7 @@ def run(scores: torch.Tensor, k: int, noise: Any = None) -> torch.Tensor:
     if out.numel() == 0:
         return out
     block = max(16, triton.next_power_of_2(cols))
-    keys = out if noise is None else noise.keys.to(device=scores.device, dtype=torch.int32)
+    keys = out if noise is None else noise.keys.to(device=scores.device, dtype=torch.int32)   # out: never read
     row_top_kernel[(rows, heads)](scores, keys, out, cols, k, 0.0 if noise is None else -float(noise.scale),
                                   scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1),
                                   HAS_NOISE=noise is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)

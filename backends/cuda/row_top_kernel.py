@@ -2,8 +2,9 @@
 
 One program per (row, head) holds its row of scores in registers, adds the row's Gumbel noise
 from its counters (:class:`sparsecore.noise.GumbelNoise`: the same 32-bit hash as the torch path,
-then Triton's float32 ``log``, which may round differently from torch's in the last bit), finds the ``k``-th largest value exactly by
-bisection over an order-preserving int32 image of the floats (32 counting rounds), and writes
+then Triton's float32 ``log``, which may round differently from torch's in the last bit), finds
+the ``k``-th largest value exactly by bisection over an order-preserving int32 image of the
+floats (32 counting rounds), and writes
 the ids of the kept columns in ascending order through a prefix sum: entries above the
 ``k``-th value, then the lowest-id entries equal to it until ``k`` are kept. Scores, noise
 and ranks never leave the program; nothing is sorted.

@@ -6,8 +6,8 @@ mask's tiles (:mod:`.tiling`) and uploads them; later calls only launch. Under
 that as its :meth:`emulator` (:mod:`.interpreter`), which is how CPU CI runs the
 property suite on it (fp16/fp32 only: the interpreter's bf16 dot is wrong). It also
 offers AdaSpa's block-mass pass (:mod:`.block_mass`), its first search step in one dense
-pass (:mod:`.search_attention`) and the planners' row-wise top-k (:mod:`.row_top`). Masks that approximate the blocks a
-row does not list (PASA) get a second Triton pass that merges the approximation into the
+pass (:mod:`.search_attention`) and the planners' row-wise top-k (:mod:`.row_top`). Masks
+that approximate the blocks a row does not list (PASA) get a second Triton pass that merges the approximation into the
 exact kernel's output through its LSE (:mod:`.approximation_launch`).
 """
 

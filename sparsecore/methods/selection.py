@@ -104,7 +104,8 @@ def top_video(scores: torch.Tensor, layout: SinkLayout, max_keep: int, *, ranked
 
 
 def sorted_top(scores: torch.Tensor, k: int, noise: GumbelNoise | None = None) -> torch.Tensor:
-    """Column ids int32 ``[H, R, k]``, ascending, of each row's ``k`` largest ``scores + noise`` (float32 ``[H, R, C]``).
+    """Column ids int32 ``[H, R, k]``, ascending, of each row's ``k`` largest ``scores + noise`` (scores: float32
+    ``[H, R, C]``).
 
     A registered backend's :class:`~sparsecore.registry.RowTopOp` where one takes the scores (it keeps the
     lowest ids among entries tied at the ``k``-th value), else torch: the noise map, ``topk``, a sort

@@ -6,8 +6,8 @@ the method needs them), compiles it, and keeps all of that for the other calls o
 (classifier-free guidance run as separate calls reuses it). A mask the method makes from
 each call's q, k alone (``StepAction.per_call``: PASA's) is planned at every call and kept
 by nothing after it, unless :attr:`Planner.keep_masks` is set: holding every layer's lists
-while the others run would put them all on top of the model's peak memory (1.7 GiB at Wan 6x). Dense steps run the model's own
-attention; AdaSpa's first search step runs dense attention that also returns its LSE and,
+while the others run would put them all on top of the model's peak memory (1.7 GiB at Wan
+6x). Dense steps run the model's own attention; AdaSpa's first search step runs dense attention that also returns its LSE and,
 where a backend can give them from the same pass, the block masses the search needs
 (:func:`sparsecore.search.dense_attention_with_mass`), and prepares the kernel of the searched
 mask there, so the step after it only launches. One session per geometry, so batches whose
