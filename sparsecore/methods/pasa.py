@@ -331,6 +331,7 @@ class PASASession:
         budgets = torch.full((shard.size,), rho, dtype=torch.float64, device=scores.device)
         unselected = unselected_of(p.approximation, p.group_size)
         video_ids = sorted_top(scores[:, layout.video, layout.video], keep, noise)
+        del scores                                          # 4 bytes a block pair: freed before the lists are built
         mask = sink_mask(sink_rows(video_ids, layout), layout, offsets, nnz, budgets,
                          {**meta, "keep_blocks": keep, "unselected": str(unselected)})
         return with_unselected(mask, unselected)

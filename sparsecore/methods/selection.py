@@ -161,6 +161,20 @@ def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz
     counts[:, layout.video] = selection.counts.reshape(-1, 1) if isinstance(selection.counts, torch.Tensor) \
         else selection.counts                                      # an int fills: no host-to-device copy
     indptr = csr.indptr_from_counts(counts)
+    if isinstance(selection.counts, torch.Tensor):
+        indices = _scattered(rows, layout, indptr, counts, nnz)
+    else:
+        indices = _concatenated(rows, layout)
+    # Valid by construction: rows are sorted top-k ids (distinct, in range) plus the text ids
+    # (distinct from video ids), counts match the entries written, and nnz sums the counts.
+    return BlockMask.unchecked(heads, offsets, offsets, indptr.to(torch.int32), indices[:nnz],
+                               budgets.to(torch.float64), meta)
+
+
+def _scattered(rows: torch.Tensor, layout: SinkLayout, indptr: torch.Tensor, counts: torch.Tensor,
+               nnz: int) -> torch.Tensor:
+    """The CSR indices of padded video rows with per-head counts (written by scatter) and full text rows."""
+    heads, device = rows.shape[0], rows.device
     indices = torch.empty(nnz + 1, dtype=torch.int32, device=device)     # + 1: the slot padding writes go to
     video_rows = torch.arange(layout.video.start, layout.video.stop, device=device)
     csr.scatter_rows(indices, indptr, video_rows, rows, counts[:, layout.video])
@@ -168,10 +182,20 @@ def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz
         text_rows = torch.arange(layout.text.start, layout.text.stop, device=device)
         every = torch.arange(layout.num_blocks, device=device).expand(heads, layout.text_blocks, -1)
         csr.scatter_rows(indices, indptr, text_rows, every, counts[:, layout.text])
-    # Valid by construction: rows are sorted top-k ids (distinct, in range) plus the text ids
-    # (distinct from video ids), counts match the scattered entries, and nnz sums the counts.
-    return BlockMask.unchecked(heads, offsets, offsets, indptr.to(torch.int32), indices[:nnz],
-                               budgets.to(torch.float64), meta)
+    return indices
+
+
+def _concatenated(rows: torch.Tensor, layout: SinkLayout) -> torch.Tensor:
+    """The CSR indices when every video row keeps ``rows.shape[2]`` blocks: each head's video rows and its full
+    text rows are two runs in row order, so the lists are a concatenation (no scatter, no int64 positions)."""
+    heads = rows.shape[0]
+    video = rows.reshape(heads, -1)
+    if not layout.text_blocks:
+        return video.reshape(-1)
+    every = torch.arange(layout.num_blocks, dtype=torch.int32, device=rows.device)
+    text = every.repeat(layout.text_blocks).expand(heads, -1)
+    runs = [video, text] if layout.text.start > layout.video.start else [text, video]
+    return torch.cat(runs, dim=1).reshape(-1)
 
 
 def selection_nnz(layout: SinkLayout, heads: int, video_row_counts: int) -> int:
