@@ -11,16 +11,26 @@ from tolerances import LSE_ABS, OUT_REL
 import sparsecore
 
 
-def run_and_compare(target: Target, mask, q, k, v, scale=None, device_held: bool = False) -> None:
+def in_model_layout(args):
+    """Torch ``[B, H, L, D]`` inputs as views of ``[B, L, H, D]`` memory (how the diffusers integration hands
+    them to a kernel); NumPy inputs as they are."""
+    return [a.transpose(1, 2).contiguous().transpose(1, 2) if hasattr(a, "transpose") and not isinstance(a, np.ndarray)
+            else a for a in args]
+
+
+def run_and_compare(target: Target, mask, q, k, v, scale=None, device_held: bool = False,
+                    model_layout: bool = False) -> None:
     """Compile ``mask`` for ``target``, run it on q, k, v (float64 numpy), check it against the oracle.
 
     ``device_held``: compile the mask with its lists as torch tensors on the tensors' device, as
-    methods build them (the oracle reads the host mask either way).
+    methods build them (the oracle reads the host mask either way). ``model_layout``: the inputs as
+    strided views (:func:`in_model_layout`).
     """
     torch_device = target.tensor_device if target.capabilities.array_type == "torch" else "cpu"
     compiled = mask.to(torch_device) if device_held else mask
     kernel = sparsecore.compile(compiled, device=target.device, backend=target.backend)
     args, (q64, k64, v64) = target.cast(q, k, v)
+    args = in_model_layout(args) if model_layout else args
     want_lse = target.capabilities.lse
     result = kernel(*args, scale=scale, return_lse=want_lse)
     out, lse = result if want_lse else (result, None)

@@ -34,7 +34,9 @@ def target(request):
 def test_generated_masks_match_dense_oracle(target, data):
     case = data.draw(attention_cases(target.capabilities), label="case")
     device_held = data.draw(st.booleans(), label="lists held as device tensors")
-    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=device_held)
+    model_layout = data.draw(st.booleans(), label="q, k, v as views of [B, L, H, D]")
+    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=device_held,
+                    model_layout=model_layout)
 
 
 def _frames(num_frames: int, frame: int, text: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checks import assert_matches
+from checks import assert_matches, in_model_layout
 from oracle_unselected import approximated_attention, block_terms
 from strategies import AttentionCase, attention_cases
 from targets import all_targets, default_scale, to_float64
@@ -44,12 +44,13 @@ def approximating(mask: BlockMask, unselected: Unselected | str) -> BlockMask:
                      mask.meta, unselected)
 
 
-def run_and_compare(target, mask: BlockMask, q, k, v, scale=None, device_held: bool = False) -> None:
+def run_and_compare(target, mask: BlockMask, q, k, v, scale=None, device_held: bool = False,
+                    model_layout: bool = False) -> None:
     torch_device = target.tensor_device if target.capabilities.array_type == "torch" else "cpu"
     kernel = sparsecore.compile(mask.to(torch_device) if device_held else mask, device=target.device,
                                 backend=target.backend)
     args, (q64, k64, v64) = target.cast(q, k, v)
-    out, lse = kernel(*args, scale=scale, return_lse=True)
+    out, lse = kernel(*(in_model_layout(args) if model_layout else args), scale=scale, return_lse=True)
     assert str(lse.dtype).endswith("float32") and out.dtype == args[0].dtype
     ref_out, ref_lse = approximated_attention(q64, k64, v64, mask, default_scale(q.shape[-1], scale))
     assert np.isfinite(ref_lse).all()          # every row has mass: each key block is listed or approximated
@@ -69,7 +70,9 @@ def approximated_cases(draw, caps: sparsecore.Capabilities) -> AttentionCase:
 def test_generated_masks_match_the_oracle(target, data):
     case = data.draw(approximated_cases(target.capabilities), label="case")
     device_held = data.draw(st.booleans(), label="lists held as device tensors")
-    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=device_held)
+    model_layout = data.draw(st.booleans(), label="q, k, v as views of [B, L, H, D]")
+    run_and_compare(target, case.mask, *case.inputs(), scale=case.scale, device_held=device_held,
+                    model_layout=model_layout)
 
 
 # ------------------------------------------------------------------ named cases
