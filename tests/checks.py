@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from oracle import dense_attention, expand_to_tokens
 from targets import Target, default_scale, to_float64
@@ -14,8 +15,7 @@ import sparsecore
 def in_model_layout(args):
     """Torch ``[B, H, L, D]`` inputs as views of ``[B, L, H, D]`` memory (how the diffusers integration hands
     them to a kernel); NumPy inputs as they are."""
-    return [a.transpose(1, 2).contiguous().transpose(1, 2) if hasattr(a, "transpose") and not isinstance(a, np.ndarray)
-            else a for a in args]
+    return [a.transpose(1, 2).contiguous().transpose(1, 2) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def run_and_compare(target: Target, mask, q, k, v, scale=None, device_held: bool = False,
