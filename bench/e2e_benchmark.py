@@ -21,7 +21,11 @@ compiles kernels): dense; LVSA's sparse step; AdaSpa's first search (dense outpu
 search), reuse steps (the first one reported too), cached search; PASA's sparse step. A 50-step
 generation's time is then composed from the schedule: AdaSpa = 10 dense + 1 search + 1 cached
 search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its steps.
-``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks).
+``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks);
+``adaspa-device`` is AdaSpa with ``store="device"`` (searched masks and LSEs wait on the GPU between
+steps; the default ``"host"`` keeps them in pinned host memory and copies a layer's mask per call).
+Results from before 2026-12-01 ran AdaSpa with its masks on the GPU (the default then), and the
+``_6x_store`` / ``_lengths_store`` files name the host-memory rows ``adaspa-host``.
 Steps are timed with the handle's timing off: timing synchronizes the device before each
 layer's plan, which a dense step does not pay. Host planning per layer (``plan_ms`` of the
 handle's stats, median over layers) comes from one more forward with timing on, a step of the
@@ -128,8 +132,9 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "adaspa": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
 }
-VARIANTS = {    # row name -> (method, parameters): PASA without its approximation of unkept blocks
-    "pasa-drop": ("pasa", {"approximation": "drop"}),
+VARIANTS = {    # row name -> (method, parameters)
+    "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
+    "adaspa-device": ("adaspa", {"store": "device"}),          # searched masks wait on the GPU
 }
 STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
     "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
@@ -306,7 +311,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         gen_speedup = f"{d['generation_s'] / r['generation_s']:.2f}x" if d else ""
         kinds = ", ".join(f"{k} {t:.3f}" for k, t in r["steps"].items() if not (k == "dense" and r["method"] != "dense"))
         plan = "" if r.get("plan_ms_median") is None else f"{r['plan_ms_median']:.1f}"
-        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         density = "" if r.get("density") is None else f"{r['density']:.3f}"
         lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {kinds} | {step_speedup} | "
                      f"{r['generation_s']:.1f} | {gen_speedup} | {density} | {plan} | {peak} | "

@@ -128,30 +128,18 @@ class BlockMask:
 
     def to(self, device: Any) -> "BlockMask":
         """This mask with its lists as torch tensors on ``device`` (memoized: a host mask uploads once)."""
-        import torch
-        device = v.torch_device(device)
-        if device.type != "cpu" and device.index is None:
-            device = torch.device(device.type, getattr(torch, device.type).current_device())
-        if self.device == device:
-            return self
-        key = str(device)
-        if key not in self.derived:
-            put = lambda a: (torch.from_numpy(np.array(a)) if self.on_host else a).to(device)  # noqa: E731
-            self.derived[key] = BlockMask.unchecked(
-                self.num_heads, self.q_offsets, self.kv_offsets, put(self.indptr).to(torch.int32),
-                put(self.indices).to(torch.int32), put(self.budgets).to(torch.float64), self.meta, self.unselected)
-        return self.derived[key]
+        from .placement import uploaded
+        return uploaded(self, device)
+
+    def copy_to(self, device: Any) -> "BlockMask":
+        """A copy of this device mask's lists on ``device`` that the caller owns (:func:`.placement.copied`)."""
+        from .placement import copied
+        return copied(self, device)
 
     def to_host(self) -> "BlockMask":
         """This mask with NumPy lists (one device-to-host copy for a device mask, memoized)."""
-        if self.on_host:
-            return self
-        if "host" not in self.derived:
-            host = lambda t: v.frozen(t.detach().cpu().numpy())  # noqa: E731
-            self.derived["host"] = BlockMask.unchecked(self.num_heads, self.q_offsets, self.kv_offsets,
-                                                       host(self.indptr), host(self.indices), host(self.budgets),
-                                                       self.meta, self.unselected)
-        return self.derived["host"]
+        from .placement import downloaded
+        return downloaded(self)
 
     @cached_property
     def compiled_kernels(self) -> "weakref.WeakValueDictionary":

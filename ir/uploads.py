@@ -1,7 +1,11 @@
-"""Small host arrays (block boundaries, block ids) on a device, uploaded once per content and device.
+"""Copies between the host and a device.
 
-A pageable host-to-device copy waits for the device's queue to drain, so code that runs
-every layer and step (planners, kernel plans) asks here instead of copying again.
+:func:`on_device`: small host arrays (block boundaries, block ids) on a device, uploaded once per
+content and device. A pageable host-to-device copy waits for the device's queue to drain, so
+code that runs every layer and step (planners, kernel plans) asks here instead of copying again.
+
+:func:`moved`: a tensor held in host memory between steps and brought back at each use, without
+waiting: the way there lands in pinned memory, the way back runs asynchronously in stream order.
 """
 
 from __future__ import annotations
@@ -27,3 +31,17 @@ def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     else:
         _UPLOADS.move_to_end(key)
     return found
+
+
+def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``: itself if it is there, else a copy the caller owns.
+
+    From an accelerator to the host: a pinned copy (the call waits for it, so the host may read it). From
+    pinned host memory to an accelerator: queued on the current stream without waiting; the pinned
+    memory's allocator keeps the source until the copy has run.
+    """
+    if tensor.device == device:
+        return tensor
+    if device.type == "cpu":
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    return tensor.to(device, non_blocking=tensor.is_pinned())

@@ -113,6 +113,23 @@ def test_conversions_are_explicit_and_memoized(tmp_path):
     assert BlockMask.load(device.save(tmp_path / "m.safetensors")) == mask
 
 
+def test_copies_to_a_device_are_owned_by_the_caller():
+    """``copy_to`` (sessions keeping masks in host memory) is not memoized, moves only torch lists, and round-trips
+    between the host and a GPU into pinned memory where one is present."""
+    square = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 16, 16, 4)
+    mask = BlockMask(1, square.q_offsets, square.kv_offsets, square.indptr, square.indices,
+                     unselected=Unselected("zeroth"))
+    on_cpu = mask.to("cpu")
+    assert on_cpu.copy_to("cpu") is on_cpu
+    with pytest.raises(ValueError, match="copy_to moves the torch lists of a device mask"):
+        mask.copy_to("cpu")
+    if torch.cuda.is_available():
+        on_gpu = on_cpu.copy_to("cuda")
+        back = on_gpu.copy_to("cpu")
+        assert on_gpu.device.type == "cuda" and "cuda:0" not in on_cpu.derived and back.indices.is_pinned()
+        assert back.to_host() == mask and on_gpu.to_host() == mask and back.unselected == mask.unselected
+
+
 def test_unselected_enters_the_structure_and_the_file(tmp_path):
     mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 16, 16, 4)
     grouped = BlockMask(1, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,

@@ -95,8 +95,9 @@ def case(request) -> Case:
 def forward(model: Any, inputs: dict, timestep: float) -> torch.Tensor:
     batch = inputs["hidden_states"].shape[0]
     dtype = inputs["hidden_states"].dtype
+    timesteps = torch.full((batch,), timestep, dtype=dtype, device=inputs["hidden_states"].device)
     with torch.no_grad():
-        return model(**inputs, timestep=torch.full((batch,), timestep, dtype=dtype), return_dict=False)[0]
+        return model(**inputs, timestep=timesteps, return_dict=False)[0]
 
 
 def full_mask(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
@@ -403,6 +404,10 @@ def test_bad_arguments_raise_with_the_field_name():
         sparse.apply(model, method="lvsa", device="cpu", backend="fast")
     with pytest.raises(ValueError, match="num_steps"):
         sparse.apply(model, method="lvsa", device="cpu", num_steps=0)
+    with pytest.raises(ValueError, match="store: expected one of"):
+        sparse.apply(model, method="adaspa", device="cpu", store="disk")
+    with pytest.raises(TypeError, match="store: expected one of"):
+        sparse.apply(model, method="adaspa", device="cpu", store=1)
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
         with pytest.raises(ValueError, match="already applied"):
@@ -477,9 +482,11 @@ def test_masks_made_per_call_are_freed_after_their_call():
         handle.remove()
 
 
-def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch):
+@pytest.mark.parametrize("store, kernels", [("device", 2), ("host", 4)])
+def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch, store, kernels):
     """AdaSpa's mask, searched at a dense step, is compiled and prepared there once; its reuse steps find that
-    kernel (the mask holds it weakly, the plans hold it) instead of compiling and preparing it again."""
+    kernel (the mask holds it weakly, the plans hold it) instead of compiling and preparing it again. A mask kept
+    in host memory (store="host") is compiled at each call instead, and nothing is prepared at the search."""
     import sparsecore.kernel as kernel_module
     made = []
 
@@ -491,7 +498,7 @@ def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch):
     monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=5, warmup_steps=2, search_steps=(2,),
-                          sparsity=0.5)
+                          sparsity=0.5, store=store)
     try:
         for t in (999.0, 800.0, 600.0, 400.0, 200.0):
             forward(model, inputs, t)
@@ -499,7 +506,48 @@ def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch):
         handle.remove()
     actions = [(s["step"], s["action"], s["backend"]) for s in handle.stats() if s["layer"] == 0]
     assert actions[2:] == [(2, "search", "dense"), (3, "reuse", "portable"), (4, "reuse", "portable")]
-    assert made.count("adaspa") == 2          # one kernel per layer, made at the search (and the dense pass's full mask)
+    assert made.count("adaspa") == kernels      # per layer: one made at the search, or one per reuse call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: store='host' keeps AdaSpa's masks "
+                    "in host memory between steps of a GPU run")
+def test_adaspa_masks_kept_in_host_memory_leave_no_lists_on_the_device():
+    """With store="host", AdaSpa's searched masks wait in pinned host memory and each call runs its own device
+    copy: between calls no adaspa mask lists are on the GPU (with store="device" all layers' are), and every step
+    (search, reuse, cached search) gives the same output as store="device"."""
+    import gc
+    model = tiny_wan().cuda()
+    inputs = {name: t.cuda() for name, t in wan_inputs(batch=1).items()}
+    steps = (999.0, 800.0, 600.0, 400.0, 200.0, 100.0)     # dense, search, reuse, reuse, cached search, reuse
+
+    def on_gpu() -> list:
+        return [o for o in gc.get_objects() if isinstance(o, BlockMask) and o.meta.get("method") == "adaspa"
+                and o.device is not None and o.device.type == "cuda"]
+    outputs, counts = {}, {}
+    gc.collect()
+    gc.disable()
+    try:
+        for store in ("device", "host"):
+            handle = sparse.apply(model, method="adaspa", device="cuda", num_steps=6, warmup_steps=1,
+                                  search_steps=(1, 4), sparsity=0.5, block_size=32, store=store)
+            try:
+                outputs[store], counts[store] = [], []
+                for t in steps:
+                    outputs[store].append(forward(model, inputs, t))
+                    counts[store].append(len(on_gpu()))
+                held = handle.mask(0)
+                assert held.device.type == ("cpu" if store == "host" else "cuda")
+                assert store == "device" or held.indices.is_pinned()
+            finally:
+                handle.remove()
+            del handle, held
+            gc.collect()
+    finally:
+        gc.enable()
+    assert counts["host"] == [0] * len(steps)
+    assert counts["device"][1:] == [2] * (len(steps) - 1)          # one mask per layer, held from the search on
+    for step, (kept_on_device, kept_on_host) in enumerate(zip(outputs["device"], outputs["host"])):
+        assert torch.equal(kept_on_device, kept_on_host), step
 
 
 def test_padded_masks_live_only_as_long_as_their_mask():

@@ -44,6 +44,8 @@ class StepAction:
     (:func:`sparsecore.search.dense_attention_with_mass`); None: it computes them itself.
     ``per_call``: the mask is the call's own (made from its q, k, kept by nobody after it): the
     integrations plan it at every call of the step and hold no layer's lists while others run.
+    ``held``: the session keeps the mask it returns in host memory (AdaSpa's ``store="host"``): the
+    integrations copy it to the call's device and compile it at every call, and keep no device copy.
     """
 
     label: str
@@ -53,6 +55,7 @@ class StepAction:
     wants_lse: bool = False
     mass_block_size: int | None = None
     per_call: bool = False
+    held: bool = False
 
 
 @runtime_checkable

@@ -13,7 +13,9 @@ where a backend can give them from the same pass, the block masses the search ne
 mask there, so the step after it only launches. One session per geometry, so batches whose
 text lengths differ (HunyuanVideo 1.5) keep separate per-layer state.
 
-Masks the session builds on the device stay there: nothing here hashes or copies them.
+Masks the session builds on the device stay there: nothing here hashes or copies them. A
+session may keep its masks in host memory between steps (AdaSpa's ``store="host"``): such a
+mask is copied to the device at each call, compiled, and dropped after the call.
 Masks whose valid tokens are a prefix of a padded sequence run extended by one trailing block
 that no row lists (:meth:`BlockMask.with_trailing_block`): output 0 on the padding, as the
 model's masked attention gives. Masks that approximate their unlisted blocks (PASA) cannot be
@@ -81,7 +83,9 @@ class LayerPlan:
     ``dense_out``: the output of the dense pass that also gave the search its LSE, handed to
     the call that planned (later calls of the step run dense attention again). ``prepared``: the
     runner of a mask planned at a dense step, prepared for the steps after it and held until then
-    (a mask holds its kernels weakly).
+    (a mask holds its kernels weakly). ``held``: ``mask`` is kept in host memory by its session
+    (AdaSpa's ``store="host"``); each call copies it to its device and compiles that copy
+    (:meth:`Planner.kernel_of`).
     """
 
     step: int
@@ -90,6 +94,7 @@ class LayerPlan:
     record: Record
     dense_out: torch.Tensor | None = None
     prepared: Any = None
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,21 +158,30 @@ class Planner:
             kernel.prepare(*(t.transpose(1, 2)[:, :, :kernel.mask.q_len] for t in (query, key, value)))
 
         io = PlanInputs(sequence, rows=lambda out: out, runner=self.compiled, prepare=prepare)
-        plan, fresh = self.plan_for(layer, geometry, step, run, query.shape[1], query.shape[2], shard, query, io)
-        if plan.kernel is None:
+        seq_len = query.shape[1]
+        plan, fresh = self.plan_for(layer, geometry, step, run, seq_len, query.shape[2], shard, query, io)
+        kernel = self.kernel_of(plan, io, query.device, seq_len)
+        if kernel is None:
             if plan.dense_out is not None:
                 out, plan.dense_out = plan.dense_out, None
                 return out
             return self.stats.time(plan.record, query, dense)
-        tokens, seq_len = plan.kernel.mask.q_len, query.shape[1]                 # tokens < seq_len: the prefix
+        tokens = kernel.mask.q_len                                               # tokens < seq_len: the prefix
         q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
-        out = self.stats.time(plan.record, query, lambda: plan.kernel(q, k, v))
+        out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
         if tokens < seq_len:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)
         if fresh:
-            plan.record.ran(plan.mask, plan.kernel)
+            plan.record.ran(plan.mask, kernel)
         return out
+
+    def kernel_of(self, plan: LayerPlan, io: "PlanInputs", device: torch.device, seq_len: int) -> Any:
+        """What a call of ``plan`` runs (None: dense attention). A mask its session keeps in host memory is copied
+        to ``device`` and compiled for this call alone: nothing of it stays on the device after the call."""
+        if not plan.held:
+            return plan.kernel
+        return io.runner(self.padded_mask(plan.mask.copy_to(device), seq_len))
 
     def compiled(self, mask: BlockMask) -> Any:
         """The compiled kernel of a (padded) mask for this handle's device and backend."""
@@ -214,6 +228,9 @@ class Planner:
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)
+        if action.held:                      # kept in host memory by the session: copied and compiled per call
+            plan.held = not action.dense
+            return plan
         run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
             plan.prepared = io.runner(run_mask)

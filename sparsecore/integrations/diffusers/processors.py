@@ -19,7 +19,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from . import models
-from .op import diffusers_attention
+from .op import diffusers_attention, head_major
 
 if TYPE_CHECKING:
     from .handle import SparseAttentionHandle
@@ -80,7 +80,7 @@ class WanSparseAttnProcessor(SparseProcessor):
             raise ValueError(f"attention_mask: Wan self-attention (layer {self.layer}) expected None, got a "
                              f"{list(attention_mask.shape)} mask; the block-mask IR cannot add a token mask; "
                              f"call handle.remove() to run this model densely")
-        query, key, value = models.wan_qkv(attn, hidden_states, rotary_emb)
+        query, key, value = compiled_layout(*models.wan_qkv(attn, hidden_states, rotary_emb))
         out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.wan_output(attn, out, query)
 
@@ -93,7 +93,8 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
         if encoder_hidden_states is None or not self._handle.active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = models.hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        query, key, value = compiled_layout(*models.hunyuan_qkv(attn, hidden_states, encoder_hidden_states,
+                                                                image_rotary_emb))
         out = diffusers_attention(query, key, value, attention_mask, self._handle.id)
         return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
 
@@ -101,6 +102,15 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
               parallel: bool = True) -> torch.Tensor:
         """The model's own joint attention: valid tokens only (``valid_i & valid_j``, a ``[B, 1, S, S]`` mask)."""
         return self.dispatch(query, key, value, models.joint_padding_mask(text_mask, query.shape[1]), parallel)
+
+
+def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the op gets them: in head-major memory while ``torch.compile`` traces (inductor then writes
+    the projections' and RoPE's output there, with no separate copy; :mod:`.op`), as they are in eager mode
+    (where the dense steps would pay for a copy they do not need)."""
+    if torch.compiler.is_compiling():
+        return head_major(query), head_major(key), head_major(value)
+    return query, key, value
 
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,

@@ -32,7 +32,7 @@ from sparsecore.methods.selection import dense_mask
 
 from . import ring as ring_attention
 from .parallel import gather_sequence
-from .planner import PlanInputs, Planner
+from .planner import LayerPlan, PlanInputs, Planner
 from .ring import RingGroup, RingWork
 
 DENSE_MASKS = 64           # full masks of dense steps kept, one per (geometry, heads, length)
@@ -80,15 +80,26 @@ class ShardedAttention:
         if plan.dense_out is not None:
             out, plan.dense_out = plan.dense_out, None
             return out
-        work = plan.kernel
+        work = sparse = self._held_work(plan, runner, query.device, seq_len) if plan.held else plan.kernel
         if work is None:                                                  # dense: the full mask, through the ring
             work = self._work(self._full(geometry, query.shape[2], seq_len), ring, video, query)
         out = planner.stats.time(plan.record, query, lambda: ring_attention.run(work, ring, query, key, value))
-        if fresh and plan.kernel is not None:
+        if fresh and sparse is not None:
             ran = [k for k in [*work.steps, work.text] if k is not None]
             if ran:
                 plan.record.ran(plan.mask, ran[0])
         return out
+
+    def _held_work(self, plan: LayerPlan, runner: Callable[[BlockMask], RingWork], device: torch.device,
+                   seq_len: int) -> RingWork:
+        """The cut of a mask its session keeps in host memory, made from a device copy once per mask and kept with
+        it: a cut reads the ring's need flags on the host, which every call would repeat (a rank's cut holds its
+        1/R of the lists on the device, as for masks kept there)."""
+        key = ("ring cut", seq_len, str(device))
+        found = plan.mask.derived.get(key)
+        if found is None:
+            found = plan.mask.derived[key] = runner(self.planner.padded_mask(plan.mask.copy_to(device), seq_len))
+        return found
 
     def _work(self, mask: BlockMask, ring: RingGroup, video: int, like: torch.Tensor) -> RingWork:
         """The cut of ``mask`` for this rank, made once per mask (collective: every rank asks for the same masks)."""

@@ -1,0 +1,70 @@
+"""Where a mask's lists live: conversions between NumPy lists and torch tensors on a device.
+
+:func:`uploaded` and :func:`downloaded` are memoized in the mask's ``derived`` (a host mask used on a
+GPU uploads once; a device mask read on the host downloads once). :func:`copied` is not: it gives a
+copy the caller owns, for sessions that keep masks in host memory between steps and bring each
+back for one call (AdaSpa's ``store="host"``), through :func:`.uploads.moved`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import validation as v
+
+if TYPE_CHECKING:
+    import torch
+
+    from .block_mask import BlockMask
+
+
+def uploaded(mask: "BlockMask", device: Any) -> "BlockMask":
+    """``mask`` with its lists as torch tensors on ``device`` (int32 lists, float64 budgets), memoized."""
+    import torch
+    device = run_device(device)
+    if mask.device == device:
+        return mask
+    key = str(device)
+    if key not in mask.derived:
+        put = lambda a: (torch.from_numpy(np.array(a)) if mask.on_host else a).to(device)  # noqa: E731
+        mask.derived[key] = type(mask).unchecked(
+            mask.num_heads, mask.q_offsets, mask.kv_offsets, put(mask.indptr).to(torch.int32),
+            put(mask.indices).to(torch.int32), put(mask.budgets).to(torch.float64), mask.meta, mask.unselected)
+    return mask.derived[key]
+
+
+def copied(mask: "BlockMask", device: Any) -> "BlockMask":
+    """A copy of a device mask's lists on ``device`` (``mask`` itself if already there), not memoized: to the
+    host into pinned memory, from pinned memory to an accelerator asynchronously."""
+    if mask.on_host:
+        raise ValueError("mask: copy_to moves the torch lists of a device mask; a host (NumPy) mask uploads with "
+                         ".to(device)")
+    from .uploads import moved
+    device = run_device(device)
+    if mask.device == device:
+        return mask
+    return type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, moved(mask.indptr, device),
+                                moved(mask.indices, device), moved(mask.budgets, device), mask.meta, mask.unselected)
+
+
+def downloaded(mask: "BlockMask") -> "BlockMask":
+    """``mask`` with NumPy lists (read-only; one device-to-host copy for a device mask), memoized."""
+    if mask.on_host:
+        return mask
+    if "host" not in mask.derived:
+        host = lambda t: v.frozen(t.detach().cpu().numpy())  # noqa: E731
+        mask.derived["host"] = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets,
+                                                    host(mask.indptr), host(mask.indices), host(mask.budgets),
+                                                    mask.meta, mask.unselected)
+    return mask.derived["host"]
+
+
+def run_device(device: Any) -> "torch.device":
+    """``device`` as a ``torch.device`` with an index on accelerators (``"cuda"`` is the current one)."""
+    import torch
+    device = v.torch_device(device)
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, getattr(torch, device.type).current_device())
+    return device
