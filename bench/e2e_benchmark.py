@@ -22,7 +22,9 @@ search), reuse steps (the first one reported too), cached search; PASA's sparse 
 generation's time is then composed from the schedule: AdaSpa = 10 dense + 1 search + 1 cached
 search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its steps.
 ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks);
-``adaspa-device`` is AdaSpa with ``store="device"`` (searched masks and LSEs wait on the GPU between
+``adaspa-cached-first`` is AdaSpa with ``first_search="cached"`` (step 9, "dense+lse", keeps its dense pass's
+LSE; step 10 is an LSE-cached search on it and runs sparse; the generation is 9 dense + 1 dense+lse + search +
+cached search + 38 reuse). ``adaspa-device`` is AdaSpa with ``store="device"`` (searched masks and LSEs wait on the GPU between
 steps; the default ``"host"`` keeps them in pinned host memory and copies a layer's mask per call).
 Results from before 2026-12-01 ran AdaSpa with its masks on the GPU (the default then), and the
 ``_6x_store`` / ``_lengths_store`` files name the host-memory rows ``adaspa-host``.
@@ -130,19 +132,23 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "dense": [("dense", 50)],
     "lvsa": [("sparse", 50)],
     "adaspa": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
+    "adaspa-cached-first": [("dense", 9), ("dense+lse", 1), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
 }
 VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
     "adaspa-device": ("adaspa", {"store": "device"}),          # searched masks wait on the GPU
+    "adaspa-cached-first": ("adaspa", {"first_search": "cached"}),   # step 9 keeps its LSE; step 10 searches on it
 }
 STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
     "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
     "adaspa": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
     "pasa": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
+    "adaspa-cached-first": [("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
+                            ("cached search", 30)],
 }
 PLAN_PROBE = {"lvsa": 23, "adaspa": 31, "pasa": 13}   # a further step of the kind that repeats, run with timing on
-ROWS = [*STEPS, *VARIANTS]
+ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
 
 
 def timed_forward(model, inputs: dict, timestep: float, device: str) -> float:
@@ -174,7 +180,8 @@ def kind_times(seconds: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def generation(method: str, times: dict[str, float]) -> float:
-    return sum(count * times[kind] for kind, count in SCHEDULES[VARIANTS.get(method, (method,))[0]])
+    schedule = SCHEDULES.get(method) or SCHEDULES[VARIANTS.get(method, (method,))[0]]
+    return sum(count * times[kind] for kind, count in schedule)
 
 
 def video_tokens(model, inputs: dict) -> int:
@@ -216,7 +223,7 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
     log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
     for method in methods:
         name, params = VARIANTS.get(method, (method, {}))
-        plan = STEPS[name]
+        plan = STEPS.get(method) or STEPS[name]
         handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **params)
         reset_peak(device)
         try:
@@ -339,7 +346,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=["wan-1.3b"])
     parser.add_argument("--lengths", nargs="*", default=None, help="only these lengths, e.g. 1x 6x")
     parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--methods", nargs="*", default=list(STEPS), choices=ROWS,
+    parser.add_argument("--methods", nargs="*", default=[m for m in STEPS if m not in VARIANTS], choices=ROWS,
                         help="sparse methods next to dense (pasa-drop: PASA without its approximation)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
     parser.add_argument("--budget-s", type=float, default=540, help="skip remaining cases after this many seconds")

@@ -271,11 +271,17 @@ def test_steps_follow_timesteps_with_guidance_calls_sharing_a_step(case):
     assert [s["run"] for s in handle.stats()][-2:] == [3, 3]
 
 
-def test_dense_warmup_steps_take_the_model_path(case):
+@pytest.mark.parametrize("first_search, steps", [
+    ("fused", [("dense", "dense"), ("dense", "dense"), ("dense", "search"), ("portable", "reuse")]),
+    ("cached", [("dense", "dense"), ("dense", "dense-lse"), ("portable", "cached-search"), ("portable", "reuse")]),
+])
+def test_dense_warmup_steps_take_the_model_path(case, first_search, steps):
+    """Warm-up steps (and the step whose dense pass gives the search its LSE) give the model's own output; the
+    first search step is dense with the paper's fused search, sparse with first_search="cached"."""
     model, inputs = case.build(), case.inputs(batch=1, text="same")
     reference = [forward(model, inputs, t) for t in (999.0, 800.0)]
     handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=2, search_steps=(2,),
-                          sparsity=0.5)
+                          sparsity=0.5, first_search=first_search)
     try:
         outputs = [forward(model, inputs, t) for t in (999.0, 800.0, 600.0, 400.0)]
     finally:
@@ -284,8 +290,7 @@ def test_dense_warmup_steps_take_the_model_path(case):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     table = {(s["layer"], s["step"]): (s["backend"], s["action"]) for s in handle.stats()}
     for layer in (0, 1):
-        assert [table[layer, step] for step in range(4)] == [("dense", "dense"), ("dense", "dense"),
-                                                             ("dense", "search"), ("portable", "reuse")]
+        assert [table[layer, step] for step in range(4)] == steps
 
 
 METHODS = {

@@ -245,6 +245,37 @@ def test_session_schedule_dense_search_reuse_cached_search():
         adaspa.session(num_steps=20, search_steps=(10, 30))
 
 
+def test_a_cached_first_search_uses_the_lse_of_the_step_before():
+    """first_search="cached": step 9 keeps its dense pass's LSE; step 10 is an LSE-cached search on it, whose mask
+    serves step 10 itself (not dense) and the reuse steps; step 30 searches on the same LSE."""
+    g, block = VideoGeometry(8, 8, 8, text_tokens=5), dict(block_size=32)
+    session = adaspa.session(num_steps=50, first_search="cached", **block)
+    actions = [session.action(g, s) for s in range(50)]
+    assert [a.label for a in actions[:11]] == ["dense"] * 9 + ["dense-lse", "cached-search"]
+    assert actions[9].dense and actions[9].wants_lse and actions[9].needs_qk and actions[9].plans
+    assert not actions[10].dense and actions[10].needs_qk and actions[30].label == "cached-search"
+    q9, k9, v9 = video_qkv(g, 3, 32, seed=9)
+    q10, k10, _ = video_qkv(g, 3, 32, seed=10)
+    _, lse9 = sparsecore.search.dense_attention(q9, k9, v9)
+    assert session.plan(g, 3, step=9, layer=0, q=q9, k=k9, lse=lse9).density() == 1.0
+    first = session.plan(g, 3, step=10, layer=0, q=q10, k=k10)
+    expected = adaspa.plan(g, 3, step=10, layer=0, q=q10, k=k10, lse=lse9, **block)
+    assert first.fingerprint() == expected.fingerprint() and first.meta["action"] == "cached-search"
+    assert first.fingerprint() != adaspa.plan(g, 3, step=10, layer=0, q=q10, k=k10, **block).fingerprint()   # not fresh
+    assert session.plan(g, 3, step=11, layer=0) is first
+    without_lse = adaspa.session(num_steps=50, first_search="cached", **block)          # no LSE handed over: computed
+    without_lse.plan(g, 3, step=9, layer=0, q=q9, k=k9)
+    assert without_lse.plan(g, 3, step=10, layer=0, q=q10, k=k10).fingerprint() == expected.fingerprint()
+    with pytest.raises(ValueError, match="call plan at step 9"):
+        session.plan(g, 3, step=10, layer=1, q=q10, k=k10)
+    with pytest.raises(ValueError, match="first_search: expected one of"):
+        adaspa.session(first_search="lazy")
+    with pytest.raises(TypeError, match="first_search: expected one of"):
+        adaspa.session(first_search=1)
+    with pytest.raises(ValueError, match="first_search='cached' takes the LSE of the step before"):
+        adaspa.session(num_steps=50, first_search="cached", warmup_steps=0, search_steps=(0, 30))
+
+
 def test_first_search_from_the_dense_pass_masses_equals_the_two_pass_search():
     g = VideoGeometry(6, 4, 4, text_tokens=5)
     session = adaspa.session(num_steps=50)

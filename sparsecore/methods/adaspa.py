@@ -20,7 +20,8 @@ dense; at the first search step the output is dense and the search runs with tha
 output's LSE when the caller has it (the integration does), else computes one (Fused
 Online Search); later search steps reuse the first search's LSE (only pass 2:
 LSE-Cached Search) and apply their new mask at once; steps in between reuse the last
-mask of their layer.
+mask of their layer. With ``first_search="cached"`` (ours, not the paper's) the step before
+the first search keeps its dense pass's LSE and the first search is a cached one too.
 
 Everything after the block masses runs on their device, for all heads at once: one
 ranked top-k per (head, video row) up to the largest budget any head can get, each
@@ -59,7 +60,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import moved
-from sparsecore.search import block_mass
+from sparsecore.search import block_mass, dense_attention
 
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_qk,
                        check_layer, check_scale, check_shard, check_step, geometry_meta, params_from)
@@ -70,6 +71,9 @@ from sparsecore.ir.validation import check_int
 
 METHOD = "adaspa"
 PAPER = "arXiv:2502.21079"
+
+
+FIRST_SEARCHES = ("fused", "cached")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,10 @@ class AdaSpaParams:
     block-mass implementation (``"auto"``, ``"torch"`` or a backend's name). ``approximation``: what
     rows get from the blocks they do not keep (``"drop"``, AdaSpa's own; PASA's ``"grouped-first-order"``
     (groups of 32 key blocks, or ``"grouped-first-order:<blocks>"``), ``"global-first-order"``, ``"zeroth"``;
-    :mod:`.approximation`).
+    :mod:`.approximation`). ``first_search``: ``"fused"`` (the paper's Fused Online Search: the first
+    search step's output is dense and its masses use that pass's own LSE) or ``"cached"`` (the step before
+    it keeps its dense pass's LSE, and the first search is an LSE-cached search whose mask serves that
+    step at once; not in the paper, see :class:`AdaSpaSession`).
     """
 
     sparsity: float = 0.8
@@ -95,6 +102,7 @@ class AdaSpaParams:
     scale: float | None = None
     impl: str = "auto"
     approximation: str = "drop"
+    first_search: str = "fused"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -108,6 +116,14 @@ class AdaSpaParams:
         set_(self, "approximation", check_approximation(self.approximation))
         if not isinstance(self.impl, str):
             raise TypeError(f"impl: expected a block-mass implementation name such as 'auto', got {self.impl!r}")
+        if not isinstance(self.first_search, str):
+            raise TypeError(f"first_search: expected one of {list(FIRST_SEARCHES)}, got "
+                            f"{type(self.first_search).__name__}")
+        if self.first_search not in FIRST_SEARCHES:
+            raise ValueError(f"first_search: expected one of {list(FIRST_SEARCHES)}, got {self.first_search!r}")
+        if self.first_search == "cached" and (not self.search_steps or self.search_steps[0] < 1):
+            raise ValueError(f"first_search='cached' takes the LSE of the step before the first search, got "
+                             f"search_steps={list(self.search_steps)}; search from step 1 on, or use 'fused'")
 
     def meta(self) -> dict[str, Any]:
         return {**vars(self), "search_steps": list(self.search_steps)}
@@ -218,6 +234,13 @@ class AdaSpaSession:
     attention's (7.57 GiB compiled, against 10.19 with ``"device"``) for reuse steps 0.7-1.2% slower
     (each call copies its layer's lists, about 60 MB) and a first search 1.7-2 s slower (pinned memory
     is allocated once per process). On a CPU both are the same memory.
+
+    ``first_search="cached"``: the step before the first search step (``"dense-lse"``) runs dense attention
+    that returns its LSE, which the session keeps; the first search step is then an LSE-cached search on it
+    (pass 2 only, no dense pass) whose mask serves that step and the next ones, and later searches reuse the
+    same LSE. It trades the paper's dense output and fresh LSE at one step (the LSE is one step older: the
+    paper's Observation 2 is that it barely changes across steps) for a first search step that costs about
+    a cached one instead of a dense pass plus the mass pass.
     """
 
     method = METHOD
@@ -241,9 +264,12 @@ class AdaSpaSession:
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
         searches, held = self.params.search_steps, self.store == "host"
+        cached_first = self.params.first_search == "cached"
         if step < searches[0]:
+            if cached_first and step == searches[0] - 1:      # the dense pass's LSE, for the first (cached) search
+                return StepAction("dense-lse", dense=True, plans=True, needs_qk=True, wants_lse=True, held=held)
             return StepAction("dense", dense=True, plans=False)
-        if step == searches[0]:     # masses from the dense pass: at the default scale, with the default impl
+        if step == searches[0] and not cached_first:     # masses from the dense pass: default scale and impl
             fused = self.params.scale is None and self.params.impl == "auto"
             return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=True,
                               mass_block_size=self.params.block_size if fused else None, held=held)
@@ -267,6 +293,12 @@ class AdaSpaSession:
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         if action.dense and not action.plans:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
+        if action.label == "dense-lse":
+            if lse is None:                      # not handed over (e.g. text padding): one more pass for it
+                q, k = check_qk(q, k, geometry, shard.size)
+                lse = dense_attention(q, k, k, p.scale)[1]
+            self._lse[layer] = self._stored(lse)
+            return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, action.label))
         if action.label == "search":
             if mass is not None and lse is None:
                 raise ValueError(f"lse: the first search step's masses need the LSE of the same dense pass (to "
@@ -275,9 +307,10 @@ class AdaSpaSession:
             self._masks[layer], self._lse[layer] = self._stored(found.mask), self._stored(found.lse)
             return self._masks[layer]
         if layer not in self._lse:
+            first = p.search_steps[0] - (p.first_search == "cached")
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
-                             f"({action.label}); call plan at the first search step {p.search_steps[0]} for every "
-                             f"layer first")
+                             f"({action.label}); call plan at step {first} (the first search, or the step before "
+                             f"it with first_search='cached') for every layer first")
         if action.label == "cached-search":
             lse = self._lse[layer]
             if isinstance(q, torch.Tensor):

@@ -231,11 +231,13 @@ class Planner:
         if action.held:                      # kept in host memory by the session: copied and compiled per call
             plan.held = not action.dense
             return plan
+        if plan.mask.on_host and plan.mask.density() >= 1.0:     # a full mask runs the dense path: nothing to run
+            return plan
         run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
             plan.prepared = io.runner(run_mask)
             io.prepare(plan.prepared)
-        elif not (plan.mask.on_host and plan.mask.density() >= 1.0):     # a full mask runs the dense path
+        else:
             plan.kernel = io.runner(run_mask)
         return plan
 
