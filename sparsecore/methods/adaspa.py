@@ -324,7 +324,7 @@ class AdaSpaSession:
         if self.store == "device" or found is None:
             return found
         if isinstance(found, BlockMask):
-            return found.copy_to("cpu")
+            return found if found.on_host else found.copy_to("cpu")
         return moved(found, torch.device("cpu"))
 
     def cached_mask(self, layer: int | None = None) -> BlockMask:
