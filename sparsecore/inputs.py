@@ -42,14 +42,19 @@ def dtype_name(t: Any) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def attention_shape(q: Any, k: Any, v: Any = None, *, kind: str = "torch", kv_len: int | None = None) -> AttentionShape:
+NO_VALUES = object()   # attention_shape's default: only q and k are checked (v=None is checked, and refused)
+
+
+def attention_shape(q: Any, k: Any, v: Any = NO_VALUES, *, kind: str = "torch",
+                    kv_len: int | None = None) -> AttentionShape:
     """Check q, k (and v if given) against the layout above; returns their :class:`AttentionShape`.
 
     ``kind``: ``"torch"`` or ``"numpy"``, what the arrays must be. ``kv_len``: the key length
     required (e.g. a mask's), if any. Floating point is not required here (a kernel's
     capabilities say which dtypes it takes, naming them).
     """
-    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    with_values = v is not NO_VALUES
+    named = [("q", q), ("k", k)] + ([("v", v)] if with_values else [])
     for name, t in named:
         if array_kind(t) != kind:
             hint = " (convert with .numpy())" if kind == "numpy" else " (convert with torch.from_numpy)"
@@ -58,7 +63,7 @@ def attention_shape(q: Any, k: Any, v: Any = None, *, kind: str = "torch", kv_le
         if len(t.shape) != 4:
             raise ValueError(f"{name}: expected 4 dimensions [B, heads, length, head_dim], got shape {list(t.shape)}")
     batch, num_heads, q_len, head_dim = (int(s) for s in q.shape)
-    if v is not None and tuple(k.shape) != tuple(v.shape):
+    if with_values and tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k, v: expected the same shape, got k {list(k.shape)} and v {list(v.shape)}")
     if batch < 1 or head_dim < 1 or num_heads < 1:
         raise ValueError(f"q: expected batch >= 1, heads >= 1 and head_dim >= 1, got shape {list(q.shape)}")

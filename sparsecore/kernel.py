@@ -20,7 +20,8 @@ device lists and tile plan grow with its blocks: a method returning new large ho
 every step must not pile them up). A device mask, which methods build every layer
 and step, is never hashed: the mask object itself holds its kernels, weakly (a kernel refers
 to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
-returns that kernel, and dropping the kernel frees it at once.
+returns that kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host
+mask the same way (the diffusers integration does, for the methods' per-step masks).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class CompiledKernel:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
 
 
-def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **options: Any) -> CompiledKernel:
+def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *, cache: bool = True,
+            **options: Any) -> CompiledKernel:
     """Compile ``mask`` for ``device`` and return a callable kernel.
 
     Args:
@@ -132,6 +134,9 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
         device: ``"reference"`` (NumPy float64 spec), ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), ``"npu"``.
         backend: a registered backend name, or None for the preferred one that takes the mask and,
             at each call, the inputs.
+        cache: keep a host mask's kernel in the module's cache, found again by content (default). False:
+            the mask object itself holds it weakly, as for device masks, so it lives as long as the caller
+            holds the kernel (for callers that compile one mask object per step and hold its kernel).
         **options: backend-specific options (see each backend's options dataclass); with
             ``backend=None`` only backends that accept them are considered.
 
@@ -147,23 +152,26 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, **
         device_type(device)                              # the argument's own TypeError before any option's
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected None or a registered backend name (str), got {type(backend).__name__}")
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache: expected a bool, got {type(cache).__name__}")
     try:
         request = (device, backend, tuple(sorted(options.items())))
         hash(request)
     except TypeError:  # an unhashable option value
         raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "
                         f"{ {k: type(v).__name__ for k, v in options.items()} }") from None
-    cache, key = (_CACHE, (mask.fingerprint(), *request)) if mask.on_host else (mask.compiled_kernels, request)
-    cached = cache.get(key)
+    by_content = mask.on_host and cache
+    table, key = (_CACHE, (mask.fingerprint(), *request)) if by_content else (mask.compiled_kernels, request)
+    cached = table.get(key)
     if cached is not None:  # the per-layer, per-step path: no backend probing
-        if cache is _CACHE:
+        if table is _CACHE:
             _CACHE.move_to_end(key)
         return cached
     device_type(device)                                  # a cache miss: check the device string fully
     _check_index(device)
     kernel = CompiledKernel(mask, device, _choices(candidates(mask, device, backend), options))
-    cache[key] = kernel
-    if cache is _CACHE:                                   # evict the least recently used; keep the new one
+    table[key] = kernel
+    if table is _CACHE:                                   # evict the least recently used; keep the new one
         listed = sum(k.mask.nnz for k in _CACHE.values())
         while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed > CACHE_BLOCKS):
             listed -= _CACHE.popitem(last=False)[1].mask.nnz

@@ -74,6 +74,23 @@ def test_kernels_are_cached_by_structure_and_options():
     assert "backend='portable'" in repr(first) and "device='cpu'" in repr(first)
 
 
+def test_uncached_kernels_of_host_masks_live_as_long_as_their_holder():
+    import gc
+    import weakref
+    sparsecore.clear_cache()
+    m = mask()
+    kernel = sparsecore.compile(m, device="cpu", cache=False)
+    assert sparsecore.compile(m, device="cpu", cache=False) is kernel                  # the same object finds it
+    assert sparsecore.compile(mask(), device="cpu", cache=False) is not kernel        # an equal one does not
+    assert sparsecore.compile(m, device="cpu") is not kernel                          # nor the module's cache
+    gc.collect()
+    gone = weakref.ref(kernel)
+    del kernel
+    assert gone() is None
+    with pytest.raises(TypeError, match="cache: expected a bool"):
+        sparsecore.compile(m, device="cpu", cache="no")
+
+
 def test_unhashable_options_are_named():
     with pytest.raises(TypeError, match=r"compile\(\): options must be plain values .*'chunk_elements': 'list'"):
         sparsecore.compile(mask(), device="cpu", chunk_elements=[1])

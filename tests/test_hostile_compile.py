@@ -141,6 +141,15 @@ def bad_call(draw):
     return q, k, v, kwargs, fields
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_a_missing_tensor_is_named(which):
+    """None for any of q, k, v (v=None once reached the kernel, which failed on None.reshape)."""
+    q, k, v = tensors()
+    args = [None if name == which else t for name, t in zip("qkv", (q, k, v))]
+    kernel = sparsecore.compile(mask(), device="cpu")
+    refused(lambda: kernel(*args), (which,), types=(TypeError,))
+
+
 @given(call=bad_call())
 def test_kernel_calls(call):
     q, k, v, kwargs, fields = call

@@ -555,6 +555,44 @@ def test_adaspa_masks_kept_in_host_memory_leave_no_lists_on_the_device():
         assert torch.equal(kept_on_device, kept_on_host), step
 
 
+def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only(monkeypatch):
+    """LVSA hands every layer of a step one host mask: its kernel is compiled once per step and held by the step's
+    plans, not by the module's cache (where each rotating pattern kept a kernel: 14 MiB above dense's peak at Wan
+    6x). A callable's new-but-equal masks still find one kernel through that cache."""
+    import sparsecore.kernel as kernel_module
+    made = []
+
+    class Counted(kernel_module.CompiledKernel):
+        def __init__(self, mask, *args, **kwargs):
+            super().__init__(mask, *args, **kwargs)
+            made.append(mask.meta.get("method"))
+
+    monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
+    kernel_module.clear_cache()
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=4, reference_frames=4, window=1)
+    try:
+        for t in (999.0, 800.0, 600.0):
+            forward(model, inputs, t)
+    finally:
+        handle.remove()
+    assert made == ["lvsa"] * 3                                  # one kernel per step, shared by both layers
+    assert not any(k.mask.meta.get("method") == "lvsa" for k in kernel_module._CACHE.values())
+    made.clear()
+
+    def diagonal(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:   # a new object each call
+        offsets = geometry.block_offsets(32)
+        return BlockMask.from_lists([[[i] for i in range(len(offsets) - 1)]] * num_heads, offsets, offsets)
+
+    handle = sparse.apply(model, method=diagonal, device="cpu", num_steps=4)
+    try:
+        for t in (999.0, 800.0):
+            forward(model, inputs, t)
+    finally:
+        handle.remove()
+    assert len(made) == 1 and len(kernel_module._CACHE) == 1     # equal masks, one kernel, from the cache
+
+
 def test_padded_masks_live_only_as_long_as_their_mask():
     """A callable's new mask of every step, run on padded text (HunyuanVideo 1.5): the padded versions the
     integration derives must not keep old steps' masks alive (no cache of them, no cycle waiting for the
