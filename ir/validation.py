@@ -36,9 +36,15 @@ def as_numpy(value: Any, field: str) -> np.ndarray:
     if is_tensor(value):
         value = value.detach().cpu().numpy()
     try:
-        return np.asarray(value)
+        arr = np.asarray(value)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{field}: expected an array-like of integers, got {type(value).__name__} ({err})") from None
+    if isinstance(value, (list, tuple)) and arr.size and np.issubdtype(arr.dtype, np.number):
+        flags = [isinstance(x, (bool, np.bool_)) for x in np.asarray(value, dtype=object).ravel()]
+        if any(flags):                              # NumPy would read True as 1: a bool is not an index
+            raise TypeError(f"{field}: expected integers, got a bool mixed with numbers at position "
+                            f"{flags.index(True)} of {str(value)[:80]} (NumPy would read it as 1)")
+    return arr
 
 
 def as_path(value: Any, field: str = "path") -> Path:
