@@ -580,7 +580,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only(monkeypat
     assert not any(k.mask.meta.get("method") == "lvsa" for k in kernel_module._CACHE.values())
     made.clear()
 
-    def diagonal(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:   # a new object each call
+    def diagonal(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:   # new every call
         offsets = geometry.block_offsets(32)
         return BlockMask.from_lists([[[i] for i in range(len(offsets) - 1)]] * num_heads, offsets, offsets)
 
