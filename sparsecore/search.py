@@ -73,7 +73,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.shape[-1])
     name = _choose(q, k, q_offsets, kv_offsets, impl)
     if lse is None:
-        _, lse = dense_attention(q, k, k, scale)                   # pass 1: only the LSE is kept
+        lse = dense_lse(q, k, scale)                                # pass 1
     if name == "torch":
         mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
     else:
@@ -140,6 +140,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from .kernel import compile
     full = BlockMask.full(shape.num_heads, shape.q_len, shape.kv_len, shape.q_len, shape.kv_len)
     return compile(full, device=q.device.type)(q, k, v, scale=scale, return_lse=True)
+
+
+def dense_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The natural-log float32 LSE ``[B, H, L_q]`` of dense attention of q over k (one dense pass, its output
+    dropped: the keys stand in for the values, which the LSE does not read)."""
+    return dense_attention(q, k, k, scale)[1]
 
 
 def torch_block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray,

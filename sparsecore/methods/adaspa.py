@@ -60,7 +60,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import moved
-from sparsecore.search import block_mass, dense_attention
+from sparsecore.search import block_mass, dense_lse
 
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_qk,
                        check_layer, check_scale, check_shard, check_step, geometry_meta, params_from)
@@ -296,7 +296,7 @@ class AdaSpaSession:
         if action.label == "dense-lse":
             if lse is None:                      # not handed over (e.g. text padding): one more pass for it
                 q, k = check_qk(q, k, geometry, shard.size)
-                lse = dense_attention(q, k, k, p.scale)[1]
+                lse = dense_lse(q, k, p.scale)
             self._lse[layer] = self._stored(lse)
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, action.label))
         if action.label == "search":
