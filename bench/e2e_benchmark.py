@@ -17,15 +17,16 @@ Modes compare like with like: ``eager`` (diffusers' own attention, cuDNN SDPA, a
 sparsecore eagerly) and ``compiled`` (diffusers' regional compilation,
 ``compile_repeated_blocks(fullgraph=True)``, on both sides). Per method, each kind of step its
 schedule has is timed (one transformer forward; the median of the repeats after a warm-up that
-compiles kernels): dense; LVSA's sparse step; AdaSpa's first search (dense output + block-mass
-search), reuse steps (the first one reported too), cached search; PASA's sparse step. A 50-step
-generation's time is then composed from the schedule: AdaSpa = 10 dense + 1 search + 1 cached
-search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its steps.
-``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks);
-``adaspa-cached-first`` is AdaSpa with ``first_search="cached"`` (step 9, "dense+lse", keeps its dense pass's
-LSE; step 10 is an LSE-cached search on it and runs sparse; the generation is 9 dense + 1 dense+lse + search +
-cached search + 38 reuse). ``adaspa-device`` is AdaSpa with ``store="device"`` (searched masks and LSEs wait on the GPU between
-steps; the default ``"host"`` keeps them in pinned host memory and copies a layer's mask per call).
+compiles kernels): dense; LVSA's sparse step; AdaSpa's dense step that keeps its LSE (step 9), first
+search (an LSE-cached search on it, sparse), reuse steps (the first one reported too), cached search; PASA's
+sparse step. A 50-step generation's time is then composed from the schedule: AdaSpa = 9 dense + 1 dense+lse +
+1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its
+steps. ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks);
+``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense, its
+masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
+session, whose files call today's default ``adaspa-cached-first``). ``adaspa-device`` is AdaSpa with
+``store="device"`` (searched masks and LSEs wait on the GPU between steps; the default ``"host"`` keeps them
+in pinned host memory and copies a layer's mask per call).
 Results from before 2026-12-01 ran AdaSpa with its masks on the GPU (the default then), and the
 ``_6x_store`` / ``_lengths_store`` files name the host-memory rows ``adaspa-host``.
 Steps are timed with the handle's timing off: timing synchronizes the device before each
@@ -131,21 +132,21 @@ NUM_STEPS = 50
 SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "dense": [("dense", 50)],
     "lvsa": [("sparse", 50)],
-    "adaspa": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
-    "adaspa-cached-first": [("dense", 9), ("dense+lse", 1), ("search", 1), ("cached search", 1), ("reuse", 38)],
+    "adaspa": [("dense", 9), ("dense+lse", 1), ("search", 1), ("cached search", 1), ("reuse", 38)],
+    "adaspa-fused-first": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
 }
 VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
     "adaspa-device": ("adaspa", {"store": "device"}),          # searched masks wait on the GPU
-    "adaspa-cached-first": ("adaspa", {"first_search": "cached"}),   # step 9 keeps its LSE; step 10 searches on it
+    "adaspa-fused-first": ("adaspa", {"first_search": "fused"}),     # the paper's first search: step 10 dense
 }
 STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
     "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
-    "adaspa": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
+    "adaspa": [("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
+               ("cached search", 30)],
     "pasa": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
-    "adaspa-cached-first": [("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
-                            ("cached search", 30)],
+    "adaspa-fused-first": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
 }
 PLAN_PROBE = {"lvsa": 23, "adaspa": 31, "pasa": 13}   # a further step of the kind that repeats, run with timing on
 ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
@@ -295,6 +296,13 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
     return rows
 
 
+def schedules_text(rows: list[dict]) -> str:
+    """The schedules of the methods in ``rows``, e.g. ``pasa 10 dense + 40 sparse``."""
+    names = dict.fromkeys(r["method"] for r in rows if r.get("method") not in (None, "dense"))
+    return "; ".join(f"{name} " + " + ".join(f"{count} {kind}" for kind, count in
+                                             SCHEDULES.get(name) or SCHEDULES[VARIANTS[name][0]]) for name in names)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
@@ -302,8 +310,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Step = one transformer forward (median after a warm-up); rows measured on fewer layers are scaled to the "
              "full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore eagerly; compiled: "
              "`compile_repeated_blocks(fullgraph=True)` on both sides. Generation = the 50-step schedule composed from "
-             "the measured steps (AdaSpa 10 dense + search + cached search + 38 reuse; PASA 10 dense + 40 sparse; "
-             "LVSA 50). Speedups against the dense row of the same model, length and mode.", "",
+             f"the measured steps ({schedules_text(rows)}). Speedups against the dense row of the same model, length "
+             "and mode.", "",
              "| model | length | mode | method | step kinds (s) | step speedup | generation (s) | generation speedup "
              "| density | plan ms/layer | peak GiB | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense"}

@@ -15,7 +15,8 @@ One function, :func:`block_mass`, runs the pass of the first backend whose
 :class:`~sparsecore.registry.BlockMassOp` takes the inputs (the Triton kernel on CUDA),
 else ``torch_block_mass`` on any torch device, in query chunks: memory is the
 ``[B, H, MB, NB]`` result plus ``max_elements`` scores. A fresh LSE ("pass 1") comes from
-:func:`dense_attention`. AdaSpa's first search step needs the dense output as well:
+:func:`dense_attention`. AdaSpa's first search step as the paper runs it (``first_search="fused"``)
+needs the dense output as well:
 :func:`dense_attention_with_mass` gives output, LSE and exact masses from a backend's
 single pass where one takes the inputs (Triton on CUDA: the online softmax's per-block
 sums kept until the LSE is known), else from the two passes.
@@ -83,7 +84,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
 
 def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: Any, kv_offsets: Any,
                               scale: float | None = None, *, impl: str = "auto") -> tuple[torch.Tensor, BlockMass]:
-    """Dense attention ``[B, H, L_q, D]`` and the exact block masses of the same scores (AdaSpa's first search step).
+    """Dense attention ``[B, H, L_q, D]`` and the exact block masses of the same scores (AdaSpa's fused first search).
 
     Arguments as :func:`block_mass` plus ``v [B, H_kv, L_kv, D]``. With ``impl="auto"`` a registered
     backend's fused pass (``BlockMassOp.with_output``) where it takes the inputs; otherwise

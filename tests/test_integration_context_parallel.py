@@ -33,11 +33,11 @@ from sparsecore.ir import Unselected
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
-                                    "adaspa-cached-first")]
+                                    "adaspa-fused-first")]
            + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")],
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
 RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa",
-                                           "adaspa-cached-first", "pasa")]
+                                           "adaspa-fused-first", "pasa")]
         + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")],
         ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
         + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],

@@ -216,8 +216,8 @@ def test_recall_on_inputs_with_known_block_masses():
 
 
 # ------------------------------------------------------------------ schedule and session
-def test_session_schedule_dense_search_reuse_cached_search():
-    session = adaspa.session(num_steps=50)
+def test_session_schedule_of_the_papers_fused_first_search():
+    session = adaspa.session(num_steps=50, first_search="fused")
     g = VideoGeometry(6, 4, 4)
     actions = [session.action(g, s) for s in range(50)]
     assert [a.label for a in actions[:10]] == ["dense"] * 10 and actions[10].label == "search"
@@ -249,7 +249,9 @@ def test_a_cached_first_search_uses_the_lse_of_the_step_before():
     """first_search="cached": step 9 keeps its dense pass's LSE; step 10 is an LSE-cached search on it, whose mask
     serves step 10 itself (not dense) and the reuse steps; step 30 searches on the same LSE."""
     g, block = VideoGeometry(8, 8, 8, text_tokens=5), dict(block_size=32)
-    session = adaspa.session(num_steps=50, first_search="cached", **block)
+    session = adaspa.session(num_steps=50, **block)                   # the default when a step precedes the search
+    assert session.params.first_search == "cached"
+    assert adaspa.session(num_steps=50, warmup_steps=0, search_steps=(0, 30)).params.first_search == "fused"
     actions = [session.action(g, s) for s in range(50)]
     assert [a.label for a in actions[:11]] == ["dense"] * 9 + ["dense-lse", "cached-search"]
     assert actions[9].dense and actions[9].wants_lse and actions[9].needs_qk and actions[9].plans
@@ -278,11 +280,12 @@ def test_a_cached_first_search_uses_the_lse_of_the_step_before():
 
 def test_first_search_from_the_dense_pass_masses_equals_the_two_pass_search():
     g = VideoGeometry(6, 4, 4, text_tokens=5)
-    session = adaspa.session(num_steps=50)
+    session = adaspa.session(num_steps=50, first_search="fused")
     action = session.action(g, 10)
     assert action.wants_lse and action.mass_block_size == 64
-    assert adaspa.session(num_steps=50, scale=0.2).action(g, 10).mass_block_size is None   # masses at 1/sqrt(D) only
-    assert adaspa.session(num_steps=50, impl="torch").action(g, 10).mass_block_size is None     # the impl asked for
+    fused = dict(num_steps=50, first_search="fused")
+    assert adaspa.session(**fused, scale=0.2).action(g, 10).mass_block_size is None   # masses at 1/sqrt(D) only
+    assert adaspa.session(**fused, impl="torch").action(g, 10).mass_block_size is None     # the impl asked for
     q, k, v = video_qkv(g, 3, 32, seed=7)
     offsets = g.block_offsets(action.mass_block_size)
     out, found = sparsecore.search.dense_attention_with_mass(q, k, v, offsets, offsets)
@@ -295,7 +298,7 @@ def test_first_search_from_the_dense_pass_masses_equals_the_two_pass_search():
     later = session.plan(g, 3, step=30, layer=0, q=q2, k=k2)
     assert later.fingerprint() == adaspa.plan(g, 3, step=30, layer=0, q=q2, k=k2, lse=found.lse).fingerprint()
     with pytest.raises(ValueError, match="lse: .*mass without lse"):
-        adaspa.session(num_steps=50).plan(g, 3, step=10, layer=0, mass=found.mass.sum(0))
+        adaspa.session(num_steps=50, first_search="fused").plan(g, 3, step=10, layer=0, mass=found.mass.sum(0))
 
 
 def test_parameter_errors_name_the_field():
@@ -331,11 +334,14 @@ def test_valid_ir_at_model_shapes(geometry, heads):
     assert adaspa.plan(geometry, heads, step=0).density() == 1.0
 
 
-def test_cached_search_with_a_stale_lse_raises_instead_of_nan_budgets():
+@pytest.mark.parametrize("first_search, lse_step, cached_step", [("fused", 1, 3), ("cached", 0, 1)])
+def test_cached_search_with_a_stale_lse_raises_instead_of_nan_budgets(first_search, lse_step, cached_step):
     g = VideoGeometry(6, 4, 8, text_tokens=8)
-    session = adaspa.session(num_steps=5, block_size=16, warmup_steps=1, search_steps=(1, 3))
+    session = adaspa.session(num_steps=5, block_size=16, warmup_steps=1, search_steps=(1, 3),
+                             first_search=first_search)
     q1, k1, _ = video_qkv(g, 6, 16, seed=1, batch=2, sharpness=2.0)
     q2, k2, _ = video_qkv(g, 6, 16, seed=2, batch=2, sharpness=2.0)   # unrelated content: masses overflow
-    session.plan(g, 6, step=1, layer=0, q=q1, k=k1)
-    with pytest.raises(ValueError, match="lse: the cached LSE is far below the scores of layer 0 at step 3"):
-        session.plan(g, 6, step=3, layer=0, q=q2, k=k2)
+    session.plan(g, 6, step=lse_step, layer=0, q=q1, k=k1)
+    with pytest.raises(ValueError, match=f"lse: the cached LSE is far below the scores of layer 0 at step "
+                                         f"{cached_step}"):
+        session.plan(g, 6, step=cached_step, layer=0, q=q2, k=k2)
