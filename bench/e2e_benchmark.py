@@ -12,6 +12,8 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   its 40 layers and reported per layer and scaled to 40 (stated in the table).
 - ``hv15``: HunyuanVideo 1.5-shaped (16 heads x 128, 8.3B at 54 layers) at 480p (30x53
   latent) with 33 and 65 latent frames (1x, 2x its horizon), run with 6 of 54 layers, scaled.
+  On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
+  composed in (:func:`with_dense_layers`).
 
 Modes compare like with like: ``eager`` (diffusers' own attention, cuDNN SDPA, against
 sparsecore eagerly) and ``compiled`` (diffusers' regional compilation,
@@ -58,6 +60,7 @@ from report import write_report
 
 import sparsecore
 from sparsecore.integrations import diffusers as sc_diffusers
+from sparsecore.methods.pasa import PASAParams
 from sparsecore.timing import synchronize
 
 TEXT_TOKENS = 512
@@ -225,17 +228,35 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
     for method in methods:
         name, params = VARIANTS.get(method, (method, {}))
         plan = STEPS.get(method) or STEPS[name]
+        dense_layers = 0
+        if name == "pasa" and case.layers_run < case.layers_full:    # see :func:`with_dense_layers`
+            dense_layers, params = len(PASAParams().dense_layers), {**params, "dense_layers": ()}
         handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **params)
         reset_peak(device)
         try:
-            rows.append(run_method(case, model, inputs, mode, method, plan, handle, dense_time, scale, base, device,
-                                   log))
+            row = run_method(case, model, inputs, mode, method, plan, handle, dense_time, scale, base, device, log)
+            rows.append(with_dense_layers(row, dense_layers, dense_time, case.layers_full))
         except (RuntimeError, ValueError) as err:            # a failing method is reported; the others still run
             rows.append(dict(base, method=method, error=f"{type(err).__name__}: {err}"))
             log(f"  !!! {case.model} {case.label} {mode} {method} FAILED: {type(err).__name__}: {str(err)[:400]}")
         finally:
             handle.remove()
     return rows
+
+
+def with_dense_layers(row: dict, dense_layers: int, dense_time: float, layers_full: int) -> dict:
+    """``row`` with ``dense_layers`` of the full depth's layers dense in its non-dense steps.
+
+    A run on fewer layers than the model has (HunyuanVideo 1.5, Wan 14B) scales its step by the depth; PASA's
+    dense first layer would then count as 1 of 6 (or 1 of 2) layers instead of 1 of 54 (or 40). Such runs time
+    PASA with every layer sparse and swap ``dense_layers`` layers' shares for dense ones here, taking every
+    layer (and its share of the rest of the model) as equal: ``t + n (dense - t) / layers``."""
+    if not dense_layers or "error" in row:
+        return row
+    steps = {kind: t if kind == "dense" else t + dense_layers * (dense_time - t) / layers_full
+             for kind, t in row["steps"].items()}
+    return dict(row, steps=steps, generation_s=generation(row["method"], steps),
+                dense_layers_composed=dense_layers)
 
 
 def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: list, handle, dense_time: float,

@@ -183,6 +183,10 @@ class BlockMask:
         """
         return self._common_block_size(which, short_first=True)
 
+    def largest_block_size(self, which: str) -> int:
+        """The largest block's token count (``which``: ``"q"`` or ``"kv"``): what a kernel's tiles must cover."""
+        return int({"q": self.q_block_sizes, "kv": self.kv_block_sizes}[which].max())
+
     def _common_block_size(self, which: str, short_first: bool) -> int | None:
         sizes = {"q": self.q_block_sizes, "kv": self.kv_block_sizes}[which]
         if not short_first:

@@ -33,6 +33,14 @@ def frames(block: int, count: int, text: int = 0) -> BlockMask:
     return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
 
 
+def joint(video: int, text: int, block: int = 64) -> BlockMask:
+    """Video then text tokens, each cut into ``block``-token blocks: the short last video block sits inside."""
+    offsets = np.concatenate([BlockMask.uniform_offsets(video, block),
+                              video + BlockMask.uniform_offsets(text, block)[1:]])
+    keep = np.eye(len(offsets) - 1, dtype=bool)
+    return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
+
+
 @pytest.mark.parametrize("mask, expected", [
     (frames(128, 8), "fa4"),                  # tile-aligned: FA4's full tiles
     (frames(256, 4), "fa4"),
@@ -40,6 +48,7 @@ def frames(block: int, count: int, text: int = 0) -> BlockMask:
     (frames(1560, 3), "fa4"),                 # LVSA's frames
     (frames(1560, 3, text=200), "fa4"),       # frames + a text block: mixed sizes
     (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
+    (joint(40 * 64 - 10, 200), "triton"),     # HunyuanVideo's joint sequence: 64-token blocks and short ones
 ])
 def test_default_lowering_per_block_class(cuda_available, mask, expected):
     assert sparsecore.compile(mask, device="cuda").backend.name == expected
@@ -53,11 +62,27 @@ def test_flashinfer_is_not_offered_more_block_rows_than_its_plan_takes(cuda_avai
     assert any(p.startswith("max_rows:") for p in problems)
 
 
+def hopper_config(monkeypatch, mask: BlockMask):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q = SimpleNamespace(shape=(1, 2, mask.q_len, 128), element_size=lambda: 2, device=torch.device("cuda"))
+    config = TritonLaunch(mask, TritonOptions()).config(q)
+    return config.block_m, config.block_n
+
+
 @pytest.mark.parametrize("block, tile", [(64, 64), (1560, 128)])
 def test_triton_tiles_fit_the_blocks_of_a_ring_shard(monkeypatch, block, tile):
     """A shard edge cuts the first block short; the tiles still fit the blocks inside (on a Hopper GPU)."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     shard = slice_mask(frames(block, 40), (block * 20 + block // 3, block * 40), (0, block * 40))
-    q = SimpleNamespace(shape=(1, 2, shard.q_len, 128), element_size=lambda: 2, device=torch.device("cuda"))
-    config = TritonLaunch(shard, TritonOptions()).config(q)
-    assert (config.block_m, config.block_n) == (tile, tile)
+    assert hopper_config(monkeypatch, shard) == (tile, tile)
+
+
+@pytest.mark.parametrize("mask, tiles", [
+    (joint(40 * 64 - 10, 200), (64, 64)),           # 64-token blocks with short ones inside: 64-wide tiles
+    (joint(40 * 64 - 10, 200, block=32), (64, 64)),
+    (frames(1560, 3, text=200), (128, 128)),        # frames and a text block
+    (joint(40 * 64 - 10, 200, block=96), (128, 128)),
+])
+def test_triton_tiles_cover_the_largest_block(monkeypatch, mask, tiles):
+    """Tiles are 64 wide when no block is wider (HunyuanVideo 1.5's joint masks: a 128-wide tile over 64-token
+    blocks computes twice the pairs kept), else 128."""
+    assert hopper_config(monkeypatch, mask) == tiles

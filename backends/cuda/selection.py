@@ -17,7 +17,9 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   frame rows fa4 wins at D = 64 (by 18-38%) and ties Triton at D = 128 (within 5% either way).
 - Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton. A mask whose
   first and last blocks are short (a ring shard's slice) is classed by its interior size, so a ring
-  step of AdaSpa's mask stays on Triton's 64-wide tiles.
+  step of AdaSpa's mask stays on Triton's 64-wide tiles; a mask whose blocks are all under 128 tokens
+  is "small" whatever their sizes (a joint video + text mask of 64-token blocks, whose short last video
+  block sits inside), like the uniform ones.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/cuda-2026-11-22.md.
 """
@@ -37,6 +39,8 @@ RANKS = {
 
 def block_class(mask: BlockMask) -> str:
     """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class."""
+    if mask.largest_block_size("kv") < 128:
+        return "small"
     block = mask.interior_block_size("kv")
     if block is None:
         return "ragged"

@@ -47,11 +47,14 @@ def default_config(head_dim: int, element_size: int, device: torch.device, q_blo
                    kv_block: int | None = None) -> TritonConfig:
     """The tuned tile shape (bench/results/cuda-2026-11-22*), narrowed to 64 for masks of 64-token blocks.
 
-    ``q_block`` / ``kv_block``: the mask's interior block sizes (``BlockMask.interior_block_size``;
-    None when ragged). A 128-wide tile over 64-token blocks would compute twice the pairs it
-    keeps on each side (AdaSpa's blocks, measured 3x slower end to end), so such masks get
-    64-wide tiles; so do the ring shards of them, whose first block a shard edge cuts short
-    (with uniform sizes only, AdaSpa's ring step on 2 H200s ran at 0.93x one GPU's, 2026-11-30).
+    ``q_block`` / ``kv_block``: the mask's largest block sizes (``BlockMask.largest_block_size``).
+    A 128-wide tile over 64-token blocks would compute twice the pairs it keeps on each side
+    (AdaSpa's blocks, measured 3x slower end to end), so masks whose blocks are all 64 tokens or
+    fewer get 64-wide tiles, whatever else they hold: the ring shards of such masks (a shard edge cuts
+    their first block short; with uniform sizes only, AdaSpa's ring step on 2 H200s ran at 0.93x one
+    GPU's, 2026-11-30) and joint video + text masks, whose short last video block sits between full ones
+    (HunyuanVideo 1.5's PASA step at 2x took 9.5 s on 128-wide tiles against 4.2 s without the
+    approximation on fa4's 64-wide ones, H200 2026-12-01).
     """
     if device.type != "cuda":  # the interpreter: mid-size tiles exercise partial tiles and run fast
         return TritonConfig(64, 64, 4, 1, use_tma=False)

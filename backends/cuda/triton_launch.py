@@ -27,8 +27,8 @@ class TritonLaunch:
             self.approximation = ApproximationLaunch(mask)
 
     def config(self, q: torch.Tensor) -> TritonConfig:
-        config = default_config(q.shape[-1], q.element_size(), q.device, self.mask.interior_block_size("q"),
-                                self.mask.interior_block_size("kv"))
+        config = default_config(q.shape[-1], q.element_size(), q.device, self.mask.largest_block_size("q"),
+                                self.mask.largest_block_size("kv"))
         overrides = {k: v for k, v in vars(self.options).items() if v is not None}
         return replace(config, **overrides)
 
