@@ -65,6 +65,16 @@ def _empty_rows_and_head() -> BlockMask:
     return BlockMask.from_dense(dense, 80, 80, 16)
 
 
+def _video_then_text(video: int, text: int, block: int, num_heads: int, seed: int) -> BlockMask:
+    """A joint sequence's layout (HunyuanVideo 1.5): ``block``-token video blocks whose short last one sits
+    inside, then ``block``-token text blocks; random rows."""
+    offsets = np.concatenate([BlockMask.uniform_offsets(video, block),
+                              video + BlockMask.uniform_offsets(text, block)[1:]])
+    n = len(offsets) - 1
+    keep = np.random.default_rng(seed).random((num_heads, n, n)) < 0.5
+    return BlockMask.from_lists([[np.flatnonzero(row) for row in head] for head in keep], offsets, offsets)
+
+
 NAMED_CASES = {
     # name: (case, why it is here)
     "frame_blocks_with_text": AttentionCase(_local_window(_frames(6, 39, 13), 4, 1), 1, 2, 32, 11, None),
@@ -78,6 +88,8 @@ NAMED_CASES = {
     # block (its one partial tile), and one that is whole
     "blocks_that_are_kernel_tiles": AttentionCase(_random(4, 340, 340, 64, 0.5, 6), 2, 2, 32, 18, None),
     "blocks_that_are_kernel_tiles_no_short": AttentionCase(_random(2, 256, 256, 64, 0.6, 7), 1, 1, 32, 19, None),
+    # 64-token blocks with a short one inside: still the kernel's 64-wide tiles, with a partial tile mid-row
+    "video_then_text_blocks": AttentionCase(_video_then_text(3 * 64 + 40, 64 + 20, 64, 2, 8), 1, 2, 128, 20, None),
 }
 
 
