@@ -556,17 +556,27 @@ def test_adaspa_masks_kept_in_host_memory_leave_no_lists_on_the_device():
         assert torch.equal(kept_on_device, kept_on_host), step
 
 
-def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only(monkeypatch):
+def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_replaced(monkeypatch):
     """LVSA hands every layer of a step one host mask: its kernel is compiled once per step and held by the step's
     plans, not by the module's cache (where each rotating pattern kept a kernel: 14 MiB above dense's peak at Wan
-    6x). A callable's new-but-equal masks still find one kernel through that cache."""
+    6x). When the anchors rotate, the first layer to plan the new step drops the older plans of the mask it
+    replaced: at every call one LVSA kernel is alive, not the old step's too until the last layer. A callable's
+    new-but-equal masks still find one kernel through that cache."""
+    import gc
+    import weakref
     import sparsecore.kernel as kernel_module
-    made = []
+    made, kernels, alive_at_calls = [], [], []
 
     class Counted(kernel_module.CompiledKernel):
         def __init__(self, mask, *args, **kwargs):
             super().__init__(mask, *args, **kwargs)
             made.append(mask.meta.get("method"))
+            kernels.append(weakref.ref(self))
+
+        def __call__(self, *args, **kwargs):
+            gc.collect()
+            alive_at_calls.append(sum(ref() is not None for ref in kernels))
+            return super().__call__(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
     kernel_module.clear_cache()
@@ -578,6 +588,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only(monkeypat
     finally:
         handle.remove()
     assert made == ["lvsa"] * 3                                  # one kernel per step, shared by both layers
+    assert alive_at_calls == [1] * 6                             # a new pattern every step, 2 layers a step
     assert not any(k.mask.meta.get("method") == "lvsa" for k in kernel_module._CACHE.values())
     made.clear()
 

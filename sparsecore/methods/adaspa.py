@@ -243,12 +243,11 @@ class AdaSpaSession:
     is allocated once per process). On a CPU both are the same memory.
 
     ``first_search="cached"`` (the default when a step precedes the first search): the step before the first
-    search step (``"dense-lse"``) runs dense attention
-    that returns its LSE, which the session keeps; the first search step is then an LSE-cached search on it
-    (pass 2 only, no dense pass) whose mask serves that step and the next ones, and later searches reuse the
-    same LSE. It trades the paper's dense output and fresh LSE at one step (the LSE is one step older: the
-    paper's Observation 2 is that it barely changes across steps) for a first search step that costs about
-    a cached one instead of a dense pass plus the mass pass.
+    search step (``"dense-lse"``) runs dense attention that returns its LSE, which the session keeps; the first
+    search step is then an LSE-cached search on it (pass 2 only, no dense pass) whose mask serves that step
+    and the next ones, and later searches reuse the same LSE. It trades the paper's dense output and fresh LSE
+    at one step (the LSE is one step older: the paper's Observation 2 is that it barely changes across steps)
+    for a first search step that costs about a cached one instead of a dense pass plus the mass pass.
     """
 
     method = METHOD

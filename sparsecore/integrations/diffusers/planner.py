@@ -187,10 +187,10 @@ class Planner:
         """The compiled kernel of a (padded) mask for this handle's device and backend.
 
         A built-in method's session hands every layer of a step the same mask object, so the mask's own weak
-        table finds its kernel while the step's plans hold it, and nothing outlives the step: in the module's
-        cache LVSA's rotating patterns would each keep a kernel (14 MiB above dense's peak at Wan 2.1 6x,
-        compiled; 2.5 MiB without). A callable's masks may be new objects at every layer: their kernels go
-        through the module's cache, which finds equal masks by content.
+        table finds its kernel while the step's plans hold it, and nothing outlives the step (nor the first
+        layer's replanning: :meth:`_release_stale`): in the module's cache LVSA's rotating patterns would each
+        keep a kernel (14 MiB above dense's peak at Wan 2.1 6x, compiled). A callable's masks may be new
+        objects at every layer: their kernels go through the module's cache, which finds equal masks by content.
         """
         return sparsecore.compile(mask, device=self.device, backend=self.backend, cache=callable(self.method))
 
@@ -202,11 +202,19 @@ class Planner:
         if previous is not None and previous.step == step:
             previous.record.fields["calls"] += 1
             return previous, False
-        # ``previous`` stays referenced until the new plan is made: a mask the method reuses (AdaSpa's reuse
-        # steps) holds its kernels weakly, so its kernel is found, not compiled again, only while still held.
+        del previous                                     # :meth:`_plan` decides how long the old plan lives
         plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard, like, io),
                                      like.device)
         return plan, True
+
+    def _release_stale(self, mask: BlockMask, step: int) -> None:
+        """Drop the plans of earlier steps that run ``mask``, which a layer has just replaced by another.
+
+        LVSA hands every layer of a step one mask: when its anchors rotate, the layers not yet replanned would
+        keep the old mask's kernel (its tile schedule) and device lists alive next to the new ones until the
+        step's last layer. Their plans are stale (a later call of theirs plans again), so they go now."""
+        for key in [key for key, plan in self._plans.items() if plan.step < step and plan.mask is mask]:
+            del self._plans[key]
 
     def _plan(self, layer: int, geometry: VideoGeometry, step: int, run: int, seq_len: int, heads: int,
               shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> LayerPlan:
@@ -214,6 +222,9 @@ class Planner:
         action = session.action(geometry, step, layer)
         record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
         plan = LayerPlan(step, None, None, record)
+        # The old plan stays referenced until the new mask is known: a mask the method reuses (AdaSpa's reuse
+        # steps) holds its kernels weakly, so its kernel is found, not compiled again, only while still held.
+        previous = self._plans.get((layer, geometry))
         if action.per_call and not self.keep_masks:
             self._plans.pop((layer, geometry), None)     # the caller holds the plan for its call only
         else:
@@ -235,6 +246,9 @@ class Planner:
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)
+        if previous is not None and previous.mask is not None and previous.mask is not plan.mask:
+            self._release_stale(previous.mask, step)
+            previous = None                      # a replaced mask: nothing of it is looked up below
         if action.held:                      # kept in host memory by the session: copied and compiled per call
             plan.held = not action.dense
             return plan
