@@ -139,7 +139,7 @@ def fidelity_rows() -> list[dict]:
 
 def adaspa_across_steps(g: VideoGeometry, q, k, v, variants: list) -> list:
     """AdaSpa's session at step 30 on drifted inputs: reuse, LSE-cached search, fresh search (rows appended)."""
-    session = adaspa.session(num_steps=50)
+    session = adaspa.session(num_steps=50, first_search="fused")
     session.plan(g, HEADS, step=10, q=q, k=k)                                  # first search, fresh LSE
     reused = session.plan(g, HEADS, step=29)
     other = video_qkv(g, HEADS, HEAD_DIM, seed=SEED + 1)

@@ -3,9 +3,10 @@
     python bench/memory_profile.py --method pasa --length 6x [--out bench/results]
 
 Builds the e2e benchmark's random-weight Wan 2.1 1.3B at ``--length`` (bf16, one GPU) and records
-PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``) over two steps of
+PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``) over steps of
 ``--method`` (``dense``: diffusers' own attention): the first compiles its kernels and plans its
-masks, the second is a step of the kind that repeats (``--steps`` picks them). The recorded trace
+masks, the last is a step of the kind that repeats (AdaSpa's three: step 9 keeps its dense pass's
+LSE, step 10 searches on it, step 11 reuses; ``--steps`` picks them). The recorded trace
 is replayed to the moment of the highest allocated total; the blocks alive then are grouped by their innermost frame in this repository (else
 their innermost frame) and listed largest first, with ``max_memory_allocated`` for reference.
 Writes ``memory-<method>-<length>-<date>.md``.
@@ -26,7 +27,8 @@ from e2e_benchmark import build_model, cases, model_inputs
 from sparsecore.integrations import diffusers as sc_diffusers
 
 REPO = str(Path(__file__).resolve().parent.parent)
-STEPS = {"pasa": (12, 13), "lvsa": (22, 23), "adaspa": (10, 11)}   # (a step that compiles, the next one)
+STEPS = {"pasa": (12, 13), "lvsa": (22, 23),    # (a step that compiles, the next one)
+         "adaspa": (9, 10, 11)}                   # the dense pass that keeps its LSE, the first search, a reuse
 
 
 def _replay(trace: list[dict], stop: int | None = None) -> tuple[int, int, dict[int, dict]]:
@@ -73,8 +75,8 @@ def main() -> int:
     parser.add_argument("--length", default="6x", choices=["1x", "2x", "4x", "6x"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--steps", type=int, nargs=2, metavar=("FIRST", "SECOND"),
-                        help=f"the two steps recorded (default {STEPS})")
+    parser.add_argument("--steps", type=int, nargs="+", metavar="STEP",
+                        help=f"the steps recorded (default {STEPS})")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator history is CUDA's")

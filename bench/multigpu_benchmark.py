@@ -56,7 +56,7 @@ from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.timing import synchronize
 
 STEPS = {"lvsa": (20, 21, 22, 23),       # the first is the warm-up
-         "adaspa": (10, 11, 12, 13),     # 10: search (dense output; per-head recalls all-gathered), then reuse
+         "adaspa": (10, 11, 12, 13),     # 10: the first search (on its own LSE: no step 9 runs here), then reuse
          "pasa": (10, 11, 12, 13),       # sparse steps (layer 0 dense); under a ring only with approximation="drop"
          "dense": (0, 1, 2, 3)}
 FULL_DEPTH = {"wan-1.3b": 30, "wan-14b": 40, "hv15": 54}

@@ -96,8 +96,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seq", type=int, default=188736)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     heads, dim, block = 12, 128, 64
+    if args.seq % block:
+        parser.error(f"--seq: the probe's kernel reads whole {block}-token blocks, got {args.seq} tokens")
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     mask = adaspa_large(heads, args.seq, block, (0.1, 0.2, 0.3), seed=0)
     q, k, v = (torch.randn(1, heads, args.seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -107,7 +107,7 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
     for step in (20, 21):                                    # a new rotation each step: a new mask
         yield "lvsa", f"plan (step {step})", lambda s=step: prepared(lvsa_session.plan(geometry, HEADS, step=s),
                                                                      q, k, v, device)
-    ada = adaspa.session(num_steps=50)
+    ada = adaspa.session(num_steps=50, first_search="fused")     # the paper's first search, in both of its forms
     if device.startswith("cuda"):
         _, lse = dense_attention(q, k, v)
         yield "adaspa", "search (pass 2 on the dense pass's LSE)", \

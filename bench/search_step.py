@@ -103,7 +103,8 @@ def run(label: str) -> list[dict]:
 
 def same_mask(geometry: VideoGeometry, fused: torch.Tensor, two_pass: torch.Tensor, lse: torch.Tensor) -> float:
     """Fraction of (head, query block) rows whose AdaSpa selection is the same from either set of masses."""
-    masks = [adaspa.session(num_steps=50).plan(geometry, HEADS, step=10, layer=0, lse=lse, mass=m.sum(0))
+    masks = [adaspa.session(num_steps=50, first_search="fused").plan(geometry, HEADS, step=10, layer=0, lse=lse,
+                                                                     mass=m.sum(0))
              for m in (fused, two_pass)]
     a, b = (m.to_dense() for m in masks)
     return float((a == b).all(-1).double().mean())

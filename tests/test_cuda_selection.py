@@ -41,6 +41,22 @@ def joint(video: int, text: int, block: int = 64) -> BlockMask:
     return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
 
 
+@pytest.mark.parametrize("mask, largest, block_class", [
+    (frames(64, 40), 64, "small"),
+    (joint(40 * 64 - 10, 200), 64, "small"),         # no uniform interior, every block under 128 tokens
+    (joint(40 * 64 - 10, 200, block=96), 96, "small"),
+    (frames(128, 8), 128, "tile-aligned"),
+    (frames(1560, 3), 1560, "frames"),
+    (frames(1560, 3, text=200), 1560, "frames"),     # a short last block: the interior decides
+])
+def test_block_class_and_largest_block(mask, largest, block_class):
+    """The class that ranks the CUDA lowerings (no GPU needed): masks whose blocks are all under 128 tokens are
+    "small" whatever their sizes."""
+    from sparsecore.backends.cuda.selection import block_class as class_of
+    assert mask.largest_block_size("kv") == mask.largest_block_size("q") == largest
+    assert class_of(mask) == block_class
+
+
 @pytest.mark.parametrize("mask, expected", [
     (frames(128, 8), "fa4"),                  # tile-aligned: FA4's full tiles
     (frames(256, 4), "fa4"),

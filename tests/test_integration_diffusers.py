@@ -488,11 +488,13 @@ def test_masks_made_per_call_are_freed_after_their_call():
         handle.remove()
 
 
-@pytest.mark.parametrize("store, kernels", [("device", 2), ("host", 4)])
-def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch, store, kernels):
-    """AdaSpa's mask, searched at a dense step, is compiled and prepared there once; its reuse steps find that
-    kernel (the mask holds it weakly, the plans hold it) instead of compiling and preparing it again. A mask kept
-    in host memory (store="host") is compiled at each call instead, and nothing is prepared at the search."""
+@pytest.mark.parametrize("first_search, store, kernels", [("fused", "device", 2), ("fused", "host", 4),
+                                                           ("cached", "device", 2), ("cached", "host", 6)])
+def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch, first_search, store, kernels):
+    """AdaSpa's mask is compiled once per layer where it is searched (prepared there when the search step is dense,
+    first_search="fused"); its reuse steps find that kernel (the mask holds it weakly, the plans hold it) instead
+    of compiling it again. A mask kept in host memory (store="host") is compiled at each call instead (the sparse
+    search step's calls too, with "cached")."""
     import sparsecore.kernel as kernel_module
     made = []
 
@@ -504,15 +506,16 @@ def test_reuse_steps_launch_the_kernel_prepared_at_the_search(monkeypatch, store
     monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=5, warmup_steps=2, search_steps=(2,),
-                          sparsity=0.5, store=store, first_search="fused")
+                          sparsity=0.5, store=store, first_search=first_search)
     try:
         for t in (999.0, 800.0, 600.0, 400.0, 200.0):
             forward(model, inputs, t)
     finally:
         handle.remove()
     actions = [(s["step"], s["action"], s["backend"]) for s in handle.stats() if s["layer"] == 0]
-    assert actions[2:] == [(2, "search", "dense"), (3, "reuse", "portable"), (4, "reuse", "portable")]
-    assert made.count("adaspa") == kernels      # per layer: one made at the search, or one per reuse call
+    search = (2, "search", "dense") if first_search == "fused" else (2, "cached-search", "portable")
+    assert actions[2:] == [search, (3, "reuse", "portable"), (4, "reuse", "portable")]
+    assert made.count("adaspa") == kernels      # per layer: one made at the search, or one per sparse call
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: store='host' keeps AdaSpa's masks "

@@ -53,11 +53,14 @@ def inputs(seed: int, drift: float = 0.0):
     return q, k
 
 
+@pytest.mark.parametrize("first_search", ["auto", "fused"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_adaspa_session_shards_match_the_all_heads_session(world):
-    steps = [(0, 0.0), (1, 0.0), (2, None), (3, 0.05), (4, None)]   # dense, search, reuse, cached search, reuse
-    full = adaspa.session(num_steps=5, **ADASPA)
-    sessions = [adaspa.session(num_steps=5, **ADASPA) for _ in range(world)]
+def test_adaspa_session_shards_match_the_all_heads_session(world, first_search):
+    # steps: dense (keeping its LSE by default), the first search, reuse, cached search, reuse
+    steps = [(0, 0.0), (1, 0.0), (2, None), (3, 0.05), (4, None)]
+    params = {**ADASPA, "first_search": first_search}
+    full = adaspa.session(num_steps=5, **params)
+    sessions = [adaspa.session(num_steps=5, **params) for _ in range(world)]
     adapted = False
     for step, drift in steps:
         q, k = inputs(1, drift) if drift is not None else (None, None)

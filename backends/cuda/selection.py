@@ -31,7 +31,7 @@ from sparsecore.ir import BlockMask
 # key-block class -> lowering -> rank (higher is preferred)
 RANKS = {
     "tile-aligned": {"fa4": 30, "flashinfer": 20, "triton": 10},   # uniform blocks, a multiple of 128 tokens
-    "small": {"triton": 30, "fa4": 20, "flashinfer": 5},          # uniform blocks under 128 tokens
+    "small": {"triton": 30, "fa4": 20, "flashinfer": 5},          # every block under 128 tokens
     "frames": {"fa4": 30, "flashinfer": 20, "triton": 10},        # uniform blocks not aligned to 128 (frames)
     "ragged": {"fa4": 30, "triton": 20, "flashinfer": 0},         # mixed sizes: FlashInfer cannot take them
 }
@@ -44,8 +44,6 @@ def block_class(mask: BlockMask) -> str:
     block = mask.interior_block_size("kv")
     if block is None:
         return "ragged"
-    if block < 128:
-        return "small"
     return "tile-aligned" if block % 128 == 0 else "frames"
 
 

@@ -95,7 +95,7 @@ class AdaSpaParams:
     dense pass's LSE, and the first search is an LSE-cached search whose mask serves that step at once; ours,
     see :class:`AdaSpaSession`), ``"fused"`` (the paper's Fused Online Search: the first search step's output
     is dense and its masses use that pass's own LSE), or ``"auto"`` (default): ``"cached"`` when a step
-    precedes the first search, else ``"fused"``; the field holds the resolved choice.
+    precedes the first search, else ``"fused"`` (:attr:`first_search_kind`).
     """
 
     sparsity: float = 0.8
@@ -126,14 +126,19 @@ class AdaSpaParams:
                             f"{type(self.first_search).__name__}")
         if self.first_search not in FIRST_SEARCHES:
             raise ValueError(f"first_search: expected one of {list(FIRST_SEARCHES)}, got {self.first_search!r}")
-        if self.first_search == "auto":
-            set_(self, "first_search", "cached" if self.search_steps and self.search_steps[0] >= 1 else "fused")
         if self.first_search == "cached" and (not self.search_steps or self.search_steps[0] < 1):
             raise ValueError(f"first_search='cached' takes the LSE of the step before the first search, got "
                              f"search_steps={list(self.search_steps)}; search from step 1 on, or use 'fused'")
 
+    @property
+    def first_search_kind(self) -> str:
+        """The first search as it runs: ``first_search``, with ``"auto"`` resolved."""
+        if self.first_search != "auto":
+            return self.first_search
+        return "cached" if self.search_steps and self.search_steps[0] >= 1 else "fused"
+
     def meta(self) -> dict[str, Any]:
-        return {**vars(self), "search_steps": list(self.search_steps)}
+        return {**vars(self), "search_steps": list(self.search_steps), "first_search": self.first_search_kind}
 
 
 def head_sparsities(recalls: torch.Tensor, sparsity: float, threshold: float = 0.8) -> torch.Tensor:
@@ -271,7 +276,7 @@ class AdaSpaSession:
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
         searches, held = self.params.search_steps, self.store == "host"
-        cached_first = self.params.first_search == "cached"
+        cached_first = self.params.first_search_kind == "cached"
         if step < searches[0]:
             if cached_first and step == searches[0] - 1:      # the dense pass's LSE, for the first (cached) search
                 return StepAction("dense-lse", dense=True, plans=True, needs_qk=True, wants_lse=True, held=held)
@@ -316,11 +321,17 @@ class AdaSpaSession:
             found = _search(geometry, shard, p, layer, step, q, k, lse, mass, action.label)
             self._masks[layer], self._lse[layer] = self._stored(found.mask), self._stored(found.lse)
             return self._masks[layer]
+        if layer not in self._lse and step == p.search_steps[0]:
+            # A cached first search whose step before never ran here (the second expert of Wan 2.2, which has its
+            # own handle from its first step on): it searches on this step's own LSE, one dense pass more.
+            if lse is None:
+                q, k = check_qk(q, k, geometry, shard.size)
+                lse = dense_lse(q, k, p.scale)
+            self._lse[layer] = self._stored(lse)
         if layer not in self._lse:
-            first = p.search_steps[0] - (p.first_search == "cached")
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
-                             f"({action.label}); call plan at step {first} (the first search, or the step before "
-                             f"it with first_search='cached') for every layer first")
+                             f"({action.label}); call plan at step {p.search_steps[0]} (the first search) or "
+                             f"the step before it for every layer first")
         if action.label == "cached-search":
             lse = self._lse[layer]
             if isinstance(q, torch.Tensor):

@@ -7,10 +7,11 @@ the method needs them), compiles it, and keeps all of that for the other calls o
 each call's q, k alone (``StepAction.per_call``: PASA's) is planned at every call and kept
 by nothing after it, unless :attr:`Planner.keep_masks` is set: holding every layer's lists
 while the others run would put them all on top of the model's peak memory (1.7 GiB at Wan
-6x). Dense steps run the model's own attention; AdaSpa's first search step runs dense attention that also returns its LSE and,
-where a backend can give them from the same pass, the block masses the search needs
-(:func:`sparsecore.search.dense_attention_with_mass`), and prepares the kernel of the searched
-mask there, so the step after it only launches. One session per geometry, so batches whose
+6x). Dense steps run the model's own attention; a step whose action ``wants_lse`` runs dense
+attention that also returns its LSE (AdaSpa's step before its first search by default; with
+``first_search="fused"`` the first search step itself, which also takes the block masses where a
+backend gives them from the same pass, :func:`sparsecore.search.dense_attention_with_mass`, and
+prepares the kernel of the searched mask there, so the step after it only launches). One session per geometry, so batches whose
 text lengths differ (HunyuanVideo 1.5) keep separate per-layer state.
 
 Masks the session builds on the device stay there: nothing here hashes or copies them. A
