@@ -11,8 +11,9 @@ while the others run would put them all on top of the model's peak memory (1.7 G
 attention that also returns its LSE (AdaSpa's step before its first search by default; with
 ``first_search="fused"`` the first search step itself, which also takes the block masses where a
 backend gives them from the same pass, :func:`sparsecore.search.dense_attention_with_mass`, and
-prepares the kernel of the searched mask there, so the step after it only launches). One session per geometry, so batches whose
-text lengths differ (HunyuanVideo 1.5) keep separate per-layer state.
+prepares the kernel of the searched mask there, so the step after it only launches). One
+session per geometry, so batches whose text lengths differ (HunyuanVideo 1.5) keep separate
+per-layer state.
 
 Masks the session builds on the device stay there: nothing here hashes or copies them. A
 session may keep its masks in host memory between steps (AdaSpa's ``store="host"``): such a
