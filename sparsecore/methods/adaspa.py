@@ -309,10 +309,7 @@ class AdaSpaSession:
         if action.dense and not action.plans:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
         if action.label == "dense-lse":
-            if lse is None:                      # not handed over (e.g. text padding): one more pass for it
-                q, k = check_qk(q, k, geometry, shard.size)
-                lse = dense_lse(q, k, p.scale)
-            self._lse[layer] = self._stored(lse)
+            self._keep_lse(layer, geometry, shard, q, k, lse)
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, action.label))
         if action.label == "search":
             if mass is not None and lse is None:
@@ -324,10 +321,7 @@ class AdaSpaSession:
         if layer not in self._lse and step == p.search_steps[0]:
             # A cached first search whose step before never ran here (the second expert of Wan 2.2, which has its
             # own handle from its first step on): it searches on this step's own LSE, one dense pass more.
-            if lse is None:
-                q, k = check_qk(q, k, geometry, shard.size)
-                lse = dense_lse(q, k, p.scale)
-            self._lse[layer] = self._stored(lse)
+            self._keep_lse(layer, geometry, shard, q, k, lse)
         if layer not in self._lse:
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
                              f"({action.label}); call plan at step {p.search_steps[0]} (the first search) or "
@@ -339,6 +333,15 @@ class AdaSpaSession:
             self._masks[layer] = self._stored(_search(geometry, shard, p, layer, step, q, k, lse, None,
                                                       action.label).mask)
         return self._masks[layer]
+
+    def _keep_lse(self, layer: int | None, geometry: VideoGeometry, shard: HeadShard, q: Any, k: Any,
+                  lse: torch.Tensor | None) -> None:
+        """Keep ``lse`` for the layer's cached searches; when it was not handed over (e.g. text padding), the LSE
+        of one more dense pass over q, k."""
+        if lse is None:
+            q, k = check_qk(q, k, geometry, shard.size)
+            lse = dense_lse(q, k, self.params.scale)
+        self._lse[layer] = self._stored(lse)
 
     def _stored(self, found: Any) -> Any:
         """A search's mask or LSE as this session keeps it (``store``)."""
