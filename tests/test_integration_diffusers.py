@@ -192,6 +192,26 @@ def test_dense_mask_gives_the_original_processors_output(case):
     assert rows == {(0, 0, "dense", 1.0), (1, 0, "dense", 1.0)}
 
 
+@pytest.mark.parametrize("tokens", [37, 40])
+def test_the_dense_path_takes_the_valid_prefix_and_gives_padding_rows_zero(tokens):
+    """The model's padding mask ``valid_i & valid_j`` in float64 softmax, against the processor's dense path
+    (which runs the model's dispatch on the valid prefix instead of building the ``[B, 1, S, S]`` mask)."""
+    model = tiny_hunyuan()
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        processor = CASES["hunyuan"].attention(model)[0].processor
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 40, 2, 16, generator=gen) for _ in range(3))
+        got = processor.dense(q, k, v, tokens)
+    finally:
+        handle.remove()
+    valid = torch.arange(40) < tokens
+    scores = torch.einsum("bshd,bthd->bhst", q.double(), k.double()) / 4.0
+    scores = scores.masked_fill(~(valid[:, None] & valid[None, :]), -math.inf)
+    expected = torch.einsum("bhst,bthd->bshd", torch.softmax(scores, -1).nan_to_num(0.0), v.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
                                         ("hunyuan", "full")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):

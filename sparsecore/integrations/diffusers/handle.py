@@ -207,9 +207,8 @@ class SparseAttentionHandle:
         text_valid = None
         if self.spec.joint_text:
             text_valid = self.text_valid(processor, text_mask, query.shape[0], query.shape[1] - self.geometry.tokens)
-        dense = lambda: processor.dense(query, key, value, text_mask)  # noqa: E731
         if layout is None:
-            return self._attend_groups(processor.layer, query, key, value, text_valid, dense, None)
+            return self._attend_groups(processor.layer, query, key, value, text_valid, processor.dense, None)
         group, layer, geometry, heads = layout.ulysses, processor.layer, self.geometry, query.shape[2]
         if heads % group.world or query.shape[1] * group.world != geometry.video_tokens:
             raise ValueError(f"hidden_states: under Ulysses degree {group.world} layer {layer} expected "
@@ -218,8 +217,7 @@ class SparseAttentionHandle:
         shard = group.shard(heads, query.device)
 
         def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            dense_heads = lambda: processor.dense(q, k, v, None, parallel=False)  # noqa: E731
-            return self._attend_groups(layer, q, k, v, None, dense_heads, shard)
+            return self._attend_groups(layer, q, k, v, None, partial(processor.dense, parallel=False), shard)
 
         return parallel.attention(query, key, value, group, local)
 
@@ -253,13 +251,14 @@ class SparseAttentionHandle:
         return exchange.heads_out(out)
 
     def _attend_groups(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       text_valid: list[int] | None, dense: Callable[[], torch.Tensor] | None,
+                       text_valid: list[int] | None, dense: Callable[..., torch.Tensor] | None,
                        shard: HeadShard | None, attend: Callable[..., torch.Tensor] | None = None,
                        video_rows: int | None = None) -> torch.Tensor:
         """``[B, S, h, D]`` in and out, samples grouped by their valid text length.
 
         ``attend``: the planner's (``S`` = the whole sequence; default) or the sharded path's (``S`` = this
-        rank's ``video_rows`` video tokens, then the text).
+        rank's ``video_rows`` video tokens, then the text). ``dense(q, k, v, tokens)``: the model's own
+        attention of a group whose first ``tokens`` are valid (:meth:`.SparseProcessor.dense`).
         """
         geometry, step, run = self.geometry, self._steps.step, self._steps.run
         attend = self._planner.attend if attend is None else attend
@@ -273,23 +272,18 @@ class SparseAttentionHandle:
         groups: dict[int, list[int]] = {}
         for row, count in enumerate(text_valid if text_valid is not None else [0] * batch):
             groups.setdefault(int(count), []).append(row)
+        def group(count: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            valid = self._with_text(geometry, count)
+            model = None if dense is None else (lambda: dense(q, k, v, valid.tokens))  # noqa: E731
+            return attend(layer, valid, step, run, q, k, v, shard, model)
+
         if len(groups) == 1:
-            count = next(iter(groups))
-            return attend(layer, self._with_text(geometry, count), step, run, query, key, value, shard, dense)
-        full_dense: list[torch.Tensor] = []                  # the dense path runs once for every group needing it
-
-        def dense_rows(rows: torch.Tensor) -> torch.Tensor:
-            if not full_dense:
-                full_dense.append(dense())
-            return full_dense[0].index_select(0, rows)
-
+            return group(next(iter(groups)), query, key, value)
         out = query.new_zeros(query.shape[:3] + (value.shape[3],))
         for count, rows in groups.items():
             index = torch.tensor(rows, device=query.device)
-            pick = lambda t, i=index: t.index_select(0, i)    # noqa: E731
-            result = attend(layer, self._with_text(geometry, count), step, run, pick(query), pick(key), pick(value),
-                            shard, lambda i=index: dense_rows(i))
-            out.index_copy_(0, index, result.to(out.dtype))
+            q, k, v = (t.index_select(0, index) for t in (query, key, value))
+            out.index_copy_(0, index, group(count, q, k, v).to(out.dtype))
         return out
 
     @staticmethod

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
@@ -97,14 +96,6 @@ def hunyuan_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int)
     if getattr(attn, "to_add_out", None) is not None:
         text_out = attn.to_add_out(text_out)
     return video_out, text_out
-
-
-def joint_padding_mask(text_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """HunyuanVideo 1.5's dense-path mask: ``valid_i & valid_j`` ``[B, 1, S, S]``, video always valid."""
-    if text_mask is None:
-        return None
-    valid = F.pad(text_mask, (seq_len - text_mask.shape[1], 0), value=True).bool()
-    return valid[:, None, None, :] & valid[:, None, :, None]
 
 
 def _wan_patch(config: Any) -> tuple[int, int, int]:

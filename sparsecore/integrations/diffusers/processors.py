@@ -59,10 +59,20 @@ class SparseProcessor:
                                      backend=self._attention_backend,
                                      parallel_config=self._parallel_config if parallel else None)
 
-    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None,
+    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: int,
               parallel: bool = True) -> torch.Tensor:
-        """The model's own self-attention of this layer on ``[B, S, H, D]`` tensors."""
-        return self.dispatch(query, key, value, None, parallel)
+        """The model's own self-attention of this layer on ``[B, S, H, D]`` tensors whose first ``tokens`` are valid.
+
+        What the model's padding mask (HunyuanVideo 1.5: ``valid_i & valid_j``, a ``[B, 1, S, S]`` boolean)
+        leaves, without the mask: its dispatch on the valid prefix, and 0 on the padding rows (they attend
+        to nothing, where SDPA gives 0). The mask would be ``S^2`` bytes per sample and keeps SDPA off its
+        fastest kernels; the attention it defines is the same.
+        """
+        seq_len = query.shape[1]
+        if tokens == seq_len:
+            return self.dispatch(query, key, value, None, parallel)
+        out = self.dispatch(query[:, :tokens], key[:, :tokens], value[:, :tokens], None, parallel)
+        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, seq_len - tokens))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, original={type(self.original).__name__})"
@@ -97,11 +107,6 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
                                                                 image_rotary_emb))
         out = diffusers_attention(query, key, value, attention_mask, self._handle.id)
         return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
-
-    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None,
-              parallel: bool = True) -> torch.Tensor:
-        """The model's own joint attention: valid tokens only (``valid_i & valid_j``, a ``[B, 1, S, S]`` mask)."""
-        return self.dispatch(query, key, value, models.joint_padding_mask(text_mask, query.shape[1]), parallel)
 
 
 def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
