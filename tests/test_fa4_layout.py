@@ -46,9 +46,11 @@ def check_layout(layout: Fa4Layout) -> None:
     for kind in ("full", "mask"):
         cnt, idx = getattr(layout, f"{kind}_block_cnt"), getattr(layout, f"{kind}_block_idx")
         assert cnt.dtype == torch.int32 and idx.dtype == torch.int32, f"{kind}: expected int32 tensors"
-        assert tuple(cnt.shape) == (1, H, QT), f"{kind}_block_cnt: expected [1, {H}, {QT}], got {list(cnt.shape)}"
-        assert idx.shape[:3] == (1, H, QT) and 1 <= idx.shape[3] <= NT, \
-            f"{kind}_block_idx: expected [1, {H}, {QT}, 1..{NT}], got {list(idx.shape)}"
+        heads = cnt.shape[1]                                # 1: every head's lists alike, broadcast by FA4
+        assert tuple(cnt.shape) == (1, heads, QT) and heads in (1, H), \
+            f"{kind}_block_cnt: expected [1, {H} or 1, {QT}], got {list(cnt.shape)}"
+        assert idx.shape[:3] == (1, heads, QT) and 1 <= idx.shape[3] <= NT, \
+            f"{kind}_block_idx: expected [1, {heads}, {QT}, 1..{NT}], got {list(idx.shape)}"
         assert (cnt >= 0).all() and (cnt <= idx.shape[3]).all(), f"{kind}: a count exceeds the index width"
         valid = torch.arange(idx.shape[3]) < cnt[..., None].cpu()
         ids = idx.cpu()
@@ -140,7 +142,8 @@ def test_adaspa_like_head_adaptive_rows_with_text_sink():
         rows.append(head)
     mask = BlockMask.from_lists(rows, offsets, offsets)
     for tiles in ((64, 64), (128, 128), (128, 64)):
-        assert_exact(mask, *tiles)
+        layout = assert_exact(mask, *tiles)
+        assert layout.full_block_idx.shape[1] == layout.mask_block_cnt.shape[1] == 3      # per-head lists
 
 
 def test_lvsa_like_frame_windows():
@@ -150,6 +153,8 @@ def test_lvsa_like_frame_windows():
     mask = BlockMask.from_lists(rows * 2, offsets, offsets)
     layout = assert_exact(mask, 32, 32)
     assert layout.needs_mask_mod and layout.num_full_tiles > 0
+    assert layout.full_block_idx.shape[1] == layout.mask_block_cnt.shape[1] == 1      # alike heads: one, broadcast
+    assert layout.num_full_tiles == 2 * int(layout.full_block_cnt.sum())                 # counted over both heads
 
 
 def test_empty_rows_all_empty_heads_and_q_len_differs_from_kv_len():
@@ -285,7 +290,9 @@ def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod,
     for kind in ("full", "mask"):
         cnt = getattr(block_sparse_tensors, f"{kind}_block_cnt")[0]
         idx = getattr(block_sparse_tensors, f"{kind}_block_idx")[0]
-        assert cnt.dtype == idx.dtype == torch.int32 and cnt.shape == (heads, -(-q_len // bm))
+        assert cnt.dtype == idx.dtype == torch.int32 and cnt.shape[1] == -(-q_len // bm)
+        assert cnt.shape[0] in (1, heads) and idx.shape[0] == cnt.shape[0]      # FA4 broadcasts a head dim of 1
+        cnt, idx = cnt.expand(heads, -1), idx.expand(heads, -1, -1)
         grid = torch.zeros(heads, cnt.shape[1], -(-kv_len // bn), dtype=torch.bool)
         for h in range(heads):
             for t in range(cnt.shape[1]):
@@ -312,6 +319,12 @@ def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod,
 
 @pytest.fixture
 def fake_fa4(monkeypatch):
+    """``flash_attn.cute`` replaced by the stand-in; the non-finite guard's Triton kernels run on the CPU tensors
+    in Triton's interpreter, so the tests using it need TRITON_INTERPRET=1 (as CI sets)."""
+    from sparsecore.backends.cuda import interpreter
+    if not interpreter.interpreting():
+        pytest.skip("the fa4 lowering's non-finite guard is Triton: on CPU tensors it runs only in Triton's "
+                    "interpreter (set TRITON_INTERPRET=1)")
     cute = types.ModuleType("flash_attn.cute")
     cute.flash_attn_func = _fake_flash_attn_func
     sparsity = types.ModuleType("flash_attn.cute.block_sparsity")
@@ -346,3 +359,33 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-6)
     assert (out[:, 1, 78:] == 0).all() and torch.isneginf(lse[:, 1, 78:]).all()
     assert launch(q, k, v, 0.3, False)[1] is None
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_non_finite_value_reaches_only_the_rows_that_attend_to_it_through_a_stand_in_kernel(fake_fa4, value,
+                                                                                              group):
+    """The stand-in, like FA4's mask tiles, multiplies masked-out values by weight 0 (``0 * inf = NaN``) over
+    every key: only the lowering's guard keeps the value to the rows whose lists name its block."""
+    rng = np.random.default_rng(8)
+    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
+    mask = random_mask(rng, q_offsets, kv_offsets, 4, 0.5)
+    launch = fake_fa4.Fa4Launch(mask, 32, 32)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
+    v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
+    clean, clean_lse = launch(q, k, v, 0.3, True)
+    assert launch.converted("cpu").layout.needs_mask_mod
+    for token in (5, 80, 129):
+        bad = v.clone()
+        bad[1, 0, token, 3] = value
+        out, lse = launch(q, k, bad, 0.3, True)
+        block = int(np.searchsorted(kv_offsets, token, side="right")) - 1
+        hit = torch.zeros(2, 4, 101, dtype=torch.bool)
+        for h in range(group):                                             # the query heads of key head 0
+            for i in range(3):
+                if block in list(mask.row(h, i)):
+                    hit[1, h, q_offsets[i]:q_offsets[i + 1]] = True
+        assert torch.equal(out[~hit], clean[~hit]) and torch.equal(lse, clean_lse)
+        assert not torch.isfinite(out[hit][:, 3]).any()
+        assert torch.equal(out[hit][:, [0, 1, 2, 4]], clean[hit][:, [0, 1, 2, 4]])

@@ -101,10 +101,7 @@ class Fa4Backend(Backend):
     options_type = Fa4Options
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
-                                head_dims=frozenset({64, 96, 128}),
-                                nonfinite_spread="FA4's mask tiles give masked-out keys weight 0 and still multiply "
-                                                 "their values (0 * inf = NaN): a non-finite value reaches the rows "
-                                                 "of every query tile that computes its key tile (H200, 2026-11-30)")
+                                head_dims=frozenset({64, 96, 128}))
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("flash_attn") is None:
@@ -243,12 +240,19 @@ class Fa4Launch:
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
             return torch.zeros_like(q), lse
         prepared = self.converted(q.device)
+        found = None
+        if prepared.layout.needs_mask_mod:    # mask tiles multiply masked-out values by 0: keep them finite
+            from .fa4_nonfinite import guard_values, poison
+            v, found = guard_values(v, prepared.layout)
         from flash_attn.cute import flash_attn_func
         with torch.cuda.device(q.device):
             out, lse = flash_attn_func(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
                 pack_gqa=False, mask_mod=prepared.mask_mod, aux_tensors=prepared.aux,
                 block_sparse_tensors=prepared.sparse, return_lse=return_lse)
+        if found is not None:
+            del v                                                          # the zeroed copy, before the NaN mask
+            out = poison(out, found, prepared.layout, self.mask.num_kv_blocks)
         empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
         if empty is not None:
             out = out.masked_fill(empty[None, :, :, None], 0.0)
