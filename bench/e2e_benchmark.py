@@ -19,9 +19,11 @@ Modes compare like with like: ``eager`` (diffusers' own attention, cuDNN SDPA, a
 sparsecore eagerly) and ``compiled`` (diffusers' regional compilation,
 ``compile_repeated_blocks(fullgraph=True)``, on both sides). Per method, each kind of step its
 schedule has is timed (one transformer forward; the median of the repeats after a warm-up that
-compiles kernels): dense; LVSA's sparse step; AdaSpa's dense step that keeps its LSE (step 9), first
-search (an LSE-cached search on it, sparse), reuse steps (the first one reported too), cached search; PASA's
-sparse step. A 50-step generation's time is then composed from the schedule: AdaSpa = 9 dense + 1 dense+lse +
+compiles kernels): dense (for a method, its own dense step with sparsecore applied: the model's attention
+through sparsecore's op, on HunyuanVideo 1.5 without diffusers' ``[B, 1, S, S]`` padding mask; files before
+2026-12-01's fourth session composed the dense row's step instead); LVSA's sparse step; AdaSpa's dense step
+that keeps its LSE (step 9), first search (an LSE-cached search on it, sparse), reuse steps (the first one
+reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule: AdaSpa = 9 dense + 1 dense+lse +
 1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its
 steps. ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks);
 ``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense, its
@@ -146,10 +148,11 @@ VARIANTS = {    # row name -> (method, parameters)
 }
 STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
     "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
-    "adaspa": [("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
+    "adaspa": [("dense", 1), ("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
                ("cached search", 30)],
-    "pasa": [("sparse", 10), ("sparse", 11), ("sparse", 12)],
-    "adaspa-fused-first": [("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13), ("cached search", 30)],
+    "pasa": [("dense", 1), ("sparse", 10), ("sparse", 11), ("sparse", 12)],
+    "adaspa-fused-first": [("dense", 1), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
+                           ("cached search", 30)],
 }
 PLAN_PROBE = {"lvsa": 23, "adaspa": 31, "pasa": 13}   # a further step of the kind that repeats, run with timing on
 ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
@@ -235,7 +238,8 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
         reset_peak(device)
         try:
             row = run_method(case, model, inputs, mode, method, plan, handle, dense_time, scale, base, device, log)
-            rows.append(with_dense_layers(row, dense_layers, dense_time, case.layers_full))
+            rows.append(with_dense_layers(row, dense_layers, row.get("steps", {}).get("dense", dense_time),
+                                          case.layers_full))
         except (RuntimeError, ValueError) as err:            # a failing method is reported; the others still run
             rows.append(dict(base, method=method, error=f"{type(err).__name__}: {err}"))
             log(f"  !!! {case.model} {case.label} {mode} {method} FAILED: {type(err).__name__}: {str(err)[:400]}")
@@ -273,6 +277,7 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
         handle.set_step(step)
         seconds.append((kind, timed_forward(model, inputs, 1000.0 - 19 * step, device) * scale))
     times = kind_times(seconds)
+    dense_measured = "dense" in times
     times.setdefault("dense", dense_time)
     handle.timing(True)                                 # the plan's host time, on an untimed step
     handle.set_step(PLAN_PROBE[VARIANTS.get(method, (method,))[0]])
@@ -288,9 +293,9 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
                plan_ms_median=statistics.median(plan_ms) if plan_ms else None,
                plan_ms_by_action={action: statistics.median(s["plan_ms"] for s in planned if s["action"] == action)
                                   for action in {s["action"] for s in planned}},
-               first_step_s=first_step)
+               first_step_s=first_step, dense_measured=dense_measured)
     log(f"  {case.model} {case.label} {mode:8s} {method:10s} "
-        + ", ".join(f"{k} {t:.3f} s" for k, t in times.items() if k != "dense")
+        + ", ".join(f"{k} {t:.3f} s" for k, t in times.items() if k != "dense" or dense_measured)
         + f"; generation {row['generation_s']:.1f} s vs dense {generation('dense', {'dense': dense_time}):.1f} s; "
         f"plan/layer {row['plan_ms_median']}")
     return row
@@ -345,7 +350,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         main = r["steps"].get("sparse", r["steps"].get("reuse", r["steps"]["dense"]))
         step_speedup = f"{d['steps']['dense'] / main:.2f}x" if d else ""
         gen_speedup = f"{d['generation_s'] / r['generation_s']:.2f}x" if d else ""
-        kinds = ", ".join(f"{k} {t:.3f}" for k, t in r["steps"].items() if not (k == "dense" and r["method"] != "dense"))
+        kinds = ", ".join(f"{k} {t:.3f}" for k, t in r["steps"].items()
+                          if k != "dense" or r["method"] == "dense" or r.get("dense_measured"))
         plan = "" if r.get("plan_ms_median") is None else f"{r['plan_ms_median']:.1f}"
         peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         density = "" if r.get("density") is None else f"{r['density']:.3f}"
