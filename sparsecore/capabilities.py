@@ -34,9 +34,6 @@ class Capabilities:
         unselected: the treatments of unlisted key blocks it computes (``mask.unselected.kind``).
         max_heads: most query heads one mask may have (None: any).
         max_rows: most (head, query block) rows one mask may have per batch element (None: any).
-        nonfinite_spread: None if a NaN or inf in a key or value token reaches only the rows
-            whose lists hold its block; else the reason it can reach more (a kernel that
-            multiplies the zero weights of masked-out keys by their values).
     """
 
     devices: tuple[str, ...]
@@ -52,7 +49,6 @@ class Capabilities:
     unselected: frozenset[str] = frozenset({"drop"})
     max_heads: int | None = None
     max_rows: int | None = None
-    nonfinite_spread: str | None = None
 
     def mask_problems(self, mask: "BlockMask") -> list[str]:
         """Unmet capabilities for ``mask`` (empty list: the backend can take it)."""

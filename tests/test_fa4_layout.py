@@ -361,31 +361,41 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     assert launch(q, k, v, 0.3, False)[1] is None
 
 
+NONFINITE_LAYOUTS = {   # (q offsets, kv offsets, bad value tokens)
+    "4 blocks": (np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130]), (5, 80, 129)),
+    "70 blocks (two words, bit 31)": (np.arange(0, 106, 5), np.append(np.arange(0, 346, 5), 349),
+                                      (158, 162, 318, 347)),                # blocks 31, 32, 63, 69 (the short last)
+}
+
+
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("layout_name", sorted(NONFINITE_LAYOUTS))
 def test_a_non_finite_value_reaches_only_the_rows_that_attend_to_it_through_a_stand_in_kernel(fake_fa4, value,
-                                                                                              group):
+                                                                                              group, layout_name):
     """The stand-in, like FA4's mask tiles, multiplies masked-out values by weight 0 (``0 * inf = NaN``) over
     every key: only the lowering's guard keeps the value to the rows whose lists name its block."""
     rng = np.random.default_rng(8)
-    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
+    q_offsets, kv_offsets, tokens = NONFINITE_LAYOUTS[layout_name]
+    q_len, kv_len, mb = int(q_offsets[-1]), int(kv_offsets[-1]), len(q_offsets) - 1
     mask = random_mask(rng, q_offsets, kv_offsets, 4, 0.5)
     launch = fake_fa4.Fa4Launch(mask, 32, 32)
-    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
-    k = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
-    v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
+    q = torch.randn(2, 4, q_len, 16, dtype=torch.float64)
+    k = torch.randn(2, 4 // group, kv_len, 16, dtype=torch.float64)
+    v = torch.randn(2, 4 // group, kv_len, 16, dtype=torch.float64)
     clean, clean_lse = launch(q, k, v, 0.3, True)
     assert launch.converted("cpu").layout.needs_mask_mod
-    for token in (5, 80, 129):
+    for token in tokens:
         bad = v.clone()
         bad[1, 0, token, 3] = value
         out, lse = launch(q, k, bad, 0.3, True)
         block = int(np.searchsorted(kv_offsets, token, side="right")) - 1
-        hit = torch.zeros(2, 4, 101, dtype=torch.bool)
+        hit = torch.zeros(2, 4, q_len, dtype=torch.bool)
         for h in range(group):                                             # the query heads of key head 0
-            for i in range(3):
+            for i in range(mb):
                 if block in list(mask.row(h, i)):
                     hit[1, h, q_offsets[i]:q_offsets[i + 1]] = True
+        assert hit.any()
         assert torch.equal(out[~hit], clean[~hit]) and torch.equal(lse, clean_lse)
         assert not torch.isfinite(out[hit][:, 3]).any()
         assert torch.equal(out[hit][:, [0, 1, 2, 4]], clean[hit][:, [0, 1, 2, 4]])

@@ -30,9 +30,6 @@ TARGETS = all_targets()
 
 @pytest.fixture(params=TARGETS, ids=[t.id for t in TARGETS])
 def target(request):
-    spread = request.param.capabilities.nonfinite_spread
-    if spread is not None:
-        pytest.skip(f"{request.param.backend} declares nonfinite_spread: {spread}")
     with request.param.running() as t:
         yield t
 

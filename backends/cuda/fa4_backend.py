@@ -198,6 +198,7 @@ class _Prepared:
     sparse: Any                       # BlockSparseTensorsTorch
     aux: list[torch.Tensor] | None
     mask_mod: Any
+    kv_offsets: torch.Tensor | None   # int64 key block offsets, for the non-finite guard (plans with mask tiles)
 
 
 class Fa4Launch:
@@ -224,13 +225,14 @@ class Fa4Launch:
                 mask_block_cnt=layout.mask_block_cnt, mask_block_idx=layout.mask_block_idx,
                 full_block_cnt=layout.full_block_cnt, full_block_idx=layout.full_block_idx,
                 block_size=(self.tile_m, self.tile_n))
-            aux = mask_mod = None
+            aux = mask_mod = kv_offsets = None
             if layout.needs_mask_mod:
                 aux = [layout.q_block_of_token, layout.kv_block_of_token, layout.keep_bits.view(torch.uint32)]
                 for tensor in aux:
                     tensor.__leading_dim__ = tensor.ndim - 1
                 mask_mod = lookup_mask_mod()
-            self._prepared[device] = _Prepared(layout, sparse, aux, mask_mod)
+                kv_offsets = torch.tensor(self.mask.kv_offsets, dtype=torch.int64, device=device)
+            self._prepared[device] = _Prepared(layout, sparse, aux, mask_mod, kv_offsets)
         return self._prepared[device]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -240,19 +242,19 @@ class Fa4Launch:
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
             return torch.zeros_like(q), lse
         prepared = self.converted(q.device)
-        found = None
-        if prepared.layout.needs_mask_mod:    # mask tiles multiply masked-out values by 0: keep them finite
-            from .fa4_nonfinite import guard_values, poison
-            v, found = guard_values(v, prepared.layout)
         from flash_attn.cute import flash_attn_func
         with torch.cuda.device(q.device):
+            found = None
+            if prepared.kv_offsets is not None:    # mask tiles multiply masked-out values by 0: keep them finite
+                from .fa4_nonfinite import guard_values, poison
+                v, found = guard_values(v)
             out, lse = flash_attn_func(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
                 pack_gqa=False, mask_mod=prepared.mask_mod, aux_tensors=prepared.aux,
                 block_sparse_tensors=prepared.sparse, return_lse=return_lse)
-        if found is not None:
-            del v                                                          # the zeroed copy, before the NaN mask
-            out = poison(out, found, prepared.layout, self.mask.num_kv_blocks)
+            if found is not None:
+                del v                                                      # the zeroed copy
+                out = poison(out, found, prepared.layout, prepared.kv_offsets)
         empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
         if empty is not None:
             out = out.masked_fill(empty[None, :, :, None], 0.0)

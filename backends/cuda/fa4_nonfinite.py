@@ -41,8 +41,8 @@ class NonFinite(NamedTuple):
 def _zero_non_finite(v_ptr, clean_ptr, bad_token_ptr, bad_dim_ptr, kv_heads, seq_len,
                      stride_b, stride_h, stride_s, stride_d,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(1)                                   # b * kv_heads + h
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row = tl.program_id(1).to(tl.int64)                      # b * kv_heads + h
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     inside = (s[:, None] < seq_len) & (d[None, :] < HEAD_DIM)
     base = (row // kv_heads) * stride_b + (row % kv_heads) * stride_h
@@ -60,8 +60,8 @@ def _zero_non_finite(v_ptr, clean_ptr, bad_token_ptr, bad_dim_ptr, kv_heads, seq
 @triton.jit
 def _write_nan(out_ptr, hit_ptr, bad_dim_ptr, heads, group, seq_len, stride_b, stride_s, stride_h, stride_d,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(1)                                   # b * heads + h
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row = tl.program_id(1).to(tl.int64)                      # b * heads + h
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     hit = tl.load(hit_ptr + row * seq_len + s, mask=s < seq_len, other=0)
     if tl.max(hit.to(tl.int32), axis=0) > 0:
         b, h = row // heads, row % heads
@@ -72,7 +72,7 @@ def _write_nan(out_ptr, hit_ptr, bad_dim_ptr, heads, group, seq_len, stride_b, s
         tl.store(pointers, tl.full([BLOCK_S, BLOCK_D], float("nan"), out_ptr.dtype.element_ty), mask=write)
 
 
-def guard_values(v: torch.Tensor, layout: Fa4Layout) -> tuple[torch.Tensor, NonFinite]:
+def guard_values(v: torch.Tensor) -> tuple[torch.Tensor, NonFinite]:
     """``v [B, Hkv, S, D]`` (any strides) as a contiguous copy with non-finite elements 0, and where they were."""
     batch, kv_heads, kv_len, dim = v.shape
     clean = torch.empty((batch, kv_heads, kv_len, dim), dtype=v.dtype, device=v.device)
@@ -84,24 +84,23 @@ def guard_values(v: torch.Tensor, layout: Fa4Layout) -> tuple[torch.Tensor, NonF
     return clean, NonFinite(tokens, dims)
 
 
-def poison(out: torch.Tensor, found: NonFinite, layout: Fa4Layout, num_kv_blocks: int) -> torch.Tensor:
+def poison(out: torch.Tensor, found: NonFinite, layout: Fa4Layout, kv_offsets: torch.Tensor) -> torch.Tensor:
     """FA4's ``out [B, q_len, H, D]`` with NaN where a row lists a block holding a non-finite value, in its dims.
 
-    ``layout`` must have mask tiles (its ``keep_bits``, ``q_block_of_token`` and ``kv_block_of_token``).
+    ``layout`` must have mask tiles (its ``keep_bits`` and ``q_block_of_token``); ``kv_offsets``: the mask's key
+    block offsets on ``out``'s device (int64 ``[NB + 1]``).
     """
     batch, q_len, heads, dim = out.shape
-    kv_rows, kv_len = found.tokens.shape
-    kv_heads = kv_rows // batch
+    kv_rows = found.tokens.shape[0]
+    kv_heads, num_blocks = kv_rows // batch, kv_offsets.numel() - 1
     seen = torch.nn.functional.pad(found.tokens.cumsum(-1, dtype=torch.int32), (1, 0))          # [B*Hkv, S+1]
-    first = torch.searchsorted(layout.kv_block_of_token[:kv_len].contiguous(),
-                               torch.arange(num_kv_blocks + 1, device=out.device, dtype=torch.int32))
-    bad_block = (seen[:, first[1:]] - seen[:, first[:-1]]) > 0                              # [B*Hkv, NB]
+    bad_block = (seen[:, kv_offsets[1:]] - seen[:, kv_offsets[:-1]]) > 0                      # [B*Hkv, NB]
     words = layout.keep_bits.shape[-1]
-    bad = torch.nn.functional.pad(bad_block, (0, words * 32 - num_kv_blocks)).view(batch, kv_heads, words, 32)
-    bad_words = (bad.long() << torch.arange(32, device=out.device)).sum(-1)                  # [B, Hkv, NW]
-    keep_words = layout.keep_bits.view(torch.int32).long() & 0xFFFFFFFF                     # [H, MB, NW]
+    bad = torch.nn.functional.pad(bad_block, (0, words * 32 - num_blocks)).view(batch, kv_heads, words, 32)
+    packed = (bad.long() << torch.arange(32, device=out.device)).sum(-1)                     # [B, Hkv, NW]
+    bad_words = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)  # keep_bits' encoding
     kv_head = torch.arange(heads, device=out.device) // (heads // kv_heads)
-    row_hit = ((keep_words[None] & bad_words[:, kv_head, None, :]) != 0).any(-1)          # [B, H, MB]
+    row_hit = ((layout.keep_bits[None] & bad_words[:, kv_head, None, :]) != 0).any(-1)      # [B, H, MB]
     hit = row_hit[:, :, layout.q_block_of_token[:q_len].long()].to(torch.int8).contiguous()  # [B, H, q_len]
     grid = (triton.cdiv(q_len, BLOCK_TOKENS), batch * heads)
     _write_nan[grid](out, hit, found.dims, heads, heads // kv_heads, q_len, *out.stride(), HEAD_DIM=dim,

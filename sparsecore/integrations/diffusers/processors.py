@@ -69,6 +69,10 @@ class SparseProcessor:
         fastest kernels; the attention it defines is the same.
         """
         seq_len = query.shape[1]
+        if not 0 < tokens <= seq_len:
+            raise ValueError(f"tokens: expected the valid prefix's length, 1 to the {seq_len} tokens of layer "
+                             f"{self.layer}'s call, got {tokens}; the geometry does not match the input "
+                             f"(call handle.remove() to run this input densely)")
         if tokens == seq_len:
             return self.dispatch(query, key, value, None, parallel)
         out = self.dispatch(query[:, :tokens], key[:, :tokens], value[:, :tokens], None, parallel)
