@@ -61,6 +61,7 @@ import torch
 from report import write_report
 
 import sparsecore
+from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.methods.pasa import PASAParams
 from sparsecore.timing import synchronize
@@ -199,20 +200,23 @@ def video_tokens(model, inputs: dict) -> int:
     return (frames // pt) * (height // ph) * (width // pw)
 
 
-def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype) -> None:
+def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int = 0) -> None:
     """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
     this length and head count: the JIT time of a first call is not a step's time, and Triton specializes its
-    kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse."""
+    kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse.
+    ``text``: valid text tokens after the video (HunyuanVideo 1.5's joint sequence, known after a forward)."""
     import numpy as np
     from sparsecore.search import block_mass, dense_attention_with_mass
-    tokens, dim = video_tokens(model, inputs), model.config.attention_head_dim
+    video, dim = video_tokens(model, inputs), model.config.attention_head_dim
+    tokens = video + text
     q = torch.randn(1, model.config.num_attention_heads, tokens, dim, device=device, dtype=dtype)
-    offsets = np.append(np.arange(0, tokens, 64), tokens)
+    offsets = VideoGeometry(1, 1, video, text_tokens=text, text_position="end").block_offsets(64)
     block_mass(q, q, offsets, offsets)
     dense_attention_with_mass(q, q, q, offsets, offsets)
     blocks = len(offsets) - 1
     keep = np.random.default_rng(0).random((q.shape[1], blocks, blocks)) < min(1.0, 16 / blocks)
-    sparsecore.compile(sparsecore.BlockMask.from_dense(keep, tokens, tokens, 64), device=device)(q, q, q)
+    lists = [[np.flatnonzero(row) for row in head] for head in keep]             # the searched masks' layout
+    sparsecore.compile(sparsecore.BlockMask.from_lists(lists, offsets, offsets), device=device)(q, q, q)
     synchronize(device)
 
 
@@ -272,6 +276,9 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     must not include it."""
     handle.set_step(0)
     first_step = timed_forward(model, inputs, 1000.0, device) * scale
+    text = handle.stats()[0]["text_tokens"]
+    if text and any(kind.endswith("search") for kind, _ in plan):   # the joint length is known now
+        warm_kernels(model, inputs, device, model.dtype, text)
     seconds = []
     for kind, step in plan:
         handle.set_step(step)
