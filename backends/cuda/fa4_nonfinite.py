@@ -95,6 +95,7 @@ def poison(out: torch.Tensor, found: NonFinite, layout: Fa4Layout, kv_offsets: t
     kv_heads, num_blocks = kv_rows // batch, kv_offsets.numel() - 1
     seen = torch.nn.functional.pad(found.tokens.cumsum(-1, dtype=torch.int32), (1, 0))          # [B*Hkv, S+1]
     bad_block = (seen[:, kv_offsets[1:]] - seen[:, kv_offsets[:-1]]) > 0                      # [B*Hkv, NB]
+    # fa4_layout.pack_bits' encoding in four ops (its bit loop suits the plan's large maps, not a per-call small one)
     words = layout.keep_bits.shape[-1]
     bad = torch.nn.functional.pad(bad_block, (0, words * 32 - num_blocks)).view(batch, kv_heads, words, 32)
     packed = (bad.long() << torch.arange(32, device=out.device)).sum(-1)                     # [B, Hkv, NW]
