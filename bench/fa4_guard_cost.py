@@ -57,8 +57,8 @@ def main() -> None:
     out_like = torch.empty(1, mask.q_len, 12, 128, device="cuda", dtype=torch.bfloat16)
 
     def guard_only() -> object:
-        clean, found = guard_values(v, prepared.layout)
-        return poison(out_like, found, prepared.layout, mask.num_kv_blocks)
+        clean, found = guard_values(v)
+        return poison(out_like, found, prepared.layout, prepared.kv_offsets)
 
     times = {"lowering (guard + FA4)": triton.testing.do_bench(lambda: kernel(q, k, v)),
              "FA4 call alone": triton.testing.do_bench(raw),
