@@ -245,11 +245,11 @@ def scheduling_ms(mask: BlockMask) -> dict[str, float]:
     return {"schedule_on_gpu_ms": first, "compile_cached_ms": cached}
 
 
-def selection_table(log, flashinfer: bool) -> list[dict]:
+def selection_table(log, flashinfer: bool, blocks: tuple[int, ...] = (64, 128, FRAME_TOKENS)) -> list[dict]:
     """Each lowering's time per (block size, density, S, head dim): which one ``compile`` should prefer."""
     points = []
     names = ("triton", "fa4") + (("flashinfer",) if flashinfer else ())
-    for block in (64, 128, FRAME_TOKENS):
+    for block in blocks:
         for seq_len in (32760, 98280) if block == FRAME_TOKENS else (32768, 98304):
             for density in (0.1, 0.25):
                 for head_dim in (64, 128):
@@ -324,6 +324,8 @@ def main() -> int:
     parser.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer kernels (no JIT wait)")
     parser.add_argument("--adaspa", action="store_true", help="also an AdaSpa-shaped mask: 64-token blocks at 6x")
     parser.add_argument("--selection", action="store_true", help="time every lowering per (block, density, S, D)")
+    parser.add_argument("--selection-blocks", type=int, nargs="*", default=[64, 128, FRAME_TOKENS],
+                        help="the block sizes of the selection sweep")
     args = parser.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     if not torch.cuda.is_available():
@@ -350,7 +352,7 @@ def main() -> int:
         run_dense(mask.q_len, rows, log)
         run_case("AdaSpa-shaped (64-token blocks, 3 row-count levels)", mask, rows, False, not args.no_flashinfer, log)
     if args.selection:
-        meta["selection"] = selection_table(log, not args.no_flashinfer)
+        meta["selection"] = selection_table(log, not args.no_flashinfer, tuple(args.selection_blocks))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"cuda-{meta['date']}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [vars(r) for r in rows]}, indent=1))

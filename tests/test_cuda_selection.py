@@ -60,11 +60,11 @@ def test_block_class_and_largest_block(mask, largest, block_class):
 @pytest.mark.parametrize("mask, expected", [
     (frames(128, 8), "fa4"),                  # tile-aligned: FA4's full tiles
     (frames(256, 4), "fa4"),
-    (frames(64, 40), "triton"),               # AdaSpa's 64-token blocks: Triton measured faster
+    (frames(64, 40), "fa4"),                  # AdaSpa's 64-token blocks: FA4 at two CTAs per SM
     (frames(1560, 3), "fa4"),                 # LVSA's frames
     (frames(1560, 3, text=200), "fa4"),       # frames + a text block: mixed sizes
-    (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
-    (joint(40 * 64 - 10, 200), "triton"),     # HunyuanVideo's joint sequence: 64-token blocks and short ones
+    (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "fa4"),   # a ring shard: first block cut short
+    (joint(40 * 64 - 10, 200), "fa4"),        # HunyuanVideo's joint sequence: 64-token blocks and short ones
 ])
 def test_default_lowering_per_block_class(cuda_available, mask, expected):
     assert sparsecore.compile(mask, device="cuda").backend.name == expected

@@ -399,3 +399,73 @@ def test_a_non_finite_value_reaches_only_the_rows_that_attend_to_it_through_a_st
         assert torch.equal(out[~hit], clean[~hit]) and torch.equal(lse, clean_lse)
         assert not torch.isfinite(out[hit][:, 3]).any()
         assert torch.equal(out[hit][:, [0, 1, 2, 4]], clean[hit][:, [0, 1, 2, 4]])
+
+
+@pytest.fixture
+def fake_sm90(fake_fa4, monkeypatch):
+    """The stand-in plus FA4's ``interface._flash_attn_fwd`` and SM90 forward class, recording each call."""
+    calls = []
+
+    class FakeForwardSm90:
+        def __init__(self, num_wg_mma):
+            self.num_wg_mma = num_wg_mma
+            self.num_mma_regs, self.num_producer_regs = {1: (256, 56), 2: (240, 24)}[num_wg_mma]
+
+        def _setup_attributes(self):
+            self.setup_saw = (self.num_mma_regs, self.num_producer_regs)
+
+        def kernel(self, *args):
+            return types.SimpleNamespace(launch=lambda **kwargs: kwargs)
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface.FlashAttentionForwardSm90 = FakeForwardSm90
+
+    def fake_fwd(q, k, v, *, num_threads, **kwargs):
+        calls.append((interface.FlashAttentionForwardSm90, num_threads))
+        out, lse = _fake_flash_attn_func(q, k, v, **kwargs)
+        return out, lse, None, None, None
+
+    interface._flash_attn_fwd = fake_fwd
+    sm90 = types.ModuleType("flash_attn.cute.flash_fwd_sm90")
+    sm90.FlashAttentionForwardSm90 = FakeForwardSm90
+    sys.modules["flash_attn.cute"].interface = interface
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.flash_fwd_sm90", sm90)
+    from sparsecore.backends.cuda import fa4_occupancy
+    fa4_occupancy.forward_class.cache_clear()
+    yield types.SimpleNamespace(calls=calls, original=FakeForwardSm90, backend=fake_fa4)
+    fa4_occupancy.forward_class.cache_clear()
+
+
+def test_two_ctas_per_sm_builds_one_warpgroup_kernels_with_a_shared_register_split(fake_sm90):
+    """The subclass changes one-warpgroup kernels only, and only while the lowering's own call runs."""
+    from sparsecore.backends.cuda import fa4_occupancy
+    rng = np.random.default_rng(3)
+    mask = random_mask(rng, np.array([0, 32, 64]), np.array([0, 32, 64, 96]), 2, 0.6)
+    q = torch.randn(1, 2, 64, 16)
+    k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)
+    two, one = (fake_sm90.backend.Fa4Launch(mask, 32, 32, two_per_sm=flag) for flag in (True, False))
+    torch.testing.assert_close(two(q, k, v, 0.3, True), one(q, k, v, 0.3, True))
+    (cls, threads), = fake_sm90.calls                            # the one-CTA launch went through flash_attn_func
+    assert threads == fa4_occupancy.TWO_PER_SM_THREADS and cls is not fake_sm90.original
+    assert issubclass(cls, fake_sm90.original)
+    assert sys.modules["flash_attn.cute.interface"].FlashAttentionForwardSm90 is fake_sm90.original   # restored
+    single, double = cls(1), cls(2)
+    single._setup_attributes(), double._setup_attributes()
+    assert single.setup_saw == (fa4_occupancy.MMA_REGS, fa4_occupancy.PRODUCER_REGS) and double.setup_saw == (240, 24)
+    assert single.kernel().launch(grid=1, min_blocks_per_mp=1)["min_blocks_per_mp"] == 2
+    assert double.kernel().launch(grid=1, min_blocks_per_mp=1)["min_blocks_per_mp"] == 1
+
+
+@pytest.mark.parametrize("regs", [(232, 40), (220, 36), (240, 16)])
+def test_register_splits_two_ctas_cannot_share_are_refused(regs):
+    from sparsecore.backends.cuda import fa4_occupancy
+    with pytest.raises(ValueError, match="mma_regs, producer_regs"):
+        fa4_occupancy.forward_class(*regs)
+
+
+@pytest.mark.parametrize("value", [0, 3, True, "2"])
+def test_ctas_per_sm_takes_one_or_two(value):
+    from sparsecore.backends.cuda.fa4_backend import Fa4Options
+    with pytest.raises(ValueError, match="ctas_per_sm"):
+        Fa4Options(ctas_per_sm=value)

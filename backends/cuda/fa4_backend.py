@@ -55,6 +55,9 @@ tests/cute/mask_mod_definitions.py and test_mask_mod.py):
 
 Plans: the converted tensors are built on the first call on a device (one host sync)
 and reused for every batch size (FA4 broadcasts the batch dimension).
+
+On SM90, 64-row query tiles run at two CTAs per SM (:mod:`.fa4_occupancy`; ``ctas_per_sm=1`` keeps
+FA4's own launch).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Fa4Options:
 
     tile_m: int | None = None
     tile_n: int | None = None
+    ctas_per_sm: int = 2
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n"):
@@ -93,6 +97,9 @@ class Fa4Options:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16
                                       or value % 16):
                 raise ValueError(f"{name}: expected None or a multiple of 16 (a kernel tile side), got {value!r}")
+        if isinstance(self.ctas_per_sm, bool) or self.ctas_per_sm not in (1, 2):
+            raise ValueError(f"ctas_per_sm: expected 1 (FA4's own launch) or 2 (two CTAs per SM for 64-row query "
+                             f"tiles on SM90, :mod:`.fa4_occupancy`), got {self.ctas_per_sm!r}")
 
 
 class Fa4Backend(Backend):
@@ -127,7 +134,7 @@ class Fa4Backend(Backend):
     def lower(self, mask: BlockMask, device: str, options: Fa4Options) -> Run:
         major = torch.cuda.get_device_capability(torch.device(device))[0]
         tile_m, tile_n = tile_shape(mask, major, options)
-        return Fa4Launch(mask, tile_m, tile_n)
+        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=major == 9 and tile_m == 64 and options.ctas_per_sm == 2)
 
 
 def tile_shape(mask: BlockMask, major: int, options: Fa4Options) -> tuple[int, int]:
@@ -204,9 +211,10 @@ class _Prepared:
 class Fa4Launch:
     """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4."""
 
-    def __init__(self, mask: BlockMask, tile_m: int, tile_n: int) -> None:
+    def __init__(self, mask: BlockMask, tile_m: int, tile_n: int, two_per_sm: bool = False) -> None:
         self.mask = mask
         self.tile_m, self.tile_n = tile_m, tile_n
+        self.two_per_sm = two_per_sm     # one-warpgroup SM90 kernels at two CTAs per SM (.fa4_occupancy)
         self._prepared: dict[torch.device, _Prepared] = {}
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -242,16 +250,19 @@ class Fa4Launch:
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
             return torch.zeros_like(q), lse
         prepared = self.converted(q.device)
-        from flash_attn.cute import flash_attn_func
         with torch.cuda.device(q.device):
             found = None
             if prepared.kv_offsets is not None:    # mask tiles multiply masked-out values by 0: keep them finite
                 from .fa4_nonfinite import guard_values, poison
                 v, found = guard_values(v)
-            out, lse = flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
-                pack_gqa=False, mask_mod=prepared.mask_mod, aux_tensors=prepared.aux,
-                block_sparse_tensors=prepared.sparse, return_lse=return_lse)
+            arguments = dict(softmax_scale=scale, causal=False, pack_gqa=False, mask_mod=prepared.mask_mod,
+                             aux_tensors=prepared.aux, block_sparse_tensors=prepared.sparse, return_lse=return_lse)
+            if self.two_per_sm:
+                from .fa4_occupancy import forward
+                out, lse = forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **arguments)
+            else:
+                from flash_attn.cute import flash_attn_func
+                out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **arguments)
             if found is not None:
                 del v                                                      # the zeroed copy
                 out = poison(out, found, prepared.layout, prepared.kv_offsets)
