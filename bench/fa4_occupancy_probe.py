@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--mma-regs", type=int)
     parser.add_argument("--producer-regs", type=int)
     args = parser.parse_args()
+    if (args.mma_regs is None) != (args.producer_regs is None):
+        parser.error("--mma-regs and --producer-regs: give both (a register split) or neither")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mma_regs is not None:
         fa4_occupancy.MMA_REGS, fa4_occupancy.PRODUCER_REGS = args.mma_regs, args.producer_regs

@@ -42,7 +42,9 @@ def joint(video: int, text: int, block: int = 64) -> BlockMask:
 
 
 @pytest.mark.parametrize("mask, largest, block_class", [
-    (frames(64, 40), 64, "small"),
+    (frames(64, 40), 64, "uniform-64"),
+    (frames(64, 40, text=24), 64, "uniform-64"),     # Wan at 6x: 2,949 blocks of 64 and a last one of 24
+    (frames(32, 40), 32, "small"),
     (joint(40 * 64 - 10, 200), 64, "small"),         # no uniform interior, every block under 128 tokens
     (joint(40 * 64 - 10, 200, block=96), 96, "small"),
     (frames(128, 8), 128, "tile-aligned"),
@@ -51,7 +53,7 @@ def joint(video: int, text: int, block: int = 64) -> BlockMask:
 ])
 def test_block_class_and_largest_block(mask, largest, block_class):
     """The class that ranks the CUDA lowerings (no GPU needed): masks whose blocks are all under 128 tokens are
-    "small" whatever their sizes."""
+    small whatever their sizes, and 64-token ones (a shorter last one allowed) form their own class."""
     from sparsecore.backends.cuda.selection import block_class as class_of
     assert mask.largest_block_size("kv") == mask.largest_block_size("q") == largest
     assert class_of(mask) == block_class
@@ -61,10 +63,12 @@ def test_block_class_and_largest_block(mask, largest, block_class):
     (frames(128, 8), "fa4"),                  # tile-aligned: FA4's full tiles
     (frames(256, 4), "fa4"),
     (frames(64, 40), "fa4"),                  # AdaSpa's 64-token blocks: FA4 at two CTAs per SM
+    (frames(64, 40, text=24), "fa4"),         # the same with a shorter last block
+    (frames(32, 40), "triton"),               # other small blocks: not timed on fa4 at two CTAs per SM
     (frames(1560, 3), "fa4"),                 # LVSA's frames
     (frames(1560, 3, text=200), "fa4"),       # frames + a text block: mixed sizes
-    (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "fa4"),   # a ring shard: first block cut short
-    (joint(40 * 64 - 10, 200), "fa4"),        # HunyuanVideo's joint sequence: 64-token blocks and short ones
+    (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
+    (joint(40 * 64 - 10, 200), "triton"),     # HunyuanVideo's joint sequence: 64-token blocks and short ones
 ])
 def test_default_lowering_per_block_class(cuda_available, mask, expected):
     assert sparsecore.compile(mask, device="cuda").backend.name == expected

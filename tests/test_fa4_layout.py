@@ -407,8 +407,10 @@ def fake_sm90(fake_fa4, monkeypatch):
     calls = []
 
     class FakeForwardSm90:
-        def __init__(self, num_wg_mma):
-            self.num_wg_mma = num_wg_mma
+        """FA4's order in ``__call__``: the register split, then ``_setup_attributes``, then ``kernel``."""
+
+        def __init__(self, num_wg_mma, num_threads=128):
+            self.num_wg_mma, self.num_threads = num_wg_mma, num_threads
             self.num_mma_regs, self.num_producer_regs = {1: (256, 56), 2: (240, 24)}[num_wg_mma]
 
         def _setup_attributes(self):
@@ -422,6 +424,8 @@ def fake_sm90(fake_fa4, monkeypatch):
 
     def fake_fwd(q, k, v, *, num_threads, **kwargs):
         calls.append((interface.FlashAttentionForwardSm90, num_threads))
+        if q.shape[-1] == 8:
+            raise RuntimeError("a compile error")
         out, lse = _fake_flash_attn_func(q, k, v, **kwargs)
         return out, lse, None, None, None
 
@@ -450,21 +454,42 @@ def test_two_ctas_per_sm_builds_one_warpgroup_kernels_with_a_shared_register_spl
     assert threads == fa4_occupancy.TWO_PER_SM_THREADS and cls is not fake_sm90.original
     assert issubclass(cls, fake_sm90.original)
     assert sys.modules["flash_attn.cute.interface"].FlashAttentionForwardSm90 is fake_sm90.original   # restored
-    single, double = cls(1), cls(2)
-    single._setup_attributes(), double._setup_attributes()
-    assert single.setup_saw == (fa4_occupancy.MMA_REGS, fa4_occupancy.PRODUCER_REGS) and double.setup_saw == (240, 24)
+    threads = fa4_occupancy.TWO_PER_SM_THREADS
+    single, double, theirs = cls(1, num_threads=threads), cls(2, num_threads=threads), cls(1, num_threads=384)
+    for built in (single, double, theirs):
+        built._setup_attributes()
+    assert single.setup_saw == (fa4_occupancy.MMA_REGS, fa4_occupancy.PRODUCER_REGS)
+    assert double.setup_saw == (240, 24) and theirs.setup_saw == (256, 56)     # FA4's own calls keep FA4's kernel
     assert single.kernel().launch(grid=1, min_blocks_per_mp=1)["min_blocks_per_mp"] == 2
     assert double.kernel().launch(grid=1, min_blocks_per_mp=1)["min_blocks_per_mp"] == 1
+    assert theirs.kernel().launch(grid=1, min_blocks_per_mp=1)["min_blocks_per_mp"] == 1
+    single.num_mma_regs = 256                               # as if FA4 set its split after _setup_attributes
+    with pytest.raises(RuntimeError, match="ctas_per_sm=1"):
+        single.kernel()
+    bad = torch.randn(1, 2, 64, 8)
+    with pytest.raises(RuntimeError, match="a compile error"):
+        two(bad, bad[:, :, :1].expand(1, 2, 96, 8), bad[:, :, :1].expand(1, 2, 96, 8), 0.3, False)
+    assert sys.modules["flash_attn.cute.interface"].FlashAttentionForwardSm90 is fake_sm90.original   # restored
 
 
-@pytest.mark.parametrize("regs", [(232, 40), (220, 36), (240, 16)])
+@pytest.mark.parametrize("major, tiles, ctas, installed, expected", [
+    (9, (64, 64), 2, True, True), (9, (64, 128), 2, True, False), (9, (128, 128), 2, True, False),
+    (9, (64, 64), 1, True, False), (9, (64, 64), 2, False, False), (10, (256, 128), 2, True, False)])
+def test_two_ctas_per_sm_only_for_the_measured_case(monkeypatch, major, tiles, ctas, installed, expected):
+    """SM90, 64 x 64 tiles (64 x 128 needs ~144 KB of shared memory a CTA), the tested flash-attn-4, ctas_per_sm=2."""
+    from sparsecore.backends.cuda import fa4_backend, fa4_occupancy
+    monkeypatch.setattr(fa4_occupancy, "supported", lambda: installed)
+    assert fa4_backend.two_ctas_per_sm(major, *tiles, fa4_backend.Fa4Options(ctas_per_sm=ctas)) is expected
+
+
+@pytest.mark.parametrize("regs", [(232, 40), (220, 36), (240, 16), (120, 136), (216.0, 40)])
 def test_register_splits_two_ctas_cannot_share_are_refused(regs):
     from sparsecore.backends.cuda import fa4_occupancy
     with pytest.raises(ValueError, match="mma_regs, producer_regs"):
         fa4_occupancy.forward_class(*regs)
 
 
-@pytest.mark.parametrize("value", [0, 3, True, "2"])
+@pytest.mark.parametrize("value", [0, 3, True, "2", 2.0])
 def test_ctas_per_sm_takes_one_or_two(value):
     from sparsecore.backends.cuda.fa4_backend import Fa4Options
     with pytest.raises(ValueError, match="ctas_per_sm"):

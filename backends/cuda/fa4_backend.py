@@ -25,6 +25,9 @@ tests/cute/mask_mod_definitions.py and test_mask_mod.py):
   tensors go in as transposed views without a copy. ``out [B, Sq, H, D]`` in q's dtype; ``lse``
   float32 ``[B, H, Sq]``, natural log (``softmax.finalize``: ``(max * scale * log2 e + log2 sum) *
   ln 2``), None unless ``return_lse`` (or autograd needs it). ``softmax_scale`` defaults to 1/sqrt(D).
+- ``interface._flash_attn_fwd(q, k, v, ..., num_threads=384, ...) -> (out, lse, p, row_max, o_lo)``: the
+  private forward ``flash_attn_func`` calls (without its autograd wrapper); :mod:`.fa4_occupancy` calls it
+  with the same keywords and its own ``num_threads``, part of the compile key and unused on SM90.
 - ``block_sparsity.BlockSparseTensorsTorch(mask_block_cnt [B, H, M], mask_block_idx [B, H, M, N],
   full_block_cnt, full_block_idx, ..., block_size=(q, kv))``: int32 on CUDA; B and H may be 1
   (expanded); ``M = ceil(Sq / q)``; ``N <= ceil(Sk / kv)`` (compact lists: only the first ``cnt``
@@ -56,7 +59,7 @@ tests/cute/mask_mod_definitions.py and test_mask_mod.py):
 Plans: the converted tensors are built on the first call on a device (one host sync)
 and reused for every batch size (FA4 broadcasts the batch dimension).
 
-On SM90, 64-row query tiles run at two CTAs per SM (:mod:`.fa4_occupancy`; ``ctas_per_sm=1`` keeps
+On SM90, 64 x 64 tiles run at two CTAs per SM (:mod:`.fa4_occupancy`; ``ctas_per_sm=1`` keeps
 FA4's own launch).
 """
 
@@ -81,7 +84,7 @@ SM90_SIDES = (64, 128)
 
 @dataclass(frozen=True)
 class Fa4Options:
-    """Tile overrides (None: chosen from the mask's blocks, :func:`.fa4_layout.choose_tile_side`).
+    """Tile overrides (None: chosen from the mask's blocks, :func:`.fa4_layout.choose_tile_side`) and occupancy.
 
     ``tile_m``: query tile (= FA4's sparse query block), ``tile_n``: key tile (= sparse key
     block). SM90 takes 64 or 128 for each; SM100 a multiple of 256 and of 128.
@@ -97,9 +100,9 @@ class Fa4Options:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16
                                       or value % 16):
                 raise ValueError(f"{name}: expected None or a multiple of 16 (a kernel tile side), got {value!r}")
-        if isinstance(self.ctas_per_sm, bool) or self.ctas_per_sm not in (1, 2):
-            raise ValueError(f"ctas_per_sm: expected 1 (FA4's own launch) or 2 (two CTAs per SM for 64-row query "
-                             f"tiles on SM90, :mod:`.fa4_occupancy`), got {self.ctas_per_sm!r}")
+        if type(self.ctas_per_sm) is not int or self.ctas_per_sm not in (1, 2):
+            raise ValueError(f"ctas_per_sm: expected the int 1 (FA4's own launch) or 2 (two CTAs per SM for 64 x 64 "
+                             f"tiles on SM90, .fa4_occupancy), got {self.ctas_per_sm!r}")
 
 
 class Fa4Backend(Backend):
@@ -134,7 +137,15 @@ class Fa4Backend(Backend):
     def lower(self, mask: BlockMask, device: str, options: Fa4Options) -> Run:
         major = torch.cuda.get_device_capability(torch.device(device))[0]
         tile_m, tile_n = tile_shape(mask, major, options)
-        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=major == 9 and tile_m == 64 and options.ctas_per_sm == 2)
+        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=two_ctas_per_sm(major, tile_m, tile_n, options))
+
+
+def two_ctas_per_sm(major: int, tile_m: int, tile_n: int, options: Fa4Options) -> bool:
+    """Whether the kernel runs two CTAs per SM (:mod:`.fa4_occupancy`): SM90, 64 x 64 tiles (one MMA warpgroup, ~90 KB
+    of shared memory: the case measured; 64 x 128 needs ~144 KB, so one CTA), the tested flash-attn-4, and not
+    ``ctas_per_sm=1``."""
+    from .fa4_occupancy import supported
+    return major == 9 and (tile_m, tile_n) == (64, 64) and options.ctas_per_sm == 2 and supported()
 
 
 def tile_shape(mask: BlockMask, major: int, options: Fa4Options) -> tuple[int, int]:

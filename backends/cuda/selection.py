@@ -11,20 +11,22 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
 - 64-token blocks (AdaSpa): FA4 runs them on 64 x 64 tiles (its key tile must equal the key block
   on SM90), one MMA warpgroup a CTA, which the ``fa4`` lowering launches two to an SM
   (:mod:`.fa4_occupancy`). Then fa4 is faster than Triton at all 8 points of the sweep (H200,
-  2026-12-01): by 7-9% at D = 64 and 10-22% at D = 128 (S = 32K / 98K, d = 0.1 / 0.25); at 6x on
-  the AdaSpa-shaped mask 92-104 against 107-115 ms (runs vary by up to 10% there). At FA4's own
-  one CTA per SM, Triton had been faster at 6 of 8 points (2026-11-30). FlashInfer 272 eff
-  TFLOP/s against Triton's 440 and fails at 2,949 blocks x 12 heads (its ``max_rows``). Masks that
-  approximate unlisted blocks (PASA) go to Triton: fa4 does not take them.
+  2026-12-01): by 7-8% at D = 64 and 11-22% at D = 128 (S = 32K / 98K, d = 0.1 / 0.25); at 6x
+  (188,736 tokens) 1.01-1.19x on uniform masks and 1.07-1.16x on the AdaSpa-shaped one, in runs up
+  to 18% apart. At FA4's own one CTA per SM, Triton had been faster at 6 of 8 points (2026-11-30).
+  FlashInfer 272 eff TFLOP/s against Triton's 440 and fails at 2,949 blocks x 12 heads (its
+  ``max_rows``). Masks that approximate unlisted blocks (PASA) go to Triton: fa4 does not take them.
 - 1560-token frame blocks: on LVSA's frame mask at 6x (188,760 tokens, d = 0.17) fa4 runs at
   557 eff TFLOP/s (68 ms; 11% of its tiles masked), FlashInfer 506-529, Triton 411. On random
   frame rows fa4 wins at D = 64 (by 18-38%) and ties Triton at D = 128 (within 5% either way).
 - Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton. A mask whose
   first and last blocks are short (a ring shard's slice) is classed by its interior size, so a ring
-  step of AdaSpa's mask stays "small" (64-wide tiles); a mask whose blocks are all under 128 tokens
-  is "small" whatever their sizes (a joint video + text mask of 64-token blocks, whose short last video
-  block sits inside), like the uniform ones. Those two (fa4 through mask tiles, 64 x 64) are checked
-  for correctness on the H200 (``bench/fa4_check.py``) but not timed against Triton.
+  step of AdaSpa's mask has a 64-token interior; a mask whose blocks are all under 128 tokens is small
+  whatever their sizes, so Triton's tiles are 64 wide for it. Of those, masks of 64-token blocks (a
+  shorter last one allowed: Wan's 188,760 tokens) rank fa4 first, as measured; the others rank Triton
+  first: a joint video + text mask of 64-token blocks, whose short last video block sits inside, a
+  ring shard, uniform blocks of 16 or 32 tokens. fa4 takes those exactly through mask tiles
+  (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/gpu-2026-12-01-runs/fifth-session/ (selection-64-2026-12-01.md, key-split-probe-fa4.md),
 bench/results/cuda-2026-11-22.md.
@@ -37,7 +39,8 @@ from sparsecore.ir import BlockMask
 # key-block class -> lowering -> rank (higher is preferred)
 RANKS = {
     "tile-aligned": {"fa4": 30, "flashinfer": 20, "triton": 10},   # uniform blocks, a multiple of 128 tokens
-    "small": {"fa4": 30, "triton": 20, "flashinfer": 5},          # every block under 128 tokens
+    "uniform-64": {"fa4": 30, "triton": 20, "flashinfer": 5},     # 64-token blocks (AdaSpa's, PASA's), FA4's tiles
+    "small": {"triton": 30, "fa4": 20, "flashinfer": 5},          # every other mask of blocks under 128 tokens
     "frames": {"fa4": 30, "flashinfer": 20, "triton": 10},        # uniform blocks not aligned to 128 (frames)
     "ragged": {"fa4": 30, "triton": 20, "flashinfer": 0},         # mixed sizes: FlashInfer cannot take them
 }
@@ -46,7 +49,8 @@ RANKS = {
 def block_class(mask: BlockMask) -> str:
     """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class."""
     if mask.largest_block_size("kv") < 128:
-        return "small"
+        uniform_64 = mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64
+        return "uniform-64" if uniform_64 else "small"
     block = mask.interior_block_size("kv")
     if block is None:
         return "ragged"
