@@ -2,16 +2,17 @@
 
 At 188,736 tokens one head's keys and values are 97 MB, twice an H200's 50 MB L2. The block-sparse
 kernels walk each row's key list in ascending order, and the rows running at one time are spread over
-their walks, so together they touch all of a head's K/V at once: most 64-token tiles would then come
-from HBM, 32 KB per 2.1 MFLOP tile (twice the bytes per FLOP of 128-token tiles).
+their walks, so together they touch all of a head's K/V at once.
 
 The probe measures, side by side on the same inputs (bf16, B=1, H=12, D=128):
-1. the production lowering on a uniform random 64-token mask (density 0.2) at 32,768, 98,304 and
-   188,736 tokens: if the rate falls with length, the working set is the limit;
-2. at 188,736 tokens, the AdaSpa-shaped mask (``fa4_check.adaspa_large``, row counts 0.1/0.2/0.3 by head)
-   cut into P key ranges (``ir.slicing.slices``), each part's kernel over its contiguous K/V slice (copied
-   before timing), then the parts merged by LSE with torch ops: P = 1, 2, 4, 8. The kernel-only time and
-   the time with the merge are both reported, and the merged output is checked against the unsplit one.
+1. the default lowering of each backend on a uniform random 64-token mask (density 0.2) at 32,768,
+   98,304 and 188,736 tokens: if the rate falls with length, the working set is the limit;
+2. at 188,736 tokens, the AdaSpa-shaped mask (``fa4_check.adaspa_large``, row counts 0.1/0.2/0.3 by
+   head) through the ``fa4`` lowering with ``key_parts`` = 1, 2, 4, 8 and 1 again (the run-to-run spread):
+   that many launches over consecutive key ranges, merged in place by LSE (``backends/cuda/lse_merge.py``),
+   against the Triton lowering; the output is checked against the unsplit one and the call's peak memory
+   above its inputs is reported.
+(Files from before 2026-12-01's mends split the mask by hand and merged with torch ops: commit 14871d3.)
 
     python bench/key_split_probe.py --out DIR [--backends triton,fa4]
 """
@@ -29,20 +30,10 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
-from sparsecore.ir.slicing import slices  # noqa: E402
 from sparsecore.registry import registered_backends  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64
-
-
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Outputs of disjoint key ranges merged by their natural-log LSEs (rows without keys stay 0)."""
-    lses = torch.stack([lse for _, lse in parts])                    # [P, B, H, S]
-    total = torch.logsumexp(lses, 0)
-    weights = torch.exp(lses - torch.where(torch.isfinite(total), total, 0.0)).nan_to_num_(0.0)
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
-    return out.to(parts[0][0].dtype)
 
 
 def rate(flops: float, ms: float) -> float:
@@ -56,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     backends = [b for b in args.backends.split(",") if b in registered_backends()]
-    results: dict[str, float] = {}
+    results: dict[str, object] = {}
     lines = ["| case | backend | ms | eff TFLOP/s | note |", "|---|---|---|---|---|"]
     torch.manual_seed(0)
     scale = DIM ** -0.5
@@ -76,34 +67,31 @@ def main() -> int:
     mask = adaspa_large(HEADS, seq, BLOCK, (0.1, 0.2, 0.3), seed=0).to("cuda")
     flops = mask.flops(DIM)
     q, k, v = (torch.randn(1, HEADS, seq, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    for backend in backends:
-        whole = sparsecore.compile(mask, device="cuda", backend=backend)
-        reference, _ = whole(q, k, v, scale=scale, return_lse=True)
+    if "triton" in backends:
+        kernel = sparsecore.compile(mask, device="cuda", backend="triton")
+        ms = triton.testing.do_bench(lambda: kernel(q, k, v, scale=scale))
+        results["adaspa triton"] = ms
+        lines.append(f"| AdaSpa-shaped, S={seq} | triton | {ms:.2f} | {rate(flops, ms):.0f} | |")
+        print(lines[-1], flush=True)
+    if "fa4" in backends:
+        reference = sparsecore.compile(mask, device="cuda", backend="fa4")(q, k, v, scale=scale)
         for parts in (1, 2, 4, 8, 1):                 # 1 again: the run-to-run spread
-            blocks = mask.num_kv_blocks
-            edges = [int(mask.kv_offsets[blocks * p // parts]) for p in range(parts)] + [seq]
-            ranges = list(zip(edges[:-1], edges[1:]))
-            subs = slices(mask, (0, seq), [r for r in ranges])
-            kernels = [sparsecore.compile(sub, device="cuda", backend=backend) for sub in subs]
-            ks = [k[:, :, a:b].contiguous() for a, b in ranges]
-            vs = [v[:, :, a:b].contiguous() for a, b in ranges]
-
-            def kernels_only():
-                return [kern(q, kp, vp, scale=scale, return_lse=True) for kern, kp, vp in zip(kernels, ks, vs)]
-
-            merged = merge(kernels_only())
-            err = ((merged.float() - reference.float()).norm() / reference.float().norm()).item()
-            ms_kernels = triton.testing.do_bench(kernels_only)
-            ms_merged = triton.testing.do_bench(lambda: merge(kernels_only()))
-            key = f"adaspa split={parts} {backend}" + (" (again)" if f"adaspa split={parts} {backend} kernels" in results else "")
-            results[f"{key} kernels"] = ms_kernels
-            results[f"{key} merged"] = ms_merged
-            results[f"{key} rel err"] = err
-            lines.append(f"| AdaSpa-shaped, S={seq}, {parts} key ranges | {backend} | {ms_kernels:.2f} "
-                         f"(+merge {ms_merged:.2f}) | {rate(flops, ms_kernels):.0f} ({rate(flops, ms_merged):.0f}) "
-                         f"| rel err vs unsplit {err:.1e} |")
+            kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=parts, cache=False)
+            out = kernel(q, k, v, scale=scale)
+            err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+            del out
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            kernel(q, k, v, scale=scale)
+            torch.cuda.synchronize()
+            peak_mib = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+            ms = triton.testing.do_bench(lambda: kernel(q, k, v, scale=scale))
+            key = f"adaspa fa4 key_parts={parts}" + (" (again)" if f"adaspa fa4 key_parts={parts}" in results else "")
+            results[key] = {"ms": ms, "rel_err_vs_unsplit": err, "peak_mib_above_inputs": peak_mib}
+            lines.append(f"| AdaSpa-shaped, S={seq}, key_parts={parts} | fa4 | {ms:.2f} | {rate(flops, ms):.0f} "
+                         f"| rel err vs unsplit {err:.1e}; peak {peak_mib:.0f} MiB above the inputs |")
             print(lines[-1], flush=True)
-            del ks, vs, kernels, subs
     text = "\n".join(lines)
     (args.out / "key-split-probe.md").write_text(text + "\n")
     (args.out / "key-split-probe.json").write_text(json.dumps(results, indent=1))

@@ -75,11 +75,13 @@ import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
+from sparsecore.ir.slicing import slices
 from sparsecore.registry import Backend, Run, UnsupportedError
 
 from .fa4_layout import Fa4Layout, choose_tile_side, to_fa4
 
 SM90_SIDES = (64, 128)
+MAX_KEY_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,20 @@ class Fa4Options:
     """Tile overrides (None: chosen from the mask's blocks, :func:`.fa4_layout.choose_tile_side`) and occupancy.
 
     ``tile_m``: query tile (= FA4's sparse query block), ``tile_n``: key tile (= sparse key
-    block). SM90 takes 64 or 128 for each; SM100 a multiple of 256 and of 128.
+    block). SM90 takes 64 or 128 for each; SM100 a multiple of 256 and of 128. ``ctas_per_sm``: on
+    SM90, 64 x 64 tiles (one MMA warpgroup) run two CTAs per SM (2, :mod:`.fa4_occupancy`) or as FA4
+    launches them (1); other tiles are unaffected. ``key_parts``: run the mask as this many launches over
+    consecutive key ranges (cut at block boundaries), each merged into the first by LSE
+    (:mod:`.lse_merge`), so the keys and values one launch reads at a time fit the L2 better; 1 (the
+    default): one launch. Costs one partial output (``q``'s size) while it runs. Checked on CPU through
+    a stand-in for FA4 only: not yet run or timed on a GPU (``bench/key_split_probe.py`` does both; a
+    hand-made split with torch merges hinted at 6-9% on the 6x AdaSpa-shaped mask, H200 2026-12-01).
     """
 
     tile_m: int | None = None
     tile_n: int | None = None
     ctas_per_sm: int = 2
+    key_parts: int = 1
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n"):
@@ -103,6 +113,9 @@ class Fa4Options:
         if type(self.ctas_per_sm) is not int or self.ctas_per_sm not in (1, 2):
             raise ValueError(f"ctas_per_sm: expected the int 1 (FA4's own launch) or 2 (two CTAs per SM for 64 x 64 "
                              f"tiles on SM90, .fa4_occupancy), got {self.ctas_per_sm!r}")
+        if type(self.key_parts) is not int or not 1 <= self.key_parts <= MAX_KEY_PARTS:
+            raise ValueError(f"key_parts: expected an int from 1 (one launch) to {MAX_KEY_PARTS}, got "
+                             f"{self.key_parts!r}")
 
 
 class Fa4Backend(Backend):
@@ -137,7 +150,8 @@ class Fa4Backend(Backend):
     def lower(self, mask: BlockMask, device: str, options: Fa4Options) -> Run:
         major = torch.cuda.get_device_capability(torch.device(device))[0]
         tile_m, tile_n = tile_shape(mask, major, options)
-        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=two_ctas_per_sm(major, tile_m, tile_n, options))
+        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=two_ctas_per_sm(major, tile_m, tile_n, options),
+                         key_parts=options.key_parts)
 
 
 def two_ctas_per_sm(major: int, tile_m: int, tile_n: int, options: Fa4Options) -> bool:
@@ -222,15 +236,26 @@ class _Prepared:
 class Fa4Launch:
     """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4."""
 
-    def __init__(self, mask: BlockMask, tile_m: int, tile_n: int, two_per_sm: bool = False) -> None:
+    def __init__(self, mask: BlockMask, tile_m: int, tile_n: int, two_per_sm: bool = False,
+                 key_parts: int = 1) -> None:
         self.mask = mask
         self.tile_m, self.tile_n = tile_m, tile_n
         self.two_per_sm = two_per_sm     # one-warpgroup SM90 kernels at two CTAs per SM (.fa4_occupancy)
         self._prepared: dict[torch.device, _Prepared] = {}
+        self.parts = self._split(key_parts) if min(key_parts, mask.num_kv_blocks) > 1 else None
+
+    def _split(self, count: int) -> list[tuple[int, int, "Fa4Launch"]]:
+        """``(start, stop, launch)`` per key range: ``count`` ranges of about equal blocks, one host read in all."""
+        mask, count = self.mask, min(count, self.mask.num_kv_blocks)
+        edges = [int(mask.kv_offsets[mask.num_kv_blocks * p // count]) for p in range(count)] + [mask.kv_len]
+        ranges = list(zip(edges[:-1], edges[1:]))
+        return [(start, stop, Fa4Launch(part, self.tile_m, self.tile_n, self.two_per_sm))
+                for (start, stop), part in zip(ranges, slices(mask, (0, mask.q_len), ranges))]
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Convert the mask for a call with ``q`` (what the first call would do before launching)."""
-        self.converted(q.device)
+        for launch in [part for _, _, part in self.parts] if self.parts else [self]:
+            launch.converted(q.device)
 
     def converted(self, device: torch.device | str) -> _Prepared:
         """The converted tensors on ``device`` (built on first use, then cached)."""
@@ -256,6 +281,8 @@ class Fa4Launch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.parts is not None:
+            return self._in_parts(q, k, v, scale, return_lse)
         batch, num_heads, q_len, _ = q.shape
         if len(self.mask.indices) == 0:  # nothing attended anywhere: no kernel (and no compile) needed
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
@@ -284,3 +311,18 @@ class Fa4Launch:
                 lse = lse.masked_fill(empty.t()[None], -math.inf)
         # [B, H, q_len, D] view of FA4's [B, q_len, H, D] output (no copy; .contiguous() if needed)
         return out.transpose(1, 2), (lse if return_lse else None)
+
+    def _in_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each key range's launch on its slice of ``k, v`` (views), merged into the first's output in place."""
+        from .lse_merge import merge_into
+        out = lse = None
+        with torch.cuda.device(q.device):
+            for start, stop, part in self.parts:
+                part_out, part_lse = part(q, k[:, :, start:stop], v[:, :, start:stop], scale, True)
+                if out is None:
+                    out, lse = part_out, part_lse
+                else:
+                    merge_into(out, lse, part_out, part_lse)
+                del part_out, part_lse                  # one partial output alive at a time
+        return out, (lse if return_lse else None)
