@@ -220,7 +220,8 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     synchronize(device)
 
 
-def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, methods: list[str]) -> list[dict]:
+def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, methods: list[str],
+             kernel_args: dict) -> list[dict]:
     rows, scale = [], case.layers_full / case.layers_run
     warm_kernels(model, inputs, device, model.dtype)
     dense = [timed_forward(model, inputs, 999.0, device)]
@@ -238,7 +239,7 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
         dense_layers = 0
         if name == "pasa" and case.layers_run < case.layers_full:    # see :func:`with_dense_layers`
             dense_layers, params = len(PASAParams().dense_layers), {**params, "dense_layers": ()}
-        handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **params)
+        handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **kernel_args, **params)
         reset_peak(device)
         try:
             row = run_method(case, model, inputs, mode, method, plan, handle, dense_time, scale, base, device, log)
@@ -308,7 +309,8 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     return row
 
 
-def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods: list[str]) -> list[dict]:
+def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods: list[str],
+             kernel_args: dict) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for mode in modes:
@@ -317,7 +319,7 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
         if mode == "compiled":
             model.compile_repeated_blocks(fullgraph=True)
         try:
-            rows += run_mode(case, model, inputs, mode, device, log, methods)
+            rows += run_mode(case, model, inputs, mode, device, log, methods, kernel_args)
         except torch.OutOfMemoryError as err:
             rows.append(dict(model=case.model, length=case.label, mode=mode, method="(all)", error=f"out of memory: {err}"))
             log(f"  {case.model} {case.label} {mode}: out of memory")
@@ -344,7 +346,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore eagerly; compiled: "
              "`compile_repeated_blocks(fullgraph=True)` on both sides. Generation = the 50-step schedule composed from "
              f"the measured steps ({schedules_text(rows)}). Speedups against the dense row of the same model, length "
-             "and mode.", "",
+             "and mode." + (f" Every method on backend `{meta['backend']}` with options {meta['backend_options']}."
+                            if meta.get("backend") else ""), "",
              "| model | length | mode | method | step kinds (s) | step speedup | generation (s) | generation speedup "
              "| density | plan ms/layer | peak GiB | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense"}
@@ -392,12 +395,25 @@ def main() -> int:
                         help="sparse methods next to dense (pasa-drop: PASA without its approximation)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a smoke test on any device")
     parser.add_argument("--budget-s", type=float, default=540, help="skip remaining cases after this many seconds")
+    parser.add_argument("--backend", default=None, help="one sparsecore backend for every method (default: each "
+                        "mask's preferred one)")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="NAME=INT",
+                        help="an option of --backend, e.g. key_parts=4 for fa4 (repeatable)")
     parser.add_argument("--tag", default="",
                         help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
+    options = {}
+    for item in args.backend_option:
+        name, _, value = item.partition("=")
+        if not name or not value.lstrip("-").isdigit():
+            parser.error(f"--backend-option: expected NAME=INT, got {item!r}")
+        options[name] = int(value)
+    if options and args.backend is None:
+        parser.error("--backend-option: name the backend they belong to (--backend fa4)")
+    kernel_args = {"backend": args.backend, "backend_options": options or None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
-    meta = versions(device)
+    meta = versions(device) | {"backend": args.backend, "backend_options": options}
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []
     stem = args.out / ((f"e2e-tiny" if args.tiny else f"e2e-{meta['date']}") + args.tag)
@@ -409,7 +425,7 @@ def main() -> int:
             log(f"  skipped {case.model} {case.label}: time budget of {args.budget_s:.0f} s spent")
             continue
         log(f"{case.model} {case.label}: {case.frames} latent frames, {case.layers_run} layers")
-        rows += run_case(case, args.modes, args.tiny, device, log, args.methods)
+        rows += run_case(case, args.modes, args.tiny, device, log, args.methods, kernel_args)
         write_report(stem, meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0

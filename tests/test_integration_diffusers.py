@@ -361,6 +361,44 @@ def test_lvsa_takes_the_hunyuanvideo_horizon_by_default():
     assert {s["backend"] for s in handle.stats()} == {"dense"}
 
 
+def test_backend_options_reach_every_kernel(case, monkeypatch):
+    """``backend_options`` go to each compile of the named backend, and change nothing else (portable's chunking)."""
+    import sparsecore
+    seen, compile_ = [], sparsecore.compile
+
+    def recording(mask, *args, **kwargs):
+        seen.append(kwargs)
+        return compile_(mask, *args, **kwargs)
+
+    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    outputs = []
+    for options in (None, {"chunk_elements": 4096}):
+        handle = sparse.apply(model, method=random_mask, device="cpu", backend="portable", backend_options=options)
+        monkeypatch.setattr(sparsecore, "compile", recording)
+        try:
+            outputs.append(forward(model, inputs, 999.0))
+        finally:
+            handle.remove()
+            monkeypatch.setattr(sparsecore, "compile", compile_)
+        assert handle.backend_options == (options or {})
+    assert seen and all(k["backend"] == "portable" for k in seen)
+    assert [k.get("chunk_elements") for k in seen] == [None] * (len(seen) // 2) + [4096] * (len(seen) // 2)
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"backend_options": {"chunk_elements": 4096}}, ValueError, "backend_options: options belong to one backend"),
+    ({"backend": "portable", "backend_options": {"tile_m": 64}}, TypeError, "unknown option.*tile_m"),
+    ({"backend": "portable", "backend_options": {"chunk_elements": 0}}, ValueError, "chunk_elements"),
+    ({"backend": "portable", "backend_options": [("chunk_elements", 8)]}, TypeError, "backend_options: expected"),
+])
+def test_bad_backend_options_are_refused_at_apply(kwargs, error, match):
+    model = tiny_wan()
+    with pytest.raises(error, match=match):
+        sparse.apply(model, method="lvsa", device="cpu", **kwargs)
+    assert all(type(m.processor).__name__ != "WanSparseAttnProcessor" for m in model.modules() if hasattr(m, "processor"))
+
+
 def test_backend_and_parallel_settings_reach_the_original_processor(case):
     model = case.build()
     module = case.attention(model)[0]

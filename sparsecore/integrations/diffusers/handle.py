@@ -42,23 +42,25 @@ class SparseAttentionHandle:
 
     Attributes:
         model: the transformer. spec: its :class:`~.models.ModelSpec`. method: the method name (or the
-        callable). params: the method's parameters. device, backend: what ``sparsecore.compile`` gets.
+        callable). params: the method's parameters. device, backend, backend_options: what
+        ``sparsecore.compile`` gets.
         num_steps: steps per run. geometry: the video geometry of the last forward (no text).
     """
 
     def __init__(self, model: Any, spec: ModelSpec, method: str | MethodProvider, params: dict, device: str,
-                 backend: str | None, num_steps: int) -> None:
+                 backend: str | None, num_steps: int, backend_options: dict[str, Any] | None = None) -> None:
         self.model = model
         self.spec = spec
         self.method = method
         self.params = params
         self.device = device
         self.backend = backend
+        self.backend_options = dict(backend_options or {})
         self.num_steps = num_steps
         self.geometry: VideoGeometry | None = None
         self.active = False
         self._stats = Stats()
-        self._planner = Planner(method, params, device, backend, num_steps, self._stats)
+        self._planner = Planner(method, params, device, backend, num_steps, self._stats, self.backend_options)
         self._sharded = ShardedAttention(self._planner)         # ring / unified context parallelism
         self._steps = StepTracker(num_steps, self._planner.new_run)
         self._text_cache: tuple[Any, Any] | None = None
@@ -292,7 +294,7 @@ class SparseAttentionHandle:
 
 
 def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str = "cuda", backend: str | None = None,
-          num_steps: int = 50, **params: Any) -> SparseAttentionHandle:
+          num_steps: int = 50, backend_options: dict[str, Any] | None = None, **params: Any) -> SparseAttentionHandle:
     """Route the self-attention of every block of ``transformer`` through sparsecore.
 
     Args:
@@ -304,6 +306,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             tensors must be there when it runs.
         backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
         num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
+        backend_options: options of the named ``backend`` for every kernel (its options dataclass, e.g.
+            ``{"key_parts": 4}`` for ``"fa4"``); needs ``backend``.
         **params: the method's parameters (see docs/methods.md).
 
     Returns:
@@ -342,6 +346,14 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     if backend is not None and kind not in devices:
         raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
                                f"backend=None for the device's preferred one")
+    if backend_options is not None:
+        if not isinstance(backend_options, dict) or not all(isinstance(key, str) for key in backend_options):
+            raise TypeError(f"backend_options: expected None or a dict of option names to values, got "
+                            f"{backend_options!r}")
+        if backend is None:
+            raise ValueError(f"backend_options: options belong to one backend; name it (backend='fa4', ...), got "
+                             f"backend=None with {sorted(backend_options)}")
+        registered_backends()[backend].parse_options(backend_options)     # its TypeError / ValueError, now
     problem = device_problem(device, backend)          # checked now, not at the first forward
     if problem:
         raise RuntimeError(f"device: {problem}; pass the device the model runs on")
@@ -350,7 +362,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
     modules = _attention_modules(transformer, spec)
-    handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps)
+    handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
+                                   backend_options)
     sparse_class = SPARSE_PROCESSORS[spec.name]
     for layer, module in enumerate(modules):
         original = module.processor

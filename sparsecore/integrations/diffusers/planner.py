@@ -119,11 +119,12 @@ class Planner:
     """Sessions, plans and kernels of one handle (see the module docstring)."""
 
     def __init__(self, method: str | MethodProvider, params: dict[str, Any], device: str, backend: str | None,
-                 num_steps: int, stats: Stats) -> None:
+                 num_steps: int, stats: Stats, backend_options: dict[str, Any] | None = None) -> None:
         self.method = method
         self.params = params
         self.device = device
         self.backend = backend
+        self.backend_options = dict(backend_options or {})
         self.num_steps = num_steps
         self.stats = stats
         self._sessions: dict[VideoGeometry, Session] = {}
@@ -194,7 +195,8 @@ class Planner:
         keep a kernel (14 MiB above dense's peak at Wan 2.1 6x, compiled). A callable's masks may be new
         objects at every layer: their kernels go through the module's cache, which finds equal masks by content.
         """
-        return sparsecore.compile(mask, device=self.device, backend=self.backend, cache=callable(self.method))
+        return sparsecore.compile(mask, device=self.device, backend=self.backend, cache=callable(self.method),
+                                  **self.backend_options)
 
     def plan_for(self, layer: int, geometry: VideoGeometry, step: int, run: int, seq_len: int, heads: int,
                  shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> tuple[LayerPlan, bool]:

@@ -69,7 +69,7 @@ class RingWork:
 
 
 def plan_work(mask: BlockMask, ring: RingGroup, video: int, device: str, backend: str | None,
-              like: torch.Tensor) -> RingWork:
+              like: torch.Tensor, options: dict[str, Any] | None = None) -> RingWork:
     """Cut ``mask`` (the whole sequence: ``R * video`` video tokens, then text) for this rank and compile the pieces.
 
     Collective over the ring group (one all-gather of ``R`` flags): every rank must call it for the same masks.
@@ -82,9 +82,10 @@ def plan_work(mask: BlockMask, ring: RingGroup, video: int, device: str, backend
     key_sets = [[shard((rank - i) % world)] + (text_range if i == 0 else []) for i in range(world)]
     pieces = slices(mask, [shard(rank)], key_sets)
     text_piece = slices(mask, text_range, [[shard(rank)] + (text_range if rank == 0 else [])])[0] if text else None
-    steps = [None if p.nnz == 0 else sparsecore.compile(p, device=device, backend=backend) for p in pieces]
-    text_kernel = None if text_piece is None or text_piece.nnz == 0 else sparsecore.compile(text_piece, device=device,
-                                                                                           backend=backend)
+    options = options or {}
+    steps = [None if p.nnz == 0 else sparsecore.compile(p, device=device, backend=backend, **options) for p in pieces]
+    text_kernel = None if text_piece is None or text_piece.nnz == 0 else sparsecore.compile(
+        text_piece, device=device, backend=backend, **options)
     mine = [False] * world
     for i, piece in enumerate(pieces):
         mine[(rank - i) % world] = piece.nnz > 0

@@ -104,11 +104,12 @@ class ShardedAttention:
     def _work(self, mask: BlockMask, ring: RingGroup, video: int, like: torch.Tensor) -> RingWork:
         """The cut of ``mask`` for this rank, made once per mask (collective: every rank asks for the same masks)."""
         planner = self.planner
-        key = ("ring", ring.world, ring.rank, video, planner.device, planner.backend)
+        key = ("ring", ring.world, ring.rank, video, planner.device, planner.backend,
+               tuple(sorted(planner.backend_options.items())))
         found = mask.derived.get(key)
         if found is None:
             found = mask.derived[key] = ring_attention.plan_work(mask, ring, video, planner.device,
-                                                                          planner.backend, like)
+                                                                          planner.backend, like, planner.backend_options)
         return found
 
     def _full(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:
