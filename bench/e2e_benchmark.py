@@ -49,6 +49,7 @@ import datetime
 import gc
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -200,11 +201,13 @@ def video_tokens(model, inputs: dict) -> int:
     return (frames // pt) * (height // ph) * (width // pw)
 
 
-def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int = 0) -> None:
+def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int = 0, backend: str | None = None,
+                 options: dict | None = None) -> None:
     """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
     this length and head count: the JIT time of a first call is not a step's time, and Triton specializes its
     kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse.
-    ``text``: valid text tokens after the video (HunyuanVideo 1.5's joint sequence, known after a forward)."""
+    ``text``: valid text tokens after the video (HunyuanVideo 1.5's joint sequence, known after a forward).
+    ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``)."""
     import numpy as np
     from sparsecore.search import block_mass, dense_attention_with_mass
     video, dim = video_tokens(model, inputs), model.config.attention_head_dim
@@ -216,14 +219,16 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     blocks = len(offsets) - 1
     keep = np.random.default_rng(0).random((q.shape[1], blocks, blocks)) < min(1.0, 16 / blocks)
     lists = [[np.flatnonzero(row) for row in head] for head in keep]             # the searched masks' layout
-    sparsecore.compile(sparsecore.BlockMask.from_lists(lists, offsets, offsets), device=device)(q, q, q)
+    sparsecore.compile(sparsecore.BlockMask.from_lists(lists, offsets, offsets), device=device, backend=backend,
+                       **(options or {}))(q, q, q)
     synchronize(device)
 
 
 def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, methods: list[str],
              kernel_args: dict) -> list[dict]:
     rows, scale = [], case.layers_full / case.layers_run
-    warm_kernels(model, inputs, device, model.dtype)
+    warm_kernels(model, inputs, device, model.dtype, backend=kernel_args["backend"],
+                 options=kernel_args["backend_options"])
     dense = [timed_forward(model, inputs, 999.0, device)]
     reset_peak(device)                                  # the peak of a step, not of compiling the blocks
     dense.append(timed_forward(model, inputs, 999.0, device))
@@ -279,7 +284,7 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     first_step = timed_forward(model, inputs, 1000.0, device) * scale
     text = handle.stats()[0]["text_tokens"]
     if text and any(kind.endswith("search") for kind, _ in plan):   # the joint length is known now
-        warm_kernels(model, inputs, device, model.dtype, text)
+        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options)
     seconds = []
     for kind, step in plan:
         handle.set_step(step)
@@ -405,7 +410,7 @@ def main() -> int:
     options = {}
     for item in args.backend_option:
         name, _, value = item.partition("=")
-        if not name or not value.lstrip("-").isdigit():
+        if not re.fullmatch(r"[A-Za-z_]\w*", name) or not re.fullmatch(r"-?\d+", value):
             parser.error(f"--backend-option: expected NAME=INT, got {item!r}")
         options[name] = int(value)
     if options and args.backend is None:

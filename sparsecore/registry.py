@@ -142,6 +142,24 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+def checked_options(backend: str | None, options: Any, field: str) -> dict[str, Any]:
+    """``options`` (None or a dict of option names to values) checked against ``backend``'s options dataclass now,
+    as a dict; errors name ``field``. Options need a named backend (``backend`` a registered name)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise TypeError(f"{field}: expected None or a dict of option names to values, got {options!r}")
+    if options and backend is None:
+        raise ValueError(f"{field}: options belong to one backend; name it (backend='fa4', ...), got backend=None "
+                         f"with {sorted(options)}")
+    if options:
+        try:
+            registered_backends()[backend].parse_options(options)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{field}: {err}") from None
+    return dict(options)
+
+
 def registered_backends() -> dict[str, Backend]:
     """All registered backends by name (available here or not)."""
     global _LOADED

@@ -520,6 +520,9 @@ def test_lse_merge_is_attention_over_both_key_sets():
     part[0, 1, :5] = math.nan                                      # undefined where its set is empty
     part[1, 0, 7, 3] = math.nan                                    # a set with keys that attends a NaN value
     out[1, 2, :3] = part[1, 2, :3] = 0.0
+    part_lse[1, 1, 9] = math.nan                                   # a set that attends a NaN key (or query)
+    lse[1, 1, 10] = math.nan
+    part_lse[0, 2, 11] = lse[0, 2, 12] = math.inf
     a, la, b, lb = (t.double() for t in (out, lse, part, part_lse))
     want_lse = torch.logaddexp(la, lb)
     base = torch.where(torch.isfinite(want_lse), want_lse, 0.0)
@@ -527,10 +530,63 @@ def test_lse_merge_is_attention_over_both_key_sets():
     wb = torch.where(torch.isneginf(lb), 0.0, torch.exp(lb - base))[..., None]
     want = torch.where(wa > 0, wa * a, 0.0) + torch.where(wb > 0, wb * b, 0.0)
     merge_into(out, lse, part, part_lse)
-    np.testing.assert_allclose(lse.double().numpy(), want_lse.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    finite = torch.isfinite(want_lse)
+    np.testing.assert_allclose(lse.double()[finite].numpy(), want_lse[finite].numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.double()[finite].numpy(), want[finite].numpy(), rtol=1e-5, atol=1e-6)
     assert torch.isnan(out[1, 0, 7, 3]) and torch.isfinite(out[0, 1, :5]).all()
     assert (out[1, 2, :3] == 0).all() and torch.isneginf(lse[1, 2, :3]).all()
+    for h, row in ((1, 9), (1, 10), (2, 11), (2, 12)):                # NaN or inf LSE: the row is not empty
+        batch = 1 if h == 1 else 0
+        assert not torch.isfinite(lse[batch, h, row]) and not torch.isneginf(lse[batch, h, row])
+        assert torch.isnan(out[batch, h, row]).all()
+
+
+def test_lse_merge_reads_any_strides():
+    from sparsecore.backends.cuda import interpreter
+    from sparsecore.backends.cuda.lse_merge import merge_into
+    if not interpreter.interpreting():
+        pytest.skip("lse_merge is a Triton kernel: on CPU tensors it runs only in Triton's interpreter "
+                    "(set TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(5)
+    out = torch.randn(1, 2, 16, 40, generator=gen)[..., ::2]         # a last stride of 2
+    lse = torch.randn(1, 16, 2, generator=gen).transpose(1, 2)      # a sequence stride of 2
+    part, part_lse = torch.randn(1, 2, 16, 20, generator=gen), torch.randn(1, 2, 16, generator=gen)
+    want_lse = torch.logaddexp(lse, part_lse)
+    want = torch.exp(lse - want_lse)[..., None] * out + torch.exp(part_lse - want_lse)[..., None] * part
+    merge_into(out, lse, part, part_lse)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key_parts", [1, 2, 3])
+def test_a_nan_key_reaches_every_row_that_attends_it_across_key_parts(fake_fa4, key_parts):
+    """A NaN key makes a listing row's LSE NaN: the merge must carry it, not take the row for empty; rows whose
+    first key range lists nothing (merged into a zero output) come out right too."""
+    rng = np.random.default_rng(9)
+    q_offsets, kv_offsets = np.array([0, 32, 64, 96]), np.array([0, 32, 64, 96, 128, 160, 192])
+    base = random_mask(rng, q_offsets, kv_offsets, 2, 0.5)
+    rows = [[[b for b in base.row(h, i) if b >= 2] for i in range(3)] for h in range(2)]   # key range 0 unlisted
+    rows[0][0] = sorted({*rows[0][0], 4})
+    rows[1][1] = [b for b in rows[1][1] if b != 4]
+    mask = BlockMask.from_lists(rows, q_offsets, kv_offsets)
+    launch = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
+    q, k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 192, 16), torch.randn(1, 2, 192, 16)
+    clean_out, clean_lse = launch(q, k, v, 0.3, True)
+    want_out, want_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                         expand_to_tokens(mask), 0.3)
+    np.testing.assert_allclose(clean_out.double().numpy(), want_out, atol=2e-6)
+    np.testing.assert_allclose(clean_lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+    bad = k.clone()
+    bad[0, 0, 4 * 32 + 3, 5] = math.nan                                   # a key in block 4, key head 0
+    out, lse = launch(q, bad, v, 0.3, True)
+    for h in range(2):
+        for i in range(3):
+            span = slice(int(q_offsets[i]), int(q_offsets[i + 1]))
+            if h == 0 and 4 in list(mask.row(h, i)):
+                assert torch.isnan(lse[0, h, span]).all() and torch.isnan(out[0, h, span]).all()
+            else:
+                assert torch.equal(out[0, h, span], clean_out[0, h, span])
+                assert torch.equal(lse[0, h, span], clean_lse[0, h, span])
 
 
 @pytest.mark.parametrize("value", [0, 17, 2.0, True])

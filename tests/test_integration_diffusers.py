@@ -388,15 +388,36 @@ def test_backend_options_reach_every_kernel(case, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"backend_options": {"chunk_elements": 4096}}, ValueError, "backend_options: options belong to one backend"),
-    ({"backend": "portable", "backend_options": {"tile_m": 64}}, TypeError, "unknown option.*tile_m"),
-    ({"backend": "portable", "backend_options": {"chunk_elements": 0}}, ValueError, "chunk_elements"),
+    ({"backend": "portable", "backend_options": {"tile_m": 64}}, TypeError, "backend_options: .*unknown.*tile_m"),
+    ({"backend": "portable", "backend_options": {"chunk_elements": 0}}, ValueError,
+     "backend_options: chunk_elements"),
     ({"backend": "portable", "backend_options": [("chunk_elements", 8)]}, TypeError, "backend_options: expected"),
+    ({"backend": "portable", "backend_options": ()}, TypeError, "backend_options: expected"),
 ])
 def test_bad_backend_options_are_refused_at_apply(kwargs, error, match):
     model = tiny_wan()
     with pytest.raises(error, match=match):
         sparse.apply(model, method="lvsa", device="cpu", **kwargs)
     assert all(type(m.processor).__name__ != "WanSparseAttnProcessor" for m in model.modules() if hasattr(m, "processor"))
+
+
+def test_empty_backend_options_are_none():
+    handle = sparse.apply(tiny_wan(), method="lvsa", device="cpu", backend_options={})
+    handle.remove()
+    assert handle.backend is None and handle.backend_options == {}
+
+
+def test_ring_pieces_get_the_backend_options(monkeypatch):
+    """The ring's per-step pieces are compiled with the handle's options (one rank: no collective)."""
+    import sparsecore
+    from sparsecore.integrations.diffusers import ring
+    seen, compile_ = [], sparsecore.compile
+    monkeypatch.setattr(sparsecore, "compile", lambda mask, **kwargs: seen.append(kwargs) or compile_(mask, **kwargs))
+    mask = BlockMask.from_lists([[[0, 1], [1]]] * 2, [0, 8, 16], [0, 8, 16])
+    group = SimpleNamespace(world=1, rank=0, group=None)
+    work = ring.plan_work(mask, group, 16, "cpu", "portable", torch.zeros(1), {"chunk_elements": 64})
+    assert work.steps[0] is not None and seen
+    assert all(k == {"device": "cpu", "backend": "portable", "chunk_elements": 64} for k in seen)
 
 
 def test_backend_and_parallel_settings_reach_the_original_processor(case):

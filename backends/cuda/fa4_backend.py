@@ -94,7 +94,8 @@ class Fa4Options:
     launches them (1); other tiles are unaffected. ``key_parts``: run the mask as this many launches over
     consecutive key ranges (cut at block boundaries), each merged into the first by LSE
     (:mod:`.lse_merge`), so the keys and values one launch reads at a time fit the L2 better; 1 (the
-    default): one launch. Costs one partial output (``q``'s size) while it runs. Checked on CPU through
+    default): one launch. Costs one partial output (``q``'s size) while it runs, and rounds the output
+    once more per extra part (bf16: about 2e-3 relative each). Checked on CPU through
     a stand-in for FA4 only: not yet run or timed on a GPU (``bench/key_split_probe.py`` does both; a
     hand-made split with torch merges hinted at 6-9% on the 6x AdaSpa-shaped mask, H200 2026-12-01).
     """

@@ -6,8 +6,9 @@ LSEs ``l_a, l_b`` (FlashDecoding's split-KV rule; :mod:`sparsecore.backends.npu.
     l = log(exp(l_a) + exp(l_b)),    o = exp(l_a - l) o_a + exp(l_b - l) o_b
 
 A set with ``l = -inf`` holds no key and adds nothing (its output is not read); both empty: output 0,
-LSE -inf. A NaN output of a set with keys stays NaN. Products and sums in float32; ``out`` keeps its
-dtype. Used by the ``fa4`` lowering's key-range parts (:class:`.fa4_backend.Fa4Launch`): unlike torch
+LSE -inf. A NaN output or LSE of a set with keys (a NaN value, key or query it attends) stays NaN.
+Products and sums in float32; ``out`` keeps its dtype, so P parts round the output P - 1 more times
+(bf16: about 2e-3 relative each). Used by the ``fa4`` lowering's key-range parts (:class:`.fa4_backend.Fa4Launch`): unlike torch
 ops, it holds no float32 copy of the outputs (1.2 GB at Wan 6x). Tested in Triton's interpreter against
 the float64 rule; not yet run on a GPU (2026-12-01).
 """
@@ -23,7 +24,7 @@ BLOCK_ROWS = 64
 
 @triton.jit
 def _merge_into(out_ptr, lse_ptr, part_ptr, part_lse_ptr, heads, rows,
-                so_b, so_h, so_s, sl_b, sl_h, sp_b, sp_h, sp_s, spl_b, spl_h,
+                so_b, so_h, so_s, so_d, sl_b, sl_h, sl_s, sp_b, sp_h, sp_s, sp_d, spl_b, spl_h, spl_s,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(1) // heads
     h = tl.program_id(1) % heads
@@ -31,33 +32,32 @@ def _merge_into(out_ptr, lse_ptr, part_ptr, part_lse_ptr, heads, rows,
     d = tl.arange(0, BLOCK_D)
     row_ok = s < rows
     ok = row_ok[:, None] & (d[None, :] < HEAD_DIM)
-    b64, h64, s64 = b.to(tl.int64), h.to(tl.int64), s.to(tl.int64)
-    lse_at = lse_ptr + b64 * sl_b + h64 * sl_h + s64
+    b64, h64, s64, d64 = b.to(tl.int64), h.to(tl.int64), s.to(tl.int64), d.to(tl.int64)
+    lse_at = lse_ptr + b64 * sl_b + h64 * sl_h + s64 * sl_s
     l_a = tl.load(lse_at, mask=row_ok, other=float("-inf"))
-    l_b = tl.load(part_lse_ptr + b64 * spl_b + h64 * spl_h + s64, mask=row_ok, other=float("-inf"))
-    top = tl.maximum(l_a, l_b)
+    l_b = tl.load(part_lse_ptr + b64 * spl_b + h64 * spl_h + s64 * spl_s, mask=row_ok, other=float("-inf"))
+    in_a = l_a != float("-inf")                                 # a set with keys (a NaN LSE counts: it spreads)
+    in_b = l_b != float("-inf")
+    top = tl.maximum(l_a, l_b, propagate_nan=tl.PropagateNan.ALL)
     top = tl.where(top == float("-inf"), 0.0, top)
-    w_a = tl.exp(l_a - top)                                     # 0 for an empty set
-    w_b = tl.exp(l_b - top)
+    w_a = tl.where(in_a, tl.exp(l_a - top), 0.0)
+    w_b = tl.where(in_b, tl.exp(l_b - top), 0.0)
     total = w_a + w_b
-    out_at = out_ptr + b64 * so_b + h64 * so_h + s64[:, None] * so_s + d[None, :]
+    out_at = out_ptr + b64 * so_b + h64 * so_h + s64[:, None] * so_s + d64[None, :] * so_d
     o_a = tl.load(out_at, mask=ok, other=0.0).to(tl.float32)
-    o_b = tl.load(part_ptr + b64 * sp_b + h64 * sp_h + s64[:, None] * sp_s + d[None, :], mask=ok,
+    o_b = tl.load(part_ptr + b64 * sp_b + h64 * sp_h + s64[:, None] * sp_s + d64[None, :] * sp_d, mask=ok,
                   other=0.0).to(tl.float32)
-    merged = tl.where((l_a > float("-inf"))[:, None], w_a[:, None] * o_a, 0.0) \
-        + tl.where((l_b > float("-inf"))[:, None], w_b[:, None] * o_b, 0.0)
-    merged = merged / tl.where(total > 0.0, total, 1.0)[:, None]
+    merged = tl.where(in_a[:, None], w_a[:, None] * o_a, 0.0) + tl.where(in_b[:, None], w_b[:, None] * o_b, 0.0)
+    some = in_a | in_b
+    merged = tl.where(some[:, None], merged / tl.where(some, total, 1.0)[:, None], 0.0)
     tl.store(out_at, merged.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(lse_at, tl.where(total > 0.0, top + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf")),
-             mask=row_ok)
+    tl.store(lse_at, tl.where(some, top + tl.log(tl.where(some, total, 1.0)), float("-inf")), mask=row_ok)
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
-    """``(out, lse)`` becomes attention over both key sets: ``out, part [B, H, L, D]`` (unit last stride),
-    ``lse, part_lse`` float32 ``[B, H, L]`` (unit last stride); ``out`` and ``lse`` are written in place."""
+    """``(out, lse)`` becomes attention over both key sets: ``out, part [B, H, L, D]``, ``lse, part_lse`` float32
+    ``[B, H, L]`` (any strides); ``out`` and ``lse`` are written in place."""
     batch, heads, rows, dim = out.shape
     grid = (triton.cdiv(rows, BLOCK_ROWS), batch * heads)
-    _merge_into[grid](out, lse, part, part_lse, heads, rows, out.stride(0), out.stride(1), out.stride(2),
-                      lse.stride(0), lse.stride(1), part.stride(0), part.stride(1), part.stride(2),
-                      part_lse.stride(0), part_lse.stride(1),
-                      HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=BLOCK_ROWS)
+    _merge_into[grid](out, lse, part, part_lse, heads, rows, *out.stride(), *lse.stride(), *part.stride(),
+                      *part_lse.stride(), HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=BLOCK_ROWS)

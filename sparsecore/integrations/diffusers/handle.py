@@ -24,7 +24,7 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int
 from sparsecore.methods import SESSIONS, HeadShard
-from sparsecore.registry import device_type, registered_backends
+from sparsecore.registry import checked_options, device_type, registered_backends
 
 from . import op, parallel
 from .models import ModelSpec, spec_of
@@ -346,14 +346,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     if backend is not None and kind not in devices:
         raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
                                f"backend=None for the device's preferred one")
-    if backend_options is not None:
-        if not isinstance(backend_options, dict) or not all(isinstance(key, str) for key in backend_options):
-            raise TypeError(f"backend_options: expected None or a dict of option names to values, got "
-                            f"{backend_options!r}")
-        if backend is None:
-            raise ValueError(f"backend_options: options belong to one backend; name it (backend='fa4', ...), got "
-                             f"backend=None with {sorted(backend_options)}")
-        registered_backends()[backend].parse_options(backend_options)     # its TypeError / ValueError, now
+    backend_options = checked_options(backend, backend_options, "backend_options")
     problem = device_problem(device, backend)          # checked now, not at the first forward
     if problem:
         raise RuntimeError(f"device: {problem}; pass the device the model runs on")
