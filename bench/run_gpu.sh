@@ -14,6 +14,8 @@
 #   bench      bench/cuda_benchmark.py: the side-by-side kernel table (+ LVSA frames, AdaSpa-shaped)
 #   selection  bench/cuda_benchmark.py --selection: each CUDA lowering per (block, density, S, head dim)
 #   approximation  bench/approximation_benchmark.py: PASA's approximation pass next to the exact kernel
+#   occupancy  bench/fa4_occupancy_probe.py: fa4 on 64-token masks at two CTAs per SM against one and Triton
+#   keysplit   bench/key_split_probe.py: rate by length, and fa4's key_parts 1/2/4/8 at 6x (L2 capacity)
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
 #   memory     bench/memory_profile.py: the live allocations at a PASA / AdaSpa / dense step's peak at 6x
 #   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs (Ulysses, or ring 2 x Ulysses where the heads
@@ -52,6 +54,8 @@ for stage in "$@"; do
     bench) python3 bench/cuda_benchmark.py --out "$OUT" --frames --adaspa ${BENCH_FLAGS:-} 2>&1 | grep -v "^  " ;;
     selection) python3 bench/cuda_benchmark.py --out "$OUT" --sizes --no-flashinfer --selection 2>&1 | tail -32 ;;
     approximation) python3 bench/approximation_benchmark.py --out "$OUT" 2>&1 | tail -20 ;;
+    occupancy) python3 bench/fa4_occupancy_probe.py --out "$OUT" 2>&1 | grep '^|' ;;
+    keysplit) python3 bench/key_split_probe.py --out "$OUT" --backends fa4,triton 2>&1 | grep '^|' ;;
     e2e) python3 bench/e2e_benchmark.py --out "$OUT" ${E2E_FLAGS:-} ;;
     memory) for method in pasa adaspa dense; do python3 bench/memory_profile.py --method $method --out "$OUT"; done ;;
     multigpu)
