@@ -82,7 +82,7 @@ def check_split(mma_regs: Any, producer_regs: Any) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def forward_class(mma_regs: int = MMA_REGS, producer_regs: int = PRODUCER_REGS) -> type:
+def forward_class(mma_regs: int, producer_regs: int) -> type:
     """The SM90 forward that, built with ``num_threads=TWO_PER_SM_THREADS``, gives its one-warpgroup kernels the
     register split ``mma_regs / producer_regs`` and two CTAs per SM. Built with any other ``num_threads`` (FA4's
     own calls), or with two or three MMA warpgroups, it is FA4's forward unchanged."""
