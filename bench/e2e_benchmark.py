@@ -30,7 +30,11 @@ steps. ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term 
 masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
 session, whose files call today's default ``adaspa-cached-first``). ``adaspa-device`` is AdaSpa with
 ``store="device"`` (searched masks and LSEs wait on the GPU between steps; the default ``"host"`` keeps them
-in pinned host memory and copies a layer's mask per call).
+in pinned host memory and copies a layer's mask per call). ``dense-sparsecore`` runs every step dense through
+sparsecore (``apply(..., dense_attention="auto")``: FlashAttention-4's dense forward where it was measured
+faster than cuDNN, on an H200; since 2026-12-01's sixth session the methods' dense steps run it too, and
+``--dense-attention model`` keeps them on the model's own attention): the table's last column compares every
+generation with that row, the fastest dense generation measured, as well as with diffusers' own.
 Results from before 2026-12-01 ran AdaSpa with its masks on the GPU (the default then), and the
 ``_6x_store`` / ``_lengths_store`` files name the host-memory rows ``adaspa-host``.
 Steps are timed with the handle's timing off: timing synchronizes the device before each
@@ -142,6 +146,7 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "adaspa": [("dense", 9), ("dense+lse", 1), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "adaspa-fused-first": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
+    "dense-sparsecore": [("dense", 50)],
 }
 VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
@@ -153,11 +158,19 @@ STEPS = {       # method -> (kind, step index) forwards, in order; the first of 
     "adaspa": [("dense", 1), ("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
                ("cached search", 30)],
     "pasa": [("dense", 1), ("sparse", 10), ("sparse", 11), ("sparse", 12)],
+    "dense-sparsecore": [("dense", 1), ("dense", 2), ("dense", 3)],     # every step dense, through sparsecore
     "adaspa-fused-first": [("dense", 1), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
                            ("cached search", 30)],
 }
-PLAN_PROBE = {"lvsa": 23, "adaspa": 31, "pasa": 13}   # a further step of the kind that repeats, run with timing on
+# a further step of the kind that repeats, run with timing on
+PLAN_PROBE = {"lvsa": 23, "adaspa": 31, "pasa": 13, "dense-sparsecore": 4}
 ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
+
+
+def full_attention(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> sparsecore.BlockMask:
+    """The ``dense-sparsecore`` row's method: every pair kept, so every step takes the dense path, which runs
+    sparsecore's dense kernel where one was measured faster than cuDNN (``apply(..., dense_attention="auto")``)."""
+    return sparsecore.BlockMask.full(num_heads, geometry.tokens, geometry.tokens, geometry.tokens, geometry.tokens)
 
 
 def timed_forward(model, inputs: dict, timestep: float, device: str) -> float:
@@ -244,7 +257,8 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
         dense_layers = 0
         if name == "pasa" and case.layers_run < case.layers_full:    # see :func:`with_dense_layers`
             dense_layers, params = len(PASAParams().dense_layers), {**params, "dense_layers": ()}
-        handle = sc_diffusers.apply(model, method=name, device=device, num_steps=NUM_STEPS, **kernel_args, **params)
+        handle = sc_diffusers.apply(model, method=full_attention if name == "dense-sparsecore" else name,
+                                    device=device, num_steps=NUM_STEPS, **kernel_args, **params)
         reset_peak(device)
         try:
             row = run_method(case, model, inputs, mode, method, plan, handle, dense_time, scale, base, device, log)
@@ -352,19 +366,25 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "`compile_repeated_blocks(fullgraph=True)` on both sides. Generation = the 50-step schedule composed from "
              f"the measured steps ({schedules_text(rows)}). Speedups against the dense row of the same model, length "
              "and mode." + (f" Every method on backend `{meta['backend']}` with options {meta['backend_options']}."
-                            if meta.get("backend") else ""), "",
+                            if meta.get("backend") else "")
+             + f" The methods' dense steps: `dense_attention={meta.get('dense_attention', 'auto')!r}`.", "",
              "| model | length | mode | method | step kinds (s) | step speedup | generation (s) | generation speedup "
-             "| density | plan ms/layer | peak GiB | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| density | plan ms/layer | peak GiB | kernels | generation vs dense-sparsecore |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense"}
+    fast = {(r["model"], r["length"], r["mode"]): r for r in rows
+            if r.get("method") == "dense-sparsecore" and "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {r['error'][:60]} |"
-                         + " |" * 7)
+                         + " |" * 8)
             continue
         d = dense.get((r["model"], r["length"], r["mode"]))
         main = r["steps"].get("sparse", r["steps"].get("reuse", r["steps"]["dense"]))
         step_speedup = f"{d['steps']['dense'] / main:.2f}x" if d else ""
         gen_speedup = f"{d['generation_s'] / r['generation_s']:.2f}x" if d else ""
+        f = fast.get((r["model"], r["length"], r["mode"]))
+        vs_fast = f"{f['generation_s'] / r['generation_s']:.2f}x" if f else ""
         kinds = ", ".join(f"{k} {t:.3f}" for k, t in r["steps"].items()
                           if k != "dense" or r["method"] == "dense" or r.get("dense_measured"))
         plan = "" if r.get("plan_ms_median") is None else f"{r['plan_ms_median']:.1f}"
@@ -372,7 +392,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         density = "" if r.get("density") is None else f"{r['density']:.3f}"
         lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {kinds} | {step_speedup} | "
                      f"{r['generation_s']:.1f} | {gen_speedup} | {density} | {plan} | {peak} | "
-                     f"{', '.join(r.get('backends', []))} |")
+                     f"{', '.join(r.get('backends', []))} | {vs_fast} |")
     return "\n".join(lines) + "\n"
 
 
@@ -404,6 +424,8 @@ def main() -> int:
                         "mask's preferred one)")
     parser.add_argument("--backend-option", action="append", default=[], metavar="NAME=INT",
                         help="an option of --backend, e.g. key_parts=4 for fa4 (repeatable)")
+    parser.add_argument("--dense-attention", default="auto", choices=["auto", "model"],
+                        help="what the methods' dense steps run (apply's dense_attention)")
     parser.add_argument("--tag", default="",
                         help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
@@ -415,10 +437,12 @@ def main() -> int:
         options[name] = int(value)
     if options and args.backend is None:
         parser.error("--backend-option: name the backend they belong to (--backend fa4)")
-    kernel_args = {"backend": args.backend, "backend_options": options or None}
+    kernel_args = {"backend": args.backend, "backend_options": options or None,
+                   "dense_attention": args.dense_attention}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
-    meta = versions(device) | {"backend": args.backend, "backend_options": options}
+    meta = versions(device) | {"backend": args.backend, "backend_options": options,
+                               "dense_attention": args.dense_attention}
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []
     stem = args.out / ((f"e2e-tiny" if args.tiny else f"e2e-{meta['date']}") + args.tag)

@@ -5,8 +5,8 @@ package under ``sparsecore.backends`` (the ``backends/`` folder) is imported on 
 and its backends registered: a new backend is a new folder with its ``BACKENDS``.
 Importing a backend package must not import its device library (triton, flashinfer,
 torch_npu): that happens in :meth:`Backend.unavailable_reason` and :meth:`Backend.lower`.
-Besides lowering masks, a backend may offer optional operations (:class:`BlockMassOp`, :class:`RowTopOp`),
-found through this registry too.
+Besides lowering masks, a backend may offer optional operations (:class:`BlockMassOp`, :class:`RowTopOp`,
+:class:`DenseOp`), found through this registry too.
 """
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ class RowTopOp:
     supports: Callable[..., "str | None"]
 
 
+@dataclass(frozen=True)
+class DenseOp:
+    """A backend's dense attention, where measured faster than the default (:func:`sparsecore.search.dense_attention`).
+
+    ``run(q, k, v, scale, return_lse) -> (out, lse or None)``: ``q [B, H, L_q, D]``, ``k, v [B, H_kv, L_kv, D]``
+    (any strides); ``out [B, H, L_q, D_v]`` contiguous, ``lse`` natural-log float32 ``[B, H, L_q]``.
+    ``supports(q, k, v)`` is None when it takes the inputs and was measured faster there, else why not.
+    """
+
+    run: Callable[..., Any]
+    supports: Callable[..., "str | None"]
+
+
 class UnsupportedError(ValueError):
     """A backend cannot take this mask or these tensors; the message names the unmet capability."""
 
@@ -84,6 +97,7 @@ class Backend(ABC):
     lowers_from_host: bool = False   # lower() reads the mask's lists with NumPy (else torch, on the run device)
     block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
     row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
+    dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
 
     @abstractmethod
     def unavailable_reason(self, device: str) -> str | None:

@@ -34,7 +34,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import on_device
 
 from .inputs import attention_shape, check_scale
-from .registry import BlockMassOp, registered_backends
+from .registry import BlockMassOp, DenseOp, registered_backends
 
 
 @dataclass(frozen=True)
@@ -124,23 +124,50 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention and its natural-log float32 LSE ``[B, H, L_q]``, on q's device.
 
-    On CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up
-    to 128), torch's ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp``: the
-    kernel the model's own SDPA runs, so the output costs a dense pass and the LSE nothing more.
-    Elsewhere sparsecore's kernel for a full mask (one block per side).
+    The first that takes the inputs: a registered backend's :class:`~sparsecore.registry.DenseOp`
+    (on an H200, FlashAttention-4's dense forward, measured 1.09-1.30x cuDNN's: ``backends/cuda/fa4_dense.py``);
+    on CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up to 128),
+    torch's ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp`` (the kernel the model's
+    own SDPA runs, the LSE at no extra cost); elsewhere sparsecore's kernel for a full mask (one block
+    per side). :func:`dense_impl` names which.
     """
     shape = attention_shape(q, k, v)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and shape.head_dim % 8 == 0 \
-            and shape.head_dim <= 128 and torch.backends.cuda.cudnn_sdp_enabled():
+    impl = dense_impl(q, k, v)
+    if impl == "cudnn":
         if shape.group > 1:
             k, v = (t.repeat_interleave(shape.group, dim=1) for t in (k, v))
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
                                                                       scale=scale)[:2]
         return out, lse.reshape(shape.batch, shape.num_heads, shape.q_len).float()
-    from .kernel import compile
-    full = BlockMask.full(shape.num_heads, shape.q_len, shape.kv_len, shape.q_len, shape.kv_len)
-    return compile(full, device=q.device.type)(q, k, v, scale=scale, return_lse=True)
+    if impl == "full mask":
+        from .kernel import compile
+        full = BlockMask.full(shape.num_heads, shape.q_len, shape.kv_len, shape.q_len, shape.kv_len)
+        return compile(full, device=q.device.type)(q, k, v, scale=scale, return_lse=True)
+    return registered_backends()[impl].dense.run(q, k, v, scale, True)
+
+
+def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """What :func:`dense_attention` runs for these inputs: a backend's name (its faster dense op), ``"cudnn"``
+    or ``"full mask"``."""
+    found = faster_dense(q, k, v)
+    if found is not None:
+        return found[0]
+    head_dim = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128 \
+            and v.shape[-1] == head_dim and torch.backends.cuda.cudnn_sdp_enabled():
+        return "cudnn"
+    return "full mask"
+
+
+def faster_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, DenseOp] | None:
+    """``(backend name, op)`` of the first registered :class:`~sparsecore.registry.DenseOp` that takes these
+    ``[B, H, L, D]`` inputs on their device (measured faster than cuDNN there), or None."""
+    for name, backend in registered_backends().items():
+        if backend.dense is not None and q.device.type in backend.capabilities.devices \
+                and backend.dense.supports(q, k, v) is None:
+            return name, backend.dense
+    return None
 
 
 def dense_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:

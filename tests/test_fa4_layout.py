@@ -317,6 +317,9 @@ def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod,
     return out.permute(0, 2, 1, 3).to(q.dtype), (lse.float() if return_lse else None)
 
 
+H200_L2_BYTES = 50 * 2**20
+
+
 @pytest.fixture
 def fake_fa4(monkeypatch):
     """``flash_attn.cute`` replaced by the stand-in; the non-finite guard's Triton kernels run on the CPU tensors
@@ -335,6 +338,7 @@ def fake_fa4(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     from sparsecore.backends.cuda import fa4_backend
     monkeypatch.setattr(fa4_backend, "lookup_mask_mod", lambda: "lookup-mask-mod")
+    monkeypatch.setattr(fa4_backend, "l2_bytes", lambda device: H200_L2_BYTES)     # key_parts=None asks the device
     monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
     return fa4_backend
 
@@ -350,17 +354,81 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     rows[1][2] = []                                                             # an empty row
     mask = BlockMask.from_lists(rows, q_offsets, kv_offsets)
     launch = fake_fa4.Fa4Launch(mask, *tiles, key_parts=key_parts)
-    assert (launch.parts is None) == (key_parts == 1)
+    torch.manual_seed(5)
     q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
     k = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
     v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
+    assert launch.key_parts_for(k, v) == key_parts and (launch.parts(key_parts) is None) == (key_parts == 1)
+    check_against_dense(launch, mask, q, k, v, merged=key_parts > 1)
+
+
+def check_against_dense(launch, mask: BlockMask, q, k, v, merged: bool) -> None:
+    """``launch`` on the float64 inputs equals :func:`dense_attention` (the mask of the layouts above: head 1's last
+    query block empty), with and without the LSE."""
     out, lse = launch(q, k, v, 0.3, True)
     want_out, want_lse = dense_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(mask), 0.3)
     assert out.shape == q.shape and lse.shape == (2, 4, 101) and lse.dtype == torch.float32
-    np.testing.assert_allclose(out.numpy(), want_out, atol=1e-10 if key_parts == 1 else 1e-6)   # merged in float32
+    np.testing.assert_allclose(out.numpy(), want_out, atol=1e-6 if merged else 1e-10)   # merged in float32
     np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-6)
     assert (out[:, 1, 78:] == 0).all() and torch.isneginf(lse[:, 1, 78:]).all()
     assert launch(q, k, v, 0.3, False)[1] is None
+
+
+def test_auto_key_parts_split_the_two_cta_kernel_when_a_heads_keys_and_values_exceed_the_l2(fake_sm90, monkeypatch):
+    """key_parts=None on the two-CTA kernel with an L2 a third of one head's K+V: ceil(3 * 2) = 6 parts, capped
+    at the mask's 4 key blocks; built once, reused, and prepared by prepare(); the same launch on the one-CTA
+    kernel or with a large L2 runs unsplit (FA4's SM90 interface stands in for the two-CTA kernel)."""
+    fake_fa4 = fake_sm90.backend
+    rng = np.random.default_rng(5)
+    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
+    mask = random_mask(rng, q_offsets, kv_offsets, 4, 0.5)
+    rows = [[list(mask.row(h, i)) for i in range(3)] for h in range(4)]
+    rows[1][2] = []                                                             # an empty row
+    mask = BlockMask.from_lists(rows, q_offsets, kv_offsets)
+    torch.manual_seed(6)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 130, 16, dtype=torch.float64), torch.randn(2, 2, 130, 16, dtype=torch.float64)
+    kv_bytes = 130 * 16 * 8 * 2                                                 # one key head's keys plus values
+    monkeypatch.setattr(fake_fa4, "l2_bytes", lambda device: kv_bytes // 3)
+    split = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=True)
+    split.prepare(q, k, v)
+    parts = split.parts(4)
+    assert split.key_parts_for(k, v) == 4 and len(parts) == 4
+    assert [(start, stop) for start, stop, _ in parts] == [(0, 39), (39, 78), (78, 117), (117, 130)]
+    assert all(part._prepared for _, _, part in parts) and not split._prepared
+    check_against_dense(split, mask, q, k, v, merged=True)
+    assert len(fake_sm90.calls) == 2 * 4                                       # 4 two-CTA launches a call
+    assert split.parts(4) is parts and list(split._parts) == [4]                # reused, not rebuilt per call
+    one_cta = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=False)
+    assert one_cta.key_parts_for(k, v) == 1
+    check_against_dense(one_cta, mask, q, k, v, merged=False)
+    assert not one_cta._parts
+    monkeypatch.setattr(fake_fa4, "l2_bytes", lambda device: kv_bytes)          # fits exactly: one launch
+    fits = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=True)
+    assert fits.key_parts_for(k, v) == 1
+    check_against_dense(fits, mask, q, k, v, merged=False)
+    assert not fits._parts
+
+
+@pytest.mark.parametrize("kv_bytes, l2, blocks, expected", [
+    (50_331_648, 52_428_800, 1536, 1),           # H200: 98,304 tokens, D=128, bf16 fit the 50 MiB L2
+    (52_428_800, 52_428_800, 1536, 1),           # exactly the L2
+    (52_428_801, 52_428_800, 1536, 3),           # a byte over: ceil(2 + tiny) = 3
+    (96_632_832, 52_428_800, 2949, 4),           # H200: 188,736 tokens, the fastest measured
+    (96_632_832, 52_428_800, 3, 3),              # capped at the key blocks
+    (10**12, 52_428_800, 10**6, 16),             # capped at MAX_KEY_PARTS
+])
+def test_auto_key_parts_rule(kv_bytes, l2, blocks, expected):
+    from sparsecore.backends.cuda.fa4_backend import MAX_KEY_PARTS, auto_key_parts
+    assert MAX_KEY_PARTS == 16
+    assert auto_key_parts(kv_bytes, l2, blocks) == expected
+
+
+def test_key_parts_defaults_to_auto_and_lower_passes_it_on():
+    from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options
+    assert Fa4Options().key_parts is None and Fa4Options(key_parts=None).key_parts is None
+    assert Fa4Options(key_parts=1).key_parts == 1 and Fa4Options(key_parts=16).key_parts == 16
+    assert Fa4Backend().parse_options({}) == Fa4Options()
 
 
 NONFINITE_LAYOUTS = {   # (q offsets, kv offsets, bad value tokens)
@@ -388,7 +456,8 @@ def test_a_non_finite_value_reaches_only_the_rows_that_attend_to_it_through_a_st
     k = torch.randn(2, 4 // group, kv_len, 16, dtype=torch.float64)
     v = torch.randn(2, 4 // group, kv_len, 16, dtype=torch.float64)
     clean, clean_lse = launch(q, k, v, 0.3, True)
-    launches = [part for _, _, part in launch.parts] if launch.parts else [launch]
+    parts = launch.parts(launch.key_parts_for(k, v))
+    launches = [part for _, _, part in parts] if parts else [launch]
     assert any(each.converted("cpu").layout.needs_mask_mod for each in launches)
     for token in tokens:
         bad = v.clone()
@@ -589,8 +658,8 @@ def test_a_nan_key_reaches_every_row_that_attends_it_across_key_parts(fake_fa4, 
                 assert torch.equal(lse[0, h, span], clean_lse[0, h, span])
 
 
-@pytest.mark.parametrize("value", [0, 17, 2.0, True])
-def test_key_parts_takes_an_int_from_1_to_16(value):
+@pytest.mark.parametrize("value", [0, -1, 17, 2.0, True, "auto", "4"])
+def test_key_parts_takes_none_or_an_int_from_1_to_16(value):
     from sparsecore.backends.cuda.fa4_backend import Fa4Options
-    with pytest.raises(ValueError, match="key_parts"):
+    with pytest.raises(ValueError, match="key_parts: expected None .auto"):
         Fa4Options(key_parts=value)

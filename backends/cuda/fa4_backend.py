@@ -60,7 +60,8 @@ Plans: the converted tensors are built on the first call on a device (one host s
 and reused for every batch size (FA4 broadcasts the batch dimension).
 
 On SM90, 64 x 64 tiles run at two CTAs per SM (:mod:`.fa4_occupancy`; ``ctas_per_sm=1`` keeps
-FA4's own launch).
+FA4's own launch), in key ranges where a head's keys and values outgrow the L2 (``key_parts``).
+The backend also offers FA4's dense forward as sparsecore's dense attention (:mod:`.fa4_dense`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ import torch
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.ir.slicing import slices
-from sparsecore.registry import Backend, Run, UnsupportedError
+from sparsecore.registry import Backend, DenseOp, Run, UnsupportedError
 
+from . import fa4_dense
 from .fa4_layout import Fa4Layout, choose_tile_side, to_fa4
 
 SM90_SIDES = (64, 128)
@@ -93,17 +95,22 @@ class Fa4Options:
     SM90, 64 x 64 tiles (one MMA warpgroup) run two CTAs per SM (2, :mod:`.fa4_occupancy`) or as FA4
     launches them (1); other tiles are unaffected. ``key_parts``: run the mask as this many launches over
     consecutive key ranges (cut at block boundaries), each merged into the first by LSE
-    (:mod:`.lse_merge`), so the keys and values one launch reads at a time fit the L2 better; 1 (the
-    default): one launch. Costs one partial output (``q``'s size) while it runs, and rounds the output
-    once more per extra part (bf16: about 2e-3 relative each). Checked on CPU through
-    a stand-in for FA4 only: not yet run or timed on a GPU (``bench/key_split_probe.py`` does both; a
-    hand-made split with torch merges hinted at 6-9% on the 6x AdaSpa-shaped mask, H200 2026-12-01).
+    (:mod:`.lse_merge`), so the keys and values one launch reads at a time fit the L2 better; 1: one
+    launch; None (the default, auto): on the two-CTA 64 x 64 SM90 kernel, the case measured, chosen at
+    call time by :func:`auto_key_parts` from one KV head's keys plus values and the device's L2; one
+    launch elsewhere. Measured on an H200 (2026-12-01,
+    bench/results/gpu-2026-12-01-runs/sixth-session/key-split-probe.md), AdaSpa-shaped mask, 188,736
+    tokens, 64-token blocks, bf16, 12 heads, head dim 128, two CTAs per SM: 1 part 100.4-110.3 ms, 2 parts
+    90.07, 4 parts 85.95, 8 parts 92.02 (Triton 99.7). There a head's K+V is 96.6 MB, about twice the
+    50 MiB L2; at 32K and 98K tokens (16 / 50.3 MB, within the L2) the unsplit kernel runs at 530-543 eff
+    TFLOP/s. A split costs one partial output (``q``'s size) while it runs (peak above the inputs 553 ->
+    1124 MiB there) and rounds the output once more per extra part (bf16: about 2e-3 relative each).
     """
 
     tile_m: int | None = None
     tile_n: int | None = None
     ctas_per_sm: int = 2
-    key_parts: int = 1
+    key_parts: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n"):
@@ -114,9 +121,10 @@ class Fa4Options:
         if type(self.ctas_per_sm) is not int or self.ctas_per_sm not in (1, 2):
             raise ValueError(f"ctas_per_sm: expected the int 1 (FA4's own launch) or 2 (two CTAs per SM for 64 x 64 "
                              f"tiles on SM90, .fa4_occupancy), got {self.ctas_per_sm!r}")
-        if type(self.key_parts) is not int or not 1 <= self.key_parts <= MAX_KEY_PARTS:
-            raise ValueError(f"key_parts: expected an int from 1 (one launch) to {MAX_KEY_PARTS}, got "
-                             f"{self.key_parts!r}")
+        if self.key_parts is not None and (type(self.key_parts) is not int
+                                           or not 1 <= self.key_parts <= MAX_KEY_PARTS):
+            raise ValueError(f"key_parts: expected None (auto: chosen per call from the L2, auto_key_parts) or an "
+                             f"int from 1 (one launch) to {MAX_KEY_PARTS}, got {self.key_parts!r}")
 
 
 class Fa4Backend(Backend):
@@ -124,6 +132,7 @@ class Fa4Backend(Backend):
     install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
     options_type = Fa4Options
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
+    dense = DenseOp(run=fa4_dense.run, supports=fa4_dense.supports)     # FA4's dense forward, where measured faster
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 96, 128}))
 
@@ -182,6 +191,26 @@ def tile_shape(mask: BlockMask, major: int, options: Fa4Options) -> tuple[int, i
     return tile_m, tile_n
 
 
+def auto_key_parts(kv_bytes_per_head: int, l2_bytes: int, num_kv_blocks: int) -> int:
+    """Key ranges for ``key_parts=None``: 1 when one KV head's keys plus values (``kv_bytes_per_head``) fit the L2
+    (``l2_bytes``), else ``ceil(kv_bytes_per_head / (l2_bytes / 2))`` (each range's K+V about half the L2 at most),
+    capped at ``MAX_KEY_PARTS`` and at ``num_kv_blocks`` (ranges are cut at block boundaries).
+
+    Fit to the H200 measurement in :class:`Fa4Options` (50 MiB L2, head dim 128, bf16): 98,304 tokens
+    (50,331,648 bytes) give 1, the unsplit kernel at 532 eff TFLOP/s; 188,736 tokens (96.6 MB) give 4, the
+    fastest of the 1, 2, 4 and 8 measured.
+    """
+    if kv_bytes_per_head <= l2_bytes:
+        return 1
+    return min(-(-2 * kv_bytes_per_head // l2_bytes), MAX_KEY_PARTS, num_kv_blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes(device: torch.device) -> int:
+    """The L2 cache size of CUDA ``device`` (a tensor's device, with its index): queried once per device."""
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 @functools.lru_cache(maxsize=None)
 def _import_error() -> str | None:
     """Why ``flash_attn.cute`` cannot be imported here (None: it can). Imported once per process."""
@@ -235,27 +264,50 @@ class _Prepared:
 
 
 class Fa4Launch:
-    """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4."""
+    """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4.
+
+    ``key_parts`` as :attr:`Fa4Options.key_parts` (None: :meth:`key_parts_for` decides per call)."""
 
     def __init__(self, mask: BlockMask, tile_m: int, tile_n: int, two_per_sm: bool = False,
-                 key_parts: int = 1) -> None:
+                 key_parts: int | None = None) -> None:
         self.mask = mask
         self.tile_m, self.tile_n = tile_m, tile_n
         self.two_per_sm = two_per_sm     # one-warpgroup SM90 kernels at two CTAs per SM (.fa4_occupancy)
+        self.key_parts = key_parts if key_parts is None else min(key_parts, mask.num_kv_blocks)
         self._prepared: dict[torch.device, _Prepared] = {}
-        self.parts = self._split(key_parts) if min(key_parts, mask.num_kv_blocks) > 1 else None
+        self._parts: dict[int, list[tuple[int, int, Fa4Launch]]] = {}
 
-    def _split(self, count: int) -> list[tuple[int, int, "Fa4Launch"]]:
+    def key_parts_for(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Key ranges a call with ``k, v`` runs as: ``key_parts`` when set, else :func:`auto_key_parts` on the
+        two-CTA kernel (from the mask's key length, so a shorter ``k`` given to :meth:`prepare` decides alike)
+        and 1 elsewhere."""
+        if self.key_parts is not None:
+            return self.key_parts
+        if not self.two_per_sm:
+            return 1
+        kv_bytes = self.mask.kv_len * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+        return auto_key_parts(kv_bytes, l2_bytes(k.device), self.mask.num_kv_blocks)
+
+    def parts(self, count: int) -> list[tuple[int, int, Fa4Launch]] | None:
+        """The launches of ``count`` key ranges (None: 1 or fewer, this launch alone), built on first use."""
+        if count <= 1:
+            return None
+        if count not in self._parts:
+            self._parts[count] = self._split(count)
+        return self._parts[count]
+
+    def _split(self, count: int) -> list[tuple[int, int, Fa4Launch]]:
         """``(start, stop, launch)`` per key range: ``count`` ranges of about equal blocks, one host read in all."""
-        mask, count = self.mask, min(count, self.mask.num_kv_blocks)
+        mask = self.mask
         edges = [int(mask.kv_offsets[mask.num_kv_blocks * p // count]) for p in range(count)] + [mask.kv_len]
         ranges = list(zip(edges[:-1], edges[1:]))
-        return [(start, stop, Fa4Launch(part, self.tile_m, self.tile_n, self.two_per_sm))
+        return [(start, stop, Fa4Launch(part, self.tile_m, self.tile_n, self.two_per_sm, key_parts=1))
                 for (start, stop), part in zip(ranges, slices(mask, (0, mask.q_len), ranges))]
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Convert the mask for a call with ``q`` (what the first call would do before launching)."""
-        for launch in [part for _, _, part in self.parts] if self.parts else [self]:
+        """Split and convert the mask for a call with ``q, k, v`` (what the first call would do before launching)."""
+        parts = self.parts(self.key_parts_for(k, v))
+        for launch in [part for _, _, part in parts] if parts else [self]:
             launch.converted(q.device)
 
     def converted(self, device: torch.device | str) -> _Prepared:
@@ -282,8 +334,9 @@ class Fa4Launch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.parts is not None:
-            return self._in_parts(q, k, v, scale, return_lse)
+        parts = self.parts(self.key_parts_for(k, v))
+        if parts is not None:
+            return self._in_parts(parts, q, k, v, scale, return_lse)
         batch, num_heads, q_len, _ = q.shape
         if len(self.mask.indices) == 0:  # nothing attended anywhere: no kernel (and no compile) needed
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
@@ -313,13 +366,13 @@ class Fa4Launch:
         # [B, H, q_len, D] view of FA4's [B, q_len, H, D] output (no copy; .contiguous() if needed)
         return out.transpose(1, 2), (lse if return_lse else None)
 
-    def _in_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _in_parts(self, parts: list[tuple[int, int, Fa4Launch]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each key range's launch on its slice of ``k, v`` (views), merged into the first's output in place."""
         from .lse_merge import merge_into
         out = lse = None
         with torch.cuda.device(q.device):
-            for start, stop, part in self.parts:
+            for start, stop, part in parts:
                 part_out, part_lse = part(q, k[:, :, start:stop], v[:, :, start:stop], scale, True)
                 if out is None:
                     out, lse = part_out, part_lse

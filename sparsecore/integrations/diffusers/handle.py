@@ -29,12 +29,13 @@ from sparsecore.registry import checked_options, device_type, registered_backend
 from . import op, parallel
 from .models import ModelSpec, spec_of
 from .planner import MethodProvider, Planner
-from .processors import SPARSE_PROCESSORS, SparseProcessor
+from .processors import SPARSE_PROCESSORS, SparseProcessor, attention_modules
 from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
 
 TESTED_DIFFUSERS = "0.42"
+DENSE_ATTENTION = ("auto", "model")
 
 
 class SparseAttentionHandle:
@@ -43,12 +44,13 @@ class SparseAttentionHandle:
     Attributes:
         model: the transformer. spec: its :class:`~.models.ModelSpec`. method: the method name (or the
         callable). params: the method's parameters. device, backend, backend_options: what
-        ``sparsecore.compile`` gets.
+        ``sparsecore.compile`` gets. dense_attention: see :func:`apply`.
         num_steps: steps per run. geometry: the video geometry of the last forward (no text).
     """
 
     def __init__(self, model: Any, spec: ModelSpec, method: str | MethodProvider, params: dict, device: str,
-                 backend: str | None, num_steps: int, backend_options: dict[str, Any] | None = None) -> None:
+                 backend: str | None, num_steps: int, backend_options: dict[str, Any] | None = None,
+                 dense_attention: str = "auto") -> None:
         self.model = model
         self.spec = spec
         self.method = method
@@ -56,6 +58,7 @@ class SparseAttentionHandle:
         self.device = device
         self.backend = backend
         self.backend_options = dict(backend_options or {})
+        self.dense_attention = dense_attention
         self.num_steps = num_steps
         self.geometry: VideoGeometry | None = None
         self.active = False
@@ -294,7 +297,8 @@ class SparseAttentionHandle:
 
 
 def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str = "cuda", backend: str | None = None,
-          num_steps: int = 50, backend_options: dict[str, Any] | None = None, **params: Any) -> SparseAttentionHandle:
+          num_steps: int = 50, backend_options: dict[str, Any] | None = None, dense_attention: str = "auto",
+          **params: Any) -> SparseAttentionHandle:
     """Route the self-attention of every block of ``transformer`` through sparsecore.
 
     Args:
@@ -308,6 +312,10 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
         backend_options: options of the named ``backend`` for every kernel (its options dataclass, e.g.
             ``{"key_parts": 4}`` for ``"fa4"``); needs ``backend``.
+        dense_attention: what the dense steps and layers run: ``"auto"`` a dense kernel measured faster than
+            torch SDPA's where one takes the inputs and the model is on diffusers' default attention backend
+            (FlashAttention-4's on Hopper: :meth:`.SparseProcessor.faster_dense`), else the model's own attention;
+            ``"model"`` always the model's own attention (diffusers' dispatch).
         **params: the method's parameters (see docs/methods.md).
 
     Returns:
@@ -347,6 +355,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
                                f"backend=None for the device's preferred one")
     backend_options = checked_options(backend, backend_options, "backend_options")
+    if dense_attention not in DENSE_ATTENTION:
+        raise ValueError(f"dense_attention: expected one of {DENSE_ATTENTION}, got {dense_attention!r}")
     problem = device_problem(device, backend)          # checked now, not at the first forward
     if problem:
         raise RuntimeError(f"device: {problem}; pass the device the model runs on")
@@ -354,9 +364,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
-    modules = _attention_modules(transformer, spec)
+    modules = attention_modules(transformer, spec)
     handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
-                                   backend_options)
+                                   backend_options, dense_attention)
     sparse_class = SPARSE_PROCESSORS[spec.name]
     for layer, module in enumerate(modules):
         original = module.processor
@@ -369,29 +379,3 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                                                            with_kwargs=True),
                      transformer.register_forward_hook(torch.compiler.disable(handle._post_forward), always_call=True)]
     return handle
-
-
-def _attention_modules(transformer: Any, spec: ModelSpec) -> list[Any]:
-    blocks = getattr(transformer, spec.blocks, None)
-    if blocks is None or len(blocks) == 0:
-        raise TypeError(f"transformer.{spec.blocks}: expected the transformer blocks of a {spec.model_class.__name__}, "
-                        f"got {type(blocks).__name__}")
-    modules = []
-    for layer, block in enumerate(blocks):
-        module = getattr(block, spec.attention, None)
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, SparseProcessor):
-            message = (f"transformer: sparsecore is already applied to this model ({spec.blocks}[{layer}]."
-                       f"{spec.attention}); call remove() on the earlier handle first")
-            raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
-        if type(processor) is not spec.processor_class:
-            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}.processor: expected diffusers' "
-                            f"{spec.processor_class.__name__}, got {type(processor).__name__}; sparsecore replaces "
-                            f"only diffusers' own processor (restore it, e.g. with "
-                            f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
-                            f"integration first)")
-        if spec.name == "wan" and (module.is_cross_attention or module.add_k_proj is not None):
-            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}: expected Wan self-attention, got a cross-"
-                            f"attention module")
-        modules.append(module)
-    return modules

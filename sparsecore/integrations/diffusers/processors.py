@@ -16,7 +16,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+
+from sparsecore.registry import DenseOp
+from sparsecore.search import faster_dense
 
 from . import models
 from .op import diffusers_attention, head_major
@@ -51,13 +54,34 @@ class SparseProcessor:
 
     def dispatch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None, parallel: bool = True) -> torch.Tensor:
-        """The model's own attention: diffusers' dispatch, as the original processor calls it.
+        """The model's own attention: diffusers' dispatch, as the original processor calls it, or a dense kernel
+        measured faster than the one that dispatch picks (:meth:`faster_dense`).
 
         ``parallel=False``: on this rank's tensors only (inside the context-parallel all-to-alls).
         """
+        if attn_mask is None and (not parallel or self._parallel_config is None):
+            faster = self.faster_dense(query, key, value)
+            if faster is not None:
+                out, _ = faster.run(*(t.transpose(1, 2) for t in (query, key, value)), query.shape[-1] ** -0.5, False)
+                return out.transpose(1, 2)
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
                                      backend=self._attention_backend,
                                      parallel_config=self._parallel_config if parallel else None)
+
+    def faster_dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseOp | None:
+        """The dense kernel the model's dense attention runs instead of diffusers' dispatch, or None.
+
+        With ``apply(..., dense_attention="auto")`` (the default) and the model on diffusers' default
+        attention backend (``"native"``: torch SDPA, cuDNN on an H200; neither ``set_attention_backend`` nor
+        the ``attention_backend`` context chose another), a registered dense op that takes the inputs and was
+        measured faster than that (:func:`sparsecore.search.faster_dense`: FlashAttention-4's dense forward on
+        Hopper, 1.09-1.30x cuDNN's). ``dense_attention="model"``: always None.
+        """
+        if self._handle.dense_attention != "auto" or self._attention_backend is not None \
+                or _AttentionBackendRegistry.get_active_backend()[0] != AttentionBackendName.NATIVE:
+            return None
+        found = faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        return None if found is None else found[1]
 
     def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: int,
               parallel: bool = True) -> torch.Tensor:
@@ -124,3 +148,31 @@ def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,
                      models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor}
+
+
+def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
+    """The self-attention modules of ``transformer`` whose processors sparsecore replaces, checked: diffusers' own
+    processor on each (not sparsecore's already, nor another integration's)."""
+    blocks = getattr(transformer, spec.blocks, None)
+    if blocks is None or len(blocks) == 0:
+        raise TypeError(f"transformer.{spec.blocks}: expected the transformer blocks of a {spec.model_class.__name__}, "
+                        f"got {type(blocks).__name__}")
+    modules = []
+    for layer, block in enumerate(blocks):
+        module = getattr(block, spec.attention, None)
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, SparseProcessor):
+            message = (f"transformer: sparsecore is already applied to this model ({spec.blocks}[{layer}]."
+                       f"{spec.attention}); call remove() on the earlier handle first")
+            raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
+        if type(processor) is not spec.processor_class:
+            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}.processor: expected diffusers' "
+                            f"{spec.processor_class.__name__}, got {type(processor).__name__}; sparsecore replaces "
+                            f"only diffusers' own processor (restore it, e.g. with "
+                            f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
+                            f"integration first)")
+        if spec.name == "wan" and (module.is_cross_attention or module.add_k_proj is not None):
+            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}: expected Wan self-attention, got a cross-"
+                            f"attention module")
+        modules.append(module)
+    return modules

@@ -1,0 +1,72 @@
+"""FlashAttention-4's dense forward as sparsecore's dense attention on Hopper (the ``fa4`` backend's DenseOp).
+
+The methods' dense steps (AdaSpa's and PASA's warm-up steps, AdaSpa's LSE pass, PISA's dense first
+layer) run dense attention, which diffusers' default dispatch gives to torch SDPA's cuDNN kernel on
+an H200. Side by side on one H200 (2026-12-01, ``bench/dense_kernels.py``, bf16, 12 heads, q, k, v as
+``[B, S, H, D]`` views of head-major memory; torch 2.11.0+cu130, flash-attn-4 4.0.0b36;
+``bench/results/gpu-2026-12-01-runs/sixth-session/dense-kernels.md``), FA4's dense forward against
+cuDNN's, eff TFLOP/s:
+
+- head dim 128: 671 / 637 / 666 against 608 / 579 / 559 at S = 32,768 / 98,304 / 188,760 (1.09-1.19x);
+- head dim 64: 542 / 546 / 539 against 460 / 464 / 413 (1.18-1.30x);
+- returning the LSE costs either kernel under 2%; outputs agree to 3.1e-3 relative L2 (bf16 rounding).
+
+So this op takes fp16/bf16 inputs of head dim 64 or 128 on compute capability 9.x, with the
+flash-attn-4 version measured (others, and SM100, were not timed: the caller's default runs).
+
+API relied on (flash-attn-4 4.0.0b36, ``flash_attn/cute/interface.py``): the private
+``_flash_attn_fwd(q, k, v, softmax_scale=..., causal=False, return_lse=..., out=...) -> (out, lse, ...)``
+with ``q [B, Sq, H, D]``, ``k, v [B, Sk, Hkv, D]`` (unit last stride, 16-byte aligned other strides,
+``H % Hkv == 0``); ``out`` may be any such layout (``validate_output_layout``), so we pass a
+``[B, Sq, H, D]`` view of a head-major ``[B, H, Sq, D]`` tensor: the layout the diffusers op returns
+without a copy (the public ``flash_attn_func`` allocates ``[B, Sq, H, D]`` itself). ``lse`` is
+natural-log float32 ``[B, H, Sq]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MEASURED_HEAD_DIMS = (64, 128)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None where FA4's dense forward runs these inputs and was measured faster than cuDNN's, else why not."""
+    if not q.is_cuda:
+        return f"tensors on {q.device}, not a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: FA4's forward takes fp16 or bf16 alike"
+    if q.shape[-1] not in MEASURED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head dims {q.shape[-1]}/{v.shape[-1]}: measured faster than cuDNN at {MEASURED_HEAD_DIMS} only"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major != 9:
+        return f"compute capability {major}.{minor}: measured faster than cuDNN on 9.x (H200) only"
+    return _unavailable(str(q.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable(device: str) -> str | None:
+    """Why the fa4 backend or the measured flash-attn-4 is missing on ``device`` (None: both are); once per device."""
+    from .fa4_backend import Fa4Backend
+    from .fa4_occupancy import TESTED_VERSION, supported
+    unavailable = Fa4Backend().unavailable_reason(device)
+    if unavailable is not None:
+        return unavailable
+    if not supported():
+        return f"flash-attn-4 is not {TESTED_VERSION}, the version measured and whose private forward this calls"
+    return None
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+        return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense attention ``[B, H, L_q, D]`` (contiguous) and, if asked, its LSE ``[B, H, L_q]``; inputs as
+    ``[B, H, L, D]`` with any strides FA4 takes (a copy is made by FA4 where they are not)."""
+    from flash_attn.cute import interface
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    with torch.cuda.device(q.device):
+        _, lse, *_ = interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               softmax_scale=scale, causal=False, return_lse=return_lse,
+                                               out=out.transpose(1, 2))
+    return out, lse

@@ -1,0 +1,87 @@
+"""Probe (GPU): which dense attention kernel is fastest for the dense steps of a video DiT.
+
+The methods' dense steps (AdaSpa's and PASA's warm-up, AdaSpa's LSE pass, PISA's dense first layer)
+run dense attention. This probe times, side by side on the same inputs (bf16, B=1, H=12, q, k, v as
+``[B, S, H, D]`` views of head-major memory, as the processors hand them over): torch SDPA restricted
+to cuDNN (what diffusers' default dispatch picks on an H200), cuDNN with its LSE, and FlashAttention-4's
+dense forward (``flash_attn.cute``, without and with the LSE) writing into a head-major output. Each
+output is compared with cuDNN's. Effective TFLOP/s = 4 * S^2 * D * H / time.
+
+    python bench/dense_kernels.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from sparsecore.search import dense_attention  # noqa: E402
+
+HEADS = 12
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lengths", default="32768,98304,188760")
+    parser.add_argument("--dims", default="128,64")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from flash_attn.cute import interface
+    results: list[dict] = []
+    lines = ["| S | D | kernel | ms | eff TFLOP/s | rel. L2 vs cuDNN |", "|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
+    for dim in (int(d) for d in args.dims.split(",")):
+        for seq in (int(s) for s in args.lengths.split(",")):
+            q, k, v = (torch.randn(1, HEADS, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            scale = dim ** -0.5
+            out_hm = torch.empty_like(q)
+
+            def sdpa_cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+            def cudnn_lse():
+                return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                          scale=scale)[0]
+
+            def fa4(return_lse: bool):
+                return lambda: interface._flash_attn_fwd(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=False,
+                    return_lse=return_lse, out=out_hm.transpose(1, 2))[0].transpose(1, 2)
+
+            def library():
+                return dense_attention(q, k, v, scale)[0]
+
+            reference = sdpa_cudnn().float()
+            for name, fn in (("cuDNN SDPA", sdpa_cudnn), ("cuDNN + LSE", cudnn_lse), ("FA4 dense", fa4(False)),
+                             ("FA4 dense + LSE", fa4(True)), ("sparsecore.search.dense_attention", library)):
+                out = fn().float()
+                err = ((out - reference).norm() / reference.norm()).item()
+                del out
+                ms = triton.testing.do_bench(fn, warmup=50, rep=300)
+                rate = 4 * seq * seq * dim * HEADS / ms / 1e9
+                results.append({"seq": seq, "dim": dim, "kernel": name, "ms": ms, "eff_tflops": rate,
+                                "rel_l2_vs_cudnn": err})
+                lines.append(f"| {seq} | {dim} | {name} | {ms:.2f} | {rate:.0f} | {err:.1e} |")
+                print(lines[-1], flush=True)
+            del q, k, v, out_hm, reference
+    versions = {"torch": torch.__version__, "triton": triton.__version__,
+                "device": torch.cuda.get_device_name()}
+    versions["flash-attn-4"] = version("flash-attn-4")
+    (args.out / "dense-kernels.md").write_text(f"{versions}\n\n" + "\n".join(lines) + "\n")
+    (args.out / "dense-kernels.json").write_text(json.dumps({"versions": versions, "rows": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

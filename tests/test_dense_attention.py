@@ -1,0 +1,222 @@
+"""Dense attention through a backend's faster dense op: the search's dense pass, FA4's stand-in, the diffusers path.
+
+The float64 oracle (``oracle.dense_attention``) stands in for a backend's faster dense op on CPU, so the
+tests check what reaches it and what comes back (layout, scale, GQA, LSE, which calls take it), against
+the model's own attention and the oracle itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_dispatch import attention_backend
+from oracle import dense_attention as oracle_attention
+from test_integration_diffusers import CASES, forward, tiny_hunyuan
+from tolerances import LSE_ABS, OUT_REL
+
+from sparsecore.backends.cuda import fa4_dense
+from sparsecore.integrations import diffusers as sparse
+from sparsecore.registry import DenseOp, registered_backends
+from sparsecore.search import dense_attention, dense_impl
+
+
+def oracle_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool):
+    """A dense op's contract computed by the float64 oracle, in q's dtype (LSE float32)."""
+    tokens = np.ones((q.shape[1], q.shape[2], k.shape[2]), dtype=bool)
+    out, lse = oracle_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), tokens, scale)
+    return torch.from_numpy(out).to(q.dtype), (torch.from_numpy(lse).float() if return_lse else None)
+
+
+class CountingOp:
+    """A registered dense op on CPU that counts its calls."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.calls: list[tuple[int, ...]] = []
+        self.reason = reason
+
+    def run(self, q, k, v, scale, return_lse):
+        self.calls.append(tuple(q.shape))
+        return oracle_run(q, k, v, scale, return_lse)
+
+    def supports(self, q, k, v):
+        return self.reason
+
+
+@pytest.fixture
+def counting_op(monkeypatch) -> CountingOp:
+    """The ``portable`` backend (CPU) offers a dense op measured "faster": the oracle, counted."""
+    op = CountingOp()
+    monkeypatch.setattr(registered_backends()["portable"], "dense", DenseOp(run=op.run, supports=op.supports))
+    return op
+
+
+def inputs(group: int = 1, seed: int = 0, heads: int = 4, q_len: int = 24, kv_len: int = 40, dim: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, q_len, dim, generator=gen)
+    k, v = (torch.randn(2, heads // group, kv_len, dim, generator=gen) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_dense_pass_takes_a_registered_faster_op(counting_op, group):
+    q, k, v = inputs(group)
+    assert dense_impl(q, k, v) == "portable"
+    out, lse = dense_attention(q, k, v, scale=0.3)
+    tokens = np.ones((4, 24, 40), dtype=bool)
+    want_out, want_lse = oracle_attention(q.numpy(), k.numpy(), v.numpy(), tokens, 0.3)
+    np.testing.assert_allclose(out.double().numpy(), want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+    assert counting_op.calls == [tuple(q.shape)]
+
+
+def test_an_op_that_declines_leaves_the_default(counting_op):
+    counting_op.reason = "head dim 16: not measured"
+    q, k, v = inputs()
+    assert dense_impl(q, k, v) == "full mask"
+    out, _ = dense_attention(q, k, v)
+    want, _ = oracle_attention(q.numpy(), k.numpy(), v.numpy(), np.ones((4, 24, 40), dtype=bool), 16 ** -0.5)
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert counting_op.calls == []
+
+
+def test_fa4_dense_declines_what_was_not_measured_with_the_reason():
+    q, k, v = inputs()
+    assert "CUDA" in fa4_dense.supports(q, k, v)
+
+
+def _stand_in_flash_attn_fwd(q, k, v, *, softmax_scale, causal, return_lse, out):
+    """FA4's private forward contract (``[B, S, H, D]`` in, written into ``out``), in float64 on CPU."""
+    assert not causal and all(t.stride(-1) == 1 for t in (q, k, v, out))
+    assert out.shape == q.shape[:3] + v.shape[-1:] and out.dtype == q.dtype
+    result, lse = oracle_run(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale, True)
+    out.copy_(result.transpose(1, 2))
+    return out, (lse if return_lse else None), None, None, None
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_fa4_dense_writes_head_major_output_through_a_stand_in(monkeypatch, group, return_lse):
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd = _stand_in_flash_attn_fwd
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    for name, module in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", cute),
+                         ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    q, k, v = inputs(group, seed=1)
+    q_seq = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, H, S, D] views of [B, S, H, D] memory
+    out, lse = fa4_dense.run(q_seq, k, v, 0.25, return_lse)
+    assert out.shape == (2, 4, 24, 16) and out.is_contiguous()
+    want_out, want_lse = oracle_attention(q.numpy(), k.numpy(), v.numpy(), np.ones((4, 24, 40), dtype=bool), 0.25)
+    np.testing.assert_allclose(out.double().numpy(), want_out, rtol=1e-5, atol=1e-6)
+    if return_lse:
+        np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+    else:
+        assert lse is None
+
+
+# ------------------------------------------------------------------ diffusers: the dense steps
+ADASPA = {"warmup_steps": 2, "search_steps": (2,), "sparsity": 0.5, "first_search": "cached"}
+
+
+def adaspa_run(case, dense_attention_setting: str, context=contextlib.nullcontext):
+    model, inputs_ = case.build(), case.inputs(batch=1, text="same")
+    reference = [forward(model, inputs_, t) for t in (999.0, 800.0)]
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, dense_attention=dense_attention_setting,
+                          **ADASPA)
+    try:
+        with context():
+            outputs = [forward(model, inputs_, t) for t in (999.0, 800.0)]
+    finally:
+        handle.remove()
+    return reference, outputs
+
+
+# Calls of the op in steps 0 and 1 (2 layers each): step 0's dense attention; step 1's dense pass that gives the
+# search its LSE and the step its output (Wan), or, where text padding makes the sequence longer than the valid
+# tokens (HunyuanVideo 1.5), the search's own LSE pass and the dense output on the valid prefix.
+CALLS = {"wan": 2 + 2, "hunyuan": 2 + 2 + 2}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dense_steps_run_the_faster_op_and_give_the_models_output(counting_op, name):
+    reference, outputs = adaspa_run(CASES[name], "auto")
+    for got, expected in zip(outputs, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(counting_op.calls) == CALLS[name]
+
+
+def test_dense_attention_model_keeps_diffusers_dispatch(counting_op):
+    reference, outputs = adaspa_run(CASES["wan"], "model")
+    for got, expected in zip(outputs, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert len(counting_op.calls) == 2               # the LSE pass only: the model's dispatch gives no LSE
+
+
+def test_a_chosen_attention_backend_is_kept(counting_op):
+    _, outputs = adaspa_run(CASES["wan"], "auto", lambda: attention_backend("_native_math"))
+    assert len(counting_op.calls) == 2               # the LSE pass only
+    model = CASES["wan"].build()
+    for module in CASES["wan"].attention(model):
+        module.set_attention_backend("_native_math")
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, **ADASPA)
+    try:
+        forward(model, CASES["wan"].inputs(batch=1), 999.0)
+    finally:
+        handle.remove()
+    assert len(counting_op.calls) == 2
+
+
+@pytest.mark.parametrize("tokens", [37, 40])
+def test_the_faster_dense_op_takes_the_valid_prefix_and_gives_padding_rows_zero(counting_op, tokens):
+    model = tiny_hunyuan()
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        processor = CASES["hunyuan"].attention(model)[0].processor
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 40, 2, 16, generator=gen) for _ in range(3))
+        got = processor.dense(q, k, v, tokens)
+    finally:
+        handle.remove()
+    assert counting_op.calls == [(2, 2, tokens, 16)]
+    valid = torch.arange(40) < tokens
+    scores = torch.einsum("bshd,bthd->bhst", q.double(), k.double()) / 4.0
+    scores = scores.masked_fill(~(valid[:, None] & valid[None, :]), -math.inf)
+    expected = torch.einsum("bhst,bthd->bshd", torch.softmax(scores, -1).nan_to_num(0.0), v.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["fast", None, 1])
+def test_bad_dense_attention_settings_are_refused(value):
+    with pytest.raises(ValueError, match="dense_attention"):
+        sparse.apply(CASES["wan"].build(), method="lvsa", device="cpu", dense_attention=value)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dim, group", [(128, 1), (64, 2)])
+def test_fa4_dense_matches_the_float64_oracle_on_a_gpu(dtype, dim, group):
+    """What the dense steps run on an H200 (FlashAttention-4's forward), on odd lengths, GQA, both dtypes."""
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch.cuda.is_available() is False in torch {torch.__version__}: FA4's dense forward runs on "
+                    f"CUDA only")
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 1031, dim, generator=gen)
+    k, v = (torch.randn(1, 4 // group, 777, dim, generator=gen) for _ in range(2))
+    q, k, v = (t.to("cuda", getattr(torch, dtype)) for t in (q, k, v))
+    reason = fa4_dense.supports(q, k, v)
+    if reason is not None:
+        pytest.skip(f"the fa4 backend's dense op does not take these inputs here: {reason}")
+    assert dense_impl(q, k, v) == "fa4"
+    out, lse = dense_attention(q, k, v, scale=0.1)
+    tokens = np.ones((4, 1031, 777), dtype=bool)
+    want_out, want_lse = oracle_attention(*(t.double().cpu().numpy() for t in (q, k, v)), tokens, 0.1)
+    got = out.double().cpu().numpy()
+    assert np.linalg.norm(got - want_out) / np.linalg.norm(want_out) <= OUT_REL[dtype]
+    assert np.abs(lse.double().cpu().numpy() - want_lse).max() / max(1.0, np.abs(want_lse).max()) <= LSE_ABS[dtype]
