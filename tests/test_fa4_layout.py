@@ -106,6 +106,29 @@ def test_frame_blocks_with_text_and_short_tails(seed, heads, tiles):
     assert_exact(mask, *tiles)
 
 
+@given(st.integers(0, 2**32 - 1), st.sampled_from([16, 32, 64]), st.integers(1, 4),
+       st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+def test_masks_of_one_tile_per_block_convert_from_their_lists_as_the_general_path_does(seed, side, heads, density):
+    """Blocks exactly one tile each (a shorter last one, query and key lengths apart): the lists straight from
+    the rows (the aligned path) give the general path's tensors, and exactly the mask's token pairs."""
+    rng = np.random.default_rng(seed)
+    q_offsets = BlockMask.uniform_offsets(side * int(rng.integers(1, 12)) + int(rng.integers(1, side + 1)), side)
+    kv_offsets = BlockMask.uniform_offsets(side * int(rng.integers(1, 12)) + int(rng.integers(1, side + 1)), side)
+    mask = random_mask(rng, q_offsets, kv_offsets, heads, density)
+    assert fa4_layout._on_tile_grid(q_offsets, side) and fa4_layout._on_tile_grid(kv_offsets, side)
+    aligned = assert_exact(mask, side, side)
+    general = fa4_layout._general_layout(mask, side, side, torch.device("cpu"))
+    assert not aligned.needs_mask_mod and aligned.num_full_tiles == general.num_full_tiles == mask.nnz
+    for got, want in zip(tile_status(aligned), tile_status(general)):
+        assert torch.equal(got, want.expand_as(got))               # the general path may broadcast alike heads
+
+
+def test_blocks_off_the_tile_grid_take_the_general_path():
+    assert not fa4_layout._on_tile_grid(np.array([0, 64, 96, 160]), 64)       # a short block inside
+    assert not fa4_layout._on_tile_grid(np.array([0, 64, 192]), 64)           # a last block over one tile
+    assert fa4_layout._on_tile_grid(np.array([0, 64, 128, 130]), 64)
+
+
 # ------------------------------------------------------------------------------------------ named layouts
 def test_uniform_128_blocks_on_128_tiles_are_full_tiles_without_mask_mod():
     rng = np.random.default_rng(1)
@@ -225,7 +248,7 @@ def test_too_large_dense_intermediates_are_refused_with_a_remedy(monkeypatch):
     monkeypatch.setattr(fa4_layout, "DENSE_LIMIT", 1000)
     mask = BlockMask.full(4, 64 * 16, 64 * 16, 64)                             # block map 4 x 16 x 16 = 1024
     with pytest.raises(UnsupportedError, match="triton"):
-        to_fa4(mask, 64, 64)
+        to_fa4(mask, 128, 128)                        # (on 64 x 64 tiles the lists convert without these maps)
 
 
 def test_bad_tile_sides_raise():

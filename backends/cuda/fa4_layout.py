@@ -28,7 +28,9 @@ the kernel computes 5.5% more pairs than the mask keeps (this module, counted on
 a mask tile's extra work is a few integer ops and three cached loads per element, and
 a straddling query tile adds just the keys its two frames do not share. Masks whose
 blocks align with the tiles (uniform 128 blocks on 128 tiles, 64 on 64) get only full
-tiles and no mask_mod at all: the path measured at 603-641 eff TFLOP/s on an H200.
+tiles and no mask_mod at all: the path measured at 603-641 eff TFLOP/s on an H200. Where every block is
+exactly one tile (the last may be shorter), the lists are the IR's rows themselves and are built from them
+directly (:func:`_aligned_layout`), without the block and tile maps below.
 
 The tile shape is the kernel's (on SM90 the sparse key block must equal the key tile;
 the sparse query block may be a multiple of the query tile). :func:`choose_tile_side`
@@ -163,6 +165,13 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
         if not isinstance(side, (int, np.integer)) or side < 1:
             raise ValueError(f"{name}: expected a positive int (a kernel tile side), got {side!r}")
     tile_m, tile_n = int(tile_m), int(tile_n)
+    if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
+        return _aligned_layout(mask, tile_m, tile_n, device)
+    return _general_layout(mask, tile_m, tile_n, device)
+
+
+def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -> Fa4Layout:
+    """:func:`to_fa4` for any block boundaries: the tile map from the block map, as the module docstring says."""
     q_off = np.asarray(mask.q_offsets, dtype=np.int64)
     kv_off = np.asarray(mask.kv_offsets, dtype=np.int64)
     H, MB, NB = int(mask.num_heads), len(q_off) - 1, len(kv_off) - 1
@@ -244,6 +253,42 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
         full_block_cnt=full_cnt[None], full_block_idx=_packed_lists(full, max_full),
         q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
         num_full_tiles=int(num_full), num_mask_tiles=int(num_mask))
+
+
+def _on_tile_grid(offsets: Any, side: int) -> bool:
+    """Whether every block is one tile of ``side`` tokens (the last one may be shorter)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    return bool((offsets[:-1] == np.arange(len(offsets) - 1, dtype=np.int64) * side).all()
+                and offsets[-1] - offsets[-2] <= side)
+
+
+def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -> Fa4Layout:
+    """:func:`to_fa4` where every IR block is one tile on both sides (64-token blocks on 64 x 64 tiles, 128 on 128):
+    a row's kept blocks are its query tile's full key tiles, so FA4's lists are the IR's rows, packed to the
+    longest, and there are no mask tiles. Without the block and tile maps of the general path (hundreds of MB at
+    6x for 64-token blocks): the lists' size, and one host sync (the longest row, and whether a row is empty)."""
+    H, MB = int(mask.num_heads), len(mask.q_offsets) - 1
+    q_len, kv_len = int(mask.q_offsets[-1]), int(mask.kv_offsets[-1])
+    lists = [getattr(mask, name) for name in ("indptr", "indices")]
+    indptr, indices = (a.to(device, torch.int64) if isinstance(a, torch.Tensor) else
+                       torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device) for a in lists)
+    indptr, indices = indptr.reshape(H, MB + 1), indices.reshape(-1)
+    row_len = indptr[:, 1:] - indptr[:, :-1]                                               # [H, MB]
+    longest, any_empty = torch.stack([row_len.max(), (row_len == 0).any().long()]).tolist()   # the one host sync
+    nnz = indices.numel()
+    row_of_entry = torch.repeat_interleave(torch.arange(H * MB, device=device), row_len.reshape(-1), output_size=nnz)
+    place = torch.arange(nnz, device=device) - indptr[:, :-1].reshape(-1)[row_of_entry]   # entry's place in its row
+    idx = torch.zeros(H * MB, max(int(longest), 1), dtype=torch.int32, device=device)
+    idx[row_of_entry, place] = indices.to(torch.int32)
+    empty_tokens = None
+    if any_empty:
+        empty_tokens = (row_len == 0).repeat_interleave(tile_m, dim=1)[:, :q_len].t().contiguous()
+    no_mask = torch.zeros(1, H, MB, dtype=torch.int32, device=device)
+    return Fa4Layout(tile_m=tile_m, tile_n=tile_n, num_heads=H, q_len=q_len, kv_len=kv_len,
+                     mask_block_cnt=no_mask, mask_block_idx=no_mask[..., None],
+                     full_block_cnt=row_len.to(torch.int32)[None], full_block_idx=idx.view(1, H, MB, -1),
+                     q_block_of_token=None, kv_block_of_token=None, keep_bits=None, empty_tokens=empty_tokens,
+                     num_full_tiles=nnz, num_mask_tiles=0)
 
 
 def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

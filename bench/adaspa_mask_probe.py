@@ -1,0 +1,105 @@
+"""Probe (GPU): the masks AdaSpa searches in a Wan 2.1 1.3B step at 6x, their shape and their kernels' times.
+
+``bench/key_split_probe.py`` times synthetic AdaSpa-shaped masks (random top-k rows: every row's keys
+spread over the whole sequence). This probe takes the masks AdaSpa itself searched (random-weight Wan
+2.1 1.3B at 6x, eager: its dense step that keeps the LSE, then its first search), and reports per
+layer what decides their kernels' speed:
+
+- density and, per head, the fraction of key blocks any row keeps (a head's K/V working set) and of
+  those kept by 256 consecutive query blocks (about what the GPU runs at once: 132 SMs x 2 CTAs);
+- the median distance |key block - query block| of kept blocks, as a fraction of the blocks (0.33:
+  spread as random picks are; small: a band around the diagonal);
+- the ``fa4`` lowering's time with ``key_parts`` None (auto), 1, 2, 4 and 8, and Triton's, on random
+  bf16 q, k, v of the same shape (a kernel's time does not depend on the values),
+
+and the synthetic mask of the same density next to them.
+
+    python bench/adaspa_mask_probe.py --out DIR [--layers 0 14 29]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import sparsecore  # noqa: E402
+from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
+from e2e_benchmark import build_model, cases, model_inputs, timed_forward  # noqa: E402
+from fa4_check import adaspa_large  # noqa: E402
+
+WINDOW = 256
+
+
+def shape_stats(mask: sparsecore.BlockMask) -> dict:
+    """Density, per-head working sets and locality of a host mask's lists."""
+    indptr, indices = np.asarray(mask.indptr), np.asarray(mask.indices)
+    blocks = mask.num_kv_blocks
+    used, windowed, distance = [], [], []
+    for h in range(mask.num_heads):
+        rows = np.repeat(np.arange(mask.num_q_blocks), np.diff(indptr[h]))
+        cols = indices[indptr[h, 0]:indptr[h, -1]]
+        used.append(np.unique(cols).size / blocks)
+        starts = range(0, mask.num_q_blocks, WINDOW)
+        windowed.append(float(np.mean([np.unique(cols[(rows >= s) & (rows < s + WINDOW)]).size / blocks
+                                       for s in starts])))
+        distance.append(float(np.median(np.abs(cols - rows))) / blocks)
+    return {"density": float(mask.density()), "density_per_head": [round(float(d), 3) for d in
+                                                                    mask.density(per_head=True)],
+            "kv_blocks_used": [round(u, 3) for u in used], "kv_blocks_used_by_256_rows": [round(w, 3) for w in windowed],
+            "median_distance": [round(d, 3) for d in distance]}
+
+
+def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
+    times = {}
+    for parts in (None, 1, 2, 4, 8):
+        kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=parts, cache=False)
+        times[f"fa4 key_parts={parts}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
+    kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
+    times["triton"] = triton.testing.do_bench(lambda: kernel(q, k, v))
+    return {name: round(ms, 2) for name, ms in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", nargs="*", type=int, default=[0, 14, 29])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == "6x")
+    model = build_model(case, False, "cuda", torch.bfloat16)
+    inputs = model_inputs(model, case, "cuda", torch.bfloat16)
+    handle = sc_diffusers.apply(model, method="adaspa", device="cuda", num_steps=50)
+    masks = {}
+    try:
+        for step in (9, 10):                         # the dense step that keeps its LSE, then the first search
+            handle.set_step(step)
+            print(f"step {step}: {timed_forward(model, inputs, 1000.0 - 19 * step, 'cuda'):.1f} s", flush=True)
+        masks = {layer: handle.mask(layer).to_host() for layer in args.layers}
+    finally:
+        handle.remove()
+    del model, inputs
+    torch.cuda.empty_cache()
+    results = {}
+    heads, tokens, dim = 12, next(iter(masks.values())).q_len, 128
+    q, k, v = (torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for layer, mask in masks.items():
+        results[f"layer {layer}"] = {**shape_stats(mask), **kernel_times(mask, q, k, v)}
+        print(f"layer {layer}: {json.dumps(results[f'layer {layer}'])}", flush=True)
+    synthetic = adaspa_large(heads, tokens - tokens % 64, 64, (0.1, 0.2, 0.3), seed=0)
+    q, k, v = (t[:, :, :synthetic.q_len] for t in (q, k, v))
+    results["synthetic AdaSpa-shaped"] = {**shape_stats(synthetic), **kernel_times(synthetic, q, k, v)}
+    print(f"synthetic: {json.dumps(results['synthetic AdaSpa-shaped'])}", flush=True)
+    (args.out / "adaspa-mask-probe.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
