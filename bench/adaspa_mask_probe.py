@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sparsecore  # noqa: E402
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
 from e2e_benchmark import build_model, cases, model_inputs, timed_forward  # noqa: E402
+from dense_kernels import run_meta  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
 
 WINDOW = 256
@@ -97,7 +98,7 @@ def main() -> int:
     q, k, v = (t[:, :, :synthetic.q_len] for t in (q, k, v))
     results["synthetic AdaSpa-shaped"] = {**shape_stats(synthetic), **kernel_times(synthetic, q, k, v)}
     print(f"synthetic: {json.dumps(results['synthetic AdaSpa-shaped'])}", flush=True)
-    (args.out / "adaspa-mask-probe.json").write_text(json.dumps(results, indent=1))
+    (args.out / "adaspa-mask-probe.json").write_text(json.dumps({"meta": run_meta(), **results}, indent=1))
     return 0
 
 

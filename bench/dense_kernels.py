@@ -2,17 +2,19 @@
 
 The methods' dense steps (AdaSpa's and PASA's warm-up, AdaSpa's LSE pass, PISA's dense first layer)
 run dense attention. This probe times, side by side on the same inputs (bf16, B=1, H=12, q, k, v as
-``[B, S, H, D]`` views of head-major memory, as the processors hand them over): torch SDPA restricted
-to cuDNN (what diffusers' default dispatch picks on an H200), cuDNN with its LSE, and FlashAttention-4's
-dense forward (``flash_attn.cute``, without and with the LSE) writing into a head-major output. Each
-output is compared with cuDNN's. Effective TFLOP/s = 4 * S^2 * D * H / time.
+``[B, S, H, D]`` views of head-major memory, as the processors hand them over): torch SDPA as it chooses
+(what diffusers' default ``"native"`` dispatch runs), SDPA restricted to cuDNN, cuDNN with its LSE,
+FlashAttention-4's dense forward (``flash_attn.cute``, without and with the LSE) writing into a head-major
+output, and ``sparsecore.search.dense_attention`` (what the methods' LSE passes run). Each output is compared
+with cuDNN's. Effective TFLOP/s = 4 * S^2 * D * H / time.
 
-    python bench/dense_kernels.py --out DIR
+    python bench/dense_kernels.py --out DIR [--lengths 16384,32768] [--dims 128] [--dtype float16]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from importlib.metadata import version
@@ -29,11 +31,18 @@ from sparsecore.search import dense_attention  # noqa: E402
 HEADS = 12
 
 
+def run_meta() -> dict:
+    """Machine, date and the versions a probe's numbers come from."""
+    return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__, "flash-attn-4": version("flash-attn-4")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", default="32768,98304,188760")
     parser.add_argument("--dims", default="128,64")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from flash_attn.cute import interface
@@ -42,13 +51,17 @@ def main() -> int:
     torch.manual_seed(0)
     for dim in (int(d) for d in args.dims.split(",")):
         for seq in (int(s) for s in args.lengths.split(",")):
-            q, k, v = (torch.randn(1, HEADS, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            q, k, v = (torch.randn(1, HEADS, seq, dim, device="cuda", dtype=getattr(torch, args.dtype))
+                       for _ in range(3))
             scale = dim ** -0.5
             out_hm = torch.empty_like(q)
 
             def sdpa_cudnn():
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+            def sdpa():                     # torch's own choice among its kernels (what diffusers' "native" runs)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
             def cudnn_lse():
                 return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
@@ -63,7 +76,8 @@ def main() -> int:
                 return dense_attention(q, k, v, scale)[0]
 
             reference = sdpa_cudnn().float()
-            for name, fn in (("cuDNN SDPA", sdpa_cudnn), ("cuDNN + LSE", cudnn_lse), ("FA4 dense", fa4(False)),
+            for name, fn in (("SDPA, torch's choice", sdpa), ("cuDNN SDPA", sdpa_cudnn), ("cuDNN + LSE", cudnn_lse),
+                             ("FA4 dense", fa4(False)),
                              ("FA4 dense + LSE", fa4(True)), ("sparsecore.search.dense_attention", library)):
                 out = fn().float()
                 err = ((out - reference).norm() / reference.norm()).item()
@@ -75,11 +89,10 @@ def main() -> int:
                 lines.append(f"| {seq} | {dim} | {name} | {ms:.2f} | {rate:.0f} | {err:.1e} |")
                 print(lines[-1], flush=True)
             del q, k, v, out_hm, reference
-    versions = {"torch": torch.__version__, "triton": triton.__version__,
-                "device": torch.cuda.get_device_name()}
-    versions["flash-attn-4"] = version("flash-attn-4")
-    (args.out / "dense-kernels.md").write_text(f"{versions}\n\n" + "\n".join(lines) + "\n")
-    (args.out / "dense-kernels.json").write_text(json.dumps({"versions": versions, "rows": results}, indent=1))
+    meta = run_meta() | {"dtype": args.dtype}
+    stem = "dense-kernels" + ("" if args.dtype == "bfloat16" else f"-{args.dtype}")
+    (args.out / f"{stem}.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     return 0
 
 

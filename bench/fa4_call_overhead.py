@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.cuda import fa4_layout  # noqa: E402
+from dense_kernels import run_meta  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
 
 HEADS, DIM, SEQ, CALLS = 12, 128, 188736, 10
@@ -58,20 +59,24 @@ def main() -> int:
     q, k, v = (torch.randn(1, HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     on_grid = fa4_layout._on_tile_grid
     rows, lines = [], ["| conversion | key_parts | kernel ms | per call ms | overhead ms |", "|---|---|---|---|---|"]
-    for conversion in ("lists", "general"):
-        fa4_layout._on_tile_grid = on_grid if conversion == "lists" else (lambda offsets, side: False)
-        for parts in (1, None):
-            options = {"key_parts": parts}
-            kernel = sparsecore.compile(mask, device="cuda", backend="fa4", cache=False, **options)
-            kernel_ms = triton.testing.do_bench(lambda: kernel(q, k, v))
-            call_ms = per_call_ms(held, q, k, v, options)
-            rows.append({"conversion": conversion, "key_parts": parts, "kernel_ms": kernel_ms, "per_call_ms": call_ms})
-            lines.append(f"| {conversion} | {parts} | {kernel_ms:.2f} | {call_ms:.2f} | {call_ms - kernel_ms:.2f} |")
-            print(lines[-1], flush=True)
-            del kernel
-    fa4_layout._on_tile_grid = on_grid
-    (args.out / "fa4-call-overhead.md").write_text("\n".join(lines) + "\n")
-    (args.out / "fa4-call-overhead.json").write_text(json.dumps(rows, indent=1))
+    try:
+        for conversion in ("lists", "general"):
+            fa4_layout._on_tile_grid = on_grid if conversion == "lists" else (lambda offsets, side: False)
+            for parts in (1, None):
+                options = {"key_parts": parts}
+                kernel = sparsecore.compile(mask, device="cuda", backend="fa4", cache=False, **options)
+                kernel_ms = triton.testing.do_bench(lambda: kernel(q, k, v))
+                call_ms = per_call_ms(held, q, k, v, options)
+                rows.append({"conversion": conversion, "key_parts": parts, "kernel_ms": kernel_ms,
+                             "per_call_ms": call_ms})
+                lines.append(f"| {conversion} | {parts} | {kernel_ms:.2f} | {call_ms:.2f} | {call_ms - kernel_ms:.2f} |")
+                print(lines[-1], flush=True)
+                del kernel
+    finally:
+        fa4_layout._on_tile_grid = on_grid
+    meta = run_meta()
+    (args.out / "fa4-call-overhead.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    (args.out / "fa4-call-overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 
 

@@ -1,11 +1,12 @@
-"""AdaSpa's search step on a GPU: the fused one-pass search against cuDNN's dense pass plus the block-mass pass.
+"""AdaSpa's search step on a GPU: the fused one-pass search against the dense pass plus the block-mass pass.
 
     python bench/search_step.py [--lengths 1x 6x] [--out DIR]
 
 One Wan 2.1 1.3B self-attention layer (12 heads x 128, bf16, 480x832 video, 64-token blocks),
 all rows in one run, median of 3 after a warm-up:
 
-- ``dense``: cuDNN's dense attention with its LSE (what a dense step's layer costs);
+- ``dense``: ``sparsecore.search.dense_attention`` with its LSE (cuDNN's; FA4's dense forward on an H200 with
+  flash-attn-4 installed since 2026-12-01's sixth session; what a dense step's layer costs);
 - ``two passes``: that, then the Triton block-mass pass on its LSE (the first search step before);
 - ``fused (...)``: :func:`sparsecore.backends.cuda.search_attention.run`, output + LSE + masses
   from one pass, for several tile configs and scratch limits of its partial sums (the default first);
@@ -34,7 +35,7 @@ from sparsecore.backends.cuda import block_mass as mass_pass
 from sparsecore.backends.cuda import search_attention
 from sparsecore.backends.cuda.search_attention import SearchConfig
 from sparsecore.methods import adaspa
-from sparsecore.search import dense_attention
+from sparsecore.search import dense_attention, dense_impl
 from sparsecore.timing import median_seconds
 
 LENGTHS = {"1x": VideoGeometry(21, 30, 52), "2x": VideoGeometry(41, 30, 52), "6x": VideoGeometry(121, 30, 52)}
@@ -70,11 +71,11 @@ def run(label: str) -> list[dict]:
 
     dense_out, lse = dense_attention(q, k, v)
     two_pass = mass_pass.run(q, k, offsets, offsets, lse, scale)
-    add("dense (cuDNN, with LSE)", lambda: dense_attention(q, k, v))
+    add(f"dense ({dense_impl(q, k, v)}, with LSE)", lambda: dense_attention(q, k, v))
     full = sparsecore.compile(BlockMask.full(HEADS, geometry.tokens, geometry.tokens, 128), device="cuda",
                               backend="triton")
     add("dense (sparsecore's Triton kernel, full mask, with LSE)", lambda: full(q, k, v, return_lse=True))
-    add("two passes (cuDNN dense + block-mass pass)",
+    add(f"two passes ({dense_impl(q, k, v)} dense + block-mass pass)",
         lambda: mass_pass.run(q, k, offsets, offsets, dense_attention(q, k, v)[1], scale))
     for config, scratch in FUSED:
         name = "default" if config is None else (f"block_m {config.block_m}, {config.pieces * 64} keys, "

@@ -83,12 +83,13 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
 
 
 def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: Any, kv_offsets: Any,
-                              scale: float | None = None, *, impl: str = "auto") -> tuple[torch.Tensor, BlockMass]:
+                              scale: float | None = None, *, impl: str = "auto",
+                              faster: bool = True) -> tuple[torch.Tensor, BlockMass]:
     """Dense attention ``[B, H, L_q, D]`` and the exact block masses of the same scores (AdaSpa's fused first search).
 
     Arguments as :func:`block_mass` plus ``v [B, H_kv, L_kv, D]``. With ``impl="auto"`` a registered
     backend's fused pass (``BlockMassOp.with_output``) where it takes the inputs; otherwise
-    :func:`dense_attention` for the output and LSE, then :func:`block_mass` on that LSE.
+    :func:`dense_attention` (with ``faster``) for the output and LSE, then :func:`block_mass` on that LSE.
     ``BlockMass.impl`` names what ran (``"<backend> fused"`` for the one-pass path).
     """
     q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
@@ -101,7 +102,7 @@ def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                                                   kv_offsets) is None:
         out, lse, mass = op.with_output(q, k, v, q_offsets, kv_offsets, scale)
         return out, BlockMass(mass, lse, f"{name} fused")
-    out, lse = dense_attention(q, k, v, scale)
+    out, lse = dense_attention(q, k, v, scale, faster=faster)
     return out, block_mass(q, k, q_offsets, kv_offsets, lse, scale, impl=name)
 
 
@@ -120,8 +121,8 @@ def _choose(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets:
     return impl
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                    faster: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention and its natural-log float32 LSE ``[B, H, L_q]``, on q's device.
 
     The first that takes the inputs: a registered backend's :class:`~sparsecore.registry.DenseOp`
@@ -129,11 +130,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     on CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up to 128),
     torch's ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp`` (the kernel the model's
     own SDPA runs, the LSE at no extra cost); elsewhere sparsecore's kernel for a full mask (one block
-    per side). :func:`dense_impl` names which.
+    per side). :func:`dense_impl` names which. ``faster=False`` skips the backends' dense ops (cuDNN first).
     """
     shape = attention_shape(q, k, v)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
-    impl = dense_impl(q, k, v)
+    impl = dense_impl(q, k, v, faster=faster)
     if impl == "cudnn":
         if shape.group > 1:
             k, v = (t.repeat_interleave(shape.group, dim=1) for t in (k, v))
@@ -147,15 +148,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return registered_backends()[impl].dense.run(q, k, v, scale, True)
 
 
-def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """What :func:`dense_attention` runs for these inputs: a backend's name (its faster dense op), ``"cudnn"``
-    or ``"full mask"``."""
-    found = faster_dense(q, k, v)
+def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, faster: bool = True) -> str:
+    """What :func:`dense_attention` runs for these inputs: a backend's name (its faster dense op, unless
+    ``faster=False``), ``"cudnn"`` or ``"full mask"``."""
+    found = faster_dense(q, k, v) if faster else None
     if found is not None:
         return found[0]
     head_dim = q.shape[-1]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128 \
-            and v.shape[-1] == head_dim and torch.backends.cuda.cudnn_sdp_enabled():
+            and torch.backends.cuda.cudnn_sdp_enabled():
         return "cudnn"
     return "full mask"
 

@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 
 from oracle import dense_attention, expand_to_tokens
 from strategies import block_masks
+from tolerances import LSE_ABS, OUT_REL
 
+import sparsecore
 from sparsecore import BlockMask, Capabilities
 from sparsecore.backends.cuda import fa4_layout
 from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, expand_layout, tile_status, to_fa4
@@ -447,11 +449,18 @@ def test_auto_key_parts_rule(kv_bytes, l2, blocks, expected):
     assert auto_key_parts(kv_bytes, l2, blocks) == expected
 
 
-def test_key_parts_defaults_to_auto_and_lower_passes_it_on():
+def test_key_parts_defaults_to_auto_and_lower_passes_it_on(monkeypatch):
+    from sparsecore.backends.cuda import fa4_occupancy
     from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options
     assert Fa4Options().key_parts is None and Fa4Options(key_parts=None).key_parts is None
     assert Fa4Options(key_parts=1).key_parts == 1 and Fa4Options(key_parts=16).key_parts == 16
     assert Fa4Backend().parse_options({}) == Fa4Options()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(fa4_occupancy, "supported", lambda: True)
+    mask = BlockMask.full(2, 64 * 8, 64 * 8, 64)
+    launch = Fa4Backend().lower(mask, "cuda", Fa4Options())
+    assert launch.key_parts is None and launch.two_per_sm                       # auto, on the two-CTA kernel
+    assert Fa4Backend().lower(mask, "cuda", Fa4Options(key_parts=3)).key_parts == 3
 
 
 NONFINITE_LAYOUTS = {   # (q offsets, kv offsets, bad value tokens)
@@ -686,3 +695,32 @@ def test_key_parts_takes_none_or_an_int_from_1_to_16(value):
     from sparsecore.backends.cuda.fa4_backend import Fa4Options
     with pytest.raises(ValueError, match="key_parts: expected None .auto"):
         Fa4Options(key_parts=value)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("key_parts", [1, 3])
+def test_masks_of_one_tile_per_block_match_the_float64_oracle_on_a_gpu(dtype, key_parts):
+    """The lists-as-they-are conversion and key ranges on FA4 itself: 64-token blocks (short last one, q_len and
+    kv_len apart, empty rows, GQA) on 64 x 64 tiles."""
+    from sparsecore.backends.cuda.fa4_backend import Fa4Backend
+    reason = Fa4Backend().unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"fa4 is not available here: {reason}")
+    rng = np.random.default_rng(11)
+    q_offsets, kv_offsets = BlockMask.uniform_offsets(64 * 20 + 17, 64), BlockMask.uniform_offsets(64 * 23 + 5, 64)
+    keep = rng.random((4, 21, 24)) < 0.3
+    keep[:, 3], keep[1, 7], keep[2, 20] = False, False, False                  # empty rows, the short last one too
+    mask = BlockMask.from_lists([[np.flatnonzero(row) for row in head] for head in keep], q_offsets, kv_offsets)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, mask.q_len, 128, generator=gen)
+    k, v = (torch.randn(1, 2, mask.kv_len, 128, generator=gen) for _ in range(2))
+    kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=key_parts, cache=False)
+    out, lse = kernel(*(t.to("cuda", getattr(torch, dtype)) for t in (q, k, v)), scale=0.1, return_lse=True)
+    q, k, v = (t.to(getattr(torch, dtype)).double().numpy() for t in (q, k, v))
+    want_out, want_lse = dense_attention(q, k, v, expand_to_tokens(mask), 0.1)
+    got = out.double().cpu().numpy()
+    assert np.linalg.norm(got - want_out) / np.linalg.norm(want_out) <= OUT_REL[dtype]
+    kept = np.isfinite(want_lse)
+    assert (np.isneginf(lse.cpu().numpy()) == ~kept).all()
+    assert np.abs(lse.double().cpu().numpy()[kept] - want_lse[kept]).max() <= LSE_ABS[dtype] * max(
+        1.0, np.abs(want_lse[kept]).max())

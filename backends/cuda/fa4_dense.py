@@ -11,8 +11,9 @@ cuDNN's, eff TFLOP/s:
 - head dim 64: 542 / 546 / 539 against 460 / 464 / 413 (1.18-1.30x);
 - returning the LSE costs either kernel under 2%; outputs agree to 3.1e-3 relative L2 (bf16 rounding).
 
-So this op takes fp16/bf16 inputs of head dim 64 or 128 on compute capability 9.x, with the
-flash-attn-4 version measured (others, and SM100, were not timed: the caller's default runs).
+So this op takes bf16 (and fp16) inputs of head dim 64 or 128 and at least :data:`MIN_TOKENS` tokens on
+compute capability 9.x, with the flash-attn-4 version measured (others, shorter sequences and SM100 were not
+timed: the caller's default runs). Batch and GQA groups are FA4's grid and were not timed apart.
 
 API relied on (flash-attn-4 4.0.0b36, ``flash_attn/cute/interface.py``): the private
 ``_flash_attn_fwd(q, k, v, softmax_scale=..., causal=False, return_lse=..., out=...) -> (out, lse, ...)``
@@ -30,16 +31,23 @@ import functools
 import torch
 
 MEASURED_HEAD_DIMS = (64, 128)
+MEASURED_DTYPES = (torch.bfloat16, torch.float16)
+MIN_TOKENS = 16384              # the shortest sequence measured (bench/dense_kernels.py)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None where FA4's dense forward runs these inputs and was measured faster than cuDNN's, else why not."""
     if not q.is_cuda:
         return f"tensors on {q.device}, not a CUDA device"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: FA4's forward takes fp16 or bf16 alike"
-    if q.shape[-1] not in MEASURED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]}: measured faster than cuDNN at {MEASURED_HEAD_DIMS} only"
+    if q.dtype not in MEASURED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: measured faster than cuDNN for {MEASURED_DTYPES} alike only"
+    if q.shape[-1] not in MEASURED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return (f"head dims {q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]}: measured faster than cuDNN at "
+                f"{MEASURED_HEAD_DIMS}, the same for q, k and v, only")
+    if min(q.shape[2], k.shape[2]) < MIN_TOKENS:
+        return f"{q.shape[2]} query and {k.shape[2]} key tokens: measured faster than cuDNN from {MIN_TOKENS} only"
+    if k.shape != v.shape or q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads over k {list(k.shape)} and v {list(v.shape)}: expected GQA groups"
     major, minor = torch.cuda.get_device_capability(q.device)
     if major != 9:
         return f"compute capability {major}.{minor}: measured faster than cuDNN on 9.x (H200) only"
@@ -49,9 +57,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _unavailable(device: str) -> str | None:
     """Why the fa4 backend or the measured flash-attn-4 is missing on ``device`` (None: both are); once per device."""
-    from .fa4_backend import Fa4Backend
+    from sparsecore.registry import registered_backends
+
     from .fa4_occupancy import TESTED_VERSION, supported
-    unavailable = Fa4Backend().unavailable_reason(device)
+    unavailable = registered_backends()["fa4"].unavailable_reason(device)
     if unavailable is not None:
         return unavailable
     if not supported():
@@ -66,7 +75,10 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     from flash_attn.cute import interface
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device):
-        _, lse, *_ = interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               softmax_scale=scale, causal=False, return_lse=return_lse,
-                                               out=out.transpose(1, 2))
+        written, lse, *_ = interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     softmax_scale=scale, causal=False, return_lse=return_lse,
+                                                     out=out.transpose(1, 2))
+    if written.data_ptr() != out.data_ptr():
+        raise RuntimeError("flash-attn-4's _flash_attn_fwd did not write the output it was given (out=); this "
+                           "installed version differs from the one measured: pass dense_attention='model' to apply()")
     return out, lse

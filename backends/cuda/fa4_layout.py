@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sparsecore.ir.csr import row_of_entry
 from sparsecore.registry import UnsupportedError
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map [H, MB, NB], row coverage [H, MB, NT]
@@ -264,29 +265,38 @@ def _on_tile_grid(offsets: Any, side: int) -> bool:
 
 def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -> Fa4Layout:
     """:func:`to_fa4` where every IR block is one tile on both sides (64-token blocks on 64 x 64 tiles, 128 on 128):
-    a row's kept blocks are its query tile's full key tiles, so FA4's lists are the IR's rows, packed to the
-    longest, and there are no mask tiles. Without the block and tile maps of the general path (hundreds of MB at
-    6x for 64-token blocks): the lists' size, and one host sync (the longest row, and whether a row is empty)."""
+    a row's kept blocks are its query tile's full key tiles, so FA4's lists are the IR's rows (ascending, as the
+    IR keeps them), packed to the longest, and there are no mask tiles. Without the block and tile maps of the
+    general path (hundreds of MB at 6x for 64-token blocks); transients are a few int32 / int64 arrays of the
+    lists' length, and one host sync (the longest row, whether a row is empty, whether all heads are alike)."""
     H, MB = int(mask.num_heads), len(mask.q_offsets) - 1
     q_len, kv_len = int(mask.q_offsets[-1]), int(mask.kv_offsets[-1])
     lists = [getattr(mask, name) for name in ("indptr", "indices")]
-    indptr, indices = (a.to(device, torch.int64) if isinstance(a, torch.Tensor) else
-                       torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device) for a in lists)
-    indptr, indices = indptr.reshape(H, MB + 1), indices.reshape(-1)
-    row_len = indptr[:, 1:] - indptr[:, :-1]                                               # [H, MB]
-    longest, any_empty = torch.stack([row_len.max(), (row_len == 0).any().long()]).tolist()   # the one host sync
+    indptr, indices = (a.to(device) if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a)).to(device)
+                       for a in lists)
+    indptr, indices = indptr.to(torch.int64).reshape(H, MB + 1), indices.to(torch.int32).reshape(-1)
     nnz = indices.numel()
-    row_of_entry = torch.repeat_interleave(torch.arange(H * MB, device=device), row_len.reshape(-1), output_size=nnz)
-    place = torch.arange(nnz, device=device) - indptr[:, :-1].reshape(-1)[row_of_entry]   # entry's place in its row
+    row_len = indptr[:, 1:] - indptr[:, :-1]                                               # [H, MB]
+    alike = (row_len == row_len[:1]).all()
+    if nnz and H > 1:                               # same counts per row, then the same entries head by head
+        alike &= (indices.view(H, -1) == indices[:nnz // H]).all() if nnz % H == 0 else torch.zeros_like(alike)
+    longest, any_empty, alike = torch.stack([row_len.max(), (row_len == 0).any(), alike]).tolist()  # one sync
+    _check_size("lists [heads x query blocks, longest row]", (H * MB, max(int(longest), 1)), tile_m, tile_n)
+    rows = row_of_entry(indptr, nnz)
+    place = torch.arange(nnz, device=device) - indptr[:, :-1].reshape(-1)[rows]          # entry's place in its row
     idx = torch.zeros(H * MB, max(int(longest), 1), dtype=torch.int32, device=device)
-    idx[row_of_entry, place] = indices.to(torch.int32)
+    idx[rows, place] = indices
+    del rows, place
+    counts, idx = row_len.to(torch.int32)[None], idx.view(1, H, MB, -1)
+    if alike:                   # every head's lists are the same: FA4 broadcasts one head's (as the general path)
+        counts, idx = counts[:, :1].contiguous(), idx[:, :1].contiguous()
     empty_tokens = None
     if any_empty:
         empty_tokens = (row_len == 0).repeat_interleave(tile_m, dim=1)[:, :q_len].t().contiguous()
-    no_mask = torch.zeros(1, H, MB, dtype=torch.int32, device=device)
+    no_mask = torch.zeros_like(counts)
     return Fa4Layout(tile_m=tile_m, tile_n=tile_n, num_heads=H, q_len=q_len, kv_len=kv_len,
                      mask_block_cnt=no_mask, mask_block_idx=no_mask[..., None],
-                     full_block_cnt=row_len.to(torch.int32)[None], full_block_idx=idx.view(1, H, MB, -1),
+                     full_block_cnt=counts, full_block_idx=idx,
                      q_block_of_token=None, kv_block_of_token=None, keep_bits=None, empty_tokens=empty_tokens,
                      num_full_tiles=nnz, num_mask_tiles=0)
 

@@ -3,7 +3,7 @@
 The host side of :mod:`.search_attention_kernel` (read its docstring for the method).
 :func:`sparsecore.search.dense_attention_with_mass` runs it through
 ``TritonBackend.block_mass.with_output`` where it takes the inputs; elsewhere the search
-step is cuDNN's dense pass then the block-mass pass (:mod:`.block_mass`) on its LSE.
+step is the dense pass (``sparsecore.search.dense_attention``: FA4's where faster, else cuDNN's) then the block-mass pass (:mod:`.block_mass`) on its LSE.
 
 Memory: the scratch holds the partial sums, one float32 per (row, key piece) of a head and
 batch element: ``L_q * L_kv / 64`` floats, 2.2 GB per head at Wan 2.1's 6x length (188,760
@@ -99,10 +99,10 @@ def piece_layout(kv_offsets: np.ndarray, pieces: int) -> PieceLayout:
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray,
              kv_offsets: np.ndarray) -> str | None:
     """None if the fused pass takes these inputs and is the faster path, else why not (the search step then runs
-    two passes: cuDNN's dense attention, then the block-mass pass on its LSE)."""
+    two passes: the dense attention, then the block-mass pass on its LSE)."""
     reason = block_mass.supports(q, k, q_offsets, kv_offsets)
     if reason is None and block_mass.uniform_blocks(q_offsets) and block_mass.uniform_blocks(kv_offsets):
-        reason = ("blocks of 64 tokens: the uniform-block mass kernel after cuDNN's dense pass is faster "
+        reason = ("blocks of 64 tokens: the uniform-block mass kernel after the dense pass is faster "
                   "(632 against 658 ms at Wan 6x on an H200, 2026-11-30) and needs no scratch")
     if reason is None and (v.dtype != q.dtype or v.shape != k.shape):
         reason = f"v: expected {q.dtype} {list(k.shape)} like k, got {v.dtype} {list(v.shape)}"

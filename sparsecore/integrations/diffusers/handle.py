@@ -63,7 +63,8 @@ class SparseAttentionHandle:
         self.geometry: VideoGeometry | None = None
         self.active = False
         self._stats = Stats()
-        self._planner = Planner(method, params, device, backend, num_steps, self._stats, self.backend_options)
+        self._planner = Planner(method, params, device, backend, num_steps, self._stats, self.backend_options,
+                                faster_dense=dense_attention == "auto")
         self._sharded = ShardedAttention(self._planner)         # ring / unified context parallelism
         self._steps = StepTracker(num_steps, self._planner.new_run)
         self._text_cache: tuple[Any, Any] | None = None
@@ -122,8 +123,8 @@ class SparseAttentionHandle:
         """One dict per (run, layer, step, geometry) in call order.
 
         Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of token pairs the method kept over
-        the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"`` for the
-        model's own attention), ``action`` (the method's word for the step), ``calls``, ``tokens`` (valid
+        the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"`` for dense
+        attention: the model's own, or a faster dense kernel, see :func:`apply`'s ``dense_attention``), ``action`` (the method's word for the step), ``calls``, ``tokens`` (valid
         sequence length), ``text_tokens`` (valid text), ``padding`` (text padding tokens), ``heads``
         (``[start, stop)`` of the heads this process ran: all of them, or its Ulysses rank's), and with
         timing on ``ms`` (mean per timed call) and ``ms_total``.
@@ -262,7 +263,7 @@ class SparseAttentionHandle:
         """``[B, S, h, D]`` in and out, samples grouped by their valid text length.
 
         ``attend``: the planner's (``S`` = the whole sequence; default) or the sharded path's (``S`` = this
-        rank's ``video_rows`` video tokens, then the text). ``dense(q, k, v, tokens)``: the model's own
+        rank's ``video_rows`` video tokens, then the text). ``dense(q, k, v, tokens)``: the model's dense
         attention of a group whose first ``tokens`` are valid (:meth:`.SparseProcessor.dense`).
         """
         geometry, step, run = self.geometry, self._steps.step, self._steps.run
@@ -315,7 +316,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         dense_attention: what the dense steps and layers run: ``"auto"`` a dense kernel measured faster than
             torch SDPA's where one takes the inputs and the model is on diffusers' default attention backend
             (FlashAttention-4's on Hopper: :meth:`.SparseProcessor.faster_dense`), else the model's own attention;
-            ``"model"`` always the model's own attention (diffusers' dispatch).
+            ``"model"``: the model's own attention (diffusers' dispatch), and cuDNN for the dense passes that
+            give AdaSpa's search its LSE (which the model's attention does not return).
         **params: the method's parameters (see docs/methods.md).
 
     Returns:
@@ -356,7 +358,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                                f"backend=None for the device's preferred one")
     backend_options = checked_options(backend, backend_options, "backend_options")
     if dense_attention not in DENSE_ATTENTION:
-        raise ValueError(f"dense_attention: expected one of {DENSE_ATTENTION}, got {dense_attention!r}")
+        raise ValueError(f"dense_attention: expected 'auto' (a dense kernel measured faster where one takes the "
+                         f"inputs) or 'model' (the model's own attention), got {dense_attention!r}")
     problem = device_problem(device, backend)          # checked now, not at the first forward
     if problem:
         raise RuntimeError(f"device: {problem}; pass the device the model runs on")

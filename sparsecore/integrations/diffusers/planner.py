@@ -7,8 +7,10 @@ the method needs them), compiles it, and keeps all of that for the other calls o
 each call's q, k alone (``StepAction.per_call``: PASA's) is planned at every call and kept
 by nothing after it, unless :attr:`Planner.keep_masks` is set: holding every layer's lists
 while the others run would put them all on top of the model's peak memory (1.7 GiB at Wan
-6x). Dense steps run the model's own attention; a step whose action ``wants_lse`` runs dense
-attention that also returns its LSE (AdaSpa's step before its first search by default; with
+6x). Dense steps run the model's dense attention (the processors' dispatch: FlashAttention-4's dense forward
+where measured faster, see :meth:`.SparseProcessor.faster_dense`); a step whose action ``wants_lse`` runs dense
+attention that also returns its LSE (:func:`sparsecore.search.dense_attention`, with its faster dense op unless
+``apply(..., dense_attention="model")``) (AdaSpa's step before its first search by default; with
 ``first_search="fused"`` the first search step itself, which also takes the block masses where a
 backend gives them from the same pass, :func:`sparsecore.search.dense_attention_with_mass`, and
 prepares the kernel of the searched mask there, so the step after it only launches). One
@@ -47,7 +49,7 @@ MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
 class CallableSession:
     """A method given as a callable ``(geometry, num_heads, step, layer) -> BlockMask``, as a :class:`Session`.
 
-    Every step plans; a full mask on the host runs the model's own attention. Under a head shard the
+    Every step plans; a full mask on the host runs the dense path (the processors' dense attention). Under a head shard the
     callable is asked for all heads and the shard's heads are taken (memoized per mask).
     """
 
@@ -119,12 +121,14 @@ class Planner:
     """Sessions, plans and kernels of one handle (see the module docstring)."""
 
     def __init__(self, method: str | MethodProvider, params: dict[str, Any], device: str, backend: str | None,
-                 num_steps: int, stats: Stats, backend_options: dict[str, Any] | None = None) -> None:
+                 num_steps: int, stats: Stats, backend_options: dict[str, Any] | None = None,
+                 faster_dense: bool = True) -> None:
         self.method = method
         self.params = params
         self.device = device
         self.backend = backend
         self.backend_options = dict(backend_options or {})
+        self.faster_dense = faster_dense         # the dense passes that give a search its LSE may take a DenseOp
         self.num_steps = num_steps
         self.stats = stats
         self._sessions: dict[VideoGeometry, Session] = {}
@@ -242,11 +246,12 @@ class Planner:
             if wants_lse:                         # the dense output, its LSE and (if wanted) the block masses
                 if action.mass_block_size:
                     offsets = geometry.block_offsets(action.mass_block_size)
-                    out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
-                                                                                                offsets))
+                    out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(
+                        q, k, v[0], offsets, offsets, faster=self.faster_dense))
                     lse, mass = found.lse, found.mass.sum(0)
                 else:
-                    out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
+                    out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0],
+                                                                                     faster=self.faster_dense))
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)

@@ -2,7 +2,7 @@
 
 A processor computes q, k, v exactly as the diffusers processor it replaces (:mod:`.models`),
 hands them to sparsecore's attention op (:mod:`.op`: the handle's planner and kernel, or the
-model's own attention on dense steps, all opaque to ``torch.compile``) and applies the output
+model's dense attention on dense steps, all opaque to ``torch.compile``) and applies the output
 projections. Calls outside a hooked forward of a live handle (and Wan's cross-attention) go
 to the original processor unchanged.
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models import attention_dispatch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from sparsecore.registry import DenseOp
 from sparsecore.search import faster_dense
@@ -26,6 +27,17 @@ from .op import diffusers_attention, head_major
 
 if TYPE_CHECKING:
     from .handle import SparseAttentionHandle
+
+
+def _active_backend() -> str | None:
+    """diffusers' active attention backend's name (the ``attention_backend`` context's, else the default), None where
+    diffusers does not keep it as 0.42 does (``attention_dispatch._AttentionBackendRegistry``, a private class)."""
+    registry = getattr(attention_dispatch, "_AttentionBackendRegistry", None)
+    active = getattr(registry, "get_active_backend", None)
+    if active is None:
+        return None
+    name = active()[0]
+    return str(getattr(name, "value", name))
 
 
 class SparseProcessor:
@@ -72,20 +84,23 @@ class SparseProcessor:
         """The dense kernel the model's dense attention runs instead of diffusers' dispatch, or None.
 
         With ``apply(..., dense_attention="auto")`` (the default) and the model on diffusers' default
-        attention backend (``"native"``: torch SDPA, cuDNN on an H200; neither ``set_attention_backend`` nor
-        the ``attention_backend`` context chose another), a registered dense op that takes the inputs and was
-        measured faster than that (:func:`sparsecore.search.faster_dense`: FlashAttention-4's dense forward on
-        Hopper, 1.09-1.30x cuDNN's). ``dense_attention="model"``: always None.
+        attention backend (``"native"``: torch SDPA, cuDNN on an H200) by default, i.e. neither
+        ``set_attention_backend`` (any backend, ``"native"`` too: a choice made) nor the ``attention_backend``
+        context chose another, a registered dense op that takes the inputs and was measured faster than that
+        (:func:`sparsecore.search.faster_dense`: FlashAttention-4's dense forward on Hopper, 1.09-1.30x
+        cuDNN's). ``dense_attention="model"``: always None; so also where diffusers' backend registry is not
+        where 0.42 keeps it (the default backend cannot be read).
         """
         if self._handle.dense_attention != "auto" or self._attention_backend is not None \
-                or _AttentionBackendRegistry.get_active_backend()[0] != AttentionBackendName.NATIVE:
+                or _active_backend() != "native":
             return None
         found = faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return None if found is None else found[1]
 
     def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: int,
               parallel: bool = True) -> torch.Tensor:
-        """The model's own self-attention of this layer on ``[B, S, H, D]`` tensors whose first ``tokens`` are valid.
+        """The model's dense self-attention of this layer (:meth:`dispatch`) on ``[B, S, H, D]`` tensors whose first
+        ``tokens`` are valid.
 
         What the model's padding mask (HunyuanVideo 1.5: ``valid_i & valid_j``, a ``[B, 1, S, S]`` boolean)
         leaves, without the mask: its dispatch on the valid prefix, and 0 on the padding rows (they attend
