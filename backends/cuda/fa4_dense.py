@@ -9,7 +9,10 @@ cuDNN's, eff TFLOP/s:
 
 - head dim 128: 671 / 637 / 666 against 608 / 579 / 559 at S = 32,768 / 98,304 / 188,760 (1.09-1.19x);
 - head dim 64: 542 / 546 / 539 against 460 / 464 / 413 (1.18-1.30x);
-- returning the LSE costs either kernel under 2%; outputs agree to 3.1e-3 relative L2 (bf16 rounding).
+- returning the LSE costs either kernel under 2%; outputs agree to 3.1e-3 relative L2 (bf16 rounding);
+- a later call the same day (``dense-kernels-short.md``, ``dense-kernels-float16.md``): at S = 8,192 / 16,384
+  674 / 668 against 617 / 612 (D = 128) and 547 / 539 against 465 / 460 (D = 64); fp16 at 32,768 / 188,760
+  (D = 128) 651 / 639 against 592 / 547.
 
 So this op takes bf16 (and fp16) inputs of head dim 64 or 128 and at least :data:`MIN_TOKENS` tokens on
 compute capability 9.x, with the flash-attn-4 version measured (others, shorter sequences and SM100 were not
@@ -32,7 +35,7 @@ import torch
 
 MEASURED_HEAD_DIMS = (64, 128)
 MEASURED_DTYPES = (torch.bfloat16, torch.float16)
-MIN_TOKENS = 16384              # the shortest sequence measured (bench/dense_kernels.py)
+MIN_TOKENS = 8192               # the shortest sequence measured (bench/dense_kernels.py)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
