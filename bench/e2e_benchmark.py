@@ -319,7 +319,8 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     plan_ms = [s["plan_ms"] for s in planned if s["backend"] != "dense"]
     row = dict(base, method=method, steps=times, generation_s=generation(method, times), peak_gib=peak_gib(device),
                density=statistics.mean(s["density"] for s in sparse) if sparse else 1.0,
-               backends=sorted({s["backend"] for s in stats}),
+               backends=sorted({s["backend"] if s["backend"] != "dense" else f"dense ({s.get('dense_kernel')})"
+                                for s in stats}),
                plan_ms_median=statistics.median(plan_ms) if plan_ms else None,
                plan_ms_by_action={action: statistics.median(s["plan_ms"] for s in planned if s["action"] == action)
                                   for action in {s["action"] for s in planned}},

@@ -148,7 +148,7 @@ def adaspa_run(case, dense_attention_setting: str, context=contextlib.nullcontex
             outputs = [forward(model, inputs_, t) for t in (999.0, 800.0)]
     finally:
         handle.remove()
-    return reference, outputs
+    return reference, outputs, {(row["layer"], row["step"]): row["dense_kernel"] for row in handle.stats()}
 
 
 # Calls of the op in steps 0 and 1 (2 layers each): step 0's dense attention; step 1's dense pass that gives the
@@ -159,21 +159,23 @@ CALLS = {"wan": 2 + 2, "hunyuan": 2 + 2 + 2}
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_dense_steps_run_the_faster_op_and_give_the_models_output(counting_op, name):
-    reference, outputs = adaspa_run(CASES[name], "auto")
+    reference, outputs, kernels = adaspa_run(CASES[name], "auto")
     for got, expected in zip(outputs, reference):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert len(counting_op.calls) == CALLS[name]
+    assert set(kernels.values()) == {"portable"}     # the stats name the dense kernel of every dense row
 
 
 def test_dense_attention_model_keeps_diffusers_dispatch(counting_op):
-    reference, outputs = adaspa_run(CASES["wan"], "model")
+    reference, outputs, kernels = adaspa_run(CASES["wan"], "model")
     for got, expected in zip(outputs, reference):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert counting_op.calls == []                   # nor the pass that gives the search its LSE
+    assert kernels == {(0, 0): "model", (1, 0): "model", (0, 1): "full mask", (1, 1): "full mask"}   # (CPU: no cuDNN)
 
 
 def test_a_chosen_attention_backend_is_kept(counting_op):
-    _, outputs = adaspa_run(CASES["wan"], "auto", lambda: attention_backend("_native_math"))
+    _, outputs, _ = adaspa_run(CASES["wan"], "auto", lambda: attention_backend("_native_math"))
     assert len(counting_op.calls) == 2               # the pass that gives the search its LSE only (sparsecore's)
     model = CASES["wan"].build()
     for module in CASES["wan"].attention(model):

@@ -124,7 +124,8 @@ class SparseAttentionHandle:
 
         Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of token pairs the method kept over
         the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"`` for dense
-        attention: the model's own, or a faster dense kernel, see :func:`apply`'s ``dense_attention``), ``action`` (the method's word for the step), ``calls``, ``tokens`` (valid
+        attention: the model's own, or a faster dense kernel, see :func:`apply`'s ``dense_attention``; dense rows
+        name it in ``dense_kernel``: ``"model"`` for diffusers' dispatch, else sparsecore's, e.g. ``"fa4"``), ``action`` (the method's word for the step), ``calls``, ``tokens`` (valid
         sequence length), ``text_tokens`` (valid text), ``padding`` (text padding tokens), ``heads``
         (``[start, stop)`` of the heads this process ran: all of them, or its Ulysses rank's), and with
         timing on ``ms`` (mean per timed call) and ``ms_total``.

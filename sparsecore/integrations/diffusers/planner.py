@@ -39,7 +39,7 @@ import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
-from sparsecore.search import dense_attention, dense_attention_with_mass
+from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl
 
 from .stats import Record, Stats
 
@@ -172,7 +172,9 @@ class Planner:
             if plan.dense_out is not None:
                 out, plan.dense_out = plan.dense_out, None
                 return out
-            return self.stats.time(plan.record, query, dense)
+            out = self.stats.time(plan.record, query, dense)
+            plan.record.dense_kernel = self.stats.dense_kernel
+            return out
         tokens = kernel.mask.q_len                                               # tokens < seq_len: the prefix
         q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
         out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
@@ -249,9 +251,12 @@ class Planner:
                     out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(
                         q, k, v[0], offsets, offsets, faster=self.faster_dense))
                     lse, mass = found.lse, found.mass.sum(0)
+                    fused = found.impl.endswith("fused")
                 else:
                     out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0],
                                                                                      faster=self.faster_dense))
+                    fused = False
+                record.dense_kernel = found.impl if fused else dense_impl(q, k, v[0], faster=self.faster_dense)
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)

@@ -74,14 +74,19 @@ class SparseProcessor:
         if attn_mask is None and (not parallel or self._parallel_config is None):
             faster = self.faster_dense(query, key, value)
             if faster is not None:
-                out, _ = faster.run(*(t.transpose(1, 2) for t in (query, key, value)), query.shape[-1] ** -0.5, False)
+                self._handle._stats.dense_kernel = faster[0]
+                out, _ = faster[1].run(*(t.transpose(1, 2) for t in (query, key, value)), query.shape[-1] ** -0.5,
+                                       False)
                 return out.transpose(1, 2)
+        self._handle._stats.dense_kernel = "model"
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
                                      backend=self._attention_backend,
                                      parallel_config=self._parallel_config if parallel else None)
 
-    def faster_dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseOp | None:
-        """The dense kernel the model's dense attention runs instead of diffusers' dispatch, or None.
+    def faster_dense(self, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor) -> tuple[str, DenseOp] | None:
+        """``(backend name, op)`` of the dense kernel the model's dense attention runs instead of diffusers' dispatch,
+        or None.
 
         With ``apply(..., dense_attention="auto")`` (the default) and the model on diffusers' default
         attention backend (``"native"``: torch SDPA, cuDNN on an H200) by default, i.e. neither
@@ -94,8 +99,7 @@ class SparseProcessor:
         if self._handle.dense_attention != "auto" or self._attention_backend is not None \
                 or _active_backend() != "native":
             return None
-        found = faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        return None if found is None else found[1]
+        return faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
     def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: int,
               parallel: bool = True) -> torch.Tensor:
