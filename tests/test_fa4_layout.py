@@ -372,12 +372,7 @@ def fake_fa4(monkeypatch):
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("key_parts", [1, 3])
 def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tiles, group, key_parts):
-    rng = np.random.default_rng(5)
-    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
-    mask = random_mask(rng, q_offsets, kv_offsets, 4, 0.5)
-    rows = [[list(mask.row(h, i)) for i in range(3)] for h in range(4)]
-    rows[1][2] = []                                                             # an empty row
-    mask = BlockMask.from_lists(rows, q_offsets, kv_offsets)
+    mask = mask_with_an_empty_row()
     launch = fake_fa4.Fa4Launch(mask, *tiles, key_parts=key_parts)
     torch.manual_seed(5)
     q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
@@ -385,6 +380,16 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
     assert launch.key_parts_for(k, v) == key_parts and (launch.parts(key_parts) is None) == (key_parts == 1)
     check_against_dense(launch, mask, q, k, v, merged=key_parts > 1)
+
+
+def mask_with_an_empty_row() -> BlockMask:
+    """4 heads over 3 query blocks (39, 39, 23 tokens) and 4 key blocks (39, 39, 39, 13), half the blocks kept,
+    head 1's last row empty."""
+    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
+    mask = random_mask(np.random.default_rng(5), q_offsets, kv_offsets, 4, 0.5)
+    rows = [[list(mask.row(h, i)) for i in range(3)] for h in range(4)]
+    rows[1][2] = []
+    return BlockMask.from_lists(rows, q_offsets, kv_offsets)
 
 
 def check_against_dense(launch, mask: BlockMask, q, k, v, merged: bool) -> None:
@@ -404,12 +409,7 @@ def test_auto_key_parts_split_the_two_cta_kernel_when_a_heads_keys_and_values_ex
     at the mask's 4 key blocks; built once, reused, and prepared by prepare(); the same launch on the one-CTA
     kernel or with a large L2 runs unsplit (FA4's SM90 interface stands in for the two-CTA kernel)."""
     fake_fa4 = fake_sm90.backend
-    rng = np.random.default_rng(5)
-    q_offsets, kv_offsets = np.array([0, 39, 78, 101]), np.array([0, 39, 78, 117, 130])
-    mask = random_mask(rng, q_offsets, kv_offsets, 4, 0.5)
-    rows = [[list(mask.row(h, i)) for i in range(3)] for h in range(4)]
-    rows[1][2] = []                                                             # an empty row
-    mask = BlockMask.from_lists(rows, q_offsets, kv_offsets)
+    mask = mask_with_an_empty_row()
     torch.manual_seed(6)
     q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
     k, v = torch.randn(2, 2, 130, 16, dtype=torch.float64), torch.randn(2, 2, 130, 16, dtype=torch.float64)

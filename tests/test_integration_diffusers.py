@@ -196,6 +196,12 @@ def test_dense_mask_gives_the_original_processors_output(case):
 def test_the_dense_path_takes_the_valid_prefix_and_gives_padding_rows_zero(tokens):
     """The model's padding mask ``valid_i & valid_j`` in float64 softmax, against the processor's dense path
     (which runs the model's dispatch on the valid prefix instead of building the ``[B, 1, S, S]`` mask)."""
+    check_dense_path_on_a_prefix(tokens)
+
+
+def check_dense_path_on_a_prefix(tokens: int) -> None:
+    """A tiny HunyuanVideo 1.5 processor's dense path on 40 tokens whose first ``tokens`` are valid, against the
+    model's padding mask in float64 softmax."""
     model = tiny_hunyuan()
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
