@@ -54,7 +54,8 @@ def shape_stats(mask: sparsecore.BlockMask) -> dict:
         distance.append(float(np.median(np.abs(cols - rows))) / blocks)
     return {"density": float(mask.density()), "density_per_head": [round(float(d), 3) for d in
                                                                     mask.density(per_head=True)],
-            "kv_blocks_used": [round(u, 3) for u in used], "kv_blocks_used_by_256_rows": [round(w, 3) for w in windowed],
+            "kv_blocks_used": [round(u, 3) for u in used],
+            "kv_blocks_used_by_256_rows": [round(w, 3) for w in windowed],
             "median_distance": [round(d, 3) for d in distance]}
 
 

@@ -90,7 +90,7 @@ def main() -> int:
                 print(lines[-1], flush=True)
             del q, k, v, out_hm, reference
     meta = run_meta() | {"dtype": args.dtype}
-    stem = "dense-kernels" + ("" if args.dtype == "bfloat16" else f"-{args.dtype}")
+    stem = f"dense-kernels-{args.dtype}-D{args.dims.replace(',', '_')}-S{args.lengths.replace(',', '_')}"
     (args.out / f"{stem}.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     return 0

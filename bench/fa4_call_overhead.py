@@ -69,7 +69,8 @@ def main() -> int:
                 call_ms = per_call_ms(held, q, k, v, options)
                 rows.append({"conversion": conversion, "key_parts": parts, "kernel_ms": kernel_ms,
                              "per_call_ms": call_ms})
-                lines.append(f"| {conversion} | {parts} | {kernel_ms:.2f} | {call_ms:.2f} | {call_ms - kernel_ms:.2f} |")
+                lines.append(f"| {conversion} | {parts} | {kernel_ms:.2f} | {call_ms:.2f} "
+                             f"| {call_ms - kernel_ms:.2f} |")
                 print(lines[-1], flush=True)
                 del kernel
     finally:

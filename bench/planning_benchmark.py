@@ -131,7 +131,8 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
 
 
 def check_dense_lse(device: str) -> float:
-    """Max |LSE difference| of :func:`dense_attention` (FA4's or cuDNN's on CUDA: ``dense_impl``) against float32 logsumexp, GQA 2:1."""
+    """Max |LSE difference| of :func:`dense_attention` (FA4's or cuDNN's on CUDA: ``dense_impl``) against float32
+    logsumexp, GQA 2:1."""
     gen = torch.Generator(device=device).manual_seed(3)
     q = torch.randn(1, 4, 777, HEAD_DIM, device=device, generator=gen).to(torch.bfloat16)
     k = torch.randn(1, 2, 901, HEAD_DIM, device=device, generator=gen).to(torch.bfloat16)

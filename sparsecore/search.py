@@ -24,6 +24,9 @@ sums kept until the LSE is known), else from the two passes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,20 @@ from sparsecore.ir.uploads import on_device
 
 from .inputs import attention_shape, check_scale
 from .registry import BlockMassOp, DenseOp, registered_backends
+
+
+_FASTER: ContextVar[bool] = ContextVar("sparsecore_faster_dense", default=True)
+
+
+@contextlib.contextmanager
+def faster_dense_allowed(allowed: bool) -> Iterator[None]:
+    """Within the block, :func:`dense_attention` calls that do not say ``faster=`` (a method's own LSE passes,
+    :func:`dense_lse`) take the backends' faster dense ops only if ``allowed`` (``apply(..., dense_attention=...)``)."""
+    token = _FASTER.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _FASTER.reset(token)
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
 
 def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: Any, kv_offsets: Any,
                               scale: float | None = None, *, impl: str = "auto",
-                              faster: bool = True) -> tuple[torch.Tensor, BlockMass]:
+                              faster: bool | None = None) -> tuple[torch.Tensor, BlockMass]:
     """Dense attention ``[B, H, L_q, D]`` and the exact block masses of the same scores (AdaSpa's fused first search).
 
     Arguments as :func:`block_mass` plus ``v [B, H_kv, L_kv, D]``. With ``impl="auto"`` a registered
@@ -122,7 +139,7 @@ def _choose(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets:
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
-                    faster: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    faster: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention and its natural-log float32 LSE ``[B, H, L_q]``, on q's device.
 
     The first that takes the inputs: a registered backend's :class:`~sparsecore.registry.DenseOp`
@@ -130,7 +147,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     on CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up to 128),
     torch's ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp`` (the kernel the model's
     own SDPA runs, the LSE at no extra cost); elsewhere sparsecore's kernel for a full mask (one block
-    per side). :func:`dense_impl` names which. ``faster=False`` skips the backends' dense ops (cuDNN first).
+    per side). :func:`dense_impl` names which. ``faster=False`` skips the backends' dense ops (cuDNN first);
+    None follows :func:`faster_dense_allowed` (default: take them).
     """
     shape = attention_shape(q, k, v)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
@@ -148,10 +166,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return registered_backends()[impl].dense.run(q, k, v, scale, True)
 
 
-def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, faster: bool = True) -> str:
+def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, faster: bool | None = None) -> str:
     """What :func:`dense_attention` runs for these inputs: a backend's name (its faster dense op, unless
-    ``faster=False``), ``"cudnn"`` or ``"full mask"``."""
-    found = faster_dense(q, k, v) if faster else None
+    ``faster`` is False, or None inside ``faster_dense_allowed(False)``), ``"cudnn"`` or ``"full mask"``."""
+    found = faster_dense(q, k, v) if (_FASTER.get() if faster is None else faster) else None
     if found is not None:
         return found[0]
     head_dim = q.shape[-1]

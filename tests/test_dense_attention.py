@@ -173,6 +173,53 @@ def test_dense_attention_model_keeps_diffusers_dispatch(counting_op):
     assert kernels == {(0, 0): "model", (1, 0): "model", (0, 1): "full mask", (1, 1): "full mask"}   # (CPU: no cuDNN)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dense_attention_model_keeps_the_methods_own_lse_passes_off_the_faster_op(counting_op, name):
+    """HunyuanVideo's text padding makes AdaSpa's session compute its search's LSE itself (search.dense_lse)."""
+    adaspa_run(CASES[name], "model")
+    assert counting_op.calls == []
+
+
+def test_without_diffusers_backend_registry_the_models_dispatch_runs(counting_op, monkeypatch):
+    from diffusers.models import attention_dispatch
+    monkeypatch.delattr(attention_dispatch, "_AttentionBackendRegistry")
+    model = CASES["wan"].build()
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        processor = CASES["wan"].attention(model)[0].processor
+        q = torch.randn(1, 64, 2, 16, generator=torch.Generator().manual_seed(0))
+        assert processor.faster_dense(q, q, q) is None
+    finally:
+        handle.remove()
+
+
+def test_sparse_rows_name_no_dense_kernel(counting_op):
+    model, inputs_ = CASES["wan"].build(), CASES["wan"].inputs(batch=1)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, **ADASPA)
+    try:
+        for t in (999.0, 800.0, 600.0):
+            forward(model, inputs_, t)
+    finally:
+        handle.remove()
+    rows = handle.stats()
+    assert all(("dense_kernel" in row) == (row["backend"] == "dense") for row in rows)
+    assert {row["backend"] for row in rows} == {"dense", "portable"}
+
+
+def test_guidance_calls_of_a_step_name_every_kernel_they_ran(counting_op):
+    """Two forwards per step (classifier-free guidance as separate calls): the step that keeps the LSE runs its pass
+    at the first call and the model's attention at the second."""
+    model, inputs_ = CASES["wan"].build(), CASES["wan"].inputs(batch=1)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, dense_attention="model", **ADASPA)
+    try:
+        for t in (999.0, 999.0, 800.0, 800.0):
+            forward(model, inputs_, t)
+    finally:
+        handle.remove()
+    kernels = {(row["layer"], row["step"]): row["dense_kernel"] for row in handle.stats()}
+    assert kernels == {(0, 0): "model", (1, 0): "model", (0, 1): "full mask+model", (1, 1): "full mask+model"}
+
+
 def test_a_chosen_attention_backend_is_kept(counting_op):
     _, outputs, _ = adaspa_run(CASES["wan"], "auto", lambda: attention_backend("_native_math"))
     assert len(counting_op.calls) == 2               # the pass that gives the search its LSE only (sparsecore's)

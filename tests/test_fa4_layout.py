@@ -125,6 +125,17 @@ def test_masks_of_one_tile_per_block_convert_from_their_lists_as_the_general_pat
         assert torch.equal(got, want.expand_as(got))               # the general path may broadcast alike heads
 
 
+def test_one_tile_per_block_masks_broadcast_alike_heads_only():
+    offsets = BlockMask.uniform_offsets(64 * 5 + 9, 64)
+    rows = [[0, 2], [1], [], [0, 1, 2, 3, 4, 5], [5], [3]]
+    alike = assert_exact(BlockMask.from_lists([rows] * 3, offsets, offsets), 64, 64)
+    assert alike.full_block_idx.shape[1] == 1 and alike.full_block_cnt.shape[1] == 1
+    assert tuple(alike.empty_tokens.shape) == (64 * 5 + 9, 3)                  # every head's empty row, unfolded
+    same_lengths = [rows, [[1, 2], [0], [], [0, 1, 2, 3, 4, 5], [4], [3]], rows]     # equal counts, other entries
+    apart = assert_exact(BlockMask.from_lists(same_lengths, offsets, offsets), 64, 64)
+    assert apart.full_block_idx.shape[1] == 3
+
+
 def test_blocks_off_the_tile_grid_take_the_general_path():
     assert not fa4_layout._on_tile_grid(np.array([0, 64, 96, 160]), 64)       # a short block inside
     assert not fa4_layout._on_tile_grid(np.array([0, 64, 192]), 64)           # a last block over one tile

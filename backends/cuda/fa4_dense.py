@@ -50,7 +50,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     if min(q.shape[2], k.shape[2]) < MIN_TOKENS:
         return f"{q.shape[2]} query and {k.shape[2]} key tokens: measured faster than cuDNN from {MIN_TOKENS} only"
     if k.shape != v.shape or q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads over k {list(k.shape)} and v {list(v.shape)}: expected GQA groups"
+        return (f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: expected k and v of one shape and query "
+                f"heads a multiple of key heads")
     major, minor = torch.cuda.get_device_capability(q.device)
     if major != 9:
         return f"compute capability {major}.{minor}: measured faster than cuDNN on 9.x (H200) only"
@@ -82,6 +83,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                                      softmax_scale=scale, causal=False, return_lse=return_lse,
                                                      out=out.transpose(1, 2))
     if written.data_ptr() != out.data_ptr():
-        raise RuntimeError("flash-attn-4's _flash_attn_fwd did not write the output it was given (out=); this "
-                           "installed version differs from the one measured: pass dense_attention='model' to apply()")
+        raise RuntimeError(f"flash-attn-4's _flash_attn_fwd returned an output at {written.data_ptr():#x} "
+                           f"{list(written.shape)} strides {written.stride()}, not the out= it was given; this version "
+                           f"differs from the one measured: pass dense_attention='model' to apply(), or faster=False "
+                           f"to sparsecore.search.dense_attention")
     return out, lse

@@ -271,28 +271,30 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -
     lists' length, and one host sync (the longest row, whether a row is empty, whether all heads are alike)."""
     H, MB = int(mask.num_heads), len(mask.q_offsets) - 1
     q_len, kv_len = int(mask.q_offsets[-1]), int(mask.kv_offsets[-1])
-    lists = [getattr(mask, name) for name in ("indptr", "indices")]
-    indptr, indices = (a.to(device) if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a)).to(device)
-                       for a in lists)
-    indptr, indices = indptr.to(torch.int64).reshape(H, MB + 1), indices.to(torch.int32).reshape(-1)
+    lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
+    if not isinstance(lists["indptr"], torch.Tensor):
+        lists = _upload(lists, device)                              # host lists: one host-to-device copy
+    indptr = lists["indptr"].to(device, torch.int64).reshape(H, MB + 1)
+    indices = lists["indices"].to(device, torch.int32).reshape(-1)
     nnz = indices.numel()
     row_len = indptr[:, 1:] - indptr[:, :-1]                                               # [H, MB]
-    alike = (row_len == row_len[:1]).all()
-    if nnz and H > 1:                               # same counts per row, then the same entries head by head
-        alike &= (indices.view(H, -1) == indices[:nnz // H]).all() if nnz % H == 0 else torch.zeros_like(alike)
+    alike = (row_len == row_len[:1]).all()            # the same counts per row, then the same entries head by head
+    if H > 1 and nnz % H == 0:
+        alike &= (indices.view(H, -1) == indices[:nnz // H]).all()
     longest, any_empty, alike = torch.stack([row_len.max(), (row_len == 0).any(), alike]).tolist()  # one sync
-    _check_size("lists [heads x query blocks, longest row]", (H * MB, max(int(longest), 1)), tile_m, tile_n)
-    rows = row_of_entry(indptr, nnz)
-    place = torch.arange(nnz, device=device) - indptr[:, :-1].reshape(-1)[rows]          # entry's place in its row
-    idx = torch.zeros(H * MB, max(int(longest), 1), dtype=torch.int32, device=device)
-    idx[rows, place] = indices
-    del rows, place
-    counts, idx = row_len.to(torch.int32)[None], idx.view(1, H, MB, -1)
-    if alike:                   # every head's lists are the same: FA4 broadcasts one head's (as the general path)
-        counts, idx = counts[:, :1].contiguous(), idx[:, :1].contiguous()
     empty_tokens = None
     if any_empty:
         empty_tokens = (row_len == 0).repeat_interleave(tile_m, dim=1)[:, :q_len].t().contiguous()
+    heads = H
+    if alike and H > 1:           # every head's lists are the same: FA4 broadcasts one head's (as the general path)
+        heads, indptr, indices, row_len = 1, indptr[:1], indices[:nnz // H], row_len[:1]
+    _check_size("lists [heads x query blocks, longest row]", (heads * MB, max(int(longest), 1)), tile_m, tile_n)
+    rows = row_of_entry(indptr, indices.numel())
+    place = torch.arange(indices.numel(), device=device) - indptr[:, :-1].reshape(-1)[rows]   # place in its row
+    idx = torch.zeros(heads * MB, max(int(longest), 1), dtype=torch.int32, device=device)
+    idx[rows, place] = indices
+    del rows, place
+    counts, idx = row_len.to(torch.int32)[None], idx.view(1, heads, MB, -1)
     no_mask = torch.zeros_like(counts)
     return Fa4Layout(tile_m=tile_m, tile_n=tile_n, num_heads=H, q_len=q_len, kv_len=kv_len,
                      mask_block_cnt=no_mask, mask_block_idx=no_mask[..., None],

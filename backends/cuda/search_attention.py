@@ -3,7 +3,8 @@
 The host side of :mod:`.search_attention_kernel` (read its docstring for the method).
 :func:`sparsecore.search.dense_attention_with_mass` runs it through
 ``TritonBackend.block_mass.with_output`` where it takes the inputs; elsewhere the search
-step is the dense pass (``sparsecore.search.dense_attention``: FA4's where faster, else cuDNN's) then the block-mass pass (:mod:`.block_mass`) on its LSE.
+step is the dense pass (``sparsecore.search.dense_attention``: FA4's where faster, else cuDNN's) then the
+block-mass pass (:mod:`.block_mass`) on its LSE.
 
 Memory: the scratch holds the partial sums, one float32 per (row, key piece) of a head and
 batch element: ``L_q * L_kv / 64`` floats, 2.2 GB per head at Wan 2.1's 6x length (188,760

@@ -123,12 +123,14 @@ class SparseAttentionHandle:
         """One dict per (run, layer, step, geometry) in call order.
 
         Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of token pairs the method kept over
-        the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"`` for dense
-        attention: the model's own, or a faster dense kernel, see :func:`apply`'s ``dense_attention``; dense rows
-        name it in ``dense_kernel``: ``"model"`` for diffusers' dispatch, else sparsecore's, e.g. ``"fa4"``), ``action`` (the method's word for the step), ``calls``, ``tokens`` (valid
-        sequence length), ``text_tokens`` (valid text), ``padding`` (text padding tokens), ``heads``
-        (``[start, stop)`` of the heads this process ran: all of them, or its Ulysses rank's), and with
-        timing on ``ms`` (mean per timed call) and ``ms_total``.
+        the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"``), ``action``
+        (the method's word for the step), ``calls``, ``tokens`` (valid sequence length), ``text_tokens`` (valid
+        text), ``padding`` (text padding tokens), ``heads`` (``[start, stop)`` of the heads this process ran:
+        all of them, or its Ulysses rank's), on dense rows ``dense_kernel`` (what the step's dense calls ran,
+        joined by ``+`` where its calls differ: ``"model"`` for diffusers' dispatch, ``"fa4"`` for
+        FlashAttention-4's dense forward, ``"cudnn"``, ``"full mask"`` or ``"triton fused"`` for a pass that gives
+        a search its LSE, ``"sparsecore full mask (ring)"`` under sparsecore's sequence split; see :func:`apply`'s
+        ``dense_attention``), and with timing on ``ms`` (mean per timed call) and ``ms_total``.
         """
         return self._stats.rows()
 
@@ -317,8 +319,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         dense_attention: what the dense steps and layers run: ``"auto"`` a dense kernel measured faster than
             torch SDPA's where one takes the inputs and the model is on diffusers' default attention backend
             (FlashAttention-4's on Hopper: :meth:`.SparseProcessor.faster_dense`), else the model's own attention;
-            ``"model"``: the model's own attention (diffusers' dispatch), and cuDNN for the dense passes that
-            give AdaSpa's search its LSE (which the model's attention does not return).
+            ``"model"``: the model's own attention (diffusers' dispatch), and AdaSpa's passes that give its search
+            an LSE (which the model's attention does not return) on cuDNN or the fused Triton pass, not FA4.
         **params: the method's parameters (see docs/methods.md).
 
     Returns:

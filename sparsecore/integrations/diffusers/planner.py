@@ -39,7 +39,7 @@ import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
-from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl
+from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
 
 from .stats import Record, Stats
 
@@ -49,8 +49,8 @@ MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
 class CallableSession:
     """A method given as a callable ``(geometry, num_heads, step, layer) -> BlockMask``, as a :class:`Session`.
 
-    Every step plans; a full mask on the host runs the dense path (the processors' dense attention). Under a head shard the
-    callable is asked for all heads and the shard's heads are taken (memoized per mask).
+    Every step plans; a full mask on the host runs the dense path (the processors' dense attention). Under a head
+    shard the callable is asked for all heads and the shard's heads are taken (memoized per mask).
     """
 
     method = "callable"
@@ -172,8 +172,9 @@ class Planner:
             if plan.dense_out is not None:
                 out, plan.dense_out = plan.dense_out, None
                 return out
+            self.stats.dense_kernel = None
             out = self.stats.time(plan.record, query, dense)
-            plan.record.dense_kernel = self.stats.dense_kernel
+            plan.record.dense_kernels.add(self.stats.dense_kernel or "sparsecore full mask")
             return out
         tokens = kernel.mask.q_len                                               # tokens < seq_len: the prefix
         q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
@@ -213,8 +214,9 @@ class Planner:
             previous.record.fields["calls"] += 1
             return previous, False
         del previous                                     # :meth:`_plan` decides how long the old plan lives
-        plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard, like, io),
-                                     like.device)
+        with faster_dense_allowed(self.faster_dense):              # the plan's dense passes (a search's LSE)
+            plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard, like,
+                                                            io), like.device)
         return plan, True
 
     def _release_stale(self, mask: BlockMask, step: int) -> None:
@@ -248,15 +250,14 @@ class Planner:
             if wants_lse:                         # the dense output, its LSE and (if wanted) the block masses
                 if action.mass_block_size:
                     offsets = geometry.block_offsets(action.mass_block_size)
-                    out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(
-                        q, k, v[0], offsets, offsets, faster=self.faster_dense))
+                    out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
+                                                                                                offsets))
                     lse, mass = found.lse, found.mass.sum(0)
                     fused = found.impl.endswith("fused")
                 else:
-                    out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0],
-                                                                                     faster=self.faster_dense))
+                    out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
                     fused = False
-                record.dense_kernel = found.impl if fused else dense_impl(q, k, v[0], faster=self.faster_dense)
+                record.dense_kernels.add(found.impl if fused else dense_impl(q, k, v[0]))
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)

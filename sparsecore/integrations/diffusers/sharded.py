@@ -57,6 +57,7 @@ class ShardedAttention:
         if ring.world == 1:
             def full() -> torch.Tensor:
                 work = self._work(self._full(geometry, query.shape[2], query.shape[1]), ring, video, query)
+                planner.stats.dense_kernel = "sparsecore full mask (ring)"
                 return ring_attention.run(work, ring, query, key, value)
             return planner.attend(layer, geometry, step, run, query, key, value, shard, full)
         seq_len = ring.world * video + query.shape[1] - video
@@ -83,6 +84,7 @@ class ShardedAttention:
         work = sparse = self._held_work(plan, runner, query.device, seq_len) if plan.held else plan.kernel
         if work is None:                                                  # dense: the full mask, through the ring
             work = self._work(self._full(geometry, query.shape[2], seq_len), ring, video, query)
+            plan.record.dense_kernels.add("sparsecore full mask (ring)")
         out = planner.stats.time(plan.record, query, lambda: ring_attention.run(work, ring, query, key, value))
         if fresh and sparse is not None:
             ran = [k for k in [*work.steps, work.text] if k is not None]

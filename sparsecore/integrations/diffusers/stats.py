@@ -10,7 +10,7 @@ launch; the device is synchronized first, so earlier layers' work is not counted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import time
@@ -31,7 +31,8 @@ class Record:
     kept: Any = None                 # kept token pairs (a 0-d tensor on the mask's device, or an int); None: dense
     pairs: int = 1                   # all token pairs of the mask (heads x q_len x kv_len)
     backend: str = "dense"
-    dense_kernel: str | None = None  # dense calls: "model" (diffusers' dispatch), or sparsecore's dense kernel's name
+    dense_kernels: set = field(default_factory=set)   # what its dense calls ran: "model" (diffusers' dispatch) or
+                                                      # sparsecore's dense kernel's name
     watch: Stopwatch | None = None
     plan_seconds: float | None = None
 
@@ -45,7 +46,7 @@ class Record:
 class Stats:
     def __init__(self) -> None:
         self.timing = False
-        self.dense_kernel = "model"        # what the processors' last dense call ran (set by them, read by the planner)
+        self.dense_kernel: str | None = None   # what the processors' dense call ran (they set it, the planner reads it)
         self._records: dict[tuple, Record] = {}
 
     def record(self, run: int, layer: int, step: int, geometry: VideoGeometry, seq_len: int, heads: int,
@@ -88,8 +89,8 @@ class Stats:
             row = dict(record.fields)
             row["density"] = 1.0 if record.kept is None else float(record.kept) / record.pairs
             row["backend"] = record.backend
-            if record.dense_kernel is not None and record.kept is None:
-                row["dense_kernel"] = record.dense_kernel
+            if record.dense_kernels and record.kept is None:
+                row["dense_kernel"] = "+".join(sorted(record.dense_kernels))
             if record.watch is not None and record.watch.count:
                 total = record.watch.seconds * 1e3
                 row.update(ms=total / record.watch.count, ms_total=total)
