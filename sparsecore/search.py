@@ -45,8 +45,8 @@ _FASTER: ContextVar[bool] = ContextVar("sparsecore_faster_dense", default=True)
 
 @contextlib.contextmanager
 def faster_dense_allowed(allowed: bool) -> Iterator[None]:
-    """Within the block, :func:`dense_attention` calls that do not say ``faster=`` (a method's own LSE passes,
-    :func:`dense_lse`) take the backends' faster dense ops only if ``allowed`` (``apply(..., dense_attention=...)``)."""
+    """Within the block, :func:`dense_attention` (a method's own LSE passes too, :func:`dense_lse`) takes the
+    backends' faster dense ops only if ``allowed`` (``apply(..., dense_attention=...)``); outside, it takes them."""
     token = _FASTER.set(bool(allowed))
     try:
         yield
@@ -100,13 +100,12 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
 
 
 def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: Any, kv_offsets: Any,
-                              scale: float | None = None, *, impl: str = "auto",
-                              faster: bool | None = None) -> tuple[torch.Tensor, BlockMass]:
+                              scale: float | None = None, *, impl: str = "auto") -> tuple[torch.Tensor, BlockMass]:
     """Dense attention ``[B, H, L_q, D]`` and the exact block masses of the same scores (AdaSpa's fused first search).
 
     Arguments as :func:`block_mass` plus ``v [B, H_kv, L_kv, D]``. With ``impl="auto"`` a registered
     backend's fused pass (``BlockMassOp.with_output``) where it takes the inputs; otherwise
-    :func:`dense_attention` (with ``faster``) for the output and LSE, then :func:`block_mass` on that LSE.
+    :func:`dense_attention` for the output and LSE, then :func:`block_mass` on that LSE.
     ``BlockMass.impl`` names what ran (``"<backend> fused"`` for the one-pass path).
     """
     q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
@@ -119,7 +118,7 @@ def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                                                   kv_offsets) is None:
         out, lse, mass = op.with_output(q, k, v, q_offsets, kv_offsets, scale)
         return out, BlockMass(mass, lse, f"{name} fused")
-    out, lse = dense_attention(q, k, v, scale, faster=faster)
+    out, lse = dense_attention(q, k, v, scale)
     return out, block_mass(q, k, q_offsets, kv_offsets, lse, scale, impl=name)
 
 
@@ -138,8 +137,8 @@ def _choose(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets:
     return impl
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
-                    faster: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention and its natural-log float32 LSE ``[B, H, L_q]``, on q's device.
 
     The first that takes the inputs: a registered backend's :class:`~sparsecore.registry.DenseOp`
@@ -147,12 +146,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     on CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up to 128),
     torch's ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp`` (the kernel the model's
     own SDPA runs, the LSE at no extra cost); elsewhere sparsecore's kernel for a full mask (one block
-    per side). :func:`dense_impl` names which. ``faster=False`` skips the backends' dense ops (cuDNN first);
-    None follows :func:`faster_dense_allowed` (default: take them).
+    per side). :func:`dense_impl` names which; inside ``faster_dense_allowed(False)`` the backends' dense ops
+    are skipped (cuDNN first).
     """
     shape = attention_shape(q, k, v)
     scale = shape.head_dim ** -0.5 if scale is None else float(scale)
-    impl = dense_impl(q, k, v, faster=faster)
+    impl = dense_impl(q, k, v)
     if impl == "cudnn":
         if shape.group > 1:
             k, v = (t.repeat_interleave(shape.group, dim=1) for t in (k, v))
@@ -166,10 +165,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return registered_backends()[impl].dense.run(q, k, v, scale, True)
 
 
-def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, faster: bool | None = None) -> str:
-    """What :func:`dense_attention` runs for these inputs: a backend's name (its faster dense op, unless
-    ``faster`` is False, or None inside ``faster_dense_allowed(False)``), ``"cudnn"`` or ``"full mask"``."""
-    found = faster_dense(q, k, v) if (_FASTER.get() if faster is None else faster) else None
+def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """What :func:`dense_attention` runs for these inputs: a backend's name (its faster dense op, unless inside
+    ``faster_dense_allowed(False)``), ``"cudnn"`` or ``"full mask"``."""
+    found = faster_dense(q, k, v) if _FASTER.get() else None
     if found is not None:
         return found[0]
     head_dim = q.shape[-1]

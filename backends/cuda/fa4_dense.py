@@ -85,6 +85,6 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if written.data_ptr() != out.data_ptr():
         raise RuntimeError(f"flash-attn-4's _flash_attn_fwd returned an output at {written.data_ptr():#x} "
                            f"{list(written.shape)} strides {written.stride()}, not the out= it was given; this version "
-                           f"differs from the one measured: pass dense_attention='model' to apply(), or faster=False "
-                           f"to sparsecore.search.dense_attention")
+                           f"differs from the one measured: pass dense_attention='model' to apply(), or call "
+                           f"sparsecore.search.dense_attention inside faster_dense_allowed(False)")
     return out, lse
