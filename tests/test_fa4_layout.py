@@ -28,7 +28,7 @@ from tolerances import LSE_ABS, OUT_REL
 
 import sparsecore
 from sparsecore import BlockMask, Capabilities
-from sparsecore.backends.cuda import fa4_layout
+from sparsecore.backends.cuda import fa4_key_order, fa4_layout
 from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, expand_layout, tile_status, to_fa4
 from sparsecore.registry import UnsupportedError
 
@@ -67,8 +67,8 @@ def check_layout(layout: Fa4Layout) -> None:
         assert layout.keep_bits is not None and layout.keep_bits.dtype == torch.int32
 
 
-def assert_exact(mask: BlockMask, tile_m: int, tile_n: int) -> fa4_layout.Fa4Layout:
-    layout = to_fa4(mask, tile_m, tile_n)
+def assert_exact(mask: BlockMask, tile_m: int, tile_n: int, reorder_keys: bool = True) -> fa4_layout.Fa4Layout:
+    layout = to_fa4(mask, tile_m, tile_n, reorder_keys=reorder_keys)
     check_layout(layout)
     got = expand_layout(layout).numpy()
     want = expand_to_tokens(mask)
@@ -191,6 +191,50 @@ def test_lvsa_like_frame_windows():
     assert layout.needs_mask_mod and layout.num_full_tiles > 0
     assert layout.full_block_idx.shape[1] == layout.mask_block_cnt.shape[1] == 1      # alike heads: one, broadcast
     assert layout.num_full_tiles == 2 * int(layout.full_block_cnt.sum())                 # counted over both heads
+
+
+def frames_with_anchors(frames: int, frame: int, window: int, anchor_every: int, heads: int = 2) -> BlockMask:
+    """LVSA's shape scaled down: every row keeps its window of frames and every ``anchor_every``-th frame."""
+    offsets = np.arange(0, frames * frame + 1, frame)
+    rows = [sorted({*range(max(0, i - window), min(frames, i + window + 1)), *range(0, frames, anchor_every)})
+            for i in range(frames)]
+    return BlockMask.from_lists([rows] * heads, offsets, offsets)
+
+
+@pytest.mark.parametrize("frame, tile", [(39, 16), (39, 32), (100, 32), (1560 // 8, 64)])
+def test_key_order_puts_whole_tiles_on_the_grid_and_makes_fewer_mask_tiles(frame, tile):
+    mask = frames_with_anchors(frames=27, frame=frame, window=2, anchor_every=9)
+    order = fa4_key_order.key_order(mask, tile)
+    assert order is not None and np.array_equal(np.sort(order), np.arange(mask.kv_len))
+    whole = frame // tile * tile
+    for f in range(27):                                   # each frame's whole tiles first, in frame order, on the grid
+        assert np.array_equal(order[f * whole:(f + 1) * whole], np.arange(f * frame, f * frame + whole))
+    remnants = order[27 * whole:]
+    frames_in_order = list(dict.fromkeys((remnants // frame).tolist()))
+    assert frames_in_order[:3] == [0, 9, 18]             # remnants every row keeps (the anchors) first
+    reordered, plain = assert_exact(mask, tile, tile), assert_exact(mask, tile, tile, reorder_keys=False)
+    assert torch.equal(reordered.kv_order.long(), torch.from_numpy(order)) and plain.kv_order is None
+    assert reordered.num_mask_tiles < plain.num_mask_tiles
+    assert reordered.computed_pairs() < plain.computed_pairs()
+
+
+def test_key_order_applies_only_to_blocks_off_the_grid_with_whole_tiles():
+    rng = np.random.default_rng(9)
+    on_grid = random_mask(rng, np.array([0, 256, 384, 900]), np.array([0, 256, 384, 900]), 2, 0.5)
+    assert fa4_key_order.key_order(on_grid, 128) is None              # boundaries on the grid, a short last tile
+    small = random_mask(rng, BlockMask.uniform_offsets(64 * 20, 64), BlockMask.uniform_offsets(64 * 20, 64), 2, 0.5)
+    assert fa4_key_order.key_order(small, 128) is None                # no block holds a whole tile
+    assert to_fa4(small, 128, 128).kv_order is None
+    mixed = random_mask(rng, np.array([0, 60]), np.array([0, 40, 80, 140, 150]), 1, 1.0)
+    assert fa4_key_order.key_order(mixed, 64) is None                 # whole tiles: 0 of 150 keys
+
+
+def test_key_runs_split_runs_at_tile_edges_and_pad_with_the_last_block():
+    block_at = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    seg_block, seg_length = fa4_key_order.key_runs(block_at, 4)
+    assert seg_block.tolist() == [[0, 1], [1, 2], [2, 3]] and seg_length.tolist() == [[3, 1], [1, 3], [1, 1]]
+    seg_block, seg_length = fa4_key_order.key_runs(np.array([5, 5, 5, 5, 7]), 4)
+    assert seg_block.tolist() == [[5], [7]] and seg_length.tolist() == [[4], [1]]
 
 
 def test_empty_rows_all_empty_heads_and_q_len_differs_from_kv_len():
@@ -391,6 +435,20 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
     assert launch.key_parts_for(k, v) == key_parts and (launch.parts(key_parts) is None) == (key_parts == 1)
     check_against_dense(launch, mask, q, k, v, merged=key_parts > 1)
+    if key_parts == 1:              # 39-token key blocks: on 32-wide key tiles FA4 reads them in key_order
+        assert (launch.converted("cpu").layout.kv_order is not None) == (tiles[1] == 32)
+
+
+def test_keys_in_their_own_order_give_the_same_attention_through_a_stand_in_kernel(fake_fa4):
+    mask = mask_with_an_empty_row()
+    torch.manual_seed(6)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 130, 16, dtype=torch.float64) for _ in range(2))
+    plain = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=1, reorder_keys=False)
+    check_against_dense(plain, mask, q, k, v, merged=False)
+    assert plain.converted("cpu").layout.kv_order is None
+    with pytest.raises(TypeError, match="reorder_keys"):
+        fake_fa4.Fa4Options(reorder_keys=1)
 
 
 def mask_with_an_empty_row() -> BlockMask:
@@ -553,9 +611,9 @@ def fake_sm90(fake_fa4, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
     monkeypatch.setitem(sys.modules, "flash_attn.cute.flash_fwd_sm90", sm90)
     from sparsecore.backends.cuda import fa4_occupancy
-    fa4_occupancy.forward_class.cache_clear()
+    fa4_occupancy._forward_class.cache_clear()
     yield types.SimpleNamespace(calls=calls, original=FakeForwardSm90, backend=fake_fa4)
-    fa4_occupancy.forward_class.cache_clear()
+    fa4_occupancy._forward_class.cache_clear()
 
 
 def test_two_ctas_per_sm_builds_one_warpgroup_kernels_with_a_shared_register_split(fake_sm90):

@@ -81,6 +81,7 @@ from sparsecore.registry import Backend, DenseOp, Run, UnsupportedError
 
 from . import fa4_dense
 from .fa4_layout import Fa4Layout, choose_tile_side, to_fa4
+from .fa4_mask_mods import lookup_mask_mod
 
 SM90_SIDES = (64, 128)
 MAX_KEY_PARTS = 16
@@ -105,12 +106,16 @@ class Fa4Options:
     50 MiB L2; at 32K and 98K tokens (16 / 50.3 MB, within the L2) the unsplit kernel runs at 530-543 eff
     TFLOP/s. A split costs one partial output (``q``'s size) while it runs (peak above the inputs 553 ->
     1124 MiB there) and rounds the output once more per extra part (bf16: about 2e-3 relative each).
+    ``reorder_keys``: where key blocks span tiles off the tile grid (LVSA's frames), FA4 reads the keys and
+    values gathered in :func:`.fa4_layout.key_order` (a copy of each per call), so that fewer key tiles are
+    mask tiles; False keeps their order.
     """
 
     tile_m: int | None = None
     tile_n: int | None = None
     ctas_per_sm: int = 2
     key_parts: int | None = None
+    reorder_keys: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tile_m", "tile_n"):
@@ -121,6 +126,8 @@ class Fa4Options:
         if type(self.ctas_per_sm) is not int or self.ctas_per_sm not in (1, 2):
             raise ValueError(f"ctas_per_sm: expected the int 1 (FA4's own launch) or 2 (two CTAs per SM for 64 x 64 "
                              f"tiles on SM90, .fa4_occupancy), got {self.ctas_per_sm!r}")
+        if type(self.reorder_keys) is not bool:
+            raise TypeError(f"reorder_keys: expected a bool, got {type(self.reorder_keys).__name__}")
         if self.key_parts is not None and (type(self.key_parts) is not int
                                            or not 1 <= self.key_parts <= MAX_KEY_PARTS):
             raise ValueError(f"key_parts: expected None (auto: chosen per call from the L2, auto_key_parts) or an "
@@ -161,7 +168,7 @@ class Fa4Backend(Backend):
         major = torch.cuda.get_device_capability(torch.device(device))[0]
         tile_m, tile_n = tile_shape(mask, major, options)
         return Fa4Launch(mask, tile_m, tile_n, two_per_sm=two_ctas_per_sm(major, tile_m, tile_n, options),
-                         key_parts=options.key_parts)
+                         key_parts=options.key_parts, reorder_keys=options.reorder_keys)
 
 
 def two_ctas_per_sm(major: int, tile_m: int, tile_n: int, options: Fa4Options) -> bool:
@@ -222,38 +229,6 @@ def _import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def lookup_mask_mod() -> Any:
-    """The CuTe DSL mask_mod of the lookup: keep (q, k) iff row (head, q_block[q]) keeps key block kv_block[k].
-
-    ``aux_tensors``: ``[q_block_of_token int32, kv_block_of_token int32, keep_bits uint32 [H, MB, NW]]`` (NW even)
-    (:class:`.fa4_layout.Fa4Layout`). Built on first use: importing cutlass is slow and
-    must not happen at ``import sparsecore``. The names it uses are module globals, as
-    in FA4's own mask_mods, so its compile-cache hash is its source.
-    """
-    global cutlass, cute, fa_utils
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils as fa_utils
-
-    @cute.jit
-    def sparsecore_block_lookup(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-        q_block = aux_tensors[0]
-        kv_block = aux_tensors[1]
-        keep_bits = aux_tensors[2]
-        qb = q_block[m_idx[0]]
-        kb = kv_block[n_idx[0]]
-        word = keep_bits[head[0], qb, kb // cutlass.Int32(32)]
-        shift = cutlass.Uint32(kb % cutlass.Int32(32))
-        bit_set = cutlass.Boolean(fa_utils.shr_u32(word, shift) & cutlass.Uint32(1))
-        result = cute.make_rmem_tensor(n_idx.shape, dtype=cutlass.Boolean)
-        for j in cutlass.range_constexpr(cute.size(n_idx.shape)):
-            result[j] = bit_set
-        return result.load()
-
-    return sparsecore_block_lookup
-
-
 @dataclass(frozen=True)
 class _Prepared:
     layout: Fa4Layout
@@ -266,11 +241,13 @@ class _Prepared:
 class Fa4Launch:
     """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4.
 
-    ``key_parts`` as :attr:`Fa4Options.key_parts` (None: :meth:`key_parts_for` decides per call)."""
+    ``key_parts`` and ``reorder_keys`` as :class:`Fa4Options` (``key_parts`` None: :meth:`key_parts_for` decides
+    per call)."""
 
     def __init__(self, mask: BlockMask, tile_m: int, tile_n: int, two_per_sm: bool = False,
-                 key_parts: int | None = None) -> None:
+                 key_parts: int | None = None, reorder_keys: bool = True) -> None:
         self.mask = mask
+        self.reorder_keys = reorder_keys
         self.tile_m, self.tile_n = tile_m, tile_n
         self.two_per_sm = two_per_sm     # one-warpgroup SM90 kernels at two CTAs per SM (.fa4_occupancy)
         self.key_parts = key_parts if key_parts is None else min(key_parts, mask.num_kv_blocks)
@@ -301,7 +278,7 @@ class Fa4Launch:
         mask = self.mask
         edges = [int(mask.kv_offsets[mask.num_kv_blocks * p // count]) for p in range(count)] + [mask.kv_len]
         ranges = list(zip(edges[:-1], edges[1:]))
-        return [(start, stop, Fa4Launch(part, self.tile_m, self.tile_n, self.two_per_sm, key_parts=1))
+        return [(start, stop, Fa4Launch(part, self.tile_m, self.tile_n, self.two_per_sm, 1, self.reorder_keys))
                 for (start, stop), part in zip(ranges, slices(mask, (0, mask.q_len), ranges))]
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -317,7 +294,7 @@ class Fa4Launch:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._prepared:
             from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-            layout = to_fa4(self.mask, self.tile_m, self.tile_n, device)
+            layout = to_fa4(self.mask, self.tile_m, self.tile_n, device, self.reorder_keys)
             sparse = BlockSparseTensorsTorch(
                 mask_block_cnt=layout.mask_block_cnt, mask_block_idx=layout.mask_block_idx,
                 full_block_cnt=layout.full_block_cnt, full_block_idx=layout.full_block_idx,
@@ -342,11 +319,16 @@ class Fa4Launch:
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
             return torch.zeros_like(q), lse
         prepared = self.converted(q.device)
+        order = prepared.layout.kv_order                 # keys gathered in this order (None: as they are)
         with torch.cuda.device(q.device):
             found = None
+            if order is not None:
+                k = k.index_select(2, order)
             if prepared.kv_offsets is not None:    # mask tiles multiply masked-out values by 0: keep them finite
                 from .fa4_nonfinite import guard_values, poison
-                v, found = guard_values(v)
+                v, found = guard_values(v, order)
+            elif order is not None:
+                v = v.index_select(2, order)
             arguments = dict(softmax_scale=scale, causal=False, pack_gqa=False, mask_mod=prepared.mask_mod,
                              aux_tensors=prepared.aux, block_sparse_tensors=prepared.sparse, return_lse=return_lse)
             if self.two_per_sm:
@@ -356,7 +338,7 @@ class Fa4Launch:
                 from flash_attn.cute import flash_attn_func
                 out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **arguments)
             if found is not None:
-                del v                                                      # the zeroed copy
+                del v                                                      # the zeroed (and gathered) copy
                 out = poison(out, found, prepared.layout, prepared.kv_offsets)
         empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
         if empty is not None:

@@ -19,18 +19,17 @@ IR query block (row) overlapping ``t``, the key tokens of ``n`` its row keeps.
 
 Query tiles that straddle two IR query blocks are therefore handled by the same
 lookup: their list is the union of both rows' tiles, and where the rows disagree the
-tile is a mask tile. Why this and not padding each IR block to whole tiles (a token
-permutation of q, or of k/v): padding costs on *every* tile (1560-token frames ->
-1664, 6.7% more rows and keys, plus a gather of q/k/v and a scatter of the output per
-call), while the mask tiles cost only where blocks and tiles disagree: on LVSA's
-121 x 1560 frame mask with 128 x 128 tiles, 10% of the listed tiles are mask tiles and
-the kernel computes 5.5% more pairs than the mask keeps (this module, counted on CPU);
-a mask tile's extra work is a few integer ops and three cached loads per element, and
-a straddling query tile adds just the keys its two frames do not share. Masks whose
-blocks align with the tiles (uniform 128 blocks on 128 tiles, 64 on 64) get only full
-tiles and no mask_mod at all: the path measured at 603-641 eff TFLOP/s on an H200. Where every block is
-exactly one tile (the last may be shorter), the lists are the IR's rows themselves and are built from them
-directly (:func:`_aligned_layout`), without the block and tile maps below.
+tile is a mask tile. Key blocks that span tiles with boundaries inside them (LVSA's
+1,560-token frames) would make a mask tile at each end of every kept run; there the keys
+are read in another order (:mod:`.fa4_key_order`: each block's whole tiles on the grid,
+the remainders packed after them), which on LVSA's 6x frame mask takes the mask tiles
+from 10.2% of the listed tiles to 2.0% (counted on CPU), for a gather of k and v per call.
+Padding each block to whole tiles instead would cost on every tile (1560 -> 1664 tokens:
+6.7% more rows and keys). Masks whose blocks align with the tiles (uniform 128 blocks on
+128 tiles, 64 on 64) get only full tiles and no mask_mod at all: the path measured at
+603-641 eff TFLOP/s on an H200. Where every block is exactly one tile (the last may be
+shorter), the lists are the IR's rows themselves and are built from them directly
+(:func:`_aligned_layout`), without the block and tile maps below.
 
 The tile shape is the kernel's (on SM90 the sparse key block must equal the key tile;
 the sparse query block may be a multiple of the query tile). :func:`choose_tile_side`
@@ -62,6 +61,8 @@ import torch
 from sparsecore.ir.csr import row_of_entry
 from sparsecore.registry import UnsupportedError
 
+from .fa4_key_order import key_order, key_runs
+
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map [H, MB, NB], row coverage [H, MB, NT]
 SM90_TILE_SIDES = (64, 128)
 SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
@@ -84,7 +85,9 @@ class Fa4Layout:
     positions read in bounds), and ``keep_bits`` int32 ``[H, MB, NW]``: bit
     ``j % 32`` of word ``j // 32`` is 1 when row (h, i) keeps key block j (pass it to
     FA4 viewed as uint32; the word count is rounded up to even). ``empty_tokens``: bool ``[q_len, H]``, query tokens whose
-    row keeps nothing, or None when there are none.
+    row keeps nothing, or None when there are none. ``kv_order``: int32 ``[kv_len]``, the key token at each
+    position FA4 reads (:func:`.fa4_key_order.key_order`; keys and values go in gathered so), or None for the keys' own order;
+    key tiles, ``kv_block_of_token`` and the lists count positions in that order.
     """
 
     tile_m: int
@@ -102,6 +105,7 @@ class Fa4Layout:
     empty_tokens: torch.Tensor | None
     num_full_tiles: int
     num_mask_tiles: int
+    kv_order: torch.Tensor | None = None
 
     @property
     def needs_mask_mod(self) -> bool:
@@ -154,12 +158,14 @@ def _check_size(name: str, shape: tuple[int, ...], tile_m: int, tile_n: int) -> 
             f"use backend='triton', which takes any block layout")
 
 
-def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cpu") -> Fa4Layout:
+def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cpu",
+           reorder_keys: bool = True) -> Fa4Layout:
     """FA4's block-sparse tensors (and the lookup mask_mod's aux tensors) for ``mask`` on ``device``.
 
     ``mask`` is a :class:`sparsecore.ir.BlockMask` (or any object with its fields;
     ``indptr``/``indices`` may be torch tensors on any device). Exact for every
-    layout the IR allows; see the module docstring. One host sync.
+    layout the IR allows; see the module docstring. One host sync (two with a key order from lists on a device).
+    ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order).
     """
     device = torch.device(device)
     for name, side in (("tile_m", tile_m), ("tile_n", tile_n)):
@@ -168,11 +174,13 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     tile_m, tile_n = int(tile_m), int(tile_n)
     if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
         return _aligned_layout(mask, tile_m, tile_n, device)
-    return _general_layout(mask, tile_m, tile_n, device)
+    return _general_layout(mask, tile_m, tile_n, device, key_order(mask, tile_n) if reorder_keys else None)
 
 
-def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -> Fa4Layout:
-    """:func:`to_fa4` for any block boundaries: the tile map from the block map, as the module docstring says."""
+def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
+                    kv_order: np.ndarray | None = None) -> Fa4Layout:
+    """:func:`to_fa4` for any block boundaries: the tile map from the block map, as the module docstring says, with
+    the keys in ``kv_order`` (:func:`.fa4_key_order.key_order`; None: their own order)."""
     q_off = np.asarray(mask.q_offsets, dtype=np.int64)
     kv_off = np.asarray(mask.kv_offsets, dtype=np.int64)
     H, MB, NB = int(mask.num_heads), len(q_off) - 1, len(kv_off) - 1
@@ -182,24 +190,22 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -
     _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
     _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
 
-    # Host side (NumPy, from the offsets): which IR blocks each tile overlaps. A key tile overlaps
-    # at most `smax` blocks, a query tile at most `rmax` rows (both 1-3 for real masks).
-    tile_start = np.arange(NT, dtype=np.int64) * tile_n
-    tile_end = np.minimum(tile_start + tile_n, kv_len)
-    first = np.searchsorted(kv_off, tile_start, side="right") - 1
-    last = np.searchsorted(kv_off, tile_end - 1, side="right") - 1
-    smax = int((last - first).max()) + 1
-    seg = first[:, None] + np.arange(smax)[None, :]
-    seg_block = np.minimum(seg, last[:, None])                                             # [NT, smax]
-    seg_len = np.where(seg <= last[:, None], np.minimum(kv_off[seg_block + 1], tile_end[:, None])
-                       - np.maximum(kv_off[seg_block], tile_start[:, None]), 0)
+    # Host side (NumPy): the runs of one IR block inside each key tile (a tile holds at most `smax` runs), in
+    # the order FA4 sees the keys, and which rows each query tile overlaps (at most `rmax`; both 1-3 for real masks).
+    kv_block = _block_of_position(kv_off, kv_len)
+    if kv_order is not None:
+        kv_block = kv_block[kv_order]
+    seg_block, seg_len = key_runs(kv_block, tile_n)
     q_tile_start = np.arange(QT, dtype=np.int64) * tile_m
     row_first = np.searchsorted(q_off, q_tile_start, side="right") - 1
     row_last = np.searchsorted(q_off, np.minimum(q_tile_start + tile_m, q_len) - 1, side="right") - 1
     rmax = int((row_last - row_first).max()) + 1
     row_table = np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :])  # [rmax, QT]
-    host = {"seg_block": seg_block, "seg_len": seg_len, "width": tile_end - tile_start, "rows": row_table,
-            "q_block": _block_of_position(q_off, QT * tile_m), "kv_block": _block_of_position(kv_off, NT * tile_n)}
+    host = {"seg_block": seg_block, "seg_len": seg_len, "width": seg_len.sum(1), "rows": row_table,
+            "q_block": _block_of_position(q_off, QT * tile_m),
+            "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
+    if kv_order is not None:
+        host["kv_order"] = kv_order
     lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
     host.update({name: np.asarray(a) for name, a in lists.items() if not isinstance(a, torch.Tensor)})
     dev = _upload(host, device)                       # one host-to-device copy, before any kernel
@@ -218,7 +224,7 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -
     # Key side: kept key tokens of each row in each key tile.
     cover = torch.zeros(H, MB, NT, dtype=torch.int16, device=device)                      # <= tile_n
     seg_len_t = dev["seg_len"].to(torch.int16)
-    for c in range(smax):
+    for c in range(seg_block.shape[1]):
         cover += keep[:, :, dev["seg_block"][:, c]] * seg_len_t[:, c]
     row_full = cover == dev["width"].to(torch.int16)                                      # [H, MB, NT]
     row_any = cover > 0
@@ -253,7 +259,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -
         mask_block_cnt=mask_cnt[None], mask_block_idx=_packed_lists(partial, max_mask),
         full_block_cnt=full_cnt[None], full_block_idx=_packed_lists(full, max_full),
         q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
-        num_full_tiles=int(num_full), num_mask_tiles=int(num_mask))
+        num_full_tiles=int(num_full), num_mask_tiles=int(num_mask),
+        kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None)   # a copy: the upload is freed
 
 
 def _on_tile_grid(offsets: Any, side: int) -> bool:
@@ -379,4 +386,8 @@ def expand_layout(layout: Fa4Layout) -> torch.Tensor:
         word = words[:, q_block][:, :, kv_block // 32]                                    # [H, q_len, kv_len]
         kept = ((word >> (kv_block % 32)) & 1).bool()
         attended |= partial[:, q_tile][:, :, kv_tile] & kept
+    if layout.kv_order is not None:                            # positions FA4 reads -> the keys' own order
+        reordered = torch.empty_like(attended)
+        reordered[:, :, layout.kv_order.cpu()] = attended
+        attended = reordered
     return attended

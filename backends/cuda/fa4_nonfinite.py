@@ -38,21 +38,25 @@ class NonFinite(NamedTuple):
 
 
 @triton.jit
-def _zero_non_finite(v_ptr, clean_ptr, bad_token_ptr, bad_dim_ptr, kv_heads, seq_len,
+def _zero_non_finite(v_ptr, order_ptr, clean_ptr, bad_token_ptr, bad_dim_ptr, kv_heads, seq_len,
                      stride_b, stride_h, stride_s, stride_d,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ORDERED: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)                      # b * kv_heads + h
     s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     inside = (s[:, None] < seq_len) & (d[None, :] < HEAD_DIM)
+    if ORDERED:                                              # the token at position s
+        source = tl.load(order_ptr + s, mask=s < seq_len, other=0).to(tl.int64)
+    else:
+        source = s
     base = (row // kv_heads) * stride_b + (row % kv_heads) * stride_h
-    x = tl.load(v_ptr + base + s[:, None] * stride_s + d[None, :] * stride_d, mask=inside, other=0.0)
+    x = tl.load(v_ptr + base + source[:, None] * stride_s + d[None, :] * stride_d, mask=inside, other=0.0)
     wide = x.to(tl.float32)
     bad = (wide != wide) | (tl.abs(wide) == float("inf"))
     tl.store(clean_ptr + (row * seq_len + s[:, None]) * HEAD_DIM + d[None, :], tl.where(bad, tl.zeros_like(x), x),
              mask=inside)
     flags = bad.to(tl.int32)
-    tl.store(bad_token_ptr + row * seq_len + s, tl.max(flags, axis=1).to(tl.int8), mask=s < seq_len)
+    tl.store(bad_token_ptr + row * seq_len + source, tl.max(flags, axis=1).to(tl.int8), mask=s < seq_len)
     dim_bad = tl.max(flags, axis=0)
     tl.atomic_max(bad_dim_ptr + row * HEAD_DIM + d, dim_bad, mask=(d < HEAD_DIM) & (dim_bad > 0))
 
@@ -72,15 +76,19 @@ def _write_nan(out_ptr, hit_ptr, bad_dim_ptr, heads, group, seq_len, stride_b, s
         tl.store(pointers, tl.full([BLOCK_S, BLOCK_D], float("nan"), out_ptr.dtype.element_ty), mask=write)
 
 
-def guard_values(v: torch.Tensor) -> tuple[torch.Tensor, NonFinite]:
-    """``v [B, Hkv, S, D]`` (any strides) as a contiguous copy with non-finite elements 0, and where they were."""
+def guard_values(v: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, NonFinite]:
+    """``v [B, Hkv, S, D]`` (any strides) as a contiguous copy with non-finite elements 0, and where they were.
+
+    ``order``: int32 ``[S]``, the copy's tokens gathered so (``copy[..., p, :] = v[..., order[p], :]``,
+    :func:`.fa4_layout.key_order`); ``tokens`` stays in ``v``'s order."""
     batch, kv_heads, kv_len, dim = v.shape
     clean = torch.empty((batch, kv_heads, kv_len, dim), dtype=v.dtype, device=v.device)
     tokens = torch.empty(batch * kv_heads, kv_len, dtype=torch.int8, device=v.device)
     dims = torch.zeros(batch * kv_heads, dim, dtype=torch.int32, device=v.device)
     grid = (triton.cdiv(kv_len, BLOCK_TOKENS), batch * kv_heads)
-    _zero_non_finite[grid](v, clean, tokens, dims, kv_heads, kv_len, *v.stride(), HEAD_DIM=dim,
-                           BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=BLOCK_TOKENS)
+    _zero_non_finite[grid](v, clean if order is None else order, clean, tokens, dims, kv_heads, kv_len, *v.stride(),
+                           HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=BLOCK_TOKENS,
+                           ORDERED=order is not None)
     return clean, NonFinite(tokens, dims)
 
 

@@ -81,12 +81,17 @@ def check_split(mma_regs: Any, producer_regs: Any) -> None:
                          f"the measured split is {MMA_REGS} / {PRODUCER_REGS}")
 
 
-@functools.lru_cache(maxsize=None)
 def forward_class(mma_regs: int, producer_regs: int) -> type:
     """The SM90 forward that, built with ``num_threads=TWO_PER_SM_THREADS``, gives its one-warpgroup kernels the
     register split ``mma_regs / producer_regs`` and two CTAs per SM. Built with any other ``num_threads`` (FA4's
-    own calls), or with two or three MMA warpgroups, it is FA4's forward unchanged."""
+    own calls), or with two or three MMA warpgroups, it is FA4's forward unchanged. Checked on every call (the
+    class cache would take 216.0 for the 216 it holds)."""
     check_split(mma_regs, producer_regs)
+    return _forward_class(mma_regs, producer_regs)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_class(mma_regs: int, producer_regs: int) -> type:
     from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 
     class TwoPerSmForwardSm90(FlashAttentionForwardSm90):

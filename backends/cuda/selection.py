@@ -17,7 +17,8 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   FlashInfer 272 eff TFLOP/s against Triton's 440 and fails at 2,949 blocks x 12 heads (its
   ``max_rows``). Masks that approximate unlisted blocks (PASA) go to Triton: fa4 does not take them.
 - 1560-token frame blocks: on LVSA's frame mask at 6x (188,760 tokens, d = 0.17) fa4 runs at
-  557 eff TFLOP/s (68 ms; 11% of its tiles masked), FlashInfer 506-529, Triton 411. On random
+  616 eff TFLOP/s (61.6 ms, keys gathered onto its tiles, 2% of its tiles masked; 551-557 in their own
+  order, 10% masked; 2026-12-01), FlashInfer 506-529, Triton 411. On random
   frame rows fa4 wins at D = 64 (by 18-38%) and ties Triton at D = 128 (within 5% either way).
 - Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton. A mask whose
   first and last blocks are short (a ring shard's slice) is classed by its interior size, so a ring
@@ -28,6 +29,7 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   ring shard, uniform blocks of 16 or 32 tokens. fa4 takes those exactly through mask tiles
   (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
+bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
 bench/results/gpu-2026-12-01-runs/fifth-session/ (selection-64-2026-12-01.md, key-split-probe-fa4.md),
 bench/results/cuda-2026-11-22.md.
 """

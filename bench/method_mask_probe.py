@@ -1,20 +1,22 @@
-"""Probe (GPU): the masks AdaSpa searches in a Wan 2.1 1.3B step at 6x, their shape and their kernels' times.
+"""Probe (GPU): the masks AdaSpa (or PASA) plans in a Wan 2.1 1.3B step at 6x, their shape and their kernels' times.
 
 ``bench/key_split_probe.py`` times synthetic AdaSpa-shaped masks (random top-k rows: every row's keys
-spread over the whole sequence). This probe takes the masks AdaSpa itself searched (random-weight Wan
-2.1 1.3B at 6x, eager: its dense step that keeps the LSE, then its first search), and reports per
-layer what decides their kernels' speed:
+spread over the whole sequence). This probe takes the masks the method itself planned (random-weight Wan
+2.1 1.3B at 6x, eager; AdaSpa: its dense step that keeps the LSE, then its first search; PASA: its first
+sparse step), and reports per layer what decides their kernels' speed:
 
 - density and, per head, the fraction of key blocks any row keeps (a head's K/V working set) and of
   those kept by 256 consecutive query blocks (about what the GPU runs at once: 132 SMs x 2 CTAs);
 - the median distance |key block - query block| of kept blocks, as a fraction of the blocks (0.33:
   spread as random picks are; small: a band around the diagonal);
 - the ``fa4`` lowering's time with ``key_parts`` None (auto), 1, 2, 4 and 8, and Triton's, on random
-  bf16 q, k, v of the same shape (a kernel's time does not depend on the values),
+  bf16 q, k, v of the same shape (a kernel's time does not depend on the values); PASA's masks also
+  approximate the blocks a row does not list, which fa4 does not compute: their lists are timed as
+  drop-only masks on both (the exact part), and Triton also with the approximation,
 
 and the synthetic mask of the same density next to them.
 
-    python bench/adaspa_mask_probe.py --out DIR [--layers 0 14 29]
+    python bench/method_mask_probe.py --out DIR [--method adaspa|pasa] [--layers 0 14 29]
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
 from e2e_benchmark import build_model, cases, model_inputs, timed_forward  # noqa: E402
 from dense_kernels import run_meta  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
+from sparsecore.ir.unselected import DROP  # noqa: E402
+from sparsecore.methods.approximation import with_unselected  # noqa: E402
+
+# the steps run before the masks are taken: AdaSpa's dense step keeping its LSE, then its first search; PASA's first
+# sparse step
+STEPS = {"adaspa": (9, 10), "pasa": (10,)}
 
 WINDOW = 256
 
@@ -61,6 +69,10 @@ def shape_stats(mask: sparsecore.BlockMask) -> dict:
 
 def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
     times = {}
+    if mask.unselected != DROP:
+        kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
+        times[f"triton with {mask.unselected}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
+        mask = with_unselected(mask, DROP)                         # the exact part, as a drop-only mask
     for parts in (None, 1, 2, 4, 8):
         kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=parts, cache=False)
         times[f"fa4 key_parts={parts}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
@@ -73,15 +85,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", nargs="*", type=int, default=[0, 14, 29])
+    parser.add_argument("--method", default="adaspa", choices=sorted(STEPS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == "6x")
     model = build_model(case, False, "cuda", torch.bfloat16)
     inputs = model_inputs(model, case, "cuda", torch.bfloat16)
-    handle = sc_diffusers.apply(model, method="adaspa", device="cuda", num_steps=50)
+    handle = sc_diffusers.apply(model, method=args.method, device="cuda", num_steps=50)
+    handle.keep_masks(True)                          # PASA plans at every call and keeps none otherwise
     masks = {}
     try:
-        for step in (9, 10):                         # the dense step that keeps its LSE, then the first search
+        for step in STEPS[args.method]:
             handle.set_step(step)
             print(f"step {step}: {timed_forward(model, inputs, 1000.0 - 19 * step, 'cuda'):.1f} s", flush=True)
         masks = {layer: handle.mask(layer).to_host() for layer in args.layers}
@@ -95,6 +109,9 @@ def main() -> int:
     for layer, mask in masks.items():
         results[f"layer {layer}"] = {**shape_stats(mask), **kernel_times(mask, q, k, v)}
         print(f"layer {layer}: {json.dumps(results[f'layer {layer}'])}", flush=True)
+    if args.method != "adaspa":
+        (args.out / f"{args.method}-mask-probe.json").write_text(json.dumps({"meta": run_meta(), **results}, indent=1))
+        return 0
     synthetic = adaspa_large(heads, tokens - tokens % 64, 64, (0.1, 0.2, 0.3), seed=0)
     q, k, v = (t[:, :, :synthetic.q_len] for t in (q, k, v))
     results["synthetic AdaSpa-shaped"] = {**shape_stats(synthetic), **kernel_times(synthetic, q, k, v)}
