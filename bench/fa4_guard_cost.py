@@ -4,8 +4,9 @@ The guard (``backends/cuda/fa4_nonfinite.py``) runs on masks with FA4 mask tiles
 1560-token frames are the case that runs so end to end. On the frame mask at 188,760 tokens
 (12 heads, head dim 128, bf16; ``triton.testing.do_bench`` medians):
 
-- the lowering as it runs (guard + FA4 + NaN write), FA4's call alone on the same converted
-  tensors, and the guard's tensor ops alone;
+- the lowering as it runs (key gather where the layout reorders keys, guard + FA4 + NaN write), FA4's
+  call alone on the same converted tensors (keys and values gathered beforehand), and the guard's tensor
+  ops alone;
 - a NaN in one value token: rows that do not list its block must equal the clean run's bits,
   the rows that do must be NaN in its dim.
 
@@ -48,16 +49,18 @@ def main() -> None:
     if not prepared.layout.needs_mask_mod:
         raise SystemExit("the frame mask has no mask tiles on this machine: nothing to measure")
     from flash_attn.cute import flash_attn_func
+    order = prepared.layout.kv_order           # keys the layout reads gathered (fa4_key_order), else None
+    ks, vs = (k, v) if order is None else (k.index_select(2, order), v.index_select(2, order))
 
     def raw() -> object:
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=128 ** -0.5,
+        return flash_attn_func(q.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), softmax_scale=128 ** -0.5,
                                causal=False, pack_gqa=False, mask_mod=prepared.mask_mod, aux_tensors=prepared.aux,
                                block_sparse_tensors=prepared.sparse, return_lse=False)
 
     out_like = torch.empty(1, mask.q_len, 12, 128, device="cuda", dtype=torch.bfloat16)
 
     def guard_only() -> object:
-        clean, found = guard_values(v)
+        clean, found = guard_values(v, order)
         return poison(out_like, found, prepared.layout, prepared.kv_offsets)
 
     times = {"lowering (guard + FA4)": triton.testing.do_bench(lambda: kernel(q, k, v)),

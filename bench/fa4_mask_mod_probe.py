@@ -5,14 +5,17 @@ order, 10% of the listed tiles are mask tiles, where FA4 calls a ``mask_mod`` pe
 mask at 6x (188,760 tokens, 12 heads, head dim 128, bf16; ``cuda_cases.lvsa_frames``) this times, side by
 side (``triton.testing.do_bench`` median):
 
-- with the keys in their order (``reorder_keys=False``), the same FA4 call and tile lists under three
-  mask_mods: ``lookup`` (:func:`fa4_mask_mods.lookup_mask_mod`: a token's block from two tables),
-  ``uniform`` (the blocks by division by the constant block size, one load an element instead of three),
-  and ``always true``, which keeps every pair: a *timing floor* of the mask-tile path (its output is not
-  the mask's, and is only compared to say so);
+- with the keys in their order (``reorder_keys=False``), the same FA4 call and tile lists under two
+  mask_mods: ``lookup`` (:func:`fa4_mask_mods.lookup_mask_mod`: a token's block from two tables) and
+  ``always true``, which keeps every pair: a *timing floor* of the mask-tile path (its output is not
+  the mask's, and is only compared to say so). A third form, computing the blocks by division by the
+  constant frame size (one load an element instead of three), ran as fast as the lookup (68.11 against
+  68.19 ms, then 67.98 against 67.51; 2026-12-01, seventh-session/fa4-mask-mod-probe*.md); its code is
+  this file at commit 5cf82f5;
 - the whole ``fa4`` call, keys in their order and in :func:`fa4_key_order.key_order` (the default), and
   the default's FA4 call alone on keys and values gathered beforehand;
-- the non-finite guard alone, and cuDNN / FA4 dense on the same q, k, v.
+- the non-finite guard alone, with the keys in their order and gathering in the default's order, and cuDNN /
+  FA4 dense on the same q, k, v.
 
 Outputs are compared with the lookup's.
 
@@ -40,29 +43,6 @@ from cuda_cases import lvsa_frames  # noqa: E402
 from dense_kernels import run_meta  # noqa: E402
 
 HEADS, DIM = 12, 128
-
-
-def uniform_mask_mod(q_block_size: int, kv_block_size: int, num_q_blocks: int, num_kv_blocks: int):
-    """Keep (q, k) iff row (head, min(q // q_block_size, last)) keeps key block min(k // kv_block_size, last); aux
-    ``[keep_bits]``. FA4's compile cache hashes the closure's values, so each set of sizes compiles once."""
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils as fa_utils
-    last_q, last_kv = num_q_blocks - 1, num_kv_blocks - 1
-
-    @cute.jit
-    def sparsecore_probe_uniform_blocks(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-        keep_bits = aux_tensors[0]
-        qb = cutlass.min(m_idx[0] // cutlass.Int32(q_block_size), cutlass.Int32(last_q))
-        kb = cutlass.min(n_idx[0] // cutlass.Int32(kv_block_size), cutlass.Int32(last_kv))
-        word = keep_bits[head[0], qb, kb // cutlass.Int32(32)]
-        shift = cutlass.Uint32(kb % cutlass.Int32(32))
-        bit_set = cutlass.Boolean(fa_utils.shr_u32(word, shift) & cutlass.Uint32(1))
-        result = cute.make_rmem_tensor(n_idx.shape, dtype=cutlass.Boolean)
-        for j in cutlass.range_constexpr(cute.size(n_idx.shape)):
-            result[j] = bit_set
-        return result.load()
-    return sparsecore_probe_uniform_blocks
 
 
 def launch_of(kernel) -> Fa4Launch:
@@ -109,10 +89,8 @@ def main() -> int:
     lookup_aux = [layout.q_block_of_token, layout.kv_block_of_token, keep_bits]
     for tensor in lookup_aux:
         tensor.__leading_dim__ = tensor.ndim - 1
-    size = int(mask.kv_offsets[1])                                     # every frame: 1,560 tokens
     forms = {
         "lookup": (fa4_mask_mods.lookup_mask_mod(), lookup_aux),
-        "uniform": (uniform_mask_mod(size, size, mask.num_q_blocks, mask.num_kv_blocks), [keep_bits]),
         "always true (timing floor, not the mask)": (always_true_mask_mod(), [keep_bits]),
     }
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
@@ -155,6 +133,8 @@ def main() -> int:
     add("gather of k and v (index_select)", lambda: (k.index_select(2, ordered_layout.kv_order),
                                                      v.index_select(2, ordered_layout.kv_order)), work=0.0)
     add("non-finite guard alone (guard_values)", lambda: guard_values(v), work=0.0)
+    add("non-finite guard alone, gathering (guard_values with the key order)",
+        lambda: guard_values(v, ordered_layout.kv_order), work=0.0)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         add("cuDNN SDPA dense", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
             work=flops / density)

@@ -29,7 +29,8 @@ from tolerances import LSE_ABS, OUT_REL
 import sparsecore
 from sparsecore import BlockMask, Capabilities
 from sparsecore.backends.cuda import fa4_key_order, fa4_layout
-from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, expand_layout, tile_status, to_fa4
+from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, to_fa4
+from sparsecore.backends.cuda.fa4_replay import expand_layout, tile_status
 from sparsecore.registry import UnsupportedError
 
 ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
@@ -229,12 +230,39 @@ def test_key_order_applies_only_to_blocks_off_the_grid_with_whole_tiles():
     assert fa4_key_order.key_order(mixed, 64) is None                 # whole tiles: 0 of 150 keys
 
 
-def test_key_runs_split_runs_at_tile_edges_and_pad_with_the_last_block():
-    block_at = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
-    seg_block, seg_length = fa4_key_order.key_runs(block_at, 4)
-    assert seg_block.tolist() == [[0, 1], [1, 2], [2, 3]] and seg_length.tolist() == [[3, 1], [1, 3], [1, 1]]
-    seg_block, seg_length = fa4_key_order.key_runs(np.array([5, 5, 5, 5, 7]), 4)
-    assert seg_block.tolist() == [[5], [7]] and seg_length.tolist() == [[4], [1]]
+def test_key_runs_split_runs_at_tile_edges():
+    tile, block, length = fa4_key_order.key_runs(np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3]), 4)
+    assert tile.tolist() == [0, 0, 1, 1, 2, 2] and block.tolist() == [0, 1, 1, 2, 2, 3]
+    assert length.tolist() == [3, 1, 1, 3, 1, 1]
+    tile, block, length = fa4_key_order.key_runs(np.array([5, 5, 5, 5, 7]), 4)
+    assert tile.tolist() == [0, 1] and block.tolist() == [5, 7] and length.tolist() == [4, 1]
+
+
+def test_key_order_is_kept_only_where_it_lowers_the_tile_cost():
+    window_only = frames_with_anchors(frames=27, frame=39, window=3, anchor_every=100)   # anchor 0 only: a band
+    plain = to_fa4(window_only, 32, 32, reorder_keys=False)
+    offered = fa4_key_order.key_order(window_only, 32)
+    assert offered is not None and plain.num_mask_tiles > 0
+    ordered = fa4_layout._general_layout(window_only, 32, 32, torch.device("cpu"), offered)
+    chosen = assert_exact(window_only, 32, 32)
+    cheaper = fa4_layout.tile_cost(ordered) < fa4_layout.KEY_ORDER_GAIN * fa4_layout.tile_cost(plain)
+    assert (chosen.kv_order is not None) == cheaper
+    everything = frames_with_anchors(frames=9, frame=39, window=9, anchor_every=1)       # every row keeps all
+    assert assert_exact(everything, 32, 32).kv_order is None                             # no mask tiles to cut
+
+
+def remainders_that_fill_a_tile() -> BlockMask:
+    """Four 48-token key blocks, one row keeping blocks 0 and 2: on 32-token tiles, 2 full and 2 mask tiles per
+    query tile in the keys' order; reordered, their whole tiles and their two 16-token remainders make 3 full
+    tiles (48 queries: two query tiles)."""
+    return BlockMask.from_lists([[[0, 2]]], np.array([0, 48]), np.arange(0, 193, 48))
+
+
+def test_key_order_can_leave_no_mask_tile():
+    mask = remainders_that_fill_a_tile()
+    plain, ordered = assert_exact(mask, 32, 32, reorder_keys=False), assert_exact(mask, 32, 32)
+    assert (plain.num_full_tiles, plain.num_mask_tiles) == (4, 4)
+    assert ordered.kv_order is not None and (ordered.num_full_tiles, ordered.num_mask_tiles) == (6, 0)
 
 
 def test_empty_rows_all_empty_heads_and_q_len_differs_from_kv_len():
@@ -269,27 +297,35 @@ def test_short_last_key_tile_is_last_in_its_list():
 
 def test_lists_from_torch_tensors_match_lists_from_numpy():
     rng = np.random.default_rng(4)
-    mask = random_mask(rng, np.array([0, 30, 31, 90, 128]), np.array([0, 7, 64, 100, 190]), 3, 0.5)
-    as_tensors = types.SimpleNamespace(num_heads=mask.num_heads, q_offsets=mask.q_offsets, kv_offsets=mask.kv_offsets,
-                                       indptr=torch.tensor(np.array(mask.indptr)),
-                                       indices=torch.tensor(np.array(mask.indices)))
-    a, b = to_fa4(mask, 32, 32), to_fa4(as_tensors, 32, 32)
-    for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "q_block_of_token",
-                 "kv_block_of_token", "keep_bits", "empty_tokens"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None and y is None) or torch.equal(x, y), name
+    ragged = random_mask(rng, np.array([0, 30, 31, 90, 128]), np.array([0, 7, 64, 100, 190]), 3, 0.5)
+    frames = frames_with_anchors(frames=27, frame=39, window=2, anchor_every=9)      # reordered on 32 tiles
+    for mask, reordered in ((ragged, False), (frames, True)):
+        as_tensors = types.SimpleNamespace(num_heads=mask.num_heads, q_offsets=mask.q_offsets,
+                                           kv_offsets=mask.kv_offsets, indptr=torch.tensor(np.array(mask.indptr)),
+                                           indices=torch.tensor(np.array(mask.indices)))
+        a, b = to_fa4(mask, 32, 32), to_fa4(as_tensors, 32, 32)
+        assert (a.kv_order is not None) == reordered
+        for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "q_block_of_token",
+                     "kv_block_of_token", "keep_bits", "empty_tokens", "kv_order"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
 
 
 def test_masks_with_lists_on_a_torch_device_convert_identically():
     if not hasattr(BlockMask, "to"):
         pytest.skip("this IR keeps its lists in NumPy only (no BlockMask.to)")
     rng = np.random.default_rng(6)
-    mask = random_mask(rng, np.array([0, 20, 64, 65, 130]), np.array([0, 64, 100, 190]), 2, 0.6)
-    on_torch = mask.to("cpu")
-    assert isinstance(on_torch.indices, torch.Tensor)
-    a, b = to_fa4(mask, 32, 64), to_fa4(on_torch, 32, 64)
-    for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "keep_bits"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    ragged = random_mask(rng, np.array([0, 20, 64, 65, 130]), np.array([0, 64, 100, 190]), 2, 0.6)
+    frames = frames_with_anchors(frames=27, frame=100, window=2, anchor_every=9)      # reordered on 64 tiles
+    for mask, reordered in ((ragged, False), (frames, True)):
+        on_torch = mask.to("cpu")
+        assert isinstance(on_torch.indices, torch.Tensor)
+        a, b = to_fa4(mask, 32, 64), to_fa4(on_torch, 32, 64)
+        assert (a.kv_order is not None) == reordered
+        for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "keep_bits",
+                     "kv_block_of_token", "kv_order"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
 
 
 # ------------------------------------------------------------------------------------------ tile choice, limits
@@ -437,6 +473,20 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     check_against_dense(launch, mask, q, k, v, merged=key_parts > 1)
     if key_parts == 1:              # 39-token key blocks: on 32-wide key tiles FA4 reads them in key_order
         assert (launch.converted("cpu").layout.kv_order is not None) == (tiles[1] == 32)
+
+
+def test_reordered_keys_without_mask_tiles_match_dense_attention_through_a_stand_in_kernel(fake_fa4):
+    mask = remainders_that_fill_a_tile()             # no mask tile: the values go in gathered, unguarded
+    launch = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=1)
+    torch.manual_seed(7)
+    q = torch.randn(2, 1, 48, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, 192, 16, dtype=torch.float64) for _ in range(2))
+    out, lse = launch(q, k, v, 0.3, True)
+    want_out, want_lse = dense_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(mask), 0.3)
+    layout = launch.converted("cpu").layout
+    assert layout.kv_order is not None and not layout.needs_mask_mod
+    np.testing.assert_allclose(out.numpy(), want_out, atol=1e-10)
+    np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-6)
 
 
 def test_keys_in_their_own_order_give_the_same_attention_through_a_stand_in_kernel(fake_fa4):

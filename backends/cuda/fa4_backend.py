@@ -107,8 +107,8 @@ class Fa4Options:
     TFLOP/s. A split costs one partial output (``q``'s size) while it runs (peak above the inputs 553 ->
     1124 MiB there) and rounds the output once more per extra part (bf16: about 2e-3 relative each).
     ``reorder_keys``: where key blocks span tiles off the tile grid (LVSA's frames), FA4 reads the keys and
-    values gathered in :func:`.fa4_layout.key_order` (a copy of each per call), so that fewer key tiles are
-    mask tiles; False keeps their order.
+    values gathered in :func:`.fa4_key_order.key_order` (a copy of each per call), where that makes fewer key
+    tiles mask tiles by enough (:func:`.fa4_layout.tile_cost`); False keeps their order.
     """
 
     tile_m: int | None = None

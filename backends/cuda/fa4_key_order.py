@@ -9,8 +9,8 @@ tiles with boundaries inside them (1,560-token frames), :func:`key_order` lays e
 on the grid and packs the remainders together: on that mask, mask tiles go from 10.2% of the listed tiles
 to 2.0%, the pairs computed from 1.055 to 1.012 times those kept (:func:`.fa4_layout.to_fa4` on CPU),
 and the call from 557 to 623 eff TFLOP/s (616 in bench/fa4_check.py's run). The keys and values are
-gathered once per call (:class:`.fa4_backend.Fa4Launch`; about 1.6 ms at 6x); queries, outputs and LSEs
-keep their order.
+gathered once per call (:class:`.fa4_backend.Fa4Launch`; the call's time beyond FA4's own grew from 0.76 to
+1.58 ms at 6x); queries, outputs and LSEs keep their order.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def key_order(mask: Any, tile_n: int) -> np.ndarray | None:
     (its first ``size // tile_n * tile_n`` tokens) come first, block after block, on the tile grid, and the
     blocks' remnants (``< tile_n`` tokens each) after them, those listed by most rows first (ties by block):
     remnants that every row keeps (LVSA's anchor frames) then share full tiles, and only tiles holding the
-    remnants of blocks the rows disagree on are mask tiles. Used when some block boundary is off the grid and
-    the whole tiles hold at least :data:`KEY_ORDER_SHARE` of the keys. For lists on a device, the per-block
-    row counts cost one host read.
+    remnants of blocks the rows disagree on are mask tiles. Offered when some block boundary is off the grid and
+    the whole tiles hold at least :data:`KEY_ORDER_SHARE` of the keys; :func:`.fa4_layout.to_fa4` keeps it only
+    where it lowers the estimated kernel time (band-like rows can get more mask tiles in this order). For lists
+    on a device, the per-block row counts cost one host read.
     """
     offsets = np.asarray(mask.kv_offsets, dtype=np.int64)
     sizes = np.diff(offsets)
@@ -54,22 +55,12 @@ def key_order(mask: Any, tile_n: int) -> np.ndarray | None:
     return starts[run] + np.arange(int(offsets[-1]), dtype=np.int64) - (np.cumsum(lengths) - lengths)[run]
 
 
-def key_runs(block_at: np.ndarray, tile_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The runs of one block inside each key tile, from the block of each key position: ``(block, length)`` as
-    int64 ``[NT, smax]`` arrays, a tile's unused slots (length 0) on its last run's block."""
+def key_runs(block_at: np.ndarray, tile_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of one block inside each key tile, from the block of each key position, in position order:
+    ``(tile, block, length)`` int64 arrays of one entry per run."""
     count = len(block_at)
     position = np.arange(count, dtype=np.int64)
     starts = np.ones(count, dtype=bool)
     starts[1:] = (block_at[1:] != block_at[:-1]) | (position[1:] % tile_n == 0)
     run_start = np.nonzero(starts)[0]
-    run_length = np.diff(np.append(run_start, count))
-    run_tile = run_start // tile_n
-    num_tiles = -(-count // tile_n)
-    first = np.searchsorted(run_tile, np.arange(num_tiles))                   # each tile's first run
-    rank = np.arange(len(run_start)) - first[run_tile]
-    last = np.append(first[1:], len(run_start)) - 1
-    seg_block = np.repeat(block_at[run_start[last]][:, None], int(rank.max()) + 1, axis=1)
-    seg_length = np.zeros_like(seg_block)
-    seg_block[run_tile, rank] = block_at[run_start]
-    seg_length[run_tile, rank] = run_length
-    return seg_block, seg_length
+    return run_start // tile_n, block_at[run_start].astype(np.int64), np.diff(np.append(run_start, count))

@@ -23,7 +23,8 @@ tile is a mask tile. Key blocks that span tiles with boundaries inside them (LVS
 1,560-token frames) would make a mask tile at each end of every kept run; there the keys
 are read in another order (:mod:`.fa4_key_order`: each block's whole tiles on the grid,
 the remainders packed after them), which on LVSA's 6x frame mask takes the mask tiles
-from 10.2% of the listed tiles to 2.0% (counted on CPU), for a gather of k and v per call.
+from 10.2% of the listed tiles to 2.0% (counted on CPU), for a gather of k and v per call;
+it is kept only where it lowers the estimated kernel time (:func:`tile_cost`).
 Padding each block to whole tiles instead would cost on every tile (1560 -> 1664 tokens:
 6.7% more rows and keys). Masks whose blocks align with the tiles (uniform 128 blocks on
 128 tiles, 64 on 64) get only full tiles and no mask_mod at all: the path measured at
@@ -40,13 +41,15 @@ blocks (AdaSpa), whose 128 x 128 tiles would be mostly mask tiles computing 2-4x
 kept pairs.
 
 Everything runs as torch ops on the target device (on CPU for tests): no Python loop
-over heads, rows or blocks (only over the at most ``bn`` blocks a key tile can overlap
-and the at most ``bm`` rows a query tile can overlap, a few for real masks), and one
-host round trip per mask, a single ``.tolist()`` that sizes the compact index tensors
-(the host-side tables derived from the offsets go up in one copy before any kernel).
+over heads, rows or blocks (only over the at most ``rmax`` rows a query tile can overlap,
+a few for real masks; a key tile's runs of blocks are summed by one ``index_add_``), and
+one host round trip per layout, a single ``.tolist()`` that sizes the compact index
+tensors (the host-side tables derived from the offsets go up in one copy before any
+kernel); with a key order, two layouts are built and the cheaper kept (:func:`tile_cost`).
 The IR's ``indptr``/``indices`` may be numpy arrays or torch tensors on any device.
-Transient memory is a few bytes per element of the block map ``[H, MB, NB]`` and of the
-tile map ``[H, QT, NT]`` (about 1 GB for 12 heads x 188K tokens in 64-token blocks);
+Transient memory is a few bytes per element of the block map ``[H, MB, NB]``, of the row
+coverage ``[H, MB, runs]`` and of the tile map ``[H, QT, NT]`` (about 1 GB for 12 heads x
+188K tokens in 64-token blocks on 128-token tiles);
 above :data:`DENSE_LIMIT` elements the conversion refuses and names the triton backend.
 """
 
@@ -64,6 +67,8 @@ from sparsecore.registry import UnsupportedError
 from .fa4_key_order import key_order, key_runs
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map [H, MB, NB], row coverage [H, MB, NT]
+MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
+KEY_ORDER_GAIN = 0.98      # key_order is kept where it cuts that cost below this share (its gather: ~1.3% at 6x)
 SM90_TILE_SIDES = (64, 128)
 SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
 
@@ -81,8 +86,8 @@ class Fa4Layout:
 
     Only when there are mask tiles (``needs_mask_mod``), the aux tensors of the lookup
     mask_mod: ``q_block_of_token`` int32 ``[QT * tile_m]`` and ``kv_block_of_token``
-    int32 ``[NT * tile_n]`` (padded to whole tiles with the last block, so padded
-    positions read in bounds), and ``keep_bits`` int32 ``[H, MB, NW]``: bit
+    int32 ``[NT * tile_n]`` (padded to whole tiles with the block of the last position,
+    so padded positions read in bounds), and ``keep_bits`` int32 ``[H, MB, NW]``: bit
     ``j % 32`` of word ``j // 32`` is 1 when row (h, i) keeps key block j (pass it to
     FA4 viewed as uint32; the word count is rounded up to even). ``empty_tokens``: bool ``[q_len, H]``, query tokens whose
     row keeps nothing, or None when there are none. ``kv_order``: int32 ``[kv_len]``, the key token at each
@@ -174,7 +179,20 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     tile_m, tile_n = int(tile_m), int(tile_n)
     if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
         return _aligned_layout(mask, tile_m, tile_n, device)
-    return _general_layout(mask, tile_m, tile_n, device, key_order(mask, tile_n) if reorder_keys else None)
+    plain = _general_layout(mask, tile_m, tile_n, device)
+    order = key_order(mask, tile_n) if reorder_keys and plain.num_mask_tiles else None
+    if order is None:
+        return plain
+    ordered = _general_layout(mask, tile_m, tile_n, device, order)
+    return ordered if tile_cost(ordered) < KEY_ORDER_GAIN * tile_cost(plain) else plain
+
+
+def tile_cost(layout: Fa4Layout) -> float:
+    """The kernel time of ``layout`` in full tiles' time: full tiles plus :data:`MASK_TILE_COST` per mask tile.
+
+    Fit on LVSA's frame mask at 6x (H200, 2026-12-01, bench/fa4_mask_mod_probe.py): FA4's call on 4,293,360 full
+    and 486,144 mask tiles took 67.51 ms, on 4,487,352 and 94,044 (the same mask, keys reordered) 59.40 ms."""
+    return layout.num_full_tiles + MASK_TILE_COST * layout.num_mask_tiles
 
 
 def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
@@ -188,20 +206,23 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     QT, NT = -(-q_len // tile_m), -(-kv_len // tile_n)
     _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
     _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
-    _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
-
-    # Host side (NumPy): the runs of one IR block inside each key tile (a tile holds at most `smax` runs), in
-    # the order FA4 sees the keys, and which rows each query tile overlaps (at most `rmax`; both 1-3 for real masks).
     kv_block = _block_of_position(kv_off, kv_len)
     if kv_order is not None:
         kv_block = kv_block[kv_order]
-    seg_block, seg_len = key_runs(kv_block, tile_n)
+    run_tile, run_block, run_length = key_runs(kv_block, tile_n)
+    _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, len(run_tile)),
+                tile_m, tile_n)
+    _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
+
+    # Host side (NumPy): the runs of one IR block inside each key tile in the order FA4 reads the keys (above),
+    # and which rows each query tile overlaps (at most `rmax`, 1-3 for real masks).
     q_tile_start = np.arange(QT, dtype=np.int64) * tile_m
     row_first = np.searchsorted(q_off, q_tile_start, side="right") - 1
     row_last = np.searchsorted(q_off, np.minimum(q_tile_start + tile_m, q_len) - 1, side="right") - 1
     rmax = int((row_last - row_first).max()) + 1
     row_table = np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :])  # [rmax, QT]
-    host = {"seg_block": seg_block, "seg_len": seg_len, "width": seg_len.sum(1), "rows": row_table,
+    host = {"run_tile": run_tile, "run_block": run_block, "run_length": run_length,
+            "width": np.minimum(tile_n, kv_len - np.arange(NT, dtype=np.int64) * tile_n), "rows": row_table,
             "q_block": _block_of_position(q_off, QT * tile_m),
             "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
     if kv_order is not None:
@@ -222,12 +243,11 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     del row_of_entry
 
     # Key side: kept key tokens of each row in each key tile.
-    cover = torch.zeros(H, MB, NT, dtype=torch.int16, device=device)                      # <= tile_n
-    seg_len_t = dev["seg_len"].to(torch.int16)
-    for c in range(seg_block.shape[1]):
-        cover += keep[:, :, dev["seg_block"][:, c]] * seg_len_t[:, c]
-    row_full = cover == dev["width"].to(torch.int16)                                      # [H, MB, NT]
-    row_any = cover > 0
+    runs = keep.view(H * MB, NB)[:, dev["run_block"]] * dev["run_length"].to(torch.int32)   # [H*MB, runs]
+    cover = torch.zeros(H * MB, NT, dtype=torch.int32, device=device).index_add_(1, dev["run_tile"], runs)
+    del runs
+    row_full = (cover == dev["width"].to(torch.int32)).view(H, MB, NT)
+    row_any = (cover > 0).view(H, MB, NT)
     del cover
 
     # Query side: a tile is full if every row overlapping it is, listed if any row is.
@@ -349,45 +369,3 @@ def _pack_bits(keep: torch.Tensor) -> torch.Tensor:
     for bit in range(32):  # the sign bit's weight is -2^31: the int32 word has the uint32 bit pattern
         out += padded[..., bit].to(torch.int32) * (-(1 << 31) if bit == 31 else (1 << bit))
     return out
-
-
-# --------------------------------------------------------------------------------------------- replay (tests)
-def tile_status(layout: Fa4Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool ``[H, QT, NT]`` maps of the full and the mask tiles, rebuilt from the lists (on CPU)."""
-    H, QT, NT = layout.num_heads, layout.num_q_tiles, layout.num_kv_tiles
-    maps = []
-    for kind in ("full", "mask"):
-        cnt = getattr(layout, f"{kind}_block_cnt").cpu()[0].long().expand(H, QT)
-        idx = getattr(layout, f"{kind}_block_idx").cpu()[0].long()
-        idx = idx.expand(H, *idx.shape[1:])
-        valid = torch.arange(idx.shape[-1]) < cnt[..., None]
-        grid = torch.zeros(H, QT, NT + 1, dtype=torch.bool)
-        grid.scatter_(2, torch.where(valid, idx, NT), torch.ones_like(valid))
-        maps.append(grid[:, :, :NT])
-    return maps[0], maps[1]
-
-
-def expand_layout(layout: Fa4Layout) -> torch.Tensor:
-    """What FA4 computes with these tensors, as bool ``[H, q_len, kv_len]`` (True = attended).
-
-    Full tiles: every pair in bounds. Mask tiles: the pairs the lookup mask_mod keeps,
-    ``keep_bits[h, q_block[q], kv_block[k] // 32] >> (kv_block[k] % 32) & 1``. Plain
-    torch on CPU, for tests at small sizes.
-    """
-    q_len, kv_len = layout.q_len, layout.kv_len
-    full, partial = tile_status(layout)
-    q_tile = torch.arange(q_len) // layout.tile_m
-    kv_tile = torch.arange(kv_len) // layout.tile_n
-    attended = full[:, q_tile][:, :, kv_tile]
-    if layout.needs_mask_mod:
-        q_block = layout.q_block_of_token.cpu().long()[:q_len]
-        kv_block = layout.kv_block_of_token.cpu().long()[:kv_len]
-        words = layout.keep_bits.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        word = words[:, q_block][:, :, kv_block // 32]                                    # [H, q_len, kv_len]
-        kept = ((word >> (kv_block % 32)) & 1).bool()
-        attended |= partial[:, q_tile][:, :, kv_tile] & kept
-    if layout.kv_order is not None:                            # positions FA4 reads -> the keys' own order
-        reordered = torch.empty_like(attended)
-        reordered[:, :, layout.kv_order.cpu()] = attended
-        attended = reordered
-    return attended

@@ -9,7 +9,7 @@ uint32 ``[H, MB, NW]``, bit ``j % 32`` of word ``j // 32`` set when row ``(h, i)
 bench/fa4_mask_mod_probe.py) this lookup and a form computing the blocks by division by constant
 sizes (one load an element instead of three) both ran at 557-558 eff TFLOP/s, a mask_mod keeping
 every pair at 623: a mask tile's cost is FA4's per-element masking, not the lookup, so the lowering
-makes fewer mask tiles (:func:`.fa4_layout.key_order`) rather than cheaper ones.
+makes fewer mask tiles (:func:`.fa4_key_order.key_order`) rather than cheaper ones.
 
 Built on first use: importing cutlass is slow and must not happen at ``import sparsecore``. The
 names it uses are module globals, as in FA4's own mask_mods, so its compile-cache hash

@@ -80,7 +80,7 @@ def guard_values(v: torch.Tensor, order: torch.Tensor | None = None) -> tuple[to
     """``v [B, Hkv, S, D]`` (any strides) as a contiguous copy with non-finite elements 0, and where they were.
 
     ``order``: int32 ``[S]``, the copy's tokens gathered so (``copy[..., p, :] = v[..., order[p], :]``,
-    :func:`.fa4_layout.key_order`); ``tokens`` stays in ``v``'s order."""
+    :func:`.fa4_key_order.key_order`); ``tokens`` stays in ``v``'s order."""
     batch, kv_heads, kv_len, dim = v.shape
     clean = torch.empty((batch, kv_heads, kv_len, dim), dtype=v.dtype, device=v.device)
     tokens = torch.empty(batch * kv_heads, kv_len, dtype=torch.int8, device=v.device)
