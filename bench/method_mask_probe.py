@@ -12,10 +12,10 @@ sparse step), and reports per layer what decides their kernels' speed:
 - the ``fa4`` lowering's time with ``key_parts`` None (auto), 1, 2, 4 and 8, and Triton's, on random
   bf16 q, k, v of the same shape (a kernel's time does not depend on the values); PASA's masks also
   approximate the blocks a row does not list, which fa4 does not compute: their lists are timed as
-  drop-only masks on both (the exact part), Triton also with the approximation, and the path fa4 would
-  take for them as PASA runs it (a fresh mask each call: the device lists copied, compiled and converted,
-  FA4's exact part with its LSE, then Triton's approximation pass merged into it), with its largest
-  difference from Triton's output,
+  drop-only masks on both (the exact part), Triton also with the approximation, and, as PASA runs them
+  (compiled and converted anew at each call, its masks being new at each call), Triton with the
+  approximation and the path fa4 would take (FA4's exact part with its LSE, then Triton's approximation
+  pass merged into it), with the largest difference between their outputs,
 
 and the synthetic mask of the same density next to them.
 
@@ -70,19 +70,23 @@ def shape_stats(mask: sparsecore.BlockMask) -> dict:
             "median_distance": [round(d, 3) for d in distance]}
 
 
-def fa4_then_approximation(mask: sparsecore.BlockMask, q, k, v) -> tuple[float, float]:
-    """(ms a call, max |difference| from Triton's output) of FA4's exact part of an approximating ``mask`` with
-    Triton's approximation pass merged in, each call on a fresh device copy of the lists (as PASA plans)."""
+def per_call_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
+    """Per call, compiled and converted anew each time (as PASA's masks are): Triton with the approximation of an
+    approximating ``mask``, FA4's exact part with Triton's approximation pass merged in, and the largest
+    difference between their outputs."""
     from sparsecore.backends.cuda.approximation_launch import ApproximationLaunch
     exact, approximating = with_unselected(mask, DROP).to("cuda"), mask.to("cuda")
 
-    def call():
-        out, lse = sparsecore.compile(exact.copy_to("cuda"), device="cuda", backend="fa4", cache=False)(
-            q, k, v, return_lse=True)
+    def on_triton():
+        return sparsecore.compile(approximating, device="cuda", backend="triton", cache=False)(q, k, v)
+
+    def on_fa4():
+        out, lse = sparsecore.compile(exact, device="cuda", backend="fa4", cache=False)(q, k, v, return_lse=True)
         ApproximationLaunch(approximating)(q, k, v, out, lse, q.shape[-1] ** -0.5)
         return out
-    reference = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)(q, k, v)
-    return triton.testing.do_bench(call), float((call().float() - reference.float()).abs().max())
+    return {"per call: triton with the approximation": triton.testing.do_bench(on_triton),
+            "per call: fa4 exact + triton approximation": triton.testing.do_bench(on_fa4),
+            "per call: max abs difference": float((on_fa4().float() - on_triton().float()).abs().max())}
 
 
 def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
@@ -90,9 +94,7 @@ def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
     if mask.unselected != DROP:
         kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
         times[f"triton with {mask.unselected}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
-        ms, difference = fa4_then_approximation(mask, q, k, v)
-        times["fa4 exact per call + triton approximation"] = ms
-        times["fa4 + approximation: max abs difference from triton"] = difference
+        times.update(per_call_times(mask, q, k, v))
         mask = with_unselected(mask, DROP)                         # the exact part, as a drop-only mask
     for parts in (None, 1, 2, 4, 8):
         kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=parts, cache=False)

@@ -238,17 +238,28 @@ def test_key_runs_split_runs_at_tile_edges():
     assert tile.tolist() == [0, 1] and block.tolist() == [5, 7] and length.tolist() == [4, 1]
 
 
-def test_key_order_is_kept_only_where_it_lowers_the_tile_cost():
+def test_key_order_is_kept_only_where_it_lowers_the_tile_cost_by_more_than_its_gather():
     window_only = frames_with_anchors(frames=27, frame=39, window=3, anchor_every=100)   # anchor 0 only: a band
     plain = to_fa4(window_only, 32, 32, reorder_keys=False)
-    offered = fa4_key_order.key_order(window_only, 32)
-    assert offered is not None and plain.num_mask_tiles > 0
-    ordered = fa4_layout._general_layout(window_only, 32, 32, torch.device("cpu"), offered)
-    chosen = assert_exact(window_only, 32, 32)
-    cheaper = fa4_layout.tile_cost(ordered) < fa4_layout.KEY_ORDER_GAIN * fa4_layout.tile_cost(plain)
-    assert (chosen.kv_order is not None) == cheaper
+    ordered = fa4_layout._general_layout(window_only, 32, 32, torch.device("cpu"),
+                                         fa4_key_order.key_order(window_only, 32))
+    assert plain.num_mask_tiles > 0 and fa4_layout.tile_cost(ordered) > fa4_layout.tile_cost(plain)
+    assert assert_exact(window_only, 32, 32).kv_order is None
+    anchored = frames_with_anchors(frames=27, frame=39, window=3, anchor_every=9)
+    assert assert_exact(anchored, 32, 32).kv_order is not None
     everything = frames_with_anchors(frames=9, frame=39, window=9, anchor_every=1)       # every row keeps all
     assert assert_exact(everything, 32, 32).kv_order is None                             # no mask tiles to cut
+
+
+def test_no_key_order_is_built_where_none_could_pay_for_its_gather(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fa4_layout, "key_order", lambda mask, tile_n: calls.append(tile_n))
+    offsets = np.append(BlockMask.uniform_offsets(64 * 10 + 40, 64), 64 * 10 + 40 + 50)    # short video block, text
+    mask = random_mask(np.random.default_rng(11), offsets, offsets, 2, 0.3)
+    layout = assert_exact(mask, 64, 64)
+    assert layout.num_mask_tiles > 0 and layout.kv_order is None and calls == []
+    gather = fa4_layout.GATHER_TILE_COST * layout.num_kv_tiles * layout.num_heads
+    assert layout.kept_pairs / 64 ** 2 + gather >= fa4_layout.tile_cost(layout)
 
 
 def remainders_that_fill_a_tile() -> BlockMask:
@@ -258,7 +269,8 @@ def remainders_that_fill_a_tile() -> BlockMask:
     return BlockMask.from_lists([[[0, 2]]], np.array([0, 48]), np.arange(0, 193, 48))
 
 
-def test_key_order_can_leave_no_mask_tile():
+def test_key_order_can_leave_no_mask_tile(monkeypatch):
+    monkeypatch.setattr(fa4_layout, "GATHER_TILE_COST", 0.0)      # at this size the gather would outweigh the gain
     mask = remainders_that_fill_a_tile()
     plain, ordered = assert_exact(mask, 32, 32, reorder_keys=False), assert_exact(mask, 32, 32)
     assert (plain.num_full_tiles, plain.num_mask_tiles) == (4, 4)
@@ -455,6 +467,10 @@ def fake_fa4(monkeypatch):
     from sparsecore.backends.cuda import fa4_backend
     monkeypatch.setattr(fa4_backend, "lookup_mask_mod", lambda: "lookup-mask-mod")
     monkeypatch.setattr(fa4_backend, "l2_bytes", lambda device: H200_L2_BYTES)     # key_parts=None asks the device
+    # gathering k and v for a key order is free here, so these small masks take it where it cuts tiles (at their
+    # size the cost model would keep the keys' order): the launches below run the reordered path too
+    from sparsecore.backends.cuda import fa4_layout as layouts
+    monkeypatch.setattr(layouts, "GATHER_TILE_COST", 0.0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
     return fa4_backend
 

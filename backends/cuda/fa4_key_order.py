@@ -33,8 +33,8 @@ def key_order(mask: Any, tile_n: int) -> np.ndarray | None:
     remnants that every row keeps (LVSA's anchor frames) then share full tiles, and only tiles holding the
     remnants of blocks the rows disagree on are mask tiles. Offered when some block boundary is off the grid and
     the whole tiles hold at least :data:`KEY_ORDER_SHARE` of the keys; :func:`.fa4_layout.to_fa4` keeps it only
-    where it lowers the estimated kernel time (band-like rows can get more mask tiles in this order). For lists
-    on a device, the per-block row counts cost one host read.
+    where it lowers the estimated kernel time by more than the gather costs (rows keeping wide bands of blocks
+    can get more mask tiles in this order). For lists on a device, the per-block row counts cost one host read.
     """
     offsets = np.asarray(mask.kv_offsets, dtype=np.int64)
     sizes = np.diff(offsets)
@@ -42,8 +42,9 @@ def key_order(mask: Any, tile_n: int) -> np.ndarray | None:
     if not (offsets[1:-1] % tile_n).any() or whole.sum() < KEY_ORDER_SHARE * offsets[-1]:
         return None
     indices = mask.indices
-    if isinstance(indices, torch.Tensor):
-        listed = torch.bincount(indices.long(), minlength=len(sizes)).cpu().numpy()
+    if isinstance(indices, torch.Tensor):                  # counted on the device, one read (bincount would sync)
+        listed = torch.zeros(len(sizes), dtype=torch.int64, device=indices.device).index_add_(
+            0, indices.long(), torch.ones_like(indices, dtype=torch.int64)).cpu().numpy()
     else:
         listed = np.bincount(np.asarray(indices, dtype=np.int64), minlength=len(sizes))
     remnant = sizes - whole

@@ -24,7 +24,7 @@ tile is a mask tile. Key blocks that span tiles with boundaries inside them (LVS
 are read in another order (:mod:`.fa4_key_order`: each block's whole tiles on the grid,
 the remainders packed after them), which on LVSA's 6x frame mask takes the mask tiles
 from 10.2% of the listed tiles to 2.0% (counted on CPU), for a gather of k and v per call;
-it is kept only where it lowers the estimated kernel time (:func:`tile_cost`).
+it is kept only where it lowers the estimated kernel time by more than the gather (:func:`tile_cost`).
 Padding each block to whole tiles instead would cost on every tile (1560 -> 1664 tokens:
 6.7% more rows and keys). Masks whose blocks align with the tiles (uniform 128 blocks on
 128 tiles, 64 on 64) get only full tiles and no mask_mod at all: the path measured at
@@ -45,11 +45,11 @@ over heads, rows or blocks (only over the at most ``rmax`` rows a query tile can
 a few for real masks; a key tile's runs of blocks are summed by one ``index_add_``), and
 one host round trip per layout, a single ``.tolist()`` that sizes the compact index
 tensors (the host-side tables derived from the offsets go up in one copy before any
-kernel); with a key order, two layouts are built and the cheaper kept (:func:`tile_cost`).
+kernel); where a key order may pay, two layouts are built and the cheaper kept (:func:`tile_cost`).
 The IR's ``indptr``/``indices`` may be numpy arrays or torch tensors on any device.
 Transient memory is a few bytes per element of the block map ``[H, MB, NB]``, of the row
-coverage ``[H, MB, runs]`` and of the tile map ``[H, QT, NT]`` (about 1 GB for 12 heads x
-188K tokens in 64-token blocks on 128-token tiles);
+coverage ``[H, MB, runs]`` (int32) and of the tile map ``[H, QT, NT]`` (about 1.2 GB for 12
+heads x 188K tokens in 64-token blocks on 128-token tiles);
 above :data:`DENSE_LIMIT` elements the conversion refuses and names the triton backend.
 """
 
@@ -66,9 +66,9 @@ from sparsecore.registry import UnsupportedError
 
 from .fa4_key_order import key_order, key_runs
 
-DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map [H, MB, NB], row coverage [H, MB, NT]
+DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map, row and run coverage, tile map
 MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
-KEY_ORDER_GAIN = 0.98      # key_order is kept where it cuts that cost below this share (its gather: ~1.3% at 6x)
+GATHER_TILE_COST = 3.6     # gathering k and v for a key order, in full tiles' time per (key tile, head) (same fit)
 SM90_TILE_SIDES = (64, 128)
 SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
 
@@ -92,7 +92,8 @@ class Fa4Layout:
     FA4 viewed as uint32; the word count is rounded up to even). ``empty_tokens``: bool ``[q_len, H]``, query tokens whose
     row keeps nothing, or None when there are none. ``kv_order``: int32 ``[kv_len]``, the key token at each
     position FA4 reads (:func:`.fa4_key_order.key_order`; keys and values go in gathered so), or None for the keys' own order;
-    key tiles, ``kv_block_of_token`` and the lists count positions in that order.
+    key tiles, ``kv_block_of_token`` and the lists count positions in that order. ``kept_pairs``: the (query, key)
+    pairs the mask keeps, summed over heads (counted by the general conversion; None from the aligned one).
     """
 
     tile_m: int
@@ -111,6 +112,7 @@ class Fa4Layout:
     num_full_tiles: int
     num_mask_tiles: int
     kv_order: torch.Tensor | None = None
+    kept_pairs: int | None = None
 
     @property
     def needs_mask_mod(self) -> bool:
@@ -169,7 +171,9 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
 
     ``mask`` is a :class:`sparsecore.ir.BlockMask` (or any object with its fields;
     ``indptr``/``indices`` may be torch tensors on any device). Exact for every
-    layout the IR allows; see the module docstring. One host sync (two with a key order from lists on a device).
+    layout the IR allows; see the module docstring. One host sync per layout built: where a key order may pay
+    for its gather (:func:`tile_cost`, against the fewest tiles any order could list), a second layout in that
+    order is built (plus one read of per-block row counts for lists on a device) and the cheaper kept.
     ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order).
     """
     device = torch.device(device)
@@ -180,18 +184,23 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
         return _aligned_layout(mask, tile_m, tile_n, device)
     plain = _general_layout(mask, tile_m, tile_n, device)
-    order = key_order(mask, tile_n) if reorder_keys and plain.num_mask_tiles else None
+    gather = GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads      # key heads <= query heads: an upper bound
+    best_ordered = plain.kept_pairs / (tile_m * tile_n)                   # no order computes fewer tiles than this
+    may_pay = reorder_keys and plain.num_mask_tiles and best_ordered + gather < tile_cost(plain)
+    order = key_order(mask, tile_n) if may_pay else None
     if order is None:
         return plain
     ordered = _general_layout(mask, tile_m, tile_n, device, order)
-    return ordered if tile_cost(ordered) < KEY_ORDER_GAIN * tile_cost(plain) else plain
+    return ordered if tile_cost(ordered) + gather < tile_cost(plain) else plain
 
 
 def tile_cost(layout: Fa4Layout) -> float:
     """The kernel time of ``layout`` in full tiles' time: full tiles plus :data:`MASK_TILE_COST` per mask tile.
 
     Fit on LVSA's frame mask at 6x (H200, 2026-12-01, bench/fa4_mask_mod_probe.py): FA4's call on 4,293,360 full
-    and 486,144 mask tiles took 67.51 ms, on 4,487,352 and 94,044 (the same mask, keys reordered) 59.40 ms."""
+    and 486,144 mask tiles took 67.51 ms, on 4,487,352 and 94,044 (the same mask, keys reordered) 59.40 ms, 12.7 ns
+    a full tile; the reordered call took 1.58 ms beyond FA4's own against 0.76 in the keys' order, so gathering k
+    and v (1,475 key tiles x 12 heads) costs about 0.8 ms: :data:`GATHER_TILE_COST` per key tile and head."""
     return layout.num_full_tiles + MASK_TILE_COST * layout.num_mask_tiles
 
 
@@ -223,7 +232,7 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     row_table = np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :])  # [rmax, QT]
     host = {"run_tile": run_tile, "run_block": run_block, "run_length": run_length,
             "width": np.minimum(tile_n, kv_len - np.arange(NT, dtype=np.int64) * tile_n), "rows": row_table,
-            "q_block": _block_of_position(q_off, QT * tile_m),
+            "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off), "kv_sizes": np.diff(kv_off),
             "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
     if kv_order is not None:
         host["kv_order"] = kv_order
@@ -240,6 +249,7 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
     keep[row_of_entry * NB + indices] = True
     keep = keep.view(H, MB, NB)
+    kept_pairs = (dev["q_sizes"][row_of_entry % MB] * dev["kv_sizes"][indices]).sum()
     del row_of_entry
 
     # Key side: kept key tokens of each row in each key tile.
@@ -264,8 +274,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     empty_row = (row_len == 0).view(H, MB)
     heads_alike = (full == full[:1]).all() & (partial == partial[:1]).all()
     stats = torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-                         mask_cnt.sum(dtype=torch.int64), empty_row.any().long(), heads_alike.long()])
-    max_full, max_mask, num_full, num_mask, any_empty, alike = stats.tolist()            # the one host sync
+                         mask_cnt.sum(dtype=torch.int64), empty_row.any().long(), heads_alike.long(), kept_pairs])
+    max_full, max_mask, num_full, num_mask, any_empty, alike, kept = stats.tolist()      # the one host sync
     if alike:               # every head's tile lists are the same (LVSA): FA4 broadcasts one head's
         full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
 
@@ -279,7 +289,7 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
         mask_block_cnt=mask_cnt[None], mask_block_idx=_packed_lists(partial, max_mask),
         full_block_cnt=full_cnt[None], full_block_idx=_packed_lists(full, max_full),
         q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
-        num_full_tiles=int(num_full), num_mask_tiles=int(num_mask),
+        num_full_tiles=int(num_full), num_mask_tiles=int(num_mask), kept_pairs=int(kept),
         kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None)   # a copy: the upload is freed
 
 
