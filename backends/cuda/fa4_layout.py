@@ -61,6 +61,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sparsecore.ir import csr
 from sparsecore.ir.csr import row_of_entry
 from sparsecore.registry import UnsupportedError
 
@@ -232,7 +233,7 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     row_table = np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :])  # [rmax, QT]
     host = {"run_tile": run_tile, "run_block": run_block, "run_length": run_length,
             "width": np.minimum(tile_n, kv_len - np.arange(NT, dtype=np.int64) * tile_n), "rows": row_table,
-            "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off), "kv_sizes": np.diff(kv_off),
+            "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off),
             "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
     if kv_order is not None:
         host["kv_order"] = kv_order
@@ -249,8 +250,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
     keep[row_of_entry * NB + indices] = True
     keep = keep.view(H, MB, NB)
-    kept_pairs = (dev["q_sizes"][row_of_entry % MB] * dev["kv_sizes"][indices]).sum()
     del row_of_entry
+    kept_pairs = (csr.kept_key_tokens(indptr, indices, kv_off) * dev["q_sizes"]).sum()      # [H, MB] x [MB]
 
     # Key side: kept key tokens of each row in each key tile.
     runs = keep.view(H * MB, NB)[:, dev["run_block"]] * dev["run_length"].to(torch.int32)   # [H*MB, runs]
