@@ -42,7 +42,9 @@ layer's plan, which a dense step does not pay. Host planning per layer (``plan_m
 handle's stats, median over layers) comes from one more forward with timing on, a step of the
 kind that repeats (:data:`PLAN_PROBE`: LVSA's step, AdaSpa's reuse, PASA's sparse step). Peak
 memory per row (``max_memory_allocated``): dense over its second step (the first compiles the
-blocks in compiled mode), a method over all its steps from ``apply()`` on. ``--tiny`` runs the
+blocks in compiled mode), a method over all its steps from ``apply()`` on; next to it, in MiB, the
+peak above dense's and the memory allocated after the row's steps above dense's (what the method,
+or a row before it, still holds between steps). ``--tiny`` runs the
 same code on tiny configs on any device.
 """
 
@@ -188,6 +190,11 @@ def peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
+def allocated_mib(device: str) -> float | None:
+    """Device memory allocated now (after a row's steps: what it holds between steps)."""
+    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else None
+
+
 def reset_peak(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -249,7 +256,8 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
     base = dict(model=case.model, length=case.label, latent_frames=case.frames, mode=mode,
                 layers_run=case.layers_run, layers_full=case.layers_full)
     rows.append(dict(base, method="dense", steps={"dense": dense_time}, generation_s=generation("dense",
-                {"dense": dense_time}), peak_gib=peak_gib(device), first_step_s=dense[0] * scale))
+                {"dense": dense_time}), peak_gib=peak_gib(device), allocated_mib=allocated_mib(device),
+                     first_step_s=dense[0] * scale))
     log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
     for method in methods:
         if method == "dense-sparsecore" and kernel_args["dense_attention"] == "model":
@@ -318,6 +326,7 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     sparse = [s for s in stats if s["backend"] != "dense"]
     plan_ms = [s["plan_ms"] for s in planned if s["backend"] != "dense"]
     row = dict(base, method=method, steps=times, generation_s=generation(method, times), peak_gib=peak_gib(device),
+               allocated_mib=allocated_mib(device),
                density=statistics.mean(s["density"] for s in sparse) if sparse else 1.0,
                backends=sorted({s["backend"] if s["backend"] != "dense" else f"dense ({s.get('dense_kernel')})"
                                 for s in stats}),
@@ -374,15 +383,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
              + (f" The methods' dense steps: `dense_attention={meta['dense_attention']!r}`."
                 if "dense_attention" in meta else ""), "",
              "| model | length | mode | method | step kinds (s) | step speedup | generation (s) | generation speedup "
-             "| density | plan ms/layer | peak GiB | kernels | generation vs dense-sparsecore |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| density | plan ms/layer | peak GiB | peak, held vs dense (MiB) | kernels "
+             "| generation vs dense-sparsecore |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense"}
     fast = {(r["model"], r["length"], r["mode"]): r for r in rows
             if r.get("method") == "dense-sparsecore" and "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {r['error'][:60]} |"
-                         + " |" * 8)
+                         + " |" * 9)
             continue
         d = dense.get((r["model"], r["length"], r["mode"]))
         main = r["steps"].get("sparse", r["steps"].get("reuse", r["steps"]["dense"]))
@@ -393,10 +403,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         kinds = ", ".join(f"{k} {t:.3f}" for k, t in r["steps"].items()
                           if k != "dense" or r["method"] == "dense" or r.get("dense_measured"))
         plan = "" if r.get("plan_ms_median") is None else f"{r['plan_ms_median']:.1f}"
-        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.4f}"
+        above = ""
+        if d and r.get("peak_gib") is not None and r.get("allocated_mib") is not None:
+            above = (f"{(r['peak_gib'] - d['peak_gib']) * 1024:+.2f}, "
+                     f"{r['allocated_mib'] - d['allocated_mib']:+.2f}")
         density = "" if r.get("density") is None else f"{r['density']:.3f}"
         lines.append(f"| {r['model']} | {r['length']} | {r['mode']} | {r['method']} | {kinds} | {step_speedup} | "
-                     f"{r['generation_s']:.1f} | {gen_speedup} | {density} | {plan} | {peak} | "
+                     f"{r['generation_s']:.1f} | {gen_speedup} | {density} | {plan} | {peak} | {above} | "
                      f"{', '.join(r.get('backends', []))} | {vs_fast} |")
     return "\n".join(lines) + "\n"
 

@@ -54,8 +54,9 @@ def main() -> None:
 
     def raw() -> object:
         return flash_attn_func(q.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), softmax_scale=128 ** -0.5,
-                               causal=False, pack_gqa=False, mask_mod=prepared.mask_mod, aux_tensors=prepared.aux,
-                               block_sparse_tensors=prepared.sparse, return_lse=False)
+                               causal=False, pack_gqa=False, mask_mod=prepared.mask_mod,
+                               aux_tensors=prepared.ranges[0].aux,
+                               block_sparse_tensors=prepared.ranges[0].sparse, return_lse=False)
 
     out_like = torch.empty(1, mask.q_len, 12, 128, device="cuda", dtype=torch.bfloat16)
 

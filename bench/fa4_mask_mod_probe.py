@@ -105,7 +105,7 @@ def main() -> int:
     for name, (mask_mod, aux) in forms.items():
         def call(mask_mod=mask_mod, aux=aux):
             return flash_attn_func(qs, ks, vs, softmax_scale=scale, causal=False, pack_gqa=False, mask_mod=mask_mod,
-                                   aux_tensors=aux, block_sparse_tensors=prepared.sparse, return_lse=False)
+                                   aux_tensors=aux, block_sparse_tensors=prepared.ranges[0].sparse, return_lse=False)
         outputs[name] = call()[0].float()
         add(f"keys in their order: FA4, {name} mask_mod", call, mask_tiles=layout.num_mask_tiles)
     reference = outputs["lookup"]
@@ -119,7 +119,7 @@ def main() -> int:
     add("key order (default): sparsecore fa4 call (gather, lookup, non-finite guard)", lambda: ordered(q, k, v),
         mask_tiles=ordered_layout.num_mask_tiles,
         max_abs_diff_vs_lookup=float((outputs["key order"] - reference).abs().max()))
-    sparse = launch_of(ordered).converted(q.device).sparse
+    sparse = launch_of(ordered).converted(q.device).ranges[0].sparse
     aux = [ordered_layout.q_block_of_token, ordered_layout.kv_block_of_token,
            ordered_layout.keep_bits.view(torch.uint32)]
     for tensor in aux:

@@ -11,10 +11,9 @@ sparse step), and reports per layer what decides their kernels' speed:
   spread as random picks are; small: a band around the diagonal);
 - the ``fa4`` lowering's time with ``key_parts`` None (auto), 1, 2, 4 and 8, and Triton's, on random
   bf16 q, k, v of the same shape (a kernel's time does not depend on the values); PASA's masks also
-  approximate the blocks a row does not list, which fa4 does not compute: their lists are timed as
-  drop-only masks on both (the exact part), Triton also with the approximation, and, as PASA runs them
-  (compiled and converted anew at each call, its masks being new at each call), Triton with the
-  approximation and the path fa4 would take (FA4's exact part with its LSE, then Triton's approximation
+  approximate the blocks a row does not list: their lists are timed as drop-only masks on both (the
+  exact part), and the approximating masks as PASA runs them (compiled and converted anew at each call,
+  its masks being new at each call) on Triton and on fa4 (FA4's exact part, then Triton's approximation
   pass merged into it), with the largest difference between their outputs,
 
 and the synthetic mask of the same density next to them.
@@ -71,22 +70,15 @@ def shape_stats(mask: sparsecore.BlockMask) -> dict:
 
 
 def per_call_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
-    """Per call, compiled and converted anew each time (as PASA's masks are): Triton with the approximation of an
-    approximating ``mask``, FA4's exact part with Triton's approximation pass merged in, and the largest
-    difference between their outputs."""
-    from sparsecore.backends.cuda.approximation_launch import ApproximationLaunch
-    exact, approximating = with_unselected(mask, DROP).to("cuda"), mask.to("cuda")
-
-    def on_triton():
-        return sparsecore.compile(approximating, device="cuda", backend="triton", cache=False)(q, k, v)
-
-    def on_fa4():
-        out, lse = sparsecore.compile(exact, device="cuda", backend="fa4", cache=False)(q, k, v, return_lse=True)
-        ApproximationLaunch(approximating)(q, k, v, out, lse, q.shape[-1] ** -0.5)
-        return out
-    return {"per call: triton with the approximation": triton.testing.do_bench(on_triton),
-            "per call: fa4 exact + triton approximation": triton.testing.do_bench(on_fa4),
-            "per call: max abs difference": float((on_fa4().float() - on_triton().float()).abs().max())}
+    """Per call, compiled and converted anew each time (as PASA's masks are): an approximating ``mask`` on Triton
+    and on ``fa4`` (FA4's exact part in its auto key ranges, then Triton's approximation pass merged in), and the
+    largest difference between their outputs."""
+    approximating = mask.to("cuda")
+    runs = {name: (lambda name=name: sparsecore.compile(approximating, device="cuda", backend=name, cache=False)(
+        q, k, v)) for name in ("triton", "fa4")}
+    times = {f"per call: {name} with the approximation": triton.testing.do_bench(run) for name, run in runs.items()}
+    times["per call: max abs difference"] = float((runs["fa4"]().float() - runs["triton"]().float()).abs().max())
+    return times
 
 
 def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:

@@ -45,3 +45,38 @@ def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
     return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
+class HostPack:
+    """Tensors kept in one pinned host buffer and brought to a device in one copy that does not wait.
+
+    For plans a kernel keeps between calls but needs only during them: held so, they take no device memory
+    between calls; each call pays one host-to-device copy (queued in stream order) and gets its own tensors.
+    """
+
+    ALIGN = 256                 # bytes between the starts of two tensors in the buffer
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.specs: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        start = 0
+        for name, tensor in tensors.items():
+            self.specs[name] = (start, tensor.dtype, tuple(tensor.shape))
+            start += -(-tensor.numel() * tensor.element_size() // self.ALIGN) * self.ALIGN
+        self.buffer = torch.empty(max(start, 1), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        for name, tensor in tensors.items():
+            self._view(self.buffer, name).copy_(tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors on ``device`` (new ones per call: the caller owns them)."""
+        buffer = self.buffer.to(device, non_blocking=self.buffer.is_pinned())
+        return {name: self._view(buffer, name) for name in self.specs}
+
+    def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
+        start, dtype, shape = self.specs[name]
+        count = int(np.prod(shape, dtype=np.int64))
+        size = torch.empty((), dtype=dtype).element_size()
+        return buffer[start:start + count * size].view(dtype).view(shape)

@@ -32,6 +32,8 @@ class Capabilities:
             (no short last key block).
         min_q_block: smallest query block (in tokens) the backend computes correctly.
         unselected: the treatments of unlisted key blocks it computes (``mask.unselected.kind``).
+        unselected_head_dims: head dims at which it computes the approximating treatments (those other
+            than ``"drop"``), or None for every head dim it takes.
         max_heads: most query heads one mask may have (None: any).
         max_rows: most (head, query block) rows one mask may have per batch element (None: any).
     """
@@ -47,6 +49,7 @@ class Capabilities:
     kv_len_divisible: bool = False
     min_q_block: int = 1
     unselected: frozenset[str] = frozenset({"drop"})
+    unselected_head_dims: frozenset[int] | None = None
     max_heads: int | None = None
     max_rows: int | None = None
 
@@ -80,13 +83,17 @@ class Capabilities:
         return problems
 
     def tensor_problems(self, dtype: str, head_dim: int, num_heads: int, num_kv_heads: int,
-                        return_lse: bool) -> list[str]:
-        """Unmet capabilities for tensors of this dtype and shape."""
+                        return_lse: bool, approximating: bool = False) -> list[str]:
+        """Unmet capabilities for tensors of this dtype and shape (``approximating``: the mask approximates
+        unlisted blocks)."""
         problems = []
         if dtype not in self.dtypes:
             problems.append(f"dtypes: supports {sorted(self.dtypes)}, got {dtype}")
         if self.head_dims is not None and head_dim not in self.head_dims:
             problems.append(f"head_dims: supports {sorted(self.head_dims)}, got {head_dim}")
+        elif approximating and self.unselected_head_dims is not None and head_dim not in self.unselected_head_dims:
+            problems.append(f"unselected_head_dims: approximates unlisted blocks at head dims "
+                            f"{sorted(self.unselected_head_dims)}, got {head_dim}")
         if not self.gqa and num_kv_heads != num_heads:
             problems.append(f"gqa: needs as many key heads as query heads, got {num_heads} query and "
                             f"{num_kv_heads} key heads")

@@ -49,6 +49,7 @@ class CompiledKernel:
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
+        self.plans_on_host = False
 
     @property
     def options(self) -> Hashable:
@@ -58,6 +59,16 @@ class CompiledKernel:
         run, scale = self._run_for(q, k, v, scale, return_lse)
         out, lse = run(q, k, v, scale, return_lse)
         return (out, lse) if return_lse else out
+
+    def keep_plans_on_host(self) -> None:
+        """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in
+        host memory instead, copied to the device at each call: for a mask many layers call in turn, where the
+        device memory between calls matters more than one copy a call. Lowerings without such a mode
+        (``keep_plans_on_host`` on their run function; today ``fa4``) keep theirs on the device."""
+        self.plans_on_host = True
+        for run in self._runs.values():
+            if hasattr(run, "keep_plans_on_host"):
+                run.keep_plans_on_host()
 
     def prepare(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> None:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
@@ -79,6 +90,8 @@ class CompiledKernel:
         if run is None:
             mask = self.mask.to_host() if backend.lowers_from_host else self.mask.to(q.device)
             run = self._runs[run_key] = backend.lower(mask, self.device, options)
+            if self.plans_on_host and hasattr(run, "keep_plans_on_host"):
+                run.keep_plans_on_host()
         self.backend = backend
         return run, scale
 
@@ -108,7 +121,8 @@ class CompiledKernel:
             problems = {}
             for backend, options in self._choices:
                 found = backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads,
-                                                             shape.num_kv_heads, return_lse)
+                                                             shape.num_kv_heads, return_lse,
+                                                             self.mask.unselected.kind != "drop")
                 if not found:
                     chosen = self._by_signature[signature] = (backend, options)
                     break

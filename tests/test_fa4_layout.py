@@ -10,6 +10,7 @@ kernel call (layouts, GQA, scale, LSE, empty rows) runs against a stand-in for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from tolerances import LSE_ABS, OUT_REL
 
 import sparsecore
 from sparsecore import BlockMask, Capabilities
-from sparsecore.backends.cuda import fa4_key_order, fa4_layout
+from sparsecore.backends.cuda import fa4_key_order, fa4_key_ranges, fa4_layout
 from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, to_fa4
 from sparsecore.backends.cuda.fa4_replay import expand_layout, tile_status
 from sparsecore.registry import UnsupportedError
@@ -120,10 +121,16 @@ def test_masks_of_one_tile_per_block_convert_from_their_lists_as_the_general_pat
     mask = random_mask(rng, q_offsets, kv_offsets, heads, density)
     assert fa4_layout._on_tile_grid(q_offsets, side) and fa4_layout._on_tile_grid(kv_offsets, side)
     aligned = assert_exact(mask, side, side)
-    general = fa4_layout._general_layout(mask, side, side, torch.device("cpu"))
+    general = fa4_layout._general_layout(mask, side, side, torch.device("cpu"), [0, mask.num_kv_blocks])
     assert not aligned.needs_mask_mod and aligned.num_full_tiles == general.num_full_tiles == mask.nnz
     for got, want in zip(tile_status(aligned), tile_status(general)):
         assert torch.equal(got, want.expand_as(got))               # the general path may broadcast alike heads
+    edges = fa4_key_ranges.tile_edges(mask.num_kv_blocks, 3)       # ranges' widths from the rows and from the tiles
+    if len(edges) > 2:
+        from_rows = to_fa4(mask, side, side, key_parts=3)
+        from_tiles = fa4_layout._general_layout(mask, side, side, torch.device("cpu"), edges)
+        assert from_rows.key_edges == from_tiles.key_edges == tuple(edges)
+        assert from_rows.key_widths == from_tiles.key_widths and len(from_rows.key_widths) == 2 * (len(edges) - 1)
 
 
 def test_one_tile_per_block_masks_broadcast_alike_heads_only():
@@ -241,7 +248,7 @@ def test_key_runs_split_runs_at_tile_edges():
 def test_key_order_is_kept_only_where_it_lowers_the_tile_cost_by_more_than_its_gather():
     window_only = frames_with_anchors(frames=27, frame=39, window=3, anchor_every=100)   # anchor 0 only: a band
     plain = to_fa4(window_only, 32, 32, reorder_keys=False)
-    ordered = fa4_layout._general_layout(window_only, 32, 32, torch.device("cpu"),
+    ordered = fa4_layout._general_layout(window_only, 32, 32, torch.device("cpu"), [0, plain.num_kv_tiles],
                                          fa4_key_order.key_order(window_only, 32))
     assert plain.num_mask_tiles > 0 and fa4_layout.tile_cost(ordered) > fa4_layout.tile_cost(plain)
     assert assert_exact(window_only, 32, 32).kv_order is None
@@ -464,15 +471,15 @@ def fake_fa4(monkeypatch):
     root.cute = cute
     for name, module in (("flash_attn", root), ("flash_attn.cute", cute), ("flash_attn.cute.block_sparsity", sparsity)):
         monkeypatch.setitem(sys.modules, name, module)
-    from sparsecore.backends.cuda import fa4_backend
-    monkeypatch.setattr(fa4_backend, "lookup_mask_mod", lambda: "lookup-mask-mod")
-    monkeypatch.setattr(fa4_backend, "l2_bytes", lambda device: H200_L2_BYTES)     # key_parts=None asks the device
+    from sparsecore.backends.cuda import fa4_launch
+    monkeypatch.setattr(fa4_launch, "lookup_mask_mod", lambda: "lookup-mask-mod")
+    monkeypatch.setattr(fa4_launch, "l2_bytes", lambda device: H200_L2_BYTES)     # key_parts=None asks the device
     # gathering k and v for a key order is free here, so these small masks take it where it cuts tiles (at their
     # size the cost model would keep the keys' order): the launches below run the reordered path too
     from sparsecore.backends.cuda import fa4_layout as layouts
     monkeypatch.setattr(layouts, "GATHER_TILE_COST", 0.0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
-    return fa4_backend
+    return fa4_launch
 
 
 @pytest.mark.parametrize("tiles", [(32, 32), (16, 64)])
@@ -485,8 +492,9 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
     k = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
     v = torch.randn(2, 4 // group, 130, 16, dtype=torch.float64)
-    assert launch.key_parts_for(k, v) == key_parts and (launch.parts(key_parts) is None) == (key_parts == 1)
+    assert launch.key_parts_for(k, v) == key_parts
     check_against_dense(launch, mask, q, k, v, merged=key_parts > 1)
+    assert len(launch.converted("cpu", key_parts).ranges) == key_parts          # 5 or 3 key tiles, cut in 3
     if key_parts == 1:              # 39-token key blocks: on 32-wide key tiles FA4 reads them in key_order
         assert (launch.converted("cpu").layout.kv_order is not None) == (tiles[1] == 32)
 
@@ -513,8 +521,9 @@ def test_keys_in_their_own_order_give_the_same_attention_through_a_stand_in_kern
     plain = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=1, reorder_keys=False)
     check_against_dense(plain, mask, q, k, v, merged=False)
     assert plain.converted("cpu").layout.kv_order is None
+    from sparsecore.backends.cuda.fa4_backend import Fa4Options
     with pytest.raises(TypeError, match="reorder_keys"):
-        fake_fa4.Fa4Options(reorder_keys=1)
+        Fa4Options(reorder_keys=1)
 
 
 def mask_with_an_empty_row() -> BlockMask:
@@ -540,9 +549,10 @@ def check_against_dense(launch, mask: BlockMask, q, k, v, merged: bool) -> None:
 
 
 def test_auto_key_parts_split_the_two_cta_kernel_when_a_heads_keys_and_values_exceed_the_l2(fake_sm90, monkeypatch):
-    """key_parts=None on the two-CTA kernel with an L2 a third of one head's K+V: ceil(3 * 2) = 6 parts, capped
-    at the mask's 4 key blocks; built once, reused, and prepared by prepare(); the same launch on the one-CTA
-    kernel or with a large L2 runs unsplit (FA4's SM90 interface stands in for the two-CTA kernel)."""
+    """key_parts=None on the two-CTA kernel with an L2 a third of one head's K+V: ceil(2 * 33,280 / 11,093) = 7
+    ranges, capped at the mask's 5 key tiles; cut once at tile edges, reused, and prepared by prepare(); the same
+    launch on the one-CTA kernel or with a large L2 runs unsplit (FA4's SM90 interface stands in for the two-CTA
+    kernel)."""
     fake_fa4 = fake_sm90.backend
     mask = mask_with_an_empty_row()
     torch.manual_seed(6)
@@ -552,36 +562,35 @@ def test_auto_key_parts_split_the_two_cta_kernel_when_a_heads_keys_and_values_ex
     monkeypatch.setattr(fake_fa4, "l2_bytes", lambda device: kv_bytes // 3)
     split = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=True)
     split.prepare(q, k, v)
-    parts = split.parts(4)
-    assert split.key_parts_for(k, v) == 4 and len(parts) == 4
-    assert [(start, stop) for start, stop, _ in parts] == [(0, 39), (39, 78), (78, 117), (117, 130)]
-    assert all(part._prepared for _, _, part in parts) and not split._prepared
+    assert split.key_parts_for(k, v) == 5 and list(split._prepared) == [(torch.device("cpu"), 5)]
+    prepared = split.converted("cpu", 5)
+    assert [(r.first, r.stop) for r in prepared.ranges] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
     check_against_dense(split, mask, q, k, v, merged=True)
-    assert len(fake_sm90.calls) == 2 * 4                                       # 4 two-CTA launches a call
-    assert split.parts(4) is parts and list(split._parts) == [4]                # reused, not rebuilt per call
+    assert len(fake_sm90.calls) == 2 * 5                                       # 5 two-CTA launches a call
+    assert split.converted("cpu", 5) is prepared and len(split._prepared) == 1  # reused, not rebuilt per call
     one_cta = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=False)
     assert one_cta.key_parts_for(k, v) == 1
     check_against_dense(one_cta, mask, q, k, v, merged=False)
-    assert not one_cta._parts
+    assert [key for _, key in one_cta._prepared] == [1]
     monkeypatch.setattr(fake_fa4, "l2_bytes", lambda device: kv_bytes)          # fits exactly: one launch
     fits = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=True)
     assert fits.key_parts_for(k, v) == 1
     check_against_dense(fits, mask, q, k, v, merged=False)
-    assert not fits._parts
+    assert [key for _, key in fits._prepared] == [1]
 
 
-@pytest.mark.parametrize("kv_bytes, l2, blocks, expected", [
+@pytest.mark.parametrize("kv_bytes, l2, tiles, expected", [
     (50_331_648, 52_428_800, 1536, 1),           # H200: 98,304 tokens, D=128, bf16 fit the 50 MiB L2
     (52_428_800, 52_428_800, 1536, 1),           # exactly the L2
     (52_428_801, 52_428_800, 1536, 3),           # a byte over: ceil(2 + tiny) = 3
     (96_632_832, 52_428_800, 2949, 4),           # H200: 188,736 tokens, the fastest measured
-    (96_632_832, 52_428_800, 3, 3),              # capped at the key blocks
+    (96_632_832, 52_428_800, 3, 3),              # capped at the key tiles
     (10**12, 52_428_800, 10**6, 16),             # capped at MAX_KEY_PARTS
 ])
-def test_auto_key_parts_rule(kv_bytes, l2, blocks, expected):
-    from sparsecore.backends.cuda.fa4_backend import MAX_KEY_PARTS, auto_key_parts
+def test_auto_key_parts_rule(kv_bytes, l2, tiles, expected):
+    from sparsecore.backends.cuda.fa4_launch import MAX_KEY_PARTS, auto_key_parts
     assert MAX_KEY_PARTS == 16
-    assert auto_key_parts(kv_bytes, l2, blocks) == expected
+    assert auto_key_parts(kv_bytes, l2, tiles) == expected
 
 
 def test_key_parts_defaults_to_auto_and_lower_passes_it_on(monkeypatch):
@@ -623,9 +632,7 @@ def test_a_non_finite_value_reaches_only_the_rows_that_attend_to_it_through_a_st
     k = torch.randn(2, 4 // group, kv_len, 16, dtype=torch.float64)
     v = torch.randn(2, 4 // group, kv_len, 16, dtype=torch.float64)
     clean, clean_lse = launch(q, k, v, 0.3, True)
-    parts = launch.parts(launch.key_parts_for(k, v))
-    launches = [part for _, _, part in parts] if parts else [launch]
-    assert any(each.converted("cpu").layout.needs_mask_mod for each in launches)
+    assert launch.converted("cpu", launch.key_parts_for(k, v)).layout.needs_mask_mod
     for token in tokens:
         bad = v.clone()
         bad[1, 0, token, 3] = value
@@ -859,3 +866,96 @@ def test_masks_of_one_tile_per_block_match_the_float64_oracle_on_a_gpu(dtype, ke
     assert (np.isneginf(lse.cpu().numpy()) == ~kept).all()
     assert np.abs(lse.double().cpu().numpy()[kept] - want_lse[kept]).max() <= LSE_ABS[dtype] * max(
         1.0, np.abs(want_lse[kept]).max())
+
+
+# ------------------------------------------------------------------------------------------ key-tile ranges
+@pytest.mark.parametrize("tiles, reorder_keys", [((32, 32), True), ((32, 32), False), ((16, 64), True),
+                                                 ((64, 64), True)])
+@pytest.mark.parametrize("count", [2, 3, 7])
+def test_key_ranges_are_the_whole_lists_cut_at_tile_edges(tiles, reorder_keys, count):
+    """Each range's lists, shifted back by its first tile, are the whole layout's tiles inside the range, full and
+    mask alike; the lists stay ascending (checked as FA4 needs them) and the ranges cover every listed tile once."""
+    from sparsecore.backends.cuda.fa4_key_ranges import ALIGN, split_lists, tile_edges
+    rng = np.random.default_rng(count)
+    masks = [mask_with_an_empty_row(), random_mask(rng, BlockMask.uniform_offsets(64 * 5 + 9, 64),
+                                                   BlockMask.uniform_offsets(64 * 9 + 1, 64), 3, 0.4)]
+    for mask in masks:
+        layout = to_fa4(mask, *tiles, reorder_keys=reorder_keys, key_parts=count)
+        edges = tile_edges(layout.num_kv_tiles, count)
+        assert edges[0] == 0 and edges[-1] == layout.num_kv_tiles and len(edges) == min(count, edges[-1]) + 1
+        assert layout.key_edges == tuple(edges) and len(layout.key_widths) == 2 * (len(edges) - 1)
+        ranges = split_lists(layout, edges)
+        read_here = split_lists(dataclasses.replace(layout, key_widths=None), edges)    # widths read by the cut
+        for got, want in zip(ranges, read_here):
+            assert all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("mask_block_cnt", "mask_block_idx",
+                                                                              "full_block_cnt", "full_block_idx"))
+        whole_full, whole_mask = tile_status(layout)
+        for lists, first, stop in zip(ranges, edges[:-1], edges[1:]):
+            assert (lists.first, lists.stop) == (first, stop)
+            keys = slice(first * layout.tile_n, stop * layout.tile_n)
+            tables = {"kv_block_of_token": layout.kv_block_of_token[keys]} if layout.needs_mask_mod else {}
+            part = Fa4Layout(**{**layout.__dict__, "kv_len": (stop - first) * layout.tile_n, **tables,
+                                **{f: getattr(lists, f) for f in ("mask_block_cnt", "mask_block_idx",
+                                                                  "full_block_cnt", "full_block_idx")}})
+            check_layout(part)
+            full, partial = tile_status(part)
+            assert torch.equal(full, whole_full[:, :, first:stop])
+            assert torch.equal(partial, whole_mask[:, :, first:stop])
+            for tensor in (lists.full_block_idx, lists.mask_block_idx):
+                assert tensor.storage_offset() % ALIGN == 0 and tensor.is_contiguous()
+
+
+def test_one_key_range_is_the_layout_itself():
+    from sparsecore.backends.cuda.fa4_key_ranges import split_lists, tile_edges
+    layout = to_fa4(mask_with_an_empty_row(), 32, 32)
+    (lists,) = split_lists(layout, tile_edges(layout.num_kv_tiles, 1))
+    assert lists.full_block_idx is layout.full_block_idx and lists.mask_block_cnt is layout.mask_block_cnt
+
+
+# ------------------------------------------------------------------------------------------ approximating masks
+@pytest.mark.parametrize("kind", ["zeroth", "global-first-order", "grouped-first-order:2"])
+@pytest.mark.parametrize("key_parts", [1, 3])
+@pytest.mark.parametrize("group", [1, 2])
+def test_approximating_masks_match_the_float64_oracle_through_a_stand_in_kernel(fake_fa4, kind, key_parts, group):
+    """FA4's exact part (the stand-in) over the listed blocks, in key ranges, then Triton's approximation pass (in
+    the interpreter) merged in place: the result is the oracle's, also for the row that lists nothing (head 1's
+    last) and with the LSE."""
+    from oracle_unselected import approximated_attention
+    from sparsecore.ir import Unselected
+    base = mask_with_an_empty_row()
+    mask = BlockMask(base.num_heads, base.q_offsets, base.kv_offsets, base.indptr, base.indices,
+                     unselected=Unselected.parse(kind))
+    launch = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 101, 16, generator=gen)
+    k, v = (torch.randn(2, 4 // group, 130, 16, generator=gen) for _ in range(2))
+    out, lse = launch(q, k, v, 0.3, True)
+    want_out, want_lse = approximated_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), mask, 0.3)
+    assert np.linalg.norm(out.double().numpy() - want_out) / np.linalg.norm(want_out) <= OUT_REL["float32"]
+    np.testing.assert_allclose(lse.double().numpy(), want_lse, atol=LSE_ABS["float32"] * np.abs(want_lse).max())
+    alone, no_lse = launch(q, k, v, 0.3, False)
+    assert no_lse is None and torch.equal(alone, out)
+
+
+def test_plans_kept_on_the_host_give_the_same_attention_and_hold_no_device_tensor(fake_fa4):
+    """keep_plans_on_host: the converted tensors wait in one host buffer and are assembled anew at each call;
+    before and after the switch, with key ranges, mask tiles and a key order, the results are the same."""
+    from sparsecore.backends.cuda.fa4_launch import _HostPlan
+    mask = mask_with_an_empty_row()
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 130, 16, dtype=torch.float64) for _ in range(2))
+    for key_parts in (1, 3):
+        on_device = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
+        want = on_device(q, k, v, 0.3, True)
+        assert on_device.converted("cpu", key_parts).layout.kv_order is not None      # the reordered path
+        on_device.keep_plans_on_host()                                                # after a first call
+        held = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
+        held.keep_plans_on_host()                                                     # before any call
+        for launch in (on_device, held):
+            for _ in range(2):
+                got = launch(q, k, v, 0.3, True)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            (plan,) = launch._prepared.values()
+            assert isinstance(plan, _HostPlan) and not any(
+                isinstance(value, torch.Tensor) for value in vars(plan.layout).values())

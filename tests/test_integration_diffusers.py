@@ -653,7 +653,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
     import gc
     import weakref
     import sparsecore.kernel as kernel_module
-    made, kernels, alive_at_calls = [], [], []
+    made, kernels, alive_at_calls, on_host_at_calls = [], [], [], []
 
     class Counted(kernel_module.CompiledKernel):
         def __init__(self, mask, *args, **kwargs):
@@ -664,6 +664,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
         def __call__(self, *args, **kwargs):
             gc.collect()
             alive_at_calls.append(sum(ref() is not None for ref in kernels))
+            on_host_at_calls.append(self.plans_on_host)
             return super().__call__(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
@@ -677,6 +678,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
         handle.remove()
     assert made == ["lvsa"] * 3                                  # one kernel per step, shared by both layers
     assert alive_at_calls == [1] * 6                             # a new pattern every step, 2 layers a step
+    assert on_host_at_calls == [True] * 6                        # shared by the layers: plans kept on the host
     assert not any(k.mask.meta.get("method") == "lvsa" for k in kernel_module._CACHE.values())
     made.clear()
 
@@ -691,6 +693,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
     finally:
         handle.remove()
     assert len(made) == 1 and len(kernel_module._CACHE) == 1     # equal masks, one kernel, from the cache
+    assert on_host_at_calls[6:] and not any(on_host_at_calls[6:])  # a callable's kernels keep theirs on the device
 
 
 def test_padded_masks_live_only_as_long_as_their_mask():

@@ -59,6 +59,8 @@ def run_and_compare(target, mask: BlockMask, q, k, v, scale=None, device_held: b
 
 @st.composite
 def approximated_cases(draw, caps: sparsecore.Capabilities) -> AttentionCase:
+    if caps.unselected_head_dims is not None:                     # where the backend approximates
+        caps = dataclasses.replace(caps, head_dims=caps.unselected_head_dims)
     case = draw(attention_cases(caps))
     kind = draw(st.sampled_from([k for k in APPROXIMATING if k in caps.unselected]), label="kind")
     group = draw(st.sampled_from([1, 2, 3, 8, 32]), label="group blocks") if kind == "grouped-first-order" else None
@@ -151,7 +153,7 @@ def test_a_growing_maximum_matches_the_oracle(target):
 
 def _run_named(target, mask, q, k, v, scale):
     problems = target.capabilities.mask_problems(mask) + target.capabilities.tensor_problems(
-        target.dtype, q.shape[-1], mask.num_heads, k.shape[1], True)
+        target.dtype, q.shape[-1], mask.num_heads, k.shape[1], True, approximating=True)
     if problems:
         pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
     run_and_compare(target, mask, q, k, v, scale=scale)
@@ -223,6 +225,18 @@ def test_backends_that_do_not_declare_a_kind_refuse_it_by_name():
             assert declared == (not any(p.startswith("unselected:") for p in problems)), (name, kind, problems)
     kernel = sparsecore.compile(mask, device="cpu")
     assert kernel.backend.name == "portable"
+
+
+def test_a_backend_approximates_only_at_the_head_dims_it_declares():
+    """``fa4`` merges Triton's approximation pass (tiles of powers of two) into its exact part: at head dim 96,
+    which it takes for drop-only masks, an approximating mask is refused by the capability's name."""
+    from sparsecore.backends.cuda.fa4_backend import Fa4Backend
+    caps = Fa4Backend.capabilities
+    assert 96 in caps.head_dims and caps.unselected_head_dims == frozenset({64, 128})
+    assert caps.tensor_problems("bfloat16", 96, 4, 2, True) == []
+    (problem,) = caps.tensor_problems("bfloat16", 96, 4, 2, True, approximating=True)
+    assert problem.startswith("unselected_head_dims:") and "got 96" in problem
+    assert caps.tensor_problems("float16", 128, 4, 2, True, approximating=True) == []
 
 
 def test_approximation_is_exact_for_rows_that_list_everything_and_alone_for_rows_that_list_nothing():

@@ -19,11 +19,12 @@ quantity (also each group's running weight ``c``) is rescaled when ``m`` grows. 
 group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``.
 Finally the rows merge with the exact part by log-sum-exp and overwrite ``Out`` / ``Lse``.
 
-Operands (:mod:`.approximation_launch` picks them per input dtype): the means and value sums
-share one dtype, the group matrices theirs; q is converted to each. For bf16 inputs all are
-bf16, the means as ``hi + lo`` (``SPLIT_MEANS``: the mean enters the exponent, and two bf16
-products carry it to about 2^-16); otherwise all are float32 (TF32 products for fp16, whose
-range a group matrix may exceed; IEEE for float32). Products accumulate in float32.
+Operands (:mod:`.approximation_launch` picks them per input dtype): the means have one dtype,
+the value sums and group matrices another; q is converted to each. For bf16 inputs all are
+bf16, for fp16 the means fp16 and the rest float32 (TF32 products: fp16's range a sum or a
+group matrix may exceed); 16-bit means go as ``hi + lo`` (``SPLIT_MEANS``: the mean enters the
+exponent, and two products carry it to about 2^-16 in bf16). float32 inputs: all float32
+(IEEE). Products accumulate in float32.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def approximate_unselected_fwd(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm \
         + offs_d[None, :]
     q_in = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q = q_in.to(ValueSums.dtype.element_ty)                                 # the operand dtype of the means
+    q = q_in.to(MeansHigh.dtype.element_ty)                                 # the operand dtype of the means
     q_block = tl.load(QBlock + offs_m, mask=row_ok, other=0)
     listed_rows = Listed + (head.to(tl.int64) * num_q_blocks + q_block.to(tl.int64)) * ((num_kv_blocks + 31) // 32)
     stats = (b.to(tl.int64) * num_kv_heads + kv_head) * num_kv_blocks      # first block of this key head

@@ -26,9 +26,12 @@ from .approximation_kernel import approximate_unselected_fwd
 from .statistics_kernel import block_statistics_fwd
 from .triton_config import dot_precision
 
-# 16-bit operands of the pass's products per input dtype (float32 for the rest). bf16 keeps float32's range, so
-# the group matrices cannot overflow; fp16's could (tf32 products then).
-OPERANDS = {torch.bfloat16: torch.bfloat16}
+# Operands of the pass's products per input dtype (float32 for the rest). The means enter the exponent: 16-bit
+# ones go as hi + lo (two products carry a mean to about 2^-16 in bf16, 2^-22 in fp16), where one TF32 product
+# of q and a mean put fp16 LSEs 2.1e-3 from the oracle. Value sums and group matrices: bf16 keeps float32's
+# range; fp16's could overflow, so they stay float32 (TF32 products) for fp16 inputs.
+MEANS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+SUMS = {torch.bfloat16: torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,11 @@ class _DevicePlan:
 
 @dataclass(frozen=True)
 class _Statistics:
-    means_high: torch.Tensor        # [B, Hk, NB, D] in the operand dtype
+    means_high: torch.Tensor        # [B, Hk, NB, D] in the means' operand dtype (MEANS)
     means_low: torch.Tensor         # the remainder k̄ - hi when split, else means_high (unread)
     split: bool
-    value_sums: torch.Tensor        # [B, Hk, NB, D]
-    group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g (first-order kinds; else means_high, unread)
+    value_sums: torch.Tensor        # [B, Hk, NB, D] in the sums' operand dtype (SUMS)
+    group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g, as the sums (first-order kinds; else unread)
 
 
 class ApproximationLaunch:
@@ -92,12 +95,13 @@ class ApproximationLaunch:
         return self.config or (ApproximationConfig() if device.type == "cuda" else INTERPRETER_CONFIG)
 
     def statistics(self, k: torch.Tensor, v: torch.Tensor, plan: _DevicePlan) -> _Statistics:
-        """The block summaries of contiguous ``k, v [B, Hk, T, D]`` in the pass's operand dtypes."""
+        """The block summaries of ``k, v [B, Hk, T, D]`` (unit last stride) in the pass's operand dtypes."""
         batch, num_kv_heads, _, head_dim = k.shape
-        operand = OPERANDS.get(k.dtype, torch.float32)
-        split = operand != torch.float32
+        means, operand = MEANS.get(k.dtype, torch.float32), SUMS.get(k.dtype, torch.float32)
+        split = means != torch.float32
         shape = (batch, num_kv_heads, self.mask.num_kv_blocks, head_dim)
-        high, sums = (torch.empty(shape, dtype=operand, device=k.device) for _ in range(2))
+        high = torch.empty(shape, dtype=means, device=k.device)
+        sums = torch.empty(shape, dtype=operand, device=k.device)
         low = torch.empty_like(high) if split else high
         pieces = self.num_groups * self.pieces_per_group
         partials = torch.empty((batch, num_kv_heads, pieces, head_dim, head_dim) if self.first_order else (1,),
@@ -108,7 +112,7 @@ class ApproximationLaunch:
             num_kv_heads, self.mask.num_kv_blocks, self.group_blocks, self.pieces_per_group, self.piece_blocks,
             HEAD_DIM=head_dim, BLOCK_T=64 if k.device.type == "cuda" else 16, FIRST_ORDER=self.first_order,
             SPLIT_MEANS=split, DOT_PRECISION=dot_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4)
-        matrices = high
+        matrices = sums
         if self.first_order:
             grouped = partials.view(batch, num_kv_heads, self.num_groups, self.pieces_per_group, head_dim, head_dim)
             matrices = (grouped.sum(dim=3) / plan.group_tokens[:, None, None]).to(operand)

@@ -56,8 +56,9 @@ tests/cute/mask_mod_definitions.py and test_mask_mod.py):
 - Kernels compile per (dtype, head dim, tile, mask_mod source hash, aux dtypes, broadcast
   pattern, ...) (``compile_key``), not per shape or mask: the first call takes 2-4 s.
 
-Plans: the converted tensors are built on the first call on a device (one host sync)
-and reused for every batch size (FA4 broadcasts the batch dimension).
+The run function (:class:`.fa4_launch.Fa4Launch`) converts the mask once per device and calls FA4; for
+masks that approximate unlisted blocks (PASA) it merges Triton's approximation pass into FA4's exact
+output, so those take head dims 64 and 128 (the pass's tiles are powers of two).
 
 On SM90, 64 x 64 tiles run at two CTAs per SM (:mod:`.fa4_occupancy`; ``ctas_per_sm=1`` keeps
 FA4's own launch), in key ranges where a head's keys and values outgrow the L2 (``key_parts``).
@@ -68,23 +69,20 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
-from sparsecore.ir.slicing import slices
+from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, DenseOp, Run, UnsupportedError
 
 from . import fa4_dense
-from .fa4_layout import Fa4Layout, choose_tile_side, to_fa4
-from .fa4_mask_mods import lookup_mask_mod
+from .fa4_launch import MAX_KEY_PARTS, Fa4Launch
+from .fa4_layout import choose_tile_side
 
 SM90_SIDES = (64, 128)
-MAX_KEY_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -95,17 +93,18 @@ class Fa4Options:
     block). SM90 takes 64 or 128 for each; SM100 a multiple of 256 and of 128. ``ctas_per_sm``: on
     SM90, 64 x 64 tiles (one MMA warpgroup) run two CTAs per SM (2, :mod:`.fa4_occupancy`) or as FA4
     launches them (1); other tiles are unaffected. ``key_parts``: run the mask as this many launches over
-    consecutive key ranges (cut at block boundaries), each merged into the first by LSE
+    consecutive key-tile ranges (:mod:`.fa4_key_ranges`), each merged into the first by LSE
     (:mod:`.lse_merge`), so the keys and values one launch reads at a time fit the L2 better; 1: one
     launch; None (the default, auto): on the two-CTA 64 x 64 SM90 kernel, the case measured, chosen at
-    call time by :func:`auto_key_parts` from one KV head's keys plus values and the device's L2; one
+    call time by :func:`.fa4_launch.auto_key_parts` from one KV head's keys plus values and the device's L2; one
     launch elsewhere. Measured on an H200 (2026-12-01,
     bench/results/gpu-2026-12-01-runs/sixth-session/key-split-probe.md), AdaSpa-shaped mask, 188,736
     tokens, 64-token blocks, bf16, 12 heads, head dim 128, two CTAs per SM: 1 part 100.4-110.3 ms, 2 parts
     90.07, 4 parts 85.95, 8 parts 92.02 (Triton 99.7). There a head's K+V is 96.6 MB, about twice the
     50 MiB L2; at 32K and 98K tokens (16 / 50.3 MB, within the L2) the unsplit kernel runs at 530-543 eff
     TFLOP/s. A split costs one partial output (``q``'s size) while it runs (peak above the inputs 553 ->
-    1124 MiB there) and rounds the output once more per extra part (bf16: about 2e-3 relative each).
+    1124 MiB there), the ranges' lists beside the whole mask's in the plan (about as large again), and rounds
+    the output once more per extra part (bf16: about 2e-3 relative each).
     ``reorder_keys``: where key blocks span tiles off the tile grid (LVSA's frames), FA4 reads the keys and
     values gathered in :func:`.fa4_key_order.key_order` (a copy of each per call), where that makes fewer key
     tiles mask tiles by enough (:func:`.fa4_layout.tile_cost`); False keeps their order.
@@ -130,7 +129,8 @@ class Fa4Options:
             raise TypeError(f"reorder_keys: expected a bool, got {type(self.reorder_keys).__name__}")
         if self.key_parts is not None and (type(self.key_parts) is not int
                                            or not 1 <= self.key_parts <= MAX_KEY_PARTS):
-            raise ValueError(f"key_parts: expected None (auto: chosen per call from the L2, auto_key_parts) or an "
+            raise ValueError(f"key_parts: expected None (auto: chosen per call from the L2, "
+                             f"fa4_launch.auto_key_parts) or an "
                              f"int from 1 (one launch) to {MAX_KEY_PARTS}, got {self.key_parts!r}")
 
 
@@ -141,7 +141,8 @@ class Fa4Backend(Backend):
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
     dense = DenseOp(run=fa4_dense.run, supports=fa4_dense.supports)     # FA4's dense forward, where measured faster
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
-                                head_dims=frozenset({64, 96, 128}))
+                                head_dims=frozenset({64, 96, 128}), unselected=frozenset(KINDS),
+                                unselected_head_dims=frozenset({64, 128}))   # Triton's approximation pass
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("flash_attn") is None:
@@ -198,26 +199,6 @@ def tile_shape(mask: BlockMask, major: int, options: Fa4Options) -> tuple[int, i
     return tile_m, tile_n
 
 
-def auto_key_parts(kv_bytes_per_head: int, l2_bytes: int, num_kv_blocks: int) -> int:
-    """Key ranges for ``key_parts=None``: 1 when one KV head's keys plus values (``kv_bytes_per_head``) fit the L2
-    (``l2_bytes``), else ``ceil(kv_bytes_per_head / (l2_bytes / 2))`` (each range's K+V about half the L2 at most),
-    capped at ``MAX_KEY_PARTS`` and at ``num_kv_blocks`` (ranges are cut at block boundaries).
-
-    Fit to the H200 measurement in :class:`Fa4Options` (50 MiB L2, head dim 128, bf16): 98,304 tokens
-    (50,331,648 bytes) give 1, the unsplit kernel at 532 eff TFLOP/s; 188,736 tokens (96.6 MB) give 4, the
-    fastest of the 1, 2, 4 and 8 measured.
-    """
-    if kv_bytes_per_head <= l2_bytes:
-        return 1
-    return min(-(-2 * kv_bytes_per_head // l2_bytes), MAX_KEY_PARTS, num_kv_blocks)
-
-
-@functools.lru_cache(maxsize=None)
-def l2_bytes(device: torch.device) -> int:
-    """The L2 cache size of CUDA ``device`` (a tensor's device, with its index): queried once per device."""
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
 @functools.lru_cache(maxsize=None)
 def _import_error() -> str | None:
     """Why ``flash_attn.cute`` cannot be imported here (None: it can). Imported once per process."""
@@ -227,138 +208,3 @@ def _import_error() -> str | None:
     except Exception as exc:  # noqa: BLE001  (any failure of the CuTe DSL stack makes the backend unavailable)
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    layout: Fa4Layout
-    sparse: Any                       # BlockSparseTensorsTorch
-    aux: list[torch.Tensor] | None
-    mask_mod: Any
-    kv_offsets: torch.Tensor | None   # int64 key block offsets, for the non-finite guard (plans with mask tiles)
-
-
-class Fa4Launch:
-    """Run function of one mask: converts it once per device (:func:`.fa4_layout.to_fa4`), then calls FA4.
-
-    ``key_parts`` and ``reorder_keys`` as :class:`Fa4Options` (``key_parts`` None: :meth:`key_parts_for` decides
-    per call)."""
-
-    def __init__(self, mask: BlockMask, tile_m: int, tile_n: int, two_per_sm: bool = False,
-                 key_parts: int | None = None, reorder_keys: bool = True) -> None:
-        self.mask = mask
-        self.reorder_keys = reorder_keys
-        self.tile_m, self.tile_n = tile_m, tile_n
-        self.two_per_sm = two_per_sm     # one-warpgroup SM90 kernels at two CTAs per SM (.fa4_occupancy)
-        self.key_parts = key_parts if key_parts is None else min(key_parts, mask.num_kv_blocks)
-        self._prepared: dict[torch.device, _Prepared] = {}
-        self._parts: dict[int, list[tuple[int, int, Fa4Launch]]] = {}
-
-    def key_parts_for(self, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Key ranges a call with ``k, v`` runs as: ``key_parts`` when set, else :func:`auto_key_parts` on the
-        two-CTA kernel (from the mask's key length, so a shorter ``k`` given to :meth:`prepare` decides alike)
-        and 1 elsewhere."""
-        if self.key_parts is not None:
-            return self.key_parts
-        if not self.two_per_sm:
-            return 1
-        kv_bytes = self.mask.kv_len * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
-        return auto_key_parts(kv_bytes, l2_bytes(k.device), self.mask.num_kv_blocks)
-
-    def parts(self, count: int) -> list[tuple[int, int, Fa4Launch]] | None:
-        """The launches of ``count`` key ranges (None: 1 or fewer, this launch alone), built on first use."""
-        if count <= 1:
-            return None
-        if count not in self._parts:
-            self._parts[count] = self._split(count)
-        return self._parts[count]
-
-    def _split(self, count: int) -> list[tuple[int, int, Fa4Launch]]:
-        """``(start, stop, launch)`` per key range: ``count`` ranges of about equal blocks, one host read in all."""
-        mask = self.mask
-        edges = [int(mask.kv_offsets[mask.num_kv_blocks * p // count]) for p in range(count)] + [mask.kv_len]
-        ranges = list(zip(edges[:-1], edges[1:]))
-        return [(start, stop, Fa4Launch(part, self.tile_m, self.tile_n, self.two_per_sm, 1, self.reorder_keys))
-                for (start, stop), part in zip(ranges, slices(mask, (0, mask.q_len), ranges))]
-
-    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Split and convert the mask for a call with ``q, k, v`` (what the first call would do before launching)."""
-        parts = self.parts(self.key_parts_for(k, v))
-        for launch in [part for _, _, part in parts] if parts else [self]:
-            launch.converted(q.device)
-
-    def converted(self, device: torch.device | str) -> _Prepared:
-        """The converted tensors on ``device`` (built on first use, then cached)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._prepared:
-            from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-            layout = to_fa4(self.mask, self.tile_m, self.tile_n, device, self.reorder_keys)
-            sparse = BlockSparseTensorsTorch(
-                mask_block_cnt=layout.mask_block_cnt, mask_block_idx=layout.mask_block_idx,
-                full_block_cnt=layout.full_block_cnt, full_block_idx=layout.full_block_idx,
-                block_size=(self.tile_m, self.tile_n))
-            aux = mask_mod = kv_offsets = None
-            if layout.needs_mask_mod:
-                aux = [layout.q_block_of_token, layout.kv_block_of_token, layout.keep_bits.view(torch.uint32)]
-                for tensor in aux:
-                    tensor.__leading_dim__ = tensor.ndim - 1
-                mask_mod = lookup_mask_mod()
-                kv_offsets = torch.tensor(self.mask.kv_offsets, dtype=torch.int64, device=device)
-            self._prepared[device] = _Prepared(layout, sparse, aux, mask_mod, kv_offsets)
-        return self._prepared[device]
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = self.parts(self.key_parts_for(k, v))
-        if parts is not None:
-            return self._in_parts(parts, q, k, v, scale, return_lse)
-        batch, num_heads, q_len, _ = q.shape
-        if len(self.mask.indices) == 0:  # nothing attended anywhere: no kernel (and no compile) needed
-            lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
-            return torch.zeros_like(q), lse
-        prepared = self.converted(q.device)
-        order = prepared.layout.kv_order                 # keys gathered in this order (None: as they are)
-        with torch.cuda.device(q.device):
-            found = None
-            if order is not None:
-                k = k.index_select(2, order)
-            if prepared.kv_offsets is not None:    # mask tiles multiply masked-out values by 0: keep them finite
-                from .fa4_nonfinite import guard_values, poison
-                v, found = guard_values(v, order)
-            elif order is not None:
-                v = v.index_select(2, order)
-            arguments = dict(softmax_scale=scale, causal=False, pack_gqa=False, mask_mod=prepared.mask_mod,
-                             aux_tensors=prepared.aux, block_sparse_tensors=prepared.sparse, return_lse=return_lse)
-            if self.two_per_sm:
-                from .fa4_occupancy import forward
-                out, lse = forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **arguments)
-            else:
-                from flash_attn.cute import flash_attn_func
-                out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **arguments)
-            if found is not None:
-                del v                                                      # the zeroed (and gathered) copy
-                out = poison(out, found, prepared.layout, prepared.kv_offsets)
-        empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
-        if empty is not None:
-            out = out.masked_fill(empty[None, :, :, None], 0.0)
-            if return_lse:
-                lse = lse.masked_fill(empty.t()[None], -math.inf)
-        # [B, H, q_len, D] view of FA4's [B, q_len, H, D] output (no copy; .contiguous() if needed)
-        return out.transpose(1, 2), (lse if return_lse else None)
-
-    def _in_parts(self, parts: list[tuple[int, int, Fa4Launch]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each key range's launch on its slice of ``k, v`` (views), merged into the first's output in place."""
-        from .lse_merge import merge_into
-        out = lse = None
-        with torch.cuda.device(q.device):
-            for start, stop, part in parts:
-                part_out, part_lse = part(q, k[:, :, start:stop], v[:, :, start:stop], scale, True)
-                if out is None:
-                    out, lse = part_out, part_lse
-                else:
-                    merge_into(out, lse, part_out, part_lse)
-                del part_out, part_lse                  # one partial output alive at a time
-        return out, (lse if return_lse else None)

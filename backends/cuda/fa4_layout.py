@@ -66,6 +66,7 @@ from sparsecore.ir.csr import row_of_entry
 from sparsecore.registry import UnsupportedError
 
 from .fa4_key_order import key_order, key_runs
+from .fa4_key_ranges import tile_edges, widths_from_entries, widths_from_tiles
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map, row and run coverage, tile map
 MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
@@ -95,6 +96,8 @@ class Fa4Layout:
     position FA4 reads (:func:`.fa4_key_order.key_order`; keys and values go in gathered so), or None for the keys' own order;
     key tiles, ``kv_block_of_token`` and the lists count positions in that order. ``kept_pairs``: the (query, key)
     pairs the mask keeps, summed over heads (counted by the general conversion; None from the aligned one).
+    ``key_edges``, ``key_widths``: the key-tile ranges :func:`to_fa4` was asked for (``key_parts`` > 1) and, per
+    range, the longest full list, then per range the longest mask list (:mod:`.fa4_key_ranges`).
     """
 
     tile_m: int
@@ -114,6 +117,8 @@ class Fa4Layout:
     num_mask_tiles: int
     kv_order: torch.Tensor | None = None
     kept_pairs: int | None = None
+    key_edges: tuple[int, ...] | None = None
+    key_widths: tuple[int, ...] | None = None
 
     @property
     def needs_mask_mod(self) -> bool:
@@ -167,7 +172,7 @@ def _check_size(name: str, shape: tuple[int, ...], tile_m: int, tile_n: int) -> 
 
 
 def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cpu",
-           reorder_keys: bool = True) -> Fa4Layout:
+           reorder_keys: bool = True, key_parts: int = 1) -> Fa4Layout:
     """FA4's block-sparse tensors (and the lookup mask_mod's aux tensors) for ``mask`` on ``device``.
 
     ``mask`` is a :class:`sparsecore.ir.BlockMask` (or any object with its fields;
@@ -175,23 +180,25 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     layout the IR allows; see the module docstring. One host sync per layout built: where a key order may pay
     for its gather (:func:`tile_cost`, against the fewest tiles any order could list), a second layout in that
     order is built (plus one read of per-block row counts for lists on a device) and the cheaper kept.
-    ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order).
+    ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order). ``key_parts``:
+    the key-tile ranges (:func:`.fa4_key_ranges.tile_edges`) whose list widths to read with the layout's host read.
     """
     device = torch.device(device)
     for name, side in (("tile_m", tile_m), ("tile_n", tile_n)):
         if not isinstance(side, (int, np.integer)) or side < 1:
             raise ValueError(f"{name}: expected a positive int (a kernel tile side), got {side!r}")
     tile_m, tile_n = int(tile_m), int(tile_n)
+    edges = tile_edges(-(-int(mask.kv_offsets[-1]) // tile_n), key_parts)
     if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
-        return _aligned_layout(mask, tile_m, tile_n, device)
-    plain = _general_layout(mask, tile_m, tile_n, device)
+        return _aligned_layout(mask, tile_m, tile_n, device, edges)
+    plain = _general_layout(mask, tile_m, tile_n, device, edges)
     gather = GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads      # key heads <= query heads: an upper bound
     best_ordered = plain.kept_pairs / (tile_m * tile_n)                   # no order computes fewer tiles than this
     may_pay = reorder_keys and plain.num_mask_tiles and best_ordered + gather < tile_cost(plain)
     order = key_order(mask, tile_n) if may_pay else None
     if order is None:
         return plain
-    ordered = _general_layout(mask, tile_m, tile_n, device, order)
+    ordered = _general_layout(mask, tile_m, tile_n, device, edges, order)
     return ordered if tile_cost(ordered) + gather < tile_cost(plain) else plain
 
 
@@ -205,7 +212,7 @@ def tile_cost(layout: Fa4Layout) -> float:
     return layout.num_full_tiles + MASK_TILE_COST * layout.num_mask_tiles
 
 
-def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
+def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, edges: list[int],
                     kv_order: np.ndarray | None = None) -> Fa4Layout:
     """:func:`to_fa4` for any block boundaries: the tile map from the block map, as the module docstring says, with
     the keys in ``kv_order`` (:func:`.fa4_key_order.key_order`; None: their own order)."""
@@ -276,7 +283,9 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
     heads_alike = (full == full[:1]).all() & (partial == partial[:1]).all()
     stats = torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
                          mask_cnt.sum(dtype=torch.int64), empty_row.any().long(), heads_alike.long(), kept_pairs])
-    max_full, max_mask, num_full, num_mask, any_empty, alike, kept = stats.tolist()      # the one host sync
+    if len(edges) > 2:
+        stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
+    (max_full, max_mask, num_full, num_mask, any_empty, alike, kept), widths = _split(stats.tolist(), 7)  # one sync
     if alike:               # every head's tile lists are the same (LVSA): FA4 broadcasts one head's
         full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
 
@@ -291,7 +300,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device,
         full_block_cnt=full_cnt[None], full_block_idx=_packed_lists(full, max_full),
         q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
         num_full_tiles=int(num_full), num_mask_tiles=int(num_mask), kept_pairs=int(kept),
-        kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None)   # a copy: the upload is freed
+        kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None,   # a copy: the upload is freed
+        key_edges=tuple(edges), key_widths=widths)
 
 
 def _on_tile_grid(offsets: Any, side: int) -> bool:
@@ -301,7 +311,7 @@ def _on_tile_grid(offsets: Any, side: int) -> bool:
                 and offsets[-1] - offsets[-2] <= side)
 
 
-def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -> Fa4Layout:
+def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, edges: list[int]) -> Fa4Layout:
     """:func:`to_fa4` where every IR block is one tile on both sides (64-token blocks on 64 x 64 tiles, 128 on 128):
     a row's kept blocks are its query tile's full key tiles, so FA4's lists are the IR's rows (ascending, as the
     IR keeps them), packed to the longest, and there are no mask tiles. Without the block and tile maps of the
@@ -319,15 +329,18 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -
     alike = (row_len == row_len[:1]).all()            # the same counts per row, then the same entries head by head
     if H > 1 and nnz % H == 0:
         alike &= (indices.view(H, -1) == indices[:nnz // H]).all()
-    longest, any_empty, alike = torch.stack([row_len.max(), (row_len == 0).any(), alike]).tolist()  # one sync
+    rows = row_of_entry(indptr, nnz)
+    stats = torch.stack([row_len.max(), (row_len == 0).any(), alike]).long()
+    if len(edges) > 2:
+        stats = torch.cat([stats, widths_from_entries(rows, indices, H * MB, edges)])
+    (longest, any_empty, alike), widths = _split(stats.tolist(), 3)                       # one sync
     empty_tokens = None
     if any_empty:
         empty_tokens = (row_len == 0).repeat_interleave(tile_m, dim=1)[:, :q_len].t().contiguous()
     heads = H
     if alike and H > 1:           # every head's lists are the same: FA4 broadcasts one head's (as the general path)
-        heads, indptr, indices, row_len = 1, indptr[:1], indices[:nnz // H], row_len[:1]
+        heads, indptr, indices, row_len, rows = 1, indptr[:1], indices[:nnz // H], row_len[:1], rows[:nnz // H]
     _check_size("lists [heads x query blocks, longest row]", (heads * MB, max(int(longest), 1)), tile_m, tile_n)
-    rows = row_of_entry(indptr, indices.numel())
     place = torch.arange(indices.numel(), device=device) - indptr[:, :-1].reshape(-1)[rows]   # place in its row
     idx = torch.zeros(heads * MB, max(int(longest), 1), dtype=torch.int32, device=device)
     idx[rows, place] = indices
@@ -338,7 +351,12 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device) -
                      mask_block_cnt=no_mask, mask_block_idx=no_mask[..., None],
                      full_block_cnt=counts, full_block_idx=idx,
                      q_block_of_token=None, kv_block_of_token=None, keep_bits=None, empty_tokens=empty_tokens,
-                     num_full_tiles=nnz, num_mask_tiles=0)
+                     num_full_tiles=nnz, num_mask_tiles=0, key_edges=tuple(edges), key_widths=widths)
+
+
+def _split(values: list[int], count: int) -> tuple[list[int], tuple[int, ...] | None]:
+    """The first ``count`` values of a layout's host read, and the key ranges' list widths after them (or None)."""
+    return values[:count], (tuple(int(w) for w in values[count:]) or None)
 
 
 def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

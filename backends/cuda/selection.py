@@ -15,7 +15,10 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   (188,736 tokens) 1.01-1.19x on uniform masks and 1.07-1.16x on the AdaSpa-shaped one, in runs up
   to 18% apart. At FA4's own one CTA per SM, Triton had been faster at 6 of 8 points (2026-11-30).
   FlashInfer 272 eff TFLOP/s against Triton's 440 and fails at 2,949 blocks x 12 heads (its
-  ``max_rows``). Masks that approximate unlisted blocks (PASA) go to Triton: fa4 does not take them.
+  ``max_rows``). Masks that approximate unlisted blocks (PASA's) run FA4's exact part with Triton's
+  approximation pass merged in: on PASA's own masks at 6x, compiled and converted at each call as PASA
+  runs them, 101.0 ms against Triton's 106.3 (H200, 2026-12-01, eighth session; the exact parts alone
+  65.5 against 75.0).
 - 1560-token frame blocks: on LVSA's frame mask at 6x (188,760 tokens, d = 0.17) fa4 runs at
   616 eff TFLOP/s (61.6 ms, keys gathered onto its tiles, 2% of its tiles masked; 551-557 in their own
   order, 10% masked; 2026-12-01), FlashInfer 506-529, Triton 411. On random

@@ -8,8 +8,8 @@ block's share of its group matrix, ``Σ_{t in B_j} (k_t - k̄_j)ᵀ v_t`` (the d
 One program takes a *piece*: at most ``piece_blocks`` consecutive blocks inside one group
 (``pieces_per_group`` pieces per group, the last group's surplus pieces empty), and writes
 its partial matrix; the host sums the pieces of a group and divides by its tokens. Means go
-out as ``hi + lo`` in the pass's operand dtype when ``SPLIT_MEANS`` (bf16: the mean enters
-the exponent, and two bf16 terms carry it to about 2^-16), value sums in that dtype.
+out in ``MeansHigh``'s dtype, as ``hi + lo`` when ``SPLIT_MEANS`` (16-bit operands: the mean
+enters the exponent, and two terms carry it to about 2^-16 in bf16), value sums in ``ValueSums``'.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def block_statistics_fwd(
     stats = (b.to(tl.int64) * num_kv_heads + kv_head) * num_kv_blocks      # this key head's first block
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
-    operand = ValueSums.dtype.element_ty
+    means_type = MeansHigh.dtype.element_ty
 
     matrix = tl.zeros([HEAD_DIM, HEAD_DIM], tl.float32)
     for j in range(first, last):
@@ -53,11 +53,11 @@ def block_statistics_fwd(
             value_sum += tl.sum(tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=ok[:, None],
                                         other=0.0).to(tl.float32), 0)
         mean = key_sum / (end - start).to(tl.float32)
-        high = mean.to(operand)
+        high = mean.to(means_type)
         tl.store(MeansHigh + (stats + j) * HEAD_DIM + offs_d, high)
         if SPLIT_MEANS:
-            tl.store(MeansLow + (stats + j) * HEAD_DIM + offs_d, (mean - high.to(tl.float32)).to(operand))
-        tl.store(ValueSums + (stats + j) * HEAD_DIM + offs_d, value_sum.to(operand))
+            tl.store(MeansLow + (stats + j) * HEAD_DIM + offs_d, (mean - high.to(tl.float32)).to(means_type))
+        tl.store(ValueSums + (stats + j) * HEAD_DIM + offs_d, value_sum.to(ValueSums.dtype.element_ty))
         if FIRST_ORDER:                      # second walk over the block (in cache): centred keys times values
             for t0 in range(start, end, BLOCK_T):
                 rows = t0 + offs_t

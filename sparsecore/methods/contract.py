@@ -47,6 +47,9 @@ class StepAction:
     integrations plan it at every call of the step and hold no layer's lists while others run.
     ``held``: the session keeps the mask it returns in host memory (AdaSpa's ``store="host"``): the
     integrations copy it to the call's device and compile it at every call, and keep no device copy.
+    ``shared``: every layer of the step gets the same mask (LVSA's): its kernel runs in turn with every
+    layer's other work, so the integrations ask it to keep its plans in host memory between calls
+    (:meth:`sparsecore.CompiledKernel.keep_plans_on_host`: one copy a call instead of device memory).
     """
 
     label: str
@@ -57,6 +60,7 @@ class StepAction:
     mass_block_size: int | None = None
     per_call: bool = False
     held: bool = False
+    shared: bool = False
 
 
 @runtime_checkable

@@ -292,7 +292,7 @@ class LVSASession:
         check_geometry(geometry, 1)
         if _pattern(geometry, step, self.params).dense:
             return StepAction("dense", dense=True, plans=False)
-        return StepAction("plan", dense=False, plans=True)
+        return StepAction("plan", dense=False, plans=True, shared=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
              q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,

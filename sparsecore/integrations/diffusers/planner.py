@@ -275,6 +275,8 @@ class Planner:
             io.prepare(plan.prepared)
         else:
             plan.kernel = io.runner(run_mask)
+            if action.shared and hasattr(plan.kernel, "keep_plans_on_host"):
+                plan.kernel.keep_plans_on_host()
         return plan
 
     def padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
