@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.cuda import fa4_mask_mods  # noqa: E402
-from sparsecore.backends.cuda.fa4_backend import Fa4Launch  # noqa: E402
+from sparsecore.backends.cuda.fa4_launch import Fa4Launch  # noqa: E402
 from sparsecore.backends.cuda.fa4_nonfinite import guard_values  # noqa: E402
 from cuda_cases import lvsa_frames  # noqa: E402
 from dense_kernels import run_meta  # noqa: E402

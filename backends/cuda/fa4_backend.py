@@ -56,7 +56,8 @@ tests/cute/mask_mod_definitions.py and test_mask_mod.py):
 - Kernels compile per (dtype, head dim, tile, mask_mod source hash, aux dtypes, broadcast
   pattern, ...) (``compile_key``), not per shape or mask: the first call takes 2-4 s.
 
-The run function (:class:`.fa4_launch.Fa4Launch`) converts the mask once per device and calls FA4; for
+The run function (:class:`.fa4_launch.Fa4Launch`) converts the mask once per device and key-range count
+(kept on the GPU, or in host memory and copied per call) and calls FA4; for
 masks that approximate unlisted blocks (PASA) it merges Triton's approximation pass into FA4's exact
 output, so those take head dims 64 and 128 (the pass's tiles are powers of two).
 

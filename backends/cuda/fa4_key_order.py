@@ -9,7 +9,7 @@ tiles with boundaries inside them (1,560-token frames), :func:`key_order` lays e
 on the grid and packs the remainders together: on that mask, mask tiles go from 10.2% of the listed tiles
 to 2.0%, the pairs computed from 1.055 to 1.012 times those kept (:func:`.fa4_layout.to_fa4` on CPU),
 and the call from 557 to 623 eff TFLOP/s (616 in bench/fa4_check.py's run). The keys and values are
-gathered once per call (:class:`.fa4_backend.Fa4Launch`; the call's time beyond FA4's own grew from 0.76 to
+gathered once per call (:class:`.fa4_launch.Fa4Launch`; the call's time beyond FA4's own grew from 0.76 to
 1.58 ms at 6x); queries, outputs and LSEs keep their order.
 """
 

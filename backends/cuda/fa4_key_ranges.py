@@ -1,7 +1,7 @@
 """FA4's lists of one layout cut into consecutive key-tile ranges, one launch each (``Fa4Options.key_parts``).
 
 A launch over key tiles ``[first, stop)`` reads the keys and values of those tiles only (a view of
-``k, v``), so each range's K+V can fit the L2 where a whole head's would not (:func:`.fa4_backend.auto_key_parts`).
+``k, v``), so each range's K+V can fit the L2 where a whole head's would not (:func:`.fa4_launch.auto_key_parts`).
 Its lists are the whole mask's lists restricted to the range, with tile ids counted from ``first``; every
 list stays ascending, so a short last key tile is still taken first. Ranges are cut at tile boundaries,
 so the lookup mask_mod's tables serve every range: its key table is read from ``first * tile_n`` on (a

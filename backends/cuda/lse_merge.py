@@ -8,9 +8,10 @@ LSEs ``l_a, l_b`` (FlashDecoding's split-KV rule; :mod:`sparsecore.backends.npu.
 A set with ``l = -inf`` holds no key and adds nothing (its output is not read); both empty: output 0,
 LSE -inf. A NaN output or LSE of a set with keys (a NaN value, key or query it attends) stays NaN.
 Products and sums in float32; ``out`` keeps its dtype, so P parts round the output P - 1 more times
-(bf16: about 2e-3 relative each). Used by the ``fa4`` lowering's key-range parts (:class:`.fa4_backend.Fa4Launch`): unlike torch
-ops, it holds no float32 copy of the outputs (1.2 GB at Wan 6x). Tested in Triton's interpreter against
-the float64 rule; not yet run on a GPU (2026-12-01).
+(bf16: about 2e-3 relative each). Used by the ``fa4`` lowering's key ranges (:class:`.fa4_launch.Fa4Launch`):
+unlike torch ops, it holds no float32 copy of the outputs (1.2 GB at Wan 6x). Tested in Triton's interpreter
+against the float64 rule, and on the H200 through the ``fa4`` lowering's key ranges (its GPU oracle tests and
+the e2e runs since 2026-12-01's sixth session).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   FlashInfer 272 eff TFLOP/s against Triton's 440 and fails at 2,949 blocks x 12 heads (its
   ``max_rows``). Masks that approximate unlisted blocks (PASA's) run FA4's exact part with Triton's
   approximation pass merged in: on PASA's own masks at 6x, compiled and converted at each call as PASA
-  runs them, 101.0 ms against Triton's 106.3 (H200, 2026-12-01, eighth session; the exact parts alone
-  65.5 against 75.0).
+  runs them, 100.2 ms against Triton's 107.0 (H200, 2026-12-01, eighth session; the exact parts alone
+  64.1 against 75.1).
 - 1560-token frame blocks: on LVSA's frame mask at 6x (188,760 tokens, d = 0.17) fa4 runs at
   616 eff TFLOP/s (61.6 ms, keys gathered onto its tiles, 2% of its tiles masked; 551-557 in their own
   order, 10% masked; 2026-12-01), FlashInfer 506-529, Triton 411. On random
@@ -33,6 +33,7 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
+bench/results/gpu-2026-12-01-runs/eighth-session/ (pasa-mask-probe.json),
 bench/results/gpu-2026-12-01-runs/fifth-session/ (selection-64-2026-12-01.md, key-split-probe-fa4.md),
 bench/results/cuda-2026-11-22.md.
 """
