@@ -4,8 +4,10 @@
 content and device. A pageable host-to-device copy waits for the device's queue to drain, so
 code that runs every layer and step (planners, kernel plans) asks here instead of copying again.
 
-:func:`moved`: a tensor held in host memory between steps and brought back at each use, without
-waiting: the way there lands in pinned memory, the way back runs asynchronously in stream order.
+:func:`queued`: a small host array new at every call on a device, without waiting. :func:`moved`: a
+tensor held in host memory between steps and brought back at each use, without waiting: the way there
+lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
+tensors in one pinned buffer, brought to a device in one copy at each call.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     else:
         _UPLOADS.move_to_end(key)
     return found
+
+
+def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A small host array on ``device`` that the caller owns, without waiting for the device's queue: on CUDA the
+    copy goes from pinned memory and runs in stream order (for arrays new at every call, which
+    :func:`on_device`'s cache would not find again)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -449,7 +449,7 @@ def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod,
     scores = scores.masked_fill(~pairs[None], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)                                      # -inf on empty rows
     out = torch.softmax(scores, dim=-1) @ vv                                   # NaN on empty rows
-    return out.permute(0, 2, 1, 3).to(q.dtype), (lse.float() if return_lse else None)
+    return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), (lse.float() if return_lse else None)   # FA4's layout
 
 
 H200_L2_BYTES = 50 * 2**20
@@ -901,8 +901,12 @@ def test_key_ranges_are_the_whole_lists_cut_at_tile_edges(tiles, reorder_keys, c
             full, partial = tile_status(part)
             assert torch.equal(full, whole_full[:, :, first:stop])
             assert torch.equal(partial, whole_mask[:, :, first:stop])
-            for tensor in (lists.full_block_idx, lists.mask_block_idx):
-                assert tensor.storage_offset() % ALIGN == 0 and tensor.is_contiguous()
+            for kind in ("full", "mask"):
+                idx, cnt = getattr(lists, f"{kind}_block_idx"), getattr(lists, f"{kind}_block_cnt")
+                assert idx.storage_offset() % ALIGN == 0 and idx.is_contiguous()
+                unused = torch.arange(idx.shape[-1]) >= cnt[..., None]
+                assert (idx[unused] == 0).all()                                # the layout's contract: 0, never read
+            assert lists.empty == (not full[:, :, :].any() and not partial.any())
 
 
 def test_one_key_range_is_the_layout_itself():
@@ -952,10 +956,37 @@ def test_plans_kept_on_the_host_give_the_same_attention_and_hold_no_device_tenso
         on_device.keep_plans_on_host()                                                # after a first call
         held = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
         held.keep_plans_on_host()                                                     # before any call
+        bad = v.clone()
+        bad[1, 0, 80, 3] = math.nan                                    # the non-finite guard runs from the host plan
+        want_bad = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)(q, k, bad, 0.3, True)
+        assert torch.isnan(want_bad[0]).any()
         for launch in (on_device, held):
             for _ in range(2):
                 got = launch(q, k, v, 0.3, True)
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            got_bad = launch(q, k, bad, 0.3, True)
+            assert torch.equal(got_bad[0].isnan(), want_bad[0].isnan())
+            assert torch.equal(got_bad[0].nan_to_num(), want_bad[0].nan_to_num())
             (plan,) = launch._prepared.values()
             assert isinstance(plan, _HostPlan) and not any(
                 isinstance(value, torch.Tensor) for value in vars(plan.layout).values())
+
+
+def test_ranges_no_list_reaches_are_not_launched_and_the_whole_lists_are_not_kept(fake_sm90):
+    """Rows listing only the last key blocks: with 3 ranges over 6 key tiles the first range is empty, so a call
+    launches FA4 twice; the plan keeps the ranges' lists, not the whole mask's as well."""
+    fake_fa4 = fake_sm90.backend
+    offsets = np.arange(0, 193, 32)
+    mask = BlockMask.from_lists([[[4, 5], [2, 5], [3]], [[5], [4], [2, 3, 4]]], offsets[:4], offsets)
+    launch = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=True, key_parts=3)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 192, 16), torch.randn(1, 2, 192, 16)
+    out, lse = launch(q, k, v, 0.3, True)
+    want_out, want_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                         expand_to_tokens(mask), 0.3)
+    np.testing.assert_allclose(out.double().numpy(), want_out, atol=2e-6)
+    np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+    prepared = launch.converted("cpu", 3)
+    assert [(r.first, r.stop) for r in prepared.ranges] == [(2, 4), (4, 6)] and len(fake_sm90.calls) == 2
+    assert [lists.empty for lists in prepared.lists] == [True, False, False]
+    assert prepared.layout.full_block_idx is None and prepared.layout.mask_block_cnt is None

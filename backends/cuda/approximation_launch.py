@@ -120,7 +120,8 @@ class ApproximationLaunch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  scale: float) -> None:
-        """``out``/``lse``: the exact kernel's result over the listed blocks (contiguous), overwritten."""
+        """``out``/``lse``: the exact kernel's result over the listed blocks (any strides with a unit last one: FA4's
+        output comes as a transposed view), overwritten."""
         plan = self.plan(q.device)
         stats = self.statistics(k, v, plan)
         device_mask = self.mask.to(q.device)

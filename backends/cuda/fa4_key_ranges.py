@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import on_device, queued
 
 if TYPE_CHECKING:
     from .fa4_layout import Fa4Layout
@@ -39,6 +39,7 @@ class RangeLists:
     mask_block_idx: torch.Tensor
     full_block_cnt: torch.Tensor
     full_block_idx: torch.Tensor
+    empty: bool = False               # no list reaches these tiles
 
 
 def tile_edges(num_kv_tiles: int, count: int) -> list[int]:
@@ -69,50 +70,60 @@ def widths_from_entries(rows: torch.Tensor, indices: torch.Tensor, num_rows: int
 def split_lists(layout: "Fa4Layout", edges: list[int]) -> list[RangeLists]:
     """``layout``'s lists cut at key-tile ``edges`` (:func:`tile_edges`); one range: the layout's own tensors. The
     ranges' widths come from the conversion where it sized them for these edges (``key_edges``), else from one
-    host read here."""
+    host read here. A range no list reaches is marked ``empty`` (its launch can be skipped)."""
     if len(edges) == 2:
         return [RangeLists(0, layout.num_kv_tiles, layout.mask_block_cnt, layout.mask_block_idx,
                            layout.full_block_cnt, layout.full_block_idx)]
     parts = len(edges) - 1
-    device = layout.full_block_cnt.device
-    inner = on_device(np.asarray(edges[1:-1], dtype=np.int32), device)
-    cut = {}
-    for kind in ("full", "mask"):
-        counts = getattr(layout, f"{kind}_block_cnt")
-        idx = getattr(layout, f"{kind}_block_idx")
-        rows = counts.numel()
-        flat = idx.reshape(rows, -1)
-        valid = torch.arange(flat.shape[1], device=device) < counts.reshape(rows, 1)
-        part = torch.where(valid, torch.bucketize(flat, inner, right=True), parts)        # [rows, W]; parts: unused
-        per_part = torch.zeros(rows, parts + 1, dtype=torch.int32, device=device)
-        per_part.scatter_add_(1, part, torch.ones_like(part, dtype=torch.int32))
-        cut[kind] = (counts.shape, flat, valid, part, per_part[:, :parts])
+    counts = {kind: _range_counts(layout, kind, edges) for kind in ("full", "mask")}
     if layout.key_edges == tuple(edges) and layout.key_widths is not None:
-        widths = [layout.key_widths[:parts], layout.key_widths[parts:]]
+        widths = [list(layout.key_widths[:parts]), list(layout.key_widths[parts:])]
     else:
-        widths = torch.stack([cut[kind][4].amax(0) for kind in ("full", "mask")]).tolist()   # one host read
-    lists = {kind: _pack(*cut[kind], edges, [max(int(w), 1) for w in width])
+        widths = torch.stack([counts[kind].amax(0) for kind in ("full", "mask")]).tolist()   # one host read
+    lists = {kind: _pack(layout, kind, counts[kind], edges, [max(int(w), 1) for w in width])
              for kind, width in zip(("full", "mask"), widths)}
-    return [RangeLists(edges[p], edges[p + 1], *lists["mask"][p], *lists["full"][p]) for p in range(parts)]
+    return [RangeLists(edges[p], edges[p + 1], *lists["mask"][p], *lists["full"][p],
+                       empty=widths[0][p] == 0 and widths[1][p] == 0) for p in range(parts)]
 
 
-def _pack(shape: torch.Size, flat: torch.Tensor, valid: torch.Tensor, part: torch.Tensor, per_part: torch.Tensor,
-          edges: list[int], widths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(cnt, idx)`` of each range from the whole lists ``flat [rows, W]``: each entry goes to its range's packed
-    list at its place in the row minus the entries of earlier ranges, as its tile id minus the range's first; one
-    scatter for all ranges into one buffer (the last slot takes the unused entries)."""
+def _entries(layout: "Fa4Layout", kind: str, edges: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kind`` lists as ``[rows, W]`` tile ids and each entry's range (``P`` past a row's count)."""
+    counts = getattr(layout, f"{kind}_block_cnt")
+    flat = getattr(layout, f"{kind}_block_idx").reshape(counts.numel(), -1)
+    inner = on_device(np.asarray(edges[1:-1], dtype=np.int32), flat.device)
+    valid = torch.arange(flat.shape[1], device=flat.device) < counts.reshape(-1, 1)
+    return flat, torch.where(valid, torch.bucketize(flat, inner, right=True), len(edges) - 1)
+
+
+def _range_counts(layout: "Fa4Layout", kind: str, edges: list[int]) -> torch.Tensor:
+    """Entries of each row's ``kind`` list in each range: int32 ``[rows, P]``."""
+    flat, part = _entries(layout, kind, edges)
+    counts = torch.zeros(flat.shape[0], len(edges), dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(1, part, torch.ones_like(part, dtype=torch.int32))[:, :-1]
+
+
+def _pack(layout: "Fa4Layout", kind: str, per_part: torch.Tensor, edges: list[int],
+          widths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(cnt, idx)`` of each range from the whole ``kind`` lists: each entry goes to its range's packed list at its
+    place in the row minus the entries of earlier ranges, as its tile id minus the range's first; one scatter for
+    all ranges into one buffer (the last slot takes the unused entries, so the rest stays 0)."""
+    flat, part = _entries(layout, kind, edges)
+    shape = getattr(layout, f"{kind}_block_cnt").shape
     rows, parts, device = flat.shape[0], per_part.shape[1], flat.device
     starts = [0]
     for w in widths:                                      # each range's lists start 256-byte aligned
         starts.append(starts[-1] + -(-rows * w // ALIGN) * ALIGN)
     total = starts[-1]
-    base, width, first = on_device(np.array([starts[:-1], widths, edges[:-1]], dtype=np.int64), device)
-    earlier = (torch.cumsum(per_part, 1, dtype=torch.int64) - per_part)                 # [rows, parts]
-    slot = part.clamp(max=parts - 1)
-    place = torch.arange(flat.shape[1], device=device) - earlier.gather(1, slot)       # place in the range's list
-    row = torch.arange(rows, device=device)[:, None]
-    target = torch.where(valid, base[slot] + row * width[slot] + place, total)
+    base, width, first = queued(np.array([starts[:-1], widths, edges[:-1]], dtype=np.int64), device)
+    unused = part == parts
+    slot = part.clamp_(max=parts - 1)                                                   # part's memory from here
+    earlier = torch.cumsum(per_part, 1, dtype=torch.int64) - per_part                  # [rows, parts]
+    target = torch.arange(flat.shape[1], device=device) - earlier.gather(1, slot)      # place in the range's list
+    target += torch.arange(rows, device=device)[:, None] * width[slot]
+    target += base[slot]
+    value = (flat - first[slot].to(flat.dtype)).masked_fill_(unused, 0)
+    del slot, part
     buffer = torch.zeros(total + 1, dtype=torch.int32, device=device)
-    buffer.scatter_(0, target.reshape(-1), (flat - first[slot]).to(torch.int32).reshape(-1))
+    buffer.scatter_(0, target.masked_fill_(unused, total).reshape(-1), value.reshape(-1))
     return [(per_part[:, p].reshape(shape).contiguous(), buffer[starts[p]:starts[p] + rows * w].view(*shape, w))
             for p, w in enumerate(widths)]

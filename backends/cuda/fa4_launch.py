@@ -8,8 +8,11 @@ Per call (:class:`Fa4Launch`): keys and values gathered in the layout's key orde
 blocks exactly and Triton's approximation pass (:mod:`.approximation_launch`) merges the rest into its
 output and LSE in place, as the Triton lowering does after its own exact kernel.
 
-Plans: the layout and each range's lists are built on the first call on a device (one host read, which
-also sizes the ranges' lists) and reused for every batch size (FA4 broadcasts the batch dimension).
+Plans: the layout and each range's lists are built on the first call on a device (one host read per layout
+built, which also sizes the ranges' lists; two layouts where a key order is tried, plus its read of per-block
+row counts) and reused for every batch size (FA4 broadcasts the batch dimension). With several ranges the
+plan keeps their lists only (the layout's own list fields are None there); a range no list reaches is not
+launched.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask
-from sparsecore.ir.uploads import HostPack
+from sparsecore.ir.uploads import HostPack, on_device
 
 from .fa4_key_ranges import RangeLists, split_lists, tile_edges
 from .fa4_layout import Fa4Layout, to_fa4
@@ -76,6 +80,8 @@ def _assembled(layout: Fa4Layout, lists: list[RangeLists], kv_offsets: torch.Ten
     tile_n = layout.tile_n
     ranges = []
     for part in lists:
+        if part.empty:                   # no list reaches these key tiles: no launch
+            continue
         sparse = BlockSparseTensorsTorch(mask_block_cnt=part.mask_block_cnt, mask_block_idx=part.mask_block_idx,
                                          full_block_cnt=part.full_block_cnt, full_block_idx=part.full_block_idx,
                                          block_size=(layout.tile_m, tile_n))
@@ -109,16 +115,16 @@ class _HostPlan:
             tensors["kv_offsets"] = prepared.kv_offsets
         self.pack = HostPack({name: t.contiguous() for name, t in tensors.items()})
         self.layout = dataclasses.replace(layout, **{name: None for name in self.layout_fields})
-        self.device = layout.full_block_cnt.device
-        self.edges = [(part.first, part.stop) for part in prepared.lists]
+        self.device = prepared.lists[0].full_block_cnt.device
+        self.edges = [(part.first, part.stop, part.empty) for part in prepared.lists]
 
     def on(self, device: torch.device) -> _Prepared:
         """The plan on ``device`` for one call (its own tensors)."""
         tensors = self.pack.to(device)
         layout = dataclasses.replace(self.layout, **{name: tensors[f"layout.{name}"] for name in self.layout_fields})
         if self.own_lists:
-            lists = [RangeLists(first, stop, *(tensors[f"{p}.{name}"] for name in self.LISTS))
-                     for p, (first, stop) in enumerate(self.edges)]
+            lists = [RangeLists(first, stop, *(tensors[f"{p}.{name}"] for name in self.LISTS), empty=empty)
+                     for p, (first, stop, empty) in enumerate(self.edges)]
         else:
             lists = [RangeLists(0, layout.num_kv_tiles, *(getattr(layout, name) for name in self.LISTS))]
         return _assembled(layout, lists, tensors.get("kv_offsets"))
@@ -187,8 +193,11 @@ class Fa4Launch:
             layout = to_fa4(self.mask, self.tile_m, self.tile_n, device, self.reorder_keys, key_parts)
             kv_offsets = None
             if layout.needs_mask_mod:
-                kv_offsets = torch.tensor(self.mask.kv_offsets, dtype=torch.int64, device=device)
-            prepared = _assembled(layout, split_lists(layout, tile_edges(layout.num_kv_tiles, key_parts)), kv_offsets)
+                kv_offsets = on_device(np.asarray(self.mask.kv_offsets, dtype=np.int64), device)
+            lists = split_lists(layout, tile_edges(layout.num_kv_tiles, key_parts))
+            if len(lists) > 1:                        # the ranges' lists replace the whole mask's
+                layout = dataclasses.replace(layout, **{name: None for name in _HostPlan.LISTS})
+            prepared = _assembled(layout, lists, kv_offsets)
             self._prepared[key] = _HostPlan(prepared) if self.plans_on_host else prepared
         return self._prepared[key]
 

@@ -96,8 +96,8 @@ class Fa4Layout:
     position FA4 reads (:func:`.fa4_key_order.key_order`; keys and values go in gathered so), or None for the keys' own order;
     key tiles, ``kv_block_of_token`` and the lists count positions in that order. ``kept_pairs``: the (query, key)
     pairs the mask keeps, summed over heads (counted by the general conversion; None from the aligned one).
-    ``key_edges``, ``key_widths``: the key-tile ranges :func:`to_fa4` was asked for (``key_parts`` > 1) and, per
-    range, the longest full list, then per range the longest mask list (:mod:`.fa4_key_ranges`).
+    ``key_edges``: the key-tile ranges :func:`to_fa4` was asked for (``(0, NT)`` for one); ``key_widths``, for
+    several: per range the longest full list, then per range the longest mask list (:mod:`.fa4_key_ranges`).
     """
 
     tile_m: int
