@@ -63,11 +63,12 @@ class CompiledKernel:
     def keep_plans_on_host(self) -> None:
         """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in
         host memory instead, copied to the device at each call: for a mask many layers call in turn, where the
-        device memory between calls matters more than one copy a call. Lowerings without such a mode
-        (``keep_plans_on_host`` on their run function; today ``fa4``) keep theirs on the device."""
+        device memory between calls matters more than one copy a call. Lowerings with such a mode
+        (``Backend.host_plans``; today ``fa4``) then also lower a host mask from the host, so no device copy of
+        its lists stays either; the others keep theirs on the device."""
         self.plans_on_host = True
         for run in self._runs.values():
-            if hasattr(run, "keep_plans_on_host"):
+            if hasattr(run, "keep_plans_on_host"):          # runs lowered before: their plans move to the host
                 run.keep_plans_on_host()
 
     def prepare(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> None:
@@ -88,9 +89,11 @@ class CompiledKernel:
         run_key = (backend.name, str(getattr(q, "device", "host")))
         run = self._runs.get(run_key)
         if run is None:
-            mask = self.mask.to_host() if backend.lowers_from_host else self.mask.to(q.device)
+            host_plans = self.plans_on_host and backend.host_plans
+            from_host = backend.lowers_from_host or (host_plans and self.mask.on_host)  # no device copy kept
+            mask = self.mask.to_host() if from_host else self.mask.to(q.device)
             run = self._runs[run_key] = backend.lower(mask, self.device, options)
-            if self.plans_on_host and hasattr(run, "keep_plans_on_host"):
+            if host_plans:
                 run.keep_plans_on_host()
         self.backend = backend
         return run, scale

@@ -95,6 +95,8 @@ class Backend(ABC):
     install_hint: str = ""
     options_type: type = NoOptions
     lowers_from_host: bool = False   # lower() reads the mask's lists with NumPy (else torch, on the run device)
+    host_plans: bool = False         # its runs keep their plans in host memory on request (keep_plans_on_host)
+                                     # and lower() takes a host mask too: such a kernel keeps no device copy of it
     block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
     row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
     dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
@@ -107,8 +109,9 @@ class Backend(ABC):
     def lower(self, mask: "BlockMask", device: str, options: Hashable) -> Run:
         """Plan ``mask`` for ``device`` (once) and return the function that runs it.
 
-        ``mask`` arrives on the host when :attr:`lowers_from_host` is set, else with its lists on
-        the device of the tensors it will run on (see :meth:`BlockMask.to`).
+        ``mask`` arrives on the host when :attr:`lowers_from_host` is set, or for a host mask whose kernel keeps its
+        plans on the host where :attr:`host_plans` is set; else with its lists on the device of the tensors it
+        will run on (see :meth:`BlockMask.to`).
         """
 
     def emulator(self) -> ContextManager[None] | None:

@@ -296,3 +296,53 @@ def test_the_host_mask_cache_is_bounded_by_the_blocks_it_lists(monkeypatch):
     assert sparsecore.compile(masks[0], device="cpu") is kernels[0]
     assert sparsecore.compile(masks[1], device="cpu") is not kernels[1]
     sparsecore.clear_cache()
+
+
+class _HostPlans(registry.Backend):
+    """A fake backend whose runs can keep their plans on the host: records the masks it lowers."""
+
+    name = "host-plans-test"
+    capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float32"}))
+    install_hint = "test only"
+    host_plans = True
+
+    def __init__(self):
+        self.lowered = []
+
+    def unavailable_reason(self, device):
+        return None
+
+    def lower(self, mask, device, options):
+        backend = self
+
+        class Run:
+            on_host = False
+
+            def keep_plans_on_host(self):
+                self.on_host = True
+
+            def __call__(self, q, k, v, scale, return_lse):
+                return torch.zeros_like(q), None
+        backend.lowered.append(mask)
+        return Run()
+
+
+def test_kernels_keeping_plans_on_the_host_lower_a_host_mask_from_the_host(monkeypatch):
+    """keep_plans_on_host before the first call: the run gets the host mask itself (no device copy of its lists
+    is made or kept) and is asked to keep its plans on the host; without it, the mask's device copy."""
+    backend = _HostPlans()
+    monkeypatch.setitem(registry._REGISTRY, backend.name, backend)
+    q = torch.zeros(1, 2, 32, 8)
+    held = BlockMask.full(2, 32, 32, 16)
+    kernel = sparsecore.compile(held, device="cpu", backend=backend.name, cache=False)
+    kernel.keep_plans_on_host()
+    kernel(q, q, q)
+    assert backend.lowered[-1] is held and kernel._runs[(backend.name, "cpu")].on_host
+    assert "cpu" not in {str(key) for key in held.derived}                  # no device copy was made
+    plain = BlockMask.full(2, 32, 32, 16)
+    other = sparsecore.compile(plain, device="cpu", backend=backend.name, cache=False)
+    other(q, q, q)
+    assert backend.lowered[-1] is plain.derived["cpu"] and not backend.lowered[-1].on_host   # the memoized copy
+    assert not other._runs[(backend.name, "cpu")].on_host
+    other.keep_plans_on_host()                                              # a run lowered before is asked too
+    assert other._runs[(backend.name, "cpu")].on_host

@@ -140,6 +140,7 @@ class Fa4Backend(Backend):
     install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
     options_type = Fa4Options
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
+    host_plans = True          # Fa4Launch.keep_plans_on_host; to_fa4 takes host lists (one transient upload)
     dense = DenseOp(run=fa4_dense.run, supports=fa4_dense.supports)     # FA4's dense forward, where measured faster
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 96, 128}), unselected=frozenset(KINDS),
