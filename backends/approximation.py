@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask, Unselected
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 
 PIECE_TOKENS = 2048          # widest piece of the key sequence one gather takes (bounds padding)
 CHUNK_ELEMENTS = 1 << 24     # default working set of the pass: query rows x (blocks + group terms) per chunk
@@ -133,7 +133,7 @@ _PLANS: "OrderedDict[tuple, StatisticsPlan]" = OrderedDict()
 
 def query_blocks(mask: BlockMask, device: torch.device) -> torch.Tensor:
     """Each query token's block, int64 ``[L]`` on ``device`` (built there from the uploaded block sizes)."""
-    sizes = on_device(mask.q_block_sizes.astype(np.int64), device)
+    sizes = queued(mask.q_block_sizes.astype(np.int64), device)
     return torch.repeat_interleave(torch.arange(mask.num_q_blocks, device=device), sizes, output_size=mask.q_len)
 
 

@@ -258,8 +258,8 @@ class BlockMask:
         per_row = csr.kept_key_tokens(self.indptr, self.indices, self.kv_offsets)
         sizes = self.q_block_sizes
         if csr.is_tensor(per_row):
-            from .uploads import on_device
-            return (per_row * on_device(sizes, per_row.device)[None, :]).sum(dim=1)
+            from .uploads import queued
+            return (per_row * queued(sizes, per_row.device)[None, :]).sum(dim=1)
         return (per_row * sizes[None, :]).sum(axis=1)
 
     def density(self, per_head: bool = False) -> float | np.ndarray:

@@ -1,10 +1,12 @@
 """Copies between the host and a device.
 
 :func:`on_device`: small host arrays (block boundaries, block ids) on a device, uploaded once per
-content and device. A pageable host-to-device copy waits for the device's queue to drain, so
-code that runs every layer and step (planners, kernel plans) asks here instead of copying again.
+content and device and kept (at most :data:`CACHE_ENTRIES`). A pageable host-to-device copy waits
+for the device's queue to drain, so code that runs every layer and step asks here or below instead.
 
-:func:`queued`: a small host array new at every call on a device, without waiting. :func:`moved`: a
+:func:`queued`: a small host array on a device, copied at each call without waiting and not kept:
+for the per-call paths (PASA's plans, FA4 conversions, the approximation's plan), whose cached copies
+had stayed on the GPU through every layer's work (what a row keeps above dense's peak). :func:`moved`: a
 tensor held in host memory between steps and brought back at each use, without waiting: the way there
 lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
 tensors in one pinned buffer, brought to a device in one copy at each call.
@@ -39,7 +41,7 @@ def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """A small host array on ``device`` that the caller owns, without waiting for the device's queue: on CUDA the
     copy goes from pinned memory and runs in stream order (for arrays new at every call, which
     :func:`on_device`'s cache would not find again)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.array(array))                   # a copy: on the host it must not alias ``array``
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -84,7 +86,7 @@ class HostPack:
 
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The tensors on ``device`` (new ones per call: the caller owns them)."""
-        buffer = self.buffer.to(device, non_blocking=self.buffer.is_pinned())
+        buffer = self.buffer.to(device, non_blocking=self.buffer.is_pinned(), copy=True)
         return {name: self._view(buffer, name) for name in self.specs}
 
     def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:

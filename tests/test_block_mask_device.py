@@ -149,3 +149,21 @@ def test_unchecked_takes_lists_as_they_are():
                                   {"method": "x"})
     assert rebuilt.indices is mask.indices and rebuilt == BlockMask.from_dense(np.eye(3, dtype=bool)[None], 6, 6, 2,
                                                                                meta={"method": "x"})
+
+
+def test_queued_uploads_are_copies_the_caller_owns():
+    """``queued`` (per-call small arrays) gives a new tensor at every call, never an alias of the host array; the
+    HostPack holds tensors of any dtype and shape in one buffer and gives new ones at every call."""
+    from sparsecore.ir.uploads import HostPack, queued
+    values = np.arange(5, dtype=np.int64)
+    first, second = queued(values, "cpu"), queued(values, "cpu")
+    values[0] = 7
+    assert first.tolist() == [0, 1, 2, 3, 4] and first.data_ptr() != second.data_ptr()
+    tensors = {"ids": torch.arange(7, dtype=torch.int32), "flags": torch.tensor([[True, False], [False, True]]),
+               "wide": torch.arange(6, dtype=torch.int64).view(2, 3)}
+    pack = HostPack(tensors)
+    got, again = pack.to(torch.device("cpu")), pack.to(torch.device("cpu"))
+    for name, tensor in tensors.items():
+        assert torch.equal(got[name], tensor) and got[name].dtype == tensor.dtype
+        start = got[name].data_ptr() - got["ids"].data_ptr()                  # "ids" starts the buffer
+        assert start % HostPack.ALIGN == 0 and got[name].data_ptr() != again[name].data_ptr()

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from sparsecore.ir import BlockMask, csr
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 
 from ..approximation import PIECE_TOKENS, group_bounds, query_blocks
 from .approximation_kernel import approximate_unselected_fwd
@@ -85,9 +85,9 @@ class ApproximationLaunch:
             mask = self.mask
             offsets = np.asarray(mask.kv_offsets, dtype=np.int64)
             bounds = group_bounds(mask.num_kv_blocks, mask.unselected)
-            group_tokens = None if bounds is None else on_device(np.diff(offsets[bounds]).astype(np.float32), device)
-            sizes = on_device(np.diff(offsets).astype(np.float32), device)
-            self._plans[key] = _DevicePlan(on_device(offsets, device), sizes, group_tokens,
+            group_tokens = None if bounds is None else queued(np.diff(offsets[bounds]).astype(np.float32), device)
+            sizes = queued(np.diff(offsets).astype(np.float32), device)
+            self._plans[key] = _DevicePlan(queued(offsets, device), sizes, group_tokens,
                                            query_blocks(mask, device).to(torch.int32))
         return self._plans[key]
 

@@ -10,7 +10,7 @@ view), the others as they are. The outputs merge by LSE (:mod:`.lse_merge`).
 The cut is fixed-size tensor ops over the lists ``[H, QT, W]``; each range's longest list, which sizes its
 packed lists, comes with the conversion's own host read where it was asked for these ranges
 (:func:`.fa4_layout.to_fa4`'s ``key_parts``), else from one more; no loop over heads, rows or tiles. The range edges and offsets go up
-through :func:`sparsecore.ir.uploads.on_device` (cached small uploads).
+through :func:`sparsecore.ir.uploads.queued` (small copies that do not wait and are not kept).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sparsecore.ir.uploads import on_device, queued
+from sparsecore.ir.uploads import queued
 
 if TYPE_CHECKING:
     from .fa4_layout import Fa4Layout
@@ -60,7 +60,7 @@ def widths_from_entries(rows: torch.Tensor, indices: torch.Tensor, num_rows: int
     entries' rows ``rows`` and ids ``indices`` (ascending within a row), whose (row, range) keys then ascend too, so
     a search finds each (row, range)'s entries without atomics. The mask lists of such a layout are empty."""
     parts = len(edges) - 1
-    inner = on_device(np.asarray(edges[1:-1], dtype=np.int32), indices.device)
+    inner = queued(np.asarray(edges[1:-1], dtype=np.int32), indices.device)
     keys = rows * parts + torch.bucketize(indices, inner, right=True)
     starts = torch.searchsorted(keys, torch.arange(num_rows * parts + 1, device=indices.device))
     longest = (starts[1:] - starts[:-1]).view(num_rows, parts).amax(0)
@@ -90,7 +90,7 @@ def _entries(layout: "Fa4Layout", kind: str, edges: list[int]) -> tuple[torch.Te
     """The ``kind`` lists as ``[rows, W]`` tile ids and each entry's range (``P`` past a row's count)."""
     counts = getattr(layout, f"{kind}_block_cnt")
     flat = getattr(layout, f"{kind}_block_idx").reshape(counts.numel(), -1)
-    inner = on_device(np.asarray(edges[1:-1], dtype=np.int32), flat.device)
+    inner = queued(np.asarray(edges[1:-1], dtype=np.int32), flat.device)
     valid = torch.arange(flat.shape[1], device=flat.device) < counts.reshape(-1, 1)
     return flat, torch.where(valid, torch.bucketize(flat, inner, right=True), len(edges) - 1)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask
-from sparsecore.ir.uploads import HostPack, on_device
+from sparsecore.ir.uploads import HostPack, queued
 
 from .fa4_key_ranges import RangeLists, split_lists, tile_edges
 from .fa4_layout import Fa4Layout, to_fa4
@@ -193,7 +193,7 @@ class Fa4Launch:
             layout = to_fa4(self.mask, self.tile_m, self.tile_n, device, self.reorder_keys, key_parts)
             kv_offsets = None
             if layout.needs_mask_mod:
-                kv_offsets = on_device(np.asarray(self.mask.kv_offsets, dtype=np.int64), device)
+                kv_offsets = queued(np.asarray(self.mask.kv_offsets, dtype=np.int64), device)
             lists = split_lists(layout, tile_edges(layout.num_kv_tiles, key_parts))
             if len(lists) > 1:                        # the ranges' lists replace the whole mask's
                 layout = dataclasses.replace(layout, **{name: None for name in _HostPlan.LISTS})

@@ -26,7 +26,7 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 from sparsecore.noise import GumbelNoise
 from sparsecore.registry import RowTopOp, registered_backends
 
@@ -43,10 +43,10 @@ def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
     if run == len(sizes):
         return head
     rest = sizes[run:]
-    block_of = on_device(np.repeat(np.arange(len(rest)), rest), x.device)
+    block_of = queued(np.repeat(np.arange(len(rest)), rest), x.device)
     sums = torch.zeros(*x.shape[:2], len(rest), x.shape[3], device=x.device).index_add_(2, block_of,
                                                                                        x[:, :, split:].float())
-    return torch.cat([head, sums / on_device(rest.astype(np.float32), x.device)[None, None, :, None]], dim=2)
+    return torch.cat([head, sums / queued(rest.astype(np.float32), x.device)[None, None, :, None]], dim=2)
 
 
 @dataclass(frozen=True)
