@@ -38,13 +38,16 @@ def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 
 def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A small host array on ``device`` that the caller owns, without waiting for the device's queue: on CUDA the
-    copy goes from pinned memory and runs in stream order (for arrays new at every call, which
-    :func:`on_device`'s cache would not find again)."""
-    tensor = torch.from_numpy(np.array(array))                   # a copy: on the host it must not alias ``array``
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """A small host array on ``device`` without waiting for the device's queue and without keeping it: on CUDA a
+    copy from pinned memory, queued on the current stream (use it on that stream; not inside a CUDA graph
+    capture, whose replays would read the freed pinned source); on the host a copy. Other devices (NPU, MPS,
+    XPU), where a copy per call would wait, get :func:`on_device`'s cached upload (do not write to it)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return torch.from_numpy(np.array(array))                 # a copy: it must not alias ``array``
+    if kind != "cuda":
+        return on_device(array, device)
+    return torch.from_numpy(np.array(array)).pin_memory().to(device, non_blocking=True)
 
 
 def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -65,7 +65,8 @@ class CompiledKernel:
         host memory instead, copied to the device at each call: for a mask many layers call in turn, where the
         device memory between calls matters more than one copy a call. Lowerings with such a mode
         (``Backend.host_plans``; today ``fa4``) then also lower a host mask from the host, so no device copy of
-        its lists stays either; the others keep theirs on the device."""
+        its lists stays either (except where the lowering itself needs one: ``fa4``'s approximation pass); the
+        others keep theirs on the device."""
         self.plans_on_host = True
         for run in self._runs.values():
             if hasattr(run, "keep_plans_on_host"):          # runs lowered before: their plans move to the host

@@ -172,7 +172,8 @@ class Fa4Launch:
     def keep_plans_on_host(self) -> None:
         """From now on, keep the converted tensors in pinned host memory between calls and copy them to the GPU at
         each call (one copy that does not wait): no device memory between calls, for a mask that many layers call
-        in turn (LVSA's per-step mask: 4.6 MiB at Wan 2.1 6x)."""
+        in turn (LVSA's per-step mask: 4.6 MiB at Wan 2.1 6x). A mask that approximates unlisted blocks still gets
+        a device copy of its lists, kept with the mask, for Triton's pass (:meth:`.ApproximationLaunch.__call__`)."""
         self.plans_on_host = True
         for key, prepared in self._prepared.items():
             if not isinstance(prepared, _HostPlan):
@@ -205,7 +206,9 @@ class Fa4Launch:
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         want_lse = return_lse or self.approximation is not None
-        if len(self.mask.indices) == 0:  # nothing listed anywhere: no kernel (and no compile) needed
+        # Nothing listed anywhere: no kernel (and no compile) needed. Otherwise some key range runs: a listed
+        # block covers at least one key tile.
+        if len(self.mask.indices) == 0:
             out = torch.zeros_like(q)
             lse = torch.full(q.shape[:3], -math.inf, device=q.device) if want_lse else None
         else:
