@@ -536,6 +536,14 @@ def mask_with_an_empty_row() -> BlockMask:
     return BlockMask.from_lists(rows, q_offsets, kv_offsets)
 
 
+def assert_float32_like_dense(out, lse, mask: BlockMask, q, k, v) -> None:
+    """A float32 launch's output and LSE (scale 0.3) equal :func:`dense_attention` in float64 within float32 merging."""
+    want_out, want_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                         expand_to_tokens(mask), 0.3)
+    np.testing.assert_allclose(out.double().numpy(), want_out, atol=2e-6)
+    np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+
+
 def check_against_dense(launch, mask: BlockMask, q, k, v, merged: bool) -> None:
     """``launch`` on the float64 inputs equals :func:`dense_attention` (the mask of the layouts above: head 1's last
     query block empty), with and without the LSE."""
@@ -815,10 +823,7 @@ def test_a_nan_key_reaches_every_row_that_attends_it_across_key_parts(fake_fa4, 
     launch = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
     q, k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 192, 16), torch.randn(1, 2, 192, 16)
     clean_out, clean_lse = launch(q, k, v, 0.3, True)
-    want_out, want_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
-                                         expand_to_tokens(mask), 0.3)
-    np.testing.assert_allclose(clean_out.double().numpy(), want_out, atol=2e-6)
-    np.testing.assert_allclose(clean_lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+    assert_float32_like_dense(clean_out, clean_lse, mask, q, k, v)
     bad = k.clone()
     bad[0, 0, 4 * 32 + 3, 5] = math.nan                                   # a key in block 4, key head 0
     out, lse = launch(q, bad, v, 0.3, True)
@@ -981,11 +986,7 @@ def test_ranges_no_list_reaches_are_not_launched_and_the_whole_lists_are_not_kep
     launch = fake_fa4.Fa4Launch(mask, 32, 32, two_per_sm=True, key_parts=3)
     torch.manual_seed(2)
     q, k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 192, 16), torch.randn(1, 2, 192, 16)
-    out, lse = launch(q, k, v, 0.3, True)
-    want_out, want_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
-                                         expand_to_tokens(mask), 0.3)
-    np.testing.assert_allclose(out.double().numpy(), want_out, atol=2e-6)
-    np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+    assert_float32_like_dense(*launch(q, k, v, 0.3, True), mask, q, k, v)
     prepared = launch.converted("cpu", 3)
     assert [(r.first, r.stop) for r in prepared.ranges] == [(2, 4), (4, 6)] and len(fake_sm90.calls) == 2
     assert [lists.empty for lists in prepared.lists] == [True, False, False]
