@@ -61,7 +61,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -464,7 +463,7 @@ def main() -> int:
                                "dense_attention": args.dense_attention}
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []
-    stem = args.out / ((f"e2e-tiny" if args.tiny else f"e2e-{meta['date']}") + args.tag)
+    stem = args.out / (("e2e-tiny" if args.tiny else f"e2e-{meta['date']}") + args.tag)
     chosen = [c for c in cases(args.models, args.tiny) if not args.lengths or c.label in args.lengths]
     if args.lengths:                                          # in the order asked for: the most wanted first
         chosen.sort(key=lambda c: args.lengths.index(c.label))

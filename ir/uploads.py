@@ -83,10 +83,6 @@ class HostPack:
         for name, tensor in tensors.items():
             self._view(self.buffer, name).copy_(tensor)
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel()
-
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The tensors on ``device`` (new ones per call: the caller owns them)."""
         buffer = self.buffer.to(device, non_blocking=self.buffer.is_pinned(), copy=True)

@@ -75,12 +75,12 @@ def split_lists(layout: "Fa4Layout", edges: list[int]) -> list[RangeLists]:
         return [RangeLists(0, layout.num_kv_tiles, layout.mask_block_cnt, layout.mask_block_idx,
                            layout.full_block_cnt, layout.full_block_idx)]
     parts = len(edges) - 1
-    counts = {kind: _range_counts(layout, kind, edges) for kind in ("full", "mask")}
     if layout.key_edges == tuple(edges) and layout.key_widths is not None:
         widths = [list(layout.key_widths[:parts]), list(layout.key_widths[parts:])]
     else:
-        widths = torch.stack([counts[kind].amax(0) for kind in ("full", "mask")]).tolist()   # one host read
-    lists = {kind: _pack(layout, kind, counts[kind], edges, [max(int(w), 1) for w in width])
+        counts = [_range_counts(_entries(layout, kind, edges)[1], parts) for kind in ("full", "mask")]
+        widths = torch.stack([c.amax(0) for c in counts]).tolist()                          # one host read
+    lists = {kind: _pack(layout, kind, edges, [max(int(w), 1) for w in width])
              for kind, width in zip(("full", "mask"), widths)}
     return [RangeLists(edges[p], edges[p + 1], *lists["mask"][p], *lists["full"][p],
                        empty=widths[0][p] == 0 and widths[1][p] == 0) for p in range(parts)]
@@ -95,19 +95,19 @@ def _entries(layout: "Fa4Layout", kind: str, edges: list[int]) -> tuple[torch.Te
     return flat, torch.where(valid, torch.bucketize(flat, inner, right=True), len(edges) - 1)
 
 
-def _range_counts(layout: "Fa4Layout", kind: str, edges: list[int]) -> torch.Tensor:
-    """Entries of each row's ``kind`` list in each range: int32 ``[rows, P]``."""
-    flat, part = _entries(layout, kind, edges)
-    counts = torch.zeros(flat.shape[0], len(edges), dtype=torch.int32, device=flat.device)
+def _range_counts(part: torch.Tensor, parts: int) -> torch.Tensor:
+    """Entries of each row's list in each of ``parts`` ranges (``part`` from :func:`_entries`): int32 ``[rows, P]``."""
+    counts = torch.zeros(part.shape[0], parts + 1, dtype=torch.int32, device=part.device)
     return counts.scatter_add_(1, part, torch.ones_like(part, dtype=torch.int32))[:, :-1]
 
 
-def _pack(layout: "Fa4Layout", kind: str, per_part: torch.Tensor, edges: list[int],
+def _pack(layout: "Fa4Layout", kind: str, edges: list[int],
           widths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(cnt, idx)`` of each range from the whole ``kind`` lists: each entry goes to its range's packed list at its
     place in the row minus the entries of earlier ranges, as its tile id minus the range's first; one scatter for
     all ranges into one buffer (the last slot takes the unused entries, so the rest stays 0)."""
     flat, part = _entries(layout, kind, edges)
+    per_part = _range_counts(part, len(edges) - 1)
     shape = getattr(layout, f"{kind}_block_cnt").shape
     rows, parts, device = flat.shape[0], per_part.shape[1], flat.device
     starts = [0]

@@ -29,7 +29,7 @@ import torch
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import HostPack, queued
 
-from .fa4_key_ranges import RangeLists, split_lists, tile_edges
+from .fa4_key_ranges import RangeLists, split_lists
 from .fa4_layout import Fa4Layout, to_fa4
 from .fa4_mask_mods import lookup_mask_mod
 
@@ -195,7 +195,7 @@ class Fa4Launch:
             kv_offsets = None
             if layout.needs_mask_mod:
                 kv_offsets = queued(np.asarray(self.mask.kv_offsets, dtype=np.int64), device)
-            lists = split_lists(layout, tile_edges(layout.num_kv_tiles, key_parts))
+            lists = split_lists(layout, list(layout.key_edges))           # the edges to_fa4 sized the lists for
             if len(lists) > 1:                        # the ranges' lists replace the whole mask's
                 layout = dataclasses.replace(layout, **{name: None for name in _HostPlan.LISTS})
             prepared = _assembled(layout, lists, kv_offsets)
