@@ -31,7 +31,7 @@ STEPS = {"pasa": (12, 13), "lvsa": (22, 23),    # (a step that compiles, the nex
          "adaspa": (9, 10, 11)}                   # the dense pass that keeps its LSE, the first search, a reuse
 
 
-def _replay(trace: list[dict], stop: int | None = None) -> tuple[int, int, dict[int, dict]]:
+def replay(trace: list[dict], stop: int | None = None) -> tuple[int, int, dict[int, dict]]:
     """Blocks allocated within ``trace[:stop]`` and still alive at its end, the bytes they hold at their highest,
     and the event index of that highest (frees of blocks allocated before the trace are ignored)."""
     live: dict[int, dict] = {}
@@ -50,8 +50,8 @@ def _replay(trace: list[dict], stop: int | None = None) -> tuple[int, int, dict[
 def peak_blocks(trace: list[dict]) -> tuple[int, list[dict]]:
     """The highest total of bytes allocated within ``trace`` (the allocator's events, in order) and the
     ``alloc`` events of the blocks alive at that moment."""
-    peak, index, _ = _replay(trace)
-    return peak, list(_replay(trace, index + 1)[2].values())
+    peak, index, _ = replay(trace)
+    return peak, list(replay(trace, index + 1)[2].values())
 
 
 def origin(event: dict) -> str:
