@@ -9,7 +9,8 @@ for the per-call paths (PASA's plans, FA4 conversions, the approximation's plan)
 had stayed on the GPU through every layer's work (what a row keeps above dense's peak). :func:`moved`: a
 tensor held in host memory between steps and brought back at each use, without waiting: the way there
 lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
-tensors in one pinned buffer, brought to a device in one copy at each call.
+tensors in one pinned buffer, brought to a device in one copy at each call. :func:`queued_to_host`: a small
+result (a count) copied back to pinned memory without waiting, so nothing of it stays on the device.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
     return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
+def queued_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor's copy in pinned host memory, queued on the current stream without waiting: read it only
+    after that stream has run the copy (synchronize the device first). Tensors elsewhere are returned as they
+    are (a copy back would wait on NPU, MPS and XPU; the host needs none)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 class HostPack:

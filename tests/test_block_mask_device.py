@@ -167,3 +167,19 @@ def test_queued_uploads_are_copies_the_caller_owns():
         assert torch.equal(got[name], tensor) and got[name].dtype == tensor.dtype
         start = got[name].data_ptr() - got["ids"].data_ptr()                  # "ids" starts the buffer
         assert start % HostPack.ALIGN == 0 and got[name].data_ptr() != again[name].data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: queued_to_host copies from CUDA only")
+def test_counts_go_back_to_pinned_host_memory_without_staying_on_the_gpu():
+    """``queued_to_host``: a CUDA count's pinned host copy, readable after a synchronize; its device tensor can go."""
+    from sparsecore.ir.uploads import queued_to_host
+    count = torch.arange(1000, device="cuda").sum()
+    host = queued_to_host(count)
+    torch.cuda.synchronize()
+    assert host.device.type == "cpu" and host.is_pinned() and int(host) == 499_500
+
+
+def test_counts_elsewhere_stay_where_they_are():
+    from sparsecore.ir.uploads import queued_to_host
+    count = torch.tensor(3)
+    assert queued_to_host(count) is count

@@ -134,6 +134,16 @@ def _named():
     cases["group_wider_than_the_sequence"] = (_mask(rng.random((2, 4, 5)) < 0.3, BlockMask.uniform_offsets(64, 16),
                                                     BlockMask.uniform_offsets(70, 16), "grouped-first-order:32"),
                                               1, 16, None)
+    # Head dim 128, where the pass's group matrices fill shared memory: 8-block groups (four a tile of 32 blocks:
+    # 500 KB in bf16 at three stages, found by the generated suite on an H200) and PASA's 32-block groups (one a
+    # tile: fp16's float32 matrices need 394 KB at three stages); the launch takes a configuration that fits.
+    groups_of_8 = rng.random((2, 4, 13)) < 0.5
+    cases["groups_of_8_blocks_at_head_dim_128"] = (
+        _mask(groups_of_8, [0, 59, 215, 258, 264], [0, 36, 46, 49, 63, 93, 100, 108, 123, 135, 137, 141, 153, 160],
+              "grouped-first-order:8"), 1, 128, 0.2)
+    cases["pasa_groups_at_head_dim_128"] = (_mask(rng.random((2, 3, 40)) < 0.15, BlockMask.uniform_offsets(96, 32),
+                                                  BlockMask.uniform_offsets(158, 4), "grouped-first-order:32"),
+                                            2, 128, None)
     return cases
 
 

@@ -7,12 +7,14 @@ runs over every (query tile, head, batch element), reading the exact kernel's ou
 and overwriting them with the merged result. Per mask and device, once: the block boundaries,
 the group token counts and each query token's block. The block map the pass reads, packed in
 bits (``[H, MB, ceil(NB / 32)]`` int32), is scattered from the lists at each call instead of kept
-(a step's plans are alive for all layers at once).
+(a step's plans are alive for all layers at once). The pass's tiles are the configured ones where
+their shared memory fits the device, else fewer pipeline stages or the group-by-group walk
+(:meth:`ApproximationLaunch.fitting`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -62,6 +64,11 @@ class _Statistics:
     split: bool
     value_sums: torch.Tensor        # [B, Hk, NB, D] in the sums' operand dtype (SUMS)
     group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g, as the sums (first-order kinds; else unread)
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on ``device`` (the figure Triton checks a launch against)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
 class ApproximationLaunch:
@@ -128,25 +135,50 @@ class ApproximationLaunch:
         listed = csr.to_block_bits(device_mask.indptr, device_mask.indices, device_mask.num_kv_blocks)
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads = k.shape[1]
-        config = self.config_for(q.device)
-        grid = (triton.cdiv(q_len, config.block_m), num_heads, batch)
-        approximate_unselected_fwd[grid](
-            q, out, lse, stats.means_high, stats.means_low, stats.value_sums, plan.sizes,
-            stats.group_matrices, listed, plan.q_block,
-            q.stride(0), q.stride(1), q.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            num_heads, num_kv_heads, q_len, self.mask.num_q_blocks, self.mask.num_kv_blocks, self.group_blocks,
-            self.num_groups, scale,
-            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            FIRST_ORDER=self.first_order, GROUPS_PER_TILE=self.groups_per_tile(config.block_n),
-            SPLIT_MEANS=stats.split, DOT_PRECISION=dot_precision(q.dtype),
-            WORD_TILES=self.word_tiles(config.block_n), num_warps=config.num_warps, num_stages=config.num_stages)
+        grid = (triton.cdiv(q_len, self.config_for(q.device).block_m), num_heads, batch)
+        args = (q, out, lse, stats.means_high, stats.means_low, stats.value_sums, plan.sizes,
+                stats.group_matrices, listed, plan.q_block,
+                q.stride(0), q.stride(1), q.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                lse.stride(0), lse.stride(1),
+                num_heads, num_kv_heads, q_len, self.mask.num_q_blocks, self.mask.num_kv_blocks, self.group_blocks,
+                self.num_groups, scale)
+        common = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, FIRST_ORDER=self.first_order,
+                      SPLIT_MEANS=stats.split, DOT_PRECISION=dot_precision(q.dtype))
+        approximate_unselected_fwd[grid](*args, **common, **self.fitting(args, grid, common, q.device))
 
-    def word_tiles(self, block_n: int) -> bool:
+    def candidates(self, config: ApproximationConfig) -> list[tuple[ApproximationConfig, int]]:
+        """``(config, groups per tile)`` in order of preference: the tiles as configured, then with fewer pipeline
+        stages (each stage holds a tile's summaries, and its groups' ``D x D`` matrices when a tile holds whole
+        groups, in shared memory), then, where tiles held whole groups, the group-by-group walk the same way."""
+        whole = self.groups_per_tile(config.block_n)
+        stages = range(config.num_stages, 0, -1)
+        return [(replace(config, num_stages=n), groups) for groups in dict.fromkeys((whole, 0)) for n in stages]
+
+    def fitting(self, args: tuple, grid: tuple, common: dict, device: torch.device) -> dict:
+        """The pass's tile parameters for these arguments: the first of :meth:`candidates` whose compiled kernel's
+        shared memory fits the device (Triton reports it at compile time and refuses the launch otherwise; at
+        head dim 128, four 8-block groups a tile need 500 KB in bf16, and fp16's float32 group matrices 394 KB
+        at one group a tile against the H200's 227 KB). On the CPU (Triton's interpreter) the configured one."""
+        tried, limit = [], shared_memory_limit(device) if device.type == "cuda" else None
+        for config, groups in self.candidates(self.config_for(device)):
+            params = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,
+                          WORD_TILES=self.word_tiles(config.block_n, groups), num_warps=config.num_warps,
+                          num_stages=config.num_stages)
+            if limit is None:
+                return params
+            needed = approximate_unselected_fwd.warmup(*args, grid=grid, **common, **params).metadata.shared
+            if needed <= limit:
+                return params
+            tried.append(f"{config.num_stages} stage(s), {groups} group(s) a tile: {needed} bytes")
+        raise RuntimeError(f"approximation pass: no tile configuration fits the shared memory of {device} "
+                           f"({limit} bytes) at head dim {common['HEAD_DIM']} ({'; '.join(tried)}); run this mask "
+                           "with approximation 'drop', or on a device with more shared memory")
+
+    def word_tiles(self, block_n: int, groups_per_tile: int) -> bool:
         """Whether every tile of ``block_n`` blocks lies inside one 32-block word of the packed map: tiles start at
         multiples of ``block_n`` (one flat walk, or groups that hold whole tiles) and ``block_n`` divides 32."""
-        aligned = self.groups_per_tile(block_n) > 0 or self.num_groups == 1 or self.group_blocks % block_n == 0
+        aligned = groups_per_tile > 0 or self.num_groups == 1 or self.group_blocks % block_n == 0
         return 32 % block_n == 0 and aligned
 
     def groups_per_tile(self, block_n: int) -> int:
