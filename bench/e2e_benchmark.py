@@ -225,7 +225,9 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
     this length and head count: the JIT time of a first call is not a step's time, and Triton specializes its
     kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse.
-    ``text``: valid text tokens after the video (HunyuanVideo 1.5's joint sequence, known after a forward).
+    ``text``: valid text tokens after the video (HunyuanVideo 1.5's joint sequence, known after a forward; then
+    it runs inside a method's row, so the kernel it compiles is not kept in sparsecore's cache, where its plan
+    would count as memory the row holds: likely the 3.76 MiB of AdaSpa's HunyuanVideo row, 2026-12-01).
     ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``)."""
     import numpy as np
     from sparsecore.search import block_mass, dense_attention_with_mass
@@ -239,7 +241,7 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     keep = np.random.default_rng(0).random((q.shape[1], blocks, blocks)) < min(1.0, 16 / blocks)
     lists = [[np.flatnonzero(row) for row in head] for head in keep]             # the searched masks' layout
     sparsecore.compile(sparsecore.BlockMask.from_lists(lists, offsets, offsets), device=device, backend=backend,
-                       **(options or {}))(q, q, q)
+                       cache=False, **(options or {}))(q, q, q)          # cache=False: its plan is not kept
     synchronize(device)
 
 
