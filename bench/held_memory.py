@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from e2e_benchmark import STEPS, build_model, cases, full_attention, model_inputs
-from memory_profile import REPO, replay
+from e2e_benchmark import STEPS, full_attention
+from memory_profile import REPO, replay, step, wan_on_gpu
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
@@ -37,12 +37,6 @@ def made_at(event: dict, depth: int) -> str:
     frames = event.get("frames") or []
     ours = [f for f in frames if f["filename"].startswith(REPO)][:depth] or frames[:1]
     return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours) or "?"
-
-
-def step(model, inputs: dict, timestep: float) -> None:
-    with torch.no_grad():
-        model(timestep=torch.tensor([timestep], device="cuda", dtype=model.dtype), **inputs)
-    torch.cuda.synchronize()
 
 
 def held_by(model, inputs: dict, method: str, depth: int) -> dict:
@@ -102,9 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator history is CUDA's")
-    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == args.length)
-    model = build_model(case, False, "cuda", torch.bfloat16)
-    inputs = model_inputs(model, case, "cuda", torch.bfloat16)
+    model, inputs = wan_on_gpu(args.length)
     if args.mode == "compiled":
         model.compile_repeated_blocks(fullgraph=True)
     step(model, inputs, 999.0)                        # compiles the blocks in compiled mode

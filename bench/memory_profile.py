@@ -62,10 +62,17 @@ def origin(event: dict) -> str:
     return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
 
 
-def step(model, inputs: dict) -> None:
+def step(model, inputs: dict, timestep: float = 500.0) -> None:
     with torch.no_grad():
-        model(timestep=torch.tensor([500.0], device="cuda", dtype=model.dtype), **inputs)
+        model(timestep=torch.tensor([timestep], device="cuda", dtype=model.dtype), **inputs)
     torch.cuda.synchronize()
+
+
+def wan_on_gpu(length: str) -> tuple[torch.nn.Module, dict]:
+    """The e2e benchmark's random-weight Wan 2.1 1.3B at ``length`` and its inputs, bf16 on the GPU."""
+    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == length)
+    model = build_model(case, False, "cuda", torch.bfloat16)
+    return model, model_inputs(model, case, "cuda", torch.bfloat16)
 
 
 def main() -> int:
@@ -80,9 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator history is CUDA's")
-    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == args.length)
-    model = build_model(case, False, "cuda", torch.bfloat16)
-    inputs = model_inputs(model, case, "cuda", torch.bfloat16)
+    model, inputs = wan_on_gpu(args.length)
     handle, steps = None, args.steps or STEPS.get(args.method, (0, 1))
     if args.method != "dense":
         handle = sc_diffusers.apply(model, method=args.method, device="cuda", num_steps=50)
