@@ -31,6 +31,8 @@ from memory_profile import REPO, replay, step, wan_on_gpu
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
+MAX_ENTRIES = 2_000_000         # allocator events the history keeps (the oldest go first)
+
 
 def made_at(event: dict, depth: int) -> str:
     """Up to ``depth`` frames of this repository that made the block, innermost first (else the innermost frame)."""
@@ -43,7 +45,7 @@ def held_by(model, inputs: dict, method: str, depth: int) -> dict:
     """One method's blocks still allocated after its steps, made since its ``apply()``."""
     gc.collect()
     before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=MAX_ENTRIES)
     handle = sc_diffusers.apply(model, method=full_attention if method == "dense-sparsecore" else method,
                                 device="cuda", num_steps=50)
     try:
@@ -57,6 +59,9 @@ def held_by(model, inputs: dict, method: str, depth: int) -> dict:
         torch.cuda.memory._record_memory_history(enabled=None)
         handle.remove()
     trace = [e for device in snapshot["device_traces"] for e in device]
+    if len(trace) >= MAX_ENTRIES:
+        print(f"warning: {method}: the allocator history reached {MAX_ENTRIES:,} events and dropped the oldest; "
+              "blocks made before them are not listed", flush=True)
     groups: dict[str, list[int]] = defaultdict(list)
     for event in replay(trace)[2].values():
         groups[made_at(event, depth)].append(event["size"])

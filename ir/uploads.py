@@ -9,8 +9,8 @@ for the per-call paths (PASA's plans, FA4 conversions, the approximation's plan)
 had stayed on the GPU through every layer's work (what a row keeps above dense's peak). :func:`moved`: a
 tensor held in host memory between steps and brought back at each use, without waiting: the way there
 lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
-tensors in one pinned buffer, brought to a device in one copy at each call. :func:`queued_to_host`: a small
-result (a count) copied back to pinned memory without waiting, so nothing of it stays on the device.
+tensors in one pinned buffer, brought to a device in one copy at each call. :class:`HostCounts`: counts
+made on a device, copied back to pinned memory without waiting, so nothing of them stays on the device.
 """
 
 from __future__ import annotations
@@ -65,13 +65,29 @@ def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=tensor.is_pinned())
 
 
-def queued_to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor's copy in pinned host memory, queued on the current stream without waiting: read it only
-    after that stream has run the copy (synchronize the device first). Tensors elsewhere are returned as they
-    are (a copy back would wait on NPU, MPS and XPU; the host needs none)."""
-    if tensor.device.type != "cuda":
-        return tensor
-    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+class HostCounts:
+    """Counts made on a device, copied into pinned host memory without waiting, so none stays on the device.
+
+    :meth:`add` queues a 0-d tensor's copy on the current stream into the next slot of a pinned int64 chunk
+    (one pinned allocation per :attr:`CHUNK` counts, not one per count) and returns that slot; read it only after
+    the device has run the copy (synchronize it first). A count elsewhere is returned as it is (a copy back would
+    wait on NPU, MPS and XPU; the host needs none).
+    """
+
+    CHUNK = 1024
+
+    def __init__(self) -> None:
+        self._chunks: list[torch.Tensor] = []
+        self._used = 0
+
+    def add(self, count: torch.Tensor) -> torch.Tensor:
+        if count.device.type != "cuda":
+            return count
+        slot = self._used % self.CHUNK
+        if slot == 0:
+            self._chunks.append(torch.empty(self.CHUNK, dtype=torch.int64, pin_memory=True))
+        self._used += 1
+        return self._chunks[-1][slot].copy_(count.to(torch.int64), non_blocking=True)
 
 
 class HostPack:

@@ -25,8 +25,12 @@ def synchronize(device: torch.device | str) -> None:
     """Wait until ``device`` has finished all queued work (a no-op on the CPU)."""
     device = torch.device(device)
     module = _module(device)
-    if module is not None and hasattr(module, "synchronize"):
+    if module is None or not hasattr(module, "synchronize"):
+        return
+    if device.type == "mps":                    # one device, whose synchronize takes none
         module.synchronize()
+    else:                                       # cuda, xpu, npu: that device, not the current one
+        module.synchronize(device)
 
 
 class Stopwatch:

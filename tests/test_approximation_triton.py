@@ -88,8 +88,9 @@ def test_split_operands_match_the_oracle(triton_device, kind):
 
 @pytest.mark.parametrize("group, needed, chosen", [
     (8, {(3, 4): 500_736, (2, 4): 344_576, (1, 4): 65_536}, (1, 4)),        # bf16, head dim 128 (H200 figures)
-    (32, {(3, 1): 394_240, (2, 1): 229_888}, (2, 1)),                        # fp16's float32 matrices, PASA's groups
-    (32, {(3, 1): 394_240, (2, 1): 300_000, (1, 1): 240_000, (3, 0): 263_168, (2, 0): 229_888}, (2, 0)),
+    (32, {(3, 1): 394_240, (2, 1): 295_424, (1, 1): 196_608}, (1, 1)),       # fp16's float32 matrices, PASA's groups
+    (32, {(3, 1): 394_240, (2, 1): 300_000, (1, 1): 240_000, (3, 0): 263_168, (2, 0): 229_888}, (2, 0)),  # made up:
+                                                                             # the group walk once no whole-group tile fits
 ])
 def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, group, needed, chosen):
     """On a GPU the pass compiles each candidate (no launch) and takes the first whose shared memory fits: fewer
@@ -107,10 +108,12 @@ def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, grou
             return Compiled(num_stages, GROUPS_PER_TILE)
 
     monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
-    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda device: 232_448)
+    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda: 232_448)
     offsets = BlockMask.uniform_offsets(40 * 4, 4)
     launch = approximation_launch.ApproximationLaunch(_mask([0, 32], offsets, 2, f"grouped-first-order:{group}", 0))
-    params = launch.fitting((), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0))
+    monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: False)
+    q = torch.empty(0, dtype=torch.float16)
+    params = launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0))
     assert (params["num_stages"], params["GROUPS_PER_TILE"]) == chosen == calls[-1]
     assert params["WORD_TILES"]            # 32-block tiles that start at multiples of 32 (whole 8- or 32-block groups)
 
@@ -122,9 +125,27 @@ def test_a_pass_that_fits_nowhere_says_what_it_needed(monkeypatch):
             return type("Compiled", (), {"metadata": type("Metadata", (), {"shared": 300_000})})
 
     monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
-    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda device: 99_000)
+    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda: 99_000)
     launch = approximation_launch.ApproximationLaunch(_mask([0, 32], BlockMask.uniform_offsets(160, 4), 2,
                                                             "grouped-first-order:8", 0))
-    with pytest.raises(RuntimeError, match=r"no tile configuration fits .*\(99000 bytes\) at head dim 128 .*"
-                                           r"1 stage\(s\), 0 group\(s\) a tile: 300000 bytes.*approximation 'drop'"):
-        launch.fitting((), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0))
+    monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: False)
+    q = torch.empty(0, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"grouped-first-order, torch.bfloat16, head dim 128\): no tile configuration "
+                                           r"fits .*\(99000 bytes: .*1 stage\(s\), 0 group\(s\) a tile: 300000 bytes"
+                                           r".*approximation 'drop'"):
+        launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0))
+
+
+def test_the_pass_is_not_checked_where_triton_interprets(monkeypatch):
+    """Under Triton's interpreter (warmup gives no compiled kernel) the configured tiles run, nothing compiled."""
+    class Pass:
+        @staticmethod
+        def warmup(*args, grid, **params):
+            raise AssertionError("no compile under the interpreter")
+
+    monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
+    monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: True)
+    launch = approximation_launch.ApproximationLaunch(_mask([0, 32], BlockMask.uniform_offsets(160, 4), 2,
+                                                            "grouped-first-order:8", 0))
+    params = launch.fitting((torch.empty(0),), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0))
+    assert (params["num_stages"], params["GROUPS_PER_TILE"]) == (3, 4)

@@ -169,17 +169,20 @@ def test_queued_uploads_are_copies_the_caller_owns():
         assert start % HostPack.ALIGN == 0 and got[name].data_ptr() != again[name].data_ptr()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: queued_to_host copies from CUDA only")
-def test_counts_go_back_to_pinned_host_memory_without_staying_on_the_gpu():
-    """``queued_to_host``: a CUDA count's pinned host copy, readable after a synchronize; its device tensor can go."""
-    from sparsecore.ir.uploads import queued_to_host
-    count = torch.arange(1000, device="cuda").sum()
-    host = queued_to_host(count)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: HostCounts copies from CUDA only")
+def test_counts_go_back_to_pinned_host_memory_without_staying_on_the_gpu(monkeypatch):
+    """``HostCounts``: CUDA counts' pinned host copies, readable after a synchronize, in chunks of slots (a new
+    chunk when one is full, the earlier slots kept)."""
+    from sparsecore.ir.uploads import HostCounts
+    monkeypatch.setattr(HostCounts, "CHUNK", 2)
+    counts = HostCounts()
+    slots = [counts.add(torch.arange(n, device="cuda").sum()) for n in (10, 100, 1000)]
     torch.cuda.synchronize()
-    assert host.device.type == "cpu" and host.is_pinned() and int(host) == 499_500
+    assert [int(s) for s in slots] == [45, 4950, 499_500]
+    assert all(s.device.type == "cpu" and s.is_pinned() for s in slots) and len(counts._chunks) == 2
 
 
 def test_counts_elsewhere_stay_where_they_are():
-    from sparsecore.ir.uploads import queued_to_host
+    from sparsecore.ir.uploads import HostCounts
     count = torch.tensor(3)
-    assert queued_to_host(count) is count
+    assert HostCounts().add(count) is count

@@ -24,6 +24,7 @@ from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import queued
 
 from ..approximation import PIECE_TOKENS, group_bounds, query_blocks
+from . import interpreter
 from .approximation_kernel import approximate_unselected_fwd
 from .statistics_kernel import block_statistics_fwd
 from .triton_config import dot_precision
@@ -44,6 +45,12 @@ class ApproximationConfig:
     block_n: int = 32
     num_warps: int = 8
     num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ApproximationConfig.{name}: expected a positive int, got {value!r}")
 
 
 INTERPRETER_CONFIG = ApproximationConfig(64, 16, 4, 1)     # small tiles keep the CPU interpreter quick
@@ -66,9 +73,11 @@ class _Statistics:
     group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g, as the sums (first-order kinds; else unread)
 
 
-def shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory a block may use on ``device`` (the figure Triton checks a launch against)."""
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+def shared_memory_limit() -> int:
+    """Bytes of shared memory a block may use on the current CUDA device (Triton launches there, and checks a
+    launch against this figure)."""
+    driver = triton.runtime.driver.active
+    return driver.utils.get_device_properties(driver.get_current_device())["max_shared_mem"]
 
 
 class ApproximationLaunch:
@@ -159,21 +168,25 @@ class ApproximationLaunch:
         """The pass's tile parameters for these arguments: the first of :meth:`candidates` whose compiled kernel's
         shared memory fits the device (Triton reports it at compile time and refuses the launch otherwise; at
         head dim 128, four 8-block groups a tile need 500 KB in bf16, and fp16's float32 group matrices 394 KB
-        at one group a tile against the H200's 227 KB). On the CPU (Triton's interpreter) the configured one."""
-        tried, limit = [], shared_memory_limit(device) if device.type == "cuda" else None
+        at one group a tile against the H200's 227 KB). Off CUDA, under Triton's interpreter, or where Triton
+        gives no compiled kernel to read (a JIT hook), the configured tiles."""
+        checked = device.type == "cuda" and not interpreter.interpreting()
+        tried, limit = [], shared_memory_limit() if checked else None
         for config, groups in self.candidates(self.config_for(device)):
             params = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,
                           WORD_TILES=self.word_tiles(config.block_n, groups), num_warps=config.num_warps,
                           num_stages=config.num_stages)
             if limit is None:
                 return params
-            needed = approximate_unselected_fwd.warmup(*args, grid=grid, **common, **params).metadata.shared
-            if needed <= limit:
+            compiled = approximate_unselected_fwd.warmup(*args, grid=grid, **common, **params)
+            needed = getattr(getattr(compiled, "metadata", None), "shared", None)
+            if needed is None or needed <= limit:
                 return params
             tried.append(f"{config.num_stages} stage(s), {groups} group(s) a tile: {needed} bytes")
-        raise RuntimeError(f"approximation pass: no tile configuration fits the shared memory of {device} "
-                           f"({limit} bytes) at head dim {common['HEAD_DIM']} ({'; '.join(tried)}); run this mask "
-                           "with approximation 'drop', or on a device with more shared memory")
+        raise RuntimeError(f"approximation pass ({self.mask.unselected.kind}, {args[0].dtype}, head dim "
+                           f"{common['HEAD_DIM']}): no tile configuration fits the shared memory of {device} "
+                           f"({limit} bytes: {'; '.join(tried)}); run this mask with approximation 'drop', or on a "
+                           "device with more shared memory")
 
     def word_tiles(self, block_n: int, groups_per_tile: int) -> bool:
         """Whether every tile of ``block_n`` blocks lies inside one 32-block word of the packed map: tiles start at

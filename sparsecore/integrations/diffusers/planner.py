@@ -183,7 +183,7 @@ class Planner:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)
         if fresh:
-            plan.record.ran(plan.mask, kernel)
+            plan.record.ran(plan.mask, kernel, self.stats.counts)
         return out
 
     def kernel_of(self, plan: LayerPlan, io: "PlanInputs", device: torch.device, seq_len: int) -> Any:

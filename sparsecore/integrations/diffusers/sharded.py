@@ -89,7 +89,7 @@ class ShardedAttention:
         if fresh and sparse is not None:
             ran = [k for k in [*work.steps, work.text] if k is not None]
             if ran:
-                plan.record.ran(plan.mask, ran[0])
+                plan.record.ran(plan.mask, ran[0], planner.stats.counts)
         return out
 
     def _held_work(self, plan: LayerPlan, runner: Callable[[BlockMask], RingWork], device: torch.device,

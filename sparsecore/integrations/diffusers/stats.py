@@ -4,8 +4,9 @@ Values that need the device (a device mask's density, event timings) are read wh
 :meth:`Stats.rows` is called, never on the attention path. Records keep a mask's kept-pair
 count and the kernel's backend name, never the mask or the kernel: a generation's records must
 not hold every step's lists and plans. A count made on a CUDA device is copied to pinned host
-memory without waiting (a 0-d tensor per record had kept 512 bytes of device memory each:
-PASA's records of three steps held 44.5 KB at 2x, growing with every step of a generation). With timing on, each plan's host
+memory without waiting (:class:`~sparsecore.ir.uploads.HostCounts`; a 0-d tensor per record had
+kept 512 bytes of device memory each: PASA's records of three steps held 44.5 KB at 2x, growing
+with every step of a generation). With timing on, each plan's host
 time is measured too (``plan_ms``: from the processor's call to a kernel that only has to
 launch; the device is synchronized first, so earlier layers' work is not counted).
 """
@@ -21,7 +22,7 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
-from sparsecore.ir.uploads import queued_to_host
+from sparsecore.ir.uploads import HostCounts
 from sparsecore.methods import HeadShard
 from sparsecore.timing import Stopwatch, synchronize
 
@@ -40,11 +41,12 @@ class Record:
     watch: Stopwatch | None = None
     plan_seconds: float | None = None
 
-    def ran(self, mask: BlockMask, kernel: Any) -> None:
-        """Note the sparse mask this record's calls run and the kernel that ran them."""
+    def ran(self, mask: BlockMask, kernel: Any, counts: HostCounts) -> None:
+        """Note the sparse mask this record's calls run and the kernel that ran them (the kept-pair count goes
+        to ``counts`` when the mask is on a CUDA device)."""
         kept = mask.kept_pairs().sum()
         if isinstance(kept, torch.Tensor):
-            self.kept, self.kept_on = queued_to_host(kept), kept.device
+            self.kept, self.kept_on = counts.add(kept), kept.device
         else:
             self.kept = kept
         self.pairs = mask.num_heads * mask.q_len * mask.kv_len
@@ -56,6 +58,7 @@ class Stats:
         self.timing = False
         self.dense_kernel: str | None = None   # what the processors' dense call ran (they set it, the planner reads it)
         self._records: dict[tuple, Record] = {}
+        self.counts = HostCounts()                # the records' kept-pair counts made on a GPU
 
     def record(self, run: int, layer: int, step: int, geometry: VideoGeometry, seq_len: int, heads: int,
                shard: HeadShard | None, action: str) -> Record:
