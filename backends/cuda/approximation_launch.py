@@ -14,6 +14,7 @@ their shared memory fits the device, else fewer pipeline stages or the group-by-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -76,8 +77,12 @@ class _Statistics:
 def shared_memory_limit() -> int:
     """Bytes of shared memory a block may use on the current CUDA device (Triton launches there, and checks a
     launch against this figure)."""
-    driver = triton.runtime.driver.active
-    return driver.utils.get_device_properties(driver.get_current_device())["max_shared_mem"]
+    return _shared_memory_of(triton.runtime.driver.active.get_current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_of(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 class ApproximationLaunch:
