@@ -14,7 +14,9 @@ head has one. Exact when the non-finite values of a key head share their dims (o
 token, or a bad token vector); otherwise an attending row may get NaN in a dim where dense
 attention gives a finite value. One Triton pass reads ``v`` and writes the copy (0.55 GiB at
 Wan 2.1 6x, freed after the call), a second touches only the rows to poison; the block and
-row bookkeeping between them are small fixed-size tensor ops: no host sync.
+row bookkeeping between them are small fixed-size tensor ops: no host sync. Neither kernel specializes on
+the lengths or head counts (Triton would compile again for each class of their divisibility by 16: a
+first call of a new length would pay a compile; the copies' addresses stay aligned through ``HEAD_DIM``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class NonFinite(NamedTuple):
     dims: torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["kv_heads", "seq_len"])      # a new length compiles nothing new
 def _zero_non_finite(v_ptr, order_ptr, clean_ptr, bad_token_ptr, bad_dim_ptr, kv_heads, seq_len,
                      stride_b, stride_h, stride_s, stride_d,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ORDERED: tl.constexpr):
@@ -61,7 +63,7 @@ def _zero_non_finite(v_ptr, order_ptr, clean_ptr, bad_token_ptr, bad_dim_ptr, kv
     tl.atomic_max(bad_dim_ptr + row * HEAD_DIM + d, dim_bad, mask=(d < HEAD_DIM) & (dim_bad > 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["heads", "group", "seq_len"])
 def _write_nan(out_ptr, hit_ptr, bad_dim_ptr, heads, group, seq_len, stride_b, stride_s, stride_h, stride_d,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)                      # b * heads + h

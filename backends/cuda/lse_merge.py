@@ -23,7 +23,7 @@ import triton.language as tl
 BLOCK_ROWS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["heads", "rows", "sl_b", "sl_h", "spl_b", "spl_h"])  # lengths: compile once
 def _merge_into(out_ptr, lse_ptr, part_ptr, part_lse_ptr, heads, rows,
                 so_b, so_h, so_s, so_d, sl_b, sl_h, sl_s, sp_b, sp_h, sp_s, sp_d, spl_b, spl_h, spl_s,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
