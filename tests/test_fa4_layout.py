@@ -809,6 +809,27 @@ def test_lse_merge_reads_any_strides():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_new_length_compiles_no_new_guard_or_merge_kernel():
+    """The non-finite guard's and the merge's Triton kernels do not specialize on lengths: a length of another
+    divisibility by 16 (2021 after 2048) reuses the compiled kernels (Triton's per-device kernel cache)."""
+    from sparsecore.backends.cuda import interpreter
+    from sparsecore.backends.cuda.fa4_nonfinite import _zero_non_finite, guard_values
+    from sparsecore.backends.cuda.lse_merge import _merge_into, merge_into
+    if not torch.cuda.is_available() or interpreter.interpreting():
+        pytest.skip("counts compiled Triton kernels: needs a CUDA device without TRITON_INTERPRET=1")
+    import triton
+    compiled = {}
+    for length in (2048, 2021):
+        v = torch.randn(1, 2, length, 64, device="cuda", dtype=torch.bfloat16)
+        guard_values(v)
+        out, part = (torch.randn(1, 2, length, 64, device="cuda") for _ in range(2))
+        lse, part_lse = (torch.randn(1, 2, length, device="cuda") for _ in range(2))
+        merge_into(out, lse, part, part_lse)
+        device = triton.runtime.driver.active.get_current_device()
+        compiled[length] = [len(kernel.device_caches[device][0]) for kernel in (_zero_non_finite, _merge_into)]
+    assert compiled[2021] == compiled[2048], compiled
+
+
 @pytest.mark.parametrize("key_parts", [1, 2, 3])
 def test_a_nan_key_reaches_every_row_that_attends_it_across_key_parts(fake_fa4, key_parts):
     """A NaN key makes a listing row's LSE NaN: the merge must carry it, not take the row for empty; rows whose
