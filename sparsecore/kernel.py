@@ -7,11 +7,13 @@ k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h`` reads key hea
 empty gives output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``.
 
 Choice of backend. ``compile`` finds the backends that can take the mask on the device
-(capabilities, availability; most preferred first). The first call with a new input
-signature (dtype, head dim, heads, key heads, LSE wanted, tensor device) picks the most
-preferred of them whose capabilities take those inputs, lowers the mask for it once and
-remembers the choice; later calls with that signature only check shapes and launch.
-So a kernel never refuses inputs that another registered backend would take.
+(capabilities; most preferred first) and checks that the first of them runs here (the next
+one if not, and so on). The first call with a new input signature (dtype, head dim, heads,
+key heads, LSE wanted, tensor device) picks the most preferred of them whose capabilities
+take those inputs and that runs here (a fallback is checked, and so loaded, only then),
+lowers the mask for it once and remembers the choice; later calls with that signature only
+check shapes and launch. So a kernel never refuses inputs that another registered backend
+would take.
 
 Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
 across layers and steps compiles once), the most recently used first, at most
@@ -32,7 +34,7 @@ from typing import Any, Hashable
 from sparsecore.ir import BlockMask
 
 from .inputs import AttentionShape, attention_shape, check_scale
-from .registry import Backend, Run, UnsupportedError, candidates, device_type
+from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
@@ -47,6 +49,7 @@ class CompiledKernel:
         self.device = device
         self._choices = choices
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
+        self._runs_here = {choices[0][0].name}          # backends checked to run here (compile checks the first)
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
         self.plans_on_host = False
@@ -127,6 +130,12 @@ class CompiledKernel:
                 found = backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads,
                                                              shape.num_kv_heads, return_lse,
                                                              self.mask.unselected.kind != "drop")
+                if not found and backend.name not in self._runs_here:
+                    reason = backend.unavailable_reason(self.device)
+                    if reason is None:
+                        self._runs_here.add(backend.name)
+                    else:
+                        found = [f"cannot run here: {reason}"]
                 if not found:
                     chosen = self._by_signature[signature] = (backend, options)
                     break
@@ -187,7 +196,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         return cached
     device_type(device)                                  # a cache miss: check the device string fully
     _check_index(device)
-    kernel = CompiledKernel(mask, device, _choices(candidates(mask, device, backend), options))
+    choices = _choices(candidates(mask, device, backend), options)
+    kernel = CompiledKernel(mask, device, choices[first_available([b for b, _ in choices], device):])
     table[key] = kernel
     if table is _CACHE:                                   # evict the least recently used; keep the new one
         listed = sum(k.mask.nnz for k in _CACHE.values())

@@ -208,11 +208,12 @@ def device_type(device: str) -> str:
 
 
 def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend]:
-    """The backends that can compile ``mask`` for ``device`` here, most preferred first.
+    """The backends for ``device`` that take ``mask``, most preferred first, not yet checked to run here
+    (:func:`first_available` checks them in this order).
 
-    ``name`` restricts them to that backend. Raises when none can: ``ValueError`` for an
+    ``name`` restricts them to that backend. Raises when none takes the mask: ``ValueError`` for an
     unknown name, ``RuntimeError`` when no backend for the device runs here (saying why),
-    ``UnsupportedError`` when none takes the mask (naming each unmet capability).
+    ``UnsupportedError`` when none that runs here takes the mask (naming each unmet capability).
     """
     kind = device_type(device)
     found = [b for b in registered_backends().values() if kind in b.capabilities.devices]
@@ -225,14 +226,31 @@ def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend
             raise UnsupportedError(f"backend {name!r} compiles for {list(chosen.capabilities.devices)}, "
                                    f"not device {device!r}")
         found = [chosen]
-    reasons = {b.name: b.unavailable_reason(device) for b in found}
-    available = [b for b in found if reasons[b.name] is None]
-    if not available:
-        lines = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
-        raise RuntimeError(f"no backend can run on device {device!r} here: {lines}")
-    problems = {b.name: b.capabilities.mask_problems(mask) for b in available}
-    capable = [b for b in available if not problems[b.name]]
+    problems = {b.name: b.capabilities.mask_problems(mask) for b in found}
+    capable = [b for b in found if not problems[b.name]]
     if not capable:
-        lines = "; ".join(f"{n}: {', '.join(p)}" for n, p in problems.items())
+        available = [b for b in found if b.unavailable_reason(device) is None]
+        if not available:
+            first_available(found, device)               # raises, saying why each cannot run here
+        lines = "; ".join(f"{b.name}: {', '.join(problems[b.name])}" for b in available)
         raise UnsupportedError(f"no available backend for device {device!r} can take {mask!r}: {lines}")
     return sorted(capable, key=lambda b: -b.preference(mask))
+
+
+def first_available(backends: list[Backend], device: str) -> int:
+    """Index of the first of ``backends`` that runs on ``device`` here, checked in order and no further.
+
+    A kernel's later candidates are fallbacks for inputs the first cannot take (another dtype or head dim):
+    they are checked when a call needs them (:class:`sparsecore.kernel.CompiledKernel`), so a backend slow
+    to load is not loaded for a mask another one runs (importing flash-attn-4 took 7-9 s of a 9-13 s first
+    call on the H200 host for a mask Triton ran: bench/results/gpu-2026-12-01-runs/tenth-session). None of
+    them runs here: ``RuntimeError`` saying why of each.
+    """
+    reasons = {}
+    for index, backend in enumerate(backends):
+        reason = backend.unavailable_reason(device)
+        if reason is None:
+            return index
+        reasons[backend] = reason
+    lines = "; ".join(f"{b.name}: {reason} ({b.install_hint})" for b, reason in reasons.items())
+    raise RuntimeError(f"no backend can run on device {device!r} here: {lines}")

@@ -118,6 +118,30 @@ def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, grou
     assert params["WORD_TILES"]            # 32-block tiles that start at multiples of 32 (whole 8- or 32-block groups)
 
 
+def test_float32_takes_the_group_walk_on_cuda_without_compiling_whole_group_tiles(monkeypatch):
+    """IEEE float32 tiles of whole groups compile for a minute at head dim 128 (and do not fit at 2-3 stages):
+    float32 inputs on CUDA go straight to the group-by-group walk."""
+    calls = []
+
+    class Pass:
+        @staticmethod
+        def warmup(*args, grid, num_stages, GROUPS_PER_TILE, **params):
+            calls.append((num_stages, GROUPS_PER_TILE))
+            return type("Compiled", (), {"metadata": type("Metadata", (), {"shared": 148_992})})
+
+    monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
+    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda: 232_448)
+    monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: False)
+    launch = approximation_launch.ApproximationLaunch(_mask([0, 32], BlockMask.uniform_offsets(160, 4), 2,
+                                                            "grouped-first-order:8", 0))
+    q = torch.empty(0, dtype=torch.float32)
+    params = launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128, "DOT_PRECISION": "ieee"}, torch.device("cuda", 0))
+    assert calls == [(3, 0)] and (params["num_stages"], params["GROUPS_PER_TILE"]) == (3, 0)
+    calls.clear()                                       # 16-bit inputs keep whole-group tiles first
+    launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128, "DOT_PRECISION": "tf32"}, torch.device("cuda", 0))
+    assert calls == [(3, 4)]
+
+
 def test_a_pass_that_fits_nowhere_says_what_it_needed(monkeypatch):
     class Pass:
         @staticmethod

@@ -211,9 +211,11 @@ class _FakeCuda(registry.Backend):
         self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
                                          head_dims=frozenset(head_dims), lse=lse)
         self.lowered = 0
+        self.reason, self.checked = None, 0        # why it cannot run here (None: it can); availability checks
 
     def unavailable_reason(self, device):
-        return None
+        self.checked += 1
+        return self.reason
 
     def tensor_device_problem(self, device, tensor_device):
         return None
@@ -263,6 +265,41 @@ def test_a_named_backend_still_refuses_inputs_it_cannot_take(fake_cuda):
     with pytest.raises(UnsupportedError, match=r"backend 'fake-fast' cannot run these inputs: dtypes: .*float32; "
                                                r"head_dims: supports \[64, 128\], got 32"):
         kernel(q, q, q)
+
+
+def test_a_fallback_is_checked_to_run_here_only_when_a_call_needs_it(fake_cuda):
+    """compile() checks that the preferred backend runs here; a fallback (maybe slow to load: importing
+    flash-attn-4 takes seconds) is checked at the first call whose inputs need it, once."""
+    fast, wide = fake_cuda
+    kernel = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")
+    assert (fast.checked, wide.checked) == (1, 0)
+    q = torch.zeros(1, 2, 64, 128, dtype=torch.bfloat16)
+    kernel(q, q, q)
+    assert (fast.checked, wide.checked) == (1, 0) and kernel.backend is fast
+    wide_only = torch.zeros(1, 2, 64, 128)                                 # float32: the fallback's
+    kernel(wide_only, wide_only, wide_only)
+    kernel(wide_only, wide_only, wide_only, return_lse=True)              # another signature, the same fallback
+    assert (fast.checked, wide.checked) == (1, 1) and kernel.backend is wide
+
+
+def test_a_fallback_that_cannot_run_here_says_why_at_the_call_that_needs_it(fake_cuda):
+    fast, wide = fake_cuda
+    wide.reason = "its library is not installed"
+    kernel = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")
+    q = torch.zeros(1, 2, 64, 128)
+    with pytest.raises(UnsupportedError, match=r"fake-fast: dtypes: .*float32; fake-wide: cannot run here: its "
+                                               r"library is not installed"):
+        kernel(q, q, q)
+
+
+def test_compile_takes_the_most_preferred_backend_that_runs_here(fake_cuda):
+    fast, wide = fake_cuda
+    fast.reason = "no such device here"
+    assert sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda").backend is wide
+    wide.reason = "its library is not installed"
+    with pytest.raises(RuntimeError, match=r"no backend can run on device 'cuda' here: fake-fast: no such device "
+                                           r"here \(\); fake-wide: its library is not installed"):
+        sparsecore.compile(BlockMask.full(2, 64, 64, 16), device="cuda")
 
 
 def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector():

@@ -161,11 +161,13 @@ class ApproximationLaunch:
                       SPLIT_MEANS=stats.split, DOT_PRECISION=dot_precision(q.dtype))
         approximate_unselected_fwd[grid](*args, **common, **self.fitting(args, grid, common, q.device))
 
-    def candidates(self, config: ApproximationConfig) -> list[tuple[ApproximationConfig, int]]:
+    def candidates(self, config: ApproximationConfig,
+                   whole_groups: bool = True) -> list[tuple[ApproximationConfig, int]]:
         """``(config, groups per tile)`` in order of preference: the tiles as configured, then with fewer pipeline
         stages (each stage holds a tile's summaries, and its groups' ``D x D`` matrices when a tile holds whole
-        groups, in shared memory), then, where tiles held whole groups, the group-by-group walk the same way."""
-        whole = self.groups_per_tile(config.block_n)
+        groups, in shared memory), then, where tiles held whole groups, the group-by-group walk the same way.
+        ``whole_groups=False``: the group-by-group walk only."""
+        whole = self.groups_per_tile(config.block_n) if whole_groups else 0
         stages = range(config.num_stages, 0, -1)
         return [(replace(config, num_stages=n), groups) for groups in dict.fromkeys((whole, 0)) for n in stages]
 
@@ -174,10 +176,16 @@ class ApproximationLaunch:
         shared memory fits the device (Triton reports it at compile time and refuses the launch otherwise; at
         head dim 128, four 8-block groups a tile need 500 KB in bf16, and fp16's float32 group matrices 394 KB
         at one group a tile against the H200's 227 KB). Off CUDA, under Triton's interpreter, or where Triton
-        gives no compiled kernel to read (a JIT hook), the configured tiles."""
+        gives no compiled kernel to read (a JIT hook), the configured tiles.
+
+        On CUDA, float32 inputs (IEEE products, on CUDA cores) take the group-by-group walk only: tiles of whole
+        groups put a ``D x D`` IEEE product per group into one unrolled body, whose compile for sm90 at head dim
+        128 and four groups a tile took 68.5 s (and needed 673 KB at three stages) against 6.7 s for the walk
+        (149 KB; Triton 3.6 on the 2-core development machine, 2026-12-01)."""
         checked = device.type == "cuda" and not interpreter.interpreting()
         tried, limit = [], shared_memory_limit() if checked else None
-        for config, groups in self.candidates(self.config_for(device)):
+        whole_groups = not (checked and common.get("DOT_PRECISION") == "ieee")
+        for config, groups in self.candidates(self.config_for(device), whole_groups):
             params = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,
                           WORD_TILES=self.word_tiles(config.block_n, groups), num_warps=config.num_warps,
                           num_stages=config.num_stages)

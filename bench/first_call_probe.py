@@ -1,0 +1,243 @@
+"""Where a first call's seconds go (issue 13: a new mask shape's first call within 5 s on a fresh machine).
+
+Each case runs in its own Python process with empty compile caches (Triton's and the CuTe DSL's on-disk
+caches in a fresh directory; FA4's own is off unless ``--fa4-disk-cache``), as on a fresh machine, then once
+more in a new process with the caches the first left (a later process on the same machine). Python's
+bytecode goes to one ``PYTHONPYCACHEPREFIX`` for the run, filled first by a process that only imports
+(timed apart): pip compiles bytecode when it installs, so a first call on a fresh machine does not pay for
+it (a wheel installed with ``--no-compile`` into a read-only place would, at every import). The child times its
+imports, CUDA's start, ``sparsecore.compile(mask, device="cuda")``, the first call (synchronized), a
+second call, and a new mask of the same shape (compile and first call: it should compile nothing). A
+sampling thread reads the main thread's stack every few milliseconds during the first call; the report
+lists, for the functions most often on that stack, the seconds they were (inclusive: a caller includes
+its callees), so the compiles (FA4's CuTe DSL, Triton's kernels and the C launchers it builds with the
+host compiler) and sparsecore's own work (conversion, planning) can be told apart.
+
+    python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random]
+
+Writes ``first-call-<date>.json`` and ``.md`` under DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = {
+    # name: (what it is, builder source run in the child)
+    "lvsa": "LVSA frames at 6x (121 x 1560 tokens, 12 heads; fa4 with mask tiles)",
+    "adaspa": "AdaSpa-shaped 64-token blocks with text, 12 heads, 32,760 + 512 tokens (default: triton, blocks of several sizes under 128)",
+    "random": "128-token random rows, S = 32,768, d = 0.1, 12 heads (fa4, full tiles only)",
+}
+TOP = 60
+HIDDEN = ("<frozen", "first_call_probe.py", "threading.py")   # frames on every stack or the import machinery
+SAMPLE_S = 0.002
+
+
+class StackSampler:
+    """Adds, every ``SAMPLE_S`` or as soon as the GIL allows, the time since the last sample to each distinct
+    ``file:function`` on thread ``ident``'s stack (time-weighted: a thread holding the GIL is sampled less often)."""
+
+    def __init__(self, ident: int) -> None:
+        self.ident, self.seconds_on_stack = ident, collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.is_set():
+            frame = sys._current_frames().get(self.ident)
+            now = time.perf_counter()
+            labels = set()
+            while frame is not None:
+                code = frame.f_code
+                labels.add(f"{_short(code.co_filename)}:{code.co_name}")
+                frame = frame.f_back
+            for label in labels:
+                self.seconds_on_stack[label] += now - last
+            last = now
+            time.sleep(SAMPLE_S)
+
+    def __enter__(self) -> "StackSampler":
+        self._previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SAMPLE_S / 2)                  # the sampler gets the GIL back sooner
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        sys.setswitchinterval(self._previous_interval)
+
+    def top(self, n: int) -> list[tuple[str, float]]:
+        """The ``n`` labels longest on the stack, with their seconds there."""
+        shown = [(label, s) for label, s in self.seconds_on_stack.most_common() if not label.startswith(HIDDEN)
+                 and not any(f"/{hidden}" in label for hidden in HIDDEN)]
+        return shown[:n]
+
+
+def _short(path: str) -> str:
+    """``.../site-packages/triton/runtime/build.py`` -> ``triton/runtime/build.py``."""
+    parts = Path(path).parts
+    for anchor in ("site-packages", "dist-packages", "site"):
+        if anchor in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(anchor):])
+    for anchor in ("sparsecore", "backends", "ir", "bench"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor):])
+    return Path(path).name
+
+
+def build_mask(case: str, seed: int):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cuda_cases import lvsa_frames, random_rows
+    from fa4_check import adaspa_like
+    if case == "lvsa":
+        return lvsa_frames(12, anchor_every=9 + seed)          # a new anchor spacing: another mask, same shape
+    if case == "adaspa":
+        return adaspa_like(12, 32760, 512, 64, (0.1, 0.2, 0.3), seed=seed)
+    return random_rows(12, 32768, 0.1, seed=seed)
+
+
+def imports_only() -> None:
+    """What the cases import, so that their bytecode is written once (``PYTHONPYCACHEPREFIX``)."""
+    import torch._dynamo  # noqa: F401
+    import triton  # noqa: F401
+    import flash_attn.cute  # noqa: F401
+    import sparsecore  # noqa: F401
+
+
+def child(case: str, path: Path) -> None:
+    started = time.perf_counter()
+    import torch
+    import sparsecore
+    record = {"case": case, "what": CASES[case], "imports_s": time.perf_counter() - started}
+    first, second = build_mask(case, 0), build_mask(case, 1)
+    start = time.perf_counter()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 12, first.q_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    torch.cuda.synchronize()
+    record["cuda_start_s"] = time.perf_counter() - start
+    with StackSampler(threading.get_ident()) as sampler:
+        start = time.perf_counter()
+        kernel = sparsecore.compile(first, device="cuda")
+        record["compile_s"] = time.perf_counter() - start
+        kernel(q, k, v)
+        torch.cuda.synchronize()
+        record["first_call_s"] = time.perf_counter() - start
+    record["backend"] = kernel.backend.name
+    record["top"] = sampler.top(TOP)
+    start = time.perf_counter()
+    kernel(q, k, v)
+    torch.cuda.synchronize()
+    record["second_call_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    again = sparsecore.compile(second, device="cuda")
+    again(q, k, v)
+    torch.cuda.synchronize()
+    record["new_mask_first_call_s"] = time.perf_counter() - start
+    record["new_mask_backend"] = again.backend.name
+    path.write_text(json.dumps(record, indent=1))
+
+
+def run_child(case: str, result: Path, env: dict) -> dict:
+    run = subprocess.run([sys.executable, __file__, "--child", case, "--json", str(result)], env=env,
+                         capture_output=True, text=True)
+    if run.returncode != 0 or not result.exists():
+        return {"case": case, "error": (run.stderr or run.stdout)[-2000:]}
+    return json.loads(result.read_text())
+
+
+def versions() -> dict:
+    import torch
+    out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "python": sys.version.split()[0]}
+    from importlib import metadata
+    for name in ("triton", "flash-attn-4", "nvidia-cutlass-dsl"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["cpu_count"] = os.cpu_count()
+    return out
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    lines = [f"# First calls, {meta['date']}", "", f"{meta['versions']}", "",
+             f"Bytecode written by an import-only process first: {meta['bytecode_pass_s']:.1f} s. FA4's disk cache: "
+             f"{'on' if meta['fa4_disk_cache'] else 'off'}.", "",
+             "Each case in a fresh process with empty compile caches, then in another with the caches the first "
+             "left. Seconds.", "",
+             "| case | caches | backend | imports | CUDA start | compile() | first call (incl. compile()) | second call "
+             "| new mask, same shape |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['caches']} | error: {r['error'][-300:]!r} | | | | | | |")
+            continue
+        lines.append(f"| {r['case']}: {r['what']} | {r['caches']} | {r['backend']} | {r['imports_s']:.2f} | {r['cuda_start_s']:.2f} "
+                     f"| {r['compile_s']:.2f} | **{r['first_call_s']:.2f}** | {r['second_call_s']:.3f} "
+                     f"| {r['new_mask_first_call_s']:.3f} ({r['new_mask_backend']}) |")
+    for r in records:
+        if "top" not in r:
+            continue
+        lines += ["", f"## {r['case']}, caches {r['caches']}: where the first call's {r['first_call_s']:.2f} s went "
+                  "(inclusive)", "",
+                  "| function | s |", "|---|---:|"]
+        lines += [f"| `{label}` | {seconds:.2f} |" for label, seconds in r["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["lvsa", "adaspa", "random"])
+    parser.add_argument("--fa4-disk-cache", action="store_true",
+                        help="FA4's own compile cache on disk (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1)")
+    parser.add_argument("--pycache", help="PYTHONPYCACHEPREFIX for every process (default: a new directory)")
+    parser.add_argument("--child", choices=sorted(CASES) + ["imports"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "imports":
+        imports_only()
+        return 0
+    if args.child:
+        child(args.child, args.json)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    pycache = args.pycache or tempfile.mkdtemp(prefix="pycache-")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--child", "imports"], check=True,
+                   env=dict(os.environ, PYTHONPYCACHEPREFIX=pycache))
+    bytecode_s = time.perf_counter() - start
+    print(f"imports writing their bytecode: {bytecode_s:.1f} s", flush=True)
+    for case in args.cases:
+        with tempfile.TemporaryDirectory() as scratch:
+            env = dict(os.environ, TRITON_CACHE_DIR=f"{scratch}/triton", CUTE_DSL_CACHE_DIR=f"{scratch}/cute-dsl",
+                       PYTHONPYCACHEPREFIX=pycache)
+            if args.fa4_disk_cache:
+                env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1", FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
+            for caches in ("empty", "kept"):
+                records.append(run_child(case, Path(scratch) / f"{caches}.json", env) | {"caches": caches})
+                print(json.dumps({k: v for k, v in records[-1].items() if k != "top"}), flush=True)
+    date = datetime.date.today().isoformat()
+    meta = {"date": date, "versions": versions(), "bytecode_pass_s": bytecode_s, "fa4_disk_cache": args.fa4_disk_cache}
+    stem = args.out / f"first-call-{date}{'_fa4-disk-cache' if args.fa4_disk_cache else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(meta, records))
+    print(markdown(meta, records))
+    return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
