@@ -10,18 +10,21 @@ imports, CUDA's start, ``sparsecore.compile(mask, device="cuda")``, the first ca
 second call, and a new mask of the same shape (compile and first call: it should compile nothing). A
 sampling thread reads the main thread's stack every few milliseconds during the first call; the report
 lists, for the functions most often on that stack, the seconds they were (inclusive: a caller includes
-its callees), so the compiles (FA4's CuTe DSL, Triton's kernels and the C launchers it builds with the
-host compiler) and sparsecore's own work (conversion, planning) can be told apart.
+its callees; each interval goes to the stack seen at its end), so the compiles (FA4's CuTe DSL, Triton's
+kernels and the C launchers it builds with the host compiler) and sparsecore's own work (conversion,
+planning) can be told apart. The sampler slows Python-bound work (it takes the GIL every millisecond or
+two): ``--no-sample`` times the same calls without it.
 
-    python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random]
+    python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random] [--no-sample] [--fa4-disk-cache]
 
-Writes ``first-call-<date>.json`` and ``.md`` under DIR.
+Writes ``first-call-<date>[_fa4-disk-cache][_unsampled].json`` and ``.md`` under DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -40,6 +43,7 @@ CASES = {
     "random": "128-token random rows, S = 32,768, d = 0.1, 12 heads (fa4, full tiles only)",
 }
 TOP = 60
+CHILD_TIMEOUT_S = 300
 HIDDEN = ("<frozen", "first_call_probe.py", "threading.py")   # frames on every stack or the import machinery
 SAMPLE_S = 0.002
 
@@ -54,14 +58,16 @@ class StackSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        last = time.perf_counter()
+        last, names = time.perf_counter(), {}          # names: label of each code object seen (made once)
         while not self._stop.is_set():
             frame = sys._current_frames().get(self.ident)
             now = time.perf_counter()
             labels = set()
             while frame is not None:
                 code = frame.f_code
-                labels.add(f"{_short(code.co_filename)}:{code.co_name}")
+                if code not in names:
+                    names[code] = f"{_short(code.co_filename)}:{code.co_name}"
+                labels.add(names[code])
                 frame = frame.f_back
             for label in labels:
                 self.seconds_on_stack[label] += now - last
@@ -117,7 +123,7 @@ def imports_only() -> None:
     import sparsecore  # noqa: F401
 
 
-def child(case: str, path: Path) -> None:
+def child(case: str, path: Path, sample: bool) -> None:
     started = time.perf_counter()
     import torch
     import sparsecore
@@ -129,7 +135,7 @@ def child(case: str, path: Path) -> None:
                for _ in range(3))
     torch.cuda.synchronize()
     record["cuda_start_s"] = time.perf_counter() - start
-    with StackSampler(threading.get_ident()) as sampler:
+    with StackSampler(threading.get_ident()) if sample else contextlib.nullcontext() as sampler:
         start = time.perf_counter()
         kernel = sparsecore.compile(first, device="cuda")
         record["compile_s"] = time.perf_counter() - start
@@ -137,7 +143,8 @@ def child(case: str, path: Path) -> None:
         torch.cuda.synchronize()
         record["first_call_s"] = time.perf_counter() - start
     record["backend"] = kernel.backend.name
-    record["top"] = sampler.top(TOP)
+    if sample:
+        record["top"] = sampler.top(TOP)
     start = time.perf_counter()
     kernel(q, k, v)
     torch.cuda.synchronize()
@@ -151,9 +158,12 @@ def child(case: str, path: Path) -> None:
     path.write_text(json.dumps(record, indent=1))
 
 
-def run_child(case: str, result: Path, env: dict) -> dict:
-    run = subprocess.run([sys.executable, __file__, "--child", case, "--json", str(result)], env=env,
-                         capture_output=True, text=True)
+def run_child(case: str, result: Path, env: dict, sample: bool) -> dict:
+    command = [sys.executable, __file__, "--child", case, "--json", str(result)] + ([] if sample else ["--no-sample"])
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": f"no result within {CHILD_TIMEOUT_S} s"}
     if run.returncode != 0 or not result.exists():
         return {"case": case, "error": (run.stderr or run.stdout)[-2000:]}
     return json.loads(result.read_text())
@@ -175,7 +185,8 @@ def versions() -> dict:
 def markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"# First calls, {meta['date']}", "", f"{meta['versions']}", "",
              f"Bytecode written by an import-only process first: {meta['bytecode_pass_s']:.1f} s. FA4's disk cache: "
-             f"{'on' if meta['fa4_disk_cache'] else 'off'}.", "",
+             f"{'on' if meta['fa4_disk_cache'] else 'off'}. Stack sampling during the first call: "
+             f"{'on (it slows Python-bound work)' if meta.get('sampled', True) else 'off'}.", "",
              "Each case in a fresh process with empty compile caches, then in another with the caches the first "
              "left. Seconds.", "",
              "| case | caches | backend | imports | CUDA start | compile() | first call (incl. compile()) | second call "
@@ -203,6 +214,8 @@ def main() -> int:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["lvsa", "adaspa", "random"])
     parser.add_argument("--fa4-disk-cache", action="store_true",
                         help="FA4's own compile cache on disk (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1)")
+    parser.add_argument("--no-sample", action="store_true",
+                        help="no stack sampling (its thread slows Python-bound work: time the calls alone)")
     parser.add_argument("--pycache", help="PYTHONPYCACHEPREFIX for every process (default: a new directory)")
     parser.add_argument("--child", choices=sorted(CASES) + ["imports"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -211,7 +224,7 @@ def main() -> int:
         imports_only()
         return 0
     if args.child:
-        child(args.child, args.json)
+        child(args.child, args.json, not args.no_sample)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -228,11 +241,14 @@ def main() -> int:
             if args.fa4_disk_cache:
                 env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1", FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
             for caches in ("empty", "kept"):
-                records.append(run_child(case, Path(scratch) / f"{caches}.json", env) | {"caches": caches})
+                records.append(run_child(case, Path(scratch) / f"{caches}.json", env, not args.no_sample)
+                               | {"caches": caches})
                 print(json.dumps({k: v for k, v in records[-1].items() if k != "top"}), flush=True)
     date = datetime.date.today().isoformat()
-    meta = {"date": date, "versions": versions(), "bytecode_pass_s": bytecode_s, "fa4_disk_cache": args.fa4_disk_cache}
-    stem = args.out / f"first-call-{date}{'_fa4-disk-cache' if args.fa4_disk_cache else ''}"
+    meta = {"date": date, "versions": versions(), "bytecode_pass_s": bytecode_s, "fa4_disk_cache": args.fa4_disk_cache,
+            "sampled": not args.no_sample}
+    tags = ("_fa4-disk-cache" if args.fa4_disk_cache else "") + ("_unsampled" if args.no_sample else "")
+    stem = args.out / f"first-call-{date}{tags}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, records))
     print(markdown(meta, records))

@@ -61,12 +61,19 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
     if not found:
         return (f"backend {backend!r} compiles for {list(backends[backend].capabilities.devices)}, not device "
                 f"{device!r}; leave the backend out to use the device's preferred one")
-    reasons = {b.name: b.unavailable_reason(device) for b in found}
-    available = [b for b in found if reasons[b.name] is None]
-    if not available:
-        why = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
-        return f"no backend can run on device {device!r} here: {why}"
-    if dtype is not None and not any(dtype in b.capabilities.dtypes for b in available):
+    # any backend that runs here (and takes dtype) will do: stop at the first, those slow to check last
+    takers = sorted((b for b in found if dtype is None or dtype in b.capabilities.dtypes), key=lambda b: b.slow_to_check)
+    reasons = {}
+    for b in takers:
+        reasons[b.name] = b.unavailable_reason(device)
+        if reasons[b.name] is None:
+            break
+    else:
+        reasons.update({b.name: b.unavailable_reason(device) for b in found if b.name not in reasons})
+        available = [b for b in found if reasons[b.name] is None]
+        if not available:
+            why = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
+            return f"no backend can run on device {device!r} here: {why}"
         takes = "; ".join(f"{b.name} takes {', '.join(sorted(b.capabilities.dtypes))}" for b in available)
         return f"dtype {dtype!r} is not supported on device {device!r}: {takes}"
     index = device.partition(":")[2]

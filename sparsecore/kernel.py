@@ -169,8 +169,9 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
 
     Raises:
         ValueError: unknown device or backend name.
-        UnsupportedError: the named backend (or every available one) cannot take this mask.
-        RuntimeError: the device is known but no backend for it can run here (says why).
+        UnsupportedError: the named backend (or every one that runs here) cannot take this mask.
+        RuntimeError: the device is known but no backend for it that takes this mask (and these options) can run
+            here (says why of each).
         TypeError: ``mask`` is not a BlockMask, or an option no candidate accepts.
     """
     if not isinstance(mask, BlockMask):
@@ -197,7 +198,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     device_type(device)                                  # a cache miss: check the device string fully
     _check_index(device)
     choices = _choices(candidates(mask, device, backend), options)
-    kernel = CompiledKernel(mask, device, choices[first_available([b for b, _ in choices], device):])
+    start = first_available([b for b, _ in choices], device, mask if backend is None else None)
+    kernel = CompiledKernel(mask, device, choices[start:])
     table[key] = kernel
     if table is _CACHE:                                   # evict the least recently used; keep the new one
         listed = sum(k.mask.nnz for k in _CACHE.values())

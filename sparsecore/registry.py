@@ -100,6 +100,8 @@ class Backend(ABC):
     block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
     row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
     dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
+    slow_to_check: bool = False   # unavailable_reason() imports a library that takes seconds (checked last where
+                                  # any backend of the device will do: sparsecore.check.device_problem)
 
     @abstractmethod
     def unavailable_reason(self, device: str) -> str | None:
@@ -237,14 +239,15 @@ def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend
     return sorted(capable, key=lambda b: -b.preference(mask))
 
 
-def first_available(backends: list[Backend], device: str) -> int:
+def first_available(backends: list[Backend], device: str, mask: "BlockMask | None" = None) -> int:
     """Index of the first of ``backends`` that runs on ``device`` here, checked in order and no further.
 
     A kernel's later candidates are fallbacks for inputs the first cannot take (another dtype or head dim):
     they are checked when a call needs them (:class:`sparsecore.kernel.CompiledKernel`), so a backend slow
-    to load is not loaded for a mask another one runs (importing flash-attn-4 took 7-9 s of a 9-13 s first
-    call on the H200 host for a mask Triton ran: bench/results/gpu-2026-12-01-runs/tenth-session). None of
-    them runs here: ``RuntimeError`` saying why of each.
+    to load is not loaded for a mask another one runs (importing flash-attn-4 took 7.3-10.9 s of a 9.2-13.4 s
+    first call on the H200 host for a mask Triton ran: bench/results/gpu-2026-12-01-runs/tenth-session). None of
+    them runs here: ``UnsupportedError`` when ``mask`` is given and the device's other backends that run here
+    cannot take it, else ``RuntimeError``; each says why of every backend.
     """
     reasons = {}
     for index, backend in enumerate(backends):
@@ -253,4 +256,13 @@ def first_available(backends: list[Backend], device: str) -> int:
             return index
         reasons[backend] = reason
     lines = "; ".join(f"{b.name}: {reason} ({b.install_hint})" for b, reason in reasons.items())
+    if mask is not None:
+        kind = device_type(device)
+        others = [b for b in registered_backends().values()
+                  if kind in b.capabilities.devices and b not in reasons and b.unavailable_reason(device) is None]
+        problems = {b.name: b.capabilities.mask_problems(mask) for b in others}
+        if others and all(problems.values()):
+            taking = "; ".join(f"{name}: {', '.join(found)}" for name, found in problems.items())
+            raise UnsupportedError(f"no available backend for device {device!r} can take {mask!r}: {taking}; "
+                                   f"those that can take it cannot run here: {lines}")
     raise RuntimeError(f"no backend can run on device {device!r} here: {lines}")

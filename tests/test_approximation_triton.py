@@ -120,7 +120,7 @@ def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, grou
 
 def test_float32_takes_the_group_walk_on_cuda_without_compiling_whole_group_tiles(monkeypatch):
     """IEEE float32 tiles of whole groups compile for a minute at head dim 128 (and do not fit at 2-3 stages):
-    float32 inputs on CUDA go straight to the group-by-group walk."""
+    float32 inputs on CUDA at head dim 128 go straight to the group-by-group walk."""
     calls = []
 
     class Pass:
@@ -139,6 +139,9 @@ def test_float32_takes_the_group_walk_on_cuda_without_compiling_whole_group_tile
     assert calls == [(3, 0)] and (params["num_stages"], params["GROUPS_PER_TILE"]) == (3, 0)
     calls.clear()                                       # 16-bit inputs keep whole-group tiles first
     launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128, "DOT_PRECISION": "tf32"}, torch.device("cuda", 0))
+    assert calls == [(3, 4)]
+    calls.clear()                                       # and float32 below head dim 128 (not measured there)
+    launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 64, "DOT_PRECISION": "ieee"}, torch.device("cuda", 0))
     assert calls == [(3, 4)]
 
 

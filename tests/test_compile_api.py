@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,6 +301,40 @@ def test_compile_takes_the_most_preferred_backend_that_runs_here(fake_cuda):
     with pytest.raises(RuntimeError, match=r"no backend can run on device 'cuda' here: fake-fast: no such device "
                                            r"here \(\); fake-wide: its library is not installed"):
         sparsecore.compile(BlockMask.full(2, 64, 64, 16), device="cuda")
+
+
+def test_when_only_backends_that_cannot_run_here_take_the_mask_compile_says_so(fake_cuda):
+    """The backends that run here cannot take the mask (UnsupportedError); or they take the mask but not the options,
+    which only a backend that cannot run here takes (RuntimeError naming it)."""
+    fast, wide = fake_cuda
+    fast.capabilities = dataclasses.replace(fast.capabilities, max_heads=1)
+    wide.reason = "its library is not installed"
+    with pytest.raises(UnsupportedError, match=r"no available backend for device 'cuda' can take .*fake-fast: max_heads"
+                                               r".*; those that can take it cannot run here: fake-wide: its library"):
+        sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")
+    fast.capabilities = dataclasses.replace(fast.capabilities, max_heads=None)
+    wide.options_type = _WideOptions
+    with pytest.raises(RuntimeError, match=r"no backend can run on device 'cuda' here: fake-wide: its library"):
+        sparsecore.compile(BlockMask.full(2, 64, 64, 16), device="cuda", width=2)
+
+
+def test_a_device_check_stops_at_the_first_backend_that_runs_there_slow_ones_last(fake_cuda):
+    """apply() and the CLI check the device with any backend: one slow to check (flash-attn-4's import) is not
+    checked while another runs there."""
+    from sparsecore.check import device_problem
+    fast, wide = fake_cuda
+    fast.slow_to_check = True
+    assert device_problem("cuda") is None and (fast.checked, wide.checked) == (0, 1)
+    assert device_problem("cuda", dtype="float32") is None and (fast.checked, wide.checked) == (0, 2)
+    wide.reason = "its library is not installed"
+    assert device_problem("cuda") is None and (fast.checked, wide.checked) == (1, 3)
+    assert device_problem("cuda", dtype="float32").startswith("dtype 'float32' is not supported on device 'cuda': "
+                                                              "fake-fast takes bfloat16, float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class _WideOptions:
+    width: int = 1
 
 
 def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector():

@@ -178,13 +178,13 @@ class ApproximationLaunch:
         at one group a tile against the H200's 227 KB). Off CUDA, under Triton's interpreter, or where Triton
         gives no compiled kernel to read (a JIT hook), the configured tiles.
 
-        On CUDA, float32 inputs (IEEE products, on CUDA cores) take the group-by-group walk only: tiles of whole
-        groups put a ``D x D`` IEEE product per group into one unrolled body, whose compile for sm90 at head dim
-        128 and four groups a tile took 68.5 s (and needed 673 KB at three stages) against 6.7 s for the walk
-        (149 KB; Triton 3.6 on the 2-core development machine, 2026-12-01)."""
+        On CUDA, float32 inputs (IEEE products, on CUDA cores) at head dims of 128 and more take the group-by-group
+        walk only: tiles of whole groups put a ``D x D`` IEEE product per group into one unrolled body, whose
+        compile for sm90 at head dim 128 and four groups a tile took 68.5 s (and needed 673 KB at three stages)
+        against 6.7 s for the walk (149 KB; Triton 3.6 on the 2-core development machine, 2026-12-01)."""
         checked = device.type == "cuda" and not interpreter.interpreting()
         tried, limit = [], shared_memory_limit() if checked else None
-        whole_groups = not (checked and common.get("DOT_PRECISION") == "ieee")
+        whole_groups = not (checked and common.get("DOT_PRECISION") == "ieee" and common["HEAD_DIM"] >= 128)
         for config, groups in self.candidates(self.config_for(device), whole_groups):
             params = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,
                           WORD_TILES=self.word_tiles(config.block_n, groups), num_warps=config.num_warps,

@@ -139,6 +139,7 @@ class Fa4Backend(Backend):
     name = "fa4"
     install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
     options_type = Fa4Options
+    slow_to_check = True       # unavailable_reason() imports flash_attn.cute: 8-10 s on the H200 host (tenth session)
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
     host_plans = True          # Fa4Launch.keep_plans_on_host; to_fa4 takes host lists (one transient upload)
     dense = DenseOp(run=fa4_dense.run, supports=fa4_dense.supports)     # FA4's dense forward, where measured faster
