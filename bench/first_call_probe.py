@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = {
     # name: (what it is, builder source run in the child)
     "lvsa": "LVSA frames at 6x (121 x 1560 tokens, 12 heads; fa4 with mask tiles)",
-    "adaspa": "AdaSpa-shaped 64-token blocks with text, 12 heads, 32,760 + 512 tokens (default: triton, blocks of several sizes under 128)",
+    "adaspa": "AdaSpa-shaped 64-token blocks with text, 12 heads, 32,760 + 512 tokens "
+              "(default: triton, blocks of several sizes under 128)",
     "random": "128-token random rows, S = 32,768, d = 0.1, 12 heads (fa4, full tiles only)",
 }
 TOP = 60
@@ -189,13 +190,15 @@ def markdown(meta: dict, records: list[dict]) -> str:
              f"{'on (it slows Python-bound work)' if meta.get('sampled', True) else 'off'}.", "",
              "Each case in a fresh process with empty compile caches, then in another with the caches the first "
              "left. Seconds.", "",
-             "| case | caches | backend | imports | CUDA start | compile() | first call (incl. compile()) | second call "
+             "| case | caches | backend | imports | CUDA start | compile() | first call (incl. compile()) "
+             "| second call "
              "| new mask, same shape |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['caches']} | error: {r['error'][-300:]!r} | | | | | | |")
             continue
-        lines.append(f"| {r['case']}: {r['what']} | {r['caches']} | {r['backend']} | {r['imports_s']:.2f} | {r['cuda_start_s']:.2f} "
+        lines.append(f"| {r['case']}: {r['what']} | {r['caches']} | {r['backend']} | {r['imports_s']:.2f} "
+                     f"| {r['cuda_start_s']:.2f} "
                      f"| {r['compile_s']:.2f} | **{r['first_call_s']:.2f}** | {r['second_call_s']:.3f} "
                      f"| {r['new_mask_first_call_s']:.3f} ({r['new_mask_backend']}) |")
     for r in records:
@@ -239,7 +242,8 @@ def main() -> int:
             env = dict(os.environ, TRITON_CACHE_DIR=f"{scratch}/triton", CUTE_DSL_CACHE_DIR=f"{scratch}/cute-dsl",
                        PYTHONPYCACHEPREFIX=pycache)
             if args.fa4_disk_cache:
-                env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1", FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
+                env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1",
+                           FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
             for caches in ("empty", "kept"):
                 records.append(run_child(case, Path(scratch) / f"{caches}.json", env, not args.no_sample)
                                | {"caches": caches})

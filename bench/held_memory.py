@@ -1,17 +1,17 @@
 """What a method keeps on the GPU between steps: the blocks made after ``apply()`` and still allocated after its steps.
 
-    python bench/held_memory.py --length 2x [--mode compiled] [--methods dense-sparsecore pasa lvsa adaspa]
-                                [--out bench/results]
+    python bench/held_memory.py --length 2x [--model wan-1.3b] [--mode compiled]
+                                [--methods dense-sparsecore pasa lvsa adaspa] [--out bench/results]
 
 The e2e benchmark reports, per row, the memory still allocated after the row's steps above dense's
-(``allocated_mib``); this names what it is. Builds the e2e benchmark's random-weight Wan 2.1 1.3B at
-``--length`` (bf16, one GPU), runs two dense steps (compiled with diffusers' regional compilation in
-``--mode compiled``, as the e2e benchmark does), then per method: starts PyTorch's CUDA allocator
-history (``torch.cuda.memory._record_memory_history``), applies the method, runs the e2e benchmark's
-steps for it (:data:`e2e_benchmark.STEPS`), collects garbage, and lists the blocks allocated since
-``apply()`` that are still allocated, grouped by the code that made them (up to ``--frames`` frames of
-this repository, else the innermost frame), with ``memory_allocated`` before and after. The method is
-removed after that. Writes ``held-memory-<length>-<mode>-<date>.{md,json}``.
+(``allocated_mib``); this names what it is. Builds the e2e benchmark's random-weight Wan 2.1 1.3B (or
+``--model hv15``, its HunyuanVideo 1.5 of 6 layers) at ``--length`` (bf16, one GPU), runs two dense steps
+(compiled with diffusers' regional compilation in ``--mode compiled``, as the e2e benchmark does), then per
+method: starts PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``), applies
+the method, runs the e2e benchmark's steps for it (:data:`e2e_benchmark.STEPS`), collects garbage, and lists
+the blocks allocated since ``apply()`` that are still allocated, grouped by the code that made them (up to
+``--frames`` frames of this repository, else the innermost frame), with ``memory_allocated`` before and
+after. The method is removed after that. Writes ``held-memory-[hv15-]<length>-<mode>-<date>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from e2e_benchmark import STEPS, full_attention
-from memory_profile import REPO, replay, step, wan_on_gpu
+from memory_profile import REPO, model_on_gpu, replay, step
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
@@ -73,7 +73,8 @@ def held_by(model, inputs: dict, method: str, depth: int) -> dict:
 
 
 def markdown(meta: dict, rows: list[dict], top: int) -> str:
-    lines = [f"# Held between steps, Wan 2.1 1.3B at {meta['length']}, {meta['mode']} ({meta['date']})", "",
+    model = {"wan-1.3b": "Wan 2.1 1.3B", "hv15": "HunyuanVideo 1.5 (6 layers)"}[meta.get("model", "wan-1.3b")]
+    lines = [f"# Held between steps, {model} at {meta['length']}, {meta['mode']} ({meta['date']})", "",
              f"{meta['device']}, torch {meta['torch']}. Per method: `memory_allocated` before `apply()`, after its "
              "steps (e2e_benchmark's), and after `remove()`, in bytes; then the blocks made since `apply()` and "
              "still allocated after the steps, by where they were made.", ""]
@@ -92,6 +93,7 @@ def markdown(meta: dict, rows: list[dict], top: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", default="2x", choices=["1x", "2x", "4x", "6x"])
+    parser.add_argument("--model", default="wan-1.3b", choices=["wan-1.3b", "hv15"])
     parser.add_argument("--mode", default="compiled", choices=["eager", "compiled"])
     parser.add_argument("--methods", nargs="+", default=["dense-sparsecore", "pasa", "lvsa", "adaspa"],
                         choices=sorted(STEPS))
@@ -101,19 +103,24 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator history is CUDA's")
-    model, inputs = wan_on_gpu(args.length)
+    try:
+        model, inputs = model_on_gpu(args.length, args.model)
+    except ValueError as err:
+        parser.error(str(err))
     if args.mode == "compiled":
         model.compile_repeated_blocks(fullgraph=True)
     step(model, inputs, 999.0)                        # compiles the blocks in compiled mode
     step(model, inputs, 999.0)
     date = datetime.date.today().isoformat()
-    meta = {"length": args.length, "mode": args.mode, "date": date, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "dense_allocated": torch.cuda.memory_allocated()}
+    meta = {"model": args.model, "length": args.length, "mode": args.mode, "date": date,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "dense_allocated": torch.cuda.memory_allocated()}
     rows = []
     for method in args.methods:
         rows.append(held_by(model, inputs, method, args.frames))
         print(f"{method}: held {rows[-1]['allocated_after'] - rows[-1]['allocated_before']:+,} bytes", flush=True)
-    stem = args.out / f"held-memory-{args.length}-{args.mode}-{date}"
+    prefix = "" if args.model == "wan-1.3b" else f"{args.model}-"
+    stem = args.out / f"held-memory-{prefix}{args.length}-{args.mode}-{date}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = markdown(meta, rows, args.top)

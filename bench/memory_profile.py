@@ -68,9 +68,14 @@ def step(model, inputs: dict, timestep: float = 500.0) -> None:
     torch.cuda.synchronize()
 
 
-def wan_on_gpu(length: str) -> tuple[torch.nn.Module, dict]:
-    """The e2e benchmark's random-weight Wan 2.1 1.3B at ``length`` and its inputs, bf16 on the GPU."""
-    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == length)
+def model_on_gpu(length: str, name: str = "wan-1.3b") -> tuple[torch.nn.Module, dict]:
+    """The e2e benchmark's random-weight model ``name`` (Wan 2.1 1.3B by default) at ``length`` and its inputs, bf16 on
+    the GPU."""
+    found = [c for c in cases([name], tiny=False) if c.label == length]
+    if not found:
+        raise ValueError(f"length: the e2e benchmark runs {name} at {[c.label for c in cases([name], tiny=False)]}, "
+                         f"got {length!r}")
+    case = found[0]
     model = build_model(case, False, "cuda", torch.bfloat16)
     return model, model_inputs(model, case, "cuda", torch.bfloat16)
 
@@ -87,7 +92,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device: the allocator history is CUDA's")
-    model, inputs = wan_on_gpu(args.length)
+    model, inputs = model_on_gpu(args.length)
     handle, steps = None, args.steps or STEPS.get(args.method, (0, 1))
     if args.method != "dense":
         handle = sc_diffusers.apply(model, method=args.method, device="cuda", num_steps=50)

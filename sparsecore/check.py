@@ -62,7 +62,8 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
         return (f"backend {backend!r} compiles for {list(backends[backend].capabilities.devices)}, not device "
                 f"{device!r}; leave the backend out to use the device's preferred one")
     # any backend that runs here (and takes dtype) will do: stop at the first, those slow to check last
-    takers = sorted((b for b in found if dtype is None or dtype in b.capabilities.dtypes), key=lambda b: b.slow_to_check)
+    takers = sorted((b for b in found if dtype is None or dtype in b.capabilities.dtypes),
+                    key=lambda b: b.slow_to_check)
     reasons = {}
     for b in takers:
         reasons[b.name] = b.unavailable_reason(device)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 
 from . import interpreter
 from .triton_config import dot_precision
@@ -88,7 +88,7 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
     from .triton_kernel import LOG2E
     batch, heads, q_len, head_dim = q.shape
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
-    programs, tile_start, tile_end, tile_block = (on_device(a, q.device) for a in _tiles(q_offsets, kv_offsets))
+    programs, tile_start, tile_end, tile_block = (queued(a, q.device) for a in _tiles(q_offsets, kv_offsets))
     block_mass_fwd[(programs.shape[0], heads, batch)](
         q, k, lse, mass, programs, tile_start, tile_end, tile_block,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

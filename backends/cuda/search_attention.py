@@ -24,7 +24,7 @@ from itertools import product
 import numpy as np
 import torch
 
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 
 from . import block_mass
 from .block_mass import cut_blocks
@@ -145,12 +145,12 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.ndarray
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
     partial = torch.empty(batch, head_chunk, layout.num_pieces, row_chunk, dtype=torch.float32, device=q.device)
-    padded = lambda a: on_device(np.r_[a, 0].astype(np.int32), q.device)  # noqa: E731  (never empty)
+    padded = lambda a: queued(np.r_[a, 0].astype(np.int32), q.device)  # noqa: E731  (never empty)
     tiles = [padded(a) for a in (layout.full_start, layout.full_piece, layout.solo_start, layout.solo_end,
                                  layout.solo_piece)]
     piece_block = padded(layout.piece_block)
     q_start, q_end, q_block = cut_blocks(np.asarray(q_offsets, dtype=np.int64), REDUCE_ROWS)
-    programs = on_device(np.stack([q_start, q_end, q_block], axis=1).astype(np.int32), q.device)
+    programs = queued(np.stack([q_start, q_end, q_block], axis=1).astype(np.int32), q.device)
     row_starts = np.arange(0, q_len, row_chunk)
     row_ends = np.minimum(row_starts + row_chunk, q_len)
     row_chunks = list(zip(row_starts.tolist(), row_ends.tolist(),      # and the reduce programs that overlap each

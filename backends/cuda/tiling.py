@@ -34,7 +34,7 @@ import torch
 
 from sparsecore.ir import BlockMask
 from sparsecore.ir.csr import row_of_entry
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 
 PROGRAM_FIELDS = ("head", "q_start", "q_end", "full_first", "num_full", "partial_first", "num_partial")
 
@@ -74,7 +74,7 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
         return _schedule_blocks(mask, block_m, block_n)
     device = mask.device
     indices = mask.indices.long()
-    kv_offsets = on_device(mask.kv_offsets, device)
+    kv_offsets = queued(mask.kv_offsets, device)
     num_rows, nnz = mask.num_heads * mask.num_q_blocks, mask.nnz
 
     # Runs of consecutive key blocks within a row, as token ranges [begin, end), in arrays of
@@ -155,9 +155,9 @@ def _programs(mask: BlockMask, block_m: int, num_full: torch.Tensor, num_partial
     tile_block = np.repeat(np.arange(mask.num_q_blocks), tiles_per_block)
     tile_in_block = np.arange(len(tile_block)) - np.repeat(np.cumsum(tiles_per_block) - tiles_per_block,
                                                            tiles_per_block)
-    tile_start = on_device(mask.q_offsets[tile_block] + block_m * tile_in_block, device)
-    tile_end = on_device(mask.q_offsets[tile_block + 1], device)
-    tile_block = on_device(tile_block, device)
+    tile_start = queued(mask.q_offsets[tile_block] + block_m * tile_in_block, device)
+    tile_end = queued(mask.q_offsets[tile_block + 1], device)
+    tile_block = queued(tile_block, device)
     tiles = len(tile_block)
     head = torch.arange(mask.num_heads, device=device).repeat_interleave(tiles)
     row = head * mask.num_q_blocks + tile_block.repeat(mask.num_heads)
