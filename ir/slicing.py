@@ -165,8 +165,8 @@ class _Ops:
     def upload(self, a: np.ndarray) -> Any:
         if self.device is None:
             return a
-        from .uploads import on_device
-        return on_device(np.ascontiguousarray(a, dtype=np.int64), self.device)
+        from .uploads import queued
+        return queued(np.ascontiguousarray(a, dtype=np.int64), self.device)
 
     def cumsum(self, a: Any) -> Any:
         return np.cumsum(a) if self.device is None else self.torch.cumsum(a, 0)

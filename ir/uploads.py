@@ -6,9 +6,9 @@ for the device's queue to drain, so code that runs every layer and step asks her
 
 :func:`queued`: a small host array on a device, copied at each call without waiting and not kept:
 for the per-call paths (PASA's plans, FA4 conversions, the approximation's plan, Triton's tile schedules,
-AdaSpa's search and block-mass passes), whose cached copies had stayed on the GPU through every layer's work
-and after the method's removal (what a row keeps above dense's: 49,664 bytes for AdaSpa on HunyuanVideo 1.5's
-joint masks, tenth session). :func:`moved`: a
+the block-mass passes, Triton's and torch's, the fused search, ring slices), whose cached copies had stayed on
+the GPU through every layer's work and after the method's removal (what a row keeps above dense's: 49,664
+bytes for AdaSpa on HunyuanVideo 1.5's joint masks, tenth session). :func:`moved`: a
 tensor held in host memory between steps and brought back at each use, without waiting: the way there
 lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
 tensors in one pinned buffer, brought to a device in one copy at each call. :class:`HostCounts`: counts

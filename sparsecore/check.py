@@ -76,7 +76,9 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
             why = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
             return f"no backend can run on device {device!r} here: {why}"
         takes = "; ".join(f"{b.name} takes {', '.join(sorted(b.capabilities.dtypes))}" for b in available)
-        return f"dtype {dtype!r} is not supported on device {device!r}: {takes}"
+        cannot = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in takers)
+        return (f"dtype {dtype!r} is not supported on device {device!r}: {takes}"
+                + (f"; those that take it cannot run here: {cannot}" if takers else ""))
     index = device.partition(":")[2]
     module = getattr(torch, kind, None)
     if index and kind != "cpu" and hasattr(module, "device_count") and int(index) >= module.device_count():

@@ -265,4 +265,7 @@ def first_available(backends: list[Backend], device: str, mask: "BlockMask | Non
             taking = "; ".join(f"{name}: {', '.join(found)}" for name, found in problems.items())
             raise UnsupportedError(f"no available backend for device {device!r} can take {mask!r}: {taking}; "
                                    f"those that can take it cannot run here: {lines}")
+        if others:                                   # those that run here took the mask but not the options
+            raise RuntimeError(f"no backend for device {device!r} that takes this mask and these options can run "
+                               f"here: {lines}")
     raise RuntimeError(f"no backend can run on device {device!r} here: {lines}")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask
-from sparsecore.ir.uploads import on_device
+from sparsecore.ir.uploads import queued
 
 from .inputs import attention_shape, check_scale
 from .registry import BlockMassOp, DenseOp, registered_backends
@@ -202,10 +202,10 @@ def torch_block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv
     device = q.device
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
-    q_block = on_device(np.repeat(np.arange(num_q_blocks), np.diff(q_offsets)), device)
+    q_block = queued(np.repeat(np.arange(num_q_blocks), np.diff(q_offsets)), device)
     kv_sizes = np.diff(kv_offsets)
     uniform = int(kv_sizes[0]) if (kv_sizes[:-1] == kv_sizes[0]).all() and kv_sizes[-1] <= kv_sizes[0] else None
-    kv_block = on_device(np.repeat(np.arange(num_kv_blocks), kv_sizes), device)
+    kv_block = queued(np.repeat(np.arange(num_kv_blocks), kv_sizes), device)
     mass = torch.zeros(batch, heads, num_q_blocks, num_kv_blocks, dtype=compute, device=device)
     chunk = max(1, max_elements // (heads * kv_len))
     for b in range(batch):

@@ -103,6 +103,23 @@ def test_fused_search_pass_matches_float64(triton_device, q_offsets, kv_offsets,
                                       config, scratch)
 
 
+def test_the_passes_keep_no_upload_between_calls(triton_device):
+    """The block-mass passes (Triton's for blocks of several sizes, torch's) and the fused search copy their small
+    host arrays at each call: nothing stays in the process-wide upload cache (on a GPU it stayed allocated after a
+    method's removal: 49,664 bytes for AdaSpa on HunyuanVideo 1.5)."""
+    from sparsecore.ir import uploads
+    uploads._UPLOADS.clear()
+    q_offsets, kv_offsets = np.array([0, 16, 40, 48]), np.array([0, 32, 40, 72])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, int(o[-1]), 16, generator=gen) for o in (q_offsets, kv_offsets, kv_offsets))
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+    triton_block_mass.run(*(x.to(triton_device) for x in (q, k)), q_offsets, kv_offsets, lse.to(triton_device), 0.25)
+    search_attention.run(*(x.to(triton_device) for x in (q, k, v)), q_offsets, kv_offsets, 0.25,
+                         config=search_attention.SearchConfig(32, 1, 4, 1, use_tma=False))
+    block_mass(q, k, q_offsets, kv_offsets, lse, 0.25, impl="torch")
+    assert len(uploads._UPLOADS) == 0
+
+
 def assert_fused_pass_matches_float64(device, q_offsets, kv_offsets, heads, batch, head_dim, dtype, sign, seed, config,
                                       scratch):
     """Random q, k, v; the fused pass's output, LSE and masses against float64, every row's mass counted once."""

@@ -314,7 +314,8 @@ def test_when_only_backends_that_cannot_run_here_take_the_mask_compile_says_so(f
         sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")
     fast.capabilities = dataclasses.replace(fast.capabilities, max_heads=None)
     wide.options_type = _WideOptions
-    with pytest.raises(RuntimeError, match=r"no backend can run on device 'cuda' here: fake-wide: its library"):
+    with pytest.raises(RuntimeError, match=r"no backend for device 'cuda' that takes this mask and these options can "
+                                           r"run here: fake-wide: its library"):
         sparsecore.compile(BlockMask.full(2, 64, 64, 16), device="cuda", width=2)
 
 
@@ -328,8 +329,9 @@ def test_a_device_check_stops_at_the_first_backend_that_runs_there_slow_ones_las
     assert device_problem("cuda", dtype="float32") is None and (fast.checked, wide.checked) == (0, 2)
     wide.reason = "its library is not installed"
     assert device_problem("cuda") is None and (fast.checked, wide.checked) == (1, 3)
-    assert device_problem("cuda", dtype="float32").startswith("dtype 'float32' is not supported on device 'cuda': "
-                                                              "fake-fast takes bfloat16, float16")
+    assert device_problem("cuda", dtype="float32") == ("dtype 'float32' is not supported on device 'cuda': fake-fast "
+                                                       "takes bfloat16, float16; those that take it cannot run here: "
+                                                       "fake-wide: its library is not installed ()")
 
 
 @dataclasses.dataclass(frozen=True)

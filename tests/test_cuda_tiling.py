@@ -108,6 +108,15 @@ def test_flashinfer_fold_maps_heads_to_their_key_head_per_batch():
     assert rows == expected
 
 
+def test_scheduling_keeps_no_upload_between_calls():
+    """The schedule copies its small host arrays at each call: nothing stays in the process-wide upload cache."""
+    from sparsecore.ir import uploads
+    uploads._UPLOADS.clear()
+    mask = BlockMask.from_lists([[[0, 1], [1]]], np.array([0, 20, 44]), np.array([0, 24, 60]))
+    schedule_tiles(mask.to("cpu"), 16, 16)
+    assert len(uploads._UPLOADS) == 0
+
+
 @given(block_masks(ANY, num_heads=3), st.sampled_from([16, 64]), st.sampled_from([16, 128]))
 def test_scheduling_reads_nothing_back_to_the_host(mask, block_m, block_n):
     held = mask.to("cpu")                              # as a method builds it: lists on the run device

@@ -181,7 +181,8 @@ class ApproximationLaunch:
         On CUDA, float32 inputs (IEEE products, on CUDA cores) at head dims of 128 and more take the group-by-group
         walk only: tiles of whole groups put a ``D x D`` IEEE product per group into one unrolled body, whose
         compile for sm90 at head dim 128 and four groups a tile took 68.5 s (and needed 673 KB at three stages)
-        against 6.7 s for the walk (149 KB; Triton 3.6 on the 2-core development machine, 2026-12-01)."""
+        against 6.7 s for the walk (149 KB); at head dim 64, 5.7 s and 215 KB (it fits: whole groups stay first
+        there). Triton 3.6 on the 2-core development machine, 2026-12-01."""
         checked = device.type == "cuda" and not interpreter.interpreting()
         tried, limit = [], shared_memory_limit() if checked else None
         whole_groups = not (checked and common.get("DOT_PRECISION") == "ieee" and common["HEAD_DIM"] >= 128)
