@@ -7,7 +7,8 @@ bytecode goes to one ``PYTHONPYCACHEPREFIX`` for the run, filled first by a proc
 (timed apart): pip compiles bytecode when it installs, so a first call on a fresh machine does not pay for
 it (a wheel installed with ``--no-compile`` into a read-only place would, at every import). The child times its
 imports, CUDA's start, ``sparsecore.compile(mask, device="cuda")``, the first call (synchronized), a
-second call, and a new mask of the same shape (compile and first call: it should compile nothing). A
+second call, a new mask of the same shape (compile and first call: it should compile nothing) and one of
+a new length in the same process (FA4's and the guard's kernels do not specialize on lengths). A
 sampling thread reads the main thread's stack every few milliseconds during the first call; the report
 lists, for the functions most often on that stack, the seconds they were (inclusive: a caller includes
 its callees; each interval goes to the stack seen at its end), so the compiles (FA4's CuTe DSL, Triton's
@@ -105,15 +106,17 @@ def _short(path: str) -> str:
     return Path(path).name
 
 
-def build_mask(case: str, seed: int):
+def build_mask(case: str, seed: int, shorter: bool = False):
+    """The case's mask; ``seed`` 1: another mask of the same shape; ``shorter``: the same kind at about 5/6 of the
+    length (a new shape whose kernels need no new compile: FA4's and the guard's do not specialize on lengths)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from cuda_cases import lvsa_frames, random_rows
+    from cuda_cases import LVSA_FRAMES, lvsa_frames, random_rows
     from fa4_check import adaspa_like
     if case == "lvsa":
-        return lvsa_frames(12, anchor_every=9 + seed)          # a new anchor spacing: another mask, same shape
+        return lvsa_frames(12, frames=101 if shorter else LVSA_FRAMES, anchor_every=9 + seed)
     if case == "adaspa":
-        return adaspa_like(12, 32760, 512, 64, (0.1, 0.2, 0.3), seed=seed)
-    return random_rows(12, 32768, 0.1, seed=seed)
+        return adaspa_like(12, 27240 if shorter else 32760, 512, 64, (0.1, 0.2, 0.3), seed=seed)
+    return random_rows(12, 27264 if shorter else 32768, 0.1, seed=seed)
 
 
 def imports_only() -> None:
@@ -156,6 +159,14 @@ def child(case: str, path: Path, sample: bool) -> None:
     torch.cuda.synchronize()
     record["new_mask_first_call_s"] = time.perf_counter() - start
     record["new_mask_backend"] = again.backend.name
+    shorter = build_mask(case, 0, shorter=True)
+    q, k, v = (torch.randn(1, 12, shorter.q_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    sparsecore.compile(shorter, device="cuda")(q, k, v)
+    torch.cuda.synchronize()
+    record["new_length_first_call_s"] = time.perf_counter() - start
     path.write_text(json.dumps(record, indent=1))
 
 
@@ -191,16 +202,17 @@ def markdown(meta: dict, records: list[dict]) -> str:
              "Each case in a fresh process with empty compile caches, then in another with the caches the first "
              "left. Seconds.", "",
              "| case | caches | backend | imports | CUDA start | compile() | first call (incl. compile()) "
-             "| second call "
-             "| new mask, same shape |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| second call | new mask, same shape | new length, same process |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['caches']} | error: {r['error'][-300:]!r} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['caches']} | error: {r['error'][-300:]!r} | | | | | | | |")
             continue
         lines.append(f"| {r['case']}: {r['what']} | {r['caches']} | {r['backend']} | {r['imports_s']:.2f} "
                      f"| {r['cuda_start_s']:.2f} "
                      f"| {r['compile_s']:.2f} | **{r['first_call_s']:.2f}** | {r['second_call_s']:.3f} "
-                     f"| {r['new_mask_first_call_s']:.3f} ({r['new_mask_backend']}) |")
+                     f"| {r['new_mask_first_call_s']:.3f} ({r['new_mask_backend']}) "
+                     f"| {r.get('new_length_first_call_s', float('nan')):.3f} |")
     for r in records:
         if "top" not in r:
             continue
