@@ -19,6 +19,7 @@
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
 #   memory     bench/memory_profile.py: the live allocations at a PASA / AdaSpa / dense step's peak at 6x
 #   held       bench/held_memory.py: what each method keeps allocated between steps (2x compiled; HELD_FLAGS)
+#   firstcall  bench/first_call_probe.py: where a first call's seconds go, fresh processes (FIRST_CALL_FLAGS)
 #   multigpu   bench/multigpu_benchmark.py: one GPU vs all GPUs (Ulysses, or ring 2 x Ulysses where the heads
 #              do not divide), then the ring alone
 #   pack       everything under $OUT into $OUT/results.tgz (the device tool returns only a few files of $OUT)
@@ -59,6 +60,7 @@ for stage in "$@"; do
     keysplit) python3 bench/key_split_probe.py --out "$OUT" --backends fa4,triton 2>&1 | grep '^|' ;;
     e2e) python3 bench/e2e_benchmark.py --out "$OUT" ${E2E_FLAGS:-} ;;
     held) python3 bench/held_memory.py --out "$OUT" ${HELD_FLAGS:-} 2>&1 | tail -60 ;;
+    firstcall) python3 bench/first_call_probe.py --out "$OUT" ${FIRST_CALL_FLAGS:-} 2>&1 | grep -E '^\| [a-z]|^imports' ;;
     memory) for method in pasa adaspa dense; do python3 bench/memory_profile.py --method $method --out "$OUT"; done ;;
     multigpu)
       # NVLink multicast stays off on shared hosts (shared/device KINDS.md)
