@@ -20,7 +20,7 @@ from sparsecore.ir import BlockMask
 
 from .dense import masked_dense_attention, relative_error, to_numpy64
 from .kernel import compile
-from .registry import Backend, UnsupportedError, device_type, registered_backends
+from .registry import Backend, UnsupportedError, device_type, first_available, registered_backends
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}  # relative L2 of the output
 HEAD_DIMS = (16, 32, 64, 128)
@@ -64,13 +64,10 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
     # any backend that runs here (and takes dtype) will do: stop at the first, those slow to check last
     takers = sorted((b for b in found if dtype is None or dtype in b.capabilities.dtypes),
                     key=lambda b: b.slow_to_check)
-    reasons = {}
-    for b in takers:
-        reasons[b.name] = b.unavailable_reason(device)
-        if reasons[b.name] is None:
-            break
-    else:
-        reasons.update({b.name: b.unavailable_reason(device) for b in found if b.name not in reasons})
+    try:
+        first_available(takers, device)
+    except RuntimeError:                                  # none of them runs here: say why, from every backend
+        reasons = {b.name: b.unavailable_reason(device) for b in found}
         available = [b for b in found if reasons[b.name] is None]
         if not available:
             why = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
