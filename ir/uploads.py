@@ -43,14 +43,28 @@ def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """A small host array on ``device`` without waiting for the device's queue and without keeping it: on CUDA a
     copy from pinned memory, queued on the current stream (use it on that stream; not inside a CUDA graph
-    capture, whose replays would read the freed pinned source); on the host a copy. Other devices (NPU, MPS,
+    capture, whose replays would read the freed pinned source: :func:`refuse_capture` raises there); on the host a
+    copy. Other devices (NPU, MPS,
     XPU), where a copy per call would wait, get :func:`on_device`'s cached upload (do not write to it)."""
     kind = torch.device(device).type
     if kind == "cpu":
         return torch.from_numpy(np.array(array))                 # a copy: it must not alias ``array``
     if kind != "cuda":
         return on_device(array, device)
+    refuse_capture(device, "a per-call copy of a plan to the device")
     return torch.from_numpy(np.array(array)).pin_memory().to(device, non_blocking=True)
+
+
+def refuse_capture(device: torch.device | str, what: str) -> None:
+    """Raises where the current CUDA stream is capturing a CUDA graph: sparsecore's calls copy per-call plans from
+    host memory and decide on the host (which step, which mask), so a replay would repeat the captured copies
+    from freed memory and the captured decisions."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"sparsecore: {what} inside a CUDA graph capture: its replays would reuse this call's host-side plan. "
+            "Keep sparsecore's attention out of the captured region: under torch.compile, diffusers' "
+            "sparsecore op is tagged cudagraph_unsafe (inductor leaves it out of CUDA graphs on PyTorch "
+            "versions with that tag); with torch.cuda.graph, capture the work before and after it")
 
 
 def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

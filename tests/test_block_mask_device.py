@@ -169,6 +169,16 @@ def test_queued_uploads_are_copies_the_caller_owns():
         assert start % HostPack.ALIGN == 0 and got[name].data_ptr() != again[name].data_ptr()
 
 
+def test_per_call_copies_refuse_a_cuda_graph_capture(monkeypatch):
+    """A CUDA graph captured around ``queued`` would replay the copy from its freed pinned source: it raises, naming
+    the capture, before it copies anything (so a capture is seen here without a GPU); outside one it copies."""
+    from sparsecore.ir.uploads import queued
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture.*torch.cuda.graph"):
+        queued(np.arange(3), "cuda")
+    assert queued(np.arange(3), "cpu").tolist() == [0, 1, 2]           # no capture on the host
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: HostCounts copies from CUDA only")
 def test_counts_go_back_to_pinned_host_memory_without_staying_on_the_gpu(monkeypatch):
     """``HostCounts``: CUDA counts' pinned host copies, readable after a synchronize, in chunks of slots (a new

@@ -142,3 +142,38 @@ def test_the_ops_output_has_the_strides_its_fake_declares(monkeypatch):
         q = torch.empty(shape)
         fake = torch.ops.sparsecore.diffusers_attention(q, q, q, None, 0)
     assert len(strides) == 2 * len(TIMESTEPS) and {s for _, s in strides} == {fake.stride()}, (strides, fake.stride())
+
+
+def test_inductor_keeps_the_op_out_of_cuda_graphs():
+    """The op decides per call on the host, so a CUDA graph replaying it would repeat one call's step and mask:
+    inductor's own check (the one behind mode="reduce-overhead" and "max-autotune") must find it cudagraph-unsafe
+    in a traced graph."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip(f"torch {torch.__version__} has no cudagraph_unsafe tag (the op's capture check stands in)")
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def layer(q):
+        return torch.ops.sparsecore.diffusers_attention(q * 2, q, q, None, 0) + 1
+
+    graph = make_fx(layer, tracing_mode="fake")(torch.empty(1, 16, 2, 8))
+    found = get_first_incompatible_cudagraph_node(graph)
+    assert found is not None and found.target is torch.ops.sparsecore.diffusers_attention.default, found
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: CUDA graphs capture CUDA work only")
+def test_reduce_overhead_compile_equals_eager_on_cuda():
+    """``torch.compile(mode="reduce-overhead")`` around a model with sparsecore applied: the steps equal eager
+    ones (CUDA graphs run around the op, never through it)."""
+    model, data = tiny_wan().cuda(), {name: t.cuda() for name, t in wan_inputs(batch=1).items()}
+    outputs = {}
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        handle = sparse.apply(model, method="pasa", device="cuda", num_steps=len(TIMESTEPS), **METHODS["pasa"])
+        call = model if mode is None else torch.compile(model, mode=mode)
+        try:
+            outputs[mode] = [forward(call, data, t).clone() for t in TIMESTEPS]
+        finally:
+            handle.remove()
+    for step, (got, want) in enumerate(zip(outputs["reduce-overhead"], outputs[None])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"step {step}")

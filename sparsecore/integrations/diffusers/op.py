@@ -14,6 +14,10 @@ re-applying sparsecore to a compiled model compiles nothing again). The layer is
 place in the forward, counted by the handle, so a compiled block's code is shared by every
 layer.
 
+CUDA graphs. A graph replaying the op would repeat one call's decisions: it is tagged
+``cudagraph_unsafe`` (inductor's ``mode="reduce-overhead"`` leaves it out of its CUDA graphs), and it
+raises inside a capture (:func:`sparsecore.ir.uploads.refuse_capture`) where the tag does not apply.
+
 Layout. The op's output is ``[B, S, H, D_v]`` in head-major memory (a transposed view of
 ``[B, H, S, D_v]``, what the kernels write), so it costs no copy; the fake implementation gives the
 same shape and strides. Its inputs take any strides; under ``torch.compile`` the processors hand it
@@ -29,6 +33,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from sparsecore.ir.uploads import refuse_capture
+
 if TYPE_CHECKING:
     from .handle import SparseAttentionHandle
 
@@ -43,10 +49,18 @@ def register(handle: "SparseAttentionHandle", model: torch.nn.Module) -> int:
     return slot
 
 
-@torch.library.custom_op("sparsecore::diffusers_attention", mutates_args=())
+# The op decides on the host at each call (the step, the layer, the mask) and copies per-call plans: a CUDA graph
+# replay would repeat one call's decisions. The tag keeps inductor's CUDA graphs (mode="reduce-overhead",
+# "max-autotune") off it: they skip the graph, or cut it around the op with graph partitioning. PyTorch versions
+# before the tag get the op's own check instead (it raises inside a capture).
+_NOT_IN_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+
+
+@torch.library.custom_op("sparsecore::diffusers_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)
 def diffusers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: Optional[torch.Tensor],
                         handle: int) -> torch.Tensor:
     """Self-attention ``[B, S, H, D]`` of the next layer of ``handle``'s model (see the module docstring)."""
+    refuse_capture(query.device, "a diffusers layer's attention")
     found = _HANDLES.get(handle)
     if found is None:
         raise RuntimeError("sparsecore: this attention's handle was removed or garbage-collected while the compiled "
