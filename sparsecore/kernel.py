@@ -5,6 +5,8 @@ Calling convention (all backends): ``out = kernel(q, k, v, scale=None)`` or
 k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h`` reads key head
 ``h // (H // H_kv)``. ``scale`` defaults to ``1/sqrt(D)``. A query row whose list is
 empty gives output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``.
+Inference only: where q, k or v require gradients (and grad mode is on) the output carries a
+backward that raises (:class:`_InferenceOnly`).
 
 Choice of backend. ``compile`` finds the backends that can take the mask on the device
 (capabilities; most preferred first) and checks that the first of them runs here (the next
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any, Hashable
+
+import torch
 
 from sparsecore.ir import BlockMask
 
@@ -60,6 +64,8 @@ class CompiledKernel:
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
         run, scale = self._run_for(q, k, v, scale, return_lse)
+        if _wants_gradient(q, k, v):
+            return _InferenceOnly.apply(run, scale, return_lse, self.backend.name, q, k, v)
         out, lse = run(q, k, v, scale, return_lse)
         return (out, lse) if return_lse else out
 
@@ -150,6 +156,29 @@ class CompiledKernel:
 
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
+
+
+def _wants_gradient(q: Any, k: Any, v: Any) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """A call whose inputs require gradients: the kernels have no backward, and without this their outputs would
+    carry none (Triton's, a gradient silently missing) or FA4's own (dense over its tiles, not the mask's: silently
+    wrong). The forward runs as usual; a backward through it raises."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Run, scale: float, return_lse: bool, backend: str, q: Any, k: Any, v: Any) -> Any:
+        ctx.backend = backend
+        out, lse = run(q, k, v, scale, return_lse)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise NotImplementedError(
+            f"sparsecore's kernels are inference-only: backend {ctx.backend!r} has no backward pass, so no gradient "
+            "reaches q, k, v. Run the forward under torch.no_grad() or torch.inference_mode(), or detach q, k, v; "
+            "to train, use dense attention")
 
 
 def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *, cache: bool = True,

@@ -420,3 +420,25 @@ def test_kernels_keeping_plans_on_the_host_lower_a_host_mask_from_the_host(monke
     assert not other._runs[(backend.name, "cpu")].on_host
     other.keep_plans_on_host()                                              # a run lowered before is asked too
     assert other._runs[(backend.name, "cpu")].on_host
+
+
+@pytest.mark.parametrize("backend", ["portable", "triton"])
+def test_inputs_that_require_gradients_get_the_same_forward_and_a_backward_that_raises(backend, request):
+    """The kernels have no backward: with inputs that require gradients the forward is unchanged, and a backward
+    through it raises naming the backend, rather than a gradient silently missing (Triton's outputs carried none)
+    or silently wrong (FA4's own backward is dense over its tiles)."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"     # where tensors live
+    mask = BlockMask.from_dense(np.tril(np.ones((4, 4), dtype=bool))[None].repeat(2, 0), 64, 64, 16)
+    kernel = sparsecore.compile(mask, device="cuda" if backend == "triton" else "cpu", backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen, device=device) for _ in range(3))
+    want = kernel(q, k, v)
+    leaf = q.clone().requires_grad_()
+    got = kernel(leaf, k, v)
+    assert got.requires_grad and torch.equal(got.detach(), want)
+    with pytest.raises(NotImplementedError, match=f"inference-only: backend '{backend}'"):
+        got.sum().backward()
+    out, lse = kernel(leaf, k, v, return_lse=True)
+    assert out.requires_grad and lse.shape == (1, 2, 64)
+    with torch.no_grad():
+        assert not kernel(leaf, k, v).requires_grad
