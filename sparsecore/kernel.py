@@ -38,6 +38,7 @@ import torch
 from sparsecore.ir import BlockMask
 
 from .inputs import AttentionShape, attention_shape, check_scale
+from .launch_device import on_device_of
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
@@ -64,9 +65,10 @@ class CompiledKernel:
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
         run, scale = self._run_for(q, k, v, scale, return_lse)
-        if _wants_gradient(q, k, v):
-            return _InferenceOnly.apply(run, scale, return_lse, self.backend.name, q, k, v)
-        out, lse = run(q, k, v, scale, return_lse)
+        with on_device_of(q):                       # Triton launches on the current device: make it q's
+            if _wants_gradient(q, k, v):
+                return _InferenceOnly.apply(run, scale, return_lse, self.backend.name, q, k, v)
+            out, lse = run(q, k, v, scale, return_lse)
         return (out, lse) if return_lse else out
 
     def keep_plans_on_host(self) -> None:
@@ -85,7 +87,8 @@ class CompiledKernel:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
         run, _ = self._run_for(q, k, v, scale, return_lse)
         if hasattr(run, "prepare"):
-            run.prepare(q, k, v)
+            with on_device_of(q):
+                run.prepare(q, k, v)
 
     def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float]:
         if not isinstance(return_lse, bool):

@@ -37,6 +37,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import queued
 
 from .inputs import attention_shape, check_scale
+from .launch_device import on_device_of
 from .registry import BlockMassOp, DenseOp, registered_backends
 
 
@@ -95,7 +96,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     if name == "torch":
         mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
     else:
-        mass = block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale)
+        with on_device_of(q):
+            mass = block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale)
     return BlockMass(mass, lse, name)
 
 
@@ -116,7 +118,8 @@ def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     op = block_mass_ops().get(name)
     if op is not None and op.with_output is not None and op.with_output_supports(q, k, v, q_offsets,
                                                                                   kv_offsets) is None:
-        out, lse, mass = op.with_output(q, k, v, q_offsets, kv_offsets, scale)
+        with on_device_of(q):
+            out, lse, mass = op.with_output(q, k, v, q_offsets, kv_offsets, scale)
         return out, BlockMass(mass, lse, f"{name} fused")
     out, lse = dense_attention(q, k, v, scale)
     return out, block_mass(q, k, q_offsets, kv_offsets, lse, scale, impl=name)

@@ -27,6 +27,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import queued
+from sparsecore.launch_device import on_device_of
 from sparsecore.noise import GumbelNoise
 from sparsecore.registry import RowTopOp, registered_backends
 
@@ -113,7 +114,8 @@ def sorted_top(scores: torch.Tensor, k: int, noise: GumbelNoise | None = None) -
     """
     op = _row_top(scores, k)
     if op is not None:
-        return op.run(scores, k, noise)
+        with on_device_of(scores):
+            return op.run(scores, k, noise)
     if noise is not None:
         scores = scores + noise.sample(scores.shape[1], scores.shape[2])
     return torch.sort(torch.topk(scores, k, dim=-1, sorted=False).indices, dim=-1).values.to(torch.int32)

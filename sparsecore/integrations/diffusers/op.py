@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from sparsecore.ir.uploads import refuse_capture
+from sparsecore.launch_device import on_device_of
 
 if TYPE_CHECKING:
     from .handle import SparseAttentionHandle
@@ -65,7 +66,8 @@ def diffusers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     if found is None:
         raise RuntimeError("sparsecore: this attention's handle was removed or garbage-collected while the compiled "
                            "model still calls it; call apply() again (or compile after apply)")
-    return head_major(found.attend_next(query, key, value, text_mask))
+    with on_device_of(query):               # the planners' and kernels' Triton launches go to the current device
+        return head_major(found.attend_next(query, key, value, text_mask))
 
 
 @diffusers_attention.register_fake

@@ -1,0 +1,49 @@
+"""Kernels run on their inputs' CUDA device, not on whichever device is current.
+
+Triton launches on the current device; inputs on ``cuda:1`` while ``cuda:0`` is current (a pipeline
+moved with ``.to("cuda:1")``, no ``torch.cuda.set_device``) must still get their attention, checked
+against the float64 oracle. Needs two CUDA devices (skipped otherwise, with the count found).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecore
+from sparsecore import BlockMask
+
+from checks import assert_matches
+from oracle import dense_attention, expand_to_tokens
+
+DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def test_the_device_context_follows_the_tensor():
+    """Host tensors and arrays get no device context (nothing to make current), so CPU callers pay nothing."""
+    from sparsecore.launch_device import on_device_of
+    with on_device_of(torch.zeros(1)) as got, on_device_of(np.zeros(1)) as got_array:
+        assert got is None and got_array is None
+
+
+@pytest.mark.skipif(DEVICES < 2, reason=f"needs two CUDA devices, found {DEVICES}")
+@pytest.mark.parametrize("backend", ["triton", "fa4", "flashinfer"])
+def test_a_kernel_runs_on_its_inputs_device_while_another_is_current(backend):
+    reason = sparsecore.registered_backends()[backend].unavailable_reason("cuda")
+    if reason:
+        pytest.skip(f"{backend} cannot run here: {reason}")
+    rng = np.random.default_rng(0)
+    keep = rng.random((4, 8, 8)) < 0.4
+    keep[:, np.arange(8), np.arange(8)] = True
+    mask = BlockMask.from_dense(keep, 1024, 1024, 128)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 1024, 64, generator=gen).to(torch.bfloat16) for _ in range(3))
+    kernel = sparsecore.compile(mask, device="cuda", backend=backend)
+    with torch.cuda.device(0):
+        out, lse = kernel(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"), return_lse=True)
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda:1")
+    ref_out, ref_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                       expand_to_tokens(mask), 64 ** -0.5)
+    assert_matches("bfloat16", out.double().cpu().numpy(), lse.double().cpu().numpy(), ref_out, ref_lse)
