@@ -13,6 +13,8 @@ tensor held in host memory between steps and brought back at each use, without w
 lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
 tensors in one pinned buffer, brought to a device in one copy at each call. :class:`HostCounts`: counts
 made on a device, copied back to pinned memory without waiting, so nothing of them stays on the device.
+:func:`refuse_capture`: ``queued`` and ``moved`` raise inside a CUDA graph capture (a replay would copy from
+memory freed or rewritten since).
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """A small host array on ``device`` without waiting for the device's queue and without keeping it: on CUDA a
     copy from pinned memory, queued on the current stream (use it on that stream; not inside a CUDA graph
-    capture, whose replays would read the freed pinned source: :func:`refuse_capture` raises there); on the host a
-    copy. Other devices (NPU, MPS,
-    XPU), where a copy per call would wait, get :func:`on_device`'s cached upload (do not write to it)."""
+    capture, whose replays would read the freed pinned source: :func:`refuse_capture` raises there); on the host
+    a copy. Other devices (NPU, MPS, XPU), where a copy per call would wait, get :func:`on_device`'s cached
+    upload (do not write to it)."""
     kind = torch.device(device).type
     if kind == "cpu":
         return torch.from_numpy(np.array(array))                 # a copy: it must not alias ``array``
@@ -56,15 +58,24 @@ def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 
 def refuse_capture(device: torch.device | str, what: str) -> None:
-    """Raises where the current CUDA stream is capturing a CUDA graph: sparsecore's calls copy per-call plans from
-    host memory and decide on the host (which step, which mask), so a replay would repeat the captured copies
-    from freed memory and the captured decisions."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+    """Raises where ``device``'s current CUDA stream is capturing a CUDA graph: sparsecore's calls copy per-call
+    plans from host memory and decide on the host (which step, which mask), so a replay would repeat the
+    captured copies from freed memory and the captured decisions. Asking waits for nothing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is None or device.index == torch.cuda.current_device():
+        capturing = torch.cuda.is_current_stream_capturing()
+    else:
+        with torch.cuda.device(device):                 # the capture to look for is on ``device``'s stream
+            capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
         raise RuntimeError(
             f"sparsecore: {what} inside a CUDA graph capture: its replays would reuse this call's host-side plan. "
-            "Keep sparsecore's attention out of the captured region: under torch.compile, diffusers' "
-            "sparsecore op is tagged cudagraph_unsafe (inductor leaves it out of CUDA graphs on PyTorch "
-            "versions with that tag); with torch.cuda.graph, capture the work before and after it")
+            "Keep sparsecore's attention out of the captured region: under torch.compile (PyTorch 2.8 and later) "
+            "diffusers' sparsecore op is tagged cudagraph_unsafe and inductor keeps it out of its CUDA graphs; "
+            "on earlier versions use mode='max-autotune-no-cudagraphs' or the default mode; with "
+            "torch.cuda.graph, capture the work before and after it")
 
 
 def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -78,6 +89,7 @@ def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         return tensor
     if device.type == "cpu":
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    refuse_capture(device, "a copy of a tensor held in host memory back to the device")
     return tensor.to(device, non_blocking=tensor.is_pinned())
 
 

@@ -172,10 +172,12 @@ def test_queued_uploads_are_copies_the_caller_owns():
 def test_per_call_copies_refuse_a_cuda_graph_capture(monkeypatch):
     """A CUDA graph captured around ``queued`` would replay the copy from its freed pinned source: it raises, naming
     the capture, before it copies anything (so a capture is seen here without a GPU); outside one it copies."""
-    from sparsecore.ir.uploads import queued
+    from sparsecore.ir.uploads import moved, queued
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="inside a CUDA graph capture.*torch.cuda.graph"):
         queued(np.arange(3), "cuda")
+    with pytest.raises(RuntimeError, match="held in host memory back to the device inside a CUDA graph capture"):
+        moved(torch.arange(3), torch.device("cuda"))
     assert queued(np.arange(3), "cpu").tolist() == [0, 1, 2]           # no capture on the host
 
 

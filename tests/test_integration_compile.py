@@ -156,24 +156,51 @@ def test_inductor_keeps_the_op_out_of_cuda_graphs():
     def layer(q):
         return torch.ops.sparsecore.diffusers_attention(q * 2, q, q, None, 0) + 1
 
+    assert torch.Tag.cudagraph_unsafe in torch.ops.sparsecore.diffusers_attention.default.tags
     graph = make_fx(layer, tracing_mode="fake")(torch.empty(1, 16, 2, 8))
-    found = get_first_incompatible_cudagraph_node(graph)
+    with torch._inductor.config.patch(graph_partition=False):       # the whole-graph check (partitions: the tag)
+        found = get_first_incompatible_cudagraph_node(graph)
     assert found is not None and found.target is torch.ops.sparsecore.diffusers_attention.default, found
 
 
+def test_a_forward_and_the_op_refuse_a_cuda_graph_capture(monkeypatch):
+    """Under ``torch.cuda.graph`` the transformer's pre-hook (which reads the timestep) and the op itself raise,
+    naming the capture, before anything is recorded. The check is asked for the inputs' device; the tiny model
+    runs on the CPU, so the check is recorded here and its CUDA branch is tested with the copies."""
+    from sparsecore.integrations.diffusers import handle as handle_module, op as op_module
+    asked = []
+    for module in (handle_module, op_module):
+        monkeypatch.setattr(module, "refuse_capture", lambda device, what: asked.append((str(device), what)))
+    model, data = tiny_wan(), wan_inputs(batch=1)
+    run(model, data, "pasa", None)
+    assert {what for _, what in asked} == {"a transformer forward with sparsecore applied",
+                                           "a diffusers layer's attention"}, asked
+    assert {device for device, _ in asked} == {"cpu"}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: CUDA graphs capture CUDA work only")
-def test_reduce_overhead_compile_equals_eager_on_cuda():
-    """``torch.compile(mode="reduce-overhead")`` around a model with sparsecore applied: the steps equal eager
-    ones (CUDA graphs run around the op, never through it)."""
+@pytest.mark.parametrize("partition", [False, True])
+def test_reduce_overhead_compile_equals_eager_on_cuda(partition):
+    """``torch.compile(mode="reduce-overhead")`` around a model with sparsecore applied: the steps equal eager ones,
+    sparse steps included. Without graph partitioning inductor skips CUDA graphs for graphs holding the op; with
+    it, it cuts them around the op and skips none."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip(f"torch {torch.__version__} has no cudagraph_unsafe tag: reduce-overhead raises at recording")
     model, data = tiny_wan().cuda(), {name: t.cuda() for name, t in wan_inputs(batch=1).items()}
-    outputs = {}
+    outputs, stats = {}, []
     for mode in (None, "reduce-overhead"):
         torch._dynamo.reset()
+        counters.clear()
         handle = sparse.apply(model, method="pasa", device="cuda", num_steps=len(TIMESTEPS), **METHODS["pasa"])
         call = model if mode is None else torch.compile(model, mode=mode)
         try:
-            outputs[mode] = [forward(call, data, t).clone() for t in TIMESTEPS]
+            with torch._inductor.config.patch(graph_partition=partition):
+                outputs[mode] = [forward(call, data, t).clone() for t in TIMESTEPS]
         finally:
             handle.remove()
+        stats = handle.stats()
     for step, (got, want) in enumerate(zip(outputs["reduce-overhead"], outputs[None])):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    skips = counters["inductor"]["cudagraph_skips"]
+    assert (skips == 0) if partition else (skips >= 1), dict(counters["inductor"])
+    assert {s["backend"] for s in stats} - {"dense"}, "no sparse step ran: the test would not see the kernel"

@@ -22,6 +22,7 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.uploads import refuse_capture
 from sparsecore.ir.validation import check_int
 from sparsecore.methods import SESSIONS, HeadShard
 from sparsecore.registry import checked_options, device_type, registered_backends
@@ -158,6 +159,7 @@ class SparseAttentionHandle:
             got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise ValueError(f"hidden_states: expected a latent video [B, C, F, H, W] for {type(module).__name__}, "
                              f"got {got}")
+        refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         p_t, p_h, p_w = self.spec.patch(module.config)
         self.geometry = VideoGeometry(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
         self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None))

@@ -14,9 +14,10 @@ re-applying sparsecore to a compiled model compiles nothing again). The layer is
 place in the forward, counted by the handle, so a compiled block's code is shared by every
 layer.
 
-CUDA graphs. A graph replaying the op would repeat one call's decisions: it is tagged
-``cudagraph_unsafe`` (inductor's ``mode="reduce-overhead"`` leaves it out of its CUDA graphs), and it
-raises inside a capture (:func:`sparsecore.ir.uploads.refuse_capture`) where the tag does not apply.
+CUDA graphs. A graph replaying the op would repeat one call's decisions: from PyTorch 2.8 it is tagged
+``cudagraph_unsafe`` (inductor's ``mode="reduce-overhead"`` cuts its CUDA graphs around it, or skips
+them), and it raises inside a capture (:func:`sparsecore.ir.uploads.refuse_capture`) where the tag
+does not apply (earlier versions, ``torch.cuda.graph``).
 
 Layout. The op's output is ``[B, S, H, D_v]`` in head-major memory (a transposed view of
 ``[B, H, S, D_v]``, what the kernels write), so it costs no copy; the fake implementation gives the
@@ -51,9 +52,9 @@ def register(handle: "SparseAttentionHandle", model: torch.nn.Module) -> int:
 
 
 # The op decides on the host at each call (the step, the layer, the mask) and copies per-call plans: a CUDA graph
-# replay would repeat one call's decisions. The tag keeps inductor's CUDA graphs (mode="reduce-overhead",
-# "max-autotune") off it: they skip the graph, or cut it around the op with graph partitioning. PyTorch versions
-# before the tag get the op's own check instead (it raises inside a capture).
+# replay would repeat one call's decisions. The tag (PyTorch 2.8 on) keeps inductor's CUDA graphs
+# (mode="reduce-overhead", "max-autotune") off it: they are cut around the op (graph partitioning, the default
+# from 2.9) or skipped. Earlier versions get the op's own check instead (it raises inside a capture).
 _NOT_IN_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
 
