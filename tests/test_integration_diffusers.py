@@ -724,3 +724,17 @@ def test_padded_masks_live_only_as_long_as_their_mask():
     finally:
         gc.enable()
         handle.remove()
+
+
+def test_a_backward_through_the_sparse_attention_raises_naming_the_remedy():
+    """The kernels have no backward: a forward with gradients on runs, and a backward through it raises with the
+    remedy (no_grad, or remove() to train with diffusers' attention), rather than PyTorch's generic message."""
+    model, data = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=2, reference_frames=4, window=1)
+    try:
+        out = model(**data, timestep=torch.full((1,), 999.0), return_dict=False)[0]
+        assert out.requires_grad
+        with pytest.raises(NotImplementedError, match=r"inference-only .*handle.remove\(\)"):
+            out.sum().backward()
+    finally:
+        handle.remove()

@@ -30,7 +30,7 @@ peak (0.15 GiB above dense at Wan 2.1 6x, compiled).
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -76,6 +76,17 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: Op
       handle: int) -> torch.Tensor:
     batch, seq_len, heads, _ = query.shape
     return query.new_empty(batch, heads, seq_len, value.shape[3]).transpose(1, 2)
+
+
+INFERENCE_ONLY = ("sparsecore's attention kernels are inference-only (no backward); run the forward under "
+                  "torch.no_grad(), or call handle.remove() to train with diffusers' attention")
+
+
+def _no_backward(ctx: Any, grad: torch.Tensor) -> None:
+    raise NotImplementedError(INFERENCE_ONLY)
+
+
+diffusers_attention.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def head_major(t: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from diffusers.models.attention_dispatch import _all_to_all_dim_exchange, _templ
 
 from sparsecore.methods import HeadShard
 
+from .op import INFERENCE_ONLY
 from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,8 +185,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ulyss
 
 
 def _no_backward(ctx: Any, grad_out: torch.Tensor, *args: Any) -> Any:
-    raise NotImplementedError("sparsecore's attention kernels are inference-only (no backward); run the forward under "
-                              "torch.no_grad(), or call handle.remove() to train with diffusers' attention")
+    raise NotImplementedError(INFERENCE_ONLY)
 
 
 def _all_gather(values: torch.Tensor, *, world: int, group: Any, device: torch.device) -> torch.Tensor:
