@@ -6,7 +6,8 @@ k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h`` reads key hea
 ``h // (H // H_kv)``. ``scale`` defaults to ``1/sqrt(D)``. A query row whose list is
 empty gives output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``.
 Inference only: where q, k or v require gradients (and grad mode is on) the output carries a
-backward that raises (:class:`_InferenceOnly`).
+backward that raises (:mod:`sparsecore.no_backward`), except on backends whose runs are
+differentiable torch ops (``Backend.differentiable``: ``portable``).
 
 Choice of backend. ``compile`` finds the backends that can take the mask on the device
 (capabilities; most preferred first) and checks that the first of them runs here (the next
@@ -33,12 +34,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Hashable
 
-import torch
-
 from sparsecore.ir import BlockMask
 
 from .inputs import AttentionShape, attention_shape, check_scale
 from .launch_device import on_device_of
+from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
@@ -64,11 +64,13 @@ class CompiledKernel:
         return self._choices[0][1]
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
-        run, scale = self._run_for(q, k, v, scale, return_lse)
-        with on_device_of(q):                       # Triton launches on the current device: make it q's
-            if _wants_gradient(q, k, v):
-                return _InferenceOnly.apply(run, scale, return_lse, self.backend.name, q, k, v)
-            out, lse = run(q, k, v, scale, return_lse)
+        with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
+            run, scale = self._run_for(q, k, v, scale, return_lse)
+            if self.backend.differentiable:
+                out, lse = run(q, k, v, scale, return_lse)
+            else:
+                out, lse = inference_only(f"backend {self.backend.name!r}", lambda: run(q, k, v, scale, return_lse),
+                                          q, k, v)
         return (out, lse) if return_lse else out
 
     def keep_plans_on_host(self) -> None:
@@ -85,9 +87,9 @@ class CompiledKernel:
 
     def prepare(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> None:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
-        run, _ = self._run_for(q, k, v, scale, return_lse)
-        if hasattr(run, "prepare"):
-            with on_device_of(q):
+        with on_device_of(q):
+            run, _ = self._run_for(q, k, v, scale, return_lse)
+            if hasattr(run, "prepare"):
                 run.prepare(q, k, v)
 
     def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float]:
@@ -159,29 +161,6 @@ class CompiledKernel:
 
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
-
-
-def _wants_gradient(q: Any, k: Any, v: Any) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
-
-
-class _InferenceOnly(torch.autograd.Function):
-    """A call whose inputs require gradients: the kernels have no backward, and without this their outputs would
-    carry none (Triton's, a gradient silently missing) or FA4's own (dense over its tiles, not the mask's: silently
-    wrong). The forward runs as usual; a backward through it raises."""
-
-    @staticmethod
-    def forward(ctx: Any, run: Run, scale: float, return_lse: bool, backend: str, q: Any, k: Any, v: Any) -> Any:
-        ctx.backend = backend
-        out, lse = run(q, k, v, scale, return_lse)
-        return (out, lse) if return_lse else out
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:
-        raise NotImplementedError(
-            f"sparsecore's kernels are inference-only: backend {ctx.backend!r} has no backward pass, so no gradient "
-            "reaches q, k, v. Run the forward under torch.no_grad() or torch.inference_mode(), or detach q, k, v; "
-            "to train, use dense attention")
 
 
 def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *, cache: bool = True,

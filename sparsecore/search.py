@@ -38,6 +38,7 @@ from sparsecore.ir.uploads import queued
 
 from .inputs import attention_shape, check_scale
 from .launch_device import on_device_of
+from .no_backward import inference_only
 from .registry import BlockMassOp, DenseOp, registered_backends
 
 
@@ -119,7 +120,8 @@ def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if op is not None and op.with_output is not None and op.with_output_supports(q, k, v, q_offsets,
                                                                                   kv_offsets) is None:
         with on_device_of(q):
-            out, lse, mass = op.with_output(q, k, v, q_offsets, kv_offsets, scale)
+            out, lse, mass = inference_only(f"{name}'s fused search pass",
+                                            lambda: op.with_output(q, k, v, q_offsets, kv_offsets, scale), q, k, v)
         return out, BlockMass(mass, lse, f"{name} fused")
     out, lse = dense_attention(q, k, v, scale)
     return out, block_mass(q, k, q_offsets, kv_offsets, lse, scale, impl=name)
@@ -165,7 +167,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .kernel import compile
         full = BlockMask.full(shape.num_heads, shape.q_len, shape.kv_len, shape.q_len, shape.kv_len)
         return compile(full, device=q.device.type)(q, k, v, scale=scale, return_lse=True)
-    return registered_backends()[impl].dense.run(q, k, v, scale, True)
+    return inference_only(f"{impl}'s dense attention", lambda: registered_backends()[impl].dense.run(q, k, v, scale, True),
+                          q, k, v)
 
 
 def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:

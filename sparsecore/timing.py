@@ -42,7 +42,7 @@ class Stopwatch:
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        module = _module(self.device)
+        module = self._module = _module(self.device)
         self._event = getattr(module, "Event", None) if module is not None and self.device.type != "mps" else None
         self._host_seconds = 0.0
         self._events: list[tuple[Any, Any]] = []
@@ -52,7 +52,7 @@ class Stopwatch:
     def __enter__(self) -> "Stopwatch":
         if self._event is not None:
             start = self._event(enable_timing=True)
-            start.record()
+            start.record(self._module.current_stream(self.device))     # this device's stream, not the current one
             self._events.append((start, None))
         else:
             synchronize(self.device)
@@ -62,7 +62,7 @@ class Stopwatch:
     def __exit__(self, *exc: Any) -> None:
         if self._event is not None:
             end = self._event(enable_timing=True)
-            end.record()
+            end.record(self._module.current_stream(self.device))
             self._events[-1] = (self._events[-1][0], end)
         else:
             synchronize(self.device)

@@ -13,6 +13,8 @@ import sparsecore
 from sparsecore import BlockMask, Capabilities, UnsupportedError
 from sparsecore import registry
 
+from oracle import expand_to_tokens
+
 
 def mask() -> BlockMask:
     return BlockMask.from_dense(np.random.default_rng(1).random((4, 3, 2)) < 0.6, 40, 30, 16)
@@ -422,23 +424,50 @@ def test_kernels_keeping_plans_on_the_host_lower_a_host_mask_from_the_host(monke
     assert other._runs[(backend.name, "cpu")].on_host
 
 
-@pytest.mark.parametrize("backend", ["portable", "triton"])
-def test_inputs_that_require_gradients_get_the_same_forward_and_a_backward_that_raises(backend, request):
-    """The kernels have no backward: with inputs that require gradients the forward is unchanged, and a backward
-    through it raises naming the backend, rather than a gradient silently missing (Triton's outputs carried none)
-    or silently wrong (FA4's own backward is dense over its tiles)."""
-    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"     # where tensors live
+def test_inputs_that_require_gradients_get_the_same_forward_and_a_backward_that_raises(triton_device):
+    """Triton's kernels have no backward: with inputs that require gradients the forward is unchanged (its output
+    may be changed in place), and a backward through it raises naming the backend, rather than a gradient silently
+    missing (Triton's outputs carried none) or silently wrong (FA4's own backward is dense over its tiles)."""
     mask = BlockMask.from_dense(np.tril(np.ones((4, 4), dtype=bool))[None].repeat(2, 0), 64, 64, 16)
-    kernel = sparsecore.compile(mask, device="cuda" if backend == "triton" else "cpu", backend=backend)
+    kernel = sparsecore.compile(mask, device="cuda", backend="triton")
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen, device=device) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen).to(triton_device) for _ in range(3))
     want = kernel(q, k, v)
     leaf = q.clone().requires_grad_()
     got = kernel(leaf, k, v)
     assert got.requires_grad and torch.equal(got.detach(), want)
-    with pytest.raises(NotImplementedError, match=f"inference-only: backend '{backend}'"):
+    with pytest.raises(NotImplementedError, match="inference-only: backend 'triton'"):
         got.sum().backward()
     out, lse = kernel(leaf, k, v, return_lse=True)
+    out.mul_(2.0)                                                    # an output is the caller's to change
     assert out.requires_grad and lse.shape == (1, 2, 64)
     with torch.no_grad():
         assert not kernel(leaf, k, v).requires_grad
+
+
+def _dense_attention_torch(q, k, v, tokens, scale):
+    """Masked softmax attention in float64 torch ops (differentiable), ``tokens [H, S, T]``; empty rows give 0."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    keep = torch.from_numpy(tokens)[None]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, -torch.inf)
+    has_keys = keep.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_keys, 0.0), dim=-1).masked_fill(~has_keys, 0.0)
+    return probs @ v
+
+
+def test_the_portable_lowering_keeps_true_gradients():
+    """``portable`` runs torch ops, so it keeps autograd's gradients: they equal float64 dense attention's under the
+    same mask (GQA, a row that keeps nothing, blocks of two sizes)."""
+    keep = np.random.default_rng(3).random((4, 4, 4)) < 0.5
+    keep[:, np.arange(4), np.arange(4)] = True
+    keep[1, 2] = False                                          # head 1, query block 2 keeps no key
+    mask = BlockMask.from_dense(keep, 64, 64, 16)
+    kernel = sparsecore.compile(mask, device="cpu", backend="portable")
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(1, h, 64, 16, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2)]
+    weights = torch.randn(1, 4, 64, 16, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((kernel(*inputs) * weights).sum(), inputs)
+    want = torch.autograd.grad((_dense_attention_torch(*inputs, expand_to_tokens(mask), 0.25) * weights).sum(), inputs)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"d{name}")

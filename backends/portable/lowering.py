@@ -52,6 +52,7 @@ class PortableBackend(Backend):
                                 unselected=frozenset(KINDS))
     install_hint = "needs only torch"
     options_type = PortableOptions
+    differentiable = True       # torch ops: gradients as autograd gives them (tests/test_compile_api.py checks drop masks)
 
     def unavailable_reason(self, device: str) -> str | None:
         kind = device.split(":")[0]
@@ -66,7 +67,8 @@ class PortableBackend(Backend):
         return -10  # a native lowering, where one exists, is always preferred
 
     def lower(self, mask: BlockMask, device: str, options: PortableOptions) -> Run:
-        chunks = schedule_chunks(mask, options.chunk_elements, torch.device(device))
+        where = torch.device(device) if mask.on_host else mask.indptr.device      # a device mask came to q's device
+        chunks = schedule_chunks(mask, options.chunk_elements, where)
         if mask.unselected.kind != "drop":   # exact part with its LSE in the compute dtype, then the approximation
             exact = lambda q, k, v, scale: run_chunks(mask, chunks, q, k, v, scale, True, partial=True)  # noqa: E731
             return with_approximation(exact, mask, options.chunk_elements)
