@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -329,7 +330,7 @@ METHODS = {
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_sessions_run_end_to_end(case, method):
     model, inputs = case.build(), case.inputs(batch=1, text="ragged")
-    uncond = case.inputs(batch=1, text="same", seed=2)
+    uncond = {**case.inputs(batch=1, text="same", seed=2), "hidden_states": inputs["hidden_states"]}  # other text
     handle = sparse.apply(model, method=method, device="cpu", num_steps=4, **METHODS[method])
     handle.timing(True)
     try:
@@ -738,3 +739,43 @@ def test_a_backward_through_the_sparse_attention_raises_naming_the_remedy():
             out.sum().backward()
     finally:
         handle.remove()
+
+
+def test_steps_whose_bf16_timesteps_collide_are_told_apart_by_their_latents():
+    """HunyuanVideo 1.5's pipeline casts the timestep to the latents' dtype; in bf16 the values near 1000 are 4
+    apart, so at 50 flow-matching steps and shift 7 two steps get the same timestep. Their latents differ (the
+    scheduler moved them), the two guidance calls of one step share theirs: every step is counted once."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 51)[:-1], device="cpu")
+    timesteps = [t.to(torch.bfloat16).float() for t in scheduler.timesteps]
+    assert len(set(float(t) for t in timesteps)) < 50                  # the collision this test is about
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=50)
+    seen = []
+    try:
+        with torch.no_grad():
+            for t in timesteps:
+                for _ in range(2):                                     # cond and uncond: the same latents
+                    model(**inputs, timestep=t.expand(1), return_dict=False)
+                    seen.append(handle.step)
+                inputs = {**inputs, "hidden_states": inputs["hidden_states"] * 0.98}     # the scheduler's update
+    finally:
+        handle.remove()
+    assert seen == [step for step in range(50) for _ in range(2)]
+
+
+def test_a_run_that_stops_short_of_num_steps_warns():
+    """The methods lay out their schedules (dense steps, searches, budgets) for ``num_steps``: a run that ends
+    earlier (a new run starts, or the handle is removed) warns, naming the steps run; a full run does not."""
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    for t in (999.0, 500.0):
+        forward(model, inputs, t)
+    with pytest.warns(UserWarning, match="run 0 ended after 2 of num_steps=3 steps"):
+        forward(model, inputs, 999.0)                                          # a new run
+    for t in (500.0, 100.0):
+        forward(model, inputs, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.remove()                                                        # run 1 reached its 3 steps

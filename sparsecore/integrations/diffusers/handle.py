@@ -144,6 +144,7 @@ class SparseAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
+        self._steps.finish()
         self._planner.new_run()
         self._text_cache = None
 
@@ -162,7 +163,7 @@ class SparseAttentionHandle:
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         p_t, p_h, p_w = self.spec.patch(module.config)
         self.geometry = VideoGeometry(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
-        self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None), hidden)
         self._text_cache = None
         self._calls = 0
         self.active = True
