@@ -95,12 +95,16 @@ def as_batched(t: Any, name: str) -> Any:
     return t[None] if len(t.shape) == 3 else t
 
 
+FLOAT32_MAX = 3.4028234663852886e38     # the kernels compute scores in float32: a larger scale overflows them
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
-    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a finite real number (``TypeError``/``ValueError``)."""
+    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a real number finite in float32, the kernels' score
+    type (``TypeError``/``ValueError``)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise ValueError(f"scale: expected a float finite in float32 (|scale| <= {FLOAT32_MAX:.4g}), got {scale}")
     return float(scale)

@@ -155,7 +155,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     are skipped (cuDNN first).
     """
     shape = attention_shape(q, k, v)
-    scale = shape.head_dim ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, shape.head_dim)
     impl = dense_impl(q, k, v)
     if impl == "cudnn":
         if shape.group > 1:

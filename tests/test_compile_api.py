@@ -12,6 +12,7 @@ import torch
 import sparsecore
 from sparsecore import BlockMask, Capabilities, UnsupportedError
 from sparsecore import registry
+from sparsecore.search import dense_attention
 
 from oracle import expand_to_tokens
 
@@ -121,7 +122,11 @@ def test_small_chunks_give_the_same_result():
     (lambda kern, q, k, v: kern(q.int(), k.int(), v.int()), UnsupportedError,
      r"backend 'portable' cannot run these inputs: dtypes: supports .*got int32"),
     (lambda kern, q, k, v: kern(q, k, v, scale="0.1"), TypeError, r"scale: expected a float or None"),
-    (lambda kern, q, k, v: kern(q, k, v, scale=float("inf")), ValueError, r"scale: expected a finite float, got inf"),
+    (lambda kern, q, k, v: kern(q, k, v, scale=float("inf")), ValueError,
+     r"scale: expected a float finite in float32 .*got inf"),
+    (lambda kern, q, k, v: kern(q, k, v, scale=1e39), ValueError, r"scale: expected a float finite in float32 .*got 1e\+39"),
+    (lambda kern, q, k, v: dense_attention(q, k, v, scale=True), TypeError,
+     r"scale: expected a float or None"),
     (lambda kern, q, k, v: kern(q.to("meta"), k.to("meta"), v.to("meta")), ValueError,
      r"tensors are on 'meta' but the kernel was compiled for device 'cpu'"),
     (lambda kern, q, k, v: kern(q, k.to("meta"), v), ValueError, r"q, k, v: expected one device"),
