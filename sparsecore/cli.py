@@ -117,8 +117,12 @@ def _show(args: argparse.Namespace) -> int:
     print(f"fingerprint: {mask.fingerprint()}")
     if max(mask.num_q_blocks, mask.num_kv_blocks) <= 48 and mask.num_heads <= 16:
         print(mask.to_string())
+    picture = args.png or args.mask_file.with_suffix(".png")
+    if picture.resolve() == args.mask_file.resolve():
+        raise UserError(f"show: the picture would overwrite the mask file {args.mask_file}; pass --png with "
+                        "another path")
     try:
-        png = mask.render(args.png or args.mask_file.with_suffix(".png"))
+        png = mask.render(picture)
     except MatplotlibMissing as err:
         print(f"picture skipped: {err}")
         return 0

@@ -166,3 +166,13 @@ def test_show_with_matplotlib_blocked_in_a_fresh_process(tmp_path):
             f"sys.exit(main(['show', {str(good)!r}]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "picture skipped" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_show_never_writes_its_picture_over_the_mask(tmp_path, capsys):
+    """A mask saved as ``m.png`` (``save`` takes any name): the default picture path is the file itself, refused
+    in one line, and the mask is still there to load."""
+    mask = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10)
+    path = mask.save(tmp_path / "m.png")
+    for argv in (["show", str(path)], ["show", str(path), "--png", str(path)]):
+        assert_one_line_error(*run(argv, capsys), "show", "overwrite the mask file")
+    assert BlockMask.load(path) == mask
