@@ -247,6 +247,25 @@ def test_session_schedule_of_the_papers_fused_first_search():
         adaspa.session(num_steps=20, search_steps=(10, 30))
 
 
+def test_a_session_refuses_to_reuse_a_search_for_other_inputs():
+    """A session keeps one search per layer: a search without a layer index, or a reuse step for another video of
+    the same token count or other heads, is refused (each returned the stored mask of other inputs before)."""
+    session = adaspa.session(num_steps=50, first_search="fused")
+    g, other = VideoGeometry(8, 4, 4), VideoGeometry(8, 2, 8)            # 128 tokens each
+    q, k, _ = video_qkv(g, 2, 32, seed=1)
+    with pytest.raises(ValueError, match="layer: expected the layer's index"):
+        session.plan(g, 2, step=10, q=q, k=k)
+    session.plan(g, 2, step=10, layer=0, q=q, k=k)
+    assert session.plan(g, 2, step=11, layer=0).meta["geometry"]["height"] == 4
+    with pytest.raises(ValueError, match=r"geometry, heads: layer 0 at step 11 \(reuse\) asks for 8x2x8 = 128 tokens"):
+        session.plan(other, 2, step=11, layer=0)
+    with pytest.raises(ValueError, match=r"heads \[1, 2\) of 2, but its search was for .* heads \[0, 2\) of 2"):
+        session.plan(g, 2, step=11, layer=0, heads=HeadShard(1, 2, 2))
+    qo, ko, _ = video_qkv(other, 2, 32, seed=2)
+    with pytest.raises(ValueError, match="geometry, heads: layer 0 at step 30 \\(cached-search\\)"):
+        session.plan(other, 2, step=30, layer=0, q=qo, k=ko)
+
+
 def test_a_cached_first_search_uses_the_lse_of_the_step_before():
     """first_search="cached": step 9 keeps its dense pass's LSE; step 10 is an LSE-cached search on it, whose mask
     serves step 10 itself (not dense) and the reuse steps; step 30 searches on the same LSE."""

@@ -272,6 +272,7 @@ class AdaSpaSession:
                              f"num_steps={self.num_steps}), got {list(searches)}")
         self._masks: dict[Any, BlockMask] = {}
         self._lse: dict[Any, torch.Tensor] = {}
+        self._inputs: dict[int, tuple] = {}         # per layer: the geometry and heads its search and LSE are of
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
@@ -303,13 +304,19 @@ class AdaSpaSession:
         session keeps (computed from q, k when not given). ``heads``: plan only this shard (the same
         shard at every step of the run).
         """
-        action = self.action(geometry, step, check_layer(layer))
+        layer = check_layer(layer)
+        action = self.action(geometry, step, layer)
         p = self.params
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         if action.dense and not action.plans:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
+        if layer is None:
+            raise ValueError("layer: expected the layer's index (an int >= 0), got None: a session keeps one search "
+                             "per layer, so every layer needs its own index (adaspa.plan() makes one-off masks)")
+        inputs = (geometry, shard.start, shard.stop, shard.total)
         if action.label == "dense-lse":
             self._keep_lse(layer, geometry, shard, q, k, lse)
+            self._inputs[layer] = inputs
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, action.label))
         if action.label == "search":
             if mass is not None and lse is None:
@@ -317,11 +324,19 @@ class AdaSpaSession:
                                  f"cache for step {p.search_steps[1:] or 'later'} searches), got mass without lse")
             found = _search(geometry, shard, p, layer, step, q, k, lse, mass, action.label)
             self._masks[layer], self._lse[layer] = self._stored(found.mask), self._stored(found.lse)
+            self._inputs[layer] = inputs
             return self._masks[layer]
+        if layer in self._inputs and self._inputs[layer] != inputs:
+            was = self._inputs[layer]
+            raise ValueError(f"geometry, heads: layer {layer} at step {step} ({action.label}) asks for {geometry} and "
+                             f"heads [{shard.start}, {shard.stop}) of {shard.total}, but its search was for {was[0]} "
+                             f"and heads [{was[1]}, {was[2]}) of {was[3]}; AdaSpa reuses a layer's search for the "
+                             "same video and heads: start a new session (run) when they change")
         if layer not in self._lse and step == p.search_steps[0]:
             # A cached first search whose step before never ran here (the second expert of Wan 2.2, which has its
             # own handle from its first step on): it searches on this step's own LSE, one dense pass more.
             self._keep_lse(layer, geometry, shard, q, k, lse)
+            self._inputs[layer] = inputs
         if layer not in self._lse:
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
                              f"({action.label}); call plan at step {p.search_steps[0]} (the first search) or "
