@@ -122,11 +122,12 @@ def test_demo_refuses_an_output_that_is_a_file(tmp_path, capsys):
     assert_one_line_error(*run(["demo", "--out", str(target), "--device", "cpu"], capsys), "demo", "--out")
 
 
+@pytest.mark.parametrize("module", ["sparsecore.cli", "sparsecore"])
 @pytest.mark.parametrize("argv", [["check", "--device", "gpu"], ["check", "--device", "cpu", "--dtype", "int8"],
                                   ["check", "--device", "cpu", "--cases", "0"], ["demo", "--device", "cuda:abc"],
                                   ["show", "/nonexistent.safetensors"]])
-def test_the_real_entry_point_prints_one_line(argv):
-    result = subprocess.run([sys.executable, "-m", "sparsecore.cli", *argv], capture_output=True, text=True,
+def test_the_real_entry_point_prints_one_line(argv, module):
+    result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -316,7 +316,6 @@ class AdaSpaSession:
         inputs = (geometry, shard.start, shard.stop, shard.total)
         if action.label == "dense-lse":
             self._keep_lse(layer, geometry, shard, q, k, lse)
-            self._inputs[layer] = inputs
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, action.label))
         if action.label == "search":
             if mass is not None and lse is None:
@@ -326,17 +325,14 @@ class AdaSpaSession:
             self._masks[layer], self._lse[layer] = self._stored(found.mask), self._stored(found.lse)
             self._inputs[layer] = inputs
             return self._masks[layer]
-        if layer in self._inputs and self._inputs[layer] != inputs:
-            was = self._inputs[layer]
-            raise ValueError(f"geometry, heads: layer {layer} at step {step} ({action.label}) asks for {geometry} and "
-                             f"heads [{shard.start}, {shard.stop}) of {shard.total}, but its search was for {was[0]} "
-                             f"and heads [{was[1]}, {was[2]}) of {was[3]}; AdaSpa reuses a layer's search for the "
-                             "same video and heads: start a new session (run) when they change")
+        if self._inputs.get(layer, inputs) != inputs:
+            raise ValueError("geometry, heads: layer {} at step {} ({}) asks for {} and heads [{}, {}) of {}, but its "
+                             "search was for {} and heads [{}, {}) of {}; AdaSpa reuses a layer's search for the same "
+                             "video and heads: start a new session (run) when they change".format(
+                                 layer, step, action.label, *inputs, *self._inputs[layer]))
         if layer not in self._lse and step == p.search_steps[0]:
-            # A cached first search whose step before never ran here (the second expert of Wan 2.2, which has its
-            # own handle from its first step on): it searches on this step's own LSE, one dense pass more.
+            # A cached first search whose step before ran elsewhere (Wan 2.2's second expert): on this step's LSE
             self._keep_lse(layer, geometry, shard, q, k, lse)
-            self._inputs[layer] = inputs
         if layer not in self._lse:
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
                              f"({action.label}); call plan at step {p.search_steps[0]} (the first search) or "
@@ -356,7 +352,7 @@ class AdaSpaSession:
         if lse is None:
             q, k = check_qk(q, k, geometry, shard.size)
             lse = dense_lse(q, k, self.params.scale)
-        self._lse[layer] = self._stored(lse)
+        self._lse[layer], self._inputs[layer] = self._stored(lse), (geometry, shard.start, shard.stop, shard.total)
 
     def _stored(self, found: Any) -> Any:
         """A search's mask or LSE as this session keeps it (``store``)."""

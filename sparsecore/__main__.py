@@ -1,0 +1,7 @@
+"""``python -m sparsecore``: the ``sparsecore`` command (:mod:`sparsecore.cli`)."""
+
+import sys
+
+from sparsecore.cli import main
+
+sys.exit(main())
