@@ -118,7 +118,7 @@ def _show(args: argparse.Namespace) -> int:
     if max(mask.num_q_blocks, mask.num_kv_blocks) <= 48 and mask.num_heads <= 16:
         print(mask.to_string())
     picture = args.png or args.mask_file.with_suffix(".png")
-    if picture.resolve() == args.mask_file.resolve():
+    if picture.resolve() == args.mask_file.resolve() or (picture.exists() and picture.samefile(args.mask_file)):
         raise UserError(f"show: the picture would overwrite the mask file {args.mask_file}; pass --png with "
                         "another path")
     try:

@@ -95,7 +95,8 @@ def as_batched(t: Any, name: str) -> Any:
     return t[None] if len(t.shape) == 3 else t
 
 
-FLOAT32_MAX = 3.4028234663852886e38     # the kernels compute scores in float32: a larger scale overflows them
+# The kernels compute float32 scores and scale them by ``scale * log2(e)`` (Triton's exp2): a larger scale overflows.
+SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
@@ -105,6 +106,6 @@ def check_scale(scale: Any, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
-    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
-        raise ValueError(f"scale: expected a float finite in float32 (|scale| <= {FLOAT32_MAX:.4g}), got {scale}")
+    if not math.isfinite(scale) or abs(scale) > SCALE_MAX:
+        raise ValueError(f"scale: expected a float finite in float32 (|scale| <= {SCALE_MAX:.4g}), got {scale}")
     return float(scale)

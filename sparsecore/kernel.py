@@ -66,7 +66,7 @@ class CompiledKernel:
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
         with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
             run, scale = self._run_for(q, k, v, scale, return_lse)
-            if self.backend.differentiable:
+            if self.backend.differentiable and self.mask.unselected.kind == "drop":  # approximations merge in place
                 out, lse = run(q, k, v, scale, return_lse)
             else:
                 out, lse = inference_only(f"backend {self.backend.name!r}", lambda: run(q, k, v, scale, return_lse),

@@ -100,7 +100,7 @@ class Backend(ABC):
     block_mass: BlockMassOp | None = None   # optional: AdaSpa's block-mass pass for this backend's devices
     row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
     dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
-    differentiable: bool = False  # its runs are torch ops with true gradients (else a backward raises: no_backward)
+    differentiable: bool = False  # its drop masks' runs are torch ops with true gradients (else a backward raises)
     slow_to_check: bool = False   # unavailable_reason() imports a library that takes seconds (checked last where
                                   # any backend of the device will do: sparsecore.check.device_problem)
 

@@ -748,7 +748,7 @@ def test_steps_whose_bf16_timesteps_collide_are_told_apart_by_their_latents():
     from diffusers import FlowMatchEulerDiscreteScheduler
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 51)[:-1], device="cpu")
-    timesteps = [t.to(torch.bfloat16).float() for t in scheduler.timesteps]
+    timesteps = [t.to(torch.bfloat16) for t in scheduler.timesteps]  # as pipeline_hunyuan_video1_5.py casts them
     assert len(set(float(t) for t in timesteps)) < 50                  # the collision this test is about
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=50)
@@ -779,3 +779,48 @@ def test_a_run_that_stops_short_of_num_steps_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         handle.remove()                                                        # run 1 reached its 3 steps
+
+
+def test_the_latents_tell_steps_apart_only_for_16_bit_timesteps_after_a_completed_forward():
+    """A retry after a failed forward stays on its step; latents of another shape at the same timestep start a new
+    run; float32 timesteps keep the timestep rule alone (a Heun-type repeat on new latents stays on the step)."""
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    t = torch.tensor([999.0], dtype=torch.bfloat16)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError):
+            model(**{**inputs, "encoder_hidden_states": torch.zeros(1, 7, 5)}, timestep=t, return_dict=False)
+        retry = wan_inputs(batch=1, seed=5)                             # a new seed after the failure
+        with torch.no_grad():
+            model(**retry, timestep=t, return_dict=False)
+        assert (handle.step, handle.run) == (0, 0)
+        smaller = {**retry, "hidden_states": retry["hidden_states"][:, :, :, :-2, :-2]}
+        with torch.no_grad():
+            model(**smaller, timestep=t, return_dict=False)
+        assert (handle.step, handle.run) == (0, 1)
+        handle.set_step(None)
+        for latents in (inputs, retry):                                 # float32: the same timestep, new latents
+            forward(model, latents, 500.0)
+        assert handle.step == 0
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            handle.remove()
+
+
+def test_short_run_warnings_come_after_the_cleanup_and_not_for_explicit_steps():
+    """With warnings as errors, remove() still restores the model; set_step(None) after explicit steps does not
+    judge that run by num_steps."""
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    processors = [m.processor for m in model.modules() if hasattr(m, "set_processor")]
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    handle.set_step(0)
+    forward(model, inputs, 999.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.set_step(None)                                          # the explicit run is not judged
+        forward(model, inputs, 999.0)
+        with pytest.raises(UserWarning, match="ended after 1 of num_steps=3"):
+            handle.remove()
+    assert [m.processor for m in model.modules() if hasattr(m, "set_processor")] == processors
+    assert handle.step is None or not handle.active

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
 from sparsecore.geometry import VideoGeometry
+from sparsecore.inputs import SCALE_MAX
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import INDEX_LIMIT, PAIR_LIMIT, check_int
 
@@ -105,10 +106,10 @@ def check_bool(value: Any, field: str) -> bool:
 
 
 def check_scale(value: Any) -> float | None:
-    """A softmax scale override: None (``1/sqrt(D)``) or a positive finite float."""
+    """A softmax scale override: None (``1/sqrt(D)``) or a positive float the kernels can use (``SCALE_MAX``)."""
     if value is None:
         return None
-    return check_fraction(value, "scale", 0.0, math.inf, open_low=True)
+    return check_fraction(value, "scale", 0.0, SCALE_MAX, open_low=True)
 
 
 def check_int_tuple(values: Any, field: str, minimum: int = 0) -> tuple[int, ...]:

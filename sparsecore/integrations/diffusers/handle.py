@@ -144,9 +144,11 @@ class SparseAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
-        self._steps.finish()
+        message = self._steps.short_run()
         self._planner.new_run()
         self._text_cache = None
+        if message:                                  # after the cleanup: warnings may be errors
+            warnings.warn(message, stacklevel=2)
 
     def __repr__(self) -> str:
         method = self.method if isinstance(self.method, str) else getattr(self.method, "__name__", "callable")
@@ -169,6 +171,8 @@ class SparseAttentionHandle:
         self.active = True
 
     def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
+        if output is not None:                       # None: the forward raised (this hook runs always)
+            self._steps.completed()
         calls, self._calls = self._calls, 0
         self.active = False
         self._text_cache = None

@@ -1,18 +1,19 @@
 """Which denoising step (and which run) a transformer forward belongs to.
 
 Automatic mode reads the ``timestep`` each forward receives (its maximum, so Wan 2.2
-TI2V's per-token timesteps count once) and the latents (``hidden_states``, by their sum): the
-first forward is step 0, a smaller timestep than the last one is the next step, the same
-timestep stays on the step when the latents are the same (classifier-free guidance run as
-separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do) and is the next step when
-they changed (HunyuanVideo 1.5's pipeline casts the timestep to the latents' dtype, and bf16
-holds the values near 1000 only 4 apart: at 50 steps and shift 7, two steps' timesteps collide),
-and a larger timestep starts a new run. This fits schedulers that evaluate the model once per
-step (flow-matching Euler, UniPC, DPM++ multistep: the pipelines' defaults). A run that ends
-before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``). :meth:`set_step`
-switches to explicit steps (Heun-type schedulers, several experts as in Wan 2.2 A14B, pipelines
-that start mid-schedule); a step below the current one starts a new run; ``set_step(None)``
-returns to automatic mode, starting a new run at the next forward.
+TI2V's per-token timesteps count once): the first forward is step 0, a smaller timestep than
+the last one is the next step, the same timestep stays on the step (classifier-free guidance
+run as separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do, on the same
+latents), and a larger one starts a new run. A 16-bit timestep may repeat across steps:
+HunyuanVideo 1.5's pipeline casts it to the latents' dtype, and bf16 holds the values near 1000
+only 4 apart (at 50 steps and shift 7 two steps collide). So a 16-bit timestep equal to the last
+one, after a completed forward on other latents (``hidden_states``, compared by their sum, read
+with the timestep in one host read), is the next step. This fits schedulers that evaluate the
+model once per step (flow-matching Euler, UniPC, DPM++ multistep: the pipelines' defaults). A
+run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
+:meth:`set_step` switches to explicit steps (Heun-type schedulers, several experts as in Wan 2.2
+A14B, pipelines that start mid-schedule); a step below the current one starts a new run;
+``set_step(None)`` returns to automatic mode, starting a new run at the next forward.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ class StepTracker:
         self.run = 0
         self._manual = False
         self._last_timestep: float | None = None
-        self._last_latents: float | None = None
+        self._last_latents: tuple | None = None     # shape and sum of the last forward's latents (16-bit timesteps)
+        self._completed = False                     # whether the last forward returned (a failed one may be retried)
         self._on_new_run = on_new_run
 
     def set_step(self, step: int | None) -> None:
         if step is None:
-            self._manual, self._last_timestep = False, None
-            self._new_run()
+            self._new_run()                          # the run ends in the mode it ran in
+            self._manual, self._last_timestep, self.step = False, None, None
             return
         step = check_int(step, "step", 0)
         if step >= self.num_steps:
@@ -57,60 +59,69 @@ class StepTracker:
         if self._manual:
             return
         value, content = _read(timestep, latents)
+        completed, self._completed = self._completed, False
         if value is None:                                # no timestep: stay on the step
             self.step = 0 if self.step is None else self.step
             return
-        last = self._last_timestep
-        same_latents = content is None or _same(content, self._last_latents)
-        if last is None or value > last:
+        last, seen = self._last_timestep, self._last_latents
+        new_run = last is None or value > last
+        advance = not new_run and value < last
+        if value == last and content is not None and seen is not None and content != seen:
+            new_run = content[0] != seen[0]              # latents of another shape: another video
+            advance = completed and not new_run          # 16-bit timesteps of two steps collided
+        if new_run:
             if last is not None:
                 self._new_run()
             self.step = 0
-        elif value < last or not same_latents:
+        elif advance:
             if self.step + 1 >= self.num_steps:
                 raise ValueError(f"num_steps: the transformer got more than num_steps={self.num_steps} steps in one "
-                                 f"run (timestep {value} after {last}); pass num_steps= equal to the pipeline's "
-                                 "num_inference_steps to apply(), or drive steps with set_step")
+                                 f"run (timestep {value} after {last}, or the same 16-bit timestep with other latents); "
+                                 "pass num_steps= equal to the pipeline's num_inference_steps to apply(), or drive "
+                                 "steps with set_step (Heun-type schedulers, guidance calls on different latents)")
             self.step += 1
         self._last_timestep, self._last_latents = value, content
 
-    def finish(self) -> None:
-        """The run is over (a new one starts, or the handle is removed): warns if it stopped short of ``num_steps``
-        in automatic mode, where the methods' schedules (dense steps, searches, budgets) assumed ``num_steps``."""
+    def completed(self) -> None:
+        """The last forward returned (called by the handle's post-forward hook)."""
+        self._completed = True
+
+    def short_run(self) -> str | None:
+        """Why the run now ending (a new one starts, or the handle is removed) is shorter than ``num_steps`` in
+        automatic mode, where the methods' schedules (dense steps, searches, budgets) assumed ``num_steps``."""
         if self._manual or self.step is None or self.step + 1 >= self.num_steps:
-            return
-        warnings.warn(f"sparsecore: run {self.run} ended after {self.step + 1} of num_steps={self.num_steps} steps, "
-                      "so the method's schedule (its dense steps, searches and budgets) was laid out for a longer run; "
-                      "pass num_steps= equal to the pipeline's num_inference_steps to apply() (a pipeline that starts "
-                      "mid-schedule, e.g. video-to-video with strength < 1, needs set_step)", stacklevel=3)
+            return None
+        return (f"sparsecore: run {self.run} ended after {self.step + 1} of num_steps={self.num_steps} steps, so the "
+                "method's schedule (its dense steps, searches and budgets) was laid out for a longer run. Ignore this "
+                "for an interrupted run; else pass num_steps= equal to the pipeline's num_inference_steps to apply(), "
+                "or drive steps with set_step (several experts as in Wan 2.2 A14B, a pipeline that starts "
+                "mid-schedule such as video-to-video with strength < 1)")
 
     def _new_run(self) -> None:
-        self.finish()
+        message = self.short_run()
         self._on_new_run()
         if self.step is not None:
             self.run += 1
         self.step = self.step if self._manual else None
         self._last_latents = None
+        if message:
+            warnings.warn(message, stacklevel=2)
 
 
-def _read(timestep: Any, latents: Any) -> tuple[float | None, float | None]:
-    """The timestep's maximum and the latents' sum, in one host read where the timestep is a tensor (the latents
-    are then read with it; with a number, they are not read at all: that would add a wait)."""
+def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None]:
+    """The timestep's maximum, and for a 16-bit timestep tensor the latents' shape and sum, read with it in one
+    host read on the latents' device (other timesteps: no latents, so no added work or wait)."""
     if timestep is None:
         return None, None
     if isinstance(timestep, torch.Tensor):
         if not timestep.numel():
             return None, None
         value = timestep.detach().max().float().reshape(1)
-        if isinstance(latents, torch.Tensor) and latents.numel():
-            read = torch.cat([value, latents.detach().float().sum().reshape(1).to(value.device)]).tolist()
-            return read[0], read[1]
-        return value.item(), None
+        if timestep.dtype not in (torch.bfloat16, torch.float16) or not isinstance(latents, torch.Tensor) \
+                or not latents.numel() or value.device != latents.device:
+            return value.item(), None
+        read = torch.cat([value, latents.detach().sum(dtype=torch.float32).reshape(1)]).tolist()
+        return read[0], (tuple(latents.shape), "nan" if math.isnan(read[1]) else read[1])
     if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
         return float(timestep), None
     raise TypeError(f"timestep: expected a tensor or a number, got {type(timestep).__name__}")
-
-
-def _same(content: float, last: float | None) -> bool:
-    """Whether two latents' sums are equal (NaN latents count as unchanged: they give no step signal)."""
-    return last is None or content == last or (math.isnan(content) and math.isnan(last))
