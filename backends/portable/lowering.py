@@ -52,7 +52,7 @@ class PortableBackend(Backend):
                                 unselected=frozenset(KINDS))
     install_hint = "needs only torch"
     options_type = PortableOptions
-    differentiable = True       # torch ops: gradients as autograd gives them (tests/test_compile_api.py checks drop masks)
+    differentiable = True       # drop masks: torch ops, autograd's gradients (tests/test_compile_api.py checks them)
 
     def unavailable_reason(self, device: str) -> str | None:
         kind = device.split(":")[0]
