@@ -7,7 +7,7 @@ k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h`` reads key hea
 empty gives output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``.
 Inference only: where q, k or v require gradients (and grad mode is on) the output carries a
 backward that raises (:mod:`sparsecore.no_backward`), except on backends whose runs are
-differentiable torch ops (``Backend.differentiable``: ``portable``).
+differentiable torch ops (``Backend.differentiable``: ``portable``) for masks that drop unlisted blocks.
 
 Choice of backend. ``compile`` finds the backends that can take the mask on the device
 (capabilities; most preferred first) and checks that the first of them runs here (the next

@@ -5,7 +5,8 @@ carry none (Triton's, FlashInfer's, FA4's dense forward: a gradient silently mis
 autograd (``flash_attn_func``'s backward runs without the block-sparse tensors: dense over its
 tiles, silently wrong). :func:`inference_only` runs a computation as usual and, where its inputs
 want gradients, returns its outputs with a backward that raises, naming what ran. A backend whose
-runs are differentiable torch ops (``Backend.differentiable``: ``portable``) keeps its gradients.
+runs are differentiable torch ops (``Backend.differentiable``: ``portable``) keeps its gradients on
+masks that drop unlisted blocks (an approximation merges in place, which autograd cannot follow).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class _NoBackward(torch.autograd.Function):
         raise NotImplementedError(
             f"sparsecore's kernels are inference-only: {ctx.what} has no backward pass, so no gradient reaches q, "
             "k, v. Run the forward under torch.no_grad() or torch.inference_mode(), or detach q, k, v; to train, "
-            "use dense attention (or backend='portable', whose torch ops have gradients)")
+            "use dense attention (or backend='portable' on a mask that drops unlisted blocks: its torch ops have "
+            "gradients)")
 
 
 def _detached(value: Any) -> Any:
