@@ -781,26 +781,30 @@ def test_a_run_that_stops_short_of_num_steps_warns():
         handle.remove()                                                        # run 1 reached its 3 steps
 
 
-def test_the_latents_tell_steps_apart_only_for_16_bit_timesteps_after_a_completed_forward():
-    """A retry after a failed forward stays on its step; latents of another shape at the same timestep start a new
-    run; float32 timesteps keep the timestep rule alone (a Heun-type repeat on new latents stays on the step)."""
+def test_the_latents_tell_steps_apart_only_for_16_bit_timesteps_and_small_moves():
+    """At the same 16-bit timestep: a retry after a failed forward stays on its step, latents moved a little after
+    a completed one are the next step, fresh latents (a new pipe() call after a 1-step warm-up) or another shape
+    start a new run; float32 timesteps keep the timestep rule alone (a Heun-type repeat stays on the step)."""
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
     t = torch.tensor([999.0], dtype=torch.bfloat16)
+    call = lambda latents: model(**{**inputs, "hidden_states": latents}, timestep=t, return_dict=False)  # noqa: E731
+    latents = inputs["hidden_states"]
     try:
-        with torch.no_grad(), pytest.raises(RuntimeError):
-            model(**{**inputs, "encoder_hidden_states": torch.zeros(1, 7, 5)}, timestep=t, return_dict=False)
-        retry = wan_inputs(batch=1, seed=5)                             # a new seed after the failure
         with torch.no_grad():
-            model(**retry, timestep=t, return_dict=False)
-        assert (handle.step, handle.run) == (0, 0)
-        smaller = {**retry, "hidden_states": retry["hidden_states"][:, :, :, :-2, :-2]}
-        with torch.no_grad():
-            model(**smaller, timestep=t, return_dict=False)
-        assert (handle.step, handle.run) == (0, 1)
+            with pytest.raises(RuntimeError):
+                model(**{**inputs, "encoder_hidden_states": torch.zeros(1, 7, 5)}, timestep=t, return_dict=False)
+            call(latents * 0.999)                                       # a retry (moved a little): the same step
+            assert (handle.step, handle.run) == (0, 0)
+            call(latents * 0.998)                                       # moved a little after a completed forward
+            assert (handle.step, handle.run) == (1, 0)
+            call(wan_inputs(batch=1, seed=5)["hidden_states"])          # fresh noise: a new pipe() call
+            assert (handle.step, handle.run) == (0, 1)
+            call(latents[:, :, :, :-2, :-2])                            # another video
+            assert (handle.step, handle.run) == (0, 2)
         handle.set_step(None)
-        for latents in (inputs, retry):                                 # float32: the same timestep, new latents
-            forward(model, latents, 500.0)
+        for other in (inputs, wan_inputs(batch=1, seed=5)):             # float32: the same timestep, new latents
+            forward(model, other, 500.0)
         assert handle.step == 0
     finally:
         with warnings.catch_warnings():
@@ -823,4 +827,3 @@ def test_short_run_warnings_come_after_the_cleanup_and_not_for_explicit_steps():
         with pytest.raises(UserWarning, match="ended after 1 of num_steps=3"):
             handle.remove()
     assert [m.processor for m in model.modules() if hasattr(m, "set_processor")] == processors
-    assert handle.step is None or not handle.active

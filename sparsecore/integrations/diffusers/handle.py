@@ -171,15 +171,16 @@ class SparseAttentionHandle:
         self.active = True
 
     def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
-        if output is not None:                       # None: the forward raised (this hook runs always)
-            self._steps.completed()
         calls, self._calls = self._calls, 0
         self.active = False
         self._text_cache = None
+        if output is None:                           # the forward raised (this hook runs always): its error stands
+            return
         if calls not in (0, len(self._processors)):
             raise ValueError(f"transformer: {calls} of its {len(self._processors)} self-attention layers ran in this "
                              f"forward; sparsecore counts layers by their order in the forward, so blocks must not be "
                              f"skipped (a block cache, a pruned model); call handle.remove() to run this model densely")
+        self._steps.completed()
 
     # ---------------------------------------------------------------- called by the processors
     def text_valid(self, processor: SparseProcessor, mask: torch.Tensor | None, batch: int, text: int) -> list[int]:

@@ -7,8 +7,10 @@ run as separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do, on t
 latents), and a larger one starts a new run. A 16-bit timestep may repeat across steps:
 HunyuanVideo 1.5's pipeline casts it to the latents' dtype, and bf16 holds the values near 1000
 only 4 apart (at 50 steps and shift 7 two steps collide). So a 16-bit timestep equal to the last
-one, after a completed forward on other latents (``hidden_states``, compared by their sum, read
-with the timestep in one host read), is the next step. This fits schedulers that evaluate the
+one is told apart by the latents (``hidden_states``: their shape and a strided sample of
+:data:`SAMPLE` values, read with the timestep in one host read): the same latents stay on the
+step, latents moved a little after a completed forward are the next step, and fresh ones (a
+relative change above :data:`FRESH_LATENTS`, or another shape) a new run. This fits schedulers that evaluate the
 model once per step (flow-matching Euler, UniPC, DPM++ multistep: the pipelines' defaults). A
 run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
 :meth:`set_step` switches to explicit steps (Heun-type schedulers, several experts as in Wan 2.2
@@ -18,11 +20,11 @@ A14B, pipelines that start mid-schedule); a step below the current one starts a 
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from sparsecore.ir.validation import check_int
@@ -37,41 +39,42 @@ class StepTracker:
         self.run = 0
         self._manual = False
         self._last_timestep: float | None = None
-        self._last_latents: tuple | None = None     # shape and sum of the last forward's latents (16-bit timesteps)
+        self._last_latents: tuple | None = None     # shape and a sample of the last forward's latents (16-bit timesteps)
         self._completed = False                     # whether the last forward returned (a failed one may be retried)
         self._on_new_run = on_new_run
 
     def set_step(self, step: int | None) -> None:
         if step is None:
-            self._new_run()                          # the run ends in the mode it ran in
+            message = self._new_run()                    # the run ends in the mode it ran in
             self._manual, self._last_timestep, self.step = False, None, None
+            _warn(message)
             return
         step = check_int(step, "step", 0)
         if step >= self.num_steps:
             raise ValueError(f"step: expected 0 <= step < num_steps={self.num_steps}, got {step}; "
                              f"pass num_steps= to apply() to run more steps")
-        if self.step is not None and step < self.step:
-            self._new_run()
+        message = self._new_run() if self.step is not None and step < self.step else None
         self._manual, self.step = True, step
+        _warn(message)
 
     def observe(self, timestep: Any, latents: Any = None) -> None:
         """Advance from a forward's timestep and latents (automatic mode; explicit steps ignore them)."""
         if self._manual:
             return
-        value, content = _read(timestep, latents)
-        completed, self._completed = self._completed, False
+        value, sample = _read(timestep, latents)
         if value is None:                                # no timestep: stay on the step
             self.step = 0 if self.step is None else self.step
             return
         last, seen = self._last_timestep, self._last_latents
         new_run = last is None or value > last
         advance = not new_run and value < last
-        if value == last and content is not None and seen is not None and content != seen:
-            new_run = content[0] != seen[0]              # latents of another shape: another video
-            advance = completed and not new_run          # 16-bit timesteps of two steps collided
+        if value == last and sample is not None and seen is not None:
+            change = _relative_change(sample, seen)     # None: latents of another shape, another video
+            new_run = change is None or change > FRESH_LATENTS
+            advance = not new_run and change > 0 and self._completed   # 16-bit timesteps of two steps collided
+        message = None
         if new_run:
-            if last is not None:
-                self._new_run()
+            message = self._new_run() if last is not None else None
             self.step = 0
         elif advance:
             if self.step + 1 >= self.num_steps:
@@ -80,7 +83,8 @@ class StepTracker:
                                  "pass num_steps= equal to the pipeline's num_inference_steps to apply(), or drive "
                                  "steps with set_step (Heun-type schedulers, guidance calls on different latents)")
             self.step += 1
-        self._last_timestep, self._last_latents = value, content
+        self._last_timestep, self._last_latents, self._completed = value, sample, False
+        _warn(message)
 
     def completed(self) -> None:
         """The last forward returned (called by the handle's post-forward hook)."""
@@ -88,29 +92,53 @@ class StepTracker:
 
     def short_run(self) -> str | None:
         """Why the run now ending (a new one starts, or the handle is removed) is shorter than ``num_steps`` in
-        automatic mode, where the methods' schedules (dense steps, searches, budgets) assumed ``num_steps``."""
-        if self._manual or self.step is None or self.step + 1 >= self.num_steps:
+        automatic mode, where the methods' schedules (dense steps, searches, budgets) assumed ``num_steps``; None
+        when it is not, or when its last forward did not return (an interrupted run)."""
+        if self._manual or self.step is None or self.step + 1 >= self.num_steps or not self._completed:
             return None
         return (f"sparsecore: run {self.run} ended after {self.step + 1} of num_steps={self.num_steps} steps, so the "
-                "method's schedule (its dense steps, searches and budgets) was laid out for a longer run. Ignore this "
-                "for an interrupted run; else pass num_steps= equal to the pipeline's num_inference_steps to apply(), "
-                "or drive steps with set_step (several experts as in Wan 2.2 A14B, a pipeline that starts "
-                "mid-schedule such as video-to-video with strength < 1)")
+                "method's schedule (its dense steps, searches and budgets) was laid out for a longer run; pass "
+                "num_steps= equal to the pipeline's num_inference_steps to apply(), or drive steps with set_step "
+                "(several experts as in Wan 2.2 A14B, a pipeline that starts mid-schedule such as video-to-video "
+                "with strength < 1)")
 
-    def _new_run(self) -> None:
+    def _new_run(self) -> str | None:
+        """Ends the run (callers warn with the returned message after their own updates: warnings may raise)."""
         message = self.short_run()
         self._on_new_run()
         if self.step is not None:
             self.run += 1
         self.step = self.step if self._manual else None
         self._last_latents = None
-        if message:
-            warnings.warn(message, stacklevel=2)
+        return message
+
+
+# Relative L2 change of the latents' sample above which a 16-bit timestep equal to the last is a new run (fresh
+# noise after the last run's latents: about 1.4) rather than the next step (0.004 at most between HunyuanVideo 1.5's
+# colliding steps at 50 steps and shifts 7 to 17, simulated).
+FRESH_LATENTS = 0.5
+SAMPLE = 4096       # latents elements compared, evenly strided
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        warnings.warn(message, stacklevel=3)
+
+
+def _relative_change(latents: tuple, seen: tuple) -> float | None:
+    """``|sample - seen| / |seen|`` of two ``(shape, sample)`` (NaNs count as equal), None for other shapes."""
+    if latents[0] != seen[0]:
+        return None
+    sample, seen = latents[1], seen[1]
+    if np.array_equal(sample, seen, equal_nan=True):
+        return 0.0
+    diff = np.nan_to_num(sample - seen, nan=1.0)
+    return float(np.linalg.norm(diff) / max(float(np.linalg.norm(np.nan_to_num(seen))), 1e-30))
 
 
 def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None]:
-    """The timestep's maximum, and for a 16-bit timestep tensor the latents' shape and sum, read with it in one
-    host read on the latents' device (other timesteps: no latents, so no added work or wait)."""
+    """The timestep's maximum and, for a 16-bit timestep tensor, an evenly strided sample of the latents (with their
+    shape), copied to the host with it in one read (other timesteps: no latents, so no added work or wait)."""
     if timestep is None:
         return None, None
     if isinstance(timestep, torch.Tensor):
@@ -120,8 +148,10 @@ def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None]:
         if timestep.dtype not in (torch.bfloat16, torch.float16) or not isinstance(latents, torch.Tensor) \
                 or not latents.numel() or value.device != latents.device:
             return value.item(), None
-        read = torch.cat([value, latents.detach().sum(dtype=torch.float32).reshape(1)]).tolist()
-        return read[0], (tuple(latents.shape), "nan" if math.isnan(read[1]) else read[1])
+        flat = latents.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE].float()
+        read = torch.cat([value, picked]).cpu().numpy()
+        return float(read[0]), (tuple(latents.shape), read[1:])
     if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
         return float(timestep), None
     raise TypeError(f"timestep: expected a tensor or a number, got {type(timestep).__name__}")
