@@ -6,8 +6,10 @@ mask keeps:
 - ``recall``: the softmax mass kept, ``mean_i sum_{j in S_i} P_ij`` (AdaSpa's Recall,
   arXiv 2502.21079 Eq. 9): 1 for the dense mask.
 - ``rel_l2``: ``||O_mask - O_dense||_F / ||O_dense||_F`` over the head's outputs, where
-  ``O_mask`` is exact attention restricted to ``S`` (softmax renormalized over ``S``,
-  0 for a query that keeps nothing; what every lowering computes).
+  ``O_mask`` is what the lowerings compute: exact attention restricted to ``S`` (softmax
+  renormalized over ``S``, 0 for a query that keeps nothing), and for a mask that approximates
+  its unlisted blocks (``mask.unselected``, PASA's default) that approximation merged in, as the
+  ``portable`` lowering computes it in ``compute_dtype`` (``recall`` stays the mass of ``S``).
 - ``cosine``: cosine similarity of the flattened ``O_mask`` and ``O_dense``.
 - ``min_recall``: the smallest per-query recall (the worst-served query).
 
@@ -92,6 +94,8 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     group = heads // k.shape[1]
     device = q.device
     plans = [_TokenMap(mask, device) for mask in masks]
+    approximated = [None if mask.unselected.kind == "drop" else _approximated(mask, q, k, v, scale, compute_dtype)
+                    for mask in masks]
     chunk = max(1, max_elements // (heads * k.shape[2]))
     sums = [{name: torch.zeros(heads, dtype=torch.float64, device=device)
              for name in ("recall", "diff2", "ref2", "out2", "dot")} for _ in masks]
@@ -115,6 +119,8 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
                 if tiny.any():
                     out[tiny], recall[tiny] = _log_space_rows(scores[tiny], allowed[tiny] > 0, values,
                                                               tiny.nonzero()[:, 0])
+                if approximated[m] is not None:
+                    out = approximated[m][b, :, rows]
                 recall, out = recall.double(), out.double()
                 s = sums[m]
                 s["recall"] += recall.sum(1)
@@ -132,6 +138,14 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
                                 cosine=s["dot"] / np.maximum(np.sqrt(s["out2"] * s["ref2"]), tiny),
                                 min_recall=low.cpu().numpy()))
     return results
+
+
+def _approximated(mask: BlockMask, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The output ``[B, H, L_q, D]`` of a mask that approximates its unlisted blocks, by the ``portable`` lowering."""
+    from .kernel import compile
+    kernel = compile(mask, device=q.device.type, backend="portable")
+    return kernel(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
 
 
 class _TokenMap:

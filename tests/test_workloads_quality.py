@@ -139,3 +139,26 @@ def test_gqa_and_batches_pool_per_query_head():
     np.testing.assert_allclose(fid.recall, np.mean(per_batch, axis=0), rtol=1e-6)
     with pytest.raises(ValueError, match="to match the mask"):
         attention_fidelity(q[:, :2], k, v, mask)
+
+
+@pytest.mark.parametrize("kind", ["zeroth", "grouped-first-order"])
+def test_fidelity_of_an_approximating_mask_measures_the_output_with_its_approximation(kind):
+    """rel L2 and cosine compare the output the lowerings compute, the approximation of the unlisted blocks
+    included (checked against its float64 oracle); recall stays the mass of the listed blocks."""
+    from oracle_unselected import approximated_attention
+    from sparsecore.methods.approximation import unselected_of, with_unselected
+    keep = np.random.default_rng(2).random((2, 6, 6)) < 0.3
+    keep[:, np.arange(6), np.arange(6)] = True
+    drop = BlockMask.from_dense(keep, 96, 96, 16)
+    mask = with_unselected(drop, unselected_of(kind, 2))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=gen) for _ in range(3))
+    fid, dropped = fidelity_of_masks(q, k, v, [mask, drop], compute_dtype=torch.float64, max_elements=500)
+    q64, k64, v64 = (t.double().numpy() for t in (q, k, v))
+    full = np.ones((2, 96, 96), dtype=bool)
+    dense_out, _ = dense_attention(q64, k64, v64, full, 0.25)
+    out, _ = approximated_attention(q64, k64, v64, mask, 0.25)
+    rel_l2 = np.sqrt(((out - dense_out) ** 2).sum(axis=(0, 2, 3)) / (dense_out ** 2).sum(axis=(0, 2, 3)))
+    np.testing.assert_allclose(fid.rel_l2, rel_l2, rtol=1e-8)
+    np.testing.assert_allclose(fid.recall, dropped.recall, rtol=1e-12)
+    assert (np.abs(fid.rel_l2 - dropped.rel_l2) > 1e-6).all()          # the approximation changed the output

@@ -13,7 +13,8 @@ the :func:`~sparsecore.ir.slicing.slices` of it for its rows:
 
 Partial outputs merge through their LSEs (natural log, float32): ``lse = log(e^a + e^b)``, ``out =
 (e^(a-lse) out_a + e^(b-lse) out_b)``, with rows that saw no key (output 0, LSE -inf) on either side
-handled exactly (both empty: 0 and -inf).
+handled exactly (both empty: 0 and -inf). The merge runs in float32, the LSEs' type: float64 inputs come
+back with float32's accuracy (about 1e-7 relative), where the whole mask's kernel is exact in float64.
 
 Transfers are direct and skipped where the mask allows: at step ``i`` rank ``r`` sends its key/value
 shard to rank ``(r + i) mod R`` only if that rank's rows list a block of it, and receives from
