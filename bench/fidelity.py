@@ -140,12 +140,12 @@ def fidelity_rows() -> list[dict]:
 def adaspa_across_steps(g: VideoGeometry, q, k, v, variants: list) -> list:
     """AdaSpa's session at step 30 on drifted inputs: reuse, LSE-cached search, fresh search (rows appended)."""
     session = adaspa.session(num_steps=50, first_search="fused")
-    session.plan(g, HEADS, step=10, q=q, k=k)                                  # first search, fresh LSE
-    reused = session.plan(g, HEADS, step=29)
+    session.plan(g, HEADS, step=10, layer=0, q=q, k=k)                         # first search, fresh LSE
+    reused = session.plan(g, HEADS, step=29, layer=0)
     other = video_qkv(g, HEADS, HEAD_DIM, seed=SEED + 1)
     angle = 0.3                                                                # inputs drift between steps
     q30, k30, v30 = (np.cos(angle) * a + np.sin(angle) * b for a, b in zip((q, k, v), other))
-    cached = session.plan(g, HEADS, step=30, q=q30, k=k30)
+    cached = session.plan(g, HEADS, step=30, layer=0, q=q30, k=k30)
     fresh = adaspa.plan(g, HEADS, step=30, q=q30, k=k30)
     rows = [("adaspa", "step 30, drifted inputs: mask of step 10 reused", reused),
             ("adaspa", "step 30, drifted inputs: LSE-cached search (session)", cached),

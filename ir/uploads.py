@@ -72,10 +72,10 @@ def refuse_capture(device: torch.device | str, what: str) -> None:
     if capturing:
         raise RuntimeError(
             f"sparsecore: {what} inside a CUDA graph capture: its replays would reuse this call's host-side plan. "
-            "Keep sparsecore's attention out of the captured region: under torch.compile (PyTorch 2.8 and later) "
-            "diffusers' sparsecore op is tagged cudagraph_unsafe and inductor keeps it out of its CUDA graphs; "
-            "on earlier versions use mode='max-autotune-no-cudagraphs' or the default mode; with "
-            "torch.cuda.graph, capture the work before and after it")
+            "Keep sparsecore's calls out of the captured region (capture the work before and after them). Under "
+            "torch.compile with diffusers, sparsecore's op is tagged cudagraph_unsafe from PyTorch 2.8 on, so "
+            "inductor keeps it out of its CUDA graphs; on earlier versions use mode='max-autotune-no-cudagraphs' "
+            "or the default mode")
 
 
 def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

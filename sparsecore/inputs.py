@@ -100,12 +100,14 @@ SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
-    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a real number finite in float32, the kernels' score
-    type (``TypeError``/``ValueError``)."""
+    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a real number of magnitude at most :data:`SCALE_MAX`
+    (float32's largest over log2(e): the kernels' scaled-score factor stays finite; scores themselves may still
+    overflow for huge scales) (``TypeError``/``ValueError``)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
     if not math.isfinite(scale) or abs(scale) > SCALE_MAX:
-        raise ValueError(f"scale: expected a float finite in float32 (|scale| <= {SCALE_MAX:.4g}), got {scale}")
+        raise ValueError(f"scale: expected a finite float with |scale| <= {SCALE_MAX:.4g} (float32's largest over "
+                         f"log2(e), the kernels' score factor), got {scale}")
     return float(scale)

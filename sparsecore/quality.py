@@ -14,16 +14,16 @@ mask keeps:
 - ``min_recall``: the smallest per-query recall (the worst-served query).
 
 The computation streams query chunks through all heads, so memory stays at
-``max_elements`` scores (plus the inputs) whatever the sequence length; the time is
-that of dense attention, so this is for validation, not for the hot path.
+``max_elements`` scores (plus the inputs) whatever the sequence length; a mask that
+approximates its unlisted blocks adds its output for one batch element (``[H, L_q, D]``,
+held while that element is measured) and the ``portable`` lowering's working memory. The
+time is that of dense attention, so this is for validation, not for the hot path.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ import torch
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import on_device
 from sparsecore.ir.validation import check_int
+
+from .inputs import check_scale
 
 
 @dataclass(frozen=True)
@@ -84,23 +86,20 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[1]:
         raise ValueError(f"k, v: expected equal shapes [{batch}, H_kv, L, {head_dim}] with H_kv dividing {heads}, "
                          f"got k {list(k.shape)}, v {list(v.shape)}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not
-                              math.isfinite(scale)):
-        raise TypeError(f"scale: expected a finite float or None (for 1/sqrt(D)), got {type(scale).__name__} {scale!r}")
     max_elements = check_int(max_elements, "max_elements", 1)
     if compute_dtype not in (torch.float32, torch.float64):
         raise TypeError(f"compute_dtype: expected torch.float32 or torch.float64, got {compute_dtype!r}")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+    scale = check_scale(scale, head_dim)
     group = heads // k.shape[1]
     device = q.device
     plans = [_TokenMap(mask, device) for mask in masks]
-    approximated = [None if mask.unselected.kind == "drop" else _approximated(mask, q, k, v, scale, compute_dtype)
-                    for mask in masks]
     chunk = max(1, max_elements // (heads * k.shape[2]))
     sums = [{name: torch.zeros(heads, dtype=torch.float64, device=device)
              for name in ("recall", "diff2", "ref2", "out2", "dot")} for _ in masks]
     min_recall = [torch.ones(heads, dtype=torch.float64, device=device) for _ in masks]
     for b in range(batch):
+        approximated = [_approximated(mask, (t[b:b + 1].to(compute_dtype) for t in (q, k, v)), scale)
+                        for mask in masks]                  # None for drop masks
         keys = k[b].to(compute_dtype).repeat_interleave(group, dim=0).transpose(1, 2)   # [H, D, L_kv]
         values = v[b].to(compute_dtype).repeat_interleave(group, dim=0)
         queries = q[b].to(compute_dtype) * scale
@@ -114,13 +113,16 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
                 allowed = token_map.rows(rows)
                 kept = probs * allowed
                 recall = kept.sum(-1)                                                   # [H, c]
-                out = torch.matmul(kept, values) / recall.clamp_min(torch.finfo(compute_dtype).tiny)[..., None]
                 tiny = recall < 1e-30      # kept weights may underflow: redo these rows in log space
-                if tiny.any():
-                    out[tiny], recall[tiny] = _log_space_rows(scores[tiny], allowed[tiny] > 0, values,
-                                                              tiny.nonzero()[:, 0])
                 if approximated[m] is not None:
-                    out = approximated[m][b, :, rows]
+                    out = approximated[m][0, :, rows]
+                    if tiny.any():
+                        recall[tiny] = _log_space_rows(scores[tiny], allowed[tiny] > 0, values, tiny.nonzero()[:, 0])[1]
+                else:
+                    out = torch.matmul(kept, values) / recall.clamp_min(torch.finfo(compute_dtype).tiny)[..., None]
+                    if tiny.any():
+                        out[tiny], recall[tiny] = _log_space_rows(scores[tiny], allowed[tiny] > 0, values,
+                                                                  tiny.nonzero()[:, 0])
                 recall, out = recall.double(), out.double()
                 s = sums[m]
                 s["recall"] += recall.sum(1)
@@ -140,12 +142,14 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     return results
 
 
-def _approximated(mask: BlockMask, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The output ``[B, H, L_q, D]`` of a mask that approximates its unlisted blocks, by the ``portable`` lowering."""
+def _approximated(mask: BlockMask, qkv: Iterable[torch.Tensor], scale: float) -> torch.Tensor | None:
+    """The output ``[1, H, L_q, D]`` of one batch element for a mask that approximates its unlisted blocks, by the
+    ``portable`` lowering (not cached: the user's kernels keep the cache); None for a drop mask."""
+    if mask.unselected.kind == "drop":
+        return None
     from .kernel import compile
-    kernel = compile(mask, device=q.device.type, backend="portable")
-    return kernel(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
+    q, k, v = qkv
+    return compile(mask, device=q.device.type, backend="portable", cache=False)(q, k, v, scale=scale)
 
 
 class _TokenMap:

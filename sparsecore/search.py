@@ -167,8 +167,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .kernel import compile
         full = BlockMask.full(shape.num_heads, shape.q_len, shape.kv_len, shape.q_len, shape.kv_len)
         return compile(full, device=q.device.type)(q, k, v, scale=scale, return_lse=True)
-    return inference_only(f"{impl}'s dense attention", lambda: registered_backends()[impl].dense.run(q, k, v, scale, True),
-                          q, k, v)
+    op = registered_backends()[impl].dense
+    return inference_only(f"{impl}'s dense attention", lambda: op.run(q, k, v, scale, True), q, k, v)
 
 
 def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:

@@ -270,8 +270,8 @@ class AdaSpaSession:
         if not searches or any(s < self.params.warmup_steps or s >= self.num_steps for s in searches):
             raise ValueError(f"search_steps: expected steps in [warmup_steps={self.params.warmup_steps}, "
                              f"num_steps={self.num_steps}), got {list(searches)}")
-        self._masks: dict[Any, BlockMask] = {}
-        self._lse: dict[Any, torch.Tensor] = {}
+        self._masks: dict[int, BlockMask] = {}
+        self._lse: dict[int, torch.Tensor] = {}
         self._inputs: dict[int, tuple] = {}         # per layer: the geometry and heads its search and LSE are of
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
@@ -345,7 +345,7 @@ class AdaSpaSession:
                                                       action.label).mask)
         return self._masks[layer]
 
-    def _keep_lse(self, layer: int | None, geometry: VideoGeometry, shard: HeadShard, q: Any, k: Any,
+    def _keep_lse(self, layer: int, geometry: VideoGeometry, shard: HeadShard, q: Any, k: Any,
                   lse: torch.Tensor | None) -> None:
         """Keep ``lse`` for the layer's cached searches; when it was not handed over (e.g. text padding), the LSE
         of one more dense pass over q, k."""
@@ -362,7 +362,7 @@ class AdaSpaSession:
             return found if found.on_host else found.copy_to("cpu")
         return moved(found, torch.device("cpu"))
 
-    def cached_mask(self, layer: int | None = None) -> BlockMask:
+    def cached_mask(self, layer: int) -> BlockMask:
         """The last searched mask of ``layer``."""
         if layer not in self._masks:
             raise KeyError(f"layer={layer!r}: nothing searched yet")

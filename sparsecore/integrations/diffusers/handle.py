@@ -90,7 +90,8 @@ class SparseAttentionHandle:
     def set_step(self, step: int | None) -> None:
         """Use ``step`` for the following forwards (explicit steps); None returns to automatic tracking.
 
-        A step below the current one starts a new run (fresh method sessions).
+        A step below the current one starts a new run (fresh method sessions). A run that ends here short of
+        ``num_steps`` in automatic mode warns (:meth:`StepTracker.short_run`).
         """
         self._steps.set_step(step)
 
@@ -136,7 +137,8 @@ class SparseAttentionHandle:
         return self._stats.rows()
 
     def remove(self) -> None:
-        """Put the original processors back (the same objects) and drop the hooks, masks and kernels."""
+        """Put the original processors back (the same objects) and drop the hooks, masks and kernels; warns, after
+        that, if the run in progress stopped short of ``num_steps`` in automatic mode."""
         if self._removed:
             return
         for module, original in self._originals:

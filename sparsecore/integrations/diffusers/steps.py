@@ -39,7 +39,7 @@ class StepTracker:
         self.run = 0
         self._manual = False
         self._last_timestep: float | None = None
-        self._last_latents: tuple | None = None     # shape and a sample of the last forward's latents (16-bit timesteps)
+        self._last_latents: tuple | None = None     # shape and sample of the last latents (16-bit timesteps)
         self._completed = False                     # whether the last forward returned (a failed one may be retried)
         self._on_new_run = on_new_run
 
@@ -79,9 +79,10 @@ class StepTracker:
         elif advance:
             if self.step + 1 >= self.num_steps:
                 raise ValueError(f"num_steps: the transformer got more than num_steps={self.num_steps} steps in one "
-                                 f"run (timestep {value} after {last}, or the same 16-bit timestep with other latents); "
-                                 "pass num_steps= equal to the pipeline's num_inference_steps to apply(), or drive "
-                                 "steps with set_step (Heun-type schedulers, guidance calls on different latents)")
+                                 f"run (timestep {value} after {last}, or the same 16-bit timestep with other "
+                                 "latents); pass num_steps= equal to the pipeline's num_inference_steps to apply(), "
+                                 "or drive steps with set_step (Heun-type schedulers, guidance calls on different "
+                                 "latents)")
             self.step += 1
         self._last_timestep, self._last_latents, self._completed = value, sample, False
         _warn(message)
@@ -120,9 +121,11 @@ FRESH_LATENTS = 0.5
 SAMPLE = 4096       # latents elements compared, evenly strided
 
 
-def _warn(message: str | None) -> None:
+def _warn(message: str | None, stacklevel: int = 3) -> None:
+    """Warns ``message`` if any; ``stacklevel`` counts from the tracker's method that calls this (3: its caller's
+    caller: the user's ``handle.set_step``, or the handle's pre-forward hook for a forward's new run)."""
     if message:
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def _relative_change(latents: tuple, seen: tuple) -> float | None:
