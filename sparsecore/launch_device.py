@@ -5,7 +5,7 @@ Triton launches a kernel on the *current* CUDA device and its current stream (``
 Inputs on ``cuda:1`` while ``cuda:0`` is current (a pipeline moved with ``.to("cuda:1")`` and no
 ``torch.cuda.set_device``) would then run on the wrong device: an illegal address, or, where peer
 access is on, reads not ordered after the work on ``cuda:1`` that wrote them. :func:`on_device_of`
-makes the inputs' device current around a call, as the FA4 launches do.
+makes the inputs' device current around a call (FA4's dense forward, called outside it, does so itself).
 """
 
 from __future__ import annotations

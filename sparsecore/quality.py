@@ -23,7 +23,7 @@ time is that of dense attention, so this is for validation, not for the hot path
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
              for name in ("recall", "diff2", "ref2", "out2", "dot")} for _ in masks]
     min_recall = [torch.ones(heads, dtype=torch.float64, device=device) for _ in masks]
     for b in range(batch):
-        approximated = [_approximated(mask, (t[b:b + 1].to(compute_dtype) for t in (q, k, v)), scale)
+        approximated = [_approximated(mask, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, compute_dtype)
                         for mask in masks]                  # None for drop masks
         keys = k[b].to(compute_dtype).repeat_interleave(group, dim=0).transpose(1, 2)   # [H, D, L_kv]
         values = v[b].to(compute_dtype).repeat_interleave(group, dim=0)
@@ -142,14 +142,15 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     return results
 
 
-def _approximated(mask: BlockMask, qkv: Iterable[torch.Tensor], scale: float) -> torch.Tensor | None:
+def _approximated(mask: BlockMask, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  dtype: torch.dtype) -> torch.Tensor | None:
     """The output ``[1, H, L_q, D]`` of one batch element for a mask that approximates its unlisted blocks, by the
-    ``portable`` lowering (not cached: the user's kernels keep the cache); None for a drop mask."""
+    ``portable`` lowering in ``dtype`` (not cached: the user's kernels keep the cache); None for a drop mask."""
     if mask.unselected.kind == "drop":
         return None
     from .kernel import compile
-    q, k, v = qkv
-    return compile(mask, device=q.device.type, backend="portable", cache=False)(q, k, v, scale=scale)
+    kernel = compile(mask, device=q.device.type, backend="portable", cache=False)
+    return kernel(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
 
 
 class _TokenMap:

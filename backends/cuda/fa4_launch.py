@@ -219,34 +219,34 @@ class Fa4Launch:
 
     def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention over the listed blocks: out ``[B, H, q_len, D]`` (a view of FA4's ``[B, q_len, H, D]``)."""
+        """Attention over the listed blocks: out ``[B, H, q_len, D]`` (a view of FA4's ``[B, q_len, H, D]``), on the
+        current CUDA device (``CompiledKernel`` makes it q's: :mod:`sparsecore.launch_device`)."""
         prepared = self.converted(q.device, self.key_parts_for(k, v))
         order = prepared.layout.kv_order                 # keys gathered in this order (None: as they are)
-        with torch.cuda.device(q.device):
-            found = None
-            if order is not None:
-                k = k.index_select(2, order)
-            if prepared.kv_offsets is not None:    # mask tiles multiply masked-out values by 0: keep them finite
-                from .fa4_nonfinite import guard_values
-                v, found = guard_values(v, order)
-            elif order is not None:
-                v = v.index_select(2, order)
-            merged = len(prepared.ranges) > 1
-            out = lse = None
-            for part in prepared.ranges:
-                keys = slice(part.first * self.tile_n, part.stop * self.tile_n)
-                part_out, part_lse = self._forward(q, k[:, :, keys], v[:, :, keys], part, prepared.mask_mod, scale,
-                                                   return_lse or merged)
-                if out is None:
-                    out, lse = part_out, part_lse
-                else:
-                    from .lse_merge import merge_into
-                    merge_into(out.transpose(1, 2), lse, part_out.transpose(1, 2), part_lse)
-                del part_out, part_lse                  # one partial output alive at a time
-            if found is not None:
-                from .fa4_nonfinite import poison
-                del v                                                      # the zeroed (and gathered) copy
-                out = poison(out, found, prepared.layout, prepared.kv_offsets)
+        found = None
+        if order is not None:
+            k = k.index_select(2, order)
+        if prepared.kv_offsets is not None:    # mask tiles multiply masked-out values by 0: keep them finite
+            from .fa4_nonfinite import guard_values
+            v, found = guard_values(v, order)
+        elif order is not None:
+            v = v.index_select(2, order)
+        merged = len(prepared.ranges) > 1
+        out = lse = None
+        for part in prepared.ranges:
+            keys = slice(part.first * self.tile_n, part.stop * self.tile_n)
+            part_out, part_lse = self._forward(q, k[:, :, keys], v[:, :, keys], part, prepared.mask_mod, scale,
+                                               return_lse or merged)
+            if out is None:
+                out, lse = part_out, part_lse
+            else:
+                from .lse_merge import merge_into
+                merge_into(out.transpose(1, 2), lse, part_out.transpose(1, 2), part_lse)
+            del part_out, part_lse                  # one partial output alive at a time
+        if found is not None:
+            from .fa4_nonfinite import poison
+            del v                                                      # the zeroed (and gathered) copy
+            out = poison(out, found, prepared.layout, prepared.kv_offsets)
         empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
         if empty is not None:
             out = out.masked_fill(empty[None, :, :, None], 0.0)
