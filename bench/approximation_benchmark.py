@@ -15,7 +15,12 @@ lowering with each ``approximation``, and timed with ``triton.testing.do_bench``
   and the torch statistics the ``portable`` lowering uses, for comparison;
 - ``pass``: the Triton approximation pass alone (``ApproximationLaunch`` on a fixed exact result);
 - ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale;
-- with ``--sweep``: the grouped pass under each tile config of :data:`SWEEP` (the default is the first).
+- with ``--sweep``: the grouped pass under each tile config of :data:`SWEEP` (the default is the first);
+- ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
+  where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure;
+- ``floor``: the least the grouped mask's extra products could add at the best bf16 rate this GPU reaches
+  in one run (cuBLAS on 8192-square matrices): its extra tensor-core FLOPs (:func:`extra_flops`) over that
+  rate, plus the statistics, over the default drop-only time.
 
 It also checks the lowering on the GPU: the Triton bf16 output against the ``portable`` lowering
 in float32 on the same mask (relative L2; the CPU suite holds both to a float64 oracle).
@@ -27,10 +32,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+from importlib.metadata import PackageNotFoundError, version
 import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton
 
@@ -56,6 +63,13 @@ def label(config: ApproximationConfig) -> str:
     return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
 
 
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def bench(fn) -> float:
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=50, rep=300))
@@ -63,6 +77,32 @@ def bench(fn) -> float:
 
 def with_kind(mask: BlockMask, kind: str) -> BlockMask:
     return with_unselected(mask, unselected_of(kind, 32))
+
+
+def extra_flops(mask: BlockMask, head_dim: int, group_blocks: int = 32) -> int:
+    """Tensor-core FLOPs the grouped first-order term needs beyond the exact blocks, at the least.
+
+    Per query token: ``q·k̄_j`` and ``P̄_j ΣV_j`` for each unselected key block j (2·D each), and ``q H_g`` for
+    each group g holding one (2·D² each; issue 16's formula). Counted from the host lists.
+    """
+    host = mask.to_host()
+    rows = host.q_block_sizes.astype(np.int64)                                    # tokens per query block
+    kept = host.row_lengths                                                       # [H, MB]
+    key_blocks = len(host.kv_offsets) - 1
+    groups = -(-key_blocks // group_blocks)
+    group_sizes = np.minimum(group_blocks, key_blocks - group_blocks * np.arange(groups))
+    row_of = np.repeat(np.arange(kept.size), kept.reshape(-1))                    # (head, query block) of each entry
+    kept_in_group = np.bincount(row_of * groups + np.asarray(host.indices).reshape(-1) // group_blocks,
+                                minlength=kept.size * groups).reshape(kept.shape + (groups,))
+    open_groups = (kept_in_group < group_sizes).sum(axis=-1)                      # groups with an unselected block
+    per_token = 4 * head_dim * (key_blocks - kept) + 2 * head_dim ** 2 * open_groups
+    return int((per_token * rows[None, :]).sum())
+
+
+def gemm_tflops() -> float:
+    """cuBLAS's bf16 rate on 8192-square matrices, TFLOP/s: what this GPU reaches on dense products."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e9
 
 
 def rows_for(tokens: int, head_dim: int, check: bool, sweep: bool) -> list[dict]:
@@ -106,23 +146,53 @@ def rows_for(tokens: int, head_dim: int, check: bool, sweep: bool) -> list[dict]
             row["rel_l2_vs_portable_fp32"] = float((got - reference).norm() / reference.norm())
         rows.append(row)
         print(row, flush=True)
+    rows.append(default_row(g, drop, q, k, v, head_dim))
+    print(rows[-1], flush=True)
     return rows
+
+
+def default_row(g: VideoGeometry, drop: BlockMask, q, k, v, head_dim: int) -> dict:
+    """The drop-only and grouped masks as ``compile(mask, "cuda")`` runs them, and the floor of their ratio."""
+    grouped = with_kind(drop, "grouped-first-order")
+    drop_kernel, grouped_kernel = (sparsecore.compile(m, device="cuda") for m in (drop, grouped))
+    drop_ms, grouped_ms = bench(lambda: drop_kernel(q, k, v)), bench(lambda: grouped_kernel(q, k, v))
+    launch = ApproximationLaunch(grouped.to(q.device))
+    plan = launch.plan(q.device)
+    stats_ms = bench(lambda: launch.statistics(k, v, plan))
+    flops, rate = extra_flops(grouped, head_dim), gemm_tflops()
+    floor_ms = flops / rate / 1e9 + stats_ms
+    budget_ms = 0.15 * drop_ms - stats_ms                                        # what 1.15 leaves the products
+    return {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": "default",
+            "drop_backend": drop_kernel.backend.name, "grouped_backend": grouped_kernel.backend.name,
+            "default_drop_ms": drop_ms, "default_grouped_ms": grouped_ms, "default_ratio": grouped_ms / drop_ms,
+            "statistics_ms": stats_ms, "extra_tflop": flops / 1e12, "gemm_tflops": rate,
+            "floor_ratio": (drop_ms + floor_ms) / drop_ms,
+            "allowed_extra_tflops": flops / 1e9 / budget_ms if budget_ms > 0 else float("inf")}
 
 
 def markdown(report: dict) -> str:
     lines = [f"# Approximation of unselected blocks on {report['gpu']} ({report['date']})", "",
-             f"torch {report['torch']}, triton {report['triton']}; PASA defaults, {HEADS} heads, bf16, "
-             "triton lowering.",
+             f"torch {report['torch']}, triton {report['triton']}, flash-attn-4 {report.get('flash_attn_4')}; "
+             f"PASA defaults, {HEADS} heads, bf16; the first table on the `triton` lowering.",
              "", "| tokens | D | density | approximation | exact ms | total ms | overhead | statistics ms "
              "| torch statistics ms | pass ms | dense SDPA ms | rel L2 vs portable fp32 |",
              "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["rows"]:
+    for r in (r for r in report["rows"] if r["approximation"] != "default"):
         fmt = lambda key, spec: "" if r.get(key) is None else format(r[key], spec)  # noqa: E731
         lines.append(f"| {r['tokens']} | {r['head_dim']} | {r['density']:.3f} | {r['approximation']} | "
                      f"{r['exact_ms']:.2f} | {r['total_ms']:.2f} | {fmt('overhead', '.1%')} | "
                      f"{fmt('statistics_ms', '.2f')} | {fmt('torch_statistics_ms', '.2f')} | {fmt('pass_ms', '.2f')} | "
                      f"{r['dense_sdpa_ms']:.2f} | "
                      f"{fmt('rel_l2_vs_portable_fp32', '.2e')} |")
+    defaults = [r for r in report["rows"] if r["approximation"] == "default"]
+    lines += ["", "As `compile(mask, \"cuda\")` runs them (issue 16 asks grouped / drop <= 1.15): *floor* adds the "
+              "extra products at cuBLAS's bf16 rate and the statistics; *needed* is the rate the extra products "
+              "would need for 1.15 after the statistics.", "",
+              "| tokens | drop | ms | grouped | ms | ratio | extra TFLOP | cuBLAS TFLOP/s | floor ratio | "
+              "needed TFLOP/s |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['tokens']} | {r['drop_backend']} | {r['default_drop_ms']:.2f} | {r['grouped_backend']} | "
+              f"{r['default_grouped_ms']:.2f} | {r['default_ratio']:.3f} | {r['extra_tflop']:.2f} | "
+              f"{r['gemm_tflops']:.0f} | {r['floor_ratio']:.3f} | {r['allowed_extra_tflops']:.0f} |" for r in defaults]
     swept = [r for r in report["rows"] if r.get("sweep")]
     if swept:
         lines += ["", "Pass (ms) per tile config (the first is the default):",
@@ -147,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760, sweep=args.sweep)
     date = datetime.date.today().isoformat()
     report = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
-              "triton": triton.__version__, "host": platform.node(), "rows": rows}
+              "triton": triton.__version__, "flash_attn_4": package_version("flash-attn-4"),
+              "host": platform.node(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"approximation-{date}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"approximation-{date}.md").write_text(markdown(report))
