@@ -13,8 +13,8 @@ tensor held in host memory between steps and brought back at each use, without w
 lands in pinned memory, the way back runs asynchronously in stream order. :class:`HostPack`: a plan's
 tensors in one pinned buffer, brought to a device in one copy at each call. :class:`HostCounts`: counts
 made on a device, copied back to pinned memory without waiting, so nothing of them stays on the device.
-:func:`refuse_capture`: ``queued`` and ``moved`` raise inside a CUDA graph capture (a replay would copy from
-memory freed or rewritten since).
+:func:`refuse_capture`: ``queued`` and ``moved`` raise inside a CUDA graph or NPU graph capture (a replay would
+copy from memory freed or rewritten since).
 """
 
 from __future__ import annotations
@@ -58,20 +58,23 @@ def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 
 def refuse_capture(device: torch.device | str, what: str) -> None:
-    """Raises where ``device``'s current CUDA stream is capturing a CUDA graph: sparsecore's calls copy per-call
-    plans from host memory and decide on the host (which step, which mask), so a replay would repeat the
-    captured copies from freed memory and the captured decisions. Asking waits for nothing."""
+    """Raises where ``device``'s current stream is capturing a graph (a CUDA graph, or an NPU aclgraph through
+    ``torch.npu`` once torch_npu is imported): sparsecore's calls copy per-call plans from host memory and decide
+    on the host (which step, which mask), so a replay would repeat the captured copies from freed memory and the
+    captured decisions. Asking waits for nothing."""
     device = torch.device(device)
-    if device.type != "cuda":
+    runtime = torch.cuda if device.type == "cuda" else getattr(torch, "npu", None) if device.type == "npu" else None
+    if runtime is None or not hasattr(runtime, "is_current_stream_capturing"):
         return
-    if device.index is None or device.index == torch.cuda.current_device():
-        capturing = torch.cuda.is_current_stream_capturing()
+    if device.index is None or device.index == runtime.current_device():
+        capturing = runtime.is_current_stream_capturing()
     else:
-        with torch.cuda.device(device):                 # the capture to look for is on ``device``'s stream
-            capturing = torch.cuda.is_current_stream_capturing()
+        with runtime.device(device):                    # the capture to look for is on ``device``'s stream
+            capturing = runtime.is_current_stream_capturing()
     if capturing:
+        kind = "a CUDA graph" if device.type == "cuda" else "an NPU graph (aclgraph)"
         raise RuntimeError(
-            f"sparsecore: {what} inside a CUDA graph capture: its replays would reuse this call's host-side plan. "
+            f"sparsecore: {what} inside {kind} capture: its replays would reuse this call's host-side plan. "
             "Keep sparsecore's calls out of the captured region (capture the work before and after them). Under "
             "torch.compile with diffusers, sparsecore's op is tagged cudagraph_unsafe from PyTorch 2.8 on, so "
             "inductor keeps it out of its CUDA graphs; on earlier versions use mode='max-autotune-no-cudagraphs' "

@@ -181,6 +181,21 @@ def test_per_call_copies_refuse_a_cuda_graph_capture(monkeypatch):
     assert queued(np.arange(3), "cpu").tolist() == [0, 1, 2]           # no capture on the host
 
 
+def test_per_call_copies_refuse_an_npu_graph_capture(monkeypatch):
+    """The same under an NPU graph capture, asked through ``torch.npu`` (what torch_npu installs). Faked here: without
+    torch_npu, torch cannot even name an "npu" device."""
+    from types import SimpleNamespace
+
+    from sparsecore.ir.uploads import refuse_capture
+    npu = SimpleNamespace(is_current_stream_capturing=lambda: True, current_device=lambda: 0)
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    monkeypatch.setattr(torch, "device", lambda name: SimpleNamespace(type="npu", index=0))
+    with pytest.raises(RuntimeError, match="a plan's copy inside an NPU graph \\(aclgraph\\) capture"):
+        refuse_capture("npu:0", "a plan's copy")
+    npu.is_current_stream_capturing = lambda: False
+    refuse_capture("npu:0", "a plan's copy")                             # outside a capture: nothing to refuse
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: HostCounts copies from CUDA only")
 def test_counts_go_back_to_pinned_host_memory_without_staying_on_the_gpu(monkeypatch):
     """``HostCounts``: CUDA counts' pinned host copies, readable after a synchronize, in chunks of slots (a new

@@ -145,7 +145,31 @@ def test_ring_checks_name_the_field_before_any_collective(params, message):
         with pytest.raises(ValueError, match=message), torch.no_grad():
             model(**inputs("wan"), timestep=torch.full((2,), 999.0), return_dict=False)
     finally:
-        handle.remove()
+        with pytest.warns(UserWarning, match="after remove.*ring attention needs an attention backend that returns"):
+            handle.remove()                                  # the model keeps the ring config and 'native'
+
+
+@pytest.mark.parametrize("joint_text, degrees, backend, need", [
+    (False, {}, None, None),                                           # no context parallelism
+    (False, {"ulysses_degree": 2}, None, None),                        # Ulysses: diffusers' native backend runs it
+    (False, {"ring_degree": 2}, None, "returns the LSE, which 'native'"),
+    (False, {"ring_degree": 2}, "native", "returns the LSE, which 'native'"),
+    (False, {"ring_degree": 2}, "_native_cudnn", None),
+    (True, {"ulysses_degree": 2}, "_native_cudnn", "HunyuanVideo 1.5 under context parallelism runs only with"),
+])
+def test_what_a_model_needs_to_run_after_remove_under_context_parallelism(joint_text, degrees, backend, need):
+    """Remedies that say ``handle.remove()`` add what context parallelism needs then (a review found the model then
+    failed inside diffusers: a padding-mask shape error on HunyuanVideo 1.5, 'Native attention does not support
+    return_lse=True' under ring)."""
+    config = fake_parallel_config(**degrees) if degrees else None
+    processors = [SimpleNamespace(_parallel_config=config, _attention_backend=backend)]
+    got = parallel.after_remove(processors, joint_text)
+    remedy = parallel.dense_remedy(processors, joint_text)
+    if need is None:
+        assert got is None and remedy == "call handle.remove() to run this input densely"
+    else:
+        assert need in got and remedy.startswith("to run this input densely, handle.remove(); then ") and need in remedy
+    assert parallel.after_remove([], joint_text) is None
 
 
 def test_approximated_masks_are_refused_under_ring():
@@ -160,3 +184,22 @@ def test_approximated_masks_are_refused_under_ring():
     q = torch.zeros(1, 8, 2, 4)
     with pytest.raises(ValueError, match="unselected: under ring attention .* got 'zeroth'.*approximation='drop'"):
         ShardedAttention(planner).attend(0, geometry, 0, 0, q, q, q, None, None, ring=RingGroup(2, 0, None), video=8)
+
+
+def test_a_held_masks_cut_is_kept_per_ring_place():
+    """A mask kept in host memory is cut once per ring place and kernel, like a device mask: a second ring layout
+    (another rank, degree or shard) in the same process gets its own cut, not the first one's."""
+    mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None].repeat(2, 0), 16, 16, 4).to("cpu")   # torch lists
+    sharded = ShardedAttention(Planner(lambda *a: mask, {}, "cpu", None, 5, Stats()))
+    cuts = []
+
+    def runner(m: BlockMask) -> list:
+        cuts.append(m)
+        return [len(cuts)]
+
+    plan = SimpleNamespace(mask=mask)
+    first = sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(2, 0, None), 8)
+    assert sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(2, 0, None), 8) is first
+    other_rank = sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(2, 1, None), 8)
+    other_degree = sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(4, 0, None), 4)
+    assert (first, other_rank, other_degree) == ([1], [2], [3])

@@ -219,14 +219,24 @@ def test_fusion_sparse_mode_0_applies_the_band_with_the_mask():
     assert torch.all(full == 2.0)                                           # mode 1 ignores pre/next
 
 
-def test_fusion_fully_masked_rows_are_undefined_unless_inner_precise_2():
+@pytest.mark.parametrize("inner_precise", [0, 2])
+def test_fusion_fully_masked_rows_are_undefined_in_every_mode(inner_precise):
+    """The doc says ``inner_precise=2`` computes "invalid rows" without precision loss, not what it writes there."""
     mask = torch.tensor([[False, False], [True, True]])
     v = filled([1.0, 3.0], (1, 1, 2, D))
-    out, softmax_max, softmax_sum, *_ = fa(zeros(1, 1, 2, D), zeros(1, 1, 2, D), v, atten_mask=mask)
+    out, softmax_max, softmax_sum, *_ = fa(zeros(1, 1, 2, D), zeros(1, 1, 2, D), v, atten_mask=mask,
+                                           inner_precise=inner_precise)
     assert torch.all(out[0, 0, 0] == 2.0) and out[0, 0, 1].isnan().all()
     assert softmax_max[0, 0, 1].isnan().all() and softmax_sum[0, 0, 1].isnan().all()
-    out2, *_ = fa(zeros(1, 1, 2, D), zeros(1, 1, 2, D), v, atten_mask=mask, inner_precise=2)
-    assert torch.all(out2[0, 0, 1] == 0.0)
+
+
+def test_block_mask_values_other_than_0_or_1_are_refused():
+    """The CPU golden computes where a value is not 0, the A2 kernel where it is at least 1: -1 or 2 would
+    pass here and mean something else on the device."""
+    q = torch.randn(1, 1, 4, 64, generator=torch.Generator().manual_seed(0)).half()
+    for value in (-1, 2):
+        with pytest.raises(RuntimeError, match=r"0 \(skip\) or 1 \(compute\).*got values \[" + str(value)):
+            bsa(q, q, q, [[[[value]]]], [4, 128], scale_value=0.5, inner_precise=0)
 
 
 def test_fusion_bsnd_and_bsh_layouts_match_bnsd():

@@ -30,9 +30,13 @@ on it fails loudly instead of matching by luck:
   own test builds masks that "ensure each row has at least one valid block"): output
   and LSE NaN;
 - ``softmax_lse`` when ``softmax_lse_flag=0`` ("valid only when softmax_lse_flag=1");
-- a fully masked row of ``npu_fusion_attention`` unless ``inner_precise=2`` (the doc says
-  only 2 computes such "invalid rows" correctly; then the output row is 0); its
-  softmax_max/softmax_sum are NaN either way.
+- a fully masked row of ``npu_fusion_attention``: output, softmax_max and softmax_sum NaN,
+  whatever ``inner_precise`` says (the doc says 2 computes such "invalid rows" without
+  precision loss, but not what it writes there).
+
+Inputs whose meaning the documents and the device disagree on are refused: a block-mask
+value other than 0 or 1 (the doc: 1 computes, 0 skips; the CPU golden computes where the
+value is not 0, the A2 kernel where it is at least 1).
 
 GQA (N1 query heads, N2 key heads, G = N1 / N2): query head ``n`` reads key head
 ``n // G`` in both ops. For ``npu_block_sparse_attention`` this is an assumption: its
@@ -156,6 +160,9 @@ def npu_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: to
     _check((actual_seq_lengths is None) == (actual_seq_lengths_kv is None), op,
            "actual_seq_lengths and actual_seq_lengths_kv must be given together or not at all")
     _check(block_sparse_mask.dtype == torch.int8, op, f"block_sparse_mask must be int8, got {block_sparse_mask.dtype}")
+    _check(bool(((block_sparse_mask == 0) | (block_sparse_mask == 1)).all()), op,
+           "block_sparse_mask values must be 0 (skip) or 1 (compute): the device computes where a value is >= 1, "
+           f"the CPU golden where it is != 0; got values {sorted(set(block_sparse_mask.unique().tolist()) - {0, 1})}")
 
     if q_input_layout == "TND":
         return _block_sparse_tnd(query, key, value, block_sparse_mask, block_x, block_y, num_key_value_heads,
@@ -218,7 +225,7 @@ def _block_sparse_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     q_len, kv_len = q.shape[1], k.shape[1]
     row_block = torch.arange(q_len) // block_x
     col_block = torch.arange(kv_len) // block_y
-    compute = block_mask != 0                                       # the CPU golden tests `mask != 0`
+    compute = block_mask == 1                                       # values are 0 or 1 (checked)
     allowed = compute[:, row_block][:, :, col_block]
     out, row_max, row_sum, empty = _attend(q, k, v, allowed, scale, skips=True)
     lse = row_max + torch.log(row_sum)
@@ -340,7 +347,7 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     row_sum = torch.empty(batch, heads, q_len, dtype=torch.float32)
     for b in range(batch):
         o, m, s, empty = _attend(q[b], k[b, kv_of], v[b, kv_of], allowed[b], scale)
-        out[b] = o.masked_fill(empty[..., None], 0.0 if inner_precise == 2 else math.nan)
+        out[b] = o.masked_fill(empty[..., None], math.nan)
         row_max[b] = m.masked_fill(empty, math.nan)
         row_sum[b] = s.masked_fill(empty, math.nan)
     attention_out = _from_bnsd(out.to(query.dtype), input_layout)

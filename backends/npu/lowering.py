@@ -36,6 +36,7 @@ import torch
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.ir.unselected import KINDS
+from sparsecore.ir.uploads import refuse_capture
 from sparsecore.registry import Backend, Run, UnsupportedError
 
 from ..approximation import with_approximation
@@ -169,6 +170,8 @@ class NpuKernel:
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         torch_npu = loader.require_torch_npu()
         block_calls, chunks = self._device_schedule(self.kind_for(torch_npu, q, k), q.device)
+        if chunks:                                  # the fused op is documented without graph mode or aclgraph
+            refuse_capture(q.device, f"{loader.FUSION_OP} (documented without graph mode)")
         batch, heads, q_len, _ = q.shape
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
         lse = torch.full((batch, heads, q_len), -math.inf, dtype=torch.float32, device=q.device)

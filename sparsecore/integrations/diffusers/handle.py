@@ -1,12 +1,11 @@
 """``apply()`` and the handle it returns: hooks, step control, stats, ``remove()``.
 
-The forward pre-hook reads the video geometry from ``hidden_states`` ``[B, C, F, H, W]`` and the
-config's patch sizes, and advances the step (:mod:`.steps`); the hooks always run eagerly
-(``torch.compiler.disable``: under ``torch.compile`` of the whole transformer that is one graph
-break, before the forward; regional compilation does not compile them at all). Each processor call reaches
-:meth:`SparseAttentionHandle.attend_next` through the custom op (:mod:`.op`): the layer is the
-call's place in the forward (blocks run in order; the post-hook checks that every layer came),
-then context-parallel routing (:mod:`.parallel`), grouping of samples by valid text length
+The forward pre-hook reads the video geometry from ``hidden_states`` ``[B, C, F, H, W]`` and the config's patch
+sizes, and advances the step (:mod:`.steps`); the hooks always run eagerly (``torch.compiler.disable``: under
+``torch.compile`` of the whole transformer that is one graph break, before the forward; regional compilation does
+not compile them at all). Each processor call reaches :meth:`SparseAttentionHandle.attend_next` through the custom
+op (:mod:`.op`): the layer is the call's place in the forward (blocks run in order; the post-hook checks that every
+layer came), then context-parallel routing (:mod:`.parallel`), grouping of samples by valid text length
 (HunyuanVideo 1.5), and the planner (:mod:`.planner`).
 """
 
@@ -138,7 +137,8 @@ class SparseAttentionHandle:
 
     def remove(self) -> None:
         """Put the original processors back (the same objects) and drop the hooks, masks and kernels; warns, after
-        that, if the run in progress stopped short of ``num_steps`` in automatic mode."""
+        that, if the run in progress stopped short of ``num_steps`` in automatic mode, and where the model's context
+        parallelism needs more to run without sparsecore (:func:`.parallel.after_remove`)."""
         if self._removed:
             return
         for module, original in self._originals:
@@ -146,11 +146,15 @@ class SparseAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
-        message = self._steps.short_run()
+        need = parallel.after_remove(self._processors, self.spec.joint_text)
+        messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
         self._planner.new_run()
         self._text_cache = None
-        if message:                                  # after the cleanup: warnings may be errors
+        for message in filter(None, messages):      # after the cleanup: warnings may be errors
             warnings.warn(message, stacklevel=2)
+
+    def dense_remedy(self) -> str:                       # how to run an input densely
+        return parallel.dense_remedy(self._processors, self.spec.joint_text)
 
     def __repr__(self) -> str:
         method = self.method if isinstance(self.method, str) else getattr(self.method, "__name__", "callable")
@@ -201,7 +205,7 @@ class SparseAttentionHandle:
             raise ValueError("attention_mask: expected each sample's valid text tokens first, then its padding "
                              "(the order HunyuanVideo15Transformer3DModel.forward builds), got padding before a valid "
                              "token; the block-mask IR has one pattern for the whole batch and cannot skip tokens "
-                             "inside the sequence; call handle.remove() to run this input densely")
+                             f"inside the sequence; {self.dense_remedy()}")
         result = counts.tolist()
         self._text_cache = (mask, result)
         return result
@@ -286,8 +290,7 @@ class SparseAttentionHandle:
         if text < 0 or (text_valid is None and text != 0):
             raise ValueError(f"hidden_states: layer {layer} got {seq_len} tokens, expected {geometry.video_tokens} "
                              f"video tokens ({geometry.frames}x{geometry.height}x{geometry.width} after patchify, "
-                             f"from the transformer's input) plus text; call handle.remove() to run this input "
-                             f"densely")
+                             f"from the transformer's input) plus text; {self.dense_remedy()}")
         groups: dict[int, list[int]] = {}
         for row, count in enumerate(text_valid if text_valid is not None else [0] * batch):
             groups.setdefault(int(count), []).append(row)

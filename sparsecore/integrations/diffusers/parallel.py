@@ -20,7 +20,7 @@ Every rank plans the mask of its heads over the whole sequence (:mod:`.sharded`)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,8 +37,8 @@ from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "Exchange", "Layout", "UlyssesGroup", "attention", "enable_parallelism",
-           "layout"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "Exchange", "Layout", "UlyssesGroup", "after_remove", "attention",
+           "dense_remedy", "enable_parallelism", "layout"]
 
 HUNYUAN_VIDEO_15_CP_PLAN = {
     # RoPE of the video tokens: split like them. The text (encoder_hidden_states, its padding mask) is not
@@ -93,14 +93,42 @@ def layout(parallel_config: Any) -> Layout | None:
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None or cp.ring_degree * cp.ulysses_degree == 1:
         return None
-    remedy = ("use ContextParallelConfig(ring_degree=R, ulysses_degree=U) with the video tokens divisible by R U "
-              "and the heads by U, or call handle.remove() to run the model densely")
+    remedy = "use ContextParallelConfig(ring_degree=R, ulysses_degree=U) with the video tokens divisible by R U " \
+             "and the heads by U"
     for name in ("ulysses_anything", "ring_anything"):
         if getattr(cp, name, False):
             raise ValueError(f"parallel_config.context_parallel_config.{name}: expected False (sparsecore's shards "
                              f"are equal: V / (R U) video tokens and H / U heads per rank), got True; {remedy}")
     ulysses = UlyssesGroup(cp.ulysses_degree, cp._ulysses_local_rank, cp._ulysses_mesh.get_group(), parallel_config)
     return Layout(RingGroup(cp.ring_degree, cp._ring_local_rank, cp._ring_mesh.get_group()), ulysses)
+
+
+def after_remove(processors: Sequence[Any], joint_text: bool) -> str | None:
+    """What a model needs to run after ``handle.remove()`` under the context parallelism of its ``processors``
+    (sparsecore's, which share one parallel config); None: nothing.
+
+    HunyuanVideo 1.5 (``joint_text``) runs under :data:`HUNYUAN_VIDEO_15_CP_PLAN` only with sparsecore's processors,
+    and diffusers' ring template calls its backend with ``return_lse=True``, which ``"native"`` refuses.
+    """
+    cp = getattr(processors[0]._parallel_config, "context_parallel_config", None) if processors else None
+    if cp is None or cp.ring_degree * cp.ulysses_degree == 1:
+        return None
+    if joint_text:
+        return ("HunyuanVideo 1.5 under context parallelism runs only with sparsecore applied (diffusers' processor "
+                "builds its padding mask from this rank's tokens): run it densely on a transformer without "
+                "enable_parallelism")
+    backend = processors[0]._attention_backend
+    if cp.ring_degree > 1 and str(getattr(backend, "value", backend)) in ("None", "native"):
+        return ("diffusers' ring attention needs an attention backend that returns the LSE, which 'native' (the "
+                "default) does not: transformer.set_attention_backend('_native_cudnn') or 'flash'")
+    return None
+
+
+def dense_remedy(processors: Sequence[Any], joint_text: bool) -> str:
+    """How to run an input densely: ``handle.remove()``, and what context parallelism needs after it."""
+    need = after_remove(processors, joint_text)
+    return f"to run this input densely, handle.remove(); then {need}" if need else \
+        "call handle.remove() to run this input densely"
 
 
 def enable_parallelism(transformer: Any, config: Any) -> None:

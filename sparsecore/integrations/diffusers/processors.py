@@ -115,7 +115,7 @@ class SparseProcessor:
         if not 0 < tokens <= seq_len:
             raise ValueError(f"tokens: expected the valid prefix's length, 1 to the {seq_len} tokens of layer "
                              f"{self.layer}'s call, got {tokens}; the geometry does not match the input "
-                             f"(call handle.remove() to run this input densely)")
+                             f"({self._handle.dense_remedy()})")
         if tokens == seq_len:
             return self.dispatch(query, key, value, None, parallel)
         out = self.dispatch(query[:, :tokens], key[:, :tokens], value[:, :tokens], None, parallel)

@@ -81,7 +81,7 @@ class ShardedAttention:
         if plan.dense_out is not None:
             out, plan.dense_out = plan.dense_out, None
             return out
-        work = sparse = self._held_work(plan, runner, query.device, seq_len) if plan.held else plan.kernel
+        work = sparse = self._held_work(plan, runner, query.device, seq_len, ring, video) if plan.held else plan.kernel
         if work is None:                                                  # dense: the full mask, through the ring
             work = self._work(self._full(geometry, query.shape[2], seq_len), ring, video, query)
             plan.record.dense_kernels.add("sparsecore full mask (ring)")
@@ -93,11 +93,11 @@ class ShardedAttention:
         return out
 
     def _held_work(self, plan: LayerPlan, runner: Callable[[BlockMask], RingWork], device: torch.device,
-                   seq_len: int) -> RingWork:
-        """The cut of a mask its session keeps in host memory, made from a device copy once per mask and kept with
-        it: a cut reads the ring's need flags on the host, which every call would repeat (a rank's cut holds its
-        1/R of the lists on the device, as for masks kept there)."""
-        key = ("ring cut", seq_len, str(device))
+                   seq_len: int, ring: RingGroup, video: int) -> RingWork:
+        """The cut of a mask its session keeps in host memory, made from a device copy once per mask and layout and
+        kept with it: a cut reads the ring's need flags on the host, which every call would repeat (a rank's cut
+        holds its 1/R of the lists on the device, as for masks kept there)."""
+        key = ("ring cut", seq_len, str(device), *self._cut_key(ring, video))
         found = plan.mask.derived.get(key)
         if found is None:
             found = plan.mask.derived[key] = runner(self.planner.padded_mask(plan.mask.copy_to(device), seq_len))
@@ -106,13 +106,18 @@ class ShardedAttention:
     def _work(self, mask: BlockMask, ring: RingGroup, video: int, like: torch.Tensor) -> RingWork:
         """The cut of ``mask`` for this rank, made once per mask (collective: every rank asks for the same masks)."""
         planner = self.planner
-        key = ("ring", ring.world, ring.rank, video, planner.device, planner.backend,
-               tuple(sorted(planner.backend_options.items())))
+        key = ("ring", *self._cut_key(ring, video))
         found = mask.derived.get(key)
         if found is None:
             found = mask.derived[key] = ring_attention.plan_work(mask, ring, video, planner.device,
                                                                           planner.backend, like, planner.backend_options)
         return found
+
+    def _cut_key(self, ring: RingGroup, video: int) -> tuple:
+        """What a rank's cut of a mask depends on besides the mask: its place in the ring, the kernel it runs."""
+        planner = self.planner
+        return (ring.world, ring.rank, video, planner.device, planner.backend,
+                tuple(sorted(planner.backend_options.items())))
 
     def _full(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:
         """The full mask of the valid tokens (frame blocks), extended by the padding block to ``seq_len``."""
