@@ -18,9 +18,9 @@ lowering with each ``approximation``, and timed with ``triton.testing.do_bench``
 - with ``--sweep``: the grouped pass under each tile config of :data:`SWEEP` (the default is the first);
 - ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
   where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure;
-- ``floor``: the least the grouped mask's extra products could add at the best bf16 rate this GPU reaches
-  in one run (cuBLAS on 8192-square matrices): its extra tensor-core FLOPs (:func:`extra_flops`) over that
-  rate, plus the statistics, over the default drop-only time.
+- ``floor``: an additive estimate of a pass after the exact kernel: the grouped mask's extra tensor-core FLOPs
+  (:func:`extra_flops`) at the best bf16 rate this GPU reaches in the run (cuBLAS on 8192-square matrices), plus
+  the statistics, added to the default drop-only time (not a bound: a fused kernel could overlap them).
 
 It also checks the lowering on the GPU: the Triton bf16 output against the ``portable`` lowering
 in float32 on the same mask (relative L2; the CPU suite holds both to a float64 oracle).
@@ -159,7 +159,7 @@ def default_row(g: VideoGeometry, drop: BlockMask, q, k, v, head_dim: int) -> di
     launch = ApproximationLaunch(grouped.to(q.device))
     plan = launch.plan(q.device)
     stats_ms = bench(lambda: launch.statistics(k, v, plan))
-    flops, rate = extra_flops(grouped, head_dim), gemm_tflops()
+    flops, rate = extra_flops(grouped, head_dim, grouped.unselected.group_blocks), gemm_tflops()
     floor_ms = flops / rate / 1e9 + stats_ms
     budget_ms = 0.15 * drop_ms - stats_ms                                        # what 1.15 leaves the products
     return {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": "default",
@@ -186,8 +186,8 @@ def markdown(report: dict) -> str:
                      f"{fmt('rel_l2_vs_portable_fp32', '.2e')} |")
     defaults = [r for r in report["rows"] if r["approximation"] == "default"]
     lines += ["", "As `compile(mask, \"cuda\")` runs them (issue 16 asks grouped / drop <= 1.15): *floor* adds the "
-              "extra products at cuBLAS's bf16 rate and the statistics; *needed* is the rate the extra products "
-              "would need for 1.15 after the statistics.", "",
+              "extra products at cuBLAS's bf16 rate and the statistics to the drop-only time (an estimate, not a "
+              "bound); *needed* is the rate the extra products would need for 1.15 after the statistics.", "",
               "| tokens | drop | ms | grouped | ms | ratio | extra TFLOP | cuBLAS TFLOP/s | floor ratio | "
               "needed TFLOP/s |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['tokens']} | {r['drop_backend']} | {r['default_drop_ms']:.2f} | {r['grouped_backend']} | "

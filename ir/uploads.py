@@ -57,7 +57,8 @@ def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.array(array)).pin_memory().to(device, non_blocking=True)
 
 
-def refuse_capture(device: torch.device | str, what: str) -> None:
+def refuse_capture(device: torch.device | str, what: str,
+                   why: str = "its replays would reuse this call's host-side plan") -> None:
     """Raises where ``device``'s current stream is capturing a graph (a CUDA graph, or an NPU aclgraph through
     ``torch.npu`` once torch_npu is imported): sparsecore's calls copy per-call plans from host memory and decide
     on the host (which step, which mask), so a replay would repeat the captured copies from freed memory and the
@@ -71,14 +72,15 @@ def refuse_capture(device: torch.device | str, what: str) -> None:
     else:
         with runtime.device(device):                    # the capture to look for is on ``device``'s stream
             capturing = runtime.is_current_stream_capturing()
-    if capturing:
-        kind = "a CUDA graph" if device.type == "cuda" else "an NPU graph (aclgraph)"
-        raise RuntimeError(
-            f"sparsecore: {what} inside {kind} capture: its replays would reuse this call's host-side plan. "
-            "Keep sparsecore's calls out of the captured region (capture the work before and after them). Under "
-            "torch.compile with diffusers, sparsecore's op is tagged cudagraph_unsafe from PyTorch 2.8 on, so "
-            "inductor keeps it out of its CUDA graphs; on earlier versions use mode='max-autotune-no-cudagraphs' "
-            "or the default mode")
+    if not capturing:
+        return
+    remedy = "Keep sparsecore's calls out of the captured region (capture the work before and after them)"
+    if device.type == "cuda":
+        remedy += (". Under torch.compile with diffusers, sparsecore's op is tagged cudagraph_unsafe from PyTorch 2.8 "
+                   "on, so inductor keeps it out of its CUDA graphs; on earlier versions use "
+                   "mode='max-autotune-no-cudagraphs' or the default mode")
+    kind = "a CUDA graph" if device.type == "cuda" else "an NPU graph (aclgraph)"
+    raise RuntimeError(f"sparsecore: {what} inside {kind} capture: {why}. {remedy}")
 
 
 def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

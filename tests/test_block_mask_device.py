@@ -182,18 +182,31 @@ def test_per_call_copies_refuse_a_cuda_graph_capture(monkeypatch):
 
 
 def test_per_call_copies_refuse_an_npu_graph_capture(monkeypatch):
-    """The same under an NPU graph capture, asked through ``torch.npu`` (what torch_npu installs). Faked here: without
-    torch_npu, torch cannot even name an "npu" device."""
+    """The same under an NPU graph capture, asked through ``torch.npu`` (what torch_npu installs) on the device's own
+    stream, with a remedy that names no CUDA mode. Faked here: without torch_npu, torch cannot name an "npu" device."""
+    from contextlib import contextmanager
     from types import SimpleNamespace
 
     from sparsecore.ir.uploads import refuse_capture
-    npu = SimpleNamespace(is_current_stream_capturing=lambda: True, current_device=lambda: 0)
+    state = {"current": 0, "capturing": {1}}                             # device 1's stream captures
+
+    @contextmanager
+    def on(device):
+        before, state["current"] = state["current"], device.index
+        yield
+        state["current"] = before
+
+    npu = SimpleNamespace(is_current_stream_capturing=lambda: state["current"] in state["capturing"],
+                          current_device=lambda: state["current"], device=on)
     monkeypatch.setattr(torch, "npu", npu, raising=False)
-    monkeypatch.setattr(torch, "device", lambda name: SimpleNamespace(type="npu", index=0))
-    with pytest.raises(RuntimeError, match="a plan's copy inside an NPU graph \\(aclgraph\\) capture"):
+    monkeypatch.setattr(torch, "device", lambda name: SimpleNamespace(type="npu", index=int(name[-1])))
+    with pytest.raises(RuntimeError, match=r"a plan's copy inside an NPU graph \(aclgraph\) capture: "
+                                           r"because\. Keep sparsecore's calls out of the captured region[^.]*$"):
+        refuse_capture("npu:1", "a plan's copy", "because")
+    refuse_capture("npu:0", "a plan's copy")                             # device 0 does not capture
+    state["capturing"] = {0}
+    with pytest.raises(RuntimeError, match="replays would reuse this call's host-side plan"):
         refuse_capture("npu:0", "a plan's copy")
-    npu.is_current_stream_capturing = lambda: False
-    refuse_capture("npu:0", "a plan's copy")                             # outside a capture: nothing to refuse
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: HostCounts copies from CUDA only")

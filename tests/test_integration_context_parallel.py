@@ -139,51 +139,38 @@ def fake_parallel_config(**degrees) -> ParallelConfig:
 def test_ring_checks_name_the_field_before_any_collective(params, message):
     model = tiny_wan()
     handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=5, **{**LVSA["wan"], **params})
-    try:
-        for block in model.blocks:
-            block.attn1.processor._parallel_config = fake_parallel_config(ring_degree=2)
-        with pytest.raises(ValueError, match=message), torch.no_grad():
-            model(**inputs("wan"), timestep=torch.full((2,), 999.0), return_dict=False)
-    finally:
-        with pytest.warns(UserWarning, match="after remove.*ring attention needs an attention backend that returns"):
-            handle.remove()                                  # the model keeps the ring config and 'native'
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = fake_parallel_config(ring_degree=2)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**inputs("wan"), timestep=torch.full((2,), 999.0), return_dict=False)
+    with pytest.warns(UserWarning, match="after remove.*ring attention needs an attention backend that returns"):
+        handle.remove()                                      # the model keeps the ring config and 'native'
 
 
 @pytest.mark.parametrize("joint_text, degrees, backend, need", [
     (False, {}, None, None),                                           # no context parallelism
     (False, {"ulysses_degree": 2}, None, None),                        # Ulysses: diffusers' native backend runs it
-    (False, {"ring_degree": 2}, None, "returns the LSE, which 'native'"),
-    (False, {"ring_degree": 2}, "native", "returns the LSE, which 'native'"),
+    (False, {"ring_degree": 2}, None, "returns the LSE, which 'native' does not"),   # None: the active backend
+    (False, {"ring_degree": 2}, "native", "returns the LSE, which 'native' does not"),
+    (False, {"ring_degree": 2}, "_native_npu", "returns the LSE, which '_native_npu' does not"),
     (False, {"ring_degree": 2}, "_native_cudnn", None),
     (True, {"ulysses_degree": 2}, "_native_cudnn", "HunyuanVideo 1.5 under context parallelism runs only with"),
 ])
 def test_what_a_model_needs_to_run_after_remove_under_context_parallelism(joint_text, degrees, backend, need):
     """Remedies that say ``handle.remove()`` add what context parallelism needs then (a review found the model then
     failed inside diffusers: a padding-mask shape error on HunyuanVideo 1.5, 'Native attention does not support
-    return_lse=True' under ring)."""
+    return_lse=True' under ring); HunyuanVideo 1.5's remedy is another transformer, not ``remove()``."""
     config = fake_parallel_config(**degrees) if degrees else None
     processors = [SimpleNamespace(_parallel_config=config, _attention_backend=backend)]
     got = parallel.after_remove(processors, joint_text)
     remedy = parallel.dense_remedy(processors, joint_text)
     if need is None:
         assert got is None and remedy == "call handle.remove() to run this input densely"
+    elif joint_text:
+        assert need in got and remedy == got and "remove()" not in remedy
     else:
-        assert need in got and remedy.startswith("to run this input densely, handle.remove(); then ") and need in remedy
+        assert need in got and remedy == f"to run this input densely, handle.remove(); then {got}"
     assert parallel.after_remove([], joint_text) is None
-
-
-def test_approximated_masks_are_refused_under_ring():
-    geometry = VideoGeometry(4, 2, 2)
-
-    def zeroth(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
-        mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None].repeat(num_heads, 0), 16, 16, 4)
-        return BlockMask.unchecked(num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
-                                   mask.budgets, None, Unselected("zeroth"))
-
-    planner = Planner(zeroth, {}, "cpu", None, 5, Stats())
-    q = torch.zeros(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="unselected: under ring attention .* got 'zeroth'.*approximation='drop'"):
-        ShardedAttention(planner).attend(0, geometry, 0, 0, q, q, q, None, None, ring=RingGroup(2, 0, None), video=8)
 
 
 def test_a_held_masks_cut_is_kept_per_ring_place():

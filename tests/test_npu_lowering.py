@@ -183,16 +183,25 @@ def test_float32_goes_through_the_fallback_only(name):
     assert not log["npu_block_sparse_attention"] and log["npu_fusion_attention"]
 
 
-@pytest.mark.parametrize("name", ["frames_1560_with_text", "gqa_4_to_1"])
-def test_calls_that_take_the_fused_op_ask_whether_a_graph_is_being_captured(name, monkeypatch):
-    """``npu_fusion_attention`` is documented without graph mode or aclgraph: a call that runs it asks
-    ``refuse_capture`` (which raises inside an NPU graph capture; tested in ``test_block_mask_device.py``)."""
+@pytest.mark.parametrize("name", ["frames_1560_with_text", "blocks_64_disagreeing_pairs"])
+def test_every_call_asks_whether_a_graph_is_being_captured_before_it_copies(name, monkeypatch):
+    """``npu_fusion_attention`` is documented without graph mode or aclgraph, and a first call copies its schedule
+    to the device: every call asks ``refuse_capture`` (which raises inside an NPU graph capture; tested in
+    ``test_block_mask_device.py``) before the schedule is built."""
     import sparsecore.backends.npu.lowering as lowering
     asked = []
-    monkeypatch.setattr(lowering, "refuse_capture", lambda device, what: asked.append((str(device), what)))
-    with counted_emulator() as (_, log):
-        run_case(PATH_CASES[name].case, "float32")
-    assert log["npu_fusion_attention"] and asked and all("npu_fusion_attention" in what for _, what in asked)
+
+    def refuse(device, what, why):
+        asked.append(why)
+        raise RuntimeError("capturing")
+
+    monkeypatch.setattr(lowering, "refuse_capture", refuse)
+    built = []
+    monkeypatch.setattr(lowering.NpuKernel, "_device_schedule", lambda *args: built.append(args))
+    with counted_emulator() as (_, log), pytest.raises(RuntimeError, match="capturing"):
+        run_case(PATH_CASES[name].case, "float16")
+    assert asked and "without graph mode" in asked[0] and not built
+    assert not log["npu_block_sparse_attention"] and not log["npu_fusion_attention"]
 
 
 def test_path_fallback_and_tiny_chunks_split_rows_and_still_match():

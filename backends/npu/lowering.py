@@ -169,9 +169,9 @@ class NpuKernel:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         torch_npu = loader.require_torch_npu()
+        refuse_capture(q.device, "an npu kernel call", f"torch_npu documents {loader.FUSION_OP} without graph mode "
+                       "or aclgraph, and a call copies its schedule to the device the first time")
         block_calls, chunks = self._device_schedule(self.kind_for(torch_npu, q, k), q.device)
-        if chunks:                                  # the fused op is documented without graph mode or aclgraph
-            refuse_capture(q.device, f"{loader.FUSION_OP} (documented without graph mode)")
         batch, heads, q_len, _ = q.shape
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
         lse = torch.full((batch, heads, q_len), -math.inf, dtype=torch.float32, device=q.device)

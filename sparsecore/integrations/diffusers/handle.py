@@ -185,7 +185,7 @@ class SparseAttentionHandle:
         if calls not in (0, len(self._processors)):
             raise ValueError(f"transformer: {calls} of its {len(self._processors)} self-attention layers ran in this "
                              f"forward; sparsecore counts layers by their order in the forward, so blocks must not be "
-                             f"skipped (a block cache, a pruned model); call handle.remove() to run this model densely")
+                             f"skipped (a block cache, a pruned model); {self.dense_remedy()}")
         self._steps.completed()
 
     # ---------------------------------------------------------------- called by the processors

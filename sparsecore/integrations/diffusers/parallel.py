@@ -33,12 +33,13 @@ from diffusers.models.attention_dispatch import _all_to_all_dim_exchange, _templ
 from sparsecore.methods import HeadShard
 
 from .op import INFERENCE_ONLY
+from .processors import active_backend
 from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "Exchange", "Layout", "UlyssesGroup", "after_remove", "attention",
-           "dense_remedy", "enable_parallelism", "layout"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout", "UlyssesGroup", "after_remove",
+           "attention", "dense_remedy", "enable_parallelism", "layout"]
 
 HUNYUAN_VIDEO_15_CP_PLAN = {
     # RoPE of the video tokens: split like them. The text (encoder_hidden_states, its padding mask) is not
@@ -103,12 +104,16 @@ def layout(parallel_config: Any) -> Layout | None:
     return Layout(RingGroup(cp.ring_degree, cp._ring_local_rank, cp._ring_mesh.get_group()), ulysses)
 
 
+# diffusers 0.42's context-parallel forward ops that refuse ``return_lse=True`` (which its ring template asks for)
+NO_LSE_BACKENDS = ("native", "_native_npu")
+
+
 def after_remove(processors: Sequence[Any], joint_text: bool) -> str | None:
     """What a model needs to run after ``handle.remove()`` under the context parallelism of its ``processors``
     (sparsecore's, which share one parallel config); None: nothing.
 
     HunyuanVideo 1.5 (``joint_text``) runs under :data:`HUNYUAN_VIDEO_15_CP_PLAN` only with sparsecore's processors,
-    and diffusers' ring template calls its backend with ``return_lse=True``, which ``"native"`` refuses.
+    and diffusers' ring template calls its backend with ``return_lse=True``, which :data:`NO_LSE_BACKENDS` refuse.
     """
     cp = getattr(processors[0]._parallel_config, "context_parallel_config", None) if processors else None
     if cp is None or cp.ring_degree * cp.ulysses_degree == 1:
@@ -118,17 +123,20 @@ def after_remove(processors: Sequence[Any], joint_text: bool) -> str | None:
                 "builds its padding mask from this rank's tokens): run it densely on a transformer without "
                 "enable_parallelism")
     backend = processors[0]._attention_backend
-    if cp.ring_degree > 1 and str(getattr(backend, "value", backend)) in ("None", "native"):
-        return ("diffusers' ring attention needs an attention backend that returns the LSE, which 'native' (the "
-                "default) does not: transformer.set_attention_backend('_native_cudnn') or 'flash'")
+    name = str(getattr(backend, "value", backend)) if backend is not None else active_backend()
+    if cp.ring_degree > 1 and name in NO_LSE_BACKENDS:
+        return (f"diffusers' ring attention needs an attention backend that returns the LSE, which {name!r} does not: "
+                "transformer.set_attention_backend('_native_cudnn') or 'flash' on CUDA (diffusers 0.42 has none on "
+                "NPU: run without ring_degree there)")
     return None
 
 
 def dense_remedy(processors: Sequence[Any], joint_text: bool) -> str:
     """How to run an input densely: ``handle.remove()``, and what context parallelism needs after it."""
     need = after_remove(processors, joint_text)
-    return f"to run this input densely, handle.remove(); then {need}" if need else \
-        "call handle.remove() to run this input densely"
+    if need is None:
+        return "call handle.remove() to run this input densely"
+    return need if joint_text else f"to run this input densely, handle.remove(); then {need}"
 
 
 def enable_parallelism(transformer: Any, config: Any) -> None:

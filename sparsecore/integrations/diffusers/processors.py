@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .handle import SparseAttentionHandle
 
 
-def _active_backend() -> str | None:
+def active_backend() -> str | None:
     """diffusers' active attention backend's name (the ``attention_backend`` context's, else the default), None where
     diffusers does not keep it as 0.42 does (``attention_dispatch._AttentionBackendRegistry``, a private class)."""
     registry = getattr(attention_dispatch, "_AttentionBackendRegistry", None)
@@ -97,7 +97,7 @@ class SparseProcessor:
         where 0.42 keeps it (the default backend cannot be read).
         """
         if self._handle.dense_attention != "auto" or self._attention_backend is not None \
-                or _active_backend() != "native":
+                or active_backend() != "native":
             return None
         return faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
@@ -136,7 +136,7 @@ class WanSparseAttnProcessor(SparseProcessor):
         if attention_mask is not None:
             raise ValueError(f"attention_mask: Wan self-attention (layer {self.layer}) expected None, got a "
                              f"{list(attention_mask.shape)} mask; the block-mask IR cannot add a token mask; "
-                             f"call handle.remove() to run this model densely")
+                             f"{self._handle.dense_remedy()}")
         query, key, value = compiled_layout(*models.wan_qkv(attn, hidden_states, rotary_emb))
         out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.wan_output(attn, out, query)

@@ -109,8 +109,8 @@ class ShardedAttention:
         key = ("ring", *self._cut_key(ring, video))
         found = mask.derived.get(key)
         if found is None:
-            found = mask.derived[key] = ring_attention.plan_work(mask, ring, video, planner.device,
-                                                                          planner.backend, like, planner.backend_options)
+            found = mask.derived[key] = ring_attention.plan_work(mask, ring, video, planner.device, planner.backend,
+                                                                 like, planner.backend_options)
         return found
 
     def _cut_key(self, ring: RingGroup, video: int) -> tuple:
