@@ -7,7 +7,7 @@ Measured on an H200 on 2026-11-30 (bench/results/approximation-2026-11-30.md). O
 For each length (Wan 2.1 1x = 21x30x52 = 32,760 tokens and 6x = 121x30x52 = 188,760 tokens by
 default), 12 heads, bf16, a PASA mask at its defaults (64-token blocks, rho 0.15, step 10; pooled
 scores of random q, k: the density, not the selection, sets the cost) is compiled for the ``triton``
-lowering with each ``approximation``, and timed with ``triton.testing.do_bench`` (median):
+lowering with each ``approximation``, and timed with ``kernel_timing.median_ms`` (median of at least 10 repeats):
 
 - ``exact``: the drop-only mask (the block-sparse kernel alone);
 - ``total``: the same selection with zeroth / global-first-order / grouped-first-order;
@@ -42,6 +42,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.approximation import StatisticsPlan, statistics  # noqa: E402
@@ -71,8 +74,7 @@ def package_version(name: str) -> str | None:
 
 
 def bench(fn) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=50, rep=300))
+    return median_ms(fn)
 
 
 def with_kind(mask: BlockMask, kind: str) -> BlockMask:

@@ -6,7 +6,8 @@ Run on a GPU machine (the device tool):
     python bench/cuda_benchmark.py --out bench/results [--sizes 32768 98304] [--frames] [--adaspa] [--selection]
 
 All kernels run in one process on the same q, k, v (bf16, B=1, H=12, D=128),
-timed with ``triton.testing.do_bench`` (median; 50 ms warm-up, 300 ms of repeats).
+timed with ``kernel_timing.median_ms`` (``triton.testing.do_bench``'s median over at least 10 repeats after a
+50 ms warm-up).
 Effective TFLOP/s = 4 * S^2 * D * H * density / time. Every sparse output is also
 compared with FlexAttention's (an independent implementation), or with the Triton
 lowering's where FlexAttention's 128-token tiles cannot take the mask, as a sanity check.
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from cuda_cases import FRAME_TOKENS, lvsa_frames, random_rows  # noqa: E402
@@ -57,8 +60,7 @@ class Row:
 
 
 def bench(fn: Callable[[], object]) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+    return median_ms(fn)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -292,7 +294,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
              f"{meta['versions']['triton']}, flashinfer {meta['versions']['flashinfer']}, flash-attn-4 "
              f"{meta['versions']['flash_attn_4']} (CuTe DSL {meta['versions']['cutlass_dsl']}), CUDA "
              f"{meta['versions']['cuda']}, cuDNN {meta['versions']['cudnn']}.",
-             f"bf16, B=1, H={HEADS}, D={HEAD_DIM}; `triton.testing.do_bench` median (50 ms warm-up, 300 ms repeats). "
+             f"bf16, B=1, H={HEADS}, D={HEAD_DIM}; `do_bench` median of at least 10 repeats (50 ms warm-up). "
              "eff TFLOP/s = 4*S^2*D*H*density / time. rel diff: relative L2 distance to FlexAttention's output "
              "(or the Triton lowering's where Flex's 128-token tiles cannot take the mask).", "",
              "| case | S | density | kernel | ms | eff TFLOP/s | rel diff |", "|---|---|---|---|---|---|---|"]

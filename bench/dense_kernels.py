@@ -25,6 +25,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+from kernel_timing import median_ms  # noqa: E402
 
 from sparsecore.search import dense_attention  # noqa: E402
 
@@ -82,7 +83,7 @@ def main() -> int:
                 out = fn().float()
                 err = ((out - reference).norm() / reference.norm()).item()
                 del out
-                ms = triton.testing.do_bench(fn, warmup=50, rep=300)
+                ms = median_ms(fn)
                 rate = 4 * seq * seq * dim * HEADS / ms / 1e9
                 results.append({"seq": seq, "dim": dim, "kernel": name, "ms": ms, "eff_tflops": rate,
                                 "rel_l2_vs_cudnn": err})

@@ -15,8 +15,8 @@ Run on an H100/H200 with flash-attn-4 4.0.0b36 installed (one GPU, under 8 minut
    frames, odd text blocks and q_len != kv_len, short last blocks, empty rows and an empty
    head, tiny 16-token blocks, GQA 2:1, B=2, D=64/96/128, fp16/bf16, an all-empty mask.
    The first call of each kernel configuration is timed (CuTe DSL compile).
-3. Timing (``triton.testing.do_bench`` median, bf16, B=1, H=12, D=128): cuDNN dense SDPA, FA4
-   dense, FA4 block-sparse called raw with full blocks (the anchor), and the lowering, at
+3. Timing (``kernel_timing.median_ms``: ``do_bench``'s median of at least 10 repeats; bf16, B=1, H=12, D=128):
+   cuDNN dense SDPA, FA4 dense, FA4 block-sparse called raw with full blocks (the anchor), and the lowering, at
    S=32768/98304 and densities 0.1/0.25/0.5 (per-head random rows, diagonal kept); the LVSA
    frame mask at 188760 tokens; an AdaSpa-shaped mask at 188736 tokens with 64-token blocks
    (~20% density, three row-count levels); conversion (IR -> FA4 tensors) ms per mask.
@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.registry import registered_backends  # noqa: E402
@@ -308,8 +310,7 @@ def run_checks(quick: bool) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------- timing
 def bench(fn: Callable[[], object]) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+    return median_ms(fn)
 
 
 def anchor_tensors(mask: BlockMask, block: int):

@@ -13,7 +13,8 @@ LVSA with and without ``grouped-first-order``; every output comes from the compi
   the recall for drop; below 1 since ``|B| exp(s q·k̄) <= Σ_t exp(s q·k_t)``, Jensen).
 - ``captured``: the share of the missing mass the approximation puts back, ``(mass - recall) / (1 - recall)``.
 - ``drop_density``: the density at which drop-only PASA (same planner, more blocks) reaches the
-  same ``rel_l2``, interpolated on a density sweep (``>`` the largest swept when none does).
+  same ``rel_l2``, interpolated on a density sweep (``>`` the largest swept when none does, ``<`` the
+  smallest when drop-only there already does better).
 
 PASA also runs with smaller statistic groups (8 blocks, and 1: every block its own ``H_j``, the
 first-order expansion without sharing) to separate the cost of sharing a statistic from that of
@@ -94,12 +95,19 @@ def measure(q, k, v, mask: BlockMask, dense_out, dense_lse) -> dict:
 
 
 def drop_equivalent(rel_l2: float, sweep: list[tuple[float, float, float]]) -> tuple[float | None, float | None]:
-    """(density, recall) at which the drop-only sweep [(density, rel_l2, recall)] reaches ``rel_l2`` (interpolated)."""
+    """(density, recall) at which the drop-only sweep [(density, rel_l2, recall)] reaches ``rel_l2`` (interpolated);
+    (None, None) where no swept density does: see :func:`beyond_sweep` for which side."""
     for (d0, e0, r0), (d1, e1, r1) in zip(sweep, sweep[1:]):
         if e0 >= rel_l2 >= e1:
             t = 0.0 if e0 == e1 else (e0 - rel_l2) / (e0 - e1)
             return d0 + t * (d1 - d0), r0 + t * (r1 - r0)
-    return (sweep[0][0], sweep[0][2]) if rel_l2 >= sweep[0][1] else (None, None)
+    return None, None
+
+
+def beyond_sweep(rel_l2: float, sweep: list[tuple[float, float, float]]) -> str:
+    """For a ``rel_l2`` no swept density reaches: ``"< d"`` where drop-only at the lowest density ``d`` already
+    does better (the approximation is worse than dropping), else ``"> d"`` for the highest."""
+    return f"< {sweep[0][0]}" if rel_l2 > sweep[0][1] else f"> {sweep[-1][0]}"
 
 
 def geometry_rows(name: str, g: VideoGeometry, heads: int, head_dim: int, seed: int, *, sharpness: float = 1.0,
@@ -125,6 +133,8 @@ def geometry_rows(name: str, g: VideoGeometry, heads: int, head_dim: int, seed: 
                **measure(q, k, v, mask, dense_out, dense_lse)}
         if method == "pasa":
             row["drop_density"], row["drop_recall"] = drop_equivalent(row["rel_l2"], sweep)
+            if row["drop_density"] is None:
+                row["drop_beyond"] = beyond_sweep(row["rel_l2"], sweep)
         rows.append(row)
     base = {r["method"]: r["rel_l2"] for r in rows if r["approximation"] == "drop"}
     for r in rows:
@@ -171,7 +181,8 @@ def markdown(rows: list[dict]) -> list[str]:
                   "| drop density |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in group:
             equivalent = "" if "drop_density" not in r or r["approximation"] == "drop" else (
-                f"> {SWEEP[-1]}" if r["drop_density"] is None else f"{r['drop_density']:.3f} ({r['drop_recall']:.3f})")
+                r.get("drop_beyond", f"> {SWEEP[-1]}") if r["drop_density"] is None
+                else f"{r['drop_density']:.3f} ({r['drop_recall']:.3f})")
             lines.append(f"| {r['method']} | {r['approximation']} | {r['density']:.3f} | {r['recall']:.4f} | "
                          f"{r['mass']:.4f} | {fmt(r['captured'], '.3f')} | {r['rel_l2']:.4f} | {r['vs_drop']:.3f} | "
                          f"{r['cosine']:.4f} | {equivalent} |")

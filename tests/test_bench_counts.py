@@ -1,4 +1,5 @@
-"""The work counts behind issue 16's floor (``bench/approximation_benchmark.py``), against a brute-force count."""
+"""Helpers behind published figures: issue 16's work counts (``bench/approximation_benchmark.py``) against a
+brute-force count, and the drop-equivalent density of ``bench/fidelity_unselected.py``."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from sparsecore import BlockMask
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "approximation_benchmark.py"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("approximation_benchmark", SCRIPT)
+def load_benchmark(script: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,3 +40,14 @@ def test_extra_flops_counts_unselected_blocks_and_open_groups(group_blocks):
             open_groups = len(set(unselected // group_blocks))
             want += int(np.diff(q_offsets)[i]) * (4 * head_dim * len(unselected) + 2 * head_dim ** 2 * open_groups)
     assert load_benchmark().extra_flops(mask, head_dim, group_blocks) == want
+
+
+def test_drop_equivalent_density_says_which_side_of_the_sweep_it_falls():
+    """An approximation worse than drop-only at the lowest swept density has no equivalent there: it was reported as
+    that density (a review found it), now as below the sweep; better than the highest, as above it."""
+    fidelity = load_benchmark(SCRIPT.parent / "fidelity_unselected.py")
+    sweep = [(0.15, 0.25, 0.66), (0.2, 0.2, 0.7), (0.8, 0.05, 0.95)]       # (density, rel L2, recall) of drop-only
+    assert fidelity.drop_equivalent(0.30, sweep) == (None, None) and fidelity.beyond_sweep(0.30, sweep) == "< 0.15"
+    assert fidelity.drop_equivalent(0.01, sweep) == (None, None) and fidelity.beyond_sweep(0.01, sweep) == "> 0.8"
+    density, recall = fidelity.drop_equivalent(0.22, sweep)
+    assert density == pytest.approx(0.18) and recall == pytest.approx(0.684)
