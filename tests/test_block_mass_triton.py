@@ -241,3 +241,32 @@ def test_scratch_chunks_keep_the_partial_sums_within_the_limit(batch, heads, num
         assert head_chunk == 1 and (row_chunk % block_m == 0 or row_chunk == q_len < block_m)
         most_rows = max(1, scratch // (per_row * block_m)) * block_m
         assert -(-q_len // row_chunk) == -(-q_len // most_rows)         # as few row chunks as fit
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_a_nan_lse_row_gives_nan_masses_not_zero(triton_device, impl):
+    """A NaN LSE row (non-finite activations in the dense pass that made it) must reach the masses, where AdaSpa's
+    finite check refuses them; only infinite LSE rows add nothing. Both passes had zeroed NaN rows as well."""
+    q_offsets, kv_offsets = np.array([0, 40, 100]), np.array([0, 64, 128, 150])
+    gen = torch.Generator().manual_seed(12)
+    q, k = (torch.randn(1, 2, n, 16, generator=gen) for n in (100, 150))
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.25, dim=-1)
+    lse[0, 1, 50] = float("nan")                                           # head 1, query block 1
+    lse[0, 0, 3] = float("inf")                                            # adds nothing, as documented
+    device = triton_device if impl == "triton" else "cpu"
+    mass = block_mass(*(x.to(device) for x in (q, k)), q_offsets, kv_offsets, lse.to(device), 0.25, impl=impl).mass
+    assert mass[0, 1, 1].isnan().all() and torch.isfinite(mass[0, 1, 0]).all() and torch.isfinite(mass[0, 0]).all()
+
+
+def test_the_fused_pass_keeps_nan_inputs_visible_in_the_masses(triton_device):
+    """A NaN key makes its rows' LSE NaN; the fused pass had turned them into rows that add nothing (masses 0 where
+    the key's block is, a finite plan from NaN attention)."""
+    q_offsets, kv_offsets = np.array([0, 64, 128, 200]), np.array([0, 64, 128, 192, 256, 300])
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 200 if i == 0 else 300, 16, generator=gen) for i in range(3))
+    k[0, 1, 70] = float("nan")
+    config = search_attention.SearchConfig(32, 2, 4, 1, use_tma=False)
+    out, lse, mass = search_attention.run(*(x.to(triton_device) for x in (q, k, v)), q_offsets, kv_offsets, 0.25,
+                                          config=config)
+    assert lse[0, 1].isnan().all() and mass[0, 1].isnan().all()
+    assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(mass[0, 0]).all()       # the other head is intact

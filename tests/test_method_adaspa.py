@@ -367,6 +367,35 @@ def test_cached_search_with_a_stale_lse_raises_instead_of_nan_budgets(first_sear
     q1, k1, _ = video_qkv(g, 6, 16, seed=1, batch=2, sharpness=2.0)
     q2, k2, _ = video_qkv(g, 6, 16, seed=2, batch=2, sharpness=2.0)   # unrelated content: masses overflow
     session.plan(g, 6, step=lse_step, layer=0, q=q1, k=k1)
-    with pytest.raises(ValueError, match=f"lse: the cached LSE is far below the scores of layer 0 at step "
+    with pytest.raises(ValueError, match=f"lse: the cached LSE is far from the scores of layer 0 at step "
                                          f"{cached_step}"):
         session.plan(g, 6, step=cached_step, layer=0, q=q2, k=k2)
+
+
+def test_a_given_lse_far_above_the_scores_raises_instead_of_planning_from_vanished_masses():
+    """Every mass underflows to 0 under an LSE 200 above the scores: the search had planned silently, every recall
+    0 (a review found it); a NaN LSE row now makes the masses NaN, refused the same way."""
+    g = VideoGeometry(6, 4, 8, text_tokens=8)
+    q, k, _ = video_qkv(g, 6, 16, seed=1, batch=1)
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 16 ** -0.5, dim=-1)
+    with pytest.raises(ValueError, match="lse: the cached LSE is far from the scores of layer 3 at step 10 .*vanish"):
+        adaspa.plan(g, 6, step=10, layer=3, q=q, k=k, lse=lse + 200.0, block_size=16, impl="torch")
+    lse[0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="lse: the cached LSE is far from the scores"):
+        adaspa.plan(g, 6, step=10, layer=3, q=q, k=k, lse=lse, block_size=16, impl="torch")
+    assert adaspa.plan(g, 6, step=10, layer=3, q=q, k=k, lse=lse.nan_to_num(0.0), block_size=16,
+                       impl="torch").density() < 1
+
+
+def test_equal_recalls_rank_heads_in_head_order():
+    """Where the base budget keeps every video block, every head's recall is 1: the ranking is then by head order,
+    not by the float rounding of each head's sums (which put recalls at 1 +- 2e-16, some above 1; a review found
+    it with 300 text tokens before two video blocks)."""
+    g = VideoGeometry(2, 4, 4, 300, "start")
+    blocks = len(g.block_offsets(16)) - 1
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        mass = torch.rand(3, blocks, blocks, generator=gen) ** 4 * 50
+        meta = adaspa.plan(g, 3, step=10, layer=0, mass=mass, block_size=16, sparsity=0.2).meta
+        assert list(meta["base_recall"]) == [1.0, 1.0, 1.0]
+        assert list(meta["head_sparsity"]) == sorted(meta["head_sparsity"], reverse=True)

@@ -14,12 +14,13 @@ import triton.language as tl
 
 @triton.jit
 def _query_rows(Q, Lse, b, head, offs_m, row_ok, offs_d, stride_qb, stride_qh, stride_qm, stride_lb, stride_lh):
-    """A tile's queries and their LSE in log2 units, +inf where missing or not finite (such rows add nothing)."""
+    """A tile's queries and their LSE in log2 units, +inf where missing or infinite (such rows add nothing); a NaN
+    LSE stays NaN, so its row's masses are NaN and the planner's finite check refuses them."""
     q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, mask=row_ok,
                   other=float("inf"))
-    return q, tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))
+    return q, tl.where((lse == float("-inf")) | (lse == float("inf")), float("inf"), lse * 1.4426950408889634)
 
 
 @triton.jit
@@ -95,7 +96,8 @@ def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
         else:
             first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1)
             tl.store(mass_row + 2 * t, tl.sum(first, 0))
-            tl.store(mass_row + 2 * t + 1, tl.sum(tl.maximum(row_sum - first, 0.0), 0))
+            rest = row_sum - first                    # rounding can leave it below 0; a NaN must stay (max drops it)
+            tl.store(mass_row + 2 * t + 1, tl.sum(tl.where(rest < 0.0, 0.0, rest), 0))
     start = num_full * BLOCK_N
     if start < kv_len:
         col_ok = start + offs_n < kv_len

@@ -35,8 +35,9 @@ from .triton_kernel import _load_kv
 
 @triton.jit
 def _log_sum(sums, m_new):
-    """``m + log2(sums)`` per row (-inf where the sum is 0)."""
-    return tl.where(sums > 0.0, m_new + tl.math.log2(tl.where(sums > 0.0, sums, 1.0)), float("-inf"))
+    """``m + log2(sums)`` per row (-inf where the sum is 0, NaN where it is NaN: non-finite inputs stay visible)."""
+    return tl.where(sums > 0.0, m_new + tl.math.log2(tl.where(sums > 0.0, sums, 1.0)),
+                    tl.where(sums == 0.0, float("-inf"), sums))
 
 
 # Offsets that change from launch to launch of one call (chunks of heads and rows) are not specialized on (Triton
@@ -92,8 +93,8 @@ def search_attention_fwd(
         else:                                 # two pieces: one masked sum; the second is the rest of the row's
             first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1)
             tl.store(partial + piece * stride_pp, _log_sum(first, m_new), mask=row_ok)
-            tl.store(partial + (piece + 1) * stride_pp, _log_sum(tl.maximum(row_sum - first, 0.0), m_new),
-                     mask=row_ok)
+            rest = row_sum - first                    # rounding can leave it below 0; a NaN must stay (max drops it)
+            tl.store(partial + (piece + 1) * stride_pp, _log_sum(tl.where(rest < 0.0, 0.0, rest), m_new), mask=row_ok)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + row_sum
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -139,7 +140,7 @@ def piece_mass_fwd(Partial, Lse, Mass, Programs, PieceBlock,
     row_ok = (offs_r >= row_start) & (offs_r < tl.minimum(q_end, row_end))
     lse = tl.load(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_r, mask=row_ok,
                   other=float("inf"))
-    lse2 = tl.where((lse > float("-inf")) & (lse < float("inf")), lse * 1.4426950408889634, float("inf"))
+    lse2 = tl.where((lse == float("-inf")) | (lse == float("inf")), float("inf"), lse * 1.4426950408889634)
     rows = Partial + b.to(tl.int64) * stride_pb + chunk_head.to(tl.int64) * stride_ph + (offs_r - row_start)[None, :]
     mass_row = Mass + b.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mi
     for first in range(0, num_pieces, BLOCK_P):

@@ -179,26 +179,26 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     max_keep = keep_count(1.0 - (s - delta), video_blocks) if p.head_adaptive else base_keep
     top = top_video(mass, layout, max(max_keep, base_keep), ranked=True)
     f64 = torch.float64                                   # sums in float64, without a float64 copy of the masses
-    forced = mass[:, :, layout.text].sum(dim=(1, 2), dtype=f64) + mass[:, layout.text, layout.video].sum(dim=(1, 2),
-                                                                                                      dtype=f64)
-    kept = top.values[..., :base_keep].sum(dim=(1, 2), dtype=f64)
-    total = mass.sum(dim=(1, 2), dtype=f64).clamp(min=torch.finfo(f64).tiny)
-    recalls = shard.all_heads((kept + forced) / total)
+    sums = dict(dim=(1, 2), dtype=f64)
+    forced = mass[:, :, layout.text].sum(**sums) + mass[:, layout.text, layout.video].sum(**sums)
+    kept, total = top.values[..., :base_keep].sum(**sums), mass.sum(**sums)
+    recall = ((kept + forced) / total.clamp(min=torch.finfo(f64).tiny)).clamp(max=1.0)
+    recalls = shard.all_heads(torch.round(recall * 1e12) / 1e12)           # ties by head order, not by rounding
     sparsities = head_sparsities(recalls, s, p.recall_threshold) if p.head_adaptive else torch.full_like(recalls, s)
     keep = keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
     video_row_counts = (keep + layout.text_blocks).sum()
-    finite = torch.isfinite(total).all().double()
+    finite = (torch.isfinite(total) & (total > 0)).all().double()           # all 0: the LSE is far above the scores
     summary = torch.cat([video_row_counts.double().reshape(1), finite.reshape(1), sparsities,
                          recalls]).tolist()                                 # the one host read of a search
     if finite_check and not summary[1]:
-        raise ValueError(f"lse: the cached LSE is far below the scores of layer {meta['layer']} at step "
-                         f"{meta['step']} (block masses overflow float32), or q, k hold NaN or inf; a cached search "
-                         f"needs inputs close to those of the search step that made the LSE, as consecutive "
-                         f"denoising steps are; pass lse=None (or make this step the first of search_steps) for a "
-                         f"fresh search")
+        raise ValueError(f"lse: the cached LSE is far from the scores of layer {meta['layer']} at step "
+                         f"{meta['step']} (block masses overflow float32 or all vanish), or q, k hold NaN or inf; a "
+                         f"cached search needs inputs close to those of the search step that made the LSE, as "
+                         f"consecutive denoising steps are; pass lse=None (or make this step the first of "
+                         f"search_steps) for a fresh search")
     if not summary[1]:
-        raise ValueError(f"q, k: the block masses of layer {meta['layer']} at step {meta['step']} are not finite: q or "
-                         f"k (or the given mass) holds NaN or inf; check the model's activations at this layer")
+        raise ValueError(f"q, k: the block masses of layer {meta['layer']} at step {meta['step']} are not finite or "
+                         f"all 0: q or k (or the given mass) holds NaN or inf; check the model's activations here")
     total_heads = shard.total
     head_sparsity = summary[-2 * total_heads:-total_heads]
     meta.update(head_sparsity=head_sparsity, base_recall=summary[-total_heads:])
