@@ -2,7 +2,7 @@
 
 The guard (``backends/cuda/fa4_nonfinite.py``) runs on masks with FA4 mask tiles: LVSA's
 1560-token frames are the case that runs so end to end. On the frame mask at 188,760 tokens
-(12 heads, head dim 128, bf16; ``triton.testing.do_bench`` medians):
+(12 heads, head dim 128, bf16; ``kernel_timing.median_ms``: medians of at least 10 repeats):
 
 - the lowering as it runs (key gather where the layout reorders keys, guard + FA4 + NaN write), FA4's
   call alone on the same converted tensors (keys and values gathered beforehand), and the guard's tensor
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from cuda_cases import lvsa_frames  # noqa: E402
 from fa4_check import fa4_kernel  # noqa: E402
+from kernel_timing import median_ms  # noqa: E402
 from sparsecore.backends.cuda.fa4_nonfinite import guard_values, poison  # noqa: E402
 
 
@@ -64,9 +65,8 @@ def main() -> None:
         clean, found = guard_values(v, order)
         return poison(out_like, found, prepared.layout, prepared.kv_offsets)
 
-    times = {"lowering (guard + FA4)": triton.testing.do_bench(lambda: kernel(q, k, v)),
-             "FA4 call alone": triton.testing.do_bench(raw),
-             "guard ops alone": triton.testing.do_bench(guard_only)}
+    times = {"lowering (guard + FA4)": median_ms(lambda: kernel(q, k, v)), "FA4 call alone": median_ms(raw),
+             "guard ops alone": median_ms(guard_only)}
 
     def peak_mib(fn) -> float:
         """MiB the call allocates above what was allocated before it (its output included)."""

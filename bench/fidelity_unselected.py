@@ -107,7 +107,7 @@ def drop_equivalent(rel_l2: float, sweep: list[tuple[float, float, float]]) -> t
 def beyond_sweep(rel_l2: float, sweep: list[tuple[float, float, float]]) -> str:
     """For a ``rel_l2`` no swept density reaches: ``"< d"`` where drop-only at the lowest density ``d`` already
     does better (the approximation is worse than dropping), else ``"> d"`` for the highest."""
-    return f"< {sweep[0][0]}" if rel_l2 > sweep[0][1] else f"> {sweep[-1][0]}"
+    return f"< {sweep[0][0]:.3g}" if rel_l2 > sweep[0][1] else f"> {sweep[-1][0]:.3g}"
 
 
 def geometry_rows(name: str, g: VideoGeometry, heads: int, head_dim: int, seed: int, *, sharpness: float = 1.0,

@@ -221,7 +221,7 @@ def torch_block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv
             scores = torch.matmul(q[b, :, rows].to(compute), keys) * scale           # [H, c, L_kv]
             row_lse = lse[b, :, rows].to(compute)
             infinite = torch.isinf(row_lse)                          # such rows add nothing; NaN rows stay NaN
-            probs = torch.exp(scores - torch.where(infinite, 0.0, row_lse)[..., None]) * ~infinite[..., None]
+            probs = torch.exp(scores - torch.where(infinite, float("inf"), row_lse)[..., None])
             if uniform is not None:                                                  # pad keys to NB * block
                 pad = num_kv_blocks * uniform - kv_len
                 probs = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (num_kv_blocks, uniform)).sum(-1)

@@ -270,3 +270,32 @@ def test_the_fused_pass_keeps_nan_inputs_visible_in_the_masses(triton_device):
                                           config=config)
     assert lse[0, 1].isnan().all() and mass[0, 1].isnan().all()
     assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(mass[0, 0]).all()       # the other head is intact
+
+
+def test_infinite_lse_rows_add_nothing_on_both_passes_even_with_large_scores(triton_device):
+    """torch's pass had computed ``exp(scores - 0) * 0`` for such rows: ``inf * 0 = NaN`` once a score passes 88."""
+    q_offsets, kv_offsets = np.array([0, 40, 100]), np.array([0, 64, 128, 150])
+    gen = torch.Generator().manual_seed(14)
+    q, k = (torch.randn(1, 2, n, 16, generator=gen) for n in (100, 150))
+    q[0, 0, 7] *= 100.0                                                    # scores far above 88
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.25, dim=-1)
+    lse[0, 0, 7] = float("-inf")
+    masses = [block_mass(*(x.to(device) for x in (q, k)), q_offsets, kv_offsets, lse.to(device), 0.25, impl=impl)
+              .mass.cpu() for impl, device in (("torch", "cpu"), ("triton", triton_device))]
+    assert all(torch.isfinite(m).all() for m in masses)
+    torch.testing.assert_close(masses[0], masses[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: Triton's interpreter keeps NaN in "
+                                                          "tl.maximum, so only the GPU's max.f32 can drop it")
+def test_a_nan_key_in_the_second_block_of_a_128_key_tile_reaches_its_mass_on_the_gpu():
+    """The 128-key tile's second block is the row sum less the first block's: clamped at 0 with ``tl.maximum``, a
+    NaN there became 0 on the GPU (max.f32 returns the non-NaN operand), and the planner kept planning."""
+    q_offsets = kv_offsets = BlockMask.uniform_offsets(256, 64)
+    gen = torch.Generator().manual_seed(15)
+    q, k = (torch.randn(1, 2, 256, 64, generator=gen).half() for _ in range(2))
+    lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * 0.125, dim=-1)     # finite: from clean keys
+    k[0, 1, 100] = float("nan")                                                         # key block 1, head 1
+    config = triton_block_mass.UniformConfig(128, 4, 1, use_tma=False)
+    mass = triton_block_mass.run(q.cuda(), k.cuda(), q_offsets, kv_offsets, lse.cuda(), 0.125, config=config).cpu()
+    assert mass[0, 1, :, 1].isnan().all() and torch.isfinite(mass[0, 0]).all()

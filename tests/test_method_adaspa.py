@@ -399,3 +399,14 @@ def test_equal_recalls_rank_heads_in_head_order():
         meta = adaspa.plan(g, 3, step=10, layer=0, mass=mass, block_size=16, sparsity=0.2).meta
         assert list(meta["base_recall"]) == [1.0, 1.0, 1.0]
         assert list(meta["head_sparsity"]) == sorted(meta["head_sparsity"], reverse=True)
+
+
+def test_a_rank_whose_masses_are_fine_raises_when_another_ranks_are_not():
+    """Under Ulysses each rank sums its own heads' masses: the refusal travels with the gathered recalls, so every
+    rank raises together instead of one raising while the others go on into the next collective."""
+    g = VideoGeometry(4, 4, 4)
+    mass = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(5))
+    other_rank_failed = HeadShard(0, 2, 4, lambda values: torch.cat([values, torch.full_like(values, -1.0)]))
+    with pytest.raises(ValueError, match="are not finite or all 0"):
+        adaspa.search(mass, g, g.block_offsets(16), adaspa.AdaSpaParams(sparsity=0.5, block_size=16),
+                      other_rank_failed, {"layer": 0, "step": 10})

@@ -5,7 +5,8 @@ walks every key tile of the sequence and adds ``sum exp(scale * q.k - lse)`` ove
 tile into ``mass[b, h, query block, key block]`` with one atomic add: the scores are
 never written to memory. Key tiles are cut at key-block boundaries, so each tile
 belongs to one block; query tiles never straddle two query blocks. Rows past the
-block end, and rows whose LSE is not finite (no key under a cached LSE), add nothing.
+block end, and rows whose LSE is infinite (no key under a cached LSE), add nothing; a NaN
+LSE gives NaN masses (non-finite activations), which AdaSpa's search refuses.
 """
 
 import triton

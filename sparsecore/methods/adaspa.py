@@ -178,16 +178,16 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     delta = min((1.0 - s) / 2.0, s)
     max_keep = keep_count(1.0 - (s - delta), video_blocks) if p.head_adaptive else base_keep
     top = top_video(mass, layout, max(max_keep, base_keep), ranked=True)
-    f64 = torch.float64                                   # sums in float64, without a float64 copy of the masses
-    sums = dict(dim=(1, 2), dtype=f64)
+    f64, sums = torch.float64, dict(dim=(1, 2), dtype=torch.float64)    # float64 sums, no float64 copy of masses
     forced = mass[:, :, layout.text].sum(**sums) + mass[:, layout.text, layout.video].sum(**sums)
     kept, total = top.values[..., :base_keep].sum(**sums), mass.sum(**sums)
-    recall = ((kept + forced) / total.clamp(min=torch.finfo(f64).tiny)).clamp(max=1.0)
-    recalls = shard.all_heads(torch.round(recall * 1e12) / 1e12)           # ties by head order, not by rounding
+    recall = ((kept + forced) / total.clamp(min=torch.finfo(f64).tiny)).clamp(max=1.0)   # ties: head order below
+    usable = torch.isfinite(total) & (total > 0)           # not: NaN inputs, or masses vanished under a cached LSE
+    recalls = shard.all_heads(torch.where(usable, torch.round(recall * 1e12) / 1e12, -1.0))   # every rank sees it
     sparsities = head_sparsities(recalls, s, p.recall_threshold) if p.head_adaptive else torch.full_like(recalls, s)
     keep = keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
     video_row_counts = (keep + layout.text_blocks).sum()
-    finite = (torch.isfinite(total) & (total > 0)).all().double()           # all 0: the LSE is far above the scores
+    finite = (recalls >= 0).all().double()
     summary = torch.cat([video_row_counts.double().reshape(1), finite.reshape(1), sparsities,
                          recalls]).tolist()                                 # the one host read of a search
     if finite_check and not summary[1]:
@@ -198,7 +198,7 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
                          f"search_steps) for a fresh search")
     if not summary[1]:
         raise ValueError(f"q, k: the block masses of layer {meta['layer']} at step {meta['step']} are not finite or "
-                         f"all 0: q or k (or the given mass) holds NaN or inf; check the model's activations here")
+                         f"all 0: q or k holds NaN or inf, or a given mass is; check the model's activations here")
     total_heads = shard.total
     head_sparsity = summary[-2 * total_heads:-total_heads]
     meta.update(head_sparsity=head_sparsity, base_recall=summary[-total_heads:])
