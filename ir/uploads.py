@@ -64,7 +64,7 @@ def refuse_capture(device: torch.device | str, what: str,
     on the host (which step, which mask), so a replay would repeat the captured copies from freed memory and the
     captured decisions. Asking waits for nothing."""
     device = torch.device(device)
-    runtime = torch.cuda if device.type == "cuda" else getattr(torch, "npu", None) if device.type == "npu" else None
+    runtime = {"cuda": torch.cuda, "npu": getattr(torch, "npu", None)}.get(device.type)
     if runtime is None or not hasattr(runtime, "is_current_stream_capturing"):
         return
     if device.index is None or device.index == runtime.current_device():
