@@ -8,7 +8,11 @@ bytecode goes to one ``PYTHONPYCACHEPREFIX`` for the run, filled first by a proc
 it (a wheel installed with ``--no-compile`` into a read-only place would, at every import). The child times its
 imports, CUDA's start, ``sparsecore.compile(mask, device="cuda")``, the first call (synchronized), a
 second call, a new mask of the same shape (compile and first call: it should compile nothing) and one of
-a new length in the same process (FA4's and the guard's kernels do not specialize on lengths). A
+a new length in the same process (FA4's and the guard's kernels do not specialize on lengths). In the
+library's default warm-up mode (``--warmup background``, :mod:`sparsecore.warmup`) a first call whose preferred
+backend (``fa4``) is slow to load runs on Triton while FA4 loads and compiles in a background thread: the child
+then calls again until a call runs the preferred backend and records when that was (``ready_s``, from
+``compile()``'s start) and what the calls meanwhile took; ``--warmup wait`` loads it in place. A
 sampling thread reads the main thread's stack every few milliseconds during the first call; the report
 lists, for the functions most often on that stack, the seconds they were (inclusive: a caller includes
 its callees; each interval goes to the stack seen at its end), so the compiles (FA4's CuTe DSL, Triton's
@@ -17,8 +21,9 @@ planning) can be told apart. The sampler slows Python-bound work (it takes the G
 two): ``--no-sample`` times the same calls without it.
 
     python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random] [--no-sample] [--fa4-disk-cache]
+                                     [--warmup background|wait]
 
-Writes ``first-call-<date>[_fa4-disk-cache][_unsampled].json`` and ``.md`` under DIR.
+Writes ``first-call-<date>[_fa4-disk-cache][_unsampled][_wait].json`` and ``.md`` under DIR.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ CASES = {
 }
 TOP = 60
 CHILD_TIMEOUT_S = 300
+READY_WITHIN_S = 120          # calls while the preferred backend warms up, at most this long
 HIDDEN = ("<frozen", "first_call_probe.py", "threading.py")   # frames on every stack or the import machinery
 SAMPLE_S = 0.002
 
@@ -144,12 +150,14 @@ def child(case: str, path: Path, sample: bool) -> None:
         start = time.perf_counter()
         kernel = sparsecore.compile(first, device="cuda")
         record["compile_s"] = time.perf_counter() - start
+        record["preferred"], record["warmup"] = kernel.backend.name, kernel.warmup
         kernel(q, k, v)
         torch.cuda.synchronize()
         record["first_call_s"] = time.perf_counter() - start
     record["backend"] = kernel.backend.name
     if sample:
         record["top"] = sampler.top(TOP)
+    record.update(until_ready(kernel, record["preferred"], (q, k, v), start))
     start = time.perf_counter()
     kernel(q, k, v)
     torch.cuda.synchronize()
@@ -165,10 +173,35 @@ def child(case: str, path: Path, sample: bool) -> None:
                for _ in range(3))
     torch.cuda.synchronize()
     start = time.perf_counter()
-    sparsecore.compile(shorter, device="cuda")(q, k, v)
+    new_length = sparsecore.compile(shorter, device="cuda")
+    new_length(q, k, v)
     torch.cuda.synchronize()
     record["new_length_first_call_s"] = time.perf_counter() - start
+    record["new_length_backend"] = new_length.backend.name
+    new_length.wait_for_warmups(timeout=60)            # the worker ends before the process does
     path.write_text(json.dumps(record, indent=1))
+
+
+def until_ready(kernel, preferred: str, inputs: tuple, compiled_at: float) -> dict:
+    """Call ``kernel`` until a call runs ``preferred`` (at most ``READY_WITHIN_S``): when that call ended, from
+    ``compiled_at`` (``ready_s``), and the calls before it (on the fallback, while the warm-up ran)."""
+    import torch
+    meanwhile, ready_s = [], None
+    while kernel.backend.name != preferred and time.perf_counter() - compiled_at < READY_WITHIN_S:
+        start = time.perf_counter()
+        kernel(*inputs)
+        torch.cuda.synchronize()
+        if kernel.backend.name == preferred:
+            ready_s = time.perf_counter() - compiled_at
+            return {"ready_s": ready_s, "ready_call_s": time.perf_counter() - start, **_calls(meanwhile)}
+        meanwhile.append(1e3 * (time.perf_counter() - start))
+    return {"ready_s": ready_s, **_calls(meanwhile)}
+
+
+def _calls(ms: list[float]) -> dict:
+    ordered = sorted(ms)
+    return {"meanwhile_calls": len(ms), "meanwhile_median_ms": ordered[len(ms) // 2] if ms else None,
+            "meanwhile_max_ms": ordered[-1] if ms else None}
 
 
 def run_child(case: str, result: Path, env: dict, sample: bool) -> dict:
@@ -202,18 +235,21 @@ def markdown(meta: dict, records: list[dict]) -> str:
              f"{'on (it slows Python-bound work)' if meta.get('sampled', True) else 'off'}.", "",
              "Each case in a fresh process with empty compile caches, then in another with the caches the first "
              "left. Seconds.", "",
+             f"Warm-up mode: {meta.get('warmup', 'wait')}. *ready*: seconds from compile()'s start to the end of the "
+             "first call that ran the preferred backend (calls meanwhile on the fallback: their count and median "
+             "ms).", "",
              "| case | caches | backend | imports | CUDA start | compile() | first call (incl. compile()) "
-             "| second call | new mask, same shape | new length, same process |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ready | second call | new mask, same shape | new length, same process |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['caches']} | error: {r['error'][-300:]!r} | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['caches']} | error: {r['error'][-300:]!r} | | | | | | | | |")
             continue
         lines.append(f"| {r['case']}: {r['what']} | {r['caches']} | {r['backend']} | {r['imports_s']:.2f} "
                      f"| {r['cuda_start_s']:.2f} "
-                     f"| {r['compile_s']:.2f} | **{r['first_call_s']:.2f}** | {r['second_call_s']:.3f} "
+                     f"| {r['compile_s']:.2f} | **{r['first_call_s']:.2f}** | {_ready(r)} | {r['second_call_s']:.3f} "
                      f"| {r['new_mask_first_call_s']:.3f} ({r['new_mask_backend']}) "
-                     f"| {r.get('new_length_first_call_s', float('nan')):.3f} |")
+                     f"| {r.get('new_length_first_call_s', float('nan')):.3f} ({r.get('new_length_backend', '?')}) |")
     for r in records:
         if "top" not in r:
             continue
@@ -224,6 +260,17 @@ def markdown(meta: dict, records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ready(record: dict) -> str:
+    if "preferred" not in record or record["backend"] == record["preferred"]:
+        return "at the first call"
+    if record.get("ready_s") is None:
+        return f"not within {READY_WITHIN_S} s ({record['meanwhile_calls']} calls on {record['backend']})"
+    median = record["meanwhile_median_ms"]
+    median = f", median {median:.1f} ms, longest {record['meanwhile_max_ms']:.1f}" if median is not None else ""
+    return (f"{record['ready_s']:.2f} ({record['preferred']}; {record['meanwhile_calls']} calls on "
+            f"{record['backend']} before{median})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -232,6 +279,9 @@ def main() -> int:
                         help="FA4's own compile cache on disk (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1)")
     parser.add_argument("--no-sample", action="store_true",
                         help="no stack sampling (its thread slows Python-bound work: time the calls alone)")
+    parser.add_argument("--warmup", choices=["background", "wait"], default="background",
+                        help="sparsecore's warm-up mode in the children (SPARSECORE_WARMUP; the library's default: "
+                             "background)")
     parser.add_argument("--pycache", help="PYTHONPYCACHEPREFIX for every process (default: a new directory)")
     parser.add_argument("--child", choices=sorted(CASES) + ["imports"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -253,7 +303,7 @@ def main() -> int:
     for case in args.cases:
         with tempfile.TemporaryDirectory() as scratch:
             env = dict(os.environ, TRITON_CACHE_DIR=f"{scratch}/triton", CUTE_DSL_CACHE_DIR=f"{scratch}/cute-dsl",
-                       PYTHONPYCACHEPREFIX=pycache)
+                       PYTHONPYCACHEPREFIX=pycache, SPARSECORE_WARMUP=args.warmup)
             if args.fa4_disk_cache:
                 env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1",
                            FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
@@ -263,8 +313,9 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in records[-1].items() if k != "top"}), flush=True)
     date = datetime.date.today().isoformat()
     meta = {"date": date, "versions": versions(), "bytecode_pass_s": bytecode_s, "fa4_disk_cache": args.fa4_disk_cache,
-            "sampled": not args.no_sample}
-    tags = ("_fa4-disk-cache" if args.fa4_disk_cache else "") + ("_unsampled" if args.no_sample else "")
+            "sampled": not args.no_sample, "warmup": args.warmup}
+    tags = ("_fa4-disk-cache" if args.fa4_disk_cache else "") + ("_unsampled" if args.no_sample else "") \
+        + ("_wait" if args.warmup == "wait" else "")
     stem = args.out / f"first-call-{date}{tags}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, records))

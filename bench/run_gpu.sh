@@ -34,6 +34,9 @@ fi
 # sparsecore imports from the repository root (no install: the image's torch stays)
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16 \
   FLASHINFER_WORKSPACE_BASE=$PWD/.flashinfer-cache
+# benchmarks time one backend throughout: slow backends load in place, not behind another (sparsecore.warmup);
+# firstcall sets its own
+export SPARSECORE_WARMUP=${SPARSECORE_WARMUP:-wait}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 for stage in "$@"; do

@@ -63,7 +63,7 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
                 f"{device!r}; leave the backend out to use the device's preferred one")
     # any backend that runs here (and takes dtype) will do: stop at the first, those slow to check last
     takers = sorted((b for b in found if dtype is None or dtype in b.capabilities.dtypes),
-                    key=lambda b: b.slow_to_check)
+                    key=lambda b: b.slow_to_load)
     try:
         first_available(takers, device)
     except RuntimeError:                                  # none of them runs here: say why, from every backend

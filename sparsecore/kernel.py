@@ -18,6 +18,12 @@ lowers the mask for it once and remembers the choice; later calls with that sign
 check shapes and launch. So a kernel never refuses inputs that another registered backend
 would take.
 
+Warm-up (:mod:`sparsecore.warmup`). A backend slow to get ready (``Backend.slow_to_load``: ``fa4`` imports
+and compiles for 15-23 s, FlashInfer JIT-compiles for longer) is checked at ``compile`` without loading it, and
+by default a call whose inputs it would run runs the kernel's next backend that takes them while a worker thread
+loads, lowers and runs the slow one once on that call's inputs; later calls run it. ``warmup="wait"`` loads it in
+place at the first call.
+
 Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
 across layers and steps compiles once), the most recently used first, at most
 :data:`CACHE_SIZE` of them listing at most :data:`CACHE_BLOCKS` blocks together (a kernel's
@@ -37,9 +43,10 @@ from typing import Any, Hashable
 from sparsecore.ir import BlockMask
 
 from .inputs import AttentionShape, attention_shape, check_scale
-from .launch_device import on_device_of
+from .launch_device import caller_stream, on_device_of
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
+from .warmup import Unloadable, Warming, is_warm, mark_warm, mode as warmup_mode, submit
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
@@ -49,12 +56,18 @@ _CACHE: "OrderedDict[tuple, CompiledKernel]" = OrderedDict()
 class CompiledKernel:
     """A mask compiled for one device; call it like attention (see the module docstring)."""
 
-    def __init__(self, mask: BlockMask, device: str, choices: list[tuple[Backend, Hashable]]) -> None:
+    def __init__(self, mask: BlockMask, device: str, choices: list[tuple[Backend, Hashable]], warmup: str = "wait",
+                 first_checked: bool = True) -> None:
         self.mask = mask
         self.device = device
+        self.warmup = warmup                  # "background" or "wait": see sparsecore.warmup
         self._choices = choices
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
-        self._runs_here = {choices[0][0].name}          # backends checked to run here (compile checks the first)
+        self._runs_here = {choices[0][0].name} if first_checked else set()   # backends checked to run here
+        self._unloadable: dict[str, str] = {}    # backends whose background load found they cannot run here: why
+        self._warming: dict[tuple, Warming] = {}  # (backend, tensor device, signature) -> its background warm-up
+        self._ready: set[tuple] = set()           # ... warmed up, or loaded in place
+        self._queued: list[Warming] = []          # warm-ups to submit once this call has launched
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
         self.plans_on_host = False
@@ -64,14 +77,25 @@ class CompiledKernel:
         return self._choices[0][1]
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
-        with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
-            run, scale = self._run_for(q, k, v, scale, return_lse)
-            if self.backend.differentiable and self.mask.unselected.kind == "drop":  # approximations merge in place
-                out, lse = run(q, k, v, scale, return_lse)
-            else:
-                out, lse = inference_only(f"backend {self.backend.name!r}", lambda: run(q, k, v, scale, return_lse),
-                                          q, k, v)
+        try:
+            with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
+                run, scale = self._run_for(q, k, v, scale, return_lse)
+                if self.backend.differentiable and self.mask.unselected.kind == "drop":  # approximations merge in place
+                    out, lse = run(q, k, v, scale, return_lse)
+                else:
+                    out, lse = inference_only(f"backend {self.backend.name!r}",
+                                              lambda: run(q, k, v, scale, return_lse), q, k, v)
+        finally:
+            self._submit_queued()           # after this call's own launch: a warm-up's work does not delay it
         return (out, lse) if return_lse else out
+
+    def wait_for_warmups(self, timeout: float | None = None) -> bool:
+        """Wait until the background warm-ups this kernel started have ended (:mod:`sparsecore.warmup`); True if they
+        all have (within ``timeout`` seconds). The next call with their inputs then runs the warmed backend, or
+        raises what its warm-up raised."""
+        from concurrent.futures import wait
+        futures = [w.future for w in self._warming.values() if w.future is not None]
+        return not wait(futures, timeout=timeout).not_done
 
     def keep_plans_on_host(self) -> None:
         """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in
@@ -87,31 +111,113 @@ class CompiledKernel:
 
     def prepare(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> None:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
-        with on_device_of(q):
-            run, _ = self._run_for(q, k, v, scale, return_lse)
-            if hasattr(run, "prepare"):
-                run.prepare(q, k, v)
+        try:
+            with on_device_of(q):
+                run, _ = self._run_for(q, k, v, scale, return_lse)
+                if hasattr(run, "prepare"):
+                    run.prepare(q, k, v)
+        finally:
+            self._submit_queued()
 
     def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float]:
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
-        backend, options = self._backend_for(shape, return_lse, q)
+        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, shape.device)
+        backend, options = self._backend_for(signature, shape)
+        if self.warmup == "background" and backend.slow_to_load:
+            backend, options = self._meanwhile(signature, shape, backend, options, (q, k, v, scale, return_lse))
         problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None
         if problem:
             raise ValueError(f"q: {problem}; move them with .to({self.device!r}) or compile for their device")
         run_key = (backend.name, str(getattr(q, "device", "host")))
         run = self._runs.get(run_key)
         if run is None:
-            host_plans = self.plans_on_host and backend.host_plans
-            from_host = backend.lowers_from_host or (host_plans and self.mask.on_host)  # no device copy kept
-            mask = self.mask.to_host() if from_host else self.mask.to(q.device)
-            run = self._runs[run_key] = backend.lower(mask, self.device, options)
-            if host_plans:
-                run.keep_plans_on_host()
+            run = self._runs[run_key] = self._lowered(backend, options, q)
         self.backend = backend
         return run, scale
+
+    def _lowered(self, backend: Backend, options: Hashable, q: Any) -> Run:
+        """``backend``'s run of the mask for calls with tensors on ``q``'s device."""
+        host_plans = self.plans_on_host and backend.host_plans
+        from_host = backend.lowers_from_host or (host_plans and self.mask.on_host)  # no device copy kept
+        mask = self.mask.to_host() if from_host else self.mask.to(q.device)
+        run = backend.lower(mask, self.device, options)
+        if host_plans:
+            run.keep_plans_on_host()
+        return run
+
+    def _meanwhile(self, signature: tuple, shape: AttentionShape, backend: Backend, options: Hashable,
+                   call: tuple) -> tuple[Backend, Hashable]:
+        """The backend a call runs on while ``backend`` (slow to load, preferred for ``signature``) warms up in the
+        background (:mod:`sparsecore.warmup`): ``backend`` once its warm-up for these inputs ended well (or where no
+        other backend takes them: loaded in place), else the next one that takes them. Queues the warm-up."""
+        key = (backend.name, str(call[0].device), signature)
+        if key in self._ready:
+            return backend, options
+        shared_key = (*key, options, self.mask.num_heads, self.mask.q_offsets.tobytes(),
+                      self.mask.kv_offsets.tobytes(), self.mask.unselected)
+        if is_warm(shared_key):             # another kernel of this geometry warmed it up: its compiles are done
+            self._runs_here.add(backend.name)
+            self._ready.add(key)
+            return backend, options
+        warming = self._warming.get(key)
+        if warming is None:
+            fallback = self._fallback(shape, signature[4], backend)
+            if fallback is None:                                   # nothing else takes these inputs: load here
+                return self._loaded_in_place(key, signature, shape, backend, options)
+            warming = self._warming[key] = Warming(fallback, backend, options, call, caller_stream(call[0]))
+            self._queued.append(warming)
+            return fallback
+        if warming.future is None or not warming.future.done():
+            return warming.fallback
+        error = warming.future.exception()
+        if isinstance(error, Unloadable):           # its library does not load here: stay on the fallback
+            self._unloadable[backend.name] = str(error)
+            self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend}
+            del self._warming[key]
+            return self._backend_for(signature, shape)
+        if error is not None:
+            raise error
+        run_key = (backend.name, key[1])
+        if run_key not in self._runs:
+            run = self._runs[run_key] = warming.future.result()
+            if self.plans_on_host and backend.host_plans:          # asked for after the warm-up had lowered it
+                run.keep_plans_on_host()
+        self._runs_here.add(backend.name)
+        self._ready.add(key)
+        mark_warm(shared_key)
+        del self._warming[key]
+        return backend, options
+
+    def _loaded_in_place(self, key: tuple, signature: tuple, shape: AttentionShape, backend: Backend,
+                         options: Hashable) -> tuple[Backend, Hashable]:
+        reason = backend.unavailable_reason(self.device)
+        if reason is not None:
+            self._unloadable[backend.name] = reason
+            self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend}
+            return self._backend_for(signature, shape)
+        self._runs_here.add(backend.name)
+        self._ready.add(key)
+        return backend, options
+
+    def _fallback(self, shape: AttentionShape, return_lse: bool, backend: Backend) -> tuple[Backend, Hashable] | None:
+        """The first choice after ``backend`` that takes these inputs, runs here and is not slow to load."""
+        later = self._choices[[b for b, _ in self._choices].index(backend) + 1:]
+        for other, options in later:
+            if not other.slow_to_load and not self._problems(other, shape, return_lse) \
+                    and self._reason(other) is None:
+                return other, options
+        return None
+
+    def _submit_queued(self) -> None:
+        """Start the warm-ups this call queued: the worker lowers and runs the preferred backend on its inputs."""
+        while self._queued:
+            warming = self._queued.pop(0)
+            run_key = (warming.backend.name, str(warming.call[0].device))
+            warming.future = submit(lambda w=warming, key=run_key: w.run(self.device, self._lowered,
+                                                                          self._runs.get(key)))
 
     def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:
         mask = self.mask
@@ -132,21 +238,15 @@ class CompiledKernel:
             raise
         return shape
 
-    def _backend_for(self, shape: AttentionShape, return_lse: bool, q: Any) -> tuple[Backend, Hashable]:
-        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, shape.device)
+    def _backend_for(self, signature: tuple, shape: AttentionShape) -> tuple[Backend, Hashable]:
         chosen = self._by_signature.get(signature)
         if chosen is None:
             problems = {}
             for backend, options in self._choices:
-                found = backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads,
-                                                             shape.num_kv_heads, return_lse,
-                                                             self.mask.unselected.kind != "drop")
-                if not found and backend.name not in self._runs_here:
-                    reason = backend.unavailable_reason(self.device)
-                    if reason is None:
-                        self._runs_here.add(backend.name)
-                    else:
-                        found = [f"cannot run here: {reason}"]
+                found = self._problems(backend, shape, signature[4])
+                if not found:
+                    reason = self._reason(backend)
+                    found = [f"cannot run here: {reason}"] if reason is not None else []
                 if not found:
                     chosen = self._by_signature[signature] = (backend, options)
                     break
@@ -159,12 +259,30 @@ class CompiledKernel:
                 raise UnsupportedError(f"no backend compiled for this mask can run these inputs: {lines}")
         return chosen
 
+    def _problems(self, backend: Backend, shape: AttentionShape, return_lse: bool) -> list[str]:
+        return backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads,
+                                                    return_lse, self.mask.unselected.kind != "drop")
+
+    def _reason(self, backend: Backend) -> str | None:
+        """Why ``backend`` cannot run here (None: it can; or, slow to load and warmed up in the background, nothing
+        seen without loading it says it cannot: its warm-up loads it)."""
+        if backend.name in self._runs_here:
+            return None
+        if backend.name in self._unloadable:
+            return self._unloadable[backend.name]
+        if self.warmup == "background" and backend.slow_to_load:
+            return backend.unavailable_before_loading(self.device)
+        reason = backend.unavailable_reason(self.device)
+        if reason is None:
+            self._runs_here.add(backend.name)
+        return reason
+
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
 
 
 def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *, cache: bool = True,
-            **options: Any) -> CompiledKernel:
+            warmup: str | None = None, **options: Any) -> CompiledKernel:
     """Compile ``mask`` for ``device`` and return a callable kernel.
 
     Args:
@@ -175,6 +293,10 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         cache: keep a host mask's kernel in the module's cache, found again by content (default). False:
             the mask object itself holds it weakly, as for device masks, so it lives as long as the caller
             holds the kernel (for callers that compile one mask object per step and hold its kernel).
+        warmup: ``"background"``: a call whose preferred backend is slow to load (``fa4``: seconds to import and
+            compile) runs on the kernel's next backend that takes its inputs while a worker thread loads, lowers
+            and compiles the preferred one, which later calls then run on (:mod:`sparsecore.warmup`); ``"wait"``:
+            loaded in place, one backend throughout. None: ``$SPARSECORE_WARMUP``, else ``"background"``.
         **options: backend-specific options (see each backend's options dataclass); with
             ``backend=None`` only backends that accept them are considered.
 
@@ -193,8 +315,9 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         raise TypeError(f"backend: expected None or a registered backend name (str), got {type(backend).__name__}")
     if not isinstance(cache, bool):
         raise TypeError(f"cache: expected a bool, got {type(cache).__name__}")
+    warmup = warmup_mode(warmup)
     try:
-        request = (device, backend, tuple(sorted(options.items())))
+        request = (device, backend, warmup, tuple(sorted(options.items())))
         hash(request)
     except TypeError:  # an unhashable option value
         raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "
@@ -209,8 +332,12 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     device_type(device)                                  # a cache miss: check the device string fully
     _check_index(device)
     choices = _choices(candidates(mask, device, backend), options)
-    start = first_available([b for b, _ in choices], device, mask if backend is None else None)
-    kernel = CompiledKernel(mask, device, choices[start:])
+    in_background = warmup == "background"
+    start = first_available([b for b, _ in choices], device, mask if backend is None else None,
+                            before_loading=in_background)
+    first = choices[start][0]
+    kernel = CompiledKernel(mask, device, choices[start:], warmup, first_checked=not (in_background
+                                                                                     and first.slow_to_load))
     table[key] = kernel
     if table is _CACHE:                                   # evict the least recently used; keep the new one
         listed = sum(k.mask.nnz for k in _CACHE.values())

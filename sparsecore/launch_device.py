@@ -6,6 +6,9 @@ Inputs on ``cuda:1`` while ``cuda:0`` is current (a pipeline moved with ``.to("c
 ``torch.cuda.set_device``) would then run on the wrong device: an illegal address, or, where peer
 access is on, reads not ordered after the work on ``cuda:1`` that wrote them. :func:`on_device_of`
 makes the inputs' device current around a call (FA4's dense forward, called outside it, does so itself).
+A call's work done on another thread (:mod:`sparsecore.warmup`) goes on the caller's stream
+(:func:`caller_stream`, :func:`on_stream`): each thread has its own current stream, and work on the caller's
+stream is ordered after the kernels that wrote its inputs.
 """
 
 from __future__ import annotations
@@ -21,3 +24,15 @@ def on_device_of(tensor: Any) -> contextlib.AbstractContextManager[Any]:
     if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+def caller_stream(tensor: Any) -> Any:
+    """The calling thread's current stream on ``tensor``'s CUDA device (None for other tensors and arrays)."""
+    if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+        return torch.cuda.current_stream(tensor.device)
+    return None
+
+
+def on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``stream`` (from :func:`caller_stream`) is this thread's current stream (None: nothing)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

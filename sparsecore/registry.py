@@ -101,12 +101,18 @@ class Backend(ABC):
     row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
     dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
     differentiable: bool = False  # its drop masks' runs are torch ops with true gradients (else a backward raises)
-    slow_to_check: bool = False   # unavailable_reason() imports a library that takes seconds (checked last where
-                                  # any backend of the device will do: sparsecore.check.device_problem)
+    slow_to_load: bool = False    # unavailable_reason() imports a library that takes seconds: checked last where any
+                                  # backend of the device will do (sparsecore.check.device_problem), and warmed up in
+                                  # the background while another runs (sparsecore.warmup)
 
     @abstractmethod
     def unavailable_reason(self, device: str) -> str | None:
         """None if the backend runs on ``device`` here, else why not (e.g. which import failed)."""
+
+    def unavailable_before_loading(self, device: str) -> str | None:
+        """What :meth:`unavailable_reason` would say, as far as it can be seen without loading the library (a backend
+        :attr:`slow_to_load` overrides it: its library's import is checked when it warms up)."""
+        return self.unavailable_reason(device)
 
     @abstractmethod
     def lower(self, mask: "BlockMask", device: str, options: Hashable) -> Run:
@@ -240,7 +246,8 @@ def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend
     return sorted(capable, key=lambda b: -b.preference(mask))
 
 
-def first_available(backends: list[Backend], device: str, mask: "BlockMask | None" = None) -> int:
+def first_available(backends: list[Backend], device: str, mask: "BlockMask | None" = None,
+                    before_loading: bool = False) -> int:
     """Index of the first of ``backends`` that runs on ``device`` here, checked in order and no further.
 
     A kernel's later candidates are fallbacks for inputs the first cannot take (another dtype or head dim):
@@ -248,11 +255,13 @@ def first_available(backends: list[Backend], device: str, mask: "BlockMask | Non
     to load is not loaded for a mask another one runs (importing flash-attn-4 took 7.3-10.9 s of a 9.2-13.4 s
     first call on the H200 host for a mask Triton ran: bench/results/gpu-2026-12-01-runs/tenth-session). None of
     them runs here: ``UnsupportedError`` when ``mask`` is given and the device's other backends that run here
-    cannot take it, else ``RuntimeError``; each says why of every backend.
+    cannot take it, else ``RuntimeError``; each says why of every backend. ``before_loading``: a backend slow to
+    load is checked without loading it (:meth:`Backend.unavailable_before_loading`).
     """
     reasons = {}
     for index, backend in enumerate(backends):
-        reason = backend.unavailable_reason(device)
+        quick = before_loading and backend.slow_to_load
+        reason = backend.unavailable_before_loading(device) if quick else backend.unavailable_reason(device)
         if reason is None:
             return index
         reasons[backend] = reason

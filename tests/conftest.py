@@ -33,6 +33,10 @@ settings.register_profile("gpu", parent=settings.get_profile("ci"),
 settings.register_profile("gpu-quick", parent=settings.get_profile("gpu"), max_examples=8)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# A kernel's first call runs the backend compile() prefers, as the GPU tests of selection expect; tests/test_warmup.py
+# tests the library's default (warming a slow backend up behind another) explicitly.
+os.environ.setdefault("SPARSECORE_WARMUP", "wait")
+
 
 
 @pytest.fixture

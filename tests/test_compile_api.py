@@ -331,7 +331,7 @@ def test_a_device_check_stops_at_the_first_backend_that_runs_there_slow_ones_las
     checked while another runs there."""
     from sparsecore.check import device_problem
     fast, wide = fake_cuda
-    fast.slow_to_check = True
+    fast.slow_to_load = True
     assert device_problem("cuda") is None and (fast.checked, wide.checked) == (0, 1)
     assert device_problem("cuda", dtype="float32") is None and (fast.checked, wide.checked) == (0, 2)
     wide.reason = "its library is not installed"

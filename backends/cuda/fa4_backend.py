@@ -141,7 +141,7 @@ class Fa4Backend(Backend):
     name = "fa4"
     install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
     options_type = Fa4Options
-    slow_to_check = True       # unavailable_reason() imports flash_attn.cute: 8-10 s on the H200 host (tenth session)
+    slow_to_load = True        # unavailable_reason() imports flash_attn.cute: 8-12 s on the H200 host (tenth session)
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
     host_plans = True          # Fa4Launch.keep_plans_on_host; to_fa4 takes host lists (one transient upload)
     dense = DenseOp(run=fa4_dense.run, supports=fa4_dense.supports)     # FA4's dense forward, where measured faster
@@ -150,6 +150,16 @@ class Fa4Backend(Backend):
                                 unselected_head_dims=frozenset({64, 128}))   # Triton's approximation pass
 
     def unavailable_reason(self, device: str) -> str | None:
+        reason = self.unavailable_before_loading(device)
+        if reason is not None:
+            return reason
+        error = _import_error()
+        if error is not None:
+            return f"flash_attn.cute is not importable: {error}"
+        return None
+
+    def unavailable_before_loading(self, device: str) -> str | None:
+        """Installed, a CUDA device of compute capability 9.x or 10.x: what is seen without importing FA4."""
         if importlib.util.find_spec("flash_attn") is None:
             return "flash-attn-4 is not installed (no module flash_attn)"
         if not torch.cuda.is_available():
@@ -161,9 +171,6 @@ class Fa4Backend(Backend):
         if major not in (9, 10):
             return (f"compute capability {major}.{minor}: this lowering uses FA4's block-sparse forward on "
                     f"9.x (Hopper) and 10.x (Blackwell) only")
-        error = _import_error()
-        if error is not None:
-            return f"flash_attn.cute is not importable: {error}"
         return None
 
     def preference(self, mask: BlockMask) -> int:

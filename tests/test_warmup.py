@@ -1,0 +1,243 @@
+"""A backend slow to load warms up in the background while its kernel runs the next one (sparsecore.warmup).
+
+Fake CUDA backends on CPU tensors stand in for ``fa4`` (slow to load) and ``triton``; each writes its tag into the
+output, so a test sees which one ran. A gate holds the slow backend's first run (the warm-up) until a test
+releases it. The real pair runs in the GPU test at the end, against a float64 dense oracle.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecore
+from sparsecore import registry, warmup
+from sparsecore.capabilities import Capabilities
+from sparsecore.ir import BlockMask
+from sparsecore.registry import UnsupportedError
+
+FAST, FALLBACK = 1.0, 2.0
+
+
+class _Fake(registry.Backend):
+    """Runs on CPU tensors while claiming CUDA; records its checks, lowerings and runs (with their thread)."""
+
+    def __init__(self, name, rank, tag, slow, dtypes):
+        self.name, self.rank, self.tag, self.slow_to_load = name, rank, tag, slow
+        self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
+                                         head_dims=frozenset({16}))
+        self.reason = self.quick_reason = self.error = None
+        self.checks, self.lowered, self.runs = [], [], []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def unavailable_reason(self, device):
+        self.checks.append(("full", threading.current_thread().name))
+        return self.reason
+
+    def unavailable_before_loading(self, device):
+        self.checks.append(("quick", threading.current_thread().name))
+        return self.quick_reason
+
+    def tensor_device_problem(self, device, tensor_device):
+        return None
+
+    def preference(self, mask):
+        return self.rank
+
+    def lower(self, mask, device, options):
+        self.lowered.append(threading.current_thread().name)
+
+        def run(q, k, v, scale, return_lse):
+            self.runs.append((threading.current_thread().name, q))
+            assert self.gate.wait(30), "the test never released the gate"
+            if self.error is not None:
+                raise self.error
+            return torch.full_like(q, self.tag), (torch.zeros(q.shape[:3]) if return_lse else None)
+        return run
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    slow = _Fake("fake-slow", 100, FAST, slow=True, dtypes={"float32", "float16"})
+    quick = _Fake("fake-quick", 50, FALLBACK, slow=False, dtypes={"float32"})
+    kept = {n: b for n, b in registry.registered_backends().items() if "cuda" not in b.capabilities.devices}
+    monkeypatch.setattr(registry, "_REGISTRY", {**kept, slow.name: slow, quick.name: quick})
+    monkeypatch.setattr(warmup, "_warm", set())
+    monkeypatch.delenv(warmup.ENV, raising=False)
+    yield slow, quick
+    slow.gate.set()
+    sparsecore.clear_cache()
+
+
+def _mask(seed=0):
+    rng = np.random.default_rng(seed)
+    return BlockMask.from_dense(rng.random((2, 4, 4)) < 0.6, 64, 64, 16)
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 2, 64, 16, generator=gen).to(dtype) for _ in range(3)]
+
+
+def test_the_first_call_runs_the_fallback_while_the_preferred_backend_warms_up_on_its_inputs(fakes):
+    slow, quick = fakes
+    slow.gate.clear()
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    assert slow.checks == [("quick", "MainThread")] and kernel.warmup == "background"   # compile() imports nothing
+    q, k, v = _inputs()
+    out = kernel(q, k, v)
+    assert float(out.flatten()[0]) == FALLBACK and kernel.backend is quick
+    assert kernel(q, k, v).flatten()[0] == FALLBACK                      # still warming: the fallback again
+    slow.gate.set()
+    assert kernel.wait_for_warmups(timeout=30)
+    assert [c for c in slow.checks if c[0] == "full"] == [("full", "sparsecore-warmup")]     # imported there only
+    assert slow.lowered == ["sparsecore-warmup"]
+    assert [(thread, ran is q) for thread, ran in slow.runs] == [("sparsecore-warmup", True)]   # the call's inputs
+    assert float(kernel(q, k, v).flatten()[0]) == FAST and kernel.backend is slow
+    assert slow.lowered == ["sparsecore-warmup"] and slow.runs[-1][0] == "MainThread"          # lowered once
+    assert quick.lowered == ["MainThread"]
+
+
+def test_a_kernel_of_a_geometry_warmed_before_runs_the_preferred_backend_at_once(fakes):
+    """Methods compile a new mask every layer and step: once one warmed up, masks of its geometry need no warm-up."""
+    slow, quick = fakes
+    q, k, v = _inputs()
+    first = sparsecore.compile(_mask(0), device="cuda")
+    first(q, k, v)
+    assert first.wait_for_warmups(timeout=30)
+    first(q, k, v)                                    # the warm-up is taken up by the next call
+    second = sparsecore.compile(_mask(1), device="cuda")
+    assert float(second(q, k, v).flatten()[0]) == FAST and len(slow.lowered) == 2
+    assert [thread for thread, _ in slow.runs] == ["sparsecore-warmup", "MainThread", "MainThread"]
+    other_shape = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")    # new block offsets
+    assert float(other_shape(q, k, v).flatten()[0]) == FALLBACK
+
+
+def test_a_backend_that_does_not_load_leaves_the_kernel_on_the_fallback(fakes):
+    slow, quick = fakes
+    slow.reason = "flash_attn.cute is not importable: ImportError: no cutlass"
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    q, k, v = _inputs()
+    kernel(q, k, v)
+    assert kernel.wait_for_warmups(timeout=30)
+    for _ in range(2):
+        assert float(kernel(q, k, v).flatten()[0]) == FALLBACK and kernel.backend is quick
+    assert slow.lowered == [] and [c for c, _ in slow.checks] == ["quick", "quick", "full"]   # not checked again
+    half = _inputs(torch.float16)                          # only the slow backend takes float16: says why not
+    with pytest.raises(UnsupportedError, match=r"fake-slow: cannot run here: flash_attn.cute is not importable.*"
+                                               r"fake-quick: dtypes"):
+        kernel(*half)
+
+
+def test_an_error_of_the_warm_up_is_raised_at_the_next_call_with_those_inputs(fakes):
+    slow, quick = fakes
+    slow.error = RuntimeError("CuTe DSL compile failed")
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    q, k, v = _inputs()
+    kernel(q, k, v)
+    assert kernel.wait_for_warmups(timeout=30)
+    for _ in range(2):                                     # as a call in place would, at every call
+        with pytest.raises(RuntimeError, match="CuTe DSL compile failed") as raised:
+            kernel(q, k, v)
+        assert any("warmed up in the background" in note for note in raised.value.__notes__)
+
+
+def test_inputs_no_other_backend_takes_load_the_preferred_one_in_place(fakes):
+    slow, quick = fakes
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    out = kernel(*_inputs(torch.float16))
+    assert float(out.flatten()[0]) == FAST and [t for t, _ in slow.runs] == ["MainThread"]
+    assert [c for c, _ in slow.checks] == ["quick", "quick", "full"]
+    named = sparsecore.compile(_mask(), device="cuda", backend="fake-slow")    # a named backend has no fallback
+    assert float(named(*_inputs()).flatten()[0]) == FAST
+
+
+def test_wait_mode_loads_in_place_and_runs_one_backend_throughout(fakes, monkeypatch):
+    slow, quick = fakes
+    kernel = sparsecore.compile(_mask(), device="cuda", warmup="wait")
+    assert slow.checks == [("full", "MainThread")]
+    assert float(kernel(*_inputs()).flatten()[0]) == FAST and [t for t, _ in slow.runs] == ["MainThread"]
+    monkeypatch.setenv(warmup.ENV, "wait")
+    assert sparsecore.compile(_mask(), device="cuda").warmup == "wait"
+    assert sparsecore.compile(_mask(), device="cuda", warmup="background").warmup == "background"
+
+
+def test_plans_asked_on_the_host_during_a_warm_up_go_there(fakes):
+    """keep_plans_on_host() while the worker lowers: the warmed run keeps its plans on the host (asked once more where
+    the worker lowered it after the request; Fa4Launch.keep_plans_on_host moves only what is still on the device)."""
+    slow, quick = fakes
+    slow.host_plans = True
+    held = []
+    lower = slow.lower
+
+    def lower_with_plans(mask, device, options):
+        run = lower(mask, device, options)
+        run.keep_plans_on_host = lambda: held.append("host")
+        return run
+    slow.lower = lower_with_plans
+    slow.gate.clear()
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    q, k, v = _inputs()
+    kernel(q, k, v)
+    kernel.keep_plans_on_host()
+    slow.gate.set()
+    assert kernel.wait_for_warmups(timeout=30)
+    kernel(q, k, v)
+    assert kernel.backend is slow and held and set(held) == {"host"}     # asked again if lowered before: no harm
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("later", ValueError, r"warmup: expected None \(\$SPARSECORE_WARMUP, else 'background'\) or one of "
+                          r"\['background', 'wait'\], got 'later'"),
+    (1, TypeError, r"warmup: expected None or one of \['background', 'wait'\], got int"),
+])
+def test_compile_refuses_an_unknown_warmup_mode(value, error, match):
+    with pytest.raises(error, match=match):
+        sparsecore.compile(_mask(), device="cpu", warmup=value)
+
+
+def test_an_unknown_mode_in_the_environment_is_refused_naming_it(monkeypatch):
+    monkeypatch.setenv(warmup.ENV, "eager")
+    with pytest.raises(ValueError, match=r"SPARSECORE_WARMUP: expected one of \['background', 'wait'\] .*got "
+                                         r"'eager'"):
+        sparsecore.compile(_mask(), device="cpu")
+
+
+def _dense_oracle(q, k, v, mask):
+    """Float64 dense attention over the mask's token pattern, written here."""
+    allowed = torch.from_numpy(mask.token_mask())                                  # [H, q_len, kv_len]
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.nan_to_num(torch.softmax(scores, dim=-1)) @ v.double()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.is_available() is False: fa4 needs an SM90 GPU")
+def test_fa4_warms_up_behind_triton_on_the_gpu_and_both_match_dense():
+    fa4 = sparsecore.registered_backends()["fa4"]
+    reason = fa4.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"fa4 on cuda: {reason}")
+    rng = np.random.default_rng(3)
+    keep = rng.random((2, 12, 12)) < 0.3
+    keep[:, np.arange(12), np.arange(12)] = True
+    mask = BlockMask.from_dense(keep, 1500, 1500, 128)                           # a short last block
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 1500, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                                     # the warm-up goes on the caller's stream
+        kernel = sparsecore.compile(mask, device="cuda", warmup="background")
+        first = kernel(q, k, v)
+        ran_first = kernel.backend.name
+        assert kernel.wait_for_warmups(timeout=300)
+        later = kernel(q, k, v)
+    torch.cuda.synchronize()
+    expected = _dense_oracle(q.cpu(), k.cpu(), v.cpu(), mask)
+    assert ran_first == "triton" and kernel.backend.name == "fa4"
+    for out in (first, later):
+        assert torch.allclose(out.cpu().double(), expected, atol=2e-2, rtol=0)
