@@ -46,7 +46,8 @@ from .inputs import AttentionShape, attention_shape, check_scale
 from .launch_device import caller_stream, on_device_of
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
-from .warmup import Unloadable, Warming, is_warm, mark_warm, mode as warmup_mode, submit
+from . import warmup as warmups
+from .warmup import Unloadable, Warming
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
@@ -65,8 +66,8 @@ class CompiledKernel:
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
         self._runs_here = {choices[0][0].name} if first_checked else set()   # backends checked to run here
         self._unloadable: dict[str, str] = {}    # backends whose background load found they cannot run here: why
-        self._warming: dict[tuple, Warming] = {}  # (backend, tensor device, signature) -> its background warm-up
-        self._ready: set[tuple] = set()           # ... warmed up, or loaded in place
+        self._warming: dict[tuple, Warming] = {}  # (backend, tensor device, signature) -> a warm-up it queued
+        self._ready: set[tuple] = set()           # ... warm (here or by a kernel of this geometry), or in place
         self._queued: list[Warming] = []          # warm-ups to submit once this call has launched
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
@@ -90,12 +91,9 @@ class CompiledKernel:
         return (out, lse) if return_lse else out
 
     def wait_for_warmups(self, timeout: float | None = None) -> bool:
-        """Wait until the background warm-ups this kernel started have ended (:mod:`sparsecore.warmup`); True if they
-        all have (within ``timeout`` seconds). The next call with their inputs then runs the warmed backend, or
-        raises what its warm-up raised."""
-        from concurrent.futures import wait
-        futures = [w.future for w in self._warming.values() if w.future is not None]
-        return not wait(futures, timeout=timeout).not_done
+        """Wait until the background warm-ups queued so far have ended (:func:`sparsecore.warmup.wait`): True if
+        they did within ``timeout`` seconds. The next call then runs the warmed backend (or reports its error)."""
+        return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:
         """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in
@@ -126,11 +124,10 @@ class CompiledKernel:
         scale = check_scale(scale, shape.head_dim)
         signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, shape.device)
         backend, options = self._backend_for(signature, shape)
+        self._check_device(backend, shape)
         if self.warmup == "background" and backend.slow_to_load:
             backend, options = self._meanwhile(signature, shape, backend, options, (q, k, v, scale, return_lse))
-        problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None
-        if problem:
-            raise ValueError(f"q: {problem}; move them with .to({self.device!r}) or compile for their device")
+            self._check_device(backend, shape)
         run_key = (backend.name, str(getattr(q, "device", "host")))
         run = self._runs.get(run_key)
         if run is None:
@@ -138,11 +135,18 @@ class CompiledKernel:
         self.backend = backend
         return run, scale
 
-    def _lowered(self, backend: Backend, options: Hashable, q: Any) -> Run:
-        """``backend``'s run of the mask for calls with tensors on ``q``'s device."""
-        host_plans = self.plans_on_host and backend.host_plans
-        from_host = backend.lowers_from_host or (host_plans and self.mask.on_host)  # no device copy kept
-        mask = self.mask.to_host() if from_host else self.mask.to(q.device)
+    def _check_device(self, backend: Backend, shape: AttentionShape) -> None:
+        problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None
+        if problem:
+            raise ValueError(f"q: {problem}; move them with .to({self.device!r}) or compile for their device")
+
+    def _lowered(self, backend: Backend, options: Hashable, q: Any, mask: BlockMask | None = None) -> Run:
+        """``backend``'s run of the mask (or of ``mask``: a warm-up's sample) for calls with tensors on ``q``'s
+        device."""
+        host_plans = self.plans_on_host and backend.host_plans and mask is None      # not for a sample's run
+        mask = self.mask if mask is None else mask
+        from_host = backend.lowers_from_host or (host_plans and mask.on_host)  # no device copy kept
+        mask = mask.to_host() if from_host else mask.to(q.device)
         run = backend.lower(mask, self.device, options)
         if host_plans:
             run.keep_plans_on_host()
@@ -151,56 +155,68 @@ class CompiledKernel:
     def _meanwhile(self, signature: tuple, shape: AttentionShape, backend: Backend, options: Hashable,
                    call: tuple) -> tuple[Backend, Hashable]:
         """The backend a call runs on while ``backend`` (slow to load, preferred for ``signature``) warms up in the
-        background (:mod:`sparsecore.warmup`): ``backend`` once its warm-up for these inputs ended well (or where no
-        other backend takes them: loaded in place), else the next one that takes them. Queues the warm-up."""
+        background (:mod:`sparsecore.warmup`): ``backend`` once it is warm for these inputs (here or by a kernel of
+        this mask's geometry), or loaded in place where no other backend takes them; else the next one that
+        takes them, queuing the geometry's warm-up unless one is in flight."""
         key = (backend.name, str(call[0].device), signature)
         if key in self._ready:
             return backend, options
-        shared_key = (*key, options, self.mask.num_heads, self.mask.q_offsets.tobytes(),
-                      self.mask.kv_offsets.tobytes(), self.mask.unselected)
-        if is_warm(shared_key):             # another kernel of this geometry warmed it up: its compiles are done
-            self._runs_here.add(backend.name)
-            self._ready.add(key)
-            return backend, options
-        warming = self._warming.get(key)
-        if warming is None:
-            fallback = self._fallback(shape, signature[4], backend)
-            if fallback is None:                                   # nothing else takes these inputs: load here
-                return self._loaded_in_place(key, signature, shape, backend, options)
-            warming = self._warming[key] = Warming(fallback, backend, options, call, caller_stream(call[0]))
-            self._queued.append(warming)
+        own = self._warming.get(key)
+        if own is not None:                         # this kernel queued the warm-up: it reports its error
+            return own.fallback if not own.future.done() else self._settled(key, own, signature, shape, call)
+        shared = warmups.warm_key(backend, key[1], signature, options, self.mask)
+        if warmups.is_warm(shared):                 # its compiles are done: lowered and run in place
+            return self._runs_it(key, backend, options)
+        fallback = self._fallback(shape, signature[4], backend)
+        if fallback is None:                        # nothing else takes these inputs: load it here
+            return self._loaded_in_place(key, signature, shape, backend, options, call)
+        future = warmups.pending(shared)
+        if future is None:
+            self._warming[key] = Warming(shared, fallback, backend, options, warmups.sample_call(self.mask, call),
+                                         caller_stream(call[0]))
+            self._queued.append(self._warming[key])
             return fallback
-        if warming.future is None or not warming.future.done():
-            return warming.fallback
-        error = warming.future.exception()
-        if isinstance(error, Unloadable):           # its library does not load here: stay on the fallback
-            self._unloadable[backend.name] = str(error)
-            self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend}
-            del self._warming[key]
-            return self._backend_for(signature, shape)
+        if not future.done():
+            return fallback
+        if isinstance(future.exception(), Unloadable):
+            return self._unloadable_now(backend, str(future.exception()), signature, shape, call)
+        return self._runs_it(key, backend, options)   # another kernel's warm-up just ended (its error is its own)
+
+    def _settled(self, key: tuple, own: Warming, signature: tuple, shape: AttentionShape,
+                 call: tuple) -> tuple[Backend, Hashable]:
+        """A call after this kernel's own warm-up ended: the backend runs (lowered in place); or its error is reported
+        once (then the backend runs in place); or, where the backend did not load, the kernel goes on without it."""
+        del self._warming[key]
+        backend, options, error = own.backend, own.options, own.future.exception()
+        if isinstance(error, Unloadable):
+            return self._unloadable_now(backend, str(error), signature, shape, call)
         if error is not None:
+            warmups.reported(own.key, own.future)
+            self._runs_it(key, backend, options)
             raise error
-        run_key = (backend.name, key[1])
-        if run_key not in self._runs:
-            run = self._runs[run_key] = warming.future.result()
-            if self.plans_on_host and backend.host_plans:          # asked for after the warm-up had lowered it
-                run.keep_plans_on_host()
+        return self._runs_it(key, backend, options)               # lowered here: the compiles are done
+
+    def _runs_it(self, key: tuple, backend: Backend, options: Hashable) -> tuple[Backend, Hashable]:
         self._runs_here.add(backend.name)
         self._ready.add(key)
-        mark_warm(shared_key)
-        del self._warming[key]
         return backend, options
 
+    def _unloadable_now(self, backend: Backend, reason: str, signature: tuple, shape: AttentionShape,
+                        call: tuple) -> tuple[Backend, Hashable]:
+        """``backend`` cannot run here after all: choose again without it (another slow one warms up in turn)."""
+        self._unloadable[backend.name] = reason
+        self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend}
+        chosen, options = self._backend_for(signature, shape)
+        if chosen.slow_to_load:
+            return self._meanwhile(signature, shape, chosen, options, call)
+        return chosen, options
+
     def _loaded_in_place(self, key: tuple, signature: tuple, shape: AttentionShape, backend: Backend,
-                         options: Hashable) -> tuple[Backend, Hashable]:
+                         options: Hashable, call: tuple) -> tuple[Backend, Hashable]:
         reason = backend.unavailable_reason(self.device)
         if reason is not None:
-            self._unloadable[backend.name] = reason
-            self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend}
-            return self._backend_for(signature, shape)
-        self._runs_here.add(backend.name)
-        self._ready.add(key)
-        return backend, options
+            return self._unloadable_now(backend, reason, signature, shape, call)
+        return self._runs_it(key, backend, options)
 
     def _fallback(self, shape: AttentionShape, return_lse: bool, backend: Backend) -> tuple[Backend, Hashable] | None:
         """The first choice after ``backend`` that takes these inputs, runs here and is not slow to load."""
@@ -212,12 +228,11 @@ class CompiledKernel:
         return None
 
     def _submit_queued(self) -> None:
-        """Start the warm-ups this call queued: the worker lowers and runs the preferred backend on its inputs."""
+        """Start the warm-ups this call queued: the worker loads the preferred backend and runs it on the call's
+        sample (:func:`sparsecore.warmup.sample_call`)."""
         while self._queued:
-            warming = self._queued.pop(0)
-            run_key = (warming.backend.name, str(warming.call[0].device))
-            warming.future = submit(lambda w=warming, key=run_key: w.run(self.device, self._lowered,
-                                                                          self._runs.get(key)))
+            own = self._queued.pop(0)
+            own.future = warmups.start(own.key, lambda w=own: w.run(self.device, self._lowered))
 
     def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:
         mask = self.mask
@@ -315,7 +330,7 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         raise TypeError(f"backend: expected None or a registered backend name (str), got {type(backend).__name__}")
     if not isinstance(cache, bool):
         raise TypeError(f"cache: expected a bool, got {type(cache).__name__}")
-    warmup = warmup_mode(warmup)
+    warmup = warmups.mode(warmup)
     try:
         request = (device, backend, warmup, tuple(sorted(options.items())))
         hash(request)

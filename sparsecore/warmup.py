@@ -1,45 +1,65 @@
-"""A backend slow to get ready warms up in a background thread while its kernel runs another one.
+"""A backend slow to get ready warms up on a worker thread while the caller runs another one.
 
 Issue 13 asks a new mask shape's first call to take at most 5 s, compile included. On the H200 host the ``fa4``
 lowering's first call took 15-23 s in a fresh process: importing ``flash_attn.cute`` 8.4-11.7 s (most of it
 ``torch._dynamo``, which FA4's ``quack`` dependency imports) and FA4's CuTe DSL compile 4-9 s, where Triton's
 first call on the masks it runs took 2.5-3.0 s (bench/results/gpu-2026-12-01-runs/notes.md, tenth and eleventh
-sessions). So, in the ``"background"`` mode (the default), a call whose preferred backend is slow to load
-(``Backend.slow_to_load``) and not yet ready for the call's inputs runs on the next backend of the kernel that
-takes them, and one worker thread loads the preferred backend, lowers the mask and runs it once on that call's
-inputs (which compiles what later calls launch), on the caller's stream; the first call after it ends runs on
-it. Every backend is an exact lowering of the same mask, so the outputs differ only by rounding. A failure to
-load (the library does not import here) leaves the kernel on the other backend, as ``compile()`` does in the
-``"wait"`` mode when the check fails; any other error is raised at the next call with these inputs.
+sessions). So, in the ``"background"`` mode (the default), a kernel's call whose preferred backend is slow to load
+(``Backend.slow_to_load``) and not yet warm for its inputs runs on the kernel's next backend that takes them, and
+one worker thread loads the preferred backend and runs it once on a small sample of that call (the mask's first
+and last blocks, :func:`sample_call`), which compiles what later calls launch, on the caller's stream. From then on calls with such inputs run the preferred
+backend, in that kernel and in every kernel of a mask of the same geometry (:func:`warm_key`): one warm-up per
+geometry, however many kernels of it are called meanwhile (a method compiles a mask per layer and step). Every
+backend is an exact lowering of the same mask, so the outputs differ only by rounding.
 
-While it runs, the worker holds the warming call's q, k and v and allocates what one call of the preferred
-backend does (its output and plan): device memory the main thread's peak may see once. Its Python work also
-takes the GIL from the main thread's launches.
+When it fails: a backend that does not load here (its library does not import) leaves the kernels on the next
+one, as ``compile()`` does in the ``"wait"`` mode when its check fails. Any other error is raised once, at the
+next call of the kernel that queued the warm-up; then that kernel's calls run the backend in place, as in the
+``"wait"`` mode (and so raise again only if it fails again), and a later kernel of the geometry warms up anew.
+
+Costs. The sample's cut takes one host read (a device mask's lists) at the call that queues it, and a few MB.
+When the warm-up ended, the next call lowers the kernel's own mask in place (the plan's conversion: 0.005-0.1 s on
+the H200) and compiles anything the sample did not need (FA4's key ranges' merge, a Triton kernel). Before samples,
+a warm-up holding the call's q, k, v and running it whole raised Wan 2.1's 2x peak by 767 MiB. Its Python work (imports,
+CuTe DSL tracing and compile) holds the GIL for up to seconds at a time, during which the caller's launches
+wait (H200, 2026-12-02: calls of 1-100 ms took up to 3.7-5.8 s meanwhile). FA4's two-CTA launches
+(:mod:`sparsecore.backends.cuda.fa4_occupancy`) take one lock for a call, compile included: a call of the caller
+waits for a two-CTA compile of the worker's. A CUDA graph captured in torch's default global capture mode while
+a warm-up runs may fail: :func:`wait` first. At exit the worker's current task may run to its end
+(:data:`EXIT_WAIT_S`); queued ones are dropped.
 
 ``"wait"``: the call loads and compiles in place (15-23 s for ``fa4`` above) and every call of a kernel runs on one
 backend; for benchmarks and runs that must not mix backends. ``compile(..., warmup=...)`` picks it per kernel,
-the environment variable ``SPARSECORE_WARMUP`` for every kernel that does not.
+the environment variable ``SPARSECORE_WARMUP`` for every kernel that does not (and for :func:`ready_for`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
-from concurrent.futures import Future
+import traceback
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
 
-from .launch_device import on_device_of, on_stream
+from .launch_device import caller_stream, on_device_of, on_stream
 
 MODES = ("background", "wait")
 ENV = "SPARSECORE_WARMUP"
+EXIT_WAIT_S = 60.0
 
-_warm: set[Hashable] = set()     # what warm-ups ended well for: see is_warm
-_tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]]] | None" = None
+_warm: set[Hashable] = set()                  # warm-up keys that ended well
+_pending: dict[Hashable, Future] = {}         # in flight, or ended with an error not yet reported (Unloadable: kept)
+_op_warmups: dict[Hashable, Future] = {}      # ready_for's, by key
+_op_in_place: set[Hashable] = set()           # ready_for keys whose warm-up failed once: loaded in place since
+_tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] | None" = None
+_worker: threading.Thread | None = None
 _lock = threading.Lock()
+_stopping = False
 
 
 def mode(value: str | None) -> str:
@@ -59,86 +79,220 @@ def mode(value: str | None) -> str:
     return value
 
 
-def is_warm(key: Hashable) -> bool:
-    """Whether a warm-up ended well for ``key``: (backend, tensor device, input signature, options, the mask's heads,
-    block offsets and treatment of unlisted blocks). A kernel of another mask with that key lowers and runs in place:
-    a new mask of a seen geometry needs no new compile (FA4's kernels depend on tiles and mask_mod, not on the
-    lists; a mask of that geometry whose tiles need FA4's mask_mod where the first one's did not compiles once
-    in place)."""
-    return key in _warm
-
-
-def mark_warm(key: Hashable) -> None:
-    _warm.add(key)
-
-
 class Unloadable(RuntimeError):
     """The backend's full check (the import of its library) found that it cannot run here."""
 
 
+def warm_key(backend: Any, device: str, signature: tuple, options: Hashable, mask: Any) -> tuple:
+    """What a warm-up is shared by: backend, tensor device, input signature, options, and the mask's heads, block
+    offsets and treatment of unlisted blocks. FA4's kernels depend on tiles and mask_mod, not on the lists, so a
+    new mask of a warmed geometry compiles nothing (one whose tiles need FA4's mask_mod where the first one's did
+    not compiles once, in place); the key holds the offsets (a few thousand integers at most), not the lists."""
+    return (backend.name, device, signature, options, mask.num_heads, mask.q_offsets.tobytes(),
+            mask.kv_offsets.tobytes(), mask.unselected)
+
+
+def is_warm(key: Hashable) -> bool:
+    return key in _warm
+
+
+def pending(key: Hashable) -> Future | None:
+    """The warm-up of ``key`` in flight, or ended with an error its kernel has not reported yet (None: neither)."""
+    return _pending.get(key)
+
+
+def start(key: Hashable, task: Callable[[], Any]) -> Future:
+    """Run ``task`` (a warm-up of ``key``) on the worker; once it ended well, ``key`` is warm."""
+    future = submit(task)
+    _pending[key] = future
+    future.add_done_callback(lambda done: _settle(key, done))
+    return future
+
+
+def _settle(key: Hashable, future: Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        _warm.add(key)                                # before it leaves _pending: a reader sees one or the other
+        if _pending.get(key) is future:
+            del _pending[key]
+
+
+def reported(key: Hashable, future: Future) -> None:
+    """The error of ``key``'s warm-up ``future`` was raised to the caller: a later kernel may warm up anew."""
+    if _pending.get(key) is future:
+        del _pending[key]
+
+
+SAMPLE_TOKENS = 512     # a warm-up's sample takes blocks from the start up to this many tokens, and the last block
+
+
+def sample_call(mask: Any, call: tuple) -> tuple:
+    """A small call with the traits of ``call`` (q, k, v, scale, return_lse) that a compile depends on: the mask cut to
+    its first blocks (up to :data:`SAMPLE_TOKENS` tokens) and its last block on each side, so block sizes and a short
+    last block are kept (:func:`sparsecore.ir.slicing.slice_mask`, one host read for a device mask), with copies of
+    those tokens' q, k, v. A mask that approximates its unlisted blocks is cut as its drop-only mask with the LSE
+    asked for: its exact part (FA4's) compiles so; the approximation's own pass is Triton's, which a Triton fallback
+    compiled already. Returns ``(mask, q, k, v, scale, return_lse)``; holds nothing of ``call``."""
+    from sparsecore.ir.slicing import slice_mask
+    from sparsecore.ir.unselected import DROP
+    q, k, v, scale, return_lse = call
+    if mask.unselected != DROP:
+        mask = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                                    mask.budgets, mask.meta, DROP)
+        return_lse = True
+    q_ranges, kv_ranges = _ends(mask.q_offsets), _ends(mask.kv_offsets)
+    part = slice_mask(mask, q_ranges, kv_ranges)
+
+    def cut(tensor: Any, ranges: list[tuple[int, int]]) -> Any:
+        return torch.cat([tensor[:, :, a:b] for a, b in ranges], dim=2)
+    return part, cut(q, q_ranges), cut(k, kv_ranges), cut(v, kv_ranges), scale, return_lse
+
+
+def _ends(offsets: Any) -> list[tuple[int, int]]:
+    """Token ranges of the first blocks (up to SAMPLE_TOKENS tokens, at least one) and of the last block."""
+    first = max(1, int((offsets[1:] <= SAMPLE_TOKENS).sum()))
+    if first >= len(offsets) - 2:
+        return [(0, int(offsets[-1]))]
+    return [(0, int(offsets[first])), (int(offsets[-2]), int(offsets[-1]))]
+
+
 @dataclass(eq=False)
 class Warming:
-    """One background warm-up of ``backend`` for the inputs of the call that queued it (``call``: q, k, v, scale,
-    return_lse; released when it ends). Calls run ``fallback`` (a backend and its options) meanwhile."""
+    """A warm-up of ``backend`` that a kernel queued at one call: a :func:`sample_call` of it (``sample``: the mask and
+    the inputs; released when it ends). The kernel's calls run ``fallback`` (a backend and its options) meanwhile;
+    ``key`` is the :func:`warm_key` it is shared by."""
 
+    key: tuple
     fallback: tuple[Any, Hashable]
     backend: Any
     options: Hashable
-    call: tuple | None
+    sample: tuple | None
     stream: Any                  # the caller's stream (launch_device.caller_stream)
     future: Future | None = None
 
-    def run(self, device: str, lower: Callable[[Any, Hashable, Any], Any], existing: Any) -> Any:
-        """On the worker: load the backend (:class:`Unloadable` if it cannot run here), lower the mask (unless the
-        kernel has its run already: ``existing``), run it once on the call's inputs; return the run."""
+    def run(self, device: str, lower: Callable[[Any, Hashable, Any, Any], Any]) -> None:
+        """On the worker: load the backend (:class:`Unloadable` if it cannot run here), lower the sample's mask and run
+        it once (which compiles what the kernel's calls launch). ``lower(backend, options, q, mask=...)``."""
         try:
             reason = self.backend.unavailable_reason(device)
             if reason is not None:
                 raise Unloadable(reason)
-            q, k, v, scale, return_lse = self.call
+            mask, q, k, v, scale, return_lse = self.sample
             with on_device_of(q), on_stream(self.stream), torch.no_grad():
-                run = existing if existing is not None else lower(self.backend, self.options, q)
-                run(q, k, v, scale, return_lse)
-            return run
-        except Unloadable:
-            raise
-        except BaseException as exc:
-            exc.add_note(f"sparsecore: raised while backend {self.backend.name!r} warmed up in the background; it is "
-                         f"raised at each call with these inputs (compile(..., warmup='wait') loads it in place)")
-            raise
+                lower(self.backend, self.options, q, mask=mask)(q, k, v, scale, return_lse)
         finally:
-            self.call = None
+            self.sample = None
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Wait until every warm-up queued so far has ended (they run in order); True if they did within ``timeout``
+    seconds."""
+    try:
+        submit(lambda: None).result(timeout)
+    except FutureTimeout:
+        return False
+    return True
+
+
+def ready_for(key: Hashable, load: Callable[[], str | None], sample_run: Callable[[], Callable[[], Any]],
+              like: Any) -> str | None:
+    """Whether an op outside a kernel that is slow to get ready (FA4's dense forward) may run now: None when it may,
+    else why not yet (the caller runs another op meanwhile).
+
+    ``load()``: None when the op can run here, else why not (it imports the library). ``sample_run()``: called once,
+    in the caller's thread, when the warm-up starts; returns a function the worker calls, which runs the op once on a
+    small sample of the caller's inputs (copies: the caller's tensors are not held) and so compiles what later runs
+    launch. ``like``: one of the inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`)
+    this is ``load()``: the op loads and compiles in place. In the "background" mode the first ask for ``key`` starts
+    the warm-up and says so until it ended; then None, or ``load()``'s reason; an error it raised is raised at the
+    next ask, once, and from then on the key is loaded in place (``load()``)."""
+    if mode(None) == "wait" or key in _op_in_place:
+        return load()
+    future = _op_warmups.get(key)
+    if future is None:
+        stream, first_run = caller_stream(like), sample_run()
+
+        def task() -> None:
+            reason = load()
+            if reason is not None:
+                raise Unloadable(reason)
+            with on_device_of(like), on_stream(stream), torch.no_grad():
+                first_run()
+        future = _op_warmups[key] = submit(task)
+    if not future.done():
+        return f"warming up in the background ({ENV}=wait loads it in place)"
+    error = future.exception()
+    if isinstance(error, Unloadable):
+        return str(error)
+    if error is not None:
+        _op_in_place.add(key)
+        del _op_warmups[key]
+        raise error
+    return None
 
 
 def submit(task: Callable[[], Any]) -> Future:
     """Run ``task`` on the worker thread (one for the process, started on first use; tasks run one at a time in
     the order given) and return its future."""
-    global _tasks
+    global _tasks, _worker
     future: Future = Future()
     with _lock:
         if _tasks is None:
             _tasks = queue.SimpleQueue()
-            threading.Thread(target=_work, args=(_tasks,), name="sparsecore-warmup", daemon=True).start()
+            _worker = threading.Thread(target=_work, args=(_tasks,), name="sparsecore-warmup", daemon=True)
+            _worker.start()
         _tasks.put((future, task))
     return future
 
 
-def _work(tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]]]") -> None:
+def _work(tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None]") -> None:
     while True:
-        future, task = tasks.get()
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(task())
-        except BaseException as exc:  # noqa: BLE001  (handed to the caller, who raises it: nothing is lost)
-            future.set_exception(exc)
+        item = tasks.get()
+        if item is None:
+            return
+        future, task = item
+        if _stopping:
+            future.cancel()
+        elif future.set_running_or_notify_cancel():
+            try:
+                future.set_result(task())
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller, who raises it: nothing is lost)
+                future.set_exception(_without_frames(exc))
+        del item, future, task      # nothing of the last task (its inputs, its kernel) is held while waiting
+
+
+def _without_frames(exc: BaseException) -> BaseException:
+    """``exc`` with its traceback as a note instead of frames: a stored exception's frames would keep their locals and
+    functions (a call's tensors) alive as long as the error is kept; so would those of its causes."""
+    exc.add_note("raised on sparsecore's warm-up thread:\n" + "".join(traceback.format_tb(exc.__traceback__)))
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        cause.__traceback__ = None
+        cause = cause.__cause__ or cause.__context__
+    return exc
+
+
+@atexit.register
+def _drain() -> None:
+    """At exit: drop the queued warm-ups and let the current one end (native code cut off mid-compile by the
+    interpreter's shutdown may crash it), at most :data:`EXIT_WAIT_S` seconds."""
+    global _stopping
+    _stopping = True
+    if _tasks is not None and _worker is not None and _worker.is_alive():
+        _tasks.put(None)
+        _worker.join(EXIT_WAIT_S)
 
 
 def _forget_worker() -> None:
-    """A forked child has no worker thread: the next submit starts one (tasks queued before the fork are the
-    parent's)."""
-    global _tasks, _lock
-    _tasks, _lock = None, threading.Lock()
+    """A forked child has no worker thread: the warm-ups its parent had queued or running end with an error there
+    (reported like any other), and the next submit starts a worker of the child's own."""
+    global _tasks, _worker, _lock
+    _tasks, _worker, _lock = None, None, threading.Lock()
+    for future in [*_pending.values(), *_op_warmups.values()]:
+        if not future.done():
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("sparsecore's warm-up thread did not survive fork(): this "
+                                                  "warm-up was lost with it"))
 
 
 os.register_at_fork(after_in_child=_forget_worker)

@@ -7,6 +7,7 @@ releases it. The real pair runs in the GPU test at the end, against a float64 de
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -31,7 +32,7 @@ class _Fake(registry.Backend):
         self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
                                          head_dims=frozenset({16}))
         self.reason = self.quick_reason = self.error = None
-        self.checks, self.lowered, self.runs = [], [], []
+        self.checks, self.lowered, self.lowered_masks, self.runs, self.grad_enabled = [], [], [], [], []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -50,10 +51,14 @@ class _Fake(registry.Backend):
         return self.rank
 
     def lower(self, mask, device, options):
+        if not isinstance(mask, BlockMask):
+            raise TypeError(f"lower(): expected a BlockMask, got {type(mask).__name__}")
         self.lowered.append(threading.current_thread().name)
+        self.lowered_masks.append(mask)
 
         def run(q, k, v, scale, return_lse):
             self.runs.append((threading.current_thread().name, q))
+            self.grad_enabled.append(torch.is_grad_enabled())
             assert self.gate.wait(30), "the test never released the gate"
             if self.error is not None:
                 raise self.error
@@ -67,11 +72,17 @@ def fakes(monkeypatch):
     quick = _Fake("fake-quick", 50, FALLBACK, slow=False, dtypes={"float32"})
     kept = {n: b for n, b in registry.registered_backends().items() if "cuda" not in b.capabilities.devices}
     monkeypatch.setattr(registry, "_REGISTRY", {**kept, slow.name: slow, quick.name: quick})
-    monkeypatch.setattr(warmup, "_warm", set())
-    monkeypatch.delenv(warmup.ENV, raising=False)
+    _fresh_state(monkeypatch)
     yield slow, quick
     slow.gate.set()
     sparsecore.clear_cache()
+
+
+def _fresh_state(monkeypatch):
+    """The process's warm-up records as in a new process (a test's geometries and errors stay its own)."""
+    for name, empty in (("_warm", set()), ("_pending", {}), ("_op_warmups", {}), ("_op_in_place", set())):
+        monkeypatch.setattr(warmup, name, empty)
+    monkeypatch.delenv(warmup.ENV, raising=False)
 
 
 def _mask(seed=0):
@@ -96,10 +107,11 @@ def test_the_first_call_runs_the_fallback_while_the_preferred_backend_warms_up_o
     slow.gate.set()
     assert kernel.wait_for_warmups(timeout=30)
     assert [c for c in slow.checks if c[0] == "full"] == [("full", "sparsecore-warmup")]     # imported there only
-    assert slow.lowered == ["sparsecore-warmup"]
-    assert [(thread, ran is q) for thread, ran in slow.runs] == [("sparsecore-warmup", True)]   # the call's inputs
+    assert slow.lowered == ["sparsecore-warmup"]                                 # the sample's mask, on the worker
+    (thread, ran), = slow.runs
+    assert thread == "sparsecore-warmup" and ran is not q and torch.equal(ran, q)   # a copy: a small mask is whole
     assert float(kernel(q, k, v).flatten()[0]) == FAST and kernel.backend is slow
-    assert slow.lowered == ["sparsecore-warmup"] and slow.runs[-1][0] == "MainThread"          # lowered once
+    assert slow.lowered == ["sparsecore-warmup", "MainThread"] and slow.runs[-1][0] == "MainThread"
     assert quick.lowered == ["MainThread"]
 
 
@@ -112,7 +124,7 @@ def test_a_kernel_of_a_geometry_warmed_before_runs_the_preferred_backend_at_once
     assert first.wait_for_warmups(timeout=30)
     first(q, k, v)                                    # the warm-up is taken up by the next call
     second = sparsecore.compile(_mask(1), device="cuda")
-    assert float(second(q, k, v).flatten()[0]) == FAST and len(slow.lowered) == 2
+    assert float(second(q, k, v).flatten()[0]) == FAST and len(slow.lowered) == 3     # sample, first, second
     assert [thread for thread, _ in slow.runs] == ["sparsecore-warmup", "MainThread", "MainThread"]
     other_shape = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")    # new block offsets
     assert float(other_shape(q, k, v).flatten()[0]) == FALLBACK
@@ -134,17 +146,24 @@ def test_a_backend_that_does_not_load_leaves_the_kernel_on_the_fallback(fakes):
         kernel(*half)
 
 
-def test_an_error_of_the_warm_up_is_raised_at_the_next_call_with_those_inputs(fakes):
+def test_an_error_of_the_warm_up_is_raised_once_then_the_backend_runs_in_place(fakes):
+    """As in the "wait" mode, where the call itself would have raised it, and a later call runs again."""
     slow, quick = fakes
     slow.error = RuntimeError("CuTe DSL compile failed")
     kernel = sparsecore.compile(_mask(), device="cuda")
     q, k, v = _inputs()
     kernel(q, k, v)
     assert kernel.wait_for_warmups(timeout=30)
-    for _ in range(2):                                     # as a call in place would, at every call
-        with pytest.raises(RuntimeError, match="CuTe DSL compile failed") as raised:
-            kernel(q, k, v)
-        assert any("warmed up in the background" in note for note in raised.value.__notes__)
+    with pytest.raises(RuntimeError, match="CuTe DSL compile failed") as raised:
+        kernel(q, k, v)
+    assert any("raised on sparsecore's warm-up thread" in note for note in raised.value.__notes__)
+    with pytest.raises(RuntimeError, match="CuTe DSL compile failed"):        # in place now: fails again
+        kernel(q, k, v)
+    assert [t for t, _ in slow.runs] == ["sparsecore-warmup", "MainThread"]
+    slow.error = None
+    assert float(kernel(q, k, v).flatten()[0]) == FAST
+    other = sparsecore.compile(_mask(1), device="cuda")       # the geometry is not warm: a new warm-up behind
+    assert float(other(q, k, v).flatten()[0]) == FALLBACK
 
 
 def test_inputs_no_other_backend_takes_load_the_preferred_one_in_place(fakes):
@@ -189,6 +208,97 @@ def test_plans_asked_on_the_host_during_a_warm_up_go_there(fakes):
     assert kernel.wait_for_warmups(timeout=30)
     kernel(q, k, v)
     assert kernel.backend is slow and held and set(held) == {"host"}     # asked again if lowered before: no harm
+
+
+def test_the_worker_runs_on_the_callers_device_and_stream_without_gradients(fakes, monkeypatch):
+    """Each thread has its own current stream and device: the warm-up's reads of q, k, v must be ordered after the
+    caller's kernels that wrote them (its stream), on their device; and it records no autograd graph."""
+    from sparsecore import kernel as kernel_module
+    slow, quick = fakes
+    entered = []
+    monkeypatch.setattr(kernel_module, "caller_stream", lambda tensor: "the caller's stream")
+    monkeypatch.setattr(warmup, "on_stream", lambda stream: _Recorded(entered, "stream", stream))
+    monkeypatch.setattr(warmup, "on_device_of", lambda tensor: _Recorded(entered, "device of", tensor))
+    q, k, v = (t.requires_grad_() for t in _inputs())
+    sparsecore.compile(_mask(), device="cuda")(q, k, v)
+    assert warmup.wait(timeout=30)
+    (device, sample_q, thread), stream = entered
+    assert (device, thread) == ("device of", "sparsecore-warmup") and torch.equal(sample_q, q)
+    assert stream == ("stream", "the caller's stream", "sparsecore-warmup")
+    assert slow.grad_enabled == [False]
+
+
+class _Recorded:
+    """A context manager that records what it was entered for, and on which thread."""
+
+    def __init__(self, log, what, value):
+        self.log, self.what, self.value = log, what, value
+
+    def __enter__(self):
+        self.log.append((self.what, self.value, threading.current_thread().name))
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_kernel_not_called_again_after_its_warm_up_holds_no_inputs(fakes):
+    """A method's kernel is often called once: the warm-up it queued must not keep that call's q, k, v alive."""
+    import gc
+    import weakref
+    slow, quick = fakes
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    q, k, v = _inputs()
+    kernel(q, k, v)
+    held = weakref.ref(q)
+    del q, k, v
+    assert warmup.wait(timeout=30)
+    slow.runs.clear()                                  # the fakes' own records of what ran hold the inputs
+    quick.runs.clear()
+    gc.collect()
+    assert held() is None and kernel is not None
+
+
+def test_the_warm_up_starts_after_the_calls_own_launch(fakes, monkeypatch):
+    """The worker's import and compile hold the GIL for seconds: queued during the call, started after its run."""
+    import time
+    slow, quick = fakes
+    events = []
+    run_quick, check_slow = quick.lower, slow.unavailable_reason
+
+    def lower_quick(mask, device, options):
+        run = run_quick(mask, device, options)
+
+        def slow_launch(*args):
+            time.sleep(0.05)                       # a worker started before the launch would check meanwhile
+            events.append("fallback ran")
+            return run(*args)
+        return slow_launch
+    monkeypatch.setattr(quick, "lower", lower_quick)
+    monkeypatch.setattr(slow, "unavailable_reason", lambda device: events.append("slow loaded") or check_slow(device))
+    sparsecore.compile(_mask(), device="cuda")(*_inputs())
+    assert warmup.wait(timeout=30) and events == ["fallback ran", "slow loaded"]
+
+
+def test_each_input_signature_and_each_options_value_warms_up_on_its_own(fakes, monkeypatch):
+    """FA4 compiles per dtype, head dim, LSE wanted, options: warm for one of them is not warm for another."""
+    slow, quick = fakes
+    for backend in fakes:
+        monkeypatch.setattr(backend, "options_type", _Width, raising=False)
+    q, k, v = _inputs()
+    kernel = sparsecore.compile(_mask(), device="cuda", width=1)
+    kernel(q, k, v)
+    assert warmup.wait(timeout=30) and float(kernel(q, k, v).flatten()[0]) == FAST
+    out, _ = kernel(q, k, v, return_lse=True)                     # another signature: warms up behind again
+    assert float(out.flatten()[0]) == FALLBACK
+    wider = sparsecore.compile(_mask(1), device="cuda", width=2)    # the geometry, other options
+    assert float(wider(q, k, v).flatten()[0]) == FALLBACK
+    same = sparsecore.compile(_mask(1), device="cuda", width=1)     # the geometry and options warmed
+    assert float(same(q, k, v).flatten()[0]) == FAST
+
+
+@dataclasses.dataclass(frozen=True)
+class _Width:
+    width: int = 1
 
 
 @pytest.mark.parametrize("value, error, match", [
@@ -241,3 +351,92 @@ def test_fa4_warms_up_behind_triton_on_the_gpu_and_both_match_dense():
     assert ran_first == "triton" and kernel.backend.name == "fa4"
     for out in (first, later):
         assert torch.allclose(out.cpu().double(), expected, atol=2e-2, rtol=0)
+
+
+class _Held:
+    """An object a warm-up task refers to, to see whether anything keeps it after the task."""
+
+
+def test_an_op_outside_a_kernel_runs_once_it_warmed_up_on_the_worker(monkeypatch):
+    _fresh_state(monkeypatch)
+    gate, runs, sampled = threading.Event(), [], []
+    load = lambda: None  # noqa: E731
+
+    def first_run():                     # called where the ask is: copies a sample, returns what the worker runs
+        sampled.append(threading.current_thread().name)
+        return lambda: (gate.wait(30), runs.append(threading.current_thread().name))
+    like = torch.zeros(1)
+    assert "warming up in the background (SPARSECORE_WARMUP=wait" in warmup.ready_for("op", load, first_run, like)
+    assert "warming up" in warmup.ready_for("op", load, first_run, like) and runs == []     # started once
+    gate.set()
+    assert warmup.wait(timeout=30)
+    assert warmup.ready_for("op", load, first_run, like) is None and runs == ["sparsecore-warmup"]
+    assert sampled == ["MainThread"]
+
+
+def test_an_op_that_does_not_load_says_why_and_one_that_fails_raises_once_then_loads_in_place(monkeypatch):
+    _fresh_state(monkeypatch)
+    ran = []
+    record = lambda: lambda: ran.append("ran")  # noqa: E731
+    assert "warming up" in warmup.ready_for("absent", lambda: "flash-attn-4 is not installed", record, None)
+    assert warmup.wait(timeout=30)
+    assert warmup.ready_for("absent", lambda: None, record, None) == "flash-attn-4 is not installed" and not ran
+
+    def fail():
+        raise RuntimeError("CuTe DSL compile failed")
+    failing = lambda: fail  # noqa: E731
+    warmup.ready_for("failing", lambda: None, failing, None)
+    assert warmup.wait(timeout=30)
+    with pytest.raises(RuntimeError, match="CuTe DSL compile failed") as raised:
+        warmup.ready_for("failing", lambda: None, failing, None)
+    assert any("raised on sparsecore's warm-up thread" in note for note in raised.value.__notes__)
+    assert warmup.ready_for("failing", lambda: None, failing, None) is None          # then in place: it runs
+    assert warmup.ready_for("failing", lambda: "why not", failing, None) == "why not"
+
+
+def test_the_wait_mode_loads_in_place_without_the_worker(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv(warmup.ENV, "wait")
+    assert warmup.ready_for("op", lambda: "why not", None, None) == "why not"
+    assert warmup.ready_for("op", lambda: None, None, None) is None and warmup._op_warmups == {}
+
+
+def test_nothing_keeps_a_warm_up_tasks_inputs_after_it_ended_well_or_not():
+    """A warm-up holds the call's tensors (q, k, v: hundreds of MB at 6x) only while it runs, also where it raised
+    (the exception's frames would hold its locals)."""
+    import gc
+    import weakref
+
+    def task(held, fail):
+        inputs = held                                       # a local of a frame in the traceback
+        if fail:
+            raise RuntimeError(f"failed with {type(inputs).__name__}")
+    for fail in (False, True):
+        held = _Held()
+        ref = weakref.ref(held)
+        future = warmup.submit(lambda held=held, fail=fail: task(held, fail))
+        del held
+        assert warmup.wait(timeout=30) and (future.exception() is not None) == fail
+        gc.collect()
+        assert ref() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.is_available() is False: fa4 needs an SM90 GPU")
+def test_fa4s_dense_op_warms_up_behind_cudnn_and_both_match_dense(monkeypatch):
+    from sparsecore.search import dense_attention, dense_impl
+    reason = sparsecore.registered_backends()["fa4"].unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"fa4 on cuda: {reason}")
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv(warmup.ENV, "background")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 8192, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    assert dense_impl(q, k, v) == "cudnn"                        # the first ask starts FA4's warm-up
+    first, first_lse = dense_attention(q, k, v)
+    assert warmup.wait(timeout=300) and dense_impl(q, k, v) == "fa4"
+    later, later_lse = dense_attention(q, k, v)
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(128)
+    expected, expected_lse = torch.softmax(scores, dim=-1) @ v.double(), torch.logsumexp(scores, dim=-1)
+    for out, lse in ((first, first_lse), (later, later_lse)):
+        assert torch.allclose(out.double(), expected, atol=2e-2, rtol=0)
+        assert torch.allclose(lse.double(), expected_lse, atol=1e-2, rtol=0)

@@ -14,6 +14,10 @@ cuDNN's, eff TFLOP/s:
   674 / 668 against 617 / 612 (D = 128) and 547 / 539 against 465 / 460 (D = 64); fp16 at 32,768 / 188,760
   (D = 128) 651 / 639 against 592 / 547.
 
+The first ask for a (device, dtype, head dim, GQA group) loads flash-attn-4 and compiles its kernel on
+sparsecore's warm-up thread, on a small sample of the asking call's inputs, while the caller runs cuDNN's
+(:func:`sparsecore.warmup.ready_for`; ``SPARSECORE_WARMUP=wait`` loads it in place).
+
 So this op takes bf16 (and fp16) inputs of head dim 64 or 128 and at least :data:`MIN_TOKENS` tokens on
 compute capability 9.x, with the flash-attn-4 version measured (others, shorter sequences and SM100 were not
 timed: the caller's default runs). Batch and GQA groups are FA4's grid and were not timed apart.
@@ -30,12 +34,14 @@ natural-log float32 ``[B, H, Sq]``.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
 MEASURED_HEAD_DIMS = (64, 128)
 MEASURED_DTYPES = (torch.bfloat16, torch.float16)
 MIN_TOKENS = 8192               # the shortest sequence measured (bench/dense_kernels.py)
+SAMPLE_TILES = 8                # a warm-up's sample (_sample_run): this many 128-token tiles and the remainder
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -55,7 +61,19 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     major, minor = torch.cuda.get_device_capability(q.device)
     if major != 9:
         return f"compute capability {major}.{minor}: measured faster than cuDNN on 9.x (H200) only"
-    return _unavailable(str(q.device))
+    from sparsecore import warmup
+    device = str(q.device)
+    return warmup.ready_for((__name__, device, q.dtype, q.shape[-1], q.shape[1] // k.shape[1]),
+                            lambda: _unavailable(device), lambda: _sample_run(q, k, v), q)
+
+
+def _sample_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    """A run of this op on copies of the inputs' first ``SAMPLE_TILES`` tiles of 128 tokens plus their length's
+    remainder (so a short last tile stays short): FA4 compiles per dtype, head dim, GQA group and LSE, not length."""
+    def cut(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, :, :min(tensor.shape[2], SAMPLE_TILES * 128 + tensor.shape[2] % 128)].clone()
+    q, k, v = cut(q), cut(k), cut(v)
+    return lambda: run(q, k, v, q.shape[-1] ** -0.5, True)
 
 
 @functools.lru_cache(maxsize=None)
