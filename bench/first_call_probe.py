@@ -48,6 +48,7 @@ CASES = {
     "adaspa": "AdaSpa-shaped 64-token blocks with text, 12 heads, 32,760 + 512 tokens "
               "(default: triton, blocks of several sizes under 128)",
     "random": "128-token random rows, S = 32,768, d = 0.1, 12 heads (fa4, full tiles only)",
+    "adaspa6x": "AdaSpa-shaped 64-token blocks at 6x (188,736 tokens, 12 heads; fa4 at two CTAs per SM, 4 key ranges)",
 }
 TOP = 60
 CHILD_TIMEOUT_S = 300
@@ -117,7 +118,9 @@ def build_mask(case: str, seed: int, shorter: bool = False):
     length (a new shape whose kernels need no new compile: FA4's and the guard's do not specialize on lengths)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from cuda_cases import LVSA_FRAMES, lvsa_frames, random_rows
-    from fa4_check import adaspa_like
+    from fa4_check import adaspa_large, adaspa_like
+    if case == "adaspa6x":
+        return adaspa_large(12, 157248 if shorter else 188736, 64, (0.1, 0.2, 0.3), seed=seed)
     if case == "lvsa":
         return lvsa_frames(12, frames=101 if shorter else LVSA_FRAMES, anchor_every=9 + seed)
     if case == "adaspa":

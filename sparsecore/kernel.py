@@ -47,7 +47,7 @@ from .launch_device import caller_stream, on_device_of
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
 from . import warmup as warmups
-from .warmup import Unloadable, Warming
+from .warmup import Warming
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
@@ -66,8 +66,8 @@ class CompiledKernel:
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
         self._runs_here = {choices[0][0].name} if first_checked else set()   # backends checked to run here
         self._unloadable: dict[str, str] = {}    # backends whose background load found they cannot run here: why
-        self._warming: dict[tuple, Warming] = {}  # (backend, tensor device, signature) -> a warm-up it queued
-        self._ready: set[tuple] = set()           # ... warm (here or by a kernel of this geometry), or in place
+        self._ready: set[tuple] = set()           # (backend, tensor device, signature): warm (here or by a kernel
+                                                  # of this geometry), or loaded in place
         self._queued: list[Warming] = []          # warm-ups to submit once this call has launched
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
@@ -155,46 +155,27 @@ class CompiledKernel:
     def _meanwhile(self, signature: tuple, shape: AttentionShape, backend: Backend, options: Hashable,
                    call: tuple) -> tuple[Backend, Hashable]:
         """The backend a call runs on while ``backend`` (slow to load, preferred for ``signature``) warms up in the
-        background (:mod:`sparsecore.warmup`): ``backend`` once it is warm for these inputs (here or by a kernel of
-        this mask's geometry), or loaded in place where no other backend takes them; else the next one that
-        takes them, queuing the geometry's warm-up unless one is in flight."""
+        background (:mod:`sparsecore.warmup`): ``backend`` once it is warm for these inputs and this mask's geometry
+        (by this kernel or another), or where a warm-up of it failed (loaded in place, as in the "wait" mode), or
+        where no other backend takes these inputs (loaded here); else the next one that takes them, queuing the
+        geometry's warm-up unless one is in flight."""
         key = (backend.name, str(call[0].device), signature)
         if key in self._ready:
             return backend, options
-        own = self._warming.get(key)
-        if own is not None:                         # this kernel queued the warm-up: it reports its error
-            return own.fallback if not own.future.done() else self._settled(key, own, signature, shape, call)
         shared = warmups.warm_key(backend, key[1], signature, options, self.mask)
-        if warmups.is_warm(shared):                 # its compiles are done: lowered and run in place
+        in_flight = warmups.pending(shared) is not None       # first: a warm-up is recorded before it leaves
+        if not in_flight and (warmups.is_warm(shared) or warmups.failure(shared) is not None):
             return self._runs_it(key, backend, options)
+        reason = warmups.unloadable(backend.name)
+        if reason is not None:
+            return self._unloadable_now(backend, reason, signature, shape, call)
         fallback = self._fallback(shape, signature[4], backend)
         if fallback is None:                        # nothing else takes these inputs: load it here
             return self._loaded_in_place(key, signature, shape, backend, options, call)
-        future = warmups.pending(shared)
-        if future is None:
-            self._warming[key] = Warming(shared, fallback, backend, options, warmups.sample_call(self.mask, call),
-                                         caller_stream(call[0]))
-            self._queued.append(self._warming[key])
-            return fallback
-        if not future.done():
-            return fallback
-        if isinstance(future.exception(), Unloadable):
-            return self._unloadable_now(backend, str(future.exception()), signature, shape, call)
-        return self._runs_it(key, backend, options)   # another kernel's warm-up just ended (its error is its own)
-
-    def _settled(self, key: tuple, own: Warming, signature: tuple, shape: AttentionShape,
-                 call: tuple) -> tuple[Backend, Hashable]:
-        """A call after this kernel's own warm-up ended: the backend runs (lowered in place); or its error is reported
-        once (then the backend runs in place); or, where the backend did not load, the kernel goes on without it."""
-        del self._warming[key]
-        backend, options, error = own.backend, own.options, own.future.exception()
-        if isinstance(error, Unloadable):
-            return self._unloadable_now(backend, str(error), signature, shape, call)
-        if error is not None:
-            warmups.reported(own.key, own.future)
-            self._runs_it(key, backend, options)
-            raise error
-        return self._runs_it(key, backend, options)               # lowered here: the compiles are done
+        if not in_flight:
+            self._queued.append(Warming(shared, backend, backend.warmup_options(self.mask, options, call),
+                                        warmups.sample_call(self.mask, call), caller_stream(call[0])))
+        return fallback
 
     def _runs_it(self, key: tuple, backend: Backend, options: Hashable) -> tuple[Backend, Hashable]:
         self._runs_here.add(backend.name)
@@ -231,8 +212,8 @@ class CompiledKernel:
         """Start the warm-ups this call queued: the worker loads the preferred backend and runs it on the call's
         sample (:func:`sparsecore.warmup.sample_call`)."""
         while self._queued:
-            own = self._queued.pop(0)
-            own.future = warmups.start(own.key, lambda w=own: w.run(self.device, self._lowered))
+            queued = self._queued.pop(0)
+            warmups.start(queued.key, lambda w=queued: w.run(self.device, self._lowered))
 
     def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:
         mask = self.mask
@@ -286,7 +267,7 @@ class CompiledKernel:
         if backend.name in self._unloadable:
             return self._unloadable[backend.name]
         if self.warmup == "background" and backend.slow_to_load:
-            return backend.unavailable_before_loading(self.device)
+            return warmups.unloadable(backend.name) or backend.unavailable_before_loading(self.device)
         reason = backend.unavailable_reason(self.device)
         if reason is None:
             self._runs_here.add(backend.name)

@@ -21,8 +21,13 @@ import torch
 
 def on_device_of(tensor: Any) -> contextlib.AbstractContextManager[Any]:
     """A context in which ``tensor``'s CUDA device is the current one (nothing for other tensors and arrays)."""
-    if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
-        return torch.cuda.device(tensor.device)
+    return on_device(tensor.device if isinstance(tensor, torch.Tensor) else None)
+
+
+def on_device(device: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``device`` (a torch.device, or None) is the current CUDA device, if it is a CUDA one."""
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.cuda.device(device)
     return contextlib.nullcontext()
 
 

@@ -114,6 +114,12 @@ class Backend(ABC):
         :attr:`slow_to_load` overrides it: its library's import is checked when it warms up)."""
         return self.unavailable_reason(device)
 
+    def warmup_options(self, mask: "BlockMask", options: Hashable, call: tuple) -> Hashable:
+        """The options with which a small sample of ``call`` (q, k, v, scale, return_lse) compiles what ``call``
+        launches on ``mask`` (:func:`sparsecore.warmup.sample_call`): where a lowering decides from the whole mask or
+        the inputs' lengths (tiles, key ranges), it fixes those decisions here. Default: the call's own."""
+        return options
+
     @abstractmethod
     def lower(self, mask: "BlockMask", device: str, options: Hashable) -> Run:
         """Plan ``mask`` for ``device`` (once) and return the function that runs it.

@@ -7,22 +7,26 @@ first call on the masks it runs took 2.5-3.0 s (bench/results/gpu-2026-12-01-run
 sessions). So, in the ``"background"`` mode (the default), a kernel's call whose preferred backend is slow to load
 (``Backend.slow_to_load``) and not yet warm for its inputs runs on the kernel's next backend that takes them, and
 one worker thread loads the preferred backend and runs it once on a small sample of that call (the mask's first
-and last blocks, :func:`sample_call`), which compiles what later calls launch, on the caller's stream. From then on calls with such inputs run the preferred
-backend, in that kernel and in every kernel of a mask of the same geometry (:func:`warm_key`): one warm-up per
-geometry, however many kernels of it are called meanwhile (a method compiles a mask per layer and step). Every
-backend is an exact lowering of the same mask, so the outputs differ only by rounding.
+and last blocks, :func:`sample_call`, with the lowering's decisions for the whole call: ``Backend.warmup_options``),
+which compiles what later calls launch, on the caller's stream. From then on calls with such inputs run the
+preferred backend, in that kernel and in every kernel of a mask of the same geometry (:func:`warm_key`): one
+warm-up per geometry, however many kernels of it are called meanwhile (a method compiles a mask per layer and
+step). Every backend is an exact lowering of the same mask, so the outputs differ only by rounding.
 
-When it fails: a backend that does not load here (its library does not import) leaves the kernels on the next
-one, as ``compile()`` does in the ``"wait"`` mode when its check fails. Any other error is raised once, at the
-next call of the kernel that queued the warm-up; then that kernel's calls run the backend in place, as in the
-``"wait"`` mode (and so raise again only if it fails again), and a later kernel of the geometry warms up anew.
+When it fails: a backend that does not load here (its library does not import) leaves every kernel on the next
+one, as ``compile()`` does in the ``"wait"`` mode when its check fails. Any other error is shown once as a
+``RuntimeWarning`` (:func:`failure`), and from then on kernels of that geometry load the backend in place, as in the
+``"wait"`` mode: a call that fails there raises its own error. Nothing raised on the worker is raised to a caller
+later (a transient error, an out-of-memory one next to the fallback's memory, would otherwise end a run whose
+calls all succeeded).
 
 Costs. The sample's cut takes one host read (a device mask's lists) at the call that queues it, and a few MB.
 When the warm-up ended, the next call lowers the kernel's own mask in place (the plan's conversion: 0.005-0.1 s on
-the H200) and compiles anything the sample did not need (FA4's key ranges' merge, a Triton kernel). Before samples,
-a warm-up holding the call's q, k, v and running it whole raised Wan 2.1's 2x peak by 767 MiB. Its Python work (imports,
-CuTe DSL tracing and compile) holds the GIL for up to seconds at a time, during which the caller's launches
-wait (H200, 2026-12-02: calls of 1-100 ms took up to 3.7-5.8 s meanwhile). FA4's two-CTA launches
+the H200); a sample that misses a trait of the whole call (heads alike, mask tiles: checked on CPU for five
+layouts, ``tests/test_warmup_samples.py``) leaves that compile to the call. In a Wan 2.1 1.3B run at 2x the
+warm-ups raised the peak by 15 (PASA) and 47 MiB (LVSA); a warm-up of the whole call had raised it by 767. Its
+Python work (imports, CuTe DSL tracing and compile) holds the GIL for up to seconds at a time, during which the
+caller's launches wait (H200, 2026-12-02: calls of 1-100 ms took up to 2.3-4.5 s meanwhile). FA4's two-CTA launches
 (:mod:`sparsecore.backends.cuda.fa4_occupancy`) take one lock for a call, compile included: a call of the caller
 waits for a two-CTA compile of the worker's. A CUDA graph captured in torch's default global capture mode while
 a warm-up runs may fail: :func:`wait` first. At exit the worker's current task may run to its end
@@ -40,22 +44,26 @@ import os
 import queue
 import threading
 import traceback
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+import warnings
+from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
 
-from .launch_device import caller_stream, on_device_of, on_stream
+from .launch_device import caller_stream, on_device, on_device_of, on_stream
 
 MODES = ("background", "wait")
 ENV = "SPARSECORE_WARMUP"
 EXIT_WAIT_S = 60.0
 
+# Written by the worker's task before its future ends (so a reader of _pending, then _warm, then _failed, finds the
+# key in one of them once it was started); read by the callers.
+_pending: dict[Hashable, Future] = {}         # warm-ups in flight
 _warm: set[Hashable] = set()                  # warm-up keys that ended well
-_pending: dict[Hashable, Future] = {}         # in flight, or ended with an error not yet reported (Unloadable: kept)
-_op_warmups: dict[Hashable, Future] = {}      # ready_for's, by key
-_op_in_place: set[Hashable] = set()           # ready_for keys whose warm-up failed once: loaded in place since
+_failed: dict[Hashable, str] = {}             # ... that failed otherwise: the error, shown once (see failure)
+_unloadable: dict[str, str] = {}              # backends whose warm-up found they do not load here: why
+_warned: set[Hashable] = set()
 _tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] | None" = None
 _worker: threading.Thread | None = None
 _lock = threading.Lock()
@@ -97,41 +105,63 @@ def is_warm(key: Hashable) -> bool:
 
 
 def pending(key: Hashable) -> Future | None:
-    """The warm-up of ``key`` in flight, or ended with an error its kernel has not reported yet (None: neither)."""
+    """The warm-up of ``key`` in flight (None: none). Read before :func:`is_warm` and :func:`failure`: a warm-up
+    leaves here after it is recorded there."""
     return _pending.get(key)
 
 
-def start(key: Hashable, task: Callable[[], Any]) -> Future:
-    """Run ``task`` (a warm-up of ``key``) on the worker; once it ended well, ``key`` is warm."""
-    future = submit(task)
+def unloadable(backend: str) -> str | None:
+    """Why ``backend`` does not load here, as a warm-up found (None: none found that)."""
+    return _unloadable.get(backend)
+
+
+def failure(key: Hashable) -> str | None:
+    """The error of ``key``'s warm-up where it failed (but for :class:`Unloadable`), else None. The first ask warns
+    (``RuntimeWarning``): from then on the callers load that backend in place, as in the "wait" mode, where a call
+    that fails again raises its own error; nothing raised on the worker is raised to a caller later."""
+    found = _failed.get(key)
+    if found is not None and key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"sparsecore: warming {key[0]!r} up in the background failed ({found}); it is loaded in place "
+                      f"from now on, as with {ENV}=wait", RuntimeWarning, stacklevel=4)
+    return found
+
+
+def start(key: tuple, task: Callable[[], Any]) -> Future:
+    """Run ``task`` (a warm-up of ``key``, whose first element is the backend's name) on the worker, recording how
+    it ended (:func:`is_warm`, :func:`failure`, :func:`unloadable`) before its future does."""
+    def recorded() -> Any:
+        try:
+            result = task()
+        except Unloadable as exc:
+            _unloadable[key[0]] = str(exc)
+            _pending.pop(key, None)
+            raise
+        except BaseException as exc:
+            _failed[key] = f"{type(exc).__name__}: {exc}"
+            _pending.pop(key, None)
+            raise
+        _warm.add(key)
+        _pending.pop(key, None)
+        return result
+    future: Future = Future()
     _pending[key] = future
-    future.add_done_callback(lambda done: _settle(key, done))
-    return future
+    return submit(recorded, future)
 
 
-def _settle(key: Hashable, future: Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        _warm.add(key)                                # before it leaves _pending: a reader sees one or the other
-        if _pending.get(key) is future:
-            del _pending[key]
-
-
-def reported(key: Hashable, future: Future) -> None:
-    """The error of ``key``'s warm-up ``future`` was raised to the caller: a later kernel may warm up anew."""
-    if _pending.get(key) is future:
-        del _pending[key]
-
-
-SAMPLE_TOKENS = 512     # a warm-up's sample takes blocks from the start up to this many tokens, and the last block
+SAMPLE_TOKENS = 1024     # a warm-up's sample takes blocks from the start up to this many tokens (and at least
+SAMPLE_BLOCKS = 3        # this many), and the last block
 
 
 def sample_call(mask: Any, call: tuple) -> tuple:
     """A small call with the traits of ``call`` (q, k, v, scale, return_lse) that a compile depends on: the mask cut to
-    its first blocks (up to :data:`SAMPLE_TOKENS` tokens) and its last block on each side, so block sizes and a short
-    last block are kept (:func:`sparsecore.ir.slicing.slice_mask`, one host read for a device mask), with copies of
-    those tokens' q, k, v. A mask that approximates its unlisted blocks is cut as its drop-only mask with the LSE
-    asked for: its exact part (FA4's) compiles so; the approximation's own pass is Triton's, which a Triton fallback
-    compiled already. Returns ``(mask, q, k, v, scale, return_lse)``; holds nothing of ``call``."""
+    its first blocks (up to :data:`SAMPLE_TOKENS` tokens, at least :data:`SAMPLE_BLOCKS`) and its last block on each
+    side (:func:`sparsecore.ir.slicing.slice_mask`, one host read for a device mask), with copies of those tokens' q,
+    k, v. Block sizes and a short last block are kept; rows that keep some blocks of a tile and not others (FA4's
+    mask tiles) or differ between heads most likely too. A mask that approximates its unlisted blocks is cut as its
+    drop-only mask with the LSE asked for: its exact part (FA4's) compiles so; the approximation's own pass is
+    Triton's, which a Triton fallback compiled already. Returns ``(mask, q, k, v, scale, return_lse)``; holds
+    nothing of ``call``."""
     from sparsecore.ir.slicing import slice_mask
     from sparsecore.ir.unselected import DROP
     q, k, v, scale, return_lse = call
@@ -143,13 +173,14 @@ def sample_call(mask: Any, call: tuple) -> tuple:
     part = slice_mask(mask, q_ranges, kv_ranges)
 
     def cut(tensor: Any, ranges: list[tuple[int, int]]) -> Any:
-        return torch.cat([tensor[:, :, a:b] for a, b in ranges], dim=2)
+        with torch.no_grad():                       # no autograd graph back to the call's tensors
+            return torch.cat([tensor[:, :, a:b] for a, b in ranges], dim=2)
     return part, cut(q, q_ranges), cut(k, kv_ranges), cut(v, kv_ranges), scale, return_lse
 
 
 def _ends(offsets: Any) -> list[tuple[int, int]]:
-    """Token ranges of the first blocks (up to SAMPLE_TOKENS tokens, at least one) and of the last block."""
-    first = max(1, int((offsets[1:] <= SAMPLE_TOKENS).sum()))
+    """Token ranges of the first blocks (up to SAMPLE_TOKENS tokens, at least SAMPLE_BLOCKS) and of the last one."""
+    first = max(SAMPLE_BLOCKS, int((offsets[1:] <= SAMPLE_TOKENS).sum()))
     if first >= len(offsets) - 2:
         return [(0, int(offsets[-1]))]
     return [(0, int(offsets[first])), (int(offsets[-2]), int(offsets[-1]))]
@@ -158,16 +189,14 @@ def _ends(offsets: Any) -> list[tuple[int, int]]:
 @dataclass(eq=False)
 class Warming:
     """A warm-up of ``backend`` that a kernel queued at one call: a :func:`sample_call` of it (``sample``: the mask and
-    the inputs; released when it ends). The kernel's calls run ``fallback`` (a backend and its options) meanwhile;
-    ``key`` is the :func:`warm_key` it is shared by."""
+    the inputs; released when it ends), run with ``options`` (``Backend.warmup_options``); ``key`` is the
+    :func:`warm_key` it is shared by."""
 
     key: tuple
-    fallback: tuple[Any, Hashable]
     backend: Any
     options: Hashable
     sample: tuple | None
     stream: Any                  # the caller's stream (launch_device.caller_stream)
-    future: Future | None = None
 
     def run(self, device: str, lower: Callable[[Any, Hashable, Any, Any], Any]) -> None:
         """On the worker: load the backend (:class:`Unloadable` if it cannot run here), lower the sample's mask and run
@@ -188,53 +217,55 @@ def wait(timeout: float | None = None) -> bool:
     seconds."""
     try:
         submit(lambda: None).result(timeout)
-    except FutureTimeout:
+    except (FutureTimeout, CancelledError):              # cancelled: the process is exiting
         return False
     return True
 
 
-def ready_for(key: Hashable, load: Callable[[], str | None], sample_run: Callable[[], Callable[[], Any]],
+def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[], Callable[[], Any]],
               like: Any) -> str | None:
     """Whether an op outside a kernel that is slow to get ready (FA4's dense forward) may run now: None when it may,
     else why not yet (the caller runs another op meanwhile).
 
-    ``load()``: None when the op can run here, else why not (it imports the library). ``sample_run()``: called once,
+    ``key``: the op's name first, then what its compiles depend on. ``load()``: None when the op can run here, else
+    why not (it imports the library). ``sample_run()``: called once,
     in the caller's thread, when the warm-up starts; returns a function the worker calls, which runs the op once on a
     small sample of the caller's inputs (copies: the caller's tensors are not held) and so compiles what later runs
     launch. ``like``: one of the inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`)
     this is ``load()``: the op loads and compiles in place. In the "background" mode the first ask for ``key`` starts
-    the warm-up and says so until it ended; then None, or ``load()``'s reason; an error it raised is raised at the
-    next ask, once, and from then on the key is loaded in place (``load()``)."""
-    if mode(None) == "wait" or key in _op_in_place:
+    the warm-up and says so until it ended; then None, or ``load()``'s reason; where it failed otherwise, it warns
+    once and the op loads in place from then on (``load()``)."""
+    if mode(None) == "wait":
         return load()
-    future = _op_warmups.get(key)
-    if future is None:
-        stream, first_run = caller_stream(like), sample_run()
-
-        def task() -> None:
-            reason = load()
-            if reason is not None:
-                raise Unloadable(reason)
-            with on_device_of(like), on_stream(stream), torch.no_grad():
-                first_run()
-        future = _op_warmups[key] = submit(task)
-    if not future.done():
+    if pending(key) is not None:
         return f"warming up in the background ({ENV}=wait loads it in place)"
-    error = future.exception()
-    if isinstance(error, Unloadable):
-        return str(error)
-    if error is not None:
-        _op_in_place.add(key)
-        del _op_warmups[key]
-        raise error
-    return None
+    if is_warm(key):
+        return None
+    if failure(key) is not None:
+        return load()
+    if unloadable(key[0]) is not None:
+        return unloadable(key[0])
+    device = like.device if isinstance(like, torch.Tensor) else None     # the task holds no input of the call
+    stream, first_run = caller_stream(like), sample_run()
+
+    def task() -> None:
+        reason = load()
+        if reason is not None:
+            raise Unloadable(reason)
+        with on_device(device), on_stream(stream), torch.no_grad():
+            first_run()
+    start(key, task)
+    return f"warming up in the background ({ENV}=wait loads it in place)"
 
 
-def submit(task: Callable[[], Any]) -> Future:
+def submit(task: Callable[[], Any], future: Future | None = None) -> Future:
     """Run ``task`` on the worker thread (one for the process, started on first use; tasks run one at a time in
-    the order given) and return its future."""
+    the order given) and return its future (``future``, where given)."""
     global _tasks, _worker
-    future: Future = Future()
+    future = Future() if future is None else future
+    if _stopping:                                   # the process is exiting: nothing new starts
+        future.cancel()
+        return future
     with _lock:
         if _tasks is None:
             _tasks = queue.SimpleQueue()
@@ -284,15 +315,16 @@ def _drain() -> None:
 
 
 def _forget_worker() -> None:
-    """A forked child has no worker thread: the warm-ups its parent had queued or running end with an error there
-    (reported like any other), and the next submit starts a worker of the child's own."""
+    """A forked child has no worker thread: the warm-ups its parent had queued or running are forgotten there (their
+    futures end with an error, for whoever waits on them), so the child's kernels queue them anew on a worker of
+    its own, started by the next submit."""
     global _tasks, _worker, _lock
     _tasks, _worker, _lock = None, None, threading.Lock()
-    for future in [*_pending.values(), *_op_warmups.values()]:
-        if not future.done():
-            if future.running() or future.set_running_or_notify_cancel():
-                future.set_exception(RuntimeError("sparsecore's warm-up thread did not survive fork(): this "
-                                                  "warm-up was lost with it"))
+    for key, future in list(_pending.items()):
+        del _pending[key]
+        if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+            future.set_exception(RuntimeError("sparsecore's warm-up thread did not survive fork(): this warm-up was "
+                                              "lost with it"))
 
 
 os.register_at_fork(after_in_child=_forget_worker)

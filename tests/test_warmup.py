@@ -33,6 +33,7 @@ class _Fake(registry.Backend):
                                          head_dims=frozenset({16}))
         self.reason = self.quick_reason = self.error = None
         self.checks, self.lowered, self.lowered_masks, self.runs, self.grad_enabled = [], [], [], [], []
+        self.lowered_options = []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -55,6 +56,7 @@ class _Fake(registry.Backend):
             raise TypeError(f"lower(): expected a BlockMask, got {type(mask).__name__}")
         self.lowered.append(threading.current_thread().name)
         self.lowered_masks.append(mask)
+        self.lowered_options.append(options)
 
         def run(q, k, v, scale, return_lse):
             self.runs.append((threading.current_thread().name, q))
@@ -80,7 +82,7 @@ def fakes(monkeypatch):
 
 def _fresh_state(monkeypatch):
     """The process's warm-up records as in a new process (a test's geometries and errors stay its own)."""
-    for name, empty in (("_warm", set()), ("_pending", {}), ("_op_warmups", {}), ("_op_in_place", set())):
+    for name, empty in (("_warm", set()), ("_pending", {}), ("_failed", {}), ("_unloadable", {}), ("_warned", set())):
         monkeypatch.setattr(warmup, name, empty)
     monkeypatch.delenv(warmup.ENV, raising=False)
 
@@ -146,24 +148,24 @@ def test_a_backend_that_does_not_load_leaves_the_kernel_on_the_fallback(fakes):
         kernel(*half)
 
 
-def test_an_error_of_the_warm_up_is_raised_once_then_the_backend_runs_in_place(fakes):
-    """As in the "wait" mode, where the call itself would have raised it, and a later call runs again."""
+def test_a_failed_warm_up_warns_once_then_the_backend_loads_in_place_as_in_the_wait_mode(fakes):
+    """Nothing raised on the worker is raised to a caller later (every call so far succeeded on the fallback): a
+    warning, then kernels of the geometry load the backend in place, where a failing call raises its own error."""
     slow, quick = fakes
     slow.error = RuntimeError("CuTe DSL compile failed")
     kernel = sparsecore.compile(_mask(), device="cuda")
     q, k, v = _inputs()
     kernel(q, k, v)
     assert kernel.wait_for_warmups(timeout=30)
-    with pytest.raises(RuntimeError, match="CuTe DSL compile failed") as raised:
-        kernel(q, k, v)
-    assert any("raised on sparsecore's warm-up thread" in note for note in raised.value.__notes__)
-    with pytest.raises(RuntimeError, match="CuTe DSL compile failed"):        # in place now: fails again
-        kernel(q, k, v)
+    with pytest.warns(RuntimeWarning, match=r"warming 'fake-slow' up in the background failed \(RuntimeError: CuTe "
+                                            r"DSL compile failed\); it is loaded in place from now on"):
+        with pytest.raises(RuntimeError, match="CuTe DSL compile failed"):        # in place: it fails again there
+            kernel(q, k, v)
     assert [t for t, _ in slow.runs] == ["sparsecore-warmup", "MainThread"]
     slow.error = None
     assert float(kernel(q, k, v).flatten()[0]) == FAST
-    other = sparsecore.compile(_mask(1), device="cuda")       # the geometry is not warm: a new warm-up behind
-    assert float(other(q, k, v).flatten()[0]) == FALLBACK
+    other = sparsecore.compile(_mask(1), device="cuda")       # the geometry's warm-up failed: in place, no warning
+    assert float(other(q, k, v).flatten()[0]) == FAST and slow.runs[-1][0] == "MainThread"
 
 
 def test_inputs_no_other_backend_takes_load_the_preferred_one_in_place(fakes):
@@ -184,30 +186,6 @@ def test_wait_mode_loads_in_place_and_runs_one_backend_throughout(fakes, monkeyp
     monkeypatch.setenv(warmup.ENV, "wait")
     assert sparsecore.compile(_mask(), device="cuda").warmup == "wait"
     assert sparsecore.compile(_mask(), device="cuda", warmup="background").warmup == "background"
-
-
-def test_plans_asked_on_the_host_during_a_warm_up_go_there(fakes):
-    """keep_plans_on_host() while the worker lowers: the warmed run keeps its plans on the host (asked once more where
-    the worker lowered it after the request; Fa4Launch.keep_plans_on_host moves only what is still on the device)."""
-    slow, quick = fakes
-    slow.host_plans = True
-    held = []
-    lower = slow.lower
-
-    def lower_with_plans(mask, device, options):
-        run = lower(mask, device, options)
-        run.keep_plans_on_host = lambda: held.append("host")
-        return run
-    slow.lower = lower_with_plans
-    slow.gate.clear()
-    kernel = sparsecore.compile(_mask(), device="cuda")
-    q, k, v = _inputs()
-    kernel(q, k, v)
-    kernel.keep_plans_on_host()
-    slow.gate.set()
-    assert kernel.wait_for_warmups(timeout=30)
-    kernel(q, k, v)
-    assert kernel.backend is slow and held and set(held) == {"host"}     # asked again if lowered before: no harm
 
 
 def test_the_worker_runs_on_the_callers_device_and_stream_without_gradients(fakes, monkeypatch):
@@ -256,6 +234,18 @@ def test_a_kernel_not_called_again_after_its_warm_up_holds_no_inputs(fakes):
     quick.runs.clear()
     gc.collect()
     assert held() is None and kernel is not None
+
+
+def test_the_sample_runs_with_the_options_its_backend_fixes_for_it(fakes, monkeypatch):
+    """A lowering that decides from the whole mask or the inputs' lengths (fa4: tiles, key ranges) fixes those
+    decisions for the sample (Backend.warmup_options); the kernel's own run keeps the kernel's options."""
+    slow, quick = fakes
+    monkeypatch.setattr(slow, "warmup_options", lambda mask, options, call: ("fixed for", mask.q_len, call[0].shape))
+    q, k, v = _inputs()
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    kernel(q, k, v)
+    assert warmup.wait(timeout=30) and float(kernel(q, k, v).flatten()[0]) == FAST
+    assert slow.lowered_options == [("fixed for", 64, q.shape), kernel.options]
 
 
 def test_the_warm_up_starts_after_the_calls_own_launch(fakes, monkeypatch):
@@ -366,39 +356,37 @@ def test_an_op_outside_a_kernel_runs_once_it_warmed_up_on_the_worker(monkeypatch
         sampled.append(threading.current_thread().name)
         return lambda: (gate.wait(30), runs.append(threading.current_thread().name))
     like = torch.zeros(1)
-    assert "warming up in the background (SPARSECORE_WARMUP=wait" in warmup.ready_for("op", load, first_run, like)
-    assert "warming up" in warmup.ready_for("op", load, first_run, like) and runs == []     # started once
+    assert "warming up in the background (SPARSECORE_WARMUP=wait" in warmup.ready_for(("op",), load, first_run, like)
+    assert "warming up" in warmup.ready_for(("op",), load, first_run, like) and runs == []     # started once
     gate.set()
     assert warmup.wait(timeout=30)
-    assert warmup.ready_for("op", load, first_run, like) is None and runs == ["sparsecore-warmup"]
+    assert warmup.ready_for(("op",), load, first_run, like) is None and runs == ["sparsecore-warmup"]
     assert sampled == ["MainThread"]
 
 
-def test_an_op_that_does_not_load_says_why_and_one_that_fails_raises_once_then_loads_in_place(monkeypatch):
+def test_an_op_that_does_not_load_says_why_and_one_that_fails_warns_once_then_loads_in_place(monkeypatch):
     _fresh_state(monkeypatch)
     ran = []
     record = lambda: lambda: ran.append("ran")  # noqa: E731
-    assert "warming up" in warmup.ready_for("absent", lambda: "flash-attn-4 is not installed", record, None)
+    assert "warming up" in warmup.ready_for(("absent",), lambda: "flash-attn-4 is not installed", record, None)
     assert warmup.wait(timeout=30)
-    assert warmup.ready_for("absent", lambda: None, record, None) == "flash-attn-4 is not installed" and not ran
+    assert warmup.ready_for(("absent",), lambda: None, record, None) == "flash-attn-4 is not installed" and not ran
 
     def fail():
         raise RuntimeError("CuTe DSL compile failed")
     failing = lambda: fail  # noqa: E731
-    warmup.ready_for("failing", lambda: None, failing, None)
+    warmup.ready_for(("failing",), lambda: None, failing, None)
     assert warmup.wait(timeout=30)
-    with pytest.raises(RuntimeError, match="CuTe DSL compile failed") as raised:
-        warmup.ready_for("failing", lambda: None, failing, None)
-    assert any("raised on sparsecore's warm-up thread" in note for note in raised.value.__notes__)
-    assert warmup.ready_for("failing", lambda: None, failing, None) is None          # then in place: it runs
-    assert warmup.ready_for("failing", lambda: "why not", failing, None) == "why not"
+    with pytest.warns(RuntimeWarning, match=r"warming 'failing' up in the background failed \(RuntimeError: CuTe"):
+        assert warmup.ready_for(("failing",), lambda: None, failing, None) is None      # then in place: it runs
+    assert warmup.ready_for(("failing",), lambda: "why not", failing, None) == "why not"
 
 
 def test_the_wait_mode_loads_in_place_without_the_worker(monkeypatch):
     _fresh_state(monkeypatch)
     monkeypatch.setenv(warmup.ENV, "wait")
-    assert warmup.ready_for("op", lambda: "why not", None, None) == "why not"
-    assert warmup.ready_for("op", lambda: None, None, None) is None and warmup._op_warmups == {}
+    assert warmup.ready_for(("op",), lambda: "why not", None, None) == "why not"
+    assert warmup.ready_for(("op",), lambda: None, None, None) is None and warmup._pending == {}
 
 
 def test_nothing_keeps_a_warm_up_tasks_inputs_after_it_ended_well_or_not():

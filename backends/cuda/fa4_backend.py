@@ -70,6 +70,7 @@ The backend also offers FA4's dense forward as sparsecore's dense attention (:mo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -176,6 +177,14 @@ class Fa4Backend(Backend):
     def preference(self, mask: BlockMask) -> int:
         from .selection import preference
         return preference(self.name, mask)
+
+    def warmup_options(self, mask: BlockMask, options: Fa4Options, call: tuple) -> Fa4Options:
+        """The tiles the whole mask takes (chosen from all its blocks) and the key ranges the call runs as (from the
+        keys' length; several ranges ask FA4 for the LSE they merge by), fixed for the call's sample. Converts
+        nothing."""
+        q, k, v, _, _ = call
+        run = self.lower(mask, str(q.device), options)
+        return dataclasses.replace(options, tile_m=run.tile_m, tile_n=run.tile_n, key_parts=run.key_parts_for(k, v))
 
     def lower(self, mask: BlockMask, device: str, options: Fa4Options) -> Run:
         major = torch.cuda.get_device_capability(torch.device(device))[0]
