@@ -21,8 +21,8 @@ would take.
 Warm-up (:mod:`sparsecore.warmup`). A backend slow to get ready (``Backend.slow_to_load``: ``fa4`` imports
 and compiles for 15-23 s, FlashInfer JIT-compiles for longer) is checked at ``compile`` without loading it, and
 by default a call whose inputs it would run runs the kernel's next backend that takes them while a worker thread
-loads, lowers and runs the slow one once on that call's inputs; later calls run it. ``warmup="wait"`` loads it in
-place at the first call.
+loads the slow one and runs it once on a small sample of that call; later calls, and kernels of masks of the same
+geometry, run it. ``warmup="wait"`` loads it in place at the first call.
 
 Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
 across layers and steps compiles once), the most recently used first, at most
@@ -92,7 +92,8 @@ class CompiledKernel:
 
     def wait_for_warmups(self, timeout: float | None = None) -> bool:
         """Wait until the background warm-ups queued so far have ended (:func:`sparsecore.warmup.wait`): True if
-        they did within ``timeout`` seconds. The next call then runs the warmed backend (or reports its error)."""
+        they did within ``timeout`` seconds. The next call then runs the warmed backend (where a warm-up failed: it
+        warns, and loads that backend in place)."""
         return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:

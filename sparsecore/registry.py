@@ -101,9 +101,9 @@ class Backend(ABC):
     row_top: RowTopOp | None = None         # optional: the planners' row-wise top-k on this backend's devices
     dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
     differentiable: bool = False  # its drop masks' runs are torch ops with true gradients (else a backward raises)
-    slow_to_load: bool = False    # unavailable_reason() imports a library that takes seconds: checked last where any
-                                  # backend of the device will do (sparsecore.check.device_problem), and warmed up in
-                                  # the background while another runs (sparsecore.warmup)
+    slow_to_load: bool = False    # getting ready (importing its library, JIT-compiling) takes seconds: checked last
+                                  # where any backend of the device will do (sparsecore.check.device_problem), and
+                                  # warmed up in the background while another runs (sparsecore.warmup)
 
     @abstractmethod
     def unavailable_reason(self, device: str) -> str | None:

@@ -228,10 +228,9 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
     else why not yet (the caller runs another op meanwhile).
 
     ``key``: the op's name first, then what its compiles depend on. ``load()``: None when the op can run here, else
-    why not (it imports the library). ``sample_run()``: called once,
-    in the caller's thread, when the warm-up starts; returns a function the worker calls, which runs the op once on a
-    small sample of the caller's inputs (copies: the caller's tensors are not held) and so compiles what later runs
-    launch. ``like``: one of the inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`)
+    why not (it imports the library). ``sample_run()``: called once, in the caller's thread, when the warm-up
+    starts; returns a function the worker calls, which runs the op once on a small sample of the caller's inputs
+    (copies: the caller's tensors are not held) and so compiles what later runs launch. ``like``: one of the inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`)
     this is ``load()``: the op loads and compiles in place. In the "background" mode the first ask for ``key`` starts
     the warm-up and says so until it ended; then None, or ``load()``'s reason; where it failed otherwise, it warns
     once and the op loads in place from then on (``load()``)."""
@@ -286,7 +285,7 @@ def _work(tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None]") -
         elif future.set_running_or_notify_cancel():
             try:
                 future.set_result(task())
-            except BaseException as exc:  # noqa: BLE001  (handed to the caller, who raises it: nothing is lost)
+            except BaseException as exc:  # noqa: BLE001  (recorded by start(); kept on the future for its waiters)
                 future.set_exception(_without_frames(exc))
         del item, future, task      # nothing of the last task (its inputs, its kernel) is held while waiting
 

@@ -221,3 +221,18 @@ def test_the_warm_up_sample_compiles_what_the_call_launches(make, monkeypatch):
     call, sample = _fa4_compiles(mask, k, k, False), _fa4_compiles(part, k_s, v_s, lse, options)
     differ = {name: (call[name], sample[name]) for name in call if call[name] != sample[name]}
     assert not differ, f"(call, sample) differ in {differ}: the call after the warm-up compiles in place"
+
+
+def test_fa4s_dense_op_warms_up_on_a_detached_sample_that_keeps_the_last_tiles_remainder():
+    """The sample FA4's dense op compiles on: the first SAMPLE_TILES tiles of 128 tokens and the length's remainder
+    (a short last tile stays short), copies with no autograd graph back to the caller's tensors."""
+    from sparsecore.backends.cuda import fa4_dense
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 9000, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 1, 8300, 8, generator=gen, requires_grad=True) for _ in range(2))
+    run = fa4_dense._sample_run(q * 1.0, k, v)                  # q a non-leaf: its graph would hold q
+    held = [cell.cell_contents for cell in run.__closure__ if isinstance(cell.cell_contents, torch.Tensor)]
+    by_length = {t.shape[2]: t for t in held}
+    assert sorted(t.shape[2] for t in held) == [1024 + 9000 % 128] + [1024 + 8300 % 128] * 2
+    assert not any(t.requires_grad or t.grad_fn is not None for t in held)
+    assert torch.equal(by_length[1064], q[:, :, :1064].detach())

@@ -71,7 +71,8 @@ def _sample_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
     """A run of this op on copies of the inputs' first ``SAMPLE_TILES`` tiles of 128 tokens plus their length's
     remainder (so a short last tile stays short): FA4 compiles per dtype, head dim, GQA group and LSE, not length."""
     def cut(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[:, :, :min(tensor.shape[2], SAMPLE_TILES * 128 + tensor.shape[2] % 128)].clone()
+        stop = min(tensor.shape[2], SAMPLE_TILES * 128 + tensor.shape[2] % 128)
+        return tensor[:, :, :stop].detach().clone()            # no autograd graph back to the caller's
     q, k, v = cut(q), cut(k), cut(v)
     return lambda: run(q, k, v, q.shape[-1] ** -0.5, True)
 
