@@ -92,8 +92,9 @@ class CompiledKernel:
 
     def wait_for_warmups(self, timeout: float | None = None) -> bool:
         """Wait until the background warm-ups queued so far have ended (:func:`sparsecore.warmup.wait`): True if
-        they did within ``timeout`` seconds. The next call then runs the warmed backend (where a warm-up failed: it
-        warns, and loads that backend in place)."""
+        they did within ``timeout`` seconds. The next call then runs the warmed backend; where the warm-up found it does
+        not load, the next choice (which, if slow too, warms up in turn); where it failed, it warns and loads that
+        backend in place."""
         return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:
@@ -167,7 +168,7 @@ class CompiledKernel:
         in_flight = warmups.pending(shared) is not None       # first: a warm-up is recorded before it leaves
         if not in_flight and (warmups.is_warm(shared) or warmups.failure(shared) is not None):
             return self._runs_it(key, backend, options)
-        reason = warmups.unloadable(backend.name)
+        reason = warmups.unloadable(backend.name, key[1])
         if reason is not None:
             return self._unloadable_now(backend, reason, signature, shape, call)
         fallback = self._fallback(shape, signature[4], backend)
@@ -263,12 +264,12 @@ class CompiledKernel:
     def _reason(self, backend: Backend) -> str | None:
         """Why ``backend`` cannot run here (None: it can; or, slow to load and warmed up in the background, nothing
         seen without loading it says it cannot: its warm-up loads it)."""
-        if backend.name in self._runs_here:
-            return None
         if backend.name in self._unloadable:
             return self._unloadable[backend.name]
+        if backend.name in self._runs_here:
+            return None
         if self.warmup == "background" and backend.slow_to_load:
-            return warmups.unloadable(backend.name) or backend.unavailable_before_loading(self.device)
+            return backend.unavailable_before_loading(self.device)
         reason = backend.unavailable_reason(self.device)
         if reason is None:
             self._runs_here.add(backend.name)
@@ -329,7 +330,9 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     device_type(device)                                  # a cache miss: check the device string fully
     _check_index(device)
     choices = _choices(candidates(mask, device, backend), options)
-    in_background = warmup == "background"
+    # a slow backend is checked without loading it only where a quick one can run meanwhile: else (a named slow
+    # backend, or only slow ones take the mask) compile() checks it whole and raises as in the "wait" mode
+    in_background = warmup == "background" and any(not b.slow_to_load for b, _ in choices)
     start = first_available([b for b, _ in choices], device, mask if backend is None else None,
                             before_loading=in_background)
     first = choices[start][0]

@@ -62,7 +62,7 @@ EXIT_WAIT_S = 60.0
 _pending: dict[Hashable, Future] = {}         # warm-ups in flight
 _warm: set[Hashable] = set()                  # warm-up keys that ended well
 _failed: dict[Hashable, str] = {}             # ... that failed otherwise: the error, shown once (see failure)
-_unloadable: dict[str, str] = {}              # backends whose warm-up found they do not load here: why
+_unloadable: dict[tuple, str] = {}            # (backend, device) a warm-up found does not load there: why
 _warned: set[Hashable] = set()
 _tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] | None" = None
 _worker: threading.Thread | None = None
@@ -110,9 +110,10 @@ def pending(key: Hashable) -> Future | None:
     return _pending.get(key)
 
 
-def unloadable(backend: str) -> str | None:
-    """Why ``backend`` does not load here, as a warm-up found (None: none found that)."""
-    return _unloadable.get(backend)
+def unloadable(backend: str, device: str) -> str | None:
+    """Why ``backend`` does not load on ``device`` (a tensor's, as ``str(tensor.device)``), as a warm-up found (None:
+    none found that)."""
+    return _unloadable.get((backend, device))
 
 
 def failure(key: Hashable) -> str | None:
@@ -128,13 +129,13 @@ def failure(key: Hashable) -> str | None:
 
 
 def start(key: tuple, task: Callable[[], Any]) -> Future:
-    """Run ``task`` (a warm-up of ``key``, whose first element is the backend's name) on the worker, recording how
-    it ended (:func:`is_warm`, :func:`failure`, :func:`unloadable`) before its future does."""
+    """Run ``task`` (a warm-up of ``key``: the backend's name, the device, then what its compiles depend on) on the
+    worker, recording how it ended (:func:`is_warm`, :func:`failure`, :func:`unloadable`) before its future does."""
     def recorded() -> Any:
         try:
             result = task()
         except Unloadable as exc:
-            _unloadable[key[0]] = str(exc)
+            _unloadable[key[:2]] = str(exc)
             _pending.pop(key, None)
             raise
         except BaseException as exc:
@@ -202,11 +203,11 @@ class Warming:
         """On the worker: load the backend (:class:`Unloadable` if it cannot run here), lower the sample's mask and run
         it once (which compiles what the kernel's calls launch). ``lower(backend, options, q, mask=...)``."""
         try:
-            reason = self.backend.unavailable_reason(device)
-            if reason is not None:
-                raise Unloadable(reason)
             mask, q, k, v, scale, return_lse = self.sample
-            with on_device_of(q), on_stream(self.stream), torch.no_grad():
+            with on_device_of(q), on_stream(self.stream), torch.no_grad():     # "cuda" means q's device here too
+                reason = self.backend.unavailable_reason(device)
+                if reason is not None:
+                    raise Unloadable(reason)
                 lower(self.backend, self.options, q, mask=mask)(q, k, v, scale, return_lse)
         finally:
             self.sample = None
@@ -227,7 +228,7 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
     """Whether an op outside a kernel that is slow to get ready (FA4's dense forward) may run now: None when it may,
     else why not yet (the caller runs another op meanwhile).
 
-    ``key``: the op's name first, then what its compiles depend on. ``load()``: None when the op can run here, else
+    ``key``: the op's name, the device, then what its compiles depend on. ``load()``: None when the op can run here, else
     why not (it imports the library). ``sample_run()``: called once, in the caller's thread, when the warm-up
     starts; returns a function the worker calls, which runs the op once on a small sample of the caller's inputs
     (copies: the caller's tensors are not held) and so compiles what later runs launch. ``like``: one of the inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`)
@@ -242,8 +243,8 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
         return None
     if failure(key) is not None:
         return load()
-    if unloadable(key[0]) is not None:
-        return unloadable(key[0])
+    if unloadable(*key[:2]) is not None:
+        return unloadable(*key[:2])
     device = like.device if isinstance(like, torch.Tensor) else None     # the task holds no input of the call
     stream, first_run = caller_stream(like), sample_run()
 

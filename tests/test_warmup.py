@@ -142,6 +142,7 @@ def test_a_backend_that_does_not_load_leaves_the_kernel_on_the_fallback(fakes):
     for _ in range(2):
         assert float(kernel(q, k, v).flatten()[0]) == FALLBACK and kernel.backend is quick
     assert slow.lowered == [] and [c for c, _ in slow.checks] == ["quick", "quick", "full"]   # not checked again
+    assert warmup._unloadable == {("fake-slow", "cpu"): slow.reason}          # by backend and the tensors' device
     half = _inputs(torch.float16)                          # only the slow backend takes float16: says why not
     with pytest.raises(UnsupportedError, match=r"fake-slow: cannot run here: flash_attn.cute is not importable.*"
                                                r"fake-quick: dtypes"):
@@ -356,11 +357,11 @@ def test_an_op_outside_a_kernel_runs_once_it_warmed_up_on_the_worker(monkeypatch
         sampled.append(threading.current_thread().name)
         return lambda: (gate.wait(30), runs.append(threading.current_thread().name))
     like = torch.zeros(1)
-    assert "warming up in the background (SPARSECORE_WARMUP=wait" in warmup.ready_for(("op",), load, first_run, like)
-    assert "warming up" in warmup.ready_for(("op",), load, first_run, like) and runs == []     # started once
+    assert "warming up in the background (SPARSECORE_WARMUP=wait" in warmup.ready_for(("op", "cpu"), load, first_run, like)
+    assert "warming up" in warmup.ready_for(("op", "cpu"), load, first_run, like) and runs == []     # started once
     gate.set()
     assert warmup.wait(timeout=30)
-    assert warmup.ready_for(("op",), load, first_run, like) is None and runs == ["sparsecore-warmup"]
+    assert warmup.ready_for(("op", "cpu"), load, first_run, like) is None and runs == ["sparsecore-warmup"]
     assert sampled == ["MainThread"]
 
 
@@ -368,25 +369,25 @@ def test_an_op_that_does_not_load_says_why_and_one_that_fails_warns_once_then_lo
     _fresh_state(monkeypatch)
     ran = []
     record = lambda: lambda: ran.append("ran")  # noqa: E731
-    assert "warming up" in warmup.ready_for(("absent",), lambda: "flash-attn-4 is not installed", record, None)
+    assert "warming up" in warmup.ready_for(("absent", "cpu"), lambda: "flash-attn-4 is not installed", record, None)
     assert warmup.wait(timeout=30)
-    assert warmup.ready_for(("absent",), lambda: None, record, None) == "flash-attn-4 is not installed" and not ran
+    assert warmup.ready_for(("absent", "cpu"), lambda: None, record, None) == "flash-attn-4 is not installed" and not ran
 
     def fail():
         raise RuntimeError("CuTe DSL compile failed")
     failing = lambda: fail  # noqa: E731
-    warmup.ready_for(("failing",), lambda: None, failing, None)
+    warmup.ready_for(("failing", "cpu"), lambda: None, failing, None)
     assert warmup.wait(timeout=30)
     with pytest.warns(RuntimeWarning, match=r"warming 'failing' up in the background failed \(RuntimeError: CuTe"):
-        assert warmup.ready_for(("failing",), lambda: None, failing, None) is None      # then in place: it runs
-    assert warmup.ready_for(("failing",), lambda: "why not", failing, None) == "why not"
+        assert warmup.ready_for(("failing", "cpu"), lambda: None, failing, None) is None      # then in place: it runs
+    assert warmup.ready_for(("failing", "cpu"), lambda: "why not", failing, None) == "why not"
 
 
 def test_the_wait_mode_loads_in_place_without_the_worker(monkeypatch):
     _fresh_state(monkeypatch)
     monkeypatch.setenv(warmup.ENV, "wait")
-    assert warmup.ready_for(("op",), lambda: "why not", None, None) == "why not"
-    assert warmup.ready_for(("op",), lambda: None, None, None) is None and warmup._pending == {}
+    assert warmup.ready_for(("op", "cpu"), lambda: "why not", None, None) == "why not"
+    assert warmup.ready_for(("op", "cpu"), lambda: None, None, None) is None and warmup._pending == {}
 
 
 def test_nothing_keeps_a_warm_up_tasks_inputs_after_it_ended_well_or_not():

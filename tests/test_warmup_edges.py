@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sparsecore
+from sparsecore.registry import UnsupportedError
 from test_warmup import FALLBACK, FAST, _inputs, _mask, fakes  # noqa: F401  (fakes: the fixture)
 
 torch.manual_seed(0)
@@ -264,3 +265,38 @@ def test_a_sample_is_the_sub_mask_of_its_tokens_and_approximating_masks_sample_t
     part, *_, lse = warmup.sample_call(grouped, (q, k, v, 0.5, False))
     assert part.unselected.kind == "drop" and lse is True
     assert np.array_equal(part.token_mask(), grouped.token_mask()[:, rows][:, :, cols])
+
+
+def test_a_backend_found_unloadable_where_a_kernel_had_loaded_it_does_not_send_the_kernel_round_in_circles(fakes):
+    """A kernel that loaded the slow backend in place (float16: nothing else takes it) and then learns from a warm-up
+    that it does not load on that device chooses again without it: the next backend for float32, and for float16
+    an error naming why (before: _reason() said yes from the kernel's own record and _meanwhile recursed)."""
+    from sparsecore import warmup
+    slow, quick = fakes
+    kernel = sparsecore.compile(_mask(0), device="cuda")
+    assert float(kernel(*_inputs(torch.float16)).flatten()[0]) == FAST          # loaded in place
+    warmup._unloadable[("fake-slow", "cpu")] = "compute capability 8.0"          # a warm-up on these tensors' device
+    assert float(kernel(*_inputs()).flatten()[0]) == FALLBACK
+    with pytest.raises(UnsupportedError, match="fake-slow: cannot run here: compute capability 8.0"):
+        kernel(*_inputs(torch.float16))
+
+
+def test_a_backend_found_unloadable_on_one_device_still_warms_up_on_another(fakes):
+    from sparsecore import warmup
+    slow, quick = fakes
+    warmup._unloadable[("fake-slow", "cuda:0")] = "compute capability 8.0"       # these tensors are on "cpu"
+    kernel = sparsecore.compile(_mask(0), device="cuda")
+    q, k, v = _inputs()
+    assert float(kernel(q, k, v).flatten()[0]) == FALLBACK
+    assert kernel.wait_for_warmups(timeout=30) and float(kernel(q, k, v).flatten()[0]) == FAST
+
+
+def test_a_named_slow_backend_that_does_not_load_is_refused_by_compile_as_in_the_wait_mode(fakes):
+    """With no other backend to run meanwhile, compile() checks a slow backend whole, as the "wait" mode does, and
+    raises naming why (not an UnsupportedError at the first call)."""
+    slow, quick = fakes
+    slow.reason = "flash_attn.cute is not importable: ImportError: no cutlass"
+    for mode in ("wait", "background"):
+        with pytest.raises(RuntimeError, match="fake-slow: flash_attn.cute is not importable"):
+            sparsecore.compile(_mask(), device="cuda", backend=slow.name, warmup=mode)
+    assert sparsecore.compile(_mask(), device="cuda", warmup="background").backend is slow   # quick one meanwhile
