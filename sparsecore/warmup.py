@@ -228,13 +228,14 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
     """Whether an op outside a kernel that is slow to get ready (FA4's dense forward) may run now: None when it may,
     else why not yet (the caller runs another op meanwhile).
 
-    ``key``: the op's name, the device, then what its compiles depend on. ``load()``: None when the op can run here, else
-    why not (it imports the library). ``sample_run()``: called once, in the caller's thread, when the warm-up
-    starts; returns a function the worker calls, which runs the op once on a small sample of the caller's inputs
-    (copies: the caller's tensors are not held) and so compiles what later runs launch. ``like``: one of the inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`)
-    this is ``load()``: the op loads and compiles in place. In the "background" mode the first ask for ``key`` starts
-    the warm-up and says so until it ended; then None, or ``load()``'s reason; where it failed otherwise, it warns
-    once and the op loads in place from then on (``load()``)."""
+    ``key``: the op's name, the device, then what its compiles depend on. ``load()``: None when the op can run
+    here, else why not (it imports the library). ``sample_run()``: called once, in the caller's thread, when the
+    warm-up starts; returns a function the worker calls, which runs the op once on a small sample of the caller's
+    inputs (copies: the caller's tensors are not held) and so compiles what later runs launch. ``like``: one of the
+    inputs, for its device and the caller's stream. In the "wait" mode (:func:`mode`) this is ``load()``: the op
+    loads and compiles in place. In the "background" mode the first ask for ``key`` starts the warm-up and says so
+    until it ended; then None, or ``load()``'s reason; where it failed otherwise, it warns once and the op loads in
+    place from then on (``load()``)."""
     if mode(None) == "wait":
         return load()
     if pending(key) is not None:

@@ -357,7 +357,8 @@ def test_an_op_outside_a_kernel_runs_once_it_warmed_up_on_the_worker(monkeypatch
         sampled.append(threading.current_thread().name)
         return lambda: (gate.wait(30), runs.append(threading.current_thread().name))
     like = torch.zeros(1)
-    assert "warming up in the background (SPARSECORE_WARMUP=wait" in warmup.ready_for(("op", "cpu"), load, first_run, like)
+    first = warmup.ready_for(("op", "cpu"), load, first_run, like)
+    assert "warming up in the background (SPARSECORE_WARMUP=wait" in first
     assert "warming up" in warmup.ready_for(("op", "cpu"), load, first_run, like) and runs == []     # started once
     gate.set()
     assert warmup.wait(timeout=30)
@@ -371,7 +372,8 @@ def test_an_op_that_does_not_load_says_why_and_one_that_fails_warns_once_then_lo
     record = lambda: lambda: ran.append("ran")  # noqa: E731
     assert "warming up" in warmup.ready_for(("absent", "cpu"), lambda: "flash-attn-4 is not installed", record, None)
     assert warmup.wait(timeout=30)
-    assert warmup.ready_for(("absent", "cpu"), lambda: None, record, None) == "flash-attn-4 is not installed" and not ran
+    found = warmup.ready_for(("absent", "cpu"), lambda: None, record, None)
+    assert found == "flash-attn-4 is not installed" and not ran
 
     def fail():
         raise RuntimeError("CuTe DSL compile failed")
