@@ -20,7 +20,7 @@ kernels and the C launchers it builds with the host compiler) and sparsecore's o
 planning) can be told apart. The sampler slows Python-bound work (it takes the GIL every millisecond or
 two): ``--no-sample`` times the same calls without it.
 
-    python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random] [--no-sample] [--fa4-disk-cache]
+    python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random adaspa6x] [--no-sample] [--fa4-disk-cache]
                                      [--warmup background|wait]
 
 Writes ``first-call-<date>[_fa4-disk-cache][_unsampled][_wait].json`` and ``.md`` under DIR.
@@ -277,7 +277,7 @@ def _ready(record: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["lvsa", "adaspa", "random"])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["lvsa", "adaspa", "random", "adaspa6x"])
     parser.add_argument("--fa4-disk-cache", action="store_true",
                         help="FA4's own compile cache on disk (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1)")
     parser.add_argument("--no-sample", action="store_true",
