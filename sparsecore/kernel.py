@@ -165,16 +165,15 @@ class CompiledKernel:
         if key in self._ready:
             return backend, options
         shared = warmups.warm_key(backend, key[1], signature, options, self.mask)
-        in_flight = warmups.pending(shared) is not None       # first: a warm-up is recorded before it leaves
-        if not in_flight and (warmups.is_warm(shared) or warmups.failure(shared) is not None):
+        found = warmups.status(shared)
+        if found in ("warm", "failed"):
             return self._runs_it(key, backend, options)
-        reason = warmups.unloadable(backend.name, key[1])
-        if reason is not None:
-            return self._unloadable_now(backend, reason, signature, shape, call)
+        if found == "unloadable":
+            return self._unloadable_now(backend, warmups.unloadable(backend.name, key[1]), signature, shape, call)
         fallback = self._fallback(shape, signature[4], backend)
         if fallback is None:                        # nothing else takes these inputs: load it here
             return self._loaded_in_place(key, signature, shape, backend, options, call)
-        if not in_flight:
+        if found == "none":
             self._queued.append(Warming(shared, backend, backend.warmup_options(self.mask, options, call),
                                         warmups.sample_call(self.mask, call), caller_stream(call[0])))
         return fallback

@@ -51,7 +51,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from .launch_device import caller_stream, on_device, on_device_of, on_stream
+from .launch_device import caller_stream, on_device, on_stream
 
 MODES = ("background", "wait")
 ENV = "SPARSECORE_WARMUP"
@@ -126,6 +126,29 @@ def failure(key: Hashable) -> str | None:
         warnings.warn(f"sparsecore: warming {key[0]!r} up in the background failed ({found}); it is loaded in place "
                       f"from now on, as with {ENV}=wait", RuntimeWarning, stacklevel=4)
     return found
+
+
+def status(key: tuple) -> str:
+    """Where the warm-up of ``key`` (the backend's name, the device, ...) stands: ``"in flight"``, ``"warm"``,
+    ``"failed"`` (:func:`failure` warns once), ``"unloadable"`` (:func:`unloadable` says why) or ``"none"``. Reads
+    the in-flight table first: a warm-up is recorded as ended before it leaves it."""
+    if pending(key) is not None:
+        return "in flight"
+    if is_warm(key):
+        return "warm"
+    if failure(key) is not None:
+        return "failed"
+    return "unloadable" if unloadable(*key[:2]) is not None else "none"
+
+
+def _loaded_run(load: Callable[[], str | None], device: Any, stream: Any, run: Callable[[], Any]) -> Any:
+    """On the worker: ``load()`` (:class:`Unloadable` with its reason, if any), then ``run()``, both on ``device`` (a
+    torch.device or None) and the caller's ``stream``, without autograd."""
+    with on_device(device), on_stream(stream), torch.no_grad():      # "cuda" means the call's device here too
+        reason = load()
+        if reason is not None:
+            raise Unloadable(reason)
+        return run()
 
 
 def start(key: tuple, task: Callable[[], Any]) -> Future:
@@ -204,11 +227,8 @@ class Warming:
         it once (which compiles what the kernel's calls launch). ``lower(backend, options, q, mask=...)``."""
         try:
             mask, q, k, v, scale, return_lse = self.sample
-            with on_device_of(q), on_stream(self.stream), torch.no_grad():     # "cuda" means q's device here too
-                reason = self.backend.unavailable_reason(device)
-                if reason is not None:
-                    raise Unloadable(reason)
-                lower(self.backend, self.options, q, mask=mask)(q, k, v, scale, return_lse)
+            _loaded_run(lambda: self.backend.unavailable_reason(device), q.device, self.stream,
+                        lambda: lower(self.backend, self.options, q, mask=mask)(q, k, v, scale, return_lse))
         finally:
             self.sample = None
 
@@ -238,24 +258,17 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
     place from then on (``load()``)."""
     if mode(None) == "wait":
         return load()
-    if pending(key) is not None:
-        return f"warming up in the background ({ENV}=wait loads it in place)"
-    if is_warm(key):
+    found = status(key)
+    if found == "warm":
         return None
-    if failure(key) is not None:
+    if found == "failed":
         return load()
-    if unloadable(*key[:2]) is not None:
+    if found == "unloadable":
         return unloadable(*key[:2])
-    device = like.device if isinstance(like, torch.Tensor) else None     # the task holds no input of the call
-    stream, first_run = caller_stream(like), sample_run()
-
-    def task() -> None:
-        reason = load()
-        if reason is not None:
-            raise Unloadable(reason)
-        with on_device(device), on_stream(stream), torch.no_grad():
-            first_run()
-    start(key, task)
+    if found == "none":
+        device = like.device if isinstance(like, torch.Tensor) else None     # the task holds no input of the call
+        stream, first_run = caller_stream(like), sample_run()
+        start(key, lambda: _loaded_run(load, device, stream, first_run))
     return f"warming up in the background ({ENV}=wait loads it in place)"
 
 

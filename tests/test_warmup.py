@@ -197,13 +197,12 @@ def test_the_worker_runs_on_the_callers_device_and_stream_without_gradients(fake
     entered = []
     monkeypatch.setattr(kernel_module, "caller_stream", lambda tensor: "the caller's stream")
     monkeypatch.setattr(warmup, "on_stream", lambda stream: _Recorded(entered, "stream", stream))
-    monkeypatch.setattr(warmup, "on_device_of", lambda tensor: _Recorded(entered, "device of", tensor))
+    monkeypatch.setattr(warmup, "on_device", lambda device: _Recorded(entered, "device", device))
     q, k, v = (t.requires_grad_() for t in _inputs())
     sparsecore.compile(_mask(), device="cuda")(q, k, v)
     assert warmup.wait(timeout=30)
-    (device, sample_q, thread), stream = entered
-    assert (device, thread) == ("device of", "sparsecore-warmup") and torch.equal(sample_q, q)
-    assert stream == ("stream", "the caller's stream", "sparsecore-warmup")
+    worker = "sparsecore-warmup"
+    assert entered == [("device", q.device, worker), ("stream", "the caller's stream", worker)]
     assert slow.grad_enabled == [False]
 
 
