@@ -55,3 +55,32 @@ def test_a_kernel_runs_on_its_inputs_device_while_another_is_current(backend, ap
     ref_out, ref_lse = approximated_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), mask,
                                               64 ** -0.5)                                    # drop: dense attention
     assert_matches("bfloat16", out.double().cpu().numpy(), lse.double().cpu().numpy(), ref_out, ref_lse)
+
+
+@pytest.mark.skipif(DEVICES < 2, reason=f"needs two CUDA devices, found {DEVICES}")
+def test_fa4_warms_up_behind_triton_on_the_inputs_device_while_another_is_current():
+    """The background warm-up (sparsecore.warmup) loads and samples fa4 on ``cuda:1``, the inputs' device, while
+    ``cuda:0`` is current: Triton answers first, fa4 after the warm-up, both on ``cuda:1`` and both exact."""
+    reason = sparsecore.registered_backends()["fa4"].unavailable_reason("cuda")
+    if reason:
+        pytest.skip(f"fa4 cannot run here: {reason}")
+    rng = np.random.default_rng(1)
+    keep = rng.random((2, 12, 12)) < 0.3
+    keep[:, np.arange(12), np.arange(12)] = True
+    mask = BlockMask.from_dense(keep, 1500, 1500, 128)                           # a short last block
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 1500, 128, generator=gen).to(torch.bfloat16) for _ in range(3))
+    kernel = sparsecore.compile(mask, device="cuda", warmup="background")
+    with torch.cuda.device(0):
+        first = kernel(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"), return_lse=True)
+        ran_first = kernel.backend.name
+        assert kernel.wait_for_warmups(timeout=300)
+        later = kernel(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"), return_lse=True)
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0
+    assert (ran_first, kernel.backend.name) == ("triton", "fa4")
+    ref_out, ref_lse = approximated_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), mask,
+                                              128 ** -0.5)
+    for out, lse in (first, later):
+        assert out.device == torch.device("cuda:1")
+        assert_matches("bfloat16", out.double().cpu().numpy(), lse.double().cpu().numpy(), ref_out, ref_lse)
