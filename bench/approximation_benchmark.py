@@ -15,7 +15,8 @@ lowering with each ``approximation``, and timed with ``kernel_timing.median_ms``
   and the torch statistics the ``portable`` lowering uses, for comparison;
 - ``pass``: the Triton approximation pass alone (``ApproximationLaunch`` on a fixed exact result);
 - ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale;
-- with ``--sweep``: the grouped pass under each tile config of :data:`SWEEP` (the default is the first);
+- with ``--sweep``: the zeroth and grouped passes under each tile config of :data:`SWEEP` (the first is the
+  default for the grouped kind), each config's output against the first's;
 - ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
   where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure;
 - ``floor``: an additive estimate of a pass after the exact kernel: the grouped mask's extra tensor-core FLOPs
@@ -57,9 +58,9 @@ from sparsecore.methods.approximation import unselected_of, with_unselected  # n
 HEADS = 12
 GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 52), 9760: VideoGeometry(61, 10, 16)}
 KINDS = ("zeroth", "global-first-order", "grouped-first-order")
-SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), ApproximationConfig(128, 64, 8, 2),
-         ApproximationConfig(64, 32, 4, 2), ApproximationConfig(64, 32, 4, 3), ApproximationConfig(64, 64, 4, 2),
-         ApproximationConfig(128, 128, 8, 2)]
+SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), ApproximationConfig(128, 32, 4, 3),
+         ApproximationConfig(64, 32, 4, 3), ApproximationConfig(64, 32, 4, 4), ApproximationConfig(256, 32, 8, 2),
+         ApproximationConfig(256, 32, 16, 2)]
 
 
 def label(config: ApproximationConfig) -> str:
@@ -128,20 +129,26 @@ def rows_for(tokens: int, head_dim: int, check: bool, sweep: bool) -> list[dict]
         plan = launch.plan(q.device)
         stats_ms = bench(lambda: launch.statistics(k, v, plan))
         out, lse = exact_kernel(q, k, v, return_lse=True)
+        exact_out, exact_lse = out.clone(), lse.clone()
         pass_ms = bench(lambda: launch(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms   # merges in place: same cost
         row = {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": kind,
                "exact_ms": exact_ms, "total_ms": total_ms, "statistics_ms": stats_ms,
                "torch_statistics_ms": torch_stats_ms, "pass_ms": pass_ms, "overhead": total_ms / exact_ms - 1,
                "dense_sdpa_ms": dense_ms}
         if sweep and kind in ("zeroth", "grouped-first-order"):
-            row["sweep"] = {}
+            row["sweep"], row["sweep_rel_l2"], first = {}, {}, None
             for config in SWEEP:
                 swept = ApproximationLaunch(mask.to(q.device), config)
                 try:
+                    merged = exact_out.clone(), exact_lse.clone()        # the timing below merges into out, lse
+                    swept(q, k, v, *merged, head_dim ** -0.5)
+                    first = merged[0].float() if first is None else first
+                    row["sweep_rel_l2"][label(config)] = float((merged[0].float() - first).norm() / first.norm())
                     ms = bench(lambda: swept(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms
                 except triton.runtime.errors.OutOfResources:      # a config too large for this GPU: reported
                     ms = None
                 row["sweep"][label(config)] = ms
+                print(label(config), ms, row["sweep_rel_l2"].get(label(config)), flush=True)
         if check:
             reference = sparsecore.compile(mask, device="cuda", backend="portable")(q.float(), k.float(), v.float())
             got = kernel(q, k, v).float()
@@ -197,12 +204,15 @@ def markdown(report: dict) -> str:
               f"{r['gemm_tflops']:.0f} | {r['floor_ratio']:.3f} | {r['allowed_extra_tflops']:.0f} |" for r in defaults]
     swept = [r for r in report["rows"] if r.get("sweep")]
     if swept:
-        lines += ["", "Pass (ms) per tile config (the first is the default):",
-                  "", "| tokens | approximation | " + " | ".join(swept[0]["sweep"]) + " |",
-                  "|---:|---|" + "---:|" * len(swept[0]["sweep"])]
-        lines += [f"| {r['tokens']} | {r['approximation']} | "
-                  + " | ".join("out of resources" if ms is None else f"{ms:.2f}" for ms in r["sweep"].values())
-                  + " |" for r in swept]
+        lines += ["", "Pass per tile config (the first is the grouped kind's default; rel L2: the merged output against "
+                  "the first config's):", "",
+                  "| tokens | approximation | config | pass ms | rel L2 vs first |", "|---:|---|---|---:|---:|"]
+        for r in swept:
+            for name, ms in r["sweep"].items():
+                diff = r.get("sweep_rel_l2", {}).get(name)
+                lines.append(f"| {r['tokens']} | {r['approximation']} | {name} | "
+                             f"{'out of resources' if ms is None else format(ms, '.2f')} | "
+                             f"{'' if diff is None else format(diff, '.1e')} |")
     return "\n".join(lines) + "\n"
 
 

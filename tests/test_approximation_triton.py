@@ -118,6 +118,17 @@ def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, grou
     assert params["WORD_TILES"]            # 32-block tiles that start at multiples of 32 (whole 8- or 32-block groups)
 
 
+@pytest.mark.parametrize("kind, warps", [("zeroth", 4), ("global-first-order", 8), ("grouped-first-order:32", 8)])
+def test_the_pass_runs_4_warps_on_cuda_only_without_first_order_products(kind, warps):
+    """The zeroth kind has no ``q H_g`` product and ran faster at 4 warps on the H200; the first-order kinds keep 8
+    (the grouped one spills at 4). A configuration given by the caller and the CPU interpreter's are kept."""
+    launch = approximation_launch.ApproximationLaunch(_mask([0, 32], BlockMask.uniform_offsets(64, 8), 2, kind, 0))
+    assert launch.config_for(torch.device("cuda", 0)).num_warps == warps
+    assert launch.config_for(torch.device("cpu")) == approximation_launch.INTERPRETER_CONFIG
+    given = approximation_launch.ApproximationConfig(64, 32, 2, 1)
+    assert approximation_launch.ApproximationLaunch(launch.mask, given).config_for(torch.device("cuda", 0)) is given
+
+
 def test_float32_takes_the_group_walk_on_cuda_without_compiling_whole_group_tiles(monkeypatch):
     """IEEE float32 tiles of whole groups compile for a minute at head dim 128 (and do not fit at 2-3 stages):
     float32 inputs on CUDA at head dim 128 go straight to the group-by-group walk."""

@@ -55,6 +55,10 @@ class ApproximationConfig:
 
 
 INTERPRETER_CONFIG = ApproximationConfig(64, 16, 4, 1)     # small tiles keep the CPU interpreter quick
+# Without first-order terms the pass holds no ``q H_g`` product, and 4 warps ran it faster: PASA's 6x mask as
+# "zeroth", 14.40 ms against 16.65 at 8 warps (H200, 2026-12-02, bench/approximation_benchmark.py --sweep; the
+# grouped kind at 4 warps took 81.0 ms against 27.6: its 128 x 128 float32 product spills).
+ZEROTH_CONFIG = ApproximationConfig(num_warps=4)
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,11 @@ class ApproximationLaunch:
         return self._plans[key]
 
     def config_for(self, device: torch.device) -> ApproximationConfig:
-        return self.config or (ApproximationConfig() if device.type == "cuda" else INTERPRETER_CONFIG)
+        if self.config is not None:
+            return self.config
+        if device.type != "cuda":
+            return INTERPRETER_CONFIG
+        return ApproximationConfig() if self.first_order else ZEROTH_CONFIG
 
     def statistics(self, k: torch.Tensor, v: torch.Tensor, plan: _DevicePlan) -> _Statistics:
         """The block summaries of ``k, v [B, Hk, T, D]`` (unit last stride) in the pass's operand dtypes."""
