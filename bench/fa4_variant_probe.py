@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
-import json
 import math
 import sys
 import traceback
@@ -43,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from report import gpu_meta, write_report  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 ROW_POINTS = ((32768, 0.1), (32768, 0.25), (98304, 0.1))
@@ -199,16 +199,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", choices=("stages", "persistent"), default="persistent")
     args = parser.parse_args()
-    import torch
-    from importlib import metadata
-    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-                **{name: metadata.version(name) for name in ("triton", "flash-attn-4")}}
-    meta = {"date": datetime.date.today().isoformat(), "set": args.set, "versions": versions}
+    meta = gpu_meta(set=args.set)
     rows = measure(args.set)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"fa4-variants-{args.set}-{meta['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, rows))
+    write_report(args.out / f"fa4-variants-{args.set}-{meta['date']}", meta, rows, markdown(meta, rows))
     print(markdown(meta, rows))
     return 0
 

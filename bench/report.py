@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -11,3 +12,13 @@ def write_report(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(table)
+
+
+def gpu_meta(**extra) -> dict:
+    """A GPU probe's meta: today's date, and the versions of torch, the GPU, triton and flash-attn-4, plus ``extra``."""
+    from importlib import metadata
+
+    import torch
+    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
+                **{name: metadata.version(name) for name in ("triton", "flash-attn-4")}}
+    return {"date": datetime.date.today().isoformat(), **extra, "versions": versions}

@@ -15,8 +15,6 @@ repeats (``kernel_timing.median_ms``). Effective TFLOP/s = 4 S^2 D H density / t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -24,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from report import gpu_meta, write_report  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 POINTS = ((32768, 0.1), (32768, 0.25), (32768, 0.5), (98304, 0.1))
@@ -89,16 +89,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    import torch
-    from importlib import metadata
-    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-                **{name: metadata.version(name) for name in ("triton", "flash-attn-4")}}
-    meta = {"date": datetime.date.today().isoformat(), "versions": versions}
+    meta = gpu_meta()
     rows = measure()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"short-rows-{meta['date']}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, rows))
+    write_report(args.out / f"short-rows-{meta['date']}", meta, rows, markdown(meta, rows))
     print(markdown(meta, rows))
     return 0
 
