@@ -65,7 +65,7 @@ class CompiledKernel:
         self._choices = choices
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
         self._runs_here = {choices[0][0].name} if first_checked else set()   # backends checked to run here
-        self._unloadable: dict[str, str] = {}    # backends whose background load found they cannot run here: why
+        self._unloadable: dict[tuple, str] = {}  # (backend, tensor device) a background load found does not run: why
         self._ready: set[tuple] = set()           # (backend, tensor device, signature): warm (here or by a kernel
                                                   # of this geometry), or loaded in place
         self._queued: list[Warming] = []          # warm-ups to submit once this call has launched
@@ -124,7 +124,8 @@ class CompiledKernel:
             raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
-        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, shape.device)
+        where = str(getattr(q, "device", "host"))          # the tensors' device, with its index ("cuda:1")
+        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, where)
         backend, options = self._backend_for(signature, shape)
         self._check_device(backend, shape)
         if self.warmup == "background" and backend.slow_to_load:
@@ -170,7 +171,7 @@ class CompiledKernel:
             return self._runs_it(key, backend, options)
         if found == "unloadable":
             return self._unloadable_now(backend, warmups.unloadable(backend.name, key[1]), signature, shape, call)
-        fallback = self._fallback(shape, signature[4], backend)
+        fallback = self._fallback(shape, signature, backend)
         if fallback is None:                        # nothing else takes these inputs: load it here
             return self._loaded_in_place(key, signature, shape, backend, options, call)
         if found == "none":
@@ -185,9 +186,11 @@ class CompiledKernel:
 
     def _unloadable_now(self, backend: Backend, reason: str, signature: tuple, shape: AttentionShape,
                         call: tuple) -> tuple[Backend, Hashable]:
-        """``backend`` cannot run here after all: choose again without it (another slow one warms up in turn)."""
-        self._unloadable[backend.name] = reason
-        self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend}
+        """``backend`` cannot run on these tensors' device after all: choose again without it there (another slow one
+        warms up in turn); other devices keep it."""
+        where = signature[5]
+        self._unloadable[(backend.name, where)] = reason
+        self._by_signature = {s: c for s, c in self._by_signature.items() if c[0] is not backend or s[5] != where}
         chosen, options = self._backend_for(signature, shape)
         if chosen.slow_to_load:
             return self._meanwhile(signature, shape, chosen, options, call)
@@ -200,12 +203,12 @@ class CompiledKernel:
             return self._unloadable_now(backend, reason, signature, shape, call)
         return self._runs_it(key, backend, options)
 
-    def _fallback(self, shape: AttentionShape, return_lse: bool, backend: Backend) -> tuple[Backend, Hashable] | None:
+    def _fallback(self, shape: AttentionShape, signature: tuple, backend: Backend) -> tuple[Backend, Hashable] | None:
         """The first choice after ``backend`` that takes these inputs, runs here and is not slow to load."""
         later = self._choices[[b for b, _ in self._choices].index(backend) + 1:]
         for other, options in later:
-            if not other.slow_to_load and not self._problems(other, shape, return_lse) \
-                    and self._reason(other) is None:
+            if not other.slow_to_load and not self._problems(other, shape, signature[4]) \
+                    and self._reason(other, signature[5]) is None:
                 return other, options
         return None
 
@@ -242,7 +245,7 @@ class CompiledKernel:
             for backend, options in self._choices:
                 found = self._problems(backend, shape, signature[4])
                 if not found:
-                    reason = self._reason(backend)
+                    reason = self._reason(backend, signature[5])
                     found = [f"cannot run here: {reason}"] if reason is not None else []
                 if not found:
                     chosen = self._by_signature[signature] = (backend, options)
@@ -260,11 +263,11 @@ class CompiledKernel:
         return backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads,
                                                     return_lse, self.mask.unselected.kind != "drop")
 
-    def _reason(self, backend: Backend) -> str | None:
-        """Why ``backend`` cannot run here (None: it can; or, slow to load and warmed up in the background, nothing
-        seen without loading it says it cannot: its warm-up loads it)."""
-        if backend.name in self._unloadable:
-            return self._unloadable[backend.name]
+    def _reason(self, backend: Backend, where: str) -> str | None:
+        """Why ``backend`` cannot run here, on tensors on ``where`` (None: it can; or, slow to load and warmed up in
+        the background, nothing seen without loading it says it cannot: its warm-up loads it)."""
+        if (backend.name, where) in self._unloadable:
+            return self._unloadable[(backend.name, where)]
         if backend.name in self._runs_here:
             return None
         if self.warmup == "background" and backend.slow_to_load:

@@ -95,7 +95,9 @@ def warm_key(backend: Any, device: str, signature: tuple, options: Hashable, mas
     """What a warm-up is shared by: backend, tensor device, input signature, options, and the mask's heads, block
     offsets and treatment of unlisted blocks. FA4's kernels depend on tiles and mask_mod, not on the lists, so a
     new mask of a warmed geometry compiles nothing (one whose tiles need FA4's mask_mod where the first one's did
-    not compiles once, in place); the key holds the offsets (a few thousand integers at most), not the lists."""
+    not, or whose heads all keep the same lists where the first one's differ (FA4 broadcasts such lists), or the
+    other way round, compiles once, in place); the key holds the offsets (a few thousand integers at most), not the
+    lists."""
     return (backend.name, device, signature, options, mask.num_heads, mask.q_offsets.tobytes(),
             mask.kv_offsets.tobytes(), mask.unselected)
 
@@ -153,24 +155,40 @@ def _loaded_run(load: Callable[[], str | None], device: Any, stream: Any, run: C
 
 def start(key: tuple, task: Callable[[], Any]) -> Future:
     """Run ``task`` (a warm-up of ``key``: the backend's name, the device, then what its compiles depend on) on the
-    worker, recording how it ended (:func:`is_warm`, :func:`failure`, :func:`unloadable`) before its future does."""
+    worker, recording how it ended (:func:`is_warm`, :func:`failure`, :func:`unloadable`) before it leaves the
+    in-flight table. One warm-up per key: where one is in flight (callers on two threads read "none" before either
+    started it) its future is returned, and where one ended, a done future. Where the worker thread cannot start,
+    the warm-up is recorded as failed (its geometry then loads in place)."""
+    future: Future = Future()
+
     def recorded() -> Any:
         try:
             result = task()
         except Unloadable as exc:
             _unloadable[key[:2]] = str(exc)
-            _pending.pop(key, None)
             raise
         except BaseException as exc:
             _failed[key] = f"{type(exc).__name__}: {exc}"
-            _pending.pop(key, None)
             raise
-        _warm.add(key)
-        _pending.pop(key, None)
-        return result
-    future: Future = Future()
-    _pending[key] = future
-    return submit(recorded, future)
+        else:
+            _warm.add(key)
+            return result
+        finally:
+            if _pending.get(key) is future:
+                del _pending[key]
+    with _lock:
+        if key in _pending:
+            return _pending[key]
+        if key in _warm or key in _failed:
+            future.set_result(None)
+            return future
+        _pending[key] = future
+    submit(recorded, future)
+    if future.done() and _pending.get(key) is future:       # it never ran: cancelled at exit, or no worker thread
+        del _pending[key]
+        if not future.cancelled():
+            _failed[key] = str(future.exception())
+    return future
 
 
 SAMPLE_TOKENS = 1024     # a warm-up's sample takes blocks from the start up to this many tokens (and at least
@@ -240,6 +258,8 @@ def wait(timeout: float | None = None) -> bool:
         submit(lambda: None).result(timeout)
     except (FutureTimeout, CancelledError):              # cancelled: the process is exiting
         return False
+    except _NoWorker:                                    # no worker thread: nothing was queued to wait for
+        return True
     return True
 
 
@@ -272,9 +292,14 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
     return f"warming up in the background ({ENV}=wait loads it in place)"
 
 
+class _NoWorker(RuntimeError):
+    """The worker thread could not start (the OS refused a thread; or, from Python 3.12, at interpreter shutdown)."""
+
+
 def submit(task: Callable[[], Any], future: Future | None = None) -> Future:
     """Run ``task`` on the worker thread (one for the process, started on first use; tasks run one at a time in
-    the order given) and return its future (``future``, where given)."""
+    the order given) and return its future (``future``, where given). Where the thread cannot start, the future
+    ends with :class:`_NoWorker` and the next submit tries again."""
     global _tasks, _worker
     future = Future() if future is None else future
     if _stopping:                                   # the process is exiting: nothing new starts
@@ -282,9 +307,14 @@ def submit(task: Callable[[], Any], future: Future | None = None) -> Future:
         return future
     with _lock:
         if _tasks is None:
-            _tasks = queue.SimpleQueue()
-            _worker = threading.Thread(target=_work, args=(_tasks,), name="sparsecore-warmup", daemon=True)
-            _worker.start()
+            tasks = queue.SimpleQueue()
+            worker = threading.Thread(target=_work, args=(tasks,), name="sparsecore-warmup", daemon=True)
+            try:
+                worker.start()
+            except RuntimeError as exc:
+                future.set_exception(_NoWorker(f"sparsecore's warm-up thread could not start: {exc}"))
+                return future
+            _tasks, _worker = tasks, worker
         _tasks.put((future, task))
     return future
 
