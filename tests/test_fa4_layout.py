@@ -151,6 +151,13 @@ def test_blocks_off_the_tile_grid_take_the_general_path():
 
 
 # ------------------------------------------------------------------------------------------ named layouts
+@pytest.mark.parametrize("side", [True, 0, -64, 64.0, "64", None])
+def test_a_tile_side_that_is_not_a_positive_int_is_refused(side):
+    """``True`` is an int to Python; as a tile side it would have made 1-token tiles (a review, 2026-12-02)."""
+    with pytest.raises(ValueError, match="tile_m: expected a positive int"):
+        to_fa4(BlockMask.full(1, 100, 100, 50), side, 64)
+
+
 def test_uniform_128_blocks_on_128_tiles_are_full_tiles_without_mask_mod():
     rng = np.random.default_rng(1)
     offsets = BlockMask.uniform_offsets(128 * 9 + 50, 128)                      # short last block

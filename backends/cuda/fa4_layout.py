@@ -185,7 +185,7 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     """
     device = torch.device(device)
     for name, side in (("tile_m", tile_m), ("tile_n", tile_n)):
-        if not isinstance(side, (int, np.integer)) or side < 1:
+        if isinstance(side, (bool, np.bool_)) or not isinstance(side, (int, np.integer)) or side < 1:
             raise ValueError(f"{name}: expected a positive int (a kernel tile side), got {side!r}")
     tile_m, tile_n = int(tile_m), int(tile_n)
     edges = tile_edges(-(-int(mask.kv_offsets[-1]) // tile_n), key_parts)
