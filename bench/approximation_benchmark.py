@@ -204,8 +204,8 @@ def markdown(report: dict) -> str:
               f"{r['gemm_tflops']:.0f} | {r['floor_ratio']:.3f} | {r['allowed_extra_tflops']:.0f} |" for r in defaults]
     swept = [r for r in report["rows"] if r.get("sweep")]
     if swept:
-        lines += ["", "Pass per tile config (the first is the grouped kind's default; rel L2: the merged output against "
-                  "the first config's):", "",
+        lines += ["", "Pass per tile config (the first is the grouped kind's default; rel L2: the merged output "
+                  "against the first config's):", "",
                   "| tokens | approximation | config | pass ms | rel L2 vs first |", "|---:|---|---|---:|---:|"]
         for r in swept:
             for name, ms in r["sweep"].items():
