@@ -259,7 +259,7 @@ def wait(timeout: float | None = None) -> bool:
     except (FutureTimeout, CancelledError):              # cancelled: the process is exiting
         return False
     except _NoWorker:                                    # no worker thread: nothing was queued to wait for
-        return True
+        pass
     return True
 
 
