@@ -17,6 +17,8 @@
 #   occupancy  bench/fa4_occupancy_probe.py: fa4 on 64-token masks at two CTAs per SM against one and Triton
 #   keysplit   bench/key_split_probe.py: rate by length, and fa4's key_parts 1/2/4/8 at 6x (L2 capacity)
 #   shortrows  bench/short_rows_probe.py: fa4's key_parts 1-4 where rows are short (32K, d = 0.1), against cuDNN
+#   tailprobe  bench/tail_probe.py: is FA4's last partial wave a cost at 32K, d = 0.1 (heads 11/12/33, tail tiles
+#              split over a side stream)
 #   variants   bench/fa4_variant_probe.py: FA4 SM90 kernel variants where rows are short and at 64-token 6x
 #              (VARIANT_SET=stages: pipeline depths; persistent, the default: its persistent scheduler, overlap)
 #   e2e        bench/e2e_benchmark.py: Wan / HunyuanVideo 1.5 steps and whole generations, eager and compiled
@@ -64,6 +66,7 @@ for stage in "$@"; do
     approximation) python3 bench/approximation_benchmark.py --out "$OUT" 2>&1 | tail -20 ;;
     occupancy) python3 bench/fa4_occupancy_probe.py --out "$OUT" 2>&1 | grep '^|' ;;
     shortrows) python3 bench/short_rows_probe.py --out "$OUT" 2>&1 | grep '^|' ;;
+    tailprobe) python3 bench/tail_probe.py --out "$OUT" 2>&1 | grep '^|' ;;
     variants) python3 bench/fa4_variant_probe.py --out "$OUT" --set "${VARIANT_SET:-persistent}" 2>&1 \
                 | grep -E '^\{|Error' ;;
     keysplit) python3 bench/key_split_probe.py --out "$OUT" --backends fa4,triton 2>&1 | grep '^|' ;;
