@@ -200,7 +200,7 @@ def _smooth_field(geometry: VideoGeometry, dim: int, gen: torch.Generator, stati
     still = torch.nn.functional.interpolate(scene, size=size, mode="trilinear", align_corners=True)[0]
     full = static * still / still.std() + math.sqrt(1 - static ** 2) * moving / moving.std()
     field = full.reshape(dim, -1).T
-    return (field - field.mean(0)) / field.std(0).clamp_min(1e-6)
+    return (field - field.mean(0)) / field.std(0, correction=0).clamp_min(1e-6)   # one token: no NaN
 
 
 def _sink_tokens(geometry: VideoGeometry, count: int, gen: torch.Generator) -> torch.Tensor:

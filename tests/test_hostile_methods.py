@@ -165,6 +165,17 @@ def test_geometries_no_mask_can_describe_are_refused_before_planning(method):
     refused(lambda: lvsa.session(num_steps=50).action(VideoGeometry(10**9, 1, 1), 0), "geometry")
 
 
+def test_block_sizes_too_small_for_one_mask_are_refused_before_planning():
+    """Fixed blocks whose heads x blocks^2 exceeds the int32 index limit: LVSA retiled into a 133 GiB map, PASA
+    pooled 107 GB of scores, and a selection of more than 2**31 - 1 entries wrapped its int32 row pointers."""
+    wan6x = VideoGeometry(121, 30, 52)
+    refused(lambda: lvsa.plan(wan6x, 12, step=0, block_size=1), "block_size")
+    refused(lambda: pasa.plan(wan6x, 12, step=20, layer=1, block_size=4), "block_size")
+    refused(lambda: adaspa.plan(wan6x, 12, step=20, layer=1, block_size=4), "block_size")
+    text_heavy = VideoGeometry(1, 1, 2, text_tokens=16400)          # 16,402 one-token blocks: 8 x 16402^2 > 2**31
+    refused(lambda: pasa.plan(text_heavy, 8, step=20, layer=1, block_size=1), "block_size")
+
+
 def test_session_steps_beyond_the_run():
     for method in MODULES:
         session = MODULES[method].session(num_steps=12, **({"search_steps": (10,)} if method == "adaspa" else {}))

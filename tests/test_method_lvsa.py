@@ -169,6 +169,7 @@ def test_session_reuses_one_mask_per_rotation_offset():
     m0 = session.plan(g, 2, step=4, layer=0)
     assert session.plan(g, 2, step=4, layer=9) is m0
     assert session.plan(g, 2, step=5, layer=0) != m0
+    assert (m0.meta["step"], m0.meta["layer"], m0.meta["planned_at_step"]) == (None, None, 4)   # shared: no one step
     with pytest.raises(ValueError, match="step"):
         session.plan(g, 2, step=50)
 

@@ -169,6 +169,23 @@ def test_calibration_record_save_load_average(tmp_path):
         pasa.CurvatureProfile.load(tmp_path / "bad.json")
 
 
+def test_schedule_mean_is_exact_whatever_the_spread_of_the_changes():
+    """A change 1e13 times smaller than the others: the water-filling's search for c stopped at 1e12 and the mean
+    came out 0.89 for density 0.9."""
+    profile = pasa.CurvatureProfile(np.array([np.nan, 1.0, 1.0, 1.0, 1e-13]))
+    rho = pasa.density_schedule(5, 0.9, dense_fraction=0.0, profile=profile)
+    np.testing.assert_allclose(rho, [1.0, 1.0, 1.0, 1.0, 0.5])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        changes = rng.random(12) * 10.0 ** rng.uniform(-15, 3, 12)
+        rho = pasa.density_schedule(13, 0.3, dense_fraction=0.0, profile=pasa.CurvatureProfile(
+            np.concatenate([[np.nan], changes])), min_density=0.05)
+        assert abs(rho.mean() - 0.3) < 1e-12 and rho.min() >= 0.05 and rho.max() <= 1.0
+        free = (rho > 0.05) & (rho < 1.0)                     # unclipped steps stay proportional to their change
+        ratios = rho[free] / np.concatenate([[changes[0]], changes])[free]
+        np.testing.assert_allclose(ratios, ratios[0] if free.any() else ratios, rtol=1e-9)
+
+
 def test_session_follows_the_schedule_and_counts_blocks():
     curve = pasa.CurvatureProfile(np.array([np.nan] + [1.0] * 39 + [4.0] * 10))
     session = pasa.session(num_steps=50, profile=curve, block_size=16)

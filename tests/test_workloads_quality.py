@@ -40,6 +40,12 @@ def test_same_seed_same_tensors_and_shapes():
     assert video_qkv(g, 2, 16, seed=1, dtype=torch.float64)[0].dtype == torch.float64
 
 
+def test_one_video_token_gives_finite_tensors():
+    """The content field's standard deviation over one token was NaN (unbiased), and so were q, k, v."""
+    for g in (VideoGeometry(1, 1, 1), VideoGeometry(1, 1, 1, text_tokens=5)):
+        assert all(torch.isfinite(t).all() for t in video_qkv(g, 2, 12, seed=0))
+
+
 def test_rope_split_matches_wan():
     assert rope_dims(128) == (44, 42, 42)
     assert sum(rope_dims(64)) == 64

@@ -64,14 +64,15 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import moved
+from sparsecore.ir.validation import check_int
 from sparsecore.search import block_mass, dense_lse
 
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_qk,
-                       check_layer, check_scale, check_shard, check_step, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple,
+                       check_layer, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
+                       geometry_meta, params_from)
 from .approximation import check_approximation, unselected_of, with_unselected
 from .selection import (SinkLayout, dense_mask, keep_count, keep_counts, rows_from_top, selection_nnz, sink_mask,
                         top_video)
-from sparsecore.ir.validation import check_int
 
 METHOD = "adaspa"
 PAPER = "arXiv:2502.21079"
@@ -200,8 +201,7 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
         raise ValueError(f"q, k: the block masses of layer {meta['layer']} at step {meta['step']} are not finite or "
                          f"all 0: q or k holds NaN or inf, or a given mass is; check the model's activations here")
     total_heads = shard.total
-    head_sparsity = summary[-2 * total_heads:-total_heads]
-    meta.update(head_sparsity=head_sparsity, base_recall=summary[-total_heads:])
+    meta.update(head_sparsity=summary[-2 * total_heads:-total_heads], base_recall=summary[-total_heads:])
     nnz = selection_nnz(layout, shard.size, int(summary[0]))
     mask = sink_mask(rows_from_top(top, layout, keep), layout, offsets, nnz, 1.0 - sparsities[shard.start:shard.stop],
                      meta)
@@ -377,7 +377,7 @@ def session(num_steps: int = 50, store: str = "host", **params: Any) -> AdaSpaSe
 
 def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: Any, step: int, q: Any, k: Any,
             lse: torch.Tensor | None, mass: Any, action: str) -> Search:
-    offsets = geometry.block_offsets(p.block_size)
+    offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
     blocks = len(offsets) - 1
     lse_used, given_mass = lse, mass is not None
     if mass is None:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
+
 from sparsecore.geometry import VideoGeometry
 from sparsecore.inputs import SCALE_MAX
 from sparsecore.ir import BlockMask
@@ -133,6 +135,18 @@ def check_geometry(geometry: Any, num_heads: Any) -> int:
                          f"(heads x frame blocks^2 must be at most {INDEX_LIMIT:,} and heads x tokens^2 below 2**62); "
                          f"plan fewer heads at a time (heads=HeadShard(...)) or check the geometry")
     return num_heads
+
+
+def fixed_block_offsets(geometry: VideoGeometry, num_heads: int, block_size: int) -> np.ndarray:
+    """``geometry.block_offsets(block_size)``, once the blocks are few enough for one mask of ``num_heads`` heads:
+    planners build scores or maps of ``heads x blocks^2`` (and a list can hold that many entries), so that must stay
+    within the int32 index limit. Checked before anything in proportion is built."""
+    blocks = -(-geometry.video_tokens // block_size) + -(-geometry.text_tokens // block_size)
+    if num_heads * blocks ** 2 > INDEX_LIMIT:
+        raise ValueError(f"block_size: {block_size}-token blocks cut {geometry} into {blocks:,} blocks, and "
+                         f"{num_heads} heads x {blocks:,}^2 block pairs exceed the int32 index limit {INDEX_LIMIT:,}; "
+                         f"use larger blocks or plan fewer heads at a time (heads=HeadShard(...))")
+    return geometry.block_offsets(block_size)
 
 
 def check_layer(layer: Any) -> int | None:

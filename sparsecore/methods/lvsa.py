@@ -66,8 +66,8 @@ from sparsecore.ir import BlockMask
 
 from sparsecore.ir.validation import check_int
 
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer,
-                       check_shard, check_step, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_shard,
+                       check_step, fixed_block_offsets, geometry_meta, params_from)
 from .approximation import check_approximation, unselected_of, with_unselected
 from .selection import shared_mask
 
@@ -254,7 +254,10 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
                  params_from(LVSAParams, METHOD, params))
 
 
-def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVSAParams) -> BlockMask:
+def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVSAParams,
+          shared: bool = False) -> BlockMask:
+    """The mask at ``step``; ``shared``: one a session returns at every layer and step with the same anchors, whose
+    ``meta`` then records no layer or step, only the step that built it (``planned_at_step``)."""
     pattern = _pattern(geometry, step, p)
     frame_map = pattern.attended()
     offsets = geometry.block_offsets(None)
@@ -263,8 +266,9 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
     video = geometry.block_frames(offsets) >= 0
     block_map[np.ix_(video, video)] = frame_map
     if p.block_size is not None:
-        offsets, block_map = _retile(geometry, offsets, block_map, p.block_size)
-    meta = {"method": METHOD, "paper": PAPER, "layer": layer, "step": step, "params": vars(p),
+        offsets, block_map = _retile(offsets, block_map, fixed_block_offsets(geometry, num_heads, p.block_size))
+    when = {"layer": None, "step": None, "planned_at_step": step} if shared else {"layer": layer, "step": step}
+    meta = {"method": METHOD, "paper": PAPER, **when, "params": vars(p),
             "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
             "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
     mask = shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
@@ -297,13 +301,15 @@ class LVSASession:
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
              q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,
              heads: HeadShard | None = None) -> BlockMask:
-        """The mask at ``step`` (``heads``: only this shard's heads, see :class:`~.contract.HeadShard`)."""
+        """The mask at ``step`` (``heads``: only this shard's heads, see :class:`~.contract.HeadShard`): one object for
+        every layer and every step with the same anchors, so its ``meta`` names neither (``planned_at_step``: the step
+        that built it)."""
         check_step(step, self.num_steps)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         pattern_key = tuple(_pattern(geometry, step, self.params).anchors.tolist())
         key = (geometry, num_heads, shard.start, shard.stop, pattern_key)
         if key not in self._cache:
-            self._cache = {key: _plan(geometry, shard.size, step, None, self.params)}    # every head alike
+            self._cache = {key: _plan(geometry, shard.size, step, None, self.params, shared=True)}  # every head alike
         return self._cache[key]
 
 
@@ -312,10 +318,8 @@ def session(num_steps: int = 50, **params: Any) -> LVSASession:
     return LVSASession(num_steps, **params)
 
 
-def _retile(geometry: VideoGeometry, offsets: np.ndarray, block_map: np.ndarray,
-            block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The frame-block map on fixed ``block_size`` blocks: the smallest covering block map."""
-    fixed = geometry.block_offsets(block_size)
+def _retile(offsets: np.ndarray, block_map: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The frame-block map on the fixed blocks ``fixed`` (offsets): the smallest covering block map."""
     touch = _touching(fixed, offsets).astype(np.float32)       # [fixed blocks, frame blocks]
     retiled = (touch @ block_map.astype(np.float32) @ touch.T) > 0
     return fixed, retiled

@@ -48,8 +48,8 @@ Where the paper is silent, we chose:
   (default ``(0,)``: PISA's first dense layer) are dense at every step.
 - ``l_t`` for step ``t >= 1`` is ``mean |v_t - v_(t-1)|``; step 0 (no predecessor) takes
   ``l_1`` if it is ever sparse. The mean in ``l_t / mean(l)`` is over the sparse steps.
-- Clipping: ``rho_t = clip(c * l_t, min_density, 1)`` with ``c`` found by bisection so
-  the mean is exactly ``rho`` (water-filling); ``min_density`` default ``rho / 2``.
+- Clipping: ``rho_t = clip(c * l_t, min_density, 1)`` with ``c`` solved exactly so the
+  mean is exactly ``rho`` (water-filling); ``min_density`` default ``rho / 2``.
   Per-row counts are ``round(rho_t * NB_video)``, at least 1.
 - Text tokens (joint attention): text key blocks are kept in every row and text rows
   keep everything (AdaSpa's text sink; PASA does not say).
@@ -77,8 +77,8 @@ from sparsecore.ir.validation import check_int
 from sparsecore.noise import GumbelNoise, head_keys
 
 from .approximation import check_approximation, unselected_of, with_unselected
-from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_qk, check_scale,
-                       check_layer, check_shard, check_step, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer, check_qk,
+                       check_scale, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 from .selection import SinkLayout, block_means, dense_mask, keep_count, selection_nnz, sink_mask, sink_rows, sorted_top
 
 METHOD = "pasa"
@@ -234,24 +234,34 @@ def density_schedule(num_steps: int, density: float, *, dense_fraction: float = 
 
 
 def _water_fill(gamma: np.ndarray, density: float, low: float) -> np.ndarray:
-    """``clip(c * gamma, low, 1)`` with ``c`` chosen so the mean is ``density``."""
+    """``clip(c * gamma, low, 1)`` with ``c`` chosen so the mean is ``density``.
+
+    The mean is piecewise linear and nondecreasing in ``c``, with knots where a step leaves the floor
+    (``c = low / gamma_t``) or reaches 1 (``c = 1 / gamma_t``): ``c`` is interpolated between the two knots around
+    ``density``, exactly, whatever the spread of ``gamma`` (steps with ``gamma_t = 0`` stay at ``low``).
+    """
     if density >= 1.0:
         return np.ones_like(gamma)
-    reachable = np.where(gamma > 0, 1.0, low).mean()
+    positive = gamma > 0
+    reachable = np.where(positive, 1.0, low).mean()
     if reachable < density:
         raise ValueError(f"profile: too many sparse steps with zero change to reach density={density} "
                          f"(at most {reachable:.4f}); record the profile again or lower density")
-    lo, hi = 0.0, 1.0
-    while np.clip(hi * gamma, low, 1.0).mean() < density and hi < 1e12:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if np.clip(mid * gamma, low, 1.0).mean() < density:
-            lo = mid
-        else:
-            hi = mid
-    rho = np.clip(hi * gamma, low, 1.0)
-    free = (rho > low) & (rho < 1.0)                 # exact mean: rescale the unclipped steps
+
+    def filled(c: np.ndarray) -> np.ndarray:             # [len(c), steps]
+        with np.errstate(over="ignore"):
+            return np.where(positive, np.clip(c[:, None] * gamma, low, 1.0), low)
+
+    knots = np.unique(np.concatenate([[0.0], low / gamma[positive], 1.0 / gamma[positive]]))
+    means = filled(knots).mean(1)
+    right = min(int(np.searchsorted(means, density)), len(knots) - 1)    # the first knot whose mean reaches it
+    left = max(right - 1, 0)
+    if means[right] == means[left]:
+        c = knots[right]
+    else:
+        c = knots[left] + (density - means[left]) * (knots[right] - knots[left]) / (means[right] - means[left])
+    rho = filled(np.array([c]))[0]
+    free = (rho > low) & (rho < 1.0)                 # exact mean: rescale the unclipped steps (rounding only)
     if free.any():
         rho[free] *= (density * len(rho) - rho[~free].sum()) / rho[free].sum()
     return rho
@@ -320,8 +330,8 @@ class PASASession:
                 "params": p.meta(), "geometry": geometry_meta(geometry), "action": action.label}
         if action.dense:
             return dense_mask(geometry, shard.size, meta)
+        offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
         q, k = check_qk(q, k, geometry, shard.size)
-        offsets = geometry.block_offsets(p.block_size)
         layout = SinkLayout.of(geometry, offsets)
         scores = pooled_scores(q, k, offsets, q.shape[-1] ** -0.5 if p.scale is None else p.scale)
         noise = GumbelNoise(head_keys(shard.heads, p.seed, layer, step, scores.device), p.noise_scale) \
