@@ -185,10 +185,15 @@ class BlockMask:
 
     def largest_block_size(self, which: str) -> int:
         """The largest block's token count (``which``: ``"q"`` or ``"kv"``): what a kernel's tiles must cover."""
-        return int({"q": self.q_block_sizes, "kv": self.kv_block_sizes}[which].max())
+        return int(self._block_sizes(which).max())
+
+    def _block_sizes(self, which: str) -> np.ndarray:
+        if which not in ("q", "kv"):
+            raise ValueError(f"which: expected 'q' or 'kv', got {which!r}")
+        return self.q_block_sizes if which == "q" else self.kv_block_sizes
 
     def _common_block_size(self, which: str, short_first: bool) -> int | None:
-        sizes = {"q": self.q_block_sizes, "kv": self.kv_block_sizes}[which]
+        sizes = self._block_sizes(which)
         if not short_first:
             size, inner = int(sizes[0]), sizes[:-1]
         else:
@@ -227,9 +232,9 @@ class BlockMask:
     # ------------------------------------------------------------------ views
     def row(self, h: int, i: int) -> Any:
         """Key-block ids of head ``h``, query block ``i`` (read-only)."""
-        if not 0 <= h < self.num_heads:
+        if not v.check_int(h, "h", minimum=0) < self.num_heads:
             raise IndexError(f"h={h}: expected 0..{self.num_heads - 1}")
-        if not 0 <= i < self.num_q_blocks:
+        if not v.check_int(i, "i", minimum=0) < self.num_q_blocks:
             raise IndexError(f"i={i}: expected 0..{self.num_q_blocks - 1}")
         return self.indices[int(self.indptr[h, i]):int(self.indptr[h, i + 1])]
 
@@ -272,9 +277,10 @@ class BlockMask:
 
     def _kept_block_fraction(self) -> Any:
         """Mean fraction of key blocks kept per query block, per head (the default budget)."""
-        lengths = self.row_lengths
-        return v.frozen(lengths.mean(axis=1) / self.num_kv_blocks) if self.on_host else \
-            lengths.double().mean(dim=1) / self.num_kv_blocks
+        lengths, cells = self.row_lengths, self.num_q_blocks * self.num_kv_blocks
+        if self.on_host:
+            return v.frozen(lengths.sum(axis=1) / cells)
+        return lengths.sum(dim=1).double() / lengths.new_full((1,), cells).double()   # a tensor: true division
 
     def flops(self, head_dim: int) -> int:
         """Useful FLOPs of one batch element: 4 * kept pairs * head_dim (QK^T and PV)."""
@@ -288,12 +294,16 @@ class BlockMask:
 
     def select_heads(self, heads: Any) -> "BlockMask":
         """A mask of the given query heads (ints, a slice or a bool array), in that order."""
+        if isinstance(heads, slice) and heads.step == 0:
+            raise ValueError("heads: a slice step cannot be 0; pass e.g. slice(0, 4) or slice(0, 4, 2)")
         idx = np.arange(self.num_heads)[heads] if isinstance(heads, slice) else v.as_numpy(heads, "heads")
         if idx.dtype == np.bool_:
             if idx.shape != (self.num_heads,):
                 raise ValueError(f"heads: a bool selector needs shape [{self.num_heads}], got {list(idx.shape)}")
             idx = np.nonzero(idx)[0]
         idx = np.atleast_1d(idx)
+        if idx.ndim != 1:
+            raise ValueError(f"heads: expected a flat list of head ids, got shape {list(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"heads: expected ints, a slice or a bool array, got dtype {idx.dtype}")
         if idx.size == 0 or ((idx < 0) | (idx >= self.num_heads)).any():

@@ -91,6 +91,9 @@ def _sampled_map(mask: "BlockMask", head: int) -> np.ndarray:
 def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Path:
     """Draw each selected head's block map in a grid, drawn to token scale."""
     path = as_path(path)
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise ValueError(f"path: expected a file name ending in .png (the picture is a PNG), got {str(path)[:200]!r}"
+                         f"{' (a folder)' if path.is_dir() else ''}; pass e.g. {str(path.with_suffix('.png'))[:200]!r}")
     heads = _heads(mask, heads)
     plt = matplotlib_pyplot()
     cols = min(len(heads), 4)
@@ -124,6 +127,6 @@ def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Pat
     fig.supylabel("query token")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path

@@ -62,6 +62,10 @@ def save(mask: "BlockMask", path: Any) -> Path:
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the buffer 8-byte aligned, as the format recommends
+    if len(text) > MAX_HEADER_BYTES:           # load refuses such a header: refuse to write it
+        raise ValueError(f"meta: the file header would take {len(text):,} bytes, more than the {MAX_HEADER_BYTES:,} a "
+                         f"mask file may hold (load refuses more); keep large records out of meta, in a file of their "
+                         f"own")
     path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
     return path
 
@@ -94,7 +98,7 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> "BlockMask":
     """Parse a mask file's bytes; every defect raises ``ValueError`` naming ``source``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data: expected the bytes of a mask file, got {type(data).__name__}")
-    return _read(io.BytesIO(data), len(data), source)
+    return _read(io.BytesIO(data), memoryview(data).nbytes, source)   # bytes, whatever the view's item size
 
 
 def _read(file: BinaryIO, size: int, source: str) -> "BlockMask":
@@ -126,9 +130,9 @@ def _read(file: BinaryIO, size: int, source: str) -> "BlockMask":
     meta = _parse_json(meta_fields["meta"].encode(), "__metadata__.meta", bad)
 
     buffer = memoryview(_read_exactly(file, data_size, bad))   # only now: the header says what the bytes are
-    arrays = {name: np.frombuffer(buffer[begin:end], dtype=TENSORS[name][1]).reshape(header[name]["shape"])
-              for name, (begin, end) in spans.items()}
     try:
+        arrays = {name: np.frombuffer(buffer[begin:end], dtype=TENSORS[name][1]).reshape(header[name]["shape"])
+                  for name, (begin, end) in spans.items()}
         unselected = Unselected.parse(meta_fields.get("unselected", "drop"))
         return BlockMask(int(num_heads), arrays["q_offsets"], arrays["kv_offsets"], arrays["indptr"],
                          arrays["indices"], arrays["budgets"], meta, unselected)
@@ -194,8 +198,13 @@ def _span(name: str, entry: Any, st_dtype: str, np_dtype: str, ndim: int, data_s
     nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
     if end < begin or end - begin != nbytes or end > data_size:
         raise bad(f"{name}: data_offsets {str(offsets)[:60]} do not hold shape {str(shape)[:60]} of {st_dtype} "
-                  f"({nbytes:.4g} bytes) inside a {data_size:,}-byte buffer")
+                  f"({_digits(nbytes)} bytes) inside a {data_size:,}-byte buffer")
     return begin, end
+
+
+def _digits(count: int) -> str:
+    """``count`` for a message: a crafted shape's byte count may be too large for a float or even for ``str``."""
+    return f"{count:,}" if count.bit_length() <= 64 else f"over 2**{count.bit_length() - 1}"
 
 
 def _is_count(value: Any) -> bool:

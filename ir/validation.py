@@ -34,7 +34,8 @@ META_DEPTH = 32                        # nesting levels allowed in ``meta``
 def as_numpy(value: Any, field: str) -> np.ndarray:
     """Return ``value`` as a numpy array; accepts numpy, torch tensors (copied to the host) and sequences."""
     if is_tensor(value):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        value = (value.double() if str(value.dtype) == "torch.bfloat16" else value).numpy()   # NumPy has no bf16
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError) as err:
@@ -147,6 +148,9 @@ def check_csr(indptr: np.ndarray, indices: np.ndarray, num_heads: int, num_q_blo
     flat_starts = indptr[:, 0]
     if indptr[0, 0] != 0:
         raise ValueError(f"indptr[0, 0]: expected 0 (the lists start at the beginning of indices), got {indptr[0, 0]}")
+    if indptr.min() < 0:                      # before the differences: int32 ones could wrap around
+        h, i = np.argwhere(indptr < 0)[0]
+        raise ValueError(f"indptr[{h}, {i}]: expected a pointer into indices (>= 0), got {indptr[h, i]}")
     if (np.diff(indptr, axis=1) < 0).any():
         h, i = np.argwhere(np.diff(indptr, axis=1) < 0)[0]
         raise ValueError(f"indptr[{h}]: expected non-decreasing pointers, got indptr[{h}, {i}]={indptr[h, i]} "
@@ -286,8 +290,8 @@ def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, 
         raise ValueError(f"indices: expected the device of indptr ({indptr.device}), got {indices.device}")
     if budgets is not None:
         if not is_tensor(budgets) or budgets.device != indptr.device:
-            raise TypeError(f"budgets: expected a tensor on {indptr.device} like indptr, got "
-                            f"{getattr(budgets, 'device', type(budgets).__name__)}")
+            got = f"a tensor on {budgets.device}" if is_tensor(budgets) else f"a {type(budgets).__name__}"
+            raise TypeError(f"budgets: expected a tensor on {indptr.device} like indptr, got {got}")
         if not budgets.is_floating_point():
             raise TypeError(f"budgets: expected a float array, got dtype {str(budgets.dtype).removeprefix('torch.')}")
         if tuple(budgets.shape) != (num_heads,):

@@ -8,6 +8,7 @@ masks of extreme but legal sizes must keep every promise (density of a full mask
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -151,6 +152,23 @@ def test_indptr(data):
     refused(lambda: make(indptr=indptr), ("indptr", "indices"))
 
 
+def test_pointers_whose_int32_differences_wrap_around():
+    """[0, 2**31 - 1, -(2**31 - 1), 0] looked non-decreasing to int32 differences: accepted with density 4.8e8."""
+    big = 2**31 - 1
+    refused(lambda: BlockMask(1, [0, 4, 8, 12], [0, 4, 8, 12], np.array([[0, big, -big, 0]]), np.array([], np.int32),
+                              budgets=[0.5]), "indptr")
+
+
+def test_budgets_beside_torch_lists():
+    """bf16 budgets out of range reached NumPy's missing bf16 (a raw TypeError); NumPy budgets were said to be on
+    'cpu' when refused for being on cpu."""
+    ptr, idx = torch.tensor([[0, 1, 2]]), torch.tensor([0, 1])
+    refused(lambda: BlockMask(1, [0, 4, 8], [0, 4, 8], ptr, idx, torch.tensor([2.0], dtype=torch.bfloat16)),
+            "budgets[0]=2.0")
+    message = str(refused(lambda: BlockMask(1, [0, 4, 8], [0, 4, 8], ptr, idx, np.array([0.3])), "budgets"))
+    assert "got a ndarray" in message
+
+
 SIZE = st.integers(1, 2**40)
 
 
@@ -208,6 +226,14 @@ def test_density_of_huge_blocks_is_exact_or_refused():
     (lambda: make().render(5), "path"),
     (lambda: make().render("x.png", heads=[7]), "heads"),
     (lambda: make().render("x.png", heads="01"), "heads"),
+    (lambda: make().render("picture"), "path"),                  # matplotlib would write picture.png
+    (lambda: make().render("picture.pdf"), "path"),
+    (lambda: make().select_heads([[0, 1]]), "heads"),
+    (lambda: make().select_heads(slice(0, 2, 0)), "heads"),
+    (lambda: make().uniform_block_size("x"), "which"),
+    (lambda: make().largest_block_size("Q"), "which"),
+    (lambda: make().row(True, 0), "h: expected an int"),
+    (lambda: make().row(0, 0.5), "i: expected an int"),
 ])
 def test_other_entry_points(call, field):
     refused(call, field)

@@ -81,6 +81,39 @@ def test_huge_claimed_shapes_are_refused_before_any_read(good, claim):
     refused(lambda: from_bytes(build(header, buffer), "huge"), "indices: data_offsets")
 
 
+@pytest.mark.parametrize("shape", [[10**400], [2**62, 2**62]])
+def test_claimed_byte_counts_past_any_float_are_refused_in_one_line(good, shape):
+    """The message formatted the byte count as a float: OverflowError, a traceback out of ``load``."""
+    header, buffer = parts(good)
+    header["indices"]["shape"] = shape if len(shape) == 1 else shape[:1]
+    refused(lambda: from_bytes(build(header, buffer), "huge"), "indices: data_offsets")
+
+
+def test_an_empty_shape_with_a_huge_side_is_refused_as_a_bad_file(good):
+    """indptr of shape [0, 2**62] holds no bytes, so its span checks pass; NumPy's reshape then failed unnamed."""
+    header, buffer = parts(good)
+    entry = header["indptr"]
+    begin, end = entry["data_offsets"]
+    entry["shape"], entry["data_offsets"] = [0, 2**62], [begin, begin]
+    for name in ("indices", "budgets"):                      # the later tensors move up by the bytes indptr gave back
+        header[name]["data_offsets"] = [o - (end - begin) for o in header[name]["data_offsets"]]
+    data = build(header, buffer[:begin] + buffer[end:])
+    with pytest.raises(ValueError, match="^cut: not a valid sparsecore mask file: "):
+        from_bytes(data, "cut")
+
+
+def test_from_bytes_counts_bytes_of_any_view(good):
+    """A memoryview of 4-byte items was sized by its item count: a valid file read as truncated."""
+    assert len(good) % 4 == 0                                # the header is padded to 8 bytes, the arrays are 4 or 8
+    assert from_bytes(memoryview(good).cast("I"), "view") == from_bytes(good, "bytes")
+
+
+def test_save_refuses_a_header_load_would_refuse(tmp_path):
+    mask = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 10, 10, 4, meta={"notes": "\u8996" * 160_000})
+    refused(lambda: mask.save(tmp_path / "big.safetensors"), "meta")
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 def test_duplicate_header_keys_are_refused(good):
     """json.loads keeps the last value of a repeated key; a mask file must not mean two things."""
     header, buffer = parts(good)
