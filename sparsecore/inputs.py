@@ -99,6 +99,12 @@ def as_batched(t: Any, name: str) -> Any:
 SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634
 
 
+def check_return_lse(return_lse: Any) -> bool:
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
+    return return_lse
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """The softmax scale: ``1/sqrt(head_dim)`` for None, else a real number of magnitude at most :data:`SCALE_MAX`
     (float32's largest over log2(e): the kernels' scaled-score factor stays finite; scores themselves may still

@@ -40,9 +40,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Hashable
 
+import torch
+
 from sparsecore.ir import BlockMask
 
-from .inputs import AttentionShape, attention_shape, check_scale
+from . import compiled_call
+from .inputs import AttentionShape, attention_shape, check_return_lse, check_scale
 from .launch_device import caller_stream, on_device_of
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
@@ -72,12 +75,19 @@ class CompiledKernel:
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
         self.plans_on_host = False
+        self.slot = compiled_call.register(self)   # how torch.compile's graphs find it (sparsecore.compiled_call)
 
     @property
     def options(self) -> Hashable:
         return self._choices[0][1]
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
+        if torch.compiler.is_compiling() and isinstance(q, torch.Tensor):    # one opaque op in the graph
+            return compiled_call.opaque_call(self, q, k, v, scale, return_lse)
+        return self.eager_call(q, k, v, scale, return_lse)
+
+    def eager_call(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
+        """The call itself (what ``__call__`` runs outside ``torch.compile``)."""
         try:
             with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
                 run, scale = self._run_for(q, k, v, scale, return_lse)
@@ -120,8 +130,7 @@ class CompiledKernel:
             self._submit_queued()
 
     def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float]:
-        if not isinstance(return_lse, bool):
-            raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
+        check_return_lse(return_lse)
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
         where = str(getattr(q, "device", "host"))          # the tensors' device, with its index ("cuda:1")

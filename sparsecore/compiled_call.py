@@ -1,0 +1,78 @@
+"""A compiled kernel's call as one PyTorch custom op under ``torch.compile``, which records it and never traces it.
+
+What :meth:`sparsecore.kernel.CompiledKernel.__call__` does before it launches cannot be traced: it chooses a
+backend per input signature, lowers and uploads the mask at a signature's first call, may start a warm-up thread,
+and reads shapes and host arrays. Traced by Dynamo it stopped on NumPy's ``setflags`` at a first call and, with
+``fullgraph=True``, on a data-dependent guard after one (graph breaks otherwise). Under ``torch.compile``
+(``torch.compiler.is_compiling()``) a kernel called with torch tensors therefore goes through
+``torch.ops.sparsecore.kernel_attention`` instead; the op finds the kernel by an int slot (held weakly, as the
+diffusers op finds its handles: :mod:`sparsecore.integrations.diffusers.op`) and runs the eager call inside.
+
+The op returns ``out`` contiguous ``[B, H, q_len, D_v]`` in q's dtype and ``lse`` float32 ``[B, H, q_len]`` (an
+empty ``[0]`` tensor where none is asked for), the shapes and strides its fake implementation states. Like the
+diffusers op it is inference-only (with inputs needing gradients, AOTAutograd's trace of the backward raises) and not for CUDA graphs (tagged ``cudagraph_unsafe`` where
+PyTorch has the tag; it raises inside a capture otherwise): each call decides on the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from sparsecore.inputs import check_return_lse, check_scale
+from sparsecore.ir.uploads import refuse_capture
+
+if TYPE_CHECKING:
+    from .kernel import CompiledKernel
+
+_KERNELS: "weakref.WeakValueDictionary[int, CompiledKernel]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count()
+_NOT_IN_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+
+
+def register(kernel: "CompiledKernel") -> int:
+    """A new slot for ``kernel`` (its own for its lifetime; the op holds it weakly)."""
+    slot = next(_NEXT)
+    _KERNELS[slot] = kernel
+    return slot
+
+
+@torch.library.custom_op("sparsecore::kernel_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], return_lse: bool,
+                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out, lse`` of the kernel in ``slot`` (see the module docstring)."""
+    refuse_capture(q.device, "a compiled sparsecore kernel")
+    kernel = _KERNELS.get(slot)
+    if kernel is None:
+        raise RuntimeError("sparsecore: the kernel this compiled code calls was garbage-collected; keep a reference "
+                           "to the kernel sparsecore.compile returned for as long as the compiled code runs")
+    found = kernel.eager_call(q, k, v, scale, return_lse)
+    out, lse = found if return_lse else (found, q.new_empty(0, dtype=torch.float32))
+    return out.contiguous(), lse.contiguous()
+
+
+@kernel_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], return_lse: bool,
+      slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lse_shape = q.shape[:-1] if return_lse else (0,)
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _no_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> None:
+    raise NotImplementedError("a sparsecore kernel called under torch.compile is inference-only (no backward); run "
+                              "the forward under torch.no_grad(), or call the kernel outside the compiled region")
+
+
+kernel_attention.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def opaque_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any,
+                return_lse: bool) -> Any:
+    """The kernel's call as the op: what :meth:`.CompiledKernel.__call__` returns (the two arguments the op's schema
+    types are checked first, as the call checks them)."""
+    scale = check_scale(scale, q.shape[-1])
+    out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
+    return (out, lse) if return_lse else out

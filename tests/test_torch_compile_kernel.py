@@ -1,0 +1,94 @@
+"""A compiled kernel called inside ``torch.compile``d code (CPU, the ``aot_eager`` backend: fake tensors, no C++).
+
+Before :mod:`sparsecore.compiled_call`, Dynamo traced into the kernel's call: a first call stopped on NumPy's
+``setflags``, and ``fullgraph=True`` failed on a data-dependent guard even after an eager call. Now the call is one
+opaque op: ``fullgraph=True`` compiles at the first call, new masks and batch sizes give float64-oracle results, and
+inputs needing gradients raise (inference only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecore
+from sparsecore import BlockMask
+
+from oracle import dense_attention, expand_to_tokens
+
+
+def masked_kernel(seed: int, empty_row: bool = False):
+    keep = np.random.default_rng(seed).random((4, 3, 4)) < 0.5
+    keep[:, 0, 0] = True
+    if empty_row:
+        keep[1, 2] = False
+    mask = BlockMask.from_dense(keep, q_len=45, kv_len=50, q_block=16, kv_block=13)
+    return mask, sparsecore.compile(mask, device="cpu")
+
+
+def inputs(batch: int, seed: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 4, 45, 8, generator=gen, dtype=dtype)
+    k, v = (torch.randn(batch, 2, 50, 8, generator=gen, dtype=dtype) for _ in range(2))     # GQA: 2 key heads
+    return q, k, v
+
+
+def expected(mask, q, k, v, scale):
+    return dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), expand_to_tokens(mask), scale)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_fullgraph_compile_at_the_first_call_matches_the_oracle(return_lse):
+    torch._dynamo.reset()
+    mask, kernel = masked_kernel(0, empty_row=True)
+
+    def layer(q, k, v):
+        return kernel(q, k, v, scale=0.3, return_lse=return_lse)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for batch, seed in ((1, 1), (3, 2)):                 # a new batch size: the op's fake shapes follow
+        q, k, v = inputs(batch, seed)
+        got = compiled(q, k, v)
+        out, lse = got if return_lse else (got, None)
+        want_out, want_lse = expected(mask, q, k, v, 0.3)
+        np.testing.assert_allclose(out.double().numpy(), want_out, atol=2e-5)
+        assert out.shape == (batch, 4, 45, 8) and out.dtype == torch.float32
+        if return_lse:
+            assert lse.dtype == torch.float32
+            np.testing.assert_allclose(lse.double().numpy(), want_lse, atol=2e-5)   # -inf on the empty row
+
+
+def test_two_kernels_in_one_graph_and_traced_ops_around_them():
+    torch._dynamo.reset()
+    (mask_a, kernel_a), (mask_b, kernel_b) = masked_kernel(3), masked_kernel(4)
+
+    def block(q, k, v):
+        first = kernel_a(q * 2, k, v)
+        return kernel_b(first + q, k, v) - 1
+    q, k, v = inputs(2, 5)
+    got = torch.compile(block, fullgraph=True, backend="aot_eager")(q, k, v)
+    scale = 8 ** -0.5
+    first = torch.from_numpy(expected(mask_a, q * 2, k, v, scale)[0])
+    want = expected(mask_b, first + q.double(), k, v, scale)[0] - 1
+    np.testing.assert_allclose(got.double().numpy(), want, atol=5e-5)
+
+
+def test_inputs_needing_gradients_raise_under_compile():
+    """AOTAutograd traces the backward when the graph is compiled, so the first call raises."""
+    torch._dynamo.reset()
+    _, kernel = masked_kernel(6)
+    q, k, v = inputs(1, 7)
+    q.requires_grad_(True)
+    with pytest.raises((NotImplementedError, torch._dynamo.exc.BackendCompilerFailed), match="inference-only"):
+        torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v).sum().backward()
+    with torch.no_grad():                                  # inference: no backward, nothing raises
+        torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v)
+
+
+def test_bad_arguments_are_named_under_compile():
+    torch._dynamo.reset()
+    _, kernel = masked_kernel(8)
+    q, k, v = inputs(1, 9)
+    for arguments, field in (({"scale": "0.1"}, "scale"), ({"return_lse": 1}, "return_lse")):
+        with pytest.raises(Exception, match=field):
+            torch.compile(lambda q, k, v: kernel(q, k, v, **arguments), backend="aot_eager")(q, k, v)
