@@ -81,6 +81,14 @@ def check_int(value: Any, field: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_index(value: Any, field: str, count: int) -> int:
+    """An ``int`` (not ``bool``) in ``0..count - 1``."""
+    value = check_int(value, field, minimum=0)
+    if value >= count:
+        raise ValueError(f"{field}: expected 0..{count - 1}, got {value}")
+    return value
+
+
 def integer_array(value: Any, field: str, *, ndim: int, dtype: type) -> np.ndarray:
     """Tier 1 for an index array: integer dtype, ``ndim`` dimensions, values fit ``dtype``."""
     arr = as_numpy(value, field)

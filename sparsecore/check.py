@@ -83,6 +83,14 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
     return None
 
 
+def tensor_device_problem(device: Any, backend: str | None = None) -> str | None:
+    """:func:`device_problem` for work on torch tensors (a model, the demo): ``"reference"`` runs NumPy arrays only."""
+    if device == "reference":
+        return ("device 'reference' runs NumPy float64 arrays (the definition of the semantics), not torch tensors; "
+                "pass the device the tensors are on, e.g. 'cpu'")
+    return device_problem(device, backend)
+
+
 def random_case(rng: np.random.Generator, head_dims: tuple[int, ...]) -> tuple[BlockMask, int, int]:
     """A random mask (uniform or arbitrary blocks, empty rows, GQA) with its key-head count and head dim."""
     kv_heads, group = int(rng.integers(1, 3)), int(rng.choice([1, 2, 4]))

@@ -91,10 +91,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .check import device_problem
+    from .check import tensor_device_problem
     from .demo import format_table, run_demo
     if args.device is not None:
-        problem = device_problem(args.device)
+        problem = tensor_device_problem(args.device)
         if problem:
             raise UserError(f"{problem}; leave out --device to use the best device present")
     if args.out.exists() and not args.out.is_dir():

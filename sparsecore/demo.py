@@ -27,7 +27,7 @@ import torch
 from sparsecore.ir import BlockMask
 from sparsecore.ir.draw import MatplotlibMissing
 
-from .check import device_problem
+from .check import tensor_device_problem
 from .dense import masked_dense_attention, relative_error
 from .geometry import VideoGeometry
 from .kernel import compile
@@ -142,13 +142,13 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
     """Build, compile, run, check and time every mask of :data:`DEMO_MASKS`; writes ``demo.json`` (and PNGs).
 
-    Raises ``RuntimeError`` (one line, from :func:`sparsecore.check.device_problem`) when ``device``
+    Raises ``RuntimeError`` (one line, from :func:`sparsecore.check.tensor_device_problem`) when ``device``
     cannot run here. Times: the median of :data:`REPEATS` calls after :data:`WARMUP` untimed ones, the
     kernel's first call (choice of backend, planning) done before; dense SDPA is timed right after each
     kernel on the same inputs, so the ratio compares times taken under the same load.
     """
     if device is not None:
-        problem = device_problem(device)
+        problem = tensor_device_problem(device)
         if problem:
             raise RuntimeError(problem)
     device = device or best_device()

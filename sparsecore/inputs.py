@@ -70,7 +70,8 @@ def attention_shape(q: Any, k: Any, v: Any = NO_VALUES, *, kind: str = "torch",
     if k.shape[0] != batch or k.shape[3] != head_dim or (kv_len is not None and k.shape[2] != kv_len):
         length, why = ("L_kv", "batch and head_dim of q") if kv_len is None else \
             (kv_len, f"batch and head_dim of q, kv_len={kv_len} of the mask")
-        raise ValueError(f"k: expected [{batch}, H_kv, {length}, {head_dim}] ({why}), got {list(k.shape)}")
+        raise ValueError(f"k: expected [{batch}, H_kv, {length}, {head_dim}] ({why}), got {list(k.shape)}; pass "
+                         f"keys and values of that shape (B, length, D as the expected one)")
     num_kv_heads = int(k.shape[1])
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"k: the number of key heads must divide the query heads ({num_heads}), got {num_kv_heads}")

@@ -45,7 +45,7 @@ import torch
 from sparsecore.ir import BlockMask
 
 from . import compiled_call
-from .inputs import AttentionShape, attention_shape, check_return_lse, check_scale
+from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
 from .launch_device import caller_stream, on_device_of
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
@@ -232,16 +232,20 @@ class CompiledKernel:
         mask = self.mask
         q_shape = tuple(getattr(q, "shape", ()))
         if len(q_shape) == 4 and (q_shape[1], q_shape[2]) != (mask.num_heads, mask.q_len):
+            swapped = (q_shape[2], q_shape[1]) == (mask.num_heads, mask.q_len)
+            remedy = ("; these look like [B, length, heads, D]: pass q.transpose(1, 2) (and k, v alike)" if swapped
+                      else "; compile a mask for these inputs' heads and length")
             raise ValueError(f"q: expected [B, {mask.num_heads}, {mask.q_len}, D] to match the mask "
-                             f"(num_heads={mask.num_heads}, q_len={mask.q_len}), got {list(q_shape)}")
+                             f"(num_heads={mask.num_heads}, q_len={mask.q_len}), got {list(q_shape)}{remedy}")
         array_type = self._choices[0][0].capabilities.array_type
         try:
             shape = attention_shape(q, k, v, kind=array_type, kv_len=mask.kv_len)
         except TypeError as err:
             if "expected a" in str(err) and "array" in str(err):
                 name = str(err).split(":")[0]
-                hint = " (convert with .numpy())" if array_type == "numpy" else " (convert with torch.from_numpy)"
                 got = {"q": q, "k": k, "v": v}.get(name)
+                hint = "" if array_kind(got) not in ("torch", "numpy") else \
+                    " (convert with .numpy())" if array_type == "numpy" else " (convert with torch.from_numpy)"
                 raise TypeError(f"{name}: backend {self.backend.name!r} takes {array_type} arrays, got "
                                 f"{type(got).__name__}{hint}") from None
             raise

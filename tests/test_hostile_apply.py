@@ -81,6 +81,11 @@ def test_method_parameters(param):
 
 def test_callable_methods_take_no_parameters_and_transformers_must_be_supported():
     refused_untouched("params", method=lambda g, h, s, l: None, window=3)
+    refused_untouched("device 'reference'", types=(RuntimeError,), device="reference")   # a model's tensors: torch
+
+    class Pipeline:                                  # a pipeline holds the transformer apply() takes
+        transformer = MODEL
+    refused(lambda: sparse.apply(Pipeline(), device="cpu"), "pass pipe.transformer")
     refused(lambda: sparse.apply(torch.nn.Linear(2, 2), device="cpu"), "transformer")
     refused(lambda: sparse.apply(None, device="cpu"), "transformer")
 
@@ -89,5 +94,6 @@ def test_apply_twice_is_refused_and_a_valid_apply_still_works():
     handle = sparse.apply(MODEL, method="lvsa", device="cpu", num_steps=10)
     try:
         refused(lambda: sparse.apply(MODEL, method="lvsa", device="cpu", num_steps=10), "already applied")
+        refused(lambda: handle.mask(len(MODEL.blocks)), "layer")       # returned None, as for "not planned yet"
     finally:
         handle.remove()

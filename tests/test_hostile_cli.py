@@ -176,4 +176,12 @@ def test_show_never_writes_its_picture_over_the_mask(tmp_path, capsys):
     path = mask.save(tmp_path / "m.png")
     for argv in (["show", str(path)], ["show", str(path), "--png", str(path)]):
         assert_one_line_error(*run(argv, capsys), "show", "overwrite the mask file")
+    # matplotlib adds .png to a name without one: "--png m" wrote m.png, the mask, and printed "picture: m"
+    assert_one_line_error(*run(["show", str(path), "--png", str(tmp_path / "m")], capsys), "show", "path")
     assert BlockMask.load(path) == mask
+
+
+def test_demo_on_the_reference_device_is_refused_in_one_line(capsys, tmp_path):
+    """``reference`` runs NumPy arrays; the demo's torch inputs reached it and raised a traceback."""
+    assert_one_line_error(*run(["demo", "--device", "reference", "--out", str(tmp_path)], capsys), "demo",
+                          "device 'reference'")

@@ -22,7 +22,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import refuse_capture
-from sparsecore.ir.validation import check_int
+from sparsecore.ir.validation import check_index, check_int
 from sparsecore.methods import SESSIONS, HeadShard
 from sparsecore.registry import checked_options, device_type, registered_backends
 
@@ -103,7 +103,7 @@ class SparseAttentionHandle:
         Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
         A batch of several text lengths (HunyuanVideo 1.5) plans one mask per length; this is the last.
         """
-        return self._planner.last_mask(check_int(layer, "layer", 0))
+        return self._planner.last_mask(check_index(layer, "layer", len(self._processors)))
 
     def keep_masks(self, enabled: bool = True) -> None:
         """Keep each layer's last mask (and kernel) for :meth:`mask` also where the method plans at every call
@@ -362,7 +362,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     else:
         raise TypeError(f"method: expected a method name {sorted(SESSIONS)} or a callable, got "
                         f"{type(method).__name__}")
-    from sparsecore.check import device_problem
+    from sparsecore.check import tensor_device_problem
     from sparsecore.registry import UnsupportedError
     kind = device_type(device)
     if backend is not None and (not isinstance(backend, str) or backend not in registered_backends()):
@@ -376,7 +376,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     if dense_attention not in DENSE_ATTENTION:
         raise ValueError(f"dense_attention: expected 'auto' (a dense kernel measured faster where one takes the "
                          f"inputs) or 'model' (the model's own attention), got {dense_attention!r}")
-    problem = device_problem(device, backend)          # checked now, not at the first forward
+    problem = tensor_device_problem(device, backend)   # checked now, not at the first forward
     if problem:
         raise RuntimeError(f"device: {problem}; pass the device the model runs on")
     if not diffusers.__version__.startswith(TESTED_DIFFUSERS + "."):

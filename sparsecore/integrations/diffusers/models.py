@@ -121,5 +121,11 @@ def spec_of(transformer: Any) -> ModelSpec:
             return spec
     names = ", ".join(spec.model_class.__name__ for spec in SUPPORTED_MODELS)
     hint = " (a torch.compile wrapper: apply before compiling)" if hasattr(transformer, "_orig_mod") else ""
+    inner = [name for name in ("transformer", "transformer_2")
+             if any(isinstance(getattr(transformer, name, None), spec.model_class) for spec in SUPPORTED_MODELS)]
+    if inner:
+        raise TypeError(f"transformer: expected a diffusers {names}, got the pipeline {type(transformer).__name__}; "
+                        f"pass pipe.{inner[0]}" + (" (and apply again to pipe.transformer_2, Wan 2.2's second expert)"
+                                                   if len(inner) > 1 else ""))
     raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__}{hint}; other "
                     f"models need their own processor (sparsecore.compile a mask and call it from one)")
