@@ -218,6 +218,14 @@ def test_path_fallback_and_tiny_chunks_split_rows_and_still_match():
     assert len(log["npu_fusion_attention"]) == len(schedule.fallback_chunks) * case.batch
 
 
+def test_a_fallback_row_larger_than_chunk_elements_is_refused_with_the_size_it_needs():
+    """One 4-head row over 600 keys needs 2,400 entries: chunks of one row each exceeded chunk_elements=1,000."""
+    mask = BlockMask.from_dense(np.ones((4, 1, 1), bool), 128, 600, q_block=128, kv_block=600)
+    with pytest.raises(ValueError, match="chunk_elements: .* 2,400 entries.*pass chunk_elements >= 2,400"):
+        schedule_fallback(mask, 1000)
+    assert all(4 * len(c.q_tokens) * len(c.kv_tokens) <= 2400 for c in schedule_fallback(mask, 2400).fallback_chunks)
+
+
 def test_a_torch_npu_without_the_block_sparse_op_warns_and_uses_the_fallback():
     case = PATH_CASES["aligned_128_multiples"].case
     with counted_emulator() as (module, log):

@@ -30,7 +30,8 @@ Fallback chunks: query blocks with fallback work are grouped in order into chunk
 chunk gathers its query rows and the union of the key pieces any of its rows keeps, and
 its ``[H, rows, keys]`` mask (expanded on the device at run time from the compact
 ``allowed`` table) holds at most ``chunk_elements`` entries; a query block too large for
-one chunk is split by rows.
+one chunk is split by rows, and a mask whose single row exceeds the limit is refused (naming the
+``chunk_elements`` that would do).
 """
 
 from __future__ import annotations
@@ -181,7 +182,11 @@ def chunk_fallback(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
             grown = needed
         keys = int(lengths[grown].sum())
         if not parts and heads * size * keys > chunk_elements:      # one block alone is too large: split its rows
-            step = max(1, chunk_elements // (heads * keys))
+            if heads * keys > chunk_elements:                       # not even one row fits
+                raise ValueError(f"chunk_elements: one query row of query block {block} needs a fallback mask of "
+                                 f"{heads} heads x {keys:,} keys = {heads * keys:,} entries, more than "
+                                 f"chunk_elements={chunk_elements:,}; pass chunk_elements >= {heads * keys:,}")
+            step = chunk_elements // (heads * keys)
             chunks.extend(_make_chunk(mask, residual, pieces, [(int(block), r, min(r + step, size))])
                           for r in range(0, size, step))
             continue
