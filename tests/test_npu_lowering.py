@@ -259,7 +259,9 @@ def test_call_arguments_follow_the_op_docs():
     assert compute.dtype == torch.int8 and set(compute.unique().tolist()) <= {0, 1}
     assert args[4] == [64, BLOCK_Y]
     assert kwargs == {"q_input_layout": "BNSD", "kv_input_layout": "BNSD", "num_key_value_heads": 2,
-                      "scale_value": 0.25, "inner_precise": 0, "softmax_lse_flag": 1}
+                      "scale_value": 0.25, "inner_precise": 0, "softmax_lse_flag": 1,
+                      "actual_seq_lengths": [mask.q_len] * case.batch,
+                      "actual_seq_lengths_kv": [mask.kv_len] * case.batch}
     # 1 = compute exactly where the IR keeps the whole 128-token op block
     dense = mask.to_dense()
     whole = dense[:, :, 0::2] & dense[:, :, 1::2]

@@ -11,7 +11,9 @@ tensors already in the op's layout. Argument choices and their sources
     ``scale_value`` passed explicitly (its default is 0.0); ``inner_precise=0`` (float32
     softmax: the only value bf16 accepts, and the accurate one for fp16);
     ``softmax_lse_flag=1`` only when the LSE is needed (it "may cost performance").
-    No ``actual_seq_lengths``: BNSD then takes the lengths from the shapes.
+    ``actual_seq_lengths`` / ``_kv`` given as the shapes' lengths, one per batch element: BNSD would take
+    them from the shapes, but the wrapper turns omitted lengths into an empty list, not a null one, and
+    every BNSD test of the op passes them.
 
 ``npu_fusion_attention`` (torch_npu-npu_fusion_attention.md)
     BNSD, ``head_num`` = query heads; ``atten_mask`` bool with **True = masked out** (the
@@ -35,10 +37,12 @@ def block_sparse_attention(torch_npu: types.ModuleType, query: torch.Tensor, key
                            compute: torch.Tensor, block_x: int, scale: float,
                            want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the block-sparse op; ``compute`` is int8 ``[B, N1, MBq, NBk]``, 1 = compute. Returns out, lse [B, N1, Sq]."""
+    batch = query.shape[0]
     out, softmax_lse = torch_npu.npu_block_sparse_attention(
         query, key, value, compute, [block_x, BLOCK_Y],
         q_input_layout="BNSD", kv_input_layout="BNSD",
         num_key_value_heads=key.shape[1], scale_value=scale, inner_precise=0,
+        actual_seq_lengths=[query.shape[2]] * batch, actual_seq_lengths_kv=[key.shape[2]] * batch,
         softmax_lse_flag=1 if want_lse else 0)
     return out, (softmax_lse[..., 0] if want_lse else None)
 
