@@ -58,6 +58,29 @@ def test_fullgraph_compile_at_the_first_call_matches_the_oracle(return_lse):
             np.testing.assert_allclose(lse.double().numpy(), want_lse, atol=2e-5)   # -inf on the empty row
 
 
+CUDA_REASON = "torch.cuda.is_available() is False: the CUDA lowerings under torch.compile need a GPU"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_fullgraph_compile_on_cuda_matches_the_oracle(backend):
+    """The default CUDA lowering (fa4 on SM90) and Triton inside a compiled region, bf16, inductor."""
+    torch._dynamo.reset()
+    keep = np.random.default_rng(10).random((4, 3, 4)) < 0.5
+    keep[:, :, 0] = True
+    mask = BlockMask.from_dense(keep, q_len=300, kv_len=333, q_block=128, kv_block=97)
+    kernel = sparsecore.compile(mask, device="cuda", backend=backend)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 300, 64, generator=gen)
+    k, v = (torch.randn(2, 2, 333, 64, generator=gen) for _ in range(2))
+    out, lse = torch.compile(lambda q, k, v: kernel(q, k, v, return_lse=True), fullgraph=True)(
+        *(t.to("cuda", torch.bfloat16) for t in (q, k, v)))
+    want_out, want_lse = dense_attention(*(t.bfloat16().double().numpy() for t in (q, k, v)), expand_to_tokens(mask),
+                                         64 ** -0.5)
+    np.testing.assert_allclose(out.double().cpu().numpy(), want_out, atol=2e-2)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), want_lse, atol=2e-2)
+
+
 def test_two_kernels_in_one_graph_and_traced_ops_around_them():
     torch._dynamo.reset()
     (mask_a, kernel_a), (mask_b, kernel_b) = masked_kernel(3), masked_kernel(4)
