@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 from pathlib import Path
+from typing import Callable
 
 
 def write_report(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
@@ -22,3 +24,16 @@ def gpu_meta(**extra) -> dict:
     versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
                 **{name: metadata.version(name) for name in ("triton", "flash-attn-4")}}
     return {"date": datetime.date.today().isoformat(), **extra, "versions": versions}
+
+
+def probe_main(doc: str, name: str, measure: Callable[[], list[dict]],
+               markdown: Callable[[dict, list[dict]], str]) -> int:
+    """A GPU probe's command line (``--out DIR``): measure, write ``DIR/<name>-<date>.{json,md}``, print the table."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    meta = gpu_meta()
+    rows = measure()
+    write_report(args.out / f"{name}-{meta['date']}", meta, rows, markdown(meta, rows))
+    print(markdown(meta, rows))
+    return 0

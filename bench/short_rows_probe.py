@@ -14,7 +14,6 @@ repeats (``kernel_timing.median_ms``). Effective TFLOP/s = 4 S^2 D H density / t
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from report import gpu_meta, write_report  # noqa: E402
+from report import probe_main  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 POINTS = ((32768, 0.1), (32768, 0.25), (32768, 0.5), (98304, 0.1))
@@ -85,16 +84,5 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    meta = gpu_meta()
-    rows = measure()
-    write_report(args.out / f"short-rows-{meta['date']}", meta, rows, markdown(meta, rows))
-    print(markdown(meta, rows))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe_main(__doc__, "short-rows", measure, markdown))

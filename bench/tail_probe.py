@@ -19,7 +19,6 @@ TFLOP/s = 4 S^2 D H density / time. Every variant's output is compared with FA4'
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from report import gpu_meta, write_report  # noqa: E402
+from report import probe_main  # noqa: E402
 
 HEAD_DIM, TILE = 128, 128
 POINTS = ((32768, 0.1), (32768, 0.25), (98304, 0.1))
@@ -154,16 +153,5 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    meta = gpu_meta()
-    rows = measure()
-    write_report(args.out / f"tail-probe-{meta['date']}", meta, rows, markdown(meta, rows))
-    print(markdown(meta, rows))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe_main(__doc__, "tail-probe", measure, markdown))
