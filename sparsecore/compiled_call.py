@@ -10,8 +10,9 @@ diffusers op finds its handles: :mod:`sparsecore.integrations.diffusers.op`) and
 
 The op returns ``out`` contiguous ``[B, H, q_len, D_v]`` in q's dtype and ``lse`` float32 ``[B, H, q_len]`` (an
 empty ``[0]`` tensor where none is asked for), the shapes and strides its fake implementation states. Like the
-diffusers op it is inference-only (with inputs needing gradients, AOTAutograd's trace of the backward raises) and not for CUDA graphs (tagged ``cudagraph_unsafe`` where
-PyTorch has the tag; it raises inside a capture otherwise): each call decides on the host.
+diffusers op it is inference-only (with inputs needing gradients, AOTAutograd's trace of the backward raises) and
+not for CUDA graphs (tagged ``cudagraph_unsafe`` where PyTorch has the tag; it raises inside a capture otherwise):
+each call decides on the host.
 """
 
 from __future__ import annotations
