@@ -339,8 +339,8 @@ class AdaSpaSession:
                              f"the step before it for every layer first")
         if action.label == "cached-search":
             lse = self._lse[layer]
-            if isinstance(q, torch.Tensor):
-                lse = moved(lse, q.device)
+            if isinstance(q, torch.Tensor):        # a batch of another size (CFG stopped): this search's own LSE
+                lse = moved(lse, q.device) if tuple(q.shape[:-2]) == tuple(lse.shape[:-1]) else None
             self._masks[layer] = self._stored(_search(geometry, shard, p, layer, step, q, k, lse, None,
                                                       action.label).mask)
         return self._masks[layer]

@@ -89,7 +89,8 @@ class LayerPlan:
     runner of a mask planned at a dense step, prepared for the steps after it and held until then
     (a mask holds its kernels weakly). ``held``: ``mask`` is kept in host memory by its session
     (AdaSpa's ``store="host"``); each call copies it to its device and compiles that copy
-    (:meth:`Planner.kernel_of`).
+    (:meth:`Planner.kernel_of`). ``per_call``: the method plans at every call (PASA), so a later call of the step
+    plans again even where the plan is kept (``keep_masks``).
     """
 
     step: int
@@ -99,6 +100,7 @@ class LayerPlan:
     dense_out: torch.Tensor | None = None
     prepared: Any = None
     held: bool = False
+    per_call: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ class Planner:
         """The (layer, geometry)'s plan at ``step`` (made at its first call, counted at the others) and whether
         it was just made. ``seq_len``: the whole sequence's length (valid tokens plus padding)."""
         previous = self._plans.get((layer, geometry))
-        if previous is not None and previous.step == step:
+        if previous is not None and previous.step == step and not previous.per_call:
             previous.record.fields["calls"] += 1
             return previous, False
         del previous                                     # :meth:`_plan` decides how long the old plan lives
@@ -233,13 +235,11 @@ class Planner:
         session = self.session(geometry)
         action = session.action(geometry, step, layer)
         record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
-        plan = LayerPlan(step, None, None, record)
+        plan = LayerPlan(step, None, None, record, per_call=action.per_call)
         # The old plan stays referenced until the new mask is known: a mask the method reuses (AdaSpa's reuse
         # steps) holds its kernels weakly, so its kernel is found, not compiled again, only while still held.
-        previous = self._plans.get((layer, geometry))
-        if action.per_call and not self.keep_masks:
-            self._plans.pop((layer, geometry), None)     # the caller holds the plan for its call only
-        else:
+        previous = self._plans.pop((layer, geometry), None)   # re-inserted last: last_mask finds the newest plan
+        if not action.per_call or self.keep_masks:        # else the caller holds the plan for its call only
             self._plans[(layer, geometry)] = plan
         if not action.plans:
             return plan
