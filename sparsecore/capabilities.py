@@ -36,6 +36,7 @@ class Capabilities:
             than ``"drop"``), or None for every head dim it takes.
         max_heads: most query heads one mask may have (None: any).
         max_rows: most (head, query block) rows one mask may have per batch element (None: any).
+        max_call_rows: most (batch element, head, query block) rows one call may have (None: any).
     """
 
     devices: tuple[str, ...]
@@ -52,6 +53,7 @@ class Capabilities:
     unselected_head_dims: frozenset[int] | None = None
     max_heads: int | None = None
     max_rows: int | None = None
+    max_call_rows: int | None = None
 
     def mask_problems(self, mask: "BlockMask") -> list[str]:
         """Unmet capabilities for ``mask`` (empty list: the backend can take it)."""
@@ -83,10 +85,13 @@ class Capabilities:
         return problems
 
     def tensor_problems(self, dtype: str, head_dim: int, num_heads: int, num_kv_heads: int,
-                        return_lse: bool, approximating: bool = False) -> list[str]:
+                        return_lse: bool, approximating: bool = False, call_rows: int = 0) -> list[str]:
         """Unmet capabilities for tensors of this dtype and shape (``approximating``: the mask approximates
-        unlisted blocks)."""
+        unlisted blocks; ``call_rows``: batch x heads x the mask's query blocks)."""
         problems = []
+        if self.max_call_rows is not None and call_rows > self.max_call_rows:
+            problems.append(f"max_call_rows: takes at most {self.max_call_rows:,} (batch element, head, query "
+                            f"block) rows a call, got {call_rows:,}; split the batch")
         if dtype not in self.dtypes:
             problems.append(f"dtypes: supports {sorted(self.dtypes)}, got {dtype}")
         if self.head_dims is not None and head_dim not in self.head_dims:

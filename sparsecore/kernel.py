@@ -12,7 +12,7 @@ differentiable torch ops (``Backend.differentiable``: ``portable``) for masks th
 Choice of backend. ``compile`` finds the backends that can take the mask on the device
 (capabilities; most preferred first) and checks that the first of them runs here (the next
 one if not, and so on). The first call with a new input signature (dtype, head dim, heads,
-key heads, LSE wanted, tensor device) picks the most preferred of them whose capabilities
+key heads, LSE wanted, tensor device, which backends' per-call row limits its batch keeps) picks the most preferred of them whose capabilities
 take those inputs and that runs here (a fallback is checked, and so loaded, only then),
 lowers the mask for it once and remembers the choice; later calls with that signature only
 check shapes and launch. So a kernel never refuses inputs that another registered backend
@@ -66,6 +66,7 @@ class CompiledKernel:
         self.device = device
         self.warmup = warmup                  # "background" or "wait": see sparsecore.warmup
         self._choices = choices
+        self._row_limits = sorted({b.capabilities.max_call_rows for b, _ in choices} - {None})
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
         self._runs_here = {choices[0][0].name} if first_checked else set()   # backends checked to run here
         self._unloadable: dict[tuple, str] = {}  # (backend, tensor device) a background load found does not run: why
@@ -134,7 +135,9 @@ class CompiledKernel:
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
         where = str(getattr(q, "device", "host"))          # the tensors' device, with its index ("cuda:1")
-        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, where)
+        rows = shape.batch * self.mask.num_heads * self.mask.num_q_blocks      # which backends' per-call limits hold
+        signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, where,
+                     tuple(rows <= limit for limit in self._row_limits))
         backend, options = self._backend_for(signature, shape)
         self._check_device(backend, shape)
         if self.warmup == "background" and backend.slow_to_load:
@@ -273,8 +276,9 @@ class CompiledKernel:
         return chosen
 
     def _problems(self, backend: Backend, shape: AttentionShape, return_lse: bool) -> list[str]:
+        rows = shape.batch * self.mask.num_heads * self.mask.num_q_blocks
         return backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads,
-                                                    return_lse, self.mask.unselected.kind != "drop")
+                                                    return_lse, self.mask.unselected.kind != "drop", rows)
 
     def _reason(self, backend: Backend, where: str) -> str | None:
         """Why ``backend`` cannot run here, on tensors on ``where`` (None: it can; or, slow to load and warmed up in

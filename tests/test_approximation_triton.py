@@ -86,6 +86,27 @@ def test_split_operands_match_the_oracle(triton_device, kind):
     np.testing.assert_allclose(lse.cpu().double().numpy(), ref_lse, atol=2e-3 * max(1.0, np.abs(ref_lse).max()))
 
 
+@pytest.mark.parametrize("kind", ["zeroth", "grouped-first-order:2"])
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_nan_key_makes_the_rows_it_reaches_nan_in_output_and_lse(triton_device, kind, listed):
+    """A NaN key in a block a row lists (an exact NaN score) or approximates (a NaN block mean) makes that row's
+    output and LSE NaN, as the float64 oracle's (every row of an approximating mask reaches every block). The exact
+    kernel's LSE was -inf there ("no keys"), and the pass then dropped the exact part's NaN for a finite value."""
+    mask = _mask([0, 64, 128], [0, 64, 128], 1, kind, seed=0)
+    mask = BlockMask(1, mask.q_offsets, mask.kv_offsets, np.array([[0, 1, 2]]), np.array([0, 1], np.int32),
+                     unselected=mask.unselected)                          # row 0 lists block 0, row 1 block 1
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 128, 16, generator=gen) for _ in range(3))
+    k[0, 0, 10 if listed else 70] = float("nan")                          # in block 0 (listed by row 0) or block 1
+    kernel = sparsecore.compile(mask, device="cuda", backend="triton")
+    out, lse = kernel(*(t.to(triton_device) for t in (q, k, v)), return_lse=True)
+    ref_out, ref_lse = approximated_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(), mask,
+                                              16 ** -0.5)
+    out, lse = out.cpu().double().numpy(), lse.cpu().double().numpy()
+    assert np.array_equal(np.isnan(lse), np.isnan(ref_lse)) and np.isnan(ref_lse).any()
+    assert np.array_equal(np.isnan(out).any(-1), np.isnan(ref_out).any(-1))
+
+
 @pytest.mark.parametrize("group, needed, chosen", [
     (8, {(3, 4): 500_736, (2, 4): 344_576, (1, 4): 65_536}, (1, 4)),        # bf16, head dim 128 (H200 figures)
     (32, {(3, 1): 394_240, (2, 1): 295_424, (1, 1): 196_608}, (1, 1)),       # fp16's float32 matrices, PASA's groups

@@ -270,6 +270,34 @@ def test_compile_runs_each_input_signature_on_a_backend_that_takes_it(fake_cuda,
     assert sum(b.lowered for b in fake_cuda) == 1
 
 
+@pytest.mark.parametrize("options, error, field", [
+    ({"block_m": "64"}, TypeError, "block_m"), ({"block_n": 64.0}, TypeError, "block_n"),
+    ({"block_m": 48}, ValueError, "block_m"), ({"num_warps": 0}, ValueError, "num_warps"),
+    ({"num_warps": 3}, ValueError, "num_warps"), ({"num_stages": -1}, ValueError, "num_stages"),
+    ({"num_stages": True}, TypeError, "num_stages"), ({"use_tma": 1}, TypeError, "use_tma"),
+])
+def test_triton_options_name_the_field(options, error, field):
+    """A string tile side raised "'<' not supported"; zero warps and negative stages were taken."""
+    from sparsecore.backends.cuda.triton_config import TritonOptions
+    with pytest.raises(error, match=f"^{field}: expected"):
+        TritonOptions(**options)
+
+
+def test_a_batch_past_a_backends_per_call_rows_runs_on_the_next_one(fake_cuda):
+    """FlashInfer plans at most 32,768 (batch element, head, query block) rows a call: CFG's batch of 2 raised
+    there, where Triton would take it. The choice now counts the batch against each backend's limit."""
+    fast, wide = fake_cuda
+    fast.capabilities = dataclasses.replace(fast.capabilities, max_call_rows=2 * 4 * 3)   # 2 heads x 2 blocks x B
+    kernel = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")
+    for batch, expected in ((6, "fake-fast"), (7, "fake-wide"), (6, "fake-fast")):
+        q = torch.zeros(batch, 2, 64, 128, dtype=torch.bfloat16)
+        kernel(q, q, q)
+        assert kernel.backend.name == expected
+    problems = fast.capabilities.tensor_problems("bfloat16", 128, 2, 2, False, call_rows=28)
+    assert problems == ["max_call_rows: takes at most 24 (batch element, head, query block) rows a call, got 28; "
+                        "split the batch"]
+
+
 def test_a_named_backend_still_refuses_inputs_it_cannot_take(fake_cuda):
     kernel = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda", backend="fake-fast")
     q = torch.zeros(1, 2, 64, 32)

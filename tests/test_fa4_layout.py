@@ -421,7 +421,9 @@ class _FakeSparse(NamedTuple):
 
 def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod, aux_tensors,
                           block_sparse_tensors, return_lse):
-    """FA4's forward contract, computed in float64 on CPU; rows with no key get NaN (ours must fix them)."""
+    """FA4's forward contract, computed in float64 on CPU. As FA4's softmax finalize (``softmax.py``: a row sum of 0
+    or NaN scales by 1 and gives LSE -inf): a row with no key gets output 0 and LSE -inf, a row with a NaN score
+    its NaN output and LSE -inf."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert not causal and pack_gqa is False and isinstance(block_sparse_tensors, _FakeSparse)
     batch, q_len, heads, dim = q.shape
@@ -455,7 +457,8 @@ def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod,
     scores = (q.double().permute(0, 2, 1, 3) @ kk.transpose(-1, -2)) * softmax_scale
     scores = scores.masked_fill(~pairs[None], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)                                      # -inf on empty rows
-    out = torch.softmax(scores, dim=-1) @ vv                                   # NaN on empty rows
+    lse = lse.masked_fill(lse.isnan(), -math.inf)                              # NaN sums: -inf too
+    out = (torch.softmax(scores, dim=-1) @ vv).masked_fill(~pairs.any(-1)[None, ..., None], 0.0)   # empty rows: 0
     return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), (lse.float() if return_lse else None)   # FA4's layout
 
 
@@ -561,6 +564,23 @@ def check_against_dense(launch, mask: BlockMask, q, k, v, merged: bool) -> None:
     np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-6)
     assert (out[:, 1, 78:] == 0).all() and torch.isneginf(lse[:, 1, 78:]).all()
     assert launch(q, k, v, 0.3, False)[1] is None
+
+
+@pytest.mark.parametrize("key_parts", [1, 3])
+def test_a_nan_key_gives_its_attending_rows_lse_nan_through_the_key_ranges(fake_fa4, key_parts):
+    """FA4 writes LSE -inf where a NaN score made a row's sum NaN (the stand-in does as its finalize does); merged
+    over key ranges that -inf read as "no keys" and dropped the row's NaN. Now those rows get LSE NaN, as dense."""
+    mask = mask_with_an_empty_row()
+    launch = fake_fa4.Fa4Launch(mask, 32, 32, key_parts=key_parts)
+    torch.manual_seed(7)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 130, 16, dtype=torch.float64), torch.randn(2, 2, 130, 16, dtype=torch.float64)
+    k[1, 0, 5, 3] = math.nan                                                   # key head 0: query heads 0 and 1
+    out, lse = launch(q, k, v, 0.3, True)
+    attends = np.zeros(out.shape[:3], dtype=bool)                              # [B, H, q_len]
+    attends[1, :2] = expand_to_tokens(mask)[:2, :, 5]                          # rows listing key token 5's block
+    assert attends.any() and not attends.all() and np.array_equal(np.isnan(lse.numpy()), attends)
+    assert np.array_equal(np.isnan(out.numpy()).any(-1), attends)
 
 
 def test_auto_key_parts_split_the_two_cta_kernel_when_a_heads_keys_and_values_exceed_the_l2(fake_sm90, monkeypatch):
@@ -1019,3 +1039,20 @@ def test_ranges_no_list_reaches_are_not_launched_and_the_whole_lists_are_not_kep
     assert [(r.first, r.stop) for r in prepared.ranges] == [(2, 4), (4, 6)] and len(fake_sm90.calls) == 2
     assert [lists.empty for lists in prepared.lists] == [True, False, False]
     assert prepared.layout.full_block_idx is None and prepared.layout.mask_block_cnt is None
+
+
+def test_rows_fa4_leaves_nan_with_lse_minus_inf_get_lse_nan():
+    """FA4's finalize gives LSE -inf to a row whose sum is NaN (a NaN score) and keeps the NaN in its output; the
+    key ranges' merge and the approximation pass then read "no keys" and drop the NaN. Rows without keys (output 0,
+    LSE -inf) and rows with numbers keep theirs."""
+    from sparsecore.backends.cuda.fa4_launch import nan_score_lse
+    out = torch.zeros(2, 5, 3, 4)                                  # FA4's [B, q_len, H, D]
+    lse = torch.randn(2, 3, 5)                                     # [B, H, q_len]
+    out[1, 2, 0] = math.nan                                        # a NaN score: FA4 wrote -inf for it
+    lse[1, 0, 2] = lse[0, 2, 4] = -math.inf                        # ... and for a row without keys
+    out[0, 3, 1, 2] = math.nan                                     # a NaN value's dim: its LSE is a number
+    fixed = nan_score_lse(out, lse)
+    assert math.isnan(fixed[1, 0, 2]) and fixed[0, 2, 4] == -math.inf
+    assert torch.equal(fixed.isnan(), torch.zeros_like(lse, dtype=torch.bool).index_put_(
+        (torch.tensor([1]), torch.tensor([0]), torch.tensor([2])), torch.tensor(True)))
+    assert fixed[0, 1, 3] == lse[0, 1, 3]

@@ -7,8 +7,8 @@ list the token's block (any head, any batch element) must give bit-identical out
 LSE to the clean run: padding, partial tiles and fused masks must never multiply a
 non-finite value by a zero weight (``0 * NaN = NaN``). Rows that do list it must show it
 where dense attention would: a NaN key, or a non-finite value, makes their output
-non-finite (an infinite key may legitimately give weight 0, so only isolation is asserted
-for it).
+non-finite, and a NaN key their LSE NaN (an infinite key may legitimately give weight 0, so only
+isolation is asserted for it).
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def check_isolation(target, case: AttentionCase, batch: int, key_head: int, toke
         assert not np.isfinite(out[hit][:, dim]).any(), f"a non-finite value {poison} did not reach an attending row"
     elif np.isnan(poison):
         assert not np.isfinite(out[hit]).any(axis=-1).any(), "a NaN key did not reach every attending row"
+        if lse is not None:          # its scores are NaN, so is their log-sum-exp (Triton's said -inf: "no keys")
+            assert np.isnan(lse[hit]).all(), "a NaN key left an attending row's LSE a number"
 
 
 @settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -28,6 +28,16 @@ def ranked_top(values: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[..., :k], axis=-1)
 
 
+def test_signed_zeros_tie_and_nans_rank_highest_as_in_torch(triton_device):
+    """-0.0 ranked below +0.0 (the int image of the float order), and a NaN with its sign bit set lowest, where
+    torch.topk, the fallback, ranks every NaN highest."""
+    scores = torch.tensor([[[-0.0, 0.0, -1.0], [1.0, float("nan"), 2.0]]])
+    scores[0, 1, 1] = -scores[0, 1, 1]                              # a NaN with the sign bit set
+    got = row_top.run(scores.to(triton_device), 1).cpu()
+    assert got[0, 0].tolist() == [0] and got[0, 1].tolist() == [1]
+    assert torch.topk(scores[0, 1], 1).indices.tolist() == [1]
+
+
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 300), st.data(), st.booleans(), st.integers(0, 2**32 - 1))
 def test_kernel_keeps_the_k_largest_lowest_ids_first(triton_device, heads, rows, cols, data, tied, seed):

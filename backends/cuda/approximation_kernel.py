@@ -133,13 +133,13 @@ def approximate_unselected_fwd(
     exact_lse = tl.load(l_ptrs, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     exact_out = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    approx_lse = tl.where(z_i > 0.0, m_safe + tl.math.log2(tl.where(z_i > 0.0, z_i, 1.0)), float("-inf"))
+    approx_lse = tl.where(z_i != 0.0, m_safe + tl.math.log2(tl.where(z_i != 0.0, z_i, 1.0)), float("-inf"))
     base = tl.maximum(exact_lse, approx_lse)
     base = tl.where(base == float("-inf"), 0.0, base)
     exact_weight = tl.math.exp2(exact_lse - base)
-    approx_weight = tl.where(z_i > 0.0, tl.math.exp2(m_safe - base), 0.0)
+    approx_weight = tl.where(z_i != 0.0, tl.math.exp2(m_safe - base), 0.0)
     total = exact_weight + approx_weight * z_i
-    has_mass = total > 0.0
+    has_mass = total != 0.0                      # a NaN total (a NaN score, exact or approximated) spreads
     numerator = tl.where(exact_lse[:, None] == float("-inf"), 0.0, exact_weight[:, None] * exact_out) \
         + approx_weight[:, None] * acc
     out = numerator / tl.where(has_mass, total, 1.0)[:, None]

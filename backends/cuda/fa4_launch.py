@@ -56,6 +56,15 @@ def l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
+def nan_score_lse(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with NaN where FA4 wrote -inf for a row whose output is NaN. Its softmax finalize gives LSE -inf to a
+    row whose sum is 0 *or NaN* (a NaN score: a NaN query, or a NaN key the row attends) and leaves the NaN in the
+    output; dense attention's LSE is NaN there, and a -inf would tell a merge by LSE (key ranges, the approximation
+    pass) that the row has no keys, dropping its NaN. ``out [B, q_len, H, D]`` as FA4 returns it, ``lse [B, H, q_len]``.
+    """
+    return lse.masked_fill(out.isnan().any(-1).transpose(1, 2) & (lse == -math.inf), math.nan)
+
+
 @dataclass(frozen=True)
 class _Range:
     first: int                        # key tiles [first, stop)
@@ -237,6 +246,8 @@ class Fa4Launch:
             keys = slice(part.first * self.tile_n, part.stop * self.tile_n)
             part_out, part_lse = self._forward(q, k[:, :, keys], v[:, :, keys], part, prepared.mask_mod, scale,
                                                return_lse or merged)
+            if part_lse is not None:
+                part_lse = nan_score_lse(part_out, part_lse)
             if out is None:
                 out, lse = part_out, part_lse
             else:

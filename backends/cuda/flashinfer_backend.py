@@ -58,7 +58,8 @@ class FlashInferBackend(Backend):
     slow_to_load = True     # its first run JIT-compiles its modules with nvcc: 84 s on a fresh H200 host (issue 13)
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 128}), uniform_q_blocks=True, uniform_kv_blocks=True,
-                                kv_len_divisible=True, min_q_block=4, max_rows=MAX_ROWS)
+                                kv_len_divisible=True, min_q_block=4, max_rows=MAX_ROWS,
+                                max_call_rows=MAX_ROWS)
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("flashinfer") is None:

@@ -43,6 +43,7 @@ def row_top_kernel(Scores, Keys, Out, cols, k, neg_noise_scale,
         bits = _lowbias32((r * cols + c) ^ tl.load(Keys + h))
         uniform = (((bits >> 9) & 0x7FFFFF).to(tl.float32) + 0.5) * 1.1920928955078125e-07      # 2 ** -23
         s = s + tl.log(-tl.log(uniform)) * neg_noise_scale
+    s = tl.where(s == s, s + 0.0, float("nan"))       # -0.0 as +0.0 (equal scores: lowest id), one NaN for all
     raw = s.to(tl.int32, bitcast=True)
     key = raw ^ ((raw >> 31) & 0x7FFFFFFF)              # signed order of ``key`` = float order of ``s``
     lo = tl.full([], -2147483648, tl.int64)            # count(key >= lo) >= k; count(key > hi) < k

@@ -31,10 +31,20 @@ class TritonOptions:
     warp_specialize: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
+        for name, lowest, what in (("block_m", 16, "a power of two >= 16 (a Triton tile side)"),
+                                   ("block_n", 16, "a power of two >= 16 (a Triton tile side)"),
+                                   ("num_warps", 1, "a power of two >= 1 (warps a program)"),
+                                   ("num_stages", 1, "an int >= 1 (software pipeline stages)")):
             value = getattr(self, name)
-            if value is not None and (value < 16 or value & (value - 1)):
-                raise ValueError(f"{name}: expected a power of two >= 16 (a Triton tile side), got {value}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected {what} or None, got {type(value).__name__} {value!r}")
+            if value < lowest or (name != "num_stages" and value & (value - 1)):
+                raise ValueError(f"{name}: expected {what}, got {value}")
+        for name in ("use_tma", "warp_specialize"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool or None, got {getattr(self, name)!r}")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -122,7 +122,7 @@ def block_sparse_attention_fwd(
         acc, l_i, m_i = _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok, True, SCALE_POSITIVE,
                                      DOT_PRECISION)
 
-    has_keys = l_i > 0.0
+    has_keys = l_i != 0.0              # a row with keys; also a NaN sum (a NaN score it attends spreads, as in dense)
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     o_ptrs = Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
