@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   builds .venv, installs sparsecore, runs the main job (writes demo-output/)
 #   make test   builds .venv, installs sparsecore with its test tools, runs the suite
-# A machine without torch gets the CPU build of torch 2.13.0. To reuse a torch you
+# A machine without torch gets torch 2.13.0 (the CPU build where pip's index offers it, as on CI). To reuse a torch you
 # already have, run: make VENV_FLAGS=--system-site-packages test
 # Tests run the Triton kernel in Triton's CPU interpreter (TRITON_INTERPRET=1); on a
 # GPU machine, run the kernels for real with: make test TRITON_INTERPRET=0
