@@ -232,10 +232,11 @@ class BlockMask:
     # ------------------------------------------------------------------ views
     def row(self, h: int, i: int) -> Any:
         """Key-block ids of head ``h``, query block ``i`` (read-only)."""
-        if not v.check_int(h, "h", minimum=0) < self.num_heads:
-            raise IndexError(f"h={h}: expected 0..{self.num_heads - 1}")
-        if not v.check_int(i, "i", minimum=0) < self.num_q_blocks:
-            raise IndexError(f"i={i}: expected 0..{self.num_q_blocks - 1}")
+        for name, value, count in (("h", h, self.num_heads), ("i", i, self.num_q_blocks)):
+            if isinstance(value, bool) or not hasattr(value, "__index__"):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+            if not 0 <= value.__index__() < count:
+                raise IndexError(f"{name}={value}: expected 0..{count - 1}")
         return self.indices[int(self.indptr[h, i]):int(self.indptr[h, i + 1])]
 
     def to_dense(self) -> Any:
@@ -277,10 +278,9 @@ class BlockMask:
 
     def _kept_block_fraction(self) -> Any:
         """Mean fraction of key blocks kept per query block, per head (the default budget)."""
-        lengths, cells = self.row_lengths, self.num_q_blocks * self.num_kv_blocks
-        if self.on_host:
-            return v.frozen(lengths.sum(axis=1) / cells)
-        return lengths.sum(dim=1).double() / lengths.new_full((1,), cells).double()   # a tensor: true division
+        lengths, cells = self.row_lengths, self.num_q_blocks * self.num_kv_blocks   # true divisions on both sides
+        return v.frozen(lengths.sum(axis=1) / cells) if self.on_host else \
+            lengths.sum(dim=1).double() / lengths.new_full((1,), cells).double()     # by a tensor, not a reciprocal
 
     def flops(self, head_dim: int) -> int:
         """Useful FLOPs of one batch element: 4 * kept pairs * head_dim (QK^T and PV)."""

@@ -66,6 +66,10 @@ def save(mask: "BlockMask", path: Any) -> Path:
         raise ValueError(f"meta: the file header would take {len(text):,} bytes, more than the {MAX_HEADER_BYTES:,} a "
                          f"mask file may hold (load refuses more); keep large records out of meta, in a file of their "
                          f"own")
+    size = 8 + len(text) + sum(map(len, chunks))
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"indices: the file would take {size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask file "
+                         f"may hold (load refuses more); use larger blocks, or save groups of heads (mask.select_heads)")
     path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
     return path
 

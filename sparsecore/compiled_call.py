@@ -10,7 +10,8 @@ diffusers op finds its handles: :mod:`sparsecore.integrations.diffusers.op`) and
 
 The op returns ``out`` contiguous ``[B, H, q_len, D_v]`` in q's dtype and ``lse`` float32 ``[B, H, q_len]`` (an
 empty ``[0]`` tensor where none is asked for), the shapes and strides its fake implementation states. Like the
-diffusers op it is inference-only (with inputs needing gradients, AOTAutograd's trace of the backward raises) and
+diffusers op it is inference-only (with inputs needing gradients, AOTAutograd's trace of the backward raises; a
+call whose backend keeps autograd's graph, ``portable`` on a drop mask, runs outside the graph instead) and
 not for CUDA graphs (tagged ``cudagraph_unsafe`` where PyTorch has the tag; it raises inside a capture otherwise):
 each call decides on the host.
 """
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from sparsecore.inputs import check_return_lse, check_scale
+from sparsecore.inputs import check_return_lse
 from sparsecore.ir.uploads import refuse_capture
 
 if TYPE_CHECKING:
@@ -70,10 +71,22 @@ def _no_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> No
 kernel_attention.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def opaque_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any,
+def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any,
                 return_lse: bool) -> Any:
-    """The kernel's call as the op: what :meth:`.CompiledKernel.__call__` returns (the two arguments the op's schema
-    types are checked first, as the call checks them)."""
-    scale = check_scale(scale, q.shape[-1])
+    """What :meth:`.CompiledKernel.__call__` does under ``torch.compile``: the op; or, where autograd must record a
+    differentiable backend's torch ops (``portable`` on a mask that drops unlisted blocks, inputs needing gradients),
+    the eager call outside the graph (a graph break, so not under ``fullgraph=True``). The op's schema types ``scale``
+    and ``return_lse``: their types are checked here (a traced scale may be symbolic: its value is checked in the op).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and kernel.differentiable:
+        return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymInt,
+                                                                                 torch.SymFloat))):
+        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
     out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
     return (out, lse) if return_lse else out
+
+
+@torch.compiler.disable
+def _eager_outside_graph(kernel: "CompiledKernel", *call: Any) -> Any:
+    return kernel.eager_call(*call)

@@ -9,14 +9,13 @@ Inference only: where q, k or v require gradients (and grad mode is on) the outp
 backward that raises (:mod:`sparsecore.no_backward`), except on backends whose runs are
 differentiable torch ops (``Backend.differentiable``: ``portable``) for masks that drop unlisted blocks.
 
-Choice of backend. ``compile`` finds the backends that can take the mask on the device
-(capabilities; most preferred first) and checks that the first of them runs here (the next
-one if not, and so on). The first call with a new input signature (dtype, head dim, heads,
-key heads, LSE wanted, tensor device, which backends' per-call row limits its batch keeps) picks the most preferred of them whose capabilities
-take those inputs and that runs here (a fallback is checked, and so loaded, only then),
-lowers the mask for it once and remembers the choice; later calls with that signature only
-check shapes and launch. So a kernel never refuses inputs that another registered backend
-would take.
+Choice of backend. ``compile`` finds the backends that can take the mask on the device (capabilities; most
+preferred first) and checks that the first of them runs here (the next one if not, and so on). The first call
+with a new input signature (dtype, head dim, heads, key heads, LSE wanted, tensor device, which backends' per-call
+row limits its batch keeps) picks the most preferred of them whose capabilities take those inputs and that runs
+here (a fallback is checked, and so loaded, only then), lowers the mask for it once and remembers the choice;
+later calls with that signature only check shapes and launch. So a kernel never refuses inputs that another
+registered backend would take. Under ``torch.compile`` a call is one opaque op (:mod:`sparsecore.compiled_call`).
 
 Warm-up (:mod:`sparsecore.warmup`). A backend slow to get ready (``Backend.slow_to_load``: ``fa4`` imports
 and compiles for 15-23 s, FlashInfer JIT-compiles for longer) is checked at ``compile`` without loading it, and
@@ -82,14 +81,17 @@ class CompiledKernel:
     def options(self) -> Hashable:
         return self._choices[0][1]
 
+    @property
+    def differentiable(self) -> bool:  # a backend of the mask may keep autograd's graph (sparsecore.no_backward)
+        return self.mask.unselected.kind == "drop" and any(backend.differentiable for backend, _ in self._choices)
+
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
         if torch.compiler.is_compiling() and isinstance(q, torch.Tensor):    # one opaque op in the graph
-            return compiled_call.opaque_call(self, q, k, v, scale, return_lse)
+            return compiled_call.traced_call(self, q, k, v, scale, return_lse)
         return self.eager_call(q, k, v, scale, return_lse)
 
     def eager_call(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
-        """The call itself (what ``__call__`` runs outside ``torch.compile``)."""
-        try:
+        try:                                # the call itself (what __call__ runs outside torch.compile)
             with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
                 run, scale = self._run_for(q, k, v, scale, return_lse)
                 if self.backend.differentiable and self.mask.unselected.kind == "drop":  # approximations merge in place

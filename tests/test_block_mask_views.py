@@ -100,6 +100,11 @@ def test_select_heads():
 def test_row_bounds():
     with pytest.raises(IndexError, match=r"h=2: expected 0..1"):
         small().row(2, 0)
+    with pytest.raises(IndexError, match=r"h=-1: expected 0..1"):           # negatives too, not a ValueError
+        small().row(-1, 0)
+    assert np.array_equal(small().row(np.int64(1), 0), small().row(1, 0))   # ints of any kind that index
+    import torch
+    assert np.array_equal(small().row(torch.tensor(1), 0), small().row(1, 0))
 
 
 def test_fingerprint_is_stable_and_ignores_budgets_and_meta():

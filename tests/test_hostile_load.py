@@ -108,6 +108,16 @@ def test_from_bytes_counts_bytes_of_any_view(good):
     assert from_bytes(memoryview(good).cast("I"), "view") == from_bytes(good, "bytes")
 
 
+def test_save_refuses_a_file_load_would_refuse_for_its_size(tmp_path, monkeypatch):
+    """A mask may list 2**31 - 1 blocks (8 GiB of indices); load refuses files over 2 GiB, so save must too (here
+    with the limit lowered to 512 bytes to stand for it)."""
+    from sparsecore.ir import serialization
+    monkeypatch.setattr(serialization, "MAX_FILE_BYTES", 512)
+    mask = BlockMask.from_dense(np.ones((4, 8, 8), bool), 32, 32, 4)
+    refused(lambda: mask.save(tmp_path / "big.safetensors"), "indices: the file would take")
+    assert not (tmp_path / "big.safetensors").exists()
+
+
 def test_save_refuses_a_header_load_would_refuse(tmp_path):
     mask = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 10, 10, 4, meta={"notes": "\u8996" * 160_000})
     refused(lambda: mask.save(tmp_path / "big.safetensors"), "meta")

@@ -326,6 +326,22 @@ def test_first_search_from_the_dense_pass_masses_equals_the_two_pass_search():
         adaspa.session(num_steps=50, first_search="fused").plan(g, 3, step=10, layer=0, mass=found.mass.sum(0))
 
 
+def test_a_cached_search_on_unbatched_q_keeps_the_cached_lse():
+    """q, k of [H, L, D] (no batch): the cached LSE is [1, H, L]; comparing shapes unbatched took it for another
+    batch and searched on a fresh LSE instead."""
+    g = VideoGeometry(6, 4, 4)
+    session = adaspa.session(num_steps=50, first_search="fused", block_size=8, sparsity=0.75)
+    q1, k1, _ = video_qkv(g, 2, 16, seed=1)
+    q2, k2, _ = video_qkv(g, 2, 16, seed=2)
+    for step in range(10):
+        session.plan(g, 2, step=step, layer=0)
+    session.plan(g, 2, step=10, layer=0, q=q1[0], k=k1[0])
+    later = session.plan(g, 2, step=30, layer=0, q=q2[0], k=k2[0])
+    assert later.meta["lse"] == "given"
+    want = adaspa.plan(g, 2, step=30, layer=0, q=q2[0], k=k2[0], lse=session._lse[0], block_size=8, sparsity=0.75)
+    assert later.fingerprint() == want.fingerprint()
+
+
 def test_parameter_errors_name_the_field():
     g = VideoGeometry(4, 4, 4)
     with pytest.raises(TypeError, match="unknown parameter"):

@@ -14,6 +14,7 @@ import torch
 
 import sparsecore
 from sparsecore import BlockMask
+from sparsecore.ir import Unselected
 
 from oracle import dense_attention, expand_to_tokens
 
@@ -96,16 +97,43 @@ def test_two_kernels_in_one_graph_and_traced_ops_around_them():
     np.testing.assert_allclose(got.double().numpy(), want, atol=5e-5)
 
 
-def test_inputs_needing_gradients_raise_under_compile():
-    """AOTAutograd traces the backward when the graph is compiled, so the first call raises."""
+def test_gradients_through_a_differentiable_backend_under_compile_match_eager():
+    """``portable`` keeps autograd's graph on drop masks: under torch.compile its call runs outside the graph (a
+    graph break) so the gradients are kept; the op, whose backward raises, had made AOTAutograd fail."""
     torch._dynamo.reset()
     _, kernel = masked_kernel(6)
+    q, k, v = inputs(1, 7)
+    q.requires_grad_(True)
+    torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v).square().sum().backward()
+    compiled, q.grad = q.grad, None
+    kernel(q, k, v).square().sum().backward()
+    assert torch.allclose(compiled, q.grad, atol=1e-6) and compiled.abs().sum() > 0
+
+
+def test_inputs_needing_gradients_raise_under_compile_where_no_backend_keeps_them():
+    """An approximating mask has no differentiable backend: the op's backward raises when AOTAutograd traces it."""
+    torch._dynamo.reset()
+    mask, _ = masked_kernel(6)
+    approximating = BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                              unselected=Unselected.parse("zeroth"))
+    kernel = sparsecore.compile(approximating, device="cpu")
     q, k, v = inputs(1, 7)
     q.requires_grad_(True)
     with pytest.raises((NotImplementedError, torch._dynamo.exc.BackendCompilerFailed), match="inference-only"):
         torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v).sum().backward()
     with torch.no_grad():                                  # inference: no backward, nothing raises
         torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v)
+
+
+def test_a_scale_that_changes_between_calls_stays_in_one_graph():
+    """Checking the scale's value in traced code (math.isfinite on a symbolic float) broke the graph."""
+    torch._dynamo.reset()
+    mask, kernel = masked_kernel(12)
+    q, k, v = inputs(1, 13)
+    compiled = torch.compile(lambda q, k, v, s: kernel(q, k, v, scale=s), fullgraph=True, backend="aot_eager")
+    for scale in (0.1, 0.2, 0.3, 0.4):
+        np.testing.assert_allclose(compiled(q, k, v, scale).double().numpy(), expected(mask, q, k, v, scale)[0],
+                                   atol=2e-5)
 
 
 def test_bad_arguments_are_named_under_compile():

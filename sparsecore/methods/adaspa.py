@@ -340,7 +340,7 @@ class AdaSpaSession:
         if action.label == "cached-search":
             lse = self._lse[layer]
             if isinstance(q, torch.Tensor):        # a batch of another size (CFG stopped): this search's own LSE
-                lse = moved(lse, q.device) if tuple(q.shape[:-2]) == tuple(lse.shape[:-1]) else None
+                lse = moved(lse, q.device) if lse.shape[0] == (q.shape[0] if q.dim() == 4 else 1) else None
             self._masks[layer] = self._stored(_search(geometry, shard, p, layer, step, q, k, lse, None,
                                                       action.label).mask)
         return self._masks[layer]
