@@ -69,7 +69,7 @@ def save(mask: "BlockMask", path: Any) -> Path:
     size = 8 + len(text) + sum(map(len, chunks))
     if size > MAX_FILE_BYTES:
         raise ValueError(f"indices: the file would take {size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask file "
-                         f"may hold (load refuses more); use larger blocks, or save groups of heads (mask.select_heads)")
+                         f"may hold (load refuses more); use larger blocks, or save groups of heads (select_heads)")
     path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
     return path
 
