@@ -84,11 +84,17 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
 
 
 def tensor_device_problem(device: Any, backend: str | None = None) -> str | None:
-    """:func:`device_problem` for work on torch tensors (a model, the demo): ``"reference"`` runs NumPy arrays only."""
-    if device == "reference":
-        return ("device 'reference' runs NumPy float64 arrays (the definition of the semantics), not torch tensors; "
-                "pass the device the tensors are on, e.g. 'cpu'")
-    return device_problem(device, backend)
+    """:func:`device_problem` for work on torch tensors (a model, the demo): a device none of whose backends takes
+    torch tensors (``"reference"``: NumPy float64 arrays) cannot run it."""
+    problem = device_problem(device, backend)
+    if problem is not None:
+        return problem
+    kinds = {b.capabilities.array_type for b in registered_backends().values()
+             if device_type(device) in b.capabilities.devices and backend in (None, b.name)}
+    if "torch" not in kinds:
+        return (f"device {device!r} runs {', '.join(sorted(kinds))} arrays, not torch tensors; pass the device the "
+                f"tensors are on, e.g. 'cpu'")
+    return None
 
 
 def random_case(rng: np.random.Generator, head_dims: tuple[int, ...]) -> tuple[BlockMask, int, int]:

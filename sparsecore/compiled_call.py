@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from sparsecore.inputs import check_return_lse
+from sparsecore.inputs import check_return_lse, check_scale_type
 from sparsecore.ir.uploads import refuse_capture
 
 if TYPE_CHECKING:
@@ -80,9 +80,7 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and kernel.differentiable:
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymInt,
-                                                                                 torch.SymFloat))):
-        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
+    check_scale_type(scale, (torch.SymInt, torch.SymFloat))
     out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
     return (out, lse) if return_lse else out
 

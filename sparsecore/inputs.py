@@ -106,14 +106,19 @@ def check_return_lse(return_lse: Any) -> bool:
     return return_lse
 
 
+def check_scale_type(scale: Any, symbolic: tuple[type, ...] = ()) -> None:
+    """``scale`` is None or a real number (or one of the ``symbolic`` types: torch.compile's traced numbers)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, *symbolic))):
+        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """The softmax scale: ``1/sqrt(head_dim)`` for None, else a real number of magnitude at most :data:`SCALE_MAX`
     (float32's largest over log2(e): the kernels' scaled-score factor stays finite; scores themselves may still
     overflow for huge scales) (``TypeError``/``ValueError``)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
+    check_scale_type(scale)
     if not math.isfinite(scale) or abs(scale) > SCALE_MAX:
         raise ValueError(f"scale: expected a finite float with |scale| <= {SCALE_MAX:.4g} (float32's largest over "
                          f"log2(e), the kernels' score factor), got {scale}")
