@@ -53,3 +53,35 @@ def test_shard_slices_merged_by_lse_equal_the_whole_mask(data, shards, heads, se
                 out, lse = merge(out, lse, part, part_lse.double())
         torch.testing.assert_close(out, whole[:, :, a:b], rtol=1e-6, atol=1e-6)     # LSEs are float32
         torch.testing.assert_close(lse, whole_lse[:, :, a:b].double(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_ring_holds_at_most_two_received_shards(monkeypatch):
+    """Each step's shard is released before the next transfer is posted (docs/diffusers.md's memory table counts
+    two). Transfers are replaced by buffers handed over at once; every ring step needs a shard."""
+    import gc
+    import weakref
+
+    from sparsecore.integrations.diffusers import ring
+
+    world, video, heads, dim = 5, 4, 1, 2
+    monkeypatch.setattr(ring.dist, "P2POp", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ring.dist, "batch_isend_irecv", lambda ops: [])
+    monkeypatch.setattr(ring.RingGroup, "peer", lambda self, index: index)
+    received, alive = [], []
+    post = ring._Exchange.post
+
+    def counting_post(self, step):
+        post(self, step)
+        buffer = self.posted.get(step, (None,))[0]
+        if buffer is not None and all(r() is not buffer for r in received):
+            received.append(weakref.ref(buffer))
+        del buffer
+        gc.collect()
+        alive.append(sum(r() is not None for r in received))
+
+    monkeypatch.setattr(ring._Exchange, "post", counting_post)
+    kernel = lambda q, k, v, return_lse: (torch.zeros_like(q), torch.zeros(q.shape[:3]))   # noqa: E731
+    work = ring.RingWork([kernel] * world, None, [[True] * world for _ in range(world)], video, 0)
+    q, k, v = (torch.randn(1, video, heads, dim, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ring.run(work, ring.RingGroup(world, 0, None), q, k, v)
+    assert len(received) == world - 1 and max(alive) == 2, alive

@@ -188,6 +188,7 @@ def run(work: RingWork, ring: RingGroup, query: torch.Tensor, key: torch.Tensor,
                 keys = (buffer[:k_video.numel()].view_as(k_video), buffer[k_video.numel():].view_as(v_video))
         if kernel is not None:
             partial.add(*kernel(q_video, *keys, return_lse=True))
+        keys = buffer = None            # this step's shard goes before the next is posted: two held at most
     out = partial.result(q_video, video)[0]
     if text:
         out = torch.cat([out, _text_rows(work, ring, qt[:, :, video:].contiguous(),
