@@ -16,7 +16,8 @@ Three steps, shared by the lowerings that compute it:
    pieces of the key sequence (no atomics, no Python loop over blocks).
 2. :func:`approximate_into`: the pass over block summaries. For a chunk of query rows,
    ``s q k̄ᵀ`` is one ``[rows x blocks]`` product; listed blocks are masked out, and the
-   row's own maximum makes it stable (a row whose blocks are all listed gets nothing).
+   row's own maximum makes it stable (a row whose blocks are all listed gets nothing, even where a
+   listed block's sums are not finite: its zero weight would make them NaN in the products).
 3. The merge with the exact part by log-sum-exp, in place, written so that neither a
    growing maximum nor an empty side can lose mass: ``lse = logaddexp(lse_S, m + log z)``,
    ``out = exp(lse_S - lse) out_S + exp(m - lse) N_U``.
@@ -234,6 +235,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor,
     exact_weight = torch.exp(exact_lse - base)[..., None]                # 0 on empty rows, whatever out holds
     exact = torch.where(torch.isneginf(exact_lse)[..., None], 0.0, exact_weight * out[:, :, span].to(top.dtype))
     approx = torch.where(torch.isfinite(top), torch.exp(top - base), torch.zeros_like(top))[..., None] * numerator
+    approx = torch.where(torch.isneginf(top)[..., None], 0.0, approx)   # nothing approximated: no 0 x inf from sums
     out[:, :, span] = (exact + approx).to(out.dtype)
     lse[:, :, span] = merged.to(lse.dtype)
 

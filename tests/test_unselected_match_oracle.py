@@ -263,3 +263,25 @@ def test_approximation_is_exact_for_rows_that_list_everything_and_alone_for_rows
     by_hand = weights @ v[0, 0].reshape(3, 16, 8).sum(axis=1) / (16 * weights.sum(axis=1))[:, None]
     got = sparsecore.compile(none, device="reference")(q, k, v, scale=0.5)
     np.testing.assert_allclose(got[0, 0], by_hand, rtol=1e-12, atol=1e-12)
+
+
+def test_a_row_that_lists_every_block_ignores_sums_that_overflow(target):
+    """Rows that approximate nothing are exact even where a listed block's value sum is not finite (64 values of
+    1e37 sum past float32's range): a zero weight times that sum made them NaN."""
+    if target.dtype not in ("float32", "float64"):
+        pytest.skip(f"{target.dtype}: values of 1e37 need float32's range")
+    rng = np.random.default_rng(9)
+    rows = np.zeros((1, 2, 3), dtype=bool)
+    rows[0, 0] = True                                       # row 0 lists every block; row 1 approximates them all
+    offsets = np.array([0, 64, 128, 150])
+    mask = _mask(rows, np.array([0, 8, 16]), offsets, "grouped-first-order:2")
+    q, k = rng.standard_normal((2, 1, 1, 150, 64))
+    q = q[:, :, :16]
+    v = rng.standard_normal((1, 1, 150, 64))
+    v[..., 0], v[..., 1] = 1e37, -1e37
+    args, (q64, k64, v64) = target.cast(q, k, v)
+    out, lse = sparsecore.compile(mask, device=target.device, backend=target.backend)(*args, return_lse=True)
+    got = to_float64(out)
+    ref_out, ref_lse = approximated_attention(q64, k64, v64, mask, default_scale(64, None))
+    assert np.isfinite(got[0, 0, :8]).all()
+    assert_matches(target.dtype, got[:, :, :8], to_float64(lse)[:, :, :8], ref_out[:, :, :8], ref_lse[:, :, :8])

@@ -141,7 +141,7 @@ def approximate_unselected_fwd(
     total = exact_weight + approx_weight * z_i
     has_mass = total != 0.0                      # a NaN total (a NaN score, exact or approximated) spreads
     numerator = tl.where(exact_lse[:, None] == float("-inf"), 0.0, exact_weight[:, None] * exact_out) \
-        + approx_weight[:, None] * acc
+        + tl.where(z_i[:, None] != 0.0, approx_weight[:, None] * acc, 0.0)    # z = 0: nothing approximated
     out = numerator / tl.where(has_mass, total, 1.0)[:, None]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has_mass, (base + tl.math.log2(tl.where(has_mass, total, 1.0))) * 0.6931471805599453,

@@ -74,6 +74,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int
+from sparsecore.ir.unselected import MAX_GROUP_BLOCKS
 from sparsecore.noise import GumbelNoise, head_keys
 
 from .approximation import check_approximation, unselected_of, with_unselected
@@ -120,6 +121,9 @@ class PASAParams:
         set_(self, "seed", check_int(self.seed, "seed", 0))
         set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "group_size", check_int(self.group_size, "group_size", 1))
+        if self.group_size > MAX_GROUP_BLOCKS:
+            raise ValueError(f"group_size: expected at most {MAX_GROUP_BLOCKS} key blocks (block ids are int32), got "
+                             f"{self.group_size}; approximation='global-first-order' shares one statistic over all")
         set_(self, "approximation", check_approximation(self.approximation))
         set_(self, "dense_layers", check_int_tuple(self.dense_layers, "dense_layers"))
         set_(self, "scale", check_scale(self.scale))
