@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-from importlib.metadata import PackageNotFoundError, version
 import platform
 import sys
 from pathlib import Path
@@ -54,6 +53,7 @@ from sparsecore.geometry import VideoGeometry  # noqa: E402
 from sparsecore.ir import BlockMask  # noqa: E402
 from sparsecore.methods import pasa  # noqa: E402
 from sparsecore.methods.approximation import unselected_of, with_unselected  # noqa: E402
+from report import time_one_backend, versions  # noqa: E402
 
 HEADS = 12
 GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 52), 9760: VideoGeometry(61, 10, 16)}
@@ -65,13 +65,6 @@ SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), Approximatio
 
 def label(config: ApproximationConfig) -> str:
     return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def bench(fn) -> float:
@@ -217,6 +210,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[32760, 188760], choices=sorted(GEOMETRIES))
@@ -228,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for tokens in args.sizes:
         rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760, sweep=args.sweep)
     date = datetime.date.today().isoformat()
-    report = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
-              "triton": triton.__version__, "flash_attn_4": package_version("flash-attn-4"),
-              "host": platform.node(), "rows": rows}
+    report = {**versions(), "date": date, "host": platform.node(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"approximation-{date}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"approximation-{date}.md").write_text(markdown(report))

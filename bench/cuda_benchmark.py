@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from kernel_timing import median_ms  # noqa: E402
 import sparsecore  # noqa: E402
 from cuda_cases import FRAME_TOKENS, lvsa_frames, random_rows  # noqa: E402
 from sparsecore import BlockMask  # noqa: E402
+from report import time_one_backend, versions  # noqa: E402
 
 HEADS, HEAD_DIM, DTYPE = 12, 128, torch.bfloat16
 TRITON_SWEEP = [  # (block_m, block_n, num_warps, num_stages, use_tma)
@@ -273,21 +273,6 @@ def selection_table(log, flashinfer: bool, blocks: tuple[int, ...] = (64, 128, F
     return points
 
 
-def versions() -> dict[str, str]:
-    import triton
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda or "", "cudnn": str(torch.backends.cudnn.version()),
-            "python": platform.python_version(), "sparsecore": sparsecore.__version__}
-    from importlib.metadata import PackageNotFoundError, version
-    for name, dist in (("flashinfer", "flashinfer-python"), ("flash_attn_4", "flash-attn-4"),
-                       ("cutlass_dsl", "nvidia-cutlass-dsl")):
-        try:
-            info[name] = version(dist)
-        except PackageNotFoundError:
-            info[name] = "not installed"
-    return info
-
-
 def markdown(rows: list[Row], meta: dict) -> str:
     lines = [f"# CUDA block-sparse attention benchmark, {meta['date']}", "",
              f"Machine: {meta['versions']['gpu']}; torch {meta['versions']['torch']}, triton "
@@ -317,6 +302,7 @@ def markdown(rows: list[Row], meta: dict) -> str:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--sizes", type=int, nargs="*", default=[32768, 98304])

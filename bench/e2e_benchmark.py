@@ -18,9 +18,11 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
 Modes compare like with like: ``eager`` (diffusers' own attention, cuDNN SDPA, against
 sparsecore eagerly) and ``compiled`` (diffusers' regional compilation,
 ``compile_repeated_blocks(fullgraph=True)``, on both sides). Per method, each kind of step its
-schedule has is timed (one transformer forward; the median of the repeats after a warm-up that
-compiles kernels): dense (for a method, its own dense step with sparsecore applied: the model's attention
-through sparsecore's op, on HunyuanVideo 1.5 without diffusers' ``[B, 1, S, S]`` padding mask; files before
+schedule has is timed (one transformer forward; the median of three after a warm-up that compiles
+kernels, once for the kinds a generation runs once: AdaSpa's dense+lse, search and cached search; the
+files before 2026-12-02's sixteenth session took one forward for the dense baseline and for most of
+AdaSpa's and PASA's kinds, and the median of two for LVSA's and PASA's sparse steps): dense (for a
+method, its own dense step with sparsecore applied: the model's attention through sparsecore's op, on HunyuanVideo 1.5 without diffusers' ``[B, 1, S, S]`` padding mask; files before
 2026-12-01's fourth session composed the dense row's step instead); LVSA's sparse step; AdaSpa's dense step
 that keeps its LSE (step 9), first search (an LSE-cached search on it, sparse), reuse steps (the first one
 reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule: AdaSpa = 9 dense + 1 dense+lse +
@@ -54,7 +56,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import re
 import statistics
 import sys
@@ -64,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from report import write_report
+from report import time_one_backend, versions, write_report
 
 import sparsecore
 from sparsecore import VideoGeometry
@@ -154,17 +155,20 @@ VARIANTS = {    # row name -> (method, parameters)
     "adaspa-device": ("adaspa", {"store": "device"}),          # searched masks wait on the GPU
     "adaspa-fused-first": ("adaspa", {"first_search": "fused"}),     # the paper's first search: step 10 dense
 }
-STEPS = {       # method -> (kind, step index) forwards, in order; the first of a kind is a warm-up when repeated
-    "lvsa": [("sparse", 20), ("sparse", 21), ("sparse", 22)],    # first: its warm-up also compiles the blocks
-    "adaspa": [("dense", 1), ("dense+lse", 9), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
-               ("cached search", 30)],
-    "pasa": [("dense", 1), ("sparse", 10), ("sparse", 11), ("sparse", 12)],
+WARM_UP = "warm-up"      # a forward that compiles a kind's kernels, not timed into it
+STEPS = {       # method -> (kind, step index) forwards, in order (step 0, untimed, compiles the dense path)
+    "lvsa": [(WARM_UP, 20), ("sparse", 21), ("sparse", 22), ("sparse", 23)],
+    "adaspa": [("dense", 1), ("dense", 2), ("dense", 3), ("dense+lse", 9), ("search", 10), ("first reuse", 11),
+               ("reuse", 12), ("reuse", 13), ("reuse", 14), ("cached search", 30)],
+    "pasa": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 10), ("sparse", 11), ("sparse", 12),
+             ("sparse", 13)],
     "dense-sparsecore": [("dense", 1), ("dense", 2), ("dense", 3)],     # every step dense, through sparsecore
-    "adaspa-fused-first": [("dense", 1), ("search", 10), ("first reuse", 11), ("reuse", 12), ("reuse", 13),
-                           ("cached search", 30)],
+    "adaspa-fused-first": [("dense", 1), ("dense", 2), ("dense", 3), ("search", 10), ("first reuse", 11),
+                           ("reuse", 12), ("reuse", 13), ("reuse", 14), ("cached search", 30)],
 }
+DENSE_REPEATS = 3           # the dense baseline's timed forwards, after one that compiles
 # a further step of the kind that repeats, run with timing on
-PLAN_PROBE = {"lvsa": 23, "adaspa": 31, "pasa": 13, "dense-sparsecore": 4}
+PLAN_PROBE = {"lvsa": 24, "adaspa": 31, "pasa": 14, "dense-sparsecore": 4}
 ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
 
 
@@ -199,12 +203,13 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def kind_times(seconds: list[tuple[str, float]]) -> dict[str, float]:
-    """Median per kind; a kind timed more than once drops its first run (it compiles kernels)."""
+def by_kind(seconds: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """The timed forwards of each kind of step (warm-ups left out)."""
     kinds: dict[str, list[float]] = {}
     for kind, s in seconds:
-        kinds.setdefault(kind, []).append(s)
-    return {kind: statistics.median(times[1:] if len(times) > 1 else times) for kind, times in kinds.items()}
+        if kind != WARM_UP:
+            kinds.setdefault(kind, []).append(s)
+    return kinds
 
 
 def generation(method: str, times: dict[str, float]) -> float:
@@ -252,12 +257,13 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
                  options=kernel_args["backend_options"])
     dense = [timed_forward(model, inputs, 999.0, device)]
     reset_peak(device)                                  # the peak of a step, not of compiling the blocks
-    dense.append(timed_forward(model, inputs, 999.0, device))
-    dense_time = dense[1] * scale
+    dense += [timed_forward(model, inputs, 999.0, device) for _ in range(DENSE_REPEATS)]
+    dense_time = statistics.median(dense[1:]) * scale
     base = dict(model=case.model, length=case.label, latent_frames=case.frames, mode=mode,
                 layers_run=case.layers_run, layers_full=case.layers_full)
-    rows.append(dict(base, method="dense", steps={"dense": dense_time}, generation_s=generation("dense",
-                {"dense": dense_time}), peak_gib=peak_gib(device), allocated_mib=allocated_mib(device),
+    rows.append(dict(base, method="dense", steps={"dense": dense_time}, samples={"dense": DENSE_REPEATS},
+                     generation_s=generation("dense", {"dense": dense_time}), peak_gib=peak_gib(device),
+                     allocated_mib=allocated_mib(device),
                      first_step_s=dense[0] * scale))
     log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
     for method in methods:
@@ -315,7 +321,8 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     for kind, step in plan:
         handle.set_step(step)
         seconds.append((kind, timed_forward(model, inputs, 1000.0 - 19 * step, device) * scale))
-    times = kind_times(seconds)
+    samples = by_kind(seconds)
+    times = {kind: statistics.median(values) for kind, values in samples.items()}
     dense_measured = "dense" in times
     times.setdefault("dense", dense_time)
     handle.timing(True)                                 # the plan's host time, on an untimed step
@@ -326,7 +333,8 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     planned = [s for s in stats if s.get("plan_ms") is not None]
     sparse = [s for s in stats if s["backend"] != "dense"]
     plan_ms = [s["plan_ms"] for s in planned if s["backend"] != "dense"]
-    row = dict(base, method=method, steps=times, generation_s=generation(method, times), peak_gib=peak_gib(device),
+    row = dict(base, method=method, steps=times, samples={kind: len(v) for kind, v in samples.items()},
+               generation_s=generation(method, times), peak_gib=peak_gib(device),
                allocated_mib=allocated_mib(device),
                density=statistics.mean(s["density"] for s in sparse) if sparse else 1.0,
                backends=sorted({s["backend"] if s["backend"] != "dense" else f"dense ({s.get('dense_kernel')})"
@@ -375,8 +383,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens. "
-             "Step = one transformer forward (median after a warm-up); rows measured on fewer layers are scaled to the "
-             "full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore eagerly; compiled: "
+             "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
+             "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
+             "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
+             "eagerly; compiled: "
              "`compile_repeated_blocks(fullgraph=True)` on both sides. Generation = the 50-step schedule composed from "
              f"the measured steps ({schedules_text(rows)}). Speedups against the dense row of the same model, length "
              "and mode." + (f" Every method on backend `{meta['backend']}` with options {meta['backend_options']}."
@@ -416,21 +426,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def versions(device: str) -> dict:
-    import diffusers
-    from importlib.metadata import PackageNotFoundError, version
-    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version(), "sparsecore": sparsecore.__version__,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
-    for name, dist in (("triton", "triton"), ("flash_attn_4", "flash-attn-4"), ("flashinfer", "flashinfer-python")):
-        try:
-            info[name] = version(dist)
-        except PackageNotFoundError:
-            info[name] = "not installed"
-    return info
+def environment(device: str) -> dict:
+    return {"date": datetime.date.today().isoformat(), **versions(device)}
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--models", nargs="*", default=["wan-1.3b"])
@@ -461,7 +462,7 @@ def main() -> int:
                    "dense_attention": args.dense_attention}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
-    meta = versions(device) | {"backend": args.backend, "backend_options": options,
+    meta = environment(device) | {"backend": args.backend, "backend_options": options,
                                "dense_attention": args.dense_attention}
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []

@@ -31,6 +31,7 @@ import sparsecore  # noqa: E402
 from sparsecore.backends.cuda import fa4_layout  # noqa: E402
 from dense_kernels import run_meta  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
+from report import time_one_backend  # noqa: E402
 
 HEADS, DIM, SEQ, CALLS = 12, 128, 188736, 10
 
@@ -49,6 +50,7 @@ def per_call_ms(held: sparsecore.BlockMask, q, k, v, options: dict) -> float:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

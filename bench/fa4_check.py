@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import sys
 import time
 import traceback
@@ -52,6 +51,7 @@ from cuda_cases import lvsa_frames, random_rows  # noqa: E402
 from sparsecore import BlockMask  # noqa: E402
 from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options  # noqa: E402
 from sparsecore.backends.cuda.fa4_layout import to_fa4  # noqa: E402
+from report import time_one_backend, versions  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 TIME_BUDGET_S = 420          # stop starting new timing cases after this (the lead's limit is 8 minutes)
@@ -482,15 +482,14 @@ def run_timing(quick: bool) -> tuple[list[dict], list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------- report
-def versions() -> dict:
+def fa4_versions() -> dict:
+    """:func:`report.versions` plus the GPU's compute capability and quack-kernels (FA4's dependency)."""
     from importlib import metadata
-    info = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-            "torch": torch.__version__, "cuda": torch.version.cuda or "", "python": platform.python_version()}
-    for dist in ("flash-attn-4", "nvidia-cutlass-dsl", "quack-kernels", "triton"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            info[dist] = "not installed"
+    info = {**versions(), "capability": list(torch.cuda.get_device_capability())}
+    try:
+        info["quack-kernels"] = metadata.version("quack-kernels")
+    except metadata.PackageNotFoundError:
+        info["quack-kernels"] = "not installed"
     return info
 
 
@@ -525,6 +524,7 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], conversions: list
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for fa4-check.json / .md")
     parser.add_argument("--quick", action="store_true", help="checks only at small sizes; timing at S=32768 only")
@@ -535,7 +535,7 @@ def main() -> int:
     global SKIP_MASK_MOD
     SKIP_MASK_MOD = args.skip_mask_mod
     args.out.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"date": datetime.date.today().isoformat(), "versions": versions()}
+    meta: dict[str, Any] = {"date": datetime.date.today().isoformat(), "versions": fa4_versions()}
     reason = Fa4Backend().unavailable_reason("cuda")
     meta["unavailable_reason"] = reason
     log(f"{meta['versions']}; fa4 unavailable_reason: {reason}")

@@ -32,11 +32,13 @@ from sparsecore import BlockMask  # noqa: E402
 from sparsecore.backends.cuda import fa4_occupancy  # noqa: E402
 from sparsecore.ir import Unselected  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
+from report import time_one_backend  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--mma-regs", type=int)

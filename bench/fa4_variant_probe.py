@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from report import gpu_meta, write_report  # noqa: E402
+from report import gpu_meta, time_one_backend, write_report  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 ROW_POINTS = ((32768, 0.1), (32768, 0.25), (98304, 0.1))
@@ -195,6 +195,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", choices=("stages", "persistent"), default="persistent")

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sparsecore  # noqa: E402
 from sparsecore.registry import registered_backends  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
+from report import time_one_backend  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64
 
@@ -41,6 +42,7 @@ def rate(flops: float, ms: float) -> float:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backends", default="triton")

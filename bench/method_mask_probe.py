@@ -41,6 +41,7 @@ from dense_kernels import run_meta  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
 from sparsecore.ir.unselected import DROP  # noqa: E402
 from sparsecore.methods.approximation import with_unselected  # noqa: E402
+from report import time_one_backend  # noqa: E402
 
 # the steps run before the masks are taken: AdaSpa's dense step keeping its LSE, then its first search; PASA's first
 # sparse step
@@ -97,6 +98,7 @@ def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", nargs="*", type=int, default=[0, 14, 29])

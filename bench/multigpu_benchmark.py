@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from e2e_benchmark import Case, build_model, model_inputs, versions
-from report import write_report
+from report import time_one_backend, write_report
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.timing import synchronize
 
@@ -64,6 +64,7 @@ MODES = ("ulysses", "ring", "unified")
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--model", choices=sorted(FULL_DEPTH), default="wan-1.3b")

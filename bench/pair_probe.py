@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
 from fa4_check import adaspa_large  # noqa: E402
+from report import time_one_backend  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -92,6 +93,7 @@ def padded_rows(mask) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seq", type=int, default=188736)

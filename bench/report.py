@@ -5,8 +5,43 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import platform
 from pathlib import Path
 from typing import Callable
+
+WARMUP_ENV = "SPARSECORE_WARMUP"
+
+
+def time_one_backend() -> str:
+    """Pin sparsecore's warm-up mode to ``wait`` unless ``$SPARSECORE_WARMUP`` chose one, and return the mode.
+
+    In the default ``background`` mode a kernel's first calls run on Triton while a slow backend (FA4) loads
+    on a worker thread, so a timed row could mix two backends under one name; with ``wait`` a kernel runs
+    one backend from its first call (``sparsecore.warmup``)."""
+    return os.environ.setdefault(WARMUP_ENV, "wait")
+
+
+def versions(device: str = "cuda") -> dict[str, str]:
+    """What a measurement depends on: the device, CUDA, cuDNN, Python, torch, triton, flash-attn-4 and its CuTe DSL,
+    FlashInfer, diffusers, sparsecore, and sparsecore's warm-up mode."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    import sparsecore
+    on_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+    info = {"gpu": torch.cuda.get_device_name() if on_cuda else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cuda": torch.version.cuda or "", "python": platform.python_version(),
+            "cudnn": str(torch.backends.cudnn.version()) if on_cuda else "", "sparsecore": sparsecore.__version__,
+            "warmup": os.environ.get(WARMUP_ENV, "background (default)")}
+    for name, dist in (("triton", "triton"), ("flash_attn_4", "flash-attn-4"), ("cutlass_dsl", "nvidia-cutlass-dsl"),
+                       ("flashinfer", "flashinfer-python"), ("diffusers", "diffusers")):
+        try:
+            info[name] = version(dist)
+        except PackageNotFoundError:
+            info[name] = "not installed"
+    return info
 
 
 def write_report(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
@@ -17,13 +52,8 @@ def write_report(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
 
 
 def gpu_meta(**extra) -> dict:
-    """A GPU probe's meta: today's date, and the versions of torch, the GPU, triton and flash-attn-4, plus ``extra``."""
-    from importlib import metadata
-
-    import torch
-    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-                **{name: metadata.version(name) for name in ("triton", "flash-attn-4")}}
-    return {"date": datetime.date.today().isoformat(), **extra, "versions": versions}
+    """A GPU probe's meta: today's date and :func:`versions`, plus ``extra``."""
+    return {"date": datetime.date.today().isoformat(), **extra, "versions": versions()}
 
 
 def probe_main(doc: str, name: str, measure: Callable[[], list[dict]],
@@ -32,6 +62,7 @@ def probe_main(doc: str, name: str, measure: Callable[[], list[dict]],
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    time_one_backend()
     meta = gpu_meta()
     rows = measure()
     write_report(args.out / f"{name}-{meta['date']}", meta, rows, markdown(meta, rows))

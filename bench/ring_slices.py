@@ -17,11 +17,13 @@ import sparsecore
 from sparsecore import BlockMask
 from sparsecore.integrations.diffusers.ring import merge
 from sparsecore.ir.slicing import slices
+from report import time_one_backend
 
 TOKENS, HEADS, HEAD_DIM, BLOCK = 188760, 12, 128, 64
 
 
 def main() -> None:
+    time_one_backend()
     blocks = -(-TOKENS // BLOCK)
     keep = np.random.default_rng(0).random((HEADS, blocks, blocks)) < 0.2
     keep[:, np.arange(blocks), np.arange(blocks)] = True

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from report import write_report
+from report import time_one_backend, versions, write_report
 
 import sparsecore
 from sparsecore import BlockMask, VideoGeometry
@@ -127,6 +127,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> int:
+    time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="*", default=["1x", "6x"], choices=sorted(LENGTHS))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -134,9 +135,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("search_step: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    import triton
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__}
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), **versions()}
     rows = [row for label in args.lengths for row in run(label)]
     write_report(args.out / f"search-step-{meta['date']}", meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))

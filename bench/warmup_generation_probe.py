@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from report import versions  # noqa: E402
+
 
 def child(method: str, length: str, steps: int, compiled: bool) -> dict:
     """One generation's steps in this process (its warm-up mode from ``SPARSECORE_WARMUP``)."""
@@ -81,9 +83,8 @@ def main() -> int:
         else:
             rows.append(json.loads(found[0]))
         print(json.dumps(rows[-1]), flush=True)
-    import torch
-    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0)}
+    meta = {"date": datetime.date.today().isoformat(), **versions()}
+    meta.pop("warmup")                                  # each row names its own mode
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Whole generations by warm-up mode, {meta['date']}", "", str(meta), "",
              "| method | length | compiled | mode | total s | first step s | steps 2-5 s | median of the rest s |",
