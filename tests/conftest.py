@@ -16,7 +16,9 @@ import contextlib
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: oracle, strategies, targets
@@ -37,6 +39,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 # tests the library's default (warming a slow backend up behind another) explicitly.
 os.environ.setdefault("SPARSECORE_WARMUP", "wait")
 
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """Every test starts from the same global torch (CPU and CUDA) and NumPy states: a test that draws without a
+    generator of its own still draws the same numbers on every run."""
+    torch.manual_seed(0)
+    np.random.seed(0)
 
 
 @pytest.fixture

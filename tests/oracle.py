@@ -10,14 +10,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def block_lists(mask) -> list[list[np.ndarray]]:
+    """Each head's key block ids per query block, read from the raw CSR arrays (not through the mask's views)."""
+    host = mask.to_host()
+    indptr, indices = np.asarray(host.indptr), np.asarray(host.indices)
+    return [[indices[indptr[h, i]:indptr[h, i + 1]] for i in range(indptr.shape[1] - 1)]
+            for h in range(indptr.shape[0])]
+
+
 def expand_to_tokens(mask) -> np.ndarray:
     """bool[H, q_len, kv_len]: True where query token attends to key token."""
-    tokens = np.zeros((mask.num_heads, mask.q_len, mask.kv_len), dtype=bool)
-    for h in range(mask.num_heads):
-        for i in range(mask.num_q_blocks):
-            q0, q1 = mask.q_offsets[i], mask.q_offsets[i + 1]
-            for j in mask.row(h, i):
-                tokens[h, q0:q1, mask.kv_offsets[j]:mask.kv_offsets[j + 1]] = True
+    q_offsets, kv_offsets = np.asarray(mask.q_offsets), np.asarray(mask.kv_offsets)
+    tokens = np.zeros((mask.num_heads, q_offsets[-1], kv_offsets[-1]), dtype=bool)
+    for h, rows in enumerate(block_lists(mask)):
+        for i, listed in enumerate(rows):
+            for j in listed:
+                tokens[h, q_offsets[i]:q_offsets[i + 1], kv_offsets[j]:kv_offsets[j + 1]] = True
     return tokens
 
 

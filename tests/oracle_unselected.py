@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from oracle import dense_attention, expand_to_tokens
+from oracle import block_lists, dense_attention, expand_to_tokens
 
 
 def block_terms(keys: np.ndarray, values: np.ndarray, kv_offsets: np.ndarray, kind: str,
@@ -58,7 +58,10 @@ def approximated_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, sc
     offsets = np.asarray(mask.kv_offsets)
     num_blocks = len(offsets) - 1
     sizes = np.diff(offsets).astype(np.float64)
-    block_map = mask.to_host().to_dense()                              # [H, MB, NB]
+    block_map = np.zeros((heads, len(mask.q_offsets) - 1, num_blocks), dtype=bool)        # [H, MB, NB]
+    for h, rows in enumerate(block_lists(mask)):
+        for i, listed in enumerate(rows):
+            block_map[h, i, listed] = True
     q_block = np.searchsorted(np.asarray(mask.q_offsets), np.arange(q_len), side="right") - 1
     out = np.zeros((batch, heads, q_len, dim))
     lse = np.zeros((batch, heads, q_len))

@@ -74,6 +74,16 @@ def test_the_dense_pass_takes_a_registered_faster_op(counting_op, group):
     assert counting_op.calls == [tuple(q.shape)]
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_default_dense_pass_takes_the_scale(group):
+    q, k, v = inputs(group)
+    assert dense_impl(q, k, v) == "full mask"
+    out, lse = dense_attention(q, k, v, scale=0.3)
+    want_out, want_lse = oracle_attention(q.numpy(), k.numpy(), v.numpy(), np.ones((4, 24, 40), dtype=bool), 0.3)
+    np.testing.assert_allclose(out.double().numpy(), want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_an_op_that_declines_leaves_the_default(counting_op):
     counting_op.reason = "head dim 16: not measured"
     q, k, v = inputs()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from hostile import bounded, refused
@@ -195,15 +195,15 @@ def test_from_dense_example_from_the_issue():
 def test_full_is_refused_or_exact_within_bounds(heads, q_len, kv_len, block):
     """A full mask either builds (density exactly 1, whatever its size) or is refused before it is built."""
     blocks = heads * -(-q_len // block) * -(-kv_len // block)
-    if blocks <= 1 << 22 and heads * q_len * kv_len < 2**62:
+    legal = blocks <= 2**31 - 1 and heads * q_len * kv_len < 2**62
+    assume(blocks <= 1 << 22 or not legal)          # legal but large: building it is the caller's choice
+    if legal:
         with bounded():
             mask = BlockMask.full(heads, q_len, kv_len, block)
             assert mask.density() == 1.0 and (mask.density(per_head=True) == 1.0).all()
             assert mask.flops(8) == mask.dense_flops(8) == 4 * heads * q_len * kv_len * 8
-        return
-    if blocks <= 2**31 - 1 and heads * q_len * kv_len < 2**62:
-        return          # legal but large: building it is the caller's choice
-    refused(lambda: BlockMask.full(heads, q_len, kv_len, block), ("q_block, kv_block", "q_offsets, kv_offsets"))
+    else:
+        refused(lambda: BlockMask.full(heads, q_len, kv_len, block), ("q_block, kv_block", "q_offsets, kv_offsets"))
 
 
 def test_density_of_huge_blocks_is_exact_or_refused():

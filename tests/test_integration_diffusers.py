@@ -827,3 +827,25 @@ def test_short_run_warnings_come_after_the_cleanup_and_not_for_explicit_steps():
         with pytest.raises(UserWarning, match="ended after 1 of num_steps=3"):
             handle.remove()
     assert [m.processor for m in model.modules() if hasattr(m, "set_processor")] == processors
+
+
+def test_an_adaspa_scale_of_its_own_searches_with_an_lse_at_that_scale():
+    """The model's dense pass is at 1/sqrt(D); a session with its own ``scale`` must not take that pass's LSE for
+    its masses (they came out unnormalized: rows summed to 0.15-0.28 instead of 16), but plan as AdaSpa alone."""
+    from sparsecore.geometry import VideoGeometry
+    from sparsecore.integrations.diffusers.planner import Planner
+    from sparsecore.integrations.diffusers.stats import Stats
+    from sparsecore.methods import adaspa
+
+    g, heads, dim = VideoGeometry(4, 4, 8), 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, g.tokens, heads, dim, generator=gen) * 2 for _ in range(2))
+    v = torch.randn(1, g.tokens, heads, dim, generator=gen)
+    params = dict(scale=0.05, warmup_steps=1, search_steps=(1,), block_size=16, sparsity=0.5)
+    planner = Planner("adaspa", params, "cpu", None, 3, Stats())
+    dense = lambda: torch.nn.functional.scaled_dot_product_attention(      # noqa: E731
+        *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    for step in (0, 1):
+        planner.attend(0, g, step, 0, q, k, v, None, dense)
+    alone = adaspa.plan(g, heads, step=1, layer=0, q=q.transpose(1, 2), k=k.transpose(1, 2), **params)
+    assert (planner.last_mask(0).to_host().to_dense() == alone.to_host().to_dense()).all()

@@ -26,11 +26,11 @@ from sparsecore.workloads import video_qkv
 ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
 
 
-def mass_float64(q, k, q_offsets, kv_offsets, lse=None):
+def mass_float64(q, k, q_offsets, kv_offsets, lse=None, scale=None):
     """Block masses from float64 dense softmax probabilities, [B, H, MB, NB]."""
     q, k = q.double().numpy(), k.double().numpy()
     k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    scores = q @ np.swapaxes(k, -1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if lse is None:
         top = scores.max(axis=-1, keepdims=True)
         lse = (top + np.log(np.exp(scores - top).sum(axis=-1, keepdims=True)))[..., 0]
@@ -42,13 +42,14 @@ def mass_float64(q, k, q_offsets, kv_offsets, lse=None):
 # ------------------------------------------------------------------ the search kernel
 @settings(max_examples=30)
 @given(offsets(ANY, "q"), offsets(ANY, "kv"), st.integers(1, 2), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 1)]),
-       st.sampled_from([8, 16, 64]), st.integers(0, 2**32 - 1), st.sampled_from([1 << 22, 5000]))
-def test_block_mass_matches_float64_dense(q_offsets, kv_offsets, batch, heads, head_dim, seed, max_elements):
+       st.sampled_from([8, 16, 64]), st.integers(0, 2**32 - 1), st.sampled_from([1 << 22, 5000]),
+       st.sampled_from([None, 0.2]))
+def test_block_mass_matches_float64_dense(q_offsets, kv_offsets, batch, heads, head_dim, seed, max_elements, scale):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads[0], int(q_offsets[-1]), head_dim, generator=gen)
     k = torch.randn(batch, heads[1], int(kv_offsets[-1]), head_dim, generator=gen)
-    result = block_mass(q, k, q_offsets, kv_offsets, max_elements=max_elements)
-    want = mass_float64(q, k, q_offsets, kv_offsets)
+    result = block_mass(q, k, q_offsets, kv_offsets, max_elements=max_elements, scale=scale)
+    want = mass_float64(q, k, q_offsets, kv_offsets, scale=scale)
     got = result.mass.double().numpy()
     assert result.mass.dtype == torch.float32 and result.mass.shape == want.shape and result.impl == "torch"
     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)

@@ -69,10 +69,10 @@ def test_device_plan_equals_the_host_statement_of_the_rules(g, block, heads, den
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, heads[0], g.tokens, 16, generator=gen)
     k = torch.randn(2, heads[1], g.tokens, 16, generator=gen)
-    start = data.draw(st.integers(0, heads[0] - 1), label="shard start")
-    stop = data.draw(st.integers(start + 1, heads[0]), label="shard stop")
     group = heads[0] // heads[1]
-    assume(start % group == 0 and stop % group == 0)              # a shard holds whole key heads
+    kv_start = data.draw(st.integers(0, heads[1] - 1), label="shard's first key head")   # a shard: whole key heads
+    kv_stop = data.draw(st.integers(kv_start + 1, heads[1]), label="shard's key heads end")
+    start, stop = kv_start * group, kv_stop * group
     session = pasa.session(num_steps=10, density=density, block_size=block, noise_scale=noise_scale, seed=seed % 97,
                            dense_layers=())
     mask = session.plan(g, heads[0], step=5, layer=3, q=q[:, start:stop], k=k[:, start // group:stop // group],
@@ -236,3 +236,16 @@ def test_parameter_errors_name_the_field():
         pasa.session(dense_layers=["0"])
     with pytest.raises(TypeError, match="profile: expected a pasa.CurvatureProfile"):
         pasa.session(profile="flat")
+
+
+def test_pooled_scores_read_key_head_h_over_g():
+    """4 query heads on 2 key heads: query head h reads key head h // 2 (the property above plans shards of whole
+    key heads; this pins the mapping on its own)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 64, 8, generator=gen), torch.randn(1, 2, 64, 8, generator=gen)
+    offsets = np.array([0, 16, 32, 48, 64])
+    got = pasa.pooled_scores(q, k, offsets, 0.5).double().numpy()
+    q_means = q.double().numpy().reshape(1, 4, 4, 16, 8).mean(axis=3)
+    k_means = np.repeat(k.double().numpy().reshape(1, 2, 4, 16, 8).mean(axis=3), 2, axis=1)
+    np.testing.assert_allclose(got, (q_means @ np.swapaxes(k_means, -1, -2)).mean(axis=0) * 0.5, rtol=1e-5,
+                               atol=1e-6)

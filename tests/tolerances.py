@@ -9,5 +9,8 @@ bf16 kernels round the probabilities and the output to the input type (about
 """
 
 OUT_REL = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
+# ``ROW_REL``: the same for each row (against the larger of its norm and the root-mean-square row norm): ten times
+# OUT_REL, so a row the kernel got wrong fails even where the whole output's error stays within OUT_REL.
+ROW_REL = {dtype: 10 * tolerance for dtype, tolerance in OUT_REL.items()}
 LSE_ABS = {"float64": 1e-5, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3}
 # LSE is float32 by contract (so float64 inputs cannot do better than float32 rounding).
