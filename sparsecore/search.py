@@ -35,6 +35,7 @@ import torch
 
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import queued
+from sparsecore.ir.validation import check_int
 
 from .inputs import attention_shape, check_scale
 from .launch_device import on_device_of
@@ -90,6 +91,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     """
     q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
     _check_inputs(q, k, q_offsets, kv_offsets, lse)
+    check_int(max_elements, "max_elements", 1)
     scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.shape[-1])
     name = _choose(q, k, q_offsets, kv_offsets, impl)
     if lse is None:
@@ -97,8 +99,9 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     if name == "torch":
         mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
     else:
-        with on_device_of(q):
-            mass = block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale)
+        with on_device_of(q):            # the kernels record no gradient: a backward through them raises
+            mass = inference_only(f"{name}'s block-mass pass",
+                                  lambda: block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale), q, k)
     return BlockMass(mass, lse, name)
 
 

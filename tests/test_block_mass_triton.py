@@ -299,3 +299,22 @@ def test_a_nan_key_in_the_second_block_of_a_128_key_tile_reaches_its_mass_on_the
     config = triton_block_mass.UniformConfig(128, 4, 1, use_tma=False)
     mass = triton_block_mass.run(q.cuda(), k.cuda(), q_offsets, kv_offsets, lse.cuda(), 0.125, config=config).cpu()
     assert mass[0, 1, :, 1].isnan().all() and torch.isfinite(mass[0, 0]).all()
+
+
+def test_a_backward_through_the_kernels_masses_raises(triton_device):
+    """The kernel records no gradient: a loss with its masses must not backpropagate silently without them."""
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(1, 2, 130, 16, generator=gen).to(triton_device).requires_grad_() for _ in range(2))
+    offsets = np.array([0, 64, 130])
+    found = block_mass(q, k, offsets, offsets, impl="triton")
+    assert found.impl == "triton" and found.mass.requires_grad
+    with pytest.raises(RuntimeError, match="triton's block-mass pass"):
+        (found.mass.sum() + (q ** 2).sum()).backward()
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError),
+                                        ("4", TypeError)])
+def test_block_mass_names_a_bad_max_elements(bad, error):
+    q = torch.randn(1, 1, 8, 8)
+    with pytest.raises(error, match="max_elements"):
+        block_mass(q, q, np.array([0, 8]), np.array([0, 8]), max_elements=bad)
