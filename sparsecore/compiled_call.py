@@ -5,8 +5,11 @@ backend per input signature, lowers and uploads the mask at a signature's first 
 and reads shapes and host arrays. Traced by Dynamo it stopped on NumPy's ``setflags`` at a first call and, with
 ``fullgraph=True``, on a data-dependent guard after one (graph breaks otherwise). Under ``torch.compile``
 (``torch.compiler.is_compiling()``) a kernel called with torch tensors therefore goes through
-``torch.ops.sparsecore.kernel_attention`` instead; the op finds the kernel by an int slot (held weakly, as the
-diffusers op finds its handles: :mod:`sparsecore.integrations.diffusers.op`) and runs the eager call inside.
+``torch.ops.sparsecore.kernel_attention`` instead; the op finds the kernel by its slot (held weakly, as the
+diffusers op finds its handles: :mod:`sparsecore.integrations.diffusers.op`) and runs the eager call inside. The
+slot travels as a 0-d CPU tensor, a graph input: a layer that holds a new kernel each step (a method's new mask)
+runs the same graph (a Python int is a constant to Dynamo, guarded on: a recompile per mask, and under
+``fullgraph=True`` an error at the recompile limit).
 
 The op returns ``out`` contiguous ``[B, H, q_len, D_v]`` in q's dtype and ``lse`` float32 ``[B, H, q_len]`` (an
 empty ``[0]`` tensor where none is asked for), the shapes and strides its fake implementation states. Like the
@@ -35,19 +38,19 @@ _NEXT = itertools.count()
 _NOT_IN_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
 
-def register(kernel: "CompiledKernel") -> int:
-    """A new slot for ``kernel`` (its own for its lifetime; the op holds it weakly)."""
+def register(kernel: "CompiledKernel") -> torch.Tensor:
+    """A new slot for ``kernel`` (its own for its lifetime; the op holds it weakly), as a 0-d int64 CPU tensor."""
     slot = next(_NEXT)
     _KERNELS[slot] = kernel
-    return slot
+    return torch.tensor(slot, dtype=torch.int64)
 
 
 @torch.library.custom_op("sparsecore::kernel_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], return_lse: bool,
-                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``out, lse`` of the kernel in ``slot`` (see the module docstring)."""
     refuse_capture(q.device, "a compiled sparsecore kernel")
-    kernel = _KERNELS.get(slot)
+    kernel = _KERNELS.get(int(slot))
     if kernel is None:
         raise RuntimeError("sparsecore: the kernel this compiled code calls was garbage-collected; keep a reference "
                            "to the kernel sparsecore.compile returned for as long as the compiled code runs")
@@ -58,7 +61,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
 
 @kernel_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], return_lse: bool,
-      slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+      slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lse_shape = q.shape[:-1] if return_lse else (0,)
     return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(lse_shape, dtype=torch.float32)
 

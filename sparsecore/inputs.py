@@ -119,7 +119,7 @@ def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     check_scale_type(scale)
-    if not math.isfinite(scale) or abs(scale) > SCALE_MAX:
+    if abs(scale) > SCALE_MAX or not math.isfinite(scale):      # |scale| first: an int may not fit a float
         raise ValueError(f"scale: expected a finite float with |scale| <= {SCALE_MAX:.4g} (float32's largest over "
-                         f"log2(e), the kernels' score factor), got {scale}")
+                         f"log2(e), the kernels' score factor), got {str(scale)[:40]}")
     return float(scale)

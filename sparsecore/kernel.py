@@ -36,6 +36,7 @@ mask the same way (the diffusers integration does, for the methods' per-step mas
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any, Hashable
 
@@ -45,7 +46,7 @@ from sparsecore.ir import BlockMask
 
 from . import compiled_call
 from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
-from .launch_device import caller_stream, on_device_of
+from .launch_device import caller_stream, check_device_index, on_device_of, without_autocast
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
 from . import warmup as warmups
@@ -54,6 +55,7 @@ from .warmup import Warming
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
 _CACHE: "OrderedDict[tuple, CompiledKernel]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()          # compile() from several threads (the warm-up worker is one)
 
 
 class CompiledKernel:
@@ -92,7 +94,8 @@ class CompiledKernel:
 
     def eager_call(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
         try:                                # the call itself (what __call__ runs outside torch.compile)
-            with on_device_of(q):           # Triton launches (and the lowerings place plans) on the current device
+            # Triton launches (and the lowerings place plans) on the current device; autocast stays outside
+            with on_device_of(q), without_autocast(q):
                 run, scale = self._run_for(q, k, v, scale, return_lse)
                 if self.backend.differentiable and self.mask.unselected.kind == "drop":  # approximations merge in place
                     out, lse = run(q, k, v, scale, return_lse)
@@ -181,8 +184,10 @@ class CompiledKernel:
             return backend, options
         shared = warmups.warm_key(backend, key[1], signature, options, self.mask)
         found = warmups.status(shared)
-        if found in ("warm", "failed"):
+        if found == "warm":
             return self._runs_it(key, backend, options)
+        if found == "failed":                       # as in the "wait" mode: checked whole, then loaded here
+            return self._loaded_in_place(key, signature, shape, backend, options, call)
         if found == "unloadable":
             return self._unloadable_now(backend, warmups.unloadable(backend.name, key[1]), signature, shape, call)
         fallback = self._fallback(shape, signature, backend)
@@ -336,20 +341,21 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         raise TypeError(f"cache: expected a bool, got {type(cache).__name__}")
     warmup = warmups.mode(warmup)
     try:
-        request = (device, backend, warmup, tuple(sorted(options.items())))
+        request = (device, backend, warmup, tuple(sorted((k, type(v), v) for k, v in options.items())))  # 1 != True
         hash(request)
     except TypeError:  # an unhashable option value
         raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "
                         f"{ {k: type(v).__name__ for k, v in options.items()} }") from None
     by_content = mask.on_host and cache
     table, key = (_CACHE, (mask.fingerprint(), *request)) if by_content else (mask.compiled_kernels, request)
-    cached = table.get(key)
-    if cached is not None:  # the per-layer, per-step path: no backend probing
-        if table is _CACHE:
+    with _CACHE_LOCK:
+        cached = table.get(key)
+        if cached is not None and table is _CACHE:     # the per-layer, per-step path: no backend probing
             _CACHE.move_to_end(key)
+    if cached is not None:
         return cached
     device_type(device)                                  # a cache miss: check the device string fully
-    _check_index(device)
+    check_device_index(device)
     choices = _choices(candidates(mask, device, backend), options)
     # a slow backend is checked without loading it only where a quick one can run meanwhile: else (a named slow
     # backend, or only slow ones take the mask) compile() checks it whole and raises as in the "wait" mode
@@ -359,11 +365,12 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     first = choices[start][0]
     kernel = CompiledKernel(mask, device, choices[start:], warmup, first_checked=not (in_background
                                                                                      and first.slow_to_load))
-    table[key] = kernel
-    if table is _CACHE:                                   # evict the least recently used; keep the new one
-        listed = sum(k.mask.nnz for k in _CACHE.values())
-        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed > CACHE_BLOCKS):
-            listed -= _CACHE.popitem(last=False)[1].mask.nnz
+    with _CACHE_LOCK:
+        table[key] = kernel
+        if table is _CACHE:                               # evict the least recently used; keep the new one
+            listed = sum(k.mask.nnz for k in _CACHE.values())
+            while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed > CACHE_BLOCKS):
+                listed -= _CACHE.popitem(last=False)[1].mask.nnz
     return kernel
 
 
@@ -380,19 +387,6 @@ def _choices(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Bac
     if not choices:
         raise TypeError("; ".join(errors))
     return choices
-
-
-def _check_index(device: str) -> None:
-    """``"cuda:3"`` on a machine with fewer devices is refused here, not at the first call."""
-    kind, _, index = device.partition(":")
-    if not index or kind in ("cpu", "reference"):
-        return
-    import torch
-    module = getattr(torch, kind, None)
-    if module is not None and hasattr(module, "device_count") and module.is_available() \
-            and int(index) >= module.device_count():
-        raise ValueError(f"device={device!r}: this machine has {module.device_count()} {kind} device(s), numbered "
-                         f"from 0")
 
 
 def clear_cache() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable
@@ -162,6 +163,8 @@ class Backend(ABC):
 
 _REGISTRY: dict[str, Backend] = {}
 _LOADED = False
+_LOADING = False
+_LOAD_LOCK = threading.RLock()
 
 
 def register(backend: Backend) -> Backend:
@@ -194,14 +197,26 @@ def checked_options(backend: str | None, options: Any, field: str) -> dict[str, 
 
 def registered_backends() -> dict[str, Backend]:
     """All registered backends by name (available here or not)."""
-    global _LOADED
     if not _LOADED:
-        _LOADED = True
-        import sparsecore.backends as folder
-        for package in sorted(m.name for m in pkgutil.iter_modules(folder.__path__) if m.ispkg):
-            for backend in importlib.import_module(f"{folder.__name__}.{package}").BACKENDS:
-                register(backend)
+        _load_backends()
     return dict(_REGISTRY)
+
+
+def _load_backends() -> None:
+    """Import every backend package once. Other threads wait until it is done (one that asked meanwhile got an
+    empty registry); the loading thread's own imports that ask again get what is registered so far."""
+    global _LOADED, _LOADING
+    with _LOAD_LOCK:
+        if _LOADED or _LOADING:
+            return
+        _LOADING = True
+        try:
+            import sparsecore.backends as folder
+            for package in sorted(m.name for m in pkgutil.iter_modules(folder.__path__) if m.ispkg):
+                for backend in importlib.import_module(f"{folder.__name__}.{package}").BACKENDS:
+                    register(backend)
+        finally:
+            _LOADED, _LOADING = True, False
 
 
 def known_devices() -> list[str]:

@@ -71,3 +71,17 @@ def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
     assert main(["check", "--device", "cpu", "--cases", "6", "--seed", "1"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
     sparsecore.clear_cache()
+
+
+def test_check_runs_the_backend_a_users_kernel_ends_up_on_at_every_head_dim(monkeypatch):
+    """``check`` compiles in the ``wait`` warm-up mode (in ``background`` a slow preferred backend, FA4, was never
+    the one checked: every random case is a new layout, whose first calls run the fallback), and draws head dims up
+    to 128 (it stopped at 64)."""
+    from sparsecore import check
+
+    seen, real = [], check.compile
+    monkeypatch.setattr(check, "compile", lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
+    monkeypatch.setenv("SPARSECORE_WARMUP", "background")
+    assert check.run_check("cpu", None, 3, 0, "float32", lambda result: None).passed == 3
+    assert seen and all(kwargs.get("warmup") == "wait" for kwargs in seen)
+    assert 128 in check._head_dims("cpu", None) and 128 in check._head_dims("cuda", "triton")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -128,6 +129,9 @@ def test_small_chunks_give_the_same_result():
     (lambda kern, q, k, v: kern(q, k, v, scale=float("inf")), ValueError,
      r"scale: expected a finite float with .*got inf"),
     (lambda kern, q, k, v: kern(q, k, v, scale=3e38), ValueError, r"scale: expected a finite float with .*got 3e\+38"),
+    (lambda kern, q, k, v: kern(q, k, v, scale=10**400), ValueError, r"scale: expected a finite float with .*got 1000"),
+    (lambda kern, q, k, v: kern(q, k, v, scale=Fraction(-10**400, 3)), ValueError,
+     r"scale: expected a finite float with .*got -1000"),
     (lambda kern, q, k, v: dense_attention(q, k, v, scale=True), TypeError,
      r"scale: expected a float or None"),
     (lambda kern, q, k, v: kern(q.to("meta"), k.to("meta"), v.to("meta")), ValueError,
@@ -523,3 +527,36 @@ def test_portable_approximating_masks_are_inference_only():
     assert torch.equal(got.detach(), kernel(q, k, v))
     with pytest.raises(NotImplementedError, match="inference-only: backend 'portable'"):
         got.sum().backward()
+
+
+@pytest.mark.parametrize("value", [True, 1.0])
+def test_an_option_refused_on_a_fresh_cache_is_refused_after_an_equal_value_was_compiled(value):
+    """The cache key tells 1, 1.0 and True apart: what compile() refuses does not depend on what it compiled before."""
+    mask = BlockMask.full(2, 64, 64, 16)
+    sparsecore.clear_cache()
+    with pytest.raises((TypeError, ValueError), match="chunk_elements") as fresh:
+        sparsecore.compile(mask, device="cpu", chunk_elements=value)
+    sparsecore.compile(mask, device="cpu", chunk_elements=1)
+    with pytest.raises(fresh.type, match="chunk_elements"):
+        sparsecore.compile(mask, device="cpu", chunk_elements=value)
+
+
+def test_an_ambient_autocast_does_not_change_a_kernels_precision():
+    """portable computes bf16 inputs in float32 also inside ``torch.autocast(bfloat16)`` (its products followed the
+    autocast: output error 0.69 and LSE error 0.15 against the oracle)."""
+    from checks import assert_matches
+    from oracle import dense_attention, expand_to_tokens
+
+    keep = np.random.default_rng(0).random((2, 4, 4)) < 0.5
+    keep[:, :, 0] = True
+    mask = BlockMask.from_dense(keep, 256, 256, 64)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, generator=gen).to(torch.bfloat16) * 3 for _ in range(3))
+    want_out, want_lse = dense_attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                         expand_to_tokens(mask), 64 ** -0.5)
+    kernel = sparsecore.compile(mask, device="cpu", backend="portable")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = kernel(q, k, v, return_lse=True)
+        plain = kernel(q, k, v)
+    assert_matches("bfloat16", out.double().numpy(), lse.double().numpy(), want_out, want_lse)
+    assert_matches("bfloat16", plain.double().numpy(), None, want_out, want_lse)

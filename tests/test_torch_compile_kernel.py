@@ -143,3 +143,29 @@ def test_bad_arguments_are_named_under_compile():
     for arguments, field in (({"scale": "0.1"}, "scale"), ({"return_lse": 1}, "return_lse")):
         with pytest.raises(Exception, match=field):
             torch.compile(lambda q, k, v: kernel(q, k, v, **arguments), backend="aot_eager")(q, k, v)
+
+
+def test_a_layer_holding_a_new_kernel_each_step_runs_one_graph():
+    """A method's new mask each step, held by the layer: the op finds the kernel through a tensor slot, so nothing a
+    guard watches changes (an int slot was a constant: one recompile per mask, and the 9th failed under
+    ``fullgraph=True``)."""
+    class Attention(torch.nn.Module):
+        kernel = None
+
+        def forward(self, q, k, v):
+            return self.kernel(q, k, v)
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    layer = Attention()
+    compiled = torch.compile(layer, fullgraph=True, backend=counting_backend)
+    q, k, v = inputs(1, 5)
+    for step in range(12):
+        mask, layer.kernel = masked_kernel(100 + step)
+        want, _ = expected(mask, q, k, v, 8 ** -0.5)
+        np.testing.assert_allclose(compiled(q, k, v).double().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sparsecore
+from sparsecore import warmup
 from sparsecore.registry import UnsupportedError
 from test_warmup import FALLBACK, FAST, _inputs, _mask, fakes  # noqa: F401  (fakes: the fixture)
 
@@ -300,3 +301,29 @@ def test_a_named_slow_backend_that_does_not_load_is_refused_by_compile_as_in_the
         with pytest.raises(RuntimeError, match="fake-slow: flash_attn.cute is not importable"):
             sparsecore.compile(_mask(), device="cuda", backend=slow.name, warmup=mode)
     assert sparsecore.compile(_mask(), device="cuda", warmup="background").backend is slow   # quick one meanwhile
+
+
+def test_without_a_worker_thread_the_slow_backend_is_checked_before_it_runs_here(fakes, monkeypatch):
+    """Where the OS refuses the warm-up thread, the geometry's warm-up fails and the call loads the slow backend in
+    place as in the "wait" mode: checked whole first, so one that cannot load leaves the call on the fallback (it
+    ran unchecked, and every later call failed on it)."""
+    import threading
+    import warnings
+
+    slow, quick = fakes
+    slow.reason = "its library is not importable here"
+    start = threading.Thread.start
+
+    def refuse_the_worker(thread):
+        if thread.name == "sparsecore-warmup":
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_the_worker)
+    monkeypatch.setattr(warmup, "_tasks", None)          # as in a process whose worker has not started yet
+    kernel = sparsecore.compile(_mask(), device="cuda", warmup="background")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tags = [float(kernel(*_inputs()).flatten()[0]) for _ in range(3)]
+    assert tags == [FALLBACK] * 3 and not slow.runs
+    assert ("full", threading.current_thread().name) in slow.checks

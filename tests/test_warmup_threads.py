@@ -128,3 +128,58 @@ def test_a_backend_found_unloadable_on_one_device_is_still_warmed_by_the_same_ke
     kernel(q, k, v)                                              # cpu: warms up (a fresh kernel does)
     assert kernel.wait_for_warmups(timeout=30)
     assert float(kernel(q, k, v).flatten()[0]) == FAST, "the kernel never runs the backend on the device it loads on"
+
+
+def test_first_compiles_from_two_threads_both_find_the_backends():
+    """The registry loads once, and a thread asking meanwhile waits for it (a fresh process each time: the first
+    use is the race; before, the second thread saw an empty registry, 'device='cpu' is not known')."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import threading, sparsecore
+from sparsecore import BlockMask
+mask, barrier, errors = BlockMask.full(1, 64, 64, 16), threading.Barrier(2), []
+def work():
+    barrier.wait()
+    try:
+        sparsecore.compile(mask, device="cpu")
+    except Exception as err:
+        errors.append(repr(err))
+threads = [threading.Thread(target=work) for _ in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(errors)
+"""
+    root = Path(__file__).resolve().parent.parent
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_compiles_from_two_threads_share_the_kernel_cache():
+    """Lookups, insertions and evictions of compile()'s cache from two threads (before: 'OrderedDict mutated during
+    iteration' while one thread summed the cache for eviction)."""
+    import sys
+
+    masks = [[BlockMask.from_dense(np.random.default_rng(t * 1000 + i).random((1, 4, 4)) < 0.5, 64, 64, 16)
+              for i in range(300)] for t in range(2)]
+    errors, interval = [], sys.getswitchinterval()
+
+    def work(t):
+        try:
+            for _ in range(5):
+                for m in masks[t]:
+                    sparsecore.compile(m, device="cpu")
+        except Exception as err:                # collected, then asserted empty below
+            errors.append(f"{type(err).__name__}: {err}")
+
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        sys.setswitchinterval(interval)
+        sparsecore.clear_cache()
+    assert errors == []
