@@ -50,8 +50,8 @@ def group_bounds(num_kv_blocks: int, unselected: Unselected) -> np.ndarray | Non
     """Block ids where each statistic group starts, plus the end (None for kinds without groups)."""
     if unselected.kind in ("drop", "zeroth"):
         return None
-    step = num_kv_blocks if unselected.kind == "global-first-order" else unselected.group_blocks
-    return np.append(np.arange(0, num_kv_blocks, step), num_kv_blocks)
+    step = num_kv_blocks if unselected.kind == "global-first-order" else min(unselected.group_blocks, num_kv_blocks)
+    return np.append(np.arange(0, num_kv_blocks, step), num_kv_blocks)      # a group past the blocks: all of them
 
 
 @dataclass(frozen=True)

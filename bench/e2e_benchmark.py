@@ -22,8 +22,9 @@ schedule has is timed (one transformer forward; the median of three after a warm
 kernels, once for the kinds a generation runs once: AdaSpa's dense+lse, search and cached search; the
 files before 2026-12-02's sixteenth session took one forward for the dense baseline and for most of
 AdaSpa's and PASA's kinds, and the median of two for LVSA's and PASA's sparse steps): dense (for a
-method, its own dense step with sparsecore applied: the model's attention through sparsecore's op, on HunyuanVideo 1.5 without diffusers' ``[B, 1, S, S]`` padding mask; files before
-2026-12-01's fourth session composed the dense row's step instead); LVSA's sparse step; AdaSpa's dense step
+method, its own dense step with sparsecore applied: the model's attention through sparsecore's op, on
+HunyuanVideo 1.5 without diffusers' ``[B, 1, S, S]`` padding mask; files before 2026-12-01's fourth
+session composed the dense row's step instead); LVSA's sparse step; AdaSpa's dense step
 that keeps its LSE (step 9), first search (an LSE-cached search on it, sparse), reuse steps (the first one
 reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule: AdaSpa = 9 dense + 1 dense+lse +
 1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its

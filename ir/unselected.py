@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .validation import check_int
 
 KINDS = ("drop", "zeroth", "global-first-order", "grouped-first-order")
-MAX_GROUP_BLOCKS = 2**31 - 1
+GROUP_DIGITS = 4000        # a group size's digits in a file (Python's int() takes up to 4300)
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,6 @@ class Unselected:
             raise ValueError(f"unselected.kind: expected one of {list(KINDS)}, got {self.kind!r}")
         if self.kind == "grouped-first-order":
             object.__setattr__(self, "group_blocks", check_int(self.group_blocks, "unselected.group_blocks", 1))
-            if self.group_blocks > MAX_GROUP_BLOCKS:
-                raise ValueError(f"unselected.group_blocks: expected at most {MAX_GROUP_BLOCKS} (block ids are int32), "
-                                 f"got {self.group_blocks}; a group of every block is 'global-first-order'")
         elif self.group_blocks is not None:
             raise ValueError(f"unselected.group_blocks: only the 'grouped-first-order' kind takes a group size, got "
                              f"{self.group_blocks} with kind {self.kind!r}")
@@ -56,7 +53,7 @@ class Unselected:
         kind, _, group = text.partition(":")
         if not group:
             return cls(kind)
-        if not (group.isascii() and group.isdigit() and len(group) <= len(str(MAX_GROUP_BLOCKS))):
+        if not (group.isascii() and group.isdigit() and len(group) <= GROUP_DIGITS):
             raise ValueError(f"unselected: expected '<kind>:<group blocks>' with a positive integer, got {text!r}")
         return cls(kind, int(group))
 

@@ -88,6 +88,8 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     return (out, lse) if return_lse else out
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason="a sparsecore kernel whose backend keeps gradients (portable, on inputs that need "
+                               "them) runs outside the graph; under fullgraph=True run it under torch.no_grad(), "
+                               "with detached inputs, or without fullgraph")
 def _eager_outside_graph(kernel: "CompiledKernel", *call: Any) -> Any:
     return kernel.eager_call(*call)

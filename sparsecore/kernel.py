@@ -391,4 +391,5 @@ def _choices(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Bac
 
 def clear_cache() -> None:
     """Forget every compiled kernel of host masks (frees plans and device buffers they hold)."""
-    _CACHE.clear()
+    with _CACHE_LOCK:
+        _CACHE.clear()

@@ -38,7 +38,7 @@ from sparsecore.ir.uploads import queued
 from sparsecore.ir.validation import check_int
 
 from .inputs import attention_shape, check_scale
-from .launch_device import on_device_of
+from .launch_device import on_device_of, without_autocast
 from .no_backward import inference_only
 from .registry import BlockMassOp, DenseOp, registered_backends
 
@@ -97,11 +97,13 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     if lse is None:
         lse = dense_lse(q, k, scale)                                # pass 1
     if name == "torch":
-        mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
+        with without_autocast(q):        # float32 scores, whatever autocast the caller runs under
+            mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
     else:
         with on_device_of(q):            # the kernels record no gradient: a backward through them raises
             mass = inference_only(f"{name}'s block-mass pass",
-                                  lambda: block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale), q, k)
+                                  lambda: block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale), q, k,
+                                  lse)
     return BlockMass(mass, lse, name)
 
 

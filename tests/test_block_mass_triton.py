@@ -310,6 +310,10 @@ def test_a_backward_through_the_kernels_masses_raises(triton_device):
     assert found.impl == "triton" and found.mass.requires_grad
     with pytest.raises(RuntimeError, match="triton's block-mass pass"):
         (found.mass.sum() + (q ** 2).sum()).backward()
+    lse = found.lse.detach().requires_grad_()                       # a cached LSE that wants gradients
+    found = block_mass(q.detach(), k.detach(), offsets, offsets, lse=lse, impl="triton")
+    with pytest.raises(RuntimeError, match="triton's block-mass pass"):
+        (found.mass.sum() + lse.sum()).backward()
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError),

@@ -9,6 +9,7 @@ k by name, not "meta"), within :func:`hostile.bounded`.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -37,13 +38,13 @@ BAD = {
     "adaspa": {"sparsity": NOT_FRACTION, "recall_threshold": NOT_FRACTION, "block_size": [0, *NOT_INT],
                "head_adaptive": NOT_BOOL, "warmup_steps": [-1, *NOT_INT],
                "search_steps": [[-1], [10, 10], "10", 10, [1.5], None, [True]],
-               "scale": [0.0, -1.0, NAN, INF, "x", True], "impl": [3, None, ["auto"]],
+               "scale": [0.0, -1.0, NAN, INF, "x", True, 10**400, Fraction(-(10**400), 3)], "impl": [3, None, ["auto"]],
                "approximation": ["bogus", 3], "first_search": ["lazy", 3, None, ["cached"]],
                "store": ["disk", 3, None, ["host"]]},
     "pasa": {"density": [0.0, *NOT_FRACTION], "dense_fraction": NOT_FRACTION, "min_density": [1.5, -0.5, NAN, "x"],
              "noise_scale": [-1.0, NAN, INF, "0.2", True], "seed": [-1, *NOT_INT], "block_size": [0, *NOT_INT],
              "dense_layers": [[-1], "0", [0, 0], 0, [0.5]], "group_size": [0, *NOT_INT],
-             "approximation": ["bogus", 3], "scale": [0.0, NAN, "x"]},
+             "approximation": ["bogus", 3], "scale": [0.0, NAN, "x", 10**400]},
 }
 MODULES = {"lvsa": lvsa, "adaspa": adaspa, "pasa": pasa}
 CASES = [(method, name, value) for method, table in BAD.items() for name, values in table.items() for value in values]

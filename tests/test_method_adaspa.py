@@ -427,3 +427,14 @@ def test_a_rank_whose_masses_are_fine_raises_when_another_ranks_are_not():
     with pytest.raises(ValueError, match="are not finite or all 0"):
         adaspa.search(mass, g, g.block_offsets(16), adaspa.AdaSpaParams(sparsity=0.5, block_size=16),
                       other_rank_failed, {"layer": 0, "step": 10})
+
+
+def test_block_masses_under_an_ambient_autocast_are_float32_masses():
+    """An ambient ``torch.autocast(bfloat16)`` rounded the torch pass's scores: rows summed to 63.1-64.7 of 64."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 256, 64, generator=gen) * 3 for _ in range(2))
+    offsets = np.arange(0, 257, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block_mass(q, k, offsets, offsets, impl="torch").mass.double().numpy()
+    want = mass_float64(q, k, offsets, offsets)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)

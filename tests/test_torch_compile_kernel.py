@@ -169,3 +169,14 @@ def test_a_layer_holding_a_new_kernel_each_step_runs_one_graph():
         want, _ = expected(mask, q, k, v, 8 ** -0.5)
         np.testing.assert_allclose(compiled(q, k, v).double().numpy(), want, rtol=1e-5, atol=1e-6)
     assert len(graphs) == 1
+
+
+def test_fullgraph_names_the_remedies_where_gradients_would_leave_the_graph():
+    mask, kernel = masked_kernel(7)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 7))
+    compiled = torch.compile(lambda q, k, v: kernel(q, k, v), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="torch.no_grad"):
+        compiled(q, k, v)
+    with torch.no_grad():
+        want, _ = expected(mask, q, k, v, 8 ** -0.5)
+        np.testing.assert_allclose(compiled(q, k, v).double().numpy(), want, rtol=1e-5, atol=1e-6)

@@ -158,7 +158,7 @@ print(errors)
 
 
 def test_compiles_from_two_threads_share_the_kernel_cache():
-    """Lookups, insertions and evictions of compile()'s cache from two threads (before: 'OrderedDict mutated during
+    """Lookups, insertions, evictions and clear_cache() from three threads (before: 'OrderedDict mutated during
     iteration' while one thread summed the cache for eviction)."""
     import sys
 
@@ -174,11 +174,17 @@ def test_compiles_from_two_threads_share_the_kernel_cache():
         except Exception as err:                # collected, then asserted empty below
             errors.append(f"{type(err).__name__}: {err}")
 
+    def clearing(workers):
+        while any(w.is_alive() for w in workers):
+            sparsecore.clear_cache()
+
     sys.setswitchinterval(1e-5)
     try:
         threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
         [t.start() for t in threads]
-        [t.join() for t in threads]
+        clearer = threading.Thread(target=clearing, args=(threads,))
+        clearer.start()
+        [t.join() for t in (*threads, clearer)]
     finally:
         sys.setswitchinterval(interval)
         sparsecore.clear_cache()

@@ -93,11 +93,13 @@ def params_from(params_type: type[P], method: str, params: Mapping[str, Any]) ->
 
 
 def check_fraction(value: Any, field: str, low: float = 0.0, high: float = 1.0, *, open_low: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    # ints and Fractions are finite (math.isfinite overflows on those past a float's range)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not (isinstance(value, numbers.Rational) or math.isfinite(value)):
         raise TypeError(f"{field}: expected a float, got {type(value).__name__} {value!r}")
     if value > high or value < low or (open_low and value == low):
         bracket = "(" if open_low else "["
-        raise ValueError(f"{field}: expected a value in {bracket}{low}, {high}], got {value}")
+        raise ValueError(f"{field}: expected a value in {bracket}{low}, {high}], got {str(value)[:40]}")
     return float(value)
 
 

@@ -108,9 +108,9 @@ def sorted_top(scores: torch.Tensor, k: int, noise: GumbelNoise | None = None) -
     """Column ids int32 ``[H, R, k]``, ascending, of each row's ``k`` largest ``scores + noise`` (scores: float32
     ``[H, R, C]``).
 
-    A registered backend's :class:`~sparsecore.registry.RowTopOp` where one takes the scores, else torch: the
-    noise map, a stable descending sort, the first ``k``, a sort. Both keep the lowest ids among entries tied at
-    the ``k``-th value (``topk`` returns whichever ties it meets first), so a mask is the same on any device.
+    A registered backend's :class:`~sparsecore.registry.RowTopOp` where one takes the scores (it keeps the
+    lowest ids among entries tied at the ``k``-th value), else torch: the noise map, ``topk``, a sort
+    (ties: whichever ``topk`` returns).
     """
     op = _row_top(scores, k)
     if op is not None:
@@ -118,8 +118,7 @@ def sorted_top(scores: torch.Tensor, k: int, noise: GumbelNoise | None = None) -
             return op.run(scores, k, noise)
     if noise is not None:
         scores = scores + noise.sample(scores.shape[1], scores.shape[2])
-    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(ranked, dim=-1).values.to(torch.int32)
+    return torch.sort(torch.topk(scores, k, dim=-1, sorted=False).indices, dim=-1).values.to(torch.int32)
 
 
 def _row_top(scores: torch.Tensor, k: int) -> RowTopOp | None:
