@@ -136,3 +136,22 @@ def test_render_writes_a_png(tmp_path):
 def test_uniform_block_size(length, block):
     mask = BlockMask.full(1, length, length, block)
     assert mask.uniform_block_size("q") == block or (length < block and mask.uniform_block_size("q") == length)
+
+
+def test_the_text_map_draws_each_heads_own_blocks():
+    from sparsecore.ir.draw import block_map_text
+    mask = BlockMask.from_lists([[[0], [1]], [[1], [0]]], [0, 4, 8], [0, 4, 8])
+    text = block_map_text(mask, 16).splitlines()
+    assert text[2:4] == ["  #.", "  .#"] and text[5:7] == ["  .#", "  #."], text
+
+
+def test_the_sampled_picture_is_the_token_mask_at_the_sampled_tokens(monkeypatch):
+    """Maps past the drawn cell count are sampled: each sampled (query, key) token shows its own block."""
+    from sparsecore.ir import draw
+    monkeypatch.setattr(draw, "PIXELS", 16)
+    offsets = np.arange(0, 64 + 1, 4)                          # 16 blocks of 4 tokens: samples fall on block starts
+    keep = np.random.default_rng(0).random((1, 16, 16)) < 0.5
+    mask = BlockMask.from_lists([[np.flatnonzero(r).tolist() for r in keep[0]]], offsets, offsets)
+    q_tokens = np.linspace(0, mask.q_len - 1, 16).astype(np.int64)
+    kv_tokens = np.linspace(0, mask.kv_len - 1, 16).astype(np.int64)
+    assert (draw._sampled_map(mask, 0) == expand_to_tokens(mask)[0][np.ix_(q_tokens, kv_tokens)]).all()

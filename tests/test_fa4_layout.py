@@ -1056,3 +1056,14 @@ def test_rows_fa4_leaves_nan_with_lse_minus_inf_get_lse_nan():
     assert torch.equal(fixed.isnan(), torch.zeros_like(lse, dtype=torch.bool).index_put_(
         (torch.tensor([1]), torch.tensor([0]), torch.tensor([2])), torch.tensor(True)))
     assert fixed[0, 1, 3] == lse[0, 1, 3]
+
+
+@pytest.mark.parametrize("blocks", [3, 33, 65, 70])
+def test_keep_bits_have_an_even_word_count(blocks):
+    """The keep bits' word count is rounded up to even (FA4's import of an aux tensor), contiguous."""
+    kv_offsets = np.arange(0, 3 * blocks + 1, 3)
+    keep = np.random.default_rng(blocks).random((2, 2, blocks)) < 0.4
+    mask = BlockMask.from_lists([[np.flatnonzero(r).tolist() for r in h] for h in keep], [0, 7, 16], kv_offsets)
+    layout = to_fa4(mask, 16, 16, reorder_keys=False)
+    assert layout.needs_mask_mod
+    assert layout.keep_bits.shape[-1] == 2 * -(-blocks // 64) and layout.keep_bits.stride(-1) == 1

@@ -849,3 +849,28 @@ def test_an_adaspa_scale_of_its_own_searches_with_an_lse_at_that_scale():
         planner.attend(0, g, step, 0, q, k, v, None, dense)
     alone = adaspa.plan(g, heads, step=1, layer=0, q=q.transpose(1, 2), k=k.transpose(1, 2), **params)
     assert (planner.last_mask(0).to_host().to_dense() == alone.to_host().to_dense()).all()
+
+
+def test_a_mask_padded_to_two_lengths_gets_each_length():
+    """The planner's padded masks are kept per mask: the same plan padded for calls of two sequence lengths (text
+    padded differently in two calls) gives each call a mask of its own length."""
+    from sparsecore.integrations.diffusers.planner import Planner
+
+    mask = BlockMask.from_lists([[[0], [0, 1]]], [0, 8, 16], [0, 8, 16])
+    first, second = Planner.padded_mask(None, mask, 20), Planner.padded_mask(None, mask, 24)
+    assert (first.q_len, first.kv_len, second.q_len, second.kv_len) == (20, 20, 24, 24)
+    assert Planner.padded_mask(None, mask, 20) is first
+
+
+def test_a_callable_methods_mask_cut_for_two_shards_of_one_start_gets_each():
+    """A callable's mask cut for head shards is kept per shard: shards 0:2 and 0:1 of 4 heads get their own heads."""
+    from sparsecore.integrations.diffusers.planner import CallableSession
+    from sparsecore.methods.contract import HeadShard
+
+    g = VideoGeometry(2, 2, 2)
+    offsets = g.block_offsets(None)
+    mask = BlockMask.from_lists([[[0], [1]], [[1], [0]], [[0, 1], [0]], [[0], [0, 1]]], offsets, offsets)
+    session = CallableSession(lambda geometry, heads, step, layer: mask, num_steps=4)
+    for stop in (2, 1):
+        got = session.plan(g, 4, step=0, layer=0, heads=HeadShard(0, stop, 4))
+        assert got.num_heads == stop and (got.to_dense() == mask.to_dense()[:stop]).all()

@@ -110,3 +110,10 @@ def test_interior_block_size_is_none_for_mixed_interior_sizes():
     mask = BlockMask.from_lists([[[0], [1], [2], [3]]], [0, 4, 8, 10, 14], [0, 4, 8, 10, 14])
     assert mask.interior_block_size("q") is None and mask.uniform_block_size("q") is None
     assert BlockMask.full(1, 20, 20, 8).interior_block_size("kv") == 8
+
+
+def test_each_slice_records_its_own_key_ranges():
+    mask = BlockMask.from_lists([[[0, 1], [1]]], [0, 8, 16], [0, 8, 16])
+    kv_sets = [[(0, 4)], [(4, 12)], [(12, 16)]]
+    cut = slices(mask, [(0, 16)], kv_sets)
+    assert [[tuple(r) for r in piece.meta["slice"]["kv"]] for piece in cut] == kv_sets

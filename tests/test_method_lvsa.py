@@ -197,3 +197,13 @@ def test_methods_never_import_device_libraries():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not {n.split(".")[0] for n in names} & banned, f"{path.name} imports a device library"
+
+
+def test_a_session_gives_each_geometry_its_own_mask():
+    """Two resolutions of one frame count share anchors at a step: each call still gets its own token layout."""
+    session = lvsa.session(num_steps=50)
+    small, large = VideoGeometry(40, 2, 3), VideoGeometry(40, 3, 4)
+    for geometry in (small, large, small):
+        mask = session.plan(geometry, 2, step=5, layer=0)
+        assert mask.q_len == mask.kv_len == geometry.tokens
+        assert (mask.q_offsets == geometry.block_offsets(None)).all()

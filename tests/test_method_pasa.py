@@ -249,3 +249,8 @@ def test_pooled_scores_read_key_head_h_over_g():
     k_means = np.repeat(k.double().numpy().reshape(1, 2, 4, 16, 8).mean(axis=3), 2, axis=1)
     np.testing.assert_allclose(got, (q_means @ np.swapaxes(k_means, -1, -2)).mean(axis=0) * 0.5, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_noise_without_a_layer_is_the_reference_hash():
+    got = noise.gumbel(range(0, 3), 5, 7, seed=11, layer=None, step=9, scale=0.7, device="cpu")
+    np.testing.assert_allclose(got.double().numpy(), ref.gumbel(range(0, 3), 5, 7, 11, None, 9, 0.7), rtol=1e-5)

@@ -349,3 +349,20 @@ def test_more_heads_than_the_fused_op_takes_is_unsupported():
     with emulate():
         with pytest.raises(UnsupportedError, match="at most 256 query heads"):
             sparsecore.compile(BlockMask.full(257, 16, 16, 16), device="npu")
+
+
+@pytest.mark.parametrize("name", sorted(PATH_CASES))
+@pytest.mark.parametrize("limit", [4096, 50_000, 400_000, 3_000_000])
+def test_every_fallback_chunk_holds_at_most_chunk_elements(name, limit):
+    """A fallback chunk's expanded mask ``[H, rows, keys]`` stays within ``chunk_elements``; a row that alone needs
+    more is refused by name."""
+    mask = PATH_CASES[name].case.mask
+    for schedule in (schedule_hybrid, schedule_fallback):
+        try:
+            chunks = schedule(mask, limit).fallback_chunks
+        except ValueError as err:
+            assert "chunk_elements" in str(err)
+            continue
+        for chunk in chunks:
+            entries = mask.num_heads * len(chunk.q_tokens) * len(chunk.kv_tokens)
+            assert entries <= limit, (schedule.__name__, entries, limit)
