@@ -234,8 +234,9 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor,
     base = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
     exact_weight = torch.exp(exact_lse - base)[..., None]                # 0 on empty rows, whatever out holds
     exact = torch.where(torch.isneginf(exact_lse)[..., None], 0.0, exact_weight * out[:, :, span].to(top.dtype))
-    approx = torch.where(torch.isfinite(top), torch.exp(top - base), torch.zeros_like(top))[..., None] * numerator
-    approx = torch.where(torch.isneginf(top)[..., None], 0.0, approx)   # nothing approximated: no 0 x inf from sums
+    approx_weight = torch.where(torch.isfinite(top), torch.exp(top - base), torch.zeros_like(top))[..., None]
+    # nothing approximated, nothing added: a listed block's non-finite sum times its zero weight would be NaN
+    approx = torch.where(torch.isneginf(top)[..., None], 0.0, approx_weight * numerator)
     out[:, :, span] = (exact + approx).to(out.dtype)
     lse[:, :, span] = merged.to(lse.dtype)
 

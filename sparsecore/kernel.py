@@ -140,9 +140,8 @@ class CompiledKernel:
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
         where = str(getattr(q, "device", "host"))          # the tensors' device, with its index ("cuda:1")
-        rows = shape.batch * self.mask.num_heads * self.mask.num_q_blocks      # which backends' per-call limits hold
         signature = (shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, return_lse, where,
-                     tuple(rows <= limit for limit in self._row_limits))
+                     tuple(self._call_rows(shape) <= limit for limit in self._row_limits))  # which limits hold
         backend, options = self._backend_for(signature, shape)
         self._check_device(backend, shape)
         if self.warmup == "background" and backend.slow_to_load:
@@ -283,9 +282,13 @@ class CompiledKernel:
         return chosen
 
     def _problems(self, backend: Backend, shape: AttentionShape, return_lse: bool) -> list[str]:
-        rows = shape.batch * self.mask.num_heads * self.mask.num_q_blocks
         return backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads,
-                                                    return_lse, self.mask.unselected.kind != "drop", rows)
+                                                    return_lse, self.mask.unselected.kind != "drop",
+                                                    self._call_rows(shape))
+
+    def _call_rows(self, shape: AttentionShape) -> int:
+        """(batch element, head, query block) rows of a call: what backends' per-call limits count."""
+        return shape.batch * self.mask.num_heads * self.mask.num_q_blocks
 
     def _reason(self, backend: Backend, where: str) -> str | None:
         """Why ``backend`` cannot run here, on tensors on ``where`` (None: it can; or, slow to load and warmed up in

@@ -203,8 +203,8 @@ def registered_backends() -> dict[str, Backend]:
 
 
 def _load_backends() -> None:
-    """Import every backend package once. Other threads wait until it is done (one that asked meanwhile got an
-    empty registry); the loading thread's own imports that ask again get what is registered so far."""
+    """Import every backend package once. Other threads wait until it is done; the loading thread's own imports
+    that ask again get what is registered so far."""
     global _LOADED, _LOADING
     with _LOAD_LOCK:
         if _LOADED or _LOADING:

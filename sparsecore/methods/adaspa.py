@@ -276,15 +276,15 @@ class AdaSpaSession:
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
-        searches, held = self.params.search_steps, self.store == "host"
-        cached_first = self.params.first_search_kind == "cached"
+        searches, held, reuse = self.params.search_steps, self.store == "host", self.params.scale is None
+        cached_first = self.params.first_search_kind == "cached"    # reuse: a dense pass's LSE is at 1/sqrt(D)
         if step < searches[0]:
-            if cached_first and step == searches[0] - 1:      # the dense pass's LSE, for the first (cached) search
-                return StepAction("dense-lse", dense=True, plans=True, needs_qk=True, wants_lse=True, held=held)
+            if cached_first and step == searches[0] - 1:      # an LSE for the first (cached) search
+                return StepAction("dense-lse", dense=True, plans=True, needs_qk=True, wants_lse=reuse, held=held)
             return StepAction("dense", dense=True, plans=False)
-        if step == searches[0] and not cached_first:     # masses from the dense pass: default scale and impl
-            fused = self.params.scale is None and self.params.impl == "auto"
-            return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=True,
+        if step == searches[0] and not cached_first:     # masses from the dense pass: default impl too
+            fused = reuse and self.params.impl == "auto"
+            return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=reuse,
                               mass_block_size=self.params.block_size if fused else None, held=held)
         if step in searches:
             return StepAction("cached-search", dense=False, plans=True, needs_qk=True, held=held)

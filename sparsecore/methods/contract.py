@@ -41,8 +41,8 @@ class StepAction:
     ``"cached-search"``, ``"reuse"``, ``"select"``, ``"plan"``. ``dense``: the
     output is dense attention. ``plans``: :meth:`Session.plan` must run. ``needs_qk``:
     that call needs this step's q and k. ``wants_lse``: it can reuse the LSE of this
-    step's dense output instead of computing one (AdaSpa's step before its first search, or
-    with ``first_search="fused"`` the first search's Fused Online Search).
+    step's dense output (at the default scale 1/sqrt(D)) instead of computing one (AdaSpa's step
+    before its first search, or with ``first_search="fused"`` the first search's Fused Online Search).
     ``mass_block_size``: it can also take the block masses ``[H, MB, NB]`` of this step's q, k on
     ``geometry.block_offsets(mass_block_size)`` blocks, which the dense output's pass can give
     (:func:`sparsecore.search.dense_attention_with_mass`); None: it computes them itself.

@@ -259,8 +259,6 @@ class Planner:
                     fused = False
                 record.dense_kernels.add(found.impl if fused else dense_impl(q, k, v[0]))
                 plan.dense_out = io.rows(out.transpose(1, 2))
-        if getattr(getattr(session, "params", None), "scale", None) is not None:
-            lse = None          # the model's pass is at 1/sqrt(D): a session at its own scale takes its own LSE
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)
         if previous is not None and previous.mask is not None and previous.mask is not plan.mask:
