@@ -112,6 +112,8 @@ class StatisticsPlan:
             found = _PLANS[key] = cls._build(kv_offsets, unselected, device)
             if len(_PLANS) > PLAN_ENTRIES:
                 _PLANS.popitem(last=False)
+        else:
+            _PLANS.move_to_end(key)
         return found
 
     @classmethod
@@ -130,6 +132,11 @@ class StatisticsPlan:
 
 PLAN_ENTRIES = 16
 _PLANS: "OrderedDict[tuple, StatisticsPlan]" = OrderedDict()
+
+
+def clear_plans() -> None:
+    """Forget the memoized plans (``sparsecore.clear_cache``)."""
+    _PLANS.clear()
 
 
 def query_blocks(mask: BlockMask, device: torch.device) -> torch.Tensor:

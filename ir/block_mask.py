@@ -150,8 +150,7 @@ class BlockMask:
 
     @cached_property
     def derived(self) -> dict:
-        """What is derived once and kept with this mask (its copies on other devices, a ring rank's cut); nothing
-        in it may refer back to the mask."""
+        """Derived once, kept with this mask (copies on other devices, a ring's cut); never refers back to it."""
         return {}
 
     # ------------------------------------------------------------------ shape
@@ -159,9 +158,7 @@ class BlockMask:
     kv_len = property(lambda self: int(self.kv_offsets[-1]), doc="Number of key tokens.")
     num_q_blocks = property(lambda self: len(self.q_offsets) - 1, doc="Number of query blocks.")
     num_kv_blocks = property(lambda self: len(self.kv_offsets) - 1, doc="Number of key blocks.")
-
     nnz = property(lambda self: int(self.indices.shape[0]), doc="Number of listed (head, query block, key block).")
-
     q_block_sizes = property(lambda self: np.diff(self.q_offsets), doc="Query block sizes, int64 ``[MB]``.")
     kv_block_sizes = property(lambda self: np.diff(self.kv_offsets), doc="Key block sizes, int64 ``[NB]``.")
 
@@ -289,8 +286,7 @@ class BlockMask:
 
     def dense_flops(self, head_dim: int) -> int:
         """FLOPs of dense attention over the same shape: 4 * H * q_len * kv_len * head_dim."""
-        head_dim = v.check_int(head_dim, "head_dim", minimum=1)
-        return 4 * self.num_heads * self.q_len * self.kv_len * head_dim
+        return 4 * self.num_heads * self.q_len * self.kv_len * v.check_int(head_dim, "head_dim", minimum=1)
 
     def select_heads(self, heads: Any) -> "BlockMask":
         """A mask of the given query heads (ints, a slice or a bool array), in that order."""
@@ -361,6 +357,10 @@ class BlockMask:
 
     def __hash__(self) -> int:
         return hash(self._fingerprint)
+
+    def __reduce__(self) -> tuple:   # copy.deepcopy, pickle: rebuilt through the checks, without the caches
+        return BlockMask, (self.num_heads, self.q_offsets, self.kv_offsets, self.indptr, self.indices, self.budgets,
+                           v.thawed_meta(self.meta), self.unselected)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockMask):

@@ -42,6 +42,11 @@ def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return found
 
 
+def clear() -> None:
+    """Forget the cached uploads (``sparsecore.clear_cache``)."""
+    _UPLOADS.clear()
+
+
 def queued(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """A small host array on ``device`` without waiting for the device's queue and without keeping it: on CUDA a
     copy from pinned memory, queued on the current stream (use it on that stream; not inside a CUDA graph
@@ -102,7 +107,8 @@ class HostCounts:
     """Counts made on a device, copied into pinned host memory without waiting, so none stays on the device.
 
     :meth:`add` queues a 0-d tensor's copy on the current stream into the next slot of a pinned int64 chunk
-    (one pinned allocation per :attr:`CHUNK` counts, not one per count) and returns that slot; read it only after
+    (one pinned allocation per :attr:`CHUNK` counts, not one per count, freed with the last slot its caller holds) and
+    returns that slot; read it only after
     the device has run the copy (synchronize it first). A count elsewhere is returned as it is (a copy back would
     wait on NPU, MPS and XPU; the host needs none).
     """
@@ -110,7 +116,7 @@ class HostCounts:
     CHUNK = 1024
 
     def __init__(self) -> None:
-        self._chunks: list[torch.Tensor] = []
+        self._chunk: torch.Tensor | None = None     # the chunk being filled; a full one lives while a slot is held
         self._used = 0
 
     def add(self, count: torch.Tensor) -> torch.Tensor:
@@ -118,9 +124,9 @@ class HostCounts:
             return count
         slot = self._used % self.CHUNK
         if slot == 0:
-            self._chunks.append(torch.empty(self.CHUNK, dtype=torch.int64, pin_memory=True))
+            self._chunk = torch.empty(self.CHUNK, dtype=torch.int64, pin_memory=True)
         self._used += 1
-        return self._chunks[-1][slot].copy_(count.to(torch.int64), non_blocking=True)
+        return self._chunk[slot].copy_(count.to(torch.int64), non_blocking=True)
 
 
 class HostPack:

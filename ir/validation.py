@@ -270,6 +270,9 @@ def meta_to_json(meta: Mapping[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, allow_nan=False, default=_thaw)
 
 
+def thawed_meta(meta: Mapping[str, Any]) -> dict:
+    """A frozen ``meta`` as plain dicts and lists (what ``pickle`` can write)."""
+    return json.loads(meta_to_json(meta))
 
 
 def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, num_q_blocks: int,

@@ -28,7 +28,8 @@ from sparsecore.ir import BlockMask  # noqa: E402
 
 from .capabilities import Capabilities  # noqa: E402
 from .geometry import VideoGeometry  # noqa: E402
-from .kernel import CompiledKernel, clear_cache, compile  # noqa: E402
+from .kernel import CompiledKernel, compile  # noqa: E402
+from .kernel_cache import clear_cache  # noqa: E402
 from .registry import Backend, UnsupportedError, known_devices, register, registered_backends  # noqa: E402
 
 __all__ = ["BlockMask", "Backend", "Capabilities", "CompiledKernel", "UnsupportedError", "registered_backends",

@@ -23,11 +23,7 @@ by default a call whose inputs it would run runs the kernel's next backend that 
 loads the slow one and runs it once on a small sample of that call; later calls, and kernels of masks of the same
 geometry, run it. ``warmup="wait"`` loads it in place at the first call.
 
-Caching. A host mask's kernels are cached by its fingerprint (a pattern that recurs
-across layers and steps compiles once), the most recently used first, at most
-:data:`CACHE_SIZE` of them listing at most :data:`CACHE_BLOCKS` blocks together (a kernel's
-device lists and tile plan grow with its blocks: a method returning new large host masks
-every step must not pile them up). A device mask, which methods build every layer
+Caching. A host mask's kernels are cached by its fingerprint, bounded (:mod:`sparsecore.kernel_cache`). A device mask, which methods build every layer
 and step, is never hashed: the mask object itself holds its kernels, weakly (a kernel refers
 to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
 returns that kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host
@@ -36,26 +32,19 @@ mask the same way (the diffusers integration does, for the methods' per-step mas
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any, Hashable
 
 import torch
 
 from sparsecore.ir import BlockMask
 
-from . import compiled_call
+from . import compiled_call, kernel_cache
 from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
 from .launch_device import caller_stream, check_device_index, on_device_of, without_autocast
 from .no_backward import inference_only
 from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
 from . import warmup as warmups
 from .warmup import Warming
-
-CACHE_SIZE = 64             # compiled kernels of host masks kept
-CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
-_CACHE: "OrderedDict[tuple, CompiledKernel]" = OrderedDict()
-_CACHE_LOCK = threading.Lock()          # compile() from several threads (the warm-up worker is one)
 
 
 class CompiledKernel:
@@ -307,6 +296,15 @@ class CompiledKernel:
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
 
+    def __deepcopy__(self, memo: dict) -> "CompiledKernel":
+        """The kernel itself: what it computes is fixed at compile, and a copy would share its slot
+        (:mod:`sparsecore.compiled_call`), so compiled graphs would call the original."""
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError("CompiledKernel: a kernel holds device plans and cannot be pickled; pickle its mask "
+                        "(kernel.mask, or save it with kernel.mask.save(path)) and compile it where it is loaded")
+
 
 def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *, cache: bool = True,
             warmup: str | None = None, **options: Any) -> CompiledKernel:
@@ -350,11 +348,9 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "
                         f"{ {k: type(v).__name__ for k, v in options.items()} }") from None
     by_content = mask.on_host and cache
-    table, key = (_CACHE, (mask.fingerprint(), *request)) if by_content else (mask.compiled_kernels, request)
-    with _CACHE_LOCK:
-        cached = table.get(key)
-        if cached is not None and table is _CACHE:     # the per-layer, per-step path: no backend probing
-            _CACHE.move_to_end(key)
+    key = (mask.fingerprint(), *request) if by_content else request
+    # the per-layer, per-step path: no backend probing
+    cached = kernel_cache.lookup(key) if by_content else mask.compiled_kernels.get(key)
     if cached is not None:
         return cached
     device_type(device)                                  # a cache miss: check the device string fully
@@ -368,12 +364,10 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     first = choices[start][0]
     kernel = CompiledKernel(mask, device, choices[start:], warmup, first_checked=not (in_background
                                                                                      and first.slow_to_load))
-    with _CACHE_LOCK:
-        table[key] = kernel
-        if table is _CACHE:                               # evict the least recently used; keep the new one
-            listed = sum(k.mask.nnz for k in _CACHE.values())
-            while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or listed > CACHE_BLOCKS):
-                listed -= _CACHE.popitem(last=False)[1].mask.nnz
+    if by_content:
+        kernel_cache.insert(key, kernel)
+    else:
+        mask.compiled_kernels[key] = kernel
     return kernel
 
 
@@ -391,8 +385,3 @@ def _choices(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Bac
         raise TypeError("; ".join(errors))
     return choices
 
-
-def clear_cache() -> None:
-    """Forget every compiled kernel of host masks (frees plans and device buffers they hold)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()

@@ -46,6 +46,7 @@ import threading
 import traceback
 import warnings
 from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -60,7 +61,8 @@ EXIT_WAIT_S = 60.0
 # Written by the worker's task before its future ends (so a reader of _pending, then _warm, then _failed, finds the
 # key in one of them once it was started); read by the callers.
 _pending: dict[Hashable, Future] = {}         # warm-ups in flight
-_warm: set[Hashable] = set()                  # warm-up keys that ended well
+_warm: "OrderedDict[Hashable, None]" = OrderedDict()   # warm-up keys that ended well, the last WARM_RECORDS
+WARM_RECORDS = 256                            # (a geometry forgotten warms up again: seconds, not a wrong result)
 _failed: dict[Hashable, str] = {}             # ... that failed otherwise: the error, shown once (see failure)
 _unloadable: dict[tuple, str] = {}            # (backend, device) a warm-up found does not load there: why
 _warned: set[Hashable] = set()
@@ -104,6 +106,15 @@ def warm_key(backend: Any, device: str, signature: tuple, options: Hashable, mas
 
 def is_warm(key: Hashable) -> bool:
     return key in _warm
+
+
+def forget_records() -> None:
+    """Forget how past warm-ups ended (``sparsecore.clear_cache``); those in flight stay."""
+    with _lock:
+        _warm.clear()
+        _failed.clear()
+        _warned.clear()
+        _unloadable.clear()
 
 
 def pending(key: Hashable) -> Future | None:
@@ -171,7 +182,10 @@ def start(key: tuple, task: Callable[[], Any]) -> Future:
             _failed[key] = f"{type(exc).__name__}: {exc}"
             raise
         else:
-            _warm.add(key)
+            with _lock:
+                _warm[key] = None
+                if len(_warm) > WARM_RECORDS:
+                    _warm.popitem(last=False)
             return result
         finally:
             if _pending.get(key) is future:

@@ -212,14 +212,18 @@ def test_per_call_copies_refuse_an_npu_graph_capture(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: HostCounts copies from CUDA only")
 def test_counts_go_back_to_pinned_host_memory_without_staying_on_the_gpu(monkeypatch):
     """``HostCounts``: CUDA counts' pinned host copies, readable after a synchronize, in chunks of slots (a new
-    chunk when one is full, the earlier slots kept)."""
+    chunk when one is full, the earlier slots kept by their holders, freed with them)."""
     from sparsecore.ir.uploads import HostCounts
     monkeypatch.setattr(HostCounts, "CHUNK", 2)
     counts = HostCounts()
     slots = [counts.add(torch.arange(n, device="cuda").sum()) for n in (10, 100, 1000)]
     torch.cuda.synchronize()
     assert [int(s) for s in slots] == [45, 4950, 499_500]
-    assert all(s.device.type == "cpu" and s.is_pinned() for s in slots) and len(counts._chunks) == 2
+    assert all(s.device.type == "cpu" and s.is_pinned() for s in slots)
+    assert slots[0].untyped_storage().data_ptr() == slots[1].untyped_storage().data_ptr() != \
+        slots[2].untyped_storage().data_ptr() == counts._chunk.untyped_storage().data_ptr()
+    held = [v for v in vars(counts).values() if isinstance(v, torch.Tensor)]    # the full chunk is the slots' alone
+    assert len(held) == 1 and not isinstance(getattr(counts, "_chunks", None), list)
 
 
 def test_counts_elsewhere_stay_where_they_are():

@@ -8,9 +8,16 @@ Each test failed before its fix (a review's reproducers, 2026-12-02):
   then 1) the search raised.
 - ``handle.mask(layer)`` returned the plan first inserted last, not the newest: an older step's mask of another
   text length on HunyuanVideo 1.5.
+- A model with sparsecore applied was freed only by a garbage collection; a deep copy of it ran dense attention.
+- A request whose first float32 timestep equalled the last forward's (after a 1-step warm-up or a cancelled
+  request) continued that run: AdaSpa planned its sparse steps from the other request's search (6e-2 off).
 """
 
 from __future__ import annotations
+
+import copy
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -68,5 +75,93 @@ def test_mask_of_a_layer_is_the_newest_plan():
         newest = random_mask(VideoGeometry(8, 8, 8, text_tokens=4, text_position="end"), 2, 1, 0)
         found = handle.mask(0)
         assert found.q_len == newest.q_len and np.array_equal(found.to_dense(), newest.to_dense())
+    finally:
+        handle.remove()
+
+
+def test_a_request_after_a_cancelled_one_at_the_same_timestep_plans_from_its_own_state():
+    params = dict(warmup_steps=0, search_steps=[0, 2])
+    timesteps = (999.0, 750.0, 500.0, 250.0)
+    first, second = wan_inputs(batch=1, seed=1), wan_inputs(batch=1, seed=2)
+
+    def generation(cancelled_before: bool) -> list[torch.Tensor]:
+        model = tiny_wan()
+        handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, **params)
+        try:
+            if not cancelled_before:
+                return [forward(model, second, t) for t in timesteps]
+            forward(model, first, timesteps[0])                       # a request cancelled after its first step
+            with pytest.warns(UserWarning, match="a run ended before num_steps=4"):
+                outs = [forward(model, second, timesteps[0])]           # fresh latents: a new run
+            assert (handle.run, handle.step) == (1, 0)
+            return outs + [forward(model, second, t) for t in timesteps[1:]]
+        finally:
+            handle.remove()
+
+    for after, alone in zip(generation(True), generation(False), strict=True):
+        torch.testing.assert_close(after, alone, rtol=0, atol=0)
+
+
+def test_stats_keep_the_current_and_the_previous_run_only():
+    """A process serving many generations kept every record of every run (1,500 a Wan generation, with timing
+    events): now the current run's and the one before."""
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=2)
+    try:
+        for _ in range(4):
+            for t in (999.0, 500.0):
+                forward(model, inputs, t)
+        rows = handle.stats()
+        assert sorted({row["run"] for row in rows}) == [2, 3]
+        assert len(rows) == 2 * 2 * 2                        # two runs of two steps of two layers
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("removed", [False, True])
+def test_a_model_with_sparsecore_applied_is_freed_when_its_last_reference_goes(removed):
+    """The handle held the model and its attention modules, which hold the handle: a server's `del pipe` kept the
+    weights until a garbage collection ran."""
+    gc.collect()
+    gc.disable()
+    try:
+        model = tiny_wan()
+        handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=2)
+        for t in (999.0, 500.0):
+            forward(model, wan_inputs(batch=1), t)
+        if removed:
+            handle.remove()
+        freed = weakref.ref(model)
+        del model
+        assert freed() is None and handle.model is None
+    finally:
+        gc.enable()
+
+
+def test_a_deep_copy_of_a_model_with_sparsecore_applied_is_refused_with_the_remedy():
+    """The copy kept the original handle's hooks and op slot: it ran dense attention and advanced the original's
+    steps, silently."""
+    model = tiny_wan()
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=2)
+    with pytest.raises(TypeError, match=r"handle.remove\(\) first"):
+        copy.deepcopy(model)
+    handle.remove()
+    copied = copy.deepcopy(model)
+    other = sparse.apply(copied, method=random_mask, device="cpu", num_steps=2)
+    forward(copied, wan_inputs(batch=1), 999.0)
+    assert other.step == 0 and handle.step is None
+    other.remove()
+
+
+def test_set_step_none_between_requests_drops_the_last_runs_state():
+    """What docs/diffusers.md tells servers to call between requests: nothing of the finished run stays."""
+    model, inputs = tiny_wan(), wan_inputs(batch=2)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=1, search_steps=[1])
+    try:
+        for t in (999.0, 750.0, 500.0, 250.0):
+            forward(model, inputs, t)
+        assert handle._planner._plans and handle._planner._sessions
+        handle.set_step(None)
+        assert not handle._planner._plans and not handle._planner._sessions
     finally:
         handle.remove()

@@ -654,6 +654,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
     import gc
     import weakref
     import sparsecore.kernel as kernel_module
+    from sparsecore import kernel_cache
     made, kernels, alive_at_calls, on_host_at_calls = [], [], [], []
 
     class Counted(kernel_module.CompiledKernel):
@@ -669,7 +670,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
             return super().__call__(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "CompiledKernel", Counted)
-    kernel_module.clear_cache()
+    kernel_cache.clear_cache()
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=4, reference_frames=4, window=1)
     try:
@@ -680,7 +681,7 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
     assert made == ["lvsa"] * 3                                  # one kernel per step, shared by both layers
     assert alive_at_calls == [1] * 6                             # a new pattern every step, 2 layers a step
     assert on_host_at_calls == [True] * 6                        # shared by the layers: plans kept on the host
-    assert not any(k.mask.meta.get("method") == "lvsa" for k in kernel_module._CACHE.values())
+    assert not any(k.mask.meta.get("method") == "lvsa" for k in kernel_cache._CACHE.values())
     made.clear()
 
     def diagonal(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:   # new every call
@@ -691,9 +692,10 @@ def test_a_steps_host_mask_is_compiled_once_and_kept_by_its_plans_only_until_rep
     try:
         for t in (999.0, 800.0):
             forward(model, inputs, t)
+        assert len(made) == 1 and len(kernel_cache._CACHE) == 1     # equal masks, one kernel, from the cache
     finally:
         handle.remove()
-    assert len(made) == 1 and len(kernel_module._CACHE) == 1     # equal masks, one kernel, from the cache
+    assert not kernel_cache._CACHE                                   # remove() drops the handle's kernels
     assert on_host_at_calls[6:] and not any(on_host_at_calls[6:])  # a callable's kernels keep theirs on the device
 
 
@@ -772,8 +774,12 @@ def test_a_run_that_stops_short_of_num_steps_warns():
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
     for t in (999.0, 500.0):
         forward(model, inputs, t)
-    with pytest.warns(UserWarning, match="run 0 ended after 2 of num_steps=3 steps"):
+    with pytest.warns(UserWarning, match="a run ended before num_steps=3 steps") as first:
         forward(model, inputs, 999.0)                                          # a new run
+    forward(model, inputs, 500.0)
+    with pytest.warns(UserWarning) as second:
+        forward(model, inputs, 999.0)                                          # another short run: the same text, so
+    assert str(second[0].message) == str(first[0].message)                   # Python's filter shows it once
     for t in (500.0, 100.0):
         forward(model, inputs, t)
     with warnings.catch_warnings():
@@ -781,10 +787,11 @@ def test_a_run_that_stops_short_of_num_steps_warns():
         handle.remove()                                                        # run 1 reached its 3 steps
 
 
-def test_the_latents_tell_steps_apart_only_for_16_bit_timesteps_and_small_moves():
+def test_the_latents_tell_steps_and_runs_apart_at_an_equal_timestep():
     """At the same 16-bit timestep: a retry after a failed forward stays on its step, latents moved a little after
     a completed one are the next step, fresh latents (a new pipe() call after a 1-step warm-up) or another shape
-    start a new run; float32 timesteps keep the timestep rule alone (a Heun-type repeat stays on the step)."""
+    start a new run. At the same float32 timestep latents moved a little stay on the step (a Heun-type repeat) and
+    fresh ones start a new run too (before, a request starting at the last forward's timestep continued the run)."""
     model, inputs = tiny_wan(), wan_inputs(batch=1)
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
     t = torch.tensor([999.0], dtype=torch.bfloat16)
@@ -803,9 +810,12 @@ def test_the_latents_tell_steps_apart_only_for_16_bit_timesteps_and_small_moves(
             call(latents[:, :, :, :-2, :-2])                            # another video
             assert (handle.step, handle.run) == (0, 2)
         handle.set_step(None)
-        for other in (inputs, wan_inputs(batch=1, seed=5)):             # float32: the same timestep, new latents
-            forward(model, other, 500.0)
-        assert handle.step == 0
+        run = handle.run
+        forward(model, inputs, 500.0)
+        forward(model, {**inputs, "hidden_states": inputs["hidden_states"] * 0.998}, 500.0)   # float32: a small move
+        assert (handle.step, handle.run) == (0, run)
+        forward(model, wan_inputs(batch=1, seed=5), 500.0)              # float32, fresh noise: a new request
+        assert (handle.step, handle.run) == (0, run + 1)
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -824,7 +834,7 @@ def test_short_run_warnings_come_after_the_cleanup_and_not_for_explicit_steps():
         warnings.simplefilter("error")
         handle.set_step(None)                                          # the explicit run is not judged
         forward(model, inputs, 999.0)
-        with pytest.raises(UserWarning, match="ended after 1 of num_steps=3"):
+        with pytest.raises(UserWarning, match="a run ended before num_steps=3"):
             handle.remove()
     assert [m.processor for m in model.modules() if hasattr(m, "set_processor")] == processors
 

@@ -207,3 +207,12 @@ def test_a_session_gives_each_geometry_its_own_mask():
         mask = session.plan(geometry, 2, step=5, layer=0)
         assert mask.q_len == mask.kv_len == geometry.tokens
         assert (mask.q_offsets == geometry.block_offsets(None)).all()
+
+
+def test_the_memoized_pattern_is_read_only():
+    """The pattern is shared by every session of the process: one caller's edit made every later mask dense."""
+    geometry = VideoGeometry(40, 4, 4)
+    pattern = lvsa.frame_pattern(geometry, 3)
+    for array in (pattern.anchors, pattern.windows):
+        with pytest.raises(ValueError, match="read-only"):
+            array[...] = 0

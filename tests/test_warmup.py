@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -82,7 +83,8 @@ def fakes(monkeypatch):
 
 def _fresh_state(monkeypatch):
     """The process's warm-up records as in a new process (a test's geometries and errors stay its own)."""
-    for name, empty in (("_warm", set()), ("_pending", {}), ("_failed", {}), ("_unloadable", {}), ("_warned", set())):
+    for name, empty in (("_warm", OrderedDict()), ("_pending", {}), ("_failed", {}), ("_unloadable", {}),
+                        ("_warned", set())):
         monkeypatch.setattr(warmup, name, empty)
     monkeypatch.delenv(warmup.ENV, raising=False)
 
@@ -130,6 +132,24 @@ def test_a_kernel_of_a_geometry_warmed_before_runs_the_preferred_backend_at_once
     assert [thread for thread, _ in slow.runs] == ["sparsecore-warmup", "MainThread", "MainThread"]
     other_shape = sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda")    # new block offsets
     assert float(other_shape(q, k, v).flatten()[0]) == FALLBACK
+
+
+def test_the_records_of_warm_geometries_are_bounded_and_clear_cache_forgets_them(fakes, monkeypatch):
+    """A new text length is a new geometry (HunyuanVideo 1.5: every prompt): the records grew by one a geometry for
+    good. The oldest is forgotten past WARM_RECORDS (it warms up again), and clear_cache() forgets them all."""
+    slow, quick = fakes
+    monkeypatch.setattr(warmup, "WARM_RECORDS", 2)
+    q, k, v = _inputs()
+    for block in (16, 32, 64):                                       # three geometries
+        kernel = sparsecore.compile(BlockMask.full(2, 64, 64, block), device="cuda")
+        kernel(q, k, v)
+        assert kernel.wait_for_warmups(timeout=30)
+    assert len(warmup._warm) == 2
+    again = sparsecore.compile(BlockMask.full(2, 64, 64, 16).select_heads([1, 0]), device="cuda")  # the first geometry
+    assert float(again(q, k, v).flatten()[0]) == FALLBACK            # forgotten: it warms up again
+    assert again.wait_for_warmups(timeout=30)
+    sparsecore.clear_cache()
+    assert not warmup._warm
 
 
 def test_a_backend_that_does_not_load_leaves_the_kernel_on_the_fallback(fakes):

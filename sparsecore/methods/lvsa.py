@@ -64,7 +64,7 @@ import numpy as np
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 
-from sparsecore.ir.validation import check_int
+from sparsecore.ir.validation import check_int, frozen
 
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_shard,
                        check_step, fixed_block_offsets, geometry_meta, params_from)
@@ -217,7 +217,8 @@ def boundary_guards(geometry: VideoGeometry, sp_world: int, window: int) -> np.n
 
 
 def frame_pattern(geometry: VideoGeometry, step: int, **params: Any) -> FramePattern:
-    """The frame-level pattern at ``step`` (parameters: :class:`LVSAParams` fields)."""
+    """The frame-level pattern at ``step`` (parameters: :class:`LVSAParams` fields; its arrays are read-only: the
+    pattern is memoized for every session of the process)."""
     return _pattern(geometry, step, params_from(LVSAParams, METHOD, params))
 
 
@@ -232,7 +233,8 @@ def _pattern(geometry: VideoGeometry, step: int, p: LVSAParams) -> FramePattern:
     guards = boundary_guards(geometry, p.sp_world, p.window)
     anchors = anchors_at(frames, interval, check_step(step), first_frames=p.first_frames, rotate=p.rotate,
                          guards=guards)
-    return FramePattern(frames, int(interval), anchors, window_bounds(frames, p.window, anchors, p.expand_window))
+    windows = window_bounds(frames, p.window, anchors, p.expand_window)
+    return FramePattern(frames, int(interval), frozen(anchors), frozen(windows))  # cached: shared by every caller
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,

@@ -49,7 +49,8 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
     raise ImportError(f"sparsecore.integrations.diffusers needs diffusers 0.42 ({err}); install it with "
                       f"pip install 'diffusers==0.42.1' (tested version)") from err
 
-from .handle import SparseAttentionHandle, apply
+from .attach import apply
+from .handle import SparseAttentionHandle
 from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, enable_parallelism
 from .planner import MethodProvider

@@ -12,30 +12,27 @@ layer came), then context-parallel routing (:mod:`.parallel`), grouping of sampl
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import diffusers
 import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import refuse_capture
-from sparsecore.ir.validation import check_index, check_int
-from sparsecore.methods import SESSIONS, HeadShard
-from sparsecore.registry import checked_options, device_type, registered_backends
+from sparsecore.ir.validation import check_index
+from sparsecore.methods import HeadShard
 
 from . import op, parallel
-from .models import ModelSpec, spec_of
+from .models import ModelSpec
 from .planner import MethodProvider, Planner
-from .processors import SPARSE_PROCESSORS, SparseProcessor, attention_modules
+from .processors import SparseProcessor
 from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
 
-TESTED_DIFFUSERS = "0.42"
-DENSE_ATTENTION = ("auto", "model")
 
 
 class SparseAttentionHandle:
@@ -51,7 +48,8 @@ class SparseAttentionHandle:
     def __init__(self, model: Any, spec: ModelSpec, method: str | MethodProvider, params: dict, device: str,
                  backend: str | None, num_steps: int, backend_options: dict[str, Any] | None = None,
                  dense_attention: str = "auto") -> None:
-        self.model = model
+        self._model = weakref.ref(model)     # weak: the model holds the handle (its hooks), and a cycle through
+                                             # the model would keep its weights until a garbage collection
         self.spec = spec
         self.method = method
         self.params = params
@@ -69,13 +67,18 @@ class SparseAttentionHandle:
         self._steps = StepTracker(num_steps, self._planner.new_run)
         self._text_cache: tuple[Any, Any] | None = None
         self._removed = False
-        self._originals: list[tuple[Any, Any]] = []
+        self._originals: list[tuple[weakref.ref, Any]] = []      # (attention module, weakly; its processor)
         self._processors: list[SparseProcessor] = []
         self._calls = 0
         self._hooks: list[Any] = []
         self.id = op.register(self, model)
 
     # ---------------------------------------------------------------- public API
+    @property
+    def model(self) -> Any:
+        """The transformer (None once it was freed)."""
+        return self._model()
+
     @property
     def step(self) -> int | None:
         """The current denoising step (None before the first forward)."""
@@ -121,7 +124,7 @@ class SparseAttentionHandle:
         self._stats.timing = enabled
 
     def stats(self) -> list[dict]:
-        """One dict per (run, layer, step, geometry) in call order.
+        """One dict per (run, layer, step, geometry) of the current run and the one before it, in call order.
 
         Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of token pairs the method kept over
         the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"``), ``action``
@@ -142,13 +145,14 @@ class SparseAttentionHandle:
         if self._removed:
             return
         for module, original in self._originals:
-            module.set_processor(original)
+            if module() is not None:
+                module().set_processor(original)
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
         need = parallel.after_remove(self._processors, self.spec.joint_text)
         messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
-        self._planner.new_run()
+        self._planner.release()
         self._text_cache = None
         for message in filter(None, messages):      # after the cleanup: warnings may be errors
             warnings.warn(message, stacklevel=2)
@@ -311,90 +315,3 @@ class SparseAttentionHandle:
     @staticmethod
     def _with_text(geometry: VideoGeometry, count: int) -> VideoGeometry:
         return VideoGeometry(geometry.frames, geometry.height, geometry.width, text_tokens=count, text_position="end")
-
-
-def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str = "cuda", backend: str | None = None,
-          num_steps: int = 50, backend_options: dict[str, Any] | None = None, dense_attention: str = "auto",
-          **params: Any) -> SparseAttentionHandle:
-    """Route the self-attention of every block of ``transformer`` through sparsecore.
-
-    Args:
-        transformer: a diffusers 0.42 ``WanTransformer3DModel`` or ``HunyuanVideo15Transformer3DModel``
-            (e.g. ``pipe.transformer``) with diffusers' own attention processors.
-        method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
-            **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
-        device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
-            tensors must be there when it runs.
-        backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
-        num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
-        backend_options: options of the named ``backend`` for every kernel (its options dataclass, e.g.
-            ``{"key_parts": 4}`` for ``"fa4"``); needs ``backend``.
-        dense_attention: what the dense steps and layers run: ``"auto"`` a dense kernel measured faster than
-            torch SDPA's where one takes the inputs and the model is on diffusers' default attention backend
-            (FlashAttention-4's on Hopper: :meth:`.SparseProcessor.faster_dense`), else the model's own attention;
-            ``"model"``: the model's own attention (diffusers' dispatch), and AdaSpa's passes that give its search
-            an LSE (which the model's attention does not return) on cuDNN or the fused Triton pass, not FA4.
-        **params: the method's parameters (see docs/methods.md).
-
-    Returns:
-        A :class:`SparseAttentionHandle` (``set_step``, ``step``, ``stats``, ``timing``, ``mask``, ``remove``).
-
-    Raises:
-        TypeError: unsupported model class or processor, unknown method parameter, bad argument type.
-        ValueError: unknown method, device or backend, bad values, or sparsecore already applied;
-            ``UnsupportedError`` (a ValueError) for a backend that does not compile for ``device``.
-        RuntimeError: ``device`` is known but nothing runs on it here (e.g. ``"cuda"`` without a GPU), as
-            :func:`sparsecore.compile` says; the message names the device and what is missing.
-    """
-    spec = spec_of(transformer)
-    num_steps = check_int(num_steps, "num_steps", 1)
-    if isinstance(method, str):
-        if method not in SESSIONS:
-            raise ValueError(f"method: expected one of {sorted(SESSIONS)} or a callable (geometry, num_heads, step, "
-                             f"layer) -> BlockMask, got {method!r}")
-        if method == "lvsa":
-            params.setdefault("reference_frames", spec.reference_frames)
-        SESSIONS[method](num_steps=num_steps, **params)              # checks the parameters now
-    elif callable(method):
-        if params:
-            raise TypeError(f"params: a callable method takes no parameters, got {sorted(params)}; bind them in the "
-                            f"callable (functools.partial)")
-    else:
-        raise TypeError(f"method: expected a method name {sorted(SESSIONS)} or a callable, got "
-                        f"{type(method).__name__}")
-    from sparsecore.check import tensor_device_problem
-    from sparsecore.registry import UnsupportedError
-    kind = device_type(device)
-    if backend is not None and (not isinstance(backend, str) or backend not in registered_backends()):
-        raise ValueError(f"backend: expected None or a registered sparsecore backend "
-                         f"({', '.join(sorted(registered_backends()))}), got {backend!r}")
-    devices = () if backend is None else registered_backends()[backend].capabilities.devices
-    if backend is not None and kind not in devices:
-        raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
-                               f"backend=None for the device's preferred one")
-    backend_options = checked_options(backend, backend_options, "backend_options")
-    if dense_attention not in DENSE_ATTENTION:
-        raise ValueError(f"dense_attention: expected 'auto' (a dense kernel measured faster where one takes the "
-                         f"inputs) or 'model' (the model's own attention), got {dense_attention!r}")
-    problem = tensor_device_problem(device, backend)   # checked now, not at the first forward
-    if problem:
-        raise RuntimeError(f"device: {problem}; pass the device the model runs on")
-    if not diffusers.__version__.startswith(TESTED_DIFFUSERS + "."):
-        warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
-                      f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
-                      f"handle.remove() (dense)", stacklevel=2)
-    modules = attention_modules(transformer, spec)
-    handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
-                                   backend_options, dense_attention)
-    sparse_class = SPARSE_PROCESSORS[spec.name]
-    for layer, module in enumerate(modules):
-        original = module.processor
-        handle._originals.append((module, original))
-        handle._processors.append(sparse_class(handle, layer, original))
-        module.set_processor(handle._processors[-1])
-    # Step tracking reads the timestep's value: never traced (regional compilation leaves these hooks eager
-    # anyway; torch.compile of the whole transformer calls them eagerly, one graph break before its forward).
-    handle._hooks = [transformer.register_forward_pre_hook(torch.compiler.disable(handle._pre_forward),
-                                                           with_kwargs=True),
-                     transformer.register_forward_hook(torch.compiler.disable(handle._post_forward), always_call=True)]
-    return handle

@@ -48,6 +48,15 @@ class SparseProcessor:
         self.layer = layer
         self.original = original
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        # a copy would keep the original handle's hooks and op slot: it ran dense and drove the original's steps
+        raise TypeError("copy.deepcopy of a model with sparsecore applied: call handle.remove() first, copy the "
+                        "model, then sparsecore's apply() on each copy (each gets its own handle, steps and plans)")
+
+    def __reduce__(self) -> Any:
+        raise TypeError("pickling a model with sparsecore applied: call handle.remove() first (save the weights, "
+                        "e.g. model.state_dict(), and apply() again after loading)")
+
     @property
     def _attention_backend(self) -> Any:
         return self.original._attention_backend

@@ -6,7 +6,9 @@ count and the kernel's backend name, never the mask or the kernel: a generation'
 not hold every step's lists and plans. A count made on a CUDA device is copied to pinned host
 memory without waiting (:class:`~sparsecore.ir.uploads.HostCounts`; a 0-d tensor per record had
 kept 512 bytes of device memory each: PASA's records of three steps held 44.5 KB at 2x, growing
-with every step of a generation). With timing on, each plan's host
+with every step of a generation). Only the records of the current run and the one before it are kept
+(:data:`KEPT_RUNS`): a process serving many generations would otherwise hold 1,500 records (30 layers x 50
+steps) more each generation, with their timing events. With timing on, each plan's host
 time is measured too (``plan_ms``: from the processor's call to a kernel that only has to
 launch; the device is synchronized first, so earlier layers' work is not counted).
 """
@@ -53,6 +55,9 @@ class Record:
         self.backend = kernel.backend.name
 
 
+KEPT_RUNS = 2        # the current run's records and the previous run's
+
+
 class Stats:
     def __init__(self) -> None:
         self.timing = False
@@ -68,6 +73,8 @@ class Stats:
         if found is not None:                                        # planned again after set_step
             found.fields["calls"] += 1
             return found
+        if self._records and run > next(reversed(self._records))[0]:     # a new run: forget the older runs
+            self._records = {k: r for k, r in self._records.items() if k[0] > run - KEPT_RUNS}
         fields = {"run": run, "layer": layer, "step": step, "action": action, "calls": 1,
                   "tokens": geometry.tokens, "text_tokens": geometry.text_tokens, "padding": seq_len - geometry.tokens,
                   "heads": [0, heads] if shard is None else [shard.start, shard.stop]}

@@ -6,12 +6,15 @@ the last one is the next step, the same timestep stays on the step (classifier-f
 run as separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do, on the same
 latents), and a larger one starts a new run. A 16-bit timestep may repeat across steps:
 HunyuanVideo 1.5's pipeline casts it to the latents' dtype, and bf16 holds the values near 1000
-only 4 apart (at 50 steps and shift 7 two steps collide). So a 16-bit timestep equal to the last
+only 4 apart (at 50 steps and shift 7 two steps collide). So a timestep tensor equal to the last
 one is told apart by the latents (``hidden_states``: their shape and a strided sample of
-:data:`SAMPLE` values, read with the timestep in one host read): the same latents stay on the
-step, latents moved a little after a completed forward are the next step, and fresh ones (a
-relative change above :data:`FRESH_LATENTS`, or another shape) a new run. This fits schedulers that evaluate the
-model once per step (flow-matching Euler, UniPC, DPM++ multistep: the pipelines' defaults). A
+:data:`SAMPLE` values, read with the timestep in one host read): fresh ones (a relative change above
+:data:`FRESH_LATENTS`, or another shape) start a new run, whatever the timestep's dtype (a new ``pipe()`` call
+whose first timestep equals the last forward's, after a 1-step warm-up or a cancelled request, must not plan
+from that request's state); the same latents stay on the step; latents moved a little after a completed forward
+are the next step at a 16-bit timestep and stay on the step at a wider one (timesteps of two steps do not
+collide there). This fits schedulers that evaluate the model once per step (flow-matching Euler, UniPC, DPM++
+multistep: the pipelines' defaults). A timestep given as a Python number is read alone (no latents). A
 run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
 :meth:`set_step` switches to explicit steps (Heun-type schedulers, several experts as in Wan 2.2
 A14B, pipelines that start mid-schedule); a step below the current one starts a new run;
@@ -39,7 +42,7 @@ class StepTracker:
         self.run = 0
         self._manual = False
         self._last_timestep: float | None = None
-        self._last_latents: tuple | None = None     # shape and sample of the last latents (16-bit timesteps)
+        self._last_latents: tuple | None = None     # shape and sample of the last latents (timestep tensors)
         self._completed = False                     # whether the last forward returned (a failed one may be retried)
         self._on_new_run = on_new_run
 
@@ -69,9 +72,10 @@ class StepTracker:
         new_run = last is None or value > last
         advance = not new_run and value < last
         if value == last and sample is not None and seen is not None:
-            change = _relative_change(sample, seen)     # None: latents of another shape, another video
+            change = _relative_change(sample[1:], seen)     # None: latents of another shape, another video
             new_run = change is None or change > FRESH_LATENTS
-            advance = not new_run and change > 0 and self._completed   # 16-bit timesteps of two steps collided
+            # 16-bit timesteps of two steps collided
+            advance = not new_run and change > 0 and self._completed and sample[0]
         message = None
         if new_run:
             message = self._new_run() if last is not None else None
@@ -84,7 +88,7 @@ class StepTracker:
                                  "or drive steps with set_step (Heun-type schedulers, guidance calls on different "
                                  "latents)")
             self.step += 1
-        self._last_timestep, self._last_latents, self._completed = value, sample, False
+        self._last_timestep, self._last_latents, self._completed = value, sample and sample[1:], False
         _warn(message)
 
     def completed(self) -> None:
@@ -97,7 +101,9 @@ class StepTracker:
         when it is not, or when its last forward did not return (an interrupted run)."""
         if self._manual or self.step is None or self.step + 1 >= self.num_steps or not self._completed:
             return None
-        return (f"sparsecore: run {self.run} ended after {self.step + 1} of num_steps={self.num_steps} steps, so the "
+        # one text per handle (no run or step number): Python's default filter then shows it once, not once a run
+        return (f"sparsecore: a run ended before num_steps={self.num_steps} steps (handle.stats() has each run's steps), "
+                "so the "
                 "method's schedule (its dense steps, searches and budgets) was laid out for a longer run; pass "
                 "num_steps= equal to the pipeline's num_inference_steps to apply(), or drive steps with set_step "
                 "(several experts as in Wan 2.2 A14B, a pipeline that starts mid-schedule such as video-to-video "
@@ -114,9 +120,9 @@ class StepTracker:
         return message
 
 
-# Relative L2 change of the latents' sample above which a 16-bit timestep equal to the last is a new run (fresh
-# noise after the last run's latents: about 1.4) rather than the next step (0.004 at most between HunyuanVideo 1.5's
-# colliding steps at 50 steps and shifts 7 to 17, simulated).
+# Relative L2 change of the latents' sample above which a timestep tensor equal to the last is a new run (fresh
+# noise after the last run's latents: about 1.4) rather than the same or, at 16 bits, the next step (0.004 at most
+# between HunyuanVideo 1.5's colliding steps at 50 steps and shifts 7 to 17, simulated).
 FRESH_LATENTS = 0.5
 SAMPLE = 4096       # latents elements compared, evenly strided
 
@@ -140,21 +146,20 @@ def _relative_change(latents: tuple, seen: tuple) -> float | None:
 
 
 def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None]:
-    """The timestep's maximum and, for a 16-bit timestep tensor, an evenly strided sample of the latents (with their
-    shape), copied to the host with it in one read (other timesteps: no latents, so no added work or wait)."""
+    """The timestep's maximum and, for a timestep tensor, ``(is 16-bit, latents shape, evenly strided sample of the
+    latents)``, the sample copied to the host with the timestep in one read (a number: no latents, no added read)."""
     if timestep is None:
         return None, None
     if isinstance(timestep, torch.Tensor):
         if not timestep.numel():
             return None, None
         value = timestep.detach().max().float().reshape(1)
-        if timestep.dtype not in (torch.bfloat16, torch.float16) or not isinstance(latents, torch.Tensor) \
-                or not latents.numel() or value.device != latents.device:
+        if not isinstance(latents, torch.Tensor) or not latents.numel() or value.device != latents.device:
             return value.item(), None
         flat = latents.detach().reshape(-1)
         picked = flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE].float()
         read = torch.cat([value, picked]).cpu().numpy()
-        return float(read[0]), (tuple(latents.shape), read[1:])
+        return float(read[0]), (timestep.dtype in (torch.bfloat16, torch.float16), tuple(latents.shape), read[1:])
     if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
         return float(timestep), None
     raise TypeError(f"timestep: expected a tensor or a number, got {type(timestep).__name__}")

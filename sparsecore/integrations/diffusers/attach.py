@@ -1,0 +1,113 @@
+"""``apply()``: check the arguments, then route a diffusers transformer's self-attention through sparsecore.
+
+It builds the :class:`~.handle.SparseAttentionHandle`, puts a sparse processor (:mod:`.processors`) on every
+self-attention module and registers the forward hooks that track steps; ``handle.remove()`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import diffusers
+import torch
+
+from sparsecore.ir.validation import check_int
+from sparsecore.methods import SESSIONS
+from sparsecore.registry import checked_options, device_type, registered_backends
+
+from .handle import SparseAttentionHandle
+from .models import spec_of
+from .planner import MethodProvider
+from .processors import SPARSE_PROCESSORS, attention_modules
+
+TESTED_DIFFUSERS = "0.42"
+DENSE_ATTENTION = ("auto", "model")
+
+
+def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str = "cuda", backend: str | None = None,
+          num_steps: int = 50, backend_options: dict[str, Any] | None = None, dense_attention: str = "auto",
+          **params: Any) -> SparseAttentionHandle:
+    """Route the self-attention of every block of ``transformer`` through sparsecore.
+
+    Args:
+        transformer: a diffusers 0.42 ``WanTransformer3DModel`` or ``HunyuanVideo15Transformer3DModel``
+            (e.g. ``pipe.transformer``) with diffusers' own attention processors.
+        method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
+            **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
+        device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
+            tensors must be there when it runs.
+        backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
+        num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
+        backend_options: options of the named ``backend`` for every kernel (its options dataclass, e.g.
+            ``{"key_parts": 4}`` for ``"fa4"``); needs ``backend``.
+        dense_attention: what the dense steps and layers run: ``"auto"`` a dense kernel measured faster than
+            torch SDPA's where one takes the inputs and the model is on diffusers' default attention backend
+            (FlashAttention-4's on Hopper: :meth:`.SparseProcessor.faster_dense`), else the model's own attention;
+            ``"model"``: the model's own attention (diffusers' dispatch), and AdaSpa's passes that give its search
+            an LSE (which the model's attention does not return) on cuDNN or the fused Triton pass, not FA4.
+        **params: the method's parameters (see docs/methods.md).
+
+    Returns:
+        A :class:`SparseAttentionHandle` (``set_step``, ``step``, ``stats``, ``timing``, ``mask``, ``remove``).
+
+    Raises:
+        TypeError: unsupported model class or processor, unknown method parameter, bad argument type.
+        ValueError: unknown method, device or backend, bad values, or sparsecore already applied;
+            ``UnsupportedError`` (a ValueError) for a backend that does not compile for ``device``.
+        RuntimeError: ``device`` is known but nothing runs on it here (e.g. ``"cuda"`` without a GPU), as
+            :func:`sparsecore.compile` says; the message names the device and what is missing.
+    """
+    spec = spec_of(transformer)
+    num_steps = check_int(num_steps, "num_steps", 1)
+    if isinstance(method, str):
+        if method not in SESSIONS:
+            raise ValueError(f"method: expected one of {sorted(SESSIONS)} or a callable (geometry, num_heads, step, "
+                             f"layer) -> BlockMask, got {method!r}")
+        if method == "lvsa":
+            params.setdefault("reference_frames", spec.reference_frames)
+        SESSIONS[method](num_steps=num_steps, **params)              # checks the parameters now
+    elif callable(method):
+        if params:
+            raise TypeError(f"params: a callable method takes no parameters, got {sorted(params)}; bind them in the "
+                            f"callable (functools.partial)")
+    else:
+        raise TypeError(f"method: expected a method name {sorted(SESSIONS)} or a callable, got "
+                        f"{type(method).__name__}")
+    from sparsecore.check import tensor_device_problem
+    from sparsecore.registry import UnsupportedError
+    kind = device_type(device)
+    if backend is not None and (not isinstance(backend, str) or backend not in registered_backends()):
+        raise ValueError(f"backend: expected None or a registered sparsecore backend "
+                         f"({', '.join(sorted(registered_backends()))}), got {backend!r}")
+    devices = () if backend is None else registered_backends()[backend].capabilities.devices
+    if backend is not None and kind not in devices:
+        raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
+                               f"backend=None for the device's preferred one")
+    backend_options = checked_options(backend, backend_options, "backend_options")
+    if dense_attention not in DENSE_ATTENTION:
+        raise ValueError(f"dense_attention: expected 'auto' (a dense kernel measured faster where one takes the "
+                         f"inputs) or 'model' (the model's own attention), got {dense_attention!r}")
+    problem = tensor_device_problem(device, backend)   # checked now, not at the first forward
+    if problem:
+        raise RuntimeError(f"device: {problem}; pass the device the model runs on")
+    if not diffusers.__version__.startswith(TESTED_DIFFUSERS + "."):
+        warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
+                      f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
+                      f"handle.remove() (dense)", stacklevel=2)
+    modules = attention_modules(transformer, spec)
+    handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
+                                   backend_options, dense_attention)
+    sparse_class = SPARSE_PROCESSORS[spec.name]
+    for layer, module in enumerate(modules):
+        original = module.processor
+        handle._originals.append((weakref.ref(module), original))
+        handle._processors.append(sparse_class(handle, layer, original))
+        module.set_processor(handle._processors[-1])
+    # Step tracking reads the timestep's value: never traced (regional compilation leaves these hooks eager
+    # anyway; torch.compile of the whole transformer calls them eagerly, one graph break before its forward).
+    handle._hooks = [transformer.register_forward_pre_hook(torch.compiler.disable(handle._pre_forward),
+                                                           with_kwargs=True),
+                     transformer.register_forward_hook(torch.compiler.disable(handle._post_forward), always_call=True)]
+    return handle
