@@ -99,6 +99,17 @@ def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Pat
     cols = min(len(heads), 4)
     rows = -(-len(heads) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    try:                       # pyplot keeps every figure until it is closed: a failed save must not leave one open
+        _draw_heads(fig, axes, mask, heads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _draw_heads(fig: Any, axes: np.ndarray, mask: "BlockMask", heads: list[int]) -> None:
+    """Each head's block map on its axes (to token scale), and the figure's titles."""
     sampled = mask.num_q_blocks * mask.num_kv_blocks > MAX_CELLS
     shown = None if sampled else mask.select_heads(heads)
     dense = None if sampled else shown.to_dense()
@@ -126,7 +137,3 @@ def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Pat
     fig.supxlabel("key token")
     fig.supylabel("query token")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path

@@ -65,6 +65,12 @@ def run_device(device: Any) -> "torch.device":
     """``device`` as a ``torch.device`` with an index on accelerators (``"cuda"`` is the current one)."""
     import torch
     device = v.torch_device(device)
-    if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, getattr(torch, device.type).current_device())
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)          # torch.cuda, torch.xpu, torch.npu, torch.mps; "meta": none
+    if not getattr(module, "is_available", lambda: False)():
+        raise ValueError(f"device: expected a device this machine has, got {str(device)!r} (torch {torch.__version__}: "
+                         f"torch.{device.type}.is_available() is not True); pass 'cpu' or a device listed there")
+    if device.index is None:                            # the current one (MPS has one device and no current_device)
+        device = torch.device(device.type, getattr(module, "current_device", lambda: 0)())
     return device

@@ -37,6 +37,8 @@ class Capabilities:
         max_heads: most query heads one mask may have (None: any).
         max_rows: most (head, query block) rows one mask may have per batch element (None: any).
         max_call_rows: most (batch element, head, query block) rows one call may have (None: any).
+        infinite_values_exact: a row that attends to a value of +-inf gets that infinity in its element, as dense
+            attention (False: every element of such a row is NaN; still non-finite, and only in those rows).
     """
 
     devices: tuple[str, ...]
@@ -54,6 +56,7 @@ class Capabilities:
     max_heads: int | None = None
     max_rows: int | None = None
     max_call_rows: int | None = None
+    infinite_values_exact: bool = True
 
     def mask_problems(self, mask: "BlockMask") -> list[str]:
         """Unmet capabilities for ``mask`` (empty list: the backend can take it)."""

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
 
 from sparsecore.inputs import check_return_lse, check_scale_type
@@ -83,6 +85,10 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and kernel.differentiable:
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
+    if isinstance(scale, (np.generic, np.ndarray, Fraction)):
+        # NumPy scalars (1 / np.sqrt(D)) are traced as arrays, Fractions as objects: the op's schema takes a float.
+        # Other NumPy dtypes (float32, int64) read as data-dependent values there, which the op cannot take.
+        scale = float(scale)
     check_scale_type(scale, (torch.SymInt, torch.SymFloat))
     out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
     return (out, lse) if return_lse else out

@@ -25,11 +25,12 @@ def masked_dense_attention(mask: BlockMask, q, k, v, scale: float) -> tuple[np.n
     group = q.shape[1] // k.shape[1]
     keys = np.repeat(k, group, axis=1)
     values = np.repeat(v, group, axis=1)
-    scores = np.where(mask.token_mask()[None], q @ keys.swapaxes(-1, -2) * scale, -np.inf)
+    tokens = mask.token_mask()[None]
+    scores = np.where(tokens, q @ keys.swapaxes(-1, -2) * scale, -np.inf)
     with np.errstate(invalid="ignore"):  # rows with no key: -inf - -inf, replaced below
         lse = np.logaddexp.reduce(scores, axis=-1)
         weights = np.exp(scores - lse[..., None])
-    weights = np.nan_to_num(weights, nan=0.0)
+    weights = np.where(tokens.any(axis=-1, keepdims=True), weights, 0.0)   # no key: 0; a NaN input stays NaN
     return weights @ values, lse
 
 

@@ -12,6 +12,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -39,7 +41,8 @@ def array_kind(t: Any) -> str:
 
 
 def dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")
+    """``"float32"`` for a torch float32 tensor and for a NumPy float32 array in either byte order."""
+    return t.dtype.name if isinstance(t.dtype, np.dtype) else str(t.dtype).removeprefix("torch.")
 
 
 NO_VALUES = object()   # attention_shape's default: only q and k are checked (v=None is checked, and refused)
@@ -74,15 +77,18 @@ def attention_shape(q: Any, k: Any, v: Any = NO_VALUES, *, kind: str = "torch",
                          f"keys and values of that shape (B, length, D as the expected one)")
     num_kv_heads = int(k.shape[1])
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"k: the number of key heads must divide the query heads ({num_heads}), got {num_kv_heads}")
+        raise ValueError(f"k: the number of key heads must divide the query heads ({num_heads}), got {num_kv_heads}; "
+                         f"pass k and v with a divisor of {num_heads} heads (repeat_interleave the key heads)")
     dtypes = [dtype_name(t) for _, t in named]
     if len(set(dtypes)) != 1:
-        raise TypeError(f"{', '.join(n for n, _ in named)}: expected one dtype, got {', '.join(dtypes)}")
+        raise TypeError(f"{', '.join(n for n, _ in named)}: expected one dtype, got {', '.join(dtypes)}; cast them "
+                        f"to one (e.g. k.to(q.dtype))")
     device = "host"
     if kind == "torch":
         devices = [t.device for _, t in named]
         if len(set(devices)) != 1:
-            raise ValueError(f"{', '.join(n for n, _ in named)}: expected one device, got {[str(d) for d in devices]}")
+            raise ValueError(f"{', '.join(n for n, _ in named)}: expected one device, got {[str(d) for d in devices]}; "
+                             f"move them to one (e.g. k.to(q.device))")
         device = devices[0].type
     return AttentionShape(batch, num_heads, num_kv_heads, q_len, int(k.shape[2]), head_dim, dtypes[0], device)
 
@@ -109,7 +115,8 @@ def check_return_lse(return_lse: Any) -> bool:
 def check_scale_type(scale: Any, symbolic: tuple[type, ...] = ()) -> None:
     """``scale`` is None or a real number (or one of the ``symbolic`` types: torch.compile's traced numbers)."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, *symbolic))):
-        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}")
+        raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}; pass a "
+                        f"Python float (float(scale))")
 
 
 def check_scale(scale: Any, head_dim: int) -> float:

@@ -263,11 +263,14 @@ class CompiledKernel:
                     break
                 problems[backend.name] = found
             else:
+                remedy = ("; give q, k, v what a backend takes (cast with .to(dtype), pad the head dim), or compile "
+                          "for another backend or device (sparsecore.registered_backends() lists each one's "
+                          "capabilities)")
                 if len(problems) == 1:
                     name, found = next(iter(problems.items()))
-                    raise UnsupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(found)}")
+                    raise UnsupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(found)}{remedy}")
                 lines = "; ".join(f"{name}: {', '.join(found)}" for name, found in problems.items())
-                raise UnsupportedError(f"no backend compiled for this mask can run these inputs: {lines}")
+                raise UnsupportedError(f"no backend compiled for this mask can run these inputs: {lines}{remedy}")
         return chosen
 
     def _problems(self, backend: Backend, shape: AttentionShape, return_lse: bool) -> list[str]:

@@ -242,8 +242,8 @@ def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend
     (:func:`first_available` checks them in this order).
 
     ``name`` restricts them to that backend. Raises when none takes the mask: ``ValueError`` for an
-    unknown name, ``RuntimeError`` when no backend for the device runs here (saying why),
-    ``UnsupportedError`` when none that runs here takes the mask (naming each unmet capability).
+    unknown name, ``UnsupportedError`` naming each one's unmet capabilities (and, where one does not run here either,
+    why). That some of them do not run here is :func:`first_available`'s to say.
     """
     kind = device_type(device)
     found = [b for b in registered_backends().values() if kind in b.capabilities.devices]
@@ -258,12 +258,13 @@ def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend
         found = [chosen]
     problems = {b.name: b.capabilities.mask_problems(mask) for b in found}
     capable = [b for b in found if not problems[b.name]]
-    if not capable:
-        available = [b for b in found if b.unavailable_reason(device) is None]
-        if not available:
-            first_available(found, device)               # raises, saying why each cannot run here
-        lines = "; ".join(f"{b.name}: {', '.join(problems[b.name])}" for b in available)
-        raise UnsupportedError(f"no available backend for device {device!r} can take {mask!r}: {lines}")
+    if not capable:                   # what each lacks (installing one that cannot take the mask would not help)
+        lines = []
+        for b in found:
+            reason = b.unavailable_reason(device)
+            lines.append(f"{b.name}: {', '.join(problems[b.name])}" + (f" (nor does it run here: {reason})"
+                                                                       if reason is not None else ""))
+        raise UnsupportedError(f"no backend for device {device!r} can take {mask!r}: {'; '.join(lines)}")
     return sorted(capable, key=lambda b: -b.preference(mask))
 
 

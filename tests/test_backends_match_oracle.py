@@ -90,6 +90,11 @@ NAMED_CASES = {
     "blocks_that_are_kernel_tiles_no_short": AttentionCase(_random(2, 256, 256, 64, 0.6, 7), 1, 1, 32, 19, None),
     # 64-token blocks with a short one inside: still the kernel's 64-wide tiles, with a partial tile mid-row
     "video_then_text_blocks": AttentionCase(_video_then_text(3 * 64 + 40, 64 + 20, 64, 2, 8), 1, 2, 128, 20, None),
+    # scales a kernel must not fold into its running max as if positive (at -20 such a fold overflows exp2)
+    "negative_scale": AttentionCase(_random(2, 256, 256, 128, 0.6, 9), 1, 1, 64, 21, -20.0),
+    "zero_scale": AttentionCase(_random(2, 256, 256, 64, 0.6, 10), 1, 2, 64, 22, 0.0),
+    # no row lists a block: every output 0, every LSE -inf (the kernels still launch their programs)
+    "all_rows_empty": AttentionCase(_random(2, 200, 256, 64, 0.0, 11), 2, 1, 64, 23, None),
 }
 
 

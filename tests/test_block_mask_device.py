@@ -243,3 +243,16 @@ def test_default_budgets_on_cuda_equal_the_hosts():
         device = BlockMask(2, host.q_offsets, host.kv_offsets, torch.as_tensor(host.indptr, device="cuda"),
                            torch.as_tensor(host.indices, device="cuda"))
         assert np.array_equal(device.budgets.cpu().numpy(), host.budgets) and device == host
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "cuda", "cuda:0"])
+def test_moving_a_mask_to_a_device_this_machine_lacks_names_it(device):
+    """``mask.to("mps")`` raised AttributeError on every machine (torch.mps has no current_device), "meta" another,
+    and "cuda" without CUDA torch's AssertionError."""
+    kind = torch.device(device).type
+    if kind != "meta" and getattr(torch, kind).is_available():
+        pytest.skip(f"torch.{kind}.is_available() is True here: the mask moves")
+    mask = BlockMask.full(2, 256, 256, 64)
+    for move in (mask.to, mask.to("cpu").copy_to):
+        with pytest.raises(ValueError, match=rf"device: expected a device this machine has, got '{device}'"):
+            move(device)

@@ -132,6 +132,18 @@ def test_render_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_failed_render_leaves_no_figure_open(tmp_path):
+    """pyplot keeps each figure until it is closed: a render whose save failed kept its figure for good."""
+    import matplotlib.pyplot as plt
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    before = plt.get_fignums()
+    for _ in range(2):
+        with pytest.raises(OSError):
+            small().render(blocker / "sub" / "mask.png", heads=[1, 0])
+    assert plt.get_fignums() == before
+
+
 @given(st.integers(1, 40), st.integers(1, 9))
 def test_uniform_block_size(length, block):
     mask = BlockMask.full(1, length, length, block)

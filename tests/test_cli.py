@@ -85,3 +85,24 @@ def test_check_runs_the_backend_a_users_kernel_ends_up_on_at_every_head_dim(monk
     assert check.run_check("cpu", None, 3, 0, "float32", lambda result: None).passed == 3
     assert seen and all(kwargs.get("warmup") == "wait" for kwargs in seen)
     assert 128 in check._head_dims("cpu", None) and 128 in check._head_dims("cuda", "triton")
+
+
+def test_the_cli_yardstick_matches_the_oracle_and_keeps_a_nan_row_nan():
+    """``masked_dense_attention`` (``sparsecore check``'s and the demo's accuracy columns) gave 0 for a row made NaN
+    by a NaN query, where the reference kernel and dense attention give NaN; empty rows stay 0 / -inf."""
+    from oracle import dense_attention, expand_to_tokens
+    from sparsecore.dense import masked_dense_attention
+    rng = np.random.default_rng(4)
+    keep = rng.random((4, 3, 3)) < 0.5
+    keep[0, 1] = False                                                  # an empty row
+    keep[2, 0, 0] = True                                                # the NaN query's row lists a block
+    mask = BlockMask.from_dense(keep, 24, 24, 8)
+    q, k, v = (rng.standard_normal((1, heads, 24, 16)) for heads in (4, 2, 2))
+    out, lse = masked_dense_attention(mask, q, k, v, 0.3)
+    want_out, want_lse = dense_attention(q, k, v, expand_to_tokens(mask), 0.3)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
+    assert (out[0, 0, 8:16] == 0).all() and (lse[0, 0, 8:16] == -np.inf).all()
+    q[0, 2, 3] = np.nan
+    out, _ = masked_dense_attention(mask, q, k, v, 0.3)
+    assert np.isnan(out[0, 2, 3]).all() and np.isfinite(np.delete(out[0, 2], 3, axis=0)).all()

@@ -121,11 +121,18 @@ def test_small_chunks_give_the_same_result():
     (lambda kern, q, k, v: kern(q, k[:, :, :29], v[:, :, :29]), ValueError, r"k: expected \[1, H_kv, 30, 8\]"),
     (lambda kern, q, k, v: kern(q, k[..., :4], v[..., :4]), ValueError, r"k: expected \[1, H_kv, 30, 8\]"),
     (lambda kern, q, k, v: kern(q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)), ValueError,
-     r"k: the number of key heads must divide the query heads \(4\), got 3"),
-    (lambda kern, q, k, v: kern(q.half(), k, v), TypeError, r"q, k, v: expected one dtype, got float16, float32, float32"),
+     r"k: the number of key heads must divide the query heads \(4\), got 3; pass k and v with a divisor"),
+    (lambda kern, q, k, v: kern(q, k[:, :0], v[:, :0]), ValueError,
+     r"k: the number of key heads must divide the query heads \(4\), got 0"),
+    (lambda kern, q, k, v: kern(q, torch.cat([k, k]), torch.cat([v, v])), ValueError,
+     r"k: expected \[1, H_kv, 30, 8\] \(batch and head_dim of q"),
+    (lambda kern, q, k, v: kern(q.half(), k, v), TypeError,
+     r"q, k, v: expected one dtype, got float16, float32, float32; cast them to one"),
     (lambda kern, q, k, v: kern(q.int(), k.int(), v.int()), UnsupportedError,
-     r"backend 'portable' cannot run these inputs: dtypes: supports .*got int32"),
+     r"backend 'portable' cannot run these inputs: dtypes: supports .*got int32; give q, k, v what a backend takes"),
     (lambda kern, q, k, v: kern(q, k, v, scale="0.1"), TypeError, r"scale: expected a float or None"),
+    (lambda kern, q, k, v: kern(q, k, v, scale=torch.tensor(0.1)), TypeError,
+     r"scale: expected a float or None .*got Tensor; pass a Python float"),
     (lambda kern, q, k, v: kern(q, k, v, scale=float("inf")), ValueError,
      r"scale: expected a finite float with .*got inf"),
     (lambda kern, q, k, v: kern(q, k, v, scale=3e38), ValueError, r"scale: expected a finite float with .*got 3e\+38"),
@@ -136,7 +143,7 @@ def test_small_chunks_give_the_same_result():
      r"scale: expected a float or None"),
     (lambda kern, q, k, v: kern(q.to("meta"), k.to("meta"), v.to("meta")), ValueError,
      r"tensors are on 'meta' but the kernel was compiled for device 'cpu'"),
-    (lambda kern, q, k, v: kern(q, k.to("meta"), v), ValueError, r"q, k, v: expected one device"),
+    (lambda kern, q, k, v: kern(q, k.to("meta"), v), ValueError, r"q, k, v: expected one device.*; move them to one"),
 ])
 def test_call_time_input_errors(call, error, message):
     kernel = sparsecore.compile(mask(), device="cpu")
@@ -153,6 +160,8 @@ def test_reference_takes_numpy_only_and_its_dtypes():
         kernel(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16))
     out = kernel(q, k, v)
     assert out.dtype == np.float32 and out.shape == q.shape
+    swapped = [x.astype(">f4") for x in (q, k, v)]          # float32 in the other byte order is float32 too
+    np.testing.assert_array_equal(kernel(*swapped), out)
 
 
 @dataclass(frozen=True)
@@ -399,16 +408,18 @@ def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector(
         gc.enable()
 
 
-def test_the_host_mask_cache_is_bounded_by_the_blocks_it_lists(monkeypatch):
-    """New large host masks every step must not pile up compiled kernels: the least recently used go first."""
+@pytest.mark.parametrize("bound, value", [("CACHE_BLOCKS", 130), ("CACHE_KEY_TOKENS", 130 * 16)])
+def test_the_host_mask_cache_is_bounded_by_the_blocks_and_key_tokens_it_lists(monkeypatch, bound, value):
+    """New large host masks every step must not pile up compiled kernels: the least recently used go first. The
+    blocks bound alone let portable's plans (9 bytes a kept key token) reach about 147 GiB at 128-token blocks."""
     from sparsecore import kernel_cache
     sparsecore.clear_cache()
-    monkeypatch.setattr(kernel_cache, "CACHE_BLOCKS", 130)
+    monkeypatch.setattr(kernel_cache, bound, value)
     masks = [BlockMask.from_dense(np.random.default_rng(seed).random((4, 4, 4)) < 0.9, 64, 64, 16) for seed in range(3)]
-    assert [m.nnz for m in masks] == [59, 58, 61]                          # two fit in 130 blocks, not three
+    assert [m.nnz for m in masks] == [59, 58, 61]               # two fit in 130 blocks (of 16 tokens), not three
     kernels = [sparsecore.compile(m, device="cpu") for m in masks[:2]]
     assert sparsecore.compile(masks[0], device="cpu") is kernels[0]           # masks[0] now the most recently used
-    sparsecore.compile(masks[2], device="cpu")                               # over 130 blocks: masks[1] goes
+    sparsecore.compile(masks[2], device="cpu")                               # over the bound: masks[1] goes
     assert sparsecore.compile(masks[0], device="cpu") is kernels[0]
     assert sparsecore.compile(masks[1], device="cpu") is not kernels[1]
     sparsecore.clear_cache()
@@ -486,31 +497,47 @@ def test_inputs_that_require_gradients_get_the_same_forward_and_a_backward_that_
 
 
 def _dense_attention_torch(q, k, v, tokens, scale):
-    """Masked softmax attention in float64 torch ops (differentiable), ``tokens [H, S, T]``; empty rows give 0."""
+    """Masked softmax attention in float64 torch ops (differentiable), ``tokens [H, S, T]``: the output (empty rows
+    give 0) and the LSE (-inf on empty rows)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     keep = torch.from_numpy(tokens)[None]
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, -torch.inf)
     has_keys = keep.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~has_keys, 0.0), dim=-1).masked_fill(~has_keys, 0.0)
-    return probs @ v
+    return probs @ v, torch.logsumexp(scores, dim=-1)
 
 
-def test_the_portable_lowering_keeps_true_gradients():
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("empty", [False, True])
+def test_the_portable_lowering_keeps_true_gradients(return_lse, empty):
     """``portable`` runs torch ops, so it keeps autograd's gradients: they equal float64 dense attention's under the
-    same mask (GQA, a row that keeps nothing, blocks of two sizes)."""
+    same mask (GQA, a row that keeps nothing, blocks of two sizes), through the output and the LSE (its path forms
+    the scores itself; the other is torch's SDPA). A mask that keeps nothing gives zero gradients (before, an output
+    that did not require grad, and backward raised)."""
     keep = np.random.default_rng(3).random((4, 4, 4)) < 0.5
     keep[:, np.arange(4), np.arange(4)] = True
     keep[1, 2] = False                                          # head 1, query block 2 keeps no key
-    mask = BlockMask.from_dense(keep, 64, 64, 16)
+    mask = BlockMask.from_dense(keep & (not empty), 64, 64, 16)
     kernel = sparsecore.compile(mask, device="cpu", backend="portable")
     gen = torch.Generator().manual_seed(1)
     inputs = [torch.randn(1, h, 64, 16, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2)]
     weights = torch.randn(1, 4, 64, 16, generator=gen, dtype=torch.float64)
-    got = torch.autograd.grad((kernel(*inputs) * weights).sum(), inputs)
-    want = torch.autograd.grad((_dense_attention_torch(*inputs, expand_to_tokens(mask), 0.25) * weights).sum(), inputs)
-    for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+    lse_weights = torch.randn(1, 4, 64, generator=gen, dtype=torch.float64)
+
+    def loss(out, lse):
+        total = (out * weights).sum()
+        if return_lse:
+            finite = lse.isfinite()
+            total = total + (lse.double() * lse_weights)[finite].sum()
+        return total
+    got = torch.autograd.grad(loss(*kernel(*inputs, return_lse=True)) if return_lse else loss(kernel(*inputs), None),
+                              inputs)
+    want = torch.autograd.grad(loss(*_dense_attention_torch(*inputs, expand_to_tokens(mask), 0.25)), inputs)
+    for name, g, w in zip("qkv", got, want):   # the LSE is float32: its gradient to float32 precision
+        torch.testing.assert_close(g, w, rtol=1e-6 if return_lse else 1e-10, atol=1e-6 if return_lse else 1e-12,
+                                   msg=f"d{name}")
+        assert not empty or not g.any()
 
 
 def test_portable_approximating_masks_are_inference_only():
@@ -593,3 +620,15 @@ def test_masks_copy_and_pickle_and_a_kernel_copies_as_itself():
     assert copy.deepcopy(kernel) is kernel
     with pytest.raises(TypeError, match="pickle its mask"):
         pickle.dumps(kernel)
+
+
+def test_a_named_backend_that_cannot_take_the_mask_says_so_before_saying_it_is_missing():
+    """It said only "flashinfer is not installed (pip install ...)": installing it would not have helped."""
+    from sparsecore.ir import Unselected
+    full = BlockMask.full(2, 256, 256, 64)
+    mask = BlockMask(2, full.q_offsets, full.kv_offsets, full.indptr, full.indices, unselected=Unselected("zeroth"))
+    backend = sparsecore.registered_backends()["flashinfer"]
+    if backend.unavailable_reason("cuda") is None:
+        pytest.skip("flashinfer runs here: this test is for a machine where it does not")
+    with pytest.raises(UnsupportedError, match=r"flashinfer: unselected: .* \(nor does it run here: "):
+        sparsecore.compile(mask, "cuda", backend="flashinfer")

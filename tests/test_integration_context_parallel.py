@@ -12,6 +12,8 @@ sparsecore's exchange and context-parallel plan), ring 2, ring 4, and ring 2 x U
 
 from __future__ import annotations
 
+import warnings
+
 from functools import lru_cache
 from types import SimpleNamespace
 
@@ -145,6 +147,28 @@ def test_ring_checks_name_the_field_before_any_collective(params, message):
         model(**inputs("wan"), timestep=torch.full((2,), 999.0), return_dict=False)
     with pytest.warns(UserWarning, match="after remove.*ring attention needs an attention backend that returns"):
         handle.remove()                                      # the model keeps the ring config and 'native'
+
+
+@pytest.mark.parametrize("degrees, refused", [({"ring_degree": 2}, True), ({"ulysses_degree": 2}, False)])
+def test_pasas_default_approximation_under_ring_is_refused_at_the_first_forward(degrees, refused):
+    """It was refused at the first sparse step only, after every rank had run the dense steps (a review's two-process
+    run); Ulysses keeps whole sequences, so it takes the approximation."""
+    model = tiny_wan()
+    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=5)       # approximation: PASA's default
+    assert handle.approximation.startswith("grouped-first-order")
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = fake_parallel_config(**degrees)
+    if not refused:
+        parallel.refuse_ring_approximation(handle._processors, handle.approximation)
+    else:
+        with pytest.raises(ValueError, match=r"approximation: under ring attention \(ring degree 2\) expected "
+                                             r"'drop', got 'grouped-first-order.*pass approximation='drop'"):
+            with torch.no_grad():
+                model(**inputs("wan"), timestep=torch.full((2,), 999.0), return_dict=False)
+        assert handle.step is None                                   # refused before the step was counted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle.remove()
 
 
 @pytest.mark.parametrize("joint_text, degrees, backend, need", [

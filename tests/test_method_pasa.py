@@ -164,9 +164,11 @@ def test_calibration_record_save_load_average(tmp_path):
     assert twice.values[1:].tolist() == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="no recorded change"):
         pasa.CurvatureRecorder(3).profile()
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a PASA curvature profile"):
-        pasa.CurvatureProfile.load(tmp_path / "bad.json")
+    for bad in ("{}", '{"l1_change": 5}', '{"l1_change": ["a", 1]}', '{"l1_change": [{"a": 1}]}',
+                '{"l1_change": [true]}', "[1, 2]"):     # every bad file names itself (some raised bare TypeErrors)
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="bad.json: not a PASA curvature profile"):
+            pasa.CurvatureProfile.load(tmp_path / "bad.json")
 
 
 def test_schedule_mean_is_exact_whatever_the_spread_of_the_changes():

@@ -77,6 +77,8 @@ def check_isolation(target, case: AttentionCase, batch: int, key_head: int, toke
         assert np.array_equal(lse[untouched], clean_lse[untouched]), "the LSE of rows that do not attend changed"
     if where == "v":
         assert not np.isfinite(out[hit][:, dim]).any(), f"a non-finite value {poison} did not reach an attending row"
+        if case.scale == 0 and not np.isnan(poison):  # every weight 1/L, none rounds to 0: dense gives that infinity
+            assert (out[hit][:, dim] == poison).all(), f"a value {poison} gave {out[hit][:, dim]}, not {poison}"
     elif np.isnan(poison):
         assert not np.isfinite(out[hit]).any(axis=-1).any(), "a NaN key did not reach every attending row"
         if lse is not None:          # its scores are NaN, so is their log-sum-exp (Triton's said -inf: "no keys")
@@ -101,6 +103,21 @@ def _padded_rows() -> BlockMask:
     kept whole and in part (the NPU lowering's two ops) and a short last block (partial Triton tiles)."""
     rows = [[[1, 2], [0, 1, 2, 3], [3], [1, 3]], [[0], [2, 3], [1, 2, 3], []]]
     return BlockMask.from_lists(rows, [0, 64, 128, 192, 256], [0, 128, 256, 384, 448])
+
+
+@pytest.mark.parametrize("token", [128, 129, 256])
+@pytest.mark.parametrize("poison", [np.inf, -np.inf])
+def test_an_infinite_value_gives_that_infinity_where_padding_repeats_it(target, token, poison):
+    """Padding repeats a row's first kept token: ``portable`` multiplied its infinite value by a padding slot's
+    zero weight, so rows that attend to it got NaN where dense attention gives the infinity."""
+    case = AttentionCase(_padded_rows(), batch=1, num_kv_heads=1, head_dim=64, seed=5, scale=0.0)
+    problems = target.capabilities.mask_problems(case.mask) + target.capabilities.tensor_problems(
+        target.dtype, 64, 2, 1, target.capabilities.lse)
+    if not target.capabilities.infinite_values_exact:
+        problems.append("infinite_values_exact: False (such rows are NaN in every element)")
+    if problems:
+        pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
+    check_isolation(target, case, batch=0, key_head=0, token=token, dim=3, where="v", poison=poison)
 
 
 @pytest.mark.parametrize("where, token", [("v", 0), ("k", 0), ("v", 129), ("v", 447), ("k", 383)])

@@ -8,6 +8,8 @@ inputs needing gradients raise (inference only).
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,17 @@ def test_a_scale_that_changes_between_calls_stays_in_one_graph():
     for scale in (0.1, 0.2, 0.3, 0.4):
         np.testing.assert_allclose(compiled(q, k, v, scale).double().numpy(), expected(mask, q, k, v, scale)[0],
                                    atol=2e-5)
+
+
+@pytest.mark.parametrize("scale", [np.float64(0.3), Fraction(3, 10)])
+def test_a_numpy_or_fraction_scale_runs_in_one_graph(scale):
+    """``1 / np.sqrt(D)`` is a NumPy float64, which Dynamo traces as an array: the op's type check raised inside the
+    trace (a graph break; under fullgraph=True an error saying "got ndarray")."""
+    torch._dynamo.reset()
+    mask, kernel = masked_kernel(12)
+    q, k, v = inputs(1, 13)
+    compiled = torch.compile(lambda q, k, v: kernel(q, k, v, scale=scale), fullgraph=True, backend="aot_eager")
+    np.testing.assert_allclose(compiled(q, k, v).double().numpy(), expected(mask, q, k, v, float(scale))[0], atol=2e-5)
 
 
 def test_bad_arguments_are_named_under_compile():

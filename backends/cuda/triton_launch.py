@@ -55,12 +55,7 @@ class TritonLaunch:
         out = torch.empty_like(q)
         want_lse = return_lse or self.approximation is not None
         lse = torch.empty((batch, num_heads, q_len), dtype=torch.float32, device=q.device) if want_lse else out
-        if tiles.num_programs == 0:                 # no row lists a block
-            out.zero_()
-            if want_lse:
-                lse.fill_(-torch.inf)
-        else:
-            self._exact(q, k, v, out, lse, scale, want_lse, config, tiles)
+        self._exact(q, k, v, out, lse, scale, want_lse, config, tiles)   # one program per (head, query tile) at least
         if self.approximation is not None:
             self.approximation(q, k, v, out, lse, scale)
         return out, (lse if return_lse else None)

@@ -79,7 +79,8 @@ class NpuBackend(Backend):
     capabilities = Capabilities(devices=("npu",), array_type="torch",
                                 dtypes=frozenset({"float16", "bfloat16", "float32"}),
                                 head_dims=frozenset(BLOCK_SPARSE_HEAD_DIMS), max_heads=MAX_HEADS,
-                                unselected=frozenset(KINDS))
+                                unselected=frozenset(KINDS),
+                                infinite_values_exact=False)     # the fallback's guard: see _run_fallback
     install_hint = loader.INSTALL_HINT
     lowers_from_host = True
     options_type = NpuOptions

@@ -209,8 +209,15 @@ def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.T
             queries = q_flat[b, q_index].to(compute)                            # [R, QB, D]
             keys = k_flat[b, kv_index].to(compute)                              # [R, L, D]
             values = v_flat[b, kv_index].to(compute)
+            if chunk.padded:            # a padding slot's weight is 0, and 0 * inf is NaN: zero its value too
+                values = values.masked_fill(~chunk.kv_valid[..., None], 0)
             result, row_lse = _attend(queries, keys, values, chunk.kv_valid, chunk.padded, scale, return_lse)
             out[b, valid_rows] = result[chunk.q_valid].to(out_dtype)
             if return_lse:
                 lse[b, valid_rows] = row_lse[chunk.q_valid].to(lse_dtype)
+    if not chunks and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # no row lists a block: zeros, still a function of q, k, v for autograd (gradient 0); sums over an empty
+        # slice, so a NaN input does not reach them
+        zero = sum(t.narrow(-1, 0, 0).sum() for t in (q, k, v))
+        out, lse = out + zero.to(out_dtype), lse + zero.to(lse_dtype)
     return out.reshape(q.shape), (lse.reshape(batch, num_heads, q_len) if return_lse else None)

@@ -159,8 +159,12 @@ class CurvatureProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "CurvatureProfile":
+        """Read a profile written by :meth:`save`; anything else raises ``ValueError`` naming the file."""
         try:
             data = json.loads(Path(path).read_text())["l1_change"]
+            if not isinstance(data, list) or not all(x is None or (isinstance(x, (int, float))
+                                                                    and not isinstance(x, bool)) for x in data):
+                raise ValueError(f"l1_change: expected a list of numbers or null, got {str(data)[:80]}")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a PASA curvature profile ({err}); write one with CurvatureProfile.save")
         return cls(np.array([np.nan if x is None else x for x in data], dtype=np.float64))

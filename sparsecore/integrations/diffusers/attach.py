@@ -67,8 +67,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                              f"layer) -> BlockMask, got {method!r}")
         if method == "lvsa":
             params.setdefault("reference_frames", spec.reference_frames)
-        SESSIONS[method](num_steps=num_steps, **params)              # checks the parameters now
+        approximation = SESSIONS[method](num_steps=num_steps, **params).params.approximation   # checks them now
     elif callable(method):
+        approximation = None                                         # known from its masks only
         if params:
             raise TypeError(f"params: a callable method takes no parameters, got {sorted(params)}; bind them in the "
                             f"callable (functools.partial)")
@@ -99,6 +100,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     modules = attention_modules(transformer, spec)
     handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
                                    backend_options, dense_attention)
+    handle.approximation = approximation
     sparse_class = SPARSE_PROCESSORS[spec.name]
     for layer, module in enumerate(modules):
         original = module.processor

@@ -58,6 +58,7 @@ class SparseAttentionHandle:
         self.backend_options = dict(backend_options or {})
         self.dense_attention = dense_attention
         self.num_steps = num_steps
+        self.approximation: str | None = None     # the method's treatment of unkept blocks (None: a callable's)
         self.geometry: VideoGeometry | None = None
         self.active = False
         self._stats = Stats()
@@ -173,6 +174,7 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: expected a latent video [B, C, F, H, W] for {type(module).__name__}, "
                              f"got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
+        parallel.refuse_ring_approximation(self._processors, self.approximation)           # before any step runs
         p_t, p_h, p_w = self.spec.patch(module.config)
         self.geometry = VideoGeometry(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
         self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None), hidden)

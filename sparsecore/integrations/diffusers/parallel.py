@@ -108,6 +108,19 @@ def layout(parallel_config: Any) -> Layout | None:
 NO_LSE_BACKENDS = ("native", "_native_npu")
 
 
+def refuse_ring_approximation(processors: Sequence[Any], approximation: str | None) -> None:
+    """Under ring attention a method that approximates unkept blocks is refused at a forward's start (its first
+    sparse step would raise, after every rank had run the dense steps): the approximation's statistics cover whole
+    key blocks and groups of them, which the ring's key shards cut. Callables are checked per mask (:mod:`.sharded`)."""
+    cp = getattr(processors[0]._parallel_config, "context_parallel_config", None) if processors else None
+    if approximation in (None, "drop") or cp is None or cp.ring_degree == 1:
+        return
+    raise ValueError(f"approximation: under ring attention (ring degree {cp.ring_degree}) expected 'drop', got "
+                     f"{approximation!r} (PASA's default approximates the blocks a row does not keep, from statistics "
+                     f"of whole key blocks that the ring's key shards cut); pass approximation='drop' to apply(), or "
+                     f"run under Ulysses only (ring_degree=1)")
+
+
 def after_remove(processors: Sequence[Any], joint_text: bool) -> str | None:
     """What a model needs to run after ``handle.remove()`` under the context parallelism of its ``processors``
     (sparsecore's, which share one parallel config); None: nothing.
