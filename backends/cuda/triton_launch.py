@@ -48,8 +48,7 @@ class TritonLaunch:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = (t.contiguous() for t in (q, k, v))
-        batch, num_heads, q_len, head_dim = q.shape
-        num_kv_heads, kv_len = k.shape[1], k.shape[2]
+        batch, num_heads, q_len, _ = q.shape
         config = self.config(q)
         tiles = self.schedule(config)
         out = torch.empty_like(q)
