@@ -81,8 +81,9 @@ def attention_shape(q: Any, k: Any, v: Any = NO_VALUES, *, kind: str = "torch",
                          f"pass k and v with a divisor of {num_heads} heads (repeat_interleave the key heads)")
     dtypes = [dtype_name(t) for _, t in named]
     if len(set(dtypes)) != 1:
+        cast = "k.to(q.dtype)" if kind == "torch" else "k.astype(q.dtype)"
         raise TypeError(f"{', '.join(n for n, _ in named)}: expected one dtype, got {', '.join(dtypes)}; cast them "
-                        f"to one (e.g. k.to(q.dtype))")
+                        f"to one (e.g. {cast})")
     device = "host"
     if kind == "torch":
         devices = [t.device for _, t in named]

@@ -263,9 +263,9 @@ class CompiledKernel:
                     break
                 problems[backend.name] = found
             else:
-                remedy = ("; give q, k, v what a backend takes (cast with .to(dtype), pad the head dim), or compile "
-                          "for another backend or device (sparsecore.registered_backends() lists each one's "
-                          "capabilities)")
+                remedy = ("; give q, k, v what a backend takes (cast them: torch .to(dtype), NumPy .astype(dtype); pad "
+                          "the head dim), or compile for another backend or device (sparsecore.registered_backends() "
+                          "lists each one's capabilities)")
                 if len(problems) == 1:
                     name, found = next(iter(problems.items()))
                     raise UnsupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(found)}{remedy}")
@@ -299,9 +299,12 @@ class CompiledKernel:
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
 
-    def __deepcopy__(self, memo: dict) -> "CompiledKernel":
+    def __copy__(self) -> "CompiledKernel":
         """The kernel itself: what it computes is fixed at compile, and a copy would share its slot
         (:mod:`sparsecore.compiled_call`), so compiled graphs would call the original."""
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "CompiledKernel":
         return self
 
     def __reduce__(self) -> Any:

@@ -1,10 +1,11 @@
-"""What sparsecore keeps between calls, and :func:`clear_cache`, which forgets all of it.
+"""What sparsecore keeps between calls, and :func:`clear_cache`, which forgets it.
 
 The compiled kernels of host masks live here, found again by content (a pattern that recurs across layers and
 steps compiles once): the most recently used first, at most :data:`CACHE_SIZE` of them listing at most
-:data:`CACHE_BLOCKS` blocks and :data:`CACHE_KEY_TOKENS` key tokens together (a kernel's device lists and tile
-plan grow with its blocks, ``portable``'s gathered key positions with the tokens its rows keep, 9 bytes each: a
-method returning new large host masks every step must not pile them up). The other caches are bounded where they live:
+:data:`CACHE_BLOCKS` blocks together, and holding at most :data:`CACHE_TOKEN_PLAN_BYTES` of plans that grow with
+the key tokens their rows list (a kernel's device lists and tile plans grow with its blocks; ``portable``'s gathered
+key positions with the tokens, 9 bytes each, ``Backend.plan_bytes_per_key_token``): a method returning new large
+host masks every step must not pile them up. The other caches are bounded where they live:
 uploaded offsets (:mod:`sparsecore.ir.uploads`), the approximation pass's statistics plans
 (:mod:`sparsecore.backends.approximation`) and the warm-up records (:mod:`sparsecore.warmup`).
 """
@@ -17,9 +18,9 @@ from typing import Any, Hashable
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
-CACHE_KEY_TOKENS = 1 << 27  # ... and this many key tokens over their rows (portable: about 1.2 GB of positions)
+CACHE_TOKEN_PLAN_BYTES = 1 << 32   # ... holding this much in plans that grow with their rows' key tokens
 _CACHE: "OrderedDict[Hashable, Any]" = OrderedDict()
-_SIZES: dict[Hashable, tuple[int, int]] = {}     # a cached kernel's (listed blocks, listed key tokens)
+_SIZES: dict[Hashable, tuple[int, int]] = {}     # a cached kernel's (listed blocks, bytes of per-token plans)
 _LOCK = threading.Lock()    # compile() from several threads (the warm-up worker is one)
 
 
@@ -34,28 +35,24 @@ def lookup(key: Hashable) -> Any:
 
 def insert(key: Hashable, kernel: Any) -> None:
     """Cache ``kernel`` (of a host mask); evict the least recently used others past the bounds."""
-    mask = kernel.mask
-    size = (mask.nnz, int(mask.kv_block_sizes[mask.indices].sum()))   # once per new kernel: O(listed blocks)
+    mask, per_token = kernel.mask, kernel.backend.plan_bytes_per_key_token      # the backend it prefers
+    # once per new kernel, O(listed blocks): the key tokens its rows list
+    size = (mask.nnz, per_token and per_token * int(mask.kv_block_sizes[mask.indices].sum()))
     with _LOCK:
         _CACHE[key], _SIZES[key] = kernel, size
-        blocks, tokens = (sum(found) for found in zip(*_SIZES.values()))
-        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or blocks > CACHE_BLOCKS or tokens > CACHE_KEY_TOKENS):
+        blocks, plan_bytes = (sum(found) for found in zip(*_SIZES.values()))
+        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or blocks > CACHE_BLOCKS
+                                   or plan_bytes > CACHE_TOKEN_PLAN_BYTES):
             gone, _ = _CACHE.popitem(last=False)
-            gone_blocks, gone_tokens = _SIZES.pop(gone)
-            blocks, tokens = blocks - gone_blocks, tokens - gone_tokens
-
-
-def evict(kernel: Any) -> None:
-    """Forget ``kernel`` wherever it is cached (a no-op for kernels not in the cache)."""
-    with _LOCK:
-        for key in [key for key, found in _CACHE.items() if found is kernel]:
-            del _CACHE[key], _SIZES[key]
+            gone_blocks, gone_bytes = _SIZES.pop(gone)
+            blocks, plan_bytes = blocks - gone_blocks, plan_bytes - gone_bytes
 
 
 def clear_cache() -> None:
     """Forget every compiled kernel of host masks, the uploaded offsets, the approximation pass's statistics plans
     and the warm-up records (frees the plans and device buffers they hold; a later call rebuilds what it needs, and
-    a slow backend warms up again)."""
+    a slow backend warms up again). What stays: FlashInfer's workspace (128 MiB a device, which its kernels share)
+    and LVSA's memoized frame patterns (a few KB each)."""
     from .backends import approximation          # noqa: PLC0415  (the backends load after the compile API)
     from .ir import uploads                      # noqa: PLC0415
     from . import warmup

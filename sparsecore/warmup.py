@@ -61,9 +61,9 @@ EXIT_WAIT_S = 60.0
 # Written by the worker's task before its future ends (so a reader of _pending, then _warm, then _failed, finds the
 # key in one of them once it was started); read by the callers.
 _pending: dict[Hashable, Future] = {}         # warm-ups in flight
-_warm: "OrderedDict[Hashable, None]" = OrderedDict()   # warm-up keys that ended well, the last WARM_RECORDS
+_warm: "OrderedDict[Hashable, None]" = OrderedDict()   # warm-up keys that ended well, the WARM_RECORDS last used
 WARM_RECORDS = 256                            # (a geometry forgotten warms up again: seconds, not a wrong result)
-_failed: dict[Hashable, str] = {}             # ... that failed otherwise: the error, shown once (see failure)
+_failed: "OrderedDict[Hashable, str]" = OrderedDict()  # ... that failed otherwise: the error, shown once (failure)
 _unloadable: dict[tuple, str] = {}            # (backend, device) a warm-up found does not load there: why
 _warned: set[Hashable] = set()
 _tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] | None" = None
@@ -105,7 +105,19 @@ def warm_key(backend: Any, device: str, signature: tuple, options: Hashable, mas
 
 
 def is_warm(key: Hashable) -> bool:
-    return key in _warm
+    with _lock:
+        if key not in _warm:
+            return False
+        _warm.move_to_end(key)                    # least recently used first out (_remember)
+        return True
+
+
+def _remember(table: "OrderedDict[Hashable, Any]", key: Hashable, value: Any) -> None:
+    """``table[key] = value``, forgetting the least recently used past :data:`WARM_RECORDS` (under ``_lock``)."""
+    table[key] = value
+    while len(table) > WARM_RECORDS:
+        gone, _ = table.popitem(last=False)
+        _warned.discard(gone)
 
 
 def forget_records() -> None:
@@ -179,13 +191,12 @@ def start(key: tuple, task: Callable[[], Any]) -> Future:
             _unloadable[key[:2]] = str(exc)
             raise
         except BaseException as exc:
-            _failed[key] = f"{type(exc).__name__}: {exc}"
+            with _lock:
+                _remember(_failed, key, f"{type(exc).__name__}: {exc}")
             raise
         else:
             with _lock:
-                _warm[key] = None
-                if len(_warm) > WARM_RECORDS:
-                    _warm.popitem(last=False)
+                _remember(_warm, key, None)
             return result
         finally:
             if _pending.get(key) is future:
@@ -201,7 +212,8 @@ def start(key: tuple, task: Callable[[], Any]) -> Future:
     if future.done() and _pending.get(key) is future:       # it never ran: cancelled at exit, or no worker thread
         del _pending[key]
         if not future.cancelled():
-            _failed[key] = str(future.exception())
+            with _lock:
+                _remember(_failed, key, str(future.exception()))
     return future
 
 

@@ -408,10 +408,11 @@ def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector(
         gc.enable()
 
 
-@pytest.mark.parametrize("bound, value", [("CACHE_BLOCKS", 130), ("CACHE_KEY_TOKENS", 130 * 16)])
-def test_the_host_mask_cache_is_bounded_by_the_blocks_and_key_tokens_it_lists(monkeypatch, bound, value):
+@pytest.mark.parametrize("bound, value", [("CACHE_BLOCKS", 130), ("CACHE_TOKEN_PLAN_BYTES", 130 * 16 * 9)])
+def test_the_host_mask_cache_is_bounded_by_blocks_and_by_plans_that_grow_with_key_tokens(monkeypatch, bound, value):
     """New large host masks every step must not pile up compiled kernels: the least recently used go first. The
-    blocks bound alone let portable's plans (9 bytes a kept key token) reach about 147 GiB at 128-token blocks."""
+    blocks bound alone let portable's plans (9 bytes a listed key token) reach about 147 GiB at 128-token blocks;
+    the bytes bound counts only such plans (a Triton or FA4 kernel's grow with blocks)."""
     from sparsecore import kernel_cache
     sparsecore.clear_cache()
     monkeypatch.setattr(kernel_cache, bound, value)
@@ -422,6 +423,9 @@ def test_the_host_mask_cache_is_bounded_by_the_blocks_and_key_tokens_it_lists(mo
     sparsecore.compile(masks[2], device="cpu")                               # over the bound: masks[1] goes
     assert sparsecore.compile(masks[0], device="cpu") is kernels[0]
     assert sparsecore.compile(masks[1], device="cpu") is not kernels[1]
+    sparsecore.compile(masks[2], device="reference")                # plans that do not grow with the key tokens
+    sizes = kernel_cache._SIZES.values()                             # (blocks, bytes): portable's 9 a key token
+    assert (61, 0) in sizes and all(plan in (0, 9 * 16 * blocks) for blocks, plan in sizes)
     sparsecore.clear_cache()
 
 
@@ -617,7 +621,7 @@ def test_masks_copy_and_pickle_and_a_kernel_copies_as_itself():
         assert copied is not source and copied == source and copied.meta == source.meta
         assert copied.device == source.device
     kernel = sparsecore.compile(mask, device="cpu")
-    assert copy.deepcopy(kernel) is kernel
+    assert copy.deepcopy(kernel) is kernel and copy.copy(kernel) is kernel
     with pytest.raises(TypeError, match="pickle its mask"):
         pickle.dumps(kernel)
 

@@ -165,7 +165,8 @@ def test_calibration_record_save_load_average(tmp_path):
     with pytest.raises(ValueError, match="no recorded change"):
         pasa.CurvatureRecorder(3).profile()
     for bad in ("{}", '{"l1_change": 5}', '{"l1_change": ["a", 1]}', '{"l1_change": [{"a": 1}]}',
-                '{"l1_change": [true]}', "[1, 2]"):     # every bad file names itself (some raised bare TypeErrors)
+                '{"l1_change": [true]}', "[1, 2]", '{"l1_change": [null, -1]}', '{"l1_change": []}',
+                '{"l1_change": [null, ' + "9" * 400 + "]}"):     # every bad file names itself (some raised bare TypeErrors)
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ValueError, match="bad.json: not a PASA curvature profile"):
             pasa.CurvatureProfile.load(tmp_path / "bad.json")

@@ -83,8 +83,8 @@ def fakes(monkeypatch):
 
 def _fresh_state(monkeypatch):
     """The process's warm-up records as in a new process (a test's geometries and errors stay its own)."""
-    for name, empty in (("_warm", OrderedDict()), ("_pending", {}), ("_failed", {}), ("_unloadable", {}),
-                        ("_warned", set())):
+    for name, empty in (("_warm", OrderedDict()), ("_pending", {}), ("_failed", OrderedDict()),
+                        ("_unloadable", {}), ("_warned", set())):
         monkeypatch.setattr(warmup, name, empty)
     monkeypatch.delenv(warmup.ENV, raising=False)
 
@@ -136,18 +136,22 @@ def test_a_kernel_of_a_geometry_warmed_before_runs_the_preferred_backend_at_once
 
 def test_the_records_of_warm_geometries_are_bounded_and_clear_cache_forgets_them(fakes, monkeypatch):
     """A new text length is a new geometry (HunyuanVideo 1.5: every prompt): the records grew by one a geometry for
-    good. The oldest is forgotten past WARM_RECORDS (it warms up again), and clear_cache() forgets them all."""
+    good. The least recently used is forgotten past WARM_RECORDS (it warms up again), and clear_cache() forgets
+    them all."""
     slow, quick = fakes
     monkeypatch.setattr(warmup, "WARM_RECORDS", 2)
     q, k, v = _inputs()
-    for block in (16, 32, 64):                                       # three geometries
-        kernel = sparsecore.compile(BlockMask.full(2, 64, 64, block), device="cuda")
-        kernel(q, k, v)
+
+    def first_call(block: int, heads: list[int]) -> float:
+        kernel = sparsecore.compile(BlockMask.full(2, 64, 64, block).select_heads(heads), device="cuda")
+        value = float(kernel(q, k, v).flatten()[0])
         assert kernel.wait_for_warmups(timeout=30)
+        return value
+    assert first_call(16, [0, 1]) == FALLBACK and first_call(32, [0, 1]) == FALLBACK      # two geometries warm up
+    assert first_call(16, [1, 0]) == FAST                    # a new kernel of the first: warm, now the most recent
+    assert first_call(64, [0, 1]) == FALLBACK                # a third: the least recently used (32) is forgotten
     assert len(warmup._warm) == 2
-    again = sparsecore.compile(BlockMask.full(2, 64, 64, 16).select_heads([1, 0]), device="cuda")  # the first geometry
-    assert float(again(q, k, v).flatten()[0]) == FALLBACK            # forgotten: it warms up again
-    assert again.wait_for_warmups(timeout=30)
+    assert first_call(16, [0, 1]) == FAST and first_call(32, [1, 0]) == FALLBACK
     sparsecore.clear_cache()
     assert not warmup._warm
 

@@ -10,6 +10,8 @@ on the caller's thread (FA4's CuTe DSL compile: 4-9 s), which the warm-up exists
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import gc
 import threading
 import time
@@ -105,7 +107,7 @@ def test_the_worker_records_how_a_warm_up_ended_before_it_leaves_the_in_flight_t
     slow.error = RuntimeError("compile failed") if fails else None
     seen = []
 
-    class Recording(dict):
+    class Recording(OrderedDict):
         def __setitem__(self, key, value):
             seen.append(key in warmup._pending)
             super().__setitem__(key, value)

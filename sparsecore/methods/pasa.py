@@ -165,9 +165,9 @@ class CurvatureProfile:
             if not isinstance(data, list) or not all(x is None or (isinstance(x, (int, float))
                                                                     and not isinstance(x, bool)) for x in data):
                 raise ValueError(f"l1_change: expected a list of numbers or null, got {str(data)[:80]}")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            return cls(np.array([np.nan if x is None else x for x in data], dtype=np.float64))
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
             raise ValueError(f"{path}: not a PASA curvature profile ({err}); write one with CurvatureProfile.save")
-        return cls(np.array([np.nan if x is None else x for x in data], dtype=np.float64))
 
     @classmethod
     def average(cls, profiles: Sequence["CurvatureProfile"]) -> "CurvatureProfile":

@@ -140,9 +140,11 @@ class SparseAttentionHandle:
         return self._stats.rows()
 
     def remove(self) -> None:
-        """Put the original processors back (the same objects) and drop the hooks, masks and kernels; warns, after
-        that, if the run in progress stopped short of ``num_steps`` in automatic mode, and where the model's context
-        parallelism needs more to run without sparsecore (:func:`.parallel.after_remove`)."""
+        """Put the original processors back (the same objects) and drop the hooks and the plans (masks, kernels; a
+        callable's kernels stay in sparsecore's bounded cache, shared by equal masks: ``sparsecore.clear_cache()``
+        frees them); warns, after that, if the run in progress stopped short of ``num_steps`` in automatic mode, and
+        where the model's context parallelism needs more to run without sparsecore (:func:`.parallel.after_remove`).
+        """
         if self._removed:
             return
         for module, original in self._originals:
@@ -153,7 +155,7 @@ class SparseAttentionHandle:
         self._removed, self.active = True, False
         need = parallel.after_remove(self._processors, self.spec.joint_text)
         messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
-        self._planner.release()
+        self._planner.new_run()
         self._text_cache = None
         for message in filter(None, messages):      # after the cleanup: warnings may be errors
             warnings.warn(message, stacklevel=2)

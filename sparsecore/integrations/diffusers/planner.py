@@ -29,7 +29,6 @@ prefix alone and the padding rows' output is written as 0.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,6 @@ from typing import Any
 import torch
 
 import sparsecore
-from sparsecore import kernel_cache
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
@@ -137,18 +135,11 @@ class Planner:
         self.stats = stats
         self._sessions: dict[VideoGeometry, Session] = {}
         self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
-        self._in_module_cache: "weakref.WeakSet[Any]" = weakref.WeakSet()   # a callable's kernels (see compiled)
         self.keep_masks = False                  # keep per-call plans too (for ``last_mask``), as other plans are
 
     def new_run(self) -> None:
         self._sessions.clear()
         self._plans.clear()
-
-    def release(self) -> None:
-        """Drop the run's state and this handle's kernels in the module's cache (``remove()``)."""
-        self.new_run()
-        for kernel in list(self._in_module_cache):
-            kernel_cache.evict(kernel)
 
     def session(self, geometry: VideoGeometry) -> Session:
         found = self._sessions.get(geometry)
@@ -213,11 +204,8 @@ class Planner:
         keep a kernel (14 MiB above dense's peak at Wan 2.1 6x, compiled). A callable's masks may be new
         objects at every layer: their kernels go through the module's cache, which finds equal masks by content.
         """
-        kernel = sparsecore.compile(mask, device=self.device, backend=self.backend, cache=callable(self.method),
-                                    **self.backend_options)
-        if callable(self.method):
-            self._in_module_cache.add(kernel)
-        return kernel
+        return sparsecore.compile(mask, device=self.device, backend=self.backend, cache=callable(self.method),
+                                  **self.backend_options)
 
     def plan_for(self, layer: int, geometry: VideoGeometry, step: int, run: int, seq_len: int, heads: int,
                  shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> tuple[LayerPlan, bool]:
