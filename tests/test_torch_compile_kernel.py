@@ -142,6 +142,8 @@ def test_a_scale_that_changes_between_calls_stays_in_one_graph():
 def test_a_numpy_or_fraction_scale_runs_in_one_graph(scale):
     """``1 / np.sqrt(D)`` is a NumPy float64, which Dynamo traces as an array: the op's type check raised inside the
     trace (a graph break; under fullgraph=True an error saying "got ndarray")."""
+    if isinstance(scale, Fraction) and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13):
+        pytest.skip(f"torch {torch.__version__}'s Dynamo does not trace float() of a Fraction (2.13's does)")
     torch._dynamo.reset()
     mask, kernel = masked_kernel(12)
     q, k, v = inputs(1, 13)

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .fa4_scale import positive_scale
+
 MEASURED_HEAD_DIMS = (64, 128)
 MEASURED_DTYPES = (torch.bfloat16, torch.float16)
 MIN_TOKENS = 8192               # the shortest sequence measured (bench/dense_kernels.py)
@@ -96,6 +98,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Dense attention ``[B, H, L_q, D]`` (contiguous) and, if asked, its LSE ``[B, H, L_q]``; inputs as
     ``[B, H, L, D]`` with any strides FA4 takes (a copy is made by FA4 where they are not)."""
     from flash_attn.cute import interface
+    q, scale = positive_scale(q, scale)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device):
         written, lse, *_ = interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

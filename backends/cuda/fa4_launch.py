@@ -32,6 +32,7 @@ from sparsecore.ir.uploads import HostPack, queued
 from .fa4_key_ranges import RangeLists, split_lists
 from .fa4_layout import Fa4Layout, to_fa4
 from .fa4_mask_mods import lookup_mask_mod
+from .fa4_scale import positive_scale
 
 MAX_KEY_PARTS = 16
 
@@ -231,6 +232,7 @@ class Fa4Launch:
         """Attention over the listed blocks: out ``[B, H, q_len, D]`` (a view of FA4's ``[B, q_len, H, D]``), on the
         current CUDA device (``CompiledKernel`` makes it q's: :mod:`sparsecore.launch_device`)."""
         prepared = self.converted(q.device, self.key_parts_for(k, v))
+        q, scale = positive_scale(q, scale)
         order = prepared.layout.kv_order                 # keys gathered in this order (None: as they are)
         found = None
         if order is not None:

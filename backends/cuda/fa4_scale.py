@@ -1,0 +1,19 @@
+"""Scales FlashAttention-4 computes correctly: positive ones; others are given to it as the same scores.
+
+FA4's SM90 forward (flash_attn/cute, ``softmax.online_softmax``) takes a row's maximum of the raw scores and
+multiplies by ``softmax_scale * log2(e)`` after masking. With a negative scale that maximum is the row's smallest
+scaled score, so ``exp2`` overflows (the H200 gave NaN at -20); with a zero scale a masked-out score, -inf, times 0
+is NaN. ``q * s == (-q) * (-s)`` exactly (negation is exact in every float format), and ``q * 0`` at scale 1 gives
+the scores ``0`` (NaN where ``q`` is not finite, as ``q * 0`` in dense attention), so both run as positive scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """``(q, scale)`` unchanged for a positive scale, else inputs with the same scores at a positive one."""
+    if scale > 0:
+        return q, scale
+    return (-q, -scale) if scale < 0 else (q * 0, 1.0)
