@@ -23,9 +23,9 @@ by default a call whose inputs it would run runs the kernel's next backend that 
 loads the slow one and runs it once on a small sample of that call; later calls, and kernels of masks of the same
 geometry, run it. ``warmup="wait"`` loads it in place at the first call.
 
-Caching. A host mask's kernels are cached by its fingerprint, bounded (:mod:`sparsecore.kernel_cache`). A device mask, which methods build every layer
-and step, is never hashed: the mask object itself holds its kernels, weakly (a kernel refers
-to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
+Caching. A host mask's kernels are cached by its fingerprint, bounded (:mod:`sparsecore.kernel_cache`). A device
+mask, which methods build every layer and step, is never hashed: the mask object itself holds its kernels, weakly
+(a kernel refers to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
 returns that kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host
 mask the same way (the diffusers integration does, for the methods' per-step masks).
 """

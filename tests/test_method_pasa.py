@@ -164,9 +164,10 @@ def test_calibration_record_save_load_average(tmp_path):
     assert twice.values[1:].tolist() == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="no recorded change"):
         pasa.CurvatureRecorder(3).profile()
+    # every bad file names itself (some raised bare TypeErrors or an OverflowError)
     for bad in ("{}", '{"l1_change": 5}', '{"l1_change": ["a", 1]}', '{"l1_change": [{"a": 1}]}',
                 '{"l1_change": [true]}', "[1, 2]", '{"l1_change": [null, -1]}', '{"l1_change": []}',
-                '{"l1_change": [null, ' + "9" * 400 + "]}"):     # every bad file names itself (some raised bare TypeErrors)
+                '{"l1_change": [null, ' + "9" * 400 + "]}"):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ValueError, match="bad.json: not a PASA curvature profile"):
             pasa.CurvatureProfile.load(tmp_path / "bad.json")

@@ -1,4 +1,4 @@
-"""``apply()`` and the handle it returns: hooks, step control, stats, ``remove()``.
+"""The handle ``apply()`` (:mod:`.attach`) returns: hooks, step control, stats, ``remove()``.
 
 The forward pre-hook reads the video geometry from ``hidden_states`` ``[B, C, F, H, W]`` and the config's patch
 sizes, and advances the step (:mod:`.steps`); the hooks always run eagerly (``torch.compiler.disable``: under
@@ -32,7 +32,6 @@ from .processors import SparseProcessor
 from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
-
 
 
 class SparseAttentionHandle:

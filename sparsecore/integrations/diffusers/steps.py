@@ -102,12 +102,11 @@ class StepTracker:
         if self._manual or self.step is None or self.step + 1 >= self.num_steps or not self._completed:
             return None
         # one text per handle (no run or step number): Python's default filter then shows it once, not once a run
-        return (f"sparsecore: a run ended before num_steps={self.num_steps} steps (handle.stats() has each run's steps), "
-                "so the "
-                "method's schedule (its dense steps, searches and budgets) was laid out for a longer run; pass "
-                "num_steps= equal to the pipeline's num_inference_steps to apply(), or drive steps with set_step "
-                "(several experts as in Wan 2.2 A14B, a pipeline that starts mid-schedule such as video-to-video "
-                "with strength < 1)")
+        return (f"sparsecore: a run ended before num_steps={self.num_steps} steps (handle.stats() counts its "
+                "steps), so the method's schedule (its dense steps, searches and budgets) was laid out for a longer "
+                "run; pass num_steps= equal to the pipeline's num_inference_steps to apply(), or drive steps with "
+                "set_step (several experts as in Wan 2.2 A14B, a pipeline that starts mid-schedule such as "
+                "video-to-video with strength < 1)")
 
     def _new_run(self) -> str | None:
         """Ends the run (callers warn with the returned message after their own updates: warnings may raise)."""
