@@ -31,7 +31,14 @@ def masked_dense_attention(mask: BlockMask, q, k, v, scale: float) -> tuple[np.n
         lse = np.logaddexp.reduce(scores, axis=-1)
         weights = np.exp(scores - lse[..., None])
     weights = np.where(tokens.any(axis=-1, keepdims=True), weights, 0.0)   # no key: 0; a NaN input stays NaN
-    return weights @ values, lse
+    finite = np.isfinite(values)
+    out = weights @ np.where(finite, values, 0.0)   # a token's weight is 0 where its row does not attend, 0 * inf NaN
+    if not finite.all():                            # so a non-finite value reaches the rows that attend it, only
+        attends = tokens.astype(np.float64)
+        pos, neg, nan = (attends @ found.astype(np.float64) > 0 for found in
+                         (values == np.inf, values == -np.inf, np.isnan(values)))
+        out = np.where(nan | (pos & neg), np.nan, np.where(pos, np.inf, np.where(neg, -np.inf, out)))
+    return out, lse
 
 
 def to_numpy64(x) -> np.ndarray:

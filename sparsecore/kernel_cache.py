@@ -35,16 +35,40 @@ def lookup(key: Hashable) -> Any:
 
 def insert(key: Hashable, kernel: Any) -> None:
     """Cache ``kernel`` (of a host mask); evict the least recently used others past the bounds."""
-    mask, per_token = kernel.mask, kernel.backend.plan_bytes_per_key_token      # the backend it prefers
-    # once per new kernel, O(listed blocks): the key tokens its rows list
-    size = (mask.nnz, per_token and per_token * int(mask.kv_block_sizes[mask.indices].sum()))
     with _LOCK:
-        _CACHE[key], _SIZES[key] = kernel, size
-        blocks, plan_bytes = (sum(found) for found in zip(*_SIZES.values()))
-        while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or blocks > CACHE_BLOCKS
-                                   or plan_bytes > CACHE_TOKEN_PLAN_BYTES):
-            gone, _ = _CACHE.popitem(last=False)
-            gone_blocks, gone_bytes = _SIZES.pop(gone)
+        _CACHE[key], _SIZES[key] = kernel, (kernel.mask.nnz, _token_plan_bytes(kernel, kernel.backend))
+        _fit(keep=key)
+
+
+def lowered(kernel: Any, backend: Any) -> None:
+    """``kernel`` lowered a run for ``backend`` (its preferred one, or a fallback for some inputs): count that run's
+    per-token plans if the kernel is cached, and evict others past the bounds."""
+    if not backend.plan_bytes_per_key_token:
+        return
+    with _LOCK:
+        for key, found in _CACHE.items():
+            if found is kernel:
+                blocks, plan_bytes = _SIZES[key]
+                _SIZES[key] = (blocks, max(plan_bytes, _token_plan_bytes(kernel, backend)))
+                _fit(keep=key)
+                return
+
+
+def _token_plan_bytes(kernel: Any, backend: Any) -> int:
+    """Bytes ``backend``'s plans of the kernel's mask hold per key token its rows list (O(listed blocks), once)."""
+    mask, per_token = kernel.mask, backend.plan_bytes_per_key_token
+    return per_token and per_token * int(mask.kv_block_sizes[mask.indices].sum())
+
+
+def _fit(keep: Hashable) -> None:
+    """Evict the least recently used kernels but ``keep`` until the bounds hold (under ``_LOCK``)."""
+    blocks, plan_bytes = (sum(found) for found in zip(*_SIZES.values()))
+    for key in list(_CACHE):
+        if len(_CACHE) <= CACHE_SIZE and blocks <= CACHE_BLOCKS and plan_bytes <= CACHE_TOKEN_PLAN_BYTES:
+            break
+        if key != keep:
+            del _CACHE[key]
+            gone_blocks, gone_bytes = _SIZES.pop(key)
             blocks, plan_bytes = blocks - gone_blocks, plan_bytes - gone_bytes
 
 

@@ -256,3 +256,11 @@ def test_moving_a_mask_to_a_device_this_machine_lacks_names_it(device):
     for move in (mask.to, mask.to("cpu").copy_to):
         with pytest.raises(ValueError, match=rf"device: expected a device this machine has, got '{device}'"):
             move(device)
+
+
+def test_a_device_without_an_index_is_the_current_one(monkeypatch):
+    """``mask.to("xpu")`` uploads to the current device: on a machine of two whose current one is 1, ``xpu:1``."""
+    from sparsecore.ir.placement import run_device
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(torch.xpu, "current_device", lambda: 1)
+    assert run_device("xpu") == torch.device("xpu", 1) and run_device("xpu:0") == torch.device("xpu", 0)

@@ -128,8 +128,10 @@ def test_repr_and_to_string():
 
 
 def test_render_writes_a_png(tmp_path):
+    import matplotlib.pyplot as plt
+    before = plt.get_fignums()
     path = small().render(tmp_path / "sub" / "mask.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plt.get_fignums() == before
 
 
 def test_a_failed_render_leaves_no_figure_open(tmp_path):

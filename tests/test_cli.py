@@ -89,7 +89,8 @@ def test_check_runs_the_backend_a_users_kernel_ends_up_on_at_every_head_dim(monk
 
 def test_the_cli_yardstick_matches_the_oracle_and_keeps_a_nan_row_nan():
     """``masked_dense_attention`` (``sparsecore check``'s and the demo's accuracy columns) gave 0 for a row made NaN
-    by a NaN query, where the reference kernel and dense attention give NaN; empty rows stay 0 / -inf."""
+    by a NaN query, where the reference kernel and dense attention give NaN, and a non-finite value reached rows that
+    do not attend it (0 * inf); empty rows stay 0 / -inf."""
     from oracle import dense_attention, expand_to_tokens
     from sparsecore.dense import masked_dense_attention
     rng = np.random.default_rng(4)
@@ -106,3 +107,10 @@ def test_the_cli_yardstick_matches_the_oracle_and_keeps_a_nan_row_nan():
     q[0, 2, 3] = np.nan
     out, _ = masked_dense_attention(mask, q, k, v, 0.3)
     assert np.isnan(out[0, 2, 3]).all() and np.isfinite(np.delete(out[0, 2], 3, axis=0)).all()
+    q[0, 2, 3] = 0.5
+    v[0, 0, 20, 1], v[0, 0, 21, 2] = np.inf, np.nan            # key block 2 of key head 0 (query heads 0, 1)
+    out, _ = masked_dense_attention(mask, q, k, v, 0.3)
+    rows = np.repeat(keep[:2, :, 2], 8, axis=1)                 # [head, query token]: attends key block 2
+    assert rows.any() and (~rows).any()
+    assert (out[0, :2, :, 1][rows] == np.inf).all() and np.isnan(out[0, :2, :, 2][rows]).all()
+    assert np.isfinite(out[0, :2][~rows]).all() and (out[0, 0, 8:16] == 0).all()    # not attending, and empty

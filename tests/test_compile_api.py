@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -426,6 +427,37 @@ def test_the_host_mask_cache_is_bounded_by_blocks_and_by_plans_that_grow_with_ke
     sparsecore.compile(masks[2], device="reference")                # plans that do not grow with the key tokens
     sizes = kernel_cache._SIZES.values()                             # (blocks, bytes): portable's 9 a key token
     assert (61, 0) in sizes and all(plan in (0, 9 * 16 * blocks) for blocks, plan in sizes)
+    assert kernel_cache._SIZES.keys() == kernel_cache._CACHE.keys()
+    sparsecore.clear_cache()
+
+
+def test_a_mask_over_the_cache_bounds_alone_stays_cached_and_a_fallbacks_plans_count(monkeypatch):
+    """The newest kernel stays even past the bounds (else it recompiled at every call); a kernel whose calls fall
+    back to portable holds portable's per-token plans, which the bound counted as 0 (the preferred backend's)."""
+    from sparsecore import kernel_cache
+
+    class HalfOnly(registry.Backend):
+        name = "half-only-test"
+        capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float16"}))
+
+        def unavailable_reason(self, device):
+            return None
+
+        def preference(self, mask):
+            return 100
+
+        def lower(self, mask, device, options):
+            return lambda q, k, v, scale, return_lse: (torch.zeros_like(q), None)
+    monkeypatch.setitem(registry._REGISTRY, HalfOnly.name, HalfOnly())
+    sparsecore.clear_cache()
+    monkeypatch.setattr(kernel_cache, "CACHE_BLOCKS", 10)
+    mask = BlockMask.full(2, 256, 256, 64)                           # 32 blocks, over the bound alone
+    kernel = sparsecore.compile(mask, device="cpu")
+    assert kernel.backend.name == HalfOnly.name and sparsecore.compile(mask, device="cpu") is kernel
+    assert list(kernel_cache._SIZES.values()) == [(32, 0)]
+    q = torch.randn(1, 2, 256, 16)
+    kernel(q, q, q)                                                  # float32: portable runs, its plans counted
+    assert kernel.backend.name == "portable" and list(kernel_cache._SIZES.values()) == [(32, 9 * 2 * 4 * 256)]
     sparsecore.clear_cache()
 
 
@@ -528,6 +560,12 @@ def test_the_portable_lowering_keeps_true_gradients(return_lse, empty):
     inputs = [torch.randn(1, h, 64, 16, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2)]
     weights = torch.randn(1, 4, 64, 16, generator=gen, dtype=torch.float64)
     lse_weights = torch.randn(1, 4, 64, generator=gen, dtype=torch.float64)
+    if empty:                                       # a NaN input reaches no row: zeros and -inf stay
+        poisoned = inputs[1].detach().clone().requires_grad_()
+        with torch.no_grad():
+            poisoned[0, 0, 3, 5] = math.nan
+        out, lse = kernel(inputs[0], poisoned, inputs[2], return_lse=True)
+        assert not out.any() and (lse == -math.inf).all()
 
     def loss(out, lse):
         total = (out * weights).sum()
@@ -613,13 +651,16 @@ def test_masks_copy_and_pickle_and_a_kernel_copies_as_itself():
     import pickle
     rng = np.random.default_rng(0)
     base = BlockMask.from_dense(rng.random((2, 4, 4)) < 0.5, 256, 256, 64)
+    from sparsecore.ir import Unselected
     mask = BlockMask(base.num_heads, base.q_offsets, base.kv_offsets, base.indptr, base.indices,
-                     meta={"method": "test", "levels": [1, {"deep": [2, 3]}]})
+                     budgets=[0.5, 0.75], meta={"method": "test", "levels": [1, {"deep": [2, 3]}]},
+                     unselected=Unselected("grouped-first-order", 2))
     on_device = mask.to("cpu")
     for source, copied in ((mask, copy.deepcopy(mask)), (mask, pickle.loads(pickle.dumps(mask))),
                            (on_device, copy.deepcopy(on_device))):
         assert copied is not source and copied == source and copied.meta == source.meta
-        assert copied.device == source.device
+        assert copied.device == source.device and copied.unselected == source.unselected
+        assert np.array_equal(copied.to_host().budgets, [0.5, 0.75])
     kernel = sparsecore.compile(mask, device="cpu")
     assert copy.deepcopy(kernel) is kernel and copy.copy(kernel) is kernel
     with pytest.raises(TypeError, match="pickle its mask"):
@@ -636,3 +677,19 @@ def test_a_named_backend_that_cannot_take_the_mask_says_so_before_saying_it_is_m
         pytest.skip("flashinfer runs here: this test is for a machine where it does not")
     with pytest.raises(UnsupportedError, match=r"flashinfer: unselected: .* \(nor does it run here: "):
         sparsecore.compile(mask, "cuda", backend="flashinfer")
+
+
+def test_the_statistics_plans_are_kept_least_recently_used_first(monkeypatch):
+    """Three geometries taking turns (HunyuanVideo 1.5's text lengths) must not rebuild the one used last."""
+    from sparsecore.backends import approximation
+    from sparsecore.ir import Unselected
+    monkeypatch.setattr(approximation, "PLAN_ENTRIES", 2)
+    sparsecore.clear_cache()
+    build = lambda end: approximation.StatisticsPlan.build(np.array([0, 16, end]), Unselected("zeroth"),  # noqa: E731
+                                                           torch.device("cpu"))
+    first = build(20)
+    build(24)
+    assert build(20) is first                                   # used again: now the most recent
+    build(28)                                                   # a third: the least recently used (24) goes
+    assert build(20) is first and len(approximation._PLANS) == 2
+    sparsecore.clear_cache()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
+import pickle
 import weakref
 
 import numpy as np
@@ -131,9 +133,10 @@ def test_a_model_with_sparsecore_applied_is_freed_when_its_last_reference_goes(r
             forward(model, wan_inputs(batch=1), t)
         if removed:
             handle.remove()
-        freed = weakref.ref(model)
+        freed, attention = weakref.ref(model), weakref.ref(model.blocks[0].attn1)
         del model
-        assert freed() is None and handle.model is None
+        assert freed() is None and attention() is None and handle.model is None
+        handle.remove()                                       # the model is gone: nothing to put back, no error
     finally:
         gc.enable()
 
@@ -143,8 +146,11 @@ def test_a_deep_copy_of_a_model_with_sparsecore_applied_is_refused_with_the_reme
     steps, silently."""
     model = tiny_wan()
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=2)
-    with pytest.raises(TypeError, match=r"handle.remove\(\) first"):
+    with pytest.raises(TypeError, match=r"copy.deepcopy of a model with sparsecore applied: call handle.remove\(\)"):
         copy.deepcopy(model)
+    for pickled in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):     # the hooks first: their own message
+        with pytest.raises(TypeError, match=r"pickling a model with sparsecore applied: call handle.remove\(\)"):
+            pickled(model)
     handle.remove()
     copied = copy.deepcopy(model)
     other = sparse.apply(copied, method=random_mask, device="cpu", num_steps=2)
@@ -165,3 +171,20 @@ def test_set_step_none_between_requests_drops_the_last_runs_state():
         assert not handle._planner._plans and not handle._planner._sessions
     finally:
         handle.remove()
+
+
+def test_fresh_noise_behind_a_fixed_first_frame_starts_a_new_run():
+    """The latents are compared on a strided sample: a request whose first latent frame is a fixed image (image to
+    video) differs from the last only after it, which a sample of the first elements would miss."""
+    from sparsecore.integrations.diffusers.steps import SAMPLE, StepTracker
+    gen = torch.Generator().manual_seed(3)
+    image = torch.randn(1, 16, 1, 30, 52, generator=gen)
+
+    def request() -> torch.Tensor:
+        return torch.cat([image, torch.randn(1, 16, 12, 30, 52, generator=gen)], dim=2)
+    assert image.numel() > SAMPLE
+    tracker, t = StepTracker(50, lambda: None), torch.tensor([1000.0])
+    tracker.observe(t, request())
+    tracker.completed()
+    tracker.observe(t, request())                                # fresh noise after the same image
+    assert (tracker.run, tracker.step) == (1, 0)

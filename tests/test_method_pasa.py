@@ -160,6 +160,7 @@ def test_calibration_record_save_load_average(tmp_path):
     assert np.isnan(profile.values[0]) and profile.values[1:].tolist() == [1, 2, 3, 4]
     loaded = pasa.CurvatureProfile.load(profile.save(tmp_path / "curve.json"))
     np.testing.assert_array_equal(loaded.values[1:], profile.values[1:])
+    assert np.isnan(loaded.values[0])                            # an unrecorded step stays unrecorded (null), not 0
     twice = pasa.CurvatureProfile.average([profile, pasa.CurvatureProfile(profile.values * 3)])
     assert twice.values[1:].tolist() == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="no recorded change"):

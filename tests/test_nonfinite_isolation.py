@@ -129,3 +129,10 @@ def test_padding_never_reads_a_token_its_row_does_not_attend(target, where, toke
     if problems:
         pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
     check_isolation(target, case, batch=0, key_head=0, token=token, dim=3, where=where, poison=np.nan)
+
+
+def test_which_backends_keep_an_infinite_value_exact():
+    """The infinite-value test above skips the backends that declare they do not (their rows turn NaN): the
+    declaration itself is held here, so a flipped default cannot turn that test into skips."""
+    declared = {name: b.capabilities.infinite_values_exact for name, b in sparsecore.registered_backends().items()}
+    assert declared == {name: name != "npu" for name in declared} and "portable" in declared

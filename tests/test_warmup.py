@@ -152,8 +152,15 @@ def test_the_records_of_warm_geometries_are_bounded_and_clear_cache_forgets_them
     assert first_call(64, [0, 1]) == FALLBACK                # a third: the least recently used (32) is forgotten
     assert len(warmup._warm) == 2
     assert first_call(16, [0, 1]) == FAST and first_call(32, [1, 0]) == FALLBACK
+    slow.error = RuntimeError("compile failed")                  # failures are bounded too, with their warnings
+    with pytest.warns(RuntimeWarning, match="compile failed"):
+        for block in (8, 4, 2):
+            first_call(block, [0, 1])
+            warmup.failure(next(reversed(warmup._failed)))
+    assert len(warmup._failed) == 2 and warmup._warned <= set(warmup._failed)
+    warmup._unloadable[("fake-slow", "cpu")] = "a reason"
     sparsecore.clear_cache()
-    assert not warmup._warm
+    assert not warmup._warm and not warmup._failed and not warmup._warned and not warmup._unloadable
 
 
 def test_a_backend_that_does_not_load_leaves_the_kernel_on_the_fallback(fakes):

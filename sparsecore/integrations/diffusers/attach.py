@@ -20,7 +20,7 @@ from sparsecore.registry import checked_options, device_type, registered_backend
 from .handle import SparseAttentionHandle
 from .models import spec_of
 from .planner import MethodProvider
-from .processors import SPARSE_PROCESSORS, attention_modules
+from .processors import NO_DEEPCOPY, NO_PICKLE, SPARSE_PROCESSORS, attention_modules
 
 TESTED_DIFFUSERS = "0.42"
 DENSE_ATTENTION = ("auto", "model")
@@ -109,7 +109,24 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         module.set_processor(handle._processors[-1])
     # Step tracking reads the timestep's value: never traced (regional compilation leaves these hooks eager
     # anyway; torch.compile of the whole transformer calls them eagerly, one graph break before its forward).
-    handle._hooks = [transformer.register_forward_pre_hook(torch.compiler.disable(handle._pre_forward),
-                                                           with_kwargs=True),
-                     transformer.register_forward_hook(torch.compiler.disable(handle._post_forward), always_call=True)]
+    handle._hooks = [transformer.register_forward_pre_hook(_Hook(handle._pre_forward), with_kwargs=True),
+                     transformer.register_forward_hook(_Hook(handle._post_forward), always_call=True)]
     return handle
+
+
+class _Hook:
+    """A handle's forward hook, run eagerly (``torch.compiler.disable``); copies and pickles of the model refuse it,
+    naming the remedy (:data:`.processors.NO_DEEPCOPY`), as the processors do."""
+
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    @torch.compiler.disable
+    def __call__(self, *args: Any) -> Any:
+        return self._method(*args)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(NO_DEEPCOPY)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(NO_PICKLE)

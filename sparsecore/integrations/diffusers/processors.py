@@ -40,6 +40,14 @@ def active_backend() -> str | None:
     return str(getattr(name, "value", name))
 
 
+# A copy would keep the original handle's hooks and op slot (it ran dense and drove the original's steps); a pickle
+# would hold none of the handle's state. Processors and hooks (:mod:`.attach`) refuse both, saying what to do.
+NO_DEEPCOPY = ("copy.deepcopy of a model with sparsecore applied: call handle.remove() first, copy the model, then "
+               "sparsecore's apply() on each copy (each gets its own handle, steps and plans)")
+NO_PICKLE = ("pickling a model with sparsecore applied: call handle.remove() first (save the weights, e.g. "
+             "model.state_dict(), and apply() again after loading)")
+
+
 class SparseProcessor:
     """Shared part: the handle, the layer, the original processor (for dense fallbacks and remove())."""
 
@@ -49,13 +57,10 @@ class SparseProcessor:
         self.original = original
 
     def __deepcopy__(self, memo: dict) -> Any:
-        # a copy would keep the original handle's hooks and op slot: it ran dense and drove the original's steps
-        raise TypeError("copy.deepcopy of a model with sparsecore applied: call handle.remove() first, copy the "
-                        "model, then sparsecore's apply() on each copy (each gets its own handle, steps and plans)")
+        raise TypeError(NO_DEEPCOPY)
 
     def __reduce__(self) -> Any:
-        raise TypeError("pickling a model with sparsecore applied: call handle.remove() first (save the weights, "
-                        "e.g. model.state_dict(), and apply() again after loading)")
+        raise TypeError(NO_PICKLE)
 
     @property
     def _attention_backend(self) -> Any:
