@@ -436,18 +436,9 @@ def test_a_mask_over_the_cache_bounds_alone_stays_cached_and_a_fallbacks_plans_c
     back to portable holds portable's per-token plans, which the bound counted as 0 (the preferred backend's)."""
     from sparsecore import kernel_cache
 
-    class HalfOnly(registry.Backend):
+    class HalfOnly(_UniformOnly):                               # preferred, available, float16 only
         name = "half-only-test"
         capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float16"}))
-
-        def unavailable_reason(self, device):
-            return None
-
-        def preference(self, mask):
-            return 100
-
-        def lower(self, mask, device, options):
-            return lambda q, k, v, scale, return_lse: (torch.zeros_like(q), None)
     monkeypatch.setitem(registry._REGISTRY, HalfOnly.name, HalfOnly())
     sparsecore.clear_cache()
     monkeypatch.setattr(kernel_cache, "CACHE_BLOCKS", 10)
