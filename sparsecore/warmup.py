@@ -45,8 +45,8 @@ import queue
 import threading
 import traceback
 import warnings
-from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout
 from collections import OrderedDict
+from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
