@@ -218,6 +218,9 @@ def test_selection_follows_capabilities_and_preference(uniform_only):
     named = sparsecore.compile(uniform, device="cpu", backend=uniform_only.name)
     with pytest.raises(UnsupportedError, match=r"head_dims: supports \[8\], got 16; lse: cannot return"):
         named(q, q, q, return_lse=True)
+    with pytest.raises(UnsupportedError, match=r"no backend compiled for this mask can run these inputs: "
+                                               r"uniform-only-test: .*portable: dtypes: .*got int32; give q, k, v"):
+        kernel(*(q.int() for _ in range(3)))              # neither takes them: each says why, then the remedy
 
 
 def test_register_rejects_duplicates_and_non_backends():
@@ -684,3 +687,18 @@ def test_the_statistics_plans_are_kept_least_recently_used_first(monkeypatch):
     build(28)                                                   # a third: the least recently used (24) goes
     assert build(20) is first and len(approximation._PLANS) == 2
     sparsecore.clear_cache()
+
+
+def test_no_backend_taking_the_mask_names_each_one_and_why(monkeypatch):
+    """Without a name, every backend for the device says what it lacks (and, where it does not run here, why)."""
+    class FewHeads(_UniformOnly):
+        name = "few-heads-npu-test"
+        capabilities = Capabilities(devices=("npu",), array_type="torch", dtypes=frozenset({"float16"}), max_heads=8)
+    monkeypatch.setitem(registry._REGISTRY, FewHeads.name, FewHeads())
+    mask = BlockMask.full(300, 64, 64, 16)                           # more heads than the NPU's op takes too
+    npu = sparsecore.registered_backends()["npu"]
+    if npu.unavailable_reason("npu") is None:
+        pytest.skip("torch_npu runs here: this test is for a machine without it")
+    with pytest.raises(UnsupportedError, match=r"few-heads-npu-test: max_heads: .*; npu: max_heads: .*\(nor does it "
+                                               r"run here: "):
+        sparsecore.compile(mask, "npu")
