@@ -20,7 +20,7 @@ from sparsecore.registry import checked_options, device_type, registered_backend
 from .handle import SparseAttentionHandle
 from .models import spec_of
 from .planner import MethodProvider
-from .processors import NO_DEEPCOPY, NO_PICKLE, SPARSE_PROCESSORS, attention_modules
+from .processors import SPARSE_PROCESSORS, RefusesCopies, attention_modules
 
 TESTED_DIFFUSERS = "0.42"
 DENSE_ATTENTION = ("auto", "model")
@@ -114,9 +114,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     return handle
 
 
-class _Hook:
+class _Hook(RefusesCopies):
     """A handle's forward hook, run eagerly (``torch.compiler.disable``); copies and pickles of the model refuse it,
-    naming the remedy (:data:`.processors.NO_DEEPCOPY`), as the processors do."""
+    naming the remedy, as the processors do."""
 
     def __init__(self, method: Any) -> None:
         self._method = method
@@ -124,9 +124,3 @@ class _Hook:
     @torch.compiler.disable
     def __call__(self, *args: Any) -> Any:
         return self._method(*args)
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        raise TypeError(NO_DEEPCOPY)
-
-    def __reduce__(self) -> Any:
-        raise TypeError(NO_PICKLE)

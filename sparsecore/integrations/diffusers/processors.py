@@ -41,26 +41,31 @@ def active_backend() -> str | None:
 
 
 # A copy would keep the original handle's hooks and op slot (it ran dense and drove the original's steps); a pickle
-# would hold none of the handle's state. Processors and hooks (:mod:`.attach`) refuse both, saying what to do.
+# would hold none of the handle's state. Processors and hooks refuse both (:class:`RefusesCopies`).
 NO_DEEPCOPY = ("copy.deepcopy of a model with sparsecore applied: call handle.remove() first, copy the model, then "
                "sparsecore's apply() on each copy (each gets its own handle, steps and plans)")
 NO_PICKLE = ("pickling a model with sparsecore applied: call handle.remove() first (save the weights, e.g. "
              "model.state_dict(), and apply() again after loading)")
 
 
-class SparseProcessor:
-    """Shared part: the handle, the layer, the original processor (for dense fallbacks and remove())."""
-
-    def __init__(self, handle: "SparseAttentionHandle", layer: int, original: Any) -> None:
-        self._handle = handle
-        self.layer = layer
-        self.original = original
+class RefusesCopies:
+    """Deep copies and pickles raise, naming the remedy (:data:`NO_DEEPCOPY`, :data:`NO_PICKLE`): the processors
+    and the handle's forward hooks (:mod:`.attach`)."""
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(NO_DEEPCOPY)
 
     def __reduce__(self) -> Any:
         raise TypeError(NO_PICKLE)
+
+
+class SparseProcessor(RefusesCopies):
+    """Shared part: the handle, the layer, the original processor (for dense fallbacks and remove())."""
+
+    def __init__(self, handle: "SparseAttentionHandle", layer: int, original: Any) -> None:
+        self._handle = handle
+        self.layer = layer
+        self.original = original
 
     @property
     def _attention_backend(self) -> Any:

@@ -64,7 +64,7 @@ class StepTracker:
         """Advance from a forward's timestep and latents (automatic mode; explicit steps ignore them)."""
         if self._manual:
             return
-        value, sample = _read(timestep, latents)
+        value, sample, sixteen_bit = _read(timestep, latents)
         if value is None:                                # no timestep: stay on the step
             self.step = 0 if self.step is None else self.step
             return
@@ -72,10 +72,10 @@ class StepTracker:
         new_run = last is None or value > last
         advance = not new_run and value < last
         if value == last and sample is not None and seen is not None:
-            change = _relative_change(sample[1:], seen)     # None: latents of another shape, another video
+            change = _relative_change(sample, seen)     # None: latents of another shape, another video
             new_run = change is None or change > FRESH_LATENTS
             # 16-bit timesteps of two steps collided
-            advance = not new_run and change > 0 and self._completed and sample[0]
+            advance = not new_run and change > 0 and self._completed and sixteen_bit
         message = None
         if new_run:
             message = self._new_run() if last is not None else None
@@ -88,7 +88,7 @@ class StepTracker:
                                  "or drive steps with set_step (Heun-type schedulers, guidance calls on different "
                                  "latents)")
             self.step += 1
-        self._last_timestep, self._last_latents, self._completed = value, sample and sample[1:], False
+        self._last_timestep, self._last_latents, self._completed = value, sample, False
         _warn(message)
 
     def completed(self) -> None:
@@ -144,21 +144,22 @@ def _relative_change(latents: tuple, seen: tuple) -> float | None:
     return float(np.linalg.norm(diff) / max(float(np.linalg.norm(np.nan_to_num(seen))), 1e-30))
 
 
-def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None]:
-    """The timestep's maximum and, for a timestep tensor, ``(is 16-bit, latents shape, evenly strided sample of the
-    latents)``, the sample copied to the host with the timestep in one read (a number: no latents, no added read)."""
+def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None, bool]:
+    """The timestep's maximum; for a timestep tensor, ``(latents shape, evenly strided sample of the latents)``, copied
+    to the host with the timestep in one read (a number: None, no added read); whether the timestep is 16-bit."""
     if timestep is None:
-        return None, None
+        return None, None, False
     if isinstance(timestep, torch.Tensor):
         if not timestep.numel():
-            return None, None
+            return None, None, False
+        sixteen_bit = timestep.dtype in (torch.bfloat16, torch.float16)
         value = timestep.detach().max().float().reshape(1)
         if not isinstance(latents, torch.Tensor) or not latents.numel() or value.device != latents.device:
-            return value.item(), None
+            return value.item(), None, sixteen_bit
         flat = latents.detach().reshape(-1)
         picked = flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE].float()
         read = torch.cat([value, picked]).cpu().numpy()
-        return float(read[0]), (timestep.dtype in (torch.bfloat16, torch.float16), tuple(latents.shape), read[1:])
+        return float(read[0]), (tuple(latents.shape), read[1:]), sixteen_bit
     if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
-        return float(timestep), None
+        return float(timestep), None, False
     raise TypeError(f"timestep: expected a tensor or a number, got {type(timestep).__name__}")
