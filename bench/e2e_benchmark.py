@@ -1,6 +1,6 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
-    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15] [--lengths 6x]
+    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 cogvideox-1.5] [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
 Random-weight models with the real configurations (weights do not change timing), bf16 on one
@@ -12,6 +12,10 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   its 40 layers and reported per layer and scaled to 40 (stated in the table).
 - ``hv15``: HunyuanVideo 1.5-shaped (16 heads x 128, 8.3B at 54 layers) at 480p (30x53
   latent) with 33 and 65 latent frames (1x, 2x its horizon), run with 6 of 54 layers, scaled.
+- ``cogvideox-1.5``: CogVideoX 1.5 5B-shaped (48 heads x 64, 42 layers, patches 2x2x2) at 1360x768 (96x170
+  latent) with 22 and 42 latent frames (81 and 161 video frames: 1x and 2x its training length; 11 and 21 token
+  frames), 226 text tokens (its prompt length) before the video, run with 6 of 42 layers, scaled; compiled mode
+  compiles each block (diffusers 0.42 declares no repeated blocks for it).
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -80,6 +84,11 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 HV15 = dict(num_layers=54)
+COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+                    text_embed_dim=4096, num_layers=42, patch_size=2, patch_size_t=2, max_text_seq_length=226,
+                    sample_height=300, sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True,
+                    use_learned_positional_embeddings=False)
+COGVIDEOX_TEXT = 226
 
 
 @dataclass(frozen=True)
@@ -95,8 +104,9 @@ class Case:
 
 def cases(models: list[str], tiny: bool) -> list[Case]:
     if tiny:
-        return [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2),
-                Case("hv15", "2x", 9, 6, 6, 2, 2)][: 3 if "hv15" in models else 2]
+        tiny_cases = [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2)]
+        tiny_cases += [Case("hv15", "2x", 9, 6, 6, 2, 2)] if "hv15" in models else []
+        return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     out = []
     if "wan-1.3b" in models:
         out += [Case("wan-1.3b", f"{m}x", f, 60, 104, 30, 30) for m, f in ((1, 21), (2, 41), (4, 81), (6, 121))]
@@ -104,14 +114,21 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         out += [Case("hv15", f"{m}x", f, 30, 53, 6, 54) for m, f in ((1, 33), (2, 65))]
     if "wan-14b" in models:
         out += [Case("wan-14b", "6x", 121, 60, 104, 2, 40)]
+    if "cogvideox-1.5" in models:
+        out += [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))]
     return out
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import HunyuanVideo15Transformer3DModel, WanTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel, WanTransformer3DModel
     torch.manual_seed(0)
     with torch.device(device):
-        if case.model.startswith("wan"):
+        if case.model.startswith("cogvideox"):
+            config = dict(COGVIDEOX_15, num_layers=case.layers_run)
+            if tiny:
+                config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, time_embed_dim=32)
+            model = CogVideoXTransformer3DModel(**config)
+        elif case.model.startswith("wan"):
             config = dict(WAN_1_3B if case.model == "wan-1.3b" else WAN_14B, num_layers=case.layers_run)
             if tiny:
                 config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)
@@ -130,6 +147,12 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
     config = model.config
     gen = torch.Generator(device=device).manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    if case.model.startswith("cogvideox"):        # latents [B, F, C, H, W]; RoPE's values do not change timing
+        latents = rand(1, case.frames, config.in_channels, case.height, case.width)
+        video = video_tokens(model, {"hidden_states": latents})
+        rope = tuple(torch.randn(video, config.attention_head_dim, generator=gen, device=device) for _ in range(2))
+        return dict(hidden_states=latents, encoder_hidden_states=rand(1, COGVIDEOX_TEXT, config.text_embed_dim),
+                    image_rotary_emb=rope, return_dict=False)
     latents = rand(1, config.in_channels, case.frames, case.height, case.width)
     if case.model.startswith("wan"):
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
@@ -221,9 +244,8 @@ def generation(method: str, times: dict[str, float]) -> float:
 def video_tokens(model, inputs: dict) -> int:
     """Tokens of the latent video after patchify (the model's patch as the integration reads it)."""
     from sparsecore.integrations.diffusers.models import spec_of
-    _, _, frames, height, width = inputs["hidden_states"].shape
-    pt, ph, pw = spec_of(model).patch(model.config)
-    return (frames // pt) * (height // ph) * (width // pw)
+    frames, height, width = spec_of(model).grid(inputs["hidden_states"].shape, model.config)
+    return frames * height * width
 
 
 def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int = 0, backend: str | None = None,
@@ -358,8 +380,11 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
     for mode in modes:
         model = build_model(case, tiny, device, dtype)
         inputs = model_inputs(model, case, device, dtype)
-        if mode == "compiled":
+        if mode == "compiled" and model._repeated_blocks:
             model.compile_repeated_blocks(fullgraph=True)
+        elif mode == "compiled":                        # CogVideoX: no repeated blocks declared; each, as that would
+            for block in model.transformer_blocks:
+                block.compile(fullgraph=True)
         try:
             rows += run_mode(case, model, inputs, mode, device, log, methods, kernel_args)
         except torch.OutOfMemoryError as err:

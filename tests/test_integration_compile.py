@@ -1,6 +1,6 @@
 """sparsecore inside torch.compile: compiled transformers equal eager ones, with no graph break or recompile.
 
-Tiny random Wan and HunyuanVideo 1.5 models with sparsecore applied run five denoising steps
+Tiny random Wan, HunyuanVideo 1.5 and CogVideoX models with sparsecore applied run five denoising steps
 eagerly, then compiled as diffusers recommends (``compile_repeated_blocks(fullgraph=True)``)
 or whole (``torch.compile(transformer)``). The attention is one custom op
 (``torch.ops.sparsecore.diffusers_attention``): the compiled outputs equal the eager ones in
@@ -16,7 +16,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from test_integration_diffusers import forward, hunyuan_inputs, random_mask, tiny_hunyuan, tiny_wan, wan_inputs
+from test_integration_diffusers import (cogvideox_inputs, forward, hunyuan_inputs, random_mask, tiny_cogvideox,
+                                       tiny_hunyuan, tiny_wan, wan_inputs)
 
 import sparsecore.integrations.diffusers as sparse
 
@@ -28,7 +29,8 @@ METHODS = {
     "callable": {},
 }
 MODELS = {"wan": (tiny_wan, lambda: wan_inputs(batch=2)),
-          "hunyuan": (tiny_hunyuan, lambda: hunyuan_inputs(batch=2, text="ragged"))}
+          "hunyuan": (tiny_hunyuan, lambda: hunyuan_inputs(batch=2, text="ragged")),
+          "cogvideox": (tiny_cogvideox, lambda: cogvideox_inputs(batch=2))}
 
 
 def run(model, inputs, method: str, compile_as: str | None, backend: str = "aot_eager") -> tuple[list, list]:
@@ -36,8 +38,11 @@ def run(model, inputs, method: str, compile_as: str | None, backend: str = "aot_
     handle = sparse.apply(model, method=random_mask if method == "callable" else method, device="cpu",
                           num_steps=len(TIMESTEPS), **METHODS[method])
     call = model
-    if compile_as == "blocks":
+    if compile_as == "blocks" and model._repeated_blocks:
         model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    elif compile_as == "blocks":      # diffusers 0.42 declares no repeated blocks for CogVideoX: each, as that would
+        for block in model.transformer_blocks:
+            block.compile(fullgraph=True, backend=backend)
     elif compile_as == "whole":
         call = torch.compile(model, backend=backend)
     outputs = []

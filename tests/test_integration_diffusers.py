@@ -1,4 +1,4 @@
-"""diffusers integration on tiny random Wan 2.1 and HunyuanVideo 1.5 models (diffusers 0.42, CPU, fp32).
+"""diffusers integration on tiny random Wan 2.1, HunyuanVideo 1.5 and CogVideoX models (diffusers 0.42, CPU, fp32).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -14,14 +14,16 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, ParallelConfig,
-                       WanTransformer3DModel)
+from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
+                       ParallelConfig, WanTransformer3DModel)
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers import transformer_hunyuan_video15, transformer_wan
 from oracle import expand_to_tokens
 
@@ -37,8 +39,8 @@ class Case:
     name: str
     build: Callable[[], Any]
     inputs: Callable[..., dict]
-    module: Any                                 # the diffusers module whose dispatch_attention_fn the oracle replaces
-    attention: Callable[[Any], list]            # the self-attention modules, by layer
+    install: Callable[[Any, "MaskedSoftmaxOracle"], None]   # (monkeypatch, oracle): the oracle replaces the
+    attention: Callable[[Any], list]            # model's attention call; the self-attention modules, by layer
 
 
 def tiny_wan() -> WanTransformer3DModel:
@@ -81,10 +83,47 @@ def hunyuan_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
             "image_embeds": images}
 
 
+def tiny_cogvideox(patch_t: int | None = None) -> CogVideoXTransformer3DModel:
+    """CogVideoX 1.0 (5B's layout: RoPE, no positional embedding), or 1.5 with ``patch_t=2``."""
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=2 * WIDTH,
+                                      sample_height=2 * HEIGHT, patch_size=2, patch_size_t=patch_t,
+                                      max_text_seq_length=7, use_rotary_positional_embeddings=True).eval()
+
+
+def cogvideox_inputs(batch: int = 2, text: str = "ragged", seed: int = 1, patch_t: int = 1) -> dict:
+    """Latents ``[B, F, C, H, W]``, 7 text tokens (CogVideoX pads its prompts: no text mask), and RoPE as the
+    pipeline makes it for the grid."""
+    gen = torch.Generator().manual_seed(seed)
+    rope = get_3d_rotary_pos_embed(16, ((0, 0), (HEIGHT, WIDTH)), (HEIGHT, WIDTH), FRAMES)
+    return {"hidden_states": torch.randn(batch, FRAMES * patch_t, 4, 2 * HEIGHT, 2 * WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen), "image_rotary_emb": rope}
+
+
+def install_dispatch(module: Any) -> Callable[[Any, "MaskedSoftmaxOracle"], None]:
+    """The oracle as ``module``'s ``dispatch_attention_fn`` (``[B, S, H, D]``), which Wan's and HunyuanVideo's
+    processors call."""
+    return lambda patch, oracle: patch.setattr(module, "dispatch_attention_fn", oracle.dispatch)
+
+
+def install_text_first_sdpa(patch: Any, oracle: "MaskedSoftmaxOracle") -> None:
+    """The oracle as torch's SDPA, which CogVideoX's processor calls on ``[B, H, S, D]`` with the text first: the
+    oracle sees the video first, the order of the masks."""
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+        assert attn_mask is None and not is_causal
+        text = query.shape[2] - FRAMES * HEIGHT * WIDTH
+        q, k, v = (t.transpose(1, 2).roll(-text, dims=1) for t in (query, key, value))
+        return oracle.dispatch(q, k, v).roll(text, dims=1).transpose(1, 2)
+    patch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+
 CASES = {
-    "wan": Case("wan", tiny_wan, wan_inputs, transformer_wan, lambda m: [b.attn1 for b in m.blocks]),
-    "hunyuan": Case("hunyuan", tiny_hunyuan, hunyuan_inputs, transformer_hunyuan_video15,
+    "wan": Case("wan", tiny_wan, wan_inputs, install_dispatch(transformer_wan), lambda m: [b.attn1 for b in m.blocks]),
+    "hunyuan": Case("hunyuan", tiny_hunyuan, hunyuan_inputs, install_dispatch(transformer_hunyuan_video15),
                     lambda m: [b.attn for b in m.transformer_blocks]),
+    "cogvideox": Case("cogvideox", tiny_cogvideox, cogvideox_inputs, install_text_first_sdpa,
+                      lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
 
 
@@ -173,10 +212,16 @@ def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step
     oracle = MaskedSoftmaxOracle(provider, step)
     for layer, module in enumerate(case.attention(reference)):
         module.set_processor(Tagged(oracle, layer, module.processor))
-    inputs64 = {name: t.double() if t.is_floating_point() else t for name, t in inputs.items()}
+    inputs64 = {name: as_float64(value) for name, value in inputs.items()}
     with monkeypatch.context() as patch:
-        patch.setattr(case.module, "dispatch_attention_fn", oracle.dispatch)
+        case.install(patch, oracle)
         return forward(reference, inputs64, timestep), oracle.valid_text
+
+
+def as_float64(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(as_float64(v) for v in value)
+    return value.double() if value.is_floating_point() else value
 
 
 # ------------------------------------------------------------------ tests
@@ -220,9 +265,9 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
 
 
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
-                                        ("hunyuan", "full")])
+                                        ("hunyuan", "full"), ("cogvideox", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
-    case = CASES[name]                                       # Wan has no text in its self-attention: one case
+    case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
     dense = forward(model, inputs, 500.0)
     expected, valid_text = oracle_output(case, model, inputs, random_mask, 0, 500.0, monkeypatch)
@@ -368,6 +413,54 @@ def test_lvsa_takes_the_hunyuanvideo_horizon_by_default():
     assert {s["backend"] for s in handle.stats()} == {"dense"}
 
 
+def test_cogvideox_15_patches_frames_in_pairs_and_matches_the_oracle(monkeypatch):
+    """CogVideoX 1.5 (``patch_size_t=2``): the latents' frames ``[B, F, C, H, W]`` pair up into token frames."""
+    case = Case("cogvideox-1.5", lambda: tiny_cogvideox(patch_t=2), partial(cogvideox_inputs, patch_t=2),
+                install_text_first_sdpa, CASES["cogvideox"].attention)
+    model, inputs = case.build(), case.inputs(batch=2)
+    assert inputs["hidden_states"].shape[1] == 2 * FRAMES
+    expected, _ = oracle_output(case, model, inputs, random_mask, 0, 500.0, monkeypatch)
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        got = forward(model, inputs, 500.0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)
+    assert handle.geometry == VideoGeometry(FRAMES, HEIGHT, WIDTH)
+    assert {(s["tokens"], s["text_tokens"], s["padding"]) for s in handle.stats()} == {(FRAMES * HEIGHT * WIDTH + 7,
+                                                                                        7, 0)}
+
+
+def test_cogvideox_errors_name_its_layout_and_refuse_a_token_mask():
+    model = tiny_cogvideox()
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        assert handle.params["reference_frames"] == 13                     # LVSA's CogVideoX horizon
+        later = sparse.apply(tiny_cogvideox(patch_t=2), method="lvsa", device="cpu")
+        later.remove()
+        assert later.params["reference_frames"] == 11                      # 1.5: 81 frames, 11 token frames
+        with pytest.raises(ValueError, match=r"hidden_states: expected a latent video \[B, F, C, H, W\]"):
+            model(hidden_states=torch.zeros(1, 4, 16, 16), encoder_hidden_states=torch.zeros(1, 7, 16),
+                  timestep=torch.tensor([999]))
+        attn = CASES["cogvideox"].attention(model)[0]
+        handle._pre_forward(model, (), cogvideox_inputs(batch=1))          # inside a forward, as the op needs
+        try:
+            with pytest.raises(ValueError, match="attention_mask: CogVideoX attention .* expected None"):
+                attn.processor(attn, torch.zeros(1, FRAMES * HEIGHT * WIDTH, 32), torch.zeros(1, 7, 32),
+                               attention_mask=torch.ones(1, 1, 519, 519, dtype=torch.bool))
+        finally:
+            handle.active = False
+    finally:
+        handle.remove()
+
+
+def test_context_parallelism_refuses_cogvideox_naming_the_models_it_runs():
+    from sparsecore.integrations.diffusers import parallel
+    with pytest.raises(TypeError, match="transformer: expected a diffusers WanTransformer3DModel or "
+                                        "HunyuanVideo15Transformer3DModel, got CogVideoXTransformer3DModel"):
+        parallel.enable_parallelism(tiny_cogvideox(), ContextParallelConfig(ulysses_degree=2))
+
+
 def test_backend_options_reach_every_kernel(case, monkeypatch):
     """``backend_options`` go to each compile of the named backend, and change nothing else (portable's chunking)."""
     import sparsecore
@@ -428,17 +521,24 @@ def test_ring_pieces_get_the_backend_options(monkeypatch):
 
 
 def test_backend_and_parallel_settings_reach_the_original_processor(case):
+    """What diffusers' set_attention_backend / enable_parallelism set reaches the original processor; an original
+    that keeps no such setting (CogVideoX's calls torch SDPA itself) gets none, as without sparsecore."""
     model = case.build()
     module = case.attention(model)[0]
     original = module.processor
+    keeps = hasattr(original, "_attention_backend")
+    assert keeps == (case.name != "cogvideox")
     handle = sparse.apply(model, method=full_mask, device="cpu")
     try:
         module.processor._attention_backend = "native"
-        assert original._attention_backend == "native"
+        module.processor._parallel_config = None
+        assert getattr(original, "_attention_backend", None) == ("native" if keeps else None)
+        assert module.processor._attention_backend == ("native" if keeps else None)
         assert module.processor._parallel_config is None
     finally:
         handle.remove()
-    assert module.processor is original and original._attention_backend == "native"
+    assert module.processor is original and hasattr(original, "_attention_backend") == keeps
+    assert hasattr(original, "_parallel_config") == keeps
 
 
 def context_parallel(**degrees) -> ParallelConfig:

@@ -1,12 +1,12 @@
 """The handle ``apply()`` (:mod:`.attach`) returns: hooks, step control, stats, ``remove()``.
 
-The forward pre-hook reads the video geometry from ``hidden_states`` ``[B, C, F, H, W]`` and the config's patch
-sizes, and advances the step (:mod:`.steps`); the hooks always run eagerly (``torch.compiler.disable``: under
-``torch.compile`` of the whole transformer that is one graph break, before the forward; regional compilation does
-not compile them at all). Each processor call reaches :meth:`SparseAttentionHandle.attend_next` through the custom
-op (:mod:`.op`): the layer is the call's place in the forward (blocks run in order; the post-hook checks that every
-layer came), then context-parallel routing (:mod:`.parallel`), grouping of samples by valid text length
-(HunyuanVideo 1.5), and the planner (:mod:`.planner`).
+The forward pre-hook reads the video geometry from ``hidden_states`` (``[B, C, F, H, W]``; CogVideoX's
+``[B, F, C, H, W]``) and the config's patch sizes, and advances the step (:mod:`.steps`); the hooks always run
+eagerly (``torch.compiler.disable``: under ``torch.compile`` of the whole transformer that is one graph break, before
+the forward; regional compilation does not compile them at all). Each processor call reaches
+:meth:`SparseAttentionHandle.attend_next` through the custom op (:mod:`.op`): the layer is the call's place in the
+forward (blocks run in order; the post-hook checks that every layer came), then context-parallel routing
+(:mod:`.parallel`), grouping of samples by valid text length (HunyuanVideo 1.5), and the planner (:mod:`.planner`).
 """
 
 from __future__ import annotations
@@ -172,13 +172,13 @@ class SparseAttentionHandle:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
             got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise ValueError(f"hidden_states: expected a latent video [B, C, F, H, W] for {type(module).__name__}, "
-                             f"got {got}")
+            raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
+                             f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         parallel.refuse_ring_approximation(self._processors, self.approximation)           # before any step runs
-        p_t, p_h, p_w = self.spec.patch(module.config)
-        self.geometry = VideoGeometry(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w)
-        self._steps.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None), hidden)
+        self.geometry = VideoGeometry(*self.spec.grid(hidden.shape, module.config))
+        at = self.spec.timestep_arg
+        self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)
         self._text_cache = None
         self._calls = 0
         self.active = True

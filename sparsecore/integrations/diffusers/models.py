@@ -11,9 +11,15 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   ``transformer_blocks[i].attn``, video then text on the sequence axis, as diffusers'
   ``HunyuanVideo15AttnProcessor2_0`` builds it (``apply_rotary_emb`` on the video part, the
   ``add_*_proj`` text projections and their norms). The text refiner's attention stays dense.
+- ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 and 1.5): the joint text+video attention
+  ``transformer_blocks[i].attn1`` of ``CogVideoXAttnProcessor2_0``, whose sequence is text then video.
+  Attention is the same under any order of its tokens (the same order for queries, keys and values), so
+  the processor builds the sequence video first (:func:`cogvideox_qkv`), the order every mask has, and
+  splits the output back into video and text.
 
-Both flatten the patch grid frame-major (``Conv3d`` output ``.flatten(2)``), the token order
-of :class:`sparsecore.VideoGeometry`; ``patch`` reads the patch sizes from the config.
+All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
+CogVideoX's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
+``patch`` reads the patch sizes from the config and ``frames_axis`` says where the latents keep their frames.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
 from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
@@ -42,9 +50,21 @@ class ModelSpec:
     processor_class: type          # diffusers' processor we replace (exact type)
     blocks: str                    # attribute holding the transformer blocks
     attention: str                 # the self-attention module of a block
-    reference_frames: int          # LVSA's C for this model
+    horizon: Callable[[Any], int]  # LVSA's C for a model of this config (lvsa.REFERENCE_FRAMES)
     patch: Callable[[Any], tuple[int, int, int]]
-    joint_text: bool               # text tokens share the attention sequence (after the video)
+    joint_text: bool               # text tokens share the attention sequence (after the video in every mask)
+    frames_axis: int = 2           # the latents' frame axis: [B, C, F, H, W] (2) or [B, F, C, H, W] (1)
+    timestep_arg: int = 1          # the forward's timestep among its positional arguments
+
+    @property
+    def latents(self) -> str:
+        """The layout of the forward's ``hidden_states``, for messages."""
+        return "[B, F, C, H, W]" if self.frames_axis == 1 else "[B, C, F, H, W]"
+
+    def grid(self, latents: torch.Size, config: Any) -> tuple[int, int, int]:
+        """Frames, height and width of the token grid after patchify, from the latents' shape."""
+        p_t, p_h, p_w = self.patch(config)
+        return latents[self.frames_axis] // p_t, latents[3] // p_h, latents[4] // p_w
 
 
 def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -98,6 +118,29 @@ def hunyuan_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int)
     return video_out, text_out
 
 
+def cogvideox_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """CogVideoX's joint q, k, v ``[B, S_video + S_text, H, D]``, video first (diffusers' processor puts the text
+    first; projections, the per-head norms and RoPE act token by token, so only the order differs)."""
+    joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        video = hidden_states.shape[1]
+        query = torch.cat([apply_rotary_emb(query[:, :video], image_rotary_emb, sequence_dim=1), query[:, video:]], 1)
+        key = torch.cat([apply_rotary_emb(key[:, :video], image_rotary_emb, sequence_dim=1), key[:, video:]], 1)
+    return query, key, value
+
+
+def cogvideox_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video and text outputs (in that order, as CogVideoX's processor returns them) of the joint output."""
+    out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+    return out[:, :-text], out[:, -text:]
+
+
 def _wan_patch(config: Any) -> tuple[int, int, int]:
     p_t, p_h, p_w = (int(p) for p in config.patch_size)
     return p_t, p_h, p_w
@@ -107,12 +150,29 @@ def _hunyuan_patch(config: Any) -> tuple[int, int, int]:
     return int(config.patch_size_t), int(config.patch_size), int(config.patch_size)
 
 
-WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, "blocks", "attn1", lvsa.REFERENCE_FRAMES["wan"],
+def _cogvideox_patch(config: Any) -> tuple[int, int, int]:
+    return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
+
+
+def _horizon(name: str) -> Callable[[Any], int]:
+    return lambda config: lvsa.REFERENCE_FRAMES[name]
+
+
+def _cogvideox_horizon(config: Any) -> int:
+    """13 token frames for CogVideoX 1.0 (the released LVSA code's); 1.5 (temporal patch 2) trains on 81 frames, 21
+    latent frames: 11 token frames."""
+    return lvsa.REFERENCE_FRAMES["cogvideox" if (config.patch_size_t or 1) == 1 else "cogvideox-1.5"]
+
+
+WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, "blocks", "attn1", _horizon("wan"),
                 _wan_patch, joint_text=False)
 HUNYUAN_VIDEO_15 = ModelSpec("hunyuanvideo-1.5", HunyuanVideo15Transformer3DModel, HunyuanVideo15AttnProcessor2_0,
-                             "transformer_blocks", "attn", lvsa.REFERENCE_FRAMES["hunyuanvideo-1.5"], _hunyuan_patch,
+                             "transformer_blocks", "attn", _horizon("hunyuanvideo-1.5"), _hunyuan_patch,
                              joint_text=True)
-SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15)
+COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, "transformer_blocks",
+                      "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, frames_axis=1,
+                      timestep_arg=2)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

@@ -67,21 +67,25 @@ class SparseProcessor(RefusesCopies):
         self.layer = layer
         self.original = original
 
+    # diffusers' set_attention_backend and enable_parallelism set these on processors that have them. An original
+    # without them (CogVideoX's runs torch SDPA itself) reads None here and ignores the setting, as it would.
     @property
     def _attention_backend(self) -> Any:
-        return self.original._attention_backend
+        return getattr(self.original, "_attention_backend", None)
 
     @_attention_backend.setter
     def _attention_backend(self, value: Any) -> None:
-        self.original._attention_backend = value
+        if hasattr(self.original, "_attention_backend"):
+            self.original._attention_backend = value
 
     @property
     def _parallel_config(self) -> Any:
-        return self.original._parallel_config
+        return getattr(self.original, "_parallel_config", None)
 
     @_parallel_config.setter
     def _parallel_config(self, value: Any) -> None:
-        self.original._parallel_config = value
+        if hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = value
 
     def dispatch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None, parallel: bool = True) -> torch.Tensor:
@@ -175,6 +179,25 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
         return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
 
 
+class CogVideoXSparseAttnProcessor(SparseProcessor):
+    """Joint text+video attention of a ``CogVideoXTransformer3DModel`` block (``attn1``) through sparsecore, on the
+    sequence video first (:func:`.models.cogvideox_qkv`)."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        if not self._handle.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError(f"attention_mask: CogVideoX attention (layer {self.layer}) expected None (its forward "
+                             f"passes none), got a {list(attention_mask.shape)} mask; the block-mask IR cannot add a "
+                             f"token mask; {self._handle.dense_remedy()}")
+        query, key, value = compiled_layout(*models.cogvideox_qkv(attn, hidden_states, encoder_hidden_states,
+                                                                  image_rotary_emb))
+        out = diffusers_attention(query, key, value, None, self._handle.id)
+        return models.cogvideox_output(attn, out, query, encoder_hidden_states.shape[1])
+
+
 def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v as the op gets them: in head-major memory while ``torch.compile`` traces (inductor then writes
     the projections' and RoPE's output there, with no separate copy; :mod:`.op`), as they are in eager mode
@@ -185,7 +208,8 @@ def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,
-                     models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor}
+                     models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor,
+                     models.COGVIDEOX.name: CogVideoXSparseAttnProcessor}
 
 
 def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
