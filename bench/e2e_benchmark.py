@@ -408,12 +408,14 @@ def schedules_text(rows: list[dict]) -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
-             f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens. "
+             f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
+             f"({COGVIDEOX_TEXT} for CogVideoX). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
              "eagerly; compiled: "
-             "`compile_repeated_blocks(fullgraph=True)` on both sides. Generation = the 50-step schedule composed from "
+             "`compile_repeated_blocks(fullgraph=True)` (CogVideoX: each block's `compile(fullgraph=True)`) on "
+             "both sides. Generation = the 50-step schedule composed from "
              f"the measured steps ({schedules_text(rows)}). Speedups against the dense row of the same model, length "
              "and mode." + (f" Every method on backend `{meta['backend']}` with options {meta['backend_options']}."
                             if meta.get("backend") else "")
