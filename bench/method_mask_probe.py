@@ -1,4 +1,5 @@
-"""Probe (GPU): the masks AdaSpa (or PASA) plans in a Wan 2.1 1.3B step at 6x, their shape and their kernels' times.
+"""Probe (GPU): the masks AdaSpa (or PASA) plans in a model's step (Wan 2.1 1.3B at 6x by default), their shape and
+their kernels' times.
 
 ``bench/key_split_probe.py`` times synthetic AdaSpa-shaped masks (random top-k rows: every row's keys
 spread over the whole sequence). This probe takes the masks the method itself planned (random-weight Wan
@@ -19,6 +20,11 @@ sparse step), and reports per layer what decides their kernels' speed:
 and the synthetic mask of the same density next to them.
 
     python bench/method_mask_probe.py --out DIR [--method adaspa|pasa] [--layers 0 14 29]
+                                      [--model cogvideox-1.5 --length 2x] [--key-parts 1 2 4]
+
+``--model`` / ``--length`` take another case of ``bench/e2e_benchmark.py`` (its random-weight model, its layers):
+joint video + text models give masks of 64-token blocks with a short video block inside and a short text block
+last, which ``compile`` ranks as small blocks (Triton first) without a timing of fa4 on them.
 """
 
 from __future__ import annotations
@@ -82,14 +88,14 @@ def per_call_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
     return times
 
 
-def kernel_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
+def kernel_times(mask: sparsecore.BlockMask, q, k, v, key_parts: list[int]) -> dict:
     times = {}
     if mask.unselected != DROP:
         kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
         times[f"triton with {mask.unselected}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
         times.update(per_call_times(mask, q, k, v))
         mask = with_unselected(mask, DROP)                         # the exact part, as a drop-only mask
-    for parts in (None, 1, 2, 4, 8):
+    for parts in (None, *key_parts):
         kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=parts, cache=False)
         times[f"fa4 key_parts={parts}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
     kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
@@ -103,9 +109,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", nargs="*", type=int, default=[0, 14, 29])
     parser.add_argument("--method", default="adaspa", choices=sorted(STEPS))
+    parser.add_argument("--model", default="wan-1.3b", help="a bench/e2e_benchmark.py model")
+    parser.add_argument("--length", default="6x", help="one of that model's lengths")
+    parser.add_argument("--key-parts", nargs="*", type=int, default=[1, 2, 4, 8], help="fa4 key_parts beside auto")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == "6x")
+    case = next(c for c in cases([args.model], tiny=False) if c.label == args.length)
     model = build_model(case, False, "cuda", torch.bfloat16)
     inputs = model_inputs(model, case, "cuda", torch.bfloat16)
     handle = sc_diffusers.apply(model, method=args.method, device="cuda", num_steps=50)
@@ -118,20 +127,22 @@ def main() -> int:
         masks = {layer: handle.mask(layer).to_host() for layer in args.layers}
     finally:
         handle.remove()
+    config = model.config
     del model, inputs
     torch.cuda.empty_cache()
     results = {}
-    heads, tokens, dim = 12, next(iter(masks.values())).q_len, 128
+    heads, tokens, dim = config.num_attention_heads, next(iter(masks.values())).q_len, config.attention_head_dim
     q, k, v = (torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for layer, mask in masks.items():
-        results[f"layer {layer}"] = {**shape_stats(mask), **kernel_times(mask, q, k, v)}
+        results[f"layer {layer}"] = {**shape_stats(mask), **kernel_times(mask, q, k, v, args.key_parts)}
         print(f"layer {layer}: {json.dumps(results[f'layer {layer}'])}", flush=True)
-    if args.method != "adaspa":
-        (args.out / f"{args.method}-mask-probe.json").write_text(json.dumps({"meta": run_meta(), **results}, indent=1))
+    stem = args.method if args.model == "wan-1.3b" else f"{args.model}-{args.length}-{args.method}"
+    if args.method != "adaspa" or args.model != "wan-1.3b":
+        (args.out / f"{stem}-mask-probe.json").write_text(json.dumps({"meta": run_meta(), **results}, indent=1))
         return 0
     synthetic = adaspa_large(heads, tokens - tokens % 64, 64, (0.1, 0.2, 0.3), seed=0)
     q, k, v = (t[:, :, :synthetic.q_len] for t in (q, k, v))
-    results["synthetic AdaSpa-shaped"] = {**shape_stats(synthetic), **kernel_times(synthetic, q, k, v)}
+    results["synthetic AdaSpa-shaped"] = {**shape_stats(synthetic), **kernel_times(synthetic, q, k, v, args.key_parts)}
     print(f"synthetic: {json.dumps(results['synthetic AdaSpa-shaped'])}", flush=True)
     (args.out / "adaspa-mask-probe.json").write_text(json.dumps({"meta": run_meta(), **results}, indent=1))
     return 0
