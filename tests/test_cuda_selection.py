@@ -16,9 +16,7 @@ import sparsecore
 from sparsecore import BlockMask
 from sparsecore.backends.cuda.triton_launch import TritonLaunch
 from sparsecore.backends.cuda.triton_config import TritonOptions
-from sparsecore.ir import Unselected
 from sparsecore.ir.slicing import slice_mask
-from sparsecore.methods.approximation import with_unselected
 
 
 @pytest.fixture
@@ -43,24 +41,11 @@ def joint(video: int, text: int, block: int = 64) -> BlockMask:
     return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
 
 
-def blocks(sizes: list[int]) -> BlockMask:
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    return BlockMask.from_lists([[[i] for i in range(len(sizes))]] * 2, offsets, offsets)
-
-
-def approximating(mask: BlockMask) -> BlockMask:
-    return with_unselected(mask, Unselected("grouped-first-order", 32))
-
-
 @pytest.mark.parametrize("mask, largest, block_class", [
     (frames(64, 40), 64, "uniform-64"),
     (frames(64, 40, text=24), 64, "uniform-64"),     # Wan at 6x: 2,949 blocks of 64 and a last one of 24
     (frames(32, 40), 32, "small"),
-    (joint(40 * 64 - 10, 200), 64, "joint-64"),      # no uniform interior: 64-token blocks and two short ones
-    (approximating(joint(40 * 64 - 10, 200)), 64, "small"),
-    (joint(40 * 64 - 10, 200, block=32), 32, "small"),
-    (blocks([64] * 10 + [30] + [64] * 10 + [30] + [64] * 5 + [10]), 64, "small"),   # three short blocks
-    (blocks([30] + [64] * 20 + [10]), 64, "small"),  # a short first block (a ring shard's cut)
+    (joint(40 * 64 - 10, 200), 64, "small"),         # no uniform interior, every block under 128 tokens
     (joint(40 * 64 - 10, 200, block=96), 96, "small"),
     (frames(128, 8), 128, "tile-aligned"),
     (frames(1560, 3), 1560, "frames"),
@@ -83,8 +68,7 @@ def test_block_class_and_largest_block(mask, largest, block_class):
     (frames(1560, 3), "fa4"),                 # LVSA's frames
     (frames(1560, 3, text=200), "fa4"),       # frames + a text block: mixed sizes
     (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
-    (joint(40 * 64 - 10, 200), "fa4"),        # HunyuanVideo's and CogVideoX's joint sequence: 64-token blocks
-    (approximating(joint(40 * 64 - 10, 200)), "triton"),   # and short ones; PASA's approximation: Triton
+    (joint(40 * 64 - 10, 200), "triton"),     # HunyuanVideo's joint sequence: 64-token blocks and short ones
 ])
 def test_default_lowering_per_block_class(cuda_available, mask, expected):
     assert sparsecore.compile(mask, device="cuda").backend.name == expected

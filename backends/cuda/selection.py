@@ -23,22 +23,14 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   616 eff TFLOP/s (61.6 ms, keys gathered onto its tiles, 2% of its tiles masked; 551-557 in their own
   order, 10% masked; 2026-12-01), FlashInfer 506-529, Triton 411. On random
   frame rows fa4 wins at D = 64 (by 18-38%) and ties Triton at D = 128 (within 5% either way).
-- Joint video + text masks of 64-token blocks (AdaSpa's and PASA's on HunyuanVideo 1.5 and CogVideoX: the
-  short last video block sits inside, the text's last block is short too), as the methods plan them in a
-  step (``bench/method_mask_probe.py --model``, H200, 2026-12-02, eighteenth session): AdaSpa's drop-only
-  masks on fa4 40.5 ms against Triton's 48.3-48.8 (HunyuanVideo 1.5 at 2x, D = 128, 16 heads) and 46.4
-  against 47.9-49.3 (CogVideoX 1.5 at 2x, D = 64, 48 heads); PASA's approximating masks, compiled and
-  converted at each call as PASA runs them, on Triton 55.2 against fa4's 74.4, and 59.3-59.6 against
-  86.0-89.5 (the exact parts alone: fa4 31.2 against 35.4, and 36.1-36.2 against 36.5). So such masks
-  rank fa4 first when they drop unlisted blocks, Triton first when they approximate them.
 - Mixed sizes (text blocks, ragged): fa4 (exact through its mask tiles), else Triton. A mask whose
   first and last blocks are short (a ring shard's slice) is classed by its interior size, so a ring
   step of AdaSpa's mask has a 64-token interior; a mask whose blocks are all under 128 tokens is small
   whatever their sizes, so Triton's tiles are 64 wide for it. Of those, masks of 64-token blocks (a
-  shorter last one allowed: Wan's 188,760 tokens) rank fa4 first, as measured, and the joint ones above
-  as measured; the others rank Triton first: a ring shard, uniform blocks of 16 or 32 tokens. fa4 takes
-  those exactly through mask tiles (``bench/fa4_check.py`` on the H200) but was not timed against
-  Triton on them at two CTAs per SM.
+  shorter last one allowed: Wan's 188,760 tokens) rank fa4 first, as measured; the others rank Triton
+  first: a joint video + text mask of 64-token blocks, whose short last video block sits inside, a
+  ring shard, uniform blocks of 16 or 32 tokens. fa4 takes those exactly through mask tiles
+  (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
 bench/results/gpu-2026-12-01-runs/eighth-session/ (pasa-mask-probe.json),
@@ -49,13 +41,11 @@ bench/results/cuda-2026-11-22.md.
 from __future__ import annotations
 
 from sparsecore.ir import BlockMask
-from sparsecore.ir.unselected import DROP
 
 # key-block class -> lowering -> rank (higher is preferred)
 RANKS = {
     "tile-aligned": {"fa4": 30, "flashinfer": 20, "triton": 10},   # uniform blocks, a multiple of 128 tokens
     "uniform-64": {"fa4": 30, "triton": 20, "flashinfer": 5},     # 64-token blocks (AdaSpa's, PASA's), FA4's tiles
-    "joint-64": {"fa4": 30, "triton": 20, "flashinfer": 5},       # the same and two short ones (video + text), drop
     "small": {"triton": 30, "fa4": 20, "flashinfer": 5},          # every other mask of blocks under 128 tokens
     "frames": {"fa4": 30, "flashinfer": 20, "triton": 10},        # uniform blocks not aligned to 128 (frames)
     "ragged": {"fa4": 30, "triton": 20, "flashinfer": 0},         # mixed sizes: FlashInfer cannot take them
@@ -65,22 +55,12 @@ RANKS = {
 def block_class(mask: BlockMask) -> str:
     """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class."""
     if mask.largest_block_size("kv") < 128:
-        if mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64:
-            return "uniform-64"
-        return "joint-64" if mask.unselected == DROP and _joint_64(mask) else "small"
+        uniform_64 = mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64
+        return "uniform-64" if uniform_64 else "small"
     block = mask.interior_block_size("kv")
     if block is None:
         return "ragged"
     return "tile-aligned" if block % 128 == 0 else "frames"
-
-
-def _joint_64(mask: BlockMask) -> bool:
-    """Blocks of 64 tokens but at most two shorter ones (a joint sequence's last video block and last text block),
-    the first block whole (not a ring shard's cut), on both sides."""
-    for sizes in (mask.q_block_sizes, mask.kv_block_sizes):
-        if sizes[0] != 64 or sizes.max() != 64 or int((sizes != 64).sum()) > 2:
-            return False
-    return True
 
 
 def preference(backend: str, mask: BlockMask) -> int:
