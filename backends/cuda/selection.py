@@ -30,7 +30,15 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   shorter last one allowed: Wan's 188,760 tokens) rank fa4 first, as measured; the others rank Triton
   first: a joint video + text mask of 64-token blocks, whose short last video block sits inside, a
   ring shard, uniform blocks of 16 or 32 tokens. fa4 takes those exactly through mask tiles
-  (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM.
+  (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM,
+  except the joint ones: on the masks AdaSpa plans for HunyuanVideo 1.5 and CogVideoX 1.5 at 2x
+  (``bench/method_mask_probe.py --model``, H200, 2026-12-02) a kernel compiled once runs faster on fa4
+  (40.5 against Triton's 48.3-48.8 ms at D = 128, 16 heads; 46.4 against 47.9-49.3 at D = 64, 48
+  heads), but AdaSpa's reuse steps compile each layer's held mask at every call, and there fa4's
+  conversion of masks off its tile grid (a tile map of every head) costs more than it saves: whole
+  reuse steps (``bench/e2e_benchmark.py``, eager) 6.11 s on fa4 against 5.43 on Triton (HunyuanVideo
+  1.5), 7.90 against 5.10 and 1.3 GiB above the peak (CogVideoX 1.5). PASA's approximating masks,
+  converted at each call too: Triton 55.2 against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
 bench/results/gpu-2026-12-01-runs/eighth-session/ (pasa-mask-probe.json),
