@@ -46,9 +46,9 @@ def versions(device: str = "cuda") -> dict[str, str]:
 
 def write_report(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
     """Write ``stem.json`` and ``stem.md`` (the folder is made if missing)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table)
+    stem.parent.mkdir(parents=True, exist_ok=True)      # not with_suffix: a stem may hold a dot ("cogvideox-1.5")
+    (stem.parent / f"{stem.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (stem.parent / f"{stem.name}.md").write_text(table)
 
 
 def gpu_meta(**extra) -> dict:

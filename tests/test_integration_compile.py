@@ -1,6 +1,6 @@
 """sparsecore inside torch.compile: compiled transformers equal eager ones, with no graph break or recompile.
 
-Tiny random Wan, HunyuanVideo 1.5 and CogVideoX models with sparsecore applied run five denoising steps
+Tiny random Wan, HunyuanVideo 1.5 and 1.0, and CogVideoX models with sparsecore applied run five denoising steps
 eagerly, then compiled as diffusers recommends (``compile_repeated_blocks(fullgraph=True)``)
 or whole (``torch.compile(transformer)``). The attention is one custom op
 (``torch.ops.sparsecore.diffusers_attention``): the compiled outputs equal the eager ones in
@@ -16,8 +16,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from test_integration_diffusers import (cogvideox_inputs, forward, hunyuan_inputs, random_mask, tiny_cogvideox,
-                                       tiny_hunyuan, tiny_wan, wan_inputs)
+from test_integration_diffusers import (cogvideox_inputs, forward, hunyuan_10_inputs, hunyuan_inputs, random_mask,
+                                       tiny_cogvideox, tiny_hunyuan, tiny_hunyuan_10, tiny_wan, wan_inputs)
 
 import sparsecore.integrations.diffusers as sparse
 
@@ -30,6 +30,7 @@ METHODS = {
 }
 MODELS = {"wan": (tiny_wan, lambda: wan_inputs(batch=2)),
           "hunyuan": (tiny_hunyuan, lambda: hunyuan_inputs(batch=2, text="ragged")),
+          "hunyuan-1.0": (tiny_hunyuan_10, lambda: hunyuan_10_inputs(batch=2, text="ragged")),
           "cogvideox": (tiny_cogvideox, lambda: cogvideox_inputs(batch=2))}
 
 

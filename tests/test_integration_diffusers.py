@@ -1,4 +1,4 @@
-"""diffusers integration on tiny random Wan 2.1, HunyuanVideo 1.5 and CogVideoX models (diffusers 0.42, CPU, fp32).
+"""diffusers integration on tiny random Wan 2.1, HunyuanVideo 1.5 and 1.0, and CogVideoX models (diffusers 0.42, CPU).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
-                       ParallelConfig, WanTransformer3DModel)
+                       HunyuanVideoTransformer3DModel, ParallelConfig, WanTransformer3DModel)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.models.transformers import transformer_hunyuan_video15, transformer_wan
+from diffusers.models.transformers import transformer_hunyuan_video, transformer_hunyuan_video15, transformer_wan
 from oracle import expand_to_tokens
 
 from sparsecore import BlockMask, VideoGeometry
@@ -83,6 +83,27 @@ def hunyuan_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
             "image_embeds": images}
 
 
+def tiny_hunyuan_10() -> HunyuanVideoTransformer3DModel:
+    """HunyuanVideo 1.0: one double-stream and one single-stream block."""
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                          num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                          patch_size=1, patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+HUNYUAN_10_TEXT = {"ragged": [[1] * 5 + [0] * 3, [1] * 7 + [0]], "same": [[1] * 4 + [0] * 4] * 2, "full": [[1] * 8]}
+
+
+def hunyuan_10_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    """8 text tokens a sample, its valid ones first (5 and 7, 4 and 4, or all 8)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, FRAMES, HEIGHT, WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 8, 16, generator=gen),
+            "encoder_attention_mask": torch.tensor((HUNYUAN_10_TEXT[text] * batch)[:batch]),
+            "pooled_projections": torch.randn(batch, 8, generator=gen)}
+
+
 def tiny_cogvideox(patch_t: int | None = None) -> CogVideoXTransformer3DModel:
     """CogVideoX 1.0 (5B's layout: RoPE, no positional embedding), or 1.5 with ``patch_t=2``."""
     torch.manual_seed(0)
@@ -122,6 +143,8 @@ CASES = {
     "wan": Case("wan", tiny_wan, wan_inputs, install_dispatch(transformer_wan), lambda m: [b.attn1 for b in m.blocks]),
     "hunyuan": Case("hunyuan", tiny_hunyuan, hunyuan_inputs, install_dispatch(transformer_hunyuan_video15),
                     lambda m: [b.attn for b in m.transformer_blocks]),
+    "hunyuan-1.0": Case("hunyuan-1.0", tiny_hunyuan_10, hunyuan_10_inputs, install_dispatch(transformer_hunyuan_video),
+                        lambda m: [b.attn for b in (*m.transformer_blocks, *m.single_transformer_blocks)]),
     "cogvideox": Case("cogvideox", tiny_cogvideox, cogvideox_inputs, install_text_first_sdpa,
                       lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
@@ -265,7 +288,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
 
 
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
-                                        ("hunyuan", "full"), ("cogvideox", "ragged")])
+                                        ("hunyuan", "full"), ("cogvideox", "ragged"), ("hunyuan-1.0", "ragged"),
+                                        ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
@@ -280,11 +304,12 @@ def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     assert (got - dense).abs().max() > 5e-3                  # the mask matters (~2e-2 from dense attention)
     stats = handle.stats()
     assert {s["backend"] for s in stats} == {"portable"} and all(0 < s["density"] < 1 for s in stats)
-    if case.name == "hunyuan":
-        expected_text = {"ragged": [6, 8], "same": [4, 4], "full": [13]}[text]
-        assert valid_text == expected_text
-        assert sorted({s["text_tokens"] for s in stats}) == sorted(set(expected_text))
-        assert {s["padding"] for s in stats} == {13 - n for n in expected_text}
+    if case.name.startswith("hunyuan"):
+        expected_text, tokens = {"hunyuan": ({"ragged": [6, 8], "same": [4, 4], "full": [13]}, 13),
+                                 "hunyuan-1.0": ({"ragged": [5, 7], "same": [4, 4], "full": [8]}, 8)}[case.name]
+        assert valid_text == expected_text[text]
+        assert sorted({s["text_tokens"] for s in stats}) == sorted(set(expected_text[text]))
+        assert {s["padding"] for s in stats} == {tokens - n for n in expected_text[text]}
 
 
 def test_remove_restores_processors_hooks_and_output(case):
@@ -385,8 +410,8 @@ def test_method_sessions_run_end_to_end(case, method):
     finally:
         handle.remove()
     stats = handle.stats()
-    geometries = 2 if case.name == "hunyuan" else 1           # HunyuanVideo: two valid text lengths
-    expected_calls = 1 if case.name == "hunyuan" else 2
+    geometries = 2 if case.name.startswith("hunyuan") else 1  # HunyuanVideo: two valid text lengths
+    expected_calls = 1 if case.name.startswith("hunyuan") else 2
     assert len(stats) == 4 * 2 * geometries
     for s in stats:
         assert s["calls"] == expected_calls and s["ms"] >= 0 and s["ms_total"] >= s["ms"]
@@ -454,11 +479,51 @@ def test_cogvideox_errors_name_its_layout_and_refuse_a_token_mask():
         handle.remove()
 
 
-def test_context_parallelism_refuses_cogvideox_naming_the_models_it_runs():
+@pytest.mark.parametrize("build", [tiny_cogvideox, tiny_hunyuan_10])
+def test_context_parallelism_refuses_cogvideox_and_hunyuanvideo_10_naming_the_models_it_runs(build):
     from sparsecore.integrations.diffusers import parallel
+    model = build()
     with pytest.raises(TypeError, match="transformer: expected a diffusers WanTransformer3DModel or "
-                                        "HunyuanVideo15Transformer3DModel, got CogVideoXTransformer3DModel"):
-        parallel.enable_parallelism(tiny_cogvideox(), ContextParallelConfig(ulysses_degree=2))
+                                        f"HunyuanVideo15Transformer3DModel, got {type(model).__name__}"):
+        parallel.enable_parallelism(model, ContextParallelConfig(ulysses_degree=2))
+
+
+def test_the_text_count_comes_from_a_key_mask_and_a_mask_of_another_shape_raises():
+    """HunyuanVideo 1.0 masks keys ``[B, 1, 1, S]``: its last ``text`` columns count each sample's valid text; a
+    mask of any other shape is refused, naming both shapes it takes."""
+    handle = sparse.apply(tiny_hunyuan_10(), method=full_mask, device="cpu")
+    try:
+        processor = handle._processors[0]
+        keys = torch.tensor([[True] * 10 + [True] * 3 + [False] * 2, [True] * 10 + [True] * 5])[:, None, None, :]
+        assert handle.text_valid(processor, keys, 2, 5) == [3, 5]
+        with pytest.raises(ValueError, match=r"expected the text mask \[2, 5\] .* or a key mask \[2, 1, 1, S\]"):
+            handle.text_valid(processor, keys[:, :, :, :4], 2, 5)
+    finally:
+        handle.remove()
+
+
+def test_hunyuanvideo_10_layers_run_double_then_single_stream_blocks_with_its_horizon():
+    """Layer i is the i-th attention the forward runs: the double-stream blocks', then the single-stream ones'
+    (one projection of the joint sequence); a mask per layer reaches each; LVSA's horizon is 33 frames."""
+    model, inputs = tiny_hunyuan_10(), hunyuan_10_inputs(batch=1, text="same")
+    seen = []
+
+    def recording(geometry, num_heads, step, layer):
+        seen.append((layer, geometry.text_tokens))
+        return random_mask(geometry, num_heads, step, layer)
+
+    handle = sparse.apply(model, method=recording, device="cpu")
+    try:
+        assert [p.original for p in handle._processors] == [model.transformer_blocks[0].attn.processor.original,
+                                                            model.single_transformer_blocks[0].attn.processor.original]
+        assert model.single_transformer_blocks[0].attn.add_q_proj is None
+        forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    assert seen == [(0, 4), (1, 4)]
+    lvsa = sparse.apply(model, method="lvsa", device="cpu")
+    lvsa.remove()
+    assert lvsa.params["reference_frames"] == 33
 
 
 def test_backend_options_reach_every_kernel(case, monkeypatch):

@@ -73,7 +73,7 @@ from .selection import shared_mask
 
 METHOD = "lvsa"
 PAPER = "arXiv:2605.31057"
-REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "cogvideox": 13,
+REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "hunyuanvideo": 33, "cogvideox": 13,
                     "cogvideox-1.5": 11}   # ours: 81 frames, 21 latent frames, in token frames of its temporal patch 2
 ANCHOR_RULES = ("auto", "paper")
 

@@ -1,4 +1,4 @@
-"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2, HunyuanVideo 1.5, CogVideoX, in one call.
+"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2, HunyuanVideo 1.5 and 1.0, CogVideoX, one call.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
@@ -22,10 +22,10 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.handle`: ``apply()`` and the handle (hooks, step control, stats, ``remove()``).
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
-``HunyuanVideo15AttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0`` (``attn.set_processor``). We did not
-register a backend in diffusers' attention registry: in 0.42 it is keyed by the closed enum
-``AttentionBackendName``, the dispatch call carries no (layer, step), and HunyuanVideo 1.5's processor builds
-the dense ``[B, 1, S, S]`` padding mask before dispatching even where the IR needs none.
+``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0``
+(``attn.set_processor``). We did not register a backend in diffusers' attention registry: in 0.42 it is keyed
+by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer, step), and HunyuanVideo 1.5's
+processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where the IR needs none.
 
 Text (HunyuanVideo 1.5): video then text on the sequence axis. The model orders each
 sample's text as valid tokens first, then padding; a row's valid tokens must come first (else
@@ -34,12 +34,14 @@ and PASA use a text sink), and the kernel runs the mask extended by one padding 
 row attends to: exactly the model's masking (masks that approximate unkept blocks run on the
 valid prefix instead, padding rows set to 0). Samples of a batch with different valid counts
 run as separate groups, each with its own geometry. LVSA's ``reference_frames`` defaults to 33
-(the HunyuanVideo 1.5 horizon) for this model unless given. CogVideoX attends over text then video; its
-processor builds the sequence video first (:func:`.models.cogvideox_qkv`), the same attention, so the
-same path runs it (no padding; LVSA's horizon 13 token frames, 11 for CogVideoX 1.5).
+(the HunyuanVideo 1.5 horizon) for this model unless given. HunyuanVideo 1.0 runs the same way, its
+double-stream then single-stream blocks as layers (its key mask ``[B, 1, 1, S]`` gives the text counts).
+CogVideoX attends over text then video; its processor builds the sequence video first
+(:func:`.models.joint_qkv`), the same attention, so the same path runs it (no padding; LVSA's horizon 13
+token frames, 11 for CogVideoX 1.5).
 
-Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses,
-ring and unified on Wan and HunyuanVideo 1.5, not CogVideoX (diffusers 0.42 has no plan for it); even
+Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
+on Wan and HunyuanVideo 1.5, not HunyuanVideo 1.0 or CogVideoX (diffusers 0.42 has no plan for them); even
 shards only; no approximating masks under a ring; processors replaced after ``apply`` are overwritten by
 ``remove()``.
 """
@@ -57,8 +59,9 @@ from .handle import SparseAttentionHandle
 from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
-from .processors import CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor, WanSparseAttnProcessor
+from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
+                         HunyuanVideoSparseAttnProcessor, WanSparseAttnProcessor)
 
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "CogVideoXSparseAttnProcessor",
-           "HunyuanVideo15SparseAttnProcessor", "MethodProvider", "ModelSpec", "SparseAttentionHandle",
-           "WanSparseAttnProcessor", "apply", "enable_parallelism"]
+           "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "MethodProvider", "ModelSpec",
+           "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]

@@ -197,20 +197,26 @@ class SparseAttentionHandle:
 
     # ---------------------------------------------------------------- called by the processors
     def text_valid(self, processor: SparseProcessor, mask: torch.Tensor | None, batch: int, text: int) -> list[int]:
-        """Valid text tokens per sample; checks they come first (the model's order). Cached per forward."""
+        """Valid text tokens per sample; checks they come first (the model's order). Cached per forward.
+
+        ``mask``: HunyuanVideo 1.5's text mask ``[B, text]``, or HunyuanVideo 1.0's key mask ``[B, 1, 1, S]`` over
+        the whole sequence (its last ``text`` columns are the text's; its forward marks every video token valid).
+        """
         if mask is None:
             return [text] * batch
         if self._text_cache is not None and self._text_cache[0] is mask:
             return self._text_cache[1]
-        if mask.ndim != 2 or tuple(mask.shape) != (batch, text):
-            raise ValueError(f"attention_mask: expected the text mask [{batch}, {text}] (batch, text tokens), got "
-                             f"{list(mask.shape)} at layer {processor.layer}")
-        valid = mask.bool()
+        keys = mask.ndim == 4 and tuple(mask.shape[:3]) == (batch, 1, 1) and mask.shape[3] >= text
+        if not keys and (mask.ndim != 2 or tuple(mask.shape) != (batch, text)):
+            raise ValueError(f"attention_mask: expected the text mask [{batch}, {text}] (batch, text tokens) or a "
+                             f"key mask [{batch}, 1, 1, S] ending with the text's, got {list(mask.shape)} at layer "
+                             f"{processor.layer}")
+        valid = (mask[:, 0, 0, mask.shape[3] - text:] if keys else mask).bool()
         counts = valid.sum(dim=1)
         prefix = torch.arange(text, device=valid.device)[None, :] < counts[:, None]
         if not bool((prefix == valid).all()):
             raise ValueError("attention_mask: expected each sample's valid text tokens first, then its padding "
-                             "(the order HunyuanVideo15Transformer3DModel.forward builds), got padding before a valid "
+                             "(the order HunyuanVideo's forward builds), got padding before a valid "
                              "token; the block-mask IR has one pattern for the whole batch and cannot skip tokens "
                              f"inside the sequence; {self.dense_remedy()}")
         result = counts.tolist()

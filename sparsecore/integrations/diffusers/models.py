@@ -11,10 +11,14 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   ``transformer_blocks[i].attn``, video then text on the sequence axis, as diffusers'
   ``HunyuanVideo15AttnProcessor2_0`` builds it (``apply_rotary_emb`` on the video part, the
   ``add_*_proj`` text projections and their norms). The text refiner's attention stays dense.
+- ``HunyuanVideoTransformer3DModel`` (HunyuanVideo 1.0, T2V and I2V): the same joint attention in its
+  double-stream ``transformer_blocks[i].attn`` (text through ``add_*_proj``), then in its single-stream
+  ``single_transformer_blocks[i].attn`` (one projection of the joint sequence), layers numbered in that
+  order (``HunyuanVideoAttnProcessor2_0``). The text refiner's attention stays dense.
 - ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 and 1.5): the joint text+video attention
   ``transformer_blocks[i].attn1`` of ``CogVideoXAttnProcessor2_0``, whose sequence is text then video.
   Attention is the same under any order of its tokens (the same order for queries, keys and values), so
-  the processor builds the sequence video first (:func:`cogvideox_qkv`), the order every mask has, and
+  the processor builds the sequence video first (:func:`joint_qkv`), the order every mask has, and
   splits the output back into video and text.
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
@@ -31,6 +35,8 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
+from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
+                                                                     HunyuanVideoTransformer3DModel)
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
 from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
@@ -48,7 +54,7 @@ class ModelSpec:
     name: str
     model_class: type
     processor_class: type          # diffusers' processor we replace (exact type)
-    blocks: str                    # attribute holding the transformer blocks
+    blocks: tuple[str, ...]        # attributes holding the transformer blocks, in the forward's order
     attention: str                 # the self-attention module of a block
     horizon: Callable[[Any], int]  # LVSA's C for a model of this config (lvsa.REFERENCE_FRAMES)
     patch: Callable[[Any], tuple[int, int, int]]
@@ -92,10 +98,17 @@ def wan_output(attn: Any, out: torch.Tensor, query: torch.Tensor) -> torch.Tenso
 
 def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
-    """HunyuanVideo 1.5's joint q, k, v ``[B, S_video + S_text, H, D]`` (video first)."""
+    """HunyuanVideo's joint q, k, v ``[B, S_video + S_text, H, D]`` (video first): 1.5's blocks and 1.0's
+    double-stream ones project the text with their ``add_*_proj``; 1.0's single-stream blocks have none and
+    project the joint sequence (:func:`joint_qkv`)."""
+    if attn.add_q_proj is None:
+        return joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
     query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-    query, key = attn.norm_q(query), attn.norm_k(key)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -118,10 +131,11 @@ def hunyuan_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int)
     return video_out, text_out
 
 
-def cogvideox_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
-    """CogVideoX's joint q, k, v ``[B, S_video + S_text, H, D]``, video first (diffusers' processor puts the text
-    first; projections, the per-head norms and RoPE act token by token, so only the order differs)."""
+def joint_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """q, k, v ``[B, S_video + S_text, H, D]`` of one projection of the joint sequence, video first, RoPE on the
+    video tokens: HunyuanVideo 1.0's single-stream blocks, and CogVideoX's (whose processor puts the text first;
+    projections, the per-head norms and RoPE act token by token, so only the order differs)."""
     joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)
     query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
@@ -164,15 +178,18 @@ def _cogvideox_horizon(config: Any) -> int:
     return lvsa.REFERENCE_FRAMES["cogvideox" if (config.patch_size_t or 1) == 1 else "cogvideox-1.5"]
 
 
-WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, "blocks", "attn1", _horizon("wan"),
+WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, ("blocks",), "attn1", _horizon("wan"),
                 _wan_patch, joint_text=False)
 HUNYUAN_VIDEO_15 = ModelSpec("hunyuanvideo-1.5", HunyuanVideo15Transformer3DModel, HunyuanVideo15AttnProcessor2_0,
-                             "transformer_blocks", "attn", _horizon("hunyuanvideo-1.5"), _hunyuan_patch,
+                             ("transformer_blocks",), "attn", _horizon("hunyuanvideo-1.5"), _hunyuan_patch,
                              joint_text=True)
-COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, "transformer_blocks",
+HUNYUAN_VIDEO = ModelSpec("hunyuanvideo", HunyuanVideoTransformer3DModel, HunyuanVideoAttnProcessor2_0,
+                          ("transformer_blocks", "single_transformer_blocks"), "attn", _horizon("hunyuanvideo"),
+                          _hunyuan_patch, joint_text=True)
+COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, ("transformer_blocks",),
                       "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, frames_axis=1,
                       timestep_arg=2)
-SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

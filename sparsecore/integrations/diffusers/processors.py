@@ -181,7 +181,7 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
 
 class CogVideoXSparseAttnProcessor(SparseProcessor):
     """Joint text+video attention of a ``CogVideoXTransformer3DModel`` block (``attn1``) through sparsecore, on the
-    sequence video first (:func:`.models.cogvideox_qkv`)."""
+    sequence video first (:func:`.models.joint_qkv`)."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None,
@@ -192,10 +192,16 @@ class CogVideoXSparseAttnProcessor(SparseProcessor):
             raise ValueError(f"attention_mask: CogVideoX attention (layer {self.layer}) expected None (its forward "
                              f"passes none), got a {list(attention_mask.shape)} mask; the block-mask IR cannot add a "
                              f"token mask; {self._handle.dense_remedy()}")
-        query, key, value = compiled_layout(*models.cogvideox_qkv(attn, hidden_states, encoder_hidden_states,
+        query, key, value = compiled_layout(*models.joint_qkv(attn, hidden_states, encoder_hidden_states,
                                                                   image_rotary_emb))
         out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.cogvideox_output(attn, out, query, encoder_hidden_states.shape[1])
+
+
+class HunyuanVideoSparseAttnProcessor(HunyuanVideo15SparseAttnProcessor):
+    """Joint video+text attention of a ``HunyuanVideoTransformer3DModel`` (1.0) block, double- or single-stream,
+    through sparsecore. Its ``attention_mask`` masks keys (``[B, 1, 1, S]``, the valid tokens first), which the
+    handle reads as the valid text count (:meth:`.handle.SparseAttentionHandle.text_valid`)."""
 
 
 def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -209,32 +215,36 @@ def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,
                      models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor,
+                     models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
                      models.COGVIDEOX.name: CogVideoXSparseAttnProcessor}
 
 
 def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
     """The self-attention modules of ``transformer`` whose processors sparsecore replaces, checked: diffusers' own
     processor on each (not sparsecore's already, nor another integration's)."""
-    blocks = getattr(transformer, spec.blocks, None)
-    if blocks is None or len(blocks) == 0:
-        raise TypeError(f"transformer.{spec.blocks}: expected the transformer blocks of a {spec.model_class.__name__}, "
-                        f"got {type(blocks).__name__}")
+    named = []
+    for name in spec.blocks:
+        blocks = getattr(transformer, name, None)
+        if blocks is None or len(blocks) == 0:
+            raise TypeError(f"transformer.{name}: expected the transformer blocks of a {spec.model_class.__name__}, "
+                            f"got {type(blocks).__name__}")
+        named += [(f"{name}[{index}]", block) for index, block in enumerate(blocks)]
     modules = []
-    for layer, block in enumerate(blocks):
+    for where, block in named:
         module = getattr(block, spec.attention, None)
         processor = getattr(module, "processor", None)
         if isinstance(processor, SparseProcessor):
-            message = (f"transformer: sparsecore is already applied to this model ({spec.blocks}[{layer}]."
+            message = (f"transformer: sparsecore is already applied to this model ({where}."
                        f"{spec.attention}); call remove() on the earlier handle first")
             raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
         if type(processor) is not spec.processor_class:
-            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}.processor: expected diffusers' "
+            raise TypeError(f"{where}.{spec.attention}.processor: expected diffusers' "
                             f"{spec.processor_class.__name__}, got {type(processor).__name__}; sparsecore replaces "
                             f"only diffusers' own processor (restore it, e.g. with "
                             f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
                             f"integration first)")
         if spec.name == "wan" and (module.is_cross_attention or module.add_k_proj is not None):
-            raise TypeError(f"{spec.blocks}[{layer}].{spec.attention}: expected Wan self-attention, got a cross-"
+            raise TypeError(f"{where}.{spec.attention}: expected Wan self-attention, got a cross-"
                             f"attention module")
         modules.append(module)
     return modules
