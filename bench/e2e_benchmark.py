@@ -1,6 +1,7 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
-    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 cogvideox-1.5] [--lengths 6x]
+    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5]
+                                  [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
 Random-weight models with the real configurations (weights do not change timing), bf16 on one
@@ -12,6 +13,9 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   its 40 layers and reported per layer and scaled to 40 (stated in the table).
 - ``hv15``: HunyuanVideo 1.5-shaped (16 heads x 128, 8.3B at 54 layers) at 480p (30x53
   latent) with 33 and 65 latent frames (1x, 2x its horizon), run with 6 of 54 layers, scaled.
+- ``hv``: HunyuanVideo 1.0 13B-shaped (24 heads x 128, 20 double-stream and 40 single-stream blocks) at 720p
+  (90x160 latent, 45x80 tokens a frame) with 33 latent frames (129 video frames, its horizon), 256 text
+  tokens, run with 1 double-stream and 2 single-stream blocks (the model's 1 : 2), scaled to 60 layers.
 - ``cogvideox-1.5``: CogVideoX 1.5 5B-shaped (48 heads x 64, 42 layers, patches 2x2x2) at 1360x768 (96x170
   latent) with 22 and 42 latent frames (81 and 161 video frames: 1x and 2x its training length; 11 and 21 token
   frames), 226 text tokens (its prompt length) before the video, run with 6 of 42 layers, scaled; compiled mode
@@ -89,6 +93,8 @@ COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=1
                     sample_height=300, sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True,
                     use_learned_positional_embeddings=False)
 COGVIDEOX_TEXT = 226
+HV = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40, guidance_embeds=True)
+HV_TEXT = 256
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
     if tiny:
         tiny_cases = [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2)]
         tiny_cases += [Case("hv15", "2x", 9, 6, 6, 2, 2)] if "hv15" in models else []
+        tiny_cases += [Case("hv", "1x", 9, 8, 8, 3, 3)] if "hv" in models else []
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     out = []
     if "wan-1.3b" in models:
@@ -116,14 +123,23 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         out += [Case("wan-14b", "6x", 121, 60, 104, 2, 40)]
     if "cogvideox-1.5" in models:
         out += [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))]
+    if "hv" in models:
+        out += [Case("hv", "1x", 33, 90, 160, 3, 60)]
     return out
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel, WanTransformer3DModel
+    from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
+                           HunyuanVideoTransformer3DModel, WanTransformer3DModel)
     torch.manual_seed(0)
     with torch.device(device):
-        if case.model.startswith("cogvideox"):
+        if case.model == "hv":                          # a third double-stream, two thirds single-stream, as 20 : 40
+            config = dict(HV, num_layers=case.layers_run // 3, num_single_layers=case.layers_run - case.layers_run // 3)
+            if tiny:
+                config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, pooled_projection_dim=16,
+                              num_refiner_layers=1, rope_axes_dim=(8, 12, 12))
+            model = HunyuanVideoTransformer3DModel(**config)
+        elif case.model.startswith("cogvideox"):
             config = dict(COGVIDEOX_15, num_layers=case.layers_run)
             if tiny:
                 config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, time_embed_dim=32)
@@ -154,6 +170,11 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, COGVIDEOX_TEXT, config.text_embed_dim),
                     image_rotary_emb=rope, return_dict=False)
     latents = rand(1, config.in_channels, case.frames, case.height, case.width)
+    if case.model == "hv":
+        return dict(hidden_states=latents, encoder_hidden_states=rand(1, HV_TEXT, config.text_embed_dim),
+                    encoder_attention_mask=torch.ones(1, HV_TEXT, device=device, dtype=torch.long),
+                    pooled_projections=rand(1, config.pooled_projection_dim),
+                    guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
     if case.model.startswith("wan"):
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
                     return_dict=False)
@@ -409,7 +430,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
-             f"({COGVIDEOX_TEXT} for CogVideoX). "
+             f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
