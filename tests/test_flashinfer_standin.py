@@ -54,6 +54,8 @@ class StandInWrapper:
         assert bool((indptr[1:] >= indptr[:-1]).all())
         assert len(indices) == 0 or (int(indices.min()) >= 0 and int(indices.max()) < N // C)
         assert num_qo_heads % num_kv_heads == 0
+        # what the H200 showed (2026-12-02): NaN at sm_scale -20, an output 0.30 from dense attention's at 0
+        assert sm_scale is None or sm_scale > 0, f"FlashInfer computes positive scales only, got {sm_scale}"
         self.plans.append(dict(M=M, N=N, R=R, C=C, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, sm_scale=head_dim ** -0.5 if sm_scale is None else sm_scale,
                                q_data_type=q_data_type, o_data_type=o_data_type or q_data_type,
@@ -193,6 +195,19 @@ def test_a_plan_is_made_once_per_scale_and_batch_and_reused(standin):
     ref_out, ref_lse = dense_attention(q64[:1], k64[:1], v64[:1], tokens, 0.5)
     assert_matches("float16", out.double().numpy(), None, ref_out, ref_lse)
     assert sum(len(w.plans) for w in standin) == 3
+
+
+@pytest.mark.parametrize("scale", [-20.0, -0.125, 0.0])
+def test_scales_flashinfer_gets_wrong_run_as_the_same_scores_at_a_positive_one(standin, scale):
+    """A negative scale runs as ``-q`` at ``-scale``, zero as ``q * 0`` at 1 (``backends/cuda/positive_scale.py``):
+    FlashInfer's plan gets a positive ``sm_scale`` (the stand-in refuses others, as the H200 got them wrong)."""
+    mask = _mask(4)
+    kernel = _compile(mask)
+    (q, k, v), (q64, k64, v64) = _inputs(torch.float16, 9)
+    out, lse = kernel(q, k, v, scale=scale, return_lse=True)
+    ref_out, ref_lse = dense_attention(q64, k64, v64, expand_to_tokens(mask), scale)
+    assert_matches("float16", out.double().numpy(), lse.numpy(), ref_out, ref_lse)
+    assert [p["sm_scale"] for w in standin for p in w.plans] == [-scale if scale else 1.0]
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])

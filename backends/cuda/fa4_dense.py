@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .fa4_scale import positive_scale
+from .positive_scale import positive_scale
 
 MEASURED_HEAD_DIMS = (64, 128)
 MEASURED_DTYPES = (torch.bfloat16, torch.float16)

@@ -32,7 +32,7 @@ from sparsecore.ir.uploads import HostPack, queued
 from .fa4_key_ranges import RangeLists, split_lists
 from .fa4_layout import Fa4Layout, to_fa4
 from .fa4_mask_mods import lookup_mask_mod
-from .fa4_scale import positive_scale
+from .positive_scale import positive_scale
 
 MAX_KEY_PARTS = 16
 

@@ -35,6 +35,8 @@ from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.registry import Backend, Run, UnsupportedError
 
+from .positive_scale import positive_scale
+
 MAX_ROWS = 32768  # block rows of one plan: 12 heads x 2,949 64-token blocks failed on an H200 (issue 13)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace, shared by all plans on a device
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
@@ -136,6 +138,7 @@ class FoldedHeadsLaunch:
         if self.mask.nnz == 0:  # nothing to attend to anywhere (FlashInfer's plan needs one block)
             lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
             return torch.zeros_like(q), lse
+        q, scale = positive_scale(q, scale)              # FlashInfer gave NaN at -20, a wrong output at 0 (H200)
         padded = self.padded_q_len
         q_rows = q.contiguous()
         if padded != q_len:  # whole query blocks per head keep the folded block grid aligned
