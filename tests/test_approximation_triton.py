@@ -23,7 +23,7 @@ from tolerances import OUT_REL
 
 import sparsecore
 from sparsecore import BlockMask
-from sparsecore.backends.cuda import approximation_launch
+from sparsecore.backends.cuda import approximation_launch, shared_memory
 from sparsecore.ir import Unselected
 
 KINDS = ["zeroth", "global-first-order", "grouped-first-order:1", "grouped-first-order:3", "grouped-first-order:4",
@@ -129,7 +129,7 @@ def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, grou
             return Compiled(num_stages, GROUPS_PER_TILE)
 
     monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
-    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda: 232_448)
+    monkeypatch.setattr(shared_memory, "shared_memory_limit", lambda: 232_448)
     offsets = BlockMask.uniform_offsets(40 * 4, 4)
     launch = approximation_launch.ApproximationLaunch(_mask([0, 32], offsets, 2, f"grouped-first-order:{group}", 0))
     monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: False)
@@ -162,7 +162,7 @@ def test_float32_takes_the_group_walk_on_cuda_without_compiling_whole_group_tile
             return type("Compiled", (), {"metadata": type("Metadata", (), {"shared": 148_992})})
 
     monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
-    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda: 232_448)
+    monkeypatch.setattr(shared_memory, "shared_memory_limit", lambda: 232_448)
     monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: False)
     launch = approximation_launch.ApproximationLaunch(_mask([0, 32], BlockMask.uniform_offsets(160, 4), 2,
                                                             "grouped-first-order:8", 0))
@@ -184,7 +184,7 @@ def test_a_pass_that_fits_nowhere_says_what_it_needed(monkeypatch):
             return type("Compiled", (), {"metadata": type("Metadata", (), {"shared": 300_000})})
 
     monkeypatch.setattr(approximation_launch, "approximate_unselected_fwd", Pass)
-    monkeypatch.setattr(approximation_launch, "shared_memory_limit", lambda: 99_000)
+    monkeypatch.setattr(shared_memory, "shared_memory_limit", lambda: 99_000)
     launch = approximation_launch.ApproximationLaunch(_mask([0, 32], BlockMask.uniform_offsets(160, 4), 2,
                                                             "grouped-first-order:8", 0))
     monkeypatch.setattr(approximation_launch.interpreter, "interpreting", lambda: False)

@@ -106,3 +106,17 @@ def test_triton_tiles_cover_the_largest_block(monkeypatch, mask, tiles):
     """Tiles are 64 wide when no block is wider (HunyuanVideo 1.5's joint masks: a 128-wide tile over 64-token
     blocks computes twice the pairs kept), else 128."""
     assert hopper_config(monkeypatch, mask) == tiles
+
+
+def test_triton_says_why_it_does_not_run_below_compute_capability_8(monkeypatch):
+    """A T4 or V100: Triton would run the products on CUDA cores and its head-dim-128 tiles would not fit the shared
+    memory (tests/test_triton_targets.py compiles them for sm75); the backend says so, and compile takes another."""
+    backend = sparsecore.registered_backends()["triton"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(sparsecore.backends.cuda.interpreter, "interpreting", lambda: False)
+    monkeypatch.setattr(sparsecore.backends.cuda.interpreter, "active", lambda: False)
+    reason = backend.unavailable_reason("cuda")
+    assert reason is not None and reason.startswith("compute capability 7.5: below 8.0") and "portable" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert backend.unavailable_reason("cuda") is None

@@ -14,7 +14,6 @@ their shared memory fits the device, else fewer pipeline stages or the group-by-
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,7 +24,7 @@ from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import queued
 
 from ..approximation import PIECE_TOKENS, group_bounds, query_blocks
-from . import interpreter
+from . import interpreter, shared_memory
 from .approximation_kernel import approximate_unselected_fwd
 from .statistics_kernel import block_statistics_fwd
 from .triton_config import dot_precision
@@ -76,17 +75,6 @@ class _Statistics:
     split: bool
     value_sums: torch.Tensor        # [B, Hk, NB, D] in the sums' operand dtype (SUMS)
     group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g, as the sums (first-order kinds; else unread)
-
-
-def shared_memory_limit() -> int:
-    """Bytes of shared memory a block may use on the current CUDA device (Triton launches there, and checks a
-    launch against this figure)."""
-    return _shared_memory_of(triton.runtime.driver.active.get_current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_memory_of(index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 class ApproximationLaunch:
@@ -140,7 +128,8 @@ class ApproximationLaunch:
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             num_kv_heads, self.mask.num_kv_blocks, self.group_blocks, self.pieces_per_group, self.piece_blocks,
             HEAD_DIM=head_dim, BLOCK_T=64 if k.device.type == "cuda" else 16, FIRST_ORDER=self.first_order,
-            SPLIT_MEANS=split, DOT_PRECISION=dot_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4)
+            SPLIT_MEANS=split, DOT_PRECISION=dot_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4,
+            num_stages=2 if k.element_size() == 4 else 3)  # float32 first-order: 135 KB at 3, over a 4090's 99 KB
         matrices = sums
         if self.first_order:
             grouped = partials.view(batch, num_kv_heads, self.num_groups, self.pieces_per_group, head_dim, head_dim)
@@ -192,7 +181,7 @@ class ApproximationLaunch:
         against 6.7 s for the walk (149 KB); at head dim 64, 5.7 s and 215 KB (it fits: whole groups stay first
         there). Triton 3.6 on the 2-core development machine, 2026-12-01."""
         checked = device.type == "cuda" and not interpreter.interpreting()
-        tried, limit = [], shared_memory_limit() if checked else None
+        tried, limit = [], shared_memory.shared_memory_limit() if checked else None
         whole_groups = not (checked and common.get("DOT_PRECISION") == "ieee" and common["HEAD_DIM"] >= 128)
         for config, groups in self.candidates(self.config_for(device), whole_groups):
             params = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,

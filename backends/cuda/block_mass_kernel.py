@@ -52,7 +52,7 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
         k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]
         p = tl.where(col_ok[None, :], tl.math.exp2(scores), 0.0)
-        tl.atomic_add(mass_row + tl.load(TileBlock + t), tl.sum(tl.sum(p, 1), 0))
+        tl.atomic_add(mass_row + tl.load(TileBlock + t), tl.sum(p))      # one reduction: sm100 (see below)
 
 
 @triton.jit
@@ -91,14 +91,16 @@ def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
         else:
             k = tl.load(k_ptrs + (t * BLOCK_N) * stride_kn)
         p = tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
-        row_sum = tl.sum(p, 1)
+        # Row sums keep their [64, 1] shape: Triton 3.6 fails to compile a rank-1 sum of a dot's row sums for sm100
+        # (OptimizeTMemLayouts: "parent layout must have at least rank >= 2").
+        row_sum = tl.sum(p, 1, keep_dims=True)
         if BLOCK_N == 64:
-            tl.store(mass_row + t, tl.sum(row_sum, 0))
+            tl.store(mass_row + t, tl.sum(row_sum))
         else:
-            first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1)
-            tl.store(mass_row + 2 * t, tl.sum(first, 0))
+            first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1, keep_dims=True)
+            tl.store(mass_row + 2 * t, tl.sum(first))
             rest = row_sum - first                    # rounding can leave it below 0; a NaN must stay (max drops it)
-            tl.store(mass_row + 2 * t + 1, tl.sum(tl.where(rest < 0.0, 0.0, rest), 0))
+            tl.store(mass_row + 2 * t + 1, tl.sum(tl.where(rest < 0.0, 0.0, rest)))
     start = num_full * BLOCK_N
     if start < kv_len:
         col_ok = start + offs_n < kv_len
@@ -108,4 +110,4 @@ def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
         for piece in tl.static_range(BLOCK_N // 64):
             inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
             block = start // 64 + piece
-            tl.store(mass_row + block, tl.sum(tl.sum(tl.where(inside, p, 0.0), 1), 0), mask=block < num_kv_blocks)
+            tl.store(mass_row + block, tl.sum(tl.where(inside, p, 0.0)), mask=block < num_kv_blocks)

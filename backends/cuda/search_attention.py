@@ -53,8 +53,8 @@ class SearchConfig:
 def default_config(q: torch.Tensor) -> SearchConfig:
     if q.device.type != "cuda":                       # the interpreter: small tiles run fast
         return SearchConfig(32, 2, 4, 1, use_tma=False)
-    if q.element_size() == 4:
-        return SearchConfig(64, 1, 4, 2, use_tma=False)
+    if q.element_size() == 4:   # one stage: two need 114,944 bytes of shared memory, over a 4090's 101,376
+        return SearchConfig(64, 1, 4, 1, use_tma=False)
     # H200, Wan 6x (bench/results/search-step-2026-11-30.md): 2 stages 625 ms, 3 stages 639 ms; 64-key tiles 1020 ms
     return SearchConfig(128, 2, 8, 2, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
 

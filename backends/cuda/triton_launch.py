@@ -1,4 +1,5 @@
-"""Host side of the Triton lowering: pick the tile config, schedule the tiles once per config, launch."""
+"""Host side of the Triton lowering: pick the tile config and the pipeline depth that fits the GPU, schedule the tiles
+once per config, launch."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import torch
 
 from sparsecore.ir import BlockMask
 
+from . import interpreter, shared_memory
 from .tiling import TileSchedule, schedule_tiles
 from .triton_config import TritonConfig, TritonOptions, default_config, dot_precision
 from .triton_kernel import LOG2E, block_sparse_attention_fwd
+
+# (tiles, dtype, head dim, the device's shared memory) -> the stages that fit (:func:`.shared_memory.fitting_stages`):
+# decided once for all masks, so a mask compiled at every call (AdaSpa's held ones) pays a dict lookup
+_STAGES: dict[tuple, int] = {}
 
 
 class TritonLaunch:
@@ -66,18 +72,31 @@ class TritonLaunch:
         num_kv_heads, kv_len = k.shape[1], k.shape[2]
         descs = _descriptors(q, k, v, config) if config.use_tma else (q, k, v)
         grid = (tiles.num_programs, batch)
-        self.last_compiled = block_sparse_attention_fwd[grid](
-            q, k, v, out, lse, *descs, tiles.programs, tiles.full_start, tiles.partial_start, tiles.partial_end,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-            num_heads, num_kv_heads, q_len, kv_len, scale * LOG2E,
-            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
-            DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=config.warp_specialize,
-            FULL_IN_BLOCKS=tiles.full_in_blocks, num_warps=config.num_warps, num_stages=config.num_stages)
+        args = (q, k, v, out, lse, *descs, tiles.programs, tiles.full_start, tiles.partial_start, tiles.partial_end,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+                num_heads, num_kv_heads, q_len, kv_len, scale * LOG2E)
+        params = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=config.block_m,
+                      BLOCK_N=config.block_n, WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
+                      DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=config.warp_specialize,
+                      FULL_IN_BLOCKS=tiles.full_in_blocks, num_warps=config.num_warps)
+        stages = self.stages(config, q, lambda n: block_sparse_attention_fwd.warmup(*args, grid=grid, **params,
+                                                                                     num_stages=n))
+        self.last_compiled = block_sparse_attention_fwd[grid](*args, **params, num_stages=stages)
+
+    def stages(self, config: TritonConfig, q: torch.Tensor, compile_at) -> int:
+        """The config's stages, or fewer where the GPU's shared memory does not hold them (an RTX 4090 at head dim
+        128: :mod:`.shared_memory`); the user's ``num_stages`` as given. Under the interpreter: the config's."""
+        if interpreter.interpreting() or self.options.num_stages is not None:
+            return config.num_stages
+        key = (config, q.dtype, q.shape[-1], shared_memory.shared_memory_limit())
+        if key not in _STAGES:
+            what = f"triton lowering ({q.dtype}, head dim {q.shape[-1]}, {config.block_m} x {config.block_n} tiles)"
+            _STAGES[key] = shared_memory.fitting_stages(compile_at, config.num_stages, what)
+        return _STAGES[key]
 
 
 def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TritonConfig):
