@@ -123,7 +123,7 @@ def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: t
 
 def hunyuan_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = out.flatten(2, 3).to(query.dtype)
-    video_out, text_out = out[:, :-text], out[:, -text:]
+    video_out, text_out = out.split([out.shape[1] - text, text], dim=1)
     if getattr(attn, "to_out", None) is not None:
         video_out = attn.to_out[1](attn.to_out[0](video_out))
     if getattr(attn, "to_add_out", None) is not None:
@@ -152,7 +152,8 @@ def joint_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: tor
 def cogvideox_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The video and text outputs (in that order, as CogVideoX's processor returns them) of the joint output."""
     out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
-    return out[:, :-text], out[:, -text:]
+    video_out, text_out = out.split([out.shape[1] - text, text], dim=1)
+    return video_out, text_out
 
 
 def _wan_patch(config: Any) -> tuple[int, int, int]:

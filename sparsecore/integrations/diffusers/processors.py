@@ -193,7 +193,7 @@ class CogVideoXSparseAttnProcessor(SparseProcessor):
                              f"passes none), got a {list(attention_mask.shape)} mask; the block-mask IR cannot add a "
                              f"token mask; {self._handle.dense_remedy()}")
         query, key, value = compiled_layout(*models.joint_qkv(attn, hidden_states, encoder_hidden_states,
-                                                                  image_rotary_emb))
+                                                              image_rotary_emb))
         out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.cogvideox_output(attn, out, query, encoder_hidden_states.shape[1])
 
