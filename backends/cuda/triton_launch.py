@@ -14,8 +14,9 @@ from .tiling import TileSchedule, schedule_tiles
 from .triton_config import TritonConfig, TritonOptions, default_config, dot_precision
 from .triton_kernel import LOG2E, block_sparse_attention_fwd
 
-# (tiles, dtype, head dim, the device's shared memory) -> the stages that fit (:func:`.shared_memory.fitting_stages`):
-# decided once for all masks, so a mask compiled at every call (AdaSpa's held ones) pays a dict lookup
+# (config, dtype, the launch's constants, the device's shared memory) -> the stages that fit
+# (:func:`.shared_memory.fitting_stages`): decided once for all masks, so a mask compiled at every call (AdaSpa's held
+# ones) pays a dict lookup
 _STAGES: dict[tuple, int] = {}
 
 
@@ -83,18 +84,19 @@ class TritonLaunch:
                       BLOCK_N=config.block_n, WRITE_LSE=return_lse, USE_TMA=config.use_tma, SCALE_POSITIVE=scale > 0,
                       DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=config.warp_specialize,
                       FULL_IN_BLOCKS=tiles.full_in_blocks, num_warps=config.num_warps)
-        stages = self.stages(config, q, lambda n: block_sparse_attention_fwd.warmup(*args, grid=grid, **params,
-                                                                                     num_stages=n))
+        stages = self.stages(config, q.dtype, params, lambda n: block_sparse_attention_fwd.warmup(
+            *args, grid=grid, **params, num_stages=n))
         self.last_compiled = block_sparse_attention_fwd[grid](*args, **params, num_stages=stages)
 
-    def stages(self, config: TritonConfig, q: torch.Tensor, compile_at) -> int:
+    def stages(self, config: TritonConfig, dtype: torch.dtype, params: dict, compile_at) -> int:
         """The config's stages, or fewer where the GPU's shared memory does not hold them (an RTX 4090 at head dim
         128: :mod:`.shared_memory`); the user's ``num_stages`` as given. Under the interpreter: the config's."""
         if interpreter.interpreting() or self.options.num_stages is not None:
             return config.num_stages
-        key = (config, q.dtype, q.shape[-1], shared_memory.shared_memory_limit())
+        key = (config, dtype, tuple(sorted(params.items())), shared_memory.shared_memory_limit())
         if key not in _STAGES:
-            what = f"triton lowering ({q.dtype}, head dim {q.shape[-1]}, {config.block_m} x {config.block_n} tiles)"
+            tiles = f"{config.block_m} x {config.block_n} tiles"
+            what = f"triton lowering ({dtype}, head dim {params['HEAD_DIM']}, {tiles})"
             _STAGES[key] = shared_memory.fitting_stages(compile_at, config.num_stages, what)
         return _STAGES[key]
 
