@@ -147,6 +147,8 @@ CASES = {
                         lambda m: [b.attn for b in (*m.transformer_blocks, *m.single_transformer_blocks)]),
     "cogvideox": Case("cogvideox", tiny_cogvideox, cogvideox_inputs, install_text_first_sdpa,
                       lambda m: [b.attn1 for b in m.transformer_blocks]),
+    "cogvideox-1.5": Case("cogvideox-1.5", partial(tiny_cogvideox, patch_t=2), partial(cogvideox_inputs, patch_t=2),
+                          install_text_first_sdpa, lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
 
 
@@ -288,8 +290,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
 
 
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
-                                        ("hunyuan", "full"), ("cogvideox", "ragged"), ("hunyuan-1.0", "ragged"),
-                                        ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full")])
+                                        ("hunyuan", "full"), ("cogvideox", "ragged"), ("cogvideox-1.5", "ragged"),
+                                        ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
@@ -438,19 +440,16 @@ def test_lvsa_takes_the_hunyuanvideo_horizon_by_default():
     assert {s["backend"] for s in handle.stats()} == {"dense"}
 
 
-def test_cogvideox_15_patches_frames_in_pairs_and_matches_the_oracle(monkeypatch):
+def test_cogvideox_15_patches_frames_in_pairs():
     """CogVideoX 1.5 (``patch_size_t=2``): the latents' frames ``[B, F, C, H, W]`` pair up into token frames."""
-    case = Case("cogvideox-1.5", lambda: tiny_cogvideox(patch_t=2), partial(cogvideox_inputs, patch_t=2),
-                install_text_first_sdpa, CASES["cogvideox"].attention)
+    case = CASES["cogvideox-1.5"]
     model, inputs = case.build(), case.inputs(batch=2)
     assert inputs["hidden_states"].shape[1] == 2 * FRAMES
-    expected, _ = oracle_output(case, model, inputs, random_mask, 0, 500.0, monkeypatch)
     handle = sparse.apply(model, method=random_mask, device="cpu")
     try:
-        got = forward(model, inputs, 500.0)
+        forward(model, inputs, 500.0)
     finally:
         handle.remove()
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)
     assert handle.geometry == VideoGeometry(FRAMES, HEIGHT, WIDTH)
     assert {(s["tokens"], s["text_tokens"], s["padding"]) for s in handle.stats()} == {(FRAMES * HEIGHT * WIDTH + 7,
                                                                                         7, 0)}
@@ -592,7 +591,7 @@ def test_backend_and_parallel_settings_reach_the_original_processor(case):
     module = case.attention(model)[0]
     original = module.processor
     keeps = hasattr(original, "_attention_backend")
-    assert keeps == (case.name != "cogvideox")
+    assert keeps == (not case.name.startswith("cogvideox"))
     handle = sparse.apply(model, method=full_mask, device="cpu")
     try:
         module.processor._attention_backend = "native"
