@@ -113,7 +113,8 @@ def test_fa4_dense_declines_what_was_not_measured_with_the_reason(monkeypatch):
 
 def _stand_in_flash_attn_fwd(q, k, v, *, softmax_scale, causal, return_lse, out):
     """FA4's private forward contract (``[B, S, H, D]`` in, written into ``out``), in float64 on CPU; a positive
-    scale only (its softmax scales after the raw row maximum: NaN on the H200 at -20, backends/cuda/positive_scale.py)."""
+    scale only (its softmax scales after the raw row maximum: NaN on the H200 at -20,
+    backends/cuda/positive_scale.py)."""
     assert softmax_scale > 0 and not causal and all(t.stride(-1) == 1 for t in (q, k, v, out))
     assert out.shape == q.shape[:3] + v.shape[-1:] and out.dtype == q.dtype
     result, lse = oracle_run(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale, True)
