@@ -171,30 +171,33 @@ def test_pasas_default_approximation_under_ring_is_refused_at_the_first_forward(
         handle.remove()
 
 
-@pytest.mark.parametrize("joint_text, degrees, backend, need", [
-    (False, {}, None, None),                                           # no context parallelism
-    (False, {"ulysses_degree": 2}, None, None),                        # Ulysses: diffusers' native backend runs it
-    (False, {"ring_degree": 2}, None, "returns the LSE, which 'native' does not"),   # None: the active backend
-    (False, {"ring_degree": 2}, "native", "returns the LSE, which 'native' does not"),
-    (False, {"ring_degree": 2}, "_native_npu", "returns the LSE, which '_native_npu' does not"),
-    (False, {"ring_degree": 2}, "_native_cudnn", None),
-    (True, {"ulysses_degree": 2}, "_native_cudnn", "HunyuanVideo 1.5 under context parallelism runs only with"),
+@pytest.mark.parametrize("joint_model, degrees, backend, need", [
+    (None, {}, None, None),                                            # no context parallelism
+    (None, {"ulysses_degree": 2}, None, None),                         # Ulysses: diffusers' native backend runs it
+    (None, {"ring_degree": 2}, None, "returns the LSE, which 'native' does not"),   # None: the active backend
+    (None, {"ring_degree": 2}, "native", "returns the LSE, which 'native' does not"),
+    (None, {"ring_degree": 2}, "_native_npu", "returns the LSE, which '_native_npu' does not"),
+    (None, {"ring_degree": 2}, "_native_cudnn", None),
+    ("HunyuanVideo15Transformer3DModel", {"ulysses_degree": 2}, "_native_cudnn",
+     "HunyuanVideo15Transformer3DModel under context parallelism runs only with"),
+    ("HunyuanVideoTransformer3DModel", {"ring_degree": 2}, None,
+     "HunyuanVideoTransformer3DModel under context parallelism runs only with"),
 ])
-def test_what_a_model_needs_to_run_after_remove_under_context_parallelism(joint_text, degrees, backend, need):
+def test_what_a_model_needs_to_run_after_remove_under_context_parallelism(joint_model, degrees, backend, need):
     """Remedies that say ``handle.remove()`` add what context parallelism needs then (a review found the model then
     failed inside diffusers: a padding-mask shape error on HunyuanVideo 1.5, 'Native attention does not support
     return_lse=True' under ring); HunyuanVideo 1.5's remedy is another transformer, not ``remove()``."""
     config = fake_parallel_config(**degrees) if degrees else None
     processors = [SimpleNamespace(_parallel_config=config, _attention_backend=backend)]
-    got = parallel.after_remove(processors, joint_text)
-    remedy = parallel.dense_remedy(processors, joint_text)
+    got = parallel.after_remove(processors, joint_model)
+    remedy = parallel.dense_remedy(processors, joint_model)
     if need is None:
         assert got is None and remedy == "call handle.remove() to run this input densely"
-    elif joint_text:
+    elif joint_model:
         assert need in got and remedy == got and "remove()" not in remedy
     else:
         assert need in got and remedy == f"to run this input densely, handle.remove(); then {got}"
-    assert parallel.after_remove([], joint_text) is None
+    assert parallel.after_remove([], joint_model) is None
 
 
 def test_a_held_masks_cut_is_kept_per_ring_place():

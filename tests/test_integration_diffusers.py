@@ -487,6 +487,77 @@ def test_context_parallelism_refuses_cogvideox_and_hunyuanvideo_10_naming_the_mo
         parallel.enable_parallelism(model, ContextParallelConfig(ulysses_degree=2))
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_steps_follow_a_timestep_passed_by_position(name):
+    """Each model's forward takes its timestep at its own place (CogVideoX's third, the others' second): a call that
+    passes every argument up to it by position advances the steps as a keyword call does."""
+    import inspect
+    case = CASES[name]
+    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    before = names[:names.index("timestep")]
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    seen = []
+    try:
+        for t in (999.0, 600.0, 300.0):
+            rest = {k: v for k, v in inputs.items() if k not in before}
+            with torch.no_grad():
+                model(*(inputs[k] for k in before), torch.full((1,), t), **rest, return_dict=False)
+            seen.append(handle.step)
+    finally:
+        handle.remove()
+    assert seen == [0, 1, 2]
+
+
+def test_cogvideox_dense_steps_run_torch_sdpa_whatever_diffusers_backend_is_active(monkeypatch):
+    """CogVideoX's processor calls torch SDPA itself, so no diffusers backend reaches it; with sparsecore applied its
+    dense steps do the same (a review found the active backend, here ``_native_math``, running them)."""
+    from diffusers.models import attention_dispatch
+    registry = attention_dispatch._AttentionBackendRegistry
+    name = attention_dispatch.AttentionBackendName("_native_math")
+    calls, real = [], registry._backends[name]
+    monkeypatch.setitem(registry._backends, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    model, inputs = tiny_cogvideox(), cogvideox_inputs(batch=1)
+    with attention_dispatch.attention_backend("_native_math"):
+        expected = forward(model, inputs, 999.0)
+        for dense_attention in ("model", "auto"):
+            handle = sparse.apply(model, method=full_mask, device="cpu", dense_attention=dense_attention)
+            try:
+                got = forward(model, inputs, 999.0)
+            finally:
+                handle.remove()
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert calls == []
+    wan = tiny_wan()                                  # a model whose processor dispatches keeps following it
+    with attention_dispatch.attention_backend("_native_math"):
+        handle = sparse.apply(wan, method=full_mask, device="cpu", dense_attention="model")
+        try:
+            forward(wan, wan_inputs(batch=1), 999.0)
+        finally:
+            handle.remove()
+    assert calls
+
+
+def test_a_key_mask_that_masks_video_raises_and_a_model_without_blocks_is_refused():
+    """HunyuanVideo 1.0's forward marks every video token valid; a mask that does not cannot be run exactly. A model
+    whose block lists are all empty has no attention to run; one empty list of two is fine."""
+    handle = sparse.apply(tiny_hunyuan_10(), method=full_mask, device="cpu")
+    try:
+        keys = torch.ones(1, 1, 1, 15, dtype=torch.bool)
+        keys[..., 3] = False
+        with pytest.raises(ValueError, match=r"expected every video token valid in the key mask"):
+            handle.text_valid(handle._processors[0], keys, 1, 5)
+    finally:
+        handle.remove()
+    model = tiny_hunyuan_10()
+    model.single_transformer_blocks = torch.nn.ModuleList()
+    sparse.apply(model, method=full_mask, device="cpu").remove()
+    model.transformer_blocks = torch.nn.ModuleList()
+    with pytest.raises(ValueError, match="transformer: a HunyuanVideoTransformer3DModel with no blocks in "
+                                         "transformer_blocks or single_transformer_blocks"):
+        sparse.apply(model, method=full_mask, device="cpu")
+
+
 def test_the_text_count_comes_from_a_key_mask_and_a_mask_of_another_shape_raises():
     """HunyuanVideo 1.0 masks keys ``[B, 1, 1, S]``: its last ``text`` columns count each sample's valid text; a
     mask of any other shape is refused, naming both shapes it takes."""

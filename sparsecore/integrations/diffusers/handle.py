@@ -152,7 +152,7 @@ class SparseAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
-        need = parallel.after_remove(self._processors, self.spec.joint_text)
+        need = parallel.after_remove(self._processors, self.spec.joint_model)
         messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
         self._planner.new_run()
         self._text_cache = None
@@ -160,7 +160,7 @@ class SparseAttentionHandle:
             warnings.warn(message, stacklevel=2)
 
     def dense_remedy(self) -> str:                       # how to run an input densely
-        return parallel.dense_remedy(self._processors, self.spec.joint_text)
+        return parallel.dense_remedy(self._processors, self.spec.joint_model)
 
     def __repr__(self) -> str:
         method = self.method if isinstance(self.method, str) else getattr(self.method, "__name__", "callable")
@@ -214,7 +214,12 @@ class SparseAttentionHandle:
         valid = (mask[:, 0, 0, mask.shape[3] - text:] if keys else mask).bool()
         counts = valid.sum(dim=1)
         prefix = torch.arange(text, device=valid.device)[None, :] < counts[:, None]
-        if not bool((prefix == valid).all()):
+        ordered = (prefix == valid).all()
+        if keys and not bool(ordered & mask[:, 0, 0, :mask.shape[3] - text].bool().all()):
+            raise ValueError("attention_mask: expected every video token valid in the key mask [B, 1, 1, S] (the mask "
+                             "HunyuanVideoTransformer3DModel.forward builds), got a masked video token; the block-mask "
+                             f"IR has no token mask; {self.dense_remedy()}")
+        if not bool(ordered):
             raise ValueError("attention_mask: expected each sample's valid text tokens first, then its padding "
                              "(the order HunyuanVideo's forward builds), got padding before a valid "
                              "token; the block-mask IR has one pattern for the whole batch and cannot skip tokens "

@@ -63,6 +63,11 @@ class ModelSpec:
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
 
     @property
+    def joint_model(self) -> str | None:
+        """The model class's name where text shares the attention sequence (for messages), else None."""
+        return self.model_class.__name__ if self.joint_text else None
+
+    @property
     def latents(self) -> str:
         """The layout of the forward's ``hidden_states``, for messages."""
         return "[B, F, C, H, W]" if self.frames_axis == 1 else "[B, C, F, H, W]"

@@ -121,18 +121,20 @@ def refuse_ring_approximation(processors: Sequence[Any], approximation: str | No
                      f"run under Ulysses only (ring_degree=1)")
 
 
-def after_remove(processors: Sequence[Any], joint_text: bool) -> str | None:
+def after_remove(processors: Sequence[Any], joint_model: str | None) -> str | None:
     """What a model needs to run after ``handle.remove()`` under the context parallelism of its ``processors``
     (sparsecore's, which share one parallel config); None: nothing.
 
-    HunyuanVideo 1.5 (``joint_text``) runs under :data:`HUNYUAN_VIDEO_15_CP_PLAN` only with sparsecore's processors,
-    and diffusers' ring template calls its backend with ``return_lse=True``, which :data:`NO_LSE_BACKENDS` refuse.
+    A joint video + text model (``joint_model``: its class name; HunyuanVideo 1.5 under
+    :data:`HUNYUAN_VIDEO_15_CP_PLAN`, HunyuanVideo 1.0 under a plan of the user's) runs only with sparsecore's
+    processors, and diffusers' ring template calls its backend with ``return_lse=True``, which
+    :data:`NO_LSE_BACKENDS` refuse.
     """
     cp = getattr(processors[0]._parallel_config, "context_parallel_config", None) if processors else None
     if cp is None or cp.ring_degree * cp.ulysses_degree == 1:
         return None
-    if joint_text:
-        return ("HunyuanVideo 1.5 under context parallelism runs only with sparsecore applied (diffusers' processor "
+    if joint_model:
+        return (f"{joint_model} under context parallelism runs only with sparsecore applied (diffusers' processor "
                 "builds its padding mask from this rank's tokens): run it densely on a transformer without "
                 "enable_parallelism")
     backend = processors[0]._attention_backend
@@ -144,12 +146,12 @@ def after_remove(processors: Sequence[Any], joint_text: bool) -> str | None:
     return None
 
 
-def dense_remedy(processors: Sequence[Any], joint_text: bool) -> str:
+def dense_remedy(processors: Sequence[Any], joint_model: str | None) -> str:
     """How to run an input densely: ``handle.remove()``, and what context parallelism needs after it."""
-    need = after_remove(processors, joint_text)
+    need = after_remove(processors, joint_model)
     if need is None:
         return "call handle.remove() to run this input densely"
-    return need if joint_text else f"to run this input densely, handle.remove(); then {need}"
+    return need if joint_model else f"to run this input densely, handle.remove(); then {need}"
 
 
 def enable_parallelism(transformer: Any, config: Any) -> None:

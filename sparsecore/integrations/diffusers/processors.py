@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models import attention_dispatch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
 from sparsecore.registry import DenseOp
 from sparsecore.search import faster_dense
@@ -70,6 +70,12 @@ class SparseProcessor(RefusesCopies):
     # diffusers' set_attention_backend and enable_parallelism set these on processors that have them. An original
     # without them (CogVideoX's runs torch SDPA itself) reads None here and ignores the setting, as it would.
     @property
+    def follows_backend(self) -> bool:
+        """Whether the original processor runs diffusers' dispatch, and so its backends (the active one included);
+        CogVideoX's calls torch SDPA itself, whatever diffusers' backend is."""
+        return hasattr(self.original, "_attention_backend")
+
+    @property
     def _attention_backend(self) -> Any:
         return getattr(self.original, "_attention_backend", None)
 
@@ -102,8 +108,9 @@ class SparseProcessor(RefusesCopies):
                                        False)
                 return out.transpose(1, 2)
         self._handle._stats.dense_kernel = "model"
+        backend = self._attention_backend if self.follows_backend else AttentionBackendName.NATIVE
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend,
+                                     backend=backend,
                                      parallel_config=self._parallel_config if parallel else None)
 
     def faster_dense(self, query: torch.Tensor, key: torch.Tensor,
@@ -117,10 +124,12 @@ class SparseProcessor(RefusesCopies):
         context chose another, a registered dense op that takes the inputs and was measured faster than that
         (:func:`sparsecore.search.faster_dense`: FlashAttention-4's dense forward on Hopper, 1.09-1.30x
         cuDNN's). ``dense_attention="model"``: always None; so also where diffusers' backend registry is not
-        where 0.42 keeps it (the default backend cannot be read).
+        where 0.42 keeps it (the default backend cannot be read). A processor that runs torch SDPA itself
+        (CogVideoX's, :attr:`follows_backend` False) follows no backend: its dense steps take the faster op
+        under ``"auto"``, else torch SDPA (diffusers' ``"native"``), as the original does.
         """
-        if self._handle.dense_attention != "auto" or self._attention_backend is not None \
-                or active_backend() != "native":
+        chosen = self.follows_backend and (self._attention_backend is not None or active_backend() != "native")
+        if self._handle.dense_attention != "auto" or chosen:
             return None
         return faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
@@ -225,10 +234,13 @@ def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
     named = []
     for name in spec.blocks:
         blocks = getattr(transformer, name, None)
-        if blocks is None or len(blocks) == 0:
-            raise TypeError(f"transformer.{name}: expected the transformer blocks of a {spec.model_class.__name__}, "
-                            f"got {type(blocks).__name__}")
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise TypeError(f"transformer.{name}: expected the transformer blocks of a {spec.model_class.__name__} "
+                            f"(a ModuleList), got {type(blocks).__name__}")
         named += [(f"{name}[{index}]", block) for index, block in enumerate(blocks)]
+    if not named:
+        raise ValueError(f"transformer: a {spec.model_class.__name__} with no blocks in "
+                         f"{' or '.join(spec.blocks)} has no attention for sparsecore to run")
     modules = []
     for where, block in named:
         module = getattr(block, spec.attention, None)
