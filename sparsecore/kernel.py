@@ -118,9 +118,9 @@ class CompiledKernel:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
         try:
             with on_device_of(q):
-                run, _ = self._run_for(q, k, v, scale, return_lse)
+                run, scale = self._run_for(q, k, v, scale, return_lse)
                 if hasattr(run, "prepare"):
-                    run.prepare(q, k, v)
+                    run.prepare(q, k, v, scale)
         finally:
             self._submit_queued()
 

@@ -118,5 +118,11 @@ def test_triton_says_why_it_does_not_run_below_compute_capability_8(monkeypatch)
     monkeypatch.setattr(sparsecore.backends.cuda.interpreter, "active", lambda: False)
     reason = backend.unavailable_reason("cuda")
     assert reason is not None and reason.startswith("compute capability 7.5: below 8.0") and "portable" in reason
+    from sparsecore.backends.cuda import block_mass, search_attention      # AdaSpa's search passes: torch's there
+    q = SimpleNamespace(shape=(1, 2, 256, 128), dtype=torch.float16, device=torch.device("cuda"))
+    offsets = np.arange(0, 257, 100).clip(max=256)
+    assert block_mass.supports(q, q, offsets, offsets) == reason
+    assert search_attention.supports(q, q, q, offsets, offsets) == reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert backend.unavailable_reason("cuda") is None
+    assert block_mass.supports(q, q, offsets, offsets) is None

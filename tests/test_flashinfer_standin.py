@@ -210,6 +210,18 @@ def test_scales_flashinfer_gets_wrong_run_as_the_same_scores_at_a_positive_one(s
     assert [p["sm_scale"] for w in standin for p in w.plans] == [-scale if scale else 1.0]
 
 
+@pytest.mark.parametrize("head_dim, scale", [(128, None), (64, -0.5), (64, 0.0)])
+def test_prepare_plans_the_wrapper_the_call_then_uses(standin, monkeypatch, head_dim, scale):
+    """``prepare`` plans at the scale the call runs with: 1/sqrt(D) as the call computes it (at D = 128 it differs
+    from ``D ** -0.5`` in the last bit), and a negative or zero scale as FlashInfer gets it."""
+    monkeypatch.setattr(sys.modules[__name__], "D", head_dim)
+    kernel = _compile(_mask(7))
+    (q, k, v), _ = _inputs(torch.float16, 10)
+    kernel.prepare(q, k, v, scale=scale)
+    kernel(q, k, v, scale=scale)
+    assert len([p for w in standin for p in w.plans]) == 1
+
+
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_an_all_empty_mask_gives_zeros_and_minus_inf_without_a_plan(standin, scale):
     """No row lists a block: output 0 and LSE -inf (float32) everywhere, and FlashInfer is not handed an empty

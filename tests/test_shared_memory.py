@@ -31,7 +31,14 @@ def test_none_fits_names_each_depth_and_the_remedy(monkeypatch):
         shared_memory.fitting_stages(compiled_at, 3, "triton lowering (x)")
 
 
-def test_without_a_compiled_kernel_to_read_the_configured_depth_stands(monkeypatch):
-    """A JIT hook may give no compiled kernel: the launch keeps its configured stages (Triton decides at launch)."""
+def test_without_a_compiled_kernel_to_read_nothing_is_decided(monkeypatch):
+    """A JIT hook may give no compiled kernel: None (the launch keeps its configured stages and decides next time)."""
     monkeypatch.setattr(shared_memory, "shared_memory_limit", lambda: 65_536)
-    assert shared_memory.fitting_stages(lambda stages: None, 3, "kernel") == 3
+    assert shared_memory.fitting_stages(lambda stages: None, 3, "kernel") is None
+
+
+def test_an_asynchronous_compile_is_waited_for(monkeypatch):
+    """Under ``triton.AsyncCompileMode`` a warm-up gives a future: its kernel decides."""
+    monkeypatch.setattr(shared_memory, "shared_memory_limit", lambda: 101_376)
+    future = lambda stages: SimpleNamespace(result=lambda: compiled_at(stages))   # noqa: E731
+    assert shared_memory.fitting_stages(future, 3, "kernel") == 2

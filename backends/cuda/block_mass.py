@@ -23,7 +23,7 @@ import torch
 from sparsecore.ir.uploads import queued
 
 from . import interpreter
-from .triton_config import dot_precision
+from .triton_config import below_ampere, dot_precision
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 UNIFORM_BLOCK = 64              # the block size block_mass_uniform_fwd takes
@@ -71,6 +71,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
         return f"dtype {q.dtype}/{k.dtype} is not one of fp16, bf16, fp32 (same for q and k)"
     if not interpreter.active() and not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
+    if not interpreter.active() and q.device.type == "cuda" and below_ampere(q.device):
+        return below_ampere(q.device)
     return interpreter.tensor_device_problem("cuda", q.device.type)
 
 

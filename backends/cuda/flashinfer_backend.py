@@ -35,7 +35,7 @@ from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.registry import Backend, Run, UnsupportedError
 
-from .positive_scale import positive_scale
+from .positive_scale import positive_scale, run_scale
 
 MAX_ROWS = 32768  # block rows of one plan: 12 heads x 2,949 64-token blocks failed on an H200 (issue 13)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace, shared by all plans on a device
@@ -122,10 +122,10 @@ class FoldedHeadsLaunch:
             self._wrappers[key] = wrapper
         return self._wrappers[key]
 
-    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Plan the wrapper a call with these inputs (and the default scale) would use."""
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+        """Plan the wrapper a call with these inputs and ``scale`` would use."""
         if self.mask.nnz:
-            self._wrapper(q, k.shape[1], q.shape[-1] ** -0.5)
+            self._wrapper(q, k.shape[1], run_scale(scale))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

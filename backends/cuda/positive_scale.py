@@ -19,4 +19,9 @@ def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
     """``(q, scale)`` unchanged for a positive scale, else inputs with the same scores at a positive one."""
     if scale > 0:
         return q, scale
-    return (-q, -scale) if scale < 0 else (q * 0, 1.0)
+    return (-q, -scale) if scale < 0 else (q * 0, run_scale(scale))
+
+
+def run_scale(scale: float) -> float:
+    """The positive scale a call at ``scale`` runs with (:func:`positive_scale`): what a plan is made for."""
+    return scale if scale > 0 else (-scale if scale < 0 else 1.0)

@@ -28,18 +28,21 @@ def _shared_memory_of(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def fitting_stages(compile_at: Callable[[int], Any], deepest: int, what: str) -> int:
+def fitting_stages(compile_at: Callable[[int], Any], deepest: int, what: str) -> int | None:
     """The largest stage count from ``deepest`` down to 1 whose kernel, compiled by ``compile_at(stages)``, fits the
-    current device's shared memory; ``deepest`` where Triton gives no compiled kernel to read (a JIT hook).
+    current device's shared memory; None where Triton gives no compiled kernel to read (a JIT hook). An asynchronous
+    compile (``triton.AsyncCompileMode``) is waited for.
 
     Raises:
         RuntimeError: not even one stage fits, naming ``what``, the bytes each stage count needs and the limit.
     """
     limit, tried = shared_memory_limit(), []
     for stages in range(deepest, 0, -1):
-        needed = getattr(getattr(compile_at(stages), "metadata", None), "shared", None)
+        compiled = compile_at(stages)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled      # a FutureKernel
+        needed = getattr(getattr(compiled, "metadata", None), "shared", None)
         if needed is None:
-            return deepest
+            return None
         if needed <= limit:
             return stages
         tried.append(f"{stages} stage(s): {needed} bytes")

@@ -24,7 +24,7 @@ from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, BlockMassOp, RowTopOp, Run
 
 from . import block_mass, interpreter, row_top, search_attention
-from .triton_config import TritonOptions
+from .triton_config import TritonOptions, below_ampere
 
 
 class TritonBackend(Backend):
@@ -49,12 +49,7 @@ class TritonBackend(Backend):
             return "TRITON_INTERPRET=1: kernels run in Triton's CPU interpreter, not on the GPU"
         if not torch.cuda.is_available():
             return f"torch.cuda.is_available() is False in torch {torch.__version__}"
-        major, minor = torch.cuda.get_device_capability(torch.device(device))
-        if major < 8:   # compiled for sm75 on CPU (tests/test_triton_targets.py): FMA loops, 131,072 bytes at D = 128
-            return (f"compute capability {major}.{minor}: below 8.0 Triton runs the kernels' matrix products on CUDA "
-                    f"cores, and their tiles at head dim 128 need 131,072 bytes of shared memory (a T4 allows 65,536, "
-                    f"a V100 98,304); the portable backend runs on this GPU")
-        return None
+        return below_ampere(torch.device(device))
 
     def emulator(self) -> contextlib.AbstractContextManager[None] | None:
         return interpreter.emulating() if interpreter.interpreting() and importlib.util.find_spec("triton") else None

@@ -47,6 +47,18 @@ class TritonOptions:
                 raise TypeError(f"{name}: expected a bool or None, got {getattr(self, name)!r}")
 
 
+def below_ampere(device: torch.device) -> str | None:
+    """Why the Triton kernels do not run on CUDA ``device`` (compute capability below 8.0), else None. Compiled for
+    sm75 on CPU (tests/test_triton_targets.py): their products become FMA loops on CUDA cores, and their tiles at head
+    dim 128 need up to 131,072 bytes of shared memory."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"compute capability {major}.{minor}: below 8.0 Triton runs the kernels' matrix products on CUDA cores, "
+            f"and their tiles at head dim 128 need up to 131,072 bytes of shared memory (a T4 allows 65,536, a V100 "
+            f"98,304); the portable backend and torch's search passes run on this GPU")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for inputs of ``dtype``: IEEE float32 products for float32 inputs, TF32 for
     products the kernel takes in float32 from 16-bit inputs (unused where the operands stay 16-bit)."""
