@@ -214,17 +214,17 @@ class SparseAttentionHandle:
         valid = (mask[:, 0, 0, mask.shape[3] - text:] if keys else mask).bool()
         counts = valid.sum(dim=1)
         prefix = torch.arange(text, device=valid.device)[None, :] < counts[:, None]
-        ordered = (prefix == valid).all()
-        if keys and not bool(ordered & mask[:, 0, 0, :mask.shape[3] - text].bool().all()):
+        video = mask[:, 0, 0, :mask.shape[3] - text].bool().all() if keys else valid.new_ones(())
+        ordered, video_valid, *result = torch.cat([torch.stack([(prefix == valid).all(), video]), counts]).tolist()
+        if not video_valid:                                                  # one host read for the checks and counts
             raise ValueError("attention_mask: expected every video token valid in the key mask [B, 1, 1, S] (the mask "
                              "HunyuanVideoTransformer3DModel.forward builds), got a masked video token; the block-mask "
                              f"IR has no token mask; {self.dense_remedy()}")
-        if not bool(ordered):
+        if not ordered:
             raise ValueError("attention_mask: expected each sample's valid text tokens first, then its padding "
                              "(the order HunyuanVideo's forward builds), got padding before a valid "
                              "token; the block-mask IR has one pattern for the whole batch and cannot skip tokens "
                              f"inside the sequence; {self.dense_remedy()}")
-        result = counts.tolist()
         self._text_cache = (mask, result)
         return result
 
