@@ -173,7 +173,7 @@ class Fa4Launch:
         kv_bytes = self.mask.kv_len * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
         return auto_key_parts(kv_bytes, l2_bytes(k.device), self.num_kv_tiles)
 
-    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
         """Convert the mask for a call with ``q, k, v`` (what the first call would do before launching; the scale
         changes nothing of it)."""
         self._plan(q.device, self.key_parts_for(k, v))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecore.capabilities import Capabilities
+from sparsecore.inputs import check_scale
 from sparsecore.ir import BlockMask
 from sparsecore.registry import Backend, Run, UnsupportedError
 
@@ -122,10 +123,11 @@ class FoldedHeadsLaunch:
             self._wrappers[key] = wrapper
         return self._wrappers[key]
 
-    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
-        """Plan the wrapper a call with these inputs and ``scale`` would use."""
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
+        """Plan the wrapper a call with these inputs and ``scale`` (None: the default, as a call computes it) would
+        use."""
         if self.mask.nnz:
-            self._wrapper(q, k.shape[1], run_scale(scale))
+            self._wrapper(q, k.shape[1], run_scale(check_scale(scale, q.shape[-1])))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -46,7 +46,7 @@ class TritonLaunch:
             self._schedules[key] = schedule_tiles(self.mask, config.block_m, config.block_n)
         return self._schedules[key]
 
-    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
         """Build the tile schedule (and the approximation's plan) a call with ``q`` would use (at any scale)."""
         self.schedule(self.config(q))
         if self.approximation is not None:
