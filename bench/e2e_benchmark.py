@@ -1,6 +1,6 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
-    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5]
+    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
@@ -20,6 +20,8 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   latent) with 22 and 42 latent frames (81 and 161 video frames: 1x and 2x its training length; 11 and 21 token
   frames), 226 text tokens (its prompt length) before the video, run with 6 of 42 layers, scaled; compiled mode
   compiles each block (diffusers 0.42 declares no repeated blocks for it).
+- ``wan-vace``: Wan 2.1 VACE 1.3B (Wan 2.1 1.3B's 30 blocks and 15 VACE blocks, at every other layer, over 96
+  control channels) at 480x832 with 41 latent frames (2x), every layer run: 45 self-attention layers a step.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -87,6 +89,7 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+WAN_VACE_1_3B = dict(WAN_1_3B, vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
 HV15 = dict(num_layers=54)
 COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
                     text_embed_dim=4096, num_layers=42, patch_size=2, patch_size_t=2, max_text_seq_length=226,
@@ -113,6 +116,7 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         tiny_cases = [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2)]
         tiny_cases += [Case("hv15", "2x", 9, 6, 6, 2, 2)] if "hv15" in models else []
         tiny_cases += [Case("hv", "1x", 9, 8, 8, 3, 3)] if "hv" in models else []
+        tiny_cases += [Case("wan-vace", "2x", 13, 8, 8, 2, 2)] if "wan-vace" in models else []
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     out = []
     if "wan-1.3b" in models:
@@ -125,12 +129,14 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         out += [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))]
     if "hv" in models:
         out += [Case("hv", "1x", 33, 90, 160, 3, 60)]
+    if "wan-vace" in models:
+        out += [Case("wan-vace", "2x", 41, 60, 104, 30, 30)]
     return out
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
-                           HunyuanVideoTransformer3DModel, WanTransformer3DModel)
+                           HunyuanVideoTransformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
     torch.manual_seed(0)
     with torch.device(device):
         if case.model == "hv":                          # a third double-stream, two thirds single-stream, as 20 : 40
@@ -145,10 +151,16 @@ def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torc
                 config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, time_embed_dim=32)
             model = CogVideoXTransformer3DModel(**config)
         elif case.model.startswith("wan"):
-            config = dict(WAN_1_3B if case.model == "wan-1.3b" else WAN_14B, num_layers=case.layers_run)
+            base = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-vace": WAN_VACE_1_3B}[case.model]
+            config = dict(base, num_layers=case.layers_run)
             if tiny:
                 config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)
-            model = WanTransformer3DModel(**config)
+            if case.model == "wan-vace":
+                if tiny:
+                    config.update(vace_layers=[0], vace_in_channels=8)
+                model = WanVACETransformer3DModel(**config)
+            else:
+                model = WanTransformer3DModel(**config)
         else:
             config = dict(HV15, num_layers=case.layers_run)
             if tiny:
@@ -175,6 +187,10 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     encoder_attention_mask=torch.ones(1, HV_TEXT, device=device, dtype=torch.long),
                     pooled_projections=rand(1, config.pooled_projection_dim),
                     guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
+    if case.model == "wan-vace":
+        return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
+                    control_hidden_states=rand(1, config.vace_in_channels, case.frames, case.height, case.width),
+                    return_dict=False)
     if case.model.startswith("wan"):
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
                     return_dict=False)

@@ -1,7 +1,7 @@
 """sparsecore inside torch.compile: compiled transformers equal eager ones, with no graph break or recompile.
 
-Tiny random Wan, HunyuanVideo 1.5 and 1.0, and CogVideoX models with sparsecore applied run five denoising steps
-eagerly, then compiled as diffusers recommends (``compile_repeated_blocks(fullgraph=True)``)
+Tiny random Wan (and Wan VACE), HunyuanVideo 1.5 and 1.0, and CogVideoX models with sparsecore applied run five
+denoising steps eagerly, then compiled as diffusers recommends (``compile_repeated_blocks(fullgraph=True)``)
 or whole (``torch.compile(transformer)``). The attention is one custom op
 (``torch.ops.sparsecore.diffusers_attention``): the compiled outputs equal the eager ones in
 fp32, Dynamo records no graph break, and after the first step nothing is compiled again
@@ -17,7 +17,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from test_integration_diffusers import (cogvideox_inputs, forward, hunyuan_10_inputs, hunyuan_inputs, random_mask,
-                                       tiny_cogvideox, tiny_hunyuan, tiny_hunyuan_10, tiny_wan, wan_inputs)
+                                       tiny_cogvideox, tiny_hunyuan, tiny_hunyuan_10, tiny_wan, tiny_wan_vace,
+                                       wan_inputs, wan_vace_inputs)
 
 import sparsecore.integrations.diffusers as sparse
 
@@ -31,7 +32,8 @@ METHODS = {
 MODELS = {"wan": (tiny_wan, lambda: wan_inputs(batch=2)),
           "hunyuan": (tiny_hunyuan, lambda: hunyuan_inputs(batch=2, text="ragged")),
           "hunyuan-1.0": (tiny_hunyuan_10, lambda: hunyuan_10_inputs(batch=2, text="ragged")),
-          "cogvideox": (tiny_cogvideox, lambda: cogvideox_inputs(batch=2))}
+          "cogvideox": (tiny_cogvideox, lambda: cogvideox_inputs(batch=2)),
+          "wan-vace": (tiny_wan_vace, lambda: wan_vace_inputs(batch=2))}
 
 
 def run(model, inputs, method: str, compile_as: str | None, backend: str = "aot_eager") -> tuple[list, list]:

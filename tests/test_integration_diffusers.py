@@ -1,4 +1,5 @@
-"""diffusers integration on tiny random Wan 2.1, HunyuanVideo 1.5 and 1.0, and CogVideoX models (diffusers 0.42, CPU).
+"""diffusers integration on tiny random Wan 2.1 (and VACE), HunyuanVideo 1.5 and 1.0, CogVideoX and SkyReels-V2 models
+(diffusers 0.42, CPU).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -22,9 +23,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
-                       HunyuanVideoTransformer3DModel, ParallelConfig, WanTransformer3DModel)
+                       HunyuanVideoTransformer3DModel, ParallelConfig, SkyReelsV2Transformer3DModel,
+                       WanTransformer3DModel, WanVACETransformer3DModel)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.models.transformers import transformer_hunyuan_video, transformer_hunyuan_video15, transformer_wan
+from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15,
+                                           transformer_skyreels_v2, transformer_wan)
 from oracle import expand_to_tokens
 
 from sparsecore import BlockMask, VideoGeometry
@@ -54,6 +57,29 @@ def wan_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {"hidden_states": torch.randn(batch, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen),
             "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen)}
+
+
+def tiny_wan_vace() -> WanVACETransformer3DModel:
+    """Wan VACE: one VACE block (layer 0, over the control tokens), then two Wan blocks."""
+    torch.manual_seed(0)
+    return WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_max_seq_len=32, vace_layers=[0], vace_in_channels=6).eval()
+
+
+def wan_vace_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    """Wan's inputs and the control latents (6 channels, the video's grid)."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    return {**wan_inputs(batch, text, seed),
+            "control_hidden_states": torch.randn(batch, 6, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen)}
+
+
+def tiny_skyreels_v2(frames_per_block: int = 1) -> SkyReelsV2Transformer3DModel:
+    torch.manual_seed(0)
+    return SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32,
+                                        num_frame_per_block=frames_per_block).eval()
 
 
 def tiny_hunyuan() -> HunyuanVideo15Transformer3DModel:
@@ -141,6 +167,10 @@ def install_text_first_sdpa(patch: Any, oracle: "MaskedSoftmaxOracle") -> None:
 
 CASES = {
     "wan": Case("wan", tiny_wan, wan_inputs, install_dispatch(transformer_wan), lambda m: [b.attn1 for b in m.blocks]),
+    "wan-vace": Case("wan-vace", tiny_wan_vace, wan_vace_inputs, install_dispatch(transformer_wan),
+                     lambda m: [b.attn1 for b in (*m.vace_blocks, *m.blocks)]),
+    "skyreels-v2": Case("skyreels-v2", tiny_skyreels_v2, wan_inputs, install_dispatch(transformer_skyreels_v2),
+                        lambda m: [b.attn1 for b in m.blocks]),
     "hunyuan": Case("hunyuan", tiny_hunyuan, hunyuan_inputs, install_dispatch(transformer_hunyuan_video15),
                     lambda m: [b.attn for b in m.transformer_blocks]),
     "hunyuan-1.0": Case("hunyuan-1.0", tiny_hunyuan_10, hunyuan_10_inputs, install_dispatch(transformer_hunyuan_video),
@@ -232,7 +262,10 @@ class Tagged:
 
 
 def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step: int, timestep: float,
-                  monkeypatch) -> tuple[torch.Tensor, list[int]]:
+                  monkeypatch, call: Callable[[Any, dict, float], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, list[int]]:
+    """The float64 oracle's output of ``call(model, inputs, timestep)`` (default :func:`forward`), and the valid text
+    counts it saw."""
     reference = copy.deepcopy(model).double()
     oracle = MaskedSoftmaxOracle(provider, step)
     for layer, module in enumerate(case.attention(reference)):
@@ -240,7 +273,7 @@ def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step
     inputs64 = {name: as_float64(value) for name, value in inputs.items()}
     with monkeypatch.context() as patch:
         case.install(patch, oracle)
-        return forward(reference, inputs64, timestep), oracle.valid_text
+        return (call or forward)(reference, inputs64, timestep), oracle.valid_text
 
 
 def as_float64(value: Any) -> Any:
@@ -260,7 +293,7 @@ def test_dense_mask_gives_the_original_processors_output(case):
         handle.remove()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     rows = {(s["layer"], s["step"], s["backend"], s["density"]) for s in handle.stats()}
-    assert rows == {(0, 0, "dense", 1.0), (1, 0, "dense", 1.0)}
+    assert rows == {(layer, 0, "dense", 1.0) for layer in range(len(case.attention(model)))}
 
 
 @pytest.mark.parametrize("tokens", [37, 40])
@@ -291,7 +324,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
 
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
                                         ("hunyuan", "full"), ("cogvideox", "ragged"), ("cogvideox-1.5", "ragged"),
-                                        ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full")])
+                                        ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
+                                        ("wan-vace", "ragged"), ("skyreels-v2", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
@@ -340,6 +374,7 @@ def test_steps_follow_timesteps_with_guidance_calls_sharing_a_step(case):
         return random_mask(geometry, num_heads, step, layer)
 
     model, inputs = case.build(), case.inputs(batch=1, text="same")
+    layers = len(case.attention(model))
     handle = sparse.apply(model, method=recording, device="cpu", num_steps=3)
     try:
         assert handle.step is None
@@ -348,8 +383,8 @@ def test_steps_follow_timesteps_with_guidance_calls_sharing_a_step(case):
             forward(model, inputs, timestep)
             seen.append(handle.step)
         assert seen == [0, 0, 1, 1, 2, 2]
-        assert calls == [(s, layer) for s in range(3) for layer in range(2)]   # planned once per (layer, step)
-        assert [s["calls"] for s in handle.stats()] == [2] * 6
+        assert calls == [(s, layer) for s in range(3) for layer in range(layers)]   # once per (layer, step)
+        assert [s["calls"] for s in handle.stats()] == [2] * 3 * layers
         with pytest.raises(ValueError, match="num_steps"):
             forward(model, inputs, 100.0)                                   # a 4th step in a 3-step run
         forward(model, inputs, 999.0)                                       # a larger timestep: new run
@@ -357,7 +392,7 @@ def test_steps_follow_timesteps_with_guidance_calls_sharing_a_step(case):
         handle.set_step(2)                                                  # explicit steps override timesteps
         forward(model, inputs, 10.0)
         forward(model, inputs, 5.0)
-        assert handle.step == 2 and calls[-2:] == [(2, 0), (2, 1)]
+        assert handle.step == 2 and calls[-layers:] == [(2, layer) for layer in range(layers)]
         handle.set_step(1)                                                  # going back: another run
         assert handle.run == 2
         handle.set_step(None)
@@ -414,7 +449,7 @@ def test_method_sessions_run_end_to_end(case, method):
     stats = handle.stats()
     geometries = 2 if case.name.startswith("hunyuan") else 1  # HunyuanVideo: two valid text lengths
     expected_calls = 1 if case.name.startswith("hunyuan") else 2
-    assert len(stats) == 4 * 2 * geometries
+    assert len(stats) == 4 * len(case.attention(model)) * geometries
     for s in stats:
         assert s["calls"] == expected_calls and s["ms"] >= 0 and s["ms_total"] >= s["ms"]
         assert 0 < s["density"] <= 1 and (s["backend"] == "dense") == (s["density"] == 1.0)
@@ -453,6 +488,61 @@ def test_cogvideox_15_patches_frames_in_pairs():
     assert handle.geometry == VideoGeometry(FRAMES, HEIGHT, WIDTH)
     assert {(s["tokens"], s["text_tokens"], s["padding"]) for s in handle.stats()} == {(FRAMES * HEIGHT * WIDTH + 7,
                                                                                         7, 0)}
+
+
+def test_skyreels_v2_causal_blocks_raise_before_any_layer_runs():
+    """Diffusion forcing's causal blocks (``num_frame_per_block`` > 1, at construction or set by the pipeline through
+    ``_set_ar_attention`` after apply) mask attention frame-causally: refused, naming the setting and the remedy."""
+    for model, later in ((tiny_skyreels_v2(frames_per_block=2), None), (tiny_skyreels_v2(), 4)):
+        handle = sparse.apply(model, method=random_mask, device="cpu")
+        try:
+            if later is not None:
+                model._set_ar_attention(later)
+            blocks = model.config.num_frame_per_block
+            with pytest.raises(ValueError, match=rf"num_frame_per_block={blocks} .*frame-causally.*"
+                                                 r"causal_block_size=1.*handle\.remove\(\)"):
+                forward(model, wan_inputs(batch=1), 999.0)
+            assert handle.stats() == [] and handle.step is None
+            model._set_ar_attention(1)
+            assert torch.isfinite(forward(model, wan_inputs(batch=1), 999.0)).all()
+        finally:
+            handle.remove()
+
+
+def test_skyreels_v2_diffusion_forcing_takes_per_frame_timesteps(monkeypatch):
+    """Diffusion forcing's forward (a timestep per latent frame, ``[B, F]``) runs the sparse mask exactly (the float64
+    oracle) and its steps follow the noisiest frame's timestep."""
+    case = CASES["skyreels-v2"]
+    model, inputs = case.build(), case.inputs(batch=1)
+
+    def run(transformer: Any, data: dict, noisiest: float) -> torch.Tensor:     # half the frames ahead by 400
+        frames = torch.tensor([[noisiest] * (FRAMES // 2) + [noisiest - 400.0] * (FRAMES // 2)])
+        with torch.no_grad():
+            return transformer(**data, timestep=frames.to(data["hidden_states"].dtype), enable_diffusion_forcing=True,
+                               return_dict=False)[0]
+
+    expected, _ = oracle_output(case, model, inputs, random_mask, 0, 999.0, monkeypatch, call=run)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    try:
+        got = run(model, inputs, 999.0)
+        steps = [handle.step]
+        for noisiest in (700.0, 500.0):
+            run(model, inputs, noisiest)
+            steps.append(handle.step)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)
+    assert (got - run(model, inputs, 999.0)).abs().max() > 5e-3               # the mask matters
+    assert steps == [0, 1, 2]
+
+
+def test_wan_family_refuses_a_cross_attention_module_in_a_self_attention_slot():
+    for build in (tiny_wan, tiny_wan_vace, tiny_skyreels_v2):
+        model = build()
+        model.blocks[1].attn1 = model.blocks[1].attn2                        # a cross-attention, Wan's processor
+        with pytest.raises(TypeError, match=rf"blocks\[1\]\.attn1: expected the self-attention of a "
+                                            rf"{type(model).__name__} block, got a cross-attention module"):
+            sparse.apply(model, method=random_mask, device="cpu")
 
 
 def test_cogvideox_errors_name_its_layout_and_refuse_a_token_mask():

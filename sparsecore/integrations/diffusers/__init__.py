@@ -1,4 +1,5 @@
-"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2, HunyuanVideo 1.5 and 1.0, CogVideoX, one call.
+"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 (and VACE), HunyuanVideo 1.5 and 1.0, CogVideoX,
+SkyReels-V2, one call.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
@@ -22,8 +23,8 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.handle`: ``apply()`` and the handle (hooks, step control, stats, ``remove()``).
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
-``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0``
-(``attn.set_processor``). We did not register a backend in diffusers' attention registry: in 0.42 it is keyed
+``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0`` /
+``SkyReelsV2AttnProcessor`` (``attn.set_processor``). We did not register a backend in diffusers' attention registry: in 0.42 it is keyed
 by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer, step), and HunyuanVideo 1.5's
 processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where the IR needs none.
 
@@ -38,10 +39,12 @@ run as separate groups, each with its own geometry. LVSA's ``reference_frames`` 
 double-stream then single-stream blocks as layers (its key mask ``[B, 1, 1, S]`` gives the text counts).
 CogVideoX attends over text then video; its processor builds the sequence video first
 (:func:`.models.joint_qkv`), the same attention, so the same path runs it (no padding; LVSA's horizon 13
-token frames, 11 for CogVideoX 1.5).
+token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers;
+SkyReels-V2 runs as Wan (horizon 25 latent frames), except with diffusion forcing's causal blocks (raises).
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
-on Wan and HunyuanVideo 1.5, not HunyuanVideo 1.0 or CogVideoX (diffusers 0.42 has no plan for them); even
+on Wan and HunyuanVideo 1.5, not HunyuanVideo 1.0, CogVideoX, Wan VACE or SkyReels-V2 (diffusers 0.42 has no
+plan for them); even
 shards only; no approximating masks under a ring; processors replaced after ``apply`` are overwritten by
 ``remove()``.
 """
@@ -60,8 +63,8 @@ from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
-                         HunyuanVideoSparseAttnProcessor, WanSparseAttnProcessor)
+                         HunyuanVideoSparseAttnProcessor, SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
 
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "CogVideoXSparseAttnProcessor",
            "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "MethodProvider", "ModelSpec",
-           "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]
+           "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]

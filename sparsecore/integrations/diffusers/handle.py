@@ -174,6 +174,9 @@ class SparseAttentionHandle:
             got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
+        refused = self.spec.refuses(module.config)
+        if refused:
+            raise ValueError(f"{refused}; {self.dense_remedy()}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         parallel.refuse_ring_approximation(self._processors, self.approximation)           # before any step runs
         self.geometry = VideoGeometry(*self.spec.grid(hidden.shape, module.config))

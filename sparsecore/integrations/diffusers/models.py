@@ -20,6 +20,13 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   Attention is the same under any order of its tokens (the same order for queries, keys and values), so
   the processor builds the sequence video first (:func:`joint_qkv`), the order every mask has, and
   splits the output back into video and text.
+- ``WanVACETransformer3DModel`` (Wan 2.1 VACE): Wan's self-attention in its ``vace_blocks`` (over the control
+  tokens, which the forward pads to the video's length and which share its RoPE) then in its ``blocks``, layers
+  numbered in that order, as the forward runs them.
+- ``SkyReelsV2Transformer3DModel`` (SkyReels-V2, T2V/I2V and diffusion forcing): Wan's layout
+  (``SkyReelsV2AttnProcessor`` makes q, k, v as Wan's does). Its frame-causal mask (``num_frame_per_block`` > 1,
+  diffusion forcing's asynchronous mode) is a token mask the block-mask IR does not add: such forwards raise
+  (:attr:`ModelSpec.refuses`).
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
 CogVideoX's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
@@ -39,8 +46,11 @@ from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVide
                                                                      HunyuanVideoTransformer3DModel)
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
+from diffusers.models.transformers.transformer_skyreels_v2 import (SkyReelsV2AttnProcessor,
+                                                                   SkyReelsV2Transformer3DModel)
 from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
                                                            _get_qkv_projections)
+from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
 from sparsecore.methods import lvsa
 
@@ -61,6 +71,7 @@ class ModelSpec:
     joint_text: bool               # text tokens share the attention sequence (after the video in every mask)
     frames_axis: int = 2           # the latents' frame axis: [B, C, F, H, W] (2) or [B, F, C, H, W] (1)
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
+    refuses: Callable[[Any], str | None] = lambda config: None  # why a forward of this config cannot run, or None
 
     @property
     def joint_model(self) -> str | None:
@@ -87,7 +98,7 @@ def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) 
 
 
 def wan_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
-    """Wan self-attention's q, k, v ``[B, S, H, D]``."""
+    """Wan self-attention's q, k, v ``[B, S, H, D]`` (also SkyReels-V2's, whose projections have the same fields)."""
     query, key, value = _get_qkv_projections(attn, hidden_states, None)
     query, key = attn.norm_q(query), attn.norm_k(key)
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
@@ -174,6 +185,15 @@ def _cogvideox_patch(config: Any) -> tuple[int, int, int]:
     return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
 
 
+def _skyreels_refuses(config: Any) -> str | None:
+    """SkyReels-V2's forward masks attention frame-causally where ``num_frame_per_block`` > 1."""
+    if config.num_frame_per_block <= 1:
+        return None
+    return (f"SkyReels-V2 with num_frame_per_block={config.num_frame_per_block} (diffusion forcing's causal blocks) "
+            f"masks attention frame-causally, a token mask the block-mask IR cannot add; generate with "
+            f"causal_block_size=1 (the pipelines' default)")
+
+
 def _horizon(name: str) -> Callable[[Any], int]:
     return lambda config: lvsa.REFERENCE_FRAMES[name]
 
@@ -195,7 +215,11 @@ HUNYUAN_VIDEO = ModelSpec("hunyuanvideo", HunyuanVideoTransformer3DModel, Hunyua
 COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, ("transformer_blocks",),
                       "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, frames_axis=1,
                       timestep_arg=2)
-SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX)
+WAN_VACE = ModelSpec("wan-vace", WanVACETransformer3DModel, WanAttnProcessor, ("vace_blocks", "blocks"), "attn1",
+                    _horizon("wan"), _wan_patch, joint_text=False)
+SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
+                        _horizon("skyreels-v2"), _wan_patch, joint_text=False, refuses=_skyreels_refuses)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, SKYREELS_V2)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

@@ -158,7 +158,8 @@ class SparseProcessor(RefusesCopies):
 
 
 class WanSparseAttnProcessor(SparseProcessor):
-    """Self-attention of a ``WanTransformer3DModel`` block (``attn1``) through sparsecore."""
+    """Self-attention of a ``WanTransformer3DModel`` block (``attn1``), and of a ``WanVACETransformer3DModel``'s
+    ``vace_blocks`` and ``blocks``, through sparsecore."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -166,9 +167,9 @@ class WanSparseAttnProcessor(SparseProcessor):
         if encoder_hidden_states is not None or not self._handle.active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attention_mask is not None:
-            raise ValueError(f"attention_mask: Wan self-attention (layer {self.layer}) expected None, got a "
-                             f"{list(attention_mask.shape)} mask; the block-mask IR cannot add a token mask; "
-                             f"{self._handle.dense_remedy()}")
+            raise ValueError(f"attention_mask: {self._handle.spec.model_class.__name__} self-attention (layer "
+                             f"{self.layer}) expected None, got a {list(attention_mask.shape)} mask; the block-mask "
+                             f"IR cannot add a token mask; {self._handle.dense_remedy()}")
         query, key, value = compiled_layout(*models.wan_qkv(attn, hidden_states, rotary_emb))
         out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.wan_output(attn, out, query)
@@ -222,7 +223,12 @@ def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     return query, key, value
 
 
-SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor,
+class SkyReelsV2SparseAttnProcessor(WanSparseAttnProcessor):
+    """Self-attention of a ``SkyReelsV2Transformer3DModel`` block (``attn1``) through sparsecore: Wan's."""
+
+
+SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.name: WanSparseAttnProcessor,
+                     models.SKYREELS_V2.name: SkyReelsV2SparseAttnProcessor,
                      models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor,
                      models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
                      models.COGVIDEOX.name: CogVideoXSparseAttnProcessor}
@@ -255,8 +261,8 @@ def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
                             f"only diffusers' own processor (restore it, e.g. with "
                             f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
                             f"integration first)")
-        if spec.name == "wan" and (module.is_cross_attention or module.add_k_proj is not None):
-            raise TypeError(f"{where}.{spec.attention}: expected Wan self-attention, got a cross-"
-                            f"attention module")
+        if not spec.joint_text and (module.is_cross_attention or module.add_k_proj is not None):
+            raise TypeError(f"{where}.{spec.attention}: expected the self-attention of a "
+                            f"{spec.model_class.__name__} block, got a cross-attention module")
         modules.append(module)
     return modules
