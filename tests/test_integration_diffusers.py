@@ -1,5 +1,5 @@
-"""diffusers integration on tiny random Wan 2.1 (and VACE), HunyuanVideo 1.5 and 1.0, CogVideoX and SkyReels-V2 models
-(diffusers 0.42, CPU).
+"""diffusers integration on tiny random Wan 2.1 (VACE, 2.2 Animate), HunyuanVideo 1.5 and 1.0, CogVideoX and SkyReels-V2
+models (diffusers 0.42, CPU).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -24,10 +24,10 @@ import pytest
 import torch
 from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
                        HunyuanVideoTransformer3DModel, ParallelConfig, SkyReelsV2Transformer3DModel,
-                       WanTransformer3DModel, WanVACETransformer3DModel)
+                       WanAnimateTransformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15,
-                                           transformer_skyreels_v2, transformer_wan)
+                                           transformer_skyreels_v2, transformer_wan, transformer_wan_animate)
 from oracle import expand_to_tokens
 
 from sparsecore import BlockMask, VideoGeometry
@@ -72,6 +72,30 @@ def wan_vace_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict
     gen = torch.Generator().manual_seed(seed + 100)
     return {**wan_inputs(batch, text, seed),
             "control_hidden_states": torch.randn(batch, 6, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen)}
+
+
+def tiny_wan_animate() -> WanAnimateTransformer3DModel:
+    """Wan 2.2 Animate: two blocks, a face adapter after the first, a motion encoder for 8 x 8 face crops."""
+    torch.manual_seed(0)
+    return WanAnimateTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                        in_channels=None, latent_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                                        ffn_dim=32, num_layers=2, image_dim=8, rope_max_seq_len=32,
+                                        motion_encoder_channel_sizes={"8": 4, "4": 4}, motion_encoder_size=8,
+                                        motion_style_dim=8, motion_dim=4, motion_encoder_dim=8,
+                                        face_encoder_hidden_dim=8, face_encoder_num_heads=2,
+                                        inject_face_latents_blocks=2).eval()
+
+
+def wan_animate_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    """Latents with the reference frame first ``[B, 2 * 4 + 4, F, H, W]``, the pose of the other frames, 25 face crops
+    (the face encoder's two stride-2 steps make 7 motion frames, one per latent frame after the reference), CLIP
+    image tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 12, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen),
+            "encoder_hidden_states_image": torch.randn(batch, 5, 8, generator=gen),
+            "pose_hidden_states": torch.randn(batch, 4, FRAMES - 1, 2 * HEIGHT, 2 * WIDTH, generator=gen),
+            "face_pixel_values": torch.randn(batch, 3, 25, 8, 8, generator=gen)}
 
 
 def tiny_skyreels_v2(frames_per_block: int = 1) -> SkyReelsV2Transformer3DModel:
@@ -169,6 +193,8 @@ CASES = {
     "wan": Case("wan", tiny_wan, wan_inputs, install_dispatch(transformer_wan), lambda m: [b.attn1 for b in m.blocks]),
     "wan-vace": Case("wan-vace", tiny_wan_vace, wan_vace_inputs, install_dispatch(transformer_wan),
                      lambda m: [b.attn1 for b in (*m.vace_blocks, *m.blocks)]),
+    "wan-animate": Case("wan-animate", tiny_wan_animate, wan_animate_inputs, install_dispatch(transformer_wan_animate),
+                        lambda m: [b.attn1 for b in m.blocks]),
     "skyreels-v2": Case("skyreels-v2", tiny_skyreels_v2, wan_inputs, install_dispatch(transformer_skyreels_v2),
                         lambda m: [b.attn1 for b in m.blocks]),
     "hunyuan": Case("hunyuan", tiny_hunyuan, hunyuan_inputs, install_dispatch(transformer_hunyuan_video15),
@@ -325,7 +351,7 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
                                         ("hunyuan", "full"), ("cogvideox", "ragged"), ("cogvideox-1.5", "ragged"),
                                         ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
-                                        ("wan-vace", "ragged"), ("skyreels-v2", "ragged")])
+                                        ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
@@ -537,7 +563,7 @@ def test_skyreels_v2_diffusion_forcing_takes_per_frame_timesteps(monkeypatch):
 
 
 def test_wan_family_refuses_a_cross_attention_module_in_a_self_attention_slot():
-    for build in (tiny_wan, tiny_wan_vace, tiny_skyreels_v2):
+    for build in (tiny_wan, tiny_wan_vace, tiny_wan_animate, tiny_skyreels_v2):
         model = build()
         model.blocks[1].attn1 = model.blocks[1].attn2                        # a cross-attention, Wan's processor
         with pytest.raises(TypeError, match=rf"blocks\[1\]\.attn1: expected the self-attention of a "

@@ -1,5 +1,5 @@
-"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 (and VACE), HunyuanVideo 1.5 and 1.0, CogVideoX,
-SkyReels-V2, one call.
+"""Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 (VACE, Animate), HunyuanVideo 1.5 and 1.0,
+CogVideoX, SkyReels-V2, one call.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
@@ -39,11 +39,11 @@ run as separate groups, each with its own geometry. LVSA's ``reference_frames`` 
 double-stream then single-stream blocks as layers (its key mask ``[B, 1, 1, S]`` gives the text counts).
 CogVideoX attends over text then video; its processor builds the sequence video first
 (:func:`.models.joint_qkv`), the same attention, so the same path runs it (no padding; LVSA's horizon 13
-token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers;
+token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers, Wan Animate its ``blocks``;
 SkyReels-V2 runs as Wan (horizon 25 latent frames), except with diffusion forcing's causal blocks (raises).
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
-on Wan and HunyuanVideo 1.5, not HunyuanVideo 1.0, CogVideoX, Wan VACE or SkyReels-V2 (diffusers 0.42 has no
+on Wan and HunyuanVideo 1.5, not HunyuanVideo 1.0, CogVideoX, Wan VACE or Animate, or SkyReels-V2 (diffusers 0.42 has no
 plan for them); even
 shards only; no approximating masks under a ring; processors replaced after ``apply`` are overwritten by
 ``remove()``.

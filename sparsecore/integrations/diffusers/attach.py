@@ -33,8 +33,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
 
     Args:
         transformer: a diffusers 0.42 ``WanTransformer3DModel``, ``HunyuanVideo15Transformer3DModel``,
-            ``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``, ``WanVACETransformer3DModel`` or
-            ``SkyReelsV2Transformer3DModel`` (e.g. ``pipe.transformer``) with diffusers' own attention processors.
+            ``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``, ``WanVACETransformer3DModel``,
+            ``WanAnimateTransformer3DModel`` or ``SkyReelsV2Transformer3DModel`` (e.g. ``pipe.transformer``) with
+            diffusers' own attention processors.
         method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
             **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
         device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's

@@ -23,6 +23,8 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
 - ``WanVACETransformer3DModel`` (Wan 2.1 VACE): Wan's self-attention in its ``vace_blocks`` (over the control
   tokens, which the forward pads to the video's length and which share its RoPE) then in its ``blocks``, layers
   numbered in that order, as the forward runs them.
+- ``WanAnimateTransformer3DModel`` (Wan 2.2 Animate): Wan's self-attention ``blocks[i].attn1`` (its module's own copy of
+  ``WanAttnProcessor``) over the reference frame and the video; the face adapter's cross-attention is not touched.
 - ``SkyReelsV2Transformer3DModel`` (SkyReels-V2, T2V/I2V and diffusion forcing): Wan's layout
   (``SkyReelsV2AttnProcessor`` makes q, k, v as Wan's does). Its frame-causal mask (``num_frame_per_block`` > 1,
   diffusion forcing's asynchronous mode) is a token mask the block-mask IR does not add: such forwards raise
@@ -50,6 +52,8 @@ from diffusers.models.transformers.transformer_skyreels_v2 import (SkyReelsV2Att
                                                                    SkyReelsV2Transformer3DModel)
 from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
                                                            _get_qkv_projections)
+from diffusers.models.transformers.transformer_wan_animate import WanAnimateTransformer3DModel
+from diffusers.models.transformers.transformer_wan_animate import WanAttnProcessor as WanAnimateAttnProcessor
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
 from sparsecore.methods import lvsa
@@ -98,7 +102,8 @@ def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) 
 
 
 def wan_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
-    """Wan self-attention's q, k, v ``[B, S, H, D]`` (also SkyReels-V2's, whose projections have the same fields)."""
+    """Wan self-attention's q, k, v ``[B, S, H, D]`` (also Wan Animate's and SkyReels-V2's, whose attention modules have
+    the same fields and processors the same arithmetic)."""
     query, key, value = _get_qkv_projections(attn, hidden_states, None)
     query, key = attn.norm_q(query), attn.norm_k(key)
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
@@ -217,9 +222,11 @@ COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnPro
                       timestep_arg=2)
 WAN_VACE = ModelSpec("wan-vace", WanVACETransformer3DModel, WanAttnProcessor, ("vace_blocks", "blocks"), "attn1",
                     _horizon("wan"), _wan_patch, joint_text=False)
+WAN_ANIMATE = ModelSpec("wan-animate", WanAnimateTransformer3DModel, WanAnimateAttnProcessor, ("blocks",), "attn1",
+                       _horizon("wan"), _wan_patch, joint_text=False)
 SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
                         _horizon("skyreels-v2"), _wan_patch, joint_text=False, refuses=_skyreels_refuses)
-SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, SKYREELS_V2)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

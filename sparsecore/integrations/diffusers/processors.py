@@ -158,8 +158,8 @@ class SparseProcessor(RefusesCopies):
 
 
 class WanSparseAttnProcessor(SparseProcessor):
-    """Self-attention of a ``WanTransformer3DModel`` block (``attn1``), and of a ``WanVACETransformer3DModel``'s
-    ``vace_blocks`` and ``blocks``, through sparsecore."""
+    """Self-attention of a ``WanTransformer3DModel`` block (``attn1``), of a ``WanVACETransformer3DModel``'s
+    ``vace_blocks`` and ``blocks``, and of a ``WanAnimateTransformer3DModel``'s ``blocks``, through sparsecore."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -228,6 +228,7 @@ class SkyReelsV2SparseAttnProcessor(WanSparseAttnProcessor):
 
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.name: WanSparseAttnProcessor,
+                     models.WAN_ANIMATE.name: WanSparseAttnProcessor,
                      models.SKYREELS_V2.name: SkyReelsV2SparseAttnProcessor,
                      models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor,
                      models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
