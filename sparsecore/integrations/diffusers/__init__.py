@@ -20,6 +20,7 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.ring`: ring attention over a block-sparse mask (P2P shards, LSE merge).
 - :mod:`.op`: the custom op ``torch.ops.sparsecore.diffusers_attention`` (compiled models).
 - :mod:`.stats`: per (layer, step) records and timing.
+- :mod:`.audit`: chosen layers' and steps' masks measured against dense attention (``handle.audit``).
 - :mod:`.handle`: ``apply()`` and the handle (hooks, step control, stats, ``remove()``).
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /

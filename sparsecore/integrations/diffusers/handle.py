@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -26,6 +26,7 @@ from sparsecore.ir.validation import check_index
 from sparsecore.methods import HeadShard
 
 from . import op, parallel
+from .audit import NO_SEQUENCE_SPLIT, make_audit
 from .models import ModelSpec
 from .planner import MethodProvider, Planner
 from .processors import SparseProcessor
@@ -123,6 +124,24 @@ class SparseAttentionHandle:
             raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
         self._stats.timing = enabled
 
+    def audit(self, enabled: bool = True, *, layers: Iterable[int] | None = None, steps: Iterable[int] | None = None,
+              max_elements: int = 1 << 24) -> None:
+        """Measure the masks of the following sparse calls against dense attention on the model's own q, k, v
+        (:mod:`.audit`): their ``stats()`` rows get ``recall`` (softmax mass kept), ``min_recall`` (the worst
+        query's), ``rel_l2`` and ``cosine`` (masked output against dense), means over heads and the step's calls.
+
+        ``layers``, ``steps``: the layer and step indices to measure (None: all). ``max_elements``: scores held at
+        once. Each audited call also runs a float32 dense attention and reads its numbers on the host, so audit a few
+        layers and steps; ``audit(False)`` stops. Not under sparsecore's sequence split (ring, unified): raises.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
+        layout = parallel.layout(self._processors[0]._parallel_config) if self._processors else None
+        if enabled and layout is not None and (layout.ring.world > 1 or self.spec.joint_text):
+            raise ValueError(NO_SEQUENCE_SPLIT)
+        audit = make_audit(layers, steps, max_elements, len(self._processors), self.num_steps) if enabled else None
+        self._planner.audit = audit
+
     def stats(self) -> list[dict]:
         """One dict per (run, layer, step, geometry) of the current run and the one before it, in call order.
 
@@ -134,7 +153,8 @@ class SparseAttentionHandle:
         joined by ``+`` where its calls differ: ``"model"`` for diffusers' dispatch, ``"fa4"`` for
         FlashAttention-4's dense forward, ``"cudnn"``, ``"full mask"`` or ``"triton fused"`` for a pass that gives
         a search its LSE, ``"sparsecore full mask (ring)"`` under sparsecore's sequence split; see :func:`apply`'s
-        ``dense_attention``), and with timing on ``ms`` (mean per timed call) and ``ms_total``.
+        ``dense_attention``), with timing on ``ms`` (mean per timed call) and ``ms_total``, and on audited sparse
+        rows ``recall``, ``min_recall``, ``rel_l2`` and ``cosine`` (:meth:`audit`).
         """
         return self._stats.rows()
 
@@ -268,6 +288,8 @@ class SparseAttentionHandle:
     def _attend_sharded(self, processor: SparseProcessor, layout: parallel.Layout, query: torch.Tensor,
                         key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         """Ring / unified context parallelism (any model), and HunyuanVideo 1.5 under Ulysses: sparsecore's exchange."""
+        if self._planner.audit is not None:
+            raise ValueError(NO_SEQUENCE_SPLIT)
         layer, geometry, heads = processor.layer, self.geometry, query.shape[2]
         ring, ulysses = layout.ring, layout.ulysses
         sp_world = self.params.get("sp_world", 1) if self.method == "lvsa" else 1

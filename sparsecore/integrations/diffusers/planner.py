@@ -41,6 +41,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
 from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
 
+from .audit import Audit
 from .stats import Record, Stats
 
 MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
@@ -136,6 +137,7 @@ class Planner:
         self._sessions: dict[VideoGeometry, Session] = {}
         self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
         self.keep_masks = False                  # keep per-call plans too (for ``last_mask``), as other plans are
+        self.audit: Audit | None = None          # which sparse calls are measured against dense attention
 
     def new_run(self) -> None:
         self._sessions.clear()
@@ -181,6 +183,8 @@ class Planner:
         tokens = kernel.mask.q_len                                               # tokens < seq_len: the prefix
         q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
         out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
+        if self.audit is not None and self.audit.wants(layer, step):          # the valid tokens, the unpadded mask
+            self.audit.measure(plan.record, *(t[:, :, :geometry.tokens] for t in (q, k, v)), plan.mask)
         if tokens < seq_len:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)

@@ -28,6 +28,8 @@ from sparsecore.ir.uploads import HostCounts
 from sparsecore.methods import HeadShard
 from sparsecore.timing import Stopwatch, synchronize
 
+from .audit import summary
+
 
 @dataclass
 class Record:
@@ -42,6 +44,7 @@ class Record:
                                                       # sparsecore's dense kernel's name
     watch: Stopwatch | None = None
     plan_seconds: float | None = None
+    audit: list = field(default_factory=list)     # the audited calls' Fidelity (:mod:`.audit`)
 
     def ran(self, mask: BlockMask, kernel: Any, counts: HostCounts) -> None:
         """Note the sparse mask this record's calls run and the kernel that ran them (the kept-pair count goes
@@ -116,5 +119,7 @@ class Stats:
                 row.update(ms=total / record.watch.count, ms_total=total)
             if record.plan_seconds is not None:
                 row["plan_ms"] = record.plan_seconds * 1e3
+            if record.audit:
+                row.update(summary(record.audit))
             out.append(row)
         return out
