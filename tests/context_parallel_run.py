@@ -1,10 +1,11 @@
-"""Tiny Wan and HunyuanVideo 1.5 models with sparsecore applied, in one process or in N gloo processes.
+"""Tiny Wan (and Wan VACE, SkyReels-V2) and HunyuanVideo 1.5 models with sparsecore applied, in one process or in N
+gloo processes.
 
 Shared by test_integration_context_parallel.py (the parent) and its spawned workers, which
 import this module by name (it holds no test, so the workers do not import pytest). Modes:
 ``ulysses`` (diffusers' ``enable_parallelism`` as a user calls it), ``ring`` and ``unified``
 (ring x Ulysses, through ``sparsecore.integrations.diffusers.parallel.enable_parallelism``, which
-HunyuanVideo 1.5 needs for its context-parallel plan).
+HunyuanVideo 1.5, Wan VACE and SkyReels-V2 need for their context-parallel plans).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import ContextParallelConfig, HunyuanVideo15Transformer3DModel, WanTransformer3DModel
+from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, SkyReelsV2Transformer3DModel,
+                       WanTransformer3DModel, WanVACETransformer3DModel)
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -35,6 +37,7 @@ HEADS = 4
 TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising step
 LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
         "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
+LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df")})
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
 PASA = {"density": 0.4, "block_size": 16, "dense_layers": (), "noise_scale": 0.5,
@@ -50,6 +53,20 @@ def tiny_wan() -> WanTransformer3DModel:
                                  rope_max_seq_len=32).eval()
 
 
+def tiny_vace() -> WanVACETransformer3DModel:
+    torch.manual_seed(0)
+    return WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=16,
+                                     in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=6).eval()
+
+
+def tiny_skyreels() -> SkyReelsV2Transformer3DModel:
+    torch.manual_seed(0)
+    return SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=16,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32).eval()
+
+
 def tiny_hunyuan() -> HunyuanVideo15Transformer3DModel:
     torch.manual_seed(0)
     return HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=HEADS,
@@ -62,9 +79,12 @@ def inputs(model: str) -> dict:
     """Two samples (as with CFG). Wan: 12 latent frames of 4x4 patches (192 tokens). HunyuanVideo 1.5: 8 frames of
     4x4 (128 video tokens) and 13 text tokens, 6 and 8 of them valid (two text lengths in one batch)."""
     gen = torch.Generator().manual_seed(3)
-    if model == "wan":
-        return {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
-                "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
+    if model != "hunyuan":             # Wan's; VACE adds control latents, SkyReels-V2's diffusion forcing a flag
+        wan = {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
+               "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
+        extra = {"vace": {"control_hidden_states": torch.randn(2, 6, 12, 8, 8, generator=gen)},
+                 "skyreels-df": {"enable_diffusion_forcing": True}}.get(model, {})
+        return {**wan, **extra}
     return {"hidden_states": 2.0 * torch.randn(2, 4, 8, 4, 4, generator=gen),
             "encoder_hidden_states": torch.randn(2, 6, 16, generator=gen),
             "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]),
@@ -73,7 +93,16 @@ def inputs(model: str) -> dict:
             "image_embeds": torch.zeros(2, 3, 8)}
 
 
-MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan}
+MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "vace": tiny_vace, "skyreels": tiny_skyreels,
+          "skyreels-df": tiny_skyreels}
+
+
+def timesteps(model: str, t: float) -> torch.Tensor:
+    """A forward's timestep for two samples: one each, or (SkyReels-V2's diffusion forcing) one per latent frame, the
+    first half of the 12 frames 150 ahead."""
+    if model == "skyreels-df":
+        return torch.tensor([[max(t - 150.0, 0.0)] * 6 + [t] * 6] * 2)
+    return torch.full((2,), t)
 
 
 def full(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
@@ -126,15 +155,14 @@ def denoise(model: torch.nn.Module, model_name: str) -> np.ndarray:
     data, outputs = inputs(model_name), []
     with torch.no_grad():
         for t in TIMESTEPS:
-            outputs.append(model(**data, timestep=torch.full((2,), t), return_dict=False)[0].numpy())
+            outputs.append(model(**data, timestep=timesteps(model_name, t), return_dict=False)[0].numpy())
     return np.stack(outputs)
 
 
 def observe(model: torch.nn.Module, handle: Any) -> dict:
     """Each layer's last mask (block map) and budgets, the heads of this process, the backends that ran, and
     which key shards each ring rank's rows needed in the last plans (ring runs)."""
-    layers = len(model.blocks if isinstance(model, WanTransformer3DModel) else model.transformer_blocks)
-    masks = [handle.mask(layer).to_host() for layer in range(layers)]
+    masks = [handle.mask(layer).to_host() for layer in range(len(handle._processors))]
     heads = [row["heads"] for row in handle.stats() if row["layer"] == 0][-1]
     needs = [plan.kernel.need for plan in handle._planner._plans.values() if isinstance(plan.kernel, RingWork)]
     return {"masks": [m.to_dense() for m in masks], "heads": heads, "budgets": [m.budgets for m in masks],

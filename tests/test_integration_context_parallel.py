@@ -1,6 +1,7 @@
 """sparsecore inside context parallelism: Ulysses, ring and ring x Ulysses, in gloo processes on loopback (CPU).
 
-Tiny random Wan and HunyuanVideo 1.5 models with sparsecore applied give the same outputs in N
+Tiny random Wan (also Wan VACE, and SkyReels-V2 with and without diffusion forcing's per-frame timesteps) and
+HunyuanVideo 1.5 models with sparsecore applied give the same outputs in N
 processes as in one (fp32, 1e-5, five denoising steps), and each rank's masks are the one-process
 masks' slice of its heads (every rank plans the whole sequence). The masks differ per head (LVSA
 with per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring
@@ -36,11 +37,13 @@ from sparsecore.ir import Unselected
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
                                     "adaspa-fused-first")]
-           + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")],
+           + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")]
+           + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")],
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
 RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa",
                                            "adaspa-fused-first", "pasa")]
-        + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")],
+        + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")]
+        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")],
         ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
         + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],
         ("unified", 4): [("wan", m) for m in ("lvsa", "lvsa-per-head", "adaspa", "pasa")]
@@ -79,7 +82,7 @@ def check_ranks(ranks: list[dict], jobs: list, ring_degree: int, ulysses_degree:
 
 
 def test_dense_method_matches_diffusers_own_processors():
-    for model in ("wan", "hunyuan"):
+    for model in ("wan", "hunyuan", "vace", "skyreels-df"):
         np.testing.assert_allclose(single(model, "dense")["outputs"], run_dense(model), **TOLERANCE)
         assert single(model, "dense")["backends"] == ["dense"]
 

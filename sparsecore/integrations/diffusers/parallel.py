@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import _all_to_all_dim_exchange, _templated_context_parallel_attention
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from sparsecore.methods import HeadShard
 
@@ -38,7 +39,7 @@ from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout", "UlyssesGroup", "after_remove",
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout", "UlyssesGroup", "after_remove",
            "attention", "dense_remedy", "enable_parallelism", "layout"]
 
 HUNYUAN_VIDEO_15_CP_PLAN = {
@@ -56,6 +57,17 @@ from the rank's local sequence, which matches neither the Ulysses layout (whole 
 on the key axis only) nor ring steps (the padding sits in one shard). sparsecore's processors take the text
 mask ``[B, text]`` instead, so this plan is valid while sparsecore is applied (not after ``handle.remove()``).
 """
+
+_SPLIT_TOKENS = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+WAN_VACE_CP_PLAN = {
+    **WanTransformer3DModel._cp_plan,
+    # The VACE blocks run first, on the video (block 0 adds it to the control) and the control tokens, both split
+    # like the video; the hints they return are this rank's tokens, added to its part of the video in the blocks.
+    "vace_blocks.0": {"hidden_states": _SPLIT_TOKENS, "control_hidden_states": _SPLIT_TOKENS},
+}
+"""Wan's context-parallel plan with the control tokens of ``WanVACETransformer3DModel`` split too (diffusers 0.42 has
+no plan for it); SkyReels-V2 runs under Wan's own (its module names and RoPE layout are Wan's; a diffusion-forcing
+timestep ``[B, F]`` is split by frames, as its tokens are)."""
 
 
 @dataclass(frozen=True)
@@ -157,26 +169,33 @@ def dense_remedy(processors: Sequence[Any], joint_model: str | None) -> str:
 def enable_parallelism(transformer: Any, config: Any) -> None:
     """``transformer.enable_parallelism(config=config)`` for sparsecore's context parallelism (any degrees).
 
-    HunyuanVideo 1.5 gets :data:`HUNYUAN_VIDEO_15_CP_PLAN`; Wan keeps diffusers' plan, and its
-    cross-attention over the (replicated) text runs on each rank's tokens locally: exact, no communication,
-    and any attention backend (diffusers' ring template needs one that returns an LSE).
+    HunyuanVideo 1.5 gets :data:`HUNYUAN_VIDEO_15_CP_PLAN`; Wan keeps diffusers' plan, SkyReels-V2 takes it, Wan VACE
+    takes :data:`WAN_VACE_CP_PLAN`; in these three the cross-attention over the (replicated) text runs on each rank's
+    tokens locally: exact, no communication, and any attention backend (diffusers' ring template needs one that
+    returns an LSE).
     """
     from diffusers import ContextParallelConfig, ParallelConfig
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
     if not isinstance(config, (ContextParallelConfig, ParallelConfig)):
         raise TypeError(f"config: expected a diffusers ContextParallelConfig or ParallelConfig, got "
                         f"{type(config).__name__}")
     if isinstance(transformer, HunyuanVideo15Transformer3DModel):
-        transformer.enable_parallelism(config=config, cp_plan=HUNYUAN_VIDEO_15_CP_PLAN)
-    elif isinstance(transformer, WanTransformer3DModel):
-        transformer.enable_parallelism(config=config)
-        for block in transformer.blocks:
-            block.attn2.processor._parallel_config = None
+        plan = HUNYUAN_VIDEO_15_CP_PLAN
+    elif isinstance(transformer, WanVACETransformer3DModel):
+        plan = WAN_VACE_CP_PLAN
+    elif isinstance(transformer, (WanTransformer3DModel, SkyReelsV2Transformer3DModel)):
+        plan = WanTransformer3DModel._cp_plan
     else:
-        raise TypeError(f"transformer: expected a diffusers WanTransformer3DModel or HunyuanVideo15Transformer3DModel, "
-                        f"got {type(transformer).__name__}")
+        names = ", ".join(c.__name__ for c in (WanTransformer3DModel, WanVACETransformer3DModel,
+                                               SkyReelsV2Transformer3DModel, HunyuanVideo15Transformer3DModel))
+        raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__} (diffusers 0.42 "
+                        f"has no context-parallel plan for it, nor has sparsecore: run it on one GPU)")
+    transformer.enable_parallelism(config=config, cp_plan=plan)
+    for block in (*getattr(transformer, "blocks", ()), *getattr(transformer, "vace_blocks", ())):
+        block.attn2.processor._parallel_config = None       # Wan's text cross-attention: local, exact
 
 
 @dataclass(frozen=True)
