@@ -537,29 +537,45 @@ def test_skyreels_v2_causal_blocks_raise_before_any_layer_runs():
 
 def test_skyreels_v2_diffusion_forcing_takes_per_frame_timesteps(monkeypatch):
     """Diffusion forcing's forward (a timestep per latent frame, ``[B, F]``) runs the sparse mask exactly (the float64
-    oracle) and its steps follow the noisiest frame's timestep."""
+    oracle), and its steps follow the noisiest frame's timestep: as in the asynchronous mode, the frames not started
+    yet stay at 999 while the first ones fall (one step), then the last frames' schedule counts the steps."""
     case = CASES["skyreels-v2"]
     model, inputs = case.build(), case.inputs(batch=1)
 
-    def run(transformer: Any, data: dict, noisiest: float) -> torch.Tensor:     # half the frames ahead by 400
-        frames = torch.tensor([[noisiest] * (FRAMES // 2) + [noisiest - 400.0] * (FRAMES // 2)])
+    def run(transformer: Any, data: dict, last: float, first: float) -> torch.Tensor:
+        frames = torch.tensor([[first] * (FRAMES // 2) + [last] * (FRAMES // 2)])
         with torch.no_grad():
             return transformer(**data, timestep=frames.to(data["hidden_states"].dtype), enable_diffusion_forcing=True,
                                return_dict=False)[0]
 
-    expected, _ = oracle_output(case, model, inputs, random_mask, 0, 999.0, monkeypatch, call=run)
+    expected, _ = oracle_output(case, model, inputs, random_mask, 0, 999.0, monkeypatch,
+                                call=lambda m, data, t: run(m, data, t, 600.0))
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    outputs, steps = [], []
     try:
-        got = run(model, inputs, 999.0)
-        steps = [handle.step]
-        for noisiest in (700.0, 500.0):
-            run(model, inputs, noisiest)
+        for last, first in ((999.0, 600.0), (999.0, 300.0), (999.0, 0.0), (700.0, 0.0), (400.0, 0.0)):
+            outputs.append(run(model, inputs, last, first))
             steps.append(handle.step)
     finally:
         handle.remove()
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)
-    assert (got - run(model, inputs, 999.0)).abs().max() > 5e-3               # the mask matters
-    assert steps == [0, 1, 2]
+    torch.testing.assert_close(outputs[0].double(), expected, rtol=1e-5, atol=5e-6)
+    assert (outputs[0] - run(model, inputs, 999.0, 600.0)).abs().max() > 5e-3     # the mask matters
+    assert steps == [0, 0, 0, 1, 2]
+
+
+def test_pasa_keeps_the_first_block_of_each_wan_vace_path_dense():
+    """PISA's dense first layer on Wan VACE: the control path's first block (layer 0) and the video path's (layer
+    ``len(vace_layers)``), unless ``dense_layers`` is given."""
+    for params, dense in (({}, {0, 1}), ({"dense_layers": (2,)}, {2})):
+        model, inputs = tiny_wan_vace(), wan_vace_inputs(batch=1)
+        handle = sparse.apply(model, method="pasa", device="cpu", num_steps=2, dense_fraction=0.5, density=0.3,
+                              block_size=32, **params)
+        try:
+            forward(model, inputs, 999.0)
+            forward(model, inputs, 500.0)                       # PASA's sparse step
+        finally:
+            handle.remove()
+        assert {row["layer"] for row in handle.stats() if row["step"] == 1 and row["backend"] == "dense"} == dense
 
 
 def test_wan_family_refuses_a_cross_attention_module_in_a_self_attention_slot():

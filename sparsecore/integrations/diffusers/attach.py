@@ -69,6 +69,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                              f"layer) -> BlockMask, got {method!r}")
         if method == "lvsa":
             params.setdefault("reference_frames", spec.horizon(transformer.config))
+        if method == "pasa":                 # PISA's dense first layer: each path's first block (Wan VACE has two)
+            params.setdefault("dense_layers", spec.first_layers(transformer.config))
         approximation = SESSIONS[method](num_steps=num_steps, **params).params.approximation   # checks them now
     elif callable(method):
         approximation = None                                         # known from its masks only

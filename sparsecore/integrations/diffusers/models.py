@@ -22,7 +22,8 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   splits the output back into video and text.
 - ``WanVACETransformer3DModel`` (Wan 2.1 VACE): Wan's self-attention in its ``vace_blocks`` (over the control
   tokens, which the forward pads to the video's length and which share its RoPE) then in its ``blocks``, layers
-  numbered in that order, as the forward runs them.
+  numbered in that order, as the forward runs them; the first block of each path (layers 0 and
+  ``len(vace_layers)``) is where PASA's dense first layer goes (:attr:`ModelSpec.first_layers`).
 - ``WanAnimateTransformer3DModel`` (Wan 2.2 Animate): Wan's self-attention ``blocks[i].attn1`` (its module's own copy of
   ``WanAttnProcessor``) over the reference frame and the video; the face adapter's cross-attention is not touched.
 - ``SkyReelsV2Transformer3DModel`` (SkyReels-V2, T2V/I2V and diffusion forcing): Wan's layout
@@ -76,6 +77,7 @@ class ModelSpec:
     frames_axis: int = 2           # the latents' frame axis: [B, C, F, H, W] (2) or [B, F, C, H, W] (1)
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
     refuses: Callable[[Any], str | None] = lambda config: None  # why a forward of this config cannot run, or None
+    first_layers: Callable[[Any], tuple[int, ...]] = lambda config: (0,)   # the layer of each path's first block
 
     @property
     def joint_model(self) -> str | None:
@@ -195,8 +197,9 @@ def _skyreels_refuses(config: Any) -> str | None:
     if config.num_frame_per_block <= 1:
         return None
     return (f"SkyReels-V2 with num_frame_per_block={config.num_frame_per_block} (diffusion forcing's causal blocks) "
-            f"masks attention frame-causally, a token mask the block-mask IR cannot add; generate with "
-            f"causal_block_size=1 (the pipelines' default)")
+            f"masks attention frame-causally, a token mask the block-mask IR cannot add; pass causal_block_size=1 to "
+            f"the pipeline explicitly (its default, None, keeps the model's num_frame_per_block="
+            f"{config.num_frame_per_block}), or call transformer._set_ar_attention(1)")
 
 
 def _horizon(name: str) -> Callable[[Any], int]:
@@ -221,7 +224,8 @@ COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnPro
                       "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, frames_axis=1,
                       timestep_arg=2)
 WAN_VACE = ModelSpec("wan-vace", WanVACETransformer3DModel, WanAttnProcessor, ("vace_blocks", "blocks"), "attn1",
-                    _horizon("wan"), _wan_patch, joint_text=False)
+                    _horizon("wan"), _wan_patch, joint_text=False,
+                    first_layers=lambda config: (0, len(config.vace_layers)))
 WAN_ANIMATE = ModelSpec("wan-animate", WanAnimateTransformer3DModel, WanAnimateAttnProcessor, ("blocks",), "attn1",
                        _horizon("wan"), _wan_patch, joint_text=False)
 SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
