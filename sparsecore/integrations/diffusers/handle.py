@@ -124,23 +124,22 @@ class SparseAttentionHandle:
             raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
         self._stats.timing = enabled
 
-    def audit(self, enabled: bool = True, *, layers: Iterable[int] | None = None, steps: Iterable[int] | None = None,
-              max_elements: int = 1 << 24) -> None:
+    def audit(self, enabled: bool = True, *, layers: Iterable[int] | None = None,
+              steps: Iterable[int] | None = None) -> None:
         """Measure the masks of the following sparse calls against dense attention on the model's own q, k, v
         (:mod:`.audit`): their ``stats()`` rows get ``recall`` (softmax mass kept), ``min_recall`` (the worst
         query's), ``rel_l2`` and ``cosine`` (masked output against dense), means over heads and the step's calls.
 
-        ``layers``, ``steps``: the layer and step indices to measure (None: all). ``max_elements``: scores held at
-        once. Each audited call also runs a float32 dense attention and reads its numbers on the host, so audit a few
-        layers and steps; ``audit(False)`` stops. Not under sparsecore's sequence split (ring, unified): raises.
+        ``layers``, ``steps``: the layer and step indices to measure (None: all). Each audited call also runs dense
+        attention and the mask's kernel once more and reads the numbers on the host; ``audit(False)`` stops. Not
+        under sparsecore's sequence split (ring, unified): raises.
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
         layout = parallel.layout(self._processors[0]._parallel_config) if self._processors else None
         if enabled and layout is not None and (layout.ring.world > 1 or self.spec.joint_text):
             raise ValueError(NO_SEQUENCE_SPLIT)
-        audit = make_audit(layers, steps, max_elements, len(self._processors), self.num_steps) if enabled else None
-        self._planner.audit = audit
+        self._planner.audit = make_audit(layers, steps, len(self._processors), self.num_steps) if enabled else None
 
     def stats(self) -> list[dict]:
         """One dict per (run, layer, step, geometry) of the current run and the one before it, in call order.
