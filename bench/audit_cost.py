@@ -70,8 +70,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# What an audited call costs ({meta['date']})", "",
              f"Machine: {meta['versions']['gpu']}; torch {meta['versions']['torch']}. Wan 2.1 1.3B attention shape "
              f"(12 heads x 128, bf16), one audit measurement (`audit.fidelity`).", "",
-             "| length | tokens | mask | density | audit (s) | extra memory (GiB) | mask's kernel (ms) | cuDNN dense (ms) "
-             "| recall |", "|---|---|---|---|---|---|---|---|---|"]
+             "| length | tokens | mask | density | audit (s) | extra memory (GiB) | mask's kernel (ms) "
+             "| cuDNN dense (ms) | recall |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['length']} | {r['tokens']:,} | {r['mask']} | {r['density']} | {r['audit_s']:.3f} | "
               f"{r['audit_extra_gib']:.2f} | {r['kernel_ms']:.1f} | {r['dense_cudnn_ms']:.1f} | {r['recall']:.3f} |"
               for r in rows]

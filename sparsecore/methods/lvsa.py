@@ -19,8 +19,8 @@ video (``T <= C``) every frame is an anchor: the pattern is dense.
 
 Defaults (released code, paper runs): ``window=3`` latent frames (12 video frames),
 ``first_frames=1`` (4 video frames), ``reference_frames=21`` (Wan 2.x; 33 for
-HunyuanVideo 1.5, 13 for CogVideoX (11 for 1.5, ours), 25 for SkyReels-V2 (ours): :data:`REFERENCE_FRAMES`), ``anchor_rule="auto"``
-(the ``--auto-keyframes`` rule of the paper's benchmark scripts), ``rotate=True``,
+HunyuanVideo 1.5, 13 for CogVideoX (11 for 1.5, ours), 25 for SkyReels-V2 (ours): :data:`REFERENCE_FRAMES`),
+``anchor_rule="auto"`` (the ``--auto-keyframes`` rule of the paper's benchmark scripts), ``rotate=True``,
 ``expand_window=True``, ``sparsity_scale=1.0``.
 
 Where the paper is silent or paper and code differ, we chose:

@@ -25,9 +25,10 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
 ``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0`` /
-``SkyReelsV2AttnProcessor`` (``attn.set_processor``). We did not register a backend in diffusers' attention registry: in 0.42 it is keyed
-by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer, step), and HunyuanVideo 1.5's
-processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where the IR needs none.
+``SkyReelsV2AttnProcessor`` (``attn.set_processor``). We did not register a backend in diffusers' attention
+registry: in 0.42 it is keyed by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer,
+step), and HunyuanVideo 1.5's processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where
+the IR needs none.
 
 Text (HunyuanVideo 1.5): video then text on the sequence axis. The model orders each
 sample's text as valid tokens first, then padding; a row's valid tokens must come first (else
@@ -40,14 +41,14 @@ run as separate groups, each with its own geometry. LVSA's ``reference_frames`` 
 double-stream then single-stream blocks as layers (its key mask ``[B, 1, 1, S]`` gives the text counts).
 CogVideoX attends over text then video; its processor builds the sequence video first
 (:func:`.models.joint_qkv`), the same attention, so the same path runs it (no padding; LVSA's horizon 13
-token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers, Wan Animate its ``blocks``;
-SkyReels-V2 runs as Wan (horizon 25 latent frames), except with diffusion forcing's causal blocks (raises).
+token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers, Wan
+Animate its ``blocks``; SkyReels-V2 runs as Wan (horizon 25 latent frames), except with diffusion forcing's causal
+blocks (raises).
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
-on Wan and HunyuanVideo 1.5, not HunyuanVideo 1.0, CogVideoX, Wan VACE or Animate, or SkyReels-V2 (diffusers 0.42 has no
-plan for them); even
-shards only; no approximating masks under a ring; processors replaced after ``apply`` are overwritten by
-``remove()``.
+on Wan, HunyuanVideo 1.5, Wan VACE and SkyReels-V2 (the last three through :func:`enable_parallelism`'s plans), not
+HunyuanVideo 1.0, CogVideoX or Wan Animate (no plan for them); even shards only; no approximating masks under a
+ring; processors replaced after ``apply`` are overwritten by ``remove()``.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 from .attach import apply
 from .handle import SparseAttentionHandle
 from .models import SUPPORTED_MODELS, ModelSpec
-from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, enable_parallelism
+from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
                          HunyuanVideoSparseAttnProcessor, SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "CogVideoXSparseAttnProcessor",
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN", "CogVideoXSparseAttnProcessor",
            "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "MethodProvider", "ModelSpec",
-           "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]
+           "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
+           "enable_parallelism"]

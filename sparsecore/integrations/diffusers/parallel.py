@@ -39,8 +39,8 @@ from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout", "UlyssesGroup", "after_remove",
-           "attention", "dense_remedy", "enable_parallelism", "layout"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout", "UlyssesGroup",
+           "after_remove", "attention", "dense_remedy", "enable_parallelism", "layout"]
 
 HUNYUAN_VIDEO_15_CP_PLAN = {
     # RoPE of the video tokens: split like them. The text (encoder_hidden_states, its padding mask) is not

@@ -184,7 +184,8 @@ class Planner:
         q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
         out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
         if self.audit is not None and self.audit.wants(layer, step):          # the valid tokens, the unpadded mask
-            self.audit.measure(plan.record, *(t[:, :, :geometry.tokens] for t in (q, k, v)), plan.mask, self.compiled)
+            mask = plan.mask.copy_to(query.device) if plan.held else plan.mask  # a held mask: this call's copy
+            self.audit.measure(plan.record, *(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled)
         if tokens < seq_len:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)
