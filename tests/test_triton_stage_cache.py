@@ -61,21 +61,17 @@ def launch(num_stages: int | None = None) -> triton_launch.TritonLaunch:
 Q = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)
 
 
-def test_an_aligned_launch_after_an_unaligned_one_decides_its_own_depth(sm89):
-    """Unaligned, three stages fit (98,328 bytes); an aligned launch at three would need 163,840: it takes two."""
+@pytest.mark.parametrize("first, second", [((LSE, NONE_ALIGNED), (LSE, ALL_ALIGNED)),
+                                           ((NO_LSE, ALL_ALIGNED), (LSE, ALL_ALIGNED))],
+                         ids=["alignment", "launch constants"])
+def test_a_launch_with_another_key_decides_its_own_depth(sm89, first, second):
+    """Three stages fit the first launch (98,328 bytes unaligned or without the LSE); the second would need 163,840
+    at three: it takes two, decided afresh, not the first launch's depth."""
     run = launch()
-    assert run.stages(CONFIG, Q, (LSE, NONE_ALIGNED), Compiles(UNALIGNED)) == 3
-    aligned = Compiles(ALIGNED)
-    assert run.stages(CONFIG, Q, (LSE, ALL_ALIGNED), aligned) == 2
-    assert aligned.depths == [3, 2]
-
-
-def test_a_launch_with_other_constants_decides_its_own_depth(sm89):
-    run = launch()
-    assert run.stages(CONFIG, Q, (NO_LSE, ALL_ALIGNED), Compiles(UNALIGNED)) == 3
-    other = Compiles(ALIGNED)
-    assert run.stages(CONFIG, Q, (LSE, ALL_ALIGNED), other) == 2
-    assert other.depths == [3, 2]
+    assert run.stages(CONFIG, Q, first, Compiles(UNALIGNED)) == 3
+    later = Compiles(ALIGNED)
+    assert run.stages(CONFIG, Q, second, later) == 2
+    assert later.depths == [3, 2]
 
 
 def test_a_gpu_with_less_shared_memory_decides_its_own_depth(sm89):
