@@ -287,7 +287,7 @@ class SparseAttentionHandle:
     def _attend_sharded(self, processor: SparseProcessor, layout: parallel.Layout, query: torch.Tensor,
                         key: torch.Tensor, value: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         """Ring / unified context parallelism (any model), and HunyuanVideo 1.5 under Ulysses: sparsecore's exchange."""
-        if self._planner.audit is not None:
+        if self._planner.audit is not None and self._planner.audit.wants(processor.layer, self._steps.step):
             raise ValueError(NO_SEQUENCE_SPLIT)
         layer, geometry, heads = processor.layer, self.geometry, query.shape[2]
         ring, ulysses = layout.ring, layout.ulysses
