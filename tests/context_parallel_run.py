@@ -17,14 +17,15 @@ import socket
 import traceback
 from dataclasses import fields
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, SkyReelsV2Transformer3DModel,
-                       WanTransformer3DModel, WanVACETransformer3DModel)
+from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, ParallelConfig,
+                       SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -183,6 +184,15 @@ def run(model_name: str, name: str, ring: int = 1) -> dict:
 def run_dense(model_name: str = "wan") -> np.ndarray:
     """The same steps with diffusers' own processors (no sparsecore): what the dense method must match."""
     return denoise(MODELS[model_name](), model_name)
+
+
+def fake_parallel_config(**degrees) -> ParallelConfig:
+    """A ParallelConfig as enable_parallelism leaves it on a processor, for checks that run before any collective."""
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
+    cp = config.context_parallel_config
+    cp._ulysses_mesh = cp._ring_mesh = SimpleNamespace(get_group=lambda: None)
+    cp._ulysses_local_rank = cp._ring_local_rank = 0
+    return config
 
 
 # ------------------------------------------------------------------ N processes

@@ -8,13 +8,12 @@ softmax against the dense one in float64, written here.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import ContextParallelConfig, ParallelConfig
 from diffusers.models.transformers import transformer_wan
+from context_parallel_run import fake_parallel_config
 from oracle import expand_to_tokens
 from test_integration_diffusers import CASES, FRAMES, HEIGHT, WIDTH, forward, random_mask, tiny_wan, wan_inputs
 
@@ -120,21 +119,12 @@ def test_audit_arguments_are_checked(kwargs, error, match):
         handle.remove()
 
 
-def ring(degree: int) -> ParallelConfig:
-    """A ParallelConfig of ring degree ``degree`` as enable_parallelism leaves it on a processor (no collective)."""
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=degree))
-    cp = config.context_parallel_config
-    cp._ulysses_mesh = cp._ring_mesh = SimpleNamespace(get_group=lambda: None)
-    cp._ulysses_local_rank = cp._ring_local_rank = 0
-    return config
-
-
 def test_audit_refuses_sparsecores_sequence_split():
     model = tiny_wan()
     handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
     try:
         for module in CASES["wan"].attention(model):
-            module.processor._parallel_config = ring(2)
+            module.processor._parallel_config = fake_parallel_config(ring_degree=2)
         with pytest.raises(ValueError, match="handle.audit: this call runs under sparsecore's sequence split"):
             handle.audit()
         for module in CASES["wan"].attention(model):

@@ -21,9 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import ContextParallelConfig, ParallelConfig
 
-from context_parallel_run import LVSA, inputs, run, run_dense, run_parallel, tiny_wan
+from context_parallel_run import LVSA, fake_parallel_config, inputs, run, run_dense, run_parallel, tiny_wan
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -126,15 +125,6 @@ def test_uneven_shards_are_refused_naming_the_field(field, value):
     setattr(cp, field, value)
     with pytest.raises(ValueError, match=f"context_parallel_config.{field}: expected False"):
         parallel.layout(SimpleNamespace(context_parallel_config=cp))
-
-
-def fake_parallel_config(**degrees) -> ParallelConfig:
-    """A ParallelConfig as enable_parallelism leaves it on a processor, for checks that run before any collective."""
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
-    cp = config.context_parallel_config
-    cp._ulysses_mesh = cp._ring_mesh = SimpleNamespace(get_group=lambda: None)
-    cp._ulysses_local_rank = cp._ring_local_rank = 0
-    return config
 
 
 @pytest.mark.parametrize("params, message", [

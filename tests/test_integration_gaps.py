@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from diffusers import ContextParallelConfig, ParallelConfig
+from context_parallel_run import fake_parallel_config
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 from test_integration_diffusers import (CASES, FRAMES, HEIGHT, WIDTH, forward, random_mask, tiny_hunyuan,
                                         tiny_skyreels_v2, tiny_wan, tiny_wan_animate, tiny_wan_vace, wan_inputs)
@@ -25,15 +24,6 @@ from sparsecore.integrations import diffusers as sparse
 from sparsecore.integrations.diffusers.audit import NO_SEQUENCE_SPLIT, fidelity
 from sparsecore.ir import Unselected
 from sparsecore.methods.approximation import with_unselected
-
-
-def fake_config(**degrees) -> ParallelConfig:
-    """A ParallelConfig as enable_parallelism leaves it on a processor (no collective needed for the checks)."""
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(**degrees))
-    cp = config.context_parallel_config
-    cp._ulysses_mesh = cp._ring_mesh = SimpleNamespace(get_group=lambda: None)
-    cp._ulysses_local_rank = cp._ring_local_rank = 0
-    return config
 
 
 # m01: the processors of Wan VACE's modules carry their layer in the forward's order (control blocks first)
@@ -103,9 +93,9 @@ def test_apply_pasa_on_wan_vace_emits_no_warning():
 # m29, m30, m31, m32: audit()'s refusal: ring and joint models refused, Ulysses on Wan allowed, nothing changed on a
 # refusal, audit(False) always allowed
 def test_audit_refusal_follows_the_sequence_split():
-    for build, config, refused in ((tiny_wan, fake_config(ulysses_degree=2), False),
-                                   (tiny_wan, fake_config(ring_degree=2), True),
-                                   (tiny_hunyuan, fake_config(ulysses_degree=2), True)):
+    for build, config, refused in ((tiny_wan, fake_parallel_config(ulysses_degree=2), False),
+                                   (tiny_wan, fake_parallel_config(ring_degree=2), True),
+                                   (tiny_hunyuan, fake_parallel_config(ulysses_degree=2), True)):
         model = build()
         handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
         try:
@@ -133,7 +123,7 @@ def test_an_audit_on_before_a_ring_split_raises_at_the_first_call():
     handle.audit()
     try:
         for processor in handle._processors:
-            processor._parallel_config = fake_config(ring_degree=2)
+            processor._parallel_config = fake_parallel_config(ring_degree=2)
         with pytest.raises(ValueError, match=NO_SEQUENCE_SPLIT.split(" (")[0].replace(".", r"\.")):
             forward(model, wan_inputs(batch=1), 999.0)
     finally:
