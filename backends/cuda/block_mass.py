@@ -71,8 +71,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
         return f"dtype {q.dtype}/{k.dtype} is not one of fp16, bf16, fp32 (same for q and k)"
     if not interpreter.active() and not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
-    if not interpreter.active() and q.device.type == "cuda" and below_ampere(q.device):
-        return below_ampere(q.device)
+    if not interpreter.active() and q.device.type == "cuda":
+        old_gpu = below_ampere(q.device)
+        if old_gpu:
+            return old_gpu
     return interpreter.tensor_device_problem("cuda", q.device.type)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +35,6 @@ from sparsecore.ir.validation import check_index
 from sparsecore.methods.approximation import with_unselected
 from sparsecore.quality import Fidelity
 from sparsecore.search import dense_attention
-
-if TYPE_CHECKING:
-    from .stats import Record
 
 NO_SEQUENCE_SPLIT = ("handle.audit: this call runs under sparsecore's sequence split (ring or unified context "
                      "parallelism, or a joint video + text model under context parallelism), where no process holds "
@@ -53,11 +50,6 @@ class Audit:
 
     def wants(self, layer: int, step: int) -> bool:
         return (self.layers is None or layer in self.layers) and (self.steps is None or step in self.steps)
-
-    def measure(self, record: "Record", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
-                compiled: Callable[[BlockMask], Any]) -> None:
-        """Add one call's :func:`fidelity` to ``record``."""
-        record.audit.append(fidelity(q, k, v, mask, compiled))
 
 
 def make_audit(layers: Iterable[int] | None, steps: Iterable[int] | None, num_layers: int, num_steps: int) -> Audit:

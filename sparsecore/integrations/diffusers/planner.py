@@ -41,7 +41,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
 from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
 
-from .audit import Audit
+from .audit import Audit, fidelity
 from .stats import Record, Stats
 
 MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
@@ -185,7 +185,7 @@ class Planner:
         out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
         if self.audit is not None and self.audit.wants(layer, step):          # the valid tokens, the unpadded mask
             mask = plan.mask.copy_to(query.device) if plan.held else plan.mask  # a held mask: this call's copy
-            self.audit.measure(plan.record, *(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled)
+            plan.record.audit.append(fidelity(*(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled))
         if tokens < seq_len:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)
