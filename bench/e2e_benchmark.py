@@ -1,6 +1,7 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
-    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace]
+    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace
+                                  skyreels-df]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
@@ -22,6 +23,11 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   compiles each block (diffusers 0.42 declares no repeated blocks for it).
 - ``wan-vace``: Wan 2.1 VACE 1.3B (Wan 2.1 1.3B's 30 blocks and 15 VACE blocks, at every other layer, over 96
   control channels) at 480x832 with 41 latent frames (2x), every layer run: 45 self-attention layers a step.
+- ``skyreels-df``: SkyReels-V2 DF 1.3B (Wan 2.1 1.3B's configuration) with diffusion forcing's causal blocks of 5
+  latent frames (``num_frame_per_block=5``, the pipelines' ``causal_block_size=5``) at 544x960 (68x120 latent, 2,040
+  tokens a frame) with 50 latent frames (197 video frames, 2x its pipelines' base of 97), every layer run: 102,000
+  tokens. Its dense row is the model's own attention, SDPA under the ``[1, 1, L, L]`` boolean mask its forward
+  builds (20.8 GB in bf16); sparsecore's dense row runs every block each frame may see.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -90,6 +96,7 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 WAN_VACE_1_3B = dict(WAN_1_3B, vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
+SKYREELS_DF_1_3B = dict(WAN_1_3B, num_frame_per_block=5)
 HV15 = dict(num_layers=54)
 COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
                     text_embed_dim=4096, num_layers=42, patch_size=2, patch_size_t=2, max_text_seq_length=226,
@@ -117,6 +124,7 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         tiny_cases += [Case("hv15", "2x", 9, 6, 6, 2, 2)] if "hv15" in models else []
         tiny_cases += [Case("hv", "1x", 9, 8, 8, 3, 3)] if "hv" in models else []
         tiny_cases += [Case("wan-vace", "2x", 13, 8, 8, 2, 2)] if "wan-vace" in models else []
+        tiny_cases += [Case("skyreels-df", "2x", 10, 8, 8, 2, 2)] if "skyreels-df" in models else []
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     out = []
     if "wan-1.3b" in models:
@@ -131,12 +139,15 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         out += [Case("hv", "1x", 33, 90, 160, 3, 60)]
     if "wan-vace" in models:
         out += [Case("wan-vace", "2x", 41, 60, 104, 30, 30)]
+    if "skyreels-df" in models:
+        out += [Case("skyreels-df", "2x", 50, 68, 120, 30, 30)]
     return out
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
-                           HunyuanVideoTransformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
+                           HunyuanVideoTransformer3DModel, SkyReelsV2Transformer3DModel, WanTransformer3DModel,
+                           WanVACETransformer3DModel)
     torch.manual_seed(0)
     with torch.device(device):
         if case.model == "hv":                          # a third double-stream, two thirds single-stream, as 20 : 40
@@ -150,6 +161,11 @@ def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torc
             if tiny:
                 config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, time_embed_dim=32)
             model = CogVideoXTransformer3DModel(**config)
+        elif case.model == "skyreels-df":
+            config = dict(SKYREELS_DF_1_3B, num_layers=case.layers_run)
+            if tiny:
+                config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)
+            model = SkyReelsV2Transformer3DModel(**config)
         elif case.model.startswith("wan"):
             base = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-vace": WAN_VACE_1_3B}[case.model]
             config = dict(base, num_layers=case.layers_run)
@@ -191,7 +207,7 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
                     control_hidden_states=rand(1, config.vace_in_channels, case.frames, case.height, case.width),
                     return_dict=False)
-    if case.model.startswith("wan"):
+    if case.model.startswith("wan") or case.model == "skyreels-df":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
                     return_dict=False)
     ones = lambda n: torch.ones(1, n, device=device, dtype=torch.long)  # noqa: E731
@@ -295,11 +311,14 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     would count as memory the row holds: likely the 3.76 MiB of AdaSpa's HunyuanVideo row, 2026-12-01).
     ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``)."""
     import numpy as np
+    from sparsecore.integrations.diffusers.models import spec_of
     from sparsecore.search import block_mass, dense_attention_with_mass
     video, dim = video_tokens(model, inputs), model.config.attention_head_dim
     tokens = video + text
     q = torch.randn(1, model.config.num_attention_heads, tokens, dim, device=device, dtype=dtype)
-    offsets = VideoGeometry(1, 1, video, text_tokens=text, text_position="end").block_offsets(64)
+    spec = spec_of(model)                              # a frame-causal model's blocks restart at each causal block
+    grid = spec.grid(inputs["hidden_states"].shape, model.config)
+    offsets = VideoGeometry(*grid, text_tokens=text, causal_frames=spec.causal_frames(model.config)).block_offsets(64)
     block_mass(q, q, offsets, offsets)
     dense_attention_with_mass(q, q, q, offsets, offsets)
     blocks = len(offsets) - 1
@@ -457,7 +476,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "and mode." + (f" Every method on backend `{meta['backend']}` with options {meta['backend_options']}."
                             if meta.get("backend") else "")
              + (f" The methods' dense steps: `dense_attention={meta['dense_attention']!r}`."
-                if "dense_attention" in meta else ""), "",
+                if "dense_attention" in meta else "")
+             + (" skyreels-df: causal blocks of 5 latent frames; its dense row is the model's own attention, SDPA "
+                "under the `[1, 1, L, L]` boolean mask its forward builds (not cuDNN's kernel); every sparsecore row "
+                "runs only blocks a frame may see, its dense steps every such block; densities count all L^2 "
+                "pairs (the visible ones: 0.55)." if any(r.get("model") == "skyreels-df" for r in rows) else ""), "",
              "| model | length | mode | method | step kinds (s) | step speedup | generation (s) | generation speedup "
              "| density | plan ms/layer | peak GiB | peak, held vs dense (MiB) | kernels "
              "| generation vs dense-sparsecore |",

@@ -7,6 +7,12 @@ Joint-attention models (HunyuanVideo, SD3-style MM-DiT) append the text tokens t
 the same sequence, after the video by default (``text_position="end"``) or before it
 (``"start"``); cross-attention models (Wan) have ``text_tokens=0``.
 
+Frame-causal models (SkyReels-V2's diffusion forcing with causal blocks; autoregressive
+video DiTs) let a token see only the frames of its own and earlier *causal blocks* of
+``causal_frames`` consecutive latent frames (``causal_frames=0``: every token sees every
+token). Such a geometry cuts its blocks at every causal-block boundary, so that what a
+token may see is a property of its block (:meth:`VideoGeometry.causal_groups`).
+
 Shapes used in the acceptance tests (480x832 video, VAE 8x spatial + 2x2 patches or
 16x spatial + 1x1 patches, 4x temporal): Wan 2.1 1x = 21x30x52 (81 video frames),
 Wan 2.1 6x = 121x30x52, HunyuanVideo 1.5 1x = 33x30x52 (129 video frames) + text.
@@ -32,6 +38,7 @@ class VideoGeometry:
         height, width: patches per frame along y and x (``P = height * width`` tokens per frame).
         text_tokens: text tokens in the same sequence (joint attention), 0 for none.
         text_position: ``"end"`` (after the video, HunyuanVideo / MM-DiT) or ``"start"``.
+        causal_frames: latent frames per causal block (frame-causal attention), 0 for none.
     """
 
     frames: int
@@ -39,6 +46,7 @@ class VideoGeometry:
     width: int
     text_tokens: int = 0
     text_position: str = "end"
+    causal_frames: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -48,6 +56,11 @@ class VideoGeometry:
         set_(self, "text_tokens", check_int(self.text_tokens, "text_tokens", minimum=0))
         if self.text_position not in TEXT_POSITIONS:
             raise ValueError(f"text_position: expected one of {TEXT_POSITIONS}, got {self.text_position!r}")
+        set_(self, "causal_frames", check_int(self.causal_frames, "causal_frames", minimum=0))
+        if self.causal_frames and self.text_tokens:
+            raise ValueError(f"causal_frames: frame-causal attention is defined over video tokens only, got "
+                             f"causal_frames={self.causal_frames} with text_tokens={self.text_tokens}; pass "
+                             f"causal_frames=0, or model the text separately")
 
     # ------------------------------------------------------------ sizes
     @property
@@ -80,7 +93,8 @@ class VideoGeometry:
 
     def __str__(self) -> str:
         text = f" + {self.text_tokens} text ({self.text_position})" if self.text_tokens else ""
-        return f"{self.frames}x{self.height}x{self.width}{text} = {self.tokens} tokens"
+        causal = f", causal blocks of {self.causal_frames} frames" if self.causal_frames else ""
+        return f"{self.frames}x{self.height}x{self.width}{text} = {self.tokens} tokens{causal}"
 
     # ------------------------------------------------------------ blocks
     def frame_offsets(self) -> np.ndarray:
@@ -93,7 +107,8 @@ class VideoGeometry:
 
         Args:
             block_size: None for one block per latent frame (``P`` tokens); an int for
-                fixed-size blocks over the video tokens (the last video block may be short).
+                fixed-size blocks over the video tokens (the last video block may be short; with
+                ``causal_frames``, blocks restart at every causal block, whose last block may be short).
             split_text: keep text and video in separate blocks (a block boundary at the
                 modality boundary). False cuts the whole sequence into uniform
                 ``block_size`` blocks, which some kernels need; a block may then hold
@@ -107,9 +122,11 @@ class VideoGeometry:
             if block_size is None:
                 raise ValueError("block_size: split_text=False needs a fixed block size, got None "
                                  "(frame blocks always end at the modality boundary)")
+            if self.causal_frames:
+                raise ValueError(f"split_text: uniform blocks over the whole sequence would cross the causal blocks "
+                                 f"of {self.causal_frames} frames; pass split_text=True")
             return _uniform(self.tokens, block_size)
-        video = self.frame_offsets() - self.video_start if block_size is None else _uniform(self.video_tokens,
-                                                                                            block_size)
+        video = self.frame_offsets() - self.video_start if block_size is None else self._video_blocks(block_size)
         parts = [("video", video)]
         if self.text_tokens:
             size = text_block if text_block is not None else (block_size or self.frame_tokens)
@@ -122,6 +139,46 @@ class VideoGeometry:
             offsets.append(start + part[1:])
             start += int(part[-1])
         return np.concatenate(offsets)
+
+    def video_block_count(self, block_size: int) -> int:
+        """How many ``block_size``-token blocks :meth:`block_offsets` cuts the video into (without building them)."""
+        if not self.causal_frames:
+            return -(-self.video_tokens // block_size)
+        full, rest = divmod(self.frames, self.causal_frames)
+        per_group = -(-self.causal_frames * self.frame_tokens // block_size)
+        return full * per_group + -(-rest * self.frame_tokens // block_size)
+
+    def _video_blocks(self, block_size: int) -> np.ndarray:
+        """Fixed-size block boundaries over the video tokens, restarting at every causal block."""
+        if not self.causal_frames:
+            return _uniform(self.video_tokens, block_size)
+        group = self.causal_frames * self.frame_tokens
+        starts = np.arange(0, self.video_tokens, group, dtype=np.int64)
+        sizes = np.minimum(group, self.video_tokens - starts)
+        return np.concatenate([start + _uniform(int(size), block_size)[:-1] for start, size in zip(starts, sizes)]
+                              + [np.array([self.video_tokens], dtype=np.int64)])
+
+    def causal_groups(self, offsets: np.ndarray) -> np.ndarray:
+        """The causal block of each block, int64 ``[num_blocks]`` (all 0 without ``causal_frames``): block i may
+        see block j exactly where ``groups[j] <= groups[i]``.
+
+        Raises ``ValueError`` where a block crosses a causal-block boundary (no block-level rule is exact there).
+        """
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != self.tokens:
+            raise ValueError(f"offsets: expected block boundaries [0, ..., {self.tokens}] of this geometry "
+                             f"({self}), got {len(offsets)} values")
+        if not self.causal_frames:
+            return np.zeros(len(offsets) - 1, dtype=np.int64)
+        first = self.frame_of(offsets[:-1]) // self.causal_frames
+        last = self.frame_of(offsets[1:] - 1) // self.causal_frames
+        crossing = np.flatnonzero(first != last)
+        if len(crossing):
+            i = int(crossing[0])
+            raise ValueError(f"offsets: block {i} (tokens {offsets[i]}..{offsets[i + 1]}) crosses a boundary of the "
+                             f"causal blocks of {self.causal_frames} frames ({self.causal_frames * self.frame_tokens}"
+                             f" tokens); build the blocks with geometry.block_offsets(), which cuts them there")
+        return first
 
     def block_frames(self, offsets: np.ndarray) -> np.ndarray:
         """Latent frame of each block's first token, int64 ``[num_blocks]`` (-1 for a text block)."""

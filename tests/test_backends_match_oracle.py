@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,8 @@ from checks import run_and_compare
 from strategies import AttentionCase, attention_cases
 from targets import all_targets
 
-from sparsecore import BlockMask
+from sparsecore import BlockMask, VideoGeometry
+from sparsecore.methods import pasa
 
 TARGETS = all_targets()
 
@@ -75,6 +77,15 @@ def _video_then_text(video: int, text: int, block: int, num_heads: int, seed: in
     return BlockMask.from_lists([[np.flatnonzero(row) for row in head] for head in keep], offsets, offsets)
 
 
+def _frame_causal_pasa() -> BlockMask:
+    """PASA's plan for a frame-causal geometry (causal blocks of 3 frames of 72 tokens, 64-token blocks restarting
+    at each, so blocks of 64 and 8 tokens): rows keeping different counts, ranked on random pooled scores."""
+    geometry = VideoGeometry(12, 8, 9, causal_frames=3)
+    rng = torch.Generator().manual_seed(12)
+    q, k = (torch.randn(1, heads, geometry.tokens, 16, generator=rng) for heads in (4, 2))
+    return pasa.plan(geometry, 4, step=30, layer=1, q=q, k=k, block_size=64, approximation="drop").to_host()
+
+
 NAMED_CASES = {
     # name: (case, why it is here)
     "frame_blocks_with_text": AttentionCase(_local_window(_frames(6, 39, 13), 4, 1), 1, 2, 32, 11, None),
@@ -93,6 +104,8 @@ NAMED_CASES = {
     # scales a kernel must not fold into its running max as if positive (at -20 such a fold overflows exp2)
     "negative_scale": AttentionCase(_random(2, 256, 256, 128, 0.6, 9), 1, 1, 64, 21, -20.0),
     "zero_scale": AttentionCase(_random(2, 256, 256, 64, 0.6, 10), 1, 2, 64, 22, 0.0),
+    # SkyReels-V2's diffusion forcing: what a frame-causal plan lists (sparsecore.methods.causal)
+    "frame_causal_pasa": AttentionCase(_frame_causal_pasa(), 1, 2, 64, 24, None),
     # no row lists a block: every output 0, every LSE -inf (the kernels still launch their programs)
     "all_rows_empty": AttentionCase(_random(2, 200, 256, 64, 0.0, 11), 2, 1, 64, 23, None),
 }

@@ -48,10 +48,9 @@ Where the paper is silent, we chose:
   mask per head for the whole batch.
 - Step indexing is 0-based: steps 0-9 dense, search at 10 and 30 (the paper's "first
   10 steps dense" with Ts = {10, 30}).
-- The dense IR of dense steps uses frame-sized blocks (cheaper to plan and lower at
-  long lengths; same attention).
-- The stateless :func:`plan` searches at every non-warmup step (fresh LSE unless one is
-  passed); the cross-step reuse lives in the session.
+- Dense steps' IR: frame-sized blocks (cheaper at long lengths; same attention).
+- The stateless :func:`plan` searches at every non-warmup step; reuse lives in the session.
+- Frame-causal geometries: budgets are fractions of the blocks a row may see (:mod:`.causal`).
 """
 
 from __future__ import annotations
@@ -65,14 +64,14 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import moved
 from sparsecore.ir.validation import check_int
-from sparsecore.search import block_mass, dense_lse
+from sparsecore.search import block_mass
 
+from . import causal
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple,
                        check_layer, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
                        geometry_meta, params_from)
 from .approximation import check_approximation, unselected_of, with_unselected
-from .selection import (SinkLayout, dense_mask, keep_count, keep_counts, rows_from_top, selection_nnz, sink_mask,
-                        top_video)
+from .selection import SinkLayout, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask, top_video
 
 METHOD = "adaspa"
 PAPER = "arXiv:2502.21079"
@@ -178,19 +177,20 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     base_keep = keep_count(1.0 - s, video_blocks)
     delta = min((1.0 - s) / 2.0, s)
     max_keep = keep_count(1.0 - (s - delta), video_blocks) if p.head_adaptive else base_keep
+    rows = causal.Visibility.of(geometry, offsets, mass.device)   # under causal frames: hidden blocks rank last
+    mass = rows.hide(mass)
     top = top_video(mass, layout, max(max_keep, base_keep), ranked=True)
     f64, sums = torch.float64, dict(dim=(1, 2), dtype=torch.float64)    # float64 sums, no float64 copy of masses
     forced = mass[:, :, layout.text].sum(**sums) + mass[:, layout.text, layout.video].sum(**sums)
-    kept, total = top.values[..., :base_keep].sum(**sums), mass.sum(**sums)
+    kept, total = rows.prefix_sums(top.values, base_keep, 1.0 - s), mass.sum(**sums) + rows.hidden_pairs
     recall = ((kept + forced) / total.clamp(min=torch.finfo(f64).tiny)).clamp(max=1.0)   # ties: head order below
     usable = torch.isfinite(total) & (total > 0)           # not: NaN inputs, or masses vanished under a cached LSE
     recalls = shard.all_heads(torch.where(usable, torch.round(recall * 1e12) / 1e12, -1.0))   # every rank sees it
     sparsities = head_sparsities(recalls, s, p.recall_threshold) if p.head_adaptive else torch.full_like(recalls, s)
-    keep = keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
-    video_row_counts = (keep + layout.text_blocks).sum()
+    keep = rows.keep_counts(1.0 - sparsities[shard.start:shard.stop], video_blocks)
+    entries = keep.sum() if rows.causal else selection_nnz(layout, shard.size, (keep + layout.text_blocks).sum())
     finite = (recalls >= 0).all().double()
-    summary = torch.cat([video_row_counts.double().reshape(1), finite.reshape(1), sparsities,
-                         recalls]).tolist()                                 # the one host read of a search
+    summary = torch.cat([entries.double().reshape(1), finite.reshape(1), sparsities, recalls]).tolist()  # one read
     if finite_check and not summary[1]:
         raise ValueError(f"lse: the cached LSE is far from the scores of layer {meta['layer']} at step "
                          f"{meta['step']} (block masses overflow float32 or all vanish), or q, k hold NaN or inf; a "
@@ -200,12 +200,10 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     if not summary[1]:
         raise ValueError(f"q, k: the block masses of layer {meta['layer']} at step {meta['step']} are not finite or "
                          f"all 0: q or k holds NaN or inf, or a given mass is; check the model's activations here")
-    total_heads = shard.total
-    meta.update(head_sparsity=summary[-2 * total_heads:-total_heads], base_recall=summary[-total_heads:])
-    nnz = selection_nnz(layout, shard.size, int(summary[0]))
-    mask = sink_mask(rows_from_top(top, layout, keep), layout, offsets, nnz, 1.0 - sparsities[shard.start:shard.stop],
-                     meta)
-    return with_unselected(mask, unselected_of(p.approximation, 32))
+    meta.update(head_sparsity=summary[-2 * shard.total:-shard.total], base_recall=summary[-shard.total:])
+    mask = sink_mask(rows_from_top(top, layout, keep), layout, offsets, int(summary[0]),
+                     1.0 - sparsities[shard.start:shard.stop], meta)
+    return with_unselected(mask, unselected_of(p.approximation, 32), geometry.causal_frames)
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
@@ -351,7 +349,7 @@ class AdaSpaSession:
         of one more dense pass over q, k."""
         if lse is None:
             q, k = check_qk(q, k, geometry, shard.size)
-            lse = dense_lse(q, k, self.params.scale)
+            lse = causal.visible_lse(q, k, geometry, self.params.scale)
         self._lse[layer], self._inputs[layer] = self._stored(lse), (geometry, shard.start, shard.stop, shard.total)
 
     def _stored(self, found: Any) -> Any:
@@ -379,9 +377,11 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
             lse: torch.Tensor | None, mass: Any, action: str) -> Search:
     offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
     blocks = len(offsets) - 1
-    lse_used, given_mass = lse, mass is not None
+    lse_used, given_mass, fresh = lse, mass is not None, lse is None
     if mass is None:
         q, k = check_qk(q, k, geometry, shard.size)
+        if fresh:                                   # over the keys each row may see (all without causal frames)
+            lse = causal.visible_lse(q, k, geometry, p.scale)
         result = block_mass(q, k, offsets, offsets, lse=lse, scale=p.scale, impl=p.impl)
         mass, lse_used = result.mass.sum(0), result.lse
     else:
@@ -390,8 +390,8 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
             raise ValueError(f"mass: expected float block masses [{shard.size}, {blocks}, {blocks}] on "
                              f"{p.block_size}-token blocks, got {mass.dtype} {list(mass.shape)}")
     meta = _meta(geometry, p, layer, step, action)
-    meta["lse"] = "fresh" if lse is None else "given"
-    mask = search(mass, geometry, offsets, p, shard, meta, finite_check=lse is not None and not given_mass)
+    meta["lse"] = "fresh" if fresh else "given"
+    mask = search(mass, geometry, offsets, p, shard, meta, finite_check=not fresh and not given_mass)
     return Search(mask, lse_used)
 
 

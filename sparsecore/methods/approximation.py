@@ -38,9 +38,16 @@ def unselected_of(approximation: str, group_size: int) -> Unselected:
     return Unselected(kind)
 
 
-def with_unselected(mask: BlockMask, unselected: Unselected) -> BlockMask:
-    """``mask`` with its unlisted blocks treated as ``unselected`` (the lists are shared, not copied)."""
+def with_unselected(mask: BlockMask, unselected: Unselected, causal_frames: int = 0) -> BlockMask:
+    """``mask`` with its unlisted blocks treated as ``unselected`` (the lists are shared, not copied).
+
+    Under frame-causal attention (``causal_frames`` > 0) only ``"drop"`` is exact: an approximation would add every
+    unlisted block, the ones a row may not see included."""
     if mask.unselected == unselected:
         return mask
+    if causal_frames:
+        raise ValueError(f"approximation: {unselected} would add every block a row does not list to its softmax, "
+                         f"the later causal blocks (of {causal_frames} frames) it may not see included; pass "
+                         f"approximation='drop' for a frame-causal geometry")
     return BlockMask.unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
                                mask.budgets, mask.meta, unselected)

@@ -143,7 +143,7 @@ def fixed_block_offsets(geometry: VideoGeometry, num_heads: int, block_size: int
     """``geometry.block_offsets(block_size)``, once the blocks are few enough for one mask of ``num_heads`` heads:
     planners build scores or maps of ``heads x blocks^2`` (and a list can hold that many entries), so that must stay
     within the int32 index limit. Checked before anything in proportion is built."""
-    blocks = -(-geometry.video_tokens // block_size) + -(-geometry.text_tokens // block_size)
+    blocks = geometry.video_block_count(block_size) + -(-geometry.text_tokens // block_size)
     if num_heads * blocks ** 2 > INDEX_LIMIT:
         raise ValueError(f"block_size: {block_size}-token blocks cut {geometry} into {blocks:,} blocks, and "
                          f"{num_heads} heads x {blocks:,}^2 block pairs exceed the int32 index limit {INDEX_LIMIT:,}; "
@@ -220,8 +220,9 @@ def check_shard(heads: Any, num_heads: int) -> HeadShard:
 
 
 def geometry_meta(geometry: VideoGeometry) -> dict[str, Any]:
+    causal = {"causal_frames": geometry.causal_frames} if geometry.causal_frames else {}
     return {"frames": geometry.frames, "height": geometry.height, "width": geometry.width,
-            "text_tokens": geometry.text_tokens, "text_position": geometry.text_position}
+            "text_tokens": geometry.text_tokens, "text_position": geometry.text_position, **causal}
 
 
 def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[Any, Any]:

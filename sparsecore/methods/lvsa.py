@@ -66,6 +66,7 @@ from sparsecore.ir import BlockMask
 
 from sparsecore.ir.validation import check_int, frozen
 
+from . import causal
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_shard,
                        check_step, fixed_block_offsets, geometry_meta, params_from)
 from .approximation import check_approximation, unselected_of, with_unselected
@@ -269,6 +270,7 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
     block_map = np.ones((blocks, blocks), dtype=bool)          # text rows and text columns: dense
     video = geometry.block_frames(offsets) >= 0
     block_map[np.ix_(video, video)] = frame_map
+    block_map &= causal.visible_map(geometry, offsets)         # frame-causal geometries: no later causal block
     if p.block_size is not None:
         offsets, block_map = _retile(offsets, block_map, fixed_block_offsets(geometry, num_heads, p.block_size))
     when = {"layer": None, "step": None, "planned_at_step": step} if shared else {"layer": layer, "step": step}
@@ -276,7 +278,7 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
             "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
             "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
     mask = shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
-    return mask if pattern.dense else with_unselected(mask, unselected_of(p.approximation, 32))
+    return mask if pattern.dense else with_unselected(mask, unselected_of(p.approximation, 32), geometry.causal_frames)
 
 
 class LVSASession:

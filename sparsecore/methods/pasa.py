@@ -76,13 +76,16 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.uploads import queued
 from sparsecore.ir.validation import check_int
 from sparsecore.noise import GumbelNoise, head_keys
 
+from . import causal
 from .approximation import check_approximation, unselected_of, with_unselected
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer, check_qk,
                        check_scale, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
-from .selection import SinkLayout, block_means, dense_mask, keep_count, selection_nnz, sink_mask, sink_rows, sorted_top
+from .selection import (Selection, SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz,
+                        sink_mask, sink_rows, sorted_top)
 
 METHOD = "pasa"
 PAPER = "arXiv:2604.12219"
@@ -343,15 +346,33 @@ class PASASession:
         scores = pooled_scores(q, k, offsets, q.shape[-1] ** -0.5 if p.scale is None else p.scale)
         noise = GumbelNoise(head_keys(shard.heads, p.seed, layer, step, scores.device), p.noise_scale) \
             if p.noise_scale > 0 else None
-        keep = keep_count(rho, layout.video_blocks)
-        nnz = selection_nnz(layout, shard.size, shard.size * (keep + layout.text_blocks))
         budgets = torch.full((shard.size,), rho, dtype=torch.float64, device=scores.device)
         unselected = unselected_of(p.approximation, p.group_size)
-        video_ids = sorted_top(scores[:, layout.video, layout.video], keep, noise)
+        if geometry.causal_frames:
+            selection, nnz, keep = _causal_selection(scores, geometry, offsets, layout, rho, noise)
+        else:
+            keep = keep_count(rho, layout.video_blocks)
+            nnz = selection_nnz(layout, shard.size, shard.size * (keep + layout.text_blocks))
+            selection = sink_rows(sorted_top(scores[:, layout.video, layout.video], keep, noise), layout)
         del scores                                          # 4 bytes a block pair: freed before the lists are built
-        mask = sink_mask(sink_rows(video_ids, layout), layout, offsets, nnz, budgets,
+        mask = sink_mask(selection, layout, offsets, nnz, budgets,
                          {**meta, "keep_blocks": keep, "unselected": str(unselected)})
-        return with_unselected(mask, unselected)
+        return with_unselected(mask, unselected, geometry.causal_frames)
+
+
+def _causal_selection(scores: torch.Tensor, geometry: VideoGeometry, offsets: np.ndarray, layout: SinkLayout,
+                      rho: float, noise: GumbelNoise | None) -> tuple[Selection, int, int]:
+    """Each row's best ``round(rho * visible)`` blocks of those it may see (:mod:`.causal`), the kept count, and
+    the most a row keeps. The counts follow from the geometry, so nothing is read from the device: hidden blocks
+    rank below every visible one, so each row's top-k prefix holds visible blocks only."""
+    visible = causal.visible_counts(geometry, offsets)
+    keep = causal.keep_per_row(rho, visible)
+    ranked = causal.rank_visible_first(scores, causal.future(geometry, offsets, scores.device))
+    if noise is not None:
+        ranked.add_(noise.sample(*ranked.shape[1:]))
+    top = torch.topk(ranked, int(keep.max()), dim=-1, sorted=True)
+    counts = queued(keep, scores.device).expand(scores.shape[0], -1)
+    return rows_from_top(top, layout, counts), scores.shape[0] * int(keep.sum()), int(keep.max())
 
 
 def session(num_steps: int = 50, profile: CurvatureProfile | None = None, **params: Any) -> PASASession:

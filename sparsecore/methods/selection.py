@@ -31,6 +31,8 @@ from sparsecore.launch_device import on_device_of
 from sparsecore.noise import GumbelNoise
 from sparsecore.registry import RowTopOp, registered_backends
 
+from .causal import visible_map
+
 def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
     """Mean of each block's tokens, float32 ``[B, heads, blocks, D]`` from ``x [B, heads, L, D]``.
 
@@ -82,14 +84,10 @@ def keep_count(density: float, video_blocks: int) -> int:
     return int(min(video_blocks, max(1, round(density * video_blocks))))
 
 
-def keep_counts(densities: torch.Tensor, video_blocks: int) -> torch.Tensor:
-    """:func:`keep_count` of every head at once (int64; ``torch.round`` rounds halves to even, as ``round``)."""
-    return torch.round(densities.double() * video_blocks).clamp(1, video_blocks).to(torch.int64)
-
-
 @dataclass(frozen=True)
 class Selection:
-    """Each head's video rows as padded sorted lists: ``rows[h, r, :counts[h]]`` (block ids, int32)."""
+    """Each head's video rows as padded sorted lists: ``rows[h, r, :counts]`` (block ids, int32); ``counts`` an int
+    (every row), an int64 tensor ``[H]`` (per head) or ``[H, R]`` (per head and row)."""
 
     rows: torch.Tensor
     counts: torch.Tensor | int
@@ -141,11 +139,13 @@ def sink_rows(video_ids: torch.Tensor, layout: SinkLayout) -> Selection:
 
 def rows_from_top(top: Any, layout: SinkLayout, keep: torch.Tensor | int) -> Selection:
     """Each video row's kept blocks: its top ``keep`` video blocks (all of ``top`` when ``keep`` is an int, a
-    ranked prefix per head when it is an int64 tensor ``[H]``) plus every text block, sorted."""
+    ranked prefix per head when it is an int64 tensor ``[H]``, per head and row when ``[H, R]``) plus every text
+    block, sorted."""
     chosen = top.indices + layout.video.start
     if isinstance(keep, torch.Tensor):
         slot = torch.arange(chosen.shape[-1], device=chosen.device)
-        chosen = torch.where(slot < keep[:, None, None], chosen, layout.num_blocks)   # sorts after every block id
+        bound = keep[:, None, None] if keep.dim() == 1 else keep[:, :, None]
+        chosen = torch.where(slot < bound, chosen, layout.num_blocks)   # sorts after every block id
     text = torch.arange(layout.text.start, layout.text.stop, device=chosen.device)
     rows = torch.cat([chosen, text.expand(*chosen.shape[:2], -1)], dim=-1)
     return Selection(torch.sort(rows, dim=-1).values.to(torch.int32), keep + layout.text_blocks)
@@ -160,8 +160,8 @@ def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz
     rows = selection.rows
     heads, device = rows.shape[0], rows.device
     counts = torch.full((heads, layout.num_blocks), layout.num_blocks, dtype=torch.int64, device=device)
-    counts[:, layout.video] = selection.counts.reshape(-1, 1) if isinstance(selection.counts, torch.Tensor) \
-        else selection.counts                                      # an int fills: no host-to-device copy
+    given = selection.counts                                       # an int fills: no host-to-device copy
+    counts[:, layout.video] = given.reshape(heads, -1) if isinstance(given, torch.Tensor) else given
     indptr = csr.indptr_from_counts(counts)
     if isinstance(selection.counts, torch.Tensor):
         indices = _scattered(rows, layout, indptr, counts, nnz)
@@ -214,7 +214,8 @@ def shared_mask(block_map: np.ndarray, num_heads: int, q_offsets: np.ndarray, kv
 
 
 def dense_mask(geometry: VideoGeometry, num_heads: int, meta: Mapping[str, Any]) -> BlockMask:
-    """Full attention on frame-sized blocks (the cheapest IR of a dense step at any length)."""
+    """Full attention on frame-sized blocks (the cheapest IR of a dense step at any length); under frame-causal
+    attention, every block each row may see (:mod:`.causal`)."""
     offsets = geometry.block_offsets(None)
-    return shared_mask(np.ones((len(offsets) - 1,) * 2, dtype=bool), num_heads, offsets, offsets,
-                       budgets=np.ones(num_heads), meta=meta)
+    return shared_mask(visible_map(geometry, offsets), num_heads, offsets, offsets, budgets=np.ones(num_heads),
+                       meta=meta)

@@ -42,8 +42,8 @@ double-stream then single-stream blocks as layers (its key mask ``[B, 1, 1, S]``
 CogVideoX attends over text then video; its processor builds the sequence video first
 (:func:`.models.joint_qkv`), the same attention, so the same path runs it (no padding; LVSA's horizon 13
 token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers, Wan
-Animate its ``blocks``; SkyReels-V2 runs as Wan (horizon 25 latent frames), except with diffusion forcing's causal
-blocks (raises).
+Animate its ``blocks``; SkyReels-V2 runs as Wan (horizon 25 latent frames), and with diffusion forcing's causal
+blocks every mask and dense step keeps to them (a frame-causal geometry, :mod:`sparsecore.methods.causal`).
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
 on Wan, HunyuanVideo 1.5, Wan VACE and SkyReels-V2 (the last three through :func:`enable_parallelism`'s plans), not

@@ -65,10 +65,11 @@ def make_audit(layers: Iterable[int] | None, steps: Iterable[int] | None, num_la
 
 
 def fidelity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
-             compiled: Callable[[BlockMask], Any]) -> Fidelity:
+             compiled: Callable[[BlockMask], Any], dense: Callable[..., tuple] = dense_attention) -> Fidelity:
     """Per-head recall, worst-query recall, relative L2 and cosine of ``mask`` (its kernel from ``compiled``) against
-    dense attention, on q, k, v ``[B, H, L, D]`` (module docstring)."""
-    dense_out, dense_lse = dense_attention(q, k, v)
+    dense attention, on q, k, v ``[B, H, L, D]`` (module docstring). ``dense``: dense attention with its LSE (for a
+    frame-causal model, over the keys each query may see: :meth:`.planner.Planner.dense_with_lse`)."""
+    dense_out, dense_lse = dense(q, k, v)
     drop = with_unselected(mask, Unselected("drop"))
     out, kept_lse = compiled(drop)(q, k, v, return_lse=True)
     if drop is not mask:

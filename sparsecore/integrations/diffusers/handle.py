@@ -11,6 +11,8 @@ forward (blocks run in order; the post-hook checks that every layer came), then 
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -193,12 +195,10 @@ class SparseAttentionHandle:
             got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
-        refused = self.spec.refuses(module.config)
-        if refused:
-            raise ValueError(f"{refused}; {self.dense_remedy()}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         parallel.refuse_ring_approximation(self._processors, self.approximation)           # before any step runs
-        self.geometry = VideoGeometry(*self.spec.grid(hidden.shape, module.config))
+        self.geometry = VideoGeometry(*self.spec.grid(hidden.shape, module.config),
+                                      causal_frames=self.spec.causal_frames(module.config))
         at = self.spec.timestep_arg
         self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)
         self._text_cache = None
@@ -352,4 +352,4 @@ class SparseAttentionHandle:
 
     @staticmethod
     def _with_text(geometry: VideoGeometry, count: int) -> VideoGeometry:
-        return VideoGeometry(geometry.frames, geometry.height, geometry.width, text_tokens=count, text_position="end")
+        return dataclasses.replace(geometry, text_tokens=count, text_position="end")

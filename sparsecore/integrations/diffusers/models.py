@@ -27,9 +27,10 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
 - ``WanAnimateTransformer3DModel`` (Wan 2.2 Animate): Wan's self-attention ``blocks[i].attn1`` (its module's own copy of
   ``WanAttnProcessor``) over the reference frame and the video; the face adapter's cross-attention is not touched.
 - ``SkyReelsV2Transformer3DModel`` (SkyReels-V2, T2V/I2V and diffusion forcing): Wan's layout
-  (``SkyReelsV2AttnProcessor`` makes q, k, v as Wan's does). Its frame-causal mask (``num_frame_per_block`` > 1,
-  diffusion forcing's asynchronous mode) is a token mask the block-mask IR does not add: such forwards raise
-  (:attr:`ModelSpec.refuses`).
+  (``SkyReelsV2AttnProcessor`` makes q, k, v as Wan's does). With ``num_frame_per_block`` > 1 (diffusion forcing's
+  causal blocks) its forward masks attention frame-causally: the geometry then has ``causal_frames`` (what a
+  token may see is a property of its block) and every mask and dense step keeps to it
+  (:attr:`ModelSpec.causal_frames`).
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
 CogVideoX's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
@@ -76,7 +77,7 @@ class ModelSpec:
     joint_text: bool               # text tokens share the attention sequence (after the video in every mask)
     frames_axis: int = 2           # the latents' frame axis: [B, C, F, H, W] (2) or [B, F, C, H, W] (1)
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
-    refuses: Callable[[Any], str | None] = lambda config: None  # why a forward of this config cannot run, or None
+    causal_frames: Callable[[Any], int] = lambda config: 0  # latent frames per causal block of a forward, 0: none
     first_layers: Callable[[Any], tuple[int, ...]] = lambda config: (0,)   # the layer of each path's first block
 
     @property
@@ -192,14 +193,11 @@ def _cogvideox_patch(config: Any) -> tuple[int, int, int]:
     return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
 
 
-def _skyreels_refuses(config: Any) -> str | None:
-    """SkyReels-V2's forward masks attention frame-causally where ``num_frame_per_block`` > 1."""
-    if config.num_frame_per_block <= 1:
-        return None
-    return (f"SkyReels-V2 with num_frame_per_block={config.num_frame_per_block} (diffusion forcing's causal blocks) "
-            f"masks attention frame-causally, a token mask the block-mask IR cannot add; pass causal_block_size=1 to "
-            f"the pipeline explicitly (its default, None, keeps the model's num_frame_per_block="
-            f"{config.num_frame_per_block}), or call transformer._set_ar_attention(1)")
+def _skyreels_causal_frames(config: Any) -> int:
+    """SkyReels-V2's forward masks attention frame-causally, by blocks of ``num_frame_per_block`` latent frames
+    (temporal patch 1), where that is above 1 (diffusers 0.42, ``SkyReelsV2Transformer3DModel.forward``)."""
+    frames = int(config.num_frame_per_block)
+    return frames if frames > 1 else 0
 
 
 def _horizon(name: str) -> Callable[[Any], int]:
@@ -229,7 +227,8 @@ WAN_VACE = ModelSpec("wan-vace", WanVACETransformer3DModel, WanAttnProcessor, ("
 WAN_ANIMATE = ModelSpec("wan-animate", WanAnimateTransformer3DModel, WanAnimateAttnProcessor, ("blocks",), "attn1",
                        _horizon("wan"), _wan_patch, joint_text=False)
 SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
-                        _horizon("skyreels-v2"), _wan_patch, joint_text=False, refuses=_skyreels_refuses)
+                        _horizon("skyreels-v2"), _wan_patch, joint_text=False,
+                        causal_frames=_skyreels_causal_frames)
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2)
 
 

@@ -29,8 +29,10 @@ prefix alone and the padding rows' output is written as 0.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,19 +41,25 @@ import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
+from sparsecore.methods.causal import restrict
+from sparsecore.methods.selection import dense_mask
 from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
 
 from .audit import Audit, fidelity
 from .stats import Record, Stats
 
 MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
+FULL_MASKS = 64                       # full masks of dense steps kept, one per (geometry, heads, length)
+VISIBLE_BLOCKS = "sparsecore visible blocks (frame-causal)"
 
 
 class CallableSession:
     """A method given as a callable ``(geometry, num_heads, step, layer) -> BlockMask``, as a :class:`Session`.
 
     Every step plans; a full mask on the host runs the dense path (the processors' dense attention). Under a head
-    shard the callable is asked for all heads and the shard's heads are taken (memoized per mask).
+    shard the callable is asked for all heads and the shard's heads are taken (memoized per mask). Under causal frames
+    the blocks a row may not see leave the mask (:func:`sparsecore.methods.causal.restrict`; a full mask becomes every
+    block each row may see, on frame blocks).
     """
 
     method = "callable"
@@ -73,6 +81,9 @@ class CallableSession:
         if mask.num_heads != num_heads or mask.q_len != geometry.tokens or mask.kv_len != geometry.tokens:
             raise ValueError(f"mask: {source} returned {mask!r} for layer {layer} step {step}; expected {num_heads} "
                              f"heads and q_len = kv_len = {geometry.tokens} (geometry {geometry})")
+        if geometry.causal_frames:          # a frame-causal model's attention: no later causal block, whatever it lists
+            full = mask.on_host and mask.density() >= 1.0                 # on any blocks: every block a row may see
+            mask = dense_mask(geometry, num_heads, mask.meta) if full else restrict(mask, geometry)
         if heads is None or heads.size == heads.total:
             return mask
         key = ("heads", heads.start, heads.stop)                      # kept with the mask, freed with it
@@ -138,6 +149,7 @@ class Planner:
         self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
         self.keep_masks = False                  # keep per-call plans too (for ``last_mask``), as other plans are
         self.audit: Audit | None = None          # which sparse calls are measured against dense attention
+        self._full: OrderedDict[tuple, BlockMask] = OrderedDict()
 
     def new_run(self) -> None:
         self._sessions.clear()
@@ -149,7 +161,10 @@ class Planner:
             if callable(self.method):
                 found = CallableSession(self.method, self.num_steps)
             else:
-                found = SESSIONS[self.method](num_steps=self.num_steps, **self.params)
+                params = self.params
+                if geometry.causal_frames and "approximation" not in params:   # PASA's default is not exact there
+                    params = {**params, "approximation": "drop"}
+                found = SESSIONS[self.method](num_steps=self.num_steps, **params)
             self._sessions[geometry] = found
         return found
 
@@ -176,6 +191,8 @@ class Planner:
             if plan.dense_out is not None:
                 out, plan.dense_out = plan.dense_out, None
                 return out
+            if geometry.causal_frames:                 # the model's dense path would need its L x L token mask
+                dense = partial(self._visible_attention, geometry, seq_len, query, key, value)
             self.stats.dense_kernel = None
             out = self.stats.time(plan.record, query, dense)
             plan.record.dense_kernels.add(self.stats.dense_kernel or "sparsecore full mask")
@@ -185,13 +202,50 @@ class Planner:
         out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
         if self.audit is not None and self.audit.wants(layer, step):          # the valid tokens, the unpadded mask
             mask = plan.mask.copy_to(query.device) if plan.held else plan.mask  # a held mask: this call's copy
-            plan.record.audit.append(fidelity(*(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled))
+            plan.record.audit.append(fidelity(*(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled,
+                                              self.dense_with_lse(geometry)))
         if tokens < seq_len:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)
         if fresh:
             plan.record.ran(plan.mask, kernel, self.stats.counts)
         return out
+
+    def full_mask(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:
+        """Every block the valid tokens may see (all of them, or under causal frames their own and earlier causal
+        blocks), on frame blocks, extended by the padding block to ``seq_len``; the last few kept, so a dense step's
+        mask and its kernels are made once per (geometry, heads, length)."""
+        key = (geometry, heads, seq_len)
+        found = self._full.get(key)
+        if found is None:
+            found = dense_mask(geometry, heads, {"method": "dense"})
+            if seq_len != found.q_len:
+                found = found.with_trailing_block(seq_len)
+            self._full[key] = found
+            if len(self._full) > FULL_MASKS:
+                self._full.popitem(last=False)
+        return found
+
+    def dense_with_lse(self, geometry: VideoGeometry) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """Dense attention with its LSE over the keys each query may see, on ``[B, H, L, D]`` valid tokens:
+        :func:`sparsecore.search.dense_attention`, or under causal frames the kernel of :meth:`full_mask`."""
+        if not geometry.causal_frames:
+            return dense_attention
+        return lambda q, k, v: self.full_kernel(geometry, q.shape[1], q.shape[2])(q, k, v, return_lse=True)
+
+    def full_kernel(self, geometry: VideoGeometry, heads: int, seq_len: int) -> Any:
+        """The compiled kernel of :meth:`full_mask`, kept with the mask (a mask holds its kernels weakly)."""
+        mask = self.full_mask(geometry, heads, seq_len)
+        if "full kernel" not in mask.derived:
+            mask.derived["full kernel"] = self.compiled(mask)
+        return mask.derived["full kernel"]
+
+    def _visible_attention(self, geometry: VideoGeometry, seq_len: int, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor) -> torch.Tensor:
+        """A dense step of a frame-causal geometry, ``[B, S, H, D]``: the kernel of :meth:`full_mask`."""
+        self.stats.dense_kernel = VISIBLE_BLOCKS
+        kernel = self.full_kernel(geometry, query.shape[2], seq_len)
+        return kernel(*(t.transpose(1, 2) for t in (query, key, value))).transpose(1, 2)
 
     def kernel_of(self, plan: LayerPlan, io: "PlanInputs", device: torch.device, seq_len: int) -> Any:
         """What a call of ``plan`` runs (None: dense attention). A mask its session keeps in host memory is copied
@@ -253,16 +307,17 @@ class Planner:
         if action.needs_qk:
             q, k, *v = io.sequence(wants_lse)
             if wants_lse:                         # the dense output, its LSE and (if wanted) the block masses
-                if action.mass_block_size:
+                if action.mass_block_size and not geometry.causal_frames:     # its masses would see every key
                     offsets = geometry.block_offsets(action.mass_block_size)
                     out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
                                                                                                 offsets))
                     lse, mass = found.lse, found.mass.sum(0)
                     fused = found.impl.endswith("fused")
                 else:
-                    out, lse = self.stats.time(record, like, lambda: dense_attention(q, k, v[0]))
+                    out, lse = self.stats.time(record, like, lambda: self.dense_with_lse(geometry)(q, k, v[0]))
                     fused = False
-                record.dense_kernels.add(found.impl if fused else dense_impl(q, k, v[0]))
+                record.dense_kernels.add(found.impl if fused else VISIBLE_BLOCKS if geometry.causal_frames
+                                         else dense_impl(q, k, v[0]))
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)

@@ -20,7 +20,6 @@ transfers are needed) hangs off the mask, like its compiled kernels: a mask reus
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -28,22 +27,17 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.methods import HeadShard
-from sparsecore.methods.selection import dense_mask
 
 from . import ring as ring_attention
 from .parallel import gather_sequence
 from .planner import LayerPlan, PlanInputs, Planner
 from .ring import RingGroup, RingWork
 
-DENSE_MASKS = 64           # full masks of dense steps kept, one per (geometry, heads, length)
-
-
 class ShardedAttention:
     """The ring path of one handle: plans through the handle's :class:`.planner.Planner`, runs :mod:`.ring`."""
 
     def __init__(self, planner: Planner) -> None:
         self.planner = planner
-        self._dense: OrderedDict[tuple, BlockMask] = OrderedDict()
 
     def attend(self, layer: int, geometry: VideoGeometry, step: int, run: int, query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, shard: HeadShard | None, dense: Callable | None, *,
@@ -56,7 +50,7 @@ class ShardedAttention:
         planner = self.planner
         if ring.world == 1:
             def full() -> torch.Tensor:
-                work = self._work(self._full(geometry, query.shape[2], query.shape[1]), ring, video, query)
+                work = self._work(self.planner.full_mask(geometry, query.shape[2], query.shape[1]), ring, video, query)
                 planner.stats.dense_kernel = "sparsecore full mask (ring)"
                 return ring_attention.run(work, ring, query, key, value)
             return planner.attend(layer, geometry, step, run, query, key, value, shard, full)
@@ -83,7 +77,7 @@ class ShardedAttention:
             return out
         work = sparse = self._held_work(plan, runner, query.device, seq_len, ring, video) if plan.held else plan.kernel
         if work is None:                                                  # dense: the full mask, through the ring
-            work = self._work(self._full(geometry, query.shape[2], seq_len), ring, video, query)
+            work = self._work(self.planner.full_mask(geometry, query.shape[2], seq_len), ring, video, query)
             plan.record.dense_kernels.add("sparsecore full mask (ring)")
         out = planner.stats.time(plan.record, query, lambda: ring_attention.run(work, ring, query, key, value))
         if fresh and sparse is not None:
@@ -118,19 +112,6 @@ class ShardedAttention:
         planner = self.planner
         return (ring.world, ring.rank, video, planner.device, planner.backend,
                 tuple(sorted(planner.backend_options.items())))
-
-    def _full(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:
-        """The full mask of the valid tokens (frame blocks), extended by the padding block to ``seq_len``."""
-        key = (geometry, heads, seq_len)
-        found = self._dense.get(key)
-        if found is None:
-            found = dense_mask(geometry, heads, {"method": "dense"})
-            if seq_len != found.q_len:
-                found = found.with_trailing_block(seq_len)
-            self._dense[key] = found
-            if len(self._dense) > DENSE_MASKS:
-                self._dense.popitem(last=False)
-        return found
 
 
 def _rows(full: torch.Tensor, ring: RingGroup, video: int) -> torch.Tensor:

@@ -1,0 +1,173 @@
+"""SkyReels-V2 with diffusion forcing's causal blocks (``num_frame_per_block`` > 1) through sparsecore.
+
+The model's forward masks attention frame-causally with an ``[1, 1, L, L]`` token mask. The oracle is the float64
+masked softmax of ``test_integration_diffusers`` (diffusers' own processors, its dispatch replaced), which applies
+the model's token mask itself and the plan's mask expanded to tokens; what a token may see is written here from
+token positions alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import expand_to_tokens
+from test_integration_diffusers import (CASES, FRAMES, HEIGHT, WIDTH, METHODS, forward, oracle_output, random_mask,
+                                        tiny_skyreels_v2, wan_inputs)
+
+from sparsecore import BlockMask, VideoGeometry
+from sparsecore.integrations import diffusers as sparse
+from sparsecore.integrations.diffusers.planner import VISIBLE_BLOCKS
+
+CAUSAL_FRAMES = 2
+GEOMETRY = VideoGeometry(FRAMES, HEIGHT, WIDTH, causal_frames=CAUSAL_FRAMES)
+
+
+def visible_tokens() -> np.ndarray:
+    group = np.arange(FRAMES * HEIGHT * WIDTH) // (HEIGHT * WIDTH) // CAUSAL_FRAMES
+    return group[None, :] <= group[:, None]
+
+
+def causal_case():
+    case = CASES["skyreels-v2"]
+    return case, tiny_skyreels_v2(frames_per_block=CAUSAL_FRAMES), case.inputs(batch=2)
+
+
+def test_a_callables_mask_runs_as_float64_attention_under_the_models_causal_mask(monkeypatch):
+    """A caller's random masks list later causal blocks too: they leave the mask, and the output is the oracle's
+    (the model's own causal token mask and the random mask); the same masks without causal blocks give another."""
+    case, model, inputs = causal_case()
+    expected, _ = oracle_output(case, model, inputs, random_mask, 0, 999.0, monkeypatch)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=1)
+    handle.keep_masks(True)
+    try:
+        got = forward(model, inputs, 999.0)
+        masks = [handle.mask(layer) for layer in range(2)]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)
+    assert handle.geometry == GEOMETRY
+    for mask in masks:
+        tokens = expand_to_tokens(mask)
+        assert not (tokens & ~visible_tokens()).any() and mask.meta["causal_frames"] == CAUSAL_FRAMES
+    free = tiny_skyreels_v2()
+    handle = sparse.apply(free, method=random_mask, device="cpu", num_steps=1)
+    try:
+        assert (forward(free, inputs, 999.0) - got).abs().max() > 1e-2           # causality changes the output
+    finally:
+        handle.remove()
+
+
+def test_dense_steps_run_every_visible_block_as_the_models_own_masked_attention():
+    """PASA's dense steps (and its dense first layer) run the kernel of every block a row may see, not the model's
+    L x L token mask: the model's own output, and stats say which kernel ran."""
+    _, model, inputs = causal_case()
+    reference = forward(model, inputs, 999.0)
+    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=4, **METHODS["pasa"])
+    try:
+        got = forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    assert {row["dense_kernel"] for row in handle.stats()} == {VISIBLE_BLOCKS}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_sessions_plan_only_visible_blocks_and_run_them_exactly(method, monkeypatch):
+    """Every mask a method plans for the causal model lists only blocks its rows may see (PASA without its
+    approximation, which would add the later blocks), and a sparse step's output is the oracle's under those masks."""
+    case, model, inputs = causal_case()
+    handle = sparse.apply(model, method=method, device="cpu", num_steps=4, **METHODS[method])
+    handle.keep_masks(True)
+    recorded = {}
+    try:
+        for timestep in (999.0, 750.0, 500.0):
+            out = forward(model, inputs, timestep)
+            recorded = {layer: handle.mask(layer) for layer in range(2)}
+    finally:
+        handle.remove()
+    assert any(mask is not None and mask.density() < 0.6 for mask in recorded.values())
+    for mask in recorded.values():
+        if mask is not None:
+            assert not (expand_to_tokens(mask) & ~visible_tokens()).any()
+            assert mask.unselected.kind == "drop"
+
+    def provider(geometry, heads, step, layer):
+        mask = recorded[layer]
+        return BlockMask.full(heads, geometry.tokens, geometry.tokens, 64) if mask is None else mask
+
+    expected, _ = oracle_output(case, model, inputs, provider, 2, 500.0, monkeypatch)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=5e-6)
+
+
+def test_an_explicit_approximation_is_refused_and_the_pipeline_may_switch_causal_blocks_on_after_apply():
+    _, model, inputs = causal_case()
+    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=4, approximation="grouped-first-order",
+                          **METHODS["pasa"])
+    try:
+        forward(model, inputs, 999.0)                                              # dense: nothing approximated
+        with pytest.raises(ValueError, match="approximation: .*approximation='drop'"):
+            forward(model, inputs, 750.0)
+    finally:
+        handle.remove()
+    free = tiny_skyreels_v2()
+    handle = sparse.apply(free, method="lvsa", device="cpu", num_steps=2, **METHODS["lvsa"])
+    try:
+        forward(free, inputs, 999.0)
+        free._set_ar_attention(CAUSAL_FRAMES)                    # as the diffusion-forcing pipelines do
+        forward(free, inputs, 500.0)
+        assert handle.geometry == GEOMETRY
+        assert not (expand_to_tokens(handle.mask(1)) & ~visible_tokens()).any()
+    finally:
+        handle.remove()
+
+
+def test_a_callables_blocks_that_cross_a_causal_block_are_refused_naming_the_block():
+    """A sparse mask on blocks that cross causal blocks has no exact cut; a full one on any blocks keeps every block
+    each row may see (the model's own output)."""
+    _, model, inputs = causal_case()
+    reference = forward(model, inputs, 999.0)
+
+    def crossing(geometry, heads, step, layer):
+        offsets = np.arange(0, geometry.tokens + 1, 96).tolist() + [geometry.tokens]
+        return BlockMask.from_dense(np.eye(len(offsets) - 1, dtype=bool)[None].repeat(heads, 0), geometry.tokens,
+                                    geometry.tokens, 96)
+
+    handle = sparse.apply(model, method=crossing, device="cpu", num_steps=1)
+    try:
+        with pytest.raises(ValueError, match=r"offsets: block 1 \(tokens 96\.\.192\) crosses"):
+            forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    handle = sparse.apply(model, method=lambda g, h, s, layer: BlockMask.full(h, g.tokens, g.tokens, 96),
+                          device="cpu", num_steps=1)
+    try:
+        torch.testing.assert_close(forward(model, inputs, 999.0), reference, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+    assert {row["backend"] for row in handle.stats()} == {"portable"}
+
+
+def test_an_audit_measures_against_the_models_causal_attention():
+    """The audit's dense side is the causal one: a mask of every visible block keeps all the mass (recall 1)."""
+    _, model, inputs = causal_case()
+    handle = sparse.apply(model, method=lambda g, h, s, layer: BlockMask.full(h, g.tokens, g.tokens, 64),
+                          device="cpu", num_steps=1)
+    handle.audit(True)
+    try:
+        forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    rows = handle.stats()
+    assert rows and all(row["recall"] == pytest.approx(1.0, abs=1e-5) and row["rel_l2"] < 1e-5 for row in rows)
+
+
+def test_a_single_latent_frame_model_input_keeps_the_model_path():
+    """``num_frame_per_block=1`` is no causal mask in diffusers: the geometry has no causal frames."""
+    model = tiny_skyreels_v2()
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=1)
+    try:
+        forward(model, wan_inputs(batch=1), 999.0)
+    finally:
+        handle.remove()
+    assert handle.geometry.causal_frames == 0
