@@ -25,9 +25,10 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   control channels) at 480x832 with 41 latent frames (2x), every layer run: 45 self-attention layers a step.
 - ``skyreels-df``: SkyReels-V2 DF 1.3B (Wan 2.1 1.3B's configuration) with diffusion forcing's causal blocks of 5
   latent frames (``num_frame_per_block=5``, the pipelines' ``causal_block_size=5``) at 544x960 (68x120 latent, 2,040
-  tokens a frame) with 50 latent frames (197 video frames, 2x its pipelines' base of 97), every layer run: 102,000
-  tokens. Its dense row is the model's own attention, SDPA under the ``[1, 1, L, L]`` boolean mask its forward
-  builds (20.8 GB in bf16); sparsecore's dense row runs every block each frame may see.
+  tokens a frame) with 50 and 125 latent frames (197 and 497 video frames, 2x and 5x its pipelines' base of 97),
+  every layer run: 102,000 and 255,000 tokens. Its dense row is the model's own attention, SDPA under the
+  ``[1, 1, L, L]`` boolean mask its forward builds (10.4 GB at 2x, 65 GB at 5x; where that does not fit, the row
+  says so and the methods still run); sparsecore's dense row runs every block each frame may see.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -140,7 +141,7 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
     if "wan-vace" in models:
         out += [Case("wan-vace", "2x", 41, 60, 104, 30, 30)]
     if "skyreels-df" in models:
-        out += [Case("skyreels-df", "2x", 50, 68, 120, 30, 30)]
+        out += [Case("skyreels-df", f"{m}x", f, 68, 120, 30, 30) for m, f in ((2, 50), (5, 125))]
     return out
 
 
@@ -334,17 +335,24 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
     rows, scale = [], case.layers_full / case.layers_run
     warm_kernels(model, inputs, device, model.dtype, backend=kernel_args["backend"],
                  options=kernel_args["backend_options"])
-    dense = [timed_forward(model, inputs, 999.0, device)]
-    reset_peak(device)                                  # the peak of a step, not of compiling the blocks
-    dense += [timed_forward(model, inputs, 999.0, device) for _ in range(DENSE_REPEATS)]
-    dense_time = statistics.median(dense[1:]) * scale
     base = dict(model=case.model, length=case.label, latent_frames=case.frames, mode=mode,
                 layers_run=case.layers_run, layers_full=case.layers_full)
-    rows.append(dict(base, method="dense", steps={"dense": dense_time}, samples={"dense": DENSE_REPEATS},
-                     generation_s=generation("dense", {"dense": dense_time}), peak_gib=peak_gib(device),
-                     allocated_mib=allocated_mib(device),
-                     first_step_s=dense[0] * scale))
-    log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s (first {dense[0] * scale:.1f} s)")
+    try:
+        dense = [timed_forward(model, inputs, 999.0, device)]
+        reset_peak(device)                              # the peak of a step, not of compiling the blocks
+        dense += [timed_forward(model, inputs, 999.0, device) for _ in range(DENSE_REPEATS)]
+    except torch.OutOfMemoryError as err:              # the model's own attention does not fit; sparsecore's may
+        rows.append(dict(base, method="dense", error=f"out of memory: {str(err)[:300]}"))
+        log(f"  {case.model} {case.label} {mode:8s} dense       out of memory")
+        dense, dense_time = None, None
+        torch.cuda.empty_cache()
+    if dense is not None:
+        dense_time = statistics.median(dense[1:]) * scale
+        rows.append(dict(base, method="dense", steps={"dense": dense_time}, samples={"dense": DENSE_REPEATS},
+                         generation_s=generation("dense", {"dense": dense_time}), peak_gib=peak_gib(device),
+                         allocated_mib=allocated_mib(device), first_step_s=dense[0] * scale))
+        log(f"  {case.model} {case.label} {mode:8s} dense       step {dense_time:8.3f} s "
+            f"(first {dense[0] * scale:.1f} s)")
     for method in methods:
         if method == "dense-sparsecore" and kernel_args["dense_attention"] == "model":
             log("  dense-sparsecore skipped: with --dense-attention model it would time the model's own attention")
@@ -424,8 +432,9 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
                first_step_s=first_step, dense_measured=dense_measured)
     log(f"  {case.model} {case.label} {mode:8s} {method:10s} "
         + ", ".join(f"{k} {t:.3f} s" for k, t in times.items() if k != "dense" or dense_measured)
-        + f"; generation {row['generation_s']:.1f} s vs dense {generation('dense', {'dense': dense_time}):.1f} s; "
-        f"plan/layer {row['plan_ms_median']}")
+        + f"; generation {row['generation_s']:.1f} s vs dense "
+        + (f"{generation('dense', {'dense': dense_time}):.1f} s" if dense_time is not None else "(out of memory)")
+        + f"; plan/layer {row['plan_ms_median']}")
     return row
 
 
@@ -485,7 +494,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "| density | plan ms/layer | peak GiB | peak, held vs dense (MiB) | kernels "
              "| generation vs dense-sparsecore |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense"}
+    dense = {(r["model"], r["length"], r["mode"]): r for r in rows if r.get("method") == "dense" and "error" not in r}
     fast = {(r["model"], r["length"], r["mode"]): r for r in rows
             if r.get("method") == "dense-sparsecore" and "error" not in r}
     for r in rows:

@@ -142,6 +142,7 @@ class VideoGeometry:
 
     def video_block_count(self, block_size: int) -> int:
         """How many ``block_size``-token blocks :meth:`block_offsets` cuts the video into (without building them)."""
+        block_size = check_int(block_size, "block_size")
         if not self.causal_frames:
             return -(-self.video_tokens // block_size)
         full, rest = divmod(self.frames, self.causal_frames)

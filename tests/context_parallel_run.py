@@ -1,5 +1,5 @@
-"""Tiny Wan (and Wan VACE, SkyReels-V2) and HunyuanVideo 1.5 models with sparsecore applied, in one process or in N
-gloo processes.
+"""Tiny Wan (and Wan VACE, SkyReels-V2, also with diffusion forcing's causal blocks) and HunyuanVideo 1.5 models with
+sparsecore applied, in one process or in N gloo processes.
 
 Shared by test_integration_context_parallel.py (the parent) and its spawned workers, which
 import this module by name (it holds no test, so the workers do not import pytest). Modes:
@@ -17,6 +17,7 @@ import socket
 import traceback
 from dataclasses import fields
 from datetime import timedelta
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,10 +36,11 @@ from sparsecore.methods import lvsa
 from sparsecore.methods.pasa import PASAParams
 
 HEADS = 4
+CAUSAL_FRAMES = 2                                       # "skyreels-causal": diffusion forcing's causal blocks
 TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising step
 LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
         "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
-LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df")})
+LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal")})
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
 PASA = {"density": 0.4, "block_size": 16, "dense_layers": (), "noise_scale": 0.5,
@@ -61,11 +63,13 @@ def tiny_vace() -> WanVACETransformer3DModel:
                                      rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=6).eval()
 
 
-def tiny_skyreels() -> SkyReelsV2Transformer3DModel:
+def tiny_skyreels(frames_per_block: int = 1) -> SkyReelsV2Transformer3DModel:
+    """``frames_per_block`` > 1: diffusion forcing's causal blocks (the model masks attention frame-causally)."""
     torch.manual_seed(0)
     return SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=16,
                                         in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
-                                        num_layers=2, rope_max_seq_len=32).eval()
+                                        num_layers=2, rope_max_seq_len=32,
+                                        num_frame_per_block=frames_per_block).eval()
 
 
 def tiny_hunyuan() -> HunyuanVideo15Transformer3DModel:
@@ -84,7 +88,8 @@ def inputs(model: str) -> dict:
         wan = {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
                "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
         extra = {"vace": {"control_hidden_states": torch.randn(2, 6, 12, 8, 8, generator=gen)},
-                 "skyreels-df": {"enable_diffusion_forcing": True}}.get(model, {})
+                 "skyreels-df": {"enable_diffusion_forcing": True},
+                 "skyreels-causal": {"enable_diffusion_forcing": True}}.get(model, {})
         return {**wan, **extra}
     return {"hidden_states": 2.0 * torch.randn(2, 4, 8, 4, 4, generator=gen),
             "encoder_hidden_states": torch.randn(2, 6, 16, generator=gen),
@@ -95,13 +100,13 @@ def inputs(model: str) -> dict:
 
 
 MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "vace": tiny_vace, "skyreels": tiny_skyreels,
-          "skyreels-df": tiny_skyreels}
+          "skyreels-df": tiny_skyreels, "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES)}
 
 
 def timesteps(model: str, t: float) -> torch.Tensor:
     """A forward's timestep for two samples: one each, or (SkyReels-V2's diffusion forcing) one per latent frame, the
-    first half of the 12 frames 150 ahead."""
-    if model == "skyreels-df":
+    first half of the 12 frames 150 ahead (with causal blocks of 2 frames, whole causal blocks ahead)."""
+    if model in ("skyreels-df", "skyreels-causal"):
         return torch.tensor([[max(t - 150.0, 0.0)] * 6 + [t] * 6] * 2)
     return torch.full((2,), t)
 
@@ -129,6 +134,16 @@ def band(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> Bloc
     return BlockMask.from_lists(rows, offsets, offsets)
 
 
+def random_blocks(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+    """A random pattern per head, layer and step on frame blocks (the diagonal kept: no empty row), the same in every
+    process; it lists later causal blocks too, which leave it under causal frames."""
+    offsets = geometry.block_offsets(None)
+    blocks = len(offsets) - 1
+    keep = np.random.default_rng([11, layer, step]).random((num_heads, blocks, blocks)) < 0.35
+    keep[:, np.arange(blocks), np.arange(blocks)] = True
+    return BlockMask.from_lists([[np.nonzero(row)[0] for row in head] for head in keep], offsets, offsets)
+
+
 def method(model: str, name: str, ring: int = 1) -> tuple[Any, dict]:
     """The provider and parameters of a test method (``lvsa-guards``: LVSA's boundary guards of ``ring`` shards)."""
     return {"dense": (full, {}),
@@ -136,6 +151,7 @@ def method(model: str, name: str, ring: int = 1) -> tuple[Any, dict]:
             "lvsa-guards": ("lvsa", {**LVSA[model], "sp_world": ring}),
             "lvsa-per-head": (lvsa_per_head, {}),
             "band": (band, {}),
+            "random": (random_blocks, {}),
             "adaspa": ("adaspa", ADASPA),
             "adaspa-compiled": ("adaspa", ADASPA),          # the transformer's blocks under torch.compile
             "adaspa-fused-first": ("adaspa", {**ADASPA, "first_search": "fused"}),   # the paper's dense step 1

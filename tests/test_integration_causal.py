@@ -171,3 +171,35 @@ def test_a_single_latent_frame_model_input_keeps_the_model_path():
     finally:
         handle.remove()
     assert handle.geometry.causal_frames == 0
+
+
+def test_the_forward_builds_no_token_mask_and_the_config_is_restored_after_it():
+    """While sparsecore runs the forward the model's setting reads 1 (no ``[1, 1, L, L]`` mask is built: its blocks
+    get None), and after it (also after a forward that raised) the model's own setting is back."""
+    _, model, inputs = causal_case()
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[4]))
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=2)
+    try:
+        forward(model, inputs, 999.0)
+        assert seen == [None] and model.config.num_frame_per_block == CAUSAL_FRAMES
+        with pytest.raises(RuntimeError):                          # the patch embedding takes 4 channels, not 3
+            forward(model, {**inputs, "hidden_states": inputs["hidden_states"][:, :3]}, 999.0)
+        assert model.config.num_frame_per_block == CAUSAL_FRAMES and handle.geometry == GEOMETRY
+    finally:
+        handle.remove()
+        seen.clear()
+    forward(model, inputs, 999.0)
+    hook.remove()
+    assert seen[0] is not None and tuple(seen[0].shape) == (1, 1, GEOMETRY.tokens, GEOMETRY.tokens)
+
+
+def test_latent_frames_that_are_not_whole_causal_blocks_are_refused_as_the_model_would():
+    _, model, inputs = causal_case()
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=1)
+    try:
+        with pytest.raises(ValueError, match="7 latent frames are not a multiple .*num_frame_per_block=2"):
+            forward(model, {**inputs, "hidden_states": inputs["hidden_states"][:, :, :7]}, 999.0)
+        assert model.config.num_frame_per_block == CAUSAL_FRAMES
+    finally:
+        handle.remove()

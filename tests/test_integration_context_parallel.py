@@ -1,7 +1,7 @@
 """sparsecore inside context parallelism: Ulysses, ring and ring x Ulysses, in gloo processes on loopback (CPU).
 
-Tiny random Wan (also Wan VACE, and SkyReels-V2 with and without diffusion forcing's per-frame timesteps) and
-HunyuanVideo 1.5 models with sparsecore applied give the same outputs in N
+Tiny random Wan (also Wan VACE, and SkyReels-V2 with and without diffusion forcing's per-frame timesteps, and with
+its causal blocks of 2 latent frames) and HunyuanVideo 1.5 models with sparsecore applied give the same outputs in N
 processes as in one (fp32, 1e-5, five denoising steps), and each rank's masks are the one-process
 masks' slice of its heads (every rank plans the whole sequence). The masks differ per head (LVSA
 with per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from context_parallel_run import LVSA, fake_parallel_config, inputs, run, run_dense, run_parallel, tiny_wan
+from context_parallel_run import (CAUSAL_FRAMES, HEADS, LVSA, fake_parallel_config, inputs, random_blocks, run,
+                                  run_dense, run_parallel, tiny_wan)
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -34,19 +35,20 @@ from sparsecore.integrations.diffusers.stats import Stats
 from sparsecore.ir import Unselected
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
+CAUSAL = [("skyreels-causal", m) for m in ("random", "lvsa", "adaspa", "pasa")]   # frame-causal: a callable, methods
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
                                     "adaspa-fused-first")]
            + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")]
-           + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")],
+           + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")] + CAUSAL,
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
 RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa",
                                            "adaspa-fused-first", "pasa")]
         + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")]
-        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")],
+        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")] + CAUSAL,
         ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
         + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],
         ("unified", 4): [("wan", m) for m in ("lvsa", "lvsa-per-head", "adaspa", "pasa")]
-        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")]}
+        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")] + CAUSAL}
 
 
 @lru_cache(maxsize=None)
@@ -96,6 +98,20 @@ def test_sparse_masks_differ_per_head_and_change_the_output():
     assert all(len(set(b.tolist())) > 1 for b in single("wan", "adaspa")["budgets"])   # head-adaptive budgets at work
 
 
+def test_the_causal_model_runs_frame_causal_masks():
+    """The context-parallel runs of ``CAUSAL`` check a causal model: the one-process masks list no later causal block
+    (the random callable's do), and the output differs from the same model without causal blocks."""
+    raw = random_blocks(VideoGeometry(12, 4, 4), HEADS, 0, 0).to_dense()
+    group = np.arange(raw.shape[1]) // CAUSAL_FRAMES
+    assert (raw & (group[None, :] > group[:, None])).any()
+    for model, method in CAUSAL:
+        for mask in single(model, method)["masks"]:                              # [H, frames, frames], frame blocks
+            group = np.arange(mask.shape[1]) // CAUSAL_FRAMES
+            assert not (mask & (group[None, :] > group[:, None])).any(), method
+    causal, free = single("skyreels-causal", "random")["outputs"], single("skyreels-df", "random")["outputs"]
+    assert np.abs(causal - free).max() > 1e-3
+
+
 def test_lvsa_guards_add_anchor_frames_at_the_shard_boundary():
     plain, guarded = single("wan", "lvsa")["masks"][0], single("wan", "lvsa-guards", 2)["masks"][0]
     assert guarded.sum() > plain.sum() and (guarded | plain).sum() == guarded.sum()
@@ -114,6 +130,9 @@ def test_ring_matches_one_process(ring):
         tables = [result[job]["needs"] for result in ranks]
         assert all(len(need) == ring_degree for needs in tables for need in needs)
         assert all(tables[rank] == tables[rank % ulysses_degree] for rank in range(world)), job
+    jobs = [job for job in RING[(mode, world)] if job in CAUSAL]      # rank 0's rows (the first half of the frames)
+    causal = [need for job in jobs for need in ranks[0][job]["needs"]]    # see no key of the later causal blocks
+    assert bool(causal) == bool(jobs) and all(not need[0][1] for need in causal)
     if ("wan", "band") in RING[(mode, world)]:              # frames see their neighbours only: far shards are skipped
         needs = ranks[0][("wan", "band")]["needs"]
         assert needs and all(not need[0][2] and not need[2][0] and need[0][1] for need in needs)

@@ -389,8 +389,8 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
         if tuple(mass.shape) != (shard.size, blocks, blocks) or not mass.is_floating_point():
             raise ValueError(f"mass: expected float block masses [{shard.size}, {blocks}, {blocks}] on "
                              f"{p.block_size}-token blocks, got {mass.dtype} {list(mass.shape)}")
-    meta = _meta(geometry, p, layer, step, action)
-    meta["lse"] = "fresh" if fresh else "given"
+        causal.check_masses(mass, geometry)
+    meta = {**_meta(geometry, p, layer, step, action), "lse": "fresh" if fresh else "given"}
     mask = search(mass, geometry, offsets, p, shard, meta, finite_check=not fresh and not given_mass)
     return Search(mask, lse_used)
 

@@ -59,7 +59,8 @@ def visible_lse(q: torch.Tensor, k: torch.Tensor, geometry: VideoGeometry, scale
 def restrict(mask: BlockMask, geometry: VideoGeometry) -> BlockMask:
     """``mask`` without the blocks a row may not see under ``geometry``'s causal frames (the mask itself where it
     lists none, or the geometry has none); for masks no method planned under the geometry (a caller's). Its blocks
-    must not cross a causal-block boundary (``ValueError`` naming the block otherwise).
+    must not cross a causal-block boundary (``ValueError`` naming the block otherwise), and it must drop the blocks
+    it does not list where the geometry hides any (an approximation would add them all, the hidden ones included).
 
     On the host by NumPy; on a device by torch, with one host read (whether anything goes)."""
     if not geometry.causal_frames:
@@ -67,6 +68,9 @@ def restrict(mask: BlockMask, geometry: VideoGeometry) -> BlockMask:
     if mask.q_len != geometry.tokens or mask.kv_len != geometry.tokens:
         raise ValueError(f"mask: expected q_len = kv_len = {geometry.tokens} (geometry {geometry}), got {mask!r}")
     q_groups, kv_groups = geometry.causal_groups(mask.q_offsets), geometry.causal_groups(mask.kv_offsets)
+    if mask.unselected.kind != "drop" and geometry.frames > geometry.causal_frames:   # whatever it lists
+        raise ValueError(f"mask: it approximates the blocks a row does not list ({mask.unselected}), the later causal "
+                         f"blocks (of {geometry.causal_frames} frames) included; plan it with unselected 'drop'")
     heads, rows, on_host = mask.num_heads, mask.num_q_blocks, mask.on_host
     indices = mask.indices if on_host else mask.indices.long()
     if not on_host:
@@ -75,9 +79,6 @@ def restrict(mask: BlockMask, geometry: VideoGeometry) -> BlockMask:
     seen = kv_groups[indices] <= q_groups[flat_row % rows]
     if bool(seen.all()):
         return mask
-    if mask.unselected.kind != "drop":
-        raise ValueError(f"mask: it approximates the blocks a row does not list ({mask.unselected}), the later causal "
-                         f"blocks (of {geometry.causal_frames} frames) included; plan it with unselected 'drop'")
     if on_host:
         counts = np.bincount(flat_row[seen], minlength=heads * rows)
         indptr = csr.indptr_from_counts(counts.reshape(heads, rows)).astype(np.int32)
@@ -88,6 +89,15 @@ def restrict(mask: BlockMask, geometry: VideoGeometry) -> BlockMask:
                                {**mask.meta, "causal_frames": geometry.causal_frames})
 
 
+def check_masses(mass: torch.Tensor, geometry: VideoGeometry) -> None:
+    """Refuse a caller's negative block masses under causal frames (one host read): :meth:`Visibility.hide` ranks a
+    block a row may not see as -1, so a visible block's mass below that would rank it after the hidden ones."""
+    if geometry.causal_frames and bool((mass < 0).any()):
+        raise ValueError(f"mass: expected block masses >= 0 (softmax mass), got a negative one; under causal blocks of "
+                         f"{geometry.causal_frames} frames a block a row may not see ranks as -1, below every mass; "
+                         f"pass block_mass()'s masses, or q and k")
+
+
 def keep_per_row(density: float, visible: np.ndarray) -> np.ndarray:
     """Blocks each row keeps at ``density`` of what it may see: ``round(density * visible)``, 1 to ``visible``."""
     return np.clip(np.round(density * visible), 1, visible).astype(np.int64)
@@ -96,7 +106,8 @@ def keep_per_row(density: float, visible: np.ndarray) -> np.ndarray:
 def rank_visible_first(scores: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """``scores`` (float32 ``[H, R, C]``, in place) where every visible entry ranks above every hidden one in a
     top-k: hidden entries -inf, visible ones at least the lowest finite float (NaN stays NaN, which top-k ranks
-    first). Adding finite noise keeps the order between the two sets."""
+    first). Selection noise goes in before, not after: noise that overflows to +-inf would make a hidden -inf NaN
+    or a visible entry -inf."""
     return scores.clamp_(min=-torch.finfo(scores.dtype).max).masked_fill_(hidden, float("-inf"))
 
 

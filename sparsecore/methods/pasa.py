@@ -367,9 +367,9 @@ def _causal_selection(scores: torch.Tensor, geometry: VideoGeometry, offsets: np
     rank below every visible one, so each row's top-k prefix holds visible blocks only."""
     visible = causal.visible_counts(geometry, offsets)
     keep = causal.keep_per_row(rho, visible)
+    if noise is not None:                               # before the ranking, which must see the noisy scores
+        scores.add_(noise.sample(*scores.shape[1:]))
     ranked = causal.rank_visible_first(scores, causal.future(geometry, offsets, scores.device))
-    if noise is not None:
-        ranked.add_(noise.sample(*ranked.shape[1:]))
     top = torch.topk(ranked, int(keep.max()), dim=-1, sorted=True)
     counts = queued(keep, scores.device).expand(scores.shape[0], -1)
     return rows_from_top(top, layout, counts), scores.shape[0] * int(keep.sum()), int(keep.max())

@@ -63,6 +63,7 @@ class SparseAttentionHandle:
         self.approximation: str | None = None     # the method's treatment of unkept blocks (None: a callable's)
         self.geometry: VideoGeometry | None = None
         self.active = False
+        self._causal_setting = 0                  # the model's causal-block setting, suspended during a forward
         self._stats = Stats()
         self._planner = Planner(method, params, device, backend, num_steps, self._stats, self.backend_options,
                                 faster_dense=dense_attention == "auto")
@@ -197,17 +198,28 @@ class SparseAttentionHandle:
                              f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         parallel.refuse_ring_approximation(self._processors, self.approximation)           # before any step runs
-        self.geometry = VideoGeometry(*self.spec.grid(hidden.shape, module.config),
-                                      causal_frames=self.spec.causal_frames(module.config))
+        causal = self.spec.causal_frames(module.config)
+        grid = self.spec.grid(hidden.shape, module.config)
+        if causal and grid[0] % causal:          # the model's own forward refuses these (its mask's view fails)
+            raise ValueError(f"hidden_states: {grid[0]} latent frames are not a multiple of the causal blocks' "
+                             f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
+                             f"forcing pipelines cut them so)")
+        self.geometry = VideoGeometry(*grid, causal_frames=causal)
         at = self.spec.timestep_arg
         self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)
         self._text_cache = None
         self._calls = 0
         self.active = True
+        if causal:                # the geometry keeps to the causal blocks: the forward need not build an L x L mask
+            module.register_to_config(**{self.spec.causal_setting: 1})
+            self._causal_setting = causal
 
     def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
         calls, self._calls = self._calls, 0
         self.active = False
+        if self._causal_setting:                     # the model's own setting, for every use outside the forward
+            module.register_to_config(**{self.spec.causal_setting: self._causal_setting})
+            self._causal_setting = 0
         self._text_cache = None
         if output is None:                           # the forward raised (this hook runs always): its error stands
             return

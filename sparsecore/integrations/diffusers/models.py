@@ -30,7 +30,7 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   (``SkyReelsV2AttnProcessor`` makes q, k, v as Wan's does). With ``num_frame_per_block`` > 1 (diffusion forcing's
   causal blocks) its forward masks attention frame-causally: the geometry then has ``causal_frames`` (what a
   token may see is a property of its block) and every mask and dense step keeps to it
-  (:attr:`ModelSpec.causal_frames`).
+  (:attr:`ModelSpec.causal_setting`).
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
 CogVideoX's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
@@ -77,7 +77,7 @@ class ModelSpec:
     joint_text: bool               # text tokens share the attention sequence (after the video in every mask)
     frames_axis: int = 2           # the latents' frame axis: [B, C, F, H, W] (2) or [B, F, C, H, W] (1)
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
-    causal_frames: Callable[[Any], int] = lambda config: 0  # latent frames per causal block of a forward, 0: none
+    causal_setting: str | None = None  # the config field of latent frames per causal block (1: none), if any
     first_layers: Callable[[Any], tuple[int, ...]] = lambda config: (0,)   # the layer of each path's first block
 
     @property
@@ -89,6 +89,13 @@ class ModelSpec:
     def latents(self) -> str:
         """The layout of the forward's ``hidden_states``, for messages."""
         return "[B, F, C, H, W]" if self.frames_axis == 1 else "[B, C, F, H, W]"
+
+    def causal_frames(self, config: Any) -> int:
+        """Latent frames per causal block of a forward of this config, 0 for none. SkyReels-V2's forward masks
+        attention by blocks of ``num_frame_per_block`` latent frames (temporal patch 1) where that is above 1
+        (diffusers 0.42, ``SkyReelsV2Transformer3DModel.forward``)."""
+        frames = 1 if self.causal_setting is None else int(getattr(config, self.causal_setting))
+        return frames if frames > 1 else 0
 
     def grid(self, latents: torch.Size, config: Any) -> tuple[int, int, int]:
         """Frames, height and width of the token grid after patchify, from the latents' shape."""
@@ -193,13 +200,6 @@ def _cogvideox_patch(config: Any) -> tuple[int, int, int]:
     return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
 
 
-def _skyreels_causal_frames(config: Any) -> int:
-    """SkyReels-V2's forward masks attention frame-causally, by blocks of ``num_frame_per_block`` latent frames
-    (temporal patch 1), where that is above 1 (diffusers 0.42, ``SkyReelsV2Transformer3DModel.forward``)."""
-    frames = int(config.num_frame_per_block)
-    return frames if frames > 1 else 0
-
-
 def _horizon(name: str) -> Callable[[Any], int]:
     return lambda config: lvsa.REFERENCE_FRAMES[name]
 
@@ -228,7 +228,7 @@ WAN_ANIMATE = ModelSpec("wan-animate", WanAnimateTransformer3DModel, WanAnimateA
                        _horizon("wan"), _wan_patch, joint_text=False)
 SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
                         _horizon("skyreels-v2"), _wan_patch, joint_text=False,
-                        causal_frames=_skyreels_causal_frames)
+                        causal_setting="num_frame_per_block")
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2)
 
 

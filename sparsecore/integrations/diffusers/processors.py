@@ -160,17 +160,12 @@ class SparseProcessor(RefusesCopies):
 class WanSparseAttnProcessor(SparseProcessor):
     """Self-attention of a ``WanTransformer3DModel`` block (``attn1``), of a ``WanVACETransformer3DModel``'s
     ``vace_blocks`` and ``blocks``, and of a ``WanAnimateTransformer3DModel``'s ``blocks``, through sparsecore."""
-
-    def geometry_holds(self, attention_mask: torch.Tensor) -> bool:
-        """Whether the forward's token mask is one the geometry already keeps to (then it is not read)."""
-        return False
-
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if encoder_hidden_states is not None or not self._handle.active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if attention_mask is not None and not self.geometry_holds(attention_mask):
+        if attention_mask is not None:
             raise ValueError(f"attention_mask: {self._handle.spec.model_class.__name__} self-attention (layer "
                              f"{self.layer}) expected None, got a {list(attention_mask.shape)} mask; the block-mask "
                              f"IR cannot add a token mask; {self._handle.dense_remedy()}")
@@ -230,15 +225,11 @@ def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 class SkyReelsV2SparseAttnProcessor(WanSparseAttnProcessor):
     """Self-attention of a ``SkyReelsV2Transformer3DModel`` block (``attn1``) through sparsecore: Wan's.
 
-    With diffusion forcing's causal blocks its forward passes the frame-causal token mask ``[1, 1, L, L]`` that
-    its config's ``num_frame_per_block`` defines. The geometry's ``causal_frames`` comes from the same config
-    (:attr:`.models.ModelSpec.causal_frames`), and every mask and dense step keeps to it: the token mask is not read.
+    With diffusion forcing's causal blocks the geometry's ``causal_frames`` comes from the config's
+    ``num_frame_per_block`` (:meth:`.models.ModelSpec.causal_frames`) and every mask and dense step keeps to it; the
+    handle sets the config to 1 for the forward's duration, so the forward builds no ``[1, 1, L, L]`` token mask
+    (10 GB of booleans at 102,000 tokens) and passes none here.
     """
-
-    def geometry_holds(self, attention_mask: torch.Tensor) -> bool:
-        geometry = self._handle.geometry
-        return bool(geometry.causal_frames) and tuple(attention_mask.shape) == (1, 1, geometry.tokens,
-                                                                                 geometry.tokens)
 
 
 SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.name: WanSparseAttnProcessor,
