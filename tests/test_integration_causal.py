@@ -203,3 +203,22 @@ def test_latent_frames_that_are_not_whole_causal_blocks_are_refused_as_the_model
         assert model.config.num_frame_per_block == CAUSAL_FRAMES
     finally:
         handle.remove()
+
+
+def test_pasas_default_under_ring_is_not_refused_for_a_causal_model():
+    """PASA drops unkept blocks under causal frames unless told otherwise, so ring attention takes its default (the
+    refusal used to read the method's parameter, which approximates): the forward gets past the refusal to the
+    shards' check, which this unsharded input fails."""
+    from context_parallel_run import fake_parallel_config
+    _, model, inputs = causal_case()
+    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=5)
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = fake_parallel_config(ring_degree=2)
+    try:
+        with pytest.raises(ValueError, match=r"hidden_states: under ring degree 2 x Ulysses degree 1 layer 0"):
+            forward(model, inputs, 999.0)
+        assert handle._planner.approximation(GEOMETRY) == "drop"
+    finally:
+        for block in model.blocks:
+            block.attn1.processor._parallel_config = None
+        handle.remove()

@@ -167,11 +167,12 @@ def test_pasas_default_approximation_under_ring_is_refused_at_the_first_forward(
     run); Ulysses keeps whole sequences, so it takes the approximation."""
     model = tiny_wan()
     handle = sparse.apply(model, method="pasa", device="cpu", num_steps=5)       # approximation: PASA's default
-    assert handle.approximation.startswith("grouped-first-order")
+    geometry = VideoGeometry(8, 8, 8)
+    assert handle._planner.approximation(geometry).startswith("grouped-first-order")
     for block in model.blocks:
         block.attn1.processor._parallel_config = fake_parallel_config(**degrees)
     if not refused:
-        parallel.refuse_ring_approximation(handle._processors, handle.approximation)
+        parallel.refuse_ring_approximation(handle._processors, handle._planner.approximation(geometry))
     else:
         with pytest.raises(ValueError, match=r"approximation: under ring attention \(ring degree 2\) expected "
                                              r"'drop', got 'grouped-first-order.*pass approximation='drop'"):

@@ -71,9 +71,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             params.setdefault("reference_frames", spec.horizon(transformer.config))
         if method == "pasa":                 # PISA's dense first layer: each path's first block (Wan VACE has two)
             params.setdefault("dense_layers", spec.first_layers(transformer.config))
-        approximation = SESSIONS[method](num_steps=num_steps, **params).params.approximation   # checks them now
+        SESSIONS[method](num_steps=num_steps, **params)                                         # checks them now
     elif callable(method):
-        approximation = None                                         # known from its masks only
         if params:
             raise TypeError(f"params: a callable method takes no parameters, got {sorted(params)}; bind them in the "
                             f"callable (functools.partial)")
@@ -104,7 +103,6 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     modules = attention_modules(transformer, spec)
     handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
                                    backend_options, dense_attention)
-    handle.approximation = approximation
     sparse_class = SPARSE_PROCESSORS[spec.name]
     for layer, module in enumerate(modules):
         original = module.processor

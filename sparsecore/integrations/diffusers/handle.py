@@ -60,7 +60,6 @@ class SparseAttentionHandle:
         self.backend_options = dict(backend_options or {})
         self.dense_attention = dense_attention
         self.num_steps = num_steps
-        self.approximation: str | None = None     # the method's treatment of unkept blocks (None: a callable's)
         self.geometry: VideoGeometry | None = None
         self.active = False
         self._causal_setting = 0                  # the model's causal-block setting, suspended during a forward
@@ -197,7 +196,6 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
-        parallel.refuse_ring_approximation(self._processors, self.approximation)           # before any step runs
         causal = self.spec.causal_frames(module.config)
         grid = self.spec.grid(hidden.shape, module.config)
         if causal and grid[0] % causal:          # the model's own forward refuses these (its mask's view fails)
@@ -205,6 +203,7 @@ class SparseAttentionHandle:
                              f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
                              f"forcing pipelines cut them so)")
         self.geometry = VideoGeometry(*grid, causal_frames=causal)
+        parallel.refuse_ring_approximation(self._processors, self._planner.approximation(self.geometry))   # no step yet
         at = self.spec.timestep_arg
         self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)
         self._text_cache = None

@@ -168,6 +168,11 @@ class Planner:
             self._sessions[geometry] = found
         return found
 
+    def approximation(self, geometry: VideoGeometry) -> str | None:
+        """What the method does with unkept blocks on ``geometry`` (None: a callable's, known from its masks only)."""
+        params = self.session(geometry).params
+        return None if params is None else params.approximation
+
     def last_mask(self, layer: int) -> BlockMask | None:
         masks = [plan.mask for (planned, _), plan in self._plans.items() if planned == layer and plan.mask is not None]
         return masks[-1] if masks else None
