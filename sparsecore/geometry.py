@@ -91,6 +91,17 @@ class VideoGeometry:
         start = 0 if self.text_position == "start" else self.video_tokens
         return slice(start, start + self.text_tokens)
 
+    @property
+    def visible_pairs(self) -> int:
+        """Token pairs (query, key) of one head that attention computes: L^2, or under ``causal_frames`` the pairs
+        whose key lies in the query's own or an earlier causal block (a short last causal block counted as it is)."""
+        if not self.causal_frames:
+            return self.tokens * self.tokens
+        group = self.causal_frames * self.frame_tokens
+        full, rest = divmod(self.video_tokens, group)
+        seen = group * group * full * (full + 1) // 2                 # block i's rows see i + 1 whole blocks
+        return seen + rest * self.video_tokens
+
     def __str__(self) -> str:
         text = f" + {self.text_tokens} text ({self.text_position})" if self.text_tokens else ""
         causal = f", causal blocks of {self.causal_frames} frames" if self.causal_frames else ""

@@ -50,6 +50,14 @@ def test_blocks_restart_at_every_causal_block(geometry, block):
     np.testing.assert_array_equal(groups, expected)
 
 
+@pytest.mark.parametrize("frames, causal_frames", [(6, 2), (7, 3), (5, 5), (4, 0), (1, 2)])
+def test_visible_pairs_count_the_pairs_whose_key_is_in_an_earlier_or_the_same_causal_block(frames, causal_frames):
+    geometry = VideoGeometry(frames, 3, 2, causal_frames=causal_frames)
+    frame = np.arange(geometry.tokens) // 6
+    group = frame // causal_frames if causal_frames else np.zeros_like(frame)
+    assert geometry.visible_pairs == int((group[None, :] <= group[:, None]).sum())
+
+
 def test_blocks_that_cross_a_causal_block_and_causal_text_are_refused():
     geometry = VideoGeometry(4, 2, 4, causal_frames=2)                     # 16-token causal blocks
     with pytest.raises(ValueError, match=r"offsets: block 1 \(tokens 12\.\.24\) crosses .*block_offsets"):

@@ -87,6 +87,11 @@ def test_method_sessions_plan_only_visible_blocks_and_run_them_exactly(method, m
     finally:
         handle.remove()
     assert any(mask is not None and mask.density() < 0.6 for mask in recorded.values())
+    last = [row for row in handle.stats() if row["step"] == 2]
+    for row in last:                               # density: a fraction of the pairs the causal model computes
+        mask = recorded[row["layer"]]
+        kept = 1.0 if mask is None else expand_to_tokens(mask).sum() / (mask.num_heads * visible_tokens().sum())
+        assert row["density"] == pytest.approx(kept, rel=1e-12)
     for mask in recorded.values():
         if mask is not None:
             assert not (expand_to_tokens(mask) & ~visible_tokens()).any()

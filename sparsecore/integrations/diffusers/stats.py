@@ -38,7 +38,8 @@ class Record:
     fields: dict
     kept: Any = None                 # kept token pairs (a 0-d tensor, or an int); None: dense
     kept_on: torch.device | None = None   # where ``kept`` was counted, if it is read after a device's work
-    pairs: int = 1                   # all token pairs of the mask (heads x q_len x kv_len)
+    visible: int = 1                 # token pairs of one head that dense attention computes (geometry.visible_pairs)
+    pairs: int = 1                   # the pairs dense attention computes on the mask's heads: its density's whole
     backend: str = "dense"
     dense_kernels: set = field(default_factory=set)   # what its dense calls ran: "model" (diffusers' dispatch) or
                                                       # sparsecore's dense kernel's name
@@ -54,7 +55,7 @@ class Record:
             self.kept, self.kept_on = counts.add(kept), kept.device
         else:
             self.kept = kept
-        self.pairs = mask.num_heads * mask.q_len * mask.kv_len
+        self.pairs = mask.num_heads * self.visible
         self.backend = kernel.backend.name
 
 
@@ -81,7 +82,7 @@ class Stats:
         fields = {"run": run, "layer": layer, "step": step, "action": action, "calls": 1,
                   "tokens": geometry.tokens, "text_tokens": geometry.text_tokens, "padding": seq_len - geometry.tokens,
                   "heads": [0, heads] if shard is None else [shard.start, shard.stop]}
-        self._records[key] = Record(fields)
+        self._records[key] = Record(fields, visible=geometry.visible_pairs)
         return self._records[key]
 
     def time(self, record: Record, like: torch.Tensor, fn: Callable[[], Any]) -> Any:
