@@ -22,6 +22,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.uploads import queued
+from sparsecore.kernel import compile as compile_mask
 from sparsecore.search import dense_lse
 
 
@@ -50,10 +51,9 @@ def visible_lse(q: torch.Tensor, k: torch.Tensor, geometry: VideoGeometry, scale
     blocks (every visible block; the keys stand in for the values)."""
     if not geometry.causal_frames:
         return dense_lse(q, k, scale)
-    import sparsecore                                                  # the package imports the methods
     from .selection import dense_mask
     mask = dense_mask(geometry, q.shape[1], {"method": "causal", "action": "visible-lse"})
-    return sparsecore.compile(mask, device=q.device.type)(q, k, k, scale=scale, return_lse=True)[1]
+    return compile_mask(mask, device=q.device.type)(q, k, k, scale=scale, return_lse=True)[1]
 
 
 def restrict(mask: BlockMask, geometry: VideoGeometry) -> BlockMask:
