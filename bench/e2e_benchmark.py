@@ -313,13 +313,19 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``)."""
     import numpy as np
     from sparsecore.integrations.diffusers.models import spec_of
+    from sparsecore.methods.selection import dense_mask
     from sparsecore.search import block_mass, dense_attention_with_mass
     video, dim = video_tokens(model, inputs), model.config.attention_head_dim
     tokens = video + text
     q = torch.randn(1, model.config.num_attention_heads, tokens, dim, device=device, dtype=dtype)
     spec = spec_of(model)                              # a frame-causal model's blocks restart at each causal block
     grid = spec.grid(inputs["hidden_states"].shape, model.config)
-    offsets = VideoGeometry(*grid, text_tokens=text, causal_frames=spec.causal_frames(model.config)).block_offsets(64)
+    geometry = VideoGeometry(*grid, text_tokens=text, causal_frames=spec.causal_frames(model.config))
+    offsets = geometry.block_offsets(64)
+    if geometry.causal_frames:                         # AdaSpa's LSE pass: every visible block's kernel with its LSE
+        visible = dense_mask(geometry, q.shape[1], {"method": "causal", "action": "warm-up"})
+        sparsecore.compile(visible, device=device, backend=backend, cache=False, **(options or {}))(
+            q, q, q, return_lse=True)
     block_mass(q, q, offsets, offsets)
     dense_attention_with_mass(q, q, q, offsets, offsets)
     blocks = len(offsets) - 1

@@ -33,7 +33,9 @@ class BlockMassOp:
     """A backend's implementation of AdaSpa's block-mass pass (:func:`sparsecore.search.block_mass`).
 
     ``run(q, k, q_offsets, kv_offsets, lse, scale) -> mass`` float32 ``[B, H, MB, NB]`` given the
-    row LSE (pass 2 of the search; the search makes a fresh LSE itself when none is cached).
+    row LSE (pass 2 of the search; the search makes a fresh LSE itself when none is cached); under
+    frame-causal attention also ``visible=`` (int ``[MB]``: the leading key blocks each query block sees,
+    the others' masses 0).
     ``supports(q, k, q_offsets, kv_offsets)`` is None when it takes the inputs, else why not.
     Optional, the first search step in one pass: ``with_output(q, k, v, q_offsets, kv_offsets, scale)
     -> (out, lse, mass)``, the dense output and its LSE with exact masses, where

@@ -72,7 +72,8 @@ def block_mass_ops() -> dict[str, BlockMassOp]:
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any, lse: torch.Tensor | None = None,
-               scale: float | None = None, *, impl: str = "auto", max_elements: int = 1 << 24) -> BlockMass:
+               scale: float | None = None, *, visible: Any = None, impl: str = "auto",
+               max_elements: int = 1 << 24) -> BlockMass:
     """Softmax attention mass per (query block, key block) of each head.
 
     Args:
@@ -82,6 +83,10 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
             of a dense mask; None computes it (exact masses). A cached older LSE gives
             AdaSpa's approximate cached-search masses.
         scale: softmax scale, default ``1 / sqrt(D)``.
+        visible: None (every key block), or int ``[MB]`` on the host: query block i sees the first
+            ``visible[i]`` key blocks (frame-causal attention, :mod:`sparsecore.methods.causal`); the
+            masses of the others are 0, and a backend skips their scores. Give ``lse`` over the same keys
+            (all of them where every count is NB: the plain pass).
         impl: ``"auto"`` (the implementation registered for q's device type if it takes
             the inputs, else torch), ``"torch"``, or a registered implementation's name.
         max_elements: scores held at once by the torch implementation.
@@ -91,20 +96,40 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     """
     q_offsets, kv_offsets = _offsets(q_offsets, "q_offsets"), _offsets(kv_offsets, "kv_offsets")
     _check_inputs(q, k, q_offsets, kv_offsets, lse)
+    visible = _visible(visible, len(q_offsets) - 1, len(kv_offsets) - 1)
     check_int(max_elements, "max_elements", 1)
     scale = q.shape[-1] ** -0.5 if scale is None else check_scale(scale, q.shape[-1])
+    if visible is not None and lse is None:
+        raise ValueError("lse: expected the LSE over the keys each row sees when visible is given, got None; pass "
+                         "the LSE of attention under the same visibility")
     name = _choose(q, k, q_offsets, kv_offsets, impl)
     if lse is None:
         lse = dense_lse(q, k, scale)                                # pass 1
     if name == "torch":
         with without_autocast(q):        # float32 scores, whatever autocast the caller runs under
             mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
+        if visible is not None:
+            hidden = np.arange(len(kv_offsets) - 1)[None, :] >= visible[:, None]
+            mass = mass.masked_fill(queued(hidden, mass.device), 0.0)
     else:
+        extra = {} if visible is None else {"visible": visible}
         with on_device_of(q):            # the kernels record no gradient: a backward through them raises
             mass = inference_only(f"{name}'s block-mass pass",
-                                  lambda: block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale), q, k,
-                                  lse)
+                                  lambda: block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale,
+                                                                     **extra), q, k, lse)
     return BlockMass(mass, lse, name)
+
+
+def _visible(value: Any, num_q_blocks: int, num_kv_blocks: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.shape != (num_q_blocks,) or not np.issubdtype(arr.dtype, np.integer) or \
+            (arr.size and (arr.min() < 0 or arr.max() > num_kv_blocks)):
+        raise ValueError(f"visible: expected None or integers in [0, {num_kv_blocks}] per query block "
+                         f"[{num_q_blocks}], got {arr.dtype} {list(arr.shape)}; pass "
+                         f"sparsecore.methods.causal.visible_counts(geometry, offsets)")
+    return None if (arr == num_kv_blocks).all() else arr.astype(np.int64)        # every block: the plain pass
 
 
 def dense_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: Any, kv_offsets: Any,

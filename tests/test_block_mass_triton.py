@@ -72,6 +72,48 @@ def test_uniform_block_kernel_matches_float64(triton_device, q_len, kv_len, head
     np.testing.assert_allclose(got, want, rtol=tolerance * 10, atol=1e-6)
 
 
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offsets(ANY, "q"), offsets(ANY, "kv"), st.sampled_from([(1, 1), (4, 2)]), st.sampled_from(["triton", "torch"]),
+       st.sampled_from(["float32", "float16"]), st.integers(0, 2**32 - 1))
+def test_masses_of_a_visible_prefix_match_float64_and_later_blocks_are_zero(triton_device, q_offsets, kv_offsets,
+                                                                            heads, impl, dtype, seed):
+    """Frame-causal attention: query block i sees its first ``visible[i]`` key blocks (any count, 0 too), under the
+    LSE of those keys; the masses of the rest are 0 (the Triton kernel does not walk their tiles), even 64-token
+    blocks on both sides, whose kernel without ``visible`` is another."""
+    rng = np.random.default_rng(seed)
+    if rng.random() < 0.3:
+        q_offsets = kv_offsets = BlockMask.uniform_offsets(int(rng.integers(1, 300)), 64)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads[0], int(q_offsets[-1]), 16, generator=gen).to(getattr(torch, dtype))
+    k = torch.randn(1, heads[1], int(kv_offsets[-1]), 16, generator=gen).to(getattr(torch, dtype))
+    visible = rng.integers(0, len(kv_offsets), len(q_offsets) - 1)
+    row_ends = np.repeat(kv_offsets[visible], np.diff(q_offsets))                     # keys each row sees
+    seen = np.arange(kv_offsets[-1])[None, :] < row_ends[:, None]
+    scores = q.double() @ k.double().repeat_interleave(heads[0] // heads[1], 1).transpose(-1, -2) * 0.25
+    lse = torch.logsumexp(scores.masked_fill(torch.from_numpy(~seen), float("-inf")), dim=-1)
+    want = mass_float64(q, k, q_offsets, kv_offsets, lse.numpy(), 0.25)
+    want[..., np.arange(len(kv_offsets) - 1)[None, :] >= visible[:, None]] = 0.0
+    device = triton_device if impl == "triton" else "cpu"
+    found = block_mass(q.to(device), k.to(device), q_offsets, kv_offsets, lse.float().to(device), 0.25,
+                       visible=visible, impl=impl)
+    got = found.mass.double().cpu().numpy()
+    tolerance = 1e-5 if dtype == "float32" else 2e-3
+    assert found.impl == impl and got.shape == want.shape
+    assert (got[..., np.arange(len(kv_offsets) - 1)[None, :] >= visible[:, None]] == 0).all()
+    np.testing.assert_allclose(got, want, rtol=tolerance * 10, atol=1e-6)
+
+
+def test_a_visible_count_out_of_range_is_refused_naming_the_field():
+    q = torch.randn(1, 1, 8, 16)
+    offs = np.array([0, 4, 8])
+    lse = torch.zeros(1, 1, 8)
+    for bad in ([0, 3], [1], [-1, 1], [0.5, 1.0]):
+        with pytest.raises(ValueError, match=r"visible: expected None or integers in \[0, 2\] per query block"):
+            block_mass(q, q, offs, offs, lse, visible=np.array(bad))
+    with pytest.raises(ValueError, match="lse: expected the LSE over the keys each row sees"):
+        block_mass(q, q, offs, offs, visible=np.array([1, 2]))
+
+
 def test_cuda_tensors_dispatch_to_the_triton_kernel():
     if not torch.cuda.is_available():
         pytest.skip("torch.cuda.is_available() is False: dispatch to the CUDA kernel needs CUDA tensors")

@@ -79,25 +79,28 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
 
 
 def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor,
-        scale: float, *, config: UniformConfig | None = None) -> torch.Tensor:
+        scale: float, *, visible: np.ndarray | None = None, config: UniformConfig | None = None) -> torch.Tensor:
     """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``).
 
-    ``config``: the launch of the 64-token-block kernel (None: :func:`default_uniform_config`), for tuning runs
-    and tests; other layouts take the table-driven kernel.
+    ``visible``: int per query block, the leading key blocks it sees (frame-causal attention); the tiles of the
+    others are not walked and their masses are 0. None: every block. ``config``: the launch of the 64-token-block
+    kernel (None: :func:`default_uniform_config`), for tuning runs and tests; other layouts, and any ``visible``,
+    take the table-driven kernel.
     """
     q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
-    if uniform_blocks(q_offsets) and uniform_blocks(kv_offsets):
+    if visible is None and uniform_blocks(q_offsets) and uniform_blocks(kv_offsets):
         return _run_uniform(q, k, len(kv_offsets) - 1, lse, scale, config or default_uniform_config(q))
     from .block_mass_kernel import block_mass_fwd
     from .triton_kernel import LOG2E
     batch, heads, q_len, head_dim = q.shape
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
-    programs, tile_start, tile_end, tile_block = (queued(a, q.device) for a in _tiles(q_offsets, kv_offsets))
+    programs, tile_start, tile_end, tile_block = (queued(a, q.device) for a in _tiles(q_offsets, kv_offsets,
+                                                                                     visible))
     block_mass_fwd[(programs.shape[0], heads, batch)](
         q, k, lse, mass, programs, tile_start, tile_end, tile_block,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
-        tile_start.shape[0], scale * LOG2E,
+        scale * LOG2E,
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DOT_PRECISION=dot_precision(q.dtype), num_warps=NUM_WARPS)
     return mass
@@ -131,9 +134,12 @@ def cut_blocks(offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, 
     return offsets[block] + size * within, offsets[block + 1], block
 
 
-def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray):
-    """Query-tile programs (start, end, block) and key tiles (start, end, block), cut at block edges."""
+def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray, visible: np.ndarray | None):
+    """Query-tile programs (start, end, block, key tiles walked) and key tiles (start, end, block), cut at block
+    edges; a program walks the leading tiles of its block's ``visible`` key blocks (all where None)."""
     q_start, q_end, q_block = cut_blocks(q_offsets, BLOCK_M)
     kv_start, kv_end, kv_block = cut_blocks(kv_offsets, BLOCK_N)
+    walked = np.full(len(q_block), len(kv_block)) if visible is None else \
+        np.searchsorted(kv_block, np.asarray(visible, dtype=np.int64)[q_block])       # tiles of blocks < visible
     as32 = lambda *arrays: [np.ascontiguousarray(a, dtype=np.int32) for a in arrays]  # noqa: E731
-    return (as32(np.stack([q_start, q_end, q_block], axis=1))[0], *as32(kv_start, kv_end, kv_block))
+    return (as32(np.stack([q_start, q_end, q_block, walked], axis=1))[0], *as32(kv_start, kv_end, kv_block))

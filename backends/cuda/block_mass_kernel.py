@@ -1,10 +1,11 @@
 """Triton kernel for AdaSpa's block attention mass (arXiv 2502.21079, Sec. 4.2, Alg. 1-2).
 
 One program per (query tile, head, batch) loads its queries and row LSEs once, then
-walks every key tile of the sequence and adds ``sum exp(scale * q.k - lse)`` over the
-tile into ``mass[b, h, query block, key block]`` with one atomic add: the scores are
-never written to memory. Key tiles are cut at key-block boundaries, so each tile
-belongs to one block; query tiles never straddle two query blocks. Rows past the
+walks the key tiles its query block may see (all, or under frame-causal attention the tiles
+of a prefix of the key blocks) and adds ``sum exp(scale * q.k - lse)`` over each tile into
+``mass[b, h, query block, key block]`` with one atomic add: the scores are never written to
+memory. Key tiles are cut at key-block boundaries, so each tile belongs to one block; query
+tiles never straddle two query blocks. Rows past the
 block end, and rows whose LSE is infinite (no key under a cached LSE), add nothing; a NaN
 LSE gives NaN masses (non-finite activations), which AdaSpa's search refuses.
 """
@@ -28,15 +29,17 @@ def _query_rows(Q, Lse, b, head, offs_m, row_ok, offs_d, stride_qb, stride_qh, s
 def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
-                   num_tiles, qk_scale,
+                   qk_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
+    """``Programs``: per query tile (start, end, block, key tiles it walks: the first that many)."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(Programs + pid * 3)
-    q_end = tl.load(Programs + pid * 3 + 1)
-    q_block = tl.load(Programs + pid * 3 + 2)
+    q_start = tl.load(Programs + pid * 4)
+    q_end = tl.load(Programs + pid * 4 + 1)
+    q_block = tl.load(Programs + pid * 4 + 2)
+    num_tiles = tl.load(Programs + pid * 4 + 3)
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)

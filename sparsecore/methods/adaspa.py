@@ -41,16 +41,15 @@ Where the paper is silent, we chose:
 - ``s < 1/3`` (``(3s-1)/2 < 0``): the offset ``delta = min((1-s)/2, s)``; heads get
   ``s + delta`` / ``s - delta`` (the paper's values for ``s >= 1/3``), keeping the mean.
 - Ranking ties between heads: stable order (lower head index counts as better).
-- Budgets are counted in video key blocks (text blocks are always extra) and rounded
-  to the nearest count, at least 1; ``budgets`` in the IR hold the continuous
-  ``1 - s_h`` the method asked for.
+- Budgets are counted in video key blocks (text blocks are always extra) and rounded to the nearest count, at
+  least 1; ``budgets`` in the IR hold the continuous ``1 - s_h`` the method asked for.
 - Block masses are summed over the batch (e.g. the two CFG branches): the IR has one
   mask per head for the whole batch.
-- Step indexing is 0-based: steps 0-9 dense, search at 10 and 30 (the paper's "first
-  10 steps dense" with Ts = {10, 30}).
+- Step indexing is 0-based: steps 0-9 dense, search at 10 and 30 (the paper's "first 10 steps dense", Ts = {10, 30}).
 - Dense steps' IR: frame-sized blocks (cheaper at long lengths; same attention).
 - The stateless :func:`plan` searches at every non-warmup step; reuse lives in the session.
-- Frame-causal geometries: budgets are fractions of the blocks a row may see (:mod:`.causal`).
+- Frame-causal geometries: budgets are fractions of the blocks a row may see (:mod:`.causal`), whose masses
+  alone are computed (a later block's mass is 0).
 """
 
 from __future__ import annotations
@@ -382,7 +381,8 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
         q, k = check_qk(q, k, geometry, shard.size)
         if fresh:                                   # over the keys each row may see (all without causal frames)
             lse = causal.visible_lse(q, k, geometry, p.scale)
-        result = block_mass(q, k, offsets, offsets, lse=lse, scale=p.scale, impl=p.impl)
+        visible = causal.visible_counts(geometry, offsets)
+        result = block_mass(q, k, offsets, offsets, lse=lse, scale=p.scale, visible=visible, impl=p.impl)
         mass, lse_used = result.mass.sum(0), result.lse
     else:
         mass = torch.as_tensor(mass)
