@@ -1,7 +1,7 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
     python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace
-                                  skyreels-df]
+                                  skyreels-df mochi]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
@@ -29,6 +29,10 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   every layer run: 102,000 and 255,000 tokens. Its dense row is the model's own attention, SDPA under the
   ``[1, 1, L, L]`` boolean mask its forward builds (10.4 GB at 2x, 65 GB at 5x; where that does not fit, the row
   says so and the methods still run); sparsecore's dense row runs every block each frame may see.
+- ``mochi``: Mochi 1 preview (10B: 48 layers, 24 heads x 128, patch 2) at 848x480 (106x60 latent, 53x30 tokens a
+  frame) with 28 latent frames (163 video frames, its horizon: 44,520 video tokens), 256 text tokens after the video
+  (all valid), run with 6 of 48 layers, scaled; its processor runs torch SDPA itself (per sample; no diffusers
+  backend), and compiled mode compiles each block (diffusers 0.42 declares no repeated blocks for it).
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -106,6 +110,9 @@ COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=1
 COGVIDEOX_TEXT = 226
 HV = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40, guidance_embeds=True)
 HV_TEXT = 256
+MOCHI = dict(patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48, pooled_projection_dim=1536,
+             in_channels=12, text_embed_dim=4096, time_embed_dim=256, max_sequence_length=256)
+MOCHI_TEXT = 256
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         tiny_cases += [Case("hv", "1x", 9, 8, 8, 3, 3)] if "hv" in models else []
         tiny_cases += [Case("wan-vace", "2x", 13, 8, 8, 2, 2)] if "wan-vace" in models else []
         tiny_cases += [Case("skyreels-df", "2x", 10, 8, 8, 2, 2)] if "skyreels-df" in models else []
+        tiny_cases += [Case("mochi", "1x", 9, 8, 8, 2, 2)] if "mochi" in models else []
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     out = []
     if "wan-1.3b" in models:
@@ -142,13 +150,15 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         out += [Case("wan-vace", "2x", 41, 60, 104, 30, 30)]
     if "skyreels-df" in models:
         out += [Case("skyreels-df", f"{m}x", f, 68, 120, 30, 30) for m, f in ((2, 50), (5, 125))]
+    if "mochi" in models:
+        out += [Case("mochi", "1x", 28, 60, 106, 6, 48)]
     return out
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
-                           HunyuanVideoTransformer3DModel, SkyReelsV2Transformer3DModel, WanTransformer3DModel,
-                           WanVACETransformer3DModel)
+                           HunyuanVideoTransformer3DModel, MochiTransformer3DModel, SkyReelsV2Transformer3DModel,
+                           WanTransformer3DModel, WanVACETransformer3DModel)
     torch.manual_seed(0)
     with torch.device(device):
         if case.model == "hv":                          # a third double-stream, two thirds single-stream, as 20 : 40
@@ -167,6 +177,12 @@ def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torc
             if tiny:
                 config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)
             model = SkyReelsV2Transformer3DModel(**config)
+        elif case.model == "mochi":                     # the last block of the layers run is context_pre_only
+            config = dict(MOCHI, num_layers=case.layers_run)
+            if tiny:
+                config.update(num_attention_heads=2, attention_head_dim=32, pooled_projection_dim=32, text_embed_dim=64,
+                              time_embed_dim=32)
+            model = MochiTransformer3DModel(**config)
         elif case.model.startswith("wan"):
             base = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-vace": WAN_VACE_1_3B}[case.model]
             config = dict(base, num_layers=case.layers_run)
@@ -204,6 +220,10 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     encoder_attention_mask=torch.ones(1, HV_TEXT, device=device, dtype=torch.long),
                     pooled_projections=rand(1, config.pooled_projection_dim),
                     guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
+    if case.model == "mochi":
+        return dict(hidden_states=latents, encoder_hidden_states=rand(1, MOCHI_TEXT, config.text_embed_dim),
+                    encoder_attention_mask=torch.ones(1, MOCHI_TEXT, device=device, dtype=torch.long),
+                    return_dict=False)
     if case.model == "wan-vace":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
                     control_hidden_states=rand(1, config.vace_in_channels, case.frames, case.height, case.width),
@@ -313,6 +333,7 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``)."""
     import numpy as np
     from sparsecore.integrations.diffusers.models import spec_of
+    from sparsecore.methods.causal import visible_counts
     from sparsecore.methods.selection import dense_mask
     from sparsecore.search import block_mass, dense_attention_with_mass
     video, dim = video_tokens(model, inputs), model.config.attention_head_dim
@@ -322,12 +343,14 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     grid = spec.grid(inputs["hidden_states"].shape, model.config)
     geometry = VideoGeometry(*grid, text_tokens=text, causal_frames=spec.causal_frames(model.config))
     offsets = geometry.block_offsets(64)
-    if geometry.causal_frames:                         # AdaSpa's LSE pass: every visible block's kernel with its LSE
+    if geometry.causal_frames:     # AdaSpa's LSE pass (every visible block's kernel), then the masses of those blocks
         visible = dense_mask(geometry, q.shape[1], {"method": "causal", "action": "warm-up"})
-        sparsecore.compile(visible, device=device, backend=backend, cache=False, **(options or {}))(
+        _, lse = sparsecore.compile(visible, device=device, backend=backend, cache=False, **(options or {}))(
             q, q, q, return_lse=True)
-    block_mass(q, q, offsets, offsets)
-    dense_attention_with_mass(q, q, q, offsets, offsets)
+        block_mass(q, q, offsets, offsets, lse, visible=visible_counts(geometry, offsets))
+    else:
+        block_mass(q, q, offsets, offsets)
+        dense_attention_with_mass(q, q, q, offsets, offsets)
     blocks = len(offsets) - 1
     keep = np.random.default_rng(0).random((q.shape[1], blocks, blocks)) < min(1.0, 16 / blocks)
     lists = [[np.flatnonzero(row) for row in head] for head in keep]             # the searched masks' layout
@@ -453,7 +476,7 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
         inputs = model_inputs(model, case, device, dtype)
         if mode == "compiled" and model._repeated_blocks:
             model.compile_repeated_blocks(fullgraph=True)
-        elif mode == "compiled":                        # CogVideoX: no repeated blocks declared; each, as that would
+        elif mode == "compiled":                  # CogVideoX, Mochi: no repeated blocks declared; each, as that would
             for block in model.transformer_blocks:
                 block.compile(fullgraph=True)
         try:
@@ -480,12 +503,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
-             f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0). "
+             f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
              "eagerly; compiled: "
-             "`compile_repeated_blocks(fullgraph=True)` (CogVideoX: each block's `compile(fullgraph=True)`) on "
+             "`compile_repeated_blocks(fullgraph=True)` (CogVideoX, Mochi: each block's `compile(fullgraph=True)`) on "
              "both sides. Generation = the 50-step schedule composed from "
              f"the measured steps ({schedules_text(rows)}). Speedups against the dense row of the same model, length "
              "and mode." + (f" Every method on backend `{meta['backend']}` with options {meta['backend_options']}."

@@ -35,7 +35,7 @@ class BlockMassOp:
     ``run(q, k, q_offsets, kv_offsets, lse, scale) -> mass`` float32 ``[B, H, MB, NB]`` given the
     row LSE (pass 2 of the search; the search makes a fresh LSE itself when none is cached); under
     frame-causal attention also ``visible=`` (int ``[MB]``: the leading key blocks each query block sees,
-    the others' masses 0).
+    the others' masses 0) where ``takes_visible`` (else the search runs the plain pass and zeroes them).
     ``supports(q, k, q_offsets, kv_offsets)`` is None when it takes the inputs, else why not.
     Optional, the first search step in one pass: ``with_output(q, k, v, q_offsets, kv_offsets, scale)
     -> (out, lse, mass)``, the dense output and its LSE with exact masses, where
@@ -47,6 +47,7 @@ class BlockMassOp:
     supports: Callable[..., "str | None"]
     with_output: Callable[..., Any] | None = None
     with_output_supports: Callable[..., "str | None"] | None = None
+    takes_visible: bool = False
 
 
 @dataclass(frozen=True)

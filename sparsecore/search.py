@@ -105,30 +105,37 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
     name = _choose(q, k, q_offsets, kv_offsets, impl)
     if lse is None:
         lse = dense_lse(q, k, scale)                                # pass 1
-    if name == "torch":
+    op = None if name == "torch" else block_mass_ops()[name]
+    takes_visible = visible is not None and op is not None and op.takes_visible
+    if op is None:
         with without_autocast(q):        # float32 scores, whatever autocast the caller runs under
             mass = torch_block_mass(q, k, q_offsets, kv_offsets, lse, scale, max_elements=max_elements)
-        if visible is not None:
-            hidden = np.arange(len(kv_offsets) - 1)[None, :] >= visible[:, None]
-            mass = mass.masked_fill(queued(hidden, mass.device), 0.0)
     else:
-        extra = {} if visible is None else {"visible": visible}
+        extra = {"visible": visible} if takes_visible else {}
         with on_device_of(q):            # the kernels record no gradient: a backward through them raises
             mass = inference_only(f"{name}'s block-mass pass",
-                                  lambda: block_mass_ops()[name].run(q, k, q_offsets, kv_offsets, lse, scale,
-                                                                     **extra), q, k, lse)
+                                  lambda: op.run(q, k, q_offsets, kv_offsets, lse, scale, **extra), q, k, lse)
+    if visible is not None and not takes_visible:            # every block scored: the later ones zeroed
+        hidden = np.arange(len(kv_offsets) - 1)[None, :] >= visible[:, None]
+        mass = mass.masked_fill(queued(hidden, mass.device), 0.0)
     return BlockMass(mass, lse, name)
 
 
 def _visible(value: Any, num_q_blocks: int, num_kv_blocks: int) -> np.ndarray | None:
+    """``visible`` checked, int64 on the host; None where every count is NB (the plain pass, whose 64-token kernel
+    the counts would rule out). A device tensor is refused, not read back: the counts build host tile tables."""
     if value is None:
         return None
+    remedy = "pass sparsecore.methods.causal.visible_counts(geometry, offsets)"
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        raise TypeError(f"visible: expected host integers (NumPy, a list or a CPU tensor), got a tensor on "
+                        f"{value.device}; {remedy}")
     arr = np.asarray(value)
+    values = f" holding {arr.min()}..{arr.max()}" if arr.size and np.issubdtype(arr.dtype, np.integer) else ""
     if arr.shape != (num_q_blocks,) or not np.issubdtype(arr.dtype, np.integer) or \
             (arr.size and (arr.min() < 0 or arr.max() > num_kv_blocks)):
         raise ValueError(f"visible: expected None or integers in [0, {num_kv_blocks}] per query block "
-                         f"[{num_q_blocks}], got {arr.dtype} {list(arr.shape)}; pass "
-                         f"sparsecore.methods.causal.visible_counts(geometry, offsets)")
+                         f"[{num_q_blocks}], got {arr.dtype} {list(arr.shape)}{values}; {remedy}")
     return None if (arr == num_kv_blocks).all() else arr.astype(np.int64)        # every block: the plain pass
 
 

@@ -1,5 +1,5 @@
-"""diffusers integration on tiny random Wan 2.1 (VACE, 2.2 Animate), HunyuanVideo 1.5 and 1.0, CogVideoX and SkyReels-V2
-models (diffusers 0.42, CPU).
+"""diffusers integration on tiny random Wan 2.1 (VACE, 2.2 Animate), HunyuanVideo 1.5 and 1.0, CogVideoX, SkyReels-V2
+and Mochi 1 models (diffusers 0.42, CPU).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
-                       HunyuanVideoTransformer3DModel, ParallelConfig, SkyReelsV2Transformer3DModel,
-                       WanAnimateTransformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
+                       HunyuanVideoTransformer3DModel, MochiTransformer3DModel, ParallelConfig,
+                       SkyReelsV2Transformer3DModel, WanAnimateTransformer3DModel, WanTransformer3DModel,
+                       WanVACETransformer3DModel)
+from diffusers.models import attention_processor
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15,
                                            transformer_skyreels_v2, transformer_wan, transformer_wan_animate)
@@ -172,6 +174,30 @@ def cogvideox_inputs(batch: int = 2, text: str = "ragged", seed: int = 1, patch_
             "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen), "image_rotary_emb": rope}
 
 
+def tiny_mochi() -> MochiTransformer3DModel:
+    """Mochi 1: two blocks, the last ``context_pre_only`` (no ``to_add_out``); its RoPE frequencies drawn (the model
+    starts them at 0, which would leave RoPE the identity)."""
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=16,
+                                    max_sequence_length=8).eval()
+    with torch.no_grad():
+        model.pos_frequencies.normal_()
+    return model
+
+
+MOCHI_TEXT = {"ragged": [[1] * 3 + [0] * 5, [1] * 6 + [0] * 2], "same": [[1] * 4 + [0] * 4] * 2, "full": [[1] * 8]}
+
+
+def mochi_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    """Latents ``[B, C, F, H, W]`` (patch 2: the grid's 2x), 8 text tokens a sample, its valid ones first (3 and 6, 4
+    and 4, or all 8), as the T5 tokenizer of its pipeline pads them."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 8, 16, generator=gen),
+            "encoder_attention_mask": torch.tensor((MOCHI_TEXT[text] * batch)[:batch])}
+
+
 def install_dispatch(module: Any) -> Callable[[Any, "MaskedSoftmaxOracle"], None]:
     """The oracle as ``module``'s ``dispatch_attention_fn`` (``[B, S, H, D]``), which Wan's and HunyuanVideo's
     processors call."""
@@ -187,6 +213,22 @@ def install_text_first_sdpa(patch: Any, oracle: "MaskedSoftmaxOracle") -> None:
         q, k, v = (t.transpose(1, 2).roll(-text, dims=1) for t in (query, key, value))
         return oracle.dispatch(q, k, v).roll(text, dims=1).transpose(1, 2)
     patch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+
+def install_per_sample_sdpa(patch: Any, oracle: "MaskedSoftmaxOracle") -> None:
+    """The oracle as torch's SDPA in diffusers' ``attention_processor`` (its ``F``), which Mochi's processor calls once
+    per sample on ``[1, H, S, D]``: the video and the text its mask keeps, no token mask (its text pooling's call, with
+    a key mask, reaches the oracle too). A layer's valid text counts are gathered over its per-sample calls."""
+    seen: dict[int, list[int]] = {}
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+        assert dropout_p == 0.0 and not is_causal
+        out = oracle.dispatch(*(t.transpose(1, 2) for t in (query, key, value)), attn_mask=attn_mask)
+        if oracle.layer is not None:
+            seen.setdefault(oracle.layer, []).extend(oracle.valid_text)
+            oracle.valid_text = seen[oracle.layer]
+        return out.transpose(1, 2)
+    patch.setattr(attention_processor.F, "scaled_dot_product_attention", sdpa)
 
 
 CASES = {
@@ -205,7 +247,16 @@ CASES = {
                       lambda m: [b.attn1 for b in m.transformer_blocks]),
     "cogvideox-1.5": Case("cogvideox-1.5", partial(tiny_cogvideox, patch_t=2), partial(cogvideox_inputs, patch_t=2),
                           install_text_first_sdpa, lambda m: [b.attn1 for b in m.transformer_blocks]),
+    "mochi": Case("mochi", tiny_mochi, mochi_inputs, install_per_sample_sdpa,
+                  lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
+# The models with a text padding mask: the valid text of each sample of each ``inputs(text=...)`` kind, and the text
+# tokens of a sample (a batch's samples of different valid counts plan and run apart)
+TEXT_MASKED = {"hunyuan": ({"ragged": [6, 8], "same": [4, 4], "full": [13]}, 13),
+               "hunyuan-1.0": ({"ragged": [5, 7], "same": [4, 4], "full": [8]}, 8),
+               "mochi": ({"ragged": [3, 6], "same": [4, 4], "full": [8]}, 8)}
+# The models whose processor calls torch SDPA itself: no diffusers backend or parallel config reaches it
+OWN_SDPA = ("cogvideox", "cogvideox-1.5", "mochi")
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -295,7 +346,7 @@ def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step
     reference = copy.deepcopy(model).double()
     oracle = MaskedSoftmaxOracle(provider, step)
     for layer, module in enumerate(case.attention(reference)):
-        module.set_processor(Tagged(oracle, layer, module.processor))
+        module.processor = Tagged(oracle, layer, module.processor)   # Mochi's module has no set_processor
     inputs64 = {name: as_float64(value) for name, value in inputs.items()}
     with monkeypatch.context() as patch:
         case.install(patch, oracle)
@@ -351,7 +402,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
 @pytest.mark.parametrize("name, text", [("wan", "ragged"), ("hunyuan", "ragged"), ("hunyuan", "same"),
                                         ("hunyuan", "full"), ("cogvideox", "ragged"), ("cogvideox-1.5", "ragged"),
                                         ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
-                                        ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged")])
+                                        ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged"),
+                                        ("mochi", "ragged"), ("mochi", "same"), ("mochi", "full")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
@@ -366,9 +418,8 @@ def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     assert (got - dense).abs().max() > 5e-3                  # the mask matters (~2e-2 from dense attention)
     stats = handle.stats()
     assert {s["backend"] for s in stats} == {"portable"} and all(0 < s["density"] < 1 for s in stats)
-    if case.name.startswith("hunyuan"):
-        expected_text, tokens = {"hunyuan": ({"ragged": [6, 8], "same": [4, 4], "full": [13]}, 13),
-                                 "hunyuan-1.0": ({"ragged": [5, 7], "same": [4, 4], "full": [8]}, 8)}[case.name]
+    if case.name in TEXT_MASKED:
+        expected_text, tokens = TEXT_MASKED[case.name]
         assert valid_text == expected_text[text]
         assert sorted({s["text_tokens"] for s in stats}) == sorted(set(expected_text[text]))
         assert {s["padding"] for s in stats} == {tokens - n for n in expected_text[text]}
@@ -473,8 +524,8 @@ def test_method_sessions_run_end_to_end(case, method):
     finally:
         handle.remove()
     stats = handle.stats()
-    geometries = 2 if case.name.startswith("hunyuan") else 1  # HunyuanVideo: two valid text lengths
-    expected_calls = 1 if case.name.startswith("hunyuan") else 2
+    geometries = 2 if case.name in TEXT_MASKED else 1      # HunyuanVideo, Mochi: two valid text lengths
+    expected_calls = 1 if case.name in TEXT_MASKED else 2
     assert len(stats) == 4 * len(case.attention(model)) * geometries
     for s in stats:
         assert s["calls"] == expected_calls and s["ms"] >= 0 and s["ms_total"] >= s["ms"]
@@ -514,6 +565,25 @@ def test_cogvideox_15_patches_frames_in_pairs():
     assert handle.geometry == VideoGeometry(FRAMES, HEIGHT, WIDTH)
     assert {(s["tokens"], s["text_tokens"], s["padding"]) for s in handle.stats()} == {(FRAMES * HEIGHT * WIDTH + 7,
                                                                                         7, 0)}
+
+
+def test_mochi_takes_its_horizon_patches_each_frame_and_refuses_padding_before_valid_text():
+    """Mochi 1: LVSA's horizon is 28 latent frames (its 163 frames) unless given; each latent frame is patched alone
+    (patch ``(1, 2, 2)``). Its processor keeps whatever text its mask marks (``nonzero``), but the block-mask IR needs
+    each sample's valid text first: a mask with padding before valid text raises, naming that."""
+    model, inputs = tiny_mochi(), mochi_inputs(batch=2)
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    handle.remove()
+    assert handle.params["reference_frames"] == 28
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        forward(model, inputs, 500.0)
+        assert handle.geometry == VideoGeometry(FRAMES, HEIGHT, WIDTH)
+        scrambled = {**inputs, "encoder_attention_mask": inputs["encoder_attention_mask"].flip(-1)}
+        with pytest.raises(ValueError, match="valid text tokens first"):
+            forward(model, scrambled, 400.0)
+    finally:
+        handle.remove()
 
 
 def test_skyreels_v2_diffusion_forcing_takes_per_frame_timesteps(monkeypatch):
@@ -591,7 +661,7 @@ def test_cogvideox_errors_name_its_layout_and_refuse_a_token_mask():
         handle.remove()
 
 
-@pytest.mark.parametrize("build", [tiny_cogvideox, tiny_hunyuan_10, tiny_wan_animate])
+@pytest.mark.parametrize("build", [tiny_cogvideox, tiny_hunyuan_10, tiny_wan_animate, tiny_mochi])
 def test_context_parallelism_refuses_models_without_a_plan_naming_the_models_it_runs(build):
     from sparsecore.integrations.diffusers import parallel
     model = build()
@@ -772,12 +842,12 @@ def test_ring_pieces_get_the_backend_options(monkeypatch):
 
 def test_backend_and_parallel_settings_reach_the_original_processor(case):
     """What diffusers' set_attention_backend / enable_parallelism set reaches the original processor; an original
-    that keeps no such setting (CogVideoX's calls torch SDPA itself) gets none, as without sparsecore."""
+    that keeps no such setting (CogVideoX's and Mochi's call torch SDPA themselves) gets none, as without sparsecore."""
     model = case.build()
     module = case.attention(model)[0]
     original = module.processor
     keeps = hasattr(original, "_attention_backend")
-    assert keeps == (not case.name.startswith("cogvideox"))
+    assert keeps == (case.name not in OWN_SDPA)
     handle = sparse.apply(model, method=full_mask, device="cpu")
     try:
         module.processor._attention_backend = "native"

@@ -32,7 +32,7 @@ class TritonBackend(Backend):
     install_hint = "pip install triton (an NVIDIA GPU, or TRITON_INTERPRET=1 for the CPU interpreter)"
     options_type = TritonOptions
     block_mass = BlockMassOp(run=block_mass.run, supports=block_mass.supports, with_output=search_attention.run,
-                             with_output_supports=search_attention.supports)
+                             with_output_supports=search_attention.supports, takes_visible=True)
     row_top = RowTopOp(run=row_top.run, supports=row_top.supports)
 
     def __init__(self) -> None:

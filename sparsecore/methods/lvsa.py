@@ -76,7 +76,8 @@ METHOD = "lvsa"
 PAPER = "arXiv:2605.31057"
 REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "hunyuanvideo": 33, "cogvideox": 13,
                     "cogvideox-1.5": 11,   # ours: 81 frames, 21 latent frames, in token frames of its temporal patch 2
-                    "skyreels-v2": 25}     # ours: its pipelines' 97 frames (540P)
+                    "skyreels-v2": 25,     # ours: its pipelines' 97 frames (540P)
+                    "mochi": 28}           # ours: Mochi 1 preview's 163 frames, 28 latent frames (6x temporal)
 ANCHOR_RULES = ("auto", "paper")
 
 

@@ -1,5 +1,5 @@
 """Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 (VACE, Animate), HunyuanVideo 1.5 and 1.0,
-CogVideoX, SkyReels-V2, one call.
+CogVideoX, SkyReels-V2, Mochi 1, one call.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
@@ -25,7 +25,8 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
 ``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0`` /
-``SkyReelsV2AttnProcessor`` (``attn.set_processor``). We did not register a backend in diffusers' attention
+``SkyReelsV2AttnProcessor`` / ``MochiAttnProcessor2_0`` (``attn.set_processor``; Mochi's module has no setter:
+its ``processor`` attribute). We did not register a backend in diffusers' attention
 registry: in 0.42 it is keyed by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer,
 step), and HunyuanVideo 1.5's processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where
 the IR needs none.
@@ -44,10 +45,11 @@ CogVideoX attends over text then video; its processor builds the sequence video 
 token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its ``blocks`` as layers, Wan
 Animate its ``blocks``; SkyReels-V2 runs as Wan (horizon 25 latent frames), and with diffusion forcing's causal
 blocks every mask and dense step keeps to them (a frame-causal geometry, :mod:`sparsecore.methods.causal`).
+Mochi 1 runs as HunyuanVideo 1.0 (video then each sample's valid text from its ``[B, text]`` mask; horizon 28).
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
 on Wan, HunyuanVideo 1.5, Wan VACE and SkyReels-V2 (the last three through :func:`enable_parallelism`'s plans), not
-HunyuanVideo 1.0, CogVideoX or Wan Animate (no plan for them); even shards only; no approximating masks under a
+HunyuanVideo 1.0, CogVideoX, Wan Animate or Mochi (no plan for them); even shards only; no approximating masks under a
 ring; processors replaced after ``apply`` are overwritten by ``remove()``.
 """
 
@@ -65,9 +67,11 @@ from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
-                         HunyuanVideoSparseAttnProcessor, SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
+                         HunyuanVideoSparseAttnProcessor, MochiSparseAttnProcessor, SkyReelsV2SparseAttnProcessor,
+                         WanSparseAttnProcessor)
 
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN", "CogVideoXSparseAttnProcessor",
-           "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "MethodProvider", "ModelSpec",
+           "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "MethodProvider",
+           "MochiSparseAttnProcessor", "ModelSpec",
            "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
            "enable_parallelism"]

@@ -20,7 +20,7 @@ from sparsecore.registry import checked_options, device_type, registered_backend
 from .handle import SparseAttentionHandle
 from .models import spec_of
 from .planner import MethodProvider
-from .processors import SPARSE_PROCESSORS, RefusesCopies, attention_modules
+from .processors import SPARSE_PROCESSORS, RefusesCopies, attention_modules, set_processor
 
 TESTED_DIFFUSERS = "0.42"
 DENSE_ATTENTION = ("auto", "model")
@@ -34,8 +34,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     Args:
         transformer: a diffusers 0.42 ``WanTransformer3DModel``, ``HunyuanVideo15Transformer3DModel``,
             ``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``, ``WanVACETransformer3DModel``,
-            ``WanAnimateTransformer3DModel`` or ``SkyReelsV2Transformer3DModel`` (e.g. ``pipe.transformer``) with
-            diffusers' own attention processors.
+            ``WanAnimateTransformer3DModel``, ``SkyReelsV2Transformer3DModel`` or ``MochiTransformer3DModel`` (e.g.
+            ``pipe.transformer``) with diffusers' own attention processors.
         method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
             **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
         device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
@@ -108,7 +108,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         original = module.processor
         handle._originals.append((weakref.ref(module), original))
         handle._processors.append(sparse_class(handle, layer, original))
-        module.set_processor(handle._processors[-1])
+        set_processor(module, handle._processors[-1])
     # Step tracking reads the timestep's value: never traced (regional compilation leaves these hooks eager
     # anyway; torch.compile of the whole transformer calls them eagerly, one graph break before its forward).
     handle._hooks = [transformer.register_forward_pre_hook(_Hook(handle._pre_forward), with_kwargs=True),

@@ -31,7 +31,7 @@ from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
 from .models import ModelSpec
 from .planner import MethodProvider, Planner
-from .processors import SparseProcessor
+from .processors import SparseProcessor, set_processor
 from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
@@ -146,8 +146,9 @@ class SparseAttentionHandle:
     def stats(self) -> list[dict]:
         """One dict per (run, layer, step, geometry) of the current run and the one before it, in call order.
 
-        Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of token pairs the method kept over
-        the valid tokens; 1.0 on dense steps), ``backend`` (the kernel's backend, or ``"dense"``), ``action``
+        Keys: ``run``, ``layer``, ``step``, ``density`` (fraction of the token pairs dense attention computes over
+        the valid tokens that the method kept: of all pairs, or under causal frames of the visible ones; 1.0 on dense
+        steps), ``backend`` (the kernel's backend, or ``"dense"``), ``action``
         (the method's word for the step), ``calls``, ``tokens`` (valid sequence length), ``text_tokens`` (valid
         text), ``padding`` (text padding tokens), ``heads`` (``[start, stop)`` of the heads this process ran:
         all of them, or its Ulysses rank's), on dense rows ``dense_kernel`` (what the step's dense calls ran,
@@ -169,7 +170,7 @@ class SparseAttentionHandle:
             return
         for module, original in self._originals:
             if module() is not None:
-                module().set_processor(original)
+                set_processor(module(), original)
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
@@ -202,8 +203,9 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: {grid[0]} latent frames are not a multiple of the causal blocks' "
                              f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
                              f"forcing pipelines cut them so)")
-        self.geometry = VideoGeometry(*grid, causal_frames=causal)
-        parallel.refuse_ring_approximation(self._processors, self._planner.approximation(self.geometry))   # no step yet
+        geometry = VideoGeometry(*grid, causal_frames=causal)
+        parallel.refuse_ring_approximation(self._processors, self._planner.approximation(geometry))   # no step yet
+        self.geometry = geometry
         at = self.spec.timestep_arg
         self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)
         self._text_cache = None

@@ -31,25 +31,31 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   causal blocks) its forward masks attention frame-causally: the geometry then has ``causal_frames`` (what a
   token may see is a property of its block) and every mask and dense step keeps to it
   (:attr:`ModelSpec.causal_setting`).
+- ``MochiTransformer3DModel`` (Mochi 1): the joint video+text attention ``transformer_blocks[i].attn1`` of
+  ``MochiAttnProcessor2_0``, video then each sample's valid text (its ``encoder_attention_mask`` ``[B, text]``; padded
+  text rows give 0), RoPE on the video (its own interleaved pairs: :func:`mochi_rope`). The last block
+  (``context_pre_only``) has no ``to_add_out``: its text output is returned unprojected, and the block drops it.
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
-CogVideoX's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
+CogVideoX's and Mochi's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
 ``patch`` reads the patch sizes from the config and ``frames_axis`` says where the latents keep their frames.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
-from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, MochiAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
                                                                      HunyuanVideoTransformer3DModel)
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
+from diffusers.models.transformers.transformer_mochi import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_skyreels_v2 import (SkyReelsV2AttnProcessor,
                                                                    SkyReelsV2Transformer3DModel)
 from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
@@ -134,15 +140,39 @@ def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: t
     project the joint sequence (:func:`joint_qkv`)."""
     if attn.add_q_proj is None:
         return joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+    rope = None if image_rotary_emb is None else partial(apply_rotary_emb, freqs_cis=image_rotary_emb, sequence_dim=1)
+    return two_stream_qkv(attn, hidden_states, encoder_hidden_states, rope)
+
+
+def mochi_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """Mochi's joint q, k, v ``[B, S_video + S_text, H, D]`` (video first, all ``S_text`` text tokens: the handle reads
+    the valid ones from the text mask), as ``MochiAttnProcessor2_0`` makes them before it selects each sample's."""
+    rope = None if image_rotary_emb is None else partial(mochi_rope, freqs=image_rotary_emb)
+    return two_stream_qkv(attn, hidden_states, encoder_hidden_states, rope)
+
+
+def mochi_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mochi's RoPE (a closure inside ``MochiAttnProcessor2_0``, re-stated with the same arithmetic): channel pair
+    (2i, 2i+1) turns in float32 by the angle whose cosine is ``freqs[0][..., i]`` and sine ``freqs[1][..., i]``."""
+    freqs_cos, freqs_sin = freqs
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    turned = ((even * freqs_cos - odd * freqs_sin).to(x.dtype), (even * freqs_sin + odd * freqs_cos).to(x.dtype))
+    return torch.stack(turned, dim=-1).flatten(-2)
+
+
+def two_stream_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   rope: Callable[[torch.Tensor], torch.Tensor] | None) -> QKV:
+    """q, k, v ``[B, S_video + S_text, H, D]`` of a block that projects video (``to_*``) and text (``add_*_proj``)
+    apart, each with its per-head norms, ``rope`` on the video q, k (HunyuanVideo's double-stream blocks, Mochi's)."""
     query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    if image_rotary_emb is not None:
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    if rope is not None:
+        query, key = rope(query), rope(key)
     text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
                               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
     if attn.norm_added_q is not None:
@@ -153,6 +183,10 @@ def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: t
 
 
 def hunyuan_output(attn: Any, out: torch.Tensor, query: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video and text outputs of the joint output (HunyuanVideo's, Mochi's), each through its output projection
+    where the module has one, as their processors do: HunyuanVideo 1.0's single-stream attention has neither (its
+    block projects the joint output), Mochi's last block (``context_pre_only``) no ``to_add_out`` (its text output
+    goes back unprojected, and the block drops it)."""
     out = out.flatten(2, 3).to(query.dtype)
     video_out, text_out = out.split([out.shape[1] - text, text], dim=1)
     if getattr(attn, "to_out", None) is not None:
@@ -200,6 +234,11 @@ def _cogvideox_patch(config: Any) -> tuple[int, int, int]:
     return int(config.patch_size_t or 1), int(config.patch_size), int(config.patch_size)
 
 
+def _mochi_patch(config: Any) -> tuple[int, int, int]:
+    """Mochi patchifies each latent frame (a ``Conv2d`` of ``patch_size``): no temporal patch."""
+    return 1, int(config.patch_size), int(config.patch_size)
+
+
 def _horizon(name: str) -> Callable[[Any], int]:
     return lambda config: lvsa.REFERENCE_FRAMES[name]
 
@@ -229,7 +268,9 @@ WAN_ANIMATE = ModelSpec("wan-animate", WanAnimateTransformer3DModel, WanAnimateA
 SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
                         _horizon("skyreels-v2"), _wan_patch, joint_text=False,
                         causal_setting="num_frame_per_block")
-SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2)
+MOCHI = ModelSpec("mochi", MochiTransformer3DModel, MochiAttnProcessor2_0, ("transformer_blocks",), "attn1",
+                  _horizon("mochi"), _mochi_patch, joint_text=True, timestep_arg=2)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

@@ -128,8 +128,9 @@ def refuse_ring_approximation(processors: Sequence[Any], approximation: str | No
     if approximation in (None, "drop") or cp is None or cp.ring_degree == 1:
         return
     raise ValueError(f"approximation: under ring attention (ring degree {cp.ring_degree}) expected 'drop', got "
-                     f"{approximation!r} (PASA's default approximates the blocks a row does not keep, from statistics "
-                     f"of whole key blocks that the ring's key shards cut); pass approximation='drop' to apply(), or "
+                     f"{approximation!r} (the method approximates the blocks a row does not keep, as PASA does by "
+                     f"default, from statistics of whole key blocks that the ring's key shards cut); pass "
+                     f"approximation='drop' to apply(), or "
                      f"run under Ulysses only (ring_degree=1)")
 
 

@@ -213,6 +213,27 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideo15SparseAttnProcessor):
     handle reads as the valid text count (:meth:`.handle.SparseAttentionHandle.text_valid`)."""
 
 
+class MochiSparseAttnProcessor(SparseProcessor):
+    """Joint video+text attention of a ``MochiTransformer3DModel`` block (``attn1``) through sparsecore.
+
+    diffusers' processor runs SDPA once per sample on its video and the text its ``encoder_attention_mask`` ``[B,
+    text]`` keeps (``nonzero``), padded text rows 0. Here the whole batch goes to the op with that mask, which the
+    handle reads as each sample's valid text count, checked to come first (:meth:`.handle.SparseAttentionHandle.
+    text_valid`: samples of one count run together, padding rows attend to nothing and give 0). Its original calls
+    torch SDPA itself, as CogVideoX's does: no diffusers backend or context parallelism reaches it.
+    """
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        if not self._handle.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = compiled_layout(*models.mochi_qkv(attn, hidden_states, encoder_hidden_states,
+                                                              image_rotary_emb))
+        out = diffusers_attention(query, key, value, attention_mask, self._handle.id)
+        return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
+
+
 def compiled_layout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v as the op gets them: in head-major memory while ``torch.compile`` traces (inductor then writes
     the projections' and RoPE's output there, with no separate copy; :mod:`.op`), as they are in eager mode
@@ -237,7 +258,18 @@ SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.na
                      models.SKYREELS_V2.name: SkyReelsV2SparseAttnProcessor,
                      models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor,
                      models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
-                     models.COGVIDEOX.name: CogVideoXSparseAttnProcessor}
+                     models.COGVIDEOX.name: CogVideoXSparseAttnProcessor,
+                     models.MOCHI.name: MochiSparseAttnProcessor}
+
+
+def set_processor(module: Any, processor: Any) -> None:
+    """Put ``processor`` on an attention module: diffusers' ``set_processor`` where the module has it, else its
+    ``processor`` attribute (Mochi's ``MochiAttention`` is a plain ``nn.Module`` with no setter)."""
+    setter = getattr(module, "set_processor", None)
+    if setter is None:
+        module.processor = processor
+    else:
+        setter(processor)
 
 
 def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
