@@ -150,21 +150,29 @@ def test_a_callables_blocks_that_cross_a_causal_block_are_refused_naming_the_blo
         torch.testing.assert_close(forward(model, inputs, 999.0), reference, rtol=1e-5, atol=1e-5)
     finally:
         handle.remove()
-    assert {row["backend"] for row in handle.stats()} == {"portable"}
+    rows = handle.stats()              # every visible pair kept: the dense path, as a full mask takes without causality
+    assert {(row["backend"], row["dense_kernel"], row["density"]) for row in rows} == {("dense", VISIBLE_BLOCKS, 1.0)}
 
 
 def test_an_audit_measures_against_the_models_causal_attention():
-    """The audit's dense side is the causal one: a mask of every visible block keeps all the mass (recall 1)."""
+    """The audit's dense side is the causal one: a mask of every visible block but one (head 0's last query block
+    drops key block 0) keeps nearly all the mass, where against all L^2 pairs it would keep about 0.75 (two causal
+    blocks); the dropped block shows in the worst row. (Every visible block kept runs the dense path: no audit.)"""
     _, model, inputs = causal_case()
-    handle = sparse.apply(model, method=lambda g, h, s, layer: BlockMask.full(h, g.tokens, g.tokens, 64),
-                          device="cpu", num_steps=1)
+
+    def all_but_one(geometry, heads, step, layer):
+        keep = np.ones((heads, geometry.tokens // 64, geometry.tokens // 64), dtype=bool)
+        keep[0, -1, 0] = False
+        return BlockMask.from_dense(keep, geometry.tokens, geometry.tokens, 64)
+
+    handle = sparse.apply(model, method=all_but_one, device="cpu", num_steps=1)
     handle.audit(True)
     try:
         forward(model, inputs, 999.0)
     finally:
         handle.remove()
     rows = handle.stats()
-    assert rows and all(row["recall"] == pytest.approx(1.0, abs=1e-5) and row["rel_l2"] < 1e-5 for row in rows)
+    assert rows and all(row["recall"] > 0.97 and row["min_recall"] < 0.999 for row in rows)
 
 
 def test_a_single_latent_frame_model_input_keeps_the_model_path():

@@ -92,6 +92,13 @@ class CallableSession:
         return mask.derived[key]
 
 
+def runs_dense(mask: BlockMask, geometry: VideoGeometry) -> bool:
+    """``mask`` (on the host) keeps every token pair dense attention computes on ``geometry``: all of them, or under
+    causal frames every visible pair (its dense mask, as the methods plan at dense steps), on any blocks. Such a
+    mask runs the dense path, and nothing is compiled for it."""
+    return mask.on_host and int(mask.kept_pairs().sum()) >= mask.num_heads * geometry.visible_pairs
+
+
 @dataclass
 class LayerPlan:
     """What one (layer, geometry) runs at one step: ``kernel`` None means dense attention.
@@ -332,7 +339,7 @@ class Planner:
         if action.held:                      # kept in host memory by the session: copied and compiled per call
             plan.held = not action.dense
             return plan
-        if plan.mask.on_host and plan.mask.density() >= 1.0:     # a full mask runs the dense path: nothing to run
+        if runs_dense(plan.mask, geometry):              # a full mask runs the dense path: nothing to compile
             return plan
         run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
