@@ -1,11 +1,11 @@
-"""Tiny Wan (and Wan VACE, SkyReels-V2, also with diffusion forcing's causal blocks) and HunyuanVideo 1.5 models with
-sparsecore applied, in one process or in N gloo processes.
+"""Tiny Wan (and Wan VACE, SkyReels-V2, also with diffusion forcing's causal blocks), HunyuanVideo 1.5 and Mochi 1
+models with sparsecore applied, in one process or in N gloo processes.
 
 Shared by test_integration_context_parallel.py (the parent) and its spawned workers, which
 import this module by name (it holds no test, so the workers do not import pytest). Modes:
 ``ulysses`` (diffusers' ``enable_parallelism`` as a user calls it), ``ring`` and ``unified``
 (ring x Ulysses, through ``sparsecore.integrations.diffusers.parallel.enable_parallelism``, which
-HunyuanVideo 1.5, Wan VACE and SkyReels-V2 need for their context-parallel plans).
+HunyuanVideo 1.5, Mochi 1, Wan VACE and SkyReels-V2 need for their context-parallel plans).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import queue
 import socket
 import traceback
+import warnings
 from dataclasses import fields
 from datetime import timedelta
 from functools import partial
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, ParallelConfig,
+from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, MochiTransformer3DModel, ParallelConfig,
                        SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
 
 from sparsecore import BlockMask, VideoGeometry
@@ -40,6 +41,7 @@ CAUSAL_FRAMES = 2                                       # "skyreels-causal": dif
 TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising step
 LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
         "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
+LVSA["mochi"] = LVSA["hunyuan"]
 LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal")})
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
@@ -80,10 +82,27 @@ def tiny_hunyuan() -> HunyuanVideo15Transformer3DModel:
                                             image_embed_dim=8, rope_axes_dim=(4, 6, 6)).eval()
 
 
+def tiny_mochi() -> MochiTransformer3DModel:
+    """Mochi 1: two blocks, the last ``context_pre_only``; its RoPE frequencies drawn (the model starts them at 0,
+    which would leave RoPE the identity, and a wrong split of it unseen)."""
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=HEADS, attention_head_dim=16, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=16,
+                                    max_sequence_length=8).eval()
+    with torch.no_grad():
+        model.pos_frequencies.normal_()
+    return model
+
+
 def inputs(model: str) -> dict:
     """Two samples (as with CFG). Wan: 12 latent frames of 4x4 patches (192 tokens). HunyuanVideo 1.5: 8 frames of
-    4x4 (128 video tokens) and 13 text tokens, 6 and 8 of them valid (two text lengths in one batch)."""
+    4x4 (128 video tokens) and 13 text tokens, 6 and 8 of them valid (two text lengths in one batch). Mochi 1: 8
+    frames of 4x4 patches (128 video tokens) and 8 text tokens, 3 and 6 of them valid."""
     gen = torch.Generator().manual_seed(3)
+    if model == "mochi":
+        return {"hidden_states": torch.randn(2, 4, 8, 8, 8, generator=gen),
+                "encoder_hidden_states": torch.randn(2, 8, 16, generator=gen),
+                "encoder_attention_mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 6 + [0] * 2])}
     if model != "hunyuan":             # Wan's; VACE adds control latents, SkyReels-V2's diffusion forcing a flag
         wan = {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
                "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
@@ -99,7 +118,7 @@ def inputs(model: str) -> dict:
             "image_embeds": torch.zeros(2, 3, 8)}
 
 
-MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "vace": tiny_vace, "skyreels": tiny_skyreels,
+MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "mochi": tiny_mochi, "vace": tiny_vace, "skyreels": tiny_skyreels,
           "skyreels-df": tiny_skyreels, "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES)}
 
 
@@ -234,6 +253,19 @@ def config(mode: str, world: int) -> ContextParallelConfig:
     return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2)
 
 
+def after_remove(model: torch.nn.Module, handle: Any) -> dict:
+    """Mochi 1 under its plan after ``handle.remove()``: the warning remove() gives, and the error of the next forward
+    (diffusers' processor would attend over this rank's video only), raised before any collective."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle.remove()
+    try:
+        denoise(model, "mochi")
+    except ValueError as err:
+        return {"remove_warnings": [str(w.message) for w in caught], "refused": str(err)}
+    return {"remove_warnings": [str(w.message) for w in caught], "refused": None}
+
+
 def worker(rank: int, world: int, port: int, mode: str, jobs: list[tuple[str, str]], results: Any) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -247,7 +279,7 @@ def worker(rank: int, world: int, port: int, mode: str, jobs: list[tuple[str, st
             cp = config(mode, world)
             provider, params = method(model_name, name, cp.ring_degree)
             enable = (lambda: model.enable_parallelism(config=cp)) if (mode, model_name) == ("ulysses", "wan") else \
-                (lambda: parallel.enable_parallelism(model, cp))                  # HunyuanVideo 1.5: sparsecore's plan
+                (lambda: parallel.enable_parallelism(model, cp))        # HunyuanVideo 1.5, Mochi 1: sparsecore's plans
             if name in PARALLEL_FIRST:
                 enable()
             handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)
@@ -256,7 +288,8 @@ def worker(rank: int, world: int, port: int, mode: str, jobs: list[tuple[str, st
                 enable()
             prepare(model, name)
             outputs = denoise(model, model_name)
-            out[(model_name, name)] = {**observe(model, handle), "outputs": outputs}
+            out[(model_name, name)] = {**observe(model, handle), "outputs": outputs,
+                                       **(after_remove(model, handle) if model_name == "mochi" else {})}
         results.put((rank, out))
     except BaseException:                                # the parent reports it; a worker never hangs silently
         results.put((rank, traceback.format_exc()))

@@ -1,14 +1,16 @@
 """sparsecore inside context parallelism: Ulysses, ring and ring x Ulysses, in gloo processes on loopback (CPU).
 
 Tiny random Wan (also Wan VACE, and SkyReels-V2 with and without diffusion forcing's per-frame timesteps, and with
-its causal blocks of 2 latent frames) and HunyuanVideo 1.5 models with sparsecore applied give the same outputs in N
-processes as in one (fp32, 1e-5, five denoising steps), and each rank's masks are the one-process
-masks' slice of its heads (every rank plans the whole sequence). The masks differ per head (LVSA
-with per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring
+its causal blocks of 2 latent frames), HunyuanVideo 1.5 and Mochi 1 (two text lengths in one batch under the shards)
+models with sparsecore applied give the same outputs in N processes as in one (fp32, 1e-5, five denoising steps), and
+each rank's masks are the one-process masks' slice of its heads (every rank plans the whole sequence). The masks
+differ per head (LVSA with per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring
 step fails both checks. Half of the methods enable parallelism before ``apply()``, half after.
 
 Modes: Ulysses 2 and 4 (diffusers' own all-to-alls around sparsecore; HunyuanVideo 1.5 through
-sparsecore's exchange and context-parallel plan), ring 2, ring 4, and ring 2 x Ulysses 2.
+sparsecore's exchange and context-parallel plan; Mochi 1 likewise), ring 2, ring 4, and ring 2 x Ulysses 2. Mochi's
+runs also check, after ``handle.remove()``, the warning and the refused forward (diffusers' processor cannot run under
+``MOCHI_CP_PLAN``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from context_parallel_run import (CAUSAL_FRAMES, HEADS, LVSA, fake_parallel_config, inputs, random_blocks, run,
-                                  run_dense, run_parallel, tiny_wan)
+                                  run_dense, run_parallel, tiny_mochi, tiny_wan)
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -32,23 +34,24 @@ from sparsecore.integrations.diffusers.planner import Planner
 from sparsecore.integrations.diffusers.ring import RingGroup
 from sparsecore.integrations.diffusers.sharded import ShardedAttention
 from sparsecore.integrations.diffusers.stats import Stats
-from sparsecore.ir import Unselected
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
 CAUSAL = [("skyreels-causal", m) for m in ("random", "lvsa", "adaspa", "pasa")]   # frame-causal: a callable, methods
+MOCHI = [("mochi", m) for m in ("random", "lvsa", "adaspa", "pasa")]       # under sparsecore's MOCHI_CP_PLAN
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
                                     "adaspa-fused-first")]
            + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")]
-           + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")] + CAUSAL,
+           + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")] + CAUSAL
+           + MOCHI,
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
 RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa",
                                            "adaspa-fused-first", "pasa")]
         + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")]
-        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")] + CAUSAL,
+        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")] + CAUSAL + MOCHI,
         ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
         + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],
         ("unified", 4): [("wan", m) for m in ("lvsa", "lvsa-per-head", "adaspa", "pasa")]
-        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")] + CAUSAL}
+        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")] + CAUSAL + MOCHI}
 
 
 @lru_cache(maxsize=None)
@@ -68,7 +71,8 @@ def ring(request) -> tuple[str, int, list[dict]]:
 
 
 def check_ranks(ranks: list[dict], jobs: list, ring_degree: int, ulysses_degree: int, label: str) -> None:
-    """Outputs equal one process's; rank ``g = r U + u`` has heads ``u`` of the one-process masks."""
+    """Outputs equal one process's; rank ``g = r U + u`` has heads ``u`` of the one-process masks; Mochi's ranks
+    warned at ``handle.remove()`` and refused the next forward."""
     for model, method in jobs:
         expected = single(model, method, ring_degree if method == "lvsa-guards" else 1)
         size = len(expected["masks"][0]) // ulysses_degree
@@ -80,6 +84,12 @@ def check_ranks(ranks: list[dict], jobs: list, ring_degree: int, ulysses_degree:
             for layer, mask in enumerate(got["masks"]):
                 assert np.array_equal(mask, expected["masks"][layer][u * size:(u + 1) * size]), \
                     (model, method, label, rank, layer)
+            if model == "mochi":
+                assert any("MochiTransformer3DModel under context parallelism runs only with sparsecore applied" in w
+                           for w in got["remove_warnings"]), (method, label, rank)
+                assert got["refused"] is not None and got["refused"].startswith(
+                    "transformer_blocks[0].attn1.processor: under MOCHI_CP_PLAN expected sparsecore's "
+                    "MochiSparseAttnProcessor, got MochiAttnProcessor2_0"), (method, label, rank)
 
 
 def test_dense_method_matches_diffusers_own_processors():
@@ -194,7 +204,11 @@ def test_pasas_default_approximation_under_ring_is_refused_at_the_first_forward(
     ("HunyuanVideo15Transformer3DModel", {"ulysses_degree": 2}, "_native_cudnn",
      "HunyuanVideo15Transformer3DModel under context parallelism runs only with"),
     ("HunyuanVideoTransformer3DModel", {"ring_degree": 2}, None,
-     "HunyuanVideoTransformer3DModel under context parallelism runs only with"),
+     "HunyuanVideoTransformer3DModel under context parallelism runs only with sparsecore applied (diffusers' "
+     "processor builds its padding mask"),
+    ("MochiTransformer3DModel", {"ulysses_degree": 2}, None,
+     "MochiTransformer3DModel under context parallelism runs only with sparsecore applied (diffusers' processor runs "
+     "torch SDPA on this rank's tokens only"),
 ])
 def test_what_a_model_needs_to_run_after_remove_under_context_parallelism(joint_model, degrees, backend, need):
     """Remedies that say ``handle.remove()`` add what context parallelism needs then (a review found the model then
@@ -211,6 +225,66 @@ def test_what_a_model_needs_to_run_after_remove_under_context_parallelism(joint_
     else:
         assert need in got and remedy == f"to run this input densely, handle.remove(); then {got}"
     assert parallel.after_remove([], joint_model) is None
+
+
+def test_mochis_plan_refuses_a_forward_that_would_run_diffusers_own_processor():
+    """The pre-hook :func:`parallel.enable_parallelism` puts on Mochi under ``MOCHI_CP_PLAN`` (the gloo runs check it
+    is there): diffusers' processor would attend over this rank's video only, a wrong output, so a forward is refused
+    unless every block runs sparsecore's: before ``apply()``, after it, after ``remove()``, and with one block's
+    processor put back."""
+    model = tiny_mochi()
+    message = (r"transformer_blocks\[{}\].attn1.processor: under MOCHI_CP_PLAN expected sparsecore's "
+               r"MochiSparseAttnProcessor, got MochiAttnProcessor2_0 \(diffusers' processor runs torch SDPA on this "
+               r"rank's tokens only.*run it densely on a transformer without enable_parallelism")
+    with pytest.raises(ValueError, match=message.format(0)):
+        parallel.refuse_diffusers_mochi(model, ())
+    handle = sparse.apply(model, method=random_blocks, device="cpu", num_steps=5)
+    parallel.refuse_diffusers_mochi(model, ())
+    last = model.transformer_blocks[1].attn1
+    sparse_processor, last.processor = last.processor, last.processor.original
+    with pytest.raises(ValueError, match=message.format(1)):
+        parallel.refuse_diffusers_mochi(model, ())
+    last.processor = sparse_processor
+    handle.remove()
+    with pytest.raises(ValueError, match=message.format(0)):
+        parallel.refuse_diffusers_mochi(model, ())
+
+
+def test_mochis_processor_keeps_the_parallel_config_diffusers_sets_after_apply():
+    """diffusers' ``enable_parallelism`` after ``apply()`` sets the config on sparsecore's processor, whose original
+    (``MochiAttnProcessor2_0``) has no such attribute: it is kept there, where the processor, ``remove()`` and a later
+    ``apply()`` read it."""
+    model = tiny_mochi()
+    handle = sparse.apply(model, method=random_blocks, device="cpu", num_steps=5)
+    config = fake_parallel_config(ulysses_degree=2)
+    processor = model.transformer_blocks[0].attn1.processor
+    processor._parallel_config = config
+    assert processor._parallel_config is config and processor.original._parallel_config is config
+    with pytest.warns(UserWarning, match="after remove.*MochiTransformer3DModel under context parallelism runs only"):
+        handle.remove()
+    assert model.transformer_blocks[0].attn1.processor is processor.original      # a later apply() reads it there
+    again = sparse.apply(model, method=random_blocks, device="cpu", num_steps=5)
+    assert model.transformer_blocks[0].attn1.processor._parallel_config is config
+    with pytest.warns(UserWarning, match="after remove.*MochiTransformer3DModel under context parallelism runs only"):
+        again.remove()
+
+
+def test_apply_refuses_a_mochi_whose_parallelism_diffusers_enabled_without_its_processors():
+    """diffusers' own ``enable_parallelism`` (before ``apply()``) sets the config on the model but not on Mochi's
+    processors, which have no such attribute: sparsecore would run each rank's tokens alone. ``apply()`` refuses,
+    naming sparsecore's ``enable_parallelism``; with the config on the processors too it applies."""
+    model = tiny_mochi()
+    model._parallel_config = fake_parallel_config(ulysses_degree=2)
+    with pytest.raises(ValueError, match=r"transformer: its context parallelism was enabled by diffusers' "
+                                         r"enable_parallelism, which leaves MochiAttnProcessor2_0 without the config"
+                                         r".*sparsecore\.integrations\.diffusers\.enable_parallelism"):
+        sparse.apply(model, method=random_blocks, device="cpu", num_steps=5)
+    assert all(type(b.attn1.processor).__name__ == "MochiAttnProcessor2_0" for b in model.transformer_blocks)
+    for block in model.transformer_blocks:
+        block.attn1.processor._parallel_config = model._parallel_config
+    handle = sparse.apply(model, method=random_blocks, device="cpu", num_steps=5)
+    with pytest.warns(UserWarning, match="after remove"):
+        handle.remove()
 
 
 def test_a_held_masks_cut_is_kept_per_ring_place():

@@ -13,9 +13,9 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.processors`: the attention processors put in place of diffusers' own.
 - :mod:`.steps`: which denoising step and run a forward belongs to.
 - :mod:`.planner`: the method's decision per (layer, step), masks, kernels.
-- :mod:`.parallel`: context-parallel layouts, diffusers' Ulysses routing, the HunyuanVideo 1.5 plan
-  and :func:`enable_parallelism`.
-- :mod:`.sharded`: ring and unified context parallelism (and HunyuanVideo 1.5 under Ulysses):
+- :mod:`.parallel`: context-parallel layouts, diffusers' Ulysses routing, the HunyuanVideo 1.5, Mochi 1 and
+  Wan VACE plans and :func:`enable_parallelism`.
+- :mod:`.sharded`: ring and unified context parallelism (and HunyuanVideo 1.5, Mochi 1 under Ulysses):
   planning on whole sequences, running this rank's rows.
 - :mod:`.ring`: ring attention over a block-sparse mask (P2P shards, LSE merge).
 - :mod:`.op`: the custom op ``torch.ops.sparsecore.diffusers_attention`` (compiled models).
@@ -48,9 +48,10 @@ blocks every mask and dense step keeps to them (a frame-causal geometry, :mod:`s
 Mochi 1 runs as HunyuanVideo 1.0 (video then each sample's valid text from its ``[B, text]`` mask; horizon 28).
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
-on Wan, HunyuanVideo 1.5, Wan VACE and SkyReels-V2 (the last three through :func:`enable_parallelism`'s plans), not
-HunyuanVideo 1.0, CogVideoX, Wan Animate or Mochi (no plan for them); even shards only; no approximating masks under a
-ring; processors replaced after ``apply`` are overwritten by ``remove()``.
+on Wan, HunyuanVideo 1.5, Mochi 1, Wan VACE and SkyReels-V2 (the last four through :func:`enable_parallelism`'s
+plans; HunyuanVideo 1.5 and Mochi 1 only while sparsecore is applied), not HunyuanVideo 1.0, CogVideoX or Wan Animate
+(no plan for them); even shards only; no approximating masks under a ring; processors replaced after ``apply`` are
+overwritten by ``remove()``.
 """
 
 from __future__ import annotations
@@ -64,14 +65,13 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 from .attach import apply
 from .handle import SparseAttentionHandle
 from .models import SUPPORTED_MODELS, ModelSpec
-from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
+from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, MOCHI_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
                          HunyuanVideoSparseAttnProcessor, MochiSparseAttnProcessor, SkyReelsV2SparseAttnProcessor,
                          WanSparseAttnProcessor)
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN", "CogVideoXSparseAttnProcessor",
-           "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor", "MethodProvider",
-           "MochiSparseAttnProcessor", "ModelSpec",
-           "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
-           "enable_parallelism"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
+           "CogVideoXSparseAttnProcessor", "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
+           "MethodProvider", "MochiSparseAttnProcessor", "ModelSpec", "SkyReelsV2SparseAttnProcessor",
+           "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]

@@ -101,6 +101,12 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
     modules = attention_modules(transformer, spec)
+    if getattr(transformer, "_parallel_config", None) is not None and modules and \
+            getattr(modules[0].processor, "_parallel_config", None) is None:     # Mochi's: diffusers left it out
+        raise ValueError(f"transformer: its context parallelism was enabled by diffusers' enable_parallelism, which "
+                         f"leaves {type(modules[0].processor).__name__} without the config (its blocks would attend "
+                         f"over this rank's tokens only); enable it with sparsecore.integrations.diffusers."
+                         f"enable_parallelism(transformer, config), before or after apply()")
     handle = SparseAttentionHandle(transformer, spec, method, dict(params), device, backend, num_steps,
                                    backend_options, dense_attention)
     sparse_class = SPARSE_PROCESSORS[spec.name]

@@ -34,13 +34,13 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from sparsecore.methods import HeadShard
 
 from .op import INFERENCE_ONLY
-from .processors import active_backend
+from .processors import SparseProcessor, active_backend
 from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout", "UlyssesGroup",
-           "after_remove", "attention", "dense_remedy", "enable_parallelism", "layout"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "MOCHI_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout",
+           "UlyssesGroup", "after_remove", "attention", "dense_remedy", "enable_parallelism", "layout"]
 
 HUNYUAN_VIDEO_15_CP_PLAN = {
     # RoPE of the video tokens: split like them. The text (encoder_hidden_states, its padding mask) is not
@@ -56,6 +56,23 @@ diffusers' own processor cannot run under any plan of this model: it builds a ``
 from the rank's local sequence, which matches neither the Ulysses layout (whole sequence, mask all-gathered
 on the key axis only) nor ring steps (the padding sits in one shard). sparsecore's processors take the text
 mask ``[B, text]`` instead, so this plan is valid while sparsecore is applied (not after ``handle.remove()``).
+"""
+
+MOCHI_CP_PLAN = {
+    # Mochi's RoPE: (cos, sin), each [video tokens, heads, head_dim / 2], split like the video tokens. The text (its
+    # time/caption embedding, encoder_hidden_states, encoder_attention_mask) is not split, as in HunyuanVideo 1.5's.
+    "rope": {0: ContextParallelInput(split_dim=0, expected_dims=3, split_output=True),
+             1: ContextParallelInput(split_dim=0, expected_dims=3, split_output=True)},
+    "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),      # before the reshape back to latents
+}
+"""A context-parallel plan for ``MochiTransformer3DModel`` (diffusers 0.42 has none), for sparsecore only: the video
+tokens of ``patch_embed`` (``[B, S, C]``) split from block 0 to ``proj_out`` (``norm_out`` and the blocks' norms and
+feed-forwards act per token), the text replicated.
+
+diffusers' ``MochiAttnProcessor2_0`` calls torch SDPA itself on the tokens it is given, so under this plan it would
+attend over this rank's video only (no all-to-all): :func:`enable_parallelism` puts a check on the transformer that
+refuses a forward whose blocks run it (e.g. after ``handle.remove()``).
 """
 
 _SPLIT_TOKENS = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
@@ -134,22 +151,30 @@ def refuse_ring_approximation(processors: Sequence[Any], approximation: str | No
                      f"run under Ulysses only (ring_degree=1)")
 
 
+# Why diffusers' processor of a joint video + text model cannot run under a context-parallel plan (None: others')
+NO_DIFFUSERS_PROCESSOR = {
+    None: "diffusers' processor builds its padding mask from this rank's tokens",
+    "MochiTransformer3DModel": "diffusers' processor runs torch SDPA on this rank's tokens only, not the other ranks' "
+                               "video",
+}
+
+
 def after_remove(processors: Sequence[Any], joint_model: str | None) -> str | None:
     """What a model needs to run after ``handle.remove()`` under the context parallelism of its ``processors``
     (sparsecore's, which share one parallel config); None: nothing.
 
     A joint video + text model (``joint_model``: its class name; HunyuanVideo 1.5 under
-    :data:`HUNYUAN_VIDEO_15_CP_PLAN`, HunyuanVideo 1.0 under a plan of the user's) runs only with sparsecore's
-    processors, and diffusers' ring template calls its backend with ``return_lse=True``, which
-    :data:`NO_LSE_BACKENDS` refuse.
+    :data:`HUNYUAN_VIDEO_15_CP_PLAN`, Mochi 1 under :data:`MOCHI_CP_PLAN`, HunyuanVideo 1.0 under a plan of the
+    user's) runs only with sparsecore's processors (:data:`NO_DIFFUSERS_PROCESSOR`), and diffusers' ring template
+    calls its backend with ``return_lse=True``, which :data:`NO_LSE_BACKENDS` refuse.
     """
     cp = getattr(processors[0]._parallel_config, "context_parallel_config", None) if processors else None
     if cp is None or cp.ring_degree * cp.ulysses_degree == 1:
         return None
     if joint_model:
-        return (f"{joint_model} under context parallelism runs only with sparsecore applied (diffusers' processor "
-                "builds its padding mask from this rank's tokens): run it densely on a transformer without "
-                "enable_parallelism")
+        why = NO_DIFFUSERS_PROCESSOR.get(joint_model, NO_DIFFUSERS_PROCESSOR[None])
+        return (f"{joint_model} under context parallelism runs only with sparsecore applied ({why}): run it densely "
+                "on a transformer without enable_parallelism")
     backend = processors[0]._attention_backend
     name = str(getattr(backend, "value", backend)) if backend is not None else active_backend()
     if cp.ring_degree > 1 and name in NO_LSE_BACKENDS:
@@ -170,13 +195,16 @@ def dense_remedy(processors: Sequence[Any], joint_model: str | None) -> str:
 def enable_parallelism(transformer: Any, config: Any) -> None:
     """``transformer.enable_parallelism(config=config)`` for sparsecore's context parallelism (any degrees).
 
-    HunyuanVideo 1.5 gets :data:`HUNYUAN_VIDEO_15_CP_PLAN`; Wan keeps diffusers' plan, SkyReels-V2 takes it, Wan VACE
+    HunyuanVideo 1.5 gets :data:`HUNYUAN_VIDEO_15_CP_PLAN`, Mochi 1 :data:`MOCHI_CP_PLAN` (its processors, which
+    diffusers' leaves without the config, get it here; a forward whose blocks run diffusers' processor is refused:
+    :func:`refuse_diffusers_mochi`); Wan keeps diffusers' plan, SkyReels-V2 takes it, Wan VACE
     takes :data:`WAN_VACE_CP_PLAN`; in these three the cross-attention over the (replicated) text runs on each rank's
     tokens locally: exact, no communication, and any attention backend (diffusers' ring template needs one that
     returns an LSE).
     """
     from diffusers import ContextParallelConfig, ParallelConfig
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
+    from diffusers.models.transformers.transformer_mochi import MochiTransformer3DModel
     from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2Transformer3DModel
     from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
@@ -185,18 +213,41 @@ def enable_parallelism(transformer: Any, config: Any) -> None:
                         f"{type(config).__name__}")
     if isinstance(transformer, HunyuanVideo15Transformer3DModel):
         plan = HUNYUAN_VIDEO_15_CP_PLAN
+    elif isinstance(transformer, MochiTransformer3DModel):
+        plan = MOCHI_CP_PLAN
     elif isinstance(transformer, WanVACETransformer3DModel):
         plan = WAN_VACE_CP_PLAN
     elif isinstance(transformer, (WanTransformer3DModel, SkyReelsV2Transformer3DModel)):
         plan = WanTransformer3DModel._cp_plan
     else:
         names = ", ".join(c.__name__ for c in (WanTransformer3DModel, WanVACETransformer3DModel,
-                                               SkyReelsV2Transformer3DModel, HunyuanVideo15Transformer3DModel))
+                                               SkyReelsV2Transformer3DModel, HunyuanVideo15Transformer3DModel,
+                                               MochiTransformer3DModel))
         raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__} (diffusers 0.42 "
                         f"has no context-parallel plan for it, nor has sparsecore: run it on one GPU)")
     transformer.enable_parallelism(config=config, cp_plan=plan)
     for block in (*getattr(transformer, "blocks", ()), *getattr(transformer, "vace_blocks", ())):
         block.attn2.processor._parallel_config = None       # Wan's text cross-attention: local, exact
+    if plan is MOCHI_CP_PLAN:
+        # diffusers sets the config only on processors with the attribute, which MochiAttnProcessor2_0 has not: it
+        # goes on the original (which ignores it) where sparsecore's processor reads it, before or after apply()
+        for block in transformer.transformer_blocks:
+            block.attn1.processor._parallel_config = transformer._parallel_config
+        transformer.register_forward_pre_hook(refuse_diffusers_mochi)
+
+
+def refuse_diffusers_mochi(transformer: Any, args: tuple) -> None:
+    """A forward pre-hook of a ``MochiTransformer3DModel`` under :data:`MOCHI_CP_PLAN`: raises where a block's
+    processor is not sparsecore's (never applied, or after ``handle.remove()``), whose output would be wrong, not an
+    error (:data:`NO_DIFFUSERS_PROCESSOR`)."""
+    for index, block in enumerate(transformer.transformer_blocks):
+        processor = block.attn1.processor
+        if not isinstance(processor, SparseProcessor):
+            message = (f"transformer_blocks[{index}].attn1.processor: under MOCHI_CP_PLAN expected sparsecore's "
+                       f"MochiSparseAttnProcessor, got {type(processor).__name__} "
+                       f"({NO_DIFFUSERS_PROCESSOR['MochiTransformer3DModel']}); apply sparsecore to this "
+                       f"transformer, or run it densely on a transformer without enable_parallelism")
+            raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
 
 
 @dataclass(frozen=True)

@@ -220,8 +220,20 @@ class MochiSparseAttnProcessor(SparseProcessor):
     text]`` keeps (``nonzero``), padded text rows 0. Here the whole batch goes to the op with that mask, which the
     handle reads as each sample's valid text count, checked to come first (:meth:`.handle.SparseAttentionHandle.
     text_valid`: samples of one count run together, padding rows attend to nothing and give 0). Its original calls
-    torch SDPA itself, as CogVideoX's does: no diffusers backend or context parallelism reaches it.
+    torch SDPA itself, as CogVideoX's does: no diffusers backend reaches it, and it has no ``_parallel_config``.
+    A config set here all the same goes on the original (which ignores it; None, the attribute's absence, leaves it
+    untouched): sparsecore's context parallelism under :data:`.parallel.MOCHI_CP_PLAN` reads it there, so diffusers'
+    ``enable_parallelism`` after ``apply`` reaches the model, and the config outlives ``remove()`` for a later apply.
     """
+
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        if value is not None or hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = value
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor,
