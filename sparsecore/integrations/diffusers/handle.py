@@ -256,10 +256,10 @@ class SparseAttentionHandle:
                              "HunyuanVideoTransformer3DModel.forward builds), got a masked video token; the block-mask "
                              f"IR has no token mask; {self.dense_remedy()}")
         if not ordered:
-            raise ValueError("attention_mask: expected each sample's valid text tokens first, then its padding "
-                             "(the order HunyuanVideo's forward builds), got padding before a valid "
-                             "token; the block-mask IR has one pattern for the whole batch and cannot skip tokens "
-                             f"inside the sequence; {self.dense_remedy()}")
+            raise ValueError(f"attention_mask: expected each sample's valid text tokens first, then its padding "
+                             f"(the order {self.spec.model_class.__name__}'s pipeline gives), got padding before a "
+                             "valid token; the block-mask IR has one pattern for the whole batch and cannot skip "
+                             f"tokens inside the sequence; {self.dense_remedy()}")
         self._text_cache = (mask, result)
         return result
 
