@@ -78,11 +78,15 @@ def fakes(monkeypatch):
     _fresh_state(monkeypatch)
     yield slow, quick
     slow.gate.set()
+    assert warmup.wait(30), "a warm-up this test queued did not end"   # before the next test's records exist
     sparsecore.clear_cache()
 
 
 def _fresh_state(monkeypatch):
-    """The process's warm-up records as in a new process (a test's geometries and errors stay its own)."""
+    """The process's warm-up records as in a new process (a test's geometries and errors stay its own). A warm-up
+    that an earlier test queued and never waited for (its kernel fell back, and the test ended) would otherwise
+    record its geometry as warm here: a fake's geometry is shared by many tests."""
+    assert warmup.wait(30), "an earlier test's warm-up did not end"
     for name, empty in (("_warm", OrderedDict()), ("_pending", {}), ("_failed", OrderedDict()),
                         ("_unloadable", {}), ("_warned", set())):
         monkeypatch.setattr(warmup, name, empty)
