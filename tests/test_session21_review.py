@@ -49,31 +49,38 @@ def test_visible_counts_out_of_range_name_the_values_got():
         block_mass(q, q, offs, offs, lse, visible=np.array([-1, 1], dtype=np.int64))
 
 
-@pytest.mark.parametrize("causal_frames", [2, 0])
-def test_adaspas_search_hands_the_kernel_its_visible_prefixes_and_keeps_the_64_token_kernel_without_them(
-        triton_device, causal_frames, monkeypatch):
-    """Causal blocks of 128 tokens cut 64-token blocks that are uniform: the uniform kernel would take them, and
-    walk every key block. AdaSpa's search must reach the table kernel with each query block's prefix of key blocks;
-    without causal frames (every count NB) it keeps the faster uniform kernel. Its mask is the torch pass's."""
-    geometry = VideoGeometry(4, 8, 8, causal_frames=causal_frames)
+@pytest.mark.parametrize("frame_side, causal_frames, kernel", [(16, 2, "segmented"), (8, 2, "table"),
+                                                               (8, 0, "segmented")])
+def test_adaspas_search_hands_the_kernel_its_visible_prefixes(triton_device, frame_side, causal_frames, kernel,
+                                                              monkeypatch):
+    """AdaSpa's search must reach the kernel with each query block's prefix of key blocks under causal frames; a
+    kernel that walked every key block would score the hidden ones. Causal blocks of 512 tokens (8 blocks of 64)
+    take the segmented kernel, a segment a causal block; of 128 (2 blocks a segment) the table kernel; without
+    causal frames every count is NB: one segment. Its mask is the torch pass's."""
+    geometry = VideoGeometry(4, frame_side, frame_side, causal_frames=causal_frames)
     gen = torch.Generator().manual_seed(21)
     q = torch.randn(2, 4, geometry.tokens, 16, generator=gen).to(triton_device)
     k = torch.randn(2, 2, geometry.tokens, 16, generator=gen).to(triton_device)          # GQA
-    tiles, uniform = [], []
-    original_tiles, original_uniform = triton_block_mass._tiles, triton_block_mass._run_uniform
-    monkeypatch.setattr(triton_block_mass, "_tiles", lambda qo, ko, visible: (tiles.append(visible),
+    ran = []
+    original_tiles, original_segmented = triton_block_mass._tiles, triton_block_mass._run_segmented
+    monkeypatch.setattr(triton_block_mass, "_tiles", lambda qo, ko, visible: (ran.append(("table", visible)),
                                                                                original_tiles(qo, ko, visible))[1])
-    monkeypatch.setattr(triton_block_mass, "_run_uniform", lambda *args: (uniform.append(1),
-                                                                           original_uniform(*args))[1])
+    monkeypatch.setattr(triton_block_mass, "_run_segmented", lambda *args: (ran.append(("segmented", args[5])),
+                                                                             original_segmented(*args))[1])
     params = dict(step=10, layer=0, q=q, k=k, sparsity=0.5)
     mask = adaspa.plan(geometry, 4, **params)
     offsets = geometry.block_offsets(64)
-    if causal_frames:
-        assert uniform == [] and len(tiles) == 1
-        np.testing.assert_array_equal(tiles[0], prefix_counts(offsets, 64, causal_frames))
-        assert list(tiles[0]) == [2, 2, 4, 4]
+    (ran_kernel, seen), = ran
+    assert ran_kernel == kernel
+    counts = prefix_counts(offsets, frame_side ** 2, causal_frames) if causal_frames else None
+    if kernel == "table":
+        np.testing.assert_array_equal(seen, counts)
+        assert list(seen) == [2, 2, 4, 4]
+    elif causal_frames:
+        np.testing.assert_array_equal(seen.blocks[seen.walked], counts)              # each row's prefix, in blocks
+        assert list(seen.blocks) == [0, 8, 16] and list(seen.starts) == [0, 512, 1024]
     else:
-        assert uniform == [1] and tiles == []
+        assert list(seen.walked) == [1] * 4 and list(seen.blocks) == [0, 4]
     on_torch = adaspa.plan(geometry, 4, impl="torch", **params)
     np.testing.assert_array_equal(np.asarray(mask.to_host().indptr), np.asarray(on_torch.to_host().indptr))
     np.testing.assert_array_equal(np.asarray(mask.to_host().indices), np.asarray(on_torch.to_host().indices))

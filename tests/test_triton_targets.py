@@ -266,7 +266,7 @@ def case_block_mass_uniform(capability, dtype, head_dim):
     q, k, _ = _inputs(dtype, head_dim)
     offsets = _mask(64, 64).q_offsets
     with capability_of_cuda(capability), \
-            launches(capability, [block_mass_kernel.block_mass_uniform_fwd]) as records:
+            launches(capability, [block_mass_kernel.block_mass_segmented_fwd]) as records:
         block_mass.run(q, k, offsets, offsets, _lse(q), 0.1, config=block_mass.default_uniform_config(cuda_like(q)))
     assert records, "the 64-token-block kernel did not run"
     return records

@@ -2,14 +2,16 @@
 
 Pass 2 only: given the row LSE (fresh from the search's dense pass, or cached), the
 fused kernels of :mod:`.block_mass_kernel` add ``exp(scale * q.k - lse)`` per (query
-block, key block) without writing scores to memory. Blocks of 64 tokens (AdaSpa's; every
-block but a shorter last one, on both sides) take ``block_mass_uniform_fwd``, which needs no
+block, key block) without writing scores to memory. Key blocks of 64 tokens in segments
+that each end with a block of 1 to 64 (AdaSpa's blocks: one segment; cut at the edges of
+frame-causal blocks: one a causal block) take ``block_mass_segmented_fwd``, which needs no
 tile tables: on an H200 at Wan 6x (188,760 tokens, 12 heads, bf16) 238 ms with 64-row x
 128-key tiles read by TMA, against 383 ms for the table-driven kernel every other layout
-takes and 380 ms for cuDNN's dense attention (2026-11-30, ``bench/search_step.py``). Triton is
-imported only when it runs. Under ``TRITON_INTERPRET=1`` it also runs on CPU tensors inside
-the Triton backend's emulator, which is how CI tests it. Offered through
-``TritonBackend.block_mass`` (a :class:`~sparsecore.registry.BlockMassOp`).
+takes and 380 ms for cuDNN's dense attention (2026-11-30, ``bench/search_step.py``, the
+one-segment kernel before segments). Triton is imported only when it runs. Under
+``TRITON_INTERPRET=1`` it also runs on CPU tensors inside the Triton backend's emulator, which
+is how CI tests it. Offered through ``TritonBackend.block_mass`` (a
+:class:`~sparsecore.registry.BlockMassOp`).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ from . import interpreter
 from .triton_config import below_ampere, dot_precision
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
-UNIFORM_BLOCK = 64              # the block size block_mass_uniform_fwd takes
+UNIFORM_BLOCK = 64              # the block size block_mass_segmented_fwd takes
+SEGMENT_BLOCKS = 4              # segments of fewer blocks on average take the table kernel (its 64-key tiles
+                                # waste less on a segment's short last block than a 128-key tile)
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
 class UniformConfig:
-    """Launch of the 64-token-block kernel: ``block_n`` keys a tile (64 or 128), TMA key loads (Hopper)."""
+    """Launch of the segmented 64-token-block kernel: ``block_n`` keys a tile (64 or 128), TMA key loads (Hopper)."""
 
     block_n: int
     num_warps: int
@@ -83,17 +87,19 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
     """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``).
 
     ``visible``: int per query block, the leading key blocks it sees (frame-causal attention); the tiles of the
-    others are not walked and their masses are 0. None: every block. ``config``: the launch of the 64-token-block
-    kernel (None: :func:`default_uniform_config`), for tuning runs and tests; other layouts, and any ``visible``,
-    take the table-driven kernel.
+    others are not walked and their masses are 0. None: every block. ``config``: the launch of the segmented
+    64-token-block kernel (None: :func:`default_uniform_config`), for tuning runs and tests; layouts it does not
+    take (:func:`segments`) take the table-driven kernel.
     """
     q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
-    if visible is None and uniform_blocks(q_offsets) and uniform_blocks(kv_offsets):
-        return _run_uniform(q, k, len(kv_offsets) - 1, lse, scale, config or default_uniform_config(q))
-    from .block_mass_kernel import block_mass_fwd
-    from .triton_kernel import LOG2E
     batch, heads, q_len, head_dim = q.shape
     mass = torch.zeros(batch, heads, len(q_offsets) - 1, len(kv_offsets) - 1, dtype=torch.float32, device=q.device)
+    from .triton_kernel import LOG2E
+    found = segments(q_offsets, kv_offsets, visible)
+    if found is not None:
+        _run_segmented(q, k, lse, mass, q_offsets, found, scale * LOG2E, config or default_uniform_config(q))
+        return mass
+    from .block_mass_kernel import block_mass_fwd
     programs, tile_start, tile_end, tile_block = (queued(a, q.device) for a in _tiles(q_offsets, kv_offsets,
                                                                                      visible))
     block_mass_fwd[(programs.shape[0], heads, batch)](
@@ -106,24 +112,53 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
     return mass
 
 
-def _run_uniform(q: torch.Tensor, k: torch.Tensor, num_kv_blocks: int, lse: torch.Tensor, scale: float,
-                 config: UniformConfig) -> torch.Tensor:
-    from .block_mass_kernel import block_mass_uniform_fwd
-    from .triton_kernel import LOG2E
+@dataclass(frozen=True)
+class Segments:
+    """Key blocks in segments for ``block_mass_segmented_fwd``: ``starts`` the segments' token offsets and
+    ``blocks`` their first blocks (each with the totals after the last), ``walked`` the leading segments each query
+    block walks."""
+
+    starts: np.ndarray
+    blocks: np.ndarray
+    walked: np.ndarray
+
+
+def segments(q_offsets: np.ndarray, kv_offsets: np.ndarray, visible: np.ndarray | None) -> Segments | None:
+    """The key blocks' segments where the segmented kernel takes the layout, else None (the table kernel).
+
+    It takes query blocks of at most 64 tokens and key blocks of at most 64, cut into segments after each block
+    shorter than 64 and at each ``visible`` count (frame-causal blocks cut into 64-token blocks: a segment a causal
+    block), with at least :data:`SEGMENT_BLOCKS` blocks a segment on average unless there is one."""
+    q_sizes, kv_sizes = np.diff(q_offsets), np.diff(kv_offsets)
+    if q_sizes.max() > UNIFORM_BLOCK or kv_sizes.max() > UNIFORM_BLOCK:
+        return None
+    cuts = [[0], np.flatnonzero(kv_sizes < UNIFORM_BLOCK) + 1, [len(kv_sizes)], [] if visible is None else visible]
+    blocks = np.unique(np.concatenate(cuts).astype(np.int64))
+    count = len(blocks) - 1
+    if count > 1 and count * SEGMENT_BLOCKS > len(kv_sizes):
+        return None
+    walked = np.full(len(q_sizes), count) if visible is None else np.searchsorted(blocks, visible)
+    as32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)  # noqa: E731
+    return Segments(as32(kv_offsets[blocks]), as32(blocks), as32(walked))
+
+
+def _run_segmented(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor, q_offsets: np.ndarray,
+                   found: Segments, qk_scale: float, config: UniformConfig) -> None:
+    from .block_mass_kernel import block_mass_segmented_fwd
     from .triton_launch import describe
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, _, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    num_q_blocks = -(-q_len // UNIFORM_BLOCK)
-    mass = torch.empty(batch, heads, num_q_blocks, num_kv_blocks, dtype=torch.float32, device=q.device)
     desc_k = describe(k, config.block_n) if config.use_tma else None
-    block_mass_uniform_fwd[(num_q_blocks, heads, batch)](
-        q, k, lse, mass, desc_k,
+    tables = (queued(np.ascontiguousarray(a, dtype=np.int32), q.device)
+              for a in (q_offsets, found.walked, found.starts, found.blocks))
+    block_mass_segmented_fwd[(len(q_offsets) - 1, heads, batch)](
+        q, k, lse, mass, desc_k, *tables,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1), mass.stride(2),
-        num_kv_heads, q_len, kv_len, num_kv_blocks, scale * LOG2E,
+        num_kv_heads, kv_len, qk_scale,
         GROUP=heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_N=config.block_n, USE_TMA=config.use_tma,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
-    return mass
+        DOT_PRECISION=dot_precision(q.dtype), ONE_SEGMENT=len(found.blocks) == 2 and bool((found.walked == 1).all()),
+        num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def cut_blocks(offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -59,58 +59,71 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
 
 
 @triton.jit
-def block_mass_uniform_fwd(Q, K, Lse, Mass, desc_k,
-                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                           stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
-                           num_kv_heads, q_len, kv_len, num_kv_blocks, qk_scale,
-                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                           USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The same masses when every block holds 64 tokens but a shorter last one, on both sides.
+def block_mass_segmented_fwd(Q, K, Lse, Mass, desc_k, QOffsets, Walked, SegStart, SegBlock,
+                             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                             stride_lb, stride_lh, stride_mb, stride_mh, stride_mi,
+                             num_kv_heads, kv_len, qk_scale,
+                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                             USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_SEGMENT: tl.constexpr):
+    """The same masses where the key blocks run in segments of 64-token blocks, each segment's last block 1 to 64
+    tokens (AdaSpa's 64-token blocks: one segment; cut at frame-causal block edges: one a causal block), and every
+    query block holds at most 64 tokens.
 
-    One program per query block (64 rows); key tiles of ``BLOCK_N`` (64 or 128) keys start at
-    multiples of ``BLOCK_N``, so a tile's blocks are known without tables and a full tile needs no
-    mask. Each program writes its own row of masses: plain stores. A 128-key tile's second
-    block gets each row's tile sum less its first block's (clamped at 0: exact to float32
-    rounding of the row's tile sum). The keys past the last full tile run as one masked tile.
+    One program per query block (``QOffsets``: the query block offsets); it walks the first ``Walked[block]``
+    key segments (``SegStart``: their token offsets, ``SegBlock``: their first blocks, each with its end after
+    it); the masses of the others stay as allocated (0). Key tiles of ``BLOCK_N`` (64 or 128) keys start at
+    multiples of ``BLOCK_N`` from their segment's start, so a tile's blocks are known without tile tables and a
+    full tile needs no mask. Each program writes its own row of masses: plain stores. A 128-key tile's second
+    block gets each row's tile sum less its first block's (clamped at 0: exact to float32 rounding of the row's
+    tile sum). A segment's keys past its last full tile run as one masked tile. ``ONE_SEGMENT``: every program walks
+    the one segment (the segment loop folds away, as in the one-segment kernel measured before segments).
     """
     q_block = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2)
     kv_head = head // GROUP
-    offs_m = q_block * 64 + tl.arange(0, 64)
+    offs_m = tl.load(QOffsets + q_block) + tl.arange(0, 64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
+    row_ok = offs_m < tl.load(QOffsets + q_block + 1)
     q, lse = _query_rows(Q, Lse, b, head, offs_m, row_ok, offs_d, stride_qb, stride_qh, stride_qm, stride_lb,
                          stride_lh)
     k_ptrs = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn \
         + offs_d[:, None]
     kv_row0 = (b * num_kv_heads + kv_head) * kv_len if USE_TMA else 0
     mass_row = Mass + b.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mi
-    num_full = kv_len // BLOCK_N
-    for t in range(0, num_full):
-        if USE_TMA:
-            k = desc_k.load([kv_row0 + t * BLOCK_N, 0]).T
-        else:
-            k = tl.load(k_ptrs + (t * BLOCK_N) * stride_kn)
-        p = tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
-        # Row sums keep their [64, 1] shape: Triton 3.6 fails to compile a rank-1 sum of a dot's row sums for sm100
-        # (OptimizeTMemLayouts: "parent layout must have at least rank >= 2").
-        row_sum = tl.sum(p, 1, keep_dims=True)
-        if BLOCK_N == 64:
-            tl.store(mass_row + t, tl.sum(row_sum))
-        else:
-            first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1, keep_dims=True)
-            tl.store(mass_row + 2 * t, tl.sum(first))
-            rest = row_sum - first                    # rounding can leave it below 0; a NaN must stay (max drops it)
-            tl.store(mass_row + 2 * t + 1, tl.sum(tl.where(rest < 0.0, 0.0, rest)))
-    start = num_full * BLOCK_N
-    if start < kv_len:
-        col_ok = start + offs_n < kv_len
-        k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
-        p = tl.where(col_ok[None, :], tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-                                                   - lse[:, None]), 0.0)
-        for piece in tl.static_range(BLOCK_N // 64):
-            inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
-            block = start // 64 + piece
-            tl.store(mass_row + block, tl.sum(tl.where(inside, p, 0.0)), mask=block < num_kv_blocks)
+    walked = 1 if ONE_SEGMENT else tl.load(Walked + q_block)
+    for segment in range(0, walked):
+        seg_start = tl.load(SegStart + segment)
+        seg_end = tl.load(SegStart + segment + 1)
+        first_block = tl.load(SegBlock + segment)
+        num_full = (seg_end - seg_start) // BLOCK_N
+        for t in range(0, num_full):
+            start = seg_start + t * BLOCK_N
+            if USE_TMA:
+                k = desc_k.load([kv_row0 + start, 0]).T
+            else:
+                k = tl.load(k_ptrs + start * stride_kn)
+            p = tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+            # Row sums keep their [64, 1] shape: Triton 3.6 fails to compile a rank-1 sum of a dot's row sums for
+            # sm100 (OptimizeTMemLayouts: "parent layout must have at least rank >= 2").
+            row_sum = tl.sum(p, 1, keep_dims=True)
+            block = first_block + t * (BLOCK_N // 64)
+            if BLOCK_N == 64:
+                tl.store(mass_row + block, tl.sum(row_sum))
+            else:
+                first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1, keep_dims=True)
+                tl.store(mass_row + block, tl.sum(first))
+                rest = row_sum - first                # rounding can leave it below 0; a NaN must stay (max drops it)
+                tl.store(mass_row + block + 1, tl.sum(tl.where(rest < 0.0, 0.0, rest)))
+        start = seg_start + num_full * BLOCK_N
+        if start < seg_end:
+            col_ok = start + offs_n < seg_end
+            k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
+            p = tl.where(col_ok[None, :], tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+                                                       - lse[:, None]), 0.0)
+            end_block = tl.load(SegBlock + segment + 1)
+            for piece in tl.static_range(BLOCK_N // 64):
+                inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
+                block = first_block + num_full * (BLOCK_N // 64) + piece
+                tl.store(mass_row + block, tl.sum(tl.where(inside, p, 0.0)), mask=block < end_block)
