@@ -38,12 +38,15 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   conversion of masks off its tile grid (a tile map of every head) costs more than it saves: whole
   reuse steps (``bench/e2e_benchmark.py``, eager) 6.11 s on fa4 against 5.43 on Triton (HunyuanVideo
   1.5), 7.90 against 5.10 and 1.3 GiB above the peak (CogVideoX 1.5). PASA's approximating masks,
-  converted at each call too: Triton 55.2 against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5.
+  converted at each call too: Triton 55.2 against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5. Frame-causal
+  masks (64-token blocks and a 24-token one in every causal block: SkyReels-V2 DF at 544x960) too: whole eager
+  steps at 2x (102,000 tokens, ``bench/e2e_benchmark.py --backend fa4`` against the default, H200, 2026-12-03)
+  AdaSpa's reuse 1.57 s on Triton against 2.28 on fa4, PASA's sparse step 1.66 against 2.54.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
 bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
 bench/results/gpu-2026-12-01-runs/eighth-session/ (pasa-mask-probe.json),
 bench/results/gpu-2026-12-01-runs/fifth-session/ (selection-64-2026-12-01.md, key-split-probe-fa4.md),
-bench/results/cuda-2026-11-22.md.
+bench/results/e2e-2026-12-03_skyreels-df-2x-causal-masks-{default,fa4}_eager.md, bench/results/cuda-2026-11-22.md.
 """
 
 from __future__ import annotations
