@@ -11,7 +11,7 @@ all rows in one run, median of 3 after a warm-up:
 - ``fused (...)``: :func:`sparsecore.backends.cuda.search_attention.run`, output + LSE + masses
   from one pass, for several tile configs and scratch limits of its partial sums (the default first);
 - ``cached search pass``: the block-mass pass alone on a cached LSE (a later search step's extra
-  work; 64-token blocks take its uniform-block kernel), for several launch configs (the default first).
+  work; 64-token blocks take its segmented kernel, one segment), for several launch configs (the default first).
 
 Each row also reports the memory its call allocates beyond its inputs at its peak. Also checked, per length: the fused pass's masses against the two-pass masses and its output against
 cuDNN's (relative L2), and whether AdaSpa selects the same blocks from either. Writes
@@ -42,8 +42,8 @@ LENGTHS = {"1x": VideoGeometry(21, 30, 52), "2x": VideoGeometry(41, 30, 52), "6x
 HEADS, HEAD_DIM = 12, 128
 FUSED = [(None, search_attention.SCRATCH_BYTES), (None, 8 << 30), (None, 4 << 30), (None, 2 << 30),
          (SearchConfig(128, 2, 8, 3, True), search_attention.SCRATCH_BYTES)]     # 4 stages: over shared memory
-CACHED = [None, mass_pass.UniformConfig(64, 4, 3, True), mass_pass.UniformConfig(64, 4, 3, False),
-          mass_pass.UniformConfig(128, 8, 2, False)]
+CACHED = [None, mass_pass.SegmentedConfig(64, 4, 3, True), mass_pass.SegmentedConfig(64, 4, 3, False),
+          mass_pass.SegmentedConfig(128, 8, 2, False)]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

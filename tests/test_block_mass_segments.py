@@ -65,7 +65,7 @@ def test_segmented_kernel_matches_float64_and_leaves_later_segments_zero(triton_
     mass = torch.zeros(want.shape, dtype=torch.float32, device=triton_device)
     triton_block_mass._run_segmented(q.to(triton_device), k.to(triton_device), lse.float().to(triton_device), mass,
                                      q_offsets, found, 0.25 * 1.4426950408889634,
-                                     triton_block_mass.UniformConfig(block_n, 4, 1, use_tma=False))
+                                     triton_block_mass.SegmentedConfig(block_n, 4, 1, use_tma=False))
     got = mass.double().cpu().numpy()
     tolerance = 1e-5 if dtype == "float32" else 2e-3
     assert (got[..., later] == 0).all()

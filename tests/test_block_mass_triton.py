@@ -62,7 +62,7 @@ def test_uniform_block_kernel_matches_float64(triton_device, q_len, kv_len, head
     infinite = torch.where(torch.rand(lse.shape, generator=gen) < 0.5, float("inf"), float("-inf")).double()
     lse[dropped] = infinite[dropped]
     want = mass_float64(q, k, q_offsets, kv_offsets, np.where(dropped.numpy(), np.inf, lse.numpy()))
-    config = triton_block_mass.UniformConfig(block_n, 4, 1, use_tma=False)
+    config = triton_block_mass.SegmentedConfig(block_n, 4, 1, use_tma=False)
     mass = triton_block_mass.run(q.to(triton_device), k.to(triton_device), q_offsets, kv_offsets,
                                  lse.float().to(triton_device), head_dim ** -0.5, config=config)
     got = mass.double().cpu().numpy()
@@ -338,7 +338,7 @@ def test_a_nan_key_in_the_second_block_of_a_128_key_tile_reaches_its_mass_on_the
     q, k = (torch.randn(1, 2, 256, 64, generator=gen).half() for _ in range(2))
     lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * 0.125, dim=-1)     # finite: from clean keys
     k[0, 1, 100] = float("nan")                                                         # key block 1, head 1
-    config = triton_block_mass.UniformConfig(128, 4, 1, use_tma=False)
+    config = triton_block_mass.SegmentedConfig(128, 4, 1, use_tma=False)
     mass = triton_block_mass.run(q.cuda(), k.cuda(), q_offsets, kv_offsets, lse.cuda(), 0.125, config=config).cpu()
     assert mass[0, 1, :, 1].isnan().all() and torch.isfinite(mass[0, 0]).all()
 

@@ -8,7 +8,7 @@ a GPU, so this runs on CPU CI.
 
 How: per target of :data:`TARGETS`, ``torch.cuda.get_device_capability`` is faked, the library's config functions
 pick the launch (``triton_config.default_config`` through ``TritonLaunch``, ``search_attention.default_config``,
-``block_mass.default_uniform_config``; the other launches' constants in their host code), and the library's host
+``block_mass.default_segmented_config``; the other launches' constants in their host code), and the library's host
 functions run on CPU tensors with each kernel's ``run`` replaced by a compile for the target from the arguments
 the launch passes: Triton's own binder gives the signature, constexprs and alignment attributes a launch on the
 GPU would (without ``tt.divisibility`` Triton cannot pipeline the loads with ``cp.async``: the 128 x 128 kernel
@@ -261,13 +261,13 @@ def _lse(q):
 
 
 def case_block_mass_uniform(capability, dtype, head_dim):
-    """AdaSpa's block-mass pass over 64-token blocks, at ``block_mass.default_uniform_config``."""
+    """AdaSpa's block-mass pass over 64-token blocks, at ``block_mass.default_segmented_config``."""
     from sparsecore.backends.cuda import block_mass, block_mass_kernel
     q, k, _ = _inputs(dtype, head_dim)
     offsets = _mask(64, 64).q_offsets
     with capability_of_cuda(capability), \
             launches(capability, [block_mass_kernel.block_mass_segmented_fwd]) as records:
-        block_mass.run(q, k, offsets, offsets, _lse(q), 0.1, config=block_mass.default_uniform_config(cuda_like(q)))
+        block_mass.run(q, k, offsets, offsets, _lse(q), 0.1, config=block_mass.default_segmented_config(cuda_like(q)))
     assert records, "the 64-token-block kernel did not run"
     return records
 

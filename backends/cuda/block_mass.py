@@ -36,7 +36,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
-class UniformConfig:
+class SegmentedConfig:
     """Launch of the segmented 64-token-block kernel: ``block_n`` keys a tile (64 or 128), TMA key loads (Hopper)."""
 
     block_n: int
@@ -49,14 +49,14 @@ class UniformConfig:
             raise ValueError(f"block_n: expected 64 or 128 keys (one or two blocks a tile), got {self.block_n}")
 
 
-def default_uniform_config(q: torch.Tensor) -> UniformConfig:
+def default_segmented_config(q: torch.Tensor) -> SegmentedConfig:
     """H200, Wan 6x, bf16 (2026-11-30, search-step-2026-11-30_uniform.md): 128 keys, 4 warps, TMA 238 ms; 64 keys
     252 ms (TMA) / 261 ms (pointers); 128 keys with 8 warps by pointers 416 ms."""
     if q.device.type != "cuda":
-        return UniformConfig(128, 4, 1, use_tma=False)
+        return SegmentedConfig(128, 4, 1, use_tma=False)
     if q.element_size() == 4:
-        return UniformConfig(64, 4, 2, use_tma=False)
-    return UniformConfig(128, 4, 3, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
+        return SegmentedConfig(64, 4, 2, use_tma=False)
+    return SegmentedConfig(128, 4, 3, use_tma=torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def uniform_blocks(offsets: np.ndarray) -> bool:
@@ -83,12 +83,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
 
 
 def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray, lse: torch.Tensor,
-        scale: float, *, visible: np.ndarray | None = None, config: UniformConfig | None = None) -> torch.Tensor:
+        scale: float, *, visible: np.ndarray | None = None, config: SegmentedConfig | None = None) -> torch.Tensor:
     """Block masses float32 ``[B, H, MB, NB]`` under the row LSE ``lse`` (natural log, float32 ``[B, H, L_q]``).
 
     ``visible``: int per query block, the leading key blocks it sees (frame-causal attention); the tiles of the
     others are not walked and their masses are 0. None: every block. ``config``: the launch of the segmented
-    64-token-block kernel (None: :func:`default_uniform_config`), for tuning runs and tests; layouts it does not
+    64-token-block kernel (None: :func:`default_segmented_config`), for tuning runs and tests; layouts it does not
     take (:func:`segments`) take the table-driven kernel.
     """
     q, k, lse = q.contiguous(), k.contiguous(), lse.contiguous()
@@ -97,7 +97,7 @@ def run(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.
     from .triton_kernel import LOG2E
     found = segments(q_offsets, kv_offsets, visible)
     if found is not None:
-        _run_segmented(q, k, lse, mass, q_offsets, found, scale * LOG2E, config or default_uniform_config(q))
+        _run_segmented(q, k, lse, mass, q_offsets, found, scale * LOG2E, config or default_segmented_config(q))
         return mass
     from .block_mass_kernel import block_mass_fwd
     programs, tile_start, tile_end, tile_block = (queued(a, q.device) for a in _tiles(q_offsets, kv_offsets,
@@ -143,7 +143,7 @@ def segments(q_offsets: np.ndarray, kv_offsets: np.ndarray, visible: np.ndarray 
 
 
 def _run_segmented(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor, q_offsets: np.ndarray,
-                   found: Segments, qk_scale: float, config: UniformConfig) -> None:
+                   found: Segments, qk_scale: float, config: SegmentedConfig) -> None:
     from .block_mass_kernel import block_mass_segmented_fwd
     from .triton_launch import describe
     batch, heads, _, head_dim = q.shape
