@@ -2,13 +2,18 @@
 
     python bench/mass_segments.py [--previous MODULE] [--out DIR]
 
-One self-attention layer, 12 heads x 128, bf16, 64-token blocks, the LSE over the keys each row may see, median of
-3 after a warm-up, all rows in one run:
+One self-attention layer, bf16, 64-token blocks, the LSE over the keys each row may see, median of 3 after a
+warm-up, all rows in one run:
 
-- ``wan-6x``: Wan 2.1 1.3B at 6x (121 x 30 x 52 latent tokens, 188,760), every block visible: one segment;
-- ``skyreels-5x``: SkyReels-V2 DF 1.3B at 5x (125 x 34 x 60, 255,000 tokens) with causal blocks of 5 frames (10,200
-  tokens: 159 blocks of 64 and one of 24), each query block seeing its own and earlier causal blocks: a segment a
-  causal block (before: the table kernel).
+- ``wan-6x``: Wan 2.1 1.3B (12 heads x 128) at 6x (121 x 30 x 52 latent tokens, 188,760), every block visible: one
+  segment;
+- ``skyreels-5x``: SkyReels-V2 DF 1.3B (12 x 128) at 5x (125 x 34 x 60, 255,000 tokens) with causal blocks of 5
+  frames (10,200 tokens: 159 blocks of 64 and one of 24), each query block seeing its own and earlier causal blocks:
+  a segment a causal block (before: the table kernel);
+- ``hv15-2x``: HunyuanVideo 1.5 (16 x 128) at 2x (65 x 30 x 53 video tokens, a 54-token last video block, then 512
+  text tokens): two segments (before: the table kernel);
+- ``cogvideox-2x``: CogVideoX 1.5 (48 x 64) at 2x (226 text tokens first: a 34-token block; then 21 x 48 x 85 video
+  tokens, a 32-token last block): two segments (before: the table kernel).
 
 Rows: ``sparsecore.backends.cuda.block_mass.run`` as ``compile`` runs it (its kernel named), the table kernel
 forced, and with ``--previous`` another module's ``run`` (an earlier version of the file, copied next to it on the
@@ -34,8 +39,10 @@ from sparsecore.backends.cuda import block_mass as mass_pass
 from sparsecore.methods import causal
 from sparsecore.timing import median_seconds
 
-CASES = {"wan-6x": VideoGeometry(121, 30, 52), "skyreels-5x": VideoGeometry(125, 34, 60, causal_frames=5)}
-HEADS, HEAD_DIM = 12, 128
+CASES = {"wan-6x": (VideoGeometry(121, 30, 52), 12, 128),              # geometry, heads, head dim
+         "skyreels-5x": (VideoGeometry(125, 34, 60, causal_frames=5), 12, 128),
+         "hv15-2x": (VideoGeometry(65, 30, 53, text_tokens=512), 16, 128),
+         "cogvideox-2x": (VideoGeometry(21, 48, 85, text_tokens=226, text_position="start"), 48, 64)}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,13 +50,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(label: str, previous) -> list[dict]:
-    geometry = CASES[label]
+    geometry, heads, head_dim = CASES[label]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k = (torch.randn(1, HEADS, geometry.tokens, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k = (torch.randn(1, heads, geometry.tokens, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
             for _ in range(2))
     offsets = geometry.block_offsets(64)
     visible = causal.visible_counts(geometry, offsets) if geometry.causal_frames else None
-    scale = HEAD_DIM ** -0.5
+    scale = head_dim ** -0.5
     lse = causal.visible_lse(q, k, geometry, scale)
     kernel = "segmented" if mass_pass.segments(offsets, offsets, visible) is not None else "table"
     calls = {f"default ({kernel})": lambda: mass_pass.run(q, k, offsets, offsets, lse, scale, visible=visible)}
@@ -67,7 +74,7 @@ def run(label: str, previous) -> list[dict]:
         first = mass if first is None else first
         seconds = median_seconds(call, "cuda", warmup=1, repeats=3)
         rows.append({"case": label, "tokens": geometry.tokens, "causal_frames": geometry.causal_frames,
-                     "kind": kind, "ms": seconds * 1e3, "vs_first": relative(mass, first)})
+                     "heads": heads, "head_dim": head_dim, "kind": kind, "ms": seconds * 1e3, "vs_first": relative(mass, first)})
         print(f"{label} {kind:50s} {seconds * 1e3:9.2f} ms  rel {rows[-1]['vs_first']:.1e}", flush=True)
         del mass
     return rows
@@ -75,13 +82,13 @@ def run(label: str, previous) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# AdaSpa's block-mass pass, one layer, {meta['date']}", "",
-             f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}. {HEADS} heads x {HEAD_DIM}, bf16, "
-             "64-token blocks, the LSE over each row's visible keys; median of 3 after a warm-up, all rows in one "
-             "run. `bench/mass_segments.py`.", "",
-             "| case | tokens | causal frames | kind | ms | masses vs the first row |", "|---|---|---|---|---|---|"]
+             f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}. bf16, 64-token blocks, the LSE over "
+             "each row's visible keys; median of 3 after a warm-up, all rows in one run. `bench/mass_segments.py`.",
+             "", "| case | tokens | heads x dim | causal frames | kind | ms | masses vs the first row |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['tokens']:,} | {r['causal_frames']} | {r['kind']} | {r['ms']:.1f} | "
-                     f"{r['vs_first']:.1e} |")
+        lines.append(f"| {r['case']} | {r['tokens']:,} | {r['heads']} x {r['head_dim']} | {r['causal_frames']} | "
+                     f"{r['kind']} | {r['ms']:.1f} | {r['vs_first']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

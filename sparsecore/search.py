@@ -122,8 +122,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
 
 
 def _visible(value: Any, num_q_blocks: int, num_kv_blocks: int) -> np.ndarray | None:
-    """``visible`` checked, int64 on the host; None where every count is NB (the plain pass, whose 64-token kernel
-    the counts would rule out). A device tensor is refused, not read back: the counts build host tile tables."""
+    """``visible`` checked, int64 on the host; None where every count is NB (the plain pass). A device tensor is
+    refused, not read back: the counts build host tables (the kernels' segments or tiles)."""
     if value is None:
         return None
     remedy = "pass sparsecore.methods.causal.visible_counts(geometry, offsets)"

@@ -21,8 +21,8 @@ from sparsecore.search import block_mass
 
 @st.composite
 def segmented_layouts(draw):
-    """(query offsets, key offsets, visible): 1-4 key segments of 1-5 blocks (64 tokens but a last of 1-64), query
-    blocks of 1-64 tokens, each query block seeing a prefix of whole segments (0 to all of them)."""
+    """(query offsets, key offsets, visible, segment ends in blocks): 1-4 key segments of 1-5 blocks (64 tokens but a
+    last of 1-64), query blocks of 1-64 tokens, each query block seeing a prefix of whole segments (0 to all)."""
     sizes, ends = [], [0]
     for _ in range(draw(st.integers(1, 4))):
         blocks = draw(st.integers(1, 5))
@@ -31,8 +31,8 @@ def segmented_layouts(draw):
     kv_offsets = np.concatenate([[0], np.cumsum(sizes)])
     q_sizes = draw(st.lists(st.integers(1, 64), min_size=1, max_size=6))
     q_offsets = np.concatenate([[0], np.cumsum(q_sizes)])
-    visible = np.array([ends[draw(st.integers(0, len(ends) - 1))] for _ in q_sizes])
-    return q_offsets, kv_offsets, visible
+    walked = np.array([draw(st.integers(0, len(ends) - 1)) for _ in q_sizes])
+    return q_offsets, kv_offsets, np.array(ends)[walked], np.array(ends), walked
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -40,16 +40,10 @@ def segmented_layouts(draw):
        st.sampled_from(["float32", "float16"]), st.sampled_from([64, 128]), st.integers(0, 2**32 - 1))
 def test_segmented_kernel_matches_float64_and_leaves_later_segments_zero(triton_device, layout, heads, batch, dtype,
                                                                          block_n, seed):
-    q_offsets, kv_offsets, visible = layout
-    found = triton_block_mass.segments(q_offsets, kv_offsets, visible)
-    blocks = np.unique(np.concatenate([[0], visible, [len(kv_offsets) - 1]]))
-    if found is None:                 # short segments: the table kernel, by the rule (checked, then forced here)
-        short = np.diff(kv_offsets) < 64
-        assert (len(np.unique(np.concatenate([blocks, np.flatnonzero(short) + 1]))) - 1) * 4 > len(short)
-        found = triton_block_mass.Segments(*(np.ascontiguousarray(a, dtype=np.int32) for a in (
-            kv_offsets[_cuts(kv_offsets, visible)], _cuts(kv_offsets, visible),
-            np.searchsorted(_cuts(kv_offsets, visible), visible))))
-    np.testing.assert_array_equal(found.blocks[found.walked], visible)
+    """The kernel on the segments the test drew (whatever ``segments()`` would choose for the layout)."""
+    q_offsets, kv_offsets, visible, ends, walked = layout
+    drawn = triton_block_mass.Segments(*(np.ascontiguousarray(a, dtype=np.int32)
+                                         for a in (kv_offsets[ends], ends, walked)))
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads[0], int(q_offsets[-1]), 16, generator=gen).to(getattr(torch, dtype))
     k = torch.randn(batch, heads[1], int(kv_offsets[-1]), 16, generator=gen).to(getattr(torch, dtype))
@@ -64,7 +58,7 @@ def test_segmented_kernel_matches_float64_and_leaves_later_segments_zero(triton_
     want[..., later] = 0.0
     mass = torch.zeros(want.shape, dtype=torch.float32, device=triton_device)
     triton_block_mass._run_segmented(q.to(triton_device), k.to(triton_device), lse.float().to(triton_device), mass,
-                                     q_offsets, found, 0.25 * 1.4426950408889634,
+                                     q_offsets, drawn, 0.25 * 1.4426950408889634,
                                      triton_block_mass.SegmentedConfig(block_n, 4, 1, use_tma=False))
     got = mass.double().cpu().numpy()
     tolerance = 1e-5 if dtype == "float32" else 2e-3
@@ -72,9 +66,45 @@ def test_segmented_kernel_matches_float64_and_leaves_later_segments_zero(triton_
     np.testing.assert_allclose(got, want, rtol=tolerance * 10, atol=1e-6)
 
 
-def _cuts(kv_offsets: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    short = np.flatnonzero(np.diff(kv_offsets) < 64) + 1
-    return np.unique(np.concatenate([[0], short, visible, [len(kv_offsets) - 1]]))
+@given(segmented_layouts())
+def test_the_segments_chosen_for_a_layout_end_at_every_visible_count_and_every_short_block(layout):
+    """Where ``segments()`` takes a layout, each query block walks exactly its visible prefix, and no segment holds
+    a short block before its last; where it does not, its segments would average under SEGMENT_BLOCKS blocks."""
+    q_offsets, kv_offsets, visible, _, _ = layout
+    found = triton_block_mass.segments(q_offsets, kv_offsets, visible)
+    short = np.flatnonzero(np.diff(kv_offsets) < 64) + 1                       # block ends after a short block
+    needed = np.unique(np.concatenate([[0, len(kv_offsets) - 1], short, visible]))
+    if found is None:
+        assert (len(needed) - 1) * triton_block_mass.SEGMENT_BLOCKS > len(kv_offsets) - 1 and len(needed) > 2
+    else:
+        np.testing.assert_array_equal(found.blocks[found.walked], visible)
+        assert set(needed) <= set(found.blocks.tolist())
+        np.testing.assert_array_equal(found.starts, kv_offsets[found.blocks])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segmented_layouts(), st.data(), st.sampled_from([64, 128]), st.integers(0, 2**32 - 1))
+def test_any_visible_prefix_through_run_matches_float64(triton_device, layout, data, block_n, seed):
+    """Counts anywhere in [0, NB], inside a run of 64-token blocks too (they cut a segment there), through ``run``
+    whichever kernel it chooses; hidden blocks exactly 0."""
+    q_offsets, kv_offsets = layout[:2]
+    visible = np.array(data.draw(st.lists(st.integers(0, len(kv_offsets) - 1), min_size=len(q_offsets) - 1,
+                                          max_size=len(q_offsets) - 1)))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, int(q_offsets[-1]), 16, generator=gen)
+    k = torch.randn(1, 1, int(kv_offsets[-1]), 16, generator=gen)
+    seen = torch.from_numpy(np.arange(kv_offsets[-1])[None, :] < np.repeat(kv_offsets[visible],
+                                                                           np.diff(q_offsets))[:, None])
+    lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2) * 0.25).masked_fill(~seen, float("-inf")), -1)
+    want = mass_float64(q, k, q_offsets, kv_offsets, lse.numpy(), 0.25)
+    later = np.arange(len(kv_offsets) - 1)[None, :] >= visible[:, None]
+    want[..., later] = 0.0
+    got = triton_block_mass.run(q.to(triton_device), k.to(triton_device), q_offsets, kv_offsets,
+                                lse.float().to(triton_device), 0.25, visible=visible,
+                                config=triton_block_mass.SegmentedConfig(block_n, 4, 1, use_tma=False))
+    got = got.double().cpu().numpy()
+    assert (got[..., later] == 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_causal_blocks_of_64_token_blocks_take_the_segmented_kernel_through_block_mass(triton_device, monkeypatch):

@@ -215,7 +215,7 @@ def test_dense_attention_with_mass_takes_the_fused_pass_or_two_passes(triton_dev
         assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
     want_out, _ = dense_float64(q.cpu(), k.cpu(), v.cpu())
     assert (out.double().cpu() - want_out).norm() <= 2e-3 * want_out.norm()
-    uniform = BlockMask.uniform_offsets(150, 64)          # 64-token blocks: dense pass, then the uniform kernel
+    uniform = BlockMask.uniform_offsets(150, 64)          # 64-token blocks: dense pass, then the segmented kernel
     out, found = dense_attention_with_mass(q, k, v, uniform, uniform)
     assert found.impl == "triton"
     want = mass_float64(q.cpu(), k.cpu(), uniform, uniform)

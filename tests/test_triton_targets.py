@@ -69,6 +69,7 @@ CASES = [
     ("search", "bfloat16", 128, {}, ALL),
     ("search", "float32", 128, {}, SMALLEST),
     ("block_mass_uniform", "bfloat16", 128, {}, ALL),
+    ("block_mass_causal", "bfloat16", 128, {}, ALL),
     ("block_mass_table", "bfloat16", 128, {}, ALL),
     ("statistics", "bfloat16", 128, {"kind": "grouped-first-order:32"}, ALL),
     ("statistics", "float32", 128, {"kind": "grouped-first-order:32"}, SMALLEST),
@@ -269,6 +270,24 @@ def case_block_mass_uniform(capability, dtype, head_dim):
             launches(capability, [block_mass_kernel.block_mass_segmented_fwd]) as records:
         block_mass.run(q, k, offsets, offsets, _lse(q), 0.1, config=block_mass.default_segmented_config(cuda_like(q)))
     assert records, "the 64-token-block kernel did not run"
+    return records
+
+
+def case_block_mass_causal(capability, dtype, head_dim):
+    """The same kernel over several segments (frame-causal blocks: the segment loop around the key tiles), each
+    query block walking its own and earlier ones."""
+    import numpy as np
+    from sparsecore.backends.cuda import block_mass, block_mass_kernel
+    sizes = ([64] * 5 + [10]) * 6 + [60]                        # 2040 tokens: six causal blocks, then a short one
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    visible = np.minimum(6 * (np.arange(len(sizes)) // 6 + 1), len(sizes))
+    q, k, _ = _inputs(dtype, head_dim, length=int(offsets[-1]))
+    with capability_of_cuda(capability), \
+            launches(capability, [block_mass_kernel.block_mass_segmented_fwd]) as records:
+        found = block_mass.segments(offsets, offsets, visible)
+        block_mass.run(q, k, offsets, offsets, _lse(q), 0.1, visible=visible,
+                       config=block_mass.default_segmented_config(cuda_like(q)))
+    assert found is not None and len(found.blocks) > 2 and records, "the segmented kernel did not run on segments"
     return records
 
 

@@ -103,7 +103,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: np.nd
     two passes: the dense attention, then the block-mass pass on its LSE)."""
     reason = block_mass.supports(q, k, q_offsets, kv_offsets)
     if reason is None and block_mass.uniform_blocks(q_offsets) and block_mass.uniform_blocks(kv_offsets):
-        reason = ("blocks of 64 tokens: the uniform-block mass kernel after the dense pass is faster "
+        reason = ("blocks of 64 tokens: the segmented mass kernel (one segment) after the dense pass is faster "
                   "(632 against 658 ms at Wan 6x on an H200, 2026-11-30) and needs no scratch")
     if reason is None and (v.dtype != q.dtype or v.shape != k.shape):
         reason = f"v: expected {q.dtype} {list(k.shape)} like k, got {v.dtype} {list(v.shape)}"
