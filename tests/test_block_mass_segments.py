@@ -137,3 +137,22 @@ def test_causal_blocks_of_64_token_blocks_take_the_segmented_kernel_through_bloc
 def test_layouts_the_segmented_kernel_does_not_take_go_to_the_table_kernel(q_sizes, kv_sizes, visible, why):
     offsets = [np.concatenate([[0], np.cumsum(sizes)]) for sizes in (q_sizes, kv_sizes)]
     assert triton_block_mass.segments(*offsets, visible) is None, why
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_a_block_of_tiny_mass_beside_a_large_one_keeps_its_precision(triton_device, block_n):
+    """Both blocks in one 128-key tile: the second's mass (3e-7 of the row's) is its own sum, not the tile's less the
+    first's, which lost 30% of it to float32 rounding of the tile sum (hostile review, 2026-12-03)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 1, 64, 16, generator=gen)
+    k = torch.randn(1, 1, 130, 16, generator=gen) * 0.1
+    k[0, 0, :64] = 12 * q[0, 0]                                   # block 0 holds nearly all of the mass
+    offsets = np.array([0, 64, 128, 130])
+    lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.25, -1)
+    want = mass_float64(q, k, offsets[:2], offsets, lse.numpy(), 0.25)
+    got = triton_block_mass.run(q.to(triton_device), k.to(triton_device), offsets[:2], offsets,
+                                lse.float().to(triton_device), 0.25,
+                                config=triton_block_mass.SegmentedConfig(block_n, 4, 1, use_tma=False))
+    got = got.double().cpu().numpy()
+    assert want[0, 0, 0, 1] < 1e-5 * want[0, 0, 0, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-4)

@@ -73,9 +73,9 @@ def block_mass_segmented_fwd(Q, K, Lse, Mass, desc_k, QOffsets, Walked, SegStart
     key segments (``SegStart``: their token offsets, ``SegBlock``: their first blocks, each with its end after
     it); the masses of the others stay as allocated (0). Key tiles of ``BLOCK_N`` (64 or 128) keys start at
     multiples of ``BLOCK_N`` from their segment's start, so a tile's blocks are known without tile tables and a
-    full tile needs no mask. Each program writes its own row of masses: plain stores. A 128-key tile's second
-    block gets each row's tile sum less its first block's (clamped at 0: exact to float32 rounding of the row's
-    tile sum). A segment's keys past its last full tile run as one masked tile. ``ONE_SEGMENT``: every program walks
+    full tile needs no mask. Each program writes its own row of masses: plain stores; a 128-key tile sums each of
+    its two blocks apart (a block of tiny mass beside a large one keeps its own float32 precision). A segment's
+    keys past its last full tile run as one masked tile. ``ONE_SEGMENT``: every program walks
     the one segment (the segment loop folds away, as in the one-segment kernel measured before segments).
     """
     q_block = tl.program_id(0)
@@ -107,15 +107,13 @@ def block_mass_segmented_fwd(Q, K, Lse, Mass, desc_k, QOffsets, Walked, SegStart
             p = tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
             # Row sums keep their [64, 1] shape: Triton 3.6 fails to compile a rank-1 sum of a dot's row sums for
             # sm100 (OptimizeTMemLayouts: "parent layout must have at least rank >= 2").
-            row_sum = tl.sum(p, 1, keep_dims=True)
             block = first_block + t * (BLOCK_N // 64)
             if BLOCK_N == 64:
-                tl.store(mass_row + block, tl.sum(row_sum))
+                tl.store(mass_row + block, tl.sum(tl.sum(p, 1, keep_dims=True)))
             else:
-                first = tl.sum(tl.where(offs_n[None, :] < 64, p, 0.0), 1, keep_dims=True)
-                tl.store(mass_row + block, tl.sum(first))
-                rest = row_sum - first                # rounding can leave it below 0; a NaN must stay (max drops it)
-                tl.store(mass_row + block + 1, tl.sum(tl.where(rest < 0.0, 0.0, rest)))
+                for piece in tl.static_range(2):        # each block's own sum (not the tile's less the first's)
+                    inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
+                    tl.store(mass_row + block + piece, tl.sum(tl.sum(tl.where(inside, p, 0.0), 1, keep_dims=True)))
         start = seg_start + num_full * BLOCK_N
         if start < seg_end:
             col_ok = start + offs_n < seg_end
