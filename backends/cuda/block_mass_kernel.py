@@ -107,13 +107,10 @@ def block_mass_segmented_fwd(Q, K, Lse, Mass, desc_k, QOffsets, Walked, SegStart
             p = tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
             # Row sums keep their [64, 1] shape: Triton 3.6 fails to compile a rank-1 sum of a dot's row sums for
             # sm100 (OptimizeTMemLayouts: "parent layout must have at least rank >= 2").
-            block = first_block + t * (BLOCK_N // 64)
-            if BLOCK_N == 64:
-                tl.store(mass_row + block, tl.sum(tl.sum(p, 1, keep_dims=True)))
-            else:
-                for piece in tl.static_range(2):        # each block's own sum (not the tile's less the first's)
-                    inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
-                    tl.store(mass_row + block + piece, tl.sum(tl.sum(tl.where(inside, p, 0.0), 1, keep_dims=True)))
+            for piece in tl.static_range(BLOCK_N // 64):     # each block's own sum (not the tile's less the first's)
+                inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
+                tl.store(mass_row + first_block + t * (BLOCK_N // 64) + piece,
+                         tl.sum(tl.sum(tl.where(inside, p, 0.0), 1, keep_dims=True)))
         start = seg_start + num_full * BLOCK_N
         if start < seg_end:
             col_ok = start + offs_n < seg_end
