@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
-                       HunyuanVideoTransformer3DModel, MochiTransformer3DModel, ParallelConfig,
+                       HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, MochiTransformer3DModel,
+                       ParallelConfig,
                        SkyReelsV2Transformer3DModel, WanAnimateTransformer3DModel, WanTransformer3DModel,
                        WanVACETransformer3DModel)
 from diffusers.models import attention_processor
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15,
+from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15, transformer_ltx,
                                            transformer_skyreels_v2, transformer_wan, transformer_wan_animate)
 from oracle import expand_to_tokens
 
@@ -198,6 +199,22 @@ def mochi_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
             "encoder_attention_mask": torch.tensor((MOCHI_TEXT[text] * batch)[:batch])}
 
 
+def tiny_ltx() -> LTXVideoTransformer3DModel:
+    """LTX-Video: two blocks, patch 1 (its latents are packed into tokens by the pipeline)."""
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                      cross_attention_dim=32, num_layers=2, caption_channels=16).eval()
+
+
+def ltx_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    """Packed tokens ``[B, S, C]`` of the grid, with the grid as ``num_frames``, ``height``, ``width`` (as LTX's
+    pipeline passes them), 7 text tokens for the cross-attention, all valid."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, FRAMES * HEIGHT * WIDTH, 4, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen),
+            "encoder_attention_mask": torch.ones(batch, 7), "num_frames": FRAMES, "height": HEIGHT, "width": WIDTH}
+
+
 def install_dispatch(module: Any) -> Callable[[Any, "MaskedSoftmaxOracle"], None]:
     """The oracle as ``module``'s ``dispatch_attention_fn`` (``[B, S, H, D]``), which Wan's and HunyuanVideo's
     processors call."""
@@ -249,6 +266,8 @@ CASES = {
                           install_text_first_sdpa, lambda m: [b.attn1 for b in m.transformer_blocks]),
     "mochi": Case("mochi", tiny_mochi, mochi_inputs, install_per_sample_sdpa,
                   lambda m: [b.attn1 for b in m.transformer_blocks]),
+    "ltx": Case("ltx", tiny_ltx, ltx_inputs, install_dispatch(transformer_ltx),
+                lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
 # The models with a text padding mask: the valid text of each sample of each ``inputs(text=...)`` kind, and the text
 # tokens of a sample (a batch's samples of different valid counts plan and run apart)
@@ -305,13 +324,15 @@ class MaskedSoftmaxOracle:
         batch, heads, seq, dim = q.shape
         scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
         allowed = torch.ones(batch, heads, seq, k.shape[2], dtype=torch.bool)
-        if attn_mask is not None:
-            allowed &= attn_mask.bool()
+        if attn_mask is not None and attn_mask.dtype != torch.bool:      # an additive bias (LTX's text mask)
+            scores = scores + attn_mask.double()
+        elif attn_mask is not None:
+            allowed &= attn_mask
         if self.layer is not None:
             video = FRAMES * HEIGHT * WIDTH
             self.valid_text = []
             for b in range(batch):
-                valid = int(allowed[b, 0].sum(-1).max()) if attn_mask is not None else seq   # also a causal mask
+                valid = int(allowed[b, 0].sum(-1).max())            # a padding or causal mask's valid prefix
                 geometry = VideoGeometry(FRAMES, HEIGHT, WIDTH, text_tokens=valid - video)
                 self.valid_text.append(valid - video)
                 tokens = torch.from_numpy(expand_to_tokens(self.provider(geometry, heads, self.step, self.layer)))
@@ -332,8 +353,8 @@ class Tagged:
                  image_rotary_emb=None):
         self.oracle.layer = self.layer
         try:
-            extra = {"rotary_emb": rotary_emb} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+            rope = rotary_emb if image_rotary_emb is None else image_rotary_emb        # every processor's fifth
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rope)
         finally:
             self.oracle.layer = None
 
@@ -356,7 +377,7 @@ def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step
 def as_float64(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(as_float64(v) for v in value)
-    return value.double() if value.is_floating_point() else value
+    return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value   # LTX's grid
 
 
 # ------------------------------------------------------------------ tests
@@ -403,7 +424,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
                                         ("hunyuan", "full"), ("cogvideox", "ragged"), ("cogvideox-1.5", "ragged"),
                                         ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
                                         ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged"),
-                                        ("mochi", "ragged"), ("mochi", "same"), ("mochi", "full")])
+                                        ("mochi", "ragged"), ("mochi", "same"), ("mochi", "full"),
+                                        ("ltx", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)

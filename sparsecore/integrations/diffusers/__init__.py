@@ -68,10 +68,11 @@ from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, MOCHI_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
-                         HunyuanVideoSparseAttnProcessor, MochiSparseAttnProcessor, SkyReelsV2SparseAttnProcessor,
-                         WanSparseAttnProcessor)
+                         HunyuanVideoSparseAttnProcessor, LTXVideoSparseAttnProcessor, MochiSparseAttnProcessor,
+                         SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
 
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
            "CogVideoXSparseAttnProcessor", "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
-           "MethodProvider", "MochiSparseAttnProcessor", "ModelSpec", "SkyReelsV2SparseAttnProcessor",
-           "SparseAttentionHandle", "WanSparseAttnProcessor", "apply", "enable_parallelism"]
+           "LTXVideoSparseAttnProcessor", "MethodProvider", "MochiSparseAttnProcessor", "ModelSpec",
+           "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
+           "enable_parallelism"]

@@ -192,13 +192,14 @@ class SparseAttentionHandle:
     # ---------------------------------------------------------------- hooks
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != (3 if self.spec.token_grid else 5):
             got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         causal = self.spec.causal_frames(module.config)
-        grid = self.spec.grid(hidden.shape, module.config)
+        grid = self.spec.grid(hidden.shape, module.config) if self.spec.token_grid is None else \
+            packed_grid(self.spec, hidden, *self.spec.token_grid(args, kwargs), self.dense_remedy())
         if causal and grid[0] % causal:          # the model's own forward refuses these (its mask's view fails)
             raise ValueError(f"hidden_states: {grid[0]} latent frames are not a multiple of the causal blocks' "
                              f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
@@ -366,3 +367,22 @@ class SparseAttentionHandle:
     @staticmethod
     def _with_text(geometry: VideoGeometry, count: int) -> VideoGeometry:
         return dataclasses.replace(geometry, text_tokens=count, text_position="end")
+
+
+def packed_grid(spec: Any, hidden: torch.Tensor, frames: Any, height: Any, width: Any, coords: Any,
+                remedy: str) -> tuple[int, int, int]:
+    """The token grid of a forward on packed tokens ``[B, S, C]`` (LTX-Video), checked: integers whose product is
+    S, and no ``video_coords`` (tokens placed anywhere, as LTX's condition pipeline places its conditioning frames,
+    have no frame-major grid)."""
+    name = spec.model_class.__name__
+    if coords is not None:
+        raise ValueError(f"video_coords: expected None for {name} with sparsecore applied (the masks follow the "
+                         f"num_frames x height x width grid in frame-major order), got coordinates; {remedy}")
+    grid = (frames, height, width)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+        raise ValueError(f"num_frames, height, width: expected the forward's token grid as positive integers for "
+                         f"{name}, got {grid}; pass them as its pipeline does")
+    if frames * height * width != hidden.shape[1]:
+        raise ValueError(f"hidden_states: expected num_frames x height x width = {frames * height * width} tokens "
+                         f"for {name}, got {hidden.shape[1]} ({list(hidden.shape)}); {remedy}")
+    return grid

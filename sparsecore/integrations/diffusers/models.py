@@ -31,6 +31,10 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   causal blocks) its forward masks attention frame-causally: the geometry then has ``causal_frames`` (what a
   token may see is a property of its block) and every mask and dense step keeps to it
   (:attr:`ModelSpec.causal_setting`).
+- ``LTXVideoTransformer3DModel`` (LTX-Video): the self-attention ``transformer_blocks[i].attn1`` of
+  ``LTXVideoAttnProcessor`` (RMS norms across heads on the projections, then its RoPE on the flat channels). Its
+  forward takes packed tokens ``[B, S, C]`` and the token grid as ``num_frames``, ``height``, ``width``
+  (:attr:`ModelSpec.token_grid`); the cross-attention ``attn2`` (text) is not touched.
 - ``MochiTransformer3DModel`` (Mochi 1): the joint video+text attention ``transformer_blocks[i].attn1`` of
   ``MochiAttnProcessor2_0``, video then each sample's valid text (its ``encoder_attention_mask`` ``[B, text]``; padded
   text rows give 0), RoPE on the video (its own interleaved pairs: :func:`mochi_rope`). The last block
@@ -55,6 +59,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVide
                                                                      HunyuanVideoTransformer3DModel)
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
+from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, LTXVideoTransformer3DModel
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rope
 from diffusers.models.transformers.transformer_mochi import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_skyreels_v2 import (SkyReelsV2AttnProcessor,
                                                                    SkyReelsV2Transformer3DModel)
@@ -85,6 +91,7 @@ class ModelSpec:
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
     causal_setting: str | None = None  # the config field of latent frames per causal block (1: none), if any
     first_layers: Callable[[Any], tuple[int, ...]] = lambda config: (0,)   # the layer of each path's first block
+    token_grid: Callable[[tuple, dict], tuple] | None = None   # packed tokens: (frames, height, width, video_coords)
 
     @property
     def joint_model(self) -> str | None:
@@ -94,6 +101,8 @@ class ModelSpec:
     @property
     def latents(self) -> str:
         """The layout of the forward's ``hidden_states``, for messages."""
+        if self.token_grid is not None:
+            return "[B, S, C] (packed tokens, S = num_frames x height x width)"
         return "[B, F, C, H, W]" if self.frames_axis == 1 else "[B, C, F, H, W]"
 
     def causal_frames(self, config: Any) -> int:
@@ -131,6 +140,24 @@ def wan_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tens
 def wan_output(attn: Any, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     out = attn.to_out[0](out.flatten(2, 3).type_as(query))
     return attn.to_out[1](out)
+
+
+def ltx_qkv(attn: Any, hidden_states: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """LTX-Video self-attention's q, k, v ``[B, S, H, D]`` as ``LTXVideoAttnProcessor`` makes them: the projections,
+    ``norm_q`` / ``norm_k`` across heads, then diffusers' ``transformer_ltx.apply_rotary_emb`` on q and k."""
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if image_rotary_emb is not None:
+        query, key = ltx_rope(query, image_rotary_emb), ltx_rope(key, image_rotary_emb)
+    return tuple(t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+
+
+def ltx_grid(args: tuple, kwargs: dict) -> tuple:
+    """The token grid of an ``LTXVideoTransformer3DModel.forward`` call: its ``num_frames``, ``height``, ``width``
+    (positional 4-6), and ``video_coords`` (positional 8) last, which must be None (checked by the handle)."""
+    def arg(name: str, index: int) -> Any:
+        return kwargs.get(name, args[index] if len(args) > index else None)
+    return arg("num_frames", 4), arg("height", 5), arg("width", 6), arg("video_coords", 8)
 
 
 def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -270,7 +297,11 @@ SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2A
                         causal_setting="num_frame_per_block")
 MOCHI = ModelSpec("mochi", MochiTransformer3DModel, MochiAttnProcessor2_0, ("transformer_blocks",), "attn1",
                   _horizon("mochi"), _mochi_patch, joint_text=True, timestep_arg=2)
-SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI)
+LTX_VIDEO = ModelSpec("ltx-video", LTXVideoTransformer3DModel, LTXVideoAttnProcessor, ("transformer_blocks",),
+                      "attn1", _horizon("ltx-video"), _hunyuan_patch, joint_text=False, timestep_arg=2,
+                      token_grid=ltx_grid)
+SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI,
+                    LTX_VIDEO)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

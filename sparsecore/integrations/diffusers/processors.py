@@ -160,6 +160,9 @@ class SparseProcessor(RefusesCopies):
 class WanSparseAttnProcessor(SparseProcessor):
     """Self-attention of a ``WanTransformer3DModel`` block (``attn1``), of a ``WanVACETransformer3DModel``'s
     ``vace_blocks`` and ``blocks``, and of a ``WanAnimateTransformer3DModel``'s ``blocks``, through sparsecore."""
+
+    qkv = staticmethod(models.wan_qkv)          # how the original processor makes q, k, v
+
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -169,9 +172,26 @@ class WanSparseAttnProcessor(SparseProcessor):
             raise ValueError(f"attention_mask: {self._handle.spec.model_class.__name__} self-attention (layer "
                              f"{self.layer}) expected None, got a {list(attention_mask.shape)} mask; the block-mask "
                              f"IR cannot add a token mask; {self._handle.dense_remedy()}")
-        query, key, value = compiled_layout(*models.wan_qkv(attn, hidden_states, rotary_emb))
+        query, key, value = compiled_layout(*self.qkv(attn, hidden_states, rotary_emb))
         out = diffusers_attention(query, key, value, None, self._handle.id)
         return models.wan_output(attn, out, query)
+
+
+class LTXVideoSparseAttnProcessor(WanSparseAttnProcessor):
+    """Self-attention of an ``LTXVideoTransformer3DModel`` block (``attn1``) through sparsecore: Wan's call with LTX's
+    q, k, v (:func:`.models.ltx_qkv`). Not under context parallelism (diffusers' ``_cp_plan`` for it splits the
+    packed tokens; sparsecore has not run it so), which raises."""
+
+    qkv = staticmethod(models.ltx_qkv)
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if self._parallel_config is not None and self._handle.active:
+            raise ValueError(f"transformer: LTXVideoTransformer3DModel under context parallelism is not supported by "
+                             f"sparsecore yet (layer {self.layer}); run it on one GPU, or "
+                             f"{self._handle.dense_remedy()}")
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
 
 class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
@@ -271,7 +291,8 @@ SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.na
                      models.HUNYUAN_VIDEO_15.name: HunyuanVideo15SparseAttnProcessor,
                      models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
                      models.COGVIDEOX.name: CogVideoXSparseAttnProcessor,
-                     models.MOCHI.name: MochiSparseAttnProcessor}
+                     models.MOCHI.name: MochiSparseAttnProcessor,
+                     models.LTX_VIDEO.name: LTXVideoSparseAttnProcessor}
 
 
 def set_processor(module: Any, processor: Any) -> None:
@@ -311,7 +332,8 @@ def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
                             f"only diffusers' own processor (restore it, e.g. with "
                             f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
                             f"integration first)")
-        if not spec.joint_text and (module.is_cross_attention or module.add_k_proj is not None):
+        if not spec.joint_text and (getattr(module, "is_cross_attention", False)
+                                    or getattr(module, "add_k_proj", None) is not None):
             raise TypeError(f"{where}.{spec.attention}: expected the self-attention of a "
                             f"{spec.model_class.__name__} block, got a cross-attention module")
         modules.append(module)

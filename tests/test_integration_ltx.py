@@ -1,0 +1,69 @@
+"""LTX-Video (``LTXVideoTransformer3DModel``) with sparsecore: what its packed-token forward adds to the shared cases.
+
+The oracle, remove(), steps and methods run in tests/test_integration_diffusers.py's "ltx" case; here the forward's
+token grid (``num_frames``, ``height``, ``width`` beside ``[B, S, C]`` tokens) and the refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from context_parallel_run import fake_parallel_config
+from test_integration_diffusers import CASES, FRAMES, HEIGHT, WIDTH, forward
+
+from sparsecore import BlockMask
+from sparsecore.integrations import diffusers as sparse
+
+
+def test_the_geometry_is_the_forwards_token_grid():
+    case = CASES["ltx"]
+    model, inputs = case.build(), case.inputs(batch=1)
+    seen = []
+
+    def full(geometry, heads, step, layer):
+        seen.append(geometry)
+        return BlockMask.full(heads, geometry.tokens, geometry.tokens, 64)
+    handle = sparse.apply(model, method=full, device="cpu")
+    try:
+        forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    assert {(g.frames, g.height, g.width, g.text_tokens) for g in seen} == {(FRAMES, HEIGHT, WIDTH, 0)}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_frames": FRAMES - 1}, r"hidden_states: expected num_frames x height x width = 448 tokens for "
+                                 r"LTXVideoTransformer3DModel, got 512"),
+    ({"height": None}, r"num_frames, height, width: expected the forward's token grid as positive integers .*"
+                       r"got \(8, None, 8\)"),
+    ({"video_coords": torch.zeros(1, 3, FRAMES * HEIGHT * WIDTH)}, r"video_coords: expected None for "
+                                                                   r"LTXVideoTransformer3DModel"),
+    ({"hidden_states": torch.zeros(1, 4, FRAMES, HEIGHT, WIDTH)}, r"hidden_states: expected a latent video \[B, S, "
+                                                                  r"C\] \(packed tokens"),
+])
+def test_a_forward_off_its_token_grid_is_refused_before_it_runs(change, message):
+    case = CASES["ltx"]
+    model, inputs = case.build(), {**case.inputs(batch=1), **change}
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        with pytest.raises(ValueError, match=message):
+            forward(model, inputs, 999.0)
+        assert handle.step is None
+    finally:
+        handle.remove()
+
+
+def test_context_parallelism_is_refused_naming_the_remedy():
+    case = CASES["ltx"]
+    model, inputs = case.build(), case.inputs(batch=1)
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    modules = case.attention(model)
+    try:
+        for module in modules:
+            module.processor._parallel_config = fake_parallel_config(ulysses_degree=2)
+        with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel under context parallelism is not supported"):
+            forward(model, inputs, 999.0)
+    finally:
+        for module in modules:
+            module.processor._parallel_config = None
+        handle.remove()
