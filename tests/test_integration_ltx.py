@@ -53,6 +53,22 @@ def test_a_forward_off_its_token_grid_is_refused_before_it_runs(change, message)
         handle.remove()
 
 
+def test_a_grid_of_numpy_integers_is_taken():
+    """The grid as NumPy integers (a pipeline that computes it with NumPy) reads as the same grid."""
+    import numpy as np
+    case = CASES["ltx"]
+    model = case.build()
+    inputs = {**case.inputs(batch=1), "num_frames": np.int64(FRAMES), "height": np.int32(HEIGHT)}
+    expected = forward(model, inputs, 999.0)
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        got = forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)        # LVSA keeps every block at this length
+
+
 def test_context_parallelism_is_refused_naming_the_remedy():
     case = CASES["ltx"]
     model, inputs = case.build(), case.inputs(batch=1)

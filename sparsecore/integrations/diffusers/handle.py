@@ -12,7 +12,7 @@ forward (blocks run in order; the post-hook checks that every layer came), then 
 from __future__ import annotations
 
 import dataclasses
-
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -379,9 +379,10 @@ def packed_grid(spec: Any, hidden: torch.Tensor, frames: Any, height: Any, width
         raise ValueError(f"video_coords: expected None for {name} with sparsecore applied (the masks follow the "
                          f"num_frames x height x width grid in frame-major order), got coordinates; {remedy}")
     grid = (frames, height, width)
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in grid):
         raise ValueError(f"num_frames, height, width: expected the forward's token grid as positive integers for "
                          f"{name}, got {grid}; pass them as its pipeline does")
+    frames, height, width = grid = tuple(int(n) for n in grid)
     if frames * height * width != hidden.shape[1]:
         raise ValueError(f"hidden_states: expected num_frames x height x width = {frames * height * width} tokens "
                          f"for {name}, got {hidden.shape[1]} ({list(hidden.shape)}); {remedy}")
