@@ -140,8 +140,7 @@ def segments(q_offsets: np.ndarray, kv_offsets: np.ndarray, visible: np.ndarray 
     if count > 1 and count * SEGMENT_BLOCKS > len(kv_sizes):
         return None
     walked = np.full(len(q_sizes), count) if visible is None else np.searchsorted(blocks, visible)
-    as32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)  # noqa: E731
-    return Segments(as32(kv_offsets[blocks]), as32(blocks), as32(walked))
+    return Segments(*_int32(kv_offsets[blocks], blocks, walked))
 
 
 def _run_segmented(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor, q_offsets: np.ndarray,
@@ -151,8 +150,7 @@ def _run_segmented(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, mass: to
     batch, heads, _, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     desc_k = describe(k, config.block_n) if config.use_tma else None
-    tables = (queued(np.ascontiguousarray(a, dtype=np.int32), q.device)
-              for a in (q_offsets, found.walked, found.starts, found.blocks))
+    tables = (queued(a, q.device) for a in (*_int32(q_offsets), found.walked, found.starts, found.blocks))
     block_mass_segmented_fwd[(len(q_offsets) - 1, heads, batch)](
         q, k, lse, mass, desc_k, *tables,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -178,5 +176,9 @@ def _tiles(q_offsets: np.ndarray, kv_offsets: np.ndarray, visible: np.ndarray | 
     kv_start, kv_end, kv_block = cut_blocks(kv_offsets, BLOCK_N)
     walked = np.full(len(q_block), len(kv_block)) if visible is None else \
         np.searchsorted(kv_block, np.asarray(visible, dtype=np.int64)[q_block])       # tiles of blocks < visible
-    as32 = lambda *arrays: [np.ascontiguousarray(a, dtype=np.int32) for a in arrays]  # noqa: E731
-    return (as32(np.stack([q_start, q_end, q_block, walked], axis=1))[0], *as32(kv_start, kv_end, kv_block))
+    return (*_int32(np.stack([q_start, q_end, q_block, walked], axis=1)), *_int32(kv_start, kv_end, kv_block))
+
+
+def _int32(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Contiguous int32 copies of host arrays, as the kernels' tables take them."""
+    return [np.ascontiguousarray(a, dtype=np.int32) for a in arrays]
