@@ -1,7 +1,7 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
     python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace
-                                  skyreels-df mochi]
+                                  skyreels-df mochi ltx ltx2]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
@@ -33,6 +33,23 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   frame) with 28 latent frames (163 video frames, its horizon: 44,520 video tokens), 256 text tokens after the video
   (all valid), run with 6 of 48 layers, scaled; its processor runs torch SDPA itself (per sample; no diffusers
   backend), and compiled mode compiles each block (diffusers 0.42 declares no repeated blocks for it).
+- ``ltx``: LTX-Video 13B-shaped (``LTXVideoTransformer3DModel``: 48 layers, 32 heads x 128, cross-attention 4096 over
+  T5's 4096 channels, patch 1) at 1216x704 (22x38 latent: its VAE's 32x spatial and 8x temporal; 836 tokens a frame;
+  its pipeline's default is 704x512) with 21 and 41 latent frames (161 and 321 video frames: 1x and 2x LVSA's horizon
+  for it, its pipeline's default 161 frames, which is ours: ``lvsa.REFERENCE_FRAMES``; 17,556 and 34,276 tokens), 128
+  text tokens (its ``max_sequence_length``, all valid) in its cross-attention only, run with 6 of 48 layers, scaled.
+  Its forward takes packed tokens ``[B, S, C]`` beside ``num_frames``, ``height``, ``width`` (where the token grid is
+  read from, as the integration reads it) and RoPE's interpolation scale as its pipeline passes it (8 / its 25 fps,
+  32, 32).
+- ``ltx2``: LTX-2 (``LTX2VideoTransformer3DModel``'s default configuration, the 19B: 48 audio-video blocks, video 32
+  heads x 128, audio 32 x 64) at the same size with 16 and 33 latent frames (121 and 257 video frames, 13,376 and
+  27,588 tokens: its horizon, 16 latent frames, is ours too: its pipeline's default 121 frames), with audio of the
+  video's duration as its pipeline counts it (at its 24 fps and 25 audio latents a second: 126 and 268 audio tokens),
+  1024 text tokens for the video and for the audio (its ``max_sequence_length``; its connectors fill padding with
+  registers, so all are valid), ``video_coords`` and
+  ``audio_coords`` made as its pipeline makes them, and the timestep passed as ``sigma`` too with
+  ``use_cross_timestep=True`` (its pipeline's defaults); run with 6 of 48 layers, scaled. sparsecore takes its video
+  self-attention (``attn1``); the audio self-attention and the text and audio-video cross-attentions stay the model's.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -47,11 +64,11 @@ method, its own dense step with sparsecore applied: the model's attention throug
 HunyuanVideo 1.5 without diffusers' ``[B, 1, S, S]`` padding mask; files before 2026-12-01's fourth
 session composed the dense row's step instead); LVSA's sparse step; AdaSpa's dense step
 that keeps its LSE (step 9), first search (an LSE-cached search on it, sparse), reuse steps (the first one
-reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule: AdaSpa = 9 dense + 1 dense+lse +
-1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense in each); LVSA = 50 of its
-steps. ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for unkept blocks);
-``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense, its
-masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
+reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule:
+AdaSpa = 9 dense + 1 dense+lse + 1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense
+in each); LVSA = 50 of its steps. ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for
+unkept blocks); ``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense,
+its masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
 session, whose files call today's default ``adaspa-cached-first``). ``adaspa-device`` is AdaSpa with
 ``store="device"`` (searched masks and LSEs wait on the GPU between steps; the default ``"host"`` keeps them
 in pinned host memory and copies a layer's mask per call). ``dense-sparsecore`` runs every step dense through
@@ -82,11 +99,12 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from e2e_models import (COGVIDEOX_TEXT, HV_TEXT, LTX2_TEXT, LTX_TEXT, MOCHI_TEXT, MODELS, TEXT_TOKENS, Case,
+                        build_model, cases, model_inputs, timestep_inputs, token_grid, video_tokens)
 from report import time_one_backend, versions, write_report
 
 import sparsecore
@@ -94,149 +112,6 @@ from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.methods.pasa import PASAParams
 from sparsecore.timing import synchronize
-
-TEXT_TOKENS = 512
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
-WAN_VACE_1_3B = dict(WAN_1_3B, vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
-SKYREELS_DF_1_3B = dict(WAN_1_3B, num_frame_per_block=5)
-HV15 = dict(num_layers=54)
-COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
-                    text_embed_dim=4096, num_layers=42, patch_size=2, patch_size_t=2, max_text_seq_length=226,
-                    sample_height=300, sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True,
-                    use_learned_positional_embeddings=False)
-COGVIDEOX_TEXT = 226
-HV = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40, guidance_embeds=True)
-HV_TEXT = 256
-MOCHI = dict(patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48, pooled_projection_dim=1536,
-             in_channels=12, text_embed_dim=4096, time_embed_dim=256, max_sequence_length=256)
-MOCHI_TEXT = 256
-
-
-@dataclass(frozen=True)
-class Case:
-    model: str
-    label: str           # "1x", "2x", ...
-    frames: int          # latent frames
-    height: int          # latent height (before patchify)
-    width: int
-    layers_run: int
-    layers_full: int
-
-
-def cases(models: list[str], tiny: bool) -> list[Case]:
-    if tiny:
-        tiny_cases = [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2)]
-        tiny_cases += [Case("hv15", "2x", 9, 6, 6, 2, 2)] if "hv15" in models else []
-        tiny_cases += [Case("hv", "1x", 9, 8, 8, 3, 3)] if "hv" in models else []
-        tiny_cases += [Case("wan-vace", "2x", 13, 8, 8, 2, 2)] if "wan-vace" in models else []
-        tiny_cases += [Case("skyreels-df", "2x", 10, 8, 8, 2, 2)] if "skyreels-df" in models else []
-        tiny_cases += [Case("mochi", "1x", 9, 8, 8, 2, 2)] if "mochi" in models else []
-        return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
-    out = []
-    if "wan-1.3b" in models:
-        out += [Case("wan-1.3b", f"{m}x", f, 60, 104, 30, 30) for m, f in ((1, 21), (2, 41), (4, 81), (6, 121))]
-    if "hv15" in models:
-        out += [Case("hv15", f"{m}x", f, 30, 53, 6, 54) for m, f in ((1, 33), (2, 65))]
-    if "wan-14b" in models:
-        out += [Case("wan-14b", "6x", 121, 60, 104, 2, 40)]
-    if "cogvideox-1.5" in models:
-        out += [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))]
-    if "hv" in models:
-        out += [Case("hv", "1x", 33, 90, 160, 3, 60)]
-    if "wan-vace" in models:
-        out += [Case("wan-vace", "2x", 41, 60, 104, 30, 30)]
-    if "skyreels-df" in models:
-        out += [Case("skyreels-df", f"{m}x", f, 68, 120, 30, 30) for m, f in ((2, 50), (5, 125))]
-    if "mochi" in models:
-        out += [Case("mochi", "1x", 28, 60, 106, 6, 48)]
-    return out
-
-
-def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
-                           HunyuanVideoTransformer3DModel, MochiTransformer3DModel, SkyReelsV2Transformer3DModel,
-                           WanTransformer3DModel, WanVACETransformer3DModel)
-    torch.manual_seed(0)
-    with torch.device(device):
-        if case.model == "hv":                          # a third double-stream, two thirds single-stream, as 20 : 40
-            config = dict(HV, num_layers=case.layers_run // 3, num_single_layers=case.layers_run - case.layers_run // 3)
-            if tiny:
-                config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, pooled_projection_dim=16,
-                              num_refiner_layers=1, rope_axes_dim=(8, 12, 12))
-            model = HunyuanVideoTransformer3DModel(**config)
-        elif case.model.startswith("cogvideox"):
-            config = dict(COGVIDEOX_15, num_layers=case.layers_run)
-            if tiny:
-                config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, time_embed_dim=32)
-            model = CogVideoXTransformer3DModel(**config)
-        elif case.model == "skyreels-df":
-            config = dict(SKYREELS_DF_1_3B, num_layers=case.layers_run)
-            if tiny:
-                config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)
-            model = SkyReelsV2Transformer3DModel(**config)
-        elif case.model == "mochi":                     # the last block of the layers run is context_pre_only
-            config = dict(MOCHI, num_layers=case.layers_run)
-            if tiny:
-                config.update(num_attention_heads=2, attention_head_dim=32, pooled_projection_dim=32, text_embed_dim=64,
-                              time_embed_dim=32)
-            model = MochiTransformer3DModel(**config)
-        elif case.model.startswith("wan"):
-            base = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-vace": WAN_VACE_1_3B}[case.model]
-            config = dict(base, num_layers=case.layers_run)
-            if tiny:
-                config.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64, freq_dim=32)
-            if case.model == "wan-vace":
-                if tiny:
-                    config.update(vace_layers=[0], vace_in_channels=8)
-                model = WanVACETransformer3DModel(**config)
-            else:
-                model = WanTransformer3DModel(**config)
-        else:
-            config = dict(HV15, num_layers=case.layers_run)
-            if tiny:
-                config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, text_embed_2_dim=32,
-                              image_embed_dim=32, num_refiner_layers=1, rope_axes_dim=(8, 12, 12))
-            model = HunyuanVideo15Transformer3DModel(**config)
-    return model.to(dtype).eval()
-
-
-def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.dtype) -> dict:
-    """Random latents and conditions; every text/image token valid (no padding mask to honour)."""
-    config = model.config
-    gen = torch.Generator(device=device).manual_seed(1)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
-    if case.model.startswith("cogvideox"):        # latents [B, F, C, H, W]; RoPE's values do not change timing
-        latents = rand(1, case.frames, config.in_channels, case.height, case.width)
-        video = video_tokens(model, {"hidden_states": latents})
-        rope = tuple(torch.randn(video, config.attention_head_dim, generator=gen, device=device) for _ in range(2))
-        return dict(hidden_states=latents, encoder_hidden_states=rand(1, COGVIDEOX_TEXT, config.text_embed_dim),
-                    image_rotary_emb=rope, return_dict=False)
-    latents = rand(1, config.in_channels, case.frames, case.height, case.width)
-    if case.model == "hv":
-        return dict(hidden_states=latents, encoder_hidden_states=rand(1, HV_TEXT, config.text_embed_dim),
-                    encoder_attention_mask=torch.ones(1, HV_TEXT, device=device, dtype=torch.long),
-                    pooled_projections=rand(1, config.pooled_projection_dim),
-                    guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
-    if case.model == "mochi":
-        return dict(hidden_states=latents, encoder_hidden_states=rand(1, MOCHI_TEXT, config.text_embed_dim),
-                    encoder_attention_mask=torch.ones(1, MOCHI_TEXT, device=device, dtype=torch.long),
-                    return_dict=False)
-    if case.model == "wan-vace":
-        return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
-                    control_hidden_states=rand(1, config.vace_in_channels, case.frames, case.height, case.width),
-                    return_dict=False)
-    if case.model.startswith("wan") or case.model == "skyreels-df":
-        return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
-                    return_dict=False)
-    ones = lambda n: torch.ones(1, n, device=device, dtype=torch.long)  # noqa: E731
-    return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_embed_dim),
-                encoder_attention_mask=ones(TEXT_TOKENS), encoder_hidden_states_2=rand(1, 64, config.text_embed_2_dim),
-                encoder_attention_mask_2=ones(64), image_embeds=rand(1, 729, config.image_embed_dim),
-                return_dict=False)
-
 
 
 NUM_STEPS = 50
@@ -277,12 +152,10 @@ def full_attention(geometry: VideoGeometry, num_heads: int, step: int, layer: in
 
 
 def timed_forward(model, inputs: dict, timestep: float, device: str) -> float:
-    # HunyuanVideo 1.5 embeds the timestep in the timestep's own dtype: give it the model's
-    dtype = model.dtype if type(model).__name__.startswith("HunyuanVideo15") else torch.float32
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        model(timestep=torch.tensor([timestep], device=device, dtype=dtype), **inputs)
+        model(**timestep_inputs(model, timestep, device), **inputs)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -315,13 +188,6 @@ def generation(method: str, times: dict[str, float]) -> float:
     return sum(count * times[kind] for kind, count in schedule)
 
 
-def video_tokens(model, inputs: dict) -> int:
-    """Tokens of the latent video after patchify (the model's patch as the integration reads it)."""
-    from sparsecore.integrations.diffusers.models import spec_of
-    frames, height, width = spec_of(model).grid(inputs["hidden_states"].shape, model.config)
-    return frames * height * width
-
-
 def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int = 0, backend: str | None = None,
                  options: dict | None = None) -> None:
     """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
@@ -339,9 +205,8 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     video, dim = video_tokens(model, inputs), model.config.attention_head_dim
     tokens = video + text
     q = torch.randn(1, model.config.num_attention_heads, tokens, dim, device=device, dtype=dtype)
-    spec = spec_of(model)                              # a frame-causal model's blocks restart at each causal block
-    grid = spec.grid(inputs["hidden_states"].shape, model.config)
-    geometry = VideoGeometry(*grid, text_tokens=text, causal_frames=spec.causal_frames(model.config))
+    causal = spec_of(model).causal_frames(model.config)     # a frame-causal model's blocks restart at each causal block
+    geometry = VideoGeometry(*token_grid(model, inputs), text_tokens=text, causal_frames=causal)
     offsets = geometry.block_offsets(64)
     if geometry.causal_frames:     # AdaSpa's LSE pass (every visible block's kernel), then the masses of those blocks
         visible = dense_mask(geometry, q.shape[1], {"method": "causal", "action": "warm-up"})
@@ -482,7 +347,8 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
         try:
             rows += run_mode(case, model, inputs, mode, device, log, methods, kernel_args)
         except torch.OutOfMemoryError as err:
-            rows.append(dict(model=case.model, length=case.label, mode=mode, method="(all)", error=f"out of memory: {err}"))
+            rows.append(dict(model=case.model, length=case.label, mode=mode, method="(all)",
+                             error=f"out of memory: {err}"))
             log(f"  {case.model} {case.label} {mode}: out of memory")
         del model
         torch._dynamo.reset()
@@ -503,7 +369,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
-             f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi). "
+             f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
+             f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
@@ -562,7 +429,7 @@ def main() -> int:
     time_one_backend()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--models", nargs="*", default=["wan-1.3b"])
+    parser.add_argument("--models", nargs="*", default=["wan-1.3b"], choices=MODELS)
     parser.add_argument("--lengths", nargs="*", default=None, help="only these lengths, e.g. 1x 6x")
     parser.add_argument("--modes", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--methods", nargs="*", default=[m for m in STEPS if m not in VARIANTS], choices=ROWS,

@@ -1,5 +1,5 @@
-"""diffusers integration on tiny random Wan 2.1 (VACE, 2.2 Animate), HunyuanVideo 1.5 and 1.0, CogVideoX, SkyReels-V2
-and Mochi 1 models (diffusers 0.42, CPU).
+"""diffusers integration on tiny random Wan 2.1 (VACE, 2.2 Animate), HunyuanVideo 1.5 and 1.0, CogVideoX, SkyReels-V2,
+Mochi 1, LTX-Video and LTX-2 models (diffusers 0.42, CPU).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
-                       HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, MochiTransformer3DModel,
-                       ParallelConfig,
+                       HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel, LTXVideoTransformer3DModel,
+                       MochiTransformer3DModel, ParallelConfig,
                        SkyReelsV2Transformer3DModel, WanAnimateTransformer3DModel, WanTransformer3DModel,
                        WanVACETransformer3DModel)
 from diffusers.models import attention_processor
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15, transformer_ltx,
-                                           transformer_skyreels_v2, transformer_wan, transformer_wan_animate)
+                                           transformer_ltx2, transformer_skyreels_v2, transformer_wan,
+                                           transformer_wan_animate)
 from oracle import expand_to_tokens
 
 from sparsecore import BlockMask, VideoGeometry
@@ -215,6 +216,29 @@ def ltx_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
             "encoder_attention_mask": torch.ones(batch, 7), "num_frames": FRAMES, "height": HEIGHT, "width": WIDTH}
 
 
+def tiny_ltx2(**config: Any) -> LTX2VideoTransformer3DModel:
+    """LTX-2: two blocks of video (2 heads x 16) and audio (2 heads x 8) streams, patch 1; ``config`` adds to it (the
+    gates, split RoPE, the perturbed processor of spatio-temporal guidance)."""
+    torch.manual_seed(0)
+    tiny = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
+                audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+    return LTX2VideoTransformer3DModel(**{**tiny, **config}).eval()
+
+
+def ltx2_inputs(batch: int = 2, text: str = "ragged", seed: int = 1, model: Any = None) -> dict:
+    """Packed video tokens and 10 audio tokens, 7 text tokens for each stream, the grid as ``num_frames``, ``height``,
+    ``width``, and the video coordinates its pipeline passes (``rope.prepare_video_coords`` at 24 fps; the
+    coordinates depend on the config's patches and VAE factors only, so a default tiny model's serve)."""
+    gen = torch.Generator().manual_seed(seed)
+    coords = (model or tiny_ltx2()).rope.prepare_video_coords(batch, FRAMES, HEIGHT, WIDTH, torch.device("cpu"))
+    return {"hidden_states": torch.randn(batch, FRAMES * HEIGHT * WIDTH, 4, generator=gen),
+            "audio_hidden_states": torch.randn(batch, 10, 4, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen),
+            "audio_encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen),
+            "num_frames": FRAMES, "height": HEIGHT, "width": WIDTH, "audio_num_frames": 10, "video_coords": coords}
+
+
 def install_dispatch(module: Any) -> Callable[[Any, "MaskedSoftmaxOracle"], None]:
     """The oracle as ``module``'s ``dispatch_attention_fn`` (``[B, S, H, D]``), which Wan's and HunyuanVideo's
     processors call."""
@@ -268,6 +292,8 @@ CASES = {
                   lambda m: [b.attn1 for b in m.transformer_blocks]),
     "ltx": Case("ltx", tiny_ltx, ltx_inputs, install_dispatch(transformer_ltx),
                 lambda m: [b.attn1 for b in m.transformer_blocks]),
+    "ltx2": Case("ltx2", tiny_ltx2, ltx2_inputs, install_dispatch(transformer_ltx2),
+                 lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
 # The models with a text padding mask: the valid text of each sample of each ``inputs(text=...)`` kind, and the text
 # tokens of a sample (a batch's samples of different valid counts plan and run apart)
@@ -350,11 +376,13 @@ class Tagged:
         self.oracle, self.layer, self.inner = oracle, layer, inner
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
-                 image_rotary_emb=None):
+                 image_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
         self.oracle.layer = self.layer
+        stg = {} if perturbation_mask is None and all_perturbed is None else \
+            {"perturbation_mask": perturbation_mask, "all_perturbed": all_perturbed}    # LTX-2's perturbed processor
         try:
             rope = rotary_emb if image_rotary_emb is None else image_rotary_emb        # every processor's fifth
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rope)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rope, **stg)
         finally:
             self.oracle.layer = None
 
@@ -368,7 +396,9 @@ def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step
     oracle = MaskedSoftmaxOracle(provider, step)
     for layer, module in enumerate(case.attention(reference)):
         module.processor = Tagged(oracle, layer, module.processor)   # Mochi's module has no set_processor
-    inputs64 = {name: as_float64(value) for name, value in inputs.items()}
+    # LTX-2's video coordinates stay float32, as its pipeline and its forward make them: the float64 model given float64
+    # coordinates ends 6e-5 from the float32 one with diffusers' own attention (5e-7 with float32 coordinates)
+    inputs64 = {name: value if name == "video_coords" else as_float64(value) for name, value in inputs.items()}
     with monkeypatch.context() as patch:
         case.install(patch, oracle)
         return (call or forward)(reference, inputs64, timestep), oracle.valid_text
@@ -425,7 +455,7 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
                                         ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
                                         ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged"),
                                         ("mochi", "ragged"), ("mochi", "same"), ("mochi", "full"),
-                                        ("ltx", "ragged")])
+                                        ("ltx", "ragged"), ("ltx2", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)

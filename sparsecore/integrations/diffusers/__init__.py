@@ -1,5 +1,5 @@
 """Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 (VACE, Animate), HunyuanVideo 1.5 and 1.0,
-CogVideoX, SkyReels-V2, Mochi 1, one call.
+CogVideoX, SkyReels-V2, Mochi 1, LTX-Video, LTX-2, one call.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
@@ -10,6 +10,7 @@ CogVideoX, SkyReels-V2, Mochi 1, one call.
 Modules, one job each (data flows one way: processor -> planner -> kernel):
 
 - :mod:`.models`: the supported models, where their self-attention lives, how they make q, k, v.
+- :mod:`.ltx`: LTX-Video's and LTX-2's packed tokens (the grid a forward names, checked) and q, k, v.
 - :mod:`.processors`: the attention processors put in place of diffusers' own.
 - :mod:`.steps`: which denoising step and run a forward belongs to.
 - :mod:`.planner`: the method's decision per (layer, step), masks, kernels.
@@ -25,8 +26,9 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
 ``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0`` /
-``SkyReelsV2AttnProcessor`` / ``MochiAttnProcessor2_0`` (``attn.set_processor``; Mochi's module has no setter:
-its ``processor`` attribute). We did not register a backend in diffusers' attention
+``SkyReelsV2AttnProcessor`` / ``MochiAttnProcessor2_0`` / ``LTXVideoAttnProcessor`` /
+``LTX2AudioVideoAttnProcessor`` and ``LTX2PerturbedAttnProcessor`` (``attn.set_processor``; Mochi's module has no
+setter: its ``processor`` attribute). We did not register a backend in diffusers' attention
 registry: in 0.42 it is keyed by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer,
 step), and HunyuanVideo 1.5's processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where
 the IR needs none.
@@ -46,12 +48,14 @@ token frames, 11 for CogVideoX 1.5). Wan VACE runs its ``vace_blocks`` then its 
 Animate its ``blocks``; SkyReels-V2 runs as Wan (horizon 25 latent frames), and with diffusion forcing's causal
 blocks every mask and dense step keeps to them (a frame-causal geometry, :mod:`sparsecore.methods.causal`).
 Mochi 1 runs as HunyuanVideo 1.0 (video then each sample's valid text from its ``[B, text]`` mask; horizon 28).
+LTX-Video and LTX-2 take packed tokens ``[B, S, C]``: the grid comes from the forward's ``num_frames``, ``height``,
+``width`` (horizons 21 and 16 latent frames, their pipelines' defaults); LTX-2's ``video_coords`` must be the grid's.
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
 on Wan, HunyuanVideo 1.5, Mochi 1, Wan VACE and SkyReels-V2 (the last four through :func:`enable_parallelism`'s
 plans; HunyuanVideo 1.5 and Mochi 1 only while sparsecore is applied), not HunyuanVideo 1.0, CogVideoX or Wan Animate
-(no plan for them); even shards only; no approximating masks under a ring; processors replaced after ``apply`` are
-overwritten by ``remove()``.
+(no plan for them) nor LTX-Video or LTX-2 (not run so: they raise); even shards only; no approximating masks under a
+ring; processors replaced after ``apply`` are overwritten by ``remove()``.
 """
 
 from __future__ import annotations
@@ -68,11 +72,11 @@ from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, MOCHI_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
-                         HunyuanVideoSparseAttnProcessor, LTXVideoSparseAttnProcessor, MochiSparseAttnProcessor,
-                         SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
+                         HunyuanVideoSparseAttnProcessor, LTX2SparseAttnProcessor, LTXVideoSparseAttnProcessor,
+                         MochiSparseAttnProcessor, SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
 
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
            "CogVideoXSparseAttnProcessor", "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
-           "LTXVideoSparseAttnProcessor", "MethodProvider", "MochiSparseAttnProcessor", "ModelSpec",
-           "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
+           "LTX2SparseAttnProcessor", "LTXVideoSparseAttnProcessor", "MethodProvider", "MochiSparseAttnProcessor",
+           "ModelSpec", "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
            "enable_parallelism"]

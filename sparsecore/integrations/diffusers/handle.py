@@ -12,7 +12,6 @@ forward (blocks run in order; the post-hook checks that every layer came), then 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ from sparsecore.methods import HeadShard
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
+from .ltx import packed_grid
 from .models import ModelSpec
 from .planner import MethodProvider, Planner
 from .processors import SparseProcessor, set_processor
@@ -199,7 +199,7 @@ class SparseAttentionHandle:
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         causal = self.spec.causal_frames(module.config)
         grid = self.spec.grid(hidden.shape, module.config) if self.spec.token_grid is None else \
-            packed_grid(self.spec, hidden, *self.spec.token_grid(args, kwargs), self.dense_remedy())
+            packed_grid(self.spec, hidden, self.spec.token_grid(module, args, kwargs), self.dense_remedy())
         if causal and grid[0] % causal:          # the model's own forward refuses these (its mask's view fails)
             raise ValueError(f"hidden_states: {grid[0]} latent frames are not a multiple of the causal blocks' "
                              f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
@@ -263,6 +263,16 @@ class SparseAttentionHandle:
                              f"tokens inside the sequence; {self.dense_remedy()}")
         self._text_cache = (mask, result)
         return result
+
+    @torch.compiler.disable
+    def skip_next(self) -> None:
+        """The next layer runs no attention in this forward (LTX-2's spatio-temporal guidance perturbs every sample
+        of some layers: their output is the values): it counts as run, so the layers after it keep their places.
+        Not traced by ``torch.compile``: the count is the handle's state, not the graph's."""
+        if not self.active or self._calls >= len(self._processors):
+            raise RuntimeError(f"sparsecore: a skipped layer {self._calls + 1} outside a forward of the transformer or "
+                               f"beyond its {len(self._processors)} self-attention layers")
+        self._calls += 1
 
     def attend_next(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     text_mask: torch.Tensor | None) -> torch.Tensor:
@@ -367,23 +377,3 @@ class SparseAttentionHandle:
     @staticmethod
     def _with_text(geometry: VideoGeometry, count: int) -> VideoGeometry:
         return dataclasses.replace(geometry, text_tokens=count, text_position="end")
-
-
-def packed_grid(spec: Any, hidden: torch.Tensor, frames: Any, height: Any, width: Any, coords: Any,
-                remedy: str) -> tuple[int, int, int]:
-    """The token grid of a forward on packed tokens ``[B, S, C]`` (LTX-Video), checked: integers whose product is
-    S, and no ``video_coords`` (tokens placed anywhere, as LTX's condition pipeline places its conditioning frames,
-    have no frame-major grid)."""
-    name = spec.model_class.__name__
-    if coords is not None:
-        raise ValueError(f"video_coords: expected None for {name} with sparsecore applied (the masks follow the "
-                         f"num_frames x height x width grid in frame-major order), got coordinates; {remedy}")
-    grid = (frames, height, width)
-    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in grid):
-        raise ValueError(f"num_frames, height, width: expected the forward's token grid as positive integers for "
-                         f"{name}, got {grid}; pass them as its pipeline does")
-    frames, height, width = grid = tuple(int(n) for n in grid)
-    if frames * height * width != hidden.shape[1]:
-        raise ValueError(f"hidden_states: expected num_frames x height x width = {frames * height * width} tokens "
-                         f"for {name}, got {hidden.shape[1]} ({list(hidden.shape)}); {remedy}")
-    return grid

@@ -35,6 +35,12 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   ``LTXVideoAttnProcessor`` (RMS norms across heads on the projections, then its RoPE on the flat channels). Its
   forward takes packed tokens ``[B, S, C]`` and the token grid as ``num_frames``, ``height``, ``width``
   (:attr:`ModelSpec.token_grid`); the cross-attention ``attn2`` (text) is not touched.
+- ``LTX2VideoTransformer3DModel`` (LTX-2): the video self-attention ``transformer_blocks[i].attn1`` of
+  ``LTX2AudioVideoAttnProcessor``, or of ``LTX2PerturbedAttnProcessor`` where the config has ``perturbed_attn``
+  (spatio-temporal guidance): norms across heads, its interleaved or split RoPE, and its per-head output gates where
+  the config has ``gated_attn``. Packed tokens as LTX-Video's; its pipelines pass ``video_coords``, which must be the
+  grid's (:func:`.ltx.ltx2_grid`). The audio self-attention, the text and the audio-video cross-attentions are not
+  touched.
 - ``MochiTransformer3DModel`` (Mochi 1): the joint video+text attention ``transformer_blocks[i].attn1`` of
   ``MochiAttnProcessor2_0``, video then each sample's valid text (its ``encoder_attention_mask`` ``[B, text]``; padded
   text rows give 0), RoPE on the video (its own interleaved pairs: :func:`mochi_rope`). The last block
@@ -60,7 +66,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVide
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, LTXVideoTransformer3DModel
-from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rope
+from diffusers.models.transformers.transformer_ltx2 import (LTX2AudioVideoAttnProcessor, LTX2PerturbedAttnProcessor,
+                                                            LTX2VideoTransformer3DModel)
 from diffusers.models.transformers.transformer_mochi import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_skyreels_v2 import (SkyReelsV2AttnProcessor,
                                                                    SkyReelsV2Transformer3DModel)
@@ -71,6 +78,8 @@ from diffusers.models.transformers.transformer_wan_animate import WanAttnProcess
 from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
 
 from sparsecore.methods import lvsa
+
+from .ltx import PackedGrid, ltx2_grid, ltx_grid
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -91,12 +100,17 @@ class ModelSpec:
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
     causal_setting: str | None = None  # the config field of latent frames per causal block (1: none), if any
     first_layers: Callable[[Any], tuple[int, ...]] = lambda config: (0,)   # the layer of each path's first block
-    token_grid: Callable[[tuple, dict], tuple] | None = None   # packed tokens: (frames, height, width, video_coords)
+    token_grid: Callable[[Any, tuple, dict], "PackedGrid"] | None = None   # packed tokens: (module, args, kwargs)
+    also_replaces: tuple[type, ...] = ()   # other diffusers processors of the same attention (exact types)
 
     @property
     def joint_model(self) -> str | None:
         """The model class's name where text shares the attention sequence (for messages), else None."""
         return self.model_class.__name__ if self.joint_text else None
+
+    @property
+    def processor_classes(self) -> tuple[type, ...]:
+        return (self.processor_class, *self.also_replaces)
 
     @property
     def latents(self) -> str:
@@ -140,24 +154,6 @@ def wan_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tens
 def wan_output(attn: Any, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     out = attn.to_out[0](out.flatten(2, 3).type_as(query))
     return attn.to_out[1](out)
-
-
-def ltx_qkv(attn: Any, hidden_states: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
-    """LTX-Video self-attention's q, k, v ``[B, S, H, D]`` as ``LTXVideoAttnProcessor`` makes them: the projections,
-    ``norm_q`` / ``norm_k`` across heads, then diffusers' ``transformer_ltx.apply_rotary_emb`` on q and k."""
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    query, key = attn.norm_q(query), attn.norm_k(key)
-    if image_rotary_emb is not None:
-        query, key = ltx_rope(query, image_rotary_emb), ltx_rope(key, image_rotary_emb)
-    return tuple(t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-
-
-def ltx_grid(args: tuple, kwargs: dict) -> tuple:
-    """The token grid of an ``LTXVideoTransformer3DModel.forward`` call: its ``num_frames``, ``height``, ``width``
-    (positional 4-6), and ``video_coords`` (positional 8) last, which must be None (checked by the handle)."""
-    def arg(name: str, index: int) -> Any:
-        return kwargs.get(name, args[index] if len(args) > index else None)
-    return arg("num_frames", 4), arg("height", 5), arg("width", 6), arg("video_coords", 8)
 
 
 def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -300,8 +296,11 @@ MOCHI = ModelSpec("mochi", MochiTransformer3DModel, MochiAttnProcessor2_0, ("tra
 LTX_VIDEO = ModelSpec("ltx-video", LTXVideoTransformer3DModel, LTXVideoAttnProcessor, ("transformer_blocks",),
                       "attn1", _horizon("ltx-video"), _hunyuan_patch, joint_text=False, timestep_arg=2,
                       token_grid=ltx_grid)
+LTX_2 = ModelSpec("ltx-2", LTX2VideoTransformer3DModel, LTX2AudioVideoAttnProcessor, ("transformer_blocks",), "attn1",
+                  _horizon("ltx-2"), _hunyuan_patch, joint_text=False, timestep_arg=4, token_grid=ltx2_grid,
+                  also_replaces=(LTX2PerturbedAttnProcessor,))
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI,
-                    LTX_VIDEO)
+                    LTX_VIDEO, LTX_2)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

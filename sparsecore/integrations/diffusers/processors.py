@@ -13,6 +13,7 @@ diffusers' ``set_attention_backend`` and ``enable_parallelism`` reach the model 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +23,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_a
 from sparsecore.registry import DenseOp
 from sparsecore.search import faster_dense
 
-from . import models
+from . import ltx, models
 from .op import diffusers_attention, head_major
 
 if TYPE_CHECKING:
@@ -179,10 +180,10 @@ class WanSparseAttnProcessor(SparseProcessor):
 
 class LTXVideoSparseAttnProcessor(WanSparseAttnProcessor):
     """Self-attention of an ``LTXVideoTransformer3DModel`` block (``attn1``) through sparsecore: Wan's call with LTX's
-    q, k, v (:func:`.models.ltx_qkv`). Not under context parallelism (diffusers' ``_cp_plan`` for it splits the
+    q, k, v (:func:`.ltx.ltx_qkv`). Not under context parallelism (diffusers' ``_cp_plan`` for it splits the
     packed tokens; sparsecore has not run it so), which raises."""
 
-    qkv = staticmethod(models.ltx_qkv)
+    qkv = staticmethod(ltx.ltx_qkv)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -192,6 +193,42 @@ class LTXVideoSparseAttnProcessor(WanSparseAttnProcessor):
                              f"sparsecore yet (layer {self.layer}); run it on one GPU, or "
                              f"{self._handle.dense_remedy()}")
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+class LTX2SparseAttnProcessor(SparseProcessor):
+    """Video self-attention of an ``LTX2VideoTransformer3DModel`` block (``attn1``) through sparsecore, in place of
+    ``LTX2AudioVideoAttnProcessor`` or, with spatio-temporal guidance (STG), ``LTX2PerturbedAttnProcessor``: q, k, v
+    and the output as those make them (:func:`.ltx.ltx2_qkv`, :func:`.ltx.ltx2_output`: RoPE, per-head gates, STG's
+    blend with the values). A layer STG perturbs in every sample runs no attention, as in diffusers: its output is the
+    values (the original's), and the handle counts the layer as run. Not under context parallelism (raises)."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 perturbation_mask: torch.Tensor | None = None, all_perturbed: Any = None) -> torch.Tensor:
+        stg = {} if perturbation_mask is None and all_perturbed is None else \
+            {"perturbation_mask": perturbation_mask, "all_perturbed": all_perturbed}     # only the perturbed takes them
+        original = partial(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
+                           key_rotary_emb, **stg)
+        if encoder_hidden_states is not None or not self._handle.active:
+            return original()
+        if self._parallel_config is not None:
+            raise ValueError(f"transformer: LTX2VideoTransformer3DModel under context parallelism is not supported by "
+                             f"sparsecore yet (layer {self.layer}); run it on one GPU, or "
+                             f"{self._handle.dense_remedy()}")
+        if attention_mask is not None:
+            raise ValueError(f"attention_mask: LTX2VideoTransformer3DModel video self-attention (layer {self.layer}) "
+                             f"expected None, got a {list(attention_mask.shape)} mask (video_self_attention_mask); the "
+                             f"block-mask IR cannot add a token mask; {self._handle.dense_remedy()}")
+        if all_perturbed is None and perturbation_mask is not None:
+            all_perturbed = bool((perturbation_mask == 0).all())            # the original's test, one host read
+        if all_perturbed:
+            self._handle.skip_next()
+            return original()
+        query, key, value = ltx.ltx2_qkv(attn, hidden_states, query_rotary_emb, key_rotary_emb)
+        out = diffusers_attention(*compiled_layout(query, key, value), None, self._handle.id)
+        return ltx.ltx2_output(attn, out, hidden_states, query, value, perturbation_mask)
 
 
 class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
@@ -292,7 +329,7 @@ SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.na
                      models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
                      models.COGVIDEOX.name: CogVideoXSparseAttnProcessor,
                      models.MOCHI.name: MochiSparseAttnProcessor,
-                     models.LTX_VIDEO.name: LTXVideoSparseAttnProcessor}
+                     models.LTX_VIDEO.name: LTXVideoSparseAttnProcessor, models.LTX_2.name: LTX2SparseAttnProcessor}
 
 
 def set_processor(module: Any, processor: Any) -> None:
@@ -326,9 +363,10 @@ def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
             message = (f"transformer: sparsecore is already applied to this model ({where}."
                        f"{spec.attention}); call remove() on the earlier handle first")
             raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
-        if type(processor) is not spec.processor_class:
-            raise TypeError(f"{where}.{spec.attention}.processor: expected diffusers' "
-                            f"{spec.processor_class.__name__}, got {type(processor).__name__}; sparsecore replaces "
+        if type(processor) not in spec.processor_classes:
+            names = " or ".join(c.__name__ for c in spec.processor_classes)
+            raise TypeError(f"{where}.{spec.attention}.processor: expected diffusers' {names}, got "
+                            f"{type(processor).__name__}; sparsecore replaces "
                             f"only diffusers' own processor (restore it, e.g. with "
                             f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
                             f"integration first)")
