@@ -41,8 +41,9 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   Its forward takes packed tokens ``[B, S, C]`` beside ``num_frames``, ``height``, ``width`` (where the token grid is
   read from, as the integration reads it) and RoPE's interpolation scale as its pipeline passes it (8 / its 25 fps,
   32, 32).
-- ``ltx2``: LTX-2 (``LTX2VideoTransformer3DModel``'s default configuration, the 19B: 48 audio-video blocks, video 32
-  heads x 128, audio 32 x 64) at the same size with 16 and 33 latent frames (121 and 257 video frames, 13,376 and
+- ``ltx2``: LTX-2 (``LTX2VideoTransformer3DModel``'s default configuration, the 19B, with split RoPE as diffusers'
+  conversion script sets for the 2.0 checkpoint (files before 2026-12-03's twenty-third session's second run had the
+  default interleaved RoPE): 48 audio-video blocks, video 32 heads x 128, audio 32 x 64) at the same size with 16 and 33 latent frames (121 and 257 video frames, 13,376 and
   27,588 tokens: its horizon, 16 latent frames, is ours too: its pipeline's default 121 frames), with audio of the
   video's duration as its pipeline counts it (at its 24 fps and 25 audio latents a second: 126 and 268 audio tokens),
   1024 text tokens for the video and for the audio (its ``max_sequence_length``; its connectors fill padding with

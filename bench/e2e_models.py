@@ -32,7 +32,8 @@ LTX = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_
 LTX_TEXT = 128                  # LTX-Video's max_sequence_length
 LTX_FPS = 25                    # LTX-Video's pipeline's frame_rate, in RoPE's interpolation scale
 LTX_VAE_TEMPORAL, LTX_VAE_SPATIAL = 8, 32     # both LTX models' VAEs
-LTX2 = dict(num_layers=48)      # diffusers' default configuration: LTX-2 19B
+LTX2 = dict(num_layers=48, rope_type="split")   # LTX-2 19B: diffusers' default configuration with the released
+#                                               checkpoint's split RoPE (diffusers' conversion script for 2.0)
 LTX2_TEXT = 1024                # LTX-2's max_sequence_length: its connectors fill padding with registers, all valid
 LTX2_FPS = 24.0                 # LTX-2's pipeline's frame_rate
 MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2")

@@ -1,11 +1,11 @@
-"""Tiny Wan (and Wan VACE, SkyReels-V2, also with diffusion forcing's causal blocks), HunyuanVideo 1.5 and Mochi 1
-models with sparsecore applied, in one process or in N gloo processes.
+"""Tiny Wan (and Wan VACE, SkyReels-V2, also with diffusion forcing's causal blocks), HunyuanVideo 1.5, Mochi 1 and
+LTX-Video models with sparsecore applied, in one process or in N gloo processes.
 
 Shared by test_integration_context_parallel.py (the parent) and its spawned workers, which
 import this module by name (it holds no test, so the workers do not import pytest). Modes:
 ``ulysses`` (diffusers' ``enable_parallelism`` as a user calls it), ``ring`` and ``unified``
 (ring x Ulysses, through ``sparsecore.integrations.diffusers.parallel.enable_parallelism``, which
-HunyuanVideo 1.5, Mochi 1, Wan VACE and SkyReels-V2 need for their context-parallel plans).
+HunyuanVideo 1.5, Mochi 1, Wan VACE, SkyReels-V2 and LTX-Video need for their context-parallel plans).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, MochiTransformer3DModel, ParallelConfig,
-                       SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel)
+from diffusers import (ContextParallelConfig, HunyuanVideo15Transformer3DModel, LTXVideoTransformer3DModel,
+                       MochiTransformer3DModel, ParallelConfig, SkyReelsV2Transformer3DModel, WanTransformer3DModel,
+                       WanVACETransformer3DModel)
 
 from sparsecore import BlockMask, VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -42,7 +43,7 @@ TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising 
 LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
         "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
 LVSA["mochi"] = LVSA["hunyuan"]
-LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal")})
+LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal", "ltx", "ltx-i2v")})
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
 PASA = {"density": 0.4, "block_size": 16, "dense_layers": (), "noise_scale": 0.5,
@@ -94,11 +95,23 @@ def tiny_mochi() -> MochiTransformer3DModel:
     return model
 
 
+def tiny_ltx() -> LTXVideoTransformer3DModel:
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=16,
+                                      cross_attention_dim=64, num_layers=2, caption_channels=16).eval()
+
+
 def inputs(model: str) -> dict:
     """Two samples (as with CFG). Wan: 12 latent frames of 4x4 patches (192 tokens). HunyuanVideo 1.5: 8 frames of
     4x4 (128 video tokens) and 13 text tokens, 6 and 8 of them valid (two text lengths in one batch). Mochi 1: 8
-    frames of 4x4 patches (128 video tokens) and 8 text tokens, 3 and 6 of them valid."""
+    frames of 4x4 patches (128 video tokens) and 8 text tokens, 3 and 6 of them valid. LTX-Video: 12 frames of 4x4
+    packed tokens [B, 192, C] and the grid beside them, 7 text tokens, 5 and 7 of them valid."""
     gen = torch.Generator().manual_seed(3)
+    if model.startswith("ltx"):
+        return {"hidden_states": 2.0 * torch.randn(2, 12 * 4 * 4, 4, generator=gen),
+                "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen),
+                "encoder_attention_mask": torch.tensor([[1] * 5 + [0] * 2, [1] * 7]), "num_frames": 12, "height": 4,
+                "width": 4}
     if model == "mochi":
         return {"hidden_states": torch.randn(2, 4, 8, 8, 8, generator=gen),
                 "encoder_hidden_states": torch.randn(2, 8, 16, generator=gen),
@@ -119,14 +132,18 @@ def inputs(model: str) -> dict:
 
 
 MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "mochi": tiny_mochi, "vace": tiny_vace, "skyreels": tiny_skyreels,
-          "skyreels-df": tiny_skyreels, "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES)}
+          "skyreels-df": tiny_skyreels, "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES), "ltx": tiny_ltx,
+          "ltx-i2v": tiny_ltx}
 
 
 def timesteps(model: str, t: float) -> torch.Tensor:
     """A forward's timestep for two samples: one each, or (SkyReels-V2's diffusion forcing) one per latent frame, the
-    first half of the 12 frames 150 ahead (with causal blocks of 2 frames, whole causal blocks ahead)."""
+    first half of the 12 frames 150 ahead (with causal blocks of 2 frames, whole causal blocks ahead), or (LTX-Video's
+    image-to-video pipeline) one per token, the first frame's 16 tokens at 0 (the conditioning image)."""
     if model in ("skyreels-df", "skyreels-causal"):
         return torch.tensor([[max(t - 150.0, 0.0)] * 6 + [t] * 6] * 2)
+    if model == "ltx-i2v":
+        return torch.tensor([[0.0] * 16 + [t] * (11 * 16)] * 2)
     return torch.full((2,), t)
 
 
@@ -279,7 +296,7 @@ def worker(rank: int, world: int, port: int, mode: str, jobs: list[tuple[str, st
             cp = config(mode, world)
             provider, params = method(model_name, name, cp.ring_degree)
             enable = (lambda: model.enable_parallelism(config=cp)) if (mode, model_name) == ("ulysses", "wan") else \
-                (lambda: parallel.enable_parallelism(model, cp))        # HunyuanVideo 1.5, Mochi 1: sparsecore's plans
+                (lambda: parallel.enable_parallelism(model, cp))    # HunyuanVideo 1.5, Mochi 1, LTX: sparsecore's plans
             if name in PARALLEL_FIRST:
                 enable()
             handle = sparse.apply(model, method=provider, device="cpu", num_steps=len(TIMESTEPS), **params)

@@ -1,14 +1,16 @@
 """sparsecore inside context parallelism: Ulysses, ring and ring x Ulysses, in gloo processes on loopback (CPU).
 
 Tiny random Wan (also Wan VACE, and SkyReels-V2 with and without diffusion forcing's per-frame timesteps, and with
-its causal blocks of 2 latent frames), HunyuanVideo 1.5 and Mochi 1 (two text lengths in one batch under the shards)
-models with sparsecore applied give the same outputs in N processes as in one (fp32, 1e-5, five denoising steps), and
-each rank's masks are the one-process masks' slice of its heads (every rank plans the whole sequence). The masks
-differ per head (LVSA with per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring
-step fails both checks. Half of the methods enable parallelism before ``apply()``, half after.
+its causal blocks of 2 latent frames), HunyuanVideo 1.5 and Mochi 1 (two text lengths in one batch under the shards),
+and LTX-Video (packed tokens; also with image-to-video's per-token timesteps) models with sparsecore applied give
+the same outputs in N processes as in one (fp32, 1e-5, five denoising steps), and each rank's masks are the
+one-process masks' slice of its heads (every rank plans the whole sequence). The masks differ per head (LVSA with
+per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring step fails both checks.
+Half of the methods enable parallelism before ``apply()``, half after.
 
 Modes: Ulysses 2 and 4 (diffusers' own all-to-alls around sparsecore; HunyuanVideo 1.5 through
-sparsecore's exchange and context-parallel plan; Mochi 1 likewise), ring 2, ring 4, and ring 2 x Ulysses 2. Mochi's
+sparsecore's exchange and context-parallel plan; Mochi 1 likewise; LTX-Video under sparsecore's plan), ring 2, ring
+4, and ring 2 x Ulysses 2. Mochi's
 runs also check, after ``handle.remove()``, the warning and the refused forward (diffusers' processor cannot run under
 ``MOCHI_CP_PLAN``).
 """
@@ -38,20 +40,21 @@ from sparsecore.integrations.diffusers.stats import Stats
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
 CAUSAL = [("skyreels-causal", m) for m in ("random", "lvsa", "adaspa", "pasa")]   # frame-causal: a callable, methods
 MOCHI = [("mochi", m) for m in ("random", "lvsa", "adaspa", "pasa")]       # under sparsecore's MOCHI_CP_PLAN
+LTX = [("ltx", "lvsa-per-head"), ("ltx", "adaspa"), ("ltx-i2v", "pasa")]   # under sparsecore's LTX_VIDEO_CP_PLAN
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
                                     "adaspa-fused-first")]
            + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")]
            + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")] + CAUSAL
-           + MOCHI,
+           + MOCHI + LTX,
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
 RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa",
                                            "adaspa-fused-first", "pasa")]
         + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")]
-        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")] + CAUSAL + MOCHI,
+        + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")] + CAUSAL + MOCHI + LTX,
         ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
         + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],
         ("unified", 4): [("wan", m) for m in ("lvsa", "lvsa-per-head", "adaspa", "pasa")]
-        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")] + CAUSAL + MOCHI}
+        + [("hunyuan", m) for m in ("dense", "lvsa", "adaspa", "pasa")] + CAUSAL + MOCHI + [("ltx-i2v", "lvsa")]}
 
 
 @lru_cache(maxsize=None)
@@ -93,7 +96,7 @@ def check_ranks(ranks: list[dict], jobs: list, ring_degree: int, ulysses_degree:
 
 
 def test_dense_method_matches_diffusers_own_processors():
-    for model in ("wan", "hunyuan", "vace", "skyreels-df"):
+    for model in ("wan", "hunyuan", "vace", "skyreels-df", "ltx", "ltx-i2v"):
         np.testing.assert_allclose(single(model, "dense")["outputs"], run_dense(model), **TOLERANCE)
         assert single(model, "dense")["backends"] == ["dense"]
 

@@ -713,15 +713,15 @@ def test_cogvideox_errors_name_its_layout_and_refuse_a_token_mask():
         handle.remove()
 
 
-@pytest.mark.parametrize("build", [tiny_cogvideox, tiny_hunyuan_10, tiny_wan_animate])
+@pytest.mark.parametrize("build", [tiny_cogvideox, tiny_hunyuan_10, tiny_wan_animate, tiny_ltx2])
 def test_context_parallelism_refuses_models_without_a_plan_naming_the_models_it_runs(build):
     from sparsecore.integrations.diffusers import parallel
     model = build()
     with pytest.raises(TypeError, match="transformer: expected a diffusers WanTransformer3DModel, "
                                         "WanVACETransformer3DModel, SkyReelsV2Transformer3DModel, "
-                                        "HunyuanVideo15Transformer3DModel, MochiTransformer3DModel, got "
-                                        f"{type(model).__name__} "
-                                        r"\(diffusers 0.42 has no context-parallel plan for it"):
+                                        "HunyuanVideo15Transformer3DModel, MochiTransformer3DModel, "
+                                        f"LTXVideoTransformer3DModel, got {type(model).__name__} "
+                                        r"\(sparsecore has no context-parallel plan for it"):
         parallel.enable_parallelism(model, ContextParallelConfig(ulysses_degree=2))
 
 

@@ -1,14 +1,14 @@
 """LTX-Video (``LTXVideoTransformer3DModel``) with sparsecore: what its packed-token forward adds to the shared cases.
 
 The oracle, remove(), steps and methods run in tests/test_integration_diffusers.py's "ltx" case; here the forward's
-token grid (``num_frames``, ``height``, ``width`` beside ``[B, S, C]`` tokens) and the refusals.
+token grid (``num_frames``, ``height``, ``width`` beside ``[B, S, C]`` tokens) and the refusals. Context parallelism:
+tests/test_integration_context_parallel.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from context_parallel_run import fake_parallel_config
 from test_integration_diffusers import CASES, FRAMES, HEIGHT, WIDTH, forward
 
 from sparsecore import BlockMask
@@ -67,19 +67,3 @@ def test_a_grid_of_numpy_integers_is_taken():
         handle.remove()
     assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)        # LVSA keeps every block at this length
-
-
-def test_context_parallelism_is_refused_naming_the_remedy():
-    case = CASES["ltx"]
-    model, inputs = case.build(), case.inputs(batch=1)
-    handle = sparse.apply(model, method="lvsa", device="cpu")
-    modules = case.attention(model)
-    try:
-        for module in modules:
-            module.processor._parallel_config = fake_parallel_config(ulysses_degree=2)
-        with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel under context parallelism is not supported"):
-            forward(model, inputs, 999.0)
-    finally:
-        for module in modules:
-            module.processor._parallel_config = None
-        handle.remove()

@@ -8,6 +8,8 @@ the refusals.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from context_parallel_run import fake_parallel_config
@@ -45,10 +47,12 @@ def test_gates_split_rope_and_guidance_match_float64_masked_attention(stg, monke
     assert sorted(set(layers)) == ([0] if stg == [0.0, 0.0] else [0, 1])
 
 
-def test_the_geometry_is_the_forwards_grid_cut_by_the_patches():
+@pytest.mark.parametrize("height", [2 * HEIGHT, 2 * HEIGHT - 1], ids=["whole-patches", "a-part-patch"])
+def test_the_geometry_is_the_forwards_grid_cut_by_the_patches(height):
+    """Patches of 2 cut a latent height of 15 into 8 rows of tokens, as its coordinates (``arange(0, 15, 2)``)."""
     model = tiny_ltx2(in_channels=16, out_channels=16, patch_size=2)
-    coords = model.rope.prepare_video_coords(1, FRAMES, 2 * HEIGHT, 2 * WIDTH, torch.device("cpu"))
-    inputs = {**ltx2_inputs(batch=1, model=model), "height": 2 * HEIGHT, "width": 2 * WIDTH, "video_coords": coords,
+    coords = model.rope.prepare_video_coords(1, FRAMES, height, 2 * WIDTH, torch.device("cpu"))
+    inputs = {**ltx2_inputs(batch=1, model=model), "height": height, "width": 2 * WIDTH, "video_coords": coords,
               "hidden_states": torch.randn(1, FRAMES * HEIGHT * WIDTH, 16, generator=torch.Generator().manual_seed(2))}
     seen = []
 
@@ -67,21 +71,92 @@ def test_the_geometry_is_the_forwards_grid_cut_by_the_patches():
     torch.testing.assert_close(without_coords, got)
 
 
+def positional(inputs: dict) -> tuple:
+    """The forward's arguments by position up to ``video_coords`` (the 16th), as a caller may pass them."""
+    names = ("hidden_states", "audio_hidden_states", "encoder_hidden_states", "audio_encoder_hidden_states",
+             "timestep", "audio_timestep", "sigma", "audio_sigma", "encoder_attention_mask",
+             "audio_encoder_attention_mask", "num_frames", "height", "width", "fps", "audio_num_frames",
+             "video_coords")
+    return tuple(inputs.get(name) for name in names)
+
+
+@pytest.mark.parametrize("change", [
+    lambda model, inputs: {"fps": 25.0},                          # the coordinates' 24 fps: the forward reads none
+    lambda model, inputs: {"fps": None},
+    lambda model, inputs: {"video_coords": model.rope.prepare_video_coords(1, FRAMES, HEIGHT, WIDTH,
+                                                                           torch.device("cpu"), fps=30.0)},
+    lambda model, inputs: {"video_coords": inputs["video_coords"].double()},
+    lambda model, inputs: {"hidden_states": inputs["hidden_states"].expand(2, -1, -1)},   # coordinates of batch 1
+], ids=["another-fps-argument", "no-fps", "coordinates-at-30-fps", "float64-coordinates", "batch-1-coordinates"])
+def test_the_grids_coordinates_at_any_fps_are_taken(change):
+    model = tiny_ltx2()
+    inputs = ltx2_inputs(batch=1, model=model)
+    inputs.update(change(model, inputs))
+    if inputs["hidden_states"].shape[0] == 2:
+        inputs.update(audio_hidden_states=inputs["audio_hidden_states"].expand(2, -1, -1),
+                      encoder_hidden_states=inputs["encoder_hidden_states"].expand(2, -1, -1),
+                      audio_encoder_hidden_states=inputs["audio_encoder_hidden_states"].expand(2, -1, -1))
+    expected = forward(model, inputs, 999.0)
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        got = forward(model, inputs, 999.0)
+    finally:
+        handle.remove()
+    assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)        # LVSA keeps every block at this length
+
+
+def test_a_forward_called_by_position_reads_its_grid_and_coordinates():
+    model = tiny_ltx2()
+    inputs = ltx2_inputs(batch=1, model=model)
+    inputs["timestep"] = torch.full((1,), 999.0)
+    off = {**inputs, "video_coords": shifted_coords(inputs)}
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        with torch.no_grad():
+            model(*positional(inputs), return_dict=False)
+            assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
+            with pytest.raises(ValueError, match=r"video_coords: expected the coordinates"):
+                model(*positional(off), return_dict=False)
+    finally:
+        handle.remove()
+
+
 def shifted_coords(inputs: dict) -> torch.Tensor:
     coords = inputs["video_coords"].clone()
     coords[:, 0] += 1.0                     # every token a second later: a conditioning layout, off the grid
     return coords
 
 
+def moved_coords(inputs: dict, axis: int, end: int) -> torch.Tensor:
+    coords = inputs["video_coords"].clone()
+    coords[:, axis, 5, end] += 32.0         # one token's start (or end) a patch further: off the grid
+    return coords
+
+
+GRID = r"video_coords: expected the coordinates of the num_frames x height x width grid \(8, 8, 8\) for " \
+       r"LTX2VideoTransformer3DModel .* got "
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda inputs: {"fps": 25.0}, r"video_coords: expected the coordinates of the num_frames x height x width grid "
-                                   r"for LTX2VideoTransformer3DModel .* got other coordinates \(\[1, 3, 512, 2\]\)"),
-    (lambda inputs: {"video_coords": shifted_coords(inputs)}, r"video_coords: expected the coordinates"),
-    (lambda inputs: {"video_coords": inputs["video_coords"][:, :, :-1]}, r"got other coordinates \(\[1, 3, 511, 2\]\)"),
+    (lambda inputs: {"video_coords": shifted_coords(inputs)},
+     GRID + r"time coordinates that are not the grid's frames over one fps"),
+    (lambda inputs: {"video_coords": moved_coords(inputs, 0, 1)}, GRID + r"time coordinates"),
+    (lambda inputs: {"video_coords": moved_coords(inputs, 1, 0)}, GRID + r"height or width coordinates off the grid"),
+    (lambda inputs: {"video_coords": moved_coords(inputs, 2, 1)}, GRID + r"height or width coordinates off the grid"),
+    (lambda inputs: {"video_coords": -inputs["video_coords"]}, GRID + r"(time|height or width) coordinates"),
+    (lambda inputs: {"video_coords": inputs["video_coords"][:, :, :-1]},
+     GRID + r"a tensor of shape \[1, 3, 511, 2\] \(the grid's: \[1, 3, 512, 2\]\)"),
+    (lambda inputs: {"video_coords": inputs["video_coords"].tolist()}, GRID + r"a list"),
     (lambda inputs: {"num_frames": FRAMES - 1}, r"hidden_states: expected num_frames x height x width = 448 tokens for "
                                                 r"LTX2VideoTransformer3DModel, got 512"),
     (lambda inputs: {"width": 8.0}, r"num_frames, height, width: expected the forward's token grid as positive "
-                                    r"integers for LTX2VideoTransformer3DModel, got \(8, 8, 8.0\)"),
+                                    r"integers for LTX2VideoTransformer3DModel \(the masks follow it\), got "
+                                    r"\(8, 8, 8.0\)"),
+    (lambda inputs: {"num_frames": None, "height": None, "width": None}, r"got \(None, None, None\); pass them"),
+    (lambda inputs: {"video_self_attention_mask": torch.ones(1, 512, 512)},
+     r"video_self_attention_mask: expected None for LTX2VideoTransformer3DModel with sparsecore applied \(the "
+     r"block-mask IR cannot add a token mask\), got \[1, 512, 512\]; call handle.remove\(\)"),
 ])
 def test_a_forward_off_its_grid_is_refused_before_it_runs(change, message):
     model = tiny_ltx2()
@@ -96,31 +171,62 @@ def test_a_forward_off_its_grid_is_refused_before_it_runs(change, message):
         handle.remove()
 
 
-def test_a_video_self_attention_mask_is_refused_naming_the_remedy():
+def test_context_parallelism_is_refused_before_the_forward_runs_naming_the_remedy():
     model = tiny_ltx2()
-    inputs = {**ltx2_inputs(batch=1, model=model), "video_self_attention_mask": torch.ones(1, 512, 512)}
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
-        with pytest.raises(ValueError, match=r"attention_mask: LTX2VideoTransformer3DModel video self-attention "
-                                             r"\(layer 0\) expected None, got a \[1, 512, 512\] mask"):
-            forward(model, inputs, 999.0)
-    finally:
-        handle.remove()
-
-
-def test_context_parallelism_is_refused_naming_the_remedy():
-    model = tiny_ltx2()
-    modules = CASES["ltx2"].attention(model)
-    handle = sparse.apply(model, method="lvsa", device="cpu")
-    try:
-        for module in modules:
-            module.processor._parallel_config = fake_parallel_config(ulysses_degree=2)
-        with pytest.raises(ValueError, match=r"LTX2VideoTransformer3DModel under context parallelism is not supported"):
+        model._parallel_config = fake_parallel_config(ulysses_degree=2)
+        with pytest.raises(ValueError, match=r"transformer: LTX2VideoTransformer3DModel under context parallelism is "
+                                             r"not supported by sparsecore \(its video-to-audio attention reads every "
+                                             r"video token\); run it on one GPU"):
             forward(model, ltx2_inputs(batch=1, model=model), 999.0)
+        assert handle.step is None
     finally:
-        for module in modules:
-            module.processor._parallel_config = None
+        model._parallel_config = None
         handle.remove()
+
+
+def test_guidance_forwards_of_one_step_stay_on_it():
+    """``LTX2Pipeline``'s step: classifier-free guidance on 2B samples, then spatio-temporal guidance (layer 1
+    perturbed in every sample) and modality isolation on B, all at the step's timestep: one step each, one run."""
+    model = tiny_ltx2(perturbed_attn=True)
+    cfg, single = ltx2_inputs(batch=2, model=model), ltx2_inputs(batch=1, model=model)
+    single["hidden_states"] = cfg["hidden_states"][:1]                       # the latents, as the pipeline passes them
+    steps = []
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=4)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                                    # no "run ended before num_steps"
+            for t in (1000.0, 750.0, 500.0, 250.0):
+                forward(model, cfg, t)
+                steps.append((handle._steps.run, handle.step))
+                forward(model, {**single, "spatio_temporal_guidance_blocks": [1]}, t)
+                steps.append((handle._steps.run, handle.step))
+                forward(model, {**single, "isolate_modalities": True}, t)
+                steps.append((handle._steps.run, handle.step))
+    finally:
+        handle.remove()
+    assert steps == [(0, step) for step in range(4) for _ in range(3)]
+
+
+def test_the_plain_processor_on_a_guided_model_gets_no_guidance_as_in_diffusers():
+    """A perturbed-attention model whose ``attn1`` holds the plain processor: ``LTX2Attention`` drops the guidance
+    arguments for it, so guidance changes nothing there; sparsecore's processor in its place does the same."""
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
+    model = tiny_ltx2(perturbed_attn=True)
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(LTX2AudioVideoAttnProcessor())
+    inputs = ltx2_inputs(batch=2, model=model)
+    for stg in ([0.0, 1.0], [0.0, 0.0]):
+        guided = {**inputs, "spatio_temporal_guidance_blocks": [1], "perturbation_mask": torch.tensor(stg)}
+        expected = forward(model, guided, 999.0)
+        handle = sparse.apply(model, method=lambda g, h, step, layer: BlockMask.full(h, g.tokens, g.tokens, 64),
+                              device="cpu")
+        try:
+            got = forward(model, guided, 999.0)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_another_processor_is_refused_naming_both_of_diffusers():

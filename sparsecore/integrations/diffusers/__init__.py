@@ -52,10 +52,10 @@ LTX-Video and LTX-2 take packed tokens ``[B, S, C]``: the grid comes from the fo
 ``width`` (horizons 21 and 16 latent frames, their pipelines' defaults); LTX-2's ``video_coords`` must be the grid's.
 
 Limits: inference only (the sparse kernels have no backward); context parallelism: Ulysses, ring and unified
-on Wan, HunyuanVideo 1.5, Mochi 1, Wan VACE and SkyReels-V2 (the last four through :func:`enable_parallelism`'s
-plans; HunyuanVideo 1.5 and Mochi 1 only while sparsecore is applied), not HunyuanVideo 1.0, CogVideoX or Wan Animate
-(no plan for them) nor LTX-Video or LTX-2 (not run so: they raise); even shards only; no approximating masks under a
-ring; processors replaced after ``apply`` are overwritten by ``remove()``.
+on Wan, HunyuanVideo 1.5, Mochi 1, Wan VACE, SkyReels-V2 and LTX-Video (the last five through
+:func:`enable_parallelism`'s plans; HunyuanVideo 1.5 and Mochi 1 only while sparsecore is applied), not HunyuanVideo
+1.0, CogVideoX or Wan Animate (no plan for them) nor LTX-2 (its processor raises); even shards only; no
+approximating masks under a ring; processors replaced after ``apply`` are overwritten by ``remove()``.
 """
 
 from __future__ import annotations
@@ -69,13 +69,13 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 from .attach import apply
 from .handle import SparseAttentionHandle
 from .models import SUPPORTED_MODELS, ModelSpec
-from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, MOCHI_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
+from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, LTX_VIDEO_CP_PLAN, MOCHI_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
 from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
                          HunyuanVideoSparseAttnProcessor, LTX2SparseAttnProcessor, LTXVideoSparseAttnProcessor,
                          MochiSparseAttnProcessor, SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "LTX_VIDEO_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
            "CogVideoXSparseAttnProcessor", "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
            "LTX2SparseAttnProcessor", "LTXVideoSparseAttnProcessor", "MethodProvider", "MochiSparseAttnProcessor",
            "ModelSpec", "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",

@@ -144,10 +144,12 @@ def wan_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tens
     """Wan self-attention's q, k, v ``[B, S, H, D]`` (also Wan Animate's and SkyReels-V2's, whose attention modules have
     the same fields and processors the same arithmetic)."""
     query, key, value = _get_qkv_projections(attn, hidden_states, None)
-    query, key = attn.norm_q(query), attn.norm_k(key)
+    query = attn.norm_q(query)              # one statement each: q's input is freed before k's temporaries
+    key = attn.norm_k(key)                  # (eagerly: the same peak as the original processor)
     query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
     if rotary_emb is not None:
-        query, key = wan_rope(query, *rotary_emb), wan_rope(key, *rotary_emb)
+        query = wan_rope(query, *rotary_emb)
+        key = wan_rope(key, *rotary_emb)
     return query, key, value
 
 
@@ -194,8 +196,9 @@ def two_stream_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    if rope is not None:
-        query, key = rope(query), rope(key)
+    if rope is not None:                    # one statement each, as in wan_qkv
+        query = rope(query)
+        key = rope(key)
     text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
                               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
     if attn.norm_added_q is not None:

@@ -39,8 +39,9 @@ from .ring import RingGroup
 
 LocalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "MOCHI_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS", "Exchange", "Layout",
-           "UlyssesGroup", "after_remove", "attention", "dense_remedy", "enable_parallelism", "layout"]
+__all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "LTX_VIDEO_CP_PLAN", "MOCHI_CP_PLAN", "WAN_VACE_CP_PLAN", "NO_LSE_BACKENDS",
+           "Exchange", "Layout", "UlyssesGroup", "after_remove", "attention", "dense_remedy", "enable_parallelism",
+           "layout"]
 
 HUNYUAN_VIDEO_15_CP_PLAN = {
     # RoPE of the video tokens: split like them. The text (encoder_hidden_states, its padding mask) is not
@@ -85,6 +86,21 @@ WAN_VACE_CP_PLAN = {
 """Wan's context-parallel plan with the control tokens of ``WanVACETransformer3DModel`` split too (diffusers 0.42 has
 no plan for it); SkyReels-V2 runs under Wan's own (its module names and RoPE layout are Wan's; a diffusion-forcing
 timestep ``[B, F]`` is split by frames, as its tokens are)."""
+
+LTX_VIDEO_CP_PLAN = {
+    # The packed video tokens [B, S, C] from the forward's input to proj_out, and LTX's RoPE (cos, sin, each [B, S, D])
+    # split alike; a per-token timestep [B, S] (LTXImageToVideoPipeline's) too, a per-sample one [B] not (diffusers
+    # logs once that it leaves it whole). The text is not split.
+    "": {"hidden_states": _SPLIT_TOKENS, "timestep": ContextParallelInput(split_dim=1, expected_dims=2,
+                                                                          split_output=False)},
+    "rope": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True),
+             1: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+"""sparsecore's context-parallel plan for ``LTXVideoTransformer3DModel``. diffusers 0.42's own (``_cp_plan``) splits
+the text as well, for its cross-attention's all-to-alls, and not a per-token timestep (its image-to-video pipeline's,
+whose per-token embeddings would then not match the rank's tokens); here each rank's cross-attention runs on its
+tokens and all the text, locally."""
 
 
 @dataclass(frozen=True)
@@ -198,12 +214,14 @@ def enable_parallelism(transformer: Any, config: Any) -> None:
     HunyuanVideo 1.5 gets :data:`HUNYUAN_VIDEO_15_CP_PLAN`, Mochi 1 :data:`MOCHI_CP_PLAN` (its processors, which
     diffusers' leaves without the config, get it here; a forward whose blocks run diffusers' processor is refused:
     :func:`refuse_diffusers_mochi`); Wan keeps diffusers' plan, SkyReels-V2 takes it, Wan VACE
-    takes :data:`WAN_VACE_CP_PLAN`; in these three the cross-attention over the (replicated) text runs on each rank's
-    tokens locally: exact, no communication, and any attention backend (diffusers' ring template needs one that
-    returns an LSE).
+    takes :data:`WAN_VACE_CP_PLAN`, LTX-Video :data:`LTX_VIDEO_CP_PLAN`; in these four the cross-attention over the
+    (replicated) text runs on each rank's tokens locally: exact, no communication, and any attention backend
+    (diffusers' ring template needs one that returns an LSE). LTX-2 is refused: its video-to-audio attention needs
+    every rank's video.
     """
     from diffusers import ContextParallelConfig, ParallelConfig
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
+    from diffusers.models.transformers.transformer_ltx import LTXVideoTransformer3DModel
     from diffusers.models.transformers.transformer_mochi import MochiTransformer3DModel
     from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2Transformer3DModel
     from diffusers.models.transformers.transformer_wan_vace import WanVACETransformer3DModel
@@ -219,15 +237,20 @@ def enable_parallelism(transformer: Any, config: Any) -> None:
         plan = WAN_VACE_CP_PLAN
     elif isinstance(transformer, (WanTransformer3DModel, SkyReelsV2Transformer3DModel)):
         plan = WanTransformer3DModel._cp_plan
+    elif isinstance(transformer, LTXVideoTransformer3DModel):
+        plan = LTX_VIDEO_CP_PLAN
     else:
         names = ", ".join(c.__name__ for c in (WanTransformer3DModel, WanVACETransformer3DModel,
                                                SkyReelsV2Transformer3DModel, HunyuanVideo15Transformer3DModel,
-                                               MochiTransformer3DModel))
-        raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__} (diffusers 0.42 "
-                        f"has no context-parallel plan for it, nor has sparsecore: run it on one GPU)")
+                                               MochiTransformer3DModel, LTXVideoTransformer3DModel))
+        raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__} (sparsecore "
+                        f"has no context-parallel plan for it: run it on one GPU)")
     transformer.enable_parallelism(config=config, cp_plan=plan)
-    for block in (*getattr(transformer, "blocks", ()), *getattr(transformer, "vace_blocks", ())):
-        block.attn2.processor._parallel_config = None       # Wan's text cross-attention: local, exact
+    blocks = (*getattr(transformer, "blocks", ()), *getattr(transformer, "vace_blocks", ()))
+    if plan is LTX_VIDEO_CP_PLAN:
+        blocks = tuple(transformer.transformer_blocks)
+    for block in blocks:                                    # Wan's and LTX's text cross-attention: local, exact
+        block.attn2.processor._parallel_config = None
     if plan is MOCHI_CP_PLAN:
         # diffusers sets the config only on processors with the attribute, which MochiAttnProcessor2_0 has not: it
         # goes on the original (which ignores it) where sparsecore's processor reads it, before or after apply()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.transformers.transformer_ltx2 import LTX2PerturbedAttnProcessor
 
 from sparsecore.registry import DenseOp
 from sparsecore.search import faster_dense
@@ -180,35 +181,30 @@ class WanSparseAttnProcessor(SparseProcessor):
 
 class LTXVideoSparseAttnProcessor(WanSparseAttnProcessor):
     """Self-attention of an ``LTXVideoTransformer3DModel`` block (``attn1``) through sparsecore: Wan's call with LTX's
-    q, k, v (:func:`.ltx.ltx_qkv`). Not under context parallelism (diffusers' ``_cp_plan`` for it splits the
-    packed tokens; sparsecore has not run it so), which raises."""
+    q, k, v (:func:`.ltx.ltx_qkv`), under context parallelism too (:data:`.parallel.LTX_VIDEO_CP_PLAN`, or diffusers'
+    own plan under Ulysses)."""
 
     qkv = staticmethod(ltx.ltx_qkv)
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
-                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if self._parallel_config is not None and self._handle.active:
-            raise ValueError(f"transformer: LTXVideoTransformer3DModel under context parallelism is not supported by "
-                             f"sparsecore yet (layer {self.layer}); run it on one GPU, or "
-                             f"{self._handle.dense_remedy()}")
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
 
 class LTX2SparseAttnProcessor(SparseProcessor):
     """Video self-attention of an ``LTX2VideoTransformer3DModel`` block (``attn1``) through sparsecore, in place of
     ``LTX2AudioVideoAttnProcessor`` or, with spatio-temporal guidance (STG), ``LTX2PerturbedAttnProcessor``: q, k, v
     and the output as those make them (:func:`.ltx.ltx2_qkv`, :func:`.ltx.ltx2_output`: RoPE, per-head gates, STG's
-    blend with the values). A layer STG perturbs in every sample runs no attention, as in diffusers: its output is the
-    values (the original's), and the handle counts the layer as run. Not under context parallelism (raises)."""
+    blend with the values, where the replaced processor is the perturbed one: ``LTX2Attention`` gives a processor only
+    the arguments its call takes, so the plain one never sees guidance). A layer STG perturbs in every sample runs no
+    attention, as in diffusers: its output is the values (the original's), and the handle counts the layer as run.
+    Not under context parallelism (raises)."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                  key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                  perturbation_mask: torch.Tensor | None = None, all_perturbed: Any = None) -> torch.Tensor:
+        if not isinstance(self.original, LTX2PerturbedAttnProcessor):   # diffusers' module drops what it cannot take
+            perturbation_mask = all_perturbed = None
         stg = {} if perturbation_mask is None and all_perturbed is None else \
-            {"perturbation_mask": perturbation_mask, "all_perturbed": all_perturbed}     # only the perturbed takes them
+            {"perturbation_mask": perturbation_mask, "all_perturbed": all_perturbed}
         original = partial(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
                            key_rotary_emb, **stg)
         if encoder_hidden_states is not None or not self._handle.active:

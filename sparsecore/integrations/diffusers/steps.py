@@ -7,8 +7,10 @@ run as separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do, on t
 latents), and a larger one starts a new run. A 16-bit timestep may repeat across steps:
 HunyuanVideo 1.5's pipeline casts it to the latents' dtype, and bf16 holds the values near 1000
 only 4 apart (at 50 steps and shift 7 two steps collide). So a timestep tensor equal to the last
-one is told apart by the latents (``hidden_states``: their shape and a strided sample of
-:data:`SAMPLE` values, read with the timestep in one host read): fresh ones (a relative change above
+one is told apart by the latents (``hidden_states``' first sample: its shape and a strided sample of
+:data:`SAMPLE` values, read with the timestep in one host read; the first sample, so that guidance forwards of one
+step on batches of other sizes, as LTX-2's pipeline runs its classifier-free guidance on ``2B`` samples, then its
+spatio-temporal and modality guidance on ``B``, stay on the step): fresh ones (a relative change above
 :data:`FRESH_LATENTS`, or another shape) start a new run, whatever the timestep's dtype (a new ``pipe()`` call
 whose first timestep equals the last forward's, after a 1-step warm-up or a cancelled request, must not plan
 from that request's state); the same latents stay on the step; latents moved a little after a completed forward
@@ -145,8 +147,9 @@ def _relative_change(latents: tuple, seen: tuple) -> float | None:
 
 
 def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None, bool]:
-    """The timestep's maximum; for a timestep tensor, ``(latents shape, evenly strided sample of the latents)``, copied
-    to the host with the timestep in one read (a number: None, no added read); whether the timestep is 16-bit."""
+    """The timestep's maximum; for a timestep tensor, ``(shape, evenly strided sample)`` of the latents' first sample,
+    copied to the host with the timestep in one read (a number: None, no added read); whether the timestep is
+    16-bit."""
     if timestep is None:
         return None, None, False
     if isinstance(timestep, torch.Tensor):
@@ -156,10 +159,11 @@ def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None, bool
         value = timestep.detach().max().float().reshape(1)
         if not isinstance(latents, torch.Tensor) or not latents.numel() or value.device != latents.device:
             return value.item(), None, sixteen_bit
-        flat = latents.detach().reshape(-1)
+        first = latents.detach()[0] if latents.ndim > 1 else latents.detach()
+        flat = first.reshape(-1)
         picked = flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE].float()
         read = torch.cat([value, picked]).cpu().numpy()
-        return float(read[0]), (tuple(latents.shape), read[1:]), sixteen_bit
+        return float(read[0]), (tuple(first.shape), read[1:]), sixteen_bit
     if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
         return float(timestep), None, False
     raise TypeError(f"timestep: expected a tensor or a number, got {type(timestep).__name__}")
