@@ -50,6 +50,20 @@ class Case:
     layers_full: int
 
 
+FULL_CASES = {   # model -> its cases: Case(model, label, latent frames, height, width, layers run, layers in the model)
+    "wan-1.3b": [Case("wan-1.3b", f"{m}x", f, 60, 104, 30, 30) for m, f in ((1, 21), (2, 41), (4, 81), (6, 121))],
+    "hv15": [Case("hv15", f"{m}x", f, 30, 53, 6, 54) for m, f in ((1, 33), (2, 65))],
+    "wan-14b": [Case("wan-14b", "6x", 121, 60, 104, 2, 40)],
+    "cogvideox-1.5": [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))],
+    "hv": [Case("hv", "1x", 33, 90, 160, 3, 60)],
+    "wan-vace": [Case("wan-vace", "2x", 41, 60, 104, 30, 30)],
+    "skyreels-df": [Case("skyreels-df", f"{m}x", f, 68, 120, 30, 30) for m, f in ((2, 50), (5, 125))],
+    "mochi": [Case("mochi", "1x", 28, 60, 106, 6, 48)],
+    "ltx": [Case("ltx", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 21), (2, 41))],
+    "ltx2": [Case("ltx2", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 16), (2, 33))],
+}
+
+
 def cases(models: list[str], tiny: bool) -> list[Case]:
     if tiny:
         tiny_cases = [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2)]
@@ -60,28 +74,7 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         tiny_cases += [Case("mochi", "1x", 9, 8, 8, 2, 2)] if "mochi" in models else []
         tiny_cases += [Case(model, "2x", 33, 4, 6, 2, 2) for model in ("ltx", "ltx2") if model in models]
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
-    out = []
-    if "wan-1.3b" in models:
-        out += [Case("wan-1.3b", f"{m}x", f, 60, 104, 30, 30) for m, f in ((1, 21), (2, 41), (4, 81), (6, 121))]
-    if "hv15" in models:
-        out += [Case("hv15", f"{m}x", f, 30, 53, 6, 54) for m, f in ((1, 33), (2, 65))]
-    if "wan-14b" in models:
-        out += [Case("wan-14b", "6x", 121, 60, 104, 2, 40)]
-    if "cogvideox-1.5" in models:
-        out += [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))]
-    if "hv" in models:
-        out += [Case("hv", "1x", 33, 90, 160, 3, 60)]
-    if "wan-vace" in models:
-        out += [Case("wan-vace", "2x", 41, 60, 104, 30, 30)]
-    if "skyreels-df" in models:
-        out += [Case("skyreels-df", f"{m}x", f, 68, 120, 30, 30) for m, f in ((2, 50), (5, 125))]
-    if "mochi" in models:
-        out += [Case("mochi", "1x", 28, 60, 106, 6, 48)]
-    if "ltx" in models:
-        out += [Case("ltx", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 21), (2, 41))]
-    if "ltx2" in models:
-        out += [Case("ltx2", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 16), (2, 33))]
-    return out
+    return [case for model, full in FULL_CASES.items() if model in models for case in full]
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -43,7 +43,11 @@ def test_the_geometry_is_the_forwards_token_grid():
 ])
 def test_a_forward_off_its_token_grid_is_refused_before_it_runs(change, message):
     case = CASES["ltx"]
-    model, inputs = case.build(), {**case.inputs(batch=1), **change}
+    refused_before_any_step(case.build(), {**case.inputs(batch=1), **change}, message)
+
+
+def refused_before_any_step(model, inputs: dict, message: str) -> None:
+    """A forward of ``model`` with LVSA applied raises ``ValueError`` matching ``message`` before its step counts."""
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
         with pytest.raises(ValueError, match=message):
@@ -58,7 +62,12 @@ def test_a_grid_of_numpy_integers_is_taken():
     import numpy as np
     case = CASES["ltx"]
     model = case.build()
-    inputs = {**case.inputs(batch=1), "num_frames": np.int64(FRAMES), "height": np.int32(HEIGHT)}
+    taken_as_the_grid(model, {**case.inputs(batch=1), "num_frames": np.int64(FRAMES), "height": np.int32(HEIGHT)})
+
+
+def taken_as_the_grid(model, inputs: dict) -> None:
+    """A forward of ``model`` with LVSA applied reads the 8 x 8 x 8 grid and gives the model's own output (LVSA keeps
+    every block at this length)."""
     expected = forward(model, inputs, 999.0)
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
@@ -66,4 +75,4 @@ def test_a_grid_of_numpy_integers_is_taken():
     finally:
         handle.remove()
     assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)        # LVSA keeps every block at this length
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from context_parallel_run import fake_parallel_config
+from test_integration_ltx import refused_before_any_step, taken_as_the_grid
 from test_integration_diffusers import (CASES, FRAMES, HEIGHT, WIDTH, forward, ltx2_inputs, oracle_output, random_mask,
                                         tiny_ltx2)
 
@@ -96,14 +97,7 @@ def test_the_grids_coordinates_at_any_fps_are_taken(change):
         inputs.update(audio_hidden_states=inputs["audio_hidden_states"].expand(2, -1, -1),
                       encoder_hidden_states=inputs["encoder_hidden_states"].expand(2, -1, -1),
                       audio_encoder_hidden_states=inputs["audio_encoder_hidden_states"].expand(2, -1, -1))
-    expected = forward(model, inputs, 999.0)
-    handle = sparse.apply(model, method="lvsa", device="cpu")
-    try:
-        got = forward(model, inputs, 999.0)
-    finally:
-        handle.remove()
-    assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)        # LVSA keeps every block at this length
+    taken_as_the_grid(model, inputs)
 
 
 def test_a_forward_called_by_position_reads_its_grid_and_coordinates():
@@ -161,29 +155,20 @@ GRID = r"video_coords: expected the coordinates of the num_frames x height x wid
 def test_a_forward_off_its_grid_is_refused_before_it_runs(change, message):
     model = tiny_ltx2()
     inputs = ltx2_inputs(batch=1, model=model)
-    inputs.update(change(inputs))
-    handle = sparse.apply(model, method="lvsa", device="cpu")
-    try:
-        with pytest.raises(ValueError, match=message):
-            forward(model, inputs, 999.0)
-        assert handle.step is None
-    finally:
-        handle.remove()
+    refused_before_any_step(model, {**inputs, **change(inputs)}, message)
 
 
 def test_context_parallelism_is_refused_before_the_forward_runs_naming_the_remedy():
+    """diffusers' ``enable_parallelism`` (LTX-2 has a plan there) sets the config on the model and its processors."""
     model = tiny_ltx2()
-    handle = sparse.apply(model, method="lvsa", device="cpu")
-    try:
-        model._parallel_config = fake_parallel_config(ulysses_degree=2)
-        with pytest.raises(ValueError, match=r"transformer: LTX2VideoTransformer3DModel under context parallelism is "
-                                             r"not supported by sparsecore \(its video-to-audio attention reads every "
-                                             r"video token\); run it on one GPU"):
-            forward(model, ltx2_inputs(batch=1, model=model), 999.0)
-        assert handle.step is None
-    finally:
-        model._parallel_config = None
-        handle.remove()
+    config = fake_parallel_config(ulysses_degree=2)
+    model._parallel_config = config
+    for module in model.modules():
+        if hasattr(getattr(module, "processor", None), "_parallel_config"):
+            module.processor._parallel_config = config
+    refused_before_any_step(model, ltx2_inputs(batch=1, model=model),
+                            r"transformer: LTX2VideoTransformer3DModel under context parallelism is not supported by "
+                            r"sparsecore \(its video-to-audio attention reads every video token\); run it on one GPU")
 
 
 def test_guidance_forwards_of_one_step_stay_on_it():
