@@ -43,7 +43,8 @@ TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising 
 LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
         "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
 LVSA["mochi"] = LVSA["hunyuan"]
-LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal", "ltx", "ltx-i2v")})
+LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal", "ltx", "ltx-i2v",
+                                            "ltx-b1")})
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
           "recall_threshold": 0.444}   # the tiny random model's recalls are ~0.44: some heads get other budgets
 PASA = {"density": 0.4, "block_size": 16, "dense_layers": (), "noise_scale": 0.5,
@@ -133,17 +134,21 @@ def inputs(model: str) -> dict:
 
 MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "mochi": tiny_mochi, "vace": tiny_vace, "skyreels": tiny_skyreels,
           "skyreels-df": tiny_skyreels, "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES), "ltx": tiny_ltx,
-          "ltx-i2v": tiny_ltx}
+          "ltx-i2v": tiny_ltx, "ltx-b1": tiny_ltx}
 
 
 def timesteps(model: str, t: float) -> torch.Tensor:
     """A forward's timestep for two samples: one each, or (SkyReels-V2's diffusion forcing) one per latent frame, the
-    first half of the 12 frames 150 ahead (with causal blocks of 2 frames, whole causal blocks ahead), or (LTX-Video's
-    image-to-video pipeline) one per token, the first frame's 16 tokens at 0 (the conditioning image)."""
+    first half of the 12 frames 150 ahead (with causal blocks of 2 frames, whole causal blocks ahead), or for
+    LTX-Video one per token, the first frame's 16 tokens at 0 (the conditioning image), as ``[B, S, 1]`` (its long
+    multi-prompt pipeline's shape; its image-to-video pipeline's is ``[B, S]``), or ``[B, 1]`` (its condition
+    pipeline's without conditions)."""
     if model in ("skyreels-df", "skyreels-causal"):
         return torch.tensor([[max(t - 150.0, 0.0)] * 6 + [t] * 6] * 2)
     if model == "ltx-i2v":
-        return torch.tensor([[0.0] * 16 + [t] * (11 * 16)] * 2)
+        return torch.tensor([[0.0] * 16 + [t] * (11 * 16)] * 2)[:, :, None]
+    if model == "ltx-b1":
+        return torch.full((2, 1), t)
     return torch.full((2,), t)
 
 

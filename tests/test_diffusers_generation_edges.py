@@ -188,3 +188,22 @@ def test_fresh_noise_behind_a_fixed_first_frame_starts_a_new_run():
     tracker.completed()
     tracker.observe(t, request())                                # fresh noise after the same image
     assert (tracker.run, tracker.step) == (1, 0)
+
+
+@pytest.mark.parametrize("first, second, same", [
+    ([0, 1, 0, 1], [0, 1], True),         # LTX-2's step: guidance on its B latents twice, then on the B
+    ([0, 1], [0, 1, 0, 1], True),
+    ([0], [0, 1], False),                 # a request for two videos whose first is the last request's video
+    ([0, 1], [0, 2], False),              # per-sample seeds: the second sample is fresh noise
+    ([0, 1], [0, 1, 2], False),           # a batch size that does not divide the other
+])
+def test_a_batch_of_another_size_stays_on_the_step_only_where_it_repeats_the_other(first, second, same):
+    """At the same timestep, after a completed forward: latents of another batch size are the same step only where
+    the larger batch repeats the smaller one sample for sample; otherwise they are a new request."""
+    from sparsecore.integrations.diffusers.steps import StepTracker
+    videos = torch.randn(3, 16, 13, 30, 52, generator=torch.Generator().manual_seed(4))
+    tracker, t = StepTracker(50, lambda: None), torch.tensor([1000.0])
+    tracker.observe(t, videos[first])
+    tracker.completed()
+    tracker.observe(t, videos[second])
+    assert (tracker.run, tracker.step) == ((0, 0) if same else (1, 0))

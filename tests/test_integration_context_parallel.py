@@ -2,7 +2,7 @@
 
 Tiny random Wan (also Wan VACE, and SkyReels-V2 with and without diffusion forcing's per-frame timesteps, and with
 its causal blocks of 2 latent frames), HunyuanVideo 1.5 and Mochi 1 (two text lengths in one batch under the shards),
-and LTX-Video (packed tokens; also with image-to-video's per-token timesteps) models with sparsecore applied give
+and LTX-Video (packed tokens; also with per-token timesteps, and timesteps [B, 1]) models with sparsecore applied give
 the same outputs in N processes as in one (fp32, 1e-5, five denoising steps), and each rank's masks are the
 one-process masks' slice of its heads (every rank plans the whole sequence). The masks differ per head (LVSA with
 per-head rotations, AdaSpa's search, PASA's noise), so a wrong head slice or a wrong ring step fails both checks.
@@ -40,7 +40,8 @@ from sparsecore.integrations.diffusers.stats import Stats
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}      # fp32
 CAUSAL = [("skyreels-causal", m) for m in ("random", "lvsa", "adaspa", "pasa")]   # frame-causal: a callable, methods
 MOCHI = [("mochi", m) for m in ("random", "lvsa", "adaspa", "pasa")]       # under sparsecore's MOCHI_CP_PLAN
-LTX = [("ltx", "lvsa-per-head"), ("ltx", "adaspa"), ("ltx-i2v", "pasa")]   # under sparsecore's LTX_VIDEO_CP_PLAN
+LTX = [("ltx", "lvsa-per-head"), ("ltx", "adaspa"), ("ltx-i2v", "pasa"),   # under sparsecore's LTX_VIDEO_CP_PLAN
+       ("ltx-b1", "lvsa")]
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
                                     "adaspa-fused-first")]
            + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from context_parallel_run import fake_parallel_config
 from test_integration_diffusers import CASES, FRAMES, HEIGHT, WIDTH, forward
 
 from sparsecore import BlockMask
@@ -76,3 +77,22 @@ def taken_as_the_grid(model, inputs: dict) -> None:
         handle.remove()
     assert handle.geometry.tokens == FRAMES * HEIGHT * WIDTH
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ltx", "wan"])
+def test_video_tokens_the_ranks_cannot_share_equally_are_refused_before_the_plan_splits_them(name):
+    """512 video tokens over 3 Ulysses ranks: refused before the forward runs (diffusers' split would assert)."""
+    case = CASES[name]
+    model = case.build()
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        for module in case.attention(model):
+            module.processor._parallel_config = fake_parallel_config(ulysses_degree=3)
+        with pytest.raises(ValueError, match=r"hidden_states: under context parallelism \(ring degree 1 x Ulysses "
+                                             r"degree 3\) expected video tokens divisible by 3, got 512 \(8 x 8 x 8\)"):
+            forward(model, case.inputs(batch=1), 999.0)
+        assert handle.step is None
+    finally:
+        for module in case.attention(model):
+            module.processor._parallel_config = None
+        handle.remove()

@@ -122,6 +122,12 @@ def shifted_coords(inputs: dict) -> torch.Tensor:
     return coords
 
 
+def late_frame(inputs: dict) -> torch.Tensor:
+    coords = inputs["video_coords"].clone()
+    coords[:, 0, -64:] = coords[:, 0, -128:-64]          # the last frame's 64 tokens at the frame before's time
+    return coords
+
+
 def moved_coords(inputs: dict, axis: int, end: int) -> torch.Tensor:
     coords = inputs["video_coords"].clone()
     coords[:, axis, 5, end] += 32.0         # one token's start (or end) a patch further: off the grid
@@ -136,6 +142,9 @@ GRID = r"video_coords: expected the coordinates of the num_frames x height x wid
     (lambda inputs: {"video_coords": shifted_coords(inputs)},
      GRID + r"time coordinates that are not the grid's frames over one fps"),
     (lambda inputs: {"video_coords": moved_coords(inputs, 0, 1)}, GRID + r"time coordinates"),
+    (lambda inputs: {"video_coords": late_frame(inputs)}, GRID + r"time coordinates"),
+    (lambda inputs: {"video_coords": inputs["video_coords"].expand(3, -1, -1, -1)},
+     GRID + r"a tensor of shape \[3, 3, 512, 2\] \(expected \[1 or 1, 3, tokens, 2\]\)"),
     (lambda inputs: {"video_coords": moved_coords(inputs, 1, 0)}, GRID + r"height or width coordinates off the grid"),
     (lambda inputs: {"video_coords": moved_coords(inputs, 2, 1)}, GRID + r"height or width coordinates off the grid"),
     (lambda inputs: {"video_coords": -inputs["video_coords"]}, GRID + r"(time|height or width) coordinates"),
@@ -176,7 +185,7 @@ def test_guidance_forwards_of_one_step_stay_on_it():
     perturbed in every sample) and modality isolation on B, all at the step's timestep: one step each, one run."""
     model = tiny_ltx2(perturbed_attn=True)
     cfg, single = ltx2_inputs(batch=2, model=model), ltx2_inputs(batch=1, model=model)
-    single["hidden_states"] = cfg["hidden_states"][:1]                       # the latents, as the pipeline passes them
+    cfg["hidden_states"] = torch.cat([single["hidden_states"]] * 2)          # the latents twice, as the pipeline
     steps = []
     handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=4)
     try:
@@ -220,3 +229,24 @@ def test_another_processor_is_refused_naming_both_of_diffusers():
     with pytest.raises(TypeError, match=r"transformer_blocks\[1\]\.attn1\.processor: expected diffusers' "
                                         r"LTX2AudioVideoAttnProcessor or LTX2PerturbedAttnProcessor, got Identity"):
         sparse.apply(model, method="lvsa", device="cpu")
+
+
+def test_the_same_coordinates_are_read_once_until_they_change(monkeypatch):
+    """A pipeline passes one coordinates tensor to every forward: checked once (one host read), again after an
+    in-place change, and refused once off the grid."""
+    from sparsecore.integrations.diffusers import ltx
+    checks, off_grid = [], ltx.off_grid
+    monkeypatch.setattr(ltx, "off_grid", lambda *args: checks.append(1) or off_grid(*args))
+    model = tiny_ltx2()
+    inputs = ltx2_inputs(batch=1, model=model)
+    handle = sparse.apply(model, method="lvsa", device="cpu")
+    try:
+        forward(model, inputs, 999.0)
+        forward(model, inputs, 800.0)
+        assert len(checks) == 1
+        inputs["video_coords"][:, 0] += 1.0                 # in place: its version changes, and it is off the grid
+        with pytest.raises(ValueError, match=r"video_coords: expected the coordinates"):
+            forward(model, inputs, 600.0)
+        assert len(checks) == 2
+    finally:
+        handle.remove()

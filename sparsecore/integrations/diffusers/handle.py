@@ -28,7 +28,7 @@ from sparsecore.methods import HeadShard
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
-from .ltx import packed_grid
+from .ltx import CheckedCoords, packed_grid
 from .models import ModelSpec
 from .planner import MethodProvider, Planner
 from .processors import SparseProcessor, set_processor
@@ -69,6 +69,7 @@ class SparseAttentionHandle:
         self._sharded = ShardedAttention(self._planner)         # ring / unified context parallelism
         self._steps = StepTracker(num_steps, self._planner.new_run)
         self._text_cache: tuple[Any, Any] | None = None
+        self._checked_coords = CheckedCoords()                   # LTX-2's video_coords, read once per tensor
         self._removed = False
         self._originals: list[tuple[weakref.ref, Any]] = []      # (attention module, weakly; its processor)
         self._processors: list[SparseProcessor] = []
@@ -199,13 +200,15 @@ class SparseAttentionHandle:
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
         causal = self.spec.causal_frames(module.config)
         grid = self.spec.grid(hidden.shape, module.config) if self.spec.token_grid is None else \
-            packed_grid(self.spec, hidden, self.spec.token_grid(module, args, kwargs), self.dense_remedy())
+            packed_grid(self.spec, hidden, self.spec.token_grid(module, args, kwargs), self.dense_remedy(),
+                        self._checked_coords)
         if causal and grid[0] % causal:          # the model's own forward refuses these (its mask's view fails)
             raise ValueError(f"hidden_states: {grid[0]} latent frames are not a multiple of the causal blocks' "
                              f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
                              f"forcing pipelines cut them so)")
         geometry = VideoGeometry(*grid, causal_frames=causal)
-        parallel.refuse_ring_approximation(self._processors, self._planner.approximation(geometry))   # no step yet
+        parallel.refuse_uneven_tokens(self._processors, geometry)                                      # no step yet
+        parallel.refuse_ring_approximation(self._processors, self._planner.approximation(geometry))
         self.geometry = geometry
         at = self.spec.timestep_arg
         self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)

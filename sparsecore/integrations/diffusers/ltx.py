@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -92,11 +93,27 @@ def ltx2_grid(module: Any, args: tuple, kwargs: dict) -> PackedGrid:
                       grid_coords, refusal)
 
 
-def packed_grid(spec: Any, hidden: torch.Tensor, grid: PackedGrid, remedy: str) -> tuple[int, int, int]:
+class CheckedCoords:
+    """The last ``video_coords`` found on their grid: a weak reference, their version and ``(sizes, batch)``. LTX-2's
+    pipelines pass one tensor to every forward of a generation, so :func:`off_grid` reads it once."""
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None
+
+    def holds(self, coords: torch.Tensor, key: tuple) -> bool:
+        return self._last is not None and self._last[0]() is coords and self._last[1:] == (coords._version, key)
+
+    def keep(self, coords: torch.Tensor, key: tuple) -> None:
+        self._last = (weakref.ref(coords), coords._version, key)
+
+
+def packed_grid(spec: Any, hidden: torch.Tensor, grid: PackedGrid, remedy: str,
+                checked: CheckedCoords | None = None) -> tuple[int, int, int]:
     """The token grid of a forward on packed tokens ``[B, S, C]`` (for the handle, before a step counts), checked:
     positive integers whose grid after the patches has S tokens, and ``video_coords`` none (LTX-Video) or the grid's
-    own (LTX-2's pipelines pass them: :func:`off_grid`). Tokens placed anywhere else, as the condition pipelines place
-    their conditioning frames, have no frame-major grid for the masks to follow."""
+    own (LTX-2's pipelines pass them: :func:`off_grid`; ``checked`` remembers the last found on the grid). Tokens placed
+    anywhere else, as the condition pipelines place their conditioning frames, have no frame-major grid for the masks
+    to follow."""
     name = spec.model_class.__name__
     if grid.refusal is not None:
         raise ValueError(f"{grid.refusal}; {remedy}")
@@ -115,8 +132,11 @@ def packed_grid(spec: Any, hidden: torch.Tensor, grid: PackedGrid, remedy: str) 
             f"patches of {grid.patch})"
         raise ValueError(f"hidden_states: expected {count} tokens for {name}, got {hidden.shape[1]} "
                          f"({list(hidden.shape)}); {remedy}")
-    if grid.coords is not None:
+    key = (sizes, hidden.shape[0])
+    if grid.coords is not None and not (checked is not None and checked.holds(grid.coords, key)):
         problem = off_grid(grid.coords, grid.grid_coords, sizes, hidden.shape[0])
+        if problem is None and checked is not None:
+            checked.keep(grid.coords, key)
         if problem is not None:
             raise ValueError(f"video_coords: expected the coordinates of the num_frames x height x width grid {sizes} "
                              f"for {name} (what its rope.prepare_video_coords makes for it, at any fps), got "
@@ -134,7 +154,7 @@ def off_grid(coords: Any, grid_coords: Callable[[tuple[int, int, int], int, torc
     if not isinstance(coords, torch.Tensor):
         return f"a {type(coords).__name__}"
     if coords.ndim != 4 or coords.shape[0] not in (1, batch):
-        return f"a tensor of shape {list(coords.shape)}"
+        return f"a tensor of shape {list(coords.shape)} (expected [1 or {batch}, 3, tokens, 2])"
     expected = grid_coords(sizes, coords.shape[0], coords.device)
     if coords.shape != expected.shape:
         return f"a tensor of shape {list(coords.shape)} (the grid's: {list(expected.shape)})"

@@ -98,9 +98,30 @@ LTX_VIDEO_CP_PLAN = {
     "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
 }
 """sparsecore's context-parallel plan for ``LTXVideoTransformer3DModel``. diffusers 0.42's own (``_cp_plan``) splits
-the text as well, for its cross-attention's all-to-alls, and not a per-token timestep (its image-to-video pipeline's,
-whose per-token embeddings would then not match the rank's tokens); here each rank's cross-attention runs on its
-tokens and all the text, locally."""
+the text as well, for its cross-attention's all-to-alls (with the pipelines' text padding mask that fails in diffusers
+0.42), and not a per-token timestep (its image-to-video pipeline's, whose per-token embeddings would then not match
+the rank's tokens); here each rank's cross-attention runs on its tokens and all the text, locally. Timesteps of
+``[B, 1]`` (``LTXConditionPipeline``'s) and ``[B, S, 1]`` (its long multi-prompt pipeline's) reach the plan as ``[B]``
+and ``[B, S]`` (:func:`flat_ltx_timestep`)."""
+
+
+def flat_ltx_timestep(transformer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A forward pre-hook of an ``LTXVideoTransformer3DModel`` under :data:`LTX_VIDEO_CP_PLAN`, before the plan
+    splits the inputs: a timestep ``[B, 1]`` as ``[B]``, ``[B, S, 1]`` as ``[B, S]`` (the forward embeds
+    ``timestep.flatten()``, so the embeddings are the same), which the plan leaves whole or splits with the tokens;
+    other shapes raise."""
+    positional = "timestep" not in kwargs and len(args) > 2
+    timestep = args[2] if positional else kwargs.get("timestep")
+    if not isinstance(timestep, torch.Tensor) or timestep.ndim <= 1:
+        return None
+    if timestep.ndim > 3 or (timestep.ndim == 3 and timestep.shape[2] != 1):
+        raise ValueError(f"timestep: expected [B], [B, 1], [B, S] or [B, S, 1] for LTXVideoTransformer3DModel under "
+                         f"LTX_VIDEO_CP_PLAN, got {list(timestep.shape)}; pass the pipeline's timestep")
+    flat = timestep.reshape(timestep.shape[0]) if timestep.shape[1] == 1 and timestep.ndim == 2 else \
+        timestep.reshape(timestep.shape[:2])
+    if positional:
+        return (*args[:2], flat, *args[3:]), kwargs
+    return args, {**kwargs, "timestep": flat}
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,18 @@ def layout(parallel_config: Any) -> Layout | None:
 
 # diffusers 0.42's context-parallel forward ops that refuse ``return_lse=True`` (which its ring template asks for)
 NO_LSE_BACKENDS = ("native", "_native_npu")
+
+
+def refuse_uneven_tokens(processors: Sequence[Any], geometry: Any) -> None:
+    """A forward whose video tokens the context-parallel plan would cut into unequal shards is refused before the plan
+    splits them (diffusers' split asserts, naming no field)."""
+    found = layout(processors[0]._parallel_config) if processors else None
+    if found is None or geometry.video_tokens % found.world == 0:
+        return
+    raise ValueError(f"hidden_states: under context parallelism (ring degree {found.ring.world} x Ulysses degree "
+                     f"{found.ulysses.world}) expected video tokens divisible by {found.world}, got "
+                     f"{geometry.video_tokens} ({geometry.frames} x {geometry.height} x {geometry.width}); pick "
+                     f"degrees whose product divides them, or another size of video")
 
 
 def refuse_ring_approximation(processors: Sequence[Any], approximation: str | None) -> None:
@@ -240,15 +273,19 @@ def enable_parallelism(transformer: Any, config: Any) -> None:
     elif isinstance(transformer, LTXVideoTransformer3DModel):
         plan = LTX_VIDEO_CP_PLAN
     else:
+        why = " (its video-to-audio attention reads every video token)" if \
+            type(transformer).__name__ == "LTX2VideoTransformer3DModel" else ""
         names = ", ".join(c.__name__ for c in (WanTransformer3DModel, WanVACETransformer3DModel,
                                                SkyReelsV2Transformer3DModel, HunyuanVideo15Transformer3DModel,
                                                MochiTransformer3DModel, LTXVideoTransformer3DModel))
         raise TypeError(f"transformer: expected a diffusers {names}, got {type(transformer).__name__} (sparsecore "
-                        f"has no context-parallel plan for it: run it on one GPU)")
+                        f"has no context-parallel plan for it{why}: run it on one GPU)")
     transformer.enable_parallelism(config=config, cp_plan=plan)
     blocks = (*getattr(transformer, "blocks", ()), *getattr(transformer, "vace_blocks", ()))
     if plan is LTX_VIDEO_CP_PLAN:
         blocks = tuple(transformer.transformer_blocks)
+        if flat_ltx_timestep not in [hook for hook in transformer._forward_pre_hooks.values()]:
+            transformer.register_forward_pre_hook(flat_ltx_timestep, with_kwargs=True)
     for block in blocks:                                    # Wan's and LTX's text cross-attention: local, exact
         block.attn2.processor._parallel_config = None
     if plan is MOCHI_CP_PLAN:

@@ -181,8 +181,7 @@ class WanSparseAttnProcessor(SparseProcessor):
 
 class LTXVideoSparseAttnProcessor(WanSparseAttnProcessor):
     """Self-attention of an ``LTXVideoTransformer3DModel`` block (``attn1``) through sparsecore: Wan's call with LTX's
-    q, k, v (:func:`.ltx.ltx_qkv`), under context parallelism too (:data:`.parallel.LTX_VIDEO_CP_PLAN`, or diffusers'
-    own plan under Ulysses)."""
+    q, k, v (:func:`.ltx.ltx_qkv`), under context parallelism too (:data:`.parallel.LTX_VIDEO_CP_PLAN`)."""
 
     qkv = staticmethod(ltx.ltx_qkv)
 

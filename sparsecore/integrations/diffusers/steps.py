@@ -7,14 +7,14 @@ run as separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do, on t
 latents), and a larger one starts a new run. A 16-bit timestep may repeat across steps:
 HunyuanVideo 1.5's pipeline casts it to the latents' dtype, and bf16 holds the values near 1000
 only 4 apart (at 50 steps and shift 7 two steps collide). So a timestep tensor equal to the last
-one is told apart by the latents (``hidden_states``' first sample: its shape and a strided sample of
-:data:`SAMPLE` values, read with the timestep in one host read; the first sample, so that guidance forwards of one
-step on batches of other sizes, as LTX-2's pipeline runs its classifier-free guidance on ``2B`` samples, then its
-spatio-temporal and modality guidance on ``B``, stay on the step): fresh ones (a relative change above
-:data:`FRESH_LATENTS`, or another shape) start a new run, whatever the timestep's dtype (a new ``pipe()`` call
-whose first timestep equals the last forward's, after a 1-step warm-up or a cancelled request, must not plan
-from that request's state); the same latents stay on the step; latents moved a little after a completed forward
-are the next step at a 16-bit timestep and stay on the step at a wider one (timesteps of two steps do not
+one is told apart by the latents (``hidden_states``: each sample's shape and a strided sample of :data:`SAMPLE` of
+its values, read with the timestep in one host read; a batch of another size is the same latents only where the
+larger batch repeats the smaller one sample for sample, as LTX-2's pipeline runs its classifier-free guidance on its
+``B`` latents twice, then its spatio-temporal and modality guidance on the ``B``): fresh ones (a relative change
+above :data:`FRESH_LATENTS`, or another shape) start a new run, whatever the timestep's dtype (a new ``pipe()`` call
+whose first timestep equals the last forward's, after a 1-step warm-up or a cancelled request, must not plan from
+that request's state); the same latents stay on the step; latents moved a little after a completed forward are the
+next step at a 16-bit timestep and stay on the step at a wider one (timesteps of two steps do not
 collide there). This fits schedulers that evaluate the model once per step (flow-matching Euler, UniPC, DPM++
 multistep: the pipelines' defaults). A timestep given as a Python number is read alone (no latents). A
 run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
@@ -125,7 +125,7 @@ class StepTracker:
 # noise after the last run's latents: about 1.4) rather than the same or, at 16 bits, the next step (0.004 at most
 # between HunyuanVideo 1.5's colliding steps at 50 steps and shifts 7 to 17, simulated).
 FRESH_LATENTS = 0.5
-SAMPLE = 4096       # latents elements compared, evenly strided
+SAMPLE = 1024       # elements of each sample of the latents compared, evenly strided
 
 
 def _warn(message: str | None, stacklevel: int = 3) -> None:
@@ -136,10 +136,16 @@ def _warn(message: str | None, stacklevel: int = 3) -> None:
 
 
 def _relative_change(latents: tuple, seen: tuple) -> float | None:
-    """``|sample - seen| / |seen|`` of two ``(shape, sample)`` (NaNs count as equal), None for other shapes."""
+    """``|sample - seen| / |seen|`` of two ``(sample shape, [batch, n] samples)`` (NaNs count as equal), the smaller
+    batch repeated to the larger's size; None for other sample shapes or a batch size that does not divide the
+    other."""
     if latents[0] != seen[0]:
         return None
     sample, seen = latents[1], seen[1]
+    small, large = sorted((len(sample), len(seen)))
+    if large % small:
+        return None
+    sample, seen = (np.tile(x, (large // len(x), 1)) for x in (sample, seen))
     if np.array_equal(sample, seen, equal_nan=True):
         return 0.0
     diff = np.nan_to_num(sample - seen, nan=1.0)
@@ -147,9 +153,9 @@ def _relative_change(latents: tuple, seen: tuple) -> float | None:
 
 
 def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None, bool]:
-    """The timestep's maximum; for a timestep tensor, ``(shape, evenly strided sample)`` of the latents' first sample,
-    copied to the host with the timestep in one read (a number: None, no added read); whether the timestep is
-    16-bit."""
+    """The timestep's maximum; for a timestep tensor, ``(sample shape, [batch, n] evenly strided values of each
+    sample)`` of the latents, copied to the host with the timestep in one read (a number: None, no added read);
+    whether the timestep is 16-bit."""
     if timestep is None:
         return None, None, False
     if isinstance(timestep, torch.Tensor):
@@ -159,11 +165,11 @@ def _read(timestep: Any, latents: Any) -> tuple[float | None, tuple | None, bool
         value = timestep.detach().max().float().reshape(1)
         if not isinstance(latents, torch.Tensor) or not latents.numel() or value.device != latents.device:
             return value.item(), None, sixteen_bit
-        first = latents.detach()[0] if latents.ndim > 1 else latents.detach()
-        flat = first.reshape(-1)
-        picked = flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE].float()
-        read = torch.cat([value, picked]).cpu().numpy()
-        return float(read[0]), (tuple(first.shape), read[1:]), sixteen_bit
+        samples = latents.detach().reshape(latents.shape[0] if latents.ndim > 1 else 1, -1)
+        picked = samples[:, ::max(1, samples.shape[1] // SAMPLE)][:, :SAMPLE].float()
+        read = torch.cat([value, picked.reshape(-1)]).cpu().numpy()
+        shape = tuple(latents.shape[1:]) if latents.ndim > 1 else tuple(latents.shape)
+        return float(read[0]), (shape, read[1:].reshape(picked.shape)), sixteen_bit
     if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
         return float(timestep), None, False
     raise TypeError(f"timestep: expected a tensor or a number, got {type(timestep).__name__}")
