@@ -284,7 +284,7 @@ def enable_parallelism(transformer: Any, config: Any) -> None:
     blocks = (*getattr(transformer, "blocks", ()), *getattr(transformer, "vace_blocks", ()))
     if plan is LTX_VIDEO_CP_PLAN:
         blocks = tuple(transformer.transformer_blocks)
-        if flat_ltx_timestep not in [hook for hook in transformer._forward_pre_hooks.values()]:
+        if flat_ltx_timestep not in transformer._forward_pre_hooks.values():
             transformer.register_forward_pre_hook(flat_ltx_timestep, with_kwargs=True)
     for block in blocks:                                    # Wan's and LTX's text cross-attention: local, exact
         block.attn2.processor._parallel_config = None
