@@ -1,7 +1,7 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
     python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace
-                                  skyreels-df mochi ltx ltx2]
+                                  skyreels-df mochi ltx ltx2 kandinsky5]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
@@ -51,6 +51,13 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   ``audio_coords`` made as its pipeline makes them, and the timestep passed as ``sigma`` too with
   ``use_cross_timestep=True`` (its pipeline's defaults); run with 6 of 48 layers, scaled. sparsecore takes its video
   self-attention (``attn1``); the audio self-attention and the text and audio-video cross-attentions stay the model's.
+- ``kandinsky5``: Kandinsky 5.0 Video Lite (``Kandinsky5Transformer3DModel``, 2B: 32 visual blocks, 28 heads x 64,
+  RoPE axes 16 / 24 / 24, two text blocks, the image condition's channels) at 768x512 (its pipeline's default size;
+  64x96 latent, 32x48 tokens a frame) with 31 and 61 latent frames (121 and 241 video frames: its 5 s and 10 s
+  checkpoints' lengths; 31 is LVSA's horizon for it, ours; 47,616 and 93,696 tokens), 256 Qwen2.5-VL text tokens in
+  its cross-attention, raster token order (no NABLA ``sparse_params``: the dense rows are dense), run with 8 of 32
+  visual blocks, scaled. Its float32 modules (time embeddings, modulations) stay float32, as ``from_pretrained``
+  keeps them.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -104,8 +111,9 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import (COGVIDEOX_TEXT, HV_TEXT, LTX2_TEXT, LTX_TEXT, MOCHI_TEXT, MODELS, TEXT_TOKENS, Case,
-                        build_model, cases, model_inputs, timestep_inputs, token_grid, video_tokens)
+from e2e_models import (COGVIDEOX_TEXT, HV_TEXT, KANDINSKY5_TEXT, LTX2_TEXT, LTX_TEXT, MOCHI_TEXT, MODELS, TEXT_TOKENS,
+                        Case, attention_shape, build_model, cases, model_inputs, timestep_inputs, token_grid,
+                        video_tokens)
 from report import time_one_backend, versions, write_report
 
 import sparsecore
@@ -203,9 +211,8 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     from sparsecore.methods.causal import visible_counts
     from sparsecore.methods.selection import dense_mask
     from sparsecore.search import block_mass, dense_attention_with_mass
-    video, dim = video_tokens(model, inputs), model.config.attention_head_dim
-    tokens = video + text
-    q = torch.randn(1, model.config.num_attention_heads, tokens, dim, device=device, dtype=dtype)
+    (heads, dim), tokens = attention_shape(model), video_tokens(model, inputs) + text
+    q = torch.randn(1, heads, tokens, dim, device=device, dtype=dtype)
     causal = spec_of(model).causal_frames(model.config)     # a frame-causal model's blocks restart at each causal block
     geometry = VideoGeometry(*token_grid(model, inputs), text_tokens=text, causal_frames=causal)
     offsets = geometry.block_offsets(64)
@@ -371,7 +378,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
              f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
-             f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio). "
+             f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "

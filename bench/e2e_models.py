@@ -36,7 +36,12 @@ LTX2 = dict(num_layers=48, rope_type="split")   # LTX-2 19B: diffusers' default 
 #                                               checkpoint's split RoPE (diffusers' conversion script for 2.0)
 LTX2_TEXT = 1024                # LTX-2's max_sequence_length: its connectors fill padding with registers, all valid
 LTX2_FPS = 24.0                 # LTX-2's pipeline's frame_rate
-MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2")
+KANDINSKY5_LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512,
+                       patch_size=(1, 2, 2), model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32,
+                       axes_dims=(16, 24, 24), visual_cond=True)      # Kandinsky 5.0 Video Lite (2B): 28 heads x 64
+KANDINSKY5_TEXT = 256           # Qwen2.5-VL tokens of a prompt (its pipeline's max_sequence_length is 512)
+MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
+          "kandinsky5")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ FULL_CASES = {   # model -> its cases: Case(model, label, latent frames, height,
     "mochi": [Case("mochi", "1x", 28, 60, 106, 6, 48)],
     "ltx": [Case("ltx", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 21), (2, 41))],
     "ltx2": [Case("ltx2", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 16), (2, 33))],
+    "kandinsky5": [Case("kandinsky5", f"{m}x", f, 64, 96, 8, 32) for m, f in ((1, 31), (2, 61))],
 }
 
 
@@ -73,13 +79,15 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         tiny_cases += [Case("skyreels-df", "2x", 10, 8, 8, 2, 2)] if "skyreels-df" in models else []
         tiny_cases += [Case("mochi", "1x", 9, 8, 8, 2, 2)] if "mochi" in models else []
         tiny_cases += [Case(model, "2x", 33, 4, 6, 2, 2) for model in ("ltx", "ltx2") if model in models]
+        tiny_cases += [Case("kandinsky5", "2x", 13, 8, 8, 2, 2)] if "kandinsky5" in models else []
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     return [case for model, full in FULL_CASES.items() if model in models for case in full]
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
-                           HunyuanVideoTransformer3DModel, LTX2VideoTransformer3DModel, LTXVideoTransformer3DModel,
+                           HunyuanVideoTransformer3DModel, Kandinsky5Transformer3DModel, LTX2VideoTransformer3DModel,
+                           LTXVideoTransformer3DModel,
                            MochiTransformer3DModel, SkyReelsV2Transformer3DModel, WanTransformer3DModel,
                            WanVACETransformer3DModel)
     torch.manual_seed(0)
@@ -118,6 +126,12 @@ def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torc
                               audio_num_attention_heads=2, audio_attention_head_dim=16, audio_cross_attention_dim=32,
                               caption_channels=64)
             model = LTX2VideoTransformer3DModel(**config)
+        elif case.model == "kandinsky5":
+            config = dict(KANDINSKY5_LITE, num_visual_blocks=case.layers_run)
+            if tiny:
+                config.update(model_dim=64, ff_dim=128, in_text_dim=64, in_text_dim2=32, time_dim=32,
+                              axes_dims=(8, 12, 12))
+            return keep_in_float32(Kandinsky5Transformer3DModel(**config).to(dtype).eval())
         elif case.model.startswith("wan"):
             base = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-vace": WAN_VACE_1_3B}[case.model]
             config = dict(base, num_layers=case.layers_run)
@@ -136,6 +150,15 @@ def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torc
                               image_embed_dim=32, num_refiner_layers=1, rope_axes_dim=(8, 12, 12))
             model = HunyuanVideo15Transformer3DModel(**config)
     return model.to(dtype).eval()
+
+
+def keep_in_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """The modules the model class keeps in float32 (``_keep_in_fp32_modules``, as ``from_pretrained`` loads them; its
+    forward feeds them float32): Kandinsky 5's time embeddings and modulations."""
+    for name, module in model.named_modules():
+        if any(part in model._keep_in_fp32_modules for part in name.split(".")):
+            module.float()
+    return model
 
 
 def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.dtype) -> dict:
@@ -161,6 +184,16 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     video_coords=model.rope.prepare_video_coords(1, case.frames, case.height, case.width, device,
                                                                  fps=LTX2_FPS),
                     audio_coords=model.audio_rope.prepare_audio_coords(1, audio, device), use_cross_timestep=True,
+                    return_dict=False)
+    if case.model == "kandinsky5":                # latents [B, F, H, W, C] with the image condition's channels
+        channels = 2 * config.in_visual_dim + 1 if config.visual_cond else config.in_visual_dim
+        p_t, p_h, p_w = config.patch_size
+        return dict(hidden_states=rand(1, case.frames, case.height, case.width, channels),
+                    encoder_hidden_states=rand(1, KANDINSKY5_TEXT, config.in_text_dim),
+                    pooled_projections=rand(1, config.in_text_dim2),
+                    visual_rope_pos=[torch.arange(n, device=device) for n in
+                                     (case.frames // p_t, case.height // p_h, case.width // p_w)],
+                    text_rope_pos=torch.arange(KANDINSKY5_TEXT, device=device), scale_factor=(1.0, 2.0, 2.0),
                     return_dict=False)
     if case.model.startswith("cogvideox"):        # latents [B, F, C, H, W]; RoPE's values do not change timing
         latents = rand(1, case.frames, config.in_channels, case.height, case.width)
@@ -220,6 +253,14 @@ def token_grid(model, inputs: dict) -> tuple[int, int, int]:
     if spec.token_grid is None:
         return spec.grid(inputs["hidden_states"].shape, model.config)
     return packed_grid(spec, inputs["hidden_states"], spec.token_grid(model, (), inputs), "fix the case's inputs")
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """Heads and head dim of the model's self-attention (Kandinsky 5's config gives its width and RoPE axes)."""
+    config = model.config
+    if "axes_dims" in config:
+        return config.model_dim // sum(config.axes_dims), sum(config.axes_dims)
+    return config.num_attention_heads, config.attention_head_dim
 
 
 def video_tokens(model, inputs: dict) -> int:

@@ -45,10 +45,15 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
   ``MochiAttnProcessor2_0``, video then each sample's valid text (its ``encoder_attention_mask`` ``[B, text]``; padded
   text rows give 0), RoPE on the video (its own interleaved pairs: :func:`mochi_rope`). The last block
   (``context_pre_only``) has no ``to_add_out``: its text output is returned unprojected, and the block drops it.
+- ``Kandinsky5Transformer3DModel`` (Kandinsky 5 video, T2V and I2V): the self-attention
+  ``visual_transformer_blocks[i].self_attention`` of ``Kandinsky5AttnProcessor`` (per-head RMS norms, its RoPE; see
+  :mod:`.kandinsky`). Latents ``[B, F, H, W, C]``. The text encoder's blocks and the cross-attention are not touched.
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
-CogVideoX's and Mochi's per-frame patches frame after frame), the token order of :class:`sparsecore.VideoGeometry`;
-``patch`` reads the patch sizes from the config and ``frames_axis`` says where the latents keep their frames.
+CogVideoX's and Mochi's per-frame patches frame after frame; Kandinsky 5 in raster or 8 x 8 tiles within a frame),
+the token order of :class:`sparsecore.VideoGeometry`;
+``patch`` reads the patch sizes from the config and ``grid_axes`` says where the latents keep their frames, height and
+width.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVide
                                                                      HunyuanVideoTransformer3DModel)
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
                                                                        HunyuanVideo15Transformer3DModel)
+from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor, Kandinsky5Transformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import (LTX2AudioVideoAttnProcessor, LTX2PerturbedAttnProcessor,
                                                             LTX2VideoTransformer3DModel)
@@ -96,12 +102,13 @@ class ModelSpec:
     horizon: Callable[[Any], int]  # LVSA's C for a model of this config (lvsa.REFERENCE_FRAMES)
     patch: Callable[[Any], tuple[int, int, int]]
     joint_text: bool               # text tokens share the attention sequence (after the video in every mask)
-    frames_axis: int = 2           # the latents' frame axis: [B, C, F, H, W] (2) or [B, F, C, H, W] (1)
+    grid_axes: tuple[int, int, int] = (2, 3, 4)   # the latents' frame, height and width axes: [B, C, F, H, W]
     timestep_arg: int = 1          # the forward's timestep among its positional arguments
     causal_setting: str | None = None  # the config field of latent frames per causal block (1: none), if any
     first_layers: Callable[[Any], tuple[int, ...]] = lambda config: (0,)   # the layer of each path's first block
     token_grid: Callable[[Any, tuple, dict], "PackedGrid"] | None = None   # packed tokens: (module, args, kwargs)
     also_replaces: tuple[type, ...] = ()   # other diffusers processors of the same attention (exact types)
+    context_parallel: bool = True  # whether sparsecore runs it under diffusers' context parallelism
 
     @property
     def joint_model(self) -> str | None:
@@ -117,7 +124,10 @@ class ModelSpec:
         """The layout of the forward's ``hidden_states``, for messages."""
         if self.token_grid is not None:
             return "[B, S, C] (packed tokens, S = num_frames x height x width)"
-        return "[B, F, C, H, W]" if self.frames_axis == 1 else "[B, C, F, H, W]"
+        names = ["B", "C", "C", "C", "C"]
+        for axis, name in zip(self.grid_axes, "FHW"):
+            names[axis] = name
+        return f"[{', '.join(names)}]"
 
     def causal_frames(self, config: Any) -> int:
         """Latent frames per causal block of a forward of this config, 0 for none. SkyReels-V2's forward masks
@@ -129,7 +139,8 @@ class ModelSpec:
     def grid(self, latents: torch.Size, config: Any) -> tuple[int, int, int]:
         """Frames, height and width of the token grid after patchify, from the latents' shape."""
         p_t, p_h, p_w = self.patch(config)
-        return latents[self.frames_axis] // p_t, latents[3] // p_h, latents[4] // p_w
+        frames, height, width = self.grid_axes
+        return latents[frames] // p_t, latents[height] // p_h, latents[width] // p_w
 
 
 def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -284,7 +295,7 @@ HUNYUAN_VIDEO = ModelSpec("hunyuanvideo", HunyuanVideoTransformer3DModel, Hunyua
                           ("transformer_blocks", "single_transformer_blocks"), "attn", _horizon("hunyuanvideo"),
                           _hunyuan_patch, joint_text=True)
 COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, ("transformer_blocks",),
-                      "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, frames_axis=1,
+                      "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, grid_axes=(1, 3, 4),
                       timestep_arg=2)
 WAN_VACE = ModelSpec("wan-vace", WanVACETransformer3DModel, WanAttnProcessor, ("vace_blocks", "blocks"), "attn1",
                     _horizon("wan"), _wan_patch, joint_text=False,
@@ -302,8 +313,11 @@ LTX_VIDEO = ModelSpec("ltx-video", LTXVideoTransformer3DModel, LTXVideoAttnProce
 LTX_2 = ModelSpec("ltx-2", LTX2VideoTransformer3DModel, LTX2AudioVideoAttnProcessor, ("transformer_blocks",), "attn1",
                   _horizon("ltx-2"), _hunyuan_patch, joint_text=False, timestep_arg=4, token_grid=ltx2_grid,
                   also_replaces=(LTX2PerturbedAttnProcessor,))
+KANDINSKY_5 = ModelSpec("kandinsky-5", Kandinsky5Transformer3DModel, Kandinsky5AttnProcessor,
+                        ("visual_transformer_blocks",), "self_attention", _horizon("kandinsky-5"), _wan_patch,
+                        joint_text=False, grid_axes=(1, 2, 3), timestep_arg=2, context_parallel=False)
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI,
-                    LTX_VIDEO, LTX_2)
+                    LTX_VIDEO, LTX_2, KANDINSKY_5)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

@@ -174,6 +174,16 @@ def layout(parallel_config: Any) -> Layout | None:
 NO_LSE_BACKENDS = ("native", "_native_npu")
 
 
+def refuse_unplanned(processors: Sequence[Any], spec: Any) -> None:
+    """A model for which sparsecore has no context-parallel path (``spec.context_parallel`` False: diffusers has no
+    plan for it) is refused at a forward's start where a parallel config reached its processors (a plan of the
+    user's own), before any step counts."""
+    if spec.context_parallel or not processors or processors[0]._parallel_config is None:
+        return
+    raise ValueError(f"transformer: {spec.model_class.__name__} under context parallelism is not supported by "
+                     f"sparsecore (diffusers has no plan for it); run it on one GPU (without enable_parallelism)")
+
+
 def refuse_uneven_tokens(processors: Sequence[Any], geometry: Any) -> None:
     """A forward whose video tokens the context-parallel plan would cut into unequal shards is refused before the plan
     splits them (diffusers' split asserts, naming no field)."""

@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_ltx2 import LTX2PerturbedAttnProc
 from sparsecore.registry import DenseOp
 from sparsecore.search import faster_dense
 
-from . import ltx, models
+from . import kandinsky, ltx, models
 from .op import diffusers_attention, head_major
 
 if TYPE_CHECKING:
@@ -226,6 +226,21 @@ class LTX2SparseAttnProcessor(SparseProcessor):
         return ltx.ltx2_output(attn, out, hidden_states, query, value, perturbation_mask)
 
 
+class Kandinsky5SparseAttnProcessor(SparseProcessor):
+    """Visual self-attention of a ``Kandinsky5Transformer3DModel`` block (``self_attention``) through sparsecore, q, k,
+    v and the output as ``Kandinsky5AttnProcessor`` makes them (:mod:`.kandinsky`). The model's own sparse attention
+    (NABLA, where its pipeline passes ``sparse_params``) is the method's masks instead, and dense steps are dense. Not
+    under context parallelism (the handle refuses it: :func:`.parallel.refuse_unplanned`)."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 rotary_emb: torch.Tensor | None = None, sparse_params: dict | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or not self._handle.active:
+            return self.original(attn, hidden_states, encoder_hidden_states, rotary_emb, sparse_params)
+        query, key, value = compiled_layout(*kandinsky.kandinsky_qkv(attn, hidden_states, rotary_emb))
+        out = diffusers_attention(query, key, value, None, self._handle.id)
+        return kandinsky.kandinsky_output(attn, out, query)
+
+
 class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
     """Joint video+text attention of a ``HunyuanVideo15Transformer3DModel`` block through sparsecore."""
 
@@ -324,7 +339,8 @@ SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.na
                      models.HUNYUAN_VIDEO.name: HunyuanVideoSparseAttnProcessor,
                      models.COGVIDEOX.name: CogVideoXSparseAttnProcessor,
                      models.MOCHI.name: MochiSparseAttnProcessor,
-                     models.LTX_VIDEO.name: LTXVideoSparseAttnProcessor, models.LTX_2.name: LTX2SparseAttnProcessor}
+                     models.LTX_VIDEO.name: LTXVideoSparseAttnProcessor, models.LTX_2.name: LTX2SparseAttnProcessor,
+                     models.KANDINSKY_5.name: Kandinsky5SparseAttnProcessor}
 
 
 def set_processor(module: Any, processor: Any) -> None:
