@@ -66,10 +66,17 @@ def test_latents_lay_frames_height_width_then_channels():
 
 
 def test_lvsa_takes_the_kandinsky_horizon_by_default():
-    """31 latent frames (its pipelines' 121 frames, 4x temporal compression) unless given."""
-    handle = sparse.apply(tiny_kandinsky(), method="lvsa", device="cpu")
+    """31 latent frames (its pipelines' 121 frames, 4x temporal compression), 61 for a NABLA configuration (its 10 s
+    checkpoints, 241 frames), unless given."""
+    for config, frames in (({}, 31), ({"attention_type": "nabla"}, 61)):
+        model = tiny_kandinsky()
+        model.register_to_config(**config)
+        handle = sparse.apply(model, method="lvsa", device="cpu")
+        handle.remove()
+        assert handle.params["reference_frames"] == frames
+    handle = sparse.apply(model, method="lvsa", device="cpu", reference_frames=40)
     handle.remove()
-    assert handle.params["reference_frames"] == 31
+    assert handle.params["reference_frames"] == 40
 
 
 def test_context_parallelism_is_refused_before_the_forward_runs():

@@ -286,6 +286,12 @@ def _cogvideox_horizon(config: Any) -> int:
     return lvsa.REFERENCE_FRAMES["cogvideox" if (config.patch_size_t or 1) == 1 else "cogvideox-1.5"]
 
 
+def _kandinsky_horizon(config: Any) -> int:
+    """31 latent frames (121 frames, its 5 s checkpoints), 61 (241 frames) for a NABLA configuration
+    (``attention_type="nabla"``), which its 10 s checkpoints have: our reading of the released configurations."""
+    return lvsa.REFERENCE_FRAMES["kandinsky-5-10s" if config.attention_type == "nabla" else "kandinsky-5"]
+
+
 WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, ("blocks",), "attn1", _horizon("wan"),
                 _wan_patch, joint_text=False)
 HUNYUAN_VIDEO_15 = ModelSpec("hunyuanvideo-1.5", HunyuanVideo15Transformer3DModel, HunyuanVideo15AttnProcessor2_0,
@@ -314,7 +320,7 @@ LTX_2 = ModelSpec("ltx-2", LTX2VideoTransformer3DModel, LTX2AudioVideoAttnProces
                   _horizon("ltx-2"), _hunyuan_patch, joint_text=False, timestep_arg=4, token_grid=ltx2_grid,
                   also_replaces=(LTX2PerturbedAttnProcessor,))
 KANDINSKY_5 = ModelSpec("kandinsky-5", Kandinsky5Transformer3DModel, Kandinsky5AttnProcessor,
-                        ("visual_transformer_blocks",), "self_attention", _horizon("kandinsky-5"), _wan_patch,
+                        ("visual_transformer_blocks",), "self_attention", _kandinsky_horizon, _wan_patch,
                         joint_text=False, grid_axes=(1, 2, 3), timestep_arg=2, context_parallel=False)
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI,
                     LTX_VIDEO, LTX_2, KANDINSKY_5)
