@@ -1,7 +1,7 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
     python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace
-                                  skyreels-df mochi ltx ltx2 kandinsky5]
+                                  skyreels-df mochi ltx ltx2 kandinsky5 cosmos]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
 
@@ -58,6 +58,12 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   its cross-attention, raster token order (no NABLA ``sparse_params``: the dense rows are dense), run with 8 of 32
   visual blocks, scaled. Its float32 modules (time embeddings, modulations) stay float32, as ``from_pretrained``
   keeps them.
+- ``cosmos``: Cosmos-Predict2.5 2B-shaped (``CosmosTransformer3DModel``: 28 blocks, 16 heads x 128, patch 1 x 2 x 2,
+  RoPE scale 1 / 3 / 3 (RoPE's values do not change timing), no learnable positions) at 1280x704 (160x88 latent, 80x44 tokens a frame) with 24 and 47
+  latent frames (93 frames, its pipelines' length and LVSA's horizon for it, ours; and 185 frames: 84,480 and 165,440
+  tokens), 512 text tokens of 1024 channels in its cross-attention, 16 fps, text-to-world (no conditioning frames; no
+  padding-mask channel: resizing it needs torchvision, one input channel that does not change timing), run with 4 of
+  28 blocks, scaled.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -111,9 +117,9 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import (COGVIDEOX_TEXT, HV_TEXT, KANDINSKY5_TEXT, LTX2_TEXT, LTX_TEXT, MOCHI_TEXT, MODELS, TEXT_TOKENS,
-                        Case, attention_shape, build_model, cases, model_inputs, timestep_inputs, token_grid,
-                        video_tokens)
+from e2e_models import (COGVIDEOX_TEXT, COSMOS_TEXT, HV_TEXT, KANDINSKY5_TEXT, LTX2_TEXT, LTX_TEXT, MOCHI_TEXT, MODELS,
+                        TEXT_TOKENS, Case, attention_shape, build_model, cases, model_inputs, timestep_inputs,
+                        token_grid, video_tokens)
 from report import time_one_backend, versions, write_report
 
 import sparsecore
@@ -378,7 +384,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
              f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
-             f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5). "
+             f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5, {COSMOS_TEXT} for "
+             f"Cosmos). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "

@@ -40,8 +40,13 @@ KANDINSKY5_LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in
                        patch_size=(1, 2, 2), model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32,
                        axes_dims=(16, 24, 24), visual_cond=True)      # Kandinsky 5.0 Video Lite (2B): 28 heads x 64
 KANDINSKY5_TEXT = 256           # Qwen2.5-VL tokens of a prompt (its pipeline's max_sequence_length is 512)
+COSMOS_2B = dict(in_channels=16, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28,
+                 mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
+                 rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=False, extra_pos_embed_type=None)   # Predict2.5 2B-
+#                                                    shaped: 16 heads x 128, 28 blocks (RoPE's scale: timing-neutral)
+COSMOS_TEXT, COSMOS_FPS = 512, 16           # its text encoder's tokens (1024 channels), the pipelines' frame rate
 MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
-          "kandinsky5")
+          "kandinsky5", "cosmos")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ FULL_CASES = {   # model -> its cases: Case(model, label, latent frames, height,
     "ltx": [Case("ltx", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 21), (2, 41))],
     "ltx2": [Case("ltx2", f"{m}x", f, 22, 38, 6, 48) for m, f in ((1, 16), (2, 33))],
     "kandinsky5": [Case("kandinsky5", f"{m}x", f, 64, 96, 8, 32) for m, f in ((1, 31), (2, 61))],
+    "cosmos": [Case("cosmos", f"{m}x", f, 88, 160, 4, 28) for m, f in ((1, 24), (2, 47))],
 }
 
 
@@ -79,13 +85,13 @@ def cases(models: list[str], tiny: bool) -> list[Case]:
         tiny_cases += [Case("skyreels-df", "2x", 10, 8, 8, 2, 2)] if "skyreels-df" in models else []
         tiny_cases += [Case("mochi", "1x", 9, 8, 8, 2, 2)] if "mochi" in models else []
         tiny_cases += [Case(model, "2x", 33, 4, 6, 2, 2) for model in ("ltx", "ltx2") if model in models]
-        tiny_cases += [Case("kandinsky5", "2x", 13, 8, 8, 2, 2)] if "kandinsky5" in models else []
+        tiny_cases += [Case(model, "2x", 13, 8, 8, 2, 2) for model in ("kandinsky5", "cosmos") if model in models]
         return tiny_cases + ([Case("cogvideox-1.5", "2x", 18, 8, 8, 2, 2)] if "cogvideox-1.5" in models else [])
     return [case for model, full in FULL_CASES.items() if model in models for case in full]
 
 
 def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import (CogVideoXTransformer3DModel, HunyuanVideo15Transformer3DModel,
+    from diffusers import (CogVideoXTransformer3DModel, CosmosTransformer3DModel, HunyuanVideo15Transformer3DModel,
                            HunyuanVideoTransformer3DModel, Kandinsky5Transformer3DModel, LTX2VideoTransformer3DModel,
                            LTXVideoTransformer3DModel,
                            MochiTransformer3DModel, SkyReelsV2Transformer3DModel, WanTransformer3DModel,
@@ -132,6 +138,11 @@ def build_model(case: Case, tiny: bool, device: str, dtype: torch.dtype) -> torc
                 config.update(model_dim=64, ff_dim=128, in_text_dim=64, in_text_dim2=32, time_dim=32,
                               axes_dims=(8, 12, 12))
             return keep_in_float32(Kandinsky5Transformer3DModel(**config).to(dtype).eval())
+        elif case.model == "cosmos":
+            config = dict(COSMOS_2B, num_layers=case.layers_run)
+            if tiny:
+                config.update(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64, adaln_lora_dim=16)
+            model = CosmosTransformer3DModel(**config)
         elif case.model.startswith("wan"):
             base = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B, "wan-vace": WAN_VACE_1_3B}[case.model]
             config = dict(base, num_layers=case.layers_run)
@@ -194,6 +205,10 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     visual_rope_pos=[torch.arange(n, device=device) for n in
                                      (case.frames // p_t, case.height // p_h, case.width // p_w)],
                     text_rope_pos=torch.arange(KANDINSKY5_TEXT, device=device), scale_factor=(1.0, 2.0, 2.0),
+                    return_dict=False)
+    if case.model == "cosmos":                    # latents [B, C, F, H, W]; text-to-world (no conditioning frames)
+        return dict(hidden_states=rand(1, config.in_channels, case.frames, case.height, case.width),
+                    encoder_hidden_states=rand(1, COSMOS_TEXT, config.text_embed_dim), fps=COSMOS_FPS,
                     return_dict=False)
     if case.model.startswith("cogvideox"):        # latents [B, F, C, H, W]; RoPE's values do not change timing
         latents = rand(1, case.frames, config.in_channels, case.height, case.width)

@@ -169,7 +169,7 @@ def adaspa_run(case, dense_attention_setting: str, context=contextlib.nullcontex
 # valid prefix.
 CALLS = {"wan": 2 + 2, "hunyuan": 2 + 2 + 2, "hunyuan-1.0": 2 + 2 + 2, "cogvideox": 2 + 2, "cogvideox-1.5": 2 + 2,
          "wan-vace": 3 + 3, "wan-animate": 2 + 2, "skyreels-v2": 2 + 2, "mochi": 2 + 2 + 2, "ltx": 2 + 2,
-         "ltx2": 2 + 2}
+         "ltx2": 2 + 2, "kandinsky-5": 2 + 2, "cosmos": 2 + 2}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,6 +1,7 @@
 """sparsecore inside torch.compile: compiled transformers equal eager ones, with no graph break or recompile.
 
-Tiny random Wan (and Wan VACE), HunyuanVideo 1.5 and 1.0, and CogVideoX models with sparsecore applied run five
+Tiny random Wan (and Wan VACE), HunyuanVideo 1.5 and 1.0, CogVideoX, Kandinsky 5 (in NABLA's tiled token order) and
+Cosmos models with sparsecore applied run five
 denoising steps eagerly, then compiled as diffusers recommends (``compile_repeated_blocks(fullgraph=True)``)
 or whole (``torch.compile(transformer)``). The attention is one custom op
 (``torch.ops.sparsecore.diffusers_attention``): the compiled outputs equal the eager ones in
@@ -16,9 +17,10 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from test_integration_diffusers import (cogvideox_inputs, forward, hunyuan_10_inputs, hunyuan_inputs, random_mask,
-                                       tiny_cogvideox, tiny_hunyuan, tiny_hunyuan_10, tiny_wan, tiny_wan_vace,
-                                       wan_inputs, wan_vace_inputs)
+from test_integration_diffusers import (cogvideox_inputs, cosmos_inputs, forward, hunyuan_10_inputs, hunyuan_inputs,
+                                       kandinsky_inputs, random_mask, tiny_cogvideox, tiny_cosmos, tiny_hunyuan,
+                                       tiny_hunyuan_10, tiny_kandinsky, tiny_wan, tiny_wan_vace, wan_inputs,
+                                       wan_vace_inputs)
 
 import sparsecore.integrations.diffusers as sparse
 
@@ -33,7 +35,9 @@ MODELS = {"wan": (tiny_wan, lambda: wan_inputs(batch=2)),
           "hunyuan": (tiny_hunyuan, lambda: hunyuan_inputs(batch=2, text="ragged")),
           "hunyuan-1.0": (tiny_hunyuan_10, lambda: hunyuan_10_inputs(batch=2, text="ragged")),
           "cogvideox": (tiny_cogvideox, lambda: cogvideox_inputs(batch=2)),
-          "wan-vace": (tiny_wan_vace, lambda: wan_vace_inputs(batch=2))}
+          "wan-vace": (tiny_wan_vace, lambda: wan_vace_inputs(batch=2)),
+          "kandinsky-5": (tiny_kandinsky, lambda: kandinsky_inputs(batch=2, fractal=True)),
+          "cosmos": (tiny_cosmos, lambda: cosmos_inputs(batch=2))}
 
 
 def run(model, inputs, method: str, compile_as: str | None, backend: str = "aot_eager") -> tuple[list, list]:
@@ -43,7 +47,7 @@ def run(model, inputs, method: str, compile_as: str | None, backend: str = "aot_
     call = model
     if compile_as == "blocks" and model._repeated_blocks:
         model.compile_repeated_blocks(fullgraph=True, backend=backend)
-    elif compile_as == "blocks":      # diffusers 0.42 declares no repeated blocks for CogVideoX: each, as that would
+    elif compile_as == "blocks":      # diffusers 0.42 declares no repeated blocks for CogVideoX, Cosmos: each block
         for block in model.transformer_blocks:
             block.compile(fullgraph=True, backend=backend)
     elif compile_as == "whole":

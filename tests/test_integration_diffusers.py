@@ -1,5 +1,5 @@
 """diffusers integration on tiny random Wan 2.1 (VACE, 2.2 Animate), HunyuanVideo 1.5 and 1.0, CogVideoX, SkyReels-V2,
-Mochi 1, LTX-Video, LTX-2 and Kandinsky 5 models (diffusers 0.42, CPU).
+Mochi 1, LTX-Video, LTX-2, Kandinsky 5 and Cosmos models (diffusers 0.42, CPU).
 
 Checks: a dense mask gives the original processors' output; a sparse per-head mask gives
 the output of a float64 oracle (the same model with diffusers' own processors, whose
@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, HunyuanVideo15Transformer3DModel,
+from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, CosmosTransformer3DModel,
+                       HunyuanVideo15Transformer3DModel,
                        HunyuanVideoTransformer3DModel, Kandinsky5Transformer3DModel, LTX2VideoTransformer3DModel,
                        LTXVideoTransformer3DModel, MochiTransformer3DModel, ParallelConfig,
                        SkyReelsV2Transformer3DModel, WanAnimateTransformer3DModel, WanTransformer3DModel,
                        WanVACETransformer3DModel)
 from diffusers.models import attention_processor
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.models.transformers import (transformer_hunyuan_video, transformer_hunyuan_video15,
+from diffusers.models.transformers import (transformer_cosmos, transformer_hunyuan_video, transformer_hunyuan_video15,
                                            transformer_kandinsky, transformer_ltx, transformer_ltx2,
                                            transformer_skyreels_v2, transformer_wan, transformer_wan_animate)
 from oracle import expand_to_tokens
@@ -267,6 +268,23 @@ def kandinsky_inputs(batch: int = 2, text: str = "ragged", seed: int = 1, fracta
     return {**inputs, "sparse_params": {"to_fractal": True}} if fractal else inputs
 
 
+def tiny_cosmos() -> CosmosTransformer3DModel:
+    """Cosmos: two blocks of 2 heads x 16, patch (1, 2, 2); no learnable positions (as Predict2's configurations; its
+    norm of them takes float32 only) nor padding-mask channel (resizing the mask needs torchvision)."""
+    torch.manual_seed(0)
+    return CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                    num_layers=2, mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=8,
+                                    max_size=(16, 32, 32), concat_padding_mask=False,
+                                    extra_pos_embed_type=None).eval()
+
+
+def cosmos_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
+    """Latents ``[B, C, F, H, W]``, 7 text tokens for the cross-attention, 24 fps (its video RoPE)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, 7, 16, generator=gen), "fps": 24}
+
+
 def install_dispatch(module: Any) -> Callable[[Any, "MaskedSoftmaxOracle"], None]:
     """The oracle as ``module``'s ``dispatch_attention_fn`` (``[B, S, H, D]``), which Wan's and HunyuanVideo's
     processors call."""
@@ -325,10 +343,12 @@ CASES = {
     # Kandinsky 5's processor rounds q and k to bfloat16 after its RoPE whatever the dtype: a float64 copy would round
     # other values than the float32 model's, so its oracle keeps the model float32 around the float64 attention. The
     # rounding also turns a kernel's float32 noise in one layer's output into a bfloat16 step (2^-8 of an element of
-    # q or k) in the next layer's: up to about 1e-5 in the output where the attention's kernel differs (seen: 1.1e-5)
+    # q or k) in the next layer's: about 1e-5 in the output where the attention's kernel differs (seen: up to 2e-5)
     "kandinsky-5": Case("kandinsky-5", tiny_kandinsky, kandinsky_inputs, install_dispatch(transformer_kandinsky),
                         lambda m: [b.self_attention for b in m.visual_transformer_blocks], float64_model=False,
                         atol=1e-4),
+    "cosmos": Case("cosmos", tiny_cosmos, cosmos_inputs, install_dispatch(transformer_cosmos),
+                   lambda m: [b.attn1 for b in m.transformer_blocks]),
 }
 # The models with a text padding mask: the valid text of each sample of each ``inputs(text=...)`` kind, and the text
 # tokens of a sample (a batch's samples of different valid counts plan and run apart)
@@ -337,6 +357,8 @@ TEXT_MASKED = {"hunyuan": ({"ragged": [6, 8], "same": [4, 4], "full": [13]}, 13)
                "mochi": ({"ragged": [3, 6], "same": [4, 4], "full": [8]}, 8)}
 # The models whose processor calls torch SDPA itself: no diffusers backend or parallel config reaches it
 OWN_SDPA = ("cogvideox", "cogvideox-1.5", "mochi")
+# The models whose processor keeps no backend or parallel config of its own but dispatches at diffusers' active backend
+ACTIVE_BACKEND = ("cosmos",)
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -377,8 +399,8 @@ class MaskedSoftmaxOracle:
     (output 0, as SDPA gives); other calls (Wan's cross-attention) are dense.
     """
 
-    def __init__(self, provider: Callable, step: int) -> None:
-        self.provider, self.step, self.layer = provider, step, None
+    def __init__(self, provider: Callable, step: int, grid: tuple[int, int, int] = (FRAMES, HEIGHT, WIDTH)) -> None:
+        self.provider, self.step, self.layer, self.grid = provider, step, None, grid
         self.valid_text: list[int] = []
 
     def dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
@@ -391,11 +413,11 @@ class MaskedSoftmaxOracle:
         elif attn_mask is not None:
             allowed &= attn_mask
         if self.layer is not None:
-            video = FRAMES * HEIGHT * WIDTH
+            video = math.prod(self.grid)
             self.valid_text = []
             for b in range(batch):
                 valid = int(allowed[b, 0].sum(-1).max())            # a padding or causal mask's valid prefix
-                geometry = VideoGeometry(FRAMES, HEIGHT, WIDTH, text_tokens=valid - video)
+                geometry = VideoGeometry(*self.grid, text_tokens=valid - video)
                 self.valid_text.append(valid - video)
                 tokens = torch.from_numpy(expand_to_tokens(self.provider(geometry, heads, self.step, self.layer)))
                 own = torch.zeros(heads, seq, seq, dtype=torch.bool)
@@ -426,12 +448,12 @@ class Tagged:
 
 
 def oracle_output(case: Case, model: Any, inputs: dict, provider: Callable, step: int, timestep: float,
-                  monkeypatch, call: Callable[[Any, dict, float], torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, list[int]]:
-    """The float64 oracle's output of ``call(model, inputs, timestep)`` (default :func:`forward`), and the valid text
-    counts it saw."""
+                  monkeypatch, call: Callable[[Any, dict, float], torch.Tensor] | None = None,
+                  grid: tuple[int, int, int] = (FRAMES, HEIGHT, WIDTH)) -> tuple[torch.Tensor, list[int]]:
+    """The float64 oracle's output of ``call(model, inputs, timestep)`` (default :func:`forward`) on the token
+    ``grid``, and the valid text counts it saw."""
     reference = copy.deepcopy(model).double() if case.float64_model else copy.deepcopy(model)
-    oracle = MaskedSoftmaxOracle(provider, step)
+    oracle = MaskedSoftmaxOracle(provider, step, grid)
     for layer, module in enumerate(case.attention(reference)):
         module.processor = Tagged(oracle, layer, module.processor)   # Mochi's module has no set_processor
     # LTX-2's video coordinates stay float32, as its pipeline and its forward make them: the float64 model given float64
@@ -494,7 +516,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
                                         ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
                                         ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged"),
                                         ("mochi", "ragged"), ("mochi", "same"), ("mochi", "full"),
-                                        ("ltx", "ragged"), ("ltx2", "ragged"), ("kandinsky-5", "ragged")])
+                                        ("ltx", "ragged"), ("ltx2", "ragged"), ("kandinsky-5", "ragged"),
+                                        ("cosmos", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
     model, inputs = case.build(), case.inputs(batch=1 if text == "full" else 2, text=text)
@@ -939,7 +962,7 @@ def test_backend_and_parallel_settings_reach_the_original_processor(case):
     module = case.attention(model)[0]
     original = module.processor
     keeps = hasattr(original, "_attention_backend")
-    assert keeps == (case.name not in OWN_SDPA)
+    assert keeps == (case.name not in OWN_SDPA + ACTIVE_BACKEND)
     handle = sparse.apply(model, method=full_mask, device="cpu")
     try:
         module.processor._attention_backend = "native"

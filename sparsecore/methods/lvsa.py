@@ -20,7 +20,8 @@ video (``T <= C``) every frame is an anchor: the pattern is dense.
 Defaults (released code, paper runs): ``window=3`` latent frames (12 video frames),
 ``first_frames=1`` (4 video frames), ``reference_frames=21`` (Wan 2.x; 33 for
 HunyuanVideo 1.5, 13 for CogVideoX (11 for 1.5, ours), 25 for SkyReels-V2 (ours), 28 for Mochi 1 (ours), 21 for
-LTX-Video, 16 for LTX-2 and 31 for Kandinsky 5, 61 for its 10 s checkpoints (ours): :data:`REFERENCE_FRAMES`),
+LTX-Video, 16 for LTX-2, 31 for Kandinsky 5 and 24 for Cosmos (ours):
+:data:`REFERENCE_FRAMES`),
 ``anchor_rule="auto"`` (the ``--auto-keyframes`` rule of the paper's benchmark scripts), ``rotate=True``,
 ``expand_window=True``, ``sparsity_scale=1.0``.
 
@@ -82,7 +83,7 @@ REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "hunyuanvideo": 33, "cogv
                     "ltx-video": 21,       # ours: LTXPipeline's default 161 frames, 21 latent frames (8x temporal)
                     "ltx-2": 16,           # ours: LTX2Pipeline's default 121 frames, 16 latent frames
                     "kandinsky-5": 31,     # ours: Kandinsky5T2VPipeline's default 121 frames, 31 latent frames
-                    "kandinsky-5-10s": 61}  # ours: its 10 s checkpoints (NABLA configurations), 241 frames
+                    "cosmos": 24}          # ours: Cosmos-Predict2/2.5's 93 frames, 24 latent frames (4x temporal)
 ANCHOR_RULES = ("auto", "paper")
 
 

@@ -1,5 +1,5 @@
 """Sparse self-attention for diffusers 0.42 video DiTs: Wan 2.1/2.2 (VACE, Animate), HunyuanVideo 1.5 and 1.0,
-CogVideoX, SkyReels-V2, Mochi 1, LTX-Video, LTX-2, one call.
+CogVideoX, SkyReels-V2, Mochi 1, LTX-Video, LTX-2, Kandinsky 5, Cosmos, one call.
 
     import sparsecore.integrations.diffusers as sparse
     handle = sparse.apply(pipe.transformer, method="lvsa", device="cuda", num_steps=50)
@@ -11,6 +11,7 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 
 - :mod:`.models`: the supported models, where their self-attention lives, how they make q, k, v.
 - :mod:`.ltx`: LTX-Video's and LTX-2's packed tokens (the grid a forward names, checked) and q, k, v.
+- :mod:`.kandinsky`: Kandinsky 5's q, k, v and output.
 - :mod:`.processors`: the attention processors put in place of diffusers' own.
 - :mod:`.steps`: which denoising step and run a forward belongs to.
 - :mod:`.planner`: the method's decision per (layer, step), masks, kernels.
@@ -22,12 +23,14 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.op`: the custom op ``torch.ops.sparsecore.diffusers_attention`` (compiled models).
 - :mod:`.stats`: per (layer, step) records and timing.
 - :mod:`.audit`: chosen layers' and steps' masks measured against dense attention (``handle.audit``).
-- :mod:`.handle`: ``apply()`` and the handle (hooks, step control, stats, ``remove()``).
+- :mod:`.attach`: ``apply()``: the checks, the self-attention modules found and their processors replaced.
+- :mod:`.handle`: the handle (hooks, step control, stats, ``remove()``).
 
 Plug-in point: the processors replace diffusers' ``WanAttnProcessor`` /
 ``HunyuanVideo15AttnProcessor2_0`` / ``HunyuanVideoAttnProcessor2_0`` / ``CogVideoXAttnProcessor2_0`` /
 ``SkyReelsV2AttnProcessor`` / ``MochiAttnProcessor2_0`` / ``LTXVideoAttnProcessor`` /
-``LTX2AudioVideoAttnProcessor`` and ``LTX2PerturbedAttnProcessor`` (``attn.set_processor``; Mochi's module has no
+``LTX2AudioVideoAttnProcessor`` and ``LTX2PerturbedAttnProcessor`` / ``Kandinsky5AttnProcessor`` /
+``CosmosAttnProcessor2_0`` (``attn.set_processor``; Mochi's module has no
 setter: its ``processor`` attribute). We did not register a backend in diffusers' attention
 registry: in 0.42 it is keyed by the closed enum ``AttentionBackendName``, the dispatch call carries no (layer,
 step), and HunyuanVideo 1.5's processor builds the dense ``[B, 1, S, S]`` padding mask before dispatching even where

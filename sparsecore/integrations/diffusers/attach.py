@@ -17,10 +17,11 @@ from sparsecore.ir.validation import check_int
 from sparsecore.methods import SESSIONS
 from sparsecore.registry import checked_options, device_type, registered_backends
 
+from . import parallel
 from .handle import SparseAttentionHandle
-from .models import spec_of
+from .models import ModelSpec, spec_of
 from .planner import MethodProvider
-from .processors import SPARSE_PROCESSORS, RefusesCopies, attention_modules, set_processor
+from .processors import SPARSE_PROCESSORS, RefusesCopies, SparseProcessor, set_processor
 
 TESTED_DIFFUSERS = "0.42"
 DENSE_ATTENTION = ("auto", "model")
@@ -34,8 +35,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     Args:
         transformer: a diffusers 0.42 ``WanTransformer3DModel``, ``HunyuanVideo15Transformer3DModel``,
             ``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``, ``WanVACETransformer3DModel``,
-            ``WanAnimateTransformer3DModel``, ``SkyReelsV2Transformer3DModel`` or ``MochiTransformer3DModel`` (e.g.
-            ``pipe.transformer``) with diffusers' own attention processors.
+            ``WanAnimateTransformer3DModel``, ``SkyReelsV2Transformer3DModel``, ``MochiTransformer3DModel``,
+            ``LTXVideoTransformer3DModel``, ``LTX2VideoTransformer3DModel``, ``Kandinsky5Transformer3DModel`` or
+            ``CosmosTransformer3DModel`` (e.g. ``pipe.transformer``) with diffusers' own attention processors.
         method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
             **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
         device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
@@ -101,6 +103,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
     modules = attention_modules(transformer, spec)
+    parallel.refuse_unplanned(transformer, [module.processor for module in modules], spec)
     if getattr(transformer, "_parallel_config", None) is not None and modules and \
             getattr(modules[0].processor, "_parallel_config", None) is None:     # Mochi's: diffusers left it out
         raise ValueError(f"transformer: its context parallelism was enabled by diffusers' enable_parallelism, which "
@@ -132,3 +135,39 @@ class _Hook(RefusesCopies):
     @torch.compiler.disable
     def __call__(self, *args: Any) -> Any:
         return self._method(*args)
+
+
+def attention_modules(transformer: Any, spec: ModelSpec) -> list[Any]:
+    """The self-attention modules of ``transformer`` whose processors sparsecore replaces, checked: diffusers' own
+    processor on each (not sparsecore's already, nor another integration's)."""
+    named = []
+    for name in spec.blocks:
+        blocks = getattr(transformer, name, None)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise TypeError(f"transformer.{name}: expected the transformer blocks of a {spec.model_class.__name__} "
+                            f"(a ModuleList), got {type(blocks).__name__}")
+        named += [(f"{name}[{index}]", block) for index, block in enumerate(blocks)]
+    if not named:
+        raise ValueError(f"transformer: a {spec.model_class.__name__} with no blocks in "
+                         f"{' or '.join(spec.blocks)} has no attention for sparsecore to run")
+    modules = []
+    for where, block in named:
+        module = getattr(block, spec.attention, None)
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, SparseProcessor):
+            message = (f"transformer: sparsecore is already applied to this model ({where}."
+                       f"{spec.attention}); call remove() on the earlier handle first")
+            raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
+        if type(processor) not in spec.processor_classes:
+            names = " or ".join(c.__name__ for c in spec.processor_classes)
+            raise TypeError(f"{where}.{spec.attention}.processor: expected diffusers' {names}, got "
+                            f"{type(processor).__name__}; sparsecore replaces "
+                            f"only diffusers' own processor (restore it, e.g. with "
+                            f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
+                            f"integration first)")
+        if not spec.joint_text and (getattr(module, "is_cross_attention", False)
+                                    or getattr(module, "add_k_proj", None) is not None):
+            raise TypeError(f"{where}.{spec.attention}: expected the self-attention of a "
+                            f"{spec.model_class.__name__} block, got a cross-attention module")
+        modules.append(module)
+    return modules

@@ -207,7 +207,7 @@ class SparseAttentionHandle:
                              f"{self.spec.causal_setting}={causal}; pass latents whose frames are (the diffusion-"
                              f"forcing pipelines cut them so)")
         geometry = VideoGeometry(*grid, causal_frames=causal)
-        parallel.refuse_unplanned(self._processors, self.spec)                                         # no step yet
+        parallel.refuse_unplanned(module, self._processors, self.spec)                                 # no step yet
         parallel.refuse_uneven_tokens(self._processors, geometry)
         parallel.refuse_ring_approximation(self._processors, self._planner.approximation(geometry))
         self.geometry = geometry

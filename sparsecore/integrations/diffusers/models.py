@@ -48,6 +48,10 @@ One :class:`ModelSpec` per model family (diffusers 0.42.1):
 - ``Kandinsky5Transformer3DModel`` (Kandinsky 5 video, T2V and I2V): the self-attention
   ``visual_transformer_blocks[i].self_attention`` of ``Kandinsky5AttnProcessor`` (per-head RMS norms, its RoPE; see
   :mod:`.kandinsky`). Latents ``[B, F, H, W, C]``. The text encoder's blocks and the cross-attention are not touched.
+- ``CosmosTransformer3DModel`` (Cosmos 1.0, Predict2 and Predict2.5, Transfer2.5's base): the self-attention
+  ``transformer_blocks[i].attn1`` of ``CosmosAttnProcessor2_0`` (per-head RMS norms, its RoPE: :func:`cosmos_qkv`);
+  the cross-attention ``attn2`` (text, and Predict2.5's image context) is not touched. Video-to-world's conditioning
+  frames are latent frames of the grid (a channel marks them) with their own timesteps ``[B, 1, T, 1, 1]``.
 
 All flatten the patch grid frame-major (Wan's and HunyuanVideo's ``Conv3d`` output ``.flatten(2)``,
 CogVideoX's and Mochi's per-frame patches frame after frame; Kandinsky 5 in raster or 8 x 8 tiles within a frame),
@@ -66,6 +70,7 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, MochiAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
+from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0, CosmosTransformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
                                                                      HunyuanVideoTransformer3DModel)
 from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
@@ -180,6 +185,22 @@ def hunyuan_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: t
     return two_stream_qkv(attn, hidden_states, encoder_hidden_states, rope)
 
 
+def cosmos_qkv(attn: Any, hidden_states: torch.Tensor,
+               image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
+    """Cosmos self-attention's q, k, v ``[B, S, H, D]`` as ``CosmosAttnProcessor2_0`` makes them: the projections, the
+    per-head RMS norms, then its RoPE (``apply_rotary_emb`` with ``use_real_unbind_dim=-2``, here on the sequence axis
+    1: the same elementwise arithmetic). Its key and value heads equal its query heads (the processor repeats them
+    by ``D / D``)."""
+    query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
+                         for proj in (attn.to_q, attn.to_k, attn.to_v))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)
+    return query, key, value
+
+
 def mochi_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
               image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> QKV:
     """Mochi's joint q, k, v ``[B, S_video + S_text, H, D]`` (video first, all ``S_text`` text tokens: the handle reads
@@ -286,12 +307,6 @@ def _cogvideox_horizon(config: Any) -> int:
     return lvsa.REFERENCE_FRAMES["cogvideox" if (config.patch_size_t or 1) == 1 else "cogvideox-1.5"]
 
 
-def _kandinsky_horizon(config: Any) -> int:
-    """31 latent frames (121 frames, its 5 s checkpoints), 61 (241 frames) for a NABLA configuration
-    (``attention_type="nabla"``), which its 10 s checkpoints have: our reading of the released configurations."""
-    return lvsa.REFERENCE_FRAMES["kandinsky-5-10s" if config.attention_type == "nabla" else "kandinsky-5"]
-
-
 WAN = ModelSpec("wan", WanTransformer3DModel, WanAttnProcessor, ("blocks",), "attn1", _horizon("wan"),
                 _wan_patch, joint_text=False)
 HUNYUAN_VIDEO_15 = ModelSpec("hunyuanvideo-1.5", HunyuanVideo15Transformer3DModel, HunyuanVideo15AttnProcessor2_0,
@@ -320,10 +335,12 @@ LTX_2 = ModelSpec("ltx-2", LTX2VideoTransformer3DModel, LTX2AudioVideoAttnProces
                   _horizon("ltx-2"), _hunyuan_patch, joint_text=False, timestep_arg=4, token_grid=ltx2_grid,
                   also_replaces=(LTX2PerturbedAttnProcessor,))
 KANDINSKY_5 = ModelSpec("kandinsky-5", Kandinsky5Transformer3DModel, Kandinsky5AttnProcessor,
-                        ("visual_transformer_blocks",), "self_attention", _kandinsky_horizon, _wan_patch,
+                        ("visual_transformer_blocks",), "self_attention", _horizon("kandinsky-5"), _wan_patch,
                         joint_text=False, grid_axes=(1, 2, 3), timestep_arg=2, context_parallel=False)
+COSMOS = ModelSpec("cosmos", CosmosTransformer3DModel, CosmosAttnProcessor2_0, ("transformer_blocks",), "attn1",
+                   _horizon("cosmos"), _wan_patch, joint_text=False, context_parallel=False)
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI,
-                    LTX_VIDEO, LTX_2, KANDINSKY_5)
+                    LTX_VIDEO, LTX_2, KANDINSKY_5, COSMOS)
 
 
 def spec_of(transformer: Any) -> ModelSpec:

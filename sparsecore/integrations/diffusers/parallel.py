@@ -174,11 +174,14 @@ def layout(parallel_config: Any) -> Layout | None:
 NO_LSE_BACKENDS = ("native", "_native_npu")
 
 
-def refuse_unplanned(processors: Sequence[Any], spec: Any) -> None:
+def refuse_unplanned(transformer: Any, processors: Sequence[Any], spec: Any) -> None:
     """A model for which sparsecore has no context-parallel path (``spec.context_parallel`` False: diffusers has no
-    plan for it) is refused at a forward's start where a parallel config reached its processors (a plan of the
-    user's own), before any step counts."""
-    if spec.context_parallel or not processors or processors[0]._parallel_config is None:
+    plan for it) is refused, at ``apply`` and at a forward's start before any step counts, where diffusers'
+    ``enable_parallelism`` ran on it (a plan of the user's own): its config on the transformer or on the processors
+    (Cosmos's processor keeps none, so the transformer's is the one that tells)."""
+    configs = (getattr(transformer, "_parallel_config", None),
+               *(getattr(p, "_parallel_config", None) for p in processors[:1]))
+    if spec.context_parallel or all(config is None for config in configs):
         return
     raise ValueError(f"transformer: {spec.model_class.__name__} under context parallelism is not supported by "
                      f"sparsecore (diffusers has no plan for it); run it on one GPU (without enable_parallelism)")

@@ -69,13 +69,16 @@ class SparseProcessor(RefusesCopies):
         self.layer = layer
         self.original = original
 
+    active_backend_only = False     # the original dispatches with no backend of its own: the active one (Cosmos's)
+
     # diffusers' set_attention_backend and enable_parallelism set these on processors that have them. An original
     # without them (CogVideoX's runs torch SDPA itself) reads None here and ignores the setting, as it would.
     @property
     def follows_backend(self) -> bool:
-        """Whether the original processor runs diffusers' dispatch, and so its backends (the active one included);
-        CogVideoX's calls torch SDPA itself, whatever diffusers' backend is."""
-        return hasattr(self.original, "_attention_backend")
+        """Whether the original processor runs diffusers' dispatch, and so its backends (the active one included):
+        with its own setting, or (:attr:`active_backend_only`, Cosmos's) with none, so diffusers' active backend,
+        which ``set_attention_backend`` sets too. CogVideoX's calls torch SDPA itself, whatever diffusers' backend is."""
+        return self.active_backend_only or hasattr(self.original, "_attention_backend")
 
     @property
     def _attention_backend(self) -> Any:
@@ -110,10 +113,21 @@ class SparseProcessor(RefusesCopies):
                                        False)
                 return out.transpose(1, 2)
         self._handle._stats.dense_kernel = "model"
-        backend = self._attention_backend if self.follows_backend else AttentionBackendName.NATIVE
         return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                     backend=backend,
+                                     backend=self.model_backend()[1],
                                      parallel_config=self._parallel_config if parallel else None)
+
+    def model_backend(self) -> tuple[bool, Any]:
+        """``(chosen, backend)``: whether a backend was chosen for the model's attention (``set_attention_backend``, the
+        ``attention_backend`` context: any but the default ``native``), and what its dense attention passes diffusers'
+        dispatch: the original processor's setting (None: the active backend), None for one that keeps no setting and
+        dispatches at the active backend (:attr:`active_backend_only`), ``native`` (torch SDPA) for one that calls
+        torch SDPA itself (CogVideoX's, Mochi's: no backend is ever chosen for them)."""
+        if self.active_backend_only:
+            return active_backend() != "native", None
+        if not self.follows_backend:
+            return False, AttentionBackendName.NATIVE
+        return self._attention_backend is not None or active_backend() != "native", self._attention_backend
 
     def faster_dense(self, query: torch.Tensor, key: torch.Tensor,
                      value: torch.Tensor) -> tuple[str, DenseOp] | None:
@@ -130,8 +144,7 @@ class SparseProcessor(RefusesCopies):
         (CogVideoX's, :attr:`follows_backend` False) follows no backend: its dense steps take the faster op
         under ``"auto"``, else torch SDPA (diffusers' ``"native"``), as the original does.
         """
-        chosen = self.follows_backend and (self._attention_backend is not None or active_backend() != "native")
-        if self._handle.dense_attention != "auto" or chosen:
+        if self._handle.dense_attention != "auto" or self.model_backend()[0]:
             return None
         return faster_dense(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
 
@@ -186,6 +199,19 @@ class LTXVideoSparseAttnProcessor(WanSparseAttnProcessor):
     qkv = staticmethod(ltx.ltx_qkv)
 
 
+class CosmosSparseAttnProcessor(WanSparseAttnProcessor):
+    """Self-attention of a ``CosmosTransformer3DModel`` block (``attn1``) through sparsecore: Wan's call with Cosmos's
+    q, k, v (:func:`.models.cosmos_qkv`); diffusers' ``Attention`` passes RoPE as ``image_rotary_emb``."""
+
+    qkv = staticmethod(models.cosmos_qkv)
+    active_backend_only = True          # CosmosAttnProcessor2_0 passes dispatch_attention_fn no backend
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
 class LTX2SparseAttnProcessor(SparseProcessor):
     """Video self-attention of an ``LTX2VideoTransformer3DModel`` block (``attn1``) through sparsecore, in place of
     ``LTX2AudioVideoAttnProcessor`` or, with spatio-temporal guidance (STG), ``LTX2PerturbedAttnProcessor``: q, k, v
@@ -231,6 +257,14 @@ class Kandinsky5SparseAttnProcessor(SparseProcessor):
     v and the output as ``Kandinsky5AttnProcessor`` makes them (:mod:`.kandinsky`). The model's own sparse attention
     (NABLA, where its pipeline passes ``sparse_params``) is the method's masks instead, and dense steps are dense. Not
     under context parallelism (the handle refuses it: :func:`.parallel.refuse_unplanned`)."""
+
+    def model_backend(self) -> tuple[bool, Any]:
+        """As :meth:`SparseProcessor.model_backend`, but FlexAttention (which diffusers needs for NABLA's block mask,
+        replaced here by the method's masks) is not taken for dense steps: with no mask it would run its unfused
+        fallback (scores of every pair) or fail under ``torch.compile``; they run as on the default backend."""
+        chosen, backend = super().model_backend()
+        flex = str(getattr(backend, "value", backend)) == "flex" or (backend is None and active_backend() == "flex")
+        return (False, AttentionBackendName.NATIVE) if flex else (chosen, backend)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  rotary_emb: torch.Tensor | None = None, sparse_params: dict | None = None) -> torch.Tensor:
@@ -340,7 +374,8 @@ SPARSE_PROCESSORS = {models.WAN.name: WanSparseAttnProcessor, models.WAN_VACE.na
                      models.COGVIDEOX.name: CogVideoXSparseAttnProcessor,
                      models.MOCHI.name: MochiSparseAttnProcessor,
                      models.LTX_VIDEO.name: LTXVideoSparseAttnProcessor, models.LTX_2.name: LTX2SparseAttnProcessor,
-                     models.KANDINSKY_5.name: Kandinsky5SparseAttnProcessor}
+                     models.KANDINSKY_5.name: Kandinsky5SparseAttnProcessor,
+                     models.COSMOS.name: CosmosSparseAttnProcessor}
 
 
 def set_processor(module: Any, processor: Any) -> None:
@@ -351,39 +386,3 @@ def set_processor(module: Any, processor: Any) -> None:
         module.processor = processor
     else:
         setter(processor)
-
-
-def attention_modules(transformer: Any, spec: models.ModelSpec) -> list[Any]:
-    """The self-attention modules of ``transformer`` whose processors sparsecore replaces, checked: diffusers' own
-    processor on each (not sparsecore's already, nor another integration's)."""
-    named = []
-    for name in spec.blocks:
-        blocks = getattr(transformer, name, None)
-        if not isinstance(blocks, torch.nn.ModuleList):
-            raise TypeError(f"transformer.{name}: expected the transformer blocks of a {spec.model_class.__name__} "
-                            f"(a ModuleList), got {type(blocks).__name__}")
-        named += [(f"{name}[{index}]", block) for index, block in enumerate(blocks)]
-    if not named:
-        raise ValueError(f"transformer: a {spec.model_class.__name__} with no blocks in "
-                         f"{' or '.join(spec.blocks)} has no attention for sparsecore to run")
-    modules = []
-    for where, block in named:
-        module = getattr(block, spec.attention, None)
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, SparseProcessor):
-            message = (f"transformer: sparsecore is already applied to this model ({where}."
-                       f"{spec.attention}); call remove() on the earlier handle first")
-            raise ValueError(message)  # noqa: TRY004  (a state error, not a wrong type)
-        if type(processor) not in spec.processor_classes:
-            names = " or ".join(c.__name__ for c in spec.processor_classes)
-            raise TypeError(f"{where}.{spec.attention}.processor: expected diffusers' {names}, got "
-                            f"{type(processor).__name__}; sparsecore replaces "
-                            f"only diffusers' own processor (restore it, e.g. with "
-                            f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
-                            f"integration first)")
-        if not spec.joint_text and (getattr(module, "is_cross_attention", False)
-                                    or getattr(module, "add_k_proj", None) is not None):
-            raise TypeError(f"{where}.{spec.attention}: expected the self-attention of a "
-                            f"{spec.model_class.__name__} block, got a cross-attention module")
-        modules.append(module)
-    return modules
