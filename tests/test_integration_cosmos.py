@@ -9,8 +9,8 @@ import torch
 from context_parallel_run import fake_parallel_config
 from diffusers import CosmosTransformer3DModel
 from diffusers.models import attention_dispatch
-from test_integration_diffusers import (CASES, FRAMES, HEIGHT, WIDTH, cosmos_inputs, forward, full_mask, oracle_output,
-                                        random_mask, tiny_cosmos)
+from test_integration_diffusers import (CASES, FRAMES, HEIGHT, WIDTH, cosmos_inputs, forward, forward_applied,
+                                        oracle_output, random_mask, tiny_cosmos)
 
 from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -79,23 +79,11 @@ def test_dense_steps_dispatch_at_the_active_backend_as_the_original_does(monkeyp
     with attention_dispatch.attention_backend("_native_math"):
         expected = forward(model, inputs, 999.0)
         original_calls = len(calls)
-        handle = sparse.apply(model, method=full_mask, device="cpu")
-        try:
-            got = forward(model, inputs, 999.0)
-        finally:
-            handle.remove()
+        got = forward_applied(model, inputs, 999.0)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert original_calls > 0 and len(calls) == 2 * original_calls and looked == []
-    handle = sparse.apply(model, method=full_mask, device="cpu")     # on the default backend the faster op is sought
-    try:
-        forward(model, inputs, 999.0)
-    finally:
-        handle.remove()
-    assert len(calls) == 2 * original_calls and len(looked) == len(case_layers(model))
-
-
-def case_layers(model) -> list:
-    return CASES["cosmos"].attention(model)
+    forward_applied(model, inputs, 999.0)                       # on the default backend the faster op is sought
+    assert len(calls) == 2 * original_calls and len(looked) == len(CASES["cosmos"].attention(model))
 
 
 def test_lvsa_takes_the_cosmos_horizon_by_default():
@@ -115,7 +103,7 @@ def test_context_parallelism_is_refused_at_apply_and_before_the_forward_runs():
     model._parallel_config = fake_parallel_config(ulysses_degree=2)
     with pytest.raises(ValueError, match=message):
         sparse.apply(model, method="lvsa", device="cpu")
-    assert all(type(m.processor).__name__ == "CosmosAttnProcessor2_0" for m in case_layers(model))   # untouched
+    assert all(type(m.processor).__name__ == "CosmosAttnProcessor2_0" for m in CASES["cosmos"].attention(model))
     model._parallel_config = None
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:

@@ -375,6 +375,16 @@ def forward(model: Any, inputs: dict, timestep: float) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out                # Kandinsky 5 returns the sample itself
 
 
+def forward_applied(model: Any, inputs: dict, timestep: float, method: Any = None, **params: Any) -> torch.Tensor:
+    """:func:`forward` of ``model`` with sparsecore applied (``method``, default a full mask, and ``params``) on the
+    CPU, removed after."""
+    handle = sparse.apply(model, method=full_mask if method is None else method, device="cpu", **params)
+    try:
+        return forward(model, inputs, timestep)
+    finally:
+        handle.remove()
+
+
 def full_mask(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
     return BlockMask.full(num_heads, geometry.tokens, geometry.tokens, 48)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from context_parallel_run import fake_parallel_config
-from test_integration_diffusers import (CASES, forward, full_mask, kandinsky_inputs, oracle_output, random_mask,
-                                        tiny_kandinsky)
+from test_integration_diffusers import (CASES, forward, forward_applied, full_mask, kandinsky_inputs, oracle_output,
+                                        random_mask, tiny_kandinsky)
 
 from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -111,13 +111,7 @@ def test_bfloat16_dense_mask_gives_the_original_output_and_a_sparse_mask_runs():
                                                          "pooled_projections") else value
               for name, value in inputs.items()}
     expected = forward(model, inputs, 500.0)
-    outputs = []
-    for method in (full_mask, random_mask):
-        handle = sparse.apply(model, method=method, device="cpu")
-        try:
-            outputs.append(forward(model, inputs, 500.0))
-        finally:
-            handle.remove()
+    outputs = [forward_applied(model, inputs, 500.0, method) for method in (full_mask, random_mask)]
     assert outputs[0].dtype == torch.bfloat16 and torch.equal(outputs[0], expected)
     assert torch.isfinite(outputs[1]).all() and (outputs[1].float() - expected.float()).abs().max() > 5e-3
 
@@ -140,12 +134,8 @@ def test_dense_steps_do_not_take_flex_attention_which_nabla_configurations_need(
             module.processor._attention_backend = flex                 # what set_attention_backend("flex") sets
     looked = []
     monkeypatch.setattr(processors, "faster_dense", lambda *args: looked.append(1))
-    handle = sparse.apply(model, method=full_mask, device="cpu")
-    try:
-        with attention_dispatch.attention_backend("flex"):
-            got = forward(model, inputs, 999.0)
-    finally:
-        handle.remove()
+    with attention_dispatch.attention_backend("flex"):
+        got = forward_applied(model, inputs, 999.0)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     tokens = 8 * 8 * 8
     assert calls and (tokens, tokens) not in calls                # text and cross-attention: flex; video: not
