@@ -59,11 +59,14 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   visual blocks, scaled. Its float32 modules (time embeddings, modulations) stay float32, as ``from_pretrained``
   keeps them.
 - ``cosmos``: Cosmos-Predict2.5 2B-shaped (``CosmosTransformer3DModel``: 28 blocks, 16 heads x 128, patch 1 x 2 x 2,
-  RoPE scale 1 / 3 / 3 (RoPE's values do not change timing), no learnable positions) at 1280x704 (160x88 latent, 80x44 tokens a frame) with 24 and 47
-  latent frames (93 frames, its pipelines' length and LVSA's horizon for it, ours; and 185 frames: 84,480 and 165,440
-  tokens), 512 text tokens of 1024 channels in its cross-attention, 16 fps, text-to-world (no conditioning frames; no
-  padding-mask channel: resizing it needs torchvision, one input channel that does not change timing), run with 4 of
-  28 blocks, scaled.
+  RoPE scale 1 / 3 / 3 (RoPE's values do not change timing), no learnable positions) at 1280x704 (160x88 latent, 80x44
+  tokens a frame) with 24 and 47 latent frames (93 frames, its pipelines' length and LVSA's horizon for it, ours; and
+  185 frames: 84,480 and 165,440 tokens), 512 text tokens of 1024 channels in its cross-attention, text-to-world as
+  its pipeline passes it: a condition mask of zeros (17 input channels) and a timestep per latent frame ``[1, 1, F, 1,
+  1]``, so its blocks modulate every token (files before 2026-12-03's twenty-fourth session's second Cosmos run passed
+  one timestep ``[1]``, 16 fps and no condition mask); no padding-mask channel (resizing it needs torchvision; one
+  input channel, timing-neutral); run with 4 of 28 blocks, scaled. Its pipelines default to 35-36 steps; the
+  generations here are 50 steps, as every row's.
   On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
   composed in (:func:`with_dense_layers`).
 
@@ -170,7 +173,7 @@ def timed_forward(model, inputs: dict, timestep: float, device: str) -> float:
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        model(**timestep_inputs(model, timestep, device), **inputs)
+        model(**timestep_inputs(model, timestep, device, inputs), **inputs)
     synchronize(device)
     return time.perf_counter() - start
 

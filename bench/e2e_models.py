@@ -40,11 +40,11 @@ KANDINSKY5_LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in
                        patch_size=(1, 2, 2), model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32,
                        axes_dims=(16, 24, 24), visual_cond=True)      # Kandinsky 5.0 Video Lite (2B): 28 heads x 64
 KANDINSKY5_TEXT = 256           # Qwen2.5-VL tokens of a prompt (its pipeline's max_sequence_length is 512)
-COSMOS_2B = dict(in_channels=16, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28,
+COSMOS_2B = dict(in_channels=17, out_channels=16, num_attention_heads=16, attention_head_dim=128, num_layers=28,
                  mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
                  rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=False, extra_pos_embed_type=None)   # Predict2.5 2B-
 #                                                    shaped: 16 heads x 128, 28 blocks (RoPE's scale: timing-neutral)
-COSMOS_TEXT, COSMOS_FPS = 512, 16           # its text encoder's tokens (1024 channels), the pipelines' frame rate
+COSMOS_TEXT = 512               # its text tokens (1024 channels after the pipeline's projection; Predict2.5 passes no fps)
 MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
           "kandinsky5", "cosmos")
 
@@ -206,10 +206,11 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                                      (case.frames // p_t, case.height // p_h, case.width // p_w)],
                     text_rope_pos=torch.arange(KANDINSKY5_TEXT, device=device), scale_factor=(1.0, 2.0, 2.0),
                     return_dict=False)
-    if case.model == "cosmos":                    # latents [B, C, F, H, W]; text-to-world (no conditioning frames)
-        return dict(hidden_states=rand(1, config.in_channels, case.frames, case.height, case.width),
-                    encoder_hidden_states=rand(1, COSMOS_TEXT, config.text_embed_dim), fps=COSMOS_FPS,
-                    return_dict=False)
+    if case.model == "cosmos":                    # latents [B, C, F, H, W]; text-to-world: a condition mask of zeros
+        frames = (1, 1, case.frames, case.height, case.width)
+        return dict(hidden_states=rand(1, config.out_channels, *frames[2:]),
+                    condition_mask=torch.zeros(frames, device=device, dtype=dtype),
+                    encoder_hidden_states=rand(1, COSMOS_TEXT, config.text_embed_dim), return_dict=False)
     if case.model.startswith("cogvideox"):        # latents [B, F, C, H, W]; RoPE's values do not change timing
         latents = rand(1, case.frames, config.in_channels, case.height, case.width)
         video = video_tokens(model, {"hidden_states": latents})
@@ -248,13 +249,16 @@ def ltx2_audio_frames(config, latent_frames: int) -> int:
     return round(seconds * config.audio_sampling_rate / config.audio_hop_length / config.audio_scale_factor)
 
 
-def timestep_inputs(model, timestep: float, device: str) -> dict:
+def timestep_inputs(model, timestep: float, device: str, inputs: dict) -> dict:
     """The forward's timestep arguments at ``timestep``, batch 1, as the model's pipeline passes them: HunyuanVideo 1.5
     embeds the timestep in the timestep's own dtype (give it the model's); LTX-2's pipeline passes it as ``sigma`` too,
-    which its forward reads with ``use_cross_timestep=True`` (the pipeline's default)."""
+    which its forward reads with ``use_cross_timestep=True`` (the pipeline's default); Cosmos-Predict2.5's pipeline
+    passes one per latent frame of ``inputs``' latents, ``[B, 1, F, 1, 1]`` (its forward then modulates every token)."""
     name = type(model).__name__
     dtype = model.dtype if name.startswith("HunyuanVideo15") else torch.float32
     t = torch.tensor([timestep], device=device, dtype=dtype)
+    if name == "CosmosTransformer3DModel":
+        return dict(timestep=t.reshape(1, 1, 1, 1, 1).expand(1, 1, inputs["hidden_states"].shape[2], 1, 1))
     return dict(timestep=t, sigma=t) if name == "LTX2VideoTransformer3DModel" else dict(timestep=t)
 
 

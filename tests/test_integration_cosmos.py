@@ -93,23 +93,79 @@ def test_lvsa_takes_the_cosmos_horizon_by_default():
     assert handle.params["reference_frames"] == 24
 
 
-def test_context_parallelism_is_refused_at_apply_and_before_the_forward_runs():
-    """diffusers has no plan for Cosmos, and its processor keeps no parallel config: ``enable_parallelism`` with a
-    plan of the user's own leaves its config on the transformer, which is refused at ``apply``, or, set after it,
-    before any step counts."""
-    message = (r"transformer: CosmosTransformer3DModel under context parallelism is not supported by sparsecore "
+@pytest.mark.parametrize("name", ["cosmos", "kandinsky-5", "cogvideox", "cogvideox-1.5", "wan-animate"])
+def test_context_parallelism_of_a_model_without_a_plan_is_refused_at_apply_and_before_the_forward_runs(name):
+    """diffusers has no context-parallel plan for these models (nor sparsecore: ``ModelSpec.context_parallel``);
+    ``enable_parallelism`` with a plan of the user's own leaves its config on the transformer (Cosmos's and CogVideoX's
+    processors keep none), which is refused at ``apply``, or, set after it, before any step counts."""
+    case = CASES[name]
+    model = case.build()
+    message = (rf"transformer: {type(model).__name__} under context parallelism is not supported by sparsecore "
                r"\(diffusers has no plan for it\)")
-    model = tiny_cosmos()
     model._parallel_config = fake_parallel_config(ulysses_degree=2)
+    processors_before = [m.processor for m in case.attention(model)]
     with pytest.raises(ValueError, match=message):
         sparse.apply(model, method="lvsa", device="cpu")
-    assert all(type(m.processor).__name__ == "CosmosAttnProcessor2_0" for m in CASES["cosmos"].attention(model))
+    assert [m.processor for m in case.attention(model)] == processors_before          # untouched
     model._parallel_config = None
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
         model._parallel_config = fake_parallel_config(ulysses_degree=2)
         with pytest.raises(ValueError, match=message):
-            forward(model, cosmos_inputs(batch=1), 999.0)
+            forward(model, case.inputs(batch=1), 999.0)
         assert handle.step is None
     finally:
         handle.remove()
+
+
+def test_guidance_forwards_with_their_own_conditioning_noise_stay_on_one_step_in_bfloat16():
+    """Cosmos 1.0's video-to-world draws the conditioning frames' noise apart for its two guidance forwards, which get
+    one bfloat16 timestep: the forwards differ only on those leading frames and stay on one step (read on the last
+    frame, the step does not take the second forward for the next step's colliding timestep)."""
+    model = tiny_cosmos_video2world().to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen)
+    condition = torch.zeros(1, 1, FRAMES, 2 * HEIGHT, 2 * WIDTH)
+    condition[:, :, :1] = 1.0
+    inputs = cosmos_inputs(batch=1)
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=3)
+    steps = []
+    try:
+        for sigma in (80.0, 20.0, 2.0):
+            for _ in ("cond", "uncond"):
+                noisy = latents.clone()
+                noisy[:, :, :1] += 1e-3 * torch.randn(1, 4, 1, 2 * HEIGHT, 2 * WIDTH, generator=gen)
+                run(model, {**inputs, "hidden_states": noisy.to(torch.bfloat16), "condition_mask": condition.bfloat16(),
+                            "encoder_hidden_states": inputs["encoder_hidden_states"].bfloat16(),
+                            "timestep": torch.tensor([sigma], dtype=torch.bfloat16)})
+                steps.append(handle.step)
+            latents = latents * 0.98 + 0.02 * torch.randn(latents.shape, generator=gen)     # the scheduler's step
+    finally:
+        handle.remove()
+    assert steps == [0, 0, 1, 1, 2, 2]
+
+
+def test_transfer_timesteps_follow_the_generated_frames_through_bfloat16_repeats():
+    """Cosmos-Transfer2.5's timesteps ``[B, 1, F, 1, 1]``: its conditioning frame at 0.1, the others at sigmas rounded to
+    bfloat16 in a float32 tensor (0.99502 and 0.99421 both read 0.99609) and, at the end, below 0.1. One step per
+    sigma, each run twice (guidance), the latents moving between steps."""
+    model = tiny_cosmos_video2world()
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, 4, FRAMES, 2 * HEIGHT, 2 * WIDTH, generator=gen)
+    condition = torch.zeros(1, 1, FRAMES, 2 * HEIGHT, 2 * WIDTH)
+    condition[:, :, :1] = 1.0
+    sigmas = (0.99502, 0.99421, 0.5, 0.09, 0.05)
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=len(sigmas))
+    steps = []
+    try:
+        for sigma in sigmas:
+            frames = torch.full((1, 1, FRAMES, 1, 1), torch.tensor(sigma).bfloat16().item())
+            frames[:, :, :1] = 0.1
+            for _ in ("cond", "uncond"):
+                run(model, {**cosmos_inputs(batch=1), "hidden_states": latents, "condition_mask": condition,
+                            "timestep": frames})
+                steps.append(handle.step)
+            latents = latents * 0.98 + 0.02 * torch.randn(latents.shape, generator=gen)
+    finally:
+        handle.remove()
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]

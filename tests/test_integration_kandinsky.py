@@ -116,10 +116,12 @@ def test_bfloat16_dense_mask_gives_the_original_output_and_a_sparse_mask_runs():
     assert torch.isfinite(outputs[1]).all() and (outputs[1].float() - expected.float()).abs().max() > 5e-3
 
 
-def test_dense_steps_do_not_take_flex_attention_which_nabla_configurations_need(monkeypatch):
+@pytest.mark.parametrize("chosen_by", ["set_attention_backend", "context"])
+def test_dense_steps_do_not_take_flex_attention_which_nabla_configurations_need(monkeypatch, chosen_by):
     """NABLA's block mask needs diffusers' FlexAttention backend (``set_attention_backend("flex")``); sparsecore's masks
     replace it, and its dense steps run as on the default backend: FlexAttention with no mask would run its unfused
-    fallback (every pair's score) or fail compiled. The model's other attentions keep FlexAttention."""
+    fallback (every pair's score) or fail compiled. The model's other attentions keep FlexAttention. Chosen on the
+    processors (and made active, as ``set_attention_backend`` does), or by the ``attention_backend`` context alone."""
     from diffusers.models import attention_dispatch
     registry = attention_dispatch._AttentionBackendRegistry
     flex, native = (attention_dispatch.AttentionBackendName(name) for name in ("flex", "native"))
@@ -130,7 +132,7 @@ def test_dense_steps_do_not_take_flex_attention_which_nabla_configurations_need(
     model, inputs = tiny_kandinsky(), kandinsky_inputs(batch=1)
     expected = forward(model, inputs, 999.0)
     for module in model.modules():
-        if hasattr(getattr(module, "processor", None), "_attention_backend"):
+        if chosen_by == "set_attention_backend" and hasattr(getattr(module, "processor", None), "_attention_backend"):
             module.processor._attention_backend = flex                 # what set_attention_backend("flex") sets
     looked = []
     monkeypatch.setattr(processors, "faster_dense", lambda *args: looked.append(1))

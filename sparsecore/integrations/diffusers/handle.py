@@ -212,7 +212,7 @@ class SparseAttentionHandle:
         parallel.refuse_ring_approximation(self._processors, self._planner.approximation(geometry))
         self.geometry = geometry
         at = self.spec.timestep_arg
-        self._steps.observe(kwargs.get("timestep", args[at] if len(args) > at else None), hidden)
+        self._steps.observe(*self.spec.step_view(kwargs.get("timestep", args[at] if len(args) > at else None), hidden))
         self._text_cache = None
         self._calls = 0
         self.active = True

@@ -114,6 +114,8 @@ class ModelSpec:
     token_grid: Callable[[Any, tuple, dict], "PackedGrid"] | None = None   # packed tokens: (module, args, kwargs)
     also_replaces: tuple[type, ...] = ()   # other diffusers processors of the same attention (exact types)
     context_parallel: bool = True  # whether sparsecore runs it under diffusers' context parallelism
+    # what of a forward's timestep and latents the step tracker (.steps) reads
+    step_view: Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]] = lambda timestep, latents: (timestep, latents)
 
     @property
     def joint_model(self) -> str | None:
@@ -317,12 +319,12 @@ HUNYUAN_VIDEO = ModelSpec("hunyuanvideo", HunyuanVideoTransformer3DModel, Hunyua
                           _hunyuan_patch, joint_text=True)
 COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, ("transformer_blocks",),
                       "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, grid_axes=(1, 3, 4),
-                      timestep_arg=2)
+                      timestep_arg=2, context_parallel=False)
 WAN_VACE = ModelSpec("wan-vace", WanVACETransformer3DModel, WanAttnProcessor, ("vace_blocks", "blocks"), "attn1",
                     _horizon("wan"), _wan_patch, joint_text=False,
                     first_layers=lambda config: (0, len(config.vace_layers)))
 WAN_ANIMATE = ModelSpec("wan-animate", WanAnimateTransformer3DModel, WanAnimateAttnProcessor, ("blocks",), "attn1",
-                       _horizon("wan"), _wan_patch, joint_text=False)
+                       _horizon("wan"), _wan_patch, joint_text=False, context_parallel=False)
 SKYREELS_V2 = ModelSpec("skyreels-v2", SkyReelsV2Transformer3DModel, SkyReelsV2AttnProcessor, ("blocks",), "attn1",
                         _horizon("skyreels-v2"), _wan_patch, joint_text=False,
                         causal_setting="num_frame_per_block")
@@ -337,8 +339,24 @@ LTX_2 = ModelSpec("ltx-2", LTX2VideoTransformer3DModel, LTX2AudioVideoAttnProces
 KANDINSKY_5 = ModelSpec("kandinsky-5", Kandinsky5Transformer3DModel, Kandinsky5AttnProcessor,
                         ("visual_transformer_blocks",), "self_attention", _horizon("kandinsky-5"), _wan_patch,
                         joint_text=False, grid_axes=(1, 2, 3), timestep_arg=2, context_parallel=False)
+def _cosmos_step_view(timestep: Any, latents: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """What the step tracker reads of a Cosmos forward: the last latent frame's timestep, as bfloat16, and the last
+    latent frame. Its pipelines condition on leading latent frames, each with a timestep of its own (Transfer2.5's
+    0.1 by default, which would keep the largest timestep at 0.1 while the others fall below it) and, in Cosmos 1.0's
+    video-to-world, noise drawn apart for the guidance forwards (so two forwards of one step differ there); the last
+    frame is generated in every pipeline, the same in both forwards. Transfer2.5 rounds its sigmas to bfloat16 in a
+    float32 tensor, so two steps' may be equal: read as 16-bit, such a repeat counts as the next step where the latents
+    moved (:mod:`.steps`)."""
+    if isinstance(timestep, torch.Tensor) and timestep.ndim == 5:            # [B, 1, T, 1, 1]
+        timestep = timestep[:, :, -1]
+    if isinstance(timestep, torch.Tensor) and timestep.is_floating_point():
+        timestep = timestep.to(torch.bfloat16)
+    return timestep, latents[:, :, -1:]
+
+
 COSMOS = ModelSpec("cosmos", CosmosTransformer3DModel, CosmosAttnProcessor2_0, ("transformer_blocks",), "attn1",
-                   _horizon("cosmos"), _wan_patch, joint_text=False, context_parallel=False)
+                   _horizon("cosmos"), _wan_patch, joint_text=False, context_parallel=False,
+                   step_view=_cosmos_step_view)
 SUPPORTED_MODELS = (WAN, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, WAN_VACE, WAN_ANIMATE, SKYREELS_V2, MOCHI,
                     LTX_VIDEO, LTX_2, KANDINSKY_5, COSMOS)
 

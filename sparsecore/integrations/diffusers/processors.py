@@ -142,7 +142,9 @@ class SparseProcessor(RefusesCopies):
         cuDNN's). ``dense_attention="model"``: always None; so also where diffusers' backend registry is not
         where 0.42 keeps it (the default backend cannot be read). A processor that runs torch SDPA itself
         (CogVideoX's, :attr:`follows_backend` False) follows no backend: its dense steps take the faster op
-        under ``"auto"``, else torch SDPA (diffusers' ``"native"``), as the original does.
+        under ``"auto"``, else torch SDPA (diffusers' ``"native"``), as the original does. One that keeps no setting
+        (Cosmos's, :attr:`active_backend_only`) reads only the active backend, so ``set_attention_backend("native")``
+        looks like the default there.
         """
         if self._handle.dense_attention != "auto" or self.model_backend()[0]:
             return None

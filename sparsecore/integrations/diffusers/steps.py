@@ -16,7 +16,8 @@ whose first timestep equals the last forward's, after a 1-step warm-up or a canc
 that request's state); the same latents stay on the step; latents moved a little after a completed forward are the
 next step at a 16-bit timestep and stay on the step at a wider one (timesteps of two steps do not
 collide there). This fits schedulers that evaluate the model once per step (flow-matching Euler, UniPC, DPM++
-multistep: the pipelines' defaults). A timestep given as a Python number is read alone (no latents). A
+multistep: the pipelines' defaults). A model's spec may narrow what is read (``ModelSpec.step_view``: Cosmos's last
+latent frame, its timestep as bfloat16). A timestep given as a Python number is read alone (no latents). A
 run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
 :meth:`set_step` switches to explicit steps (Heun-type schedulers, several experts as in Wan 2.2
 A14B, pipelines that start mid-schedule); a step below the current one starts a new run;
