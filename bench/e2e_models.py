@@ -44,7 +44,7 @@ COSMOS_2B = dict(in_channels=17, out_channels=16, num_attention_heads=16, attent
                  mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
                  rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=False, extra_pos_embed_type=None)   # Predict2.5 2B-
 #                                                    shaped: 16 heads x 128, 28 blocks (RoPE's scale: timing-neutral)
-COSMOS_TEXT = 512               # its text tokens (1024 channels after the pipeline's projection; Predict2.5 passes no fps)
+COSMOS_TEXT = 512               # its text tokens (1024 channels after the pipeline's projection)
 MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
           "kandinsky5", "cosmos")
 

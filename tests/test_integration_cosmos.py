@@ -146,8 +146,8 @@ def test_guidance_forwards_with_their_own_conditioning_noise_stay_on_one_step_in
 
 
 def test_transfer_timesteps_follow_the_generated_frames_through_bfloat16_repeats():
-    """Cosmos-Transfer2.5's timesteps ``[B, 1, F, 1, 1]``: its conditioning frame at 0.1, the others at sigmas rounded to
-    bfloat16 in a float32 tensor (0.99502 and 0.99421 both read 0.99609) and, at the end, below 0.1. One step per
+    """Cosmos-Transfer2.5's timesteps ``[B, 1, F, 1, 1]``: its conditioning frame at 0.1, the others at sigmas rounded
+    to bfloat16 in a float32 tensor (0.99502 and 0.99421 both read 0.99609) and, at the end, below 0.1. One step per
     sigma, each run twice (guidance), the latents moving between steps."""
     model = tiny_cosmos_video2world()
     gen = torch.Generator().manual_seed(4)

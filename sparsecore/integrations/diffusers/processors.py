@@ -77,7 +77,8 @@ class SparseProcessor(RefusesCopies):
     def follows_backend(self) -> bool:
         """Whether the original processor runs diffusers' dispatch, and so its backends (the active one included):
         with its own setting, or (:attr:`active_backend_only`, Cosmos's) with none, so diffusers' active backend,
-        which ``set_attention_backend`` sets too. CogVideoX's calls torch SDPA itself, whatever diffusers' backend is."""
+        which ``set_attention_backend`` sets too. CogVideoX's calls torch SDPA itself, whatever diffusers' backend
+        is."""
         return self.active_backend_only or hasattr(self.original, "_attention_backend")
 
     @property
