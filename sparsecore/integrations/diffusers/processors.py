@@ -74,14 +74,6 @@ class SparseProcessor(RefusesCopies):
     # diffusers' set_attention_backend and enable_parallelism set these on processors that have them. An original
     # without them (CogVideoX's runs torch SDPA itself) reads None here and ignores the setting, as it would.
     @property
-    def follows_backend(self) -> bool:
-        """Whether the original processor runs diffusers' dispatch, and so its backends (the active one included):
-        with its own setting, or (:attr:`active_backend_only`, Cosmos's) with none, so diffusers' active backend,
-        which ``set_attention_backend`` sets too. CogVideoX's calls torch SDPA itself, whatever diffusers' backend
-        is."""
-        return self.active_backend_only or hasattr(self.original, "_attention_backend")
-
-    @property
     def _attention_backend(self) -> Any:
         return getattr(self.original, "_attention_backend", None)
 
@@ -126,7 +118,7 @@ class SparseProcessor(RefusesCopies):
         torch SDPA itself (CogVideoX's, Mochi's: no backend is ever chosen for them)."""
         if self.active_backend_only:
             return active_backend() != "native", None
-        if not self.follows_backend:
+        if not hasattr(self.original, "_attention_backend"):
             return False, AttentionBackendName.NATIVE
         return self._attention_backend is not None or active_backend() != "native", self._attention_backend
 
@@ -142,7 +134,7 @@ class SparseProcessor(RefusesCopies):
         (:func:`sparsecore.search.faster_dense`: FlashAttention-4's dense forward on Hopper, 1.09-1.30x
         cuDNN's). ``dense_attention="model"``: always None; so also where diffusers' backend registry is not
         where 0.42 keeps it (the default backend cannot be read). A processor that runs torch SDPA itself
-        (CogVideoX's, :attr:`follows_backend` False) follows no backend: its dense steps take the faster op
+        (CogVideoX's: it keeps no ``_attention_backend``) follows no backend: its dense steps take the faster op
         under ``"auto"``, else torch SDPA (diffusers' ``"native"``), as the original does. One that keeps no setting
         (Cosmos's, :attr:`active_backend_only`) reads only the active backend, so ``set_attention_backend("native")``
         looks like the default there.
