@@ -146,6 +146,24 @@ def test_fa4_dense_writes_head_major_output_through_a_stand_in(monkeypatch, grou
         assert lse is None
 
 
+def test_fa4_dense_refuses_an_output_fa4_did_not_write_into_out(monkeypatch):
+    """A flash-attn-4 whose private forward returned its own tensor (not ``out=``) would leave ``out`` unwritten."""
+    def own_output(q, k, v, *, out, **kwargs):
+        _stand_in_flash_attn_fwd(q, k, v, out=out, **kwargs)
+        return (out.clone(), *_stand_in_flash_attn_fwd(q, k, v, out=out, **kwargs)[1:])
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd = own_output
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    for name, module in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", cute),
+                         ("flash_attn.cute.interface", interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    q, k, v = inputs(1, seed=1)
+    with pytest.raises(RuntimeError, match="not the out= it was given.*dense_attention='model'"):
+        fa4_dense.run(q, k, v, 0.25, True)
+
+
 # ------------------------------------------------------------------ diffusers: the dense steps
 ADASPA = {"warmup_steps": 2, "search_steps": (2,), "sparsity": 0.5, "first_search": "cached"}
 

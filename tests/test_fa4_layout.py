@@ -419,11 +419,23 @@ class _FakeSparse(NamedTuple):
     block_size: tuple[int, int] | None = None
 
 
-def _fake_flash_attn_func(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod, aux_tensors,
-                          block_sparse_tensors, return_lse):
-    """FA4's forward contract, computed in float64 on CPU. As FA4's softmax finalize (``softmax.py``: a row sum of 0
-    or NaN scales by 1 and gives LSE -inf): a row with no key gets output 0 and LSE -inf, a row with a NaN score
-    its NaN output and LSE -inf."""
+def _fake_flash_attn_fwd(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod, aux_tensors,
+                         block_sparse_tensors, return_lse, out):
+    """FA4's private forward contract (``out=``, written in place and returned, then the LSE and three more),
+    computed in float64 on CPU. As FA4's softmax finalize (``softmax.py``: a row sum of 0 or NaN scales by 1 and
+    gives LSE -inf): a row with no key gets output 0 and LSE -inf, a row with a NaN score its NaN output and LSE
+    -inf."""
+    assert out.shape == q.shape[:3] + v.shape[-1:] and out.dtype == q.dtype and out.stride(-1) == 1
+    result, lse = _fake_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, pack_gqa=pack_gqa,
+                                  mask_mod=mask_mod, aux_tensors=aux_tensors, block_sparse_tensors=block_sparse_tensors,
+                                  return_lse=return_lse)
+    out.copy_(result)
+    return out, lse, None, None, None
+
+
+def _fake_attention(q, k, v, *, softmax_scale, causal, pack_gqa, mask_mod, aux_tensors, block_sparse_tensors,
+                    return_lse):
+    """The stand-in's attention: out ``[B, q_len, H, D]`` (FA4's own layout) and the LSE."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert not causal and pack_gqa is False and isinstance(block_sparse_tensors, _FakeSparse)
     batch, q_len, heads, dim = q.shape
@@ -473,13 +485,16 @@ def fake_fa4(monkeypatch):
     if not interpreter.interpreting():
         pytest.skip("the fa4 lowering's non-finite guard is Triton: on CPU tensors it runs only in Triton's "
                     "interpreter (set TRITON_INTERPRET=1)")
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd = _fake_flash_attn_fwd
     cute = types.ModuleType("flash_attn.cute")
-    cute.flash_attn_func = _fake_flash_attn_func
+    cute.interface = interface
     sparsity = types.ModuleType("flash_attn.cute.block_sparsity")
     sparsity.BlockSparseTensorsTorch = _FakeSparse
     root = types.ModuleType("flash_attn")
     root.cute = cute
-    for name, module in (("flash_attn", root), ("flash_attn.cute", cute), ("flash_attn.cute.block_sparsity", sparsity)):
+    for name, module in (("flash_attn", root), ("flash_attn.cute", cute), ("flash_attn.cute.interface", interface),
+                         ("flash_attn.cute.block_sparsity", sparsity)):
         monkeypatch.setitem(sys.modules, name, module)
     from sparsecore.backends.cuda import fa4_launch
     monkeypatch.setattr(fa4_launch, "lookup_mask_mod", lambda: "lookup-mask-mod")
@@ -507,6 +522,22 @@ def test_launch_matches_dense_attention_through_a_stand_in_kernel(fake_fa4, tile
     assert len(launch.converted("cpu", key_parts).ranges) == key_parts          # 5 or 3 key tiles, cut in 3
     if key_parts == 1:              # 39-token key blocks: on 32-wide key tiles FA4 reads them in key_order
         assert (launch.converted("cpu").layout.kv_order is not None) == (tiles[1] == 32)
+
+
+def test_launch_refuses_an_output_fa4_did_not_write_into_out(fake_fa4, monkeypatch):
+    """A flash-attn-4 whose private forward returned its own ``[B, q_len, H, D]`` tensor (not ``out=``)."""
+    interface = sys.modules["flash_attn.cute.interface"]
+
+    def own_output(q, k, v, *, out, **kwargs):
+        written, *rest = _fake_flash_attn_fwd(q, k, v, out=out, **kwargs)
+        return (written.contiguous(), *rest)                  # FA4's own layout: not out's head-major memory
+
+    monkeypatch.setattr(interface, "_flash_attn_fwd", own_output)
+    torch.manual_seed(5)
+    q = torch.randn(2, 4, 101, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, 130, 16, dtype=torch.float64) for _ in range(2))
+    with pytest.raises(RuntimeError, match="not the out= it was given.*backend='triton'"):
+        fake_fa4.Fa4Launch(mask_with_an_empty_row(), 32, 32, key_parts=1)(q, k, v, 0.3, True)
 
 
 def test_reordered_keys_without_mask_tiles_match_dense_attention_through_a_stand_in_kernel(fake_fa4):
@@ -560,6 +591,7 @@ def check_against_dense(launch, mask: BlockMask, q, k, v, merged: bool) -> None:
     out, lse = launch(q, k, v, 0.3, True)
     want_out, want_lse = dense_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(mask), 0.3)
     assert out.shape == q.shape and lse.shape == (2, 4, 101) and lse.dtype == torch.float32
+    assert out.is_contiguous()          # head-major: the diffusers op returns it without a copy
     np.testing.assert_allclose(out.numpy(), want_out, atol=1e-6 if merged else 1e-10)   # merged in float32
     np.testing.assert_allclose(lse.numpy(), want_lse, rtol=1e-6)
     assert (out[:, 1, 78:] == 0).all() and torch.isneginf(lse[:, 1, 78:]).all()
@@ -702,21 +734,18 @@ def fake_sm90(fake_fa4, monkeypatch):
         def kernel(self, *args):
             return types.SimpleNamespace(launch=lambda **kwargs: kwargs)
 
-    interface = types.ModuleType("flash_attn.cute.interface")
-    interface.FlashAttentionForwardSm90 = FakeForwardSm90
+    interface = sys.modules["flash_attn.cute.interface"]                    # the stand-in's, one-CTA calls too
+    monkeypatch.setattr(interface, "FlashAttentionForwardSm90", FakeForwardSm90, raising=False)
 
-    def fake_fwd(q, k, v, *, num_threads, **kwargs):
+    def fake_fwd(q, k, v, *, num_threads=None, **kwargs):
         calls.append((interface.FlashAttentionForwardSm90, num_threads))
         if q.shape[-1] == 8:
             raise RuntimeError("a compile error")
-        out, lse = _fake_flash_attn_func(q, k, v, **kwargs)
-        return out, lse, None, None, None
+        return _fake_flash_attn_fwd(q, k, v, **kwargs)
 
     interface._flash_attn_fwd = fake_fwd
     sm90 = types.ModuleType("flash_attn.cute.flash_fwd_sm90")
     sm90.FlashAttentionForwardSm90 = FakeForwardSm90
-    sys.modules["flash_attn.cute"].interface = interface
-    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
     monkeypatch.setitem(sys.modules, "flash_attn.cute.flash_fwd_sm90", sm90)
     from sparsecore.backends.cuda import fa4_occupancy
     fa4_occupancy._forward_class.cache_clear()
@@ -733,7 +762,8 @@ def test_two_ctas_per_sm_builds_one_warpgroup_kernels_with_a_shared_register_spl
     k, v = torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)
     two, one = (fake_sm90.backend.Fa4Launch(mask, 32, 32, two_per_sm=flag) for flag in (True, False))
     torch.testing.assert_close(two(q, k, v, 0.3, True), one(q, k, v, 0.3, True))
-    (cls, threads), = fake_sm90.calls                            # the one-CTA launch went through flash_attn_func
+    (cls, threads), (one_cls, one_threads) = fake_sm90.calls
+    assert one_cls is fake_sm90.original and one_threads is None         # the one-CTA launch: FA4's own kernel
     assert threads == fa4_occupancy.TWO_PER_SM_THREADS and cls is not fake_sm90.original
     assert issubclass(cls, fake_sm90.original)
     assert sys.modules["flash_attn.cute.interface"].FlashAttentionForwardSm90 is fake_sm90.original   # restored

@@ -97,16 +97,27 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention ``[B, H, L_q, D]`` (contiguous) and, if asked, its LSE ``[B, H, L_q]``; inputs as
     ``[B, H, L, D]`` with any strides FA4 takes (a copy is made by FA4 where they are not)."""
-    from flash_attn.cute import interface
     q, scale = positive_scale(q, scale)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device):
-        written, lse, *_ = interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     softmax_scale=scale, causal=False, return_lse=return_lse,
-                                                     out=out.transpose(1, 2))
-    if written.data_ptr() != out.data_ptr():
-        raise RuntimeError(f"flash-attn-4's _flash_attn_fwd returned an output at {written.data_ptr():#x} "
-                           f"{list(written.shape)} strides {written.stride()}, not the out= it was given; this version "
-                           f"differs from the one measured: pass dense_attention='model' to apply(), or call "
-                           f"sparsecore.search.dense_attention inside faster_dense_allowed(False)")
+        written, lse = private_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                                       causal=False, return_lse=return_lse, out=out.transpose(1, 2))
+    require_written(written, out.transpose(1, 2), "pass dense_attention='model' to apply(), or call "
+                    "sparsecore.search.dense_attention inside faster_dense_allowed(False)")
     return out, lse
+
+
+def private_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> tuple[Any, Any]:
+    """``flash_attn.cute.interface._flash_attn_fwd(q, k, v, **kwargs)``'s ``(out, lse)`` (it returns more):
+    FA4's forward without ``flash_attn_func``'s autograd wrapper, and with its ``out=``."""
+    from flash_attn.cute import interface
+    out, lse, *_ = interface._flash_attn_fwd(q, k, v, **kwargs)
+    return out, lse
+
+
+def require_written(written: torch.Tensor, out: torch.Tensor, remedy: str) -> None:
+    """Raise unless FA4 returned the ``out=`` tensor it was given (``out`` itself, not a copy in its own layout)."""
+    if written.data_ptr() != out.data_ptr() or written.stride() != out.stride():
+        raise RuntimeError(f"flash-attn-4's _flash_attn_fwd returned an output at {written.data_ptr():#x} "
+                           f"{list(written.shape)} strides {written.stride()}, not the out= it was given (strides "
+                           f"{out.stride()}); this version differs from the one measured: {remedy}")

@@ -29,6 +29,7 @@ import torch
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import HostPack, queued
 
+from .fa4_dense import require_written
 from .fa4_key_ranges import RangeLists, split_lists
 from .fa4_layout import Fa4Layout, to_fa4
 from .fa4_mask_mods import lookup_mask_mod
@@ -63,7 +64,8 @@ def nan_score_lse(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     output; dense attention's LSE is NaN there, and a -inf would tell a merge by LSE (key ranges, the approximation
     pass) that the row has no keys, dropping its NaN. ``out [B, q_len, H, D]`` as FA4 returns it, ``lse [B, H, q_len]``.
     """
-    return lse.masked_fill(out.isnan().any(-1).transpose(1, 2) & (lse == -math.inf), math.nan)
+    # amax carries a row's NaN without a bool the size of ``out`` (an -inf LSE row holds 0 or NaN, never an inf)
+    return lse.masked_fill(out.amax(dim=-1).isnan().transpose(1, 2) & (lse == -math.inf), math.nan)
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ class Fa4Launch:
 
     def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention over the listed blocks: out ``[B, H, q_len, D]`` (a view of FA4's ``[B, q_len, H, D]``), on the
+        """Attention over the listed blocks: out ``[B, H, q_len, D]`` (contiguous: FA4 writes it head-major), on the
         current CUDA device (``CompiledKernel`` makes it q's: :mod:`sparsecore.launch_device`)."""
         prepared = self.converted(q.device, self.key_parts_for(k, v))
         q, scale = positive_scale(q, scale)
@@ -263,18 +265,24 @@ class Fa4Launch:
             out = poison(out, found, prepared.layout, prepared.kv_offsets)
         empty = prepared.layout.empty_tokens                                    # [q_len, H] or None
         if empty is not None:
-            out = out.masked_fill(empty[None, :, :, None], 0.0)
+            out.masked_fill_(empty[None, :, :, None], 0.0)
             if return_lse:
                 lse = lse.masked_fill(empty.t()[None], -math.inf)
         return out.transpose(1, 2), (lse if return_lse else None)
 
     def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: _Range, mask_mod: Any,
                  scale: float, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One FA4 launch over ``part``'s key tiles (``k, v``: their slice): out ``[B, q_len, H, D]``, lse."""
+        """One FA4 launch over ``part``'s key tiles (``k, v``: their slice): out ``[B, q_len, H, D]`` as a view of
+        head-major ``[B, H, q_len, D]`` memory, which the diffusers op returns as it is (FA4's own ``[B, q_len, H,
+        D]`` output cost that op a copy the size of ``q``, one more such tensor at the compiled peak), and lse."""
         arguments = dict(softmax_scale=scale, causal=False, pack_gqa=False, mask_mod=mask_mod, aux_tensors=part.aux,
                          block_sparse_tensors=part.sparse, return_lse=return_lse)
         if self.two_per_sm:
             from .fa4_occupancy import forward
         else:
-            from flash_attn.cute import flash_attn_func as forward
-        return forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **arguments)
+            from .fa4_dense import private_forward as forward
+        batch, heads, q_len, _ = q.shape
+        out = torch.empty(batch, heads, q_len, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+        written, lse = forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out=out, **arguments)
+        require_written(written, out, "pass backend='triton' to sparsecore.compile, or apply(..., backend='triton')")
+        return out, lse
