@@ -10,9 +10,9 @@ May import: ``sparsecore.ir``, ``sparsecore.geometry``, ``sparsecore.inputs``,
 ``sparsecore.search`` (the block-mass operation, found through the backend registry).
 """
 
-from . import adaspa, lvsa, pasa
+from . import adaspa, lvsa, nabla, pasa
 from .contract import HeadShard, Session, StepAction
 
-SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session}
+SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session, "nabla": nabla.session}
 
-__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "pasa"]
+__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa"]

@@ -53,6 +53,8 @@ class StepAction:
     ``shared``: every layer of the step gets the same mask (LVSA's): its kernel runs in turn with every
     layer's other work, so the integrations ask it to keep its plans in host memory between calls
     (:meth:`sparsecore.CompiledKernel.keep_plans_on_host`: one copy a call instead of device memory).
+    ``per_sample``: the mask is one sample's (NABLA's, as the model it reproduces plans them): the integrations plan
+    and run each sample of a batch apart.
     """
 
     label: str
@@ -64,6 +66,7 @@ class StepAction:
     per_call: bool = False
     held: bool = False
     shared: bool = False
+    per_sample: bool = False
 
 
 @runtime_checkable

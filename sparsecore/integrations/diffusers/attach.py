@@ -38,8 +38,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             ``WanAnimateTransformer3DModel``, ``SkyReelsV2Transformer3DModel``, ``MochiTransformer3DModel``,
             ``LTXVideoTransformer3DModel``, ``LTX2VideoTransformer3DModel``, ``Kandinsky5Transformer3DModel`` or
             ``CosmosTransformer3DModel`` (e.g. ``pipe.transformer``) with diffusers' own attention processors.
-        method: ``"lvsa"``, ``"adaspa"`` or ``"pasa"`` (``params`` go to ``method.session(num_steps=num_steps,
-            **params)``), or a callable ``(geometry, num_heads, step, layer) -> BlockMask``.
+        method: ``"lvsa"``, ``"adaspa"``, ``"pasa"`` or ``"nabla"`` (Kandinsky 5's NABLA configurations only)
+            (``params`` go to ``method.session(num_steps=num_steps, **params)``), or a callable
+            ``(geometry, num_heads, step, layer) -> BlockMask``.
         device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
             tensors must be there when it runs.
         backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
@@ -73,6 +74,11 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             params.setdefault("reference_frames", spec.horizon(transformer.config))
         if method == "pasa":                 # PISA's dense first layer: each path's first block (Wan VACE has two)
             params.setdefault("dense_layers", spec.first_layers(transformer.config))
+        if method == "nabla":
+            if spec.nabla is None:
+                raise ValueError(f"method: 'nabla' plans 8 x 8 tiles of a frame, and {spec.model_class.__name__} "
+                                 f"orders its tokens by raster; use 'lvsa', 'adaspa' or 'pasa'")
+            params = {**spec.nabla(transformer.config), **params}
         SESSIONS[method](num_steps=num_steps, **params)                                         # checks them now
     elif callable(method):
         if params:

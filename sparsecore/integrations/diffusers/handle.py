@@ -104,7 +104,7 @@ class SparseAttentionHandle:
     def mask(self, layer: int) -> BlockMask | None:
         """The mask ``layer`` planned last (its valid tokens, before text padding), None before its first plan.
 
-        A method that plans at every call from its q, k (PASA) keeps no mask after the call: None for its
+        A method that plans at every call from its q, k (PASA, NABLA) keeps no mask after the call: None for its
         layers unless :meth:`keep_masks` is on.
 
         Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
@@ -114,7 +114,7 @@ class SparseAttentionHandle:
 
     def keep_masks(self, enabled: bool = True) -> None:
         """Keep each layer's last mask (and kernel) for :meth:`mask` also where the method plans at every call
-        (PASA), at the memory cost of every layer's lists held at once; other methods keep theirs anyway."""
+        (PASA, NABLA), at the memory cost of every layer's lists held at once; other methods keep theirs anyway."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
         self._planner.keep_masks = enabled
@@ -198,6 +198,10 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
+        if self.method == "nabla" and not self.spec.tiled_forward(args, kwargs):
+            raise ValueError("sparse_params: method 'nabla' plans 8 x 8 tiles, and this forward keeps its tokens in "
+                             "raster order (its pipelines pass sparse_params with to_fractal=True for NABLA "
+                             "configurations); call the transformer as they do, or apply another method")
         causal = self.spec.causal_frames(module.config)
         grid = self.spec.grid(hidden.shape, module.config) if self.spec.token_grid is None else \
             packed_grid(self.spec, hidden, self.spec.token_grid(module, args, kwargs), self.dense_remedy(),
@@ -347,7 +351,8 @@ class SparseAttentionHandle:
                        text_valid: list[int] | None, dense: Callable[..., torch.Tensor] | None,
                        shard: HeadShard | None, attend: Callable[..., torch.Tensor] | None = None,
                        video_rows: int | None = None) -> torch.Tensor:
-        """``[B, S, h, D]`` in and out, samples grouped by their valid text length.
+        """``[B, S, h, D]`` in and out, samples grouped by their valid text length (each apart where the method's
+        masks are per sample).
 
         ``attend``: the planner's (``S`` = the whole sequence; default) or the sharded path's (``S`` = this
         rank's ``video_rows`` video tokens, then the text). ``dense(q, k, v, tokens)``: the model's dense
@@ -361,18 +366,20 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: layer {layer} got {seq_len} tokens, expected {geometry.video_tokens} "
                              f"video tokens ({geometry.frames}x{geometry.height}x{geometry.width} after patchify, "
                              f"from the transformer's input) plus text; {self.dense_remedy()}")
-        groups: dict[int, list[int]] = {}
-        for row, count in enumerate(text_valid if text_valid is not None else [0] * batch):
-            groups.setdefault(int(count), []).append(row)
+        counts = text_valid if text_valid is not None else [0] * batch
+        per_sample = batch > 1 and self._planner.per_sample(self._with_text(geometry, int(counts[0])), step, layer)
+        groups: dict[tuple[int, int], list[int]] = {}            # (valid text, the row where masks are per sample)
+        for row, count in enumerate(counts):
+            groups.setdefault((int(count), row if per_sample else 0), []).append(row)
         def group(count: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             valid = self._with_text(geometry, count)
             model = None if dense is None else (lambda: dense(q, k, v, valid.tokens))  # noqa: E731
             return attend(layer, valid, step, run, q, k, v, shard, model)
 
         if len(groups) == 1:
-            return group(next(iter(groups)), query, key, value)
+            return group(next(iter(groups))[0], query, key, value)
         out = query.new_zeros(query.shape[:3] + (value.shape[3],))
-        for count, rows in groups.items():
+        for (count, _), rows in groups.items():
             index = torch.tensor(rows, device=query.device)
             q, k, v = (t.index_select(0, index) for t in (query, key, value))
             out.index_copy_(0, index, group(count, q, k, v).to(out.dtype))

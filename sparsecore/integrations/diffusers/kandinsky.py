@@ -6,7 +6,8 @@ The model takes latents ``[B, F, H, W, C]`` and flattens its patch grid frame by
 its pipelines pass ``sparse_params`` (the NABLA configurations, ``attention_type="nabla"``), in 8 x 8 tiles of each
 frame (``transformer_kandinsky.fractal_flatten``). Both keep every frame's tokens together, which is all the masks
 need: LVSA's blocks are frames, AdaSpa's and PASA's blocks are planned from q and k in the order they come (under
-NABLA's order each 64-token block is one 8 x 8 tile).
+NABLA's order each 64-token block is one 8 x 8 tile). ``method="nabla"`` (:mod:`sparsecore.methods.nabla`) plans the
+masks those configurations were trained with, and needs that order.
 """
 
 from __future__ import annotations
@@ -43,3 +44,22 @@ def kandinsky_qkv(attn: Any, hidden_states: torch.Tensor, rotary_emb: torch.Tens
 def kandinsky_output(attn: Any, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """The attention output ``[B, S, H, D]`` through the module's ``out_layer``."""
     return attn.out_layer(out.flatten(-2, -1).type_as(query))
+
+
+def nabla_params(config: Any) -> dict[str, Any]:
+    """NABLA's parameters of a NABLA configuration, as its pipelines pass them in ``sparse_params`` (diffusers 0.42.1,
+    ``Kandinsky5T2VPipeline.get_sparse_params``): ``attention_P`` and the window ``attention_wT / wH / wW``. Other
+    configurations order tokens by raster, where NABLA's blocks are not tiles: refused."""
+    if getattr(config, "attention_type", None) != "nabla":
+        raise ValueError(f"method: 'nabla' plans 8 x 8 tiles, which Kandinsky 5 puts its tokens in only where "
+                         f"attention_type='nabla' (the 10 s and Pro configurations), got attention_type="
+                         f"{getattr(config, 'attention_type', None)!r}; use 'lvsa', 'adaspa' or 'pasa' here")
+    return {"threshold": config.attention_P,
+            "window": (config.attention_wT, config.attention_wH, config.attention_wW)}
+
+
+def tiled_forward(args: tuple, kwargs: dict) -> bool:
+    """Whether a forward's arguments put its tokens in 8 x 8 tiles: ``sparse_params`` (its 8th argument) with
+    ``to_fractal``, as Kandinsky 5's pipelines pass it for NABLA configurations."""
+    sparse_params = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
+    return bool((sparse_params or {}).get("to_fractal", False))

@@ -90,6 +90,7 @@ from diffusers.models.transformers.transformer_wan_vace import WanVACETransforme
 
 from sparsecore.methods import lvsa
 
+from . import kandinsky
 from .ltx import PackedGrid, ltx2_grid, ltx_grid
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -116,6 +117,10 @@ class ModelSpec:
     context_parallel: bool = True  # whether sparsecore runs it under diffusers' context parallelism
     # what of a forward's timestep and latents the step tracker (.steps) reads
     step_view: Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]] = lambda timestep, latents: (timestep, latents)
+    # NABLA's parameters from a config whose forward orders tokens in 8 x 8 tiles (raises for one that does not), and
+    # whether a forward's (args, kwargs) put them in that order
+    nabla: Callable[[Any], dict[str, Any]] | None = None
+    tiled_forward: Callable[[tuple, dict], bool] | None = None
 
     @property
     def joint_model(self) -> str | None:
@@ -338,7 +343,8 @@ LTX_2 = ModelSpec("ltx-2", LTX2VideoTransformer3DModel, LTX2AudioVideoAttnProces
                   also_replaces=(LTX2PerturbedAttnProcessor,))
 KANDINSKY_5 = ModelSpec("kandinsky-5", Kandinsky5Transformer3DModel, Kandinsky5AttnProcessor,
                         ("visual_transformer_blocks",), "self_attention", _horizon("kandinsky-5"), _wan_patch,
-                        joint_text=False, grid_axes=(1, 2, 3), timestep_arg=2, context_parallel=False)
+                        joint_text=False, grid_axes=(1, 2, 3), timestep_arg=2, context_parallel=False,
+                        nabla=kandinsky.nabla_params, tiled_forward=kandinsky.tiled_forward)
 def _cosmos_step_view(timestep: Any, latents: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """What the step tracker reads of a Cosmos forward: the last latent frame's timestep, as bfloat16, and the last
     latent frame. Its pipelines condition on leading latent frames, each with a timestep of its own (Transfer2.5's

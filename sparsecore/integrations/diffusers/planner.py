@@ -175,6 +175,10 @@ class Planner:
             self._sessions[geometry] = found
         return found
 
+    def per_sample(self, geometry: VideoGeometry, step: int, layer: int) -> bool:
+        """Whether the method's masks at ``(layer, step)`` are one sample's (:attr:`StepAction.per_sample`)."""
+        return self.session(geometry).action(geometry, step, layer).per_sample
+
     def approximation(self, geometry: VideoGeometry) -> str | None:
         """What the method does with unkept blocks on ``geometry`` (None: a callable's, known from its masks only)."""
         params = self.session(geometry).params

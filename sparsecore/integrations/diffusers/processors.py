@@ -250,8 +250,9 @@ class LTX2SparseAttnProcessor(SparseProcessor):
 class Kandinsky5SparseAttnProcessor(SparseProcessor):
     """Visual self-attention of a ``Kandinsky5Transformer3DModel`` block (``self_attention``) through sparsecore, q, k,
     v and the output as ``Kandinsky5AttnProcessor`` makes them (:mod:`.kandinsky`). The model's own sparse attention
-    (NABLA, where its pipeline passes ``sparse_params``) is the method's masks instead, and dense steps are dense. Not
-    under context parallelism (the handle refuses it: :func:`.parallel.refuse_unplanned`)."""
+    (NABLA, where its pipeline passes ``sparse_params``) is the method's masks instead (``method="nabla"``: NABLA's
+    own, on the tile order those ``sparse_params`` give; the handle refuses a forward without it), and dense steps are
+    dense. Not under context parallelism (the handle refuses it: :func:`.parallel.refuse_unplanned`)."""
 
     def model_backend(self) -> tuple[bool, Any]:
         """As :meth:`SparseProcessor.model_backend`, but FlexAttention (which diffusers needs for NABLA's block mask,
