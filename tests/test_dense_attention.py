@@ -122,18 +122,23 @@ def _stand_in_flash_attn_fwd(q, k, v, *, softmax_scale, causal, return_lse, out)
     return out, (lse if return_lse else None), None, None, None
 
 
-@pytest.mark.parametrize("scale", [0.25, -20.0, 0.0])
-@pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("return_lse", [True, False])
-def test_fa4_dense_writes_head_major_output_through_a_stand_in(monkeypatch, group, return_lse, scale):
+def install_forward(monkeypatch, forward) -> None:
+    """``flash_attn.cute.interface._flash_attn_fwd`` replaced by ``forward`` (FA4 itself need not be installed)."""
     interface = types.ModuleType("flash_attn.cute.interface")
-    interface._flash_attn_fwd = _stand_in_flash_attn_fwd
+    interface._flash_attn_fwd = forward
     cute = types.ModuleType("flash_attn.cute")
     cute.interface = interface
     for name, module in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", cute),
                          ("flash_attn.cute.interface", interface)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+
+@pytest.mark.parametrize("scale", [0.25, -20.0, 0.0])
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_fa4_dense_writes_head_major_output_through_a_stand_in(monkeypatch, group, return_lse, scale):
+    install_forward(monkeypatch, _stand_in_flash_attn_fwd)
     q, k, v = inputs(group, seed=1)
     q_seq = q.transpose(1, 2).contiguous().transpose(1, 2)          # [B, H, S, D] views of [B, S, H, D] memory
     out, lse = fa4_dense.run(q_seq, k, v, scale, return_lse)
@@ -149,16 +154,9 @@ def test_fa4_dense_writes_head_major_output_through_a_stand_in(monkeypatch, grou
 def test_fa4_dense_refuses_an_output_fa4_did_not_write_into_out(monkeypatch):
     """A flash-attn-4 whose private forward returned its own tensor (not ``out=``) would leave ``out`` unwritten."""
     def own_output(q, k, v, *, out, **kwargs):
-        _stand_in_flash_attn_fwd(q, k, v, out=out, **kwargs)
-        return (out.clone(), *_stand_in_flash_attn_fwd(q, k, v, out=out, **kwargs)[1:])
-    interface = types.ModuleType("flash_attn.cute.interface")
-    interface._flash_attn_fwd = own_output
-    cute = types.ModuleType("flash_attn.cute")
-    cute.interface = interface
-    for name, module in (("flash_attn", types.ModuleType("flash_attn")), ("flash_attn.cute", cute),
-                         ("flash_attn.cute.interface", interface)):
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        written, *rest = _stand_in_flash_attn_fwd(q, k, v, out=out, **kwargs)
+        return (written.clone(), *rest)
+    install_forward(monkeypatch, own_output)
     q, k, v = inputs(1, seed=1)
     with pytest.raises(RuntimeError, match="not the out= it was given.*dense_attention='model'"):
         fa4_dense.run(q, k, v, 0.25, True)
