@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_models import KANDINSKY5_LITE, KANDINSKY5_TEXT, keep_in_float32  # noqa: E402
+from e2e_models import KANDINSKY5_LITE, Case, keep_in_float32, model_inputs  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
 from report import versions  # noqa: E402
 
@@ -58,21 +58,14 @@ def build(blocks: int, threshold: float, window: tuple[int, int, int], device: s
 
 
 def inputs_for(model, frames: int, window: tuple[int, int, int], device: str, tiled: bool) -> dict:
-    """The forward's arguments as Kandinsky 5's pipelines pass them; ``tiled``: with NABLA's ``sparse_params``."""
-    config, dtype = model.config, model.visual_embeddings.in_layer.weight.dtype
-    gen = torch.Generator(device=device).manual_seed(1)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
-    channels = 2 * config.in_visual_dim + 1 if config.visual_cond else config.in_visual_dim
-    grid = (frames, HEIGHT // 2, WIDTH // 2)
-    inputs = dict(hidden_states=rand(1, frames, HEIGHT, WIDTH, channels),
-                  encoder_hidden_states=rand(1, KANDINSKY5_TEXT, config.in_text_dim),
-                  pooled_projections=rand(1, config.in_text_dim2),
-                  visual_rope_pos=[torch.arange(n, device=device) for n in grid],
-                  text_rope_pos=torch.arange(KANDINSKY5_TEXT, device=device), scale_factor=(1.0, 2.0, 2.0),
-                  timestep=torch.tensor([500.0], device=device), return_dict=False)
+    """The e2e benchmark's Kandinsky 5 inputs (as its pipelines pass them) at timestep 500; ``tiled``: with NABLA's
+    ``sparse_params``."""
+    case = Case("kandinsky5", "nabla", frames, HEIGHT, WIDTH, model.config.num_visual_blocks, 32)
+    inputs = model_inputs(model, case, device, model.visual_embeddings.in_layer.weight.dtype)
+    inputs["timestep"] = torch.tensor([500.0], device=device)
     if tiled:
-        sta = nabla.window_map(VideoGeometry(*grid), window, device)[None, None]
-        inputs["sparse_params"] = {"to_fractal": True, "sta_mask": sta, "P": config.attention_P}
+        sta = nabla.window_map(VideoGeometry(frames, HEIGHT // 2, WIDTH // 2), window, device)[None, None]
+        inputs["sparse_params"] = {"to_fractal": True, "sta_mask": sta, "P": model.config.attention_P}
     return inputs
 
 
