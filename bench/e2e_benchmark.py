@@ -67,8 +67,8 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   one timestep ``[1]``, 16 fps and no condition mask); no padding-mask channel (resizing it needs torchvision; one
   input channel, timing-neutral); run with 4 of 28 blocks, scaled. Its pipelines default to 35-36 steps; the
   generations here are 50 steps, as every row's.
-  On fewer layers than the model has, PASA runs every layer sparse and its dense first layer is
-  composed in (:func:`with_dense_layers`).
+  On fewer layers than the model has, PASA and Radial Attention run every layer sparse and their dense first layers
+  are composed in (:func:`with_dense_layers`).
 
 Modes compare like with like: ``eager`` (diffusers' own attention, cuDNN SDPA, against
 sparsecore eagerly) and ``compiled`` (diffusers' regional compilation,
@@ -83,7 +83,9 @@ session composed the dense row's step instead); LVSA's sparse step; AdaSpa's den
 that keeps its LSE (step 9), first search (an LSE-cached search on it, sparse), reuse steps (the first one
 reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule:
 AdaSpa = 9 dense + 1 dense+lse + 1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense
-in each); LVSA = 50 of its steps. ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for
+in each); LVSA = 50 of its steps; Radial Attention (``radial``, with its released Wan 2.1 script's settings,
+:data:`METHOD_PARAMS`: decay 0.2, dense steps 12, dense layer 1) = 12 dense + 38 sparse.
+``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for
 unkept blocks); ``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense,
 its masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
 session, whose files call today's default ``adaspa-cached-first``). ``adaspa-device`` is AdaSpa with
@@ -139,7 +141,11 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "adaspa": [("dense", 9), ("dense+lse", 1), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "adaspa-fused-first": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
+    "radial": [("dense", 12), ("sparse", 38)],
     "dense-sparsecore": [("dense", 50)],
+}
+METHOD_PARAMS = {   # method -> parameters its rows run with: Radial Attention's released Wan 2.1 script (1x length)
+    "radial": {"dense_steps": 12, "dense_layers": 1, "decay_factor": 0.2},
 }
 VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
@@ -153,13 +159,15 @@ STEPS = {       # method -> (kind, step index) forwards, in order (step 0, untim
                ("reuse", 12), ("reuse", 13), ("reuse", 14), ("cached search", 30)],
     "pasa": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 10), ("sparse", 11), ("sparse", 12),
              ("sparse", 13)],
+    "radial": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 12), ("sparse", 13), ("sparse", 14),
+               ("sparse", 15)],
     "dense-sparsecore": [("dense", 1), ("dense", 2), ("dense", 3)],     # every step dense, through sparsecore
     "adaspa-fused-first": [("dense", 1), ("dense", 2), ("dense", 3), ("search", 10), ("first reuse", 11),
                            ("reuse", 12), ("reuse", 13), ("reuse", 14), ("cached search", 30)],
 }
 DENSE_REPEATS = 3           # the dense baseline's timed forwards, after one that compiles
 # a further step of the kind that repeats, run with timing on
-PLAN_PROBE = {"lvsa": 24, "adaspa": 31, "pasa": 14, "dense-sparsecore": 4}
+PLAN_PROBE = {"lvsa": 24, "adaspa": 31, "pasa": 14, "radial": 16, "dense-sparsecore": 4}
 ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
 
 
@@ -269,10 +277,13 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
             log("  dense-sparsecore skipped: with --dense-attention model it would time the model's own attention")
             continue
         name, params = VARIANTS.get(method, (method, {}))
+        params = {**METHOD_PARAMS.get(name, {}), **params}
         plan = STEPS.get(method) or STEPS[name]
         dense_layers = 0
         if name == "pasa" and case.layers_run < case.layers_full:    # see :func:`with_dense_layers`
             dense_layers, params = len(PASAParams().dense_layers), {**params, "dense_layers": ()}
+        if name == "radial" and case.layers_run < case.layers_full:
+            dense_layers, params = params["dense_layers"], {**params, "dense_layers": 0}
         handle = sc_diffusers.apply(model, method=full_attention if name == "dense-sparsecore" else name,
                                     device=device, num_steps=NUM_STEPS, **kernel_args, **params)
         reset_peak(device)
@@ -291,10 +302,10 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
 def with_dense_layers(row: dict, dense_layers: int, dense_time: float, layers_full: int) -> dict:
     """``row`` with ``dense_layers`` of the full depth's layers dense in its non-dense steps.
 
-    A run on fewer layers than the model has (HunyuanVideo 1.5, Wan 14B) scales its step by the depth; PASA's
-    dense first layer would then count as 1 of 6 (or 1 of 2) layers instead of 1 of 54 (or 40). Such runs time
-    PASA with every layer sparse and swap ``dense_layers`` layers' shares for dense ones here, taking every
-    layer (and its share of the rest of the model) as equal: ``t + n (dense - t) / layers``."""
+    A run on fewer layers than the model has (HunyuanVideo 1.5, Wan 14B) scales its step by the depth; PASA's (or
+    Radial Attention's) dense first layer would then count as 1 of 6 (or 1 of 2) layers instead of 1 of 54 (or 40).
+    Such runs time the method with every layer sparse and swap ``dense_layers`` layers' shares for dense ones here,
+    taking every layer (and its share of the rest of the model) as equal: ``t + n (dense - t) / layers``."""
     if not dense_layers or "error" in row:
         return row
     steps = {kind: t if kind == "dense" else t + dense_layers * (dense_time - t) / layers_full

@@ -138,6 +138,10 @@ def model_rows(frames: int, blocks: int, threshold: float, window: tuple[int, in
     rows, outputs = [], {}
 
     def record(name: str, model, inputs: dict) -> None:
+        """Time a row; its peak is over its own forwards (compiles included), from a reset at its start."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         try:
             seconds, outputs[name] = timed(model, inputs, device, repeats)
         except (RuntimeError, torch.OutOfMemoryError) as err:      # a compile failure or OOM: the row says which
@@ -147,8 +151,6 @@ def model_rows(frames: int, blocks: int, threshold: float, window: tuple[int, in
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
         rows.append({"row": name, "seconds": seconds, "peak_gib": peak})
         print(f"{name}: {seconds:.3f} s, peak {peak} GiB", flush=True)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
 
     for compiled in (False, True):
         mode = "compiled" if compiled else "eager"

@@ -10,9 +10,10 @@ May import: ``sparsecore.ir``, ``sparsecore.geometry``, ``sparsecore.inputs``,
 ``sparsecore.search`` (the block-mass operation, found through the backend registry).
 """
 
-from . import adaspa, lvsa, nabla, pasa
+from . import adaspa, lvsa, nabla, pasa, radial
 from .contract import HeadShard, Session, StepAction
 
-SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session, "nabla": nabla.session}
+SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session, "nabla": nabla.session,
+            "radial": radial.session}
 
-__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa"]
+__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa", "radial"]

@@ -38,7 +38,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             ``WanAnimateTransformer3DModel``, ``SkyReelsV2Transformer3DModel``, ``MochiTransformer3DModel``,
             ``LTXVideoTransformer3DModel``, ``LTX2VideoTransformer3DModel``, ``Kandinsky5Transformer3DModel`` or
             ``CosmosTransformer3DModel`` (e.g. ``pipe.transformer``) with diffusers' own attention processors.
-        method: ``"lvsa"``, ``"adaspa"``, ``"pasa"`` or ``"nabla"`` (Kandinsky 5's NABLA configurations only)
+        method: ``"lvsa"``, ``"adaspa"``, ``"pasa"``, ``"radial"`` or ``"nabla"`` (Kandinsky 5's NABLA
+            configurations only)
             (``params`` go to ``method.session(num_steps=num_steps, **params)``), or a callable
             ``(geometry, num_heads, step, layer) -> BlockMask``.
         device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
@@ -79,6 +80,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                 raise ValueError(f"method: 'nabla' plans 8 x 8 tiles of a frame, and {spec.model_class.__name__} "
                                  f"orders its tokens by raster; use 'lvsa', 'adaspa' or 'pasa'")
             params = {**spec.nabla(transformer.config), **params}
+        if method == "radial":               # the released Wan processor's attention sink (frame 0)
+            params.setdefault("sink", spec.name.startswith("wan"))
         SESSIONS[method](num_steps=num_steps, **params)                                         # checks them now
     elif callable(method):
         if params:

@@ -169,7 +169,8 @@ class Planner:
                 found = CallableSession(self.method, self.num_steps)
             else:
                 params = self.params
-                if geometry.causal_frames and "approximation" not in params:   # PASA's default is not exact there
+                if geometry.causal_frames and self.method == "pasa" and "approximation" not in params:
+                    # PASA's default approximation is not exact under frame-causal attention
                     params = {**params, "approximation": "drop"}
                 found = SESSIONS[self.method](num_steps=self.num_steps, **params)
             self._sessions[geometry] = found
