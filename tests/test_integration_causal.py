@@ -72,7 +72,10 @@ def test_dense_steps_run_every_visible_block_as_the_models_own_masked_attention(
     assert {row["dense_kernel"] for row in handle.stats()} == {VISIBLE_BLOCKS}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+BIDIRECTIONAL = ("radial",)      # methods whose pattern has no frame-causal form: they refuse such models
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(BIDIRECTIONAL)))
 def test_method_sessions_plan_only_visible_blocks_and_run_them_exactly(method, monkeypatch):
     """Every mask a method plans for the causal model lists only blocks its rows may see (PASA without its
     approximation, which would add the later blocks), and a sparse step's output is the oracle's under those masks."""
@@ -234,4 +237,16 @@ def test_pasas_default_under_ring_is_not_refused_for_a_causal_model():
     finally:
         for block in model.blocks:
             block.attn1.processor._parallel_config = None
+        handle.remove()
+
+
+@pytest.mark.parametrize("method", BIDIRECTIONAL)
+def test_bidirectional_methods_refuse_a_causal_model_naming_one_that_plans_it(method):
+    _, model, inputs = causal_case()
+    handle = sparse.apply(model, method=method, device="cpu", num_steps=4, **METHODS[method])
+    try:
+        with pytest.raises(ValueError, match="causal_frames=.*use 'lvsa'"):
+            forward(model, inputs, 500.0)
+        assert not [row for row in handle.stats() if row["backend"] != "dense"]      # no sparse layer ran
+    finally:
         handle.remove()

@@ -194,6 +194,7 @@ class RadialSession:
         check_step(step, self.num_steps)
         layer = check_layer(layer)
         check_geometry(geometry, 1)
+        check_bidirectional(geometry)                 # refused at the first step, dense or not
         if step < self.params.dense_steps or (layer is not None and layer < self.params.dense_layers):
             return StepAction("dense", dense=True, plans=False)
         if _block_map(geometry, self.params)[2]:
