@@ -77,26 +77,29 @@ def block_map(mask) -> np.ndarray:
 
 @settings(max_examples=150, deadline=None)
 @given(frames=st.integers(1, 12), height=st.integers(2, 12), width=st.integers(2, 16),
-       decay=st.sampled_from([0.2, 0.5, 0.95, 1.0, 3.0]), block=st.sampled_from([16, 32, 48, 64, 96, 128]),
-       sink=st.booleans())
+       decay=st.sampled_from([0.2, 0.3, 0.5, 0.7, 0.95, 1.0, 1.3, 3.0]),
+       block=st.sampled_from([16, 32, 48, 64, 96, 128]), sink=st.booleans())
 def test_block_maps_follow_the_rule_token_by_token(frames, height, width, decay, block, sink):
     geometry = VideoGeometry(frames, height, width)
     want = expected_video_map(geometry, decay, block, sink)
     params = radial.RadialParams(decay_factor=decay, block_size=block, sink=sink)
     if rule_leaves_rows_empty(geometry, decay, block, sink):
-        with pytest.raises(ValueError, match="keeps no block"):
+        with pytest.raises(ValueError, match="keeps no frame block"):
             radial.video_block_map(geometry, params)
     else:
         assert np.array_equal(radial.video_block_map(geometry, params), want)
 
 
-@pytest.mark.parametrize("frames, height, width, decay, sink", [
-    (16, 8, 12, 1.0, True), (9, 15, 26, 0.2, True), (6, 30, 20, 0.5, False), (20, 10, 20, 0.2, False)])
-def test_realistic_frames_follow_the_rule(frames, height, width, decay, sink):
-    """Frames of hundreds of tokens, where the band's width and the split rule both cut (128-token blocks)."""
+@pytest.mark.parametrize("frames, height, width, decay, sink, block", [
+    (16, 8, 12, 1.0, True, 128), (9, 15, 26, 0.2, True, 128), (6, 30, 20, 0.5, False, 128),
+    (20, 10, 20, 0.2, False, 128), (14, 18, 47, 1.3, False, 32), (12, 11, 51, 0.7, True, 64),
+    (9, 30, 52, 0.3, True, 128), (9, 17, 27, 0.7, True, 128), (11, 6, 27, 0.7, False, 64)])
+def test_realistic_frames_follow_the_rule(frames, height, width, decay, sink, block):
+    """Frames of hundreds to 1,560 tokens, where the band's width (not a round number of tokens) and the split rule
+    both cut."""
     geometry = VideoGeometry(frames, height, width)
-    got = radial.video_block_map(geometry, radial.RadialParams(decay_factor=decay, sink=sink))
-    want = expected_video_map(geometry, decay, 128, sink)
+    got = radial.video_block_map(geometry, radial.RadialParams(decay_factor=decay, sink=sink, block_size=block))
+    want = expected_video_map(geometry, decay, block, sink)
     assert np.array_equal(got, want) and 0 < got.mean() < 1
 
 
@@ -146,6 +149,15 @@ def test_bad_parameters_raise_naming_the_field(params, error, match):
 def test_rows_the_rule_leaves_empty_and_causal_frames_are_refused_naming_a_remedy():
     with pytest.raises(ValueError, match="block_size, at most 42"):
         radial.plan(VideoGeometry(48, 6, 7), 2)
+    session = radial.session(50, dense_steps=12, dense_layers=1)
+    for geometry in (VideoGeometry(48, 6, 7), VideoGeometry(4, 8, 8, causal_frames=1)):   # at a dense step too
+        with pytest.raises(ValueError, match="block_size|causal"):
+            session.action(geometry, 0, 0)
+    with pytest.raises(ValueError, match="block_size: expected at most the 512 video tokens"):
+        radial.plan(VideoGeometry(8, 8, 8), 2, block_size=10**8)
+    with pytest.raises(ValueError, match="step"):
+        radial.plan(VideoGeometry(8, 8, 8), 2, step=-1)
+    assert radial.session(4, decay_factor=1e306).action(VideoGeometry(4, 64, 64), 1, 1).dense   # every band full
     assert radial.plan(VideoGeometry(48, 6, 7), 2, block_size=32).density() < 0.1
     with pytest.raises(ValueError, match="causal"):
         radial.plan(VideoGeometry(4, 8, 8, causal_frames=1), 2)

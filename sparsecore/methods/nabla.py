@@ -128,6 +128,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
          k: Any = None, heads: HeadShard | None = None, **params: Any) -> BlockMask:
     """The NABLA mask of one call: ``q [B, H, L, D]``, ``k [B, H_kv, L, D]`` in the tile order (module docstring);
     ``heads``: only this :class:`~.contract.HeadShard`'s heads. ``**params``: :class:`NablaParams` fields."""
+    step = check_step(step)
     return NablaSession(step + 1, **params).plan(geometry, num_heads, step=step, layer=layer, q=q, k=k, heads=heads)
 
 
@@ -146,7 +147,8 @@ class NablaSession:
         return StepAction("select", dense=False, plans=True, needs_qk=True, per_call=True, per_sample=True)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-             q: Any = None, k: Any = None, lse: Any = None, mass: Any = None, heads: HeadShard | None = None) -> BlockMask:
+             q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,
+             heads: HeadShard | None = None) -> BlockMask:
         """The mask at ``(layer, step)`` from this call's q and k (``lse``, ``mass`` unused)."""
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         check_step(step, self.num_steps)

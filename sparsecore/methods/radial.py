@@ -96,8 +96,8 @@ def band_widths(frames: int, frame_tokens: int, decay_factor: float, block_size:
         elif d <= 1:
             widths[d] = FULL
         else:
-            width = math.floor(max(decay * decay_factor, block_size))
-            widths[d] = FULL if width >= frame_tokens - 1 else width
+            width = max(decay * decay_factor, block_size)         # may be huge (or inf): compared before floor
+            widths[d] = FULL if width >= frame_tokens - 1 else math.floor(width)
     return widths
 
 
@@ -127,27 +127,30 @@ def video_block_map(geometry: VideoGeometry, p: RadialParams) -> np.ndarray:
     the block that crosses the end of the video."""
     frames, tokens, size = geometry.frames, geometry.frame_tokens, p.block_size
     num_blocks = -(-geometry.video_tokens // size)
-    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(frames), np.arange(frames), indexing="ij"))
-    widths = band_widths(frames, tokens, p.decay_factor, size)[np.abs(rows - cols)]
-    if p.sink:
-        widths[cols == 0] = FULL
-    live = widths != 0
-    rows, cols, widths = rows[live], cols[live], widths[live]
-    keys = np.stack([widths, rows * tokens % size, cols * tokens % size], axis=1)
+    widths = band_widths(frames, tokens, p.decay_factor, size)
     block_map = np.zeros((num_blocks, num_blocks), dtype=bool)
-    unique, which = np.unique(keys, axis=0, return_inverse=True)
-    which = which.ravel()
-    for index, (width, row_shift, col_shift) in enumerate(unique.tolist()):   # one per distinct pair pattern
-        local_rows, local_cols = np.nonzero(pair_blocks(tokens, size, width, row_shift, col_shift))
-        pairs = which == index
-        block_map[(rows[pairs] * tokens // size)[:, None] + local_rows,
-                  (cols[pairs] * tokens // size)[:, None] + local_cols] = True
+    for d in range(frames):                       # once per geometry; memory in frames, not frames^2
+        first = np.arange(frames - d)
+        for rows, cols in ((first, first + d), (first + d, first))[:1 if d == 0 else 2]:
+            width = np.full(len(rows), widths[d])
+            if p.sink:
+                width[cols == 0] = FULL
+            live = width != 0
+            rows, cols, width = rows[live], cols[live], width[live]
+            keys = np.stack([width, rows * tokens % size, cols * tokens % size], axis=1)
+            unique, which = np.unique(keys, axis=0, return_inverse=True)
+            which = which.ravel()
+            for index, (w, row_shift, col_shift) in enumerate(unique.tolist()):   # each distinct pair pattern
+                local_rows, local_cols = np.nonzero(pair_blocks(tokens, size, w, row_shift, col_shift))
+                pairs = which == index
+                block_map[(rows[pairs] * tokens // size)[:, None] + local_rows,
+                          (cols[pairs] * tokens // size)[:, None] + local_cols] = True
     short = geometry.video_tokens % size != 0
     empty = np.flatnonzero(~block_map[:num_blocks - short].any(axis=1))     # before the short block's row and column
-    if len(empty):
-        raise ValueError(f"geometry: Radial Attention's rule keeps no block in {len(empty)} of the {num_blocks} video "
-                         f"block rows of {geometry} (first: block {empty[0]}): its {size}-token blocks hold too few "
-                         f"rows of any one frame ({tokens} tokens a frame); pass a smaller block_size, at most "
+    if len(empty):      # refused by choice: the released function would leave them the short block (or text) only
+        raise ValueError(f"geometry: Radial Attention's rule keeps no frame block in {len(empty)} of the {num_blocks} "
+                         f"video block rows of {geometry} (first: block {empty[0]}): its {size}-token blocks hold too "
+                         f"few rows of any one frame ({tokens} tokens a frame); pass a smaller block_size, at most "
                          f"{tokens}, or use another method")
     if short:
         block_map[-1, :] = block_map[:, -1] = True
@@ -165,6 +168,9 @@ def _block_map(geometry: VideoGeometry, p: RadialParams) -> tuple[np.ndarray, np
     """``(offsets, block_map, dense)`` over the whole sequence: video blocks by :func:`video_block_map`, text blocks
     full both ways; ``dense``: every block kept (arrays read-only: shared by every session of the process)."""
     check_bidirectional(geometry)
+    if p.block_size > geometry.video_tokens:
+        raise ValueError(f"block_size: expected at most the {geometry.video_tokens} video tokens of {geometry}, got "
+                         f"{p.block_size}; pass a block size that cuts the video into blocks (128, as released)")
     offsets = fixed_block_offsets(geometry, 1, p.block_size)
     video = ~geometry.text_blocks(offsets)
     block_map = np.ones((len(offsets) - 1,) * 2, dtype=bool)
@@ -176,6 +182,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
          k: Any = None, heads: HeadShard | None = None, **params: Any) -> BlockMask:
     """The Radial Attention mask (the same at every step, layer and head; ``q``, ``k`` unused); ``**params``:
     :class:`RadialParams` fields."""
+    step = check_step(step)
     return RadialSession(step + 1, **params).plan(geometry, num_heads, step=step, layer=layer, heads=heads)
 
 
@@ -194,10 +201,8 @@ class RadialSession:
         check_step(step, self.num_steps)
         layer = check_layer(layer)
         check_geometry(geometry, 1)
-        check_bidirectional(geometry)                 # refused at the first step, dense or not
-        if step < self.params.dense_steps or (layer is not None and layer < self.params.dense_layers):
-            return StepAction("dense", dense=True, plans=False)
-        if _block_map(geometry, self.params)[2]:
+        full = _block_map(geometry, self.params)[2]   # refuses a geometry at the first step, dense or not
+        if full or step < self.params.dense_steps or (layer is not None and layer < self.params.dense_layers):
             return StepAction("dense", dense=True, plans=False)
         return StepAction("plan", dense=False, plans=True, shared=True)
 
