@@ -84,7 +84,8 @@ that keeps its LSE (step 9), first search (an LSE-cached search on it, sparse), 
 reported too), cached search; PASA's sparse step. A 50-step generation's time is then composed from the schedule:
 AdaSpa = 9 dense + 1 dense+lse + 1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense
 in each); LVSA = 50 of its steps; Radial Attention (``radial``, with its released Wan 2.1 script's settings,
-:data:`METHOD_PARAMS`: decay 0.2, dense steps 12, dense layer 1) = 12 dense + 38 sparse.
+:data:`METHOD_PARAMS`: decay 0.2, dense steps 12, dense layer 1) = 12 dense + 38 sparse; Sliding Tile Attention
+(``sta``: one 3 x 3 x 3 window of 6 x 8 x 8 tiles, FastVideo's Wan search's 12 dense steps) = 12 dense + 38 sparse.
 ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for
 unkept blocks); ``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense,
 its masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
@@ -142,10 +143,12 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "adaspa-fused-first": [("dense", 10), ("search", 1), ("cached search", 1), ("reuse", 38)],
     "pasa": [("dense", 10), ("sparse", 40)],
     "radial": [("dense", 12), ("sparse", 38)],
+    "sta": [("dense", 12), ("sparse", 38)],
     "dense-sparsecore": [("dense", 50)],
 }
 METHOD_PARAMS = {   # method -> parameters its rows run with: Radial Attention's released Wan 2.1 script (1x length)
     "radial": {"dense_steps": 12, "dense_layers": 1, "decay_factor": 0.2},
+    "sta": {"dense_steps": 12, "window": (3, 3, 3)},              # FastVideo's Wan search: 12 dense steps
 }
 VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
@@ -161,13 +164,14 @@ STEPS = {       # method -> (kind, step index) forwards, in order (step 0, untim
              ("sparse", 13)],
     "radial": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 12), ("sparse", 13), ("sparse", 14),
                ("sparse", 15)],
+    "sta": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 12), ("sparse", 13), ("sparse", 14), ("sparse", 15)],
     "dense-sparsecore": [("dense", 1), ("dense", 2), ("dense", 3)],     # every step dense, through sparsecore
     "adaspa-fused-first": [("dense", 1), ("dense", 2), ("dense", 3), ("search", 10), ("first reuse", 11),
                            ("reuse", 12), ("reuse", 13), ("reuse", 14), ("cached search", 30)],
 }
 DENSE_REPEATS = 3           # the dense baseline's timed forwards, after one that compiles
 # a further step of the kind that repeats, run with timing on
-PLAN_PROBE = {"lvsa": 24, "adaspa": 31, "pasa": 14, "radial": 16, "dense-sparsecore": 4}
+PLAN_PROBE = {"lvsa": 24, "adaspa": 31, "pasa": 14, "radial": 16, "sta": 16, "dense-sparsecore": 4}
 ROWS = list(dict.fromkeys([*STEPS, *VARIANTS]))
 
 

@@ -186,7 +186,7 @@ def test_pasas_default_approximation_under_ring_is_refused_at_the_first_forward(
     for block in model.blocks:
         block.attn1.processor._parallel_config = fake_parallel_config(**degrees)
     if not refused:
-        parallel.refuse_ring_approximation(handle._processors, handle._planner.approximation(geometry))
+        parallel.refuse_ring_cuts(handle._processors, handle._planner.approximation(geometry), None)
     else:
         with pytest.raises(ValueError, match=r"approximation: under ring attention \(ring degree 2\) expected "
                                              r"'drop', got 'grouped-first-order.*pass approximation='drop'"):

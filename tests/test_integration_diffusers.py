@@ -633,6 +633,7 @@ METHODS = {
     "adaspa": {"warmup_steps": 1, "search_steps": (1, 2), "sparsity": 0.6, "block_size": 32},
     "pasa": {"dense_fraction": 0.25, "density": 0.3, "block_size": 32},
     "radial": {"dense_steps": 1, "dense_layers": 1, "block_size": 16},
+    "sta": {"dense_steps": 1, "tile": (2, 4, 4), "window": (1, 1, 3)},
 }
 
 
@@ -657,7 +658,7 @@ def test_method_sessions_run_end_to_end(case, method):
         assert 0 < s["density"] <= 1 and (s["backend"] == "dense") == (s["density"] == 1.0)
     sparse_steps = {s["step"] for s in stats if s["backend"] != "dense"}
     assert sparse_steps == {"lvsa": {0, 1, 2, 3}, "adaspa": {1, 2, 3}, "pasa": {1, 2, 3},
-                            "radial": {1, 2, 3}}[method]   # AdaSpa: step 0
+                            "radial": {1, 2, 3}, "sta": {1, 2, 3}}[method]   # AdaSpa: step 0
     # keeps its dense pass's LSE and step 1 searches on it (first_search="cached")
     if method in ("pasa", "radial"):                                    # their dense first layer
         assert {s["backend"] for s in stats if s["layer"] == 0} == {"dense"}

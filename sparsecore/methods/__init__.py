@@ -7,13 +7,14 @@ integration, CLI and demo use: :mod:`.contract`). Sessions' ``plan`` also takes
 ``heads=HeadShard(...)`` to plan one rank's heads under head-parallel (Ulysses) attention.
 
 May import: ``sparsecore.ir``, ``sparsecore.geometry``, ``sparsecore.inputs``,
-``sparsecore.search`` (the block-mass operation, found through the backend registry).
+``sparsecore.search`` (the block-mass operation, found through the backend registry),
+``sparsecore.ordering`` (a mask over the tokens in another order).
 """
 
-from . import adaspa, lvsa, nabla, pasa, radial
+from . import adaspa, lvsa, nabla, pasa, radial, sta
 from .contract import HeadShard, Session, StepAction
 
 SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session, "nabla": nabla.session,
-            "radial": radial.session}
+            "radial": radial.session, "sta": sta.session}
 
-__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa", "radial"]
+__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa", "radial", "sta"]

@@ -27,6 +27,7 @@ import numpy as np
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.inputs import SCALE_MAX
+from sparsecore.ordering import TokenOrder
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import INDEX_LIMIT, PAIR_LIMIT, check_int
 
@@ -55,6 +56,8 @@ class StepAction:
     (:meth:`sparsecore.CompiledKernel.keep_plans_on_host`: one copy a call instead of device memory).
     ``per_sample``: the mask is one sample's (NABLA's, as the model it reproduces plans them): the integrations plan
     and run each sample of a batch apart.
+    ``token_order``: the mask's blocks are over the tokens in this order (STA's tiles,
+    :class:`sparsecore.ordering.TokenOrder`): the integrations gather q, k, v into it and the output back.
     """
 
     label: str
@@ -67,6 +70,7 @@ class StepAction:
     held: bool = False
     shared: bool = False
     per_sample: bool = False
+    token_order: TokenOrder | None = None
 
 
 @runtime_checkable

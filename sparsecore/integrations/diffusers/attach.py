@@ -14,7 +14,7 @@ import diffusers
 import torch
 
 from sparsecore.ir.validation import check_int
-from sparsecore.methods import SESSIONS
+from sparsecore.methods import SESSIONS, sta
 from sparsecore.registry import checked_options, device_type, registered_backends
 
 from . import parallel
@@ -38,7 +38,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             ``WanAnimateTransformer3DModel``, ``SkyReelsV2Transformer3DModel``, ``MochiTransformer3DModel``,
             ``LTXVideoTransformer3DModel``, ``LTX2VideoTransformer3DModel``, ``Kandinsky5Transformer3DModel`` or
             ``CosmosTransformer3DModel`` (e.g. ``pipe.transformer``) with diffusers' own attention processors.
-        method: ``"lvsa"``, ``"adaspa"``, ``"pasa"``, ``"radial"`` or ``"nabla"`` (Kandinsky 5's NABLA
+        method: ``"lvsa"``, ``"adaspa"``, ``"pasa"``, ``"radial"``, ``"sta"`` or ``"nabla"`` (Kandinsky 5's NABLA
             configurations only)
             (``params`` go to ``method.session(num_steps=num_steps, **params)``), or a callable
             ``(geometry, num_heads, step, layer) -> BlockMask``.
@@ -82,6 +82,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             params = {**spec.nabla(transformer.config), **params}
         if method == "radial":               # the released Wan processor's attention sink (frame 0)
             params.setdefault("sink", spec.name.startswith("wan"))
+        if method == "sta" and params.get("mask_strategy") is not None:    # a file read once, not per geometry
+            params["mask_strategy"] = sta.read_strategy(params["mask_strategy"])
         SESSIONS[method](num_steps=num_steps, **params)                                         # checks them now
     elif callable(method):
         if params:

@@ -37,6 +37,9 @@ from .stats import Stats
 from .steps import StepTracker
 
 
+RASTER_METHODS = ("radial", "sta")      # their masks read a token's (y, x) from its raster place in the frame
+
+
 class SparseAttentionHandle:
     """What :func:`apply` returns: step control, stats, timing, and ``remove()``.
 
@@ -202,6 +205,11 @@ class SparseAttentionHandle:
             raise ValueError("sparse_params: method 'nabla' plans 8 x 8 tiles, and this forward keeps its tokens in "
                              "raster order (its pipelines pass sparse_params with to_fractal=True for NABLA "
                              "configurations); call the transformer as they do, or apply another method")
+        if self.method in RASTER_METHODS and self.spec.tiled_forward is not None and \
+                self.spec.tiled_forward(args, kwargs):
+            raise ValueError(f"sparse_params: method {self.method!r} places tokens by their raster position in a "
+                             f"frame, and this forward keeps them in 8 x 8 tiles (NABLA's order, to_fractal=True); "
+                             f"call the transformer without sparse_params, or apply 'nabla'")
         causal = self.spec.causal_frames(module.config)
         grid = self.spec.grid(hidden.shape, module.config) if self.spec.token_grid is None else \
             packed_grid(self.spec, hidden, self.spec.token_grid(module, args, kwargs), self.dense_remedy(),
@@ -213,7 +221,8 @@ class SparseAttentionHandle:
         geometry = VideoGeometry(*grid, causal_frames=causal)
         parallel.refuse_unplanned(module, self._processors, self.spec)                                 # no step yet
         parallel.refuse_uneven_tokens(self._processors, geometry)
-        parallel.refuse_ring_approximation(self._processors, self._planner.approximation(geometry))
+        parallel.refuse_ring_cuts(self._processors, self._planner.approximation(geometry),
+                                  self._planner.token_order(geometry))
         self.geometry = geometry
         at = self.spec.timestep_arg
         self._steps.observe(*self.spec.step_view(kwargs.get("timestep", args[at] if len(args) > at else None), hidden))

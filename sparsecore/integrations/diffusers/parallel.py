@@ -199,18 +199,24 @@ def refuse_uneven_tokens(processors: Sequence[Any], geometry: Any) -> None:
                      f"degrees whose product divides them, or another size of video")
 
 
-def refuse_ring_approximation(processors: Sequence[Any], approximation: str | None) -> None:
-    """Under ring attention a method that approximates unkept blocks is refused at a forward's start (its first
-    sparse step would raise, after every rank had run the dense steps): the approximation's statistics cover whole
-    key blocks and groups of them, which the ring's key shards cut. Callables are checked per mask (:mod:`.sharded`)."""
+def refuse_ring_cuts(processors: Sequence[Any], approximation: str | None, order: str | None) -> None:
+    """Under ring attention, masks that the ring's shards would cut are refused at a forward's start (the first sparse
+    step would raise after every rank had run the dense steps): a method's ``approximation`` of unkept blocks (its
+    statistics cover whole key blocks and groups of them), or masks over another token ``order`` (STA's tiles, whose
+    blocks cross the shards, contiguous runs of the model's order). Callables are checked per mask (:mod:`.sharded`)."""
     cp = getattr(processors[0]._parallel_config, "context_parallel_config", None) if processors else None
-    if approximation in (None, "drop") or cp is None or cp.ring_degree == 1:
+    if cp is None or cp.ring_degree == 1:
         return
-    raise ValueError(f"approximation: under ring attention (ring degree {cp.ring_degree}) expected 'drop', got "
-                     f"{approximation!r} (the method approximates the blocks a row does not keep, as PASA does by "
-                     f"default, from statistics of whole key blocks that the ring's key shards cut); pass "
-                     f"approximation='drop' to apply(), or "
-                     f"run under Ulysses only (ring_degree=1)")
+    if approximation not in (None, "drop"):
+        raise ValueError(f"approximation: under ring attention (ring degree {cp.ring_degree}) expected 'drop', got "
+                         f"{approximation!r} (the method approximates the blocks a row does not keep, as PASA does by "
+                         f"default, from statistics of whole key blocks that the ring's key shards cut); pass "
+                         f"approximation='drop' to apply(), or run under Ulysses only (ring_degree=1)")
+    if order is not None:
+        raise ValueError(f"method: under ring attention (ring degree {cp.ring_degree}) expected masks over the model's "
+                         f"token order, got a method that plans over {order} (its blocks cross the ring's shards); "
+                         f"run it under Ulysses only (ring_degree=1: each rank holds whole sequences), or use another "
+                         f"method")
 
 
 # Why diffusers' processor of a joint video + text model cannot run under a context-parallel plan (None: others')

@@ -43,6 +43,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
 from sparsecore.methods.causal import restrict
 from sparsecore.methods.selection import dense_mask
+from sparsecore.ordering import TokenOrder
 from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
 
 from .audit import Audit, fidelity
@@ -109,7 +110,8 @@ class LayerPlan:
     (a mask holds its kernels weakly). ``held``: ``mask`` is kept in host memory by its session
     (AdaSpa's ``store="host"``); each call copies it to its device and compiles that copy
     (:meth:`Planner.kernel_of`). ``per_call``: the method plans at every call (PASA), so a later call of the step
-    plans again even where the plan is kept (``keep_masks``).
+    plans again even where the plan is kept (``keep_masks``). ``order``: the mask is over the tokens in this order
+    (``StepAction.token_order``): a call gathers q, k, v into it and its output back.
     """
 
     step: int
@@ -120,6 +122,7 @@ class LayerPlan:
     prepared: Any = None
     held: bool = False
     per_call: bool = False
+    order: TokenOrder | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,11 @@ class Planner:
         params = self.session(geometry).params
         return None if params is None else params.approximation
 
+    def token_order(self, geometry: VideoGeometry) -> str | None:
+        """The name of the token order the method's masks are over where it is not the model's (STA's tiles)."""
+        params = self.session(geometry).params
+        return getattr(params, "token_order", None)
+
     def last_mask(self, layer: int) -> BlockMask | None:
         masks = [plan.mask for (planned, _), plan in self._plans.items() if planned == layer and plan.mask is not None]
         return masks[-1] if masks else None
@@ -215,12 +223,17 @@ class Planner:
             plan.record.dense_kernels.add(self.stats.dense_kernel or "sparsecore full mask")
             return out
         tokens = kernel.mask.q_len                                               # tokens < seq_len: the prefix
-        q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
+        if plan.order is None:
+            q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
+        else:                                                      # the mask's token order, in the same copy
+            q, k, v = (plan.order.gather(t.transpose(1, 2)[:, :, :tokens], 2) for t in (query, key, value))
         out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
         if self.audit is not None and self.audit.wants(layer, step):          # the valid tokens, the unpadded mask
             mask = plan.mask.copy_to(query.device) if plan.held else plan.mask  # a held mask: this call's copy
             plan.record.audit.append(fidelity(*(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled,
                                               self.dense_with_lse(geometry)))
+        if plan.order is not None:
+            out = plan.order.scatter(out, 2)
         if tokens < seq_len:
             out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
         out = out.transpose(1, 2)
@@ -311,7 +324,7 @@ class Planner:
         session = self.session(geometry)
         action = session.action(geometry, step, layer)
         record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
-        plan = LayerPlan(step, None, None, record, per_call=action.per_call)
+        plan = LayerPlan(step, None, None, record, per_call=action.per_call, order=action.token_order)
         # The old plan stays referenced until the new mask is known: a mask the method reuses (AdaSpa's reuse
         # steps) holds its kernels weakly, so its kernel is found, not compiled again, only while still held.
         previous = self._plans.pop((layer, geometry), None)   # re-inserted last: last_mask finds the newest plan

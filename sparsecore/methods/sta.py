@@ -1,0 +1,279 @@
+"""Sliding Tile Attention (STA): a 3D window of whole tiles, on the tokens put tile by tile.
+
+Paper: "Fast Video Generation with Sliding Tile Attention", Zhang et al., arXiv 2502.04507. Code: FastVideo
+(hao-ai-lab/FastVideo) up to 37cab18, the last commit before STA left it: ``fastvideo/attention/backends/
+sliding_tile_attn.py`` (tile order, mask strategy), ``fastvideo-kernel``'s ThunderKittens and Triton kernels and its
+FlexAttention mask (the window), ``STA_configuration.py`` (the offline search).
+
+- **Tiles.** The latent video (``frames x height x width`` tokens, frame-major) is cut into tiles of ``tile`` tokens
+  along (frames, rows, columns), (6, 8, 8) = 384 tokens as released. The tokens are put in tile order
+  (:func:`token_order`: tiles frame-major, then row, then column; each tile's tokens in raster order, as FastVideo's
+  ``tile``), and each tile is one block of the mask, which is over that order: the diffusers integration gathers
+  q, k, v into it and the output back (:class:`sparsecore.ordering.TokenOrder`).
+- **Window.** A query tile sees the key tiles of a ``window`` of tiles along each axis, centred on it and shifted
+  inward at the grid's edges so it keeps its size: on an axis of ``n`` tiles with ``r = w // 2``, query tile ``q``
+  sees key tile ``j`` where ``|clamp(q, r, n - 1 - r) - j| <= r``; a window of ``n`` tiles or more sees the whole
+  axis. As in FastVideo's kernels, an even window below ``n`` spans ``w + 1`` tiles.
+- **Text** (joint attention): video rows see every text token, text rows see everything, as FastVideo's mask.
+- **Windows per step, layer and head**: ``mask_strategy``, FastVideo's format (a mapping or a json file of
+  ``"step_layer_head": [wt, wh, ww]``; its offline search's output, e.g. ``assets/mask_strategy_hunyuan.json``), or
+  one ``window`` for every head, layer and step. Steps below ``dense_steps``, and steps and layers whose windows all
+  cover the grid (FastVideo's files write dense steps so), run dense attention.
+
+Where FastVideo refuses or is silent: it takes only grids that are a multiple of the tile (and three fixed
+sequence lengths); here the tiles on the grid's far edges may be short (blocks of fewer tokens, which every
+lowering runs exactly). Frame-causal geometries are refused (tiles span frames). The offline search is not
+reproduced: a file it wrote is read as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from sparsecore.geometry import VideoGeometry
+from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.validation import check_int, frozen
+from sparsecore.ordering import TokenOrder
+
+from .contract import (HeadShard, StepAction, check_geometry, check_layer, check_shard, check_step, geometry_meta,
+                       params_from)
+
+METHOD = "sta"
+PAPER = "arXiv:2502.04507"
+STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
+MASKS_KEPT = 64                              # per-layer masks of a mask strategy kept by a session
+
+
+def _triple(value: Any, field: str) -> tuple[int, int, int]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+        raise TypeError(f"{field}: expected three ints (frames, rows, columns), got {value!r}")
+    return tuple(check_int(v, f"{field}[{i}]", 1) for i, v in enumerate(value))
+
+
+class MaskStrategy(dict):
+    """A read mask strategy: ``{(step, layer): windows}``, one ``(wt, wh, ww)`` per head in head order."""
+
+
+def read_strategy(source: Any) -> MaskStrategy:
+    """FastVideo's mask strategy (a mapping, or the path of its json file) as a :class:`MaskStrategy`; every
+    (step, layer) must list heads ``0 .. H - 1``. A :class:`MaskStrategy` is returned as it is (read a file once and
+    pass the result to several sessions)."""
+    if isinstance(source, MaskStrategy):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        size = os.path.getsize(source)
+        if size > STRATEGY_FILE_LIMIT:
+            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got "
+                             f"{size:,} bytes at {os.fspath(source)!r}; pass FastVideo's mask strategy file")
+        with open(source, encoding="utf-8") as file:
+            source = json.load(file)
+    if not isinstance(source, Mapping) or not source:
+        raise TypeError(f"mask_strategy: expected a non-empty mapping 'step_layer_head' -> [wt, wh, ww] or its json "
+                        f"file's path, got {type(source).__name__}")
+    heads: dict[tuple[int, int], dict[int, tuple[int, int, int]]] = {}
+    for name, window in source.items():
+        parts = name.split("_") if isinstance(name, str) else []
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"mask_strategy: expected keys 'step_layer_head' of three non-negative ints, got {name!r}")
+        step, layer, head = map(int, parts)
+        heads.setdefault((step, layer), {})[head] = _triple(window, f"mask_strategy[{name!r}]")
+    table = MaskStrategy()
+    for (step, layer), found in heads.items():
+        missing = sorted(set(range(len(found))) - set(found))
+        if missing:
+            raise ValueError(f"mask_strategy: step {step} layer {layer} lists {len(found)} heads but not head "
+                             f"{missing[0]}; expected heads 0 .. H - 1 for every step and layer listed")
+        table[(step, layer)] = tuple(found[h] for h in range(len(found)))
+    return table
+
+
+@dataclass(frozen=True)
+class STAParams:
+    """Sliding Tile Attention's parameters, checked once; see the module docstring.
+
+    ``window``: key tiles along (frames, rows, columns) every head sees (FastVideo's search candidates for Wan 2.1
+    include (3, 3, 3)); ``tile``: tokens of a tile along those axes ((6, 8, 8) as released); ``mask_strategy``:
+    windows per step, layer and head (FastVideo's mapping or json file), which replace ``window``; ``dense_steps``:
+    the first steps run dense attention.
+    """
+
+    window: tuple[int, int, int] = (3, 3, 3)
+    tile: tuple[int, int, int] = (6, 8, 8)
+    mask_strategy: Any = None
+    dense_steps: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "window", _triple(self.window, "window"))
+        set_(self, "tile", _triple(self.tile, "tile"))
+        if self.mask_strategy is not None:
+            set_(self, "mask_strategy", read_strategy(self.mask_strategy))
+        set_(self, "dense_steps", check_int(self.dense_steps, "dense_steps", 0))
+
+    @property
+    def approximation(self) -> str:
+        """What rows get from the blocks they do not keep: nothing (STA drops them)."""
+        return "drop"
+
+    @property
+    def token_order(self) -> str:
+        """The token order the masks are over (the integrations read it to refuse ring attention up front)."""
+        return f"tiles of {self.tile[0]}x{self.tile[1]}x{self.tile[2]} tokens"
+
+    def summary(self) -> dict[str, Any]:
+        """The parameters for a mask's ``meta`` (a strategy by its size, not its entries)."""
+        strategy = self.mask_strategy
+        return {"window": self.window, "tile": self.tile, "dense_steps": self.dense_steps,
+                "mask_strategy": None if strategy is None else f"{len(strategy)} (step, layer) entries"}
+
+
+def check_bidirectional(geometry: VideoGeometry) -> None:
+    if geometry.causal_frames:
+        raise ValueError(f"geometry: Sliding Tile Attention's tiles span frames both ways, got causal_frames="
+                         f"{geometry.causal_frames}; use 'lvsa' for frame-causal attention")
+
+
+def tile_grid(geometry: VideoGeometry, tile: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Tiles along (frames, rows, columns): ``ceil(size / tile)`` each (the last tile of an axis may be short)."""
+    return tuple(-(-size // t) for size, t in zip((geometry.frames, geometry.height, geometry.width), tile))
+
+
+@lru_cache(maxsize=16)
+def token_order(geometry: VideoGeometry, tile: tuple[int, int, int] = (6, 8, 8)) -> TokenOrder:
+    """The tile order of ``geometry``'s tokens (text stays where it is); one object per (geometry, tile)."""
+    tile = _triple(tile, "tile")
+    t, y, x = geometry.video_positions().T
+    video = np.lexsort((x, y, t, x // tile[2], y // tile[1], t // tile[0]))       # last key sorts first
+    index = np.arange(geometry.tokens)
+    index[geometry.video_slice] = geometry.video_start + video
+    return TokenOrder(index, f"STA tiles {tile[0]}x{tile[1]}x{tile[2]} of {geometry}")
+
+
+@lru_cache(maxsize=16)
+def tile_offsets(geometry: VideoGeometry, tile: tuple[int, int, int]) -> np.ndarray:
+    """Block boundaries over the tile-ordered sequence (int64, read-only): one block a tile, then text blocks of a
+    tile's token count (before the video where the text comes first)."""
+    sizes = [np.diff(np.minimum(np.arange(0, -(-n // t) * t + 1, t), n)) for n, t in
+             zip((geometry.frames, geometry.height, geometry.width), tile)]          # tokens of each tile on an axis
+    video = np.einsum("i,j,k->ijk", *sizes).ravel()
+    text = np.diff(np.append(np.arange(0, geometry.text_tokens, int(np.prod(tile))), geometry.text_tokens))
+    text = text[text > 0]
+    blocks = np.concatenate([text, video] if geometry.text_position == "start" else [video, text])
+    return frozen(np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64))
+
+
+def axis_window(tiles: int, window: int) -> np.ndarray:
+    """bool ``[tiles, tiles]``: query tile ``q`` sees key tile ``j`` along one axis (module docstring)."""
+    if window >= tiles:
+        return np.ones((tiles, tiles), dtype=bool)
+    r = window // 2
+    centre = np.clip(np.arange(tiles), r, tiles - 1 - r)
+    return np.abs(centre[:, None] - np.arange(tiles)[None, :]) <= r
+
+
+@lru_cache(maxsize=64)
+def video_block_map(grid: tuple[int, int, int], window: tuple[int, int, int]) -> np.ndarray:
+    """bool ``[NT, NT]`` over the tiles in tile order (``NT = prod(grid)``), read-only."""
+    t, h, w = (axis_window(n, k) for n, k in zip(grid, window))
+    return frozen(np.kron(t, np.kron(h, w)))
+
+
+def covers_grid(window: tuple[int, int, int], grid: tuple[int, int, int]) -> bool:
+    return all(k >= n for k, n in zip(window, grid))
+
+
+def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int | None = None, q: Any = None,
+         k: Any = None, heads: HeadShard | None = None, **params: Any) -> BlockMask:
+    """The STA mask over :func:`token_order`'s order (``q``, ``k`` unused); ``**params``: :class:`STAParams`
+    fields. Run it on q, k, v gathered into that order and scatter the output back."""
+    step = check_step(step)
+    return STASession(step + 1, **params).plan(geometry, num_heads, step=step, layer=layer, heads=heads)
+
+
+class STASession:
+    """One run: dense at the first ``dense_steps`` steps and where every head's window covers the grid, else the
+    mask of the (step, layer)'s windows over the tile order."""
+
+    method = METHOD
+
+    def __init__(self, num_steps: int, **params: Any) -> None:
+        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.params = params_from(STAParams, METHOD, params)
+        self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+
+    def windows(self, step: int, layer: int | None) -> tuple[tuple[int, int, int], ...]:
+        """The (step, layer)'s windows: one per head from the mask strategy, else ``(window,)`` for every head."""
+        strategy = self.params.mask_strategy
+        if strategy is None:
+            return (self.params.window,)
+        if layer is None:
+            raise ValueError("layer: a mask strategy gives windows per layer, got layer=None; pass the layer's index")
+        found = strategy.get((step, layer))
+        if found is None:
+            raise ValueError(f"mask_strategy: no windows for step {step} layer {layer} (keys 'step_layer_head'); pass "
+                             f"a strategy written for this model and number of steps, or one window")
+        return found
+
+    def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
+        """Dense at the dense steps and where every window covers the grid, else the mask over the tile order."""
+        check_step(step, self.num_steps)
+        layer = check_layer(layer)
+        check_geometry(geometry, 1)
+        check_bidirectional(geometry)
+        grid = tile_grid(geometry, self.params.tile)
+        if step < self.params.dense_steps or all(covers_grid(w, grid) for w in self.windows(step, layer)):
+            return StepAction("dense", dense=True, plans=False)
+        return StepAction("plan", dense=False, plans=True, shared=self.params.mask_strategy is None,
+                          token_order=token_order(geometry, self.params.tile))
+
+    def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
+             q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,
+             heads: HeadShard | None = None) -> BlockMask:
+        """The mask of this (step, layer) for ``heads`` (a :class:`~.contract.HeadShard`; all by default), over the
+        tile order; masks of the same windows are one object."""
+        check_step(step, self.num_steps)
+        layer = check_layer(layer)
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
+        check_bidirectional(geometry)
+        windows = self.windows(step, layer)
+        if len(windows) == 1:
+            windows = windows * num_heads
+        elif len(windows) != num_heads:
+            raise ValueError(f"mask_strategy: step {step} layer {layer} gives {len(windows)} heads' windows, the "
+                             f"model has {num_heads} heads; pass a strategy written for this model")
+        windows = windows[shard.start:shard.stop]
+        key = (geometry, windows)
+        if key not in self._masks:
+            self._masks[key] = self._mask(geometry, windows)
+            if len(self._masks) > MASKS_KEPT:
+                self._masks.popitem(last=False)
+        self._masks.move_to_end(key)
+        return self._masks[key]
+
+    def _mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
+        tile = self.params.tile
+        grid, offsets = tile_grid(geometry, tile), tile_offsets(geometry, tile)
+        distinct, which = np.unique(np.array(windows), axis=0, return_inverse=True)
+        tiles = int(np.prod(grid))
+        blocks = len(offsets) - 1
+        video = slice(blocks - tiles, blocks) if geometry.text_position == "start" else slice(0, tiles)
+        maps = np.ones((len(distinct), blocks, blocks), dtype=bool)
+        for index, window in enumerate(distinct.tolist()):         # a few distinct windows, not one per head
+            maps[index, video, video] = video_block_map(grid, tuple(window))
+        indptr, indices = csr.from_block_map(maps[which.ravel()])
+        meta = {"method": METHOD, "paper": PAPER, "params": self.params.summary(), "geometry": geometry_meta(geometry),
+                "token_order": token_order(geometry, tile).name, "windows": [tuple(w) for w in distinct.tolist()]}
+        return BlockMask(len(windows), offsets, offsets, indptr, indices, None, meta)
+
+
+def session(num_steps: int = 50, **params: Any) -> STASession:
+    """An :class:`STASession` for a run of ``num_steps`` denoising steps."""
+    return STASession(num_steps, **params)

@@ -1,0 +1,65 @@
+"""A permutation of a sequence's tokens, for masks whose blocks are not runs of the model's token order.
+
+Sliding Tile Attention (:mod:`sparsecore.methods.sta`) cuts the video into 3D tiles of several frames: in the
+model's frame-major raster order a tile's tokens are scattered, in tile order they are one block. Such a method
+plans its mask over the tokens in its order and names that order (:class:`TokenOrder`); whoever runs the mask
+gathers q, k, v into the order and the output back (the diffusers integration does, for every step that runs
+the mask). Both are one ``index_select`` on the device with an index uploaded once per device and length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sparsecore.ir.validation import frozen
+
+
+class TokenOrder:
+    """Position ``p`` of the ordered sequence holds token ``index[p]`` of the model's sequence.
+
+    ``name`` says which order it is (shown by ``repr``). Sequences longer than the order (text padding after the
+    valid tokens) keep their extra tokens in place. Read-only; one object per geometry is meant to be shared.
+    """
+
+    def __init__(self, index: np.ndarray, name: str) -> None:
+        index = np.asarray(index)
+        if index.ndim != 1 or index.dtype.kind not in "iu":
+            raise TypeError(f"index: expected a 1-D integer array, got {index.dtype} of shape {index.shape}")
+        length = len(index)
+        if length == 0 or index.min() < 0 or index.max() >= length or \
+                np.bincount(index, minlength=length).max() != 1:
+            raise ValueError(f"index: expected a permutation of range({length}), got {index[:8].tolist()}...")
+        self.index = frozen(index.astype(np.int64))
+        self.inverse = frozen(np.argsort(self.index))
+        self.name = name
+        self._on_device: dict[tuple[bool, str, int], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __repr__(self) -> str:
+        return f"TokenOrder({self.name}, {len(self)} tokens)"
+
+    def gather(self, tensor: Any, dim: int) -> Any:
+        """``tensor``'s tokens along ``dim`` in this order (a new tensor)."""
+        return tensor.index_select(dim, self._index(False, tensor, dim))
+
+    def scatter(self, tensor: Any, dim: int) -> Any:
+        """The inverse of :meth:`gather`: tokens in this order back in the model's."""
+        return tensor.index_select(dim, self._index(True, tensor, dim))
+
+    def _index(self, inverse: bool, tensor: Any, dim: int) -> Any:
+        import torch
+        length = tensor.shape[dim]
+        if length < len(self):
+            raise ValueError(f"tensor: expected at least {len(self)} tokens along dim {dim} for {self!r}, got "
+                             f"{length}; gather the sequence the order was made for")
+        key = (inverse, str(tensor.device), length)
+        found = self._on_device.get(key)
+        if found is None:
+            order = self.inverse if inverse else self.index
+            full = np.concatenate([order, np.arange(len(self), length)])        # padding stays in place
+            found = self._on_device[key] = torch.from_numpy(full).to(tensor.device)
+        return found

@@ -1,0 +1,217 @@
+"""Sliding Tile Attention (``method="sta"``): the tile order and the window against the rule written token by token in
+raster order, FastVideo's mask strategy files, and tiny models run to the float64 oracle through the tile order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from context_parallel_run import fake_parallel_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import expand_to_tokens
+from test_integration_diffusers import CASES, forward, oracle_output
+
+from sparsecore import VideoGeometry
+from sparsecore.integrations import diffusers as sparse
+from sparsecore.ir import BlockMask, csr
+from sparsecore.methods import sta
+from sparsecore.ordering import TokenOrder
+
+
+def sees(query_tile: np.ndarray, key_tile: np.ndarray, tiles: int, window: int) -> np.ndarray:
+    """FastVideo's kernels' rule on one axis: the window's centre clamped to ``[r, n - 1 - r]`` (r when they cross)."""
+    r = window // 2
+    centre = np.maximum(np.minimum(query_tile, tiles - 1 - r), r)
+    return np.abs(centre - key_tile) <= r
+
+
+def raster_mask(geometry: VideoGeometry, tile, window) -> np.ndarray:
+    """bool ``[L, L]`` in the model's order: video tokens by their tiles' windows, text rows and columns full."""
+    tokens = geometry.tokens
+    allowed = np.ones((tokens, tokens), dtype=bool)
+    video = np.arange(geometry.video_start, geometry.video_start + geometry.video_tokens)
+    t, y, x = geometry.position(video)
+    keep = np.ones((len(video), len(video)), dtype=bool)
+    for coord, size, edge, width in zip((t, y, x), tile, (geometry.frames, geometry.height, geometry.width), window):
+        tiles = -(-edge // size)
+        keep &= sees((coord // size)[:, None], (coord // size)[None, :], tiles, width)
+    allowed[np.ix_(video, video)] = keep
+    return allowed
+
+
+def in_model_order(mask: BlockMask, order: TokenOrder) -> np.ndarray:
+    """The mask's token map ``[H, L, L]`` moved from the tile order to the model's."""
+    tiled = expand_to_tokens(mask)
+    raster = np.zeros_like(tiled)
+    raster[:, order.index[:, None], order.index[None, :]] = tiled
+    return raster
+
+
+geometries = st.builds(VideoGeometry, frames=st.integers(1, 7), height=st.integers(1, 9), width=st.integers(1, 9),
+                       text_tokens=st.integers(0, 9), text_position=st.sampled_from(["end", "start"]))
+triples = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry=geometries, tile=triples, window=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)))
+def test_masks_follow_the_window_token_by_token_in_the_models_order(geometry, tile, window):
+    mask = sta.plan(geometry, 2, tile=tile, window=window)
+    order = sta.token_order(geometry, tile)
+    expected = raster_mask(geometry, tile, window)
+    got = in_model_order(mask, order)
+    assert (got == expected[None]).all()
+    offsets = np.asarray(mask.q_offsets)               # every video block is one tile's tokens: one tile id each
+    t, y, x = geometry.position(order.index[geometry.video_slice])
+    grid = sta.tile_grid(geometry, tile)
+    ids = (t // tile[0] * grid[1] + y // tile[1]) * grid[2] + x // tile[2]
+    starts = offsets[:-1] - geometry.video_start
+    video_blocks = (starts >= 0) & (starts < geometry.video_tokens)
+    assert len(np.unique(ids)) == video_blocks.sum() == np.prod(grid)
+    assert (np.diff(ids) >= 0).all() and set(np.flatnonzero(np.diff(ids)) + 1) == set(starts[video_blocks][1:])
+
+
+def test_tile_order_is_fastvideos_tile_layout():
+    """FastVideo's ``tile``: token (t, h, w) goes to ``((t//6 NH + h//8) NW + w//8) 384 + ((t%6) 8 + h%8) 8 + w%8``."""
+    geometry = VideoGeometry(12, 16, 24)
+    t, h, w = geometry.position(np.arange(geometry.tokens))
+    nh, nw = 16 // 8, 24 // 8
+    place = ((t // 6 * nh + h // 8) * nw + w // 8) * 384 + ((t % 6) * 8 + h % 8) * 8 + w % 8
+    order = sta.token_order(geometry)
+    assert (order.inverse == place).all() and (order.index[place] == np.arange(geometry.tokens)).all()
+    assert (np.diff(np.asarray(sta.plan(geometry, 1).q_offsets)) == 384).all()
+
+
+def test_token_order_gathers_and_scatters_and_keeps_padding_in_place():
+    order = sta.token_order(VideoGeometry(3, 4, 5, text_tokens=3), (2, 2, 2))
+    x = torch.randn(2, 3, len(order) + 4, 5, generator=torch.Generator().manual_seed(0))
+    gathered = order.gather(x, 2)
+    torch.testing.assert_close(gathered[:, :, :len(order)], x[:, :, torch.from_numpy(order.index.copy())], rtol=0, atol=0)
+    torch.testing.assert_close(gathered[:, :, len(order):], x[:, :, len(order):], rtol=0, atol=0)
+    torch.testing.assert_close(order.scatter(gathered, 2), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least 63 tokens"):
+        order.gather(x[:, :, :10], 2)
+    with pytest.raises(ValueError, match="permutation"):
+        TokenOrder(np.array([0, 0, 1]), "bad")
+    with pytest.raises(TypeError, match="1-D integer"):
+        TokenOrder(np.zeros((2, 2), dtype=np.int64), "bad")
+
+
+def test_mask_strategy_gives_windows_per_step_layer_and_head(tmp_path):
+    """FastVideo's json: full windows at a step make it dense; other steps get per-head windows in one mask."""
+    geometry = VideoGeometry(6, 8, 8, text_tokens=5)                     # grid of 3 x 2 x 2 tiles of (2, 4, 4)
+    strategy = {f"{s}_{layer}_{h}": [3, 2, 2] if s == 0 else [1 + h, 1, 2 - h] for s in range(2)
+                for layer in range(2) for h in range(2)}
+    path = tmp_path / "mask_strategy.json"
+    path.write_text(json.dumps(strategy))
+    session = sta.session(2, tile=(2, 4, 4), mask_strategy=str(path))
+    assert session.action(geometry, 0, 1).dense
+    action = session.action(geometry, 1, 1)
+    assert not action.dense and not action.shared and action.token_order is sta.token_order(geometry, (2, 4, 4))
+    mask = session.plan(geometry, 2, step=1, layer=1)
+    got = in_model_order(mask, action.token_order)
+    for head, window in enumerate([(1, 1, 2), (2, 1, 1)]):
+        assert (got[head] == raster_mask(geometry, (2, 4, 4), window)).all()
+    assert session.plan(geometry, 2, step=1, layer=0) is mask                      # same windows: one mask
+    half = session.plan(geometry, 2, step=1, layer=1, heads=sparse_shard(1, 2, 2))
+    assert (expand_to_tokens(half)[0] == expand_to_tokens(mask)[1]).all()
+    with pytest.raises(ValueError, match="no windows for step 1 layer 2"):
+        session.action(geometry, 1, 2)
+    with pytest.raises(ValueError, match="gives 2 heads' windows, the model has 3"):
+        session.plan(geometry, 3, step=1, layer=1)
+
+
+def sparse_shard(start: int, stop: int, total: int):
+    from sparsecore.methods import HeadShard
+    return HeadShard(start, stop, total)
+
+
+@pytest.mark.parametrize("params, error, match", [
+    ({"window": (3, 3)}, TypeError, "window: expected three ints"),
+    ({"window": (3, 0, 3)}, ValueError, r"window\[1\]"),
+    ({"tile": "688"}, TypeError, "tile: expected three ints"),
+    ({"dense_steps": -1}, ValueError, "dense_steps"),
+    ({"mask_strategy": {"0_0": [1, 1, 1]}}, ValueError, "keys 'step_layer_head'"),
+    ({"mask_strategy": {"0_0_1": [1, 1, 1]}}, ValueError, "not head 0"),
+    ({"mask_strategy": {"0_0_0": [1, 1]}}, TypeError, r"mask_strategy\['0_0_0'\]: expected three ints"),
+    ({"mask_strategy": []}, TypeError, "non-empty mapping"),
+    ({"blocks": 3}, TypeError, "unknown parameter"),
+])
+def test_bad_parameters_raise_naming_the_field(params, error, match):
+    with pytest.raises(error, match=match):
+        sta.session(4, **params)
+
+
+def test_large_files_causal_geometries_and_missing_layers_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"0_0_0": [1, 1, 1]}))
+    monkeypatch.setattr(sta, "STRATEGY_FILE_LIMIT", 8)
+    with pytest.raises(ValueError, match="at most 8 bytes"):
+        sta.session(1, mask_strategy=str(path))
+    with pytest.raises(ValueError, match="causal_frames=2; use 'lvsa'"):
+        sta.session(1).action(VideoGeometry(4, 8, 8, causal_frames=2), 0)
+    with pytest.raises(ValueError, match="layer=None"):
+        sta.plan(VideoGeometry(4, 8, 8), 1, mask_strategy={"0_0_0": [1, 1, 1]})
+
+
+def test_dense_steps_and_windows_covering_the_grid_are_dense_actions():
+    geometry = VideoGeometry(12, 16, 16)                                  # 2 x 2 x 2 tiles
+    assert sta.session(4, dense_steps=2).action(geometry, 1, 0).dense
+    assert not sta.session(4, dense_steps=2, window=(1, 1, 1)).action(geometry, 2, 0).dense
+    assert sta.session(4).action(geometry, 3, 0).dense                   # (3, 3, 3) covers 2 tiles an axis
+    assert sta.session(4, window=(2, 5, 2)).action(geometry, 0, 0).dense
+    assert sta.session(4, window=(1, 5, 2)).action(geometry, 0, 0).shared
+
+
+def token_provider(tile, window):
+    """The oracle's masks: STA's rule in the model's order, one-token blocks (independent of the tile order)."""
+    def provider(geometry, num_heads, step, layer):
+        allowed = np.broadcast_to(raster_mask(geometry, tile, window), (num_heads, geometry.tokens, geometry.tokens))
+        offsets = np.arange(geometry.tokens + 1)
+        return BlockMask(num_heads, offsets, offsets, *csr.from_block_map(allowed), None, {})
+    return provider
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox"])
+def test_models_run_to_the_float64_oracle_through_the_tile_order(name, monkeypatch):
+    """Tiny Wan (no text), HunyuanVideo 1.5 (text after the video, padded per sample) and CogVideoX (text first):
+    q, k, v go into the tile order and back; the output is float64 attention under STA's rule in raster order."""
+    case = CASES[name]
+    model, inputs = case.build(), case.inputs(batch=2)
+    params = {"tile": (2, 4, 4), "window": (1, 1, 3)}
+    expected, _ = oracle_output(case, model, inputs, token_provider(**params), 0, 500.0, monkeypatch)
+    dense = forward(model, inputs, 500.0)
+    handle = sparse.apply(model, "sta", device="cpu", num_steps=1, **params)
+    try:
+        got = forward(model, inputs, 500.0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=max(5e-6, case.atol))
+    assert (got - dense).abs().max() > 5e-3
+    assert {s["backend"] for s in handle.stats()} != {"dense"}
+
+
+def test_ring_attention_and_kandinsky_tiles_are_refused_at_the_forward():
+    model = CASES["wan"].build()
+    handle = sparse.apply(model, "sta", device="cpu", num_steps=2, tile=(2, 4, 4), dense_steps=1)
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = fake_parallel_config(ring_degree=2)
+    with pytest.raises(ValueError, match=r"method: under ring attention \(ring degree 2\).*tiles of 2x4x4"):
+        forward(model, CASES["wan"].inputs(batch=1), 999.0)
+    assert handle.step is None
+    with pytest.warns(UserWarning):
+        handle.remove()
+    case = CASES["kandinsky-5"]
+    from test_integration_kandinsky import tiled_inputs
+    for method in ("sta", "radial"):
+        model = case.build()
+        handle = sparse.apply(model, method, device="cpu", num_steps=1, **({"block_size": 16} if method == "radial"
+                                                                             else {}))
+        try:
+            with pytest.raises(ValueError, match=f"method '{method}' places tokens by their raster position"):
+                forward(model, tiled_inputs(batch=1), 500.0)
+        finally:
+            handle.remove()
+
