@@ -196,7 +196,8 @@ def method(model: str, name: str, ring: int = 1) -> tuple[Any, dict]:
             "adaspa": ("adaspa", ADASPA),
             "adaspa-compiled": ("adaspa", ADASPA),          # the transformer's blocks under torch.compile
             "adaspa-fused-first": ("adaspa", {**ADASPA, "first_search": "fused"}),   # the paper's dense step 1
-            "pasa": ("pasa", PASA)}[name]
+            "pasa": ("pasa", PASA),
+            "sta": ("sta", {"tile": (2, 4, 4), "window": (1, 1, 3)})}[name]       # masks over the tile order
 
 
 def prepare(model: torch.nn.Module, name: str) -> None:

@@ -44,7 +44,7 @@ LTX = [("ltx", "lvsa-per-head"), ("ltx", "adaspa"), ("ltx-i2v", "pasa"),   # und
        ("ltx-b1", "lvsa")]
 ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled",
                                     "adaspa-fused-first")]
-           + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa")]
+           + [("hunyuan", m) for m in ("lvsa-per-head", "adaspa", "pasa", "sta")] + [("wan", "sta")]
            + [("vace", "adaspa"), ("vace", "lvsa-per-head"), ("skyreels", "pasa"), ("skyreels-df", "adaspa")] + CAUSAL
            + MOCHI + LTX,
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}

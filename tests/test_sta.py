@@ -88,9 +88,12 @@ def test_token_order_gathers_and_scatters_and_keeps_padding_in_place():
     order = sta.token_order(VideoGeometry(3, 4, 5, text_tokens=3), (2, 2, 2))
     x = torch.randn(2, 3, len(order) + 4, 5, generator=torch.Generator().manual_seed(0))
     gathered = order.gather(x, 2)
-    torch.testing.assert_close(gathered[:, :, :len(order)], x[:, :, torch.from_numpy(order.index.copy())], rtol=0, atol=0)
+    index = torch.from_numpy(order.index.copy())
+    torch.testing.assert_close(gathered[:, :, :len(order)], x[:, :, index], rtol=0, atol=0)
     torch.testing.assert_close(gathered[:, :, len(order):], x[:, :, len(order):], rtol=0, atol=0)
     torch.testing.assert_close(order.scatter(gathered, 2), x, rtol=0, atol=0)
+    shorter = x[:, :, :len(order) + 2]                    # another length: its own device index
+    torch.testing.assert_close(order.scatter(order.gather(shorter, 2), 2), shorter, rtol=0, atol=0)
     with pytest.raises(ValueError, match="at least 63 tokens"):
         order.gather(x[:, :, :10], 2)
     with pytest.raises(ValueError, match="permutation"):
@@ -117,8 +120,10 @@ def test_mask_strategy_gives_windows_per_step_layer_and_head(tmp_path):
     assert session.plan(geometry, 2, step=1, layer=0) is mask                      # same windows: one mask
     half = session.plan(geometry, 2, step=1, layer=1, heads=sparse_shard(1, 2, 2))
     assert (expand_to_tokens(half)[0] == expand_to_tokens(mask)[1]).all()
-    with pytest.raises(ValueError, match="no windows for step 1 layer 2"):
-        session.action(geometry, 1, 2)
+    with pytest.raises(ValueError, match="no windows for layer 2, the strategy has 2 layers"):
+        session.action(geometry, 0, 2)                                         # refused at a dense step already
+    other = VideoGeometry(6, 8, 12, text_tokens=5)                            # same windows, another geometry
+    assert session.plan(other, 2, step=1, layer=1).q_len == other.tokens
     with pytest.raises(ValueError, match="gives 2 heads' windows, the model has 3"):
         session.plan(geometry, 3, step=1, layer=1)
 
@@ -137,11 +142,46 @@ def sparse_shard(start: int, stop: int, total: int):
     ({"mask_strategy": {"0_0_1": [1, 1, 1]}}, ValueError, "not head 0"),
     ({"mask_strategy": {"0_0_0": [1, 1]}}, TypeError, r"mask_strategy\['0_0_0'\]: expected three ints"),
     ({"mask_strategy": []}, TypeError, "non-empty mapping"),
+    ({"mask_strategy": {"\u00b2_0_0": [1, 1, 1]}}, ValueError, "keys 'step_layer_head'"),
+    ({"mask_strategy": {"0_0_1234567890": [1, 1, 1]}}, ValueError, "at most 9 digits"),
+    ({"mask_strategy": {"0_0_0": {1: 1, 2: 2, 3: 3}}}, TypeError, "expected three ints"),
+    ({"mask_strategy": {"0_0_0": [1, 1, 1], "0_1_0": [1, 1, 1], "0_1_1": [1, 1, 1]}}, ValueError, "same heads"),
+    ({"mask_strategy": {"0_0_0": [1, 1, 1], "1_1_0": [1, 1, 1]}}, ValueError, "same layers"),
+    ({"mask_strategy": "/nonexistent/strategy.json"}, ValueError, "could not read"),
+    ({"window": (2 ** 31 + 1, 1, 1)}, ValueError, "at most 2,147,483,648"),
     ({"blocks": 3}, TypeError, "unknown parameter"),
 ])
 def test_bad_parameters_raise_naming_the_field(params, error, match):
     with pytest.raises(error, match=match):
         sta.session(4, **params)
+
+
+def test_strategies_missing_steps_and_too_many_blocks_are_refused_before_any_step():
+    strategy = {f"{s}_0_0": [1, 1, 1] for s in range(2)}
+    with pytest.raises(ValueError, match="got none for step 2"):
+        sta.session(3, mask_strategy=strategy)
+    assert sta.session(3, mask_strategy=strategy, dense_steps=3).action(VideoGeometry(4, 8, 8), 2, 0).dense
+    with pytest.raises(ValueError, match="no windows for layer 1"):              # at a dense step already
+        sta.session(2, mask_strategy=strategy, dense_steps=1).action(VideoGeometry(4, 8, 8), 0, 1)
+    with pytest.raises(ValueError, match="exceed the int32 index limit.*use larger tiles"):
+        sta.session(1, tile=(1, 1, 1)).action(VideoGeometry(48, 32, 32), 0, 0)
+    with pytest.raises(ValueError, match="exceed the int32 index limit"):
+        sta.plan(VideoGeometry(8, 32, 32), 40, tile=(1, 1, 1), window=(1, 1, 1))
+
+
+def test_mixed_heads_windows_huge_windows_and_bad_json(tmp_path):
+    """A (step, layer) where one head's window covers the grid and another's does not runs the mask; a window larger
+    than the grid covers its axis; an unreadable file is named."""
+    geometry = VideoGeometry(8, 8, 8)                                          # 4 x 2 x 2 tiles of (2, 4, 4)
+    session = sta.session(1, tile=(2, 4, 4), mask_strategy={"0_0_0": [4, 2, 2], "0_0_1": [1, 2, 2]})
+    assert not session.action(geometry, 0, 0).dense
+    huge = in_model_order(sta.plan(geometry, 1, tile=(2, 4, 4), window=(2 ** 31, 1, 1)),
+                          sta.token_order(geometry, [2, 4, 4]))
+    assert (huge[0] == raster_mask(geometry, (2, 4, 4), (4, 1, 1))).all()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="could not read .*bad.json"):
+        sta.session(1, mask_strategy=bad)
 
 
 def test_large_files_causal_geometries_and_missing_layers_are_refused(tmp_path, monkeypatch):

@@ -29,7 +29,9 @@ reproduced: a file it wrote is read as it is.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ import numpy as np
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
-from sparsecore.ir.validation import check_int, frozen
+from sparsecore.ir.validation import INDEX_LIMIT, check_int, frozen
 from sparsecore.ordering import TokenOrder
 
 from .contract import (HeadShard, StepAction, check_geometry, check_layer, check_shard, check_step, geometry_meta,
@@ -50,40 +52,70 @@ METHOD = "sta"
 PAPER = "arXiv:2502.04507"
 STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
 MASKS_KEPT = 64                              # per-layer masks of a mask strategy kept by a session
+SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
+KEY = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})", re.ASCII)
 
 
 def _triple(value: Any, field: str) -> tuple[int, int, int]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or len(value) != 3:
         raise TypeError(f"{field}: expected three ints (frames, rows, columns), got {value!r}")
-    return tuple(check_int(v, f"{field}[{i}]", 1) for i, v in enumerate(value))
+    checked = tuple(check_int(v, f"{field}[{i}]", 1) for i, v in enumerate(value))
+    if max(checked) > SIZE_LIMIT:
+        raise ValueError(f"{field}: expected sizes of at most {SIZE_LIMIT:,} (a window or tile larger than any grid "
+                         f"covers it whole), got {checked}")
+    return checked
 
 
 class MaskStrategy(dict):
-    """A read mask strategy: ``{(step, layer): windows}``, one ``(wt, wh, ww)`` per head in head order."""
+    """A mask strategy as :func:`read_strategy` returns it: ``{(step, layer): windows}``, one ``(wt, wh, ww)`` per head
+    in head order, the same heads at every (step, layer) and the same layers at every step."""
+
+    checked = False
+
+    @property
+    def heads(self) -> int:
+        return len(next(iter(self.values())))
+
+    @property
+    def layers(self) -> frozenset[int]:
+        return frozenset(layer for _, layer in self)
+
+    @property
+    def steps(self) -> frozenset[int]:
+        return frozenset(step for step, _ in self)
+
+
+def _load(path: Any) -> Any:
+    try:
+        size = os.path.getsize(path)
+        if size > STRATEGY_FILE_LIMIT:
+            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got "
+                             f"{size:,} bytes at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} as json ({err}); pass the path of "
+                         f"FastVideo's mask strategy file or the mapping itself") from None
 
 
 def read_strategy(source: Any) -> MaskStrategy:
-    """FastVideo's mask strategy (a mapping, or the path of its json file) as a :class:`MaskStrategy`; every
-    (step, layer) must list heads ``0 .. H - 1``. A :class:`MaskStrategy` is returned as it is (read a file once and
-    pass the result to several sessions)."""
-    if isinstance(source, MaskStrategy):
+    """FastVideo's mask strategy (a mapping ``"step_layer_head" -> [wt, wh, ww]``, or the path of its json file) as
+    a :class:`MaskStrategy`, checked: every (step, layer) lists heads ``0 .. H - 1`` (the same H everywhere) and every
+    step the same layers. What this function returned is returned as it is (read a file once, pass it on)."""
+    if isinstance(source, MaskStrategy) and source.checked:
         return source
     if isinstance(source, (str, os.PathLike)):
-        size = os.path.getsize(source)
-        if size > STRATEGY_FILE_LIMIT:
-            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got "
-                             f"{size:,} bytes at {os.fspath(source)!r}; pass FastVideo's mask strategy file")
-        with open(source, encoding="utf-8") as file:
-            source = json.load(file)
+        source = _load(source)
     if not isinstance(source, Mapping) or not source:
         raise TypeError(f"mask_strategy: expected a non-empty mapping 'step_layer_head' -> [wt, wh, ww] or its json "
                         f"file's path, got {type(source).__name__}")
     heads: dict[tuple[int, int], dict[int, tuple[int, int, int]]] = {}
     for name, window in source.items():
-        parts = name.split("_") if isinstance(name, str) else []
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"mask_strategy: expected keys 'step_layer_head' of three non-negative ints, got {name!r}")
-        step, layer, head = map(int, parts)
+        match = KEY.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            raise ValueError(f"mask_strategy: expected keys 'step_layer_head' of three non-negative ints (at most 9 "
+                             f"digits each), got {str(name)[:40]!r}")
+        step, layer, head = map(int, match.groups())
         heads.setdefault((step, layer), {})[head] = _triple(window, f"mask_strategy[{name!r}]")
     table = MaskStrategy()
     for (step, layer), found in heads.items():
@@ -92,6 +124,14 @@ def read_strategy(source: Any) -> MaskStrategy:
             raise ValueError(f"mask_strategy: step {step} layer {layer} lists {len(found)} heads but not head "
                              f"{missing[0]}; expected heads 0 .. H - 1 for every step and layer listed")
         table[(step, layer)] = tuple(found[h] for h in range(len(found)))
+    counts = {len(windows) for windows in table.values()}
+    layers = {step: {layer for s, layer in table if s == step} for step in table.steps}
+    if len(counts) > 1 or len({frozenset(found) for found in layers.values()}) > 1:
+        sizes = sorted({len(found) for found in layers.values()})
+        raise ValueError(f"mask_strategy: expected the same heads at every step and layer and the same layers at every "
+                         f"step, got {sorted(counts)} heads and layer sets of {sizes} layers; pass a strategy written "
+                         f"for one model")
+    table.checked = True
     return table
 
 
@@ -146,10 +186,16 @@ def tile_grid(geometry: VideoGeometry, tile: tuple[int, int, int]) -> tuple[int,
     return tuple(-(-size // t) for size, t in zip((geometry.frames, geometry.height, geometry.width), tile))
 
 
+def token_order(geometry: VideoGeometry, tile: Any = (6, 8, 8)) -> TokenOrder:
+    """The tile order of ``geometry``'s tokens (text stays where it is); one object per (geometry, tile) while it
+    is among the 16 last asked for. Its device copies of the index (8 bytes a token) live as long as it does."""
+    if not isinstance(geometry, VideoGeometry):
+        raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
+    return _token_order(geometry, _triple(tile, "tile"))
+
+
 @lru_cache(maxsize=16)
-def token_order(geometry: VideoGeometry, tile: tuple[int, int, int] = (6, 8, 8)) -> TokenOrder:
-    """The tile order of ``geometry``'s tokens (text stays where it is); one object per (geometry, tile)."""
-    tile = _triple(tile, "tile")
+def _token_order(geometry: VideoGeometry, tile: tuple[int, int, int]) -> TokenOrder:
     t, y, x = geometry.video_positions().T
     video = np.lexsort((x, y, t, x // tile[2], y // tile[1], t // tile[0]))       # last key sorts first
     index = np.arange(geometry.tokens)
@@ -164,7 +210,7 @@ def tile_offsets(geometry: VideoGeometry, tile: tuple[int, int, int]) -> np.ndar
     sizes = [np.diff(np.minimum(np.arange(0, -(-n // t) * t + 1, t), n)) for n, t in
              zip((geometry.frames, geometry.height, geometry.width), tile)]          # tokens of each tile on an axis
     video = np.einsum("i,j,k->ijk", *sizes).ravel()
-    text = np.diff(np.append(np.arange(0, geometry.text_tokens, int(np.prod(tile))), geometry.text_tokens))
+    text = np.diff(np.append(np.arange(0, geometry.text_tokens, math.prod(tile)), geometry.text_tokens))
     text = text[text > 0]
     blocks = np.concatenate([text, video] if geometry.text_position == "start" else [video, text])
     return frozen(np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64))
@@ -184,6 +230,17 @@ def video_block_map(grid: tuple[int, int, int], window: tuple[int, int, int]) ->
     """bool ``[NT, NT]`` over the tiles in tile order (``NT = prod(grid)``), read-only."""
     t, h, w = (axis_window(n, k) for n, k in zip(grid, window))
     return frozen(np.kron(t, np.kron(h, w)))
+
+
+def check_blocks(geometry: VideoGeometry, tile: tuple[int, int, int], num_heads: int) -> None:
+    """A mask of ``num_heads`` heads on these tiles fits the IR's int32 lists (checked before anything in proportion
+    is built: a plan builds ``blocks^2`` maps per distinct window)."""
+    text = -(-geometry.text_tokens // math.prod(tile))
+    blocks = math.prod(tile_grid(geometry, tile)) + text
+    if num_heads * blocks ** 2 > INDEX_LIMIT:
+        raise ValueError(f"tile: {tile} cuts {geometry} into {blocks:,} blocks, and {num_heads} heads x {blocks:,}^2 "
+                         f"block pairs exceed the int32 index limit {INDEX_LIMIT:,}; use larger tiles ((6, 8, 8) as "
+                         f"released) or plan fewer heads at a time (heads=HeadShard(...))")
 
 
 def covers_grid(window: tuple[int, int, int], grid: tuple[int, int, int]) -> bool:
@@ -208,19 +265,31 @@ class STASession:
         self.num_steps = check_int(num_steps, "num_steps", 1)
         self.params = params_from(STAParams, METHOD, params)
         self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+        strategy = self.params.mask_strategy
+        missing = [] if strategy is None else sorted(set(range(self.params.dense_steps, self.num_steps)) -
+                                                     strategy.steps)
+        if missing:
+            raise ValueError(f"mask_strategy: expected windows for every step from dense_steps="
+                             f"{self.params.dense_steps} to num_steps={self.num_steps}, got none for step {missing[0]} "
+                             f"({len(missing)} steps missing); pass a strategy written for {self.num_steps} steps or raise dense_steps")
 
     def windows(self, step: int, layer: int | None) -> tuple[tuple[int, int, int], ...]:
         """The (step, layer)'s windows: one per head from the mask strategy, else ``(window,)`` for every head."""
         strategy = self.params.mask_strategy
         if strategy is None:
             return (self.params.window,)
+        self._check_strategy_layer(layer)
+        return strategy[(step, layer)]
+
+    def _check_strategy_layer(self, layer: int | None) -> None:
+        strategy = self.params.mask_strategy
+        if strategy is None:
+            return
         if layer is None:
             raise ValueError("layer: a mask strategy gives windows per layer, got layer=None; pass the layer's index")
-        found = strategy.get((step, layer))
-        if found is None:
-            raise ValueError(f"mask_strategy: no windows for step {step} layer {layer} (keys 'step_layer_head'); pass "
-                             f"a strategy written for this model and number of steps, or one window")
-        return found
+        if layer not in strategy.layers:
+            raise ValueError(f"mask_strategy: no windows for layer {layer}, the strategy has {len(strategy.layers)} "
+                             f"layers (keys 'step_layer_head'); pass a strategy written for this model")
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense at the dense steps and where every window covers the grid, else the mask over the tile order."""
@@ -228,6 +297,8 @@ class STASession:
         layer = check_layer(layer)
         check_geometry(geometry, 1)
         check_bidirectional(geometry)
+        check_blocks(geometry, self.params.tile, 1)
+        self._check_strategy_layer(layer)                  # a layer the strategy lacks: refused at step 0
         grid = tile_grid(geometry, self.params.tile)
         if step < self.params.dense_steps or all(covers_grid(w, grid) for w in self.windows(step, layer)):
             return StepAction("dense", dense=True, plans=False)
@@ -249,7 +320,9 @@ class STASession:
         elif len(windows) != num_heads:
             raise ValueError(f"mask_strategy: step {step} layer {layer} gives {len(windows)} heads' windows, the "
                              f"model has {num_heads} heads; pass a strategy written for this model")
-        windows = windows[shard.start:shard.stop]
+        grid = tile_grid(geometry, self.params.tile)
+        windows = tuple(tuple(min(w, n) for w, n in zip(window, grid)) for window in windows[shard.start:shard.stop])
+        check_blocks(geometry, self.params.tile, len(windows))
         key = (geometry, windows)
         if key not in self._masks:
             self._masks[key] = self._mask(geometry, windows)
@@ -262,13 +335,19 @@ class STASession:
         tile = self.params.tile
         grid, offsets = tile_grid(geometry, tile), tile_offsets(geometry, tile)
         distinct, which = np.unique(np.array(windows), axis=0, return_inverse=True)
-        tiles = int(np.prod(grid))
+        which = which.ravel()
+        tiles = math.prod(grid)
         blocks = len(offsets) - 1
         video = slice(blocks - tiles, blocks) if geometry.text_position == "start" else slice(0, tiles)
         maps = np.ones((len(distinct), blocks, blocks), dtype=bool)
         for index, window in enumerate(distinct.tolist()):         # a few distinct windows, not one per head
             maps[index, video, video] = video_block_map(grid, tuple(window))
-        indptr, indices = csr.from_block_map(maps[which.ravel()])
+        counts = maps.sum(axis=2)                                  # [windows, blocks]
+        columns = np.nonzero(maps.reshape(-1, blocks))[1]          # each window's lists, one after another
+        starts = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])[which]
+        sizes = counts.sum(axis=1)[which]
+        within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        indptr, indices = csr.indptr_from_counts(counts[which]), columns[np.repeat(starts, sizes) + within]
         meta = {"method": METHOD, "paper": PAPER, "params": self.params.summary(), "geometry": geometry_meta(geometry),
                 "token_order": token_order(geometry, tile).name, "windows": [tuple(w) for w in distinct.tolist()]}
         return BlockMask(len(windows), offsets, offsets, indptr, indices, None, meta)

@@ -83,7 +83,11 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         if method == "radial":               # the released Wan processor's attention sink (frame 0)
             params.setdefault("sink", spec.name.startswith("wan"))
         if method == "sta" and params.get("mask_strategy") is not None:    # a file read once, not per geometry
-            params["mask_strategy"] = sta.read_strategy(params["mask_strategy"])
+            params["mask_strategy"] = strategy = sta.read_strategy(params["mask_strategy"])
+            heads = getattr(transformer.config, "num_attention_heads", None)
+            if isinstance(heads, int) and heads != strategy.heads:
+                raise ValueError(f"mask_strategy: expected windows for the model's {heads} heads, got {strategy.heads} "
+                                 f"a layer; pass a strategy written for this model")
         SESSIONS[method](num_steps=num_steps, **params)                                         # checks them now
     elif callable(method):
         if params:

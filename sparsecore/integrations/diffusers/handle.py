@@ -112,6 +112,7 @@ class SparseAttentionHandle:
 
         Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
         A batch of several text lengths (HunyuanVideo 1.5) plans one mask per length; this is the last.
+        STA's masks are over the tokens in tile order (``meta["token_order"]``; ``sta.token_order`` gives it).
         """
         return self._planner.last_mask(check_index(layer, "layer", len(self._processors)))
 
