@@ -85,7 +85,9 @@ reported too), cached search; PASA's sparse step. A 50-step generation's time is
 AdaSpa = 9 dense + 1 dense+lse + 1 search + 1 cached search + 38 reuse; PASA = 10 dense + 40 sparse (layer 0 dense
 in each); LVSA = 50 of its steps; Radial Attention (``radial``, with its released Wan 2.1 script's settings,
 :data:`METHOD_PARAMS`: decay 0.2, dense steps 12, dense layer 1) = 12 dense + 38 sparse; Sliding Tile Attention
-(``sta``: one 3 x 3 x 3 window of 6 x 8 x 8 tiles, FastVideo's Wan search's 12 dense steps) = 12 dense + 38 sparse.
+(``sta``: one 3 x 3 x 3 window of 6 x 8 x 8 tiles, FastVideo's Wan search's 12 dense steps) = 12 dense + 38 sparse;
+``sta-file`` runs the windows of ``--sta-strategy`` (FastVideo's HunyuanVideo file: full windows at steps 0-14, so
+15 dense + 35 sparse, the sparse steps' median over steps 16, 32 and 48, whose windows differ).
 ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for
 unkept blocks); ``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense,
 its masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
@@ -131,6 +133,7 @@ from report import time_one_backend, versions, write_report
 import sparsecore
 from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sc_diffusers
+from sparsecore.methods import sta
 from sparsecore.methods.pasa import PASAParams
 from sparsecore.timing import synchronize
 
@@ -144,6 +147,7 @@ SCHEDULES = {   # method -> (kind of step, how many of the 50)
     "pasa": [("dense", 10), ("sparse", 40)],
     "radial": [("dense", 12), ("sparse", 38)],
     "sta": [("dense", 12), ("sparse", 38)],
+    "sta-file": [("dense", 15), ("sparse", 35)],
     "dense-sparsecore": [("dense", 50)],
 }
 METHOD_PARAMS = {   # method -> parameters its rows run with: Radial Attention's released Wan 2.1 script (1x length)
@@ -154,6 +158,7 @@ VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
     "adaspa-device": ("adaspa", {"store": "device"}),          # searched masks wait on the GPU
     "adaspa-fused-first": ("adaspa", {"first_search": "fused"}),     # the paper's first search: step 10 dense
+    "sta-file": ("sta", {"dense_steps": 0}),         # windows from --sta-strategy (FastVideo's Hunyuan file)
 }
 WARM_UP = "warm-up"      # a forward that compiles a kind's kernels, not timed into it
 STEPS = {       # method -> (kind, step index) forwards, in order (step 0, untimed, compiles the dense path)
@@ -165,6 +170,8 @@ STEPS = {       # method -> (kind, step index) forwards, in order (step 0, untim
     "radial": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 12), ("sparse", 13), ("sparse", 14),
                ("sparse", 15)],
     "sta": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 12), ("sparse", 13), ("sparse", 14), ("sparse", 15)],
+    "sta-file": [("dense", 1), ("dense", 2), ("dense", 3), (WARM_UP, 15), ("sparse", 16), ("sparse", 32),
+                 ("sparse", 48)],                    # the file's windows differ per step: three steps apart
     "dense-sparsecore": [("dense", 1), ("dense", 2), ("dense", 3)],     # every step dense, through sparsecore
     "adaspa-fused-first": [("dense", 1), ("dense", 2), ("dense", 3), ("search", 10), ("first reuse", 11),
                            ("reuse", 12), ("reuse", 13), ("reuse", 14), ("cached search", 30)],
@@ -475,6 +482,8 @@ def main() -> int:
                         help="an option of --backend, e.g. key_parts=4 for fa4 (repeatable)")
     parser.add_argument("--dense-attention", default="auto", choices=["auto", "model"],
                         help="what the methods' dense steps run (apply's dense_attention)")
+    parser.add_argument("--sta-strategy", type=Path, default=None,
+                        help="FastVideo's mask strategy json for the sta-file rows (its Hunyuan file: 15 dense steps)")
     parser.add_argument("--tag", default="",
                         help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
@@ -488,6 +497,10 @@ def main() -> int:
         parser.error("--backend-option: name the backend they belong to (--backend fa4)")
     kernel_args = {"backend": args.backend, "backend_options": options or None,
                    "dense_attention": args.dense_attention}
+    if "sta-file" in args.methods:
+        if args.sta_strategy is None:
+            parser.error("--methods sta-file: pass --sta-strategy FILE")
+        VARIANTS["sta-file"][1]["mask_strategy"] = sta.read_strategy(args.sta_strategy)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
     meta = environment(device) | {"backend": args.backend, "backend_options": options,

@@ -112,7 +112,8 @@ def test_mask_strategy_gives_windows_per_step_layer_and_head(tmp_path):
     session = sta.session(2, tile=(2, 4, 4), mask_strategy=str(path))
     assert session.action(geometry, 0, 1).dense
     action = session.action(geometry, 1, 1)
-    assert not action.dense and not action.shared and action.token_order is sta.token_order(geometry, (2, 4, 4))
+    assert not action.dense and not action.shared and action.per_call   # no layer's kernel kept while others run
+    assert action.token_order is sta.token_order(geometry, (2, 4, 4))
     mask = session.plan(geometry, 2, step=1, layer=1)
     got = in_model_order(mask, action.token_order)
     for head, window in enumerate([(1, 1, 2), (2, 1, 1)]):
@@ -214,16 +215,21 @@ def token_provider(tile, window):
     return provider
 
 
-@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox"])
-def test_models_run_to_the_float64_oracle_through_the_tile_order(name, monkeypatch):
+@pytest.mark.parametrize("name, strategy", [("wan", False), ("hunyuan", False), ("cogvideox", False),
+                                            ("wan", True), ("hunyuan", True)])
+def test_models_run_to_the_float64_oracle_through_the_tile_order(name, strategy, monkeypatch):
     """Tiny Wan (no text), HunyuanVideo 1.5 (text after the video, padded per sample) and CogVideoX (text first):
-    q, k, v go into the tile order and back; the output is float64 attention under STA's rule in raster order."""
+    q, k, v go into the tile order and back; the output is float64 attention under STA's rule in raster order. With
+    a mask strategy each call compiles its layer's mask and keeps nothing after it."""
     case = CASES[name]
     model, inputs = case.build(), case.inputs(batch=2)
     params = {"tile": (2, 4, 4), "window": (1, 1, 3)}
     expected, _ = oracle_output(case, model, inputs, token_provider(**params), 0, 500.0, monkeypatch)
     dense = forward(model, inputs, 500.0)
-    handle = sparse.apply(model, "sta", device="cpu", num_steps=1, **params)
+    layers, heads = len(case.attention(model)), model.config.num_attention_heads
+    run = {"tile": params["tile"], "mask_strategy": {f"0_{layer}_{h}": params["window"] for layer in range(layers)
+                                                     for h in range(heads)}} if strategy else params
+    handle = sparse.apply(model, "sta", device="cpu", num_steps=1, **run)
     try:
         got = forward(model, inputs, 500.0)
     finally:

@@ -47,8 +47,9 @@ class StepAction:
     ``mass_block_size``: it can also take the block masses ``[H, MB, NB]`` of this step's q, k on
     ``geometry.block_offsets(mass_block_size)`` blocks, which the dense output's pass can give
     (:func:`sparsecore.search.dense_attention_with_mass`); None: it computes them itself.
-    ``per_call``: the mask is the call's own (made from its q, k, kept by nobody after it): the
-    integrations plan it at every call of the step and hold no layer's lists while others run.
+    ``per_call``: the mask is the call's own (made from its q, k, or one of many per-layer masks: STA's
+    strategies), kept by nobody after it: the integrations plan it at every call of the step and hold no
+    layer's lists or kernel while others run.
     ``held``: the session keeps the mask it returns in host memory (AdaSpa's ``store="host"``): the
     integrations copy it to the call's device and compile it at every call, and keep no device copy.
     ``shared``: every layer of the step gets the same mask (LVSA's): its kernel runs in turn with every

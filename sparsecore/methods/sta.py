@@ -51,7 +51,7 @@ from .contract import (HeadShard, StepAction, check_geometry, check_layer, check
 METHOD = "sta"
 PAPER = "arXiv:2502.04507"
 STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
-MASKS_KEPT = 64                              # per-layer masks of a mask strategy kept by a session
+MASKS_KEPT = 4        # masks a session keeps (each holds its device copy): one window's, or a strategy's latest
 SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
 KEY = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})", re.ASCII)
 
@@ -271,7 +271,8 @@ class STASession:
         if missing:
             raise ValueError(f"mask_strategy: expected windows for every step from dense_steps="
                              f"{self.params.dense_steps} to num_steps={self.num_steps}, got none for step {missing[0]} "
-                             f"({len(missing)} steps missing); pass a strategy written for {self.num_steps} steps or raise dense_steps")
+                             f"({len(missing)} steps missing); pass a strategy written for {self.num_steps} steps or "
+                             f"raise dense_steps")
 
     def windows(self, step: int, layer: int | None) -> tuple[tuple[int, int, int], ...]:
         """The (step, layer)'s windows: one per head from the mask strategy, else ``(window,)`` for every head."""
@@ -302,7 +303,8 @@ class STASession:
         grid = tile_grid(geometry, self.params.tile)
         if step < self.params.dense_steps or all(covers_grid(w, grid) for w in self.windows(step, layer)):
             return StepAction("dense", dense=True, plans=False)
-        return StepAction("plan", dense=False, plans=True, shared=self.params.mask_strategy is None,
+        uniform = self.params.mask_strategy is None       # one mask for every layer, else one per (step, layer),
+        return StepAction("plan", dense=False, plans=True, shared=uniform, per_call=not uniform,   # compiled per call
                           token_order=token_order(geometry, self.params.tile))
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
