@@ -107,7 +107,7 @@ class SparseAttentionHandle:
     def mask(self, layer: int) -> BlockMask | None:
         """The mask ``layer`` planned last (its valid tokens, before text padding), None before its first plan.
 
-        A method that plans at every call from its q, k (PASA, NABLA) keeps no mask after the call: None for its
+        A method that plans at every call (PASA, NABLA, STA's strategies) keeps no mask after the call: None for its
         layers unless :meth:`keep_masks` is on.
 
         Under Ulysses context parallelism: this rank's heads (stats' ``heads`` gives the range).
