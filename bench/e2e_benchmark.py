@@ -497,9 +497,10 @@ def main() -> int:
         parser.error("--backend-option: name the backend they belong to (--backend fa4)")
     kernel_args = {"backend": args.backend, "backend_options": options or None,
                    "dense_attention": args.dense_attention}
+    if ("sta-file" in args.methods) != (args.sta_strategy is not None):
+        parser.error("--methods sta-file and --sta-strategy FILE go together (its schedule is FastVideo's Hunyuan "
+                     "file's: 15 dense steps)")
     if "sta-file" in args.methods:
-        if args.sta_strategy is None:
-            parser.error("--methods sta-file: pass --sta-strategy FILE")
         VARIANTS["sta-file"][1]["mask_strategy"] = sta.read_strategy(args.sta_strategy)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -8,7 +8,10 @@ for at least ``min_samples`` repeats: an estimate from one short call of ``do_be
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 MIN_SAMPLES = 10
 WINDOW_MS = 300
@@ -20,3 +23,33 @@ def median_ms(fn: Callable[[], object], min_samples: int = MIN_SAMPLES) -> float
     estimate = float(do_bench(fn, warmup=1, rep=1, return_mode="median"))
     # do_bench divides the window by its own estimate, which adds the L2 flush: one sample more keeps the count
     return float(do_bench(fn, warmup=50, rep=max(WINDOW_MS, (min_samples + 1) * estimate), return_mode="median"))
+
+
+def wall_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of one call of ``fn`` on the GPU (synchronized before and after) and its result: for one-off
+    work such as planning or a first call that compiles."""
+    import torch
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def rel_l2(a: Any, b: Any) -> float:
+    """Relative L2 distance of ``a`` from ``b`` in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def write_rows(out: Path, stem: str, title: str, rows: list[dict], meta: dict, notes: tuple[str, ...]) -> None:
+    """``out/stem.json`` (meta and rows) and ``out/stem.md``: a table of case, density, row, its ms or s and the
+    ``notes`` keys a row has."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = ["| case | density | row | ms / s | note |", "|---|---|---|---|---|"]
+    for row in rows:
+        value = f"{row['ms']:.2f} ms" if "ms" in row else (f"{row['s']:.3f} s" if "s" in row else "")
+        note = {key: row[key] for key in notes if key in row}
+        lines.append(f"| {row['case']} | {row['density']:.3f} | {row['row']} | {value} | {note or ''} |")
+    (out / f"{stem}.md").write_text(f"# {title} ({meta['machine']}, {meta['date']})\n\n"
+                                    f"Versions: {meta['versions']}\n\n" + "\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import median_ms, rel_l2, wall_seconds, write_rows  # noqa: E402
 from radial_released_check import load_released  # noqa: E402
 from report import versions  # noqa: E402
 
@@ -46,18 +46,6 @@ CASES = [  # (name, frames, height, width, heads, head_dim, decay_factor, sink)
 ]
 BLOCK = 128
 WORKSPACE_BYTES = 128 * 1024 * 1024        # the released code's FlashInfer workspace
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def seconds(fn) -> tuple[float, object]:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def flashinfer_call(block_map: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
@@ -84,8 +72,8 @@ def case_rows(released, name: str, frames: int, height: int, width: int, heads: 
     radial._block_map.cache_clear()
     radial.pair_blocks.cache_clear()
     q, k, v = video_qkv(geometry, heads, dim, seed=0, dtype=torch.bfloat16, device="cuda")
-    plan_s, mask = seconds(lambda: radial.plan(geometry, heads, **params))
-    compile_s, kernel = seconds(lambda: sparsecore.compile(mask, "cuda"))
+    plan_s, mask = wall_seconds(lambda: radial.plan(geometry, heads, **params))
+    compile_s, kernel = wall_seconds(lambda: sparsecore.compile(mask, "cuda"))
     ours = kernel(q, k, v)
     common = {"case": name, "geometry": str(geometry), "heads": heads, "head_dim": dim, "decay_factor": decay,
               "sink": sink, "density": float(mask.density())}
@@ -103,7 +91,7 @@ def case_rows(released, name: str, frames: int, height: int, width: int, heads: 
                                                                  f"(its FlashInfer plan needs whole blocks)"})
         return rows
     query = torch.empty(1, device="cuda")
-    released_s, theirs = seconds(lambda: released.gen_log_mask_shrinked(
+    released_s, theirs = wall_seconds(lambda: released.gen_log_mask_shrinked(
         query, tokens, tokens, frames, block_size=BLOCK, sparse_type="radial", decay_factor=decay,
         model_type="wan" if sink else "hunyuan"))
     equal = torch.equal(theirs, torch.as_tensor(mask.to_dense()[0], device="cuda"))
@@ -132,17 +120,9 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "versions": versions()}
-    (args.out / "radial-kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["| case | density | row | ms / s | note |", "|---|---|---|---|---|"]
-    for row in rows:
-        value = f"{row['ms']:.2f} ms" if "ms" in row else (f"{row['s']:.3f} s" if "s" in row else "")
-        note = {key: row[key] for key in ("rel_l2_vs_dense", "rel_l2_vs_sparsecore", "masks_equal", "error")
-                if key in row}
-        lines.append(f"| {row['case']} | {row['density']:.3f} | {row['row']} | {value} | {note or ''} |")
-    (args.out / "radial-kernels.md").write_text(f"# Radial Attention kernels ({meta['machine']}, {meta['date']})\n\n"
-                                                f"Versions: {meta['versions']}\n\n" + "\n".join(lines) + "\n")
+    write_rows(args.out, "radial-kernels", "Radial Attention kernels", rows, meta,
+               ("rel_l2_vs_dense", "rel_l2_vs_sparsecore", "masks_equal", "error"))
     return 0
 
 

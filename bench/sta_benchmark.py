@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import median_ms, rel_l2, wall_seconds, write_rows  # noqa: E402
 from report import versions  # noqa: E402
 
 import sparsecore  # noqa: E402
@@ -53,18 +53,6 @@ CASES = [  # (name, frames, height, width, text, heads, windows cycled over head
     ("wan-1.3b 6x 480x832, window 3x3x3", 121, 30, 52, 0, 12, [(3, 3, 3)], None),
 ]
 HEAD_DIM = 128
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def seconds(fn) -> tuple[float, object]:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def load_fastvideo(path: Path):
@@ -90,9 +78,9 @@ def flex_call(mask, geometry: VideoGeometry, q, k, v):
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed[h, tile_of[q_idx], tile_of[kv_idx]]
 
-    build_s, block_mask = seconds(lambda: create_block_mask(mask_mod, None, mask.num_heads, geometry.tokens,
-                                                            geometry.tokens, device="cuda", BLOCK_SIZE=128,
-                                                            _compile=True))      # not L x L at once
+    build_s, block_mask = wall_seconds(lambda: create_block_mask(mask_mod, None, mask.num_heads, geometry.tokens,
+                                                                 geometry.tokens, device="cuda", BLOCK_SIZE=128,
+                                                                 _compile=True))      # not L x L at once
     flex = torch.compile(flex_attention)
     return (lambda: flex(q, k, v, block_mask=block_mask)), build_s
 
@@ -105,10 +93,10 @@ def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid
     sta.video_block_map.cache_clear()
     model_order = video_qkv(geometry, heads, HEAD_DIM, seed=0, dtype=torch.bfloat16, device="cuda")
     session = sta.session(1, mask_strategy=strategy(windows, heads))
-    plan_s, mask = seconds(lambda: session.plan(geometry, heads, step=0, layer=0))
+    plan_s, mask = wall_seconds(lambda: session.plan(geometry, heads, step=0, layer=0))
     order = sta.token_order(geometry)
     q, k, v = (order.gather(t, 2) for t in model_order)
-    compile_s, kernel = seconds(lambda: sparsecore.compile(mask, "cuda"))
+    compile_s, kernel = wall_seconds(lambda: sparsecore.compile(mask, "cuda"))
     ours = kernel(q, k, v)
     common = {"case": name, "geometry": str(geometry), "heads": heads, "head_dim": HEAD_DIM,
               "windows": sorted(set(windows)), "density": float(mask.density())}
@@ -126,7 +114,7 @@ def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid
     del dense
     try:                                            # a peer that fails is reported; the others still run
         flex, build_s = flex_call(mask, geometry, q, k, v)
-        compile_flex_s, theirs = seconds(flex)
+        compile_flex_s, theirs = wall_seconds(flex)
         rows.append({**common, "row": "FlexAttention compiled, 128-token blocks", "ms": median_ms(flex),
                      "block_mask_s": build_s, "first_call_s": compile_flex_s,
                      "rel_l2_vs_sparsecore": rel_l2(theirs, ours)})
@@ -138,24 +126,16 @@ def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid
     head_windows = [windows[h % len(windows)] for h in range(heads)]
     call = lambda: fastvideo.sliding_tile_attention_triton(q, k, v, head_windows, text, has_text=text > 0,  # noqa
                                                            dit_seq_shape=grid)
-    tune_s, theirs = seconds(call)
+    tune_s, theirs = wall_seconds(call)
     rows.append({**common, "row": "FastVideo STA Triton kernel (autotuned)", "ms": median_ms(call),
                  "autotune_s": tune_s, "rel_l2_vs_sparsecore": rel_l2(theirs, ours)})
     return rows
 
 
 def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "versions": versions()}
-    (out / "sta-kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["| case | density | row | ms / s | note |", "|---|---|---|---|---|"]
-    for row in rows:
-        value = f"{row['ms']:.2f} ms" if "ms" in row else (f"{row['s']:.3f} s" if "s" in row else "")
-        note = {key: row[key] for key in ("rel_l2_vs_dense", "rel_l2_vs_sparsecore", "autotune_s", "first_call_s",
-                                          "block_mask_s", "error") if key in row}
-        lines.append(f"| {row['case']} | {row['density']:.3f} | {row['row']} | {value} | {note or ''} |")
-    (out / "sta-kernels.md").write_text(f"# Sliding Tile Attention kernels ({meta['machine']}, {meta['date']})\n\n"
-                                        f"Versions: {meta['versions']}\n\n" + "\n".join(lines) + "\n")
+    write_rows(out, "sta-kernels", "Sliding Tile Attention kernels", rows, meta,
+               ("rel_l2_vs_dense", "rel_l2_vs_sparsecore", "autotune_s", "first_call_s", "block_mask_s", "error"))
 
 
 def main() -> int:

@@ -9,11 +9,22 @@ the mask). Both are one ``index_select`` on the device with an index uploaded on
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
 
 from sparsecore.ir.validation import frozen
+
+
+_LIVE: "weakref.WeakSet[TokenOrder]" = weakref.WeakSet()
+
+
+def forget_device_copies() -> None:
+    """Drop every live order's device indices (:func:`sparsecore.clear_cache` calls it); the next gather uploads
+    again."""
+    for order in list(_LIVE):
+        order._on_device.clear()
 
 
 class TokenOrder:
@@ -35,6 +46,7 @@ class TokenOrder:
         self.inverse = frozen(np.argsort(self.index))
         self.name = name
         self._on_device: dict[tuple[bool, str, int], Any] = {}
+        _LIVE.add(self)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from oracle import expand_to_tokens
 from test_integration_diffusers import CASES, forward, oracle_output
 
+import sparsecore
 from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sparse
 from sparsecore.ir import BlockMask, csr
@@ -150,6 +151,8 @@ def sparse_shard(start: int, stop: int, total: int):
     ({"mask_strategy": {"0_0_0": [1, 1, 1], "1_1_0": [1, 1, 1]}}, ValueError, "same layers"),
     ({"mask_strategy": "/nonexistent/strategy.json"}, ValueError, "could not read"),
     ({"window": (2 ** 31 + 1, 1, 1)}, ValueError, "at most 2,147,483,648"),
+    ({"mask_strategy": {"0_0_0": [1, 1, 1], "00_0_0": [1, 1, 1]}}, ValueError, "listed twice"),
+    ({"mask_strategy": {0: [1, 1, 1]}}, TypeError, "string keys"),
     ({"blocks": 3}, TypeError, "unknown parameter"),
 ])
 def test_bad_parameters_raise_naming_the_field(params, error, match):
@@ -161,6 +164,16 @@ def test_strategies_missing_steps_and_too_many_blocks_are_refused_before_any_ste
     strategy = {f"{s}_0_0": [1, 1, 1] for s in range(2)}
     with pytest.raises(ValueError, match="got none for step 2"):
         sta.session(3, mask_strategy=strategy)
+    with pytest.raises(ValueError, match="got none for step 2"):
+        sta.session(10 ** 12, mask_strategy=strategy)                      # work in the strategy's steps only
+    read = sta.read_strategy(strategy)
+    assert sta.read_strategy(read) is read and not hasattr(read, "__setitem__")
+    assert sta.plan(VideoGeometry(4, 8, 8), 1, step=1, layer=0, mask_strategy={"1_0_0": [1, 1, 1]}).num_heads == 1
+    with pytest.raises(ValueError, match="no windows for step 0"):
+        sta.session(2, mask_strategy={"1_0_0": [1, 1, 1]}, dense_steps=1).plan(VideoGeometry(4, 8, 8), 1, step=0,
+                                                                                 layer=0)
+    with pytest.raises(ValueError, match="gives 1 heads' windows, the model has 3"):
+        sta.plan(VideoGeometry(4, 8, 8), 3, step=1, layer=0, mask_strategy={"1_0_0": [1, 1, 1]})
     assert sta.session(3, mask_strategy=strategy, dense_steps=3).action(VideoGeometry(4, 8, 8), 2, 0).dense
     with pytest.raises(ValueError, match="no windows for layer 1"):              # at a dense step already
         sta.session(2, mask_strategy=strategy, dense_steps=1).action(VideoGeometry(4, 8, 8), 0, 1)
@@ -232,11 +245,16 @@ def test_models_run_to_the_float64_oracle_through_the_tile_order(name, strategy,
     handle = sparse.apply(model, "sta", device="cpu", num_steps=1, **run)
     try:
         got = forward(model, inputs, 500.0)
+        kept = handle.mask(0)
     finally:
         handle.remove()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=max(5e-6, case.atol))
     assert (got - dense).abs().max() > 5e-3
     assert {s["backend"] for s in handle.stats()} != {"dense"}
+    assert (kept is None) == strategy                                  # a strategy's masks: kept by no plan
+    order = sta.token_order(handle.geometry, params["tile"])
+    sparsecore.clear_cache()
+    assert not order._on_device
 
 
 def test_ring_attention_and_kandinsky_tiles_are_refused_at_the_forward():

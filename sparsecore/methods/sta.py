@@ -66,43 +66,44 @@ def _triple(value: Any, field: str) -> tuple[int, int, int]:
     return checked
 
 
-class MaskStrategy(dict):
-    """A mask strategy as :func:`read_strategy` returns it: ``{(step, layer): windows}``, one ``(wt, wh, ww)`` per head
-    in head order, the same heads at every (step, layer) and the same layers at every step."""
+class MaskStrategy(Mapping):
+    """A mask strategy as :func:`read_strategy` returns it, read-only: ``{(step, layer): windows}``, one
+    ``(wt, wh, ww)`` per head in head order, the same heads at every (step, layer) and the same layers at every step."""
 
-    checked = False
+    def __init__(self, table: dict[tuple[int, int], tuple[tuple[int, int, int], ...]]) -> None:
+        self._table = dict(table)
+        self.heads = len(next(iter(self._table.values())))
+        self.layers = frozenset(layer for _, layer in self._table)
+        self.steps = frozenset(step for step, _ in self._table)
 
-    @property
-    def heads(self) -> int:
-        return len(next(iter(self.values())))
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
+        return self._table[key]
 
-    @property
-    def layers(self) -> frozenset[int]:
-        return frozenset(layer for _, layer in self)
+    def __iter__(self):
+        return iter(self._table)
 
-    @property
-    def steps(self) -> frozenset[int]:
-        return frozenset(step for step, _ in self)
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 def _load(path: Any) -> Any:
     try:
-        size = os.path.getsize(path)
-        if size > STRATEGY_FILE_LIMIT:
-            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got "
-                             f"{size:,} bytes at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
+        with open(path, "rb") as file:
+            data = file.read(STRATEGY_FILE_LIMIT + 1)          # not the size the file system claims
+        if len(data) > STRATEGY_FILE_LIMIT:
+            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got more "
+                             f"at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
+        return json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} as json ({err}); pass the path of "
-                         f"FastVideo's mask strategy file or the mapping itself") from None
+        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} ({err}); pass the path of FastVideo's "
+                         f"mask strategy json file or the mapping itself") from None
 
 
 def read_strategy(source: Any) -> MaskStrategy:
     """FastVideo's mask strategy (a mapping ``"step_layer_head" -> [wt, wh, ww]``, or the path of its json file) as
     a :class:`MaskStrategy`, checked: every (step, layer) lists heads ``0 .. H - 1`` (the same H everywhere) and every
-    step the same layers. What this function returned is returned as it is (read a file once, pass it on)."""
-    if isinstance(source, MaskStrategy) and source.checked:
+    step the same layers. A :class:`MaskStrategy` is returned as it is (read a file once, pass it on)."""
+    if isinstance(source, MaskStrategy):
         return source
     if isinstance(source, (str, os.PathLike)):
         source = _load(source)
@@ -111,28 +112,34 @@ def read_strategy(source: Any) -> MaskStrategy:
                         f"file's path, got {type(source).__name__}")
     heads: dict[tuple[int, int], dict[int, tuple[int, int, int]]] = {}
     for name, window in source.items():
-        match = KEY.fullmatch(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise TypeError(f"mask_strategy: expected string keys 'step_layer_head', got {type(name).__name__}")
+        match = KEY.fullmatch(name)
         if match is None:
             raise ValueError(f"mask_strategy: expected keys 'step_layer_head' of three non-negative ints (at most 9 "
-                             f"digits each), got {str(name)[:40]!r}")
+                             f"digits each), got {name[:40]!r}")
         step, layer, head = map(int, match.groups())
-        heads.setdefault((step, layer), {})[head] = _triple(window, f"mask_strategy[{name!r}]")
-    table = MaskStrategy()
+        found = heads.setdefault((step, layer), {})
+        if head in found:
+            raise ValueError(f"mask_strategy: step {step} layer {layer} head {head} is listed twice (key {name!r}); "
+                             f"pass one window per step, layer and head")
+        found[head] = _triple(window, f"mask_strategy[{name!r}]")
+    table = {}
+    layers_of: dict[int, set[int]] = {}
     for (step, layer), found in heads.items():
         missing = sorted(set(range(len(found))) - set(found))
         if missing:
             raise ValueError(f"mask_strategy: step {step} layer {layer} lists {len(found)} heads but not head "
                              f"{missing[0]}; expected heads 0 .. H - 1 for every step and layer listed")
         table[(step, layer)] = tuple(found[h] for h in range(len(found)))
+        layers_of.setdefault(step, set()).add(layer)
     counts = {len(windows) for windows in table.values()}
-    layers = {step: {layer for s, layer in table if s == step} for step in table.steps}
-    if len(counts) > 1 or len({frozenset(found) for found in layers.values()}) > 1:
-        sizes = sorted({len(found) for found in layers.values()})
+    if len(counts) > 1 or len({frozenset(found) for found in layers_of.values()}) > 1:
+        sizes = sorted({len(found) for found in layers_of.values()})
         raise ValueError(f"mask_strategy: expected the same heads at every step and layer and the same layers at every "
                          f"step, got {sorted(counts)} heads and layer sets of {sizes} layers; pass a strategy written "
                          f"for one model")
-    table.checked = True
-    return table
+    return MaskStrategy(table)
 
 
 @dataclass(frozen=True)
@@ -252,7 +259,8 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     """The STA mask over :func:`token_order`'s order (``q``, ``k`` unused); ``**params``: :class:`STAParams`
     fields. Run it on q, k, v gathered into that order and scatter the output back."""
     step = check_step(step)
-    return STASession(step + 1, **params).plan(geometry, num_heads, step=step, layer=layer, heads=heads)
+    one_step = {**params, "dense_steps": step}             # a strategy needs windows for this step only
+    return STASession(step + 1, **one_step).plan(geometry, num_heads, step=step, layer=layer, heads=heads)
 
 
 class STASession:
@@ -265,14 +273,14 @@ class STASession:
         self.num_steps = check_int(num_steps, "num_steps", 1)
         self.params = params_from(STAParams, METHOD, params)
         self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
-        strategy = self.params.mask_strategy
-        missing = [] if strategy is None else sorted(set(range(self.params.dense_steps, self.num_steps)) -
-                                                     strategy.steps)
-        if missing:
-            raise ValueError(f"mask_strategy: expected windows for every step from dense_steps="
-                             f"{self.params.dense_steps} to num_steps={self.num_steps}, got none for step {missing[0]} "
-                             f"({len(missing)} steps missing); pass a strategy written for {self.num_steps} steps or "
-                             f"raise dense_steps")
+        strategy, first = self.params.mask_strategy, self.params.dense_steps
+        if strategy is not None and first < self.num_steps:           # work in the strategy's steps, not num_steps
+            listed = sorted(step for step in strategy.steps if first <= step < self.num_steps)
+            if len(listed) != self.num_steps - first:
+                gap = next((first + i for i, step in enumerate(listed) if step != first + i), first + len(listed))
+                raise ValueError(f"mask_strategy: expected windows for every step from dense_steps={first} to "
+                                 f"num_steps={self.num_steps}, got none for step {gap}; pass a strategy written for "
+                                 f"{self.num_steps} steps or raise dense_steps")
 
     def windows(self, step: int, layer: int | None) -> tuple[tuple[int, int, int], ...]:
         """The (step, layer)'s windows: one per head from the mask strategy, else ``(window,)`` for every head."""
@@ -280,7 +288,11 @@ class STASession:
         if strategy is None:
             return (self.params.window,)
         self._check_strategy_layer(layer)
-        return strategy[(step, layer)]
+        found = strategy.get((step, layer))
+        if found is None:
+            raise ValueError(f"mask_strategy: no windows for step {step} (keys 'step_layer_head'); pass a strategy "
+                             f"written for this number of steps")
+        return found
 
     def _check_strategy_layer(self, layer: int | None) -> None:
         strategy = self.params.mask_strategy
@@ -317,7 +329,7 @@ class STASession:
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         check_bidirectional(geometry)
         windows = self.windows(step, layer)
-        if len(windows) == 1:
+        if self.params.mask_strategy is None:
             windows = windows * num_heads
         elif len(windows) != num_heads:
             raise ValueError(f"mask_strategy: step {step} layer {layer} gives {len(windows)} heads' windows, the "
