@@ -53,3 +53,30 @@ def write_rows(out: Path, stem: str, title: str, rows: list[dict], meta: dict, n
         lines.append(f"| {row['case']} | {row['density']:.3f} | {row['row']} | {value} | {note or ''} |")
     (out / f"{stem}.md").write_text(f"# {title} ({meta['machine']}, {meta['date']})\n\n"
                                     f"Versions: {meta['versions']}\n\n" + "\n".join(lines) + "\n")
+
+
+def run_cases(cases: list[tuple], wanted: list[str] | None, rows_of: Callable[..., list[dict]],
+              write: Callable[[list[dict]], None]) -> list[dict]:
+    """``rows_of(*case)`` for every case whose name (its first field) is in ``wanted`` (all when empty), each row
+    printed as json when made; ``write(rows)`` after every case, so what ran survives a time limit."""
+    import torch
+    rows: list[dict] = []
+    for case in cases:
+        if wanted and case[0] not in wanted:
+            continue
+        for row in rows_of(*case):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        write(rows)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cudnn_dense(q: Any, k: Any, v: Any, ours: Any) -> tuple[float, float]:
+    """cuDNN dense attention on ``q, k, v``: its median ms and the relative L2 of ``ours`` from its output."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        distance = rel_l2(ours, sdpa(q, k, v))
+        return median_ms(lambda: sdpa(q, k, v)), distance

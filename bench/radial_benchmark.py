@@ -21,15 +21,15 @@ at 768 x 1280, 117 frames: decay 0.95, video part), and Wan 2.1 1.3B at 480 x 83
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import median_ms, rel_l2, wall_seconds, write_rows  # noqa: E402
+from kernel_timing import cudnn_dense, median_ms, rel_l2, run_cases, wall_seconds, write_rows  # noqa: E402
 from radial_released_check import load_released  # noqa: E402
 from report import versions  # noqa: E402
 
@@ -65,7 +65,6 @@ def flashinfer_call(block_map: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 def case_rows(released, name: str, frames: int, height: int, width: int, heads: int, dim: int, decay: float,
               sink: bool) -> list[dict]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     geometry = VideoGeometry(frames, height, width)
     tokens = geometry.video_tokens
     params = {"decay_factor": decay, "sink": sink}
@@ -80,12 +79,8 @@ def case_rows(released, name: str, frames: int, height: int, width: int, heads: 
     rows = [{**common, "row": "sparsecore plan (radial.plan)", "s": plan_s},
             {**common, "row": "sparsecore compile (upload, conversion)", "s": compile_s},
             {**common, "row": f"sparsecore kernel ({kernel.backend.name})", "ms": median_ms(lambda: kernel(q, k, v))}]
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        rows.append({**common, "row": "cuDNN dense", "ms": median_ms(
-            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))})
-    rows[2]["rel_l2_vs_dense"] = rel_l2(ours, dense)
-    del dense
+    dense_ms, rows[2]["rel_l2_vs_dense"] = cudnn_dense(q, k, v, ours)
+    rows.append({**common, "row": "cuDNN dense", "ms": dense_ms})
     if tokens % BLOCK:
         rows.append({**common, "row": "released path", "error": f"{tokens} video tokens: not a multiple of {BLOCK} "
                                                                  f"(its FlashInfer plan needs whole blocks)"})
@@ -112,17 +107,10 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all)")
     args = parser.parse_args()
     released = load_released(args.attn_mask)
-    rows = []
-    for case in CASES:
-        if args.cases and case[0] not in args.cases:
-            continue
-        for row in case_rows(released, *case):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
     meta = {"machine": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "versions": versions()}
-    write_rows(args.out, "radial-kernels", "Radial Attention kernels", rows, meta,
-               ("rel_l2_vs_dense", "rel_l2_vs_sparsecore", "masks_equal", "error"))
+    run_cases(CASES, args.cases, partial(case_rows, released),
+              lambda rows: write_rows(args.out, "radial-kernels", "Radial Attention kernels", rows, meta,
+                                      ("rel_l2_vs_dense", "rel_l2_vs_sparsecore", "masks_equal", "error")))
     return 0
 
 

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import median_ms, rel_l2, wall_seconds, write_rows  # noqa: E402
+from kernel_timing import cudnn_dense, median_ms, rel_l2, run_cases, wall_seconds, write_rows  # noqa: E402
 from report import versions  # noqa: E402
 
 import sparsecore  # noqa: E402
@@ -86,7 +86,6 @@ def flex_call(mask, geometry: VideoGeometry, q, k, v):
 
 
 def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid) -> list[dict]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     geometry = VideoGeometry(frames, height, width, text_tokens=text)
     sta.token_order.cache_clear()
     sta.tile_offsets.cache_clear()
@@ -106,12 +105,8 @@ def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid
             {**common, "row": "sparsecore compile (upload, conversion)", "s": compile_s},
             {**common, "row": f"sparsecore kernel ({kernel.backend.name})", "ms": median_ms(lambda: kernel(q, k, v))},
             {**common, "row": "token order: gather q, k, v + scatter out", "ms": median_ms(permute)}]
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        rows.append({**common, "row": "cuDNN dense", "ms": median_ms(
-            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))})
-    rows[2]["rel_l2_vs_dense"] = rel_l2(ours, dense)
-    del dense
+    dense_ms, rows[2]["rel_l2_vs_dense"] = cudnn_dense(q, k, v, ours)
+    rows.append({**common, "row": "cuDNN dense", "ms": dense_ms})
     try:                                            # a peer that fails is reported; the others still run
         flex, build_s = flex_call(mask, geometry, q, k, v)
         compile_flex_s, theirs = wall_seconds(flex)
@@ -145,15 +140,7 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all)")
     args = parser.parse_args()
     fastvideo = None if args.st_attn is None else load_fastvideo(args.st_attn)
-    rows = []
-    for case in CASES:
-        if args.cases and case[0] not in args.cases:
-            continue
-        for row in case_rows(fastvideo, *case):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        write(rows, args.out)                                   # what ran so far survives a time limit
-        torch.cuda.empty_cache()
+    run_cases(CASES, args.cases, partial(case_rows, fastvideo), lambda rows: write(rows, args.out))
     return 0
 
 

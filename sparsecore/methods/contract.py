@@ -227,6 +227,13 @@ def check_shard(heads: Any, num_heads: int) -> HeadShard:
     return heads
 
 
+def check_bidirectional(geometry: VideoGeometry, pattern: str) -> None:
+    """Refuse a frame-causal geometry for a method whose ``pattern`` (said in the message) looks both ways."""
+    if geometry.causal_frames:
+        raise ValueError(f"geometry: {pattern}, got causal_frames={geometry.causal_frames}; use 'lvsa' for "
+                         f"frame-causal attention")
+
+
 def geometry_meta(geometry: VideoGeometry) -> dict[str, Any]:
     causal = {"causal_frames": geometry.causal_frames} if geometry.causal_frames else {}
     return {"frames": geometry.frames, "height": geometry.height, "width": geometry.width,

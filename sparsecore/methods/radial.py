@@ -46,12 +46,13 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int, frozen
 
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_shard,
-                       check_step, fixed_block_offsets, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
+                       check_layer, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 from .selection import shared_mask
 
 METHOD = "radial"
 PAPER = "arXiv:2506.19852"
+PATTERN = "Radial Attention's pattern is bidirectional"      # why frame-causal geometries are refused
 SPLIT_THRESHOLD = 128             # the split rule's constant, fixed in the released code whatever the block size
 FULL = -1                         # a frame pair's band covers the whole frame
 
@@ -157,17 +158,11 @@ def video_block_map(geometry: VideoGeometry, p: RadialParams) -> np.ndarray:
     return block_map
 
 
-def check_bidirectional(geometry: VideoGeometry) -> None:
-    if geometry.causal_frames:
-        raise ValueError(f"geometry: Radial Attention's pattern is bidirectional, got causal_frames="
-                         f"{geometry.causal_frames}; use 'lvsa' for frame-causal attention")
-
-
 @lru_cache(maxsize=64)
 def _block_map(geometry: VideoGeometry, p: RadialParams) -> tuple[np.ndarray, np.ndarray, bool]:
     """``(offsets, block_map, dense)`` over the whole sequence: video blocks by :func:`video_block_map`, text blocks
     full both ways; ``dense``: every block kept (arrays read-only: shared by every session of the process)."""
-    check_bidirectional(geometry)
+    check_bidirectional(geometry, PATTERN)
     if p.block_size > geometry.video_tokens:
         raise ValueError(f"block_size: expected at most the {geometry.video_tokens} video tokens of {geometry}, got "
                          f"{p.block_size}; pass a block size that cuts the video into blocks (128, as released)")

@@ -45,11 +45,12 @@ from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.validation import INDEX_LIMIT, check_int, frozen
 from sparsecore.ordering import TokenOrder
 
-from .contract import (HeadShard, StepAction, check_geometry, check_layer, check_shard, check_step, geometry_meta,
-                       params_from)
+from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_shard,
+                       check_step, geometry_meta, params_from)
 
 METHOD = "sta"
 PAPER = "arXiv:2502.04507"
+PATTERN = "Sliding Tile Attention's tiles span frames both ways"     # why frame-causal geometries are refused
 STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
 MASKS_KEPT = 4        # masks a session keeps (each holds its device copy): one window's, or a strategy's latest
 SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
@@ -182,12 +183,6 @@ class STAParams:
                 "mask_strategy": None if strategy is None else f"{len(strategy)} (step, layer) entries"}
 
 
-def check_bidirectional(geometry: VideoGeometry) -> None:
-    if geometry.causal_frames:
-        raise ValueError(f"geometry: Sliding Tile Attention's tiles span frames both ways, got causal_frames="
-                         f"{geometry.causal_frames}; use 'lvsa' for frame-causal attention")
-
-
 def tile_grid(geometry: VideoGeometry, tile: tuple[int, int, int]) -> tuple[int, int, int]:
     """Tiles along (frames, rows, columns): ``ceil(size / tile)`` each (the last tile of an axis may be short)."""
     return tuple(-(-size // t) for size, t in zip((geometry.frames, geometry.height, geometry.width), tile))
@@ -309,7 +304,7 @@ class STASession:
         check_step(step, self.num_steps)
         layer = check_layer(layer)
         check_geometry(geometry, 1)
-        check_bidirectional(geometry)
+        check_bidirectional(geometry, PATTERN)
         check_blocks(geometry, self.params.tile, 1)
         self._check_strategy_layer(layer)                  # a layer the strategy lacks: refused at step 0
         grid = tile_grid(geometry, self.params.tile)
@@ -327,7 +322,7 @@ class STASession:
         check_step(step, self.num_steps)
         layer = check_layer(layer)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        check_bidirectional(geometry)
+        check_bidirectional(geometry, PATTERN)
         windows = self.windows(step, layer)
         if self.params.mask_strategy is None:
             windows = windows * num_heads
