@@ -87,7 +87,7 @@ def flex_call(mask, geometry: VideoGeometry, q, k, v):
 
 def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid) -> list[dict]:
     geometry = VideoGeometry(frames, height, width, text_tokens=text)
-    sta.token_order.cache_clear()
+    sta._token_order.cache_clear()
     sta.tile_offsets.cache_clear()
     sta.video_block_map.cache_clear()
     model_order = video_qkv(geometry, heads, HEAD_DIM, seed=0, dtype=torch.bfloat16, device="cuda")

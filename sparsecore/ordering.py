@@ -56,22 +56,33 @@ class TokenOrder:
 
     def gather(self, tensor: Any, dim: int) -> Any:
         """``tensor``'s tokens along ``dim`` in this order (a new tensor)."""
-        return tensor.index_select(dim, self._index(False, tensor, dim))
+        return tensor.index_select(dim, self._index(False, tensor.device, self._length(tensor, dim)))
 
     def scatter(self, tensor: Any, dim: int) -> Any:
         """The inverse of :meth:`gather`: tokens in this order back in the model's."""
-        return tensor.index_select(dim, self._index(True, tensor, dim))
+        return tensor.index_select(dim, self._index(True, tensor.device, self._length(tensor, dim)))
 
-    def _index(self, inverse: bool, tensor: Any, dim: int) -> Any:
-        import torch
+    def device_index(self, device: Any, length: int | None = None) -> Any:
+        """:attr:`index` as an int64 tensor on ``device``, extended to ``length`` tokens (the extra ones in place),
+        uploaded once (for gathers that fold it into another)."""
+        length = len(self) if length is None else length
+        if length < len(self):
+            raise ValueError(f"length: expected at least the order's {len(self)} tokens, got {length}")
+        return self._index(False, device, length)
+
+    def _length(self, tensor: Any, dim: int) -> int:
         length = tensor.shape[dim]
         if length < len(self):
             raise ValueError(f"tensor: expected at least {len(self)} tokens along dim {dim} for {self!r}, got "
                              f"{length}; gather the sequence the order was made for")
-        key = (inverse, str(tensor.device), length)
+        return length
+
+    def _index(self, inverse: bool, device: Any, length: int) -> Any:
+        import torch
+        key = (inverse, str(device), length)
         found = self._on_device.get(key)
         if found is None:
             order = self.inverse if inverse else self.index
             full = np.concatenate([order, np.arange(len(self), length)])        # padding stays in place
-            found = self._on_device[key] = torch.from_numpy(full).to(tensor.device)
+            found = self._on_device[key] = torch.from_numpy(full).to(device)
         return found

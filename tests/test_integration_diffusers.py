@@ -1423,7 +1423,7 @@ def test_a_mask_padded_to_two_lengths_gets_each_length():
 
 def test_a_callable_methods_mask_cut_for_two_shards_of_one_start_gets_each():
     """A callable's mask cut for head shards is kept per shard: shards 0:2 and 0:1 of 4 heads get their own heads."""
-    from sparsecore.integrations.diffusers.planner import CallableSession
+    from sparsecore.integrations.diffusers.callable_session import CallableSession
     from sparsecore.methods.contract import HeadShard
 
     g = VideoGeometry(2, 2, 2)

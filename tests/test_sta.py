@@ -279,3 +279,42 @@ def test_ring_attention_and_kandinsky_tiles_are_refused_at_the_forward():
         finally:
             handle.remove()
 
+
+
+def test_a_strategy_compiles_each_window_once_and_runs_it_on_its_heads(monkeypatch):
+    """Two layers x two steps of per-head windows out of two: two one-head kernels, compiled at the first call that
+    needs each and run on their heads at every call; the output is the mask's (the float64 oracle above holds the
+    whole path; here the grouped output against the multi-head mask's own kernel on the same q, k, v)."""
+    case = CASES["wan"]
+    model, inputs = case.build(), case.inputs(batch=2)
+    windows = [(1, 1, 3), (3, 1, 1)]
+    strategy = {f"{step}_{layer}_{h}": windows[(step + layer + h) % 2] for step in range(2) for layer in range(2)
+                for h in range(2)}
+    compiled = []
+    compile_ = sparsecore.compile
+    monkeypatch.setattr(sparsecore, "compile", lambda mask, **kw: compiled.append(mask) or compile_(mask, **kw))
+    handle = sparse.apply(model, "sta", device="cpu", num_steps=2, tile=(2, 4, 4), mask_strategy=strategy)
+    try:
+        for t in (999.0, 500.0):
+            forward(model, inputs, t)
+    finally:
+        handle.remove()
+    assert [m.num_heads for m in compiled] == [1, 1]
+    assert sorted(m.meta["head_windows"] for m in compiled) == [((1, 1, 2),), ((3, 1, 1),)]    # clamped to the grid
+    from sparsecore.integrations.diffusers.head_groups import HeadGroupKernel
+    session = sta.session(1, tile=(2, 4, 4), mask_strategy={f"0_0_{h}": windows[h % 2] for h in range(3)})
+    geometry = VideoGeometry(4, 8, 8)
+    mask = session.plan(geometry, 3, step=0, layer=0)
+    groups = session.head_groups(geometry, 3, step=0, layer=0)
+    assert [members for _, members in groups] == [(0, 2), (1,)]
+    grouped = HeadGroupKernel(mask, [(sparsecore.compile(m, device="cpu"), members) for m, members in groups])
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, geometry.tokens + 5, 3, 16, generator=gen) for _ in range(3))     # [B, S, H, D]
+    order = sta.token_order(geometry, (2, 4, 4))
+    want = order.scatter(sparsecore.compile(mask, device="cpu")(*(order.gather(t.transpose(1, 2)[:, :, :-5], 2)
+                                                                  for t in (q, k, v))), 2).transpose(1, 2)
+    got = grouped.attend(q, k, v, order)
+    torch.testing.assert_close(got[:, :-5], want, rtol=1e-6, atol=1e-6)
+    assert (got[:, -5:] == 0).all()                                          # rows past the mask: 0
+    with pytest.raises(ValueError, match="expected every one of the mask's 3 heads in exactly one group"):
+        HeadGroupKernel(mask, [(None, (0, 1))] + [(None, (1, 2))])

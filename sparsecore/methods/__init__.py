@@ -11,10 +11,11 @@ May import: ``sparsecore.ir``, ``sparsecore.geometry``, ``sparsecore.inputs``,
 ``sparsecore.ordering`` (a mask over the tokens in another order).
 """
 
-from . import adaspa, lvsa, nabla, pasa, radial, sta
+from . import adaspa, lvsa, nabla, pasa, radial, sta, sta_search
 from .contract import HeadShard, Session, StepAction
 
 SESSIONS = {"lvsa": lvsa.session, "adaspa": adaspa.session, "pasa": pasa.session, "nabla": nabla.session,
             "radial": radial.session, "sta": sta.session}
 
-__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa", "radial", "sta"]
+__all__ = ["SESSIONS", "HeadShard", "Session", "StepAction", "adaspa", "lvsa", "nabla", "pasa", "radial", "sta",
+           "sta_search"]

@@ -59,6 +59,10 @@ class StepAction:
     and run each sample of a batch apart.
     ``token_order``: the mask's blocks are over the tokens in this order (STA's tiles,
     :class:`sparsecore.ordering.TokenOrder`): the integrations gather q, k, v into it and the output back.
+    ``head_groups``: the mask's heads take a few distinct patterns, which the session gives as one-head masks
+    (``session.head_groups(geometry, num_heads, step=, layer=, heads=)``: ``[(mask, head indices), ...]``, the same
+    mask objects while it keeps them; STA's strategies): the integrations may run one kernel per pattern on the heads
+    that have it, each compiled once, instead of compiling every call's mask.
     """
 
     label: str
@@ -72,6 +76,7 @@ class StepAction:
     shared: bool = False
     per_sample: bool = False
     token_order: TokenOrder | None = None
+    head_groups: bool = False
 
 
 @runtime_checkable

@@ -22,8 +22,10 @@ FlexAttention mask (the window), ``STA_configuration.py`` (the offline search).
 
 Where FastVideo refuses or is silent: it takes only grids that are a multiple of the tile (and three fixed
 sequence lengths); here the tiles on the grid's far edges may be short (blocks of fewer tokens, which every
-lowering runs exactly). Frame-causal geometries are refused (tiles span frames). The offline search is not
-reproduced: a file it wrote is read as it is.
+lowering runs exactly). Frame-causal geometries are refused (tiles span frames). The offline search is reproduced
+for any grid (:mod:`.sta_search`, ``handle.search_windows`` in the diffusers integration). A strategy's session also
+gives each (step, layer) as one-head masks of its distinct windows (:meth:`STASession.head_groups`), so a window's
+kernel is compiled once rather than every call's mask.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ PAPER = "arXiv:2502.04507"
 PATTERN = "Sliding Tile Attention's tiles span frames both ways"     # why frame-causal geometries are refused
 STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
 MASKS_KEPT = 4        # masks a session keeps (each holds its device copy): one window's, or a strategy's latest
+WINDOW_MASKS_KEPT = 16         # more of a strategy's one-head masks (one per window and geometry: a few KiB each)
 SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
 KEY = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})", re.ASCII)
 
@@ -268,6 +271,7 @@ class STASession:
         self.num_steps = check_int(num_steps, "num_steps", 1)
         self.params = params_from(STAParams, METHOD, params)
         self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+        self._window_masks: OrderedDict[tuple, BlockMask] = OrderedDict()      # one-head masks (head_groups)
         strategy, first = self.params.mask_strategy, self.params.dense_steps
         if strategy is not None and first < self.num_steps:           # work in the strategy's steps, not num_steps
             listed = sorted(step for step in strategy.steps if first <= step < self.num_steps)
@@ -311,8 +315,8 @@ class STASession:
         if step < self.params.dense_steps or all(covers_grid(w, grid) for w in self.windows(step, layer)):
             return StepAction("dense", dense=True, plans=False)
         uniform = self.params.mask_strategy is None       # one mask for every layer, else one per (step, layer),
-        return StepAction("plan", dense=False, plans=True, shared=uniform, per_call=not uniform,   # compiled per call
-                          token_order=token_order(geometry, self.params.tile))
+        return StepAction("plan", dense=False, plans=True, shared=uniform, per_call=not uniform,   # run per window
+                          head_groups=not uniform, token_order=token_order(geometry, self.params.tile))
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
              q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,
@@ -332,13 +336,30 @@ class STASession:
         grid = tile_grid(geometry, self.params.tile)
         windows = tuple(tuple(min(w, n) for w, n in zip(window, grid)) for window in windows[shard.start:shard.stop])
         check_blocks(geometry, self.params.tile, len(windows))
+        return self._kept(self._masks, geometry, windows, MASKS_KEPT)
+
+    def head_groups(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
+                    heads: HeadShard | None = None) -> list[tuple[BlockMask, tuple[int, ...]]]:
+        """The (step, layer)'s distinct windows as one-head masks, each with the heads (of ``heads``' shard, counted
+        from its first) that have it: ``StepAction.head_groups``. The masks of the last :data:`WINDOW_MASKS_KEPT`
+        windows are kept, so a window's mask (and the kernel compiled for it) serves every layer and step."""
+        windows = self.plan(geometry, num_heads, step=step, layer=layer, heads=heads).meta["head_windows"]
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for head, window in enumerate(windows):
+            groups.setdefault(window, []).append(head)
+        return [(self._kept(self._window_masks, geometry, (window,), WINDOW_MASKS_KEPT), tuple(members))
+                for window, members in groups.items()]
+
+    def _kept(self, cache: OrderedDict, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...],
+              limit: int) -> BlockMask:
+        """The mask of these per-head windows from ``cache``, which keeps the ``limit`` last used."""
         key = (geometry, windows)
-        if key not in self._masks:
-            self._masks[key] = self._mask(geometry, windows)
-            if len(self._masks) > MASKS_KEPT:
-                self._masks.popitem(last=False)
-        self._masks.move_to_end(key)
-        return self._masks[key]
+        if key not in cache:
+            cache[key] = self._mask(geometry, windows)
+            if len(cache) > limit:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
 
     def _mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
         tile = self.params.tile
@@ -358,7 +379,8 @@ class STASession:
         within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         indptr, indices = csr.indptr_from_counts(counts[which]), columns[np.repeat(starts, sizes) + within]
         meta = {"method": METHOD, "paper": PAPER, "params": self.params.summary(), "geometry": geometry_meta(geometry),
-                "token_order": token_order(geometry, tile).name, "windows": [tuple(w) for w in distinct.tolist()]}
+                "token_order": token_order(geometry, tile).name, "windows": [tuple(w) for w in distinct.tolist()],
+                "head_windows": windows}
         return BlockMask(len(windows), offsets, offsets, indptr, indices, None, meta)
 
 

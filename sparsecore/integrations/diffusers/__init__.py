@@ -23,6 +23,9 @@ Modules, one job each (data flows one way: processor -> planner -> kernel):
 - :mod:`.op`: the custom op ``torch.ops.sparsecore.diffusers_attention`` (compiled models).
 - :mod:`.stats`: per (layer, step) records and timing.
 - :mod:`.audit`: chosen layers' and steps' masks measured against dense attention (``handle.audit``).
+- :mod:`.window_search`: Sliding Tile Attention's window search on the running model (``handle.search_windows``).
+- :mod:`.head_groups`: a mask of a few per-head patterns run as one kernel per pattern (STA's strategies).
+- :mod:`.callable_session`: a callable method as a session; :mod:`.text`: valid text tokens from the models' masks.
 - :mod:`.attach`: ``apply()``: the checks, the self-attention modules found and their processors replaced.
 - :mod:`.handle`: the handle (hooks, step control, stats, ``remove()``).
 
@@ -70,16 +73,17 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
                       f"pip install 'diffusers==0.42.1' (tested version)") from err
 
 from .attach import apply
+from .callable_session import MethodProvider
 from .handle import SparseAttentionHandle
 from .models import SUPPORTED_MODELS, ModelSpec
 from .parallel import HUNYUAN_VIDEO_15_CP_PLAN, LTX_VIDEO_CP_PLAN, MOCHI_CP_PLAN, WAN_VACE_CP_PLAN, enable_parallelism
-from .planner import MethodProvider
 from .processors import (CogVideoXSparseAttnProcessor, HunyuanVideo15SparseAttnProcessor,
                          HunyuanVideoSparseAttnProcessor, LTX2SparseAttnProcessor, LTXVideoSparseAttnProcessor,
                          MochiSparseAttnProcessor, SkyReelsV2SparseAttnProcessor, WanSparseAttnProcessor)
+from .window_search import WindowSearch
 
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "LTX_VIDEO_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
            "CogVideoXSparseAttnProcessor", "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
            "LTX2SparseAttnProcessor", "LTXVideoSparseAttnProcessor", "MethodProvider", "MochiSparseAttnProcessor",
-           "ModelSpec", "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "apply",
-           "enable_parallelism"]
+           "ModelSpec", "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "WindowSearch",
+           "apply", "enable_parallelism"]

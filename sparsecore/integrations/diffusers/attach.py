@@ -20,7 +20,7 @@ from sparsecore.registry import checked_options, device_type, registered_backend
 from . import parallel
 from .handle import SparseAttentionHandle
 from .models import ModelSpec, spec_of
-from .planner import MethodProvider
+from .callable_session import MethodProvider
 from .processors import SPARSE_PROCESSORS, RefusesCopies, SparseProcessor, set_processor
 
 TESTED_DIFFUSERS = "0.42"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,20 +24,21 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import refuse_capture
 from sparsecore.ir.validation import check_index
-from sparsecore.methods import HeadShard
+from sparsecore.methods import HeadShard, sta
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
+from .kandinsky import check_token_order
 from .ltx import CheckedCoords, packed_grid
 from .models import ModelSpec
-from .planner import MethodProvider, Planner
+from .callable_session import MethodProvider
+from .planner import Planner
 from .processors import SparseProcessor, set_processor
 from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
-
-
-RASTER_METHODS = ("radial", "sta")      # their masks read a token's (y, x) from its raster place in the frame
+from .text import valid_text
+from .window_search import WindowSearch
 
 
 class SparseAttentionHandle:
@@ -148,6 +149,28 @@ class SparseAttentionHandle:
             raise ValueError(NO_SEQUENCE_SPLIT)
         self._planner.audit = make_audit(layers, steps, len(self._processors), self.num_steps) if enabled else None
 
+    def search_windows(self, candidates: Sequence[Any] | None, *, layers: Iterable[int] | None = None,
+                       steps: Iterable[int] | None = None) -> WindowSearch | None:
+        """Search STA's windows per step, layer and head, as FastVideo's offline search (:mod:`.window_search`):
+        from now on every call runs the model's dense attention, and at the chosen ``layers`` and ``steps`` (None:
+        all) each of the ``candidates`` windows is measured against it. Run the pipeline on a few prompts, then
+        ``search.save(path, dense_steps)`` and apply STA with ``mask_strategy=path``. ``None`` ends the search.
+        Only under ``method="sta"`` (its ``tile``), on one process holding every head and the whole sequence."""
+        if candidates is None:
+            self._planner.window_search = None
+            return None
+        if self.method != "sta":
+            raise ValueError(f"handle.search_windows: searches Sliding Tile Attention's windows, got a handle of "
+                             f"method {self.method!r}; apply(..., method='sta', tile=...) first")
+        if any(parallel.layout(p._parallel_config) is not None for p in self._processors):
+            raise ValueError("handle.search_windows: the model runs under context parallelism, where no process holds "
+                             "every head and the whole sequence; search on one GPU")
+        tile = sta.STAParams(**({"tile": self.params["tile"]} if "tile" in self.params else {})).tile
+        search = WindowSearch(candidates, tile, len(self._processors), self.num_steps, self._planner.compiled,
+                              layers, steps)
+        self._planner.window_search = search
+        return search
+
     def stats(self) -> list[dict]:
         """One dict per (run, layer, step, geometry) of the current run and the one before it, in call order.
 
@@ -202,15 +225,8 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
-        if self.method == "nabla" and not self.spec.tiled_forward(args, kwargs):
-            raise ValueError("sparse_params: method 'nabla' plans 8 x 8 tiles, and this forward keeps its tokens in "
-                             "raster order (its pipelines pass sparse_params with to_fractal=True for NABLA "
-                             "configurations); call the transformer as they do, or apply another method")
-        if self.method in RASTER_METHODS and self.spec.tiled_forward is not None and \
-                self.spec.tiled_forward(args, kwargs):
-            raise ValueError(f"sparse_params: method {self.method!r} places tokens by their raster position in a "
-                             f"frame, and this forward keeps them in 8 x 8 tiles (NABLA's order, to_fractal=True); "
-                             f"call the transformer without sparse_params, or apply 'nabla'")
+        if self.spec.tiled_forward is not None:
+            check_token_order(self.method, self.spec.tiled_forward(args, kwargs))
         causal = self.spec.causal_frames(module.config)
         grid = self.spec.grid(hidden.shape, module.config) if self.spec.token_grid is None else \
             packed_grid(self.spec, hidden, self.spec.token_grid(module, args, kwargs), self.dense_remedy(),
@@ -251,36 +267,13 @@ class SparseAttentionHandle:
 
     # ---------------------------------------------------------------- called by the processors
     def text_valid(self, processor: SparseProcessor, mask: torch.Tensor | None, batch: int, text: int) -> list[int]:
-        """Valid text tokens per sample; checks they come first (the model's order). Cached per forward.
-
-        ``mask``: HunyuanVideo 1.5's text mask ``[B, text]``, or HunyuanVideo 1.0's key mask ``[B, 1, 1, S]`` over
-        the whole sequence (its last ``text`` columns are the text's; its forward marks every video token valid).
-        """
+        """Valid text tokens per sample (:func:`.text.valid_text`), cached per forward."""
         if mask is None:
             return [text] * batch
-        if self._text_cache is not None and self._text_cache[0] is mask:
-            return self._text_cache[1]
-        keys = mask.ndim == 4 and tuple(mask.shape[:3]) == (batch, 1, 1) and mask.shape[3] >= text
-        if not keys and (mask.ndim != 2 or tuple(mask.shape) != (batch, text)):
-            raise ValueError(f"attention_mask: expected the text mask [{batch}, {text}] (batch, text tokens) or a "
-                             f"key mask [{batch}, 1, 1, S] ending with the text's, got {list(mask.shape)} at layer "
-                             f"{processor.layer}")
-        valid = (mask[:, 0, 0, mask.shape[3] - text:] if keys else mask).bool()
-        counts = valid.sum(dim=1)
-        prefix = torch.arange(text, device=valid.device)[None, :] < counts[:, None]
-        video = mask[:, 0, 0, :mask.shape[3] - text].bool().all() if keys else valid.new_ones(())
-        ordered, video_valid, *result = torch.cat([torch.stack([(prefix == valid).all(), video]), counts]).tolist()
-        if not video_valid:                                                  # one host read for the checks and counts
-            raise ValueError("attention_mask: expected every video token valid in the key mask [B, 1, 1, S] (the mask "
-                             "HunyuanVideoTransformer3DModel.forward builds), got a masked video token; the block-mask "
-                             f"IR has no token mask; {self.dense_remedy()}")
-        if not ordered:
-            raise ValueError(f"attention_mask: expected each sample's valid text tokens first, then its padding "
-                             f"(the order {self.spec.model_class.__name__}'s pipeline gives), got padding before a "
-                             "valid token; the block-mask IR has one pattern for the whole batch and cannot skip "
-                             f"tokens inside the sequence; {self.dense_remedy()}")
-        self._text_cache = (mask, result)
-        return result
+        if self._text_cache is None or self._text_cache[0] is not mask:
+            self._text_cache = (mask, valid_text(mask, batch, text, processor.layer, self.spec.model_class.__name__,
+                                                 self.dense_remedy))
+        return self._text_cache[1]
 
     @torch.compiler.disable
     def skip_next(self) -> None:

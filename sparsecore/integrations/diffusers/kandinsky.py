@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+RASTER_METHODS = ("radial", "sta")      # their masks read a token's (y, x) from its raster place in the frame
 
 
 def kandinsky_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -63,3 +64,16 @@ def tiled_forward(args: tuple, kwargs: dict) -> bool:
     ``to_fractal``, as Kandinsky 5's pipelines pass it for NABLA configurations."""
     sparse_params = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
     return bool((sparse_params or {}).get("to_fractal", False))
+
+
+def check_token_order(method: Any, tiled: bool) -> None:
+    """Refuse a forward whose token order the method cannot plan on: NABLA needs the 8 x 8 tiles (``tiled``), Radial
+    Attention and STA read a token's (y, x) from its raster place in the frame."""
+    if method == "nabla" and not tiled:
+        raise ValueError("sparse_params: method 'nabla' plans 8 x 8 tiles, and this forward keeps its tokens in "
+                         "raster order (its pipelines pass sparse_params with to_fractal=True for NABLA "
+                         "configurations); call the transformer as they do, or apply another method")
+    if method in RASTER_METHODS and tiled:
+        raise ValueError(f"sparse_params: method {method!r} places tokens by their raster position in a "
+                         f"frame, and this forward keeps them in 8 x 8 tiles (NABLA's order, to_fractal=True); "
+                         f"call the transformer without sparse_params, or apply 'nabla'")

@@ -40,57 +40,27 @@ import torch
 import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
-from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
-from sparsecore.methods.causal import restrict
+from sparsecore.methods import SESSIONS, HeadShard, Session
 from sparsecore.methods.selection import dense_mask
 from sparsecore.ordering import TokenOrder
 from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
 
 from .audit import Audit, fidelity
+from .callable_session import CallableSession, MethodProvider
+from .head_groups import HeadGroupKernel
 from .stats import Record, Stats
+from .window_search import WindowSearch
 
-MethodProvider = Callable[[VideoGeometry, int, int, int], BlockMask]
 FULL_MASKS = 64                       # full masks of dense steps kept, one per (geometry, heads, length)
 VISIBLE_BLOCKS = "sparsecore visible blocks (frame-causal)"
 
 
-class CallableSession:
-    """A method given as a callable ``(geometry, num_heads, step, layer) -> BlockMask``, as a :class:`Session`.
-
-    Every step plans; a full mask on the host runs the dense path (the processors' dense attention). Under a head
-    shard the callable is asked for all heads and the shard's heads are taken (memoized per mask). Under causal frames
-    the blocks a row may not see leave the mask (:func:`sparsecore.methods.causal.restrict`; a full mask becomes every
-    block each row may see, on frame blocks).
-    """
-
-    method = "callable"
-    params = None
-
-    def __init__(self, provider: MethodProvider, num_steps: int) -> None:
-        self.provider = provider
-        self.num_steps = num_steps
-
-    def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
-        return StepAction("plan", dense=False, plans=True)
-
-    def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,
-             k: Any = None, lse: Any = None, mass: Any = None, heads: HeadShard | None = None) -> BlockMask:
-        mask = self.provider(geometry, num_heads, step, layer)
-        source = f"method callable {getattr(self.provider, '__name__', self.provider)!r}"
-        if not isinstance(mask, BlockMask):
-            raise TypeError(f"mask: {source} must return a sparsecore BlockMask, got {type(mask).__name__}")
-        if mask.num_heads != num_heads or mask.q_len != geometry.tokens or mask.kv_len != geometry.tokens:
-            raise ValueError(f"mask: {source} returned {mask!r} for layer {layer} step {step}; expected {num_heads} "
-                             f"heads and q_len = kv_len = {geometry.tokens} (geometry {geometry})")
-        if geometry.causal_frames:          # a frame-causal model's attention: no later causal block, whatever it lists
-            full = mask.on_host and mask.density() >= 1.0                 # on any blocks: every block a row may see
-            mask = dense_mask(geometry, num_heads, mask.meta) if full else restrict(mask, geometry)
-        if heads is None or heads.size == heads.total:
-            return mask
-        key = ("heads", heads.start, heads.stop)                      # kept with the mask, freed with it
-        if key not in mask.derived:
-            mask.derived[key] = mask.select_heads(range(heads.start, heads.stop))
-        return mask.derived[key]
+def gathered(order: TokenOrder | None, tokens: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first ``tokens`` of ``[B, S, H, D]`` tensors as ``[B, H, L, D]`` copies, in ``order`` where given (the
+    order's gather is the copy)."""
+    if order is None:
+        return tuple(t.transpose(1, 2)[:, :, :tokens].contiguous() for t in tensors)
+    return tuple(order.gather(t.transpose(1, 2)[:, :, :tokens], 2) for t in tensors)
 
 
 def runs_dense(mask: BlockMask, geometry: VideoGeometry) -> bool:
@@ -159,6 +129,7 @@ class Planner:
         self._plans: dict[tuple[int, VideoGeometry], LayerPlan] = {}
         self.keep_masks = False                  # keep per-call plans too (for ``last_mask``), as other plans are
         self.audit: Audit | None = None          # which sparse calls are measured against dense attention
+        self.window_search: WindowSearch | None = None      # STA's window search: every call dense, some measured
         self._full: OrderedDict[tuple, BlockMask] = OrderedDict()
 
     def new_run(self) -> None:
@@ -208,6 +179,8 @@ class Planner:
         def prepare(kernel: Any) -> None:
             kernel.prepare(*(t.transpose(1, 2)[:, :, :kernel.mask.q_len] for t in (query, key, value)))
 
+        if self.window_search is not None:
+            return self.window_search.attend(layer, geometry, step, query, key, value, shard, dense)
         io = PlanInputs(sequence, rows=lambda out: out, runner=self.compiled, prepare=prepare)
         seq_len = query.shape[1]
         plan, fresh = self.plan_for(layer, geometry, step, run, seq_len, query.shape[2], shard, query, io)
@@ -223,20 +196,23 @@ class Planner:
             plan.record.dense_kernels.add(self.stats.dense_kernel or "sparsecore full mask")
             return out
         tokens = kernel.mask.q_len                                               # tokens < seq_len: the prefix
-        if plan.order is None:
-            q, k, v = (t.transpose(1, 2)[:, :, :tokens].contiguous() for t in (query, key, value))
-        else:                                                      # the mask's token order, in the same copy
-            q, k, v = (plan.order.gather(t.transpose(1, 2)[:, :, :tokens], 2) for t in (query, key, value))
-        out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
+        grouped = isinstance(kernel, HeadGroupKernel)             # its gather also sorts the heads by pattern
+        if grouped:
+            out = self.stats.time(plan.record, query, lambda: kernel.attend(query, key, value, plan.order))
+        else:
+            q, k, v = gathered(plan.order, tokens, query, key, value)
+            out = self.stats.time(plan.record, query, lambda: kernel(q, k, v))
         if self.audit is not None and self.audit.wants(layer, step):          # the valid tokens, the unpadded mask
             mask = plan.mask.copy_to(query.device) if plan.held else plan.mask  # a held mask: this call's copy
+            q, k, v = gathered(plan.order, tokens, query, key, value) if grouped else (q, k, v)
             plan.record.audit.append(fidelity(*(t[:, :, :geometry.tokens] for t in (q, k, v)), mask, self.compiled,
                                               self.dense_with_lse(geometry)))
-        if plan.order is not None:
-            out = plan.order.scatter(out, 2)
-        if tokens < seq_len:
-            out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
-        out = out.transpose(1, 2)
+        if not grouped:
+            if plan.order is not None:
+                out = plan.order.scatter(out, 2)
+            if tokens < seq_len:
+                out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
+            out = out.transpose(1, 2)
         if fresh:
             plan.record.ran(plan.mask, kernel, self.stats.counts)
         return out
@@ -363,11 +339,24 @@ class Planner:
         if action.dense:                       # a mask planned at a dense step serves the steps after it
             plan.prepared = io.runner(run_mask)
             io.prepare(plan.prepared)
+        elif action.head_groups and io.runner == self.compiled:        # whole sequences: one kernel per pattern
+            groups = session.head_groups(geometry, heads if shard is None else shard.total, step=step, layer=layer,
+                                         heads=shard)
+            plan.kernel = HeadGroupKernel(run_mask, [(self._group_kernel(mask, seq_len), members)
+                                                     for mask, members in groups])
         else:
             plan.kernel = io.runner(run_mask)
             if action.shared and hasattr(plan.kernel, "keep_plans_on_host"):
                 plan.kernel.keep_plans_on_host()
         return plan
+
+    def _group_kernel(self, mask: BlockMask, seq_len: int) -> Any:
+        """The kernel of a one-head pattern mask (``StepAction.head_groups``), padded to ``seq_len``: compiled once
+        and kept by the mask, which its session keeps."""
+        padded = self.padded_mask(mask, seq_len)
+        if "group kernel" not in padded.derived:
+            padded.derived["group kernel"] = self.compiled(padded)
+        return padded.derived["group kernel"]
 
     def padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
         """``mask`` extended to ``seq_len`` tokens by an unlisted trailing block (text padding), memoized per mask;

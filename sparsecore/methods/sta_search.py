@@ -1,0 +1,117 @@
+"""Sliding Tile Attention's window search: candidate windows of one cost, and the window each head keeps.
+
+STA (arXiv 2502.04507) gives each head its own window, found offline: FastVideo (up to 37cab18,
+``fastvideo/attention/backends/STA_configuration.py`` and ``sliding_tile_attn.py``) runs the model with full attention
+on a few prompts, computes at every step and layer each candidate window's output on the same q, k, v, records each
+head's mean squared error against the full output (``L2_loss``), averages it over the prompts (and both guidance
+branches), and keeps for each (step, layer, head) the candidate of least error; the first ``dense_steps`` steps get
+the full window (the whole tile grid), which runs dense attention. Its candidates are six hand-picked windows of
+about the same cost for one grid (3 x 6 x 10 tiles, Wan 2.1 at 768 x 1280); :func:`candidate_windows` finds such sets
+for any grid. The measuring runs in the diffusers integration (``handle.search_windows``); this module holds the
+arithmetic and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sparsecore.ir.validation import check_index, check_int
+
+from .sta import MaskStrategy, _triple, read_strategy
+
+CANDIDATE_LIMIT = 64        # candidates measured per call: each is one more sparse kernel at every searched call
+
+
+def covered(tiles: int, window: int) -> int:
+    """Key tiles a query tile sees along an axis of ``tiles`` tiles (an even window below the axis spans w + 1)."""
+    return tiles if window >= tiles else 2 * (window // 2) + 1
+
+
+def window_density(grid: Sequence[int], window: Sequence[int]) -> float:
+    """Fraction of the video's tile pairs a window keeps on ``grid`` (tiles along frames, rows, columns): every query
+    tile sees the same number of key tiles, since the window shifts inward at the edges."""
+    return math.prod(covered(n, w) / n for n, w in zip(grid, window))
+
+
+def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
+                      limit: int = 8) -> tuple[tuple[int, int, int], ...]:
+    """Windows of about one cost for a search on ``grid``: those whose :func:`window_density` lies within ``spread``
+    (relative) of ``density``, nearest first, at most ``limit``; odd sides below an axis and the whole axis only
+    (an even side below the axis runs as the next odd one). The whole grid (dense) is never a candidate."""
+    grid = _triple(grid, "grid")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density < 1:
+        raise ValueError(f"density: expected a fraction in (0, 1) of the tile pairs, got {density!r}")
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread < 1:
+        raise ValueError(f"spread: expected a relative tolerance in [0, 1), got {spread!r}")
+    limit = check_int(limit, "limit", 1)
+    sides = [sorted({min(n, w) for w in range(1, n + 1, 2)} | {n}) for n in grid]    # n < 2**31 tiles: bounded below
+    if math.prod(len(s) for s in sides) > 10 ** 6:
+        raise ValueError(f"grid: {grid} tiles give more than a million windows to rank; pass candidates yourself")
+    found = []
+    for wt in sides[0]:
+        for wh in sides[1]:
+            for ww in sides[2]:
+                window = (wt, wh, ww)
+                kept = window_density(grid, window)
+                if window != grid and abs(kept - density) <= spread * density:
+                    found.append((abs(kept - density), window))
+    if not found:
+        raise ValueError(f"density: no window on a {grid} tile grid keeps {density:.3f} of the tile pairs within "
+                         f"{spread:.0%}; widen spread or pick another density")
+    return tuple(window for _, window in sorted(found)[:limit])
+
+
+def check_candidates(candidates: Any) -> tuple[tuple[int, int, int], ...]:
+    """Candidate windows as a tuple of distinct (wt, wh, ww), at most :data:`CANDIDATE_LIMIT`."""
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
+        raise TypeError(f"candidates: expected a non-empty sequence of windows (wt, wh, ww), got {candidates!r}")
+    if len(candidates) > CANDIDATE_LIMIT:
+        raise ValueError(f"candidates: expected at most {CANDIDATE_LIMIT} windows (each runs at every searched call), "
+                         f"got {len(candidates)}")
+    windows = tuple(_triple(w, f"candidates[{i}]") for i, w in enumerate(candidates))
+    if len(set(windows)) != len(windows):
+        raise ValueError(f"candidates: expected distinct windows, got {windows}")
+    return windows
+
+
+def choose_windows(errors: np.ndarray, candidates: Sequence[tuple[int, int, int]], grid: Sequence[int],
+                   dense_steps: int) -> MaskStrategy:
+    """FastVideo's choice: for each (step, layer, head) from ``dense_steps`` on, the candidate of least mean
+    squared error, the first listed on ties; the whole ``grid`` (dense) before. ``errors``: ``[steps, layers,
+    candidates, heads]``, NaN where a (step, layer) was not measured (refused from ``dense_steps`` on)."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.ndim != 4 or errors.shape[2] != len(candidates) or 0 in errors.shape:
+        raise ValueError(f"errors: expected [steps, layers, {len(candidates)} candidates, heads], got "
+                         f"{list(errors.shape)}")
+    steps, layers, _, heads = errors.shape
+    dense_steps = check_index(dense_steps, "dense_steps", steps + 1)
+    searched = errors[dense_steps:]
+    missing = np.argwhere(np.isnan(searched).any(axis=(2, 3)))
+    if len(missing):
+        step, layer = missing[0]
+        raise ValueError(f"errors: step {dense_steps + step} layer {layer} was not measured; search every layer at "
+                         f"steps {dense_steps} .. {steps - 1}, or raise dense_steps past the steps left out")
+    table = {}
+    full = tuple(int(n) for n in grid)
+    best = searched.argmin(axis=2)                                         # [steps - dense_steps, layers, heads]
+    for step in range(steps):
+        for layer in range(layers):
+            table[(step, layer)] = (full,) * heads if step < dense_steps else \
+                tuple(tuple(candidates[c]) for c in best[step - dense_steps, layer].tolist())
+    return MaskStrategy(table)
+
+
+def save_strategy(strategy: MaskStrategy, path: Any) -> None:
+    """Write ``strategy`` as FastVideo's json (``"step_layer_head": [wt, wh, ww]``), which ``STAParams(mask_strategy=
+    path)`` and FastVideo read."""
+    strategy = read_strategy(strategy)
+    data = {f"{step}_{layer}_{head}": list(window) for (step, layer), windows in sorted(strategy.items())
+            for head, window in enumerate(windows)}
+    with open(os.fspath(path), "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=1)
