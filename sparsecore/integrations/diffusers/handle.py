@@ -28,10 +28,10 @@ from sparsecore.methods import HeadShard, sta
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
+from .callable_session import MethodProvider
 from .kandinsky import check_token_order
 from .ltx import CheckedCoords, packed_grid
 from .models import ModelSpec
-from .callable_session import MethodProvider
 from .planner import Planner
 from .processors import SparseProcessor, set_processor
 from .sharded import ShardedAttention
