@@ -67,7 +67,8 @@ class TokenOrder:
         uploaded once (for gathers that fold it into another)."""
         length = len(self) if length is None else length
         if length < len(self):
-            raise ValueError(f"length: expected at least the order's {len(self)} tokens, got {length}")
+            raise ValueError(f"length: expected at least the order's {len(self)} tokens, got {length}; pass the "
+                             f"length of the sequence the order was made for (or longer, padding after it)")
         return self._index(False, device, length)
 
     def _length(self, tensor: Any, dim: int) -> int:

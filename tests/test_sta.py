@@ -219,10 +219,12 @@ def test_dense_steps_and_windows_covering_the_grid_are_dense_actions():
     assert sta.session(4, window=(1, 5, 2)).action(geometry, 0, 0).shared
 
 
-def token_provider(tile, window):
-    """The oracle's masks: STA's rule in the model's order, one-token blocks (independent of the tile order)."""
+def token_provider(tile, window, second=None):
+    """The oracle's masks: STA's rule in the model's order, one-token blocks (independent of the tile order); with
+    ``second``, odd heads take that window."""
     def provider(geometry, num_heads, step, layer):
-        allowed = np.broadcast_to(raster_mask(geometry, tile, window), (num_heads, geometry.tokens, geometry.tokens))
+        allowed = np.stack([raster_mask(geometry, tile, second if h % 2 and second else window)
+                            for h in range(num_heads)])
         offsets = np.arange(geometry.tokens + 1)
         return BlockMask(num_heads, offsets, offsets, *csr.from_block_map(allowed), None, {})
     return provider
@@ -233,15 +235,18 @@ def token_provider(tile, window):
 def test_models_run_to_the_float64_oracle_through_the_tile_order(name, strategy, monkeypatch):
     """Tiny Wan (no text), HunyuanVideo 1.5 (text after the video, padded per sample) and CogVideoX (text first):
     q, k, v go into the tile order and back; the output is float64 attention under STA's rule in raster order. With
-    a mask strategy each call compiles its layer's mask and keeps nothing after it."""
+    a mask strategy, odd heads take another window: each window runs as its own one-head kernel on its heads, and no
+    layer's mask is kept after its call."""
     case = CASES[name]
     model, inputs = case.build(), case.inputs(batch=2)
     params = {"tile": (2, 4, 4), "window": (1, 1, 3)}
-    expected, _ = oracle_output(case, model, inputs, token_provider(**params), 0, 500.0, monkeypatch)
+    second = (3, 1, 1) if strategy else None
+    expected, _ = oracle_output(case, model, inputs, token_provider(**params, second=second), 0, 500.0, monkeypatch)
     dense = forward(model, inputs, 500.0)
     layers, heads = len(case.attention(model)), model.config.num_attention_heads
-    run = {"tile": params["tile"], "mask_strategy": {f"0_{layer}_{h}": params["window"] for layer in range(layers)
-                                                     for h in range(heads)}} if strategy else params
+    run = {"tile": params["tile"], "mask_strategy": {f"0_{layer}_{h}": second if h % 2 else params["window"]
+                                                     for layer in range(layers) for h in range(heads)}} \
+        if strategy else params
     handle = sparse.apply(model, "sta", device="cpu", num_steps=1, **run)
     try:
         got = forward(model, inputs, 500.0)
@@ -306,15 +311,18 @@ def test_a_strategy_compiles_each_window_once_and_runs_it_on_its_heads(monkeypat
     geometry = VideoGeometry(4, 8, 8)
     mask = session.plan(geometry, 3, step=0, layer=0)
     groups = session.head_groups(geometry, 3, step=0, layer=0)
-    assert [members for _, members in groups] == [(0, 2), (1,)]
+    assert [members.tolist() for _, members in groups] == [[0, 2], [1]]
     grouped = HeadGroupKernel(mask, [(sparsecore.compile(m, device="cpu"), members) for m, members in groups])
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, geometry.tokens + 5, 3, 16, generator=gen) for _ in range(3))     # [B, S, H, D]
     order = sta.token_order(geometry, (2, 4, 4))
     want = order.scatter(sparsecore.compile(mask, device="cpu")(*(order.gather(t.transpose(1, 2)[:, :, :-5], 2)
                                                                   for t in (q, k, v))), 2).transpose(1, 2)
-    got = grouped.attend(q, k, v, order)
-    torch.testing.assert_close(got[:, :-5], want, rtol=1e-6, atol=1e-6)
-    assert (got[:, -5:] == 0).all()                                          # rows past the mask: 0
+    for layout in ("token-major", "head-major"):           # eager processors pass the first, compiled the second
+        inputs = (q, k, v) if layout == "token-major" else [t.transpose(1, 2).contiguous().transpose(1, 2)
+                                                            for t in (q, k, v)]
+        got = grouped.attend(*inputs, order)
+        torch.testing.assert_close(got[:, :-5], want, rtol=1e-6, atol=1e-6)
+        assert (got[:, -5:] == 0).all() and got.transpose(1, 2).is_contiguous()      # rows past the mask 0; head-major
     with pytest.raises(ValueError, match="expected every one of the mask's 3 heads in exactly one group"):
         HeadGroupKernel(mask, [(None, (0, 1))] + [(None, (1, 2))])

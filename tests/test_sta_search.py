@@ -108,7 +108,7 @@ def test_search_on_a_tiny_wan_follows_dense_and_measures_each_window(monkeypatch
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     errors = search.errors()
-    assert errors.shape == (2, 2, 4, 2) and search.calls == 4 and search.grid == (4, 2, 2)
+    assert errors.shape == (2, 2, 4, 2) and search.calls == 8 and search.grid == (4, 2, 2)    # samples
     for step, layer, geometry, q, k, v in seen:
         want = float64_errors(q, k, v, geometry, CANDIDATES)
         np.testing.assert_allclose(errors[step, layer], want, rtol=2e-4, atol=1e-12)
@@ -143,8 +143,11 @@ def test_search_refusals_name_the_cause():
             handle.search_windows(bad)
     with pytest.raises(ValueError, match="layers: expected 0..1"):
         handle.search_windows(CANDIDATES, layers=[2])
-    handle.search_windows([*CANDIDATES, (5, 2, 2)])
-    with pytest.raises(ValueError, match=r"candidates: \[\(5, 2, 2\)\] cover the whole \(4, 2, 2\) tile grid"):
+    handle.search_windows([*CANDIDATES, (5, 2, 3)])              # sees the whole grid: dense, not a window
+    with pytest.raises(ValueError, match=r"candidates: \[\(5, 2, 3\)\] see the whole \(4, 2, 2\) tile grid"):
+        forward(model, case.inputs(batch=1), 999.0)
+    handle.search_windows([(1, 1, 2), (1, 1, 3)])                # both span one tile by two
+    with pytest.raises(ValueError, match="span the same tiles"):
         forward(model, case.inputs(batch=1), 999.0)
     search = handle.search_windows(CANDIDATES, layers=[0])
     with pytest.raises(ValueError, match="no call was measured yet"):
@@ -157,8 +160,16 @@ def test_search_refusals_name_the_cause():
     with pytest.raises(ValueError, match="step 0 layer 1 was not measured"):
         search.strategy()
     assert handle.search_windows(None) is None
+    assert search.calls == 1 and not search._kernels                   # closed: its kernels gone, its sums kept
     for block in model.blocks:
         block.attn1.processor._parallel_config = fake_parallel_config(ulysses_degree=2)
     with pytest.raises(ValueError, match="under context parallelism"):
         handle.search_windows(CANDIDATES)
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = None
+    search = handle.search_windows(CANDIDATES)
+    forward(model, case.inputs(batch=1), 999.0)
     handle.remove()
+    assert not search._kernels and search.calls == 2                    # remove() closed it
+    with pytest.raises(ValueError, match="this handle was removed"):
+        handle.search_windows(CANDIDATES)

@@ -55,7 +55,7 @@ PAPER = "arXiv:2502.04507"
 PATTERN = "Sliding Tile Attention's tiles span frames both ways"     # why frame-causal geometries are refused
 STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
 MASKS_KEPT = 4        # masks a session keeps (each holds its device copy): one window's, or a strategy's latest
-WINDOW_MASKS_KEPT = 16         # more of a strategy's one-head masks (one per window and geometry: a few KiB each)
+WINDOW_MASKS_KEPT = 16     # at least: a strategy's one-head masks, one per window and geometry (a few KiB each)
 SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
 KEY = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})", re.ASCII)
 
@@ -72,13 +72,15 @@ def _triple(value: Any, field: str) -> tuple[int, int, int]:
 
 class MaskStrategy(Mapping):
     """A mask strategy as :func:`read_strategy` returns it, read-only: ``{(step, layer): windows}``, one
-    ``(wt, wh, ww)`` per head in head order, the same heads at every (step, layer) and the same layers at every step."""
+    ``(wt, wh, ww)`` per head in head order, the same heads at every (step, layer) and the same layers at every step;
+    ``windows``: the distinct windows."""
 
     def __init__(self, table: dict[tuple[int, int], tuple[tuple[int, int, int], ...]]) -> None:
         self._table = dict(table)
         self.heads = len(next(iter(self._table.values())))
         self.layers = frozenset(layer for _, layer in self._table)
         self.steps = frozenset(step for step, _ in self._table)
+        self.windows = frozenset(window for windows in self._table.values() for window in windows)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
         return self._table[key]
@@ -273,6 +275,8 @@ class STASession:
         self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._window_masks: OrderedDict[tuple, BlockMask] = OrderedDict()      # one-head masks (head_groups)
         strategy, first = self.params.mask_strategy, self.params.dense_steps
+        self._window_limit = WINDOW_MASKS_KEPT if strategy is None else \
+            max(WINDOW_MASKS_KEPT, 4 * len(strategy.windows))          # every window, at a few text lengths
         if strategy is not None and first < self.num_steps:           # work in the strategy's steps, not num_steps
             listed = sorted(step for step in strategy.steps if first <= step < self.num_steps)
             if len(listed) != self.num_steps - first:
@@ -341,14 +345,15 @@ class STASession:
     def head_groups(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
                     heads: HeadShard | None = None) -> list[tuple[BlockMask, tuple[int, ...]]]:
         """The (step, layer)'s distinct windows as one-head masks, each with the heads (of ``heads``' shard, counted
-        from its first) that have it: ``StepAction.head_groups``. The masks of the last :data:`WINDOW_MASKS_KEPT`
-        windows are kept, so a window's mask (and the kernel compiled for it) serves every layer and step."""
+        from its first; an int array) that have it: ``StepAction.head_groups``. The session keeps four times as
+        many (window, geometry) masks as its strategy has windows (at least :data:`WINDOW_MASKS_KEPT`), so a
+        window's mask (and the kernel compiled for it) serves every layer and step of the run."""
         windows = self.plan(geometry, num_heads, step=step, layer=layer, heads=heads).meta["head_windows"]
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for head, window in enumerate(windows):
-            groups.setdefault(window, []).append(head)
-        return [(self._kept(self._window_masks, geometry, (window,), WINDOW_MASKS_KEPT), tuple(members))
-                for window, members in groups.items()]
+        distinct, which = np.unique(np.array(windows), axis=0, return_inverse=True)
+        which = which.ravel()
+        members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which))[:-1])
+        return [(self._kept(self._window_masks, geometry, (tuple(window),), self._window_limit), heads_of)
+                for window, heads_of in zip(distinct.tolist(), members)]             # a few windows, not heads
 
     def _kept(self, cache: OrderedDict, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...],
               limit: int) -> BlockMask:

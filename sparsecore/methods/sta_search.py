@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -45,14 +46,18 @@ def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
     (relative) of ``density``, nearest first, at most ``limit``; odd sides below an axis and the whole axis only
     (an even side below the axis runs as the next odd one). The whole grid (dense) is never a candidate."""
     grid = _triple(grid, "grid")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density < 1:
+    for name, value, low in (("density", density, 0.0), ("spread", spread, -1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    if not 0 < density < 1:
         raise ValueError(f"density: expected a fraction in (0, 1) of the tile pairs, got {density!r}")
-    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread < 1:
+    if not 0 <= spread < 1:
         raise ValueError(f"spread: expected a relative tolerance in [0, 1), got {spread!r}")
     limit = check_int(limit, "limit", 1)
-    sides = [sorted({min(n, w) for w in range(1, n + 1, 2)} | {n}) for n in grid]    # n < 2**31 tiles: bounded below
-    if math.prod(len(s) for s in sides) > 10 ** 6:
+    counts = [(n + 1) // 2 + (n % 2 == 0) for n in grid]          # odd sides below each axis, and the axis
+    if math.prod(counts) > 10 ** 6:                                # counted before anything is built
         raise ValueError(f"grid: {grid} tiles give more than a million windows to rank; pass candidates yourself")
+    sides = [sorted(set(range(1, n, 2)) | {n}) for n in grid]
     found = []
     for wt in sides[0]:
         for wh in sides[1]:

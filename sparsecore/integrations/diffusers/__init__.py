@@ -85,5 +85,5 @@ from .window_search import WindowSearch
 __all__ = ["HUNYUAN_VIDEO_15_CP_PLAN", "LTX_VIDEO_CP_PLAN", "MOCHI_CP_PLAN", "SUPPORTED_MODELS", "WAN_VACE_CP_PLAN",
            "CogVideoXSparseAttnProcessor", "HunyuanVideo15SparseAttnProcessor", "HunyuanVideoSparseAttnProcessor",
            "LTX2SparseAttnProcessor", "LTXVideoSparseAttnProcessor", "MethodProvider", "MochiSparseAttnProcessor",
-           "ModelSpec", "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor", "WindowSearch",
-           "apply", "enable_parallelism"]
+           "ModelSpec", "SkyReelsV2SparseAttnProcessor", "SparseAttentionHandle", "WanSparseAttnProcessor",
+           "WindowSearch", "apply", "enable_parallelism"]

@@ -154,11 +154,16 @@ class SparseAttentionHandle:
         """Search STA's windows per step, layer and head, as FastVideo's offline search (:mod:`.window_search`):
         from now on every call runs the model's dense attention, and at the chosen ``layers`` and ``steps`` (None:
         all) each of the ``candidates`` windows is measured against it. Run the pipeline on a few prompts, then
-        ``search.save(path, dense_steps)`` and apply STA with ``mask_strategy=path``. ``None`` ends the search.
-        Only under ``method="sta"`` (its ``tile``), on one process holding every head and the whole sequence."""
-        if candidates is None:
+        ``search.save(path, dense_steps)`` and apply STA with ``mask_strategy=path``. ``None`` ends the search (a new
+        one, or ``remove()``, ends it too). Only under ``method="sta"`` (its ``tile``), on one process holding every
+        head and the whole sequence. While it runs, ``audit``, ``keep_masks`` and ``stats`` see no sparse call."""
+        if self._planner.window_search is not None:          # its kernels go; its sums stay readable
+            self._planner.window_search.close()
             self._planner.window_search = None
+        if candidates is None:
             return None
+        if self._removed:
+            raise ValueError("handle.search_windows: this handle was removed; apply(..., method='sta') again")
         if self.method != "sta":
             raise ValueError(f"handle.search_windows: searches Sliding Tile Attention's windows, got a handle of "
                              f"method {self.method!r}; apply(..., method='sta', tile=...) first")
@@ -202,6 +207,7 @@ class SparseAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
+        self.search_windows(None)
         need = parallel.after_remove(self._processors, self.spec.joint_model)
         messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
         self._planner.new_run()

@@ -102,13 +102,15 @@ class PlanInputs:
     ``sequence(with_values)``: q, k (and v) of the whole sequence, ``[B, H, L, D]`` over the valid
     tokens (asked for only when the method needs them); ``rows``: this call's rows ``[B, S, h, D]``
     of a whole-sequence dense output; ``runner``: what runs a (padded) mask (a compiled kernel, or
-    a ring rank's cut of it); ``prepare``: do before the next step what that runner's first call would.
+    a ring rank's cut of it); ``prepare``: do before the next step what that runner's first call would;
+    ``whole``: the call holds the whole sequence, so a mask of head groups may run one kernel per group.
     """
 
     sequence: Callable[[bool], tuple]
     rows: Callable[[torch.Tensor], torch.Tensor]
     runner: Callable[[BlockMask], Any]
     prepare: Callable[[Any], None]
+    whole: bool = False
 
 
 class Planner:
@@ -181,7 +183,7 @@ class Planner:
 
         if self.window_search is not None:
             return self.window_search.attend(layer, geometry, step, query, key, value, shard, dense)
-        io = PlanInputs(sequence, rows=lambda out: out, runner=self.compiled, prepare=prepare)
+        io = PlanInputs(sequence, rows=lambda out: out, runner=self.compiled, prepare=prepare, whole=True)
         seq_len = query.shape[1]
         plan, fresh = self.plan_for(layer, geometry, step, run, seq_len, query.shape[2], shard, query, io)
         kernel = self.kernel_of(plan, io, query.device, seq_len)
@@ -339,7 +341,7 @@ class Planner:
         if action.dense:                       # a mask planned at a dense step serves the steps after it
             plan.prepared = io.runner(run_mask)
             io.prepare(plan.prepared)
-        elif action.head_groups and io.runner == self.compiled:        # whole sequences: one kernel per pattern
+        elif action.head_groups and io.whole:                          # one kernel per pattern
             groups = session.head_groups(geometry, heads if shard is None else shard.total, step=step, layer=layer,
                                          heads=shard)
             plan.kernel = HeadGroupKernel(run_mask, [(self._group_kernel(mask, seq_len), members)

@@ -3,14 +3,15 @@
 While a search is on, every self-attention call runs the model's own dense attention (as FastVideo's search runs full
 attention, so the generation follows the dense trajectory); at the chosen (layer, step) calls each candidate window's
 STA kernel also runs on the same q, k, v in tile order, and each head's squared error against the dense output is
-added up on the device. :meth:`WindowSearch.errors` reads the means once (FastVideo's ``L2_loss``: mean over batch,
-tokens and head dim, then over the calls: prompts, runs and guidance branches), :meth:`WindowSearch.strategy` keeps
-each head's best candidate (:func:`sparsecore.methods.sta_search.choose_windows`) and :meth:`WindowSearch.save`
-writes FastVideo's json for ``apply(..., method="sta", mask_strategy=path)``.
+added up on the device. :meth:`WindowSearch.errors` reads the means once (FastVideo's ``L2_loss``: mean over tokens
+and head dim, then over the samples: prompts, runs and guidance branches, a batch of B counting B),
+:meth:`WindowSearch.strategy` keeps each head's best candidate (:func:`sparsecore.methods.sta_search.choose_windows`)
+and :meth:`WindowSearch.save` writes FastVideo's json for ``apply(..., method="sta", mask_strategy=path)``.
 
 A searched call costs the model's dense attention, one gather of q, k, v and the output into tile order and one
-sparse kernel per candidate. It runs on one process holding every head and the whole sequence (not under context
-parallelism), on bidirectional models (STA's refusal of frame-causal geometries).
+sparse kernel per candidate (its one-head mask, every head folded into the batch: compiled once per geometry). It
+runs on one process holding every head and the whole sequence (not under context parallelism), on bidirectional
+models (STA's refusal of frame-causal geometries).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import sta
 from sparsecore.methods.contract import check_bidirectional
-from sparsecore.methods.sta_search import check_candidates, choose_windows, save_strategy
+from sparsecore.methods.sta_search import check_candidates, choose_windows, covered, save_strategy
 
 from .audit import make_audit
 
-KERNELS_KEPT = 4            # geometries whose candidate kernels are kept (text lengths of HunyuanVideo 1.5 batches)
+KERNELS_KEPT = 16       # geometries whose candidates' one-head kernels are kept (text lengths of HunyuanVideo 1.5)
 
 
 class WindowSearch:
@@ -45,15 +46,21 @@ class WindowSearch:
         self.wanted = make_audit(layers, steps, num_layers, num_steps)
         self.num_layers, self.num_steps = num_layers, num_steps
         self.grid: tuple[int, int, int] | None = None         # the tile grid searched (one per search)
-        self._compiled = compiled
-        self._kernels: OrderedDict[tuple[VideoGeometry, int], list[Any]] = OrderedDict()
+        self._compiled: Callable[[Any], Any] | None = compiled
+        self._kernels: OrderedDict[VideoGeometry, list[Any]] = OrderedDict()
         self._sums: torch.Tensor | None = None                # [steps, layers, candidates, heads] float64
-        self._calls = np.zeros((num_steps, num_layers), dtype=np.int64)
+        self._samples = np.zeros((num_steps, num_layers), dtype=np.int64)
 
     @property
     def calls(self) -> int:
-        """Calls measured so far."""
-        return int(self._calls.sum())
+        """Samples measured so far (a call of a batch of B counts B)."""
+        return int(self._samples.sum())
+
+    def close(self) -> None:
+        """Drop the candidates' kernels (device memory); the sums stay readable. ``handle.remove()``, a new search
+        and ``search_windows(None)`` call it."""
+        self._kernels.clear()
+        self._compiled = None
 
     def attend(self, layer: int, geometry: VideoGeometry, step: int, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, heads_shard: Any, dense: Callable[[], torch.Tensor] | None) -> torch.Tensor:
@@ -62,64 +69,82 @@ class WindowSearch:
         if dense is None or (heads_shard is not None and heads_shard.size != heads_shard.total):
             raise ValueError("handle.search_windows: this call runs under context parallelism, where no process "
                              "holds every head and the whole sequence; search on one GPU")
+        if self._compiled is None:
+            raise ValueError("handle.search_windows: this search was closed (the handle removed, or another search "
+                             "begun); read its results, or start a new one with handle.search_windows(candidates)")
+        self._check_grid(sta.tile_grid(geometry, self.tile))
+        heads = query.shape[2]
+        if self._sums is not None and self._sums.shape[3] != heads:
+            raise ValueError(f"handle.search_windows: layer {layer} has {heads} heads, the search began with "
+                             f"{self._sums.shape[3]}; search one model")
         if not self.wanted.wants(layer, step):
             return dense()
-        grid = sta.tile_grid(geometry, self.tile)
-        if self.grid is not None and grid != self.grid:
-            raise ValueError(f"handle.search_windows: this search measures a {self.grid} tile grid and this call's "
-                             f"video makes {grid}; a strategy is for one grid: search each resolution apart")
-        dense_candidates = [window for window in self.candidates if sta.covers_grid(window, grid)]
-        if dense_candidates:
-            raise ValueError(f"candidates: {dense_candidates} cover the whole {grid} tile grid (dense attention, "
-                             f"which no window can beat); leave them out (dense_steps gives dense steps), or use "
-                             f"sparsecore.methods.sta_search.candidate_windows")
-        self.grid = grid
         out = dense()
-        tokens, heads = geometry.tokens, query.shape[2]
+        tokens, batch = geometry.tokens, query.shape[0]
         order = sta.token_order(geometry, self.tile)
         q, k, v, ref = (order.gather(t.transpose(1, 2)[:, :, :tokens], 2) for t in (query, key, value, out))
+        folded = [t.view(batch * heads, 1, tokens, t.shape[3]) for t in (q, k, v)]     # each head a batch row
         squared = partial(torch.linalg.vector_norm, dim=(0, 2, 3), dtype=torch.float32)    # per head, no float32 copy
         errors = torch.zeros(len(self.candidates), heads, dtype=torch.float64, device=query.device)
-        for index, kernel in enumerate(self._kernels_for(geometry, heads)):        # a few candidates, not heads
-            errors[index] = squared(kernel(q, k, v) - ref).double() ** 2 / (q.shape[0] * tokens * ref.shape[3])
+        for index, kernel in enumerate(self._kernels_for(geometry)):        # a few candidates, not heads
+            found = kernel(*folded).view(batch, heads, tokens, ref.shape[3])
+            errors[index] = squared(found - ref).double() ** 2 / (tokens * ref.shape[3])     # summed over samples
         if self._sums is None:
             self._sums = torch.zeros(self.num_steps, self.num_layers, len(self.candidates), heads,
                                      dtype=torch.float64, device=query.device)
-        elif self._sums.shape[3] != heads or self._sums.device != query.device:
-            raise ValueError(f"handle.search_windows: layer {layer} has {heads} heads on {query.device}, the search "
-                             f"began with {self._sums.shape[3]} on {self._sums.device}; search one model on one device")
-        self._sums[step, layer] += errors
-        self._calls[step, layer] += 1
+        self._sums[step, layer] += errors.to(self._sums.device)         # layers on several devices: the first's
+        self._samples[step, layer] += batch
         return out
 
-    def _kernels_for(self, geometry: VideoGeometry, heads: int) -> list[Any]:
-        """Each candidate's compiled kernel on ``geometry``, kept for a few geometries (each kernel holds its
-        mask)."""
-        key = (geometry, heads)
-        if key not in self._kernels:
-            self._kernels[key] = [self._compiled(sta.plan(geometry, heads, window=window, tile=self.tile))
-                                  for window in self.candidates]
+    def _check_grid(self, grid: tuple[int, int, int]) -> None:
+        """One grid per search, and candidates that are distinct, sparse windows on it (checked at every call)."""
+        if self.grid == grid:
+            return
+        if self.grid is not None:
+            raise ValueError(f"handle.search_windows: this search measures a {self.grid} tile grid and this call's "
+                             f"video makes {grid}; a strategy is for one grid: search each resolution apart")
+        spans = [tuple(covered(n, w) for n, w in zip(grid, window)) for window in self.candidates]
+        dense_ones = [w for w, span in zip(self.candidates, spans) if span == grid]
+        if dense_ones:
+            raise ValueError(f"candidates: {dense_ones} see the whole {grid} tile grid (dense attention, which no "
+                             f"window can beat); leave them out (dense_steps gives dense steps), or use "
+                             f"sparsecore.methods.sta_search.candidate_windows")
+        if len(set(spans)) != len(spans):
+            raise ValueError(f"candidates: {list(self.candidates)} include windows that span the same tiles on a "
+                             f"{grid} grid (an even side below an axis spans the next odd one, a side past the axis "
+                             f"the axis); pass each window once")
+        self.grid = grid
+
+    def _kernels_for(self, geometry: VideoGeometry) -> list[Any]:
+        """Each candidate's one-head mask's kernel on ``geometry`` (run on every head folded into the batch), kept
+        for :data:`KERNELS_KEPT` geometries."""
+        if geometry not in self._kernels:
+            self._kernels[geometry] = [self._compiled(sta.plan(geometry, 1, window=window, tile=self.tile))
+                                       for window in self.candidates]
             if len(self._kernels) > KERNELS_KEPT:
                 self._kernels.popitem(last=False)
-        self._kernels.move_to_end(key)
-        return self._kernels[key]
+        self._kernels.move_to_end(geometry)
+        return self._kernels[geometry]
 
     def errors(self) -> np.ndarray:
         """Mean squared error ``[steps, layers, candidates, heads]`` (float64) of each candidate's output against the
-        dense output, over the calls measured; NaN where a (step, layer) was not measured. One host read."""
-        found = np.full((self.num_steps, self.num_layers, len(self.candidates), 1), np.nan)
+        dense output, over the samples measured; NaN where a (step, layer) was not measured. One host read."""
         if self._sums is None:
-            return found
-        sums = self._sums.cpu().numpy()
+            raise ValueError("handle.search_windows: no call was measured yet; run the pipeline (a few prompts) "
+                             "with the search on first")
+        samples = self._samples[:, :, None, None]
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self._calls[:, :, None, None] > 0, sums / self._calls[:, :, None, None], np.nan)
+            return np.where(samples > 0, self._sums.cpu().numpy() / samples, np.nan)
 
     def strategy(self, dense_steps: int = 0) -> sta.MaskStrategy:
         """Each head's candidate of least error from ``dense_steps`` on, the whole grid before (FastVideo's rule)."""
-        if self.grid is None:
-            raise ValueError("handle.search_windows: no call was measured yet; run the pipeline (a few prompts) "
-                             "with the search on first")
-        return choose_windows(self.errors(), self.candidates, self.grid, dense_steps)
+        errors = self.errors()
+        broken = np.argwhere((self._samples > 0) & ~np.isfinite(errors).all(axis=(2, 3)))
+        if len(broken):
+            step, layer = broken[0]
+            raise ValueError(f"handle.search_windows: step {step} layer {layer} measured a non-finite error (an "
+                             f"overflow in the dense or a candidate's output); search again in bfloat16 or float32")
+        return choose_windows(errors, self.candidates, self.grid, dense_steps)
 
     def save(self, path: Any, dense_steps: int = 0) -> sta.MaskStrategy:
         """:meth:`strategy` written to ``path`` as FastVideo's json; returns it."""
