@@ -318,9 +318,10 @@ def test_a_strategy_compiles_each_window_once_and_runs_it_on_its_heads(monkeypat
     order = sta.token_order(geometry, (2, 4, 4))
     want = order.scatter(sparsecore.compile(mask, device="cpu")(*(order.gather(t.transpose(1, 2)[:, :, :-5], 2)
                                                                   for t in (q, k, v))), 2).transpose(1, 2)
-    for layout in ("token-major", "head-major"):           # eager processors pass the first, compiled the second
-        inputs = (q, k, v) if layout == "token-major" else [t.transpose(1, 2).contiguous().transpose(1, 2)
-                                                            for t in (q, k, v)]
+    layouts = {"token-major": (q, k, v),                                 # eager processors pass it
+               "head-major": [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)],   # compiled
+               "a slice of a longer sequence": [torch.cat([t, t], dim=1)[:, :t.shape[1]] for t in (q, k, v)]}
+    for layout, inputs in layouts.items():
         got = grouped.attend(*inputs, order)
         torch.testing.assert_close(got[:, :-5], want, rtol=1e-6, atol=1e-6)
         assert (got[:, -5:] == 0).all() and got.transpose(1, 2).is_contiguous()      # rows past the mask 0; head-major

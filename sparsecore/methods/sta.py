@@ -343,7 +343,7 @@ class STASession:
         return self._kept(self._masks, geometry, windows, MASKS_KEPT)
 
     def head_groups(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-                    heads: HeadShard | None = None) -> list[tuple[BlockMask, tuple[int, ...]]]:
+                    heads: HeadShard | None = None) -> list[tuple[BlockMask, np.ndarray]]:
         """The (step, layer)'s distinct windows as one-head masks, each with the heads (of ``heads``' shard, counted
         from its first; an int array) that have it: ``StepAction.head_groups``. The session keeps four times as
         many (window, geometry) masks as its strategy has windows (at least :data:`WINDOW_MASKS_KEPT`), so a
