@@ -147,9 +147,12 @@ def test_search_refusals_name_the_cause():
     with pytest.raises(ValueError, match=r"candidates: \[\(5, 2, 3\)\] see the whole \(4, 2, 2\) tile grid"):
         forward(model, case.inputs(batch=1), 999.0)
     handle.search_windows([(1, 1, 2), (1, 1, 3)])                # both span one tile by two
-    with pytest.raises(ValueError, match="span the same tiles"):
+    with pytest.raises(ValueError, match=r"\(1, 1, 2\) and \(1, 1, 3\) span the same tiles"):
         forward(model, case.inputs(batch=1), 999.0)
     search = handle.search_windows(CANDIDATES, layers=[0])
+    with pytest.raises(TypeError, match="candidates: expected a non-empty sequence"):
+        handle.search_windows([])                                  # refused: the running search goes on
+    assert handle._planner.window_search is search
     with pytest.raises(ValueError, match="no call was measured yet"):
         search.strategy()
     forward(model, case.inputs(batch=1), 999.0)

@@ -223,6 +223,12 @@ def tile_offsets(geometry: VideoGeometry, tile: tuple[int, int, int]) -> np.ndar
     return frozen(np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64))
 
 
+def span(tiles: int, window: int) -> int:
+    """Key tiles a query tile sees along an axis of ``tiles`` tiles: the window's, the next odd one for an even window
+    below the axis, the axis past it (windows of one span make one mask)."""
+    return tiles if window >= tiles else 2 * (window // 2) + 1
+
+
 def axis_window(tiles: int, window: int) -> np.ndarray:
     """bool ``[tiles, tiles]``: query tile ``q`` sees key tile ``j`` along one axis (module docstring)."""
     if window >= tiles:
@@ -276,7 +282,7 @@ class STASession:
         self._window_masks: OrderedDict[tuple, BlockMask] = OrderedDict()      # one-head masks (head_groups)
         strategy, first = self.params.mask_strategy, self.params.dense_steps
         self._window_limit = WINDOW_MASKS_KEPT if strategy is None else \
-            max(WINDOW_MASKS_KEPT, 4 * len(strategy.windows))          # every window, at a few text lengths
+            max(WINDOW_MASKS_KEPT, len(strategy.windows))                # every window (a session has one geometry)
         if strategy is not None and first < self.num_steps:           # work in the strategy's steps, not num_steps
             listed = sorted(step for step in strategy.steps if first <= step < self.num_steps)
             if len(listed) != self.num_steps - first:
@@ -338,7 +344,7 @@ class STASession:
             raise ValueError(f"mask_strategy: step {step} layer {layer} gives {len(windows)} heads' windows, the "
                              f"model has {num_heads} heads; pass a strategy written for this model")
         grid = tile_grid(geometry, self.params.tile)
-        windows = tuple(tuple(min(w, n) for w, n in zip(window, grid)) for window in windows[shard.start:shard.stop])
+        windows = tuple(tuple(span(n, w) for w, n in zip(window, grid)) for window in windows[shard.start:shard.stop])
         check_blocks(geometry, self.params.tile, len(windows))
         return self._kept(self._masks, geometry, windows, MASKS_KEPT)
 

@@ -24,20 +24,15 @@ import numpy as np
 
 from sparsecore.ir.validation import check_index, check_int
 
-from .sta import MaskStrategy, _triple, read_strategy
+from .sta import MaskStrategy, _triple, read_strategy, span
 
 CANDIDATE_LIMIT = 64        # candidates measured per call: each is one more sparse kernel at every searched call
-
-
-def covered(tiles: int, window: int) -> int:
-    """Key tiles a query tile sees along an axis of ``tiles`` tiles (an even window below the axis spans w + 1)."""
-    return tiles if window >= tiles else 2 * (window // 2) + 1
 
 
 def window_density(grid: Sequence[int], window: Sequence[int]) -> float:
     """Fraction of the video's tile pairs a window keeps on ``grid`` (tiles along frames, rows, columns): every query
     tile sees the same number of key tiles, since the window shifts inward at the edges."""
-    return math.prod(covered(n, w) / n for n, w in zip(grid, window))
+    return math.prod(span(n, w) / n for n, w in zip(grid, window))
 
 
 def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
@@ -46,7 +41,7 @@ def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
     (relative) of ``density``, nearest first, at most ``limit``; odd sides below an axis and the whole axis only
     (an even side below the axis runs as the next odd one). The whole grid (dense) is never a candidate."""
     grid = _triple(grid, "grid")
-    for name, value, low in (("density", density, 0.0), ("spread", spread, -1.0)):
+    for name, value in (("density", density), ("spread", spread)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
     if not 0 < density < 1:

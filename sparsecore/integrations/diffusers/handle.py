@@ -151,16 +151,16 @@ class SparseAttentionHandle:
 
     def search_windows(self, candidates: Sequence[Any] | None, *, layers: Iterable[int] | None = None,
                        steps: Iterable[int] | None = None) -> WindowSearch | None:
-        """Search STA's windows per step, layer and head, as FastVideo's offline search (:mod:`.window_search`):
-        from now on every call runs the model's dense attention, and at the chosen ``layers`` and ``steps`` (None:
-        all) each of the ``candidates`` windows is measured against it. Run the pipeline on a few prompts, then
-        ``search.save(path, dense_steps)`` and apply STA with ``mask_strategy=path``. ``None`` ends the search (a new
-        one, or ``remove()``, ends it too). Only under ``method="sta"`` (its ``tile``), on one process holding every
-        head and the whole sequence. While it runs, ``audit``, ``keep_masks`` and ``stats`` see no sparse call."""
-        if self._planner.window_search is not None:          # its kernels go; its sums stay readable
-            self._planner.window_search.close()
-            self._planner.window_search = None
+        """Search STA's windows per step, layer and head as FastVideo's offline search does (:mod:`.window_search`):
+        every call runs the model's dense attention, and at the chosen ``layers`` and ``steps`` (None: all; a strategy
+        needs every layer from its ``dense_steps`` on) each candidate window is measured against it. Run a few prompts,
+        then ``search.save(path, dense_steps)``; apply STA with ``mask_strategy=path``. ``None``, a new search or
+        ``remove()`` end it. ``method="sta"`` only (its ``tile``), on one process holding every head and the whole
+        sequence; ``audit``, ``keep_masks`` and ``stats`` see none of its calls."""
         if candidates is None:
+            running, self._planner.window_search = self._planner.window_search, None
+            if running is not None:
+                running.close()                               # its kernels go; its sums stay readable
             return None
         if self._removed:
             raise ValueError("handle.search_windows: this handle was removed; apply(..., method='sta') again")
@@ -172,7 +172,8 @@ class SparseAttentionHandle:
                              "every head and the whole sequence; search on one GPU")
         tile = sta.STAParams(**({"tile": self.params["tile"]} if "tile" in self.params else {})).tile
         search = WindowSearch(candidates, tile, len(self._processors), self.num_steps, self._planner.compiled,
-                              layers, steps)
+                              layers, steps)                       # checked: now the one running ends
+        self.search_windows(None)
         self._planner.window_search = search
         return search
 

@@ -1,8 +1,8 @@
 """A mask whose heads take a few one-head patterns, run as one kernel per pattern (``StepAction.head_groups``).
 
 STA's mask strategies give every (step, layer) its own per-head windows out of a handful: compiling each call's
-mask converts it again for the kernel (FlashAttention-4's layout: 12-17 ms a layer at Wan 2.1 1.3B's 480 x 832 grid
-on an H200, against a 2.9 ms kernel; ``bench/sta_strategy_probe.py``, two runs). Each window's one-head mask is
+mask converts it again for the kernel (FlashAttention-4's layout: 12-21 ms a layer at Wan 2.1 1.3B's 480 x 832 grid
+on an H200, against a 2.9 ms kernel; ``bench/sta_strategy_probe.py``, three runs). Each window's one-head mask is
 compiled once a run instead (the session keeps the mask, the mask keeps the kernel) and runs on the heads that have
 it, folded into the batch. The gather that puts the tokens in the mask's order also sorts the heads by pattern,
 ``[H, B, L, D]`` with each pattern's heads together, so every pattern's inputs are a view ``[n * B, 1, L, D]``; each
@@ -60,10 +60,11 @@ class HeadGroupKernel:
         0."""
         batch, seq_len, heads, dim = query.shape
         tokens, dim_v = self.mask.q_len, value.shape[3]
-        if heads != self.mask.num_heads or key.shape[2] != heads or value.shape[2] != heads or seq_len < tokens:
-            raise ValueError(f"q, k, v: expected {self.mask.num_heads} heads each (head groups run without GQA) and at "
-                             f"least {tokens} tokens, got {heads}, {key.shape[2]}, {value.shape[2]} heads and "
-                             f"{seq_len} tokens; run the mask's own kernel (sparsecore.compile) instead")
+        shapes = [tuple(t.shape[:3]) for t in (query, key, value)]
+        if len(set(shapes)) > 1 or heads != self.mask.num_heads or seq_len < tokens:
+            raise ValueError(f"q, k, v: expected [B, S, {self.mask.num_heads}, D] each with S >= {tokens} (head "
+                             f"groups run without GQA), got {shapes}; a strategy's windows need q, k, v of one "
+                             f"shape: apply one window (STAParams.window) for such a model")
         device = query.device
         positions = torch.arange(tokens, device=device) if order is None else order.device_index(device, tokens)
         sorted_heads = on_device(self._heads, device)
@@ -73,8 +74,15 @@ class HeadGroupKernel:
                        positions[None, None, :] * strides[1], sorted_heads[:, None, None] * strides[2])
             return (b + s + h).reshape(-1)
 
-        q, k, v = (rows.index_select(0, index(strides)).view(heads, batch, tokens, rows.shape[1])
-                   for rows, strides in map(rows_of, (query, key, value)))
+        indices: dict[tuple[int, int, int], torch.Tensor] = {}                   # one per layout (q, k, v share one)
+
+        def sorted_rows(t: torch.Tensor) -> torch.Tensor:
+            rows, strides = rows_of(t)
+            if strides not in indices:
+                indices[strides] = index(strides)
+            return rows.index_select(0, indices[strides]).view(heads, batch, tokens, rows.shape[1])
+
+        q, k, v = map(sorted_rows, (query, key, value))
         out = (value.new_zeros if tokens < seq_len else value.new_empty)(batch, heads, seq_len, dim_v)
         out_rows = out.view(-1, dim_v)
         head_major = index((heads * seq_len, 1, seq_len)).view(heads, batch * tokens)

@@ -27,7 +27,7 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import sta
 from sparsecore.methods.contract import check_bidirectional
-from sparsecore.methods.sta_search import check_candidates, choose_windows, covered, save_strategy
+from sparsecore.methods.sta_search import check_candidates, choose_windows, save_strategy
 
 from .audit import make_audit
 
@@ -103,16 +103,18 @@ class WindowSearch:
         if self.grid is not None:
             raise ValueError(f"handle.search_windows: this search measures a {self.grid} tile grid and this call's "
                              f"video makes {grid}; a strategy is for one grid: search each resolution apart")
-        spans = [tuple(covered(n, w) for n, w in zip(grid, window)) for window in self.candidates]
+        spans = [tuple(sta.span(n, w) for n, w in zip(grid, window)) for window in self.candidates]
         dense_ones = [w for w, span in zip(self.candidates, spans) if span == grid]
         if dense_ones:
             raise ValueError(f"candidates: {dense_ones} see the whole {grid} tile grid (dense attention, which no "
                              f"window can beat); leave them out (dense_steps gives dense steps), or use "
                              f"sparsecore.methods.sta_search.candidate_windows")
-        if len(set(spans)) != len(spans):
-            raise ValueError(f"candidates: {list(self.candidates)} include windows that span the same tiles on a "
-                             f"{grid} grid (an even side below an axis spans the next odd one, a side past the axis "
-                             f"the axis); pass each window once")
+        count = len(spans)
+        same = next(((self.candidates[i], self.candidates[j]) for i in range(count) for j in range(i + 1, count)
+                     if spans[i] == spans[j]), None)
+        if same is not None:
+            raise ValueError(f"candidates: {same[0]} and {same[1]} span the same tiles on a {grid} grid (an even side "
+                             f"below an axis spans the next odd one, a side past the axis the axis); keep one")
         self.grid = grid
 
     def _kernels_for(self, geometry: VideoGeometry) -> list[Any]:
@@ -142,8 +144,9 @@ class WindowSearch:
         broken = np.argwhere((self._samples > 0) & ~np.isfinite(errors).all(axis=(2, 3)))
         if len(broken):
             step, layer = broken[0]
-            raise ValueError(f"handle.search_windows: step {step} layer {layer} measured a non-finite error (an "
-                             f"overflow in the dense or a candidate's output); search again in bfloat16 or float32")
+            raise ValueError(f"handle.search_windows: step {step} layer {layer} measured a non-finite error: the "
+                             f"model's q, k, v or its dense output held inf or NaN there (in float16, an overflow); "
+                             f"search in bfloat16, or leave that step out (steps=, or a higher dense_steps)")
         return choose_windows(errors, self.candidates, self.grid, dense_steps)
 
     def save(self, path: Any, dense_steps: int = 0) -> sta.MaskStrategy:
