@@ -81,11 +81,12 @@ KERNELS: dict = {}
 def grouped_runner(session, layer: int) -> HeadGroupKernel:
     """The diffusers integration's run of a strategy: one kernel per window on its heads, each compiled once."""
     parts = []
-    for mask, members in session.head_groups(GEOMETRY, HEADS, step=0, layer=layer):
+    whole = session.plan(GEOMETRY, HEADS, step=0, layer=layer)
+    for mask, members in session.head_groups(GEOMETRY, whole):
         if id(mask) not in KERNELS:
             KERNELS[id(mask)] = (mask, sparsecore.compile(mask, device="cuda"))
         parts.append((KERNELS[id(mask)][1], members))
-    return HeadGroupKernel(session.plan(GEOMETRY, HEADS, step=0, layer=layer), parts)
+    return HeadGroupKernel(whole, parts)
 
 
 if __name__ == "__main__":

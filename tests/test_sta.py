@@ -310,7 +310,7 @@ def test_a_strategy_compiles_each_window_once_and_runs_it_on_its_heads(monkeypat
     session = sta.session(1, tile=(2, 4, 4), mask_strategy={f"0_0_{h}": windows[h % 2] for h in range(3)})
     geometry = VideoGeometry(4, 8, 8)
     mask = session.plan(geometry, 3, step=0, layer=0)
-    groups = session.head_groups(geometry, 3, step=0, layer=0)
+    groups = session.head_groups(geometry, mask)
     assert [members.tolist() for _, members in groups] == [[0, 2], [1]]
     grouped = HeadGroupKernel(mask, [(sparsecore.compile(m, device="cpu"), members) for m, members in groups])
     gen = torch.Generator().manual_seed(4)

@@ -60,9 +60,9 @@ class StepAction:
     ``token_order``: the mask's blocks are over the tokens in this order (STA's tiles,
     :class:`sparsecore.ordering.TokenOrder`): the integrations gather q, k, v into it and the output back.
     ``head_groups``: the mask's heads take a few distinct patterns, which the session gives as one-head masks
-    (``session.head_groups(geometry, num_heads, step=, layer=, heads=)``: ``[(mask, head indices), ...]``, the same
-    mask objects while it keeps them; STA's strategies): the integrations may run one kernel per pattern on the heads
-    that have it, each compiled once, instead of compiling every call's mask.
+    (``session.head_groups(geometry, mask)`` of the mask its ``plan`` returned: ``[(one-head mask, head indices),
+    ...]``, the same mask objects while it keeps them; STA's strategies): the integrations may run one kernel per
+    pattern on the heads that have it, each compiled once, instead of compiling every call's mask.
     """
 
     label: str

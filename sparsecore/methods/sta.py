@@ -348,14 +348,12 @@ class STASession:
         check_blocks(geometry, self.params.tile, len(windows))
         return self._kept(self._masks, geometry, windows, MASKS_KEPT)
 
-    def head_groups(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
-                    heads: HeadShard | None = None) -> list[tuple[BlockMask, np.ndarray]]:
-        """The (step, layer)'s distinct windows as one-head masks, each with the heads (of ``heads``' shard, counted
-        from its first; an int array) that have it: ``StepAction.head_groups``. The session keeps four times as
-        many (window, geometry) masks as its strategy has windows (at least :data:`WINDOW_MASKS_KEPT`), so a
-        window's mask (and the kernel compiled for it) serves every layer and step of the run."""
-        windows = self.plan(geometry, num_heads, step=step, layer=layer, heads=heads).meta["head_windows"]
-        distinct, which = np.unique(np.array(windows), axis=0, return_inverse=True)
+    def head_groups(self, geometry: VideoGeometry, mask: BlockMask) -> list[tuple[BlockMask, np.ndarray]]:
+        """``mask``'s (a mask :meth:`plan` returned on ``geometry``) distinct windows as one-head masks, each with the
+        heads (an int array, counted from the mask's first) that have it: ``StepAction.head_groups``. The session
+        keeps as many one-head masks as its strategy has windows (at least :data:`WINDOW_MASKS_KEPT`), so a window's
+        mask (and the kernel compiled for it) serves every layer and step of the run."""
+        distinct, which = np.unique(np.array(mask.meta["head_windows"]), axis=0, return_inverse=True)
         which = which.ravel()
         members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which))[:-1])
         return [(self._kept(self._window_masks, geometry, (tuple(window),), self._window_limit), heads_of)

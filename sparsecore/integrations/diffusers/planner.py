@@ -342,10 +342,8 @@ class Planner:
             plan.prepared = io.runner(run_mask)
             io.prepare(plan.prepared)
         elif action.head_groups and io.whole:                          # one kernel per pattern
-            groups = session.head_groups(geometry, heads if shard is None else shard.total, step=step, layer=layer,
-                                         heads=shard)
             plan.kernel = HeadGroupKernel(run_mask, [(self._group_kernel(mask, seq_len), members)
-                                                     for mask, members in groups])
+                                                     for mask, members in session.head_groups(geometry, plan.mask)])
         else:
             plan.kernel = io.runner(run_mask)
             if action.shared and hasattr(plan.kernel, "keep_plans_on_host"):
