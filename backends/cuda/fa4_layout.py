@@ -40,17 +40,19 @@ bench/fa4_check.py measures it): 128 for 128-aligned or large blocks, 64 for 64-
 blocks (AdaSpa), whose 128 x 128 tiles would be mostly mask tiles computing 2-4x the
 kept pairs.
 
-Everything runs as torch ops on the target device (on CPU for tests): no Python loop
-over heads, rows or blocks (only over the at most ``rmax`` rows a query tile can overlap,
-a few for real masks; a key tile's runs of blocks are summed by one ``index_add_``), and
-one host round trip per layout, a single ``.tolist()`` that sizes the compact index
-tensors (the host-side tables derived from the offsets go up in one copy before any
-kernel); where a key order may pay, two layouts are built and the cheaper kept (:func:`tile_cost`).
-The IR's ``indptr``/``indices`` may be numpy arrays or torch tensors on any device.
-Transient memory is a few bytes per element of the block map ``[H, MB, NB]``, of the row
-coverage ``[H, MB, runs]`` (int32) and of the tile map ``[H, QT, NT]`` (about 1.2 GB for 12
-heads x 188K tokens in 64-token blocks on 128-token tiles);
-above :data:`DENSE_LIMIT` elements the conversion refuses and names the triton backend.
+Off CUDA everything runs as torch ops (on CPU for tests): no Python loop over heads, rows or
+blocks (only over the at most ``rmax`` rows a query tile can overlap, a few for real masks; a
+key tile's runs of blocks are summed by one ``index_add_``). Its transient memory is a few bytes
+per element of the block map ``[H, MB, NB]``, of the row coverage ``[H, MB, runs]`` (int32) and
+of the tile map ``[H, QT, NT]``; above :data:`DENSE_LIMIT` elements it refuses and names the
+triton backend. On CUDA the classification is a Triton kernel reading the packed block map
+(:mod:`.fa4_tile_lists`), with no block or tile map: on the joint masks of
+bench/fa4_conversion_probe.py (H200, 2026-12-04) 4-5x less GPU time (CogVideoX 1.5 at 2x, 48 heads:
+27.3 -> 6.8 ms; wall 38.9 -> 19.7 ms, transients 3.8 -> 1.5 GiB). Both paths make one host round
+trip per layout, a single ``.tolist()`` that sizes the compact index tensors (the host-side tables
+derived from the offsets go up in one copy before any kernel); where a key order may pay, two
+layouts are built and the cheaper kept (:func:`tile_cost`). The IR's ``indptr``/``indices`` may
+be numpy arrays or torch tensors on any device.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ from sparsecore.ir.csr import row_of_entry
 from sparsecore.registry import UnsupportedError
 
 from .fa4_key_order import key_order, key_runs
-from .fa4_key_ranges import tile_edges, widths_from_entries, widths_from_tiles
+from .fa4_key_ranges import tile_edges, widths_from_entries
+from .fa4_tile_lists import dense_tile_lists, host_tables, keep_bits, runs_on_triton, tile_lists
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map, row and run coverage, tile map
 MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
@@ -221,14 +224,17 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     H, MB, NB = int(mask.num_heads), len(q_off) - 1, len(kv_off) - 1
     q_len, kv_len = int(q_off[-1]), int(kv_off[-1])
     QT, NT = -(-q_len // tile_m), -(-kv_len // tile_n)
-    _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
-    _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
+    on_triton = runs_on_triton(device)
+    if not on_triton:               # the torch path's maps (the kernel's transients are the lists' size)
+        _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
+        _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
     kv_block = _block_of_position(kv_off, kv_len)
     if kv_order is not None:
         kv_block = kv_block[kv_order]
     run_tile, run_block, run_length = key_runs(kv_block, tile_n)
-    _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, len(run_tile)),
-                tile_m, tile_n)
+    if not on_triton:
+        _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, len(run_tile)),
+                    tile_m, tile_n)
     _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
 
     # Host side (NumPy): the runs of one IR block inside each key tile in the order FA4 reads the keys (above),
@@ -244,64 +250,44 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
             "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
     if kv_order is not None:
         host["kv_order"] = kv_order
+    if on_triton:
+        tables, most_runs = host_tables(run_tile, NT, edges)
+        host.update(tables)
     lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
     host.update({name: np.asarray(a) for name, a in lists.items() if not isinstance(a, torch.Tensor)})
     dev = _upload(host, device)                       # one host-to-device copy, before any kernel
     indptr = (dev["indptr"] if "indptr" in dev else lists["indptr"].to(device, torch.int64)).reshape(H, MB + 1)
     indices = (dev["indices"] if "indices" in dev else lists["indices"].to(device, torch.int64)).reshape(-1)
-
-    # The block map, from the CSR (fixed-size ops: no sync).
     nnz = indices.numel()
     row_len = (indptr[:, 1:] - indptr[:, :-1]).reshape(-1)                                 # [H*MB]
     row_of_entry = torch.repeat_interleave(torch.arange(H * MB, device=device), row_len, output_size=nnz)
-    keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
-    keep[row_of_entry * NB + indices] = True
-    keep = keep.view(H, MB, NB)
-    del row_of_entry
     kept_pairs = (csr.kept_key_tokens(indptr, indices, kv_off) * dev["q_sizes"]).sum()      # [H, MB] x [MB]
-
-    # Key side: kept key tokens of each row in each key tile.
-    runs = keep.view(H * MB, NB)[:, dev["run_block"]] * dev["run_length"].to(torch.int32)   # [H*MB, runs]
-    cover = torch.zeros(H * MB, NT, dtype=torch.int32, device=device).index_add_(1, dev["run_tile"], runs)
-    del runs
-    row_full = (cover == dev["width"].to(torch.int32)).view(H, MB, NT)
-    row_any = (cover > 0).view(H, MB, NT)
-    del cover
-
-    # Query side: a tile is full if every row overlapping it is, listed if any row is.
-    full = torch.ones(H, QT, NT, dtype=torch.bool, device=device)
-    listed = torch.zeros(H, QT, NT, dtype=torch.bool, device=device)
-    for c in range(rmax):
-        full &= row_full[:, dev["rows"][c], :]
-        listed |= row_any[:, dev["rows"][c], :]
-    del row_full, row_any
-    partial = listed & ~full
-
-    full_cnt = full.sum(-1, dtype=torch.int32)                                            # [H, QT]
-    mask_cnt = partial.sum(-1, dtype=torch.int32)
     empty_row = (row_len == 0).view(H, MB)
-    heads_alike = (full == full[:1]).all() & (partial == partial[:1]).all()
-    stats = torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-                         mask_cnt.sum(dtype=torch.int64), empty_row.any().long(), heads_alike.long(), kept_pairs])
-    if len(edges) > 2:
-        stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
-    (max_full, max_mask, num_full, num_mask, any_empty, alike, kept), widths = _split(stats.tolist(), 7)  # one sync
-    if alike:               # every head's tile lists are the same (LVSA): FA4 broadcasts one head's
-        full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
-
+    bits = keep_bits(row_of_entry, indices, H * MB, NB).view(H, MB, -1)
+    if on_triton:
+        alike = torch.full((), H == 1, device=device)   # the IR's lists the same head by head: lengths, then entries
+        if H > 1 and nnz % H == 0:
+            alike = (row_len.view(H, MB) == row_len.view(H, MB)[:1]).all() & \
+                (indices.view(H, -1) == indices[:nnz // H]).all()
+        extra = torch.stack([empty_row.any(), alike, kept_pairs]).long()
+        found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra)
+    else:
+        found = dense_tile_lists(row_of_entry, indices, dev, (H, MB, NB, QT, NT), edges,
+                                  torch.stack([empty_row.any(), kept_pairs]).long())
+    del row_of_entry
     q_block = dev["q_block"].to(torch.int32)
     aux = (None, None, None)
-    if num_mask:
-        aux = (q_block, dev["kv_block"].to(torch.int32), _pack_bits(keep))
-    empty_tokens = empty_row[:, dev["q_block"][:q_len]].t().contiguous() if any_empty else None
+    if found.num_mask:
+        aux = (q_block, dev["kv_block"].to(torch.int32), bits)
+    empty_tokens = empty_row[:, dev["q_block"][:q_len]].t().contiguous() if found.any_empty else None
     return Fa4Layout(
         tile_m=tile_m, tile_n=tile_n, num_heads=H, q_len=q_len, kv_len=kv_len,
-        mask_block_cnt=mask_cnt[None], mask_block_idx=_packed_lists(partial, max_mask),
-        full_block_cnt=full_cnt[None], full_block_idx=_packed_lists(full, max_full),
+        mask_block_cnt=found.mask_cnt[None], mask_block_idx=found.mask_idx,
+        full_block_cnt=found.full_cnt[None], full_block_idx=found.full_idx,
         q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
-        num_full_tiles=int(num_full), num_mask_tiles=int(num_mask), kept_pairs=int(kept),
+        num_full_tiles=found.num_full, num_mask_tiles=found.num_mask, kept_pairs=found.kept_pairs,
         kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None,   # a copy: the upload is freed
-        key_edges=tuple(edges), key_widths=widths)
+        key_edges=tuple(edges), key_widths=found.widths)
 
 
 def _on_tile_grid(offsets: Any, side: int) -> bool:
@@ -368,33 +354,4 @@ def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, to
         size = int(np.asarray(a).size)
         out[name] = buffer[start:start + size].view(np.shape(a))
         start += size
-    return out
-
-
-def _packed_lists(flags: torch.Tensor, width: int) -> torch.Tensor:
-    """Ascending column ids of the set flags of each row, packed left: int32 ``[1, H, QT, max(width, 1)]``."""
-    H, QT, NT = flags.shape
-    width = max(int(width), 1)
-    ctype = torch.int16 if NT < (1 << 15) else torch.int32
-    running = flags.reshape(H * QT, NT).cumsum(-1, dtype=ctype)                            # non-decreasing
-    wanted = torch.arange(1, width + 1, dtype=ctype, device=flags.device).expand(H * QT, width).contiguous()
-    ids = torch.searchsorted(running, wanted)                                              # first column reaching k
-    ids = torch.where(ids < NT, ids, torch.zeros_like(ids))                                # past the count: unused
-    return ids.to(torch.int32).view(1, H, QT, width)
-
-
-def _pack_bits(keep: torch.Tensor) -> torch.Tensor:
-    """bool ``[H, MB, NB]`` -> int32 words ``[H, MB, NW]``, bit j % 32 of word j // 32.
-
-    ``NW = 2 * ceil(NB / 64)``: an even word count keeps the last dim the only one of unit
-    stride, which FA4's aux-tensor import (``__leading_dim__``) wants unambiguous.
-    """
-    H, MB, NB = keep.shape
-    words = 2 * -(-NB // 64)
-    padded = torch.zeros(H, MB, words * 32, dtype=torch.bool, device=keep.device)
-    padded[:, :, :NB] = keep
-    padded = padded.view(H, MB, words, 32)
-    out = torch.zeros(H, MB, words, dtype=torch.int32, device=keep.device)
-    for bit in range(32):  # the sign bit's weight is -2^31: the int32 word has the uint32 bit pattern
-        out += padded[..., bit].to(torch.int32) * (-(1 << 31) if bit == 31 else (1 << bit))
     return out

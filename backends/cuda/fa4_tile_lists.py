@@ -1,0 +1,161 @@
+"""FA4's key-tile lists of a mask off its tile grid, from the IR's lists without block or tile maps (CUDA).
+
+The general path of :func:`.fa4_layout.to_fa4` classifies every (head, query tile, key tile) as full, mask or
+unlisted. As torch ops it builds the block map ``[H, MB, NB]``, each row's coverage of every key tile and the
+tile map ``[H, QT, NT]``, a few bytes an element each: on the joint video + text masks AdaSpa plans for CogVideoX
+1.5 at 2x (48 heads, 1,343 blocks of 64 tokens) that took 36.8 ms and 3.8 GiB of transients on an H200, for a
+mask new at every call (bench/fa4_conversion_probe.py, 2026-12-04), which kept ``compile`` from ranking ``fa4``
+first on such masks although its kernel is faster (``selection.py``). On CUDA the classification runs instead in
+:mod:`.fa4_tile_lists_kernel`, one program per (query tile, head) reading the rows' blocks from the packed block
+map ``keep_bits`` (which the lookup mask_mod needs anyway), in two passes: counts per key range, one host read
+that sizes the lists, then the lists. The torch path stays the definition on other devices (and for the tests'
+comparison); both give the same lists.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import interpreter
+from .fa4_key_ranges import widths_from_tiles
+
+BLOCK = 128                 # key tiles a program classifies at once
+
+
+class TileLists(NamedTuple):
+    """What a layout takes from its classification: counts ``[H', QT]`` and lists ``[1, H', QT, W]`` (int32; ``H'``
+    is 1 where every head's lists are alike), totals, and the host read's extra values."""
+    full_cnt: torch.Tensor
+    mask_cnt: torch.Tensor
+    full_idx: torch.Tensor
+    mask_idx: torch.Tensor
+    num_full: int
+    num_mask: int
+    any_empty: bool
+    kept_pairs: int
+    widths: tuple[int, ...] | None
+
+
+def runs_on_triton(device: torch.device) -> bool:
+    """Whether the classification runs in the Triton kernel here: on CUDA, or on CPU inside the interpreter's
+    emulation (:func:`.interpreter.emulating`, as the tests run it)."""
+    return device.type == "cuda" or (interpreter.active() and interpreter.interpreting())
+
+
+def keep_bits(row_of_entry: torch.Tensor, indices: torch.Tensor, num_rows: int, num_kv_blocks: int) -> torch.Tensor:
+    """The block map bit-packed from the IR's entries (``row_of_entry``, ``indices``: row and key block of each):
+    int32 ``[num_rows, NW]``, bit ``j % 32`` of word ``j // 32`` set when the row keeps key block ``j``, ``NW = 2 *
+    ceil(NB / 64)`` (an even word count keeps the last dim the only one of unit stride, which FA4's aux-tensor
+    import wants unambiguous). A row's blocks are unique, so summing their bits is OR-ing them."""
+    words = 2 * -(-num_kv_blocks // 64)
+    indices = indices.long()
+    flat = torch.zeros(num_rows * words, dtype=torch.int64, device=indices.device)
+    flat.index_add_(0, row_of_entry.long() * words + indices // 32, torch.ones_like(indices) << (indices % 32))
+    return flat.to(torch.int32).view(num_rows, words)          # bit 31 wraps to the int32 sign: the uint32 pattern
+
+
+def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: int, num_kv_tiles: int,
+               edges: list[int], most_runs: int, extra: torch.Tensor) -> TileLists:
+    """Classify on the GPU: ``bits`` int32 ``[H, MB, NW]``; ``dev``: the conversion's uploaded tables (``rows``
+    ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``);
+    ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64 ``[3]`` on the device (any row empty, every head's IR lists alike, kept pairs), read with the
+    counts in the one host read."""
+    from .fa4_tile_lists_kernel import fa4_tile_lists_kernel
+    heads, num_rows, words = bits.shape
+    rmax = dev["rows"].shape[0]
+    parts = len(dev["edges_padded"]) - 1
+    common = dict(ROWS=rmax, RUNS=most_runs, PARTS=parts, BLOCK=BLOCK)
+    tables = (bits, dev["rows"], dev["run_start"], dev["run_block"], dev["run_length"], dev["width"],
+              dev["edges_padded"])
+    counts = torch.empty(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
+    fa4_tile_lists_kernel[(num_q_tiles, heads)](*tables, counts, counts, counts, num_q_tiles, num_kv_tiles, num_rows,
+                                                words, 1, 1, WRITE=False, **common)
+    full_cnt, mask_cnt = (c.contiguous() for c in counts.sum(-1, dtype=torch.int32).unbind(2))   # FA4: unit stride
+    ranges = len(edges) - 1
+    stats = [full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
+             mask_cnt.sum(dtype=torch.int64), extra]
+    if ranges > 1:
+        stats.append(counts[..., :ranges].amax(dim=(0, 1)).reshape(-1).long())   # full per range, then mask
+    values = torch.cat([s.reshape(-1) for s in stats]).tolist()                     # the one host read
+    longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept = values[:7]
+    widths = tuple(int(w) for w in values[7:]) or None
+    if alike and heads > 1:              # every head's lists are the IR's same: FA4 broadcasts one head's
+        heads, bits, full_cnt, mask_cnt = 1, bits[:1], full_cnt[:1], mask_cnt[:1]
+    full_width, mask_width = max(int(longest_full), 1), max(int(longest_mask), 1)
+    full_idx = torch.zeros(heads, num_q_tiles, full_width, dtype=torch.int32, device=bits.device)
+    mask_idx = torch.zeros(heads, num_q_tiles, mask_width, dtype=torch.int32, device=bits.device)
+    fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables[1:], counts, full_idx, mask_idx, num_q_tiles,
+                                                num_kv_tiles, num_rows, words, full_width, mask_width, WRITE=True,
+                                                **common)
+    return TileLists(full_cnt, mask_cnt, full_idx[None], mask_idx[None], int(num_full), int(num_mask),
+                     bool(any_empty), int(kept), widths)
+
+
+def host_tables(run_tile: np.ndarray, num_kv_tiles: int, edges: list[int]) -> tuple[dict[str, np.ndarray], int]:
+    """The kernel's host tables beyond the conversion's own: each key tile's first run (``run_start`` ``[NT + 1]``,
+    runs in key-position order) and the key-range edges padded to a power of two of ranges with empty ones; and
+    the most runs in one tile."""
+    run_start = np.searchsorted(run_tile, np.arange(num_kv_tiles + 1, dtype=np.int64))
+    parts = 1 << (len(edges) - 2).bit_length()
+    padded = np.array(list(edges) + [num_kv_tiles] * (parts + 1 - len(edges)), dtype=np.int64)
+    return {"run_start": run_start, "edges_padded": padded}, int(np.diff(run_start).max(initial=1))
+
+
+def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dict[str, torch.Tensor],
+                      sizes: tuple[int, int, int, int, int], edges: list[int], extra: torch.Tensor) -> TileLists:
+    """The classification as torch ops through the block map ``[H, MB, NB]``, each row's coverage of the key tiles
+    and the tile map ``[H, QT, NT]`` (off CUDA; :mod:`.fa4_tile_lists` on it), with the one host read (``extra``:
+    any row empty, kept pairs)."""
+    H, MB, NB, QT, NT = sizes
+    device = indices.device
+    keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
+    keep[row_of_entry * NB + indices] = True
+    keep = keep.view(H, MB, NB)
+
+    # Key side: kept key tokens of each row in each key tile.
+    runs = keep.view(H * MB, NB)[:, dev["run_block"]] * dev["run_length"].to(torch.int32)   # [H*MB, runs]
+    del keep
+    cover = torch.zeros(H * MB, NT, dtype=torch.int32, device=device).index_add_(1, dev["run_tile"], runs)
+    del runs
+    row_full = (cover == dev["width"].to(torch.int32)).view(H, MB, NT)
+    row_any = (cover > 0).view(H, MB, NT)
+    del cover
+
+    # Query side: a tile is full if every row overlapping it is, listed if any row is.
+    full = torch.ones(H, QT, NT, dtype=torch.bool, device=device)
+    listed = torch.zeros(H, QT, NT, dtype=torch.bool, device=device)
+    for c in range(dev["rows"].shape[0]):
+        full &= row_full[:, dev["rows"][c], :]
+        listed |= row_any[:, dev["rows"][c], :]
+    del row_full, row_any
+    partial = listed & ~full
+
+    full_cnt = full.sum(-1, dtype=torch.int32)                                            # [H, QT]
+    mask_cnt = partial.sum(-1, dtype=torch.int32)
+    heads_alike = (full == full[:1]).all() & (partial == partial[:1]).all()
+    stats = torch.cat([torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
+                                    mask_cnt.sum(dtype=torch.int64), heads_alike.long()]), extra])
+    if len(edges) > 2:
+        stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
+    values = stats.tolist()                                                         # the one host read
+    max_full, max_mask, num_full, num_mask, alike, any_empty, kept = values[:7]
+    widths = tuple(int(w) for w in values[7:]) or None
+    if alike:               # every head's tile lists are the same (LVSA): FA4 broadcasts one head's
+        full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
+    return TileLists(full_cnt, mask_cnt, packed_lists(full, max_full), packed_lists(partial, max_mask),
+                     int(num_full), int(num_mask), bool(any_empty), int(kept), widths)
+
+
+def packed_lists(flags: torch.Tensor, width: int) -> torch.Tensor:
+    """Ascending column ids of the set flags of each row, packed left: int32 ``[1, H, QT, max(width, 1)]``."""
+    H, QT, NT = flags.shape
+    width = max(int(width), 1)
+    ctype = torch.int16 if NT < (1 << 15) else torch.int32
+    running = flags.reshape(H * QT, NT).cumsum(-1, dtype=ctype)                            # non-decreasing
+    wanted = torch.arange(1, width + 1, dtype=ctype, device=flags.device).expand(H * QT, width).contiguous()
+    ids = torch.searchsorted(running, wanted)                                              # first column reaching k
+    ids = torch.where(ids < NT, ids, torch.zeros_like(ids))                                # past the count: unused
+    return ids.to(torch.int32).view(1, H, QT, width)
