@@ -321,6 +321,28 @@ def test_short_last_key_tile_is_last_in_its_list():
     assert mask_idx.shape[0] == 1
 
 
+def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):
+    """The tables that follow from the offsets are built once per geometry and tiles (kept in host memory), a key
+    order's each time, and again after ``sparsecore.clear_cache``; every conversion stays exact."""
+    built = []
+    monkeypatch.setattr(fa4_layout, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
+    sparsecore.clear_cache()
+    rng = np.random.default_rng(5)
+    offsets = [0, 20, 41, 50, 77, 90]
+    for density in (0.3, 0.6, 0.9):
+        assert_exact(random_mask(rng, offsets, offsets, 2, density), 16, 16, reorder_keys=False)
+    assert len(built) == 1
+    assert_exact(random_mask(rng, offsets, offsets, 2, 0.5), 32, 16, reorder_keys=False)     # other tiles
+    assert len(built) == 2
+    sparsecore.clear_cache()
+    assert_exact(random_mask(rng, offsets, offsets, 2, 0.5), 16, 16, reorder_keys=False)
+    assert len(built) == 3
+    frames = frames_with_anchors(frames=27, frame=39, window=2, anchor_every=9)
+    for _ in range(2):                                    # the plain layout's tables kept, the key order's not
+        assert assert_exact(frames, 16, 16).kv_order is not None
+    assert len(built) == 3 + 1 + 2
+
+
 def test_lists_from_torch_tensors_match_lists_from_numpy():
     rng = np.random.default_rng(4)
     ragged = random_mask(rng, np.array([0, 30, 31, 90, 128]), np.array([0, 7, 64, 100, 190]), 3, 0.5)

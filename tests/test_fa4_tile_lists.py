@@ -109,3 +109,14 @@ def test_keep_bits_set_each_kept_block_once():
     words = bits.numpy().view(np.uint32)
     got = (words[:, np.arange(128) // 32] >> (np.arange(128) % 32)) & 1
     assert np.array_equal(got[:, :70].astype(bool), keep) and not got[:, 70:].any()
+
+
+def test_lists_longer_than_one_program_step(triton_layout):
+    """More key tiles than a program classifies at once (:data:`fa4_tile_lists.BLOCK`): the later steps' tiles go
+    after the earlier ones' in each list, and their counts add up."""
+    rng = np.random.default_rng(11)
+    kv_offsets = np.concatenate([[0], np.arange(7, 16 * 300, 16), [16 * 300]])          # a 7-token first block: off the 16-token grid
+    mask = random_mask(rng, [0, 20, 45], kv_offsets, 2, 0.5)
+    fast = triton_layout(mask, 16, 16, key_parts=3)
+    assert fast.num_kv_tiles > 2 * fa4_tile_lists.BLOCK
+    assert_same_tiles(fast, torch_path(mask, 16, 16, key_parts=3))

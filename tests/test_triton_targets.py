@@ -78,6 +78,7 @@ CASES = [
     ("row_top", "float32", 0, {"columns": 16384}, SMALLEST),
     ("lse_merge", "bfloat16", 128, {}, FA4),
     ("nonfinite", "bfloat16", 128, {}, FA4),
+    ("fa4_tile_lists", "float32", 0, {}, FA4),
 ]
 
 # Cases that fail today (case id -> why): strict xfails, so mending one fails here until its entry goes. fp16's PASA
@@ -337,6 +338,16 @@ def case_nonfinite(capability, dtype, head_dim):
         found.dims.fill_(1)
         fa4_nonfinite.poison(q.transpose(1, 2).contiguous(), found, layout,
                              torch.from_numpy(mask.kv_offsets.astype("int64")))
+    return records
+
+
+def case_fa4_tile_lists(capability, dtype, head_dim):
+    """The ``fa4`` conversion's classification of a mask off its tile grid (96-token blocks on 128-token tiles), both
+    passes, as on CUDA (the counts a compile-only launch leaves are zeros: the second pass takes width 1)."""
+    from sparsecore.backends.cuda import fa4_layout, fa4_tile_lists_kernel
+    fa4_layout.runs_on_triton = lambda device: True                 # this child process only
+    with launches(capability, [fa4_tile_lists_kernel.fa4_tile_lists_kernel]) as records:
+        fa4_layout.to_fa4(_mask(96, 96), 128, 128, reorder_keys=False)
     return records
 
 

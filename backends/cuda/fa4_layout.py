@@ -57,6 +57,8 @@ be numpy arrays or torch tensors on any device.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -65,6 +67,7 @@ import torch
 
 from sparsecore.ir import csr
 from sparsecore.ir.csr import row_of_entry
+from sparsecore.ir.uploads import HostPack
 from sparsecore.registry import UnsupportedError
 
 from .fa4_key_order import key_order, key_runs
@@ -76,6 +79,9 @@ MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mas
 GATHER_TILE_COST = 3.6     # gathering k and v for a key order, in full tiles' time per (key tile, head) (same fit)
 SM90_TILE_SIDES = (64, 128)
 SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
+GEOMETRY_ENTRIES = 8       # block geometries whose tables stay in pinned host memory (:func:`_geometry_tables`)
+_GEOMETRIES: "OrderedDict[tuple, tuple[HostPack, int, int]]" = OrderedDict()
+_GEOMETRY_LOCK = threading.Lock()     # compile() may convert in a warm-up thread
 
 
 @dataclass(frozen=True)
@@ -228,34 +234,14 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     if not on_triton:               # the torch path's maps (the kernel's transients are the lists' size)
         _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
         _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
-    kv_block = _block_of_position(kv_off, kv_len)
-    if kv_order is not None:
-        kv_block = kv_block[kv_order]
-    run_tile, run_block, run_length = key_runs(kv_block, tile_n)
-    if not on_triton:
-        _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, len(run_tile)),
-                    tile_m, tile_n)
     _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
-
-    # Host side (NumPy): the runs of one IR block inside each key tile in the order FA4 reads the keys (above),
-    # and which rows each query tile overlaps (at most `rmax`, 1-3 for real masks).
-    q_tile_start = np.arange(QT, dtype=np.int64) * tile_m
-    row_first = np.searchsorted(q_off, q_tile_start, side="right") - 1
-    row_last = np.searchsorted(q_off, np.minimum(q_tile_start + tile_m, q_len) - 1, side="right") - 1
-    rmax = int((row_last - row_first).max()) + 1
-    row_table = np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :])  # [rmax, QT]
-    host = {"run_tile": run_tile, "run_block": run_block, "run_length": run_length,
-            "width": np.minimum(tile_n, kv_len - np.arange(NT, dtype=np.int64) * tile_n), "rows": row_table,
-            "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off),
-            "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
-    if kv_order is not None:
-        host["kv_order"] = kv_order
-    if on_triton:
-        tables, most_runs = host_tables(run_tile, NT, edges)
-        host.update(tables)
+    dev, most_runs, runs = _geometry_tables(q_off, kv_off, tile_m, tile_n, edges, kv_order, on_triton, device)
+    if not on_triton:
+        _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, runs), tile_m, tile_n)
     lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
-    host.update({name: np.asarray(a) for name, a in lists.items() if not isinstance(a, torch.Tensor)})
-    dev = _upload(host, device)                       # one host-to-device copy, before any kernel
+    on_host = {name: np.asarray(a) for name, a in lists.items() if not isinstance(a, torch.Tensor)}
+    if on_host:
+        dev.update(_upload(on_host, device))
     indptr = (dev["indptr"] if "indptr" in dev else lists["indptr"].to(device, torch.int64)).reshape(H, MB + 1)
     indices = (dev["indices"] if "indices" in dev else lists["indices"].to(device, torch.int64)).reshape(-1)
     nnz = indices.numel()
@@ -288,6 +274,63 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
         num_full_tiles=found.num_full, num_mask_tiles=found.num_mask, kept_pairs=found.kept_pairs,
         kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None,   # a copy: the upload is freed
         key_edges=tuple(edges), key_widths=found.widths)
+
+
+def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: int, edges: list[int],
+                     kv_order: np.ndarray | None, on_triton: bool,
+                     device: torch.device) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The general path's tables that follow from the block offsets (and key order) alone, int64 on ``device`` for
+    one call: the runs of one IR block inside each key tile in the order FA4 reads the keys, the rows each query
+    tile overlaps (``rows [rmax, QT]``, rmax 1-3 for real masks), tile widths, token -> block, block sizes (and the
+    kernel's tables, :func:`.fa4_tile_lists.host_tables`); with them the most runs in a key tile and the run count.
+
+    Built on the host once per geometry (a method's masks share one across layers and steps): the last
+    :data:`GEOMETRY_ENTRIES` stay in pinned host memory, so a call copies them without waiting and no device
+    memory is held between calls (1.5 MB at CogVideoX 1.5 2x; building took several ms of host time a call).
+    A key order depends on the lists: such tables are built each time."""
+    key = None if kv_order is not None else (q_off.tobytes(), kv_off.tobytes(), tile_m, tile_n, tuple(edges),
+                                              on_triton)
+    with _GEOMETRY_LOCK:
+        found = _GEOMETRIES.get(key) if key is not None else None
+        if found is not None:
+            _GEOMETRIES.move_to_end(key)
+    if found is None:
+        q_len, kv_len = int(q_off[-1]), int(kv_off[-1])
+        QT, NT = -(-q_len // tile_m), -(-kv_len // tile_n)
+        kv_block = _block_of_position(kv_off, kv_len)
+        if kv_order is not None:
+            kv_block = kv_block[kv_order]
+        run_tile, run_block, run_length = key_runs(kv_block, tile_n)
+        q_tile_start = np.arange(QT, dtype=np.int64) * tile_m
+        row_first = np.searchsorted(q_off, q_tile_start, side="right") - 1
+        row_last = np.searchsorted(q_off, np.minimum(q_tile_start + tile_m, q_len) - 1, side="right") - 1
+        rmax = int((row_last - row_first).max()) + 1
+        host = {"run_tile": run_tile, "run_block": run_block, "run_length": run_length,
+                "width": np.minimum(tile_n, kv_len - np.arange(NT, dtype=np.int64) * tile_n),
+                "rows": np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :]),
+                "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off),
+                "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
+        most_runs = 1
+        if kv_order is not None:
+            host["kv_order"] = kv_order
+        if on_triton:
+            tables, most_runs = host_tables(run_tile, NT, edges)
+            host.update(tables)
+        pack = HostPack({name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for name, a in host.items()})
+        found = (pack, most_runs, len(run_tile))
+        if key is not None:
+            with _GEOMETRY_LOCK:
+                _GEOMETRIES[key] = found
+                if len(_GEOMETRIES) > GEOMETRY_ENTRIES:
+                    _GEOMETRIES.popitem(last=False)
+    pack, most_runs, runs = found
+    return pack.to(device), most_runs, runs
+
+
+def forget_geometries() -> None:
+    """Drop the cached geometry tables (:func:`sparsecore.clear_cache`)."""
+    with _GEOMETRY_LOCK:
+        _GEOMETRIES.clear()
 
 
 def _on_tile_grid(offsets: Any, side: int) -> bool:

@@ -70,7 +70,7 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     common = dict(ROWS=rmax, RUNS=most_runs, PARTS=parts, BLOCK=BLOCK)
     tables = (bits, dev["rows"], dev["run_start"], dev["run_block"], dev["run_length"], dev["width"],
               dev["edges_padded"])
-    counts = torch.empty(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
+    counts = torch.zeros(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
     fa4_tile_lists_kernel[(num_q_tiles, heads)](*tables, counts, counts, counts, num_q_tiles, num_kv_tiles, num_rows,
                                                 words, 1, 1, WRITE=False, **common)
     full_cnt, mask_cnt = (c.contiguous() for c in counts.sum(-1, dtype=torch.int32).unbind(2))   # FA4: unit stride
