@@ -40,19 +40,14 @@ bench/fa4_check.py measures it): 128 for 128-aligned or large blocks, 64 for 64-
 blocks (AdaSpa), whose 128 x 128 tiles would be mostly mask tiles computing 2-4x the
 kept pairs.
 
-Off CUDA everything runs as torch ops (on CPU for tests): no Python loop over heads, rows or
-blocks (only over the at most ``rmax`` rows a query tile can overlap, a few for real masks; a
-key tile's runs of blocks are summed by one ``index_add_``). Its transient memory is a few bytes
-per element of the block map ``[H, MB, NB]``, of the row coverage ``[H, MB, runs]`` (int32) and
-of the tile map ``[H, QT, NT]``; above :data:`DENSE_LIMIT` elements it refuses and names the
-triton backend. On CUDA the classification is a Triton kernel reading the packed block map
-(:mod:`.fa4_tile_lists`), with no block or tile map: on the joint masks of
-bench/fa4_conversion_probe.py (H200, 2026-12-04) 4-5x less GPU time (CogVideoX 1.5 at 2x, 48 heads:
-27.3 -> 6.8 ms; wall 38.9 -> 19.7 ms, transients 3.8 -> 1.5 GiB). Both paths make one host round
-trip per layout, a single ``.tolist()`` that sizes the compact index tensors (the host-side tables
-derived from the offsets go up in one copy before any kernel); where a key order may pay, two
-layouts are built and the cheaper kept (:func:`tile_cost`). The IR's ``indptr``/``indices`` may
-be numpy arrays or torch tensors on any device.
+Off CUDA this runs as torch ops (on CPU for tests) through the block map ``[H, MB, NB]``, the
+row coverage ``[H, MB, runs]`` and the tile map ``[H, QT, NT]``, refused above :data:`DENSE_LIMIT`
+elements; on CUDA a Triton kernel reads the packed block map instead (:mod:`.fa4_tile_lists`:
+GPU time 27.3 -> 6.8 ms, transients 3.8 -> 1.5 GiB on CogVideoX 1.5's joint masks at 2x, H200).
+No Python loop over heads, rows or blocks; one host read per layout built, a single ``.tolist()``
+that sizes the lists; the tables that follow from the offsets are built once per geometry
+(:func:`_geometry_tables`); where a key order may pay, two layouts are built and the cheaper kept
+(:func:`tile_cost`). ``indptr``/``indices`` may be numpy arrays or torch tensors on any device.
 """
 
 from __future__ import annotations
