@@ -147,7 +147,8 @@ def main() -> int:
     meta = {"gpu": torch.cuda.get_device_name(), **versions()}
     (args.out / "fa4-conversion-probe.json").write_text(json.dumps({"meta": meta, "rows": rows, "kernels": kernels},
                                                                    indent=1))
-    lines = ["| case | conversion | ms | peak MiB | full tiles | mask tiles | keys reordered |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| case | conversion | ms | peak MiB | full tiles | mask tiles | keys reordered |",
+             "|---|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r['case']} | {r['conversion']} | {r['ms']:.2f} | {r['peak_mib']:.0f} | {r['full_tiles']} | "
               f"{r['mask_tiles']} | {r['reordered']} |" for r in rows]
     if kernels:

@@ -276,6 +276,43 @@ def test_no_key_order_is_built_where_none_could_pay_for_its_gather(monkeypatch):
     assert layout.kept_pairs / 64 ** 2 + gather >= fa4_layout.tile_cost(layout)
 
 
+@given(st.integers(0, 2**32 - 1), st.sampled_from([16, 32]), st.sampled_from([0.2, 0.6, 0.95]))
+def test_a_key_order_saves_at_most_the_cost_of_the_tiles_it_can_change(seed, tile, density):
+    """``movable_cost`` bounds what any key order saves: key order's layout against the keys' own, on blocks off the
+    grid (frames, a short block, text) with rows of any density."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([tile, tile + 7, 3 * tile - 5, 2 * tile], size=int(rng.integers(3, 9)))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    mask = random_mask(rng, offsets, offsets, 2, density)
+    order = fa4_key_order.key_order(mask, tile)
+    if order is None:                                    # every boundary on the grid: nothing a key order changes
+        assert fa4_layout.to_fa4(mask, tile, tile).kv_order is None
+        order = np.arange(mask.kv_len)
+    plain = fa4_layout._general_layout(mask, tile, tile, torch.device("cpu"), [0, -(-mask.kv_len // tile)])
+    ordered = fa4_layout._general_layout(mask, tile, tile, torch.device("cpu"), [0, -(-mask.kv_len // tile)], order)
+    assert fa4_layout.tile_cost(plain) - fa4_layout.tile_cost(ordered) <= plain.movable_cost
+
+
+def test_no_key_order_is_built_where_the_tiles_it_can_change_cost_less_than_its_gather(monkeypatch):
+    """Keys in 16-token blocks but for a short one and a text block (a joint mask's), queries in 24-token blocks
+    (their rows disagree inside most query tiles: mask tiles everywhere, which no key order changes). Only the key
+    tiles holding the short block's end and the text's short end can change, costing less than the gather: no key
+    order is built, although the fewest tiles any order lists would have let it try. Frames still get one."""
+    calls = []
+    monkeypatch.setattr(fa4_layout, "key_order", lambda *a: calls.append(1) or fa4_key_order.key_order(*a))
+    kv_offsets = np.append(BlockMask.uniform_offsets(16 * 40 + 11, 16), 16 * 40 + 11 + 20)
+    q_offsets = np.append(np.arange(0, 24 * 27 + 1, 24), 16 * 40 + 11 + 20)
+    mask = random_mask(np.random.default_rng(4), q_offsets, kv_offsets, 2, 0.5)
+    plain = assert_exact(mask, 16, 16, reorder_keys=False)
+    gather = fa4_layout.GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads
+    assert plain.num_mask_tiles > 0 and plain.kept_pairs / 16 ** 2 + gather < fa4_layout.tile_cost(plain)
+    assert 0 < plain.movable_cost <= gather
+    layout = assert_exact(mask, 16, 16)
+    assert calls == [] and layout.kv_order is None and layout.num_full_tiles == plain.num_full_tiles
+    assert assert_exact(frames_with_anchors(frames=27, frame=39, window=2, anchor_every=9), 16, 16).kv_order is not None
+    assert calls == [1]
+
+
 def remainders_that_fill_a_tile() -> BlockMask:
     """Four 48-token key blocks, one row keeping blocks 0 and 2: on 32-token tiles, 2 full and 2 mask tiles per
     query tile in the keys' order; reordered, their whole tiles and their two 16-token remainders make 3 full

@@ -64,7 +64,7 @@ def assert_same_tiles(fast, slow) -> None:
         assert torch.equal(a, b)
     assert (fast.num_full_tiles, fast.num_mask_tiles, fast.kept_pairs) == \
         (slow.num_full_tiles, slow.num_mask_tiles, slow.kept_pairs)
-    assert fast.key_widths == slow.key_widths
+    assert fast.key_widths == slow.key_widths and fast.movable_cost == slow.movable_cost
     assert (fast.kv_order is None) == (slow.kv_order is None)
     assert (fast.keep_bits is None) == (slow.keep_bits is None)
     if fast.keep_bits is not None:
@@ -115,7 +115,7 @@ def test_lists_longer_than_one_program_step(triton_layout):
     """More key tiles than a program classifies at once (:data:`fa4_tile_lists.BLOCK`): the later steps' tiles go
     after the earlier ones' in each list, and their counts add up."""
     rng = np.random.default_rng(11)
-    kv_offsets = np.concatenate([[0], np.arange(7, 16 * 300, 16), [16 * 300]])          # a 7-token first block: off the 16-token grid
+    kv_offsets = np.concatenate([[0], np.arange(7, 16 * 300, 16), [16 * 300]])   # a 7-token first block: off the grid
     mask = random_mask(rng, [0, 20, 45], kv_offsets, 2, 0.5)
     fast = triton_layout(mask, 16, 16, key_parts=3)
     assert fast.num_kv_tiles > 2 * fa4_tile_lists.BLOCK

@@ -102,6 +102,8 @@ class Fa4Layout:
     pairs the mask keeps, summed over heads (counted by the general conversion; None from the aligned one).
     ``key_edges``: the key-tile ranges :func:`to_fa4` was asked for (``(0, NT)`` for one); ``key_widths``, for
     several: per range the longest full list, then per range the longest mask list (:mod:`.fa4_key_ranges`).
+    ``movable_cost``: the general path's :func:`tile_cost` of its key tiles that a key order may change, the most
+    any order can save (None from the aligned path).
     """
 
     tile_m: int
@@ -123,6 +125,7 @@ class Fa4Layout:
     kept_pairs: int | None = None
     key_edges: tuple[int, ...] | None = None
     key_widths: tuple[int, ...] | None = None
+    movable_cost: float | None = None
 
     @property
     def needs_mask_mod(self) -> bool:
@@ -181,9 +184,9 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
 
     ``mask`` is a :class:`sparsecore.ir.BlockMask` (or any object with its fields;
     ``indptr``/``indices`` may be torch tensors on any device). Exact for every
-    layout the IR allows; see the module docstring. One host sync per layout built: where a key order may pay
-    for its gather (:func:`tile_cost`, against the fewest tiles any order could list), a second layout in that
-    order is built (plus one read of per-block row counts for lists on a device) and the cheaper kept.
+    layout the IR allows; see the module docstring. One host sync per layout built: where a key order may pay for
+    its gather (:func:`tile_cost`, against the fewest tiles any order lists and the tiles it can change,
+    ``movable_cost``), a second layout in that order is built (plus a read of per-block row counts), the cheaper kept.
     ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order). ``key_parts``:
     the key-tile ranges (:func:`.fa4_key_ranges.tile_edges`) whose list widths to read with the layout's host read.
     """
@@ -198,7 +201,8 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     plain = _general_layout(mask, tile_m, tile_n, device, edges)
     gather = GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads      # key heads <= query heads: an upper bound
     best_ordered = plain.kept_pairs / (tile_m * tile_n)                   # no order computes fewer tiles than this
-    may_pay = reorder_keys and plain.num_mask_tiles and best_ordered + gather < tile_cost(plain)
+    may_pay = reorder_keys and plain.num_mask_tiles and best_ordered + gather < tile_cost(plain) and \
+        plain.movable_cost > gather
     order = key_order(mask, tile_n) if may_pay else None
     if order is None:
         return plain
@@ -268,21 +272,21 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
         q_block_of_token=aux[0], kv_block_of_token=aux[1], keep_bits=aux[2], empty_tokens=empty_tokens,
         num_full_tiles=found.num_full, num_mask_tiles=found.num_mask, kept_pairs=found.kept_pairs,
         kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None,   # a copy: the upload is freed
-        key_edges=tuple(edges), key_widths=found.widths)
+        key_edges=tuple(edges), key_widths=found.widths,
+        movable_cost=found.num_full_movable + MASK_TILE_COST * found.num_mask_movable)
 
 
 def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: int, edges: list[int],
-                     kv_order: np.ndarray | None, on_triton: bool,
-                     device: torch.device) -> tuple[dict[str, torch.Tensor], int, int]:
+                     kv_order: np.ndarray | None, on_triton: bool, device: torch.device) -> tuple[dict, int, int]:
     """The general path's tables that follow from the block offsets (and key order) alone, int64 on ``device`` for
     one call: the runs of one IR block inside each key tile in the order FA4 reads the keys, the rows each query
-    tile overlaps (``rows [rmax, QT]``, rmax 1-3 for real masks), tile widths, token -> block, block sizes (and the
-    kernel's tables, :func:`.fa4_tile_lists.host_tables`); with them the most runs in a key tile and the run count.
-
-    Built on the host once per geometry (a method's masks share one across layers and steps): the last
-    :data:`GEOMETRY_ENTRIES` stay in pinned host memory, so a call copies them without waiting and no device
-    memory is held between calls (1.5 MB at CogVideoX 1.5 2x; building took several ms of host time a call).
-    A key order depends on the lists: such tables are built each time."""
+    tile overlaps (``rows [rmax, QT]``, rmax 1-3 for real masks), tile widths, token -> block, block sizes, which
+    key tiles are ``movable`` (a tile of full width inside one block keeps its status in any key order, as one of
+    that block's whole tiles there: only the others can get cheaper) and the kernel's tables
+    (:func:`.fa4_tile_lists.host_tables`); with them the most runs in a key tile and the run count. Built on the
+    host once per geometry (a method's masks share one): the last :data:`GEOMETRY_ENTRIES` stay in pinned host
+    memory, copied per call without waiting, no device memory held between calls (1.5 MB at CogVideoX 1.5 2x;
+    building took several ms of host time a call). A key order depends on the lists: such tables are built anew."""
     key = None if kv_order is not None else (q_off.tobytes(), kv_off.tobytes(), tile_m, tile_n, tuple(edges),
                                               on_triton)
     with _GEOMETRY_LOCK:
@@ -305,6 +309,7 @@ def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n:
                 "rows": np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :]),
                 "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off),
                 "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
+        host["movable"] = (np.bincount(run_tile, minlength=NT) > 1) | (host["width"] < tile_n)
         most_runs = 1
         if kv_order is not None:
             host["kv_order"] = kv_order

@@ -37,6 +37,8 @@ class TileLists(NamedTuple):
     any_empty: bool
     kept_pairs: int
     widths: tuple[int, ...] | None
+    num_full_movable: int                # of the tiles, those in key tiles a key order may change
+    num_mask_movable: int
 
 
 def runs_on_triton(device: torch.device) -> bool:
@@ -60,38 +62,40 @@ def keep_bits(row_of_entry: torch.Tensor, indices: torch.Tensor, num_rows: int, 
 def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: int, num_kv_tiles: int,
                edges: list[int], most_runs: int, extra: torch.Tensor) -> TileLists:
     """Classify on the GPU: ``bits`` int32 ``[H, MB, NW]``; ``dev``: the conversion's uploaded tables (``rows``
-    ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``);
-    ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64 ``[3]`` on the device (any row empty, every head's IR lists alike, kept pairs), read with the
-    counts in the one host read."""
+    ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``,
+    ``movable``);
+    ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64 ``[3]`` on the
+    device (any row empty, every head's IR lists alike, kept pairs), read with the counts in the one host read."""
     from .fa4_tile_lists_kernel import fa4_tile_lists_kernel
     heads, num_rows, words = bits.shape
     rmax = dev["rows"].shape[0]
     parts = len(dev["edges_padded"]) - 1
     common = dict(ROWS=rmax, RUNS=most_runs, PARTS=parts, BLOCK=BLOCK)
     tables = (bits, dev["rows"], dev["run_start"], dev["run_block"], dev["run_length"], dev["width"],
-              dev["edges_padded"])
+              dev["edges_padded"], dev["movable"])
     counts = torch.zeros(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
-    fa4_tile_lists_kernel[(num_q_tiles, heads)](*tables, counts, counts, counts, num_q_tiles, num_kv_tiles, num_rows,
-                                                words, 1, 1, WRITE=False, **common)
+    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)
+    fa4_tile_lists_kernel[(num_q_tiles, heads)](*tables, counts, moved, counts, counts, num_q_tiles, num_kv_tiles,
+                                                num_rows, words, 1, 1, WRITE=False, **common)
     full_cnt, mask_cnt = (c.contiguous() for c in counts.sum(-1, dtype=torch.int32).unbind(2))   # FA4: unit stride
     ranges = len(edges) - 1
     stats = [full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-             mask_cnt.sum(dtype=torch.int64), extra]
+             mask_cnt.sum(dtype=torch.int64), extra, moved.sum(dim=(0, 1), dtype=torch.int64)]
     if ranges > 1:
         stats.append(counts[..., :ranges].amax(dim=(0, 1)).reshape(-1).long())   # full per range, then mask
     values = torch.cat([s.reshape(-1) for s in stats]).tolist()                     # the one host read
-    longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept = values[:7]
-    widths = tuple(int(w) for w in values[7:]) or None
+    longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept, full_moved, mask_moved = values[:9]
+    widths = tuple(int(w) for w in values[9:]) or None
     if alike and heads > 1:              # every head's lists are the IR's same: FA4 broadcasts one head's
         heads, bits, full_cnt, mask_cnt = 1, bits[:1], full_cnt[:1], mask_cnt[:1]
     full_width, mask_width = max(int(longest_full), 1), max(int(longest_mask), 1)
     full_idx = torch.zeros(heads, num_q_tiles, full_width, dtype=torch.int32, device=bits.device)
     mask_idx = torch.zeros(heads, num_q_tiles, mask_width, dtype=torch.int32, device=bits.device)
-    fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables[1:], counts, full_idx, mask_idx, num_q_tiles,
+    fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables[1:], counts, moved, full_idx, mask_idx, num_q_tiles,
                                                 num_kv_tiles, num_rows, words, full_width, mask_width, WRITE=True,
                                                 **common)
     return TileLists(full_cnt, mask_cnt, full_idx[None], mask_idx[None], int(num_full), int(num_mask),
-                     bool(any_empty), int(kept), widths)
+                     bool(any_empty), int(kept), widths, int(full_moved), int(mask_moved))
 
 
 def host_tables(run_tile: np.ndarray, num_kv_tiles: int, edges: list[int]) -> tuple[dict[str, np.ndarray], int]:
@@ -105,9 +109,9 @@ def host_tables(run_tile: np.ndarray, num_kv_tiles: int, edges: list[int]) -> tu
 
 
 def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dict[str, torch.Tensor],
-                      sizes: tuple[int, int, int, int, int], edges: list[int], extra: torch.Tensor) -> TileLists:
+                     sizes: tuple[int, int, int, int, int], edges: list[int], extra: torch.Tensor) -> TileLists:
     """The classification as torch ops through the block map ``[H, MB, NB]``, each row's coverage of the key tiles
-    and the tile map ``[H, QT, NT]`` (off CUDA; :mod:`.fa4_tile_lists` on it), with the one host read (``extra``:
+    and the tile map ``[H, QT, NT]`` (off CUDA; :func:`tile_lists` on it), with the one host read (``extra``:
     any row empty, kept pairs)."""
     H, MB, NB, QT, NT = sizes
     device = indices.device
@@ -136,17 +140,20 @@ def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dic
     full_cnt = full.sum(-1, dtype=torch.int32)                                            # [H, QT]
     mask_cnt = partial.sum(-1, dtype=torch.int32)
     heads_alike = (full == full[:1]).all() & (partial == partial[:1]).all()
+    movable = dev["movable"].bool()
     stats = torch.cat([torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-                                    mask_cnt.sum(dtype=torch.int64), heads_alike.long()]), extra])
+                                    mask_cnt.sum(dtype=torch.int64), heads_alike.long()]), extra,
+                       torch.stack([(full & movable).sum(), (partial & movable).sum()])])
     if len(edges) > 2:
         stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
     values = stats.tolist()                                                         # the one host read
-    max_full, max_mask, num_full, num_mask, alike, any_empty, kept = values[:7]
-    widths = tuple(int(w) for w in values[7:]) or None
+    max_full, max_mask, num_full, num_mask, alike, any_empty, kept, full_moved, mask_moved = values[:9]
+    widths = tuple(int(w) for w in values[9:]) or None
     if alike:               # every head's tile lists are the same (LVSA): FA4 broadcasts one head's
         full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
     return TileLists(full_cnt, mask_cnt, packed_lists(full, max_full), packed_lists(partial, max_mask),
-                     int(num_full), int(num_mask), bool(any_empty), int(kept), widths)
+                     int(num_full), int(num_mask), bool(any_empty), int(kept), widths, int(full_moved),
+                     int(mask_moved))
 
 
 def packed_lists(flags: torch.Tensor, width: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ rows the query tile overlaps and each of the (at most ``RUNS``) runs of one key 
 the block up in the row's bits (``keep_bits``, bit ``j % 32`` of word ``j // 32``) and adds the run's length to the
 row's covered keys of that tile: a tile every row covers whole is *full*, one some row covers in part is a *mask*
 tile (the rule of :mod:`.fa4_layout`). ``WRITE`` false: the counts per key range (``Edges``, padded to ``PARTS``
-ranges with empty ones) go to ``Counts [H, QT, 2, PARTS]``; true: the tile ids go, ascending, to the lists
+ranges with empty ones) go to ``Counts [H, QT, 2, PARTS]``, and those in key tiles flagged ``Movable`` (which a key
+order may change) to ``Moved [H, QT, 2]``; true: the tile ids go, ascending, to the lists
 ``FullIdx [H, QT, full_width]`` and ``MaskIdx [H, QT, mask_width]`` through a running prefix sum. No block or tile
 map is built.
 """
@@ -15,7 +16,8 @@ import triton.language as tl
 
 
 @triton.jit
-def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edges, Counts, FullIdx, MaskIdx,
+def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edges, Movable, Counts, Moved, FullIdx,
+                          MaskIdx,
                           num_q_tiles, num_kv_tiles, num_rows, words, full_width, mask_width,
                           ROWS: tl.constexpr, RUNS: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
                           WRITE: tl.constexpr):
@@ -30,6 +32,8 @@ def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edge
     mask_parts = tl.zeros([PARTS], dtype=tl.int32)
     full_seen = tl.sum(full_parts, axis=0)               # 0, as a loop-carried int32
     mask_seen = tl.sum(mask_parts, axis=0)
+    full_moved = tl.sum(full_parts, axis=0)              # of them in movable key tiles (pass 1)
+    mask_moved = tl.sum(mask_parts, axis=0)
     for t0 in range(0, num_kv_tiles, BLOCK):
         t = t0 + lane
         valid = t < num_kv_tiles
@@ -61,8 +65,13 @@ def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edge
             inside = ((t[:, None] >= part_lo[None, :]) & (t[:, None] < part_hi[None, :])).to(tl.int32)
             full_parts += tl.sum(inside * full[:, None], axis=0)
             mask_parts += tl.sum(inside * partial[:, None], axis=0)
+            movable = tl.load(Movable + t, mask=valid, other=0).to(tl.int32)
+            full_moved += tl.sum(full * movable, axis=0)
+            mask_moved += tl.sum(partial * movable, axis=0)
         full_seen += tl.sum(full, axis=0)
         mask_seen += tl.sum(partial, axis=0)
     if not WRITE:
         tl.store(Counts + program * 2 * PARTS + parts, full_parts)
         tl.store(Counts + (program * 2 + 1) * PARTS + parts, mask_parts)
+        tl.store(Moved + program * 2, full_moved)
+        tl.store(Moved + program * 2 + 1, mask_moved)
