@@ -71,6 +71,13 @@ def check_layout(layout: Fa4Layout) -> None:
 
 def assert_exact(mask: BlockMask, tile_m: int, tile_n: int, reorder_keys: bool = True) -> fa4_layout.Fa4Layout:
     layout = to_fa4(mask, tile_m, tile_n, reorder_keys=reorder_keys)
+    assert_layout_exact(layout, mask)
+    return layout
+
+
+def assert_layout_exact(layout: Fa4Layout, mask: BlockMask) -> None:
+    """``layout`` keeps FA4's invariants and computes exactly the token pairs of ``mask`` (tests/oracle.py), with
+    its empty rows marked."""
     check_layout(layout)
     got = expand_layout(layout).numpy()
     want = expand_to_tokens(mask)
@@ -79,10 +86,9 @@ def assert_exact(mask: BlockMask, tile_m: int, tile_n: int, reorder_keys: bool =
     assert wrong.size == 0, f"{len(wrong)} token pairs differ, first (head, q, k) = {wrong[0].tolist()}"
     empty = ~want.any(axis=2)                                                   # [H, q_len]
     if empty.any():
-        assert layout.empty_tokens is not None and (layout.empty_tokens.numpy().T == empty).all()
+        assert layout.empty_tokens is not None and (layout.empty_tokens.cpu().numpy().T == empty).all()
     else:
         assert layout.empty_tokens is None
-    return layout
 
 
 def random_mask(rng: np.random.Generator, q_offsets, kv_offsets, num_heads: int, density: float) -> BlockMask:
@@ -378,6 +384,37 @@ def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):
     for _ in range(2):                                    # the plain layout's tables kept, the key order's not
         assert assert_exact(frames, 16, 16).kv_order is not None
     assert len(built) == 3 + 1 + 2
+
+
+def test_the_geometry_cache_keys_on_every_input_of_its_tables_and_keeps_the_last_used(monkeypatch):
+    """Query offsets, key offsets, key ranges and either tile side each make a geometry of their own; of more than
+    :data:`fa4_layout.GEOMETRY_ENTRIES` geometries the least recently used is built again."""
+    built = []
+    monkeypatch.setattr(fa4_layout, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
+    monkeypatch.setattr(fa4_layout, "GEOMETRY_ENTRIES", 3)
+    sparsecore.clear_cache()
+    rng = np.random.default_rng(6)
+    base, other = [0, 20, 41, 50, 77, 90], [0, 21, 41, 50, 77, 90]
+    variants = {"base": (base, base, 16, 16, 1), "q": (other, base, 16, 16, 1), "kv": (base, other, 16, 16, 1),
+                "ranges": (base, base, 16, 16, 2), "tile_m": (base, base, 32, 16, 1), "tile_n": (base, base, 16, 32, 1)}
+    counts = []
+    order = ("base", "base", "q", "kv", "base", "ranges", "base", "tile_m", "tile_n", "base", "tile_m", "tile_n",
+             "q", "ranges")
+    for name in order:
+        q_offsets, kv_offsets, tile_m, tile_n, key_parts = variants[name]
+        mask = random_mask(rng, q_offsets, kv_offsets, 2, 0.5)
+        assert_layout_exact(to_fa4(mask, tile_m, tile_n, reorder_keys=False, key_parts=key_parts), mask)
+        counts.append(len(built))
+    assert counts == [1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 6, 6, 7, 8]
+
+
+@pytest.mark.parametrize("offsets", [[0, 20, 41, 50, 77], [0, 16, 32, 48, 64]], ids=["off-grid", "one-tile-blocks"])
+def test_heads_with_equal_row_lengths_but_other_blocks_keep_their_own_lists(offsets):
+    """Row lengths alike head by head, entries not: each head keeps its own lists, on the general path and on the
+    aligned one (the Triton path's case is in tests/test_fa4_tile_lists.py)."""
+    mask = BlockMask.from_lists([[[0], [2], [1], [3]], [[1], [3], [0], [2]]], offsets, offsets)
+    layout = assert_exact(mask, 16, 16)
+    assert layout.full_block_cnt.shape[1] == 2
 
 
 def test_lists_from_torch_tensors_match_lists_from_numpy():
@@ -925,24 +962,31 @@ def test_lse_merge_reads_any_strides():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_new_length_compiles_no_new_guard_or_merge_kernel():
-    """The non-finite guard's and the merge's Triton kernels do not specialize on lengths: a length of another
-    divisibility by 16 (2021 after 2048) reuses the compiled kernels (Triton's per-device kernel cache)."""
+def test_a_new_length_compiles_no_new_guard_merge_or_tile_lists_kernel():
+    """The non-finite guard's, the merge's and the conversion's Triton kernels do not specialize on lengths, counts
+    or list widths: a length of another divisibility by 16 (2021 after 2048; blocks of 48 tokens on 64-token
+    tiles, off the grid) reuses the compiled kernels (Triton's per-device kernel cache)."""
     from sparsecore.backends.cuda import interpreter
     from sparsecore.backends.cuda.fa4_nonfinite import _zero_non_finite, guard_values
+    from sparsecore.backends.cuda.fa4_tile_lists_kernel import fa4_tile_lists_kernel
     from sparsecore.backends.cuda.lse_merge import _merge_into, merge_into
     if not torch.cuda.is_available() or interpreter.interpreting():
         pytest.skip("counts compiled Triton kernels: needs a CUDA device without TRITON_INTERPRET=1")
     import triton
     compiled = {}
+    rng = np.random.default_rng(13)
     for length in (2048, 2021):
         v = torch.randn(1, 2, length, 64, device="cuda", dtype=torch.bfloat16)
         guard_values(v)
         out, part = (torch.randn(1, 2, length, 64, device="cuda") for _ in range(2))
         lse, part_lse = (torch.randn(1, 2, length, device="cuda") for _ in range(2))
         merge_into(out, lse, part, part_lse)
+        offsets = np.append(np.arange(0, length, 48), length)
+        mask = random_mask(rng, offsets, offsets, 2, 0.3 if length == 2048 else 0.6)
+        assert to_fa4(mask, 64, 64, "cuda").num_mask_tiles > 0
         device = triton.runtime.driver.active.get_current_device()
-        compiled[length] = [len(kernel.device_caches[device][0]) for kernel in (_zero_non_finite, _merge_into)]
+        compiled[length] = [len(kernel.device_caches[device][0])
+                            for kernel in (_zero_non_finite, _merge_into, fa4_tile_lists_kernel)]
     assert compiled[2021] == compiled[2048], compiled
 
 

@@ -2,12 +2,13 @@
 
 Runs the kernel in Triton's interpreter (TRITON_INTERPRET=1, as CI does), or on CUDA tensors on a GPU machine.
 Every layout it gives must expand to the IR's token mask, written independently in tests/oracle.py (the check of
-tests/test_fa4_layout.py, whose conversions take the torch path), and list the same tiles, counts, key-range
-widths and packed block map as the torch path.
+tests/test_fa4_layout.py, whose conversions take the torch path), carry the IR's block map in its packed bits, and
+list the same tiles, counts and key-range widths as the torch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies import block_masks
-from test_fa4_layout import ANY, assert_exact, check_layout, random_mask
+from test_fa4_layout import ANY, assert_layout_exact, random_mask
 
+import sparsecore
 from sparsecore import BlockMask
 from sparsecore.backends.cuda import fa4_tile_lists, interpreter
 from sparsecore.backends.cuda.fa4_layout import to_fa4
@@ -28,27 +30,39 @@ SIDES = st.sampled_from([16, 32, 64])
 
 @pytest.fixture(scope="module")
 def triton_layout():
-    """``(mask, tile_m, tile_n, **options) -> layout`` through the Triton classification, checked against the token
-    mask where it runs on CPU (on CUDA against the torch path only, below); skips where the kernel cannot run.
-    Stateless, so one per module serves every generated input."""
+    """``(mask, tile_m, tile_n, **options) -> layout`` through the Triton classification (on CUDA, or on CPU in the
+    interpreter), each layout checked against the token mask and the IR's block map; skips where the kernel cannot
+    run. Stateless, so one per module serves every generated input."""
     if torch.cuda.is_available():
-        def on_cuda(mask, tile_m, tile_n, **options):
-            layout = to_fa4(mask, tile_m, tile_n, "cuda", **options)
-            check_layout(layout)
-            return layout
-        return on_cuda
-    if not interpreter.interpreting():
+        device, context = "cuda", contextlib.nullcontext
+    elif interpreter.interpreting():
+        device, context = "cpu", interpreter.emulating
+    else:
         pytest.skip("the fa4 conversion's Triton kernel runs on CPU tensors only in Triton's interpreter "
                     "(set TRITON_INTERPRET=1)")
 
-    def emulated(mask, tile_m, tile_n, **options):
-        with interpreter.emulating():
-            assert fa4_tile_lists.runs_on_triton(torch.device("cpu"))
-            assert_exact(mask, tile_m, tile_n)                  # the token mask's pairs, exactly
-            layout = to_fa4(mask, tile_m, tile_n, "cpu", **options)
-            check_layout(layout)
-            return layout
-    return emulated
+    def convert(mask, tile_m, tile_n, **options):
+        with context():
+            assert fa4_tile_lists.runs_on_triton(torch.device(device))
+            layout = to_fa4(mask, tile_m, tile_n, device, **options)
+        assert_layout_exact(layout, mask)
+        assert_bits_are_the_block_map(layout, mask)
+        return layout
+    return convert
+
+
+def assert_bits_are_the_block_map(layout, mask) -> None:
+    """The packed bits (where the layout has mask tiles) are the IR's block map, read from the mask's rows."""
+    if layout.keep_bits is not None:
+        heads, rows, blocks = mask.num_heads, len(mask.q_offsets) - 1, len(mask.kv_offsets) - 1
+        want = np.zeros((heads, rows, blocks), dtype=bool)
+        for h in range(heads):
+            for i in range(rows):
+                want[h, i, np.asarray(mask.row(h, i), dtype=np.int64)] = True
+        words = layout.keep_bits.cpu().numpy().view(np.uint32)                       # [H, MB, NW]
+        position = np.arange(words.shape[-1] * 32)
+        got = ((words[..., position // 32] >> (position % 32)) & 1).astype(bool)
+        assert np.array_equal(got[..., :blocks], want) and not got[..., blocks:].any()
 
 
 def torch_path(mask, tile_m, tile_n, **options):
@@ -57,18 +71,16 @@ def torch_path(mask, tile_m, tile_n, **options):
 
 
 def assert_same_tiles(fast, slow) -> None:
-    """The same full and mask tiles per (head, query tile), totals, widths, key order and packed block map (heads
-    broadcast where a path lists one head for all)."""
+    """The same full and mask tiles per (head, query tile), totals, widths and key order, and the same heads listed
+    (one for all where every head's IR lists are alike)."""
     for a, b in zip(tile_status(fast), tile_status(slow)):
-        a, b = torch.broadcast_tensors(a.cpu(), b.cpu())
         assert torch.equal(a, b)
+    assert fast.full_block_cnt.shape == slow.full_block_cnt.shape
     assert (fast.num_full_tiles, fast.num_mask_tiles, fast.kept_pairs) == \
         (slow.num_full_tiles, slow.num_mask_tiles, slow.kept_pairs)
     assert fast.key_widths == slow.key_widths and fast.movable_cost == slow.movable_cost
     assert (fast.kv_order is None) == (slow.kv_order is None)
     assert (fast.keep_bits is None) == (slow.keep_bits is None)
-    if fast.keep_bits is not None:
-        assert torch.equal(fast.keep_bits.cpu(), slow.keep_bits.cpu())
 
 
 @settings(max_examples=30, deadline=None)
@@ -120,3 +132,23 @@ def test_lists_longer_than_one_program_step(triton_layout):
     fast = triton_layout(mask, 16, 16, key_parts=3)
     assert fast.num_kv_tiles > 2 * fa4_tile_lists.BLOCK
     assert_same_tiles(fast, torch_path(mask, 16, 16, key_parts=3))
+
+
+def test_heads_with_equal_row_lengths_but_other_blocks_keep_their_own_lists(triton_layout):
+    """Row lengths alike head by head, entries not: each head keeps its own lists (the torch path's case is in
+    tests/test_fa4_layout.py)."""
+    offsets = [0, 20, 41, 50, 77]
+    mask = BlockMask.from_lists([[[0], [2], [1], [3]], [[1], [3], [0], [2]]], offsets, offsets)
+    fast = triton_layout(mask, 16, 16)
+    assert fast.full_block_cnt.shape[1] == 2
+    assert_same_tiles(fast, torch_path(mask, 16, 16))
+
+
+def test_the_torch_and_triton_paths_keep_their_own_tables_of_one_geometry(triton_layout):
+    """The geometry cache tells the paths apart (the kernel's tables are only in the Triton path's): a geometry
+    converted on the torch path first, then on the Triton path, is exact on both."""
+    sparsecore.clear_cache()
+    mask = random_mask(np.random.default_rng(12), [0, 20, 41, 50, 77, 90], [0, 20, 41, 50, 77, 90], 2, 0.5)
+    slow = torch_path(mask, 16, 16)
+    assert_layout_exact(slow, mask)
+    assert_same_tiles(triton_layout(mask, 16, 16), slow)

@@ -40,14 +40,12 @@ bench/fa4_check.py measures it): 128 for 128-aligned or large blocks, 64 for 64-
 blocks (AdaSpa), whose 128 x 128 tiles would be mostly mask tiles computing 2-4x the
 kept pairs.
 
-Off CUDA this runs as torch ops (on CPU for tests) through the block map ``[H, MB, NB]``, the
-row coverage ``[H, MB, runs]`` and the tile map ``[H, QT, NT]``, refused above :data:`DENSE_LIMIT`
-elements; on CUDA a Triton kernel reads the packed block map instead (:mod:`.fa4_tile_lists`:
-GPU time 27.3 -> 6.8 ms, transients 3.8 -> 1.5 GiB on CogVideoX 1.5's joint masks at 2x, H200).
-No Python loop over heads, rows or blocks; one host read per layout built, a single ``.tolist()``
-that sizes the lists; the tables that follow from the offsets are built once per geometry
-(:func:`_geometry_tables`); where a key order may pay, two layouts are built and the cheaper kept
-(:func:`tile_cost`). ``indptr``/``indices`` may be numpy arrays or torch tensors on any device.
+Off CUDA this runs as torch ops through the block map, row coverage and tile map, refused above
+:data:`DENSE_LIMIT` elements; on CUDA a Triton kernel reads the packed block map instead
+(:mod:`.fa4_tile_lists`). No Python loop over heads, rows or blocks; one host read per layout
+built, a single ``.tolist()`` that sizes the lists; the tables that follow from the offsets are
+built once per geometry (:func:`_geometry_tables`); where a key order may pay, two layouts are
+built and the cheaper kept (:func:`tile_cost`). ``indptr``/``indices``: numpy or torch, any device.
 """
 
 from __future__ import annotations
@@ -67,7 +65,7 @@ from sparsecore.registry import UnsupportedError
 
 from .fa4_key_order import key_order, key_runs
 from .fa4_key_ranges import tile_edges, widths_from_entries
-from .fa4_tile_lists import dense_tile_lists, host_tables, keep_bits, runs_on_triton, tile_lists
+from .fa4_tile_lists import bit_words, dense_tile_lists, host_tables, keep_bits, runs_on_triton, tile_lists
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map, row and run coverage, tile map
 MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
@@ -86,19 +84,17 @@ class Fa4Layout:
     ``mask_block_cnt / full_block_cnt``: int32 ``[1, H, QT]`` (batch broadcast by FA4);
     ``mask_block_idx / full_block_idx``: int32 ``[1, H, QT, W]``, ``W >= 1``, each list
     ascending in its first ``cnt`` entries (the rest is 0 and never read). ``QT =
-    ceil(q_len / tile_m)`` query tiles, key tiles ``0 .. ceil(kv_len / tile_n) - 1``. Where
-    every head has the same lists (LVSA), their ``H`` is 1 and FA4 broadcasts it (the lists
-    of 20 MiB at LVSA's 6x for 12 heads, 1.7 MiB so).
+    ceil(q_len / tile_m)`` query tiles, key tiles ``0 .. ceil(kv_len / tile_n) - 1``. Where every head's IR lists
+    are the same (LVSA; :func:`_heads_alike`), their ``H`` is 1 and FA4 broadcasts it (20 -> 1.7 MiB at LVSA's 6x).
 
-    Only when there are mask tiles (``needs_mask_mod``), the aux tensors of the lookup
-    mask_mod: ``q_block_of_token`` int32 ``[QT * tile_m]`` and ``kv_block_of_token``
-    int32 ``[NT * tile_n]`` (padded to whole tiles with the block of the last position,
-    so padded positions read in bounds), and ``keep_bits`` int32 ``[H, MB, NW]``: bit
-    ``j % 32`` of word ``j // 32`` is 1 when row (h, i) keeps key block j (pass it to
-    FA4 viewed as uint32; the word count is rounded up to even). ``empty_tokens``: bool ``[q_len, H]``, query tokens whose
-    row keeps nothing, or None when there are none. ``kv_order``: int32 ``[kv_len]``, the key token at each
-    position FA4 reads (:func:`.fa4_key_order.key_order`; keys and values go in gathered so), or None for the keys' own order;
-    key tiles, ``kv_block_of_token`` and the lists count positions in that order. ``kept_pairs``: the (query, key)
+    Only when there are mask tiles (``needs_mask_mod``), the aux tensors of the lookup mask_mod: ``q_block_of_token``
+    int32 ``[QT * tile_m]`` and ``kv_block_of_token`` int32 ``[NT * tile_n]`` (padded to whole tiles with the block
+    of the last position, so padded positions read in bounds), and ``keep_bits`` int32 ``[H, MB, NW]``: bit ``j %
+    32`` of word ``j // 32`` is 1 when row (h, i) keeps key block j (pass it to FA4 viewed as uint32; the word count
+    is rounded up to even). ``empty_tokens``: bool ``[q_len, H]``, query tokens whose row keeps nothing, or None
+    when there are none. ``kv_order``: int32 ``[kv_len]``, the key token at each position FA4 reads
+    (:func:`.fa4_key_order.key_order`; keys and values go in gathered so), or None for the keys' own order; key
+    tiles, ``kv_block_of_token`` and the lists count positions in that order. ``kept_pairs``: the (query, key)
     pairs the mask keeps, summed over heads (counted by the general conversion; None from the aligned one).
     ``key_edges``: the key-tile ranges :func:`to_fa4` was asked for (``(0, NT)`` for one); ``key_widths``, for
     several: per range the longest full list, then per range the longest mask list (:mod:`.fa4_key_ranges`).
@@ -222,8 +218,9 @@ def tile_cost(layout: Fa4Layout) -> float:
 
 def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, edges: list[int],
                     kv_order: np.ndarray | None = None) -> Fa4Layout:
-    """:func:`to_fa4` for any block boundaries: the tile map from the block map, as the module docstring says, with
-    the keys in ``kv_order`` (:func:`.fa4_key_order.key_order`; None: their own order)."""
+    """:func:`to_fa4` for any block boundaries: every tile classified as the module docstring says, with the keys in
+    ``kv_order`` (:func:`.fa4_key_order.key_order`; None: their own order). Every size is checked before the
+    tables of that size are built or uploaded."""
     q_off = np.asarray(mask.q_offsets, dtype=np.int64)
     kv_off = np.asarray(mask.kv_offsets, dtype=np.int64)
     H, MB, NB = int(mask.num_heads), len(q_off) - 1, len(kv_off) - 1
@@ -234,9 +231,11 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
         _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
         _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
     _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
-    dev, most_runs, runs = _geometry_tables(q_off, kv_off, tile_m, tile_n, edges, kv_order, on_triton, device)
+    _check_size("packed block map [heads, query blocks, words]", (H, MB, bit_words(NB)), tile_m, tile_n)
+    pack, most_runs, runs = _geometry_tables(q_off, kv_off, tile_m, tile_n, edges, kv_order, on_triton)
     if not on_triton:
         _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, runs), tile_m, tile_n)
+    dev = pack.to(device)
     lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
     on_host = {name: np.asarray(a) for name, a in lists.items() if not isinstance(a, torch.Tensor)}
     if on_host:
@@ -249,16 +248,11 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     kept_pairs = (csr.kept_key_tokens(indptr, indices, kv_off) * dev["q_sizes"]).sum()      # [H, MB] x [MB]
     empty_row = (row_len == 0).view(H, MB)
     bits = keep_bits(row_of_entry, indices, H * MB, NB).view(H, MB, -1)
+    extra = torch.stack([empty_row.any(), _heads_alike(row_len.view(H, MB), indices), kept_pairs]).long()
     if on_triton:
-        alike = torch.full((), H == 1, device=device)   # the IR's lists the same head by head: lengths, then entries
-        if H > 1 and nnz % H == 0:
-            alike = (row_len.view(H, MB) == row_len.view(H, MB)[:1]).all() & \
-                (indices.view(H, -1) == indices[:nnz // H]).all()
-        extra = torch.stack([empty_row.any(), alike, kept_pairs]).long()
         found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra)
     else:
-        found = dense_tile_lists(row_of_entry, indices, dev, (H, MB, NB, QT, NT), edges,
-                                  torch.stack([empty_row.any(), kept_pairs]).long())
+        found = dense_tile_lists(row_of_entry, indices, dev, (H, MB, NB, QT, NT), edges, extra)
     del row_of_entry
     q_block = dev["q_block"].to(torch.int32)
     aux = (None, None, None)
@@ -277,16 +271,16 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
 
 
 def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: int, edges: list[int],
-                     kv_order: np.ndarray | None, on_triton: bool, device: torch.device) -> tuple[dict, int, int]:
-    """The general path's tables that follow from the block offsets (and key order) alone, int64 on ``device`` for
-    one call: the runs of one IR block inside each key tile in the order FA4 reads the keys, the rows each query
-    tile overlaps (``rows [rmax, QT]``, rmax 1-3 for real masks), tile widths, token -> block, block sizes, which
-    key tiles are ``movable`` (a tile of full width inside one block keeps its status in any key order, as one of
-    that block's whole tiles there: only the others can get cheaper) and the kernel's tables
-    (:func:`.fa4_tile_lists.host_tables`); with them the most runs in a key tile and the run count. Built on the
-    host once per geometry (a method's masks share one): the last :data:`GEOMETRY_ENTRIES` stay in pinned host
-    memory, copied per call without waiting, no device memory held between calls (1.5 MB at CogVideoX 1.5 2x;
-    building took several ms of host time a call). A key order depends on the lists: such tables are built anew."""
+                     kv_order: np.ndarray | None, on_triton: bool) -> tuple[HostPack, int, int]:
+    """The general path's tables that follow from the block offsets (and key order) alone, int64 in pinned host
+    memory for the caller to upload per call (:meth:`HostPack.to`, no wait): the runs of one IR block inside each
+    key tile in the order FA4 reads the keys, the rows each query tile overlaps (``rows [rmax, QT]``, rmax 1-3 for
+    real masks), tile widths, token -> block, block sizes, which key tiles are ``movable`` (a tile of full width
+    inside one block keeps its status in any key order, as one of that block's whole tiles there: only the others
+    can get cheaper) and the kernel's tables (:func:`.fa4_tile_lists.host_tables`); with them the most runs in a key
+    tile and the run count. Built once per geometry (a method's masks share one): the last
+    :data:`GEOMETRY_ENTRIES` are kept, no device memory held between calls (1.5 MB at CogVideoX 1.5 2x; building
+    took several ms of host time a call). A key order depends on the lists: such tables are built anew."""
     key = None if kv_order is not None else (q_off.tobytes(), kv_off.tobytes(), tile_m, tile_n, tuple(edges),
                                               on_triton)
     with _GEOMETRY_LOCK:
@@ -323,14 +317,23 @@ def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n:
                 _GEOMETRIES[key] = found
                 if len(_GEOMETRIES) > GEOMETRY_ENTRIES:
                     _GEOMETRIES.popitem(last=False)
-    pack, most_runs, runs = found
-    return pack.to(device), most_runs, runs
+    return found
 
 
 def forget_geometries() -> None:
     """Drop the cached geometry tables (:func:`sparsecore.clear_cache`)."""
     with _GEOMETRY_LOCK:
         _GEOMETRIES.clear()
+
+
+def _heads_alike(row_len: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Whether every head's IR lists are the first head's (the same row lengths ``[H, MB]``, then the same entries),
+    as a device bool: then FA4 gets one head's tile lists and broadcasts them, on every path."""
+    heads, nnz = row_len.shape[0], indices.numel()
+    alike = (row_len == row_len[:1]).all()
+    if heads > 1 and nnz % heads == 0:          # otherwise the row lengths differ already
+        alike &= (indices.view(heads, -1) == indices[:nnz // heads]).all()
+    return alike
 
 
 def _on_tile_grid(offsets: Any, side: int) -> bool:
@@ -355,11 +358,8 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     indices = lists["indices"].to(device, torch.int32).reshape(-1)
     nnz = indices.numel()
     row_len = indptr[:, 1:] - indptr[:, :-1]                                               # [H, MB]
-    alike = (row_len == row_len[:1]).all()            # the same counts per row, then the same entries head by head
-    if H > 1 and nnz % H == 0:
-        alike &= (indices.view(H, -1) == indices[:nnz // H]).all()
     rows = row_of_entry(indptr, nnz)
-    stats = torch.stack([row_len.max(), (row_len == 0).any(), alike]).long()
+    stats = torch.stack([row_len.max(), (row_len == 0).any(), _heads_alike(row_len, indices)]).long()
     if len(edges) > 2:
         stats = torch.cat([stats, widths_from_entries(rows, indices, H * MB, edges)])
     (longest, any_empty, alike), widths = _split(stats.tolist(), 3)                       # one sync
@@ -367,7 +367,7 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     if any_empty:
         empty_tokens = (row_len == 0).repeat_interleave(tile_m, dim=1)[:, :q_len].t().contiguous()
     heads = H
-    if alike and H > 1:           # every head's lists are the same: FA4 broadcasts one head's (as the general path)
+    if alike and H > 1:           # every head's IR lists are the same: FA4 broadcasts one head's
         heads, indptr, indices, row_len, rows = 1, indptr[:1], indices[:nnz // H], row_len[:1], rows[:nnz // H]
     _check_size("lists [heads x query blocks, longest row]", (heads * MB, max(int(longest), 1)), tile_m, tile_n)
     place = torch.arange(indices.numel(), device=device) - indptr[:, :-1].reshape(-1)[rows]   # place in its row

@@ -1,15 +1,15 @@
-"""FA4's key-tile lists of a mask off its tile grid, from the IR's lists without block or tile maps (CUDA).
+"""FA4's key-tile lists of a mask off its tile grid, from the IR's lists without block or tile maps on CUDA.
 
 The general path of :func:`.fa4_layout.to_fa4` classifies every (head, query tile, key tile) as full, mask or
-unlisted. As torch ops it builds the block map ``[H, MB, NB]``, each row's coverage of every key tile and the
-tile map ``[H, QT, NT]``, a few bytes an element each: on the joint video + text masks AdaSpa plans for CogVideoX
-1.5 at 2x (48 heads, 1,343 blocks of 64 tokens) that took 36.8 ms and 3.8 GiB of transients on an H200, for a
-mask new at every call (bench/fa4_conversion_probe.py, 2026-12-04), which kept ``compile`` from ranking ``fa4``
-first on such masks although its kernel is faster (``selection.py``). On CUDA the classification runs instead in
-:mod:`.fa4_tile_lists_kernel`, one program per (query tile, head) reading the rows' blocks from the packed block
-map ``keep_bits`` (which the lookup mask_mod needs anyway), in two passes: counts per key range, one host read
-that sizes the lists, then the lists. The torch path stays the definition on other devices (and for the tests'
-comparison); both give the same lists.
+unlisted. As torch ops (:func:`dense_tile_lists`) it builds the block map ``[H, MB, NB]``, each row's coverage of
+every key tile and the tile map ``[H, QT, NT]``, a few bytes an element each: on the joint video + text masks AdaSpa
+plans for CogVideoX 1.5 at 2x (48 heads, 1,343 blocks of 64 tokens) that took 38.9 ms (27.3 ms of GPU time) and
+3.8 GiB of transients on an H200 for a mask new at every call (bench/fa4_conversion_probe.py, 2026-12-04). On CUDA
+the classification runs instead in :mod:`.fa4_tile_lists_kernel` (:func:`tile_lists`), one program per (query
+tile, head) reading the rows' blocks from the packed block map ``keep_bits`` (which the lookup mask_mod needs
+anyway), in two passes: counts per key range, one host read that sizes the lists, then the lists. The torch path
+stays the definition on other devices (and for the tests' comparison); both list the same tiles, and both list one
+head for all where every head's IR lists are the same (``alike``, decided by the caller).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from sparsecore.launch_device import on_device
 
 from . import interpreter
 from .fa4_key_ranges import widths_from_tiles
@@ -47,36 +49,45 @@ def runs_on_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (interpreter.active() and interpreter.interpreting())
 
 
+def bit_words(num_kv_blocks: int) -> int:
+    """Words of a row of the packed block map: ``2 * ceil(NB / 64)`` (an even count keeps the last dim the only one
+    of unit stride, which FA4's aux-tensor import wants unambiguous)."""
+    return 2 * -(-num_kv_blocks // 64)
+
+
 def keep_bits(row_of_entry: torch.Tensor, indices: torch.Tensor, num_rows: int, num_kv_blocks: int) -> torch.Tensor:
     """The block map bit-packed from the IR's entries (``row_of_entry``, ``indices``: row and key block of each):
-    int32 ``[num_rows, NW]``, bit ``j % 32`` of word ``j // 32`` set when the row keeps key block ``j``, ``NW = 2 *
-    ceil(NB / 64)`` (an even word count keeps the last dim the only one of unit stride, which FA4's aux-tensor
-    import wants unambiguous). A row's blocks are unique, so summing their bits is OR-ing them."""
-    words = 2 * -(-num_kv_blocks // 64)
-    indices = indices.long()
-    flat = torch.zeros(num_rows * words, dtype=torch.int64, device=indices.device)
-    flat.index_add_(0, row_of_entry.long() * words + indices // 32, torch.ones_like(indices) << (indices % 32))
-    return flat.to(torch.int32).view(num_rows, words)          # bit 31 wraps to the int32 sign: the uint32 pattern
+    int32 ``[num_rows, NW]`` (:func:`bit_words`), bit ``j % 32`` of word ``j // 32`` set when the row keeps key
+    block ``j`` (bit 31 is the int32 sign: the words are the uint32 patterns). A row's blocks are unique (the IR's
+    invariant), so adding their bits is OR-ing them, and no sum leaves int32."""
+    words = bit_words(num_kv_blocks)
+    bit_values = torch.tensor([(1 << b) - (1 << 32) * (b == 31) for b in range(32)], dtype=torch.int32,
+                              device=indices.device)
+    flat = torch.zeros(num_rows * words, dtype=torch.int32, device=indices.device)
+    flat.index_add_(0, row_of_entry.long() * words + indices.long() // 32, bit_values[indices.long() % 32])
+    return flat.view(num_rows, words)
 
 
 def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: int, num_kv_tiles: int,
                edges: list[int], most_runs: int, extra: torch.Tensor) -> TileLists:
     """Classify on the GPU: ``bits`` int32 ``[H, MB, NW]``; ``dev``: the conversion's uploaded tables (``rows``
     ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``,
-    ``movable``);
-    ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64 ``[3]`` on the
-    device (any row empty, every head's IR lists alike, kept pairs), read with the counts in the one host read."""
+    ``movable``); ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64
+    ``[3]`` on the device (any row empty, every head's IR lists alike, kept pairs), read with the counts in the one
+    host read."""
     from .fa4_tile_lists_kernel import fa4_tile_lists_kernel
     heads, num_rows, words = bits.shape
-    rmax = dev["rows"].shape[0]
+    rows_per_tile = dev["rows"].shape[0]
     parts = len(dev["edges_padded"]) - 1
-    common = dict(ROWS=rmax, RUNS=most_runs, PARTS=parts, BLOCK=BLOCK)
-    tables = (bits, dev["rows"], dev["run_start"], dev["run_block"], dev["run_length"], dev["width"],
-              dev["edges_padded"], dev["movable"])
+    tables = (dev["rows"], dev["run_start"], dev["run_block"], dev["run_length"], dev["width"], dev["edges_padded"],
+              dev["movable"])
+    sizes = (num_q_tiles, num_kv_tiles, num_rows, words)
+    loops = dict(rows_per_tile=rows_per_tile, most_runs=most_runs, PARTS=parts, BLOCK=BLOCK)
     counts = torch.zeros(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
-    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)
-    fa4_tile_lists_kernel[(num_q_tiles, heads)](*tables, counts, moved, counts, counts, num_q_tiles, num_kv_tiles,
-                                                num_rows, words, 1, 1, WRITE=False, **common)
+    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)   # zeros: a compile-only launch
+    with on_device(bits.device):
+        fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables, counts, moved, counts, counts, *sizes, 1, 1,
+                                                    WRITE=False, **loops)
     full_cnt, mask_cnt = (c.contiguous() for c in counts.sum(-1, dtype=torch.int32).unbind(2))   # FA4: unit stride
     ranges = len(edges) - 1
     stats = [full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
@@ -86,14 +97,14 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     values = torch.cat([s.reshape(-1) for s in stats]).tolist()                     # the one host read
     longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept, full_moved, mask_moved = values[:9]
     widths = tuple(int(w) for w in values[9:]) or None
-    if alike and heads > 1:              # every head's lists are the IR's same: FA4 broadcasts one head's
-        heads, bits, full_cnt, mask_cnt = 1, bits[:1], full_cnt[:1], mask_cnt[:1]
+    if alike and heads > 1:              # every head's IR lists are the same: FA4 broadcasts one head's
+        heads, full_cnt, mask_cnt = 1, full_cnt[:1], mask_cnt[:1]
     full_width, mask_width = max(int(longest_full), 1), max(int(longest_mask), 1)
     full_idx = torch.zeros(heads, num_q_tiles, full_width, dtype=torch.int32, device=bits.device)
     mask_idx = torch.zeros(heads, num_q_tiles, mask_width, dtype=torch.int32, device=bits.device)
-    fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables[1:], counts, moved, full_idx, mask_idx, num_q_tiles,
-                                                num_kv_tiles, num_rows, words, full_width, mask_width, WRITE=True,
-                                                **common)
+    with on_device(bits.device):
+        fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables, counts, moved, full_idx, mask_idx, *sizes,
+                                                    full_width, mask_width, WRITE=True, **loops)
     return TileLists(full_cnt, mask_cnt, full_idx[None], mask_idx[None], int(num_full), int(num_mask),
                      bool(any_empty), int(kept), widths, int(full_moved), int(mask_moved))
 
@@ -111,8 +122,8 @@ def host_tables(run_tile: np.ndarray, num_kv_tiles: int, edges: list[int]) -> tu
 def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dict[str, torch.Tensor],
                      sizes: tuple[int, int, int, int, int], edges: list[int], extra: torch.Tensor) -> TileLists:
     """The classification as torch ops through the block map ``[H, MB, NB]``, each row's coverage of the key tiles
-    and the tile map ``[H, QT, NT]`` (off CUDA; :func:`tile_lists` on it), with the one host read (``extra``:
-    any row empty, kept pairs)."""
+    and the tile map ``[H, QT, NT]`` (off CUDA; :func:`tile_lists` on it), with the one host read (``extra`` as
+    :func:`tile_lists` takes it)."""
     H, MB, NB, QT, NT = sizes
     device = indices.device
     keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
@@ -139,17 +150,16 @@ def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dic
 
     full_cnt = full.sum(-1, dtype=torch.int32)                                            # [H, QT]
     mask_cnt = partial.sum(-1, dtype=torch.int32)
-    heads_alike = (full == full[:1]).all() & (partial == partial[:1]).all()
     movable = dev["movable"].bool()
     stats = torch.cat([torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-                                    mask_cnt.sum(dtype=torch.int64), heads_alike.long()]), extra,
+                                    mask_cnt.sum(dtype=torch.int64)]), extra,
                        torch.stack([(full & movable).sum(), (partial & movable).sum()])])
     if len(edges) > 2:
         stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
     values = stats.tolist()                                                         # the one host read
-    max_full, max_mask, num_full, num_mask, alike, any_empty, kept, full_moved, mask_moved = values[:9]
+    max_full, max_mask, num_full, num_mask, any_empty, alike, kept, full_moved, mask_moved = values[:9]
     widths = tuple(int(w) for w in values[9:]) or None
-    if alike:               # every head's tile lists are the same (LVSA): FA4 broadcasts one head's
+    if alike:               # every head's IR lists are the same (LVSA): FA4 broadcasts one head's
         full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
     return TileLists(full_cnt, mask_cnt, packed_lists(full, max_full), packed_lists(partial, max_mask),
                      int(num_full), int(num_mask), bool(any_empty), int(kept), widths, int(full_moved),

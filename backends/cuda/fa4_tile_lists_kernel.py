@@ -1,26 +1,30 @@
 """Triton kernel: FA4's full and mask key-tile lists of one (query tile, head), read from the IR's packed block map.
 
-One program per (query tile, head) walks the key tiles ``BLOCK`` at a time. For each of the (at most ``ROWS``) IR
-rows the query tile overlaps and each of the (at most ``RUNS``) runs of one key block inside a key tile, it looks
-the block up in the row's bits (``keep_bits``, bit ``j % 32`` of word ``j // 32``) and adds the run's length to the
-row's covered keys of that tile: a tile every row covers whole is *full*, one some row covers in part is a *mask*
-tile (the rule of :mod:`.fa4_layout`). ``WRITE`` false: the counts per key range (``Edges``, padded to ``PARTS``
-ranges with empty ones) go to ``Counts [H, QT, 2, PARTS]``, and those in key tiles flagged ``Movable`` (which a key
-order may change) to ``Moved [H, QT, 2]``; true: the tile ids go, ascending, to the lists
-``FullIdx [H, QT, full_width]`` and ``MaskIdx [H, QT, mask_width]`` through a running prefix sum. No block or tile
-map is built.
+One program per (query tile, head) walks the key tiles ``BLOCK`` at a time. For each of the (at most
+``rows_per_tile``) IR rows the query tile overlaps and each of the (at most ``most_runs``) runs of one key block
+inside a key tile, it looks the block up in the row's bits (``keep_bits``, bit ``j % 32`` of word ``j // 32``) and
+adds the run's length to the row's covered keys of that tile: a tile every row covers whole is *full*, one some row
+covers in part is a *mask* tile (the rule of :mod:`.fa4_layout`). ``WRITE`` false: the counts per key range
+(``Edges``, padded to ``PARTS`` ranges with empty ones) go to ``Counts [H, QT, 2, PARTS]``, and those in key tiles
+flagged ``Movable`` (which a key order may change) to ``Moved [H, QT, 2]``; true: the tile ids go, ascending, to
+the lists ``FullIdx [H, QT, full_width]`` and ``MaskIdx [H, QT, mask_width]`` through a running prefix sum. No block
+or tile map is built.
+
+The row and run loops run at run time, not unrolled: tiny blocks (4 tokens on 128-token tiles: 33 rows x 32 runs)
+would otherwise unroll a thousand lookups and compile for minutes. No length, count or width is specialized on,
+so the kernel compiles once per ``PARTS`` and ``WRITE`` (Triton would compile again for each class of their
+divisibility by 16).
 """
 
 import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_q_tiles", "num_kv_tiles", "num_rows", "words", "full_width", "mask_width",
+                               "rows_per_tile", "most_runs"])
 def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edges, Movable, Counts, Moved, FullIdx,
-                          MaskIdx,
-                          num_q_tiles, num_kv_tiles, num_rows, words, full_width, mask_width,
-                          ROWS: tl.constexpr, RUNS: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                          WRITE: tl.constexpr):
+                          MaskIdx, num_q_tiles, num_kv_tiles, num_rows, words, full_width, mask_width,
+                          rows_per_tile, most_runs, PARTS: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr):
     qt = tl.program_id(0)
     h = tl.program_id(1)
     program = h.to(tl.int64) * num_q_tiles + qt
@@ -42,17 +46,17 @@ def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edge
         width = tl.load(Width + t, mask=valid, other=1)
         every = valid.to(tl.int32)                       # every row so far covers the tile whole
         some = tl.zeros([BLOCK], dtype=tl.int32)         # some row covers part of it
-        for c in tl.static_range(ROWS):
+        for c in range(rows_per_tile):
             row = tl.load(Rows + c * num_q_tiles + qt)
             bits = Bits + (h.to(tl.int64) * num_rows + row) * words
             cover = tl.zeros([BLOCK], dtype=tl.int32)
-            for k in tl.static_range(RUNS):
+            for k in range(most_runs):
                 has = valid & (start + k < stop)
                 block = tl.load(RunBlock + start + k, mask=has, other=0)
                 length = tl.load(RunLength + start + k, mask=has, other=0)
                 word = tl.load(bits + block // 32, mask=has, other=0)
                 kept = has & (((word >> (block % 32)) & 1) != 0)
-                cover += tl.where(kept, length, 0)
+                cover += tl.where(kept, length, 0).to(tl.int32)
             every = every * (cover == width).to(tl.int32)
             some = tl.maximum(some, (cover > 0).to(tl.int32))
         full = every
