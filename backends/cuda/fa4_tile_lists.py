@@ -25,6 +25,7 @@ from . import interpreter
 from .fa4_key_ranges import widths_from_tiles
 
 BLOCK = 128                 # key tiles a program classifies at once
+RUN_STEP = 2                # runs of blocks whose lookups the kernel unrolls in one step of its loop (H200: best)
 
 
 class TileLists(NamedTuple):
@@ -82,7 +83,7 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     tables = (dev["rows"], dev["run_start"], dev["run_block"], dev["run_length"], dev["width"], dev["edges_padded"],
               dev["movable"])
     sizes = (num_q_tiles, num_kv_tiles, num_rows, words)
-    loops = dict(rows_per_tile=rows_per_tile, most_runs=most_runs, PARTS=parts, BLOCK=BLOCK)
+    loops = dict(rows_per_tile=rows_per_tile, most_runs=most_runs, PARTS=parts, BLOCK=BLOCK, RUN_STEP=RUN_STEP)
     counts = torch.zeros(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
     moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)   # zeros: a compile-only launch
     with on_device(bits.device):

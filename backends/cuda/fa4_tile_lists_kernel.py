@@ -10,10 +10,12 @@ flagged ``Movable`` (which a key order may change) to ``Moved [H, QT, 2]``; true
 the lists ``FullIdx [H, QT, full_width]`` and ``MaskIdx [H, QT, mask_width]`` through a running prefix sum. No block
 or tile map is built.
 
-The row and run loops run at run time, not unrolled: tiny blocks (4 tokens on 128-token tiles: 33 rows x 32 runs)
-would otherwise unroll a thousand lookups and compile for minutes. No length, count or width is specialized on,
-so the kernel compiles once per ``PARTS`` and ``WRITE`` (Triton would compile again for each class of their
-divisibility by 16).
+The row and run loops run at run time, ``RUN_STEP`` runs unrolled a step (their lookups in flight at once; past a
+tile's last run masked off): unrolled whole, tiny blocks (4 tokens on 128-token tiles: 33 rows x 32 runs) made a
+thousand lookups and compiled for minutes. On HunyuanVideo 1.5's joint mask (bench/fa4_conversion_probe.py, H200)
+both passes took 0.69 ms unrolled whole, 1.00 ms so, 1.20 with nothing unrolled, 1.35 with 2 rows x 4 runs a step
+(bench/results/gpu-2026-12-04-runs/thirtieth-session). No length, count or width is specialized on, so the kernel
+compiles once per ``PARTS`` and ``WRITE`` (Triton would compile again for each class of their divisibility by 16).
 """
 
 import triton
@@ -24,7 +26,8 @@ import triton.language as tl
                                "rows_per_tile", "most_runs"])
 def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edges, Movable, Counts, Moved, FullIdx,
                           MaskIdx, num_q_tiles, num_kv_tiles, num_rows, words, full_width, mask_width,
-                          rows_per_tile, most_runs, PARTS: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr):
+                          rows_per_tile, most_runs, PARTS: tl.constexpr, BLOCK: tl.constexpr, RUN_STEP: tl.constexpr,
+                          WRITE: tl.constexpr):
     qt = tl.program_id(0)
     h = tl.program_id(1)
     program = h.to(tl.int64) * num_q_tiles + qt
@@ -50,13 +53,14 @@ def fa4_tile_lists_kernel(Bits, Rows, RunStart, RunBlock, RunLength, Width, Edge
             row = tl.load(Rows + c * num_q_tiles + qt)
             bits = Bits + (h.to(tl.int64) * num_rows + row) * words
             cover = tl.zeros([BLOCK], dtype=tl.int32)
-            for k in range(most_runs):
-                has = valid & (start + k < stop)
-                block = tl.load(RunBlock + start + k, mask=has, other=0)
-                length = tl.load(RunLength + start + k, mask=has, other=0)
-                word = tl.load(bits + block // 32, mask=has, other=0)
-                kept = has & (((word >> (block % 32)) & 1) != 0)
-                cover += tl.where(kept, length, 0).to(tl.int32)
+            for k0 in range(0, most_runs, RUN_STEP):
+                for dk in tl.static_range(RUN_STEP):
+                    has = valid & (start + k0 + dk < stop)
+                    block = tl.load(RunBlock + start + k0 + dk, mask=has, other=0)
+                    length = tl.load(RunLength + start + k0 + dk, mask=has, other=0)
+                    word = tl.load(bits + block // 32, mask=has, other=0)
+                    kept = has & (((word >> (block % 32)) & 1) != 0)
+                    cover += tl.where(kept, length, 0).to(tl.int32)
             every = every * (cover == width).to(tl.int32)
             some = tl.maximum(some, (cover > 0).to(tl.int32))
         full = every
