@@ -387,8 +387,9 @@ def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):
 
 
 def test_the_geometry_cache_keys_on_every_input_of_its_tables_and_keeps_the_last_used(monkeypatch):
-    """Query offsets, key offsets, key ranges and either tile side each make a geometry of their own; of more than
-    :data:`fa4_layout.GEOMETRY_ENTRIES` geometries the least recently used is built again."""
+    """Query offsets, key offsets, key ranges and either tile side (17 tokens: as many tiles as 16) each make a
+    geometry of their own; of more than :data:`fa4_layout.GEOMETRY_ENTRIES` geometries the least recently used is
+    built again."""
     built = []
     monkeypatch.setattr(fa4_layout, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
     monkeypatch.setattr(fa4_layout, "GEOMETRY_ENTRIES", 3)
@@ -396,7 +397,7 @@ def test_the_geometry_cache_keys_on_every_input_of_its_tables_and_keeps_the_last
     rng = np.random.default_rng(6)
     base, other = [0, 20, 41, 50, 77, 90], [0, 21, 41, 50, 77, 90]
     variants = {"base": (base, base, 16, 16, 1), "q": (other, base, 16, 16, 1), "kv": (base, other, 16, 16, 1),
-                "ranges": (base, base, 16, 16, 2), "tile_m": (base, base, 32, 16, 1), "tile_n": (base, base, 16, 32, 1)}
+                "ranges": (base, base, 16, 16, 2), "tile_m": (base, base, 17, 16, 1), "tile_n": (base, base, 16, 17, 1)}
     counts = []
     order = ("base", "base", "q", "kv", "base", "ranges", "base", "tile_m", "tile_n", "base", "tile_m", "tile_n",
              "q", "ranges")
@@ -408,11 +409,16 @@ def test_the_geometry_cache_keys_on_every_input_of_its_tables_and_keeps_the_last
     assert counts == [1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 6, 6, 7, 8]
 
 
+HEADS_NEARLY_ALIKE = {"same row lengths": [[[0], [2], [1], [3]], [[1], [3], [0], [2]]],
+                      "same entries": [[[0, 1], [], [2], [3]], [[0], [1], [2], [3]]]}
+
+
 @pytest.mark.parametrize("offsets", [[0, 20, 41, 50, 77], [0, 16, 32, 48, 64]], ids=["off-grid", "one-tile-blocks"])
-def test_heads_with_equal_row_lengths_but_other_blocks_keep_their_own_lists(offsets):
-    """Row lengths alike head by head, entries not: each head keeps its own lists, on the general path and on the
-    aligned one (the Triton path's case is in tests/test_fa4_tile_lists.py)."""
-    mask = BlockMask.from_lists([[[0], [2], [1], [3]], [[1], [3], [0], [2]]], offsets, offsets)
+@pytest.mark.parametrize("rows", HEADS_NEARLY_ALIKE.values(), ids=HEADS_NEARLY_ALIKE.keys())
+def test_heads_alike_but_in_their_row_lengths_or_entries_keep_their_own_lists(offsets, rows):
+    """Heads alike in their row lengths (entries not), or in their entries read in a row (row lengths not): each
+    keeps its own lists, on the general path and on the aligned one (the Triton path's in test_fa4_tile_lists.py)."""
+    mask = BlockMask.from_lists(rows, offsets, offsets)
     layout = assert_exact(mask, 16, 16)
     assert layout.full_block_cnt.shape[1] == 2
 
@@ -964,8 +970,8 @@ def test_lse_merge_reads_any_strides():
 
 def test_a_new_length_compiles_no_new_guard_merge_or_tile_lists_kernel():
     """The non-finite guard's, the merge's and the conversion's Triton kernels do not specialize on lengths, counts
-    or list widths: a length of another divisibility by 16 (2021 after 2048; blocks of 48 tokens on 64-token
-    tiles, off the grid) reuses the compiled kernels (Triton's per-device kernel cache)."""
+    or list widths: a length of another divisibility by 16 (1970 after 2048, so are its tile counts; blocks of 48
+    tokens on 64-token tiles, off the grid) reuses the compiled kernels (Triton's per-device kernel cache)."""
     from sparsecore.backends.cuda import interpreter
     from sparsecore.backends.cuda.fa4_nonfinite import _zero_non_finite, guard_values
     from sparsecore.backends.cuda.fa4_tile_lists_kernel import fa4_tile_lists_kernel
@@ -975,7 +981,7 @@ def test_a_new_length_compiles_no_new_guard_merge_or_tile_lists_kernel():
     import triton
     compiled = {}
     rng = np.random.default_rng(13)
-    for length in (2048, 2021):
+    for length in (2048, 1970):                                   # 32 and 31 tiles of 64
         v = torch.randn(1, 2, length, 64, device="cuda", dtype=torch.bfloat16)
         guard_values(v)
         out, part = (torch.randn(1, 2, length, 64, device="cuda") for _ in range(2))
@@ -987,7 +993,7 @@ def test_a_new_length_compiles_no_new_guard_merge_or_tile_lists_kernel():
         device = triton.runtime.driver.active.get_current_device()
         compiled[length] = [len(kernel.device_caches[device][0])
                             for kernel in (_zero_non_finite, _merge_into, fa4_tile_lists_kernel)]
-    assert compiled[2021] == compiled[2048], compiled
+    assert compiled[1970] == compiled[2048], compiled
 
 
 @pytest.mark.parametrize("key_parts", [1, 2, 3])

@@ -9,6 +9,7 @@ list the same tiles, counts and key-range widths as the torch path.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies import block_masks
-from test_fa4_layout import ANY, assert_layout_exact, random_mask
+from test_fa4_layout import ANY, HEADS_NEARLY_ALIKE, assert_layout_exact, random_mask
 
 import sparsecore
 from sparsecore import BlockMask
@@ -134,11 +135,11 @@ def test_lists_longer_than_one_program_step(triton_layout):
     assert_same_tiles(fast, torch_path(mask, 16, 16, key_parts=3))
 
 
-def test_heads_with_equal_row_lengths_but_other_blocks_keep_their_own_lists(triton_layout):
-    """Row lengths alike head by head, entries not: each head keeps its own lists (the torch path's case is in
-    tests/test_fa4_layout.py)."""
+@pytest.mark.parametrize("rows", HEADS_NEARLY_ALIKE.values(), ids=HEADS_NEARLY_ALIKE.keys())
+def test_heads_alike_but_in_their_row_lengths_or_entries_keep_their_own_lists(triton_layout, rows):
+    """Each head keeps its own lists (the torch path's and the aligned path's cases are in test_fa4_layout.py)."""
     offsets = [0, 20, 41, 50, 77]
-    mask = BlockMask.from_lists([[[0], [2], [1], [3]], [[1], [3], [0], [2]]], offsets, offsets)
+    mask = BlockMask.from_lists(rows, offsets, offsets)
     fast = triton_layout(mask, 16, 16)
     assert fast.full_block_cnt.shape[1] == 2
     assert_same_tiles(fast, torch_path(mask, 16, 16))
@@ -152,3 +153,24 @@ def test_the_torch_and_triton_paths_keep_their_own_tables_of_one_geometry(triton
     slow = torch_path(mask, 16, 16)
     assert_layout_exact(slow, mask)
     assert_same_tiles(triton_layout(mask, 16, 16), slow)
+
+
+def test_a_conversion_on_cuda_waits_for_the_gpu_once():
+    """One host read per layout built, the one that sizes the lists: with the IR's lists on the GPU (as the methods
+    plan them) nothing else in the conversion waits for the stream (torch's sync debug mode counts the waits)."""
+    if not torch.cuda.is_available() or interpreter.interpreting():
+        pytest.skip("counts waits for a CUDA stream: needs a CUDA device without TRITON_INTERPRET=1")
+    mask = random_mask(np.random.default_rng(14), [0, 20, 41, 50, 77, 90], [0, 20, 41, 50, 77, 90, 101], 3, 0.5)
+    on_gpu = mask.to("cuda")
+    to_fa4(on_gpu, 16, 16, "cuda", reorder_keys=False)                # compiles; builds the geometry's tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layout = to_fa4(on_gpu, 16, 16, "cuda", reorder_keys=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 1, waits
+    assert_layout_exact(layout, mask)

@@ -30,18 +30,21 @@ def test_the_device_context_follows_the_tensor():
 
 
 @pytest.mark.skipif(DEVICES < 2, reason=f"needs two CUDA devices, found {DEVICES}")
-@pytest.mark.parametrize("backend, approximation", [("triton", "drop"), ("triton", "grouped-first-order"),
-                                                    ("fa4", "drop"), ("flashinfer", "drop"), ("portable", "drop")])
-def test_a_kernel_runs_on_its_inputs_device_while_another_is_current(backend, approximation):
+@pytest.mark.parametrize("backend, approximation, block", [
+    ("triton", "drop", 128), ("triton", "grouped-first-order", 128), ("fa4", "drop", 128), ("fa4", "drop", 96),
+    ("flashinfer", "drop", 128), ("portable", "drop", 128)])
+def test_a_kernel_runs_on_its_inputs_device_while_another_is_current(backend, approximation, block):
     """Lowering, plans and launches on ``cuda:1`` while ``cuda:0`` is current (the approximating mask adds
-    Triton's statistics and pass, which size their tiles from the current device's shared memory)."""
+    Triton's statistics and pass, which size their tiles from the current device's shared memory; fa4's 96-token
+    blocks, off its tiles, its conversion's Triton classification)."""
     reason = sparsecore.registered_backends()[backend].unavailable_reason("cuda")
     if reason:
         pytest.skip(f"{backend} cannot run here: {reason}")
     rng = np.random.default_rng(0)
-    keep = rng.random((4, 8, 8)) < 0.4
-    keep[:, np.arange(8), np.arange(8)] = True
-    mask = BlockMask.from_dense(keep, 1024, 1024, 128)
+    blocks = -(-1024 // block)
+    keep = rng.random((4, blocks, blocks)) < 0.4
+    keep[:, np.arange(blocks), np.arange(blocks)] = True
+    mask = BlockMask.from_dense(keep, 1024, 1024, block)
     if approximation != "drop":
         mask = with_unselected(mask, unselected_of(approximation, 4))
     gen = torch.Generator().manual_seed(0)

@@ -72,7 +72,7 @@ MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mas
 GATHER_TILE_COST = 3.6     # gathering k and v for a key order, in full tiles' time per (key tile, head) (same fit)
 SM90_TILE_SIDES = (64, 128)
 SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
-GEOMETRY_ENTRIES = 8       # block geometries whose tables stay in pinned host memory (:func:`_geometry_tables`)
+GEOMETRY_ENTRIES = 8       # block geometries whose tables stay in host memory (:func:`_geometry_tables`)
 _GEOMETRIES: "OrderedDict[tuple, tuple[HostPack, int, int]]" = OrderedDict()
 _GEOMETRY_LOCK = threading.Lock()     # compile() may convert in a warm-up thread
 
@@ -272,8 +272,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
 
 def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: int, edges: list[int],
                      kv_order: np.ndarray | None, on_triton: bool) -> tuple[HostPack, int, int]:
-    """The general path's tables that follow from the block offsets (and key order) alone, int64 in pinned host
-    memory for the caller to upload per call (:meth:`HostPack.to`, no wait): the runs of one IR block inside each
+    """The general path's tables that follow from the block offsets (and key order) alone, int64 in host memory
+    (pinned with CUDA) for the caller to upload per call (:meth:`HostPack.to`, no wait): the runs of one IR block inside each
     key tile in the order FA4 reads the keys, the rows each query tile overlaps (``rows [rmax, QT]``, rmax 1-3 for
     real masks), tile widths, token -> block, block sizes, which key tiles are ``movable`` (a tile of full width
     inside one block keeps its status in any key order, as one of that block's whole tiles there: only the others

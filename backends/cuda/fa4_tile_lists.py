@@ -62,10 +62,11 @@ def keep_bits(row_of_entry: torch.Tensor, indices: torch.Tensor, num_rows: int, 
     block ``j`` (bit 31 is the int32 sign: the words are the uint32 patterns). A row's blocks are unique (the IR's
     invariant), so adding their bits is OR-ing them, and no sum leaves int32."""
     words = bit_words(num_kv_blocks)
-    bit_values = torch.tensor([(1 << b) - (1 << 32) * (b == 31) for b in range(32)], dtype=torch.int32,
-                              device=indices.device)
+    blocks = indices.long()
+    bit = blocks % 32
+    values = ((1 << bit) - ((bit == 31).long() << 32)).to(torch.int32)      # on the device: no host copy, no wait
     flat = torch.zeros(num_rows * words, dtype=torch.int32, device=indices.device)
-    flat.index_add_(0, row_of_entry.long() * words + indices.long() // 32, bit_values[indices.long() % 32])
+    flat.index_add_(0, row_of_entry.long() * words + blocks // 32, values)
     return flat.view(num_rows, words)
 
 
@@ -85,7 +86,7 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     sizes = (num_q_tiles, num_kv_tiles, num_rows, words)
     loops = dict(rows_per_tile=rows_per_tile, most_runs=most_runs, PARTS=parts, BLOCK=BLOCK, RUN_STEP=RUN_STEP)
     counts = torch.zeros(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
-    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)   # zeros: a compile-only launch
+    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)   # a recording launch: width 1
     with on_device(bits.device):
         fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables, counts, moved, counts, counts, *sizes, 1, 1,
                                                     WRITE=False, **loops)
