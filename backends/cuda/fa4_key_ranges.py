@@ -9,8 +9,9 @@ view), the others as they are. The outputs merge by LSE (:mod:`.lse_merge`).
 
 The cut is fixed-size tensor ops over the lists ``[H, QT, W]``; each range's longest list, which sizes its
 packed lists, comes with the conversion's own host read where it was asked for these ranges
-(:func:`.fa4_layout.to_fa4`'s ``key_parts``), else from one more; no loop over heads, rows or tiles. The range edges and offsets go up
-through :func:`sparsecore.ir.uploads.queued` (small copies that do not wait and are not kept).
+(:func:`.fa4_layout.to_fa4`'s ``key_parts``), else from one more; no loop over heads, rows or tiles. The range
+edges and offsets go up through :func:`sparsecore.ir.uploads.queued` (small copies that do not wait and are not
+kept).
 """
 
 from __future__ import annotations

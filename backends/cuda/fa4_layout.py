@@ -273,12 +273,12 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
 def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: int, edges: list[int],
                      kv_order: np.ndarray | None, on_triton: bool) -> tuple[HostPack, int, int]:
     """The general path's tables that follow from the block offsets (and key order) alone, int64 in host memory
-    (pinned with CUDA) for the caller to upload per call (:meth:`HostPack.to`, no wait): the runs of one IR block inside each
-    key tile in the order FA4 reads the keys, the rows each query tile overlaps (``rows [rmax, QT]``, rmax 1-3 for
-    real masks), tile widths, token -> block, block sizes, which key tiles are ``movable`` (a tile of full width
-    inside one block keeps its status in any key order, as one of that block's whole tiles there: only the others
-    can get cheaper) and the kernel's tables (:func:`.fa4_tile_lists.host_tables`); with them the most runs in a key
-    tile and the run count. Built once per geometry (a method's masks share one): the last
+    (pinned with CUDA) for the caller to upload per call (:meth:`HostPack.to`, no wait): the runs of one IR block
+    inside each key tile in the order FA4 reads the keys, the rows each query tile overlaps (``rows [rmax, QT]``,
+    rmax 1-3 for real masks), tile widths, token -> block, block sizes, which key tiles are ``movable`` (a tile of
+    full width inside one block keeps its status in any key order, as one of that block's whole tiles there: only
+    the others can get cheaper) and the kernel's tables (:func:`.fa4_tile_lists.host_tables`); with them the most
+    runs in a key tile and the run count. Built once per geometry (a method's masks share one): the last
     :data:`GEOMETRY_ENTRIES` are kept, no device memory held between calls (1.5 MB at CogVideoX 1.5 2x; building
     took several ms of host time a call). A key order depends on the lists: such tables are built anew."""
     key = None if kv_order is not None else (q_off.tobytes(), kv_off.tobytes(), tile_m, tile_n, tuple(edges),

@@ -85,8 +85,9 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
               dev["movable"])
     sizes = (num_q_tiles, num_kv_tiles, num_rows, words)
     loops = dict(rows_per_tile=rows_per_tile, most_runs=most_runs, PARTS=parts, BLOCK=BLOCK, RUN_STEP=RUN_STEP)
+    # zeros, not empty: a launch that only compiles (tests/test_triton_targets.py) leaves them as they are
     counts = torch.zeros(heads, num_q_tiles, 2, parts, dtype=torch.int32, device=bits.device)
-    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)   # a recording launch: width 1
+    moved = torch.zeros(heads, num_q_tiles, 2, dtype=torch.int32, device=bits.device)
     with on_device(bits.device):
         fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables, counts, moved, counts, counts, *sizes, 1, 1,
                                                     WRITE=False, **loops)
