@@ -40,16 +40,19 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   1.5), 7.90 against 5.10 and 1.3 GiB above the peak (CogVideoX 1.5). With the conversion's Triton
   classification and its geometry tables kept (2026-12-04, five calls): 5.17-5.20 s on fa4 (5.74
   once) against 5.34-5.42 (HunyuanVideo 1.5, D = 128, 16 heads: fa4 3-4% faster), 5.49-7.41 against
-  4.96-5.06 (CogVideoX 1.5, D = 64, 48 heads: Triton 10-47% faster; fa4's spread unexplained), peaks
-  equal. The rank is the block class's,
-  which cannot tell the two apart (head dim and count come with the call), so Triton stays first for
-  joint masks. PASA's approximating masks,
+  4.96-5.06 (CogVideoX 1.5, D = 64, 48 heads), peaks equal. That spread was the handle's statistics
+  counting each held mask's pairs on the host at every layer (85 ms a layer on CogVideoX's mask), while
+  fa4's conversion had made the host wait for the GPU; counted on the call's device copy since (same
+  day, one call): 5.36 against 5.43 s (HunyuanVideo 1.5) and 5.14 against 4.99 s (CogVideoX 1.5).
+  Within 3% either way, and the rank is the block class's, which cannot tell the two apart (head dim
+  and count come with the call), so Triton stays first for joint masks. PASA's approximating masks,
   converted at each call too: Triton 55.2 against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5. Frame-causal
   masks (64-token blocks and a 24-token one in every causal block: SkyReels-V2 DF at 544x960) too: whole eager
   steps at 2x (102,000 tokens, ``bench/e2e_benchmark.py --backend fa4`` against the default, H200, 2026-12-03)
   AdaSpa's reuse 1.57 s on Triton against 2.28 on fa4, PASA's sparse step 1.66 against 2.54.
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
-bench/results/gpu-2026-12-04-runs/twenty-ninth-session/ (b-e2e-joint, c-geometry-cache) and thirtieth-session/,
+bench/results/gpu-2026-12-04-runs/twenty-ninth-session/ (b-e2e-joint, c-geometry-cache), thirtieth-session/ and
+thirty-first-session/,
 bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
 bench/results/gpu-2026-12-01-runs/eighth-session/ (pasa-mask-probe.json),
 bench/results/gpu-2026-12-01-runs/fifth-session/ (selection-64-2026-12-01.md, key-split-probe-fa4.md),

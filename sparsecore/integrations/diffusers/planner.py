@@ -215,8 +215,8 @@ class Planner:
             if tokens < seq_len:
                 out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - tokens))
             out = out.transpose(1, 2)
-        if fresh:
-            plan.record.ran(plan.mask, kernel, self.stats.counts)
+        if fresh:               # a held mask is counted on this call's copy, on the kernel's device without a wait
+            plan.record.ran(kernel.mask if plan.held else plan.mask, kernel, self.stats.counts)
         return out
 
     def full_mask(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:

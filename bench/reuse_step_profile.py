@@ -1,0 +1,180 @@
+"""Probe (GPU): where one AdaSpa reuse step's time goes, on each backend side by side in one process.
+
+CogVideoX 1.5's reuse step on ``fa4`` spread 5.49-7.41 s over four calls on three lent machines while
+Triton's stayed at 4.99-5.06 s, with the same masks (2026-12-04, ``bench/results/gpu-2026-12-04-runs/notes.md``).
+This probe builds one random-weight model of ``bench/e2e_benchmark.py`` once, applies AdaSpa with each backend in
+turn (alternating, so both see the same host and GPU state), walks AdaSpa's steps to its reuse steps, and then:
+
+- times ``--repeats`` reuse steps (wall seconds, the device synchronized around each);
+- profiles one reuse step with ``torch.profiler`` (host and CUDA): the step's wall time, the GPU's busy time
+  (the union of its kernels' and copies' intervals) and so its idle time, the host's waits for the device
+  (``cudaStreamSynchronize``, ``cudaEventSynchronize``, ``cudaDeviceSynchronize``, synchronous copies: count and
+  time), and the kernels' total time by name;
+- runs one more reuse step under ``cProfile``: the host functions with the most cumulative time (a host wait
+  shows up as the time of the call that reads the device).
+
+    python bench/reuse_step_profile.py --out DIR [--model cogvideox-1.5] [--length 2x]
+                                        [--backends fa4 triton fa4 triton] [--repeats 3] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+
+from e2e_benchmark import STEPS, timed_forward, warm_kernels
+from e2e_models import MODELS, build_model, cases, model_inputs
+from report import gpu_meta, time_one_backend, write_report
+
+from sparsecore.integrations import diffusers as sc_diffusers
+
+WAIT_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
+REUSE_FROM = 12         # AdaSpa's steps up to its first reuse (11) prepare the masks; 12 on are reuse steps
+
+
+def host_cpu() -> str:
+    """The host's CPU model and count (the lent machines' hosts differ: imports took 3.8-8.2 s across them)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown CPU'} x {os.cpu_count()}"
+
+
+def timestep(step: int) -> float:
+    """The timestep ``bench/e2e_benchmark.py`` passes at ``step`` (a new value marks a new step)."""
+    return 1000.0 - 19 * step
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profiled_step(model, inputs: dict, step: int, device: str) -> dict:
+    """One reuse step under ``torch.profiler``: wall, GPU busy and idle, host waits, kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = timed_forward(model, inputs, timestep(step), device)
+    events = prof.events()
+    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in device_events]
+    waits = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+             and any(e.name.startswith(w) and "Async" not in e.name for w in WAIT_CALLS)]
+    kernels: dict[str, float] = {}
+    for e in device_events:
+        kernels[e.name[:90]] = kernels.get(e.name[:90], 0.0) + (e.time_range.end - e.time_range.start) / 1e6
+    busy = busy_seconds(intervals)
+    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_idle_s": max(0.0, wall - busy),
+            "host_waits": len(waits), "host_wait_s": sum((e.time_range.end - e.time_range.start) / 1e6 for e in waits),
+            "kernels_s": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])}
+
+
+def host_profile(model, inputs: dict, step: int, device: str, top: int = 45) -> str:
+    """One reuse step under ``cProfile``: the ``top`` functions by cumulative time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    timed_forward(model, inputs, timestep(step), device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
+def measure(args) -> tuple[list[dict], list[str]]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    case = next(c for c in cases([args.model], tiny=args.tiny) if c.model == args.model and c.label == args.length)
+    model = build_model(case, args.tiny, device, dtype)
+    inputs = model_inputs(model, case, device, dtype)
+    scale = case.layers_full / case.layers_run
+    rows, texts, warmed = [], [], set()
+    for turn, backend in enumerate(args.backends):
+        if backend not in warmed:
+            warm_kernels(model, inputs, device, dtype, backend=backend)
+            warmed.add(backend)
+        handle = sc_diffusers.apply(model, method="adaspa", device=device, num_steps=50, backend=backend)
+        try:
+            handle.set_step(0)
+            timed_forward(model, inputs, timestep(0), device)
+            for _, step in STEPS["adaspa"]:
+                if step < REUSE_FROM:
+                    handle.set_step(step)
+                    timed_forward(model, inputs, timestep(step), device)
+            steps = iter(range(REUSE_FROM, REUSE_FROM + args.repeats + 2))
+            walls = []
+            for _ in range(args.repeats):
+                step = next(steps)
+                handle.set_step(step)
+                walls.append(timed_forward(model, inputs, timestep(step), device))
+            step = next(steps)
+            handle.set_step(step)
+            row = {"turn": turn, "backend": backend, "model": case.model, "length": case.label,
+                   "layers_run": case.layers_run, "layers_full": case.layers_full,
+                   "reuse_s": walls, "reuse_scaled_s": sorted(walls)[len(walls) // 2] * scale,
+                   **profiled_step(model, inputs, step, device)}
+            step = next(steps)
+            handle.set_step(step)
+            texts.append(f"## turn {turn}: {backend}\n\n```\n{host_profile(model, inputs, step, device)}```\n")
+        finally:
+            handle.remove()
+        print(f"{backend}: reuse {['%.3f' % w for w in walls]} s ({case.layers_run} layers); profiled "
+              f"{row['wall_s']:.3f} s, GPU busy {row['gpu_busy_s']:.3f}, idle {row['gpu_idle_s']:.3f}, "
+              f"{row['host_waits']} host waits {row['host_wait_s']:.3f} s", flush=True)
+        rows.append(row)
+    return rows, texts
+
+
+def markdown(meta: dict, rows: list[dict], texts: list[str]) -> str:
+    lines = [f"# AdaSpa reuse steps profiled, {meta['date']}", "", str(meta["versions"]), "",
+             f"{rows[0]['model']} {rows[0]['length']}, eager, {rows[0]['layers_run']} of {rows[0]['layers_full']} "
+             "layers (seconds of the layers run, not scaled; `scaled` = the median reuse step scaled to the depth).",
+             "", "| turn | backend | reuse steps | scaled | profiled step | GPU busy | GPU idle | host waits (s) |",
+             "|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['turn']} | {r['backend']} | {', '.join(f'{w:.3f}' for w in r['reuse_s'])} | "
+                     f"{r['reuse_scaled_s']:.3f} | {r['wall_s']:.3f} | {r['gpu_busy_s']:.3f} | {r['gpu_idle_s']:.3f} | "
+                     f"{r['host_waits']} ({r['host_wait_s']:.3f}) |")
+    lines += ["", "Kernels by total time in the profiled step (seconds):", ""]
+    for r in rows:
+        lines.append(f"- turn {r['turn']} {r['backend']}: "
+                     + "; ".join(f"`{name}` {s:.4f}" for name, s in r["kernels_s"].items()))
+    return "\n".join(lines + ["", "# Host profiles (cProfile, one more reuse step each)", "", *texts])
+
+
+def main() -> int:
+    time_one_backend()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="cogvideox-1.5", choices=MODELS)
+    parser.add_argument("--length", default="2x")
+    parser.add_argument("--backends", nargs="+", default=["fa4", "triton", "fa4", "triton"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on any device (a smoke test)")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
+    if not torch.cuda.is_available() and not args.tiny:
+        parser.error("needs a CUDA device (the profile is of GPU steps; --tiny runs anywhere)")
+    meta = gpu_meta(model=args.model, length=args.length, backends=args.backends, host_cpu=host_cpu())
+    rows, texts = measure(args)
+    stem = args.out / f"reuse-step-profile-{meta['date']}-{args.model}"
+    write_report(stem, meta, rows, markdown(meta, rows, texts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
