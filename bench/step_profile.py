@@ -1,20 +1,22 @@
-"""Probe (GPU): where one AdaSpa reuse step's time goes, on each backend side by side in one process.
+"""Probe (GPU): where the time of a method's repeating step goes, on each backend side by side in one process.
 
-CogVideoX 1.5's reuse step on ``fa4`` spread 5.49-7.41 s over four calls on three lent machines while
-Triton's stayed at 4.99-5.06 s, with the same masks (2026-12-04, ``bench/results/gpu-2026-12-04-runs/notes.md``).
-This probe builds one random-weight model of ``bench/e2e_benchmark.py`` once, applies AdaSpa with each backend in
-turn (alternating, so both see the same host and GPU state), walks AdaSpa's steps to its reuse steps, and then:
+CogVideoX 1.5's AdaSpa reuse step on ``fa4`` spread 5.49-7.41 s over four calls on three lent machines while
+Triton's stayed at 4.99-5.06 s, with the same masks (2026-12-04, ``bench/results/gpu-2026-12-04-runs/notes.md``,
+thirty-first session: the GPU idled while the host counted each held mask's pairs). This probe builds one
+random-weight model of ``bench/e2e_benchmark.py`` once and, for each method and backend in turn (alternating, so
+all see the same host and GPU state), applies the method, walks its steps as the benchmark does up to the kind of
+step that repeats in a generation (AdaSpa's reuse, PASA's and LVSA's sparse steps), and then:
 
-- times ``--repeats`` reuse steps (wall seconds, the device synchronized around each);
-- profiles one reuse step with ``torch.profiler`` (host and CUDA): the step's wall time, the GPU's busy time
-  (the union of its kernels' and copies' intervals) and so its idle time, the host's waits for the device
+- times ``--repeats`` such steps (wall seconds, the device synchronized around each);
+- profiles one with ``torch.profiler`` (host and CUDA): the step's wall time, the GPU's busy time (the union of
+  its kernels' and copies' intervals) and so its idle time, the host's waits for the device
   (``cudaStreamSynchronize``, ``cudaEventSynchronize``, ``cudaDeviceSynchronize``, synchronous copies: count and
   time), and the kernels' total time by name;
-- runs one more reuse step under ``cProfile``: the host functions with the most cumulative time (a host wait
-  shows up as the time of the call that reads the device).
+- runs one more under ``cProfile``: the host functions with the most cumulative time (a host wait shows up as
+  the time of the call that reads the device).
 
-    python bench/reuse_step_profile.py --out DIR [--model cogvideox-1.5] [--length 2x]
-                                        [--backends fa4 triton fa4 triton] [--repeats 3] [--tiny]
+    python bench/step_profile.py --out DIR [--model cogvideox-1.5] [--length 2x] [--methods adaspa pasa lvsa]
+                                 [--backends fa4 triton fa4 triton | default] [--repeats 3] [--tiny]
 """
 
 from __future__ import annotations
@@ -29,14 +31,13 @@ from pathlib import Path
 
 import torch
 
-from e2e_benchmark import STEPS, timed_forward, warm_kernels
+from e2e_benchmark import METHOD_PARAMS, PLAN_PROBE, STEPS, timed_forward, warm_kernels
 from e2e_models import MODELS, build_model, cases, model_inputs
 from report import gpu_meta, time_one_backend, write_report
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
 WAIT_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
-REUSE_FROM = 12         # AdaSpa's steps up to its first reuse (11) prepare the masks; 12 on are reuse steps
 
 
 def host_cpu() -> str:
@@ -94,6 +95,17 @@ def host_profile(model, inputs: dict, step: int, device: str, top: int = 45) -> 
     return text.getvalue()
 
 
+def repeated_steps(model, inputs: dict, handle, method: str, device: str, repeats: int) -> list[int]:
+    """Walk ``method``'s steps as ``bench/e2e_benchmark.py`` does (its dense, search and warm-up steps included),
+    then return ``repeats + 2`` steps of the kind that repeats (AdaSpa's reuse, PASA's and LVSA's sparse steps)."""
+    handle.set_step(0)
+    timed_forward(model, inputs, timestep(0), device)
+    for _, step in STEPS[method]:
+        handle.set_step(step)
+        timed_forward(model, inputs, timestep(step), device)
+    return list(range(PLAN_PROBE[method], PLAN_PROBE[method] + repeats + 2))
+
+
 def measure(args) -> tuple[list[dict], list[str]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -102,19 +114,18 @@ def measure(args) -> tuple[list[dict], list[str]]:
     inputs = model_inputs(model, case, device, dtype)
     scale = case.layers_full / case.layers_run
     rows, texts, warmed = [], [], set()
-    for turn, backend in enumerate(args.backends):
+    for turn, (method, backend) in enumerate((m, b) for m in args.methods for b in args.backends):
+        kernel_backend = None if backend == "default" else backend
         if backend not in warmed:
-            warm_kernels(model, inputs, device, dtype, backend=backend)
+            warm_kernels(model, inputs, device, dtype, backend=kernel_backend)
             warmed.add(backend)
-        handle = sc_diffusers.apply(model, method="adaspa", device=device, num_steps=50, backend=backend)
+        params = dict(METHOD_PARAMS.get(method, {}))
+        if method == "pasa" and case.layers_run < case.layers_full:     # as e2e_benchmark: every run layer sparse
+            params["dense_layers"] = ()
+        handle = sc_diffusers.apply(model, method=method, device=device, num_steps=50, backend=kernel_backend,
+                                    **params)
         try:
-            handle.set_step(0)
-            timed_forward(model, inputs, timestep(0), device)
-            for _, step in STEPS["adaspa"]:
-                if step < REUSE_FROM:
-                    handle.set_step(step)
-                    timed_forward(model, inputs, timestep(step), device)
-            steps = iter(range(REUSE_FROM, REUSE_FROM + args.repeats + 2))
+            steps = iter(repeated_steps(model, inputs, handle, method, device, args.repeats))
             walls = []
             for _ in range(args.repeats):
                 step = next(steps)
@@ -122,37 +133,40 @@ def measure(args) -> tuple[list[dict], list[str]]:
                 walls.append(timed_forward(model, inputs, timestep(step), device))
             step = next(steps)
             handle.set_step(step)
-            row = {"turn": turn, "backend": backend, "model": case.model, "length": case.label,
-                   "layers_run": case.layers_run, "layers_full": case.layers_full,
-                   "reuse_s": walls, "reuse_scaled_s": sorted(walls)[len(walls) // 2] * scale,
+            row = {"turn": turn, "method": method, "backend": backend, "model": case.model, "length": case.label,
+                   "layers_run": case.layers_run, "layers_full": case.layers_full, "kernels": sorted(
+                       {s["backend"] for s in handle.stats() if s["step"] >= PLAN_PROBE[method]}),
+                   "steps_s": walls, "step_scaled_s": sorted(walls)[len(walls) // 2] * scale,
                    **profiled_step(model, inputs, step, device)}
             step = next(steps)
             handle.set_step(step)
-            texts.append(f"## turn {turn}: {backend}\n\n```\n{host_profile(model, inputs, step, device)}```\n")
+            texts.append(f"## turn {turn}: {method} on {backend}\n\n```\n"
+                         f"{host_profile(model, inputs, step, device)}```\n")
         finally:
             handle.remove()
-        print(f"{backend}: reuse {['%.3f' % w for w in walls]} s ({case.layers_run} layers); profiled "
-              f"{row['wall_s']:.3f} s, GPU busy {row['gpu_busy_s']:.3f}, idle {row['gpu_idle_s']:.3f}, "
-              f"{row['host_waits']} host waits {row['host_wait_s']:.3f} s", flush=True)
+        print(f"{method} {backend} ({', '.join(row['kernels'])}): steps {['%.3f' % w for w in walls]} s "
+              f"({case.layers_run} layers); profiled {row['wall_s']:.3f} s, GPU busy {row['gpu_busy_s']:.3f}, "
+              f"idle {row['gpu_idle_s']:.3f}, {row['host_waits']} host waits {row['host_wait_s']:.3f} s", flush=True)
         rows.append(row)
     return rows, texts
 
 
 def markdown(meta: dict, rows: list[dict], texts: list[str]) -> str:
-    lines = [f"# AdaSpa reuse steps profiled, {meta['date']}", "", str(meta["versions"]), "",
-             f"{rows[0]['model']} {rows[0]['length']}, eager, {rows[0]['layers_run']} of {rows[0]['layers_full']} "
-             "layers (seconds of the layers run, not scaled; `scaled` = the median reuse step scaled to the depth).",
-             "", "| turn | backend | reuse steps | scaled | profiled step | GPU busy | GPU idle | host waits (s) |",
-             "|---:|---|---|---:|---:|---:|---:|---|"]
+    lines = [f"# Repeating steps profiled, {meta['date']}", "", str(meta["versions"]), "", f"Host: {meta['host_cpu']}.",
+             "", f"{rows[0]['model']} {rows[0]['length']}, eager, {rows[0]['layers_run']} of "
+             f"{rows[0]['layers_full']} layers (seconds of the layers run, not scaled; `scaled` = the median step "
+             "scaled to the depth). Steps: AdaSpa's reuse, PASA's and LVSA's sparse steps.", "",
+             "| turn | method | backend (kernels) | steps | scaled | profiled step | GPU busy | GPU idle | host waits (s) |",
+             "|---:|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['turn']} | {r['backend']} | {', '.join(f'{w:.3f}' for w in r['reuse_s'])} | "
-                     f"{r['reuse_scaled_s']:.3f} | {r['wall_s']:.3f} | {r['gpu_busy_s']:.3f} | {r['gpu_idle_s']:.3f} | "
-                     f"{r['host_waits']} ({r['host_wait_s']:.3f}) |")
+        lines.append(f"| {r['turn']} | {r['method']} | {r['backend']} ({', '.join(r['kernels'])}) | "
+                     f"{', '.join(f'{w:.3f}' for w in r['steps_s'])} | {r['step_scaled_s']:.3f} | {r['wall_s']:.3f} | "
+                     f"{r['gpu_busy_s']:.3f} | {r['gpu_idle_s']:.3f} | {r['host_waits']} ({r['host_wait_s']:.3f}) |")
     lines += ["", "Kernels by total time in the profiled step (seconds):", ""]
     for r in rows:
-        lines.append(f"- turn {r['turn']} {r['backend']}: "
+        lines.append(f"- turn {r['turn']} {r['method']} on {r['backend']}: "
                      + "; ".join(f"`{name}` {s:.4f}" for name, s in r["kernels_s"].items()))
-    return "\n".join(lines + ["", "# Host profiles (cProfile, one more reuse step each)", "", *texts])
+    return "\n".join(lines + ["", "# Host profiles (cProfile, one more step each)", "", *texts])
 
 
 def main() -> int:
@@ -161,7 +175,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="cogvideox-1.5", choices=MODELS)
     parser.add_argument("--length", default="2x")
-    parser.add_argument("--backends", nargs="+", default=["fa4", "triton", "fa4", "triton"])
+    parser.add_argument("--methods", nargs="+", default=["adaspa"], choices=sorted(PLAN_PROBE.keys() & STEPS.keys()))
+    parser.add_argument("--backends", nargs="+", default=["fa4", "triton", "fa4", "triton"],
+                        help="sparsecore backends, each method run on each in turn ('default': each mask's own)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on any device (a smoke test)")
     args = parser.parse_args()
@@ -169,9 +185,10 @@ def main() -> int:
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA device (the profile is of GPU steps; --tiny runs anywhere)")
-    meta = gpu_meta(model=args.model, length=args.length, backends=args.backends, host_cpu=host_cpu())
+    meta = gpu_meta(model=args.model, length=args.length, methods=args.methods, backends=args.backends,
+                    host_cpu=host_cpu())
     rows, texts = measure(args)
-    stem = args.out / f"reuse-step-profile-{meta['date']}-{args.model}"
+    stem = args.out / f"step-profile-{meta['date']}-{args.model}-{args.length}"
     write_report(stem, meta, rows, markdown(meta, rows, texts))
     return 0
 
