@@ -132,15 +132,17 @@ def test_an_audit_on_before_a_ring_split_raises_at_the_first_call():
         handle.remove()
 
 
+def fresh_copy(mask: BlockMask, device) -> BlockMask:
+    """``BlockMask.copy_to`` as on an accelerator, where a held mask's call gets a copy (on CPU it is the mask)."""
+    return type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr.clone(),
+                                mask.indices.clone(), mask.budgets.clone(), mask.meta, mask.unselected)
+
+
 # m40: an audited held mask (AdaSpa store="host") is measured on a per-call copy, never compiled itself
 def test_an_audited_held_mask_is_measured_on_a_copy(monkeypatch):
     model = tiny_wan()
     handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=3, warmup_steps=1, search_steps=(1,),
                           sparsity=0.5, block_size=32, store="host")
-    def fresh_copy(mask: BlockMask, device) -> BlockMask:     # as on an accelerator: a copy (on CPU it is the mask)
-        return type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr.clone(),
-                                    mask.indices.clone(), mask.budgets.clone(), mask.meta, mask.unselected)
-
     monkeypatch.setattr(BlockMask, "copy_to", fresh_copy)
     compiled_masks = []
     original = handle._planner.compiled
@@ -163,11 +165,6 @@ def test_a_held_masks_density_is_counted_on_its_calls_copy(monkeypatch):
     model = tiny_wan()
     handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=1, search_steps=(1,),
                           sparsity=0.5, block_size=32, store="host")
-
-    def fresh_copy(mask: BlockMask, device) -> BlockMask:     # as on an accelerator: a copy (on CPU it is the mask)
-        return type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr.clone(),
-                                    mask.indices.clone(), mask.budgets.clone(), mask.meta, mask.unselected)
-
     monkeypatch.setattr(BlockMask, "copy_to", fresh_copy)
     counted = []
     original = BlockMask.kept_pairs
