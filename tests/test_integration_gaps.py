@@ -161,20 +161,26 @@ def test_an_audited_held_mask_is_measured_on_a_copy(monkeypatch):
 
 # a held mask (AdaSpa store="host") is counted on its call's copy: counting the host lists walked 17.7 M entries at
 # every layer of every reuse step on the host (CogVideoX 1.5 2x, 85 ms a layer; the GPU waited for it on fa4)
-def test_a_held_masks_density_is_counted_on_its_calls_copy(monkeypatch):
-    model = tiny_wan()
-    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=1, search_steps=(1,),
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available: a held mask's call copies it to the GPU"))])
+def test_a_held_masks_density_is_counted_on_its_calls_copy(monkeypatch, device):
+    model = tiny_wan().to(device)
+    inputs = {name: t.to(device) for name, t in wan_inputs(batch=1).items()}
+    handle = sparse.apply(model, method="adaspa", device=device, num_steps=4, warmup_steps=1, search_steps=(1,),
                           sparsity=0.5, block_size=32, store="host")
-    monkeypatch.setattr(BlockMask, "copy_to", fresh_copy)
-    counted = []
+    if device == "cpu":
+        monkeypatch.setattr(BlockMask, "copy_to", fresh_copy)
+    counted, on = [], set()
     original = BlockMask.kept_pairs
-    monkeypatch.setattr(BlockMask, "kept_pairs", lambda mask: counted.append(id(mask)) or original(mask))
+    monkeypatch.setattr(BlockMask, "kept_pairs", lambda mask: counted.append(id(mask)) or on.add(
+        None if mask.device is None else mask.device.type) or original(mask))
     try:
         for t in (999.0, 700.0, 400.0, 100.0):
-            forward(model, wan_inputs(batch=1), t)
+            forward(model, inputs, t)
         held = {plan.mask for plan in handle._planner._plans.values() if plan.held}
     finally:
         handle.remove()
+    assert on == {device}                      # every count on the device the kernels ran on, none on host lists
     assert held and not {id(mask) for mask in held} & set(counted)
     rows = {(row["layer"], row["step"]): row for row in handle.stats()}
     for mask in held:                          # the density the stats report: the held lists, counted here
