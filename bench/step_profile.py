@@ -9,14 +9,14 @@ step that repeats in a generation (AdaSpa's reuse, PASA's and LVSA's sparse step
 
 - times ``--repeats`` such steps (wall seconds, the device synchronized around each);
 - profiles one with ``torch.profiler`` (host and CUDA): the step's wall time, the GPU's busy time (the union of
-  its kernels' and copies' intervals) and so its idle time, the host's waits for the device
-  (``cudaStreamSynchronize``, ``cudaEventSynchronize``, ``cudaDeviceSynchronize``, synchronous copies: count and
-  time), and the kernels' total time by name;
+  its kernels' and copies' intervals) and so its idle time (an upper bound: the profiler's own host time adds to
+  it), the host's waits for the device (``cudaStreamSynchronize``, ``cudaEventSynchronize``,
+  ``cudaDeviceSynchronize``, synchronous copies: count and time), and the kernels' total time by name;
 - runs one more under ``cProfile``: the host functions with the most cumulative time (a host wait shows up as
   the time of the call that reads the device).
 
     python bench/step_profile.py --out DIR [--model cogvideox-1.5] [--length 2x] [--methods adaspa pasa lvsa]
-                                 [--backends fa4 triton fa4 triton | default] [--repeats 3] [--tiny]
+                                 [--backends fa4 triton fa4 triton | default ...] [--repeats 3] [--tiny]
 """
 
 from __future__ import annotations
@@ -97,31 +97,33 @@ def host_profile(model, inputs: dict, step: int, device: str, top: int = 45) -> 
 
 def repeated_steps(model, inputs: dict, handle, method: str, device: str, repeats: int) -> list[int]:
     """Walk ``method``'s steps as ``bench/e2e_benchmark.py`` does (its dense, search and warm-up steps included),
-    then return ``repeats + 2`` steps of the kind that repeats (AdaSpa's reuse, PASA's and LVSA's sparse steps)."""
+    then return ``repeats + 2`` steps of the kind that repeats (AdaSpa's reuse, the others' sparse steps)."""
     handle.set_step(0)
     timed_forward(model, inputs, timestep(0), device)
     for _, step in STEPS[method]:
         handle.set_step(step)
         timed_forward(model, inputs, timestep(step), device)
-    return list(range(PLAN_PROBE[method], PLAN_PROBE[method] + repeats + 2))
+    first = PLAN_PROBE[method] + 1             # AdaSpa's PLAN_PROBE step is the first reuse after a cached search
+    return list(range(first, first + repeats + 2))
 
 
 def measure(args) -> tuple[list[dict], list[str]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     case = next(c for c in cases([args.model], tiny=args.tiny) if c.model == args.model and c.label == args.length)
+    backends = args.backends or (["fa4", "triton", "fa4", "triton"] if device == "cuda" else ["default"])
     model = build_model(case, args.tiny, device, dtype)
     inputs = model_inputs(model, case, device, dtype)
     scale = case.layers_full / case.layers_run
     rows, texts, warmed = [], [], set()
-    for turn, (method, backend) in enumerate((m, b) for m in args.methods for b in args.backends):
+    for turn, (method, backend) in enumerate((m, b) for m in args.methods for b in backends):
         kernel_backend = None if backend == "default" else backend
         if backend not in warmed:
             warm_kernels(model, inputs, device, dtype, backend=kernel_backend)
             warmed.add(backend)
         params = dict(METHOD_PARAMS.get(method, {}))
-        if method == "pasa" and case.layers_run < case.layers_full:     # as e2e_benchmark: every run layer sparse
-            params["dense_layers"] = ()
+        if case.layers_run < case.layers_full and method in ("pasa", "radial"):   # as e2e_benchmark: every layer
+            params["dense_layers"] = () if method == "pasa" else 0             # run is sparse
         handle = sc_diffusers.apply(model, method=method, device=device, num_steps=50, backend=kernel_backend,
                                     **params)
         try:
@@ -155,8 +157,10 @@ def markdown(meta: dict, rows: list[dict], texts: list[str]) -> str:
     lines = [f"# Repeating steps profiled, {meta['date']}", "", str(meta["versions"]), "", f"Host: {meta['host_cpu']}.",
              "", f"{rows[0]['model']} {rows[0]['length']}, eager, {rows[0]['layers_run']} of "
              f"{rows[0]['layers_full']} layers (seconds of the layers run, not scaled; `scaled` = the median step "
-             "scaled to the depth). Steps: AdaSpa's reuse, PASA's and LVSA's sparse steps.", "",
-             "| turn | method | backend (kernels) | steps | scaled | profiled step | GPU busy | GPU idle | host waits (s) |",
+             "scaled to the depth). Steps: AdaSpa's reuse, the others' sparse steps. GPU idle = wall - busy (an "
+             "upper bound: the profiler's host time adds to it).", "",
+             "| turn | method | backend (kernels) | steps | scaled | profiled step | GPU busy | GPU idle "
+             "| host waits (s) |",
              "|---:|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['turn']} | {r['method']} | {r['backend']} ({', '.join(r['kernels'])}) | "
@@ -175,9 +179,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="cogvideox-1.5", choices=MODELS)
     parser.add_argument("--length", default="2x")
-    parser.add_argument("--methods", nargs="+", default=["adaspa"], choices=sorted(PLAN_PROBE.keys() & STEPS.keys()))
-    parser.add_argument("--backends", nargs="+", default=["fa4", "triton", "fa4", "triton"],
-                        help="sparsecore backends, each method run on each in turn ('default': each mask's own)")
+    parser.add_argument("--methods", nargs="+", default=["adaspa"],
+                        choices=sorted(PLAN_PROBE.keys() & STEPS.keys() - {"dense-sparsecore"}))
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="sparsecore backends, each method run on each in turn ('default': each mask's own; "
+                             "default fa4 triton fa4 triton on CUDA, else default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on any device (a smoke test)")
     args = parser.parse_args()
@@ -185,8 +191,10 @@ def main() -> int:
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA device (the profile is of GPU steps; --tiny runs anywhere)")
-    meta = gpu_meta(model=args.model, length=args.length, methods=args.methods, backends=args.backends,
-                    host_cpu=host_cpu())
+    lengths = [c.label for c in cases([args.model], tiny=args.tiny) if c.model == args.model]
+    if args.length not in lengths:
+        parser.error(f"--length: {args.model}{' (tiny)' if args.tiny else ''} has {lengths}, got {args.length!r}")
+    meta = gpu_meta(model=args.model, length=args.length, methods=args.methods, host_cpu=host_cpu())
     rows, texts = measure(args)
     stem = args.out / f"step-profile-{meta['date']}-{args.model}-{args.length}"
     write_report(stem, meta, rows, markdown(meta, rows, texts))

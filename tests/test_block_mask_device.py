@@ -106,18 +106,25 @@ def test_kept_pairs_counts_tokens_by_definition():
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_kept_pairs_are_counted_once_per_mask_and_read_only_on_the_host(monkeypatch, on_device):
-    """A planner counts a mask at every layer that runs it (LVSA's one mask a step, AdaSpa's held masks at every
-    reuse step); on other blocks that walks every entry (85 ms on the host at CogVideoX 1.5's 2x joint mask)."""
+def test_kept_pairs_are_counted_once_per_host_mask_and_anew_for_a_device_one(monkeypatch, on_device):
+    """A planner counts a mask at every layer that runs it (LVSA's one host mask a step); on other blocks that walks
+    every entry (85 ms on the host at CogVideoX 1.5's 2x joint mask), so a host count is kept, read-only. A device
+    count is queued anew on the caller's stream: a kept tensor could be read on another stream before it is
+    written, or edited in place by a caller."""
     mask = BlockMask.from_lists([[[0, 2], [2], []]], [0, 4, 8, 9], [0, 5, 10, 13])
     mask = mask.to("cpu") if on_device else mask
     counted = []
     original = csr.kept_key_tokens
     monkeypatch.setattr(csr, "kept_key_tokens", lambda *args: counted.append(1) or original(*args))
     first, second = mask.kept_pairs(), mask.kept_pairs()
-    assert len(counted) == 1 and second is first
-    assert first.tolist() == [4 * (5 + 3) + 4 * 3] and mask.density() == first.tolist()[0] / (9 * 13)
-    if not on_device:
+    assert first.tolist() == second.tolist() == [4 * (5 + 3) + 4 * 3]
+    assert mask.density() == first.tolist()[0] / (9 * 13)
+    if on_device:
+        assert len(counted) == 3 and second is not first
+        first -= 1                                   # the caller's own tensor
+        assert mask.kept_pairs().tolist() == [4 * (5 + 3) + 4 * 3]
+    else:
+        assert len(counted) == 1 and second is first
         with pytest.raises(ValueError, match="read-only"):
             first[0] = 0
 

@@ -307,4 +307,5 @@ def test_a_held_masks_cut_is_kept_per_ring_place():
     assert sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(2, 0, None), 8) is first
     other_rank = sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(2, 1, None), 8)
     other_degree = sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(4, 0, None), 4)
-    assert (first, other_rank, other_degree) == ([1], [2], [3])
+    kept = 2 * 4 * 4 * 4                      # 2 heads x 4 diagonal blocks of 4 x 4 tokens, counted with the cut
+    assert (first, other_rank, other_degree) == (([1], kept), ([2], kept), ([3], kept))

@@ -75,7 +75,9 @@ class ShardedAttention:
         if plan.dense_out is not None:
             out, plan.dense_out = plan.dense_out, None
             return out
-        work = sparse = self._held_work(plan, runner, query.device, seq_len, ring, video) if plan.held else plan.kernel
+        work, held_kept = self._held_work(plan, runner, query.device, seq_len, ring, video) if plan.held else \
+            (plan.kernel, None)
+        sparse = work
         if work is None:                                                  # dense: the full mask, through the ring
             work = self._work(self.planner.full_mask(geometry, query.shape[2], seq_len), ring, video, query)
             plan.record.dense_kernels.add("sparsecore full mask (ring)")
@@ -83,18 +85,20 @@ class ShardedAttention:
         if fresh and sparse is not None:
             ran = [k for k in [*work.steps, work.text] if k is not None]
             if ran:
-                plan.record.ran(plan.mask, ran[0], planner.stats.counts)
+                plan.record.ran(plan.mask, ran[0], planner.stats.counts, kept=held_kept)
         return out
 
     def _held_work(self, plan: LayerPlan, runner: Callable[[BlockMask], RingWork], device: torch.device,
-                   seq_len: int, ring: RingGroup, video: int) -> RingWork:
+                   seq_len: int, ring: RingGroup, video: int) -> tuple[RingWork, int]:
         """The cut of a mask its session keeps in host memory, made from a device copy once per mask and layout and
         kept with it: a cut reads the ring's need flags on the host, which every call would repeat (a rank's cut
-        holds its 1/R of the lists on the device, as for masks kept there)."""
+        holds its 1/R of the lists on the device, as for masks kept there); with it the copy's kept pairs, counted
+        on the device and read once (on the host lists a count walks every entry: 85 ms at CogVideoX 1.5 2x)."""
         key = ("ring cut", seq_len, str(device), *self._cut_key(ring, video))
         found = plan.mask.derived.get(key)
         if found is None:
-            found = plan.mask.derived[key] = runner(self.planner.padded_mask(plan.mask.copy_to(device), seq_len))
+            copy = self.planner.padded_mask(plan.mask.copy_to(device), seq_len)
+            found = plan.mask.derived[key] = (runner(copy), int(copy.kept_pairs().sum()))
         return found
 
     def _work(self, mask: BlockMask, ring: RingGroup, video: int, like: torch.Tensor) -> RingWork:

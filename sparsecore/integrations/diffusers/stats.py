@@ -47,10 +47,11 @@ class Record:
     plan_seconds: float | None = None
     audit: list = field(default_factory=list)     # the audited calls' Fidelity (:mod:`.audit`)
 
-    def ran(self, mask: BlockMask, kernel: Any, counts: HostCounts) -> None:
+    def ran(self, mask: BlockMask, kernel: Any, counts: HostCounts, kept: Any = None) -> None:
         """Note the sparse mask this record's calls run and the kernel that ran them (the kept-pair count goes
-        to ``counts`` when the mask is on a CUDA device)."""
-        kept = mask.kept_pairs().sum()
+        to ``counts`` when the mask is on a CUDA device). ``kept``: the mask's kept pairs where the caller counted
+        them already (on a device copy of a mask held on the host)."""
+        kept = mask.kept_pairs().sum() if kept is None else kept
         if isinstance(kept, torch.Tensor):
             self.kept, self.kept_on = counts.add(kept), kept.device
         else:
