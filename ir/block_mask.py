@@ -146,8 +146,8 @@ class BlockMask:
 
     @cached_property
     def derived(self) -> dict:
-        """Derived once, kept with this mask (copies on other devices, a ring's cut, the kept pairs); never refers
-        back to it."""
+        """Derived once, kept with this mask (copies on other devices, a ring's cut, a host mask's kept pairs); never
+        refers back to it."""
         return {}
 
     # ------------------------------------------------------------------ shape

@@ -151,10 +151,10 @@ def kept_key_tokens(indptr: Any, indices: Any, kv_offsets: np.ndarray) -> Any:
             last = indices[(indptr[:, 1:].to(torch.int64) - 1).clamp(min=0)]
             keeps_last = (counts > 0) & (last == len(sizes) - 1)
             return counts * block - shortfall * keeps_last.to(torch.int64)
-        from .uploads import queued
+        from .uploads import queued                # 8 bytes an entry: sizes gathered into the prefix, summed in place
         prefix = torch.zeros(indices.shape[0] + 1, dtype=torch.int64, device=indptr.device)
-        sizes_t = queued(sizes, indptr.device)
-        torch.cumsum(sizes_t[indices.to(torch.int64)], 0, out=prefix[1:])
+        torch.index_select(queued(sizes, indptr.device), 0, indices, out=prefix[1:])    # int32 or int64 ids
+        prefix[1:].cumsum_(0)
         return prefix[indptr[:, 1:].to(torch.int64)] - prefix[indptr[:, :-1].to(torch.int64)]
     counts = counts.astype(np.int64)
     if uniform:

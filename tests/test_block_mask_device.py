@@ -74,6 +74,10 @@ def test_device_views_equal_host_views(mask, data):
     np.testing.assert_array_equal(device.to_dense().numpy(), mask.to_dense())
     np.testing.assert_array_equal(device.row_lengths.numpy(), mask.row_lengths)
     np.testing.assert_array_equal(device.kept_pairs().numpy(), mask.kept_pairs())
+    q_sizes, kv_sizes = np.diff(mask.q_offsets), np.diff(mask.kv_offsets)       # by definition, entry by entry
+    assert device.kept_pairs().tolist() == [
+        sum(int(q_sizes[i] * kv_sizes[j]) for i in range(mask.num_q_blocks)
+            for j in mask.indices[mask.indptr[h, i]:mask.indptr[h, i + 1]]) for h in range(mask.num_heads)]
     assert device.density() == mask.density() and device.flops(8) == mask.flops(8)
     heads = data.draw(st.lists(st.integers(0, mask.num_heads - 1), min_size=1, max_size=5), label="heads")
     assert device.select_heads(heads) == mask.select_heads(heads)
