@@ -104,7 +104,8 @@ def to_block_bits(indptr: Any, indices: Any, num_kv_blocks: int) -> Any:
         packed.scatter_add_(0, where, bits)       # a row lists a block once: the sum of its distinct bits is their OR
     else:
         packed = np.zeros(num_heads * num_rows * words, dtype=np.uint32)
-        np.bitwise_or.at(packed, rows * words + indices // 32, np.left_shift(np.uint32(1), (indices % 32).astype(np.uint32)))
+        np.bitwise_or.at(packed, rows * words + indices // 32,
+                         np.left_shift(np.uint32(1), (indices % 32).astype(np.uint32)))
         packed = packed.view(np.int32)
     return packed.reshape(num_heads, num_rows, words)
 
