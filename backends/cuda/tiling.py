@@ -75,7 +75,7 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     device = mask.device
     indices = mask.indices.long()
     kv_offsets = queued(mask.kv_offsets, device)
-    num_rows, nnz = mask.num_heads * mask.num_q_blocks, mask.nnz
+    nnz = mask.nnz
 
     # Runs of consecutive key blocks within a row, as token ranges [begin, end), in arrays of
     # nnz slots (an upper bound on the number of runs) so nothing waits for a count.
@@ -86,7 +86,6 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     slots = torch.zeros(nnz, dtype=torch.int64, device=device)
     run_begin = slots.scatter_reduce(0, run_id, kv_offsets[indices], "amin", include_self=False)
     run_end = slots.scatter_reduce(0, run_id, kv_offsets[indices + 1], "amax", include_self=False)
-    run_row = slots.scatter_reduce(0, run_id, row, "amax", include_self=False)
     is_run = torch.arange(nnz, device=device) <= (run_id[-1] if nnz else -1)
     full_per_run = torch.where(is_run, (run_end - run_begin) // block_n, 0)
     has_partial = is_run & ((run_end - run_begin) % block_n > 0)
@@ -104,10 +103,15 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
         0, partial_slot, run_begin + block_n * full_per_run)
     partial_end = torch.zeros(max_partial + 1, dtype=torch.int64, device=device).scatter_(0, partial_slot, run_end)
 
-    num_full = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, full_per_run)
-    num_partial = torch.zeros(num_rows, dtype=torch.int64, device=device).index_add_(0, run_row, has_partial.long())
-    programs = _programs(mask, block_m, num_full, num_partial, torch.cumsum(num_full, 0) - num_full,
-                         torch.cumsum(num_partial, 0) - num_partial)
+    # Per row, its runs are consecutive (a row's first entry starts one): prefix sums over runs, read at each row's
+    # first run, count its tiles with no atomics (an index_add over the nnz slots sent every slot past the last run
+    # to row 0: 4.5 M colliding adds on CogVideoX 1.5's 2x joint mask).
+    rows_start = torch.cat([mask.indptr[:, :-1].reshape(-1), mask.indptr[-1:, -1]]).long()      # [num_rows + 1]
+    first_run = torch.cat([run_id, run_id[-1:] + 1 if nnz else run_id.new_zeros(1)])[rows_start]
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    full_before, partial_before = (torch.cat([zero, c])[first_run] for c in (last_full, torch.cumsum(has_partial, 0)))
+    num_full, num_partial = full_before.diff(), partial_before.diff()
+    programs = _programs(mask, block_m, num_full, num_partial, full_before[:-1], partial_before[:-1])
     to32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return TileSchedule(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
 
