@@ -66,7 +66,7 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def profiled_step(model, inputs: dict, step: int, device: str) -> dict:
-    """One reuse step under ``torch.profiler``: wall, GPU busy and idle, host waits, kernels by total time."""
+    """One step under ``torch.profiler``: wall, GPU busy and idle, host waits, kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = timed_forward(model, inputs, timestep(step), device)
@@ -85,7 +85,7 @@ def profiled_step(model, inputs: dict, step: int, device: str) -> dict:
 
 
 def host_profile(model, inputs: dict, step: int, device: str, top: int = 45) -> str:
-    """One reuse step under ``cProfile``: the ``top`` functions by cumulative time."""
+    """One step under ``cProfile``: the ``top`` functions by cumulative time."""
     profiler = cProfile.Profile()
     profiler.enable()
     timed_forward(model, inputs, timestep(step), device)
