@@ -79,14 +79,14 @@ def clear_cache() -> None:
     rebuilds what it needs, and a slow backend warms up again). What stays: FlashInfer's workspace (128 MiB a device,
     which its kernels share) and LVSA's memoized frame patterns (a few KB each)."""
     from .backends import approximation          # noqa: PLC0415  (the backends load after the compile API)
-    from .backends.cuda import fa4_layout        # noqa: PLC0415
+    from .backends.cuda import fa4_geometry      # noqa: PLC0415
     from .ir import uploads                      # noqa: PLC0415
     from . import ordering, warmup
     with _LOCK:
         _CACHE.clear()
         _SIZES.clear()
     approximation.clear_plans()
-    fa4_layout.forget_geometries()
+    fa4_geometry.forget_geometries()
     uploads.clear()
     ordering.forget_device_copies()
     warmup.forget_records()

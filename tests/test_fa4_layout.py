@@ -29,7 +29,7 @@ from tolerances import LSE_ABS, OUT_REL
 
 import sparsecore
 from sparsecore import BlockMask, Capabilities
-from sparsecore.backends.cuda import fa4_key_order, fa4_key_ranges, fa4_layout
+from sparsecore.backends.cuda import fa4_geometry, fa4_key_order, fa4_key_ranges, fa4_layout
 from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, to_fa4
 from sparsecore.backends.cuda.fa4_replay import expand_layout, tile_status
 from sparsecore.registry import UnsupportedError
@@ -282,21 +282,62 @@ def test_no_key_order_is_built_where_none_could_pay_for_its_gather(monkeypatch):
     assert layout.kept_pairs / 64 ** 2 + gather >= fa4_layout.tile_cost(layout)
 
 
-@given(st.integers(0, 2**32 - 1), st.sampled_from([16, 32]), st.sampled_from([0.2, 0.6, 0.95]))
-def test_a_key_order_saves_at_most_the_cost_of_the_tiles_it_can_change(seed, tile, density):
-    """``movable_cost`` bounds what any key order saves: key order's layout against the keys' own, on blocks off the
-    grid (frames, a short block, text) with rows of any density."""
+def kept_pairs_on_movable_key_tiles(mask: BlockMask, tile: int) -> int:
+    """By definition: the token pairs ``mask`` keeps whose key sits in a key tile that holds keys of more than one
+    block or is shorter than ``tile`` (the last)."""
+    kv_offsets = np.asarray(mask.kv_offsets)
+    block = np.searchsorted(kv_offsets, np.arange(mask.kv_len), side="right") - 1
+    movable = np.zeros(mask.kv_len, dtype=bool)
+    for start in range(0, mask.kv_len, tile):
+        keys = block[start:start + tile]
+        movable[start:start + tile] = len(keys) < tile or keys[0] != keys[-1]
+    return int(expand_to_tokens(mask)[:, :, movable].sum())
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([16, 32]), st.sampled_from([0.2, 0.6, 0.95]),
+       st.sampled_from([16, 24, 32]))
+def test_no_key_order_costs_less_than_the_fixed_tiles_plus_the_kept_pairs_of_the_others(seed, tile, density, q_block):
+    """Any key order's layout costs at least the keys' own layout's tiles that no order changes plus the fewest tiles
+    the kept pairs on the other tiles' keys fill (``movable_kept_pairs``, counted here by definition): key order's
+    layout against the keys' own, on blocks off the grid (frames, a short block, text) with rows of any density and
+    query blocks that straddle query tiles."""
     rng = np.random.default_rng(seed)
     sizes = rng.choice([tile, tile + 7, 3 * tile - 5, 2 * tile], size=int(rng.integers(3, 9)))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    mask = random_mask(rng, offsets, offsets, 2, density)
+    q_offsets = np.append(np.arange(0, offsets[-1], q_block), offsets[-1])
+    mask = random_mask(rng, q_offsets, offsets, 2, density)
     order = fa4_key_order.key_order(mask, tile)
     if order is None:                                    # every boundary on the grid: nothing a key order changes
         assert fa4_layout.to_fa4(mask, tile, tile).kv_order is None
         order = np.arange(mask.kv_len)
     plain = fa4_layout._general_layout(mask, tile, tile, torch.device("cpu"), [0, -(-mask.kv_len // tile)])
     ordered = fa4_layout._general_layout(mask, tile, tile, torch.device("cpu"), [0, -(-mask.kv_len // tile)], order)
-    assert fa4_layout.tile_cost(plain) - fa4_layout.tile_cost(ordered) <= plain.movable_cost
+    assert plain.movable_kept_pairs == kept_pairs_on_movable_key_tiles(mask, tile)
+    fixed = fa4_layout.tile_cost(plain) - plain.movable_cost
+    assert fa4_layout.tile_cost(ordered) >= fixed + plain.movable_kept_pairs / tile ** 2 - 1e-9
+
+
+def test_no_key_order_is_tried_where_only_the_text_after_the_video_is_off_the_grid(monkeypatch):
+    """A joint mask as the planners lay out CogVideoX 1.5's (``VideoGeometry.block_offsets``): 16-token video blocks,
+    the last one short, then text in 16-token blocks off the grid, which every row keeps and whose rows keep
+    everything. The fewest tiles any order lists, and the tiles it can change against the gather, would both let an
+    order be tried (as they did on CogVideoX 1.5 at 2x); but the text's tiles are mostly kept pairs, so no order can
+    save its gather there, and none is built."""
+    calls = []
+    monkeypatch.setattr(fa4_layout, "key_order", lambda *a: calls.append(1) or fa4_key_order.key_order(*a))
+    video = 16 * 60 + 13
+    offsets = np.concatenate([BlockMask.uniform_offsets(video, 16), video + np.array([16, 32, 48, 54])])
+    blocks = len(offsets) - 1
+    keep = np.random.default_rng(2).random((2, blocks, blocks)) < 0.1
+    keep[:, :, -4:] = keep[:, -4:, :] = True                                     # text: kept by all, keeping all
+    rows = [[np.nonzero(keep[h, i])[0] for i in range(blocks)] for h in range(2)]
+    mask = BlockMask.from_lists(rows, offsets, offsets)
+    plain = assert_exact(mask, 16, 16, reorder_keys=False)
+    gather = fa4_layout.GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads
+    assert plain.kept_pairs / 16 ** 2 + gather < fa4_layout.tile_cost(plain) and plain.movable_cost > gather
+    assert plain.movable_kept_pairs / 16 ** 2 + gather >= plain.movable_cost
+    layout = assert_exact(mask, 16, 16)
+    assert calls == [] and layout.kv_order is None and layout.num_mask_tiles == plain.num_mask_tiles
 
 
 def test_no_key_order_is_built_where_the_tiles_it_can_change_cost_less_than_its_gather(monkeypatch):
@@ -368,7 +409,7 @@ def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):
     """The tables that follow from the offsets are built once per geometry and tiles (kept in host memory), a key
     order's each time, and again after ``sparsecore.clear_cache``; every conversion stays exact."""
     built = []
-    monkeypatch.setattr(fa4_layout, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
+    monkeypatch.setattr(fa4_geometry, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
     sparsecore.clear_cache()
     rng = np.random.default_rng(5)
     offsets = [0, 20, 41, 50, 77, 90]
@@ -388,11 +429,11 @@ def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):
 
 def test_the_geometry_cache_keys_on_every_input_of_its_tables_and_keeps_the_last_used(monkeypatch):
     """Query offsets, key offsets, key ranges and either tile side (17 tokens: as many tiles as 16) each make a
-    geometry of their own; of more than :data:`fa4_layout.GEOMETRY_ENTRIES` geometries the least recently used is
+    geometry of their own; of more than :data:`fa4_geometry.GEOMETRY_ENTRIES` geometries the least recently used is
     built again."""
     built = []
-    monkeypatch.setattr(fa4_layout, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
-    monkeypatch.setattr(fa4_layout, "GEOMETRY_ENTRIES", 3)
+    monkeypatch.setattr(fa4_geometry, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
+    monkeypatch.setattr(fa4_geometry, "GEOMETRY_ENTRIES", 3)
     sparsecore.clear_cache()
     rng = np.random.default_rng(6)
     base, other = [0, 20, 41, 50, 77, 90], [0, 21, 41, 50, 77, 90]

@@ -80,6 +80,7 @@ def assert_same_tiles(fast, slow) -> None:
     assert (fast.num_full_tiles, fast.num_mask_tiles, fast.kept_pairs) == \
         (slow.num_full_tiles, slow.num_mask_tiles, slow.kept_pairs)
     assert fast.key_widths == slow.key_widths and fast.movable_cost == slow.movable_cost
+    assert fast.movable_kept_pairs == slow.movable_kept_pairs
     assert (fast.kv_order is None) == (slow.kv_order is None)
     assert (fast.keep_bits is None) == (slow.keep_bits is None)
 

@@ -44,14 +44,12 @@ Off CUDA this runs as torch ops through the block map, row coverage and tile map
 :data:`DENSE_LIMIT` elements; on CUDA a Triton kernel reads the packed block map instead
 (:mod:`.fa4_tile_lists`). No Python loop over heads, rows or blocks; one host read per layout
 built, a single ``.tolist()`` that sizes the lists; the tables that follow from the offsets are
-built once per geometry (:func:`_geometry_tables`); where a key order may pay, two layouts are
+built once per geometry (:func:`.fa4_geometry.geometry_tables`); where a key order may pay, two layouts are
 built and the cheaper kept (:func:`tile_cost`). ``indptr``/``indices``: numpy or torch, any device.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -60,21 +58,18 @@ import torch
 
 from sparsecore.ir import csr
 from sparsecore.ir.csr import row_of_entry
-from sparsecore.ir.uploads import HostPack
 from sparsecore.registry import UnsupportedError
 
-from .fa4_key_order import key_order, key_runs
+from .fa4_geometry import geometry_tables
+from .fa4_key_order import key_order
 from .fa4_key_ranges import tile_edges, widths_from_entries
-from .fa4_tile_lists import bit_words, dense_tile_lists, host_tables, keep_bits, runs_on_triton, tile_lists
+from .fa4_tile_lists import bit_words, dense_tile_lists, keep_bits, runs_on_triton, tile_lists
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map, row and run coverage, tile map
 MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
 GATHER_TILE_COST = 3.6     # gathering k and v for a key order, in full tiles' time per (key tile, head) (same fit)
 SM90_TILE_SIDES = (64, 128)
 SIDE_EFFICIENCY = {64: 0.8, 128: 1.0, 256: 1.0}  # relative throughput per tile side (prior; measured by bench)
-GEOMETRY_ENTRIES = 8       # block geometries whose tables stay in host memory (:func:`_geometry_tables`)
-_GEOMETRIES: "OrderedDict[tuple, tuple[HostPack, int, int]]" = OrderedDict()
-_GEOMETRY_LOCK = threading.Lock()     # compile() may convert in a warm-up thread
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ class Fa4Layout:
     ``key_edges``: the key-tile ranges :func:`to_fa4` was asked for (``(0, NT)`` for one); ``key_widths``, for
     several: per range the longest full list, then per range the longest mask list (:mod:`.fa4_key_ranges`).
     ``movable_cost``: the general path's :func:`tile_cost` of its key tiles that a key order may change, the most
-    any order can save (None from the aligned path).
+    any order can save, and ``movable_kept_pairs`` the pairs kept on those tiles' keys (None from the aligned path).
     """
 
     tile_m: int
@@ -122,6 +117,7 @@ class Fa4Layout:
     key_edges: tuple[int, ...] | None = None
     key_widths: tuple[int, ...] | None = None
     movable_cost: float | None = None
+    movable_kept_pairs: int | None = None
 
     @property
     def needs_mask_mod(self) -> bool:
@@ -159,12 +155,6 @@ def choose_tile_side(offsets: Any, candidates: Sequence[int] = SM90_TILE_SIDES) 
 
 
 # --------------------------------------------------------------------------------------------- conversion
-def _block_of_position(offsets: np.ndarray, count: int) -> np.ndarray:
-    """Block id of positions ``0 .. count-1`` (positions past the end get the last block)."""
-    ids = np.searchsorted(offsets, np.arange(count, dtype=np.int64), side="right") - 1
-    return np.minimum(ids, len(offsets) - 2)
-
-
 def _check_size(name: str, shape: tuple[int, ...], tile_m: int, tile_n: int) -> None:
     size = int(np.prod(shape, dtype=np.int64))
     if size > DENSE_LIMIT:
@@ -181,8 +171,11 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     ``mask`` is a :class:`sparsecore.ir.BlockMask` (or any object with its fields;
     ``indptr``/``indices`` may be torch tensors on any device). Exact for every
     layout the IR allows; see the module docstring. One host sync per layout built: where a key order may pay for
-    its gather (:func:`tile_cost`, against the fewest tiles any order lists and the tiles it can change,
-    ``movable_cost``), a second layout in that order is built (plus a read of per-block row counts), the cheaper kept.
+    its gather (:func:`tile_cost`), a second layout in that order is built (plus a read of per-block row counts), the
+    cheaper kept. It may pay only where the tiles it can change cost more than the gather plus the fewest tiles their
+    keys' kept pairs fill (``movable_kept_pairs``): a key tile inside one block whose width is a whole tile
+    (not ``movable``) keeps its status as one of that block's whole tiles in the order, which has at least as many of
+    them, and every other tile costs at least its kept pairs over the tile's area.
     ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order). ``key_parts``:
     the key-tile ranges (:func:`.fa4_key_ranges.tile_edges`) whose list widths to read with the layout's host read.
     """
@@ -196,9 +189,8 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
         return _aligned_layout(mask, tile_m, tile_n, device, edges)
     plain = _general_layout(mask, tile_m, tile_n, device, edges)
     gather = GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads      # key heads <= query heads: an upper bound
-    best_ordered = plain.kept_pairs / (tile_m * tile_n)                   # no order computes fewer tiles than this
-    may_pay = reorder_keys and plain.num_mask_tiles and best_ordered + gather < tile_cost(plain) and \
-        plain.movable_cost > gather
+    fewest_movable = plain.movable_kept_pairs / (tile_m * tile_n)         # no order spends less on those keys
+    may_pay = reorder_keys and plain.num_mask_tiles and fewest_movable + gather < plain.movable_cost
     order = key_order(mask, tile_n) if may_pay else None
     if order is None:
         return plain
@@ -232,7 +224,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
         _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
     _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
     _check_size("packed block map [heads, query blocks, words]", (H, MB, bit_words(NB)), tile_m, tile_n)
-    pack, most_runs, runs = _geometry_tables(q_off, kv_off, tile_m, tile_n, edges, kv_order, on_triton)
+    pack, most_runs, runs, movable_offsets = geometry_tables(q_off, kv_off, tile_m, tile_n, edges, kv_order,
+                                                             on_triton)
     if not on_triton:
         _check_size("run coverage [heads, query blocks, runs of a block in a key tile]", (H, MB, runs), tile_m, tile_n)
     dev = pack.to(device)
@@ -246,9 +239,11 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     row_len = (indptr[:, 1:] - indptr[:, :-1]).reshape(-1)                                 # [H*MB]
     row_of_entry = torch.repeat_interleave(torch.arange(H * MB, device=device), row_len, output_size=nnz)
     kept_pairs = (csr.kept_key_tokens(indptr, indices, kv_off) * dev["q_sizes"]).sum()      # [H, MB] x [MB]
+    movable_pairs = (csr.kept_key_tokens(indptr, indices, movable_offsets) * dev["q_sizes"]).sum()
     empty_row = (row_len == 0).view(H, MB)
     bits = keep_bits(row_of_entry, indices, H * MB, NB).view(H, MB, -1)
-    extra = torch.stack([empty_row.any(), _heads_alike(row_len.view(H, MB), indices), kept_pairs]).long()
+    extra = torch.stack([empty_row.any(), _heads_alike(row_len.view(H, MB), indices), kept_pairs,
+                         movable_pairs]).long()
     if on_triton:
         found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra)
     else:
@@ -267,63 +262,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
         num_full_tiles=found.num_full, num_mask_tiles=found.num_mask, kept_pairs=found.kept_pairs,
         kv_order=dev["kv_order"].to(torch.int32) if "kv_order" in dev else None,   # a copy: the upload is freed
         key_edges=tuple(edges), key_widths=found.widths,
-        movable_cost=found.num_full_movable + MASK_TILE_COST * found.num_mask_movable)
-
-
-def _geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: int, edges: list[int],
-                     kv_order: np.ndarray | None, on_triton: bool) -> tuple[HostPack, int, int]:
-    """The general path's tables that follow from the block offsets (and key order) alone, int64 in host memory
-    (pinned with CUDA) for the caller to upload per call (:meth:`HostPack.to`, no wait): the runs of one IR block
-    inside each key tile in the order FA4 reads the keys, the rows each query tile overlaps (``rows [rmax, QT]``,
-    rmax 1-3 for real masks), tile widths, token -> block, block sizes, which key tiles are ``movable`` (a tile of
-    full width inside one block keeps its status in any key order, as one of that block's whole tiles there: only
-    the others can get cheaper) and the kernel's tables (:func:`.fa4_tile_lists.host_tables`); with them the most
-    runs in a key tile and the run count. Built once per geometry (a method's masks share one): the last
-    :data:`GEOMETRY_ENTRIES` are kept, no device memory held between calls (1.5 MB at CogVideoX 1.5 2x; building
-    took several ms of host time a call). A key order depends on the lists: such tables are built anew."""
-    key = None if kv_order is not None else (q_off.tobytes(), kv_off.tobytes(), tile_m, tile_n, tuple(edges),
-                                              on_triton)
-    with _GEOMETRY_LOCK:
-        found = _GEOMETRIES.get(key) if key is not None else None
-        if found is not None:
-            _GEOMETRIES.move_to_end(key)
-    if found is None:
-        q_len, kv_len = int(q_off[-1]), int(kv_off[-1])
-        QT, NT = -(-q_len // tile_m), -(-kv_len // tile_n)
-        kv_block = _block_of_position(kv_off, kv_len)
-        if kv_order is not None:
-            kv_block = kv_block[kv_order]
-        run_tile, run_block, run_length = key_runs(kv_block, tile_n)
-        q_tile_start = np.arange(QT, dtype=np.int64) * tile_m
-        row_first = np.searchsorted(q_off, q_tile_start, side="right") - 1
-        row_last = np.searchsorted(q_off, np.minimum(q_tile_start + tile_m, q_len) - 1, side="right") - 1
-        rmax = int((row_last - row_first).max()) + 1
-        host = {"run_tile": run_tile, "run_block": run_block, "run_length": run_length,
-                "width": np.minimum(tile_n, kv_len - np.arange(NT, dtype=np.int64) * tile_n),
-                "rows": np.minimum(row_first[None, :] + np.arange(rmax)[:, None], row_last[None, :]),
-                "q_block": _block_of_position(q_off, QT * tile_m), "q_sizes": np.diff(q_off),
-                "kv_block": np.pad(kv_block, (0, NT * tile_n - kv_len), mode="edge")}
-        host["movable"] = (np.bincount(run_tile, minlength=NT) > 1) | (host["width"] < tile_n)
-        most_runs = 1
-        if kv_order is not None:
-            host["kv_order"] = kv_order
-        if on_triton:
-            tables, most_runs = host_tables(run_tile, NT, edges)
-            host.update(tables)
-        pack = HostPack({name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for name, a in host.items()})
-        found = (pack, most_runs, len(run_tile))
-        if key is not None:
-            with _GEOMETRY_LOCK:
-                _GEOMETRIES[key] = found
-                if len(_GEOMETRIES) > GEOMETRY_ENTRIES:
-                    _GEOMETRIES.popitem(last=False)
-    return found
-
-
-def forget_geometries() -> None:
-    """Drop the cached geometry tables (:func:`sparsecore.clear_cache`)."""
-    with _GEOMETRY_LOCK:
-        _GEOMETRIES.clear()
+        movable_cost=found.num_full_movable + MASK_TILE_COST * found.num_mask_movable,
+        movable_kept_pairs=found.movable_kept_pairs)
 
 
 def _heads_alike(row_len: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

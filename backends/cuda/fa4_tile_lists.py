@@ -42,6 +42,7 @@ class TileLists(NamedTuple):
     widths: tuple[int, ...] | None
     num_full_movable: int                # of the tiles, those in key tiles a key order may change
     num_mask_movable: int
+    movable_kept_pairs: int              # the pairs kept on those key tiles' keys (from ``extra``)
 
 
 def runs_on_triton(device: torch.device) -> bool:
@@ -75,8 +76,8 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     """Classify on the GPU: ``bits`` int32 ``[H, MB, NW]``; ``dev``: the conversion's uploaded tables (``rows``
     ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``,
     ``movable``); ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64
-    ``[3]`` on the device (any row empty, every head's IR lists alike, kept pairs), read with the counts in the one
-    host read."""
+    ``[4]`` on the device (any row empty, every head's IR lists alike, kept pairs, kept pairs on movable key tiles),
+    read with the counts in the one host read."""
     from .fa4_tile_lists_kernel import fa4_tile_lists_kernel
     heads, num_rows, words = bits.shape
     rows_per_tile = dev["rows"].shape[0]
@@ -98,8 +99,9 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     if ranges > 1:
         stats.append(counts[..., :ranges].amax(dim=(0, 1)).reshape(-1).long())   # full per range, then mask
     values = torch.cat([s.reshape(-1) for s in stats]).tolist()                     # the one host read
-    longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept, full_moved, mask_moved = values[:9]
-    widths = tuple(int(w) for w in values[9:]) or None
+    longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept, kept_moved, full_moved, mask_moved = \
+        values[:10]
+    widths = tuple(int(w) for w in values[10:]) or None
     if alike and heads > 1:              # every head's IR lists are the same: FA4 broadcasts one head's
         heads, full_cnt, mask_cnt = 1, full_cnt[:1], mask_cnt[:1]
     full_width, mask_width = max(int(longest_full), 1), max(int(longest_mask), 1)
@@ -109,7 +111,7 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
         fa4_tile_lists_kernel[(num_q_tiles, heads)](bits, *tables, counts, moved, full_idx, mask_idx, *sizes,
                                                     full_width, mask_width, WRITE=True, **loops)
     return TileLists(full_cnt, mask_cnt, full_idx[None], mask_idx[None], int(num_full), int(num_mask),
-                     bool(any_empty), int(kept), widths, int(full_moved), int(mask_moved))
+                     bool(any_empty), int(kept), widths, int(full_moved), int(mask_moved), int(kept_moved))
 
 
 def host_tables(run_tile: np.ndarray, num_kv_tiles: int, edges: list[int]) -> tuple[dict[str, np.ndarray], int]:
@@ -160,13 +162,13 @@ def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dic
     if len(edges) > 2:
         stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
     values = stats.tolist()                                                         # the one host read
-    max_full, max_mask, num_full, num_mask, any_empty, alike, kept, full_moved, mask_moved = values[:9]
-    widths = tuple(int(w) for w in values[9:]) or None
+    max_full, max_mask, num_full, num_mask, any_empty, alike, kept, kept_moved, full_moved, mask_moved = values[:10]
+    widths = tuple(int(w) for w in values[10:]) or None
     if alike:               # every head's IR lists are the same (LVSA): FA4 broadcasts one head's
         full, partial, full_cnt, mask_cnt = full[:1], partial[:1], full_cnt[:1], mask_cnt[:1]
     return TileLists(full_cnt, mask_cnt, packed_lists(full, max_full), packed_lists(partial, max_mask),
                      int(num_full), int(num_mask), bool(any_empty), int(kept), widths, int(full_moved),
-                     int(mask_moved))
+                     int(mask_moved), int(kept_moved))
 
 
 def packed_lists(flags: torch.Tensor, width: int) -> torch.Tensor:
