@@ -3,7 +3,8 @@
 :func:`uploaded` and :func:`downloaded` are memoized in the mask's ``derived`` (a host mask used on a
 GPU uploads once; a device mask read on the host downloads once). :func:`copied` is not: it gives a
 copy the caller owns, for sessions that keep masks in host memory between steps and bring each
-back for one call (AdaSpa's ``store="host"``), through :func:`.uploads.moved`.
+back for one call (AdaSpa's ``store="host"``), through :func:`.uploads.moved`. Such a copy shares
+its source's :func:`host_reads`, so a lowering that converts it at every call reads its sizes once.
 """
 
 from __future__ import annotations
@@ -45,8 +46,19 @@ def copied(mask: "BlockMask", device: Any) -> "BlockMask":
     device = run_device(device)
     if mask.device == device:
         return mask
-    return type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, moved(mask.indptr, device),
+    copy = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, moved(mask.indptr, device),
                                 moved(mask.indices, device), moved(mask.budgets, device), mask.meta, mask.unselected)
+    copy.derived["host_reads"] = host_reads(mask)
+    return copy
+
+
+def host_reads(mask: "BlockMask") -> dict:
+    """What lowerings read from ``mask``'s lists to the host while converting it (the sizes of their plans: longest
+    lists, counts), by a key of their own: a read waits for the device's queue, and a session that brings a held
+    mask back for each call (:func:`copied`) would wait once per call for the same values. Shared by the mask and
+    the copies :func:`copied` makes of it, whose lists are the same: masks are not changed in place (their kernels
+    are found by identity, :attr:`.BlockMask.compiled_kernels`, on the same ground)."""
+    return mask.derived.setdefault("host_reads", {})
 
 
 def downloaded(mask: "BlockMask") -> "BlockMask":

@@ -29,7 +29,7 @@ from tolerances import LSE_ABS, OUT_REL
 
 import sparsecore
 from sparsecore import BlockMask, Capabilities
-from sparsecore.backends.cuda import fa4_geometry, fa4_key_order, fa4_key_ranges, fa4_layout
+from sparsecore.backends.cuda import fa4_geometry, fa4_key_order, fa4_key_ranges, fa4_layout, fa4_tile_lists
 from sparsecore.backends.cuda.fa4_layout import Fa4Layout, choose_tile_side, to_fa4
 from sparsecore.backends.cuda.fa4_replay import expand_layout, tile_status
 from sparsecore.registry import UnsupportedError
@@ -403,6 +403,71 @@ def test_short_last_key_tile_is_last_in_its_list():
     mask_cnt, mask_idx = layout.mask_block_cnt[0, 0, 0], layout.mask_block_idx[0, 0, 0]
     assert full_idx[:full_cnt].tolist() == [0, 1, 2] and mask_cnt == 0
     assert mask_idx.shape[0] == 1
+
+
+def counting_reads(monkeypatch) -> list[tuple]:
+    """The keys of the conversions' host reads that read the device (a memoized read is not counted)."""
+    made = []
+    real = fa4_tile_lists.HostRead.__call__
+
+    def counted(self, values):
+        return real(self, lambda: made.append(self.key) or values())
+
+    monkeypatch.setattr(fa4_tile_lists.HostRead, "__call__", counted)
+    return made
+
+
+@pytest.mark.parametrize("case", ["aligned", "general", "key order"])
+def test_a_mask_converted_again_reads_nothing_and_builds_its_chosen_layout_only(monkeypatch, case):
+    """A second conversion of a mask (any key ranges, tiles) reads nothing from the device and, where a key order
+    was tried, builds only the layout chosen the first time; each conversion is exact. Another mask of the same
+    geometry reads its own."""
+    made = counting_reads(monkeypatch)
+    orders = []
+    monkeypatch.setattr(fa4_layout, "key_order", lambda *a: orders.append(1) or fa4_key_order.key_order(*a))
+    rng = np.random.default_rng(12)
+    make = {"aligned": lambda: random_mask(rng, BlockMask.uniform_offsets(16 * 9 + 5, 16),
+                                           BlockMask.uniform_offsets(16 * 9 + 5, 16), 2, 0.4),
+            "general": lambda: random_mask(rng, [0, 7, 15, 30, 41, 50, 63, 77], [0, 7, 15, 30, 41, 50, 63, 77], 2, 0.5),
+            "key order": lambda: frames_with_anchors(frames=27, frame=39, window=2, anchor_every=9)}[case]
+    mask = make()
+    first = assert_exact(mask, 16, 16)
+    reads, tried = len(made), len(orders)
+    assert reads == (2 if case == "key order" else 1) and tried == (case != "aligned")
+    again = assert_exact(mask, 16, 16)
+    assert len(made) == reads and len(orders) == tried
+    assert (again.num_full_tiles, again.num_mask_tiles) == (first.num_full_tiles, first.num_mask_tiles)
+    assert (again.kv_order is None) == (first.kv_order is None)
+    for tile in (tile_status(first), tile_status(again)):
+        assert torch.equal(tile[0], tile_status(first)[0]) and torch.equal(tile[1], tile_status(first)[1])
+    assert_layout_exact(to_fa4(mask, 16, 16, key_parts=2), mask)            # other key ranges: a read of their own
+    assert len(made) == reads + (2 if case == "key order" else 1)
+    other = make() if case != "key order" else frames_with_anchors(frames=27, frame=39, window=3, anchor_every=9)
+    assert_exact(other, 16, 16)
+    assert len(made) > reads + (2 if case == "key order" else 1)
+
+
+def test_copies_of_a_mask_share_what_its_conversions_read(monkeypatch):
+    """``copy_to`` (a held mask brought back for a call) shares the source's host reads: the copy's conversion reads
+    nothing the source's read, and the source's conversion nothing a copy's read (a stand-in device: the copy is a
+    clone on the CPU)."""
+    from sparsecore.ir import placement, uploads
+    rng = np.random.default_rng(13)
+    offsets = [0, 7, 15, 30, 41, 50, 63, 77]                                     # no key order to try
+    host = random_mask(rng, offsets, offsets, 2, 0.5).to("cpu")                    # torch lists, as a held mask
+    unrelated = random_mask(rng, offsets, offsets, 2, 0.5).to("cpu")
+    monkeypatch.setattr(placement, "run_device", lambda device: "elsewhere")
+    monkeypatch.setattr(uploads, "moved", lambda tensor, device: tensor.clone())
+    made = counting_reads(monkeypatch)
+    copy = host.copy_to("elsewhere")
+    assert copy is not host and copy.indices is not host.indices
+    assert_exact(copy, 16, 16)
+    assert len(made) == 1
+    assert_exact(host, 16, 16)
+    assert_exact(host.copy_to("elsewhere"), 16, 16)
+    assert len(made) == 1
+    assert_exact(unrelated.copy_to("elsewhere"), 16, 16)
+    assert len(made) == 2
 
 
 def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):

@@ -10,7 +10,8 @@ output and LSE in place, as the Triton lowering does after its own exact kernel.
 
 Plans: the layout and each range's lists are built on the first call on a device (one host read per layout
 built, which also sizes the ranges' lists; two layouts where a key order is tried, plus its read of per-block
-row counts) and reused for every batch size (FA4 broadcasts the batch dimension). With several ranges the
+row counts; none where the mask, or the mask it was copied from, was converted before: a held mask brought back
+for each call) and reused for every batch size (FA4 broadcasts the batch dimension). With several ranges the
 plan keeps their lists only (the layout's own list fields are None there); a range no list reaches is not
 launched.
 """

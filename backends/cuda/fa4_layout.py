@@ -56,14 +56,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sparsecore.ir import csr
+from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.csr import row_of_entry
+from sparsecore.ir.placement import host_reads
 from sparsecore.registry import UnsupportedError
 
 from .fa4_geometry import geometry_tables
 from .fa4_key_order import key_order
 from .fa4_key_ranges import tile_edges, widths_from_entries
-from .fa4_tile_lists import bit_words, dense_tile_lists, keep_bits, runs_on_triton, tile_lists
+from .fa4_tile_lists import HostRead, bit_words, dense_tile_lists, keep_bits, runs_on_triton, tile_lists
 
 DENSE_LIMIT = 1 << 31      # elements of each dense intermediate: block map, row and run coverage, tile map
 MASK_TILE_COST = 2.0       # a mask tile's time in full tiles' (LVSA's frame mask, H200, 2026-12-01: 2.1)
@@ -178,6 +179,9 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     them, and every other tile costs at least its kept pairs over the tile's area.
     ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order). ``key_parts``:
     the key-tile ranges (:func:`.fa4_key_ranges.tile_edges`) whose list widths to read with the layout's host read.
+    What a conversion read (and the key order it chose) is kept in the mask's
+    :func:`sparsecore.ir.placement.host_reads`, shared with its copies: converting one again reads nothing and builds
+    one layout.
     """
     device = torch.device(device)
     for name, side in (("tile_m", tile_m), ("tile_n", tile_n)):
@@ -185,17 +189,25 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
             raise ValueError(f"{name}: expected a positive int (a kernel tile side), got {side!r}")
     tile_m, tile_n = int(tile_m), int(tile_n)
     edges = tile_edges(-(-int(mask.kv_offsets[-1]) // tile_n), key_parts)
+    memo = host_reads(mask) if isinstance(mask, BlockMask) else {}
+    shape = (tile_m, tile_n, tuple(edges))
     if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
-        return _aligned_layout(mask, tile_m, tile_n, device, edges)
-    plain = _general_layout(mask, tile_m, tile_n, device, edges)
+        return _aligned_layout(mask, tile_m, tile_n, device, edges, HostRead(memo, ("fa4 aligned", *shape)))
+    chosen = ("fa4 key order", *shape)
+    if reorder_keys and chosen in memo:                                   # decided at an earlier conversion
+        return _general_layout(mask, tile_m, tile_n, device, edges, memo[chosen], memo)
+    plain = _general_layout(mask, tile_m, tile_n, device, edges, None, memo)
     gather = GATHER_TILE_COST * plain.num_kv_tiles * plain.num_heads      # key heads <= query heads: an upper bound
     fewest_movable = plain.movable_kept_pairs / (tile_m * tile_n)         # no order spends less on those keys
     may_pay = reorder_keys and plain.num_mask_tiles and fewest_movable + gather < plain.movable_cost
     order = key_order(mask, tile_n) if may_pay else None
-    if order is None:
-        return plain
-    ordered = _general_layout(mask, tile_m, tile_n, device, edges, order)
-    return ordered if tile_cost(ordered) + gather < tile_cost(plain) else plain
+    layout = plain
+    if order is not None:
+        ordered = _general_layout(mask, tile_m, tile_n, device, edges, order, memo)
+        layout = ordered if tile_cost(ordered) + gather < tile_cost(plain) else plain
+    if reorder_keys:
+        memo[chosen] = None if layout is plain else order
+    return layout
 
 
 def tile_cost(layout: Fa4Layout) -> float:
@@ -209,10 +221,10 @@ def tile_cost(layout: Fa4Layout) -> float:
 
 
 def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, edges: list[int],
-                    kv_order: np.ndarray | None = None) -> Fa4Layout:
+                    kv_order: np.ndarray | None = None, memo: dict | None = None) -> Fa4Layout:
     """:func:`to_fa4` for any block boundaries: every tile classified as the module docstring says, with the keys in
-    ``kv_order`` (:func:`.fa4_key_order.key_order`; None: their own order). Every size is checked before the
-    tables of that size are built or uploaded."""
+    ``kv_order`` (:func:`.fa4_key_order.key_order`; None: their own order), its host read kept in ``memo``. Every
+    size is checked before the tables of that size are built or uploaded."""
     q_off = np.asarray(mask.q_offsets, dtype=np.int64)
     kv_off = np.asarray(mask.kv_offsets, dtype=np.int64)
     H, MB, NB = int(mask.num_heads), len(q_off) - 1, len(kv_off) - 1
@@ -238,16 +250,20 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     nnz = indices.numel()
     row_len = (indptr[:, 1:] - indptr[:, :-1]).reshape(-1)                                 # [H*MB]
     row_of_entry = torch.repeat_interleave(torch.arange(H * MB, device=device), row_len, output_size=nnz)
-    kept_pairs = (csr.kept_key_tokens(indptr, indices, kv_off) * dev["q_sizes"]).sum()      # [H, MB] x [MB]
-    movable_pairs = (csr.kept_key_tokens(indptr, indices, movable_offsets) * dev["q_sizes"]).sum()
     empty_row = (row_len == 0).view(H, MB)
     bits = keep_bits(row_of_entry, indices, H * MB, NB).view(H, MB, -1)
-    extra = torch.stack([empty_row.any(), _heads_alike(row_len.view(H, MB), indices), kept_pairs,
-                         movable_pairs]).long()
+
+    def extra() -> torch.Tensor:              # [H, MB] kept key tokens x [MB] query block sizes, summed
+        kept_pairs = (csr.kept_key_tokens(indptr, indices, kv_off) * dev["q_sizes"]).sum()
+        movable_pairs = (csr.kept_key_tokens(indptr, indices, movable_offsets) * dev["q_sizes"]).sum()
+        return torch.stack([empty_row.any(), _heads_alike(row_len.view(H, MB), indices), kept_pairs,
+                            movable_pairs]).long()
+
+    read = HostRead({} if memo is None else memo, ("fa4 general", tile_m, tile_n, tuple(edges), kv_order is not None))
     if on_triton:
-        found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra)
+        found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra, read)
     else:
-        found = dense_tile_lists(row_of_entry, indices, dev, (H, MB, NB, QT, NT), edges, extra)
+        found = dense_tile_lists(row_of_entry, indices, dev, (H, MB, NB, QT, NT), edges, extra, read)
     del row_of_entry
     q_block = dev["q_block"].to(torch.int32)
     aux = (None, None, None)
@@ -283,12 +299,14 @@ def _on_tile_grid(offsets: Any, side: int) -> bool:
                 and offsets[-1] - offsets[-2] <= side)
 
 
-def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, edges: list[int]) -> Fa4Layout:
+def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, edges: list[int],
+                    read: HostRead) -> Fa4Layout:
     """:func:`to_fa4` where every IR block is one tile on both sides (64-token blocks on 64 x 64 tiles, 128 on 128):
     a row's kept blocks are its query tile's full key tiles, so FA4's lists are the IR's rows (ascending, as the
     IR keeps them), packed to the longest, and there are no mask tiles. Without the block and tile maps of the
     general path (hundreds of MB at 6x for 64-token blocks); transients are a few int32 / int64 arrays of the
-    lists' length, and one host sync (the longest row, whether a row is empty, whether all heads are alike)."""
+    lists' length, and one host sync (the longest row, whether a row is empty, whether all heads are alike), which
+    ``read`` may know already."""
     H, MB = int(mask.num_heads), len(mask.q_offsets) - 1
     q_len, kv_len = int(mask.q_offsets[-1]), int(mask.kv_offsets[-1])
     lists = {name: getattr(mask, name) for name in ("indptr", "indices")}
@@ -299,10 +317,12 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     nnz = indices.numel()
     row_len = indptr[:, 1:] - indptr[:, :-1]                                               # [H, MB]
     rows = row_of_entry(indptr, nnz)
-    stats = torch.stack([row_len.max(), (row_len == 0).any(), _heads_alike(row_len, indices)]).long()
-    if len(edges) > 2:
-        stats = torch.cat([stats, widths_from_entries(rows, indices, H * MB, edges)])
-    (longest, any_empty, alike), widths = _split(stats.tolist(), 3)                       # one sync
+
+    def stats(rows: torch.Tensor = rows) -> torch.Tensor:          # (bound now: the name is cut to one head below)
+        found = torch.stack([row_len.max(), (row_len == 0).any(), _heads_alike(row_len, indices)]).long()
+        return torch.cat([found, widths_from_entries(rows, indices, H * MB, edges)]) if len(edges) > 2 else found
+
+    (longest, any_empty, alike), widths = _split(read(stats), 3)                          # one sync
     empty_tokens = None
     if any_empty:
         empty_tokens = (row_len == 0).repeat_interleave(tile_m, dim=1)[:, :q_len].t().contiguous()
@@ -323,7 +343,7 @@ def _aligned_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
                      num_full_tiles=nnz, num_mask_tiles=0, key_edges=tuple(edges), key_widths=widths)
 
 
-def _split(values: list[int], count: int) -> tuple[list[int], tuple[int, ...] | None]:
+def _split(values: tuple[int, ...], count: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """The first ``count`` values of a layout's host read, and the key ranges' list widths after them (or None)."""
     return values[:count], (tuple(int(w) for w in values[count:]) or None)
 

@@ -14,7 +14,7 @@ head for all where every head's IR lists are the same (``alike``, decided by the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,22 @@ class TileLists(NamedTuple):
     movable_kept_pairs: int              # the pairs kept on those key tiles' keys (from ``extra``)
 
 
+class HostRead:
+    """The one host read of a conversion: ``read(values)`` reads the device tensor ``values()`` makes (a wait for
+    the device's queue), or returns what an earlier conversion of the same lists read under ``key`` in ``memo``
+    (:func:`sparsecore.ir.placement.host_reads`: a held mask brought back for each call reads once), without
+    calling ``values``."""
+
+    def __init__(self, memo: dict, key: tuple) -> None:
+        self.memo, self.key = memo, key
+
+    def __call__(self, values: Callable[[], torch.Tensor]) -> tuple[int, ...]:
+        found = self.memo.get(self.key)
+        if found is None:
+            found = self.memo[self.key] = tuple(values().tolist())
+        return found
+
+
 def runs_on_triton(device: torch.device) -> bool:
     """Whether the classification runs in the Triton kernel here: on CUDA, or on CPU inside the interpreter's
     emulation (:func:`.interpreter.emulating`, as the tests run it)."""
@@ -72,12 +88,12 @@ def keep_bits(row_of_entry: torch.Tensor, indices: torch.Tensor, num_rows: int, 
 
 
 def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: int, num_kv_tiles: int,
-               edges: list[int], most_runs: int, extra: torch.Tensor) -> TileLists:
+               edges: list[int], most_runs: int, extra: Callable[[], torch.Tensor], read: HostRead) -> TileLists:
     """Classify on the GPU: ``bits`` int32 ``[H, MB, NW]``; ``dev``: the conversion's uploaded tables (``rows``
     ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``,
-    ``movable``); ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: int64
+    ``movable``); ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: makes int64
     ``[4]`` on the device (any row empty, every head's IR lists alike, kept pairs, kept pairs on movable key tiles),
-    read with the counts in the one host read."""
+    read with the counts in the one host read, ``read``, which may know them already."""
     from .fa4_tile_lists_kernel import fa4_tile_lists_kernel
     heads, num_rows, words = bits.shape
     rows_per_tile = dev["rows"].shape[0]
@@ -94,11 +110,15 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
                                                     WRITE=False, **loops)
     full_cnt, mask_cnt = (c.contiguous() for c in counts.sum(-1, dtype=torch.int32).unbind(2))   # FA4: unit stride
     ranges = len(edges) - 1
-    stats = [full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-             mask_cnt.sum(dtype=torch.int64), extra, moved.sum(dim=(0, 1), dtype=torch.int64)]
-    if ranges > 1:
-        stats.append(counts[..., :ranges].amax(dim=(0, 1)).reshape(-1).long())   # full per range, then mask
-    values = torch.cat([s.reshape(-1) for s in stats]).tolist()                     # the one host read
+
+    def stats() -> torch.Tensor:
+        parts = [full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
+                 mask_cnt.sum(dtype=torch.int64), extra(), moved.sum(dim=(0, 1), dtype=torch.int64)]
+        if ranges > 1:
+            parts.append(counts[..., :ranges].amax(dim=(0, 1)).reshape(-1).long())   # full per range, then mask
+        return torch.cat([s.reshape(-1) for s in parts])
+
+    values = read(stats)                                                            # the one host read
     longest_full, longest_mask, num_full, num_mask, any_empty, alike, kept, kept_moved, full_moved, mask_moved = \
         values[:10]
     widths = tuple(int(w) for w in values[10:]) or None
@@ -125,10 +145,11 @@ def host_tables(run_tile: np.ndarray, num_kv_tiles: int, edges: list[int]) -> tu
 
 
 def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dict[str, torch.Tensor],
-                     sizes: tuple[int, int, int, int, int], edges: list[int], extra: torch.Tensor) -> TileLists:
+                     sizes: tuple[int, int, int, int, int], edges: list[int], extra: Callable[[], torch.Tensor],
+                     read: HostRead) -> TileLists:
     """The classification as torch ops through the block map ``[H, MB, NB]``, each row's coverage of the key tiles
-    and the tile map ``[H, QT, NT]`` (off CUDA; :func:`tile_lists` on it), with the one host read (``extra`` as
-    :func:`tile_lists` takes it)."""
+    and the tile map ``[H, QT, NT]`` (off CUDA; :func:`tile_lists` on it), with the one host read (``extra`` and
+    ``read`` as :func:`tile_lists` takes them)."""
     H, MB, NB, QT, NT = sizes
     device = indices.device
     keep = torch.zeros(H * MB * NB, dtype=torch.bool, device=device)
@@ -155,13 +176,14 @@ def dense_tile_lists(row_of_entry: torch.Tensor, indices: torch.Tensor, dev: dic
 
     full_cnt = full.sum(-1, dtype=torch.int32)                                            # [H, QT]
     mask_cnt = partial.sum(-1, dtype=torch.int32)
-    movable = dev["movable"].bool()
-    stats = torch.cat([torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
-                                    mask_cnt.sum(dtype=torch.int64)]), extra,
-                       torch.stack([(full & movable).sum(), (partial & movable).sum()])])
-    if len(edges) > 2:
-        stats = torch.cat([stats, widths_from_tiles(full, partial, edges)])
-    values = stats.tolist()                                                         # the one host read
+    def stats() -> torch.Tensor:
+        movable = dev["movable"].bool()
+        found = torch.cat([torch.stack([full_cnt.max().long(), mask_cnt.max().long(), full_cnt.sum(dtype=torch.int64),
+                                        mask_cnt.sum(dtype=torch.int64)]), extra(),
+                           torch.stack([(full & movable).sum(), (partial & movable).sum()])])
+        return torch.cat([found, widths_from_tiles(full, partial, edges)]) if len(edges) > 2 else found
+
+    values = read(stats)                                                            # the one host read
     max_full, max_mask, num_full, num_mask, any_empty, alike, kept, kept_moved, full_moved, mask_moved = values[:10]
     widths = tuple(int(w) for w in values[10:]) or None
     if alike:               # every head's IR lists are the same (LVSA): FA4 broadcasts one head's
