@@ -156,22 +156,32 @@ def test_the_torch_and_triton_paths_keep_their_own_tables_of_one_geometry(triton
     assert_same_tiles(triton_layout(mask, 16, 16), slow)
 
 
-def test_a_conversion_on_cuda_waits_for_the_gpu_once():
+def test_a_conversion_on_cuda_waits_for_the_gpu_once_and_a_copy_of_a_converted_mask_never():
     """One host read per layout built, the one that sizes the lists: with the IR's lists on the GPU (as the methods
-    plan them) nothing else in the conversion waits for the stream (torch's sync debug mode counts the waits)."""
+    plan them) nothing else in the conversion waits for the stream (torch's sync debug mode counts the waits). A held
+    mask's copy brought back to the GPU (AdaSpa's ``store="host"``) after one conversion converts without a wait."""
     if not torch.cuda.is_available() or interpreter.interpreting():
         pytest.skip("counts waits for a CUDA stream: needs a CUDA device without TRITON_INTERPRET=1")
-    mask = random_mask(np.random.default_rng(14), [0, 20, 41, 50, 77, 90], [0, 20, 41, 50, 77, 90, 101], 3, 0.5)
-    on_gpu = mask.to("cuda")
-    to_fa4(on_gpu, 16, 16, "cuda", reorder_keys=False)                # compiles; builds the geometry's tables
+    offsets_q, offsets_kv = [0, 20, 41, 50, 77, 90], [0, 20, 41, 50, 77, 90, 101]
+    rng = np.random.default_rng(14)
+    to_fa4(random_mask(rng, offsets_q, offsets_kv, 3, 0.5).to("cuda"), 16, 16, "cuda", reorder_keys=False)  # compiles
+    mask = random_mask(rng, offsets_q, offsets_kv, 3, 0.5)
+    held = mask.to("cuda").copy_to("cpu")                               # pinned host lists, as AdaSpa holds them
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            layout = to_fa4(on_gpu, 16, 16, "cuda", reorder_keys=False)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert len(waits) == 1, waits
-    assert_layout_exact(layout, mask)
+
+    def waits_converting(on_gpu):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                layout = to_fa4(on_gpu, 16, 16, "cuda", reorder_keys=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert_layout_exact(layout, mask)
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+    first = waits_converting(held.copy_to("cuda"))
+    assert len(first) == 1, first
+    for _ in range(2):
+        again = waits_converting(held.copy_to("cuda"))
+        assert again == [], again
