@@ -1,9 +1,10 @@
 """Probe (GPU): what converting a mask off FA4's tile grid costs (``fa4_layout.to_fa4``), and where it goes.
 
-``compile`` ranks Triton first for masks whose blocks sit off FA4's tiles (joint video + text masks of 64-token
+``compile`` ranked Triton first for masks whose blocks sit off FA4's tiles (joint video + text masks of 64-token
 blocks, PASA's approximating masks on them, STA's short edge tiles) although FA4's kernel runs them faster once
 converted: those masks are new at every call, and the conversion (:func:`.fa4_layout.to_fa4`, the general path)
-cost more than the kernel saves (``backends/cuda/selection.py``). This probe builds such masks on the GPU with the
+cost more than the kernel saved (``backends/cuda/selection.py``; joint masks that drop unlisted blocks rank fa4
+first since 2026-12-04). This probe builds such masks on the GPU with the
 lists on the device (as the methods do), and times the conversion (wall seconds, synchronized, median of 5 after
 one warm call) with a profiler table of one call, for the conversion in this checkout and, with ``--baseline
 FILE``, for another version of ``fa4_layout.py`` (loaded from FILE in this package) side by side. With

@@ -24,7 +24,8 @@ and the synthetic mask of the same density next to them.
 
 ``--model`` / ``--length`` take another case of ``bench/e2e_benchmark.py`` (its random-weight model, its layers):
 joint video + text models give masks of 64-token blocks with a short video block inside and a short text block
-last, which ``compile`` ranks as small blocks (Triton first) without a timing of fa4 on them.
+last (``compile`` ranks them fa4 first since 2026-12-04, PASA's approximating ones Triton first:
+``backends/cuda/selection.py``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ choice before any call is checked (nothing is lowered or run).
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 import sparsecore
 from sparsecore import BlockMask
+from sparsecore.ir import Unselected
 from sparsecore.backends.cuda.triton_launch import TritonLaunch
 from sparsecore.backends.cuda.triton_config import TritonOptions
 from sparsecore.ir.slicing import slice_mask
@@ -41,12 +43,24 @@ def joint(video: int, text: int, block: int = 64) -> BlockMask:
     return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
 
 
+def causal_frames(groups: int, group: int, block: int) -> BlockMask:
+    """``groups`` causal blocks of ``group`` tokens, each cut into ``block``-token blocks (its last one short)."""
+    inner = BlockMask.uniform_offsets(group, block)
+    offsets = np.concatenate([[0]] + [g * group + inner[1:] for g in range(groups)])
+    keep = np.eye(len(offsets) - 1, dtype=bool)
+    return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
+
+
 @pytest.mark.parametrize("mask, largest, block_class", [
     (frames(64, 40), 64, "uniform-64"),
     (frames(64, 40, text=24), 64, "uniform-64"),     # Wan at 6x: 2,949 blocks of 64 and a last one of 24
     (frames(32, 40), 32, "small"),
-    (joint(40 * 64 - 10, 200), 64, "small"),         # no uniform interior, every block under 128 tokens
+    (joint(40 * 64 - 10, 200), 64, "joint-64"),      # 64-token blocks, the video's last and the text's last short
+    (joint(40 * 64 - 10, 256), 64, "joint-64"),      # HunyuanVideo 1.5's text: one short block
+    (joint(40 * 64, 200), 64, "uniform-64"),         # the video ends on the grid: only the last block is short
     (joint(40 * 64 - 10, 200, block=96), 96, "small"),
+    (joint(40 * 64 - 10, 200, block=32), 32, "small"),
+    (causal_frames(4, 100, 64), 64, "small"),         # a short block in every causal block (SkyReels-V2 DF)
     (frames(128, 8), 128, "tile-aligned"),
     (frames(1560, 3), 1560, "frames"),
     (frames(1560, 3, text=200), 1560, "frames"),     # a short last block: the interior decides
@@ -68,7 +82,11 @@ def test_block_class_and_largest_block(mask, largest, block_class):
     (frames(1560, 3), "fa4"),                 # LVSA's frames
     (frames(1560, 3, text=200), "fa4"),       # frames + a text block: mixed sizes
     (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
-    (joint(40 * 64 - 10, 200), "triton"),     # HunyuanVideo's joint sequence: 64-token blocks and short ones
+    (joint(40 * 64 - 10, 200), "fa4"),        # CogVideoX's joint sequence: 64-token blocks and two short ones
+    (joint(40 * 64 - 10, 256), "fa4"),        # HunyuanVideo 1.5's
+    (dataclasses.replace(joint(40 * 64 - 10, 200), unselected=Unselected.parse("grouped-first-order:32")), "triton"),
+    (slice_mask(joint(40 * 64 - 10, 200), (1300, 2614), (1300, 2614)), "triton"),   # a ring shard: first block cut
+    (causal_frames(4, 100, 64), "triton"),    # frame-causal: a short block in every causal block
 ])
 def test_default_lowering_per_block_class(cuda_available, mask, expected):
     assert sparsecore.compile(mask, device="cuda").backend.name == expected

@@ -27,32 +27,30 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   first and last blocks are short (a ring shard's slice) is classed by its interior size, so a ring
   step of AdaSpa's mask has a 64-token interior; a mask whose blocks are all under 128 tokens is small
   whatever their sizes, so Triton's tiles are 64 wide for it. Of those, masks of 64-token blocks (a
-  shorter last one allowed: Wan's 188,760 tokens) rank fa4 first, as measured; the others rank Triton
-  first: a joint video + text mask of 64-token blocks, whose short last video block sits inside, a
-  ring shard, uniform blocks of 16 or 32 tokens. fa4 takes those exactly through mask tiles
-  (``bench/fa4_check.py`` on the H200) but was not timed against Triton on them at two CTAs per SM,
-  except the joint ones: on the masks AdaSpa plans for HunyuanVideo 1.5 and CogVideoX 1.5 at 2x
-  (``bench/method_mask_probe.py --model``, H200, 2026-12-02) a kernel compiled once runs faster on fa4
-  (40.5 against Triton's 48.3-48.8 ms at D = 128, 16 heads; 46.4 against 47.9-49.3 at D = 64, 48
-  heads), but AdaSpa's reuse steps compile each layer's held mask at every call, and there fa4's
-  conversion of masks off its tile grid (then a tile map of every head) cost more than it saved: whole
-  reuse steps (``bench/e2e_benchmark.py``, eager) 6.11 s on fa4 against 5.43 on Triton (HunyuanVideo
-  1.5), 7.90 against 5.10 and 1.3 GiB above the peak (CogVideoX 1.5). With the conversion's Triton
-  classification and its geometry tables kept (2026-12-04, five calls): 5.17-5.20 s on fa4 (5.74
-  once) against 5.34-5.42 (HunyuanVideo 1.5, D = 128, 16 heads: fa4 3-4% faster), 5.49-7.41 against
-  4.96-5.06 (CogVideoX 1.5, D = 64, 48 heads), peaks equal. That spread was the handle's statistics
-  counting each held mask's pairs on the host at every layer (85 ms a layer on CogVideoX's mask), while
-  fa4's conversion had made the host wait for the GPU; counted on the call's device copy since (same
-  day, one call): 5.36 against 5.43 s (HunyuanVideo 1.5) and 5.14 against 4.99 s (CogVideoX 1.5).
-  Within 3% either way, and the rank is the block class's, which cannot tell the two apart (head dim
-  and count come with the call), so Triton stays first for joint masks. PASA's approximating masks,
-  converted at each call too: Triton 55.2 against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5. Frame-causal
-  masks (64-token blocks and a 24-token one in every causal block: SkyReels-V2 DF at 544x960) too: whole eager
-  steps at 2x (102,000 tokens, ``bench/e2e_benchmark.py --backend fa4`` against the default, H200, 2026-12-03)
-  AdaSpa's reuse 1.57 s on Triton against 2.28 on fa4, PASA's sparse step 1.66 against 2.54.
+  shorter last one allowed: Wan's 188,760 tokens) rank fa4 first, as measured, and so do joint video + text
+  masks of 64-token blocks (``joint-64``: the short last video block inside, the text's last block) that
+  compute only their listed blocks. On the masks AdaSpa plans for HunyuanVideo 1.5 and CogVideoX 1.5 at 2x
+  a kernel compiled once runs faster on fa4 (``bench/method_mask_probe.py --model``, H200, 2026-12-02: 40.5
+  against Triton's 48.3-48.8 ms at D = 128, 16 heads; 46.4 against 47.9-49.3 at D = 64, 48 heads), but
+  AdaSpa's reuse steps convert each layer's held mask at every call, and until 2026-12-04 that conversion
+  cost fa4 its lead: whole reuse steps (``bench/e2e_benchmark.py``, eager) 6.11 s on fa4 against 5.43 on
+  Triton (HunyuanVideo 1.5) and 7.90 against 5.10 (CogVideoX 1.5) on 2026-12-02; 5.36 against 5.43 and 5.14
+  against 4.99 after the conversion's Triton classification, its cached geometry tables and the statistics'
+  count on the device (thirty-first session). Since the thirty-second session a held mask's copy converts
+  without a host read (:func:`sparsecore.ir.host_facts.host_reads`) and CogVideoX's text tiles no longer make
+  the conversion try a key order; in one call (H200, 2026-12-04): reuse 4.57 s on fa4 against 4.77 on
+  Triton (CogVideoX 1.5), 4.76 against 5.22 (HunyuanVideo 1.5), and the search steps, whose masks are new at
+  every call, 13.39 against 13.58 and 12.64 against 13.12 s. The other small masks rank Triton first: ring
+  shards, uniform blocks of 16 or 32 tokens, PASA's approximating masks (converted at each call: Triton 55.2
+  against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5 on the joint models, 2026-12-02), frame-causal masks
+  (64-token blocks and a 24-token one in every causal block: SkyReels-V2 DF at 544x960, whole eager steps at
+  2x, 102,000 tokens, ``bench/e2e_benchmark.py --backend fa4`` against the default, H200, 2026-12-03: AdaSpa's
+  reuse 1.57 s on Triton against 2.28 on fa4, PASA's sparse step 1.66 against 2.54; FA4's kernel itself takes
+  1.45-1.76x Triton's there, 2026-12-04). fa4 takes all of them exactly through mask tiles
+  (``bench/fa4_check.py`` on the H200).
 Files: bench/results/gpu-2026-11-30-runs/ (fa4-check.md, selection-2026-11-30.md),
-bench/results/gpu-2026-12-04-runs/twenty-ninth-session/ (b-e2e-joint, c-geometry-cache), thirtieth-session/ and
-thirty-first-session/,
+bench/results/gpu-2026-12-04-runs/twenty-ninth-session/ (b-e2e-joint, c-geometry-cache), thirtieth-session/,
+thirty-first-session/ and thirty-second-session/,
 bench/results/gpu-2026-12-01-runs/seventh-session/fa4-check.md,
 bench/results/gpu-2026-12-01-runs/eighth-session/ (pasa-mask-probe.json),
 bench/results/gpu-2026-12-01-runs/fifth-session/ (selection-64-2026-12-01.md, key-split-probe-fa4.md),
@@ -61,12 +59,15 @@ bench/results/e2e-2026-12-03_skyreels-df-2x-causal-masks-{default,fa4}_eager.md,
 
 from __future__ import annotations
 
+import numpy as np
+
 from sparsecore.ir import BlockMask
 
 # key-block class -> lowering -> rank (higher is preferred)
 RANKS = {
     "tile-aligned": {"fa4": 30, "flashinfer": 20, "triton": 10},   # uniform blocks, a multiple of 128 tokens
     "uniform-64": {"fa4": 30, "triton": 20, "flashinfer": 5},     # 64-token blocks (AdaSpa's, PASA's), FA4's tiles
+    "joint-64": {"fa4": 30, "triton": 20, "flashinfer": 5},       # 64-token blocks and two short ones: video + text
     "small": {"triton": 30, "fa4": 20, "flashinfer": 5},          # every other mask of blocks under 128 tokens
     "frames": {"fa4": 30, "flashinfer": 20, "triton": 10},        # uniform blocks not aligned to 128 (frames)
     "ragged": {"fa4": 30, "triton": 20, "flashinfer": 0},         # mixed sizes: FlashInfer cannot take them
@@ -76,12 +77,22 @@ RANKS = {
 def block_class(mask: BlockMask) -> str:
     """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class."""
     if mask.largest_block_size("kv") < 128:
-        uniform_64 = mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64
-        return "uniform-64" if uniform_64 else "small"
+        if mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64:
+            return "uniform-64"
+        joint = _joint_64(mask.q_offsets) and _joint_64(mask.kv_offsets) and mask.unselected.kind == "drop"
+        return "joint-64" if joint else "small"
     block = mask.interior_block_size("kv")
     if block is None:
         return "ragged"
     return "tile-aligned" if block % 128 == 0 else "frames"
+
+
+def _joint_64(offsets: np.ndarray) -> bool:
+    """Blocks as ``VideoGeometry.block_offsets(64)`` cuts a video + text sequence: 64 tokens from the first, at most
+    two shorter (the video's last block, the text's last), none longer. A ring shard's first block is cut short, and
+    a frame-causal mask has a short block in every causal block: neither is such a mask."""
+    sizes = np.diff(np.asarray(offsets, dtype=np.int64))
+    return bool(sizes[0] == 64 and (sizes <= 64).all() and (sizes < 64).sum() <= 2)
 
 
 def preference(backend: str, mask: BlockMask) -> int:
