@@ -4,7 +4,8 @@
 GPU uploads once; a device mask read on the host downloads once). :func:`copied` is not: it gives a
 copy the caller owns, for sessions that keep masks in host memory between steps and bring each
 back for one call (AdaSpa's ``store="host"``), through :func:`.uploads.moved`. Such a copy shares
-its source's :func:`host_reads`, so a lowering that converts it at every call reads its sizes once.
+its source's :func:`.host_facts.host_reads`, so a lowering that converts it at every call reads its
+sizes once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import validation as v
+from .host_facts import host_reads
 
 if TYPE_CHECKING:
     import torch
@@ -48,17 +50,8 @@ def copied(mask: "BlockMask", device: Any) -> "BlockMask":
         return mask
     copy = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, moved(mask.indptr, device),
                                 moved(mask.indices, device), moved(mask.budgets, device), mask.meta, mask.unselected)
-    copy.derived["host_reads"] = host_reads(mask)
+    copy.derived["host_reads"] = host_reads(mask)              # the same lists: what was read of them holds
     return copy
-
-
-def host_reads(mask: "BlockMask") -> dict:
-    """What lowerings read from ``mask``'s lists to the host while converting it (the sizes of their plans: longest
-    lists, counts), by a key of their own: a read waits for the device's queue, and a session that brings a held
-    mask back for each call (:func:`copied`) would wait once per call for the same values. Shared by the mask and
-    the copies :func:`copied` makes of it, whose lists are the same: masks are not changed in place (their kernels
-    are found by identity, :attr:`.BlockMask.compiled_kernels`, on the same ground)."""
-    return mask.derived.setdefault("host_reads", {})
 
 
 def downloaded(mask: "BlockMask") -> "BlockMask":

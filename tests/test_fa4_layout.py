@@ -447,6 +447,24 @@ def test_a_mask_converted_again_reads_nothing_and_builds_its_chosen_layout_only(
     assert len(made) > reads + (2 if case == "key order" else 1)
 
 
+def test_a_mask_whose_builder_noted_its_row_lengths_converts_without_a_read(monkeypatch):
+    """Blocks on the tiles, no empty row and a bound on the longest (as PASA's planner notes them): no read, and
+    exact with lists as wide as the bound. Rows that may be empty, or several key ranges, read as before."""
+    from sparsecore.ir.host_facts import note_row_lengths
+    made = counting_reads(monkeypatch)
+    offsets = BlockMask.uniform_offsets(16 * 9 + 5, 16)
+    rows = [[[0, 3], [1], [2, 5, 9], [3], [0, 4], [5, 6], [6], [7, 1], [8], [9, 0]]] * 2
+    exact = assert_exact(note_row_lengths(BlockMask.from_lists(rows, offsets, offsets), 1, 3), 16, 16)
+    wide = assert_exact(note_row_lengths(BlockMask.from_lists(rows, offsets, offsets), 1, 7), 16, 16)
+    assert made == [] and exact.full_block_idx.shape[-1] == 3 and wide.full_block_idx.shape[-1] == 7
+    assert exact.full_block_idx.shape[1] == 2                          # alike heads not told apart: both listed
+    assert_exact(note_row_lengths(BlockMask.from_lists(rows, offsets, offsets), 0, 3), 16, 16)
+    assert len(made) == 1
+    mask = note_row_lengths(BlockMask.from_lists(rows, offsets, offsets), 1, 3)
+    assert_layout_exact(to_fa4(mask, 16, 16, key_parts=2), mask)
+    assert len(made) == 2
+
+
 def test_copies_of_a_mask_share_what_its_conversions_read(monkeypatch):
     """``copy_to`` (a held mask brought back for a call) shares the source's host reads: the copy's conversion reads
     nothing the source's read, and the source's conversion nothing a copy's read (a stand-in device: the copy is a

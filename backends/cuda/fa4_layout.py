@@ -58,7 +58,7 @@ import torch
 
 from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.csr import row_of_entry
-from sparsecore.ir.placement import host_reads
+from sparsecore.ir.host_facts import host_reads, row_lengths
 from sparsecore.registry import UnsupportedError
 
 from .fa4_geometry import geometry_tables
@@ -180,8 +180,10 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order). ``key_parts``:
     the key-tile ranges (:func:`.fa4_key_ranges.tile_edges`) whose list widths to read with the layout's host read.
     What a conversion read (and the key order it chose) is kept in the mask's
-    :func:`sparsecore.ir.placement.host_reads`, shared with its copies: converting one again reads nothing and builds
-    one layout.
+    :func:`sparsecore.ir.host_facts.host_reads`, shared with its copies: converting one again reads nothing and
+    builds one layout. Where every block is one tile and the builder noted that no row is empty and how long rows
+    may be (:func:`sparsecore.ir.host_facts.note_row_lengths`), one key range reads nothing even the first time:
+    the lists are as wide as that bound, and no head's lists are broadcast.
     """
     device = torch.device(device)
     for name, side in (("tile_m", tile_m), ("tile_n", tile_n)):
@@ -192,7 +194,9 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     memo = host_reads(mask) if isinstance(mask, BlockMask) else {}
     shape = (tile_m, tile_n, tuple(edges))
     if _on_tile_grid(mask.q_offsets, tile_m) and _on_tile_grid(mask.kv_offsets, tile_n):
-        return _aligned_layout(mask, tile_m, tile_n, device, edges, HostRead(memo, ("fa4 aligned", *shape)))
+        bounds = row_lengths(mask) if isinstance(mask, BlockMask) and len(edges) == 2 else None
+        known = (bounds[1], 0, 0) if bounds and bounds[0] > 0 else None   # sizes the lists; "not alike" is safe
+        return _aligned_layout(mask, tile_m, tile_n, device, edges, HostRead(memo, ("fa4 aligned", *shape), known))
     chosen = ("fa4 key order", *shape)
     if reorder_keys and chosen in memo:                                   # decided at an earlier conversion
         return _general_layout(mask, tile_m, tile_n, device, edges, memo[chosen], memo)

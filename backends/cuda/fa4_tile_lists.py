@@ -48,14 +48,14 @@ class TileLists(NamedTuple):
 class HostRead:
     """The one host read of a conversion: ``read(values)`` reads the device tensor ``values()`` makes (a wait for
     the device's queue), or returns what an earlier conversion of the same lists read under ``key`` in ``memo``
-    (:func:`sparsecore.ir.placement.host_reads`: a held mask brought back for each call reads once), without
-    calling ``values``."""
+    (:func:`sparsecore.ir.host_facts.host_reads`: a held mask brought back for each call reads once), or else
+    ``known``, values that stand for the read (bounds the caller knows), without calling ``values``."""
 
-    def __init__(self, memo: dict, key: tuple) -> None:
-        self.memo, self.key = memo, key
+    def __init__(self, memo: dict, key: tuple, known: tuple[int, ...] | None = None) -> None:
+        self.memo, self.key, self.known = memo, key, known
 
     def __call__(self, values: Callable[[], torch.Tensor]) -> tuple[int, ...]:
-        found = self.memo.get(self.key)
+        found = self.memo.get(self.key, self.known)
         if found is None:
             found = self.memo[self.key] = tuple(values().tolist())
         return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsecore.ir import BlockMask, Unselected
+from sparsecore.ir.host_facts import host_reads
 
 APPROXIMATIONS = ("drop", "zeroth", "global-first-order", "grouped-first-order")
 
@@ -49,5 +50,7 @@ def with_unselected(mask: BlockMask, unselected: Unselected, causal_frames: int 
         raise ValueError(f"approximation: {unselected} would add every block a row does not list to its softmax, "
                          f"the later causal blocks (of {causal_frames} frames) it may not see included; pass "
                          f"approximation='drop' for a frame-causal geometry")
-    return BlockMask.unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
-                               mask.budgets, mask.meta, unselected)
+    treated = BlockMask.unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                                  mask.budgets, mask.meta, unselected)
+    treated.derived["host_reads"] = host_reads(mask)             # the same lists: what is known of them holds
+    return treated

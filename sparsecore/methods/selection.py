@@ -18,6 +18,7 @@ built on the host (:func:`shared_mask`) and uploaded once per pattern by the com
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -26,6 +27,7 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.host_facts import note_row_lengths
 from sparsecore.ir.uploads import queued
 from sparsecore.launch_device import on_device_of
 from sparsecore.noise import GumbelNoise
@@ -155,7 +157,8 @@ def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz
               meta: Mapping[str, Any]) -> BlockMask:
     """The mask of a :class:`Selection`: video rows as selected, text rows keep every block.
 
-    ``nnz`` is the number of kept blocks (a host int the caller knows or read once).
+    ``nnz`` is the number of kept blocks (a host int the caller knows or read once). The rows' length bounds
+    known here are noted on the mask (:func:`sparsecore.ir.host_facts.note_row_lengths`).
     """
     rows = selection.rows
     heads, device = rows.shape[0], rows.device
@@ -169,8 +172,11 @@ def sink_mask(selection: Selection, layout: SinkLayout, offsets: np.ndarray, nnz
         indices = _concatenated(rows, layout)
     # Valid by construction: rows are sorted top-k ids (distinct, in range) plus the text ids
     # (distinct from video ids), counts match the entries written, and nnz sums the counts.
-    return BlockMask.unchecked(heads, offsets, offsets, indptr.to(torch.int32), indices[:nnz],
+    mask = BlockMask.unchecked(heads, offsets, offsets, indptr.to(torch.int32), indices[:nnz],
                                budgets.to(torch.float64), meta)
+    full = [layout.num_blocks] if layout.text_blocks else []                # text rows keep every block
+    video = [int(given)] * 2 if isinstance(given, numbers.Integral) else [0, rows.shape[2]]   # per head: the padding
+    return note_row_lengths(mask, min(video[:1] + full), max(video[1:] + full))
 
 
 def _scattered(rows: torch.Tensor, layout: SinkLayout, indptr: torch.Tensor, counts: torch.Tensor,

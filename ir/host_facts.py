@@ -1,0 +1,46 @@
+"""What the host knows of a mask's lists without reading them from their device.
+
+A read of a device tensor waits for the device's queue. Lowerings that size their plans from a mask's lists (the
+longest row, whether a row is empty) keep what they read in :func:`host_reads`, shared by the mask and the copies
+:meth:`.BlockMask.copy_to` makes of it; builders that know bounds on the row lengths (a top-k of a known ``k``)
+note them with :func:`note_row_lengths`, so that a lowering can size its plan without any read. Both assume what
+:attr:`.BlockMask.compiled_kernels` assumes: a mask's lists are not changed in place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import validation as v
+
+if TYPE_CHECKING:
+    from .block_mask import BlockMask
+
+ROW_LENGTHS = "row lengths"
+
+
+def host_reads(mask: "BlockMask") -> dict:
+    """What lowerings read from ``mask``'s lists to the host while converting it (the sizes of their plans: longest
+    lists, counts), by a key of their own, and the row-length bounds its builder noted: shared by the mask and the
+    copies :func:`.placement.copied` makes of it, whose lists are the same (a session that brings a held mask back
+    for each call would otherwise wait once per call for the same values)."""
+    return mask.derived.setdefault("host_reads", {})
+
+
+def note_row_lengths(mask: "BlockMask", shortest: int, longest: int) -> "BlockMask":
+    """Record that every row of ``mask`` keeps at least ``shortest`` and at most ``longest`` key blocks (bounds its
+    builder knows on the host: a top-k's ``k``, a full text row); returns ``mask``. Checked against the block count
+    only: reading the lists is what this saves. A lowering sizes buffers from ``longest``, so it must hold."""
+    shortest = v.check_int(shortest, "shortest", minimum=0)
+    longest = v.check_int(longest, "longest", minimum=shortest)
+    if longest > mask.num_kv_blocks:
+        raise ValueError(f"longest: expected at most the mask's {mask.num_kv_blocks} key blocks, got {longest}; pass "
+                         f"the most blocks a row of this mask keeps")
+    host_reads(mask)[ROW_LENGTHS] = (shortest, longest)
+    return mask
+
+
+def row_lengths(mask: "BlockMask") -> tuple[int, int] | None:
+    """The ``(shortest, longest)`` bounds :func:`note_row_lengths` recorded for ``mask`` (or a mask it was copied
+    from), or None."""
+    return host_reads(mask).get(ROW_LENGTHS)
