@@ -7,7 +7,10 @@ cost more than the kernel saved (``backends/cuda/selection.py``; joint masks tha
 first since 2026-12-04). This probe builds such masks on the GPU with the
 lists on the device (as the methods do), and times the conversion (wall seconds, synchronized, median of 5 after
 one warm call) with a profiler table of one call, for the conversion in this checkout and, with ``--baseline
-FILE``, for another version of ``fa4_layout.py`` (loaded from FILE in this package) side by side. With
+FILE``, for another version of ``fa4_layout.py`` (loaded from FILE in this package, so it must call the helpers
+of this checkout's modules as they are: a version from before the thirty-second session does not) side by side.
+Each timed conversion is of a mask nothing is known of (:func:`sparsecore.ir.host_facts.as_new`), as a mask new at
+each call is. With
 ``--kernels``, the joint masks' calls as a reuse step makes them, each compiled and converted anew (``cache=False``),
 on ``fa4`` and on Triton, and each kernel compiled once, on random bf16 q, k, v (head dim 128 for HunyuanVideo
 1.5's shape, 64 for CogVideoX's): medians of ``kernel_timing.median_ms``.
@@ -35,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from report import versions  # noqa: E402
 
 from sparsecore import BlockMask, VideoGeometry  # noqa: E402
+from sparsecore.ir.host_facts import as_new  # noqa: E402
 from sparsecore.backends.cuda import fa4_layout  # noqa: E402
 from sparsecore.methods import sta  # noqa: E402
 
@@ -77,9 +81,10 @@ def sta_mask() -> BlockMask:
 
 def timed(convert, mask, tiles) -> dict:
     def once():
+        fresh = as_new(mask)                    # nothing read of it known: a mask new at this call
         torch.cuda.synchronize()
         start = time.perf_counter()
-        layout = convert(mask, *tiles, DEVICE)
+        layout = convert(fresh, *tiles, DEVICE)
         torch.cuda.synchronize()
         return time.perf_counter() - start, layout
     once()
@@ -96,7 +101,8 @@ def timed(convert, mask, tiles) -> dict:
 
 
 def kernel_rows(name: str, mask: BlockMask, head_dim: int) -> list[dict]:
-    """Per call on ``fa4`` and Triton: compiled anew (a reuse step's held mask) and compiled once."""
+    """Per call on ``fa4`` and Triton: compiled anew (a reuse step's held mask: what its first conversion read is
+    known) and compiled once."""
     import sparsecore
     from kernel_timing import median_ms
     gen = torch.Generator(device=DEVICE).manual_seed(0)

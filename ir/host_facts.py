@@ -44,3 +44,10 @@ def row_lengths(mask: "BlockMask") -> tuple[int, int] | None:
     """The ``(shortest, longest)`` bounds :func:`note_row_lengths` recorded for ``mask`` (or a mask it was copied
     from), or None."""
     return host_reads(mask).get(ROW_LENGTHS)
+
+
+def as_new(mask: "BlockMask") -> "BlockMask":
+    """``mask``'s lists as a mask nothing is known of: a lowering converts it as it converts a mask its method built
+    for this call (for benchmarks and tests of that per-call work). The lists are shared, not copied."""
+    return type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                                mask.budgets, mask.meta, mask.unselected)

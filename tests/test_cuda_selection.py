@@ -43,6 +43,18 @@ def joint(video: int, text: int, block: int = 64) -> BlockMask:
     return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
 
 
+def text_first(text: int, video: int, block: int = 64) -> BlockMask:
+    """Text then video tokens, each cut into ``block``-token blocks (``VideoGeometry(text_position="start")``)."""
+    offsets = np.concatenate([BlockMask.uniform_offsets(text, block),
+                              text + BlockMask.uniform_offsets(video, block)[1:]])
+    keep = np.eye(len(offsets) - 1, dtype=bool)
+    return BlockMask.from_lists([[np.flatnonzero(r) for r in keep]] * 2, offsets, offsets)
+
+
+def approximating(mask: BlockMask) -> BlockMask:
+    return dataclasses.replace(mask, unselected=Unselected.parse("grouped-first-order:32"))
+
+
 def causal_frames(groups: int, group: int, block: int) -> BlockMask:
     """``groups`` causal blocks of ``group`` tokens, each cut into ``block``-token blocks (its last one short)."""
     inner = BlockMask.uniform_offsets(group, block)
@@ -61,6 +73,13 @@ def causal_frames(groups: int, group: int, block: int) -> BlockMask:
     (joint(40 * 64 - 10, 200, block=96), 96, "small"),
     (joint(40 * 64 - 10, 200, block=32), 32, "small"),
     (causal_frames(4, 100, 64), 64, "small"),         # a short block in every causal block (SkyReels-V2 DF)
+    (causal_frames(2, 2400, 64), 64, "small"),        # two causal blocks: a whole causal block after the first short
+    (text_first(226, 40 * 64 - 10), 64, "small"),     # the text first: the whole video after its short block
+    (joint(40 * 64 - 10, 1100), 64, "small"),         # more text than a joint model's
+    (joint(6 * 64 - 10, 500), 64, "small"),           # more text than video
+    (approximating(joint(40 * 64 - 10, 200)), 64, "small"),   # PASA's: the approximation pass
+    (slice_mask(joint(40 * 64 - 10, 200), (0, 1280), (1280, 2750)), 64, "small"),   # a ring step: other keys
+    (BlockMask.from_lists([[[0], [1]]], [0, 40, 70], [0, 40, 70]), 40, "small"),      # no 64-token block first
     (frames(128, 8), 128, "tile-aligned"),
     (frames(1560, 3), 1560, "frames"),
     (frames(1560, 3, text=200), 1560, "frames"),     # a short last block: the interior decides
@@ -84,7 +103,7 @@ def test_block_class_and_largest_block(mask, largest, block_class):
     (slice_mask(frames(64, 40), (1300, 2560), (1300, 2560)), "triton"),   # a ring shard: first block cut short
     (joint(40 * 64 - 10, 200), "fa4"),        # CogVideoX's joint sequence: 64-token blocks and two short ones
     (joint(40 * 64 - 10, 256), "fa4"),        # HunyuanVideo 1.5's
-    (dataclasses.replace(joint(40 * 64 - 10, 200), unselected=Unselected.parse("grouped-first-order:32")), "triton"),
+    (approximating(joint(40 * 64 - 10, 200)), "triton"),                   # PASA's
     (slice_mask(joint(40 * 64 - 10, 200), (1300, 2614), (1300, 2614)), "triton"),   # a ring shard: first block cut
     (causal_frames(4, 100, 64), "triton"),    # frame-causal: a short block in every causal block
 ])

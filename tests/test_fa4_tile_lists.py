@@ -22,6 +22,7 @@ from test_fa4_layout import ANY, HEADS_NEARLY_ALIKE, assert_layout_exact, random
 
 import sparsecore
 from sparsecore import BlockMask
+from sparsecore.ir.host_facts import as_new
 from sparsecore.backends.cuda import fa4_tile_lists, interpreter
 from sparsecore.backends.cuda.fa4_layout import to_fa4
 from sparsecore.backends.cuda.fa4_replay import tile_status
@@ -45,7 +46,7 @@ def triton_layout():
     def convert(mask, tile_m, tile_n, **options):
         with context():
             assert fa4_tile_lists.runs_on_triton(torch.device(device))
-            layout = to_fa4(mask, tile_m, tile_n, device, **options)
+            layout = to_fa4(as_new(mask), tile_m, tile_n, device, **options)   # each path reads
         assert_layout_exact(layout, mask)
         assert_bits_are_the_block_map(layout, mask)
         return layout
@@ -68,7 +69,7 @@ def assert_bits_are_the_block_map(layout, mask) -> None:
 
 def torch_path(mask, tile_m, tile_n, **options):
     assert not fa4_tile_lists.runs_on_triton(torch.device("cpu"))
-    return to_fa4(mask, tile_m, tile_n, "cpu", **options)
+    return to_fa4(as_new(mask), tile_m, tile_n, "cpu", **options)
 
 
 def assert_same_tiles(fast, slow) -> None:

@@ -175,8 +175,8 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     its gather (:func:`tile_cost`), a second layout in that order is built (plus a read of per-block row counts), the
     cheaper kept. It may pay only where the tiles it can change cost more than the gather plus the fewest tiles their
     keys' kept pairs fill (``movable_kept_pairs``): a key tile inside one block whose width is a whole tile
-    (not ``movable``) keeps its status as one of that block's whole tiles in the order, which has at least as many of
-    them, and every other tile costs at least its kept pairs over the tile's area.
+    (not ``movable``) keeps its status as one of that block's whole tiles in :func:`.fa4_key_order.key_order`'s
+    order, which has at least as many of them, and every other tile costs at least its kept pairs over its area.
     ``reorder_keys``: allow :func:`.fa4_key_order.key_order` (False: the keys in their own order). ``key_parts``:
     the key-tile ranges (:func:`.fa4_key_ranges.tile_edges`) whose list widths to read with the layout's host read.
     What a conversion read (and the key order it chose) is kept in the mask's
@@ -209,8 +209,8 @@ def to_fa4(mask: Any, tile_m: int, tile_n: int, device: torch.device | str = "cp
     if order is not None:
         ordered = _general_layout(mask, tile_m, tile_n, device, edges, order, memo)
         layout = ordered if tile_cost(ordered) + gather < tile_cost(plain) else plain
-    if reorder_keys:
-        memo[chosen] = None if layout is plain else order
+    if reorder_keys:                                                      # int32: 0.75 MB at 188,760 keys
+        memo[chosen] = None if layout is plain else order.astype(np.int32)
     return layout
 
 

@@ -66,6 +66,8 @@ import numpy as np
 
 from sparsecore.ir import BlockMask
 
+JOINT_TEXT_TOKENS = 1024     # the longest text after the video a "joint-64" mask may have (LTX-2's 1,024)
+
 # key-block class -> lowering -> rank (higher is preferred)
 RANKS = {
     "tile-aligned": {"fa4": 30, "flashinfer": 20, "triton": 10},   # uniform blocks, a multiple of 128 tokens
@@ -82,7 +84,8 @@ def block_class(mask: BlockMask) -> str:
     if mask.largest_block_size("kv") < 128:
         if mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64:
             return "uniform-64"
-        joint = _joint_64(mask.q_offsets) and _joint_64(mask.kv_offsets) and mask.unselected.kind == "drop"
+        same = np.array_equal(mask.q_offsets, mask.kv_offsets)                    # self-attention over one sequence
+        joint = same and _joint_64(mask.kv_offsets) and mask.unselected.kind == "drop"
         return "joint-64" if joint else "small"
     block = mask.interior_block_size("kv")
     if block is None:
@@ -91,11 +94,18 @@ def block_class(mask: BlockMask) -> str:
 
 
 def _joint_64(offsets: np.ndarray) -> bool:
-    """Blocks as ``VideoGeometry.block_offsets(64)`` cuts a video + text sequence: 64 tokens from the first, at most
-    two shorter (the video's last block, the text's last), none longer. A ring shard's first block is cut short, and
-    a frame-causal mask has a short block in every causal block: neither is such a mask."""
+    """Blocks as ``VideoGeometry.block_offsets(64)`` cuts a video + text sequence, the text last: 64 tokens up to the
+    video's short last block, then at most :data:`JOINT_TEXT_TOKENS` tokens of text in 64-token blocks, the last one
+    possibly shorter, and no more text than video. A ring shard's first block is cut short; a frame-causal mask has a
+    short block in every causal block, and a text-first sequence its whole video after its first short block:
+    none of those is such a mask."""
     sizes = np.diff(np.asarray(offsets, dtype=np.int64))
-    return bool(sizes[0] == 64 and (sizes <= 64).all() and (sizes < 64).sum() <= 2)
+    off_grid = np.flatnonzero(sizes != 64)
+    if len(off_grid) == 0 or off_grid[0] == 0 or sizes[off_grid[0]] > 64:
+        return False
+    tail = sizes[off_grid[0] + 1:]
+    return bool((tail[:-1] == 64).all() and (tail[-1:] <= 64).all() and
+                tail.sum() <= min(JOINT_TEXT_TOKENS, sizes[:off_grid[0] + 1].sum()))
 
 
 def preference(backend: str, mask: BlockMask) -> int:
