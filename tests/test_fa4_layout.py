@@ -488,6 +488,28 @@ def test_copies_of_a_mask_share_what_its_conversions_read(monkeypatch):
     assert len(made) == 2
 
 
+def test_the_padded_masks_of_a_held_masks_copies_share_what_their_conversions_read(monkeypatch):
+    """Text padding: the planner pads each call's copy of a held mask by a trailing block (a new mask a call). The
+    padded copies of one held mask share their host reads (kept with it per length), not the held mask's own (their
+    lists differ: the padding's rows are empty), so the second call's conversion reads nothing."""
+    from sparsecore.integrations.diffusers.planner import Planner
+    from sparsecore.ir import placement, uploads
+    from sparsecore.ir.host_facts import note_row_lengths, row_lengths
+    offsets = BlockMask.uniform_offsets(16 * 6, 16)
+    held = note_row_lengths(random_mask(np.random.default_rng(15), offsets, offsets, 2, 0.5).to("cpu"), 0, 6)
+    monkeypatch.setattr(placement, "run_device", lambda device: "elsewhere")
+    monkeypatch.setattr(uploads, "moved", lambda tensor, device: tensor.clone())
+    made = counting_reads(monkeypatch)
+    padded = [Planner.padded_mask(None, held.copy_to("elsewhere"), 16 * 6 + 20) for _ in range(2)]
+    assert padded[0] is not padded[1] and row_lengths(padded[0]) is None
+    for mask in padded:
+        assert_exact(mask, 16, 16)
+    assert len(made) == 1
+    other_length = Planner.padded_mask(None, held.copy_to("elsewhere"), 16 * 6 + 30)
+    assert_exact(other_length, 16, 16)
+    assert len(made) == 2
+
+
 def test_masks_of_one_geometry_build_its_tables_once(monkeypatch):
     """The tables that follow from the offsets are built once per geometry and tiles (kept in host memory), a key
     order's each time, and again after ``sparsecore.clear_cache``; every conversion stays exact."""

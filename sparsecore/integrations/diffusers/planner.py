@@ -40,6 +40,7 @@ import torch
 import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.host_facts import host_reads
 from sparsecore.methods import SESSIONS, HeadShard, Session
 from sparsecore.methods.selection import dense_mask
 from sparsecore.ordering import TokenOrder
@@ -360,10 +361,14 @@ class Planner:
 
     def padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
         """``mask`` extended to ``seq_len`` tokens by an unlisted trailing block (text padding), memoized per mask;
-        an approximating mask as it is (it runs on the valid prefix, see the module docstring)."""
+        an approximating mask as it is (it runs on the valid prefix, see the module docstring). The padded masks of
+        a held mask's copies (one a call) have the same lists: they share what is known of them
+        (:func:`sparsecore.ir.host_facts.host_reads`), kept with the held mask per length."""
         if seq_len == mask.q_len or mask.unselected.kind != "drop":
             return mask
         key = ("padded", seq_len)                                     # kept with the mask, freed with it
         if key not in mask.derived:
-            mask.derived[key] = mask.with_trailing_block(seq_len, {**mask.meta, "padding": seq_len - mask.q_len})
+            padded = mask.with_trailing_block(seq_len, {**mask.meta, "padding": seq_len - mask.q_len})
+            padded.derived["host_reads"] = host_reads(mask).setdefault(key, {})
+            mask.derived[key] = padded
         return mask.derived[key]
