@@ -43,7 +43,8 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   every call, 13.39 against 13.58 and 12.64 against 13.12 s; compiled, reuse 3.61 against 3.77 and 3.55 against
   4.07 s, 50-step generations 246.5 against 251.1 and 242.0 against 261.2 s (there fa4's one search step a
   generation is slower: 14.33 against 12.98 and 12.58 against 11.84 s). The other small masks rank Triton first:
-  ring shards, uniform blocks of 16 or 32 tokens, PASA's approximating masks (converted at each call: Triton 55.2
+  ring shards, joint masks padded by a trailing block (a batch's texts of several lengths: not timed on fa4),
+  uniform blocks of 16 or 32 tokens, PASA's approximating masks (converted at each call: Triton 55.2
   against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5 on the joint models, 2026-12-02; whole sparse steps tie since
   the thirty-second session, 0.584-0.600 against 0.585-0.588 s for 6 layers of HunyuanVideo 1.5), frame-causal masks
   (64-token blocks and a 24-token one in every causal block: SkyReels-V2 DF at 544x960, whole eager steps at
