@@ -27,6 +27,16 @@ def host_reads(mask: "BlockMask") -> dict:
     return mask.derived.setdefault("host_reads", {})
 
 
+def share_host_facts(mask: "BlockMask", source: "BlockMask", derivation: tuple | None = None) -> "BlockMask":
+    """Give ``mask`` what is known of ``source``'s lists: the same :func:`host_reads` where its lists are
+    ``source``'s (a copy on another device, another treatment of unlisted blocks), or, for lists made from
+    ``source``'s by ``derivation`` (a key: the same derivation gives the same lists), one kept with ``source`` for
+    every mask so made; returns ``mask``."""
+    facts = host_reads(source)
+    mask.derived["host_reads"] = facts if derivation is None else facts.setdefault(derivation, {})
+    return mask
+
+
 def note_row_lengths(mask: "BlockMask", shortest: int, longest: int) -> "BlockMask":
     """Record that every row of ``mask`` keeps at least ``shortest`` and at most ``longest`` key blocks (bounds its
     builder knows on the host: a top-k's ``k``, a full text row); returns ``mask``. Checked against the block count

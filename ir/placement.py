@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import validation as v
-from .host_facts import host_reads
+from .host_facts import share_host_facts
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +50,7 @@ def copied(mask: "BlockMask", device: Any) -> "BlockMask":
         return mask
     copy = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, moved(mask.indptr, device),
                                 moved(mask.indices, device), moved(mask.budgets, device), mask.meta, mask.unselected)
-    copy.derived["host_reads"] = host_reads(mask)              # the same lists: what was read of them holds
-    return copy
+    return share_host_facts(copy, mask)
 
 
 def downloaded(mask: "BlockMask") -> "BlockMask":

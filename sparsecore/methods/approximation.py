@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsecore.ir import BlockMask, Unselected
-from sparsecore.ir.host_facts import host_reads
+from sparsecore.ir.host_facts import share_host_facts
 
 APPROXIMATIONS = ("drop", "zeroth", "global-first-order", "grouped-first-order")
 
@@ -50,7 +50,5 @@ def with_unselected(mask: BlockMask, unselected: Unselected, causal_frames: int 
         raise ValueError(f"approximation: {unselected} would add every block a row does not list to its softmax, "
                          f"the later causal blocks (of {causal_frames} frames) it may not see included; pass "
                          f"approximation='drop' for a frame-causal geometry")
-    treated = BlockMask.unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
-                                  mask.budgets, mask.meta, unselected)
-    treated.derived["host_reads"] = host_reads(mask)             # the same lists: what is known of them holds
-    return treated
+    return share_host_facts(BlockMask.unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr,
+                                                mask.indices, mask.budgets, mask.meta, unselected), mask)

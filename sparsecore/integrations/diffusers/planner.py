@@ -40,7 +40,7 @@ import torch
 import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
-from sparsecore.ir.host_facts import host_reads
+from sparsecore.ir.host_facts import share_host_facts
 from sparsecore.methods import SESSIONS, HeadShard, Session
 from sparsecore.methods.selection import dense_mask
 from sparsecore.ordering import TokenOrder
@@ -369,6 +369,5 @@ class Planner:
         key = ("padded", seq_len)                                     # kept with the mask, freed with it
         if key not in mask.derived:
             padded = mask.with_trailing_block(seq_len, {**mask.meta, "padding": seq_len - mask.q_len})
-            padded.derived["host_reads"] = host_reads(mask).setdefault(key, {})
-            mask.derived[key] = padded
+            mask.derived[key] = share_host_facts(padded, mask, derivation=key)
         return mask.derived[key]
