@@ -1,6 +1,6 @@
 """End-to-end benchmark: transformer steps and whole generations, dense vs sparsecore, eager and compiled.
 
-    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv cogvideox-1.5 wan-vace
+    python bench/e2e_benchmark.py --out bench/results [--models wan-1.3b wan-14b hv15 hv15-t2v hv cogvideox-1.5 wan-vace
                                   skyreels-df mochi ltx ltx2 kandinsky5 cosmos]
                                   [--lengths 6x]
                                   [--modes eager compiled] [--tiny]
@@ -14,6 +14,9 @@ GPU, batch 1 (one CFG branch), 512 text tokens:
   its 40 layers and reported per layer and scaled to 40 (stated in the table).
 - ``hv15``: HunyuanVideo 1.5-shaped (16 heads x 128, 8.3B at 54 layers) at 480p (30x53
   latent) with 33 and 65 latent frames (1x, 2x its horizon), run with 6 of 54 layers, scaled.
+- ``hv15-t2v``: the same with a text-to-video prompt as HunyuanVideo 1.5's pipeline passes it: 1,000 Qwen2.5-VL
+  slots (150 valid), 256 ByT5 slots (none valid: no quoted text), 729 image slots of zeros (t2v), so 1,835 of its
+  1,985 text tokens are padding, which sparsecore runs as padding blocks no row lists.
 - ``hv``: HunyuanVideo 1.0 13B-shaped (24 heads x 128, 20 double-stream and 40 single-stream blocks) at 720p
   (90x160 latent, 45x80 tokens a frame) with 33 latent frames (129 video frames, its horizon), 256 text
   tokens, run with 1 double-stream and 2 single-stream blocks (the model's 1 : 2), scaled to 60 layers.
@@ -125,9 +128,9 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import (COGVIDEOX_TEXT, COSMOS_TEXT, HV_TEXT, KANDINSKY5_TEXT, LTX2_TEXT, LTX_TEXT, MOCHI_TEXT, MODELS,
-                        TEXT_TOKENS, Case, attention_shape, build_model, cases, model_inputs, timestep_inputs,
-                        token_grid, video_tokens)
+from e2e_models import (COGVIDEOX_TEXT, COSMOS_TEXT, HV15_PROMPT, HV15_T2V_SLOTS, HV_TEXT, KANDINSKY5_TEXT, LTX2_TEXT,
+                        LTX_TEXT, MOCHI_TEXT, MODELS, TEXT_TOKENS, Case, attention_shape, build_model, cases,
+                        model_inputs, timestep_inputs, token_grid, video_tokens)
 from report import time_one_backend, versions, write_report
 
 import sparsecore
@@ -410,7 +413,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
              f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
              f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5, {COSMOS_TEXT} for "
-             f"Cosmos). "
+             f"Cosmos; HunyuanVideo 1.5: {TEXT_TOKENS} Qwen2.5-VL, 64 ByT5 and 729 image tokens, all valid, and `hv15-t2v` "
+             f"{sum(HV15_T2V_SLOTS):,} slots as its pipeline pads a t2v prompt of {HV15_PROMPT} tokens). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "

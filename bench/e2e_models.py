@@ -17,6 +17,8 @@ WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 WAN_VACE_1_3B = dict(WAN_1_3B, vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
 SKYREELS_DF_1_3B = dict(WAN_1_3B, num_frame_per_block=5)
 HV15 = dict(num_layers=54)
+HV15_T2V_SLOTS = (1000, 256, 729)   # its pipeline's text slots: Qwen2.5-VL prompt, ByT5 glyphs, image (SigLIP)
+HV15_PROMPT = 150                   # Qwen2.5-VL tokens of a t2v prompt: the other 1,835 slots are padding
 COGVIDEOX_15 = dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
                     text_embed_dim=4096, num_layers=42, patch_size=2, patch_size_t=2, max_text_seq_length=226,
                     sample_height=300, sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True,
@@ -45,7 +47,7 @@ COSMOS_2B = dict(in_channels=17, out_channels=16, num_attention_heads=16, attent
                  rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=False, extra_pos_embed_type=None)   # Predict2.5 2B-
 #                                                    shaped: 16 heads x 128, 28 blocks (RoPE's scale: timing-neutral)
 COSMOS_TEXT = 512               # its text tokens (1024 channels after the pipeline's projection)
-MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
+MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv15-t2v", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
           "kandinsky5", "cosmos")
 
 
@@ -63,6 +65,7 @@ class Case:
 FULL_CASES = {   # model -> its cases: Case(model, label, latent frames, height, width, layers run, layers in the model)
     "wan-1.3b": [Case("wan-1.3b", f"{m}x", f, 60, 104, 30, 30) for m, f in ((1, 21), (2, 41), (4, 81), (6, 121))],
     "hv15": [Case("hv15", f"{m}x", f, 30, 53, 6, 54) for m, f in ((1, 33), (2, 65))],
+    "hv15-t2v": [Case("hv15-t2v", f"{m}x", f, 30, 53, 6, 54) for m, f in ((1, 33), (2, 65))],
     "wan-14b": [Case("wan-14b", "6x", 121, 60, 104, 2, 40)],
     "cogvideox-1.5": [Case("cogvideox-1.5", f"{m}x", f, 96, 170, 6, 42) for m, f in ((1, 22), (2, 42))],
     "hv": [Case("hv", "1x", 33, 90, 160, 3, 60),
@@ -80,7 +83,7 @@ FULL_CASES = {   # model -> its cases: Case(model, label, latent frames, height,
 def cases(models: list[str], tiny: bool) -> list[Case]:
     if tiny:
         tiny_cases = [Case("wan-1.3b", "1x", 3, 8, 8, 2, 2), Case("wan-1.3b", "6x", 13, 8, 8, 2, 2)]
-        tiny_cases += [Case("hv15", "2x", 9, 6, 6, 2, 2)] if "hv15" in models else []
+        tiny_cases += [Case(model, "2x", 9, 6, 6, 2, 2) for model in ("hv15", "hv15-t2v") if model in models]
         tiny_cases += [Case("hv", "1x", 9, 8, 8, 3, 3)] if "hv" in models else []
         tiny_cases += [Case("wan-vace", "2x", 13, 8, 8, 2, 2)] if "wan-vace" in models else []
         tiny_cases += [Case("skyreels-df", "2x", 10, 8, 8, 2, 2)] if "skyreels-df" in models else []
@@ -234,6 +237,14 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     return_dict=False)
     if case.model.startswith("wan") or case.model == "skyreels-df":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
+                    return_dict=False)
+    if case.model == "hv15-t2v":                  # as its pipeline passes a short t2v prompt: most slots padding
+        prompt, glyphs, image = HV15_T2V_SLOTS
+        valid = torch.arange(prompt, device=device)[None] < HV15_PROMPT
+        return dict(hidden_states=latents, encoder_hidden_states=rand(1, prompt, config.text_embed_dim),
+                    encoder_attention_mask=valid.long(), encoder_hidden_states_2=rand(1, glyphs, config.text_embed_2_dim),
+                    encoder_attention_mask_2=torch.zeros(1, glyphs, device=device, dtype=torch.long),
+                    image_embeds=torch.zeros(1, image, config.image_embed_dim, device=device, dtype=dtype),
                     return_dict=False)
     return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_embed_dim),
                 encoder_attention_mask=ones(TEXT_TOKENS), encoder_hidden_states_2=rand(1, 64, config.text_embed_2_dim),

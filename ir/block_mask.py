@@ -316,21 +316,11 @@ class BlockMask:
         return BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, indptr.int(), indices.contiguous(),
                                    self.budgets[idx], self.meta, self.unselected)
 
-    def with_trailing_block(self, length: int, meta: Mapping[str, Any] | None = None) -> "BlockMask":
-        """This mask extended to ``length`` tokens by one unlisted block with empty rows (padding: output 0)."""
-        if self.unselected.kind != "drop":
-            raise ValueError(f"unselected: with_trailing_block expected a mask that drops unlisted blocks, got "
-                             f"{str(self.unselected)!r} (the trailing block would enter every row's approximation); "
-                             f"run the mask on its {self.q_len} tokens and write 0 to the rest")
-        length = v.check_int(length, "length", max(self.q_len, self.kv_len) + 1)
-        if self.on_host:
-            indptr = v.frozen(np.concatenate([self.indptr, self.indptr[:, -1:]], axis=1))
-        else:
-            import torch
-            indptr = torch.cat([self.indptr, self.indptr[:, -1:]], dim=1)
-        return BlockMask.unchecked(self.num_heads, np.append(self.q_offsets, length),
-                                   np.append(self.kv_offsets, length), indptr, self.indices, self.budgets,
-                                   self.meta if meta is None else meta, self.unselected)
+    def with_padding(self, length: int, meta: Mapping[str, Any] | None = None) -> "BlockMask":
+        """This mask extended to ``length`` tokens by padding blocks no row lists, with empty rows (output 0), no
+        larger than its largest blocks (:func:`.padding.with_padding`)."""
+        from .padding import with_padding
+        return with_padding(self, length, meta)
 
     # --------------------------------------------------------------- identity
     @cached_property

@@ -85,7 +85,7 @@ def test_device_views_equal_host_views(mask, data):
         [[mask.row(h, i) for i in range(mask.num_q_blocks)] for h in heads], mask.q_offsets, mask.kv_offsets,
         budgets=mask.budgets[heads], meta=mask.meta)
     longer = max(mask.q_len, mask.kv_len) + 5
-    assert device.with_trailing_block(longer) == mask.with_trailing_block(longer)
+    assert device.with_padding(longer) == mask.with_padding(longer)
 
 
 @settings(max_examples=40)

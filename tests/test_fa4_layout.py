@@ -489,7 +489,7 @@ def test_copies_of_a_mask_share_what_its_conversions_read(monkeypatch):
 
 
 def test_the_padded_masks_of_a_held_masks_copies_share_what_their_conversions_read(monkeypatch):
-    """Text padding: the planner pads each call's copy of a held mask by a trailing block (a new mask a call). The
+    """Text padding: the planner pads each call's copy of a held mask by padding blocks (a new mask a call). The
     padded copies of one held mask share their host reads (kept with it per length), not the held mask's own (their
     lists differ: the padding's rows are empty), so the second call's conversion reads nothing."""
     from sparsecore.integrations.diffusers.planner import Planner

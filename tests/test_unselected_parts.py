@@ -114,9 +114,9 @@ def test_adaspa_and_lvsa_keep_dropping_unless_asked(qkv):
 def test_an_approximating_mask_is_not_extended_by_a_padding_block():
     mask = BlockMask.full(1, 48, 48, 16)
     zeroth = BlockMask(1, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, unselected=Unselected("zeroth"))
-    assert mask.with_trailing_block(64).q_len == 64
-    with pytest.raises(ValueError, match="unselected: with_trailing_block expected a mask that drops"):
-        zeroth.with_trailing_block(64)
+    assert mask.with_padding(64).q_len == 64
+    with pytest.raises(ValueError, match="unselected: with_padding expected a mask that drops"):
+        zeroth.with_padding(64)
 
 
 @pytest.mark.parametrize("kind", ["zeroth", "grouped-first-order:2"])

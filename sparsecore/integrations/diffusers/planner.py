@@ -20,8 +20,8 @@ per-layer state.
 Masks the session builds on the device stay there: nothing here hashes or copies them. A
 session may keep its masks in host memory between steps (AdaSpa's ``store="host"``): such a
 mask is copied to the device at each call, compiled, and dropped after the call.
-Masks whose valid tokens are a prefix of a padded sequence run extended by one trailing block
-that no row lists (:meth:`BlockMask.with_trailing_block`): output 0 on the padding, as the
+Masks whose valid tokens are a prefix of a padded sequence run extended by padding blocks
+that no row lists (:meth:`BlockMask.with_padding`): output 0 on the padding, as the
 model's masked attention gives. Masks that approximate their unlisted blocks (PASA) cannot be
 extended so (the padding block would enter every row's approximation): they run on the valid
 prefix alone and the padding rows' output is written as 0.
@@ -229,7 +229,7 @@ class Planner:
         if found is None:
             found = dense_mask(geometry, heads, {"method": "dense"})
             if seq_len != found.q_len:
-                found = found.with_trailing_block(seq_len)
+                found = found.with_padding(seq_len)
             self._full[key] = found
             if len(self._full) > FULL_MASKS:
                 self._full.popitem(last=False)
@@ -360,7 +360,7 @@ class Planner:
         return padded.derived["group kernel"]
 
     def padded_mask(self, mask: BlockMask, seq_len: int) -> BlockMask:
-        """``mask`` extended to ``seq_len`` tokens by an unlisted trailing block (text padding), memoized per mask;
+        """``mask`` extended to ``seq_len`` tokens by unlisted padding blocks (text padding), memoized per mask;
         an approximating mask as it is (it runs on the valid prefix, see the module docstring). The padded masks of
         a held mask's copies (one a call) have the same lists: they share what is known of them
         (:func:`sparsecore.ir.host_facts.host_reads`), kept with the held mask per length."""
@@ -368,6 +368,6 @@ class Planner:
             return mask
         key = ("padded", seq_len)                                     # kept with the mask, freed with it
         if key not in mask.derived:
-            padded = mask.with_trailing_block(seq_len, {**mask.meta, "padding": seq_len - mask.q_len})
+            padded = mask.with_padding(seq_len, {**mask.meta, "padding": seq_len - mask.q_len})
             mask.derived[key] = share_host_facts(padded, mask, derivation=key)
         return mask.derived[key]

@@ -1,0 +1,52 @@
+"""A mask extended over padding tokens: blocks no row lists, whose own rows list nothing (output 0, LSE -inf).
+
+A batch's texts padded to one length (HunyuanVideo 1.5's 1,985 text slots, most of them padding for a short
+prompt) put padding tokens after a mask's valid ones. The padding is cut into blocks no larger than the mask's
+largest on each side, so a kernel tiles the padded mask as it tiles the mask itself: one block over the padding
+(1,800 tokens after 64-token blocks) made Triton choose 128-wide tiles, on which 64-token blocks take twice the
+work, and made ``compile`` class the mask as mixed sizes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from . import validation as v
+
+if TYPE_CHECKING:
+    from .block_mask import BlockMask
+
+
+def padded_offsets(offsets: np.ndarray, length: int) -> np.ndarray:
+    """``offsets`` extended to ``length`` by blocks of the largest block's size, the last one possibly shorter."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    block = int(np.diff(offsets).max())
+    return np.concatenate([offsets, np.append(np.arange(int(offsets[-1]) + block, length, block), length)])
+
+
+def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None = None) -> "BlockMask":
+    """``mask`` extended to ``length`` tokens on both sides by padding blocks (see the module docstring); ``meta``
+    replaces the mask's if given. The lists are shared, the row pointers extended by the padding's empty rows."""
+    from .block_mask import BlockMask
+    if mask.unselected.kind != "drop":
+        raise ValueError(f"unselected: with_padding expected a mask that drops unlisted blocks, got "
+                         f"{str(mask.unselected)!r} (the padding would enter every row's approximation); run the "
+                         f"mask on its {mask.q_len} tokens and write 0 to the rest")
+    length = v.check_int(length, "length", max(mask.q_len, mask.kv_len) + 1)
+    v.check_pairs(mask.num_heads, length, length)
+    rows = -(-(length - mask.q_len) // mask.largest_block_size("q"))
+    if mask.num_heads * (mask.num_q_blocks + rows + 1) > v.INDEX_LIMIT:
+        raise ValueError(f"length: padding {mask.q_len} query tokens to {length:,} adds {rows:,} blocks of "
+                         f"{mask.largest_block_size('q')} tokens a head, more row pointers than int32 indexes for "
+                         f"{mask.num_heads} heads; expected the padded length of a batch's inputs")
+    if mask.on_host:
+        indptr = v.frozen(np.concatenate([mask.indptr, np.repeat(mask.indptr[:, -1:], rows, axis=1)], axis=1))
+    else:
+        indptr = mask.indptr[:, -1:].expand(-1, rows)
+        import torch
+        indptr = torch.cat([mask.indptr, indptr], dim=1)
+    return BlockMask.unchecked(mask.num_heads, padded_offsets(mask.q_offsets, length),
+                               padded_offsets(mask.kv_offsets, length), indptr, mask.indices, mask.budgets,
+                               mask.meta if meta is None else meta, mask.unselected)
