@@ -628,6 +628,37 @@ def test_dense_warmup_steps_take_the_model_path(case, first_search, steps):
         assert [table[layer, step] for step in range(4)] == steps
 
 
+@pytest.mark.parametrize("name", sorted(TEXT_MASKED))
+def test_text_padding_keeps_the_lse_of_the_step_before_the_first_search(name, monkeypatch):
+    """With text padding (HunyuanVideo, Mochi: 4 of 13 and 3 of 7 text tokens valid) the dense pass of the step
+    before the first search gives its output and the LSE the search reads: no second dense pass for the LSE (that
+    pass cost 7 s a generation on HunyuanVideo 1.5 at 2x on the H200), and the model's own output."""
+    from sparsecore.integrations.diffusers.planner import Planner
+    from sparsecore.methods import causal
+    case = CASES[name]
+    monkeypatch.setattr(causal, "visible_lse", lambda *args, **kwargs: pytest.fail("a second dense pass for the LSE"))
+    padding_rows = []                                  # each call's output on its padding rows (the model's: 0)
+    attend = Planner.attend
+    def recorded(self, layer, geometry, *args):
+        out = attend(self, layer, geometry, *args)
+        padding_rows.append(out[:, geometry.tokens:])
+        return out
+    monkeypatch.setattr(Planner, "attend", recorded)
+    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    reference = forward(model, inputs, 800.0)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=2, search_steps=(2,),
+                          sparsity=0.5)
+    try:
+        outputs = [forward(model, inputs, t) for t in (999.0, 800.0, 600.0)]
+    finally:
+        handle.remove()
+    assert {s["padding"] for s in handle.stats()} != {0}
+    assert [s["action"] for s in handle.stats() if s["layer"] == 0] == ["dense", "dense-lse", "cached-search"]
+    torch.testing.assert_close(outputs[1], reference, rtol=1e-6, atol=max(1e-6, case.atol))
+    assert torch.isfinite(outputs[2]).all()
+    assert padding_rows and all(rows.numel() and not rows.any() for rows in padding_rows)
+
+
 METHODS = {
     "lvsa": {"reference_frames": 4, "window": 1},          # 8 latent frames > 4: sparse at every step
     "adaspa": {"warmup_steps": 1, "search_steps": (1, 2), "sparsity": 0.6, "block_size": 32},

@@ -344,8 +344,8 @@ class AdaSpaSession:
 
     def _keep_lse(self, layer: int, geometry: VideoGeometry, shard: HeadShard, q: Any, k: Any,
                   lse: torch.Tensor | None) -> None:
-        """Keep ``lse`` for the layer's cached searches; when it was not handed over (e.g. text padding), the LSE
-        of one more dense pass over q, k."""
+        """Keep ``lse`` for the layer's cached searches; when it was not handed over (a caller whose dense pass gave
+        none), the LSE of one more dense pass over q, k."""
         if lse is None:
             q, k = check_qk(q, k, geometry, shard.size)
             lse = causal.visible_lse(q, k, geometry, self.params.scale)

@@ -101,7 +101,7 @@ class PlanInputs:
     """What a plan needs from the call that makes it, for one process or one rank of a sequence split.
 
     ``sequence(with_values)``: q, k (and v) of the whole sequence, ``[B, H, L, D]`` over the valid
-    tokens (asked for only when the method needs them); ``rows``: this call's rows ``[B, S, h, D]``
+    tokens (text padding cut off) (asked for only when the method needs them); ``rows``: this call's rows ``[B, S, h, D]``
     of a whole-sequence dense output; ``runner``: what runs a (padded) mask (a compiled kernel, or
     a ring rank's cut of it); ``prepare``: do before the next step what that runner's first call would;
     ``whole``: the call holds the whole sequence, so a mask of head groups may run one kernel per group.
@@ -176,8 +176,8 @@ class Planner:
                dense: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Attention ``[B, S, h, D]`` of one group of samples whose valid tokens are ``geometry``'s (a prefix of S)."""
         def sequence(with_values: bool) -> tuple[torch.Tensor, ...]:
-            views = [t.transpose(1, 2)[:, :, :geometry.tokens] for t in (query, key)]   # [B, H, L, D], valid tokens
-            return (*views, value.transpose(1, 2)) if with_values else tuple(views)
+            views = [t.transpose(1, 2)[:, :, :geometry.tokens] for t in (query, key, value)]   # [B, H, L, D], valid
+            return tuple(views) if with_values else tuple(views[:2])
 
         def prepare(kernel: Any) -> None:
             kernel.prepare(*(t.transpose(1, 2)[:, :, :kernel.mask.q_len] for t in (query, key, value)))
@@ -312,10 +312,9 @@ class Planner:
         if not action.plans:
             return plan
         q = k = lse = mass = None
-        wants_lse = action.wants_lse and seq_len == geometry.tokens
         if action.needs_qk:
-            q, k, *v = io.sequence(wants_lse)
-            if wants_lse:                         # the dense output, its LSE and (if wanted) the block masses
+            q, k, *v = io.sequence(action.wants_lse)
+            if action.wants_lse:                         # the dense output, its LSE and (if wanted) the block masses
                 if action.mass_block_size and not geometry.causal_frames:     # its masses would see every key
                     offsets = geometry.block_offsets(action.mass_block_size)
                     out, found = self.stats.time(record, like, lambda: dense_attention_with_mass(q, k, v[0], offsets,
@@ -327,6 +326,8 @@ class Planner:
                     fused = False
                 record.dense_kernels.add(found.impl if fused else VISIBLE_BLOCKS if geometry.causal_frames
                                          else dense_impl(q, k, v[0]))
+                if geometry.tokens < seq_len:                    # text padding: its rows attend to nothing
+                    out = torch.nn.functional.pad(out, (0, 0, 0, seq_len - geometry.tokens))
                 plan.dense_out = io.rows(out.transpose(1, 2))
         plan.mask = session.plan(geometry, heads if shard is None else shard.total, step=step, layer=layer, q=q, k=k,
                                  lse=lse, mass=mass, heads=shard)

@@ -57,8 +57,8 @@ class ShardedAttention:
         seq_len = ring.world * video + query.shape[1] - video
 
         def sequence(with_values: bool) -> tuple[torch.Tensor, ...]:
-            views = [gather_sequence(t, ring, video).transpose(1, 2)[:, :, :geometry.tokens] for t in (query, key)]
-            return (*views, gather_sequence(value, ring, video).transpose(1, 2)) if with_values else tuple(views)
+            whole = (query, key, value) if with_values else (query, key)
+            return tuple(gather_sequence(t, ring, video).transpose(1, 2)[:, :, :geometry.tokens] for t in whole)
 
         def runner(mask: BlockMask) -> RingWork:
             if mask.unselected.kind != "drop":
