@@ -47,7 +47,8 @@ COSMOS_2B = dict(in_channels=17, out_channels=16, num_attention_heads=16, attent
                  rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=False, extra_pos_embed_type=None)   # Predict2.5 2B-
 #                                                    shaped: 16 heads x 128, 28 blocks (RoPE's scale: timing-neutral)
 COSMOS_TEXT = 512               # its text tokens (1024 channels after the pipeline's projection)
-MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv15-t2v", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx", "ltx2",
+MODELS = ("wan-1.3b", "wan-14b", "hv15", "hv15-t2v", "hv", "cogvideox-1.5", "wan-vace", "skyreels-df", "mochi", "ltx",
+          "ltx2",
           "kandinsky5", "cosmos")
 
 
@@ -242,7 +243,8 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
         prompt, glyphs, image = HV15_T2V_SLOTS
         valid = torch.arange(prompt, device=device)[None] < HV15_PROMPT
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, prompt, config.text_embed_dim),
-                    encoder_attention_mask=valid.long(), encoder_hidden_states_2=rand(1, glyphs, config.text_embed_2_dim),
+                    encoder_attention_mask=valid.long(),
+                    encoder_hidden_states_2=rand(1, glyphs, config.text_embed_2_dim),
                     encoder_attention_mask_2=torch.zeros(1, glyphs, device=device, dtype=torch.long),
                     image_embeds=torch.zeros(1, image, config.image_embed_dim, device=device, dtype=dtype),
                     return_dict=False)

@@ -18,6 +18,9 @@ from . import validation as v
 if TYPE_CHECKING:
     from .block_mask import BlockMask
 
+PADDING_BLOCKS = 1 << 20        # padding blocks a side (checked before any is made): text padding needs tens
+UNPADDED_BLOCKS = "unpadded blocks"   # in a padded mask's ``derived``: the query and key blocks before the padding
+
 
 def padded_offsets(offsets: np.ndarray, length: int) -> np.ndarray:
     """``offsets`` extended to ``length`` by blocks of the largest block's size, the last one possibly shorter."""
@@ -36,17 +39,34 @@ def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None 
                          f"mask on its {mask.q_len} tokens and write 0 to the rest")
     length = v.check_int(length, "length", max(mask.q_len, mask.kv_len) + 1)
     v.check_pairs(mask.num_heads, length, length)
-    rows = -(-(length - mask.q_len) // mask.largest_block_size("q"))
-    if mask.num_heads * (mask.num_q_blocks + rows + 1) > v.INDEX_LIMIT:
-        raise ValueError(f"length: padding {mask.q_len} query tokens to {length:,} adds {rows:,} blocks of "
-                         f"{mask.largest_block_size('q')} tokens a head, more row pointers than int32 indexes for "
-                         f"{mask.num_heads} heads; expected the padded length of a batch's inputs")
+    rows, columns = (-(-(length - size) // mask.largest_block_size(side))
+                     for side, size in (("q", mask.q_len), ("kv", mask.kv_len)))
+    if max(rows, columns) > PADDING_BLOCKS or mask.num_heads * (mask.num_q_blocks + rows + 1) > v.INDEX_LIMIT:
+        largest = f"{mask.largest_block_size('q')} and {mask.largest_block_size('kv')} tokens"
+        raise ValueError(f"length: padding {mask.q_len} query and {mask.kv_len} key tokens to {length:,} adds "
+                         f"{rows:,} query and {columns:,} key blocks (the mask's largest: {largest}), expected at most "
+                         f"{PADDING_BLOCKS:,} a side and row pointers int32 can index for {mask.num_heads} heads; "
+                         f"pass the padded length of a batch's inputs")
     if mask.on_host:
         indptr = v.frozen(np.concatenate([mask.indptr, np.repeat(mask.indptr[:, -1:], rows, axis=1)], axis=1))
     else:
         indptr = mask.indptr[:, -1:].expand(-1, rows)
         import torch
         indptr = torch.cat([mask.indptr, indptr], dim=1)
-    return BlockMask.unchecked(mask.num_heads, padded_offsets(mask.q_offsets, length),
-                               padded_offsets(mask.kv_offsets, length), indptr, mask.indices, mask.budgets,
-                               mask.meta if meta is None else meta, mask.unselected)
+    padded = BlockMask.unchecked(mask.num_heads, padded_offsets(mask.q_offsets, length),
+                                 padded_offsets(mask.kv_offsets, length), indptr, mask.indices, mask.budgets,
+                                 mask.meta if meta is None else meta, mask.unselected)
+    source = unpadded(mask)                                      # a padded mask padded again: its source's
+    padded.derived[UNPADDED_BLOCKS] = (source.num_q_blocks, source.num_kv_blocks)
+    return padded
+
+
+def unpadded(mask: "BlockMask") -> "BlockMask":
+    """``mask`` without the padding blocks :func:`with_padding` added (``mask`` itself where it added none): the
+    blocks rows may list, whose layout is what a kernel's speed depends on. Its lists are views of ``mask``'s."""
+    from .block_mask import BlockMask
+    q_blocks, kv_blocks = mask.derived.get(UNPADDED_BLOCKS, (mask.num_q_blocks, mask.num_kv_blocks))
+    if (q_blocks, kv_blocks) == (mask.num_q_blocks, mask.num_kv_blocks):
+        return mask
+    return BlockMask.unchecked(mask.num_heads, mask.q_offsets[:q_blocks + 1], mask.kv_offsets[:kv_blocks + 1],
+                               mask.indptr[:, :q_blocks + 1], mask.indices, mask.budgets, mask.meta, mask.unselected)

@@ -75,7 +75,7 @@ def causal_frames(groups: int, group: int, block: int) -> BlockMask:
     (causal_frames(4, 100, 64), 64, "small"),         # a short block in every causal block (SkyReels-V2 DF)
     (causal_frames(2, 2400, 64), 64, "small"),        # two causal blocks: a whole causal block after the first short
     (text_first(226, 40 * 64 - 10), 64, "small"),     # the text first: the whole video after its short block
-    (joint(40 * 64 - 10, 1100), 64, "small"),         # more text than a quarter of the video
+    (joint(40 * 64 - 10, 1400), 64, "small"),         # more text than a joint model's
     (joint(6 * 64 - 10, 500), 64, "small"),           # more text than video
     (approximating(joint(40 * 64 - 10, 200)), 64, "small"),   # PASA's: the approximation pass
     (slice_mask(joint(40 * 64 - 10, 200), (0, 1280), (1280, 2750)), 64, "small"),   # a ring step: other keys

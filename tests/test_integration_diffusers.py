@@ -628,35 +628,48 @@ def test_dense_warmup_steps_take_the_model_path(case, first_search, steps):
         assert [table[layer, step] for step in range(4)] == steps
 
 
+@pytest.mark.parametrize("text", ["same", "ragged"])             # one valid text length; two samples of two
+@pytest.mark.parametrize("first_search", ["cached", "fused"])
 @pytest.mark.parametrize("name", sorted(TEXT_MASKED))
-def test_text_padding_keeps_the_lse_of_the_step_before_the_first_search(name, monkeypatch):
-    """With text padding (HunyuanVideo, Mochi: 4 of 13 and 3 of 7 text tokens valid) the dense pass of the step
-    before the first search gives its output and the LSE the search reads: no second dense pass for the LSE (that
-    pass cost 7 s a generation on HunyuanVideo 1.5 at 2x on the H200), and the model's own output."""
+def test_text_padding_keeps_the_lse_of_the_dense_pass_before_a_search(name, first_search, text, monkeypatch):
+    """With text padding (HunyuanVideo 1.5 and 1.0, Mochi) the dense pass that gives AdaSpa's first search its LSE
+    (the step before it; with the paper's fused search, that step itself) runs on the valid tokens: the session gets
+    its LSE, float64 logsumexp of those tokens' scores, and runs no second dense pass for it (that pass cost 7 s a
+    generation on HunyuanVideo 1.5 at 2x on the H200); the step's output is the model's, its padding rows 0."""
     from sparsecore.integrations.diffusers.planner import Planner
-    from sparsecore.methods import causal
+    from sparsecore.methods import adaspa, causal
     case = CASES[name]
     monkeypatch.setattr(causal, "visible_lse", lambda *args, **kwargs: pytest.fail("a second dense pass for the LSE"))
-    padding_rows = []                                  # each call's output on its padding rows (the model's: 0)
-    attend = Planner.attend
+    padding_rows, handed = [], []                  # each call's output on its padding rows; the LSEs handed over
+    attend, plan = Planner.attend, adaspa.AdaSpaSession.plan
     def recorded(self, layer, geometry, *args):
         out = attend(self, layer, geometry, *args)
         padding_rows.append(out[:, geometry.tokens:])
         return out
+    def planned(self, geometry, num_heads, **kwargs):
+        if kwargs.get("lse") is not None:
+            handed.append((kwargs["q"], kwargs["k"], kwargs["lse"]))
+        return plan(self, geometry, num_heads, **kwargs)
     monkeypatch.setattr(Planner, "attend", recorded)
-    model, inputs = case.build(), case.inputs(batch=1, text="same")
+    monkeypatch.setattr(adaspa.AdaSpaSession, "plan", planned)
+    batch = 1 if text == "same" else 2
+    model, inputs = case.build(), case.inputs(batch=batch, text=text)
     reference = forward(model, inputs, 800.0)
-    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=2, search_steps=(2,),
-                          sparsity=0.5)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, warmup_steps=1, sparsity=0.5,
+                          search_steps=(2,) if first_search == "cached" else (1, 2), first_search=first_search)
     try:
         outputs = [forward(model, inputs, t) for t in (999.0, 800.0, 600.0)]
     finally:
         handle.remove()
     assert {s["padding"] for s in handle.stats()} != {0}
-    assert [s["action"] for s in handle.stats() if s["layer"] == 0] == ["dense", "dense-lse", "cached-search"]
     torch.testing.assert_close(outputs[1], reference, rtol=1e-6, atol=max(1e-6, case.atol))
     assert torch.isfinite(outputs[2]).all()
     assert padding_rows and all(rows.numel() and not rows.any() for rows in padding_rows)
+    groups = len(set(TEXT_MASKED[name][0][text][:batch]))          # samples of one valid length plan together
+    assert len(handed) == len(case.attention(model)) * groups
+    for q, k, lse in handed:                       # q, k of the valid tokens [B, H, L, D]
+        scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
 
 
 METHODS = {

@@ -162,7 +162,7 @@ def test_an_audited_held_mask_is_measured_on_a_copy(monkeypatch):
 
 # a held mask (AdaSpa store="host") is counted on its call's copy: counting the host lists walked 17.7 M entries at
 # every layer of every reuse step on the host (CogVideoX 1.5 2x, 85 ms a layer; the GPU waited for it on fa4);
-# HunyuanVideo 1.5's padded text gives the copy a trailing padding block (key blocks of several sizes)
+# HunyuanVideo 1.5's padded text gives the copy padding blocks (key blocks of several sizes)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA not available: a held mask's call copies it to the GPU"))])
 @pytest.mark.parametrize("build, make_inputs", [(tiny_wan, wan_inputs), (tiny_hunyuan, hunyuan_inputs)],

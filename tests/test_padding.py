@@ -83,9 +83,15 @@ def test_padding_refuses_bad_lengths_before_building_anything():
         mask.with_padding(48)
     with pytest.raises(TypeError, match="length: expected an int"):
         mask.with_padding(60.0)
-    tiny = BlockMask.full(4, 3, 3, 1)                 # 4 x 10**9 row pointers: int32 cannot index them
-    with pytest.raises(ValueError, match="length: padding 3 query tokens to 1,000,000,000 adds"):
+    tiny = BlockMask.full(4, 3, 3, 1)
+    with pytest.raises(ValueError, match="length: padding 3 query and 3 key tokens to 1,000,000,000 adds 999,999,997"):
         tiny.with_padding(1_000_000_000)
+    keys = BlockMask.from_lists([[np.array([0]), np.array([1])]], [0, 64, 128], np.arange(129))   # 1-token key blocks
+    with pytest.raises(ValueError, match="adds 31,250 query and 2,000,000 key blocks"):
+        keys.with_padding(2_000_128)
+    assert keys.with_padding(1_000_128).num_kv_blocks == 1_000_128           # 2**20 a side at most
+    with pytest.raises(ValueError, match="q_offsets, kv_offsets: num_heads x q_len x kv_len"):
+        BlockMask.full(4, 64, 64, 64).with_padding(2**31)
     with pytest.raises(ValueError, match="unselected: with_padding expected a mask that drops"):
         approximating(mask).with_padding(64)
 
@@ -107,21 +113,32 @@ def test_a_padded_joint_mask_keeps_its_tiles_and_its_class(monkeypatch, padding)
     assert block_class(padded) == block_class(mask) == "joint-64"
 
 
-@pytest.mark.parametrize("video, text, block_class_", [
-    (100 * 64 - 10, 1305, "joint-64"),     # HunyuanVideo 1.5 with an image: 729 + 64 + 512 text tokens, all valid
-    (200 * 64 - 10, 1985, "joint-64"),     # its pipeline's 1,985 slots (729 image, 256 ByT5, 1,000 Qwen2.5-VL)
-    (200 * 64 - 10, 2100, "small"),        # more text than a joint model's
-    (30 * 64 - 10, 600, "small"),          # more than a quarter of the video
+def causal_frames(frames: list[int], frame: int) -> BlockMask:
+    """A frame-causal sequence of causal blocks of ``frames`` frames of ``frame`` tokens each, each cut into 64-token
+    blocks, its last one short (``VideoGeometry(causal_frames=...)``), the diagonal kept."""
+    offsets = BlockMask.uniform_offsets(frames[0] * frame, 64)
+    for count in frames[1:]:
+        offsets = np.concatenate([offsets, offsets[-1] + BlockMask.uniform_offsets(count * frame, 64)[1:]])
+    return BlockMask.from_lists([[np.array([i]) for i in range(len(offsets) - 1)]], offsets, offsets)
+
+
+@pytest.mark.parametrize("mask, block_class_", [
+    (joint(100 * 64 - 10, 1305), "joint-64"),           # HunyuanVideo 1.5 with an image: 729 + 64 + 512 valid tokens
+    (joint(200 * 64 - 10, 1400), "small"),              # more valid text than was measured
+    (joint(200 * 64 - 10, 150).with_padding(200 * 64 - 10 + 1985), "joint-64"),   # its pipeline's slots, padded
+    (joint(200 * 64 - 10, 1280).with_padding(200 * 64 - 10 + 1985), "joint-64"),  # valid text on the 64 grid
+    (causal_frames([5, 1], 2040), "small"),             # SkyReels-V2 DF at 544x960, six frames: a last frame of 2,040
+    (causal_frames([5, 1], 1000), "joint-64"),          # a last causal frame no longer than a joint mask's text
+    (causal_frames([5, 5, 1], 1000), "small"),          # three causal blocks: a short block inside the "text"
 ])
-def test_joint_class_bounds_the_text(video, text, block_class_):
-    assert block_class(joint(video, text)) == block_class_
+def test_joint_class_bounds_the_valid_text(mask, block_class_):
+    assert block_class(mask) == block_class_
 
 
-def test_joint_class_takes_one_short_block_inside_the_text():
-    """The text's last block, then the padding's: a third short block after the video is neither."""
-    def after_video(*sizes):
-        offsets = np.concatenate([BlockMask.uniform_offsets(200 * 64 - 10, 64),
-                                  200 * 64 - 10 + np.cumsum(sizes)])
-        return BlockMask.from_lists([[np.array([i]) for i in range(len(offsets) - 1)]], offsets, offsets)
-    assert block_class(after_video(64, 22, 64, 64, 10)) == "joint-64"
-    assert block_class(after_video(64, 22, 64, 22, 64, 10)) == "small"
+@pytest.mark.parametrize("mask", [joint(160 * 64 - 10, 150), joint(40 * 64 - 10, 1400), causal_frames([5, 1], 2040),
+                                  causal_frames([3, 3, 3], 500), BlockMask.full(2, 1000, 1000, 128),
+                                  BlockMask.full(2, 4680, 4680, 1560)])
+@pytest.mark.parametrize("padding", [1, 64, 1835])
+def test_a_padded_mask_keeps_its_class(mask, padding):
+    """No row lists a padding block, so the padding changes no kernel's work: a padded mask ranks as the mask."""
+    assert block_class(mask.with_padding(mask.q_len + padding)) == block_class(mask)

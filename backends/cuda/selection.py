@@ -43,13 +43,15 @@ head dim). Measured (bf16, H=12, D=128, eff TFLOP/s; bench/results/cuda-*.md and
   every call, 13.39 against 13.58 and 12.64 against 13.12 s; compiled, reuse 3.61 against 3.77 and 3.55 against
   4.07 s, 50-step generations 246.5 against 251.1 and 242.0 against 261.2 s (there fa4's one search step a
   generation is slower: 14.33 against 12.98 and 12.58 against 11.84 s). Text padding comes as padding blocks like
-  the mask's (:meth:`.BlockMask.with_padding`), so a padded joint mask is joint-64 too: HunyuanVideo 1.5 with a
-  short t2v prompt (``hv15-t2v``, 1,835 of 1,985 text slots padding) at 2x, AdaSpa's masks, 103,500 valid of 105,335
-  tokens (H200, 2026-12-04, ``bench/padding_probe.py``): fa4 36.1-39.6 ms against Triton's 40.6-41.4; whole reuse
-  steps 4.56 against 4.82 s eager, 3.35 against 3.65 compiled, generations 296.5 against 307.9 and 239.4 against
-  249.6 s. The padding as one block had made Triton tile such masks 128 wide: 144-147 ms. And HunyuanVideo 1.5's
-  1,305 valid text tokens (with an image) are joint-64 again (a cap of 1,024 had taken them to Triton): its eager
-  reuse step 4.69 s on fa4. The other small masks rank Triton first: ring shards, uniform blocks of 16 or 32 tokens, PASA's approximating masks (converted at each call: Triton 55.2
+  the mask's (:meth:`.BlockMask.with_padding`), and a padded mask is classed by its blocks before the padding (no
+  row lists the padding's), so a padded joint mask is joint-64 too: HunyuanVideo 1.5 with a short t2v prompt
+  (``hv15-t2v``, 1,835 of 1,985 text slots padding) at 2x, AdaSpa's masks, 103,500 valid of 105,335 tokens (H200,
+  2026-12-04, ``bench/padding_probe.py``): fa4 36.1-39.6 ms against Triton's 40.6-43.2; whole reuse steps 4.56
+  against 4.82 s eager, 3.35 against 3.65 compiled, generations 296.5 against 307.9 and 239.4 against 249.6 s. The
+  padding as one block had made Triton tile such masks 128 wide: 144-147 ms. And HunyuanVideo 1.5's 1,305 valid
+  text tokens (with an image) are joint-64 again (a cap of 1,024 had taken them to Triton): its eager reuse step
+  4.69 s on fa4. The other small masks rank Triton first: ring shards, uniform blocks of 16 or 32 tokens, PASA's
+  approximating masks (converted at each call: Triton 55.2
   against fa4's 74.4 ms, 59.3-59.6 against 86.0-89.5 on the joint models, 2026-12-02; whole sparse steps tie since
   the thirty-second session, 0.584-0.600 against 0.585-0.588 s for 6 layers of HunyuanVideo 1.5), frame-causal masks
   (64-token blocks and a 24-token one in every causal block: SkyReels-V2 DF at 544x960, whole eager steps at
@@ -71,9 +73,10 @@ from __future__ import annotations
 import numpy as np
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.padding import unpadded
 
-JOINT_TEXT_TOKENS = 2048     # the longest text (with its padding) after the video of a "joint-64" mask: HunyuanVideo
-#                              1.5's 1,985 slots (729 image, 256 ByT5 and 1,000 Qwen2.5-VL tokens), LTX-2's 1,024
+JOINT_TEXT_TOKENS = 1344     # the longest valid text after the video of a "joint-64" mask: HunyuanVideo 1.5's 1,305
+#                              tokens with an image (729 image, 64 ByT5, 512 Qwen2.5-VL) were measured, in 21 blocks
 
 # key-block class -> lowering -> rank (higher is preferred)
 RANKS = {
@@ -87,7 +90,9 @@ RANKS = {
 
 
 def block_class(mask: BlockMask) -> str:
-    """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class."""
+    """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class, and
+    a mask padded by :meth:`.BlockMask.with_padding` has the class of the mask (no row lists a padding block)."""
+    mask = unpadded(mask)
     if mask.largest_block_size("kv") < 128:
         if mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64:
             return "uniform-64"
@@ -102,18 +107,18 @@ def block_class(mask: BlockMask) -> str:
 
 def _joint_64(offsets: np.ndarray) -> bool:
     """Blocks as ``VideoGeometry.block_offsets(64)`` cuts a video + text sequence, the text last: 64 tokens up to the
-    video's short last block, then at most :data:`JOINT_TEXT_TOKENS` tokens of text, no more than a quarter of the
-    video, in 64-token blocks; the text's last block may be shorter, and so may the last of the padding blocks after
-    it (:meth:`.BlockMask.with_padding`). A ring shard's first block is cut short; a frame-causal mask has a short
-    block in every causal block, and a text-first sequence its whole video after its first short block: none of
-    those is such a mask."""
+    video's short last block, then at most :data:`JOINT_TEXT_TOKENS` tokens of text (no more than the video) in
+    64-token blocks, the last one possibly shorter. A ring shard's first block is cut short; a frame-causal mask
+    has a short block in every causal block, and a text-first sequence its whole video after its first short block:
+    none of those is such a mask, but a frame-causal mask of two causal blocks whose second is no longer than that
+    text (one frame of at most 1,344 tokens) is."""
     sizes = np.diff(np.asarray(offsets, dtype=np.int64))
     off_grid = np.flatnonzero(sizes != 64)
     if len(off_grid) == 0 or off_grid[0] == 0 or sizes[off_grid[0]] > 64:
         return False
-    video, tail = sizes[:off_grid[0] + 1].sum(), sizes[off_grid[0] + 1:]
-    return bool((tail <= 64).all() and (tail[:-1] < 64).sum() <= 1 and
-                4 * tail.sum() <= video and tail.sum() <= JOINT_TEXT_TOKENS)
+    tail = sizes[off_grid[0] + 1:]
+    return bool((tail[:-1] == 64).all() and (tail[-1:] <= 64).all() and
+                tail.sum() <= min(JOINT_TEXT_TOKENS, sizes[:off_grid[0] + 1].sum()))
 
 
 def preference(backend: str, mask: BlockMask) -> int:

@@ -42,7 +42,7 @@ the IR needs none.
 Text (HunyuanVideo 1.5): video then text on the sequence axis. The model orders each
 sample's text as valid tokens first, then padding; a row's valid tokens must come first (else
 ``ValueError``); the method plans on the valid prefix (LVSA keeps text dense both ways, AdaSpa
-and PASA use a text sink), and the kernel runs the mask extended by one padding block that no
+and PASA use a text sink), and the kernel runs the mask extended by padding blocks that no
 row attends to: exactly the model's masking (masks that approximate unkept blocks run on the
 valid prefix instead, padding rows set to 0). Samples of a batch with different valid counts
 run as separate groups, each with its own geometry. LVSA's ``reference_frames`` defaults to 33

@@ -101,8 +101,8 @@ class PlanInputs:
     """What a plan needs from the call that makes it, for one process or one rank of a sequence split.
 
     ``sequence(with_values)``: q, k (and v) of the whole sequence, ``[B, H, L, D]`` over the valid
-    tokens (text padding cut off) (asked for only when the method needs them); ``rows``: this call's rows ``[B, S, h, D]``
-    of a whole-sequence dense output; ``runner``: what runs a (padded) mask (a compiled kernel, or
+    tokens, text padding cut off (asked for only when the method needs them); ``rows``: this call's rows
+    ``[B, S, h, D]`` of a whole-sequence dense output; ``runner``: what runs a (padded) mask (a compiled kernel, or
     a ring rank's cut of it); ``prepare``: do before the next step what that runner's first call would;
     ``whole``: the call holds the whole sequence, so a mask of head groups may run one kernel per group.
     """
@@ -222,7 +222,7 @@ class Planner:
 
     def full_mask(self, geometry: VideoGeometry, heads: int, seq_len: int) -> BlockMask:
         """Every block the valid tokens may see (all of them, or under causal frames their own and earlier causal
-        blocks), on frame blocks, extended by the padding block to ``seq_len``; the last few kept, so a dense step's
+        blocks), on frame blocks, extended by padding blocks to ``seq_len``; the last few kept, so a dense step's
         mask and its kernels are made once per (geometry, heads, length)."""
         key = (geometry, heads, seq_len)
         found = self._full.get(key)
