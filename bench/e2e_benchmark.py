@@ -375,12 +375,12 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
 
 
 def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods: list[str],
-             kernel_args: dict) -> list[dict]:
+             kernel_args: dict, prompt_tokens: int | None = None) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for mode in modes:
         model = build_model(case, tiny, device, dtype)
-        inputs = model_inputs(model, case, device, dtype)
+        inputs = model_inputs(model, case, device, dtype, prompt_tokens)
         if mode == "compiled" and model._repeated_blocks:
             model.compile_repeated_blocks(fullgraph=True)
         elif mode == "compiled":                  # CogVideoX, Mochi: no repeated blocks declared; each, as that would
@@ -414,7 +414,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
              f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5, {COSMOS_TEXT} for "
              f"Cosmos; HunyuanVideo 1.5: {TEXT_TOKENS} Qwen2.5-VL, 64 ByT5 and 729 image tokens, all valid, and "
-             f"`hv15-t2v` {sum(HV15_T2V_SLOTS):,} slots as its pipeline pads a t2v prompt of {HV15_PROMPT} tokens). "
+             f"`hv15-t2v` {sum(HV15_T2V_SLOTS):,} slots as its pipeline pads a t2v prompt of {HV15_PROMPT} tokens"
+             + (f"; HunyuanVideo 1.0's and Mochi's slots hold a prompt of {meta['prompt_tokens']} tokens, the rest "
+                "padding" if meta.get("prompt_tokens") else "") + "). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
@@ -488,6 +490,9 @@ def main() -> int:
                         help="what the methods' dense steps run (apply's dense_attention)")
     parser.add_argument("--sta-strategy", type=Path, default=None,
                         help="FastVideo's mask strategy json for the sta-file rows (its Hunyuan file: 15 dense steps)")
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help="HunyuanVideo 1.0's and Mochi's 256 text slots hold a prompt of this many tokens, the "
+                        "rest padding (default: all valid)")
     parser.add_argument("--tag", default="",
                         help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
@@ -508,8 +513,11 @@ def main() -> int:
         VARIANTS["sta-file"][1]["mask_strategy"] = sta.read_strategy(args.sta_strategy)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.prompt_tokens is not None and not 1 <= args.prompt_tokens <= min(HV_TEXT, MOCHI_TEXT):
+        parser.error(f"--prompt-tokens: expected 1..{min(HV_TEXT, MOCHI_TEXT)} (the text slots), got "
+                     f"{args.prompt_tokens}")
     meta = environment(device) | {"backend": args.backend, "backend_options": options,
-                               "dense_attention": args.dense_attention,
+                               "prompt_tokens": args.prompt_tokens, "dense_attention": args.dense_attention,
                                "density": "visible pairs"}            # handle.stats()' density since 2026-12-03
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []
@@ -522,7 +530,7 @@ def main() -> int:
             log(f"  skipped {case.model} {case.label}: time budget of {args.budget_s:.0f} s spent")
             continue
         log(f"{case.model} {case.label}: {case.frames} latent frames, {case.layers_run} layers")
-        rows += run_case(case, args.modes, args.tiny, device, log, args.methods, kernel_args)
+        rows += run_case(case, args.modes, args.tiny, device, log, args.methods, kernel_args, args.prompt_tokens)
         write_report(stem, meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0

@@ -177,12 +177,16 @@ def keep_in_float32(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.dtype) -> dict:
-    """Random latents and conditions; every text/image token valid (no padding mask to honour)."""
+def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.dtype,
+                 prompt_tokens: int | None = None) -> dict:
+    """Random latents and conditions; every text/image token valid (no padding mask to honour), but with
+    ``prompt_tokens`` HunyuanVideo 1.0's and Mochi's 256 text slots hold a prompt of that many tokens, the rest padding
+    (as their pipelines pad a prompt; ``hv15-t2v`` is HunyuanVideo 1.5's)."""
     config = model.config
     gen = torch.Generator(device=device).manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
     ones = lambda n: torch.ones(1, n, device=device, dtype=torch.long)  # noqa: E731
+    prompt = lambda n: (torch.arange(n, device=device)[None] < (prompt_tokens or n)).long()  # noqa: E731
     if case.model.startswith("ltx"):               # packed tokens [B, S, C] (patch 1), the grid beside them
         latents = rand(1, case.frames * case.height * case.width, config.in_channels)
         grid = dict(num_frames=case.frames, height=case.height, width=case.width)
@@ -225,12 +229,12 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
     latents = rand(1, config.in_channels, case.frames, case.height, case.width)
     if case.model == "hv":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, HV_TEXT, config.text_embed_dim),
-                    encoder_attention_mask=ones(HV_TEXT),
+                    encoder_attention_mask=prompt(HV_TEXT),
                     pooled_projections=rand(1, config.pooled_projection_dim),
                     guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
     if case.model == "mochi":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, MOCHI_TEXT, config.text_embed_dim),
-                    encoder_attention_mask=ones(MOCHI_TEXT),
+                    encoder_attention_mask=prompt(MOCHI_TEXT),
                     return_dict=False)
     if case.model == "wan-vace":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),
