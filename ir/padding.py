@@ -50,9 +50,8 @@ def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None 
     if mask.on_host:
         indptr = v.frozen(np.concatenate([mask.indptr, np.repeat(mask.indptr[:, -1:], rows, axis=1)], axis=1))
     else:
-        indptr = mask.indptr[:, -1:].expand(-1, rows)
         import torch
-        indptr = torch.cat([mask.indptr, indptr], dim=1)
+        indptr = torch.cat([mask.indptr, mask.indptr[:, -1:].expand(-1, rows)], dim=1)
     padded = BlockMask.unchecked(mask.num_heads, padded_offsets(mask.q_offsets, length),
                                  padded_offsets(mask.kv_offsets, length), indptr, mask.indices, mask.budgets,
                                  mask.meta if meta is None else meta, mask.unselected)

@@ -23,7 +23,7 @@ mask is copied to the device at each call, compiled, and dropped after the call.
 Masks whose valid tokens are a prefix of a padded sequence run extended by padding blocks
 that no row lists (:meth:`BlockMask.with_padding`): output 0 on the padding, as the
 model's masked attention gives. Masks that approximate their unlisted blocks (PASA) cannot be
-extended so (the padding block would enter every row's approximation): they run on the valid
+extended so (the padding would enter every row's approximation): they run on the valid
 prefix alone and the padding rows' output is written as 0.
 """
 
