@@ -180,11 +180,10 @@ def adaspa_run(case, dense_attention_setting: str, context=contextlib.nullcontex
 
 
 # Calls of the op in steps 0 and 1 (2 layers each; Wan VACE 3): step 0's dense attention; step 1's dense pass that
-# gives the search its LSE and the step its output (Wan, CogVideoX), or, where text padding makes the sequence longer
-# than the valid tokens (HunyuanVideo 1.5 and 1.0, Mochi), the search's own LSE pass and the dense output on the
-# valid prefix.
-CALLS = {"wan": 2 + 2, "hunyuan": 2 + 2 + 2, "hunyuan-1.0": 2 + 2 + 2, "cogvideox": 2 + 2, "cogvideox-1.5": 2 + 2,
-         "wan-vace": 3 + 3, "wan-animate": 2 + 2, "skyreels-v2": 2 + 2, "mochi": 2 + 2 + 2, "ltx": 2 + 2,
+# gives the search its LSE and the step its output, on the valid tokens where text padding makes the sequence longer
+# (HunyuanVideo 1.5 and 1.0, Mochi: until 2026-12-04 they ran a second pass there, for the search's LSE).
+CALLS = {"wan": 2 + 2, "hunyuan": 2 + 2, "hunyuan-1.0": 2 + 2, "cogvideox": 2 + 2, "cogvideox-1.5": 2 + 2,
+         "wan-vace": 3 + 3, "wan-animate": 2 + 2, "skyreels-v2": 2 + 2, "mochi": 2 + 2, "ltx": 2 + 2,
          "ltx2": 2 + 2, "kandinsky-5": 2 + 2, "cosmos": 2 + 2}
 
 
