@@ -513,9 +513,12 @@ def main() -> int:
         VARIANTS["sta-file"][1]["mask_strategy"] = sta.read_strategy(args.sta_strategy)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
-    if args.prompt_tokens is not None and not 1 <= args.prompt_tokens <= min(HV_TEXT, MOCHI_TEXT):
-        parser.error(f"--prompt-tokens: expected 1..{min(HV_TEXT, MOCHI_TEXT)} (the text slots), got "
+    if args.prompt_tokens is not None and not 1 <= args.prompt_tokens < min(HV_TEXT, MOCHI_TEXT):
+        parser.error(f"--prompt-tokens: expected 1..{min(HV_TEXT, MOCHI_TEXT) - 1} (fewer than the text slots), got "
                      f"{args.prompt_tokens}")
+    if args.prompt_tokens is not None and not {"hv", "mochi"} & set(args.models):
+        parser.error("--prompt-tokens: only the hv and mochi cases take it (hv15-t2v pads its own prompt); add one "
+                     "of them to --models")
     meta = environment(device) | {"backend": args.backend, "backend_options": options,
                                "prompt_tokens": args.prompt_tokens, "dense_attention": args.dense_attention,
                                "density": "visible pairs"}            # handle.stats()' density since 2026-12-03

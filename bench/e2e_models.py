@@ -186,7 +186,7 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
     gen = torch.Generator(device=device).manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
     ones = lambda n: torch.ones(1, n, device=device, dtype=torch.long)  # noqa: E731
-    prompt = lambda n: (torch.arange(n, device=device)[None] < (prompt_tokens or n)).long()  # noqa: E731
+    prompt_mask = lambda n: (torch.arange(n, device=device)[None] < (prompt_tokens or n)).long()  # noqa: E731
     if case.model.startswith("ltx"):               # packed tokens [B, S, C] (patch 1), the grid beside them
         latents = rand(1, case.frames * case.height * case.width, config.in_channels)
         grid = dict(num_frames=case.frames, height=case.height, width=case.width)
@@ -229,12 +229,12 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
     latents = rand(1, config.in_channels, case.frames, case.height, case.width)
     if case.model == "hv":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, HV_TEXT, config.text_embed_dim),
-                    encoder_attention_mask=prompt(HV_TEXT),
+                    encoder_attention_mask=prompt_mask(HV_TEXT),
                     pooled_projections=rand(1, config.pooled_projection_dim),
                     guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
     if case.model == "mochi":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, MOCHI_TEXT, config.text_embed_dim),
-                    encoder_attention_mask=prompt(MOCHI_TEXT),
+                    encoder_attention_mask=prompt_mask(MOCHI_TEXT),
                     return_dict=False)
     if case.model == "wan-vace":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, TEXT_TOKENS, config.text_dim),

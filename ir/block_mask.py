@@ -52,6 +52,7 @@ import numpy as np
 
 from . import csr
 from . import validation as v
+from .host_facts import carry_padding
 from .unselected import DROP, Unselected
 
 TOKEN_MASK_LIMIT = 1 << 28  # elements of a bool[H, q_len, kv_len] token mask (256 MiB)
@@ -310,11 +311,13 @@ class BlockMask:
             idx = torch.as_tensor(idx, device=self.device)
         indptr, indices = csr.select_heads(self.indptr, self.indices, idx)
         if self.on_host:
-            return BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, v.frozen(indptr.astype(np.int32)),
-                                       v.frozen(indices.astype(np.int32)), v.frozen(self.budgets[idx]), self.meta,
+            indptr, indices, budgets = (v.frozen(a) for a in (indptr.astype(np.int32), indices.astype(np.int32),
+                                                              self.budgets[idx]))
+        else:
+            indptr, indices, budgets = indptr.int(), indices.contiguous(), self.budgets[idx]
+        selected = BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, indptr, indices, budgets, self.meta,
                                        self.unselected)
-        return BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, indptr.int(), indices.contiguous(),
-                                   self.budgets[idx], self.meta, self.unselected)
+        return carry_padding(selected, self)                # the same blocks: its padding, if any, too
 
     def with_padding(self, length: int, meta: Mapping[str, Any] | None = None) -> "BlockMask":
         """This mask extended to ``length`` tokens by padding blocks no row lists, with empty rows (output 0), no

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .block_mask import BlockMask
 
 ROW_LENGTHS = "row lengths"
+PADDING = "padding"
 
 
 def host_reads(mask: "BlockMask") -> dict:
@@ -33,7 +34,9 @@ def share_host_facts(mask: "BlockMask", source: "BlockMask", derivation: tuple |
     ``source``'s by ``derivation`` (a key: the same derivation gives the same lists), one kept with ``source`` for
     every mask so made; returns ``mask``."""
     facts = host_reads(source)
-    mask.derived["host_reads"] = facts if derivation is None else facts.setdefault(derivation, {})
+    shared = facts if derivation is None else facts.setdefault(derivation, {})
+    shared.update(mask.derived.get("host_reads", {}))              # what ``mask`` itself was built knowing
+    mask.derived["host_reads"] = shared
     return mask
 
 
@@ -54,6 +57,26 @@ def row_lengths(mask: "BlockMask") -> tuple[int, int] | None:
     """The ``(shortest, longest)`` bounds :func:`note_row_lengths` recorded for ``mask`` (or a mask it was copied
     from), or None."""
     return host_reads(mask).get(ROW_LENGTHS)
+
+
+def note_padding(mask: "BlockMask", q_blocks: int, kv_blocks: int) -> "BlockMask":
+    """Record that ``mask``'s query blocks from ``q_blocks`` on and key blocks from ``kv_blocks`` on are padding
+    (:func:`.padding.with_padding`): no row lists those key blocks, and those query blocks' rows list nothing.
+    Returns ``mask``."""
+    host_reads(mask)[PADDING] = (v.check_int(q_blocks, "q_blocks"), v.check_int(kv_blocks, "kv_blocks"))
+    return mask
+
+
+def padding(mask: "BlockMask") -> tuple[int, int] | None:
+    """The query and key blocks of ``mask`` before its padding (:func:`note_padding`), or None where none is known."""
+    return host_reads(mask).get(PADDING)
+
+
+def carry_padding(mask: "BlockMask", source: "BlockMask") -> "BlockMask":
+    """Give ``mask`` (``source``'s lists moved, or some of its heads: the same blocks) what is known of
+    ``source``'s padding; returns ``mask``."""
+    found = padding(source)
+    return mask if found is None else note_padding(mask, *found)
 
 
 def as_new(mask: "BlockMask") -> "BlockMask":

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from . import validation as v
+from .host_facts import note_padding, padding
 
 if TYPE_CHECKING:
     from .block_mask import BlockMask
 
 PADDING_BLOCKS = 1 << 20        # padding blocks a side (checked before any is made): text padding needs tens
-UNPADDED_BLOCKS = "unpadded blocks"   # in a padded mask's ``derived``: the query and key blocks before the padding
 
 
 def padded_offsets(offsets: np.ndarray, length: int) -> np.ndarray:
@@ -39,6 +39,7 @@ def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None 
                          f"mask on its {mask.q_len} tokens and write 0 to the rest")
     length = v.check_int(length, "length", max(mask.q_len, mask.kv_len) + 1)
     v.check_pairs(mask.num_heads, length, length)
+    meta = mask.meta if meta is None else v.freeze_meta(meta)         # checked before the padding is built
     rows, columns = (-(-(length - size) // mask.largest_block_size(side))
                      for side, size in (("q", mask.q_len), ("kv", mask.kv_len)))
     if max(rows, columns) > PADDING_BLOCKS or mask.num_heads * (mask.num_q_blocks + rows + 1) > v.INDEX_LIMIT:
@@ -54,17 +55,16 @@ def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None 
         indptr = torch.cat([mask.indptr, mask.indptr[:, -1:].expand(-1, rows)], dim=1)
     padded = BlockMask.unchecked(mask.num_heads, padded_offsets(mask.q_offsets, length),
                                  padded_offsets(mask.kv_offsets, length), indptr, mask.indices, mask.budgets,
-                                 mask.meta if meta is None else meta, mask.unselected)
+                                 meta, mask.unselected)
     source = unpadded(mask)                                      # a padded mask padded again: its source's
-    padded.derived[UNPADDED_BLOCKS] = (source.num_q_blocks, source.num_kv_blocks)
-    return padded
+    return note_padding(padded, source.num_q_blocks, source.num_kv_blocks)
 
 
 def unpadded(mask: "BlockMask") -> "BlockMask":
     """``mask`` without the padding blocks :func:`with_padding` added (``mask`` itself where it added none): the
     blocks rows may list, whose layout is what a kernel's speed depends on. Its lists are views of ``mask``'s."""
     from .block_mask import BlockMask
-    q_blocks, kv_blocks = mask.derived.get(UNPADDED_BLOCKS, (mask.num_q_blocks, mask.num_kv_blocks))
+    q_blocks, kv_blocks = padding(mask) or (mask.num_q_blocks, mask.num_kv_blocks)
     if (q_blocks, kv_blocks) == (mask.num_q_blocks, mask.num_kv_blocks):
         return mask
     return BlockMask.unchecked(mask.num_heads, mask.q_offsets[:q_blocks + 1], mask.kv_offsets[:kv_blocks + 1],

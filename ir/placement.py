@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import validation as v
-from .host_facts import share_host_facts
+from .host_facts import carry_padding, share_host_facts
 
 if TYPE_CHECKING:
     import torch
@@ -32,9 +32,9 @@ def uploaded(mask: "BlockMask", device: Any) -> "BlockMask":
     key = str(device)
     if key not in mask.derived:
         put = lambda a: (torch.from_numpy(np.array(a)) if mask.on_host else a).to(device)  # noqa: E731
-        mask.derived[key] = type(mask).unchecked(
+        mask.derived[key] = carry_padding(type(mask).unchecked(
             mask.num_heads, mask.q_offsets, mask.kv_offsets, put(mask.indptr).to(torch.int32),
-            put(mask.indices).to(torch.int32), put(mask.budgets).to(torch.float64), mask.meta, mask.unselected)
+            put(mask.indices).to(torch.int32), put(mask.budgets).to(torch.float64), mask.meta, mask.unselected), mask)
     return mask.derived[key]
 
 
@@ -59,9 +59,9 @@ def downloaded(mask: "BlockMask") -> "BlockMask":
         return mask
     if "host" not in mask.derived:
         host = lambda t: v.frozen(t.detach().cpu().numpy())  # noqa: E731
-        mask.derived["host"] = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets,
-                                                    host(mask.indptr), host(mask.indices), host(mask.budgets),
-                                                    mask.meta, mask.unselected)
+        mask.derived["host"] = carry_padding(type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets,
+                                                                  host(mask.indptr), host(mask.indices),
+                                                                  host(mask.budgets), mask.meta, mask.unselected), mask)
     return mask.derived["host"]
 
 

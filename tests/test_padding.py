@@ -77,7 +77,8 @@ def test_a_padded_joint_mask_matches_the_oracle_on_every_target(target):
         run_and_compare(target, mask, q, k, v, device_held=True, model_layout=True)
 
 
-def test_padding_refuses_bad_lengths_before_building_anything():
+def test_padding_refuses_bad_lengths_before_building_anything(monkeypatch):
+    from sparsecore.ir import padding
     mask = BlockMask.full(2, 48, 48, 16)
     with pytest.raises(ValueError, match="length: expected an int >= 49"):
         mask.with_padding(48)
@@ -87,13 +88,37 @@ def test_padding_refuses_bad_lengths_before_building_anything():
     with pytest.raises(ValueError, match="length: padding 3 query and 3 key tokens to 1,000,000,000 adds 999,999,997"):
         tiny.with_padding(1_000_000_000)
     keys = BlockMask.from_lists([[np.array([0]), np.array([1])]], [0, 64, 128], np.arange(129))   # 1-token key blocks
-    with pytest.raises(ValueError, match="adds 31,250 query and 2,000,000 key blocks"):
-        keys.with_padding(2_000_128)
-    assert keys.with_padding(1_000_128).num_kv_blocks == 1_000_128           # 2**20 a side at most
+    with pytest.raises(ValueError, match="adds 16,385 query and 1,048,577 key blocks"):
+        keys.with_padding(128 + 2**20 + 1)
+    assert keys.with_padding(128 + 2**20).num_kv_blocks == 128 + 2**20       # 2**20 a side at most
     with pytest.raises(ValueError, match="q_offsets, kv_offsets: num_heads x q_len x kv_len"):
         BlockMask.full(4, 64, 64, 64).with_padding(2**31)
     with pytest.raises(ValueError, match="unselected: with_padding expected a mask that drops"):
         approximating(mask).with_padding(64)
+    monkeypatch.setattr(padding, "padded_offsets", lambda *args: pytest.fail("built before its meta was checked"))
+    with pytest.raises(ValueError, match="meta: expected a JSON-serializable dict"):
+        mask.with_padding(64, meta={"x": object()})
+
+
+def test_a_padded_mask_knows_the_mask_it_pads(monkeypatch):
+    """``unpadded`` gives the mask back (its lists, on the host and on a device), through a second padding, copies on
+    other devices, a choice of heads and the planner's padding (whose facts it shares with the mask it pads); a mask
+    that was not padded is its own."""
+    from sparsecore.ir import placement, uploads
+    from sparsecore.ir.padding import unpadded
+    mask = joint(160 * 64 - 10, 150)
+    twice = mask.with_padding(mask.q_len + 100).with_padding(mask.q_len + 1835)
+    assert unpadded(mask) is mask and unpadded(twice) == mask and block_class(twice) == "joint-64"
+    on_device = twice.to("cpu")
+    monkeypatch.setattr(placement, "run_device", lambda device: "elsewhere")      # copy_to's other device, on CPU
+    monkeypatch.setattr(uploads, "moved", lambda tensor, device: tensor.clone())
+    for copy in (on_device, on_device.to_host(), on_device.copy_to("elsewhere"), twice.select_heads([1])):
+        assert block_class(copy) == "joint-64"
+    assert unpadded(on_device).to_host() == mask
+    assert unpadded(twice.select_heads([1])) == mask.select_heads([1])
+    from sparsecore.integrations.diffusers.planner import Planner
+    planned = Planner.padded_mask(None, on_device, on_device.q_len + 64)     # shares its facts with the mask's
+    assert unpadded(planned).fingerprint() == mask.fingerprint() and block_class(planned) == "joint-64"
 
 
 def hopper_tiles(monkeypatch, mask: BlockMask) -> tuple[int, int]:
@@ -130,6 +155,7 @@ def causal_frames(frames: list[int], frame: int) -> BlockMask:
     (causal_frames([5, 1], 2040), "small"),             # SkyReels-V2 DF at 544x960, six frames: a last frame of 2,040
     (causal_frames([5, 1], 1000), "joint-64"),          # a last causal frame no longer than a joint mask's text
     (causal_frames([5, 5, 1], 1000), "small"),          # three causal blocks: a short block inside the "text"
+    (causal_frames([5, 1, 1], 200), "small"),           # short blocks inside a "text" short enough to be one
 ])
 def test_joint_class_bounds_the_valid_text(mask, block_class_):
     assert block_class(mask) == block_class_

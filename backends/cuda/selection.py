@@ -91,7 +91,9 @@ RANKS = {
 
 def block_class(mask: BlockMask) -> str:
     """The mask's key-block class; a shard of a uniform mask (first and last blocks cut short) keeps its class, and
-    a mask padded by :meth:`.BlockMask.with_padding` has the class of the mask (no row lists a padding block)."""
+    a mask padded by :meth:`.BlockMask.with_padding` (and its copies on other devices, its heads) has the class of
+    the mask (no row lists a padding block). An equal mask built otherwise (by hand, from a file) is classed by all
+    its blocks, so the two may rank the backends differently; every backend is exact."""
     mask = unpadded(mask)
     if mask.largest_block_size("kv") < 128:
         if mask.uniform_block_size("q") == 64 and mask.uniform_block_size("kv") == 64:
@@ -110,8 +112,9 @@ def _joint_64(offsets: np.ndarray) -> bool:
     video's short last block, then at most :data:`JOINT_TEXT_TOKENS` tokens of text (no more than the video) in
     64-token blocks, the last one possibly shorter. A ring shard's first block is cut short; a frame-causal mask
     has a short block in every causal block, and a text-first sequence its whole video after its first short block:
-    none of those is such a mask, but a frame-causal mask of two causal blocks whose second is no longer than that
-    text (one frame of at most 1,344 tokens) is."""
+    none of those is such a mask, but for two that look like one: a frame-causal mask of two causal blocks whose
+    second is no longer than that text (one frame of at most 1,344 tokens), and a text-first sequence whose video is
+    no longer than its text (tiny configurations)."""
     sizes = np.diff(np.asarray(offsets, dtype=np.int64))
     off_grid = np.flatnonzero(sizes != 64)
     if len(off_grid) == 0 or off_grid[0] == 0 or sizes[off_grid[0]] > 64:
