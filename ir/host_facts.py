@@ -3,7 +3,8 @@
 A read of a device tensor waits for the device's queue. Lowerings that size their plans from a mask's lists (the
 longest row, whether a row is empty) keep what they read in :func:`host_reads`, shared by the mask and the copies
 :meth:`.BlockMask.copy_to` makes of it; builders that know bounds on the row lengths (a top-k of a known ``k``)
-note them with :func:`note_row_lengths`, so that a lowering can size its plan without any read. Both assume what
+note them with :func:`note_row_lengths`, so that a lowering can size its plan without any read; and
+:func:`.padding.with_padding` notes which blocks are padding (:func:`note_padding`), which no row lists. All assume what
 :attr:`.BlockMask.compiled_kernels` assumes: a mask's lists are not changed in place.
 """
 
@@ -67,7 +68,7 @@ def note_padding(mask: "BlockMask", q_blocks: int, kv_blocks: int) -> "BlockMask
     return mask
 
 
-def padding(mask: "BlockMask") -> tuple[int, int] | None:
+def blocks_before_padding(mask: "BlockMask") -> tuple[int, int] | None:
     """The query and key blocks of ``mask`` before its padding (:func:`note_padding`), or None where none is known."""
     return host_reads(mask).get(PADDING)
 
@@ -75,7 +76,7 @@ def padding(mask: "BlockMask") -> tuple[int, int] | None:
 def carry_padding(mask: "BlockMask", source: "BlockMask") -> "BlockMask":
     """Give ``mask`` (``source``'s lists moved, or some of its heads: the same blocks) what is known of
     ``source``'s padding; returns ``mask``."""
-    found = padding(source)
+    found = blocks_before_padding(source)
     return mask if found is None else note_padding(mask, *found)
 
 

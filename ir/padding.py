@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from . import validation as v
-from .host_facts import note_padding, padding
+from .host_facts import blocks_before_padding, note_padding
 
 if TYPE_CHECKING:
     from .block_mask import BlockMask
@@ -64,7 +64,7 @@ def unpadded(mask: "BlockMask") -> "BlockMask":
     """``mask`` without the padding blocks :func:`with_padding` added (``mask`` itself where it added none): the
     blocks rows may list, whose layout is what a kernel's speed depends on. Its lists are views of ``mask``'s."""
     from .block_mask import BlockMask
-    q_blocks, kv_blocks = padding(mask) or (mask.num_q_blocks, mask.num_kv_blocks)
+    q_blocks, kv_blocks = blocks_before_padding(mask) or (mask.num_q_blocks, mask.num_kv_blocks)
     if (q_blocks, kv_blocks) == (mask.num_q_blocks, mask.num_kv_blocks):
         return mask
     return BlockMask.unchecked(mask.num_heads, mask.q_offsets[:q_blocks + 1], mask.kv_offsets[:kv_blocks + 1],
