@@ -375,12 +375,12 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
 
 
 def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods: list[str],
-             kernel_args: dict, prompt_tokens: int | None = None) -> list[dict]:
+             kernel_args: dict, prompt_tokens: int | None = None, negative_tokens: int | None = None) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
     for mode in modes:
         model = build_model(case, tiny, device, dtype)
-        inputs = model_inputs(model, case, device, dtype, prompt_tokens)
+        inputs = model_inputs(model, case, device, dtype, prompt_tokens, negative_tokens)
         if mode == "compiled" and model._repeated_blocks:
             model.compile_repeated_blocks(fullgraph=True)
         elif mode == "compiled":                  # CogVideoX, Mochi: no repeated blocks declared; each, as that would
@@ -410,13 +410,16 @@ def schedules_text(rows: list[dict]) -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
-             f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch 1, random weights, {TEXT_TOKENS} text tokens "
+             f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch {1 if meta.get('negative_tokens') is None else 2}, "
+             f"random weights, {TEXT_TOKENS} text tokens "
              f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
              f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5, {COSMOS_TEXT} for "
              f"Cosmos; HunyuanVideo 1.5: {TEXT_TOKENS} Qwen2.5-VL, 64 ByT5 and 729 image tokens, all valid, and "
              f"`hv15-t2v` {sum(HV15_T2V_SLOTS):,} slots as its pipeline pads a t2v prompt of {HV15_PROMPT} tokens"
              + (f"; HunyuanVideo 1.0's and Mochi's slots hold a prompt of {meta['prompt_tokens']} tokens, the rest "
-                "padding" if meta.get("prompt_tokens") else "") + "). "
+                "padding" if meta.get("prompt_tokens") else "")
+             + (f"; Mochi runs classifier-free guidance's batch of two, its negative prompt {meta['negative_tokens']} "
+                "valid tokens" if meta.get("negative_tokens") is not None else "") + "). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "
@@ -493,6 +496,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=None,
                         help="HunyuanVideo 1.0's and Mochi's 256 text slots hold a prompt of this many tokens, the "
                         "rest padding (default: all valid)")
+    parser.add_argument("--negative-tokens", type=int, default=None,
+                        help="Mochi runs its pipeline's classifier-free guidance batch (2 samples), the negative "
+                        "prompt holding this many valid tokens (0: an empty prompt zeroed; default: batch 1)")
     parser.add_argument("--tag", default="",
                         help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
@@ -519,8 +525,14 @@ def main() -> int:
     if args.prompt_tokens is not None and not {"hv", "mochi"} & set(args.models):
         parser.error("--prompt-tokens: only the hv and mochi cases take it (hv15-t2v pads its own prompt); add one "
                      "of them to --models")
+    if args.negative_tokens is not None and not 0 <= args.negative_tokens < MOCHI_TEXT:
+        parser.error(f"--negative-tokens: expected 0..{MOCHI_TEXT - 1} (fewer than Mochi's text slots), got "
+                     f"{args.negative_tokens}")
+    if args.negative_tokens is not None and set(args.models) != {"mochi"}:
+        parser.error("--negative-tokens: only the mochi case runs a guidance batch; pass --models mochi alone")
     meta = environment(device) | {"backend": args.backend, "backend_options": options,
-                               "prompt_tokens": args.prompt_tokens, "dense_attention": args.dense_attention,
+                               "prompt_tokens": args.prompt_tokens, "negative_tokens": args.negative_tokens,
+                               "dense_attention": args.dense_attention,
                                "density": "visible pairs"}            # handle.stats()' density since 2026-12-03
     log(json.dumps(meta))
     start, rows = time.perf_counter(), []
@@ -533,7 +545,8 @@ def main() -> int:
             log(f"  skipped {case.model} {case.label}: time budget of {args.budget_s:.0f} s spent")
             continue
         log(f"{case.model} {case.label}: {case.frames} latent frames, {case.layers_run} layers")
-        rows += run_case(case, args.modes, args.tiny, device, log, args.methods, kernel_args, args.prompt_tokens)
+        rows += run_case(case, args.modes, args.tiny, device, log, args.methods, kernel_args, args.prompt_tokens,
+                         args.negative_tokens)
         write_report(stem, meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0

@@ -178,10 +178,13 @@ def keep_in_float32(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.dtype,
-                 prompt_tokens: int | None = None) -> dict:
-    """Random latents and conditions; every text/image token valid (no padding mask to honour), but with
+                 prompt_tokens: int | None = None, negative_tokens: int | None = None) -> dict:
+    """Random latents and conditions, batch 1; every text/image token valid (no padding mask to honour), but with
     ``prompt_tokens`` HunyuanVideo 1.0's and Mochi's 256 text slots hold a prompt of that many tokens, the rest padding
-    (as their pipelines pad a prompt; ``hv15-t2v`` is HunyuanVideo 1.5's)."""
+    (as their pipelines pad a prompt; ``hv15-t2v`` is HunyuanVideo 1.5's). ``negative_tokens``: Mochi's batch of two
+    as its pipeline runs classifier-free guidance (``MochiPipeline``: the negative prompt's sample first, the same
+    latents twice), the negative prompt holding that many valid tokens (0: an empty one that the pipeline's
+    ``force_zeros_for_empty_prompt`` zeroes)."""
     config = model.config
     gen = torch.Generator(device=device).manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
@@ -232,6 +235,11 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     encoder_attention_mask=prompt_mask(HV_TEXT),
                     pooled_projections=rand(1, config.pooled_projection_dim),
                     guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
+    if case.model == "mochi" and negative_tokens is not None:
+        negative = (torch.arange(MOCHI_TEXT, device=device)[None] < negative_tokens).long()
+        return dict(hidden_states=torch.cat([latents] * 2), encoder_hidden_states=rand(2, MOCHI_TEXT,
+                                                                                       config.text_embed_dim),
+                    encoder_attention_mask=torch.cat([negative, prompt_mask(MOCHI_TEXT)]), return_dict=False)
     if case.model == "mochi":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, MOCHI_TEXT, config.text_embed_dim),
                     encoder_attention_mask=prompt_mask(MOCHI_TEXT),
@@ -268,13 +276,14 @@ def ltx2_audio_frames(config, latent_frames: int) -> int:
 
 
 def timestep_inputs(model, timestep: float, device: str, inputs: dict) -> dict:
-    """The forward's timestep arguments at ``timestep``, batch 1, as the model's pipeline passes them: HunyuanVideo 1.5
+    """The forward's timestep arguments at ``timestep``, one per sample of ``inputs`` (batch 1 but Mochi's
+    classifier-free guidance), as the model's pipeline passes them: HunyuanVideo 1.5
     embeds the timestep in the timestep's own dtype (give it the model's); LTX-2's pipeline passes it as ``sigma`` too,
     which its forward reads with ``use_cross_timestep=True`` (the pipeline's default); Cosmos-Predict2.5's pipeline
     passes one per latent frame of ``inputs``' latents, ``[B, 1, F, 1, 1]`` (its forward then modulates every token)."""
     name = type(model).__name__
     dtype = model.dtype if name.startswith("HunyuanVideo15") else torch.float32
-    t = torch.tensor([timestep], device=device, dtype=dtype)
+    t = torch.full((inputs["hidden_states"].shape[0],), timestep, device=device, dtype=dtype)
     if name == "CosmosTransformer3DModel":
         return dict(timestep=t.reshape(1, 1, 1, 1, 1).expand(1, 1, inputs["hidden_states"].shape[2], 1, 1))
     return dict(timestep=t, sigma=t) if name == "LTX2VideoTransformer3DModel" else dict(timestep=t)

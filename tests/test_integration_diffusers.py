@@ -191,7 +191,8 @@ def tiny_mochi() -> MochiTransformer3DModel:
     return model
 
 
-MOCHI_TEXT = {"ragged": [[1] * 3 + [0] * 5, [1] * 6 + [0] * 2], "same": [[1] * 4 + [0] * 4] * 2, "full": [[1] * 8]}
+MOCHI_TEXT = {"ragged": [[1] * 3 + [0] * 5, [1] * 6 + [0] * 2], "same": [[1] * 4 + [0] * 4] * 2, "full": [[1] * 8],
+              "cfg": [[0] * 8, [1] * 5 + [0] * 3]}      # CFG's batch: an empty negative prompt zeroed (no valid text)
 
 
 def mochi_inputs(batch: int = 2, text: str = "ragged", seed: int = 1) -> dict:
@@ -354,7 +355,7 @@ CASES = {
 # tokens of a sample (a batch's samples of different valid counts plan and run apart)
 TEXT_MASKED = {"hunyuan": ({"ragged": [6, 8], "same": [4, 4], "full": [13]}, 13),
                "hunyuan-1.0": ({"ragged": [5, 7], "same": [4, 4], "full": [8]}, 8),
-               "mochi": ({"ragged": [3, 6], "same": [4, 4], "full": [8]}, 8)}
+               "mochi": ({"ragged": [3, 6], "same": [4, 4], "full": [8], "cfg": [0, 5]}, 8)}
 # The models whose processor calls torch SDPA itself: no diffusers backend or parallel config reaches it
 OWN_SDPA = ("cogvideox", "cogvideox-1.5", "mochi")
 # The models whose processor keeps no backend or parallel config of its own but dispatches at diffusers' active backend
@@ -526,7 +527,8 @@ def check_dense_path_on_a_prefix(tokens: int) -> None:
                                         ("hunyuan-1.0", "ragged"), ("hunyuan-1.0", "same"), ("hunyuan-1.0", "full"),
                                         ("wan-vace", "ragged"), ("wan-animate", "ragged"), ("skyreels-v2", "ragged"),
                                         ("mochi", "ragged"), ("mochi", "same"), ("mochi", "full"),
-                                        ("ltx", "ragged"), ("ltx2", "ragged"), ("kandinsky-5", "ragged"),
+                                        ("mochi", "cfg"), ("ltx", "ragged"), ("ltx2", "ragged"),
+                                        ("kandinsky-5", "ragged"),
                                         ("cosmos", "ragged")])
 def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
     case = CASES[name]                     # Wan has no text in its self-attention, CogVideoX no text mask: one case
@@ -628,9 +630,9 @@ def test_dense_warmup_steps_take_the_model_path(case, first_search, steps):
         assert [table[layer, step] for step in range(4)] == steps
 
 
-@pytest.mark.parametrize("text", ["same", "ragged"])             # one valid text length; two samples of two
 @pytest.mark.parametrize("first_search", ["cached", "fused"])
-@pytest.mark.parametrize("name", sorted(TEXT_MASKED))
+@pytest.mark.parametrize("name, text", [(name, text) for name in sorted(TEXT_MASKED) for text in ("same", "ragged")]
+                         + [("mochi", "cfg")])   # one valid text length; two samples of two; CFG's, one with none
 def test_text_padding_keeps_the_lse_of_the_dense_pass_before_a_search(name, first_search, text, monkeypatch):
     """With text padding (HunyuanVideo 1.5 and 1.0, Mochi) the dense pass that gives AdaSpa's first search its LSE
     (the step before it; with the paper's fused search, that step itself) runs on the valid tokens: the session gets
