@@ -337,9 +337,9 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     must not include it."""
     handle.set_step(0)
     first_step = timed_forward(model, inputs, 1000.0, device) * scale
-    text = handle.stats()[0]["text_tokens"]
-    if text and any(kind.endswith("search") for kind, _ in plan):   # the joint length is known now
-        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options)
+    if any(kind.endswith("search") for kind, _ in plan):     # the joint lengths are known now: each sample's valid
+        for text in sorted({s["text_tokens"] for s in handle.stats()} - {0}):      # text (a CFG batch has two)
+            warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options)
     seconds = []
     for kind, step in plan:
         handle.set_step(step)
