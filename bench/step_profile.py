@@ -16,6 +16,7 @@ step that repeats in a generation (AdaSpa's reuse, PASA's and LVSA's sparse step
   the time of the call that reads the device).
 
     python bench/step_profile.py --out DIR [--model cogvideox-1.5] [--length 2x] [--methods adaspa pasa lvsa]
+                                 [--prompt-tokens N] [--negative-tokens N]
                                  [--backends fa4 triton fa4 triton | default ...] [--repeats 3] [--tiny]
 """
 
@@ -100,6 +101,8 @@ def repeated_steps(model, inputs: dict, handle, method: str, device: str, repeat
     then return ``repeats + 2`` steps of the kind that repeats (AdaSpa's reuse, the others' sparse steps)."""
     handle.set_step(0)
     timed_forward(model, inputs, timestep(0), device)
+    for text in sorted({s["text_tokens"] for s in handle.stats()} - {0}):   # each valid text length, as the e2e
+        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options)
     for _, step in STEPS[method]:
         handle.set_step(step)
         timed_forward(model, inputs, timestep(step), device)
@@ -113,7 +116,7 @@ def measure(args) -> tuple[list[dict], list[str]]:
     case = next(c for c in cases([args.model], tiny=args.tiny) if c.model == args.model and c.label == args.length)
     backends = args.backends or (["fa4", "triton", "fa4", "triton"] if device == "cuda" else ["default"])
     model = build_model(case, args.tiny, device, dtype)
-    inputs = model_inputs(model, case, device, dtype)
+    inputs = model_inputs(model, case, device, dtype, args.prompt_tokens, args.negative_tokens)
     scale = case.layers_full / case.layers_run
     rows, texts, warmed = [], [], set()
     for turn, (method, backend) in enumerate((m, b) for m in args.methods for b in backends):
@@ -186,15 +189,25 @@ def main() -> int:
                              "default fa4 triton fa4 triton on CUDA, else default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on any device (a smoke test)")
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help="HunyuanVideo 1.0's and Mochi's text slots hold a prompt of this many tokens (as e2e)")
+    parser.add_argument("--negative-tokens", type=int, default=None,
+                        help="Mochi runs classifier-free guidance's batch of two, its negative prompt this many "
+                        "valid tokens (as e2e)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
+    if args.prompt_tokens is not None and args.model not in ("hv", "mochi"):
+        parser.error(f"--prompt-tokens: only hv and mochi take it, got --model {args.model}")
+    if args.negative_tokens is not None and args.model != "mochi":
+        parser.error(f"--negative-tokens: only mochi runs a guidance batch, got --model {args.model}")
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA device (the profile is of GPU steps; --tiny runs anywhere)")
     lengths = [c.label for c in cases([args.model], tiny=args.tiny) if c.model == args.model]
     if args.length not in lengths:
         parser.error(f"--length: {args.model}{' (tiny)' if args.tiny else ''} has {lengths}, got {args.length!r}")
-    meta = gpu_meta(model=args.model, length=args.length, methods=args.methods, host_cpu=host_cpu())
+    meta = gpu_meta(model=args.model, length=args.length, methods=args.methods, host_cpu=host_cpu(),
+                    prompt_tokens=args.prompt_tokens, negative_tokens=args.negative_tokens)
     rows, texts = measure(args)
     stem = args.out / f"step-profile-{meta['date']}-{args.model}-{args.length}"
     write_report(stem, meta, rows, markdown(meta, rows, texts))

@@ -6,7 +6,7 @@ eagerly (``torch.compiler.disable``: under ``torch.compile`` of the whole transf
 the forward; regional compilation does not compile them at all). Each processor call reaches
 :meth:`SparseAttentionHandle.attend_next` through the custom op (:mod:`.op`): the layer is the call's place in the
 forward (blocks run in order; the post-hook checks that every layer came), then context-parallel routing
-(:mod:`.parallel`), grouping of samples by valid text length (HunyuanVideo 1.5), and the planner (:mod:`.planner`).
+(:mod:`.parallel`), grouping of samples by valid text length (:mod:`.text_groups`), and the planner (:mod:`.planner`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
 from .text import valid_text
+from .text_groups import attend_in_groups, text_groups
 from .window_search import WindowSearch
 
 
@@ -378,22 +379,12 @@ class SparseAttentionHandle:
                              f"from the transformer's input) plus text; {self.dense_remedy()}")
         counts = text_valid if text_valid is not None else [0] * batch
         per_sample = batch > 1 and self._planner.per_sample(self._with_text(geometry, int(counts[0])), step, layer)
-        groups: dict[tuple[int, int], list[int]] = {}            # (valid text, the row where masks are per sample)
-        for row, count in enumerate(counts):
-            groups.setdefault((int(count), row if per_sample else 0), []).append(row)
         def group(count: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             valid = self._with_text(geometry, count)
             model = None if dense is None else (lambda: dense(q, k, v, valid.tokens))  # noqa: E731
             return attend(layer, valid, step, run, q, k, v, shard, model)
 
-        if len(groups) == 1:
-            return group(next(iter(groups))[0], query, key, value)
-        out = query.new_zeros(query.shape[:3] + (value.shape[3],))
-        for (count, _), rows in groups.items():
-            index = torch.tensor(rows, device=query.device)
-            q, k, v = (t.index_select(0, index) for t in (query, key, value))
-            out.index_copy_(0, index, group(count, q, k, v).to(out.dtype))
-        return out
+        return attend_in_groups(query, key, value, text_groups(counts, per_sample), group)
 
     @staticmethod
     def _with_text(geometry: VideoGeometry, count: int) -> VideoGeometry:
