@@ -335,7 +335,7 @@ def main() -> int:
         run_case(f"LVSA frames ({FRAME_TOKENS}-token blocks, 21 of 121)", frames, rows, args.sweep,
                  not args.no_flashinfer, log)
     if args.adaspa:
-        from fa4_check import adaspa_large
+        from fa4_check_masks import adaspa_large
         mask = adaspa_large(HEADS, 188736, 64, (0.1, 0.2, 0.3), seed=0)
         run_dense(mask.q_len, rows, log)
         run_case("AdaSpa-shaped (64-token blocks, 3 row-count levels)", mask, rows, False, not args.no_flashinfer, log)

@@ -28,7 +28,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cuda_cases import lvsa_frames  # noqa: E402
-from fa4_check import fa4_kernel  # noqa: E402
+from fa4_check_exactness import fa4_kernel  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
 from sparsecore.backends.cuda.fa4_nonfinite import guard_values, poison  # noqa: E402
 

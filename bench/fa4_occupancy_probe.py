@@ -31,7 +31,7 @@ import sparsecore  # noqa: E402
 from sparsecore import BlockMask  # noqa: E402
 from sparsecore.backends.cuda import fa4_occupancy  # noqa: E402
 from sparsecore.ir import Unselected  # noqa: E402
-from fa4_check import adaspa_large  # noqa: E402
+from fa4_check_masks import adaspa_large  # noqa: E402
 from report import time_one_backend  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64

@@ -105,7 +105,8 @@ def measure(which: str) -> list[dict]:
     from backends.cuda.triton_backend import TritonBackend
     from backends.cuda.triton_config import TritonOptions
     from cuda_cases import random_rows
-    from fa4_check import adaspa_large, anchor_tensors
+    from fa4_check import anchor_tensors
+    from fa4_check_masks import adaspa_large
     from flash_attn.cute import flash_attn_func
     from kernel_timing import median_ms
     rows, scale = [], 1 / math.sqrt(HEAD_DIM)

@@ -118,7 +118,7 @@ def build_mask(case: str, seed: int, shorter: bool = False):
     length (a new shape whose kernels need no new compile: FA4's and the guard's do not specialize on lengths)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from cuda_cases import LVSA_FRAMES, lvsa_frames, random_rows
-    from fa4_check import adaspa_large, adaspa_like
+    from fa4_check_masks import adaspa_large, adaspa_like
     if case == "adaspa6x":
         return adaspa_large(12, 157248 if shorter else 188736, 64, (0.1, 0.2, 0.3), seed=seed)
     if case == "lvsa":

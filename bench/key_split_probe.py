@@ -7,7 +7,7 @@ their walks, so together they touch all of a head's K/V at once.
 The probe measures, side by side on the same inputs (bf16, B=1, H=12, D=128):
 1. the default lowering of each backend on a uniform random 64-token mask (density 0.2) at 32,768,
    98,304 and 188,736 tokens: if the rate falls with length, the working set is the limit;
-2. at 188,736 tokens, the AdaSpa-shaped mask (``fa4_check.adaspa_large``, row counts 0.1/0.2/0.3 by
+2. at 188,736 tokens, the AdaSpa-shaped mask (``fa4_check_masks.adaspa_large``, row counts 0.1/0.2/0.3 by
    head) through the ``fa4`` lowering with ``key_parts`` = 1, 2, 4, 8 and 1 again (the run-to-run spread):
    that many launches over consecutive key ranges, merged in place by LSE (``backends/cuda/lse_merge.py``),
    against the Triton lowering; the output is checked against the unsplit one and the call's peak memory
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
 from sparsecore.registry import registered_backends  # noqa: E402
-from fa4_check import adaspa_large  # noqa: E402
+from fa4_check_masks import adaspa_large  # noqa: E402
 from report import time_one_backend  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64

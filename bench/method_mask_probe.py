@@ -45,7 +45,7 @@ import sparsecore  # noqa: E402
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
 from e2e_benchmark import build_model, cases, model_inputs, timed_forward  # noqa: E402
 from dense_kernels import run_meta  # noqa: E402
-from fa4_check import adaspa_large  # noqa: E402
+from fa4_check_masks import adaspa_large  # noqa: E402
 from sparsecore.ir.host_facts import as_new  # noqa: E402
 from sparsecore.ir.unselected import DROP  # noqa: E402
 from sparsecore.methods.approximation import with_unselected  # noqa: E402

@@ -24,7 +24,7 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
-from fa4_check import adaspa_large  # noqa: E402
+from fa4_check_masks import adaspa_large  # noqa: E402
 from report import time_one_backend  # noqa: E402
 
 LOG2E = 1.4426950408889634
