@@ -229,14 +229,16 @@ def generation(method: str, times: dict[str, float]) -> float:
 
 
 def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int = 0, backend: str | None = None,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, padding: int = 0) -> None:
     """Compile the kernels a step runs only once (AdaSpa's search passes and the kernel of its 64-token masks) at
     this length and head count: the JIT time of a first call is not a step's time, and Triton specializes its
     kernels on whether lengths and block counts divide by 16, so a warm-up at another length may not reuse.
     ``text``: valid text tokens after the video (HunyuanVideo 1.5's joint sequence, known after a forward; then
     it runs inside a method's row, so the kernel it compiles is not kept in sparsecore's cache, where its plan
     would count as memory the row holds: likely the 3.76 MiB of AdaSpa's HunyuanVideo row, 2026-12-01).
-    ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``)."""
+    ``backend``, ``options``: what the methods' kernels are compiled with (``--backend``, ``--backend-option``).
+    ``padding``: text slots after the valid tokens (a padded prompt): the searched masks' kernel then runs on the
+    mask extended over them (``BlockMask.with_padding``), as the planner runs it."""
     import numpy as np
     from sparsecore.integrations.diffusers.models import spec_of
     from sparsecore.methods.causal import visible_counts
@@ -258,8 +260,11 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
     blocks = len(offsets) - 1
     keep = np.random.default_rng(0).random((q.shape[1], blocks, blocks)) < min(1.0, 16 / blocks)
     lists = [[np.flatnonzero(row) for row in head] for head in keep]             # the searched masks' layout
-    sparsecore.compile(sparsecore.BlockMask.from_lists(lists, offsets, offsets), device=device, backend=backend,
-                       cache=False, **(options or {}))(q, q, q)          # cache=False: its plan is not kept
+    mask = sparsecore.BlockMask.from_lists(lists, offsets, offsets)
+    if padding:
+        mask, q = mask.with_padding(tokens + padding), torch.randn(1, heads, tokens + padding, dim, device=device,
+                                                                    dtype=dtype)
+    sparsecore.compile(mask, device=device, backend=backend, cache=False, **(options or {}))(q, q, q)   # not kept
     synchronize(device)
 
 
@@ -338,8 +343,8 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     handle.set_step(0)
     first_step = timed_forward(model, inputs, 1000.0, device) * scale
     if any(kind.endswith("search") for kind, _ in plan):     # the joint lengths are known now: each sample's valid
-        for text in sorted({s["text_tokens"] for s in handle.stats()} - {0}):      # text (a CFG batch has two)
-            warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options)
+        for text, padding in sorted({(s["text_tokens"], s["padding"]) for s in handle.stats()} - {(0, 0)}):  # text
+            warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options, padding)
     seconds = []
     for kind, step in plan:
         handle.set_step(step)

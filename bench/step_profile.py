@@ -101,8 +101,8 @@ def repeated_steps(model, inputs: dict, handle, method: str, device: str, repeat
     then return ``repeats + 2`` steps of the kind that repeats (AdaSpa's reuse, the others' sparse steps)."""
     handle.set_step(0)
     timed_forward(model, inputs, timestep(0), device)
-    for text in sorted({s["text_tokens"] for s in handle.stats()} - {0}):   # each valid text length, as the e2e
-        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options)
+    for text, padding in sorted({(s["text_tokens"], s["padding"]) for s in handle.stats()} - {(0, 0)}):  # as e2e
+        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options, padding)
     for _, step in STEPS[method]:
         handle.set_step(step)
         timed_forward(model, inputs, timestep(step), device)
