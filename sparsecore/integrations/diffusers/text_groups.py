@@ -4,9 +4,9 @@ Models with a text padding mask (HunyuanVideo 1.0 and 1.5, Mochi) may pass sampl
 numbers of text slots in one batch; each length is its own geometry with its own masks. Mochi's pipeline, for one,
 runs classifier-free guidance as one batch of two (``MochiPipeline``: the negative prompt's sample first, its
 empty prompt zeroed when ``force_zeros_for_empty_prompt`` is set). A group whose samples are consecutive rows (each
-half of such a batch) is taken as a view of the batch, not gathered: on Mochi's guidance batch at 163 frames the
-gathers, and the index each sent to the GPU with a host wait, made AdaSpa's reuse step 2.28x batch 1's instead of
-about 2x (H200, 2026-12-04).
+half of such a batch) is taken as a view of the batch, not gathered. On Mochi's guidance batch at 163 frames that
+took AdaSpa's reuse step on fa4 from 0.582-0.593 s to 0.549-0.552 s for 6 of its 48 layers (H200, 2026-12-04, one
+call), about twice batch 1's 0.272-0.275 s: the gathers and the host wait of each index sent to the GPU had cost it.
 """
 
 from __future__ import annotations
