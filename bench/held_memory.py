@@ -8,7 +8,7 @@ The e2e benchmark reports, per row, the memory still allocated after the row's s
 ``--model hv15``, its HunyuanVideo 1.5 of 6 layers) at ``--length`` (bf16, one GPU), runs two dense steps
 (compiled with diffusers' regional compilation in ``--mode compiled``, as the e2e benchmark does), then per
 method: starts PyTorch's CUDA allocator history (``torch.cuda.memory._record_memory_history``), applies
-the method, runs the e2e benchmark's steps for it (:data:`e2e_benchmark.STEPS`), collects garbage, and lists
+the method, runs the e2e benchmark's steps for it (:data:`e2e_schedules.STEPS`), collects garbage, and lists
 the blocks allocated since ``apply()`` that are still allocated, grouped by the code that made them (up to
 ``--frames`` frames of this repository, else the innermost frame), with ``memory_allocated`` before and
 after. The method is removed after that. Writes ``held-memory-[hv15-]<length>-<mode>-<date>.{md,json}``.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_benchmark import STEPS, full_attention
+from e2e_schedules import STEPS, full_attention
 from memory_profile import REPO, model_on_gpu, replay, step
 
 from sparsecore.integrations import diffusers as sc_diffusers

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_benchmark import build_model, cases, model_inputs
+from e2e_models import build_model, cases, model_inputs
 
 from sparsecore.integrations import diffusers as sc_diffusers
 

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import sparsecore  # noqa: E402
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
-from e2e_benchmark import build_model, cases, model_inputs, timed_forward  # noqa: E402
+from e2e_models import build_model, cases, model_inputs  # noqa: E402
+from e2e_timing import timed_forward  # noqa: E402
 from dense_kernels import run_meta  # noqa: E402
 from fa4_check_masks import adaspa_large  # noqa: E402
 from sparsecore.ir.host_facts import as_new  # noqa: E402

@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from e2e_benchmark import Case, build_model, model_inputs, versions
-from report import time_one_backend, write_report
+from e2e_models import Case, build_model, model_inputs
+from report import time_one_backend, versions, write_report
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.timing import synchronize
 

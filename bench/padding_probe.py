@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sparsecore  # noqa: E402
 from sparsecore.backends.cuda.selection import block_class  # noqa: E402
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
-from e2e_benchmark import build_model, cases, model_inputs, timed_forward  # noqa: E402
+from e2e_models import build_model, cases, model_inputs  # noqa: E402
+from e2e_timing import timed_forward  # noqa: E402
 from report import probe_main  # noqa: E402
 
 LAYERS = (0, 3, 5)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_benchmark import STEPS, full_attention, timed_forward  # noqa: E402
 from e2e_models import FULL_CASES, build_model, model_inputs  # noqa: E402
+from e2e_schedules import STEPS, full_attention  # noqa: E402
+from e2e_timing import timed_forward  # noqa: E402
 from report import versions  # noqa: E402
 
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_benchmark import environment, peak_gib, reset_peak, timed_forward  # noqa: E402
 from e2e_models import Case, build_model, model_inputs, token_grid  # noqa: E402
+from e2e_report import environment  # noqa: E402
+from e2e_timing import peak_gib, reset_peak, timed_forward  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore import VideoGeometry  # noqa: E402

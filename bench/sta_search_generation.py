@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_benchmark import environment  # noqa: E402
 from e2e_models import Case, build_model, model_inputs, timestep_inputs, token_grid  # noqa: E402
+from e2e_report import environment  # noqa: E402
 
 from sparsecore import VideoGeometry  # noqa: E402
 from sparsecore.integrations import diffusers as sparse  # noqa: E402

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from e2e_benchmark import METHOD_PARAMS, PLAN_PROBE, STEPS, timed_forward, warm_kernels
 from e2e_models import MODELS, build_model, cases, model_inputs
+from e2e_schedules import METHOD_PARAMS, PLAN_PROBE, STEPS
+from e2e_timing import timed_forward, warm_kernels
 from report import gpu_meta, time_one_backend, write_report
 
 from sparsecore.integrations import diffusers as sc_diffusers

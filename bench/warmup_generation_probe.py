@@ -36,7 +36,9 @@ def child(method: str, length: str, steps: int, compiled: bool) -> dict:
     """One generation's steps in this process (its warm-up mode from ``SPARSECORE_WARMUP``)."""
     import torch
 
-    from e2e_benchmark import NUM_STEPS, build_model, cases, model_inputs, timed_forward
+    from e2e_models import build_model, cases, model_inputs
+    from e2e_schedules import NUM_STEPS
+    from e2e_timing import timed_forward
     from sparsecore.integrations import diffusers as sc_diffusers
     case = next(c for c in cases(["wan-1.3b"], tiny=False) if c.label == length)
     model = build_model(case, False, "cuda", torch.bfloat16)
