@@ -89,8 +89,8 @@ AdaSpa = 9 dense + 1 dense+lse + 1 search + 1 cached search + 38 reuse; PASA = 1
 in each); LVSA = 50 of its steps; Radial Attention (``radial``, with its released Wan 2.1 script's settings,
 :data:`e2e_schedules.METHOD_PARAMS`: decay 0.2, dense steps 12, dense layer 1) = 12 dense + 38 sparse; Sliding Tile
 Attention (``sta``: one 3 x 3 x 3 window of 6 x 8 x 8 tiles, FastVideo's Wan search's 12 dense steps) = 12 dense
-+ 38 sparse; ``sta-file`` runs the windows of ``--sta-strategy`` (FastVideo's HunyuanVideo file: full windows at steps 0-14, so
-15 dense + 35 sparse, the sparse steps' median over steps 16, 32 and 48, whose windows differ).
++ 38 sparse; ``sta-file`` runs the windows of ``--sta-strategy`` (FastVideo's HunyuanVideo file: full windows at
+steps 0-14, so 15 dense + 35 sparse, the sparse steps' median over steps 16, 32 and 48, whose windows differ).
 ``pasa-drop`` is PASA with ``approximation="drop"`` (no first-order term for
 unkept blocks); ``adaspa-fused-first`` is AdaSpa with the paper's ``first_search="fused"`` (step 10's output is dense,
 its masses from that pass: 10 dense + search + cached search + 38 reuse; the default before 2026-12-01's second
