@@ -125,7 +125,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import HV_TEXT, MOCHI_TEXT, MODELS, cases
+from e2e_models import MODELS, cases, prompt_options_error
 from e2e_report import environment, markdown
 from e2e_runner import run_case
 from e2e_schedules import ROWS, STEPS, VARIANTS
@@ -159,7 +159,8 @@ def main() -> int:
                         "rest padding (default: all valid)")
     parser.add_argument("--negative-tokens", type=int, default=None,
                         help="Mochi runs its pipeline's classifier-free guidance batch (2 samples), the negative "
-                        "prompt holding this many valid tokens (0: an empty prompt zeroed; default: batch 1)")
+                        "prompt holding this many valid tokens (0: an empty prompt that its pipeline zeroes, with "
+                        "force_zeros_for_empty_prompt; default: batch 1)")
     parser.add_argument("--tag", default="",
                         help="added to the output file names (a tag that begins with '-': --tag=-x)")
     args = parser.parse_args()
@@ -180,17 +181,9 @@ def main() -> int:
         VARIANTS["sta-file"][1]["mask_strategy"] = sta.read_strategy(args.sta_strategy)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda s: print(s, flush=True)  # noqa: E731
-    if args.prompt_tokens is not None and not 1 <= args.prompt_tokens < min(HV_TEXT, MOCHI_TEXT):
-        parser.error(f"--prompt-tokens: expected 1..{min(HV_TEXT, MOCHI_TEXT) - 1} (fewer than the text slots), got "
-                     f"{args.prompt_tokens}")
-    if args.prompt_tokens is not None and not {"hv", "mochi"} & set(args.models):
-        parser.error("--prompt-tokens: only the hv and mochi cases take it (hv15-t2v pads its own prompt); add one "
-                     "of them to --models")
-    if args.negative_tokens is not None and not 0 <= args.negative_tokens < MOCHI_TEXT:
-        parser.error(f"--negative-tokens: expected 0..{MOCHI_TEXT - 1} (fewer than Mochi's text slots), got "
-                     f"{args.negative_tokens}")
-    if args.negative_tokens is not None and set(args.models) != {"mochi"}:
-        parser.error("--negative-tokens: only the mochi case runs a guidance batch; pass --models mochi alone")
+    error = prompt_options_error(args.prompt_tokens, args.negative_tokens, args.models)
+    if error:
+        parser.error(error)
     meta = environment(device) | {"backend": args.backend, "backend_options": options,
                                "prompt_tokens": args.prompt_tokens, "negative_tokens": args.negative_tokens,
                                "dense_attention": args.dense_attention,

@@ -266,6 +266,22 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                 return_dict=False)
 
 
+def prompt_options_error(prompt_tokens: int | None, negative_tokens: int | None, models: list[str]) -> str | None:
+    """What is wrong with ``--prompt-tokens`` / ``--negative-tokens`` for ``models`` (None: nothing): a prompt
+    fills 1 to 255 of HunyuanVideo 1.0's and Mochi's 256 text slots, a negative prompt 0 to 255 of Mochi's, and only
+    Mochi runs a guidance batch."""
+    if prompt_tokens is not None and not 1 <= prompt_tokens < min(HV_TEXT, MOCHI_TEXT):
+        return (f"--prompt-tokens: expected 1..{min(HV_TEXT, MOCHI_TEXT) - 1} (fewer than the text slots), got "
+                f"{prompt_tokens}")
+    if prompt_tokens is not None and not {"hv", "mochi"} & set(models):
+        return "--prompt-tokens: only the hv and mochi cases take it (hv15-t2v pads its own prompt); add one of them"
+    if negative_tokens is not None and not 0 <= negative_tokens < MOCHI_TEXT:
+        return f"--negative-tokens: expected 0..{MOCHI_TEXT - 1} (fewer than Mochi's text slots), got {negative_tokens}"
+    if negative_tokens is not None and set(models) != {"mochi"}:
+        return "--negative-tokens: only the mochi case runs a guidance batch; run mochi alone"
+    return None
+
+
 def ltx2_audio_frames(config, latent_frames: int) -> int:
     """LTX-2's audio latent frames for a video of ``latent_frames``, as ``LTX2Pipeline`` counts them: the same duration,
     its ``(latent_frames - 1) * 8 + 1`` video frames at its 24 fps, at the audio latents' rate (sampling rate / hop

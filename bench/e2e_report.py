@@ -20,10 +20,10 @@ def environment(device: str) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     """The results file's text: a header saying what was measured and how (from ``meta``, the run's environment and
     options), then a table line per row; an error row names its error and leaves the other columns empty."""
+    batch = "batch 1" + (" (Mochi's: 2)" if meta.get("negative_tokens") is not None else "")
     lines = [f"# End-to-end: transformer steps and 50-step generations, dense vs sparsecore, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, triton {meta['triton']}, "
-             f"flash-attn-4 {meta['flash_attn_4']}. bf16, batch {1 if meta.get('negative_tokens') is None else 2}, "
-             f"random weights, {TEXT_TOKENS} text tokens "
+             f"flash-attn-4 {meta['flash_attn_4']}. bf16, {batch}, random weights, {TEXT_TOKENS} text tokens "
              f"({COGVIDEOX_TEXT} for CogVideoX, {HV_TEXT} for HunyuanVideo 1.0, {MOCHI_TEXT} for Mochi, {LTX_TEXT} for "
              f"LTX-Video, {LTX2_TEXT} for LTX-2 and its audio, {KANDINSKY5_TEXT} for Kandinsky 5, {COSMOS_TEXT} for "
              f"Cosmos; HunyuanVideo 1.5: {TEXT_TOKENS} Qwen2.5-VL, 64 ByT5 and 729 image tokens, all valid, and "
@@ -31,7 +31,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              + (f"; HunyuanVideo 1.0's and Mochi's slots hold a prompt of {meta['prompt_tokens']} tokens, the rest "
                 "padding" if meta.get("prompt_tokens") else "")
              + (f"; Mochi runs classifier-free guidance's batch of two, its negative prompt {meta['negative_tokens']} "
-                "valid tokens" if meta.get("negative_tokens") is not None else "") + "). "
+                "valid tokens (0: an empty one its pipeline zeroes)" if meta.get("negative_tokens") is not None
+                else "") + "). "
              "Step = one transformer forward (the median of three after a warm-up; AdaSpa's dense+lse, search and "
              "cached search, run once a generation, timed once: the counts are in the JSON's `samples`); rows "
              "measured on fewer layers are scaled to the full depth. eager: diffusers' SDPA (cuDNN) vs sparsecore "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import MODELS, build_model, cases, model_inputs
+from e2e_models import MODELS, build_model, cases, model_inputs, prompt_options_error
 from e2e_schedules import METHOD_PARAMS, PLAN_PROBE, STEPS
 from e2e_timing import timed_forward, warm_kernels
 from report import gpu_meta, time_one_backend, write_report
@@ -157,9 +157,17 @@ def measure(args) -> tuple[list[dict], list[str]]:
     return rows, texts
 
 
+def batch_text(meta: dict) -> str:
+    """The batch the steps ran, in words: its size and the valid tokens of its prompts."""
+    if meta.get("negative_tokens") is not None:
+        return (f"batch 2 (classifier-free guidance: a {meta['prompt_tokens'] or 'full'}-token prompt and a negative "
+                f"prompt of {meta['negative_tokens']} valid tokens)")
+    return "batch 1" + (f" (a {meta['prompt_tokens']}-token prompt)" if meta.get("prompt_tokens") else "")
+
+
 def markdown(meta: dict, rows: list[dict], texts: list[str]) -> str:
     lines = [f"# Repeating steps profiled, {meta['date']}", "", str(meta["versions"]), "", f"Host: {meta['host_cpu']}.",
-             "", f"{rows[0]['model']} {rows[0]['length']}, eager, {rows[0]['layers_run']} of "
+             "", f"{rows[0]['model']} {rows[0]['length']}, eager, {batch_text(meta)}, {rows[0]['layers_run']} of "
              f"{rows[0]['layers_full']} layers (seconds of the layers run, not scaled; `scaled` = the median step "
              "scaled to the depth). Steps: AdaSpa's reuse, the others' sparse steps. GPU idle = wall - busy (an "
              "upper bound: the profiler's host time adds to it).", "",
@@ -198,10 +206,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
-    if args.prompt_tokens is not None and args.model not in ("hv", "mochi"):
-        parser.error(f"--prompt-tokens: only hv and mochi take it, got --model {args.model}")
-    if args.negative_tokens is not None and args.model != "mochi":
-        parser.error(f"--negative-tokens: only mochi runs a guidance batch, got --model {args.model}")
+    error = prompt_options_error(args.prompt_tokens, args.negative_tokens, [args.model])
+    if error:
+        parser.error(error)
     if not torch.cuda.is_available() and not args.tiny:
         parser.error("needs a CUDA device (the profile is of GPU steps; --tiny runs anywhere)")
     lengths = [c.label for c in cases([args.model], tiny=args.tiny) if c.model == args.model]

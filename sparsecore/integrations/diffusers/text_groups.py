@@ -29,7 +29,7 @@ def text_groups(counts: list[int], per_sample: bool) -> dict[tuple[int, int], li
 
 def batch_rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
     """``rows`` as an index of the batch dimension: a slice (a view) where they are consecutive, else an int64
-    tensor on ``device``, sent from pinned memory without a host wait."""
+    tensor on ``device`` (on CUDA sent from pinned memory, without a host wait)."""
     if rows == list(range(rows[0], rows[-1] + 1)):
         return slice(rows[0], rows[-1] + 1)
     index = torch.tensor(rows, dtype=torch.long)
@@ -41,11 +41,18 @@ def batch_rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
 def attend_in_groups(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      groups: dict[tuple[int, int], list[int]], attend: GroupAttention) -> torch.Tensor:
     """``[B, S, h, D]`` in and out: ``attend(valid_text, q, k, v)`` of each group's rows of ``query``, ``key`` and
-    ``value`` (the whole batch where there is one group), written to the rows it came from."""
+    ``value`` (the whole batch where there is one group), written to the rows it came from. The output is in the
+    query's dtype, as the op declares it, with head-major memory (``[B, h, S, D]``), as the kernels write theirs and
+    the op returns it (:func:`.op.head_major`)."""
     if len(groups) == 1:
-        return attend(next(iter(groups))[0], query, key, value)
-    out = query.new_empty(query.shape[:3] + (value.shape[3],))           # the groups cover every row
+        return attend(next(iter(groups))[0], query, key, value).to(query.dtype)
+    batch, seq_len, heads, _ = query.shape
+    out = query.new_empty(batch, heads, seq_len, value.shape[3]).transpose(1, 2)   # the groups cover every row
     for (count, _), rows in groups.items():
         take = batch_rows(rows, query.device)
-        out[take] = attend(count, query[take], key[take], value[take]).to(out.dtype)
+        found = attend(count, query[take], key[take], value[take])
+        if found.shape[0] != len(rows):
+            raise RuntimeError(f"sparsecore: the attention of {len(rows)} samples with {count} valid text tokens "
+                               f"returned {found.shape[0]}; this is a bug, please report it")
+        out[take] = found.to(out.dtype)                  # indexed assignment takes no other dtype
     return out
