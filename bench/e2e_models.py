@@ -189,7 +189,8 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
     gen = torch.Generator(device=device).manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
     ones = lambda n: torch.ones(1, n, device=device, dtype=torch.long)  # noqa: E731
-    prompt_mask = lambda n: (torch.arange(n, device=device)[None] < (prompt_tokens or n)).long()  # noqa: E731
+    valid_first = lambda n, count: (torch.arange(n, device=device)[None] < count).long()  # noqa: E731  [1, n]
+    prompt_mask = lambda n: valid_first(n, prompt_tokens or n)  # noqa: E731
     if case.model.startswith("ltx"):               # packed tokens [B, S, C] (patch 1), the grid beside them
         latents = rand(1, case.frames * case.height * case.width, config.in_channels)
         grid = dict(num_frames=case.frames, height=case.height, width=case.width)
@@ -236,10 +237,10 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     pooled_projections=rand(1, config.pooled_projection_dim),
                     guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False)
     if case.model == "mochi" and negative_tokens is not None:
-        negative = (torch.arange(MOCHI_TEXT, device=device)[None] < negative_tokens).long()
         return dict(hidden_states=torch.cat([latents] * 2), encoder_hidden_states=rand(2, MOCHI_TEXT,
                                                                                        config.text_embed_dim),
-                    encoder_attention_mask=torch.cat([negative, prompt_mask(MOCHI_TEXT)]), return_dict=False)
+                    encoder_attention_mask=torch.cat([valid_first(MOCHI_TEXT, negative_tokens),
+                                                      prompt_mask(MOCHI_TEXT)]), return_dict=False)
     if case.model == "mochi":
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, MOCHI_TEXT, config.text_embed_dim),
                     encoder_attention_mask=prompt_mask(MOCHI_TEXT),
@@ -253,9 +254,8 @@ def model_inputs(model: torch.nn.Module, case: Case, device: str, dtype: torch.d
                     return_dict=False)
     if case.model == "hv15-t2v":                  # as its pipeline passes a short t2v prompt: most slots padding
         prompt, glyphs, image = HV15_T2V_SLOTS
-        valid = torch.arange(prompt, device=device)[None] < HV15_PROMPT
         return dict(hidden_states=latents, encoder_hidden_states=rand(1, prompt, config.text_embed_dim),
-                    encoder_attention_mask=valid.long(),
+                    encoder_attention_mask=valid_first(prompt, HV15_PROMPT),
                     encoder_hidden_states_2=rand(1, glyphs, config.text_embed_2_dim),
                     encoder_attention_mask_2=torch.zeros(1, glyphs, device=device, dtype=torch.long),
                     image_embeds=torch.zeros(1, image, config.image_embed_dim, device=device, dtype=dtype),

@@ -13,7 +13,7 @@ import torch
 from e2e_models import Case, build_model, model_inputs
 from e2e_schedules import (DENSE_REPEATS, METHOD_PARAMS, NUM_STEPS, PLAN_PROBE, STEPS, VARIANTS, by_kind,
                            full_attention, generation)
-from e2e_timing import allocated_mib, peak_gib, reset_peak, timed_forward, warm_kernels
+from e2e_timing import allocated_mib, peak_gib, reset_peak, timed_forward, warm_batch_lengths, warm_kernels
 
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.methods.pasa import PASAParams
@@ -112,9 +112,8 @@ def run_method(case: Case, model, inputs: dict, mode: str, method: str, plan: li
     must not include it."""
     handle.set_step(0)
     first_step = timed_forward(model, inputs, 1000.0, device) * scale
-    if any(kind.endswith("search") for kind, _ in plan):     # the joint lengths are known now: each sample's valid
-        for text, padding in sorted({(s["text_tokens"], s["padding"]) for s in handle.stats()} - {(0, 0)}):  # text
-            warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options, padding)
+    if any(kind.endswith("search") for kind, _ in plan):     # the joint lengths are known now
+        warm_batch_lengths(model, inputs, device, handle)
     seconds = []
     for kind, step in plan:
         handle.set_step(step)

@@ -80,3 +80,10 @@ def warm_kernels(model, inputs: dict, device: str, dtype: torch.dtype, text: int
                                                                     dtype=dtype)
     sparsecore.compile(mask, device=device, backend=backend, cache=False, **(options or {}))(q, q, q)   # not kept
     synchronize(device)
+
+
+def warm_batch_lengths(model, inputs: dict, device: str, handle) -> None:
+    """:func:`warm_kernels` for each (valid text, text padding) of the samples a forward under ``handle`` ran (its
+    stats; a classifier-free guidance batch has two), with ``handle``'s backend and options."""
+    for text, padding in sorted({(s["text_tokens"], s["padding"]) for s in handle.stats()} - {(0, 0)}):
+        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options, padding)

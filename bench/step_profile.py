@@ -34,7 +34,7 @@ import torch
 
 from e2e_models import MODELS, build_model, cases, model_inputs, prompt_options_error
 from e2e_schedules import METHOD_PARAMS, PLAN_PROBE, STEPS
-from e2e_timing import timed_forward, warm_kernels
+from e2e_timing import timed_forward, warm_batch_lengths, warm_kernels
 from report import gpu_meta, time_one_backend, write_report
 
 from sparsecore.integrations import diffusers as sc_diffusers
@@ -102,8 +102,7 @@ def repeated_steps(model, inputs: dict, handle, method: str, device: str, repeat
     then return ``repeats + 2`` steps of the kind that repeats (AdaSpa's reuse, the others' sparse steps)."""
     handle.set_step(0)
     timed_forward(model, inputs, timestep(0), device)
-    for text, padding in sorted({(s["text_tokens"], s["padding"]) for s in handle.stats()} - {(0, 0)}):  # as e2e
-        warm_kernels(model, inputs, device, model.dtype, text, handle.backend, handle.backend_options, padding)
+    warm_batch_lengths(model, inputs, device, handle)                   # as the e2e benchmark
     for _, step in STEPS[method]:
         handle.set_step(step)
         timed_forward(model, inputs, timestep(step), device)

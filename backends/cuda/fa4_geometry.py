@@ -36,8 +36,9 @@ def geometry_tables(q_off: np.ndarray, kv_off: np.ndarray, tile_m: int, tile_n: 
     inside each key tile in the order FA4 reads the keys, the rows each query tile overlaps (``rows [rmax, QT]``,
     rmax 1-3 for real masks), tile widths, token -> block, block sizes, which key tiles are ``movable`` (a tile of
     full width inside one block keeps its status in :func:`.fa4_key_order.key_order`'s order, as one of that
-    block's whole tiles there: only the others can get cheaper) and the kernel's tables (:func:`.fa4_tile_lists.host_tables`); with them the most
-    runs in a key tile, the run count, and offsets whose block sizes are each block's tokens in movable key tiles
+    block's whole tiles there: only the others can get cheaper) and the kernel's tables
+    (:func:`.fa4_tile_lists.host_tables`); with them the most runs in a key tile, the run count, and offsets whose
+    block sizes are each block's tokens in movable key tiles
     (for :func:`.fa4_layout.to_fa4`'s bound on a key order). Built once per geometry (a method's masks share one):
     the last :data:`GEOMETRY_ENTRIES` are kept, no device memory held between calls (1.5 MB at CogVideoX 1.5 2x;
     building took several ms of host time a call). A key order depends on the lists: such tables are built anew."""
