@@ -18,10 +18,9 @@ kept / total mass) is measured, ``n`` = heads with recall > 0.8, the ``n`` best 
 Schedule (:class:`AdaSpaSession`, 0-based steps): steps before the first search are
 dense; later search steps reuse the first search's LSE (only pass 2: LSE-Cached Search)
 and apply their new mask at once; steps in between reuse the last mask of their layer.
-The first search: by default (``first_search="auto"``, which is ``"cached"``, ours, where a dense
-step comes before the first search, else ``"fused"``) the step before it keeps
-its dense pass's LSE and the first search is a cached one too, whose mask serves that step
-at once; with ``first_search="fused"`` (the paper's Fused Online Search) that step's
+The first search: by default (``first_search="auto"``: ``"cached"``, ours, after a dense step) the
+step before it keeps its dense pass's LSE and the first search is a cached one too, whose mask
+serves that step at once; with ``first_search="fused"`` (the paper's Fused Online Search) that step's
 output is dense and the search runs with that output's LSE when the caller has it (the
 integration does), else computes one. Why ours is the default: the paper's first search
 costs a dense pass plus a mass pass (1.76x a dense step on an H200 at Wan 2.1 1.3B 6x),
