@@ -1,6 +1,6 @@
 """Per-layer planning time of each method at Wan 2.1 geometries: what a step pays before its kernel launches.
 
-    python bench/planning_benchmark.py [--device cuda] [--lengths 1x 6x] [--out DIR]
+    python bench/planning_benchmark.py [--device cuda] [--lengths 1x 6x] [--methods sta ...] [--out DIR]
 
 For one layer of a Wan 2.1 1.3B-shaped model (12 heads, head dim 128; 480x832 video: 1x = 21
 latent frames, 32,760 tokens; 6x = 121 frames, 188,760 tokens) and each method's step kinds,
@@ -14,6 +14,9 @@ the host's own time: the same call made while the device is still busy with a 1-
 kernel queued before it, so the call only enqueues its work. A call that reads from the device
 waits for the sleep there; its host time is not measurable this way and shows as "waits".
 
+STA with a mask strategy plans each layer's per-head mask anew, from its windows' one-head masks (those are
+what the integration compiles, once a run), so its rows time the plan alone, cycling over 30 layers' windows (each
+head one of the three windows nearest density 0.15 on the grid, ``sta_search.candidate_windows``).
 AdaSpa's search step runs the block-mass pass; on a CPU it takes random block masses instead
 (a dense pass over 188K tokens is not a CPU job), so the CPU rows time the selection only.
 Writes ``planning-<device>-<date>.json`` and ``.md`` to ``--out``.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
 import statistics
 import sys
@@ -35,12 +39,13 @@ from report import time_one_backend, versions, write_report
 
 import sparsecore
 from sparsecore import VideoGeometry
-from sparsecore.methods import adaspa, lvsa, pasa
+from sparsecore.methods import adaspa, lvsa, pasa, sta, sta_search
 from sparsecore.search import dense_attention, dense_attention_with_mass
 from sparsecore.timing import synchronize
 
 LENGTHS = {"1x": VideoGeometry(21, 30, 52), "6x": VideoGeometry(121, 30, 52)}
 HEADS, HEAD_DIM = 12, 128
+STA_LAYERS = 30
 
 
 def timed(fn, device: str, repeats: int) -> tuple[float, object]:
@@ -132,6 +137,16 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
     if device.startswith("cuda"):
         searched = ada.cached_mask(0)
         yield "adaspa", "reuse", lambda: prepared(searched, q, k, v, device)
+    # a strategy gives each (step, layer) its per-head windows: each layer's mask is planned anew (the session keeps
+    # the last 4), from the one-head masks of its windows; those are compiled once a run and run per window
+    # (StepAction.head_groups), so the per-head mask itself is not compiled: its plan is the whole cost
+    candidates = sta_search.candidate_windows(sta.tile_grid(geometry, (6, 8, 8)), 0.15)[:3]   # as a search takes
+    windows = torch.randint(len(candidates), (STA_LAYERS, HEADS), generator=torch.Generator().manual_seed(2))
+    strategy = {f"0_{layer}_{h}": candidates[int(windows[layer, h])] for layer in range(STA_LAYERS)
+                for h in range(HEADS)}
+    sta_session, layers = sta.session(1, mask_strategy=strategy), itertools.cycle(range(STA_LAYERS))
+    yield "sta", "strategy: a layer's per-head windows", \
+        lambda: sta_session.plan(geometry, HEADS, step=0, layer=next(layers))
 
 
 def check_dense_lse(device: str) -> float:
@@ -145,12 +160,14 @@ def check_dense_lse(device: str) -> float:
     return float((lse - want).abs().max())
 
 
-def run(device: str, lengths: list[str], repeats: int) -> list[dict]:
+def run(device: str, lengths: list[str], repeats: int, methods: list[str]) -> list[dict]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     rows = []
     for label in lengths:
         geometry = LENGTHS[label]
         for method, step, fn in cases(geometry, device, dtype):
+            if methods and method not in methods:
+                continue
             seconds, kernel = timed(fn, device, repeats)
             reads = host_reads(fn, device)
             host = host_seconds(fn, device, repeats)
@@ -188,6 +205,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", nargs="*", default=["1x", "6x"], choices=sorted(LENGTHS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="*", default=[], choices=["pasa", "lvsa", "adaspa", "sta"],
+                        help="only these methods' rows (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="", help="appended to the file names (two runs of one day)")
     args = parser.parse_args()
@@ -197,7 +216,7 @@ def main() -> int:
             "versions": versions(args.device)}
     meta["dense_lse_max_abs_diff"] = check_dense_lse(args.device)
     print(f"dense_attention LSE vs float32 logsumexp: max |diff| {meta['dense_lse_max_abs_diff']:.2e}", flush=True)
-    rows = run(args.device, args.lengths, args.repeats)
+    rows = run(args.device, args.lengths, args.repeats, args.methods)
     stem = f"planning-{args.device.split(':')[0]}-{meta['date']}" + (f"_{args.tag}" if args.tag else "")
     write_report(args.out / stem, meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))

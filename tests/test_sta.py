@@ -18,7 +18,7 @@ import sparsecore
 from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sparse
 from sparsecore.ir import BlockMask, csr
-from sparsecore.methods import sta
+from sparsecore.methods import sta, sta_strategy
 from sparsecore.ordering import TokenOrder
 
 
@@ -72,6 +72,22 @@ def test_masks_follow_the_window_token_by_token_in_the_models_order(geometry, ti
     video_blocks = (starts >= 0) & (starts < geometry.video_tokens)
     assert len(np.unique(ids)) == video_blocks.sum() == np.prod(grid)
     assert (np.diff(ids) >= 0).all() and set(np.flatnonzero(np.diff(ids)) + 1) == set(starts[video_blocks][1:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometry=geometries, tile=triples,
+       windows=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=5))
+def test_a_strategys_heads_each_follow_their_own_window(geometry, tile, windows):
+    """A strategy's mask copies each head's lists from its window's one-head mask: every head against the rule for
+    its own window (heads in any order, windows repeated), and lists and budgets the checked constructor accepts."""
+    strategy = {f"0_0_{h}": window for h, window in enumerate(windows)}
+    mask = sta.session(1, tile=tile, mask_strategy=strategy).plan(geometry, len(windows), step=0, layer=0)
+    got = in_model_order(mask, sta.token_order(geometry, tile))
+    for head, window in enumerate(windows):
+        assert (got[head] == raster_mask(geometry, tile, window)).all(), head
+    checked = BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices)
+    assert np.array_equal(mask.budgets, checked.budgets) and mask.indptr.dtype == mask.indices.dtype == np.int32
+    assert not mask.indptr.flags.writeable and not mask.indices.flags.writeable
 
 
 def test_tile_order_is_fastvideos_tile_layout():
@@ -201,7 +217,7 @@ def test_mixed_heads_windows_huge_windows_and_bad_json(tmp_path):
 def test_large_files_causal_geometries_and_missing_layers_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.json"
     path.write_text(json.dumps({"0_0_0": [1, 1, 1]}))
-    monkeypatch.setattr(sta, "STRATEGY_FILE_LIMIT", 8)
+    monkeypatch.setattr(sta_strategy, "STRATEGY_FILE_LIMIT", 8)
     with pytest.raises(ValueError, match="at most 8 bytes"):
         sta.session(1, mask_strategy=str(path))
     with pytest.raises(ValueError, match="causal_frames=2; use 'lvsa'"):

@@ -30,12 +30,8 @@ kernel is compiled once rather than every call's mask.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -49,103 +45,13 @@ from sparsecore.ordering import TokenOrder
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_shard,
                        check_step, geometry_meta, params_from)
+from .sta_strategy import read_strategy, triple
 
 METHOD = "sta"
 PAPER = "arXiv:2502.04507"
 PATTERN = "Sliding Tile Attention's tiles span frames both ways"     # why frame-causal geometries are refused
-STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
 MASKS_KEPT = 4        # masks a session keeps (each holds its device copy): one window's, or a strategy's latest
 WINDOW_MASKS_KEPT = 16     # at least: a strategy's one-head masks, one per window and geometry (a few KiB each)
-SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
-KEY = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})", re.ASCII)
-
-
-def _triple(value: Any, field: str) -> tuple[int, int, int]:
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or len(value) != 3:
-        raise TypeError(f"{field}: expected three ints (frames, rows, columns), got {value!r}")
-    checked = tuple(check_int(v, f"{field}[{i}]", 1) for i, v in enumerate(value))
-    if max(checked) > SIZE_LIMIT:
-        raise ValueError(f"{field}: expected sizes of at most {SIZE_LIMIT:,} (a window or tile larger than any grid "
-                         f"covers it whole), got {checked}")
-    return checked
-
-
-class MaskStrategy(Mapping):
-    """A mask strategy as :func:`read_strategy` returns it, read-only: ``{(step, layer): windows}``, one
-    ``(wt, wh, ww)`` per head in head order, the same heads at every (step, layer) and the same layers at every step;
-    ``windows``: the distinct windows."""
-
-    def __init__(self, table: dict[tuple[int, int], tuple[tuple[int, int, int], ...]]) -> None:
-        self._table = dict(table)
-        self.heads = len(next(iter(self._table.values())))
-        self.layers = frozenset(layer for _, layer in self._table)
-        self.steps = frozenset(step for step, _ in self._table)
-        self.windows = frozenset(window for windows in self._table.values() for window in windows)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
-        return self._table[key]
-
-    def __iter__(self):
-        return iter(self._table)
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-
-def _load(path: Any) -> Any:
-    try:
-        with open(path, "rb") as file:
-            data = file.read(STRATEGY_FILE_LIMIT + 1)          # not the size the file system claims
-        if len(data) > STRATEGY_FILE_LIMIT:
-            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got more "
-                             f"at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
-        return json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} ({err}); pass the path of FastVideo's "
-                         f"mask strategy json file or the mapping itself") from None
-
-
-def read_strategy(source: Any) -> MaskStrategy:
-    """FastVideo's mask strategy (a mapping ``"step_layer_head" -> [wt, wh, ww]``, or the path of its json file) as
-    a :class:`MaskStrategy`, checked: every (step, layer) lists heads ``0 .. H - 1`` (the same H everywhere) and every
-    step the same layers. A :class:`MaskStrategy` is returned as it is (read a file once, pass it on)."""
-    if isinstance(source, MaskStrategy):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        source = _load(source)
-    if not isinstance(source, Mapping) or not source:
-        raise TypeError(f"mask_strategy: expected a non-empty mapping 'step_layer_head' -> [wt, wh, ww] or its json "
-                        f"file's path, got {type(source).__name__}")
-    heads: dict[tuple[int, int], dict[int, tuple[int, int, int]]] = {}
-    for name, window in source.items():
-        if not isinstance(name, str):
-            raise TypeError(f"mask_strategy: expected string keys 'step_layer_head', got {type(name).__name__}")
-        match = KEY.fullmatch(name)
-        if match is None:
-            raise ValueError(f"mask_strategy: expected keys 'step_layer_head' of three non-negative ints (at most 9 "
-                             f"digits each), got {name[:40]!r}")
-        step, layer, head = map(int, match.groups())
-        found = heads.setdefault((step, layer), {})
-        if head in found:
-            raise ValueError(f"mask_strategy: step {step} layer {layer} head {head} is listed twice (key {name!r}); "
-                             f"pass one window per step, layer and head")
-        found[head] = _triple(window, f"mask_strategy[{name!r}]")
-    table = {}
-    layers_of: dict[int, set[int]] = {}
-    for (step, layer), found in heads.items():
-        missing = sorted(set(range(len(found))) - set(found))
-        if missing:
-            raise ValueError(f"mask_strategy: step {step} layer {layer} lists {len(found)} heads but not head "
-                             f"{missing[0]}; expected heads 0 .. H - 1 for every step and layer listed")
-        table[(step, layer)] = tuple(found[h] for h in range(len(found)))
-        layers_of.setdefault(step, set()).add(layer)
-    counts = {len(windows) for windows in table.values()}
-    if len(counts) > 1 or len({frozenset(found) for found in layers_of.values()}) > 1:
-        sizes = sorted({len(found) for found in layers_of.values()})
-        raise ValueError(f"mask_strategy: expected the same heads at every step and layer and the same layers at every "
-                         f"step, got {sorted(counts)} heads and layer sets of {sizes} layers; pass a strategy written "
-                         f"for one model")
-    return MaskStrategy(table)
 
 
 @dataclass(frozen=True)
@@ -165,8 +71,8 @@ class STAParams:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "window", _triple(self.window, "window"))
-        set_(self, "tile", _triple(self.tile, "tile"))
+        set_(self, "window", triple(self.window, "window"))
+        set_(self, "tile", triple(self.tile, "tile"))
         if self.mask_strategy is not None:
             set_(self, "mask_strategy", read_strategy(self.mask_strategy))
         set_(self, "dense_steps", check_int(self.dense_steps, "dense_steps", 0))
@@ -198,7 +104,7 @@ def token_order(geometry: VideoGeometry, tile: Any = (6, 8, 8)) -> TokenOrder:
     is among the 16 last asked for. Its device copies of the index (8 bytes a token) live as long as it does."""
     if not isinstance(geometry, VideoGeometry):
         raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
-    return _token_order(geometry, _triple(tile, "tile"))
+    return _token_order(geometry, triple(tile, "tile"))
 
 
 @lru_cache(maxsize=16)
@@ -346,7 +252,7 @@ class STASession:
         grid = tile_grid(geometry, self.params.tile)
         windows = tuple(tuple(span(n, w) for w, n in zip(window, grid)) for window in windows[shard.start:shard.stop])
         check_blocks(geometry, self.params.tile, len(windows))
-        return self._kept(self._masks, geometry, windows, MASKS_KEPT)
+        return self._kept(self._masks, (geometry, windows), lambda: self._heads_mask(geometry, windows), MASKS_KEPT)
 
     def head_groups(self, geometry: VideoGeometry, mask: BlockMask) -> list[tuple[BlockMask, np.ndarray]]:
         """``mask``'s (a mask :meth:`plan` returned on ``geometry``) distinct windows as one-head masks, each with the
@@ -356,41 +262,53 @@ class STASession:
         distinct, which = np.unique(np.array(mask.meta["head_windows"]), axis=0, return_inverse=True)
         which = which.ravel()
         members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which))[:-1])
-        return [(self._kept(self._window_masks, geometry, (tuple(window),), self._window_limit), heads_of)
+        return [(self._window_mask(geometry, tuple(window)), heads_of)
                 for window, heads_of in zip(distinct.tolist(), members)]             # a few windows, not heads
 
-    def _kept(self, cache: OrderedDict, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...],
-              limit: int) -> BlockMask:
-        """The mask of these per-head windows from ``cache``, which keeps the ``limit`` last used."""
-        key = (geometry, windows)
+    @staticmethod
+    def _kept(cache: OrderedDict, key: tuple, build: Any, limit: int) -> BlockMask:
+        """``cache[key]``, built by ``build()`` if missing; ``cache`` keeps the ``limit`` last used."""
         if key not in cache:
-            cache[key] = self._mask(geometry, windows)
+            cache[key] = build()
             if len(cache) > limit:
                 cache.popitem(last=False)
         cache.move_to_end(key)
         return cache[key]
 
-    def _mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
+    def _window_mask(self, geometry: VideoGeometry, window: tuple[int, int, int]) -> BlockMask:
+        """The one-head mask of ``window`` (in tiles each axis spans) on ``geometry``, kept by the session."""
+        return self._kept(self._window_masks, (geometry, window), lambda: self._build(geometry, window),
+                          self._window_limit)
+
+    def _heads_mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
+        """The mask of these per-head windows: each head's lists copied from its window's one-head mask (valid by
+        construction, so not checked again), work in proportion to the lists rather than to ``blocks^2`` per window:
+        a strategy's (step, layer) masks are rebuilt whenever the session's last :data:`MASKS_KEPT` turn over."""
+        distinct, which = np.unique(np.array(windows), axis=0, return_inverse=True)
+        parts = [self._window_mask(geometry, tuple(window)) for window in distinct.tolist()]    # a few, not heads
+        ends = np.cumsum([0] + [len(part.indices) for part in parts[:-1]])
+        indptr, indices = csr.select_heads(np.concatenate([part.indptr + end for part, end in zip(parts, ends)]),
+                                           np.concatenate([part.indices for part in parts]), which.ravel())
+        budgets = np.concatenate([part.budgets for part in parts])[which.ravel()]
+        offsets = parts[0].q_offsets
+        return BlockMask.unchecked(len(windows), offsets, offsets, frozen(indptr.astype(np.int32)), frozen(indices),
+                                   frozen(budgets), self._meta(geometry, distinct.tolist(), windows))
+
+    def _build(self, geometry: VideoGeometry, window: tuple[int, int, int]) -> BlockMask:
+        """The one-head mask of ``window``: every video tile sees its window's tiles, text rows and columns all."""
         tile = self.params.tile
         grid, offsets = tile_grid(geometry, tile), tile_offsets(geometry, tile)
-        distinct, which = np.unique(np.array(windows), axis=0, return_inverse=True)
-        which = which.ravel()
-        tiles = math.prod(grid)
-        blocks = len(offsets) - 1
+        tiles, blocks = math.prod(grid), len(offsets) - 1
         video = slice(blocks - tiles, blocks) if geometry.text_position == "start" else slice(0, tiles)
-        maps = np.ones((len(distinct), blocks, blocks), dtype=bool)
-        for index, window in enumerate(distinct.tolist()):         # a few distinct windows, not one per head
-            maps[index, video, video] = video_block_map(grid, tuple(window))
-        counts = maps.sum(axis=2)                                  # [windows, blocks]
-        columns = np.nonzero(maps.reshape(-1, blocks))[1]          # each window's lists, one after another
-        starts = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])[which]
-        sizes = counts.sum(axis=1)[which]
-        within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        indptr, indices = csr.indptr_from_counts(counts[which]), columns[np.repeat(starts, sizes) + within]
-        meta = {"method": METHOD, "paper": PAPER, "params": self.params.summary(), "geometry": geometry_meta(geometry),
-                "token_order": token_order(geometry, tile).name, "windows": [tuple(w) for w in distinct.tolist()],
+        keep = np.ones((blocks, blocks), dtype=bool)
+        keep[video, video] = video_block_map(grid, window)
+        return BlockMask(1, offsets, offsets, csr.indptr_from_counts(keep.sum(axis=1)[None]), np.nonzero(keep)[1],
+                         None, self._meta(geometry, [window], (window,)))
+
+    def _meta(self, geometry: VideoGeometry, distinct: list, windows: tuple[tuple[int, int, int], ...]) -> dict:
+        return {"method": METHOD, "paper": PAPER, "params": self.params.summary(), "geometry": geometry_meta(geometry),
+                "token_order": token_order(geometry, self.params.tile).name, "windows": [tuple(w) for w in distinct],
                 "head_windows": windows}
-        return BlockMask(len(windows), offsets, offsets, indptr, indices, None, meta)
 
 
 def session(num_steps: int = 50, **params: Any) -> STASession:

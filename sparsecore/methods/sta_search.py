@@ -24,7 +24,8 @@ import numpy as np
 
 from sparsecore.ir.validation import check_index, check_int
 
-from .sta import MaskStrategy, _triple, read_strategy, span
+from .sta import span
+from .sta_strategy import MaskStrategy, read_strategy, triple
 
 CANDIDATE_LIMIT = 64        # candidates measured per call: each is one more sparse kernel at every searched call
 
@@ -40,7 +41,7 @@ def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
     """Windows of about one cost for a search on ``grid``: those whose :func:`window_density` lies within ``spread``
     (relative) of ``density``, nearest first, at most ``limit``; odd sides below an axis and the whole axis only
     (an even side below the axis runs as the next odd one). The whole grid (dense) is never a candidate."""
-    grid = _triple(grid, "grid")
+    grid = triple(grid, "grid")
     for name, value in (("density", density), ("spread", spread)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
@@ -74,7 +75,7 @@ def check_candidates(candidates: Any) -> tuple[tuple[int, int, int], ...]:
     if len(candidates) > CANDIDATE_LIMIT:
         raise ValueError(f"candidates: expected at most {CANDIDATE_LIMIT} windows (each runs at every searched call), "
                          f"got {len(candidates)}")
-    windows = tuple(_triple(w, f"candidates[{i}]") for i, w in enumerate(candidates))
+    windows = tuple(triple(w, f"candidates[{i}]") for i, w in enumerate(candidates))
     if len(set(windows)) != len(windows):
         raise ValueError(f"candidates: expected distinct windows, got {windows}")
     return windows

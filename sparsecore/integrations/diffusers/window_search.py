@@ -28,6 +28,7 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import sta
 from sparsecore.methods.contract import check_bidirectional
 from sparsecore.methods.sta_search import check_candidates, choose_windows, save_strategy
+from sparsecore.methods.sta_strategy import MaskStrategy
 
 from .audit import make_audit
 
@@ -138,7 +139,7 @@ class WindowSearch:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(samples > 0, self._sums.cpu().numpy() / samples, np.nan)
 
-    def strategy(self, dense_steps: int = 0) -> sta.MaskStrategy:
+    def strategy(self, dense_steps: int = 0) -> MaskStrategy:
         """Each head's candidate of least error from ``dense_steps`` on, the whole grid before (FastVideo's rule)."""
         errors = self.errors()
         broken = np.argwhere((self._samples > 0) & ~np.isfinite(errors).all(axis=(2, 3)))
@@ -149,7 +150,7 @@ class WindowSearch:
                              f"search in bfloat16, or leave that step out (steps=, or a higher dense_steps)")
         return choose_windows(errors, self.candidates, self.grid, dense_steps)
 
-    def save(self, path: Any, dense_steps: int = 0) -> sta.MaskStrategy:
+    def save(self, path: Any, dense_steps: int = 0) -> MaskStrategy:
         """:meth:`strategy` written to ``path`` as FastVideo's json; returns it."""
         strategy = self.strategy(dense_steps)
         save_strategy(strategy, path)
