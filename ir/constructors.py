@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -25,7 +25,8 @@ def _uniform_shape(num_heads: int, q_len: Any, kv_len: Any, q_block: Any, kv_blo
     q_len, kv_len = v.check_int(q_len, "q_len", minimum=1), v.check_int(kv_len, "kv_len", minimum=1)
     q_block = v.check_int(q_block, "q_block", minimum=1)
     kv_block = q_block if kv_block is None else v.check_int(kv_block, "kv_block", minimum=1)
-    v.check_pairs(num_heads, q_len, kv_len)
+    v.check_pairs(num_heads, q_len, kv_len, "q_len, kv_len",
+                  "no attention input has that many; pass the lengths of the sequences the mask is for")
     return q_len, kv_len, q_block, kv_block
 
 
@@ -67,31 +68,39 @@ def from_lists(lists: Sequence[Sequence[Iterable[int]]], q_offsets: Any, kv_offs
     v.check_offsets(q_offsets, "q_offsets")
     v.check_offsets(kv_offsets, "kv_offsets")
     num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
-    heads = _sequence(lists, "lists", "one list of rows per head")
-    if not heads:
-        raise ValueError("lists: expected at least one head (a list of one id list per query block), got none")
-    v.check_pairs(len(heads), int(q_offsets[-1]), int(kv_offsets[-1]))
+    most_heads = max(1, v.INDEX_LIMIT // (num_q_blocks + 1))          # each head's row pointers are int32 entries
     rows: list[np.ndarray] = []
-    for h, head in enumerate(heads):
-        head = _sequence(head, f"lists[{h}]", f"one id list per query block ({num_q_blocks})")
+    num_heads = 0
+    for h, head in enumerate(_items(lists, "lists", "one list of rows per head")):     # read as they are checked
+        if h == most_heads:
+            raise ValueError(f"lists: expected at most {most_heads:,} heads of {num_q_blocks:,} query blocks (their "
+                             f"row pointers are int32), got more; pass fewer heads or larger query blocks")
+        v.check_pairs(h + 1, int(q_offsets[-1]), int(kv_offsets[-1]), "lists, q_offsets, kv_offsets",
+                      "the heads and block boundaries claim more than any attention input has")
+        head = list(itertools.islice(_items(head, f"lists[{h}]", f"one id list per query block ({num_q_blocks})"),
+                                     num_q_blocks + 1))                 # more rows than query blocks cannot be valid
         if len(head) != num_q_blocks:
-            raise ValueError(f"lists[{h}]: expected one list per query block ({num_q_blocks}), got {len(head)}")
+            got = f"{len(head)}" if len(head) <= num_q_blocks else "more"
+            raise ValueError(f"lists[{h}]: expected one list per query block ({num_q_blocks}), got {got}")
+        num_heads += 1
         for i, row in enumerate(head):
             rows.append(_row_ids(row, f"lists[{h}][{i}]", num_kv_blocks, int(kv_offsets[-1])))
-    counts = np.array([len(r) for r in rows], dtype=np.int64).reshape(len(heads), num_q_blocks)
+    if not num_heads:
+        raise ValueError("lists: expected at least one head (a list of one id list per query block), got none")
+    counts = np.array([len(r) for r in rows], dtype=np.int64).reshape(num_heads, num_q_blocks)
     if int(counts.sum()) > v.INDEX_LIMIT:
         raise ValueError(f"lists: {int(counts.sum()):,} key-block ids in all, more than the int32 index limit "
                          f"{v.INDEX_LIMIT:,}; use larger blocks")
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    return BlockMask(len(heads), q_offsets, kv_offsets, csr.indptr_from_counts(counts), indices, budgets, meta)
+    return BlockMask(num_heads, q_offsets, kv_offsets, csr.indptr_from_counts(counts), indices, budgets, meta)
 
 
-def _sequence(value: Any, field: str, what: str) -> list:
-    """``value`` as a list, refusing what would be read as something else (a str, a dict, a scalar)."""
+def _items(value: Any, field: str, what: str) -> Iterator:
+    """An iterator over ``value``, refusing what would be read as something else (a str, a dict, a scalar)."""
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) or \
             (isinstance(value, np.ndarray) and value.ndim == 0):
         raise TypeError(f"{field}: expected a sequence ({what}), got {type(value).__name__} {_short(value)}")
-    return list(value)
+    return iter(value)
 
 
 def _row_ids(row: Any, field: str, num_kv_blocks: int, kv_len: int) -> np.ndarray:

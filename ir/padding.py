@@ -38,7 +38,8 @@ def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None 
                          f"{str(mask.unselected)!r} (the padding would enter every row's approximation); run the "
                          f"mask on its {mask.q_len} tokens and write 0 to the rest")
     length = v.check_int(length, "length", max(mask.q_len, mask.kv_len) + 1)
-    v.check_pairs(mask.num_heads, length, length)
+    v.check_pairs(mask.num_heads, length, length, "length",
+                  "no attention input has that many; pass the length of the sequence the mask runs on")
     meta = mask.meta if meta is None else v.freeze_meta(meta)         # checked before the padding is built
     rows, columns = (-(-(length - size) // mask.largest_block_size(side))
                      for side, size in (("q", mask.q_len), ("kv", mask.kv_len)))

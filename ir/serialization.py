@@ -113,7 +113,7 @@ def _read(file: BinaryIO, size: int, source: str) -> "BlockMask":
 
     if size < 8:
         raise bad(f"{size} bytes, too short for the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", file.read(8))
+    (header_len,) = struct.unpack("<Q", _read_exactly(file, 8, bad))
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise bad(f"declared header length {header_len:,} does not fit (file has {size:,} bytes, "
                   f"limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupted")
@@ -156,10 +156,11 @@ class _DuplicateKey(Exception):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
-    return dict(pairs)
+    found = dict(pairs)
+    if len(found) != len(pairs):                 # the first key seen twice, in one pass (a header may hold 10^5 keys)
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return found
 
 
 def _parse_json(raw: bytes, what: str, bad) -> Any:

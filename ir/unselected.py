@@ -23,6 +23,7 @@ from .validation import check_int
 
 KINDS = ("drop", "zeroth", "global-first-order", "grouped-first-order")
 GROUP_DIGITS = 4000        # a group size's digits in a file (Python's int() takes up to 4300)
+GROUP_LIMIT = 10 ** GROUP_DIGITS
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,12 @@ class Unselected:
         if self.kind not in KINDS:
             raise ValueError(f"unselected.kind: expected one of {list(KINDS)}, got {self.kind!r}")
         if self.kind == "grouped-first-order":
-            object.__setattr__(self, "group_blocks", check_int(self.group_blocks, "unselected.group_blocks", 1))
+            group = check_int(self.group_blocks, "unselected.group_blocks", 1)
+            if group >= GROUP_LIMIT:                                   # compared as ints: str() of it would fail
+                raise ValueError(f"unselected.group_blocks: expected fewer than {GROUP_DIGITS + 1} digits (what a "
+                                 f"mask file holds), got {group.bit_length()} bits; any group past the key blocks is "
+                                 f"one group of all of them: pass 2**31 - 1, or kind 'global-first-order'")
+            object.__setattr__(self, "group_blocks", group)
         elif self.group_blocks is not None:
             raise ValueError(f"unselected.group_blocks: only the 'grouped-first-order' kind takes a group size, got "
                              f"{self.group_blocks} with kind {self.kind!r}")

@@ -136,14 +136,15 @@ def check_extent(num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray) 
     check_pairs(num_heads, int(q_offsets[-1]), int(kv_offsets[-1]))
 
 
-def check_pairs(num_heads: int, q_len: int, kv_len: int) -> None:
-    """``num_heads * q_len * kv_len`` below :data:`PAIR_LIMIT` (Python ints: no overflow while checking)."""
+def check_pairs(num_heads: int, q_len: int, kv_len: int, field: str = "q_offsets, kv_offsets",
+                claim: str = "the block boundaries claim a sequence no attention input can have: check "
+                             "q_offsets[-1] and kv_offsets[-1]") -> None:
+    """``num_heads * q_len * kv_len`` below :data:`PAIR_LIMIT` (Python ints: no overflow while checking); the error
+    names ``field``, the arguments the sizes came from, and says what they ``claim``."""
     pairs = int(num_heads) * int(q_len) * int(kv_len)
     if pairs >= PAIR_LIMIT:
-        raise ValueError(f"q_offsets, kv_offsets: num_heads x q_len x kv_len = {num_heads} x {q_len} x {kv_len} = "
-                         f"{pairs:.3e} token pairs, expected fewer than 2**62 (their counts are int64); the block "
-                         f"boundaries claim a sequence no attention input can have: check q_offsets[-1] and "
-                         f"kv_offsets[-1]")
+        raise ValueError(f"{field}: num_heads x q_len x kv_len = {num_heads} x {q_len} x {kv_len} = {pairs:.3e} "
+                         f"token pairs, expected fewer than 2**62 (their counts are int64); {claim}")
 
 
 def check_csr(indptr: np.ndarray, indices: np.ndarray, num_heads: int, num_q_blocks: int, num_kv_blocks: int,

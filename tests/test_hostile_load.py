@@ -8,6 +8,7 @@ size alone would exceed the bound is made sparse, so nothing here writes gigabyt
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -134,6 +135,15 @@ def test_duplicate_header_keys_are_refused(good):
     meta = dict(header)
     meta["__metadata__"] = {**header["__metadata__"], "meta": '{"method": "a", "method": "b"}'}
     refused(lambda: from_bytes(build(meta, buffer), "dup"), "__metadata__.meta has the key 'method' twice")
+    many = {**{f"{i:x}": 0 for i in range(80_000)}, **header}     # near the 1 MiB header limit
+    many = json.dumps(many)[:-1] + ', "1387f": 1}'          # the 80,000th key again: found in one pass, in bounds
+    refused(lambda: from_bytes(build(many, buffer), "dup"), "has the key '1387f' twice")
+
+
+def test_a_file_shorter_than_its_size_is_refused():
+    """A file may read fewer bytes than its size said (truncated while loading; files in /proc or /sys)."""
+    from sparsecore.ir.serialization import _read
+    refused(lambda: _read(io.BytesIO(b"\x01\x02"), 4096, "short"), "expected 8 more bytes, got 2")
 
 
 @pytest.mark.parametrize("num_heads", ["", "0", "-2", "2.0", " 2", "2_0", "\u0662", "1" * 5000, "0x2", "+2"])

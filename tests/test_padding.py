@@ -91,7 +91,7 @@ def test_padding_refuses_bad_lengths_before_building_anything(monkeypatch):
     with pytest.raises(ValueError, match="adds 16,385 query and 1,048,577 key blocks"):
         keys.with_padding(128 + 2**20 + 1)
     assert keys.with_padding(128 + 2**20).num_kv_blocks == 128 + 2**20       # 2**20 a side at most
-    with pytest.raises(ValueError, match="q_offsets, kv_offsets: num_heads x q_len x kv_len"):
+    with pytest.raises(ValueError, match="length: num_heads x q_len x kv_len"):
         BlockMask.full(4, 64, 64, 64).with_padding(2**31)
     with pytest.raises(ValueError, match="unselected: with_padding expected a mask that drops"):
         approximating(mask).with_padding(64)

@@ -146,6 +146,18 @@ def test_a_group_size_parse_takes_ascii_digits_only_and_names_the_form(text):
         Unselected.parse(text)
 
 
+def test_a_group_size_a_file_cannot_hold_is_refused_and_every_other_round_trips(tmp_path):
+    """The loader reads at most 4,000 digits of a group size; a larger one saved a file its loader refused (and past
+    4,300 digits str() itself failed)."""
+    mask = BlockMask.from_lists([[np.array([0])]], [0, 16], [0, 16, 32])
+    largest = Unselected("grouped-first-order", 10 ** 4000 - 1)
+    saved = BlockMask(1, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, unselected=largest)
+    assert BlockMask.load(saved.save(tmp_path / "m.safetensors")).unselected == largest
+    for group in (10 ** 4000, 10 ** 5000):
+        with pytest.raises(ValueError, match="unselected.group_blocks: expected fewer than 4001 digits"):
+            Unselected("grouped-first-order", group)
+
+
 @pytest.mark.parametrize("group", [2**31 - 1, 2**63, 10**30])
 def test_a_group_past_the_blocks_runs_as_one_group(group):
     """A group size beyond the key blocks is one group of every block (at 2**63 and more torch's pass indexed with a
