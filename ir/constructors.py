@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Sized
 
 import numpy as np
 
@@ -69,18 +69,22 @@ def from_lists(lists: Sequence[Sequence[Iterable[int]]], q_offsets: Any, kv_offs
     v.check_offsets(kv_offsets, "kv_offsets")
     num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
     most_heads = max(1, v.INDEX_LIMIT // (num_q_blocks + 1))          # each head's row pointers are int32 entries
+    heads = _items(lists, "lists", "one list of rows per head")
     rows: list[np.ndarray] = []
     num_heads = 0
-    for h, head in enumerate(_items(lists, "lists", "one list of rows per head")):     # read as they are checked
-        if h == most_heads:
+    for h, head in enumerate(heads):               # read as they are checked; a sequence's length is checked first
+        claimed = max(h + 1, len(lists) if isinstance(lists, Sized) else 0)
+        if claimed > most_heads:
             raise ValueError(f"lists: expected at most {most_heads:,} heads of {num_q_blocks:,} query blocks (their "
-                             f"row pointers are int32), got more; pass fewer heads or larger query blocks")
-        v.check_pairs(h + 1, int(q_offsets[-1]), int(kv_offsets[-1]), "lists, q_offsets, kv_offsets",
+                             f"row pointers are int32), got {claimed if claimed > h + 1 else 'more'}; pass fewer heads "
+                             f"or larger query blocks")
+        v.check_pairs(claimed, int(q_offsets[-1]), int(kv_offsets[-1]), "lists, q_offsets, kv_offsets",
                       "the heads and block boundaries claim more than any attention input has")
+        given = head
         head = list(itertools.islice(_items(head, f"lists[{h}]", f"one id list per query block ({num_q_blocks})"),
                                      num_q_blocks + 1))                 # more rows than query blocks cannot be valid
         if len(head) != num_q_blocks:
-            got = f"{len(head)}" if len(head) <= num_q_blocks else "more"
+            got = len(given) if isinstance(given, Sized) else len(head) if len(head) <= num_q_blocks else "more"
             raise ValueError(f"lists[{h}]: expected one list per query block ({num_q_blocks}), got {got}")
         num_heads += 1
         for i, row in enumerate(head):

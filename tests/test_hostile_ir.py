@@ -109,6 +109,19 @@ def test_from_lists_does_not_materialize_an_endless_row():
     import itertools
     refused(lambda: BlockMask.from_lists([[itertools.count()]], [0, 4], [0, 4, 8]), "lists[0][0]")
     refused(lambda: BlockMask.from_lists([[range(10**12)]], [0, 4], [0, 4, 8]), "lists[0][0]")
+    endless_rows = [itertools.repeat(np.array([0]))]                    # a head of endless rows: read 2 + 1
+    assert "got more" in str(refused(lambda: BlockMask.from_lists(endless_rows, [0, 4, 8], [0, 4]), "lists[0]"))
+    refused(lambda: BlockMask.from_lists(range(10**12), [0, 4], [0, 4, 8]), "lists")     # its length, first
+    refused(lambda: BlockMask.from_lists((h for h in range(10**12)), [0, 4], [0, 4, 8]), "lists[0]")   # as read
+
+
+def test_from_lists_refuses_more_heads_than_row_pointers_can_hold(monkeypatch):
+    from sparsecore.ir import validation
+    monkeypatch.setattr(validation, "INDEX_LIMIT", 10)                  # 3 heads of 2 query blocks at most
+    assert BlockMask.from_lists([[[0], [0]]] * 3, [0, 4, 8], [0, 4]).num_heads == 3
+    for lists, got in (([[[0], [0]]] * 4, "got 4;"), ((h for h in [[[0], [0]]] * 4), "got more;")):
+        message = str(refused(lambda: BlockMask.from_lists(lists, [0, 4, 8], [0, 4]), "lists"))
+        assert "at most 3 heads of 2 query blocks" in message and got in message
 
 
 def _deep(depth: int) -> dict:
