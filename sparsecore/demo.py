@@ -152,7 +152,7 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
         if problem:
             raise RuntimeError(problem)
     device = device or best_device()
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16        # "cpu:0" too
     cpu_inputs = demo_inputs(shape)
     q, k, v = (t.to(device, dtype) for t in cpu_inputs)
     scale = shape.head_dim ** -0.5

@@ -224,7 +224,11 @@ class VideoGeometry:
 
     def token(self, t: np.ndarray | int, y: np.ndarray | int, x: np.ndarray | int) -> np.ndarray:
         """Sequence index of patch ``(t, y, x)`` (inverse of :meth:`position`)."""
-        t, y, x = (np.asarray(a, dtype=np.int64) for a in (t, y, x))
+        coordinates = {name: np.asarray(a) for name, a in (("t", t), ("y", y), ("x", x))}
+        for name, a in coordinates.items():
+            if not np.issubdtype(a.dtype, np.integer):                  # 1.9 would truncate to 1, True count as 1
+                raise TypeError(f"{name}: expected integer coordinates, got dtype {a.dtype}")
+        t, y, x = (a.astype(np.int64) for a in coordinates.values())
         for name, a, n in (("t", t, self.frames), ("y", y, self.height), ("x", x, self.width)):
             if a.size and (a.min() < 0 or a.max() >= n):
                 raise ValueError(f"{name}: expected values in [0, {n}), got range [{a.min()}, {a.max()}]")

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sparsecore.ir.validation import check_int
+from sparsecore.ir.validation import check_index, check_int
 
 from .geometry import VideoGeometry
 
@@ -95,7 +95,7 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
     if not isinstance(geometry, VideoGeometry):
         raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
     num_heads = check_int(num_heads, "num_heads")
-    seed = check_int(seed, "seed", 0)
+    seed = check_index(seed, "seed", 2 ** 64)                # torch's generator seeds are 64-bit
     head_dim = check_int(head_dim, "head_dim", 6)
     if head_dim % 2:
         raise ValueError(f"head_dim: expected an even number (rotary pairs), got {head_dim}")

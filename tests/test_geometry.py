@@ -85,3 +85,6 @@ def test_invalid_input_names_the_field():
         VideoGeometry(2, 2, 2).position(8)
     with pytest.raises(ValueError, match="y: expected values in"):
         VideoGeometry(2, 2, 2).token(0, 2, 0)
+    for t, y, x, name in ((1.9, 0, 0, "t"), (0, True, 0, "y"), (0, 0, np.array([0.5]), "x")):   # not truncated
+        with pytest.raises(TypeError, match=f"{name}: expected integer coordinates"):
+            VideoGeometry(2, 2, 2).token(t, y, x)

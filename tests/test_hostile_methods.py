@@ -160,7 +160,8 @@ def test_adaspa_names_q_and_k_for_non_finite_inputs_not_meta():
 @pytest.mark.parametrize("method", sorted(MODULES))
 def test_geometries_no_mask_can_describe_are_refused_before_planning(method):
     """A geometry claiming 10**9 frames made LVSA loop for minutes and AdaSpa's dense warm-up allocate 931 GiB."""
-    for geometry in (VideoGeometry(10**9, 1, 1), VideoGeometry(10**6, 8, 8)):
+    for geometry in (VideoGeometry(10**9, 1, 1), VideoGeometry(10**6, 8, 8),
+                     VideoGeometry(1, 1, 1, text_tokens=10**6)):       # text in frame-sized blocks: 10**6 + 1 blocks
         session = MODULES[method].session(num_steps=50)
         refused(lambda: session.plan(geometry, HEADS, step=0), "geometry")
     refused(lambda: lvsa.session(num_steps=50).action(VideoGeometry(10**9, 1, 1), 0), "geometry")

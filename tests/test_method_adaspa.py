@@ -248,6 +248,21 @@ def test_session_schedule_of_the_papers_fused_first_search():
         adaspa.session(num_steps=20, search_steps=(10, 30))
 
 
+def test_a_reuse_step_after_a_skipped_cached_first_search_is_refused():
+    """The default first search is cached on the LSE of the step before it; a caller that skips the search step
+    (a step-skipping cache) gets the session's error at the next reuse step, not a KeyError."""
+    g = VideoGeometry(4, 4, 4)
+    q, k, _ = video_qkv(g, 2, 16, seed=0)
+    session = adaspa.session(8, warmup_steps=2, search_steps=(2, 5), block_size=8)
+    assert [session.action(g, t, 0).label for t in range(4)] == ["dense", "dense-lse", "cached-search", "reuse"]
+    session.plan(g, 2, step=1, layer=0, q=q, k=k)                        # keeps the LSE; step 2 is skipped
+    with pytest.raises(ValueError, match="no search result cached for this layer at step 3 .reuse.; call plan at "
+                                         "step 2"):
+        session.plan(g, 2, step=3, layer=0, q=q, k=k)
+    assert session.plan(g, 2, step=2, layer=0, q=q, k=k).meta["action"] == "cached-search"   # the search, late
+    assert session.plan(g, 2, step=3, layer=0) is session.cached_mask(0)
+
+
 def test_a_session_refuses_to_reuse_a_search_for_other_inputs():
     """A session keeps one search per layer: a search without a layer index, or a reuse step for another video of
     the same token count or other heads, is refused (each returned the stored mask of other inputs before)."""
@@ -416,6 +431,7 @@ def test_equal_recalls_rank_heads_in_head_order():
         meta = adaspa.plan(g, 3, step=10, layer=0, mass=mass, block_size=16, sparsity=0.2).meta
         assert list(meta["base_recall"]) == [1.0, 1.0, 1.0]
         assert list(meta["head_sparsity"]) == sorted(meta["head_sparsity"], reverse=True)
+        assert meta["lse"] == "none"                        # masses handed over: no LSE was made or used
 
 
 def test_a_rank_whose_masses_are_fine_raises_when_another_ranks_are_not():

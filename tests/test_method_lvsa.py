@@ -186,6 +186,20 @@ def test_parameter_errors_name_the_field():
         lvsa.plan((30, 1, 1), 1, step=0)
     with pytest.raises(ValueError, match="step"):
         lvsa.plan(g, 1, step=-1)
+    lvsa.plan(g, 1, step=1)
+    lvsa.frame_pattern(g, 1)                                   # memoized for step 1: 1.0 and True hash alike
+    for step in (1.0, True):
+        with pytest.raises(TypeError, match="step: expected an int"):
+            lvsa.plan(g, 1, step=step)
+        with pytest.raises(TypeError, match="step: expected an int"):
+            lvsa.frame_pattern(g, step)
+
+
+def test_any_finite_sparsity_scale_plans():
+    """A budget past every frame is dense, however far past (1e308 x C overflowed to inf, then int(inf))."""
+    for scale in (1e308, 1e300, 2.0):
+        assert lvsa.plan(VideoGeometry(30, 1, 1), 1, step=0, sparsity_scale=scale).meta["dense"]
+    assert lvsa.session(num_steps=5, sparsity_scale=1e308).action(VideoGeometry(30, 1, 1), 0).dense
 
 
 def test_methods_never_import_device_libraries():

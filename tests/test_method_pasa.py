@@ -239,8 +239,11 @@ def test_parameter_errors_name_the_field():
         pasa.plan(GEOMETRY, 1, step=50)
     with pytest.raises(TypeError, match="dense_layers\\[0\\]: expected an int"):
         pasa.session(dense_layers=["0"])
-    with pytest.raises(TypeError, match="profile: expected a pasa.CurvatureProfile"):
-        pasa.session(profile="flat")
+    for call in (lambda: pasa.session(profile="flat"),
+                 lambda: pasa.density_schedule(50, 0.15, profile=np.ones(50)),
+                 lambda: pasa.density_schedule(5, 0.15, dense_fraction=1.0, profile=np.ones(5))):   # all dense
+        with pytest.raises(TypeError, match="profile: expected a pasa.CurvatureProfile"):
+            call()
 
 
 def test_pooled_scores_read_key_head_h_over_g():

@@ -77,6 +77,9 @@ def test_workload_input_errors():
         video_qkv(g, 4, 16, seed=0, num_kv_heads=3)
     with pytest.raises(ValueError, match="kinds"):
         video_qkv(g, 2, 16, seed=0, kinds=("swirl",))
+    with pytest.raises(ValueError, match="seed: expected 0..18446744073709551615, got 18446744073709551616"):
+        video_qkv(g, 2, 16, seed=2 ** 64)                        # torch's generators take 64-bit seeds
+    assert video_qkv(g, 2, 16, seed=2 ** 64 - 1)[0].shape == (1, 2, 8, 16)
 
 
 # ------------------------------------------------------------------ fidelity

@@ -330,7 +330,7 @@ class AdaSpaSession:
         if layer not in self._lse and step == p.search_steps[0]:
             # A cached first search whose step before ran elsewhere (Wan 2.2's second expert): on this step's LSE
             self._keep_lse(layer, geometry, shard, q, k, lse)
-        if layer not in self._lse:
+        if layer not in self._lse or (action.label != "cached-search" and layer not in self._masks):
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
                              f"({action.label}); call plan at step {p.search_steps[0]} (the first search) or "
                              f"the step before it for every layer first")
@@ -375,8 +375,8 @@ def session(num_steps: int = 50, store: str = "host", **params: Any) -> AdaSpaSe
 def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: Any, step: int, q: Any, k: Any,
             lse: torch.Tensor | None, mass: Any, action: str) -> Search:
     offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
-    blocks = len(offsets) - 1
-    lse_used, given_mass, fresh = lse, mass is not None, lse is None
+    blocks, lse_used, given_mass, fresh = len(offsets) - 1, lse, mass is not None, lse is None
+    source = "given" if not fresh else "none" if given_mass else "fresh"       # meta["lse"]: masses given, no LSE
     if mass is None:
         q, k = check_qk(q, k, geometry, shard.size)
         if fresh:                                   # over the keys each row may see (all without causal frames)
@@ -390,7 +390,7 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
             raise ValueError(f"mass: expected float block masses [{shard.size}, {blocks}, {blocks}] on "
                              f"{p.block_size}-token blocks, got {mass.dtype} {list(mass.shape)}")
         causal.check_masses(mass, geometry)
-    meta = {**_meta(geometry, p, layer, step, action), "lse": "fresh" if fresh else "given"}
+    meta = {**_meta(geometry, p, layer, step, action), "lse": source}
     mask = search(mass, geometry, offsets, p, shard, meta, finite_check=not fresh and not given_mass)
     return Search(mask, lse_used)
 

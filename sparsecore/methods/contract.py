@@ -144,7 +144,7 @@ def check_geometry(geometry: Any, num_heads: Any) -> int:
     if not isinstance(geometry, VideoGeometry):
         raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
     num_heads = check_int(num_heads, "num_heads", 1)
-    frame_blocks = geometry.frames + (1 if geometry.text_tokens else 0)
+    frame_blocks = geometry.frames + -(-geometry.text_tokens // geometry.frame_tokens)   # block_offsets(None)'s
     if num_heads * frame_blocks ** 2 > INDEX_LIMIT or num_heads * geometry.tokens ** 2 >= PAIR_LIMIT:
         raise ValueError(f"geometry: {geometry} with num_heads={num_heads} is larger than one mask can describe "
                          f"(heads x frame blocks^2 must be at most {INDEX_LIMIT:,} and heads x tokens^2 below 2**62); "

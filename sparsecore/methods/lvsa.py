@@ -151,7 +151,7 @@ class FramePattern:
 def anchor_interval(frames: int, *, window: int, first_frames: int, reference_frames: int, rule: str = "auto",
                     sparsity_scale: float = 1.0) -> int:
     """``T_per``: frames between periodic anchors (1 = every frame an anchor = dense)."""
-    scaled = max(first_frames + 1, int(reference_frames * sparsity_scale))
+    scaled = max(first_frames + 1, int(min(reference_frames * sparsity_scale, frames + 1)))   # inf: all frames
     if frames <= scaled:
         return 1
     span = min(2 * window + 1, frames)
@@ -229,7 +229,7 @@ def boundary_guards(geometry: VideoGeometry, sp_world: int, window: int) -> np.n
 def frame_pattern(geometry: VideoGeometry, step: int, **params: Any) -> FramePattern:
     """The frame-level pattern at ``step`` (parameters: :class:`LVSAParams` fields; its arrays are read-only: the
     pattern is memoized for every session of the process)."""
-    return _pattern(geometry, step, params_from(LVSAParams, METHOD, params))
+    return _pattern(geometry, check_step(step), params_from(LVSAParams, METHOD, params))   # 1.0 == 1: checked first
 
 
 @lru_cache(maxsize=256)
@@ -262,7 +262,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
             ``sp_world`` (sequence-parallel ranks, adds boundary guards), ``approximation`` (``"drop"``;
             or PASA's approximation of the blocks a row does not keep, :mod:`.approximation`).
     """
-    return _plan(geometry, check_geometry(geometry, num_heads), step, check_layer(layer),
+    return _plan(geometry, check_geometry(geometry, num_heads), check_step(step), check_layer(layer),
                  params_from(LVSAParams, METHOD, params))
 
 

@@ -217,6 +217,8 @@ def dense_steps(num_steps: int, dense_fraction: float) -> int:
 def density_schedule(num_steps: int, density: float, *, dense_fraction: float = 0.2,
                      profile: CurvatureProfile | None = None, min_density: float | None = None) -> np.ndarray:
     """Density per step, float64 ``[num_steps]``: 1 on dense steps, mean ``density`` over the others."""
+    if profile is not None and not isinstance(profile, CurvatureProfile):
+        raise TypeError(f"profile: expected a pasa.CurvatureProfile or None, got {type(profile).__name__}")
     num_steps = check_int(num_steps, "num_steps", 1)
     density = check_fraction(density, "density", open_low=True)
     dense_fraction = check_fraction(dense_fraction, "dense_fraction")
@@ -316,9 +318,7 @@ class PASASession:
     def __init__(self, num_steps: int, profile: CurvatureProfile | None = None, **params: Any) -> None:
         self.num_steps = check_int(num_steps, "num_steps", 1)
         self.params = params_from(PASAParams, METHOD, params)
-        if profile is not None and not isinstance(profile, CurvatureProfile):
-            raise TypeError(f"profile: expected a pasa.CurvatureProfile or None, got {type(profile).__name__}")
-        self.profile = profile
+        self.profile = profile                                        # checked by density_schedule
         self.schedule = density_schedule(self.num_steps, self.params.density,
                                          dense_fraction=self.params.dense_fraction, profile=profile,
                                          min_density=self.params.min_density)

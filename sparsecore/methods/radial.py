@@ -8,11 +8,13 @@ arXiv 2506.19852. Released code: https://github.com/mit-han-lab/radial-attention
 The pattern is the same for every head, layer and step. For query frame ``i`` and key frame ``j`` of ``T`` tokens
 each, at distance ``d = |i - j|`` with ``g = d.bit_length()`` and ``e = 2 ** T.bit_length() / 2 ** g``:
 
-- frames at distance 0 or 1 see each other fully; with ``sink`` (the released Wan processor's rule) every frame also
-  sees frame 0 fully;
-- otherwise a query token sees the key tokens within ``max(e * decay_factor, block_size)`` positions of its own
-  position in the frame (a diagonal band), and only on the frame pairs whose distance is a multiple of
-  ``128 / e`` while ``e < 128`` (the split rule; 128 is fixed in the released code);
+- the split rule: while ``e < 128``, only frame pairs whose distance is a multiple of ``128 / e`` are kept (128 is
+  fixed in the released code); it applies at every distance but 0, 1 included, so frames of fewer than 128 tokens
+  see only themselves (and the sink);
+- kept frame pairs at distance 0 or 1 see each other fully; with ``sink`` (the released Wan processor's rule) every
+  frame also sees frame 0 fully;
+- on the other kept pairs a query token sees the key tokens within ``max(e * decay_factor, block_size)`` positions of
+  its own position in the frame (a diagonal band);
 - each frame pair's token pattern is cut into ``block_size`` blocks on a grid that starts at the block holding the
   query frame's first token (and the key frame's), and a block is kept where more than 60% of its nonempty key
   columns have more than a third of the block's rows set; the frame pairs' blocks are joined.
