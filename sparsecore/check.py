@@ -2,9 +2,12 @@
 
 A self-test for a user's machine (does the kernel for my device compute the right
 thing?). It covers short last blocks, arbitrary block boundaries, empty rows,
-per-head patterns and GQA; it stops at the first mismatch. A case the backend cannot
-take (its capabilities) is reported as skipped, never as checked; a run in which no case
-ran does not pass. :func:`device_problem` says in one line why a device, backend and
+per-head patterns, GQA and masks that approximate their unlisted blocks (PASA's kinds,
+held to the reference lowering, their executable definition: not drawn when checking
+that lowering itself); each case compares the output and the LSE (float32 by contract;
+-inf exactly where a row attends to nothing). It stops at the first mismatch. A case
+the backend cannot take (its capabilities) is reported as skipped, never as checked; a
+run in which no case ran does not pass. :func:`device_problem` says in one line why a device, backend and
 dtype cannot run here (the command line's errors, and the demo's).
 """
 
@@ -16,13 +19,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sparsecore.ir import BlockMask
+from sparsecore.ir import BlockMask, Unselected
 
 from .dense import masked_dense_attention, relative_error, to_numpy64
 from .kernel import compile
 from .registry import Backend, UnsupportedError, device_type, first_available, registered_backends
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}  # relative L2 of the output
+LSE_TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3}  # |error| / max(1, |lse|)
+APPROXIMATIONS = ("zeroth", "global-first-order", "grouped-first-order")
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -34,6 +39,7 @@ class CheckResult:
     rel_err: float
     passed: bool
     skipped: str | None = None     # why the backend could not take the case (then nothing was checked)
+    lse_err: float = float("nan")  # the LSE's largest error over max(1, |lse|); inf where -inf rows differ
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,10 @@ def tensor_device_problem(device: Any, backend: str | None = None) -> str | None
     return None
 
 
-def random_case(rng: np.random.Generator, head_dims: tuple[int, ...]) -> tuple[BlockMask, int, int]:
-    """A random mask (uniform or arbitrary blocks, empty rows, GQA) with its key-head count and head dim."""
+def random_case(rng: np.random.Generator, head_dims: tuple[int, ...],
+                approximate: bool = True) -> tuple[BlockMask, int, int]:
+    """A random mask (uniform or arbitrary blocks, empty rows, GQA; a third of them approximating their unlisted blocks
+    where ``approximate``) with its key-head count and head dim."""
     kv_heads, group = int(rng.integers(1, 3)), int(rng.choice([1, 2, 4]))
     heads = kv_heads * group
 
@@ -113,7 +121,24 @@ def random_case(rng: np.random.Generator, head_dims: tuple[int, ...]) -> tuple[B
     density = rng.choice([0.0, 0.1, 0.4, 0.8, 1.0], size=(heads, 1, 1))
     dense = rng.random((heads, len(q_off) - 1, len(kv_off) - 1)) < density
     rows = [[np.nonzero(r)[0] for r in head] for head in dense]
-    return BlockMask.from_lists(rows, q_off, kv_off), kv_heads, int(rng.choice(head_dims))
+    mask = BlockMask.from_lists(rows, q_off, kv_off)
+    if approximate and rng.random() < 1 / 3:
+        kind = str(rng.choice(APPROXIMATIONS))
+        group = int(rng.integers(1, 5)) if kind == "grouped-first-order" else None
+        mask = BlockMask(heads, q_off, kv_off, mask.indptr, mask.indices, unselected=Unselected(kind, group))
+    return mask, kv_heads, int(rng.choice(head_dims))
+
+
+def lse_error(lse: Any, ref: np.ndarray) -> float:
+    """The LSE's largest error over ``max(1, |ref|)`` on the rows that attend to something; inf where a row is -inf
+    (attends to nothing) on one side only."""
+    got = to_numpy64(lse)
+    if got.shape != ref.shape or not np.array_equal(np.isneginf(got), np.isneginf(ref)):
+        return float("inf")
+    finite = ~np.isneginf(ref)
+    if not finite.any():
+        return 0.0
+    return float(np.abs(got[finite] - ref[finite]).max() / max(1.0, np.abs(ref[finite]).max()))
 
 
 def _head_dims(device: str, backend: str | None) -> tuple[int, ...]:
@@ -131,8 +156,9 @@ def run_check(device: str, backend: str | None, cases: int, seed: int, dtype: st
     """Run ``cases`` random cases; stops at the first mismatch. Cases the backend cannot take are skipped."""
     rng = np.random.default_rng(seed)
     ran = passed = skipped = 0
+    approximate = device_type(device) != "reference" and backend != "reference"    # else the definition vs itself
     for case in range(cases):
-        mask, kv_heads, head_dim = random_case(rng, _head_dims(device, backend))
+        mask, kv_heads, head_dim = random_case(rng, _head_dims(device, backend), approximate)
         description = f"{mask!r}, kv_heads={kv_heads}, head_dim={head_dim}"
         shapes = [(1, mask.num_heads, mask.q_len, head_dim)] + [(1, kv_heads, mask.kv_len, head_dim)] * 2
         arrays = [rng.standard_normal(s) for s in shapes]
@@ -143,16 +169,17 @@ def run_check(device: str, backend: str | None, cases: int, seed: int, dtype: st
                 inputs = [a.astype(dtype) for a in arrays]
             else:
                 inputs = [torch.from_numpy(a).to(device=device, dtype=getattr(torch, dtype)) for a in arrays]
-            out = kernel(*inputs)
+            out, lse = kernel(*inputs, return_lse=True)
         except UnsupportedError as err:            # the backend's capabilities do not cover this case
             skipped += 1
             report(CheckResult(case, description, backend or "-", float("nan"), False, skipped=str(err)))
             continue
-        ref, _ = masked_dense_attention(mask, *inputs, scale=head_dim ** -0.5)
+        ref, ref_lse = masked_dense_attention(mask, *inputs, scale=head_dim ** -0.5)
         _, rel = relative_error(to_numpy64(out), ref)
-        ok = bool(np.isfinite(rel) and rel <= TOLERANCE[dtype])
+        lse_err = lse_error(lse, ref_lse)
+        ok = bool(np.isfinite(rel) and rel <= TOLERANCE[dtype] and lse_err <= LSE_TOLERANCE[dtype])
         ran, passed = ran + 1, passed + ok
-        report(CheckResult(case, description, kernel.backend.name, rel, ok))
+        report(CheckResult(case, description, kernel.backend.name, rel, ok, lse_err=lse_err))
         if not ok:
             break
     return CheckSummary(ran, passed, skipped)

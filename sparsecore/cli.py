@@ -142,7 +142,7 @@ def _block_summary(sizes) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     from .check import device_problem, run_check
-    dtype = args.dtype or ("float64" if args.device == "reference" else "float32")
+    dtype = args.dtype or ("float64" if args.device.split(":")[0] == "reference" else "float32")   # "reference:0"
     problem = device_problem(args.device, args.backend, dtype)
     if problem:
         raise UserError(problem)
@@ -152,7 +152,8 @@ def _check(args: argparse.Namespace) -> int:
             print(f"skip case {result.case:3d}: {result.skipped}")
             return
         status = "ok  " if result.passed else "FAIL"
-        print(f"{status} case {result.case:3d} [{result.backend}] rel err {result.rel_err:.2e}  {result.description}")
+        print(f"{status} case {result.case:3d} [{result.backend}] rel err {result.rel_err:.2e}  lse err "
+              f"{result.lse_err:.1e}  {result.description}")
 
     summary = run_check(args.device, args.backend, args.cases, args.seed, dtype, report)
     skipped = f" ({summary.skipped} more skipped: the backend cannot take them)" if summary.skipped else ""

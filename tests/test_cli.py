@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -33,6 +34,10 @@ def test_demo_rows_are_correct_on_a_tiny_shape(tmp_path):
     assert [r["mask"] for r in rows][:3] == ["dense", "local-frame-window", "random-blocks"]
     assert all(r["rel_err"] < 1e-5 for r in rows)
     assert "FLOPs saved" in format_table(rows)
+    indexed = run_demo(tmp_path, device="cpu:0", shape=DemoShape(frames=2, height=2, width=4, heads=1, head_dim=8),
+                       log=lambda s: None)                     # an indexed CPU device runs float32 too, not bf16
+    assert json.loads((tmp_path / "demo.json").read_text())["dtype"] == "torch.float32"
+    assert all(r["rel_err"] < 1e-5 for r in indexed)
 
 
 def test_show_prints_stats_and_writes_a_png(tmp_path, capsys):
@@ -51,10 +56,13 @@ def test_show_reports_a_bad_file_and_exits_2(tmp_path, capsys):
     assert "not a valid sparsecore mask file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("device", ["reference", "cpu"])
+@pytest.mark.parametrize("device", ["reference", "reference:0", "cpu"])
 def test_check_passes_on_correct_backends(device, capsys):
     assert main(["check", "--device", device, "--cases", "6", "--seed", "1"]) == 0
-    assert "all 6 cases match dense attention" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "all 6 cases match dense attention" in out
+    errors = [float(e) for e in re.findall(r"rel err (\S+)", out)]
+    assert len(errors) == 6 and (max(errors) < 1e-12) == device.startswith("reference")   # float64 by default there
 
 
 def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
@@ -85,6 +93,42 @@ def test_check_runs_the_backend_a_users_kernel_ends_up_on_at_every_head_dim(monk
     assert check.run_check("cpu", None, 3, 0, "float32", lambda result: None).passed == 3
     assert seen and all(kwargs.get("warmup") == "wait" for kwargs in seen)
     assert 128 in check._head_dims("cpu", None) and 128 in check._head_dims("cuda", "triton")
+
+
+def test_check_compares_the_lse(monkeypatch, capsys):
+    """A kernel whose LSE is off by 1e-3 and whose output is right fails the check (it compared outputs only): seed 2
+    starts with a mask that drops its unlisted blocks, whose output does not depend on the LSE."""
+    import sparsecore
+    from sparsecore.backends.portable import lowering
+
+    real = lowering._attend
+
+    def lse_off(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out, None if lse is None else lse + 1e-3
+    monkeypatch.setattr(lowering, "_attend", lse_off)
+    sparsecore.clear_cache()
+    assert main(["check", "--device", "cpu", "--cases", "6", "--seed", "2"]) == 1
+    out = capsys.readouterr().out
+    failed = re.search(r"FAIL case   0 \[portable\] rel err (\S+)  lse err (\S+) ", out)
+    assert "MISMATCH" in out and failed and "unselected" not in out
+    assert float(failed.group(1)) < 1e-5 < float(failed.group(2))        # the output passes, the LSE does not
+    sparsecore.clear_cache()
+
+
+def test_check_draws_approximating_masks_except_for_the_definition_itself():
+    """A third of the cases approximate their unlisted blocks (held to the reference lowering, PASA's definition),
+    except when the reference lowering is the one checked; rows that attend to nothing must be -inf on both sides."""
+    from sparsecore import check
+
+    for device, approximating in (("cpu", True), ("reference", False)):
+        results = []
+        assert check.run_check(device, None, 12, 3, "float32", results.append).ok
+        assert any("unselected=" in r.description for r in results) == approximating
+        assert all(r.lse_err <= check.LSE_TOLERANCE["float32"] for r in results)
+    ref = np.array([[0.5, -np.inf]])
+    assert check.lse_error(np.array([[0.5, 2.0]]), ref) == check.lse_error(np.array([[0.5]]), ref) == np.inf
+    assert check.lse_error(np.array([[0.5 + 1e-6, -np.inf]]), ref) == pytest.approx(1e-6)
 
 
 def test_the_cli_yardstick_matches_the_oracle_and_keeps_a_nan_row_nan():
