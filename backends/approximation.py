@@ -88,7 +88,8 @@ def _segment_sums(per_piece: torch.Tensor, pieces: _Pieces) -> torch.Tensor:
 
 def _gather(x: torch.Tensor, pieces: _Pieces) -> torch.Tensor:
     """Tokens of ``x [B, Hk, T, D]`` laid out as pieces ``[B, Hk, P, W, D]``, zero in the padding."""
-    return x[:, :, pieces.tokens] * pieces.valid[..., None].to(x.dtype)
+    gathered = x[:, :, pieces.tokens]                   # padding slots read token 0: replaced, not multiplied by 0
+    return torch.where(pieces.valid[..., None], gathered, gathered.new_zeros(()))     # (an inf there made NaN)
 
 
 @dataclass(frozen=True)
