@@ -30,6 +30,7 @@ the three steps: the one place a lowering without a native approximation gets it
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -108,13 +109,17 @@ class StatisticsPlan:
         """The plan, memoized per (boundaries, kind, device): a host-to-device copy from pageable memory waits
         for the device's queue, so a new mask of a known layout (PASA's every layer and step) uploads nothing."""
         key = (np.asarray(kv_offsets).tobytes(), str(unselected), str(device))
-        found = _PLANS.get(key)
-        if found is None:
-            found = _PLANS[key] = cls._build(kv_offsets, unselected, device)
+        with _PLANS_LOCK:                   # a warm-up thread may build one too: look up and reorder as one step
+            found = _PLANS.get(key)
+            if found is not None:
+                _PLANS.move_to_end(key)
+                return found
+        built = cls._build(kv_offsets, unselected, device)               # outside the lock: it copies to the device
+        with _PLANS_LOCK:
+            found = _PLANS.setdefault(key, built)
+            _PLANS.move_to_end(key)
             if len(_PLANS) > PLAN_ENTRIES:
                 _PLANS.popitem(last=False)
-        else:
-            _PLANS.move_to_end(key)
         return found
 
     @classmethod
@@ -133,11 +138,13 @@ class StatisticsPlan:
 
 PLAN_ENTRIES = 16
 _PLANS: "OrderedDict[tuple, StatisticsPlan]" = OrderedDict()
+_PLANS_LOCK = threading.Lock()
 
 
 def clear_plans() -> None:
     """Forget the memoized plans (``sparsecore.clear_cache``)."""
-    _PLANS.clear()
+    with _PLANS_LOCK:
+        _PLANS.clear()
 
 
 def query_blocks(mask: BlockMask, device: torch.device) -> torch.Tensor:

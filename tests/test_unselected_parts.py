@@ -193,3 +193,33 @@ def test_a_group_past_the_blocks_runs_as_one_group(group):
         *(torch.from_numpy(x) for x in (q[:, :, :40], k, v)), return_lse=True)
     np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-6)
+
+
+def test_statistics_plans_are_shared_by_threads():
+    """compile() may warm up in a thread: the plans' memo was looked up and reordered in two steps, so another
+    thread's eviction in between raised KeyError (in 5 runs of 5 here, before the lock)."""
+    import sys
+    import threading
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                                      # switch threads as often as possible
+    layouts = [np.arange(0, 16 * (i + 2) + 1, 16) for i in range(40)]              # more than the memo keeps
+    errors: list[str] = []
+
+    def build_many(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(10000):
+                offsets = layouts[rng.integers(len(layouts))]
+                plan = approximation.StatisticsPlan.build(offsets, Unselected("zeroth"), torch.device("cpu"))
+                assert len(plan.sizes) == len(offsets) - 1
+        except (KeyError, AssertionError) as err:
+            errors.append(repr(err))
+    try:
+        threads = [threading.Thread(target=build_many, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
