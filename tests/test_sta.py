@@ -302,6 +302,18 @@ def test_ring_attention_and_kandinsky_tiles_are_refused_at_the_forward():
 
 
 
+def test_a_strategy_for_other_layers_is_refused_at_apply():
+    """A strategy must number the model's layers 0..N-1: fewer failed only at the first forward, after earlier layers
+    ran; more (another model's numbering, e.g. Wan VACE's blocks first) ran silently with shifted windows."""
+    model = CASES["wan"].build()                                        # two attention layers, two heads
+    for layers in (1, 3):
+        strategy = {f"0_{layer}_{h}": (1, 1, 3) for layer in range(layers) for h in range(2)}
+        with pytest.raises(ValueError, match=f"mask_strategy: expected windows for the model's layers 0..1, got "
+                                             f"{layers} layers 0..{layers - 1}"):
+            sparse.apply(model, "sta", device="cpu", num_steps=1, tile=(2, 4, 4), mask_strategy=strategy)
+    assert all(type(block.attn1.processor).__module__.startswith("diffusers") for block in model.blocks)
+
+
 def test_a_strategy_compiles_each_window_once_and_runs_it_on_its_heads(monkeypatch):
     """Two layers x two steps of per-head windows out of two: two one-head kernels, compiled at the first call that
     needs each and run on their heads at every call; the output is the mask's (the float64 oracle above holds the

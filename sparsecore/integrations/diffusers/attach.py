@@ -118,6 +118,12 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
     modules = attention_modules(transformer, spec)
+    strategy = params.get("mask_strategy") if method == "sta" else None
+    if strategy is not None and strategy.layers != frozenset(range(len(modules))):   # another model's numbering
+        layers = sorted(strategy.layers)
+        raise ValueError(f"mask_strategy: expected windows for the model's layers 0..{len(modules) - 1}, got "
+                         f"{len(layers)} layers {layers[0]}..{layers[-1]}; pass a strategy written for this model "
+                         f"(handle.search_windows writes one)")
     parallel.refuse_unplanned(transformer, [module.processor for module in modules], spec)
     if getattr(transformer, "_parallel_config", None) is not None and modules and \
             getattr(modules[0].processor, "_parallel_config", None) is None:     # Mochi's: diffusers left it out
