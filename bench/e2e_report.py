@@ -85,6 +85,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def schedules_text(rows: list[dict]) -> str:
     """The schedules of the methods in ``rows``, e.g. ``pasa 10 dense + 40 sparse``."""
-    names = dict.fromkeys(r["method"] for r in rows if r.get("method") not in (None, "dense"))
+    names = dict.fromkeys(r["method"] for r in rows if r.get("method") != "dense"      # nor "(all)": a mode that ran
+                          and (r.get("method") in SCHEDULES or r.get("method") in VARIANTS))  # out of memory outside one
     return "; ".join(f"{name} " + " + ".join(f"{count} {kind}" for kind, count in
                                              SCHEDULES.get(name) or SCHEDULES[VARIANTS[name][0]]) for name in names)

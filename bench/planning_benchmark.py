@@ -102,20 +102,42 @@ def prepared(mask, q, k, v, device: str, cache: bool = True):
     return kernel
 
 
-def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
+def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype, methods: list[str]):
+    """(method, step kind, plan function) of the ``methods`` asked for (all when empty); a method's setup (AdaSpa's
+    dense passes) runs only when it is."""
+    wanted = lambda method: not methods or method in methods  # noqa: E731
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, geometry.tokens, HEAD_DIM, device=device, dtype=dtype, generator=gen)
                for _ in range(3))
-    pasa_session = pasa.session(num_steps=50)
-    yield "pasa", "select", lambda: prepared(pasa_session.plan(geometry, HEADS, step=20, layer=3, q=q, k=k),
-                                             q, k, v, device)
-    # a step's first layer builds the step's rotation (a new session each repeat: nothing memoized), compiled as
-    # the integration compiles it; the step's other layers find it held
-    yield "lvsa", "first layer of a step (new rotation)", \
-        lambda: prepared(lvsa.session(num_steps=50).plan(geometry, HEADS, step=20), q, k, v, device, cache=False)
-    lvsa_session = lvsa.session(num_steps=50)
-    yield "lvsa", "other layers of the step (rotation held)", \
-        lambda: prepared(lvsa_session.plan(geometry, HEADS, step=21), q, k, v, device)
+    if wanted("pasa"):
+        pasa_session = pasa.session(num_steps=50)
+        yield "pasa", "select", lambda: prepared(pasa_session.plan(geometry, HEADS, step=20, layer=3, q=q, k=k),
+                                                 q, k, v, device)
+    if wanted("lvsa"):
+        # a step's first layer builds the step's rotation (a new session each repeat: nothing memoized), compiled as
+        # the integration compiles it; the step's other layers find it held
+        yield "lvsa", "first layer of a step (new rotation)", \
+            lambda: prepared(lvsa.session(num_steps=50).plan(geometry, HEADS, step=20), q, k, v, device, cache=False)
+        lvsa_session = lvsa.session(num_steps=50)
+        yield "lvsa", "other layers of the step (rotation held)", \
+            lambda: prepared(lvsa_session.plan(geometry, HEADS, step=21), q, k, v, device)
+    if wanted("adaspa"):
+        yield from adaspa_cases(geometry, device, q, k, v)
+    if wanted("sta"):
+        # a strategy gives each (step, layer) its per-head windows: each layer's mask is planned anew (the session
+        # keeps the last 4), from the one-head masks of its windows; those are compiled once a run and run per window
+        # (StepAction.head_groups), so the per-head mask itself is not compiled: its plan is the whole cost
+        candidates = sta_search.candidate_windows(sta.tile_grid(geometry, (6, 8, 8)), 0.15)[:3]   # as a search takes
+        windows = torch.randint(len(candidates), (STA_LAYERS, HEADS), generator=torch.Generator().manual_seed(2))
+        strategy = {f"0_{layer}_{h}": candidates[int(windows[layer, h])] for layer in range(STA_LAYERS)
+                    for h in range(HEADS)}
+        sta_session, layers = sta.session(1, mask_strategy=strategy), itertools.cycle(range(STA_LAYERS))
+        yield "sta", "strategy: a layer's per-head windows", \
+            lambda: sta_session.plan(geometry, HEADS, step=0, layer=next(layers))
+
+
+def adaspa_cases(geometry: VideoGeometry, device: str, q, k, v):
+    """AdaSpa's step kinds: on CUDA the searches on the dense passes' outputs and the reuse; on a CPU the selection."""
     ada = adaspa.session(num_steps=50, first_search="fused")     # the paper's first search, in both of its forms
     if device.startswith("cuda"):
         _, lse = dense_attention(q, k, v)
@@ -129,24 +151,13 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype):
                              device)
         yield "adaspa", "cached search", \
             lambda: prepared(ada.plan(geometry, HEADS, step=30, layer=0, q=q, k=k), q, k, v, device)
+        searched = ada.cached_mask(0)            # the rows above ran (timed) before this line: layer 0 is searched
+        yield "adaspa", "reuse", lambda: prepared(searched, q, k, v, device)
     else:
         offsets = geometry.block_offsets(64)
         mass = torch.rand(HEADS, len(offsets) - 1, len(offsets) - 1, generator=torch.Generator().manual_seed(1))
         yield "adaspa", "selection (given masses)", \
             lambda: prepared(adaspa.plan(geometry, HEADS, step=10, layer=0, mass=mass), q, k, v, device)
-    if device.startswith("cuda"):
-        searched = ada.cached_mask(0)
-        yield "adaspa", "reuse", lambda: prepared(searched, q, k, v, device)
-    # a strategy gives each (step, layer) its per-head windows: each layer's mask is planned anew (the session keeps
-    # the last 4), from the one-head masks of its windows; those are compiled once a run and run per window
-    # (StepAction.head_groups), so the per-head mask itself is not compiled: its plan is the whole cost
-    candidates = sta_search.candidate_windows(sta.tile_grid(geometry, (6, 8, 8)), 0.15)[:3]   # as a search takes
-    windows = torch.randint(len(candidates), (STA_LAYERS, HEADS), generator=torch.Generator().manual_seed(2))
-    strategy = {f"0_{layer}_{h}": candidates[int(windows[layer, h])] for layer in range(STA_LAYERS)
-                for h in range(HEADS)}
-    sta_session, layers = sta.session(1, mask_strategy=strategy), itertools.cycle(range(STA_LAYERS))
-    yield "sta", "strategy: a layer's per-head windows", \
-        lambda: sta_session.plan(geometry, HEADS, step=0, layer=next(layers))
 
 
 def check_dense_lse(device: str) -> float:
@@ -165,9 +176,7 @@ def run(device: str, lengths: list[str], repeats: int, methods: list[str]) -> li
     rows = []
     for label in lengths:
         geometry = LENGTHS[label]
-        for method, step, fn in cases(geometry, device, dtype):
-            if methods and method not in methods:
-                continue
+        for method, step, fn in cases(geometry, device, dtype, methods):
             seconds, kernel = timed(fn, device, repeats)
             reads = host_reads(fn, device)
             host = host_seconds(fn, device, repeats)

@@ -10,8 +10,10 @@ step that repeats in a generation (AdaSpa's reuse, PASA's and LVSA's sparse step
 - times ``--repeats`` such steps (wall seconds, the device synchronized around each);
 - profiles one with ``torch.profiler`` (host and CUDA): the step's wall time, the GPU's busy time (the union of
   its kernels' and copies' intervals) and so its idle time (an upper bound: the profiler's own host time adds to
-  it), the host's waits for the device (``cudaStreamSynchronize``, ``cudaEventSynchronize``,
-  ``cudaDeviceSynchronize``, synchronous copies: count and time), and the kernels' total time by name;
+  it), the host's waits for the device within the forward (``cudaStreamSynchronize``, ``cudaEventSynchronize``,
+  ``cudaDeviceSynchronize``, synchronous copies: count and time; until 2026-12-04 the count and time also took the
+  timer's own synchronizes around the forward, the closing one waiting for all the step's queued work), and the
+  kernels' total time by name;
 - runs one more under ``cProfile``: the host functions with the most cumulative time (a host wait shows up as
   the time of the call that reads the device).
 
@@ -27,6 +29,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import torch
 
 from e2e_models import MODELS, build_model, cases, model_inputs, prompt_options_error
 from e2e_schedules import METHOD_PARAMS, PLAN_PROBE, STEPS
-from e2e_timing import timed_forward, warm_batch_lengths, warm_kernels
+from e2e_timing import FORWARD_RANGE, timed_forward, warm_batch_lengths, warm_kernels
 from report import gpu_meta, time_one_backend, write_report
 
 from sparsecore.integrations import diffusers as sc_diffusers
@@ -75,7 +78,9 @@ def profiled_step(model, inputs: dict, step: int, device: str) -> dict:
     events = prof.events()
     device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in device_events]
-    waits = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+    forward = next(e for e in events if e.name == FORWARD_RANGE and e.device_type == torch.autograd.DeviceType.CPU)
+    waits = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU      # inside the forward only: the
+             and forward.time_range.start <= e.time_range.start <= forward.time_range.end   # timer's own do not count
              and any(e.name.startswith(w) and "Async" not in e.name for w in WAIT_CALLS)]
     kernels: dict[str, float] = {}
     for e in device_events:
@@ -141,7 +146,7 @@ def measure(args) -> tuple[list[dict], list[str]]:
             row = {"turn": turn, "method": method, "backend": backend, "model": case.model, "length": case.label,
                    "layers_run": case.layers_run, "layers_full": case.layers_full, "kernels": sorted(
                        {s["backend"] for s in handle.stats() if s["step"] >= PLAN_PROBE[method]}),
-                   "steps_s": walls, "step_scaled_s": sorted(walls)[len(walls) // 2] * scale,
+                   "steps_s": walls, "step_scaled_s": statistics.median(walls) * scale,
                    **profiled_step(model, inputs, step, device)}
             step = next(steps)
             handle.set_step(step)
