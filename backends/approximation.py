@@ -30,8 +30,6 @@ the three steps: the one place a lowering without a native approximation gets it
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 from sparsecore.ir import BlockMask, Unselected
+from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.uploads import queued
 
 PIECE_TOKENS = 2048          # widest piece of the key sequence one gather takes (bounds padding)
@@ -109,18 +108,7 @@ class StatisticsPlan:
         """The plan, memoized per (boundaries, kind, device): a host-to-device copy from pageable memory waits
         for the device's queue, so a new mask of a known layout (PASA's every layer and step) uploads nothing."""
         key = (np.asarray(kv_offsets).tobytes(), str(unselected), str(device))
-        with _PLANS_LOCK:                   # a warm-up thread may build one too: look up and reorder as one step
-            found = _PLANS.get(key)
-            if found is not None:
-                _PLANS.move_to_end(key)
-                return found
-        built = cls._build(kv_offsets, unselected, device)               # outside the lock: it copies to the device
-        with _PLANS_LOCK:
-            found = _PLANS.setdefault(key, built)
-            _PLANS.move_to_end(key)
-            if len(_PLANS) > PLAN_ENTRIES:
-                _PLANS.popitem(last=False)
-        return found
+        return _PLANS.get(key, lambda: cls._build(kv_offsets, unselected, device))
 
     @classmethod
     def _build(cls, kv_offsets: np.ndarray, unselected: Unselected, device: torch.device) -> "StatisticsPlan":
@@ -137,14 +125,12 @@ class StatisticsPlan:
 
 
 PLAN_ENTRIES = 16
-_PLANS: "OrderedDict[tuple, StatisticsPlan]" = OrderedDict()
-_PLANS_LOCK = threading.Lock()
+_PLANS = LruMemo(PLAN_ENTRIES)          # shared by threads: compile() may warm up in one
 
 
 def clear_plans() -> None:
     """Forget the memoized plans (``sparsecore.clear_cache``)."""
-    with _PLANS_LOCK:
-        _PLANS.clear()
+    _PLANS.clear()
 
 
 def query_blocks(mask: BlockMask, device: torch.device) -> torch.Tensor:

@@ -19,27 +19,20 @@ copy from memory freed or rewritten since).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import torch
 
+from .memo import LruMemo
+
 CACHE_ENTRIES = 64
-_UPLOADS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_UPLOADS = LruMemo(CACHE_ENTRIES)       # shared by threads: a warm-up thread, callers sharing a kernel
 
 
 def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """``array`` as a tensor on ``device`` (the cached upload; do not write to it)."""
     array = np.asarray(array)
     key = (array.dtype.str, array.shape, array.tobytes(), str(device))
-    found = _UPLOADS.get(key)
-    if found is None:
-        found = _UPLOADS[key] = torch.from_numpy(np.array(array)).to(device)
-        if len(_UPLOADS) > CACHE_ENTRIES:
-            _UPLOADS.popitem(last=False)
-    else:
-        _UPLOADS.move_to_end(key)
-    return found
+    return _UPLOADS.get(key, lambda: torch.from_numpy(np.array(array)).to(device))
 
 
 def clear() -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from sparsecore.inputs import check_return_lse, check_scale_type
+from sparsecore.inputs import check_return_lse, check_scale, check_scale_type
 from sparsecore.ir.uploads import refuse_capture
 
 if TYPE_CHECKING:
@@ -87,9 +87,12 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
     if isinstance(scale, (np.generic, np.ndarray, Fraction)):
         # NumPy scalars (1 / np.sqrt(D)) are traced as arrays, Fractions as objects: the op's schema takes a float.
-        # Other NumPy dtypes (float32, int64) read as data-dependent values there, which the op cannot take.
+        # Other NumPy dtypes (float32, int64) read as data-dependent values there, which the op cannot take. (A traced
+        # array's dtype and shape cannot be read, so np.True_ and a one-element array pass here, unlike eagerly.)
         scale = float(scale)
     check_scale_type(scale, (torch.SymInt, torch.SymFloat))
+    if type(scale) is int:                  # a constant past float's range fails in the op's schema, naming nothing
+        check_scale(scale, 1)
     out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
     return (out, lse) if return_lse else out
 

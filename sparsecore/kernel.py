@@ -223,8 +223,11 @@ class CompiledKernel:
     def _submit_queued(self) -> None:
         """Start the warm-ups this call queued: the worker loads the preferred backend and runs it on the call's
         sample (:func:`sparsecore.warmup.sample_call`)."""
-        while self._queued:
-            queued = self._queued.pop(0)
+        while True:                     # threads sharing this kernel (compile's cache) take the same list: one pop
+            try:                        # each, not a check then a pop another thread may have emptied in between
+                queued = self._queued.pop(0)
+            except IndexError:
+                return
             warmups.start(queued.key, lambda w=queued: w.run(self.device, self._lowered))
 
     def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:

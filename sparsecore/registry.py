@@ -219,8 +219,9 @@ def _load_backends() -> None:
             for package in sorted(m.name for m in pkgutil.iter_modules(folder.__path__) if m.ispkg):
                 for backend in importlib.import_module(f"{folder.__name__}.{package}").BACKENDS:
                     register(backend)
+            _LOADED = True              # only once all loaded: a package that failed raises again, never a partial set
         finally:
-            _LOADED, _LOADING = True, False
+            _LOADING = False
 
 
 def known_devices() -> list[str]:

@@ -678,7 +678,7 @@ def test_the_statistics_plans_are_kept_least_recently_used_first(monkeypatch):
     """Three geometries taking turns (HunyuanVideo 1.5's text lengths) must not rebuild the one used last."""
     from sparsecore.backends import approximation
     from sparsecore.ir import Unselected
-    monkeypatch.setattr(approximation, "PLAN_ENTRIES", 2)
+    monkeypatch.setattr(approximation._PLANS, "entries", 2)
     sparsecore.clear_cache()
     build = lambda end: approximation.StatisticsPlan.build(np.array([0, 16, end]), Unselected("zeroth"),  # noqa: E731
                                                            torch.device("cpu"))

@@ -158,6 +158,9 @@ def test_bad_arguments_are_named_under_compile():
     for arguments, field in (({"scale": "0.1"}, "scale"), ({"return_lse": 1}, "return_lse")):
         with pytest.raises(Exception, match=field):
             torch.compile(lambda q, k, v: kernel(q, k, v, **arguments), backend="aot_eager")(q, k, v)
+    # an int past float's range: the eager ValueError, not the fake tensor call's TorchRuntimeError
+    with pytest.raises(ValueError, match="scale: expected a finite float"):
+        torch.compile(lambda q, k, v: kernel(q, k, v, scale=10 ** 400), backend="aot_eager")(q, k, v)
 
 
 def test_a_layer_holding_a_new_kernel_each_step_runs_one_graph():

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -180,10 +179,11 @@ def test_step_tracker_with_none_numbers_and_empty_timesteps():
 
 # ---------------------------------------------------------------- ir/uploads.py
 def test_the_upload_cache_keeps_the_most_recently_used_cache_entries(monkeypatch):
-    """``ir/uploads.py:35-42`` (``on_device``): after more than :data:`CACHE_ENTRIES` distinct uploads the cache
+    """``ir/uploads.py`` (``on_device``, through ``ir/memo.py``): after more than :data:`CACHE_ENTRIES` distinct uploads the cache
     holds exactly that many, the least recently used leave first, and a hit moves an entry to the recent end."""
     from sparsecore.ir import uploads
-    monkeypatch.setattr(uploads, "_UPLOADS", OrderedDict())
+    from sparsecore.ir.memo import LruMemo
+    monkeypatch.setattr(uploads, "_UPLOADS", LruMemo(uploads.CACHE_ENTRIES))
     limit = uploads.CACHE_ENTRIES
     arrays = [np.array([i, i + 1], dtype=np.int64) for i in range(limit + 6)]
     first = [uploads.on_device(a, "cpu") for a in arrays[:limit]]
@@ -275,3 +275,26 @@ def test_fidelity_of_an_approximating_mask_with_rows_keeping_almost_no_mass(comp
     else:
         assert (found.min_recall >= 0).all() and (found.min_recall < 1e-30).all()
     assert math.isclose(found.summary()["min_recall"], float(found.min_recall.min()))
+
+
+# ---------------------------------------------------------------- sparsecore/registry.py
+def test_a_backend_package_that_fails_to_import_fails_every_lookup_not_only_the_first(monkeypatch):
+    """The registry counted itself loaded even when a package's import raised: the first lookup raised, every later
+    one saw the backends registered before it, with no error."""
+    import importlib
+
+    from sparsecore import registry
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "sparsecore.backends.portable":
+            raise ImportError("portable: a broken install")
+        return real(name, *args)
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    for _ in range(2):
+        with pytest.raises(ImportError, match="a broken install"):
+            registry.registered_backends()
+    monkeypatch.setattr(importlib, "import_module", real)
+    assert "portable" in registry.registered_backends() and registry._LOADED

@@ -465,3 +465,16 @@ def test_fa4s_dense_op_warms_up_behind_cudnn_and_both_match_dense(monkeypatch):
     for out, lse in ((first, first_lse), (later, later_lse)):
         assert torch.allclose(out.double(), expected, atol=2e-2, rtol=0)
         assert torch.allclose(lse.double(), expected_lse, atol=1e-2, rtol=0)
+
+
+def test_a_warm_up_another_thread_took_first_does_not_fail_this_call(fakes, monkeypatch):
+    """compile() hands one cached kernel to every thread: two calls that both queued a warm-up each start what is
+    left. The list read non-empty, then another thread popped its last item before this one did (6 rounds of 1,500
+    with 8 threads raised IndexError from a call whose output was computed); here that interleaving, made certain."""
+    class TakenMeanwhile(list):                  # non-empty when checked, empty when popped: the other thread's turn
+        def __bool__(self):
+            return True
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    kernel(*_inputs())                             # queues and starts the slow backend's warm-up
+    monkeypatch.setattr(kernel, "_queued", TakenMeanwhile())
+    kernel(*_inputs())

@@ -37,7 +37,7 @@ from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.ir.unselected import KINDS
 from sparsecore.ir.uploads import refuse_capture
-from sparsecore.registry import Backend, Run, UnsupportedError
+from sparsecore.registry import Backend, Run
 
 from ..approximation import with_approximation
 from . import calls, loader
