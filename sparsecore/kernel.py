@@ -85,11 +85,11 @@ class CompiledKernel:
         try:                                # the call itself (what __call__ runs outside torch.compile)
             # Triton launches (and the lowerings place plans) on the current device; autocast stays outside
             with on_device_of(q), without_autocast(q):
-                run, scale = self._run_for(q, k, v, scale, return_lse)
-                if self.backend.differentiable and self.mask.unselected.kind == "drop":  # approximations merge in place
-                    out, lse = run(q, k, v, scale, return_lse)
+                run, scale, backend = self._run_for(q, k, v, scale, return_lse)    # this call's: a thread sharing
+                if backend.differentiable and self.mask.unselected.kind == "drop":   # the kernel sets self.backend
+                    out, lse = run(q, k, v, scale, return_lse)                       # (approximations merge in place)
                 else:
-                    out, lse = inference_only(f"backend {self.backend.name!r}",
+                    out, lse = inference_only(f"backend {backend.name!r}",
                                               lambda: run(q, k, v, scale, return_lse), q, k, v)
         finally:
             self._submit_queued()           # after this call's own launch: a warm-up's work does not delay it
@@ -118,13 +118,14 @@ class CompiledKernel:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
         try:
             with on_device_of(q):
-                run, scale = self._run_for(q, k, v, scale, return_lse)
+                run, scale, _ = self._run_for(q, k, v, scale, return_lse)
                 if hasattr(run, "prepare"):
                     run.prepare(q, k, v, scale)
         finally:
             self._submit_queued()
 
-    def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float]:
+    def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float, Backend]:
+        """The run, checked scale and backend of a call with these inputs (also left in ``self.backend``)."""
         check_return_lse(return_lse)
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
@@ -142,7 +143,7 @@ class CompiledKernel:
             run = self._runs[run_key] = self._lowered(backend, options, q)
             kernel_cache.lowered(self, backend)       # a fallback's plans may grow with key tokens (portable's)
         self.backend = backend
-        return run, scale
+        return run, scale, backend
 
     def _check_device(self, backend: Backend, shape: AttentionShape) -> None:
         problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None

@@ -478,3 +478,24 @@ def test_a_warm_up_another_thread_took_first_does_not_fail_this_call(fakes, monk
     kernel(*_inputs())                             # queues and starts the slow backend's warm-up
     monkeypatch.setattr(kernel, "_queued", TakenMeanwhile())
     kernel(*_inputs())
+
+
+def test_a_call_decides_on_gradients_by_its_own_backend_not_one_another_thread_chose(fakes, monkeypatch):
+    """``kernel.backend`` is the last call's, and threads share a cached kernel: a call that read it back after
+    choosing could see another thread's (differentiable) backend and return a non-differentiable backend's output
+    as if autograd had recorded it. Here the other thread's write lands between the choice and the check."""
+    import types
+    slow, quick = fakes
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    other = types.SimpleNamespace(name="another thread's", differentiable=True)
+    chosen = kernel._run_for
+
+    def chosen_then_overwritten(*args):
+        found = chosen(*args)
+        kernel.backend = other
+        return found
+    monkeypatch.setattr(kernel, "_run_for", chosen_then_overwritten)
+    q, k, v = (t.requires_grad_() for t in _inputs())
+    out = kernel(q, k, v)
+    with pytest.raises(RuntimeError, match="fake-quick"):      # the backend that ran has no backward: named
+        out.sum().backward()
