@@ -93,7 +93,7 @@ def test_lvsa_takes_the_cosmos_horizon_by_default():
     assert handle.params["reference_frames"] == 24
 
 
-@pytest.mark.parametrize("name", ["cosmos", "kandinsky-5", "cogvideox", "cogvideox-1.5", "wan-animate"])
+@pytest.mark.parametrize("name", ["cosmos", "kandinsky-5", "cogvideox", "cogvideox-1.5", "wan-animate", "hunyuan-1.0"])
 def test_context_parallelism_of_a_model_without_a_plan_is_refused_at_apply_and_before_the_forward_runs(name):
     """diffusers has no context-parallel plan for these models (nor sparsecore: ``ModelSpec.context_parallel``);
     ``enable_parallelism`` with a plan of the user's own leaves its config on the transformer (Cosmos's and CogVideoX's

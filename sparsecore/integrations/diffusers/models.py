@@ -321,7 +321,7 @@ HUNYUAN_VIDEO_15 = ModelSpec("hunyuanvideo-1.5", HunyuanVideo15Transformer3DMode
                              joint_text=True)
 HUNYUAN_VIDEO = ModelSpec("hunyuanvideo", HunyuanVideoTransformer3DModel, HunyuanVideoAttnProcessor2_0,
                           ("transformer_blocks", "single_transformer_blocks"), "attn", _horizon("hunyuanvideo"),
-                          _hunyuan_patch, joint_text=True)
+                          _hunyuan_patch, joint_text=True, context_parallel=False)   # diffusers has no plan for it
 COGVIDEOX = ModelSpec("cogvideox", CogVideoXTransformer3DModel, CogVideoXAttnProcessor2_0, ("transformer_blocks",),
                       "attn1", _cogvideox_horizon, _cogvideox_patch, joint_text=True, grid_axes=(1, 3, 4),
                       timestep_arg=2, context_parallel=False)
