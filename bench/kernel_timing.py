@@ -18,7 +18,8 @@ WINDOW_MS = 300
 
 
 def median_ms(fn: Callable[[], object], min_samples: int = MIN_SAMPLES) -> float:
-    """Median milliseconds of ``fn`` over at least ``min_samples`` repeats after a 50 ms warm-up."""
+    """Median milliseconds of ``fn`` over about ``min_samples`` repeats or more after a 50 ms warm-up (do_bench sizes
+    its window by an estimate of its own, so a first estimate well below its second gives a few samples fewer)."""
     from triton.testing import do_bench
     estimate = float(do_bench(fn, warmup=1, rep=1, return_mode="median"))
     # do_bench divides the window by its own estimate, which adds the L2 flush: one sample more keeps the count
