@@ -156,3 +156,20 @@ def test_audit_measures_padded_text_groups_and_approximating_masks(method, param
     for row in sparse_rows:
         assert 0.0 < row["min_recall"] <= row["recall"] < 1.0 and 0.0 < row["rel_l2"] < 1.0 and row["cosine"] > 0.5
     assert not any("recall" in row for row in rows if row["backend"] == "dense")
+
+
+def test_a_float64_model_is_audited_in_float64(monkeypatch):
+    """The audit's norms summed in float32 whatever the model's dtype; torch refuses to narrow float64 that way, so
+    an audited float64 forward raised. Now the norms are float64 (the recalls come from float32 LSEs, as always)."""
+    model = tiny_wan().double()
+    inputs = {name: t.double() for name, t in wan_inputs(batch=1).items()}
+    expected = oracle_fidelity(*first_layer_qkv(model, inputs, TIMESTEPS[0], monkeypatch), step=0)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=1)
+    handle.audit(layers=[0], steps=[0])
+    try:
+        forward(model, inputs, TIMESTEPS[0])
+    finally:
+        handle.remove()
+    (row,) = [row for row in handle.stats() if "recall" in row]
+    for name, rel in (("recall", 1e-6), ("min_recall", 1e-6), ("rel_l2", 1e-9), ("cosine", 1e-9)):   # LSEs: float32
+        assert row[name] == pytest.approx(expected[name], rel=rel), name

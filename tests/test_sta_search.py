@@ -41,6 +41,8 @@ def test_candidate_windows_keep_the_asked_share_of_tile_pairs():
         assert found and all(abs(k - density) <= 0.2 * density + 1e-12 for k in kept)
         assert (np.diff(np.abs(np.array(kept) - density)) >= -1e-12).all()                  # nearest first
         assert tuple(grid) not in found and all(w % 2 or w == n for win in found for w, n in zip(win, grid))
+    assert candidate_windows((3, 6, 10), 0.05, spread=0) == ((1, 1, 9), (1, 3, 3), (3, 1, 3), (3, 3, 1))   # 1/20 each
+    assert (3, 3, 9) in candidate_windows((3, 6, 10), 0.3, spread=0.5, limit=64)           # 0.45: on the bound
     with pytest.raises(ValueError, match="density: no window"):
         candidate_windows((1, 1, 2), 0.1)
     with pytest.raises(ValueError, match="density: expected a fraction"):
@@ -69,6 +71,14 @@ def test_choice_is_each_heads_least_error_and_dense_before_dense_steps(tmp_path)
         choose_windows(errors, candidates, (4, 2, 2), dense_steps=0)
     with pytest.raises(ValueError, match=r"errors: expected \[steps, layers, 3 candidates, heads\]"):
         choose_windows(errors[:, :, :2], candidates, (4, 2, 2), dense_steps=1)
+    for wrong in (np.inf, -1.0):                                            # no mean squared error is
+        bad = errors.copy()
+        bad[3, 1, 2, 4] = wrong
+        with pytest.raises(ValueError, match="errors: expected mean squared errors .finite, >= 0. at step 3 layer 1"):
+            choose_windows(bad, candidates, (4, 2, 2), dense_steps=1)
+    bad = errors.copy()
+    bad[0] = np.inf                                                         # below dense_steps: not read
+    assert dict(choose_windows(bad, candidates, (4, 2, 2), dense_steps=1)) == dict(strategy)
 
 
 def float64_errors(query, key, value, geometry, windows) -> np.ndarray:
@@ -176,3 +186,26 @@ def test_search_refusals_name_the_cause():
     assert not search._kernels and search.calls == 2                    # remove() closed it
     with pytest.raises(ValueError, match="this handle was removed"):
         handle.search_windows(CANDIDATES)
+
+
+def test_a_float64_search_and_non_finite_errors_before_dense_steps():
+    """The search summed its norms in float32 whatever the model's dtype (torch refuses to narrow float64 so: a
+    float64 model's search raised); and strategy(dense_steps) refused a non-finite error at a step before dense_steps,
+    whose errors it never reads (those steps keep the grid), naming dense_steps as the remedy."""
+    case = CASES["wan"]
+    model = case.build().double()
+    inputs = {name: t.double() for name, t in case.inputs(batch=1).items()}
+    handle = sparse.apply(model, "sta", device="cpu", num_steps=2, tile=TILE)
+    try:
+        search = handle.search_windows(CANDIDATES)
+        for t in (999.0, 500.0):
+            forward(model, inputs, t)
+    finally:
+        handle.remove()
+    assert np.isfinite(search.errors()).all() and (search.errors() > 0).all()
+    search._sums[0] = torch.inf                                   # as a float16 overflow at step 0 would leave
+    assert set(search.strategy(dense_steps=1)[(0, 0)]) == {(4, 2, 2)}
+    with pytest.raises(ValueError, match="step 0 layer 0 measured a non-finite error"):
+        search.strategy(dense_steps=0)
+    with pytest.raises(ValueError, match="dense_steps: expected 0..2"):
+        search.strategy(dense_steps=3)

@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -55,13 +56,16 @@ def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
         raise ValueError(f"grid: {grid} tiles give more than a million windows to rank; pass candidates yourself")
     sides = [sorted(set(range(1, n, 2)) | {n}) for n in grid]
     found = []
+    # exact shares and the decimal values written (0.05 is 1/20): float products dropped windows on the bounds and
+    # ordered ties by rounding noise
+    target, tolerance, pairs = Fraction(repr(float(density))), Fraction(repr(float(spread))), math.prod(grid)
     for wt in sides[0]:
         for wh in sides[1]:
             for ww in sides[2]:
                 window = (wt, wh, ww)
-                kept = window_density(grid, window)
-                if window != grid and abs(kept - density) <= spread * density:
-                    found.append((abs(kept - density), window))
+                kept = Fraction(math.prod(span(n, w) for n, w in zip(grid, window)), pairs)
+                if window != grid and abs(kept - target) <= tolerance * target:
+                    found.append((abs(kept - target), window))
     if not found:
         raise ValueError(f"density: no window on a {grid} tile grid keeps {density:.3f} of the tile pairs within "
                          f"{spread:.0%}; widen spread or pick another density")
@@ -98,6 +102,12 @@ def choose_windows(errors: np.ndarray, candidates: Sequence[tuple[int, int, int]
         step, layer = missing[0]
         raise ValueError(f"errors: step {dense_steps + step} layer {layer} was not measured; search every layer at "
                          f"steps {dense_steps} .. {steps - 1}, or raise dense_steps past the steps left out")
+    wrong = np.argwhere(((searched < 0) | np.isinf(searched)).any(axis=(2, 3)))
+    if len(wrong):
+        step, layer = wrong[0]
+        raise ValueError(f"errors: expected mean squared errors (finite, >= 0) at step {dense_steps + step} layer "
+                         f"{layer}, got {searched[step, layer].min()} .. {searched[step, layer].max()}; measure "
+                         f"them again (in float16 an overflow gives inf: search in bfloat16)")
     table = {}
     full = tuple(int(n) for n in grid)
     best = searched.argmin(axis=2)                                         # [steps - dense_steps, layers, heads]

@@ -75,7 +75,8 @@ def fidelity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
     if drop is not mask:
         out = compiled(mask)(q, k, v)
     recall = torch.exp(kept_lse.float() - dense_lse.float())                        # [B, H, L]; no key kept: 0
-    norm = partial(torch.linalg.vector_norm, dim=(0, 2, 3), dtype=torch.float32)    # per head, no float32 copy
+    norm = partial(torch.linalg.vector_norm, dim=(0, 2, 3),                  # per head, no float32 copy; a float64
+                   dtype=torch.promote_types(out.dtype, torch.float32))       # model's in float64 (it cannot narrow)
     diff2, ref2, out2 = (norm(x) ** 2 for x in (out - dense_out, dense_out, out))
     dot = (out2 + ref2 - diff2) / 2
     tiny = torch.finfo(torch.float32).tiny

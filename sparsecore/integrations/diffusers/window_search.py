@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sparsecore.geometry import VideoGeometry
+from sparsecore.ir.validation import check_index
 from sparsecore.methods import sta
 from sparsecore.methods.contract import check_bidirectional
 from sparsecore.methods.sta_search import check_candidates, choose_windows, save_strategy
@@ -85,7 +86,8 @@ class WindowSearch:
         order = sta.token_order(geometry, self.tile)
         q, k, v, ref = (order.gather(t.transpose(1, 2)[:, :, :tokens], 2) for t in (query, key, value, out))
         folded = [t.view(batch * heads, 1, tokens, t.shape[3]) for t in (q, k, v)]     # each head a batch row
-        squared = partial(torch.linalg.vector_norm, dim=(0, 2, 3), dtype=torch.float32)    # per head, no float32 copy
+        squared = partial(torch.linalg.vector_norm, dim=(0, 2, 3),           # per head, no float32 copy; float64
+                          dtype=torch.promote_types(ref.dtype, torch.float32))   # models in float64 (cannot narrow)
         errors = torch.zeros(len(self.candidates), heads, dtype=torch.float64, device=query.device)
         for index, kernel in enumerate(self._kernels_for(geometry)):        # a few candidates, not heads
             found = kernel(*folded).view(batch, heads, tokens, ref.shape[3])
@@ -142,9 +144,10 @@ class WindowSearch:
     def strategy(self, dense_steps: int = 0) -> MaskStrategy:
         """Each head's candidate of least error from ``dense_steps`` on, the whole grid before (FastVideo's rule)."""
         errors = self.errors()
-        broken = np.argwhere((self._samples > 0) & ~np.isfinite(errors).all(axis=(2, 3)))
+        dense_steps = check_index(dense_steps, "dense_steps", len(errors) + 1)      # steps before it keep the grid
+        broken = np.argwhere((self._samples[dense_steps:] > 0) & ~np.isfinite(errors[dense_steps:]).all(axis=(2, 3)))
         if len(broken):
-            step, layer = broken[0]
+            step, layer = broken[0] + (dense_steps, 0)
             raise ValueError(f"handle.search_windows: step {step} layer {layer} measured a non-finite error: the "
                              f"model's q, k, v or its dense output held inf or NaN there (in float16, an overflow); "
                              f"search in bfloat16, or leave that step out (steps=, or a higher dense_steps)")
