@@ -538,7 +538,7 @@ def test_the_geometry_cache_keys_on_every_input_of_its_tables_and_keeps_the_last
     built again."""
     built = []
     monkeypatch.setattr(fa4_geometry, "key_runs", lambda *a: built.append(1) or fa4_key_order.key_runs(*a))
-    monkeypatch.setattr(fa4_geometry, "GEOMETRY_ENTRIES", 3)
+    monkeypatch.setattr(fa4_geometry._GEOMETRIES, "entries", 3)
     sparsecore.clear_cache()
     rng = np.random.default_rng(6)
     base, other = [0, 20, 41, 50, 77, 90], [0, 21, 41, 50, 77, 90]
