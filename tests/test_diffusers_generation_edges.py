@@ -207,3 +207,22 @@ def test_a_batch_of_another_size_stays_on_the_step_only_where_it_repeats_the_oth
     tracker.completed()
     tracker.observe(t, videos[second])
     assert (tracker.run, tracker.step) == ((0, 0) if same else (1, 0))
+
+
+def test_explicit_steps_start_a_new_run_below_the_current_step_or_after_none():
+    """Explicit steps: the same step again stays in the run (several calls at one step), a lower step starts the next
+    run, and after a one-step run ``set_step(None)`` then ``set_step(0)`` does, as the handle's docstring says."""
+    from sparsecore.integrations.diffusers.steps import StepTracker
+    runs = []
+    tracker = StepTracker(2, lambda: runs.append(tracker.run))
+    tracker.set_step(0)
+    tracker.set_step(1)
+    tracker.set_step(1)
+    assert (tracker.run, tracker.step, runs) == (0, 1, [])
+    tracker.set_step(0)
+    assert (tracker.run, tracker.step, runs) == (1, 0, [0])
+    tracker.set_step(0)
+    assert (tracker.run, tracker.step, runs) == (1, 0, [0])
+    tracker.set_step(None)
+    tracker.set_step(0)
+    assert (tracker.run, tracker.step, runs) == (2, 0, [0, 1])

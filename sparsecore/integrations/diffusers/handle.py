@@ -101,8 +101,10 @@ class SparseAttentionHandle:
     def set_step(self, step: int | None) -> None:
         """Use ``step`` for the following forwards (explicit steps); None returns to automatic tracking.
 
-        A step below the current one starts a new run (fresh method sessions). A run that ends here short of
-        ``num_steps`` in automatic mode warns (:meth:`StepTracker.short_run`).
+        A step below the current one starts a new run (fresh method sessions); the current step again stays in the
+        run, so a run that ended at step 0 (a one-step schedule) is followed by ``set_step(None)`` then
+        ``set_step(0)`` to start the next. A run that ends here short of ``num_steps`` in automatic mode warns
+        (:meth:`StepTracker.short_run`).
         """
         self._steps.set_step(step)
 
