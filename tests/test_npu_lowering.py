@@ -366,3 +366,38 @@ def test_every_fallback_chunk_holds_at_most_chunk_elements(name, limit):
         for chunk in chunks:
             entries = mask.num_heads * len(chunk.q_tokens) * len(chunk.kv_tokens)
             assert entries <= limit, (schedule.__name__, entries, limit)
+
+
+def test_the_fallback_builds_one_token_mask_a_chunk_whatever_the_batch(monkeypatch):
+    """``chunk_elements`` bounds the fallback's memory: each chunk builds its ``[1, H, R, L]`` token mask once, in the
+    op's polarity, for every batch element (which rows attend a non-finite key is read from the compact table), so no
+    second mask-sized tensor lives beside it and none is rebuilt per batch element."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sparsecore.backends.npu import calls
+    case = PATH_CASES["blocks_64_disagreeing_pairs"].case
+    q, k, v = (torch.from_numpy(a).half().repeat(3, 1, 1, 1) for a in case.inputs())
+    masks, sizes = [], []
+
+    def fused(torch_npu, query, key, value, masked_out, scale):
+        masks.append(masked_out)
+        sizes.append(masked_out.numel())
+        return torch.zeros(*query.shape[:3], value.shape[-1]), torch.zeros(query.shape[:3])
+    monkeypatch.setattr(calls, "fusion_attention", fused)
+
+    class BoolTensors(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.dtype == torch.bool:
+                made.append((result.numel(), result.untyped_storage().data_ptr()))
+            return result
+    made: list[tuple[int, int]] = []
+    with emulate():
+        kernel = sparsecore.compile(case.mask, device="npu", path="fallback")
+        kernel.prepare(q, k, v)
+        with BoolTensors():
+            kernel(q, k, v)
+    chunks = len(masks) // 3
+    assert chunks and len(masks) == 3 * chunks
+    assert all(masks[3 * c] is masks[3 * c + b] for c in range(chunks) for b in range(3))
+    mask_sized = {storage for n, storage in made if n in sizes}          # views share their base's storage
+    assert len(mask_sized) == chunks, (made, sizes)

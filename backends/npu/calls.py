@@ -48,13 +48,14 @@ def block_sparse_attention(torch_npu: types.ModuleType, query: torch.Tensor, key
 
 
 def fusion_attention(torch_npu: types.ModuleType, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attend: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the fused op; ``attend`` is bool ``[B, N1, Sq, Skv]`` in the IR's polarity (True = attend).
+                     masked_out: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the fused op; ``masked_out`` is bool ``[B, N1, Sq, Skv]`` in the op's polarity (True = masked out: the
+    IR's token mask inverted).
 
     Returns out ``[B, N1, Sq, D]`` and the natural-log LSE ``[B, N1, Sq]`` (float32).
     """
     result = torch_npu.npu_fusion_attention(
         query, key, value, query.shape[1], "BNSD",
-        atten_mask=~attend, scale=scale, sparse_mode=0, inner_precise=0)
+        atten_mask=masked_out, scale=scale, sparse_mode=0, inner_precise=0)
     out, softmax_max, softmax_sum = result[0], result[1], result[2]
     return out, softmax_max[..., 0] + torch.log(softmax_sum[..., 0])

@@ -217,11 +217,12 @@ def _run_fallback(torch_npu: types.ModuleType, chunk: _DeviceChunk, q: torch.Ten
                   value: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """One fallback chunk per batch element, merged into ``out``/``lse`` through the LSEs.
 
-    The chunk's token mask ``[1, H, R, L]`` exists only during this function: at most
-    ``chunk_elements`` entries, whatever the sequence length.
+    The chunk's token mask ``[1, H, R, L]`` (in the op's polarity, built once for the batch) exists only during this
+    function: at most ``chunk_elements`` entries, whatever the sequence length; the rest is per row or per piece.
     """
     rows = chunk.q_tokens
-    attend = chunk.allowed[:, chunk.row_group][:, :, chunk.key_piece][None]
+    masked_out = (~chunk.allowed)[:, chunk.row_group][:, :, chunk.key_piece][None]
+    allowed_rows = chunk.allowed[:, chunk.row_group]                                        # [H, R, P]
     no_keys = ~chunk.row_has_keys[None]
     kv_of = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // key.shape[1])
     for b in range(q.shape[0]):
@@ -231,8 +232,10 @@ def _run_fallback(torch_npu: types.ModuleType, chunk: _DeviceChunk, q: torch.Ten
         # the rows that attend to a non-finite one are made NaN (dense attention makes them non-finite).
         bad = ~(torch.isfinite(keys).all(dim=-1) & torch.isfinite(values).all(dim=-1))      # [1, H_kv, L]
         keys, values = keys.masked_fill(bad[..., None], 0), values.masked_fill(bad[..., None], 0)
-        poisoned = (attend & bad[:, kv_of, None, :]).any(dim=-1)                            # [1, H, R]
-        part_out, part_lse = calls.fusion_attention(torch_npu, query, keys, values, attend, scale)
+        bad_piece = torch.zeros(bad.shape[1], allowed_rows.shape[2], dtype=torch.int32, device=q.device)
+        bad_piece = bad_piece.index_add_(1, chunk.key_piece, bad[0].int()) > 0                # [H_kv, P]
+        poisoned = (allowed_rows & bad_piece[kv_of, None, :]).any(dim=-1)[None]              # [1, H, R]
+        part_out, part_lse = calls.fusion_attention(torch_npu, query, keys, values, masked_out, scale)
         part_out = part_out.float().masked_fill(no_keys[..., None], 0).masked_fill(poisoned[..., None], math.nan)
         part_lse = part_lse.float().masked_fill(no_keys, -math.inf).masked_fill(poisoned, math.nan)
         merged_out, merged_lse = merge_partials(out[b:b + 1, :, rows].float(), lse[b:b + 1, :, rows],
