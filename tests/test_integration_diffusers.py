@@ -1479,3 +1479,22 @@ def test_a_callable_methods_mask_cut_for_two_shards_of_one_start_gets_each():
     for stop in (2, 1):
         got = session.plan(g, 4, step=0, layer=0, heads=HeadShard(0, stop, 4))
         assert got.num_heads == stop and (got.to_dense() == mask.to_dense()[:stop]).all()
+
+
+def test_stats_read_while_a_generation_adds_records_reads_a_copy():
+    """``handle.stats()`` may be read from another thread (a monitor) while the generation adds records: the rows
+    are made from a copy of the records (iterating the live dict raised 'dictionary changed size during
+    iteration'). Here a record's count adds a record as it is read, deterministically."""
+    from sparsecore.geometry import VideoGeometry
+    from sparsecore.integrations.diffusers.stats import Stats
+
+    stats, g = Stats(), VideoGeometry(2, 4, 4)
+
+    class CountThatAddsARecord:
+        def __float__(self) -> float:
+            stats.record(0, 1, 0, g, g.tokens, 2, None, "plan")            # the generation thread, meanwhile
+            return 8.0
+    record = stats.record(0, 0, 0, g, g.tokens, 2, None, "plan")
+    record.kept, record.pairs = [CountThatAddsARecord()], 16
+    assert [row["density"] for row in stats.rows()] == [0.5]
+    assert [row["layer"] for row in stats.rows()] == [0, 1]

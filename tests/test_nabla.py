@@ -172,6 +172,8 @@ def test_kandinsky_nabla_runs_the_models_own_masks_to_the_float64_oracle(monkeyp
     assert all(torch.equal(got_mask, want[-1]) for got_mask, want in zip(masks, seen)) and not seen[0].all()
     if batch > 1:
         assert not torch.equal(seen[0][0], seen[0][1])                # the samples' masks differ: each its own counts
+    # a row's density is that of all its masks (every sample's), its blocks all of one size
+    assert [row["density"] for row in handle.stats()] == pytest.approx([float(m.double().mean()) for m in seen])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - forward(model, {**inputs, "sparse_params": None}, 500.0)).abs().max() > 1e-3
 

@@ -36,10 +36,10 @@ class Record:
     """One (run, layer, step, geometry): its fields, what its mask kept, the backend that ran, its times."""
 
     fields: dict
-    kept: Any = None                 # kept token pairs (a 0-d tensor, or an int); None: dense
+    kept: list = field(default_factory=list)   # each planned mask's kept token pairs (0-d tensors or ints); none: dense
     kept_on: torch.device | None = None   # where ``kept`` was counted, if it is read after a device's work
     visible: int = 1                 # token pairs of one head that dense attention computes (geometry.visible_pairs)
-    pairs: int = 1                   # the pairs dense attention computes on the mask's heads: its density's whole
+    pairs: int = 0                   # the pairs dense attention computes on the planned masks' heads: density's whole
     backend: str = "dense"
     dense_kernels: set = field(default_factory=set)   # what its dense calls ran: "model" (diffusers' dispatch) or
                                                       # sparsecore's dense kernel's name
@@ -48,15 +48,17 @@ class Record:
     audit: list = field(default_factory=list)     # the audited calls' Fidelity (:mod:`.audit`)
 
     def ran(self, mask: BlockMask, kernel: Any, counts: HostCounts, kept: Any = None) -> None:
-        """Note the sparse mask this record's calls run and the kernel that ran them (the kept-pair count goes
+        """Note a sparse mask planned for this record's calls and the kernel that ran it (the kept-pair count goes
         to ``counts`` when the mask is on a CUDA device). ``kept``: the mask's kept pairs where the caller counted
-        them already (on a device copy of a mask held on the host)."""
+        them already (on a device copy of a mask held on the host). A record whose calls each plan their own mask
+        (PASA, NABLA per sample, guidance as separate calls) counts them all: its density is theirs together."""
         kept = mask.kept_pairs().sum() if kept is None else kept
         if isinstance(kept, torch.Tensor):
-            self.kept, self.kept_on = counts.add(kept), kept.device
+            self.kept.append(counts.add(kept))
+            self.kept_on = kept.device
         else:
-            self.kept = kept
-        self.pairs = mask.num_heads * self.visible
+            self.kept.append(kept)
+        self.pairs += mask.num_heads * self.visible
         self.backend = kernel.backend.name
 
 
@@ -102,19 +104,21 @@ class Stats:
         synchronize(device)
         began = time.perf_counter()
         result = plan()
-        result.record.plan_seconds = time.perf_counter() - began
+        record = result.record                                      # a record planned at several calls sums them
+        record.plan_seconds = (record.plan_seconds or 0.0) + time.perf_counter() - began
         return result
 
     def rows(self) -> list[dict]:
         """One dict per record in call order (keys: see ``SparseAttentionHandle.stats``)."""
         out = []
-        for device in {r.kept_on for r in self._records.values() if r.kept_on is not None}:
+        records = list(self._records.values())      # a copy: a generation in another thread may add records meanwhile
+        for device in {r.kept_on for r in records if r.kept_on is not None}:
             synchronize(device)                      # the counts' copies to the host have run
-        for record in self._records.values():
+        for record in records:
             row = dict(record.fields)
-            row["density"] = 1.0 if record.kept is None else float(record.kept) / record.pairs
+            row["density"] = sum(float(k) for k in record.kept) / record.pairs if record.kept else 1.0
             row["backend"] = record.backend
-            if record.dense_kernels and record.kept is None:
+            if record.dense_kernels and not record.kept:
                 row["dense_kernel"] = "+".join(sorted(record.dense_kernels))
             if record.watch is not None and record.watch.count:
                 total = record.watch.seconds * 1e3
