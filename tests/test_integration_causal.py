@@ -250,3 +250,25 @@ def test_bidirectional_methods_refuse_a_causal_model_naming_one_that_plans_it(me
         assert not [row for row in handle.stats() if row["backend"] != "dense"]      # no sparse layer ran
     finally:
         handle.remove()
+
+
+def test_remove_drops_the_full_masks_of_dense_steps_and_their_kernels():
+    """A frame-causal dense step runs the kernel of the planner's full mask, which stays for the next run; remove()
+    drops it with the plans (the handle, kept to read stats(), held it)."""
+    import gc
+    import weakref
+    import warnings
+    model, inputs = tiny_skyreels_v2(frames_per_block=2), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=3, warmup_steps=1, search_steps=(1, 2),
+                          sparsity=0.6, block_size=32)
+    forward(model, inputs, 999.0)                                    # AdaSpa's dense step 0 on causal frames
+    assert handle.stats()[0]["dense_kernel"] == VISIBLE_BLOCKS
+    kernels = [weakref.ref(mask.derived["full kernel"]) for mask in handle._planner._full.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                              # the run stopped short of num_steps
+        handle.set_step(None)                                        # a new run keeps them
+        alive = sum(kernel() is not None for kernel in kernels)
+        assert kernels and alive == len(kernels)
+        handle.remove()
+    gc.collect()
+    assert [kernel() for kernel in kernels] == [None] * len(kernels)

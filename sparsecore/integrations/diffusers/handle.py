@@ -214,7 +214,7 @@ class SparseAttentionHandle:
         self.search_windows(None)
         need = parallel.after_remove(self._processors, self.spec.joint_model)
         messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
-        self._planner.new_run()
+        self._planner.release()
         self._text_cache = None
         for message in filter(None, messages):      # after the cleanup: warnings may be errors
             warnings.warn(message, stacklevel=2)

@@ -136,8 +136,15 @@ class Planner:
         self._full: OrderedDict[tuple, BlockMask] = OrderedDict()
 
     def new_run(self) -> None:
+        """Forget the run's sessions and plans; the full masks of dense steps (and their kernels) stay for the
+        next run of the same geometries."""
         self._sessions.clear()
         self._plans.clear()
+
+    def release(self) -> None:
+        """Forget everything held for runs: :meth:`new_run`, and the full masks with their kernels."""
+        self.new_run()
+        self._full.clear()
 
     def session(self, geometry: VideoGeometry) -> Session:
         found = self._sessions.get(geometry)
