@@ -1011,7 +1011,29 @@ def test_ring_pieces_get_the_backend_options(monkeypatch):
     group = SimpleNamespace(world=1, rank=0, group=None)
     work = ring.plan_work(mask, group, 16, "cpu", "portable", torch.zeros(1), {"chunk_elements": 64})
     assert work.steps[0] is not None and seen
-    assert all(k == {"device": "cpu", "backend": "portable", "chunk_elements": 64} for k in seen)
+    assert all(k == {"device": "cpu", "backend": "portable", "cache": True, "chunk_elements": 64} for k in seen)
+
+
+@pytest.mark.parametrize("method", ["lvsa", "callable"])
+def test_a_ring_cut_caches_its_kernels_as_the_handles_kernels(method):
+    """A rank's cut of a built-in method's mask hangs off the mask (its kernels go when the mask goes, as the
+    handle's own kernels do); a callable's pieces go through the module's cache, found by content."""
+    import gc
+    from sparsecore import kernel_cache
+    from sparsecore.integrations.diffusers.planner import Planner
+    from sparsecore.integrations.diffusers.ring import RingGroup
+    from sparsecore.integrations.diffusers.sharded import ShardedAttention
+    from sparsecore.integrations.diffusers.stats import Stats
+    from sparsecore.methods import lvsa
+    geometry = VideoGeometry(12, 4, 4)
+    planner = Planner("lvsa" if method == "lvsa" else full_mask, {}, "cpu", None, 4, Stats())
+    kernel_cache.clear_cache()
+    mask = lvsa.plan(geometry, 4, step=0, window=1, reference_frames=6, first_frames=1)
+    work = ShardedAttention(planner)._work(mask, RingGroup(1, 0, None), geometry.video_tokens, torch.zeros(1))
+    assert work.steps[0] is not None
+    del work, mask
+    gc.collect()
+    assert len(kernel_cache._CACHE) == (0 if method == "lvsa" else 1)
 
 
 def test_backend_and_parallel_settings_reach_the_original_processor(case):

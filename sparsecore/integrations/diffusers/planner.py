@@ -279,8 +279,14 @@ class Planner:
         keep a kernel (14 MiB above dense's peak at Wan 2.1 6x, compiled). A callable's masks may be new
         objects at every layer: their kernels go through the module's cache, which finds equal masks by content.
         """
-        return sparsecore.compile(mask, device=self.device, backend=self.backend, cache=callable(self.method),
+        return sparsecore.compile(mask, device=self.device, backend=self.backend, cache=self.cache_kernels,
                                   **self.backend_options)
+
+    @property
+    def cache_kernels(self) -> bool:
+        """Whether this handle's kernels (and ring pieces' kernels) go through the module's cache: a callable's
+        (see :meth:`compiled`)."""
+        return callable(self.method)
 
     def plan_for(self, layer: int, geometry: VideoGeometry, step: int, run: int, seq_len: int, heads: int,
                  shard: HeadShard | None, like: torch.Tensor, io: "PlanInputs") -> tuple[LayerPlan, bool]:

@@ -70,8 +70,9 @@ class RingWork:
 
 
 def plan_work(mask: BlockMask, ring: RingGroup, video: int, device: str, backend: str | None,
-              like: torch.Tensor, options: dict[str, Any] | None = None) -> RingWork:
-    """Cut ``mask`` (the whole sequence: ``R * video`` video tokens, then text) for this rank and compile the pieces.
+              like: torch.Tensor, options: dict[str, Any] | None = None, cache: bool = True) -> RingWork:
+    """Cut ``mask`` (the whole sequence: ``R * video`` video tokens, then text) for this rank and compile the pieces
+    (``cache``: through sparsecore's module cache of kernels, as :func:`sparsecore.compile`'s).
 
     Collective over the ring group (one all-gather of ``R`` flags): every rank must call it for the same masks.
     """
@@ -84,9 +85,10 @@ def plan_work(mask: BlockMask, ring: RingGroup, video: int, device: str, backend
     pieces = slices(mask, [shard(rank)], key_sets)
     text_piece = slices(mask, text_range, [[shard(rank)] + (text_range if rank == 0 else [])])[0] if text else None
     options = options or {}
-    steps = [None if p.nnz == 0 else sparsecore.compile(p, device=device, backend=backend, **options) for p in pieces]
+    steps = [None if p.nnz == 0 else sparsecore.compile(p, device=device, backend=backend, cache=cache, **options)
+             for p in pieces]
     text_kernel = None if text_piece is None or text_piece.nnz == 0 else sparsecore.compile(
-        text_piece, device=device, backend=backend, **options)
+        text_piece, device=device, backend=backend, cache=cache, **options)
     mine = [False] * world
     for i, piece in enumerate(pieces):
         mine[(rank - i) % world] = piece.nnz > 0

@@ -108,7 +108,7 @@ class ShardedAttention:
         found = mask.derived.get(key)
         if found is None:
             found = mask.derived[key] = ring_attention.plan_work(mask, ring, video, planner.device, planner.backend,
-                                                                 like, planner.backend_options)
+                                                                 like, planner.backend_options, planner.cache_kernels)
         return found
 
     def _cut_key(self, ring: RingGroup, video: int) -> tuple:
