@@ -272,3 +272,31 @@ def test_remove_drops_the_full_masks_of_dense_steps_and_their_kernels():
         handle.remove()
     gc.collect()
     assert [kernel() for kernel in kernels] == [None] * len(kernels)
+
+
+def test_an_interrupted_forward_leaves_the_models_causal_setting_to_the_next_forward_or_remove():
+    """The handle suspends SkyReels-V2's ``num_frame_per_block`` during a forward; torch runs the post-forward hook
+    on an ``Exception`` only, so after a ``KeyboardInterrupt`` (Ctrl-C in a notebook) the next forward, or remove(),
+    puts it back: that forward is frame-causal, the model after remove() too."""
+    import warnings
+    model, inputs = tiny_skyreels_v2(frames_per_block=2), wan_inputs(batch=1)
+    alone = forward(model, inputs, 999.0)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    block, original = model.blocks[1], model.blocks[1].forward
+
+    def interrupted_forward(*args, **kwargs):
+        raise KeyboardInterrupt
+    for then_remove in (False, True):
+        block.forward = interrupted_forward
+        with pytest.raises(KeyboardInterrupt):
+            forward(model, inputs, 999.0)
+        block.forward = original
+        if then_remove:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                      # the run stopped short of num_steps
+                handle.remove()
+            assert model.config.num_frame_per_block == 2
+            torch.testing.assert_close(forward(model, inputs, 999.0), alone)
+        else:
+            forward(model, inputs, 999.0)
+            assert handle.geometry.causal_frames == 2 and model.config.num_frame_per_block == 2

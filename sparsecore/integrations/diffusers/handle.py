@@ -211,6 +211,7 @@ class SparseAttentionHandle:
         for hook in self._hooks:
             hook.remove()
         self._removed, self.active = True, False
+        self._restore_causal_setting(self._model())
         self.search_windows(None)
         need = parallel.after_remove(self._processors, self.spec.joint_model)
         messages = [self._steps.short_run(), need and f"sparsecore: after remove(), {need}"]
@@ -235,6 +236,7 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: expected a latent video {self.spec.latents} for "
                              f"{type(module).__name__}, got {got}")
         refuse_capture(hidden.device, "a transformer forward with sparsecore applied")   # before the timestep's read
+        self._restore_causal_setting(module)      # an interrupted forward (KeyboardInterrupt skips _post_forward)
         if self.spec.tiled_forward is not None:
             check_token_order(self.method, self.spec.tiled_forward(args, kwargs))
         causal = self.spec.causal_frames(module.config)
@@ -263,9 +265,7 @@ class SparseAttentionHandle:
     def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
         calls, self._calls = self._calls, 0
         self.active = False
-        if self._causal_setting:                     # the model's own setting, for every use outside the forward
-            module.register_to_config(**{self.spec.causal_setting: self._causal_setting})
-            self._causal_setting = 0
+        self._restore_causal_setting(module)
         self._text_cache = None
         if output is None:                           # the forward raised (this hook runs always): its error stands
             return
@@ -274,6 +274,13 @@ class SparseAttentionHandle:
                              f"forward; sparsecore counts layers by their order in the forward, so blocks must not be "
                              f"skipped (a block cache, a pruned model); {self.dense_remedy()}")
         self._steps.completed()
+
+    def _restore_causal_setting(self, module: Any) -> None:
+        """Put back the model's causal-block setting suspended during a forward (torch runs the post-forward hook on
+        an ``Exception`` only: after a ``KeyboardInterrupt``, the next forward or :meth:`remove` does)."""
+        if self._causal_setting and module is not None:
+            module.register_to_config(**{self.spec.causal_setting: self._causal_setting})
+        self._causal_setting = 0
 
     # ---------------------------------------------------------------- called by the processors
     def text_valid(self, processor: SparseProcessor, mask: torch.Tensor | None, batch: int, text: int) -> list[int]:
