@@ -309,3 +309,32 @@ def test_a_held_masks_cut_is_kept_per_ring_place():
     other_degree = sharded._held_work(plan, runner, torch.device("cpu"), 16, RingGroup(4, 0, None), 4)
     kept = 2 * 4 * 4 * 4                      # 2 heads x 4 diagonal blocks of 4 x 4 tokens, counted with the cut
     assert (first, other_rank, other_degree) == (([1], kept), ([2], kept), ([3], kept))
+
+
+@pytest.mark.parametrize("frames, refused", [(5, True), (4, False)])
+def test_a_diffusion_forcing_timestep_of_uneven_frames_is_refused_naming_it(frames, refused):
+    """SkyReels-V2's diffusion-forcing timestep ``[B, F]`` is split by Wan's plan along its frames: 5 frames of 16
+    tokens divide by 2 as tokens but not as frames, which diffusers' split met with a bare assert."""
+    from test_integration_diffusers import tiny_skyreels_v2
+    model = tiny_skyreels_v2()
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=5, window=1, reference_frames=2)
+    for block in model.blocks:
+        block.attn1.processor._parallel_config = fake_parallel_config(ring_degree=2)
+    latents = torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(0))
+    timestep, text = torch.full((1, frames), 999.0), torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))
+    try:
+        if refused:
+            with pytest.raises(ValueError, match=r"timestep: under context parallelism \(ring degree 2 x Ulysses "
+                                                 r"degree 1\) the plan splits a timestep \[B, N\] along N, expected N "
+                                                 r"divisible by 2, got \[1, 5\].*5 frames"), torch.no_grad():
+                model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                      enable_diffusion_forcing=True, return_dict=False)
+            assert handle.step is None                               # refused before the step was counted
+        else:                                           # the checks pass (the forward would then run collectives)
+            handle._pre_forward(model, (), {"hidden_states": latents, "timestep": timestep})
+            handle._post_forward(model, (), None)
+            assert handle.step == 0
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            handle.remove()

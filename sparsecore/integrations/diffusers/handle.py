@@ -249,12 +249,12 @@ class SparseAttentionHandle:
                              f"forcing pipelines cut them so)")
         geometry = VideoGeometry(*grid, causal_frames=causal)
         parallel.refuse_unplanned(module, self._processors, self.spec)                                 # no step yet
-        parallel.refuse_uneven_tokens(self._processors, geometry)
+        timestep = kwargs.get("timestep", args[self.spec.timestep_arg] if len(args) > self.spec.timestep_arg else None)
+        parallel.refuse_uneven_tokens(self._processors, geometry, timestep)
         parallel.refuse_ring_cuts(self._processors, self._planner.approximation(geometry),
                                   self._planner.token_order(geometry))
         self.geometry = geometry
-        at = self.spec.timestep_arg
-        self._steps.observe(*self.spec.step_view(kwargs.get("timestep", args[at] if len(args) > at else None), hidden))
+        self._steps.observe(*self.spec.step_view(timestep, hidden))
         self._text_cache = None
         self._calls = 0
         self.active = True
