@@ -306,6 +306,7 @@ class BlockMask:
             raise TypeError(f"heads: expected ints, a slice or a bool array, got dtype {idx.dtype}")
         if idx.size == 0 or ((idx < 0) | (idx >= self.num_heads)).any():
             raise ValueError(f"heads: expected a non-empty selection of 0..{self.num_heads - 1}, got {idx.tolist()}")
+        idx = idx.astype(np.int64)  # a fresh copy: torch reads uint8 ids as a mask, refuses int8, uint16.. and -strides
         if not self.on_host:
             import torch
             idx = torch.as_tensor(idx, device=self.device)

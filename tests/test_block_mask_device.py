@@ -103,6 +103,28 @@ def test_block_bits_unpack_to_the_block_map(mask):
         assert not unpacked[..., mask.num_kv_blocks:].any()
 
 
+SELECTORS = [np.array([2, 2, 1], dtype=dt) for dt in (np.int8, np.int16, np.int32, np.uint8, np.uint16, np.uint32,
+                                                      np.uint64)] + [
+    slice(None, None, -1), slice(2, None, -2), np.arange(3)[::-1], np.array([0, 1, 2])[::2],
+    np.array([True, False, True]), torch.tensor([False, True, True]), torch.tensor([2, 0], dtype=torch.uint8)]
+
+
+@pytest.mark.parametrize("heads", SELECTORS, ids=lambda s: repr(s)[:40])
+def test_device_select_heads_equals_the_hosts_for_every_selector(heads):
+    """Head ids of any integer dtype and stride, slices with negative steps and bool masks pick the same heads on a
+    device mask as on the host (torch read uint8 ids as a bool mask and refused other small ints and negative
+    strides). Heads differ in density, so a wrong pick shows in the blocks and budgets."""
+    mask = BlockMask.from_lists([[[0], []], [[0, 1], [1]], [[0, 1], [0, 1]]], [0, 4, 8], [0, 4, 8])
+    picked = np.arange(3)[heads] if isinstance(heads, slice) else np.asarray(heads)
+    picked = np.nonzero(picked)[0] if picked.dtype == np.bool_ else picked.astype(np.int64)
+    host, device = mask.select_heads(heads), mask.to("cpu").select_heads(heads)
+    assert host.num_heads == device.num_heads == len(picked) == device.indptr.shape[0]
+    np.testing.assert_array_equal(host.to_dense(), mask.to_dense()[picked])
+    np.testing.assert_array_equal(device.to_host().to_dense(), mask.to_dense()[picked])
+    np.testing.assert_array_equal(device.budgets.numpy(), mask.budgets[picked])
+    assert device == host
+
+
 def test_kept_pairs_counts_tokens_by_definition():
     mask = BlockMask.from_lists([[[0, 2], [2], []]], [0, 4, 8, 9], [0, 5, 10, 13])
     expected = 4 * (5 + 3) + 4 * 3                         # rows of 4, 4 and 1 tokens; blocks of 5, 5, 3
