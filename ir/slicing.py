@@ -101,17 +101,18 @@ def _build(mask: BlockMask, q_offsets: np.ndarray, kv_offsets: np.ndarray, indpt
 
 
 def _ranges(ranges: Any, length: int, field: str) -> list[tuple[int, int]]:
-    """``ranges`` as a checked list of ``(start, stop)``: one pair or a sequence of pairs."""
-    if isinstance(ranges, (str, bytes)) or not hasattr(ranges, "__len__"):
+    """``ranges`` as a checked list of ``(start, stop)``: one pair or a sequence of pairs (lists, tuples, NumPy
+    arrays or tensors; a 0-d integer array or tensor counts as an int)."""
+    if not _sized(ranges):
         raise TypeError(f"{field}: expected (start, stop) or a sequence of (start, stop) pairs, got "
                         f"{type(ranges).__name__} {ranges!r}")
-    if len(ranges) == 2 and not any(hasattr(r, "__len__") for r in ranges):
+    if len(ranges) == 2 and not any(_sized(r) for r in ranges):
         ranges = [tuple(ranges)]
     out: list[tuple[int, int]] = []
     for i, pair in enumerate(ranges):
-        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        if not _sized(pair) or len(pair) != 2:
             raise TypeError(f"{field}[{i}]: expected a (start, stop) pair of ints, got {pair!r}")
-        start, stop = v.check_int(pair[0], f"{field}[{i}][0]", 0), v.check_int(pair[1], f"{field}[{i}][1]", 0)
+        start, stop = (v.check_int(_scalar(end), f"{field}[{i}][{j}]", 0) for j, end in enumerate(pair))
         low = out[-1][1] if out else 0
         if not low <= start < stop <= length:
             raise ValueError(f"{field}[{i}]: expected {low} <= start < stop <= {length} (ascending, non-overlapping "
@@ -123,6 +124,16 @@ def _ranges(ranges: Any, length: int, field: str) -> list[tuple[int, int]]:
     if not out:
         raise ValueError(f"{field}: expected at least one (start, stop) range, got none")
     return out
+
+
+def _sized(value: Any) -> bool:
+    """Whether ``value`` is a sequence (a 0-d array or tensor has ``__len__`` but no length; a string is text)."""
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and getattr(value, "ndim", 1) != 0
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d NumPy array or tensor as the Python scalar it holds (then checked as an int); anything else as it is."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
 
 
 def _refine(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray,

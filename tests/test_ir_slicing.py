@@ -78,12 +78,28 @@ def test_empty_slice_and_device_lists_stay_on_their_device():
     ((0, 17), (0, 16), "<= 16"),
     ((0, 16), [], "at least one"),
     ((0, 16), "ab", "expected (start, stop)"),
+    (torch.tensor(3), (0, 16), "got Tensor tensor(3)"),
+    ((np.array(2.0), np.array(7.0)), (0, 16), "q_ranges[0][0]: expected an int, got float 2.0"),
+    ((torch.tensor(True), 4), (0, 16), "q_ranges[0][0]: expected an int, got bool True"),
 ])
 def test_bad_ranges_name_the_field(q, kv, message):
     mask = BlockMask.full(1, 16, 16, 4)
     with pytest.raises((ValueError, TypeError), match=r"(q_ranges|kv_range_sets\[0\])") as err:
         slice_mask(mask, q, kv)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("q, kv, kv_ints", [
+    (torch.tensor([2, 7]), (np.array(0), np.array(16)), [(0, 16)]),
+    ((np.array(2), np.int64(7)), np.array([[0, 4], [8, 16]]), [(0, 4), (8, 16)]),
+    (torch.tensor([[2, 7]]), [torch.tensor([0, 4]), (8, torch.tensor(16))], [(0, 4), (8, 16)]),
+])
+def test_ranges_from_arrays_and_tensors_equal_the_same_ints(q, kv, kv_ints):
+    """A range given as a NumPy array or tensor, or with 0-d arrays or tensors for ends, is read as the same ints
+    (0-d ones have ``__len__`` but no length: they failed with a bare TypeError naming nothing)."""
+    mask = BlockMask.from_dense(np.random.default_rng(0).random((2, 4, 4)) < 0.5, 16, 16, 4)
+    for source in (mask, mask.to("cpu")):
+        assert slice_mask(source, q, kv) == slice_mask(mask, (2, 7), kv_ints)
 
 
 def test_approximated_masks_slice_by_rows_only():
