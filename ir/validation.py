@@ -201,7 +201,7 @@ def _row_of(indptr: np.ndarray, position: int) -> tuple[int, int]:
 
 
 def check_budgets(value: Any, num_heads: int) -> np.ndarray:
-    """Per-head budgets: float ``[num_heads]``, finite, in [0, 1]."""
+    """Per-head budgets: float or integer ``[num_heads]``, finite, in [0, 1]; returned as read-only float64."""
     arr = as_numpy(value, "budgets")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == np.bool_:
         raise TypeError(f"budgets: expected a float array, got dtype {arr.dtype}")
@@ -283,12 +283,15 @@ def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, 
     Tier 1 (types, shapes, one device) reads no values. Tier 2 evaluates every value
     predicate of :func:`check_csr` and :func:`check_budgets` on the device and reads the
     flags back once; on a failure the NumPy checks run on host copies for the message.
+    ``budgets`` are taken as a host mask takes them: a tensor of any integer or float dtype
+    on any device, shape-checked, then copied to float64 on indptr's device; a sequence or
+    NumPy array, checked by :func:`check_budgets` on the host, then uploaded.
     """
     import torch
     for name, t in (("indptr", indptr), ("indices", indices)):
         if not is_tensor(t):
-            raise TypeError(f"{name}: expected a torch tensor like the other lists (a mask keeps indptr, indices and "
-                            f"budgets on one side: all NumPy or all torch), got {type(t).__name__}")
+            raise TypeError(f"{name}: expected a torch tensor like the other lists (a mask keeps indptr and indices "
+                            f"on one side: both NumPy or both torch), got {type(t).__name__}")
         if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
             raise TypeError(f"{name}: expected an integer array, got dtype {str(t.dtype).removeprefix('torch.')}")
     for name, t, ndim in (("indptr", indptr, 2), ("indices", indices, 1)):
@@ -300,14 +303,14 @@ def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, 
                          f"got {list(indptr.shape)}")
     if indices.device != indptr.device:
         raise ValueError(f"indices: expected the device of indptr ({indptr.device}), got {indices.device}")
-    if budgets is not None:
-        if not is_tensor(budgets) or budgets.device != indptr.device:
-            got = f"a tensor on {budgets.device}" if is_tensor(budgets) else f"a {type(budgets).__name__}"
-            raise TypeError(f"budgets: expected a tensor on {indptr.device} like indptr, got {got}")
-        if not budgets.is_floating_point():
+    if budgets is not None and not is_tensor(budgets):   # a host sequence or array, taken as a host mask takes it
+        budgets = torch.tensor(check_budgets(budgets, num_heads), device=indptr.device)
+    elif budgets is not None:
+        if budgets.dtype == torch.bool or budgets.is_complex():
             raise TypeError(f"budgets: expected a float array, got dtype {str(budgets.dtype).removeprefix('torch.')}")
         if tuple(budgets.shape) != (num_heads,):
             raise ValueError(f"budgets: expected shape [num_heads] = [{num_heads}], got {list(budgets.shape)}")
+        budgets = _owned(budgets, torch.float64, indptr.device)     # integer or any float dtype, from any device
     ptr, idx = indptr.to(torch.int64), indices.to(torch.int64)
     flags = [ptr.min() >= 0, ptr.max() <= INDEX_LIMIT, ptr[0, 0] == 0, (ptr[:, 1:] >= ptr[:, :-1]).all(),
              (ptr[1:, 0] == ptr[:-1, -1]).all(), ptr[-1, -1] == idx.shape[0]]
@@ -326,11 +329,11 @@ def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, 
             check_budgets(budgets, num_heads)
         raise ValueError("indptr, indices: the device check failed but the host check found no defect; "
                          "this is a bug in sparsecore, please report it")
-    budgets = None if budgets is None else _owned(budgets, torch.float64)
     return _owned(indptr, torch.int32), _owned(indices, torch.int32), budgets
 
 
-def _owned(tensor: Any, dtype: Any) -> Any:
-    """A contiguous copy in ``dtype`` that the caller cannot reach (the mask owns its tensors)."""
-    converted = tensor.to(dtype).contiguous()
+def _owned(tensor: Any, dtype: Any, device: Any = None) -> Any:
+    """A contiguous copy in ``dtype`` (on ``device``, if given) that the caller cannot reach (the mask owns its
+    tensors)."""
+    converted = tensor.to(device=device, dtype=dtype).contiguous()
     return converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted

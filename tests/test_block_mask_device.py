@@ -48,6 +48,39 @@ def test_device_mask_owns_copies_of_its_tensors():
     assert mask.device == torch.device("cpu") and not mask.on_host
 
 
+BUDGET_CASES = [p for p in _host_cases.pytestmark[0].args[1] if set(p[0]) == {"budgets"}]
+
+
+@pytest.mark.parametrize("budgets", [
+    [0.5, 1], (1, 0), np.array([1, 0], dtype=np.uint8), np.array([0.5, 0.25], dtype=np.float32),
+    torch.tensor([1, 0]), torch.tensor([0.5, 0.25], dtype=torch.float16), torch.tensor([0.5, 1], dtype=torch.bfloat16),
+    torch.tensor([0.5, 0.25], dtype=torch.float64)], ids=repr)
+def test_device_lists_take_budgets_as_host_lists_do(budgets):
+    """Budgets that a host mask takes (integers, other floats, a Python sequence) a device mask takes too, as the same
+    float64 values on its device (it refused all but float tensors on its device)."""
+    host = BlockMask(2, Q_OFF, KV_OFF, INDPTR, INDICES, budgets=budgets)
+    device = BlockMask(2, Q_OFF, KV_OFF, torch.tensor(INDPTR), torch.tensor(INDICES), budgets=budgets)
+    assert device.budgets.dtype == torch.float64 and device.budgets.device == device.device
+    if torch.is_tensor(budgets):
+        budgets[0] = 0                                       # the caller's tensor: the mask holds its own copy
+    np.testing.assert_array_equal(device.budgets.numpy(), host.budgets)
+
+
+def test_from_dense_of_a_torch_map_takes_a_budget_list():
+    dense = BlockMask.from_dense(torch.ones(1, 1, 1, dtype=torch.bool), 4, 4, 4, budgets=[0.5])
+    assert dense.budgets.tolist() == [0.5] and not dense.on_host
+    assert dense == BlockMask.from_dense(np.ones((1, 1, 1), dtype=bool), 4, 4, 4, budgets=[0.5])
+
+
+@pytest.mark.parametrize("changes, error, message", BUDGET_CASES + [
+    (dict(budgets=torch.tensor([True, False])), TypeError, "budgets: expected a float array, got dtype bool"),
+    (dict(budgets=torch.zeros((), dtype=torch.int8).expand(2**40)), ValueError, "budgets: expected shape")])
+def test_budgets_of_device_lists_are_checked_with_the_host_messages(changes, error, message):
+    """Host budgets are checked as a host mask's; tensors of a wrong dtype or shape before any copy."""
+    with pytest.raises(error, match=message):
+        BlockMask(2, Q_OFF, KV_OFF, torch.tensor(INDPTR), torch.tensor(INDICES), **changes)
+
+
 @st.composite
 def host_masks(draw):
     heads = draw(st.integers(1, 4))
