@@ -1520,3 +1520,35 @@ def test_stats_read_while_a_generation_adds_records_reads_a_copy():
     record.kept, record.pairs = [CountThatAddsARecord()], 16
     assert [row["density"] for row in stats.rows()] == [0.5]
     assert [row["layer"] for row in stats.rows()] == [0, 1]
+
+
+@pytest.mark.parametrize("first, second", [(6, 10), (10, 6)])
+def test_calls_of_a_step_whose_text_is_padded_to_other_lengths_each_get_their_length(first, second):
+    """Guidance as separate calls on embeddings padded to other lengths (the same valid text): the step's plan is
+    reused where its kernel takes the call's sequence, and planned again where the text is padded shorter than the
+    kernel's (it refused the shorter sequence, naming the user's inputs); each call equals the model alone."""
+    latents = torch.randn(1, 4, 8, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def data(text: int, gen: torch.Generator) -> dict:
+        return {"hidden_states": latents, "encoder_hidden_states": torch.randn(1, text, 16, generator=gen),
+                "encoder_attention_mask": torch.tensor([[1] * 4 + [0] * (text - 4)]),
+                "encoder_hidden_states_2": torch.randn(1, 4, 8, generator=gen),
+                "encoder_attention_mask_2": torch.tensor([[1, 1, 0, 0]]), "image_embeds": torch.zeros(1, 3, 8)}
+    gen = torch.Generator().manual_seed(0)
+    calls, timestep = [data(first, gen), data(second, gen)], torch.full((1,), 999.0)
+    params = dict(method="lvsa", device="cpu", num_steps=1, window=1, reference_frames=4, first_frames=1)
+    alone = []
+    for inputs in calls:
+        model = tiny_hunyuan()
+        handle = sparse.apply(model, **params)
+        with torch.no_grad():
+            alone.append(model(**inputs, timestep=timestep, return_dict=False)[0])
+        handle.remove()
+    model = tiny_hunyuan()
+    handle = sparse.apply(model, **params)
+    with torch.no_grad():
+        together = [model(**inputs, timestep=timestep, return_dict=False)[0] for inputs in calls]
+    handle.remove()
+    for got, want in zip(together, alone):
+        torch.testing.assert_close(got, want)
+    assert handle.step == 0 and [row["calls"] for row in handle.stats()] == [2, 2]

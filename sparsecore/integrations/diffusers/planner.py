@@ -293,7 +293,10 @@ class Planner:
         """The (layer, geometry)'s plan at ``step`` (made at its first call, counted at the others) and whether
         it was just made. ``seq_len``: the whole sequence's length (valid tokens plus padding)."""
         previous = self._plans.get((layer, geometry))
-        if previous is not None and previous.step == step and not previous.per_call:
+        # reused by the step's later calls, but for text padded shorter than its kernel's (guidance as separate calls
+        # on embeddings of other lengths): that kernel cannot take the shorter sequence, so such a call plans again
+        fits = previous is not None and (previous.kernel is None or previous.kernel.mask.q_len <= seq_len)
+        if fits and previous.step == step and not previous.per_call:
             previous.record.fields["calls"] += 1
             return previous, False
         del previous                                     # :meth:`_plan` decides how long the old plan lives
