@@ -59,6 +59,21 @@ def test_block_offsets_are_valid_ir_offsets_that_respect_modalities(g, block):
         assert (np.diff(offsets) <= block).all()
 
 
+@pytest.mark.parametrize("text_position", ["end", "start"])
+def test_frames_are_laid_out_row_major_like_diffusers_patchify(text_position):
+    """diffusers flattens a latent ``(F, H, W)`` row-major: x fastest, then y, then t, the text before or after."""
+    g = VideoGeometry(2, 3, 4, text_tokens=5, text_position=text_position)
+    start = 5 if text_position == "start" else 0
+    t, y, x = (a.ravel() for a in np.indices((2, 3, 4)))     # row-major: Wan's hidden_states.flatten(2)
+    tokens = start + np.arange(24)
+    assert (g.token(t, y, x) == tokens).all()
+    assert all((got == want).all() for got, want in zip(g.position(tokens), (t, y, x)))
+    assert (g.video_positions() == np.stack([t, y, x], axis=1)).all()
+    assert [int(a) for a in g.position(start + 6)] == [0, 1, 2] and g.token(1, 2, 1) == start + 12 + 8 + 1
+    text = np.arange(24, 29) if text_position == "end" else np.arange(5)
+    assert all((a == -1).all() for a in g.position(text))
+
+
 @given(geometries)
 def test_token_position_round_trip(g):
     tokens = np.arange(g.tokens)
@@ -68,6 +83,9 @@ def test_token_position_round_trip(g):
     assert (g.token(t[video], y[video], x[video]) == tokens[video]).all()
     assert (t[~video] == -1).all() and (g.frame_of(tokens)[~video] == -1).all()
     assert (g.frame_of(tokens)[video] == t[video]).all()
+    local, frame = tokens[video] - g.video_start, g.height * g.width      # row-major within each frame
+    assert (t[video] == local // frame).all() and (y[video] == local % frame // g.width).all()
+    assert (x[video] == local % g.width).all()
     positions = g.video_positions()
     assert (g.token(*positions.T) == tokens[video]).all()      # frame-major, then row-major
     if g.video_tokens > 1:

@@ -29,12 +29,21 @@ def sees(query_tile: np.ndarray, key_tile: np.ndarray, tiles: int, window: int) 
     return np.abs(centre - key_tile) <= r
 
 
+def raster_positions(geometry: VideoGeometry, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(t, y, x)`` of video tokens computed here, not by the geometry: diffusers flattens a latent ``(F, H, W)``
+    row-major (x fastest), and the video follows the text when the text comes first."""
+    local = np.asarray(tokens) - (geometry.text_tokens if geometry.text_position == "start" else 0)
+    frame = geometry.height * geometry.width
+    return local // frame, local % frame // geometry.width, local % geometry.width
+
+
 def raster_mask(geometry: VideoGeometry, tile, window) -> np.ndarray:
     """bool ``[L, L]`` in the model's order: video tokens by their tiles' windows, text rows and columns full."""
     tokens = geometry.tokens
     allowed = np.ones((tokens, tokens), dtype=bool)
-    video = np.arange(geometry.video_start, geometry.video_start + geometry.video_tokens)
-    t, y, x = geometry.position(video)
+    start = geometry.text_tokens if geometry.text_position == "start" else 0
+    video = np.arange(start, start + geometry.frames * geometry.height * geometry.width)
+    t, y, x = raster_positions(geometry, video)
     keep = np.ones((len(video), len(video)), dtype=bool)
     for coord, size, edge, width in zip((t, y, x), tile, (geometry.frames, geometry.height, geometry.width), window):
         tiles = -(-edge // size)
@@ -65,7 +74,7 @@ def test_masks_follow_the_window_token_by_token_in_the_models_order(geometry, ti
     got = in_model_order(mask, order)
     assert (got == expected[None]).all()
     offsets = np.asarray(mask.q_offsets)               # every video block is one tile's tokens: one tile id each
-    t, y, x = geometry.position(order.index[geometry.video_slice])
+    t, y, x = raster_positions(geometry, order.index[geometry.video_slice])
     grid = sta.tile_grid(geometry, tile)
     ids = (t // tile[0] * grid[1] + y // tile[1]) * grid[2] + x // tile[2]
     starts = offsets[:-1] - geometry.video_start
@@ -93,7 +102,7 @@ def test_a_strategys_heads_each_follow_their_own_window(geometry, tile, windows)
 def test_tile_order_is_fastvideos_tile_layout():
     """FastVideo's ``tile``: token (t, h, w) goes to ``((t//6 NH + h//8) NW + w//8) 384 + ((t%6) 8 + h%8) 8 + w%8``."""
     geometry = VideoGeometry(12, 16, 24)
-    t, h, w = geometry.position(np.arange(geometry.tokens))
+    t, h, w = raster_positions(geometry, np.arange(geometry.tokens))
     nh, nw = 16 // 8, 24 // 8
     place = ((t // 6 * nh + h // 8) * nw + w // 8) * 384 + ((t % 6) * 8 + h % 8) * 8 + w % 8
     order = sta.token_order(geometry)
