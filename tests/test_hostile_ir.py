@@ -183,20 +183,28 @@ def test_budgets_beside_torch_lists():
 
 
 SIZE = st.integers(1, 2**40)
+SMALL = st.integers(1, 16)
+FITTING = st.integers(1, 8).flatmap(lambda block: st.tuples(st.integers(block + 1, 2 * block),
+                                                            st.integers(block + 1, 2 * block), st.just(block)))
+HOSTILE_SIZES = st.tuples(SMALL | SIZE | NOT_INTS | st.integers(max_value=0), SMALL | SIZE,
+                          st.integers(1, 8) | NOT_INTS)
+SIZES = st.integers(0, 3).flatmap(lambda pick: FITTING if pick == 0 else HOSTILE_SIZES)
 
 
-@given(q_len=SIZE | NOT_INTS | st.integers(max_value=0), kv_len=SIZE, q_block=st.integers(1, 8) | NOT_INTS,
-       heads=st.integers(1, 4))
-def test_from_dense_checks_sizes_before_building_offsets(q_len, kv_len, q_block, heads):
-    """The issue: from_dense(..., q_len=3e8) allocated 4.6 GB before the shape error."""
+@given(sizes=SIZES, heads=st.integers(1, 4))
+def test_from_dense_checks_sizes_before_building_offsets(sizes, heads):
+    """The issue: from_dense(..., q_len=3e8) allocated 4.6 GB before the shape error. Sizes that two blocks each way
+    cover (FITTING, about a quarter of the calls) build a 2 x 2 block mask; any other call is refused."""
+    q_len, kv_len, q_block = sizes
     mask = np.ones((heads, 2, 2), dtype=bool)
     valid = isinstance(q_len, int) and not isinstance(q_len, bool) and 1 <= q_len and isinstance(q_block, int) \
         and not isinstance(q_block, bool) and -(-q_len // q_block) == 2 and -(-kv_len // q_block) == 2
     if valid:
         with bounded():
-            assert BlockMask.from_dense(mask, q_len, kv_len, q_block).num_q_blocks == 2
-        return
-    refused(lambda: BlockMask.from_dense(mask, q_len, kv_len, q_block), ("mask", "q_len", "kv_len", "q_block"))
+            built = BlockMask.from_dense(mask, q_len, kv_len, q_block)
+            assert (built.num_q_blocks, built.num_kv_blocks, built.q_len, built.kv_len) == (2, 2, q_len, kv_len)
+    else:
+        refused(lambda: BlockMask.from_dense(mask, q_len, kv_len, q_block), ("mask", "q_len", "kv_len", "q_block"))
 
 
 def test_from_dense_example_from_the_issue():
