@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hostile import bounded, refused
@@ -54,23 +54,41 @@ FIELDS = [("q_offsets", "shape"), ("q_offsets", "data_offsets"), ("indptr", "sha
           ("__metadata__", "unselected"), ("__metadata__", "format"), ("kv_offsets", None), ("__metadata__", None)]
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=150)
-@given(field=st.sampled_from(FIELDS), value=JSON_VALUES)
-def test_any_header_edit_is_refused_or_loads_a_valid_mask(good, field, value):
+HARMLESS = [(("__metadata__", "meta"), '{"method": "edited"}'), (("__metadata__", "num_heads"), "2"),
+            (("indptr", "dtype"), "I32"), (("__metadata__", "unselected"), "zeroth")]
+
+
+def edit(good: bytes, field: tuple[str, str | None], value) -> bytes:
+    """``good`` with one header entry (``key`` None) or one key of an entry set to ``value``."""
     header, buffer = parts(good)
     entry, key = field
     if key is None:
         header[entry] = value
     else:
         header[entry][key] = value
-    data = build(header, buffer)
+    return build(header, buffer)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=150)
+@given(field=st.sampled_from(FIELDS), value=JSON_VALUES)
+@example(field=HARMLESS[0][0], value=HARMLESS[0][1])                       # one that loads
+def test_any_header_edit_is_refused_or_loads_a_valid_mask(good, field, value):
+    data = edit(good, field, value)
     with bounded():
         try:
             mask = from_bytes(data, "edited")
         except ValueError as err:
             assert str(err).startswith("edited: not a valid sparsecore mask file: ")
-            return
-    assert isinstance(mask, BlockMask) and 0.0 <= mask.density() <= 1.0       # a harmless edit (e.g. meta)
+        else:                                                              # a harmless edit keeps the blocks
+            assert isinstance(mask, BlockMask) and (mask.to_dense() == sample().to_dense()).all()
+
+
+@pytest.mark.parametrize("field, value", HARMLESS, ids=[f"{e}-{k}" for (e, k), _ in HARMLESS])
+def test_harmless_header_edits_load_the_same_blocks(good, field, value):
+    mask, want = from_bytes(edit(good, field, value), "edited"), sample()
+    assert (mask.to_dense() == want.to_dense()).all()
+    assert mask.meta == (json.loads(value) if field == ("__metadata__", "meta") else want.meta)
+    assert str(mask.unselected) == (value if field == ("__metadata__", "unselected") else str(want.unselected))
 
 
 @given(claim=st.integers(2**20, 2**62))
