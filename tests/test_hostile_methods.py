@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from hostile import refused
@@ -59,8 +59,7 @@ def test_every_parameter_refuses_wrong_values(method, name, value):
 def test_unknown_parameters_are_named(method, name):
     from dataclasses import fields
     params = {"lvsa": lvsa.LVSAParams, "adaspa": adaspa.AdaSpaParams, "pasa": pasa.PASAParams}[method]
-    if name in {f.name for f in fields(params)} | {"profile"}:
-        return
+    assume(name not in {f.name for f in fields(params)} | {"profile"})
     refused(lambda: MODULES[method].session(num_steps=50, **{name: 1}), name)
 
 
