@@ -1120,9 +1120,13 @@ def test_bad_arguments_raise_with_the_field_name():
     try:
         with pytest.raises(ValueError, match="already applied"):
             sparse.apply(model, method="lvsa", device="cpu")
+        model.set_attn_processor(transformer_wan.WanAttnProcessor())   # processors replaced, hooks still on
+        with pytest.raises(ValueError, match="already applied.*hooks are on it.*call remove"):
+            sparse.apply(model, method="lvsa", device="cpu")
     finally:
         handle.remove()
     assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
+    sparse.apply(model, method="lvsa", device="cpu").remove()
 
 
 def test_a_callable_returning_a_wrong_mask_raises():

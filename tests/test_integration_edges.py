@@ -10,11 +10,13 @@ diffusers' own processor's output (CogVideoX's RoPE included).
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
 from diffusers.models.attention_dispatch import attention_backend
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from test_dense_attention import counting_op  # noqa: F401  (the fixture)
 from test_integration_diffusers import (CASES, cogvideox_inputs, forward, full_mask, oracle_output, random_mask,
@@ -76,8 +78,11 @@ def test_a_refused_processor_is_named_by_its_block_list():
     model = tiny_hunyuan_10()
     model.single_transformer_blocks[0].attn.set_processor(AttnProcessor2_0())
     with pytest.raises(TypeError, match=r"^single_transformer_blocks\[0\]\.attn\.processor: expected diffusers' "
-                                        r"HunyuanVideoAttnProcessor2_0, got AttnProcessor2_0"):
+                                        r"HunyuanVideoAttnProcessor2_0, got AttnProcessor2_0") as refused:
         sparse.apply(model, method=full_mask, device="cpu")
+    remedy = re.search(r"e\.g\. (transformer\.\S+ = \w+\(\))", str(refused.value)).group(1)
+    exec(remedy, {"transformer": model, "HunyuanVideoAttnProcessor2_0": HunyuanVideoAttnProcessor2_0})  # as told
+    sparse.apply(model, method=full_mask, device="cpu").remove()
 
 
 # ------------------------------------------------------------------ non-square grids

@@ -117,6 +117,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
+    if any(isinstance(hook, _Hook) for hook in transformer._forward_pre_hooks.values()):   # its processors replaced
+        raise ValueError("transformer: sparsecore is already applied to this model (an earlier handle's hooks are on "
+                         "it, though its processors were replaced); call remove() on the earlier handle first")
     modules = attention_modules(transformer, spec)
     strategy = params.get("mask_strategy") if method == "sta" else None
     if strategy is not None and strategy.layers != frozenset(range(len(modules))):   # another model's numbering
@@ -182,10 +185,9 @@ def attention_modules(transformer: Any, spec: ModelSpec) -> list[Any]:
         if type(processor) not in spec.processor_classes:
             names = " or ".join(c.__name__ for c in spec.processor_classes)
             raise TypeError(f"{where}.{spec.attention}.processor: expected diffusers' {names}, got "
-                            f"{type(processor).__name__}; sparsecore replaces "
-                            f"only diffusers' own processor (restore it, e.g. with "
-                            f"transformer.set_attn_processor({spec.processor_class.__name__}()), or remove the other "
-                            f"integration first)")
+                            f"{type(processor).__name__}; sparsecore replaces only diffusers' own processor (restore "
+                            f"it in each such block, e.g. transformer.{where}.{spec.attention}.processor = "
+                            f"{spec.processor_class.__name__}(), or remove the other integration first)")
         if not spec.joint_text and (getattr(module, "is_cross_attention", False)
                                     or getattr(module, "add_k_proj", None) is not None):
             raise TypeError(f"{where}.{spec.attention}: expected the self-attention of a "
