@@ -358,6 +358,31 @@ def test_a_cached_search_on_unbatched_q_keeps_the_cached_lse():
     assert later.fingerprint() == want.fingerprint()
 
 
+def test_a_handed_in_lse_is_checked_where_it_is_handed_in():
+    """The LSE kept at the dense-lse step or by a fused search given masses: a NumPy array, a wrong shape or dtype
+    raised later (or in torch, naming nothing) and an unbatched [H, L] one with unbatched q was dropped for a fresh
+    dense pass at every later search."""
+    g = VideoGeometry(4, 4, 8)
+    q, k, v = video_qkv(g, 2, 16, seed=3)
+    _, lse = sparsecore.search.dense_attention(q, k, v)
+    params = dict(warmup_steps=2, search_steps=(2, 5), block_size=16)
+    cached, fused = dict(num_steps=12, **params), adaspa.session(12, first_search="fused", **params)
+    for bad, error, match in [(lse.numpy(), TypeError, "a float32 torch tensor \\[{}, 2, 128\\].*got ndarray"),
+                              (lse.transpose(1, 2), ValueError, "\\[{}, 2, 128\\].*got \\[1, 128, 2\\] on cpu"),
+                              (lse.double(), TypeError, "float32 natural-log LSE, got torch.float64")]:
+        with pytest.raises(error, match="lse: expected " + match.format(1)):
+            adaspa.session(**cached).plan(g, 2, step=1, layer=0, q=q, k=k, lse=bad)
+        with pytest.raises(error, match="lse: expected " + match.format("B")):     # masses given, no q
+            fused.plan(g, 2, step=2, layer=0, lse=bad, mass=torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="lse: expected \\[1, 2, 128\\] on cpu.*got \\[2, 128\\]"):
+        adaspa.session(**cached).plan(g, 2, step=1, layer=0, q=q, k=k, lse=lse[0])        # q has a batch axis
+    session = adaspa.session(**cached)
+    session.plan(g, 2, step=1, layer=0, q=q[0], k=k[0], lse=lse[0])           # unbatched, as q is
+    later = session.plan(g, 2, step=2, layer=0, q=q[0], k=k[0])
+    assert later.meta["lse"] == "given"
+    assert later.fingerprint() == adaspa.plan(g, 2, step=2, layer=0, q=q, k=k, lse=lse, **params).fingerprint()
+
+
 def test_parameter_errors_name_the_field():
     g = VideoGeometry(4, 4, 4)
     with pytest.raises(TypeError, match="unknown parameter"):

@@ -67,8 +67,8 @@ from sparsecore.search import block_mass
 
 from . import causal
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple,
-                       check_layer, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
-                       geometry_meta, params_from)
+                       check_layer, check_lse, check_qk, check_scale, check_shard, check_step,
+                       fixed_block_offsets, geometry_meta, params_from)
 from .approximation import check_approximation, unselected_of, with_unselected
 from .selection import SinkLayout, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask, top_video
 
@@ -215,8 +215,8 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | Non
         step: denoising step (0-based); recorded in ``meta``.
         layer: recorded in ``meta``.
         q, k: ``[B, H, L, D]`` / ``[B, H_kv, L, D]`` (or without B) for the search.
-        lse: float32 ``[B, H, L]`` natural-log LSE of a dense pass (``kernel(..., return_lse=True)``),
-            possibly from an earlier step (cached search); None computes a fresh one.
+        lse: float32 ``[B, H, L]`` natural-log LSE of a dense pass (``kernel(..., return_lse=True)``; ``[H, L]``
+            with q, k without B), possibly from an earlier step (cached search); None computes a fresh one.
         mass: precomputed block masses ``[H, MB, NB]`` on ``block_size`` blocks instead of q, k.
         heads: a :class:`~.contract.HeadShard`: q, k, lse and mass hold only its heads, and so does the mask.
         **params: :class:`AdaSpaParams` fields.
@@ -346,7 +346,7 @@ class AdaSpaSession:
                   lse: torch.Tensor | None) -> None:
         """Keep ``lse`` for the layer's cached searches; when it was not handed over (a caller whose dense pass gave
         none), the LSE of one more dense pass over q, k."""
-        if lse is None:
+        if (lse := check_lse(lse, q, geometry, shard.size)) is None:
             q, k = check_qk(q, k, geometry, shard.size)
             lse = causal.visible_lse(q, k, geometry, self.params.scale)
         self._lse[layer], self._inputs[layer] = self._stored(lse), (geometry, shard.start, shard.stop, shard.total)
@@ -374,7 +374,7 @@ def session(num_steps: int = 50, store: str = "host", **params: Any) -> AdaSpaSe
 
 def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: Any, step: int, q: Any, k: Any,
             lse: torch.Tensor | None, mass: Any, action: str) -> Search:
-    offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
+    offsets, lse = fixed_block_offsets(geometry, shard.size, p.block_size), check_lse(lse, q, geometry, shard.size)
     blocks, lse_used, given_mass, fresh = len(offsets) - 1, lse, mass is not None, lse is None
     source = "given" if not fresh else "none" if given_mass else "fresh"       # meta["lse"]: masses given, no LSE
     if mass is None:

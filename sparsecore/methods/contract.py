@@ -256,3 +256,26 @@ def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[A
         raise ValueError(f"q, k: expected [B, {num_heads}, {geometry.tokens}, D] and [B, H_kv, {geometry.tokens}, D] "
                          f"for geometry {geometry}, got q {list(q.shape)} and k {list(k.shape)}")
     return q, k
+
+
+def check_lse(lse: Any, q: Any, geometry: VideoGeometry, num_heads: int) -> Any:
+    """A handed-in LSE as searches take it: None, or float32 ``[B, num_heads, L]`` with the batch of q
+    (``[B, num_heads, L, D]``) on its device, or ``[num_heads, L]`` (given a batch axis) where q has none or is None."""
+    import torch
+    if lse is None:
+        return None
+    unbatched = q is None or len(q.shape) == 3
+    batch = None if q is None else 1 if unbatched else q.shape[0]
+    want = f"[{batch or 'B'}, {num_heads}, {geometry.tokens}]" + (f" or [{num_heads}, {geometry.tokens}]" * unbatched)
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"lse: expected a float32 torch tensor {want} (kernel(q, k, v, return_lse=True)), got "
+                        f"{type(lse).__name__}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse: expected float32 natural-log LSE, got {lse.dtype} (use lse.float())")
+    lse = lse[None] if unbatched and lse.dim() == 2 else lse
+    device = q.device if isinstance(q, torch.Tensor) else lse.device
+    if tuple(lse.shape[1:]) != (num_heads, geometry.tokens) or lse.dim() != 3 or batch not in (None, lse.shape[0]) \
+            or lse.device != device:
+        raise ValueError(f"lse: expected {want} on {device}, the LSE over the geometry's tokens of a dense pass over "
+                         f"this q (kernel(q, k, v, return_lse=True)), got {list(lse.shape)} on {lse.device}")
+    return lse
