@@ -243,6 +243,20 @@ def test_dense_steps_and_windows_covering_the_grid_are_dense_actions():
     assert sta.session(4, window=(2, 5, 2)).action(geometry, 0, 0).dense
     assert sta.session(4, window=(1, 5, 2)).action(geometry, 0, 0).shared
 
+def test_an_even_window_one_tile_short_of_an_axis_spans_it_and_is_dense():
+    """An even window of n - 1 tiles spans n (FastVideo's kernels): on every axis, the whole grid; the action was
+    "plan" and ran a sparse kernel on a mask keeping every block."""
+    geometry = VideoGeometry(5, 5, 5)                                     # 5 x 5 x 5 tiles of one token
+    assert sta.session(10, window=(4, 4, 4), tile=(1, 1, 1)).action(geometry, 3, 0).dense
+    assert sta.session(10, window=(4, 5, 4), tile=(1, 1, 1)).action(geometry, 3, 0).dense
+    assert not sta.session(10, window=(4, 3, 4), tile=(1, 1, 1)).action(geometry, 3, 0).dense
+    strategy = {"0_0_0": [4, 4, 4], "0_0_1": [5, 6, 4]}
+    assert sta.session(1, tile=(1, 1, 1), mask_strategy=strategy).action(geometry, 0, 0).dense
+    mixed = sta.session(1, tile=(1, 1, 1), mask_strategy={**strategy, "0_0_1": [2, 5, 5]})
+    assert not mixed.action(geometry, 0, 0).dense
+    assert mixed.plan(geometry, 2, step=0, layer=0).meta["head_windows"] == ((5, 5, 5), (3, 5, 5))
+
+
 
 def token_provider(tile, window, second=None):
     """The oracle's masks: STA's rule in the model's order, one-token blocks (independent of the tile order); with

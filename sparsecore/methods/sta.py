@@ -135,6 +135,12 @@ def span(tiles: int, window: int) -> int:
     return tiles if window >= tiles else 2 * (window // 2) + 1
 
 
+def head_spans(windows: Any, grid: tuple[int, int, int]) -> np.ndarray:
+    """int64 ``[heads, 3]``: :func:`span` of every head's window (``[heads, 3]``) along each axis of ``grid``, at once
+    (an even window's next odd one is at most the axis: ``min(n, 2 (w // 2) + 1)``)."""
+    return np.minimum(np.asarray(grid), np.asarray(windows, dtype=np.int64).reshape(-1, 3) // 2 * 2 + 1)
+
+
 def axis_window(tiles: int, window: int) -> np.ndarray:
     """bool ``[tiles, tiles]``: query tile ``q`` sees key tile ``j`` along one axis (module docstring)."""
     if window >= tiles:
@@ -162,8 +168,9 @@ def check_blocks(geometry: VideoGeometry, tile: tuple[int, int, int], num_heads:
                          f"released) or plan fewer heads at a time (heads=HeadShard(...))")
 
 
-def covers_grid(window: tuple[int, int, int], grid: tuple[int, int, int]) -> bool:
-    return all(k >= n for k, n in zip(window, grid))
+def covers_grid(windows: Any, grid: tuple[int, int, int]) -> bool:
+    """Every head's window spans every tile of every axis (an even window of ``n - 1`` tiles spans ``n``)."""
+    return bool((head_spans(windows, grid) == np.asarray(grid)).all())
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int | None = None, q: Any = None,
@@ -228,7 +235,7 @@ class STASession:
         check_blocks(geometry, self.params.tile, 1)
         self._check_strategy_layer(layer)                  # a layer the strategy lacks: refused at step 0
         grid = tile_grid(geometry, self.params.tile)
-        if step < self.params.dense_steps or all(covers_grid(w, grid) for w in self.windows(step, layer)):
+        if step < self.params.dense_steps or covers_grid(self.windows(step, layer), grid):
             return StepAction("dense", dense=True, plans=False)
         uniform = self.params.mask_strategy is None       # one mask for every layer, else one per (step, layer),
         return StepAction("plan", dense=False, plans=True, shared=uniform, per_call=not uniform,   # run per window
@@ -250,7 +257,7 @@ class STASession:
             raise ValueError(f"mask_strategy: step {step} layer {layer} gives {len(windows)} heads' windows, the "
                              f"model has {num_heads} heads; pass a strategy written for this model")
         grid = tile_grid(geometry, self.params.tile)
-        windows = tuple(tuple(span(n, w) for w, n in zip(window, grid)) for window in windows[shard.start:shard.stop])
+        windows = tuple(map(tuple, head_spans(windows[shard.start:shard.stop], grid).tolist()))
         check_blocks(geometry, self.params.tile, len(windows))
         return self._kept(self._masks, (geometry, windows), lambda: self._heads_mask(geometry, windows), MASKS_KEPT)
 
