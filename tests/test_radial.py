@@ -137,6 +137,17 @@ def test_dense_steps_and_layers_and_full_patterns_are_dense_actions():
     assert session.action(VideoGeometry(2, 10, 20), 3, 2).dense       # two frames: every pair adjacent
 
 
+def test_plan_is_dense_at_the_dense_steps_and_layers_as_the_sessions_action_says():
+    """radial.plan took dense_steps and dense_layers and returned the radial mask where its session says dense."""
+    geometry, params = VideoGeometry(8, 8, 16), dict(dense_steps=12, dense_layers=1, block_size=32)
+    session = radial.session(50, **params)
+    for step, layer in ((3, 2), (30, 0)):
+        assert session.action(geometry, step, layer).dense
+        mask = radial.plan(geometry, 2, step=step, layer=layer, **params)
+        assert mask.density() == 1.0 and mask.num_heads == 2 and mask.meta["action"] == "dense"
+    assert radial.plan(geometry, 2, step=12, layer=1, **params).density() < 1
+
+
 @pytest.mark.parametrize("params, error, match", [
     ({"decay_factor": 0}, ValueError, "decay_factor"), ({"decay_factor": "1"}, TypeError, "decay_factor"),
     ({"sink": 1}, TypeError, "sink"), ({"dense_steps": -1}, ValueError, "dense_steps"),

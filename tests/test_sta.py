@@ -243,6 +243,7 @@ def test_dense_steps_and_windows_covering_the_grid_are_dense_actions():
     assert sta.session(4, window=(2, 5, 2)).action(geometry, 0, 0).dense
     assert sta.session(4, window=(1, 5, 2)).action(geometry, 0, 0).shared
 
+
 def test_an_even_window_one_tile_short_of_an_axis_spans_it_and_is_dense():
     """An even window of n - 1 tiles spans n (FastVideo's kernels): on every axis, the whole grid; the action was
     "plan" and ran a sparse kernel on a mask keeping every block."""
@@ -256,6 +257,17 @@ def test_an_even_window_one_tile_short_of_an_axis_spans_it_and_is_dense():
     assert not mixed.action(geometry, 0, 0).dense
     assert mixed.plan(geometry, 2, step=0, layer=0).meta["head_windows"] == ((5, 5, 5), (3, 5, 5))
 
+
+def test_plan_is_dense_at_the_dense_steps_as_the_sessions_action_says():
+    """sta.plan took dense_steps, recorded the step in its place and returned the windows' mask at a dense step."""
+    geometry = VideoGeometry(8, 8, 16)
+    assert sta.session(50, dense_steps=12, tile=(2, 4, 4)).action(geometry, 3, 0).dense
+    dense = sta.plan(geometry, 2, step=3, dense_steps=12, tile=(2, 4, 4))
+    assert dense.density() == 1.0 and dense.num_heads == 2 and dense.meta["action"] == "dense"
+    assert dense.meta["params"]["dense_steps"] == 12
+    sparse = sta.plan(geometry, 2, step=12, dense_steps=12, tile=(2, 4, 4), window=(1, 1, 1))
+    assert sparse.density() < 1 and sparse.meta["params"]["dense_steps"] == 12
+    assert sta.plan(geometry, 2, step=3, layer=0, dense_steps=4, mask_strategy={"9_0_0": [1, 1, 1]}).density() == 1
 
 
 def token_provider(tile, window, second=None):

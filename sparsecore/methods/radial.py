@@ -50,7 +50,7 @@ from sparsecore.ir.validation import check_int, frozen
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
                        check_layer, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
-from .selection import shared_mask
+from .selection import dense_mask, shared_mask
 
 METHOD = "radial"
 PAPER = "arXiv:2506.19852"
@@ -177,10 +177,18 @@ def _block_map(geometry: VideoGeometry, p: RadialParams) -> tuple[np.ndarray, np
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int | None = None, q: Any = None,
          k: Any = None, heads: HeadShard | None = None, **params: Any) -> BlockMask:
-    """The Radial Attention mask (the same at every step, layer and head; ``q``, ``k`` unused); ``**params``:
+    """The Radial Attention mask (the same at every step, layer and head; ``q``, ``k`` unused), or at the dense steps
+    and layers dense attention's (frame-sized blocks), as the session's action says; ``**params``:
     :class:`RadialParams` fields."""
-    step = check_step(step)
-    return RadialSession(step + 1, **params).plan(geometry, num_heads, step=step, layer=layer, heads=heads)
+    step, layer = check_step(step), check_layer(layer)
+    session = RadialSession(step + 1, **params)
+    if session.dense_at(step, layer):
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
+        check_bidirectional(geometry, PATTERN)
+        return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
+                                                 "action": "dense", "params": vars(session.params),
+                                                 "geometry": geometry_meta(geometry)})
+    return session.plan(geometry, num_heads, step=step, layer=layer, heads=heads)
 
 
 class RadialSession:
@@ -199,9 +207,13 @@ class RadialSession:
         layer = check_layer(layer)
         check_geometry(geometry, 1)
         full = _block_map(geometry, self.params)[2]   # refuses a geometry at the first step, dense or not
-        if full or step < self.params.dense_steps or (layer is not None and layer < self.params.dense_layers):
+        if full or self.dense_at(step, layer):
             return StepAction("dense", dense=True, plans=False)
         return StepAction("plan", dense=False, plans=True, shared=True)
+
+    def dense_at(self, step: int, layer: int | None) -> bool:
+        """The step is one of the dense steps or the layer one of the dense layers."""
+        return step < self.params.dense_steps or (layer is not None and layer < self.params.dense_layers)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
              q: Any = None, k: Any = None, lse: Any = None, mass: Any = None,

@@ -45,6 +45,7 @@ from sparsecore.ordering import TokenOrder
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_shard,
                        check_step, geometry_meta, params_from)
+from .selection import dense_mask
 from .sta_strategy import read_strategy, triple
 
 METHOD = "sta"
@@ -175,11 +176,20 @@ def covers_grid(windows: Any, grid: tuple[int, int, int]) -> bool:
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int | None = None, q: Any = None,
          k: Any = None, heads: HeadShard | None = None, **params: Any) -> BlockMask:
-    """The STA mask over :func:`token_order`'s order (``q``, ``k`` unused); ``**params``: :class:`STAParams`
-    fields. Run it on q, k, v gathered into that order and scatter the output back."""
-    step = check_step(step)
-    one_step = {**params, "dense_steps": step}             # a strategy needs windows for this step only
-    return STASession(step + 1, **one_step).plan(geometry, num_heads, step=step, layer=layer, heads=heads)
+    """The STA mask over :func:`token_order`'s order (``q``, ``k`` unused), or at a step below ``dense_steps``, as
+    the session's action says, a dense mask (frame-sized blocks: the same attention in any token order);
+    ``**params``: :class:`STAParams` fields. Run it on q, k, v gathered into that order and scatter the output back."""
+    step, layer = check_step(step), check_layer(layer)
+    p = params_from(STAParams, METHOD, params)                    # a strategy's file read once
+    if step < p.dense_steps:
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
+        check_bidirectional(geometry, PATTERN)
+        return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
+                                                 "action": "dense", "params": p.summary(),
+                                                 "geometry": geometry_meta(geometry)})
+    one_step = STASession(step + 1, **{**vars(p), "dense_steps": step})   # a strategy needs windows for this step only
+    one_step.params = p                                                  # its masks' meta: the dense_steps asked for
+    return one_step.plan(geometry, num_heads, step=step, layer=layer, heads=heads)
 
 
 class STASession:
