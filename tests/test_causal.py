@@ -152,6 +152,22 @@ def test_an_approximation_under_causal_frames_is_refused_naming_the_remedy():
         pasa.plan(geometry, 4, step=25, layer=2, q=q, k=k, block_size=8)
     with pytest.raises(ValueError, match="approximation: zeroth"):
         lvsa.plan(geometry, 4, step=7, window=1, first_frames=1, reference_frames=2, approximation="zeroth")
+    with pytest.raises(ValueError, match="approximation: grouped-first-order:32"):     # before any scoring: no q
+        pasa.plan(geometry, 4, step=25, layer=2, block_size=8)
+
+
+def test_an_approximation_where_the_causal_block_holds_every_frame_is_planned():
+    """frames <= causal_frames hides nothing (causal.restrict takes such masks): PASA's default approximation was
+    refused there after the scoring, now the mask is the one of the same geometry without causal frames."""
+    causal_geometry, plain = VideoGeometry(2, 4, 8, causal_frames=4), VideoGeometry(2, 4, 8)
+    q, k = qk(plain)
+    got = pasa.plan(causal_geometry, 4, step=30, layer=1, q=q, k=k, block_size=16)
+    want = pasa.plan(plain, 4, step=30, layer=1, q=q, k=k, block_size=16)
+    assert str(got.unselected) == "grouped-first-order:32" and got.unselected == want.unselected
+    np.testing.assert_array_equal(expand_to_tokens(got), expand_to_tokens(want))
+    assert causal.restrict(got, causal_geometry) is got
+    one_block = dict(window=1, first_frames=1, reference_frames=1, approximation="zeroth")
+    assert lvsa.plan(VideoGeometry(8, 2, 4, causal_frames=8), 2, step=7, **one_block).unselected.kind == "zeroth"
 
 
 # ------------------------------------------------------------------ restrict, kernels

@@ -202,7 +202,7 @@ def search(mass: torch.Tensor, geometry: VideoGeometry, offsets: Any, p: AdaSpaP
     meta.update(head_sparsity=summary[-2 * shard.total:-shard.total], base_recall=summary[-shard.total:])
     mask = sink_mask(rows_from_top(top, layout, keep), layout, offsets, int(summary[0]),
                      1.0 - sparsities[shard.start:shard.stop], meta)
-    return with_unselected(mask, unselected_of(p.approximation, 32), geometry.causal_frames)
+    return with_unselected(mask, unselected_of(p.approximation, 32), geometry)
 
 
 def plan(geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None, q: Any = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, Unselected
 from sparsecore.ir.host_facts import share_host_facts
 
@@ -39,16 +40,22 @@ def unselected_of(approximation: str, group_size: int) -> Unselected:
     return Unselected(kind)
 
 
-def with_unselected(mask: BlockMask, unselected: Unselected, causal_frames: int = 0) -> BlockMask:
-    """``mask`` with its unlisted blocks treated as ``unselected`` (the lists are shared, not copied).
+def check_causal(unselected: Unselected, geometry: VideoGeometry) -> None:
+    """Refuse an approximation where ``geometry``'s causal frames hide blocks (it has more frames than one causal block,
+    as :func:`.causal.restrict` refuses): only ``"drop"`` is exact there, an approximation would add every unlisted
+    block, the ones a row may not see included."""
+    if unselected.kind != "drop" and geometry.causal_frames and geometry.frames > geometry.causal_frames:
+        raise ValueError(f"approximation: {unselected} would add every block a row does not list to its softmax, "
+                         f"the later causal blocks (of {geometry.causal_frames} frames) it may not see included; pass "
+                         f"approximation='drop' for a frame-causal geometry of {geometry.frames} frames")
 
-    Under frame-causal attention (``causal_frames`` > 0) only ``"drop"`` is exact: an approximation would add every
-    unlisted block, the ones a row may not see included."""
+
+def with_unselected(mask: BlockMask, unselected: Unselected, geometry: VideoGeometry | None = None) -> BlockMask:
+    """``mask`` with its unlisted blocks treated as ``unselected`` (the lists are shared, not copied); refused where
+    ``geometry`` (the mask's) hides blocks (:func:`check_causal`)."""
     if mask.unselected == unselected:
         return mask
-    if causal_frames:
-        raise ValueError(f"approximation: {unselected} would add every block a row does not list to its softmax, "
-                         f"the later causal blocks (of {causal_frames} frames) it may not see included; pass "
-                         f"approximation='drop' for a frame-causal geometry")
+    if geometry is not None:
+        check_causal(unselected, geometry)
     return share_host_facts(BlockMask.unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr,
                                                 mask.indices, mask.budgets, mask.meta, unselected), mask)

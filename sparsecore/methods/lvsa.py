@@ -285,7 +285,7 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
             "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
             "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
     mask = shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
-    return mask if pattern.dense else with_unselected(mask, unselected_of(p.approximation, 32), geometry.causal_frames)
+    return mask if pattern.dense else with_unselected(mask, unselected_of(p.approximation, 32), geometry)
 
 
 class LVSASession:

@@ -81,7 +81,7 @@ from sparsecore.ir.validation import check_int
 from sparsecore.noise import GumbelNoise, head_keys
 
 from . import causal
-from .approximation import check_approximation, unselected_of, with_unselected
+from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer, check_qk,
                        check_scale, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 from .selection import (Selection, SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz,
@@ -340,6 +340,8 @@ class PASASession:
                 "params": p.meta(), "geometry": geometry_meta(geometry), "action": action.label}
         if action.dense:
             return dense_mask(geometry, shard.size, meta)
+        unselected = unselected_of(p.approximation, p.group_size)
+        check_causal(unselected, geometry)                  # before the scores: refused whatever they are
         offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
         q, k = check_qk(q, k, geometry, shard.size)
         layout = SinkLayout.of(geometry, offsets)
@@ -347,7 +349,6 @@ class PASASession:
         noise = GumbelNoise(head_keys(shard.heads, p.seed, layer, step, scores.device), p.noise_scale) \
             if p.noise_scale > 0 else None
         budgets = torch.full((shard.size,), rho, dtype=torch.float64, device=scores.device)
-        unselected = unselected_of(p.approximation, p.group_size)
         if geometry.causal_frames:
             selection, nnz, keep = _causal_selection(scores, geometry, offsets, layout, rho, noise)
         else:
@@ -357,7 +358,7 @@ class PASASession:
         del scores                                          # 4 bytes a block pair: freed before the lists are built
         mask = sink_mask(selection, layout, offsets, nnz, budgets,
                          {**meta, "keep_blocks": keep, "unselected": str(unselected)})
-        return with_unselected(mask, unselected, geometry.causal_frames)
+        return with_unselected(mask, unselected, geometry)
 
 
 def _causal_selection(scores: torch.Tensor, geometry: VideoGeometry, offsets: np.ndarray, layout: SinkLayout,
