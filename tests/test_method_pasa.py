@@ -150,6 +150,11 @@ def test_calibration_record_save_load_average(tmp_path):
     assert twice.values[1:].tolist() == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="no recorded change"):
         pasa.CurvatureRecorder(3).profile()
+    for bad in (torch.tensor([0.0, float("nan")]), torch.tensor([float("-inf"), 0.0]), torch.tensor([1e300, 0.0])):
+        recorder = pasa.CurvatureRecorder(3)                 # a NaN change was kept, and profile() blamed the order
+        recorder.record(0, torch.zeros(2))
+        with pytest.raises(ValueError, match="velocity: expected finite values at step 1, got NaN or inf"):
+            recorder.record(1, bad.double())
     # every bad file names itself (some raised bare TypeErrors or an OverflowError)
     for bad in ("{}", '{"l1_change": 5}', '{"l1_change": ["a", 1]}', '{"l1_change": [{"a": 1}]}',
                 '{"l1_change": [true]}', "[1, 2]", '{"l1_change": [null, -1]}', '{"l1_change": []}',

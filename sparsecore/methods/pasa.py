@@ -195,6 +195,10 @@ class CurvatureRecorder:
             raise TypeError(f"velocity: expected the model's velocity prediction as a tensor, got "
                             f"{type(velocity).__name__}")
         velocity = velocity.detach().float()
+        if not bool(torch.isfinite(velocity).all()):
+            raise ValueError(f"velocity: expected finite values at step {step}, got NaN or inf (or values past "
+                             f"float32's range); calibrate on a run whose velocity predictions are finite (check the "
+                             f"model and its dtype at this step)")
         if self._previous is not None and self._previous[0] == step - 1:
             if self._previous[1].shape != velocity.shape:
                 raise ValueError(f"velocity: expected shape {list(self._previous[1].shape)} as at step {step - 1}, "
