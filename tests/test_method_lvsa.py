@@ -163,12 +163,18 @@ def test_planning_121_frames_is_fast():
     assert min(times) < 0.5                   # loose guard against blowups; bench/fidelity.py reports the time
 
 
-def test_session_reuses_one_mask_per_rotation_offset():
+def test_session_keeps_the_mask_of_the_current_anchors_only():
+    """Every layer shares the step's mask and steps with the same anchors share it (docs/methods.md); an earlier
+    rotation's mask is not kept (it could keep its device lists), so its anchors coming back build it again."""
     session = lvsa.session(num_steps=50)
     g = VideoGeometry(61, 2, 2)
     m0 = session.plan(g, 2, step=4, layer=0)
     assert session.plan(g, 2, step=4, layer=9) is m0
     assert session.plan(g, 2, step=5, layer=0) != m0
+    again = session.plan(g, 2, step=4 + m0.meta["anchor_interval"], layer=0)
+    assert again.meta["anchors"] == m0.meta["anchors"] and again is not m0 and again.fingerprint() == m0.fingerprint()
+    fixed = lvsa.session(num_steps=50, rotate=False)
+    assert fixed.plan(g, 2, step=4, layer=0) is fixed.plan(g, 2, step=30, layer=3)
     assert (m0.meta["step"], m0.meta["layer"], m0.meta["planned_at_step"]) == (None, None, 4)   # shared: no one step
     with pytest.raises(ValueError, match="step"):
         session.plan(g, 2, step=50)

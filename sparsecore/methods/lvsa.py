@@ -289,11 +289,11 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
 
 
 class LVSASession:
-    """Per-run LVSA state: the masks of the current rotation offsets, shared by every layer.
+    """Per-run LVSA state: the mask of the current anchors, shared by every layer.
 
-    LVSA needs no per-layer cache (the pattern depends on the step only); the session
-    memoizes the mask by (geometry, heads, anchors) so each step builds one mask, and the
-    compile cache uploads each pattern to the device once.
+    LVSA needs no per-layer cache (the pattern depends on the step only); the session keeps the last mask by
+    (geometry, heads, anchors), so each step builds at most one mask and steps with the same anchors share it, and the
+    compile cache uploads it to the device once. It keeps no earlier rotation's mask: each can keep its device lists.
     """
 
     method = METHOD
