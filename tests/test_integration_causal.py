@@ -300,3 +300,14 @@ def test_an_interrupted_forward_leaves_the_models_causal_setting_to_the_next_for
         else:
             forward(model, inputs, 999.0)
             assert handle.geometry.causal_frames == 2 and model.config.num_frame_per_block == 2
+
+
+@pytest.mark.parametrize("causal_frames, kept", [(1, False), (2, True), (4, True)])
+def test_pasas_default_approximation_is_dropped_only_where_causal_frames_hide_blocks(causal_frames, kept):
+    """The integration plans PASA with 'drop' on a frame-causal geometry only where a causal block hides later frames
+    (more frames than one block, as methods.approximation.check_causal refuses); otherwise its default stays."""
+    from sparsecore.integrations.diffusers.planner import Planner
+    from sparsecore.integrations.diffusers.stats import Stats
+    planner = Planner("pasa", {}, "cpu", None, 4, Stats())
+    approximation = planner.approximation(VideoGeometry(2, 8, 8, causal_frames=causal_frames))
+    assert approximation.startswith("grouped-first-order") if kept else approximation == "drop"

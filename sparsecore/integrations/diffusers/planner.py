@@ -153,8 +153,8 @@ class Planner:
                 found = CallableSession(self.method, self.num_steps)
             else:
                 params = self.params
-                if geometry.causal_frames and self.method == "pasa" and "approximation" not in params:
-                    # PASA's default approximation is not exact under frame-causal attention
+                if geometry.frames > geometry.causal_frames > 0 and self.method == "pasa" and \
+                        "approximation" not in params:  # PASA's default is not exact where causal frames hide blocks
                     params = {**params, "approximation": "drop"}
                 found = SESSIONS[self.method](num_steps=self.num_steps, **params)
             self._sessions[geometry] = found
