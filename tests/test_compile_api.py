@@ -17,7 +17,8 @@ from sparsecore import BlockMask, Capabilities, UnsupportedError
 from sparsecore import registry
 from sparsecore.search import dense_attention
 
-from oracle import expand_to_tokens
+from host_reads import HostReads
+from oracle import dense_attention as oracle_attention, expand_to_tokens
 
 
 def mask() -> BlockMask:
@@ -109,6 +110,27 @@ def test_small_chunks_give_the_same_result():
     whole = sparsecore.compile(m, device="cpu")(q, k, v)
     chunked = sparsecore.compile(m, device="cpu", chunk_elements=1)(q, k, v)
     assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_a_portable_call_reads_nothing_back_to_the_host(return_lse):
+    """The portable call writes each chunk's rows back through integer positions built with the schedule: it selected
+    them with the boolean validity mask, a ``nonzero`` that waits for a GPU, once per chunk and twice per batch element
+    and chunk (20 chunks here: 100 reads a call with the LSE). Its result still equals float64 dense attention."""
+    keep = np.random.default_rng(0).random((4, 6, 6)) < 0.4
+    keep[:, :, 0] = True
+    m = BlockMask.from_dense(keep, q_len=6 * 64 - 5, kv_len=6 * 64 - 5, q_block=64)    # a short last block
+    kernel = sparsecore.compile(m, device="cpu", backend="portable", chunk_elements=1 << 14)
+    q, k, v = tensors(heads=4, kv_heads=2, q_len=m.q_len, kv_len=m.kv_len, dim=80)
+    q, k, v = (torch.cat([t, -t]) for t in (q, k, v))                                   # batch 2
+    kernel(q, k, v, return_lse=return_lse)                                              # builds the plan
+    with HostReads() as reads:
+        got = kernel(q, k, v, return_lse=return_lse)
+    assert reads.calls == []
+    want = oracle_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(m), 80 ** -0.5)
+    np.testing.assert_allclose((got[0] if return_lse else got).numpy(), want[0], atol=1e-5)
+    if return_lse:
+        np.testing.assert_allclose(got[1].numpy(), want[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("call, error, message", [

@@ -87,7 +87,8 @@ class Chunk:
 
     heads: torch.Tensor        # int64 [R]
     q_tokens: torch.Tensor     # int64 [R, QB]: query positions (padding repeats a valid one)
-    q_valid: torch.Tensor      # bool  [R, QB]
+    q_rows: torch.Tensor       # int64 [N]: the valid query rows' flat positions in [H * q_len]
+    q_slots: torch.Tensor      # int64 [N]: where each of them sits in the flat [R * QB] result
     kv_tokens: torch.Tensor    # int64 [R, L]: key positions (padding repeats the row's first kept token)
     kv_valid: torch.Tensor     # bool  [R, L]
     padded: bool               # whether any kv_valid entry is False
@@ -140,9 +141,11 @@ def _chunk(mask: BlockMask, rows: np.ndarray, keys: tuple[torch.Tensor, torch.Te
     offsets = np.arange(int(q_sizes.max()))[None, :]
     q_valid = offsets < q_sizes[:, None]
     q_tokens = first[:, None] + np.where(q_valid, offsets, 0)
-    put = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
+    q_slots = np.flatnonzero(q_valid)           # integer positions: a call writes back without a boolean mask's sync
+    q_rows = (heads[:, None] * mask.q_len + q_tokens).reshape(-1)[q_slots]
+    put = lambda a: torch.from_numpy(np.array(a, dtype=np.int64)).to(device)  # noqa: E731
     kv_tokens, kv_valid = keys
-    return Chunk(put(heads.astype(np.int64)), put(q_tokens.astype(np.int64)), put(q_valid), kv_tokens, kv_valid,
+    return Chunk(put(heads), put(q_tokens), put(q_rows), put(q_slots), kv_tokens, kv_valid,
                  not bool(kv_valid.all()))
 
 
@@ -205,7 +208,6 @@ def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.T
     for chunk in chunks:
         q_index = chunk.heads[:, None] * q_len + chunk.q_tokens                # [R, QB]
         kv_index = (chunk.heads // group)[:, None] * kv_len + chunk.kv_tokens  # [R, L]
-        valid_rows = q_index[chunk.q_valid]
         for b in range(batch):
             queries = q_flat[b, q_index].to(compute)                            # [R, QB, D]
             keys = k_flat[b, kv_index].to(compute)                              # [R, L, D]
@@ -213,9 +215,9 @@ def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.T
             if chunk.padded:            # a padding slot's weight is 0, and 0 * inf is NaN: zero its value too
                 values = values.masked_fill(~chunk.kv_valid[..., None], 0)
             result, row_lse = _attend(queries, keys, values, chunk.kv_valid, chunk.padded, scale, return_lse)
-            out[b, valid_rows] = result[chunk.q_valid].to(out_dtype)
+            out[b, chunk.q_rows] = result.reshape(-1, head_dim)[chunk.q_slots].to(out_dtype)
             if return_lse:
-                lse[b, valid_rows] = row_lse[chunk.q_valid].to(lse_dtype)
+                lse[b, chunk.q_rows] = row_lse.reshape(-1)[chunk.q_slots].to(lse_dtype)
     if not chunks and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # no row lists a block: zeros, still a function of q, k, v for autograd (gradient 0); sums over an empty
         # slice, so a NaN input does not reach them
