@@ -40,7 +40,7 @@ from sparsecore.ir import BlockMask, Unselected
 from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.uploads import queued
 
-PIECE_TOKENS = 2048          # widest piece of the key sequence one gather takes (bounds padding)
+PIECE_TOKENS = 2048          # widest piece of the key sequence one gather takes
 CHUNK_ELEMENTS = 1 << 24     # default working set of the pass: query rows x (blocks + group terms) per chunk
 
 ExactRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, torch.Tensor]"]
@@ -63,9 +63,25 @@ class _Pieces:
     members: torch.Tensor    # int64 [S, M]: the pieces of each segment, padded with P (a zero piece)
 
 
+def _width(sizes: np.ndarray) -> int:
+    """The piece width with the least padded work for segments of ``sizes``: the gathered slots (pieces x width)
+    plus the slots of the segment sums (segments x most pieces of one segment).
+
+    Tried: the smallest size, the widest (at most :data:`PIECE_TOKENS`) and the powers of two between; at the
+    smallest size the gathered slots stay below twice the tokens, so a wide segment among small ones (a text block
+    after frame blocks) is cut into pieces instead of every segment being padded to its width. Ties go to the widest.
+    """
+    low, high = int(sizes.min()), int(min(PIECE_TOKENS, sizes.max()))
+    powers = 2 ** np.arange(low.bit_length(), high.bit_length())
+    widths = np.unique(np.concatenate([[low, high], powers[powers < high]]))[::-1]
+    pieces = -(-sizes[None, :] // widths[:, None])              # [widths, S]
+    work = pieces.sum(axis=1) * widths + len(sizes) * pieces.max(axis=1)
+    return int(widths[np.argmin(work)])
+
+
 def _pieces(offsets: np.ndarray, device: torch.device) -> _Pieces:
     sizes = np.diff(offsets)
-    width = int(min(PIECE_TOKENS, sizes.max()))
+    width = _width(sizes)
     count = -(-sizes // width)                              # pieces per segment
     segment = np.repeat(np.arange(len(sizes)), count)
     first = np.cumsum(count) - count

@@ -21,7 +21,7 @@ from sparsecore.workloads import video_qkv
 def test_a_non_finite_first_token_stays_in_its_own_block(kind):
     """Pieces shorter than the widest read token 0 in their padding: an inf there made NaN in every other block's
     statistics (inf * 0), so rows that list block 0 and approximate others were NaN where dense attention is not."""
-    offsets = np.array([0, 5, 8, 20])                                # pieces of 12 tokens: blocks 0 and 1 padded
+    offsets = np.array([0, 5, 8, 20])                                # pieces of 4 tokens: blocks 0 and 1 padded
     unselected = Unselected.parse(kind)
     rng = np.random.default_rng(4)
     k, v = rng.standard_normal((2, 1, 1, 20, 4))
@@ -57,6 +57,29 @@ def test_statistics_match_the_token_level_terms(monkeypatch, kind, piece_tokens)
                 assert stats.group_matrices is None
                 continue
             got = sizes[:, None, None] * stats.group_matrices[b, h][stats.group_of_block].numpy()
+            np.testing.assert_allclose(got, h_hat, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["zeroth", "global-first-order", "grouped-first-order:4"])
+def test_one_wide_block_among_small_ones_is_cut_into_pieces(kind):
+    """40 blocks of 8 tokens and a text block of 128: the statistics gathered every block padded to the widest
+    (5,248 slots for 448 tokens; 31x at 1,000 blocks of 64 and 2,048 text tokens). The plan's pieces now hold at most
+    twice the tokens, and k̄, ΣV and Ĥ still equal the token-level terms."""
+    offsets = np.append(np.arange(0, 321, 8), 448)
+    unselected = Unselected.parse(kind)
+    rng = np.random.default_rng(5)
+    k, v = rng.standard_normal((2, 1, 2, 448, 8))
+    plan = approximation.StatisticsPlan.build(offsets, unselected, torch.device("cpu"))
+    for pieces in (p for p in (plan.blocks, plan.groups) if p is not None):
+        assert pieces.tokens.numel() <= 2 * 448
+    stats = approximation.statistics(torch.from_numpy(k), torch.from_numpy(v), plan)
+    sizes = np.diff(offsets)
+    for h in range(2):
+        mean_key, value_sum, h_hat = block_terms(k[0, h], v[0, h], offsets, unselected.kind, unselected.group_blocks)
+        np.testing.assert_allclose(stats.key_means[0, h].numpy(), mean_key, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats.value_sums[0, h].numpy(), value_sum, rtol=1e-12, atol=1e-12)
+        if stats.group_matrices is not None:
+            got = sizes[:, None, None] * stats.group_matrices[0, h][stats.group_of_block].numpy()
             np.testing.assert_allclose(got, h_hat, rtol=1e-10, atol=1e-12)
 
 
