@@ -33,12 +33,20 @@ def masked_dense_attention(mask: BlockMask, q, k, v, scale: float) -> tuple[np.n
     weights = np.where(tokens.any(axis=-1, keepdims=True), weights, 0.0)   # no key: 0; a NaN input stays NaN
     finite = np.isfinite(values)
     out = weights @ np.where(finite, values, 0.0)   # a token's weight is 0 where its row does not attend, 0 * inf NaN
-    if not finite.all():                            # so a non-finite value reaches the rows that attend it, only
-        attends = tokens.astype(np.float64)
-        pos, neg, nan = (attends @ found.astype(np.float64) > 0 for found in
-                         (values == np.inf, values == -np.inf, np.isnan(values)))
-        out = np.where(nan | (pos & neg), np.nan, np.where(pos, np.inf, np.where(neg, -np.inf, out)))
+    if not finite.all():                            # so a non-finite value reaches the rows that attend it, only,
+        out = _non_finite_values(out, weights, tokens, values)                 # as in dense attention
     return out, lse
+
+
+def _non_finite_values(out: np.ndarray, weights: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``out`` with the terms ``weight * value`` of the non-finite values of the tokens each row attends, as dense
+    attention forms them: a positive weight times +-inf is +-inf, a zero weight times an inf and anything times NaN
+    are NaN, +inf plus -inf is NaN; a row that is NaN already (a NaN weight) stays NaN."""
+    positive, zero = ((found & tokens).astype(np.float64) for found in (weights > 0, weights == 0))
+    reaches = lambda rows, found: rows @ found.astype(np.float64) > 0  # noqa: E731
+    pos, neg = reaches(positive, values == np.inf), reaches(positive, values == -np.inf)
+    nan = reaches(tokens.astype(np.float64), np.isnan(values)) | reaches(zero, np.isinf(values)) | (pos & neg)
+    return np.where(nan | np.isnan(out), np.nan, np.where(pos, np.inf, np.where(neg, -np.inf, out)))
 
 
 def to_numpy64(x) -> np.ndarray:

@@ -158,3 +158,25 @@ def test_the_cli_yardstick_matches_the_oracle_and_keeps_a_nan_row_nan():
     assert rows.any() and (~rows).any()
     assert (out[0, :2, :, 1][rows] == np.inf).all() and np.isnan(out[0, :2, :, 2][rows]).all()
     assert np.isfinite(out[0, :2][~rows]).all() and (out[0, 0, 8:16] == 0).all()    # not attending, and empty
+
+
+def test_the_cli_yardstick_forms_the_terms_of_an_infinite_value_as_dense_attention_does():
+    """A row made NaN by its query stayed NaN only until it attended a +inf value (it became +inf there), and a +inf
+    value whose weight is exactly 0 (its key's score is -inf) gave +inf where dense attention gives NaN (0 * inf)."""
+    from oracle import dense_attention, expand_to_tokens
+    from sparsecore.dense import masked_dense_attention
+    rng = np.random.default_rng(7)
+    mask = BlockMask.full(2, 16, 16, 8)
+    q, k, v = (rng.standard_normal((1, heads, 16, 4)) for heads in (2, 1, 1))
+    q = np.abs(q)                                               # a key of -inf scores -inf in every row
+    q[0, 0, 3, 1] = np.nan                                      # head 0, query 3: every weight NaN
+    v[0, 0, 5, 0] = np.inf                                      # a positive weight in every other row: +inf
+    k[0, 0, 12], v[0, 0, 12, 2] = -np.inf, np.inf               # weight 0: NaN
+    out, _ = masked_dense_attention(mask, q, k, v, 0.3)
+    with np.errstate(invalid="ignore"):
+        want, _ = dense_attention(q, k, v, expand_to_tokens(mask), 0.3)
+    assert np.isnan(out[0, 0, 3]).all()      # (the oracle reads a NaN row maximum as a row without keys: 0)
+    others = np.ones(out.shape[:3], dtype=bool)
+    others[0, 0, 3] = False
+    np.testing.assert_allclose(out[others], want[others], rtol=1e-12)
+    assert (out[others][:, 0] == np.inf).all() and np.isnan(out[others][:, 2]).all()
