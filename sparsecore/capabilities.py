@@ -38,7 +38,8 @@ class Capabilities:
         max_rows: most (head, query block) rows one mask may have per batch element (None: any).
         max_call_rows: most (batch element, head, query block) rows one call may have (None: any).
         infinite_values_exact: a row that attends to a value of +-inf gets that infinity in its element, as dense
-            attention (False: every element of such a row is NaN; still non-finite, and only in those rows).
+            attention (False: such a row may get NaN there, and in other elements, as the backend's docs say: still
+            non-finite, and only in the rows that attend to it).
     """
 
     devices: tuple[str, ...]

@@ -77,7 +77,8 @@ def check_isolation(target, case: AttentionCase, batch: int, key_head: int, toke
         assert np.array_equal(lse[untouched], clean_lse[untouched]), "the LSE of rows that do not attend changed"
     if where == "v":
         assert not np.isfinite(out[hit][:, dim]).any(), f"a non-finite value {poison} did not reach an attending row"
-        if case.scale == 0 and not np.isnan(poison):  # every weight 1/L, none rounds to 0: dense gives that infinity
+        # every weight 1/L, none rounds to 0: dense gives that infinity (a backend that declares it exact)
+        if case.scale == 0 and not np.isnan(poison) and target.capabilities.infinite_values_exact:
             assert (out[hit][:, dim] == poison).all(), f"a value {poison} gave {out[hit][:, dim]}, not {poison}"
     elif np.isnan(poison):
         assert not np.isfinite(out[hit]).any(axis=-1).any(), "a NaN key did not reach every attending row"
@@ -114,7 +115,7 @@ def test_an_infinite_value_gives_that_infinity_where_padding_repeats_it(target, 
     problems = target.capabilities.mask_problems(case.mask) + target.capabilities.tensor_problems(
         target.dtype, 64, 2, 1, target.capabilities.lse)
     if not target.capabilities.infinite_values_exact:
-        problems.append("infinite_values_exact: False (such rows are NaN in every element)")
+        problems.append("infinite_values_exact: False (such rows may be NaN where dense attention gives the infinity)")
     if problems:
         pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
     check_isolation(target, case, batch=0, key_head=0, token=token, dim=3, where="v", poison=poison)
@@ -135,4 +136,4 @@ def test_which_backends_keep_an_infinite_value_exact():
     """The infinite-value test above skips the backends that declare they do not (their rows turn NaN): the
     declaration itself is held here, so a flipped default cannot turn that test into skips."""
     declared = {name: b.capabilities.infinite_values_exact for name, b in sparsecore.registered_backends().items()}
-    assert declared == {name: name != "npu" for name in declared} and "portable" in declared
+    assert declared == {name: name not in ("npu", "fa4") for name in declared} and "portable" in declared

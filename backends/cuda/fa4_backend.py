@@ -148,7 +148,8 @@ class Fa4Backend(Backend):
     dense = DenseOp(run=fa4_dense.run, supports=fa4_dense.supports)     # FA4's dense forward, where measured faster
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 96, 128}), unselected=frozenset(KINDS),
-                                unselected_head_dims=frozenset({64, 128}))   # Triton's approximation pass
+                                unselected_head_dims=frozenset({64, 128}),   # Triton's approximation pass
+                                infinite_values_exact=False)     # plans with mask tiles: .fa4_nonfinite.poison
 
     def unavailable_reason(self, device: str) -> str | None:
         reason = self.unavailable_before_loading(device)
