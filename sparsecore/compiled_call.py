@@ -91,8 +91,8 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
         # array's dtype and shape cannot be read, so np.True_ and a one-element array pass here, unlike eagerly.)
         scale = float(scale)
     check_scale_type(scale, (torch.SymInt, torch.SymFloat))
-    if type(scale) is int:                  # a constant past float's range fails in the op's schema, naming nothing
-        check_scale(scale, 1)
+    if type(scale) is int:      # one past float's range fails in the op's schema, naming nothing; one that changes
+        scale = check_scale(scale, 1)     # between calls is traced as a symbolic int (checked as traced code can)
     out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
     return (out, lse) if return_lse else out
 

@@ -127,7 +127,9 @@ def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     check_scale_type(scale)
-    if abs(scale) > SCALE_MAX or not math.isfinite(scale):      # |scale| first: an int may not fit a float
+    # |scale| first: an int may not fit a float; an int is finite (and math.isfinite cannot trace torch.compile's
+    # symbolic int)
+    if abs(scale) > SCALE_MAX or (not isinstance(scale, int) and not math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite float with |scale| <= {SCALE_MAX:.4g} (float32's largest over "
                          f"log2(e), the kernels' score factor), got {str(scale)[:40]}")
     return float(scale)

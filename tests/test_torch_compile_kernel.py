@@ -127,13 +127,17 @@ def test_inputs_needing_gradients_raise_under_compile_where_no_backend_keeps_the
         torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v)
 
 
-def test_a_scale_that_changes_between_calls_stays_in_one_graph():
-    """Checking the scale's value in traced code (math.isfinite on a symbolic float) broke the graph."""
+@pytest.mark.parametrize("scales", [(0.1, 0.2, 0.3, 0.4), (1, 2, 3)])
+def test_a_scale_that_changes_between_calls_compiles_under_fullgraph(scales):
+    """No graph break (``fullgraph=True``) for a scale argument that changes between calls; Dynamo specializes the
+    op's float argument, so each value compiles a graph of its own, up to its recompile limit. Checking the value in
+    traced code broke the graph: math.isfinite on a symbolic float, and on an int, which Dynamo makes symbolic once
+    it changes ("torch.* op returned non-Tensor")."""
     torch._dynamo.reset()
     mask, kernel = masked_kernel(12)
     q, k, v = inputs(1, 13)
     compiled = torch.compile(lambda q, k, v, s: kernel(q, k, v, scale=s), fullgraph=True, backend="aot_eager")
-    for scale in (0.1, 0.2, 0.3, 0.4):
+    for scale in scales:
         np.testing.assert_allclose(compiled(q, k, v, scale).double().numpy(), expected(mask, q, k, v, scale)[0],
                                    atol=2e-5)
 
