@@ -31,6 +31,7 @@ import torch
 
 from sparsecore.inputs import check_return_lse, check_scale, check_scale_type
 from sparsecore.ir.uploads import refuse_capture
+from sparsecore.no_backward import wants_gradient
 
 if TYPE_CHECKING:
     from .kernel import CompiledKernel
@@ -80,10 +81,15 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
                 return_lse: bool) -> Any:
     """What :meth:`.CompiledKernel.__call__` does under ``torch.compile``: the op; or, where autograd must record a
     differentiable backend's torch ops (``portable`` on a mask that drops unlisted blocks, inputs needing gradients),
-    the eager call outside the graph (a graph break, so not under ``fullgraph=True``). The op's schema types ``scale``
-    and ``return_lse``: their types are checked here (a traced scale may be symbolic: its value is checked in the op).
+    the eager call outside the graph (a graph break, so not under ``fullgraph=True``). That k and v are tensors is
+    checked here (the eager call's TypeError), and so are the types of ``scale`` and ``return_lse``, which the op's
+    schema types (a traced scale may be symbolic: its value is checked in the op).
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and kernel.differentiable:
+    for name, t in (("k", k), ("v", v)):                   # Dynamo would trace a NumPy array as a tensor
+        if not isinstance(t, torch.Tensor):
+            hint = " (convert with torch.from_numpy)" if isinstance(t, np.ndarray) else ""
+            raise TypeError(f"{name}: backend {kernel.backend.name!r} takes torch arrays, got {type(t).__name__}{hint}")
+    if wants_gradient(q, k, v) and kernel.differentiable:
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
     if isinstance(scale, (np.generic, np.ndarray, Fraction)):
         # NumPy scalars (1 / np.sqrt(D)) are traced as arrays, Fractions as objects: the op's schema takes a float.

@@ -167,6 +167,22 @@ def test_bad_arguments_are_named_under_compile():
         torch.compile(lambda q, k, v: kernel(q, k, v, scale=10 ** 400), backend="aot_eager")(q, k, v)
 
 
+@pytest.mark.parametrize("name", ["k", "v"])
+@pytest.mark.parametrize("kind", ["ndarray", "list"])
+def test_keys_or_values_that_are_not_tensors_are_named_under_compile(name, kind):
+    """The eager call's TypeError. Reading ``requires_grad`` of each raised AttributeError, or Dynamo, which traces
+    a NumPy array as a tensor, ran the call on it."""
+    torch._dynamo.reset()
+    _, kernel = masked_kernel(8)
+    q, k, v = inputs(1, 9)
+    bad = k.numpy() if kind == "ndarray" else [1.0]
+
+    def call(q, k, v, bad):
+        return kernel(q, bad, v) if name == "k" else kernel(q, k, bad)
+    with pytest.raises(TypeError, match=f"{name}: backend 'portable' takes torch arrays, got {kind}"):
+        torch.compile(call, backend="aot_eager")(q, k, v, bad)
+
+
 def test_a_layer_holding_a_new_kernel_each_step_runs_one_graph():
     """A method's new mask each step, held by the layer: the op finds the kernel through a tensor slot, so nothing a
     guard watches changes (an int slot was a constant: one recompile per mask, and the 9th failed under
