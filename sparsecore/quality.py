@@ -32,7 +32,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import on_device
 from sparsecore.ir.validation import check_int
 
-from .inputs import check_scale
+from .inputs import attention_shape, check_scale
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ def attention_fidelity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     Args:
         q: ``[B, H, L_q, D]`` or ``[H, L_q, D]``; k, v: ``[B, H_kv, L_kv, D]`` or
             ``[H_kv, L_kv, D]`` with ``H % H_kv == 0`` (query head h reads key head
-            ``h // (H // H_kv)``). Numpy arrays are accepted.
+            ``h // (H // H_kv)``), of one dtype and device (checked by :func:`sparsecore.inputs.attention_shape`).
+            Numpy arrays are accepted; inputs that require gradients are read without recording autograd's graph.
         mask: the block mask; its heads and lengths must match q and k.
         scale: softmax scale, default ``1 / sqrt(D)``.
         max_elements: scores held at once (query chunk x heads x keys); bounds memory.
@@ -70,6 +71,7 @@ def attention_fidelity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                              compute_dtype=compute_dtype)[0]
 
 
+@torch.no_grad()            # inputs may require gradients (a model's activations): nothing here is for autograd
 def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence[BlockMask], *,
                       scale: float | None = None, max_elements: int = 1 << 22,
                       compute_dtype: torch.dtype = torch.float32) -> list[Fidelity]:
@@ -78,19 +80,17 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     masks = list(masks)
     if not masks or not all(isinstance(m, BlockMask) for m in masks):
         raise TypeError(f"mask: expected sparsecore BlockMasks, got {[type(m).__name__ for m in masks]}")
-    batch, heads, q_len, head_dim = q.shape
+    shape = attention_shape(q, k, v)
+    batch, heads, q_len, head_dim = shape.batch, shape.num_heads, shape.q_len, shape.head_dim
     for mask in masks:
-        if (heads, q_len) != (mask.num_heads, mask.q_len) or k.shape[2] != mask.kv_len:
+        if (heads, q_len) != (mask.num_heads, mask.q_len) or shape.kv_len != mask.kv_len:
             raise ValueError(f"q, k: expected q [B, {mask.num_heads}, {mask.q_len}, D] and k [B, H_kv, "
                              f"{mask.kv_len}, D] to match the mask, got q {list(q.shape)} and k {list(k.shape)}")
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[1]:
-        raise ValueError(f"k, v: expected equal shapes [{batch}, H_kv, L, {head_dim}] with H_kv dividing {heads}, "
-                         f"got k {list(k.shape)}, v {list(v.shape)}")
     max_elements = check_int(max_elements, "max_elements", 1)
     if compute_dtype not in (torch.float32, torch.float64):
         raise TypeError(f"compute_dtype: expected torch.float32 or torch.float64, got {compute_dtype!r}")
     scale = check_scale(scale, head_dim)
-    group = heads // k.shape[1]
+    group = shape.group
     device = q.device
     plans = [_TokenMap(mask, device) for mask in masks]
     chunk = max(1, max_elements // (heads * k.shape[2]))

@@ -177,3 +177,24 @@ def test_fidelity_of_an_approximating_mask_measures_the_output_with_its_approxim
     np.testing.assert_allclose(fid.rel_l2, rel_l2, rtol=1e-8)
     np.testing.assert_allclose(fid.recall, dropped.recall, rtol=1e-12)
     assert (np.abs(fid.rel_l2 - dropped.rel_l2) > 1e-6).all()          # the approximation changed the output
+
+
+def test_fidelity_of_inputs_that_require_gradients_matches_the_oracle():
+    """A model's activations in grad mode: measured without autograd (``.numpy()`` of a tensor with history raised
+    after the whole dense pass, which had kept every chunk's graph)."""
+    g = VideoGeometry(3, 2, 2)
+    q, k, v = (t.requires_grad_() for t in video_qkv(g, 2, 8, seed=6))
+    mask = BlockMask.from_lists([[[0], [0, 1], [2]]] * 2, g.frame_offsets(), g.frame_offsets())
+    fid = attention_fidelity(q, k, v, mask)
+    recall, rel_l2, cosine = oracle_fidelity(q.detach(), k.detach(), v.detach(), mask)
+    np.testing.assert_allclose(fid.recall, recall, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fid.rel_l2, rel_l2, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(fid.cosine, cosine, rtol=1e-4, atol=1e-5)
+
+
+def test_fidelity_names_inputs_on_different_devices():
+    """The shared attention input check (q and k on different devices gave torch's own error, naming nothing)."""
+    mask = BlockMask.full(2, 32, 32, 16)
+    q = torch.randn(1, 2, 32, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"q, k, v: expected one device, got \['cpu', 'meta', 'cpu'\]"):
+        attention_fidelity(q, q.to("meta"), q, mask)
