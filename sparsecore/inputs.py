@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,13 @@ class AttentionShape:
 
 
 def array_kind(t: Any) -> str:
-    """``"torch"``, ``"numpy"`` or the top-level module of whatever ``t`` is."""
-    module = type(t).__module__.split(".")[0]
-    return {"numpy": "numpy", "torch": "torch"}.get(module, module)
+    """``"torch"`` for a torch tensor (of a subclass defined anywhere too), ``"numpy"`` for a NumPy array (likewise),
+    else the top-level module of whatever ``t`` is."""
+    if isinstance(t, torch.Tensor):
+        return "torch"
+    if isinstance(t, np.ndarray):
+        return "numpy"
+    return type(t).__module__.split(".")[0]
 
 
 def dtype_name(t: Any) -> str:

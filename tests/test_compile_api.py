@@ -175,6 +175,20 @@ def test_call_time_input_errors(call, error, message):
         call(kernel, *tensors())
 
 
+class _TensorOutsideTorch(torch.Tensor):
+    """A torch.Tensor subclass defined outside torch (as libraries wrapping tensors define them)."""
+
+
+def test_tensor_subclasses_defined_outside_torch_are_torch_arrays():
+    """They were refused ("takes torch arrays, got _TensorOutsideTorch"): the kind was read from the module name."""
+    m = mask()
+    q, k, v = (t.as_subclass(_TensorOutsideTorch) for t in tensors())
+    out = sparsecore.compile(m, device="cpu")(q, k, v)
+    want, _ = oracle_attention(*(t.as_subclass(torch.Tensor).double().numpy() for t in (q, k, v)), expand_to_tokens(m),
+                               8 ** -0.5)
+    np.testing.assert_allclose(out.as_subclass(torch.Tensor).double().numpy(), want, atol=1e-5)
+
+
 def test_reference_takes_numpy_only_and_its_dtypes():
     kernel = sparsecore.compile(mask(), device="reference")
     q, k, v = (t.numpy() for t in tensors())
