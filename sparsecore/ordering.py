@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsecore.ir.validation import frozen
+from sparsecore.ir.validation import check_int, frozen
 
 
 _LIVE: "weakref.WeakSet[TokenOrder]" = weakref.WeakSet()
@@ -65,7 +65,7 @@ class TokenOrder:
     def device_index(self, device: Any, length: int | None = None) -> Any:
         """:attr:`index` as an int64 tensor on ``device``, extended to ``length`` tokens (the extra ones in place),
         uploaded once (for gathers that fold it into another)."""
-        length = len(self) if length is None else length
+        length = len(self) if length is None else check_int(length, "length", 0)
         if length < len(self):
             raise ValueError(f"length: expected at least the order's {len(self)} tokens, got {length}; pass the "
                              f"length of the sequence the order was made for (or longer, padding after it)")

@@ -122,6 +122,11 @@ def test_token_order_gathers_and_scatters_and_keeps_padding_in_place():
     torch.testing.assert_close(order.scatter(order.gather(shorter, 2), 2), shorter, rtol=0, atol=0)
     with pytest.raises(ValueError, match="at least 63 tokens"):
         order.gather(x[:, :, :10], 2)
+    assert order.device_index("cpu", len(order) + 4).dtype == torch.int64
+    with pytest.raises(TypeError, match="length: expected an int, got float 67.0"):
+        order.device_index("cpu", len(order) + 4.0)        # gave a float64 index
+    with pytest.raises(ValueError, match="length: expected at least the order's 63 tokens, got 10"):
+        order.device_index("cpu", 10)
     with pytest.raises(ValueError, match="permutation"):
         TokenOrder(np.array([0, 0, 1]), "bad")
     with pytest.raises(TypeError, match="1-D integer"):
