@@ -80,7 +80,8 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
 
     Args:
         geometry: the token layout (video frames, patches, text tokens).
-        num_heads: query heads H; head ``h`` has kind ``kinds[h % len(kinds)]`` of its key head.
+        num_heads: query heads H; head ``h`` has the kind of its key head ``g = h // (H // H_kv)``:
+            ``kinds[g % len(kinds)]``.
         head_dim: D, even and at least 6 (three rotary bands).
         seed: all randomness; the same seed gives the same tensors.
         num_kv_heads: key/value heads (GQA); must divide ``num_heads``. Default ``num_heads``.
