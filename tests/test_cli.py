@@ -40,6 +40,19 @@ def test_demo_rows_are_correct_on_a_tiny_shape(tmp_path):
     assert all(r["rel_err"] < 1e-5 for r in indexed)
 
 
+def test_demo_compiles_in_the_wait_warm_up_mode(tmp_path, monkeypatch):
+    """In the default background mode a slow preferred backend (FA4) loaded while the table was timed: the backend
+    and ms columns depended on when it finished."""
+    from sparsecore import demo
+
+    seen, real = [], demo.compile
+    monkeypatch.setattr(demo, "compile", lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
+    monkeypatch.setenv("SPARSECORE_WARMUP", "background")
+    run_demo(tmp_path, device="cpu", shape=DemoShape(frames=2, height=2, width=4, heads=1, head_dim=8),
+             log=lambda s: None)
+    assert seen and all(kwargs.get("warmup") == "wait" for kwargs in seen)
+
+
 def test_show_prints_stats_and_writes_a_png(tmp_path, capsys):
     mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 64, 64, 16, meta={"method": "diag"})
     path = mask.save(tmp_path / "m.safetensors")
