@@ -13,10 +13,12 @@ runs the same graph (a Python int is a constant to Dynamo, guarded on: a recompi
 
 The op returns ``out`` contiguous ``[B, H, q_len, D_v]`` in q's dtype and ``lse`` float32 ``[B, H, q_len]`` (an
 empty ``[0]`` tensor where none is asked for), the shapes and strides its fake implementation states. Like the
-diffusers op it is inference-only (with inputs needing gradients, AOTAutograd's trace of the backward raises; a
-call whose backend keeps autograd's graph, ``portable`` on a drop mask, runs outside the graph instead) and
-not for CUDA graphs (tagged ``cudagraph_unsafe`` where PyTorch has the tag; it raises inside a capture otherwise):
-each call decides on the host.
+diffusers op it is inference-only: with inputs needing gradients, AOTAutograd's trace of its backward raises, at
+compile time. So with such inputs a call runs outside the graph instead, as it runs eagerly, wherever one of the
+kernel's backends keeps autograd's graph (``portable`` on a mask that drops unlisted blocks, a fallback even on
+CUDA); the backend is chosen at the call, so this holds whichever one then runs (Triton's or FA4's backward raises,
+as eagerly). It is not for CUDA graphs (tagged ``cudagraph_unsafe`` where PyTorch has the tag; it
+raises inside a capture otherwise): each call decides on the host.
 """
 
 from __future__ import annotations
@@ -79,11 +81,11 @@ kernel_attention.register_autograd(_no_backward, setup_context=lambda ctx, input
 
 def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any,
                 return_lse: bool) -> Any:
-    """What :meth:`.CompiledKernel.__call__` does under ``torch.compile``: the op; or, where autograd must record a
-    differentiable backend's torch ops (``portable`` on a mask that drops unlisted blocks, inputs needing gradients),
-    the eager call outside the graph (a graph break, so not under ``fullgraph=True``). That k and v are tensors is
-    checked here (the eager call's TypeError), and so are the types of ``scale`` and ``return_lse``, which the op's
-    schema types (a traced scale may be symbolic: its value is checked in the op).
+    """What :meth:`.CompiledKernel.__call__` does under ``torch.compile``: the op; or, with inputs needing gradients
+    where one of the kernel's backends keeps them (``portable`` on a mask that drops unlisted blocks), the eager call
+    outside the graph, whichever backend it then runs (a graph break, so not under ``fullgraph=True``). That k and v
+    are tensors is checked here (the eager call's TypeError), and so are the types of ``scale`` and ``return_lse``,
+    which the op's schema types (a traced scale may be symbolic: its value is checked in the op).
     """
     for name, t in (("k", k), ("v", v)):                   # Dynamo would trace a NumPy array as a tensor
         if not isinstance(t, torch.Tensor):
@@ -103,8 +105,9 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     return (out, lse) if return_lse else out
 
 
-@torch.compiler.disable(reason="a sparsecore kernel whose backend keeps gradients (portable, on inputs that need "
-                               "them) runs outside the graph; under fullgraph=True run it under torch.no_grad(), "
-                               "with detached inputs, or without fullgraph")
+@torch.compiler.disable(reason="a sparsecore kernel called on inputs that need gradients, where one of its "
+                               "backends keeps them (portable, on a mask that drops unlisted blocks), runs outside "
+                               "the graph; under fullgraph=True run it under torch.no_grad(), with detached inputs, "
+                               "or without fullgraph")
 def _eager_outside_graph(kernel: "CompiledKernel", *call: Any) -> Any:
     return kernel.eager_call(*call)

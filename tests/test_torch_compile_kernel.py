@@ -112,6 +112,27 @@ def test_gradients_through_a_differentiable_backend_under_compile_match_eager():
     assert torch.allclose(compiled, q.grad, atol=1e-6) and compiled.abs().sum() > 0
 
 
+def test_a_triton_call_on_inputs_needing_gradients_runs_outside_the_graph_as_eagerly(triton_device):
+    """``portable`` is a fallback on CUDA and the backend is chosen at the call: a drop mask's call on inputs needing
+    gradients leaves the graph whichever backend runs it (as the docs now say); Triton's forward matches the oracle
+    and its backward raises, as eagerly."""
+    torch._dynamo.reset()
+    keep = np.random.default_rng(14).random((2, 2, 2)) < 0.7
+    keep[:, :, 0] = True
+    mask = BlockMask.from_dense(keep, q_len=64, kv_len=64, q_block=32)
+    kernel = sparsecore.compile(mask, device="cuda", warmup="wait")
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen).to(triton_device).requires_grad_() for _ in range(3))
+    out = torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager")(q, k, v)
+    assert kernel.backend.name == "triton"
+    want, _ = expected(mask, *(t.detach().cpu() for t in (q, k, v)), 16 ** -0.5)
+    np.testing.assert_allclose(out.detach().double().cpu().numpy(), want, atol=1e-3)
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no backward"):
+        out.sum().backward()
+    with pytest.raises(Exception, match="torch.no_grad"):
+        torch.compile(lambda q, k, v: kernel(q, k, v), backend="aot_eager", fullgraph=True)(q, k, v)
+
+
 def test_inputs_needing_gradients_raise_under_compile_where_no_backend_keeps_them():
     """An approximating mask has no differentiable backend: the op's backward raises when AOTAutograd traces it."""
     torch._dynamo.reset()
