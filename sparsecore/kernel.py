@@ -1,33 +1,32 @@
 """``sparsecore.compile``: lower a mask, choose the backend per input signature, check every call's inputs.
 
-Calling convention (all backends): ``out = kernel(q, k, v, scale=None)`` or
-``out, lse = kernel(q, k, v, return_lse=True)`` with q ``[B, H, q_len, D]`` and
-k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h`` reads key head
-``h // (H // H_kv)``. ``scale`` defaults to ``1/sqrt(D)``. A query row whose list is
-empty gives output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``.
-Inference only: where q, k or v require gradients (and grad mode is on) the output carries a
-backward that raises (:mod:`sparsecore.no_backward`), except on backends whose runs are
-differentiable torch ops (``Backend.differentiable``: ``portable``) for masks that drop unlisted blocks.
+Calling convention (all backends): ``out = kernel(q, k, v, scale=None)`` or ``out, lse = kernel(q, k, v,
+return_lse=True)`` with q ``[B, H, q_len, D]`` and k, v ``[B, H_kv, kv_len, D]``, ``H % H_kv == 0``; query head ``h``
+reads key head ``h // (H // H_kv)``. ``scale`` defaults to ``1/sqrt(D)``. A query row whose list is empty gives
+output 0 and LSE -inf; LSE is natural-log float32 ``[B, H, q_len]``. Inference only: where q, k or v require
+gradients (and grad mode is on) the output carries a backward that raises (:mod:`sparsecore.no_backward`), except on
+backends whose runs are differentiable torch ops (``Backend.differentiable``: ``portable``) for masks that drop
+unlisted blocks.
 
-Choice of backend. ``compile`` finds the backends that can take the mask on the device (capabilities; most
-preferred first) and checks that the first of them runs here (the next one if not, and so on). The first call
-with a new input signature (dtype, head dim, heads, key heads, LSE wanted, tensor device, which backends' per-call
-row limits its batch keeps) picks the most preferred of them whose capabilities take those inputs and that runs
-here (a fallback is checked, and so loaded, only then), lowers the mask for it once and remembers the choice;
-later calls with that signature only check shapes and launch. So a kernel never refuses inputs that another
-registered backend would take. Under ``torch.compile`` a call is one opaque op (:mod:`sparsecore.compiled_call`).
+Choice of backend. ``compile`` finds the backends that can take the mask on the device (capabilities; most preferred
+first) and checks that the first of them runs here (the next one if not, and so on). The first call with a new input
+signature (dtype, head dim, heads, key heads, LSE wanted, tensor device, which backends' per-call row limits its batch
+keeps) picks the most preferred of them whose capabilities take those inputs and that runs here (a fallback is
+checked, and so loaded, only then), lowers the mask for it once and remembers the choice; later calls with that
+signature only check shapes and launch. So a kernel never refuses inputs that another registered backend would take.
+Under ``torch.compile`` a call is one opaque op (:mod:`sparsecore.compiled_call`).
 
-Warm-up (:mod:`sparsecore.warmup`). A backend slow to get ready (``Backend.slow_to_load``: ``fa4`` imports
-and compiles for 15-23 s, FlashInfer JIT-compiles for longer) is checked at ``compile`` without loading it, and
-by default a call whose inputs it would run runs the kernel's next backend that takes them while a worker thread
-loads the slow one and runs it once on a small sample of that call; later calls, and kernels of masks of the same
-geometry, run it. ``warmup="wait"`` loads it in place at the first call.
+Warm-up (:mod:`sparsecore.warmup`). A backend slow to get ready (``Backend.slow_to_load``: ``fa4`` imports and
+compiles for 15-23 s, FlashInfer JIT-compiles for longer) is checked at ``compile`` without loading it, and by default
+a call whose inputs it would run runs the kernel's next backend that takes them while a worker thread loads the slow
+one and runs it once on a small sample of that call; later calls, and kernels of masks of the same geometry, run it.
+``warmup="wait"`` loads it in place at the first call.
 
 Caching. A host mask's kernels are cached by its fingerprint, bounded (:mod:`sparsecore.kernel_cache`). A device
 mask, which methods build every layer and step, is never hashed: the mask object itself holds its kernels, weakly
 (a kernel refers to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
-returns that kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host
-mask the same way (the diffusers integration does, for the methods' per-step masks).
+returns that kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host mask the same way (the
+diffusers integration does, for the methods' per-step masks).
 """
 
 from __future__ import annotations
@@ -58,10 +57,10 @@ class CompiledKernel:
         self._choices = choices
         self._row_limits = sorted({b.capabilities.max_call_rows for b, _ in choices} - {None})
         self._by_signature: dict[tuple, tuple[Backend, Hashable]] = {}
-        self._runs_here = {choices[0][0].name} if first_checked else set()   # backends checked to run here
+        self._runs_here = {(choices[0][0].name, device)} if first_checked else set()   # (backend, device) checked
         self._unloadable: dict[tuple, str] = {}  # (backend, tensor device) a background load found does not run: why
-        self._ready: set[tuple] = set()           # (backend, tensor device, signature): warm (here or by a kernel
-                                                  # of this geometry), or loaded in place
+        self._ready: set[tuple] = set()   # (backend, tensor device, signature): warm (here or by a kernel of this
+        #                                   geometry), or loaded in place
         self._queued: list[Warming] = []          # warm-ups to submit once this call has launched
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
@@ -189,7 +188,7 @@ class CompiledKernel:
         return fallback
 
     def _runs_it(self, key: tuple, backend: Backend, options: Hashable) -> tuple[Backend, Hashable]:
-        self._runs_here.add(backend.name)
+        self._runs_here.add((backend.name, self._checked_device(key[1])))
         self._ready.add(key)
         return backend, options
 
@@ -292,21 +291,24 @@ class CompiledKernel:
         the background, nothing seen without loading it says it cannot: its warm-up loads it)."""
         if (backend.name, where) in self._unloadable:
             return self._unloadable[(backend.name, where)]
-        if backend.name in self._runs_here:
+        if (backend.name, device := self._checked_device(where)) in self._runs_here:
             return None
         if self.warmup == "background" and backend.slow_to_load:
-            return backend.unavailable_before_loading(self.device)
-        reason = backend.unavailable_reason(self.device)
+            return backend.unavailable_before_loading(device)
+        reason = backend.unavailable_reason(device)
         if reason is None:
-            self._runs_here.add(backend.name)
+            self._runs_here.add((backend.name, device))
         return reason
+
+    def _checked_device(self, where: str) -> str:
+        """Where backends are checked for tensors on ``where``: there (GPUs may differ), if of the compiled type."""
+        return where if where.split(":")[0] == self.device.split(":")[0] else self.device
 
     def __repr__(self) -> str:
         return f"CompiledKernel(backend={self.backend.name!r}, device={self.device!r}, mask={self.mask!r})"
 
     def __copy__(self) -> "CompiledKernel":
-        """The kernel itself: what it computes is fixed at compile, and a copy would share its slot
-        (:mod:`sparsecore.compiled_call`), so compiled graphs would call the original."""
+        """The kernel itself (fixed at compile): a copy's slot would call the original (:mod:`.compiled_call`)."""
         return self
 
     def __deepcopy__(self, memo: dict) -> "CompiledKernel":

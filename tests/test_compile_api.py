@@ -741,3 +741,20 @@ def test_no_backend_taking_the_mask_names_each_one_and_why(monkeypatch):
     message = str(refused.value)                                   # in the registry's order, whichever it is
     assert "few-heads-npu-test: max_heads: takes at most 8 " in message
     assert re.search(r"npu: max_heads: takes at most \d+ query heads.*\(nor does it run here: ", message)
+
+
+def test_a_backend_is_checked_on_each_gpu_its_calls_run_on():
+    """A backend that runs on one GPU may not on another of the machine (another architecture: FA4 needs SM90 or
+    SM100): availability is checked, once, on each device (with its index) the tensors are on, not on the compiled
+    device alone nor once for all."""
+    from sparsecore.kernel import CompiledKernel
+
+    class OnGpuZeroOnly(_FakeCuda):
+        def unavailable_reason(self, device):
+            self.checked += 1
+            return None if device in ("cuda", "cuda:0") else f"compute capability 8.0 on {device}"
+    backend = OnGpuZeroOnly("gpu0-only", ["float32"], [16], True, 1, 1.0)
+    kernel = CompiledKernel(mask(), "cuda", [(backend, None)])
+    assert [kernel._reason(backend, where) for where in ("cuda:0", "cuda:0", "cuda:1")] == \
+        [None, None, "compute capability 8.0 on cuda:1"]
+    assert backend.checked == 2                              # cuda:0 once, then remembered; cuda:1 checked
