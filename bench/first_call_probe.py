@@ -46,7 +46,7 @@ CASES = {
     # name: (what it is, builder source run in the child)
     "lvsa": "LVSA frames at 6x (121 x 1560 tokens, 12 heads; fa4 with mask tiles)",
     "adaspa": "AdaSpa-shaped 64-token blocks with text, 12 heads, 32,760 + 512 tokens "
-              "(default: triton, blocks of several sizes under 128)",
+              "(default since 2026-12-04: fa4, joint-64; triton when this probe ran, 2026-12-02)",
     "random": "128-token random rows, S = 32,768, d = 0.1, 12 heads (fa4, full tiles only)",
     "adaspa6x": "AdaSpa-shaped 64-token blocks at 6x (188,736 tokens, 12 heads; fa4 at two CTAs per SM, 4 key ranges)",
 }
