@@ -94,6 +94,7 @@ class LayerPlan:
     held: bool = False
     per_call: bool = False
     order: TokenOrder | None = None
+    seq_len: int = 0                # the sequence length (text padding included) its kernel was made for
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ class Planner:
         previous = self._plans.get((layer, geometry))
         # reused by the step's later calls, but for text padded shorter than its kernel's (guidance as separate calls
         # on embeddings of other lengths): that kernel cannot take the shorter sequence, so such a call plans again
-        fits = previous is not None and (previous.kernel is None or previous.kernel.mask.q_len <= seq_len)
+        fits = previous is not None and (previous.kernel is None or previous.seq_len <= seq_len)
         if fits and previous.step == step and not previous.per_call:
             previous.record.fields["calls"] += 1
             return previous, False
@@ -319,7 +320,7 @@ class Planner:
         session = self.session(geometry)
         action = session.action(geometry, step, layer)
         record = self.stats.record(run, layer, step, geometry, seq_len, heads, shard, action.label)
-        plan = LayerPlan(step, None, None, record, per_call=action.per_call, order=action.token_order)
+        plan = LayerPlan(step, None, None, record, per_call=action.per_call, order=action.token_order, seq_len=seq_len)
         # The old plan stays referenced until the new mask is known: a mask the method reuses (AdaSpa's reuse
         # steps) holds its kernels weakly, so its kernel is found, not compiled again, only while still held.
         previous = self._plans.pop((layer, geometry), None)   # re-inserted last: last_mask finds the newest plan
