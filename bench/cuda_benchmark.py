@@ -342,7 +342,7 @@ def main() -> int:
     if args.selection:
         meta["selection"] = selection_table(log, not args.no_flashinfer, tuple(args.selection_blocks))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cuda-{meta['date']}"
+    stem = args.out / f"cuda-{'selection-' if args.selection and not rows else ''}{meta['date']}"   # not the table's
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [vars(r) for r in rows]}, indent=1))
     stem.with_suffix(".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

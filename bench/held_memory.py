@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_schedules import STEPS, full_attention
+from e2e_schedules import METHOD_PARAMS, STEPS, VARIANTS, full_attention
 from memory_profile import REPO, model_on_gpu, replay, step
 
 from sparsecore.integrations import diffusers as sc_diffusers
@@ -46,8 +46,10 @@ def held_by(model, inputs: dict, method: str, depth: int) -> dict:
     gc.collect()
     before = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=MAX_ENTRIES)
-    handle = sc_diffusers.apply(model, method=full_attention if method == "dense-sparsecore" else method,
-                                device="cuda", num_steps=50)
+    name, params = VARIANTS.get(method, (method, {}))              # as the e2e rows run it (e2e_runner.run_mode)
+    params = {**METHOD_PARAMS.get(name, {}), **params}
+    handle = sc_diffusers.apply(model, method=full_attention if method == "dense-sparsecore" else name,
+                                device="cuda", num_steps=50, **params)
     try:
         for _, index in STEPS[method]:
             handle.set_step(index)
@@ -96,7 +98,7 @@ def main() -> int:
     parser.add_argument("--model", default="wan-1.3b", choices=["wan-1.3b", "hv15"])
     parser.add_argument("--mode", default="compiled", choices=["eager", "compiled"])
     parser.add_argument("--methods", nargs="+", default=["dense-sparsecore", "pasa", "lvsa", "adaspa"],
-                        choices=sorted(STEPS))
+                        choices=sorted(set(STEPS) - {"sta-file"}))      # sta-file's windows: e2e's --sta-strategy
     parser.add_argument("--frames", type=int, default=3, help="frames of this repository named per group")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))

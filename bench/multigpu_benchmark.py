@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from e2e_models import Case, build_model, model_inputs
+from e2e_models import Case, build_model, model_inputs, timestep_inputs
 from report import time_one_backend, versions, write_report
 from sparsecore.integrations import diffusers as sc_diffusers
 from sparsecore.timing import synchronize
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, world: int, rank: int, device: str) -> dict:
            "peak_gib_per_gpu": peaks, "density": statistics.mean(s["density"] for s in last) if last else None,
            "backends": sorted({s["backend"] for s in last}), "heads_rank0": last[0]["heads"] if last else None,
            "ring_pairs": ring_pairs(handle), "ring_load": gather_floats(ring_load(handle), world, device),
-           "meta": versions(device) | {"gpus": world}}
+           "meta": versions(device) | {"gpus": world, "date": datetime.date.today().isoformat()}}
     suffix = "" if args.mode == "ulysses" or world == 1 else f"-{args.mode}"
     stem = args.out / f"out-{args.model}-{row['method']}-{layers}layers"
     if rank == 0:
@@ -200,12 +200,23 @@ def profile_step(model: torch.nn.Module, inputs: dict, handle, step: int, device
                     + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
+def ring_works(handle) -> list:
+    """The ring cuts the current plans run: a plan's kernel, or the cuts kept with a mask its session holds in host
+    memory (AdaSpa's default store="host": ``("ring cut", ...)`` entries of the mask's derived, with its kept pairs)."""
+    from sparsecore.integrations.diffusers.ring import RingWork
+    works = []
+    for plan in [] if handle is None else handle._planner._plans.values():
+        if isinstance(plan.kernel, RingWork):
+            works.append(plan.kernel)
+        elif plan.held and plan.mask is not None:
+            works += [cut[0] for key, cut in plan.mask.derived.items()
+                      if isinstance(key, tuple) and key[0] == "ring cut"]
+    return works
+
+
 def ring_pairs(handle) -> float | None:
     """Mean fraction of (query shard, key shard) pairs that the current plans' ring steps run (None: no ring)."""
-    from sparsecore.integrations.diffusers.ring import RingWork
-    if handle is None:
-        return None
-    needs = [plan.kernel.need for plan in handle._planner._plans.values() if isinstance(plan.kernel, RingWork)]
+    needs = [work.need for work in ring_works(handle)]
     if not needs or len(needs[0]) == 1:
         return None
     return statistics.mean(sum(map(sum, need)) / len(need) ** 2 for need in needs)
@@ -213,9 +224,7 @@ def ring_pairs(handle) -> float | None:
 
 def ring_load(handle) -> float:
     """Token pairs this rank's ring steps compute under the current plans (its load; 0.0 without a ring)."""
-    from sparsecore.integrations.diffusers.ring import RingWork
-    works = [] if handle is None else [plan.kernel for plan in handle._planner._plans.values()
-                                       if isinstance(plan.kernel, RingWork)]
+    works = ring_works(handle)
     return float(sum(int(kernel.mask.kept_pairs().sum()) for work in works
                      for kernel in [*work.steps, work.text] if kernel is not None))
 
@@ -226,7 +235,7 @@ def timed_step(model: torch.nn.Module, inputs: dict, timestep: float, device: st
         dist.barrier()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(timestep=torch.tensor([timestep], device=device), **inputs)[0]
+        out = model(**timestep_inputs(model, timestep, device, inputs), **inputs)[0]
     synchronize(device)
     if world > 1:
         dist.barrier()

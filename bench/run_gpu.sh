@@ -32,7 +32,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-if [[ ! -f /tmp/site/.sparsecore-wheels ]]; then
+# fa4-stage.sh 2 installs the wheels too: installing them again after it would replace the staged CuTe DSL library
+if [[ ! -f /tmp/site/.sparsecore-wheels && ! -d /tmp/site/nvidia_cutlass_dsl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.sparsecore-wheels || exit 1
 fi
@@ -78,6 +79,7 @@ for stage in "$@"; do
       # NVLink multicast stays off on shared hosts (shared/device KINDS.md)
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+      (( gpus > 1 )) || { echo "multigpu: needs two GPUs or more, found $gpus"; continue; }
       # Ulysses where the GPU count divides the heads, else ring 2 x Ulysses N/2 (12 heads on 8 GPUs)
       mode_for() { (( $1 % gpus == 0 )) && echo "--mode ulysses" || echo "--mode unified --ring-degree 2"; }
       for run in "wan-1.3b 12 lvsa" "wan-14b 40 lvsa --layers ${LAYERS_14B:-10}" "wan-1.3b 12 adaspa" \

@@ -116,7 +116,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}. Wan 2.1 1.3B layer: {HEADS} heads x "
              f"{HEAD_DIM}, bf16, 480x832, 64-token blocks; median of 3 after a warm-up, all rows in one run. "
              "`bench/search_step.py`.", "",
-             "| length | tokens | kind | ms | x dense | GiB allocated | masses vs two passes | out vs cuDNN | "
+             "| length | tokens | kind | ms | x dense | GiB allocated | masses vs two passes | out vs dense | "
              "same AdaSpa rows |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[key]:.1e}" if key in r else "" for key in ("mass_vs_two_pass", "out_vs_cudnn")]
