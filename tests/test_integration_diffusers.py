@@ -1118,7 +1118,7 @@ def test_bad_arguments_raise_with_the_field_name():
         sparse.apply(model, method="adaspa", device="cpu", store=1)
     handle = sparse.apply(model, method="lvsa", device="cpu")
     try:
-        with pytest.raises(ValueError, match="already applied"):
+        with pytest.raises(ValueError, match=r"already applied to this model \(blocks\[0\]\.attn1\)"):
             sparse.apply(model, method="lvsa", device="cpu")
         model.set_attn_processor(transformer_wan.WanAttnProcessor())   # processors replaced, hooks still on
         with pytest.raises(ValueError, match="already applied.*hooks are on it.*call remove"):
@@ -1556,3 +1556,33 @@ def test_calls_of_a_step_whose_text_is_padded_to_other_lengths_each_get_their_le
     for got, want in zip(together, alone):
         torch.testing.assert_close(got, want)
     assert handle.step == 0 and [row["calls"] for row in handle.stats()] == [2, 2]
+
+
+def test_a_call_padded_shorter_runs_the_steps_mask_without_planning_it_again(monkeypatch):
+    """AdaSpa's masks kept on the device, guidance as two calls padded to 10 then 6 text tokens: the second call
+    runs the step's mask padded to its length; the search runs once a step, as with the calls in the other order
+    (it ran twice, the second replacing the layer's kept mask)."""
+    from sparsecore.methods import adaspa
+    latents = torch.randn(1, 4, 8, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def data(text: int, gen: torch.Generator) -> dict:
+        return {"hidden_states": latents, "encoder_hidden_states": torch.randn(1, text, 16, generator=gen),
+                "encoder_attention_mask": torch.tensor([[1] * 4 + [0] * (text - 4)]),
+                "encoder_hidden_states_2": torch.randn(1, 4, 8, generator=gen),
+                "encoder_attention_mask_2": torch.tensor([[1, 1, 0, 0]]), "image_embeds": torch.zeros(1, 3, 8)}
+    searches, search = [], adaspa._search
+    monkeypatch.setattr(adaspa, "_search", lambda *args, **kwargs: searches.append(args[4]) or search(*args, **kwargs))
+    model = tiny_hunyuan()
+    for order in ((10, 6), (6, 10)):
+        searches.clear()
+        gen = torch.Generator().manual_seed(0)
+        calls = [data(text, gen) for text in order]
+        handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=3, warmup_steps=1, search_steps=(1, 2),
+                              block_size=16, sparsity=0.5, store="device")
+        with torch.no_grad():
+            for step, t in enumerate((999.0, 600.0, 300.0)):
+                handle.set_step(step)
+                outs = [model(**inputs, timestep=torch.full((1,), t), return_dict=False)[0] for inputs in calls]
+        handle.remove()
+        layers = model.config.num_layers
+        assert searches == [1] * layers + [2] * layers and all(o.isfinite().all() for o in outs)

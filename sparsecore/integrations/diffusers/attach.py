@@ -117,10 +117,10 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         warnings.warn(f"sparsecore.integrations.diffusers mirrors the attention processors of diffusers "
                       f"{TESTED_DIFFUSERS}.x; diffusers {diffusers.__version__} is installed: check outputs against "
                       f"handle.remove() (dense)", stacklevel=2)
+    modules = attention_modules(transformer, spec)           # refuses sparsecore's processors, naming the block
     if any(isinstance(hook, _Hook) for hook in transformer._forward_pre_hooks.values()):   # its processors replaced
         raise ValueError("transformer: sparsecore is already applied to this model (an earlier handle's hooks are on "
                          "it, though its processors were replaced); call remove() on the earlier handle first")
-    modules = attention_modules(transformer, spec)
     strategy = params.get("mask_strategy") if method == "sta" else None
     if strategy is not None and strategy.layers != frozenset(range(len(modules))):   # another model's numbering
         layers = sorted(strategy.layers)

@@ -41,7 +41,7 @@ import sparsecore
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.host_facts import share_host_facts
-from sparsecore.methods import SESSIONS, HeadShard, Session
+from sparsecore.methods import SESSIONS, HeadShard, Session, StepAction
 from sparsecore.methods.selection import dense_mask
 from sparsecore.ordering import TokenOrder
 from sparsecore.search import dense_attention, dense_attention_with_mass, dense_impl, faster_dense_allowed
@@ -294,11 +294,14 @@ class Planner:
         """The (layer, geometry)'s plan at ``step`` (made at its first call, counted at the others) and whether
         it was just made. ``seq_len``: the whole sequence's length (valid tokens plus padding)."""
         previous = self._plans.get((layer, geometry))
-        # reused by the step's later calls, but for text padded shorter than its kernel's (guidance as separate calls
-        # on embeddings of other lengths): that kernel cannot take the shorter sequence, so such a call plans again
-        fits = previous is not None and (previous.kernel is None or previous.seq_len <= seq_len)
-        if fits and previous.step == step and not previous.per_call:
+        if previous is not None and previous.step == step and not previous.per_call:
             previous.record.fields["calls"] += 1
+            if previous.kernel is not None and seq_len < previous.seq_len:
+                # text padded shorter than the kernel's (guidance as separate calls on embeddings of other lengths):
+                # the plan's mask padded to this length, not planned again (a search would run twice)
+                action = self.session(geometry).action(geometry, step, layer)
+                previous.kernel = self._kernel(previous.mask, action, geometry, seq_len, io)
+                previous.seq_len = seq_len
             return previous, False
         del previous                                     # :meth:`_plan` decides how long the old plan lives
         with faster_dense_allowed(self.faster_dense):              # the plan's dense passes (a search's LSE)
@@ -356,18 +359,24 @@ class Planner:
             return plan
         if runs_dense(plan.mask, geometry):              # a full mask runs the dense path: nothing to compile
             return plan
-        run_mask = self.padded_mask(plan.mask, seq_len)
         if action.dense:                       # a mask planned at a dense step serves the steps after it
-            plan.prepared = io.runner(run_mask)
+            plan.prepared = io.runner(self.padded_mask(plan.mask, seq_len))
             io.prepare(plan.prepared)
-        elif action.head_groups and io.whole:                          # one kernel per pattern
-            plan.kernel = HeadGroupKernel(run_mask, [(self._group_kernel(mask, seq_len), members)
-                                                     for mask, members in session.head_groups(geometry, plan.mask)])
         else:
-            plan.kernel = io.runner(run_mask)
-            if action.shared and hasattr(plan.kernel, "keep_plans_on_host"):
-                plan.kernel.keep_plans_on_host()
+            plan.kernel = self._kernel(plan.mask, action, geometry, seq_len, io)
         return plan
+
+    def _kernel(self, mask: BlockMask, action: StepAction, geometry: VideoGeometry, seq_len: int,
+                io: "PlanInputs") -> Any:
+        """What a plan of ``mask`` runs on sequences of ``seq_len`` tokens: one kernel per head pattern, or one."""
+        run_mask = self.padded_mask(mask, seq_len)
+        if action.head_groups and io.whole:
+            return HeadGroupKernel(run_mask, [(self._group_kernel(pattern, seq_len), members) for pattern, members
+                                              in self.session(geometry).head_groups(geometry, mask)])
+        kernel = io.runner(run_mask)
+        if action.shared and hasattr(kernel, "keep_plans_on_host"):
+            kernel.keep_plans_on_host()
+        return kernel
 
     def _group_kernel(self, mask: BlockMask, seq_len: int) -> Any:
         """The kernel of a one-head pattern mask (``StepAction.head_groups``), padded to ``seq_len``: compiled once
