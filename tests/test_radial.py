@@ -146,6 +146,8 @@ def test_plan_is_dense_at_the_dense_steps_and_layers_as_the_sessions_action_says
         mask = radial.plan(geometry, 2, step=step, layer=layer, **params)
         assert mask.density() == 1.0 and mask.num_heads == 2 and mask.meta["action"] == "dense"
     assert radial.plan(geometry, 2, step=12, layer=1, **params).density() < 1
+    with pytest.raises(ValueError, match="block_size: expected at most the 1024 video tokens"):  # refused, dense or not
+        radial.plan(geometry, 2, step=3, layer=0, **{**params, "block_size": 4096})
 
 
 @pytest.mark.parametrize("params, error, match", [

@@ -273,6 +273,8 @@ def test_plan_is_dense_at_the_dense_steps_as_the_sessions_action_says():
     sparse = sta.plan(geometry, 2, step=12, dense_steps=12, tile=(2, 4, 4), window=(1, 1, 1))
     assert sparse.density() < 1 and sparse.meta["params"]["dense_steps"] == 12
     assert sta.plan(geometry, 2, step=3, layer=0, dense_steps=4, mask_strategy={"9_0_0": [1, 1, 1]}).density() == 1
+    with pytest.raises(ValueError, match="mask_strategy: .*layer 5"):                  # as the session refuses it
+        sta.plan(geometry, 2, step=3, layer=5, dense_steps=4, mask_strategy={"9_0_0": [1, 1, 1]})
 
 
 def token_provider(tile, window, second=None):

@@ -182,9 +182,8 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     :class:`RadialParams` fields."""
     step, layer = check_step(step), check_layer(layer)
     session = RadialSession(step + 1, **params)
-    if session.dense_at(step, layer):
+    if session.action(geometry, step, layer).dense and session.dense_at(step, layer):    # the action's checks first
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        check_bidirectional(geometry, PATTERN)
         return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
                                                  "action": "dense", "params": vars(session.params),
                                                  "geometry": geometry_meta(geometry)})

@@ -182,8 +182,8 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     step, layer = check_step(step), check_layer(layer)
     p = params_from(STAParams, METHOD, params)                    # a strategy's file read once
     if step < p.dense_steps:
+        STASession(step + 1, **vars(p)).action(geometry, step, layer)      # its checks (the strategy's layer, tiles)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        check_bidirectional(geometry, PATTERN)
         return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
                                                  "action": "dense", "params": p.summary(),
                                                  "geometry": geometry_meta(geometry)})
