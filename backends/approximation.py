@@ -67,11 +67,12 @@ def _width(sizes: np.ndarray) -> int:
     """The piece width with the least padded work for segments of ``sizes``: the gathered slots (pieces x width)
     plus the slots of the segment sums (segments x most pieces of one segment).
 
-    Tried: the smallest size, the widest (at most :data:`PIECE_TOKENS`) and the powers of two between; at the
+    Tried: the smallest size and the widest (both at most :data:`PIECE_TOKENS`) and the powers of two between; at the
     smallest size the gathered slots stay below twice the tokens, so a wide segment among small ones (a text block
     after frame blocks) is cut into pieces instead of every segment being padded to its width. Ties go to the widest.
     """
-    low, high = int(sizes.min()), int(min(PIECE_TOKENS, sizes.max()))
+    high = int(min(PIECE_TOKENS, sizes.max()))
+    low = min(int(sizes.min()), high)                       # at most the cap: a piece is at most PIECE_TOKENS
     powers = 2 ** np.arange(low.bit_length(), high.bit_length())
     widths = np.unique(np.concatenate([[low, high], powers[powers < high]]))[::-1]
     pieces = -(-sizes[None, :] // widths[:, None])              # [widths, S]

@@ -246,3 +246,14 @@ def test_statistics_plans_are_shared_by_threads():
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors[:1]
+
+
+@pytest.mark.parametrize("sizes", [[75600], [12480] * 3, [1560] * 30])
+def test_statistics_pieces_are_at_most_piece_tokens_wide(sizes):
+    """Blocks wider than PIECE_TOKENS (frame groups of LVSA's global first order: 30 frames of 1,560 tokens) are cut
+    into pieces of at most PIECE_TOKENS tokens, as the statistics' docstrings say: the smallest block size was a
+    candidate width even above it."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    plan = approximation.StatisticsPlan.build(offsets, Unselected.parse("global-first-order"), torch.device("cpu"))
+    for pieces in (p for p in (plan.blocks, plan.groups) if p is not None):
+        assert pieces.tokens.shape[1] <= approximation.PIECE_TOKENS
