@@ -87,6 +87,8 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     are tensors is checked here (the eager call's TypeError), and so are the types of ``scale`` and ``return_lse``,
     which the op's schema types (a traced scale may be symbolic: its value is checked in the op).
     """
+    if kernel.backend.capabilities.array_type != "torch":   # a kernel of NumPy arrays (reference): q is a tensor
+        kernel._check_shape(q, k, v)                        # the eager call's TypeError
     for name, t in (("k", k), ("v", v)):                   # Dynamo would trace a NumPy array as a tensor
         if not isinstance(t, torch.Tensor):
             hint = " (convert with torch.from_numpy)" if isinstance(t, np.ndarray) else ""

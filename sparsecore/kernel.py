@@ -206,7 +206,7 @@ class CompiledKernel:
 
     def _loaded_in_place(self, key: tuple, signature: tuple, shape: AttentionShape, backend: Backend,
                          options: Hashable, call: tuple) -> tuple[Backend, Hashable]:
-        reason = backend.unavailable_reason(self.device)
+        reason = backend.unavailable_reason(self._checked_device(signature[5]))
         if reason is not None:
             return self._unloadable_now(backend, reason, signature, shape, call)
         return self._runs_it(key, backend, options)
@@ -228,7 +228,8 @@ class CompiledKernel:
                 queued = self._queued.pop(0)
             except IndexError:
                 return
-            warmups.start(queued.key, lambda w=queued: w.run(self.device, self._lowered))
+            device = self._checked_device(str(queued.sample[1].device))        # the call's tensors' (its sample's)
+            warmups.start(queued.key, lambda w=queued, d=device: w.run(d, self._lowered))
 
     def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:
         mask = self.mask
@@ -241,7 +242,7 @@ class CompiledKernel:
                              f"(num_heads={mask.num_heads}, q_len={mask.q_len}), got {list(q_shape)}{remedy}")
         array_type = self._choices[0][0].capabilities.array_type
         try:
-            shape = attention_shape(q, k, v, kind=array_type, kv_len=mask.kv_len)
+            return attention_shape(q, k, v, kind=array_type, kv_len=mask.kv_len)
         except TypeError as err:
             if "expected a" in str(err) and "array" in str(err):
                 name = str(err).split(":")[0]
@@ -251,7 +252,6 @@ class CompiledKernel:
                 raise TypeError(f"{name}: backend {self.backend.name!r} takes {array_type} arrays, got "
                                 f"{type(got).__name__}{hint}") from None
             raise
-        return shape
 
     def _backend_for(self, signature: tuple, shape: AttentionShape) -> tuple[Backend, Hashable]:
         chosen = self._by_signature.get(signature)

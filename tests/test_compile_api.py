@@ -747,6 +747,7 @@ def test_a_backend_is_checked_on_each_gpu_its_calls_run_on():
     """A backend that runs on one GPU may not on another of the machine (another architecture: FA4 needs SM90 or
     SM100): availability is checked, once, on each device (with its index) the tensors are on, not on the compiled
     device alone nor once for all."""
+    from sparsecore.inputs import attention_shape
     from sparsecore.kernel import CompiledKernel
 
     class OnGpuZeroOnly(_FakeCuda):
@@ -758,3 +759,9 @@ def test_a_backend_is_checked_on_each_gpu_its_calls_run_on():
     assert [kernel._reason(backend, where) for where in ("cuda:0", "cuda:0", "cuda:1")] == \
         [None, None, "compute capability 8.0 on cuda:1"]
     assert backend.checked == 2                              # cuda:0 once, then remembered; cuda:1 checked
+    backend.slow_to_load = True                              # loaded in place (its warm-up failed): the same check
+    kernel = CompiledKernel(mask(), "cuda:0", [(backend, None)], warmup="background", first_checked=False)
+    signature = ("float32", 16, 4, 4, False, "cuda:1", ())
+    shape = attention_shape(torch.zeros(1, 4, 40, 16), torch.zeros(1, 4, 30, 16), torch.zeros(1, 4, 30, 16))
+    with pytest.raises(UnsupportedError, match="compute capability 8.0 on cuda:1"):
+        kernel._loaded_in_place(("gpu0-only", "cuda:1", signature), signature, shape, backend, None, None)

@@ -204,6 +204,16 @@ def test_keys_or_values_that_are_not_tensors_are_named_under_compile(name, kind)
         torch.compile(call, backend="aot_eager")(q, k, v, bad)
 
 
+def test_a_numpy_backends_traced_call_names_what_it_takes():
+    """The traced check of k and v is the torch backends': a kernel of NumPy arrays (reference) given a tensor q
+    says that it takes NumPy arrays, as eagerly (the traced check said 'takes torch arrays' of its NumPy k)."""
+    from sparsecore.compiled_call import traced_call
+    kernel = sparsecore.compile(BlockMask.full(1, 16, 16, 8), device="reference")
+    array = np.zeros((1, 1, 16, 8), dtype=np.float32)
+    with pytest.raises(TypeError, match="q: backend 'reference' takes numpy arrays, got Tensor"):
+        traced_call(kernel, torch.from_numpy(array), array, array, None, False)
+
+
 def test_a_layer_holding_a_new_kernel_each_step_runs_one_graph():
     """A method's new mask each step, held by the layer: the op finds the kernel through a tensor slot, so nothing a
     guard watches changes (an int slot was a constant: one recompile per mask, and the 9th failed under
