@@ -1526,20 +1526,24 @@ def test_stats_read_while_a_generation_adds_records_reads_a_copy():
     assert [row["layer"] for row in stats.rows()] == [0, 1]
 
 
+def padded_text_calls(*lengths: int) -> list[dict]:
+    """Tiny HunyuanVideo 1.5 inputs of one step's calls: the same latents, 4 valid text tokens padded to each length."""
+    latents = torch.randn(1, 4, 8, 4, 4, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(0)
+    return [{"hidden_states": latents, "encoder_hidden_states": torch.randn(1, text, 16, generator=gen),
+             "encoder_attention_mask": torch.tensor([[1] * 4 + [0] * (text - 4)]),
+             "encoder_hidden_states_2": torch.randn(1, 4, 8, generator=gen),
+             "encoder_attention_mask_2": torch.tensor([[1, 1, 0, 0]]), "image_embeds": torch.zeros(1, 3, 8)}
+            for text in lengths]
+
+
 @pytest.mark.parametrize("first, second", [(6, 10), (10, 6)])
 def test_calls_of_a_step_whose_text_is_padded_to_other_lengths_each_get_their_length(first, second):
     """Guidance as separate calls on embeddings padded to other lengths (the same valid text): the step's plan is
-    reused where its kernel takes the call's sequence, and planned again where the text is padded shorter than the
-    kernel's (it refused the shorter sequence, naming the user's inputs); each call equals the model alone."""
-    latents = torch.randn(1, 4, 8, 4, 4, generator=torch.Generator().manual_seed(5))
-
-    def data(text: int, gen: torch.Generator) -> dict:
-        return {"hidden_states": latents, "encoder_hidden_states": torch.randn(1, text, 16, generator=gen),
-                "encoder_attention_mask": torch.tensor([[1] * 4 + [0] * (text - 4)]),
-                "encoder_hidden_states_2": torch.randn(1, 4, 8, generator=gen),
-                "encoder_attention_mask_2": torch.tensor([[1, 1, 0, 0]]), "image_embeds": torch.zeros(1, 3, 8)}
-    gen = torch.Generator().manual_seed(0)
-    calls, timestep = [data(first, gen), data(second, gen)], torch.full((1,), 999.0)
+    reused where its kernel takes the call's sequence, and its mask padded to the call's length where the text is
+    padded shorter than the kernel's (that kernel refused the shorter sequence, naming the user's inputs); each call
+    equals the model alone."""
+    calls, timestep = padded_text_calls(first, second), torch.full((1,), 999.0)
     params = dict(method="lvsa", device="cpu", num_steps=1, window=1, reference_frames=4, first_frames=1)
     alone = []
     for inputs in calls:
@@ -1563,20 +1567,12 @@ def test_a_call_padded_shorter_runs_the_steps_mask_without_planning_it_again(mon
     runs the step's mask padded to its length; the search runs once a step, as with the calls in the other order
     (it ran twice, the second replacing the layer's kept mask)."""
     from sparsecore.methods import adaspa
-    latents = torch.randn(1, 4, 8, 4, 4, generator=torch.Generator().manual_seed(5))
-
-    def data(text: int, gen: torch.Generator) -> dict:
-        return {"hidden_states": latents, "encoder_hidden_states": torch.randn(1, text, 16, generator=gen),
-                "encoder_attention_mask": torch.tensor([[1] * 4 + [0] * (text - 4)]),
-                "encoder_hidden_states_2": torch.randn(1, 4, 8, generator=gen),
-                "encoder_attention_mask_2": torch.tensor([[1, 1, 0, 0]]), "image_embeds": torch.zeros(1, 3, 8)}
     searches, search = [], adaspa._search
     monkeypatch.setattr(adaspa, "_search", lambda *args, **kwargs: searches.append(args[4]) or search(*args, **kwargs))
     model = tiny_hunyuan()
     for order in ((10, 6), (6, 10)):
         searches.clear()
-        gen = torch.Generator().manual_seed(0)
-        calls = [data(text, gen) for text in order]
+        calls = padded_text_calls(*order)
         handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=3, warmup_steps=1, search_steps=(1, 2),
                               block_size=16, sparsity=0.5, store="device")
         with torch.no_grad():
