@@ -95,10 +95,10 @@ class CompiledKernel:
         return (out, lse) if return_lse else out
 
     def wait_for_warmups(self, timeout: float | None = None) -> bool:
-        """Wait until the background warm-ups queued so far have ended (:func:`sparsecore.warmup.wait`): True if
-        they did within ``timeout`` seconds. The next call then runs the warmed backend; where the warm-up found it does
-        not load, the next choice (which, if slow too, warms up in turn); where it failed, it warns and loads that
-        backend in place."""
+        """Wait until the warm-ups queued so far (those of calls still running too) have ended: True if they did within
+        ``timeout`` seconds. The next call runs the warmed backend; where it does not load, the next choice (a slow one
+        warms up in turn); where its warm-up failed, it warns and loads that backend in place."""
+        self._submit_queued()                 # a call in another thread queued one that starts after its launch
         return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:

@@ -9,6 +9,7 @@ the mask). Both are one ``index_select`` on the device with an index uploaded on
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -18,12 +19,15 @@ from sparsecore.ir.validation import check_int, frozen
 
 
 _LIVE: "weakref.WeakSet[TokenOrder]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()      # a set that another thread adds to while it is read raises (clear_cache's thread)
 
 
 def forget_device_copies() -> None:
     """Drop every live order's device indices (:func:`sparsecore.clear_cache` calls it); the next gather uploads
     again."""
-    for order in list(_LIVE):
+    with _LIVE_LOCK:
+        orders = list(_LIVE)
+    for order in orders:
         order._on_device.clear()
 
 
@@ -46,7 +50,8 @@ class TokenOrder:
         self.inverse = frozen(np.argsort(self.index))
         self.name = name
         self._on_device: dict[tuple[bool, str, int], Any] = {}
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -133,6 +133,36 @@ def test_token_order_gathers_and_scatters_and_keeps_padding_in_place():
         TokenOrder(np.zeros((2, 2), dtype=np.int64), "bad")
 
 
+def test_clear_cache_reads_the_live_orders_while_another_thread_makes_one(monkeypatch):
+    """sparsecore.clear_cache() reads every live TokenOrder while a pipeline thread may make one (STA at a new
+    size): reading the set as another thread added to it raised 'Set changed size during iteration' and left
+    clear_cache half done. Here the other thread makes its order in the middle of the read; it waits for the read."""
+    import threading
+    import weakref
+    from sparsecore import ordering
+    made = []
+
+    class ReadSlowly(weakref.WeakSet):
+        def __iter__(self):
+            for i, order in enumerate(super().__iter__()):
+                if i == 0:                       # another thread makes an order while this one reads
+                    maker = threading.Thread(target=lambda: made.append(TokenOrder(np.arange(3), "new")))
+                    maker.start()
+                    maker.join(0.2)
+                yield order
+    live = ReadSlowly()
+    keep = [TokenOrder(np.arange(3), f"order {i}") for i in range(2)]
+    for order in keep:
+        live.add(order)
+    monkeypatch.setattr(ordering, "_LIVE", live)
+    sparsecore.clear_cache()
+    for _ in range(50):                          # the maker ends once the read has
+        if made:
+            break
+        threading.Event().wait(0.1)
+    assert len(made) == 1 and made[0] in live
+
+
 def test_mask_strategy_gives_windows_per_step_layer_and_head(tmp_path):
     """FastVideo's json: full windows at a step make it dense; other steps get per-head windows in one mask."""
     geometry = VideoGeometry(6, 8, 8, text_tokens=5)                     # grid of 3 x 2 x 2 tiles of (2, 4, 4)

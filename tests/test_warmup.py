@@ -499,3 +499,26 @@ def test_a_call_decides_on_gradients_by_its_own_backend_not_one_another_thread_c
     out = kernel(q, k, v)
     with pytest.raises(RuntimeError, match="fake-quick"):      # the backend that ran has no backward: named
         out.sum().backward()
+
+
+def test_waiting_from_another_thread_starts_a_warm_up_a_running_call_queued(fakes):
+    """A call queues its warm-up and starts it after its own launch: a thread waiting meanwhile (its first call still
+    in the fallback) got True at once and its next call still ran the fallback. Waiting now starts it."""
+    slow, quick = fakes
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    q, k, v = _inputs()
+    quick.gate.clear()                                      # the first call stays in the fallback's run
+    first = threading.Thread(target=lambda: kernel(q, k, v), name="first-call")
+    first.start()
+    try:
+        for _ in range(300):
+            if quick.runs:
+                break
+            threading.Event().wait(0.1)
+        assert quick.runs and first.is_alive() and not slow.runs     # queued, not started
+        assert kernel.wait_for_warmups(timeout=30)
+        assert [thread for thread, _ in slow.runs] == ["sparsecore-warmup"]
+        assert float(kernel(q, k, v).flatten()[0]) == FAST
+    finally:
+        quick.gate.set()
+        first.join(30)
