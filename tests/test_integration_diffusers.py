@@ -1582,3 +1582,26 @@ def test_a_call_padded_shorter_runs_the_steps_mask_without_planning_it_again(mon
         handle.remove()
         layers = model.config.num_layers
         assert searches == [1] * layers + [2] * layers and all(o.isfinite().all() for o in outs)
+
+
+def test_a_forward_retried_after_a_failed_plan_plans_again():
+    """A plan that raised (a callable failing once at layer 1: out of memory, a bug) left a plan with no mask in the
+    planner, which the retried forward of that step reused: layer 1 ran dense. The retry now plans the layer again
+    and gives the mask's output."""
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=1)
+    expected = forward(model, inputs, 999.0)
+    handle.remove()
+    failures = [1]
+
+    def fails_once_at_layer_1(geometry, num_heads, step, layer):
+        if layer == 1 and failures:
+            raise RuntimeError(f"transient failure {failures.pop()}")
+        return random_mask(geometry, num_heads, step, layer)
+    handle = sparse.apply(model, method=fails_once_at_layer_1, device="cpu", num_steps=1)
+    try:
+        with pytest.raises(RuntimeError, match="transient failure 1"):
+            forward(model, inputs, 999.0)
+        torch.testing.assert_close(forward(model, inputs, 999.0), expected, rtol=0, atol=0)   # the same step again
+    finally:
+        handle.remove()

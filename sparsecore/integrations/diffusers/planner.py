@@ -1,30 +1,26 @@
 """From one layer's q, k, v to its attention output: the method's decision, the mask, the kernel.
 
-For every (layer, valid-token geometry) the first call of a step asks the method's session
-what the step does (:meth:`Session.action`), plans the mask if it must (with q, k only when
-the method needs them), compiles it, and keeps all of that for the other calls of the step
-(classifier-free guidance run as separate calls reuses it). A mask the method makes from
-each call's q, k alone (``StepAction.per_call``: PASA's) is planned at every call and kept
-by nothing after it, unless :attr:`Planner.keep_masks` is set: holding every layer's lists
-while the others run would put them all on top of the model's peak memory (1.7 GiB at Wan
-6x). Dense steps run the model's dense attention (the processors' dispatch: FlashAttention-4's dense forward
-where measured faster, see :meth:`.SparseProcessor.faster_dense`); a step whose action ``wants_lse`` runs dense
-attention that also returns its LSE (:func:`sparsecore.search.dense_attention`, with its faster dense op unless
-``apply(..., dense_attention="model")``) (AdaSpa's step before its first search by default; with
-``first_search="fused"`` the first search step itself, which also takes the block masses where a
-backend gives them from the same pass, :func:`sparsecore.search.dense_attention_with_mass`, and
-prepares the kernel of the searched mask there, so the step after it only launches). One
-session per geometry, so batches whose text lengths differ (HunyuanVideo 1.5) keep separate
-per-layer state.
+For every (layer, valid-token geometry) the first call of a step asks the method's session what the step does
+(:meth:`Session.action`), plans the mask if it must (with q, k only when the method needs them), compiles it, and
+keeps all of that for the other calls of the step (classifier-free guidance run as separate calls reuses it). A mask
+the method makes from each call's q, k alone (``StepAction.per_call``: PASA's) is planned at every call and kept by
+nothing after it, unless :attr:`Planner.keep_masks` is set: holding every layer's lists while the others run would put
+them all on top of the model's peak memory (1.7 GiB at Wan 6x). Dense steps run the model's dense attention (the
+processors' dispatch: FlashAttention-4's dense forward where measured faster, see
+:meth:`.SparseProcessor.faster_dense`); a step whose action ``wants_lse`` runs dense attention that also returns its
+LSE (:func:`sparsecore.search.dense_attention`, with its faster dense op unless ``apply(...,
+dense_attention="model")``) (AdaSpa's step before its first search by default; with ``first_search="fused"`` the first
+search step itself, which also takes the block masses where a backend gives them from the same pass,
+:func:`sparsecore.search.dense_attention_with_mass`, and prepares the kernel of the searched mask there, so the step
+after it only launches). One session per geometry, so batches whose text lengths differ (HunyuanVideo 1.5) keep
+separate per-layer state.
 
-Masks the session builds on the device stay there: nothing here hashes or copies them. A
-session may keep its masks in host memory between steps (AdaSpa's ``store="host"``): such a
-mask is copied to the device at each call, compiled, and dropped after the call.
-Masks whose valid tokens are a prefix of a padded sequence run extended by padding blocks
-that no row lists (:meth:`BlockMask.with_padding`): output 0 on the padding, as the
-model's masked attention gives. Masks that approximate their unlisted blocks (PASA) cannot be
-extended so (the padding would enter every row's approximation): they run on the valid
-prefix alone and the padding rows' output is written as 0.
+Masks the session builds on the device stay there: nothing here hashes or copies them. A session may keep its masks in
+host memory between steps (AdaSpa's ``store="host"``): such a mask is copied to the device at each call, compiled, and
+dropped after the call. Masks whose valid tokens are a prefix of a padded sequence run extended by padding blocks that
+no row lists (:meth:`BlockMask.with_padding`): output 0 on the padding, as the model's masked attention gives. Masks
+that approximate their unlisted blocks (PASA) cannot be extended so (the padding would enter every row's
+approximation): they run on the valid prefix alone and the padding rows' output is written as 0.
 """
 
 from __future__ import annotations
@@ -304,9 +300,13 @@ class Planner:
                 previous.seq_len = seq_len
             return previous, False
         del previous                                     # :meth:`_plan` decides how long the old plan lives
-        with faster_dense_allowed(self.faster_dense):              # the plan's dense passes (a search's LSE)
-            plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard, like,
-                                                            io), like.device)
+        try:
+            with faster_dense_allowed(self.faster_dense):              # the plan's dense passes (a search's LSE)
+                plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard,
+                                                                like, io), like.device)
+        except BaseException:   # a half-made plan (no mask, no kernel; a dense output) is not reused by a retry
+            self._plans.pop((layer, geometry), None)
+            raise
         return plan, True
 
     def _release_stale(self, mask: BlockMask, step: int) -> None:
