@@ -83,7 +83,7 @@ def plans(geometry: VideoGeometry):
     yield "adaspa", adaspa.plan(geometry, 4, step=20, layer=1, q=q, k=k, block_size=8)
     yield "lvsa", lvsa.plan(geometry, 4, step=7, window=1, first_frames=1, reference_frames=2)
     yield "lvsa-blocks", lvsa.plan(geometry, 4, step=7, window=1, first_frames=1, reference_frames=2, block_size=8)
-    yield "dense", pasa.plan(geometry, 4, step=0, layer=2, q=q, k=k, block_size=8)
+    yield "dense", pasa.plan(geometry, 4, step=0, layer=2, q=q, k=k, block_size=8, approximation="drop")
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)

@@ -108,14 +108,17 @@ def test_method_sessions_plan_only_visible_blocks_and_run_them_exactly(method, m
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=5e-6)
 
 
-def test_an_explicit_approximation_is_refused_and_the_pipeline_may_switch_causal_blocks_on_after_apply():
+@pytest.mark.parametrize("method, approximation", [("pasa", "grouped-first-order"), ("adaspa", "zeroth")])
+def test_an_explicit_approximation_is_refused_and_the_pipeline_may_switch_causal_blocks_on_after_apply(method,
+                                                                                                      approximation):
+    """Refused at the first forward, a dense step (it was at the first sparse step, after every dense step ran)."""
     _, model, inputs = causal_case()
-    handle = sparse.apply(model, method="pasa", device="cpu", num_steps=4, approximation="grouped-first-order",
-                          **METHODS["pasa"])
+    handle = sparse.apply(model, method=method, device="cpu", num_steps=4, approximation=approximation,
+                          **METHODS[method])
     try:
-        forward(model, inputs, 999.0)                                              # dense: nothing approximated
         with pytest.raises(ValueError, match="approximation: .*approximation='drop'"):
-            forward(model, inputs, 750.0)
+            forward(model, inputs, 999.0)
+        assert handle.stats() == []                              # refused before the layer planned anything
     finally:
         handle.remove()
     free = tiny_skyreels_v2()

@@ -256,7 +256,7 @@ def test_a_reuse_step_after_a_skipped_cached_first_search_is_refused():
     session = adaspa.session(8, warmup_steps=2, search_steps=(2, 5), block_size=8)
     assert [session.action(g, t, 0).label for t in range(4)] == ["dense", "dense-lse", "cached-search", "reuse"]
     session.plan(g, 2, step=1, layer=0, q=q, k=k)                        # keeps the LSE; step 2 is skipped
-    with pytest.raises(ValueError, match="no search result cached for this layer at step 3 .reuse.; call plan at "
+    with pytest.raises(ValueError, match="no search result cached for this layer at step 3 .reuse.; plan "
                                          "step 2"):
         session.plan(g, 2, step=3, layer=0, q=q, k=k)
     assert session.plan(g, 2, step=2, layer=0, q=q, k=k).meta["action"] == "cached-search"   # the search, late
@@ -309,7 +309,7 @@ def test_a_cached_first_search_uses_the_lse_of_the_step_before():
     # a layer whose step 9 never ran here (Wan 2.2's second expert has its own handle): this step's own LSE
     assert session.plan(g, 3, step=10, layer=1, q=q10, k=k10).fingerprint() == \
         adaspa.plan(g, 3, step=10, layer=1, q=q10, k=k10, **block).fingerprint()
-    with pytest.raises(ValueError, match="call plan at step 10 .*or the step before it"):
+    with pytest.raises(ValueError, match="plan step 10 .*or the step before it"):
         session.plan(g, 3, step=11, layer=2)
     with pytest.raises(ValueError, match="first_search: expected one of"):
         adaspa.session(first_search="lazy")

@@ -1,10 +1,9 @@
 """AdaSpa: exact block-mass search, row-wise top-k, head-adaptive budgets, reused across steps.
 
-Paper: "Training-free and Adaptive Sparse Attention for Efficient Long Video
-Generation", Xia et al., arXiv 2502.21079 (v1; ICCV 2025): Sec. 4.2 (Fused LSE-Cached
-Search, Alg. 1-2; head-adaptive hierarchical budgets), Sec. 4.3 (block 64, sparsity
-0.8, text sink, row-wise selection), Sec. 5 / Fig. 7 (50 steps, 10 dense, Ts = {10, 30}).
-Official code: none public (the paper's kernel builds on mit-han-lab/Block-Sparse-Attention).
+Paper: "Training-free and Adaptive Sparse Attention for Efficient Long Video Generation", Xia et al., arXiv 2502.21079
+(v1; ICCV 2025): Sec. 4.2 (Fused LSE-Cached Search, Alg. 1-2; head-adaptive hierarchical budgets), Sec. 4.3 (block 64,
+sparsity 0.8, text sink, row-wise selection), Sec. 5 / Fig. 7 (50 steps, 10 dense, Ts = {10, 30}). Official code: none
+public (the paper's kernel builds on mit-han-lab/Block-Sparse-Attention).
 
 Pattern: the sequence is cut into ``block_size``-token blocks (video and text in
 separate blocks). A search step computes the softmax mass of every (query block, key
@@ -69,7 +68,7 @@ from . import causal
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple,
                        check_layer, check_lse, check_qk, check_scale, check_shard, check_step,
                        fixed_block_offsets, geometry_meta, params_from)
-from .approximation import check_approximation, unselected_of, with_unselected
+from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .selection import SinkLayout, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask, top_video
 
 METHOD = "adaspa"
@@ -273,6 +272,7 @@ class AdaSpaSession:
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
+        check_causal(unselected_of(self.params.approximation, 32), geometry)       # at any step: dense ones too
         searches, held, reuse = self.params.search_steps, self.store == "host", self.params.scale is None
         cached_first = self.params.first_search_kind == "cached"    # reuse: a dense pass's LSE is at 1/sqrt(D)
         if step < searches[0]:
@@ -332,8 +332,8 @@ class AdaSpaSession:
             self._keep_lse(layer, geometry, shard, q, k, lse)
         if layer not in self._lse or (action.label != "cached-search" and layer not in self._masks):
             raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
-                             f"({action.label}); call plan at step {p.search_steps[0]} (the first search) or "
-                             f"the step before it for every layer first")
+                             f"({action.label}); plan step {p.search_steps[0]} (the first search) or the step before "
+                             f"it for every layer first (in diffusers, a set_step that skips no search)")
         if action.label == "cached-search":
             lse = self._lse[layer]
             if isinstance(q, torch.Tensor):        # a batch of another size (CFG stopped): this search's own LSE

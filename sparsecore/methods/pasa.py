@@ -329,6 +329,7 @@ class PASASession:
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)
+        check_causal(unselected_of(self.params.approximation, self.params.group_size), geometry)   # at any step
         if self.schedule[step] >= 1.0 or (layer is not None and layer in self.params.dense_layers):
             return StepAction("dense", dense=True, plans=False)
         return StepAction("select", dense=False, plans=True, needs_qk=True, per_call=True)
@@ -344,8 +345,7 @@ class PASASession:
                 "params": p.meta(), "geometry": geometry_meta(geometry), "action": action.label}
         if action.dense:
             return dense_mask(geometry, shard.size, meta)
-        unselected = unselected_of(p.approximation, p.group_size)
-        check_causal(unselected, geometry)                  # before the scores: refused whatever they are
+        unselected = unselected_of(p.approximation, p.group_size)           # refused by action where causal
         offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
         q, k = check_qk(q, k, geometry, shard.size)
         layout = SinkLayout.of(geometry, offsets)
