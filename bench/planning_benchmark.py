@@ -121,6 +121,9 @@ def cases(geometry: VideoGeometry, device: str, dtype: torch.dtype, methods: lis
         lvsa_session = lvsa.session(num_steps=50)
         yield "lvsa", "other layers of the step (rotation held)", \
             lambda: prepared(lvsa_session.plan(geometry, HEADS, step=21), q, k, v, device)
+        # its mask on 64-token blocks instead of frames (block_size=64): the plan alone, the lists being most of it
+        yield "lvsa", "a step's new rotation, 64-token blocks (plan alone)", \
+            lambda: lvsa.session(num_steps=50, block_size=64).plan(geometry, HEADS, step=20)
     if wanted("adaspa"):
         yield from adaspa_cases(geometry, device, q, k, v)
     if wanted("sta"):

@@ -236,3 +236,24 @@ def test_the_memoized_pattern_is_read_only():
     for array in (pattern.anchors, pattern.windows):
         with pytest.raises(ValueError, match="read-only"):
             array[...] = 0
+
+
+@pytest.mark.parametrize("num_heads, budgets", [(1, None), (5, None), (3, [0.25, 0.5, 1.0])])
+def test_a_shared_mask_gives_every_head_the_map(num_heads, budgets):
+    """selection.shared_mask builds one head's lists and copies them to the others without checking them again:
+    each head's token mask is the map's, its budget the map's density or the one given, and the mask is valid."""
+    from sparsecore import BlockMask
+    from sparsecore.methods.selection import shared_mask
+    rng = np.random.default_rng(num_heads)
+    q_offsets, kv_offsets = np.array([0, 5, 12, 13, 30]), np.array([0, 7, 9, 20, 21, 26])
+    block_map = rng.random((4, 5)) < 0.5
+    block_map[1] = False                                              # an empty row
+    mask = shared_mask(block_map, num_heads, q_offsets, kv_offsets, budgets=budgets, meta={"method": "test"})
+    want = np.repeat(np.repeat(block_map, np.diff(q_offsets), axis=0), np.diff(kv_offsets), axis=1)
+    assert (expand_to_tokens(mask) == want[None]).all() and mask.num_heads == num_heads
+    expected_budgets = [block_map.mean()] * num_heads if budgets is None else budgets
+    np.testing.assert_allclose(mask.budgets, expected_budgets)
+    checked = BlockMask(num_heads, q_offsets, kv_offsets, mask.indptr, mask.indices, mask.budgets, mask.meta)
+    assert checked == mask and not mask.indptr.flags.writeable and mask.meta["method"] == "test"
+    with pytest.raises(ValueError, match="budgets"):
+        shared_mask(block_map, 2, q_offsets, kv_offsets, budgets=[0.5, 1.5])
