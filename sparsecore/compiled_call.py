@@ -87,12 +87,10 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     are tensors is checked here (the eager call's TypeError), and so are the types of ``scale`` and ``return_lse``,
     which the op's schema types (a traced scale may be symbolic: its value is checked in the op).
     """
-    if kernel.backend.capabilities.array_type != "torch":   # a kernel of NumPy arrays (reference): q is a tensor
-        kernel._check_shape(q, k, v)                        # the eager call's TypeError
-    for name, t in (("k", k), ("v", v)):                   # Dynamo would trace a NumPy array as a tensor
-        if not isinstance(t, torch.Tensor):
-            hint = " (convert with torch.from_numpy)" if isinstance(t, np.ndarray) else ""
-            raise TypeError(f"{name}: backend {kernel.backend.name!r} takes torch arrays, got {type(t).__name__}{hint}")
+    # inputs the op cannot take (Dynamo would trace a NumPy k as a tensor; a kernel of NumPy arrays, reference, gets
+    # a tensor q): the eager call's TypeError
+    if kernel.backend.capabilities.array_type != "torch" or not all(isinstance(t, torch.Tensor) for t in (k, v)):
+        kernel._check_shape(q, k, v)
     if wants_gradient(q, k, v) and kernel.differentiable:
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
     if isinstance(scale, (np.generic, np.ndarray, Fraction)):
