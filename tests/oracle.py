@@ -38,11 +38,14 @@ def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, tokens: np.ndar
     v = np.repeat(v, group, axis=1)
     scores = q @ np.swapaxes(k, -1, -2) * scale
     scores = np.where(tokens[None], scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
-    kept = np.isfinite(row_max)
-    shifted = np.exp(scores - np.where(kept, row_max, 0.0))
-    total = shifted.sum(axis=-1, keepdims=True)
-    probs = np.where(kept, shifted / np.where(kept, total, 1.0), 0.0)
-    out = probs @ v
-    lse = np.where(kept, row_max + np.log(np.where(kept, total, 1.0)), -np.inf)[..., 0]
+    # a row is empty when it lists no key, not when its scores are non-finite: a NaN query or key gives NaN as
+    # dense attention does (np.max propagates NaN; an infinite maximum gives inf - inf = NaN in the shift)
+    kept = np.broadcast_to(tokens[None].any(axis=-1, keepdims=True), scores.shape[:-1] + (1,))
+    with np.errstate(invalid="ignore", over="ignore"):
+        row_max = np.where(kept, scores.max(axis=-1, keepdims=True), 0.0)
+        shifted = np.where(tokens[None], np.exp(scores - row_max), 0.0)
+        total = shifted.sum(axis=-1, keepdims=True)
+        probs = np.where(kept, shifted / np.where(kept, total, 1.0), 0.0)
+        out = probs @ v
+        lse = np.where(kept, row_max + np.log(np.where(kept, total, 1.0)), -np.inf)[..., 0]
     return out, lse

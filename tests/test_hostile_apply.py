@@ -97,3 +97,25 @@ def test_apply_twice_is_refused_and_a_valid_apply_still_works():
         refused(lambda: handle.mask(len(MODEL.blocks)), "layer")       # returned None, as for "not planned yet"
     finally:
         handle.remove()
+
+
+def test_processors_replaced_after_apply_are_reported_not_run_silently():
+    """Processors set after apply() (``set_attn_processor``) bypass the handle: with every layer replaced the forward
+    ran dense without a word (its stats empty), with some replaced the error blamed skipped blocks."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from test_integration_diffusers import forward, wan_inputs
+
+    model = tiny_wan()
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=10)
+    try:
+        model.blocks[1].attn1.set_processor(WanAttnProcessor())
+        with pytest.raises(ValueError, match=r"of 1 of its 2 self-attention layers \(from layer 1\) were replaced"):
+            forward(model, wan_inputs(), 999.0)
+        model.blocks[0].attn1.set_processor(WanAttnProcessor())
+        before = handle.stats()
+        with pytest.warns(RuntimeWarning, match=r"of 2 of its 2 .* call remove\(\) on the handle"):
+            forward(model, wan_inputs(), 999.0)
+        assert handle.stats() == before                 # no layer of this forward reached sparsecore
+    finally:
+        handle.remove()
+    assert processors(model) == [WanAttnProcessor, WanAttnProcessor]      # remove() put the originals back

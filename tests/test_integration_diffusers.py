@@ -1516,11 +1516,15 @@ def test_stats_read_while_a_generation_adds_records_reads_a_copy():
 
     stats, g = Stats(), VideoGeometry(2, 4, 4)
 
+    def plan(layer: int) -> Any:                                             # a layer's call planned, as the planner does
+        return stats.planned(lambda: SimpleNamespace(record=stats.record(0, layer, 0, g, g.tokens, 2, None, "plan")),
+                             torch.device("cpu")).record
+
     class CountThatAddsARecord:
         def __float__(self) -> float:
-            stats.record(0, 1, 0, g, g.tokens, 2, None, "plan")            # the generation thread, meanwhile
+            plan(1)                                                          # the generation thread, meanwhile
             return 8.0
-    record = stats.record(0, 0, 0, g, g.tokens, 2, None, "plan")
+    record = plan(0)
     record.kept, record.pairs = [CountThatAddsARecord()], 16
     assert [row["density"] for row in stats.rows()] == [0.5]
     assert [row["layer"] for row in stats.rows()] == [0, 1]
@@ -1603,5 +1607,6 @@ def test_a_forward_retried_after_a_failed_plan_plans_again():
         with pytest.raises(RuntimeError, match="transient failure 1"):
             forward(model, inputs, 999.0)
         torch.testing.assert_close(forward(model, inputs, 999.0), expected, rtol=0, atol=0)   # the same step again
+        assert [row["calls"] for row in handle.stats()] == [2, 1]     # the failed attempt counted no call of layer 1
     finally:
         handle.remove()

@@ -25,6 +25,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import refuse_capture
 from sparsecore.ir.validation import check_index
 from sparsecore.methods import HeadShard, sta
+from sparsecore.methods.contract import check_bool
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
@@ -33,7 +34,7 @@ from .kandinsky import check_token_order
 from .ltx import CheckedCoords, packed_grid
 from .models import ModelSpec
 from .planner import Planner
-from .processors import SparseProcessor, set_processor
+from .processors import SparseProcessor, replaced_processors, set_processor
 from .sharded import ShardedAttention
 from .stats import Stats
 from .steps import StepTracker
@@ -77,7 +78,7 @@ class SparseAttentionHandle:
         self._checked_coords = CheckedCoords()                   # LTX-2's video_coords, read once per tensor
         self._removed = False
         self._originals: list[tuple[weakref.ref, Any]] = []      # (attention module, weakly; its processor)
-        self._processors: list[SparseProcessor] = []
+        self._processors: list[SparseProcessor] = []             # sparsecore's, one per layer
         self._calls = 0
         self._hooks: list[Any] = []
         self.id = op.register(self, model)
@@ -123,17 +124,13 @@ class SparseAttentionHandle:
     def keep_masks(self, enabled: bool = True) -> None:
         """Keep each layer's last mask (and kernel) for :meth:`mask` also where the method plans at every call
         (PASA, NABLA), at the memory cost of every layer's lists held at once; other methods keep theirs anyway."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
-        self._planner.keep_masks = enabled
+        self._planner.keep_masks = check_bool(enabled, "enabled")
 
     def timing(self, enabled: bool = True) -> None:
         """Record the time of every attention call (device events) into ``stats()`` as ``ms``, and each plan's
         host time as ``plan_ms``. To time a plan alone the device is synchronized before it, so a step runs
         slower with timing on: time whole steps with it off."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
-        self._stats.timing = enabled
+        self._stats.timing = check_bool(enabled, "enabled")
 
     def audit(self, enabled: bool = True, *, layers: Iterable[int] | None = None,
               steps: Iterable[int] | None = None) -> None:
@@ -145,8 +142,7 @@ class SparseAttentionHandle:
         attention and the mask's kernel once more and reads the numbers on the host; ``audit(False)`` stops. Not
         under sparsecore's sequence split (ring, unified): raises.
         """
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__} {enabled!r}")
+        check_bool(enabled, "enabled")
         layout = parallel.layout(self._processors[0]._parallel_config) if self._processors else None
         if enabled and layout is not None and (layout.ring.world > 1 or self.spec.joint_text):
             raise ValueError(NO_SEQUENCE_SPLIT)
@@ -267,9 +263,14 @@ class SparseAttentionHandle:
         self.active = False
         self._restore_causal_setting(module)
         self._text_cache = None
-        if output is None:                           # the forward raised (this hook runs always): its error stands
+        if output is None:                     # the forward raised (this hook runs always): its error stands
             return
-        if calls not in (0, len(self._processors)):
+        replaced = replaced_processors(self._originals, self._processors) if calls != len(self._processors) else None
+        if replaced and calls:        # some layers ran sparsecore, the others the new processors
+            raise ValueError(replaced)
+        if replaced:                  # none ran sparsecore: the forward ran the new processors (dense, as a rule)
+            warnings.warn(replaced, RuntimeWarning, stacklevel=2)
+        elif calls not in (0, len(self._processors)):
             raise ValueError(f"transformer: {calls} of its {len(self._processors)} self-attention layers ran in this "
                              f"forward; sparsecore counts layers by their order in the forward, so blocks must not be "
                              f"skipped (a block cache, a pruned model); {self.dense_remedy()}")
@@ -319,9 +320,8 @@ class SparseAttentionHandle:
         layout = parallel.layout(processor._parallel_config)
         if layout is not None and (layout.ring.world > 1 or self.spec.joint_text):
             return self._attend_sharded(processor, layout, query, key, value, text_mask)
-        text_valid = None
-        if self.spec.joint_text:
-            text_valid = self.text_valid(processor, text_mask, query.shape[0], query.shape[1] - self.geometry.tokens)
+        text_valid = self.text_valid(processor, text_mask, query.shape[0], query.shape[1] - self.geometry.tokens) \
+            if self.spec.joint_text else None
         if layout is None:
             return self._attend_groups(processor.layer, query, key, value, text_valid, processor.dense, None)
         group, layer, geometry, heads = layout.ulysses, processor.layer, self.geometry, query.shape[2]

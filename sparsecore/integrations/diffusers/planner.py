@@ -302,8 +302,8 @@ class Planner:
         del previous                                     # :meth:`_plan` decides how long the old plan lives
         try:
             with faster_dense_allowed(self.faster_dense):              # the plan's dense passes (a search's LSE)
-                plan = self.stats.plan_timed(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard,
-                                                                like, io), like.device)
+                plan = self.stats.planned(lambda: self._plan(layer, geometry, step, run, seq_len, heads, shard,
+                                                             like, io), like.device)
         except BaseException:   # a half-made plan (no mask, no kernel; a dense output) is not reused by a retry
             self._plans.pop((layer, geometry), None)
             raise

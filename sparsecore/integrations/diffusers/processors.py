@@ -382,3 +382,18 @@ def set_processor(module: Any, processor: Any) -> None:
         module.processor = processor
     else:
         setter(processor)
+
+
+
+def replaced_processors(originals: list[tuple[Any, Any]], processors: list[Any]) -> str | None:
+    """What to say where attention modules hold processors other than sparsecore's (set after ``apply()``, e.g. by
+    ``set_attn_processor``): their calls bypass the handle. None where all are sparsecore's. ``originals``: (weak
+    module, original processor) per layer, as ``processors``."""
+    replaced = [processor.layer for (module, _), processor in zip(originals, processors)
+                if module() is not None and getattr(module(), "processor", None) is not processor]
+    if not replaced:
+        return None
+    return (f"transformer: the attention processors of {len(replaced)} of its {len(processors)} self-attention "
+            f"layers (from layer {replaced[0]}) were replaced after apply(), so they bypassed sparsecore in this "
+            f"forward; call remove() on the handle before setting other processors (and apply() again after, for "
+            f"sparse attention)")

@@ -74,15 +74,15 @@ class Stats:
 
     def record(self, run: int, layer: int, step: int, geometry: VideoGeometry, seq_len: int, heads: int,
                shard: HeadShard | None, action: str) -> Record:
-        """The record of this (run, layer, step, geometry), counting this call (a new one, or planned again)."""
+        """The record of this (run, layer, step, geometry): a new one, or the one planned before (after set_step, or
+        after a failed attempt). The planner counts the call in ``calls`` once its plan is made."""
         key = (run, layer, step, geometry)
         found = self._records.get(key)
-        if found is not None:                                        # planned again after set_step
-            found.fields["calls"] += 1
+        if found is not None:
             return found
         if self._records and run > next(reversed(self._records))[0]:     # a new run: forget the older runs
             self._records = {k: r for k, r in self._records.items() if k[0] > run - KEPT_RUNS}
-        fields = {"run": run, "layer": layer, "step": step, "action": action, "calls": 1,
+        fields = {"run": run, "layer": layer, "step": step, "action": action, "calls": 0,
                   "tokens": geometry.tokens, "text_tokens": geometry.text_tokens, "padding": seq_len - geometry.tokens,
                   "heads": [0, heads] if shard is None else [shard.start, shard.stop]}
         self._records[key] = Record(fields, visible=geometry.visible_pairs)
@@ -97,15 +97,16 @@ class Stats:
         with record.watch:
             return fn()
 
-    def plan_timed(self, plan: Callable[[], Any], device: torch.device) -> Any:
-        """``plan()`` (which returns an object with a ``record``), its host time stored there when timing is on."""
-        if not self.timing:
-            return plan()
-        synchronize(device)
+    def planned(self, plan: Callable[[], Any], device: torch.device) -> Any:
+        """``plan()`` (which returns an object with a ``record``), counted as a call of its record once made (a failed
+        attempt is not a call), its host time added there when timing is on."""
+        if self.timing:
+            synchronize(device)
         began = time.perf_counter()
         result = plan()
-        record = result.record                                      # a record planned at several calls sums them
-        record.plan_seconds = (record.plan_seconds or 0.0) + time.perf_counter() - began
+        result.record.fields["calls"] += 1
+        if self.timing:                                     # a record planned at several calls sums them
+            result.record.plan_seconds = (result.record.plan_seconds or 0.0) + time.perf_counter() - began
         return result
 
     def rows(self) -> list[dict]:
@@ -115,6 +116,8 @@ class Stats:
         for device in {r.kept_on for r in records if r.kept_on is not None}:
             synchronize(device)                      # the counts' copies to the host have run
         for record in records:
+            if not record.fields["calls"]:         # no plan made yet: its attempts failed, or one is being made
+                continue
             row = dict(record.fields)
             row["density"] = sum(float(k) for k in record.kept) / record.pairs if record.kept else 1.0
             row["backend"] = record.backend
