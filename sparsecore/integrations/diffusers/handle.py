@@ -263,7 +263,7 @@ class SparseAttentionHandle:
         self.active = False
         self._restore_causal_setting(module)
         self._text_cache = None
-        if output is None:                     # the forward raised (this hook runs always): its error stands
+        if output is None:                           # the forward raised (this hook runs always): its error stands
             return
         replaced = replaced_processors(self._originals, self._processors) if calls != len(self._processors) else None
         if replaced and calls:        # some layers ran sparsecore, the others the new processors

@@ -384,7 +384,6 @@ def set_processor(module: Any, processor: Any) -> None:
         setter(processor)
 
 
-
 def replaced_processors(originals: list[tuple[Any, Any]], processors: list[Any]) -> str | None:
     """What to say where attention modules hold processors other than sparsecore's (set after ``apply()``, e.g. by
     ``set_attn_processor``): their calls bypass the handle. None where all are sparsecore's. ``originals``: (weak

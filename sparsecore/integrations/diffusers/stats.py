@@ -75,7 +75,7 @@ class Stats:
     def record(self, run: int, layer: int, step: int, geometry: VideoGeometry, seq_len: int, heads: int,
                shard: HeadShard | None, action: str) -> Record:
         """The record of this (run, layer, step, geometry): a new one, or the one planned before (after set_step, or
-        after a failed attempt). The planner counts the call in ``calls`` once its plan is made."""
+        after a failed attempt); :meth:`planned` counts the call in ``calls`` once its plan is made."""
         key = (run, layer, step, geometry)
         found = self._records.get(key)
         if found is not None:
