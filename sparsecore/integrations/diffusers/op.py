@@ -8,11 +8,13 @@ Compiled transformers (diffusers' ``compile_repeated_blocks(fullgraph=True)``,
 ``torch.compile(transformer)``) therefore run with no graph break in the blocks, and no
 recompilation across steps: masks change inside the op, not in anything a guard watches.
 
-The op's arguments are the processor's tensors and one int, the model's slot: the same for
-every layer and for every handle applied to that model (Dynamo specializes on ints, so
-re-applying sparsecore to a compiled model compiles nothing again). The layer is the call's
-place in the forward, counted by the handle, so a compiled block's code is shared by every
-layer.
+The op's arguments are the processor's tensors and the model's slot, the same for every layer
+and for every handle applied to that model. The slot travels as a 0-d CPU tensor, a graph input
+(as :mod:`sparsecore.compiled_call`'s): Dynamo guards on a Python int's value, so an int slot made
+every other model of a class (a reloaded model, Wan 2.2's second expert) compile the shared block
+code again, and the ninth hit the recompile limit (an error under ``fullgraph=True``). The layer is
+the call's place in the forward, counted by the handle, so a compiled block's code is shared by
+every layer and every model.
 
 CUDA graphs. A graph replaying the op would repeat one call's decisions: from PyTorch 2.8 it is tagged
 ``cudagraph_unsafe`` (inductor's ``mode="reduce-overhead"`` cuts its CUDA graphs around it, or skips
@@ -44,11 +46,12 @@ _SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDicti
 _HANDLES: "weakref.WeakValueDictionary[int, SparseAttentionHandle]" = weakref.WeakValueDictionary()
 
 
-def register(handle: "SparseAttentionHandle", model: torch.nn.Module) -> int:
-    """The slot the op uses to find ``handle``: one per model, kept across handles (weak references)."""
+def register(handle: "SparseAttentionHandle", model: torch.nn.Module) -> torch.Tensor:
+    """The slot the op uses to find ``handle`` (one per model, kept across handles; weak references), as a 0-d int64
+    CPU tensor."""
     slot = _SLOTS.setdefault(model, max(_SLOTS.values(), default=-1) + 1)
     _HANDLES[slot] = handle
-    return slot
+    return torch.tensor(slot, dtype=torch.int64)
 
 
 # The op decides on the host at each call (the step, the layer, the mask) and copies per-call plans: a CUDA graph
@@ -60,10 +63,10 @@ _NOT_IN_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.T
 
 @torch.library.custom_op("sparsecore::diffusers_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)
 def diffusers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: Optional[torch.Tensor],
-                        handle: int) -> torch.Tensor:
+                        handle: torch.Tensor) -> torch.Tensor:
     """Self-attention ``[B, S, H, D]`` of the next layer of ``handle``'s model (see the module docstring)."""
     refuse_capture(query.device, "a diffusers layer's attention")
-    found = _HANDLES.get(handle)
+    found = _HANDLES.get(int(handle))
     if found is None:
         raise RuntimeError("sparsecore: this attention's handle was removed or garbage-collected while the compiled "
                            "model still calls it; call apply() again (or compile after apply)")
@@ -73,7 +76,7 @@ def diffusers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 @diffusers_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: Optional[torch.Tensor],
-      handle: int) -> torch.Tensor:
+      handle: torch.Tensor) -> torch.Tensor:
     batch, seq_len, heads, _ = query.shape
     return query.new_empty(batch, heads, seq_len, value.shape[3]).transpose(1, 2)
 
