@@ -23,7 +23,7 @@ from sparsecore.ir import BlockMask, Unselected
 
 from .dense import masked_dense_attention, relative_error, to_numpy64
 from .kernel import compile
-from .registry import Backend, UnsupportedError, device_type, first_available, registered_backends
+from .registry import Backend, UnsupportedError, device_type, explained, first_available, registered_backends
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}  # relative L2 of the output
 LSE_TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3}  # |error| / max(1, |lse|)
@@ -76,10 +76,10 @@ def device_problem(device: Any, backend: str | None = None, dtype: str | None = 
         reasons = {b.name: b.unavailable_reason(device) for b in found}
         available = [b for b in found if reasons[b.name] is None]
         if not available:
-            why = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in found)
+            why = "; ".join(f"{b.name}: {explained(b, reasons[b.name])}" for b in found)
             return f"no backend can run on device {device!r} here: {why}"
         takes = "; ".join(f"{b.name} takes {', '.join(sorted(b.capabilities.dtypes))}" for b in available)
-        cannot = "; ".join(f"{b.name}: {reasons[b.name]} ({b.install_hint})" for b in takers)
+        cannot = "; ".join(f"{b.name}: {explained(b, reasons[b.name])}" for b in takers)
         return (f"dtype {dtype!r} is not supported on device {device!r}: {takes}"
                 + (f"; those that take it cannot run here: {cannot}" if takers else ""))
     index = device.partition(":")[2]

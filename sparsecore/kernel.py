@@ -41,7 +41,7 @@ from . import compiled_call, kernel_cache
 from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
 from .launch_device import caller_stream, check_device_index, on_device_of, without_autocast
 from .no_backward import inference_only
-from .registry import Backend, Run, UnsupportedError, candidates, device_type, first_available
+from .registry import Backend, Run, UnsupportedError, candidates, device_name, device_type, first_available
 from . import warmup as warmups
 from .warmup import Warming
 
@@ -325,7 +325,7 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
 
     Args:
         mask: the block-mask IR (host or device lists).
-        device: ``"reference"`` (NumPy float64 spec), ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), ``"npu"``.
+        device: ``"reference"`` (NumPy float64), ``"cpu"``, ``"cuda"`` (``"cuda:N"``), ``"npu"``, or a torch.device.
         backend: a registered backend name, or None for the preferred one that takes the mask and,
             at each call, the inputs.
         cache: keep a host mask's kernel in the module's cache, found again by content (default). False:
@@ -347,8 +347,7 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     """
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask: expected a sparsecore.ir.BlockMask, got {type(mask).__name__}")
-    if not isinstance(device, str):
-        device_type(device)                              # the argument's own TypeError before any option's
+    device = device_name(device)                         # the argument's own TypeError before any option's
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected None or a registered backend name (str), got {type(backend).__name__}")
     if not isinstance(cache, bool):

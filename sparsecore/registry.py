@@ -224,8 +224,27 @@ def _load_backends() -> None:
             _LOADING = False
 
 
+def explained(backend: Backend, reason: str) -> str:
+    """``reason`` a backend does not run here, with its install hint where a package is missing (the reason says it
+    is not installed or not importable); a reason such as no GPU is left as it is: installing would not help."""
+    missing = "not installed" in reason or "not importable" in reason
+    return f"{reason} ({backend.install_hint})" if missing and backend.install_hint else reason
+
+
 def known_devices() -> list[str]:
     return sorted({d for b in registered_backends().values() for d in b.capabilities.devices})
+
+
+def device_name(device: Any) -> str:
+    """``device`` as a string: a string as it is, a ``torch.device`` as torch writes it (``torch.device("cuda", 1)``
+    is ``"cuda:1"``: ``device=pipe.device`` works); ``TypeError`` for anything else."""
+    import torch                      # not at import: the registry loads before any backend needs torch
+    if isinstance(device, torch.device):
+        return str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device: expected a string such as 'cpu' or 'cuda:0', or a torch.device, got "
+                        f"{type(device).__name__} {str(device)[:40]}")
+    return device
 
 
 def device_type(device: str) -> str:
@@ -292,7 +311,7 @@ def first_available(backends: list[Backend], device: str, mask: "BlockMask | Non
         if reason is None:
             return index
         reasons[backend] = reason
-    lines = "; ".join(f"{b.name}: {reason} ({b.install_hint})" for b, reason in reasons.items())
+    lines = "; ".join(f"{b.name}: {explained(b, reason)}" for b, reason in reasons.items())
     if mask is not None:
         kind = device_type(device)
         others = [b for b in registered_backends().values()

@@ -37,9 +37,13 @@ def test_unknown_device_lists_known_ones():
         sparsecore.compile(mask(), device="tpu")
 
 
-def test_device_must_be_a_string():
-    with pytest.raises(TypeError, match=r"device: expected a string"):
+def test_device_must_be_a_string_or_a_torch_device():
+    with pytest.raises(TypeError, match=r"device: expected a string such as 'cpu' or 'cuda:0', or a torch.device"):
         sparsecore.compile(mask(), device=0)
+    by_string = sparsecore.compile(mask(), device="cpu")
+    assert sparsecore.compile(mask(), device=torch.device("cpu")) is by_string      # the same kernel, cached
+    with pytest.raises(ValueError, match=r"device='meta' is not known"):
+        sparsecore.compile(mask(), device=torch.device("meta"))
 
 
 def test_known_device_that_cannot_run_here_says_why():
@@ -391,7 +395,7 @@ def test_compile_takes_the_most_preferred_backend_that_runs_here(fake_cuda):
     assert sparsecore.compile(BlockMask.full(2, 64, 64, 32), device="cuda").backend is wide
     wide.reason = "its library is not installed"
     with pytest.raises(RuntimeError, match=r"no backend can run on device 'cuda' here: fake-fast: no such device "
-                                           r"here \(\); fake-wide: its library is not installed"):
+                                           r"here; fake-wide: its library is not installed"):
         sparsecore.compile(BlockMask.full(2, 64, 64, 16), device="cuda")
 
 
@@ -423,7 +427,7 @@ def test_a_device_check_stops_at_the_first_backend_that_runs_there_slow_ones_las
     assert device_problem("cuda") is None and (fast.checked, wide.checked) == (1, 3)
     assert device_problem("cuda", dtype="float32") == ("dtype 'float32' is not supported on device 'cuda': fake-fast "
                                                        "takes bfloat16, float16; those that take it cannot run here: "
-                                                       "fake-wide: its library is not installed ()")
+                                                       "fake-wide: its library is not installed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -765,3 +769,16 @@ def test_a_backend_is_checked_on_each_gpu_its_calls_run_on():
     shape = attention_shape(torch.zeros(1, 4, 40, 16), torch.zeros(1, 4, 30, 16), torch.zeros(1, 4, 30, 16))
     with pytest.raises(UnsupportedError, match="compute capability 8.0 on cuda:1"):
         kernel._loaded_in_place(("gpu0-only", "cuda:1", signature), signature, shape, backend, None, None)
+
+
+def test_an_install_hint_is_given_only_where_a_package_is_missing():
+    """Without a GPU, triton's reason "torch.cuda.is_available() is False" came with "(pip install triton ...)",
+    which does not help where triton is installed; a missing package still gets its hint."""
+    from sparsecore.registry import explained
+    triton = sparsecore.registered_backends()["triton"]
+    assert explained(triton, "torch.cuda.is_available() is False") == "torch.cuda.is_available() is False"
+    assert explained(triton, "triton is not installed") == f"triton is not installed ({triton.install_hint})"
+    if not torch.cuda.is_available():                        # the whole message, where it is said
+        with pytest.raises(RuntimeError) as raised:
+            sparsecore.compile(mask(), device="cuda", backend="triton")
+        assert "is_available() is False" in str(raised.value) and "pip install" not in str(raised.value)

@@ -119,3 +119,13 @@ def test_processors_replaced_after_apply_are_reported_not_run_silently():
     finally:
         handle.remove()
     assert processors(model) == [WanAttnProcessor, WanAttnProcessor]      # remove() put the originals back
+
+
+def test_a_torch_device_is_taken_as_its_string():
+    """``device=pipe.device`` (a torch.device) was refused with a TypeError asking for a string."""
+    model = tiny_wan()
+    handle = sparse.apply(model, method="lvsa", device=torch.device("cpu"), num_steps=10)
+    try:
+        assert handle.device == "cpu"
+    finally:
+        handle.remove()

@@ -15,7 +15,7 @@ import torch
 
 from sparsecore.ir.validation import check_int
 from sparsecore.methods import SESSIONS, sta
-from sparsecore.registry import checked_options, device_type, registered_backends
+from sparsecore.registry import checked_options, device_name, device_type, registered_backends
 
 from . import parallel
 from .handle import SparseAttentionHandle
@@ -42,8 +42,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             configurations only)
             (``params`` go to ``method.session(num_steps=num_steps, **params)``), or a callable
             ``(geometry, num_heads, step, layer) -> BlockMask``.
-        device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``...); the model's
-            tensors must be there when it runs.
+        device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``..., or a torch.device such as
+            ``pipe.device``); the model's tensors must be there when it runs.
         backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
         num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
         backend_options: options of the named ``backend`` for every kernel (its options dataclass, e.g.
@@ -98,6 +98,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                         f"{type(method).__name__}")
     from sparsecore.check import tensor_device_problem
     from sparsecore.registry import UnsupportedError
+    device = device_name(device)                                   # a torch.device (pipe.device) as its string
     kind = device_type(device)
     if backend is not None and (not isinstance(backend, str) or backend not in registered_backends()):
         raise ValueError(f"backend: expected None or a registered sparsecore backend "
