@@ -194,8 +194,10 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['mask']:<20}{r['backend']:<11}{r['blocks']:>8}{r['density']:>9.3f}{r['flops_saved']:>12.1%}"
                      f"{r['recall']:>8.3f}{r['dense_rel_err']:>9.3f}{r['max_err']:>10.1e}{r['rel_err']:>10.1e}"
                      f"{r['ms']:>9.2f}{r['dense_sdpa_ms'] / r['ms']:>9.2f}x")
-    lines.append("recall: softmax mass kept; out err: relative L2 of the output vs dense attention without a mask "
-                 "(head means). max/rel err: the kernel against float64 dense attention under the same mask. "
+    lines.append("recall: softmax mass of the computed blocks (a mask that approximates the others, e.g. PASA's, adds "
+                 "their estimate: its out err says how well); out err: relative L2 of the output vs dense attention "
+                 "without a mask (head means). max/rel err: the kernel against float64 dense attention under the "
+                 "same mask. "
                  f"ms: the sparse kernel's call, median of {REPEATS} after {WARMUP} warm-up calls (planning excluded). "
                  "vs dense: torch SDPA without a mask, timed the same way right after, / the kernel's time; "
                  "at this small size fixed per-call costs weigh more than at video lengths.")
