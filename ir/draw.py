@@ -88,12 +88,18 @@ def _sampled_map(mask: "BlockMask", head: int) -> np.ndarray:
     return image
 
 
-def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Path:
-    """Draw each selected head's block map in a grid, drawn to token scale."""
+def png_path(path: Any) -> Path:
+    """``path`` as a Path, checked to name a PNG file (``ValueError`` naming it otherwise)."""
     path = as_path(path)
     if path.suffix.lower() != ".png" or path.is_dir():
         raise ValueError(f"path: expected a file name ending in .png (the picture is a PNG), got {str(path)[:200]!r}"
                          f"{' (a folder)' if path.is_dir() else ''}; pass e.g. {str(path.with_suffix('.png'))[:200]!r}")
+    return path
+
+
+def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Path:
+    """Draw each selected head's block map in a grid, drawn to token scale."""
+    path = png_path(path)
     heads = _heads(mask, heads)
     plt = matplotlib_pyplot()
     cols = min(len(heads), 4)

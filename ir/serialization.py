@@ -113,10 +113,12 @@ def _read(file: BinaryIO, size: int, source: str) -> "BlockMask":
 
     if size < 8:
         raise bad(f"{size} bytes, too short for the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", _read_exactly(file, 8, bad))
+    first = _read_exactly(file, 8, bad)
+    (header_len,) = struct.unpack("<Q", first)
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise bad(f"declared header length {header_len:,} does not fit (file has {size:,} bytes, "
-                  f"limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupted")
+                  f"limit {MAX_HEADER_BYTES:,}); the file is truncated or corrupted, or not a safetensors file at all "
+                  f"(its first 8 bytes {first!r} are not a length; BlockMask.save writes mask files)")
     header = _parse_json(_read_exactly(file, header_len, bad), "header", bad)
     if not isinstance(header, dict):
         raise bad(f"header must be a JSON object, got {type(header).__name__}")

@@ -69,7 +69,8 @@ def torch_device(value: Any, field: str = "device") -> Any:
     try:
         return torch.device(value)
     except RuntimeError as err:
-        raise ValueError(f"{field}: {value[:40]!r} is not a torch device ({str(err)[:120]})") from None
+        raise ValueError(f"{field}: {value[:40]!r} is not a torch device; pass e.g. 'cpu', 'cuda', 'cuda:1' or 'npu' "
+                         f"(torch: {str(err).splitlines()[0][:300]})") from None
 
 
 def check_int(value: Any, field: str, minimum: int = 1) -> int:

@@ -106,8 +106,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from sparsecore.ir.draw import MatplotlibMissing
+    from sparsecore.ir.draw import MatplotlibMissing, png_path
     mask = BlockMask.load(args.mask_file)
+    picture = args.png or args.mask_file.with_suffix(".png")     # checked before anything is printed
+    if picture.resolve() == args.mask_file.resolve() or (picture.exists() and picture.samefile(args.mask_file)):
+        raise UserError(f"show: the picture would overwrite the mask file {args.mask_file}; pass --png with "
+                        "another path")
+    try:
+        png_path(picture)
+    except ValueError as err:
+        raise UserError(f"show: --png {err}") from None
     print(repr(mask))
     print(f"blocks: q {_block_summary(mask.q_block_sizes)}, kv {_block_summary(mask.kv_block_sizes)}")
     print(f"density per head: {_first(f'{d:.3f}' for d in mask.density(per_head=True))}")
@@ -117,10 +125,6 @@ def _show(args: argparse.Namespace) -> int:
     print(f"fingerprint: {mask.fingerprint()}")
     if max(mask.num_q_blocks, mask.num_kv_blocks) <= 48 and mask.num_heads <= 16:
         print(mask.to_string())
-    picture = args.png or args.mask_file.with_suffix(".png")
-    if picture.resolve() == args.mask_file.resolve() or (picture.exists() and picture.samefile(args.mask_file)):
-        raise UserError(f"show: the picture would overwrite the mask file {args.mask_file}; pass --png with "
-                        "another path")
     try:
         png = mask.render(picture)
     except MatplotlibMissing as err:

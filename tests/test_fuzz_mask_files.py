@@ -171,3 +171,13 @@ def test_a_mutation_that_keeps_the_file_valid_loads_what_it_says(tmp_path, edit)
         assert mask.meta["method"] == "other" and mask.meta["n"] == (1, 2)
     if edit == "budgets":
         assert mask.budgets.tolist() == [0.25, 0.5, 0.75]
+
+
+def test_a_file_of_another_kind_is_said_to_be_one(tmp_path):
+    """A JSON file (a PASA curve) given as a mask was said to declare a header length of 7e18 bytes, "truncated or
+    corrupted"; the message now says it may not be a safetensors file at all and shows its first bytes."""
+    path = tmp_path / "curve.json"
+    path.write_text('{"steps": [0, 1, 2], "budgets": [1.0, 0.5, 0.2]}')
+    with pytest.raises(ValueError, match=r"not a safetensors file at all \(its first 8 bytes b'\{\"steps\"' are not "
+                                         r"a length; BlockMask.save writes mask files\)"):
+        BlockMask.load(path)

@@ -179,6 +179,10 @@ def test_show_never_writes_its_picture_over_the_mask(tmp_path, capsys):
     # matplotlib adds .png to a name without one: "--png m" wrote m.png, the mask, and printed "picture: m"
     assert_one_line_error(*run(["show", str(path), "--png", str(tmp_path / "m")], capsys), "show", "path")
     assert BlockMask.load(path) == mask
+    # a picture name that is not a PNG's is refused before anything is printed (the stats came first, then the error)
+    code, out, err = run(["show", str(path), "--png", str(tmp_path / "m.jpg")], capsys)
+    assert_one_line_error(code, out, err, "show", "--png", ".png")
+    assert out == ""
 
 
 def test_demo_on_the_reference_device_is_refused_in_one_line(capsys, tmp_path):

@@ -257,3 +257,11 @@ def test_density_of_huge_blocks_is_exact_or_refused():
 ])
 def test_other_entry_points(call, field):
     refused(call, field)
+
+
+def test_a_device_string_torch_does_not_know_gets_a_remedy():
+    """``mask.to("gpu")`` gave torch's list cut at 120 characters, mid-word, and no remedy."""
+    mask = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10)
+    with pytest.raises(ValueError, match=r"device: 'gpu' is not a torch device; pass e.g. 'cpu', 'cuda'.* at start of "
+                                         r"device string: gpu\)$"):
+        mask.to("gpu")
