@@ -268,8 +268,8 @@ class CompiledKernel:
                 problems[backend.name] = found
             else:
                 remedy = ("; give q, k, v what a backend takes (cast them: torch .to(dtype), NumPy .astype(dtype); pad "
-                          "the head dim), or compile for another backend or device (sparsecore.registered_backends() "
-                          "lists each one's capabilities)")
+                          "the head dim), or compile for another backend or device (each of "
+                          "sparsecore.registered_backends().values() has .capabilities)")
                 if len(problems) == 1:
                     name, found = next(iter(problems.items()))
                     raise UnsupportedError(f"backend {name!r} cannot run these inputs: {'; '.join(found)}{remedy}")
