@@ -122,13 +122,13 @@ def test_the_op_gets_head_major_inputs_when_compiled(monkeypatch, compile_as):
     token-major tensors (a dense step would pay for a copy)."""
     from sparsecore.integrations.diffusers.handle import SparseAttentionHandle
     seen = []
-    attend_next = SparseAttentionHandle.attend_next
+    attend = SparseAttentionHandle.attend
 
-    def recording(self, query, key, value, text_mask):          # inside the op: real tensors in both modes
+    def recording(self, layer, query, key, value, text_mask):   # inside the op: real tensors in both modes
         seen.append(tuple(t.transpose(1, 2).is_contiguous() for t in (query, key, value)))
-        return attend_next(self, query, key, value, text_mask)
+        return attend(self, layer, query, key, value, text_mask)
 
-    monkeypatch.setattr(SparseAttentionHandle, "attend_next", recording)
+    monkeypatch.setattr(SparseAttentionHandle, "attend", recording)
     model, data = tiny_wan(), wan_inputs(batch=1)
     run(model, data, "pasa", compile_as, backend="inductor")
     assert set(seen) == ({(True, True, True)} if compile_as else {(False, False, False)}), set(seen)
@@ -152,7 +152,7 @@ def test_the_ops_output_has_the_strides_its_fake_declares(monkeypatch):
     shape = strides[0][0]
     with FakeTensorMode():
         q = torch.empty(shape)
-        fake = torch.ops.sparsecore.diffusers_attention(q, q, q, None, torch.tensor(0))
+        fake = torch.ops.sparsecore.diffusers_attention(q, q, q, None, torch.tensor(0), torch.tensor(0))
     assert len(strides) == 2 * len(TIMESTEPS) and {s for _, s in strides} == {fake.stride()}, (strides, fake.stride())
 
 
@@ -166,7 +166,7 @@ def test_inductor_keeps_the_op_out_of_cuda_graphs():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def layer(q):
-        return torch.ops.sparsecore.diffusers_attention(q * 2, q, q, None, torch.tensor(0)) + 1
+        return torch.ops.sparsecore.diffusers_attention(q * 2, q, q, None, torch.tensor(0), torch.tensor(0)) + 1
 
     assert torch.Tag.cudagraph_unsafe in torch.ops.sparsecore.diffusers_attention.default.tags
     graph = make_fx(layer, tracing_mode="fake")(torch.empty(1, 16, 2, 8))

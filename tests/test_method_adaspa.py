@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
@@ -242,25 +243,33 @@ def test_session_schedule_of_the_papers_fused_first_search():
     expected = adaspa.plan(g, 2, step=30, layer=0, q=q2, k=k2, lse=dense_lse)
     assert later.fingerprint() == expected.fingerprint() and torch.equal(later.budgets, expected.budgets)
     assert session.plan(g, 2, step=45, layer=0) is later
-    with pytest.raises(ValueError, match="no search result cached for this layer"):
-        session.plan(g, 2, step=12, layer=1)
+    # a layer that skipped the search steps (a block cache did not run its block) searches at its next run
+    assert session.action(g, 12, 1).label == "cached-search" and session.action(g, 12, 0).label == "reuse"
+    late = session.plan(g, 2, step=12, layer=1, q=q2, k=k2)                   # no LSE kept for it: its own
+    assert late.meta["action"] == "cached-search"
+    assert late.fingerprint() == adaspa.plan(g, 2, step=12, layer=1, q=q2, k=k2).fingerprint()
+    assert late.fingerprint() != searched.fingerprint()
+    assert session.plan(g, 2, step=13, layer=1) is late and session.action(g, 13, 1).label == "reuse"
     with pytest.raises(ValueError, match="search_steps"):
         adaspa.session(num_steps=20, search_steps=(10, 30))
 
 
-def test_a_reuse_step_after_a_skipped_cached_first_search_is_refused():
-    """The default first search is cached on the LSE of the step before it; a caller that skips the search step
-    (a step-skipping cache) gets the session's error at the next reuse step, not a KeyError."""
+def test_a_layer_that_skipped_its_cached_first_search_searches_at_its_next_step():
+    """The default first search is cached on the LSE of the step before it; a layer whose search step did not run
+    (a block cache skipped its block) searches at its next step, on the LSE it kept, and reuses that mask after."""
     g = VideoGeometry(4, 4, 4)
     q, k, _ = video_qkv(g, 2, 16, seed=0)
+    q3, k3, _ = video_qkv(g, 2, 16, seed=3)
     session = adaspa.session(8, warmup_steps=2, search_steps=(2, 5), block_size=8)
-    assert [session.action(g, t, 0).label for t in range(4)] == ["dense", "dense-lse", "cached-search", "reuse"]
+    assert [session.action(g, t, 0).label for t in range(3)] == ["dense", "dense-lse", "cached-search"]
     session.plan(g, 2, step=1, layer=0, q=q, k=k)                        # keeps the LSE; step 2 is skipped
-    with pytest.raises(ValueError, match="no search result cached for this layer at step 3 .reuse.; plan "
-                                         "step 2"):
-        session.plan(g, 2, step=3, layer=0, q=q, k=k)
-    assert session.plan(g, 2, step=2, layer=0, q=q, k=k).meta["action"] == "cached-search"   # the search, late
-    assert session.plan(g, 2, step=3, layer=0) is session.cached_mask(0)
+    assert session.action(g, 3, 0).label == "cached-search"              # "reuse" once layer 0 has a search
+    late = session.plan(g, 2, step=3, layer=0, q=q3, k=k3)
+    kept = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / 4.0, -1).float()   # step 1's LSE
+    stateless = partial(adaspa.plan, g, 2, step=3, layer=0, q=q3, k=k3, warmup_steps=2, block_size=8)
+    assert late.meta["action"] == "cached-search" and late.fingerprint() == stateless(lse=kept).fingerprint()
+    assert late.meta["base_recall"] != stateless().meta["base_recall"]          # not on step 3's own LSE
+    assert session.plan(g, 2, step=4, layer=0) is late and session.cached_mask(0) is late
 
 
 def test_a_session_refuses_to_reuse_a_search_for_other_inputs():
@@ -309,8 +318,10 @@ def test_a_cached_first_search_uses_the_lse_of_the_step_before():
     # a layer whose step 9 never ran here (Wan 2.2's second expert has its own handle): this step's own LSE
     assert session.plan(g, 3, step=10, layer=1, q=q10, k=k10).fingerprint() == \
         adaspa.plan(g, 3, step=10, layer=1, q=q10, k=k10, **block).fingerprint()
-    with pytest.raises(ValueError, match="plan step 10 .*or the step before it"):
+    with pytest.raises(ValueError, match="q: this method needs q"):         # layer 2 missed both: a late search
         session.plan(g, 3, step=11, layer=2)
+    assert session.plan(g, 3, step=11, layer=2, q=q10, k=k10).fingerprint() == \
+        adaspa.plan(g, 3, step=11, layer=2, q=q10, k=k10, **block).fingerprint()
     with pytest.raises(ValueError, match="first_search: expected one of"):
         adaspa.session(first_search="lazy")
     with pytest.raises(TypeError, match="first_search: expected one of"):

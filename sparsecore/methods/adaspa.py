@@ -47,6 +47,9 @@ Where the paper is silent, we chose:
 - Step indexing is 0-based: steps 0-9 dense, search at 10 and 30 (the paper's "first 10 steps dense", Ts = {10, 30}).
 - Dense steps' IR: frame-sized blocks (cheaper at long lengths; same attention).
 - The stateless :func:`plan` searches at every non-warmup step; reuse lives in the session.
+- A layer with no search yet past the first search step (a block cache did not run its block at its search steps,
+  or a ``set_step`` went past them) searches at that step (``"cached-search"``, on the step's own LSE where none
+  was kept): the search made late.
 - Frame-causal geometries: budgets are fractions of the blocks a row may see (:mod:`.causal`), whose masses
   alone are computed (a later block's mass is 0).
 """
@@ -283,8 +286,8 @@ class AdaSpaSession:
             fused = reuse and self.params.impl == "auto"
             return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=reuse,
                               mass_block_size=self.params.block_size if fused else None, held=held)
-        if step in searches:
-            return StepAction("cached-search", dense=False, plans=True, needs_qk=True, held=held)
+        if step in searches or (layer is not None and layer not in self._masks):   # a layer whose search steps
+            return StepAction("cached-search", dense=False, plans=True, needs_qk=True, held=held)   # it skipped
         return StepAction("reuse", dense=False, plans=True, held=held)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
@@ -327,13 +330,10 @@ class AdaSpaSession:
                              "search was for {} and heads [{}, {}) of {}; AdaSpa reuses a layer's search for the same "
                              "video and heads: start a new session (run) when they change".format(
                                  layer, step, action.label, *inputs, *self._inputs[layer]))
-        if layer not in self._lse and step == p.search_steps[0]:
-            # A cached first search whose step before ran elsewhere (Wan 2.2's second expert): on this step's LSE
+        if action.label == "cached-search" and layer not in self._lse:
+            # The step before a cached first search ran elsewhere (Wan 2.2's second expert), or the layer skipped its
+            # search steps (a block cache, a set_step past them): a search on this step's own LSE
             self._keep_lse(layer, geometry, shard, q, k, lse)
-        if layer not in self._lse or (action.label != "cached-search" and layer not in self._masks):
-            raise ValueError(f"layer={layer!r}: no search result cached for this layer at step {step} "
-                             f"({action.label}); plan step {p.search_steps[0]} (the first search) or the step before "
-                             f"it for every layer first (in diffusers, a set_step that skips no search)")
         if action.label == "cached-search":
             lse = self._lse[layer]
             if isinstance(q, torch.Tensor):        # a batch of another size (CFG stopped): this search's own LSE

@@ -4,9 +4,9 @@ The forward pre-hook reads the video geometry from ``hidden_states`` (``[B, C, F
 ``[B, F, C, H, W]``) and the config's patch sizes, and advances the step (:mod:`.steps`); the hooks always run
 eagerly (``torch.compiler.disable``: under ``torch.compile`` of the whole transformer that is one graph break, before
 the forward; regional compilation does not compile them at all). Each processor call reaches
-:meth:`SparseAttentionHandle.attend_next` through the custom op (:mod:`.op`): the layer is the call's place in the
-forward (blocks run in order; the post-hook checks that every layer came), then context-parallel routing
-(:mod:`.parallel`), grouping of samples by valid text length (:mod:`.text_groups`), and the planner (:mod:`.planner`).
+:meth:`SparseAttentionHandle.attend` through the custom op (:mod:`.op`) with its layer's index (a forward may skip
+layers: diffusers' block caches), then context-parallel routing (:mod:`.parallel`), grouping of samples by valid text
+length (:mod:`.text_groups`), and the planner (:mod:`.planner`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class SparseAttentionHandle:
         self._removed = False
         self._originals: list[tuple[weakref.ref, Any]] = []      # (attention module, weakly; its processor)
         self._processors: list[SparseProcessor] = []             # sparsecore's, one per layer
-        self._calls = 0
+        self._ran: set[int] = set()                              # the layers that ran in this forward
         self._hooks: list[Any] = []
         self.id = op.register(self, model)
 
@@ -252,28 +252,25 @@ class SparseAttentionHandle:
         self.geometry = geometry
         self._steps.observe(*self.spec.step_view(timestep, hidden))
         self._text_cache = None
-        self._calls = 0
+        self._ran = set()
         self.active = True
         if causal:                # the geometry keeps to the causal blocks: the forward need not build an L x L mask
             module.register_to_config(**{self.spec.causal_setting: 1})
             self._causal_setting = causal
 
     def _post_forward(self, module: Any, args: tuple, output: Any) -> None:
-        calls, self._calls = self._calls, 0
+        calls, self._ran = len(self._ran), set()
         self.active = False
         self._restore_causal_setting(module)
         self._text_cache = None
         if output is None:                           # the forward raised (this hook runs always): its error stands
             return
+        # Fewer calls than layers: skipped blocks (a block cache; each layer names itself) or replaced processors
         replaced = replaced_processors(self._originals, self._processors) if calls != len(self._processors) else None
         if replaced and calls:        # some layers ran sparsecore, the others the new processors
             raise ValueError(replaced)
         if replaced:                  # none ran sparsecore: the forward ran the new processors (dense, as a rule)
             warnings.warn(replaced, RuntimeWarning, stacklevel=2)
-        elif calls not in (0, len(self._processors)):
-            raise ValueError(f"transformer: {calls} of its {len(self._processors)} self-attention layers ran in this "
-                             f"forward; sparsecore counts layers by their order in the forward, so blocks must not be "
-                             f"skipped (a block cache, a pruned model); {self.dense_remedy()}")
         self._steps.completed()
 
     def _restore_causal_setting(self, module: Any) -> None:
@@ -293,30 +290,22 @@ class SparseAttentionHandle:
                                                  self.dense_remedy))
         return self._text_cache[1]
 
-    @torch.compiler.disable
-    def skip_next(self) -> None:
-        """The next layer runs no attention in this forward (LTX-2's spatio-temporal guidance perturbs every sample
-        of some layers: their output is the values): it counts as run, so the layers after it keep their places.
-        Not traced by ``torch.compile``: the count is the handle's state, not the graph's."""
-        if not self.active or self._calls >= len(self._processors):
-            raise RuntimeError(f"sparsecore: a skipped layer {self._calls + 1} outside a forward of the transformer or "
-                               f"beyond its {len(self._processors)} self-attention layers")
-        self._calls += 1
-
-    def attend_next(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    text_mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of the next layer's call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               text_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``layer``'s call, ``[B, S, H, D]`` in and out: sparse kernel or the dense path.
 
         ``text_mask``: HunyuanVideo 1.5's text padding mask ``[B, text]`` (None: all text valid, or no
         text). Under context parallelism ``S`` is this rank's part of the video (and all the text):
         Ulysses on Wan runs inside diffusers' all-to-alls (:func:`.parallel.attention`); ring, unified
         and HunyuanVideo 1.5 run sparsecore's exchange and ring (:mod:`.sharded`, :mod:`.ring`).
         """
-        if not self.active or self._calls >= len(self._processors):
-            raise RuntimeError(f"sparsecore: attention call {self._calls + 1} outside a forward of the transformer or "
-                               f"beyond its {len(self._processors)} self-attention layers")
-        processor = self._processors[self._calls]
-        self._calls += 1
+        if not self.active or layer in self._ran or not 0 <= layer < len(self._processors):
+            where = "outside a forward of the transformer" if not self.active else \
+                "twice in one forward" if layer in self._ran else f"beyond its {len(self._processors)} layers"
+            raise RuntimeError(f"sparsecore: self-attention layer {layer} called {where}; each layer runs once a "
+                               f"forward; {self.dense_remedy()}")
+        processor = self._processors[layer]
+        self._ran.add(layer)
         layout = parallel.layout(processor._parallel_config)
         if layout is not None and (layout.ring.world > 1 or self.spec.joint_text):
             return self._attend_sharded(processor, layout, query, key, value, text_mask)

@@ -8,13 +8,14 @@ Compiled transformers (diffusers' ``compile_repeated_blocks(fullgraph=True)``,
 ``torch.compile(transformer)``) therefore run with no graph break in the blocks, and no
 recompilation across steps: masks change inside the op, not in anything a guard watches.
 
-The op's arguments are the processor's tensors and the model's slot, the same for every layer
-and for every handle applied to that model. The slot travels as a 0-d CPU tensor, a graph input
-(as :mod:`sparsecore.compiled_call`'s): Dynamo guards on a Python int's value, so an int slot made
-every other model of a class (a reloaded model, Wan 2.2's second expert) compile the shared block
-code again, and the ninth hit the recompile limit (an error under ``fullgraph=True``). The layer is
-the call's place in the forward, counted by the handle, so a compiled block's code is shared by
-every layer and every model.
+The op's arguments are the processor's tensors, the model's slot (the same for every layer and
+for every handle applied to that model) and the processor's layer. Both travel as 0-d CPU tensors,
+graph inputs (as :mod:`sparsecore.compiled_call`'s): Dynamo guards on a Python int's value, so an
+int slot made every other model of a class (a reloaded model, Wan 2.2's second expert) compile the
+shared block code again, and the ninth hit the recompile limit (an error under ``fullgraph=True``);
+an int layer would do the same for every layer. So a compiled block's code is shared by every layer
+and every model. A layer names itself rather than being counted, so a forward that skips blocks
+(diffusers' block caches, layer skipping) leaves the others their own masks.
 
 CUDA graphs. A graph replaying the op would repeat one call's decisions: from PyTorch 2.8 it is tagged
 ``cudagraph_unsafe`` (inductor's ``mode="reduce-overhead"`` cuts its CUDA graphs around it, or skips
@@ -63,20 +64,20 @@ _NOT_IN_CUDA_GRAPHS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.T
 
 @torch.library.custom_op("sparsecore::diffusers_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)
 def diffusers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: Optional[torch.Tensor],
-                        handle: torch.Tensor) -> torch.Tensor:
-    """Self-attention ``[B, S, H, D]`` of the next layer of ``handle``'s model (see the module docstring)."""
+                        handle: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """Self-attention ``[B, S, H, D]`` of ``layer`` of ``handle``'s model (see the module docstring)."""
     refuse_capture(query.device, "a diffusers layer's attention")
     found = _HANDLES.get(int(handle))
     if found is None:
         raise RuntimeError("sparsecore: this attention's handle was removed or garbage-collected while the compiled "
                            "model still calls it; call apply() again (or compile after apply)")
     with on_device_of(query):               # the planners' and kernels' Triton launches go to the current device
-        return head_major(found.attend_next(query, key, value, text_mask))
+        return head_major(found.attend(int(layer), query, key, value, text_mask))
 
 
 @diffusers_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_mask: Optional[torch.Tensor],
-      handle: torch.Tensor) -> torch.Tensor:
+      handle: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
     batch, seq_len, heads, _ = query.shape
     return query.new_empty(batch, heads, seq_len, value.shape[3]).transpose(1, 2)
 

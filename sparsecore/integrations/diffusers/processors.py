@@ -1,14 +1,13 @@
 """The attention processors that replace diffusers' own on the self-attention modules.
 
-A processor computes q, k, v exactly as the diffusers processor it replaces (:mod:`.models`),
-hands them to sparsecore's attention op (:mod:`.op`: the handle's planner and kernel, or the
-model's dense attention on dense steps, all opaque to ``torch.compile``) and applies the output
-projections. Calls outside a hooked forward of a live handle (and Wan's cross-attention) go
-to the original processor unchanged.
+A processor computes q, k, v exactly as the diffusers processor it replaces (:mod:`.models`), hands them to
+sparsecore's attention op (:mod:`.op`: the handle's planner and kernel, or the model's dense attention on dense
+steps, all opaque to ``torch.compile``) with its layer's index, and applies the output projections. Calls outside a
+hooked forward of a live handle (and Wan's cross-attention) go to the original processor unchanged.
 
-``_attention_backend`` and ``_parallel_config`` read and write the original processor's, so
-diffusers' ``set_attention_backend`` and ``enable_parallelism`` reach the model as before
-(before or after ``apply``) and survive ``remove()``.
+``_attention_backend`` and ``_parallel_config`` read and write the original processor's, so diffusers'
+``set_attention_backend`` and ``enable_parallelism`` reach the model as before (before or after ``apply``) and
+survive ``remove()``.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ if TYPE_CHECKING:
 def active_backend() -> str | None:
     """diffusers' active attention backend's name (the ``attention_backend`` context's, else the default), None where
     diffusers does not keep it as 0.42 does (``attention_dispatch._AttentionBackendRegistry``, a private class)."""
-    registry = getattr(attention_dispatch, "_AttentionBackendRegistry", None)
-    active = getattr(registry, "get_active_backend", None)
+    active = getattr(getattr(attention_dispatch, "_AttentionBackendRegistry", None), "get_active_backend", None)
     if active is None:
         return None
     name = active()[0]
@@ -67,7 +65,12 @@ class SparseProcessor(RefusesCopies):
     def __init__(self, handle: "SparseAttentionHandle", layer: int, original: Any) -> None:
         self._handle = handle
         self.layer = layer
+        self._layer_id = torch.tensor(layer, dtype=torch.int64)     # the op's argument: a graph input, not a guard
         self.original = original
+
+    def sparse_attention(self, *qkv: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's attention of q, k, v ``[B, S, H, D]`` through the op (:mod:`.op`), ``[B, S, H, D]``."""
+        return diffusers_attention(*qkv, text_mask, self._handle.id, self._layer_id)
 
     active_backend_only = False     # the original dispatches with no backend of its own: the active one (Cosmos's)
 
@@ -183,7 +186,7 @@ class WanSparseAttnProcessor(SparseProcessor):
                              f"{self.layer}) expected None, got a {list(attention_mask.shape)} mask; the block-mask "
                              f"IR cannot add a token mask; {self._handle.dense_remedy()}")
         query, key, value = compiled_layout(*self.qkv(attn, hidden_states, rotary_emb))
-        out = diffusers_attention(query, key, value, None, self._handle.id)
+        out = self.sparse_attention(query, key, value)
         return models.wan_output(attn, out, query)
 
 
@@ -240,10 +243,9 @@ class LTX2SparseAttnProcessor(SparseProcessor):
         if all_perturbed is None and perturbation_mask is not None:
             all_perturbed = bool((perturbation_mask == 0).all())            # the original's test, one host read
         if all_perturbed:
-            self._handle.skip_next()
             return original()
         query, key, value = ltx.ltx2_qkv(attn, hidden_states, query_rotary_emb, key_rotary_emb)
-        out = diffusers_attention(*compiled_layout(query, key, value), None, self._handle.id)
+        out = self.sparse_attention(*compiled_layout(query, key, value))
         return ltx.ltx2_output(attn, out, hidden_states, query, value, perturbation_mask)
 
 
@@ -267,7 +269,7 @@ class Kandinsky5SparseAttnProcessor(SparseProcessor):
         if encoder_hidden_states is not None or not self._handle.active:
             return self.original(attn, hidden_states, encoder_hidden_states, rotary_emb, sparse_params)
         query, key, value = compiled_layout(*kandinsky.kandinsky_qkv(attn, hidden_states, rotary_emb))
-        out = diffusers_attention(query, key, value, None, self._handle.id)
+        out = self.sparse_attention(query, key, value)
         return kandinsky.kandinsky_output(attn, out, query)
 
 
@@ -281,7 +283,7 @@ class HunyuanVideo15SparseAttnProcessor(SparseProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = compiled_layout(*models.hunyuan_qkv(attn, hidden_states, encoder_hidden_states,
                                                                 image_rotary_emb))
-        out = diffusers_attention(query, key, value, attention_mask, self._handle.id)
+        out = self.sparse_attention(query, key, value, text_mask=attention_mask)
         return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
 
 
@@ -300,7 +302,7 @@ class CogVideoXSparseAttnProcessor(SparseProcessor):
                              f"token mask; {self._handle.dense_remedy()}")
         query, key, value = compiled_layout(*models.joint_qkv(attn, hidden_states, encoder_hidden_states,
                                                               image_rotary_emb))
-        out = diffusers_attention(query, key, value, None, self._handle.id)
+        out = self.sparse_attention(query, key, value)
         return models.cogvideox_output(attn, out, query, encoder_hidden_states.shape[1])
 
 
@@ -339,7 +341,7 @@ class MochiSparseAttnProcessor(SparseProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = compiled_layout(*models.mochi_qkv(attn, hidden_states, encoder_hidden_states,
                                                               image_rotary_emb))
-        out = diffusers_attention(query, key, value, attention_mask, self._handle.id)
+        out = self.sparse_attention(query, key, value, text_mask=attention_mask)
         return models.hunyuan_output(attn, out, query, encoder_hidden_states.shape[1])
 
 
