@@ -12,8 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies import offsets
-
-import sparsecore
 import method_reference as ref
 
 import sparsecore
