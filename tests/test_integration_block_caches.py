@@ -112,3 +112,25 @@ def test_a_layer_called_twice_in_one_forward_raises():
             forward(model, inputs, 500.0)
     finally:
         handle.remove()
+
+
+def test_a_regionally_compiled_model_under_a_block_cache_equals_eager():
+    """diffusers' First Block Cache decides on the host between blocks (its hook is ``torch.compiler.disable``d, so
+    ``fullgraph=False``): the compiled blocks pass each layer's index to the op as a graph input, as eager does."""
+    import torch._dynamo
+    outputs, ran = {}, {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        model, inputs = tiny_wan(), wan_inputs(batch=1)
+        handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=len(TIMESTEPS))
+        model.enable_cache(cache_config("first-block"))
+        if mode == "compiled":
+            model.compile_repeated_blocks(fullgraph=False, backend="aot_eager")
+        try:
+            outputs[mode] = run_steps(model, inputs)
+        finally:
+            handle.remove()
+        ran[mode] = {(s["layer"], s["step"]) for s in handle.stats()}
+    assert ran["compiled"] == ran["eager"] and len(ran["eager"]) == len(TIMESTEPS) + 1     # layer 1 at step 0 only
+    for step, (got, want) in enumerate(zip(outputs["compiled"], outputs["eager"])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"step {step}")
