@@ -47,7 +47,7 @@ def register(kernel: "CompiledKernel") -> torch.Tensor:
     """A new slot for ``kernel`` (its own for its lifetime; the op holds it weakly), as a 0-d int64 CPU tensor."""
     slot = next(_NEXT)
     _KERNELS[slot] = kernel
-    return torch.tensor(slot, dtype=torch.int64)
+    return torch.tensor(slot, dtype=torch.int64, device="cpu")     # not a default device (a GPU: a sync a call)
 
 
 @torch.library.custom_op("sparsecore::kernel_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)

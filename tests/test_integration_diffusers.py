@@ -932,8 +932,9 @@ def test_the_text_count_comes_from_a_key_mask_and_a_mask_of_another_shape_raises
 
 
 def test_hunyuanvideo_10_layers_run_double_then_single_stream_blocks_with_its_horizon():
-    """Layer i is the i-th attention the forward runs: the double-stream blocks', then the single-stream ones'
-    (one projection of the joint sequence); a mask per layer reaches each; LVSA's horizon is 33 frames."""
+    """Layer i is the i-th self-attention module, in the order the forward runs them: the double-stream blocks',
+    then the single-stream ones' (one projection of the joint sequence); a mask per layer reaches each; LVSA's
+    horizon is 33 frames."""
     model, inputs = tiny_hunyuan_10(), hunyuan_10_inputs(batch=1, text="same")
     seen = []
 

@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from test_dense_attention import counting_op  # noqa: F401  (the fixture)
 from test_integration_diffusers import (CASES, cogvideox_inputs, forward, full_mask, oracle_output, random_mask,
-                                        tiny_cogvideox, tiny_hunyuan_10, tiny_wan)
+                                        tiny_cogvideox, tiny_hunyuan_10, tiny_wan, wan_inputs)
 
 from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sparse
@@ -174,3 +174,24 @@ def test_an_attention_called_outside_the_forward_gives_the_original_processors_o
             handle.remove()
     expected, got = (o if isinstance(o, tuple) else (o,) for o in (expected, got))
     assert len(got) == len(expected) and all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_apply_under_a_default_device_keeps_the_ops_arguments_on_the_cpu():
+    """``apply()`` inside ``torch.device(...)`` (or after ``torch.set_default_device``): the model's slot and each
+    layer's index stay CPU tensors, so the op runs (under "meta" it ran its fake: an uninitialized output, no error)
+    and reads them without a device sync."""
+    inputs = wan_inputs(batch=1)
+    model = tiny_wan()
+    handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        want = forward(model, inputs, 500.0)
+    finally:
+        handle.remove()
+    with torch.device("meta"):
+        handle = sparse.apply(model, method=random_mask, device="cpu")
+    try:
+        got = forward(model, inputs, 500.0)
+    finally:
+        handle.remove()
+    assert {(s["layer"], s["step"]) for s in handle.stats()} == {(0, 0), (1, 0)}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -26,8 +26,8 @@ GUIDED = {"gated_attn": True, "rope_type": "split", "perturbed_attn": True}
 @pytest.mark.parametrize("stg", [None, [0.0, 1.0], [0.0, 0.0]], ids=["no-guidance", "one-sample", "every-sample"])
 def test_gates_split_rope_and_guidance_match_float64_masked_attention(stg, monkeypatch):
     """Spatio-temporal guidance on layer 1: ``perturbation_mask`` 0 takes the values for that sample, 1 the attention;
-    with every sample perturbed the layer runs no attention (the handle still counts it, so layer 0 of the next
-    forward is layer 0)."""
+    with every sample perturbed the layer runs no attention (the op is not called; the next forward runs as this
+    one)."""
     case = CASES["ltx2"]
     model = tiny_ltx2(**GUIDED)
     inputs = ltx2_inputs(batch=2, model=model)
@@ -38,7 +38,7 @@ def test_gates_split_rope_and_guidance_match_float64_masked_attention(stg, monke
     handle = sparse.apply(model, method=random_mask, device="cpu")
     try:
         got = forward(model, inputs, 500.0)
-        again = forward(model, inputs, 500.0)                     # the layer count starts over at the next forward
+        again = forward(model, inputs, 500.0)                     # the next forward: the same layers, the same masks
     finally:
         handle.remove()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=5e-6)

@@ -252,6 +252,24 @@ def test_session_schedule_of_the_papers_fused_first_search():
         adaspa.session(num_steps=20, search_steps=(10, 30))
 
 
+def test_a_layer_that_skipped_a_later_search_step_searches_at_its_next_step():
+    """A layer that missed search step 5 (a block cache did not run it there) searches at step 6, on the first
+    search's LSE as step 5 would have, then reuses that mask; a layer that ran step 5 reuses its search at 6."""
+    g = VideoGeometry(4, 4, 4)
+    (q, k, _), (q6, k6, _) = video_qkv(g, 2, 16, seed=0), video_qkv(g, 2, 16, seed=6)
+    session = adaspa.session(8, warmup_steps=2, search_steps=(2, 5), block_size=8)
+    for layer in (0, 1):
+        session.plan(g, 2, step=1, layer=layer, q=q, k=k)
+        session.plan(g, 2, step=2, layer=layer, q=q, k=k)
+    session.plan(g, 2, step=5, layer=1, q=q6, k=k6)                      # layer 0 skips step 5
+    assert session.action(g, 6, 0).label == "cached-search" and session.action(g, 6, 1).label == "reuse"
+    late = session.plan(g, 2, step=6, layer=0, q=q6, k=k6)
+    kept = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / 4.0, -1).float()   # step 1's LSE
+    expected = adaspa.plan(g, 2, step=6, layer=0, q=q6, k=k6, lse=kept, warmup_steps=2, block_size=8)
+    assert late.meta["action"] == "cached-search" and late.fingerprint() == expected.fingerprint()
+    assert session.action(g, 7, 0).label == "reuse" and session.plan(g, 2, step=7, layer=0) is late
+
+
 def test_a_layer_that_skipped_its_cached_first_search_searches_at_its_next_step():
     """The default first search is cached on the LSE of the step before it; a layer whose search step did not run
     (a block cache skipped its block) searches at its next step, on the LSE it kept, and reuses that mask after."""

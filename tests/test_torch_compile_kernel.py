@@ -61,6 +61,21 @@ def test_fullgraph_compile_at_the_first_call_matches_the_oracle(return_lse):
             np.testing.assert_allclose(lse.double().numpy(), want_lse, atol=2e-5)   # -inf on the empty row
 
 
+def test_a_kernel_compiled_under_a_default_device_keeps_its_slot_on_the_cpu():
+    """A kernel made inside ``torch.device(...)`` (or after ``torch.set_default_device``) runs compiled as eagerly:
+    its slot, the op's argument, stays a CPU tensor (under "meta" the op ran its fake and gave garbage; on a GPU
+    every call would read it back)."""
+    torch._dynamo.reset()
+    keep = np.random.default_rng(4).random((4, 3, 4)) < 0.5
+    keep[:, 0, 0] = True
+    mask = BlockMask.from_dense(keep, q_len=45, kv_len=50, q_block=16, kv_block=13)
+    with torch.device("meta"):
+        kernel = sparsecore.compile(mask, device="cpu")
+    q, k, v = inputs(2, 5)
+    got = torch.compile(lambda q, k, v: kernel(q, k, v), fullgraph=True, backend="aot_eager")(q, k, v)
+    np.testing.assert_allclose(got.double().numpy(), expected(mask, q, k, v, 8 ** -0.5)[0], atol=2e-5)
+
+
 CUDA_REASON = "torch.cuda.is_available() is False: the CUDA lowerings under torch.compile need a GPU"
 
 

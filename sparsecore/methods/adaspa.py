@@ -47,9 +47,8 @@ Where the paper is silent, we chose:
 - Step indexing is 0-based: steps 0-9 dense, search at 10 and 30 (the paper's "first 10 steps dense", Ts = {10, 30}).
 - Dense steps' IR: frame-sized blocks (cheaper at long lengths; same attention).
 - The stateless :func:`plan` searches at every non-warmup step; reuse lives in the session.
-- A layer with no search yet past the first search step (a block cache did not run its block at its search steps,
-  or a ``set_step`` went past them) searches at that step (``"cached-search"``, on the step's own LSE where none
-  was kept): the search made late.
+- A layer that missed a search step (a block cache did not run its block there, or a ``set_step`` went past it)
+  searches at the next step it runs (``"cached-search"``, on its kept LSE, else the step's own): the search late.
 - Frame-causal geometries: budgets are fractions of the blocks a row may see (:mod:`.causal`), whose masses
   alone are computed (a later block's mass is 0).
 """
@@ -270,6 +269,7 @@ class AdaSpaSession:
             raise ValueError(f"search_steps: expected steps in [warmup_steps={self.params.warmup_steps}, "
                              f"num_steps={self.num_steps}), got {list(searches)}")
         self._masks: dict[int, BlockMask] = {}
+        self._searched: dict[int, int] = {}         # per layer: the step of its last search
         self._lse: dict[int, torch.Tensor] = {}
         self._inputs: dict[int, tuple] = {}         # per layer: the geometry and heads its search and LSE are of
 
@@ -286,8 +286,9 @@ class AdaSpaSession:
             fused = reuse and self.params.impl == "auto"
             return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=reuse,
                               mass_block_size=self.params.block_size if fused else None, held=held)
-        if step in searches or (layer is not None and layer not in self._masks):   # a layer whose search steps
-            return StepAction("cached-search", dense=False, plans=True, needs_qk=True, held=held)   # it skipped
+        due = max(s for s in searches if s <= step)          # a layer that skipped it (a block cache) searches now
+        if step in searches or (layer is not None and self._searched.get(layer, -1) < due):
+            return StepAction("cached-search", dense=False, plans=True, needs_qk=True, held=held)
         return StepAction("reuse", dense=False, plans=True, held=held)
 
     def plan(self, geometry: VideoGeometry, num_heads: int, *, step: int, layer: int | None = None,
@@ -323,23 +324,22 @@ class AdaSpaSession:
                                  f"cache for step {p.search_steps[1:] or 'later'} searches), got mass without lse")
             found = _search(geometry, shard, p, layer, step, q, k, lse, mass, action.label)
             self._masks[layer], self._lse[layer] = self._stored(found.mask), self._stored(found.lse)
-            self._inputs[layer] = inputs
+            self._inputs[layer], self._searched[layer] = inputs, step
             return self._masks[layer]
         if self._inputs.get(layer, inputs) != inputs:
             raise ValueError("geometry, heads: layer {} at step {} ({}) asks for {} and heads [{}, {}) of {}, but its "
                              "search was for {} and heads [{}, {}) of {}; AdaSpa reuses a layer's search for the same "
                              "video and heads: start a new session (run) when they change".format(
                                  layer, step, action.label, *inputs, *self._inputs[layer]))
-        if action.label == "cached-search" and layer not in self._lse:
-            # The step before a cached first search ran elsewhere (Wan 2.2's second expert), or the layer skipped its
-            # search steps (a block cache, a set_step past them): a search on this step's own LSE
-            self._keep_lse(layer, geometry, shard, q, k, lse)
         if action.label == "cached-search":
+            if layer not in self._lse:   # none kept (Wan 2.2's 2nd expert ran the step before, a cache skipped it)
+                self._keep_lse(layer, geometry, shard, q, k, lse)                # this step's own LSE
             lse = self._lse[layer]
             if isinstance(q, torch.Tensor):        # a batch of another size (CFG stopped): this search's own LSE
                 lse = moved(lse, q.device) if lse.shape[0] == (q.shape[0] if q.dim() == 4 else 1) else None
             self._masks[layer] = self._stored(_search(geometry, shard, p, layer, step, q, k, lse, None,
                                                       action.label).mask)
+            self._searched[layer] = step
         return self._masks[layer]
 
     def _keep_lse(self, layer: int, geometry: VideoGeometry, shard: HeadShard, q: Any, k: Any,

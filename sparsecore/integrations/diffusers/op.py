@@ -52,7 +52,7 @@ def register(handle: "SparseAttentionHandle", model: torch.nn.Module) -> torch.T
     CPU tensor."""
     slot = _SLOTS.setdefault(model, max(_SLOTS.values(), default=-1) + 1)
     _HANDLES[slot] = handle
-    return torch.tensor(slot, dtype=torch.int64)
+    return torch.tensor(slot, dtype=torch.int64, device="cpu")     # not a default device (a GPU: a sync a call)
 
 
 # The op decides on the host at each call (the step, the layer, the mask) and copies per-call plans: a CUDA graph

@@ -65,7 +65,7 @@ class SparseProcessor(RefusesCopies):
     def __init__(self, handle: "SparseAttentionHandle", layer: int, original: Any) -> None:
         self._handle = handle
         self.layer = layer
-        self._layer_id = torch.tensor(layer, dtype=torch.int64)     # the op's argument: a graph input, not a guard
+        self._layer_id = torch.tensor(layer, dtype=torch.int64, device="cpu")    # the op's argument, a graph input
         self.original = original
 
     def sparse_attention(self, *qkv: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
