@@ -15,7 +15,7 @@ int slot made every other model of a class (a reloaded model, Wan 2.2's second e
 shared block code again, and the ninth hit the recompile limit (an error under ``fullgraph=True``);
 an int layer would do the same for every layer. So a compiled block's code is shared by every layer
 and every model. A layer names itself rather than being counted, so a forward that skips blocks
-(diffusers' block caches, layer skipping) leaves the others their own masks.
+(diffusers' block caches, LTX-2's fully perturbed layers) leaves the others their own masks.
 
 CUDA graphs. A graph replaying the op would repeat one call's decisions: from PyTorch 2.8 it is tagged
 ``cudagraph_unsafe`` (inductor's ``mode="reduce-overhead"`` cuts its CUDA graphs around it, or skips
