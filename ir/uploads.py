@@ -91,7 +91,7 @@ def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.device == device:
         return tensor
     if device.type == "cpu":
-        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True).copy_(tensor)
     refuse_capture(device, "a copy of a tensor held in host memory back to the device")
     return tensor.to(device, non_blocking=tensor.is_pinned())
 
@@ -117,7 +117,7 @@ class HostCounts:
             return count
         slot = self._used % self.CHUNK
         if slot == 0:
-            self._chunk = torch.empty(self.CHUNK, dtype=torch.int64, pin_memory=True)
+            self._chunk = torch.empty(self.CHUNK, dtype=torch.int64, device="cpu", pin_memory=True)
         self._used += 1
         return self._chunk[slot].copy_(count.to(torch.int64), non_blocking=True)
 
@@ -137,7 +137,8 @@ class HostPack:
         for name, tensor in tensors.items():
             self.specs[name] = (start, tensor.dtype, tuple(tensor.shape))
             start += -(-tensor.numel() * tensor.element_size() // self.ALIGN) * self.ALIGN
-        self.buffer = torch.empty(max(start, 1), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        self.buffer = torch.empty(max(start, 1), dtype=torch.uint8, device="cpu",   # host memory whatever the default
+                                  pin_memory=torch.cuda.is_available())
         for name, tensor in tensors.items():
             self._view(self.buffer, name).copy_(tensor)
 
@@ -149,5 +150,5 @@ class HostPack:
     def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
         start, dtype, shape = self.specs[name]
         count = int(np.prod(shape, dtype=np.int64))
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         return buffer[start:start + count * size].view(dtype).view(shape)

@@ -252,6 +252,21 @@ def test_queued_uploads_are_copies_the_caller_owns():
         assert start % HostPack.ALIGN == 0 and got[name].data_ptr() != again[name].data_ptr()
 
 
+def test_host_side_tensors_stay_on_the_host_under_a_default_device():
+    """``torch.device(...)`` / ``torch.set_default_device`` (a GPU, here "meta") does not move what is host memory by
+    design: a HostPack's buffer (on a GPU default its pinned buffer would be refused) and a mixed text batch's row
+    index (made on the host, then sent)."""
+    from sparsecore.integrations.diffusers.text_groups import batch_rows
+    from sparsecore.ir.uploads import HostPack
+    tensors = {"ids": torch.arange(7, dtype=torch.int32), "wide": torch.arange(6, dtype=torch.int64).view(2, 3)}
+    with torch.device("meta"):
+        pack = HostPack(tensors)
+        index = batch_rows([0, 2], torch.device("cpu"))
+    got = pack.to(torch.device("cpu"))
+    assert all(torch.equal(got[name], tensor) for name, tensor in tensors.items())
+    assert index.device.type == "cpu" and index.tolist() == [0, 2]
+
+
 def test_per_call_copies_refuse_a_cuda_graph_capture(monkeypatch):
     """A CUDA graph captured around ``queued`` would replay the copy from its freed pinned source: it raises, naming
     the capture, before it copies anything (so a capture is seen here without a GPU); outside one it copies."""

@@ -32,7 +32,7 @@ def batch_rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
     tensor on ``device`` (on CUDA sent from pinned memory, without a host wait)."""
     if rows == list(range(rows[0], rows[-1] + 1)):
         return slice(rows[0], rows[-1] + 1)
-    index = torch.tensor(rows, dtype=torch.long)
+    index = torch.tensor(rows, dtype=torch.long, device="cpu")     # host, whatever the default device
     if device.type == "cuda":
         return index.pin_memory().to(device, non_blocking=True)
     return index.to(device)
