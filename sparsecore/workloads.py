@@ -119,42 +119,44 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({err})") from None
 
-    gen = torch.Generator().manual_seed(int(seed))
-    length, video, group = geometry.tokens, geometry.video_slice, num_heads // num_kv_heads
-    d = head_dim
-    base = math.sqrt(10.0 * math.sqrt(d)) * sharpness   # amplitude^2 / sqrt(D) ~ 10 logits per unit
-    cos, sin = _rope_tables(geometry, d, rope_theta)
-    sink_ids = _sink_tokens(geometry, sinks, gen)
+    with torch.device("cpu"):          # made on the host from a CPU generator, whatever torch's default device
+        gen = torch.Generator().manual_seed(int(seed))
+        length, video, group = geometry.tokens, geometry.video_slice, num_heads // num_kv_heads
+        d = head_dim
+        base = math.sqrt(10.0 * math.sqrt(d)) * sharpness   # amplitude^2 / sqrt(D) ~ 10 logits per unit
+        cos, sin = _rope_tables(geometry, d, rope_theta)
+        sink_ids = _sink_tokens(geometry, sinks, gen)
 
-    q = torch.empty(batch, num_heads, length, d)
-    k = torch.empty(batch, num_kv_heads, length, d)
-    v = torch.empty(batch, num_kv_heads, length, d)
-    for b in range(batch):
-        field = _smooth_field(geometry, d, gen)                          # [video_tokens, D], unit variance
-        text = torch.randn(geometry.text_tokens, d, generator=gen)
-        for g in range(num_kv_heads):
-            kind = HEAD_KINDS[kinds[g % len(kinds)]]
-            project = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
-            const = _band_vector(d, kind.position, gen) * base
-            content = field @ project * (kind.content * base / math.sqrt(d))   # same projection for q and k
-            rotary, plain = (content, 0.0) if kind.rotary_content else (0.0, content)
-            k[b, g, video] = _rotate(rotary + const + 0.3 * torch.randn(content.shape, generator=gen), cos, sin) + plain
-            value_projection = torch.randn(d, d, generator=gen) / math.sqrt(d)
-            v[b, g, video] = field @ value_projection + 0.2 * torch.randn(content.shape, generator=gen)
-            if geometry.text_tokens:
-                text_slice = geometry.text_slice
-                k[b, g, text_slice] = text @ project * (0.5 * base / math.sqrt(d))
-                v[b, g, text_slice] = text @ value_projection
-            direction = torch.randn(d, generator=gen)
-            direction = direction / direction.norm() * math.sqrt(kind.sink * 8.0 * math.sqrt(d)) * sharpness
-            if len(sink_ids):
-                k[b, g, sink_ids] += direction
-            for member in range(group):
-                h = g * group + member
-                jitter = 0.3 * torch.randn(content.shape, generator=gen)
-                q[b, h, video] = _rotate(rotary + const + jitter, cos, sin) + plain + direction
+        q = torch.empty(batch, num_heads, length, d)
+        k = torch.empty(batch, num_kv_heads, length, d)
+        v = torch.empty(batch, num_kv_heads, length, d)
+        for b in range(batch):
+            field = _smooth_field(geometry, d, gen)                          # [video_tokens, D], unit variance
+            text = torch.randn(geometry.text_tokens, d, generator=gen)
+            for g in range(num_kv_heads):
+                kind = HEAD_KINDS[kinds[g % len(kinds)]]
+                project = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+                const = _band_vector(d, kind.position, gen) * base
+                content = field @ project * (kind.content * base / math.sqrt(d))   # same projection for q and k
+                rotary, plain = (content, 0.0) if kind.rotary_content else (0.0, content)
+                noise = 0.3 * torch.randn(content.shape, generator=gen)
+                k[b, g, video] = _rotate(rotary + const + noise, cos, sin) + plain
+                value_projection = torch.randn(d, d, generator=gen) / math.sqrt(d)
+                v[b, g, video] = field @ value_projection + 0.2 * torch.randn(content.shape, generator=gen)
                 if geometry.text_tokens:
-                    q[b, h, geometry.text_slice] = text @ project * (0.5 * base / math.sqrt(d)) + direction
+                    text_slice = geometry.text_slice
+                    k[b, g, text_slice] = text @ project * (0.5 * base / math.sqrt(d))
+                    v[b, g, text_slice] = text @ value_projection
+                direction = torch.randn(d, generator=gen)
+                direction = direction / direction.norm() * math.sqrt(kind.sink * 8.0 * math.sqrt(d)) * sharpness
+                if len(sink_ids):
+                    k[b, g, sink_ids] += direction
+                for member in range(group):
+                    h = g * group + member
+                    jitter = 0.3 * torch.randn(content.shape, generator=gen)
+                    q[b, h, video] = _rotate(rotary + const + jitter, cos, sin) + plain + direction
+                    if geometry.text_tokens:
+                        q[b, h, geometry.text_slice] = text @ project * (0.5 * base / math.sqrt(d)) + direction
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 

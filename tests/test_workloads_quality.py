@@ -40,6 +40,16 @@ def test_same_seed_same_tensors_and_shapes():
     assert video_qkv(g, 2, 16, seed=1, dtype=torch.float64)[0].dtype == torch.float64
 
 
+def test_a_default_device_does_not_change_the_workload():
+    """The tensors are made on the host from a CPU generator, then moved: under ``torch.device(...)`` (here "meta")
+    they are the same tensors on the device asked for (they raised: the generator's device was not the default)."""
+    g = VideoGeometry(3, 4, 5, text_tokens=6)
+    want = video_qkv(g, 4, 16, seed=1, num_kv_heads=2, sinks=2)
+    with torch.device("meta"):
+        got = video_qkv(g, 4, 16, seed=1, num_kv_heads=2, sinks=2)
+    assert all(x.device.type == "cpu" and torch.equal(x, y) for x, y in zip(got, want))
+
+
 def test_one_video_token_gives_finite_tensors():
     """The content field's standard deviation over one token was NaN (unbiased), and so were q, k, v."""
     for g in (VideoGeometry(1, 1, 1), VideoGeometry(1, 1, 1, text_tokens=5)):
