@@ -6,11 +6,7 @@ export TRITON_INTERPRET=0 HYPOTHESIS_PROFILE=gpu-quick SPARSECORE_WARMUP=wait
 R=$OUT/run; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/gpu.txt
 start=$(date +%s)
-t() { local limit=$1 name=$2; shift 2
-  timeout $limit python3 -P -m pytest -v -p no:cacheprovider -rfE --tb=short "$@" > $R/gpu-tests-$name.log 2>&1
-  echo "$name rc=$? at $(( $(date +%s) - start )) s: $(grep -c PASSED $R/gpu-tests-$name.log) passed," \
-       "$(grep -c FAILED $R/gpu-tests-$name.log) failed, $(grep -c SKIPPED $R/gpu-tests-$name.log) skipped"
-  grep -E "^FAILED|^ERROR" $R/gpu-tests-$name.log | head -5 | cut -c1-300; }
+source bench/gpu_pytest.sh
 t 90 reduce-overhead tests/test_integration_compile.py -k "reduce_overhead or cuda_graph"
 t 120 integration-cuda tests/test_integration_block_caches.py tests/test_integration_diffusers.py \
   tests/test_integration_gaps.py tests/test_text_groups.py -k "cuda or gpu or block_caches or cache"
