@@ -124,6 +124,7 @@ BSA_ERRORS = {
     "head dim 32": (lambda a: a.update(q=zeros(1, 2, 4, 32), k=zeros(1, 2, 4, 32), v=zeros(1, 2, 4, 32)), "64 or 128"),
     "block_shape[1] = 64": (lambda a: a.update(block_shape=[4, 64]), "multiple of 128"),
     "block_shape with 0": (lambda a: a.update(block_shape=[0, 128]), "both > 0"),
+    "block_shape of 3": (lambda a: a.update(block_shape=[4, 128, 7]), "both > 0"),   # the op's tiling: exactly 2
     "layouts differ": (lambda a: a["kwargs"].update(kv_input_layout="TND"), "must equal q_input_layout"),
     "BSND layout": (lambda a: a["kwargs"].update(q_input_layout="BSND", kv_input_layout="BSND"), "TND or BNSD"),
     "bf16 with inner_precise=1": (lambda a: a.update(q=a["q"].bfloat16(), k=a["k"].bfloat16(), v=a["v"].bfloat16()),
@@ -140,6 +141,11 @@ BSA_ERRORS = {
     "one actual length": (lambda a: a["kwargs"].update(actual_seq_lengths=[4]), "together"),
     "TND without lengths": (lambda a: a["kwargs"].update(q_input_layout="TND", kv_input_layout="TND"),
                             "needs actual_seq_lengths"),
+    "TND lengths short of T": (lambda a: (a.update(q=zeros(5, 2, D), k=zeros(5, 2, D), v=zeros(5, 2, D),
+                                                   mask=torch.ones(1, 2, 1, 1, dtype=torch.int8)),
+                                          a["kwargs"].update(q_input_layout="TND", kv_input_layout="TND",
+                                                             actual_seq_lengths=[3], actual_seq_lengths_kv=[5])),
+                               "add up to T"),
     "softmax_lse_flag=2": (lambda a: a["kwargs"].update(softmax_lse_flag=2), "0 or 1"),
 }
 

@@ -28,7 +28,7 @@ from npu_cases import PATH_CASES  # noqa: E402
 from strategies import attention_cases  # noqa: E402
 from targets import Target  # noqa: E402
 
-from sparsecore.backends.npu import NpuBackend, emulator  # noqa: E402
+from sparsecore.backends.npu import NpuBackend, calls, emulator  # noqa: E402
 
 TORCH_NPU = loader.require_torch_npu()
 DTYPES = ("float16", "bfloat16", "float32")
@@ -69,14 +69,13 @@ def test_each_path_on_device(spied, name, dtype):
 
 
 def test_block_sparse_gqa_maps_query_head_n_to_key_head_n_div_g():
-    """The lowering assumes n // G (public tests only cover G = 1 and one key head)."""
+    """The lowering assumes n // G (public tests only cover G = 1 and one key head); the op is called as the
+    lowering calls it (``calls.block_sparse_attention``: its arguments, the sequence lengths included)."""
     q = torch.zeros(1, 4, 1, 64, dtype=torch.float16)
     k = torch.zeros(1, 2, 128, 64, dtype=torch.float16)
     v = torch.stack([torch.full((128, 64), 1.0), torch.full((128, 64), 2.0)])[None].half()
     mask = torch.ones(1, 4, 1, 1, dtype=torch.int8)
-    out, _ = TORCH_NPU.npu_block_sparse_attention(q.npu(), k.npu(), v.npu(), mask.npu(), [1, 128],
-                                                  q_input_layout="BNSD", kv_input_layout="BNSD",
-                                                  num_key_value_heads=2, scale_value=0.125, inner_precise=0)
+    out, _ = calls.block_sparse_attention(TORCH_NPU, q.npu(), k.npu(), v.npu(), mask.npu(), 1, 0.125, False)
     heads = out[0, :, 0, 0].float().cpu().tolist()
     assert heads == [1.0, 1.0, 2.0, 2.0], (f"query heads read key heads {heads}: expected n // G = [1, 1, 2, 2]; "
                                            f"[1, 2, 1, 2] means n % N2 and the npu lowering must permute heads")
@@ -91,13 +90,12 @@ def _random_inputs(seed: int, dtype: torch.dtype, heads: int, kv_heads: int, q_l
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_block_sparse_matches_the_device(dtype):
+    """The emulator and the device, both called as the lowering calls the op (``calls.block_sparse_attention``)."""
     q, k, v = _random_inputs(0, dtype, 4, 2, 200, 300)
     mask = torch.from_numpy(np.random.default_rng(0).random((2, 4, 4, 3)) < 0.5).to(torch.int8)
     mask[..., 0] = 1                                              # every row keeps a block: defined behaviour only
-    kwargs = dict(q_input_layout="BNSD", kv_input_layout="BNSD", num_key_value_heads=2, scale_value=0.1,
-                  inner_precise=0, softmax_lse_flag=1)
-    want_out, want_lse = emulator.npu_block_sparse_attention(q, k, v, mask, [64, 128], **kwargs)
-    out, lse = TORCH_NPU.npu_block_sparse_attention(q.npu(), k.npu(), v.npu(), mask.npu(), [64, 128], **kwargs)
+    want_out, want_lse = calls.block_sparse_attention(emulator, q, k, v, mask, 64, 0.1, True)
+    out, lse = calls.block_sparse_attention(TORCH_NPU, q.npu(), k.npu(), v.npu(), mask.npu(), 64, 0.1, True)
     torch.testing.assert_close(out.cpu().float(), want_out.float(), rtol=5e-3, atol=5e-3 if dtype == torch.float16
                                else 2e-2)
     torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-3, atol=1e-3)

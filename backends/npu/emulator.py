@@ -16,7 +16,8 @@ it against hand-computed cases. Sources (Ascend/op-plugin, master, 2026):
 - ``docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md``
 - ``test/test_custom_ops/test_npu_block_sparse_attention.py`` (CPU golden, GQA constraint)
 - hicann/ops-transformer ``attention/block_sparse_attention/docs/aclnnBlockSparseAttention.md``
-  (head dim 64/128, inner_precise values on A2/A3, both-or-neither actual lengths)
+  (head dim 64/128, inner_precise values on A2/A3, both-or-neither actual lengths) and its
+  ``op_host`` tiling code (``block_shape`` of exactly two elements, TND lengths that add up to T)
 - the CANN ATK test golden of FlashAttentionScore, the kernel behind npu_fusion_attention
   (softmax_max/sum are the row max of ``scale * QK^T`` after the mask and the sum of
   ``exp(s - max)``; query head ``n`` reads key head ``n // (N1 / N2)``), and
@@ -153,8 +154,8 @@ def npu_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: to
            f"bfloat16 inputs support only inner_precise=0, got {inner_precise}")
     _check(softmax_lse_flag in (0, 1), op, f"softmax_lse_flag must be 0 or 1, got {softmax_lse_flag}")
     shape = list(block_shape)
-    _check(len(shape) >= 2 and all(isinstance(x, int) and x > 0 for x in shape[:2]), op,
-           f"block_shape must hold [blockShapeX, blockShapeY], both > 0, got {shape}")
+    _check(len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape), op,
+           f"block_shape must be [blockShapeX, blockShapeY], both > 0, got {shape}")
     block_x, block_y = shape[0], shape[1]
     _check(block_y % BLOCK_Y_MULTIPLE == 0, op, f"block_shape[1] must be a multiple of 128, got {block_y}")
     _check((actual_seq_lengths is None) == (actual_seq_lengths_kv is None), op,
@@ -245,8 +246,8 @@ def _block_sparse_tnd(query, key, value, block_sparse_mask, block_x, block_y, nu
     q_lens, kv_lens = list(actual_seq_lengths), list(actual_seq_lengths_kv)
     _check(len(q_lens) == len(kv_lens) and len(q_lens) >= 1, op,
            f"actual_seq_lengths and actual_seq_lengths_kv need one length per batch, got {q_lens} and {kv_lens}")
-    _check(sum(q_lens) <= total_q and sum(kv_lens) <= key.shape[0], op,
-           f"per-batch lengths must fit T (query {total_q}, key {key.shape[0]}), got {q_lens} and {kv_lens}")
+    _check(sum(q_lens) == total_q and sum(kv_lens) == key.shape[0], op,
+           f"per-batch lengths must add up to T (query {total_q}, key {key.shape[0]}), got {q_lens} and {kv_lens}")
     expected = [len(q_lens), heads, _ceil_div(max(q_lens), block_x), _ceil_div(max(kv_lens), block_y)]
     _check(list(block_sparse_mask.shape) == expected, op,
            f"block_sparse_mask shape must be [B, N1, ceil(max Sq/bx), ceil(max Skv/by)] = {expected}, "
