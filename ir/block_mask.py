@@ -102,13 +102,19 @@ class BlockMask:
         For planners that build masks every layer and step on the device (AdaSpa, PASA): their lists come from
         ``csr`` builders over top-k selections, sorted and in range by construction, so the element checks (and
         their host round trip) would only repeat work. Offsets and ``meta`` are still checked (host, small); the
-        lists, int32 (indptr, indices) and float64 (budgets) on one device, are taken as they are.
+        lists, int32 (indptr, indices) and float64 (budgets) on one device, are taken as they are (NumPy ones
+        made read-only: host kernels are cached by the lists' content).
         """
         mask = cls.__new__(cls)
         set_ = object.__setattr__
         offsets = [v.integer_array(o, name, ndim=1, dtype=np.int64) for o, name in
                    ((q_offsets, "q_offsets"), (kv_offsets, "kv_offsets"))]
-        v.check_extent(v.check_int(num_heads, "num_heads", minimum=1), *offsets)
+        num_heads = v.check_int(num_heads, "num_heads", minimum=1)
+        v.check_extent(num_heads, *offsets)
+        if not isinstance(unselected, Unselected):
+            raise TypeError(f"unselected: expected a sparsecore.ir.Unselected, got {type(unselected).__name__}")
+        indptr, indices, budgets = (v.frozen(a) if isinstance(a, np.ndarray) and a.flags.writeable else a
+                                    for a in (indptr, indices, budgets))
         for name, value in (("num_heads", num_heads), ("q_offsets", offsets[0]), ("kv_offsets", offsets[1]),
                             ("indptr", indptr), ("indices", indices), ("budgets", budgets),
                             ("meta", v.freeze_meta(meta)), ("unselected", unselected)):
@@ -244,6 +250,7 @@ class BlockMask:
         Refuses when ``H * q_len * kv_len`` exceeds ``limit`` elements, since the
         point of the IR is to never build this for real sequence lengths.
         """
+        limit = v.check_int(limit, "limit", minimum=0)
         size = self.num_heads * self.q_len * self.kv_len
         if size > limit:
             raise ValueError(f"token_mask: {self.num_heads}x{self.q_len}x{self.kv_len} = {size:,} elements exceeds "
@@ -300,6 +307,8 @@ class BlockMask:
                 raise ValueError(f"heads: a bool selector needs shape [{self.num_heads}], got {list(idx.shape)}")
             idx = np.nonzero(idx)[0]
         idx = np.atleast_1d(idx)
+        if idx.size == 0:                                   # before the dtype: [] reads as float64
+            raise ValueError(f"heads: expected a non-empty selection of 0..{self.num_heads - 1}, got []")
         if idx.ndim != 1:
             raise ValueError(f"heads: expected a flat list of head ids, got shape {list(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+INDEX_LIMIT = np.iinfo(np.int32).max  # indptr/indices are int32 by contract
+
 
 def is_tensor(value: Any) -> bool:
     """True for a torch tensor (checked without importing torch)."""
@@ -111,12 +113,16 @@ def to_block_bits(indptr: Any, indices: Any, num_kv_blocks: int) -> Any:
 
 
 def select_heads(indptr: Any, indices: Any, heads: Any) -> tuple[Any, Any]:
-    """The lists of query heads ``heads`` (int ``[n]``, same kind as the arrays), in that order."""
+    """The lists of query heads ``heads`` (int ``[n]``, same kind as the arrays), in that order.
+
+    Raises ``ValueError`` before building them where they would hold more entries than int32 indexes (heads
+    repeated)."""
     lengths = indptr[heads, -1] - indptr[heads, 0]                         # entries per selected head
     if is_tensor(indptr):
         import torch
         lengths = lengths.to(torch.int64)
         total = int(lengths.sum())                                          # one host round trip
+        _check_entries(total)
         starts = indptr[heads, 0].to(torch.int64)
         new_start = torch.cumsum(lengths, 0) - lengths
         head_of = torch.repeat_interleave(torch.arange(len(heads), device=indptr.device), lengths, output_size=total)
@@ -124,11 +130,18 @@ def select_heads(indptr: Any, indices: Any, heads: Any) -> tuple[Any, Any]:
         new_indptr = indptr[heads].to(torch.int64) - starts[:, None] + new_start[:, None]
         return new_indptr, indices[position]
     lengths = lengths.astype(np.int64)
+    _check_entries(int(lengths.sum()))
     starts = indptr[heads, 0].astype(np.int64)
     new_start = np.cumsum(lengths) - lengths
     head_of = np.repeat(np.arange(len(heads)), lengths)
     position = np.arange(int(lengths.sum())) - new_start[head_of] + starts[head_of]
     return indptr[heads].astype(np.int64) - starts[:, None] + new_start[:, None], indices[position]
+
+
+def _check_entries(total: int) -> None:
+    if total > INDEX_LIMIT:
+        raise ValueError(f"heads: the selection lists {total:,} key blocks, more than the int32 index limit "
+                         f"{INDEX_LIMIT:,}; select fewer heads (or repeat fewer)")
 
 
 def kept_key_tokens(indptr: Any, indices: Any, kv_offsets: np.ndarray) -> Any:

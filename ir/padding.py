@@ -9,6 +9,7 @@ work, and made ``compile`` class the mask as mixed sizes.
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -37,7 +38,12 @@ def with_padding(mask: "BlockMask", length: int, meta: Mapping[str, Any] | None 
         raise ValueError(f"unselected: with_padding expected a mask that drops unlisted blocks, got "
                          f"{str(mask.unselected)!r} (the padding would enter every row's approximation); run the "
                          f"mask on its {mask.q_len} tokens and write 0 to the rest")
-    length = v.check_int(length, "length", max(mask.q_len, mask.kv_len) + 1)
+    longest = max(mask.q_len, mask.kv_len)
+    if isinstance(length, numbers.Integral) and not isinstance(length, bool) and length <= longest:
+        raise ValueError(f"length: expected an int > {longest:,} (both sides are padded to one length, longer than "
+                         f"q_len={mask.q_len:,} and kv_len={mask.kv_len:,}), got {length:,}; pass the padded length "
+                         f"of the sequence the mask runs on")
+    length = v.check_int(length, "length", longest + 1)
     v.check_pairs(mask.num_heads, length, length, "length",
                   "no attention input has that many; pass the length of the sequence the mask runs on")
     meta = mask.meta if meta is None else v.freeze_meta(meta)         # checked before the padding is built

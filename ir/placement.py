@@ -77,4 +77,7 @@ def run_device(device: Any) -> "torch.device":
                          f"torch.{device.type}.is_available() is not True); pass 'cpu' or a device listed there")
     if device.index is None:                            # the current one (MPS has one device and no current_device)
         device = torch.device(device.type, getattr(module, "current_device", lambda: 0)())
+    elif hasattr(module, "device_count") and device.index >= module.device_count():
+        raise ValueError(f"device: expected one of this machine's {module.device_count()} {device.type} device(s), "
+                         f"numbered from 0, got {str(device)!r}")
     return device

@@ -68,6 +68,10 @@ def slices(mask: BlockMask, q_ranges: Any, kv_range_sets: Sequence[Any]) -> list
         prefixes.append(prefix)
         counts.append(prefix[stops] - prefix[starts])
     totals = xp.host_ints(xp.stack_sums(counts))                   # the one host read
+    if max(totals) > v.INDEX_LIMIT:                                # cut blocks list more entries than they were
+        raise ValueError(f"kv_range_sets: the slices would list {max(totals):,} key blocks, more than the int32 index limit "
+                         f"{v.INDEX_LIMIT:,}; cut fewer blocks (ranges on the mask's block boundaries) or fewer "
+                         f"heads")
     out = []
     for (kv_offsets, _, selected, first), prefix, count, total in zip(columns, prefixes, counts, totals):
         new_indptr = csr.indptr_from_counts(count)
@@ -156,8 +160,7 @@ def _refine(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> tuple[np.ndar
     parent = np.searchsorted(offsets, starts, side="right") - 1
     kept_parent = parent[inside]
     selected = np.bincount(kept_parent, minlength=len(offsets) - 1).astype(np.int64)
-    first = np.zeros(len(offsets) - 1, dtype=np.int64)
-    first[kept_parent[::-1]] = np.arange(len(kept_parent))[::-1]   # the lowest new id of each parent
+    first = np.searchsorted(kept_parent, np.arange(len(offsets) - 1))   # the lowest new id of each parent (ascending)
     return new_offsets, kept_parent, selected, first
 
 

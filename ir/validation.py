@@ -24,9 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .csr import is_tensor
+from .csr import INDEX_LIMIT, is_tensor
 
-INDEX_LIMIT = np.iinfo(np.int32).max  # indptr/indices are int32 by contract
 PAIR_LIMIT = 1 << 62                   # num_heads * q_len * kv_len: kept-pair counts are int64 with headroom
 META_DEPTH = 32                        # nesting levels allowed in ``meta``
 
@@ -34,6 +33,7 @@ META_DEPTH = 32                        # nesting levels allowed in ``meta``
 def as_numpy(value: Any, field: str) -> np.ndarray:
     """Return ``value`` as a numpy array; accepts numpy, torch tensors (copied to the host) and sequences."""
     if is_tensor(value):
+        refuse_meta(value, field)
         value = value.detach().cpu()
         value = (value.double() if str(value.dtype) == "torch.bfloat16" else value).numpy()   # NumPy has no bf16
     try:
@@ -46,6 +46,13 @@ def as_numpy(value: Any, field: str) -> np.ndarray:
             raise TypeError(f"{field}: expected integers, got a bool mixed with numbers at position "
                             f"{flags.index(True)} of {str(value)[:80]} (NumPy would read it as 1)")
     return arr
+
+
+def refuse_meta(tensor: Any, field: str) -> None:
+    """A tensor on the ``meta`` device holds no values to check or copy: refused by name."""
+    if tensor.is_meta:
+        raise ValueError(f"{field}: expected a tensor with values, got one on the 'meta' device; build the mask from "
+                         f"tensors on a real device (a mask's lists are read, not traced)")
 
 
 def as_path(value: Any, field: str = "path") -> Path:
@@ -295,6 +302,7 @@ def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, 
                             f"on one side: both NumPy or both torch), got {type(t).__name__}")
         if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
             raise TypeError(f"{name}: expected an integer array, got dtype {str(t.dtype).removeprefix('torch.')}")
+        refuse_meta(t, name)
     for name, t, ndim in (("indptr", indptr, 2), ("indices", indices, 1)):
         if t.ndim != ndim:
             raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {tuple(t.shape)}")
@@ -307,6 +315,7 @@ def check_device_lists(indptr: Any, indices: Any, budgets: Any, num_heads: int, 
     if budgets is not None and not is_tensor(budgets):   # a host sequence or array, taken as a host mask takes it
         budgets = torch.tensor(check_budgets(budgets, num_heads), device=indptr.device)
     elif budgets is not None:
+        refuse_meta(budgets, "budgets")
         if budgets.dtype == torch.bool or budgets.is_complex():
             raise TypeError(f"budgets: expected a float array, got dtype {str(budgets.dtype).removeprefix('torch.')}")
         if tuple(budgets.shape) != (num_heads,):

@@ -361,4 +361,5 @@ def test_a_device_without_an_index_is_the_current_one(monkeypatch):
     from sparsecore.ir.placement import run_device
     monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
     monkeypatch.setattr(torch.xpu, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
     assert run_device("xpu") == torch.device("xpu", 1) and run_device("xpu:0") == torch.device("xpu", 0)

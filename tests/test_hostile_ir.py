@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hostile import bounded, refused
 
 from sparsecore import BlockMask
+from sparsecore.ir.slicing import slice_mask
 
 Q_OFF = [0, 16, 32, 40]
 KV_OFF = [0, 32, 64, 96, 100]
@@ -265,3 +266,60 @@ def test_a_device_string_torch_does_not_know_gets_a_remedy():
     with pytest.raises(ValueError, match=r"device: 'gpu' is not a torch device; pass e.g. 'cpu', 'cuda'.* at start of "
                                          r"device string: gpu\)$"):
         mask.to("gpu")
+
+
+# ------------------------------------------------------------------------- derived masks and calls (a review's)
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_selections_and_slices_past_the_int32_limit_are_refused_before_building(monkeypatch, on_device):
+    """Repeated heads and cut blocks list more entries than the mask: past int32 the row pointers would wrap into a
+    corrupt mask; the limit is lowered here (2**31 entries need ~60 GiB) to the 8 entries of the mask."""
+    from sparsecore.ir import csr, validation
+    mask = make() if not on_device else make().to("cpu")
+    monkeypatch.setattr(csr, "INDEX_LIMIT", 8)
+    monkeypatch.setattr(validation, "INDEX_LIMIT", 8)
+    assert mask.select_heads([1, 0]).nnz == 8                     # at the limit: fine
+    with pytest.raises(ValueError, match=r"heads: the selection lists 16 key blocks, more than the int32 index "
+                                         r"limit 8; select fewer heads"):
+        mask.select_heads([0, 1, 0, 1])
+    assert slice_mask(mask, (0, 40), (0, 100)).nnz == 8
+    with pytest.raises(ValueError, match=r"kv_range_sets: the slices would list 10 key blocks, more than the int32 "
+                                         r"index limit 8; cut fewer blocks"):
+        slice_mask(mask, (0, 40), ((0, 16), (24, 100)))              # key block 0 cut in two
+
+
+def test_small_refusals_name_their_field():
+    mask = make()
+    with pytest.raises(ValueError, match=r"heads: expected a non-empty selection of 0\.\.1, got \[\]"):
+        mask.select_heads([])                                      # [] reads as float64: named as empty, not dtype
+    for limit in ("x", None, 1.5):
+        with pytest.raises(TypeError, match="limit: expected an int"):
+            mask.token_mask(limit=limit)
+    device = mask.to("cpu")
+    for field, change in (("budgets", dict(budgets=torch.full((2,), 0.5, device="meta"))),
+                          ("indptr", dict(indptr=device.indptr.to("meta"), indices=device.indices.to("meta"))),
+                          ("q_offsets", dict(q_offsets=torch.tensor(Q_OFF, device="meta")))):
+        lists = dict(indptr=device.indptr, indices=device.indices) if field != "q_offsets" else {}
+        with pytest.raises(ValueError, match=rf"{field}: expected a tensor with values, got one on the 'meta' device"):
+            make(**{**lists, **change})
+
+
+def test_a_device_index_past_the_machines_count_is_refused_by_name(monkeypatch):
+    """As compile() refuses it; torch's own 'invalid device ordinal' came through mask.to before."""
+    from sparsecore.ir import placement
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device: expected one of this machine's 1 cuda device\(s\), numbered from 0, "
+                                         r"got 'cuda:5'"):
+        placement.run_device("cuda:5")
+    with pytest.raises(ValueError, match="got 'cuda:5'"):
+        make().to("cuda:5")
+
+
+def test_unchecked_masks_keep_checked_fields_and_read_only_host_lists():
+    indptr, indices = np.array(INDPTR, dtype=np.int32), np.array(INDICES, dtype=np.int32)
+    mask = BlockMask.unchecked(np.int64(2), np.array(Q_OFF), np.array(KV_OFF), indptr, indices, np.ones(2))
+    assert type(mask.num_heads) is int
+    assert not (mask.indptr.flags.writeable or mask.indices.flags.writeable or mask.budgets.flags.writeable)
+    with pytest.raises(TypeError, match="unselected: expected a sparsecore.ir.Unselected, got str"):
+        BlockMask.unchecked(2, Q_OFF, KV_OFF, indptr, indices, np.ones(2), unselected="drop")

@@ -80,8 +80,11 @@ def test_a_padded_joint_mask_matches_the_oracle_on_every_target(target):
 def test_padding_refuses_bad_lengths_before_building_anything(monkeypatch):
     from sparsecore.ir import padding
     mask = BlockMask.full(2, 48, 48, 16)
-    with pytest.raises(ValueError, match="length: expected an int >= 49"):
+    with pytest.raises(ValueError, match=r"length: expected an int > 48 \(both sides are padded to one length.*got 48; "
+                                         r"pass the padded length"):
         mask.with_padding(48)
+    with pytest.raises(ValueError, match="length: expected an int > 48"):
+        mask.with_padding(np.int64(-3))
     with pytest.raises(TypeError, match="length: expected an int"):
         mask.with_padding(60.0)
     tiny = BlockMask.full(4, 3, 3, 1)
