@@ -53,7 +53,7 @@ import numpy as np
 from . import csr
 from . import validation as v
 from .host_facts import carry_padding
-from .unselected import DROP, Unselected
+from .unselected import DROP, Unselected, check_unselected
 
 TOKEN_MASK_LIMIT = 1 << 28  # elements of a bool[H, q_len, kv_len] token mask (256 MiB)
 
@@ -86,8 +86,7 @@ class BlockMask:
             indices = v.integer_array(self.indices, "indices", ndim=1, dtype=np.int32)
             v.check_csr(indptr, indices, num_heads, num_q_blocks, num_kv_blocks, int(kv_offsets[-1]))
             budgets = None if self.budgets is None else v.check_budgets(self.budgets, num_heads)
-        if not isinstance(self.unselected, Unselected):
-            raise TypeError(f"unselected: expected a sparsecore.ir.Unselected, got {type(self.unselected).__name__}")
+        check_unselected(self.unselected)
         for name, value in (("num_heads", num_heads), ("q_offsets", q_offsets), ("kv_offsets", kv_offsets),
                             ("indptr", indptr), ("indices", indices), ("meta", v.freeze_meta(self.meta))):
             set_(self, name, value)
@@ -102,8 +101,7 @@ class BlockMask:
         For planners that build masks every layer and step on the device (AdaSpa, PASA): their lists come from
         ``csr`` builders over top-k selections, sorted and in range by construction, so the element checks (and
         their host round trip) would only repeat work. Offsets and ``meta`` are still checked (host, small); the
-        lists, int32 (indptr, indices) and float64 (budgets) on one device, are taken as they are (NumPy ones
-        made read-only: host kernels are cached by the lists' content).
+        lists, int32 (indptr, indices) and float64 (budgets) on one device, are taken as they are (NumPy's read-only).
         """
         mask = cls.__new__(cls)
         set_ = object.__setattr__
@@ -111,10 +109,8 @@ class BlockMask:
                    ((q_offsets, "q_offsets"), (kv_offsets, "kv_offsets"))]
         num_heads = v.check_int(num_heads, "num_heads", minimum=1)
         v.check_extent(num_heads, *offsets)
-        if not isinstance(unselected, Unselected):
-            raise TypeError(f"unselected: expected a sparsecore.ir.Unselected, got {type(unselected).__name__}")
-        indptr, indices, budgets = (v.frozen(a) if isinstance(a, np.ndarray) and a.flags.writeable else a
-                                    for a in (indptr, indices, budgets))
+        check_unselected(unselected)
+        indptr, indices, budgets = map(v.read_only, (indptr, indices, budgets))
         for name, value in (("num_heads", num_heads), ("q_offsets", offsets[0]), ("kv_offsets", offsets[1]),
                             ("indptr", indptr), ("indices", indices), ("budgets", budgets),
                             ("meta", v.freeze_meta(meta)), ("unselected", unselected)):
@@ -313,7 +309,7 @@ class BlockMask:
             raise ValueError(f"heads: expected a flat list of head ids, got shape {list(idx.shape)}")
         if not np.issubdtype(idx.dtype, np.integer):
             raise TypeError(f"heads: expected ints, a slice or a bool array, got dtype {idx.dtype}")
-        if idx.size == 0 or ((idx < 0) | (idx >= self.num_heads)).any():
+        if ((idx < 0) | (idx >= self.num_heads)).any():
             raise ValueError(f"heads: expected a non-empty selection of 0..{self.num_heads - 1}, got {idx.tolist()}")
         idx = idx.astype(np.int64)  # a fresh copy: torch reads uint8 ids as a mask, refuses int8, uint16.. and -strides
         if not self.on_host:

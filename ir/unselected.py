@@ -65,3 +65,9 @@ class Unselected:
 
 
 DROP = Unselected()
+
+
+def check_unselected(unselected: object) -> None:
+    """A mask's ``unselected`` is an :class:`Unselected` (a string such as ``"drop"`` is not)."""
+    if not isinstance(unselected, Unselected):
+        raise TypeError(f"unselected: expected a sparsecore.ir.Unselected, got {type(unselected).__name__}")

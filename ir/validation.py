@@ -115,6 +115,12 @@ def integer_array(value: Any, field: str, *, ndim: int, dtype: type) -> np.ndarr
     return frozen(arr.astype(dtype, copy=True))
 
 
+def read_only(value: Any) -> Any:
+    """A writable NumPy array made read-only in place (a mask's host lists: host kernels are cached by their
+    content); anything else as it is."""
+    return frozen(value) if isinstance(value, np.ndarray) and value.flags.writeable else value
+
+
 def frozen(arr: np.ndarray) -> np.ndarray:
     """Return ``arr`` C-contiguous and read-only (the caller passes an array it owns)."""
     arr = np.ascontiguousarray(arr)
