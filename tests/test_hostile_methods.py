@@ -20,6 +20,7 @@ from hostile import refused
 
 from sparsecore import VideoGeometry
 from sparsecore.methods import HeadShard, adaspa, lvsa, pasa
+from sparsecore.methods.contract import MAX_STEPS
 
 G = VideoGeometry(6, 4, 4)                     # 96 tokens: blocks of 16 below
 HEADS = 2
@@ -63,9 +64,38 @@ def test_unknown_parameters_are_named(method, name):
     refused(lambda: MODULES[method].session(num_steps=50, **{name: 1}), name)
 
 
-@given(method=st.sampled_from(sorted(MODULES)), num_steps=st.sampled_from([0, -1, True, 1.5, "50", None]))
+@given(method=st.sampled_from(sorted(MODULES)),
+       num_steps=st.sampled_from([0, -1, True, 1.5, "50", None, MAX_STEPS + 1, 10**13]))
 def test_session_lengths(method, num_steps):
+    """A claimed step count is checked before the session's per-step arrays (PASA's budgets) are built."""
     refused(lambda: MODULES[method].session(num_steps=num_steps), "num_steps")
+
+
+def test_step_counts_past_any_sampler_are_refused_before_per_step_arrays():
+    for call in (lambda: pasa.density_schedule(10**13, 0.15), lambda: pasa.CurvatureRecorder(10**13)):
+        refused(call, "num_steps")
+    assert len(pasa.density_schedule(MAX_STEPS, 0.15)) == MAX_STEPS
+
+
+def test_values_of_the_right_type_out_of_range_are_value_errors():
+    """A non-finite float is a float: ValueError (it was a TypeError 'expected a float, got float inf')."""
+    for method, name in (("pasa", "noise_scale"), ("lvsa", "sparsity_scale"), ("adaspa", "recall_threshold")):
+        for value in (INF, NAN):
+            refused(lambda: MODULES[method].session(num_steps=50, **{name: value}), name, types=(ValueError,))
+    refused(lambda: adaspa.session(num_steps=50, approximation="zeroth").plan("x", 2, step=20, layer=0), "geometry",
+            types=(TypeError,))
+    refused(lambda: lvsa.frame_pattern("x", 0), "geometry", types=(TypeError,))
+
+
+def test_lvsa_refuses_what_it_cannot_plan_before_a_step_runs():
+    causal = VideoGeometry(8, 4, 4, causal_frames=2)
+    refused(lambda: lvsa.session(num_steps=50, approximation="zeroth").action(causal, 0), "approximation",
+            types=(ValueError,))
+    # the paper's anchor rule needs C > 2W + 1 whatever the length: refused at the session, not at a long video's
+    # first step (short videos are dense and never asked)
+    refused(lambda: lvsa.session(num_steps=50, anchor_rule="paper", window=3, reference_frames=7), "reference_frames",
+            types=(ValueError,))
+    assert lvsa.session(num_steps=50, anchor_rule="paper", window=3, reference_frames=8).params.window == 3
 
 
 def test_session_relations_and_profiles():

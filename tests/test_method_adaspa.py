@@ -506,3 +506,34 @@ def test_block_masses_under_an_ambient_autocast_are_float32_masses():
         got = block_mass(q, k, offsets, offsets, impl="torch").mass.double().numpy()
     want = mass_float64(q, k, offsets, offsets)
     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_a_session_keeps_its_own_copy_of_a_handed_in_lse():
+    """A caller may reuse its LSE buffer after handing it over (a CUDA graph's static output): the session's cached
+    searches at steps 10 and 30 run on the LSE of step 9 as it was, not as the buffer holds later."""
+    g, block = VideoGeometry(8, 8, 8, text_tokens=5), dict(block_size=32)
+    q9, k9, v9 = video_qkv(g, 3, 32, seed=9)
+    q10, k10, _ = video_qkv(g, 3, 32, seed=10)
+    _, lse9 = sparsecore.search.dense_attention(q9, k9, v9)
+    session = adaspa.session(num_steps=50, first_search="cached", **block)
+    buffer = lse9.clone()
+    session.plan(g, 3, step=9, layer=0, q=q9, k=k9, lse=buffer)
+    buffer.zero_()                                                          # the caller's next use of its buffer
+    expected = adaspa.plan(g, 3, step=10, layer=0, q=q10, k=k10, lse=lse9, **block)
+    assert session.plan(g, 3, step=10, layer=0, q=q10, k=k10).fingerprint() == expected.fingerprint()
+    fused = adaspa.session(num_steps=50, first_search="fused", warmup_steps=0, search_steps=(0, 30), **block)
+    buffer = lse9.clone()
+    fused.plan(g, 3, step=0, layer=0, q=q9, k=k9, lse=buffer)
+    buffer.zero_()
+    assert fused.plan(g, 3, step=30, layer=0, q=q10, k=k10).fingerprint() == \
+        adaspa.plan(g, 3, step=30, layer=0, q=q10, k=k10, lse=lse9, **block).fingerprint()
+
+
+def test_the_dense_pass_masses_are_not_offered_under_causal_frames():
+    """Those masses (sparsecore.search.dense_attention_with_mass) and their LSE are of non-causal attention: a
+    frame-causal video's first search takes its causal pass's LSE and searches from q, k."""
+    session = adaspa.session(num_steps=50, first_search="fused")
+    step = session.params.search_steps[0]
+    assert session.action(VideoGeometry(8, 4, 4), step).mass_block_size == session.params.block_size
+    action = session.action(VideoGeometry(8, 4, 4, causal_frames=2), step)
+    assert action.label == "search" and action.wants_lse and action.mass_block_size is None

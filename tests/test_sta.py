@@ -19,6 +19,7 @@ from sparsecore import VideoGeometry
 from sparsecore.integrations import diffusers as sparse
 from sparsecore.ir import BlockMask, csr
 from sparsecore.methods import sta, sta_strategy
+from sparsecore.methods.contract import MAX_STEPS
 from sparsecore.ordering import TokenOrder
 
 
@@ -225,7 +226,7 @@ def test_strategies_missing_steps_and_too_many_blocks_are_refused_before_any_ste
     with pytest.raises(ValueError, match="got none for step 2"):
         sta.session(3, mask_strategy=strategy)
     with pytest.raises(ValueError, match="got none for step 2"):
-        sta.session(10 ** 12, mask_strategy=strategy)                      # work in the strategy's steps only
+        sta.session(MAX_STEPS, mask_strategy=strategy)                    # work in the strategy's steps only
     read = sta.read_strategy(strategy)
     assert sta.read_strategy(read) is read and not hasattr(read, "__setitem__")
     assert sta.plan(VideoGeometry(4, 8, 8), 1, step=1, layer=0, mask_strategy={"1_0_0": [1, 1, 1]}).num_heads == 1

@@ -67,9 +67,9 @@ from sparsecore.ir.validation import check_int
 from sparsecore.search import block_mass
 
 from . import causal
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple,
-                       check_layer, check_lse, check_qk, check_scale, check_shard, check_step,
-                       fixed_block_offsets, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_layer,
+                       check_lse, check_num_steps, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
+                       geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .selection import SinkLayout, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask, top_video
 
@@ -256,7 +256,7 @@ class AdaSpaSession:
     method = METHOD
 
     def __init__(self, num_steps: int, store: str = "host", **params: Any) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.num_steps = check_num_steps(num_steps)
         if not isinstance(store, str):
             raise TypeError(f"store: expected one of {list(STORES)}, got {type(store).__name__}")
         if store not in STORES:
@@ -282,8 +282,8 @@ class AdaSpaSession:
             if cached_first and step == searches[0] - 1:      # an LSE for the first (cached) search
                 return StepAction("dense-lse", dense=True, plans=True, needs_qk=True, wants_lse=reuse, held=held)
             return StepAction("dense", dense=True, plans=False)
-        if step == searches[0] and not cached_first:     # masses from the dense pass: default impl too
-            fused = reuse and self.params.impl == "auto"
+        if step == searches[0] and not cached_first:     # masses from the dense pass (not causal): default impl too
+            fused = reuse and self.params.impl == "auto" and not (geometry is not None and geometry.causal_frames)
             return StepAction("search", dense=True, plans=True, needs_qk=True, wants_lse=reuse,
                               mass_block_size=self.params.block_size if fused else None, held=held)
         due = max(s for s in searches if s <= step)          # a layer that skipped it (a block cache) searches now
@@ -306,9 +306,9 @@ class AdaSpaSession:
         shard at every step of the run).
         """
         layer = check_layer(layer)
+        shard = check_shard(heads, check_geometry(geometry, num_heads))
         action = self.action(geometry, step, layer)
         p = self.params
-        shard = check_shard(heads, check_geometry(geometry, num_heads))
         if action.dense and not action.plans:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, "dense"))
         if layer is None:

@@ -44,6 +44,8 @@ def check_causal(unselected: Unselected, geometry: VideoGeometry | None) -> None
     """Refuse an approximation where ``geometry``'s causal frames hide blocks (it has more frames than one causal block,
     as :func:`.causal.restrict` refuses): only ``"drop"`` is exact there, an approximation would add every unlisted
     block, the ones a row may not see included."""
+    if geometry is not None and not isinstance(geometry, VideoGeometry):
+        raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
     if unselected.kind != "drop" and geometry is not None and geometry.frames > geometry.causal_frames > 0:
         raise ValueError(f"approximation: {unselected} would add every block a row does not list to its softmax, "
                          f"the later causal blocks (of {geometry.causal_frames} frames) it may not see included; pass "

@@ -106,10 +106,11 @@ def params_from(params_type: type[P], method: str, params: Mapping[str, Any]) ->
 
 
 def check_fraction(value: Any, field: str, low: float = 0.0, high: float = 1.0, *, open_low: bool = False) -> float:
-    # ints and Fractions are finite (math.isfinite overflows on those past a float's range)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not (isinstance(value, numbers.Rational) or math.isfinite(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{field}: expected a float, got {type(value).__name__} {value!r}")
+    # ints and Fractions are finite (math.isfinite overflows on those past a float's range)
+    if not (isinstance(value, numbers.Rational) or math.isfinite(value)):
+        raise ValueError(f"{field}: expected a finite value in [{low}, {high}], got {value!r}")
     if value > high or value < low or (open_low and value == low):
         bracket = "(" if open_low else "["
         raise ValueError(f"{field}: expected a value in {bracket}{low}, {high}], got {str(value)[:40]}")
@@ -167,6 +168,18 @@ def fixed_block_offsets(geometry: VideoGeometry, num_heads: int, block_size: int
 def check_layer(layer: Any) -> int | None:
     """A layer index (an int >= 0) or None: methods record it and key their per-layer state by it."""
     return None if layer is None else check_int(layer, "layer", 0)
+
+
+MAX_STEPS = 100_000   # denoising steps a session takes: more than any sampler's, checked before per-step arrays
+
+
+def check_num_steps(num_steps: Any, minimum: int = 1) -> int:
+    """A run's step count, at least ``minimum`` and at most :data:`MAX_STEPS` (sessions keep per-step arrays)."""
+    num_steps = check_int(num_steps, "num_steps", minimum)
+    if num_steps > MAX_STEPS:
+        raise ValueError(f"num_steps: expected at most {MAX_STEPS:,} denoising steps, got {num_steps:,}; pass the "
+                         f"sampler's step count")
+    return num_steps
 
 
 def check_step(step: Any, num_steps: int | None = None) -> int:
@@ -260,7 +273,10 @@ def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[A
 
 def check_lse(lse: Any, q: Any, geometry: VideoGeometry, num_heads: int) -> Any:
     """A handed-in LSE as searches take it: None, or float32 ``[B, num_heads, L]`` with the batch of q
-    (``[B, num_heads, L, D]``) on its device, or ``[num_heads, L]`` (given a batch axis) where q has none or is None."""
+    (``[B, num_heads, L, D]``) on its device, or ``[num_heads, L]`` (given a batch axis) where q has none or is None.
+
+    Returns a copy: a session keeps it for later searches, and the caller may reuse its buffer (a CUDA graph's
+    static output, a workspace)."""
     import torch
     if lse is None:
         return None
@@ -278,4 +294,4 @@ def check_lse(lse: Any, q: Any, geometry: VideoGeometry, num_heads: int) -> Any:
             or lse.device != device:
         raise ValueError(f"lse: expected {want} on {device}, the LSE over the geometry's tokens of a dense pass over "
                          f"this q (kernel(q, k, v, return_lse=True)), got {list(lse.shape)} on {lse.device}")
-    return lse
+    return lse.detach().clone()

@@ -69,9 +69,9 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int, frozen
 
 from . import causal
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_shard,
-                       check_step, fixed_block_offsets, geometry_meta, params_from)
-from .approximation import check_approximation, unselected_of, with_unselected
+from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_num_steps,
+                       check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
+from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .selection import shared_mask
 
 METHOD = "lvsa"
@@ -118,6 +118,8 @@ class LVSAParams:
         set_(self, "sparsity_scale", check_fraction(self.sparsity_scale, "sparsity_scale", 0.0, math.inf,
                                                     open_low=True))
         set_(self, "approximation", check_approximation(self.approximation))
+        if self.anchor_rule == "paper" and self.anchor_interval is None:    # at a long video's first step otherwise
+            _paper_interval(1, self.window, max(self.first_frames + 1, int(self.reference_frames * self.sparsity_scale)))
         check_bool(self.rotate, "rotate")
         check_bool(self.expand_window, "expand_window")
 
@@ -148,18 +150,23 @@ class FramePattern:
         return attended
 
 
+def _paper_interval(frames: int, window: int, scaled: int) -> int:
+    """The paper's ``T_per = T // (C' - (2W + 1))``; it needs ``C' > 2W + 1``."""
+    if scaled <= 2 * window + 1:
+        raise ValueError(f"reference_frames: the paper rule needs C > 2W+1 = {2 * window + 1}, got C={scaled} "
+                         f"(after sparsity_scale); lower window or use anchor_rule='auto'")
+    return max(1, frames // (scaled - (2 * window + 1)))
+
+
 def anchor_interval(frames: int, *, window: int, first_frames: int, reference_frames: int, rule: str = "auto",
                     sparsity_scale: float = 1.0) -> int:
     """``T_per``: frames between periodic anchors (1 = every frame an anchor = dense)."""
-    scaled = max(first_frames + 1, int(min(reference_frames * sparsity_scale, frames + 1)))   # inf: all frames
+    scaled = max(first_frames + 1, int(min(reference_frames * sparsity_scale, frames + 1)))
     if frames <= scaled:
         return 1
     span = min(2 * window + 1, frames)
     if rule == "paper":
-        if scaled <= 2 * window + 1:
-            raise ValueError(f"reference_frames: the paper rule needs C > 2W+1 = {2 * window + 1}, got C={scaled} "
-                             f"(after sparsity_scale); lower window or use anchor_rule='auto'")
-        return max(1, frames // (scaled - (2 * window + 1)))
+        return _paper_interval(frames, window, scaled)
     target_globals = max(first_frames, min(scaled, frames) - span)
     strict = 1
     for interval in range(frames, 0, -1):         # largest interval whose anchor set is big enough
@@ -229,6 +236,7 @@ def boundary_guards(geometry: VideoGeometry, sp_world: int, window: int) -> np.n
 def frame_pattern(geometry: VideoGeometry, step: int, **params: Any) -> FramePattern:
     """The frame-level pattern at ``step`` (parameters: :class:`LVSAParams` fields; its arrays are read-only: the
     pattern is memoized for every session of the process)."""
+    check_geometry(geometry, 1)
     return _pattern(geometry, check_step(step), params_from(LVSAParams, METHOD, params))   # 1.0 == 1: checked first
 
 
@@ -299,7 +307,7 @@ class LVSASession:
     method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.num_steps = check_num_steps(num_steps)
         self.params = params_from(LVSAParams, METHOD, params)
         self._cache: dict[tuple, BlockMask] = {}
 
@@ -307,6 +315,7 @@ class LVSASession:
         """Dense when the video fits the training horizon (every frame an anchor), else the frame pattern."""
         check_step(step, self.num_steps)
         check_geometry(geometry, 1)
+        check_causal(unselected_of(self.params.approximation, 32), geometry)   # at any step, as plan() does
         if _pattern(geometry, step, self.params).dense:
             return StepAction("dense", dense=True, plans=False)
         return StepAction("plan", dense=False, plans=True, shared=True)

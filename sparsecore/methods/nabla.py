@@ -46,8 +46,8 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.validation import check_int
 
-from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_qk, check_shard,
-                       check_step, fixed_block_offsets, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_num_steps, check_qk,
+                       check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 
 METHOD = "nabla"
 PAPER = "arXiv:2507.13546"
@@ -138,7 +138,7 @@ class NablaSession:
     method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.num_steps = check_num_steps(num_steps)
         self.params = params_from(NablaParams, METHOD, params)
         self._windows: dict[tuple[VideoGeometry, str], torch.Tensor] = {}
 

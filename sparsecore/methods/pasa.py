@@ -82,8 +82,9 @@ from sparsecore.noise import GumbelNoise, head_keys
 
 from . import causal
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
-from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer, check_qk,
-                       check_scale, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer,
+                       check_num_steps, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
+                       geometry_meta, params_from)
 from .selection import (Selection, SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz,
                         sink_mask, sink_rows, sorted_top)
 
@@ -185,7 +186,7 @@ class CurvatureRecorder:
     """Records ``l_t`` during a calibration run: call ``record(step, velocity)`` after each step."""
 
     def __init__(self, num_steps: int) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 2)
+        self.num_steps = check_num_steps(num_steps, 2)
         self._values = np.full(self.num_steps, np.nan)
         self._previous: tuple[int, torch.Tensor] | None = None
 
@@ -223,7 +224,7 @@ def density_schedule(num_steps: int, density: float, *, dense_fraction: float = 
     """Density per step, float64 ``[num_steps]``: 1 on dense steps, mean ``density`` over the others."""
     if profile is not None and not isinstance(profile, CurvatureProfile):
         raise TypeError(f"profile: expected a pasa.CurvatureProfile or None, got {type(profile).__name__}")
-    num_steps = check_int(num_steps, "num_steps", 1)
+    num_steps = check_num_steps(num_steps)
     density = check_fraction(density, "density", open_low=True)
     dense_fraction = check_fraction(dense_fraction, "dense_fraction")
     min_density = density / 2 if min_density is None else check_fraction(min_density, "min_density")
@@ -264,23 +265,33 @@ def _water_fill(gamma: np.ndarray, density: float, low: float) -> np.ndarray:
         raise ValueError(f"profile: too many sparse steps with zero change to reach density={density} "
                          f"(at most {reachable:.4f}); record the profile again or lower density")
 
-    def filled(c: np.ndarray) -> np.ndarray:             # [len(c), steps]
+    def filled(c: float) -> np.ndarray:
         with np.errstate(over="ignore"):
-            return np.where(positive, np.clip(c[:, None] * gamma, low, 1.0), low)
+            return np.where(positive, np.clip(c * gamma, low, 1.0), low)
 
     knots = np.unique(np.concatenate([[0.0], low / gamma[positive], 1.0 / gamma[positive]]))
-    means = filled(knots).mean(1)
-    right = min(int(np.searchsorted(means, density)), len(knots) - 1)    # the first knot whose mean reaches it
+    right = _first_reaching(lambda i: filled(knots[i]).mean() >= density, len(knots))   # its mean reaches density
     left = max(right - 1, 0)
-    if means[right] == means[left]:
+    mean_left, mean_right = filled(knots[left]).mean(), filled(knots[right]).mean()
+    if mean_right == mean_left:
         c = knots[right]
     else:
-        c = knots[left] + (density - means[left]) * (knots[right] - knots[left]) / (means[right] - means[left])
-    rho = filled(np.array([c]))[0]
+        c = knots[left] + (density - mean_left) * (knots[right] - knots[left]) / (mean_right - mean_left)
+    rho = filled(c)
     free = (rho > low) & (rho < 1.0)                 # exact mean: rescale the unclipped steps (rounding only)
     if free.any():
         rho[free] *= (density * len(rho) - rho[~free].sum()) / rho[free].sum()
     return rho
+
+
+def _first_reaching(reaches, count: int) -> int:
+    """The first index in ``0..count - 1`` where the nondecreasing predicate ``reaches`` holds (the last if none):
+    a bisection, so the water fill takes O(steps log steps), not a [knots x steps] table."""
+    low, high = 0, count - 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reaches(middle) else (middle + 1, high)
+    return low
 
 
 # ------------------------------------------------------------------ scores
@@ -320,7 +331,7 @@ class PASASession:
     method = METHOD
 
     def __init__(self, num_steps: int, profile: CurvatureProfile | None = None, **params: Any) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.num_steps = check_num_steps(num_steps)
         self.params = params_from(PASAParams, METHOD, params)
         self.profile = profile                                        # checked by density_schedule
         self.schedule = density_schedule(self.num_steps, self.params.density,

@@ -49,7 +49,8 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.validation import check_int, frozen
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
-                       check_layer, check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
+                       check_layer, check_num_steps, check_shard, check_step, fixed_block_offsets, geometry_meta,
+                       params_from)
 from .selection import dense_mask, shared_mask
 
 METHOD = "radial"
@@ -196,7 +197,7 @@ class RadialSession:
     method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.num_steps = check_num_steps(num_steps)
         self.params = params_from(RadialParams, METHOD, params)
         self._cache: dict[tuple, BlockMask] = {}
 

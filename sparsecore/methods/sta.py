@@ -43,8 +43,8 @@ from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.validation import INDEX_LIMIT, check_int, frozen
 from sparsecore.ordering import TokenOrder
 
-from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_shard,
-                       check_step, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_num_steps,
+                       check_shard, check_step, geometry_meta, params_from)
 from .selection import dense_mask
 from .sta_strategy import read_strategy, triple
 
@@ -199,7 +199,7 @@ class STASession:
     method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
-        self.num_steps = check_int(num_steps, "num_steps", 1)
+        self.num_steps = check_num_steps(num_steps)
         self.params = params_from(STAParams, METHOD, params)
         self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
         self._window_masks: OrderedDict[tuple, BlockMask] = OrderedDict()      # one-head masks (head_groups)

@@ -13,8 +13,8 @@ from typing import Any
 import diffusers
 import torch
 
-from sparsecore.ir.validation import check_int
 from sparsecore.methods import SESSIONS, sta
+from sparsecore.methods.contract import check_num_steps
 from sparsecore.registry import checked_options, device_name, device_type, registered_backends
 
 from . import parallel
@@ -66,7 +66,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             :func:`sparsecore.compile` says; the message names the device and what is missing.
     """
     spec = spec_of(transformer)
-    num_steps = check_int(num_steps, "num_steps", 1)
+    num_steps = check_num_steps(num_steps)
     if isinstance(method, str):
         if method not in SESSIONS:
             raise ValueError(f"method: expected one of {sorted(SESSIONS)} or a callable (geometry, num_heads, step, "
