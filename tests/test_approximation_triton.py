@@ -30,6 +30,15 @@ KINDS = ["zeroth", "global-first-order", "grouped-first-order:1", "grouped-first
          "grouped-first-order:8"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_fitting(monkeypatch):
+    """Each test decides the pass's tiles anew (the decision is kept per process), on a pretend SM90 device where
+    there is no GPU (the tests that fake a CUDA compile)."""
+    monkeypatch.setattr(approximation_launch, "_FITTING", {})
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
 def _mask(q_offsets, kv_offsets, heads: int, kind: str, seed: int) -> BlockMask:
     rng = np.random.default_rng(seed)
     dense = rng.random((heads, len(q_offsets) - 1, len(kv_offsets) - 1)) < 0.4
@@ -137,6 +146,13 @@ def test_the_pass_takes_the_first_tiles_that_fit_shared_memory(monkeypatch, grou
     params = launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0))
     assert (params["num_stages"], params["GROUPS_PER_TILE"]) == chosen == calls[-1]
     assert params["WORD_TILES"]            # 32-block tiles that start at multiples of 32 (whole 8- or 32-block groups)
+    compiled = len(calls)                  # decided once: the next call, and another mask's alike, compile nothing
+    other = approximation_launch.ApproximationLaunch(_mask([0, 16], offsets, 2, f"grouped-first-order:{group}", 1))
+    assert launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0)) == params
+    assert other.fitting((q,), (1, 2, 1), {"HEAD_DIM": 128}, torch.device("cuda", 0)) == params
+    assert len(calls) == compiled
+    launch.fitting((q,), (1, 2, 1), {"HEAD_DIM": 64}, torch.device("cuda", 0))        # other constants: decided anew
+    assert len(calls) > compiled
 
 
 @pytest.mark.parametrize("kind, warps", [("zeroth", 4), ("global-first-order", 8), ("grouped-first-order:32", 8)])

@@ -82,6 +82,20 @@ def test_blocks_that_are_the_tiles_schedule_from_the_lists_themselves(block_n, b
     assert (covered_pairs(mask, 16, block_n) == expand_to_tokens(mask)).all()
 
 
+@given(st.integers(2, 12), st.integers(65, 600), st.integers(0, 2**32 - 1))
+def test_one_large_key_block_is_charged_once_a_row_in_the_full_tile_list(blocks, large, seed):
+    """16-token blocks and one large block (a text block beside 64-token blocks): the full-tile list is sized by
+    the rows' tiles, each row listing the large block once, not every entry charged the large block's tiles (7.4 GB
+    for 2.7 M entries beside one 4,096-token block), and the schedule still covers every kept pair once."""
+    offsets = np.append(np.arange(blocks + 1) * 16, blocks * 16 + large)
+    keep = np.random.default_rng(seed).random((2, blocks + 1, blocks + 1)) < 0.6
+    mask = BlockMask.from_lists([[np.flatnonzero(row).tolist() for row in head] for head in keep], offsets, offsets)
+    tiles = schedule_tiles(mask.to("cpu"), 16, 16)
+    rows = mask.num_heads * mask.num_q_blocks
+    assert tiles.full_start.shape[0] <= mask.nnz + rows * -(-large // 16)
+    assert (covered_pairs(mask, 16, 16) == expand_to_tokens(mask)).all()
+
+
 def test_adjacent_blocks_merge_into_runs_so_only_run_ends_are_partial():
     # frame blocks of 39 tokens: frames 0-2 kept together form one run of 117 tokens
     offsets = np.arange(0, 39 * 6 + 1, 39)

@@ -53,6 +53,9 @@ class ApproximationConfig:
                 raise ValueError(f"ApproximationConfig.{name}: expected a positive int, got {value!r}")
 
 
+# (the candidate tiles, the launch's constants, operand dtypes and alignment, GPU, shared memory) -> the tiles that
+# fit: decided by compiling once for all masks and calls, as the exact kernel's stages (triton_launch._STAGES)
+_FITTING: dict[tuple, dict] = {}
 INTERPRETER_CONFIG = ApproximationConfig(64, 16, 4, 1)     # small tiles keep the CPU interpreter quick
 # Without first-order terms the pass holds no ``q H_g`` product, and 4 warps ran it faster: PASA's 6x mask as
 # "zeroth", 14.40 ms against 16.65 at 8 warps (H200, 2026-12-02, bench/approximation_benchmark.py --sweep; the
@@ -183,17 +186,27 @@ class ApproximationLaunch:
         checked = device.type == "cuda" and not interpreter.interpreting()
         tried, limit = [], shared_memory.shared_memory_limit() if checked else None
         whole_groups = not (checked and common.get("DOT_PRECISION") == "ieee" and common["HEAD_DIM"] >= 128)
-        for config, groups in self.candidates(self.config_for(device), whole_groups):
-            params = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,
-                          WORD_TILES=self.word_tiles(config.block_n, groups), num_warps=config.num_warps,
-                          num_stages=config.num_stages)
-            if limit is None:
-                return params
+        candidates = [dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUPS_PER_TILE=groups,
+                           WORD_TILES=self.word_tiles(config.block_n, groups), num_warps=config.num_warps,
+                           num_stages=config.num_stages)
+                      for config, groups in self.candidates(self.config_for(device), whole_groups)]
+        if limit is None:
+            return candidates[0]
+        key = (tuple(tuple(p.items()) for p in candidates), tuple(sorted(common.items())),
+               tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)),
+               torch.cuda.get_device_capability(device), limit)
+        if key in _FITTING:
+            return _FITTING[key]
+        for params in candidates:
             compiled = approximate_unselected_fwd.warmup(*args, grid=grid, **common, **params)
             needed = getattr(getattr(compiled, "metadata", None), "shared", None)
-            if needed is None or needed <= limit:
+            if needed is None:                          # Triton gave no compiled kernel to read: decide next time
                 return params
-            tried.append(f"{config.num_stages} stage(s), {groups} group(s) a tile: {needed} bytes")
+            if needed <= limit:
+                _FITTING[key] = params
+                return params
+            tried.append(f"{params['num_stages']} stage(s), {params['GROUPS_PER_TILE']} group(s) a tile: {needed} "
+                         f"bytes")
         raise RuntimeError(f"approximation pass ({self.mask.unselected.kind}, {args[0].dtype}, head dim "
                            f"{common['HEAD_DIM']}): no tile configuration fits the shared memory of {device} "
                            f"({limit} bytes: {'; '.join(tried)}); run this mask with approximation 'drop', or on a "

@@ -92,7 +92,7 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
 
     # Tile lists sized by host bounds (a run of blocks has at most the sum of their full tiles, and
     # at most one partial tile): slots past the programs' ranges are never read, and no count is read.
-    max_full = nnz * -(-int(np.diff(mask.kv_offsets).max(initial=0)) // block_n)
+    max_full = _max_full_tiles(mask, block_n)
     last_full = torch.cumsum(full_per_run, 0)                                   # one past each run's last full tile
     full_slot = torch.arange(max_full, device=device)
     full_run = torch.searchsorted(last_full, full_slot, right=True).clamp_(max=nnz - 1)
@@ -114,6 +114,16 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
     programs = _programs(mask, block_m, num_full, num_partial, full_before[:-1], partial_before[:-1])
     to32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return TileSchedule(block_m, block_n, to32(programs), to32(full_start), to32(partial_start), to32(partial_end))
+
+
+def _max_full_tiles(mask: BlockMask, block_n: int) -> int:
+    """A host bound on the full tiles: an entry has at most ``ceil(size / block_n)`` of its block, and a row lists a
+    block once, so at most the rows' count of entries take the largest block's tiles, as many the next largest's, and so
+    on until ``nnz`` (a 2,048-token text block beside 64-token blocks is charged once a row, not to every entry)."""
+    tiles = np.sort(-(-np.diff(mask.kv_offsets) // block_n))[::-1]
+    rows = mask.num_heads * mask.num_q_blocks
+    taken = np.clip(mask.nnz - rows * np.arange(len(tiles), dtype=np.int64), 0, rows)      # entries per block, greedy
+    return int((tiles * taken).sum())
 
 
 def _max_partial_tiles(mask: BlockMask, block_n: int) -> int:

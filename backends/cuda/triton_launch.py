@@ -116,7 +116,10 @@ def _descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Trit
 
 
 def describe(t: torch.Tensor, rows: int):
-    """A host TMA descriptor over the ``[rows of all heads, D]`` view of contiguous ``t``, in tiles of ``rows``."""
+    """A host TMA descriptor over the ``[rows of all heads, D]`` view of contiguous ``t``, in tiles of ``rows``.
+
+    TMA needs a 16-byte aligned base (Triton asserts it): a contiguous tensor that starts inside a row of a larger
+    buffer is copied to one that is (the descriptor keeps the copy alive; the kernel reads the same values)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    flat = t.view(-1, t.shape[-1])
+    flat = (t if t.data_ptr() % 16 == 0 else t.clone()).view(-1, t.shape[-1])
     return TensorDescriptor(flat, shape=list(flat.shape), strides=list(flat.stride()), block_shape=[rows, t.shape[-1]])
