@@ -42,7 +42,7 @@ CAUSAL_FRAMES = 2                                       # "skyreels-causal": dif
 TIMESTEPS = (999.0, 800.0, 600.0, 400.0, 200.0)     # one forward per denoising step
 LVSA = {"wan": {"window": 1, "reference_frames": 6, "first_frames": 1},
         "hunyuan": {"window": 1, "reference_frames": 4, "first_frames": 1}}
-LVSA["mochi"] = LVSA["hunyuan"]
+LVSA["mochi"] = LVSA["hunyuan-pad"] = LVSA["hunyuan"]
 LVSA.update({name: LVSA["wan"] for name in ("vace", "skyreels", "skyreels-df", "skyreels-causal", "ltx", "ltx-i2v",
                                             "ltx-b1")})
 ADASPA = {"block_size": 16, "sparsity": 0.6, "warmup_steps": 1, "search_steps": (1, 3),
@@ -117,7 +117,7 @@ def inputs(model: str) -> dict:
         return {"hidden_states": torch.randn(2, 4, 8, 8, 8, generator=gen),
                 "encoder_hidden_states": torch.randn(2, 8, 16, generator=gen),
                 "encoder_attention_mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 6 + [0] * 2])}
-    if model != "hunyuan":             # Wan's; VACE adds control latents, SkyReels-V2's diffusion forcing a flag
+    if not model.startswith("hunyuan"):   # Wan's; VACE adds control latents, SkyReels-V2's diffusion forcing a flag
         wan = {"hidden_states": 2.0 * torch.randn(2, 4, 12, 8, 8, generator=gen),
                "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
         extra = {"vace": {"control_hidden_states": torch.randn(2, 6, 12, 8, 8, generator=gen)},
@@ -132,9 +132,10 @@ def inputs(model: str) -> dict:
             "image_embeds": torch.zeros(2, 3, 8)}
 
 
-MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "mochi": tiny_mochi, "vace": tiny_vace, "skyreels": tiny_skyreels,
-          "skyreels-df": tiny_skyreels, "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES), "ltx": tiny_ltx,
-          "ltx-i2v": tiny_ltx, "ltx-b1": tiny_ltx}
+MODELS = {"wan": tiny_wan, "hunyuan": tiny_hunyuan, "hunyuan-pad": tiny_hunyuan, "mochi": tiny_mochi, "vace": tiny_vace,
+          "skyreels": tiny_skyreels, "skyreels-df": tiny_skyreels,
+          "skyreels-causal": partial(tiny_skyreels, CAUSAL_FRAMES), "ltx": tiny_ltx, "ltx-i2v": tiny_ltx,
+          "ltx-b1": tiny_ltx}
 
 
 def timesteps(model: str, t: float) -> torch.Tensor:
@@ -214,8 +215,20 @@ def denoise(model: torch.nn.Module, model_name: str) -> np.ndarray:
     data, outputs = inputs(model_name), []
     with torch.no_grad():
         for t in TIMESTEPS:
-            outputs.append(model(**data, timestep=timesteps(model_name, t), return_dict=False)[0].numpy())
+            for call in step_calls(model_name, data):
+                outputs.append(model(**call, timestep=timesteps(model_name, t), return_dict=False)[0].numpy())
     return np.stack(outputs)
+
+
+def step_calls(model_name: str, data: dict) -> list[dict]:
+    """A step's forwards: one, or for ``hunyuan-pad`` two (guidance as separate calls), the second's text padded 3
+    tokens longer (a user's embeddings of another length), so its sequence outgrows the one its step planned for."""
+    if model_name != "hunyuan-pad":
+        return [data]
+    longer = {"encoder_hidden_states": torch.cat([data["encoder_hidden_states"], torch.zeros(2, 3, 16)], 1),
+              "encoder_attention_mask": torch.cat([data["encoder_attention_mask"],
+                                                   torch.zeros(2, 3, dtype=torch.long)], 1)}
+    return [data, {**data, **longer}]
 
 
 def observe(model: torch.nn.Module, handle: Any) -> dict:

@@ -50,7 +50,7 @@ ULYSSES = {2: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", 
            4: [("wan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "adaspa-compiled")]}
 RING = {("ring", 2): [("wan", m) for m in ("dense", "lvsa", "lvsa-guards", "lvsa-per-head", "adaspa",
                                            "adaspa-fused-first", "pasa")]
-        + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")]
+        + [("hunyuan", m) for m in ("dense", "lvsa", "lvsa-per-head", "adaspa", "pasa")] + [("hunyuan-pad", "lvsa")]
         + [("vace", "lvsa"), ("skyreels-df", "lvsa-per-head")] + CAUSAL + MOCHI + LTX,
         ("ring", 4): [("wan", m) for m in ("lvsa", "band", "adaspa", "pasa")]
         + [("hunyuan", m) for m in ("lvsa", "adaspa", "pasa")],

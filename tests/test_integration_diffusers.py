@@ -1545,9 +1545,9 @@ def padded_text_calls(*lengths: int) -> list[dict]:
 @pytest.mark.parametrize("first, second", [(6, 10), (10, 6)])
 def test_calls_of_a_step_whose_text_is_padded_to_other_lengths_each_get_their_length(first, second):
     """Guidance as separate calls on embeddings padded to other lengths (the same valid text): the step's plan is
-    reused where its kernel takes the call's sequence, and its mask padded to the call's length where the text is
-    padded shorter than the kernel's (that kernel refused the shorter sequence, naming the user's inputs); each call
-    equals the model alone."""
+    reused, its mask padded to each call's length (a kernel for a longer sequence refused a shorter one, naming the
+    user's inputs; a ring cut refuses a longer one: test_integration_context_parallel's hunyuan-pad); each call equals
+    the model alone."""
     calls, timestep = padded_text_calls(first, second), torch.full((1,), 999.0)
     params = dict(method="lvsa", device="cpu", num_steps=1, window=1, reference_frames=4, first_frames=1)
     alone = []
