@@ -748,9 +748,9 @@ def test_no_backend_taking_the_mask_names_each_one_and_why(monkeypatch):
 
 
 def test_a_backend_is_checked_on_each_gpu_its_calls_run_on():
-    """A backend that runs on one GPU may not on another of the machine (another architecture: FA4 needs SM90 or
-    SM100): availability is checked, once, on each device (with its index) the tensors are on, not on the compiled
-    device alone nor once for all."""
+    """A backend that runs on one GPU may not on another of the machine (another architecture: fa4 needs SM90):
+    availability is checked, once, on each device (with its index) the tensors are on, not on the compiled device
+    alone nor once for all."""
     from sparsecore.inputs import attention_shape
     from sparsecore.kernel import CompiledKernel
 

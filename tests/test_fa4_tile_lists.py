@@ -186,3 +186,21 @@ def test_a_conversion_on_cuda_waits_for_the_gpu_once_and_a_copy_of_a_converted_m
     for _ in range(2):
         again = waits_converting(held.copy_to("cuda"))
         assert again == [], again
+
+
+def test_the_triton_path_is_refused_by_its_lists_size_not_a_tile_map_it_never_builds(triton_layout, monkeypatch):
+    """The torch path builds maps of [heads, query blocks or tiles, key blocks or tiles]; the Triton path only lists
+    of the longest row's width. A diagonal mask of 24-token blocks (off the 16-token tiles) whose maps are past the
+    (lowered) limit converts there; lists past it are refused, naming them (a 48-head, 428,900-token mask of 64-token
+    blocks was refused for its tile map before)."""
+    from sparsecore.backends.cuda import fa4_layout
+    from sparsecore.registry import UnsupportedError
+    offsets = BlockMask.uniform_offsets(24 * 20, 24)
+    diagonal = BlockMask.from_lists([[[i] for i in range(20)]] * 2, offsets, offsets)      # tile map 2 x 30 x 30
+    monkeypatch.setattr(fa4_layout, "DENSE_LIMIT", 200)
+    assert triton_layout(diagonal, 16, 16).kept_pairs == 2 * 20 * 24 * 24
+    with pytest.raises(UnsupportedError, match=r"fa4: the block map \[heads, query blocks, key blocks\] \[2, 20, 20\]"):
+        torch_path(diagonal, 16, 16)
+    with pytest.raises(UnsupportedError, match=r"fa4: the \w+ tile lists \[heads, query tiles, longest list\] "
+                                               r"\[\d, 30, \d+\] has \d+ elements.*backend='triton'"):
+        triton_layout(BlockMask.full(2, 24 * 20, 24 * 20, 24), 16, 16)

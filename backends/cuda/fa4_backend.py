@@ -38,8 +38,8 @@ tests/cute/mask_mod_definitions.py and test_mask_mod.py):
   must equal ``tile_n`` ("Block sparsity requires sparse_block_size[1]=... to match tile_n"), the
   query block be a multiple of ``tile_m``. Head dims 8..256 (multiple of 8) compile on SM90; at
   192/256 tile_n is 112/80, which a 64/128 key block does not match, so we take 64, 96, 128.
-  SM100: tile 128 x 128 with ``q_stage = 2`` (query block a multiple of 256), key blocks may
-  be multiples of 128 (kv subtiles): we use (256, 128) there (untested: no SM100 here).
+  SM100 tiles differently (128 x 128 with ``q_stage = 2``, query blocks a multiple of 256, which FA4
+  lowers to one stage for short sequences): never run here, so this lowering declares 9.x only.
 - ``block_sparse_utils.consume_block_sparse_loads`` walks each list from its last entry and
   applies sequence-length masking only to the first tile it takes: lists must be ascending
   so the short last key tile is taken first. Full tiles skip mask_mod. Mask tiles call
@@ -94,7 +94,7 @@ class Fa4Options:
     """Tile overrides (None: chosen from the mask's blocks, :func:`.fa4_layout.choose_tile_side`) and occupancy.
 
     ``tile_m``: query tile (= FA4's sparse query block), ``tile_n``: key tile (= sparse key
-    block). SM90 takes 64 or 128 for each; SM100 a multiple of 256 and of 128. ``ctas_per_sm``: on
+    block). SM90 takes 64 or 128 for each. ``ctas_per_sm``: on
     SM90, 64 x 64 tiles (one MMA warpgroup) run two CTAs per SM (2, :mod:`.fa4_occupancy`) or as FA4
     launches them (1); other tiles are unaffected. ``key_parts``: run the mask as this many launches over
     consecutive key-tile ranges (:mod:`.fa4_key_ranges`), each merged into the first by LSE
@@ -140,7 +140,7 @@ class Fa4Options:
 
 class Fa4Backend(Backend):
     name = "fa4"
-    install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90/SM100)"
+    install_hint = "pip install flash-attn-4==4.0.0b36 (CuTe DSL kernels, JIT-compiled on first use; SM90)"
     options_type = Fa4Options
     slow_to_load = True        # unavailable_reason() imports flash_attn.cute: 8-12 s on the H200 host (tenth session)
     lowers_from_host = False   # to_fa4 reads the lists with torch on the run device (or numpy, copied there)
@@ -161,7 +161,7 @@ class Fa4Backend(Backend):
         return None
 
     def unavailable_before_loading(self, device: str) -> str | None:
-        """Installed, a CUDA device of compute capability 9.x or 10.x: what is seen without importing FA4."""
+        """Installed, a CUDA device of compute capability 9.x: what is seen without importing FA4."""
         if importlib.util.find_spec("flash_attn") is None:
             return "flash-attn-4 is not installed (no module flash_attn)"
         if not torch.cuda.is_available():
@@ -170,9 +170,9 @@ class Fa4Backend(Backend):
             major, minor = torch.cuda.get_device_capability(torch.device(device))
         except (RuntimeError, AssertionError, ValueError) as exc:
             return f"cannot query device {device!r}: {exc}"
-        if major not in (9, 10):
-            return (f"compute capability {major}.{minor}: this lowering uses FA4's block-sparse forward on "
-                    f"9.x (Hopper) and 10.x (Blackwell) only")
+        if major != 9:
+            return (f"compute capability {major}.{minor}: this lowering uses FA4's block-sparse forward on 9.x "
+                    f"(Hopper) only; Blackwell's tiles differ and were never run here (the triton lowering runs there)")
         return None
 
     def preference(self, mask: BlockMask) -> int:
@@ -188,36 +188,28 @@ class Fa4Backend(Backend):
         return dataclasses.replace(options, tile_m=run.tile_m, tile_n=run.tile_n, key_parts=run.key_parts_for(k, v))
 
     def lower(self, mask: BlockMask, device: str, options: Fa4Options) -> Run:
-        major = torch.cuda.get_device_capability(torch.device(device))[0]
-        tile_m, tile_n = tile_shape(mask, major, options)
-        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=two_ctas_per_sm(major, tile_m, tile_n, options),
+        tile_m, tile_n = tile_shape(mask, options)
+        return Fa4Launch(mask, tile_m, tile_n, two_per_sm=two_ctas_per_sm(tile_m, tile_n, options),
                          key_parts=options.key_parts, reorder_keys=options.reorder_keys)
 
 
-def two_ctas_per_sm(major: int, tile_m: int, tile_n: int, options: Fa4Options) -> bool:
+def two_ctas_per_sm(tile_m: int, tile_n: int, options: Fa4Options) -> bool:
     """Whether the kernel runs two CTAs per SM (:mod:`.fa4_occupancy`): SM90, 64 x 64 tiles (one MMA warpgroup, ~90 KB
     of shared memory: the case measured; 64 x 128 needs ~144 KB, so one CTA), the tested flash-attn-4, and not
     ``ctas_per_sm=1``."""
     from .fa4_occupancy import supported
-    return major == 9 and (tile_m, tile_n) == (64, 64) and options.ctas_per_sm == 2 and supported()
+    return (tile_m, tile_n) == (64, 64) and options.ctas_per_sm == 2 and supported()
 
 
-def tile_shape(mask: BlockMask, major: int, options: Fa4Options) -> tuple[int, int]:
-    """(tile_m, tile_n) for compute capability ``major``: the options', else chosen per side from the blocks."""
-    if major == 9:
-        for name, value in (("tile_m", options.tile_m), ("tile_n", options.tile_n)):
-            if value is not None and value not in SM90_SIDES:
-                raise UnsupportedError(f"{name}: FA4's block-sparse forward on SM90 takes tiles of {list(SM90_SIDES)} "
-                                       f"(the sparse key block must equal the kernel's key tile), got {value}; "
-                                       f"leave it None to choose from the mask")
-        tile_m = options.tile_m or choose_tile_side(mask.q_offsets, SM90_SIDES)
-        tile_n = options.tile_n or choose_tile_side(mask.kv_offsets, SM90_SIDES)
-        return tile_m, tile_n
-    tile_m, tile_n = options.tile_m or 256, options.tile_n or 128
-    if tile_m % 256 or tile_n % 128:
-        raise UnsupportedError(f"tile_m, tile_n: FA4's block-sparse forward on SM100 takes query tiles of a "
-                               f"multiple of 256 (2 x 128, q_stage 2) and key tiles of a multiple of 128, got "
-                               f"({tile_m}, {tile_n})")
+def tile_shape(mask: BlockMask, options: Fa4Options) -> tuple[int, int]:
+    """(tile_m, tile_n) on SM90: the options', else chosen per side from the blocks."""
+    for name, value in (("tile_m", options.tile_m), ("tile_n", options.tile_n)):
+        if value is not None and value not in SM90_SIDES:
+            raise UnsupportedError(f"{name}: FA4's block-sparse forward on SM90 takes tiles of {list(SM90_SIDES)} "
+                                   f"(the sparse key block must equal the kernel's key tile), got {value}; "
+                                   f"leave it None to choose from the mask")
+    tile_m = options.tile_m or choose_tile_side(mask.q_offsets, SM90_SIDES)
+    tile_n = options.tile_n or choose_tile_side(mask.kv_offsets, SM90_SIDES)
     return tile_m, tile_n
 
 

@@ -222,9 +222,9 @@ class Fa4Launch:
         want_lse = return_lse or self.approximation is not None
         # Nothing listed anywhere: no kernel (and no compile) needed. Otherwise some key range runs: a listed
         # block covers at least one key tile.
-        if len(self.mask.indices) == 0:
-            out = torch.zeros_like(q)
-            lse = torch.full(q.shape[:3], -math.inf, device=q.device) if want_lse else None
+        if len(self.mask.indices) == 0:        # as _exact gives them: contiguous, v's head dim, float32 LSE
+            out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+            lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device) if want_lse else None
         else:
             out, lse = self._exact(q, k, v, scale, want_lse)
         if self.approximation is not None:

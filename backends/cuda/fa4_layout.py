@@ -161,7 +161,7 @@ def _check_size(name: str, shape: tuple[int, ...], tile_m: int, tile_n: int) -> 
     if size > DENSE_LIMIT:
         raise UnsupportedError(
             f"fa4: the {name} {list(shape)} has {size:,} elements, over the limit of {DENSE_LIMIT:,} "
-            f"for tiles {tile_m}x{tile_n}; expected fewer, larger blocks (many tiny blocks at this length); "
+            f"for tiles {tile_m}x{tile_n}; expected fewer tiles (larger blocks, fewer kept, a shorter sequence); "
             f"use backend='triton', which takes any block layout")
 
 
@@ -235,10 +235,10 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
     q_len, kv_len = int(q_off[-1]), int(kv_off[-1])
     QT, NT = -(-q_len // tile_m), -(-kv_len // tile_n)
     on_triton = runs_on_triton(device)
-    if not on_triton:               # the torch path's maps (the kernel's transients are the lists' size)
+    if not on_triton:               # the torch path's maps (the kernel's transients are the lists' size: checked there)
         _check_size("block map [heads, query blocks, key blocks]", (H, MB, NB), tile_m, tile_n)
         _check_size("row coverage [heads, query blocks, key tiles]", (H, MB, NT), tile_m, tile_n)
-    _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
+        _check_size("tile map [heads, query tiles, key tiles]", (H, QT, NT), tile_m, tile_n)
     _check_size("packed block map [heads, query blocks, words]", (H, MB, bit_words(NB)), tile_m, tile_n)
     pack, most_runs, runs, movable_offsets = geometry_tables(q_off, kv_off, tile_m, tile_n, edges, kv_order,
                                                              on_triton)
@@ -265,7 +265,8 @@ def _general_layout(mask: Any, tile_m: int, tile_n: int, device: torch.device, e
 
     read = HostRead({} if memo is None else memo, ("fa4 general", tile_m, tile_n, tuple(edges), kv_order is not None))
     if on_triton:
-        found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra, read)
+        found = tile_lists(bits, dev, QT, NT, edges, most_runs, extra, read,
+                           lambda name, shape: _check_size(name, shape, tile_m, tile_n))
     else:
         found = dense_tile_lists(row_of_entry, indices, dev, (H, MB, NB, QT, NT), edges, extra, read)
     del row_of_entry

@@ -88,12 +88,14 @@ def keep_bits(row_of_entry: torch.Tensor, indices: torch.Tensor, num_rows: int, 
 
 
 def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: int, num_kv_tiles: int,
-               edges: list[int], most_runs: int, extra: Callable[[], torch.Tensor], read: HostRead) -> TileLists:
+               edges: list[int], most_runs: int, extra: Callable[[], torch.Tensor], read: HostRead,
+               check_size: Callable[[str, tuple[int, ...]], None]) -> TileLists:
     """Classify on the GPU: ``bits`` int32 ``[H, MB, NW]``; ``dev``: the conversion's uploaded tables (``rows``
     ``[rmax, QT]``, ``run_start`` ``[NT + 1]``, ``run_block``, ``run_length``, ``width``, ``edges_padded``,
     ``movable``); ``most_runs``: the most runs of blocks in one key tile (:func:`host_tables`); ``extra``: makes int64
     ``[4]`` on the device (any row empty, every head's IR lists alike, kept pairs, kept pairs on movable key tiles),
-    read with the counts in the one host read, ``read``, which may know them already."""
+    read with the counts in the one host read, ``read``, which may know them already; ``check_size(name, shape)``
+    refuses lists too large to build, once their widths are read."""
     from .fa4_tile_lists_kernel import fa4_tile_lists_kernel
     heads, num_rows, words = bits.shape
     rows_per_tile = dev["rows"].shape[0]
@@ -125,6 +127,8 @@ def tile_lists(bits: torch.Tensor, dev: dict[str, torch.Tensor], num_q_tiles: in
     if alike and heads > 1:              # every head's IR lists are the same: FA4 broadcasts one head's
         heads, full_cnt, mask_cnt = 1, full_cnt[:1], mask_cnt[:1]
     full_width, mask_width = max(int(longest_full), 1), max(int(longest_mask), 1)
+    for name, width in (("full", full_width), ("mask", mask_width)):
+        check_size(f"{name} tile lists [heads, query tiles, longest list]", (heads, num_q_tiles, width))
     full_idx = torch.zeros(heads, num_q_tiles, full_width, dtype=torch.int32, device=bits.device)
     mask_idx = torch.zeros(heads, num_q_tiles, mask_width, dtype=torch.int32, device=bits.device)
     with on_device(bits.device):
