@@ -293,9 +293,8 @@ class Planner:
         if previous is not None and previous.step == step and not previous.per_call:
             previous.record.fields["calls"] += 1
             if previous.kernel is not None and seq_len != previous.seq_len:
-                # text padded to another length than the kernel's (guidance as separate calls on embeddings of other
-                # lengths): the plan's mask padded to this length, not planned again (a search would run twice); a
-                # ring cut is made per length, so a longer call too (on one process its prefix alone would do)
+                # text padded to another length (guidance as separate calls on embeddings of other lengths): the
+                # mask padded to it, not planned again (a search would run twice); a ring cut is per length
                 action = self.session(geometry).action(geometry, step, layer)
                 previous.kernel = self._kernel(previous.mask, action, geometry, seq_len, io)
                 previous.seq_len = seq_len
