@@ -68,6 +68,10 @@ def attention_shape(q: Any, k: Any, v: Any = NO_VALUES, *, kind: str = "torch",
             hint = " (convert with .numpy())" if kind == "numpy" else " (convert with torch.from_numpy)"
             raise TypeError(f"{name}: expected a {kind} array [B, heads, length, head_dim], got "
                             f"{type(t).__name__}{hint}")
+        if isinstance(t, np.ma.MaskedArray) or (kind == "torch" and t.layout != torch.strided):
+            what = "a masked array" if kind == "numpy" else f"a {t.layout} tensor"
+            raise TypeError(f"{name}: expected dense values, got {what}; pass "
+                            f"{'np.ma.getdata(' + name + ')' if kind == 'numpy' else name + '.to_dense()'}")
         if len(t.shape) != 4:
             raise ValueError(f"{name}: expected 4 dimensions [B, heads, length, head_dim], got shape {list(t.shape)}")
     batch, num_heads, q_len, head_dim = (int(s) for s in q.shape)

@@ -39,11 +39,12 @@ from sparsecore.ir import BlockMask
 
 from . import compiled_call, kernel_cache
 from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
-from .launch_device import caller_stream, check_device_index, on_device_of, without_autocast
+from .launch_device import check_device_index, on_device_of, without_autocast
 from .no_backward import inference_only
-from .registry import Backend, Run, UnsupportedError, candidates, device_name, device_type, first_available
+from .registry import (Backend, Run, UnsupportedError, candidates, device_name, device_type, first_available,
+                       generation)
 from . import warmup as warmups
-from .warmup import Warming
+from .warmup_sample import Warming, queued_warming
 
 
 class CompiledKernel:
@@ -182,9 +183,8 @@ class CompiledKernel:
         fallback = self._fallback(shape, signature, backend)
         if fallback is None:                        # nothing else takes these inputs: load it here
             return self._loaded_in_place(key, signature, shape, backend, options, call)
-        if found == "none":
-            self._queued.append(Warming(shared, backend, backend.warmup_options(self.mask, options, call),
-                                        warmups.sample_call(self.mask, call), caller_stream(call[0])))
+        if found == "none" and (warming := queued_warming(shared, backend, self.mask, options, call)) is not None:
+            self._queued.append(warming)                  # (None: its setup failed here, recorded as the warm-up's)
         return fallback
 
     def _runs_it(self, key: tuple, backend: Backend, options: Hashable) -> tuple[Backend, Hashable]:
@@ -222,7 +222,7 @@ class CompiledKernel:
 
     def _submit_queued(self) -> None:
         """Start the warm-ups this call queued: the worker loads the preferred backend and runs it on the call's
-        sample (:func:`sparsecore.warmup.sample_call`)."""
+        sample (:func:`sparsecore.warmup_sample.sample_call`)."""
         while True:                     # threads sharing this kernel (compile's cache) take the same list: one pop
             try:                        # each, not a check then a pop another thread may have emptied in between
                 queued = self._queued.pop(0)
@@ -354,7 +354,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         raise TypeError(f"cache: expected a bool, got {type(cache).__name__}")
     warmup = warmups.mode(warmup)
     try:
-        request = (device, backend, warmup, tuple(sorted((k, type(v), v) for k, v in options.items())))  # 1 != True
+        request = (device, backend, warmup, generation(),                     # a backend registered since: chosen again
+                   tuple(sorted((k, type(v), v) for k, v in options.items())))  # 1 != True
         hash(request)
     except TypeError:  # an unhashable option value
         raise TypeError(f"compile(): options must be plain values (int, float, str, bool, None), got "

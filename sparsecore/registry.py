@@ -121,7 +121,7 @@ class Backend(ABC):
 
     def warmup_options(self, mask: "BlockMask", options: Hashable, call: tuple) -> Hashable:
         """The options with which a small sample of ``call`` (q, k, v, scale, return_lse) compiles what ``call``
-        launches on ``mask`` (:func:`sparsecore.warmup.sample_call`): where a lowering decides from the whole mask or
+        launches on ``mask`` (:func:`sparsecore.warmup_sample.sample_call`): where a lowering decides from the whole mask or
         the inputs' lengths (tiles, key ranges), it fixes those decisions here. Default: the call's own."""
         return options
 
@@ -167,6 +167,7 @@ class Backend(ABC):
 
 _REGISTRY: dict[str, Backend] = {}
 _LOADED = False
+_GENERATION = 0       # what runs where, as of now: compile()'s cache keys hold it (see changed())
 _LOADING = False
 _LOAD_LOCK = threading.RLock()
 
@@ -177,8 +178,22 @@ def register(backend: Backend) -> Backend:
         raise TypeError(f"register(): expected a sparsecore Backend instance, got {type(backend).__name__}")
     if backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
         raise ValueError(f"register(): a backend named {backend.name!r} is already registered")
+    if backend.name not in _REGISTRY:
+        changed()
     _REGISTRY[backend.name] = backend
     return backend
+
+
+def generation() -> int:
+    """Which state of the registry compiled kernels were chosen in (:func:`changed`)."""
+    return _GENERATION
+
+
+def changed() -> None:
+    """What can run where may have changed (a backend registered; Triton's emulator entered or left): a mask compiled
+    before is chosen for again, not found in ``compile()``'s caches (the kernels compiled before stay valid)."""
+    global _GENERATION
+    _GENERATION += 1
 
 
 def checked_options(backend: str | None, options: Any, field: str) -> dict[str, Any]:

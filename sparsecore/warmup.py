@@ -7,7 +7,7 @@ first call on the masks it runs took 2.5-3.0 s (bench/results/gpu-2026-12-01-run
 sessions). So, in the ``"background"`` mode (the default), a kernel's call whose preferred backend is slow to load
 (``Backend.slow_to_load``) and not yet warm for its inputs runs on the kernel's next backend that takes them, and
 one worker thread loads the preferred backend and runs it once on a small sample of that call (the mask's first
-and last blocks, :func:`sample_call`, with the lowering's decisions for the whole call: ``Backend.warmup_options``),
+and last blocks, :func:`.warmup_sample.sample_call`, with the lowering's decisions for the whole call: ``Backend.warmup_options``),
 which compiles what later calls launch, on the caller's stream. From then on calls with such inputs run the
 preferred backend, in that kernel and in every kernel of a mask of the same geometry (:func:`warm_key`): one
 warm-up per geometry, however many kernels of it are called meanwhile (a method compiles a mask per layer and
@@ -47,7 +47,6 @@ import traceback
 import warnings
 from collections import OrderedDict
 from concurrent.futures import CancelledError, Future, TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
@@ -166,7 +165,14 @@ def status(key: tuple) -> str:
     return "unloadable" if unloadable(*key[:2]) is not None else "none"
 
 
-def _loaded_run(load: Callable[[], str | None], device: Any, stream: Any, run: Callable[[], Any]) -> Any:
+def record_failure(key: tuple, exc: Exception) -> None:
+    """A warm-up whose setup failed in the caller's call (:mod:`sparsecore.warmup_sample`), recorded as one that failed
+    on the worker: :func:`failure` warns once, and its geometry then loads in place."""
+    with _lock:
+        _remember(_failed, key, f"{type(exc).__name__}: {exc}")
+
+
+def loaded_run(load: Callable[[], str | None], device: Any, stream: Any, run: Callable[[], Any]) -> Any:
     """On the worker: ``load()`` (:class:`Unloadable` with its reason, if any), then ``run()``, both on ``device`` (a
     torch.device or None) and the caller's ``stream``, without autograd."""
     with on_device(device), on_stream(stream), torch.no_grad():      # "cuda" means the call's device here too
@@ -217,66 +223,6 @@ def start(key: tuple, task: Callable[[], Any]) -> Future:
     return future
 
 
-SAMPLE_TOKENS = 1024     # a warm-up's sample takes blocks from the start up to this many tokens (and at least
-SAMPLE_BLOCKS = 3        # this many), and the last block
-
-
-def sample_call(mask: Any, call: tuple) -> tuple:
-    """A small call with the traits of ``call`` (q, k, v, scale, return_lse) that a compile depends on: the mask cut to
-    its first blocks (up to :data:`SAMPLE_TOKENS` tokens, at least :data:`SAMPLE_BLOCKS`) and its last block on each
-    side (:func:`sparsecore.ir.slicing.slice_mask`, one host read for a device mask), with copies of those tokens' q,
-    k, v. Block sizes and a short last block are kept; rows that keep some blocks of a tile and not others (FA4's
-    mask tiles) or differ between heads most likely too. A mask that approximates its unlisted blocks is cut as its
-    drop-only mask with the LSE asked for: its exact part (FA4's) compiles so; the approximation's own pass is
-    Triton's, which a Triton fallback compiled already. Returns ``(mask, q, k, v, scale, return_lse)``; holds
-    nothing of ``call``."""
-    from sparsecore.ir.slicing import slice_mask
-    from sparsecore.ir.unselected import DROP
-    q, k, v, scale, return_lse = call
-    if mask.unselected != DROP:
-        mask = type(mask).unchecked(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
-                                    mask.budgets, mask.meta, DROP)
-        return_lse = True
-    q_ranges, kv_ranges = _ends(mask.q_offsets), _ends(mask.kv_offsets)
-    part = slice_mask(mask, q_ranges, kv_ranges)
-
-    def cut(tensor: Any, ranges: list[tuple[int, int]]) -> Any:
-        with torch.no_grad():                       # no autograd graph back to the call's tensors
-            return torch.cat([tensor[:, :, a:b] for a, b in ranges], dim=2)
-    return part, cut(q, q_ranges), cut(k, kv_ranges), cut(v, kv_ranges), scale, return_lse
-
-
-def _ends(offsets: Any) -> list[tuple[int, int]]:
-    """Token ranges of the first blocks (up to SAMPLE_TOKENS tokens, at least SAMPLE_BLOCKS) and of the last one."""
-    first = max(SAMPLE_BLOCKS, int((offsets[1:] <= SAMPLE_TOKENS).sum()))
-    if first >= len(offsets) - 2:
-        return [(0, int(offsets[-1]))]
-    return [(0, int(offsets[first])), (int(offsets[-2]), int(offsets[-1]))]
-
-
-@dataclass(eq=False)
-class Warming:
-    """A warm-up of ``backend`` that a kernel queued at one call: a :func:`sample_call` of it (``sample``: the mask and
-    the inputs; released when it ends), run with ``options`` (``Backend.warmup_options``); ``key`` is the
-    :func:`warm_key` it is shared by."""
-
-    key: tuple
-    backend: Any
-    options: Hashable
-    sample: tuple | None
-    stream: Any                  # the caller's stream (launch_device.caller_stream)
-
-    def run(self, device: str, lower: Callable[[Any, Hashable, Any, Any], Any]) -> None:
-        """On the worker: load the backend (:class:`Unloadable` if it cannot run here), lower the sample's mask and run
-        it once (which compiles what the kernel's calls launch). ``lower(backend, options, q, mask=...)``."""
-        try:
-            mask, q, k, v, scale, return_lse = self.sample
-            _loaded_run(lambda: self.backend.unavailable_reason(device), q.device, self.stream,
-                        lambda: lower(self.backend, self.options, q, mask=mask)(q, k, v, scale, return_lse))
-        finally:
-            self.sample = None
-
-
 def wait(timeout: float | None = None) -> bool:
     """Wait until every warm-up queued so far has ended (they run in order); True if they did within ``timeout``
     seconds."""
@@ -314,7 +260,7 @@ def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[
     if found == "none":
         device = like.device if isinstance(like, torch.Tensor) else None     # the task holds no input of the call
         stream, first_run = caller_stream(like), sample_run()
-        start(key, lambda: _loaded_run(load, device, stream, first_run))
+        start(key, lambda: loaded_run(load, device, stream, first_run))
     return f"warming up in the background ({ENV}=wait loads it in place)"
 
 

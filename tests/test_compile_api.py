@@ -783,3 +783,56 @@ def test_an_install_hint_is_given_only_where_a_package_is_missing():
         with pytest.raises(RuntimeError) as raised:
             sparsecore.compile(mask(), device="cuda", backend="triton")
         assert reason in str(raised.value) and "pip install" not in str(raised.value)
+
+
+def test_a_backend_registered_after_a_compile_is_chosen_for_that_mask_too(monkeypatch):
+    """compile() cached a mask's kernel with the backends of its first compile: a better one registered later ran
+    for new masks only, and a mask compiled before kept its old choice (registry.changed() now keys the caches)."""
+    class Better(registry.Backend):
+        name = "better-cpu"
+        capabilities = Capabilities(devices=("cpu",), array_type="torch", dtypes=frozenset({"float32"}))
+
+        def unavailable_reason(self, device):
+            return None
+
+        def preference(self, mask):
+            return 100
+
+        def lower(self, mask, device, options):
+            return lambda q, k, v, scale, return_lse: (torch.full_like(q, 7.0), None)
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.registered_backends()))
+    m = mask()
+    before = sparsecore.compile(m, device="cpu")
+    assert sparsecore.compile(m, device="cpu") is before                        # no change: the cached kernel
+    sparsecore.register(Better())
+    after = sparsecore.compile(m, device="cpu")
+    assert after is not before and [b.name for b, _ in after._choices][0] == "better-cpu"
+
+
+def test_a_kernel_compiled_inside_the_triton_emulator_is_not_found_outside(monkeypatch):
+    """Inside the emulator 'cuda' kernels run on CPU tensors; outside, on a machine without CUDA, compile() says that
+    nothing runs there (it returned the emulated kernel, whose call then failed naming the tensors' device)."""
+    from sparsecore.backends.cuda import interpreter
+    if torch.cuda.is_available() or not interpreter.interpreting():
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) on a machine without CUDA")
+    m = mask()
+    with sparsecore.registered_backends()["triton"].emulator():
+        inside = sparsecore.compile(m, device="cuda", warmup="wait")
+    with pytest.raises(RuntimeError, match="no backend can run on device 'cuda' here"):
+        sparsecore.compile(m, device="cuda", warmup="wait")
+    with sparsecore.registered_backends()["triton"].emulator():
+        assert sparsecore.compile(m, device="cuda", warmup="wait") is not inside    # chosen again: still valid
+
+
+def test_sparse_tensors_and_masked_arrays_are_refused_by_name():
+    """They passed the input check and failed deep inside (torch's reshape of a sparse tensor; the reference backend
+    ignored a NumPy mask and failed to broadcast), naming nothing."""
+    m = mask()
+    q, k, v = tensors()
+    with pytest.raises(TypeError, match=r"q: expected dense values, got a torch.sparse_coo tensor; pass "
+                                        r"q.to_dense\(\)"):
+        sparsecore.compile(m, device="cpu")(q.to_sparse(), k, v)
+    qn, kn, vn = (t.numpy() for t in (q, k, v))
+    with pytest.raises(TypeError, match=r"k: expected dense values, got a masked array; pass np.ma.getdata"):
+        sparsecore.compile(m, device="reference")(qn, np.ma.masked_array(kn, kn > 1), vn)

@@ -227,10 +227,10 @@ def test_wait_mode_loads_in_place_and_runs_one_backend_throughout(fakes, monkeyp
 def test_the_worker_runs_on_the_callers_device_and_stream_without_gradients(fakes, monkeypatch):
     """Each thread has its own current stream and device: the warm-up's reads of q, k, v must be ordered after the
     caller's kernels that wrote them (its stream), on their device; and it records no autograd graph."""
-    from sparsecore import kernel as kernel_module
+    from sparsecore import warmup_sample
     slow, quick = fakes
     entered = []
-    monkeypatch.setattr(kernel_module, "caller_stream", lambda tensor: "the caller's stream")
+    monkeypatch.setattr(warmup_sample, "caller_stream", lambda tensor: "the caller's stream")
     monkeypatch.setattr(warmup, "on_stream", lambda stream: _Recorded(entered, "stream", stream))
     monkeypatch.setattr(warmup, "on_device", lambda device: _Recorded(entered, "device", device))
     q, k, v = (t.requires_grad_() for t in _inputs())

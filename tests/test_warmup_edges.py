@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sparsecore
-from sparsecore import warmup
+from sparsecore import warmup, warmup_sample
 from sparsecore.registry import UnsupportedError
 from test_warmup import FALLBACK, FAST, _inputs, _mask, fakes  # noqa: F401  (fakes: the fixture)
 
@@ -227,7 +227,6 @@ def test_a_warm_up_runs_a_small_sample_of_the_call_with_the_same_block_traits(fa
     its last (short) block on each side, on copies of those tokens (tests/test_warmup_samples.py: what FA4's compile
     depends on)."""
     import numpy as np
-    from sparsecore import warmup
     from sparsecore.ir import BlockMask
     slow, quick = fakes
     rng = np.random.default_rng(7)
@@ -238,7 +237,7 @@ def test_a_warm_up_runs_a_small_sample_of_the_call_with_the_same_block_traits(fa
     kernel(q, k, v)
     assert kernel.wait_for_warmups(timeout=30)
     (thread, ran), = slow.runs
-    assert thread == "sparsecore-warmup" and ran.shape[2] == warmup.SAMPLE_TOKENS + 8
+    assert thread == "sparsecore-warmup" and ran.shape[2] == warmup_sample.SAMPLE_TOKENS + 8
     assert torch.equal(ran, torch.cat([q[:, :, :1024], q[:, :, 1600:]], dim=2))
     sample, = slow.lowered_masks
     assert (sample.q_len, sample.kv_len) == (1032, 1032) and sample.q_offsets[-2:].tolist() == [1024, 1032]
@@ -247,23 +246,22 @@ def test_a_warm_up_runs_a_small_sample_of_the_call_with_the_same_block_traits(fa
 def test_a_sample_is_the_sub_mask_of_its_tokens_and_approximating_masks_sample_their_exact_part():
     import dataclasses
     import numpy as np
-    from sparsecore import warmup
     from sparsecore.ir import BlockMask, Unselected
     rng = np.random.default_rng(11)
     mask = BlockMask.from_dense(rng.random((2, 20, 30)) < 0.4, 1180, 1780, 60)      # short last blocks: 40 / 40
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(1, 2, 1180, 8, generator=gen)
     k, v = (torch.randn(1, 2, 1780, 8, generator=gen) for _ in range(2))
-    part, q_s, k_s, v_s, scale, lse = warmup.sample_call(mask, (q, k, v, 0.5, False))
+    part, q_s, k_s, v_s, scale, lse = warmup_sample.sample_call(mask, (q, k, v, 0.5, False))
     rows = np.r_[0:1020, 1140:1180]                                      # 17 blocks of 60 (1020 <= 1024), the last
     cols = np.r_[0:1020, 1740:1780]
     assert np.array_equal(part.token_mask(), mask.token_mask()[:, rows][:, :, cols])
     assert torch.equal(q_s, q[:, :, rows]) and torch.equal(k_s, k[:, :, cols]) and torch.equal(v_s, v[:, :, cols])
     assert q_s.untyped_storage().data_ptr() != q.untyped_storage().data_ptr() and (scale, lse) == (0.5, False)
-    on_device, *_ = warmup.sample_call(mask.to("cpu"), (q, k, v, 0.5, False))         # torch lists: one host read
+    on_device, *_ = warmup_sample.sample_call(mask.to("cpu"), (q, k, v, 0.5, False))         # torch lists: one host read
     assert on_device.device is not None and np.array_equal(on_device.token_mask(), part.token_mask())
     grouped = dataclasses.replace(mask, unselected=Unselected("grouped-first-order", 4))
-    part, *_, lse = warmup.sample_call(grouped, (q, k, v, 0.5, False))
+    part, *_, lse = warmup_sample.sample_call(grouped, (q, k, v, 0.5, False))
     assert part.unselected.kind == "drop" and lse is True
     assert np.array_equal(part.token_mask(), grouped.token_mask()[:, rows][:, :, cols])
 
@@ -327,3 +325,21 @@ def test_without_a_worker_thread_the_slow_backend_is_checked_before_it_runs_here
         tags = [float(kernel(*_inputs()).flatten()[0]) for _ in range(3)]
     assert tags == [FALLBACK] * 3 and not slow.runs
     assert ("full", threading.current_thread().name) in slow.checks
+
+
+def test_a_warm_up_whose_setup_fails_in_the_call_leaves_the_call_on_its_fallback(fakes, monkeypatch):
+    """The warm-up's setup runs in the caller's call (the slow backend's warmup_options: fa4's lowers, reads the
+    device's L2 and its package's version; the sample's cut): where it raises, the call runs the fallback and the
+    failure is the warm-up's, warned once, the slow backend then loaded in place. Every call raised it before, and
+    nothing was recorded."""
+    slow, quick = fakes
+
+    def broken(mask, options, call):
+        raise RuntimeError("boom in warmup_options")
+
+    monkeypatch.setattr(slow, "warmup_options", broken)
+    q, k, v = _inputs()
+    kernel = sparsecore.compile(_mask(0), device="cuda")
+    assert float(kernel(q, k, v).flatten()[0]) == FALLBACK and not slow.runs
+    with pytest.warns(RuntimeWarning, match="warming 'fake-slow' up in the background failed .*boom in warmup_options"):
+        assert float(kernel(q, k, v).flatten()[0]) == FAST                  # loaded in place, as with "wait"

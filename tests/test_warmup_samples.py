@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import sparsecore
-from sparsecore import warmup
+from sparsecore import warmup, warmup_sample
 from sparsecore.ir import BlockMask
 from test_warmup import FALLBACK, FAST, _fresh_state, _inputs, _mask, fakes  # noqa: F401  (fakes: the fixture)
 
@@ -219,7 +219,7 @@ def test_the_warm_up_sample_compiles_what_the_call_launches(make, monkeypatch):
     k = torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16).expand(1, mask.num_heads, mask.kv_len, 128)
     from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options
     options = Fa4Backend().warmup_options(mask, Fa4Options(), (q, k, k, None, False))
-    part, _, k_s, v_s, _, lse = warmup.sample_call(mask, (q, k, k, None, False))
+    part, _, k_s, v_s, _, lse = warmup_sample.sample_call(mask, (q, k, k, None, False))
     call, sample = _fa4_compiles(mask, k, k, False), _fa4_compiles(part, k_s, v_s, lse, options)
     differ = {name: (call[name], sample[name]) for name in call if call[name] != sample[name]}
     assert not differ, f"(call, sample) differ in {differ}: the call after the warm-up compiles in place"

@@ -11,6 +11,8 @@ import contextlib
 import os
 from typing import Iterator
 
+from sparsecore import registry
+
 _EMULATING = False
 
 
@@ -28,10 +30,12 @@ def active() -> bool:
 def emulating() -> Iterator[None]:
     global _EMULATING
     previous, _EMULATING = _EMULATING, True
+    registry.changed()                     # "cuda" kernels chosen inside are not found outside, nor the other way
     try:
         yield
     finally:
         _EMULATING = previous
+        registry.changed()
 
 
 def tensor_device_problem(device: str, tensor_device: str) -> str | None:
