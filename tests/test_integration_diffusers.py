@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -549,6 +550,38 @@ def test_sparse_mask_matches_float64_masked_attention(name, text, monkeypatch):
         assert valid_text == expected_text[text]
         assert sorted({s["text_tokens"] for s in stats}) == sorted(set(expected_text[text]))
         assert {s["padding"] for s in stats} == {tokens - n for n in expected_text[text]}
+
+
+def row_mask(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> BlockMask:
+    """A random pattern over blocks of one row of patches (``geometry.width`` tokens) and the text: what it keeps
+    depends on the geometry's height and width, not only on its token count (as :func:`random_mask`'s does); no block
+    of a later causal block is kept."""
+    rows = geometry.video_start + np.arange(0, geometry.video_tokens + 1, geometry.width)
+    offsets = np.unique(np.concatenate([[0, geometry.tokens], rows])).astype(np.int64)      # the text: one block
+    blocks = len(offsets) - 1
+    rng = np.random.default_rng([11, layer, step, geometry.text_tokens, geometry.frames, geometry.height, geometry.width])
+    keep = rng.random((num_heads, blocks, blocks)) < 0.35
+    keep[:, np.arange(blocks), np.arange(blocks)] = True
+    if geometry.causal_frames:
+        causal_block = (offsets[:-1] - geometry.video_start) // (geometry.frame_tokens * geometry.causal_frames)
+        keep &= ~(causal_block[None, :] > causal_block[:, None])[None]                # (no text beside causal video)
+    return BlockMask.from_lists([[np.flatnonzero(row) for row in head] for head in keep], offsets, offsets)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_non_square_grid_keeps_frames_height_and_width_apart(name, monkeypatch):
+    """On a 3 x 4 x 6 grid with masks of row blocks the model's geometry must be sparsecore's: a spec that swapped
+    height and width (or frames and height) would plan its rows over other tokens than the oracle's, which reads the
+    grid it built the inputs on (0.06-0.6 off for such swaps in Kandinsky 5, Cosmos, Mochi and HunyuanVideo 1.5).
+    The other tests' 8 x 8 x 8 grid and 32-token blocks cannot tell a swap (a review helper's mutation)."""
+    module = sys.modules[__name__]
+    for field, value in (("FRAMES", 3), ("HEIGHT", 4), ("WIDTH", 6)):
+        monkeypatch.setattr(module, field, value)
+    case = CASES[name]
+    model, inputs = case.build(), case.inputs(batch=2, text="ragged")
+    expected, _ = oracle_output(case, model, inputs, row_mask, 0, 500.0, monkeypatch, grid=(3, 4, 6))
+    got = forward_applied(model, inputs, 500.0, row_mask)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=max(5e-6, case.atol))
 
 
 def test_remove_restores_processors_hooks_and_output(case):
