@@ -93,7 +93,8 @@ def png_path(path: Any) -> Path:
     path = as_path(path)
     if path.suffix.lower() != ".png" or path.is_dir():
         raise ValueError(f"path: expected a file name ending in .png (the picture is a PNG), got {str(path)[:200]!r}"
-                         f"{' (a folder)' if path.is_dir() else ''}; pass e.g. {str(path.with_suffix('.png'))[:200]!r}")
+                         f"{' (a folder)' if path.is_dir() else ''}; pass e.g. "
+                         f"{str(path.with_suffix('.png') if path.name else path / 'mask.png')[:200]!r}")
     return path
 
 

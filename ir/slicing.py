@@ -69,8 +69,8 @@ def slices(mask: BlockMask, q_ranges: Any, kv_range_sets: Sequence[Any]) -> list
         counts.append(prefix[stops] - prefix[starts])
     totals = xp.host_ints(xp.stack_sums(counts))                   # the one host read
     if max(totals) > v.INDEX_LIMIT:                                # cut blocks list more entries than they were
-        raise ValueError(f"kv_range_sets: the slices would list {max(totals):,} key blocks, more than the int32 index limit "
-                         f"{v.INDEX_LIMIT:,}; cut fewer blocks (ranges on the mask's block boundaries) or fewer "
+        raise ValueError(f"kv_range_sets: the slices would list {max(totals):,} key blocks, more than the int32 index "
+                         f"limit {v.INDEX_LIMIT:,}; cut fewer blocks (ranges on the mask's block boundaries) or fewer "
                          f"heads")
     out = []
     for (kv_offsets, _, selected, first), prefix, count, total in zip(columns, prefixes, counts, totals):

@@ -40,6 +40,7 @@ class CheckResult:
     passed: bool
     skipped: str | None = None     # why the backend could not take the case (then nothing was checked)
     lse_err: float = float("nan")  # the LSE's largest error over max(1, |lse|); inf where -inf rows differ
+    broken: str | None = None      # what the result breaks of the calling convention (shape, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,18 @@ def lse_error(lse: Any, ref: np.ndarray) -> float:
     return float(np.abs(got[finite] - ref[finite]).max() / max(1.0, np.abs(ref[finite]).max()))
 
 
+def contract_problem(out: Any, lse: Any, q: Any) -> str | None:
+    """What a call's result breaks of the calling convention (``sparsecore.kernel``), else None: out of q's shape (a
+    head dim of q's, as v's here), dtype and device; the LSE float32 ``[B, H, q_len]``."""
+    if tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or getattr(out, "device", None) != \
+            getattr(q, "device", None):
+        return (f"output {list(out.shape)} {out.dtype} on {getattr(out, 'device', 'host')}, expected q's "
+                f"{list(q.shape)} {q.dtype} on {getattr(q, 'device', 'host')}")
+    if tuple(lse.shape) != tuple(q.shape[:3]) or str(lse.dtype).removeprefix("torch.") != "float32":
+        return f"LSE {list(lse.shape)} {lse.dtype}, expected float32 {list(q.shape[:3])}"
+    return None
+
+
 def _head_dims(device: str, backend: str | None) -> tuple[int, ...]:
     """The head dims some backend that may run takes (so cases are not drawn only to be skipped)."""
     kind = device_type(device)
@@ -177,9 +190,10 @@ def run_check(device: str, backend: str | None, cases: int, seed: int, dtype: st
         ref, ref_lse = masked_dense_attention(mask, *inputs, scale=head_dim ** -0.5)
         _, rel = relative_error(to_numpy64(out), ref)
         lse_err = lse_error(lse, ref_lse)
-        ok = bool(np.isfinite(rel) and rel <= TOLERANCE[dtype] and lse_err <= LSE_TOLERANCE[dtype])
+        broken = contract_problem(out, lse, inputs[0])
+        ok = bool(broken is None and np.isfinite(rel) and rel <= TOLERANCE[dtype] and lse_err <= LSE_TOLERANCE[dtype])
         ran, passed = ran + 1, passed + ok
-        report(CheckResult(case, description, kernel.backend.name, rel, ok, lse_err=lse_err))
+        report(CheckResult(case, description, kernel.backend.name, rel, ok, lse_err=lse_err, broken=broken))
         if not ok:
             break
     return CheckSummary(ran, passed, skipped)

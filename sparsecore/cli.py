@@ -9,6 +9,7 @@ mismatch and never reports a check it did not run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -75,8 +76,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):          # a path that is not UTF-8 is printed escaped, not an error
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return {"demo": _demo, "show": _show, "check": _check}[args.command](args)
+    except BrokenPipeError:                          # `sparsecore show m | head`: the reader has what it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds no pipe
+        except (OSError, ValueError):                # no file descriptor behind stdout (a captured stream)
+            pass
+        return 0
+    except OSError as err:                           # a file or folder the command reads or writes
+        where = f" {err.filename}" if err.filename else ""
+        print(f"sparsecore {args.command}: error: cannot use{where}: {err.strerror or _one_line(err)}; pass a path "
+              f"that exists (for a mask) or in a writable folder (for --out, --png)", file=sys.stderr)
+        return 2
     except (UserError, *USER_ERRORS) as err:
         print(f"sparsecore {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -108,7 +123,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from sparsecore.ir.draw import MatplotlibMissing, png_path
     mask = BlockMask.load(args.mask_file)
-    picture = args.png or args.mask_file.with_suffix(".png")     # checked before anything is printed
+    picture = args.png or args.mask_file.with_suffix(".png")     # its name checked before anything is printed
     if picture.resolve() == args.mask_file.resolve() or (picture.exists() and picture.samefile(args.mask_file)):
         raise UserError(f"show: the picture would overwrite the mask file {args.mask_file}; pass --png with "
                         "another path")
@@ -157,7 +172,7 @@ def _check(args: argparse.Namespace) -> int:
             return
         status = "ok  " if result.passed else "FAIL"
         print(f"{status} case {result.case:3d} [{result.backend}] rel err {result.rel_err:.2e}  lse err "
-              f"{result.lse_err:.1e}  {result.description}")
+              f"{result.lse_err:.1e}  {result.description}" + (f"  ({result.broken})" if result.broken else ""))
 
     summary = run_check(args.device, args.backend, args.cases, args.seed, dtype, report)
     skipped = f" ({summary.skipped} more skipped: the backend cannot take them)" if summary.skipped else ""

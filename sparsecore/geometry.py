@@ -27,6 +27,7 @@ import numpy as np
 from sparsecore.ir.validation import check_int
 
 TEXT_POSITIONS = ("start", "end")
+MAX_TOKENS = 2**31 - 1      # a sequence one mask can describe: H x q_len x kv_len below 2**62 (PAIR_LIMIT) at one head
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class VideoGeometry:
         if self.text_position not in TEXT_POSITIONS:
             raise ValueError(f"text_position: expected one of {TEXT_POSITIONS}, got {self.text_position!r}")
         set_(self, "causal_frames", check_int(self.causal_frames, "causal_frames", minimum=0))
+        if self.tokens > MAX_TOKENS:              # Python ints: its offsets and token ids are int64 arrays
+            raise ValueError(f"frames, height, width, text_tokens: {self.frames} x {self.height} x {self.width} + "
+                             f"{self.text_tokens} = {self.tokens:,} tokens, more than a mask describes "
+                             f"({MAX_TOKENS:,}: one head's token pairs below 2**62); check the latent shape")
         if self.causal_frames and self.text_tokens:
             raise ValueError(f"causal_frames: frame-causal attention is defined over video tokens only, got "
                              f"causal_frames={self.causal_frames} with text_tokens={self.text_tokens}; pass "

@@ -121,8 +121,8 @@ class Backend(ABC):
 
     def warmup_options(self, mask: "BlockMask", options: Hashable, call: tuple) -> Hashable:
         """The options with which a small sample of ``call`` (q, k, v, scale, return_lse) compiles what ``call``
-        launches on ``mask`` (:func:`sparsecore.warmup_sample.sample_call`): where a lowering decides from the whole mask or
-        the inputs' lengths (tiles, key ranges), it fixes those decisions here. Default: the call's own."""
+        launches on ``mask`` (:func:`sparsecore.warmup_sample.sample_call`): where a lowering decides from the whole
+        mask or the inputs' lengths (tiles, key ranges), it fixes those decisions here. Default: the call's own."""
         return options
 
     @abstractmethod
@@ -270,7 +270,7 @@ def device_type(device: str) -> str:
     kind, colon, index = device.partition(":")
     if kind not in known_devices():
         raise ValueError(f"device={device[:40]!r} is not known; known devices: {', '.join(known_devices())}")
-    if colon and not (index.isascii() and index.isdigit() and len(index) <= 6):
+    if colon and not (index.isascii() and index.isdigit() and len(index) <= 6 and (index == "0" or index[0] != "0")):
         raise ValueError(f"device={device[:40]!r}: expected {kind!r} or '{kind}:N' with N a device index (0, 1, ...), "
                          f"got index {index[:20]!r}")
     return kind

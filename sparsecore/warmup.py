@@ -7,7 +7,8 @@ first call on the masks it runs took 2.5-3.0 s (bench/results/gpu-2026-12-01-run
 sessions). So, in the ``"background"`` mode (the default), a kernel's call whose preferred backend is slow to load
 (``Backend.slow_to_load``) and not yet warm for its inputs runs on the kernel's next backend that takes them, and
 one worker thread loads the preferred backend and runs it once on a small sample of that call (the mask's first
-and last blocks, :func:`.warmup_sample.sample_call`, with the lowering's decisions for the whole call: ``Backend.warmup_options``),
+and last blocks, :func:`.warmup_sample.sample_call`, with the lowering's decisions for the whole call:
+``Backend.warmup_options``),
 which compiles what later calls launch, on the caller's stream. From then on calls with such inputs run the
 preferred backend, in that kernel and in every kernel of a mask of the same geometry (:func:`warm_key`): one
 warm-up per geometry, however many kernels of it are called meanwhile (a method compiles a mask per layer and

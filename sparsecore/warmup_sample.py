@@ -67,8 +67,8 @@ class Warming:
     stream: Any                  # the caller's stream (launch_device.caller_stream)
 
     def run(self, device: str, lower: Callable[[Any, Hashable, Any, Any], Any]) -> None:
-        """On the worker: load the backend (``warmup.Unloadable`` if it cannot run here), lower the sample's mask and run
-        it once (which compiles what the kernel's calls launch). ``lower(backend, options, q, mask=...)``."""
+        """On the worker: load the backend (``warmup.Unloadable`` if it cannot run here), lower the sample's mask and
+        run it once (which compiles what the kernel's calls launch). ``lower(backend, options, q, mask=...)``."""
         try:
             mask, q, k, v, scale, return_lse = self.sample
             loaded_run(lambda: self.backend.unavailable_reason(device), q.device, self.stream,

@@ -118,6 +118,10 @@ def video_qkv(geometry: VideoGeometry, num_heads: int, head_dim: int, seed: int,
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({err})") from None
+    module = getattr(torch, device.type, None)         # before the tensors are built: torch asserts at the move
+    if device.type not in ("cpu", "meta") and not getattr(module, "is_available", lambda: False)():
+        raise ValueError(f"device: {str(device)!r} is not available here (torch {torch.__version__}); pass 'cpu' or a "
+                         f"device this machine has")
 
     with torch.device("cpu"):          # made on the host from a CPU generator, whatever torch's default device
         gen = torch.Generator().manual_seed(int(seed))

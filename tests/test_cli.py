@@ -94,6 +94,35 @@ def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
     sparsecore.clear_cache()
 
 
+@pytest.mark.parametrize("break_it, says", [
+    (lambda out, lse: (out[0], lse), "output [4, 57, 16] torch.float32 on cpu, expected q's [1, 4, 57, 16]"),
+    (lambda out, lse: (out.double(), lse), "output [1, 4, 57, 16] torch.float64 on cpu, expected q's"),
+    (lambda out, lse: (out, lse.double()), "LSE [1, 4, 57] torch.float64, expected float32 [1, 4, 57]")])
+def test_check_fails_a_kernel_that_breaks_the_calling_convention(monkeypatch, capsys, break_it, says):
+    """A result of another shape (broadcast against the reference), dtype or LSE dtype matched dense attention's
+    numbers, so check reported 'all cases match' (a review helper's 8 of 8)."""
+    import sparsecore
+    from sparsecore import check
+    real = check.compile
+
+    def broken(*args, **kwargs):
+        kernel = real(*args, **kwargs)
+
+        class Wrapped:
+            backend = kernel.backend
+
+            def __call__(self, *inputs, **options):
+                return break_it(*kernel(*inputs, **options))
+        return Wrapped()
+
+    monkeypatch.setattr(check, "compile", broken)
+    monkeypatch.setattr(check, "random_case", lambda rng, dims, approximate: (BlockMask.full(4, 57, 40, 16), 2, 16))
+    sparsecore.clear_cache()
+    assert main(["check", "--device", "cpu", "--cases", "3"]) == 1
+    printed = capsys.readouterr().out
+    assert "MISMATCH" in printed and says in printed
+
+
 def test_check_runs_the_backend_a_users_kernel_ends_up_on_at_every_head_dim(monkeypatch):
     """``check`` compiles in the ``wait`` warm-up mode (in ``background`` a slow preferred backend, FA4, was never
     the one checked: every random case is a new layout, whose first calls run the fallback), and draws head dims up

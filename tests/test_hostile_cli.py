@@ -49,14 +49,16 @@ def assert_one_line_error(code: int, out: str, err: str, command: str, *words: s
 
 
 def runs_nowhere(device: str) -> bool:
+    """Refused here: an unknown or absent kind, or an index that is not a plain number (torch refuses '01')."""
     kind, colon, index = device.partition(":")
-    return kind not in AVAILABLE or bool(colon) and not (index.isascii() and index.isdigit())
+    return kind not in AVAILABLE or bool(colon) and not (index.isascii() and index.isdigit() and
+                                                          (index == "0" or not index.startswith("0")))
 
 
 DEVICES = st.one_of(st.text(max_size=8).filter(lambda s: s.partition(":")[0] not in sparsecore.known_devices()
                                                 and not s.startswith("-")),
                     st.sampled_from(["gpu", "npu", "cpu:abc", "cuda", "CPU", "cpu:", "cpu:-1", "cuda:0", "mps", "xpu",
-                                     "reference:x", "cpu:0:0"]).filter(runs_nowhere))
+                                     "reference:x", "cpu:0:0", "cpu:01", "reference:00"]).filter(runs_nowhere))
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=30)
@@ -113,7 +115,36 @@ def test_show_refuses_missing_files_folders_and_unwritable_pictures(tmp_path, ca
         assert_one_line_error(*run(argv, capsys), "show")
     good = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10).save(tmp_path / "m.safetensors")
     code, out, err = run(["show", str(good), "--png", "/proc/no/such/place.png"], capsys)
-    assert_one_line_error(code, out, err, "show")
+    assert_one_line_error(code, out, err, "show", "/proc/no", "writable folder")     # the folder it could not make
+    assert_one_line_error(*run(["show", str(tmp_path / "missing.safetensors")], capsys), "show",
+                          "missing.safetensors", "pass a path that exists")
+    assert_one_line_error(*run(["show", str(good), "--png", ""], capsys), "show", "mask.png")   # pathlib's words before
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path, capsys, monkeypatch):
+    """`sparsecore show m | head`: the reader closed the pipe; exit 0, no 'Broken pipe' error (exit 2 before)."""
+    from sparsecore import cli
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_show", closed)
+    code, out, err = run(["show", str(tmp_path / "m.safetensors")], capsys)
+    assert code == 0 and err == ""
+
+
+def test_a_path_stdout_cannot_encode_is_printed_escaped(tmp_path, capsys, monkeypatch):
+    """A non-UTF-8 file name (a surrogate-escaped str) printed to a strict UTF-8 stdout, after the work was done,
+    made the command report failure (exit 2): it is printed escaped."""
+    import io
+    import os
+    good = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10).save(tmp_path / "m.safetensors")
+    buffer = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buffer, encoding="utf-8", errors="strict"))
+    picture = str(tmp_path).encode() + b"/r\xff.png"
+    code = main(["show", str(good), "--png", os.fsdecode(picture)])
+    sys.stdout.flush()
+    assert code == 0 and b"r\\udcff.png" in buffer.getvalue()
 
 
 def test_demo_refuses_an_output_that_is_a_file(tmp_path, capsys):

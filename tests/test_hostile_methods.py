@@ -71,6 +71,13 @@ def test_session_lengths(method, num_steps):
     refused(lambda: MODULES[method].session(num_steps=num_steps), "num_steps")
 
 
+def test_geometries_past_what_a_mask_describes_are_refused_at_construction():
+    """Its offsets and token ids are int64 arrays: 4 x 2**31 x 2**31 wrapped to negative offsets and token id -1."""
+    for shape in ((4, 2**31, 2**31), (60, 10**6, 10**6), (1, 1, 1, 2**31)):
+        refused(lambda: VideoGeometry(*shape), "frames, height, width, text_tokens", types=(ValueError,))
+    assert VideoGeometry(1, 1, 2**31 - 1).tokens == 2**31 - 1
+
+
 def test_step_counts_past_any_sampler_are_refused_before_per_step_arrays():
     for call in (lambda: pasa.density_schedule(10**13, 0.15), lambda: pasa.CurvatureRecorder(10**13)):
         refused(call, "num_steps")
@@ -125,7 +132,7 @@ def planners():
 
 @given(method=st.sampled_from(sorted(MODULES)), argument=st.sampled_from([
     ("geometry", None), ("geometry", (6, 4, 4)), ("geometry", 96), ("geometry", VideoGeometry(10**9, 1, 1)),
-    ("geometry", VideoGeometry(100_000, 2, 2)), ("geometry", VideoGeometry(60, 10**6, 10**6)),
+    ("geometry", VideoGeometry(100_000, 2, 2)), ("geometry", VideoGeometry(60, 40_000, 800)),   # ~2**31 tokens
     ("num_heads", 0), ("num_heads", True), ("num_heads", 2.0), ("num_heads", -1),
     ("step", -1), ("step", True), ("step", 1.5), ("step", None), ("step", "3"),
     ("layer", -1), ("layer", 1.5), ("layer", [1]), ("layer", "a"), ("layer", True),

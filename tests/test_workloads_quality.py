@@ -50,6 +50,15 @@ def test_a_default_device_does_not_change_the_workload():
     assert all(x.device.type == "cpu" and torch.equal(x, y) for x, y in zip(got, want))
 
 
+def test_a_device_this_machine_lacks_is_refused_before_the_tensors_are_built():
+    """torch's own AssertionError ('Torch not compiled with CUDA enabled') came at the move, after the work."""
+    import pytest
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device: 'cuda' is not available here .*pass 'cpu'"):
+        video_qkv(VideoGeometry(2, 4, 4), 2, 16, seed=0, device="cuda")
+
+
 def test_one_video_token_gives_finite_tensors():
     """The content field's standard deviation over one token was NaN (unbiased), and so were q, k, v."""
     for g in (VideoGeometry(1, 1, 1), VideoGeometry(1, 1, 1, text_tokens=5)):

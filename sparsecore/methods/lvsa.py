@@ -119,7 +119,8 @@ class LVSAParams:
                                                     open_low=True))
         set_(self, "approximation", check_approximation(self.approximation))
         if self.anchor_rule == "paper" and self.anchor_interval is None:    # at a long video's first step otherwise
-            _paper_interval(1, self.window, max(self.first_frames + 1, int(self.reference_frames * self.sparsity_scale)))
+            scaled = int(self.reference_frames * self.sparsity_scale)
+            _paper_interval(1, self.window, max(self.first_frames + 1, scaled))
         check_bool(self.rotate, "rotate")
         check_bool(self.expand_window, "expand_window")
 
