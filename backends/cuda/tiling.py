@@ -118,8 +118,8 @@ def schedule_tiles(mask: BlockMask, block_m: int, block_n: int) -> TileSchedule:
 
 def _max_full_tiles(mask: BlockMask, block_n: int) -> int:
     """A host bound on the full tiles: an entry has at most ``ceil(size / block_n)`` of its block, and a row lists a
-    block once, so at most the rows' count of entries take the largest block's tiles, as many the next largest's, and so
-    on until ``nnz`` (a 2,048-token text block beside 64-token blocks is charged once a row, not to every entry)."""
+    block once, so at most one entry a row takes the largest block's tiles, as many the next largest's, and so on
+    until ``nnz`` (one block far larger than the others is charged once a row, not to every entry)."""
     tiles = np.sort(-(-np.diff(mask.kv_offsets) // block_n))[::-1]
     rows = mask.num_heads * mask.num_q_blocks
     taken = np.clip(mask.nnz - rows * np.arange(len(tiles), dtype=np.int64), 0, rows)      # entries per block, greedy
