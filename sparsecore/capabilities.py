@@ -30,7 +30,8 @@ class Capabilities:
             a shorter last block.
         kv_len_divisible: the key length must be a multiple of the key block size
             (no short last key block).
-        min_q_block: smallest query block (in tokens) the backend computes correctly.
+        min_q_block: smallest query block (in tokens) the backend computes correctly (with
+            ``uniform_q_blocks``: the blocks' size; a shorter last one is padded to it).
         unselected: the treatments of unlisted key blocks it computes (``mask.unselected.kind``).
         unselected_head_dims: head dims at which it computes the approximating treatments (those other
             than ``"drop"``), or None for every head dim it takes.
@@ -65,9 +66,10 @@ class Capabilities:
         if self.uniform_q_blocks and mask.uniform_block_size("q") is None:
             problems.append(f"uniform_q_blocks: needs query blocks of one size (a shorter last one is fine), "
                             f"got sizes {_sizes(mask.q_block_sizes)}")
-        if mask.q_block_sizes.min() < self.min_q_block:
+        smallest = (mask.uniform_block_size("q") if self.uniform_q_blocks else None) or mask.q_block_sizes.min()
+        if smallest < self.min_q_block:      # with uniform blocks a short last one is padded to the others' size
             problems.append(f"min_q_block: needs query blocks of at least {self.min_q_block} tokens, got one of "
-                            f"{int(mask.q_block_sizes.min())}")
+                            f"{int(smallest)}")
         kv_block = mask.uniform_block_size("kv")
         if self.uniform_kv_blocks and kv_block is None:
             problems.append(f"uniform_kv_blocks: needs key blocks of one size (a shorter last one is fine), "

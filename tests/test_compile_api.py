@@ -137,6 +137,19 @@ def test_a_portable_call_reads_nothing_back_to_the_host(return_lse):
         np.testing.assert_allclose(got[1].numpy(), want[1], atol=1e-5)
 
 
+def test_a_portable_plan_of_a_device_mask_reads_back_once_however_many_chunks():
+    """Each chunk read whether its rows were padded (``kv_valid.all()``), a wait for a GPU once per chunk at every new
+    device mask (a PASA or AdaSpa layer's); it follows from the row lengths the plan reads once."""
+    from sparsecore.backends.portable.lowering import schedule_chunks
+    keep = np.random.default_rng(0).random((4, 6, 6)) < 0.4
+    keep[:, :, 0] = True
+    m = BlockMask.from_dense(keep, q_len=6 * 64 - 5, kv_len=6 * 64 - 5, q_block=64).to("cpu")
+    with HostReads() as reads:
+        chunks = schedule_chunks(m, 1 << 13, torch.device("cpu"))
+    assert len(chunks) > 5 and len({where for _, where in reads.calls}) == 1, reads.calls    # .cpu().numpy(): one
+    assert [c.padded for c in chunks] == [not bool(c.kv_valid.all()) for c in chunks]
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda kern, q, k, v: kern(q.numpy(), k, v), TypeError, r"q: backend 'portable' takes torch arrays, got ndarray"),
     (lambda kern, q, k, v: kern(q[0], k, v), ValueError, r"q: expected 4 dimensions \[B, heads, length, head_dim\]"),

@@ -236,3 +236,32 @@ def test_an_all_empty_mask_gives_zeros_and_minus_inf_without_a_plan(standin, sca
     assert_matches("float16", out.double().numpy(), lse.numpy(), ref_out, ref_lse)
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
     assert sum(len(w.plans) for w in standin) == 0
+
+
+def test_an_all_empty_mask_gives_a_float32_lse_and_a_contiguous_output_whatever_the_default_dtype(standin):
+    """The LSE followed torch's default dtype and the output q's strides (a transposed view)."""
+    empty = BlockMask.from_dense(np.zeros((H, 4, KV_LEN // C), dtype=bool), Q_LEN, KV_LEN, R, C)
+    (q, k, v), _ = _inputs(torch.float16, 8)
+    q = q.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.set_default_dtype(torch.float64)
+    try:
+        out, lse = _compile(empty)(q, k, v, return_lse=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert lse.dtype == torch.float32 and out.is_contiguous() and out.dtype == torch.float16
+
+
+def test_a_short_last_query_block_below_four_tokens_is_taken(standin):
+    """The lowering pads the last query block to the others' size R: min_q_block holds for R (a 1-token last block
+    was refused); one query block of 3 tokens is still refused."""
+    keep = np.random.default_rng(0).random((2, 4, 4)) < 0.6
+    keep[:, :, 0] = True
+    mask = BlockMask.from_dense(keep, 49, 64, 16, 16)
+    kernel = _compile(mask)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).half() for n in (49, 64, 64))
+    out, lse = kernel(q, k, v, return_lse=True)
+    ref_out, ref_lse = dense_attention(*(t.double().numpy() for t in (q, k, v)), expand_to_tokens(mask), 64 ** -0.5)
+    assert_matches("float16", out.double().numpy(), lse.numpy(), ref_out, ref_lse)
+    assert "min_q_block" in " ".join(flashinfer_backend.FlashInferBackend.capabilities.mask_problems(
+        BlockMask.from_dense(np.ones((1, 1, 2), bool), 3, 32, 16, 16)))

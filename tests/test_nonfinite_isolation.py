@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -137,3 +138,31 @@ def test_which_backends_keep_an_infinite_value_exact():
     declaration itself is held here, so a flipped default cannot turn that test into skips."""
     declared = {name: b.capabilities.infinite_values_exact for name, b in sparsecore.registered_backends().items()}
     assert declared == {name: name not in ("npu", "fa4") for name in declared} and "portable" in declared
+
+
+@pytest.mark.parametrize("backend, device", [("reference", "reference"), ("portable", "cpu")])
+@pytest.mark.parametrize("first", [True, False], ids=["-inf key block walked first", "walked last"])
+def test_a_key_of_minus_infinite_scores_gets_weight_zero_as_dense_attention_gives_it(backend, device, first):
+    """A key with an infinite component can score -inf for every query of a row: weight 0, a finite result (dense
+    attention's). The reference gave NaN where such a block came first in its walk (exp(-inf - -inf)), for listed
+    blocks and for an approximated block's mean key alike."""
+    from oracle import dense_attention, expand_to_tokens
+    from oracle_unselected import approximated_attention
+    from sparsecore.ir import Unselected
+    q = np.array([[[[1.0, 0.5], [2.0, -1.0]]]])
+    k = np.array([[[[-np.inf, 0.0], [0.3, 0.2], [-0.4, 1.0]]]])          # key 0: -inf scores (q[..., 0] > 0)
+    v = np.arange(6.0).reshape(1, 1, 3, 2)
+    order = [0, 1, 2] if first else [1, 2, 0]
+    kv_offsets = [0, 1, 3] if first else [0, 2, 3]
+    k, v = k[:, :, order], v[:, :, order]
+    listed = BlockMask.from_lists([[[0, 1]]], [0, 2], kv_offsets)
+    nothing = BlockMask.from_lists([[[]]], [0, 2], kv_offsets)
+    zeroth = BlockMask(1, nothing.q_offsets, nothing.kv_offsets, nothing.indptr, nothing.indices,
+                       unselected=Unselected("zeroth"))
+    for mask, want in ((listed, dense_attention(q, k, v, expand_to_tokens(listed), 1.0)),
+                       (zeroth, approximated_attention(q, k, v, zeroth, 1.0))):
+        args = (q, k, v) if backend == "reference" else tuple(torch.from_numpy(x) for x in (q, k, v))
+        out, lse = sparsecore.compile(mask, device, backend=backend)(*args, scale=1.0, return_lse=True)
+        assert np.isfinite(want[0]).all()
+        np.testing.assert_allclose(to_float64(out), want[0], rtol=1e-12)
+        np.testing.assert_allclose(to_float64(lse), want[1], rtol=1e-6)

@@ -138,8 +138,9 @@ class FoldedHeadsLaunch:
                                    f"{self.mask.num_q_blocks} exceeds the {MAX_ROWS:,} block rows one plan takes; "
                                    f"split the batch, or compile with backend=None or 'triton'")
         if self.mask.nnz == 0:  # nothing to attend to anywhere (FlashInfer's plan needs one block)
-            lse = torch.full((batch, num_heads, q_len), -math.inf, device=q.device) if return_lse else None
-            return torch.zeros_like(q), lse
+            lse = torch.full((batch, num_heads, q_len), -math.inf, dtype=torch.float32, device=q.device) \
+                if return_lse else None
+            return torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device), lse
         q, scale = positive_scale(q, scale)              # FlashInfer gave NaN at -20, a wrong output at 0 (H200)
         padded = self.padded_q_len
         q_rows = q.contiguous()

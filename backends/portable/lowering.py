@@ -35,7 +35,8 @@ PORTABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 @dataclass(frozen=True)
 class PortableOptions:
-    """``chunk_elements``: padded score elements per chunk (bounds temporary memory, ~4 bytes each)."""
+    """``chunk_elements``: padded score elements per chunk (bounds temporary memory, ~4 bytes each; the chunk's
+    gathered keys and values take about ``2 D / QB`` times as many again, D the head dim, QB the query block)."""
 
     chunk_elements: int = 1 << 24
 
@@ -114,13 +115,14 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
         end = _chunk_end(order, position, host_kept, max_q, chunk_elements)
         rows = order[position:end]
         keys = _key_tokens(mask, rows, host_lengths, host_kept, starts, device)
+        padded = bool((host_kept[rows] != host_kept[rows].max()).any())     # a row keeps fewer key tokens than L
         size, row_kept = int(mask.q_block_sizes[rows[0] % mask.num_q_blocks]), int(host_kept[rows[0]])
         if len(rows) == 1 and size * row_kept > chunk_elements:
             piece = max(1, chunk_elements // row_kept)
-            chunks.extend(_chunk(mask, rows, keys, device, (first, min(size, first + piece)))
+            chunks.extend(_chunk(mask, rows, keys, padded, device, (first, min(size, first + piece)))
                           for first in range(0, size, piece))
         else:
-            chunks.append(_chunk(mask, rows, keys, device))
+            chunks.append(_chunk(mask, rows, keys, padded, device))
         position = end
     return chunks
 
@@ -131,8 +133,8 @@ def _chunk_end(order: np.ndarray, position: int, kept: np.ndarray, max_q: int, c
     return min(len(order), position + max(1, chunk_elements // per_row))
 
 
-def _chunk(mask: BlockMask, rows: np.ndarray, keys: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-           piece: tuple[int, int] | None = None) -> Chunk:
+def _chunk(mask: BlockMask, rows: np.ndarray, keys: tuple[torch.Tensor, torch.Tensor], padded: bool,
+           device: torch.device, piece: tuple[int, int] | None = None) -> Chunk:
     """The chunk of ``rows`` (all their query tokens, or the ``piece`` of query tokens of a single row)."""
     heads, blocks = rows // mask.num_q_blocks, rows % mask.num_q_blocks
     first, q_sizes = mask.q_offsets[blocks], mask.q_block_sizes[blocks]
@@ -145,8 +147,7 @@ def _chunk(mask: BlockMask, rows: np.ndarray, keys: tuple[torch.Tensor, torch.Te
     q_rows = (heads[:, None] * mask.q_len + q_tokens).reshape(-1)[q_slots]
     put = lambda a: torch.from_numpy(np.array(a, dtype=np.int64)).to(device)  # noqa: E731
     kv_tokens, kv_valid = keys
-    return Chunk(put(heads), put(q_tokens), put(q_rows), put(q_slots), kv_tokens, kv_valid,
-                 not bool(kv_valid.all()))
+    return Chunk(put(heads), put(q_tokens), put(q_rows), put(q_slots), kv_tokens, kv_valid, padded)
 
 
 def _key_tokens(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, kept: np.ndarray, starts: torch.Tensor,

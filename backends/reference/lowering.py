@@ -70,8 +70,8 @@ def reference_attention(mask: BlockMask, q: np.ndarray, k: np.ndarray, v: np.nda
                     cols = slice(mask.kv_offsets[j], mask.kv_offsets[j + 1])
                     scores = query @ keys[cols].T * scale
                     new_max = np.maximum(running_max, scores.max(axis=1))
-                    correction = np.exp(running_max - new_max)
-                    weights = np.exp(scores - new_max[:, None])
+                    correction, shift = _rescale(running_max, new_max)
+                    weights = np.exp(scores - shift[:, None])
                     running_sum = running_sum * correction + weights.sum(axis=1)
                     acc = acc * correction[:, None] + weights @ values[cols]
                     running_max = new_max
@@ -80,13 +80,20 @@ def reference_attention(mask: BlockMask, q: np.ndarray, k: np.ndarray, v: np.nda
                         s = summaries[h // group]
                         score = query @ s.key_means[j] * scale                       # one score per row
                         new_max = np.maximum(running_max, score)
-                        correction = np.exp(running_max - new_max)
-                        weight = np.exp(score - new_max)
+                        correction, shift = _rescale(running_max, new_max)
+                        weight = np.exp(score - shift)
                         value = s.value_sums[j] + (0.0 if s.first_order is None else scale * query @ s.first_order[j])
                         running_sum = running_sum * correction + s.sizes[j] * weight
                         acc = acc * correction[:, None] + weight[:, None] * value
                         running_max = new_max
-                if running_sum.any():  # a non-empty row: every sum is positive
-                    out[b, h, rows] = acc / running_sum[:, None]
+                if len(listed) or (approximate and len(listed) < mask.num_kv_blocks):   # else empty: 0 / -inf
+                    out[b, h, rows] = acc / running_sum[:, None]      # a sum of 0 (every score -inf): NaN, as dense
                     lse[b, h, rows] = running_max + np.log(running_sum)
     return out, lse.astype(np.float32)
+
+
+def _rescale(running_max: np.ndarray, new_max: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The online softmax's correction of the sums so far and the shift of this block's scores, safe where every
+    score so far is -inf (a key of -inf scores has weight 0, as in dense attention: exp(-inf - -inf) would be NaN)."""
+    shift = np.where(np.isneginf(new_max), 0.0, new_max)
+    return np.exp(running_max - shift), shift
