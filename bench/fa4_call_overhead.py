@@ -7,7 +7,7 @@ AdaSpa-shaped mask at 6x (188,736 tokens, 64-token blocks, density 0.2, bf16, 12
 times, per variant of the conversion (the general tile-map path, or the lists taken as they are where every
 block is one tile) and of ``key_parts`` (1, auto):
 
-- ``kernel``: a prepared kernel called again (``triton.testing.do_bench``);
+- ``kernel``: a prepared kernel called again (``kernel_timing.median_ms``);
 - ``per call``: copy + compile + call of the host-held mask, back to back, wall time per call after a
   warm-up, and the difference, the overhead a reuse step pays per layer.
 
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.cuda import fa4_layout  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> int:
             for parts in (1, None):
                 options = {"key_parts": parts}
                 kernel = sparsecore.compile(mask, device="cuda", backend="fa4", cache=False, **options)
-                kernel_ms = triton.testing.do_bench(lambda: kernel(q, k, v))
+                kernel_ms = median_ms(lambda: kernel(q, k, v))
                 call_ms = per_call_ms(held, q, k, v, options)
                 rows.append({"conversion": conversion, "key_parts": parts, "kernel_ms": kernel_ms,
                              "per_call_ms": call_ms})

@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.registry import registered_backends  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> int:
         q, k, v = (torch.randn(1, HEADS, seq, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for backend in backends:
             kernel = sparsecore.compile(mask, device="cuda", backend=backend)
-            ms = triton.testing.do_bench(lambda: kernel(q, k, v, scale=scale))
+            ms = median_ms(lambda: kernel(q, k, v, scale=scale))
             results[f"uniform d=0.2 S={seq} {backend}"] = ms
             lines.append(f"| uniform 0.2, S={seq} | {backend} | {ms:.2f} | {rate(mask.flops(DIM), ms):.0f} | |")
             print(lines[-1], flush=True)
@@ -71,7 +71,7 @@ def main() -> int:
     q, k, v = (torch.randn(1, HEADS, seq, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     if "triton" in backends:
         kernel = sparsecore.compile(mask, device="cuda", backend="triton")
-        ms = triton.testing.do_bench(lambda: kernel(q, k, v, scale=scale))
+        ms = median_ms(lambda: kernel(q, k, v, scale=scale))
         results["adaspa triton"] = ms
         lines.append(f"| AdaSpa-shaped, S={seq} | triton | {ms:.2f} | {rate(flops, ms):.0f} | |")
         print(lines[-1], flush=True)
@@ -88,7 +88,7 @@ def main() -> int:
             kernel(q, k, v, scale=scale)
             torch.cuda.synchronize()
             peak_mib = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-            ms = triton.testing.do_bench(lambda: kernel(q, k, v, scale=scale))
+            ms = median_ms(lambda: kernel(q, k, v, scale=scale))
             key = f"adaspa fa4 key_parts={parts}" + (" (again)" if f"adaspa fa4 key_parts={parts}" in results else "")
             results[key] = {"ms": ms, "rel_err_vs_unsplit": err, "peak_mib_above_inputs": peak_mib}
             lines.append(f"| AdaSpa-shaped, S={seq}, key_parts={parts} | fa4 | {ms:.2f} | {rate(flops, ms):.0f} "

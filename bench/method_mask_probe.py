@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
@@ -86,7 +86,7 @@ def per_call_times(mask: sparsecore.BlockMask, q, k, v) -> dict:
     approximating = mask.to("cuda")
     runs = {name: (lambda name=name: sparsecore.compile(as_new(approximating), device="cuda", backend=name,
                                                         cache=False)(q, k, v)) for name in ("triton", "fa4")}
-    times = {f"per call: {name} with the approximation": triton.testing.do_bench(run) for name, run in runs.items()}
+    times = {f"per call: {name} with the approximation": median_ms(run) for name, run in runs.items()}
     times["per call: max abs difference"] = float((runs["fa4"]().float() - runs["triton"]().float()).abs().max())
     return times
 
@@ -95,14 +95,14 @@ def kernel_times(mask: sparsecore.BlockMask, q, k, v, key_parts: list[int]) -> d
     times = {}
     if mask.unselected != DROP:
         kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
-        times[f"triton with {mask.unselected}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
+        times[f"triton with {mask.unselected}"] = median_ms(lambda: kernel(q, k, v))
         times.update(per_call_times(mask, q, k, v))
         mask = with_unselected(mask, DROP)                         # the exact part, as a drop-only mask
     for parts in (None, *key_parts):
         kernel = sparsecore.compile(mask, device="cuda", backend="fa4", key_parts=parts, cache=False)
-        times[f"fa4 key_parts={parts}"] = triton.testing.do_bench(lambda: kernel(q, k, v))
+        times[f"fa4 key_parts={parts}"] = median_ms(lambda: kernel(q, k, v))
     kernel = sparsecore.compile(mask, device="cuda", backend="triton", cache=False)
-    times["triton"] = triton.testing.do_bench(lambda: kernel(q, k, v))
+    times["triton"] = median_ms(lambda: kernel(q, k, v))
     return {name: round(ms, 2) if "difference" not in name else ms for name, ms in times.items()}
 
 

@@ -2,7 +2,7 @@
 
 ``hv15-t2v`` at 2x (``bench/e2e_benchmark.py``'s case: 1,835 of its 1,985 text slots are padding): AdaSpa runs its dense
 step that keeps the LSE and its first search, then each kept layer's mask (its valid tokens) is padded to the
-sequence two ways and timed on ``fa4`` and ``triton`` (compiled once, ``do_bench`` medians, random bf16 q, k, v):
+sequence two ways and timed on ``fa4`` and ``triton`` (compiled once, ``kernel_timing.median_ms``, random bf16 q, k, v):
 
 - ``one block``: one unlisted block over the padding, as the planner padded masks before 2026-12-04 (``compile``
   classed such masks as mixed sizes, and Triton tiled them 128 wide, the padding block being over 64 tokens);
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.cuda.selection import block_class  # noqa: E402
@@ -66,7 +66,7 @@ def measure() -> list[dict]:
                    for padding, m in padded.items() for backend in ("fa4", "triton")}
         times = {key: [] for key in kernels}
         for key in ORDER:                            # alternating, fa4 before Triton's long calls heat the GPU
-            times[key].append(triton.testing.do_bench(lambda kernel=kernels[key]: kernel(q, k, v)))
+            times[key].append(median_ms(lambda kernel=kernels[key]: kernel(q, k, v)))
         for (padding, backend), ms in times.items():
             rows.append({"layer": layer, "padding": padding, "backend": backend,
                          "class": block_class(padded[padding]),
@@ -81,7 +81,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     versions = ", ".join(f"{name} {value}" for name, value in meta["versions"].items())
     lines = [f"# Text padding on the kernels: AdaSpa's masks, HunyuanVideo 1.5 t2v at 2x, {meta['date']}", "",
              f"{versions}. `bench/padding_probe.py`: bf16, {rows[0]['tokens']:,} tokens of which {rows[0]['valid']:,} "
-             f"valid, do_bench medians (ms; fa4 twice each, alternating, in the order one block, padding blocks, "
+             f"valid, kernel_timing.median_ms medians (ms; fa4 twice each, alternating, in the order one block, padding blocks, "
              f"padding blocks, one block; then Triton).", "",
              "| layer | density | padding | class | default | fa4 | triton |", "|---|---|---|---|---|---|---|"]
     for fa4 in rows:

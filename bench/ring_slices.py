@@ -5,18 +5,18 @@
 A random per-head mask (12 heads, density 0.20, diagonal kept) over Wan 2.1's 6x length (188,760
 tokens, head dim 128, bf16) is cut as ring degree 2 cuts it (``ir.slicing.slices``: each rank's
 query half against its own key half, then the other's; the edge at token 94,380 cuts a block) and
-each slice's kernel, the LSE merge and the whole mask's kernel are timed with ``do_bench`` (median).
+each slice's kernel, the LSE merge and the whole mask's kernel are timed with ``kernel_timing.median_ms`` (do_bench's median of at least 10 repeats).
 Measured 2026-11-30 on an H200: bench/results/multigpu-2026-11-30-runs/ring-pieces.log.
 """
 
 import numpy as np
 import torch
-from triton.testing import do_bench
 
 import sparsecore
 from sparsecore import BlockMask
 from sparsecore.integrations.diffusers.ring import merge
 from sparsecore.ir.slicing import slices
+from kernel_timing import median_ms
 from report import time_one_backend
 
 TOKENS, HEADS, HEAD_DIM, BLOCK = 188760, 12, 128, 64
@@ -32,7 +32,7 @@ def main() -> None:
     q, k, v = (torch.randn(1, HEADS, TOKENS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
                for _ in range(3))
     whole = sparsecore.compile(mask, device="cuda", backend="triton")
-    whole_ms = do_bench(lambda: whole(q, k, v), warmup=50, rep=300)
+    whole_ms = median_ms(lambda: whole(q, k, v))
     print(f"whole: {whole_ms:.2f} ms, density {mask.density():.3f}")
     half = TOKENS // 2
     shard = lambda s: (s * half, (s + 1) * half)  # noqa: E731
@@ -42,10 +42,10 @@ def main() -> None:
         rows = q[:, :, slice(*shard(rank))].contiguous()
         keys = [(k[:, :, slice(*shard(s))].contiguous(), v[:, :, slice(*shard(s))].contiguous())
                 for s in (rank, 1 - rank)]
-        times = [do_bench(lambda kernel=kernel, kv=kv: kernel(rows, *kv, return_lse=True), warmup=50, rep=300)
+        times = [median_ms(lambda kernel=kernel, kv=kv: kernel(rows, *kv, return_lse=True))
                  for kernel, kv in zip(kernels, keys)]
         (out_a, lse_a), (out_b, lse_b) = (kernel(rows, *kv, return_lse=True) for kernel, kv in zip(kernels, keys))
-        merge_ms = do_bench(lambda: merge(out_a.float(), lse_a, out_b.float(), lse_b), warmup=20, rep=100)
+        merge_ms = median_ms(lambda: merge(out_a.float(), lse_a, out_b.float(), lse_b))
         print(f"rank {rank}: slices {times[0]:.2f} + {times[1]:.2f} ms, merge {merge_ms:.2f} ms; "
               f"sum {sum(times) + merge_ms:.2f} ms vs half the whole {whole_ms / 2:.2f} ms; "
               f"first query blocks {pieces[0].q_block_sizes[:2].tolist()}")

@@ -6,7 +6,7 @@ On a GPU machine:
 
 For Wan 2.1 1.3B layer shapes (12 heads x 128, 64-token blocks: 1x = 512 blocks, 6x = 2,950), pooled
 block scores of random q, k, PASA's default noise (Gumbel, scale 0.2) and density (0.15), it times
-with ``triton.testing.do_bench`` (median):
+with ``kernel_timing.median_ms`` (do_bench's median of at least 10 repeats):
 
 - ``torch``: the noise map (:meth:`GumbelNoise.sample`), ``topk``, the sort of the kept ids;
 - ``kernel``: :func:`sparsecore.backends.cuda.row_top.run`, the same selection in one kernel;
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+from kernel_timing import median_ms  # noqa: E402
 from report import write_report  # noqa: E402
 
 from sparsecore.backends.cuda import row_top  # noqa: E402
@@ -59,23 +59,23 @@ def rows_for(tokens: int) -> list[dict]:
     by_kernel, by_torch = row_top.run(scores, keep, noise), torch_top(scores, keep, noise)
     differ = int((by_kernel != by_torch).any(dim=-1).sum())
     kwargs = dict(step=20, layer=3, q=q, k=k)
-    plan_kernel = do_bench(lambda: pasa.plan(geometry, HEADS, **kwargs))
+    plan_kernel = median_ms(lambda: pasa.plan(geometry, HEADS, **kwargs))
     find = selection._row_top
     selection._row_top = lambda scores, keep: None                      # the torch path, for comparison
     try:
-        plan_torch = do_bench(lambda: pasa.plan(geometry, HEADS, **kwargs))
+        plan_torch = median_ms(lambda: pasa.plan(geometry, HEADS, **kwargs))
     finally:
         selection._row_top = find
     return [{"tokens": tokens, "blocks": scores.shape[-1], "keep": keep, "rows": HEADS * scores.shape[1],
-             "torch_ms": do_bench(lambda: torch_top(scores, keep, noise)),
-             "kernel_ms": do_bench(lambda: row_top.run(scores, keep, noise)),
+             "torch_ms": median_ms(lambda: torch_top(scores, keep, noise)),
+             "kernel_ms": median_ms(lambda: row_top.run(scores, keep, noise)),
              "plan_torch_ms": plan_torch, "plan_kernel_ms": plan_kernel, "rows_differing": differ}]
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# PASA's selection: Triton row-wise top-k vs torch, {meta['date']}", "",
              f"Machine: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}. 12 heads, 64-token blocks, "
-             f"density {DENSITY}, Gumbel noise {NOISE}. `bench/row_top_benchmark.py`; `do_bench` medians. "
+             f"density {DENSITY}, Gumbel noise {NOISE}. `bench/row_top_benchmark.py`; `kernel_timing.median_ms`. "
              "Selection = noise + top-k + sorted ids; plan = `pasa.plan` whole (scores, selection, CSR).", "",
              "| tokens | blocks | kept per row | selection torch (ms) | selection kernel (ms) | speedup "
              "| plan torch (ms) | plan kernel (ms) | rows differing |", "|---|---|---|---|---|---|---|---|---|"]
