@@ -322,11 +322,20 @@ def main() -> int:
     rows: list[Row] = []
     meta = {"date": datetime.date.today().isoformat(), "versions": versions()}
     log(json.dumps(meta))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = bool(args.sizes or args.frames or args.adaspa)
+    stem = args.out / f"cuda-{'' if table or not args.selection else 'selection-'}{meta['date']}"   # not the table's
+
+    def save() -> None:            # after every case: a call its time limit cuts keeps the rows timed so far
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [vars(r) for r in rows]}, indent=1))
+        stem.with_suffix(".md").write_text(markdown(rows, meta))
+
     for seq_len in args.sizes:
         run_dense(seq_len, rows, log)
         for density in args.densities:
             run_case(f"random 128-blocks d={density}", random_rows(HEADS, seq_len, density), rows,
                      args.sweep and seq_len == args.sizes[0], not args.no_flashinfer, log)
+            save()
     if 98304 in args.sizes:
         meta["scheduling"] = scheduling_ms(random_rows(HEADS, 98304, 0.25))
     if args.frames:
@@ -334,6 +343,7 @@ def main() -> int:
         run_dense(frames.q_len, rows, log)
         run_case(f"LVSA frames ({FRAME_TOKENS}-token blocks, 21 of 121)", frames, rows, args.sweep,
                  not args.no_flashinfer, log)
+        save()
     if args.adaspa:
         from fa4_check_masks import adaspa_large
         mask = adaspa_large(HEADS, 188736, 64, (0.1, 0.2, 0.3), seed=0)
@@ -341,10 +351,7 @@ def main() -> int:
         run_case("AdaSpa-shaped (64-token blocks, 3 row-count levels)", mask, rows, False, not args.no_flashinfer, log)
     if args.selection:
         meta["selection"] = selection_table(log, not args.no_flashinfer, tuple(args.selection_blocks))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cuda-{'selection-' if args.selection and not rows else ''}{meta['date']}"   # not the table's
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [vars(r) for r in rows]}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    save()
     print(markdown(rows, meta))
     return 0
 
