@@ -209,3 +209,35 @@ def test_a_float64_search_and_non_finite_errors_before_dense_steps():
         search.strategy(dense_steps=0)
     with pytest.raises(ValueError, match="dense_steps: expected 0..2"):
         search.strategy(dense_steps=3)
+
+
+def test_a_gqa_model_searches_each_query_head_with_its_key_heads_keys():
+    """Fewer key heads than query heads: the search reshaped k and v by the query heads ('shape ... is invalid');
+    its errors now equal those of the same search with each key head repeated for its query heads."""
+    from oracle import expand_to_tokens
+    from sparsecore import VideoGeometry
+
+    def compiled(mask):
+        allowed = torch.from_numpy(expand_to_tokens(mask))
+
+        def kernel(q, k, v):
+            scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+            return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+        return kernel
+
+    g = VideoGeometry(4, 4, 4)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, g.tokens, 4, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, g.tokens, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    repeated = [t.repeat_interleave(2, dim=2) for t in (k, v)]
+
+    def dense():
+        kk, vv = (t.transpose(1, 2) for t in repeated)
+        return (torch.softmax(q.transpose(1, 2) @ kk.transpose(-1, -2) / 8 ** 0.5, -1) @ vv).transpose(1, 2)
+
+    errors = []
+    for keys, values in ((k, v), repeated):
+        search = WindowSearch([(1, 1, 1), (1, 3, 1)], (2, 2, 2), num_layers=1, num_steps=1, compiled=compiled)
+        search.attend(0, g, 0, q, keys, values, None, dense)
+        errors.append(search.errors())
+    np.testing.assert_allclose(errors[0], errors[1], rtol=1e-12)

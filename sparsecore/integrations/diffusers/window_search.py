@@ -85,6 +85,8 @@ class WindowSearch:
         tokens, batch = geometry.tokens, query.shape[0]
         order = sta.token_order(geometry, self.tile)
         q, k, v, ref = (order.gather(t.transpose(1, 2)[:, :, :tokens], 2) for t in (query, key, value, out))
+        if k.shape[1] != heads:                      # GQA: each query head searches with its own key head's keys
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
         folded = [t.view(batch * heads, 1, tokens, t.shape[3]) for t in (q, k, v)]     # each head a batch row
         squared = partial(torch.linalg.vector_norm, dim=(0, 2, 3),           # per head, no float32 copy; float64
                           dtype=torch.promote_types(ref.dtype, torch.float32))   # models in float64 (cannot narrow)
