@@ -178,7 +178,7 @@ def register(backend: Backend) -> Backend:
         raise TypeError(f"register(): expected a sparsecore Backend instance, got {type(backend).__name__}")
     if backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
         raise ValueError(f"register(): a backend named {backend.name!r} is already registered")
-    if backend.name not in _REGISTRY:
+    if backend.name not in _REGISTRY and not _LOADING:    # the built-in ones load at a first compile: no change
         changed()
     _REGISTRY[backend.name] = backend
     return backend

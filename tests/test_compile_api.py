@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -821,6 +823,17 @@ def test_a_backend_registered_after_a_compile_is_chosen_for_that_mask_too(monkey
     sparsecore.register(Better())
     after = sparsecore.compile(m, device="cpu")
     assert after is not before and [b.name for b, _ in after._choices][0] == "better-cpu"
+
+
+def test_the_first_compiles_of_a_process_find_the_same_kernel():
+    """The registry loads its built-in backends at the first compile; that is no change of what runs where (the
+    second compile of an equal mask missed the cache and built another kernel, from a docs review)."""
+    code = ("import numpy as np, sparsecore; from sparsecore import BlockMask; "
+            "m = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 48, 48, 16); "
+            "a = sparsecore.compile(m, device='cpu'); b = sparsecore.compile(m, device='cpu'); print(a is b)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
 
 
 def test_a_kernel_compiled_inside_the_triton_emulator_is_not_found_outside(monkeypatch):
