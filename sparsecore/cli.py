@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as err:                           # a file or folder the command reads or writes
         where = f" {err.filename}" if err.filename else ""
-        print(f"sparsecore {args.command}: error: cannot use{where}: {err.strerror or _one_line(err)}; pass a path "
-              f"that exists (for a mask) or in a writable folder (for --out, --png)", file=sys.stderr)
+        paths = {"show": "a mask file that exists, and a --png in a writable folder", "demo": "--out in a writable "
+                 "folder"}.get(args.command, "paths that exist")
+        print(f"sparsecore {args.command}: error: cannot use{where}: {err.strerror or _one_line(err)}; pass {paths}",
+              file=sys.stderr)
         return 2
     except (UserError, *USER_ERRORS) as err:
         print(f"sparsecore {args.command}: error: {_one_line(err)}", file=sys.stderr)

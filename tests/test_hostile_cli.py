@@ -115,9 +115,9 @@ def test_show_refuses_missing_files_folders_and_unwritable_pictures(tmp_path, ca
         assert_one_line_error(*run(argv, capsys), "show")
     good = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10).save(tmp_path / "m.safetensors")
     code, out, err = run(["show", str(good), "--png", "/proc/no/such/place.png"], capsys)
-    assert_one_line_error(code, out, err, "show", "/proc/no", "writable folder")     # the folder it could not make
+    assert_one_line_error(code, out, err, "show", "/proc/no", "a --png in a writable folder")   # the folder it made
     assert_one_line_error(*run(["show", str(tmp_path / "missing.safetensors")], capsys), "show",
-                          "missing.safetensors", "pass a path that exists")
+                          "missing.safetensors", "pass a mask file that exists")
     assert_one_line_error(*run(["show", str(good), "--png", ""], capsys), "show", "mask.png")   # pathlib's words before
 
 

@@ -241,3 +241,10 @@ def test_a_gqa_model_searches_each_query_head_with_its_key_heads_keys():
         search.attend(0, g, 0, q, keys, values, None, dense)
         errors.append(search.errors())
     np.testing.assert_allclose(errors[0], errors[1], rtol=1e-12)
+
+
+def test_no_window_at_a_fractional_density_is_said_in_a_value_error():
+    """A Fraction density or spread broke the message's format (TypeError from Fraction.__format__)."""
+    from fractions import Fraction
+    with pytest.raises(ValueError, match=r"density: no window on a \(3, 6, 10\) tile grid keeps 0.167 .* within 0%"):
+        candidate_windows((3, 6, 10), Fraction(1, 6), spread=Fraction(0))

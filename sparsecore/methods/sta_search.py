@@ -67,8 +67,8 @@ def candidate_windows(grid: Any, density: float, *, spread: float = 0.15,
                 if window != grid and abs(kept - target) <= tolerance * target:
                     found.append((abs(kept - target), window))
     if not found:
-        raise ValueError(f"density: no window on a {grid} tile grid keeps {density:.3f} of the tile pairs within "
-                         f"{spread:.0%}; widen spread or pick another density")
+        raise ValueError(f"density: no window on a {grid} tile grid keeps {float(density):.3f} of the tile pairs "
+                         f"within {float(spread):.0%}; widen spread or pick another density")
     return tuple(window for _, window in sorted(found)[:limit])
 
 
