@@ -239,7 +239,10 @@ def dense_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> t
 
 def torch_block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray,
                      lse: torch.Tensor, scale: float, *, max_elements: int = 1 << 24) -> torch.Tensor:
-    """The portable pass: query chunks through all heads, fp32 (fp64 for fp64 inputs); ``mass [B, H, MB, NB]``."""
+    """The portable pass: query chunks through all heads, fp32 (fp64 for fp64 inputs); ``mass [B, H, MB, NB]``.
+
+    ``max_elements`` bounds a chunk's scores; the keys of a batch element are held converted besides (``H_kv x L x D``:
+    a GQA group's query heads read their key head's, not a copy each)."""
     batch, heads, q_len, _ = q.shape
     kv_len, group = k.shape[2], heads // k.shape[1]
     device = q.device
@@ -252,10 +255,12 @@ def torch_block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv
     mass = torch.zeros(batch, heads, num_q_blocks, num_kv_blocks, dtype=compute, device=device)
     chunk = max(1, max_elements // (heads * kv_len))
     for b in range(batch):
-        keys = k[b].to(compute).repeat_interleave(group, dim=0).transpose(1, 2)     # [H, D, L_kv]
+        keys = k[b].to(compute).transpose(1, 2)                                      # [H_kv, D, L_kv]
         for start in range(0, q_len, chunk):
             rows = slice(start, min(q_len, start + chunk))
-            scores = torch.matmul(q[b, :, rows].to(compute), keys) * scale           # [H, c, L_kv]
+            queries = q[b, :, rows].to(compute).unflatten(0, (heads // group, group))    # [H_kv, G, c, D]
+            scores = (torch.matmul(queries.flatten(1, 2), keys) * scale).unflatten(1, queries.shape[1:3]) \
+                .flatten(0, 1)                                                       # [H, c, L_kv]
             row_lse = lse[b, :, rows].to(compute)
             infinite = torch.isinf(row_lse)                          # such rows add nothing; NaN rows stay NaN
             probs = torch.exp(scores - torch.where(infinite, float("inf"), row_lse)[..., None])

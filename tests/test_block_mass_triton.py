@@ -364,3 +364,22 @@ def test_block_mass_names_a_bad_max_elements(bad, error):
     q = torch.randn(1, 1, 8, 8)
     with pytest.raises(error, match="max_elements"):
         block_mass(q, q, np.array([0, 8]), np.array([0, 8]), max_elements=bad)
+
+
+@pytest.mark.parametrize("q_offsets, kv_offsets", [([0, 20, 40], [0, 30, 100]), ([0, 40], [0, 64, 100])],
+                         ids=["table kernel", "segmented kernel"])
+def test_a_key_of_minus_infinite_scores_gives_finite_masses_in_padded_tiles(triton_device, q_offsets, kv_offsets):
+    """Keys whose every score is -inf have weight 0; a tile's padded query rows (loaded as 0) made 0 x inf = NaN and
+    spread it into the whole block's mass, in both kernels (query blocks off 64 rows, a short last one)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 40, 16, generator=gen)
+    q[..., 0] = 1.0
+    k = torch.randn(1, 1, 100, 16, generator=gen)
+    k[0, 0, 60:, 0] = float("-inf")                                       # scores -inf for every query
+    scores = q.double() @ k.double().transpose(-1, -2) * 0.25
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse[..., None]).numpy()
+    want = np.add.reduceat(np.add.reduceat(probs, q_offsets[:-1], 2), kv_offsets[:-1], 3)
+    found = block_mass(q.to(triton_device), k.to(triton_device), np.asarray(q_offsets), np.asarray(kv_offsets),
+                       lse.float().to(triton_device), 0.25, impl="triton")
+    np.testing.assert_allclose(found.mass.cpu().double().numpy(), want, rtol=1e-5, atol=1e-5)

@@ -537,3 +537,18 @@ def test_the_dense_pass_masses_are_not_offered_under_causal_frames():
     assert session.action(VideoGeometry(8, 4, 4), step).mass_block_size == session.params.block_size
     action = session.action(VideoGeometry(8, 4, 4, causal_frames=2), step)
     assert action.label == "search" and action.wants_lse and action.mass_block_size is None
+
+
+@pytest.mark.parametrize("max_elements", [1 << 24, 300])
+def test_the_torch_mass_pass_reads_each_key_head_for_its_query_heads(max_elements):
+    """GQA (4 query heads on 2 key heads), ragged blocks, chunks of a few rows: the float64 masses (the pass holds
+    one converted copy of the keys, not one per query head)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 50, 8, generator=gen)
+    k = torch.randn(2, 2, 70, 8, generator=gen)
+    q_offsets, kv_offsets = np.array([0, 13, 40, 50]), np.array([0, 16, 32, 48, 64, 70])
+    want = mass_float64(q, k, q_offsets, kv_offsets)
+    lse = torch.from_numpy(np.log(np.exp(
+        q.double().numpy() @ np.swapaxes(np.repeat(k.double().numpy(), 2, axis=1), -1, -2) * 8 ** -0.5).sum(-1)))
+    got = torch_block_mass(q, k, q_offsets, kv_offsets, lse.float(), 8 ** -0.5, max_elements=max_elements)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)

@@ -54,7 +54,7 @@ def block_mass_fwd(Q, K, Lse, Mass, Programs, TileStart, TileEnd, TileBlock,
         col_ok = start + offs_n < tl.load(TileEnd + t)
         k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]
-        p = tl.where(col_ok[None, :], tl.math.exp2(scores), 0.0)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.math.exp2(scores), 0.0)   # a padded row's 0 x inf: NaN
         tl.atomic_add(mass_row + tl.load(TileBlock + t), tl.sum(p))      # one reduction: sm100 (see below)
 
 
@@ -108,15 +108,15 @@ def block_mass_segmented_fwd(Q, K, Lse, Mass, desc_k, QOffsets, Walked, SegStart
             # Row sums keep their [64, 1] shape: Triton 3.6 fails to compile a rank-1 sum of a dot's row sums for
             # sm100 (OptimizeTMemLayouts: "parent layout must have at least rank >= 2").
             for piece in tl.static_range(BLOCK_N // 64):     # each block's own sum (not the tile's less the first's)
-                inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
+                inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64) & row_ok[:, None]
                 tl.store(mass_row + first_block + t * (BLOCK_N // 64) + piece,
                          tl.sum(tl.sum(tl.where(inside, p, 0.0), 1, keep_dims=True)))
         start = seg_start + num_full * BLOCK_N
         if start < seg_end:
             col_ok = start + offs_n < seg_end
             k = tl.load(k_ptrs + start * stride_kn, mask=col_ok[None, :], other=0.0)
-            p = tl.where(col_ok[None, :], tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-                                                       - lse[:, None]), 0.0)
+            p = tl.where(row_ok[:, None] & col_ok[None, :], tl.math.exp2(tl.dot(q, k, input_precision=DOT_PRECISION)
+                                                                           * qk_scale - lse[:, None]), 0.0)
             end_block = tl.load(SegBlock + segment + 1)
             for piece in tl.static_range(BLOCK_N // 64):
                 inside = (offs_n[None, :] >= piece * 64) & (offs_n[None, :] < piece * 64 + 64)
