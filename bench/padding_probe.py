@@ -81,7 +81,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     versions = ", ".join(f"{name} {value}" for name, value in meta["versions"].items())
     lines = [f"# Text padding on the kernels: AdaSpa's masks, HunyuanVideo 1.5 t2v at 2x, {meta['date']}", "",
              f"{versions}. `bench/padding_probe.py`: bf16, {rows[0]['tokens']:,} tokens of which {rows[0]['valid']:,} "
-             f"valid, kernel_timing.median_ms medians (ms; fa4 twice each, alternating, in the order one block, padding blocks, "
+             f"valid, median_ms (ms; fa4 twice each, alternating, in the order one block, padding blocks, "
              f"padding blocks, one block; then Triton).", "",
              "| layer | density | padding | class | default | fa4 | triton |", "|---|---|---|---|---|---|---|"]
     for fa4 in rows:

@@ -5,7 +5,8 @@
 A random per-head mask (12 heads, density 0.20, diagonal kept) over Wan 2.1's 6x length (188,760
 tokens, head dim 128, bf16) is cut as ring degree 2 cuts it (``ir.slicing.slices``: each rank's
 query half against its own key half, then the other's; the edge at token 94,380 cuts a block) and
-each slice's kernel, the LSE merge and the whole mask's kernel are timed with ``kernel_timing.median_ms`` (do_bench's median of at least 10 repeats).
+each slice's kernel, the LSE merge and the whole mask's kernel are timed with ``kernel_timing.median_ms`` (do_bench's
+median of at least 10 repeats; the measurement below took do_bench's mean of 2-3 calls).
 Measured 2026-11-30 on an H200: bench/results/multigpu-2026-11-30-runs/ring-pieces.log.
 """
 

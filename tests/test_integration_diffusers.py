@@ -559,7 +559,8 @@ def row_mask(geometry: VideoGeometry, num_heads: int, step: int, layer: int) -> 
     rows = geometry.video_start + np.arange(0, geometry.video_tokens + 1, geometry.width)
     offsets = np.unique(np.concatenate([[0, geometry.tokens], rows])).astype(np.int64)      # the text: one block
     blocks = len(offsets) - 1
-    rng = np.random.default_rng([11, layer, step, geometry.text_tokens, geometry.frames, geometry.height, geometry.width])
+    rng = np.random.default_rng([11, layer, step, geometry.text_tokens, geometry.frames, geometry.height,
+                                 geometry.width])
     keep = rng.random((num_heads, blocks, blocks)) < 0.35
     keep[:, np.arange(blocks), np.arange(blocks)] = True
     if geometry.causal_frames:
