@@ -8,6 +8,7 @@ ranks each row by value, then by id (the kernel's rule for ties at the k-th valu
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -89,3 +90,15 @@ def test_the_torch_path_ranks_every_nan_highest_as_the_kernel():
     scores = torch.tensor([[[1.0, float("nan"), 2.0, float("nan"), 3.0]]])
     scores[0, 0, 3] = -scores[0, 0, 3]                              # a NaN with its sign bit set
     assert sorted_top(scores, 3).tolist() == [[[1, 3, 4]]]
+
+
+def test_one_noise_key_is_every_heads_and_a_wrong_count_is_refused(triton_device):
+    """sample() gives every head one key's noise; the kernel read keys[h] past the one there (out of bounds)."""
+    scores = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(1))
+    one = GumbelNoise(head_keys(range(1), 7, 3, 7, "cpu"), 1.0)
+    values = (scores + one.sample(5, 40)).double().numpy()
+    got = row_top.run(scores.to(triton_device), 6, GumbelNoise(one.keys.to(triton_device), 1.0)).cpu().numpy()
+    assert np.array_equal(got, ranked_top(values, 6))
+    two = GumbelNoise(head_keys(range(2), 7, 3, 7, "cpu"), 1.0)
+    with pytest.raises(ValueError, match=r"noise: expected one key or one per head \(3\), got 2"):
+        row_top.run(scores.to(triton_device), 6, GumbelNoise(two.keys.to(triton_device), 1.0))

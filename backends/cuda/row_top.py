@@ -42,11 +42,15 @@ def run(scores: torch.Tensor, k: int, noise: Any = None) -> torch.Tensor:
     import triton
     from .row_top_kernel import row_top_kernel
     heads, rows, cols = scores.shape
+    if noise is not None and noise.keys.numel() not in (1, heads):       # one key: every head's, as sample() reads it
+        raise ValueError(f"noise: expected one key or one per head ({heads}), got {noise.keys.numel()}; make the noise "
+                         f"for these heads (noise.head_keys)")
     out = torch.empty(heads, rows, k, dtype=torch.int32, device=scores.device)
     if out.numel() == 0:
         return out
     block = max(16, triton.next_power_of_2(cols))
-    keys = out if noise is None else noise.keys.to(device=scores.device, dtype=torch.int32)   # out: never read
+    keys = out if noise is None else noise.keys.to(device=scores.device, dtype=torch.int32).reshape(-1).expand(heads) \
+        .contiguous()                                                                       # out: never read
     row_top_kernel[(rows, heads)](scores, keys, out, cols, k, 0.0 if noise is None else -float(noise.scale),
                                   scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1),
                                   HAS_NOISE=noise is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
