@@ -119,8 +119,7 @@ class LVSAParams:
                                                     open_low=True))
         set_(self, "approximation", check_approximation(self.approximation))
         if self.anchor_rule == "paper" and self.anchor_interval is None:    # at a long video's first step otherwise
-            scaled = int(self.reference_frames * self.sparsity_scale)
-            _paper_interval(1, self.window, max(self.first_frames + 1, scaled))
+            _check_paper_rule(self.window, max(self.first_frames + 1, int(self.reference_frames * self.sparsity_scale)))
         check_bool(self.rotate, "rotate")
         check_bool(self.expand_window, "expand_window")
 
@@ -151,12 +150,11 @@ class FramePattern:
         return attended
 
 
-def _paper_interval(frames: int, window: int, scaled: int) -> int:
-    """The paper's ``T_per = T // (C' - (2W + 1))``; it needs ``C' > 2W + 1``."""
+def _check_paper_rule(window: int, scaled: int) -> None:
+    """The paper's rule needs ``C' > 2W + 1`` (``scaled``: C' after sparsity_scale)."""
     if scaled <= 2 * window + 1:
         raise ValueError(f"reference_frames: the paper rule needs C > 2W+1 = {2 * window + 1}, got C={scaled} "
                          f"(after sparsity_scale); lower window or use anchor_rule='auto'")
-    return max(1, frames // (scaled - (2 * window + 1)))
 
 
 def anchor_interval(frames: int, *, window: int, first_frames: int, reference_frames: int, rule: str = "auto",
@@ -167,7 +165,8 @@ def anchor_interval(frames: int, *, window: int, first_frames: int, reference_fr
         return 1
     span = min(2 * window + 1, frames)
     if rule == "paper":
-        return _paper_interval(frames, window, scaled)
+        _check_paper_rule(window, scaled)
+        return max(1, frames // (scaled - (2 * window + 1)))          # T_per = T // (C' - (2W + 1))
     target_globals = max(first_frames, min(scaled, frames) - span)
     strict = 1
     for interval in range(frames, 0, -1):         # largest interval whose anchor set is big enough
