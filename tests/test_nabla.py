@@ -107,6 +107,25 @@ def test_geometries_without_whole_tiles_or_with_text_are_refused(geometry, match
         nabla.plan(geometry, 1, q=q, k=q)
 
 
+def test_a_session_keeps_the_last_window_maps_and_finds_a_re_seen_geometry(monkeypatch):
+    """A session kept every geometry's window map (a device tensor each) for ever: a server seeing many resolutions
+    grew it without bound. It keeps the WINDOWS_KEPT last used; one of them seen again is not rebuilt."""
+    built = []
+    make = nabla.window_map
+    monkeypatch.setattr(nabla, "window_map", lambda geometry, *args: built.append(geometry) or make(geometry, *args))
+    session = nabla.session(1)
+    geometries = [VideoGeometry(frames, 8, 8) for frames in range(1, 21)]     # a stream of 20 resolutions
+    gen = torch.Generator().manual_seed(7)
+    for geometry in [geometries[0], *geometries, geometries[-2]]:
+        q = torch.randn(1, 1, geometry.tokens, 8, generator=gen)
+        mask = session.plan(geometry, 1, step=0, q=q, k=q)
+        assert block_map(mask)[0][window(geometry.frames, 1, 1, (3, 3, 3))].all()       # the window's blocks kept
+    assert len(session._windows) < len(geometries)
+    assert len(session._windows) == nabla.WINDOWS_KEPT
+    assert built == geometries                   # the first seen again while kept, the next-to-last too: no rebuild
+    last = geometries[-nabla.WINDOWS_KEPT:]
+    assert [geometry for geometry, _ in session._windows] == [*last[:-2], last[-1], last[-2]]    # least recent first
+
 # ------------------------------------------------------------------ Kandinsky 5's NABLA configurations
 NABLA_GRID = (4, 16, 16)    # 2 x 2 tiles a frame, 16 blocks
 NABLA_CONFIG = dict(attention_type="nabla", attention_P=0.6, attention_wT=1, attention_wH=3, attention_wW=1)

@@ -37,6 +37,7 @@ The number of kept blocks sizes the mask's lists, so planning reads one count ba
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +49,14 @@ from sparsecore.ir.validation import check_int
 
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_num_steps, check_qk,
                        check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
+from .recent import kept
 
 METHOD = "nabla"
 PAPER = "arXiv:2507.13546"
 TILE = 8                           # a block is TILE x TILE tokens of one frame
 BLOCK_TOKENS = TILE * TILE
+WINDOWS_KEPT = 8                   # window maps a session keeps (bool [NB, NB] on a device each): a pipeline's few
+                                   # geometries, not every resolution a long-running server has seen
 
 
 @dataclass(frozen=True)
@@ -133,14 +137,15 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
 
 
 class NablaSession:
-    """One run: NABLA plans every layer at every step from that call's q and k; the window is kept per geometry."""
+    """One run: NABLA plans every layer at every step from that call's q and k; the window map is kept per geometry
+    and device, for the :data:`WINDOWS_KEPT` last used."""
 
     method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(NablaParams, METHOD, params)
-        self._windows: dict[tuple[VideoGeometry, str], torch.Tensor] = {}
+        self._windows: OrderedDict[tuple[VideoGeometry, str], torch.Tensor] = OrderedDict()
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         check_step(step, self.num_steps)
@@ -167,10 +172,8 @@ class NablaSession:
         return BlockMask.unchecked(shard.size, offsets, offsets, indptr.to(torch.int32), indices, budgets, meta)
 
     def _window(self, geometry: VideoGeometry, device: torch.device) -> torch.Tensor:
-        key = (geometry, str(device))
-        if key not in self._windows:
-            self._windows[key] = window_map(geometry, self.params.window, device)
-        return self._windows[key]
+        return kept(self._windows, (geometry, str(device)), lambda: window_map(geometry, self.params.window, device),
+                    WINDOWS_KEPT)
 
 
 def session(num_steps: int = 50, **params: Any) -> NablaSession:
