@@ -128,6 +128,30 @@ def test_every_head_step_and_layer_get_one_mask_object():
     assert (got == got[0]).all() and np.array_equal(got[0], expected_video_map(geometry, 0.5, 128, False))
 
 
+def test_alternating_geometries_build_each_mask_once(monkeypatch):
+    """A session kept one mask: a pipeline alternating two geometries (guidance at two resolutions, a planner shared
+    by two pipelines) rebuilt it at every call. Each (geometry, heads) is built once while among the MASKS_KEPT."""
+    built = []
+    share = radial.shared_mask
+    monkeypatch.setattr(radial, "shared_mask", lambda block_map, heads, *args, meta: built.append(
+        (meta["geometry"], heads)) or share(block_map, heads, *args, meta=meta))
+    session = radial.session(4)
+    small, large = VideoGeometry(12, 10, 20), VideoGeometry(8, 16, 16)
+    masks = {}
+    for step in range(4):
+        for layer in range(3):
+            for geometry in (small, large):
+                mask = session.plan(geometry, 2, step=step, layer=layer)
+                assert masks.setdefault(geometry, mask) is mask          # the same object: not rebuilt
+    assert built == [(radial.geometry_meta(small), 2), (radial.geometry_meta(large), 2)]
+    for geometry, mask in masks.items():
+        assert np.array_equal(block_map(mask)[1], expected_video_map(geometry, 1.0, 128, False))
+    others = [VideoGeometry(frames, 10, 20) for frames in range(2 * radial.MASKS_KEPT, 3 * radial.MASKS_KEPT + 3)]
+    for geometry in others:                               # a stream of resolutions: the session keeps the last few
+        session.plan(geometry, 1, step=0)
+    assert list(session._masks) == [(geometry, 1) for geometry in others[-radial.MASKS_KEPT:]]
+
+
 def test_dense_steps_and_layers_and_full_patterns_are_dense_actions():
     session = radial.session(5, dense_steps=2, dense_layers=1)
     geometry = VideoGeometry(12, 10, 20)

@@ -38,6 +38,7 @@ those of the released functions (``decay_factor=1``, no dense steps or layers).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -51,6 +52,7 @@ from sparsecore.ir.validation import check_int, frozen
 from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
                        check_layer, check_num_steps, check_shard, check_step, fixed_block_offsets, geometry_meta,
                        params_from)
+from .recent import kept
 from .selection import dense_mask, shared_mask
 
 METHOD = "radial"
@@ -58,6 +60,8 @@ PAPER = "arXiv:2506.19852"
 PATTERN = "Radial Attention's pattern is bidirectional"      # why frame-causal geometries are refused
 SPLIT_THRESHOLD = 128             # the split rule's constant, fixed in the released code whatever the block size
 FULL = -1                         # a frame pair's band covers the whole frame
+MASKS_KEPT = 8                    # masks a session keeps, one per (geometry, heads): a pipeline's few geometries
+                                  # (guidance at two resolutions, a planner shared by pipelines) each built once
 
 
 @dataclass(frozen=True)
@@ -192,14 +196,15 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
 
 
 class RadialSession:
-    """One run: dense at the first ``dense_steps`` steps and ``dense_layers`` layers, else the one mask per geometry."""
+    """One run: dense at the first ``dense_steps`` steps and ``dense_layers`` layers, else the one mask per geometry
+    (the :data:`MASKS_KEPT` last used are kept)."""
 
     method = METHOD
 
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(RadialParams, METHOD, params)
-        self._cache: dict[tuple, BlockMask] = {}
+        self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense at the dense steps and layers and where the pattern keeps every block, else the shared mask."""
@@ -223,14 +228,15 @@ class RadialSession:
         check_step(step, self.num_steps)
         check_layer(layer)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        key = (geometry, shard.size)
-        if key not in self._cache:
-            fixed_block_offsets(geometry, shard.size, self.params.block_size)       # the heads' lists fit int32
-            offsets, block_map, _ = _block_map(geometry, self.params)
-            meta = {"method": METHOD, "paper": PAPER, "layer": None, "step": None, "params": vars(self.params),
-                    "geometry": geometry_meta(geometry)}
-            self._cache = {key: shared_mask(block_map, shard.size, offsets, offsets, meta=meta)}
-        return self._cache[key]
+        return kept(self._masks, (geometry, shard.size), lambda: self._build(geometry, shard.size), MASKS_KEPT)
+
+    def _build(self, geometry: VideoGeometry, num_heads: int) -> BlockMask:
+        """The mask of ``num_heads`` heads on ``geometry``, every head the pattern's block map."""
+        fixed_block_offsets(geometry, num_heads, self.params.block_size)           # the heads' lists fit int32
+        offsets, block_map, _ = _block_map(geometry, self.params)
+        meta = {"method": METHOD, "paper": PAPER, "layer": None, "step": None, "params": vars(self.params),
+                "geometry": geometry_meta(geometry)}
+        return shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
 
 
 def session(num_steps: int = 50, **params: Any) -> RadialSession:
