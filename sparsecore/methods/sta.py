@@ -45,6 +45,7 @@ from sparsecore.ordering import TokenOrder
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_num_steps,
                        check_shard, check_step, geometry_meta, params_from)
+from .recent import kept
 from .selection import dense_mask
 from .sta_strategy import read_strategy, triple
 
@@ -269,7 +270,7 @@ class STASession:
         grid = tile_grid(geometry, self.params.tile)
         windows = tuple(map(tuple, head_spans(windows[shard.start:shard.stop], grid).tolist()))
         check_blocks(geometry, self.params.tile, len(windows))
-        return self._kept(self._masks, (geometry, windows), lambda: self._heads_mask(geometry, windows), MASKS_KEPT)
+        return kept(self._masks, (geometry, windows), lambda: self._heads_mask(geometry, windows), MASKS_KEPT)
 
     def head_groups(self, geometry: VideoGeometry, mask: BlockMask) -> list[tuple[BlockMask, np.ndarray]]:
         """``mask``'s (a mask :meth:`plan` returned on ``geometry``) distinct windows as one-head masks, each with the
@@ -282,19 +283,9 @@ class STASession:
         return [(self._window_mask(geometry, tuple(window)), heads_of)
                 for window, heads_of in zip(distinct.tolist(), members)]             # a few windows, not heads
 
-    @staticmethod
-    def _kept(cache: OrderedDict, key: tuple, build: Any, limit: int) -> BlockMask:
-        """``cache[key]``, built by ``build()`` if missing; ``cache`` keeps the ``limit`` last used."""
-        if key not in cache:
-            cache[key] = build()
-            if len(cache) > limit:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
-
     def _window_mask(self, geometry: VideoGeometry, window: tuple[int, int, int]) -> BlockMask:
         """The one-head mask of ``window`` (in tiles each axis spans) on ``geometry``, kept by the session."""
-        return self._kept(self._window_masks, (geometry, window), lambda: self._build(geometry, window),
+        return kept(self._window_masks, (geometry, window), lambda: self._build(geometry, window),
                           self._window_limit)
 
     def _heads_mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
