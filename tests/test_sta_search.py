@@ -81,6 +81,35 @@ def test_choice_is_each_heads_least_error_and_dense_before_dense_steps(tmp_path)
     assert dict(choose_windows(bad, candidates, (4, 2, 2), dense_steps=1)) == dict(strategy)
 
 
+def test_a_searched_strategy_refuses_another_grid_naming_both(tmp_path):
+    """A searched strategy writes its dense steps as the whole searched grid: on a larger grid a session ran those
+    steps with that window, sparse (on a smaller one its sparse windows could cover the grid and run dense), and its
+    windows were chosen by their errors on the searched grid. Its sessions now refuse another grid, naming both grids
+    and the remedy; a strategy read from FastVideo's json records no grid (dense steps then come from dense_steps)."""
+    from sparsecore import VideoGeometry
+    errors = np.random.default_rng(5).random((3, 2, 2, 2))
+    strategy = choose_windows(errors, [(1, 1, 1), (3, 1, 1)], (3, 2, 2), dense_steps=1)
+    searched = VideoGeometry(6, 8, 8)                                 # 3 x 2 x 2 tiles of TILE
+    session = sta.session(3, mask_strategy=strategy, tile=TILE)
+    assert [session.action(searched, step, 0).dense for step in range(3)] == [True, False, False]
+    mask = session.plan(searched, 2, step=1, layer=1)
+    assert mask.meta["head_windows"] == tuple(tuple(sta.span(n, w) for n, w in zip((3, 2, 2), window))
+                                              for window in strategy[(1, 1)])
+    calls = [lambda geometry: session.action(geometry, 0, 0),
+             lambda geometry: session.plan(geometry, 2, step=1, layer=0),
+             lambda geometry: sta.plan(geometry, 2, step=0, layer=1, mask_strategy=strategy, tile=TILE)]
+    for geometry, grid in ((VideoGeometry(8, 8, 8), r"\(4, 2, 2\)"), (VideoGeometry(4, 8, 8), r"\(2, 2, 2\)")):
+        for call in calls:
+            with pytest.raises(ValueError, match=rf"mask_strategy: expected the \(3, 2, 2\) tile grid the strategy was "
+                                                 rf"searched on .* got .*, a {grid} grid .* search the windows at this "
+                                                 rf"resolution"):
+                call(geometry)
+    path = tmp_path / "strategy.json"
+    save_strategy(strategy, path)
+    assert sta.read_strategy(path).grid is None and strategy.grid == (3, 2, 2)
+    from_file = sta.session(3, mask_strategy=path, tile=TILE, dense_steps=1)
+    assert [from_file.action(VideoGeometry(8, 8, 8), step, 0).dense for step in range(3)] == [True, False, False]
+
 def float64_errors(query, key, value, geometry, windows) -> np.ndarray:
     """Per window and head, the mean squared error of attention under the window's token rule against dense
     attention, both in float64 on ``[B, S, H, D]`` inputs (model order)."""

@@ -237,6 +237,19 @@ class STASession:
             raise ValueError(f"mask_strategy: no windows for layer {layer}, the strategy has {len(strategy.layers)} "
                              f"layers (keys 'step_layer_head'); pass a strategy written for this model")
 
+    def _strategy_grid(self, geometry: VideoGeometry) -> tuple[int, int, int]:
+        """``geometry``'s tile grid, refused where the strategy was searched on another: its dense steps are written
+        as the whole searched grid (FastVideo's rule), a sparse window on a larger grid, and its windows were chosen
+        by their error on that grid."""
+        grid = tile_grid(geometry, self.params.tile)
+        searched = None if self.params.mask_strategy is None else self.params.mask_strategy.grid
+        if searched is not None and searched != grid:
+            raise ValueError(f"mask_strategy: expected the {searched} tile grid the strategy was searched on (its "
+                             f"dense steps are that whole grid), got {geometry}, a {grid} grid of {self.params.tile} "
+                             f"tiles; search the windows at this resolution (handle.search_windows) and pass that "
+                             f"strategy, or run this video at the searched resolution")
+        return grid
+
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense at the dense steps and where every window covers the grid, else the mask over the tile order."""
         check_step(step, self.num_steps)
@@ -245,7 +258,7 @@ class STASession:
         check_bidirectional(geometry, PATTERN)
         check_blocks(geometry, self.params.tile, 1)
         self._check_strategy_layer(layer)                  # a layer the strategy lacks: refused at step 0
-        grid = tile_grid(geometry, self.params.tile)
+        grid = self._strategy_grid(geometry)
         if step < self.params.dense_steps or covers_grid(self.windows(step, layer), grid):
             return StepAction("dense", dense=True, plans=False)
         uniform = self.params.mask_strategy is None       # one mask for every layer, else one per (step, layer),
@@ -267,7 +280,7 @@ class STASession:
         elif len(windows) != num_heads:
             raise ValueError(f"mask_strategy: step {step} layer {layer} gives {len(windows)} heads' windows, the "
                              f"model has {num_heads} heads; pass a strategy written for this model")
-        grid = tile_grid(geometry, self.params.tile)
+        grid = self._strategy_grid(geometry)
         windows = tuple(map(tuple, head_spans(windows[shard.start:shard.stop], grid).tolist()))
         check_blocks(geometry, self.params.tile, len(windows))
         return kept(self._masks, (geometry, windows), lambda: self._heads_mask(geometry, windows), MASKS_KEPT)

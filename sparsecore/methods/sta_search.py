@@ -89,7 +89,8 @@ def choose_windows(errors: np.ndarray, candidates: Sequence[tuple[int, int, int]
                    dense_steps: int) -> MaskStrategy:
     """FastVideo's choice: for each (step, layer, head) from ``dense_steps`` on, the candidate of least mean
     squared error, the first listed on ties; the whole ``grid`` (dense) before. ``errors``: ``[steps, layers,
-    candidates, heads]``, NaN where a (step, layer) was not measured (refused from ``dense_steps`` on)."""
+    candidates, heads]``, NaN where a (step, layer) was not measured (refused from ``dense_steps`` on). The strategy
+    records ``grid``: its sessions refuse another (its dense steps' windows are this grid, sparse on a larger one)."""
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim != 4 or errors.shape[2] != len(candidates) or 0 in errors.shape:
         raise ValueError(f"errors: expected [steps, layers, {len(candidates)} candidates, heads], got "
@@ -115,7 +116,7 @@ def choose_windows(errors: np.ndarray, candidates: Sequence[tuple[int, int, int]
         for layer in range(layers):
             table[(step, layer)] = (full,) * heads if step < dense_steps else \
                 tuple(tuple(candidates[c]) for c in best[step - dense_steps, layer].tolist())
-    return MaskStrategy(table)
+    return MaskStrategy(table, grid=full)
 
 
 def save_strategy(strategy: MaskStrategy, path: Any) -> None:

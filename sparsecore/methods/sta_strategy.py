@@ -34,10 +34,15 @@ def triple(value: Any, field: str) -> tuple[int, int, int]:
 class MaskStrategy(Mapping):
     """A mask strategy as :func:`read_strategy` returns it, read-only: ``{(step, layer): windows}``, one
     ``(wt, wh, ww)`` per head in head order, the same heads at every (step, layer) and the same layers at every step;
-    ``windows``: the distinct windows."""
+    ``windows``: the distinct windows. ``grid``: the tile grid it was searched on (:func:`.sta_search.choose_windows`),
+    whose whole it writes at its dense steps (FastVideo's rule), so that on another grid those steps would run a
+    sparse window: :class:`.sta.STASession` refuses other grids. None where not recorded (FastVideo's json has no
+    place for it: a file read or a mapping)."""
 
-    def __init__(self, table: dict[tuple[int, int], tuple[tuple[int, int, int], ...]]) -> None:
+    def __init__(self, table: dict[tuple[int, int], tuple[tuple[int, int, int], ...]],
+                 grid: tuple[int, int, int] | None = None) -> None:
         self._table = dict(table)
+        self.grid = grid
         self.heads = len(next(iter(self._table.values())))
         self.layers = frozenset(layer for _, layer in self._table)
         self.steps = frozenset(step for step, _ in self._table)
