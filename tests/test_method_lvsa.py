@@ -229,6 +229,19 @@ def test_a_session_gives_each_geometry_its_own_mask():
         assert (mask.q_offsets == geometry.block_offsets(None)).all()
 
 
+def test_alternating_geometries_build_each_mask_once_a_rotation():
+    """Guidance at two resolutions alternates geometries within a step: each keeps its mask (it was rebuilt at every
+    call), and a new rotation still replaces it."""
+    session = lvsa.session(num_steps=50)
+    small, large = VideoGeometry(40, 2, 3), VideoGeometry(40, 3, 4)
+    first = {g: session.plan(g, 2, step=5, layer=0) for g in (small, large)}
+    for layer in range(1, 4):
+        for g in (small, large):
+            assert session.plan(g, 2, step=5, layer=layer) is first[g]
+    rotated = session.plan(small, 2, step=6, layer=0)
+    assert rotated.meta["anchors"] != first[small].meta["anchors"] and session.plan(small, 2, step=6, layer=1) is rotated
+    assert len(session._masks) == 2                       # one mask a geometry: the earlier rotation's is gone
+
 def test_the_memoized_pattern_is_read_only():
     """The pattern is shared by every session of the process: one caller's edit made every later mask dense."""
     geometry = VideoGeometry(40, 4, 4)

@@ -57,6 +57,7 @@ Where the paper is silent or paper and code differ, we chose:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -72,6 +73,7 @@ from . import causal
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_num_steps,
                        check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
+from .recent import kept
 from .selection import shared_mask
 
 METHOD = "lvsa"
@@ -85,6 +87,8 @@ REFERENCE_FRAMES = {"wan": 21, "hunyuanvideo-1.5": 33, "hunyuanvideo": 33, "cogv
                     "kandinsky-5": 31,     # ours: Kandinsky5T2VPipeline's default 121 frames, 31 latent frames
                     "cosmos": 24}          # ours: Cosmos-Predict2/2.5's 93 frames, 24 latent frames (4x temporal)
 ANCHOR_RULES = ("auto", "paper")
+GEOMETRIES_KEPT = 4               # geometries whose current mask a session keeps: those a pipeline alternates
+                                  # (guidance at two resolutions), each built once a rotation
 
 
 @dataclass(frozen=True)
@@ -299,9 +303,10 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
 class LVSASession:
     """Per-run LVSA state: the mask of the current anchors, shared by every layer.
 
-    LVSA needs no per-layer cache (the pattern depends on the step only); the session keeps the last mask by
-    (geometry, heads, anchors), so each step builds at most one mask and steps with the same anchors share it, and the
-    compile cache uploads it to the device once. It keeps no earlier rotation's mask: each can keep its device lists.
+    LVSA needs no per-layer cache (the pattern depends on the step only); the session keeps the current mask of each
+    of the :data:`GEOMETRIES_KEPT` geometries (and head shards) last used, so each step builds at most one mask a
+    geometry, steps with the same anchors share it, and the compile cache uploads it to the device once. A new rotation
+    replaces a geometry's mask: an earlier rotation's is not kept, as each can keep its device lists.
     """
 
     method = METHOD
@@ -309,7 +314,7 @@ class LVSASession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(LVSAParams, METHOD, params)
-        self._cache: dict[tuple, BlockMask] = {}
+        self._masks: OrderedDict[tuple, tuple[tuple[int, ...], BlockMask]] = OrderedDict()   # anchors, mask
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense when the video fits the training horizon (every frame an anchor), else the frame pattern."""
@@ -328,11 +333,16 @@ class LVSASession:
         that built it)."""
         check_step(step, self.num_steps)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        pattern_key = tuple(_pattern(geometry, step, self.params).anchors.tolist())
-        key = (geometry, num_heads, shard.start, shard.stop, pattern_key)
-        if key not in self._cache:
-            self._cache = {key: _plan(geometry, shard.size, step, None, self.params, shared=True)}  # every head alike
-        return self._cache[key]
+        anchors = tuple(_pattern(geometry, step, self.params).anchors.tolist())
+        where = (geometry, num_heads, shard.start, shard.stop)
+        built, mask = kept(self._masks, where, lambda: self._build(geometry, shard, step, anchors), GEOMETRIES_KEPT)
+        if built != anchors:                                        # a new rotation replaces this geometry's mask
+            self._masks[where] = self._build(geometry, shard, step, anchors)
+        return self._masks[where][1]
+
+    def _build(self, geometry: VideoGeometry, shard: HeadShard, step: int,
+               anchors: tuple[int, ...]) -> tuple[tuple[int, ...], BlockMask]:
+        return anchors, _plan(geometry, shard.size, step, None, self.params, shared=True)    # every head alike
 
 
 def session(num_steps: int = 50, **params: Any) -> LVSASession:

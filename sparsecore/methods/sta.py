@@ -299,7 +299,7 @@ class STASession:
     def _window_mask(self, geometry: VideoGeometry, window: tuple[int, int, int]) -> BlockMask:
         """The one-head mask of ``window`` (in tiles each axis spans) on ``geometry``, kept by the session."""
         return kept(self._window_masks, (geometry, window), lambda: self._build(geometry, window),
-                          self._window_limit)
+                    self._window_limit)
 
     def _heads_mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
         """The mask of these per-head windows: each head's lists copied from its window's one-head mask (valid by
