@@ -265,12 +265,23 @@ def selection_table(log, flashinfer: bool, blocks: tuple[int, ...] = (64, 128, F
                             kern = sparsecore.compile(mask, device="cuda", backend=name)
                             kern(q, k, v)
                             ms[name] = bench(lambda kern=kern: kern(q, k, v))
-                    fastest = min(ms, key=ms.get)
-                    points.append({"block": block, "density": density, "seq_len": seq_len, "head_dim": head_dim,
-                                   "ms": ms, "fastest": fastest})
-                    log(f"  selection block {block} d={density} S={seq_len} D={head_dim}: "
-                        + ", ".join(f"{n} {t:.2f} ms" for n, t in ms.items()) + f" -> {fastest}")
+                    points.append(selection_point(mask, density, head_dim, ms))
+                    log(f"  selection block {block} d={points[-1]['density']:.4f} (nominal {density}) S={seq_len} "
+                        f"D={head_dim}: " + ", ".join(f"{n} {t:.2f} ms" for n, t in ms.items())
+                        + f" -> {points[-1]['fastest']}")
     return points
+
+
+def selection_point(mask: BlockMask, nominal_density: float, head_dim: int, ms: dict[str, float]) -> dict:
+    """One point of the selection table: the mask's actual density and each lowering's eff TFLOP/s from the mask's
+    kept FLOPs (:meth:`BlockMask.flops`), not from ``nominal_density``. ``random_rows`` keeps a whole number of key
+    blocks per row, so with 1560-token frame blocks (21 or 63 per row) 0.1 comes out as 0.095 and 0.25 as 0.238 or
+    0.254."""
+    flops = mask.flops(head_dim)
+    fastest = min(ms, key=ms.get)
+    return {"block": mask.uniform_block_size("kv"), "nominal_density": nominal_density, "density": mask.density(),
+            "seq_len": mask.q_len, "head_dim": head_dim, "ms": ms,
+            "eff_tflops": {name: flops / t / 1e9 for name, t in ms.items()}, "fastest": fastest}
 
 
 def markdown(rows: list[Row], meta: dict) -> str:
@@ -288,17 +299,26 @@ def markdown(rows: list[Row], meta: dict) -> str:
         lines.append(f"| {r.case} | {r.seq_len} | {r.density:.4f} | {r.kernel} | {r.ms:.3f} | {r.eff_tflops:.1f} | "
                      f"{diff} |")
     if meta.get("selection"):
-        lines += ["", "## Fastest lowering per point (drives `backends/cuda/selection.py`)", "",
-                  "| block | density | S | head dim | triton ms | fa4 ms | flashinfer ms | fastest |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for p in meta["selection"]:
-            ms = [("" if p["ms"].get(n) is None else f"{p['ms'][n]:.3f}") for n in ("triton", "fa4", "flashinfer")]
-            lines.append(f"| {p['block']} | {p['density']} | {p['seq_len']} | {p['head_dim']} | {' | '.join(ms)} | "
-                         f"{p['fastest']} |")
+        lines += selection_markdown(meta["selection"])
     if meta.get("scheduling"):
         lines += ["", "Scheduling (IR -> Triton launch metadata), 98304 tokens, 12 heads, d=0.25: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in meta["scheduling"].items())]
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(points: list[dict]) -> list[str]:
+    """The selection table's lines: each point's actual density (its nominal one beside it) and the fastest
+    lowering's eff TFLOP/s from the mask's kept FLOPs."""
+    lines = ["", "## Fastest lowering per point (drives `backends/cuda/selection.py`)", "",
+             "density: the mask's actual kept fraction (`mask.density()`), nominal in brackets; eff TFLOP/s: the "
+             "fastest lowering's, from the mask's kept FLOPs (`mask.flops(D)`).", "",
+             "| block | density | S | head dim | triton ms | fa4 ms | flashinfer ms | fastest | eff TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        ms = [("" if p["ms"].get(n) is None else f"{p['ms'][n]:.3f}") for n in ("triton", "fa4", "flashinfer")]
+        lines.append(f"| {p['block']} | {p['density']:.4f} ({p['nominal_density']}) | {p['seq_len']} | "
+                     f"{p['head_dim']} | {' | '.join(ms)} | {p['fastest']} | {p['eff_tflops'][p['fastest']]:.1f} |")
+    return lines
 
 
 def main() -> int:

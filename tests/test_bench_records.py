@@ -1,0 +1,44 @@
+"""What the benchmark scripts under ``bench/`` record beside their timings, checked on CPU: the selection table's
+densities and rates (``bench/cuda_benchmark.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_script(name: str):
+    """``bench/<name>.py`` as a module, with ``bench/`` importable as the scripts expect."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module                   # a dataclass looks its module up while it is being made
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.mark.parametrize("seq_len, nominal, kept_per_row", [(32760, 0.1, 2), (32760, 0.25, 5), (98280, 0.25, 16)])
+def test_selection_table_reports_the_frame_masks_actual_density_and_rate(seq_len, nominal, kept_per_row):
+    bench = load_script("cuda_benchmark")
+    heads, head_dim, frame = 12, 64, 1560
+    mask = load_script("cuda_cases").random_rows(heads, seq_len, nominal, block=frame, seed=3)
+    frames = seq_len // frame
+    density = kept_per_row / frames                                    # whole frames kept per row of frames
+    kept_flops = 4.0 * heads * frames * kept_per_row * frame * frame * head_dim
+    point = bench.selection_point(mask, nominal, head_dim, {"triton": 2.5, "fa4": 1.25})
+    assert point["density"] == pytest.approx(density, rel=1e-12) and point["density"] != pytest.approx(nominal)
+    assert point["fastest"] == "fa4"
+    assert point["eff_tflops"]["fa4"] == pytest.approx(kept_flops / 1.25 / 1e9, rel=1e-12)
+    assert point["eff_tflops"]["triton"] == pytest.approx(kept_flops / 2.5 / 1e9, rel=1e-12)
+    text = bench.markdown([], {"date": "2026-12-05", "versions": load_script("report").versions("cpu"),
+                               "selection": [point]})
+    assert f"| {frame} | {density:.4f} ({nominal}) | {seq_len} | {head_dim} | 2.500 | 1.250 |  | fa4 | " \
+           f"{kept_flops / 1.25 / 1e9:.1f} |" in text
