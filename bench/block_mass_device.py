@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,8 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import adaspa, pasa
 from sparsecore.search import block_mass, block_mass_ops
 from sparsecore.timing import median_seconds
+
+from report import run_meta
 
 
 def timed(fn, device: str, repeats: int = 3) -> tuple[object, float]:
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args(argv)
     device = args.device
-    report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
-              "torch": torch.__version__, "impls": sorted(block_mass_ops()),
-              "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-              "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    report = run_meta(device, impls=sorted(block_mass_ops()), tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
     report["accuracy"] = accuracy(device)
     if not args.skip_timing:
         report["timing"] = timing(device)

@@ -14,28 +14,20 @@ with cuDNN's. Effective TFLOP/s = 4 * S^2 * D * H / time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from kernel_timing import median_ms  # noqa: E402
+from report import run_meta  # noqa: E402
 
 from sparsecore.search import dense_attention  # noqa: E402
 
 HEADS = 12
-
-
-def run_meta() -> dict:
-    """Machine, date and the versions a probe's numbers come from."""
-    return {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__, "flash-attn-4": version("flash-attn-4")}
 
 
 def main() -> int:
@@ -90,7 +82,7 @@ def main() -> int:
                 lines.append(f"| {seq} | {dim} | {name} | {ms:.2f} | {rate:.0f} | {err:.1e} |")
                 print(lines[-1], flush=True)
             del q, k, v, out_hm, reference
-    meta = run_meta() | {"dtype": args.dtype}
+    meta = run_meta(dtype=args.dtype)
     stem = f"dense-kernels-{args.dtype}-D{args.dims.replace(',', '_')}-S{args.lengths.replace(',', '_')}"
     (args.out / f"{stem}.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))

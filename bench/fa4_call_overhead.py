@@ -29,9 +29,8 @@ from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.cuda import fa4_layout  # noqa: E402
-from dense_kernels import run_meta  # noqa: E402
 from fa4_check_masks import adaspa_large  # noqa: E402
-from report import time_one_backend  # noqa: E402
+from report import run_meta, time_one_backend  # noqa: E402
 
 HEADS, DIM, SEQ, CALLS = 12, 128, 188736, 10
 

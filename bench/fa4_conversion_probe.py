@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 
 from sparsecore import BlockMask, VideoGeometry  # noqa: E402
 from sparsecore.ir.host_facts import as_new  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> int:
         del mask
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), **versions()}
+    meta = run_meta()
     (args.out / "fa4-conversion-probe.json").write_text(json.dumps({"meta": meta, "rows": rows, "kernels": kernels},
                                                                    indent=1))
     lines = ["| case | conversion | ms | peak MiB | full tiles | mask tiles | keys reordered |",

@@ -16,20 +16,18 @@ The guard (``backends/cuda/fa4_nonfinite.py``) runs on masks with FA4 mask tiles
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cuda_cases import lvsa_frames  # noqa: E402
 from fa4_check_exactness import fa4_kernel  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
+from report import run_meta  # noqa: E402
 from sparsecore.backends.cuda.fa4_nonfinite import guard_values, poison  # noqa: E402
 
 
@@ -94,18 +92,17 @@ def main() -> None:
                  "listing rows NaN in the dim": bool(out[0][hit][:, dim].isnan().all()),
                  "listing rows' other dims finite": bool(out[0][hit][:, :dim].isfinite().all())}
 
-    date = datetime.date.today().isoformat()
-    record = {"date": date, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "flash_attn": importlib.metadata.version("flash-attn-4"),
-              "case": f"LVSA frames, {mask.q_len} tokens, 12 heads, head dim 128, bf16, "
+    record = run_meta(case=f"LVSA frames, {mask.q_len} tokens, 12 heads, head dim 128, bf16, "
                       f"density {mask.density():.4f}, {prepared.layout.num_mask_tiles} mask tiles of "
                       f"{prepared.layout.num_mask_tiles + prepared.layout.num_full_tiles}",
-              "ms": times, "peak_mib_above_inputs": memory, "isolation": isolation}
+                      ms=times, peak_mib_above_inputs=memory, isolation=isolation)
+    date, versions = record["date"], record["versions"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"fa4-guard-{date}.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# fa4's non-finite guard, {date}", "",
-             f"{record['gpu']}; torch {record['torch']}, triton {record['triton']}, flash-attn-4 "
-             f"{record['flash_attn']}. {record['case']}; `bench/fa4_guard_cost.py`, do_bench medians.", "",
+             f"{versions['gpu']}; torch {versions['torch']}, triton {versions['triton']}, flash-attn-4 "
+             f"{versions['flash_attn_4']}. Versions: {versions}. {record['case']}; `bench/fa4_guard_cost.py`, "
+             "do_bench medians.", "",
              "| what | ms | peak MiB above the inputs |", "|---|---:|---:|"]
     lines += [f"| {name} | {ms:.3f} | {memory[name]:.1f} |" if name in memory else f"| {name} | {ms:.3f} | |"
               for name, ms in times.items()]

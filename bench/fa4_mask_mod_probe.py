@@ -40,8 +40,7 @@ from sparsecore.backends.cuda import fa4_mask_mods  # noqa: E402
 from sparsecore.backends.cuda.fa4_launch import Fa4Launch  # noqa: E402
 from sparsecore.backends.cuda.fa4_nonfinite import guard_values  # noqa: E402
 from cuda_cases import lvsa_frames  # noqa: E402
-from dense_kernels import run_meta  # noqa: E402
-from report import time_one_backend  # noqa: E402
+from report import run_meta, time_one_backend  # noqa: E402
 
 HEADS, DIM = 12, 128
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.ir import BlockMask, csr  # noqa: E402
@@ -100,8 +100,8 @@ def main() -> int:
     mask = pasa_shaped(args.heads, args.tokens)
     rows = [probe(q, k, v, mask, parts, approximate) for approximate in (False, True) for parts in (1, 4)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fa4-memory-probe.json").write_text(json.dumps({"versions": versions(), "tokens": args.tokens,
-                                                                 "heads": args.heads, "rows": rows}, indent=1))
+    (args.out / "fa4-memory-probe.json").write_text(json.dumps({"meta": run_meta(tokens=args.tokens, heads=args.heads),
+                                                                 "rows": rows}, indent=1))
     return 0
 
 

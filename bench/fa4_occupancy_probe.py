@@ -32,7 +32,7 @@ from sparsecore import BlockMask  # noqa: E402
 from sparsecore.backends.cuda import fa4_occupancy  # noqa: E402
 from sparsecore.ir import Unselected  # noqa: E402
 from fa4_check_masks import adaspa_large  # noqa: E402
-from report import time_one_backend  # noqa: E402
+from report import run_meta, time_one_backend  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64
 
@@ -79,11 +79,11 @@ def main() -> int:
             rows.append(f"| {label} | {name}, S={seq} | {backend} | {ms:.2f} | {tflops:.0f} | {err:.1e} |")
             print(rows[-1], flush=True)
         del q, k, v, expected
-    slug = f"r{fa4_occupancy.MMA_REGS}-{fa4_occupancy.PRODUCER_REGS}"
+    slug, meta = f"r{fa4_occupancy.MMA_REGS}-{fa4_occupancy.PRODUCER_REGS}", run_meta(variant=variant)
     (args.out / f"fa4-occupancy-{slug}.md").write_text(
-        "| register split | mask | backend | ms | eff TFLOP/s | rel err vs triton |\n|---|---|---|---|---|---|\n"
-        + "\n".join(rows) + "\n")
-    (args.out / f"fa4-occupancy-{slug}.json").write_text(json.dumps({"variant": variant, "results": results}, indent=1))
+        f"{meta}\n\n| register split | mask | backend | ms | eff TFLOP/s | rel err vs triton |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    (args.out / f"fa4-occupancy-{slug}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 
 

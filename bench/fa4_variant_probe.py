@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from report import gpu_meta, time_one_backend, write_report  # noqa: E402
+from report import run_meta, time_one_backend, write_report  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 ROW_POINTS = ((32768, 0.1), (32768, 0.25), (98304, 0.1))
@@ -201,7 +201,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", choices=("stages", "persistent"), default="persistent")
     args = parser.parse_args()
-    meta = gpu_meta(set=args.set)
+    meta = run_meta(set=args.set)
     rows = measure(args.set)
     write_report(args.out / f"fa4-variants-{args.set}-{meta['date']}", meta, rows, markdown(meta, rows))
     print(markdown(meta, rows))

@@ -32,7 +32,6 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,7 @@ from sparsecore.workloads import video_qkv
 sys.path.insert(0, str(Path(__file__).parent))
 from fidelity_unselected import approximation_rows  # noqa: E402
 from fidelity_unselected import markdown as approximation_markdown  # noqa: E402
+from report import run_meta  # noqa: E402
 
 MODEL_SHAPES = [
     ("Wan 2.1 1x (21x30x52)", VideoGeometry(21, 30, 52), 12, 21),
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         report["planning"] = planning_rows()
     report["fidelity"] = fidelity_rows()
     report["approximation"] = approximation_rows(FIDELITY_SHAPES, HEADS, HEAD_DIM, SEED)
-    report.update(machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                  date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), torch=torch.__version__,
-                  seconds=time.perf_counter() - start)
+    report.update(run_meta("cpu", machine=f"{platform.processor() or platform.machine()}, "
+                                          f"{torch.get_num_threads()} threads", torch=torch.__version__,
+                           seconds=time.perf_counter() - start))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fidelity.json").write_text(json.dumps(report, indent=1))
     (args.out / "fidelity.md").write_text(markdown(report))

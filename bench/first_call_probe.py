@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime
 import json
 import os
 import subprocess
@@ -40,6 +39,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from report import run_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {
@@ -218,19 +219,6 @@ def run_child(case: str, result: Path, env: dict, sample: bool) -> dict:
     return json.loads(result.read_text())
 
 
-def versions() -> dict:
-    import torch
-    out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "python": sys.version.split()[0]}
-    from importlib import metadata
-    for name in ("triton", "flash-attn-4", "nvidia-cutlass-dsl"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cpu_count"] = os.cpu_count()
-    return out
-
-
 def markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"# First calls, {meta['date']}", "", f"{meta['versions']}", "",
              f"Bytecode written by an import-only process first: {meta['bytecode_pass_s']:.1f} s. FA4's disk cache: "
@@ -314,9 +302,9 @@ def main() -> int:
                 records.append(run_child(case, Path(scratch) / f"{caches}.json", env, not args.no_sample)
                                | {"caches": caches})
                 print(json.dumps({k: v for k, v in records[-1].items() if k != "top"}), flush=True)
-    date = datetime.date.today().isoformat()
-    meta = {"date": date, "versions": versions(), "bytecode_pass_s": bytecode_s, "fa4_disk_cache": args.fa4_disk_cache,
-            "sampled": not args.no_sample, "warmup": args.warmup}
+    meta = run_meta(cpu_count=os.cpu_count(), bytecode_pass_s=bytecode_s, fa4_disk_cache=args.fa4_disk_cache,
+                    sampled=not args.no_sample, warmup=args.warmup)
+    date = meta["date"]
     tags = ("_fa4-disk-cache" if args.fa4_disk_cache else "") + ("_unsampled" if args.no_sample else "") \
         + ("_wait" if args.warmup == "wait" else "")
     stem = args.out / f"first-call-{date}{tags}"

@@ -17,7 +17,6 @@ after. The method is removed after that. Writes ``held-memory-[hv15-]<length>-<m
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from e2e_schedules import METHOD_PARAMS, STEPS, VARIANTS, full_attention
 from memory_profile import REPO, model_on_gpu, replay, step
+from report import run_meta
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
@@ -77,7 +77,7 @@ def held_by(model, inputs: dict, method: str, depth: int) -> dict:
 def markdown(meta: dict, rows: list[dict], top: int) -> str:
     model = {"wan-1.3b": "Wan 2.1 1.3B", "hv15": "HunyuanVideo 1.5 (6 layers)"}[meta.get("model", "wan-1.3b")]
     lines = [f"# Held between steps, {model} at {meta['length']}, {meta['mode']} ({meta['date']})", "",
-             f"{meta['device']}, torch {meta['torch']}. Per method: `memory_allocated` before `apply()`, after its "
+             f"{meta['versions']}. Per method: `memory_allocated` before `apply()`, after its "
              "steps (e2e_benchmark's), and after `remove()`, in bytes; then the blocks made since `apply()` and "
              "still allocated after the steps, by where they were made.", ""]
     for row in rows:
@@ -113,10 +113,9 @@ def main() -> int:
         model.compile_repeated_blocks(fullgraph=True)
     step(model, inputs, 999.0)                        # compiles the blocks in compiled mode
     step(model, inputs, 999.0)
-    date = datetime.date.today().isoformat()
-    meta = {"model": args.model, "length": args.length, "mode": args.mode, "date": date,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "dense_allocated": torch.cuda.memory_allocated()}
+    meta = run_meta(model=args.model, length=args.length, mode=args.mode,
+                    dense_allocated=torch.cuda.memory_allocated())
+    date = meta["date"]
     rows = []
     for method in args.methods:
         rows.append(held_by(model, inputs, method, args.frames))

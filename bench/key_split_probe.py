@@ -32,7 +32,7 @@ from kernel_timing import median_ms  # noqa: E402
 import sparsecore  # noqa: E402
 from sparsecore.registry import registered_backends  # noqa: E402
 from fa4_check_masks import adaspa_large  # noqa: E402
-from report import time_one_backend  # noqa: E402
+from report import run_meta, time_one_backend  # noqa: E402
 
 HEADS, DIM, BLOCK = 12, 128, 64
 
@@ -94,9 +94,9 @@ def main() -> int:
             lines.append(f"| AdaSpa-shaped, S={seq}, key_parts={parts} | fa4 | {ms:.2f} | {rate(flops, ms):.0f} "
                          f"| rel err vs unsplit {err:.1e}; peak {peak_mib:.0f} MiB above the inputs |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    (args.out / "key-split-probe.md").write_text(text + "\n")
-    (args.out / "key-split-probe.json").write_text(json.dumps(results, indent=1))
+    meta = run_meta()
+    (args.out / "key-split-probe.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    (args.out / "key-split-probe.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 
 

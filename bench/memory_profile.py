@@ -15,7 +15,6 @@ Writes ``memory-<method>-<length>-<date>.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from e2e_models import build_model, cases, model_inputs
+from report import run_meta
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
@@ -111,9 +111,10 @@ def main() -> int:
     groups: dict[str, list[int]] = defaultdict(list)
     for event in live:
         groups[origin(event)].append(event["size"])
-    date = datetime.date.today().isoformat()
+    meta = run_meta()
+    date = meta["date"]
     lines = [f"# Peak GPU memory of a {args.method} step, Wan 2.1 1.3B at {args.length} ({date})", "",
-             f"{torch.cuda.get_device_name()}, torch {torch.__version__}; max_memory_allocated "
+             f"{meta['versions']}; max_memory_allocated "
              f"{peaks[-1]:.2f} GiB (after step {steps[0]}: {peaks[0]:.2f}); the recorded peak {peak / 2**30:.2f} GiB "
              f"above what was allocated before step {steps[0]} (the model's weights, inputs), over {len(trace)} "
              f"events.", "",

@@ -45,12 +45,11 @@ import sparsecore  # noqa: E402
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
 from e2e_models import build_model, cases, model_inputs  # noqa: E402
 from e2e_timing import timed_forward  # noqa: E402
-from dense_kernels import run_meta  # noqa: E402
 from fa4_check_masks import adaspa_large  # noqa: E402
 from sparsecore.ir.host_facts import as_new  # noqa: E402
 from sparsecore.ir.unselected import DROP  # noqa: E402
 from sparsecore.methods.approximation import with_unselected  # noqa: E402
-from report import time_one_backend  # noqa: E402
+from report import run_meta, time_one_backend  # noqa: E402
 
 # the steps run before the masks are taken: AdaSpa's dense step keeping its LSE, then its first search; PASA's first
 # sparse step

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_models import KANDINSKY5_LITE, Case, keep_in_float32, model_inputs  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore import VideoGeometry  # noqa: E402
@@ -200,8 +200,8 @@ def main() -> int:
     device = "cpu" if args.tiny else "cuda"
     window = tuple(args.window)
     tokens = args.frames * HEIGHT * WIDTH // 4
-    meta = {"frames": args.frames, "tokens": tokens, "blocks_run": args.blocks, "threshold": args.threshold,
-            "window": list(window), "tiny": args.tiny, **versions(device)}
+    meta = run_meta(device, frames=args.frames, tokens=tokens, blocks_run=args.blocks, threshold=args.threshold,
+                    window=list(window), tiny=args.tiny)
     result = {"meta": meta}
     lines = [f"# NABLA on Kandinsky 5 Video Lite's shape ({tokens:,} tokens, P = {args.threshold}, window {window})",
              "", json.dumps(meta), ""]

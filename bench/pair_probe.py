@@ -26,7 +26,7 @@ from kernel_timing import median_ms  # noqa: E402
 
 import sparsecore  # noqa: E402
 from fa4_check_masks import adaspa_large  # noqa: E402
-from report import time_one_backend  # noqa: E402
+from report import run_meta, time_one_backend  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -133,10 +133,10 @@ def main() -> int:
                          f"{results.get(name + ' rel err', 0):.2e}")
         elif not name.endswith("rel err"):
             lines.append(f"| {name} | {value} | |")
-    text = "\n".join(lines)
+    text, meta = "\n".join(lines), run_meta()
     print(text)
-    (args.out / "pair-probe.md").write_text(text + "\n")
-    (args.out / "pair-probe.json").write_text(json.dumps(results, indent=1))
+    (args.out / "pair-probe.md").write_text(f"{meta}\n\n{text}\n")
+    (args.out / "pair-probe.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 
 

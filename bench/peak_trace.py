@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from e2e_models import FULL_CASES, build_model, model_inputs  # noqa: E402
 from e2e_schedules import STEPS, full_attention  # noqa: E402
 from e2e_timing import timed_forward  # noqa: E402
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 
 from sparsecore.integrations import diffusers as sc_diffusers  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> int:
     else:
         for block in model.transformer_blocks:
             block.compile(fullgraph=True)
-    result = {"meta": {"case": vars(case), **versions(device)}, "rows": {}}
+    result = {"meta": run_meta(device, case=vars(case)), "rows": {}}
     for method in args.methods:
         handle = sc_diffusers.apply(model, method=full_attention if method == "dense-sparsecore" else method,
                                     device=device, num_steps=50)

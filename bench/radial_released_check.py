@@ -30,6 +30,9 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import radial
 
+sys.path.insert(0, str(Path(__file__).parent))
+from report import run_meta  # noqa: E402
+
 CASES = [  # (frames, height, width, decay_factor, sink)
     (16, 8, 12, 1.0, True), (16, 8, 12, 0.5, False), (16, 10, 20, 1.0, True), (32, 10, 20, 0.2, True),
     (12, 16, 16, 1.0, False), (8, 30, 64, 0.95, False), (13, 30, 45, 1.0, True), (21, 30, 52, 0.2, True),
@@ -94,7 +97,8 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "radial-released-check.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / "radial-released-check.json").write_text(json.dumps({"meta": run_meta(args.device), "rows": rows},
+                                                                               indent=1) + "\n")
     return 0 if all(row["equal"] for row in rows) else 1
 
 

@@ -51,9 +51,11 @@ def write_report(stem: Path, meta: dict, rows: list[dict], table: str) -> None:
     (stem.parent / f"{stem.name}.md").write_text(table)
 
 
-def gpu_meta(**extra) -> dict:
-    """A GPU probe's meta: today's date and :func:`versions`, plus ``extra``."""
-    return {"date": datetime.date.today().isoformat(), **extra, "versions": versions()}
+def run_meta(device: str = "cuda", **extra) -> dict:
+    """A result's meta, plus ``extra``: today's date, and the machine and package versions (:func:`versions` of
+    ``device``), which every json and markdown under ``bench/results`` records so that a table can be traced to
+    the setup that produced it."""
+    return {"date": datetime.date.today().isoformat(), **extra, "versions": versions(device)}
 
 
 def probe_main(doc: str, name: str, measure: Callable[[], list[dict]],
@@ -63,7 +65,7 @@ def probe_main(doc: str, name: str, measure: Callable[[], list[dict]],
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     time_one_backend()
-    meta = gpu_meta()
+    meta = run_meta()
     rows = measure()
     write_report(args.out / f"{name}-{meta['date']}", meta, rows, markdown(meta, rows))
     print(markdown(meta, rows))

@@ -20,18 +20,16 @@ Writes ``row-top-<date>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from kernel_timing import median_ms  # noqa: E402
-from report import write_report  # noqa: E402
+from report import run_meta, write_report  # noqa: E402
 
 from sparsecore.backends.cuda import row_top  # noqa: E402
 from sparsecore.geometry import VideoGeometry  # noqa: E402
@@ -74,7 +72,7 @@ def rows_for(tokens: int) -> list[dict]:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# PASA's selection: Triton row-wise top-k vs torch, {meta['date']}", "",
-             f"Machine: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}. 12 heads, 64-token blocks, "
+             f"Machine: {meta['versions']['gpu']}; versions: {meta['versions']}. 12 heads, 64-token blocks, "
              f"density {DENSITY}, Gumbel noise {NOISE}. `bench/row_top_benchmark.py`; `kernel_timing.median_ms`. "
              "Selection = noise + top-k + sorted ids; plan = `pasa.plan` whole (scores, selection, CSR).", "",
              "| tokens | blocks | kept per row | selection torch (ms) | selection kernel (ms) | speedup "
@@ -92,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(GEOMETRIES), choices=sorted(GEOMETRIES))
     args = parser.parse_args(argv)
     rows = [row for tokens in args.sizes for row in rows_for(tokens)]
-    date = datetime.date.today().isoformat()
-    meta = {"gpu": torch.cuda.get_device_name(), "date": date, "torch": torch.__version__,
-            "triton": triton.__version__, "host": platform.node()}
+    meta = run_meta(host=platform.node())
     table = markdown(meta, rows)
-    write_report(args.out / f"row-top-{date}", meta, rows, table)
+    write_report(args.out / f"row-top-{meta['date']}", meta, rows, table)
     print(table)
     return 0
 

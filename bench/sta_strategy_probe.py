@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_timing import median_ms, rel_l2, wall_seconds  # noqa: E402
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore import VideoGeometry  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> int:
     summary = {key: statistics.median(r[key] for r in rows[1:]) for key in rows[0] if key != "layer"}
     summary["grouped_rel_l2"] = max(r["grouped_rel_l2"] for r in rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sta-strategy-probe.json").write_text(json.dumps({"meta": versions(), "rows": rows,
+    (args.out / "sta-strategy-probe.json").write_text(json.dumps({"meta": run_meta(), "rows": rows,
                                                                   "median_after_first": summary}, indent=1))
     print(json.dumps(summary))
     return 0

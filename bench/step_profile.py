@@ -38,7 +38,7 @@ import torch
 from e2e_models import MODELS, build_model, cases, model_inputs, prompt_options_error
 from e2e_schedules import METHOD_PARAMS, PLAN_PROBE, STEPS
 from e2e_timing import FORWARD_RANGE, timed_forward, warm_batch_lengths, warm_kernels
-from report import gpu_meta, time_one_backend, write_report
+from report import run_meta, time_one_backend, write_report
 
 from sparsecore.integrations import diffusers as sc_diffusers
 
@@ -218,7 +218,7 @@ def main() -> int:
     lengths = [c.label for c in cases([args.model], tiny=args.tiny) if c.model == args.model]
     if args.length not in lengths:
         parser.error(f"--length: {args.model}{' (tiny)' if args.tiny else ''} has {lengths}, got {args.length!r}")
-    meta = gpu_meta(model=args.model, length=args.length, methods=args.methods, host_cpu=host_cpu(),
+    meta = run_meta(model=args.model, length=args.length, methods=args.methods, host_cpu=host_cpu(),
                     prompt_tokens=args.prompt_tokens, negative_tokens=args.negative_tokens)
     rows, texts = measure(args)
     stem = args.out / f"step-profile-{meta['date']}-{args.model}-{args.length}"

@@ -1,9 +1,12 @@
-"""What the benchmark scripts under ``bench/`` record beside their timings, checked on CPU: the selection table's
-densities and rates (``bench/cuda_benchmark.py``)."""
+"""What the benchmark scripts under ``bench/`` record beside their timings, checked on CPU: the date, machine and
+package versions of every result (``bench/report.py``'s ``run_meta``), and the selection table's densities and rates
+(``bench/cuda_benchmark.py``)."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -42,3 +45,29 @@ def test_selection_table_reports_the_frame_masks_actual_density_and_rate(seq_len
                                "selection": [point]})
     assert f"| {frame} | {density:.4f} ({nominal}) | {seq_len} | {head_dim} | 2.500 | 1.250 |  | fa4 | " \
            f"{kept_flops / 1.25 / 1e9:.1f} |" in text
+
+
+# scripts that write a result (a json or markdown file) and record no date and versions of their own
+RESULT_WRITERS = re.compile(r"write_text\(|write_report\(|write_rows\(|json\.dump\(")
+GIVEN_THEIR_META = {"report.py": "its writers take the caller's meta", "kernel_timing.py": "write_rows takes meta"}
+# helpers that record the date and report.versions together: report.run_meta, report.probe_main (run_meta),
+# e2e_report.environment
+SHARED_META = re.compile(r"\brun_meta\(|\bprobe_main\(|\benvironment\(")
+
+
+def test_run_meta_records_the_date_machine_and_versions():
+    meta = load_script("report").run_meta("cpu", tokens=5)
+    assert meta["date"] == datetime.date.today().isoformat() and meta["tokens"] == 5
+    assert {"gpu", "torch", "triton", "flash_attn_4", "flashinfer", "diffusers", "python"} <= set(meta["versions"])
+    assert meta["versions"]["gpu"]                                       # the machine: the CPU here
+
+
+WRITING_SCRIPTS = sorted(p.name for p in BENCH.glob("*.py")
+                         if p.name not in GIVEN_THEIR_META and RESULT_WRITERS.search(p.read_text()))
+
+
+@pytest.mark.parametrize("script", WRITING_SCRIPTS)
+def test_every_result_a_script_writes_records_date_and_versions(script):
+    source = (BENCH / script).read_text()
+    records_both = SHARED_META.search(source) or ("versions(" in source and re.search(r"[\"']date[\"']", source))
+    assert records_both, f"bench/{script} writes a result without the date and versions: meta = report.run_meta()"
