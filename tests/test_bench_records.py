@@ -1,5 +1,6 @@
 """What the benchmark scripts under ``bench/`` record beside their timings, checked on CPU: the date, machine and
-package versions of every result (``bench/report.py``'s ``run_meta``), and the selection table's densities and rates
+package versions of every result (``bench/report.py``'s ``run_meta``), what an eff TFLOP/s counts on a mask that
+approximates its unselected blocks (``report.eff_tflops``), and the selection table's densities and rates
 (``bench/cuda_benchmark.py``)."""
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from sparsecore import BlockMask
+from sparsecore.ir import Unselected
+from sparsecore.methods.approximation import with_unselected
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -71,3 +77,21 @@ def test_every_result_a_script_writes_records_date_and_versions(script):
     source = (BENCH / script).read_text()
     records_both = SHARED_META.search(source) or ("versions(" in source and re.search(r"[\"']date[\"']", source))
     assert records_both, f"bench/{script} writes a result without the date and versions: meta = report.run_meta()"
+
+
+@pytest.mark.parametrize("unselected", ["drop", "zeroth", "global-first-order", "grouped-first-order:2"])
+def test_eff_tflops_says_when_it_leaves_the_approximation_out(unselected):
+    report = load_script("report")
+    rng = np.random.default_rng(11)
+    kept = rng.random((3, 5, 6)) < 0.4
+    kept[:, np.arange(5), np.arange(5)] = True
+    q_offsets, kv_offsets = np.array([0, 64, 128, 192, 256, 300]), np.array([0, 64, 128, 192, 256, 320, 350])
+    lists = BlockMask.from_lists([[np.flatnonzero(row) for row in head] for head in kept], q_offsets, kv_offsets)
+    mask = with_unselected(lists, Unselected.parse(unselected))
+    pairs = sum(int(np.diff(q_offsets)[i] * np.diff(kv_offsets)[j]) for _, i, j in zip(*np.nonzero(kept)))
+    rate = report.eff_tflops(mask, 32, 0.5)
+    assert rate["eff_tflops"] == pytest.approx(4 * pairs * 32 / 0.5 / 1e9, rel=1e-12)
+    if unselected == "drop":
+        assert set(rate) == {"eff_tflops"}
+    else:
+        assert "kept blocks only" in rate["eff_tflops_counts"] and "approximation" in rate["eff_tflops_counts"]
