@@ -20,8 +20,18 @@ kernels and the C launchers it builds with the host compiler) and sparsecore's o
 planning) can be told apart. The sampler slows Python-bound work (it takes the GIL every millisecond or
 two): ``--no-sample`` times the same calls without it.
 
-    python bench/first_call_probe.py --out DIR [--cases lvsa adaspa random adaspa6x] [--no-sample] [--fa4-disk-cache]
-                                     [--warmup background|wait]
+    python bench/first_call_probe.py --out DIR [--cases lvsa random] [--no-sample] [--fa4-disk-cache]
+                                     [--warmup background|wait] [--budget-s 500]
+
+Cost: the import-only pass (11-20 s on the H200s of 2026-12-02..04), then two processes a case, each 25-45 s in
+the background mode as measured there (imports 3-8 s, the first call 1-4 s, ``fa4`` ready 13-26 s after
+``compile()``) plus the new length's warm-up it waits for (up to 60 s), and up to ``CHILD_TIMEOUT_S`` (300 s) if a
+warm-up hangs: the four cases, 8 processes, take about 210-860 s and up to 2,400 s, more than one 600 s device call
+holds. So the default runs two cases, ``lvsa random``, and ``--cases adaspa adaspa6x`` in a second call gives the other two; both reports
+together are the whole table. ``--budget-s`` (default 500) bounds a run: each process gets at most the seconds left
+(``CHILD_TIMEOUT_S`` at most), one with under ``MIN_CHILD_S`` left is not started but recorded as not run, naming the
+``--cases`` that would run it, and the report is written after every case, so a call cut short keeps what it
+measured.
 
 Writes ``first-call-<date>[_fa4-disk-cache][_unsampled][_wait].json`` and ``.md`` under DIR.
 """
@@ -39,6 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from report import run_meta
 
@@ -51,8 +62,10 @@ CASES = {
     "random": "128-token random rows, S = 32,768, d = 0.1, 12 heads (fa4, full tiles only)",
     "adaspa6x": "AdaSpa-shaped 64-token blocks at 6x (188,736 tokens, 12 heads; fa4 at two CTAs per SM, 4 key ranges)",
 }
+DEFAULT_CASES = ["lvsa", "random"]             # a 600 s device call holds two cases: see the docstring
 TOP = 60
 CHILD_TIMEOUT_S = 300
+MIN_CHILD_S = 30                # less left of the budget: the process is not started (a fresh one needs 10 s or more)
 READY_WITHIN_S = 120          # calls while the preferred backend warms up, at most this long
 HIDDEN = ("<frozen", "first_call_probe.py", "threading.py")   # frames on every stack or the import machinery
 SAMPLE_S = 0.002
@@ -208,15 +221,44 @@ def _calls(ms: list[float]) -> dict:
             "meanwhile_max_ms": ordered[-1] if ms else None}
 
 
-def run_child(case: str, result: Path, env: dict, sample: bool) -> dict:
+def bytecode_pass(pycache: str) -> None:
+    """A process that only imports what the cases import, writing their bytecode under ``pycache``."""
+    subprocess.run([sys.executable, __file__, "--child", "imports"], check=True,
+                   env=dict(os.environ, PYTHONPYCACHEPREFIX=pycache))
+
+
+def run_child(case: str, result: Path, env: dict, sample: bool, timeout_s: float) -> dict:
     command = [sys.executable, __file__, "--child", case, "--json", str(result)] + ([] if sample else ["--no-sample"])
     try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"case": case, "error": f"no result within {CHILD_TIMEOUT_S} s"}
+        return {"case": case, "error": f"no result within {timeout_s:.0f} s"}
     if run.returncode != 0 or not result.exists():
         return {"case": case, "error": (run.stderr or run.stdout)[-2000:]}
     return json.loads(result.read_text())
+
+
+def run_children(cases: list[str], env_of: Callable[[str], dict], sample: bool, deadline: float,
+                 save: Callable[[list[dict]], None]) -> list[dict]:
+    """Both processes of every case (caches empty, then kept; ``env_of(scratch)``: their environment over a fresh
+    scratch folder), each given the seconds left before ``deadline`` (``time.perf_counter()``), ``CHILD_TIMEOUT_S``
+    at most; one with under ``MIN_CHILD_S`` left is recorded as not run, with the ``--cases`` that would run it.
+    ``save(records)`` after every case."""
+    records: list[dict] = []
+    for case in cases:
+        with tempfile.TemporaryDirectory() as scratch:
+            env = env_of(scratch)
+            for caches in ("empty", "kept"):
+                left = deadline - time.perf_counter()
+                if left < MIN_CHILD_S:
+                    record = {"case": case, "error": f"not run: {max(left, 0.0):.0f} s of --budget-s left; run "
+                                                     f"--cases {case} in a call of its own"}
+                else:
+                    record = run_child(case, Path(scratch) / f"{caches}.json", env, sample, min(CHILD_TIMEOUT_S, left))
+                records.append(record | {"caches": caches})
+                print(json.dumps({k: v for k, v in records[-1].items() if k != "top"}), flush=True)
+        save(records)
+    return records
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
@@ -265,7 +307,10 @@ def _ready(record: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["lvsa", "adaspa", "random", "adaspa6x"])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=DEFAULT_CASES,
+                        help="the cases to run (default: lvsa random; adaspa adaspa6x in a second call)")
+    parser.add_argument("--budget-s", type=float, default=500.0,
+                        help="seconds this run may take, the import-only pass included (see the docstring)")
     parser.add_argument("--fa4-disk-cache", action="store_true",
                         help="FA4's own compile cache on disk (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1)")
     parser.add_argument("--no-sample", action="store_true",
@@ -284,32 +329,30 @@ def main() -> int:
         child(args.child, args.json, not args.no_sample)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
     pycache = args.pycache or tempfile.mkdtemp(prefix="pycache-")
     start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--child", "imports"], check=True,
-                   env=dict(os.environ, PYTHONPYCACHEPREFIX=pycache))
+    deadline = start + args.budget_s
+    bytecode_pass(pycache)
     bytecode_s = time.perf_counter() - start
     print(f"imports writing their bytecode: {bytecode_s:.1f} s", flush=True)
-    for case in args.cases:
-        with tempfile.TemporaryDirectory() as scratch:
-            env = dict(os.environ, TRITON_CACHE_DIR=f"{scratch}/triton", CUTE_DSL_CACHE_DIR=f"{scratch}/cute-dsl",
-                       PYTHONPYCACHEPREFIX=pycache, SPARSECORE_WARMUP=args.warmup)
-            if args.fa4_disk_cache:
-                env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1",
-                           FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
-            for caches in ("empty", "kept"):
-                records.append(run_child(case, Path(scratch) / f"{caches}.json", env, not args.no_sample)
-                               | {"caches": caches})
-                print(json.dumps({k: v for k, v in records[-1].items() if k != "top"}), flush=True)
     meta = run_meta(cpu_count=os.cpu_count(), bytecode_pass_s=bytecode_s, fa4_disk_cache=args.fa4_disk_cache,
-                    sampled=not args.no_sample, warmup=args.warmup)
-    date = meta["date"]
+                    sampled=not args.no_sample, warmup=args.warmup, budget_s=args.budget_s)
     tags = ("_fa4-disk-cache" if args.fa4_disk_cache else "") + ("_unsampled" if args.no_sample else "") \
         + ("_wait" if args.warmup == "wait" else "")
-    stem = args.out / f"first-call-{date}{tags}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, records))
+    stem = args.out / f"first-call-{meta['date']}{tags}"
+
+    def save(records: list[dict]) -> None:
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        stem.with_suffix(".md").write_text(markdown(meta, records))
+
+    def env_of(scratch: str) -> dict:
+        env = dict(os.environ, TRITON_CACHE_DIR=f"{scratch}/triton", CUTE_DSL_CACHE_DIR=f"{scratch}/cute-dsl",
+                   PYTHONPYCACHEPREFIX=pycache, SPARSECORE_WARMUP=args.warmup)
+        if args.fa4_disk_cache:
+            env.update(FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1", FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=f"{scratch}/fa4")
+        return env
+
+    records = run_children(args.cases, env_of, not args.no_sample, deadline, save)
     print(markdown(meta, records))
     return 1 if any("error" in r for r in records) else 0
 

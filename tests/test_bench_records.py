@@ -1,14 +1,16 @@
 """What the benchmark scripts under ``bench/`` record beside their timings, checked on CPU: the date, machine and
 package versions of every result (``bench/report.py``'s ``run_meta``), what an eff TFLOP/s counts on a mask that
-approximates its unselected blocks (``report.eff_tflops``), and the selection table's densities and rates
-(``bench/cuda_benchmark.py``)."""
+approximates its unselected blocks (``report.eff_tflops``), the selection table's densities and rates
+(``bench/cuda_benchmark.py``), and ``bench/first_call_probe.py``'s time budget (its children faked: no GPU here)."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,51 @@ def test_eff_tflops_says_when_it_leaves_the_approximation_out(unselected):
         assert set(rate) == {"eff_tflops"}
     else:
         assert "kept blocks only" in rate["eff_tflops_counts"] and "approximation" in rate["eff_tflops_counts"]
+
+
+def first_call_run(tmp_path, monkeypatch, child_s: float, argv: list[str]) -> tuple[dict, list[float]]:
+    """``first_call_probe``'s parent on a fake clock, every child taking ``child_s`` (cut at its time limit):
+    the report it wrote and the limits the children got."""
+    probe = load_script("first_call_probe")
+    now, limits = [0.0], []
+
+    def child(case, result, env, sample, timeout_s):
+        limits.append(timeout_s)
+        now[0] += min(child_s, timeout_s)
+        if child_s > timeout_s:
+            return {"case": case, "error": f"no result within {timeout_s:.0f} s"}
+        times = dict.fromkeys(("imports_s", "cuda_start_s", "compile_s", "first_call_s", "second_call_s",
+                               "new_mask_first_call_s", "new_length_first_call_s"), 1.0)
+        return {"case": case, "what": probe.CASES[case], "backend": "triton", "new_mask_backend": "fa4",
+                "new_length_backend": "triton", **times}
+
+    def bytecode(pycache):
+        now[0] += 20.0
+
+    monkeypatch.setattr(probe, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(probe, "run_child", child)
+    monkeypatch.setattr(probe, "bytecode_pass", bytecode)
+    monkeypatch.setattr(sys, "argv", ["first_call_probe.py", "--out", str(tmp_path), "--pycache", str(tmp_path)]
+                        + argv)
+    probe.main()
+    (written,) = tmp_path.glob("first-call-*.json")
+    return json.loads(written.read_text()), limits
+
+
+def test_first_call_probe_default_fits_a_device_call(tmp_path, monkeypatch):
+    report, limits = first_call_run(tmp_path, monkeypatch, 105.0, [])   # the docstring's longest usual process
+    assert 20.0 + sum(min(105.0, limit) for limit in limits) <= 500.0
+    assert [r["caches"] for r in report["records"]] == ["empty", "kept"] * (len(limits) // 2)
+    assert not [r for r in report["records"] if "error" in r] and len(report["records"]) >= 4
+
+
+def test_first_call_probe_keeps_to_its_budget_and_names_what_it_did_not_run(tmp_path, monkeypatch):
+    cases = ["lvsa", "adaspa", "random", "adaspa6x"]
+    report, limits = first_call_run(tmp_path, monkeypatch, 400.0, ["--cases", *cases, "--budget-s", "500"])
+    assert 20.0 + sum(limits) <= 500.0                                   # every hung child cut within the budget
+    records = report["records"]
+    assert [(r["case"], r["caches"]) for r in records] == [(c, k) for c in cases for k in ("empty", "kept")]
+    not_run = [r for r in records if r["error"].startswith("not run")]
+    assert len(not_run) == len(records) - len(limits) >= 6
+    assert all(f"--cases {r['case']}" in r["error"] for r in not_run)
+    assert report["meta"]["budget_s"] == 500.0 and report["meta"]["versions"]["torch"]
