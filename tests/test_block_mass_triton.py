@@ -122,6 +122,31 @@ def test_cuda_tensors_dispatch_to_the_triton_kernel():
     assert result.impl == "triton"
 
 
+@pytest.mark.parametrize("heads, q_offsets, kv_offsets", [((2, 2), [0, 64, 128, 130], [0, 64, 128, 130]),
+                                                         ((4, 2), [0, 50, 90], [0, 30, 100, 120])])
+def test_bf16_under_the_interpreter_takes_the_torch_pass_with_float64_masses(triton_device, heads, q_offsets,
+                                                                             kv_offsets):
+    """Triton's interpreter multiplies bf16 bit patterns in ``tl.dot`` (triton-lang/triton#11584): the kernel gave
+    infinite masses on CPU. Under the interpreter the kernel and the fused pass refuse bf16 and the search takes the
+    torch pass, whose masses are the float64 softmax's (the bf16 inputs are exact in float64)."""
+    if triton_device != "cpu":
+        pytest.skip("a GPU without TRITON_INTERPRET runs bf16 in the kernel (test_cuda_tensors_dispatch_...)")
+    gen = torch.Generator().manual_seed(17)
+    q_offsets, kv_offsets = np.array(q_offsets), np.array(kv_offsets)
+    q = torch.randn(1, heads[0], int(q_offsets[-1]), 32, generator=gen).bfloat16()
+    k, v = (torch.randn(1, heads[1], int(kv_offsets[-1]), 32, generator=gen).bfloat16() for _ in range(2))
+    reason = triton_block_mass.supports(q, k, q_offsets, kv_offsets)
+    assert reason is not None and "bfloat16" in reason and "interpreter" in reason
+    assert search_attention.supports(q, k, v, q_offsets, kv_offsets) == reason
+    with pytest.raises(ValueError, match="impl='triton' cannot take these inputs: bfloat16 under Triton's CPU"):
+        block_mass(q, k, q_offsets, kv_offsets, impl="triton")
+    want = mass_float64(q, k, q_offsets, kv_offsets)
+    _, fused = dense_attention_with_mass(q, k, v, q_offsets, kv_offsets)
+    for found in (block_mass(q, k, q_offsets, kv_offsets), fused):
+        assert found.impl == "torch"
+        np.testing.assert_allclose(found.mass.double().numpy(), want, rtol=1e-4, atol=1e-6)
+
+
 
 # ------------------------------------------------------------------ the first search step in one pass
 def dense_float64(q, k, v):

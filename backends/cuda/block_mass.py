@@ -75,6 +75,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets
         return f"head_dim {q.shape[-1]} is not one of {HEAD_DIMS}"
     if q.dtype not in DTYPES or k.dtype != q.dtype:
         return f"dtype {q.dtype}/{k.dtype} is not one of fp16, bf16, fp32 (same for q and k)"
+    interpreted_dtype = interpreter.dtype_problem(q.dtype)
+    if interpreted_dtype:
+        return interpreted_dtype
     if not interpreter.active() and not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
     if not interpreter.active() and q.device.type == "cuda":

@@ -1,7 +1,7 @@
 """Whether Triton kernels run in Triton's CPU interpreter, and the emulation switch the tests use.
 
 Under ``TRITON_INTERPRET=1`` Triton runs kernels on CPU tensors (fp16/fp32 only: the
-interpreter's bf16 dot is wrong). Inside :func:`emulating` the CUDA lowerings that use
+interpreter's bf16 dot is wrong, :func:`dtype_problem`). Inside :func:`emulating` the CUDA lowerings that use
 Triton accept CPU tensors, which is how CPU CI runs the property suite on them.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import Iterator
+
+import torch
 
 from sparsecore import registry
 
@@ -36,6 +38,16 @@ def emulating() -> Iterator[None]:
     finally:
         _EMULATING = previous
         registry.changed()
+
+
+def dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why a Triton kernel's dot products cannot run on ``dtype`` here (None: they can): Triton's CPU interpreter
+    stores bfloat16 as its bits and multiplies those in ``tl.dot`` (triton-lang/triton#11584, not supported upstream),
+    so under ``TRITON_INTERPRET=1`` (or inside :func:`emulating`) bf16 inputs take another path."""
+    if dtype == torch.bfloat16 and (interpreting() or _EMULATING):
+        return ("bfloat16 under Triton's CPU interpreter (TRITON_INTERPRET=1): its bf16 dot multiplies bit patterns "
+                "(triton-lang/triton#11584); fp16 and fp32 run, or a GPU without TRITON_INTERPRET")
+    return None
 
 
 def tensor_device_problem(device: str, tensor_device: str) -> str | None:

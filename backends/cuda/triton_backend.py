@@ -36,7 +36,8 @@ class TritonBackend(Backend):
     row_top = RowTopOp(run=row_top.run, supports=row_top.supports)
 
     def __init__(self) -> None:
-        dtypes = {"float16", "float32"} if interpreter.interpreting() else {"float16", "bfloat16", "float32"}
+        dtypes = {name for name in ("float16", "bfloat16", "float32")
+                  if interpreter.dtype_problem(getattr(torch, name)) is None}
         self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
                                          head_dims=frozenset({16, 32, 64, 128}), unselected=frozenset(KINDS))
 
