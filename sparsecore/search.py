@@ -25,7 +25,7 @@ sums kept until the LSE is known), else from the two passes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -185,11 +185,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     The first that takes the inputs: a registered backend's :class:`~sparsecore.registry.DenseOp`
     (on an H200, FlashAttention-4's dense forward, measured 1.09-1.30x cuDNN's: ``backends/cuda/fa4_dense.py``);
-    on CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up to 128),
-    torch's ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp`` (the kernel the model's
-    own SDPA runs, the LSE at no extra cost); elsewhere sparsecore's kernel for a full mask (one block
-    per side). :func:`dense_impl` names which; inside ``faster_dense_allowed(False)`` the backends' dense ops
-    are skipped (cuDNN first).
+    on CUDA, where its cuDNN kernel takes the inputs (fp16/bf16, head dim a multiple of 8 up to 128, and torch's
+    ``can_use_cudnn_attention`` on the call's tensors: :func:`cudnn_or_full_mask`), torch's
+    ``_scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp`` (the kernel the model's own SDPA runs, the
+    LSE at no extra cost); elsewhere sparsecore's kernel for a full mask (one block per side). :func:`dense_impl`
+    names which; inside ``faster_dense_allowed(False)`` the backends' dense ops are skipped (cuDNN first).
     """
     shape = attention_shape(q, k, v)
     scale = check_scale(scale, shape.head_dim)
@@ -214,11 +214,30 @@ def dense_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     found = faster_dense(q, k, v) if _FASTER.get() else None
     if found is not None:
         return found[0]
-    head_dim = q.shape[-1]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128 \
-            and torch.backends.cuda.cudnn_sdp_enabled():
-        return "cudnn"
+    return cudnn_or_full_mask(q.is_cuda, q.dtype, q.shape[-1], torch.backends.cuda.cudnn_sdp_enabled(),
+                              lambda: cudnn_takes(q, k, v))
+
+
+def cudnn_or_full_mask(is_cuda: bool, dtype: torch.dtype, head_dim: int, enabled: bool,
+                       torch_takes: Callable[[], bool]) -> str:
+    """``"cudnn"`` where torch's cuDNN attention runs the dense pass, else ``"full mask"``: CUDA, fp16/bf16, a head
+    dim that is a multiple of 8 up to 128 (the range tested here), cuDNN SDPA enabled, and torch's own verdict
+    (``torch_takes``, asked last: it sees the GPU, the cuDNN version, strides). Each fact alone can refuse."""
+    if is_cuda and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128 and enabled:
+        return "cudnn" if torch_takes() else "full mask"
     return "full mask"
+
+
+def cudnn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """torch's ``can_use_cudnn_attention`` on what :func:`dense_attention` hands
+    ``_scaled_dot_product_cudnn_attention``: no mask, no dropout, not causal, and for GQA keys and values repeated to
+    every query head (contiguous, as ``repeat_interleave`` gives them). The check reads shapes, strides, dtype and
+    device only, so a GQA call asks on an uninitialised stand-in of the repeated shape: no copy, no kernel, freed
+    before the repeat."""
+    if k.shape[1] != q.shape[1]:
+        k = v = torch.empty(k.shape[0], q.shape[1], *k.shape[2:], dtype=k.dtype, device=k.device)
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)         # enable_gqa False: repeated
+    return bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
 
 
 def faster_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, DenseOp] | None:

@@ -22,7 +22,8 @@ from tolerances import LSE_ABS, OUT_REL
 from sparsecore.backends.cuda import fa4_dense
 from sparsecore.integrations import diffusers as sparse
 from sparsecore.registry import DenseOp, registered_backends
-from sparsecore.search import dense_attention, dense_impl
+from sparsecore import search
+from sparsecore.search import cudnn_or_full_mask, dense_attention, dense_impl, faster_dense_allowed
 
 
 def oracle_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool):
@@ -275,6 +276,94 @@ def test_the_faster_dense_op_takes_the_valid_prefix_and_gives_padding_rows_zero(
 def test_bad_dense_attention_settings_are_refused(value):
     with pytest.raises(ValueError, match="dense_attention"):
         sparse.apply(CASES["wan"].build(), method="lvsa", device="cpu", dense_attention=value)
+
+
+@pytest.mark.parametrize("is_cuda, dtype, head_dim, enabled, verdict, want", [
+    (True, torch.bfloat16, 128, True, True, "cudnn"),
+    (True, torch.float16, 64, True, True, "cudnn"),
+    (True, torch.bfloat16, 128, True, False, "full mask"),         # torch's cuDNN refuses (GPU, cuDNN, strides)
+    (False, torch.bfloat16, 128, True, None, "full mask"),
+    (True, torch.float32, 128, True, None, "full mask"),
+    (True, torch.float16, 60, True, None, "full mask"),
+    (True, torch.float16, 256, True, None, "full mask"),
+    (True, torch.float16, 64, False, None, "full mask"),
+])
+def test_cudnn_runs_only_where_every_fact_and_torchs_verdict_allow_it(is_cuda, dtype, head_dim, enabled, verdict,
+                                                                        want):
+    """torch's verdict decides among the inputs the rest allow, and is not asked (no SDPAParams built) otherwise."""
+    asked = []
+
+    def torch_takes():
+        asked.append(True)
+        return verdict
+
+    assert cudnn_or_full_mask(is_cuda, dtype, head_dim, enabled, torch_takes) == want
+    assert asked == ([True] if verdict is not None else [])
+
+
+class ClaimsCuda(torch.Tensor):
+    """A CPU tensor that answers ``is_cuda`` True: dense_impl's CUDA branch on a machine without a GPU."""
+
+    is_cuda = True
+
+
+@pytest.mark.parametrize("verdict, want", [(True, "cudnn"), (False, "full mask")])
+@pytest.mark.parametrize("group", [1, 3])
+def test_dense_impl_asks_torchs_cudnn_check_on_the_tensors_the_call_passes(monkeypatch, verdict, want, group):
+    """cuDNN was named on CUDA for fp16/bf16 and head dims 8..128 whatever torch's cuDNN takes (GQA head counts,
+    strides, compute capability, cuDNN version). Now torch is asked, on what ``_scaled_dot_product_cudnn_attention``
+    gets: q as given, keys and values repeated to every query head (contiguous), no mask, dropout or causality."""
+    seen = []
+
+    def can_use_cudnn_attention(params, debug=False):
+        seen.append(params)
+        return verdict
+
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", can_use_cudnn_attention)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    q, k, v = (t.to(torch.bfloat16) for t in inputs(group=group, heads=6, dim=64))
+    q = q.transpose(2, 3).contiguous().transpose(2, 3).as_subclass(ClaimsCuda)     # strides as given, not contiguous
+    with faster_dense_allowed(False):
+        assert dense_impl(q, k, v) == want
+    (params,) = seen
+    assert params.query.data_ptr() == q.data_ptr() and params.query.stride() == q.stride()
+    assert params.attn_mask is None and params.dropout == 0.0 and not params.is_causal and not params.enable_gqa
+    repeated = k.repeat_interleave(group, dim=1)
+    for given, original in ((params.key, k), (params.value, v)):
+        assert given.shape == repeated.shape and given.stride() == repeated.stride() and given.dtype == k.dtype
+        assert (given.data_ptr() == original.data_ptr()) == (group == 1)          # MHA: the tensors themselves
+
+
+def test_cudnn_check_is_not_asked_off_cuda(monkeypatch):
+    monkeypatch.setattr(search, "cudnn_takes", lambda *args: pytest.fail("torch's cuDNN check asked for CPU inputs"))
+    q, k, v = (t.half() for t in inputs(dim=64))
+    with faster_dense_allowed(False):
+        assert dense_impl(q, k, v) == "full mask"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dim, group", [(128, 1), (64, 1), (64, 2), (128, 4)])
+def test_the_cudnn_dense_pass_matches_the_float64_oracle_on_a_gpu(dtype, dim, group):
+    """The search's dense pass where cuDNN runs it (the backends' faster ops off): out and LSE against the float64
+    oracle on odd lengths, MHA and GQA (keys repeated before cuDNN), head dims 64 and 128."""
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch.cuda.is_available() is False in torch {torch.__version__}: cuDNN attention runs on CUDA")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, 1031, dim, generator=gen)
+    k, v = (torch.randn(1, 4 // group, 777, dim, generator=gen) for _ in range(2))
+    q, k, v = (t.to("cuda", getattr(torch, dtype)) for t in (q, k, v))
+    with faster_dense_allowed(False):
+        impl = dense_impl(q, k, v)
+        out, lse = dense_attention(q, k, v, 0.1)
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert impl == "cudnn"                       # H100/H200: torch's cuDNN takes these (what the lead measures)
+    tokens = np.ones((4, 1031, 777), dtype=bool)
+    want_out, want_lse = oracle_attention(*(t.double().cpu().numpy() for t in (q, k, v)), tokens, 0.1)
+    got = out.double().cpu().numpy()
+    assert out.shape == q.shape and lse.shape == (1, 4, 1031) and lse.dtype == torch.float32
+    assert np.linalg.norm(got - want_out) / np.linalg.norm(want_out) <= OUT_REL[dtype], impl
+    assert np.abs(lse.double().cpu().numpy() - want_lse).max() / max(1.0, np.abs(want_lse).max()) <= LSE_ABS[dtype], \
+        impl
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
