@@ -13,8 +13,8 @@ only pass 2 runs) they are approximate. The papers' ``Log(qk - LSE)`` in Alg. 1 
 
 One function, :func:`block_mass`, runs the pass of the first backend whose
 :class:`~sparsecore.registry.BlockMassOp` takes the inputs (the Triton kernel on CUDA),
-else ``torch_block_mass`` on any torch device, in query chunks: memory is the
-``[B, H, MB, NB]`` result plus ``max_elements`` scores. A fresh LSE ("pass 1") comes from
+else ``torch_block_mass`` on any torch device, in steps of keys x query rows: memory is the
+``[B, H, MB, NB]`` result plus a step's ``max_elements`` converted keys and scores. A fresh LSE ("pass 1") comes from
 :func:`dense_attention`. AdaSpa's first search step as the paper runs it (``first_search="fused"``)
 needs the dense output as well:
 :func:`dense_attention_with_mass` gives output, LSE and exact masses from a backend's
@@ -89,7 +89,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: Any, kv_offsets: Any
             (all of them where every count is NB: the plain pass).
         impl: ``"auto"`` (the implementation registered for q's device type if it takes
             the inputs, else torch), ``"torch"``, or a registered implementation's name.
-        max_elements: scores held at once by the torch implementation.
+        max_elements: converted keys, and scores, held at once by the torch implementation.
 
     Returns:
         :class:`BlockMass` with ``mass`` float32 ``[B, H, MB, NB]`` and the ``lse`` used.
@@ -258,39 +258,58 @@ def dense_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> t
 
 def torch_block_mass(q: torch.Tensor, k: torch.Tensor, q_offsets: np.ndarray, kv_offsets: np.ndarray,
                      lse: torch.Tensor, scale: float, *, max_elements: int = 1 << 24) -> torch.Tensor:
-    """The portable pass: query chunks through all heads, fp32 (fp64 for fp64 inputs); ``mass [B, H, MB, NB]``.
+    """The portable pass: steps of keys x query rows through all heads, fp32 (fp64 for fp64 inputs);
+    ``mass [B, H, MB, NB]``.
 
-    ``max_elements`` bounds a chunk's scores; the keys of a batch element are held converted besides (``H_kv x L x D``:
-    a GQA group's query heads read their key head's, not a copy each)."""
-    batch, heads, q_len, _ = q.shape
-    kv_len, group = k.shape[2], heads // k.shape[1]
-    device = q.device
+    ``max_elements`` bounds a step's converted keys and its scores (:func:`mass_steps`): at Wan 6x a batch element's
+    keys whole in float32 were 1.16 GB, a step's are at most 64 MiB. A GQA group's query heads read their key
+    head's keys, not a copy each."""
+    batch, heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group, device = heads // num_kv_heads, q.device
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     num_q_blocks, num_kv_blocks = len(q_offsets) - 1, len(kv_offsets) - 1
     q_block = queued(np.repeat(np.arange(num_q_blocks), np.diff(q_offsets)), device)
     kv_sizes = np.diff(kv_offsets)
     uniform = int(kv_sizes[0]) if (kv_sizes[:-1] == kv_sizes[0]).all() and kv_sizes[-1] <= kv_sizes[0] else None
-    kv_block = queued(np.repeat(np.arange(num_kv_blocks), kv_sizes), device)
+    kv_block_of = np.repeat(np.arange(num_kv_blocks), kv_sizes)
+    kv_block = queued(kv_block_of, device)
+    rows_per_step, keys_per_step = mass_steps(heads, num_kv_heads, kv_len, head_dim, max_elements, uniform)
+    if uniform is not None and keys_per_step < kv_len and keys_per_step % uniform:
+        uniform = None                                  # a block wider than a step's keys: summed by block index
     mass = torch.zeros(batch, heads, num_q_blocks, num_kv_blocks, dtype=compute, device=device)
-    chunk = max(1, max_elements // (heads * kv_len))
     for b in range(batch):
-        keys = k[b].to(compute).transpose(1, 2)                                      # [H_kv, D, L_kv]
-        for start in range(0, q_len, chunk):
-            rows = slice(start, min(q_len, start + chunk))
-            queries = q[b, :, rows].to(compute).unflatten(0, (heads // group, group))    # [H_kv, G, c, D]
-            scores = (torch.matmul(queries.flatten(1, 2), keys) * scale).unflatten(1, queries.shape[1:3]) \
-                .flatten(0, 1)                                                       # [H, c, L_kv]
-            row_lse = lse[b, :, rows].to(compute)
-            infinite = torch.isinf(row_lse)                          # such rows add nothing; NaN rows stay NaN
-            probs = torch.exp(scores - torch.where(infinite, float("inf"), row_lse)[..., None])
-            if uniform is not None:                                                  # pad keys to NB * block
-                pad = num_kv_blocks * uniform - kv_len
-                probs = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (num_kv_blocks, uniform)).sum(-1)
-            else:
-                probs = torch.zeros(*probs.shape[:2], num_kv_blocks, dtype=compute, device=device).index_add_(
-                    2, kv_block, probs)
-            mass[b].index_add_(1, q_block[rows], probs)
+        for key_start in range(0, kv_len, keys_per_step):
+            cols = slice(key_start, min(kv_len, key_start + keys_per_step))
+            keys = k[b, :, cols].to(compute).transpose(1, 2)                             # [H_kv, D, c_kv]
+            first, last = int(kv_block_of[cols.start]), int(kv_block_of[cols.stop - 1]) + 1     # blocks it touches
+            for start in range(0, q_len, rows_per_step):
+                rows = slice(start, min(q_len, start + rows_per_step))
+                queries = q[b, :, rows].to(compute).unflatten(0, (num_kv_heads, group))      # [H_kv, G, c, D]
+                scores = (torch.matmul(queries.flatten(1, 2), keys) * scale).unflatten(1, queries.shape[1:3]) \
+                    .flatten(0, 1)                                                   # [H, c, c_kv]
+                row_lse = lse[b, :, rows].to(compute)
+                infinite = torch.isinf(row_lse)                      # such rows add nothing; NaN rows stay NaN
+                probs = torch.exp(scores - torch.where(infinite, float("inf"), row_lse)[..., None])
+                if uniform is not None:                      # steps start on a block: pad keys to whole blocks
+                    pad = (last - first) * uniform - probs.shape[-1]
+                    probs = torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (last - first, uniform)).sum(-1)
+                else:
+                    probs = torch.zeros(*probs.shape[:2], last - first, dtype=compute, device=device).index_add_(
+                        2, kv_block[cols] - first, probs)
+                mass[b, :, :, first:last].index_add_(1, q_block[rows], probs)
     return mass.float()
+
+
+def mass_steps(heads: int, num_kv_heads: int, kv_len: int, head_dim: int, max_elements: int,
+               block: int | None) -> tuple[int, int]:
+    """(query rows, keys) a step of :func:`torch_block_mass` takes: its converted keys ``num_kv_heads x keys x
+    head_dim`` and its scores ``heads x rows x keys`` each within ``max_elements`` (their exponentials and block sums
+    as many again), keys in whole ``block``s where one fits; at least one row and one key (or block)."""
+    keys = min(kv_len, max(1, max_elements // max(num_kv_heads * head_dim, heads)))     # a row's scores fit too
+    if block is not None and block <= keys < kv_len:
+        keys -= keys % block
+    return max(1, max_elements // (heads * keys)), keys
 
 
 def _offsets(value: Any, field: str) -> np.ndarray:

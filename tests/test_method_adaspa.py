@@ -19,7 +19,7 @@ from sparsecore import BlockMask, Capabilities, registry
 from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import HeadShard, adaspa
 from sparsecore.quality import attention_fidelity
-from sparsecore.search import block_mass, torch_block_mass
+from sparsecore.search import block_mass, mass_steps, torch_block_mass
 from sparsecore.workloads import video_qkv
 
 ANY = Capabilities(devices=("test",), array_type="numpy", dtypes=frozenset({"float64"}))
@@ -552,3 +552,81 @@ def test_the_torch_mass_pass_reads_each_key_head_for_its_query_heads(max_element
         q.double().numpy() @ np.swapaxes(np.repeat(k.double().numpy(), 2, axis=1), -1, -2) * 8 ** -0.5).sum(-1)))
     got = torch_block_mass(q, k, q_offsets, kv_offsets, lse.float(), 8 ** -0.5, max_elements=max_elements)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def lse_float64(q, k, scale):
+    """The rows' natural-log LSE in float64 (GQA keys repeated to their query heads)."""
+    keys = np.repeat(k.double().numpy(), q.shape[1] // k.shape[1], axis=1)
+    scores = q.double().numpy() @ np.swapaxes(keys, -1, -2) * scale
+    top = scores.max(-1, keepdims=True)
+    return torch.from_numpy((top + np.log(np.exp(scores - top).sum(-1, keepdims=True)))[..., 0])
+
+
+@pytest.mark.parametrize("kv_offsets", [
+    BlockMask.uniform_offsets(300, 64),                 # steps of whole 64-key blocks, a short last block
+    BlockMask.uniform_offsets(300, 16),
+    np.array([0, 7, 100, 101, 180, 300]),               # ragged: a step ends inside a block
+    np.array([0, 150, 300]),                            # blocks wider than a step's keys
+], ids=["64", "16", "ragged", "wide"])
+@pytest.mark.parametrize("max_elements", [2000, 9000])
+def test_the_torch_mass_pass_in_steps_of_keys_matches_float64(kv_offsets, max_elements):
+    """The keys are converted a step at a time (no batch element's keys whole): several key steps, each cut where
+    the blocks allow, give the float64 masses, GQA and a stale LSE included."""
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 4, 90, 16, generator=gen).half()
+    k = torch.randn(2, 2, 300, 16, generator=gen).half()
+    q_offsets = np.array([0, 30, 64, 90])
+    lse = lse_float64(q, k, 0.3) + 0.125
+    uniform = int(np.diff(kv_offsets)[0]) if len(set(np.diff(kv_offsets)[:-1])) <= 1 else None
+    _, keys = mass_steps(4, 2, 300, 16, max_elements, uniform)
+    assert keys < 300                                                   # more than one step of keys
+    got = torch_block_mass(q, k, q_offsets, kv_offsets, lse.float(), 0.3, max_elements=max_elements)
+    want = mass_float64(q, k, q_offsets, kv_offsets, lse=lse.numpy(), scale=0.3)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_torch_mass_pass_holds_no_tensor_beyond_a_step():
+    """Every tensor the pass makes (converted keys, queries, scores, their exponentials, block sums) stays within
+    ``max_elements`` besides the result: it held a batch element's keys whole in float32 (H_kv x L x D)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 40, 32, generator=gen).half()
+    k = torch.randn(1, 2, 600, 32, generator=gen).half()                   # keys: 38,400 elements
+    offs_q, offs_kv = BlockMask.uniform_offsets(40, 16), BlockMask.uniform_offsets(600, 64)
+    lse = lse_float64(q, k, 32 ** -0.5).float()
+    sizes = []
+
+    class Sizes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                         if isinstance(t, torch.Tensor))
+            return out
+
+    with Sizes():
+        got = torch_block_mass(q, k, offs_q, offs_kv, lse, 32 ** -0.5, max_elements=4096)
+    assert max(sizes) <= 4096
+    np.testing.assert_allclose(got.double().numpy(), mass_float64(q, k, offs_q, offs_kv), rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 16), st.integers(1, 8), st.integers(1, 1 << 22), st.sampled_from([8, 64, 128, 256]),
+       st.integers(1, 1 << 28), st.one_of(st.none(), st.integers(1, 4096)))
+def test_a_steps_keys_and_scores_stay_within_max_elements(num_kv_heads, group, kv_len, head_dim, max_elements, block):
+    """The step sizes for claimed shapes (nothing allocated): converted keys and scores within the limit, keys in
+    whole blocks where a block fits, at least one row and one key."""
+    heads = num_kv_heads * group
+    rows, keys = mass_steps(heads, num_kv_heads, kv_len, head_dim, max_elements, block)
+    assert 1 <= rows and 1 <= keys <= kv_len
+    per_key = max(num_kv_heads * head_dim, heads)             # a key's converted values, or a row's scores of it
+    if per_key <= max_elements:
+        assert num_kv_heads * keys * head_dim <= max_elements and heads * rows * keys <= max_elements
+    if block is not None and keys < kv_len and block * per_key <= max_elements:
+        assert keys % block == 0
+
+
+def test_a_step_at_wan_6x_holds_64_mib_of_keys_not_the_batch_elements_1_16_gb():
+    """Wan 2.1 at 6x (188,760 tokens, 12 heads, head dim 128), AdaSpa's 64-token blocks, the default limit: a step's
+    float32 keys and scores take at most 64 MiB each (the keys whole took 12 x 188,760 x 128 x 4 = 1.16 GB)."""
+    rows, keys = mass_steps(12, 12, 188_760, 128, 1 << 24, 64)
+    assert keys % 64 == 0 and 12 * keys * 128 * 4 <= 64 << 20 and 12 * rows * keys * 4 <= 64 << 20
+    assert -(-188_760 // keys) <= 20                              # a handful of key steps per batch element
