@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import secrets
 import stat
 import struct
 from pathlib import Path
@@ -44,7 +46,11 @@ TENSORS = {
 
 
 def save(mask: "BlockMask", path: Any) -> Path:
+    """Write ``mask`` to ``path`` whole or not at all (see :func:`_write_replacing`); returns ``path``."""
     path = as_path(path)
+    if path.is_dir():
+        raise ValueError(f"path: {str(path)[:200]!r} is a directory, not a file to write; pass a file path "
+                         f"such as {str(path / 'mask.safetensors')[:200]!r}")
     header: dict[str, Any] = {"__metadata__": {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -70,8 +76,29 @@ def save(mask: "BlockMask", path: Any) -> Path:
     if size > MAX_FILE_BYTES:
         raise ValueError(f"indices: the file would take {size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask file "
                          f"may hold (load refuses more); use larger blocks, or save groups of heads (select_heads)")
-    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+    _write_replacing(path, [struct.pack("<Q", len(text)), text, *chunks])
     return path
+
+
+def _write_replacing(path: Path, parts: list[bytes]) -> None:
+    """Write ``parts`` to a new file beside ``path``, flushed to disk, then rename it onto ``path``.
+
+    The rename (``os.replace``, POSIX ``rename``) is atomic: a save that fails or is stopped part way (a full
+    disk, Ctrl-C) leaves ``path`` as it was, the old mask or no file, never a truncated one, and removes its
+    temporary file. A symbolic link at ``path`` is kept: the file it points to is replaced.
+    """
+    target = path.resolve()
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with temporary.open("xb") as file:          # "x": never overwrites another file of that name
+            for part in parts:
+                file.write(part)
+            file.flush()
+            os.fsync(file.fileno())                 # the data reaches the disk before the name does
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load(path: Any) -> "BlockMask":

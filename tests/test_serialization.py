@@ -147,3 +147,55 @@ def test_serialization_module_does_not_use_pickle():
     source = inspect.getsource(module)
     assert "pickle" not in vars(module) and "import pickle" not in source
     assert "allow_pickle" not in source and "np.load(" not in source and "torch.load" not in source
+
+
+class _HalfWritten:
+    """A file whose first write stores half its bytes, then raises ``error`` (a full disk, a Ctrl-C)."""
+
+    def __init__(self, file, error: BaseException):
+        self.file, self.error = file, error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.file.write(data[:len(data) // 2])
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_interrupted_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, error):
+    """``save`` wrote the destination in place: a write stopped half way left a truncated file (load refused it)
+    where the good mask had been."""
+    from pathlib import Path
+    old = sample()
+    path = old.save(tmp_path / "m.safetensors")
+    good = path.read_bytes()
+    real_open = Path.open
+
+    def failing_open(self, mode="r", *args, **kwargs):
+        file = real_open(self, mode, *args, **kwargs)
+        return _HalfWritten(file, error) if any(c in mode for c in "wxa") else file
+
+    monkeypatch.setattr(Path, "open", failing_open)
+    new = BlockMask.from_dense(np.random.default_rng(1).random((2, 4, 4)) < 0.5, 40, 40, 10)
+    with pytest.raises(type(error)):
+        new.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and BlockMask.load(path) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    monkeypatch.setattr(Path, "open", failing_open)
+    with pytest.raises(type(error)):
+        new.save(tmp_path / "fresh.safetensors")            # nothing there before: nothing there after
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert BlockMask.load(new.save(path)) == new                # and an uninterrupted save replaces the file
+
+
+def test_save_refuses_a_directory_by_name(tmp_path):
+    with pytest.raises(ValueError, match="path: .* is a directory"):
+        sample().save(tmp_path)
