@@ -9,14 +9,16 @@ mismatch and never reports a check it did not run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.validation import thawed_meta
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 USER_ERRORS = (ValueError, TypeError, OSError)   # raised by the library on bad input; UnsupportedError included
@@ -137,8 +139,7 @@ def _show(args: argparse.Namespace) -> int:
     print(f"blocks: q {_block_summary(mask.q_block_sizes)}, kv {_block_summary(mask.kv_block_sizes)}")
     print(f"density per head: {_first(f'{d:.3f}' for d in mask.density(per_head=True))}")
     print(f"budgets per head: {_first(f'{b:.3f}' for b in mask.budgets)}")
-    meta = str(dict(mask.meta))
-    print(f"meta: {meta if len(meta) <= 400 else meta[:397] + '...'}")
+    print("\n".join(_meta_lines(mask.meta)))
     print(f"fingerprint: {mask.fingerprint()}")
     if max(mask.num_q_blocks, mask.num_kv_blocks) <= 48 and mask.num_heads <= 16:
         print(mask.to_string())
@@ -149,6 +150,21 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     print(f"picture: {png}")
     return 0
+
+
+def _meta_lines(meta: Mapping[str, Any], keys: int = 24, width: int = 160) -> list[str]:
+    """``meta`` as ``key: value`` lines, each value as the JSON the file holds (not Python's reprs of the read-only
+    copy a mask keeps: ``mappingproxy``, tuples, ``None``); at most ``keys`` lines of ``width`` characters."""
+    if not meta:
+        return ["meta: {}"]
+    lines = ["meta:"]
+    for key, value in list(thawed_meta(meta).items())[:keys]:
+        name = key if key.isprintable() and key else json.dumps(key, ensure_ascii=False)   # "\n" stays escaped
+        line = f"  {name}: {json.dumps(value, ensure_ascii=False)}"
+        lines.append(line if len(line) <= width else line[:width - 3] + "...")
+    if len(meta) > keys:
+        lines.append(f"  ... ({len(meta) - keys} more keys)")
+    return lines
 
 
 def _first(items, count: int = 16) -> str:

@@ -58,8 +58,29 @@ def test_show_prints_stats_and_writes_a_png(tmp_path, capsys):
     path = mask.save(tmp_path / "m.safetensors")
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "density=0.2500" in out and "'method': 'diag'" in out and mask.fingerprint() in out
+    assert "density=0.2500" in out and '\n  method: "diag"\n' in out and mask.fingerprint() in out
     assert (tmp_path / "m.png").exists()
+
+
+def test_show_prints_meta_as_json_values_not_python_reprs(tmp_path, capsys):
+    """``show`` printed ``str(dict(mask.meta))``: the read-only copy's ``mappingproxy({...})``, tuples and ``None``
+    instead of the JSON values the file holds."""
+    meta = {"method": "pasa", "density": np.float64(0.2), "window": (1, 2), "params": {"a": [1.5, None], "on": True},
+            "note": "two\nlines", "bad key\n": 1}
+    path = BlockMask.from_dense(np.eye(2, dtype=bool)[None], 20, 20, 10, meta=meta).save(tmp_path / "m.safetensors")
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    shown = out[out.index("\nmeta:\n") + 1:out.index("\nfingerprint:")].split("\n")
+    assert shown == ["meta:", '  "bad key\\n": 1', "  density: 0.2", '  method: "pasa"', '  note: "two\\nlines"',
+                     '  params: {"a": [1.5, null], "on": true}', "  window: [1, 2]"]
+    many = BlockMask.from_dense(np.eye(2, dtype=bool)[None], 20, 20, 10, meta={f"k{i:02}": "x" * 500
+                                                                                for i in range(30)})
+    assert main(["show", str(many.save(tmp_path / "many.safetensors"))]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("\nmeta:\n") + 1:out.index("\nfingerprint:")].split("\n")
+    assert len(lines) == 26 and lines[-1] == "  ... (6 more keys)" and max(map(len, lines)) <= 160
+    empty = BlockMask.from_dense(np.eye(2, dtype=bool)[None], 20, 20, 10).save(tmp_path / "empty.safetensors")
+    assert main(["show", str(empty)]) == 0 and "\nmeta: {}\n" in capsys.readouterr().out
 
 
 def test_show_reports_a_bad_file_and_exits_2(tmp_path, capsys):
