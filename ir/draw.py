@@ -11,6 +11,7 @@ side instead of drawn block by block.
 from __future__ import annotations
 
 import numbers
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 MAX_HEADS = 64          # panels in one picture
 MAX_CELLS = 1 << 16     # blocks per head drawn as quads (token-scaled); larger maps are sampled
 PIXELS = 512            # pixels per side of a sampled map
+TITLE_POINTS = 10       # font size of the figure's title
 INSTALL_MATPLOTLIB = "pip install matplotlib (or, in a sparsecore checkout, pip install '.[viz]')"
 
 
@@ -139,8 +141,26 @@ def _draw_heads(fig: Any, axes: np.ndarray, mask: "BlockMask", heads: list[int])
         ax.tick_params(labelsize=7)
     method = mask.meta.get("method", "mask")
     note = f" (sampled on {PIXELS}x{PIXELS} tokens)" if sampled else ""
-    fig.suptitle(f"{str(method)[:40]}: {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, q_len {mask.q_len}, "
-                 f"kv_len {mask.kv_len}, density {mask.density():.3f}{note}", fontsize=10)
+    title = (f"{str(method)[:40]}: {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, q_len {mask.q_len}, "
+             f"kv_len {mask.kv_len}, density {mask.density():.3f}{note}")
+    _fitted_title(fig, title)
     fig.supxlabel("key token")
     fig.supylabel("query token")
     fig.tight_layout()
+
+
+def _fitted_title(fig: Any, title: str) -> None:
+    """Set the figure's title, broken into lines no wider than the figure, as measured in its font.
+
+    One or two panels (3.2 inches each) are narrower than the title, which matplotlib would cut at both
+    edges; the caller's ``tight_layout`` then makes room for every line.
+    """
+    text = fig.suptitle(title, fontsize=TITLE_POINTS)
+    renderer = fig.canvas.get_renderer()
+    room, per_line = 0.96 * fig.bbox.width, len(title)
+    while per_line > 8:              # 8 of the widest characters fit one panel: at most len(title) rounds
+        drawn = text.get_window_extent(renderer).width
+        if drawn <= room:
+            return
+        per_line = min(per_line - 1, int(per_line * room / drawn))      # characters per line, scaled to the room
+        text.set_text(textwrap.fill(title, per_line))

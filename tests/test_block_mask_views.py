@@ -146,6 +146,34 @@ def test_a_failed_render_leaves_no_figure_open(tmp_path):
     assert plt.get_fignums() == before
 
 
+@pytest.mark.parametrize("heads, q_blocks, method", [(1, 4, "diag"), (2, 4, "local_frame_window"),
+                                                      (2, 300, "local_frame_window"), (1, 300, "m" * 40),
+                                                      (2, 300, "m" * 40)])
+def test_picture_titles_fit_for_one_or_two_heads(tmp_path, monkeypatch, heads, q_blocks, method):
+    """A picture of one or two heads is one or two 3.2-inch panels wide, narrower than the figure's title: the
+    title was cut at both edges (its method name lost for one head; for two heads, a long name or a sampled map)."""
+    import matplotlib.pyplot as plt
+    seen, close = [], plt.close
+
+    def texts_of(fig):                            # the picture as saved: every title's box, in pixels
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        titles = [ax.title for ax in fig.axes if ax.axison]
+        seen.append((fig._suptitle.get_text(), fig._suptitle.get_window_extent(renderer), fig.bbox,
+                     [(t.get_text(), t.get_window_extent(renderer)) for t in titles]))
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", texts_of)
+    keep = np.random.default_rng(7).random((heads, q_blocks, q_blocks)) < 0.3
+    BlockMask.from_dense(keep, 10 * q_blocks, 10 * q_blocks, 10, meta={"method": method}).render(tmp_path / "m.png")
+    (title, box, figure, panels), = seen
+    assert "".join(title.split()).startswith(f"{method}:{q_blocks}x{q_blocks}blocks")     # broken into lines
+    assert 0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= figure.y1, (title, box, figure)
+    assert [text for text, _ in panels] == [f"head {h}: density {d:.3f}" for h, d in
+                                           enumerate(keep.mean(axis=(1, 2)))]
+    assert all(0 <= b.x0 and b.x1 <= figure.x1 and not b.overlaps(box) for _, b in panels), (box, panels)
+
+
 @given(st.integers(1, 40), st.integers(1, 9))
 def test_uniform_block_size(length, block):
     mask = BlockMask.full(1, length, length, block)
