@@ -4,10 +4,12 @@ The default shape (48 latent frames of 6x7 patches, 2 heads, head_dim 64: 2016
 tokens; 48 frames is 2.3x Wan 2.1's 21-frame training horizon, so LVSA is sparse)
 runs in seconds on a CPU. The inputs are the synthetic video-DiT-like q, k, v of
 :func:`sparsecore.workloads.video_qkv`. Each mask row reports its density, the FLOPs
-it saves, the softmax mass it keeps (recall) and its output's relative L2 error
-against dense attention without a mask (:mod:`sparsecore.quality`), the kernel's
-error against dense attention under the same mask (float64), and its time against
-dense attention without a mask (torch SDPA) on the same device. The paper methods
+its computed blocks save against dense attention (a mask that approximates the blocks
+it skips, PASA's, spends more on that pass: the table marks such rows), the softmax
+mass it keeps (recall) and its output's relative L2 error against dense attention
+without a mask (:mod:`sparsecore.quality`), the kernel's error against dense attention
+under the same mask (float64), and its time against dense attention without a mask
+(torch SDPA) on the same device. The paper methods
 (LVSA, AdaSpa, PASA) run at their defaults: LVSA at step 0, AdaSpa's first search
 (step 10), PASA's first sparse step (step 10 of 50).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -174,9 +177,10 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
         seconds = _seconds(lambda: kernel(q, k, v, scale=scale), device)
         dense_seconds = _seconds(sdpa, device)
         png = _picture(mask, out_dir / f"{name}.png", log, noted)
-        rows.append({"mask": name, "backend": kernel.backend.name, "blocks": f"{mask.num_q_blocks}x{mask.num_kv_blocks}",
-                     "density": mask.density(), "flops_saved": 1 - mask.flops(shape.head_dim) /
-                     mask.dense_flops(shape.head_dim), "recall": fidelity["recall"],
+        rows.append({"mask": name, "backend": kernel.backend.name,
+                     "blocks": f"{mask.num_q_blocks}x{mask.num_kv_blocks}", "density": mask.density(),
+                     "flops_saved": 1 - mask.flops(shape.head_dim) / mask.dense_flops(shape.head_dim),
+                     "unselected": str(mask.unselected), "recall": fidelity["recall"],
                      "dense_rel_err": fidelity["rel_l2"], "max_err": max_err, "rel_err": rel_err,
                      "ms": seconds * 1e3, "dense_sdpa_ms": dense_seconds * 1e3, "png": png})
     (out_dir / "demo.json").write_text(json.dumps({"device": device, "dtype": str(dtype), "shape": vars(shape),
@@ -187,18 +191,24 @@ def run_demo(out_dir: Path, device: str | None = None, shape: DemoShape = DemoSh
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows as a table, then a legend of what each column counts, wrapped to the table's width."""
     header = f"{'mask':<20}{'backend':<11}{'blocks':>8}{'density':>9}{'FLOPs saved':>13}{'recall':>8}" \
              f"{'out err':>9}{'max err':>10}{'rel err':>10}{'ms':>9}{'vs dense':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
+        approximated = "*" if r["unselected"] != "drop" else " "
         lines.append(f"{r['mask']:<20}{r['backend']:<11}{r['blocks']:>8}{r['density']:>9.3f}{r['flops_saved']:>12.1%}"
-                     f"{r['recall']:>8.3f}{r['dense_rel_err']:>9.3f}{r['max_err']:>10.1e}{r['rel_err']:>10.1e}"
-                     f"{r['ms']:>9.2f}{r['dense_sdpa_ms'] / r['ms']:>9.2f}x")
-    lines.append("recall: softmax mass of the computed blocks (a mask that approximates the others, e.g. PASA's, adds "
-                 "their estimate: its out err says how well); out err: relative L2 of the output vs dense attention "
-                 "without a mask (head means). max/rel err: the kernel against float64 dense attention under the "
-                 "same mask. "
-                 f"ms: the sparse kernel's call, median of {REPEATS} after {WARMUP} warm-up calls (planning excluded). "
-                 "vs dense: torch SDPA without a mask, timed the same way right after, / the kernel's time; "
-                 "at this small size fixed per-call costs weigh more than at video lengths.")
-    return "\n".join(lines)
+                     f"{approximated}{r['recall']:>7.3f}{r['dense_rel_err']:>9.3f}{r['max_err']:>10.1e}"
+                     f"{r['rel_err']:>10.1e}{r['ms']:>9.2f}{r['dense_sdpa_ms'] / r['ms']:>9.2f}x")
+    legend = [
+        "FLOPs saved: 1 - the computed blocks' FLOPs (4 x kept pairs x head_dim) / dense attention's. * a mask that "
+        "approximates the blocks it skips (PASA's): that pass costs FLOPs not counted here.",
+        "recall: softmax mass of the computed blocks (with the approximated blocks' estimate where a mask adds it: "
+        "its out err says how well). out err: relative L2 of the output vs dense attention without a mask (head "
+        "means).",
+        "max/rel err: the kernel against float64 dense attention under the same mask.",
+        f"ms: the sparse kernel's call, median of {REPEATS} after {WARMUP} warm-up calls (planning excluded). "
+        "vs dense: torch SDPA without a mask, timed the same way right after, / the kernel's time; at this small "
+        "size fixed per-call costs weigh more than at video lengths.",
+    ]
+    return "\n".join(lines + [textwrap.fill(entry, len(header), subsequent_indent="  ") for entry in legend])

@@ -34,10 +34,26 @@ def test_demo_rows_are_correct_on_a_tiny_shape(tmp_path):
     assert [r["mask"] for r in rows][:3] == ["dense", "local-frame-window", "random-blocks"]
     assert all(r["rel_err"] < 1e-5 for r in rows)
     assert "FLOPs saved" in format_table(rows)
+    assert {r["mask"]: r["unselected"] for r in rows}["pasa"].startswith("grouped-first-order")   # its default
     indexed = run_demo(tmp_path, device="cpu:0", shape=DemoShape(frames=2, height=2, width=4, heads=1, head_dim=8),
                        log=lambda s: None)                     # an indexed CPU device runs float32 too, not bf16
     assert json.loads((tmp_path / "demo.json").read_text())["dtype"] == "torch.float32"
     assert all(r["rel_err"] < 1e-5 for r in indexed)
+
+
+def test_the_demo_table_says_its_flops_leave_out_the_approximation_pass():
+    """PASA's row said "FLOPs saved" as its kept blocks alone save them, with no word of the pass that approximates
+    the blocks it skips (grouped first-order, FLOPs of its own): the saving was overstated."""
+    row = {"backend": "portable", "blocks": "4x4", "density": 0.5, "flops_saved": 0.5, "recall": 0.9,
+           "dense_rel_err": 0.1, "max_err": 1e-6, "rel_err": 1e-7, "ms": 1.0, "dense_sdpa_ms": 2.0}
+    table = format_table([{**row, "mask": "adaspa", "unselected": "drop"},
+                          {**row, "mask": "pasa", "unselected": "grouped-first-order:32"}]).splitlines()
+    width = len(table[0])
+    assert re.search(r" 50\.0% ", table[2]) and re.search(r" 50\.0%\* ", table[3])      # only the approximating row
+    assert len(table[2]) == len(table[3]) and all(len(line) <= width for line in table[4:])     # columns aligned
+    legend = " ".join(" ".join(table[4:]).split())
+    assert "FLOPs saved: 1 - the computed blocks' FLOPs" in legend
+    assert "* a mask that approximates the blocks it skips (PASA's): that pass costs FLOPs not counted here" in legend
 
 
 def test_demo_compiles_in_the_wait_warm_up_mode(tmp_path, monkeypatch):
