@@ -46,7 +46,7 @@ TENSORS = {
 
 
 def save(mask: "BlockMask", path: Any) -> Path:
-    """Write ``mask`` to ``path`` whole or not at all (see :func:`_write_replacing`); returns ``path``."""
+    """Write ``mask`` to ``path`` whole or not at all (see :func:`write_replacing`); returns ``path``."""
     path = as_path(path)
     if path.is_dir():
         raise ValueError(f"path: {str(path)[:200]!r} is a directory, not a file to write; pass a file path "
@@ -76,11 +76,11 @@ def save(mask: "BlockMask", path: Any) -> Path:
     if size > MAX_FILE_BYTES:
         raise ValueError(f"indices: the file would take {size:,} bytes, more than the {MAX_FILE_BYTES:,} a mask file "
                          f"may hold (load refuses more); use larger blocks, or save groups of heads (select_heads)")
-    _write_replacing(path, [struct.pack("<Q", len(text)), text, *chunks])
+    write_replacing(path, [struct.pack("<Q", len(text)), text, *chunks])
     return path
 
 
-def _write_replacing(path: Path, parts: list[bytes]) -> None:
+def write_replacing(path: Path, parts: list[bytes]) -> None:
     """Write ``parts`` to a new file beside ``path``, flushed to disk, then rename it onto ``path``.
 
     The rename (``os.replace``, POSIX ``rename``) is atomic: a save that fails or is stopped part way (a full

@@ -76,6 +76,7 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.serialization import write_replacing
 from sparsecore.ir.uploads import queued
 from sparsecore.ir.validation import check_int
 from sparsecore.noise import GumbelNoise, head_keys
@@ -158,7 +159,8 @@ class CurvatureProfile:
         """Write the profile as JSON (``{"method": "pasa", "l1_change": [...]}``, NaN as null)."""
         path = Path(path)
         data = [None if np.isnan(x) else float(x) for x in self.values]
-        path.write_text(json.dumps({"method": METHOD, "quantity": "mean |v_t - v_(t-1)|", "l1_change": data}))
+        text = json.dumps({"method": METHOD, "quantity": "mean |v_t - v_(t-1)|", "l1_change": data})
+        write_replacing(path, [text.encode()])                                           # whole or not at all
         return path
 
     @classmethod

@@ -19,10 +19,12 @@ import numbers
 import os
 from collections.abc import Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sparsecore.ir.serialization import write_replacing
 from sparsecore.ir.validation import check_index, check_int
 
 from .sta import span
@@ -125,5 +127,4 @@ def save_strategy(strategy: MaskStrategy, path: Any) -> None:
     strategy = read_strategy(strategy)
     data = {f"{step}_{layer}_{head}": list(window) for (step, layer), windows in sorted(strategy.items())
             for head, window in enumerate(windows)}
-    with open(os.fspath(path), "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=1)
+    write_replacing(Path(os.fspath(path)), [json.dumps(data, indent=1).encode()])       # whole or not at all
