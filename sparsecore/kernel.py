@@ -22,11 +22,12 @@ a call whose inputs it would run runs the kernel's next backend that takes them 
 one and runs it once on a small sample of that call; later calls, and kernels of masks of the same geometry, run it.
 ``warmup="wait"`` loads it in place at the first call.
 
-Caching. A host mask's kernels are cached by its fingerprint, bounded (:mod:`sparsecore.kernel_cache`). A device
-mask, which methods build every layer and step, is never hashed: the mask object itself holds its kernels, weakly
-(a kernel refers to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps)
-returns that kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host mask the same way (the
-diffusers integration does, for the methods' per-step masks).
+Caching. A host mask's kernels are cached by its fingerprint, bounded; an equal pattern with its own meta or budgets
+gets a kernel bound to its mask that shares the plans (:mod:`sparsecore.kernel_cache`, :mod:`.kernel_view`). A device
+mask, which methods build every layer and step, is never hashed: the mask object itself holds its kernels, weakly (a
+kernel refers to its mask), so compiling a mask again while its kernel is in use (AdaSpa's reuse steps) returns that
+kernel, and dropping the kernel frees it at once. ``cache=False`` treats a host mask the same way (the diffusers
+integration does, for the methods' per-step masks).
 """
 
 from __future__ import annotations
@@ -362,9 +363,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
                         f"{ {k: type(v).__name__ for k, v in options.items()} }") from None
     by_content = mask.on_host and cache
     key = (mask.fingerprint(), *request) if by_content else request
-    # the per-layer, per-step path: no backend probing
-    cached = kernel_cache.lookup(key) if by_content else mask.compiled_kernels.get(key)
-    if cached is not None:
+    cached = kernel_cache.lookup(key, mask) if by_content else mask.compiled_kernels.get(key)
+    if cached is not None:                       # the per-layer, per-step path: no backend probing
         return cached
     device_type(device)                                  # a cache miss: check the device string fully
     check_device_index(device)

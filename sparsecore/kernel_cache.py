@@ -24,13 +24,16 @@ _SIZES: dict[Hashable, tuple[int, int]] = {}     # a cached kernel's (listed blo
 _LOCK = threading.Lock()    # compile() from several threads (the warm-up worker is one)
 
 
-def lookup(key: Hashable) -> Any:
-    """The kernel cached under ``key``, now the most recently used (None: none)."""
+def lookup(key: Hashable, mask: Any) -> Any:
+    """The kernel for host ``mask`` cached under ``key`` (its fingerprint's), now the most recently used (None: none):
+    the cached kernel, or one bound to ``mask`` that shares it where their meta or budgets differ
+    (:func:`sparsecore.kernel_view.bound_to`)."""
+    from .kernel_view import bound_to            # noqa: PLC0415  (it subclasses the kernel, whose module uses this)
     with _LOCK:
         found = _CACHE.get(key)
         if found is not None:
             _CACHE.move_to_end(key)
-    return found
+    return None if found is None else bound_to(found, mask, key)
 
 
 def insert(key: Hashable, kernel: Any) -> None:

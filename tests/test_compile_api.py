@@ -81,11 +81,39 @@ def test_kernels_are_cached_by_structure_and_options():
     m = mask()
     first = sparsecore.compile(m, device="cpu")
     relabeled = BlockMask(m.num_heads, m.q_offsets, m.kv_offsets, m.indptr, m.indices, meta={"step": 9})
-    assert sparsecore.compile(relabeled, device="cpu") is first
+    assert sparsecore.compile(relabeled, device="cpu")._shared is first          # its own mask, first's plans
     assert sparsecore.compile(m, device="cpu", chunk_elements=1000) is not first
     sparsecore.clear_cache()
     assert sparsecore.compile(m, device="cpu") is not first
     assert "backend='portable'" in repr(first) and "device='cpu'" in repr(first)
+
+
+def test_an_equal_pattern_with_other_meta_and_budgets_reports_its_own_mask_and_lowers_nothing_new(monkeypatch):
+    """The cache keys host masks by fingerprint, which leaves out meta and budgets: compile(b) returned the kernel of
+    an equal pattern compiled before, whose .mask was that first mask (b's meta and budgets were a's). b's kernel now
+    reports b and shares a's plans: the first call lowered once, b's calls lower nothing, and both equal the oracle."""
+    portable = sparsecore.registered_backends()["portable"]
+    lowered = []
+    monkeypatch.setattr(portable, "lower", lambda mask, *args, lower=portable.lower: lowered.append(mask) or
+                        lower(mask, *args))
+    sparsecore.clear_cache()
+    keep = np.random.default_rng(7).random((2, 4, 4)) < 0.5
+    keep[:, :, 0] = True
+    a = BlockMask.from_dense(keep, 256, 256, q_block=64, meta={"method": "a"})
+    b = BlockMask.from_dense(keep, 256, 256, q_block=64, meta={"method": "b"}, budgets=np.array([0.25, 0.75]))
+    kernel_a = sparsecore.compile(a, device="cpu")
+    kernel_b = sparsecore.compile(b, device="cpu")
+    assert kernel_a.mask is a and kernel_b.mask is b and kernel_b.mask.meta == {"method": "b"}
+    assert kernel_b.mask.budgets.tolist() == [0.25, 0.75] and "method='b'" in repr(kernel_b)
+    assert sparsecore.compile(b, device="cpu") is kernel_b and isinstance(kernel_b, sparsecore.CompiledKernel)
+    assert sparsecore.compile(BlockMask.from_dense(keep, 256, 256, q_block=64, meta={"method": "a"}),
+                              device="cpu") is kernel_a                               # an equal mask: the kernel
+    q, k, v = tensors(heads=2, kv_heads=2, q_len=256, kv_len=256, dim=16)
+    want, _ = oracle_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(a), 16 ** -0.5)
+    for kernel in (kernel_a, kernel_b, kernel_b):
+        np.testing.assert_allclose(kernel(q, k, v).numpy(), want, atol=1e-5)
+    assert lowered == [a] and kernel_b.backend.name == "portable" and kernel_b.device == "cpu"
+    sparsecore.clear_cache()
 
 
 def test_uncached_kernels_of_host_masks_live_as_long_as_their_holder():
