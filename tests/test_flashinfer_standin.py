@@ -15,10 +15,12 @@ it after the test.
 
 from __future__ import annotations
 
+import gc
 import importlib.machinery
 import math
 import sys
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -195,6 +197,38 @@ def test_a_plan_is_made_once_per_scale_and_batch_and_reused(standin):
     ref_out, ref_lse = dense_attention(q64[:1], k64[:1], v64[:1], tokens, 0.5)
     assert_matches("float16", out.double().numpy(), None, ref_out, ref_lse)
     assert sum(len(w.plans) for w in standin) == 3
+
+
+def test_a_launch_keeps_only_its_most_recently_used_plans(standin):
+    """A caller varying the scale per call grew the launch's planned wrappers without bound (each holds FlashInfer's
+    8 MiB int workspace on the device, its pinned host copy and the folded lists): the launch keeps the
+    ``PLANS_KEPT`` most recently used. A scale used again is not planned again while kept; one evicted is planned
+    once more; every call matches the oracle."""
+    kept = flashinfer_backend.PLANS_KEPT
+    assert kept >= 4, "the sequence below evicts scales 2, 3 and 4 only where at least 4 are kept"
+    mask = _mask(8)
+    kernel = _compile(mask)
+    (q, k, v), (q64, k64, v64) = _inputs(torch.float16, 9)
+    tokens = expand_to_tokens(mask)
+    scales = [0.05 * (i + 1) for i in range(kept + 3)]
+
+    def call(scale: float) -> None:
+        ref_out, ref_lse = dense_attention(q64, k64, v64, tokens, scale)
+        assert_matches("float16", kernel(q, k, v, scale=scale).double().numpy(), None, ref_out, ref_lse)
+
+    for scale in scales[:kept] + [scales[0]]:       # the oldest used again: now the most recent
+        call(scale)
+    assert len(standin) == kept
+    for scale in scales[kept:] + [scales[0]]:       # 3 more evict scales 1, 2 and 3; scale 0 is still kept
+        call(scale)
+    assert len(standin) == kept + 3
+    call(scales[1])                                 # evicted: planned again (evicting scale 4)
+    assert len(standin) == kept + 4
+    made = [weakref.ref(wrapper) for wrapper in standin]
+    standin.clear()                                 # the stand-in's own list held every wrapper
+    gc.collect()
+    alive = sorted(ref().plans[-1]["sm_scale"] for ref in made if ref() is not None)
+    assert alive == pytest.approx(sorted(set(scales) - {scales[2], scales[3], scales[4]}))
 
 
 @pytest.mark.parametrize("scale", [-20.0, -0.125, 0.0])

@@ -18,7 +18,8 @@ H100 (2026-11-22, flashinfer 0.6.1) returned wrong outputs for R=2 and faulted f
 (bench/results/cuda-2026-11-22-runs/flashinfer-edge-shapes.log). FlashInfer returns
 a base-2 LSE; it is converted to natural log. Rows whose list is empty are set to
 output 0 and LSE -inf after the call (FlashInfer does not document what it writes
-there). Plans are built per (batch, dtype, head dim, scale) on first use and reused;
+there). Plans are built per (batch, dtype, head dim, scale) on first use and reused, the
+``PLANS_KEPT`` most recently used of them kept (a caller varying the scale must not pile them up);
 the folded lists are built with torch ops on the device of the mask's lists
 (FlashInfer's ``plan()`` then reads its row pointers on the host, as its API requires).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,9 @@ from sparsecore.registry import Backend, Run, UnsupportedError
 from .positive_scale import positive_scale, run_scale
 
 MAX_ROWS = 32768  # block rows of one plan: 12 heads x 2,949 64-token blocks failed on an H200 (issue 13)
+PLANS_KEPT = 4   # planned wrappers a launch keeps: a pipeline's calls vary the batch (CFG on and off), rarely more;
+#                  each holds an 8 MiB int workspace on the device, its pinned host copy and the folded lists
+#                  (BlockSparseAttentionWrapper.__init__ and plan() in flashinfer/sparse.py)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace, shared by all plans on a device
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
@@ -90,7 +95,7 @@ class FoldedHeadsLaunch:
         self.padded_q_len = mask.num_q_blocks * self.q_block
         empty = mask.row_lengths == 0
         self._empty_rows = empty.repeat_interleave(self.q_block, dim=1) if bool(empty.any()) else None
-        self._wrappers: dict[tuple, object] = {}
+        self._wrappers: OrderedDict[tuple, object] = OrderedDict()     # the most recently used last
 
     def _folded_csr(self, batch: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """indptr over rows (b, h, i) and indices into the block-diagonal key-block space (int32, on the device)."""
@@ -108,20 +113,31 @@ class FoldedHeadsLaunch:
         return indptr.to(torch.int32), folded.reshape(-1).to(torch.int32)
 
     def _wrapper(self, q: torch.Tensor, num_kv_heads: int, scale: float):
+        """The planned wrapper of calls like this one: kept from an earlier call (now the most recently used), or
+        planned here, evicting the least recently used past ``PLANS_KEPT``. Taken out and put back (each step one
+        dict operation), so threads sharing the launch never find a key another one just evicted."""
+        key = (q.shape[0], num_kv_heads, q.dtype, q.shape[-1], scale, q.device)
+        wrapper = self._wrappers.pop(key, None)
+        if wrapper is None:
+            wrapper = self._planned(q, num_kv_heads, scale)
+        self._wrappers[key] = wrapper
+        if len(self._wrappers) > PLANS_KEPT:
+            self._wrappers.popitem(last=False)
+        return wrapper
+
+    def _planned(self, q: torch.Tensor, num_kv_heads: int, scale: float):
+        """A new wrapper planned for calls like this one (heads folded into rows: the module docstring)."""
+        import flashinfer
         batch, num_heads, _, head_dim = q.shape
-        key = (batch, num_kv_heads, q.dtype, head_dim, scale, q.device)
-        if key not in self._wrappers:
-            import flashinfer
-            if q.device not in _WORKSPACES:
-                _WORKSPACES[q.device] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
-            wrapper = flashinfer.BlockSparseAttentionWrapper(_WORKSPACES[q.device], backend=self.variant)
-            indptr, indices = self._folded_csr(batch, num_kv_heads)
-            wrapper.plan(indptr, indices,
-                         M=batch * num_heads * self.padded_q_len, N=batch * num_kv_heads * self.mask.kv_len,
-                         R=self.q_block, C=self.kv_block, num_qo_heads=1, num_kv_heads=1, head_dim=head_dim,
-                         sm_scale=scale, q_data_type=q.dtype, kv_data_type=q.dtype, o_data_type=q.dtype)
-            self._wrappers[key] = wrapper
-        return self._wrappers[key]
+        if q.device not in _WORKSPACES:
+            _WORKSPACES[q.device] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
+        wrapper = flashinfer.BlockSparseAttentionWrapper(_WORKSPACES[q.device], backend=self.variant)
+        indptr, indices = self._folded_csr(batch, num_kv_heads)
+        wrapper.plan(indptr, indices,
+                     M=batch * num_heads * self.padded_q_len, N=batch * num_kv_heads * self.mask.kv_len,
+                     R=self.q_block, C=self.kv_block, num_qo_heads=1, num_kv_heads=1, head_dim=head_dim,
+                     sm_scale=scale, q_data_type=q.dtype, kv_data_type=q.dtype, o_data_type=q.dtype)
+        return wrapper
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
         """Plan the wrapper a call with these inputs and ``scale`` (None: the default, as a call computes it) would
