@@ -349,8 +349,9 @@ class BlockMask:
         """Stable SHA-256 hex digest of the structure (heads, offsets, lists, ``unselected``).
 
         Budgets and meta do not enter it: they do not change what a kernel computes, so masks that differ only
-        there share one compiled kernel. A device mask is copied to the host to be hashed (O(nnz)): the compile
-        cache keys device masks by identity instead, so hot paths never call this.
+        there share one compiled kernel's plans (each kernel reports its own mask). A device mask is copied to the
+        host to be hashed (O(nnz)): the compile cache keys device masks by identity instead, so hot paths never call
+        this.
         """
         return self._fingerprint
 
