@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from oracle import expand_to_tokens
 
+from sparsecore import BlockMask
 from sparsecore.geometry import VideoGeometry
 from sparsecore.methods import lvsa
 
@@ -255,7 +256,6 @@ def test_the_memoized_pattern_is_read_only():
 def test_a_shared_mask_gives_every_head_the_map(num_heads, budgets):
     """selection.shared_mask builds one head's lists and copies them to the others without checking them again:
     each head's token mask is the map's, its budget the map's density or the one given, and the mask is valid."""
-    from sparsecore import BlockMask
     from sparsecore.methods.selection import shared_mask
     rng = np.random.default_rng(num_heads)
     q_offsets, kv_offsets = np.array([0, 5, 12, 13, 30]), np.array([0, 7, 9, 20, 21, 26])
@@ -270,3 +270,66 @@ def test_a_shared_mask_gives_every_head_the_map(num_heads, budgets):
     assert checked == mask and not mask.indptr.flags.writeable and mask.meta["method"] == "test"
     with pytest.raises(ValueError, match="budgets"):
         shared_mask(block_map, 2, q_offsets, kv_offsets, budgets=[0.5, 1.5])
+
+
+def _covering_block_map(geometry: VideoGeometry, pattern: lvsa.FramePattern, offsets: np.ndarray) -> np.ndarray:
+    """The reference: bool ``[blocks, blocks]`` from the token map of the frame sets (video tokens see the frames
+    their frame attends to, under causal frames only their own and earlier causal blocks; text sees and is seen by
+    everything), a block pair kept when any of its token pairs is."""
+    tokens = np.arange(geometry.tokens)
+    frame = (tokens - geometry.video_start) // geometry.frame_tokens
+    video = (tokens >= geometry.video_start) & (tokens < geometry.video_start + geometry.video_tokens)
+    frame = np.where(video, frame, 0)
+    token_map = pattern.attended()[np.ix_(frame, frame)] | ~video[:, None] | ~video[None, :]
+    if geometry.causal_frames:
+        group = frame // geometry.causal_frames
+        token_map &= group[None, :] <= group[:, None]
+    rows = np.logical_or.reduceat(token_map, offsets[:-1], axis=0)
+    return np.logical_or.reduceat(rows, offsets[:-1], axis=1)
+
+
+@pytest.mark.parametrize("geometry, block_size, params", [
+    (VideoGeometry(37, 3, 5), 64, {}),                                               # 555 tokens: a short last block
+    (VideoGeometry(37, 3, 5), 7, {"window": 1, "reference_frames": 8}),
+    (VideoGeometry(29, 7, 3, text_tokens=45), 64, {"reference_frames": 9}),          # text at the end
+    (VideoGeometry(29, 7, 3, text_tokens=45), 5, {"window": 0, "first_frames": 0, "reference_frames": 6}),
+    (VideoGeometry(23, 2, 9, text_tokens=300, text_position="start"), 16, {"reference_frames": 7}),
+    (VideoGeometry(31, 2, 3), 100, {"window": 2, "reference_frames": 8}),            # a block spans several frames
+    (VideoGeometry(50, 5, 5, causal_frames=4), 64, {"reference_frames": 10}),         # blocks restart per causal block
+    (VideoGeometry(41, 3, 3, text_tokens=20, text_position="start"), None, {"reference_frames": 8}),   # frame blocks
+    (VideoGeometry(40, 4, 2), 13, {"sp_world": 4, "window": 1, "reference_frames": 12}),   # boundary guards
+])
+@pytest.mark.parametrize("step", [0, 1, 2, 5, 13])
+def test_mask_lists_are_the_token_map_of_the_frame_sets(geometry, block_size, params, step):
+    """The lists (built from runs of blocks, never a dense block map) are exactly those of the block map taken from
+    the token map of the frame sets LVSA reports, in every head; offsets, budgets and meta as the IR would give."""
+    heads = 3
+    mask = lvsa.plan(geometry, heads, step=step, layer=4, block_size=block_size, **params)
+    pattern = lvsa.frame_pattern(geometry, step, block_size=block_size, **params)
+    offsets = geometry.block_offsets(block_size)
+    want = _covering_block_map(geometry, pattern, offsets)
+    assert np.array_equal(mask.q_offsets, offsets) and np.array_equal(mask.kv_offsets, offsets)
+    assert np.array_equal(mask.indptr, (np.arange(heads)[:, None] * want.sum() + np.concatenate(
+        [[0], np.cumsum(want.sum(axis=1))])[None, :]).astype(np.int32))
+    assert np.array_equal(mask.indices, np.tile(np.nonzero(want)[1], heads).astype(np.int32))
+    assert mask.indptr.dtype == np.int32 and mask.indices.dtype == np.int32 and not mask.indices.flags.writeable
+    assert np.array_equal(mask.budgets, np.full(heads, want.mean()))
+    assert list(mask.meta["anchors"]) == pattern.anchors.tolist() and mask.meta["step"] == step
+    assert mask.meta["layer"] == 4 and mask.meta["dense"] == pattern.dense
+    assert BlockMask(heads, offsets, offsets, mask.indptr, mask.indices, mask.budgets, mask.meta) == mask   # valid
+
+
+def test_wan_6x_mask_in_64_token_blocks_is_the_cover_of_the_frame_sets():
+    """At Wan 2.1 6x (2,950 blocks of 64 tokens; no token map): block i's frames are those its tokens lie in, and
+    block pair (i, j) is kept when a frame of i attends to a frame of j, at consecutive steps of the rotation."""
+    g = VideoGeometry(121, 30, 52)
+    offsets = g.block_offsets(64)
+    touches = np.zeros((len(offsets) - 1, g.frames), dtype=np.float32)             # block i has a token of frame t
+    touches[np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)), np.arange(g.tokens) // g.frame_tokens] = 1
+    session = lvsa.session(50, block_size=64)
+    for step in (3, 4):
+        attended = lvsa.frame_pattern(g, step, block_size=64).attended().astype(np.float32)
+        want = touches @ attended @ touches.T > 0
+        mask = session.plan(g, 2, step=step)
+        assert np.array_equal(mask.indptr[0], np.concatenate([[0], np.cumsum(want.sum(axis=1))]))
+        assert np.array_equal(mask.indices, np.tile(np.nonzero(want)[1], 2))

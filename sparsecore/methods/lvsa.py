@@ -74,7 +74,7 @@ from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_
                        check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .recent import kept
-from .selection import shared_mask
+from .selection import repeated_heads
 
 METHOD = "lvsa"
 PAPER = "arXiv:2605.31057"
@@ -290,13 +290,15 @@ def _plan(geometry: VideoGeometry, num_heads: int, step: int, layer: Any, p: LVS
     video = geometry.block_frames(offsets) >= 0
     block_map[np.ix_(video, video)] = frame_map
     block_map &= causal.visible_map(geometry, offsets)         # frame-causal geometries: no later causal block
-    if p.block_size is not None:
-        offsets, block_map = _retile(offsets, block_map, fixed_block_offsets(geometry, num_heads, p.block_size))
+    fine = offsets if p.block_size is None else fixed_block_offsets(geometry, num_heads, p.block_size)
+    indptr, indices = _covering_lists(block_map, offsets, fine)
     when = {"layer": None, "step": None, "planned_at_step": step} if shared else {"layer": layer, "step": step}
     meta = {"method": METHOD, "paper": PAPER, **when, "params": vars(p),
             "geometry": geometry_meta(geometry), "anchor_interval": pattern.anchor_interval,
             "anchors": pattern.anchors.tolist(), "dense": pattern.dense}
-    mask = shared_mask(block_map, num_heads, offsets, offsets, meta=meta)
+    one = BlockMask.unchecked(1, fine, fine, indptr[None], indices, np.array([len(indices) / (len(fine) - 1) ** 2]),
+                              meta)                                # valid by construction (_covering_lists)
+    mask = repeated_heads(one, num_heads)
     return mask if pattern.dense else with_unselected(mask, unselected_of(p.approximation, 32), geometry)
 
 
@@ -350,16 +352,46 @@ def session(num_steps: int = 50, **params: Any) -> LVSASession:
     return LVSASession(num_steps, **params)
 
 
-def _retile(offsets: np.ndarray, block_map: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The frame-block map on the fixed blocks ``fixed`` (offsets): the smallest covering block map."""
-    touch = _touching(fixed, offsets).astype(np.float32)       # [fixed blocks, frame blocks]
-    retiled = (touch @ block_map.astype(np.float32) @ touch.T) > 0
-    return fixed, retiled
+def _covering_lists(block_map: np.ndarray, coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One head's CSR lists (int32 ``indptr [MB + 1]``, ``indices``) of the smallest mask on the blocks ``fine``
+    (offsets) that covers the square bool map ``block_map`` on the blocks ``coarse`` (offsets of the same tokens):
+    fine pair (i, j) is kept when any coarse pair it overlaps is.
 
-
-def _touching(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-    """bool ``[len(fine) - 1, len(coarse) - 1]``: fine block overlaps coarse block."""
+    Never a dense fine map (2,950^2 entries at Wan 6x in 64-token blocks): consecutive fine blocks that overlap the
+    same coarse blocks (a *run*; about 230 there) have the same row and column, so the map is built on runs (the
+    OR of the coarse rows, then columns, that a run overlaps: differences of prefix sums) and each kept run pair
+    written as the run's range of fine block ids. Rows are sorted, unique and in range by construction."""
     first = np.searchsorted(coarse, fine[:-1], side="right") - 1
     last = np.searchsorted(coarse, fine[1:], side="left") - 1
-    cols = np.arange(len(coarse) - 1)[None, :]
-    return (cols >= first[:, None]) & (cols <= last[:, None])
+    starts_run = np.ones(len(first), dtype=bool)
+    starts_run[1:] = (first[1:] != first[:-1]) | (last[1:] != last[:-1])
+    run_begin = np.flatnonzero(starts_run)                               # each run's first fine block
+    run_width = np.diff(np.append(run_begin, len(first)))
+    run_of_block = np.cumsum(starts_run) - 1
+    run_first, run_last = first[run_begin], last[run_begin]                # the coarse blocks each run overlaps
+    row_sums = np.zeros((block_map.shape[0] + 1, block_map.shape[1]), dtype=np.int32)
+    np.cumsum(block_map, axis=0, out=row_sums[1:])
+    run_rows = row_sums[run_last + 1] > row_sums[run_first]                # [runs, coarse blocks]
+    col_sums = np.zeros((len(run_begin), block_map.shape[1] + 1), dtype=np.int32)
+    np.cumsum(run_rows, axis=1, out=col_sums[:, 1:])
+    run_map = col_sums[:, run_last + 1] > col_sums[:, run_first]           # [runs, runs]
+    _, kept_column_runs = np.nonzero(run_map)                             # row by row, ascending
+    runs_kept = run_map.sum(axis=1)
+    first_kept = np.cumsum(runs_kept) - runs_kept
+    segment_runs = kept_column_runs[_ranges(first_kept[run_of_block], runs_kept[run_of_block])]  # fine row by row
+    counts = (run_map @ run_width)[run_of_block]                           # fine blocks each fine row keeps
+    indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr.astype(np.int32), _ranges(run_begin[segment_runs], run_width[segment_runs])
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """int32 ``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])`` (``n >= 0``) without a Python
+    loop: a running sum of ones that jumps where each nonempty range begins."""
+    ends = np.cumsum(lengths)
+    out = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+    nonempty = lengths > 0
+    starts, lengths = starts[nonempty], lengths[nonempty]
+    if len(starts):                                     # a range's first value less the last value of the one before
+        out[ends[nonempty] - lengths] = starts - np.concatenate([[0], starts[:-1] + lengths[:-1] - 1])
+    return np.cumsum(out, dtype=np.int32, out=out)

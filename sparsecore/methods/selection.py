@@ -216,10 +216,17 @@ def selection_nnz(layout: SinkLayout, heads: int, video_row_counts: int) -> int:
 def shared_mask(block_map: np.ndarray, num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray, *,
                 budgets: Any = None, meta: Mapping[str, Any] | None = None) -> BlockMask:
     """A host BlockMask whose every head has the bool ``[MB, NB]`` map: one head's lists are built and checked, the
-    others are copies of them (valid by construction, so not checked again; every head's took 1.4 s a step for LVSA's
-    64-token blocks at Wan 2.1 6x, 12 heads, on a 2-core CPU)."""
+    others are copies of them (:func:`repeated_heads`)."""
     num_heads = check_int(num_heads, "num_heads", minimum=1)
     one = BlockMask(1, q_offsets, kv_offsets, *csr.from_block_map(block_map[None]), None, meta)
+    return repeated_heads(one, num_heads, budgets)
+
+
+def repeated_heads(one: BlockMask, num_heads: int, budgets: Any = None) -> BlockMask:
+    """The host mask ``one`` (one head) for ``num_heads`` heads, its budget unless ``budgets`` are given: the other
+    heads' lists are copies (valid by construction, so not checked again; every head's took 1.4 s a step for LVSA's
+    64-token blocks at Wan 2.1 6x, 12 heads, on a 2-core CPU)."""
+    num_heads = check_int(num_heads, "num_heads", minimum=1)
     nnz = len(one.indices)
     if num_heads * nnz > INDEX_LIMIT:
         raise ValueError(f"num_heads: {num_heads} heads of {nnz:,} blocks each are more than the int32 index limit "
