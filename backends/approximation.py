@@ -17,7 +17,8 @@ Three steps, shared by the lowerings that compute it:
 2. :func:`approximate_into`: the pass over block summaries. For a chunk of query rows,
    ``s q k̄ᵀ`` is one ``[rows x blocks]`` product; listed blocks are masked out, and the
    row's own maximum makes it stable (a row whose blocks are all listed gets nothing, even where a
-   listed block's sums are not finite: its zero weight would make them NaN in the products).
+   listed block's sums are not finite: its zero weight would make them NaN in the products; so does
+   a group whose blocks the row all lists: its ``H_g``, NaN where a key is infinite, is selected out).
 3. The merge with the exact part by log-sum-exp, in place, written so that neither a
    growing maximum nor an empty side can lose mass: ``lse = logaddexp(lse_S, m + log z)``,
    ``out = exp(lse_S - lse) out_S + exp(m - lse) N_U``.
@@ -216,12 +217,11 @@ def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stat
     dtype = stats.key_means.dtype
     matrices = stats.group_matrices
     groups = 0 if matrices is None else matrices.shape[2]
-    per_row = batch * heads * (2 * num_blocks + (groups * dim if groups > 1 else dim))
+    per_row = batch * heads * (2 * num_blocks + (2 * groups * dim if groups > 1 else dim))
     step = max(1, chunk_elements // per_row)
     key_means_t = stats.key_means.transpose(-1, -2)
     if groups > 1:
         membership = torch.nn.functional.one_hot(stats.group_of_block, groups).to(dtype)     # [NB, G]
-        stacked = matrices.flatten(2, 3)                                                        # [B, Hk, G*D, D]
     for start in range(0, q_len, step):
         span = slice(start, min(q_len, start + step))
         n = span.stop - span.start
@@ -238,7 +238,11 @@ def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stat
             numerator += (scale * mass.sum(dim=-1, keepdim=True)) * (queries @ matrices[:, :, 0])
         elif groups > 1:
             per_group = mass @ membership                                                       # [B, Hk, G n, G]
-            numerator += scale * (per_group[..., None] * queries[..., None, :]).flatten(-2) @ stacked
+            # a group of listed blocks only adds no term: selected out, as 0 x a NaN H_g (an infinite key) is NaN
+            approximated = ((~listed).to(dtype) @ membership) > 0                              # [Hk, G n, G]
+            projected = (queries[:, :, None] @ matrices).transpose(2, 3)                        # [B, Hk, G n, G, D]
+            terms = torch.where(approximated[..., None], per_group[..., None] * projected, 0.0)
+            numerator += scale * terms.sum(dim=-2)
         _merge(out, lse, span, top.reshape(batch, heads, n), mass.sum(dim=-1).reshape(batch, heads, n),
                numerator.reshape(batch, heads, n, dim))
 

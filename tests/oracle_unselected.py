@@ -12,7 +12,9 @@ with ``k̄_j`` the mean key of block ``j``, ``ΣV_j`` its value sum, and ``Ĥ_j`
 ``|B_j| H / T`` ("global-first-order") or ``|B_j| H_g / T_g`` ("grouped-first-order", groups of
 ``group_blocks`` consecutive key blocks), where ``H_g = Σ_{j in g} Σ_{t in B_j} (k_t - k̄_j) v_tᵀ``
 (outer products, token by token) and ``T_g`` the tokens of the group. All exponents are taken
-relative to the row's largest term, so nothing overflows.
+relative to the row's largest term, so nothing overflows. The sums over ``j unlisted`` take only
+those blocks: a listed block adds no term, not a zero weight times its statistics (a key with an
+infinite component makes its group's ``H_g`` NaN; a row that lists the whole group stays finite).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def approximated_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, sc
                 for j in range(num_blocks):
                     w = np.exp(approx[:, j] - top)                                          # 0 where listed
                     z += w * sizes[j]
-                    n += w[:, None] * (value_sum[j][None, :] + scale * rows @ h_hat[j])
+                    term = w[:, None] * (value_sum[j][None, :] + scale * rows @ h_hat[j])
+                    n += np.where(unlisted[:, j, None], term, 0.0)       # a listed block adds no term: not 0 x NaN
                 out[b, h] = n / z[:, None]
                 lse[b, h] = top + np.log(z)
     return out, lse

@@ -285,3 +285,38 @@ def test_a_row_that_lists_every_block_ignores_sums_that_overflow(target):
     ref_out, ref_lse = approximated_attention(q64, k64, v64, mask, default_scale(64, None))
     assert np.isfinite(got[0, 0, :8]).all()
     assert_matches(target.dtype, got[:, :, :8], to_float64(lse)[:, :, :8], ref_out[:, :, :8], ref_lse[:, :, :8])
+
+
+@pytest.mark.parametrize("kind", ["zeroth", "global-first-order", "grouped-first-order:2", "grouped-first-order:4"])
+@pytest.mark.parametrize("poison", [np.inf, -np.inf])
+def test_a_row_that_lists_a_whole_group_ignores_its_non_finite_statistics(target, kind, poison):
+    """Issue 16: a key with an infinite component, which every query scores -inf (weight 0: a finite exact part, as
+    dense attention gives), makes its group's H_g NaN (k - k̄ = inf - inf). A row that lists every block of that group
+    approximates none of them, so the group adds nothing to it and the row is finite. Every implementation (the
+    oracle too) multiplied H_g by the group's zero weight, 0 x NaN, and made the row NaN. 4-block groups take the
+    interpreted Triton pass's tiles of whole groups, 2-block groups its group-by-group walk. Rows that approximate a
+    block of the group may be non-finite; they are not asserted here."""
+    rng = np.random.default_rng(16)
+    lists = [[[0, 1, 2, 3], [0, 1], [1, 5]], [[0, 1, 2, 3, 4, 5, 6], [], list(range(8))]]
+    offsets = BlockMask.uniform_offsets(64, 8)
+    mask = approximating(BlockMask.from_lists(lists, BlockMask.uniform_offsets(24, 8), offsets), kind)
+    problems = target.capabilities.mask_problems(mask) + target.capabilities.tensor_problems(
+        target.dtype, 32, 2, 1, True, approximating=True)
+    if problems:
+        pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
+    q, k, v = rng.standard_normal((3, 1, 2, 64, 32))
+    q = q[:, :, :24]
+    q[..., 0] = -np.sign(poison) * (np.abs(q[..., 0]) + 0.5)     # q·k = -inf at the poisoned key, for every query
+    k[0, 0, 9, 0] = poison                                       # token 9: block 1, in group 0 for every kind
+    size = {"zeroth": None, "global-first-order": 8}.get(kind, mask.unselected.group_blocks)
+    group = [1] if size is None else range(size)                 # zeroth: no group statistic, block 1 alone
+    whole = np.zeros((1, 2, 24), dtype=bool)                     # rows that list every block of block 1's group
+    for h, rows in enumerate(lists):
+        for i, listed in enumerate(rows):
+            whole[0, h, 8 * i:8 * (i + 1)] = set(group) <= set(listed)
+    args, (q64, k64, v64) = target.cast(q, k, v)
+    out, lse = sparsecore.compile(mask, device=target.device, backend=target.backend)(*args, return_lse=True)
+    ref_out, ref_lse = approximated_attention(q64, k64, v64, mask, default_scale(32, None))
+    assert whole.sum() == 8 * {"zeroth": 5, "global-first-order": 1, "grouped-first-order:2": 4}.get(kind, 3)
+    assert np.isfinite(ref_out[whole]).all() and np.isfinite(ref_lse[whole]).all()
+    assert_matches(target.dtype, to_float64(out)[whole], to_float64(lse)[whole], ref_out[whole], ref_lse[whole])

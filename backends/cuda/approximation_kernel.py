@@ -16,7 +16,9 @@ at Wan 6x this took the grouped pass from 60.5 to 27.2 ms against a byte per blo
 Online softmax in base 2, as the exact kernel: ``m`` the running max of ``s q·k̄_j``,
 ``z = Σ |B_j| 2^(score - m)``, ``acc = Σ 2^(score - m) ΣV_j + first-order terms``; every
 quantity (also each group's running weight ``c``) is rescaled when ``m`` grows. Once a
-group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``.
+group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``, selected,
+not multiplied, by whether the row approximates a block of the group: ``c`` is 0 where it lists them
+all, and ``H_g`` NaN where a key of the group is infinite (a row that lists the group stays finite).
 Finally the rows merge with the exact part by log-sum-exp and overwrite ``Out`` / ``Lse``.
 
 Operands (:mod:`.approximation_launch` picks them per input dtype): the means have one dtype,
@@ -39,7 +41,8 @@ def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, 
                   HEAD_DIM: tl.constexpr, SPLIT_MEANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   WORD_TILES: tl.constexpr):
     """One tile of block summaries: the new running max, the rescale ``alpha``, each unlisted block's weight
-    ``|B_j| 2^(score - m)`` (0 on listed blocks) and ``acc`` rescaled plus ``Σ 2^(score - m) ΣV_j``."""
+    ``|B_j| 2^(score - m)`` (0 on listed blocks), ``acc`` rescaled plus ``Σ 2^(score - m) ΣV_j``, and which of the
+    tile's blocks each row approximates (a weight of 0 does not say: an unlisted block's may underflow)."""
     at = (stats + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]                  # [N, D]
     score = tl.dot(q, tl.trans(tl.load(MeansHigh + at, mask=col_ok[:, None], other=0.0)),
                    input_precision=DOT_PRECISION)
@@ -50,8 +53,8 @@ def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, 
     else:
         word = tl.load(listed_rows[:, None] + (offs_n // 32)[None, :], mask=row_ok[:, None] & col_ok[None, :],
                        other=-1)
-    listed = (word >> (offs_n % 32)[None, :]) & 1
-    score = tl.where((listed == 0) & col_ok[None, :], score * qk_scale, float("-inf"))
+    approximated = (((word >> (offs_n % 32)[None, :]) & 1) == 0) & col_ok[None, :]
+    score = tl.where(approximated, score * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(score, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)                                          # 0 while nothing was seen
@@ -59,7 +62,7 @@ def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, 
     weights = p * tl.load(Sizes + offs_n, mask=col_ok, other=0.0)[None, :]
     sums = tl.load(ValueSums + at, mask=col_ok[:, None], other=0.0)
     acc = tl.dot(p.to(sums.dtype), sums, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, alpha, weights, acc
+    return m_new, alpha, weights, acc, approximated
 
 
 @triton.jit
@@ -96,7 +99,7 @@ def approximate_unselected_fwd(
     if GROUPS_PER_TILE > 0:              # each tile holds whole groups: one flat (pipelined) loop
         for j0 in range(0, num_kv_blocks, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            m_new, alpha, weights, acc = _summary_tile(
+            m_new, alpha, weights, acc, approximated = _summary_tile(
                 q, m_i, acc, listed_rows, row_ok, j0, offs_n, offs_n < num_kv_blocks, offs_d, stats, qk_scale,
                 MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
             z_i = z_i * alpha + tl.sum(weights, 1)
@@ -104,27 +107,33 @@ def approximate_unselected_fwd(
             for gi in tl.static_range(GROUPS_PER_TILE):
                 g = j0 // (BLOCK_N // GROUPS_PER_TILE) + gi
                 c = tl.sum(tl.where(member[None, :] == gi, weights, 0.0), 1)
+                used = tl.max(tl.where((member[None, :] == gi) & approximated, 1, 0), 1) > 0
                 matrix = tl.load(GroupMatrices + (first_group + g) * HEAD_DIM * HEAD_DIM + square, mask=g < num_groups,
                                  other=0.0)
-                acc += (scale * c)[:, None] * tl.dot(q_in.to(matrix.dtype), matrix, input_precision=DOT_PRECISION)
+                term = (scale * c)[:, None] * tl.dot(q_in.to(matrix.dtype), matrix, input_precision=DOT_PRECISION)
+                acc += tl.where(used[:, None], term, 0.0)
             m_i = m_new
     else:                                # walk group by group; a group's weight ``c`` rescales with the max
         for g in range(0, num_groups):
             start = g * group_blocks
             end = tl.minimum(start + group_blocks, num_kv_blocks)
             c_i = tl.zeros([BLOCK_M], tl.float32)
+            used = tl.zeros([BLOCK_M], tl.int32)             # whether the row approximates a block of the group
             for j0 in range(start, end, BLOCK_N):
                 offs_n = j0 + tl.arange(0, BLOCK_N)
-                m_new, alpha, weights, acc = _summary_tile(
+                m_new, alpha, weights, acc, approximated = _summary_tile(
                     q, m_i, acc, listed_rows, row_ok, j0, offs_n, offs_n < end, offs_d, stats, qk_scale,
                     MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
                 mass = tl.sum(weights, 1)
                 z_i = z_i * alpha + mass
                 c_i = c_i * alpha + mass
+                if FIRST_ORDER:
+                    used = tl.maximum(used, tl.max(tl.where(approximated, 1, 0), 1))
                 m_i = m_new
             if FIRST_ORDER:
                 matrix = tl.load(GroupMatrices + (first_group + g) * HEAD_DIM * HEAD_DIM + square)
-                acc += (scale * c_i)[:, None] * tl.dot(q_in.to(matrix.dtype), matrix, input_precision=DOT_PRECISION)
+                term = (scale * c_i)[:, None] * tl.dot(q_in.to(matrix.dtype), matrix, input_precision=DOT_PRECISION)
+                acc += tl.where(used[:, None] > 0, term, 0.0)
 
     # merge with the exact part: total = 2^lse2 + z 2^m, numerator = 2^lse2 out + 2^m acc (base-2 units)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om \
