@@ -2,7 +2,8 @@
 
 Written independently of every lowering: it expands the IR's lists to a token
 mask itself and runs plain softmax attention on it. A row that keeps no key gives
-output 0 and LSE -inf (the IR's rule).
+output 0 and LSE -inf (the IR's rule); a key a row does not keep does not enter it,
+whatever its key or value holds (a NaN value there leaves the row as it was).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, tokens: np.ndar
         shifted = np.where(tokens[None], np.exp(scores - row_max), 0.0)
         total = shifted.sum(axis=-1, keepdims=True)
         probs = np.where(kept, shifted / np.where(kept, total, 1.0), 0.0)
-        out = probs @ v
+        # a key a row does not list adds nothing to it, not its weight 0 times its value (0 x NaN = NaN): finite
+        # values go through one product, the non-finite ones (of the few keys that hold any) only where listed
+        finite = np.isfinite(v)
+        out = probs @ np.where(finite, v, 0.0)
+        held = np.flatnonzero(~finite.all(axis=(0, 1, 3)))                      # keys with a non-finite value
+        rest = np.where(finite, 0.0, v)[:, :, None, held]                       # [B, H, 1, K, D]
+        out += np.where(tokens[None, :, :, held, None], probs[..., held, None] * rest, 0.0).sum(axis=-2)
         lse = np.where(kept, row_max + np.log(np.where(kept, total, 1.0)), -np.inf)[..., 0]
     return out, lse
