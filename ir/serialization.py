@@ -85,9 +85,13 @@ def write_replacing(path: Path, parts: list[bytes]) -> None:
 
     The rename (``os.replace``, POSIX ``rename``) is atomic: a save that fails or is stopped part way (a full
     disk, Ctrl-C) leaves ``path`` as it was, the old mask or no file, never a truncated one, and removes its
-    temporary file. A symbolic link at ``path`` is kept: the file it points to is replaced.
+    temporary file. A symbolic link at ``path`` is kept: the file it points to is replaced, and keeps its
+    permission bits (a private file stays private).
     """
     target = path.resolve()
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"path: the folder of {str(path)[:200]!r} does not exist; create it first")
+    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else None
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
         with temporary.open("xb") as file:          # "x": never overwrites another file of that name
@@ -95,6 +99,8 @@ def write_replacing(path: Path, parts: list[bytes]) -> None:
                 file.write(part)
             file.flush()
             os.fsync(file.fileno())                 # the data reaches the disk before the name does
+        if mode is not None:
+            os.chmod(temporary, mode)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -20,15 +20,21 @@ from .kernel import CompiledKernel
 
 class BoundKernel(CompiledKernel):
     """``shared`` (a cached kernel of an equal pattern) with ``mask`` as its mask: calls, choices and plans are
-    ``shared``'s; attributes this class does not set (``device``, ``backend``, ``warmup``, ``slot``, ...) read
-    through to it."""
+    ``shared``'s; every attribute but ``mask`` (``device``, ``backend``, ``warmup``, ``slot``, ...) is read from and
+    written to it, as the calls that use them are its calls."""
 
     def __init__(self, shared: CompiledKernel, mask: BlockMask) -> None:   # no state of its own to set up
-        self._shared = shared
-        self.mask = mask
+        object.__setattr__(self, "_shared", shared)
+        object.__setattr__(self, "mask", mask)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._shared, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "mask":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._shared, name, value)
 
     def __call__(self, q: Any, k: Any, v: Any, scale: float | None = None, return_lse: bool = False) -> Any:
         return self._shared(q, k, v, scale, return_lse)
@@ -49,10 +55,11 @@ class BoundKernel(CompiledKernel):
 def bound_to(cached: CompiledKernel, mask: BlockMask, key: Hashable) -> CompiledKernel:
     """The kernel ``compile`` returns for host ``mask`` whose fingerprint found ``cached``: ``cached`` itself where
     the masks are equal (meta and budgets too: O(heads) and the meta's text), else ``mask``'s :class:`BoundKernel`
-    (made once, kept weakly by ``mask`` under ``key``)."""
+    (kept weakly by ``mask`` under ``key``, made anew where the cache has since dropped the kernel it shared: it
+    would keep a second copy of the plans outside the cache's bound)."""
     if cached.mask is mask or cached.mask == mask:
         return cached
     bound = mask.compiled_kernels.get(key)
-    if bound is None:
+    if bound is None or bound._shared is not cached:
         bound = mask.compiled_kernels[key] = BoundKernel(cached, mask)
     return bound

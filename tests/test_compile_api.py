@@ -113,6 +113,13 @@ def test_an_equal_pattern_with_other_meta_and_budgets_reports_its_own_mask_and_l
     for kernel in (kernel_a, kernel_b, kernel_b):
         np.testing.assert_allclose(kernel(q, k, v).numpy(), want, atol=1e-5)
     assert lowered == [a] and kernel_b.backend.name == "portable" and kernel_b.device == "cpu"
+    kernel_b.warmup = "wait"                              # a setting on either view is the shared kernel's
+    assert kernel_a.warmup == "wait" and kernel_b.mask is b
+    sparsecore.clear_cache()
+    again_a = sparsecore.compile(a, device="cpu")
+    again_b = sparsecore.compile(b, device="cpu")         # kept by b, but sharing the dropped kernel: bound anew
+    assert again_a is not kernel_a and again_b is not kernel_b and again_b._shared is again_a
+    assert again_b.mask is b
     sparsecore.clear_cache()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import stat
 import struct
 
 import numpy as np
@@ -194,6 +195,18 @@ def test_an_interrupted_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     assert BlockMask.load(new.save(path)) == new                # and an uninterrupted save replaces the file
+
+
+def test_a_save_over_a_private_file_keeps_it_private_and_a_missing_folder_is_named(tmp_path):
+    """The replacing save wrote a new file with the default mode over a 0o600 one, and a missing folder's error
+    named the hidden temporary file, not the path given."""
+    path = sample().save(tmp_path / "m.safetensors")
+    path.chmod(0o600)
+    sample().save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(FileNotFoundError, match=r"path: the folder of '.*nowhere/m.safetensors' does not exist"):
+        sample().save(tmp_path / "nowhere" / "m.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def test_save_refuses_a_directory_by_name(tmp_path):
