@@ -217,7 +217,9 @@ def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stat
     dtype = stats.key_means.dtype
     matrices = stats.group_matrices
     groups = 0 if matrices is None else matrices.shape[2]
-    per_row = batch * heads * (2 * num_blocks + (2 * groups * dim if groups > 1 else dim))
+    # a row's values held at once: scores and weights (and the listed flags) per block, and with groups the
+    # projections, their weighted copy and the selected terms per group
+    per_row = batch * heads * (3 * num_blocks + (3 * groups * dim if groups > 1 else dim))
     step = max(1, chunk_elements // per_row)
     key_means_t = stats.key_means.transpose(-1, -2)
     if groups > 1:
