@@ -39,7 +39,7 @@ class CheckResult:
     rel_err: float
     passed: bool
     skipped: str | None = None     # why the backend could not take the case (then nothing was checked)
-    lse_err: float = float("nan")  # the LSE's largest error over max(1, |lse|); inf where -inf rows differ
+    lse_err: float = float("nan")  # the LSE's largest error, a row's over max(1, |lse|); inf where -inf rows differ
     broken: str | None = None      # what the result breaks of the calling convention (shape, dtype, device)
 
 
@@ -131,15 +131,15 @@ def random_case(rng: np.random.Generator, head_dims: tuple[int, ...],
 
 
 def lse_error(lse: Any, ref: np.ndarray) -> float:
-    """The LSE's largest error over ``max(1, |ref|)`` on the rows that attend to something; inf where a row is -inf
-    (attends to nothing) on one side only."""
+    """The LSE's largest error, each row's over its own ``max(1, |ref|)``, on the rows that attend to something; inf
+    where a row is -inf (attends to nothing) on one side only."""
     got = to_numpy64(lse)
     if got.shape != ref.shape or not np.array_equal(np.isneginf(got), np.isneginf(ref)):
         return float("inf")
     finite = ~np.isneginf(ref)
     if not finite.any():
         return 0.0
-    return float(np.abs(got[finite] - ref[finite]).max() / max(1.0, np.abs(ref[finite]).max()))
+    return float((np.abs(got[finite] - ref[finite]) / np.maximum(1.0, np.abs(ref[finite]))).max())
 
 
 def contract_problem(out: Any, lse: Any, q: Any) -> str | None:

@@ -208,6 +208,8 @@ def test_check_draws_approximating_masks_except_for_the_definition_itself():
     ref = np.array([[0.5, -np.inf]])
     assert check.lse_error(np.array([[0.5, 2.0]]), ref) == check.lse_error(np.array([[0.5]]), ref) == np.inf
     assert check.lse_error(np.array([[0.5 + 1e-6, -np.inf]]), ref) == pytest.approx(1e-6)
+    # each row against its own size: a row of LSE 0.5 off by 3e-4 fails beside one of 40 (it passed as 7.5e-6)
+    assert check.lse_error(np.array([[0.5 + 3e-4, 40.0]]), np.array([[0.5, 40.0]])) == pytest.approx(3e-4)
 
 
 def test_the_cli_yardstick_matches_the_oracle_and_keeps_a_nan_row_nan():
