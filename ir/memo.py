@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 
@@ -38,9 +38,22 @@ class LruMemo:
                 self._items.popitem(last=False)
         return found
 
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep ``value`` for ``key`` in place of what was kept (a session's newer plan for the same place)."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """The keys, least recently used first (a copy: safe while other threads use the memo)."""
+        with self._lock:
+            return iter(list(self._items))

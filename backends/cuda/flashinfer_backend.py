@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +35,7 @@ import torch
 from sparsecore.capabilities import Capabilities
 from sparsecore.inputs import check_scale
 from sparsecore.ir import BlockMask
+from sparsecore.ir.memo import LruMemo
 from sparsecore.registry import Backend, Run, UnsupportedError
 
 from .positive_scale import positive_scale, run_scale
@@ -95,7 +95,7 @@ class FoldedHeadsLaunch:
         self.padded_q_len = mask.num_q_blocks * self.q_block
         empty = mask.row_lengths == 0
         self._empty_rows = empty.repeat_interleave(self.q_block, dim=1) if bool(empty.any()) else None
-        self._wrappers: OrderedDict[tuple, object] = OrderedDict()     # the most recently used last
+        self._wrappers = LruMemo(PLANS_KEPT)                           # shared by threads sharing the launch
 
     def _folded_csr(self, batch: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """indptr over rows (b, h, i) and indices into the block-diagonal key-block space (int32, on the device)."""
@@ -114,16 +114,9 @@ class FoldedHeadsLaunch:
 
     def _wrapper(self, q: torch.Tensor, num_kv_heads: int, scale: float):
         """The planned wrapper of calls like this one: kept from an earlier call (now the most recently used), or
-        planned here, evicting the least recently used past ``PLANS_KEPT``. Taken out and put back (each step one
-        dict operation), so threads sharing the launch never find a key another one just evicted."""
+        planned here, evicting the least recently used past ``PLANS_KEPT``."""
         key = (q.shape[0], num_kv_heads, q.dtype, q.shape[-1], scale, q.device)
-        wrapper = self._wrappers.pop(key, None)
-        if wrapper is None:
-            wrapper = self._planned(q, num_kv_heads, scale)
-        self._wrappers[key] = wrapper
-        if len(self._wrappers) > PLANS_KEPT:
-            self._wrappers.popitem(last=False)
-        return wrapper
+        return self._wrappers.get(key, lambda: self._planned(q, num_kv_heads, scale))
 
     def _planned(self, q: torch.Tensor, num_kv_heads: int, scale: float):
         """A new wrapper planned for calls like this one (heads folded into rows: the module docstring)."""

@@ -57,7 +57,6 @@ Where the paper is silent or paper and code differ, we chose:
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -67,13 +66,13 @@ import numpy as np
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 
+from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_int, frozen
 
 from . import causal
 from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_layer, check_num_steps,
                        check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
-from .recent import kept
 from .selection import repeated_heads
 
 METHOD = "lvsa"
@@ -316,7 +315,7 @@ class LVSASession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(LVSAParams, METHOD, params)
-        self._masks: OrderedDict[tuple, tuple[tuple[int, ...], BlockMask]] = OrderedDict()   # anchors, mask
+        self._masks = LruMemo(GEOMETRIES_KEPT)            # (geometry, heads, shard) -> (anchors, mask)
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense when the video fits the training horizon (every frame an anchor), else the frame pattern."""
@@ -337,10 +336,11 @@ class LVSASession:
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         anchors = tuple(_pattern(geometry, step, self.params).anchors.tolist())
         where = (geometry, num_heads, shard.start, shard.stop)
-        built, mask = kept(self._masks, where, lambda: self._build(geometry, shard, step, anchors), GEOMETRIES_KEPT)
+        built, mask = self._masks.get(where, lambda: self._build(geometry, shard, step, anchors))
         if built != anchors:                                        # a new rotation replaces this geometry's mask
-            self._masks[where] = self._build(geometry, shard, step, anchors)
-        return self._masks[where][1]
+            built, mask = self._build(geometry, shard, step, anchors)
+            self._masks.put(where, (built, mask))
+        return mask
 
     def _build(self, geometry: VideoGeometry, shard: HeadShard, step: int,
                anchors: tuple[int, ...]) -> tuple[tuple[int, ...], BlockMask]:

@@ -37,7 +37,6 @@ The number of kept blocks sizes the mask's lists, so planning reads one count ba
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +44,11 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_int
 
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_num_steps, check_qk,
                        check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
-from .recent import kept
 
 METHOD = "nabla"
 PAPER = "arXiv:2507.13546"
@@ -145,7 +144,7 @@ class NablaSession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(NablaParams, METHOD, params)
-        self._windows: OrderedDict[tuple[VideoGeometry, str], torch.Tensor] = OrderedDict()
+        self._windows = LruMemo(WINDOWS_KEPT)                    # (geometry, device) -> window map
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         check_step(step, self.num_steps)
@@ -172,8 +171,7 @@ class NablaSession:
         return BlockMask.unchecked(shard.size, offsets, offsets, indptr.to(torch.int32), indices, budgets, meta)
 
     def _window(self, geometry: VideoGeometry, device: torch.device) -> torch.Tensor:
-        return kept(self._windows, (geometry, str(device)), lambda: window_map(geometry, self.params.window, device),
-                    WINDOWS_KEPT)
+        return self._windows.get((geometry, str(device)), lambda: window_map(geometry, self.params.window, device))
 
 
 def session(num_steps: int = 50, **params: Any) -> NablaSession:

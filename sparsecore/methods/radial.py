@@ -38,7 +38,6 @@ those of the released functions (``decay_factor=1``, no dense steps or layers).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -47,12 +46,12 @@ import numpy as np
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
+from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_int, frozen
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
                        check_layer, check_num_steps, check_shard, check_step, fixed_block_offsets, geometry_meta,
                        params_from)
-from .recent import kept
 from .selection import dense_mask, shared_mask
 
 METHOD = "radial"
@@ -204,7 +203,7 @@ class RadialSession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(RadialParams, METHOD, params)
-        self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+        self._masks = LruMemo(MASKS_KEPT)                        # (geometry, heads) -> mask
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
         """Dense at the dense steps and layers and where the pattern keeps every block, else the shared mask."""
@@ -228,7 +227,7 @@ class RadialSession:
         check_step(step, self.num_steps)
         check_layer(layer)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
-        return kept(self._masks, (geometry, shard.size), lambda: self._build(geometry, shard.size), MASKS_KEPT)
+        return self._masks.get((geometry, shard.size), lambda: self._build(geometry, shard.size))
 
     def _build(self, geometry: VideoGeometry, num_heads: int) -> BlockMask:
         """The mask of ``num_heads`` heads on ``geometry``, every head the pattern's block map."""

@@ -31,7 +31,6 @@ kernel is compiled once rather than every call's mask.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -40,12 +39,12 @@ import numpy as np
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import INDEX_LIMIT, check_int, frozen
 from sparsecore.ordering import TokenOrder
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_num_steps,
                        check_shard, check_step, geometry_meta, params_from)
-from .recent import kept
 from .selection import dense_mask
 from .sta_strategy import read_strategy, triple
 
@@ -202,11 +201,10 @@ class STASession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(STAParams, METHOD, params)
-        self._masks: OrderedDict[tuple, BlockMask] = OrderedDict()
-        self._window_masks: OrderedDict[tuple, BlockMask] = OrderedDict()      # one-head masks (head_groups)
+        self._masks = LruMemo(MASKS_KEPT)                                  # (geometry, head windows) -> mask
         strategy, first = self.params.mask_strategy, self.params.dense_steps
-        self._window_limit = WINDOW_MASKS_KEPT if strategy is None else \
-            max(WINDOW_MASKS_KEPT, len(strategy.windows))                # every window (a session has one geometry)
+        self._window_masks = LruMemo(WINDOW_MASKS_KEPT if strategy is None else      # one-head masks (head_groups):
+                                     max(WINDOW_MASKS_KEPT, len(strategy.windows)))  # every window of one geometry
         if strategy is not None and first < self.num_steps:           # work in the strategy's steps, not num_steps
             listed = sorted(step for step in strategy.steps if first <= step < self.num_steps)
             if len(listed) != self.num_steps - first:
@@ -283,7 +281,7 @@ class STASession:
         grid = self._strategy_grid(geometry)
         windows = tuple(map(tuple, head_spans(windows[shard.start:shard.stop], grid).tolist()))
         check_blocks(geometry, self.params.tile, len(windows))
-        return kept(self._masks, (geometry, windows), lambda: self._heads_mask(geometry, windows), MASKS_KEPT)
+        return self._masks.get((geometry, windows), lambda: self._heads_mask(geometry, windows))
 
     def head_groups(self, geometry: VideoGeometry, mask: BlockMask) -> list[tuple[BlockMask, np.ndarray]]:
         """``mask``'s (a mask :meth:`plan` returned on ``geometry``) distinct windows as one-head masks, each with the
@@ -298,8 +296,7 @@ class STASession:
 
     def _window_mask(self, geometry: VideoGeometry, window: tuple[int, int, int]) -> BlockMask:
         """The one-head mask of ``window`` (in tiles each axis spans) on ``geometry``, kept by the session."""
-        return kept(self._window_masks, (geometry, window), lambda: self._build(geometry, window),
-                    self._window_limit)
+        return self._window_masks.get((geometry, window), lambda: self._build(geometry, window))
 
     def _heads_mask(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> BlockMask:
         """The mask of these per-head windows: each head's lists copied from its window's one-head mask (valid by
