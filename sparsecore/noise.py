@@ -29,6 +29,7 @@ MIX_2 = -7723592293110705685         # 0x94D049BB133111EB
 LOWBIAS_1 = 0x7FEB352D
 LOWBIAS_2 = -2073254261              # 0x846CA68B as int32
 MAX_ENTRIES = 1 << 31                # counters are int32
+SEED_LIMIT = 1 << 64                 # a key takes a seed's low 64 bits: a larger seed would repeat a smaller one's noise
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -66,9 +67,11 @@ def entry_key(seed: int, layer: int | None, step: int) -> int:
 
 
 def head_keys(heads: range, seed: int, layer: int | None, step: int, device: torch.device | str) -> torch.Tensor:
-    """The 32-bit key of each head: the high half of its SplitMix64 output, as int32 ``[len(heads)]``."""
+    """The 32-bit key of each head of ``heads`` (global indices, any step): the high half of its SplitMix64 output,
+    as int32 ``[len(heads)]``."""
     key = entry_key(seed, layer, step)
-    high = _shift_right(splitmix64(torch.arange(heads.start, heads.stop, dtype=torch.int64, device=device) ^ key), 32)
+    indices = torch.arange(heads.start, heads.stop, heads.step, dtype=torch.int64, device=device)
+    high = _shift_right(splitmix64(indices ^ key), 32)
     return torch.where(high >= 1 << 31, high - (1 << 32), high).to(torch.int32)
 
 

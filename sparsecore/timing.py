@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from sparsecore.ir.validation import check_int
+
 
 def _module(device: torch.device) -> Any:
     return None if device.type == "cpu" else getattr(torch, device.type, None)
@@ -79,6 +81,8 @@ class Stopwatch:
 
 def median_seconds(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 1, repeats: int = 5) -> float:
     """Median wall time of ``fn()`` on ``device`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    check_int(warmup, "warmup", 0)
+    check_int(repeats, "repeats", 1)
     for _ in range(warmup):
         fn()
     times = []

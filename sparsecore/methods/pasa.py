@@ -78,8 +78,8 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.serialization import write_replacing
 from sparsecore.ir.uploads import queued
-from sparsecore.ir.validation import check_int
-from sparsecore.noise import GumbelNoise, head_keys
+from sparsecore.ir.validation import check_index, check_int
+from sparsecore.noise import SEED_LIMIT, GumbelNoise, head_keys
 
 from . import causal
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
@@ -125,7 +125,7 @@ class PASAParams:
         if self.min_density is not None:
             set_(self, "min_density", check_fraction(self.min_density, "min_density"))
         set_(self, "noise_scale", check_fraction(self.noise_scale, "noise_scale", 0.0, math.inf))
-        set_(self, "seed", check_int(self.seed, "seed", 0))
+        set_(self, "seed", check_index(self.seed, "seed", SEED_LIMIT))    # the noise key takes 64 bits of it
         set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "group_size", check_int(self.group_size, "group_size", 1))
         set_(self, "approximation", check_approximation(self.approximation))

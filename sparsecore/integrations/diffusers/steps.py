@@ -149,7 +149,8 @@ def _relative_change(latents: tuple, seen: tuple) -> float | None:
     sample, seen = (np.tile(x, (large // len(x), 1)) for x in (sample, seen))
     if np.array_equal(sample, seen, equal_nan=True):
         return 0.0
-    diff = np.nan_to_num(sample - seen, nan=1.0)
+    both = np.isnan(sample) & np.isnan(seen)                   # equal; a NaN on one side only: a change of 1
+    diff = np.where(both, 0.0, np.nan_to_num(sample - seen, nan=1.0))
     return float(np.linalg.norm(diff) / max(float(np.linalg.norm(np.nan_to_num(seen))), 1e-30))
 
 
