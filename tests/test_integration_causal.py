@@ -305,6 +305,26 @@ def test_an_interrupted_forward_leaves_the_models_causal_setting_to_the_next_for
             assert handle.geometry.causal_frames == 2 and model.config.num_frame_per_block == 2
 
 
+def test_a_causal_block_size_the_pipeline_sets_after_an_interrupted_forward_stands():
+    """After a Ctrl-C, the next generation's pipeline set its causal block size (``_set_ar_attention(4)``) before
+    the first forward, whose hook then wrote the interrupted forward's 2 back over it: that run attended in blocks of
+    2 against the 4 asked, and the model kept 2 after remove()."""
+    model = tiny_skyreels_v2(frames_per_block=2)
+    inputs = wan_inputs(batch=1)                                       # 8 latent frames
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    block, original = model.blocks[1], model.blocks[1].forward
+
+    def interrupted_forward(*args, **kwargs):
+        raise KeyboardInterrupt
+    block.forward = interrupted_forward
+    with pytest.raises(KeyboardInterrupt):
+        forward(model, inputs, 999.0)
+    block.forward = original
+    model._set_ar_attention(4)
+    forward(model, inputs, 999.0)
+    assert handle.geometry.causal_frames == 4 and model.config.num_frame_per_block == 4
+
+
 @pytest.mark.parametrize("causal_frames, kept", [(1, False), (2, True), (4, True)])
 def test_pasas_default_approximation_is_dropped_only_where_causal_frames_hide_blocks(causal_frames, kept):
     """The integration plans PASA with 'drop' on a frame-causal geometry only where a causal block hides later frames

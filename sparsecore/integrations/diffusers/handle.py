@@ -275,9 +275,12 @@ class SparseAttentionHandle:
 
     def _restore_causal_setting(self, module: Any) -> None:
         """Put back the model's causal-block setting suspended during a forward (torch runs the post-forward hook on
-        an ``Exception`` only: after a ``KeyboardInterrupt``, the next forward or :meth:`remove` does)."""
-        if self._causal_setting and module is not None:
-            module.register_to_config(**{self.spec.causal_setting: self._causal_setting})
+        an ``Exception`` only: after a ``KeyboardInterrupt``, the next forward or :meth:`remove` does), unless the
+        setting is no longer the 1 the handle wrote: the pipeline has set its own since (SkyReels-V2's
+        ``_set_ar_attention`` at the next generation's ``causal_block_size``), which stands."""
+        setting = self.spec.causal_setting
+        if self._causal_setting and module is not None and getattr(module.config, setting, None) == 1:
+            module.register_to_config(**{setting: self._causal_setting})
         self._causal_setting = 0
 
     # ---------------------------------------------------------------- called by the processors
