@@ -250,3 +250,22 @@ def test_the_same_coordinates_are_read_once_until_they_change(monkeypatch):
         assert len(checks) == 2
     finally:
         handle.remove()
+
+
+def test_a_generation_under_inference_mode_reads_its_coordinates_at_every_forward():
+    """Serving code runs the pipeline under ``torch.inference_mode()``: its coordinates are inference tensors, which
+    have no version counter, and every forward raised reading it. They are now checked at each forward (an in-place
+    change cannot be told), and the forwards match the model's own."""
+    model = tiny_ltx2()
+    with torch.inference_mode():
+        inputs = ltx2_inputs(batch=1, model=model)
+        expected = forward(model, inputs, 999.0)
+        handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=3)
+        try:
+            torch.testing.assert_close(forward(model, inputs, 999.0), expected)      # the tiny video: dense
+            forward(model, inputs, 800.0)
+            inputs["video_coords"][:, 0] += 1.0                 # in place, unseen by a version: read again, refused
+            with pytest.raises(ValueError, match=r"video_coords: expected the coordinates"):
+                forward(model, inputs, 600.0)
+        finally:
+            handle.remove()

@@ -95,16 +95,18 @@ def ltx2_grid(module: Any, args: tuple, kwargs: dict) -> PackedGrid:
 
 class CheckedCoords:
     """The last ``video_coords`` found on their grid: a weak reference, their version and ``(sizes, batch)``. LTX-2's
-    pipelines pass one tensor to every forward of a generation, so :func:`off_grid` reads it once."""
+    pipelines pass one tensor to every forward of a generation, so :func:`off_grid` reads it once. Tensors made under
+    ``torch.inference_mode()`` have no version to tell an in-place change by: they are read at every forward."""
 
     def __init__(self) -> None:
         self._last: tuple | None = None
 
     def holds(self, coords: torch.Tensor, key: tuple) -> bool:
-        return self._last is not None and self._last[0]() is coords and self._last[1:] == (coords._version, key)
+        return self._last is not None and self._last[0]() is coords and not coords.is_inference() \
+            and self._last[1:] == (coords._version, key)
 
     def keep(self, coords: torch.Tensor, key: tuple) -> None:
-        self._last = (weakref.ref(coords), coords._version, key)
+        self._last = None if coords.is_inference() else (weakref.ref(coords), coords._version, key)
 
 
 def packed_grid(spec: Any, hidden: torch.Tensor, grid: PackedGrid, remedy: str,
