@@ -216,8 +216,8 @@ class LTX2SparseAttnProcessor(SparseProcessor):
     and the output as those make them (:func:`.ltx.ltx2_qkv`, :func:`.ltx.ltx2_output`: RoPE, per-head gates, STG's
     blend with the values, where the replaced processor is the perturbed one: ``LTX2Attention`` gives a processor only
     the arguments its call takes, so the plain one never sees guidance). A layer STG perturbs in every sample runs no
-    attention, as in diffusers: its output is the values (the original's), and the handle counts the layer as run.
-    Not under context parallelism (raises)."""
+    attention, as in diffusers: its output is the values (the original's); the layer does not count as run (no
+    stats row at that step), which the forward's end accepts. Not under context parallelism (raises)."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
