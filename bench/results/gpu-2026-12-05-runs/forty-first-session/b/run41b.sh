@@ -11,15 +11,15 @@ export TRITON_INTERPRET=0 SPARSECORE_WARMUP=wait HYPOTHESIS_PROFILE=gpu-quick
 R=$OUT/run; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/gpu.txt; cat $R/gpu.txt
 start=$(date +%s)
-left() { echo $(( 300 - ($(date +%s) - start) )); }
+left() { echo $(( 250 - ($(date +%s) - start) )); }
 step() {  # step NAME CAP COMMAND...: run with min(CAP, time left), log to $R/NAME.log
   local name=$1 cap=$2; shift 2; local l; l=$(left); (( l < cap )) && cap=$l
   if (( cap < 30 )); then echo "$name: not run, $l s left"; return; fi
   timeout $cap "$@" > $R/$name.log 2>&1; echo "$name rc=$? at $(( $(date +%s) - start )) s"
   grep -v "UserWarning\|exe_args\|warnings.warn" $R/$name.log | tail -14 | cut -c1-220
 }
-step gpu-tests 140 python3 -P -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_dense_attention.py \
+step gpu-tests 130 python3 -P -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_dense_attention.py \
   tests/test_block_mass_triton.py tests/test_approximation_triton.py tests/test_unselected_match_oracle.py \
   -k "(gpu or cuda or approximation_triton) and not emulated and (not unselected_match or whole_group)"
-step approximation 160 python3 bench/approximation_benchmark.py --out $R --sizes 188760 --no-check
+step approximation 120 python3 bench/approximation_benchmark.py --out $R --sizes 188760 --no-check
 cd $OUT && tar czf run.tgz run && rm -rf run
