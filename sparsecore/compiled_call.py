@@ -105,9 +105,21 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     return (out, lse) if return_lse else out
 
 
-@torch.compiler.disable(reason="a sparsecore kernel called on inputs that need gradients, where one of its "
-                               "backends keeps them (portable, on a mask that drops unlisted blocks), runs outside "
-                               "the graph; under fullgraph=True run it under torch.no_grad(), with detached inputs, "
-                               "or without fullgraph")
 def _eager_outside_graph(kernel: "CompiledKernel", *call: Any) -> Any:
+    """The eager call, run outside the graph (a graph break). ``torch.compiler.disable`` imports ``torch._dynamo``
+    (about 1 s): it is applied at the first such call, under torch.compile (which has it already), not when
+    ``import sparsecore`` loads this module."""
+    if not _OUTSIDE_GRAPH:
+        _OUTSIDE_GRAPH.append(torch.compiler.disable(
+            _eager_call, reason="a sparsecore kernel called on inputs that need gradients, where one of its backends "
+                                "keeps them (portable, on a mask that drops unlisted blocks), runs outside the graph; "
+                                "under fullgraph=True run it under torch.no_grad(), with detached inputs, or without "
+                                "fullgraph"))
+    return _OUTSIDE_GRAPH[0](kernel, *call)
+
+
+def _eager_call(kernel: "CompiledKernel", *call: Any) -> Any:
     return kernel.eager_call(*call)
+
+
+_OUTSIDE_GRAPH: list[Any] = []                   # the disabled _eager_call, made at first use

@@ -46,3 +46,13 @@ def test_a_nan_at_the_same_place_in_both_samples_is_no_change():
     assert _relative_change(((3,), sample), ((3,), seen)) == pytest.approx(want)
     sample[0, 1] = 0.0                                   # a NaN on one side only is still a change
     assert _relative_change(((3,), sample), ((3,), seen)) > 0.5
+
+
+def test_import_sparsecore_leaves_torch_dynamo_unimported():
+    """compiled_call's graph-break decorator imported ``torch._dynamo`` (and Triton) at ``import sparsecore``, about a
+    second for every process, CPU-only ones included; it is now made at its first use, under torch.compile."""
+    import subprocess
+    import sys
+    code = "import sys, sparsecore; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "[]"
