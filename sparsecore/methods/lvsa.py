@@ -65,7 +65,6 @@ import numpy as np
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
-
 from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_int, frozen
 
