@@ -27,11 +27,11 @@ Cost: the import-only pass (11-20 s on the H200s of 2026-12-02..04), then two pr
 the background mode as measured there (imports 3-8 s, the first call 1-4 s, ``fa4`` ready 13-26 s after
 ``compile()``) plus the new length's warm-up it waits for (up to 60 s), and up to ``CHILD_TIMEOUT_S`` (300 s) if a
 warm-up hangs: the four cases, 8 processes, take about 210-860 s and up to 2,400 s, more than one 600 s device call
-holds. So the default runs two cases, ``lvsa random``, and ``--cases adaspa adaspa6x`` in a second call gives the other two; both reports
-together are the whole table. ``--budget-s`` (default 500) bounds a run: each process gets at most the seconds left
-(``CHILD_TIMEOUT_S`` at most), one with under ``MIN_CHILD_S`` left is not started but recorded as not run, naming the
-``--cases`` that would run it, and the report is written after every case, so a call cut short keeps what it
-measured.
+holds. So the default runs two cases, ``lvsa random``, and ``--cases adaspa adaspa6x`` in a second call gives the
+other two; both reports together are the whole table. ``--budget-s`` (default 500) bounds a run: each process gets
+at most the seconds left (``CHILD_TIMEOUT_S`` at most), one with under ``MIN_CHILD_S`` left is not started but
+recorded as not run, naming the ``--cases`` that would run it, and the report is written after every case, so a
+call cut short keeps what it measured.
 
 Writes ``first-call-<date>[_fa4-disk-cache][_unsampled][_wait].json`` and ``.md`` under DIR.
 """

@@ -29,7 +29,7 @@ MIX_2 = -7723592293110705685         # 0x94D049BB133111EB
 LOWBIAS_1 = 0x7FEB352D
 LOWBIAS_2 = -2073254261              # 0x846CA68B as int32
 MAX_ENTRIES = 1 << 31                # counters are int32
-SEED_LIMIT = 1 << 64                 # a key takes a seed's low 64 bits: a larger seed would repeat a smaller one's noise
+SEED_LIMIT = 1 << 64                 # a key takes a seed's low 64 bits: a larger seed repeats a smaller one's noise
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -240,7 +240,8 @@ def test_alternating_geometries_build_each_mask_once_a_rotation():
         for g in (small, large):
             assert session.plan(g, 2, step=5, layer=layer) is first[g]
     rotated = session.plan(small, 2, step=6, layer=0)
-    assert rotated.meta["anchors"] != first[small].meta["anchors"] and session.plan(small, 2, step=6, layer=1) is rotated
+    assert rotated.meta["anchors"] != first[small].meta["anchors"]
+    assert session.plan(small, 2, step=6, layer=1) is rotated
     assert len(session._masks) == 2                       # one mask a geometry: the earlier rotation's is gone
 
 def test_the_memoized_pattern_is_read_only():
