@@ -136,6 +136,47 @@ def test_block_bits_unpack_to_the_block_map(mask):
         assert not unpacked[..., mask.num_kv_blocks:].any()
 
 
+@pytest.mark.parametrize("num_kv_blocks", [31, 32, 33, 64])
+def test_block_bits_have_one_word_per_32_blocks(num_kv_blocks):
+    """``ceil(NB / 32)`` words a row, also where NB is a multiple of 32 (no spare word): each word's bits written
+    out here one block at a time, host and device lists alike."""
+    dense = np.random.default_rng(num_kv_blocks).random((2, 3, num_kv_blocks)) < 0.5
+    mask = BlockMask.from_dense(dense, 12, 4 * num_kv_blocks, 4)
+    words = (num_kv_blocks + 31) // 32
+    expected = np.zeros((2, 3, words), dtype=np.int64)
+    for j in range(num_kv_blocks):
+        expected[:, :, j // 32] |= dense[:, :, j].astype(np.int64) << (j % 32)
+    device = mask.to("cpu")
+    for packed in (csr.to_block_bits(mask.indptr, mask.indices, num_kv_blocks),
+                   csr.to_block_bits(device.indptr, device.indices, num_kv_blocks).numpy()):
+        assert packed.shape == (2, 3, words)
+        np.testing.assert_array_equal(packed.astype(np.int64) & 0xFFFFFFFF, expected)
+
+
+def test_scatter_rows_writes_only_the_counted_slots_of_the_given_rows():
+    """Row ``rows[r]`` gets ``padded[h, r, :counts[h, r]]``; the padding beyond a row's count goes to the spare slot,
+    never into the next row's first entry (a row left out of ``rows`` keeps what it held)."""
+    counts = torch.tensor([[2, 3, 1], [1, 2, 2]])                      # 2 heads x 3 rows, 11 entries
+    indptr = csr.indptr_from_counts(counts)
+    indices = torch.full((int(counts.sum()) + 1,), -1, dtype=torch.int32)
+    rows = torch.tensor([0, 2])
+    padded = torch.arange(100, 112).reshape(2, 2, 3)                     # [H, R, K]: K = 3 > every written count
+    csr.scatter_rows(indices, indptr, rows, padded, counts[:, rows])
+    expected = np.full(int(counts.sum()), -1)
+    for h in range(2):
+        for r, row in enumerate(rows.tolist()):
+            start = int(indptr[h, row])
+            expected[start:start + int(counts[h, row])] = padded[h, r, :int(counts[h, row])].numpy()
+    np.testing.assert_array_equal(indices[:-1].numpy(), expected)
+
+
+def test_a_device_mask_on_the_host_keeps_what_it_does_with_unlisted_blocks():
+    mask = BlockMask.from_dense(np.eye(4, dtype=bool)[None], 16, 16, 4)
+    approx = BlockMask.unchecked(1, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, mask.budgets, None,
+                                 Unselected("zeroth"))
+    assert approx.to("cpu").to_host().unselected == Unselected("zeroth")
+
+
 SELECTORS = [np.array([2, 2, 1], dtype=dt) for dt in (np.int8, np.int16, np.int32, np.uint8, np.uint16, np.uint32,
                                                       np.uint64)] + [
     slice(None, None, -1), slice(2, None, -2), np.arange(3)[::-1], np.array([0, 1, 2])[::2],
