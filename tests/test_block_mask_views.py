@@ -95,6 +95,10 @@ def test_select_heads():
     assert mask.select_heads(np.array([False, True])).fingerprint() == one.fingerprint()
     with pytest.raises(ValueError, match=r"heads: expected a non-empty selection of 0..1, got \[2\]"):
         mask.select_heads([2])
+    with pytest.raises(ValueError, match=r"heads: expected a non-empty selection of 0..1, got \[-1\]"):
+        mask.select_heads([-1])                                             # not read as the last head
+    with pytest.raises(ValueError, match=r"heads: a bool selector needs shape \[2\], got \[1\]"):
+        mask.select_heads(np.array([True]))                                 # not read as "head 0 only"
 
 
 def test_row_bounds():
@@ -115,6 +119,11 @@ def test_fingerprint_is_stable_and_ignores_budgets_and_meta():
                           budgets=[0.1, 0.2], meta={"method": "other"})
     assert relabeled.fingerprint() == mask.fingerprint() and hash(relabeled) == hash(mask)
     assert relabeled != mask
+    rebudgeted = BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                           budgets=[0.1, 0.2], meta={"method": "hand"})
+    assert rebudgeted != mask                                              # budgets alone tell masks apart
+    assert rebudgeted == BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices,
+                                   budgets=[0.1, 0.2], meta={"method": "hand"})
     moved = BlockMask.from_lists([[[0], [0, 1], []], [[1], [1], [0, 1]]], mask.q_offsets, [0, 3, 6])
     assert moved.fingerprint() != mask.fingerprint()
 

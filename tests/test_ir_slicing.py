@@ -81,6 +81,9 @@ def test_empty_slice_and_device_lists_stay_on_their_device():
     (torch.tensor(3), (0, 16), "got Tensor tensor(3)"),
     ((np.array(2.0), np.array(7.0)), (0, 16), "q_ranges[0][0]: expected an int, got float 2.0"),
     ((torch.tensor(True), 4), (0, 16), "q_ranges[0][0]: expected an int, got bool True"),
+    ([(0, 8), (12, 12)], (0, 16), "q_ranges[1]: expected 8 <= start < stop <= 16"),      # an empty range
+    ((0, 16), (5, 5), "kv_range_sets[0][0]: expected 0 <= start < stop <= 16"),
+    ([(0, 4), 8], (0, 16), "q_ranges[1]: expected a (start, stop) pair"),                # not read as one pair
 ])
 def test_bad_ranges_name_the_field(q, kv, message):
     mask = BlockMask.full(1, 16, 16, 4)
@@ -110,6 +113,8 @@ def test_approximated_masks_slice_by_rows_only():
     assert slice_mask(approx, (0, 16), [(0, 8), (8, 16)]).meta["slice"]["kv"] == ((0, 16),)   # adjacent: one range
     with pytest.raises(ValueError, match="kv_ranges: a mask with unselected='zeroth'"):
         slice_mask(approx, (0, 16), (0, 8))
+    with pytest.raises(ValueError, match=r"kv_ranges: .* got \[\(8, 16\)\]"):      # any one partial set refuses
+        slices(approx, (0, 16), [(0, 16), (8, 16)])
 
 
 @given(blocks=st.integers(1, 12), block=st.integers(1, 9), cut=st.data())
@@ -126,6 +131,9 @@ def test_interior_block_size_is_none_for_mixed_interior_sizes():
     mask = BlockMask.from_lists([[[0], [1], [2], [3]]], [0, 4, 8, 10, 14], [0, 4, 8, 10, 14])
     assert mask.interior_block_size("q") is None and mask.uniform_block_size("q") is None
     assert BlockMask.full(1, 20, 20, 8).interior_block_size("kv") == 8
+    first_longer = BlockMask.from_lists([[[0], [1], [2], [3]]], [0, 8, 12, 16, 18], [0, 4, 8, 12, 16])
+    assert first_longer.interior_block_size("q") is None                # only a shorter first block is allowed
+    assert first_longer.interior_block_size("kv") == 4
 
 
 def test_each_slice_records_its_own_key_ranges():
