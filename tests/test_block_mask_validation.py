@@ -47,6 +47,8 @@ def test_valid_mask_builds():
     (dict(indptr=np.array([[0, 2, 3, 3], [2, 4, 6, 8]])), ValueError, r"indptr\[1, 0\]: expected 3 \(each head's lists"),
     (dict(indptr=np.array([[0, 2, 3, 3], [3, 4, 6, 7]])), ValueError, r"indices: expected 7 entries \(indptr\[-1, -1\]\), got 8"),
     (dict(indptr=np.array([[0, 2, 3, 3], [3, 4, 6, 2**40]])), ValueError, r"indptr: values must fit int32"),
+    (dict(indices=np.array([0, 2, 1, 3, 0, 1, 2, 3 - 2**32])), ValueError,           # int32 would read it as 3
+     r"indices: values must fit int32, got range \[-4294967293, 3\]"),
     (dict(indices=np.array([0, 2, 1, 3, 0, 1, 2, 4])), ValueError,
      r"indices\[7\]=4 is out of range: key blocks are 0..3 \(kv_len=100, 4 blocks\)"),
     (dict(indices=np.array([0, 2, 1, 3, 0, 1, 2, -1])), ValueError, r"indices\[7\]=-1 is out of range"),

@@ -93,6 +93,21 @@ def test_from_lists_takes_only_int_ids_in_range(bad, where):
     refused(lambda: BlockMask.from_lists(rows, Q_OFF, KV_OFF), f"lists[{h}][{i}]")
 
 
+@pytest.mark.parametrize("row", [np.array([-1, 2]), torch.tensor([2, -3])], ids=["numpy", "torch"])
+def test_from_lists_names_the_row_of_a_negative_id_in_an_array(row):
+    """An array row is checked as a list row is: a negative id is refused naming ``lists[h][i]`` (not later, as
+    ``indices[k]`` of the built lists, which the caller never wrote)."""
+    rows = [[list(r) for r in head] for head in ROWS]
+    rows[1][2] = row
+    assert "lists[1][2]: key block" in str(refused(lambda: BlockMask.from_lists(rows, Q_OFF, KV_OFF), "lists[1][2]"))
+
+
+def test_meta_nests_at_most_32_levels():
+    """Levels below the top dict are counted (``validation.META_DEPTH``): 32 below it are taken, 33 refused."""
+    assert make(meta=_deep(32)).meta == _deep(32)
+    assert "nested deeper than 32 levels" in str(refused(lambda: make(meta=_deep(33)), "meta"))
+
+
 @given(lists=st.one_of(st.integers(), st.text(max_size=3), st.none(), st.just({0: [[0]]}), st.just([]),
                        st.just([5]), st.just(["abc"]), st.just([[[0]] * 2]), st.just([[{0: 1}, [0], [0]]])))
 def test_from_lists_structure(lists):
