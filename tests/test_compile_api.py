@@ -154,6 +154,21 @@ def test_small_chunks_give_the_same_result():
 
 
 @pytest.mark.parametrize("return_lse", [False, True])
+def test_a_row_cut_into_query_pieces_writes_only_its_own_query_tokens(return_lse):
+    """A row whose scores exceed ``chunk_elements`` is cut into pieces of query tokens; its last piece ends at its
+    block's end. Here block 1 keeps 256 key tokens (pieces of 16, run first), block 0 keeps 192 (pieces of 21: the
+    last is 1 token). A last piece running past its block wrote block 0's attention over block 1's first rows."""
+    m = BlockMask.from_lists([[[0, 1, 2], [0, 1, 2, 3]]], [0, 64, 128], [0, 64, 128, 192, 256])
+    rng = np.random.default_rng(7)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 1, length, 16))) for length in (128, 256, 256))
+    got = sparsecore.compile(m, device="cpu", backend="portable", chunk_elements=4096)(q, k, v, return_lse=return_lse)
+    want = oracle_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(m), 16 ** -0.5)
+    np.testing.assert_allclose((got[0] if return_lse else got).numpy(), want[0], rtol=1e-10, atol=1e-12)
+    if return_lse:
+        np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
 def test_a_portable_call_reads_nothing_back_to_the_host(return_lse):
     """The portable call writes each chunk's rows back through integer positions built with the schedule: it selected
     them with the boolean validity mask, a ``nonzero`` that waits for a GPU, once per chunk and twice per batch element
