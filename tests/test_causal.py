@@ -121,6 +121,36 @@ def test_pasa_keeps_the_best_pooled_blocks_among_those_a_row_may_see(geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:2], ids=str)
+def test_pasa_ranks_the_visible_blocks_by_their_noisy_pooled_scores(geometry):
+    """With noise each row keeps its best visible blocks by float64 pooled score plus the Gumbel draw of
+    ``(seed, layer, step, head)`` (:func:`method_reference.gumbel`, the counter hash over the block grid): the causal
+    path adds the noise before its own ranking, which the noise-free test above cannot see. Rows whose k-th and
+    next visible scores are within float32's reach of each other are not asserted."""
+    import method_reference as ref
+    q, k = qk(geometry, seed=3)
+    mask = pasa.plan(geometry, 4, step=25, layer=2, q=q, k=k, block_size=8, approximation="drop", noise_scale=2.0)
+    rho, offsets = mask.meta["density"], mask.q_offsets
+    blocks = len(offsets) - 1
+    plain = ref.pasa_scores(q.double().numpy(), k.double().numpy(), offsets, q.shape[-1] ** -0.5)
+    noisy = plain + ref.gumbel(range(4), blocks, blocks, 0, 2, 25, 2.0)
+    frame = offsets[:-1] // geometry.frame_tokens // geometry.causal_frames
+    rows, asserted, moved = mask.to_host(), 0, 0
+    for h in range(4):
+        for i in range(blocks):
+            visible = np.flatnonzero(frame <= frame[i])
+            want = int(min(len(visible), max(1, round(rho * len(visible)))))
+            ranked = visible[np.argsort(-noisy[h, i, visible], kind="stable")]
+            ordered = noisy[h, i, ranked]
+            if want < len(visible) and ordered[want - 1] - ordered[want] < 1e-4:
+                continue
+            asserted += 1
+            np.testing.assert_array_equal(np.asarray(rows.row(h, i)), np.sort(ranked[:want]))
+            unnoised = visible[np.argsort(-plain[h, i, visible], kind="stable")[:want]]
+            moved += set(unnoised.tolist()) != set(ranked[:want].tolist())
+    assert asserted >= 0.9 * 4 * blocks and moved > 0      # the noise decided some rows
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:2], ids=str)
 def test_adaspa_recall_is_the_mass_kept_of_causal_softmax(geometry):
     """The base recall AdaSpa reports per head equals the float64 oracle's: block masses of softmax over the keys a
     token may see, each row's best ``round(0.2 * visible)`` visible blocks kept, over every visible block's mass."""
