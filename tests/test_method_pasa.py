@@ -252,3 +252,19 @@ def test_pooled_scores_read_key_head_h_over_g():
 def test_noise_without_a_layer_is_the_reference_hash():
     got = noise.gumbel(range(0, 3), 5, 7, seed=11, layer=None, step=9, scale=0.7, device="cpu")
     np.testing.assert_allclose(got.double().numpy(), ref.gumbel(range(0, 3), 5, 7, 11, None, 9, 0.7), rtol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", [VideoGeometry(12, 4, 8), VideoGeometry(12, 4, 8, text_tokens=40),
+                                      VideoGeometry(12, 4, 8, text_tokens=40, text_position="start")],
+                         ids=["video only", "text at the end", "text at the start"])
+def test_each_row_of_a_sparse_step_lists_its_blocks_ascending(geometry):
+    """The IR's rule (``BlockMask.indices``: each row sorted ascending and unique), which the lowerings may walk by:
+    the torch path's ``topk(sorted=False)`` returns its ids in no order (at seed 0 a row came out [8, 5, 4, 2]), so
+    the selection sorts them. The sets alone (``to_dense``) are held above; this holds the order."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, geometry.tokens, 16, generator=gen) for _ in range(2))
+    mask = pasa.plan(geometry, 2, step=20, layer=3, q=q, k=k, block_size=16, density=0.5)
+    indptr, indices = mask.indptr.numpy(), mask.indices.numpy()
+    rows = [indices[indptr[h, i]:indptr[h, i + 1]] for h in range(2) for i in range(mask.num_q_blocks)]
+    assert all(len(row) > 1 for row in rows)
+    assert all((np.diff(row) > 0).all() for row in rows), [row for row in rows if not (np.diff(row) > 0).all()][:2]
