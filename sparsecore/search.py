@@ -234,10 +234,16 @@ def cudnn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     every query head (contiguous, as ``repeat_interleave`` gives them). The check reads shapes, strides, dtype and
     device only, so a GQA call asks on an uninitialised stand-in of the repeated shape: no copy, no kernel, freed
     before the repeat."""
+    verdict = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
+    if verdict is None:                   # a torch without it (pyproject allows 2.4): the facts checked stand
+        return True
     if k.shape[1] != q.shape[1]:
         k = v = torch.empty(k.shape[0], q.shape[1], *k.shape[2:], dtype=k.dtype, device=k.device)
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)         # enable_gqa False: repeated
-    return bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)     # enable_gqa False: repeated
+    except TypeError:                     # torch 2.4's SDPAParams has no enable_gqa
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False)
+    return bool(verdict(params, False))
 
 
 def faster_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, DenseOp] | None:

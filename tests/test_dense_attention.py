@@ -334,6 +334,25 @@ def test_dense_impl_asks_torchs_cudnn_check_on_the_tensors_the_call_passes(monke
         assert (given.data_ptr() == original.data_ptr()) == (group == 1)          # MHA: the tensors themselves
 
 
+def test_the_cudnn_check_works_on_the_oldest_torch_pyproject_allows(monkeypatch):
+    """pyproject allows torch 2.4, whose ``SDPAParams`` takes no ``enable_gqa`` (a TypeError at every search step's
+    dense pass) and which may lack ``can_use_cudnn_attention`` (then the facts checked before it decide, as before)."""
+    real, built = torch.backends.cuda.SDPAParams, []
+
+    def params_without_gqa(*args):
+        if len(args) != 6:
+            raise TypeError(f"SDPAParams() takes 6 positional arguments but {len(args)} were given")
+        built.append(args)
+        return real(*args, False)
+
+    monkeypatch.setattr(torch.backends.cuda, "SDPAParams", params_without_gqa)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params, debug=False: True)
+    q, k, v = (t.to(torch.bfloat16) for t in inputs(dim=64))
+    assert search.cudnn_takes(q, k, v) and len(built) == 1
+    monkeypatch.delattr(torch.backends.cuda, "can_use_cudnn_attention")
+    assert search.cudnn_takes(q, k, v) and len(built) == 1                 # nothing to ask: nothing built
+
+
 def test_cudnn_check_is_not_asked_off_cuda(monkeypatch):
     monkeypatch.setattr(search, "cudnn_takes", lambda *args: pytest.fail("torch's cuDNN check asked for CPU inputs"))
     q, k, v = (t.half() for t in inputs(dim=64))
