@@ -102,9 +102,8 @@ def write_replacing(path: Path, parts: list[bytes]) -> None:
         if mode is not None:
             os.chmod(temporary, mode)
         os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    finally:                                        # stopped part way (any error, Ctrl-C): no temporary left
+        temporary.unlink(missing_ok=True)           # after a replace there is none: nothing to remove
 
 
 def load(path: Any) -> "BlockMask":
