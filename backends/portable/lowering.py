@@ -1,18 +1,21 @@
-"""Portable torch lowering: gather each query block's key blocks, attend, scatter back.
+"""Portable torch lowering: gather each span of query blocks' key blocks, attend, scatter back.
 
 Works on any torch device with plain tensor ops, so it is the fallback for devices
 without a native lowering and the fast path on CPU.
 
-Schedule (once per mask, with torch ops on the device of the mask's lists): the (head,
-query block) rows are sorted by how many key tokens they keep and cut into chunks
-whose padded work fits a memory budget (a row whose scores alone exceed it is cut into
-pieces of query tokens); the cut reads the row lengths on the host once. Each chunk
-stores its rows' head, query tokens and key tokens (the kept blocks' tokens one after
-another, padded to the chunk's longest row). Run (per batch element and chunk): gather
-the chunk's queries ``[R, QB, D]`` and key/value tokens ``[R, L, D]`` (padding masked to
--inf, and pointing at a token the row attends to), compute exact softmax attention in
-float32 (float64 for float64 inputs; torch's fused SDPA when no LSE is asked for), and
-write the valid rows back. Empty rows give output 0 and LSE -inf.
+Schedule (once per mask, with torch ops on the device of the mask's lists): a row is a
+span of consecutive query blocks of one head that keep the same key blocks (a dense layer,
+a joint mask's text rows: one row of all their query tokens, whose keys are gathered once),
+found on the device and read to the host with the row lengths in one read. The rows are
+sorted by query size class and kept key tokens and cut into chunks whose padded work (rows
+x most query tokens x most key tokens) fits a memory budget (a row whose scores alone
+exceed it is cut into pieces of query tokens). Each chunk stores its rows' head, query
+tokens and key tokens (the kept blocks' tokens one after another, padded to the chunk's
+longest row). Run (per batch element and chunk): gather the chunk's queries ``[R, QB, D]``
+and key/value tokens ``[R, L, D]`` (padding masked to -inf, and pointing at a token the
+row attends to), compute exact softmax attention in float32 (float64 for float64 inputs;
+torch's fused SDPA when no LSE is asked for), and write the valid rows back. Empty rows
+give output 0 and LSE -inf.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
-from sparsecore.ir.csr import kept_key_tokens
+from sparsecore.ir.csr import kept_key_tokens, row_of_entry
 from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, Run
 
@@ -79,7 +82,7 @@ class PortableBackend(Backend):
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows processed together; ``R`` rows padded to ``QB`` query tokens and ``L`` key tokens.
+    """Rows (spans of query blocks) processed together; ``R`` rows padded to ``QB`` query and ``L`` key tokens.
 
     ``L`` is the most key tokens a row of the chunk keeps: a row's key tokens are its kept
     blocks' tokens one after another, so padding never grows with the size of the largest
@@ -96,53 +99,93 @@ class Chunk:
 
 
 def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) -> list[Chunk]:
-    """Group the mask's rows into padded chunks; sizes from one host read of the row lengths.
+    """Group the mask's spans into padded chunks; sizes from one host read of the row lengths.
 
-    A row whose own scores exceed ``chunk_elements`` (a large query block keeping many keys) is cut
-    into pieces of query tokens that share its gathered key positions.
+    A span is a run of consecutive query blocks of one head that keep the same key blocks: it gathers
+    them once for all its query tokens. A span whose own scores exceed ``chunk_elements`` (many query
+    tokens keeping many keys) is cut into pieces of query tokens that share its gathered key positions.
     """
     mask = mask.to(device)
     lengths = mask.row_lengths.reshape(-1)                   # key blocks per row, [H * MB]
     kept = kept_key_tokens(mask.indptr, mask.indices, mask.kv_offsets).reshape(-1)   # key tokens per row
-    host_lengths, host_kept = torch.stack([lengths, kept.to(lengths.dtype)]).cpu().numpy()  # the one host read
-    order = np.argsort(-host_kept, kind="stable")
-    order = order[host_lengths[order] > 0]                   # empty rows stay 0 / -inf
-    max_q = int(mask.q_block_sizes.max())
+    same = _same_as_previous(mask, lengths)
+    host_lengths, host_kept, host_same = torch.stack([lengths, kept.long(), same.long()]).cpu().numpy()  # one read
+    first, q_starts, q_sizes = _spans(mask, host_lengths, host_same)    # empty rows stay 0 / -inf
+    span_kept = host_kept[first]
+    # A chunk's padded work is rows x most query tokens x most key tokens, so similar spans sit together: by query
+    # size class (powers of two: a short last block over half a block stays with the others), then by kept key
+    # tokens and query tokens, descending: a chunk's first span bounds its keys and, within a class, its queries.
+    # Spans of single blocks of one size (most masks) sort as rows did, by kept key tokens.
+    size_class = np.ceil(np.log2(np.maximum(q_sizes, 1))).astype(np.int64)
+    order = np.lexsort((-q_sizes, -span_kept, -size_class))
+    sorted_sizes, sorted_kept = q_sizes[order], span_kept[order]
     starts = mask.indptr[:, :-1].reshape(-1).long()
     chunks = []
     position = 0
     while position < len(order):
-        end = _chunk_end(order, position, host_kept, max_q, chunk_elements)
-        rows = order[position:end]
-        keys = _key_tokens(mask, rows, host_lengths, host_kept, starts, device)
-        padded = bool((host_kept[rows] != host_kept[rows].max()).any())     # a row keeps fewer key tokens than L
-        size, row_kept = int(mask.q_block_sizes[rows[0] % mask.num_q_blocks]), int(host_kept[rows[0]])
-        if len(rows) == 1 and size * row_kept > chunk_elements:
+        end = _chunk_end(sorted_sizes, sorted_kept, position, chunk_elements)
+        spans = order[position:end]
+        keys = _key_tokens(mask, first[spans], host_lengths, host_kept, starts, device)
+        padded = bool((span_kept[spans] != span_kept[spans].max()).any())     # a span keeps fewer key tokens than L
+        heads = first[spans] // mask.num_q_blocks
+        size, row_kept = int(q_sizes[spans[0]]), int(span_kept[spans[0]])
+        if len(spans) == 1 and size * row_kept > chunk_elements:
             piece = max(1, chunk_elements // row_kept)
-            chunks.extend(_chunk(mask, rows, keys, padded, device, (first, min(size, first + piece)))
-                          for first in range(0, size, piece))
+            chunks.extend(_chunk(mask, heads, q_starts[spans] + low, np.minimum(q_sizes[spans] - low, piece), keys,
+                                 padded, device) for low in range(0, size, piece))
         else:
-            chunks.append(_chunk(mask, rows, keys, padded, device))
+            chunks.append(_chunk(mask, heads, q_starts[spans], q_sizes[spans], keys, padded, device))
         position = end
     return chunks
 
 
-def _chunk_end(order: np.ndarray, position: int, kept: np.ndarray, max_q: int, chunk_elements: int) -> int:
-    """End of the chunk starting at ``position``: rows are sorted by kept key tokens; the first bounds the padding."""
-    per_row = max_q * int(kept[order[position]])
-    return min(len(order), position + max(1, chunk_elements // per_row))
+def _same_as_previous(mask: BlockMask, lengths: torch.Tensor) -> torch.Tensor:
+    """Whether each row keeps the same key blocks as the row before it in its head, bool ``[H * MB]`` on the lists'
+    device, without a host read. Rows are stored one after another, so where two consecutive rows keep as many
+    blocks, the earlier one's entry at an entry's offset sits ``lengths[row]`` entries before it."""
+    nnz = mask.indices.shape[0]
+    entry_row = row_of_entry(mask.indptr, nnz)                                     # repeat_interleave, output_size
+    earlier = (torch.arange(nnz, device=lengths.device) - lengths[entry_row]).clamp_(min=0)
+    differs = (mask.indices != mask.indices[earlier]).long()
+    mismatches = torch.zeros_like(lengths).scatter_add_(0, entry_row, differs)    # no bincount: its size would sync
+    row = torch.arange(lengths.shape[0], device=lengths.device)
+    return (row % mask.num_q_blocks != 0) & (lengths == lengths.roll(1)) & (mismatches == 0)
 
 
-def _chunk(mask: BlockMask, rows: np.ndarray, keys: tuple[torch.Tensor, torch.Tensor], padded: bool,
-           device: torch.device, piece: tuple[int, int] | None = None) -> Chunk:
-    """The chunk of ``rows`` (all their query tokens, or the ``piece`` of query tokens of a single row)."""
-    heads, blocks = rows // mask.num_q_blocks, rows % mask.num_q_blocks
-    first, q_sizes = mask.q_offsets[blocks], mask.q_block_sizes[blocks]
-    if piece is not None:
-        first, q_sizes = first + piece[0], np.full_like(q_sizes, piece[1] - piece[0])
+def _spans(mask: BlockMask, lengths: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-empty spans: each one's first flat row ``h * MB + i``, first query token and query tokens."""
+    begins = np.flatnonzero(same == 0)              # a head's first row always begins one: a span never crosses heads
+    ends = np.append(begins[1:], len(same))
+    begins, ends = begins[lengths[begins] > 0], ends[lengths[begins] > 0]
+    blocks = begins % mask.num_q_blocks
+    q_starts = mask.q_offsets[blocks].astype(np.int64)
+    return begins, q_starts, mask.q_offsets[blocks + (ends - begins)] - q_starts
+
+
+def _chunk_end(q_sizes: np.ndarray, kept: np.ndarray, position: int, chunk_elements: int) -> int:
+    """End of the chunk of sorted spans starting at ``position``: the most spans whose padded work (spans x most
+    query tokens x most key tokens) fits ``chunk_elements``, at least one (a span alone over it is cut later).
+
+    Checked over a window that doubles while every span in it fits, up to the most spans the first one allows:
+    O(spans taken) per chunk, never O(spans^2)."""
+    limit = min(len(q_sizes) - position, max(1, chunk_elements // int(q_sizes[position] * kept[position])))
+    width = min(limit, 64)
+    while True:
+        q_max = np.maximum.accumulate(q_sizes[position:position + width])
+        kv_max = np.maximum.accumulate(kept[position:position + width])
+        fits = int((np.arange(1, width + 1) <= chunk_elements // (q_max * kv_max)).sum())   # a prefix: monotone
+        if fits < width or width == limit:
+            return position + max(1, fits)
+        width = min(limit, 2 * width)
+
+
+def _chunk(mask: BlockMask, heads: np.ndarray, q_starts: np.ndarray, q_sizes: np.ndarray,
+           keys: tuple[torch.Tensor, torch.Tensor], padded: bool, device: torch.device) -> Chunk:
+    """The chunk of spans of ``heads`` with ``q_sizes`` query tokens from ``q_starts`` (all of them, or a piece of
+    a single span)."""
     offsets = np.arange(int(q_sizes.max()))[None, :]
     q_valid = offsets < q_sizes[:, None]
-    q_tokens = first[:, None] + np.where(q_valid, offsets, 0)
+    q_tokens = q_starts[:, None] + np.where(q_valid, offsets, 0)
     q_slots = np.flatnonzero(q_valid)           # integer positions: a call writes back without a boolean mask's sync
     q_rows = (heads[:, None] * mask.q_len + q_tokens).reshape(-1)[q_slots]
     put = lambda a: torch.from_numpy(np.array(a, dtype=np.int64)).to(device)  # noqa: E731
