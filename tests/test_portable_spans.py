@@ -1,0 +1,160 @@
+"""The portable lowering's spans: consecutive query blocks of one head that keep the same key blocks are one schedule
+row (their keys gathered once, their queries attended together), checked against the float64 oracle.
+
+A full mask of 48 x 48 blocks gathered all 2016 keys for each of its 96 (head, query block) rows, 48 times over: a
+span is one row per head. Spans never cross heads, an empty row ends one, and a span too large for
+``chunk_elements`` is cut into pieces of query tokens that may cross its blocks' boundaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from host_reads import HostReads
+from oracle import block_lists, dense_attention, expand_to_tokens
+
+import sparsecore
+from sparsecore import BlockMask
+from sparsecore.backends.portable.lowering import schedule_chunks
+
+
+def expected_spans(mask: BlockMask) -> list[tuple[int, int, int]]:
+    """(head, first query token, end query token) of each run of consecutive non-empty rows of a head that list the
+    same key blocks, read from the raw lists one row at a time."""
+    q_offsets = np.asarray(mask.q_offsets)
+    spans = []
+    for h, rows in enumerate(block_lists(mask)):
+        for i, listed in enumerate(rows):
+            if len(listed) == 0:
+                continue
+            if i > 0 and spans and spans[-1][0] == h and spans[-1][2] == q_offsets[i] \
+                    and np.array_equal(rows[i - 1], listed):
+                spans[-1] = (h, spans[-1][1], int(q_offsets[i + 1]))
+            else:
+                spans.append((h, int(q_offsets[i]), int(q_offsets[i + 1])))
+    return spans
+
+
+def scheduled_rows(chunks) -> list[tuple[int, int, int]]:
+    """(head, first query token, end query token) of each row of whole chunks (none cut into pieces)."""
+    rows = []
+    for chunk in chunks:
+        flat = torch.zeros(chunk.q_tokens.numel(), dtype=torch.bool)
+        flat[chunk.q_slots] = True
+        valid = flat.view(chunk.q_tokens.shape)
+        for head, tokens, keep in zip(chunk.heads.tolist(), chunk.q_tokens, valid):
+            ids = tokens[keep]
+            assert torch.equal(ids, torch.arange(int(ids[0]), int(ids[0]) + len(ids))), "a row's queries in a run"
+            rows.append((head, int(ids[0]), int(ids[-1]) + 1))
+    return sorted(rows)
+
+
+def _repeats_and_changes() -> BlockMask:
+    """Rows that repeat the one before and rows that do not, in every way a list can differ: the same length with
+    other blocks, one block more, the same blocks after an empty row (not one span), a head's last row equal to the
+    next head's first; a short last block on both sides."""
+    rng = np.random.default_rng(5)
+    keep = rng.random((3, 13, 13)) < 0.4
+    for i in range(1, 13):
+        repeat = rng.random(3) < 0.5
+        keep[repeat, i] = keep[repeat, i - 1]
+    keep[:, 3], keep[:, 4] = keep[:, 2], keep[:, 2]                  # a run of three
+    keep[:, 5] = False                                                # an empty row between equal rows
+    keep[:, 6] = keep[:, 4]
+    keep[:, 7] = np.roll(keep[:, 6], 1, axis=1)                       # as many blocks, others
+    keep[:, 8] = keep[:, 7]
+    keep[:, 8, 12] = ~keep[:, 7, 12]                                  # one block more or fewer
+    keep[1, 0] = keep[0, 12]                                          # equal lists across a head boundary
+    keep[2, 0] = keep[1, 12]
+    return BlockMask.from_dense(keep, q_len=13 * 7 - 3, kv_len=13 * 6 - 1, q_block=7, kv_block=6)
+
+
+def _equal_heads() -> BlockMask:
+    """Every row of every head lists the same blocks: one span a head, none across heads."""
+    lists = [[[0, 2, 5, 6]] * 9 for _ in range(4)]
+    return BlockMask.from_lists(lists, BlockMask.uniform_offsets(9 * 11 - 4, 11), BlockMask.uniform_offsets(70, 10))
+
+
+def _frames_and_text() -> BlockMask:
+    """A joint layout of frame blocks (39 tokens) then two text blocks (13, 9): video rows in a local window and the
+    text blocks, text rows every block; in head 1 every row lists every block."""
+    offsets = np.array([0, 39, 78, 117, 156, 195, 234, 247, 256])
+    video, text = range(6), [6, 7]
+    window = [sorted({*range(max(0, i - 1), min(6, i + 2)), *text}) for i in video]
+    every = list(range(8))
+    return BlockMask.from_lists([window + [every, every], [every] * 8], offsets, offsets)
+
+
+CASES = {
+    # name: (mask, key heads, a chunk_elements that cuts spans into pieces of a few query tokens)
+    "full_small_blocks_gqa": (BlockMask.full(4, 101, 93, 8), 2, 300),
+    "repeats_and_changes": (_repeats_and_changes(), 3, 300),
+    "equal_heads_gqa_4_to_1": (_equal_heads(), 1, 300),
+    "frames_and_text": (_frames_and_text(), 1, 1300),          # 5 tokens a piece of 256 keys: 39 is no multiple
+}
+
+
+def test_a_full_mask_of_48_by_48_blocks_over_2_heads_is_2_rows():
+    """The demo's dense layer (2016 tokens in 42-token blocks): one row of all 2016 queries a head, read from a
+    device mask's lists in one host read."""
+    mask = BlockMask.full(2, 2016, 2016, 42).to("cpu")
+    with HostReads() as reads:
+        chunks = schedule_chunks(mask, 1 << 24, torch.device("cpu"))
+    assert len({where for _, where in reads.calls}) == 1, reads.calls
+    assert scheduled_rows(chunks) == [(0, 0, 2016), (1, 0, 2016)]
+    assert [tuple(c.kv_tokens.shape) for c in chunks] == [(2, 2016)] and not chunks[0].padded
+
+
+def test_a_mask_whose_rows_all_differ_has_a_row_per_non_empty_row():
+    """No two consecutive rows of a head list the same blocks (some as many blocks, some a prefix of the next), and
+    some rows are empty: one scheduled row per non-empty (head, query block), as before spans."""
+    keep = np.zeros((2, 10, 10), dtype=bool)
+    for i in range(10):
+        keep[0, i, i % 5:i % 5 + 2] = True                # as many blocks as the row before, shifted
+        keep[1, i, :i + 1] = True                          # the row before's blocks and one more
+    keep[0, 4] = keep[1, 7] = False                        # empty rows
+    mask = BlockMask.from_dense(keep, q_len=95, kv_len=100, q_block=10)
+    rows = scheduled_rows(schedule_chunks(mask, 1 << 24, torch.device("cpu")))
+    assert len(rows) == int(keep.any(axis=2).sum()) == 18
+    assert rows == expected_spans(mask)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_spans_are_the_runs_of_equal_rows(name):
+    mask, _, _ = CASES[name]
+    spans = expected_spans(mask)
+    assert len(spans) < int(mask.to_host().row_lengths.astype(bool).sum())    # the case has rows to merge
+    for held in (mask, mask.to("cpu")):
+        assert scheduled_rows(schedule_chunks(held, 1 << 24, torch.device("cpu"))) == spans
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pieces", [False, True])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_spans_match_dense_attention(name, pieces, dtype):
+    """With and without the LSE, host and device lists; with ``pieces``, a ``chunk_elements`` that cuts spans into
+    pieces of a few query tokens, some of which cross a block boundary inside their span."""
+    mask, kv_heads, small = CASES[name]
+    chunk_elements = small if pieces else 1 << 24
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, mask.num_heads, mask.q_len, 16))
+    k, v = rng.standard_normal((2, 2, kv_heads, mask.kv_len, 16))
+    want_out, want_lse = dense_attention(q, k, v, expand_to_tokens(mask), 16 ** -0.5)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    chunks = schedule_chunks(mask, chunk_elements, torch.device("cpu"))
+    if not pieces:                                          # what is checked below runs the mask's spans
+        assert scheduled_rows(chunks) == expected_spans(mask)
+    else:
+        boundaries = torch.tensor(mask.q_offsets[1:-1])
+        assert any(len(c.heads) == 1 and bool(torch.isin(c.q_tokens[0, 1:], boundaries).any())
+                   and int(c.q_tokens[0, 0]) not in boundaries.tolist() for c in chunks), "no piece crosses a block"
+    for held in (mask, mask.to("cpu")):
+        kernel = sparsecore.compile(held, device="cpu", backend="portable", chunk_elements=chunk_elements)
+        inputs = [torch.from_numpy(a).to(dtype) for a in (q, k, v)]
+        out, lse = kernel(*inputs, return_lse=True)
+        np.testing.assert_allclose(out.double().numpy(), want_out, **tolerance)
+        np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-6, atol=1e-6)      # LSE: float32
+        assert (np.isneginf(lse.numpy()) == np.isneginf(want_lse)).all()
+        np.testing.assert_allclose(kernel(*inputs).double().numpy(), want_out, **tolerance)
