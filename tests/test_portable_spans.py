@@ -87,6 +87,19 @@ def _frames_and_text() -> BlockMask:
     return BlockMask.from_lists([window + [every, every], [every] * 8], offsets, offsets)
 
 
+def _runs_of_random_lengths() -> BlockMask:
+    """Runs of 1 to 7 equal rows (spans of 10 to 70 query tokens, a short last block), random lists."""
+    rng = np.random.default_rng(9)
+    keep = rng.random((3, 24, 20)) < 0.5
+    for h in range(3):
+        i = 0
+        while i < 24:
+            run = int(rng.integers(1, 8))
+            keep[h, i:i + run] = keep[h, i]
+            i += run
+    return BlockMask.from_dense(keep, q_len=234, kv_len=200, q_block=10)
+
+
 CASES = {
     # name: (mask, key heads, a chunk_elements that cuts spans into pieces of a few query tokens)
     "full_small_blocks_gqa": (BlockMask.full(4, 101, 93, 8), 2, 300),
@@ -158,3 +171,22 @@ def test_spans_match_dense_attention(name, pieces, dtype):
         np.testing.assert_allclose(lse.double().numpy(), want_lse, rtol=1e-6, atol=1e-6)      # LSE: float32
         assert (np.isneginf(lse.numpy()) == np.isneginf(want_lse)).all()
         np.testing.assert_allclose(kernel(*inputs).double().numpy(), want_out, **tolerance)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 20_000, 3_000, 300])
+def test_chunks_bound_their_padded_work_and_query_padding(chunk_elements):
+    """Spans of 1 to 7 blocks: a chunk's rows x most query tokens x most key tokens fits ``chunk_elements`` (a lone
+    span over it: pieces of at most ``chunk_elements`` // its key tokens query tokens), its padded query tokens exceed
+    its real ones by at most a quarter (spans were padded to the widest of the mask, 7 blocks), and each query token
+    of a non-empty row is written once."""
+    mask = _runs_of_random_lengths()
+    if chunk_elements == 1 << 24:
+        assert scheduled_rows(schedule_chunks(mask, chunk_elements, torch.device("cpu"))) == expected_spans(mask)
+    written = np.zeros((mask.num_heads, mask.q_len), dtype=np.int64)
+    for c in schedule_chunks(mask, chunk_elements, torch.device("cpu")):
+        rows, width, keys = len(c.heads), c.q_tokens.shape[1], c.kv_tokens.shape[1]
+        assert rows * width * keys <= chunk_elements or rows == 1 and width <= max(1, chunk_elements // keys)
+        assert 4 * rows * width <= 5 * len(c.q_slots)
+        np.add.at(written, (c.q_rows.numpy() // mask.q_len, c.q_rows.numpy() % mask.q_len), 1)
+    listed = np.repeat(mask.to_host().row_lengths > 0, mask.q_block_sizes, axis=1)
+    assert (written == listed).all()

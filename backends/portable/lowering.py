@@ -3,19 +3,18 @@
 Works on any torch device with plain tensor ops, so it is the fallback for devices
 without a native lowering and the fast path on CPU.
 
-Schedule (once per mask, with torch ops on the device of the mask's lists): a row is a
-span of consecutive query blocks of one head that keep the same key blocks (a dense layer,
-a joint mask's text rows: one row of all their query tokens, whose keys are gathered once),
-found on the device and read to the host with the row lengths in one read. The rows are
-sorted by query size class and kept key tokens and cut into chunks whose padded work (rows
-x most query tokens x most key tokens) fits a memory budget (a row whose scores alone
-exceed it is cut into pieces of query tokens). Each chunk stores its rows' head, query
-tokens and key tokens (the kept blocks' tokens one after another, padded to the chunk's
-longest row). Run (per batch element and chunk): gather the chunk's queries ``[R, QB, D]``
-and key/value tokens ``[R, L, D]`` (padding masked to -inf, and pointing at a token the
-row attends to), compute exact softmax attention in float32 (float64 for float64 inputs;
-torch's fused SDPA when no LSE is asked for), and write the valid rows back. Empty rows
-give output 0 and LSE -inf.
+Schedule (once per mask, with torch ops on the device of the mask's lists): a row is a span of
+consecutive query blocks of one head that keep the same key blocks (a dense layer, a joint
+mask's text rows: one row of all their query tokens, whose keys are gathered once), found on the
+device and read to the host with the row lengths in one read. The rows are sorted by query
+tokens and kept key tokens and cut into chunks whose padded work (rows x most query tokens x
+most key tokens) fits a memory budget, with little query padding (a row whose scores alone
+exceed the budget is cut into pieces of query tokens). Each chunk stores its rows' head, query
+tokens and key tokens (the kept blocks' tokens one after another, padded to the chunk's longest
+row). Run (per batch element and chunk): gather the chunk's queries ``[R, QB, D]`` and key/value
+tokens ``[R, L, D]`` (padding masked to -inf, and pointing at a token the row attends to),
+compute exact softmax attention in float32 (float64 for float64 inputs; torch's fused SDPA when
+no LSE is asked for), and write the valid rows back. Empty rows give output 0 and LSE -inf.
 """
 
 from __future__ import annotations
@@ -112,12 +111,12 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
     host_lengths, host_kept, host_same = torch.stack([lengths, kept.long(), same.long()]).cpu().numpy()  # one read
     first, q_starts, q_sizes = _spans(mask, host_lengths, host_same)    # empty rows stay 0 / -inf
     span_kept = host_kept[first]
-    # A chunk's padded work is rows x most query tokens x most key tokens, so similar spans sit together: by query
-    # size class (powers of two: a short last block over half a block stays with the others), then by kept key
-    # tokens and query tokens, descending: a chunk's first span bounds its keys and, within a class, its queries.
-    # Spans of single blocks of one size (most masks) sort as rows did, by kept key tokens.
-    size_class = np.ceil(np.log2(np.maximum(q_sizes, 1))).astype(np.int64)
-    order = np.lexsort((-q_sizes, -span_kept, -size_class))
+    # A chunk pads its spans to its most query tokens and most key tokens, so similar spans sit together: by query
+    # tokens, then kept key tokens, descending. Spans of uniform blocks then come in groups of equal query tokens
+    # (one block, two, ...) with kept key tokens descending in each, as rows did before spans: a chunk's first span
+    # is its widest, and in a group it keeps the most key tokens. A chunk takes a narrower group only while its query
+    # padding stays within a quarter of its query tokens (see _chunk_end).
+    order = np.lexsort((-span_kept, -q_sizes))
     sorted_sizes, sorted_kept = q_sizes[order], span_kept[order]
     starts = mask.indptr[:, :-1].reshape(-1).long()
     chunks = []
@@ -163,19 +162,22 @@ def _spans(mask: BlockMask, lengths: np.ndarray, same: np.ndarray) -> tuple[np.n
 
 
 def _chunk_end(q_sizes: np.ndarray, kept: np.ndarray, position: int, chunk_elements: int) -> int:
-    """End of the chunk of sorted spans starting at ``position``: the most spans whose padded work (spans x most
-    query tokens x most key tokens) fits ``chunk_elements``, at least one (a span alone over it is cut later).
+    """End of the chunk of sorted spans (query tokens descending) starting at ``position``: the most spans whose padded
+    work (spans x most query tokens x most key tokens) fits ``chunk_elements`` and whose padded query tokens exceed
+    theirs by at most a quarter; at least one span (one alone over ``chunk_elements`` is cut into pieces later).
 
-    Checked over a window that doubles while every span in it fits, up to the most spans the first one allows:
-    O(spans taken) per chunk, never O(spans^2)."""
-    limit = min(len(q_sizes) - position, max(1, chunk_elements // int(q_sizes[position] * kept[position])))
+    Both hold on a prefix of the spans. They are checked over a window that doubles while every span in it fits, up
+    to the most spans the first one allows: O(spans taken) per chunk, never O(spans^2)."""
+    widest = int(q_sizes[position])
+    limit = min(len(q_sizes) - position, max(1, chunk_elements // (widest * int(kept[position]))))
     width = min(limit, 64)
     while True:
-        q_max = np.maximum.accumulate(q_sizes[position:position + width])
-        kv_max = np.maximum.accumulate(kept[position:position + width])
-        fits = int((np.arange(1, width + 1) <= chunk_elements // (q_max * kv_max)).sum())   # a prefix: monotone
-        if fits < width or width == limit:
-            return position + max(1, fits)
+        count = np.arange(1, width + 1)
+        fits = (count <= chunk_elements // (widest * np.maximum.accumulate(kept[position:position + width]))) \
+            & (4 * widest * count <= 5 * np.cumsum(q_sizes[position:position + width]))
+        taken = int(fits.sum())
+        if taken < width or width == limit:
+            return position + max(1, taken)
         width = min(limit, 2 * width)
 
 
