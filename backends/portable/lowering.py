@@ -38,7 +38,7 @@ PORTABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
 @dataclass(frozen=True)
 class PortableOptions:
     """``chunk_elements``: padded score elements per chunk (bounds temporary memory, ~4 bytes each; the chunk's
-    gathered keys and values take about ``2 D / QB`` times as many again, D the head dim, QB the query block)."""
+    gathered keys and values take about ``2 D / QB`` times as many again, D the head dim, QB its rows' query tokens)."""
 
     chunk_elements: int = 1 << 24
 
@@ -98,7 +98,8 @@ class Chunk:
 
 
 def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) -> list[Chunk]:
-    """Group the mask's spans into padded chunks; sizes from one host read of the row lengths.
+    """Group the mask's spans into padded chunks; sizes from one host read of the row lengths (with whether each row
+    keeps what the one before it keeps).
 
     A span is a run of consecutive query blocks of one head that keep the same key blocks: it gathers
     them once for all its query tokens. A span whose own scores exceed ``chunk_elements`` (many query
@@ -113,8 +114,8 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
     span_kept = host_kept[first]
     # A chunk pads its spans to its most query tokens and most key tokens, so similar spans sit together: by query
     # tokens, then kept key tokens, descending. Spans of uniform blocks then come in groups of equal query tokens
-    # (one block, two, ...) with kept key tokens descending in each, as rows did before spans: a chunk's first span
-    # is its widest, and in a group it keeps the most key tokens. A chunk takes a narrower group only while its query
+    # (one block, two, ...), each by kept key tokens descending as single-block rows are: a chunk's first span is
+    # its widest, and in a group it keeps the most key tokens. A chunk takes a narrower group only while its query
     # padding stays within a quarter of its query tokens (see _chunk_end).
     order = np.lexsort((-span_kept, -q_sizes))
     sorted_sizes, sorted_kept = q_sizes[order], span_kept[order]
