@@ -11,7 +11,7 @@ export TRITON_INTERPRET=0 SPARSECORE_WARMUP=wait HYPOTHESIS_PROFILE=gpu-quick
 R=$OUT/run; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/gpu.txt; cat $R/gpu.txt
 start=$(date +%s)
-left() { echo $(( 180 - ($(date +%s) - start) )); }
+left() { echo $(( 260 - ($(date +%s) - start) )); }
 step() {  # step NAME CAP COMMAND...: run with min(CAP, time left), log to $R/NAME.log
   local name=$1 cap=$2; shift 2; local l; l=$(left); (( l < cap )) && cap=$l
   if (( cap < 30 )); then echo "$name: not run, $l s left"; return; fi
