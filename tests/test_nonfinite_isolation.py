@@ -46,25 +46,26 @@ def attending_rows(mask, key_head: int, group: int, token: int) -> np.ndarray:
     return rows
 
 
-def _run(target, kernel, arrays, scale):
+def _run(target, kernel, arrays, scale, with_lse: bool = True):
     args, _ = target.cast(*arrays)
-    want_lse = target.capabilities.lse
+    want_lse = target.capabilities.lse and with_lse
     result = kernel(*args, scale=scale, return_lse=want_lse)
     out, lse = result if want_lse else (result, None)
     return to_float64(out), None if lse is None else to_float64(lse)
 
 
 def check_isolation(target, case: AttentionCase, batch: int, key_head: int, token: int, dim: int, where: str,
-                    poison: float) -> None:
-    """Run ``case`` clean and with ``where[batch, key_head, token, dim] = poison``; compare row by row."""
+                    poison: float, with_lse: bool = True) -> None:
+    """Run ``case`` clean and with ``where[batch, key_head, token, dim] = poison``; compare row by row (asking for the
+    LSE where the backend returns one, unless ``with_lse`` is False)."""
     mask = case.mask
     q, k, v = case.inputs()
     bad_k, bad_v = k.copy(), v.copy()
     (bad_k if where == "k" else bad_v)[batch, key_head, token, dim] = poison
 
     kernel = sparsecore.compile(mask, device=target.device, backend=target.backend)
-    clean_out, clean_lse = _run(target, kernel, (q, k, v), case.scale)
-    out, lse = _run(target, kernel, (q, bad_k, bad_v), case.scale)
+    clean_out, clean_lse = _run(target, kernel, (q, k, v), case.scale, with_lse)
+    out, lse = _run(target, kernel, (q, bad_k, bad_v), case.scale, with_lse)
 
     hit = np.zeros(out.shape[:3], dtype=bool)
     hit[batch] = attending_rows(mask, key_head, mask.num_heads // case.num_kv_heads, token)
@@ -131,6 +132,20 @@ def test_padding_never_reads_a_token_its_row_does_not_attend(target, where, toke
     if problems:
         pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
     check_isolation(target, case, batch=0, key_head=0, token=token, dim=3, where=where, poison=np.nan)
+
+
+@pytest.mark.parametrize("where, token", [("k", 0), ("k", 128), ("k", 383), ("v", 0), ("v", 129)])
+def test_a_call_without_the_lse_never_reads_a_token_its_row_does_not_attend(target, where, token):
+    """A call without the LSE may take another path (portable: torch's fused SDPA with a boolean mask, which keeps a
+    padding slot's NaN score NaN): its padding must not gather a token the row does not attend to either. Token 0
+    is in block 0, which some padded rows skip; 128 starts block 1, the mask's first listed block."""
+    case = AttentionCase(_padded_rows(), batch=1, num_kv_heads=1, head_dim=64, seed=5, scale=None)
+    problems = target.capabilities.mask_problems(case.mask) + target.capabilities.tensor_problems(
+        target.dtype, 64, 2, 1, False)
+    if problems:
+        pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
+    check_isolation(target, case, batch=0, key_head=0, token=token, dim=3, where=where, poison=np.nan,
+                    with_lse=False)
 
 
 def test_which_backends_keep_an_infinite_value_exact():
