@@ -190,3 +190,29 @@ def test_chunks_bound_their_padded_work_and_query_padding(chunk_elements):
         np.add.at(written, (c.q_rows.numpy() // mask.q_len, c.q_rows.numpy() % mask.q_len), 1)
     listed = np.repeat(mask.to_host().row_lengths > 0, mask.q_block_sizes, axis=1)
     assert (written == listed).all()
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 20_000, 15_000])
+def test_a_chunk_takes_every_span_that_fits(chunk_elements):
+    """Chunks are maximal: a chunk followed by another would break one of its two bounds (padded work, query padding
+    within a quarter) by taking the next span too, the next chunk's first (spans in order of query tokens, the
+    widest first). No span here is over these budgets alone, so none is cut into pieces."""
+    mask = _runs_of_random_lengths()
+    chunks = schedule_chunks(mask, chunk_elements, torch.device("cpu"))
+    assert scheduled_rows(chunks) == expected_spans(mask)
+    for a, b in zip(chunks, chunks[1:]):
+        rows, width, keys = len(a.heads), a.q_tokens.shape[1], a.kv_tokens.shape[1]
+        next_width, next_keys = b.q_tokens.shape[1], int(b.kv_valid[0].sum())       # b's first row is its widest
+        assert next_width <= width and rows * width * keys <= chunk_elements
+        assert (rows + 1) * width * max(keys, next_keys) > chunk_elements \
+            or 4 * (rows + 1) * width > 5 * (len(a.q_slots) + next_width), (rows, width, keys, next_width, next_keys)
+
+
+def test_a_chunks_query_padding_may_reach_a_quarter_of_its_query_tokens():
+    """Spans of 40 and 24 query tokens (8-token blocks) keeping the same 2 key blocks: padded to 40, the chunk's 80
+    query slots are 64 real ones and a quarter more, still one chunk."""
+    lists = [[[0, 1]] * 5, [[0, 1]] * 3 + [[]] * 2]
+    mask = BlockMask.from_lists(lists, BlockMask.uniform_offsets(40, 8), BlockMask.uniform_offsets(16, 8))
+    chunks = schedule_chunks(mask, 1 << 24, torch.device("cpu"))
+    assert scheduled_rows(chunks) == [(0, 0, 40), (1, 0, 24)] == expected_spans(mask)
+    assert [tuple(c.q_tokens.shape) for c in chunks] == [(2, 40)] and len(chunks[0].q_slots) == 64
