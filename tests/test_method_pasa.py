@@ -50,6 +50,23 @@ def test_pooled_scores_are_block_means():
     np.testing.assert_allclose(pasa.pooled_scores(q, k, offs, 0.5).numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_pooled_scores_of_a_short_last_block_keep_float32_under_a_float64_default_dtype():
+    """``torch.set_default_dtype(torch.float64)`` (a float64 script's first line) does not reach the block means: the
+    short last block's sums were made in the default dtype and refused the float32 tokens added to them."""
+    q, k = inputs(heads=2)
+    offs = VideoGeometry(12, 4, 7).block_offsets(64)                  # 336 tokens: a last block of 16
+    q, k = q[:, :, :336], k[:, :, :336]
+    want = ref.pasa_scores(q.double().numpy(), k.double().numpy(), offs, 0.5)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = pasa.pooled_scores(q, k, offs, 0.5)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_noise_is_the_splitmix_counter_hash_on_any_shard():
     full = noise.gumbel(range(0, 3), 5, 7, seed=11, layer=4, step=9, scale=0.7, device="cpu")
     np.testing.assert_allclose(full.double().numpy(), ref.gumbel(range(0, 3), 5, 7, 11, 4, 9, 0.7), rtol=1e-5)

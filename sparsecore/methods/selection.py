@@ -50,8 +50,8 @@ def block_means(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
         return head
     rest = sizes[run:]
     block_of = queued(np.repeat(np.arange(len(rest)), rest), x.device)
-    sums = torch.zeros(*x.shape[:2], len(rest), x.shape[3], device=x.device).index_add_(2, block_of,
-                                                                                       x[:, :, split:].float())
+    sums = torch.zeros(*x.shape[:2], len(rest), x.shape[3], dtype=torch.float32, device=x.device).index_add_(
+        2, block_of, x[:, :, split:].float())
     return torch.cat([head, sums / queued(rest.astype(np.float32), x.device)[None, None, :, None]], dim=2)
 
 
