@@ -100,6 +100,28 @@ def _runs_of_random_lengths() -> BlockMask:
     return BlockMask.from_dense(keep, q_len=234, kv_len=200, q_block=10)
 
 
+def _many_block_sizes() -> BlockMask:
+    """2 heads, 120 query blocks of 1 to 39 tokens, 80 key blocks of 1 to 23: spans of one width keep very
+    different key tokens (the schedule sorts by width first)."""
+    rng = np.random.default_rng(13)
+    q_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 40, 120))])
+    kv_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 24, 80))])
+    keep = rng.random((2, 120, 80)) < rng.random((2, 120, 1))               # rows from nearly empty to nearly full
+    lists = [[np.flatnonzero(row).tolist() for row in head] for head in keep]
+    return BlockMask.from_lists(lists, q_offsets, kv_offsets)
+
+
+def _chunk_rows(chunk) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real query tokens and kept key tokens."""
+    valid = torch.zeros(chunk.q_tokens.numel(), dtype=torch.bool)
+    valid[chunk.q_slots] = True
+    return valid.view(chunk.q_tokens.shape).sum(1).numpy(), chunk.kv_valid.sum(1).numpy()
+
+
+BOUND_MASKS = {"runs_of_random_lengths": _runs_of_random_lengths, "many_block_sizes": _many_block_sizes}
+BUDGET_NO_PIECES = {"runs_of_random_lengths": 8_400, "many_block_sizes": 35_631}     # the largest span alone
+
+
 CASES = {
     # name: (mask, key heads, a chunk_elements that cuts spans into pieces of a few query tokens)
     "full_small_blocks_gqa": (BlockMask.full(4, 101, 93, 8), 2, 300),
@@ -174,38 +196,65 @@ def test_spans_match_dense_attention(name, pieces, dtype):
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 20_000, 3_000, 300])
-def test_chunks_bound_their_padded_work_and_query_padding(chunk_elements):
-    """Spans of 1 to 7 blocks: a chunk's rows x most query tokens x most key tokens fits ``chunk_elements`` (a lone
-    span over it: pieces of at most ``chunk_elements`` // its key tokens query tokens), its padded query tokens exceed
-    its real ones by at most a quarter (spans were padded to the widest of the mask, 7 blocks), and each query token
-    of a non-empty row is written once."""
-    mask = _runs_of_random_lengths()
+@pytest.mark.parametrize("name", sorted(BOUND_MASKS))
+def test_chunks_bound_their_padded_work_and_query_padding(name, chunk_elements):
+    """Spans of 1 to 7 blocks, or of blocks of many sizes: a chunk's rows x most query tokens x most key tokens fits
+    ``chunk_elements`` (a lone span over it: pieces of at most ``chunk_elements`` // its key tokens query tokens), its
+    padded query tokens exceed its real ones by at most a quarter (spans were padded to the widest of the mask), its
+    padded work exceeds its rows' own query x key tokens by at most a half (spans of many block sizes padded keys
+    2x), and each query token of a non-empty row is written once."""
+    mask = BOUND_MASKS[name]()
     if chunk_elements == 1 << 24:
         assert scheduled_rows(schedule_chunks(mask, chunk_elements, torch.device("cpu"))) == expected_spans(mask)
     written = np.zeros((mask.num_heads, mask.q_len), dtype=np.int64)
     for c in schedule_chunks(mask, chunk_elements, torch.device("cpu")):
         rows, width, keys = len(c.heads), c.q_tokens.shape[1], c.kv_tokens.shape[1]
+        q_tokens, kept = _chunk_rows(c)
         assert rows * width * keys <= chunk_elements or rows == 1 and width <= max(1, chunk_elements // keys)
         assert 4 * rows * width <= 5 * len(c.q_slots)
+        assert 2 * rows * width * keys <= 3 * int((q_tokens * kept).sum())
         np.add.at(written, (c.q_rows.numpy() // mask.q_len, c.q_rows.numpy() % mask.q_len), 1)
     listed = np.repeat(mask.to_host().row_lengths > 0, mask.q_block_sizes, axis=1)
     assert (written == listed).all()
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 24, 20_000, 15_000])
-def test_a_chunk_takes_every_span_that_fits(chunk_elements):
-    """Chunks are maximal: a chunk followed by another would break one of its two bounds (padded work, query padding
-    within a quarter) by taking the next span too, the next chunk's first (spans in order of query tokens, the
-    widest first). No span here is over these budgets alone, so none is cut into pieces."""
-    mask = _runs_of_random_lengths()
+@pytest.mark.parametrize("name, chunk_elements", [(name, budget) for name in sorted(BOUND_MASKS)
+                                                   for budget in (1 << 24, 60_000, 20_000, 15_000)
+                                                   if budget >= BUDGET_NO_PIECES[name]])
+def test_a_chunk_takes_every_span_that_fits(name, chunk_elements):
+    """Chunks are maximal: a chunk followed by another would break one of its three bounds (padded work within the
+    budget, query padding within a quarter, padded work within 1.5 times the rows' own) by taking the next span too,
+    the next chunk's first (spans in order of query tokens, the widest first). No span here is over these budgets
+    alone, so none is cut into pieces."""
+    mask = BOUND_MASKS[name]()
     chunks = schedule_chunks(mask, chunk_elements, torch.device("cpu"))
     assert scheduled_rows(chunks) == expected_spans(mask)
     for a, b in zip(chunks, chunks[1:]):
         rows, width, keys = len(a.heads), a.q_tokens.shape[1], a.kv_tokens.shape[1]
+        own = int(np.prod(_chunk_rows(a), axis=0).sum())
         next_width, next_keys = b.q_tokens.shape[1], int(b.kv_valid[0].sum())       # b's first row is its widest
         assert next_width <= width and rows * width * keys <= chunk_elements
-        assert (rows + 1) * width * max(keys, next_keys) > chunk_elements \
-            or 4 * (rows + 1) * width > 5 * (len(a.q_slots) + next_width), (rows, width, keys, next_width, next_keys)
+        most = max(keys, next_keys)
+        assert (rows + 1) * width * most > chunk_elements \
+            or 4 * (rows + 1) * width > 5 * (len(a.q_slots) + next_width) \
+            or 2 * (rows + 1) * width * most > 3 * (own + next_width * next_keys), (rows, width, keys, next_keys)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 63, 1 << 70])
+def test_a_chunk_bound_beyond_int64_bounds_nothing_more(chunk_elements):
+    """``chunk_elements`` is any positive int: one past NumPy's int64 raised OverflowError at compile; it schedules
+    as the largest bound the arithmetic takes, and the kernel matches the oracle."""
+    mask, _, _ = CASES["repeats_and_changes"]
+    chunks = schedule_chunks(mask, chunk_elements, torch.device("cpu"))
+    assert scheduled_rows(chunks) == scheduled_rows(schedule_chunks(mask, 1 << 60, torch.device("cpu")))
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 3, mask.q_len, 8))
+    k, v = (rng.standard_normal((1, 3, mask.kv_len, 8)) for _ in range(2))
+    want_out, want_lse = dense_attention(q, k, v, expand_to_tokens(mask), 8 ** -0.5)
+    kernel = sparsecore.compile(mask, device="cpu", backend="portable", chunk_elements=chunk_elements)
+    out, lse = kernel(*(torch.from_numpy(a) for a in (q, k, v)), return_lse=True)
+    np.testing.assert_allclose(out.numpy(), want_out, atol=1e-12)
+    np.testing.assert_allclose(lse.numpy(), want_lse, atol=1e-6)
 
 
 def test_a_chunks_query_padding_may_reach_a_quarter_of_its_query_tokens():

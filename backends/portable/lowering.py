@@ -105,6 +105,7 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
     them once for all its query tokens. A span whose own scores exceed ``chunk_elements`` (many query
     tokens keeping many keys) is cut into pieces of query tokens that share its gathered key positions.
     """
+    chunk_elements = min(chunk_elements, 1 << 60)     # for NumPy's int64 products below; larger bounds nothing more
     mask = mask.to(device)
     lengths = mask.row_lengths.reshape(-1)                   # key blocks per row, [H * MB]
     kept = kept_key_tokens(mask.indptr, mask.indices, mask.kv_offsets).reshape(-1)   # key tokens per row
@@ -116,7 +117,8 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
     # tokens, then kept key tokens, descending. Spans of uniform blocks then come in groups of equal query tokens
     # (one block, two, ...), each by kept key tokens descending as single-block rows are: a chunk's first span is
     # its widest, and in a group it keeps the most key tokens. A chunk takes a narrower group only while its query
-    # padding stays within a quarter of its query tokens (see _chunk_end).
+    # padding stays within a quarter of its query tokens, and any span only while its padded work stays within 1.5
+    # times its spans' own (see _chunk_end).
     order = np.lexsort((-span_kept, -q_sizes))
     sorted_sizes, sorted_kept = q_sizes[order], span_kept[order]
     starts = mask.indptr[:, :-1].reshape(-1).long()
@@ -163,20 +165,23 @@ def _spans(mask: BlockMask, lengths: np.ndarray, same: np.ndarray) -> tuple[np.n
 
 
 def _chunk_end(q_sizes: np.ndarray, kept: np.ndarray, position: int, chunk_elements: int) -> int:
-    """End of the chunk of sorted spans (query tokens descending) starting at ``position``: the most spans whose padded
-    work (spans x most query tokens x most key tokens) fits ``chunk_elements`` and whose padded query tokens exceed
-    theirs by at most a quarter; at least one span (one alone over ``chunk_elements`` is cut into pieces later).
+    """End of the chunk of sorted spans (query tokens descending) starting at ``position``: the longest run of spans
+    whose padded work (spans x most query tokens x most key tokens) fits ``chunk_elements``, whose padded query tokens
+    exceed theirs by at most a quarter, and whose padded work exceeds their own (query x key tokens) by at most a
+    half (spans of one width but very different kept key tokens, where a mask has many block sizes); at least one
+    span (one alone over ``chunk_elements`` is cut into pieces later).
 
-    Both hold on a prefix of the spans. They are checked over a window that doubles while every span in it fits, up
-    to the most spans the first one allows: O(spans taken) per chunk, never O(spans^2)."""
+    The run is checked over a window that doubles while every span in it fits, up to the most spans the first one
+    allows: O(max(64, spans taken)) per chunk, never O(spans^2)."""
     widest = int(q_sizes[position])
     limit = min(len(q_sizes) - position, max(1, chunk_elements // (widest * int(kept[position]))))
     width = min(limit, 64)
     while True:
         count = np.arange(1, width + 1)
-        fits = (count <= chunk_elements // (widest * np.maximum.accumulate(kept[position:position + width]))) \
-            & (4 * widest * count <= 5 * np.cumsum(q_sizes[position:position + width]))
-        taken = int(fits.sum())
+        sizes, most_kept = q_sizes[position:position + width], np.maximum.accumulate(kept[position:position + width])
+        fits = (count <= chunk_elements // (widest * most_kept)) & (4 * widest * count <= 5 * np.cumsum(sizes)) \
+            & (2 * widest * count * most_kept <= 3 * np.cumsum(sizes * kept[position:position + width]))
+        taken = int(np.logical_and.accumulate(fits).sum())        # the third bound may fail, then hold again
         if taken < width or width == limit:
             return position + max(1, taken)
         width = min(limit, 2 * width)
