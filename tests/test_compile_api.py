@@ -198,7 +198,7 @@ def test_a_portable_plan_of_a_device_mask_reads_back_once_however_many_chunks():
     m = BlockMask.from_dense(keep, q_len=6 * 64 - 5, kv_len=6 * 64 - 5, q_block=64).to("cpu")
     with HostReads() as reads:
         chunks = schedule_chunks(m, 1 << 13, torch.device("cpu"))
-    assert len(chunks) > 5 and len({where for _, where in reads.calls}) == 1, reads.calls    # .cpu().numpy(): one
+    assert len(chunks) > 5 and [op for op, _ in reads.calls] == ["cpu", "numpy"], reads.calls      # one read
     assert [c.padded for c in chunks] == [not bool(c.kv_valid.all()) for c in chunks]
 
 
