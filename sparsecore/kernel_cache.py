@@ -4,8 +4,9 @@ The compiled kernels of host masks live here, found again by content (a pattern 
 steps compiles once): the most recently used first, at most :data:`CACHE_SIZE` of them listing at most
 :data:`CACHE_BLOCKS` blocks together, and holding at most :data:`CACHE_TOKEN_PLAN_BYTES` of plans that grow with
 the key tokens their rows list (a kernel's device lists and tile plans grow with its blocks; ``portable``'s gathered
-key positions with the tokens, 9 bytes each, ``Backend.plan_bytes_per_key_token``): a method returning new large
-host masks every step must not pile them up. The other caches are bounded where they live:
+key positions with the tokens, 9 bytes each, ``Backend.plan_bytes_per_key_token``; an upper bound: a run of query
+blocks that list the same key blocks gathers them once): a method returning new large host masks every step must not
+pile them up. The other caches are bounded where they live:
 uploaded offsets (:mod:`sparsecore.ir.uploads`), the approximation pass's statistics plans
 (:mod:`sparsecore.backends.approximation`) and the warm-up records (:mod:`sparsecore.warmup`).
 """

@@ -56,7 +56,7 @@ class PortableBackend(Backend):
     install_hint = "needs only torch"
     options_type = PortableOptions
     differentiable = True       # drop masks: torch ops, autograd's gradients (tests/test_compile_api.py checks them)
-    plan_bytes_per_key_token = 9   # its chunks' gathered key positions (int64) and their validity (bool)
+    plan_bytes_per_key_token = 9   # its chunks' gathered key positions (int64) and validity (bool); a span's once
 
     def unavailable_reason(self, device: str) -> str | None:
         kind = device.split(":")[0]
