@@ -26,7 +26,7 @@ import torch
 
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
-from sparsecore.ir.csr import kept_key_tokens, row_of_entry
+from sparsecore.ir.csr import kept_key_tokens
 from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, Run
 
@@ -144,13 +144,17 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
 def _same_as_previous(mask: BlockMask, lengths: torch.Tensor) -> torch.Tensor:
     """Whether each row keeps the same key blocks as the row before it in its head, bool ``[H * MB]`` on the lists'
     device, without a host read. Rows are stored one after another, so where two consecutive rows keep as many
-    blocks, the earlier one's entry at an entry's offset sits ``lengths[row]`` entries before it."""
-    nnz = mask.indices.shape[0]
-    entry_row = row_of_entry(mask.indptr, nnz)                                     # repeat_interleave, output_size
-    earlier = (torch.arange(nnz, device=lengths.device) - lengths[entry_row]).clamp_(min=0)
-    differs = (mask.indices != mask.indices[earlier]).long()
-    mismatches = torch.zeros_like(lengths).scatter_add_(0, entry_row, differs)    # no bincount: its size would sync
-    row = torch.arange(lengths.shape[0], device=lengths.device)
+    blocks, the earlier one's entry at an entry's offset sits ``lengths[row]`` entries before it; a row's mismatches
+    are a difference of the running count at its ends. int32 throughout (the IR keeps nnz below 2^31): its peak was
+    24 bytes an entry at 32 M entries (32 with int64 row ids and a scatter)."""
+    nnz, device = mask.indices.shape[0], lengths.device
+    row_lengths = lengths.int()
+    entry_length = torch.repeat_interleave(row_lengths, row_lengths, output_size=nnz)     # output_size: no sync
+    earlier = (torch.arange(nnz, dtype=torch.int32, device=device) - entry_length).clamp_(min=0)
+    running = torch.zeros(nnz + 1, dtype=torch.int32, device=device)
+    torch.cumsum(mask.indices != mask.indices[earlier], 0, dtype=torch.int32, out=running[1:])
+    mismatches = running[mask.indptr[:, 1:].reshape(-1).long()] - running[mask.indptr[:, :-1].reshape(-1).long()]
+    row = torch.arange(lengths.shape[0], device=device)
     return (row % mask.num_q_blocks != 0) & (lengths == lengths.roll(1)) & (mismatches == 0)
 
 
