@@ -8,16 +8,20 @@ span is one row per head. Spans never cross heads, an empty row ends one, and a 
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from host_reads import HostReads
 from oracle import block_lists, dense_attention, expand_to_tokens
 
 import sparsecore
 from sparsecore import BlockMask
-from sparsecore.backends.portable.lowering import schedule_chunks
+from sparsecore.backends.portable import lowering
+from sparsecore.backends.portable.lowering import Chunk, schedule_chunks
 
 
 def expected_spans(mask: BlockMask) -> list[tuple[int, int, int]]:
@@ -265,3 +269,53 @@ def test_a_chunks_query_padding_may_reach_a_quarter_of_its_query_tokens():
     chunks = schedule_chunks(mask, 1 << 24, torch.device("cpu"))
     assert scheduled_rows(chunks) == [(0, 0, 40), (1, 0, 24)] == expected_spans(mask)
     assert [tuple(c.q_tokens.shape) for c in chunks] == [(2, 40)] and len(chunks[0].q_slots) == 64
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="torch.cuda.is_available() is False: lists on a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("window", [1, 5, 64])
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(BOUND_MASKS))
+def test_spans_do_not_depend_on_how_many_entries_are_compared_at_a_time(name, window, device, monkeypatch):
+    """Windows of 1, 5 and 64 list entries split rows (and a row's earlier entries) across windows: the same spans,
+    from lists on the CPU or a GPU."""
+    mask = CASES[name][0] if name in CASES else BOUND_MASKS[name]()
+    monkeypatch.setattr(lowering, "SPAN_WINDOW", window)
+    assert int(mask.to_host().row_lengths.sum()) > window     # more than one window
+    held = mask.to(device)
+    assert scheduled_rows(_to_cpu(schedule_chunks(held, 1 << 24, torch.device(device)))) == expected_spans(mask)
+
+
+def _to_cpu(chunks):
+    return [Chunk(*(getattr(c, f.name).cpu() if f.name != "padded" else c.padded for f in fields(Chunk)))
+            for c in chunks]
+
+
+class _LargestResult(TorchDispatchMode):
+    """The most elements of any tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor):
+                self.most = max(self.most, tensor.numel())
+        return result
+
+
+def test_finding_spans_makes_no_tensor_larger_than_its_window_or_its_rows(monkeypatch):
+    """A full mask of 2 heads x 40 x 40 blocks lists 3,200 entries; compared 256 at a time, no temporary of the
+    search for equal rows holds more than 257 elements (the window and one; there are 80 rows); comparing the whole
+    lists at once made several of 3,200 (a dense 24-head layer at 6x lists 209 M)."""
+    mask = BlockMask.full(2, 400, 400, 10).to("cpu")
+    monkeypatch.setattr(lowering, "SPAN_WINDOW", 256)
+    lengths = mask.row_lengths.reshape(-1)
+    with _LargestResult() as largest:
+        same = lowering._same_as_previous(mask, lengths)
+    assert largest.most <= 257, largest.most
+    assert same.tolist() == [i % 40 != 0 for i in range(80)]

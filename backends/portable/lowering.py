@@ -141,19 +141,32 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
     return chunks
 
 
+SPAN_WINDOW = 1 << 22    # list entries compared at a time in _same_as_previous: its temporaries, ~20 bytes an entry
+
+
 def _same_as_previous(mask: BlockMask, lengths: torch.Tensor) -> torch.Tensor:
     """Whether each row keeps the same key blocks as the row before it in its head, bool ``[H * MB]`` on the lists'
     device, without a host read. Rows are stored one after another, so where two consecutive rows keep as many
-    blocks, the earlier one's entry at an entry's offset sits ``lengths[row]`` entries before it; a row's mismatches
-    are a difference of the running count at its ends. int32 throughout (the IR keeps nnz below 2^31): its peak was
-    24 bytes an entry at 32 M entries (32 with int64 row ids and a scatter)."""
+    blocks, the earlier one's entry at an entry's offset sits ``lengths[row]`` entries before it; each row counts its
+    entries that differ there. The entries are compared ``SPAN_WINDOW`` at a time, so the temporaries stay bounded: on
+    a dense 24-head mask of 2,949 blocks a side (209 M entries) the CPU's peak rose 225 MB in 1.1 s, against 4.8 GB
+    in 3.3 s comparing all at once."""
     nnz, device = mask.indices.shape[0], lengths.device
+    starts = mask.indptr[:, :-1].reshape(-1)                  # each row's first entry; an empty row's is the next's
     row_lengths = lengths.int()
-    entry_length = torch.repeat_interleave(row_lengths, row_lengths, output_size=nnz)     # output_size: no sync
-    earlier = (torch.arange(nnz, dtype=torch.int32, device=device) - entry_length).clamp_(min=0)
-    running = torch.zeros(nnz + 1, dtype=torch.int32, device=device)
-    torch.cumsum(mask.indices != mask.indices[earlier], 0, dtype=torch.int32, out=running[1:])
-    mismatches = running[mask.indptr[:, 1:].reshape(-1).long()] - running[mask.indptr[:, :-1].reshape(-1).long()]
+    mismatches = torch.zeros(lengths.shape[0], dtype=torch.int32, device=device)
+    ones = torch.ones_like(starts)
+    for low in range(0, nnz, SPAN_WINDOW):                    # nnz is the lists' shape: known without a read
+        size = min(SPAN_WINDOW, nnz - low)
+        # the row holding each entry: one less than the rows starting at or before it (rows before the window
+        # count at its first entry, rows after it past its end), index_select and no binary search (3x on CPU)
+        starting = torch.zeros(size + 1, dtype=torch.int32, device=device)
+        starting.index_add_(0, (starts - low).clamp_(0, size), ones)
+        row = torch.cumsum(starting[:size], 0, dtype=torch.int32) - 1
+        entry = torch.arange(low, low + size, dtype=torch.int32, device=device)
+        earlier = (entry - row_lengths.index_select(0, row)).clamp_(min=0)
+        differs = mask.indices[low:low + size] != mask.indices.index_select(0, earlier)
+        mismatches.index_add_(0, row, differs.int())
     row = torch.arange(lengths.shape[0], device=device)
     return (row % mask.num_q_blocks != 0) & (lengths == lengths.roll(1)) & (mismatches == 0)
 
