@@ -142,7 +142,7 @@ class CompiledKernel:
         run = self._runs.get(run_key)
         if run is None:
             run = self._runs[run_key] = self._lowered(backend, options, q)
-            kernel_cache.lowered(self, backend)       # a fallback's plans may grow with key tokens (portable's)
+            kernel_cache.lowered(self)          # its plans may grow with the tokens (portable's)
         self.backend = backend
         return run, scale, backend
 

@@ -3,10 +3,10 @@
 The compiled kernels of host masks live here, found again by content (a pattern that recurs across layers and
 steps compiles once): the most recently used first, at most :data:`CACHE_SIZE` of them listing at most
 :data:`CACHE_BLOCKS` blocks together, and holding at most :data:`CACHE_TOKEN_PLAN_BYTES` of plans that grow with
-the key tokens their rows list (a kernel's device lists and tile plans grow with its blocks; ``portable``'s gathered
-key positions with the tokens, 9 bytes each, ``Backend.plan_bytes_per_key_token``; an upper bound: a run of query
-blocks that list the same key blocks gathers them once): a method returning new large host masks every step must not
-pile them up. The other caches are bounded where they live:
+the tokens their rows list (a kernel's device lists and tile plans grow with its blocks; ``portable``'s gathered
+query and key positions with the tokens of its spans, counted once lowered as its runs report them,
+``plan_bytes``): a method returning new large host masks every step must not pile them up.
+The other caches are bounded where they live:
 uploaded offsets (:mod:`sparsecore.ir.uploads`), the approximation pass's statistics plans
 (:mod:`sparsecore.backends.approximation`) and the warm-up records (:mod:`sparsecore.warmup`).
 """
@@ -19,9 +19,9 @@ from typing import Any, Hashable
 
 CACHE_SIZE = 64             # compiled kernels of host masks kept
 CACHE_BLOCKS = 1 << 27      # ... listing this many (head, query block, key block) entries together
-CACHE_TOKEN_PLAN_BYTES = 1 << 32   # ... holding this much in plans that grow with their rows' key tokens
+CACHE_TOKEN_PLAN_BYTES = 1 << 32   # ... holding this much in plans that grow with their rows' tokens
 _CACHE: "OrderedDict[Hashable, Any]" = OrderedDict()
-_SIZES: dict[Hashable, tuple[int, int]] = {}     # a cached kernel's (listed blocks, bytes of per-token plans)
+_SIZES: dict[Hashable, tuple[int, int]] = {}     # a cached kernel's (listed blocks, bytes of its runs' token plans)
 _LOCK = threading.Lock()    # compile() from several threads (the warm-up worker is one)
 
 
@@ -40,28 +40,24 @@ def lookup(key: Hashable, mask: Any) -> Any:
 def insert(key: Hashable, kernel: Any) -> None:
     """Cache ``kernel`` (of a host mask); evict the least recently used others past the bounds."""
     with _LOCK:
-        _CACHE[key], _SIZES[key] = kernel, (kernel.mask.nnz, _token_plan_bytes(kernel, kernel.backend))
+        _CACHE[key], _SIZES[key] = kernel, (kernel.mask.nnz, _token_plan_bytes(kernel))
         _fit(keep=key)
 
 
-def lowered(kernel: Any, backend: Any) -> None:
-    """``kernel`` lowered a run for ``backend`` (its preferred one, or a fallback for some inputs): count that run's
-    per-token plans if the kernel is cached, and evict others past the bounds."""
-    if not backend.plan_bytes_per_key_token:
-        return
+def lowered(kernel: Any) -> None:
+    """``kernel`` lowered a run (for its preferred backend, or a fallback for some inputs): count what its runs' plans
+    hold if the kernel is cached, and evict others past the bounds."""
     with _LOCK:
         for key, found in _CACHE.items():
             if found is kernel:
-                blocks, plan_bytes = _SIZES[key]
-                _SIZES[key] = (blocks, max(plan_bytes, _token_plan_bytes(kernel, backend)))
+                _SIZES[key] = (_SIZES[key][0], _token_plan_bytes(kernel))
                 _fit(keep=key)
                 return
 
 
-def _token_plan_bytes(kernel: Any, backend: Any) -> int:
-    """Bytes ``backend``'s plans of the kernel's mask hold per key token its rows list (O(listed blocks), once)."""
-    mask, per_token = kernel.mask, backend.plan_bytes_per_key_token
-    return per_token and per_token * int(mask.kv_block_sizes[mask.indices].sum())
+def _token_plan_bytes(kernel: Any) -> int:
+    """Bytes of the kernel's lowered runs' plans that grow with tokens, as the runs report them (``plan_bytes``)."""
+    return sum(getattr(run, "plan_bytes", 0) for run in kernel._runs.values())
 
 
 def _fit(keep: Hashable) -> None:

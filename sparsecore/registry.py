@@ -106,7 +106,6 @@ class Backend(ABC):
     dense: DenseOp | None = None            # optional: dense attention measured faster than cuDNN's on its devices
     differentiable: bool = False  # its drop masks' runs are torch ops with true gradients (else a backward raises)
     slow_to_load: bool = False    # getting ready (importing its library, JIT-compiling) takes seconds: checked last
-    plan_bytes_per_key_token: int = 0   # what its plans hold per key token its rows list (portable: positions)
                                   # where any backend of the device will do (sparsecore.check.device_problem), and
                                   # warmed up in the background while another runs (sparsecore.warmup)
 

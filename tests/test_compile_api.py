@@ -518,31 +518,73 @@ def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector(
         gc.enable()
 
 
-@pytest.mark.parametrize("bound, value", [("CACHE_BLOCKS", 130), ("CACHE_TOKEN_PLAN_BYTES", 130 * 16 * 9)])
-def test_the_host_mask_cache_is_bounded_by_blocks_and_by_plans_that_grow_with_key_tokens(monkeypatch, bound, value):
+def _chunk_bytes(kernel) -> int:
+    """Bytes of every tensor field of the kernel's portable chunks, read from the dataclass's fields."""
+    from sparsecore.backends.portable.lowering import Chunk
+    total = 0
+    for run in kernel._runs.values():
+        for chunk in getattr(run, "chunks", []):
+            total += sum(getattr(chunk, f.name).nbytes for f in dataclasses.fields(Chunk)
+                         if isinstance(getattr(chunk, f.name), torch.Tensor))
+    return total
+
+
+@pytest.mark.parametrize("bound", ["CACHE_BLOCKS", "CACHE_TOKEN_PLAN_BYTES"])
+def test_the_host_mask_cache_is_bounded_by_blocks_and_by_plans_that_grow_with_tokens(monkeypatch, bound):
     """New large host masks every step must not pile up compiled kernels: the least recently used go first. The
-    blocks bound alone let portable's plans (9 bytes a listed key token) reach about 147 GiB at 128-token blocks;
-    the bytes bound counts only such plans (a Triton or FA4 kernel's grow with blocks)."""
+    blocks bound alone let portable's plans (gathered positions of the tokens its spans list) grow without limit at
+    large blocks; the bytes bound counts only such plans (a Triton or FA4 kernel's grow with blocks), once a call
+    has lowered them."""
     from sparsecore import kernel_cache
     sparsecore.clear_cache()
-    monkeypatch.setattr(kernel_cache, bound, value)
     masks = [BlockMask.from_dense(np.random.default_rng(seed).random((4, 4, 4)) < 0.9, 64, 64, 16) for seed in range(3)]
-    assert [m.nnz for m in masks] == [59, 58, 61]               # two fit in 130 blocks (of 16 tokens), not three
-    kernels = [sparsecore.compile(m, device="cpu") for m in masks[:2]]
+    assert [m.nnz for m in masks] == [59, 58, 61]
+    q = torch.ones(1, 4, 64, 8)
+    plans = []
+    for mask in masks:                                              # what each one's plans take, measured alone
+        kernel = sparsecore.compile(mask, device="cpu")
+        kernel(q, q, q)
+        plans.append(_chunk_bytes(kernel))
+        assert list(kernel_cache._SIZES.values())[-1] == (mask.nnz, plans[-1])
+    sparsecore.clear_cache()
+    monkeypatch.setattr(kernel_cache, bound, 130 if bound == "CACHE_BLOCKS" else sum(plans) - 1)
+    kernels = [sparsecore.compile(m, device="cpu") for m in masks[:2]]       # two fit either bound, not three
+    for kernel in kernels:
+        kernel(q, q, q)
     assert sparsecore.compile(masks[0], device="cpu") is kernels[0]           # masks[0] now the most recently used
-    sparsecore.compile(masks[2], device="cpu")                               # over the bound: masks[1] goes
+    sparsecore.compile(masks[2], device="cpu")(q, q, q)                      # over the bound: masks[1] goes
     assert sparsecore.compile(masks[0], device="cpu") is kernels[0]
     assert sparsecore.compile(masks[1], device="cpu") is not kernels[1]
-    sparsecore.compile(masks[2], device="reference")                # plans that do not grow with the key tokens
-    sizes = kernel_cache._SIZES.values()                             # (blocks, bytes): portable's 9 a key token
-    assert (61, 0) in sizes and all(plan in (0, 9 * 16 * blocks) for blocks, plan in sizes)
+    sparsecore.compile(masks[2], device="reference")                # plans that do not grow with the tokens
+    assert (61, 0) in kernel_cache._SIZES.values()
     assert kernel_cache._SIZES.keys() == kernel_cache._CACHE.keys()
+    sparsecore.clear_cache()
+
+
+def test_a_dense_mask_of_small_blocks_is_charged_what_its_spans_hold(monkeypatch):
+    """A full mask of 48 x 48 blocks over 2016 tokens, 2 heads, is one span a head: its plans hold each head's 2016
+    query positions three times (int64) and its 2016 key positions (int64) with their validity (bool), 133,072 bytes
+    with the two heads' ids, where 9 bytes a listed key token (the bound's estimate before spans) charged 1.74 MB:
+    past a 1 MB bound, it evicted every other kernel."""
+    from sparsecore import kernel_cache
+    sparsecore.clear_cache()
+    monkeypatch.setattr(kernel_cache, "CACHE_TOKEN_PLAN_BYTES", 1 << 20)
+    other = sparsecore.compile(BlockMask.full(2, 64, 64, 16), device="cpu")
+    q = torch.ones(1, 2, 64, 8)
+    other(q, q, q)
+    dense = sparsecore.compile(BlockMask.full(2, 2016, 2016, 42), device="cpu")
+    q = torch.ones(1, 2, 2016, 8)
+    dense(q, q, q)
+    assert 9 * 2 * 48 * 2016 > 1 << 20
+    assert list(kernel_cache._CACHE.values()) == [other, dense]
+    assert _chunk_bytes(dense) == 2 * 8 + 2 * (3 * 8 * 2016 + 9 * 2016) == 133_072
+    assert list(kernel_cache._SIZES.values())[-1] == (2 * 48 * 48, _chunk_bytes(dense))
     sparsecore.clear_cache()
 
 
 def test_a_mask_over_the_cache_bounds_alone_stays_cached_and_a_fallbacks_plans_count(monkeypatch):
     """The newest kernel stays even past the bounds (else it recompiled at every call); a kernel whose calls fall
-    back to portable holds portable's per-token plans, which the bound counted as 0 (the preferred backend's)."""
+    back to portable holds portable's plans, which the bound counted as 0 (the preferred backend's)."""
     from sparsecore import kernel_cache
 
     class HalfOnly(_UniformOnly):                               # preferred, available, float16 only
@@ -555,9 +597,10 @@ def test_a_mask_over_the_cache_bounds_alone_stays_cached_and_a_fallbacks_plans_c
     kernel = sparsecore.compile(mask, device="cpu")
     assert kernel.backend.name == HalfOnly.name and sparsecore.compile(mask, device="cpu") is kernel
     assert list(kernel_cache._SIZES.values()) == [(32, 0)]
-    q = torch.randn(1, 2, 256, 16)
+    q = torch.ones(1, 2, 256, 16)
     kernel(q, q, q)                                                  # float32: portable runs, its plans counted
-    assert kernel.backend.name == "portable" and list(kernel_cache._SIZES.values()) == [(32, 9 * 2 * 4 * 256)]
+    assert kernel.backend.name == "portable" and _chunk_bytes(kernel) > 0
+    assert list(kernel_cache._SIZES.values()) == [(32, _chunk_bytes(kernel))]
     sparsecore.clear_cache()
 
 

@@ -56,7 +56,6 @@ class PortableBackend(Backend):
     install_hint = "needs only torch"
     options_type = PortableOptions
     differentiable = True       # drop masks: torch ops, autograd's gradients (tests/test_compile_api.py checks them)
-    plan_bytes_per_key_token = 9   # its chunks' gathered key positions (int64) and validity (bool); a span's once
 
     def unavailable_reason(self, device: str) -> str | None:
         kind = device.split(":")[0]
@@ -75,8 +74,9 @@ class PortableBackend(Backend):
         chunks = schedule_chunks(mask, options.chunk_elements, where)
         if mask.unselected.kind != "drop":   # exact part with its LSE in the compute dtype, then the approximation
             exact = lambda q, k, v, scale: run_chunks(mask, chunks, q, k, v, scale, True, partial=True)  # noqa: E731
-            return with_approximation(exact, mask, options.chunk_elements)
-        return lambda q, k, v, scale, return_lse: run_chunks(mask, chunks, q, k, v, scale, return_lse)
+            return PortableRun(with_approximation(exact, mask, options.chunk_elements), chunks)
+        return PortableRun(lambda q, k, v, scale, return_lse: run_chunks(mask, chunks, q, k, v, scale, return_lse),
+                           chunks)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,20 @@ class Chunk:
     kv_tokens: torch.Tensor    # int64 [R, L]: key positions (padding repeats the row's first kept token)
     kv_valid: torch.Tensor     # bool  [R, L]
     padded: bool               # whether any kv_valid entry is False
+
+
+class PortableRun:
+    """A lowered run and the chunks it holds: ``plan_bytes``, what they take in memory, is what the kernel cache
+    counts for it (:func:`sparsecore.kernel_cache.lowered`): they grow with the query and key tokens the spans list."""
+
+    def __init__(self, call: Run, chunks: list[Chunk]) -> None:
+        self._call, self.chunks = call, chunks
+        self.plan_bytes = sum(t.numel() * t.element_size() for c in chunks
+                              for t in (c.heads, c.q_tokens, c.q_rows, c.q_slots, c.kv_tokens, c.kv_valid))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._call(q, k, v, scale, return_lse)
 
 
 def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) -> list[Chunk]:
