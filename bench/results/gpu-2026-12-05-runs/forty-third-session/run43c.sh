@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Forty-third session, call c (FA4 staged: fa4-stage.sh 1, then this with .fa4/2 and .whl): whether the memory order
+# of q, k, v moves FA4's block-sparse rate at issue 13's 128 x 128 points (bench/fa4_layout_probe.py; call b showed
+# the lowering 7% under FA4's own call at 98,304 tokens d=0.1 on an H100), then the compile API's tests with CUDA
+# (the kernel cache now charges what lowered runs hold). Each step gets what is left of 400 s.
+set -u
+test -d /tmp/site/nvidia_cutlass_dsl || bash .fa4/2/fa4-stage.sh 2 || exit 3
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD:$PWD/bench PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0 SPARSECORE_WARMUP=wait HYPOTHESIS_PROFILE=gpu-quick
+R=$OUT/run; mkdir -p $R
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/gpu.txt; cat $R/gpu.txt
+start=$(date +%s)
+left() { echo $(( 400 - ($(date +%s) - start) )); }
+step() {  # step NAME CAP COMMAND...: run with min(CAP, time left), log to $R/NAME.log
+  local name=$1 cap=$2; shift 2; local l; l=$(left); (( l < cap )) && cap=$l
+  if (( cap < 30 )); then echo "$name: not run, $l s left"; return; fi
+  timeout $cap "$@" > $R/$name.log 2>&1; echo "$name rc=$? at $(( $(date +%s) - start )) s"
+  grep -v "UserWarning\|exe_args\|warnings.warn" $R/$name.log | tail -30 | cut -c1-220
+}
+step layout 300 python3 bench/fa4_layout_probe.py --out $R
+step compile-api 90 python3 -m pytest -q -p no:cacheprovider tests/test_compile_api.py -rfE
+cd $OUT && tar czf run.tgz run && rm -rf run
