@@ -1,0 +1,92 @@
+"""Where the fa4 lowering loses to FA4's own call on the same 128 x 128 mask (H100, 98,304 tokens, density 0.1).
+
+    python bench/fa4_gap_probe.py --out OUTDIR
+
+On an H100 (2026-12-05) the lowering took 9.6-10.3 ms where FA4's block-sparse call on the same full tiles took
+8.9-9.2 (bench/fa4_layout_probe.py: not the inputs' memory order). The two differ in three things, crossed here
+on one mask and one set of inputs (bf16, B=1, H=12, D=128, ``kernel_timing.median_ms``):
+- the lists: the anchor's (``fa4_check.anchor_tensors``: width = the most kept blocks of a row) or the lowering's
+  (``Fa4Launch.converted(...).ranges[0].sparse``);
+- the output: FA4's own ``[B, S, H, D]`` tensor or the lowering's head-major ``out=``;
+- the entry: ``flash_attn_func`` or ``interface._flash_attn_fwd``.
+
+Writes ``fa4-gap.json`` and ``fa4-gap.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cuda_cases import random_rows  # noqa: E402
+from fa4_check import anchor_tensors  # noqa: E402
+from kernel_timing import median_ms  # noqa: E402
+from report import versions  # noqa: E402
+from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options  # noqa: E402
+
+HEADS, HEAD_DIM = 12, 128
+
+
+def describe(sparse) -> str:
+    """Shapes and dtypes of a BlockSparseTensorsTorch's tensors."""
+    return ", ".join(f"{name} {list(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                     for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx")
+                     if (t := getattr(sparse, name, None)) is not None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute import interface
+    rows, notes = [], []
+    for seq, density in ((98304, 0.1), (32768, 0.1)):
+        generator = torch.Generator(device="cuda").manual_seed(seq)
+        q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        views = [t.transpose(1, 2) for t in (q, k, v)]                       # [B, S, H, D] over head-major memory
+        mask = random_rows(HEADS, seq, density, seed=int(density * 100))
+        flops = 4.0 * seq * seq * HEAD_DIM * HEADS * mask.density()
+        run = Fa4Backend().lower(mask, "cuda", Fa4Options())
+        run(q, k, v, HEAD_DIM ** -0.5, False)
+        lists = {"anchor lists": anchor_tensors(mask, 128), "lowering lists": run.converted(q.device).ranges[0].sparse}
+        notes += [f"{seq} {name}: {describe(sparse)}" for name, sparse in lists.items()]
+        head_major_out = torch.empty_like(q).transpose(1, 2)
+        kernels = {"lowering as called": lambda: run(q, k, v, HEAD_DIM ** -0.5, False)}
+        for name, sparse in lists.items():
+            kernels[f"flash_attn_func, {name}, own out"] = lambda s=sparse: flash_attn_func(
+                *views, block_sparse_tensors=s, pack_gqa=False)
+            kernels[f"_flash_attn_fwd, {name}, own out"] = lambda s=sparse: interface._flash_attn_fwd(
+                *views, softmax_scale=HEAD_DIM ** -0.5, causal=False, pack_gqa=False, block_sparse_tensors=s)
+            kernels[f"_flash_attn_fwd, {name}, head-major out="] = lambda s=sparse: interface._flash_attn_fwd(
+                *views, softmax_scale=HEAD_DIM ** -0.5, causal=False, pack_gqa=False, block_sparse_tensors=s,
+                out=head_major_out)
+        for name, fn in kernels.items():
+            fn()                                                          # compiles once: not in the estimate
+            torch.cuda.synchronize()
+            ms = median_ms(fn)
+            rows.append({"seq": seq, "density": mask.density(), "kernel": name, "ms": ms,
+                         "eff_tflops": flops / ms / 1e9})
+            print(f"{seq} {mask.density():.4f} {name:55s} {ms:8.3f} ms {rows[-1]['eff_tflops']:6.1f} eff TFLOP/s",
+                  flush=True)
+        torch.cuda.empty_cache()
+    print("\n".join(notes))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"versions": {**versions(), "gpu": torch.cuda.get_device_name()}, "lists": notes}
+    (args.out / "fa4-gap.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# The fa4 lowering against FA4's own call ({meta['versions']['gpu']})", "",
+             *[f"- {n}" for n in notes], "", "| S | density | kernel | ms | eff TFLOP/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['seq']} | {r['density']:.4f} | {r['kernel']} | {r['ms']:.3f} | {r['eff_tflops']:.1f} |"
+              for r in rows]
+    (args.out / "fa4-gap.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
