@@ -10,6 +10,8 @@ on one mask and one set of inputs (bf16, B=1, H=12, D=128, ``kernel_timing.media
 - the output: FA4's own ``[B, S, H, D]`` tensor or the lowering's head-major ``out=``;
 - the entry: ``flash_attn_func`` or ``interface._flash_attn_fwd``.
 
+What it found on 2026-12-05: bench/results/gpu-2026-12-05-runs/forty-third-session/notes.md.
+
 Writes ``fa4-gap.json`` and ``fa4-gap.md`` to ``--out``.
 """
 

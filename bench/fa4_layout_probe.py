@@ -9,6 +9,8 @@ diffusers processor's projections give in eager mode. On an H100 (2026-12-05) th
 at 98,304 tokens and density 0.1 with the same tiles. This probe times both on both memory orders, same masks
 (``cuda_cases.random_rows``, as fa4_check), bf16, B=1, H=12, D=128, ``kernel_timing.median_ms``.
 
+What it found on 2026-12-05: bench/results/gpu-2026-12-05-runs/forty-third-session/notes.md.
+
 Writes ``fa4-layout.json`` and ``fa4-layout.md`` to ``--out``.
 """
 
