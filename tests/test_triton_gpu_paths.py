@@ -60,15 +60,17 @@ def test_the_tma_path_matches_the_oracle(triton_device, tile):
     np.testing.assert_allclose(lse.double().cpu().numpy()[finite], ref_lse[finite], atol=1e-3)
 
 
+@pytest.mark.parametrize("blocks", [100, 70])
 @pytest.mark.parametrize("config", [ApproximationConfig(128, 32, 8, 3), ApproximationConfig(32, 64, 4, 1),
                                     ApproximationConfig(16, 128, 4, 1)], ids=lambda c: f"{c.block_m}x{c.block_n}")
 @pytest.mark.parametrize("kind", ["zeroth", "global-first-order", "grouped-first-order:8", "grouped-first-order:32",
                                   "grouped-first-order:7"])
-def test_the_gpu_approximation_tiles_match_the_oracle(triton_device, config, kind):
+def test_the_gpu_approximation_tiles_match_the_oracle(triton_device, config, kind, blocks):
     """The pass's GPU tiles: 32-128 blocks a tile, so 1-16 whole groups a tile or the walk group by group, over 100
-    ragged key blocks (several 32-block words)."""
+    or 70 ragged key blocks (several 32-block words). 64-block tiles of 32-block groups, or of one group, read two
+    words a tile; of 70 blocks, the last tile's second word is past the row's three."""
     rng = np.random.default_rng(11)
-    kv_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 5, 100))])
+    kv_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 5, blocks))])
     mask = _mask([0, 50, 130, 200], kv_offsets, 2, seed=11, kind=kind)
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(1, 2, 200, 16, generator=gen)
