@@ -60,7 +60,9 @@ GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 5
 KINDS = ("zeroth", "global-first-order", "grouped-first-order")
 SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), ApproximationConfig(128, 32, 4, 3),
          ApproximationConfig(128, 64, 8, 2), ApproximationConfig(128, 64, 8, 1), ApproximationConfig(128, 64, 4, 2),
-         ApproximationConfig(64, 64, 4, 2)]      # 64x32 and 256-row tiles were slower (2026-12-02: 36.4, 52.0 ms)
+         ApproximationConfig(64, 64, 4, 2)]
+# Slower than the default (grouped kind at 6x): 64x32 and 256-row tiles (H200, 2026-12-02: 36.4, 52.0 against 27.6
+# ms); 64-block tiles, even reading the listed bits a word per 32 columns (H100, 2026-12-05: 73.0 against 31.4 ms).
 
 
 def label(config: ApproximationConfig) -> str:

@@ -67,8 +67,7 @@ def test_the_tma_path_matches_the_oracle(triton_device, tile):
                                   "grouped-first-order:7"])
 def test_the_gpu_approximation_tiles_match_the_oracle(triton_device, config, kind, blocks):
     """The pass's GPU tiles: 32-128 blocks a tile, so 1-16 whole groups a tile or the walk group by group, over 100
-    or 70 ragged key blocks (several 32-block words). 64-block tiles of 32-block groups, or of one group, read two
-    words a tile; of 70 blocks, the last tile's second word is past the row's three."""
+    or 70 ragged key blocks (several 32-block words, the last one part full)."""
     rng = np.random.default_rng(11)
     kv_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 5, blocks))])
     mask = _mask([0, 50, 130, 200], kv_offsets, 2, seed=11, kind=kind)

@@ -10,9 +10,8 @@ groups in 32-block tiles) the walk is one flat loop, each tile adding its groups
 terms; otherwise it goes group by group. Listed blocks are masked out per row from the block
 map packed in bits (``int32 [H, MB, ceil(NB / 32)]``, :func:`sparsecore.ir.csr.to_block_bits`; each
 row reads its own query block's line). When no tile crosses a 32-block word (``WORD_TILES``: tiles
-of at most 32 blocks starting at multiples of their width, PASA's case, or of 64 blocks starting at
-multiples of 64: two words) a row reads one word a tile (or two): at Wan 6x this took the grouped
-pass from 60.5 to 27.2 ms against a byte per block (H200, 2026-11-30).
+of at most 32 blocks starting at multiples of their width, PASA's case) a row reads one word a tile:
+at Wan 6x this took the grouped pass from 60.5 to 27.2 ms against a byte per block (H200, 2026-11-30).
 
 Online softmax in base 2, as the exact kernel: ``m`` the running max of ``s q·k̄_j``,
 ``z = Σ |B_j| 2^(score - m)``, ``acc = Σ 2^(score - m) ΣV_j + first-order terms``; every
@@ -37,10 +36,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, stats, qk_scale, num_kv_blocks,
+def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, stats, qk_scale,
                   MeansHigh, MeansLow, ValueSums, Sizes,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MEANS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, WORD_TILES: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, SPLIT_MEANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  WORD_TILES: tl.constexpr):
     """One tile of block summaries: the new running max, the rescale ``alpha``, each unlisted block's weight
     ``|B_j| 2^(score - m)`` (0 on listed blocks), ``acc`` rescaled plus ``Σ 2^(score - m) ΣV_j``, and which of the
     tile's blocks each row approximates (a weight of 0 does not say: an unlisted block's may underflow)."""
@@ -49,12 +48,8 @@ def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, 
                    input_precision=DOT_PRECISION)
     if SPLIT_MEANS:
         score = tl.dot(q, tl.trans(tl.load(MeansLow + at, mask=col_ok[:, None], other=0.0)), score)
-    if WORD_TILES:                        # the tile's blocks fill one word of the row's bits (or lie inside one)
+    if WORD_TILES:                        # the tile's blocks share one word of the row's bits: one load a row
         word = tl.load(listed_rows + j0 // 32, mask=row_ok, other=-1)[:, None]
-        if BLOCK_N == 64:                 # ... or two: one load a word, each column taking its own (a row has no
-            # second word where the tile's last 32 columns are past its blocks: not read, they are not approximated)
-            second = tl.load(listed_rows + j0 // 32 + 1, mask=row_ok & (j0 + 32 < num_kv_blocks), other=-1)
-            word = tl.where((offs_n % 64 < 32)[None, :], word, second[:, None])
     else:
         word = tl.load(listed_rows[:, None] + (offs_n // 32)[None, :], mask=row_ok[:, None] & col_ok[None, :],
                        other=-1)
@@ -106,8 +101,7 @@ def approximate_unselected_fwd(
             offs_n = j0 + tl.arange(0, BLOCK_N)
             m_new, alpha, weights, acc, approximated = _summary_tile(
                 q, m_i, acc, listed_rows, row_ok, j0, offs_n, offs_n < num_kv_blocks, offs_d, stats, qk_scale,
-                num_kv_blocks, MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, BLOCK_N, SPLIT_MEANS, DOT_PRECISION,
-                WORD_TILES)
+                MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
             z_i = z_i * alpha + tl.sum(weights, 1)
             member = tl.arange(0, BLOCK_N) // (BLOCK_N // GROUPS_PER_TILE)      # each column's group in the tile
             for gi in tl.static_range(GROUPS_PER_TILE):
@@ -129,8 +123,7 @@ def approximate_unselected_fwd(
                 offs_n = j0 + tl.arange(0, BLOCK_N)
                 m_new, alpha, weights, acc, approximated = _summary_tile(
                     q, m_i, acc, listed_rows, row_ok, j0, offs_n, offs_n < end, offs_d, stats, qk_scale,
-                    num_kv_blocks, MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, BLOCK_N, SPLIT_MEANS,
-                    DOT_PRECISION, WORD_TILES)
+                    MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
                 mass = tl.sum(weights, 1)
                 z_i = z_i * alpha + mass
                 c_i = c_i * alpha + mass

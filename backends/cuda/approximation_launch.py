@@ -213,11 +213,10 @@ class ApproximationLaunch:
                            "device with more shared memory")
 
     def word_tiles(self, block_n: int, groups_per_tile: int) -> bool:
-        """Whether every tile of ``block_n`` blocks lies inside one 32-block word of the packed map, or fills two:
-        tiles start at multiples of ``block_n`` (one flat walk, or groups that hold whole tiles) and ``block_n``
-        divides 32 or is 64."""
+        """Whether every tile of ``block_n`` blocks lies inside one 32-block word of the packed map: tiles start at
+        multiples of ``block_n`` (one flat walk, or groups that hold whole tiles) and ``block_n`` divides 32."""
         aligned = groups_per_tile > 0 or self.num_groups == 1 or self.group_blocks % block_n == 0
-        return (32 % block_n == 0 or block_n == 64) and aligned
+        return 32 % block_n == 0 and aligned
 
     def groups_per_tile(self, block_n: int) -> int:
         """Groups in a tile of ``block_n`` blocks when tiles hold whole groups (at most 4), else 0."""
