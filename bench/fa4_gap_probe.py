@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cuda_cases import random_rows  # noqa: E402
 from fa4_check import anchor_tensors  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
@@ -81,9 +81,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     print("\n".join(notes))
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"versions": {**versions(), "gpu": torch.cuda.get_device_name()}, "lists": notes}
+    meta = run_meta("cuda", lists=notes)
     (args.out / "fa4-gap.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# The fa4 lowering against FA4's own call ({meta['versions']['gpu']})", "",
+    lines = [f"# The fa4 lowering against FA4's own call ({meta['versions']['gpu']}, {meta['date']})", "",
              *[f"- {n}" for n in notes], "", "| S | density | kernel | ms | eff TFLOP/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['seq']} | {r['density']:.4f} | {r['kernel']} | {r['ms']:.3f} | {r['eff_tflops']:.1f} |"
               for r in rows]

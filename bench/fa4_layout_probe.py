@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cuda_cases import random_rows  # noqa: E402
 from fa4_check import anchor_tensors  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
-from report import versions  # noqa: E402
+from report import run_meta  # noqa: E402
 from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
@@ -71,9 +71,9 @@ def main() -> None:
         del layouts
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"versions": {**versions(), "gpu": torch.cuda.get_device_name()}}
+    meta = run_meta("cuda")
     (args.out / "fa4-layout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# FA4 block-sparse by memory order of q, k, v ({meta['versions']['gpu']})", "",
+    lines = [f"# FA4 block-sparse by memory order of q, k, v ({meta['versions']['gpu']}, {meta['date']})", "",
              "| S | density | memory | kernel | ms | eff TFLOP/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['seq']} | {r['density']:.4f} | {r['memory']} | {r['kernel']} | {r['ms']:.3f} | "
               f"{r['eff_tflops']:.1f} |" for r in rows]
