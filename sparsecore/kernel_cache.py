@@ -56,8 +56,9 @@ def lowered(kernel: Any) -> None:
 
 
 def _token_plan_bytes(kernel: Any) -> int:
-    """Bytes of the kernel's lowered runs' plans that grow with tokens, as the runs report them (``plan_bytes``)."""
-    return sum(getattr(run, "plan_bytes", 0) for run in kernel._runs.values())
+    """Bytes of the kernel's lowered runs' plans that grow with tokens, as the runs report them (``plan_bytes``). A
+    copy of the runs: another thread's call may lower one meanwhile (``CompiledKernel._run_for`` adds it unlocked)."""
+    return sum(getattr(run, "plan_bytes", 0) for run in tuple(kernel._runs.values()))
 
 
 def _fit(keep: Hashable) -> None:

@@ -519,14 +519,17 @@ def test_a_device_masks_kernels_are_freed_with_it_without_the_garbage_collector(
 
 
 def _chunk_bytes(kernel) -> int:
-    """Bytes of every tensor field of the kernel's portable chunks, read from the dataclass's fields."""
+    """Bytes of the storages of every tensor field of the kernel's portable chunks (read from the dataclass's
+    fields), each storage once: pieces of one span share its key positions."""
     from sparsecore.backends.portable.lowering import Chunk
-    total = 0
+    held = {}
     for run in kernel._runs.values():
         for chunk in getattr(run, "chunks", []):
-            total += sum(getattr(chunk, f.name).nbytes for f in dataclasses.fields(Chunk)
-                         if isinstance(getattr(chunk, f.name), torch.Tensor))
-    return total
+            for f in dataclasses.fields(Chunk):
+                value = getattr(chunk, f.name)
+                if isinstance(value, torch.Tensor):
+                    held[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(held.values())
 
 
 @pytest.mark.parametrize("bound", ["CACHE_BLOCKS", "CACHE_TOKEN_PLAN_BYTES"])
@@ -579,6 +582,43 @@ def test_a_dense_mask_of_small_blocks_is_charged_what_its_spans_hold(monkeypatch
     assert list(kernel_cache._CACHE.values()) == [other, dense]
     assert _chunk_bytes(dense) == 2 * 8 + 2 * (3 * 8 * 2016 + 9 * 2016) == 133_072
     assert list(kernel_cache._SIZES.values())[-1] == (2 * 48 * 48, _chunk_bytes(dense))
+    sparsecore.clear_cache()
+
+
+def test_a_span_cut_into_pieces_is_charged_its_key_positions_once():
+    """A full 2-head mask of 16 blocks a side with ``chunk_elements=4096``: each head's span (256 queries x 256 keys)
+    is cut into 16 pieces of 16 queries, which share its gathered key positions. Counted once a piece, the charge
+    was 86,272 bytes where the chunks hold 17,152 (review, forty-third session)."""
+    from sparsecore import kernel_cache
+    sparsecore.clear_cache()
+    kernel = sparsecore.compile(BlockMask.full(2, 256, 256, 16), device="cpu", chunk_elements=4096)
+    q = torch.ones(1, 2, 256, 8)
+    kernel(q, q, q)
+    run, = kernel._runs.values()
+    assert len(run.chunks) == 32
+    assert list(kernel_cache._SIZES.values()) == [(512, _chunk_bytes(kernel))]
+    # each piece: its head (int64) and its 16 queries' three positions (int64); each head: 256 key positions (int64)
+    # and their validity (bool), once
+    assert _chunk_bytes(kernel) == 32 * (8 + 3 * 8 * 16) + 2 * 9 * 256 == 17_152
+    sparsecore.clear_cache()
+
+
+def test_charging_a_kernel_survives_a_run_lowered_meanwhile():
+    """Another thread's call may add a run to a shared kernel (unlocked) while the cache counts its runs' plans: the
+    count reads a copy ("dictionary changed size during iteration" before; review, forty-third session)."""
+    from sparsecore import kernel_cache
+    sparsecore.clear_cache()
+    kernel = sparsecore.compile(BlockMask.full(1, 64, 64, 16), device="cpu")
+
+    class LoweredMeanwhile:                 # counting it adds a run, as another thread's _run_for would
+        @property
+        def plan_bytes(self) -> int:
+            kernel._runs[("other", "cpu")] = None
+            return 7
+
+    kernel._runs[("meanwhile", "cpu")] = LoweredMeanwhile()
+    kernel_cache.lowered(kernel)
+    assert list(kernel_cache._SIZES.values()) == [(16, 7)]
     sparsecore.clear_cache()
 
 

@@ -13,6 +13,8 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from host_reads import HostReads
@@ -319,3 +321,62 @@ def test_finding_spans_makes_no_tensor_larger_than_its_window_or_its_rows(monkey
         same = lowering._same_as_previous(mask, lengths)
     assert largest.most <= 257, largest.most
     assert same.tolist() == [i % 40 != 0 for i in range(80)]
+
+
+def test_rows_that_differ_only_in_the_lists_last_entry_are_two_spans():
+    """The last list entry is compared too (a window that stopped one short judged [0, 1] and [0, 2] equal; review,
+    forty-third session)."""
+    mask = BlockMask.from_lists([[[0, 1], [0, 2]]], BlockMask.uniform_offsets(8, 4), BlockMask.uniform_offsets(12, 4))
+    assert scheduled_rows(schedule_chunks(mask.to("cpu"), 1 << 24, torch.device("cpu"))) \
+        == expected_spans(mask) == [(0, 0, 4), (0, 4, 8)]
+
+
+@st.composite
+def _repeating_masks(draw) -> BlockMask:
+    """1-4 heads of 1-9 query blocks over 1-7 key blocks: rows repeated, shifted (as many blocks, others), emptied,
+    or whole heads empty, a head's first row equal to the last of the head before; from no entries to all."""
+    heads, rows, cols = draw(st.integers(1, 4)), draw(st.integers(1, 9)), draw(st.integers(1, 7))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    keep = rng.random((heads, rows, cols)) < draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    for h in range(heads):
+        for i in range(1, rows):
+            pick = rng.random()
+            if pick < 0.35:
+                keep[h, i] = keep[h, i - 1]
+            elif pick < 0.7:
+                keep[h, i] = np.roll(keep[h, i - 1], 1)
+            elif pick < 0.8:
+                keep[h, i] = False
+    keep[rng.random(heads) < 0.15] = False
+    if heads > 1:
+        keep[1, 0] = keep[0, -1]
+    return BlockMask.from_dense(keep, q_len=rows * 3 - 1, kv_len=cols * 2, q_block=3, kv_block=2)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mask=_repeating_masks(), window=st.integers(1, 40))
+def test_spans_match_a_row_by_row_comparison_at_any_window(mask, window, monkeypatch):
+    """Windows from one entry to more than the lists hold, windows that divide the lists exactly, none at all."""
+    monkeypatch.setattr(lowering, "SPAN_WINDOW", window)
+    assert scheduled_rows(schedule_chunks(mask.to("cpu"), 1 << 24, torch.device("cpu"))) == expected_spans(mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.is_available() is False: CUDA's sync debug mode")
+def test_finding_spans_on_a_gpu_never_waits_for_it(monkeypatch):
+    """Lists on a GPU, compared 64 entries at a time: no op of the search synchronizes with the host (CUDA's sync
+    debug mode raises on any that does), also under deterministic algorithms (index_add_ then accumulates by
+    index_put_)."""
+    mask = _runs_of_random_lengths().to("cuda")
+    lengths = mask.row_lengths.reshape(-1)
+    monkeypatch.setattr(lowering, "SPAN_WINDOW", 64)
+    want = lowering._same_as_previous(mask, lengths).cpu()
+    for deterministic in (False, True):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            same = lowering._same_as_previous(mask, lengths)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.use_deterministic_algorithms(previous)
+        assert torch.equal(same.cpu(), want)

@@ -99,12 +99,14 @@ class Chunk:
 
 class PortableRun:
     """A lowered run and the chunks it holds: ``plan_bytes``, what they take in memory, is what the kernel cache
-    counts for it (:func:`sparsecore.kernel_cache.lowered`): they grow with the query and key tokens the spans list."""
+    counts for it (:func:`sparsecore.kernel_cache.lowered`): they grow with the query and key tokens the spans list.
+    Each tensor's storage counts once: the pieces of a span cut up for ``chunk_elements`` share its key positions."""
 
     def __init__(self, call: Run, chunks: list[Chunk]) -> None:
         self._call, self.chunks = call, chunks
-        self.plan_bytes = sum(t.numel() * t.element_size() for c in chunks
-                              for t in (c.heads, c.q_tokens, c.q_rows, c.q_slots, c.kv_tokens, c.kv_valid))
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for c in chunks
+                for t in (c.heads, c.q_tokens, c.q_rows, c.q_slots, c.kv_tokens, c.kv_valid)}
+        self.plan_bytes = sum(held.values())
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
