@@ -23,7 +23,7 @@ Three steps, shared by the lowerings that compute it:
    growing maximum nor an empty side can lose mass: ``lse = logaddexp(lse_S, m + log z)``,
    ``out = exp(lse_S - lse) out_S + exp(m - lse) N_U``.
 
-:func:`with_approximation` composes an exact lowering's run (which must give its LSE) with
+:class:`ApproximatingRun` composes an exact lowering's run (which must give its LSE) with
 the three steps: the one place a lowering without a native approximation gets it
 (``portable``, ``npu``). The Triton lowering fuses steps 2-3 into a kernel
 (``sparsecore.backends.cuda.approximation_kernel``) and uses step 1 from here.
@@ -265,23 +265,39 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor,
     lse[:, :, span] = merged.to(lse.dtype)
 
 
-def with_approximation(exact: ExactRun, mask: BlockMask, chunk_elements: int = CHUNK_ELEMENTS):
+class ApproximatingRun:
     """A lowering's run for an approximating mask: ``exact(q, k, v, scale) -> (out, lse)`` over the listed
     blocks, then :func:`statistics` and :func:`approximate_into`; the output is returned in q's dtype.
 
     ``exact`` may return its output in q's dtype or wider and its LSE in float32 or wider (float64
-    for float64 inputs keeps the float64 result exact to float64). Plans are built once per device.
+    for float64 inputs keeps the float64 result exact to float64). Plans are built once per device, for ``device``
+    at once where one is given (the lowering's), so that ``plan_bytes`` (what the row plans hold: the block map,
+    ``H x MB x NB`` bytes, and each query token's block) counts them when the kernel cache asks.
     """
-    plans: dict[str, tuple[StatisticsPlan, RowPlan]] = {}
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = str(q.device)
-        if key not in plans:
-            plans[key] = (StatisticsPlan.build(mask.kv_offsets, mask.unselected, q.device),
-                          RowPlan.build(mask, q.device))
-        stats_plan, row_plan = plans[key]
-        out, lse = exact(q, k, v, scale)
-        approximate_into(out, lse, q, statistics(k, v, stats_plan), row_plan, scale, chunk_elements)
+    def __init__(self, exact: ExactRun, mask: BlockMask, chunk_elements: int = CHUNK_ELEMENTS,
+                 device: torch.device | None = None) -> None:
+        self._exact, self._mask, self._chunk_elements = exact, mask, chunk_elements
+        self._plans: dict[str, tuple[StatisticsPlan, RowPlan]] = {}
+        if device is not None:
+            self._plan(device)
+
+    @property
+    def plan_bytes(self) -> int:
+        return sum(rows.listed.nbytes + rows.q_block.nbytes for _, rows in self._plans.values())
+
+    def _plan(self, device: torch.device) -> tuple[StatisticsPlan, RowPlan]:
+        if device.type == "cuda" and device.index is None:       # as q.device names it
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = str(device)
+        if key not in self._plans:
+            self._plans[key] = (StatisticsPlan.build(self._mask.kv_offsets, self._mask.unselected, device),
+                                RowPlan.build(self._mask, device))
+        return self._plans[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        stats_plan, row_plan = self._plan(q.device)
+        out, lse = self._exact(q, k, v, scale)
+        approximate_into(out, lse, q, statistics(k, v, stats_plan), row_plan, scale, self._chunk_elements)
         return out.to(q.dtype), (lse.float() if return_lse else None)
-    return run

@@ -603,6 +603,26 @@ def test_a_span_cut_into_pieces_is_charged_its_key_positions_once():
     sparsecore.clear_cache()
 
 
+def test_an_approximating_kernel_is_charged_its_block_map_too():
+    """An approximating mask on portable also holds its row plans, built when it is lowered: the block map (a bool a
+    cell, 2 heads x 6 x 5 blocks) and each query token's block (int64), once: the call reuses them (review, forty-third
+    session: they were built at the first call, after the cache had counted the run)."""
+    from sparsecore import kernel_cache
+    from sparsecore.ir import Unselected
+    sparsecore.clear_cache()
+    lists = [[[0, 2], [1], [], [0, 1, 4], [3], [2, 3]], [[4], [0, 4], [1, 2], [], [0], [1, 3]]]
+    listed = BlockMask.from_lists(lists, BlockMask.uniform_offsets(46, 8), BlockMask.uniform_offsets(37, 8))
+    mask = BlockMask(2, listed.q_offsets, listed.kv_offsets, listed.indptr, listed.indices,
+                     unselected=Unselected.parse("grouped-first-order:2"))
+    kernel = sparsecore.compile(mask, device="cpu")
+    q, k = torch.ones(1, 2, 46, 8), torch.ones(1, 2, 37, 8)
+    kernel(q, k, k)
+    run, = kernel._runs.values()
+    assert kernel.backend.name == "portable" and len(run._call._plans) == 1
+    assert list(kernel_cache._SIZES.values()) == [(mask.nnz, _chunk_bytes(kernel) + 2 * 6 * 5 + 8 * 46)]
+    sparsecore.clear_cache()
+
+
 def test_charging_a_kernel_survives_a_run_lowered_meanwhile():
     """Another thread's call may add a run to a shared kernel (unlocked) while the cache counts its runs' plans: the
     count reads a copy ("dictionary changed size during iteration" before; review, forty-third session)."""

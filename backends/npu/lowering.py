@@ -39,7 +39,7 @@ from sparsecore.ir.unselected import KINDS
 from sparsecore.ir.uploads import refuse_capture
 from sparsecore.registry import Backend, Run
 
-from ..approximation import with_approximation
+from ..approximation import ApproximatingRun
 from . import calls, loader
 from .emulator import emulate
 from .merge import merge_partials
@@ -101,7 +101,7 @@ class NpuBackend(Backend):
         if mask.unselected.kind == "drop":
             return kernel
         # The approximation of unlisted blocks: torch ops on the NPU, merged with the ops' exact part by LSE.
-        return with_approximation(lambda q, k, v, scale: kernel(q, k, v, scale, True), mask)
+        return ApproximatingRun(lambda q, k, v, scale: kernel(q, k, v, scale, True), mask)
 
 
 def block_sparse_problems(dtype: torch.dtype, head_dim: int, group: int) -> list[str]:

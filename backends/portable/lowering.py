@@ -30,7 +30,7 @@ from sparsecore.ir.csr import kept_key_tokens
 from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, Run
 
-from ..approximation import with_approximation
+from ..approximation import ApproximatingRun
 
 PORTABLE_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
@@ -74,7 +74,7 @@ class PortableBackend(Backend):
         chunks = schedule_chunks(mask, options.chunk_elements, where)
         if mask.unselected.kind != "drop":   # exact part with its LSE in the compute dtype, then the approximation
             exact = lambda q, k, v, scale: run_chunks(mask, chunks, q, k, v, scale, True, partial=True)  # noqa: E731
-            return PortableRun(with_approximation(exact, mask, options.chunk_elements), chunks)
+            return PortableRun(ApproximatingRun(exact, mask, options.chunk_elements, where), chunks)
         return PortableRun(lambda q, k, v, scale, return_lse: run_chunks(mask, chunks, q, k, v, scale, return_lse),
                            chunks)
 
@@ -98,15 +98,16 @@ class Chunk:
 
 
 class PortableRun:
-    """A lowered run and the chunks it holds: ``plan_bytes``, what they take in memory, is what the kernel cache
-    counts for it (:func:`sparsecore.kernel_cache.lowered`): they grow with the query and key tokens the spans list.
-    Each tensor's storage counts once: the pieces of a span cut up for ``chunk_elements`` share its key positions."""
+    """A lowered run and the chunks it holds: ``plan_bytes``, what they take in memory (with an approximating run's
+    row plans), is what the kernel cache counts for it (:func:`sparsecore.kernel_cache.lowered`): they grow with the
+    query and key tokens the spans list. Each tensor's storage counts once: the pieces of a span cut up for
+    ``chunk_elements`` share its key positions."""
 
     def __init__(self, call: Run, chunks: list[Chunk]) -> None:
         self._call, self.chunks = call, chunks
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for c in chunks
                 for t in (c.heads, c.q_tokens, c.q_rows, c.q_slots, c.kv_tokens, c.kv_valid)}
-        self.plan_bytes = sum(held.values())
+        self.plan_bytes = sum(held.values()) + getattr(call, "plan_bytes", 0)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
