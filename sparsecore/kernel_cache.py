@@ -4,8 +4,9 @@ The compiled kernels of host masks live here, found again by content (a pattern 
 steps compiles once): the most recently used first, at most :data:`CACHE_SIZE` of them listing at most
 :data:`CACHE_BLOCKS` blocks together, and holding at most :data:`CACHE_TOKEN_PLAN_BYTES` of plans that grow with
 the tokens their rows list (a kernel's device lists and tile plans grow with its blocks; ``portable``'s gathered
-query and key positions with the tokens of its spans, counted once lowered as its runs report them,
-``plan_bytes``): a method returning new large host masks every step must not pile them up.
+query and key positions with the tokens of its spans, and an approximating mask's block map with its cells: counted
+once lowered, as its runs report them, ``plan_bytes``): a method returning new large host masks every step must not
+pile them up.
 The other caches are bounded where they live:
 uploaded offsets (:mod:`sparsecore.ir.uploads`), the approximation pass's statistics plans
 (:mod:`sparsecore.backends.approximation`) and the warm-up records (:mod:`sparsecore.warmup`).
