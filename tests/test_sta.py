@@ -4,6 +4,7 @@ raster order, FastVideo's mask strategy files, and tiny models run to the float6
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -428,3 +429,27 @@ def test_a_strategy_compiles_each_window_once_and_runs_it_on_its_heads(monkeypat
         assert (got[:, -5:] == 0).all() and got.transpose(1, 2).is_contiguous()      # rows past the mask 0; head-major
     with pytest.raises(ValueError, match="expected every one of the mask's 3 heads in exactly one group"):
         HeadGroupKernel(mask, [(None, (0, 1))] + [(None, (1, 2))])
+
+
+def test_a_strategy_without_its_grid_warns_where_its_dense_steps_would_run_sparse():
+    """FastVideo's json records no grid; it writes its dense steps as the whole searched grid, every head the widest
+    window. On a grid that window does not cover those steps run sparse: the session says so once a grid, naming
+    the steps, the window and the grid, unless ``dense_steps`` makes them dense anyway; a strategy without such
+    first steps (one window throughout) says nothing."""
+    strategy = {f"{s}_{layer}_{h}": [3, 2, 2] if s < 2 else [1 + h, 1, 1] for s in range(3) for layer in range(2)
+                for h in range(2)}
+    written, larger = VideoGeometry(6, 8, 8), VideoGeometry(10, 8, 8)          # 3 x 2 x 2 and 5 x 2 x 2 tiles
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        session = sta.session(3, tile=(2, 4, 4), mask_strategy=strategy)
+        assert [session.action(written, step, 0).dense for step in range(3)] == [True, True, False]
+        calm = sta.session(3, tile=(2, 4, 4), mask_strategy=strategy, dense_steps=2)
+        assert [calm.action(larger, step, 1).dense for step in range(3)] == [True, True, False]
+        uniform = sta.session(2, tile=(2, 4, 4), mask_strategy={f"{s}_0_0": [3, 2, 2] for s in range(2)})
+        assert not uniform.action(larger, 0, 0).dense
+    with pytest.warns(RuntimeWarning, match=r"mask_strategy: steps 0\.\.1 give every head the strategy's widest window "
+                                            r"\(3, 2, 2\).* is a \(5, 2, 2\) grid .* those steps run sparse here"):
+        assert not session.action(larger, 0, 0).dense
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                      # once a grid
+        session.plan(larger, 2, step=2, layer=1)

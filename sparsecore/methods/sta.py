@@ -31,6 +31,7 @@ kernel is compiled once rather than every call's mask.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -202,6 +203,7 @@ class STASession:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(STAParams, METHOD, params)
         self._masks = LruMemo(MASKS_KEPT)                                  # (geometry, head windows) -> mask
+        self._warned_grids: set[tuple[int, int, int]] = set()             # grids a gridless strategy warned of
         strategy, first = self.params.mask_strategy, self.params.dense_steps
         self._window_masks = LruMemo(WINDOW_MASKS_KEPT if strategy is None else      # one-head masks (head_groups):
                                      max(WINDOW_MASKS_KEPT, len(strategy.windows)))  # every window of one geometry
@@ -238,14 +240,28 @@ class STASession:
     def _strategy_grid(self, geometry: VideoGeometry) -> tuple[int, int, int]:
         """``geometry``'s tile grid, refused where the strategy was searched on another: its dense steps are written
         as the whole searched grid (FastVideo's rule), a sparse window on a larger grid, and its windows were chosen
-        by their error on that grid."""
+        by their error on that grid. A strategy that does not record its grid (FastVideo's json) warns, once a grid,
+        where its widest window, which its first steps give every head as such files write their dense steps, does
+        not cover the grid and some of those steps are not dense by ``dense_steps``: they run sparse here."""
         grid = tile_grid(geometry, self.params.tile)
-        searched = None if self.params.mask_strategy is None else self.params.mask_strategy.grid
-        if searched is not None and searched != grid:
-            raise ValueError(f"mask_strategy: expected the {searched} tile grid the strategy was searched on (its "
+        strategy = self.params.mask_strategy
+        if strategy is None:
+            return grid
+        if strategy.grid is not None and strategy.grid != grid:
+            raise ValueError(f"mask_strategy: expected the {strategy.grid} tile grid the strategy was searched on (its "
                              f"dense steps are that whole grid), got {geometry}, a {grid} grid of {self.params.tile} "
                              f"tiles; search the windows at this resolution (handle.search_windows) and pass that "
                              f"strategy, or run this video at the searched resolution")
+        steps = [step for step in strategy.whole_grid_steps if self.params.dense_steps <= step < self.num_steps]
+        if strategy.grid is None and steps and not covers_grid([strategy.widest], grid) \
+                and grid not in self._warned_grids:
+            self._warned_grids.add(grid)
+            warnings.warn(f"mask_strategy: steps {steps[0]}..{steps[-1]} give every head the strategy's widest window "
+                          f"{strategy.widest}, as FastVideo writes the dense steps of a {strategy.widest} tile grid, "
+                          f"but {geometry} is a {grid} grid of {self.params.tile} tiles, which that window does not "
+                          f"cover: those steps run sparse here; search the windows at this resolution "
+                          f"(handle.search_windows), run the resolution the strategy was written for, or pass "
+                          f"dense_steps={steps[-1] + 1} to run them dense", RuntimeWarning, stacklevel=3)
         return grid
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
