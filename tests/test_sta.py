@@ -453,3 +453,18 @@ def test_a_strategy_without_its_grid_warns_where_its_dense_steps_would_run_spars
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                      # once a grid
         session.plan(larger, 2, step=2, layer=1)
+
+
+def test_a_strategys_whole_grid_steps_are_its_first_steps_with_every_layer_and_head_widest():
+    """Only first steps whose every layer gives every head the widest window look like FastVideo's dense steps: a step
+    with one narrower layer ends them, a later widest step is not one of them."""
+    def strategy(windows_of):        # windows_of(step, layer) -> one window a head, 2 heads, 2 layers, 4 steps
+        return sta.read_strategy({f"{s}_{layer}_{h}": windows_of(s, layer)[h] for s in range(4) for layer in range(2)
+                                  for h in range(2)})
+    wide, narrow = [3, 2, 2], [1, 1, 1]
+    assert strategy(lambda s, layer: [wide, wide] if s < 2 else [narrow, wide]).whole_grid_steps == (0, 1)
+    assert strategy(lambda s, layer: [wide, wide] if s != 1 else [narrow, narrow]).whole_grid_steps == (0,)
+    assert strategy(lambda s, layer: [wide, wide] if s == 0 and layer == 0 else [narrow, narrow]).whole_grid_steps \
+        == ()
+    assert strategy(lambda s, layer: [wide, wide]).whole_grid_steps == ()              # one window throughout
+    assert strategy(lambda s, layer: [wide, narrow]).widest == (3, 2, 2)

@@ -38,7 +38,7 @@ class MaskStrategy(Mapping):
     whose whole it writes at its dense steps (FastVideo's rule), so that on another grid those steps would run a
     sparse window: :class:`.sta.STASession` refuses other grids. None where not recorded (FastVideo's json has no
     place for it: a file read or a mapping). ``widest``: the largest window along each axis; ``whole_grid_steps``:
-    the first steps, where some layer gives every head that window and before any step that does not, as FastVideo
+    the first steps, where every layer gives every head that window, before any step that does not, as FastVideo
     writes its dense steps (the searched grid), in a strategy with narrower windows too (else empty): a session warns
     where ``widest`` does not cover a grid, since those steps then run sparse."""
 
@@ -51,8 +51,8 @@ class MaskStrategy(Mapping):
         self.steps = frozenset(step for step, _ in self._table)
         self.windows = frozenset(window for windows in self._table.values() for window in windows)
         self.widest = tuple(max(window[axis] for window in self.windows) for axis in range(3))
-        whole = {step for (step, _), windows in self._table.items() if set(windows) == {self.widest}}
-        first_other = min(self.steps - whole, default=None)
+        narrower = {step for (step, _), windows in self._table.items() if set(windows) != {self.widest}}
+        whole, first_other = self.steps - narrower, min(narrower, default=None)
         self.whole_grid_steps = () if first_other is None else tuple(sorted(s for s in whole if s < first_other))
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
