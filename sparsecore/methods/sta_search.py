@@ -123,8 +123,8 @@ def choose_windows(errors: np.ndarray, candidates: Sequence[tuple[int, int, int]
 
 def save_strategy(strategy: MaskStrategy, path: Any) -> None:
     """Write ``strategy`` as FastVideo's json (``"step_layer_head": [wt, wh, ww]``), which ``STAParams(mask_strategy=
-    path)`` and FastVideo read. The format has no place for the searched grid: read back, the strategy is refused on
-    no grid, and warns where its dense steps (written as that grid) would run sparse."""
+    path)`` and FastVideo read. The format has no place for the searched grid: read back, the strategy refuses no
+    grid, and warns where its dense steps (written as that grid) would run sparse."""
     strategy = read_strategy(strategy)
     data = {f"{step}_{layer}_{head}": list(window) for (step, layer), windows in sorted(strategy.items())
             for head, window in enumerate(windows)}
