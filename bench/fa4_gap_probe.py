@@ -12,13 +12,11 @@ on one mask and one set of inputs (bf16, B=1, H=12, D=128, ``kernel_timing.media
 
 What it found on 2026-12-05: bench/results/gpu-2026-12-05-runs/forty-third-session/notes.md.
 
-Writes ``fa4-gap.json`` and ``fa4-gap.md`` to ``--out``.
+Writes ``fa4-gap-<date>.json`` and ``.md`` to ``--out`` (``report.probe_main``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cuda_cases import random_rows  # noqa: E402
 from fa4_check import anchor_tensors  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
-from report import run_meta  # noqa: E402
+from report import probe_main  # noqa: E402
 from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
@@ -42,13 +40,10 @@ def describe(sparse) -> str:
                      if (t := getattr(sparse, name, None)) is not None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def measure() -> list[dict]:
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute import interface
-    rows, notes = [], []
+    rows = []
     for seq, density in ((98304, 0.1), (32768, 0.1)):
         generator = torch.Generator(device="cuda").manual_seed(seq)
         q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, generator=generator, device="cuda", dtype=torch.bfloat16)
@@ -57,38 +52,36 @@ def main() -> None:
         mask = random_rows(HEADS, seq, density, seed=int(density * 100))
         flops = 4.0 * seq * seq * HEAD_DIM * HEADS * mask.density()
         run = Fa4Backend().lower(mask, "cuda", Fa4Options())
-        run(q, k, v, HEAD_DIM ** -0.5, False)
+        run(q, k, v, HEAD_DIM ** -0.5, False)                                # converts the lists read below
         lists = {"anchor lists": anchor_tensors(mask, 128), "lowering lists": run.converted(q.device).ranges[0].sparse}
-        notes += [f"{seq} {name}: {describe(sparse)}" for name, sparse in lists.items()]
         head_major_out = torch.empty_like(q).transpose(1, 2)
-        kernels = {"lowering as called": lambda: run(q, k, v, HEAD_DIM ** -0.5, False)}
+        kernels = {"lowering as called": (None, lambda: run(q, k, v, HEAD_DIM ** -0.5, False))}
         for name, sparse in lists.items():
-            kernels[f"flash_attn_func, {name}, own out"] = lambda s=sparse: flash_attn_func(
-                *views, block_sparse_tensors=s, pack_gqa=False)
-            kernels[f"_flash_attn_fwd, {name}, own out"] = lambda s=sparse: interface._flash_attn_fwd(
-                *views, softmax_scale=HEAD_DIM ** -0.5, causal=False, pack_gqa=False, block_sparse_tensors=s)
-            kernels[f"_flash_attn_fwd, {name}, head-major out="] = lambda s=sparse: interface._flash_attn_fwd(
+            kernels[f"flash_attn_func, {name}, own out"] = (sparse, lambda s=sparse: flash_attn_func(
+                *views, block_sparse_tensors=s, pack_gqa=False))
+            kernels[f"_flash_attn_fwd, {name}, own out"] = (sparse, lambda s=sparse: interface._flash_attn_fwd(
+                *views, softmax_scale=HEAD_DIM ** -0.5, causal=False, pack_gqa=False, block_sparse_tensors=s))
+            kernels[f"_flash_attn_fwd, {name}, head-major out="] = (sparse, lambda s=sparse: interface._flash_attn_fwd(
                 *views, softmax_scale=HEAD_DIM ** -0.5, causal=False, pack_gqa=False, block_sparse_tensors=s,
-                out=head_major_out)
-        for name, fn in kernels.items():
-            fn()                                                          # compiles once: not in the estimate
-            torch.cuda.synchronize()
-            ms = median_ms(fn)
+                out=head_major_out))
+        for name, (sparse, fn) in kernels.items():
+            ms = median_ms(fn)                             # do_bench's first call, which may compile, is not timed
             rows.append({"seq": seq, "density": mask.density(), "kernel": name, "ms": ms,
-                         "eff_tflops": flops / ms / 1e9})
+                         "eff_tflops": flops / ms / 1e9, "lists": None if sparse is None else describe(sparse)})
             print(f"{seq} {mask.density():.4f} {name:55s} {ms:8.3f} ms {rows[-1]['eff_tflops']:6.1f} eff TFLOP/s",
                   flush=True)
         torch.cuda.empty_cache()
-    print("\n".join(notes))
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = run_meta("cuda", lists=notes)
-    (args.out / "fa4-gap.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lists = dict.fromkeys(f"{r['seq']} {r['kernel'].split(', ')[1]}: {r['lists']}" for r in rows if r["lists"])
     lines = [f"# The fa4 lowering against FA4's own call ({meta['versions']['gpu']}, {meta['date']})", "",
-             *[f"- {n}" for n in notes], "", "| S | density | kernel | ms | eff TFLOP/s |", "|---|---|---|---|---|"]
+             *[f"- {n}" for n in lists], "", "| S | density | kernel | ms | eff TFLOP/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['seq']} | {r['density']:.4f} | {r['kernel']} | {r['ms']:.3f} | {r['eff_tflops']:.1f} |"
               for r in rows]
-    (args.out / "fa4-gap.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(probe_main(__doc__, "fa4-gap", measure, markdown))

@@ -11,13 +11,11 @@ at 98,304 tokens and density 0.1 with the same tiles. This probe times both on b
 
 What it found on 2026-12-05: bench/results/gpu-2026-12-05-runs/forty-third-session/notes.md.
 
-Writes ``fa4-layout.json`` and ``fa4-layout.md`` to ``--out``.
+Writes ``fa4-layout-<date>.json`` and ``.md`` to ``--out`` (``report.probe_main``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cuda_cases import random_rows  # noqa: E402
 from fa4_check import anchor_tensors  # noqa: E402
 from kernel_timing import median_ms  # noqa: E402
-from report import run_meta  # noqa: E402
+from report import probe_main  # noqa: E402
 from sparsecore.backends.cuda.fa4_backend import Fa4Backend, Fa4Options  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
@@ -42,10 +40,7 @@ def inputs(seq: int, order: str) -> list[torch.Tensor]:
     return made if order == "head-major" else [t.transpose(1, 2) for t in made]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def measure() -> list[dict]:
     from flash_attn.cute import flash_attn_func
     rows = []
     for seq in (32768, 98304):
@@ -61,24 +56,23 @@ def main() -> None:
                                                                            pack_gqa=False),
                            "sparsecore fa4 default": lambda: run(q, k, v, HEAD_DIM ** -0.5, False)}
                 for name, fn in kernels.items():
-                    fn()                                                  # compiles once: not in the estimate
-                    torch.cuda.synchronize()
-                    ms = median_ms(fn)
+                    ms = median_ms(fn)                     # do_bench's first call, which may compile, is not timed
                     rows.append({"seq": seq, "density": mask.density(), "memory": order, "kernel": name, "ms": ms,
                                  "eff_tflops": flops / ms / 1e9})
                     print(f"{seq} {mask.density():.4f} {order:15s} {name:24s} {ms:8.3f} ms "
                           f"{rows[-1]['eff_tflops']:6.1f} eff TFLOP/s", flush=True)
         del layouts
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = run_meta("cuda")
-    (args.out / "fa4-layout.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# FA4 block-sparse by memory order of q, k, v ({meta['versions']['gpu']}, {meta['date']})", "",
              "| S | density | memory | kernel | ms | eff TFLOP/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['seq']} | {r['density']:.4f} | {r['memory']} | {r['kernel']} | {r['ms']:.3f} | "
               f"{r['eff_tflops']:.1f} |" for r in rows]
-    (args.out / "fa4-layout.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(probe_main(__doc__, "fa4-layout", measure, markdown))
