@@ -18,7 +18,8 @@ lowering with each ``approximation``, and timed with ``kernel_timing.median_ms``
 - with ``--sweep``: the zeroth and grouped passes under each tile config of :data:`SWEEP` (the first is the
   default for the grouped kind), each config's output against the first's;
 - ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
-  where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure;
+  where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure. The two are timed in
+  interleaved rounds (``kernel_timing.interleaved_ms``; each the median of its rounds), since 2026-12-05;
 - ``floor``: an additive estimate of a pass after the exact kernel: the grouped mask's extra tensor-core FLOPs
   (:func:`extra_flops`) at the best bf16 rate this GPU reaches in the run (cuBLAS on 8192-square matrices), plus
   the statistics, added to the default drop-only time (not a bound: a fused kernel could overlap them).
@@ -44,7 +45,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import interleaved_ms, median_ms, summary  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.approximation import StatisticsPlan, statistics  # noqa: E402
@@ -159,7 +160,8 @@ def default_row(g: VideoGeometry, drop: BlockMask, q, k, v, head_dim: int) -> di
     """The drop-only and grouped masks as ``compile(mask, "cuda")`` runs them, and the floor of their ratio."""
     grouped = with_kind(drop, "grouped-first-order")
     drop_kernel, grouped_kernel = (sparsecore.compile(m, device="cuda") for m in (drop, grouped))
-    drop_ms, grouped_ms = bench(lambda: drop_kernel(q, k, v)), bench(lambda: grouped_kernel(q, k, v))
+    rounds = interleaved_ms({"drop": lambda: drop_kernel(q, k, v), "grouped": lambda: grouped_kernel(q, k, v)})
+    drop_ms, grouped_ms = (summary(rounds[name])["ms"] for name in ("drop", "grouped"))
     launch = ApproximationLaunch(grouped.to(q.device))
     plan = launch.plan(q.device)
     stats_ms = bench(lambda: launch.statistics(k, v, plan))
@@ -169,6 +171,7 @@ def default_row(g: VideoGeometry, drop: BlockMask, q, k, v, head_dim: int) -> di
     return {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": "default",
             "drop_backend": drop_kernel.backend.name, "grouped_backend": grouped_kernel.backend.name,
             "default_drop_ms": drop_ms, "default_grouped_ms": grouped_ms, "default_ratio": grouped_ms / drop_ms,
+            "default_ms_rounds": rounds,
             "statistics_ms": stats_ms, "extra_tflop": flops / 1e12, "gemm_tflops": rate,
             "floor_ratio": (drop_ms + floor_ms) / drop_ms,
             "allowed_extra_tflops": flops / 1e9 / budget_ms if budget_ms > 0 else float("inf")}

@@ -9,12 +9,14 @@ for at least ``min_samples`` repeats: an estimate from one short call of ``do_be
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Mapping
 
 MIN_SAMPLES = 10
 WINDOW_MS = 300
+ROUNDS = 3
 
 
 def median_ms(fn: Callable[[], object], min_samples: int = MIN_SAMPLES) -> float:
@@ -24,6 +26,31 @@ def median_ms(fn: Callable[[], object], min_samples: int = MIN_SAMPLES) -> float
     estimate = float(do_bench(fn, warmup=1, rep=1, return_mode="median"))
     # do_bench divides the window by its own estimate, which adds the L2 flush: one sample more keeps the count
     return float(do_bench(fn, warmup=50, rep=max(WINDOW_MS, (min_samples + 1) * estimate), return_mode="median"))
+
+
+def interleaved_ms(fns: Mapping[Hashable, Callable[[], object]], rounds: int = ROUNDS) -> dict[Hashable, list[float]]:
+    """Each kernel's :func:`median_ms` in each of ``rounds`` rounds: a round times every kernel once, and each round
+    starts one kernel later than the one before (kernel ``i`` is timed ``(i - r) mod n``-th in round ``r``). Returns
+    every kernel's round medians, in round order; report their median (:func:`summary`).
+
+    Why: on an H100 (2026-12-05, ``bench/fa4_wave_probe.py``) the same kernel timed twice in a row, one
+    :func:`median_ms` each, differed by up to 15% (98,304 tokens, 12-17 heads; the GPU's clocks are not locked
+    here). Timed once each, one after another, two kernels differ by that much for no reason of theirs; in rounds, a
+    slow spell falls on every kernel in turn."""
+    if not fns:
+        return {}
+    names = list(fns)
+    samples: dict[Hashable, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        first = r % len(names)
+        for name in names[first:] + names[:first]:
+            samples[name].append(median_ms(fns[name]))
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """``ms`` (the median of a kernel's round medians) and its spread over the rounds (``ms_min``, ``ms_max``)."""
+    return {"ms": float(statistics.median(samples)), "ms_min": float(min(samples)), "ms_max": float(max(samples))}
 
 
 def wall_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -145,3 +145,14 @@ def test_first_call_probe_keeps_to_its_budget_and_names_what_it_did_not_run(tmp_
     assert len(not_run) == len(records) - len(limits) >= 6
     assert all(f"--cases {r['case']}" in r["error"] for r in not_run)
     assert report["meta"]["budget_s"] == 500.0 and report["meta"]["versions"]["torch"]
+
+
+def test_interleaved_timing_rotates_the_order_each_round(monkeypatch):
+    kernel_timing = load_script("kernel_timing")
+    timed = []
+    monkeypatch.setattr(kernel_timing, "median_ms", lambda fn: (timed.append(fn()), float(len(timed)))[1])
+    samples = kernel_timing.interleaved_ms({name: (lambda name=name: name) for name in "abc"}, rounds=4)
+    assert "".join(timed) == "abc" "bca" "cab" "abc"                     # each round starts one kernel later
+    assert samples == {"a": [1.0, 6.0, 8.0, 10.0], "b": [2.0, 4.0, 9.0, 11.0], "c": [3.0, 5.0, 7.0, 12.0]}
+    assert kernel_timing.summary(samples["b"]) == {"ms": 6.5, "ms_min": 2.0, "ms_max": 11.0}
+    assert kernel_timing.interleaved_ms({}, rounds=3) == {}
