@@ -5,9 +5,12 @@ Run on a GPU machine (the device tool):
 
     python bench/cuda_benchmark.py --out bench/results [--sizes 32768 98304] [--frames] [--adaspa] [--selection]
 
-All kernels run in one process on the same q, k, v (bf16, B=1, H=12, D=128),
-timed with ``kernel_timing.median_ms`` (``triton.testing.do_bench``'s median over at least 10 repeats after a
-50 ms warm-up).
+All kernels run in one process on the same q, k, v (bf16, B=1, H=12, D=128). The kernels of one case (and of
+one selection point) are timed together in interleaved rounds (``kernel_timing.interleaved_ms``: 3 rounds, each
+round every kernel's ``median_ms``, ``triton.testing.do_bench``'s median over at least 10 repeats after a 50 ms
+warm-up, starting one kernel later each round); a kernel's time is the median of its rounds, with their spread in
+``extra``. (Before 2026-12-05 each kernel was timed once, one after another: on an H100 the same kernel so timed twice
+in a row differed by up to 15%.)
 Effective TFLOP/s = 4 * S^2 * D * H * density / time. Every sparse output is also
 compared with FlexAttention's (an independent implementation), or with the Triton
 lowering's where FlexAttention's 128-token tiles cannot take the mask, as a sanity check.
@@ -32,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import interleaved_ms, summary  # noqa: E402
 
 import sparsecore  # noqa: E402
 from cuda_cases import FRAME_TOKENS, lvsa_frames, random_rows  # noqa: E402
@@ -57,10 +60,6 @@ class Row:
     rel_diff_vs_flex: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def bench(fn: Callable[[], object]) -> float:
-    return median_ms(fn)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,11 +204,13 @@ def run_case(case: str, mask: BlockMask, rows: list[Row], sweep: bool, flashinfe
         log(f"  {case}: {name}")
         outputs[name] = (fn, fn())
     reference_out = outputs[reference_name][1]
+    rounds = interleaved_ms({name: fn for name, (fn, _) in outputs.items()})
     for name, (fn, out) in outputs.items():
-        ms = bench(fn)
+        timing = summary(rounds[name])
+        ms = timing["ms"]
         rows.append(Row(case, mask.q_len, density, name, ms, useful / ms / 1e9,
                         None if name == reference_name else rel_diff(out, reference_out),
-                        note=f"vs {reference_name}"))
+                        note=f"vs {reference_name}", extra={**timing, "ms_rounds": rounds[name]}))
         log(f"    {name:<45} {ms:9.3f} ms {useful / ms / 1e9:7.1f} eff TFLOP/s")
 
 
@@ -217,17 +218,21 @@ def run_dense(seq_len: int, rows: list[Row], log) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen) for _ in range(3))
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    flops = 4.0 * seq_len * seq_len * HEAD_DIM * HEADS
-    rows.append(Row("dense", seq_len, 1.0, "torch SDPA cuDNN (dense)", ms, flops / ms / 1e9))
-    log(f"  dense S={seq_len}: cuDNN {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+
+    def cudnn() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    calls = {"torch SDPA cuDNN (dense)": cudnn}
     if sparsecore.registered_backends()["fa4"].unavailable_reason("cuda") is None:
         from flash_attn.cute import flash_attn_func
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        ms = bench(lambda: flash_attn_func(qt, kt, vt)[0])
-        rows.append(Row("dense", seq_len, 1.0, "FA4 (dense)", ms, flops / ms / 1e9))
-        log(f"  dense S={seq_len}: FA4 {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+        calls["FA4 (dense)"] = lambda: flash_attn_func(qt, kt, vt)[0]
+    flops = 4.0 * seq_len * seq_len * HEAD_DIM * HEADS
+    for name, rounds in interleaved_ms(calls).items():
+        timing = summary(rounds)
+        rows.append(Row("dense", seq_len, 1.0, name, timing["ms"], flops / timing["ms"] / 1e9,
+                        extra={**timing, "ms_rounds": rounds}))
+        log(f"  dense S={seq_len}: {name} {timing['ms']:.3f} ms, {flops / timing['ms'] / 1e9:.1f} TFLOP/s")
 
 
 def scheduling_ms(mask: BlockMask) -> dict[str, float]:
@@ -259,12 +264,13 @@ def selection_table(log, flashinfer: bool, blocks: tuple[int, ...] = (64, 128, F
                     gen = torch.Generator(device="cuda").manual_seed(0)
                     q, k, v = (torch.randn(1, HEADS, seq_len, head_dim, device="cuda", dtype=DTYPE, generator=gen)
                                for _ in range(3))
-                    ms = {}
+                    calls = {}
                     for name in names:
                         if available(name, mask):
                             kern = sparsecore.compile(mask, device="cuda", backend=name)
                             kern(q, k, v)
-                            ms[name] = bench(lambda kern=kern: kern(q, k, v))
+                            calls[name] = lambda kern=kern: kern(q, k, v)
+                    ms = {name: summary(rounds)["ms"] for name, rounds in interleaved_ms(calls).items()}
                     points.append(selection_point(mask, density, head_dim, ms))
                     log(f"  selection block {block} d={points[-1]['density']:.4f} (nominal {density}) S={seq_len} "
                         f"D={head_dim}: " + ", ".join(f"{n} {t:.2f} ms" for n, t in ms.items())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import sys
@@ -194,12 +195,12 @@ def time_sparse(timer: Timer, case: str, mask: BlockMask, q, k, v, anchor_block:
     if anchor_block is not None:
         try:
             sparse = anchor_tensors(mask, anchor_block)
-            qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-            fn = lambda: flash_attn_func(qs, ks, vs, block_sparse_tensors=sparse, pack_gqa=False)  # noqa: E731
+            # FA4's [B, S, H, D] copies, held by the call until the timer's flush
+            fn = functools.partial(flash_attn_func, *(t.transpose(1, 2).contiguous() for t in (q, k, v)),
+                                   block_sparse_tensors=sparse, pack_gqa=False)
             timer.add(case, seq, density, f"FA4 block-sparse raw, full {anchor_block}x{anchor_block} (anchor)", fn,
                       flops)
             anchor_out = fn()[0].transpose(1, 2)
-            del qs, ks, vs
         except Exception as exc:  # noqa: BLE001
             fail(f"anchor {case}", f"{type(exc).__name__}: {exc}")
     for label, options in variants.items():
