@@ -8,6 +8,7 @@ span is one row per head. Spans never cross heads, an empty row ends one, and a 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 
 import numpy as np
@@ -380,3 +381,22 @@ def test_finding_spans_on_a_gpu_never_waits_for_it(monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
             torch.use_deterministic_algorithms(previous)
         assert torch.equal(same.cpu(), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.is_available() is False: CUDA's sync debug mode")
+def test_scheduling_chunks_on_a_gpu_waits_for_it_once():
+    """A mask on the GPU cut into many chunks: one host read in all (the rows' lengths, kept tokens and repeats); the
+    chunks' host arrays go up queued from pinned memory, where pageable copies waited for the GPU at each one."""
+    mask = _runs_of_random_lengths().to("cuda")
+    schedule_chunks(mask, 1 << 24, torch.device("cuda"))                      # warms the pinned pool and the ops
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            chunks = schedule_chunks(mask, 1 << 24, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(chunks) == 5 and len(waits) == 1, [str(w.message) for w in waits]   # before: one a chunk copy too
+    assert scheduled_rows(_to_cpu(chunks)) == expected_spans(mask.to("cpu"))

@@ -28,6 +28,7 @@ from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.ir.csr import kept_key_tokens
 from sparsecore.ir.unselected import KINDS
+from sparsecore.ir.uploads import queued
 from sparsecore.registry import Backend, Run
 
 from ..approximation import ApproximatingRun
@@ -139,12 +140,13 @@ def schedule_chunks(mask: BlockMask, chunk_elements: int, device: torch.device) 
     order = np.lexsort((-span_kept, -q_sizes))
     sorted_sizes, sorted_kept = q_sizes[order], span_kept[order]
     starts = mask.indptr[:, :-1].reshape(-1).long()
+    kv_offsets = _upload(np.asarray(mask.kv_offsets, dtype=np.int64), device)
     chunks = []
     position = 0
     while position < len(order):
         end = _chunk_end(sorted_sizes, sorted_kept, position, chunk_elements)
         spans = order[position:end]
-        keys = _key_tokens(mask, first[spans], host_lengths, host_kept, starts, device)
+        keys = _key_tokens(mask, first[spans], host_lengths, host_kept, starts, kv_offsets, device)
         padded = bool((span_kept[spans] != span_kept[spans].max()).any())     # a span keeps fewer key tokens than L
         heads = first[spans] // mask.num_q_blocks
         size, row_kept = int(q_sizes[spans[0]]), int(span_kept[spans[0]])
@@ -230,21 +232,29 @@ def _chunk(mask: BlockMask, heads: np.ndarray, q_starts: np.ndarray, q_sizes: np
     q_tokens = q_starts[:, None] + np.where(q_valid, offsets, 0)
     q_slots = np.flatnonzero(q_valid)           # integer positions: a call writes back without a boolean mask's sync
     q_rows = (heads[:, None] * mask.q_len + q_tokens).reshape(-1)[q_slots]
-    put = lambda a: torch.from_numpy(np.array(a, dtype=np.int64)).to(device)  # noqa: E731
     kv_tokens, kv_valid = keys
-    return Chunk(put(heads), put(q_tokens), put(q_rows), put(q_slots), kv_tokens, kv_valid, padded)
+    return Chunk(*(_upload(np.asarray(a, dtype=np.int64), device) for a in (heads, q_tokens, q_rows, q_slots)),
+                 kv_tokens, kv_valid, padded)
+
+
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A chunk's host array on ``device``: on CUDA a copy from pinned memory queued without waiting
+    (:func:`sparsecore.ir.uploads.queued`: a pageable copy would wait for the GPU's queue, at every chunk of every new
+    mask); elsewhere a plain copy."""
+    if device.type == "cuda":
+        return queued(array, device)
+    return torch.from_numpy(np.array(array)).to(device)
 
 
 def _key_tokens(mask: BlockMask, rows: np.ndarray, lengths: np.ndarray, kept: np.ndarray, starts: torch.Tensor,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions ``[R, L]`` of ``rows`` (their kept blocks' tokens one after another) and which are real."""
-    put = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731
+                kv_offsets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions ``[R, L]`` of ``rows`` (their kept blocks' tokens one after another) and which are real;
+    ``kv_offsets``: the mask's key block boundaries on ``device``."""
     nb = int(lengths[rows].max())
     slot = torch.arange(nb, device=device)[None, :]
-    block_valid = slot < put(lengths[rows].astype(np.int64))[:, None]
-    entry = torch.where(block_valid, starts[put(rows.astype(np.int64))][:, None] + slot, 0)
+    block_valid = slot < _upload(lengths[rows].astype(np.int64), device)[:, None]
+    entry = torch.where(block_valid, starts[_upload(rows.astype(np.int64), device)][:, None] + slot, 0)
     block_ids = mask.indices[entry].long()                                       # [R, nb]
-    kv_offsets = put(mask.kv_offsets)
     sizes = torch.where(block_valid, kv_offsets[block_ids + 1] - kv_offsets[block_ids], 0)
     ends = torch.cumsum(sizes, dim=1)                                            # [R, nb]: end of each kept block
     position = torch.arange(int(kept[rows].max()), device=device)[None, :].expand(len(rows), -1).contiguous()
