@@ -19,9 +19,11 @@ Three steps, shared by the lowerings that compute it:
    row's own maximum makes it stable (a row whose blocks are all listed gets nothing, even where a
    listed block's sums are not finite: its zero weight would make them NaN in the products; so does
    a group whose blocks the row all lists: its ``H_g``, NaN where a key is infinite, is selected out).
-3. The merge with the exact part by log-sum-exp, in place, written so that neither a
-   growing maximum nor an empty side can lose mass: ``lse = logaddexp(lse_S, m + log z)``,
-   ``out = exp(lse_S - lse) out_S + exp(m - lse) N_U``.
+3. The merge with the exact part, in place, around ``b = max(lse_S, m)``, written so that neither a
+   growing maximum nor an empty side can lose mass: ``w_S = exp(lse_S - b)``, ``w_U = exp(m - b)``,
+   ``out = (w_S out_S + w_U N_U) / (w_S + w_U z)``, ``lse = b + log(w_S + w_U z)`` (as the Triton pass does). The
+   division keeps ``log z`` out of ``m + log z``, which large scores round away: at float32 scores near 1e8 a row
+   of approximated blocks came out scaled by up to a block's token count (near 2e6, off by 1-3%).
 
 :class:`ApproximatingRun` composes an exact lowering's run (which must give its LSE) with
 the three steps: the one place a lowering without a native approximation gets it
@@ -251,18 +253,23 @@ def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stat
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor, total: torch.Tensor,
            numerator: torch.Tensor) -> None:
-    """Rows ``span``: exact ``(out_S, lse_S)`` plus the approximation ``(exp(top) numerator, exp(top) total)``."""
+    """Rows ``span``: exact ``(out_S, lse_S)`` plus the approximation ``(exp(top) numerator, exp(top) total)``,
+    normalised by division (the module docstring's step 3)."""
     exact_lse = lse[:, :, span].to(top.dtype)
-    approx_lse = top + torch.log(total)                                   # -inf where nothing is approximated
-    merged = torch.logaddexp(exact_lse, approx_lse)
-    base = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
-    exact_weight = torch.exp(exact_lse - base)[..., None]                # 0 on empty rows, whatever out holds
-    exact = torch.where(torch.isneginf(exact_lse)[..., None], 0.0, exact_weight * out[:, :, span].to(top.dtype))
-    approx_weight = torch.where(torch.isfinite(top), torch.exp(top - base), torch.zeros_like(top))[..., None]
-    # nothing approximated, nothing added: a listed block's non-finite sum times its zero weight would be NaN
-    approx = torch.where(torch.isneginf(top)[..., None], 0.0, approx_weight * numerator)
-    out[:, :, span] = (exact + approx).to(out.dtype)
-    lse[:, :, span] = merged.to(lse.dtype)
+    base = torch.maximum(exact_lse, top)
+    base = torch.where(torch.isfinite(base), base, torch.zeros_like(base))      # NaN stays in the weights
+    exact_weight = torch.exp(exact_lse - base)                                  # 0 on empty rows
+    approx_weight = torch.where(torch.isneginf(top), 0.0, torch.exp(top - base))
+    denominator = exact_weight + approx_weight * total
+    has_mass = denominator != 0                                  # a NaN denominator (a NaN score) spreads
+    # nothing on a side, nothing from it: an empty row's out, or a listed block's non-finite sums times a zero weight,
+    # would be NaN
+    exact = torch.where(torch.isneginf(exact_lse)[..., None], 0.0,
+                        exact_weight[..., None] * out[:, :, span].to(top.dtype))
+    approx = torch.where(torch.isneginf(top)[..., None], 0.0, approx_weight[..., None] * numerator)
+    out[:, :, span] = ((exact + approx) / torch.where(has_mass, denominator, 1.0)[..., None]).to(out.dtype)
+    lse[:, :, span] = torch.where(has_mass, base + torch.log(torch.where(has_mass, denominator, 1.0)),
+                                  -torch.inf).to(lse.dtype)
 
 
 class ApproximatingRun:

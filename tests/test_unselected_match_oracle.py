@@ -170,6 +170,29 @@ def _run_named(target, mask, q, k, v, scale):
     run_and_compare(target, mask, q, k, v, scale=scale, device_held=True)
 
 
+WIDE_TARGETS = [t for t in TARGETS if t.dtype in ("float32", "float64")]      # 16-bit products overflow at 1e8
+
+
+def _huge_scores(kind: str):
+    """Scores near 1e8 (q and k near 1e4 in 64 dims): every row approximates every block. ``top + log(total)``
+    loses ``log(total)`` to float32's spacing there (8 at 1e8), so a merge that normalised by ``exp(top - lse)``
+    scaled such rows by up to a block's token count (the torch merge of portable and npu before 2026-12-05; in
+    float64 it was 3e-9 off, over float64's bound)."""
+    rng = np.random.default_rng(31)
+    offsets = BlockMask.uniform_offsets(64, 8)
+    mask = _mask(np.zeros((2, 8, 8), dtype=bool), offsets, offsets, kind)
+    q, k, v = (rng.standard_normal((1, 2, 64, 64)) for _ in range(3))
+    return mask, 1e4 * q, 1e4 * k, v
+
+
+@pytest.mark.parametrize("kind", ["zeroth", "global-first-order", "grouped-first-order:2"])
+@pytest.mark.parametrize("wide", WIDE_TARGETS, ids=[t.id for t in WIDE_TARGETS])
+def test_scores_near_1e8_match_the_oracle(wide, kind):
+    mask, q, k, v = _huge_scores(kind)
+    with wide.running() as target:
+        _run_named(target, mask, q, k, v, None)
+
+
 # ------------------------------------------------------------------ the tests can fail
 def test_the_growing_maximum_catches_an_unrescaled_denominator():
     """The case above separates a correct kernel from PISA's public one, which adds the approximated
