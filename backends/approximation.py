@@ -21,7 +21,7 @@ Three steps, shared by the lowerings that compute it:
    a group whose blocks the row all lists: its ``H_g``, NaN where a key is infinite, is selected out).
 3. The merge with the exact part, in place, around ``b = max(lse_S, m)``, written so that neither a
    growing maximum nor an empty side can lose mass: ``w_S = exp(lse_S - b)``, ``w_U = exp(m - b)``,
-   ``out = (w_S out_S + w_U N_U) / (w_S + w_U z)``, ``lse = b + log(w_S + w_U z)`` (as the Triton pass does). The
+   ``out = (w_S out_S + w_U N_U) / (w_S + w_U z)``, ``lse = b + log(w_S + w_U z)`` (the Triton pass divides too). The
    division keeps ``log z`` out of ``m + log z``, which large scores round away: at float32 scores near 1e8 a row
    of approximated blocks came out scaled by up to a block's token count (near 2e6, off by 1-3%).
 

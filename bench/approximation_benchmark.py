@@ -7,7 +7,8 @@ Measured on an H200 on 2026-11-30 (bench/results/approximation-2026-11-30.md). O
 For each length (Wan 2.1 1x = 21x30x52 = 32,760 tokens and 6x = 121x30x52 = 188,760 tokens by
 default), 12 heads, bf16, a PASA mask at its defaults (64-token blocks, rho 0.15, step 10; pooled
 scores of random q, k: the density, not the selection, sets the cost) is compiled for the ``triton``
-lowering with each ``approximation``, and timed with ``kernel_timing.median_ms`` (median of at least 10 repeats):
+lowering with each ``approximation``, and timed with ``kernel_timing.median_ms`` (median of at least 10 repeats;
+the ``default`` pair in interleaved rounds, below):
 
 - ``exact``: the drop-only mask (the block-sparse kernel alone);
 - ``total``: the same selection with zeroth / global-first-order / grouped-first-order;
@@ -15,8 +16,8 @@ lowering with each ``approximation``, and timed with ``kernel_timing.median_ms``
   and the torch statistics the ``portable`` lowering uses, for comparison;
 - ``pass``: the Triton approximation pass alone (``ApproximationLaunch`` on a fixed exact result);
 - ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale;
-- with ``--sweep``: the zeroth and grouped passes under each tile config of :data:`SWEEP` (the first is the
-  default for the grouped kind), each config's output against the first's;
+- with ``--sweep``: the passes of ``--sweep-kinds`` (zeroth and grouped unless named) under each tile config of
+  :data:`SWEEP` (the first is the default of the first-order kinds), each config's output against the first's;
 - ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
   where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure. The two are timed in
   interleaved rounds (``kernel_timing.interleaved_ms``; each the median of its rounds), since 2026-12-05;
@@ -104,7 +105,7 @@ def gemm_tflops() -> float:
     return 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e9
 
 
-def rows_for(tokens: int, head_dim: int, check: bool, sweep: bool) -> list[dict]:
+def rows_for(tokens: int, head_dim: int, check: bool, sweep: tuple[str, ...]) -> list[dict]:
     g = GEOMETRIES[tokens]
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, g.tokens, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -131,7 +132,7 @@ def rows_for(tokens: int, head_dim: int, check: bool, sweep: bool) -> list[dict]
                "exact_ms": exact_ms, "total_ms": total_ms, "statistics_ms": stats_ms,
                "torch_statistics_ms": torch_stats_ms, "pass_ms": pass_ms, "overhead": total_ms / exact_ms - 1,
                "dense_sdpa_ms": dense_ms}
-        if sweep and kind in ("zeroth", "grouped-first-order"):
+        if kind in sweep:
             row["sweep"], row["sweep_rel_l2"], first = {}, {}, None
             for config in SWEEP:
                 swept = ApproximationLaunch(mask.to(q.device), config)
@@ -221,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32760, 188760], choices=sorted(GEOMETRIES))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-check", action="store_true", help="skip the portable float32 comparison")
-    parser.add_argument("--sweep", action="store_true", help="time the grouped pass under each config of SWEEP")
+    parser.add_argument("--sweep", action="store_true", help="time passes under each config of SWEEP")
+    parser.add_argument("--sweep-kinds", nargs="+", choices=KINDS, default=["zeroth", "grouped-first-order"],
+                        help="the kinds --sweep times (default: zeroth and grouped-first-order)")
     args = parser.parse_args(argv)
     rows = []
     for tokens in args.sizes:
-        rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760, sweep=args.sweep)
+        rows += rows_for(tokens, args.head_dim, check=not args.no_check and tokens <= 32760,
+                         sweep=tuple(args.sweep_kinds) if args.sweep else ())
     date = datetime.date.today().isoformat()
     report = {**versions(), "date": date, "host": platform.node(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

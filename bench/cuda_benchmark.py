@@ -296,14 +296,18 @@ def markdown(rows: list[Row], meta: dict) -> str:
              f"{meta['versions']['triton']}, flashinfer {meta['versions']['flashinfer']}, flash-attn-4 "
              f"{meta['versions']['flash_attn_4']} (CuTe DSL {meta['versions']['cutlass_dsl']}), CUDA "
              f"{meta['versions']['cuda']}, cuDNN {meta['versions']['cudnn']}.",
-             f"bf16, B=1, H={HEADS}, D={HEAD_DIM}; `do_bench` median of at least 10 repeats (50 ms warm-up). "
+             f"bf16, B=1, H={HEADS}, D={HEAD_DIM}; a case's kernels timed together in 3 interleaved rounds (each "
+             "round a `do_bench` median of at least 10 repeats after a 50 ms warm-up): the median round, and the "
+             "rounds' spread. "
              "eff TFLOP/s = 4*S^2*D*H*density / time. rel diff: relative L2 distance to FlexAttention's output "
              "(or the Triton lowering's where Flex's 128-token tiles cannot take the mask).", "",
-             "| case | S | density | kernel | ms | eff TFLOP/s | rel diff |", "|---|---|---|---|---|---|---|"]
+             "| case | S | density | kernel | ms | spread ms | eff TFLOP/s | rel diff |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = "" if r.rel_diff_vs_flex is None else f"{r.rel_diff_vs_flex:.1e}"
-        lines.append(f"| {r.case} | {r.seq_len} | {r.density:.4f} | {r.kernel} | {r.ms:.3f} | {r.eff_tflops:.1f} | "
-                     f"{diff} |")
+        spread = f"{r.extra['ms_min']:.3f}-{r.extra['ms_max']:.3f}" if "ms_min" in r.extra else ""
+        lines.append(f"| {r.case} | {r.seq_len} | {r.density:.4f} | {r.kernel} | {r.ms:.3f} | {spread} | "
+                     f"{r.eff_tflops:.1f} | {diff} |")
     if meta.get("selection"):
         lines += selection_markdown(meta["selection"])
     if meta.get("scheduling"):

@@ -336,6 +336,20 @@ def test_merge_ignores_empty_parts_even_if_their_output_is_nan():
     assert lse.tolist() == [1.25, 0.5, -inf]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_at_lses_near_1e8_weighs_the_parts_by_their_lses(dtype):
+    """log 2 added to an LSE of 1e8 rounds away in float32, so weights exp(lse_x - lse) summed to 2 (the merge before
+    2026-12-05: two equal parts of outputs 1 and 3 gave 4, not 2). LSEs 1e8 and 1e8 - 8 (float32 holds both) weigh
+    1 : exp(-8)."""
+    lse_a, lse_b = torch.tensor([1e8, 1e8], dtype=dtype), torch.tensor([1e8, 1e8 - 8], dtype=dtype)
+    out, lse = merge_partials(torch.tensor([[1.0], [1.0]], dtype=dtype), lse_a,
+                              torch.tensor([[3.0], [5.0]], dtype=dtype), lse_b)
+    light = math.exp(-8.0)
+    assert torch.allclose(out, torch.tensor([[2.0], [(1 + 5 * light) / (1 + light)]], dtype=dtype), rtol=1e-6)
+    want = torch.tensor([1e8 + math.log(2.0), 1e8 + math.log1p(light)], dtype=torch.float64).to(dtype)
+    assert torch.equal(lse, want) or dtype == torch.float64 and torch.allclose(lse, want, rtol=1e-15)
+
+
 def test_merge_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="matching shapes"):
         merge_partials(torch.zeros(2, 4), torch.zeros(2), torch.zeros(3, 4), torch.zeros(3))

@@ -11,9 +11,11 @@ a kind must refuse such masks with the capability's name.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +27,7 @@ from tolerances import OUT_REL
 
 import sparsecore
 from sparsecore import BlockMask
+from sparsecore.backends.approximation import _merge
 from sparsecore.ir import Unselected
 
 APPROXIMATING = ("zeroth", "global-first-order", "grouped-first-order")
@@ -191,6 +194,61 @@ def test_scores_near_1e8_match_the_oracle(wide, kind):
     mask, q, k, v = _huge_scores(kind)
     with wide.running() as target:
         _run_named(target, mask, q, k, v, None)
+
+
+FLOAT64_TARGETS = [t for t in TARGETS if t.dtype == "float64" and not t.emulated and t.unavailable_reason() is None]
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**31), exponent=st.floats(0, 4.5), density=st.floats(0, 1),
+       kind=st.sampled_from(["zeroth", "global-first-order", "grouped-first-order:2"]), shift=st.floats(-3000, 3000))
+def test_float64_rows_mixing_listed_and_approximated_blocks_at_any_magnitude(seed, exponent, density, kind, shift):
+    """Rows mixing listed blocks far above or below their approximated ones (GQA 4:2, scores up to ~1e9) in float64:
+    the merge before 2026-12-05 was 1.45e-10 off here, over float64's bound (a review's property)."""
+    rng = np.random.default_rng(seed)
+    offsets = np.array([0, 5, 13, 16, 29, 40])
+    mask = _mask(rng.random((4, 3, 5)) < density, np.array([0, 7, 9, 20]), offsets, kind)
+    direction = rng.standard_normal(16)
+    direction /= np.linalg.norm(direction)
+    q = rng.standard_normal((1, 4, 20, 16)) * 10 ** exponent + 16 * direction
+    k = rng.standard_normal((1, 2, 40, 16)) * 10 ** exponent
+    k[:, :, :13] += shift / 16 * direction                 # the first two blocks far above or below the rest
+    v = rng.standard_normal((1, 2, 40, 16))
+    for wide in FLOAT64_TARGETS:
+        with wide.running() as target:
+            run_and_compare(target, mask, q, k, v, scale=1.0)
+
+
+MERGE_LSES = (-math.inf, 0.0, 3.0, 200.0, -1e8, 1e8, 1e8 + 40, math.nan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_torch_merge_at_every_pair_of_sides(dtype):
+    """``_merge`` for every pair of (exact LSE, approximated maximum) among empty, small, large, huge and NaN, against
+    the closed form: empty sides add nothing, a NaN on either side spreads, both empty give 0 / -inf."""
+    for exact_lse in MERGE_LSES:
+        for top in MERGE_LSES:
+            total = 0.0 if top == -math.inf else 7.0
+            out = torch.tensor([[[[1.0, -2.0]]]], dtype=dtype)
+            lse = torch.tensor([[[exact_lse]]], dtype=dtype)
+            numerator = torch.tensor([[[[3.0, 5.0]]]], dtype=dtype) * (top != -math.inf)
+            _merge(out, lse, slice(0, 1), torch.tensor([[[top]]], dtype=dtype), torch.tensor([[[total]]], dtype=dtype),
+                   numerator)
+            sides = [x for x in (exact_lse, top) if x != -math.inf]
+            if not sides:
+                want_out, want_lse = [0.0, 0.0], -math.inf
+            elif any(math.isnan(x) for x in sides):
+                want_out, want_lse = [math.nan, math.nan], math.nan
+            else:
+                base = max(sides)
+                w_s = 0.0 if exact_lse == -math.inf else math.exp(exact_lse - base)
+                w_u = 0.0 if top == -math.inf else math.exp(top - base)
+                d = w_s + w_u * total
+                want_out = [(w_s * o + w_u * n) / d for o, n in zip((1.0, -2.0), numerator.flatten().tolist())]
+                want_lse = base + math.log(d)
+            np.testing.assert_allclose(out.flatten().tolist(), want_out, rtol=1e-6, equal_nan=True,
+                                       err_msg=f"{exact_lse=} {top=}")
+            np.testing.assert_allclose(lse.item(), want_lse, rtol=1e-6, equal_nan=True, err_msg=f"{exact_lse=} {top=}")
 
 
 # ------------------------------------------------------------------ the tests can fail
