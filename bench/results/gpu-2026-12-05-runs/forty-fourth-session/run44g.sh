@@ -6,7 +6,7 @@ set -u
 export PYTHONPATH=$PWD:$PWD/bench PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 SPARSECORE_WARMUP=wait HYPOTHESIS_PROFILE=gpu-quick
 R=$OUT/run; mkdir -p $R
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $R/gpu.txt
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_unselected_match_oracle.py -k "1e8 or named" -rfE \
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_unselected_match_oracle.py -k "1e8 or named or float64_rows" -rfE \
   > $R/unselected-cuda.log 2>&1; echo "unselected rc=$?"; tail -2 $R/unselected-cuda.log
 timeout 170 python3 bench/approximation_benchmark.py --out $R --sizes 188760 --no-check --sweep \
   --sweep-kinds global-first-order > $R/approximation-global.log 2>&1; echo "sweep rc=$?"
