@@ -156,3 +156,34 @@ def test_interleaved_timing_rotates_the_order_each_round(monkeypatch):
     assert samples == {"a": [1.0, 6.0, 8.0, 10.0], "b": [2.0, 4.0, 9.0, 11.0], "c": [3.0, 5.0, 7.0, 12.0]}
     assert kernel_timing.summary(samples["b"]) == {"ms": 6.5, "ms_min": 2.0, "ms_max": 11.0}
     assert kernel_timing.interleaved_ms({}, rounds=3) == {}
+
+
+def test_fa4_checks_timer_times_a_lengths_kernels_together_and_records_a_failing_one(monkeypatch):
+    """``bench/fa4_check.py``'s table: queued kernels are called once, a kernel that raises gets its error (and a
+    ``fail``), the others the median of their interleaved rounds and its spread; nothing is lost from the rows."""
+    fa4_check = load_script("fa4_check")
+    monkeypatch.setattr(fa4_check.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(fa4_check, "FAILURES", [])
+    monkeypatch.setattr(fa4_check, "fail", lambda case, error: fa4_check.FAILURES.append(f"{case}: {error}"))
+    rounds = {}
+
+    def fake_rounds(fns, count):
+        rounds.update({i: [float(10 * i + r) for r in range(count)] for i in fns})
+        return {i: rounds[i] for i in fns}
+    monkeypatch.setattr(fa4_check, "interleaved_ms", fake_rounds)
+    timer = fa4_check.Timer()
+
+    def broken():
+        raise RuntimeError("no kernel")
+    timer.add("dense", 64, 1.0, "a", lambda: None, 2e9)
+    timer.add("random128", 64, 0.5, "b", broken, 1e9, tile=[128, 128])
+    timer.add("random128", 64, 0.5, "c", lambda: None, 1e9, tile=[64, 64])
+    assert timer.rows == []                                              # nothing is timed before the flush
+    timer.flush()
+    a, b, c = timer.rows
+    assert (a["ms"], a["ms_min"], a["ms_max"], a["ms_rounds"]) == (1.0, 0.0, 2.0, [0.0, 1.0, 2.0])
+    assert a["eff_tflops"] == 2e9 / 1.0 / 1e9 and c["ms"] == 21.0 and c["tile"] == [64, 64]
+    assert "ms" not in b and b["error"] == "RuntimeError: no kernel" and b["tile"] == [128, 128]
+    assert set(rounds) == {0, 2} and fa4_check.FAILURES == ["time random128 b: RuntimeError: no kernel"]
+    assert "| random128 | 64 | 0.5000 | b | **RuntimeError: no kernel** |" in fa4_check.markdown(
+        {"date": "d", "versions": {}}, [], timer.rows, [])
