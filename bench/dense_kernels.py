@@ -6,7 +6,9 @@ run dense attention. This probe times, side by side on the same inputs (bf16, B=
 (what diffusers' default ``"native"`` dispatch runs), SDPA restricted to cuDNN, cuDNN with its LSE,
 FlashAttention-4's dense forward (``flash_attn.cute``, without and with the LSE) writing into a head-major
 output, and ``sparsecore.search.dense_attention`` (what the methods' LSE passes run). Each output is compared
-with cuDNN's. Effective TFLOP/s = 4 * S^2 * D * H / time.
+with cuDNN's. Effective TFLOP/s = 4 * S^2 * D * H / time. The kernels of one (S, D) are timed together in
+interleaved rounds (``kernel_timing.interleaved_ms``; a row gives the median round and the rounds' spread): on an
+H100 one ``median_ms`` per kernel, one kernel after another, varied by up to 15% between repeats (2026-12-05).
 
     python bench/dense_kernels.py --out DIR [--lengths 16384,32768] [--dims 128] [--dtype float16]
 """
@@ -22,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import interleaved_ms, summary  # noqa: E402
 from report import run_meta  # noqa: E402
 
 from sparsecore.search import dense_attention  # noqa: E402
@@ -40,7 +42,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from flash_attn.cute import interface
     results: list[dict] = []
-    lines = ["| S | D | kernel | ms | eff TFLOP/s | rel. L2 vs cuDNN |", "|---|---|---|---|---|---|"]
+    lines = ["| S | D | kernel | ms | spread ms | eff TFLOP/s | rel. L2 vs cuDNN |", "|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)
     for dim in (int(d) for d in args.dims.split(",")):
         for seq in (int(s) for s in args.lengths.split(",")):
@@ -69,19 +71,23 @@ def main() -> int:
                 return dense_attention(q, k, v, scale)[0]
 
             reference = sdpa_cudnn().float()
-            for name, fn in (("SDPA, torch's choice", sdpa), ("cuDNN SDPA", sdpa_cudnn), ("cuDNN + LSE", cudnn_lse),
-                             ("FA4 dense", fa4(False)),
-                             ("FA4 dense + LSE", fa4(True)), ("sparsecore.search.dense_attention", library)):
+            kernels = {"SDPA, torch's choice": sdpa, "cuDNN SDPA": sdpa_cudnn, "cuDNN + LSE": cudnn_lse,
+                       "FA4 dense": fa4(False), "FA4 dense + LSE": fa4(True),
+                       "sparsecore.search.dense_attention": library}
+            errors = {}
+            for name, fn in kernels.items():
                 out = fn().float()
-                err = ((out - reference).norm() / reference.norm()).item()
+                errors[name] = ((out - reference).norm() / reference.norm()).item()
                 del out
-                ms = median_ms(fn)
-                rate = 4 * seq * seq * dim * HEADS / ms / 1e9
-                results.append({"seq": seq, "dim": dim, "kernel": name, "ms": ms, "eff_tflops": rate,
-                                "rel_l2_vs_cudnn": err})
-                lines.append(f"| {seq} | {dim} | {name} | {ms:.2f} | {rate:.0f} | {err:.1e} |")
+            for name, rounds in interleaved_ms(kernels).items():
+                timing = summary(rounds)
+                rate = 4 * seq * seq * dim * HEADS / timing["ms"] / 1e9
+                results.append({"seq": seq, "dim": dim, "kernel": name, **timing, "ms_rounds": rounds,
+                                "eff_tflops": rate, "rel_l2_vs_cudnn": errors[name]})
+                lines.append(f"| {seq} | {dim} | {name} | {timing['ms']:.2f} | {timing['ms_min']:.2f}-"
+                             f"{timing['ms_max']:.2f} | {rate:.0f} | {errors[name]:.1e} |")
                 print(lines[-1], flush=True)
-            del q, k, v, out_hm, reference
+            del reference, kernels          # q, k, v and out_hm go when the next length rebinds them
     meta = run_meta(dtype=args.dtype)
     stem = f"dense-kernels-{args.dtype}-D{args.dims.replace(',', '_')}-S{args.lengths.replace(',', '_')}"
     (args.out / f"{stem}.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")

@@ -11,7 +11,8 @@ against ``ctas_per_sm=1`` (FA4's own launch) and the Triton lowering, on uniform
 AdaSpa-shaped mask and a PASA-shaped one (density 0.15, grouped first-order approximation of the rest).
 ``--mma-regs R --producer-regs P`` try another register split (a process each: FA4's compile cache
 does not key on it), timing only the two-CTA kernels. eff TFLOP/s counts the kept blocks' FLOPs: on the PASA-shaped
-mask (marked *) the approximation pass's work is timed but not counted (``report.eff_tflops``).
+mask (marked *) the approximation pass's work is timed but not counted (``report.eff_tflops``). The kernels of a
+mask are timed together in interleaved rounds (``kernel_timing.interleaved_ms``: the median round, and the spread).
 
     python bench/fa4_occupancy_probe.py --out DIR [--mma-regs 208 --producer-regs 48]
 """
@@ -19,6 +20,7 @@ mask (marked *) the approximation pass's work is timed but not counted (``report
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import interleaved_ms, summary  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore import BlockMask  # noqa: E402
@@ -67,26 +69,31 @@ def main() -> int:
         variants = [("triton", {}), ("fa4", {"ctas_per_sm": 2})]
         if args.mma_regs is None:
             variants.append(("fa4", {"ctas_per_sm": 1}))
+        calls, labels, errors = {}, {}, {}
         for backend, options in variants:
             kernel = reference if (backend, options) == ("triton", {}) else \
                 sparsecore.compile(mask, device="cuda", backend=backend, **options)
-            label = variant if options.get("ctas_per_sm") == 2 else "as launched by FA4 / Triton"
             backend = backend + "".join(f" {key}={value}" for key, value in options.items())
+            labels[backend] = variant if options.get("ctas_per_sm") == 2 else "as launched by FA4 / Triton"
             got = kernel(q, k, v, scale=scale)
-            err = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
-            ms = median_ms(lambda: kernel(q, k, v, scale=scale))
-            rate = eff_tflops(mask, DIM, ms)
-            results[f"{name} S={seq} {backend}"] = {"ms": ms, **rate, "rel_err_vs_triton": err}
+            errors[backend] = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+            calls[backend] = functools.partial(kernel, q, k, v, scale=scale)
+        for backend, samples in interleaved_ms(calls).items():
+            timing = summary(samples)
+            rate = eff_tflops(mask, DIM, timing["ms"])
+            results[f"{name} S={seq} {backend}"] = {**timing, "ms_rounds": samples, **rate,
+                                                    "rel_err_vs_triton": errors[backend]}
             mark = " *" if "eff_tflops_counts" in rate else ""
-            rows.append(f"| {label} | {name}, S={seq} | {backend} | {ms:.2f} | {rate['eff_tflops']:.0f}{mark} | "
-                        f"{err:.1e} |")
+            rows.append(f"| {labels[backend]} | {name}, S={seq} | {backend} | {timing['ms']:.2f} | "
+                        f"{timing['ms_min']:.2f}-{timing['ms_max']:.2f} | {rate['eff_tflops']:.0f}{mark} | "
+                        f"{errors[backend]:.1e} |")
             print(rows[-1], flush=True)
-        del q, k, v, expected
+        del q, k, v, expected, calls
     slug, meta = f"r{fa4_occupancy.MMA_REGS}-{fa4_occupancy.PRODUCER_REGS}", run_meta(variant=variant)
     (args.out / f"fa4-occupancy-{slug}.md").write_text(
-        f"{meta}\n\n| register split | mask | backend | ms | eff TFLOP/s | rel err vs triton |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\n\\* eff TFLOP/s of {KEPT_BLOCKS_ONLY}: not comparable "
-        "with the drop-only rows.\n")
+        f"{meta}\n\n| register split | mask | backend | ms | spread ms | eff TFLOP/s | rel err vs triton |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        + f"\n\n\\* eff TFLOP/s of {KEPT_BLOCKS_ONLY}: not comparable with the drop-only rows.\n")
     (args.out / f"fa4-occupancy-{slug}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 
