@@ -21,9 +21,9 @@ Three steps, shared by the lowerings that compute it:
    a group whose blocks the row all lists: its ``H_g``, NaN where a key is infinite, is selected out).
 3. The merge with the exact part, in place, around ``b = max(lse_S, m)``, written so that neither a
    growing maximum nor an empty side can lose mass: ``w_S = exp(lse_S - b)``, ``w_U = exp(m - b)``,
-   ``out = (w_S out_S + w_U N_U) / (w_S + w_U z)``, ``lse = b + log(w_S + w_U z)`` (the Triton pass divides too). The
-   division keeps ``log z`` out of ``m + log z``, which large scores round away: at float32 scores near 1e8 a row
-   of approximated blocks came out scaled by up to a block's token count (near 2e6, off by 1-3%).
+   ``out = (w_S out_S + w_U N_U) / (w_S + w_U z)``, ``lse = b + log(w_S + w_U z)`` (:func:`sparsecore.partials.merge`;
+   the Triton pass divides too). The division keeps ``log z`` out of ``m + log z``, which large scores round away:
+   at float32 scores near 1e8 a row of approximated blocks came out scaled by up to a block's token count.
 
 :class:`ApproximatingRun` composes an exact lowering's run (which must give its LSE) with
 the three steps: the one place a lowering without a native approximation gets it
@@ -42,6 +42,7 @@ import torch
 from sparsecore.ir import BlockMask, Unselected
 from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.uploads import queued
+from sparsecore.partials import merge
 
 PIECE_TOKENS = 2048          # widest piece of the key sequence one gather takes
 CHUNK_ELEMENTS = 1 << 24     # default working set of the pass: query rows x (blocks + group terms) per chunk
@@ -254,22 +255,10 @@ def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stat
 def _merge(out: torch.Tensor, lse: torch.Tensor, span: slice, top: torch.Tensor, total: torch.Tensor,
            numerator: torch.Tensor) -> None:
     """Rows ``span``: exact ``(out_S, lse_S)`` plus the approximation ``(exp(top) numerator, exp(top) total)``,
-    normalised by division (the module docstring's step 3)."""
-    exact_lse = lse[:, :, span].to(top.dtype)
-    base = torch.maximum(exact_lse, top)
-    base = torch.where(torch.isfinite(base), base, torch.zeros_like(base))      # NaN stays in the weights
-    exact_weight = torch.exp(exact_lse - base)                                  # 0 on empty rows
-    approx_weight = torch.where(torch.isneginf(top), 0.0, torch.exp(top - base))
-    denominator = exact_weight + approx_weight * total
-    has_mass = denominator != 0                                  # a NaN denominator (a NaN score) spreads
-    # nothing on a side, nothing from it: an empty row's out, or a listed block's non-finite sums times a zero weight,
-    # would be NaN
-    exact = torch.where(torch.isneginf(exact_lse)[..., None], 0.0,
-                        exact_weight[..., None] * out[:, :, span].to(top.dtype))
-    approx = torch.where(torch.isneginf(top)[..., None], 0.0, approx_weight[..., None] * numerator)
-    out[:, :, span] = ((exact + approx) / torch.where(has_mass, denominator, 1.0)[..., None]).to(out.dtype)
-    lse[:, :, span] = torch.where(has_mass, base + torch.log(torch.where(has_mass, denominator, 1.0)),
-                                  -torch.inf).to(lse.dtype)
+    normalised by division (the module docstring's step 3, :func:`sparsecore.partials.merge`)."""
+    merged, merged_lse = merge(out[:, :, span].to(top.dtype), lse[:, :, span].to(top.dtype), numerator, top, total)
+    out[:, :, span] = merged.to(out.dtype)
+    lse[:, :, span] = merged_lse.to(lse.dtype)
 
 
 class ApproximatingRun:

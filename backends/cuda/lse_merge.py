@@ -1,7 +1,7 @@
 """Merge a partial attention over more keys into another, in place, by their log-sum-exps (one Triton pass).
 
 For attention of a row over disjoint key sets A and B, with outputs ``o_a, o_b`` and natural-log
-LSEs ``l_a, l_b`` (FlashDecoding's split-KV rule; :mod:`sparsecore.backends.npu.merge` states it):
+LSEs ``l_a, l_b`` (FlashDecoding's split-KV rule; :mod:`sparsecore.partials` states it):
 
     l = log(exp(l_a) + exp(l_b)),    o = exp(l_a - l) o_a + exp(l_b - l) o_b
 

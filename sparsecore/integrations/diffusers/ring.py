@@ -38,6 +38,7 @@ import torch.distributed as dist
 import sparsecore
 from sparsecore.ir import BlockMask
 from sparsecore.ir.slicing import slices
+from sparsecore.partials import merge
 
 __all__ = ["RingGroup", "RingWork", "merge", "plan_work", "run"]
 
@@ -99,22 +100,6 @@ def plan_work(mask: BlockMask, ring: RingGroup, video: int, device: str, backend
         dist.all_gather(parts, local, group=ring.group)
         need = [[bool(x) for x in row] for row in torch.stack(parts).tolist()]
     return RingWork(steps, text_kernel, need, video, text)
-
-
-def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-          lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two partial attentions over disjoint keys as one: outputs ``[..., L, D]``, float32 LSEs ``[..., L]``.
-
-    Exact for rows empty on either side (output 0, LSE -inf), including both.
-    """
-    top = torch.maximum(lse_a, lse_b)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
-    total = weight_a + weight_b
-    lse = top + torch.log(total)
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    out = out_a * (weight_a / total)[..., None] + out_b * (weight_b / total)[..., None]
-    return out, lse
 
 
 class _Partial:
