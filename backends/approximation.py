@@ -11,14 +11,15 @@ query heads of a GQA group) and per batch element; the LSE includes the approxim
 
 Three steps, shared by the lowerings that compute it:
 
-1. :func:`statistics` (once per call: they depend on k and v only): ``k̄_j``, ``ΣV_j`` and the
+1. :func:`statistics` (once per call: they depend on k and v only): ``k̄_j``, ``v̄_j = ΣV_j / |B_j|`` and the
    per-token group matrices ``H_g / T_g`` as batched gathers and matmuls over fixed-width
    pieces of the key sequence (no atomics, no Python loop over blocks).
 2. :func:`approximate_into`: the pass over block summaries. For a chunk of query rows,
    ``s q k̄ᵀ`` is one ``[rows x blocks]`` product; listed blocks are masked out, and the
-   row's own maximum makes it stable (a row whose blocks are all listed gets nothing, even where a
-   listed block's sums are not finite: its zero weight would make them NaN in the products; so does
-   a group whose blocks the row all lists: its ``H_g``, NaN where a key is infinite, is selected out).
+   row's own maximum makes it stable. The values enter as ``|B_j| exp(.) v̄_j``: means summed from values
+   divided by the block's size first stay finite where the values are, and a listed block's zero weight
+   times a sum past float32's range (64 values of 1e37) was NaN in rows that approximate another block. A
+   group whose blocks the row all lists adds nothing: its ``H_g``, NaN where a key is infinite, is selected out.
 3. The merge with the exact part, in place, around ``b = max(lse_S, m)``, written so that neither a
    growing maximum nor an empty side can lose mass: ``w_S = exp(lse_S - b)``, ``w_U = exp(m - b)``,
    ``out = (w_S out_S + w_U N_U) / (w_S + w_U z)``, ``lse = b + log(w_S + w_U z)`` (:func:`sparsecore.partials.merge`;
@@ -165,7 +166,7 @@ class BlockStatistics:
     """Block summaries of one call, per batch element and key head, in the compute dtype."""
 
     key_means: torch.Tensor             # [B, Hk, NB, D]: k̄_j
-    value_sums: torch.Tensor            # [B, Hk, NB, D]: ΣV_j
+    value_means: torch.Tensor           # [B, Hk, NB, D]: v̄_j = ΣV_j / |B_j|
     sizes: torch.Tensor                 # [NB]: |B_j|
     group_matrices: torch.Tensor | None   # [B, Hk, G, D, D]: H_g / T_g (first-order kinds)
     group_of_block: torch.Tensor | None   # int64 [NB]
@@ -176,7 +177,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def statistics(k: torch.Tensor, v: torch.Tensor, plan: StatisticsPlan) -> BlockStatistics:
-    """k̄_j, ΣV_j and (first-order kinds) ``H_g / T_g`` of ``k, v [B, Hk, T, D]``, on their device.
+    """k̄_j, v̄_j and (first-order kinds) ``H_g / T_g`` of ``k, v [B, Hk, T, D]``, on their device.
 
     ``H_g`` is summed from centred keys, ``(k_t - k̄_j)ᵀ v_t``, one ``[D, W] x [W, D]`` product
     per piece of at most :data:`PIECE_TOKENS` tokens of a group: O(T D²) per key head.
@@ -185,13 +186,14 @@ def statistics(k: torch.Tensor, v: torch.Tensor, plan: StatisticsPlan) -> BlockS
     keys, values = k.to(dtype), v.to(dtype)
     sizes = plan.sizes.to(dtype)
     key_means = _segment_sums(_gather(keys, plan.blocks).sum(dim=3), plan.blocks) / sizes[:, None]
-    value_sums = _segment_sums(_gather(values, plan.blocks).sum(dim=3), plan.blocks)
+    shares = values / sizes[plan.block_of_token][:, None]                  # v_t / |B_j|: the sums stay finite
+    value_means = _segment_sums(_gather(shares, plan.blocks).sum(dim=3), plan.blocks)
     matrices = None
     if plan.groups is not None:
         centred = _gather(keys - key_means[:, :, plan.block_of_token], plan.groups)
         per_piece = centred.transpose(-1, -2) @ _gather(values, plan.groups)           # [B, Hk, P, D, D]
         matrices = _segment_sums(per_piece, plan.groups) / plan.group_tokens.to(dtype)[:, None, None]
-    return BlockStatistics(key_means, value_sums, sizes, matrices, plan.group_of_block)
+    return BlockStatistics(key_means, value_means, sizes, matrices, plan.group_of_block)
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,7 @@ def approximate_into(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, stat
         shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         weights = torch.exp(scores - shift[..., None])                  # 0 on listed blocks
         mass = weights * stats.sizes
-        numerator = weights @ stats.value_sums                                                  # zeroth order
+        numerator = mass @ stats.value_means                                                    # zeroth order
         if groups == 1:
             numerator += (scale * mass.sum(dim=-1, keepdim=True)) * (queries @ matrices[:, :, 0])
         elif groups > 1:

@@ -368,6 +368,33 @@ def test_a_row_that_lists_every_block_ignores_sums_that_overflow(target):
     assert_matches(target.dtype, got[:, :, :8], to_float64(lse)[:, :, :8], ref_out[:, :, :8], ref_lse[:, :, :8])
 
 
+@pytest.mark.parametrize("kind", ["zeroth", "grouped-first-order:1"])
+def test_a_row_that_lists_a_block_whose_sums_overflow_and_approximates_others_matches_the_oracle(target, kind):
+    """Block 0's 64 values of +-1e37 sum past float32's range; rows that list it and approximate blocks 1 and 2
+    (ordinary values) are finite in dense attention and in the oracle. The value sums times block 0's zero weight
+    made them NaN (torch and Triton, every kind); the pass now weighs value means. One-block groups: a group matrix
+    over block 0 cancels terms of 1e37 (float32 keeps ~1e30 of them), and the row that lists the group drops it."""
+    if target.dtype not in ("float32", "float64"):
+        pytest.skip(f"{target.dtype}: values of 1e37 need float32's range")
+    rng = np.random.default_rng(37)
+    rows = np.zeros((1, 2, 3), dtype=bool)
+    rows[0, :, 0] = True                                    # both query blocks list block 0 only
+    mask = _mask(rows, np.array([0, 8, 16]), np.array([0, 64, 128, 150]), kind)
+    problems = target.capabilities.mask_problems(mask) + target.capabilities.tensor_problems(
+        target.dtype, 64, 1, 1, True, approximating=True)
+    if problems:
+        pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
+    q, k = rng.standard_normal((2, 1, 1, 150, 64))
+    q = q[:, :, :16]
+    v = rng.standard_normal((1, 1, 150, 64))
+    v[..., :64, 0], v[..., :64, 1] = 1e37, -1e37
+    args, (q64, k64, v64) = target.cast(q, k, v)
+    out, lse = sparsecore.compile(mask, device=target.device, backend=target.backend)(*args, return_lse=True)
+    ref_out, ref_lse = approximated_attention(q64, k64, v64, mask, default_scale(64, None))
+    assert np.isfinite(ref_out).all() and np.isfinite(to_float64(out)).all()
+    assert_matches(target.dtype, to_float64(out), to_float64(lse), ref_out, ref_lse)
+
+
 @pytest.mark.parametrize("kind", ["zeroth", "global-first-order", "grouped-first-order:2", "grouped-first-order:4"])
 @pytest.mark.parametrize("poison", [np.inf, -np.inf])
 def test_a_row_that_lists_a_whole_group_ignores_its_non_finite_statistics(target, kind, poison):

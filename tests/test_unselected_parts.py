@@ -31,8 +31,9 @@ def test_a_non_finite_first_token_stays_in_its_own_block(kind):
     with np.errstate(invalid="ignore"):                              # block 0's own terms are inf - inf
         mean_key, value_sum, _ = block_terms(k[0, 0], v[0, 0], offsets, unselected.kind, unselected.group_blocks)
     np.testing.assert_allclose(stats.key_means[0, 0, 1:].numpy(), mean_key[1:], rtol=1e-12)
-    np.testing.assert_allclose(stats.value_sums[0, 0, 1:].numpy(), value_sum[1:], rtol=1e-12)
-    assert all(np.isfinite(t[0, 0, 1:].numpy()).all() for t in (stats.key_means, stats.value_sums))
+    sizes = np.diff(offsets)[1:, None]
+    np.testing.assert_allclose(sizes * stats.value_means[0, 0, 1:].numpy(), value_sum[1:], rtol=1e-12)
+    assert all(np.isfinite(t[0, 0, 1:].numpy()).all() for t in (stats.key_means, stats.value_means))
 
 
 @pytest.mark.parametrize("piece_tokens", [3, 2048])
@@ -52,7 +53,8 @@ def test_statistics_match_the_token_level_terms(monkeypatch, kind, piece_tokens)
             mean_key, value_sum, h_hat = block_terms(k[b, h], v[b, h], offsets, unselected.kind,
                                                      unselected.group_blocks)
             np.testing.assert_allclose(stats.key_means[b, h].numpy(), mean_key, rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(stats.value_sums[b, h].numpy(), value_sum, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(sizes[:, None] * stats.value_means[b, h].numpy(), value_sum, rtol=1e-12,
+                                       atol=1e-12)
             if unselected.kind == "zeroth":
                 assert stats.group_matrices is None
                 continue
@@ -77,7 +79,8 @@ def test_one_wide_block_among_small_ones_is_cut_into_pieces(kind):
     for h in range(2):
         mean_key, value_sum, h_hat = block_terms(k[0, h], v[0, h], offsets, unselected.kind, unselected.group_blocks)
         np.testing.assert_allclose(stats.key_means[0, h].numpy(), mean_key, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(stats.value_sums[0, h].numpy(), value_sum, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sizes[:, None] * stats.value_means[0, h].numpy(), value_sum, rtol=1e-12,
+                                   atol=1e-12)
         if stats.group_matrices is not None:
             got = sizes[:, None, None] * stats.group_matrices[0, h][stats.group_of_block].numpy()
             np.testing.assert_allclose(got, h_hat, rtol=1e-10, atol=1e-12)

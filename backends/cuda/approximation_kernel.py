@@ -3,7 +3,7 @@
 Runs after the exact block-sparse kernel (:mod:`.triton_kernel`), which leaves each row's
 output and natural-log LSE over its listed blocks in ``Out`` / ``Lse``. One program takes
 ``BLOCK_M`` query rows of one head and batch element and walks every key block's summary
-(``k̄_j``, ``ΣV_j``, ``|B_j|``) in tiles of ``BLOCK_N`` blocks (a group is ``group_blocks``
+(``k̄_j``, ``v̄_j = ΣV_j / |B_j|``, ``|B_j|``) in tiles of ``BLOCK_N`` blocks (a group is ``group_blocks``
 consecutive blocks: all of them for the global kind, one group of the whole sequence for
 ``"zeroth"``). When a tile holds whole groups (``GROUPS_PER_TILE`` of them: PASA's 32-block
 groups in 32-block tiles) the walk is one flat loop, each tile adding its groups' first-order
@@ -14,19 +14,20 @@ of at most 32 blocks starting at multiples of their width, PASA's case) a row re
 at Wan 6x this took the grouped pass from 60.5 to 27.2 ms against a byte per block (H200, 2026-11-30).
 
 Online softmax in base 2, as the exact kernel: ``m`` the running max of ``s q·k̄_j``,
-``z = Σ |B_j| 2^(score - m)``, ``acc = Σ 2^(score - m) ΣV_j + first-order terms``; every
+``z = Σ |B_j| 2^(score - m)``, ``acc = Σ |B_j| 2^(score - m) v̄_j + first-order terms`` (means, not sums:
+a listed block's weight is 0, and 0 times a sum past float32's range was NaN); every
 quantity (also each group's running weight ``c``) is rescaled when ``m`` grows. Once a
 group's weight ``c`` is complete, its first-order term ``s c (q H_g / T_g)`` joins ``acc``, selected,
 not multiplied, by whether the row approximates a block of the group: ``c`` is 0 where it lists them
 all, and ``H_g`` NaN where a key of the group is infinite (a row that lists the group stays finite).
 Finally the rows merge with the exact part by log-sum-exp and overwrite ``Out`` / ``Lse``.
 
-Operands (:mod:`.approximation_launch` picks them per input dtype): the means have one dtype,
-the value sums and group matrices another; q is converted to each. For bf16 inputs all are
-bf16, for fp16 the means fp16 and the rest float32 (TF32 products: fp16's range a sum or a
-group matrix may exceed); 16-bit means go as ``hi + lo`` (``SPLIT_MEANS``: the mean enters the
-exponent, and two products carry it to about 2^-16 in bf16). float32 inputs: all float32
-(IEEE). Products accumulate in float32.
+Operands (:mod:`.approximation_launch` picks them per input dtype): the key means have one dtype,
+the value means and group matrices another; q is converted to each. For bf16 inputs all are
+bf16, for fp16 the key means fp16 and the rest float32 (TF32 products: fp16's range a group
+matrix may exceed, and the value means share its dtype); 16-bit key means go as ``hi + lo``
+(``SPLIT_MEANS``: the mean enters the exponent, and two products carry it to about 2^-16 in
+bf16). float32 inputs: all float32 (IEEE). Products accumulate in float32.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import triton.language as tl
 
 @triton.jit
 def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, stats, qk_scale,
-                  MeansHigh, MeansLow, ValueSums, Sizes,
+                  MeansHigh, MeansLow, ValueMeans, Sizes,
                   HEAD_DIM: tl.constexpr, SPLIT_MEANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   WORD_TILES: tl.constexpr):
     """One tile of block summaries: the new running max, the rescale ``alpha``, each unlisted block's weight
-    ``|B_j| 2^(score - m)`` (0 on listed blocks), ``acc`` rescaled plus ``Σ 2^(score - m) ΣV_j``, and which of the
+    ``|B_j| 2^(score - m)`` (0 on listed blocks), ``acc`` rescaled plus their products with ``v̄_j``, and which of the
     tile's blocks each row approximates (a weight of 0 does not say: an unlisted block's may underflow)."""
     at = (stats + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]                  # [N, D]
     score = tl.dot(q, tl.trans(tl.load(MeansHigh + at, mask=col_ok[:, None], other=0.0)),
@@ -60,14 +61,14 @@ def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, 
     alpha = tl.math.exp2(m_i - m_safe)                                          # 0 while nothing was seen
     p = tl.math.exp2(score - m_safe[:, None])                                   # 0 on listed blocks
     weights = p * tl.load(Sizes + offs_n, mask=col_ok, other=0.0)[None, :]
-    sums = tl.load(ValueSums + at, mask=col_ok[:, None], other=0.0)
-    acc = tl.dot(p.to(sums.dtype), sums, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    value_means = tl.load(ValueMeans + at, mask=col_ok[:, None], other=0.0)
+    acc = tl.dot(weights.to(value_means.dtype), value_means, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, alpha, weights, acc, approximated
 
 
 @triton.jit
 def approximate_unselected_fwd(
-        Q, Out, Lse, MeansHigh, MeansLow, ValueSums, Sizes, GroupMatrices, Listed, QBlock,
+        Q, Out, Lse, MeansHigh, MeansLow, ValueMeans, Sizes, GroupMatrices, Listed, QBlock,
         stride_qb, stride_qh, stride_qm,
         stride_ob, stride_oh, stride_om,
         stride_lb, stride_lh,
@@ -101,7 +102,7 @@ def approximate_unselected_fwd(
             offs_n = j0 + tl.arange(0, BLOCK_N)
             m_new, alpha, weights, acc, approximated = _summary_tile(
                 q, m_i, acc, listed_rows, row_ok, j0, offs_n, offs_n < num_kv_blocks, offs_d, stats, qk_scale,
-                MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
+                MeansHigh, MeansLow, ValueMeans, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
             z_i = z_i * alpha + tl.sum(weights, 1)
             member = tl.arange(0, BLOCK_N) // (BLOCK_N // GROUPS_PER_TILE)      # each column's group in the tile
             for gi in tl.static_range(GROUPS_PER_TILE):
@@ -123,7 +124,7 @@ def approximate_unselected_fwd(
                 offs_n = j0 + tl.arange(0, BLOCK_N)
                 m_new, alpha, weights, acc, approximated = _summary_tile(
                     q, m_i, acc, listed_rows, row_ok, j0, offs_n, offs_n < end, offs_d, stats, qk_scale,
-                    MeansHigh, MeansLow, ValueSums, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
+                    MeansHigh, MeansLow, ValueMeans, Sizes, HEAD_DIM, SPLIT_MEANS, DOT_PRECISION, WORD_TILES)
                 mass = tl.sum(weights, 1)
                 z_i = z_i * alpha + mass
                 c_i = c_i * alpha + mass

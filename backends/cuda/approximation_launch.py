@@ -1,7 +1,7 @@
 """Host side of the Triton approximation of unlisted key blocks: statistics, then one pass that merges in place.
 
 Per call: :func:`.statistics_kernel.block_statistics_fwd` reads k and v once for the block
-summaries (k̄_j, ΣV_j and the pieces of H_g), the pieces of each group are summed and divided
+summaries (k̄_j, v̄_j and the pieces of H_g), the pieces of each group are summed and divided
 by its tokens (torch, ``[G, D, D]`` per key head), then :func:`.approximation_kernel.approximate_unselected_fwd`
 runs over every (query tile, head, batch element), reading the exact kernel's output and LSE
 and overwriting them with the merged result. Per mask and device, once: the block boundaries,
@@ -31,10 +31,10 @@ from .triton_config import dot_precision
 
 # Operands of the pass's products per input dtype (float32 for the rest). The means enter the exponent: 16-bit
 # ones go as hi + lo (two products carry a mean to about 2^-16 in bf16, 2^-22 in fp16), where one TF32 product
-# of q and a mean put fp16 LSEs 2.1e-3 from the oracle. Value sums and group matrices: bf16 keeps float32's
-# range; fp16's could overflow, so they stay float32 (TF32 products) for fp16 inputs.
+# of q and a mean put fp16 LSEs 2.1e-3 from the oracle. Value means and group matrices: bf16 keeps float32's
+# range; fp16's group matrices could overflow, so both stay float32 (TF32 products) for fp16 inputs.
 MEANS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
-SUMS = {torch.bfloat16: torch.bfloat16}
+OPERANDS = {torch.bfloat16: torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ class _Statistics:
     means_high: torch.Tensor        # [B, Hk, NB, D] in the means' operand dtype (MEANS)
     means_low: torch.Tensor         # the remainder k̄ - hi when split, else means_high (unread)
     split: bool
-    value_sums: torch.Tensor        # [B, Hk, NB, D] in the sums' operand dtype (SUMS)
-    group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g, as the sums (first-order kinds; else unread)
+    value_means: torch.Tensor       # [B, Hk, NB, D]: v̄_j in the operand dtype (OPERANDS)
+    group_matrices: torch.Tensor    # [B, Hk, G, D, D]: H_g / T_g, as the value means (first-order kinds; else unread)
 
 
 class ApproximationLaunch:
@@ -117,27 +117,27 @@ class ApproximationLaunch:
     def statistics(self, k: torch.Tensor, v: torch.Tensor, plan: _DevicePlan) -> _Statistics:
         """The block summaries of ``k, v [B, Hk, T, D]`` (unit last stride) in the pass's operand dtypes."""
         batch, num_kv_heads, _, head_dim = k.shape
-        means, operand = MEANS.get(k.dtype, torch.float32), SUMS.get(k.dtype, torch.float32)
+        means, operand = MEANS.get(k.dtype, torch.float32), OPERANDS.get(k.dtype, torch.float32)
         split = means != torch.float32
         shape = (batch, num_kv_heads, self.mask.num_kv_blocks, head_dim)
         high = torch.empty(shape, dtype=means, device=k.device)
-        sums = torch.empty(shape, dtype=operand, device=k.device)
+        value_means = torch.empty(shape, dtype=operand, device=k.device)
         low = torch.empty_like(high) if split else high
         pieces = self.num_groups * self.pieces_per_group
         partials = torch.empty((batch, num_kv_heads, pieces, head_dim, head_dim) if self.first_order else (1,),
                                dtype=torch.float32, device=k.device)
         block_statistics_fwd[(pieces, num_kv_heads, batch)](
-            k, v, plan.kv_offsets, high, low, sums, partials,
+            k, v, plan.kv_offsets, high, low, value_means, partials,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             num_kv_heads, self.mask.num_kv_blocks, self.group_blocks, self.pieces_per_group, self.piece_blocks,
             HEAD_DIM=head_dim, BLOCK_T=64 if k.device.type == "cuda" else 16, FIRST_ORDER=self.first_order,
             SPLIT_MEANS=split, DOT_PRECISION=dot_precision(k.dtype), num_warps=8 if k.device.type == "cuda" else 4,
             num_stages=2 if k.element_size() == 4 else 3)  # float32 first-order: 135 KB at 3, over a 4090's 99 KB
-        matrices = sums
+        matrices = value_means
         if self.first_order:
             grouped = partials.view(batch, num_kv_heads, self.num_groups, self.pieces_per_group, head_dim, head_dim)
             matrices = (grouped.sum(dim=3) / plan.group_tokens[:, None, None]).to(operand)
-        return _Statistics(high, low, split, sums, matrices)
+        return _Statistics(high, low, split, value_means, matrices)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  scale: float) -> None:
@@ -150,7 +150,7 @@ class ApproximationLaunch:
         batch, num_heads, q_len, head_dim = q.shape
         num_kv_heads = k.shape[1]
         grid = (triton.cdiv(q_len, self.config_for(q.device).block_m), num_heads, batch)
-        args = (q, out, lse, stats.means_high, stats.means_low, stats.value_sums, plan.sizes,
+        args = (q, out, lse, stats.means_high, stats.means_low, stats.value_means, plan.sizes,
                 stats.group_matrices, listed, plan.q_block,
                 q.stride(0), q.stride(1), q.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
