@@ -7,11 +7,11 @@ for first-order kinds also the block's share of its group matrix, ``Σ_{t in B_j
 definition in :mod:`sparsecore.ir.unselected`), in the same walk as ``Σ k_tᵀ v_t - (Σ k_t)ᵀ v̄_j``:
 ``[D x T] x [T x D]`` products of the key and value tiles as loaded (16-bit products are exact in the float32
 accumulator), then the block's outer product subtracted in float32. The cancellation costs about
-``log2(|k̄| / spread)`` bits of float32's 24: far below bf16's rounding of the matrices, but visible where they stay float32 (fp16 and float32
-inputs): relative errors about 1e-6 / 1e-5 / 1e-4 at key means 6 / 60 / 600 times their spread, against about
-1e-7 for centred keys (a review's CPU check). At Wan 6x with PASA's groups (bf16, H200, 2026-12-01) this walk
-takes 1.64 ms where a second walk over centred keys took 2.78, and its matrices are as close to float64's
-(1.67e-3 against 1.72e-3, with keys sharing a mean three times their spread).
+``log2(|k̄| / spread)`` bits of float32's 24: far below bf16's rounding of the matrices, but visible where they stay
+float32 (fp16 and float32 inputs): relative errors about 1e-6 / 1e-5 / 1e-4 at key means 6 / 60 / 600 times their
+spread, against about 1e-7 for centred keys (a review's CPU check). At Wan 6x with PASA's groups (bf16, H200,
+2026-12-01) this walk takes 1.64 ms where a second walk over centred keys took 2.78, and its matrices are as close to
+float64's (1.67e-3 against 1.72e-3, with keys sharing a mean three times their spread).
 
 One program takes a *piece*: at most ``piece_blocks`` consecutive blocks inside one group
 (``pieces_per_group`` pieces per group, the last group's surplus pieces empty), and writes
