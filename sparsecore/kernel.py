@@ -40,7 +40,7 @@ from sparsecore.ir import BlockMask
 
 from . import compiled_call, kernel_cache
 from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
-from .launch_device import check_device_index, on_device_of, without_autocast
+from .launch_device import StreamOrder, check_device_index, on_device_of, without_autocast
 from .no_backward import inference_only
 from .registry import (Backend, Run, UnsupportedError, candidates, device_name, device_type, first_available,
                        generation)
@@ -68,6 +68,7 @@ class CompiledKernel:
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
         self.plans_on_host = False
         self.slot = compiled_call.register(self)   # how torch.compile's graphs find it (sparsecore.compiled_call)
+        self._streams = StreamOrder()             # calls on other streams wait for the copies that built plans
 
     @property
     def options(self) -> Hashable:
@@ -86,12 +87,11 @@ class CompiledKernel:
         try:                                # the call itself (what __call__ runs outside torch.compile)
             # Triton launches (and the lowerings place plans) on the current device; autocast stays outside
             with on_device_of(q), without_autocast(q):
-                run, scale, backend = self._run_for(q, k, v, scale, return_lse)    # this call's: a thread sharing
-                if backend.differentiable and self.mask.unselected.kind == "drop":   # the kernel sets self.backend
-                    out, lse = run(q, k, v, scale, return_lse)                       # (approximations merge in place)
-                else:
-                    out, lse = inference_only(f"backend {backend.name!r}",
-                                              lambda: run(q, k, v, scale, return_lse), q, k, v)
+                run, scale, backend, signature = self._run_for(q, k, v, scale, return_lse)  # this call's: a thread
+                call = lambda: run(q, k, v, scale, return_lse)  # noqa: E731  (sharing the kernel sets self.backend)
+                with self._streams.ordered((id(run), signature), q):       # (approximations merge in place)
+                    out, lse = call() if backend.differentiable and self.mask.unselected.kind == "drop" \
+                        else inference_only(f"backend {backend.name!r}", call, q, k, v)
         finally:
             self._submit_queued()           # after this call's own launch: a warm-up's work does not delay it
         return (out, lse) if return_lse else out
@@ -104,12 +104,11 @@ class CompiledKernel:
         return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:
-        """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in
-        host memory instead, copied to the device at each call: for a mask many layers call in turn, where the
-        device memory between calls matters more than one copy a call. Lowerings with such a mode
-        (``Backend.host_plans``; today ``fa4``) then also lower a host mask from the host, so no device copy of
-        its lists stays either (except where the lowering itself needs one: ``fa4``'s approximation pass); the
-        others keep theirs on the device."""
+        """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in host
+        memory instead, copied to the device at each call: for a mask many layers call in turn, where the device memory
+        between calls matters more than one copy a call. Lowerings with such a mode (``Backend.host_plans``; today
+        ``fa4``) then also lower a host mask from the host, so no device copy of its lists stays either (except where
+        the lowering itself needs one: ``fa4``'s approximation pass); the others keep theirs on the device."""
         self.plans_on_host = True
         for run in self._runs.values():
             if hasattr(run, "keep_plans_on_host"):          # runs lowered before: their plans move to the host
@@ -119,14 +118,15 @@ class CompiledKernel:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
         try:
             with on_device_of(q):
-                run, scale, _ = self._run_for(q, k, v, scale, return_lse)
+                run, scale, _, signature = self._run_for(q, k, v, scale, return_lse)
                 if hasattr(run, "prepare"):
-                    run.prepare(q, k, v, scale)
+                    with self._streams.ordered(("prepare", id(run), signature), q):  # the first call may build more
+                        run.prepare(q, k, v, scale)
         finally:
             self._submit_queued()
 
-    def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float, Backend]:
-        """The run, checked scale and backend of a call with these inputs (also left in ``self.backend``)."""
+    def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float, Backend, tuple]:
+        """The run, checked scale, backend (also left in ``self.backend``) and signature of a call with these inputs."""
         check_return_lse(return_lse)
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
@@ -144,7 +144,7 @@ class CompiledKernel:
             run = self._runs[run_key] = self._lowered(backend, options, q)
             kernel_cache.lowered(self)          # its plans may grow with the tokens (portable's)
         self.backend = backend
-        return run, scale, backend
+        return run, scale, backend, signature
 
     def _check_device(self, backend: Backend, shape: AttentionShape) -> None:
         problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None

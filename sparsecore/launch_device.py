@@ -1,4 +1,4 @@
-"""Kernels launch on the CUDA device of their inputs.
+"""Kernels launch on the CUDA device of their inputs, on the caller's stream, after the work that built their plans.
 
 Triton launches a kernel on the *current* CUDA device and its current stream (``JITFunction.run`` asks
 ``triton.runtime.driver.active.get_current_device()``), whatever device its tensor arguments are on.
@@ -11,12 +11,32 @@ A call's work done on another thread (:mod:`sparsecore.warmup`) goes on the call
 stream is ordered after the kernels that wrote its inputs. :func:`check_device_index` refuses, at ``compile()``,
 a device index this machine does not have; :func:`without_autocast` keeps an ambient ``torch.autocast`` out of
 a call.
+
+:class:`StreamOrder`: a kernel's calls on several CUDA streams, ordered after the work that built its device plans.
+
+A lowering builds what it keeps on the device between calls (Triton's tile schedules, FA4's converted lists,
+portable's chunks, the approximation's plans) at its first call for an input signature, or at ``prepare``, from
+host copies queued on that call's stream without waiting (:func:`sparsecore.ir.uploads.queued`). A later call on
+another stream (two pipelines sharing a cached kernel, each on its own stream) would launch before those copies
+land and read whatever the memory held. :class:`StreamOrder` records an event on the stream of each call that
+built, and a call on a stream that has not yet waited for the newest such event waits for it: on the device
+(nothing is read back), once per stream and build, so calls of a built kernel on two streams stay concurrent. A
+new event is recorded after its stream has waited for the one before, so waiting for the newest orders a stream
+after every build.
+
+When the kernel is dropped, its plans' memory goes back to the caching allocator's pool of the stream that built
+them, whose next allocation may take it while a call on another stream still reads it: so at that moment the
+streams that built wait for the work queued so far on every other stream that called. Nothing is ordered inside
+a CUDA graph capture (sparsecore refuses the calls that would copy there:
+:func:`sparsecore.ir.uploads.refuse_capture`), nor off CUDA.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import threading
+import weakref
+from typing import Any, Hashable, Iterator
 
 import torch
 
@@ -63,3 +83,59 @@ def check_device_index(device: str) -> None:
             and int(index) >= module.device_count():
         raise ValueError(f"device={device!r}: this machine has {module.device_count()} {kind} device(s), numbered "
                          f"from 0")
+
+
+class StreamOrder:
+    """Orders the calls of one kernel (see the module docstring); ``key``: what a call builds plans for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: set[Hashable] = set()
+        self._newest: dict[torch.device, tuple[Any, set]] = {}   # device -> (event, the streams ordered after it)
+        self._builders: dict[torch.device, set] = {}             # device -> streams that built plans
+        self._callers: dict[torch.device, set] = {}              # device -> streams that called
+        weakref.finalize(self, _release, self._builders, self._callers).atexit = False
+
+    @contextlib.contextmanager
+    def ordered(self, key: Hashable, tensor: Any) -> Iterator[None]:
+        """Around a call on ``tensor``'s device and the current stream, for inputs whose plans are ``key``'s."""
+        stream = caller_stream(tensor)
+        if stream is None or torch.cuda.is_current_stream_capturing():
+            yield
+            return
+        device = tensor.device
+        with self._lock:
+            self._wait_for_newest(device, stream)
+            self._callers.setdefault(device, set()).add(stream)
+        try:
+            yield
+        finally:
+            if key not in self._built:      # (also after a failed call: it may have queued some of the copies)
+                with self._lock:
+                    self._wait_for_newest(device, stream)      # another thread's build meanwhile comes first
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    self._newest[device] = (event, {stream})
+                    self._builders.setdefault(device, set()).add(stream)
+                    self._built.add(key)
+
+    def _wait_for_newest(self, device: torch.device, stream: Any) -> None:
+        found = self._newest.get(device)
+        if found is not None and stream not in found[1]:
+            stream.wait_event(found[0])
+            found[1].add(stream)
+
+
+def _release(builders: dict[torch.device, set], callers: dict[torch.device, set]) -> None:
+    """The kernel is gone: each stream that built plans waits for the work queued on the other streams that
+    called, before its next allocation can reuse the plans' memory."""
+    for device, built_on in builders.items():
+        called = callers.get(device, set())
+        if len(called) < 2:                     # one stream: its own order holds
+            continue
+        events = {caller: torch.cuda.Event() for caller in called}
+        for caller, event in events.items():
+            event.record(caller)
+        for builder in built_on:
+            for caller in called - {builder}:
+                builder.wait_event(events[caller])

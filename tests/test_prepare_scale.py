@@ -70,7 +70,7 @@ def test_a_flashinfer_launch_prepared_without_a_scale_plans_the_default_calls_wr
     mask = _mask(7)
     kernel = _compile(mask)
     (q, k, v), (q64, k64, v64) = _inputs(torch.float16, 10)
-    run, _, _ = kernel._run_for(q, k, v, None, False)
+    run = kernel._run_for(q, k, v, None, False)[0]
     run.prepare(q, k, v)
     assert [p["sm_scale"] for w in standin for p in w.plans] == [1 / np.sqrt(D)]
     out, lse = kernel(q, k, v, return_lse=True)

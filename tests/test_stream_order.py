@@ -1,0 +1,200 @@
+"""Calls of one kernel on several CUDA streams wait, on the device, for the copies that built its plans.
+
+The CPU tests drive :class:`sparsecore.launch_device.StreamOrder` with stand-in streams and events that log what
+would be queued; the GPU test builds a Triton (and, where it imports, FA4) kernel's plans behind a long sleep on
+one stream and calls it at once on another, against the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecore
+from sparsecore import BlockMask, launch_device
+from sparsecore.ir import Unselected
+from sparsecore.launch_device import StreamOrder
+
+from checks import assert_matches
+from oracle_unselected import approximated_attention
+
+
+CALLER_STREAM = launch_device.caller_stream
+
+
+class FakeStream:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def wait_event(self, event: "FakeEvent") -> None:
+        self.log.append(("wait", self.name, event.name))
+
+
+class FakeEvent:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def record(self, stream: FakeStream) -> None:
+        stream.log.append(("record", stream.name, self.name))
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """Streams ``a``, ``b``, ``c``, ``d`` sharing a log, events named ``e1``, ``e2``, ... in the order made;
+    ``use(name)`` makes a stream current. Orders the test dropped are released before the stand-ins go."""
+    log: list = []
+    found = {name: FakeStream(name, log) for name in "abcd"}
+    current = {"stream": found["a"]}
+    made = iter(range(1, 1000))
+    monkeypatch.setattr(launch_device, "caller_stream", lambda tensor: current["stream"])
+    monkeypatch.setattr(torch.cuda, "Event", lambda: FakeEvent(f"e{next(made)}"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    yield SimpleNamespace(log=log, use=lambda name: current.update(stream=found[name]))
+    gc.collect()
+
+
+TENSOR = SimpleNamespace(device=torch.device("cuda", 0))
+
+
+def call(order: StreamOrder, key, fail: bool = False) -> None:
+    with order.ordered(key, TENSOR):
+        if fail:
+            raise RuntimeError("the launch failed")
+
+
+def test_calls_on_the_stream_that_built_wait_for_nothing(streams):
+    order = StreamOrder()
+    for _ in range(3):
+        call(order, "plans")
+    assert streams.log == [("record", "a", "e1")]
+
+
+def test_another_stream_waits_once_for_the_build(streams):
+    order = StreamOrder()
+    call(order, "plans")
+    streams.use("b")
+    call(order, "plans")
+    call(order, "plans")
+    streams.use("a")
+    call(order, "plans")
+    assert streams.log == [("record", "a", "e1"), ("wait", "b", "e1")]
+
+
+def test_a_later_build_is_recorded_after_the_earlier_one(streams):
+    """c builds new plans after a's: it waits for a's event before recording its own, so d, waiting for the newest
+    only, is ordered after both builds."""
+    order = StreamOrder()
+    call(order, "float16 plans")
+    streams.use("c")
+    call(order, "bfloat16 plans")
+    streams.use("d")
+    call(order, "float16 plans")
+    assert streams.log == [("record", "a", "e1"), ("wait", "c", "e1"), ("record", "c", "e2"), ("wait", "d", "e2")]
+
+
+def test_a_failed_call_still_records_what_it_may_have_queued(streams):
+    order = StreamOrder()
+    with pytest.raises(RuntimeError, match="the launch failed"):
+        call(order, "plans", fail=True)
+    streams.use("b")
+    call(order, "plans")
+    assert streams.log == [("record", "a", "e1"), ("wait", "b", "e1")]
+
+
+def test_preparing_and_calling_record_separately(streams):
+    """``prepare`` may build part of the plans and the first call the rest: each records."""
+    order = StreamOrder()
+    call(order, ("prepare", "plans"))
+    call(order, "plans")
+    assert streams.log == [("record", "a", "e1"), ("record", "a", "e2")]
+
+
+def test_a_dropped_kernel_orders_its_builders_after_every_other_caller(streams):
+    order = StreamOrder()
+    call(order, "plans")
+    streams.use("b")
+    call(order, "plans")
+    del order
+    gc.collect()
+    assert streams.log[2:] == [("record", "a", "e2"), ("record", "b", "e3"), ("wait", "a", "e3")]
+
+
+def test_a_dropped_kernel_called_on_one_stream_queues_nothing(streams):
+    order = StreamOrder()
+    call(order, "plans")
+    del order
+    gc.collect()
+    assert streams.log == [("record", "a", "e1")]
+
+
+def test_inside_a_capture_nothing_is_ordered(streams, monkeypatch):
+    order = StreamOrder()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    call(order, "plans")
+    assert streams.log == []
+
+
+def test_off_cuda_nothing_is_ordered(streams, monkeypatch):
+    monkeypatch.setattr(launch_device, "caller_stream", CALLER_STREAM)       # the real one: None for a CPU tensor
+    order = StreamOrder()
+    with order.ordered("plans", torch.zeros(1)):
+        pass
+    assert streams.log == []
+
+
+CUDA_REASON = None if torch.cuda.is_available() else f"torch.cuda.is_available() is False in torch {torch.__version__}"
+
+
+def _backends() -> list[str]:
+    found = ["triton"]
+    if sparsecore.registered_backends()["fa4"].unavailable_reason("cuda") is None:
+        found.append("fa4")
+    return found
+
+
+def _mask(lists, offsets, unselected: str) -> BlockMask:
+    """A new mask object each time: a kernel compiled with ``cache=False`` is held by its mask."""
+    mask = BlockMask.from_lists(lists, offsets, offsets)
+    return BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, mask.budgets,
+                     mask.meta, Unselected.parse(unselected))
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=str(CUDA_REASON))
+@pytest.mark.parametrize("unselected", ["drop", "grouped-first-order:2"])
+def test_a_call_on_another_stream_reads_plans_built_behind_a_sleep(unselected):
+    """Stream a sleeps about a second, then the kernel's first call queues its plan copies behind the sleep; the
+    same kernel called at once on stream b must wait for them (its output checked against the oracle, its end
+    after a's sleep). Triton's and FA4's first calls read nothing back; portable's first call reads its row
+    lengths back, which waits for the sleep on the host, so it cannot show the race."""
+    rng = np.random.default_rng(45)
+    offsets = BlockMask.uniform_offsets(1000, 128)
+    blocks = len(offsets) - 1
+    lists = [[rng.choice(blocks, size=3, replace=False).tolist() for _ in range(blocks)] for _ in range(2)]
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 1000, 64))).to("cuda", torch.float16) for _ in range(3))
+    expected_out, expected_lse = approximated_attention(*(t.double().cpu().numpy() for t in (q, k, v)),
+                                                        _mask(lists, offsets, unselected), 64 ** -0.5)
+    for backend in _backends() if unselected == "drop" else ["triton"]:
+        warm = sparsecore.compile(_mask(lists, offsets, unselected), device="cuda", backend=backend, warmup="wait",
+                                  cache=False)
+        warm(q, k, v)                                    # compiles the kernels: the call under test only launches
+        torch.cuda.synchronize()
+        kernel = sparsecore.compile(_mask(lists, offsets, unselected), device="cuda", backend=backend, warmup="wait",
+                                    cache=False)
+        a, b = torch.cuda.Stream(), torch.cuda.Stream()
+        with torch.cuda.stream(a):
+            torch.cuda._sleep(2_000_000_000)            # about a second at 2 GHz
+            kernel(q, k, v)
+        with torch.cuda.stream(b):
+            out, lse = kernel(q, k, v, return_lse=True)
+            done = torch.cuda.Event()
+            done.record(b)
+        time.sleep(0.2)
+        assert not done.query(), f"{backend}: the call on stream b ended before stream a's plan copies"
+        torch.cuda.synchronize()
+        assert_matches("float16", out.double().cpu().numpy(), lse.double().cpu().numpy(), expected_out,
+                       expected_lse)
