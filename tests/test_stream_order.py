@@ -158,7 +158,7 @@ def _backends() -> list[str]:
 
 
 def _mask(lists, offsets, unselected: str) -> BlockMask:
-    """A new mask object each time: a kernel compiled with ``cache=False`` is held by its mask."""
+    """A new mask object each time: a device mask holds its own kernels."""
     mask = BlockMask.from_lists(lists, offsets, offsets)
     return BlockMask(mask.num_heads, mask.q_offsets, mask.kv_offsets, mask.indptr, mask.indices, mask.budgets,
                      mask.meta, Unselected.parse(unselected))
@@ -167,10 +167,11 @@ def _mask(lists, offsets, unselected: str) -> BlockMask:
 @pytest.mark.skipif(CUDA_REASON is not None, reason=str(CUDA_REASON))
 @pytest.mark.parametrize("unselected", ["drop", "grouped-first-order:2"])
 def test_a_call_on_another_stream_reads_plans_built_behind_a_sleep(unselected):
-    """Stream a sleeps about a second, then the kernel's first call queues its plan copies behind the sleep; the
-    same kernel called at once on stream b must wait for them (its output checked against the oracle, its end
-    after a's sleep). Triton's and FA4's first calls read nothing back; portable's first call reads its row
-    lengths back, which waits for the sleep on the host, so it cannot show the race."""
+    """Stream a sleeps about a second, then the kernel's first call builds its plans behind the sleep; the same
+    kernel called at once on stream b must wait for them (its output checked against the oracle, its end after a's
+    sleep). The mask is on the device beforehand: a host mask's upload, a pageable copy, would wait for the sleep
+    on the host. Triton's and FA4's first calls on a device mask read nothing back; portable's reads its row lengths
+    back, which waits for the sleep on the host, so it cannot show the race."""
     rng = np.random.default_rng(45)
     offsets = BlockMask.uniform_offsets(1000, 128)
     blocks = len(offsets) - 1
@@ -179,22 +180,20 @@ def test_a_call_on_another_stream_reads_plans_built_behind_a_sleep(unselected):
     expected_out, expected_lse = approximated_attention(*(t.double().cpu().numpy() for t in (q, k, v)),
                                                         _mask(lists, offsets, unselected), 64 ** -0.5)
     for backend in _backends() if unselected == "drop" else ["triton"]:
-        warm = sparsecore.compile(_mask(lists, offsets, unselected), device="cuda", backend=backend, warmup="wait",
-                                  cache=False)
-        warm(q, k, v)                                    # compiles the kernels: the call under test only launches
+        warm, kernel = (sparsecore.compile(_mask(lists, offsets, unselected).to("cuda"), device="cuda",
+                                           backend=backend, warmup="wait") for _ in range(2))
+        warm(q, k, v, return_lse=True)                   # compiles the kernels: the calls under test only launch
         torch.cuda.synchronize()
-        kernel = sparsecore.compile(_mask(lists, offsets, unselected), device="cuda", backend=backend, warmup="wait",
-                                    cache=False)
         a, b = torch.cuda.Stream(), torch.cuda.Stream()
         with torch.cuda.stream(a):
             torch.cuda._sleep(2_000_000_000)            # about a second at 2 GHz
-            kernel(q, k, v)
+            kernel(q, k, v, return_lse=True)
         with torch.cuda.stream(b):
             out, lse = kernel(q, k, v, return_lse=True)
             done = torch.cuda.Event()
             done.record(b)
         time.sleep(0.2)
-        assert not done.query(), f"{backend}: the call on stream b ended before stream a's plan copies"
+        assert not done.query(), f"{backend}: the call on stream b ended before stream a's plans were built"
         torch.cuda.synchronize()
         assert_matches("float16", out.double().cpu().numpy(), lse.double().cpu().numpy(), expected_out,
                        expected_lse)
