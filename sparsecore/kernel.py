@@ -87,9 +87,9 @@ class CompiledKernel:
         try:                                # the call itself (what __call__ runs outside torch.compile)
             # Triton launches (and the lowerings place plans) on the current device; autocast stays outside
             with on_device_of(q), without_autocast(q):
-                run, scale, backend, signature = self._run_for(q, k, v, scale, return_lse)  # this call's: a thread
+                run, scale, backend, plans = self._run_for(q, k, v, scale, return_lse)  # this call's: a thread
                 call = lambda: run(q, k, v, scale, return_lse)  # noqa: E731  (sharing the kernel sets self.backend)
-                with self._streams.ordered((id(run), signature), q):       # (approximations merge in place)
+                with self._streams.ordered(plans, q):                      # (approximations merge in place)
                     out, lse = call() if backend.differentiable and self.mask.unselected.kind == "drop" \
                         else inference_only(f"backend {backend.name!r}", call, q, k, v)
         finally:
@@ -118,15 +118,15 @@ class CompiledKernel:
         """Do everything a call with inputs like these would do before launching (choose, lower, plan)."""
         try:
             with on_device_of(q):
-                run, scale, _, signature = self._run_for(q, k, v, scale, return_lse)
+                run, scale, _, plans = self._run_for(q, k, v, scale, return_lse)
                 if hasattr(run, "prepare"):
-                    with self._streams.ordered(("prepare", id(run), signature), q):  # the first call may build more
+                    with self._streams.ordered(("prepare", *plans), q):     # the first call may build more
                         run.prepare(q, k, v, scale)
         finally:
             self._submit_queued()
 
     def _run_for(self, q: Any, k: Any, v: Any, scale: Any, return_lse: Any) -> tuple[Run, float, Backend, tuple]:
-        """The run, checked scale, backend (also left in ``self.backend``) and signature of a call with these inputs."""
+        """The run, scale, backend (also left in ``self.backend``) and key of its plans (``StreamOrder``) of a call."""
         check_return_lse(return_lse)
         shape = self._check_shape(q, k, v)
         scale = check_scale(scale, shape.head_dim)
@@ -144,7 +144,7 @@ class CompiledKernel:
             run = self._runs[run_key] = self._lowered(backend, options, q)
             kernel_cache.lowered(self)          # its plans may grow with the tokens (portable's)
         self.backend = backend
-        return run, scale, backend, signature
+        return run, scale, backend, (id(run), signature, scale, shape.batch)
 
     def _check_device(self, backend: Backend, shape: AttentionShape) -> None:
         problem = backend.tensor_device_problem(self.device, shape.device) if shape.device != "host" else None

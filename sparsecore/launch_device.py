@@ -15,14 +15,16 @@ a call.
 :class:`StreamOrder`: a kernel's calls on several CUDA streams, ordered after the work that built its device plans.
 
 A lowering builds what it keeps on the device between calls (Triton's tile schedules, FA4's converted lists,
-portable's chunks, the approximation's plans) at its first call for an input signature, or at ``prepare``, from
-host copies queued on that call's stream without waiting (:func:`sparsecore.ir.uploads.queued`). A later call on
-another stream (two pipelines sharing a cached kernel, each on its own stream) would launch before those copies
-land and read whatever the memory held. :class:`StreamOrder` records an event on the stream of each call that
-built, and a call on a stream that has not yet waited for the newest such event waits for it: on the device
-(nothing is read back), once per stream and build, so calls of a built kernel on two streams stay concurrent. A
-new event is recorded after its stream has waited for the one before, so waiting for the newest orders a stream
-after every build.
+portable's chunks, the approximation's plans, FlashInfer's plans) at its first call for an input signature, batch
+size and scale, or at ``prepare``, with device work and host copies queued on that call's stream without waiting
+(:func:`sparsecore.ir.uploads.queued`). A later call on another stream (two pipelines sharing a cached kernel, each
+on its own stream) would launch before that work ends and read whatever the memory held. :class:`StreamOrder`
+records an event on the stream of each call that is the first for its key (the run and those inputs), and a call
+on a stream that has not yet waited for the newest such event waits for it: on the device (nothing is read back),
+once per stream and build, so calls of a built kernel on two streams stay concurrent. A new event is recorded
+after its stream has waited for the one before, so waiting for the newest orders a stream after every build. Not
+covered: a plan a run drops and builds again for a key it has seen (FlashInfer keeps the plans of its
+``PLANS_KEPT`` most recent batch sizes and scales), and a build still in flight in another thread's call.
 
 When the kernel is dropped, its plans' memory goes back to the caching allocator's pool of the stream that built
 them, whose next allocation may take it while a call on another stream still reads it: so at that moment the
