@@ -139,9 +139,9 @@ class CompiledKernel:
             backend, options = self._meanwhile(signature, shape, backend, options, (q, k, v, scale, return_lse))
             self._check_device(backend, shape)
         run_key = (backend.name, str(getattr(q, "device", "host")))
-        run = self._runs.get(run_key)
-        if run is None:
-            run = self._runs[run_key] = self._lowered(backend, options, q)
+        if (run := self._runs.get(run_key)) is None:    # a lowering builds too (portable's chunks): recorded
+            with self._streams.ordered(("lowered", run_key), q):                # (one thread lowers, others wait)
+                run = self._runs.get(run_key) or self._runs.setdefault(run_key, self._lowered(backend, options, q))
             kernel_cache.lowered(self)          # its plans may grow with the tokens (portable's)
         self.backend = backend
         return run, scale, backend, (id(run), signature, scale, shape.batch)

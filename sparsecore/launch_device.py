@@ -15,16 +15,19 @@ a call.
 :class:`StreamOrder`: a kernel's calls on several CUDA streams, ordered after the work that built its device plans.
 
 A lowering builds what it keeps on the device between calls (Triton's tile schedules, FA4's converted lists,
-portable's chunks, the approximation's plans, FlashInfer's plans) at its first call for an input signature, batch
-size and scale, or at ``prepare``, with device work and host copies queued on that call's stream without waiting
-(:func:`sparsecore.ir.uploads.queued`). A later call on another stream (two pipelines sharing a cached kernel, each
-on its own stream) would launch before that work ends and read whatever the memory held. :class:`StreamOrder`
-records an event on the stream of each call that is the first for its key (the run and those inputs), and a call
-on a stream that has not yet waited for the newest such event waits for it: on the device (nothing is read back),
-once per stream and build, so calls of a built kernel on two streams stay concurrent. A new event is recorded
-after its stream has waited for the one before, so waiting for the newest orders a stream after every build. Not
-covered: a plan a run drops and builds again for a key it has seen (FlashInfer keeps the plans of its
-``PLANS_KEPT`` most recent batch sizes and scales), and a build still in flight in another thread's call.
+portable's chunks, the approximation's plans, FlashInfer's plans) when it lowers the mask and at its first call for
+an input signature, batch size and scale (or at ``prepare``), with device work and host copies queued on that call's
+stream without waiting (:func:`sparsecore.ir.uploads.queued`). A later call on another stream (two pipelines sharing a
+cached kernel, each on its own stream) would launch before that work ends and read whatever the memory held.
+:class:`StreamOrder` records an event on the stream of each call that is the first for its key (the run and those
+inputs; the lowering of a run has its own), and a call on a stream that has not yet waited for the newest such event
+waits for it: on the device (nothing is read back), once per stream and build, so calls of a built kernel on two
+streams stay concurrent. A call that may build holds a lock until its event is recorded, so that a call on another
+thread meanwhile waits for it on the host before it reads what it built; a failed call records its event but leaves
+its key unbuilt. A new event is recorded after its stream has waited for the one before, so waiting for the newest
+orders a stream after every build. Not covered: a plan a run drops and builds again for a key it has seen
+(FlashInfer keeps the plans of its ``PLANS_KEPT`` most recent batch sizes and scales), and memos shared by several
+kernels (a statistics plan, an upload): their first kernel's calls order them, other kernels' do not.
 
 When the kernel is dropped, its plans' memory goes back to the caching allocator's pool of the stream that built
 them, whose next allocation may take it while a call on another stream still reads it: so at that moment the
@@ -92,6 +95,7 @@ class StreamOrder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._building = threading.RLock()      # held by a call that may build: calls meanwhile wait for its event
         self._built: set[Hashable] = set()
         self._newest: dict[torch.device, tuple[Any, set]] = {}   # device -> (event, the streams ordered after it)
         self._builders: dict[torch.device, set] = {}             # device -> streams that built plans
@@ -100,32 +104,41 @@ class StreamOrder:
 
     @contextlib.contextmanager
     def ordered(self, key: Hashable, tensor: Any) -> Iterator[None]:
-        """Around a call on ``tensor``'s device and the current stream, for inputs whose plans are ``key``'s."""
+        """Around a call on ``tensor``'s device and the current stream, for inputs whose plans are ``key``'s. A call
+        whose key has not been built holds ``_building`` throughout, so that a call on another thread meanwhile (the
+        same key, or another one reading what this call builds) waits for it on the host, then for its event."""
         stream = caller_stream(tensor)
         if stream is None or torch.cuda.is_current_stream_capturing():
             yield
             return
-        device = tensor.device
-        with self._lock:
-            self._wait_for_newest(device, stream)
-            self._callers.setdefault(device, set()).add(stream)
-        try:
+        if key in self._built:                  # the per-call path: at most one wait, no lock held during the call
+            self._follow(tensor.device, stream)
             yield
-        finally:
-            if key not in self._built:      # (also after a failed call: it may have queued some of the copies)
-                with self._lock:
-                    self._wait_for_newest(device, stream)      # another thread's build meanwhile comes first
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    self._newest[device] = (event, {stream})
-                    self._builders.setdefault(device, set()).add(stream)
-                    self._built.add(key)
+            return
+        with self._building:
+            self._follow(tensor.device, stream)
+            succeeded = False
+            try:
+                yield
+                succeeded = True
+            finally:                            # a failed call may have queued some of the copies: recorded, and
+                if key not in self._built:      # the key stays unbuilt, so that the call that builds records again
+                    with self._lock:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        self._newest[tensor.device] = (event, {stream})
+                        self._builders.setdefault(tensor.device, set()).add(stream)
+                        if succeeded:
+                            self._built.add(key)
 
-    def _wait_for_newest(self, device: torch.device, stream: Any) -> None:
-        found = self._newest.get(device)
-        if found is not None and stream not in found[1]:
-            stream.wait_event(found[0])
-            found[1].add(stream)
+    def _follow(self, device: torch.device, stream: Any) -> None:
+        """``stream`` waits for the newest build's event (once) and counts as a caller."""
+        with self._lock:
+            found = self._newest.get(device)
+            if found is not None and stream not in found[1]:
+                stream.wait_event(found[0])
+                found[1].add(stream)
+            self._callers.setdefault(device, set()).add(stream)
 
 
 def _release(builders: dict[torch.device, set], callers: dict[torch.device, set]) -> None:
