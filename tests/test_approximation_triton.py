@@ -4,7 +4,7 @@ Runs on a GPU, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=
 does) inside the Triton backend's emulator; otherwise it skips with the backend's reason.
 The whole lowering is held to the oracle in ``test_unselected_match_oracle.py``; here the
 statistics are checked term by term (ragged blocks, groups cut into several programs), and
-the bf16 operand path (means as hi + lo, value sums and group matrices in 16 bits) is run on
+the bf16 operand path (means as hi + lo, value means and group matrices in 16 bits) is run on
 CPU with fp16 operands, since the interpreter's bf16 products are wrong.
 """
 

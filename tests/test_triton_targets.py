@@ -82,7 +82,7 @@ CASES = [
 ]
 
 # Cases that fail today (case id -> why): strict xfails, so mending one fails here until its entry goes. fp16's PASA
-# approximation at head dim 128 keeps its value sums and group matrices in float32 (TF32 products, for precision):
+# approximation at head dim 128 keeps its value means and group matrices in float32 (TF32 products, for precision):
 # no tile of the pass fits 99 KB, and the pass says so (a RuntimeError naming the remedy: approximation "drop").
 _NONE_FITS = "ApproximationLaunch.fitting finds no candidate within the target's shared memory (RuntimeError)"
 KNOWN_FAILURES = {
