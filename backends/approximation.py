@@ -186,8 +186,9 @@ def statistics(k: torch.Tensor, v: torch.Tensor, plan: StatisticsPlan) -> BlockS
     keys, values = k.to(dtype), v.to(dtype)
     sizes = plan.sizes.to(dtype)
     key_means = _segment_sums(_gather(keys, plan.blocks).sum(dim=3), plan.blocks) / sizes[:, None]
-    shares = values / sizes[plan.block_of_token][:, None]                  # v_t / |B_j|: the sums stay finite
-    value_means = _segment_sums(_gather(shares, plan.blocks).sum(dim=3), plan.blocks)
+    shares = _gather(values, plan.blocks)                # a new tensor: scaled in place to v_t / |B_j| (the sums stay
+    shares *= (1 / sizes)[plan.block_of_token][plan.blocks.tokens][..., None]     # finite; no second copy of v)
+    value_means = _segment_sums(shares.sum(dim=3), plan.blocks)
     matrices = None
     if plan.groups is not None:
         centred = _gather(keys - key_means[:, :, plan.block_of_token], plan.groups)

@@ -64,11 +64,11 @@ class CompiledKernel:
         self._ready: set[tuple] = set()   # (backend, tensor device, signature): warm (here or by a kernel of this
         #                                   geometry), or loaded in place
         self._queued: list[Warming] = []          # warm-ups to submit once this call has launched
+        self._streams = StreamOrder()   # before the runs: its finaliser's waits come before their plans are freed
         self._runs: dict[tuple, Run] = {}
         self.backend = choices[0][0]          # the mask's preferred backend; after a call, the one that ran
         self.plans_on_host = False
         self.slot = compiled_call.register(self)   # how torch.compile's graphs find it (sparsecore.compiled_call)
-        self._streams = StreamOrder()             # calls on other streams wait for the copies that built plans
 
     @property
     def options(self) -> Hashable:
@@ -104,11 +104,10 @@ class CompiledKernel:
         return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:
-        """Ask the lowerings to keep what they hold on the device between calls (converted lists, lookup tables) in host
-        memory instead, copied to the device at each call: for a mask many layers call in turn, where the device memory
-        between calls matters more than one copy a call. Lowerings with such a mode (``Backend.host_plans``; today
-        ``fa4``) then also lower a host mask from the host, so no device copy of its lists stays either (except where
-        the lowering itself needs one: ``fa4``'s approximation pass); the others keep theirs on the device."""
+        """Lowerings keep what they hold on the device between calls in host memory, copied to the device at each call:
+        for a mask many layers call in turn, where the device memory between calls matters more than a copy a call.
+        Lowerings with such a mode (``Backend.host_plans``: ``fa4``) also lower a host mask from the host, so no device
+        copy of its lists stays (``fa4``'s approximation pass keeps one); the others keep theirs on the device."""
         self.plans_on_host = True
         for run in self._runs.values():
             if hasattr(run, "keep_plans_on_host"):          # runs lowered before: their plans move to the host
@@ -141,7 +140,8 @@ class CompiledKernel:
         run_key = (backend.name, str(getattr(q, "device", "host")))
         if (run := self._runs.get(run_key)) is None:    # a lowering builds too (portable's chunks): recorded
             with self._streams.ordered(("lowered", run_key), q):                # (one thread lowers, others wait)
-                run = self._runs.get(run_key) or self._runs.setdefault(run_key, self._lowered(backend, options, q))
+                if (run := self._runs.get(run_key)) is None:
+                    run = self._runs[run_key] = self._lowered(backend, options, q)
             kernel_cache.lowered(self)          # its plans may grow with the tokens (portable's)
         self.backend = backend
         return run, scale, backend, (id(run), signature, scale, shape.batch)

@@ -108,11 +108,16 @@ class StreamOrder:
         whose key has not been built holds ``_building`` throughout, so that a call on another thread meanwhile (the
         same key, or another one reading what this call builds) waits for it on the host, then for its event."""
         stream = caller_stream(tensor)
-        if stream is None or torch.cuda.is_current_stream_capturing():
+        if stream is None:
             yield
             return
-        if key in self._built:                  # the per-call path: at most one wait, no lock held during the call
-            self._follow(tensor.device, stream)
+        if key in self._built:                  # the per-call path: no lock held during the call
+            found = self._newest.get(tensor.device)
+            if not (found is not None and stream in found[1]) and not torch.cuda.is_current_stream_capturing():
+                self._follow(tensor.device, stream)         # a stream new since the newest build: one wait
+            yield
+            return
+        if torch.cuda.is_current_stream_capturing():
             yield
             return
         with self._building:
