@@ -31,10 +31,13 @@ def uploaded(mask: "BlockMask", device: Any) -> "BlockMask":
         return mask
     key = str(device)
     if key not in mask.derived:
-        put = lambda a: (torch.from_numpy(np.array(a)) if mask.on_host else a).to(device)  # noqa: E731
+        # a host array is cast before its upload, a pageable copy that returns once it has landed: nothing of the
+        # memoized mask is left queued on this caller's stream for a kernel on another stream to read early
+        def put(a: Any, dtype: "torch.dtype") -> "torch.Tensor":
+            return (torch.from_numpy(np.array(a)).to(dtype) if mask.on_host else a).to(device, dtype)
         mask.derived[key] = carry_padding(type(mask).unchecked(
-            mask.num_heads, mask.q_offsets, mask.kv_offsets, put(mask.indptr).to(torch.int32),
-            put(mask.indices).to(torch.int32), put(mask.budgets).to(torch.float64), mask.meta, mask.unselected), mask)
+            mask.num_heads, mask.q_offsets, mask.kv_offsets, put(mask.indptr, torch.int32),
+            put(mask.indices, torch.int32), put(mask.budgets, torch.float64), mask.meta, mask.unselected), mask)
     return mask.derived[key]
 
 
