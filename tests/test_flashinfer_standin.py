@@ -32,6 +32,7 @@ from oracle import dense_attention, expand_to_tokens
 import sparsecore
 from sparsecore import BlockMask
 from sparsecore.backends.cuda import flashinfer_backend
+from sparsecore.ir.memo import LruMemo
 
 
 class StandInWrapper:
@@ -41,6 +42,7 @@ class StandInWrapper:
 
     def __init__(self, float_workspace_buffer: torch.Tensor, backend: str = "auto") -> None:
         assert float_workspace_buffer.dtype == torch.uint8 and backend in ("auto", "fa2", "fa3")
+        self.workspace = float_workspace_buffer
         self.plans: list[dict] = []
         self.nan_rows = 0                         # rows that kept no block, written as NaN by run()
         StandInWrapper.instances.append(self)
@@ -123,7 +125,7 @@ def standin(monkeypatch):
     module.BlockSparseAttentionWrapper = StandInWrapper
     monkeypatch.setitem(sys.modules, "flashinfer", module)
     monkeypatch.setattr(StandInWrapper, "instances", [])
-    monkeypatch.setattr(flashinfer_backend, "_WORKSPACES", {})
+    monkeypatch.setattr(flashinfer_backend, "_WORKSPACES", LruMemo(flashinfer_backend.WORKSPACES_KEPT))
     backend = sparsecore.registered_backends()["flashinfer"]
     if not torch.cuda.is_available():       # the stand-in passes the import check; only the CUDA one is left
         assert backend.unavailable_reason("cuda").startswith("torch.cuda.is_available() is False")
@@ -197,6 +199,26 @@ def test_a_plan_is_made_once_per_scale_and_batch_and_reused(standin):
     ref_out, ref_lse = dense_attention(q64[:1], k64[:1], v64[:1], tokens, 0.5)
     assert_matches("float16", out.double().numpy(), None, ref_out, ref_lse)
     assert sum(len(w.plans) for w in standin) == 3
+
+
+def test_calls_on_two_streams_plan_apart_over_their_own_workspaces(standin, monkeypatch):
+    """The wrapper's kernels may keep split rows' partial results in the float workspace, so two streams share
+    neither a plan nor a workspace; calls on one stream reuse both. (Stand-in streams: CPU tensors have none.)"""
+    current = {"stream": "stream a"}
+    monkeypatch.setattr(flashinfer_backend, "caller_stream", lambda q: current["stream"])
+    mask = _mask(8)
+    kernel = _compile(mask)
+    (q, k, v), (q64, k64, v64) = _inputs(torch.float16, 9)
+    ref_out, ref_lse = dense_attention(q64, k64, v64, expand_to_tokens(mask), D ** -0.5)
+    for stream in ("stream a", "stream b", "stream a", "stream b"):
+        current["stream"] = stream
+        out, lse = kernel(q, k, v, return_lse=True)
+        assert_matches("float16", out.double().numpy(), lse.numpy(), ref_out, ref_lse)
+    assert len(standin) == 2 and [len(w.plans) for w in standin] == [1, 1]
+    assert standin[0].workspace.data_ptr() != standin[1].workspace.data_ptr()
+    current["stream"] = "stream a"
+    kernel(q, k, v, scale=0.3)                      # a new plan on stream a: its workspace again
+    assert len(standin) == 3 and standin[2].workspace is standin[0].workspace
 
 
 def test_a_launch_keeps_only_its_most_recently_used_plans(standin):

@@ -18,8 +18,11 @@ H100 (2026-11-22, flashinfer 0.6.1) returned wrong outputs for R=2 and faulted f
 (bench/results/cuda-2026-11-22-runs/flashinfer-edge-shapes.log). FlashInfer returns
 a base-2 LSE; it is converted to natural log. Rows whose list is empty are set to
 output 0 and LSE -inf after the call (FlashInfer does not document what it writes
-there). Plans are built per (batch, dtype, head dim, scale) on first use and reused, the
-``PLANS_KEPT`` most recently used of them kept (a caller varying the scale must not pile them up);
+there). Plans are built per (batch, dtype, head dim, scale, stream) on first use and reused, the
+``PLANS_KEPT`` most recently used of them kept (a caller varying the scale must not pile them up).
+Each CUDA stream gets its own plans and float workspace: where the prefill kernels behind the wrapper split
+a row's keys, their partial outputs and LSEs live there (``batch_prefill_tmp_v`` / ``tmp_s``, FlashInfer's
+``PrefillPlan`` in include/flashinfer/attention/scheduler.cuh), so calls on two streams must not share one;
 the folded lists are built with torch ops on the device of the mask's lists
 (FlashInfer's ``plan()`` then reads its row pointers on the host, as its API requires).
 """
@@ -36,6 +39,7 @@ from sparsecore.capabilities import Capabilities
 from sparsecore.inputs import check_scale
 from sparsecore.ir import BlockMask
 from sparsecore.ir.memo import LruMemo
+from sparsecore.launch_device import caller_stream
 from sparsecore.registry import Backend, Run, UnsupportedError
 
 from .positive_scale import positive_scale, run_scale
@@ -44,8 +48,9 @@ MAX_ROWS = 32768  # block rows of one plan: 12 heads x 2,949 64-token blocks fai
 PLANS_KEPT = 4   # planned wrappers a launch keeps: a pipeline's calls vary the batch (CFG on and off), rarely more;
 #                  each holds an 8 MiB int workspace on the device, its pinned host copy and the folded lists
 #                  (BlockSparseAttentionWrapper.__init__ and plan() in flashinfer/sparse.py)
-WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace, shared by all plans on a device
-_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace, shared by the plans of a device and stream
+WORKSPACES_KEPT = 4          # (device, stream) workspaces kept for new plans (a plan holds its own)
+_WORKSPACES = LruMemo(WORKSPACES_KEPT)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class FlashInferBackend(Backend):
 
 
 class FoldedHeadsLaunch:
-    """Run function of one mask: plans per (batch, dtype, head dim, scale), then launches."""
+    """Run function of one mask: plans per (batch, dtype, head dim, scale, stream), then launches."""
 
     def __init__(self, mask: BlockMask, variant: str) -> None:
         self.mask = mask
@@ -115,16 +120,18 @@ class FoldedHeadsLaunch:
     def _wrapper(self, q: torch.Tensor, num_kv_heads: int, scale: float):
         """The planned wrapper of calls like this one: kept from an earlier call (now the most recently used), or
         planned here, evicting the least recently used past ``PLANS_KEPT``."""
-        key = (q.shape[0], num_kv_heads, q.dtype, q.shape[-1], scale, q.device)
-        return self._wrappers.get(key, lambda: self._planned(q, num_kv_heads, scale))
+        stream = caller_stream(q)                   # None off CUDA
+        key = (q.shape[0], num_kv_heads, q.dtype, q.shape[-1], scale, q.device, stream)
+        return self._wrappers.get(key, lambda: self._planned(q, num_kv_heads, scale, stream))
 
-    def _planned(self, q: torch.Tensor, num_kv_heads: int, scale: float):
-        """A new wrapper planned for calls like this one (heads folded into rows: the module docstring)."""
+    def _planned(self, q: torch.Tensor, num_kv_heads: int, scale: float, stream: torch.cuda.Stream | None):
+        """A new wrapper planned for calls like this one on ``stream`` (heads folded into rows: the module
+        docstring), over that stream's float workspace."""
         import flashinfer
         batch, num_heads, _, head_dim = q.shape
-        if q.device not in _WORKSPACES:
-            _WORKSPACES[q.device] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device)
-        wrapper = flashinfer.BlockSparseAttentionWrapper(_WORKSPACES[q.device], backend=self.variant)
+        workspace = _WORKSPACES.get((q.device, stream),
+                                    lambda: torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=q.device))
+        wrapper = flashinfer.BlockSparseAttentionWrapper(workspace, backend=self.variant)
         indptr, indices = self._folded_csr(batch, num_kv_heads)
         wrapper.plan(indptr, indices,
                      M=batch * num_heads * self.padded_q_len, N=batch * num_kv_heads * self.mask.kv_len,
