@@ -232,13 +232,16 @@ def cudnn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """torch's ``can_use_cudnn_attention`` on what :func:`dense_attention` hands
     ``_scaled_dot_product_cudnn_attention``: no mask, no dropout, not causal, and for GQA keys and values repeated to
     every query head (contiguous, as ``repeat_interleave`` gives them). The check reads shapes, strides, dtype and
-    device only, so a GQA call asks on an uninitialised stand-in of the repeated shape: no copy, no kernel, freed
-    before the repeat."""
+    device only, so a GQA call asks on a stand-in of the repeated shape: q itself where it has that shape, dtype and
+    contiguous strides (self-attention: nothing allocated, where an uninitialised stand-in took as much memory as
+    the repeated keys), else an uninitialised tensor freed before the repeat."""
     verdict = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
     if verdict is None:                   # a torch without it (pyproject allows 2.4): the facts checked stand
         return True
     if k.shape[1] != q.shape[1]:
-        k = v = torch.empty(k.shape[0], q.shape[1], *k.shape[2:], dtype=k.dtype, device=k.device)
+        shape = (k.shape[0], q.shape[1], *k.shape[2:])
+        same = q.shape == shape and q.dtype == k.dtype and q.is_contiguous()
+        k = v = q if same else torch.empty(shape, dtype=k.dtype, device=k.device)
     try:
         params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)     # enable_gqa False: repeated
     except TypeError:                     # torch 2.4's SDPAParams has no enable_gqa

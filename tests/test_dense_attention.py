@@ -334,6 +334,31 @@ def test_dense_impl_asks_torchs_cudnn_check_on_the_tensors_the_call_passes(monke
         assert (given.data_ptr() == original.data_ptr()) == (group == 1)          # MHA: the tensors themselves
 
 
+@pytest.mark.parametrize("q_len, contiguous, stand_in_is_q", [(40, True, True), (40, False, False),
+                                                                (24, True, False)])
+def test_a_gqa_check_asks_on_q_itself_where_it_has_the_repeated_keys_shape(monkeypatch, q_len, contiguous,
+                                                                           stand_in_is_q):
+    """Self-attention with GQA: q has the repeated keys' shape, dtype and (when contiguous) strides, so the check
+    asks on q and allocates nothing (an uninitialised stand-in took as much memory as the repeated keys); a
+    transposed q, or one of another length, gets the stand-in of the repeated shape as before."""
+    seen = []
+
+    def can_use_cudnn_attention(params, debug=False):
+        seen.append(params)
+        return True
+
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", can_use_cudnn_attention)
+    q, k, v = (t.to(torch.bfloat16) for t in inputs(group=2, heads=6, q_len=q_len, kv_len=40, dim=64))
+    if not contiguous:
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)
+    assert search.cudnn_takes(q, k, v)
+    (params,) = seen
+    repeated = k.repeat_interleave(2, dim=1)
+    for given in (params.key, params.value):
+        assert given.shape == repeated.shape and given.stride() == repeated.stride() and given.dtype == k.dtype
+        assert (given.data_ptr() == q.data_ptr()) == stand_in_is_q
+
+
 def test_the_cudnn_check_works_on_the_oldest_torch_pyproject_allows(monkeypatch):
     """pyproject allows torch 2.4, whose ``SDPAParams`` takes no ``enable_gqa`` (a TypeError at every search step's
     dense pass) and which may lack ``can_use_cudnn_attention`` (then the facts checked before it decide, as before)."""
