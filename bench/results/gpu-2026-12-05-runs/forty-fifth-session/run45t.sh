@@ -13,10 +13,10 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_stream_order.py 
 echo "stream-order rc=$?"; tail -3 $R/stream-order.log
 timeout 100 python3 $D/stream_order_before.py > $R/stream-order-before.log 2>&1; echo "before rc=$?"
 tail -4 $R/stream-order-before.log
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_unselected_match_oracle.py -k "overflow or 1e8" -rfE \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_unselected_match_oracle.py -k "overflow or 1e8" -rfE \
   > $R/unselected-cuda.log 2>&1; echo "unselected rc=$?"; tail -2 $R/unselected-cuda.log
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_approximation_triton.py tests/test_unselected_parts.py \
+timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_approximation_triton.py tests/test_unselected_parts.py \
   -rfE > $R/approximation-triton.log 2>&1; echo "approximation rc=$?"; tail -2 $R/approximation-triton.log
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dense_attention.py -k cudnn -rfE \
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_dense_attention.py -k cudnn -rfE \
   > $R/dense-cudnn.log 2>&1; echo "dense rc=$?"; tail -2 $R/dense-cudnn.log
 cd $OUT && tar czf run.tgz run && rm -rf run
