@@ -87,9 +87,9 @@ class CompiledKernel:
         try:                                # the call itself (what __call__ runs outside torch.compile)
             # Triton launches (and the lowerings place plans) on the current device; autocast stays outside
             with on_device_of(q), without_autocast(q):
-                run, scale, backend, plans = self._run_for(q, k, v, scale, return_lse)  # this call's: a thread
-                call = lambda: run(q, k, v, scale, return_lse)  # noqa: E731  (sharing the kernel sets self.backend)
-                with self._streams.ordered(plans, q):                      # (approximations merge in place)
+                run, scale, backend, plans = self._run_for(q, k, v, scale, return_lse)  # not self.backend: another
+                call = lambda: run(q, k, v, scale, return_lse)  # noqa: E731             # thread may set it meanwhile
+                with self._streams.ordered(plans, q):             # after another stream's build of these plans
                     out, lse = call() if backend.differentiable and self.mask.unselected.kind == "drop" \
                         else inference_only(f"backend {backend.name!r}", call, q, k, v)
         finally:
@@ -104,8 +104,8 @@ class CompiledKernel:
         return warmups.wait(timeout)
 
     def keep_plans_on_host(self) -> None:
-        """Lowerings keep what they hold on the device between calls in host memory, copied to the device at each call:
-        for a mask many layers call in turn, where the device memory between calls matters more than a copy a call.
+        """Have the lowerings keep what they hold on the device between calls in host memory, copied to the device at
+        each call: for a mask many layers call in turn, where the device memory between calls matters more than a copy.
         Lowerings with such a mode (``Backend.host_plans``: ``fa4``) also lower a host mask from the host, so no device
         copy of its lists stays (``fa4``'s approximation pass keeps one); the others keep theirs on the device."""
         self.plans_on_host = True
