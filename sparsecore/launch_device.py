@@ -25,10 +25,11 @@ waits for it: on the device (nothing is read back), once per stream and build, s
 streams stay concurrent. A call that may build holds a lock until its event is recorded, so that a call on another
 thread meanwhile waits for it on the host before it reads what it built; a failed call records its event but leaves
 its key unbuilt. A new event is recorded after its stream has waited for the one before, so waiting for the newest
-orders a stream after every build. Not covered: a plan a run drops and builds again for a key it has seen
-(FlashInfer keeps the plans of its ``PLANS_KEPT`` most recent batch sizes and scales). The memos that several kernels
-share (a host mask's device copy, a statistics plan, a cached upload) go up by pageable copies, which return once they
-have landed, so no kernel reads them early; but when one is dropped, its memory is not ordered after other streams.
+orders a stream after every build. A plan a run drops and builds again for a key it has seen would not be
+recorded; the one run that drops plans, FlashInfer's (its ``PLANS_KEPT`` most recent batch sizes and scales), keeps
+them per stream, so only the stream that built one reads it. The memos that several kernels share (a host mask's
+device copy, a statistics plan, a cached upload) go up by pageable copies, which return once they have landed, so
+no kernel reads them early; but when one is dropped, its memory is not ordered after other streams.
 
 When the kernel is dropped, its plans' memory goes back to the caching allocator's pool of the stream that built
 them, whose next allocation may take it while a call on another stream still reads it: so at that moment the
