@@ -42,6 +42,7 @@ import torch
 
 from sparsecore.ir import BlockMask, Unselected
 from sparsecore.ir.memo import LruMemo
+from sparsecore.ir.stream_readers import retire
 from sparsecore.ir.uploads import queued
 from sparsecore.partials import merge
 
@@ -145,9 +146,15 @@ class StatisticsPlan:
         return cls(_pieces(kv_offsets, device), put(sizes.astype(np.float64)),
                    put(np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)), groups, group_of, group_tokens)
 
+    def tensors(self) -> list[torch.Tensor | None]:
+        """Every tensor the plan holds (None where a kind has none)."""
+        pieces = [p for p in (self.blocks, self.groups) if p is not None]
+        return [t for p in pieces for t in (p.tokens, p.valid, p.members)] + [
+            self.sizes, self.block_of_token, self.group_of_block, self.group_tokens]
+
 
 PLAN_ENTRIES = 16
-_PLANS = LruMemo(PLAN_ENTRIES)          # shared by threads: compile() may warm up in one
+_PLANS = LruMemo(PLAN_ENTRIES, on_drop=lambda plan: retire(plan.tensors()))   # shared by threads and streams
 
 
 def clear_plans() -> None:

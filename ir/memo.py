@@ -4,7 +4,8 @@
 may share a compiled kernel: a memo read with ``get`` and then reordered with ``move_to_end`` in two steps raised
 ``KeyError`` when another thread evicted the key in between. Lookups, reordering and eviction happen under one lock
 here; the value is built outside it (a build may copy to a device), and of two threads that built the same key at
-once, both return the first stored.
+once, both return the first stored. Values that leave (evicted, replaced or cleared) go to ``on_drop``, outside the
+lock: a memo of device copies releases them there (:func:`.stream_readers.retire`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 class LruMemo:
     """At most ``entries`` values by key (:meth:`get`), least recently used evicted first; safe between threads."""
 
-    def __init__(self, entries: int) -> None:
+    def __init__(self, entries: int, on_drop: Callable[[Any], None] | None = None) -> None:
         self.entries = entries
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._on_drop = on_drop
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """The value kept for ``key`` (now the most recent), else ``build()``'s, kept."""
@@ -34,21 +36,36 @@ class LruMemo:
         with self._lock:
             found = self._items.setdefault(key, built)
             self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
+            dropped = self._evict()
+        self._drop(dropped)
         return found
 
     def put(self, key: Hashable, value: Any) -> None:
         """Keep ``value`` for ``key`` in place of what was kept (a session's newer plan for the same place)."""
         with self._lock:
+            replaced = self._items.get(key)
             self._items[key] = value
             self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
+            dropped = self._evict() + ([replaced] if replaced is not None and replaced is not value else [])
+        self._drop(dropped)
 
     def clear(self) -> None:
         with self._lock:
+            dropped = list(self._items.values())
             self._items.clear()
+        self._drop(dropped)
+
+    def _evict(self) -> list[Any]:
+        """Removes the least recently used values past ``entries`` (under the lock) and returns them."""
+        dropped = []
+        while len(self._items) > self.entries:
+            dropped.append(self._items.popitem(last=False)[1])
+        return dropped
+
+    def _drop(self, values: list[Any]) -> None:
+        if self._on_drop is not None:
+            for value in values:
+                self._on_drop(value)
 
     def __len__(self) -> int:
         return len(self._items)

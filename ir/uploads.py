@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from .memo import LruMemo
+from .stream_readers import retire
 
 CACHE_ENTRIES = 64
-_UPLOADS = LruMemo(CACHE_ENTRIES)       # shared by threads: a warm-up thread, callers sharing a kernel
+_UPLOADS = LruMemo(CACHE_ENTRIES, on_drop=lambda copy: retire([copy]))   # shared by threads and by streams
 
 
 def on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:

@@ -29,7 +29,8 @@ orders a stream after every build. A plan a run drops and builds again for a key
 recorded; the one run that drops plans, FlashInfer's (its ``PLANS_KEPT`` most recent batch sizes and scales), keeps
 them per stream, so only the stream that built one reads it. The memos that several kernels share (a host mask's
 device copy, a statistics plan, a cached upload) go up by pageable copies, which return once they have landed, so
-no kernel reads them early; but when one is dropped, its memory is not ordered after other streams.
+no kernel reads them early; one they drop is retired (:mod:`sparsecore.ir.stream_readers`): its memory is reused
+only after the work queued on every stream a call was ordered on (each is noted there).
 
 When the kernel is dropped, its plans' memory goes back to the caching allocator's pool of the stream that built
 them, whose next allocation may take it while a call on another stream still reads it: so at that moment the
@@ -46,6 +47,8 @@ import weakref
 from typing import Any, Hashable, Iterator
 
 import torch
+
+from sparsecore.ir.stream_readers import note_reader
 
 
 def on_device_of(tensor: Any) -> contextlib.AbstractContextManager[Any]:
@@ -146,6 +149,7 @@ class StreamOrder:
                 stream.wait_event(found[0])
                 found[1].add(stream)
             self._callers.setdefault(device, set()).add(stream)
+        note_reader(device, stream)
 
 
 def _release(builders: dict[torch.device, set], callers: dict[torch.device, set]) -> None:

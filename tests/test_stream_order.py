@@ -19,7 +19,7 @@ import torch
 
 import sparsecore
 from sparsecore import BlockMask, launch_device
-from sparsecore.ir import Unselected
+from sparsecore.ir import Unselected, stream_readers
 from sparsecore.launch_device import StreamOrder
 
 from checks import assert_matches
@@ -49,7 +49,8 @@ class FakeEvent:
 def streams(monkeypatch):
     """Streams ``a`` to ``d`` sharing a log, events named ``e1``, ``e2``, ... in the order made; ``use(name)`` makes a
     stream the calling thread's current one (``a`` where a thread chose none: each thread has its own, as CUDA's
-    do); ``launch()`` logs a launch on it. Orders the test dropped are released before the stand-ins go."""
+    do); ``launch()`` logs a launch on it. Orders the test dropped are released before the stand-ins go, and the
+    streams noted as readers are forgotten."""
     log: list = []
     lock = threading.Lock()
     found = {name: FakeStream(name, log) for name in "abcd"}
@@ -68,6 +69,7 @@ def streams(monkeypatch):
     yield SimpleNamespace(log=log, use=lambda name: setattr(local, "stream", found[name]),
                           launch=lambda: log.append(("launch", current(None).name)))
     gc.collect()
+    stream_readers.forget()             # the stand-ins noted as readers: a later real release must not mark them
 
 
 TENSOR = SimpleNamespace(device=torch.device("cuda", 0))

@@ -1,0 +1,152 @@
+"""A device copy that a shared memo drops is reused only after the work queued on every stream that called.
+
+CPU tests: :class:`sparsecore.ir.memo.LruMemo` hands what it evicts, replaces and clears to its ``on_drop``; the
+memos of uploads and of the approximation's statistics plans retire what they drop; :func:`retire` marks a CUDA
+tensor in use by each stream noted (stand-ins); :class:`StreamOrder` notes the streams it orders. The GPU test
+reads an upload on one stream behind a long sleep, drops it from the memo on another and writes that stream's next
+allocation of its size: the read must still see the upload.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecore import launch_device
+from sparsecore.backends import approximation
+from sparsecore.ir import Unselected, stream_readers, uploads
+from sparsecore.ir.memo import LruMemo
+from sparsecore.launch_device import StreamOrder
+
+
+@pytest.fixture(autouse=True)
+def no_streams_noted():
+    stream_readers.forget()
+    yield
+    stream_readers.forget()
+
+
+def test_a_memo_hands_what_it_evicts_replaces_and_clears_to_on_drop():
+    dropped = []
+    memo = LruMemo(2, on_drop=dropped.append)
+    for key in "abc":
+        memo.get(key, lambda key=key: key.upper())
+    assert dropped == ["A"]
+    memo.put("b", "B2")
+    memo.put("b", "B2")                 # the same value again: nothing leaves
+    assert dropped == ["A", "B"]
+    memo.clear()
+    assert sorted(dropped) == ["A", "B", "B2", "C"] and len(memo) == 0
+
+
+class StandIn:
+    """A CUDA tensor's stand-in that logs the streams it is marked in use by."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.is_cuda, self.device, self.marked = True, device, []
+
+    def record_stream(self, stream) -> None:
+        self.marked.append(stream.name)
+
+
+class Stream:
+    """A CUDA stream's stand-in: hashable by name and device, as torch's are by id and device."""
+
+    def __init__(self, name: str, index: int = 0) -> None:
+        self.name, self.device = name, torch.device("cuda", index)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Stream) and (self.name, self.device) == (other.name, other.device)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.device))
+
+    def wait_event(self, event) -> None:
+        pass
+
+
+stream = Stream
+
+
+def test_a_retired_cuda_tensor_is_marked_in_use_by_each_stream_of_its_device():
+    a, b, other = stream("a"), stream("b"), stream("c", index=1)
+    for each in (a, b, other, a):
+        stream_readers.note_reader(each.device, each)
+    tensor, host = StandIn(torch.device("cuda", 0)), torch.zeros(3)
+    stream_readers.retire([tensor, host, None])
+    assert tensor.marked == ["b", "a"]          # least recently noted first; cuda:1's stream not at all
+
+
+def test_only_the_last_streams_kept_are_remembered():
+    names = [f"s{i}" for i in range(stream_readers.STREAMS_KEPT + 3)]
+    for name in names:
+        stream_readers.note_reader(torch.device("cuda", 0), stream(name))
+    tensor = StandIn(torch.device("cuda", 0))
+    stream_readers.retire([tensor])
+    assert tensor.marked == names[3:]
+
+
+def test_the_uploads_memo_retires_the_copy_it_evicts(monkeypatch):
+    retired = []
+    monkeypatch.setattr(uploads, "retire", lambda tensors: retired.extend(tensors))
+    monkeypatch.setattr(uploads, "_UPLOADS", LruMemo(uploads.CACHE_ENTRIES, on_drop=uploads._UPLOADS._on_drop))
+    first = uploads.on_device(np.arange(3), "cpu")
+    for i in range(1, uploads.CACHE_ENTRIES + 1):
+        uploads.on_device(np.arange(3) + i, "cpu")
+    assert len(retired) == 1 and retired[0] is first
+
+
+def test_the_statistics_plans_memo_retires_every_tensor_of_the_plan_it_evicts(monkeypatch):
+    retired = []
+    monkeypatch.setattr(approximation, "retire", lambda tensors: retired.append(list(tensors)))
+    monkeypatch.setattr(approximation, "_PLANS",
+                        LruMemo(approximation.PLAN_ENTRIES, on_drop=approximation._PLANS._on_drop))
+    kind = Unselected("grouped-first-order", group_blocks=2)
+    plans = [approximation.StatisticsPlan.build(np.array([0, 3, 5 + i, 9 + i]), kind, torch.device("cpu"))
+             for i in range(approximation.PLAN_ENTRIES + 1)]
+    assert len(retired) == 1
+    held = plans[0].tensors()
+    assert len(held) == 10 and all(isinstance(t, torch.Tensor) for t in held)
+    assert [id(t) for t in retired[0]] == [id(t) for t in held]
+
+
+def test_stream_order_notes_each_stream_it_orders(monkeypatch):
+    noted = []
+    monkeypatch.setattr(launch_device, "note_reader", lambda device, stream: noted.append(stream))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Event", lambda: SimpleNamespace(record=lambda stream: None))
+    order, tensor = StreamOrder(), SimpleNamespace(device=torch.device("cuda", 0))
+    for now in (stream("a"), stream("a"), stream("b"), stream("b")):
+        monkeypatch.setattr(launch_device, "caller_stream", lambda tensor, now=now: now)
+        with order.ordered("key", tensor):
+            pass
+    assert [s.name for s in noted] == ["a", "b"]        # once each: later calls on a stream take the fast path
+
+
+CUDA_REASON = None if torch.cuda.is_available() else f"torch.cuda.is_available() is False in torch {torch.__version__}"
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=CUDA_REASON or "")
+def test_an_upload_dropped_while_another_stream_reads_it_keeps_its_memory_until_that_read():
+    torch.cuda.synchronize()
+    builder, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    for each in (builder, reader):
+        stream_readers.note_reader(each.device, each)
+    array = np.arange(1 << 18, dtype=np.float32)          # 1 MiB: one block of the caching allocator
+    uploads.clear()
+    with torch.cuda.stream(builder):
+        copy = uploads.on_device(array, "cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(reader):
+        torch.cuda._sleep(1_000_000_000)                    # about half a second at 2 GHz
+        read = copy * 1
+    del copy
+    uploads.clear()                                         # the memo drops the copy: no reference is left
+    with torch.cuda.stream(builder):
+        reused = torch.empty(array.shape, dtype=torch.float32, device="cuda")
+        reused.fill_(-1.0)                                  # queued on builder: runs during reader's sleep
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(read.cpu().numpy(), array)
