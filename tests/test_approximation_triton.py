@@ -52,7 +52,9 @@ def _mask(q_offsets, kv_offsets, heads: int, kind: str, seed: int) -> BlockMask:
 @given(offsets(ANY, "kv"), st.sampled_from(KINDS), st.sampled_from([1, 5, 2048]), st.integers(0, 2**32 - 1))
 def test_block_statistics_match_the_token_level_terms(triton_device, monkeypatch, kv_offsets, kind, piece_tokens, seed):
     """k̄_j, ΣV_j and Ĥ_j / |B_j| = H_g / T_g from the kernel, in float32, equal the float64 terms; a group
-    split over several programs (small ``piece_tokens``) sums to the same matrix."""
+    split over several programs (small ``piece_tokens``) sums to the same matrix. Ĥ_j's absolute bound follows the
+    size of the products it sums, not of Ĥ_j: groups of one-token blocks have Ĥ_j = 0 exactly, which float32 on
+    CUDA gives to about 1e-8 (H200, 2026-12-05)."""
     monkeypatch.setattr(approximation_launch, "PIECE_TOKENS", piece_tokens)
     mask = _mask([0, int(kv_offsets[-1])], kv_offsets, 2, kind, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +73,8 @@ def test_block_statistics_match_the_token_level_terms(triton_device, monkeypatch
             if mask.unselected.kind != "zeroth":
                 group = np.arange(mask.num_kv_blocks) // launch.group_blocks
                 got = sizes[:, None, None] * stats.group_matrices[b, h].cpu().double().numpy()[group]
-                np.testing.assert_allclose(got, h_hat, rtol=1e-4, atol=1e-4 * np.abs(h_hat).max())
+                products = sizes.max() * float(k[b, h].abs().max() * v[b, h].abs().max())   # a centred sum's terms
+                np.testing.assert_allclose(got, h_hat, rtol=1e-4, atol=1e-6 * products)      # (0 for one-token blocks)
 
 
 @pytest.mark.parametrize("kind", KINDS)
