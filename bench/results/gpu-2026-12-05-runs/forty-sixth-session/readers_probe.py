@@ -2,6 +2,8 @@
 allocator hands out, for the test's upload and for a tensor made on the stream directly, with and without
 ``record_stream``. Run from the repository root with PYTHONPATH=$PWD on a CUDA machine."""
 
+import os
+
 import numpy as np
 import torch
 
@@ -32,6 +34,8 @@ def case(name: str, make, record: bool) -> None:
           f"read intact={bool((read.cpu() >= 0).all())}")
 
 
+print({name: os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
+                                                 "CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_LAUNCH_BLOCKING")})
 array = np.arange(SIZE, dtype=np.float32)
 for record in (False, True):
     case("upload (on_device)", lambda: uploads.on_device(array, "cuda"), record)
