@@ -27,10 +27,11 @@ thread meanwhile waits for it on the host before it reads what it built; a faile
 its key unbuilt. A new event is recorded after its stream has waited for the one before, so waiting for the newest
 orders a stream after every build. A plan a run drops and builds again for a key it has seen would not be
 recorded; the one run that drops plans, FlashInfer's (its ``PLANS_KEPT`` most recent batch sizes and scales), keeps
-them per stream, so only the stream that built one reads it. The memos that several kernels share (a host mask's
-device copy, a statistics plan, a cached upload) go up by pageable copies, which return once they have landed, so
-no kernel reads them early; one they drop is retired (:mod:`sparsecore.ir.stream_readers`): its memory is reused
-only after the work queued on every stream a call was ordered on (each is noted there).
+them per stream, so only the stream that built one reads it. What several kernels share (a host mask's device copy,
+a statistics plan, a cached upload, a token order's indices) goes up by pageable copies, which return once they have
+landed, so no kernel reads it early. A copy that a memo or ``clear_cache`` drops is retired
+(:mod:`sparsecore.ir.stream_readers`): its memory is reused only after the work queued on every stream a call was
+ordered on (each is noted there). A host mask's device copy lives as long as the mask.
 
 When the kernel is dropped, its plans' memory goes back to the caching allocator's pool of the stream that built
 them, whose next allocation may take it while a call on another stream still reads it: so at that moment the

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsecore.ir.stream_readers import retire
 from sparsecore.ir.validation import check_int, frozen
 
 
@@ -23,12 +24,14 @@ _LIVE_LOCK = threading.Lock()      # a set that another thread adds to while it 
 
 
 def forget_device_copies() -> None:
-    """Drop every live order's device indices (:func:`sparsecore.clear_cache` calls it); the next gather uploads
-    again."""
+    """Drop every live order's device indices (:func:`sparsecore.clear_cache` calls it), retired for the streams
+    that may still read them (:func:`sparsecore.ir.stream_readers.retire`); the next gather uploads again."""
     with _LIVE_LOCK:
         orders = list(_LIVE)
     for order in orders:
+        copies = list(order._on_device.values())
         order._on_device.clear()
+        retire(copies)
 
 
 class TokenOrder:

@@ -2,20 +2,23 @@
 
 CPU tests: :class:`sparsecore.ir.memo.LruMemo` hands what it evicts, replaces and clears to its ``on_drop``; the
 memos of uploads and of the approximation's statistics plans retire what they drop; :func:`retire` marks a CUDA
-tensor in use by each stream noted (stand-ins); :class:`StreamOrder` notes the streams it orders. The GPU test
-reads an upload on one stream behind a long sleep, drops it from the memo on another and writes that stream's next
-allocation of its size: the read must still see the upload.
+tensor in use by each stream noted, then and later while it lives (stand-ins); :class:`StreamOrder` notes the
+streams it orders. The GPU test reads an upload on one stream behind a long sleep, drops it from the memo and
+allocates its size on the stream that uploaded it while the read is still queued: that allocation must not take
+the upload's memory, and the read must see the upload.
 """
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from sparsecore import launch_device
+import sparsecore
+from sparsecore import launch_device, ordering
 from sparsecore.backends import approximation
 from sparsecore.ir import Unselected, stream_readers, uploads
 from sparsecore.ir.memo import LruMemo
@@ -77,16 +80,30 @@ def test_a_retired_cuda_tensor_is_marked_in_use_by_each_stream_of_its_device():
         stream_readers.note_reader(each.device, each)
     tensor, host = StandIn(torch.device("cuda", 0)), torch.zeros(3)
     stream_readers.retire([tensor, host, None])
-    assert tensor.marked == ["b", "a"]          # least recently noted first; cuda:1's stream not at all
+    assert tensor.marked == ["a", "b"]          # in the order first noted; cuda:1's stream not at all
 
 
-def test_only_the_last_streams_kept_are_remembered():
-    names = [f"s{i}" for i in range(stream_readers.STREAMS_KEPT + 3)]
+def test_a_retired_tensor_still_alive_is_marked_for_each_stream_noted_later_and_a_dead_one_is_forgotten():
+    kept, dropped = StandIn(torch.device("cuda", 0)), StandIn(torch.device("cuda", 0))
+    stream_readers.note_reader(torch.device("cuda", 0), stream("a"))
+    stream_readers.retire([kept, dropped, kept])            # twice: one entry
+    del dropped
+    gc.collect()
+    stream_readers.note_reader(torch.device("cuda", 0), stream("b"))
+    stream_readers.note_reader(torch.device("cuda", 0), stream("b"))      # noted before: nothing again
+    stream_readers.note_reader(torch.device("cuda", 1), stream("c", index=1))
+    assert kept.marked == ["a", "a", "b"]
+    assert len(stream_readers._retired[torch.device("cuda", 0)]) == 1
+
+
+def test_every_stream_noted_is_kept():
+    names = [f"s{i}" for i in range(100)]
     for name in names:
         stream_readers.note_reader(torch.device("cuda", 0), stream(name))
+    stream_readers.note_reader(torch.device("cuda", 0), stream("s0"))      # noted first and again: kept once
     tensor = StandIn(torch.device("cuda", 0))
     stream_readers.retire([tensor])
-    assert tensor.marked == names[3:]
+    assert tensor.marked == names
 
 
 def test_the_uploads_memo_retires_the_copy_it_evicts(monkeypatch):
@@ -113,6 +130,15 @@ def test_the_statistics_plans_memo_retires_every_tensor_of_the_plan_it_evicts(mo
     assert [id(t) for t in retired[0]] == [id(t) for t in held]
 
 
+def test_clear_cache_retires_the_token_orders_device_indices(monkeypatch):
+    retired = []
+    monkeypatch.setattr(ordering, "retire", lambda tensors: retired.extend(tensors))
+    order = ordering.TokenOrder(np.array([2, 0, 1]), "test")
+    index = order.device_index("cpu", 5)
+    sparsecore.clear_cache()
+    assert any(found is index for found in retired) and not order._on_device
+
+
 def test_stream_order_notes_each_stream_it_orders(monkeypatch):
     noted = []
     monkeypatch.setattr(launch_device, "note_reader", lambda device, stream: noted.append(stream))
@@ -131,22 +157,39 @@ CUDA_REASON = None if torch.cuda.is_available() else f"torch.cuda.is_available()
 
 @pytest.mark.skipif(CUDA_REASON is not None, reason=CUDA_REASON or "")
 def test_an_upload_dropped_while_another_stream_reads_it_keeps_its_memory_until_that_read():
-    torch.cuda.synchronize()
+    """The allocator's choice is checked while the read is still queued (shown by its event), not raced: a first
+    launch may load its kernel lazily and synchronize the device, which ran the reader's read before the builder's
+    write in the first version of this test (H200, 2026-12-05: it passed with the memo retiring nothing)."""
+    size = 1 << 18                          # float32: 1 MiB, half of a 2 MiB segment of the allocator's small pool
     builder, reader = torch.cuda.Stream(), torch.cuda.Stream()
     for each in (builder, reader):
         stream_readers.note_reader(each.device, each)
-    array = np.arange(1 << 18, dtype=np.float32)          # 1 MiB: one block of the caching allocator
+    for each in (builder, reader):          # every kernel launched below, loaded now
+        with torch.cuda.stream(each):
+            torch.cuda._sleep(1)
+            (torch.ones(size, device="cuda") * 1).fill_(-1.0)
     uploads.clear()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()                # builder's pool is empty: the upload takes a new segment's first half
+    array = np.arange(size, dtype=np.float32)
     with torch.cuda.stream(builder):
         copy = uploads.on_device(array, "cuda")
+    start, end = copy.data_ptr(), copy.data_ptr() + copy.nbytes
     torch.cuda.synchronize()
     with torch.cuda.stream(reader):
-        torch.cuda._sleep(1_000_000_000)                    # about half a second at 2 GHz
+        torch.cuda._sleep(1_000_000_000)    # about half a second at 2 GHz
         read = copy * 1
+        read_done = torch.cuda.Event()
+        read_done.record(reader)
     del copy
-    uploads.clear()                                         # the memo drops the copy: no reference is left
+    uploads.clear()                         # the memo drops the copy: no reference is left
     with torch.cuda.stream(builder):
-        reused = torch.empty(array.shape, dtype=torch.float32, device="cuda")
-        reused.fill_(-1.0)                                  # queued on builder: runs during reader's sleep
+        reused = torch.empty(size, dtype=torch.float32, device="cuda")     # the best fit in builder's pool
+        reused.fill_(-1.0)
+    pending = not read_done.query()
     torch.cuda.synchronize()
+    assert pending, "the read had run before the builder's allocation: the test checked nothing"
+    assert not (reused.data_ptr() < end and start < reused.data_ptr() + reused.nbytes), \
+        "the builder's next allocation took the dropped upload's memory while another stream's read was queued"
     np.testing.assert_array_equal(read.cpu().numpy(), array)
