@@ -1,16 +1,16 @@
 """The CUDA streams that have called sparsecore's kernels, and the release of shared device copies they may read.
 
-A memo that several kernels share (:func:`.uploads.on_device`'s copies, the approximation's statistics plans) keeps
-tensors allocated on the stream of the call that built them. When it drops one, PyTorch's caching allocator hands
-that memory to the next allocation on that stream, while a kernel queued on another stream may still read it: that
-kernel would read what the new owner writes. :func:`retire` marks a dropped tensor as in use by every stream noted
-on its device (``Tensor.record_stream``). The allocator then records an event on each of them when the memory is
-really freed (a kernel may still hold the tensor) and reuses the memory once those events have passed: nothing
-waits on the host. A retired tensor still alive is marked again for each stream noted later (a kernel that holds a
-dropped plan, called on a new stream). :func:`note_reader` is told of each stream a kernel is called on
-(:class:`sparsecore.launch_device.StreamOrder`). Every stream noted is kept: PyTorch's own streams are a fixed pool;
-a ``torch.cuda.ExternalStream`` that called must outlive the tensors retired after it (the allocator records on it
-at their free).
+A memo that several kernels share (:func:`.uploads.on_device`'s copies, the approximation's statistics plans; token
+orders' indices, which ``clear_cache`` drops) keeps tensors allocated on the stream of the call that built them.
+When it drops one, PyTorch's caching allocator hands that memory to the next allocation on that stream, while a
+kernel queued on another stream may still read it: that kernel would read what the new owner writes. :func:`retire`
+marks a dropped tensor as in use by every stream noted on its device (``Tensor.record_stream``). The allocator then
+records an event on each of them when the memory is really freed (a kernel may still hold the tensor) and reuses
+the memory once those events have passed: nothing waits on the host. A retired tensor still alive is marked again
+for each stream noted later (a kernel that holds a dropped plan, called on a new stream). :func:`note_reader` is
+told of each stream a kernel is called on (:class:`sparsecore.launch_device.StreamOrder`). Every stream noted is
+kept: PyTorch's own streams are a fixed pool; a ``torch.cuda.ExternalStream`` that called must outlive the tensors
+retired after it (the allocator records on it at their free).
 """
 
 from __future__ import annotations
