@@ -9,8 +9,8 @@ records an event on each of them when the memory is really freed (a kernel may s
 the memory once those events have passed: nothing waits on the host. A retired tensor still alive is marked again
 for each stream noted later (a kernel that holds a dropped plan, called on a new stream). :func:`note_reader` is
 told of each stream a kernel is called on (:class:`sparsecore.launch_device.StreamOrder`). Every stream noted is
-kept: PyTorch's own streams are a fixed pool; a ``torch.cuda.ExternalStream`` that called must outlive the tensors
-retired after it (the allocator records on it at their free).
+kept: PyTorch's own streams are a fixed pool; a ``torch.cuda.ExternalStream`` that called must stay valid as long
+as sparsecore may drop shared copies, in practice the process (the allocator records events on it at their free).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def note_reader(device: torch.device, stream: Any) -> None:
         if stream in kept:
             return
         kept[stream] = None
-        alive = [found for found in (ref() for ref in _retired.get(device, {}).values()) if found is not None]
+        refs = list(_retired.get(device, {}).values())      # a copy: a callback run here may delete entries
+        alive = [found for found in (ref() for ref in refs) if found is not None]
     for tensor in alive:
         tensor.record_stream(stream)
 
@@ -52,7 +53,7 @@ def retire(tensors: Iterable[Any]) -> None:
             key = id(tensor)
             if key not in alive or alive[key]() is not tensor:
                 alive[key] = weakref.ref(tensor, lambda ref, alive=alive, key=key: _forget(alive, key, ref))
-        for stream in streams:              # the allocating stream's own order holds: PyTorch skips it
+        for stream in streams:              # the allocating stream's own order holds (the native allocator skips it)
             tensor.record_stream(stream)
 
 

@@ -29,9 +29,11 @@ def forget_device_copies() -> None:
     with _LIVE_LOCK:
         orders = list(_LIVE)
     for order in orders:
-        copies = list(order._on_device.values())
-        order._on_device.clear()
-        retire(copies)
+        while order._on_device:             # one at a time: a copy another thread adds meanwhile is retired too
+            try:
+                retire([order._on_device.popitem()[1]])
+            except KeyError:                # another thread emptied it first
+                break
 
 
 class TokenOrder:
