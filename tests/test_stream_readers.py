@@ -96,6 +96,24 @@ def test_a_retired_tensor_still_alive_is_marked_for_each_stream_noted_later_and_
     assert len(stream_readers._retired[torch.device("cuda", 0)]) == 1
 
 
+def test_noting_a_stream_survives_a_retired_tensor_dying_meanwhile():
+    """A retired tensor's weakref callback (the garbage collector freeing it, in this thread, under the re-entrant
+    lock) may delete entries while a new stream is noted: the stand-in ref deletes one as the noting reads it."""
+    device = torch.device("cuda", 0)
+    first, second = StandIn(device), StandIn(device)
+    stream_readers.retire([first, second])
+    alive = stream_readers._retired[device]
+    doomed = next(iter(alive))
+    real = alive[doomed]
+
+    def dying():
+        alive.pop(doomed, None)
+        return real()
+    alive[doomed] = dying
+    stream_readers.note_reader(device, stream("late"))
+    assert first.marked == ["late"] and second.marked == ["late"]
+
+
 def test_every_stream_noted_is_kept():
     names = [f"s{i}" for i in range(100)]
     for name in names:
