@@ -105,6 +105,21 @@ def test_lvsa_refuses_what_it_cannot_plan_before_a_step_runs():
     assert lvsa.session(num_steps=50, anchor_rule="paper", window=3, reference_frames=8).params.window == 3
 
 
+def test_lvsa_frame_counts_past_any_video_are_refused_at_the_session_naming_the_field():
+    """Frame counts larger than any video: they were accepted, and the first step's arithmetic broke with a bare
+    OverflowError naming no field ('Python int too large to convert to C long' for anchor_interval=2**63, 'int too
+    large to convert to float' for reference_frames=10**400, 'integer division result too large for a float' for
+    window=10**400). A scale that makes C cover every video is dense, as under the auto rule (the paper rule's check
+    raised 'cannot convert float infinity to integer')."""
+    geometry = VideoGeometry(30, 2, 2)
+    for name, value in (("window", 10**400), ("reference_frames", 10**400), ("anchor_interval", 2**63),
+                        ("anchor_interval", 10**400)):
+        refused(lambda: lvsa.session(num_steps=50, **{name: value}).action(geometry, 1), name, types=(ValueError,))
+    assert lvsa.session(num_steps=50, anchor_interval=2**31 - 1).plan(geometry, 1, step=1).meta["anchors"] == (0, 1)
+    for rule in ("auto", "paper"):
+        assert lvsa.session(num_steps=50, anchor_rule=rule, sparsity_scale=1e308).action(geometry, 1).dense
+
+
 def test_session_relations_and_profiles():
     refused(lambda: adaspa.session(num_steps=20, search_steps=(10, 30)), "search_steps")
     refused(lambda: adaspa.session(num_steps=50, warmup_steps=20, search_steps=(10,)), "search_steps")

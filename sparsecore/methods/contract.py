@@ -25,7 +25,7 @@ from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from sparsecore.geometry import VideoGeometry
+from sparsecore.geometry import MAX_TOKENS, VideoGeometry
 from sparsecore.inputs import SCALE_MAX
 from sparsecore.ordering import TokenOrder
 from sparsecore.ir import BlockMask
@@ -163,6 +163,21 @@ def fixed_block_offsets(geometry: VideoGeometry, num_heads: int, block_size: int
                          f"{num_heads} heads x {blocks:,}^2 block pairs exceed the int32 index limit {INDEX_LIMIT:,}; "
                          f"use larger blocks or plan fewer heads at a time (heads=HeadShard(...))")
     return geometry.block_offsets(block_size)
+
+
+FRAMES_LIMIT = MAX_TOKENS    # latent frames a geometry has at most: a frame count past it covers any video
+
+
+def check_frame_count(value: Any, field: str, minimum: int = 1) -> int:
+    """A count of latent frames (a window, a budget, an interval), at least ``minimum`` and at most
+    :data:`FRAMES_LIMIT`: past any video it means the whole video, and past int64 or a float's range the plan's
+    arithmetic overflowed at the first step with a bare OverflowError naming no field."""
+    value = check_int(value, field, minimum)
+    if value > FRAMES_LIMIT:
+        raise ValueError(f"{field}: expected at most {FRAMES_LIMIT:,} latent frames (more than a video can have; "
+                         f"past a video's frames any value acts as the whole video), got an int of "
+                         f"{value.bit_length()} bits")
+    return value
 
 
 def check_layer(layer: Any) -> int | None:
