@@ -98,6 +98,18 @@ def test_bad_parameters_name_the_field(bad, match):
         nabla.session(10, **bad)
 
 
+def test_a_window_past_any_grid_is_refused_at_the_session_naming_the_field():
+    """A window of 10**30 blocks was accepted, and the first plan broke in the window map's torch comparison with a bare
+    'OverflowError: int too big to convert'; any window past a grid covers it, so one as wide as a geometry can be
+    still plans (every block, here)."""
+    with pytest.raises(ValueError, match=r"window\[0\]"):
+        nabla.session(10, window=(10**30, 3, 3))
+    geometry = VideoGeometry(2, 8, 16)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, geometry.tokens, 8, generator=gen) for _ in range(2))
+    assert nabla.plan(geometry, 2, q=q, k=k, window=(2**31 - 1,) * 3).density() == 1.0
+
+
 @pytest.mark.parametrize("geometry, match", [
     (VideoGeometry(2, 12, 16), "divisible by 8"), (VideoGeometry(2, 8, 8, text_tokens=64), "text tokens"),
     (VideoGeometry(2, 8, 8, causal_frames=1), "causal")])
