@@ -234,3 +234,19 @@ def test_session_steps_beyond_the_run():
         session = MODULES[method].session(num_steps=12, **({"search_steps": (10,)} if method == "adaspa" else {}))
         refused(lambda: session.plan(G, HEADS, step=12), "step")
         refused(lambda: session.action(G, -1), "step")
+
+
+def test_one_off_plans_at_a_step_past_any_run_name_the_step():
+    """Radial's, STA's and NABLA's one-off plan() make a session of step + 1 steps: a step of 100,000 or more was
+    refused as 'num_steps: expected at most 100,000 denoising steps, got 100,001', a field the caller never passed."""
+    from sparsecore.methods import nabla, radial, sta
+    geometry = VideoGeometry(2, 8, 8)
+    q = k = torch.zeros(1, HEADS, geometry.tokens, 8)
+    plans = {"radial": lambda step: radial.plan(geometry, HEADS, step=step, block_size=16),
+             "sta": lambda step: sta.plan(geometry, HEADS, step=step, tile=(1, 4, 4), window=(1, 1, 1)),
+             "nabla": lambda step: nabla.plan(geometry, HEADS, step=step, q=q, k=k)}
+    for name, plan in plans.items():
+        assert plan(MAX_STEPS - 1).num_heads == HEADS
+        for step in (MAX_STEPS, 10**400):
+            error = refused(lambda: plan(step), "step", types=(ValueError,))
+            assert "num_steps" not in str(error), (name, str(error))

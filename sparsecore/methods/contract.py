@@ -204,6 +204,16 @@ def check_step(step: Any, num_steps: int | None = None) -> int:
     return step
 
 
+def check_one_off_step(step: Any) -> int:
+    """The step of a one-off ``plan()`` that runs a session of ``step + 1`` steps: below :data:`MAX_STEPS`, refused
+    naming the step (the session's own check would name ``num_steps``, which its caller never passed)."""
+    step = check_int(step, "step", 0)
+    if step >= MAX_STEPS:
+        got = f"{step:,}" if step < 10 ** 30 else f"an int of {step.bit_length()} bits"
+        raise ValueError(f"step: expected 0 <= step < {MAX_STEPS:,} (the denoising steps a run may have), got {got}")
+    return step
+
+
 # ------------------------------------------------------------------ head shards
 @dataclass(frozen=True)
 class HeadShard:

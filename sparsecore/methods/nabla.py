@@ -47,8 +47,9 @@ from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_int
 
-from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_num_steps, check_qk,
-                       check_shard, check_step, fixed_block_offsets, geometry_meta, params_from)
+from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_num_steps,
+                       check_one_off_step, check_qk, check_shard, check_step, fixed_block_offsets, geometry_meta,
+                       params_from)
 
 METHOD = "nabla"
 PAPER = "arXiv:2507.13546"
@@ -136,7 +137,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
          k: Any = None, heads: HeadShard | None = None, **params: Any) -> BlockMask:
     """The NABLA mask of one call: ``q [B, H, L, D]``, ``k [B, H_kv, L, D]`` in the tile order (module docstring);
     ``heads``: only this :class:`~.contract.HeadShard`'s heads. ``**params``: :class:`NablaParams` fields."""
-    step = check_step(step)
+    step = check_one_off_step(step)
     return NablaSession(step + 1, **params).plan(geometry, num_heads, step=step, layer=layer, q=q, k=k, heads=heads)
 
 

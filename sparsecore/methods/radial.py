@@ -50,8 +50,8 @@ from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_int, frozen
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
-                       check_layer, check_num_steps, check_shard, check_step, fixed_block_offsets, geometry_meta,
-                       params_from)
+                       check_layer, check_num_steps, check_one_off_step, check_shard, check_step,
+                       fixed_block_offsets, geometry_meta, params_from)
 from .selection import dense_mask, shared_mask
 
 METHOD = "radial"
@@ -184,7 +184,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     """The Radial Attention mask (the same at every step, layer and head; ``q``, ``k`` unused), or at the dense steps
     and layers dense attention's (frame-sized blocks), as the session's action says; ``**params``:
     :class:`RadialParams` fields."""
-    step, layer = check_step(step), check_layer(layer)
+    step, layer = check_one_off_step(step), check_layer(layer)
     session = RadialSession(step + 1, **params)
     if session.action(geometry, step, layer).dense and session.dense_at(step, layer):    # the action's checks first
         shard = check_shard(heads, check_geometry(geometry, num_heads))

@@ -45,7 +45,7 @@ from sparsecore.ir.validation import INDEX_LIMIT, check_int, frozen
 from sparsecore.ordering import TokenOrder
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_geometry, check_layer, check_num_steps,
-                       check_shard, check_step, geometry_meta, params_from)
+                       check_one_off_step, check_shard, check_step, geometry_meta, params_from)
 from .selection import dense_mask
 from .sta_strategy import read_strategy, triple
 
@@ -180,7 +180,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     """The STA mask over :func:`token_order`'s order (``q``, ``k`` unused), or at a step below ``dense_steps``, as
     the session's action says, a dense mask (frame-sized blocks: the same attention in any token order);
     ``**params``: :class:`STAParams` fields. Run it on q, k, v gathered into that order and scatter the output back."""
-    step, layer = check_step(step), check_layer(layer)
+    step, layer = check_one_off_step(step), check_layer(layer)
     p = params_from(STAParams, METHOD, params)                    # a strategy's file read once
     if step < p.dense_steps:
         STASession(step + 1, **vars(p)).action(geometry, step, layer)      # its checks (the strategy's layer, tiles)
