@@ -1478,6 +1478,28 @@ def test_the_latents_tell_steps_and_runs_apart_at_an_equal_timestep():
             handle.remove()
 
 
+def test_latents_of_another_shape_start_a_new_run_at_a_smaller_timestep():
+    """A cancelled request, then one at another resolution that starts mid-schedule (strength < 1): its first forward
+    has a smaller timestep than the last one, but it is another video, so it is step 0 of a new run (before, it
+    counted as the cancelled run's next step)."""
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method=random_mask, device="cpu", num_steps=3)
+    smaller = {**inputs, "hidden_states": inputs["hidden_states"][:, :, :, :-2, :-2]}
+    try:
+        with torch.no_grad():
+            forward(model, inputs, 999.0)
+            forward(model, inputs, 800.0)
+            assert (handle.step, handle.run) == (1, 0)
+            forward(model, smaller, 500.0)                                  # another video, mid-schedule
+            assert (handle.step, handle.run) == (0, 1)
+            forward(model, smaller, 300.0)
+            assert (handle.step, handle.run) == (1, 1)
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            handle.remove()
+
+
 def test_short_run_warnings_come_after_the_cleanup_and_not_for_explicit_steps():
     """With warnings as errors, remove() still restores the model; set_step(None) after explicit steps does not
     judge that run by num_steps."""

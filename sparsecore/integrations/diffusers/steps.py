@@ -4,7 +4,9 @@ Automatic mode reads the ``timestep`` each forward receives (its maximum, so Wan
 TI2V's per-token timesteps count once): the first forward is step 0, a smaller timestep than
 the last one is the next step, the same timestep stays on the step (classifier-free guidance
 run as separate calls, as diffusers' Wan and HunyuanVideo 1.5 pipelines do, on the same
-latents), and a larger one starts a new run. A 16-bit timestep may repeat across steps:
+latents), and a larger one starts a new run, as do latents of another sample shape at any timestep (another
+video: a cancelled request, then one at another resolution starting mid-schedule). A 16-bit timestep may repeat across
+steps:
 HunyuanVideo 1.5's pipeline casts it to the latents' dtype, and bf16 holds the values near 1000
 only 4 apart (at 50 steps and shift 7 two steps collide). So a timestep tensor equal to the last
 one is told apart by the latents (``hidden_states``: each sample's shape and a strided sample of :data:`SAMPLE` of
@@ -73,9 +75,11 @@ class StepTracker:
             return
         last, seen = self._last_timestep, self._last_latents
         new_run = last is None or value > last
+        if sample is not None and seen is not None and sample[0] != seen[0]:
+            new_run = True                               # latents of another sample shape: another video
         advance = not new_run and value < last
-        if value == last and sample is not None and seen is not None:
-            change = _relative_change(sample, seen)     # None: latents of another shape, another video
+        if value == last and sample is not None and seen is not None and not new_run:
+            change = _relative_change(sample, seen)     # None: batch sizes that do not divide: another request
             new_run = change is None or change > FRESH_LATENTS
             # 16-bit timesteps of two steps collided
             advance = not new_run and change > 0 and self._completed and sixteen_bit
