@@ -200,10 +200,9 @@ class BlockMask:
     # ------------------------------------------------------------ constructors
     @staticmethod
     def uniform_offsets(length: int, block: int) -> np.ndarray:
-        """Boundaries ``[0, block, 2*block, ..., length]``; the last block may be short."""
-        length = v.check_int(length, "length", minimum=1)
-        block = v.check_int(block, "block", minimum=1)
-        return np.append(np.arange(0, length, block, dtype=np.int64), np.int64(length))
+        """Boundaries ``[0, block, 2*block, ..., length]``; the last block may be short (see :mod:`.constructors`)."""
+        from .constructors import uniform_offsets
+        return uniform_offsets(length, block)
 
     @classmethod
     def from_dense(cls, mask: Any, q_len: int, kv_len: int, q_block: int, kv_block: int | None = None, *,

@@ -30,6 +30,22 @@ def _uniform_shape(num_heads: int, q_len: Any, kv_len: Any, q_block: Any, kv_blo
     return q_len, kv_len, q_block, kv_block
 
 
+def uniform_offsets(length: int, block: int) -> np.ndarray:
+    """Boundaries ``[0, block, 2*block, ..., length]``; the last block may be short. Refuses, before building them,
+    more blocks than int32 block ids and row pointers index, and a length no attention input has."""
+    length = v.check_int(length, "length", minimum=1)
+    block = v.check_int(block, "block", minimum=1)
+    if length >= v.PAIR_LIMIT:
+        raise ValueError(f"length: expected fewer than 2**62 tokens (token-pair counts are int64), got {length:,}; "
+                         f"pass the length of the sequence the mask is for")
+    count = -(-length // block)
+    if count > v.INDEX_LIMIT:
+        raise ValueError(f"length, block: {length:,} tokens in blocks of {block:,} make {count:,} blocks, more than "
+                         f"the int32 index limit {v.INDEX_LIMIT:,} (block ids and row pointers are int32); use larger "
+                         f"blocks")
+    return np.append(np.arange(0, length, block, dtype=np.int64), np.int64(length))
+
+
 def from_dense(mask: Any, q_len: int, kv_len: int, q_block: int, kv_block: int | None = None, *,
                budgets: Any = None, meta: Mapping[str, Any] | None = None) -> BlockMask:
     """Build from a boolean block map ``mask[H, MB, NB]`` over uniform blocks.
@@ -51,8 +67,8 @@ def from_dense(mask: Any, q_len: int, kv_len: int, q_block: int, kv_block: int |
     if tuple(dense.shape[1:]) != expected:           # checked before the offsets are built: they are this large
         raise ValueError(f"mask: expected shape [H, {expected[0]}, {expected[1]}] for q_len={q_len}, "
                          f"kv_len={kv_len} and these block sizes, got {list(dense.shape)}")
-    q_offsets = BlockMask.uniform_offsets(q_len, q_block)
-    kv_offsets = BlockMask.uniform_offsets(kv_len, kv_block)
+    q_offsets = uniform_offsets(q_len, q_block)
+    kv_offsets = uniform_offsets(kv_len, kv_block)
     indptr, indices = csr.from_block_map(dense)
     return BlockMask(dense.shape[0], q_offsets, kv_offsets, indptr, indices, budgets, meta)
 

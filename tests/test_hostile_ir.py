@@ -338,3 +338,19 @@ def test_unchecked_masks_keep_checked_fields_and_read_only_host_lists():
     assert not (mask.indptr.flags.writeable or mask.indices.flags.writeable or mask.budgets.flags.writeable)
     with pytest.raises(TypeError, match="unselected: expected a sparsecore.ir.Unselected, got str"):
         BlockMask.unchecked(2, Q_OFF, KV_OFF, indptr, indices, np.ones(2), unselected="drop")
+
+
+@pytest.mark.parametrize("length, block", [(2**33, 1), (10**18, 1), (2**40, 64)])
+def test_uniform_offsets_refuses_more_blocks_than_int32_ids_before_building_them(length, block):
+    """``BlockMask.uniform_offsets`` built its ``length / block`` boundaries before any check: 2**33 one-token blocks
+    asked for 64 GiB (a MemoryError under the bound), 10**20 for NumPy's bare "Maximum allowed size exceeded". Block
+    ids and row pointers are int32, so no mask can have more blocks than int32 indexes."""
+    message = str(refused(lambda: BlockMask.uniform_offsets(length, block), "length, block"))
+    assert f"{-(-length // block):,} blocks" in message and "use larger blocks" in message
+    assert BlockMask.uniform_offsets(10, 3).tolist() == [0, 3, 6, 9, 10]
+
+
+def test_uniform_offsets_refuses_a_length_past_int64_by_name():
+    """2**70 tokens in two blocks: NumPy's OverflowError ("Python int too large to convert to C long") before."""
+    assert "length: expected fewer than 2**62 tokens" in str(refused(lambda: BlockMask.uniform_offsets(2**70, 2**69),
+                                                                     "length"))
