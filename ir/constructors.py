@@ -87,7 +87,7 @@ def from_lists(lists: Sequence[Sequence[Iterable[int]]], q_offsets: Any, kv_offs
     most_heads = max(1, v.INDEX_LIMIT // (num_q_blocks + 1))          # each head's row pointers are int32 entries
     heads = _items(lists, "lists", "one list of rows per head")
     rows: list[np.ndarray] = []
-    num_heads = 0
+    num_heads = listed = 0
     for h, head in enumerate(heads):               # read as they are checked; a sequence's length is checked first
         claimed = max(h + 1, len(lists) if isinstance(lists, Sized) else 0)
         if claimed > most_heads:
@@ -105,12 +105,13 @@ def from_lists(lists: Sequence[Sequence[Iterable[int]]], q_offsets: Any, kv_offs
         num_heads += 1
         for i, row in enumerate(head):
             rows.append(_row_ids(row, f"lists[{h}][{i}]", num_kv_blocks, int(kv_offsets[-1])))
+            listed += len(rows[-1])
+            if listed > v.INDEX_LIMIT:                     # refused as read: the rows past it are not built
+                raise ValueError(f"lists: {listed:,} key-block ids up to lists[{h}][{i}], more than the int32 index "
+                                 f"limit {v.INDEX_LIMIT:,}; use larger blocks")
     if not num_heads:
         raise ValueError("lists: expected at least one head (a list of one id list per query block), got none")
     counts = np.array([len(r) for r in rows], dtype=np.int64).reshape(num_heads, num_q_blocks)
-    if int(counts.sum()) > v.INDEX_LIMIT:
-        raise ValueError(f"lists: {int(counts.sum()):,} key-block ids in all, more than the int32 index limit "
-                         f"{v.INDEX_LIMIT:,}; use larger blocks")
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     return BlockMask(num_heads, q_offsets, kv_offsets, csr.indptr_from_counts(counts), indices, budgets, meta)
 

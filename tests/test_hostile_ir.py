@@ -354,3 +354,22 @@ def test_uniform_offsets_refuses_a_length_past_int64_by_name():
     """2**70 tokens in two blocks: NumPy's OverflowError ("Python int too large to convert to C long") before."""
     assert "length: expected fewer than 2**62 tokens" in str(refused(lambda: BlockMask.uniform_offsets(2**70, 2**69),
                                                                      "length"))
+
+
+def test_from_lists_stops_reading_rows_once_their_ids_pass_the_int32_limit(monkeypatch):
+    """The ids of all rows were counted against int32's limit only after every row was read into an array: lists of
+    ``range`` rows (a sliding window written as ranges) claiming 2**31 ids in all built them all (16 GiB of int64
+    ids) before the refusal. The limit is lowered to 10 ids here; rows are read only until their ids pass it."""
+    from sparsecore.ir import validation
+    monkeypatch.setattr(validation, "INDEX_LIMIT", 10)
+    read = []
+
+    class Row:                                            # a row of every key block, noting that it was read
+        def __iter__(self):
+            read.append(1)
+            return iter(range(4))
+    assert BlockMask.from_lists([[Row(), []], [[0], [1]]], [0, 4, 8], [0, 4, 8, 12, 16]).nnz == 6
+    read.clear()
+    message = str(refused(lambda: BlockMask.from_lists([[Row(), Row()]] * 3, [0, 4, 8], [0, 4, 8, 12, 16]), "lists"))
+    assert "more than the int32 index limit 10" in message and "use larger blocks" in message
+    assert len(read) == 3, f"read {len(read)} of 6 rows; 3 rows of 4 ids pass 10"
