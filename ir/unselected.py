@@ -56,8 +56,8 @@ class Unselected:
         if not isinstance(text, str):
             raise TypeError(f"unselected: expected a string such as 'drop' or 'grouped-first-order:32', got "
                             f"{type(text).__name__}")
-        kind, _, group = text.partition(":")
-        if not group:
+        kind, colon, group = text.partition(":")
+        if not colon:
             return cls(kind)
         if not (group.isascii() and group.isdigit() and len(group) <= GROUP_DIGITS):
             raise ValueError(f"unselected: expected '<kind>:<group blocks>' with a positive integer, got {text!r}")

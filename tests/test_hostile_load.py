@@ -211,3 +211,12 @@ def test_path_arguments_of_the_wrong_type(path):
 
 def test_from_bytes_takes_bytes():
     refused(lambda: from_bytes("not bytes"), "data")
+
+
+@pytest.mark.parametrize("text", ["drop:", "zeroth:", "global-first-order:", "grouped-first-order:"])
+def test_an_unselected_field_with_a_colon_and_no_group_is_refused(good, text):
+    """``Unselected.parse`` read ``"drop:"`` as ``"drop"`` (an empty group after the colon was taken as no group):
+    a file no ``save`` writes loaded as if it were valid."""
+    with pytest.raises(ValueError, match="^edited: not a valid sparsecore mask file: .*unselected: expected "
+                                         "'<kind>:<group blocks>' with a positive integer"):
+        from_bytes(edit(good, ("__metadata__", "unselected"), text), "edited")
