@@ -68,6 +68,9 @@ def attention_shape(q: Any, k: Any, v: Any = NO_VALUES, *, kind: str = "torch",
             hint = " (convert with .numpy())" if kind == "numpy" else " (convert with torch.from_numpy)"
             raise TypeError(f"{name}: expected a {kind} array [B, heads, length, head_dim], got "
                             f"{type(t).__name__}{hint}")
+        if kind == "torch" and t.is_nested:       # before its shape: a strided nested tensor has none to read
+            raise TypeError(f"{name}: expected dense values, got a nested tensor (torch.nested); call the kernel once "
+                            f"per sequence of {name}.unbind(), each as a [1, heads, length, head_dim] tensor")
         if isinstance(t, np.ma.MaskedArray) or (kind == "torch" and t.layout != torch.strided):
             what = "a masked array" if kind == "numpy" else f"a {t.layout} tensor"
             raise TypeError(f"{name}: expected dense values, got {what}; pass "

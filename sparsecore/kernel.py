@@ -234,7 +234,7 @@ class CompiledKernel:
 
     def _check_shape(self, q: Any, k: Any, v: Any) -> AttentionShape:
         mask = self.mask
-        q_shape = tuple(getattr(q, "shape", ()))
+        q_shape = () if getattr(q, "is_nested", False) else tuple(getattr(q, "shape", ()))   # nested: refused below
         if len(q_shape) == 4 and (q_shape[1], q_shape[2]) != (mask.num_heads, mask.q_len):
             swapped = (q_shape[2], q_shape[1]) == (mask.num_heads, mask.q_len)
             remedy = ("; these look like [B, length, heads, D]: pass q.transpose(1, 2) (and k, v alike)" if swapped

@@ -165,6 +165,20 @@ def test_the_issue_call_examples():
     refused(lambda: kernel(*tensors(), return_lse="no"), "return_lse")
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_is_named_with_a_remedy(which, layout):
+    """A ``torch.nested`` tensor (variable-length batches) as q, k or v: reading its shape raised torch's
+    "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue." (strided layout), or, for q of the
+    jagged layout, a shape mismatch against the mask naming a symbolic length."""
+    q, k, v = tensors(batch=2)
+    given = {"q": q, "k": k, "v": v}
+    given[which] = torch.nested.nested_tensor(list(given[which].unbind(0)), layout=layout)
+    kernel = sparsecore.compile(mask(), device="cpu")
+    message = str(refused(lambda: kernel(given["q"], given["k"], given["v"]), (which,), types=(TypeError,)))
+    assert message.startswith(f"{which}: expected dense values, got a nested tensor") and "unbind" in message
+
+
 # ------------------------------------------------------------------------------- claimed sizes
 def test_a_small_file_claiming_a_huge_block_compiles_and_refuses_small_inputs_in_a_bounded_process(tmp_path):
     """The issue: a 476-byte mask file with one block of 2**28 tokens made compile(device="cpu") take 25 s and
