@@ -147,6 +147,11 @@ BSA_ERRORS = {
                                                              actual_seq_lengths=[3], actual_seq_lengths_kv=[5])),
                                "add up to T"),
     "softmax_lse_flag=2": (lambda a: a["kwargs"].update(softmax_lse_flag=2), "0 or 1"),
+    # aclnnBlockSparseAttention lists query, key, value and the mask as non-contiguous: unsupported
+    "non-contiguous query": (lambda a: a.update(q=zeros(1, 4, 2, D).transpose(1, 2)), "query must be contiguous"),
+    "non-contiguous value": (lambda a: a.update(v=zeros(1, 4, 2, D).transpose(1, 2)), "value must be contiguous"),
+    "non-contiguous mask": (lambda a: a.update(mask=torch.ones(1, 1, 1, 1, dtype=torch.int8).expand(1, 2, 1, 1)),
+                            "block_sparse_mask must be contiguous"),
 }
 
 

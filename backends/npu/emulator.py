@@ -16,7 +16,8 @@ it against hand-computed cases. Sources (Ascend/op-plugin, master, 2026):
 - ``docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md``
 - ``test/test_custom_ops/test_npu_block_sparse_attention.py`` (CPU golden, GQA constraint)
 - hicann/ops-transformer ``attention/block_sparse_attention/docs/aclnnBlockSparseAttention.md``
-  (head dim 64/128, inner_precise values on A2/A3, both-or-neither actual lengths) and its
+  (head dim 64/128, inner_precise values on A2/A3, both-or-neither actual lengths, no
+  non-contiguous query/key/value/mask) and its
   ``op_host`` tiling code (``block_shape`` of exactly two elements, TND lengths that add up to T)
 - the CANN ATK test golden of FlashAttentionScore, the kernel behind npu_fusion_attention
   (softmax_max/sum are the row max of ``scale * QK^T`` after the mask and the sum of
@@ -143,6 +144,9 @@ def npu_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: to
     op = "npu_block_sparse_attention"
     for name, t in (("query", query), ("key", key), ("value", value), ("block_sparse_mask", block_sparse_mask)):
         _check(isinstance(t, torch.Tensor), op, f"{name} must be a Tensor, got {type(t).__name__}")
+        _check(t.is_contiguous(), op, f"{name} must be contiguous (aclnnBlockSparseAttention lists non-contiguous "
+                                      f"tensors as unsupported), got strides {t.stride()} for shape "
+                                      f"{list(t.shape)}; pass {name}.contiguous()")
     _check(query.dtype in BLOCK_SPARSE_DTYPES, op, f"query dtype must be float16 or bfloat16, got {query.dtype}")
     _check(key.dtype == query.dtype and value.dtype == query.dtype, op,
            f"query, key, value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
