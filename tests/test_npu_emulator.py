@@ -222,12 +222,20 @@ def test_fusion_mask_shapes_broadcast(shape):
 
 def test_fusion_sparse_mode_0_applies_the_band_with_the_mask():
     v = filled([1.0, 2.0, 3.0], (1, 1, 3, D))
-    out, *_ = fa(zeros(1, 1, 3, D), zeros(1, 1, 3, D), v, atten_mask=torch.zeros(3, 3, dtype=torch.bool),
-                 pre_tockens=0, next_tockens=0)
+    off_diagonal = ~torch.eye(3, dtype=torch.bool)                           # the band pre = next = 0, as a mask
+    out, *_ = fa(zeros(1, 1, 3, D), zeros(1, 1, 3, D), v, atten_mask=off_diagonal, pre_tockens=0, next_tockens=0)
     assert out[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0]                       # diagonal only
     full, *_ = fa(zeros(1, 1, 3, D), zeros(1, 1, 3, D), v, atten_mask=torch.zeros(3, 3, dtype=torch.bool),
                   pre_tockens=0, next_tockens=0, sparse_mode=1)
     assert torch.all(full == 2.0)                                           # mode 1 ignores pre/next
+
+
+def test_fusion_sparse_mode_0_refuses_a_mask_that_keeps_positions_outside_the_band():
+    """The doc: with sparse_mode 0 the atten_mask must agree with pre_tockens/next_tockens, else the result is wrong;
+    a lowering that left a position to the band alone would match here and be wrong on the device."""
+    with pytest.raises(RuntimeError, match=r"sparse_mode=0.*outside the pre_tockens/next_tockens band"):
+        fa(zeros(1, 1, 3, D), zeros(1, 1, 3, D), zeros(1, 1, 3, D), atten_mask=torch.zeros(3, 3, dtype=torch.bool),
+           pre_tockens=0, next_tockens=0)
 
 
 @pytest.mark.parametrize("inner_precise", [0, 2])

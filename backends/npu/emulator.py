@@ -38,7 +38,9 @@ on it fails loudly instead of matching by luck:
 
 Inputs whose meaning the documents and the device disagree on are refused: a block-mask
 value other than 0 or 1 (the doc: 1 computes, 0 skips; the CPU golden computes where the
-value is not 0, the A2 kernel where it is at least 1).
+value is not 0, the A2 kernel where it is at least 1), and a ``sparse_mode=0`` ``atten_mask`` that keeps
+positions outside the ``pre_tockens``/``next_tockens`` band (the doc: the two must agree, else the result is
+wrong).
 
 GQA (N1 query heads, N2 key heads, G = N1 / N2): query head ``n`` reads key head
 ``n // G`` in both ops. For ``npu_block_sparse_attention`` this is an assumption: its
@@ -293,9 +295,10 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """Fused attention ``Softmax(scale * QK^T, masked) @ V`` (torch_npu-npu_fusion_attention.md).
 
     ``atten_mask`` bool/uint8, **1/True = not computed**, shapes BNSS, B1SS, 11SS or SS;
-    ``scale`` defaults to **1.0**; with ``sparse_mode=0`` the mask is combined with the
-    ``pre_tockens``/``next_tockens`` band (left-up origin), with ``sparse_mode=1`` it is
-    used alone; without a mask everything is computed. Returns the 7-tuple
+    ``scale`` defaults to **1.0**; with ``sparse_mode=0`` the mask must mask out everything
+    outside the ``pre_tockens``/``next_tockens`` band (left-up origin; the doc: they must agree,
+    refused otherwise), with ``sparse_mode=1`` it is used alone; without a mask everything is
+    computed. Returns the 7-tuple
     ``(attention_out, softmax_max, softmax_sum, reserved, seed, offset, mask_len)`` with
     softmax_max/softmax_sum float32 ``[B, N1, Sq, 8]`` (the value repeated 8 times):
     ``softmax_max`` is the row max of ``scale * QK^T``, ``softmax_sum`` is
@@ -341,10 +344,14 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     allowed = torch.ones(batch, heads, q_len, kv_len, dtype=torch.bool)
     if atten_mask is not None:
         allowed = ~_broadcast_mask(op, atten_mask, batch, heads, q_len, kv_len)
-        if sparse_mode == 0:
+        if sparse_mode == 0:   # the doc: the mask must agree with the band (else "precision problems"): refused
             rows = torch.arange(q_len)[:, None]
             cols = torch.arange(kv_len)[None, :]
-            allowed = allowed & (cols - rows <= next_tockens) & (rows - cols <= pre_tockens)
+            outside = (cols - rows > next_tockens) | (rows - cols > pre_tockens)
+            _check(not bool((allowed & outside).any()), op,
+                   f"with sparse_mode=0 the atten_mask must mask out every position outside the pre_tockens/"
+                   f"next_tockens band (pre_tockens={pre_tockens}, next_tockens={next_tockens}); it keeps "
+                   f"{int((allowed & outside).sum())} of them: mask them (True) or widen the band")
 
     kv_of = _kv_heads(heads, kv_heads)
     out = torch.empty(batch, heads, q_len, v.shape[3], dtype=torch.float32)
