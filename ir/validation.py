@@ -89,6 +89,16 @@ def check_int(value: Any, field: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(value: Any, field: str) -> bool:
+    """A Python ``bool``: a NumPy or torch boolean is refused with its remedy (``bool(x)``), as are 0 and 1."""
+    if not isinstance(value, bool):
+        kind = type(value)
+        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+        remedy = f"; pass bool({field})" if isinstance(value, (np.bool_, np.ndarray)) or is_tensor(value) else ""
+        raise TypeError(f"{field}: expected a bool (True or False), got {name} {value!r}{remedy}")
+    return value
+
+
 def check_index(value: Any, field: str, count: int) -> int:
     """An ``int`` (not ``bool``) in ``0..count - 1``."""
     value = check_int(value, field, minimum=0)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsecore.ir.validation import check_bool
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -120,9 +122,7 @@ SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634
 
 
 def check_return_lse(return_lse: Any) -> bool:
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__} {return_lse!r}")
-    return return_lse
+    return check_bool(return_lse, "return_lse")
 
 
 def check_scale_type(scale: Any, symbolic: tuple[type, ...] = ()) -> None:

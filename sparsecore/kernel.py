@@ -37,6 +37,7 @@ from typing import Any, Hashable
 import torch
 
 from sparsecore.ir import BlockMask
+from sparsecore.ir.validation import check_bool
 
 from . import compiled_call, kernel_cache
 from .inputs import AttentionShape, array_kind, attention_shape, check_return_lse, check_scale
@@ -351,8 +352,7 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     device = device_name(device)                         # the argument's own TypeError before any option's
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected None or a registered backend name (str), got {type(backend).__name__}")
-    if not isinstance(cache, bool):
-        raise TypeError(f"cache: expected a bool, got {type(cache).__name__}")
+    check_bool(cache, "cache")
     warmup = warmups.mode(warmup)
     try:
         request = (device, backend, warmup, generation(),                     # a backend registered since: chosen again

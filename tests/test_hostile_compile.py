@@ -165,6 +165,15 @@ def test_the_issue_call_examples():
     refused(lambda: kernel(*tensors(), return_lse="no"), "return_lse")
 
 
+@pytest.mark.parametrize("flag", [np.bool_(True), np.array(True), torch.tensor(True)], ids=["numpy", "0-d", "torch"])
+def test_a_non_python_bool_flag_is_named_by_its_type_with_a_remedy(flag):
+    """``return_lse=np.True_`` read 'expected a bool, got bool True' (NumPy's type is also named bool)."""
+    kernel = sparsecore.compile(mask(), device="cpu")
+    with pytest.raises(TypeError, match=r"return_lse: expected a bool \(True or False\), got (numpy|torch)\.\w+ .*; "
+                                        r"pass bool\(return_lse\)"):
+        kernel(*tensors(), return_lse=flag)
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
 def test_a_nested_tensor_is_named_with_a_remedy(which, layout):

@@ -112,7 +112,7 @@ def test_audit_arguments_are_checked(kwargs, error, match):
     try:
         with pytest.raises(error, match=match):
             handle.audit(**kwargs)
-        with pytest.raises(TypeError, match="enabled: expected a bool, got int 1"):
+        with pytest.raises(TypeError, match=r"enabled: expected a bool \(True or False\), got int 1"):
             handle.audit(1)
         assert handle._planner.audit is None                 # a refused call leaves the audit off
     finally:

@@ -80,6 +80,7 @@ import torch
 from sparsecore.capabilities import Capabilities
 from sparsecore.ir import BlockMask
 from sparsecore.ir.unselected import KINDS
+from sparsecore.ir.validation import check_bool
 from sparsecore.registry import Backend, DenseOp, Run, UnsupportedError
 
 from . import fa4_dense
@@ -129,8 +130,7 @@ class Fa4Options:
         if type(self.ctas_per_sm) is not int or self.ctas_per_sm not in (1, 2):
             raise ValueError(f"ctas_per_sm: expected the int 1 (FA4's own launch) or 2 (two CTAs per SM for 64 x 64 "
                              f"tiles on SM90, .fa4_occupancy), got {self.ctas_per_sm!r}")
-        if type(self.reorder_keys) is not bool:
-            raise TypeError(f"reorder_keys: expected a bool, got {type(self.reorder_keys).__name__}")
+        check_bool(self.reorder_keys, "reorder_keys")
         if self.key_parts is not None and (type(self.key_parts) is not int
                                            or not 1 <= self.key_parts <= MAX_KEY_PARTS):
             raise ValueError(f"key_parts: expected None (auto: chosen per call from the L2, "

@@ -63,11 +63,11 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import moved
-from sparsecore.ir.validation import check_int
+from sparsecore.ir.validation import check_bool, check_int
 from sparsecore.search import block_mass
 
 from . import causal
-from .contract import (HeadShard, StepAction, check_bool, check_fraction, check_geometry, check_int_tuple, check_layer,
+from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer,
                        check_lse, check_num_steps, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
                        geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected

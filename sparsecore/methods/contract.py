@@ -117,12 +117,6 @@ def check_fraction(value: Any, field: str, low: float = 0.0, high: float = 1.0, 
     return float(value)
 
 
-def check_bool(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{field}: expected a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
 def check_scale(value: Any) -> float | None:
     """A softmax scale override: None (``1/sqrt(D)``) or a positive float the kernels can use (``SCALE_MAX``)."""
     if value is None:

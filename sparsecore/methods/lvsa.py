@@ -66,10 +66,10 @@ import numpy as np
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.memo import LruMemo
-from sparsecore.ir.validation import check_int, frozen
+from sparsecore.ir.validation import check_bool, check_int, frozen
 
 from . import causal
-from .contract import (FRAMES_LIMIT, HeadShard, StepAction, check_bool, check_fraction, check_frame_count,
+from .contract import (FRAMES_LIMIT, HeadShard, StepAction, check_fraction, check_frame_count,
                        check_geometry, check_layer, check_num_steps, check_shard, check_step, fixed_block_offsets,
                        geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected

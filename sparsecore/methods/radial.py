@@ -47,9 +47,9 @@ import numpy as np
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.memo import LruMemo
-from sparsecore.ir.validation import check_int, frozen
+from sparsecore.ir.validation import check_bool, check_int, frozen
 
-from .contract import (HeadShard, StepAction, check_bidirectional, check_bool, check_fraction, check_geometry,
+from .contract import (HeadShard, StepAction, check_bidirectional, check_fraction, check_geometry,
                        check_layer, check_num_steps, check_one_off_step, check_shard, check_step,
                        fixed_block_offsets, geometry_meta, params_from)
 from .selection import dense_mask, shared_mask

@@ -23,9 +23,8 @@ import torch
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import refuse_capture
-from sparsecore.ir.validation import check_index
+from sparsecore.ir.validation import check_bool, check_index
 from sparsecore.methods import HeadShard, sta
-from sparsecore.methods.contract import check_bool
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Forty-seventh session, call a (no FA4): the forty-sixth session's call v (never run there: its device time was
+# spent), then the property suite against the float64 oracle for the Triton lowering on CUDA, as a check of the
+# commits since (input checks, the step tracker; none touches a kernel).
+set -u
+start=$(date +%s)
+bash bench/results/gpu-2026-12-05-runs/forty-sixth-session/run46v.sh
+export PYTHONPATH=/tmp/site:$PWD:$PWD/bench:$PWD/tests PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 SPARSECORE_WARMUP=wait \
+  HYPOTHESIS_PROFILE=gpu-quick
+R=$OUT/oracle; mkdir -p $R
+source bench/gpu_pytest.sh
+t 200 triton tests/test_backends_match_oracle.py -k "triton"
+cd $OUT && tar czf oracle.tgz oracle && rm -rf oracle
