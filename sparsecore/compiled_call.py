@@ -123,3 +123,18 @@ def _eager_call(kernel: "CompiledKernel", *call: Any) -> Any:
 
 
 _OUTSIDE_GRAPH: list[Any] = []                   # the disabled _eager_call, made at first use
+
+
+def outside_graph(compile: Any, *args: Any, **kwargs: Any) -> "CompiledKernel":
+    """``sparsecore.compile`` called under ``torch.compile`` (a layer compiling each step's mask in its forward): run
+    eagerly, outside the graph (a graph break), as Dynamo cannot trace it (hashing the mask's lists, checking the
+    backends on its blocks); the kernel it returns is then called as the op. Made at first use, as above."""
+    if not _COMPILE_OUTSIDE_GRAPH:
+        _COMPILE_OUTSIDE_GRAPH.append(torch.compiler.disable(
+            compile, reason="sparsecore.compile(mask) runs outside the graph (it hashes and checks the mask on the "
+                            "host); under fullgraph=True compile the mask outside the compiled region and call the "
+                            "kernel it returns inside, or compile without fullgraph"))
+    return _COMPILE_OUTSIDE_GRAPH[0](*args, **kwargs)
+
+
+_COMPILE_OUTSIDE_GRAPH: list[Any] = []           # the disabled sparsecore.compile, made at first use

@@ -44,7 +44,7 @@ from .inputs import AttentionShape, array_kind, attention_shape, check_return_ls
 from .launch_device import StreamOrder, check_device_index, on_device_of, without_autocast
 from .no_backward import inference_only
 from .registry import (Backend, Run, UnsupportedError, candidates, device_name, device_type, first_available,
-                       generation)
+                       generation, with_options)
 from . import warmup as warmups
 from .warmup_sample import Warming, queued_warming
 
@@ -328,17 +328,19 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     Args:
         mask: the block-mask IR (host or device lists).
         device: ``"reference"`` (NumPy float64), ``"cpu"``, ``"cuda"`` (``"cuda:N"``), ``"npu"``, or a torch.device.
-        backend: a registered backend name, or None for the preferred one that takes the mask and,
-            at each call, the inputs.
-        cache: keep a host mask's kernel in the module's cache, found again by content (default). False:
-            the mask object itself holds it weakly, as for device masks, so it lives as long as the caller
-            holds the kernel (for callers that compile one mask object per step and hold its kernel).
+        backend: a registered backend name, or None for the preferred one that takes the mask and, at each call, the
+            inputs.
+        cache: keep a host mask's kernel in the module's cache, found again by content (default). False: the mask
+            object itself holds it weakly, as for device masks, so it lives as long as the caller holds the kernel
+            (for callers that compile one mask object per step and hold its kernel).
         warmup: ``"background"``: a call whose preferred backend is slow to load (``fa4``: seconds to import and
             compile) runs on the kernel's next backend that takes its inputs while a worker thread loads, lowers
             and compiles the preferred one, which later calls then run on (:mod:`sparsecore.warmup`); ``"wait"``:
             loaded in place, one backend throughout. None: ``$SPARSECORE_WARMUP``, else ``"background"``.
-        **options: backend-specific options (see each backend's options dataclass); with
-            ``backend=None`` only backends that accept them are considered.
+        **options: backend-specific options (see each backend's options dataclass); with ``backend=None`` only
+            backends that accept them are considered.
+
+    Called under ``torch.compile`` it runs outside the graph (a graph break), and the kernel's call is one op there.
 
     Raises:
         ValueError: unknown device or backend name.
@@ -347,6 +349,8 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
             here (says why of each).
         TypeError: ``mask`` is not a BlockMask, or an option no candidate accepts.
     """
+    if torch.compiler.is_compiling():                    # Dynamo cannot trace it: a graph break (compiled_call)
+        return compiled_call.outside_graph(compile, mask, device, backend, cache=cache, warmup=warmup, **options)
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask: expected a sparsecore.ir.BlockMask, got {type(mask).__name__}")
     device = device_name(device)                         # the argument's own TypeError before any option's
@@ -368,7 +372,7 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
         return cached
     device_type(device)                                  # a cache miss: check the device string fully
     check_device_index(device)
-    choices = _choices(candidates(mask, device, backend), options)
+    choices = with_options(candidates(mask, device, backend), options)
     # a slow backend is checked without loading it only where a quick one can run meanwhile: else (a named slow
     # backend, or only slow ones take the mask) compile() checks it whole and raises as in the "wait" mode
     in_background = warmup == "background" and any(not b.slow_to_load for b, _ in choices)
@@ -382,19 +386,4 @@ def compile(mask: BlockMask, device: str = "cpu", backend: str | None = None, *,
     else:
         mask.compiled_kernels[key] = kernel
     return kernel
-
-
-def _choices(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Backend, Hashable]]:
-    """Each candidate with its parsed options; with options given, those that reject them drop out."""
-    if not options:
-        return [(b, b.parse_options({})) for b in backends]
-    choices, errors = [], []
-    for b in backends:
-        try:
-            choices.append((b, b.parse_options(options)))
-        except TypeError as err:
-            errors.append(str(err))
-    if not choices:
-        raise TypeError("; ".join(errors))
-    return choices
 

@@ -306,6 +306,21 @@ def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend
     return sorted(capable, key=lambda b: -b.preference(mask))
 
 
+def with_options(backends: list[Backend], options: dict[str, Any]) -> list[tuple[Backend, Hashable]]:
+    """Each candidate with its parsed options; with options given, those that reject them drop out."""
+    if not options:
+        return [(b, b.parse_options({})) for b in backends]
+    choices, errors = [], []
+    for b in backends:
+        try:
+            choices.append((b, b.parse_options(options)))
+        except TypeError as err:
+            errors.append(str(err))
+    if not choices:
+        raise TypeError("; ".join(errors))
+    return choices
+
+
 def first_available(backends: list[Backend], device: str, mask: "BlockMask | None" = None,
                     before_loading: bool = False) -> int:
     """Index of the first of ``backends`` that runs on ``device`` here, checked in order and no further.

@@ -264,3 +264,31 @@ def test_fullgraph_names_the_remedies_where_gradients_would_leave_the_graph():
     with torch.no_grad():
         want, _ = expected(mask, q, k, v, 8 ** -0.5)
         np.testing.assert_allclose(compiled(q, k, v).double().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_sparsecore_compile_called_inside_compiled_code_runs_eagerly_and_matches_the_oracle(on_device):
+    """A layer that compiles each step's mask in its forward (the per-layer, per-step path the cache serves), under
+    ``torch.compile``: ``sparsecore.compile`` runs outside the graph (a graph break), the kernel's call is the op.
+    Traced by Dynamo, compile stopped on the mask's fingerprint (TorchRuntimeError "data type '<i8' not
+    understood"), and with ``fullgraph=True`` on ``str.split``, naming nothing of sparsecore's."""
+    torch._dynamo.reset()
+
+    class Attention(torch.nn.Module):
+        mask = None
+
+        def forward(self, q, k, v):
+            return sparsecore.compile(self.mask, device="cpu")(q, k, v)
+
+    layer = Attention()
+    compiled = torch.compile(layer, backend="aot_eager")
+    q, k, v = inputs(1, 21)
+    for step in range(3):                                  # masks compile has not seen (nor fingerprinted)
+        keep = np.random.default_rng(200 + step).random((4, 3, 4)) < 0.5
+        mask = BlockMask.from_dense(keep, q_len=45, kv_len=50, q_block=16, kv_block=13)
+        layer.mask = mask.to("cpu") if on_device else mask
+        want, _ = expected(mask, q, k, v, 8 ** -0.5)
+        np.testing.assert_allclose(compiled(q, k, v).double().numpy(), want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="compile the mask outside the compiled region"):
+        torch.compile(layer, backend="aot_eager", fullgraph=True)(q, k, v)
