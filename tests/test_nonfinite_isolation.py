@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from checks import run_and_compare
 from strategies import AttentionCase, attention_cases
 from targets import all_targets, to_float64
 
@@ -181,3 +182,27 @@ def test_a_key_of_minus_infinite_scores_gets_weight_zero_as_dense_attention_give
         assert np.isfinite(want[0]).all()
         np.testing.assert_allclose(to_float64(out), want[0], rtol=1e-12)
         np.testing.assert_allclose(to_float64(lse), want[1], rtol=1e-6)
+
+
+CUDA_TARGETS = [t for t in TARGETS if t.device == "cuda"]
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("cuda_target", CUDA_TARGETS, ids=[t.id for t in CUDA_TARGETS])
+def test_a_key_block_of_minus_infinite_scores_walked_first_gets_weight_zero_on_the_cuda_backends(cuda_target, block):
+    """Every key of block 0 scores -inf for every query (a -inf component where q's is positive); the rows list it
+    and block 2, so dense attention gives block 0 weight 0 and a finite result. Triton's kernel took such a tile
+    first, its running maximum stayed -inf and exp2(-inf - -inf) made the rows NaN (the reference's and portable's
+    walks were fixed for it above)."""
+    rng = np.random.default_rng(11)
+    mask = BlockMask.from_lists([[[0, 2]] * 2] * 2, [0, 64, 128], np.arange(0, 3 * block + 1, block))
+    q = rng.standard_normal((1, 2, 128, 64))
+    q[..., 0] = np.abs(q[..., 0]) + 0.5
+    k, v = rng.standard_normal((2, 1, 2, 3 * block, 64))
+    k[:, :, :block, 0] = -np.inf
+    with cuda_target.running() as target:
+        problems = target.capabilities.mask_problems(mask) + target.capabilities.tensor_problems(
+            target.dtype, 64, 2, 2, target.capabilities.lse)
+        if problems:
+            pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
+        run_and_compare(target, mask, q, k, v)

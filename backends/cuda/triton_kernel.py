@@ -26,18 +26,21 @@ LOG2E = 1.4426950408889634  # the host multiplies the softmax scale by this: sco
 @triton.jit
 def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok,
                  MASKED: tl.constexpr, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over a key tile; k is [D, N], v is [N, D]; m_i is in log2 units."""
+    """One online-softmax step over a key tile; k is [D, N], v is [N, D]; m_i is in log2 units. While a row's
+    maximum is -inf (every score so far -inf: a key with a -inf component) its weights are 0, not exp2(-inf - -inf)."""
     qk = tl.dot(q, k, input_precision=DOT_PRECISION)
     if MASKED or not SCALE_POSITIVE:
         qk = qk * qk_scale
         if MASKED:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
     else:  # max(qk) * scale == max(qk * scale): fold the scale into one multiply-add
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -122,12 +125,14 @@ def block_sparse_attention_fwd(
         acc, l_i, m_i = _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok, True, SCALE_POSITIVE,
                                      DOT_PRECISION)
 
-    has_keys = l_i != 0.0              # a row with keys; also a NaN sum (a NaN score it attends spreads, as in dense)
+    # a row with keys (a NaN sum spreads, as in dense); one whose every score is -inf (a -inf key component) has sum
+    # 0, and as in dense attention (inf - inf in its shift) its output and LSE are NaN
+    has_keys = num_full + num_partial > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     o_ptrs = Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,  # * ln 2
-                       float("-inf"))
+        lse = (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453                      # * ln 2
+        lse = tl.where(has_keys, tl.where(l_i == 0.0, float("nan"), lse), float("-inf"))
         tl.store(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
