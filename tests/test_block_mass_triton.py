@@ -408,3 +408,24 @@ def test_a_key_of_minus_infinite_scores_gives_finite_masses_in_padded_tiles(trit
     found = block_mass(q.to(triton_device), k.to(triton_device), np.asarray(q_offsets), np.asarray(kv_offsets),
                        lse.float().to(triton_device), 0.25, impl="triton")
     np.testing.assert_allclose(found.mass.cpu().double().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_the_fused_pass_gives_keys_of_minus_infinite_scores_walked_first_weight_zero(triton_device, pieces):
+    """The first key tile's every score is -inf for every query (a -inf component where q's is positive): dense
+    attention gives those keys weight 0 and a finite output, LSE and masses. The fused pass's running maximum stayed
+    -inf over that tile and exp2(-inf - -inf) made every row NaN, so AdaSpa's search refused the step."""
+    gen = torch.Generator().manual_seed(7)
+    q_offsets, kv_offsets = np.array([0, 32, 64]), np.array([0, 64, 128, 192])
+    q = torch.randn(1, 1, 64, 16, generator=gen)
+    q[..., 0] = q[..., 0].abs() + 0.5
+    k, v = (torch.randn(1, 1, 192, 16, generator=gen) for _ in range(2))
+    k[0, 0, :128, 0] = float("-inf")                             # the first tile (64 or 128 keys) scores -inf
+    config = search_attention.SearchConfig(32, pieces, 4, 1, use_tma=False)
+    out, lse, mass = search_attention.run(*(x.to(triton_device) for x in (q, k, v)), q_offsets, kv_offsets,
+                                          16 ** -0.5, config=config)
+    want_out, want_lse = dense_float64(q, k, v)
+    assert torch.isfinite(want_out).all()
+    np.testing.assert_allclose(out.double().cpu().numpy(), want_out.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), want_lse.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mass.double().cpu().numpy(), mass_float64(q, k, q_offsets, kv_offsets), atol=1e-5)

@@ -40,6 +40,13 @@ def _log_sum(sums, m_new):
                     tl.where(sums == 0.0, float("-inf"), sums))
 
 
+@triton.jit
+def _finite_max(m_new):
+    """The running maximum to shift by: 0 while a row's scores so far are all -inf (a key with a -inf component),
+    whose weights are then exp2(-inf) = 0, not exp2(-inf - -inf) = NaN."""
+    return tl.where(m_new == float("-inf"), 0.0, m_new)
+
+
 # Offsets that change from launch to launch of one call (chunks of heads and rows) are not specialized on (Triton
 # would compile a variant for each value that is 1 or divisible by 16, inside a timed search step).
 @triton.jit(do_not_specialize=["row_start", "row_end", "head_offset"])
@@ -82,11 +89,13 @@ def search_attention_fwd(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         if SCALE_POSITIVE:                    # max(qk) * scale == max(qk * scale): one multiply-add per score
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            m_safe = _finite_max(m_new)
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
         else:
             qk = qk * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
+            m_safe = _finite_max(m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
         row_sum = tl.sum(p, 1)
         if PIECES == 1:
             tl.store(partial + piece * stride_pp, _log_sum(row_sum, m_new), mask=row_ok)
@@ -95,7 +104,7 @@ def search_attention_fwd(
             tl.store(partial + piece * stride_pp, _log_sum(first, m_new), mask=row_ok)
             rest = row_sum - first                    # rounding can leave it below 0; a NaN must stay (max drops it)
             tl.store(partial + (piece + 1) * stride_pp, _log_sum(tl.where(rest < 0.0, 0.0, rest), m_new), mask=row_ok)
-        alpha = tl.math.exp2(m_i - m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + row_sum
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -105,19 +114,20 @@ def search_attention_fwd(
         k, v = _load_kv(k_ptrs, v_ptrs, desc_k, desc_v, start, col_ok, stride_kn, stride_vn, True, False)
         qk = tl.where(col_ok[None, :], tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_safe = _finite_max(m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
         row_sum = tl.sum(p, 1)
         tl.store(partial + tl.load(SoloPiece + t).to(tl.int64) * stride_pp, _log_sum(row_sum, m_new), mask=row_ok)
-        alpha = tl.math.exp2(m_i - m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + row_sum
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    out = acc / l_i[:, None]                  # a row whose every score is -inf: 0 / 0, NaN as in dense attention
     tl.store(Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
              + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m,
-             (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)                       # natural log
+    lse = tl.where(l_i == 0.0, float("nan"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)   # natural log
+    tl.store(Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["head_offset", "program_offset", "row_start", "row_end"])
