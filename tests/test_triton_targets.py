@@ -482,7 +482,7 @@ def test_kernel_fits_the_shared_memory_of_the_target(compiled, case, capability)
 
 
 # @triton.jit functions the kernels call (inlined into them), never launched themselves
-HELPERS = {"_attend_tile", "_load_kv", "_summary_tile", "_query_rows", "_lowbias32", "_log_sum"}
+HELPERS = {"_attend_tile", "_load_kv", "_summary_tile", "_query_rows", "_lowbias32", "_log_sum", "_finite_max"}
 
 
 def test_every_triton_kernel_of_the_library_is_compiled_here(compiled):
