@@ -203,9 +203,9 @@ def format_table(rows: list[dict]) -> str:
     legend = [
         "FLOPs saved: 1 - the computed blocks' FLOPs (4 x kept pairs x head_dim) / dense attention's. * a mask that "
         "approximates the blocks it skips (PASA's): that pass costs FLOPs not counted here.",
-        "recall: softmax mass of the computed blocks (with the approximated blocks' estimate where a mask adds it: "
-        "its out err says how well). out err: relative L2 of the output vs dense attention without a mask (head "
-        "means).",
+        "recall: dense attention's softmax mass on the computed blocks (a mask that approximates the blocks it "
+        "skips adds an estimate of the rest, which recall does not count: its out err says how well it does). out "
+        "err: relative L2 of the output vs dense attention without a mask (head means).",
         "max/rel err: the kernel against float64 dense attention under the same mask.",
         f"ms: the sparse kernel's call, median of {REPEATS} after {WARMUP} warm-up calls (planning excluded). "
         "vs dense: torch SDPA without a mask, timed the same way right after, / the kernel's time; at this small "
