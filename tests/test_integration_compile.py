@@ -236,3 +236,41 @@ def test_models_of_one_class_share_the_compiled_block_code():
         finally:
             handle.remove()
     assert graphs[0] >= 1 and graphs[1:] == [0, 0], graphs
+
+
+def test_models_applied_from_two_threads_get_their_own_slots(monkeypatch):
+    """One model a device, each applied in its own thread (a serving pattern): each handle gets its own slot. The
+    slot was ``max(slots) + 1`` read and set unlocked, so two threads could both take 0 and the op sent one model's
+    layers to the other model's handle ('called outside a forward of the transformer'). The reading of the slots is
+    slowed here so that the two threads meet in it."""
+    import threading
+    import time
+    import weakref
+
+    from sparsecore.integrations.diffusers import op
+
+    class SlowSlots(weakref.WeakKeyDictionary):
+        def values(self):
+            found = list(super().values())
+            time.sleep(0.1)                              # the other thread reads the slots meanwhile
+            return iter(found)
+
+    monkeypatch.setattr(op, "_SLOTS", SlowSlots())
+    models, handles = [tiny_wan(), tiny_wan()], [None, None]
+
+    def apply(index: int) -> None:
+        handles[index] = sparse.apply(models[index], method="lvsa", device="cpu", num_steps=2, **METHODS["lvsa"])
+
+    threads = [threading.Thread(target=apply, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert int(handles[0].id) != int(handles[1].id)
+        data = wan_inputs(batch=1)
+        for model in models:
+            forward(model, data, TIMESTEPS[0])
+    finally:
+        for handle in handles:
+            handle.remove()

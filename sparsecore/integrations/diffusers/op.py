@@ -32,6 +32,7 @@ peak (0.15 GiB above dense at Wan 2.1 6x, compiled).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -45,13 +46,17 @@ if TYPE_CHECKING:
 
 _SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 _HANDLES: "weakref.WeakValueDictionary[int, SparseAttentionHandle]" = weakref.WeakValueDictionary()
+_SLOT_LOCK = threading.Lock()     # apply() from several threads (a model a device): each new model its own slot
 
 
 def register(handle: "SparseAttentionHandle", model: torch.nn.Module) -> torch.Tensor:
     """The slot the op uses to find ``handle`` (one per model, kept across handles; weak references), as a 0-d int64
     CPU tensor."""
-    slot = _SLOTS.setdefault(model, max(_SLOTS.values(), default=-1) + 1)
-    _HANDLES[slot] = handle
+    with _SLOT_LOCK:
+        slot = _SLOTS.get(model)
+        if slot is None:
+            slot = _SLOTS[model] = max(_SLOTS.values(), default=-1) + 1
+        _HANDLES[slot] = handle
     return torch.tensor(slot, dtype=torch.int64, device="cpu")     # not a default device (a GPU: a sync a call)
 
 
