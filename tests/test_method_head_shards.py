@@ -110,6 +110,13 @@ def test_shard_errors_name_the_field():
     lonely = HeadShard(0, 3, HEADS)
     with pytest.raises(ValueError, match="heads.gather: a shard of heads"):
         lonely.all_heads(torch.zeros(3))
+    q, k = inputs(1)
+    for shard, error, message in [
+        (HeadShard(0, 3, 6.0, gather=lambda values: values), TypeError, "heads.total: expected an int, got float"),
+        (HeadShard(0, 3, HEADS, gather=5), TypeError, "heads.gather: expected None or a callable"),
+    ]:   # a float total was taken (6.0 == 6) and met a slice; a non-callable gather was called ('int' object ...)
+        with pytest.raises(error, match=message):
+            adaspa.plan(GEOMETRY, HEADS, step=1, layer=0, q=q[:, :3], k=k[:, :3], heads=shard, **ADASPA)
     liar = HeadShard(0, 3, HEADS, gather=lambda values: torch.zeros(HEADS))
     with pytest.raises(ValueError, match="heads.gather: expected the 6 heads' values"):
         liar.all_heads(torch.ones(3))

@@ -259,7 +259,11 @@ def check_shard(heads: Any, num_heads: int) -> HeadShard:
     if not isinstance(heads, HeadShard):
         raise TypeError(f"heads: expected a sparsecore.methods.HeadShard or None, got {type(heads).__name__}")
     start, stop = check_int(heads.start, "heads.start", 0), check_int(heads.stop, "heads.stop", 1)
-    if heads.total != num_heads or not start < stop <= num_heads:
+    total = check_int(heads.total, "heads.total", 1)
+    if heads.gather is not None and not callable(heads.gather):
+        raise TypeError(f"heads.gather: expected None or a callable (per-head values of this shard -> every head's, "
+                        f"an all-gather over the ranks), got {type(heads.gather).__name__}")
+    if total != num_heads or not start < stop <= num_heads:
         raise ValueError(f"heads: expected 0 <= start < stop <= total == num_heads={num_heads}, got {heads}")
     return heads
 
