@@ -6,9 +6,10 @@ left the CUDA context unusable (``BROKEN``, after which every later case is skip
 (``SKIP_MASK_MOD``, set by the driver). Other modules read ``DEVICE`` and ``SKIP_MASK_MOD`` as attributes of
 this module (``exactness.DEVICE``), never through ``from ... import``, so a value set here later reaches them.
 
-The checks: ``check_case`` runs the ``fa4`` lowering on one mask and holds its output and LSE to float32 dense
-attention under the mask's token mask (``reference``, ``compare``); ``run_checks`` is the list of cases the
-check runs; ``raw_empty_tiles`` records what FA4 itself writes for query tiles that keep no block.
+The checks: ``check_case`` runs the ``fa4`` lowering on one mask and holds its output and LSE to float64 dense
+attention under a token mask expanded here from the mask's CSR lists (``token_mask``, ``reference``, ``compare``);
+``run_checks`` is the list of cases the check runs; ``raw_empty_tiles`` records what FA4 itself writes for query
+tiles that keep no block.
 """
 
 from __future__ import annotations
@@ -79,16 +80,37 @@ def fa4_kernel(mask: BlockMask, **options: Any) -> tuple[Callable, Callable[[], 
     return run, launch
 
 
+def token_mask(mask: BlockMask, device: Any) -> torch.Tensor:
+    """bool ``[H, Lq, Lk]`` expanded here from the mask's raw CSR lists and offsets (not the IR's own
+    ``token_mask``): listed (head, query block, key block) cells of a block map, indexed by each token's block."""
+    host = mask.to_host()
+    indptr, indices = np.asarray(host.indptr, dtype=np.int64), np.asarray(host.indices, dtype=np.int64)
+    heads, num_q_blocks = indptr.shape[0], indptr.shape[1] - 1
+    counts = np.diff(indptr, axis=1).reshape(-1)                                   # per (head, query block)
+    cells = np.repeat(np.arange(heads * num_q_blocks), counts)
+    ids = indices[:indptr[-1, -1]]                           # heads stored in order: the lists end to end
+    block_map = torch.zeros(heads * num_q_blocks, host.num_kv_blocks, dtype=torch.bool, device=device)
+    block_map[torch.from_numpy(cells).to(device), torch.from_numpy(ids).to(device)] = True
+    q_block = torch.from_numpy(np.repeat(np.arange(num_q_blocks), np.diff(np.asarray(host.q_offsets)))).to(device)
+    kv_block = torch.from_numpy(np.repeat(np.arange(host.num_kv_blocks),
+                                          np.diff(np.asarray(host.kv_offsets)))).to(device)
+    block_map = block_map.reshape(heads, num_q_blocks, host.num_kv_blocks)
+    return block_map[:, q_block][:, :, kv_block]
+
+
 def reference(q, k, v, tokens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 dense attention under ``tokens`` [H, Lq, Lk]; rows with no key: out 0, LSE -inf."""
+    """float64 dense attention under ``tokens`` [H, Lq, Lk], one head at a time (a head's scores at S = 8192 are
+    512 MiB); rows with no key: out 0, LSE -inf."""
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale
-    scores.masked_fill_(~tokens[None], -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-    return probs @ vf, lse
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float64, device=q.device)
+    for h in range(q.shape[1]):
+        scores = (q[:, h].double() @ k[:, h // group].double().transpose(-1, -2)) * scale
+        scores.masked_fill_(~tokens[h][None], -math.inf)
+        lse[:, h] = torch.logsumexp(scores, dim=-1)
+        out[:, h] = torch.softmax(scores, dim=-1).nan_to_num_(0.0) @ v[:, h // group].double()
+        del scores
+    return out, lse
 
 
 def compare(out, lse, ref_out, ref_lse, tokens, dtype) -> dict:
@@ -96,9 +118,9 @@ def compare(out, lse, ref_out, ref_lse, tokens, dtype) -> dict:
     (limits ``REL_L2_LIMIT[dtype]`` and ``LSE_LIMIT``), rows with no key exactly 0 / -inf, all finite."""
     has_keys = tokens.any(-1)                                                  # [H, Lq]
     rows = has_keys[None].expand(out.shape[0], -1, -1)
-    o, r = out.float()[rows], ref_out[rows]
+    o, r = out.double()[rows], ref_out[rows]
     rel = float((o - r).norm() / r.norm().clamp_min(1e-30)) if r.numel() else 0.0
-    lse_diff = float((lse[rows] - ref_lse[rows]).abs().max()) if r.numel() else 0.0
+    lse_diff = float((lse.double()[rows] - ref_lse[rows]).abs().max()) if r.numel() else 0.0
     empty = ~rows
     empty_out_zero = bool((out[empty] == 0).all()) if empty.any() else True
     empty_lse_inf = bool(torch.isneginf(lse[empty]).all()) if empty.any() else True
@@ -111,7 +133,7 @@ def compare(out, lse, ref_out, ref_lse, tokens, dtype) -> dict:
 def check_case(name: str, mask: BlockMask, *, dtype=torch.bfloat16, head_dim=128, batch=1, kv_heads=None,
                scale=None, **options) -> dict:
     """One correctness case: random inputs seeded by the name, the lowering's first call timed, its tiles
-    recorded, output and LSE compared to ``reference``, and the call without LSE required to give the same
+    recorded, output and LSE compared to ``reference`` (float64), and the call without LSE required to give the same
     output. Returns the case's record; a failure is recorded with ``fail`` and does not raise."""
     if BROKEN or (SKIP_MASK_MOD and mask_mod_case(mask, options)):
         log(f"check {name}: skipped ({'CUDA context broken' if BROKEN else '--skip-mask-mod'})")
@@ -140,7 +162,7 @@ def check_case(name: str, mask: BlockMask, *, dtype=torch.bfloat16, head_dim=128
                           mask_tiles=layout.num_mask_tiles, mask_mod=layout.needs_mask_mod,
                           computed_over_kept=layout.computed_pairs() / max(1.0, mask.density() * mask.num_heads
                                                                            * mask.q_len * mask.kv_len))
-        tokens = torch.from_numpy(mask.token_mask(limit=1 << 31)).to(DEVICE)
+        tokens = token_mask(mask, DEVICE)
         ref_out, ref_lse = reference(q, k, v, tokens, scale)
         assert out.shape == q.shape and lse.shape == (batch, mask.num_heads, mask.q_len), \
             f"shapes: out {list(out.shape)}, lse {list(lse.shape)}"

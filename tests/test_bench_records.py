@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sparsecore import BlockMask
 from sparsecore.ir import Unselected
@@ -187,3 +188,27 @@ def test_fa4_checks_timer_times_a_lengths_kernels_together_and_records_a_failing
     assert set(rounds) == {0, 2} and fa4_check.FAILURES == ["time random128 b: RuntimeError: no kernel"]
     assert "| random128 | 64 | 0.5000 | b | **RuntimeError: no kernel** |" in fa4_check.markdown(
         {"date": "d", "versions": {}}, [], timer.rows, [])
+
+
+def test_the_fa4_checks_reference_is_float64_attention_under_the_lists_tokens():
+    """``fa4_check``'s exactness reference: its token mask, expanded from the CSR lists, is the oracle's, and its
+    float64 attention is the oracle's (odd block boundaries, empty rows, GQA, batch 2)."""
+    from oracle import dense_attention, expand_to_tokens
+    exactness = load_script("fa4_check_exactness")
+    rng = np.random.default_rng(7)
+    for case in range(12):
+        q_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 40, rng.integers(1, 7)))])
+        kv_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 40, rng.integers(1, 7)))])
+        heads = 2 * int(rng.integers(1, 3))
+        keep = rng.random((heads, len(q_offsets) - 1, len(kv_offsets) - 1)) < 0.4
+        mask = BlockMask.from_lists([[np.flatnonzero(row) for row in head] for head in keep], q_offsets, kv_offsets)
+        tokens = exactness.token_mask(mask, "cpu")
+        np.testing.assert_array_equal(tokens.numpy(), expand_to_tokens(mask), err_msg=f"case {case}")
+        gen = torch.Generator().manual_seed(case)
+        q = torch.randn(2, heads, mask.q_len, 8, generator=gen)
+        k, v = (torch.randn(2, heads // 2, mask.kv_len, 8, generator=gen) for _ in range(2))
+        out, lse = exactness.reference(q, k, v, tokens, 0.3)
+        want_out, want_lse = dense_attention(q.numpy(), k.numpy(), v.numpy(), tokens.numpy(), 0.3)
+        assert out.dtype == lse.dtype == torch.float64
+        np.testing.assert_allclose(out.numpy(), want_out, rtol=0, atol=1e-12, err_msg=f"case {case}")
+        np.testing.assert_allclose(lse.numpy(), want_lse, rtol=0, atol=1e-12, err_msg=f"case {case}")
