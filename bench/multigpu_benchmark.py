@@ -259,7 +259,7 @@ def compare(got: torch.Tensor, reference: torch.Tensor) -> dict:
 
 def report(folder: Path) -> int:
     rows = [json.loads(line) for line in (folder / "multigpu-rows.jsonl").read_text().splitlines() if line.strip()]
-    meta = rows[-1]["meta"]
+    meta = rows[-1]["meta"] | {"gpus": max(r["world"] for r in rows)}    # the last row may be the one-GPU run
     write_report(folder / f"multigpu-{meta['date']}", meta, rows, markdown(rows, meta))
     print(markdown(rows, meta))
     return 0

@@ -212,3 +212,20 @@ def test_the_fa4_checks_reference_is_float64_attention_under_the_lists_tokens():
         assert out.dtype == lse.dtype == torch.float64
         np.testing.assert_allclose(out.numpy(), want_out, rtol=0, atol=1e-12, err_msg=f"case {case}")
         np.testing.assert_allclose(lse.numpy(), want_lse, rtol=0, atol=1e-12, err_msg=f"case {case}")
+
+
+def test_the_multigpu_reports_header_counts_the_most_gpus_its_rows_ran_on(tmp_path, capsys):
+    """The header's GPU count came from the last row's meta, which is the one-GPU reference where that ran last."""
+    bench = load_script("multigpu_benchmark")
+    method = next(iter(bench.STEPS))
+
+    def row(world: int) -> dict:
+        meta = {"gpus": world, "gpu": "NVIDIA H200", "date": "2026-12-06", "torch": "t", "diffusers": "d",
+                "triton": "tr", "flashinfer": "f"}
+        return {"model": "wan-1.3b", "method": method, "layers_run": 2, "layers_full": 30, "world": world,
+                "step_s": 1.0 / world, "density": None, "peak_gib_per_gpu": [1.0] * world, "backends": [],
+                "meta": meta}
+    (tmp_path / "multigpu-rows.jsonl").write_text("\n".join(json.dumps(row(w)) for w in (2, 1)) + "\n")
+    assert bench.report(tmp_path) == 0
+    header = (tmp_path / "multigpu-2026-12-06.md").read_text().splitlines()[2]
+    assert header.startswith("Machine: 2x NVIDIA H200"), header
