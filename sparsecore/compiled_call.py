@@ -109,13 +109,10 @@ def _eager_outside_graph(kernel: "CompiledKernel", *call: Any) -> Any:
     """The eager call, run outside the graph (a graph break). ``torch.compiler.disable`` imports ``torch._dynamo``
     (about 1 s): it is applied at the first such call, under torch.compile (which has it already), not when
     ``import sparsecore`` loads this module."""
-    if not _OUTSIDE_GRAPH:
-        _OUTSIDE_GRAPH.append(torch.compiler.disable(
-            _eager_call, reason="a sparsecore kernel called on inputs that need gradients, where one of its backends "
-                                "keeps them (portable, on a mask that drops unlisted blocks), runs outside the graph; "
-                                "under fullgraph=True run it under torch.no_grad(), with detached inputs, or without "
-                                "fullgraph"))
-    return _OUTSIDE_GRAPH[0](kernel, *call)
+    return _made_once(_OUTSIDE_GRAPH, _eager_call,
+                      "a sparsecore kernel called on inputs that need gradients, where one of its backends keeps them "
+                      "(portable, on a mask that drops unlisted blocks), runs outside the graph; under fullgraph=True "
+                      "run it under torch.no_grad(), with detached inputs, or without fullgraph")(kernel, *call)
 
 
 def _eager_call(kernel: "CompiledKernel", *call: Any) -> Any:
@@ -129,12 +126,28 @@ def outside_graph(compile: Any, *args: Any, **kwargs: Any) -> "CompiledKernel":
     """``sparsecore.compile`` called under ``torch.compile`` (a layer compiling each step's mask in its forward): run
     eagerly, outside the graph (a graph break), as Dynamo cannot trace it (hashing the mask's lists, checking the
     backends on its blocks); the kernel it returns is then called as the op. Made at first use, as above."""
-    if not _COMPILE_OUTSIDE_GRAPH:
-        _COMPILE_OUTSIDE_GRAPH.append(torch.compiler.disable(
-            compile, reason="sparsecore.compile(mask) runs outside the graph (it hashes and checks the mask on the "
-                            "host); under fullgraph=True compile the mask outside the compiled region and call the "
-                            "kernel it returns inside, or compile without fullgraph"))
-    return _COMPILE_OUTSIDE_GRAPH[0](*args, **kwargs)
+    return _made_once(_COMPILE_OUTSIDE_GRAPH, compile,
+                      "sparsecore.compile(mask) runs outside the graph (it hashes and checks the mask on the host); "
+                      "under fullgraph=True compile the mask outside the compiled region and call the kernel it "
+                      "returns inside, or compile without fullgraph")(*args, **kwargs)
 
 
 _COMPILE_OUTSIDE_GRAPH: list[Any] = []           # the disabled sparsecore.compile, made at first use
+
+
+def _made_once(store: list[Any], fn: Any, reason: str) -> Any:
+    """``torch.compiler.disable(fn, reason=reason)``, made at the first call and kept in ``store``. That first call is
+    traced: Dynamo does not trace ``torch.compiler.disable`` itself (a graph break naming only "a function marked as
+    skipped", which fullgraph=True raised in a fresh process), so it breaks the graph with ``reason`` first."""
+    if not store:
+        if torch.compiler.is_compiling() and _BREAK_TAKES_MESSAGE:
+            torch._dynamo.graph_break(msg=reason)     # as a keyword: Dynamo reports only that
+        elif torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
+        store.append(torch.compiler.disable(fn, reason=reason))
+    return store[0]
+
+
+# graph_break(msg=) is checked on torch 2.13; an older Dynamo's graph_break may take no argument (a TypeError when the
+# break runs the call eagerly), so there the break names no reason (a fullgraph=True error as before, no remedy)
+_BREAK_TAKES_MESSAGE = torch.__version__ >= (2, 13)

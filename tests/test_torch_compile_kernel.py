@@ -255,7 +255,14 @@ def test_a_layer_holding_a_new_kernel_each_step_runs_one_graph():
     assert len(graphs) == 1
 
 
-def test_fullgraph_names_the_remedies_where_gradients_would_leave_the_graph():
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fullgraph_names_the_remedies_where_gradients_would_leave_the_graph(fresh, monkeypatch):
+    """``fresh``: as in a new process, where no earlier compiled call made the graph-break wrapper (it is made at first
+    use). Dynamo traced its making, ``torch.compiler.disable``, and under fullgraph=True raised "Attempted to call
+    function marked as skipped", naming neither sparsecore nor a remedy (the README promises both)."""
+    torch._dynamo.reset()
+    if fresh:
+        monkeypatch.setattr(sparsecore.compiled_call, "_OUTSIDE_GRAPH", [])
     mask, kernel = masked_kernel(7)
     q, k, v = (t.requires_grad_() for t in inputs(1, 7))
     compiled = torch.compile(lambda q, k, v: kernel(q, k, v), fullgraph=True, backend="aot_eager")
@@ -264,6 +271,21 @@ def test_fullgraph_names_the_remedies_where_gradients_would_leave_the_graph():
     with torch.no_grad():
         want, _ = expected(mask, q, k, v, 8 ** -0.5)
         np.testing.assert_allclose(compiled(q, k, v).double().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fullgraph_names_the_remedy_for_sparsecore_compile_in_a_fresh_process(monkeypatch):
+    """The first thing compiled with ``fullgraph=True`` calls ``sparsecore.compile`` (no earlier graph break made its
+    wrapper): the error names the remedy, not Dynamo's "Attempted to call function marked as skipped"."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(sparsecore.compiled_call, "_COMPILE_OUTSIDE_GRAPH", [])
+    mask, _ = masked_kernel(3)
+    with pytest.raises(Exception, match="compile the mask outside the compiled region"):
+        torch.compile(lambda q, k, v: sparsecore.compile(mask, device="cpu")(q, k, v), backend="aot_eager",
+                      fullgraph=True)(*inputs(1, 3))
+    torch._dynamo.reset()
+    q, k, v = inputs(1, 3)
+    got = torch.compile(lambda q, k, v: sparsecore.compile(mask, device="cpu")(q, k, v), backend="aot_eager")(q, k, v)
+    np.testing.assert_allclose(got.double().numpy(), expected(mask, q, k, v, 8 ** -0.5)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("on_device", [False, True])
