@@ -11,7 +11,7 @@ import statistics
 import torch
 
 from e2e_models import Case, build_model, model_inputs
-from e2e_schedules import (DENSE_REPEATS, METHOD_PARAMS, NUM_STEPS, PLAN_PROBE, STEPS, VARIANTS, by_kind,
+from e2e_schedules import (DENSE_REPEATS, METHOD_PARAMS, NUM_STEPS, PLAN_PROBE, STEPS, TINY_PARAMS, VARIANTS, by_kind,
                            full_attention, generation)
 from e2e_timing import allocated_mib, peak_gib, reset_peak, timed_forward, warm_batch_lengths, warm_kernels
 
@@ -36,7 +36,7 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
             for block in model.transformer_blocks:
                 block.compile(fullgraph=True)
         try:
-            rows += run_mode(case, model, inputs, mode, device, log, methods, kernel_args)
+            rows += run_mode(case, model, inputs, mode, device, log, methods, kernel_args, tiny)
         except torch.OutOfMemoryError as err:
             rows.append(dict(model=case.model, length=case.label, mode=mode, method="(all)",
                              error=f"out of memory: {err}"))
@@ -50,11 +50,12 @@ def run_case(case: Case, modes: list[str], tiny: bool, device: str, log, methods
 
 
 def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, methods: list[str],
-             kernel_args: dict) -> list[dict]:
+             kernel_args: dict, tiny: bool) -> list[dict]:
     """The rows of one mode on a built model: after :func:`~e2e_timing.warm_kernels`, the dense row (the model's own
-    attention; its first forward, which compiles, left out of the median), then each of ``methods`` applied,
-    measured (:func:`run_method`) and removed. Steps are scaled by the depth (``layers_full / layers_run``). Where
-    dense runs out of memory or a method fails, that row says so and the other methods still run."""
+    attention; its first forward, which compiles, left out of the median), then each of ``methods`` applied (with
+    :data:`~e2e_schedules.TINY_PARAMS` on ``tiny`` configs), measured (:func:`run_method`) and removed. Steps are
+    scaled by the depth (``layers_full / layers_run``). Where dense runs out of memory or a method fails, that row
+    says so and the other methods still run."""
     rows, scale = [], case.layers_full / case.layers_run
     warm_kernels(model, inputs, device, model.dtype, backend=kernel_args["backend"],
                  options=kernel_args["backend_options"])
@@ -81,7 +82,7 @@ def run_mode(case: Case, model, inputs: dict, mode: str, device: str, log, metho
             log("  dense-sparsecore skipped: with --dense-attention model it would time the model's own attention")
             continue
         name, params = VARIANTS.get(method, (method, {}))
-        params = {**METHOD_PARAMS.get(name, {}), **params}
+        params = {**METHOD_PARAMS.get(name, {}), **(TINY_PARAMS.get(name, {}) if tiny else {}), **params}
         plan = STEPS.get(method) or STEPS[name]
         dense_layers = 0
         if name == "pasa" and case.layers_run < case.layers_full:    # see :func:`with_dense_layers`

@@ -23,6 +23,9 @@ METHOD_PARAMS = {   # method -> parameters its rows run with: Radial Attention's
     "radial": {"dense_steps": 12, "dense_layers": 1, "decay_factor": 0.2},
     "sta": {"dense_steps": 12, "window": (3, 3, 3)},              # FastVideo's Wan search: 12 dense steps
 }
+TINY_PARAMS = {     # method -> parameters added under --tiny, whose frames (4 x 4 tokens) are smaller than its blocks
+    "radial": {"block_size": 16},
+}
 VARIANTS = {    # row name -> (method, parameters)
     "pasa-drop": ("pasa", {"approximation": "drop"}),          # without its approximation of unkept blocks
     "adaspa-device": ("adaspa", {"store": "device"}),          # searched masks wait on the GPU

@@ -229,3 +229,15 @@ def test_the_multigpu_reports_header_counts_the_most_gpus_its_rows_ran_on(tmp_pa
     assert bench.report(tmp_path) == 0
     header = (tmp_path / "multigpu-2026-12-06.md").read_text().splitlines()[2]
     assert header.startswith("Machine: 2x NVIDIA H200"), header
+
+
+def test_the_tiny_end_to_end_run_gives_radial_a_row(tmp_path, monkeypatch):
+    """``e2e_benchmark --tiny`` is the harness's smoke run on any device: Radial Attention's 128-token blocks did not
+    fit its frames of 4 x 4 tokens, so its row was always an error and the smoke run never ran it."""
+    bench = load_script("e2e_benchmark")
+    monkeypatch.setattr(sys, "argv", ["e2e_benchmark.py", "--tiny", "--models", "wan-1.3b", "--modes", "eager",
+                                      "--lengths", "1x", "--methods", "radial", "--out", str(tmp_path)])
+    assert bench.main() == 0
+    rows = json.loads((tmp_path / "e2e-tiny.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"dense", "radial"}
+    assert [r["error"] for r in rows if "error" in r] == []
