@@ -148,6 +148,7 @@ def _made_once(store: list[Any], fn: Any, reason: str) -> Any:
     return store[0]
 
 
-# graph_break(msg=) is checked on torch 2.13; an older Dynamo's graph_break may take no argument (a TypeError when the
-# break runs the call eagerly), so there the break names no reason (a fullgraph=True error as before, no remedy)
-_BREAK_TAKES_MESSAGE = torch.__version__ >= (2, 13)
+# graph_break(msg=) is checked on torch 2.11 (the H100 of 2026-12-06: its Dynamo reports "Message: None" for a bare
+# graph_break()) and 2.13; an older Dynamo's graph_break may take no argument (a TypeError when the break runs the call
+# eagerly), so there the break names no reason (a fullgraph=True error as before, no remedy)
+_BREAK_TAKES_MESSAGE = torch.__version__ >= (2, 11)
