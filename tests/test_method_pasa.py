@@ -172,6 +172,9 @@ def test_calibration_record_save_load_average(tmp_path):
         recorder.record(0, torch.zeros(2))
         with pytest.raises(ValueError, match="velocity: expected finite values at step 1, got NaN or inf"):
             recorder.record(1, bad.double())
+    recorder = pasa.CurvatureRecorder(3)    # an empty prediction: a NaN mean was kept, profile() blamed the order
+    with pytest.raises(ValueError, match=r"velocity: expected a non-empty tensor at step 0, got shape \[2, 0\]"):
+        recorder.record(0, torch.zeros(2, 0))
     # every bad file names itself (some raised bare TypeErrors or an OverflowError)
     for bad in ("{}", '{"l1_change": 5}', '{"l1_change": ["a", 1]}', '{"l1_change": [{"a": 1}]}',
                 '{"l1_change": [true]}', "[1, 2]", '{"l1_change": [null, -1]}', '{"l1_change": []}',

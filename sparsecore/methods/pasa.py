@@ -197,6 +197,8 @@ class CurvatureRecorder:
         if not isinstance(velocity, torch.Tensor):
             raise TypeError(f"velocity: expected the model's velocity prediction as a tensor, got "
                             f"{type(velocity).__name__}")
+        if velocity.numel() == 0:          # a NaN mean change, which profile() blamed on the order of the steps
+            raise ValueError(f"velocity: expected a non-empty tensor at step {step}, got shape {list(velocity.shape)}")
         velocity = velocity.detach().float()
         if not bool(torch.isfinite(velocity).all()):
             raise ValueError(f"velocity: expected finite values at step {step}, got NaN or inf (or values past "
