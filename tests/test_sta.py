@@ -260,6 +260,21 @@ def test_mixed_heads_windows_huge_windows_and_bad_json(tmp_path):
         sta.session(1, mask_strategy=bad)
 
 
+@pytest.mark.parametrize("text, match", [
+    ('{"0_0_0": ' + "[" * 100_000 + "]" * 100_000 + "}", "could not read .*RecursionError"),
+    ('{"0_0_0": [' + "9" * 5000 + ", 3, 3]}", "could not read .*4300 digits"),
+    ('{"0_0_0": [1, 1, 1], "0_0_0": [3, 3, 3]}', "key '0_0_0' twice"),
+])
+def test_hostile_json_files_are_refused_naming_the_file(tmp_path, text, match):
+    """A file nested past Python's recursion limit or with an integer past its digit limit raised RecursionError or an
+    unnamed ValueError; a key written twice silently kept its last window (json.loads alone), where a mapping's
+    head given twice is refused."""
+    path = tmp_path / "hostile.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        sta.session(1, mask_strategy=str(path))
+
+
 def test_large_files_causal_geometries_and_missing_layers_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.json"
     path.write_text(json.dumps({"0_0_0": [1, 1, 1]}))

@@ -72,10 +72,26 @@ def _load(path: Any) -> Any:
         if len(data) > STRATEGY_FILE_LIMIT:
             raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got more "
                              f"at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
-        return json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} ({err}); pass the path of FastVideo's "
-                         f"mask strategy json file or the mapping itself") from None
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:     # JSONDecodeError, int digit limit
+        if isinstance(err, _DuplicateKey):
+            raise ValueError(f"mask_strategy: {os.fspath(path)!r} has the key {str(err)[:40]!r} twice (json would "
+                             f"keep the last window silently); pass one window per step, layer and head") from None
+        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} ({type(err).__name__}: "
+                         f"{str(err)[:200]}); pass the path of FastVideo's mask strategy json file or the mapping "
+                         f"itself") from None
+
+
+class _DuplicateKey(ValueError):
+    """A json object with a key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return found
 
 
 def read_strategy(source: Any) -> MaskStrategy:
