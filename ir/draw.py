@@ -26,6 +26,7 @@ MAX_HEADS = 64          # panels in one picture
 MAX_CELLS = 1 << 16     # blocks per head drawn as quads (token-scaled); larger maps are sampled
 PIXELS = 512            # pixels per side of a sampled map
 TITLE_POINTS = 10       # font size of the figure's title
+MAX_ASPECT = 4          # a map whose one side is longer than this many times the other is stretched, not to scale
 INSTALL_MATPLOTLIB = "pip install matplotlib (or, in a sparsecore checkout, pip install '.[viz]')"
 
 
@@ -101,7 +102,8 @@ def png_path(path: Any) -> Path:
 
 
 def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Path:
-    """Draw each selected head's block map in a grid, drawn to token scale."""
+    """Draw each selected head's block map in a grid, drawn to token scale (stretched where one side is more than
+    :data:`MAX_ASPECT` times the other, e.g. a ring shard's few queries against every key)."""
     path = png_path(path)
     heads = _heads(mask, heads)
     plt = matplotlib_pyplot()
@@ -135,7 +137,8 @@ def _draw_heads(fig: Any, axes: np.ndarray, mask: "BlockMask", heads: list[int])
                           vmax=1.25)
         ax.set_xlim(0, mask.kv_len)
         ax.set_ylim(mask.q_len, 0)
-        ax.set_aspect("equal")
+        # to token scale, unless one side is so much longer that the map would be a line no block shows on
+        ax.set_aspect("equal" if max(mask.q_len, mask.kv_len) <= MAX_ASPECT * min(mask.q_len, mask.kv_len) else "auto")
         ax.set_title(f"head {h}: density {density[h]:.3f}", fontsize=9)
         ax.axis("on")
         ax.tick_params(labelsize=7)

@@ -183,6 +183,25 @@ def test_picture_titles_fit_for_one_or_two_heads(tmp_path, monkeypatch, heads, q
     assert all(0 <= b.x0 and b.x1 <= figure.x1 and not b.overlaps(box) for _, b in panels), (box, panels)
 
 
+@pytest.mark.parametrize("q_len, kv_len", [(16, 4096), (4096, 16), (64, 64)])
+def test_a_picture_of_a_long_thin_mask_shows_its_blocks(tmp_path, monkeypatch, q_len, kv_len):
+    """Drawn to token scale, a mask of 16 query tokens against 4,096 keys (a ring shard, cross-attention) was a panel
+    under 1 pixel tall: the picture showed none of its blocks. Each panel keeps a visible height and width."""
+    import matplotlib.pyplot as plt
+    boxes, close = [], plt.close
+
+    def panels_of(fig):
+        fig.canvas.draw()
+        boxes.extend(ax.get_window_extent() for ax in fig.axes if ax.axison)
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", panels_of)
+    mask = BlockMask.full(1, q_len, kv_len, 8)
+    mask.render(tmp_path / "thin.png")
+    (box,), = [boxes]
+    assert min(box.width, box.height) >= 0.25 * max(box.width, box.height), box
+
+
 @given(st.integers(1, 40), st.integers(1, 9))
 def test_uniform_block_size(length, block):
     mask = BlockMask.full(1, length, length, block)
