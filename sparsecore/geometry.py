@@ -130,14 +130,20 @@ class VideoGeometry:
                 ``block_size`` blocks, which some kernels need; a block may then hold
                 both video and text tokens.
             text_block: size of the text blocks (default: ``block_size``, or ``P`` for
-                frame blocks); the last text block may be short.
+                frame blocks); the last text block may be short. Refused under ``split_text=False``.
         """
         if block_size is not None:
             block_size = check_int(block_size, "block_size")
+        if text_block is not None:
+            text_block = check_int(text_block, "text_block")
         if not split_text:
             if block_size is None:
                 raise ValueError("block_size: split_text=False needs a fixed block size, got None "
                                  "(frame blocks always end at the modality boundary)")
+            if text_block is not None:
+                raise ValueError(f"text_block: split_text=False cuts the whole sequence into {block_size}-token "
+                                 f"blocks, text included, got text_block={text_block}; pass text_block=None, or "
+                                 f"split_text=True for text blocks of their own size")
             if self.causal_frames:
                 raise ValueError(f"split_text: uniform blocks over the whole sequence would cross the causal blocks "
                                  f"of {self.causal_frames} frames; pass split_text=True")
@@ -146,7 +152,7 @@ class VideoGeometry:
         parts = [("video", video)]
         if self.text_tokens:
             size = text_block if text_block is not None else (block_size or self.frame_tokens)
-            text = _uniform(self.text_tokens, check_int(size, "text_block"))
+            text = _uniform(self.text_tokens, size)
             parts.append(("text", text))
             if self.text_position == "start":
                 parts.reverse()

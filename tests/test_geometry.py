@@ -44,6 +44,17 @@ def test_fixed_blocks_split_at_the_modality_boundary_unless_asked():
         g.block_offsets(None, split_text=False)
 
 
+def test_a_text_block_size_the_blocks_would_ignore_is_refused():
+    """text_block was ignored silently under split_text=False (uniform blocks over text and video) and unchecked
+    without text (-1 accepted)."""
+    g = VideoGeometry(3, 2, 5, text_tokens=7)
+    with pytest.raises(ValueError, match="text_block: split_text=False cuts the whole sequence into 8-token blocks"):
+        g.block_offsets(8, split_text=False, text_block=4)
+    with pytest.raises(ValueError, match="text_block: expected an int >= 1, got -1"):
+        VideoGeometry(3, 2, 5).block_offsets(8, text_block=-1)
+    assert VideoGeometry(3, 2, 5).block_offsets(8, text_block=4).tolist() == [0, 8, 16, 24, 30]   # no text: no block
+
+
 @given(geometries, st.one_of(st.none(), st.integers(1, 50)))
 def test_block_offsets_are_valid_ir_offsets_that_respect_modalities(g, block):
     offsets = g.block_offsets(block)
