@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsecore.geometry import MAX_TOKENS
 from sparsecore.ir.stream_readers import retire
 from sparsecore.ir.validation import check_int, frozen
 
@@ -79,6 +80,9 @@ class TokenOrder:
         if length < len(self):
             raise ValueError(f"length: expected at least the order's {len(self)} tokens, got {length}; pass the "
                              f"length of the sequence the order was made for (or longer, padding after it)")
+        if length > MAX_TOKENS:                             # checked before an index of that many tokens is built
+            raise ValueError(f"length: expected at most {MAX_TOKENS:,} tokens (the longest sequence a mask "
+                             f"describes), got {length:,}; pass the length of the sequence the order gathers")
         return self._index(False, device, length)
 
     def _length(self, tensor: Any, dim: int) -> int:

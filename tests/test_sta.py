@@ -135,6 +135,15 @@ def test_token_order_gathers_and_scatters_and_keeps_padding_in_place():
         TokenOrder(np.zeros((2, 2), dtype=np.int64), "bad")
 
 
+def test_a_device_index_longer_than_any_sequence_is_refused_before_it_is_built():
+    """device_index(device, 10**12) built an index of 10**12 tokens (8 TB) before anything said the length was
+    wrong: a MemoryError at best."""
+    order = sta.token_order(VideoGeometry(3, 4, 5, text_tokens=3), (2, 2, 2))
+    with pytest.raises(ValueError, match="length: expected at most 2,147,483,647 tokens"):
+        order.device_index("cpu", 10 ** 12)
+    assert len(order.device_index("cpu", len(order) + 1)) == len(order) + 1
+
+
 def test_clear_cache_reads_the_live_orders_while_another_thread_makes_one(monkeypatch):
     """sparsecore.clear_cache() reads every live TokenOrder while a pipeline thread may make one (STA at a new
     size): reading the set as another thread added to it raised 'Set changed size during iteration' and left
