@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from .unselected import Unselected
-from .validation import as_path, meta_to_json
+from .validation import as_path, meta_to_json, parse_json
 
 if TYPE_CHECKING:
     from .block_mask import BlockMask
@@ -185,25 +185,11 @@ def _read_exactly(file: BinaryIO, count: int, bad) -> bytes:
     return data
 
 
-class _DuplicateKey(Exception):
-    """A JSON object with a key twice (``json.loads`` alone would keep the last value silently)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    found = dict(pairs)
-    if len(found) != len(pairs):                 # the first key seen twice, in one pass (a header may hold 10^5 keys)
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return found
-
-
 def _parse_json(raw: bytes, what: str, bad) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as err:
-        raise bad(f"{what} has the key {str(err)[:40]!r} twice") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:   # JSONDecodeError, int digit limits
-        raise bad(f"{what} is not valid UTF-8 JSON ({type(err).__name__}: {str(err)[:80]})") from None
+        return parse_json(raw, what)
+    except ValueError as err:
+        raise bad(str(err)) from None
 
 
 def _check_metadata(metadata: Any, bad) -> dict[str, str]:

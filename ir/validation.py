@@ -290,6 +290,30 @@ def _thaw(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """JSON text read strictly: a key written twice (``json.loads`` alone keeps the last value silently), text that
+    is not UTF-8 JSON, nesting past Python's recursion limit and integers past its digit limit all raise
+    ``ValueError`` naming ``what``."""
+    try:
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ValueError(f"{what} has the key {str(err)[:40]!r} twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:   # JSONDecodeError, int digit limits
+        raise ValueError(f"{what} is not valid UTF-8 JSON ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):                 # the first key seen twice, in one pass (a header may hold 10^5 keys)
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return found
+
+
 def meta_to_json(meta: Mapping[str, Any]) -> str:
     """Canonical JSON text of a frozen ``meta``."""
     return json.dumps(meta, sort_keys=True, allow_nan=False, default=_thaw)

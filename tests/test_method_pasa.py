@@ -178,7 +178,8 @@ def test_calibration_record_save_load_average(tmp_path):
     # every bad file names itself (some raised bare TypeErrors or an OverflowError)
     for bad in ("{}", '{"l1_change": 5}', '{"l1_change": ["a", 1]}', '{"l1_change": [{"a": 1}]}',
                 '{"l1_change": [true]}', "[1, 2]", '{"l1_change": [null, -1]}', '{"l1_change": []}',
-                '{"l1_change": [null, ' + "9" * 400 + "]}"):
+                '{"l1_change": [null, ' + "9" * 400 + "]}", '{"l1_change": [null, 1], "l1_change": [null, 2]}',
+                '{"l1_change": ' + "[" * 100_000 + "]" * 100_000 + "}"):     # a key twice; a bare RecursionError
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ValueError, match="bad.json: not a PASA curvature profile"):
             pasa.CurvatureProfile.load(tmp_path / "bad.json")

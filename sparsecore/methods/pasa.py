@@ -78,7 +78,7 @@ from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask
 from sparsecore.ir.serialization import write_replacing
 from sparsecore.ir.uploads import queued
-from sparsecore.ir.validation import check_index, check_int
+from sparsecore.ir.validation import check_index, check_int, parse_json
 from sparsecore.noise import SEED_LIMIT, GumbelNoise, head_keys
 
 from . import causal
@@ -167,7 +167,7 @@ class CurvatureProfile:
     def load(cls, path: str | Path) -> "CurvatureProfile":
         """Read a profile written by :meth:`save`; anything else raises ``ValueError`` naming the file."""
         try:
-            data = json.loads(Path(path).read_text())["l1_change"]
+            data = parse_json(Path(path).read_bytes(), "the file")["l1_change"]
             if not isinstance(data, list) or not all(x is None or (isinstance(x, (int, float))
                                                                     and not isinstance(x, bool)) for x in data):
                 raise ValueError(f"l1_change: expected a list of numbers or null, got {str(data)[:80]}")

@@ -8,13 +8,12 @@ columns). :mod:`.sta` plans masks from it; :mod:`.sta_search` writes it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from sparsecore.ir.validation import check_int
+from sparsecore.ir.validation import check_int, parse_json
 
 STRATEGY_FILE_LIMIT = 256 * 2 ** 20          # bytes: FastVideo's files are 4 MiB (50 steps x 60 layers x 24 heads)
 SIZE_LIMIT = 2 ** 31                         # tiles and windows: larger ones than any grid behave as the grid
@@ -69,29 +68,17 @@ def _load(path: Any) -> Any:
     try:
         with open(path, "rb") as file:
             data = file.read(STRATEGY_FILE_LIMIT + 1)          # not the size the file system claims
-        if len(data) > STRATEGY_FILE_LIMIT:
-            raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got more "
-                             f"at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:     # JSONDecodeError, int digit limit
-        if isinstance(err, _DuplicateKey):
-            raise ValueError(f"mask_strategy: {os.fspath(path)!r} has the key {str(err)[:40]!r} twice (json would "
-                             f"keep the last window silently); pass one window per step, layer and head") from None
-        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} ({type(err).__name__}: "
-                         f"{str(err)[:200]}); pass the path of FastVideo's mask strategy json file or the mapping "
-                         f"itself") from None
-
-
-class _DuplicateKey(ValueError):
-    """A json object with a key twice."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return found
+    except OSError as err:
+        raise ValueError(f"mask_strategy: could not read {os.fspath(path)!r} ({err}); pass the path of FastVideo's "
+                         f"mask strategy json file or the mapping itself") from None
+    if len(data) > STRATEGY_FILE_LIMIT:
+        raise ValueError(f"mask_strategy: expected a json file of at most {STRATEGY_FILE_LIMIT:,} bytes, got more "
+                         f"at {os.fspath(path)!r}; pass FastVideo's mask strategy file")
+    try:
+        return parse_json(data, f"mask_strategy: {os.fspath(path)!r}")
+    except ValueError as err:
+        raise ValueError(f"{err}; pass FastVideo's mask strategy json file (one window per step, layer and head) or "
+                         f"the mapping itself") from None
 
 
 def read_strategy(source: Any) -> MaskStrategy:
