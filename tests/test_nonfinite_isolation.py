@@ -206,7 +206,7 @@ def test_a_key_block_of_minus_infinite_scores_walked_first_gets_weight_zero_on_t
             target.dtype, 64, 2, 2, target.capabilities.lse)
         if problems:
             pytest.skip(f"{target.backend} cannot take this case: {'; '.join(problems)}")
-        if target.backend == "portable":
+        if target.backend == "portable" and target.dtype != "float64":     # fp64: torch's math SDPA
             request.applymarker(pytest.mark.xfail(strict=False, reason=(
                 "portable's call without LSE is torch's fused SDPA, which on CUDA gave NaN output here (H100, torch "
                 "2.11, 2026-12-06); its call with LSE, checked first, computes the scores itself and passed")))
