@@ -35,6 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_kernel import _finite_max
+
 
 @triton.jit
 def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, stats, qk_scale,
@@ -57,7 +59,7 @@ def _summary_tile(q, m_i, acc, listed_rows, row_ok, j0, offs_n, col_ok, offs_d, 
     approximated = (((word >> (offs_n % 32)[None, :]) & 1) == 0) & col_ok[None, :]
     score = tl.where(approximated, score * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(score, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_safe = _finite_max(m_new)
     alpha = tl.math.exp2(m_i - m_safe)                                          # 0 while nothing was seen
     p = tl.math.exp2(score - m_safe[:, None])                                   # 0 on listed blocks
     weights = p * tl.load(Sizes + offs_n, mask=col_ok, other=0.0)[None, :]
@@ -142,7 +144,7 @@ def approximate_unselected_fwd(
     l_ptrs = Lse + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m
     exact_lse = tl.load(l_ptrs, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     exact_out = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    m_safe = _finite_max(m_i)
     approx_lse = tl.where(z_i != 0.0, m_safe + tl.math.log2(tl.where(z_i != 0.0, z_i, 1.0)), float("-inf"))
     base = tl.maximum(exact_lse, approx_lse)
     base = tl.where(base == float("-inf"), 0.0, base)

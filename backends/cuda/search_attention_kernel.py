@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _load_kv
+from .triton_kernel import _finite_max, _load_kv
 
 
 @triton.jit
@@ -38,13 +38,6 @@ def _log_sum(sums, m_new):
     """``m + log2(sums)`` per row (-inf where the sum is 0, NaN where it is NaN: non-finite inputs stay visible)."""
     return tl.where(sums > 0.0, m_new + tl.math.log2(tl.where(sums > 0.0, sums, 1.0)),
                     tl.where(sums == 0.0, float("-inf"), sums))
-
-
-@triton.jit
-def _finite_max(m_new):
-    """The running maximum to shift by: 0 while a row's scores so far are all -inf (a key with a -inf component),
-    whose weights are then exp2(-inf) = 0, not exp2(-inf - -inf) = NaN."""
-    return tl.where(m_new == float("-inf"), 0.0, m_new)
 
 
 # Offsets that change from launch to launch of one call (chunks of heads and rows) are not specialized on (Triton

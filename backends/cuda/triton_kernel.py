@@ -24,6 +24,13 @@ LOG2E = 1.4426950408889634  # the host multiplies the softmax scale by this: sco
 
 
 @triton.jit
+def _finite_max(m_new):
+    """The running maximum to shift by: 0 while a row's scores so far are all -inf (a key with a -inf component, or
+    nothing seen yet), whose weights are then exp2(-inf) = 0, not exp2(-inf - -inf) = NaN."""
+    return tl.where(m_new == float("-inf"), 0.0, m_new)
+
+
+@triton.jit
 def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok,
                  MASKED: tl.constexpr, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over a key tile; k is [D, N], v is [N, D]; m_i is in log2 units. While a row's
@@ -34,11 +41,11 @@ def _attend_tile(q, k, v, acc, l_i, m_i, qk_scale, col_ok,
         if MASKED:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = _finite_max(m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
     else:  # max(qk) * scale == max(qk * scale): fold the scale into one multiply-add
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = _finite_max(m_new)
         p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
