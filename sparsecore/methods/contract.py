@@ -159,18 +159,17 @@ def fixed_block_offsets(geometry: VideoGeometry, num_heads: int, block_size: int
     return geometry.block_offsets(block_size)
 
 
-FRAMES_LIMIT = MAX_TOKENS    # latent frames a geometry has at most: a frame count past it covers any video
+COUNT_LIMIT = MAX_TOKENS     # frames or blocks a geometry has at most: a count past it covers any video
 
 
-def check_frame_count(value: Any, field: str, minimum: int = 1) -> int:
-    """A count of latent frames (a window, a budget, an interval), at least ``minimum`` and at most
-    :data:`FRAMES_LIMIT`: past any video it means the whole video, and past int64 or a float's range the plan's
+def check_video_count(value: Any, field: str, minimum: int = 1, unit: str = "latent frames") -> int:
+    """A count of a video's ``unit`` (a window, a budget, an interval), at least ``minimum`` and at most
+    :data:`COUNT_LIMIT`: past any video it means the whole video, and past int64 or a float's range the plan's
     arithmetic overflowed at the first step with a bare OverflowError naming no field."""
     value = check_int(value, field, minimum)
-    if value > FRAMES_LIMIT:
-        raise ValueError(f"{field}: expected at most {FRAMES_LIMIT:,} latent frames (more than a video can have; "
-                         f"past a video's frames any value acts as the whole video), got an int of "
-                         f"{value.bit_length()} bits")
+    if value > COUNT_LIMIT:
+        raise ValueError(f"{field}: expected at most {COUNT_LIMIT:,} {unit} (more than a video can have; past a "
+                         f"video's {unit} any value acts as the whole video), got an int of {value.bit_length()} bits")
     return value
 
 

@@ -69,7 +69,7 @@ from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_bool, check_int, frozen
 
 from . import causal
-from .contract import (FRAMES_LIMIT, HeadShard, StepAction, check_fraction, check_frame_count,
+from .contract import (COUNT_LIMIT, HeadShard, StepAction, check_fraction, check_video_count,
                        check_geometry, check_layer, check_num_steps, check_shard, check_step, fixed_block_offsets,
                        geometry_meta, params_from)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
@@ -108,21 +108,21 @@ class LVSAParams:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "window", check_frame_count(self.window, "window", 0))
+        set_(self, "window", check_video_count(self.window, "window", 0))
         set_(self, "first_frames", check_int(self.first_frames, "first_frames", 0))
-        set_(self, "reference_frames", check_frame_count(self.reference_frames, "reference_frames", 1))
+        set_(self, "reference_frames", check_video_count(self.reference_frames, "reference_frames", 1))
         set_(self, "sp_world", check_int(self.sp_world, "sp_world", 1))
         if self.anchor_rule not in ANCHOR_RULES:
             raise ValueError(f"anchor_rule: expected one of {ANCHOR_RULES}, got {self.anchor_rule!r}")
         if self.anchor_interval is not None:
-            set_(self, "anchor_interval", check_frame_count(self.anchor_interval, "anchor_interval", 1))
+            set_(self, "anchor_interval", check_video_count(self.anchor_interval, "anchor_interval", 1))
         if self.block_size is not None:
             set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "sparsity_scale", check_fraction(self.sparsity_scale, "sparsity_scale", 0.0, math.inf,
                                                     open_low=True))
         set_(self, "approximation", check_approximation(self.approximation))
         if self.anchor_rule == "paper" and self.anchor_interval is None:    # at a long video's first step otherwise
-            scaled = int(min(self.reference_frames * self.sparsity_scale, FRAMES_LIMIT + 1))   # C * scale may be inf
+            scaled = int(min(self.reference_frames * self.sparsity_scale, COUNT_LIMIT + 1))   # C * scale may be inf
             _check_paper_rule(self.window, max(self.first_frames + 1, scaled))
         check_bool(self.rotate, "rotate")
         check_bool(self.expand_window, "expand_window")

@@ -42,14 +42,13 @@ from typing import Any
 
 import torch
 
-from sparsecore.geometry import MAX_TOKENS, VideoGeometry
+from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
 from sparsecore.ir.memo import LruMemo
-from sparsecore.ir.validation import check_int
 
 from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_layer, check_num_steps,
-                       check_one_off_step, check_qk, check_shard, check_step, fixed_block_offsets, geometry_meta,
-                       params_from)
+                       check_one_off_step, check_qk, check_shard, check_step, check_video_count, fixed_block_offsets,
+                       geometry_meta, params_from)
 
 METHOD = "nabla"
 PAPER = "arXiv:2507.13546"
@@ -78,12 +77,8 @@ class NablaParams:
         window = self.window
         if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 3:
             raise TypeError(f"window: expected three ints (frames, tile rows, tile columns), got {window!r}")
-        window = tuple(check_int(w, f"window[{i}]", 1) for i, w in enumerate(window))
-        wide = next((i for i, w in enumerate(window) if w > MAX_TOKENS), None)
-        if wide is not None:        # the window map compares torch int64 distances with it
-            raise ValueError(f"window[{wide}]: expected at most {MAX_TOKENS:,} blocks (more than a grid has; any "
-                             f"window past a grid's blocks covers it), got an int of {window[wide].bit_length()} bits")
-        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "window", tuple(check_video_count(w, f"window[{i}]", 1, unit="blocks")  # int64 maps
+                                                 for i, w in enumerate(window)))
 
     @property
     def approximation(self) -> str:
