@@ -53,6 +53,14 @@ def summary(samples: list[float]) -> dict[str, float]:
     return {"ms": float(statistics.median(samples)), "ms_min": float(min(samples)), "ms_max": float(max(samples))}
 
 
+def time_rows(timed: list[tuple[dict, Callable[[], object]]], rounds: int = ROUNDS) -> None:
+    """Time the calls of one shape together (:func:`interleaved_ms`) and give each row its :func:`summary` and its
+    round medians (``ms_rounds``), so the ratios between the rows' kernels do not carry one run's slow spell."""
+    samples = interleaved_ms(dict(enumerate(fn for _, fn in timed)), rounds)
+    for i, (row, _) in enumerate(timed):
+        row.update(summary(samples[i]), ms_rounds=samples[i])
+
+
 def wall_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Wall seconds of one call of ``fn`` on the GPU (synchronized before and after) and its result: for one-off
     work such as planning or a first call that compiles."""
@@ -70,13 +78,15 @@ def rel_l2(a: Any, b: Any) -> float:
 
 
 def write_rows(out: Path, stem: str, title: str, rows: list[dict], meta: dict, notes: tuple[str, ...]) -> None:
-    """``out/stem.json`` (meta and rows) and ``out/stem.md``: a table of case, density, row, its ms or s and the
-    ``notes`` keys a row has."""
+    """``out/stem.json`` (meta and rows) and ``out/stem.md``: a table of case, density, row, its ms (with the spread of
+    its rounds where :func:`time_rows` timed it) or s and the ``notes`` keys a row has."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = ["| case | density | row | ms / s | note |", "|---|---|---|---|---|"]
     for row in rows:
         value = f"{row['ms']:.2f} ms" if "ms" in row else (f"{row['s']:.3f} s" if "s" in row else "")
+        if "ms_rounds" in row:
+            value += f" ({row['ms_min']:.2f}-{row['ms_max']:.2f} over {len(row['ms_rounds'])} rounds)"
         note = {key: row[key] for key in notes if key in row}
         lines.append(f"| {row['case']} | {row['density']:.3f} | {row['row']} | {value} | {note or ''} |")
     (out / f"{stem}.md").write_text(f"# {title} ({meta['machine']}, {meta['date']})\n\n"
@@ -100,11 +110,13 @@ def run_cases(cases: list[tuple], wanted: list[str] | None, rows_of: Callable[..
     return rows
 
 
-def cudnn_dense(q: Any, k: Any, v: Any, ours: Any) -> tuple[float, float]:
-    """cuDNN dense attention on ``q, k, v``: its median ms and the relative L2 of ``ours`` from its output."""
+def cudnn_dense(q: Any, k: Any, v: Any, ours: Any) -> tuple[Callable[[], Any], float]:
+    """cuDNN dense attention on ``q, k, v`` as a call (to time with the others, :func:`time_rows`) and the relative L2
+    of ``ours`` from its output."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        distance = rel_l2(ours, sdpa(q, k, v))
-        return median_ms(lambda: sdpa(q, k, v)), distance
+
+    def call() -> Any:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return call, rel_l2(ours, call())

@@ -9,10 +9,12 @@ times it where it takes the grid. Per case, on the synthetic video workload (``s
 bf16, q, k, v in STA's tile order):
 
 - planning, wall time from cold caches: ``sta`` session plan plus ``sparsecore.compile`` (upload and conversion);
-- ``do_bench`` medians: sparsecore's default lowering on the tile-ordered tokens; the token order's gathers of q, k,
-  v and scatter of the output, which the diffusers integration adds around it; FlexAttention compiled, 128-token
-  blocks, its block mask from a ``mask_mod`` reading each head's tile map (as FastVideo's FlexAttention reference);
-  FastVideo's Triton kernel (after its autotuning, whose time is reported); cuDNN dense on the same tokens.
+- every kernel of a case timed together in interleaved rounds (``kernel_timing.time_rows``: 3 rounds of ``do_bench``
+  medians; a row gives the median round and the rounds' spread): sparsecore's default lowering on the tile-ordered
+  tokens; the token order's gathers of q, k, v and scatter of the output, which the diffusers integration adds around
+  it; FlexAttention compiled, 128-token blocks, its block mask from a ``mask_mod`` reading each head's tile map (as
+  FastVideo's FlexAttention reference); FastVideo's Triton kernel (after its autotuning, whose time is reported);
+  cuDNN dense on the same tokens.
 - relative L2 distances of the outputs to sparsecore's (the same mask: rounding only) and to dense.
 
 Cases: Wan 2.1 14B at 768 x 1280 (FastVideo's Wan grid, 18 x 48 x 80) with one window and with its search's six
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import cudnn_dense, median_ms, rel_l2, run_cases, wall_seconds, write_rows  # noqa: E402
+from kernel_timing import cudnn_dense, rel_l2, run_cases, time_rows, wall_seconds, write_rows  # noqa: E402
 from report import versions  # noqa: E402
 
 import sparsecore  # noqa: E402
@@ -53,6 +55,7 @@ CASES = [  # (name, frames, height, width, text, heads, windows cycled over head
     ("wan-1.3b 6x 480x832, window 3x3x3", 121, 30, 52, 0, 12, [(3, 3, 3)], None),
 ]
 HEAD_DIM = 128
+DEVICE = "cuda"                            # the tests run the case loop on "cpu", its peers faked
 
 
 def load_fastvideo(path: Path):
@@ -72,14 +75,14 @@ def flex_call(mask, geometry: VideoGeometry, q, k, v):
     and is seen by all). Returns the compiled call and its block mask's build seconds."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     offsets = np.asarray(mask.q_offsets)
-    tile_of = torch.as_tensor(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)), device="cuda")
-    allowed = torch.as_tensor(mask.to_dense(), device="cuda")                        # [H, blocks, blocks]
+    tile_of = torch.as_tensor(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)), device=DEVICE)
+    allowed = torch.as_tensor(mask.to_dense(), device=DEVICE)                        # [H, blocks, blocks]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed[h, tile_of[q_idx], tile_of[kv_idx]]
 
     build_s, block_mask = wall_seconds(lambda: create_block_mask(mask_mod, None, mask.num_heads, geometry.tokens,
-                                                                 geometry.tokens, device="cuda", BLOCK_SIZE=128,
+                                                                 geometry.tokens, device=DEVICE, BLOCK_SIZE=128,
                                                                  _compile=True))      # not L x L at once
     flex = torch.compile(flex_attention)
     return (lambda: flex(q, k, v, block_mask=block_mask)), build_s
@@ -90,40 +93,43 @@ def case_rows(fastvideo, name, frames, height, width, text, heads, windows, grid
     sta._token_order.cache_clear()
     sta.tile_offsets.cache_clear()
     sta.video_block_map.cache_clear()
-    model_order = video_qkv(geometry, heads, HEAD_DIM, seed=0, dtype=torch.bfloat16, device="cuda")
+    model_order = video_qkv(geometry, heads, HEAD_DIM, seed=0, dtype=torch.bfloat16, device=DEVICE)
     session = sta.session(1, mask_strategy=strategy(windows, heads))
     plan_s, mask = wall_seconds(lambda: session.plan(geometry, heads, step=0, layer=0))
     order = sta.token_order(geometry)
     q, k, v = (order.gather(t, 2) for t in model_order)
-    compile_s, kernel = wall_seconds(lambda: sparsecore.compile(mask, "cuda"))
+    compile_s, kernel = wall_seconds(lambda: sparsecore.compile(mask, DEVICE))
     ours = kernel(q, k, v)
     common = {"case": name, "geometry": str(geometry), "heads": heads, "head_dim": HEAD_DIM,
               "windows": sorted(set(windows)), "density": float(mask.density())}
     permute = lambda: (order.gather(model_order[0], 2), order.gather(model_order[1], 2),  # noqa: E731
                        order.gather(model_order[2], 2), order.scatter(ours, 2))
+    dense, distance = cudnn_dense(q, k, v, ours)
     rows = [{**common, "row": "sparsecore plan (sta session)", "s": plan_s},
             {**common, "row": "sparsecore compile (upload, conversion)", "s": compile_s},
-            {**common, "row": f"sparsecore kernel ({kernel.backend.name})", "ms": median_ms(lambda: kernel(q, k, v))},
-            {**common, "row": "token order: gather q, k, v + scatter out", "ms": median_ms(permute)}]
-    dense_ms, rows[2]["rel_l2_vs_dense"] = cudnn_dense(q, k, v, ours)
-    rows.append({**common, "row": "cuDNN dense", "ms": dense_ms})
-    try:                                            # a peer that fails is reported; the others still run
+            {**common, "row": f"sparsecore kernel ({kernel.backend.name})", "rel_l2_vs_dense": distance},
+            {**common, "row": "token order: gather q, k, v + scatter out"},
+            {**common, "row": "cuDNN dense"}]
+    timed = [(rows[2], lambda: kernel(q, k, v)), (rows[3], permute), (rows[4], dense)]   # timed together at the end
+    try:                                            # a peer that fails its first call is reported; the others run
         flex, build_s = flex_call(mask, geometry, q, k, v)
         compile_flex_s, theirs = wall_seconds(flex)
-        rows.append({**common, "row": "FlexAttention compiled, 128-token blocks", "ms": median_ms(flex),
-                     "block_mask_s": build_s, "first_call_s": compile_flex_s,
-                     "rel_l2_vs_sparsecore": rel_l2(theirs, ours)})
-        del theirs, flex
+        rows.append({**common, "row": "FlexAttention compiled, 128-token blocks", "block_mask_s": build_s,
+                     "first_call_s": compile_flex_s, "rel_l2_vs_sparsecore": rel_l2(theirs, ours)})
+        timed.append((rows[-1], flex))
+        del theirs
     except (RuntimeError, torch.OutOfMemoryError) as err:
         rows.append({**common, "row": "FlexAttention compiled, 128-token blocks", "error": str(err)[:300]})
-    if fastvideo is None or grid is None:
-        return rows
-    head_windows = [windows[h % len(windows)] for h in range(heads)]
-    call = lambda: fastvideo.sliding_tile_attention_triton(q, k, v, head_windows, text, has_text=text > 0,  # noqa
-                                                           dit_seq_shape=grid)
-    tune_s, theirs = wall_seconds(call)
-    rows.append({**common, "row": "FastVideo STA Triton kernel (autotuned)", "ms": median_ms(call),
-                 "autotune_s": tune_s, "rel_l2_vs_sparsecore": rel_l2(theirs, ours)})
+    if fastvideo is not None and grid is not None:
+        head_windows = [windows[h % len(windows)] for h in range(heads)]
+        call = lambda: fastvideo.sliding_tile_attention_triton(q, k, v, head_windows, text,  # noqa: E731
+                                                               has_text=text > 0, dit_seq_shape=grid)
+        tune_s, theirs = wall_seconds(call)
+        rows.append({**common, "row": "FastVideo STA Triton kernel (autotuned)", "autotune_s": tune_s,
+                     "rel_l2_vs_sparsecore": rel_l2(theirs, ours)})
+        timed.append((rows[-1], call))
+        del theirs
+    time_rows(timed)
     return rows
 
 

@@ -1,0 +1,105 @@
+"""How the peer benchmarks (``bench/radial_benchmark.py``, ``bench/sta_benchmark.py``) time the kernels their tables
+compare, checked on CPU: the case loop runs on ``"cpu"`` with the GPU-only peers (FlashInfer, FlexAttention compiled,
+FastVideo's Triton kernel) faked and ``kernel_timing.median_ms`` replaced by a counter, so the order in which kernels
+are timed and what each row reports can be read back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import types
+
+import torch
+
+from test_bench_records import load_script
+
+from sparsecore import VideoGeometry
+
+
+def on_cpu(monkeypatch, bench) -> list[int]:
+    """Run ``bench``'s case loop on the CPU: cuDNN's backend choice and CUDA syncs are no-ops, and every
+    ``median_ms`` (the one ``kernel_timing.interleaved_ms`` calls, and any the script calls itself) calls the kernel
+    once and returns how many kernels it has timed so far. Returns the list of the kernels' ids in timing order."""
+    order: list[int] = []
+    seen: dict[int, int] = {}
+
+    def fake_median_ms(fn, min_samples: int = 10) -> float:
+        fn()
+        order.append(seen.setdefault(id(fn), len(seen)))
+        return float(len(order))
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", lambda *backends: contextlib.nullcontext())
+    monkeypatch.setattr(sys.modules["kernel_timing"], "median_ms", fake_median_ms)
+    monkeypatch.setattr(bench, "median_ms", fake_median_ms, raising=False)
+    return order
+
+
+def interleaved(kernels: int, rounds: int = 3) -> list[list[float]]:
+    """What ``interleaved_ms`` gives ``kernels`` kernels under the counting ``median_ms``, sorted: round ``r`` starts
+    at kernel ``r``."""
+    samples: list[list[float]] = [[] for _ in range(kernels)]
+    count = 0
+    for r in range(rounds):
+        for i in list(range(r % kernels, kernels)) + list(range(r % kernels)):
+            count += 1
+            samples[i].append(float(count))
+    return sorted(samples)
+
+
+def check_report(tmp_path, bench, rows: list[dict], kernels: int) -> None:
+    """Every timed row has its round medians, their median and spread, and all of them came from one set of
+    interleaved rounds; the json and the markdown carry them."""
+    timed = [row for row in rows if "ms" in row]
+    assert len(timed) == kernels, [row["row"] for row in rows]
+    assert all("ms_rounds" in row for row in timed), [row["row"] for row in timed if "ms_rounds" not in row]
+    assert sorted(row["ms_rounds"] for row in timed) == interleaved(kernels)
+    for row in timed:
+        assert (row["ms"], row["ms_min"], row["ms_max"]) == (sorted(row["ms_rounds"])[1], min(row["ms_rounds"]),
+                                                             max(row["ms_rounds"]))
+    meta = {"machine": "cpu", "date": "2026-12-07", "versions": {}}
+    bench.write_rows(tmp_path, "kernels", "kernels", rows, meta, ("error",))
+    written = [row for row in json.loads((tmp_path / "kernels.json").read_text())["rows"] if "ms" in row]
+    keys = ("row", "ms", "ms_min", "ms_max", "ms_rounds")
+    assert [[row[key] for key in keys] for row in written] == [[row[key] for key in keys] for row in timed]
+    text = (tmp_path / "kernels.md").read_text()
+    for row in timed:
+        assert f"| {row['ms']:.2f} ms ({row['ms_min']:.2f}-{row['ms_max']:.2f} over 3 rounds) |" in text
+
+
+def test_the_radial_benchmark_times_a_shapes_kernels_together_in_interleaved_rounds(tmp_path, monkeypatch):
+    """Each kernel was timed once (one ``median_ms``), one after another: the ratios the docs give between
+    sparsecore, the released FlashInfer calls and cuDNN carried the run-to-run spread of up to 15%."""
+    bench = load_script("radial_benchmark")
+    order = on_cpu(monkeypatch, bench)
+
+    def released_mask(query, q_len, kv_len, frames, *, block_size, sparse_type, decay_factor, model_type):
+        geometry = VideoGeometry(frames, 8, 16)
+        mask = bench.radial.plan(geometry, 2, decay_factor=decay_factor, sink=model_type == "wan")
+        return torch.as_tensor(mask.to_dense()[0])
+    released = types.SimpleNamespace(gen_log_mask_shrinked=released_mask)
+    monkeypatch.setattr(bench, "flashinfer_call", lambda block_map, q, k, v, backend: (lambda: q.clone()))
+    rows = bench.case_rows(released, "tiny", 4, 8, 16, 2, 16, 0.2, True)       # 512 tokens: the released path runs
+    assert [row.get("masks_equal") for row in rows if "released plan" in row["row"]] == [True]
+    check_report(tmp_path, bench, rows, 4)                  # sparsecore, cuDNN, FlashInfer fa2 and auto
+    assert len(order) == 12
+    order.clear()
+    short = bench.case_rows(released, "short", 4, 10, 13, 2, 16, 0.2, True)    # 520 tokens: sparsecore and cuDNN
+    assert [row["row"] for row in short if "error" in row] == ["released path"]
+    check_report(tmp_path, bench, short, 2)
+
+
+def test_the_sta_benchmark_times_a_shapes_kernels_together_in_interleaved_rounds(tmp_path, monkeypatch):
+    """As Radial's: sparsecore, the token order's copies, cuDNN, FlexAttention and FastVideo's kernel were each
+    timed once, one after another, and the docs' ratios between them carried the run-to-run spread."""
+    bench = load_script("sta_benchmark")
+    order = on_cpu(monkeypatch, bench)
+    monkeypatch.setattr(bench, "HEAD_DIM", 16)
+    monkeypatch.setattr(bench, "flex_call", lambda mask, geometry, q, k, v: ((lambda: q.clone()), 0.0))
+    fastvideo = types.SimpleNamespace(sliding_tile_attention_triton=lambda q, k, v, windows, text, has_text,
+                                      dit_seq_shape: q.clone())
+    rows = bench.case_rows(fastvideo, "tiny", 12, 16, 16, 0, 2, [(1, 1, 1), (3, 3, 3)], "12x16x16")
+    assert [row for row in rows if "error" in row] == []
+    check_report(tmp_path, bench, rows, 5)
+    assert len(order) == 15
