@@ -4,8 +4,9 @@ Kandinsky 5's NABLA configurations (``attention_type="nabla"``) run their visual
 FlexAttention backend with a block mask from ``nablaT_v2`` (64-token blocks, no ``mask_mod``). Two parts:
 
 ``--part kernels``: one attention layer of Kandinsky 5.0 Video Lite's shape (28 heads x 64, bf16) on the synthetic
-video workload (``sparsecore.workloads.video_qkv``, tokens put in NABLA's tile order), ``do_bench`` medians of:
-sparsecore's planning (``nabla.plan``) and kernel (``sparsecore.compile``'s default); diffusers' planning
+video workload (``sparsecore.workloads.video_qkv``, tokens put in NABLA's tile order), timed together in interleaved
+rounds (``kernel_timing.time_rows``: 3 rounds of ``do_bench`` medians; a row gives the median round and the rounds'
+spread): sparsecore's planning (``nabla.plan``) and kernel (``sparsecore.compile``'s default); diffusers' planning
 (``nablaT_v2``) and FlexAttention compiled on its block mask with 64 x 64 kernel tiles (``kernel_options``: its
 default tiles do not divide 64-token blocks on the H200); cuDNN dense. It checks the two masks are equal on the GPU and
 reports the outputs' distance.
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_models import KANDINSKY5_LITE, Case, keep_in_float32, model_inputs  # noqa: E402
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import time_rows  # noqa: E402
 from report import run_meta  # noqa: E402
 
 import sparsecore  # noqa: E402
@@ -44,6 +45,7 @@ from sparsecore.methods import nabla  # noqa: E402
 
 HEIGHT, WIDTH = 64, 96          # latents of 768 x 512 (VAE 8x): 32 x 48 tokens a frame after the 2 x 2 patch, 24 tiles
 HEADS, HEAD_DIM = 28, 64        # Kandinsky 5.0 Video Lite
+DEVICE = "cuda"                 # the tests run kernel_rows on "cpu", FlexAttention uncompiled
 
 
 def build(blocks: int, threshold: float, window: tuple[int, int, int], device: str, tiny: bool):
@@ -105,31 +107,40 @@ def kernel_rows(frames: int, threshold: float, window: tuple[int, int, int]) -> 
 
     from sparsecore.workloads import video_qkv
     geometry = VideoGeometry(frames, HEIGHT // 2, WIDTH // 2)
-    order = tile_order(frames, HEIGHT // 2, WIDTH // 2).cuda()
+    order = tile_order(frames, HEIGHT // 2, WIDTH // 2).to(DEVICE)
     q, k, v = (t.index_select(2, order) for t in video_qkv(geometry, HEADS, HEAD_DIM, seed=0, dtype=torch.bfloat16,
-                                                            device="cuda"))
+                                                            device=DEVICE))
     plan = lambda: nabla.plan(geometry, HEADS, q=q, k=k, threshold=threshold, window=window)  # noqa: E731
     mask = plan()
-    kernel = sparsecore.compile(mask, "cuda")
+    kernel = sparsecore.compile(mask, DEVICE)
     ours = kernel(q, k, v)
-    sta = nabla.window_map(geometry, window, "cuda")[None, None]
+    sta = nabla.window_map(geometry, window, DEVICE)[None, None]
     theirs_plan = lambda: nablaT_v2(q.transpose(1, 2), k.transpose(1, 2), sta, thr=threshold)  # noqa: E731
     block_mask = theirs_plan()
-    same = torch.equal(block_mask.to_dense()[0].bool(), torch.as_tensor(mask.to_dense(), device="cuda"))
+    same = torch.equal(block_mask.to_dense()[0].bool(), torch.as_tensor(mask.to_dense(), device=DEVICE))
     flex = torch.compile(flex_attention)
     theirs = lambda: flex(q, k, v, block_mask=block_mask, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})  # noqa: E731
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        dense_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+    def dense() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    dense_out, flex_out = dense(), theirs()
     density = float(torch.as_tensor(mask.budgets).double().mean())
     common = {"density": density, "masks_equal": bool(same)}
-    return [{"row": "sparsecore plan (nabla.plan)", "ms": median_ms(plan), **common},
-            {"row": f"sparsecore kernel ({kernel.backend.name})", "ms": median_ms(lambda: kernel(q, k, v)),
-             "rel_l2_vs_dense": rel_l2(ours, dense_out), "rel_l2_vs_flex": rel_l2(ours, theirs()), **common},
-            {"row": "diffusers plan (nablaT_v2)", "ms": median_ms(theirs_plan), **common},
-            {"row": "FlexAttention compiled, 64 x 64 tiles", "ms": median_ms(theirs),
-             "rel_l2_vs_dense": rel_l2(theirs(), dense_out), **common},
-            {"row": "cuDNN dense", "ms": dense_ms, **common}]
+    rows = [{"row": "sparsecore plan (nabla.plan)", **common},
+            {"row": f"sparsecore kernel ({kernel.backend.name})", "rel_l2_vs_dense": rel_l2(ours, dense_out),
+             "rel_l2_vs_flex": rel_l2(ours, flex_out), **common},
+            {"row": "diffusers plan (nablaT_v2)", **common},
+            {"row": "FlexAttention compiled, 64 x 64 tiles", "rel_l2_vs_dense": rel_l2(flex_out, dense_out), **common},
+            {"row": "cuDNN dense", **common}]
+    time_rows(list(zip(rows, (plan, lambda: kernel(q, k, v), theirs_plan, theirs, dense))))
+    return rows
+
+
+def kernel_lines(rows: list[dict]) -> list[str]:
+    """The markdown rows of ``--part kernels``."""
+    return [f"| {r['row']} | {r['ms']:.3f} | {r['ms_min']:.3f}-{r['ms_max']:.3f} | {r['density']:.3f} | "
+            f"{r['masks_equal']} | {r.get('rel_l2_vs_dense', '')} | {r.get('rel_l2_vs_flex', '')} |" for r in rows]
 
 
 def model_rows(frames: int, blocks: int, threshold: float, window: tuple[int, int, int], repeats: int,
@@ -207,10 +218,11 @@ def main() -> int:
              "", json.dumps(meta), ""]
     if "kernels" in args.part and not args.tiny:
         result["kernels"] = kernel_rows(args.frames, args.threshold, window)
-        lines += ["One layer, synthetic workload in tile order (ms, `do_bench` median):", "",
-                  "| row | ms | density | masks equal | rel L2 vs dense | rel L2 vs FlexAttention |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['row']} | {r['ms']:.3f} | {r['density']:.3f} | {r['masks_equal']} | "
-                  f"{r.get('rel_l2_vs_dense', '')} | {r.get('rel_l2_vs_flex', '')} |" for r in result["kernels"]]
+        lines += ["One layer, synthetic workload in tile order (ms: the median of 3 interleaved rounds of `do_bench` "
+                  "medians, and the rounds' spread):", "",
+                  "| row | ms | min-max | density | masks equal | rel L2 vs dense | rel L2 vs FlexAttention |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += kernel_lines(result["kernels"])
         lines.append("")
     if "model" in args.part:
         result["model"] = model_rows(args.frames, args.blocks, args.threshold, window, args.repeats, device, args.tiny)

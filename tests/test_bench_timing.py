@@ -10,6 +10,7 @@ import json
 import sys
 import types
 
+import pytest
 import torch
 
 from test_bench_records import load_script
@@ -48,9 +49,9 @@ def interleaved(kernels: int, rounds: int = 3) -> list[list[float]]:
     return sorted(samples)
 
 
-def check_report(tmp_path, bench, rows: list[dict], kernels: int) -> None:
+def check_rounds(rows: list[dict], kernels: int) -> list[dict]:
     """Every timed row has its round medians, their median and spread, and all of them came from one set of
-    interleaved rounds; the json and the markdown carry them."""
+    interleaved rounds. Returns the timed rows."""
     timed = [row for row in rows if "ms" in row]
     assert len(timed) == kernels, [row["row"] for row in rows]
     assert all("ms_rounds" in row for row in timed), [row["row"] for row in timed if "ms_rounds" not in row]
@@ -58,6 +59,12 @@ def check_report(tmp_path, bench, rows: list[dict], kernels: int) -> None:
     for row in timed:
         assert (row["ms"], row["ms_min"], row["ms_max"]) == (sorted(row["ms_rounds"])[1], min(row["ms_rounds"]),
                                                              max(row["ms_rounds"]))
+    return timed
+
+
+def check_report(tmp_path, bench, rows: list[dict], kernels: int) -> None:
+    """:func:`check_rounds`, and ``kernel_timing.write_rows``' json and markdown carry the rounds and spread."""
+    timed = check_rounds(rows, kernels)
     meta = {"machine": "cpu", "date": "2026-12-07", "versions": {}}
     bench.write_rows(tmp_path, "kernels", "kernels", rows, meta, ("error",))
     written = [row for row in json.loads((tmp_path / "kernels.json").read_text())["rows"] if "ms" in row]
@@ -103,3 +110,21 @@ def test_the_sta_benchmark_times_a_shapes_kernels_together_in_interleaved_rounds
     assert [row for row in rows if "error" in row] == []
     check_report(tmp_path, bench, rows, 5)
     assert len(order) == 15
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_nabla_benchmark_times_its_layers_planning_and_kernels_together_in_interleaved_rounds(monkeypatch):
+    """``--part kernels`` timed its five rows once each, one after another, and the docs' 1.47x (planning plus
+    attention against diffusers' planning plus FlexAttention) came from those medians."""
+    bench = load_script("nabla_benchmark")
+    order = on_cpu(monkeypatch, bench)
+    monkeypatch.setattr(bench, "HEADS", 2)
+    compile_ = torch.compile                                        # the script's own call: FlexAttention eager,
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **options) if options else fn)  # on CPU
+    rows = bench.kernel_rows(2, 0.9, (1, 3, 3))
+    assert [row["masks_equal"] for row in rows] == [True] * 5
+    check_rounds(rows, 5)
+    assert len(order) == 15
+    text = "\n".join(bench.kernel_lines(rows))
+    for row in rows:
+        assert f"| {row['row']} | {row['ms']:.3f} | {row['ms_min']:.3f}-{row['ms_max']:.3f} |" in text
