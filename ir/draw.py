@@ -2,10 +2,12 @@
 
 The PNG needs matplotlib, an optional dependency (``pip install matplotlib``): without
 it :func:`render_png` raises :class:`MatplotlibMissing` (an ``ImportError``) saying so, and
-the command line skips pictures with a one-line note. Work is bounded whatever the file
-claims: at most :data:`MAX_HEADS` heads are drawn, and a block map with more than
-:data:`MAX_CELLS` blocks is sampled on a grid of :data:`PIXELS` token-scaled pixels per
-side instead of drawn block by block.
+the command line skips pictures with a one-line note. At most :data:`MAX_HEADS` heads are
+drawn. Each head's map is reduced to its panel's screen pixels (at most :data:`PIXELS` a side),
+never drawn block by block (a block narrower than a pixel would vanish): each pixel covers a
+range of query and key tokens, and its shade is the share of that range's token pairs kept (every
+kept block counts, however narrow); a pixel that keeps any pair is drawn at least at
+:data:`MIN_SHADE`, so a lone kept block stays visible. Work follows the lists and the picture.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ if TYPE_CHECKING:
     from .block_mask import BlockMask
 
 MAX_HEADS = 64          # panels in one picture
-MAX_CELLS = 1 << 16     # blocks per head drawn as quads (token-scaled); larger maps are sampled
-PIXELS = 512            # pixels per side of a sampled map
+PIXELS = 512            # most pixels per side of a panel's map
+DPI = 110               # the PNG's pixels per inch
+MIN_SHADE = 0.3         # least shade of a pixel that keeps anything (the colour scale runs 0 to 1.25)
+CHUNK = 1 << 16         # list entries reduced at once (16 terms each)
 TITLE_POINTS = 10       # font size of the figure's title
 MAX_ASPECT = 4          # a map whose one side is longer than this many times the other is stretched, not to scale
 INSTALL_MATPLOTLIB = "pip install matplotlib (or, in a sparsecore checkout, pip install '.[viz]')"
@@ -76,19 +80,53 @@ def _heads(mask: "BlockMask", heads: Sequence[int] | None) -> list[int]:
     return [int(h) for h in chosen]
 
 
-def _sampled_map(mask: "BlockMask", head: int) -> np.ndarray:
-    """Kept (1) or not (0) at ``PIXELS`` x ``PIXELS`` token positions spread over the map (bounded work)."""
-    q_tokens = np.linspace(0, mask.q_len - 1, min(PIXELS, mask.q_len)).astype(np.int64)
-    kv_tokens = np.linspace(0, mask.kv_len - 1, min(PIXELS, mask.kv_len)).astype(np.int64)
-    rows = np.searchsorted(mask.q_offsets, q_tokens, side="right") - 1
-    cols = np.searchsorted(mask.kv_offsets, kv_tokens, side="right") - 1
-    image = np.zeros((len(rows), len(cols)), dtype=np.float32)
-    for r, i in enumerate(rows):
-        row = np.asarray(mask.row(head, int(i)))
-        if row.size:
-            found = np.searchsorted(row, cols).clip(max=row.size - 1)
-            image[r] = row[found] == cols
-    return image
+def _pixel_edges(length: int, pixels: int) -> np.ndarray:
+    """Token edges of ``min(pixels, length)`` pixels over ``length`` tokens: pixel p covers [p*L//n, (p+1)*L//n)."""
+    n = min(pixels, length)
+    return np.arange(n + 1, dtype=np.int64) * length // n
+
+
+def _spans(offsets: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each block falls on the pixels, as 4 (pixel, weight) terms per block: its tokens in the first and the
+    last pixel it touches, then +1 and -1 marking (as differences, summed later) the pixels it covers whole."""
+    start, end = offsets[:-1].astype(np.int64), offsets[1:].astype(np.int64)
+    first = np.searchsorted(edges, start, side="right") - 1
+    last = np.searchsorted(edges, end - 1, side="right") - 1
+    one = first == last
+    whole = (~one).astype(np.float64)
+    at = np.stack([first, last, first + 1, last], axis=1)
+    weight = np.stack([np.where(one, end - start, edges[first + 1] - start), np.where(one, 0, end - edges[last]),
+                       whole, -whole], axis=1).astype(np.float64)
+    return at, weight
+
+
+def _pixel_maps(mask: "BlockMask", heads: Sequence[int], pixels: tuple[int, int]):
+    """For each head, the share of kept token pairs under each pixel of a map of at most ``pixels`` (rows, columns).
+
+    Exact (integer token counts in float64): each pixel's kept area is summed from the CSR lists in chunks of
+    :data:`CHUNK` entries (16 terms each: a block's partial first and last pixels, and difference marks for the
+    pixels it covers whole), so work and memory follow the lists and the picture, never the dense block map.
+    """
+    rows, cols = _pixel_edges(mask.q_len, pixels[0]), _pixel_edges(mask.kv_len, pixels[1])
+    height, width = np.diff(rows).astype(np.float64), np.diff(cols).astype(np.float64)
+    q_at, q_weight = _spans(np.asarray(mask.q_offsets), rows)
+    kv_at, kv_weight = _spans(np.asarray(mask.kv_offsets), cols)
+    r1, c1 = len(rows), len(cols)                       # one spare row and column for the difference marks
+    kind = ((np.arange(4) >= 2)[:, None] * 2 + (np.arange(4) >= 2)[None, :]) * (r1 * c1)
+    indptr, indices = np.asarray(mask.indptr), np.asarray(mask.indices)
+    for h in heads:
+        terms = np.zeros(4 * r1 * c1)                   # part x part, part x whole, whole x part, whole x whole
+        for lo in range(int(indptr[h, 0]), int(indptr[h, -1]), CHUNK):
+            at = np.arange(lo, min(lo + CHUNK, int(indptr[h, -1])))
+            i = np.searchsorted(indptr[h], at, side="right") - 1
+            j = indices[at]
+            flat = kind + q_at[i][:, :, None] * c1 + kv_at[j][:, None, :]
+            terms += np.bincount(flat.ravel(), (q_weight[i][:, :, None] * kv_weight[j][:, None, :]).ravel(),
+                                 minlength=terms.size)
+        pp, pw, wp, ww = terms.reshape(4, r1, c1)
+        area = (pp + pw.cumsum(1) * np.append(width, 0) + wp.cumsum(0) * np.append(height, 0)[:, None]
+                + ww.cumsum(0).cumsum(1) * np.outer(np.append(height, 0), np.append(width, 0)))[:-1, :-1]
+        yield area / np.outer(height, width)
 
 
 def png_path(path: Any) -> Path:
@@ -109,11 +147,11 @@ def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Pat
     plt = matplotlib_pyplot()
     cols = min(len(heads), 4)
     rows = -(-len(heads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False, dpi=DPI)
     try:                       # pyplot keeps every figure until it is closed: a failed save must not leave one open
         _draw_heads(fig, axes, mask, heads)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, format="png")
+        fig.savefig(path, dpi=DPI, format="png")
     finally:
         plt.close(fig)
     return path
@@ -121,35 +159,38 @@ def render_png(mask: "BlockMask", path: Any, heads: Sequence[int] | None) -> Pat
 
 def _draw_heads(fig: Any, axes: np.ndarray, mask: "BlockMask", heads: list[int]) -> None:
     """Each head's block map on its axes (to token scale), and the figure's titles."""
-    sampled = mask.num_q_blocks * mask.num_kv_blocks > MAX_CELLS
-    shown = None if sampled else mask.select_heads(heads)
-    dense = None if sampled else shown.to_dense()
     density = mask.density(per_head=True)
+    # to token scale, unless one side is so much longer that the map would be a line no block shows on
+    aspect = "equal" if max(mask.q_len, mask.kv_len) <= MAX_ASPECT * min(mask.q_len, mask.kv_len) else "auto"
     for ax in axes.ravel():
         ax.axis("off")
-    for n, (ax, h) in enumerate(zip(axes.ravel(), heads)):
-        if sampled:
-            ax.imshow(_sampled_map(mask, h), cmap="Blues", vmin=0, vmax=1.25, interpolation="nearest",
-                      extent=(0, mask.kv_len, mask.q_len, 0))
-        else:
-            # pcolormesh on the offsets draws each block at its token extent (frame or text blocks differ in size).
-            ax.pcolormesh(mask.kv_offsets, mask.q_offsets, dense[n].astype(np.float32), cmap="Blues", vmin=0,
-                          vmax=1.25)
+    for ax, h in zip(axes.ravel(), heads):
         ax.set_xlim(0, mask.kv_len)
         ax.set_ylim(mask.q_len, 0)
-        # to token scale, unless one side is so much longer that the map would be a line no block shows on
-        ax.set_aspect("equal" if max(mask.q_len, mask.kv_len) <= MAX_ASPECT * min(mask.q_len, mask.kv_len) else "auto")
+        ax.set_aspect(aspect)
         ax.set_title(f"head {h}: density {density[h]:.3f}", fontsize=9)
         ax.axis("on")
         ax.tick_params(labelsize=7)
     method = mask.meta.get("method", "mask")
-    note = f" (sampled on {PIXELS}x{PIXELS} tokens)" if sampled else ""
     title = (f"{str(method)[:40]}: {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, q_len {mask.q_len}, "
-             f"kv_len {mask.kv_len}, density {mask.density():.3f}{note}")
+             f"kv_len {mask.kv_len}, density {mask.density():.3f} (shade: share kept)")
     _fitted_title(fig, title)
     fig.supxlabel("key token")
     fig.supylabel("query token")
     fig.tight_layout()
+    for ax, h in zip(axes.ravel(), heads):      # sized to the panels as laid out
+        _draw_map(ax, mask, h, aspect)
+
+
+def _draw_map(ax: Any, mask: "BlockMask", head: int, aspect: str) -> None:
+    """The head's map reduced to no more pixels than its panel has on screen, so that drawing it nearest-neighbour
+    drops none; a pixel that keeps anything shows at least :data:`MIN_SHADE`."""
+    ax.apply_aspect()
+    box = ax.get_window_extent()
+    pixels = tuple(max(1, min(PIXELS, int(side))) for side in (box.height, box.width))
+    share = next(_pixel_maps(mask, [head], pixels))
+    ax.imshow(np.where(share > 0, np.maximum(share, MIN_SHADE), 0), cmap="Blues", vmin=0, vmax=1.25,
+              interpolation="nearest", extent=(0, mask.kv_len, mask.q_len, 0), aspect=aspect)
 
 
 def _fitted_title(fig: Any, title: str) -> None:

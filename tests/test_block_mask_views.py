@@ -215,13 +215,100 @@ def test_the_text_map_draws_each_heads_own_blocks():
     assert text[2:4] == ["  #.", "  .#"] and text[5:7] == ["  .#", "  #."], text
 
 
-def test_the_sampled_picture_is_the_token_mask_at_the_sampled_tokens(monkeypatch):
-    """Maps past the drawn cell count are sampled: each sampled (query, key) token shows its own block."""
+def test_a_pixel_per_block_shows_each_blocks_own_state():
+    """Maps past the drawn cell count are reduced to pixels: where each pixel is one block, it is that block."""
     from sparsecore.ir import draw
-    monkeypatch.setattr(draw, "PIXELS", 16)
-    offsets = np.arange(0, 64 + 1, 4)                          # 16 blocks of 4 tokens: samples fall on block starts
+    offsets = np.arange(0, 64 + 1, 4)                          # 16 blocks of 4 tokens on 16 pixels of 4 tokens
     keep = np.random.default_rng(0).random((1, 16, 16)) < 0.5
     mask = BlockMask.from_lists([[np.flatnonzero(r).tolist() for r in keep[0]]], offsets, offsets)
-    q_tokens = np.linspace(0, mask.q_len - 1, 16).astype(np.int64)
-    kv_tokens = np.linspace(0, mask.kv_len - 1, 16).astype(np.int64)
-    assert (draw._sampled_map(mask, 0) == expand_to_tokens(mask)[0][np.ix_(q_tokens, kv_tokens)]).all()
+    assert (next(draw._pixel_maps(mask, [0], (16, 16))) == keep[0]).all()
+
+
+def _drawn_images(monkeypatch) -> list:
+    """The arrays each panel of the next render draws, read from its figure before pyplot closes it."""
+    import matplotlib.pyplot as plt
+    images, close = [], plt.close
+
+    def arrays_of(fig):
+        images.extend(np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.axison)
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", arrays_of)
+    return images
+
+
+def _kept_share_by_pixel(tokens: np.ndarray, pixels: tuple[int, int]) -> np.ndarray:
+    """Brute force: the share of kept (query, key) token cells under each pixel; pixel p of a side of L tokens
+    covers tokens [p * L // n, (p + 1) * L // n) for n = min(pixels, L) pixels on that side."""
+    rows, cols = (np.arange(min(p, n) + 1) * n // min(p, n) for p, n in zip(pixels, tokens.shape))
+    return np.array([[tokens[rows[r]:rows[r + 1], cols[c]:cols[c + 1]].mean() for c in range(len(cols) - 1)]
+                     for r in range(len(rows) - 1)])
+
+
+def test_a_reduced_picture_shows_blocks_narrower_than_a_pixel(tmp_path, monkeypatch):
+    """1,024 x 1,024 blocks of 2 tokens: the picture sampled one token in 4, so a lone kept block between samples
+    was not drawn and a nearly empty row looked empty. Each pixel shows its kept share now."""
+    lone = [(1, 1), (3, 1022), (700, 9), (1023, 1023), (511, 512)]
+    rows = [[] for _ in range(1024)]
+    for i, j in lone:
+        rows[i].append(j)
+    rows[40] = list(range(0, 1024, 2))                                   # every other block: a half-kept row
+    offsets = BlockMask.uniform_offsets(2048, 2)
+    mask = BlockMask.from_lists([rows], offsets, offsets)
+    from sparsecore.ir import draw
+    monkeypatch.setattr(draw, "CHUNK", 100)                               # the lists' 517 entries in 6 chunks
+    images = _drawn_images(monkeypatch)
+    mask.render(tmp_path / "m.png")
+    (drawn,) = images
+    expected = _kept_share_by_pixel(expand_to_tokens(mask)[0], drawn.shape)
+    assert 100 < drawn.shape[0] == drawn.shape[1] <= 512 and ((drawn > 0) == (expected > 0)).all(), \
+        np.argwhere((drawn > 0) != (expected > 0))
+    assert (drawn >= expected).all() and np.allclose(drawn[expected == 1], 1)
+
+
+def test_a_reduced_picture_of_an_empty_mask_shows_nothing(tmp_path, monkeypatch):
+    offsets = BlockMask.uniform_offsets(4096, 4)
+    mask = BlockMask.from_lists([[[] for _ in range(1024)]] * 2, offsets, offsets)
+    images = _drawn_images(monkeypatch)
+    mask.render(tmp_path / "m.png")
+    assert len(images) == 2 and all(image.size > 10_000 and not image.any() for image in images)
+
+
+@given(block_masks(ANY, num_heads=2), st.tuples(st.integers(1, 17), st.integers(1, 17)))
+def test_the_pixel_map_is_each_pixels_kept_share(mask, pixels):
+    """Against a brute-force reduction of the token mask: odd lengths, arbitrary blocks, pixels that split blocks."""
+    from sparsecore.ir import draw
+    tokens = expand_to_tokens(mask)
+    for h, share in enumerate(draw._pixel_maps(mask, range(mask.num_heads), pixels)):
+        assert np.allclose(share, _kept_share_by_pixel(tokens[h], pixels), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("q_blocks, kv_blocks", [(1024, 1024), (32, 32768), (2, 8192), (64, 1024), (200, 200)])
+def test_the_saved_png_shows_each_lone_block(tmp_path, monkeypatch, q_blocks, kv_blocks):
+    """The PNG as a person sees it: a panel is ~200 screen pixels, so 512 image pixels drawn nearest-neighbour
+    onto it dropped 3 in 5 of them again. Each lone kept block of 2 x 2 tokens shows as a shaded screen pixel."""
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    panels, close = [], plt.close
+
+    def panel_of(fig):
+        (ax,) = [ax for ax in fig.axes if ax.axison]
+        panels.append((ax.get_window_extent().transformed(fig.dpi_scale_trans.inverted()), fig.get_figheight()))
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", panel_of)
+    rng = np.random.default_rng(3)
+    lone = sorted(set(zip(rng.integers(0, q_blocks, 12).tolist(), rng.integers(0, kv_blocks, 12).tolist())))
+    rows = [[] for _ in range(q_blocks)]
+    for i, j in lone:
+        rows[i].append(j)
+    mask = BlockMask.from_lists([rows], BlockMask.uniform_offsets(2 * q_blocks, 2),
+                                BlockMask.uniform_offsets(2 * kv_blocks, 2))
+    picture = matplotlib.image.imread(mask.render(tmp_path / "m.png"))
+    ((box, fig_height),) = panels
+    dpi = picture.shape[0] / fig_height
+    for i, j in lone:                                # the block's centre, in the PNG's pixel rows and columns
+        x = int((box.x0 + (2 * j + 1) / (2 * kv_blocks) * box.width) * dpi)
+        y = int((fig_height - box.y1 + (2 * i + 1) / (2 * q_blocks) * box.height) * dpi)
+        near = picture[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3, 0]
+        assert near.min() < 0.9, (i, j, near.min())  # red < 0.9: a shade of blue, not the map's near-white
