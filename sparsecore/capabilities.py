@@ -35,6 +35,9 @@ class Capabilities:
         unselected: the treatments of unlisted key blocks it computes (``mask.unselected.kind``).
         unselected_head_dims: head dims at which it computes the approximating treatments (those other
             than ``"drop"``), or None for every head dim it takes.
+        unselected_shared_memory: ``(kind, dtype, head dim, bytes)``: the shared memory a block (per GPU) it needs at
+            least to approximate unlisted blocks of that kind at that dtype and head dim, where some device it runs on
+            may allow less (``Backend.shared_memory``); unlisted combinations fit every such device.
         max_heads: most query heads one mask may have (None: any).
         max_rows: most (head, query block) rows one mask may have per batch element (None: any).
         max_call_rows: most (batch element, head, query block) rows one call may have (None: any).
@@ -55,6 +58,7 @@ class Capabilities:
     min_q_block: int = 1
     unselected: frozenset[str] = frozenset({"drop"})
     unselected_head_dims: frozenset[int] | None = None
+    unselected_shared_memory: frozenset[tuple[str, str, int, int]] = frozenset()
     max_heads: int | None = None
     max_rows: int | None = None
     max_call_rows: int | None = None
@@ -91,9 +95,11 @@ class Capabilities:
         return problems
 
     def tensor_problems(self, dtype: str, head_dim: int, num_heads: int, num_kv_heads: int,
-                        return_lse: bool, approximating: bool = False, call_rows: int = 0) -> list[str]:
+                        return_lse: bool, approximating: bool = False, call_rows: int = 0, unselected: str = "drop",
+                        shared_memory: int | None = None) -> list[str]:
         """Unmet capabilities for tensors of this dtype and shape (``approximating``: the mask approximates
-        unlisted blocks; ``call_rows``: batch x heads x the mask's query blocks)."""
+        unlisted blocks; ``call_rows``: batch x heads x the mask's query blocks; ``unselected``: the mask's kind;
+        ``shared_memory``: the bytes a block may use on the tensors' device, None where not known or not limited)."""
         problems = []
         if self.max_call_rows is not None and call_rows > self.max_call_rows:
             problems.append(f"max_call_rows: takes at most {self.max_call_rows:,} (batch element, head, query "
@@ -105,6 +111,13 @@ class Capabilities:
         elif approximating and self.unselected_head_dims is not None and head_dim not in self.unselected_head_dims:
             problems.append(f"unselected_head_dims: approximates unlisted blocks at head dims "
                             f"{sorted(self.unselected_head_dims)}, got {head_dim}")
+        needed = [n for kind, name, dim, n in self.unselected_shared_memory
+                  if (kind, name, dim) == (unselected, dtype, head_dim)]
+        if shared_memory is not None and needed and max(needed) > shared_memory:
+            problems.append(f"unselected_shared_memory: approximating unlisted blocks ({unselected!r}) in {dtype} at "
+                            f"head dim {head_dim} needs {max(needed):,} bytes of shared memory a block, the device "
+                            f"allows {shared_memory:,}; cast q, k, v to bfloat16, or run another backend (backend=None "
+                            f"falls back to one that takes them), or a device with more shared memory")
         if not self.gqa and num_kv_heads != num_heads:
             problems.append(f"gqa: needs as many key heads as query heads, got {num_heads} query and "
                             f"{num_kv_heads} key heads")

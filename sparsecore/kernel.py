@@ -217,7 +217,7 @@ class CompiledKernel:
         """The first choice after ``backend`` that takes these inputs, runs here and is not slow to load."""
         later = self._choices[[b for b, _ in self._choices].index(backend) + 1:]
         for other, options in later:
-            if not other.slow_to_load and not self._problems(other, shape, signature[4]) \
+            if not other.slow_to_load and not self._problems(other, shape, signature) \
                     and self._reason(other, signature[5]) is None:
                 return other, options
         return None
@@ -260,7 +260,7 @@ class CompiledKernel:
         if chosen is None:
             problems = {}
             for backend, options in self._choices:
-                found = self._problems(backend, shape, signature[4])
+                found = self._problems(backend, shape, signature)
                 if not found:
                     reason = self._reason(backend, signature[5])
                     found = [f"cannot run here: {reason}"] if reason is not None else []
@@ -279,10 +279,13 @@ class CompiledKernel:
                 raise UnsupportedError(f"no backend compiled for this mask can run these inputs: {lines}{remedy}")
         return chosen
 
-    def _problems(self, backend: Backend, shape: AttentionShape, return_lse: bool) -> list[str]:
-        return backend.capabilities.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads,
-                                                    return_lse, self.mask.unselected.kind != "drop",
-                                                    self._call_rows(shape))
+    def _problems(self, backend: Backend, shape: AttentionShape, signature: tuple) -> list[str]:
+        kind, caps, group = self.mask.unselected.kind, backend.capabilities, self.mask.unselected.group_blocks
+        kind = "global-first-order" if group is not None and group >= self.mask.num_kv_blocks else kind  # one group
+        shared = backend.shared_memory(self._checked_device(signature[5])) if caps.unselected_shared_memory \
+            and kind != "drop" else None                                     # the device's limit, where it may matter
+        return caps.tensor_problems(shape.dtype, shape.head_dim, shape.num_heads, shape.num_kv_heads, signature[4],
+                                    kind != "drop", self._call_rows(shape), kind, shared)
 
     def _call_rows(self, shape: AttentionShape) -> int:
         """(batch element, head, query block) rows of a call: what backends' per-call limits count."""

@@ -133,6 +133,11 @@ class Backend(ABC):
         will run on (see :meth:`BlockMask.to`).
         """
 
+    def shared_memory(self, device: str) -> int | None:
+        """Bytes of shared memory a block may use on ``device`` (``"cuda:N"``), which selection compares with
+        ``capabilities.unselected_shared_memory``; None: no such limit, or not known here."""
+        return None
+
     def emulator(self) -> ContextManager[None] | None:
         """A context in which this backend runs on CPU without its device (for tests), or None.
 

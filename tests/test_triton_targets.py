@@ -75,6 +75,7 @@ CASES = [
     ("statistics", "float32", 128, {"kind": "grouped-first-order:32"}, SMALLEST),
     ("approximation", "bfloat16", 128, {"kind": "grouped-first-order:32"}, ALL),  # PASA's groups of 32 blocks
     ("approximation", "float16", 128, {"kind": "grouped-first-order:32"}, ALL),
+    ("approximation", "float32", 128, {"kind": "grouped-first-order:32"}, SMALLEST),
     ("row_top", "float32", 0, {"columns": 16384}, SMALLEST),
     ("lse_merge", "bfloat16", 128, {}, FA4),
     ("nonfinite", "bfloat16", 128, {}, FA4),
@@ -83,11 +84,13 @@ CASES = [
 
 # Cases that fail today (case id -> why): strict xfails, so mending one fails here until its entry goes. fp16's PASA
 # approximation at head dim 128 keeps its value means and group matrices in float32 (TF32 products, for precision):
-# no tile of the pass fits 99 KB, and the pass says so (a RuntimeError naming the remedy: approximation "drop").
+# no tile of the pass fits 99 KB, nor float32's (IEEE products); the pass says so (a RuntimeError naming the remedy:
+# approximation "drop"), and selection runs such inputs elsewhere (shared_memory.APPROXIMATION_SHARED_MEMORY).
 _NONE_FITS = "ApproximationLaunch.fitting finds no candidate within the target's shared memory (RuntimeError)"
 KNOWN_FAILURES = {
     "approximation-float16-d128-kindgrouped-first-order:32-sm86": _NONE_FITS,
     "approximation-float16-d128-kindgrouped-first-order:32-sm89": _NONE_FITS,
+    "approximation-float32-d128-kindgrouped-first-order:32-sm89": _NONE_FITS,
 }
 
 
@@ -479,6 +482,20 @@ def test_kernel_fits_the_shared_memory_of_the_target(compiled, case, capability)
         assert record["tmem"] <= TENSOR_MEMORY_COLUMNS, (
             f"{record['kernel']} at {record['launch']} needs {record['tmem']} columns of tensor memory; "
             f"Triton refuses more than {TENSOR_MEMORY_COLUMNS}\nreproduce: {reproducer(case, capability)}")
+
+
+def test_the_approximation_needs_selection_reads_are_the_compiled_ones(compiled):
+    """``shared_memory.APPROXIMATION_SHARED_MEMORY`` (what selection compares with a GPU's limit) states the smallest
+    tiles' bytes each case of it compiled to on sm89, and each case that fits no 99 KB GPU has an entry."""
+    from sparsecore.backends.cuda.shared_memory import APPROXIMATION_SHARED_MEMORY
+    table = {(kind, dtype, dim): needed for kind, dtype, dim, needed in APPROXIMATION_SHARED_MEMORY}
+    for case in CASES:
+        name, dtype, head_dim, extra, _ = case
+        if name != "approximation":
+            continue
+        smallest = min(r["shared"] for r in compiled[case_id(case, 89)] if "shared" in r)
+        key = (extra["kind"].partition(":")[0], dtype, head_dim)
+        assert table.get(key, 0) == (smallest if smallest > TARGETS[89][1] else 0), (key, smallest)
 
 
 # @triton.jit functions the kernels call (inlined into them), never launched themselves

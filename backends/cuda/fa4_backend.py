@@ -83,7 +83,7 @@ from sparsecore.ir.unselected import KINDS
 from sparsecore.ir.validation import check_bool
 from sparsecore.registry import Backend, DenseOp, Run, UnsupportedError
 
-from . import fa4_dense
+from . import fa4_dense, shared_memory
 from .fa4_launch import MAX_KEY_PARTS, Fa4Launch
 from .fa4_layout import choose_tile_side
 
@@ -149,6 +149,7 @@ class Fa4Backend(Backend):
     capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset({"float16", "bfloat16"}),
                                 head_dims=frozenset({64, 96, 128}), unselected=frozenset(KINDS),
                                 unselected_head_dims=frozenset({64, 128}),   # Triton's approximation pass
+                                unselected_shared_memory=shared_memory.APPROXIMATION_SHARED_MEMORY,   # (fits SM90)
                                 infinite_values_exact=False)     # plans with mask tiles: .fa4_nonfinite.poison
 
     def unavailable_reason(self, device: str) -> str | None:
@@ -174,6 +175,9 @@ class Fa4Backend(Backend):
             return (f"compute capability {major}.{minor}: this lowering uses FA4's block-sparse forward on 9.x "
                     f"(Hopper) only; Blackwell's tiles differ and were never run here (the triton lowering runs there)")
         return None
+
+    def shared_memory(self, device: str) -> int | None:
+        return shared_memory.device_shared_memory(device)
 
     def preference(self, mask: BlockMask) -> int:
         from .selection import preference

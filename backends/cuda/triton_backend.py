@@ -23,7 +23,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.unselected import KINDS
 from sparsecore.registry import Backend, BlockMassOp, RowTopOp, Run
 
-from . import block_mass, interpreter, row_top, search_attention
+from . import block_mass, interpreter, row_top, search_attention, shared_memory
 from .triton_config import TritonOptions, below_ampere
 
 
@@ -39,7 +39,8 @@ class TritonBackend(Backend):
         dtypes = {name for name in ("float16", "bfloat16", "float32")
                   if interpreter.dtype_problem(getattr(torch, name)) is None}
         self.capabilities = Capabilities(devices=("cuda",), array_type="torch", dtypes=frozenset(dtypes),
-                                         head_dims=frozenset({16, 32, 64, 128}), unselected=frozenset(KINDS))
+                                         head_dims=frozenset({16, 32, 64, 128}), unselected=frozenset(KINDS),
+                                         unselected_shared_memory=shared_memory.APPROXIMATION_SHARED_MEMORY)
 
     def unavailable_reason(self, device: str) -> str | None:
         if importlib.util.find_spec("triton") is None:
@@ -51,6 +52,9 @@ class TritonBackend(Backend):
         if not torch.cuda.is_available():
             return f"torch.cuda.is_available() is False in torch {torch.__version__}"
         return below_ampere(torch.device(device))
+
+    def shared_memory(self, device: str) -> int | None:
+        return shared_memory.device_shared_memory(device)
 
     def emulator(self) -> contextlib.AbstractContextManager[None] | None:
         return interpreter.emulating() if interpreter.interpreting() and importlib.util.find_spec("triton") else None
