@@ -22,7 +22,7 @@ Format (validated at construction):
     The per-head budget the method asked for, as a fraction of key blocks per query block in [0, 1].
     Kernels ignore it; it records intent (head-adaptive methods). Defaults to the fraction kept.
 ``meta``  read-only JSON-able mapping
-    Method name, layer, step, parameters. Kernels ignore it.
+    Method name, layer, step, parameters; kernels ignore it. Entries of ``meta["per_head_keys"]`` follow heads.
 ``unselected``  :class:`~.unselected.Unselected`
     What rows get from the key blocks they do not list: nothing (``"drop"``, the default) or an
     approximation (PASA). Kernels that cannot compute it refuse the mask.
@@ -52,6 +52,7 @@ import numpy as np
 
 from . import csr
 from . import validation as v
+from .head_meta import select_meta_heads
 from .host_facts import carry_padding
 from .unselected import DROP, Unselected, check_unselected
 
@@ -94,8 +95,7 @@ class BlockMask:
 
     @classmethod
     def unchecked(cls, num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray, indptr: Any, indices: Any,
-                  budgets: Any, meta: Mapping[str, Any] | None = None,
-                  unselected: Unselected = DROP) -> "BlockMask":
+                  budgets: Any, meta: Mapping[str, Any] | None = None, unselected: Unselected = DROP) -> "BlockMask":
         """A mask from lists that are valid by construction, without reading their values.
 
         For planners that build masks every layer and step on the device (AdaSpa, PASA): their lists come from
@@ -311,6 +311,7 @@ class BlockMask:
         if ((idx < 0) | (idx >= self.num_heads)).any():
             raise ValueError(f"heads: expected a non-empty selection of 0..{self.num_heads - 1}, got {idx.tolist()}")
         idx = idx.astype(np.int64)  # a fresh copy: torch reads uint8 ids as a mask, refuses int8, uint16.. and -strides
+        meta = select_meta_heads(self.meta, idx.tolist(), self.num_heads)    # per-head entries follow the heads
         if not self.on_host:
             import torch
             idx = torch.as_tensor(idx, device=self.device)
@@ -320,7 +321,7 @@ class BlockMask:
                                                               self.budgets[idx]))
         else:
             indptr, indices, budgets = indptr.int(), indices.contiguous(), self.budgets[idx]
-        selected = BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, indptr, indices, budgets, self.meta,
+        selected = BlockMask.unchecked(len(idx), self.q_offsets, self.kv_offsets, indptr, indices, budgets, meta,
                                        self.unselected)
         return carry_padding(selected, self)                # the same blocks: its padding, if any, too
 

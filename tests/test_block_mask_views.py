@@ -101,6 +101,25 @@ def test_select_heads():
         mask.select_heads(np.array([True]))                                 # not read as "head 0 only"
 
 
+def test_select_heads_selects_the_meta_entries_named_per_head():
+    """meta["per_head_keys"] names entries of one value per head: a selection of heads (host or device) keeps the
+    selected heads' values in its order; other entries stay; a listed entry of the wrong length is refused."""
+    torch = pytest.importorskip("torch")
+    mask = BlockMask.from_dense(small().to_dense(), 10, 6, 4,
+                                meta={"method": "hand", "per_head_keys": ["label"], "label": ["a", "b"]})
+    for m in (mask, mask.to(torch.device("cpu"))):
+        picked = m.select_heads([1, 0, 1])
+        assert picked.meta["label"] == ("b", "a", "b") and picked.meta["method"] == "hand"
+        assert m.select_heads(np.array([False, True])).meta["label"] == ("b",)
+    wrong = BlockMask.from_dense(small().to_dense(), 10, 6, 4, meta={"per_head_keys": ["label"], "label": ["a"]})
+    with pytest.raises(ValueError, match=r"meta\['label'\]: listed in meta\['per_head_keys'\], so expected a list "
+                                         r"of one entry per head \(2\), got 1 entries"):
+        wrong.select_heads([0])
+    missing = BlockMask.from_dense(small().to_dense(), 10, 6, 4, meta={"per_head_keys": ["label"]})
+    with pytest.raises(ValueError, match=r"meta\['per_head_keys'\]: expected a list of the meta keys"):
+        missing.select_heads([0])
+
+
 def test_row_bounds():
     with pytest.raises(IndexError, match=r"h=2: expected 0..1"):
         small().row(2, 0)

@@ -492,3 +492,23 @@ def test_a_strategys_whole_grid_steps_are_its_first_steps_with_every_layer_and_h
         == ()
     assert strategy(lambda s, layer: [wide, wide]).whole_grid_steps == ()              # one window throughout
     assert strategy(lambda s, layer: [wide, narrow]).widest == (3, 2, 2)
+
+
+def test_select_heads_keeps_the_selected_heads_windows():
+    """A mask's select_heads kept meta["head_windows"] of every head of the whole mask, so a sliced strategy mask's
+    head_groups gave head ids past its heads, and a shard's plan differed from the whole plan's select_heads."""
+    geometry = VideoGeometry(6, 8, 8, text_tokens=5)                     # grid of 3 x 2 x 2 tiles of (2, 4, 4)
+    windows = [[1, 1, 1], [3, 1, 2], [1, 2, 1], [3, 1, 2]]
+    session = sta.session(1, tile=(2, 4, 4), mask_strategy={f"0_0_{h}": w for h, w in enumerate(windows)})
+    mask = session.plan(geometry, 4, step=0, layer=0)
+    picked = mask.select_heads([2, 1])
+    assert picked.meta["head_windows"] == (mask.meta["head_windows"][2], mask.meta["head_windows"][1])
+    assert mask.select_heads(slice(1, 3)) == session.plan(geometry, 4, step=0, layer=0, heads=sparse_shard(1, 3, 4))
+    tokens = expand_to_tokens(picked)
+    seen = []
+    for one_head, heads in session.head_groups(geometry, picked):
+        assert ((0 <= heads) & (heads < picked.num_heads)).all(), heads
+        for head in heads.tolist():
+            assert (expand_to_tokens(one_head)[0] == tokens[head]).all(), head
+        seen += heads.tolist()
+    assert sorted(seen) == [0, 1]

@@ -40,6 +40,7 @@ import numpy as np
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.head_meta import PER_HEAD_KEYS
 from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import INDEX_LIMIT, check_int, frozen
 from sparsecore.ordering import TokenOrder
@@ -326,7 +327,7 @@ class STASession:
         budgets = np.concatenate([part.budgets for part in parts])[which.ravel()]
         offsets = parts[0].q_offsets
         return BlockMask.unchecked(len(windows), offsets, offsets, frozen(indptr.astype(np.int32)), frozen(indices),
-                                   frozen(budgets), self._meta(geometry, distinct.tolist(), windows))
+                                   frozen(budgets), self._meta(geometry, windows))
 
     def _build(self, geometry: VideoGeometry, window: tuple[int, int, int]) -> BlockMask:
         """The one-head mask of ``window``: every video tile sees its window's tiles, text rows and columns all."""
@@ -337,12 +338,13 @@ class STASession:
         keep = np.ones((blocks, blocks), dtype=bool)
         keep[video, video] = video_block_map(grid, window)
         return BlockMask(1, offsets, offsets, csr.indptr_from_counts(keep.sum(axis=1)[None]), np.nonzero(keep)[1],
-                         None, self._meta(geometry, [window], (window,)))
+                         None, self._meta(geometry, (window,)))
 
-    def _meta(self, geometry: VideoGeometry, distinct: list, windows: tuple[tuple[int, int, int], ...]) -> dict:
+    def _meta(self, geometry: VideoGeometry, windows: tuple[tuple[int, int, int], ...]) -> dict:
+        """The mask's record; ``head_windows`` (one per head) follows ``select_heads`` (``per_head_keys``)."""
         return {"method": METHOD, "paper": PAPER, "params": self.params.summary(), "geometry": geometry_meta(geometry),
-                "token_order": token_order(geometry, self.params.tile).name, "windows": [tuple(w) for w in distinct],
-                "head_windows": windows}
+                "token_order": token_order(geometry, self.params.tile).name, "head_windows": windows,
+                PER_HEAD_KEYS: ["head_windows"]}
 
 
 def session(num_steps: int = 50, **params: Any) -> STASession:
