@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,59 @@ def test_shard_errors_name_the_field():
     liar = HeadShard(0, 3, HEADS, gather=lambda values: torch.zeros(HEADS))
     with pytest.raises(ValueError, match="heads.gather: expected the 6 heads' values"):
         liar.all_heads(torch.ones(3))
+
+
+GQA_HEADS, GQA_KV_HEADS = 12, 4                 # each key head serves 3 query heads
+
+
+def gqa_inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, GEOMETRY.tokens, 16, generator=gen, dtype=torch.float64)
+               for heads in (GQA_HEADS, GQA_KV_HEADS, GQA_KV_HEADS))
+    return q, k, v
+
+
+@pytest.mark.parametrize("start, stop, kv_start, kv_stop", [(0, 4, 0, 2), (3, 7, 1, 3), (2, 8, 0, 2)])
+def test_a_shard_that_splits_a_key_head_group_is_refused(start, stop, kv_start, kv_stop):
+    """A shard of query heads that cuts a GQA group (12 query heads on 4 key heads: heads 3 and 4 read different key
+    heads than the shard's local grouping gives them) planned its search with the wrong key heads, silently: the
+    shard did not know the model's key heads. With num_kv_heads it says so; without it, grouped k is refused."""
+    q, k, _ = gqa_inputs(1)
+    session = pasa.session(num_steps=10, density=0.3, block_size=16, dense_layers=())
+    shard_q, shard_k = q[:, start:stop].float(), k[:, kv_start:kv_stop].float()
+    with pytest.raises(ValueError, match=rf"heads: a shard of query heads \[{start}, {stop}\) splits a key-head group: "
+                                         rf"num_kv_heads={GQA_KV_HEADS}"):
+        session.plan(GEOMETRY, GQA_HEADS, step=6, layer=2, q=shard_q, k=shard_k,
+                     heads=HeadShard(start, stop, GQA_HEADS, num_kv_heads=GQA_KV_HEADS))
+    with pytest.raises(ValueError, match=r"heads.num_kv_heads: k holds 2 key heads for the shard's .* query heads"):
+        session.plan(GEOMETRY, GQA_HEADS, step=6, layer=2, q=shard_q, k=shard_k,
+                     heads=HeadShard(start, stop, GQA_HEADS))
+    aligned = HeadShard(3, 9, GQA_HEADS, num_kv_heads=GQA_KV_HEADS)
+    with pytest.raises(ValueError, match=r"k: expected the shard's 2 key heads .* got 3"):
+        session.plan(GEOMETRY, GQA_HEADS, step=6, layer=2, q=q[:, 3:9].float(), k=k[:, :3].float(), heads=aligned)
+    with pytest.raises(ValueError, match=r"heads.num_kv_heads: expected the model's key heads, a divisor of "
+                                         r"total=12 query heads, got 5"):
+        session.plan(GEOMETRY, GQA_HEADS, step=6, layer=2, q=q[:, 3:9].float(), k=k[:, 1:3].float(),
+                     heads=HeadShard(3, 9, GQA_HEADS, num_kv_heads=5))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_aligned_gqa_shards_plan_the_all_heads_mask_and_attend_as_the_oracle(world):
+    """Shards of whole key-head groups (Ulysses over 12 query and 4 key heads): each plans the all-heads mask's
+    heads, and attention of its q, k, v under its mask equals the float64 oracle's of the whole model there."""
+    from oracle import dense_attention, expand_to_tokens
+
+    import sparsecore
+    q, k, v = gqa_inputs(2)
+    session = pasa.session(num_steps=10, density=0.3, block_size=16, dense_layers=(), approximation="drop")
+    whole = session.plan(GEOMETRY, GQA_HEADS, step=6, layer=2, q=q.float(), k=k.float()).to_host()
+    want, _ = dense_attention(q.numpy(), k.numpy(), v.numpy(), expand_to_tokens(whole), 16 ** -0.5)
+    size, kv_size = GQA_HEADS // world, GQA_KV_HEADS // world
+    for rank in range(world):
+        heads, kv = slice(rank * size, (rank + 1) * size), slice(rank * kv_size, (rank + 1) * kv_size)
+        shard = HeadShard(heads.start, heads.stop, GQA_HEADS, num_kv_heads=GQA_KV_HEADS)
+        mask = session.plan(GEOMETRY, GQA_HEADS, step=6, layer=2, q=q[:, heads].float(), k=k[:, kv].float(),
+                            heads=shard)
+        assert mask == whole.select_heads(shard.heads)
+        out = sparsecore.compile(mask.to_host(), device="cpu")(q[:, heads], k[:, kv], v[:, kv])
+        np.testing.assert_allclose(np.asarray(out), want[:, heads], rtol=1e-10, atol=1e-12)

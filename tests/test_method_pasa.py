@@ -93,7 +93,7 @@ def test_device_plan_equals_the_host_statement_of_the_rules(g, block, heads, den
     session = pasa.session(num_steps=10, density=density, block_size=block, noise_scale=noise_scale, seed=seed % 97,
                            dense_layers=())
     mask = session.plan(g, heads[0], step=5, layer=3, q=q[:, start:stop], k=k[:, start // group:stop // group],
-                        heads=HeadShard(start, stop, heads[0]))
+                        heads=HeadShard(start, stop, heads[0], num_kv_heads=heads[1]))
     offs = g.block_offsets(block)
     text = g.text_blocks(offs)
     scores = ref.pasa_scores(q.double().numpy(), k.double().numpy(), offs, 16 ** -0.5)

@@ -347,7 +347,7 @@ class AdaSpaSession:
         """Keep ``lse`` for the layer's cached searches; when it was not handed over (a caller whose dense pass gave
         none), the LSE of one more dense pass over q, k."""
         if (lse := check_lse(lse, q, geometry, shard.size)) is None:
-            q, k = check_qk(q, k, geometry, shard.size)
+            q, k = check_qk(q, k, geometry, shard)
             lse = causal.visible_lse(q, k, geometry, self.params.scale)
         self._lse[layer], self._inputs[layer] = self._stored(lse), (geometry, shard.start, shard.stop, shard.total)
 
@@ -378,7 +378,7 @@ def _search(geometry: VideoGeometry, shard: HeadShard, p: AdaSpaParams, layer: A
     blocks, lse_used, given_mass, fresh = len(offsets) - 1, lse, mass is not None, lse is None
     source = "given" if not fresh else "none" if given_mass else "fresh"       # meta["lse"]: masses given, no LSE
     if mass is None:
-        q, k = check_qk(q, k, geometry, shard.size)
+        q, k = check_qk(q, k, geometry, shard)
         if fresh:                                   # over the keys each row may see (all without causal frames)
             lse = causal.visible_lse(q, k, geometry, p.scale)
         visible = causal.visible_counts(geometry, offsets)

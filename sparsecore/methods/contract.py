@@ -220,13 +220,16 @@ class HeadShard:
     this shard (``[stop - start]``, on the compute device) to the values of all ``total`` heads in
     head order: an all-gather over the ranks holding the other shards, which methods whose
     choices couple heads call (AdaSpa ranks every head's recall). None means this shard is all
-    there is (one process).
+    there is (one process). ``num_kv_heads``: the model's key heads under grouped-query attention
+    (query head ``h`` reads key head ``h // (total // num_kv_heads)``); the shard must hold whole
+    groups and k its key heads only. None: a partial shard takes k of one key head per query head.
     """
 
     start: int
     stop: int
     total: int
     gather: Callable[[Any], Any] | None = None
+    num_kv_heads: int | None = None
 
     @property
     def size(self) -> int:
@@ -264,7 +267,34 @@ def check_shard(heads: Any, num_heads: int) -> HeadShard:
                         f"an all-gather over the ranks), got {type(heads.gather).__name__}")
     if total != num_heads or not start < stop <= num_heads:
         raise ValueError(f"heads: expected 0 <= start < stop <= total == num_heads={num_heads}, got {heads}")
+    if heads.num_kv_heads is not None:
+        kv_heads = check_int(heads.num_kv_heads, "heads.num_kv_heads", 1)
+        if total % kv_heads:
+            raise ValueError(f"heads.num_kv_heads: expected the model's key heads, a divisor of total={total} query "
+                             f"heads, got {kv_heads}; pass the key-head count of the whole model's k")
+        group = total // kv_heads
+        if start % group or stop % group:
+            raise ValueError(f"heads: a shard of query heads [{start}, {stop}) splits a key-head group: "
+                             f"num_kv_heads={kv_heads} of total={total} gives each key head {group} query heads, so "
+                             f"expected start and stop multiples of {group}; shard whole groups (a Ulysses degree "
+                             f"that divides the key heads)")
     return heads
+
+
+def check_shard_keys(heads: HeadShard, num_kv_heads: int) -> None:
+    """k of ``num_kv_heads`` key heads is the one a checked shard reads: those of its own query heads' groups."""
+    if heads.num_kv_heads is None:
+        if heads.size != heads.total and num_kv_heads != heads.size:
+            raise ValueError(f"heads.num_kv_heads: k holds {num_kv_heads} key heads for the shard's {heads.size} query "
+                             f"heads [{heads.start}, {heads.stop}) of {heads.total} (grouped-query attention), and "
+                             f"the shard does not say the model's key heads; pass HeadShard(..., num_kv_heads=<the "
+                             f"model's key heads>) so that it can be checked to hold whole groups")
+        return
+    expected = heads.size * heads.num_kv_heads // heads.total
+    if num_kv_heads != expected:
+        raise ValueError(f"k: expected the shard's {expected} key heads (query heads [{heads.start}, {heads.stop}) of "
+                         f"{heads.total} on num_kv_heads={heads.num_kv_heads}), got {num_kv_heads}; pass k of this "
+                         f"shard's key heads only")
 
 
 def check_bidirectional(geometry: VideoGeometry, pattern: str) -> None:
@@ -280,9 +310,11 @@ def geometry_meta(geometry: VideoGeometry) -> dict[str, Any]:
             "text_tokens": geometry.text_tokens, "text_position": geometry.text_position, **causal}
 
 
-def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[Any, Any]:
-    """q ``[B, num_heads, L, D]`` and k ``[B, H_kv, L, D]`` (a missing batch axis is added) over the geometry's tokens."""
+def check_qk(q: Any, k: Any, geometry: VideoGeometry, heads: HeadShard) -> tuple[Any, Any]:
+    """q ``[B, heads.size, L, D]`` and k ``[B, H_kv, L, D]`` (a missing batch axis is added) over the geometry's tokens,
+    k of the shard's key heads (:func:`check_shard_keys`)."""
     from sparsecore.inputs import as_batched, attention_shape
+    num_heads = heads.size
     q, k = as_batched(q, "q"), as_batched(k, "k")
     shape = attention_shape(q, k)
     if not q.is_floating_point():
@@ -290,6 +322,7 @@ def check_qk(q: Any, k: Any, geometry: VideoGeometry, num_heads: int) -> tuple[A
     if shape.q_len != geometry.tokens or shape.kv_len != geometry.tokens or shape.num_heads != num_heads:
         raise ValueError(f"q, k: expected [B, {num_heads}, {geometry.tokens}, D] and [B, H_kv, {geometry.tokens}, D] "
                          f"for geometry {geometry}, got q {list(q.shape)} and k {list(k.shape)}")
+    check_shard_keys(heads, shape.num_kv_heads)
     return q, k
 
 

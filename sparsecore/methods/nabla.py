@@ -159,7 +159,7 @@ class NablaSession:
         check_step(step, self.num_steps)
         check_tiles(geometry)
         offsets = fixed_block_offsets(geometry, shard.size, BLOCK_TOKENS)
-        q, k = check_qk(q, k, geometry, shard.size)
+        q, k = check_qk(q, k, geometry, shard)
         p = self.params
         kept = adaptive_map(q, k, p.threshold).any(dim=0)                          # [H, NB, NB]: union of samples
         kept |= self._window(geometry, q.device)

@@ -362,7 +362,7 @@ class PASASession:
             return dense_mask(geometry, shard.size, meta)
         unselected = unselected_of(p.approximation, p.group_size)           # refused by action where causal
         offsets = fixed_block_offsets(geometry, shard.size, p.block_size)
-        q, k = check_qk(q, k, geometry, shard.size)
+        q, k = check_qk(q, k, geometry, shard)
         layout = SinkLayout.of(geometry, offsets)
         scores = pooled_scores(q, k, offsets, q.shape[-1] ** -0.5 if p.scale is None else p.scale)
         noise = GumbelNoise(head_keys(shard.heads, p.seed, layer, step, scores.device), p.noise_scale) \

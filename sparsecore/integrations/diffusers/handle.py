@@ -320,7 +320,7 @@ class SparseAttentionHandle:
             raise ValueError(f"hidden_states: under Ulysses degree {group.world} layer {layer} expected "
                              f"{geometry.video_tokens} / {group.world} tokens and heads divisible by {group.world}, "
                              f"got {query.shape[1]} tokens and {heads} heads; pick a ulysses_degree dividing both")
-        shard = group.shard(heads, query.device)
+        shard = group.shard(heads, query.device, key.shape[2])
 
         def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return self._attend_groups(layer, q, k, v, None, partial(processor.dense, parallel=False), shard)
@@ -352,7 +352,7 @@ class SparseAttentionHandle:
         text_valid = self.text_valid(processor, text_mask, query.shape[0], text) if self.spec.joint_text else None
         exchange = parallel.Exchange(ulysses, local_video)
         q, k, v = (exchange.heads_in(t) for t in (query, key, value))
-        shard = ulysses.shard(heads, query.device) if ulysses.world > 1 else None
+        shard = ulysses.shard(heads, query.device, key.shape[2]) if ulysses.world > 1 else None
         video = local_video * ulysses.world
         attend = partial(self._sharded.attend, ring=ring, video=video)
         out = self._attend_groups(layer, q, k, v, text_valid, None, shard, attend, video)

@@ -52,11 +52,12 @@ class UlyssesGroup:
     group: Any
     config: Any
 
-    def shard(self, num_heads: int, device: torch.device) -> HeadShard:
-        """This rank's heads after the all-to-all, with an all-gather over the group for per-head values."""
+    def shard(self, num_heads: int, device: torch.device, num_kv_heads: int | None = None) -> HeadShard:
+        """This rank's heads after the all-to-all (of ``num_kv_heads`` key heads in all), with an all-gather over the
+        group for per-head values."""
         size = num_heads // self.world
         return HeadShard(self.rank * size, (self.rank + 1) * size, num_heads,
-                         partial(_all_gather, world=self.world, group=self.group, device=device))
+                         partial(_all_gather, world=self.world, group=self.group, device=device), num_kv_heads)
 
 
 @dataclass(frozen=True)
