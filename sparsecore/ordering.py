@@ -4,7 +4,8 @@ Sliding Tile Attention (:mod:`sparsecore.methods.sta`) cuts the video into 3D ti
 model's frame-major raster order a tile's tokens are scattered, in tile order they are one block. Such a method
 plans its mask over the tokens in its order and names that order (:class:`TokenOrder`); whoever runs the mask
 gathers q, k, v into the order and the output back (the diffusers integration does, for every step that runs
-the mask). Both are one ``index_select`` on the device with an index uploaded once per device and length.
+the mask). Both are one ``index_select`` on the device with an index uploaded once per device and length; an order
+keeps the :data:`DEVICE_COPIES_KEPT` indices last used (a server's sequence lengths vary with its prompts' text).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from sparsecore.geometry import MAX_TOKENS
+from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.stream_readers import retire
 from sparsecore.ir.validation import check_int, frozen
 
+DEVICE_COPIES_KEPT = 16      # device indices an order keeps, by (direction, device, length): 8 bytes a token each
 
 _LIVE: "weakref.WeakSet[TokenOrder]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()      # a set that another thread adds to while it is read raises (clear_cache's thread)
@@ -30,11 +33,7 @@ def forget_device_copies() -> None:
     with _LIVE_LOCK:
         orders = list(_LIVE)
     for order in orders:
-        while order._on_device:             # one at a time: a copy another thread adds meanwhile is retired too
-            try:
-                retire([order._on_device.popitem()[1]])
-            except KeyError:                # another thread emptied it first
-                break
+        order._on_device.clear()            # each dropped copy retired (the memo's on_drop)
 
 
 class TokenOrder:
@@ -55,7 +54,7 @@ class TokenOrder:
         self.index = frozen(index.astype(np.int64))
         self.inverse = frozen(np.argsort(self.index))
         self.name = name
-        self._on_device: dict[tuple[bool, str, int], Any] = {}
+        self._on_device = LruMemo(DEVICE_COPIES_KEPT, on_drop=lambda copy: retire([copy]))  # (inverse, device, len)
         with _LIVE_LOCK:
             _LIVE.add(self)
 
@@ -94,10 +93,9 @@ class TokenOrder:
 
     def _index(self, inverse: bool, device: Any, length: int) -> Any:
         import torch
-        key = (inverse, str(device), length)
-        found = self._on_device.get(key)
-        if found is None:
+
+        def upload() -> Any:
             order = self.inverse if inverse else self.index
             full = np.concatenate([order, np.arange(len(self), length)])        # padding stays in place
-            found = self._on_device[key] = torch.from_numpy(full).to(device)
-        return found
+            return torch.from_numpy(full).to(device)
+        return self._on_device.get((inverse, str(device), length), upload)

@@ -215,3 +215,20 @@ def test_an_upload_dropped_while_another_stream_reads_it_keeps_its_memory_until_
     assert not (reused.data_ptr() < end and start < reused.data_ptr() + reused.nbytes), \
         "the builder's next allocation took the dropped upload's memory while another stream's read was queued"
     np.testing.assert_array_equal(read.cpu().numpy(), array)
+
+
+def test_a_token_orders_device_indices_are_bounded_and_dropped_ones_retired(monkeypatch):
+    """A serving loop gathering one order at many sequence lengths (text padded to each prompt's length) kept an
+    index per (direction, device, length) until clear_cache, without bound. Now the last DEVICE_COPIES_KEPT are
+    kept, an evicted one is retired for the streams that may read it, and a length asked again gathers right."""
+    retired = []
+    monkeypatch.setattr(ordering, "retire", lambda tensors: retired.extend(tensors))
+    order = ordering.TokenOrder(np.array([2, 0, 1]), "test")
+    kept = ordering.DEVICE_COPIES_KEPT
+    first = order.device_index("cpu", 4)
+    for length in range(5, 5 + 4 * kept):
+        values = torch.arange(length, dtype=torch.float64)[None]
+        assert torch.equal(order.scatter(order.gather(values, 1), 1), values)
+        assert len(order._on_device) <= kept
+    assert any(found is first for found in retired)
+    assert order.device_index("cpu", 4).tolist() == [2, 0, 1, 3]

@@ -104,7 +104,8 @@ def tile_grid(geometry: VideoGeometry, tile: tuple[int, int, int]) -> tuple[int,
 
 def token_order(geometry: VideoGeometry, tile: Any = (6, 8, 8)) -> TokenOrder:
     """The tile order of ``geometry``'s tokens (text stays where it is); one object per (geometry, tile) while it
-    is among the 16 last asked for. Its device copies of the index (8 bytes a token) live as long as it does."""
+    is among the 16 last asked for. It keeps its last used device copies of the index (8 bytes a token; at most
+    ``ordering.DEVICE_COPIES_KEPT``, by direction, device and sequence length) as long as it lives."""
     if not isinstance(geometry, VideoGeometry):
         raise TypeError(f"geometry: expected a sparsecore.VideoGeometry, got {type(geometry).__name__}")
     return _token_order(geometry, triple(tile, "tile"))
