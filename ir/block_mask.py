@@ -384,8 +384,7 @@ class BlockMask:
         return block_map_text(self.to_host(), max_blocks)
 
     def render(self, path: str | Path, heads: Sequence[int] | None = None) -> Path:
-        """Write a PNG of the per-head block maps (needs matplotlib); returns the path. Each map is drawn at the
-        panel's screen pixels, each shaded by the share of its token pairs kept (a lone kept block stays visible)."""
+        """Write a PNG of the per-head block maps (needs matplotlib; pixels shaded by share kept); returns it."""
         from .draw import render_png
         return render_png(self.to_host(), path, heads)
 
