@@ -163,3 +163,17 @@ def test_triton_says_why_it_does_not_run_below_compute_capability_8(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert backend.unavailable_reason("cuda") is None
     assert block_mass.supports(q, q, offsets, offsets) is None
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)])
+def test_flashinfer_declines_gpus_below_ampere_with_the_reason(monkeypatch, capability):
+    """FlashInfer documents compute capability 7.5 and later, bfloat16 from 8.0; this lowering was run on 8.0 and
+    later only, so on a T4 or V100 selection passes it by (saying why) instead of failing at the first call."""
+    backend = sparsecore.registered_backends()["flashinfer"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    reason = backend.unavailable_reason("cuda:0")
+    assert reason is not None and f"{capability[0]}.{capability[1]}" in reason and "portable" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert backend.unavailable_reason("cuda:0") is None

@@ -79,6 +79,10 @@ class FlashInferBackend(Backend):
             return "flashinfer is not installed"
         if not torch.cuda.is_available():
             return f"torch.cuda.is_available() is False in torch {torch.__version__}"
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        if major < 8:
+            return (f"compute capability {major}.{minor}: FlashInfer supports 7.5 and later without bfloat16 below 8.0, "
+                    f"and this lowering was run on 8.0 and later only; the portable backend runs on this GPU")
         return None
 
     def preference(self, mask: BlockMask) -> int:
