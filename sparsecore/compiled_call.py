@@ -52,13 +52,16 @@ def register(kernel: "CompiledKernel") -> torch.Tensor:
 
 @torch.library.custom_op("sparsecore::kernel_attention", mutates_args=(), **_NOT_IN_CUDA_GRAPHS)
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], return_lse: bool,
-                     slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out, lse`` of the kernel in ``slot`` (see the module docstring)."""
+                     slot: torch.Tensor, numpy_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out, lse`` of the kernel in ``slot`` (see the module docstring). ``numpy_scale``: a NumPy scale as a 0-d CPU
+    tensor of its dtype, given back to the eager call as a NumPy scalar (``scale`` is then None)."""
     refuse_capture(q.device, "a compiled sparsecore kernel")
     kernel = _KERNELS.get(int(slot))
     if kernel is None:
         raise RuntimeError("sparsecore: the kernel this compiled code calls was garbage-collected; keep a reference "
                            "to the kernel sparsecore.compile returned for as long as the compiled code runs")
+    if numpy_scale is not None:
+        scale = numpy_scale.numpy()[()]      # checked there as eagerly: a NaN's ValueError, np.True_'s TypeError
     found = kernel.eager_call(q, k, v, scale, return_lse)
     out, lse = found if return_lse else (found, q.new_empty(0, dtype=torch.float32))
     return out.contiguous(), lse.contiguous()
@@ -66,7 +69,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
 
 @kernel_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], return_lse: bool,
-      slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+      slot: torch.Tensor, numpy_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     lse_shape = q.shape[:-1] if return_lse else (0,)
     return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -80,12 +83,13 @@ kernel_attention.register_autograd(_no_backward, setup_context=lambda ctx, input
 
 
 def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any,
-                return_lse: bool) -> Any:
+                return_lse: Any) -> Any:
     """What :meth:`.CompiledKernel.__call__` does under ``torch.compile``: the op; or, with inputs needing gradients
     where one of the kernel's backends keeps them (``portable`` on a mask that drops unlisted blocks), the eager call
     outside the graph, whichever backend it then runs (a graph break, so not under ``fullgraph=True``). That k and v
     are tensors is checked here (the eager call's TypeError), and so are the types of ``scale`` and ``return_lse``,
-    which the op's schema types (a traced scale may be symbolic: its value is checked in the op).
+    which the op's schema types; a scale's value is checked in the op, by the eager call (a traced scale may be
+    symbolic; a NumPy one is traced as an array, so it travels as a tensor).
     """
     # inputs the op cannot take (Dynamo would trace a NumPy k as a tensor; a kernel of NumPy arrays, reference, gets
     # a tensor q): the eager call's TypeError
@@ -93,15 +97,22 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
         kernel._check_shape(q, k, v)
     if wants_gradient(q, k, v) and kernel.differentiable:
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
-    if isinstance(scale, (np.generic, np.ndarray, Fraction)):
-        # NumPy scalars (1 / np.sqrt(D)) are traced as arrays, Fractions as objects: the op's schema takes a float.
-        # Other NumPy dtypes (float32, int64) read as data-dependent values there, which the op cannot take. (A traced
-        # array's dtype and shape cannot be read, so np.True_ and a one-element array pass here, unlike eagerly.)
+    numpy_scale = None
+    if isinstance(scale, (np.generic, np.ndarray)):
+        # Dynamo traces a NumPy scalar (1 / np.sqrt(D), np.float32(0.1)) as a 0-d array, whose float() is a
+        # data-dependent value the op's float cannot take: it travels as a 0-d CPU tensor of its dtype, a graph input
+        # (no recompile as it changes), and the op checks it as NumPy eagerly. Traced, a NumPy scalar and a 0-d array
+        # look alike, so a 0-d array is taken here (eagerly refused); a larger one is refused as eagerly.
+        if scale.ndim != 0:
+            check_scale_type(scale)
+        numpy_scale, scale = torch.as_tensor(scale, device="cpu"), None
+    elif isinstance(scale, Fraction):     # (from torch 2.13 Dynamo traces float() of a Fraction)
         scale = float(scale)
     check_scale_type(scale, (torch.SymInt, torch.SymFloat))
     if type(scale) is int:      # one past float's range fails in the op's schema, naming nothing; one that changes
         scale = check_scale(scale, 1)     # between calls is traced as a symbolic int (checked as traced code can)
-    out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot)
+    out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot,
+                                                     numpy_scale)
     return (out, lse) if return_lse else out
 
 

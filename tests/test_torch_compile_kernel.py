@@ -191,6 +191,53 @@ def test_a_numpy_or_fraction_scale_runs_in_one_graph(scale):
     np.testing.assert_allclose(compiled(q, k, v).double().numpy(), expected(mask, q, k, v, float(scale))[0], atol=2e-5)
 
 
+NUMPY_SCALES = [np.float64(0.3), np.float32(0.1), np.float16(0.5), np.int64(2)]
+
+
+@pytest.mark.parametrize("as_argument", [False, True])
+@pytest.mark.parametrize("scale", NUMPY_SCALES, ids=repr)
+def test_a_numpy_scalar_scale_of_any_real_dtype_runs_in_one_graph(scale, as_argument):
+    """Dynamo traces a NumPy scalar as a 0-d array: ``float()`` of it was a data-dependent value, which the op's float
+    argument could not take (fullgraph=True: TorchRuntimeError, "Expected a value of type 'Optional[float]' for
+    argument 'scale' but instead found type 'SymFloat'"). A value that changes between calls is a graph input: each
+    call gets its own, one graph."""
+    torch._dynamo.reset()
+    mask, kernel = masked_kernel(12)
+    q, k, v = inputs(1, 13)
+    if as_argument:
+        graphs = []
+
+        def counting_backend(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+        compiled = torch.compile(lambda q, k, v, s: kernel(q, k, v, scale=s), fullgraph=True, backend=counting_backend)
+        for value in (scale, scale * 3):
+            np.testing.assert_allclose(compiled(q, k, v, value).double().numpy(),
+                                       expected(mask, q, k, v, float(value))[0], rtol=1e-5, atol=2e-5)
+        assert len(graphs) == 1
+    else:
+        compiled = torch.compile(lambda q, k, v: kernel(q, k, v, scale=scale), fullgraph=True, backend="aot_eager")
+        np.testing.assert_allclose(compiled(q, k, v).double().numpy(), expected(mask, q, k, v, float(scale))[0],
+                                   rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("scale", [float("nan"), np.float64("nan"), np.float32("nan"), np.float64("inf"),
+                                   np.float32(-3e38), np.True_], ids=repr)
+def test_a_refused_scale_raises_the_eager_error_under_compile(scale, fullgraph):
+    """The eager call's own error, type and message: a NaN NumPy scale under fullgraph=True arrived as Dynamo's
+    TorchRuntimeError (its fake run met the data-dependent float), not the named ValueError."""
+    torch._dynamo.reset()
+    _, kernel = masked_kernel(8)
+    q, k, v = inputs(1, 9)
+    with pytest.raises((ValueError, TypeError)) as eager:
+        kernel(q, k, v, scale=scale)
+    compiled = torch.compile(lambda q, k, v: kernel(q, k, v, scale=scale), fullgraph=fullgraph, backend="aot_eager")
+    with pytest.raises(type(eager.value)) as traced:
+        compiled(q, k, v)
+    assert str(traced.value) == str(eager.value)
+
+
 def test_bad_arguments_are_named_under_compile():
     torch._dynamo.reset()
     _, kernel = masked_kernel(8)
