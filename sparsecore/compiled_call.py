@@ -95,6 +95,8 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     # a tensor q): the eager call's TypeError
     if kernel.backend.capabilities.array_type != "torch" or not all(isinstance(t, torch.Tensor) for t in (k, v)):
         kernel._check_shape(q, k, v)
+    if not isinstance(return_lse, bool):         # it decides what the call returns: checked while tracing
+        _refuse_return_lse(return_lse)
     if wants_gradient(q, k, v) and kernel.differentiable:
         return _eager_outside_graph(kernel, q, k, v, scale, return_lse)
     numpy_scale = None
@@ -111,9 +113,18 @@ def traced_call(kernel: "CompiledKernel", q: torch.Tensor, k: torch.Tensor, v: t
     check_scale_type(scale, (torch.SymInt, torch.SymFloat))
     if type(scale) is int:      # one past float's range fails in the op's schema, naming nothing; one that changes
         scale = check_scale(scale, 1)     # between calls is traced as a symbolic int (checked as traced code can)
-    out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, check_return_lse(return_lse), kernel.slot,
-                                                     numpy_scale)
+    out, lse = torch.ops.sparsecore.kernel_attention(q, k, v, scale, return_lse, kernel.slot, numpy_scale)
     return (out, lse) if return_lse else out
+
+
+def _refuse_return_lse(return_lse: Any) -> None:
+    """The eager call's TypeError for a ``return_lse`` that is not a bool. While tracing, its message is made as Dynamo
+    can trace it (it traced neither a type's module nor a tensor's repr: under fullgraph=True its error named neither
+    the argument nor the remedy); outside (Dynamo's fallback to Python after such a break) it is the eager one."""
+    if not torch.compiler.is_compiling():
+        check_return_lse(return_lse)
+    got = "a NumPy value" if isinstance(return_lse, np.ndarray) else type(return_lse).__name__  # NumPy scalars too
+    raise TypeError(f"return_lse: expected a bool (True or False), got {got}; pass bool(return_lse)")
 
 
 def _eager_outside_graph(kernel: "CompiledKernel", *call: Any) -> Any:

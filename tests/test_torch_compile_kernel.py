@@ -238,6 +238,25 @@ def test_a_refused_scale_raises_the_eager_error_under_compile(scale, fullgraph):
     assert str(traced.value) == str(eager.value)
 
 
+@pytest.mark.parametrize("return_lse", [np.True_, 1, torch.tensor(True)], ids=repr)
+def test_fullgraph_names_a_return_lse_that_is_not_a_bool(return_lse):
+    """return_lse decides what the call returns, so it is checked while tracing: under fullgraph=True Dynamo's error
+    holds the TypeError's message. Its making (the type's module, the value's repr) did not trace, and Dynamo said
+    only "Dynamo does not know how to trace method `split` of class `str`" (or "repr() on tensor")."""
+    torch._dynamo.reset()
+    _, kernel = masked_kernel(8)
+    q, k, v = inputs(1, 9)
+    compiled = torch.compile(lambda q, k, v: kernel(q, k, v, return_lse=return_lse), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(Exception, match=r"return_lse: expected a bool \(True or False\), got .*pass bool\(return_lse\)"):
+        compiled(q, k, v)
+    with pytest.raises(TypeError) as eager:
+        kernel(q, k, v, return_lse=return_lse)
+    with pytest.raises(TypeError) as traced:                                  # without fullgraph: the eager error
+        torch.compile(lambda q, k, v: kernel(q, k, v, return_lse=return_lse), backend="aot_eager")(q, k, v)
+    assert str(traced.value) == str(eager.value)
+
+
 def test_bad_arguments_are_named_under_compile():
     torch._dynamo.reset()
     _, kernel = masked_kernel(8)
