@@ -140,8 +140,9 @@ def check_scale(scale: Any, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     check_scale_type(scale)
     # |scale| first: an int may not fit a float; an int is finite (and math.isfinite cannot trace torch.compile's
-    # symbolic int)
-    if abs(scale) > SCALE_MAX or (not isinstance(scale, int) and not math.isfinite(scale)):
+    # symbolic int). A NumPy float is compared as a Python float: SCALE_MAX overflows float16.
+    magnitude = abs(float(scale)) if isinstance(scale, np.floating) else abs(scale)
+    if magnitude > SCALE_MAX or (not isinstance(scale, int) and not math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite float with |scale| <= {SCALE_MAX:.4g} (float32's largest over "
                          f"log2(e), the kernels' score factor), got {str(scale)[:40]}")
     return float(scale)

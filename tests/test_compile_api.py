@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -242,6 +243,19 @@ def test_call_time_input_errors(call, error, message):
     kernel = sparsecore.compile(mask(), device="cpu")
     with pytest.raises(error, match=message):
         call(kernel, *tensors())
+
+
+@pytest.mark.parametrize("scale", [np.float16(0.5), np.float32(0.25)], ids=repr)
+def test_a_narrow_numpy_scale_is_taken_without_a_warning(scale):
+    """check_scale compared the scale with SCALE_MAX in its own dtype: float16 cannot hold it, so a valid
+    np.float16 scale warned "overflow encountered in cast" (an error under -W error)."""
+    m = mask()
+    q, k, v = tensors()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sparsecore.compile(m, device="cpu")(q, k, v, scale=scale)
+    want, _ = oracle_attention(*(t.double().numpy() for t in (q, k, v)), expand_to_tokens(m), float(scale))
+    np.testing.assert_allclose(out.double().numpy(), want, atol=1e-5)
 
 
 class _TensorOutsideTorch(torch.Tensor):
