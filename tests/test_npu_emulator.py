@@ -249,6 +249,18 @@ def test_fusion_fully_masked_rows_are_undefined_in_every_mode(inner_precise):
     assert softmax_max[0, 0, 1].isnan().all() and softmax_sum[0, 0, 1].isnan().all()
 
 
+def test_fusion_rows_scoring_a_non_finite_key_are_undefined_unless_it_is_masked_out():
+    """The doc says nothing of a score of +-inf or NaN: a row that computes one (row 0 here) is NaN, so a caller
+    relying on the device giving a -inf score weight 0 fails here; a masked-out one (row 1) is selected away."""
+    k = zeros(1, 1, 2, D)
+    k[0, 0, 0, 0] = -math.inf
+    mask = torch.tensor([[False, False], [True, False]])
+    out, softmax_max, softmax_sum, *_ = fa(filled([1.0, 1.0], (1, 1, 2, D)), k, filled([1.0, 3.0], (1, 1, 2, D)),
+                                           atten_mask=mask)
+    assert out[0, 0, 0].isnan().all() and softmax_max[0, 0, 0].isnan().all() and softmax_sum[0, 0, 0].isnan().all()
+    assert torch.all(out[0, 0, 1] == 3.0)
+
+
 def test_block_mask_values_other_than_0_or_1_are_refused():
     """The CPU golden computes where a value is not 0, the A2 kernel where it is at least 1: -1 or 2 would
     pass here and mean something else on the device."""

@@ -34,7 +34,10 @@ on it fails loudly instead of matching by luck:
 - ``softmax_lse`` when ``softmax_lse_flag=0`` ("valid only when softmax_lse_flag=1");
 - a fully masked row of ``npu_fusion_attention``: output, softmax_max and softmax_sum NaN,
   whatever ``inner_precise`` says (the doc says 2 computes such "invalid rows" without
-  precision loss, but not what it writes there).
+  precision loss, but not what it writes there);
+- a row of ``npu_fusion_attention`` that computes a score from a key holding an infinity or NaN
+  (not masked out): output, softmax_max and softmax_sum NaN (the doc says nothing of such scores;
+  dense attention would give a -inf score weight 0).
 
 Inputs whose meaning the documents and the device disagree on are refused: a block-mask
 value other than 0 or 1 (the doc: 1 computes, 0 skips; the CPU golden computes where the
@@ -359,9 +362,10 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     row_sum = torch.empty(batch, heads, q_len, dtype=torch.float32)
     for b in range(batch):
         o, m, s, empty = _attend(q[b], k[b, kv_of], v[b, kv_of], allowed[b], scale)
-        out[b] = o.masked_fill(empty[..., None], math.nan)
-        row_max[b] = m.masked_fill(empty, math.nan)
-        row_sum[b] = s.masked_fill(empty, math.nan)
+        undefined = empty | (allowed[b] & ~torch.isfinite(k[b, kv_of]).all(dim=-1)[:, None, :]).any(dim=-1)
+        out[b] = o.masked_fill(undefined[..., None], math.nan)
+        row_max[b] = m.masked_fill(undefined, math.nan)
+        row_sum[b] = s.masked_fill(undefined, math.nan)
     attention_out = _from_bnsd(out.to(query.dtype), input_layout)
     softmax_max = row_max[..., None].expand(batch, heads, q_len, 8).contiguous()
     softmax_sum = row_sum[..., None].expand(batch, heads, q_len, 8).contiguous()
