@@ -4,9 +4,10 @@ The compiled kernels of host masks live here, found again by content (a pattern 
 steps compiles once): the most recently used first, at most :data:`CACHE_SIZE` of them listing at most
 :data:`CACHE_BLOCKS` blocks together, and holding at most :data:`CACHE_TOKEN_PLAN_BYTES` of plans that grow with
 the tokens their rows list (a kernel's device lists and tile plans grow with its blocks; ``portable``'s gathered
-query and key positions with the tokens of its spans, and an approximating mask's block map with its cells: counted
-once lowered, as its runs report them, ``plan_bytes``): a method returning new large host masks every step must not
-pile them up.
+query and key positions with the tokens of its spans, the npu lowering's op schedules and their device copies with
+the rows and gathered keys they list, and an approximating mask's block map with its cells: counted once lowered and
+again whenever a kernel is cached or lowered, as its runs report them, ``plan_bytes``): a method returning new large
+host masks every step must not pile them up.
 The other caches are bounded where they live:
 uploaded offsets (:mod:`sparsecore.ir.uploads`), the approximation pass's statistics plans
 (:mod:`sparsecore.backends.approximation`) and the warm-up records (:mod:`sparsecore.warmup`).
@@ -63,7 +64,11 @@ def _token_plan_bytes(kernel: Any) -> int:
 
 
 def _fit(keep: Hashable) -> None:
-    """Evict the least recently used kernels but ``keep`` until the bounds hold (under ``_LOCK``)."""
+    """Evict the least recently used kernels but ``keep`` until the bounds hold (under ``_LOCK``), counting each
+    kernel's plans afresh: a run may build some after it is lowered (the npu lowering's device copies, at its first
+    call)."""
+    for key, kernel in _CACHE.items():
+        _SIZES[key] = (_SIZES[key][0], _token_plan_bytes(kernel))
     blocks, plan_bytes = (sum(found) for found in zip(*_SIZES.values()))
     for key in list(_CACHE):
         if len(_CACHE) <= CACHE_SIZE and blocks <= CACHE_BLOCKS and plan_bytes <= CACHE_TOKEN_PLAN_BYTES:

@@ -421,3 +421,31 @@ def test_the_fallback_builds_one_token_mask_a_chunk_whatever_the_batch(monkeypat
     assert all(masks[3 * c] is masks[3 * c + b] for c in range(chunks) for b in range(3))
     mask_sized = {storage for n, storage in made if n in sizes}          # views share their base's storage
     assert len(mask_sized) == chunks, (made, sizes)
+
+
+def _schedule_bytes(schedule) -> int:
+    arrays = [a for c in schedule.block_sparse_calls for a in (c.block_mask, c.row_empty)]
+    arrays += [a for c in schedule.fallback_chunks
+               for a in (c.q_tokens, c.kv_tokens, c.row_group, c.key_piece, c.allowed, c.row_has_keys)]
+    return sum(a.nbytes for a in arrays)
+
+
+@pytest.mark.parametrize("dtype, kinds", [("float16", ["hybrid"]), ("float32", ["hybrid", "fallback"])])
+def test_the_kernel_cache_counts_the_schedules_and_their_device_copies(dtype, kinds):
+    """The schedules grow with the tokens (rows per call, gathered positions per chunk): the kernel cache's byte bound
+    must count them: the host arrays built when lowered (the hybrid schedule) and at the first float32 call (the
+    fallback one, which float32 runs), and the device copy of the schedule a call runs (the cache counted 0: the npu
+    run reported no ``plan_bytes``)."""
+    from sparsecore import kernel_cache
+    sparsecore.clear_cache()
+    case = PATH_CASES["frames_1560_with_text"].case
+    q, k, v = (torch.from_numpy(a).to(getattr(torch, dtype)) for a in case.inputs())
+    with emulate():
+        kernel = sparsecore.compile(case.mask, device="npu")
+        kernel(q, k, v)
+        sparsecore.compile(BlockMask.full(1, 128, 128, 128), device="npu")     # the next compile counts again
+    run, = kernel._runs.values()
+    host = sum(_schedule_bytes(run.schedule(kind)) for kind in kinds)
+    copied = _schedule_bytes(run.schedule(kinds[-1]))                   # the schedule the call ran, on its device
+    assert copied > 0 and kernel_cache._SIZES[next(iter(kernel_cache._SIZES))][1] == host + copied
+    sparsecore.clear_cache()

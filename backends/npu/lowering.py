@@ -103,7 +103,22 @@ class NpuBackend(Backend):
         if mask.unselected.kind == "drop":
             return kernel
         # The approximation of unlisted blocks: torch ops on the NPU, merged with the ops' exact part by LSE.
-        return ApproximatingRun(lambda q, k, v, scale: kernel(q, k, v, scale, True), mask)
+        return _ApproximatingNpuRun(ApproximatingRun(lambda q, k, v, scale: kernel(q, k, v, scale, True), mask), kernel)
+
+
+class _ApproximatingNpuRun:
+    """An approximating mask's run: its ``plan_bytes`` are the exact kernel's and the approximation's row plans."""
+
+    def __init__(self, run: ApproximatingRun, kernel: "NpuKernel") -> None:
+        self._run, self._kernel = run, kernel
+
+    @property
+    def plan_bytes(self) -> int:
+        return self._kernel.plan_bytes + self._run.plan_bytes
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._run(q, k, v, scale, return_lse)
 
 
 def block_sparse_problems(dtype: torch.dtype, head_dim: int, group: int) -> list[str]:
@@ -147,8 +162,18 @@ class NpuKernel:
         self._schedules: dict[str, OpSchedule] = {}
         self._on_device: dict[tuple[str, str], tuple[list[_DeviceCall], list[_DeviceChunk]]] = {}
         self._warned = False
-        if options.path == "auto":
-            self.schedule("hybrid")   # the common schedule is built at compile time, off the hot path
+        self.schedule("hybrid" if options.path == "auto" else "fallback")   # at compile time, off the hot path
+
+    @property
+    def plan_bytes(self) -> int:
+        """Bytes of the schedules built (host) and of their device copies: they grow with the tokens (rows per call,
+        gathered positions per chunk), so the kernel cache counts them (:mod:`sparsecore.kernel_cache`)."""
+        host = [a for s in tuple(self._schedules.values()) for a in _schedule_arrays(s)]
+        on_device = [t for calls, chunks in tuple(self._on_device.values())
+                     for t in [x for c in calls for x in (c.compute, c.row_empty)]
+                     + [x for c in chunks for x in (c.q_tokens, c.kv_tokens, c.row_group, c.key_piece, c.allowed,
+                                                     c.row_has_keys)]]
+        return sum(a.nbytes for a in host) + sum(t.untyped_storage().nbytes() for t in on_device)
 
     def schedule(self, kind: str) -> OpSchedule:
         if kind not in self._schedules:
@@ -207,6 +232,12 @@ class NpuKernel:
                       for c in schedule.fallback_chunks]
             self._on_device[key] = (block_calls, chunks)
         return self._on_device[key]
+
+
+def _schedule_arrays(schedule: OpSchedule) -> list[np.ndarray]:
+    return ([a for c in schedule.block_sparse_calls for a in (c.block_mask, c.row_empty)]
+            + [a for c in schedule.fallback_chunks
+               for a in (c.q_tokens, c.kv_tokens, c.row_group, c.key_piece, c.allowed, c.row_has_keys)])
 
 
 def _run_block_sparse(torch_npu: types.ModuleType, call: _DeviceCall, q: torch.Tensor, key: torch.Tensor,
