@@ -332,3 +332,15 @@ def test_emulate_restores_what_was_there_even_after_an_error(monkeypatch):
         with emulate():
             raise KeyError("boom")
     assert sys.modules["torch_npu"] is previous
+
+
+@pytest.mark.parametrize("side", ["query", "key"])
+def test_fusion_refuses_a_sequence_past_the_documented_1m(side):
+    """The doc: "S: sequence length, 1~1M" (read as 2**20). Checked on the shapes before anything is computed, so a
+    stride-0 view of 2**20 + 1 tokens costs nothing."""
+    import sparsecore.backends.npu.emulator as emulator
+    long = zeros(1, 1, 1, D).expand(1, 1, emulator.FUSION_MAX_SEQ + 1, D)
+    short = zeros(1, 1, 4, D)
+    q, kv = (long, short) if side == "query" else (short, long)
+    with pytest.raises(RuntimeError, match=r"sequence lengths must be 1\.\.1048576 .*got Sq=.*Skv="):
+        fa(q, kv, kv)

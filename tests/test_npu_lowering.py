@@ -449,3 +449,29 @@ def test_the_kernel_cache_counts_the_schedules_and_their_device_copies(dtype, ki
     copied = _schedule_bytes(run.schedule(kinds[-1]))                   # the schedule the call ran, on its device
     assert copied > 0 and kernel_cache._SIZES[next(iter(kernel_cache._SIZES))][1] == host + copied
     sparsecore.clear_cache()
+
+
+def test_no_fallback_chunk_passes_the_fused_ops_sequence_limit():
+    """npu_fusion_attention takes S of 1..1M tokens (2**20): one frame-sized block of 2**20 + 300 keys, kept whole by
+    every row, went to it as one chunk of 2**20 + 300 keys. Planned on the host, nothing of that size is computed."""
+    from sparsecore.backends.npu import schedule
+    mask = BlockMask.from_dense(np.ones((2, 2, 1), bool), 256, schedule.FUSION_MAX_SEQ + 300, q_block=128,
+                                kv_block=schedule.FUSION_MAX_SEQ + 300)
+    fallback = schedule_fallback(mask, 1 << 26)
+    assert max(len(c.kv_tokens) for c in fallback.fallback_chunks) <= schedule.FUSION_MAX_SEQ
+    assert fallback.summary()["fallback_pairs"] == 2 * 256 * (schedule.FUSION_MAX_SEQ + 300)
+
+
+@pytest.mark.parametrize("name, path", [("blocks_64_disagreeing_pairs", "auto"), ("blocks_64_disagreeing_pairs",
+                                        "fallback"), ("frames_1560_with_text", "auto")])
+def test_chunks_split_at_the_fused_ops_sequence_limit_still_match(monkeypatch, name, path):
+    """The emulator refuses what the doc refuses (S past 1M); with that limit lowered to 100 tokens in both (to test
+    it without millions of tokens), the fallback splits its rows and keys into chunks the op takes and merges them."""
+    from sparsecore.backends.npu import emulator, schedule
+    monkeypatch.setattr(emulator, "FUSION_MAX_SEQ", 100)
+    monkeypatch.setattr(schedule, "FUSION_MAX_SEQ", 100)
+    case = PATH_CASES[name].case
+    with counted_emulator() as (_, log):
+        out, lse, ref_out, ref_lse = run_case(case, "float16", path=path)
+    assert_matches("float16", out, lse, ref_out, ref_lse)
+    assert log["npu_fusion_attention"]

@@ -80,6 +80,7 @@ FUSION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSION_LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 FUSION_MAX_HEADS = 256
 FUSION_MAX_HEAD_DIM = 768
+FUSION_MAX_SEQ = 1 << 20       # "S: sequence length, 1~1M"
 
 
 def _check(condition: bool, op: str, message: str) -> None:
@@ -341,6 +342,8 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     _check(k.shape[0] == batch, op, f"key batch ({k.shape[0]}) must equal the query's ({batch})")
     _check(kv_heads >= 1 and heads % kv_heads == 0 and 1 <= heads <= FUSION_MAX_HEADS, op,
            f"Nq ({heads}) must be 1..256 and a multiple of Nkv ({kv_heads})")
+    _check(1 <= q_len <= FUSION_MAX_SEQ and 1 <= kv_len <= FUSION_MAX_SEQ, op,
+           f"sequence lengths must be 1..{FUSION_MAX_SEQ} (the doc: S 1~1M), got Sq={q_len}, Skv={kv_len}")
     _check(1 <= head_dim <= FUSION_MAX_HEAD_DIM and k.shape[3] == head_dim and v.shape[3] <= head_dim, op,
            f"head dims need Dq == Dk >= Dv in 1..768, got Dq={head_dim}, Dk={k.shape[3]}, Dv={v.shape[3]}")
 

@@ -29,8 +29,10 @@ kept piece to ``npu_fusion_attention`` (used for float32, GQA groups the op reje
 Fallback chunks: query blocks with fallback work are grouped in order into chunks; a
 chunk gathers its query rows and the union of the key pieces any of its rows keeps, and
 its ``[H, rows, keys]`` mask (expanded on the device at run time from the compact
-``allowed`` table) holds at most ``chunk_elements`` entries; a query block too large for
-one chunk is split by rows, and a mask whose single row exceeds the limit is refused (naming the
+``allowed`` table) holds at most ``chunk_elements`` entries, and its rows and keys at most
+``npu_fusion_attention``'s sequence limit each (S of 1 to 1M tokens, read as 2**20); a query block too
+large for one chunk is split by rows, and by keys past that limit (the slices merge through their LSEs
+like the two ops' parts), and a mask whose single row exceeds ``chunk_elements`` is refused (naming the
 ``chunk_elements`` that would do).
 """
 
@@ -43,6 +45,7 @@ import numpy as np
 from sparsecore.ir import BlockMask
 
 BLOCK_Y = 128  # op key block: "blockShapeY must be a multiple of 128" on Atlas A2/A3
+FUSION_MAX_SEQ = 1 << 20  # npu_fusion_attention: "S: sequence length, 1~1M", for the query and the keys
 
 
 @dataclass(frozen=True)
@@ -176,19 +179,22 @@ def chunk_fallback(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
         needed = residual[:, block].any(axis=0)
         size = int(q_sizes[block])
         grown = union | needed
-        if parts and heads * (rows + size) * int(lengths[grown].sum()) > chunk_elements:
+        keys = int(lengths[grown].sum())
+        if parts and (heads * (rows + size) * keys > chunk_elements or max(rows + size, keys) > FUSION_MAX_SEQ):
             chunks.append(_make_chunk(mask, residual, pieces, parts))
             parts, union, rows = [], np.zeros_like(union), 0
             grown = needed
-        keys = int(lengths[grown].sum())
-        if not parts and heads * size * keys > chunk_elements:      # one block alone is too large: split its rows
-            if heads * keys > chunk_elements:                       # not even one row fits
+            keys = int(lengths[grown].sum())
+        if not parts and (heads * size * keys > chunk_elements or max(size, keys) > FUSION_MAX_SEQ):
+            # one block alone is too large: split its rows, and its keys past the op's sequence limit
+            span = min(keys, FUSION_MAX_SEQ)
+            if heads * span > chunk_elements:                       # not even one row fits
                 raise ValueError(f"chunk_elements: one query row of query block {block} needs a fallback mask of "
-                                 f"{heads} heads x {keys:,} keys = {heads * keys:,} entries, more than "
-                                 f"chunk_elements={chunk_elements:,}; pass chunk_elements >= {heads * keys:,}")
-            step = chunk_elements // (heads * keys)
-            chunks.extend(_make_chunk(mask, residual, pieces, [(int(block), r, min(r + step, size))])
-                          for r in range(0, size, step))
+                                 f"{heads} heads x {span:,} keys = {heads * span:,} entries, more than "
+                                 f"chunk_elements={chunk_elements:,}; pass chunk_elements >= {heads * span:,}")
+            step = min(chunk_elements // (heads * span), FUSION_MAX_SEQ)
+            chunks.extend(_make_chunk(mask, residual, pieces, [(int(block), r, min(r + step, size))], (k, k + span))
+                          for r in range(0, size, step) for k in range(0, keys, span))
             continue
         parts.append((int(block), 0, size))
         union, rows = grown, rows + size
@@ -197,8 +203,10 @@ def chunk_fallback(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
     return tuple(chunks)
 
 
-def _make_chunk(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
-                parts: list[tuple[int, int, int]]) -> FallbackChunk:
+def _make_chunk(mask: BlockMask, residual: np.ndarray, pieces: Pieces, parts: list[tuple[int, int, int]],
+                keys: tuple[int, int] | None = None) -> FallbackChunk:
+    """The chunk of ``parts`` (query block, first row, end row) over the key tokens they keep, or over the slice
+    ``keys`` of them (a chunk past the fused op's sequence limit: its rows' other keys go to other chunks)."""
     blocks = np.array([block for block, _, _ in parts], dtype=np.int64)
     counts = np.array([end - first for _, first, end in parts], dtype=np.int64)
     firsts = np.array([mask.q_offsets[block] + first for block, first, _ in parts], dtype=np.int64)
@@ -207,6 +215,10 @@ def _make_chunk(mask: BlockMask, residual: np.ndarray, pieces: Pieces,
     used = np.flatnonzero(residual[:, blocks].any(axis=(0, 1)))
     kv_tokens = _concatenated_ranges(pieces.bounds[used], pieces.lengths[used])
     key_piece = np.repeat(np.arange(len(used)), pieces.lengths[used])
+    if keys is not None:
+        kv_tokens, key_piece = kv_tokens[keys[0]:keys[1]].copy(), key_piece[keys[0]:keys[1]].copy()
+        used = used[key_piece[0]:key_piece[-1] + 1]
+        key_piece -= key_piece[0]
     allowed = np.ascontiguousarray(residual[:, blocks][:, :, used])
     row_has_keys = allowed.any(axis=2)[:, row_group]
     return FallbackChunk(q_tokens, kv_tokens, row_group, key_piece, allowed, row_has_keys)
