@@ -30,9 +30,9 @@ Fallback chunks: query blocks with fallback work are grouped in order into chunk
 chunk gathers its query rows and the union of the key pieces any of its rows keeps, and
 its ``[H, rows, keys]`` mask (expanded on the device at run time from the compact
 ``allowed`` table) holds at most ``chunk_elements`` entries, and its rows and keys at most
-``npu_fusion_attention``'s sequence limit each (S of 1 to 1M tokens, read as 2**20); a query block too
-large for one chunk is split by rows, and by keys past that limit (the slices merge through their LSEs
-like the two ops' parts), and a mask whose single row exceeds ``chunk_elements`` is refused (naming the
+``npu_fusion_attention``'s sequence limit each (S of 1 to 1M tokens: 10**6 here, the smaller reading);
+a query block too large for one chunk is split by rows, and by keys past that limit (the slices merge
+through their LSEs like the two ops' parts), and a mask whose single row exceeds ``chunk_elements`` is refused (naming the
 ``chunk_elements`` that would do).
 """
 
@@ -45,7 +45,7 @@ import numpy as np
 from sparsecore.ir import BlockMask
 
 BLOCK_Y = 128  # op key block: "blockShapeY must be a multiple of 128" on Atlas A2/A3
-FUSION_MAX_SEQ = 1 << 20  # npu_fusion_attention: "S: sequence length, 1~1M", for the query and the keys
+FUSION_MAX_SEQ = 10**6  # npu_fusion_attention: "S: sequence length, 1~1M" (q and keys); the smaller reading of 1M
 
 
 @dataclass(frozen=True)
