@@ -13,8 +13,7 @@ the schedule's arrays are moved to the tensors' device once per device, then
 2. each fallback chunk, per batch element, gathers its query rows and key tokens, runs
    the fused op under the expanded mask (True = masked out), sets fully masked rows to
    0 / -inf (undefined in the op without ``inner_precise=2``), and merges into the rows
-   through the LSEs (:func:`.merge.merge_partials`); keys with a non-finite component are
-   scored apart (:mod:`.nonfinite`), never handed to the op.
+   through the LSEs (:func:`.merge.merge_partials`).
 
 The whole mask goes to the fallback schedule (:func:`.schedule.schedule_fallback`) when the
 block-sparse op cannot take the call: float32 inputs (it takes fp16/bf16 only), a GQA
@@ -44,7 +43,6 @@ from ..approximation import ApproximatingRun
 from . import calls, loader
 from .emulator import emulate
 from .merge import merge_partials
-from .nonfinite import minus_inf_pairs
 from .schedule import OpSchedule, schedule_fallback, schedule_hybrid
 
 PATHS = ("auto", "fallback")
@@ -206,15 +204,8 @@ class NpuKernel:
         key, value = k.contiguous(), v.contiguous()
         for call in block_calls:
             _run_block_sparse(torch_npu, call, q, key, value, scale, return_lse or call.merges, out, lse)
-        # one host sync (no key-sized temporary: max and min are NaN or infinite if any element is)
-        keys_finite = not chunks or bool(torch.isfinite(key.amax()) & torch.isfinite(key.amin()))
         for chunk in chunks:
-            _run_fallback(torch_npu, chunk, q, key, value, scale, out, lse, keys_finite)
-        if not keys_finite:
-            for chunk in chunks:     # every listed score -inf (0 / 0 in dense attention): NaN, as dense gives
-                dead = chunk.row_has_keys[None] & torch.isneginf(lse[:, :, chunk.q_tokens])
-                out[:, :, chunk.q_tokens] = out[:, :, chunk.q_tokens].masked_fill(dead[..., None], math.nan)
-                lse[:, :, chunk.q_tokens] = lse[:, :, chunk.q_tokens].masked_fill(dead, math.nan)
+            _run_fallback(torch_npu, chunk, q, key, value, scale, out, lse)
         return out, (lse if return_lse else None)
 
     def _device_schedule(self, kind: str, device: torch.device) -> tuple[list[_DeviceCall], list[_DeviceChunk]]:
@@ -254,12 +245,11 @@ def _run_block_sparse(torch_npu: types.ModuleType, call: _DeviceCall, q: torch.T
 
 
 def _run_fallback(torch_npu: types.ModuleType, chunk: _DeviceChunk, q: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor, keys_finite: bool) -> None:
+                  value: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """One fallback chunk per batch element, merged into ``out``/``lse`` through the LSEs.
 
     The chunk's token mask ``[1, H, R, L]`` (in the op's polarity, built once for the batch) exists only during this
     function: at most ``chunk_elements`` entries, whatever the sequence length; the rest is per row or per piece.
-    Without ``keys_finite``, each batch element with a non-finite key gets its own copy (:mod:`.nonfinite`).
     """
     rows = chunk.q_tokens
     masked_out = (~chunk.allowed)[:, chunk.row_group][:, :, chunk.key_piece][None]
@@ -269,29 +259,16 @@ def _run_fallback(torch_npu: types.ModuleType, chunk: _DeviceChunk, q: torch.Ten
     for b in range(q.shape[0]):
         query = q[b:b + 1, :, rows]
         keys, values = key[b:b + 1, :, chunk.kv_tokens], value[b:b + 1, :, chunk.kv_tokens]
-        # The fused op computes masked-out keys with weight 0, and 0 * NaN = NaN: it gets finite tokens. A row that
-        # attends a non-finite value is made NaN (dense attention makes it non-finite); a non-finite key is scored
-        # here: its -inf pairs are masked out (weight 0), a row where it scores +inf or NaN is made NaN.
-        value_bad = ~torch.isfinite(values).all(dim=-1)                                    # [1, H_kv, L]
-        key_bad = ~torch.isfinite(keys).all(dim=-1)
-        scored = not keys_finite and bool(key_bad.any())
-        bad = value_bad if scored else key_bad | value_bad      # keys_finite: any non-finite key poisons its rows
+        # The fused op computes masked-out keys with weight 0, and 0 * NaN = NaN: it gets finite tokens, and
+        # the rows that attend to a non-finite one are made NaN (dense attention makes them non-finite).
+        bad = ~(torch.isfinite(keys).all(dim=-1) & torch.isfinite(values).all(dim=-1))      # [1, H_kv, L]
+        keys, values = keys.masked_fill(bad[..., None], 0), values.masked_fill(bad[..., None], 0)
         bad_piece = torch.zeros(bad.shape[1], allowed_rows.shape[2], dtype=torch.int32, device=q.device)
-        bad_piece = bad_piece.index_add_(1, chunk.key_piece, bad[0].int()) > 0              # [H_kv, P]
+        bad_piece = bad_piece.index_add_(1, chunk.key_piece, bad[0].int()) > 0                # [H_kv, P]
         poisoned = (allowed_rows & bad_piece[kv_of, None, :]).any(dim=-1)[None]              # [1, H, R]
-        batch_masked_out, batch_no_keys = masked_out, no_keys
-        if scored:
-            pairs, nan_rows = minus_inf_pairs(query, keys, key_bad[0] & ~value_bad[0], chunk.key_piece, allowed_rows,
-                                              scale)
-            batch_masked_out = masked_out.clone()
-            batch_masked_out[0][pairs] = True
-            batch_no_keys = batch_masked_out.all(dim=-1)
-            poisoned = poisoned | nan_rows[None]
-        bad = (key_bad | value_bad)[..., None]
-        keys, values = keys.masked_fill(bad, 0), values.masked_fill(bad, 0)
-        part_out, part_lse = calls.fusion_attention(torch_npu, query, keys, values, batch_masked_out, scale)
-        part_out = part_out.float().masked_fill(batch_no_keys[..., None], 0).masked_fill(poisoned[..., None], math.nan)
-        part_lse = part_lse.float().masked_fill(batch_no_keys, -math.inf).masked_fill(poisoned, math.nan)
+        part_out, part_lse = calls.fusion_attention(torch_npu, query, keys, values, masked_out, scale)
+        part_out = part_out.float().masked_fill(no_keys[..., None], 0).masked_fill(poisoned[..., None], math.nan)
+        part_lse = part_lse.float().masked_fill(no_keys, -math.inf).masked_fill(poisoned, math.nan)
         merged_out, merged_lse = merge_partials(out[b:b + 1, :, rows].float(), lse[b:b + 1, :, rows],
                                                 part_out, part_lse)
         out[b:b + 1, :, rows] = merged_out.to(out.dtype)
