@@ -7,20 +7,25 @@ Measured on an H200 on 2026-11-30 (bench/results/approximation-2026-11-30.md). O
 For each length (Wan 2.1 1x = 21x30x52 = 32,760 tokens and 6x = 121x30x52 = 188,760 tokens by
 default), 12 heads, bf16, a PASA mask at its defaults (64-token blocks, rho 0.15, step 10; pooled
 scores of random q, k: the density, not the selection, sets the cost) is compiled for the ``triton``
-lowering with each ``approximation``, and timed with ``kernel_timing.median_ms`` (median of at least 10 repeats;
-the ``default`` pair in interleaved rounds, below):
+lowering with each ``approximation``. Every kernel of one length's first table is timed together in interleaved
+rounds (``kernel_timing.interleaved_ms``: 3 rounds, each round every kernel once, one ``median_ms`` of at least 10
+repeats, starting one kernel later each round; since 2026-12-07, when single medians, the exact kernel timed long
+before the totals, put the run-to-run spread of up to 15% into the ratios); each figure is the median of its rounds,
+with their range in the markdown and every round in the json (``ms_rounds``):
 
 - ``exact``: the drop-only mask (the block-sparse kernel alone);
 - ``total``: the same selection with zeroth / global-first-order / grouped-first-order;
 - ``statistics``: the Triton statistics kernel alone (k̄, ΣV, H_g / T_g; ``ApproximationLaunch.statistics``),
   and the torch statistics the ``portable`` lowering uses, for comparison;
-- ``pass``: the Triton approximation pass alone (``ApproximationLaunch`` on a fixed exact result);
-- ``overhead`` = total / exact - 1, and dense SDPA (cuDNN / flash) for scale;
-- with ``--sweep``: the passes of ``--sweep-kinds`` (zeroth and grouped unless named) under each tile config of
-  :data:`SWEEP` (the first is the default of the first-order kinds), each config's output against the first's;
+- ``launch``: the Triton statistics and approximation pass (``ApproximationLaunch`` on a fixed exact result), and
+  ``pass`` = launch - statistics (of the medians);
+- ``overhead`` = total / exact - 1 (of the medians), and dense SDPA (cuDNN / flash) for scale;
+- with ``--sweep``: the launches of ``--sweep-kinds`` (zeroth and grouped unless named) under each tile config of
+  :data:`SWEEP` (the first is the default of the first-order kinds; timed in the same rounds) and their passes
+  (less the statistics), each config's output against the first's;
 - ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
   where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure. The two are timed in
-  interleaved rounds (``kernel_timing.interleaved_ms``; each the median of its rounds), since 2026-12-05;
+  interleaved rounds since 2026-12-05, and with the statistics and the cuBLAS product below since 2026-12-07;
 - ``floor``: an additive estimate of a pass after the exact kernel: the grouped mask's extra tensor-core FLOPs
   (:func:`extra_flops`) at the best bf16 rate this GPU reaches in the run (cuBLAS on 8192-square matrices), plus
   the statistics, added to the default drop-only time (not a bound: a fused kernel could overlap them).
@@ -34,10 +39,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,7 +53,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kernel_timing import interleaved_ms, median_ms, summary  # noqa: E402
+from kernel_timing import ROUNDS, interleaved_ms, summary  # noqa: E402
 
 import sparsecore  # noqa: E402
 from sparsecore.backends.approximation import StatisticsPlan, statistics  # noqa: E402
@@ -58,6 +65,7 @@ from sparsecore.methods.approximation import unselected_of, with_unselected  # n
 from report import time_one_backend, versions  # noqa: E402
 
 HEADS = 12
+DEVICE, DTYPE, GEMM_SIZE = "cuda", torch.bfloat16, 8192   # tensors; the tests run the loop on CPU tensors
 GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 52), 9760: VideoGeometry(61, 10, 16)}
 KINDS = ("zeroth", "global-first-order", "grouped-first-order")
 SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), ApproximationConfig(128, 32, 4, 3),
@@ -69,10 +77,6 @@ SWEEP = [ApproximationConfig(), ApproximationConfig(128, 32, 8, 2), Approximatio
 
 def label(config: ApproximationConfig) -> str:
     return f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
-
-
-def bench(fn) -> float:
-    return median_ms(fn)
 
 
 def with_kind(mask: BlockMask, kind: str) -> BlockMask:
@@ -99,58 +103,78 @@ def extra_flops(mask: BlockMask, head_dim: int, group_blocks: int = 32) -> int:
     return int((per_token * rows[None, :]).sum())
 
 
-def gemm_tflops() -> float:
-    """cuBLAS's bf16 rate on 8192-square matrices, TFLOP/s: what this GPU reaches on dense products."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192 ** 3 / bench(lambda: a @ b) / 1e9
+def gemm_call() -> Callable[[], object]:
+    """A product of two random ``GEMM_SIZE``-square matrices (8192 on the GPU): cuBLAS's bf16 rate on it is what this
+    GPU reaches on dense products."""
+    a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    return lambda: a @ b
+
+
+def kind_calls(kind: str, drop: BlockMask, q, k, v, exact: tuple, head_dim: int, check: bool,
+               sweep: tuple[str, ...]) -> tuple[dict, dict[str, Callable[[], object]]]:
+    """``kind``'s row (its checks) and its calls to time: the whole mask (``total``), the torch and the Triton
+    statistics, the Triton launch (statistics and pass, merged into a copy of the ``exact`` result: the same cost
+    every time) and, if swept, the launch under each config of :data:`SWEEP` this GPU can run."""
+    mask = with_kind(drop, kind)
+    kernel = sparsecore.compile(mask, device="cuda", backend="triton")
+    torch_plan = StatisticsPlan.build(mask.kv_offsets, mask.unselected, q.device)
+    launch = ApproximationLaunch(mask.to(q.device))
+    plan = launch.plan(q.device)
+    out, lse = (t.clone() for t in exact)
+    calls = {"total": lambda: kernel(q, k, v), "torch_statistics": lambda: statistics(k, v, torch_plan),
+             "statistics": lambda: launch.statistics(k, v, plan),
+             "launch": lambda: launch(q, k, v, out, lse, head_dim ** -0.5)}
+    row: dict = {"approximation": kind}
+    if kind in sweep:
+        row["sweep"], row["sweep_rel_l2"], first = {}, {}, None
+        for config in SWEEP:
+            swept = ApproximationLaunch(mask.to(q.device), config)
+            row["sweep"][label(config)] = None                    # a config too large for this GPU stays None
+            try:
+                merged = exact[0].clone(), exact[1].clone()
+                swept(q, k, v, *merged, head_dim ** -0.5)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            first = merged[0].float() if first is None else first
+            row["sweep_rel_l2"][label(config)] = float((merged[0].float() - first).norm() / first.norm())
+            calls[f"sweep {label(config)}"] = functools.partial(swept, q, k, v, out, lse, head_dim ** -0.5)
+    if check:
+        reference = sparsecore.compile(mask, device="cuda", backend="portable")(q.float(), k.float(), v.float())
+        got = kernel(q, k, v).float()
+        row["rel_l2_vs_portable_fp32"] = float((got - reference).norm() / reference.norm())
+    return row, calls
 
 
 def rows_for(tokens: int, head_dim: int, check: bool, sweep: tuple[str, ...]) -> list[dict]:
+    """The first table's rows for one length, every kernel timed in one set of interleaved rounds, and the default
+    row (:func:`default_row`)."""
     g = GEOMETRIES[tokens]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, g.tokens, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, g.tokens, head_dim, device=DEVICE, dtype=DTYPE, generator=gen)
                for _ in range(3))
     drop = pasa.plan(g, HEADS, step=10, q=q, k=k, approximation="drop")
     exact_kernel = sparsecore.compile(drop, device="cuda", backend="triton")
-    exact_ms = bench(lambda: exact_kernel(q, k, v))
-    dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    rows = [{"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": "drop",
-             "exact_ms": exact_ms, "total_ms": exact_ms, "dense_sdpa_ms": dense_ms}]
+    exact = exact_kernel(q, k, v, return_lse=True)
+    shared = {"exact": lambda: exact_kernel(q, k, v),
+              "dense_sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)}
+    base = {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density()}
+    rows, calls = [{**base, "approximation": "drop"}], {}
     for kind in KINDS:
-        mask = with_kind(drop, kind)
-        kernel = sparsecore.compile(mask, device="cuda", backend="triton")
-        total_ms = bench(lambda: kernel(q, k, v))
-        torch_plan = StatisticsPlan.build(mask.kv_offsets, mask.unselected, q.device)
-        torch_stats_ms = bench(lambda: statistics(k, v, torch_plan))
-        launch = ApproximationLaunch(mask.to(q.device))
-        plan = launch.plan(q.device)
-        stats_ms = bench(lambda: launch.statistics(k, v, plan))
-        out, lse = exact_kernel(q, k, v, return_lse=True)
-        exact_out, exact_lse = out.clone(), lse.clone()
-        pass_ms = bench(lambda: launch(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms   # merges in place: same cost
-        row = {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": kind,
-               "exact_ms": exact_ms, "total_ms": total_ms, "statistics_ms": stats_ms,
-               "torch_statistics_ms": torch_stats_ms, "pass_ms": pass_ms, "overhead": total_ms / exact_ms - 1,
-               "dense_sdpa_ms": dense_ms}
-        if kind in sweep:
-            row["sweep"], row["sweep_rel_l2"], first = {}, {}, None
-            for config in SWEEP:
-                swept = ApproximationLaunch(mask.to(q.device), config)
-                try:
-                    merged = exact_out.clone(), exact_lse.clone()        # the timing below merges into out, lse
-                    swept(q, k, v, *merged, head_dim ** -0.5)
-                    first = merged[0].float() if first is None else first
-                    row["sweep_rel_l2"][label(config)] = float((merged[0].float() - first).norm() / first.norm())
-                    ms = bench(lambda: swept(q, k, v, out, lse, head_dim ** -0.5)) - stats_ms
-                except triton.runtime.errors.OutOfResources:      # a config too large for this GPU: reported
-                    ms = None
-                row["sweep"][label(config)] = ms
-                print(label(config), ms, row["sweep_rel_l2"].get(label(config)), flush=True)
-        if check:
-            reference = sparsecore.compile(mask, device="cuda", backend="portable")(q.float(), k.float(), v.float())
-            got = kernel(q, k, v).float()
-            row["rel_l2_vs_portable_fp32"] = float((got - reference).norm() / reference.norm())
-        rows.append(row)
+        row, calls[kind] = kind_calls(kind, drop, q, k, v, exact, head_dim, check, sweep)
+        rows.append({**base, **row})
+    samples = interleaved_ms({**shared, **{(kind, name): fn for kind in KINDS for name, fn in calls[kind].items()}})
+    for row in rows:
+        kind = row["approximation"]
+        row["ms_rounds"] = {**{name: samples[name] for name in shared},
+                            **{name: samples[(kind, name)] for name in calls.get(kind, {})}}
+        ms = {name: summary(rounds)["ms"] for name, rounds in row["ms_rounds"].items()}
+        row.update(exact_ms=ms["exact"], total_ms=ms.get("total", ms["exact"]), dense_sdpa_ms=ms["dense_sdpa"])
+        if kind != "drop":
+            row.update(statistics_ms=ms["statistics"], torch_statistics_ms=ms["torch_statistics"],
+                       pass_ms=ms["launch"] - ms["statistics"], overhead=ms["total"] / ms["exact"] - 1)
+        for name in row.get("sweep", {}):
+            if f"sweep {name}" in ms:
+                row["sweep"][name] = ms[f"sweep {name}"] - ms["statistics"]
         print(row, flush=True)
     rows.append(default_row(g, drop, q, k, v, head_dim))
     print(rows[-1], flush=True)
@@ -158,15 +182,17 @@ def rows_for(tokens: int, head_dim: int, check: bool, sweep: tuple[str, ...]) ->
 
 
 def default_row(g: VideoGeometry, drop: BlockMask, q, k, v, head_dim: int) -> dict:
-    """The drop-only and grouped masks as ``compile(mask, "cuda")`` runs them, and the floor of their ratio."""
+    """The drop-only and grouped masks as ``compile(mask, "cuda")`` runs them, and the floor of their ratio: the two
+    kernels, the statistics and the cuBLAS product timed together in interleaved rounds."""
     grouped = with_kind(drop, "grouped-first-order")
     drop_kernel, grouped_kernel = (sparsecore.compile(m, device="cuda") for m in (drop, grouped))
-    rounds = interleaved_ms({"drop": lambda: drop_kernel(q, k, v), "grouped": lambda: grouped_kernel(q, k, v)})
-    drop_ms, grouped_ms = (summary(rounds[name])["ms"] for name in ("drop", "grouped"))
     launch = ApproximationLaunch(grouped.to(q.device))
     plan = launch.plan(q.device)
-    stats_ms = bench(lambda: launch.statistics(k, v, plan))
-    flops, rate = extra_flops(grouped, head_dim, grouped.unselected.group_blocks), gemm_tflops()
+    rounds = interleaved_ms({"drop": lambda: drop_kernel(q, k, v), "grouped": lambda: grouped_kernel(q, k, v),
+                             "statistics": lambda: launch.statistics(k, v, plan), "gemm": gemm_call()})
+    drop_ms, grouped_ms, stats_ms, gemm_ms = (summary(rounds[name])["ms"]
+                                              for name in ("drop", "grouped", "statistics", "gemm"))
+    flops, rate = extra_flops(grouped, head_dim, grouped.unselected.group_blocks), 2 * GEMM_SIZE ** 3 / gemm_ms / 1e9
     floor_ms = flops / rate / 1e9 + stats_ms
     budget_ms = 0.15 * drop_ms - stats_ms                                        # what 1.15 leaves the products
     return {"tokens": g.tokens, "head_dim": head_dim, "density": drop.density(), "approximation": "default",
@@ -178,38 +204,56 @@ def default_row(g: VideoGeometry, drop: BlockMask, q, k, v, head_dim: int) -> di
             "allowed_extra_tflops": flops / 1e9 / budget_ms if budget_ms > 0 else float("inf")}
 
 
+def spread(rounds: list[float] | None) -> str:
+    """A kernel's median round and, in brackets, the range of its rounds (blank where it was not timed)."""
+    if not rounds:
+        return ""
+    timed = summary(rounds)
+    return f"{timed['ms']:.2f} ({timed['ms_min']:.2f}-{timed['ms_max']:.2f})"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Approximation of unselected blocks on {report['gpu']} ({report['date']})", "",
              f"torch {report['torch']}, triton {report['triton']}, flash-attn-4 {report.get('flash_attn_4')}; "
-             f"PASA defaults, {HEADS} heads, bf16; the first table on the `triton` lowering.",
+             f"PASA defaults, {HEADS} heads, bf16; the first table on the `triton` lowering. Each ms: the median of "
+             f"{ROUNDS} rounds in which every kernel of the length (the sweep's too) was timed once "
+             "(`kernel_timing.interleaved_ms`), in brackets the rounds' range; overhead = total / exact - 1 and "
+             "pass = launch - statistics, of the medians.",
              "", "| tokens | D | density | approximation | exact ms | total ms | overhead | statistics ms "
-             "| torch statistics ms | pass ms | dense SDPA ms | rel L2 vs portable fp32 |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| torch statistics ms | launch ms | pass ms | dense SDPA ms | rel L2 vs portable fp32 |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in (r for r in report["rows"] if r["approximation"] != "default"):
         fmt = lambda key, spec: "" if r.get(key) is None else format(r[key], spec)  # noqa: E731
+        rounds = r["ms_rounds"]
         lines.append(f"| {r['tokens']} | {r['head_dim']} | {r['density']:.3f} | {r['approximation']} | "
-                     f"{r['exact_ms']:.2f} | {r['total_ms']:.2f} | {fmt('overhead', '.1%')} | "
-                     f"{fmt('statistics_ms', '.2f')} | {fmt('torch_statistics_ms', '.2f')} | {fmt('pass_ms', '.2f')} | "
-                     f"{r['dense_sdpa_ms']:.2f} | "
+                     f"{spread(rounds['exact'])} | {spread(rounds.get('total', rounds['exact']))} | "
+                     f"{fmt('overhead', '.1%')} | {spread(rounds.get('statistics'))} | "
+                     f"{spread(rounds.get('torch_statistics'))} | {spread(rounds.get('launch'))} | "
+                     f"{fmt('pass_ms', '.2f')} | {spread(rounds['dense_sdpa'])} | "
                      f"{fmt('rel_l2_vs_portable_fp32', '.2e')} |")
     defaults = [r for r in report["rows"] if r["approximation"] == "default"]
-    lines += ["", "As `compile(mask, \"cuda\")` runs them (issue 16 asks grouped / drop <= 1.15): *floor* adds the "
+    lines += ["", "As `compile(mask, \"cuda\")` runs them (issue 16 asks grouped / drop <= 1.15; the two kernels, the "
+              "statistics and the cuBLAS product timed together in rounds, each ms the median round and the rounds' "
+              "range, the ratio of the medians): *floor* adds the "
               "extra products at cuBLAS's bf16 rate and the statistics to the drop-only time (an estimate, not a "
               "bound); *needed* is the rate the extra products would need for 1.15 after the statistics.", "",
               "| tokens | drop | ms | grouped | ms | ratio | extra TFLOP | cuBLAS TFLOP/s | floor ratio | "
               "needed TFLOP/s |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['tokens']} | {r['drop_backend']} | {r['default_drop_ms']:.2f} | {r['grouped_backend']} | "
-              f"{r['default_grouped_ms']:.2f} | {r['default_ratio']:.3f} | {r['extra_tflop']:.2f} | "
-              f"{r['gemm_tflops']:.0f} | {r['floor_ratio']:.3f} | {r['allowed_extra_tflops']:.0f} |" for r in defaults]
+    lines += [f"| {r['tokens']} | {r['drop_backend']} | {spread(r['default_ms_rounds']['drop'])} | "
+              f"{r['grouped_backend']} | {spread(r['default_ms_rounds']['grouped'])} | {r['default_ratio']:.3f} | "
+              f"{r['extra_tflop']:.2f} | {r['gemm_tflops']:.0f} | {r['floor_ratio']:.3f} | "
+              f"{r['allowed_extra_tflops']:.0f} |" for r in defaults]
     swept = [r for r in report["rows"] if r.get("sweep")]
     if swept:
-        lines += ["", "Pass per tile config (the first is the grouped kind's default; rel L2: the merged output "
-                  "against the first config's):", "",
-                  "| tokens | approximation | config | pass ms | rel L2 vs first |", "|---:|---|---|---:|---:|"]
+        lines += ["", "Launch and pass (launch - statistics) per tile config (the first is the grouped kind's "
+                  "default; rel L2: the merged output against the first config's):", "",
+                  "| tokens | approximation | config | launch ms | pass ms | rel L2 vs first |",
+                  "|---:|---|---|---:|---:|---:|"]
         for r in swept:
             for name, ms in r["sweep"].items():
                 diff = r.get("sweep_rel_l2", {}).get(name)
                 lines.append(f"| {r['tokens']} | {r['approximation']} | {name} | "
+                             f"{spread(r['ms_rounds'].get(f'sweep {name}'))} | "
                              f"{'out of resources' if ms is None else format(ms, '.2f')} | "
                              f"{'' if diff is None else format(diff, '.1e')} |")
     return "\n".join(lines) + "\n"
