@@ -6,7 +6,10 @@ On a GPU machine:
 
 For Wan 2.1 1.3B layer shapes (12 heads x 128, 64-token blocks: 1x = 512 blocks, 6x = 2,950), pooled
 block scores of random q, k, PASA's default noise (Gumbel, scale 0.2) and density (0.15), it times
-with ``kernel_timing.median_ms`` (do_bench's median of at least 10 repeats):
+these calls together in interleaved rounds (``kernel_timing.interleaved_ms``: 3 rounds, each round every call once,
+do_bench's median of at least 10 repeats, starting one call later each round; since 2026-12-07: one median each, one
+after another, put the run-to-run spread of up to 15% into the speedup), each the median of its rounds, every round
+in the json (``ms_rounds``):
 
 - ``torch``: the noise map (:meth:`GumbelNoise.sample`), ``topk``, the sort of the kept ids;
 - ``kernel``: :func:`sparsecore.backends.cuda.row_top.run`, the same selection in one kernel;
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from kernel_timing import median_ms  # noqa: E402
+from kernel_timing import ROUNDS, interleaved_ms, summary  # noqa: E402
 from report import run_meta, write_report  # noqa: E402
 
 from sparsecore.backends.cuda import row_top  # noqa: E402
@@ -37,6 +40,7 @@ from sparsecore.methods import pasa, selection  # noqa: E402
 from sparsecore.noise import GumbelNoise, head_keys  # noqa: E402
 
 HEADS, HEAD_DIM, DENSITY, NOISE = 12, 128, 0.15, 0.2
+DEVICE = "cuda"                            # the tests run the loop on CPU through Triton's interpreter
 GEOMETRIES = {32760: VideoGeometry(21, 30, 52), 188760: VideoGeometry(121, 30, 52)}
 
 
@@ -47,40 +51,53 @@ def torch_top(scores: torch.Tensor, k: int, noise: GumbelNoise) -> torch.Tensor:
 
 def rows_for(tokens: int) -> list[dict]:
     geometry = GEOMETRIES[tokens]
-    gen = torch.Generator(device="cuda").manual_seed(tokens)
-    q, k = (torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    q, k = (torch.randn(1, HEADS, tokens, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16, generator=gen)
             for _ in range(2))
     offsets = geometry.block_offsets(64)
     scores = pasa.pooled_scores(q, k, offsets, HEAD_DIM ** -0.5)
     keep = selection.keep_count(DENSITY, scores.shape[-1])
-    noise = GumbelNoise(head_keys(range(HEADS), 0, 3, 20, "cuda"), NOISE)
+    noise = GumbelNoise(head_keys(range(HEADS), 0, 3, 20, DEVICE), NOISE)
     by_kernel, by_torch = row_top.run(scores, keep, noise), torch_top(scores, keep, noise)
     differ = int((by_kernel != by_torch).any(dim=-1).sum())
     kwargs = dict(step=20, layer=3, q=q, k=k)
-    plan_kernel = median_ms(lambda: pasa.plan(geometry, HEADS, **kwargs))
-    find = selection._row_top
-    selection._row_top = lambda scores, keep: None                      # the torch path, for comparison
-    try:
-        plan_torch = median_ms(lambda: pasa.plan(geometry, HEADS, **kwargs))
-    finally:
-        selection._row_top = find
+
+    def plan_torch() -> object:
+        find = selection._row_top
+        selection._row_top = lambda scores, keep: None                  # the torch path, for comparison
+        try:
+            return pasa.plan(geometry, HEADS, **kwargs)
+        finally:
+            selection._row_top = find
+    rounds = interleaved_ms({"torch": lambda: torch_top(scores, keep, noise),
+                             "kernel": lambda: row_top.run(scores, keep, noise), "plan_torch": plan_torch,
+                             "plan_kernel": lambda: pasa.plan(geometry, HEADS, **kwargs)})
     return [{"tokens": tokens, "blocks": scores.shape[-1], "keep": keep, "rows": HEADS * scores.shape[1],
-             "torch_ms": median_ms(lambda: torch_top(scores, keep, noise)),
-             "kernel_ms": median_ms(lambda: row_top.run(scores, keep, noise)),
-             "plan_torch_ms": plan_torch, "plan_kernel_ms": plan_kernel, "rows_differing": differ}]
+             **{f"{name}_ms": summary(samples)["ms"] for name, samples in rounds.items()},
+             "ms_rounds": rounds, "rows_differing": differ}]
+
+
+def spread(rounds: list[float]) -> str:
+    """A call's median round and, in brackets, the range of its rounds."""
+    timed = summary(rounds)
+    return f"{timed['ms']:.3f} ({timed['ms_min']:.3f}-{timed['ms_max']:.3f})"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# PASA's selection: Triton row-wise top-k vs torch, {meta['date']}", "",
-             f"Machine: {meta['versions']['gpu']}; versions: {meta['versions']}. 12 heads, 64-token blocks, "
-             f"density {DENSITY}, Gumbel noise {NOISE}. `bench/row_top_benchmark.py`; `kernel_timing.median_ms`. "
+             f"Machine: {meta['versions']['gpu']}; versions: {meta['versions']}. {HEADS} heads, 64-token blocks, "
+             f"density {DENSITY}, Gumbel noise {NOISE}. `bench/row_top_benchmark.py`: the four calls of a length "
+             f"timed together in {ROUNDS} interleaved rounds (`kernel_timing.interleaved_ms`); each ms the median "
+             "round, in brackets the rounds' range; speedup = torch / kernel, of the medians. "
              "Selection = noise + top-k + sorted ids; plan = `pasa.plan` whole (scores, selection, CSR).", "",
              "| tokens | blocks | kept per row | selection torch (ms) | selection kernel (ms) | speedup "
              "| plan torch (ms) | plan kernel (ms) | rows differing |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['tokens']:,} | {r['blocks']} | {r['keep']} | {r['torch_ms']:.3f} | {r['kernel_ms']:.3f} "
-                     f"| {r['torch_ms'] / r['kernel_ms']:.1f}x | {r['plan_torch_ms']:.3f} | {r['plan_kernel_ms']:.3f} "
-                     f"| {r['rows_differing']} of {r['rows']:,} |")
+        rounds = r["ms_rounds"]
+        lines.append(f"| {r['tokens']:,} | {r['blocks']} | {r['keep']} | {spread(rounds['torch'])} | "
+                     f"{spread(rounds['kernel'])} | {r['torch_ms'] / r['kernel_ms']:.1f}x | "
+                     f"{spread(rounds['plan_torch'])} | {spread(rounds['plan_kernel'])} | "
+                     f"{r['rows_differing']} of {r['rows']:,} |")
     return "\n".join(lines) + "\n"
 
 

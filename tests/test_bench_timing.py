@@ -200,3 +200,26 @@ def test_the_approximation_benchmark_times_its_kernels_together_in_interleaved_r
         assert f" {spread(paired[name])} |" in text
     assert f"| {bench.label(too_large)} |  | out of resources |" in text
 
+
+def test_the_row_top_benchmark_times_torch_and_the_kernel_together_in_interleaved_rounds(triton_device, monkeypatch):
+    """The markdown's speedup (torch / kernel) and the plan's two paths came from single medians, one after another."""
+    bench = load_script("row_top_benchmark")
+    order = on_cpu(monkeypatch, bench)
+    monkeypatch.setattr(bench, "DEVICE", triton_device)
+    monkeypatch.setattr(bench, "HEADS", 2)
+    monkeypatch.setattr(bench, "HEAD_DIM", 16)
+    monkeypatch.setattr(bench, "GEOMETRIES", {512: VideoGeometry(4, 8, 16)})
+    found, find = [], bench.selection._row_top
+    wrapper = lambda scores, keep: found.append(find(scores, keep)) or found[-1]  # noqa: E731
+    monkeypatch.setattr(bench.selection, "_row_top", wrapper)
+    (row,) = bench.rows_for(512)
+    assert len(order) == 12, "each kernel timed 3 times, in rounds"
+    assert sorted(row["ms_rounds"].values()) == interleaved(4)
+    assert bench.selection._row_top is wrapper and len(found) == 3 and all(op is not None for op in found)
+    for name, rounds in row["ms_rounds"].items():
+        assert row[f"{name}_ms"] == sorted(rounds)[1]
+    meta = {"date": "2026-12-07", "versions": {"gpu": "cpu"}}
+    text = bench.markdown(meta, [row])
+    for rounds in row["ms_rounds"].values():
+        assert f" {spread(rounds, 3)} |" in text
+    assert f"| {row['torch_ms'] / row['kernel_ms']:.1f}x |" in text
