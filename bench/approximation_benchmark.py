@@ -9,7 +9,7 @@ default), 12 heads, bf16, a PASA mask at its defaults (64-token blocks, rho 0.15
 scores of random q, k: the density, not the selection, sets the cost) is compiled for the ``triton``
 lowering with each ``approximation``. Every kernel of one length's first table is timed together in interleaved
 rounds (``kernel_timing.interleaved_ms``: 3 rounds, each round every kernel once, one ``median_ms`` of at least 10
-repeats, starting one kernel later each round; since 2026-12-07, when single medians, the exact kernel timed long
+repeats, starting one kernel later each round; since 2026-12-06, when single medians, the exact kernel timed long
 before the totals, put the run-to-run spread of up to 15% into the ratios); each figure is the median of its rounds,
 with their range in the markdown and every round in the json (``ms_rounds``):
 
@@ -25,7 +25,7 @@ with their range in the markdown and every round in the json (``ms_rounds``):
   (less the statistics), each config's output against the first's;
 - ``default``: the drop-only and the grouped mask as ``compile(mask, "cuda")`` runs them (FA4's exact part
   where it takes the mask, the pass merged in), and their ratio: issue 16's kernel figure. The two are timed in
-  interleaved rounds since 2026-12-05, and with the statistics and the cuBLAS product below since 2026-12-07;
+  interleaved rounds since 2026-12-05, and with the statistics and the cuBLAS product below since 2026-12-06;
 - ``floor``: an additive estimate of a pass after the exact kernel: the grouped mask's extra tensor-core FLOPs
   (:func:`extra_flops`) at the best bf16 rate this GPU reaches in the run (cuBLAS on 8192-square matrices), plus
   the statistics, added to the default drop-only time (not a bound: a fused kernel could overlap them).

@@ -7,7 +7,7 @@ On a GPU machine:
 For Wan 2.1 1.3B layer shapes (12 heads x 128, 64-token blocks: 1x = 512 blocks, 6x = 2,950), pooled
 block scores of random q, k, PASA's default noise (Gumbel, scale 0.2) and density (0.15), it times
 these calls together in interleaved rounds (``kernel_timing.interleaved_ms``: 3 rounds, each round every call once,
-do_bench's median of at least 10 repeats, starting one call later each round; since 2026-12-07: one median each, one
+do_bench's median of at least 10 repeats, starting one call later each round; since 2026-12-06: one median each, one
 after another, put the run-to-run spread of up to 15% into the speedup), each the median of its rounds, every round
 in the json (``ms_rounds``):
 

@@ -65,7 +65,7 @@ def check_rounds(rows: list[dict], kernels: int) -> list[dict]:
 def check_report(tmp_path, bench, rows: list[dict], kernels: int) -> None:
     """:func:`check_rounds`, and ``kernel_timing.write_rows``' json and markdown carry the rounds and spread."""
     timed = check_rounds(rows, kernels)
-    meta = {"machine": "cpu", "date": "2026-12-07", "versions": {}}
+    meta = {"machine": "cpu", "date": "2026-12-06", "versions": {}}
     bench.write_rows(tmp_path, "kernels", "kernels", rows, meta, ("error",))
     written = [row for row in json.loads((tmp_path / "kernels.json").read_text())["rows"] if "ms" in row]
     keys = ("row", "ms", "ms_min", "ms_max", "ms_rounds")
@@ -192,7 +192,7 @@ def test_the_approximation_benchmark_times_its_kernels_together_in_interleaved_r
     assert default["default_ratio"] == sorted(paired["grouped"])[1] / sorted(paired["drop"])[1]
     assert default["statistics_ms"] == sorted(paired["statistics"])[1]
     assert default["gemm_tflops"] == 2 * 32 ** 3 / sorted(paired["gemm"])[1] / 1e9
-    text = bench.markdown({"gpu": "cpu", "date": "2026-12-07", "torch": "", "triton": "", "rows": rows})
+    text = bench.markdown({"gpu": "cpu", "date": "2026-12-06", "torch": "", "triton": "", "rows": rows})
     for row in table:
         for rounds in row["ms_rounds"].values():
             assert f" {spread(rounds)} |" in text, spread(rounds)
@@ -218,7 +218,7 @@ def test_the_row_top_benchmark_times_torch_and_the_kernel_together_in_interleave
     assert bench.selection._row_top is wrapper and len(found) == 3 and all(op is not None for op in found)
     for name, rounds in row["ms_rounds"].items():
         assert row[f"{name}_ms"] == sorted(rounds)[1]
-    meta = {"date": "2026-12-07", "versions": {"gpu": "cpu"}}
+    meta = {"date": "2026-12-06", "versions": {"gpu": "cpu"}}
     text = bench.markdown(meta, [row])
     for rounds in row["ms_rounds"].values():
         assert f" {spread(rounds, 3)} |" in text
