@@ -494,6 +494,33 @@ def test_a_strategys_whole_grid_steps_are_its_first_steps_with_every_layer_and_h
     assert strategy(lambda s, layer: [wide, narrow]).widest == (3, 2, 2)
 
 
+def test_repeated_heads_repeats_a_one_head_masks_per_head_meta():
+    """selection.repeated_heads (shared_mask's) copied a one-head mask's meta to n heads as it was: STA's window mask
+    repeated to 3 heads kept one head_windows entry, so head_groups named head 0 only (heads 1 and 2 ran nothing) and
+    select_heads refused the mask. Each per-head entry is now repeated; shared_mask's meta is the n-head mask's."""
+    from sparsecore.methods.selection import repeated_heads, shared_mask
+    geometry = VideoGeometry(6, 8, 8, text_tokens=5)
+    session = sta.session(1, tile=(2, 4, 4), mask_strategy={"0_0_0": [1, 1, 1], "0_0_1": [3, 1, 2]})
+    one = session.head_groups(geometry, session.plan(geometry, 2, step=0, layer=0))[0][0]
+    assert one.num_heads == 1 and len(one.meta["head_windows"]) == 1
+    repeated = repeated_heads(one, 3)
+    assert repeated.meta["head_windows"] == one.meta["head_windows"] * 3
+    tokens, seen = expand_to_tokens(repeated), []
+    for one_head, heads in session.head_groups(geometry, repeated):
+        for head in heads.tolist():
+            assert (expand_to_tokens(one_head)[0] == tokens[head]).all(), head
+        seen += heads.tolist()
+    assert sorted(seen) == [0, 1, 2]
+    assert repeated.select_heads([2]).meta["head_windows"] == one.meta["head_windows"]
+    meta = {"per_head_keys": ["label"], "label": ["a", "b"]}
+    block_map = np.eye(3, dtype=bool)
+    offsets = np.array([0, 4, 8, 10])
+    assert shared_mask(block_map, 2, offsets, offsets, meta=meta).select_heads([1]).meta["label"] == ("b",)
+    with pytest.raises(ValueError, match=r"meta\['label'\]: listed in meta\['per_head_keys'\], so expected a list "
+                                         r"of one entry per head \(3\), got 2 entries"):
+        shared_mask(block_map, 3, offsets, offsets, meta=meta)
+
+
 def test_select_heads_keeps_the_selected_heads_windows():
     """A mask's select_heads kept meta["head_windows"] of every head of the whole mask, so a sliced strategy mask's
     head_groups gave head ids past its heads, and a shard's plan differed from the whole plan's select_heads."""

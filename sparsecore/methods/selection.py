@@ -27,6 +27,7 @@ import torch
 
 from sparsecore.geometry import VideoGeometry
 from sparsecore.ir import BlockMask, csr
+from sparsecore.ir.head_meta import select_meta_heads
 from sparsecore.ir.host_facts import note_row_lengths
 from sparsecore.ir.uploads import queued
 from sparsecore.ir.validation import INDEX_LIMIT, check_budgets, check_int, frozen
@@ -216,17 +217,21 @@ def selection_nnz(layout: SinkLayout, heads: int, video_row_counts: int) -> int:
 def shared_mask(block_map: np.ndarray, num_heads: int, q_offsets: np.ndarray, kv_offsets: np.ndarray, *,
                 budgets: Any = None, meta: Mapping[str, Any] | None = None) -> BlockMask:
     """A host BlockMask whose every head has the bool ``[MB, NB]`` map: one head's lists are built and checked, the
-    others are copies of them (:func:`repeated_heads`)."""
+    others are copies of them (:func:`repeated_heads`). ``meta`` is the ``num_heads``-head mask's."""
     num_heads = check_int(num_heads, "num_heads", minimum=1)
-    one = BlockMask(1, q_offsets, kv_offsets, *csr.from_block_map(block_map[None]), None, meta)
-    return repeated_heads(one, num_heads, budgets)
+    one = BlockMask(1, q_offsets, kv_offsets, *csr.from_block_map(block_map[None]), None)
+    return repeated_heads(one, num_heads, budgets, {} if meta is None else meta)
 
 
-def repeated_heads(one: BlockMask, num_heads: int, budgets: Any = None) -> BlockMask:
+def repeated_heads(one: BlockMask, num_heads: int, budgets: Any = None,
+                   meta: Mapping[str, Any] | None = None) -> BlockMask:
     """The host mask ``one`` (one head) for ``num_heads`` heads, its budget unless ``budgets`` are given: the other
     heads' lists are copies (valid by construction, so not checked again; every head's took 1.4 s a step for LVSA's
-    64-token blocks at Wan 2.1 6x, 12 heads, on a 2-core CPU)."""
+    64-token blocks at Wan 2.1 6x, 12 heads, on a 2-core CPU). Its meta is ``one``'s with each per-head entry
+    (``meta["per_head_keys"]``) repeated, unless ``meta`` (of ``num_heads`` heads) is given."""
     num_heads = check_int(num_heads, "num_heads", minimum=1)
+    meta = select_meta_heads(one.meta, [0] * num_heads, 1) if meta is None else \
+        select_meta_heads(meta, range(num_heads), num_heads)              # per-head entries: checked for num_heads
     nnz = len(one.indices)
     if num_heads * nnz > INDEX_LIMIT:
         raise ValueError(f"num_heads: {num_heads} heads of {nnz:,} blocks each are more than the int32 index limit "
@@ -234,7 +239,7 @@ def repeated_heads(one: BlockMask, num_heads: int, budgets: Any = None) -> Block
     indptr = one.indptr.astype(np.int64) + nnz * np.arange(num_heads, dtype=np.int64)[:, None]
     budgets = np.repeat(one.budgets, num_heads) if budgets is None else check_budgets(budgets, num_heads)
     return BlockMask.unchecked(num_heads, one.q_offsets, one.kv_offsets, frozen(indptr.astype(np.int32)),
-                               frozen(np.tile(one.indices, num_heads)), frozen(budgets), one.meta)
+                               frozen(np.tile(one.indices, num_heads)), frozen(budgets), meta)
 
 
 def dense_mask(geometry: VideoGeometry, num_heads: int, meta: Mapping[str, Any]) -> BlockMask:
