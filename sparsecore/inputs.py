@@ -126,8 +126,10 @@ def check_return_lse(return_lse: Any) -> bool:
 
 
 def check_scale_type(scale: Any, symbolic: tuple[type, ...] = ()) -> None:
-    """``scale`` is None or a real number (or one of the ``symbolic`` types: torch.compile's traced numbers)."""
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (numbers.Real, *symbolic))):
+    """``scale`` is None or a real number (or one of the ``symbolic`` types: torch.compile's traced numbers); not a
+    NumPy timedelta (registered as an integer)."""
+    if scale is not None and (isinstance(scale, (bool, np.timedelta64))
+                              or not isinstance(scale, (numbers.Real, *symbolic))):
         raise TypeError(f"scale: expected a float or None (for 1/sqrt(D)), got {type(scale).__name__}; pass a "
                         f"Python float (float(scale))")
 

@@ -258,6 +258,15 @@ def test_a_narrow_numpy_scale_is_taken_without_a_warning(scale):
     np.testing.assert_allclose(out.double().numpy(), want, atol=1e-5)
 
 
+def test_a_numpy_timedelta_scale_is_refused_naming_scale():
+    """np.timedelta64 is a NumPy signed integer (numbers.Integral), so check_scale took it and compared it with
+    SCALE_MAX: NumPy's UFuncTypeError "ufunc 'greater' did not contain a loop ..." named neither scale nor a remedy."""
+    kernel = sparsecore.compile(mask(), device="cpu")
+    with pytest.raises(TypeError, match=r"scale: expected a float or None \(for 1/sqrt\(D\)\), got timedelta64; pass a "
+                                        r"Python float"):
+        kernel(*tensors(), scale=np.timedelta64(1))
+
+
 class _TensorOutsideTorch(torch.Tensor):
     """A torch.Tensor subclass defined outside torch (as libraries wrapping tensors define them)."""
 
