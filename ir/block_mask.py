@@ -89,7 +89,7 @@ class BlockMask:
             budgets = None if self.budgets is None else v.check_budgets(self.budgets, num_heads)
         check_unselected(self.unselected)
         for name, value in (("num_heads", num_heads), ("q_offsets", q_offsets), ("kv_offsets", kv_offsets),
-                            ("indptr", indptr), ("indices", indices), ("meta", v.freeze_meta(self.meta))):
+                            ("indptr", indptr), ("indices", indices), ("meta", v.freeze_meta(self.meta, num_heads))):
             set_(self, name, value)
         set_(self, "budgets", self._kept_block_fraction() if budgets is None else budgets)
 
@@ -113,7 +113,7 @@ class BlockMask:
         indptr, indices, budgets = map(v.read_only, (indptr, indices, budgets))
         for name, value in (("num_heads", num_heads), ("q_offsets", offsets[0]), ("kv_offsets", offsets[1]),
                             ("indptr", indptr), ("indices", indices), ("budgets", budgets),
-                            ("meta", v.freeze_meta(meta)), ("unselected", unselected)):
+                            ("meta", v.freeze_meta(meta, num_heads)), ("unselected", unselected)):
             set_(mask, name, value)
         return mask
 

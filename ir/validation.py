@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .csr import INDEX_LIMIT, is_tensor
+from .head_meta import check_meta_heads
 
 PAIR_LIMIT = 1 << 62                   # num_heads * q_len * kv_len: kept-pair counts are int64 with headroom
 META_DEPTH = 32                        # nesting levels allowed in ``meta``
@@ -239,8 +240,9 @@ def check_budgets(value: Any, num_heads: int) -> np.ndarray:
     return frozen(arr)
 
 
-def freeze_meta(meta: Any) -> Mapping[str, Any]:
-    """``meta`` must be a JSON-able dict with string keys; returns a read-only deep copy."""
+def freeze_meta(meta: Any, num_heads: int | None = None) -> Mapping[str, Any]:
+    """``meta`` must be a JSON-able dict with string keys (and, for a mask of ``num_heads`` heads, per-head entries
+    of that many: :func:`.head_meta.check_meta_heads`); returns a read-only deep copy."""
     if meta is None:
         meta = {}
     if not isinstance(meta, Mapping):
@@ -251,7 +253,8 @@ def freeze_meta(meta: Any) -> Mapping[str, Any]:
     except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"meta: expected a JSON-serializable dict (str keys; str, number, bool, None, list, dict "
                          f"values; no NaN), got {err}") from None
-    return _deep_freeze(json.loads(text))
+    frozen_meta = _deep_freeze(json.loads(text))
+    return frozen_meta if num_heads is None else check_meta_heads(frozen_meta, num_heads)
 
 
 def _check_json(value: Any, where: str, depth: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -111,13 +113,35 @@ def test_select_heads_selects_the_meta_entries_named_per_head():
         picked = m.select_heads([1, 0, 1])
         assert picked.meta["label"] == ("b", "a", "b") and picked.meta["method"] == "hand"
         assert m.select_heads(np.array([False, True])).meta["label"] == ("b",)
-    wrong = BlockMask.from_dense(small().to_dense(), 10, 6, 4, meta={"per_head_keys": ["label"], "label": ["a"]})
-    with pytest.raises(ValueError, match=r"meta\['label'\]: listed in meta\['per_head_keys'\], so expected a list "
-                                         r"of one entry per head \(2\), got 1 entries"):
-        wrong.select_heads([0])
-    missing = BlockMask.from_dense(small().to_dense(), 10, 6, 4, meta={"per_head_keys": ["label"]})
-    with pytest.raises(ValueError, match=r"meta\['per_head_keys'\]: expected a list of the meta keys"):
-        missing.select_heads([0])
+
+
+def test_a_mask_whose_per_head_meta_does_not_hold_one_entry_per_head_is_refused(tmp_path):
+    """meta["per_head_keys"] entries were checked only by select_heads: a mask (or a file) whose entry held another
+    count of values was taken, so its meta described heads it does not have. Construction (checked, unchecked, load)
+    now refuses it, naming the entry."""
+    torch = pytest.importorskip("torch")
+    lists = small()
+    wrong_length = (r"meta\['label'\]: listed in meta\['per_head_keys'\], so expected a list of one entry per head "
+                    r"\(2\), got 1 entries; record one entry per head")
+    for meta, message in (({"per_head_keys": ["label"], "label": ["a"]}, wrong_length),
+                          ({"per_head_keys": ["label"], "label": "ab"}, r"meta\['label'\]: .* got str"),
+                          ({"per_head_keys": ["label"]}, r"meta\['per_head_keys'\]: expected a list of the meta keys")):
+        with pytest.raises(ValueError, match=message):
+            BlockMask.from_dense(lists.to_dense(), 10, 6, 4, meta=meta)
+        for indptr, indices in ((lists.indptr, lists.indices),
+                                (torch.as_tensor(np.array(lists.indptr)), torch.as_tensor(np.array(lists.indices)))):
+            with pytest.raises(ValueError, match=message):
+                BlockMask.unchecked(2, lists.q_offsets, lists.kv_offsets, indptr, indices, lists.budgets, meta)
+    path = BlockMask.from_dense(lists.to_dense(), 10, 6, 4, meta={"per_head_keys": ["label"], "label": ["a", "b"]}) \
+        .save(tmp_path / "mask.safetensors")
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"]["meta"] = json.dumps({"per_head_keys": ["label"], "label": ["a"]})
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])   # a header edited by hand
+    with pytest.raises(ValueError, match=wrong_length):
+        BlockMask.load(path)
 
 
 def test_row_bounds():
