@@ -310,8 +310,13 @@ def _work(tasks: "queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None]") -
 
 def _without_frames(exc: BaseException) -> BaseException:
     """``exc`` with its traceback as a note instead of frames: a stored exception's frames would keep their locals and
-    functions (a call's tensors) alive as long as the error is kept; so would those of its causes."""
-    exc.add_note("raised on sparsecore's warm-up thread:\n" + "".join(traceback.format_tb(exc.__traceback__)))
+    functions (a call's tensors) alive as long as the error is kept; so would those of its causes. (Python 3.10 has
+    no ``add_note``: the note is kept in ``__notes__`` there, as 3.11's does.)"""
+    note = "raised on sparsecore's warm-up thread:\n" + "".join(traceback.format_tb(exc.__traceback__))
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
     seen, cause = set(), exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))

@@ -343,3 +343,31 @@ def test_a_warm_up_whose_setup_fails_in_the_call_leaves_the_call_on_its_fallback
     assert float(kernel(q, k, v).flatten()[0]) == FALLBACK and not slow.runs
     with pytest.warns(RuntimeWarning, match="warming 'fake-slow' up in the background failed .*boom in warmup_options"):
         assert float(kernel(q, k, v).flatten()[0]) == FAST                  # loaded in place, as with "wait"
+
+
+class _WithoutAddNote(RuntimeError):
+    """An error as every error is on Python 3.10 (pyproject: requires-python >= 3.10): no ``add_note`` (3.11)."""
+
+    def __getattribute__(self, name):
+        if name == "add_note":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute 'add_note'")
+        return super().__getattribute__(name)
+
+
+def test_a_failed_warm_up_on_python_3_10_does_not_end_the_worker_thread(fakes, monkeypatch):
+    """The worker kept a failed task's traceback as a note with ``add_note``, which Python 3.10 lacks: the worker
+    thread died (AttributeError), so every later warm-up stayed in flight for good and wait() never returned True."""
+    slow, quick = fakes
+    monkeypatch.setattr(warmup, "_tasks", None)              # a worker of this test's own (restored afterwards)
+    monkeypatch.setattr(warmup, "_worker", None)
+    slow.error = _WithoutAddNote("CuTe DSL compile failed")
+    q, k, v = _inputs()
+    failing = sparsecore.compile(_mask(), device="cuda")
+    failing(q, k, v)
+    assert failing.wait_for_warmups(timeout=10)
+    slow.error = None
+    other = sparsecore.compile(sparsecore.BlockMask.full(2, 64, 64, 32), device="cuda")   # another geometry
+    assert float(other(q, k, v).flatten()[0]) == FALLBACK and other.wait_for_warmups(timeout=10)
+    assert float(other(q, k, v).flatten()[0]) == FAST
+    error = warmup.submit(lambda: (_ for _ in ()).throw(_WithoutAddNote("failed"))).exception(timeout=10)
+    assert error.__traceback__ is None and "raised on sparsecore's warm-up thread" in error.__notes__[0]
