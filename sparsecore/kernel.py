@@ -99,8 +99,9 @@ class CompiledKernel:
 
     def wait_for_warmups(self, timeout: float | None = None) -> bool:
         """Wait until the warm-ups queued so far (those of calls still running too) have ended: True if they did within
-        ``timeout`` seconds. The next call runs the warmed backend; where it does not load, the next choice (a slow one
-        warms up in turn); where its warm-up failed, it warns and loads that backend in place."""
+        ``timeout`` seconds (None or math.inf: no limit). The next call runs the warmed backend; where it does not load,
+        the next choice (a slow one warms up in turn); where its warm-up failed, it warns and loads that backend in
+        place."""
         self._submit_queued()                 # a call in another thread queued one that starts after its launch
         return warmups.wait(timeout)
 

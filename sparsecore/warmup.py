@@ -41,6 +41,8 @@ the environment variable ``SPARSECORE_WARMUP`` for every kernel that does not (a
 from __future__ import annotations
 
 import atexit
+import math
+import numbers
 import os
 import queue
 import threading
@@ -226,7 +228,8 @@ def start(key: tuple, task: Callable[[], Any]) -> Future:
 
 def wait(timeout: float | None = None) -> bool:
     """Wait until every warm-up queued so far has ended (they run in order); True if they did within ``timeout``
-    seconds."""
+    seconds (None or ``math.inf``: no limit)."""
+    timeout = _seconds(timeout)
     try:
         submit(lambda: None).result(timeout)
     except (FutureTimeout, CancelledError):              # cancelled: the process is exiting
@@ -234,6 +237,19 @@ def wait(timeout: float | None = None) -> bool:
     except _NoWorker:                                    # no worker thread: nothing was queued to wait for
         pass
     return True
+
+
+def _seconds(timeout: Any) -> float | None:
+    """``timeout`` checked: None or a number >= 0 (``math.inf``: None, no limit)."""
+    if timeout is None:
+        return None
+    expected = "timeout: expected None or a number of seconds >= 0 (math.inf: no limit)"
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise TypeError(f"{expected}, got {type(timeout).__name__}; pass float(timeout)")
+    seconds = float(timeout)
+    if not seconds >= 0:                                  # NaN too
+        raise ValueError(f"{expected}, got {seconds:g}")
+    return None if seconds == math.inf else seconds
 
 
 def ready_for(key: tuple, load: Callable[[], str | None], sample_run: Callable[[], Callable[[], Any]],

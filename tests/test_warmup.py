@@ -343,6 +343,35 @@ def test_an_unknown_mode_in_the_environment_is_refused_naming_it(monkeypatch):
         sparsecore.compile(_mask(), device="cpu")
 
 
+@pytest.mark.parametrize("timeout, error, match", [
+    ("5", TypeError, r"timeout: expected None or a number of seconds >= 0 \(math.inf: no limit\), got str"),
+    (True, TypeError, r"timeout: expected None or a number of seconds .*got bool"),
+    (-1, ValueError, r"timeout: expected None or a number of seconds >= 0 .*got -1"),
+    (float("nan"), ValueError, r"timeout: expected .*got nan"),
+])
+def test_waiting_for_warm_ups_refuses_a_timeout_that_is_no_number_of_seconds(fakes, timeout, error, match):
+    """A string failed deep in threading ("'>' not supported between instances of 'str' and 'int'"), NaN, a negative
+    number and True were taken (False at once, or a 1 s wait)."""
+    slow, quick = fakes
+    slow.gate.clear()                                       # a warm-up in flight: the timeout is used
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    kernel(*_inputs())
+    with pytest.raises(error, match=match):
+        kernel.wait_for_warmups(timeout)
+
+
+def test_an_infinite_timeout_waits_without_a_limit(fakes):
+    """math.inf is a natural "no limit"; it raised OverflowError ("timestamp out of range for platform time_t")."""
+    slow, quick = fakes
+    slow.gate.clear()
+    kernel = sparsecore.compile(_mask(), device="cuda")
+    kernel(*_inputs())
+    releaser = threading.Timer(0.2, slow.gate.set)
+    releaser.start()
+    assert kernel.wait_for_warmups(math.inf) and warmup.wait(float("inf"))
+    releaser.join()
+
+
 def _dense_oracle(q, k, v, mask):
     """Float64 dense attention over the mask's token pattern, written here."""
     allowed = torch.from_numpy(mask.token_mask())                                  # [H, q_len, kv_len]
