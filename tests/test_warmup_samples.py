@@ -238,3 +238,17 @@ def test_fa4s_dense_op_warms_up_on_a_detached_sample_that_keeps_the_last_tiles_r
     assert sorted(t.shape[2] for t in held) == [1024 + 9000 % 128] + [1024 + 8300 % 128] * 2
     assert not any(t.requires_grad or t.grad_fn is not None for t in held)
     assert torch.equal(by_length[1064], q[:, :, :1064].detach())
+
+
+def test_fa4s_dense_warm_up_compiles_the_variants_with_and_without_the_lse(monkeypatch):
+    """FA4 compiles per ``lse is None`` (flash_attn/cute/interface.py's compile key). The model's dense steps ask no
+    LSE (processors.dispatch: ``run(..., False)``) and the searches' dense pass does (search.dense_attention): a
+    warm-up that compiled only the LSE variant left the dense steps' first FA4 call to compile in place, on the
+    caller's thread (FA4's CuTe DSL compile: about 4 s), after the warm-up had ended."""
+    from sparsecore.backends.cuda import fa4_dense
+    asked = []
+    monkeypatch.setattr(fa4_dense, "run", lambda q, k, v, scale, return_lse: asked.append(return_lse))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 9000, 8, generator=gen) for _ in range(3))
+    fa4_dense._sample_run(q, k, v)()
+    assert sorted(asked) == [False, True]

@@ -14,9 +14,10 @@ cuDNN's, eff TFLOP/s:
   674 / 668 against 617 / 612 (D = 128) and 547 / 539 against 465 / 460 (D = 64); fp16 at 32,768 / 188,760
   (D = 128) 651 / 639 against 592 / 547.
 
-The first ask for a (device, dtype, head dim, GQA group) loads flash-attn-4 and compiles its kernel on
-sparsecore's warm-up thread, on a small sample of the asking call's inputs, while the caller runs cuDNN's
-(:func:`sparsecore.warmup.ready_for`; ``SPARSECORE_WARMUP=wait`` loads it in place).
+The first ask for a (device, dtype, head dim, GQA group) loads flash-attn-4 and compiles its kernels, with and
+without the LSE (the model's dense steps ask none, the searches' dense pass does), on sparsecore's warm-up thread, on
+a small sample of the asking call's inputs, while the caller runs cuDNN's (:func:`sparsecore.warmup.ready_for`;
+``SPARSECORE_WARMUP=wait`` loads it in place).
 
 So this op takes bf16 (and fp16) inputs of head dim 64 or 128 and at least :data:`MIN_TOKENS` tokens on
 compute capability 9.x, with the flash-attn-4 version measured (others, shorter sequences and SM100 were not
@@ -70,13 +71,14 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
 
 
 def _sample_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
-    """A run of this op on copies of the inputs' first ``SAMPLE_TILES`` tiles of 128 tokens plus their length's
-    remainder (so a short last tile stays short): FA4 compiles per dtype, head dim, GQA group and LSE, not length."""
+    """Runs of this op, with and without the LSE, on copies of the inputs' first ``SAMPLE_TILES`` tiles of 128 tokens
+    plus their length's remainder (so a short last tile stays short): FA4 compiles per dtype, head dim, GQA group
+    and LSE (``lse is None`` is in its compile key), not length or scale."""
     def cut(tensor: torch.Tensor) -> torch.Tensor:
         stop = min(tensor.shape[2], SAMPLE_TILES * 128 + tensor.shape[2] % 128)
         return tensor[:, :, :stop].detach().clone()            # no autograd graph back to the caller's
     q, k, v = cut(q), cut(k), cut(v)
-    return lambda: run(q, k, v, q.shape[-1] ** -0.5, True)
+    return lambda: [run(q, k, v, q.shape[-1] ** -0.5, return_lse) for return_lse in (True, False)]
 
 
 @functools.lru_cache(maxsize=None)
