@@ -73,10 +73,12 @@ class Stopwatch:
 
     @property
     def seconds(self) -> float:
-        """Total time of the finished regions (waits for the device when events are pending)."""
-        if self._events:
+        """Total time of the finished regions (waits for the device when events are pending); a region still
+        running (another thread's) is left out, as it is from :attr:`count`."""
+        finished = [(start, end) for start, end in list(self._events) if end is not None]
+        if finished:
             synchronize(self.device)
-        return self._host_seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1e3
+        return self._host_seconds + sum(start.elapsed_time(end) for start, end in finished) / 1e3
 
 
 def median_seconds(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 1, repeats: int = 5) -> float:
