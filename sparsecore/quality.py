@@ -117,12 +117,12 @@ def fidelity_of_masks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
                 if approximated[m] is not None:
                     out = approximated[m][0, :, rows]
                     if tiny.any():
-                        recall[tiny] = _log_space_rows(scores[tiny], allowed[tiny] > 0, values, tiny.nonzero()[:, 0])[1]
+                        recall[tiny] = _log_space_rows(scores, allowed, values, tiny)[1][tiny]
                 else:
                     out = torch.matmul(kept, values) / recall.clamp_min(torch.finfo(compute_dtype).tiny)[..., None]
                     if tiny.any():
-                        out[tiny], recall[tiny] = _log_space_rows(scores[tiny], allowed[tiny] > 0, values,
-                                                                  tiny.nonzero()[:, 0])
+                        redone, redone_recall = _log_space_rows(scores, allowed, values, tiny)
+                        out[tiny], recall[tiny] = redone[tiny], redone_recall[tiny]
                 recall, out = recall.double(), out.double()
                 s = sums[m]
                 s["recall"] += recall.sum(1)
@@ -166,15 +166,16 @@ class _TokenMap:
 
 
 def _log_space_rows(scores: torch.Tensor, allowed: torch.Tensor, values: torch.Tensor,
-                    heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked output and recall of rows ``[R, L]`` (of heads ``[R]``) computed with log-sum-exps."""
-    dense_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    masked = scores.masked_fill(~allowed, -torch.inf)
-    kept_lse = torch.logsumexp(masked, dim=-1, keepdim=True)
-    any_kept = torch.isfinite(kept_lse)
-    weights = torch.exp(masked - torch.where(any_kept, kept_lse, 0.0))
-    out = torch.einsum("rl,rld->rd", weights, values[heads]) * any_kept
-    return out, torch.exp(kept_lse - dense_lse)[:, 0]
+                    rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked output ``[H, c, D]`` and recall ``[H, c]`` of the ``rows`` (bool ``[H, c]``) of ``scores [H, c, L]``
+    under ``allowed`` (0/1), computed with log-sum-exps in the chunk's own layout (no per-row copy of the values);
+    0 elsewhere."""
+    dense_lse = torch.logsumexp(scores, dim=-1)
+    masked = scores.masked_fill((allowed == 0) | ~rows[..., None], -torch.inf)
+    kept_lse = torch.logsumexp(masked, dim=-1)
+    shift = torch.where(torch.isfinite(kept_lse), kept_lse, 0.0)
+    out = torch.matmul(torch.exp(masked - shift[..., None]), values)               # a row keeping nothing: 0
+    return out, torch.exp(kept_lse - dense_lse)
 
 
 def _as_4d(t, name: str) -> torch.Tensor:
