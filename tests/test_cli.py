@@ -134,10 +134,14 @@ def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
 @pytest.mark.parametrize("break_it, says", [
     (lambda out, lse: (out[0], lse), "output [4, 57, 16] torch.float32 on cpu, expected q's [1, 4, 57, 16]"),
     (lambda out, lse: (out.double(), lse), "output [1, 4, 57, 16] torch.float64 on cpu, expected q's"),
-    (lambda out, lse: (out, lse.double()), "LSE [1, 4, 57] torch.float64, expected float32 [1, 4, 57]")])
+    (lambda out, lse: (out, lse.double()), "LSE [1, 4, 57] torch.float64, expected float32 [1, 4, 57]"),
+    (lambda out, lse: (out.transpose(1, 2), lse), "output [1, 57, 4, 16] torch.float32 on cpu, expected q's"),
+    (lambda out, lse: (out, lse.transpose(1, 2)), "LSE [1, 57, 4] torch.float32, expected float32 [1, 4, 57]")])
 def test_check_fails_a_kernel_that_breaks_the_calling_convention(monkeypatch, capsys, break_it, says):
     """A result of another shape (broadcast against the reference), dtype or LSE dtype matched dense attention's
-    numbers, so check reported 'all cases match' (a review helper's 8 of 8)."""
+    numbers, so check reported 'all cases match' (a review helper's 8 of 8); an output of a shape that does not
+    broadcast (heads and tokens swapped) ended the command in NumPy's traceback ('operands could not be broadcast
+    together') instead of the FAIL line naming the shape."""
     import sparsecore
     from sparsecore import check
     real = check.compile
