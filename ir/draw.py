@@ -133,9 +133,10 @@ def png_path(path: Any) -> Path:
     """``path`` as a Path, checked to name a PNG file (``ValueError`` naming it otherwise)."""
     path = as_path(path)
     if path.suffix.lower() != ".png" or path.is_dir():
+        folder = path.is_dir() or not path.name                 # a file inside it, not the folder's own name again
         raise ValueError(f"path: expected a file name ending in .png (the picture is a PNG), got {str(path)[:200]!r}"
                          f"{' (a folder)' if path.is_dir() else ''}; pass e.g. "
-                         f"{str(path.with_suffix('.png') if path.name else path / 'mask.png')[:200]!r}")
+                         f"{str(path / 'mask.png' if folder else path.with_suffix('.png'))[:200]!r}")
     return path
 
 

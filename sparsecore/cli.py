@@ -129,12 +129,12 @@ def _show(args: argparse.Namespace) -> int:
     mask = BlockMask.load(args.mask_file)
     picture = args.png or args.mask_file.with_suffix(".png")     # its name checked before anything is printed
     if picture.resolve() == args.mask_file.resolve() or (picture.exists() and picture.samefile(args.mask_file)):
-        raise UserError(f"show: the picture would overwrite the mask file {args.mask_file}; pass --png with "
+        raise UserError(f"the picture would overwrite the mask file {args.mask_file}; pass --png with "
                         "another path")
     try:
         png_path(picture)
     except ValueError as err:
-        raise UserError(f"show: --png {err}") from None
+        raise UserError(f"--png {err}") from None
     print(repr(mask))
     print(f"blocks: q {_block_summary(mask.q_block_sizes)}, kv {_block_summary(mask.kv_block_sizes)}")
     print(f"density per head: {_first(f'{d:.3f}' for d in mask.density(per_head=True))}")

@@ -220,3 +220,18 @@ def test_demo_on_the_reference_device_is_refused_in_one_line(capsys, tmp_path):
     """``reference`` runs NumPy arrays; the demo's torch inputs reached it and raised a traceback."""
     assert_one_line_error(*run(["demo", "--device", "reference", "--out", str(tmp_path)], capsys), "demo",
                           "device 'reference'")
+
+
+def test_a_png_that_is_a_folder_is_refused_with_a_remedy_that_works(tmp_path, capsys):
+    """``--png pictures.png`` naming an existing folder: the remedy suggested that same folder ("pass e.g.
+    'pictures.png'"), and the line said ``show:`` twice ("sparsecore show: error: show: --png path: ...")."""
+    good = BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10).save(tmp_path / "m.safetensors")
+    folder = tmp_path / "pictures.png"
+    folder.mkdir()
+    code, out, err = run(["show", str(good), "--png", str(folder)], capsys)
+    assert_one_line_error(code, out, err, "show", "--png", "(a folder)", repr(str(folder / "mask.png")))
+    assert out == "" and err.count("show:") == 1
+    for argv in (["show", str(good), "--png", str(tmp_path / "m.jpg")], ["show", str(good), "--png", str(good)]):
+        assert run(argv, capsys)[2].count("show:") == 1
+    with pytest.raises(ValueError, match=r"\(a folder\); pass e\.g\. .*pictures\.png/mask\.png'"):
+        BlockMask.from_dense(np.eye(3, dtype=bool)[None], 30, 30, 10).render(folder)
