@@ -8,8 +8,8 @@ its computed blocks save against dense attention (a mask that approximates the b
 it skips, PASA's, spends more on that pass: the table marks such rows), the softmax
 mass it keeps (recall) and its output's relative L2 error against dense attention
 without a mask (:mod:`sparsecore.quality`), the kernel's error against dense attention
-under the same mask (float64), and its time against dense attention without a mask
-(torch SDPA) on the same device. The paper methods
+under the same mask (float64; PASA's: the reference lowering, its approximation included), and
+its time against dense attention without a mask (torch SDPA) on the same device. The paper methods
 (LVSA, AdaSpa, PASA) run at their defaults: LVSA at step 0, AdaSpa's first search
 (step 10), PASA's first sparse step (step 10 of 50).
 """
@@ -206,7 +206,8 @@ def format_table(rows: list[dict]) -> str:
         "recall: dense attention's softmax mass on the computed blocks (a mask that approximates the blocks it "
         "skips adds an estimate of the rest, which recall does not count: its out err says how well it does). out "
         "err: relative L2 of the output vs dense attention without a mask (head means).",
-        "max/rel err: the kernel against float64 dense attention under the same mask.",
+        "max/rel err: the kernel against float64 dense attention under the same mask; * rows: against the reference "
+        "lowering (float64), which approximates the skipped blocks too.",
         f"ms: the sparse kernel's call, median of {REPEATS} after {WARMUP} warm-up calls (planning excluded). "
         "vs dense: torch SDPA without a mask, timed the same way right after, / the kernel's time; at this small "
         "size fixed per-call costs weigh more than at video lengths.",

@@ -106,6 +106,19 @@ def test_show_reports_a_bad_file_and_exits_2(tmp_path, capsys):
     assert "not a valid sparsecore mask file" in capsys.readouterr().err
 
 
+
+def test_the_demo_legend_says_what_an_approximating_rows_kernel_error_is_measured_against(tmp_path):
+    """The legend (and README) said every row's max/rel err is "against float64 dense attention under the same mask";
+    PASA's row is measured against the reference lowering, which also approximates the blocks the mask skips (dense
+    attention over the kept blocks alone differs from its output by far more than the error shown)."""
+    rows = run_demo(tmp_path, device="cpu", shape=DemoShape(frames=3, height=4, width=4, heads=2, head_dim=16),
+                    log=lambda s: None)
+    legend = " ".join(" ".join(format_table(rows).splitlines()[2 + len(rows):]).split())
+    assert "* rows: against the reference lowering (float64), which approximates the skipped blocks too" in legend
+    pasa = next(r for r in rows if r["mask"] == "pasa")
+    assert pasa["unselected"] != "drop" and pasa["rel_err"] < 1e-5
+
+
 @pytest.mark.parametrize("device", ["reference", "reference:0", "cpu"])
 def test_check_passes_on_correct_backends(device, capsys):
     assert main(["check", "--device", device, "--cases", "6", "--seed", "1"]) == 0
