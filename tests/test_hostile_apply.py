@@ -129,3 +129,23 @@ def test_a_torch_device_is_taken_as_its_string():
         assert handle.device == "cpu"
     finally:
         handle.remove()
+
+
+def test_processors_of_a_removed_handle_set_back_are_refused_naming_the_remedy():
+    """diffusers' ``attn_processors`` saved while sparsecore was applied and set back after ``remove()`` put the removed
+    handle's processors on the model: ``apply`` said "already applied; call remove() on the earlier handle first", and
+    remove() (idempotent) changed nothing, so the model could not be applied again."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = tiny_wan()
+    handle = sparse.apply(model, method="lvsa", device="cpu", num_steps=10)
+    saved = model.attn_processors
+    handle.remove()
+    model.set_attn_processor(saved)
+    handle.remove()                                                  # what the old message asked for: no help
+    refused(lambda: sparse.apply(model, method="lvsa", device="cpu", num_steps=10),
+            "blocks[0].attn1.processor: a processor of a removed sparsecore handle")
+    for block in model.blocks:                                       # the remedy the message names
+        block.attn1.processor = block.attn1.processor.original
+    assert processors(model) == [WanAttnProcessor, WanAttnProcessor]
+    sparse.apply(model, method="lvsa", device="cpu", num_steps=10).remove()

@@ -179,6 +179,12 @@ def attention_modules(transformer: Any, spec: ModelSpec) -> list[Any]:
     for where, block in named:
         module = getattr(block, spec.attention, None)
         processor = getattr(module, "processor", None)
+        if isinstance(processor, SparseProcessor) and processor._handle._removed:   # set back after remove()
+            slot = f"transformer.{where}.{spec.attention}.processor"
+            raise ValueError(f"{where}.{spec.attention}.processor: a processor of a removed sparsecore handle (set "
+                             f"back after remove(), e.g. from transformer.attn_processors saved while sparsecore "
+                             f"was applied), expected diffusers' own; put that back in each such block ({slot} = "
+                             f"{slot}.original), then apply()")
         if isinstance(processor, SparseProcessor):
             message = (f"transformer: sparsecore is already applied to this model ({where}."
                        f"{spec.attention}); call remove() on the earlier handle first")
