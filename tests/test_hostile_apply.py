@@ -149,3 +149,12 @@ def test_processors_of_a_removed_handle_set_back_are_refused_naming_the_remedy()
         block.attn1.processor = block.attn1.processor.original
     assert processors(model) == [WanAttnProcessor, WanAttnProcessor]
     sparse.apply(model, method="lvsa", device="cpu", num_steps=10).remove()
+
+
+def test_pasa_dense_layers_beyond_the_models_layers_are_refused():
+    """PASA's ``dense_layers`` name layers in the integration's order; one past the model's last layer (a typo, or a
+    list written for a deeper model) was taken and did nothing: every layer ran sparse."""
+    refused_untouched("dense_layers", method="pasa", dense_layers=(0, len(MODEL.blocks)))
+    refused_untouched("dense_layers", method="pasa", dense_layers=(10 ** 12,))
+    handle = sparse.apply(MODEL, method="pasa", device="cpu", num_steps=10, dense_layers=(len(MODEL.blocks) - 1,))
+    handle.remove()

@@ -88,8 +88,10 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             if isinstance(heads, int) and heads != strategy.heads:
                 raise ValueError(f"mask_strategy: expected windows for the model's {heads} heads, got {strategy.heads} "
                                  f"a layer; pass a strategy written for this model")
-        SESSIONS[method](num_steps=num_steps, **params)                                         # checks them now
+        session = SESSIONS[method](num_steps=num_steps, **params)                              # checks them now
+        dense_layers = session.params.dense_layers if method == "pasa" else ()
     elif callable(method):
+        dense_layers = ()
         if params:
             raise TypeError(f"params: a callable method takes no parameters, got {sorted(params)}; bind them in the "
                             f"callable (functools.partial)")
@@ -122,6 +124,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     if any(isinstance(hook, _Hook) for hook in transformer._forward_pre_hooks.values()):   # its processors replaced
         raise ValueError("transformer: sparsecore is already applied to this model (an earlier handle's hooks are on "
                          "it, though its processors were replaced); call remove() on the earlier handle first")
+    if dense_layers and dense_layers[-1] >= len(modules):        # PASA's layers are the integration's order
+        raise ValueError(f"dense_layers: expected layers of the model's {len(modules)} self-attention layers "
+                         f"(0..{len(modules) - 1}), got {list(dense_layers)}; pass indices below {len(modules)}")
     strategy = params.get("mask_strategy") if method == "sta" else None
     if strategy is not None and strategy.layers != frozenset(range(len(modules))):   # another model's numbering
         layers = sorted(strategy.layers)
