@@ -104,6 +104,36 @@ def test_a_request_after_a_cancelled_one_at_the_same_timestep_plans_from_its_own
         torch.testing.assert_close(after, alone, rtol=0, atol=0)
 
 
+
+def test_a_request_on_the_same_latents_after_a_cancelled_one_needs_set_step_none():
+    """A fixed seed gives the next request the cancelled one's latents: at its timestep the tracker cannot tell it from
+    another guidance call of that step, so it continued that run (AdaSpa's step-0 search made on the other prompt's
+    q, k). The docs claimed such a request planned from its own state; ``handle.set_step(None)`` before it does."""
+    params = dict(warmup_steps=0, search_steps=[0, 2])
+    timesteps = (999.0, 750.0, 500.0, 250.0)
+    first = wan_inputs(batch=1, seed=1)
+    second = {**wan_inputs(batch=1, seed=2), "hidden_states": first["hidden_states"]}    # another prompt, one seed
+
+    def generation(cancelled_before: bool, new_run: bool = False) -> list[torch.Tensor]:
+        model = tiny_wan()
+        handle = sparse.apply(model, method="adaspa", device="cpu", num_steps=4, **params)
+        try:
+            if cancelled_before:
+                forward(model, first, timesteps[0])                   # a request cancelled after its first step
+                if new_run:
+                    with pytest.warns(UserWarning, match="a run ended before num_steps=4"):
+                        handle.set_step(None)
+            outs = [forward(model, second, timesteps[0])]
+            assert (handle.run, handle.step) == (int(new_run), 0)     # without set_step(None): the old run
+            return outs + [forward(model, second, t) for t in timesteps[1:]]
+        finally:
+            handle.remove()
+
+    alone = generation(False)
+    assert not torch.equal(generation(True)[0], alone[0])            # planned from the cancelled request's search
+    for after, own in zip(generation(True, new_run=True), alone, strict=True):
+        torch.testing.assert_close(after, own, rtol=0, atol=0)
+
 def test_stats_keep_the_current_and_the_previous_run_only():
     """A process serving many generations kept every record of every run (1,500 a Wan generation, with timing
     events): now the current run's and the one before."""

@@ -99,7 +99,8 @@ class SparseAttentionHandle:
         return self._steps.run
 
     def set_step(self, step: int | None) -> None:
-        """Use ``step`` for the following forwards (explicit steps); None returns to automatic tracking.
+        """Use ``step`` for the following forwards (explicit steps); None returns to automatic tracking, a new run
+        starting at the next forward (call it before a ``pipe()`` call on a cancelled request's latents: a fixed seed).
 
         A step below the current one starts a new run (fresh method sessions); the current step again stays in the
         run, so a run that ended at step 0 (a one-step schedule) is followed by ``set_step(None)`` then

@@ -15,12 +15,13 @@ larger batch repeats the smaller one sample for sample, as LTX-2's pipeline runs
 ``B`` latents twice, then its spatio-temporal and modality guidance on the ``B``): fresh ones (a relative change
 above :data:`FRESH_LATENTS`, or another shape) start a new run, whatever the timestep's dtype (a new ``pipe()`` call
 whose first timestep equals the last forward's, after a 1-step warm-up or a cancelled request, must not plan from
-that request's state); the same latents stay on the step; latents moved a little after a completed forward are the
-next step at a 16-bit timestep and stay on the step at a wider one (timesteps of two steps do not
-collide there). This fits schedulers that evaluate the model once per step (flow-matching Euler, UniPC, DPM++
-multistep: the pipelines' defaults). A model's spec may narrow what is read (``ModelSpec.step_view``: Cosmos's last
-latent frame, its timestep as bfloat16). A timestep given as a Python number is read alone (no latents). A
-run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
+that request's state; but on the same latents, a fixed seed's, it cannot be told from another guidance call of that
+step and continues that run: call ``set_step(None)`` before it); the same latents stay on the step; latents moved a
+little after a completed forward are the next step at a 16-bit timestep and stay on the step at a wider one (timesteps
+of two steps do not collide there). This fits schedulers that evaluate the model once per step (flow-matching Euler,
+UniPC, DPM++ multistep: the pipelines' defaults). A model's spec may narrow what is read (``ModelSpec.step_view``:
+Cosmos's last latent frame, its timestep as bfloat16). A timestep given as a Python number is read alone (no latents).
+A run that ends before ``num_steps`` steps warns (the methods' schedules assumed ``num_steps``).
 :meth:`set_step` switches to explicit steps (Heun-type schedulers, several experts as in Wan 2.2
 A14B, pipelines that start mid-schedule); a step below the current one starts a new run;
 ``set_step(None)`` returns to automatic mode, starting a new run at the next forward.
