@@ -8,6 +8,7 @@ processors as they were; nothing may wait for the first forward to fail.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -158,3 +159,10 @@ def test_pasa_dense_layers_beyond_the_models_layers_are_refused():
     refused_untouched("dense_layers", method="pasa", dense_layers=(10 ** 12,))
     handle = sparse.apply(MODEL, method="pasa", device="cpu", num_steps=10, dense_layers=(len(MODEL.blocks) - 1,))
     handle.remove()
+
+
+@pytest.mark.parametrize("value", [True, None, 1, ["auto"], np.array(["auto"]), np.array(["auto", "model"])])
+def test_dense_attention_of_another_type_is_a_type_error_naming_the_field(value):
+    """A NumPy array ``["auto"]`` was taken (and kept on the handle as an array), ``["auto", "model"]`` failed with
+    NumPy's 'truth value of an array ... is ambiguous', and True or None were ValueErrors."""
+    refused_untouched("dense_attention", types=(TypeError,), dense_attention=value)

@@ -110,6 +110,9 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
         raise UnsupportedError(f"backend: {backend!r} compiles for {list(devices)}, not device {device!r}; pass "
                                f"backend=None for the device's preferred one")
     backend_options = checked_options(backend, backend_options, "backend_options")
+    if not isinstance(dense_attention, str):
+        raise TypeError(f"dense_attention: expected a str, 'auto' or 'model', got {type(dense_attention).__name__} "
+                        f"{dense_attention!r}; pass dense_attention='auto' (the default) or 'model'")
     if dense_attention not in DENSE_ATTENTION:
         raise ValueError(f"dense_attention: expected 'auto' (a dense kernel measured faster where one takes the "
                          f"inputs) or 'model' (the model's own attention), got {dense_attention!r}")
