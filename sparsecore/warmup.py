@@ -31,7 +31,7 @@ caller's launches wait (H200, 2026-12-02: calls of 1-100 ms took up to 2.3-4.5 s
 (:mod:`sparsecore.backends.cuda.fa4_occupancy`) take one lock for a call, compile included: a call of the caller
 waits for a two-CTA compile of the worker's. A CUDA graph captured in torch's default global capture mode while
 a warm-up runs may fail: :func:`wait` first. At exit the worker's current task may run to its end
-(:data:`EXIT_WAIT_S`); queued ones are dropped.
+(:data:`EXIT_WAIT_S`), before any ``atexit`` handler (a library's cleanup) runs; queued ones are dropped.
 
 ``"wait"``: the call loads and compiles in place (15-23 s for ``fa4`` above) and every call of a kernel runs on one
 backend; for benchmarks and runs that must not mix backends. ``compile(..., warmup=...)`` picks it per kernel,
@@ -41,6 +41,7 @@ the environment variable ``SPARSECORE_WARMUP`` for every kernel that does not (a
 from __future__ import annotations
 
 import atexit
+import importlib
 import math
 import numbers
 import os
@@ -341,7 +342,6 @@ def _without_frames(exc: BaseException) -> BaseException:
     return exc
 
 
-@atexit.register
 def _drain() -> None:
     """At exit: drop the queued warm-ups and let the current one end (native code cut off mid-compile by the
     interpreter's shutdown may crash it), at most :data:`EXIT_WAIT_S` seconds."""
@@ -350,6 +350,25 @@ def _drain() -> None:
     if _tasks is not None and _worker is not None and _worker.is_alive():
         _tasks.put(None)
         _worker.join(EXIT_WAIT_S)
+
+
+def _at_exit(func: Callable[[], None]) -> None:
+    """Run ``func`` at exit before every ``atexit`` handler (those of libraries imported later, which a compile on the
+    worker may use, run first otherwise: atexit is last in, first out) and before concurrent.futures' workers
+    stop (a compile may submit to a pool), with CPython's hook they use (private: where it is absent or closed,
+    ``atexit``)."""
+    importlib.import_module("concurrent.futures.thread")   # its hook first, so it runs after ours (last in, first out)
+    register = getattr(threading, "_register_atexit", None)
+    if callable(register):
+        try:
+            register(func)
+            return
+        except RuntimeError:                        # "can't register atexit after shutdown"
+            pass
+    atexit.register(func)
+
+
+_at_exit(_drain)
 
 
 def _forget_worker() -> None:

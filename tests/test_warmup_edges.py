@@ -371,3 +371,50 @@ def test_a_failed_warm_up_on_python_3_10_does_not_end_the_worker_thread(fakes, m
     assert float(other(q, k, v).flatten()[0]) == FAST
     error = warmup.submit(lambda: (_ for _ in ()).throw(_WithoutAddNote("failed"))).exception(timeout=10)
     assert error.__traceback__ is None and "raised on sparsecore's warm-up thread" in error.__notes__[0]
+
+
+def test_at_exit_the_running_warm_up_ends_before_atexit_handlers_of_packages_imported_later():
+    """A package imported after sparsecore (flash_attn, cutlass, triton) registers its atexit cleanup later, so it ran
+    first (atexit is last in, first out) while a compile still ran on the worker: the worker now ends before every
+    atexit handler, and before concurrent.futures' exit hook (which refuses new pool work), with that hook's API."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import atexit, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from sparsecore import warmup
+        began, done = threading.Event(), threading.Event()
+        def compile_slowly():
+            began.set()
+            time.sleep(0.5)
+            with ThreadPoolExecutor(1) as pool:      # a compile's worker pool (refused once its exit hook ran)
+                pool.submit(time.sleep, 0.01).result()
+            print("warm-up ended", flush=True)
+            done.set()
+        def library_cleanup():                       # a package imported later tears its state down
+            print("cleanup with the warm-up " + ("ended" if done.is_set() else "still running"), flush=True)
+        atexit.register(library_cleanup)
+        warmup.submit(compile_slowly)
+        began.wait(30)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines() == ["warm-up ended", "cleanup with the warm-up ended"], done.stdout
+
+
+def test_the_exit_hook_falls_back_to_atexit_where_threadings_private_hook_is_absent_or_closed(monkeypatch):
+    """``threading._register_atexit`` is CPython's private API: without it, or after its shutdown began, ``atexit``."""
+    import atexit
+    import threading as threads
+    from sparsecore import warmup
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.delattr(threads, "_register_atexit")
+    warmup._at_exit(print)
+
+    def closed(func):
+        raise RuntimeError("can't register atexit after shutdown")
+    monkeypatch.setattr(threads, "_register_atexit", closed, raising=False)
+    warmup._at_exit(len)
+    assert registered == [print, len]
