@@ -11,6 +11,7 @@ takes the median, the way timings here are reported.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ class Stopwatch:
 
     With device events (CUDA, XPU, NPU) the regions are only marked while they run and
     read when :attr:`seconds` is asked for, so timing does not stall the device's queue.
+    Threads may time regions on one watch at once (each region's start is its thread's);
+    :meth:`totals` reads the time and the count of the same finished regions.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -47,38 +50,56 @@ class Stopwatch:
         module = self._module = _module(self.device)
         self._event = getattr(module, "Event", None) if module is not None and self.device.type != "mps" else None
         self._host_seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
-        self._began = 0.0
-        self.count = 0
+        self._events: list[tuple[Any, Any]] = []     # the finished regions' (start, end) events
+        self._count = 0
+        self._lock = threading.Lock()
+        self._starts = threading.local()            # this thread's open regions' starts (innermost last)
 
     def __enter__(self) -> "Stopwatch":
         if self._event is not None:
             start = self._event(enable_timing=True)
             start.record(self._module.current_stream(self.device))     # this device's stream, not the current one
-            self._events.append((start, None))
         else:
             synchronize(self.device)
-            self._began = time.perf_counter()
+            start = time.perf_counter()
+        if not hasattr(self._starts, "open"):
+            self._starts.open = []
+        self._starts.open.append(start)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        start = self._starts.open.pop()
         if self._event is not None:
             end = self._event(enable_timing=True)
             end.record(self._module.current_stream(self.device))
-            self._events[-1] = (self._events[-1][0], end)
+            with self._lock:
+                self._events.append((start, end))
+                self._count += 1
         else:
             synchronize(self.device)
-            self._host_seconds += time.perf_counter() - self._began
-        self.count += 1
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self._host_seconds += elapsed
+                self._count += 1
+
+    @property
+    def count(self) -> int:
+        """How many regions finished."""
+        return self._count
 
     @property
     def seconds(self) -> float:
         """Total time of the finished regions (waits for the device when events are pending); a region still
         running (another thread's) is left out, as it is from :attr:`count`."""
-        finished = [(start, end) for start, end in list(self._events) if end is not None]
+        return self.totals()[0]
+
+    def totals(self) -> tuple[float, int]:
+        """``(seconds, count)`` of the same finished regions (a region ending meanwhile is in neither)."""
+        with self._lock:
+            host, finished, count = self._host_seconds, list(self._events), self._count
         if finished:
             synchronize(self.device)
-        return self._host_seconds + sum(start.elapsed_time(end) for start, end in finished) / 1e3
+        return host + sum(start.elapsed_time(end) for start, end in finished) / 1e3, count
 
 
 def median_seconds(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 1, repeats: int = 5) -> float:

@@ -123,9 +123,9 @@ class Stats:
             row["backend"] = record.backend
             if record.dense_kernels and not record.kept:
                 row["dense_kernel"] = "+".join(sorted(record.dense_kernels))
-            if record.watch is not None and record.watch.count:
-                total = record.watch.seconds * 1e3
-                row.update(ms=total / record.watch.count, ms_total=total)
+            seconds, timed = record.watch.totals() if record.watch is not None else (0.0, 0)
+            if timed:
+                row.update(ms=seconds * 1e3 / timed, ms_total=seconds * 1e3)
             if record.plan_seconds is not None:
                 row["plan_ms"] = record.plan_seconds * 1e3
             if record.audit:
