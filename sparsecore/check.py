@@ -6,9 +6,11 @@ per-head patterns, GQA and masks that approximate their unlisted blocks (PASA's 
 held to the reference lowering, their executable definition: not drawn when checking
 that lowering itself); each case compares the output and the LSE (float32 by contract;
 -inf exactly where a row attends to nothing). It stops at the first mismatch. A case
-the backend cannot take (its capabilities) is reported as skipped, never as checked; a
-run in which no case ran does not pass. :func:`device_problem` says in one line why a device, backend and
-dtype cannot run here (the command line's errors, and the demo's).
+the backend cannot take (its capabilities: ``UnsupportedError``) is reported as skipped,
+never as checked; one on which compile or the call raises another error (:data:`KERNEL_ERRORS`:
+a bug of the kernel, not of the command line) fails, naming it; a run in which no case ran does not pass.
+:func:`device_problem` says in one line why a device, backend and dtype cannot run here (the command line's
+errors, and the demo's).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-
 LSE_TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3}  # |error| / max(1, |lse|)
 APPROXIMATIONS = ("zeroth", "global-first-order", "grouped-first-order")
 HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)   # what a lowering raises on a case it gets wrong
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class CheckResult:
     skipped: str | None = None     # why the backend could not take the case (then nothing was checked)
     lse_err: float = float("nan")  # the LSE's largest error, a row's over max(1, |lse|); inf where -inf rows differ
     broken: str | None = None      # what the result breaks of the calling convention (shape, dtype, device)
+    raised: str | None = None      # the error compile or the call raised on a case the backend takes
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class CheckSummary:
     ran: int
     passed: int
     skipped: int
+    raised: int = 0      # cases (of those that ran) on which the kernel raised
 
     @property
     def ok(self) -> bool:
@@ -168,25 +173,34 @@ def run_check(device: str, backend: str | None, cases: int, seed: int, dtype: st
               report: Callable[[CheckResult], None]) -> CheckSummary:
     """Run ``cases`` random cases; stops at the first mismatch. Cases the backend cannot take are skipped."""
     rng = np.random.default_rng(seed)
-    ran = passed = skipped = 0
+    ran = passed = skipped = raised = 0
     approximate = device_type(device) != "reference" and backend != "reference"    # else the definition vs itself
     for case in range(cases):
         mask, kv_heads, head_dim = random_case(rng, _head_dims(device, backend), approximate)
         description = f"{mask!r}, kv_heads={kv_heads}, head_dim={head_dim}"
         shapes = [(1, mask.num_heads, mask.q_len, head_dim)] + [(1, kv_heads, mask.kv_len, head_dim)] * 2
         arrays = [rng.standard_normal(s) for s in shapes]
+        kernel, stage = None, "compile"
         try:
             # "wait": the backend compile() prefers runs from the first call, the one a user's kernel ends up on
             kernel = compile(mask, device=device, backend=backend, warmup="wait")
+            stage = "making the inputs"
             if kernel.backend.capabilities.array_type == "numpy":
                 inputs = [a.astype(dtype) for a in arrays]
             else:
                 inputs = [torch.from_numpy(a).to(device=device, dtype=getattr(torch, dtype)) for a in arrays]
+            stage = "the call"
             out, lse = kernel(*inputs, return_lse=True)
         except UnsupportedError as err:            # the backend's capabilities do not cover this case
             skipped += 1
             report(CheckResult(case, description, backend or "-", float("nan"), False, skipped=str(err)))
             continue
+        except KERNEL_ERRORS as err:               # on a case it takes: the kernel's failure, reported as one
+            ran, raised = ran + 1, raised + 1
+            name = kernel.backend.name if kernel is not None else backend or "-"
+            report(CheckResult(case, description, name, float("nan"), False,
+                               raised=f"{stage} raised {type(err).__name__}: {' '.join(str(err).split())[:800]}"))
+            break
         ref, ref_lse = masked_dense_attention(mask, *inputs, scale=head_dim ** -0.5)
         broken = contract_problem(out, lse, inputs[0])
         same_shape = tuple(out.shape) == ref.shape              # another shape: compared nowhere, reported as broken
@@ -197,4 +211,4 @@ def run_check(device: str, backend: str | None, cases: int, seed: int, dtype: st
         report(CheckResult(case, description, kernel.backend.name, rel, ok, lse_err=lse_err, broken=broken))
         if not ok:
             break
-    return CheckSummary(ran, passed, skipped)
+    return CheckSummary(ran, passed, skipped, raised)

@@ -3,7 +3,8 @@
 Every user error (an unknown or absent device, a backend or dtype it cannot run, a bad
 number, a missing or malformed file, an unwritable output) prints one line on stderr,
 ``sparsecore <command>: error: ...``, and exits 2; no traceback. ``check`` exits 1 on a
-mismatch and never reports a check it did not run.
+mismatch or a kernel that raises on a case it takes (a FAIL line names the error), and never
+reports a check it did not run.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ def _check(args: argparse.Namespace) -> int:
         if result.skipped:
             print(f"skip case {result.case:3d}: {result.skipped}")
             return
+        if result.raised:
+            print(f"FAIL case {result.case:3d} [{result.backend}] {result.raised}  {result.description}")
+            return
         status = "ok  " if result.passed else "FAIL"
         print(f"{status} case {result.case:3d} [{result.backend}] rel err {result.rel_err:.2e}  lse err "
               f"{result.lse_err:.1e}  {result.description}" + (f"  ({result.broken})" if result.broken else ""))
@@ -200,6 +204,9 @@ def _check(args: argparse.Namespace) -> int:
     if summary.ok:
         print(f"all {summary.ran} cases match dense attention{skipped}")
         return 0
+    if summary.raised:
+        print("KERNEL ERROR: the kernel raised on a case it takes (a bug of the kernel, not of this command line)")
+        return 1
     print("MISMATCH: the kernel differs from dense attention")
     return 1
 

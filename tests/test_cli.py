@@ -144,6 +144,32 @@ def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
     sparsecore.clear_cache()
 
 
+@pytest.mark.parametrize("error", [ValueError("q: expected 4 dims, got 3"), TypeError("lse: expected a tensor"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+@pytest.mark.parametrize("where", ["call", "compile"])
+def test_check_fails_a_kernel_that_raises_on_a_case_it_takes(monkeypatch, capsys, error, where):
+    """A kernel raising ValueError or TypeError on a valid case (a bug of the kernel) was reported as the user's
+    usage error ('sparsecore check: error: ...', exit 2, no FAIL line); another error ended in a traceback. Now a
+    FAIL line names the error and the stage, and the check exits 1."""
+    import sparsecore
+    from sparsecore import check
+    from sparsecore.backends.portable import lowering
+
+    def raising(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(lowering, "_attend", raising) if where == "call" else monkeypatch.setattr(
+        check, "compile", raising)
+    sparsecore.clear_cache()
+    try:
+        code = main(["check", "--device", "cpu", "--cases", "3", "--seed", "1"])
+    finally:
+        sparsecore.clear_cache()
+    out, err = capsys.readouterr()
+    said = f"{'the call' if where == 'call' else 'compile'} raised {type(error).__name__}: {error}"
+    assert (code, err) == (1, ""), (code, err)
+    assert re.search(r"^FAIL case   0 \[\S+\] " + re.escape(said), out, re.M) and "KERNEL ERROR" in out, out
+
+
 @pytest.mark.parametrize("break_it, says", [
     (lambda out, lse: (out[0], lse), "output [4, 57, 16] torch.float32 on cpu, expected q's [1, 4, 57, 16]"),
     (lambda out, lse: (out.double(), lse), "output [1, 4, 57, 16] torch.float64 on cpu, expected q's"),
