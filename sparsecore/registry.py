@@ -266,8 +266,12 @@ def device_name(device: Any) -> str:
     return device
 
 
+HOST_DEVICES = ("cpu", "reference")      # one device each: torch numbers no CPUs ("cpu:1" names nothing)
+
+
 def device_type(device: str) -> str:
-    """``"cuda:1"`` -> ``"cuda"``; checks the type is one some backend compiles for."""
+    """``"cuda:1"`` -> ``"cuda"``; checks the type is one some backend compiles for, and that an index names a device
+    of a numbered type (a host device takes ``:0`` alone)."""
     if not isinstance(device, str):
         raise TypeError(f"device: expected a string such as 'cpu' or 'cuda:0', got {type(device).__name__} "
                         f"{str(device)[:40]}")
@@ -277,6 +281,9 @@ def device_type(device: str) -> str:
     if colon and not (index.isascii() and index.isdigit() and len(index) <= 6 and (index == "0" or index[0] != "0")):
         raise ValueError(f"device={device[:40]!r}: expected {kind!r} or '{kind}:N' with N a device index (0, 1, ...), "
                          f"got index {index[:20]!r}")
+    if colon and index != "0" and kind in HOST_DEVICES:
+        raise ValueError(f"device={device[:40]!r}: {kind!r} is the host, one device with no index but 0; pass "
+                         f"{kind!r}")
     return kind
 
 

@@ -42,7 +42,8 @@ def refused_untouched(fields, types=(ValueError, TypeError), **kwargs):
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=25)
 @given(device=st.one_of(st.integers(), st.none(), st.lists(st.just("cpu"), min_size=1, max_size=1),
-                        st.sampled_from(["gpu", "cpu:abc", "cpu:", "CPU", "", "cuda:x", "npu:-1", "cpu:0:1"])))
+                        st.sampled_from(["gpu", "cpu:abc", "cpu:", "CPU", "", "cuda:x", "npu:-1", "cpu:0:1",
+                                         "cpu:1", "reference:1"])))
 def test_malformed_devices(device):
     refused_untouched("device", device=device)
 

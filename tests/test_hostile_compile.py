@@ -57,6 +57,17 @@ def test_device_strings_that_name_no_device(device):
     refused(lambda: sparsecore.compile(mask(), device=device), "device")
 
 
+@pytest.mark.parametrize("device", ["cpu:1", "reference:1", "cpu:7"])
+def test_a_device_index_on_a_host_device_is_refused_at_compile_and_check(device):
+    """The host is one device: "cpu:1" or "reference:1" was taken by compile, check and apply (a kernel "for"
+    cpu:1 that ran on the one CPU), where torch has no such device (apply: tests/test_hostile_apply.py)."""
+    from sparsecore.check import device_problem
+    error = refused(lambda: sparsecore.compile(mask(), device=device), "device")
+    assert f"pass {device.split(':')[0]!r}" in str(error), str(error)
+    assert device_problem(device) is not None and "device" in device_problem(device)
+    sparsecore.compile(mask(), device=device.split(":")[0] + ":0")        # index 0 names the one device
+
+
 @pytest.mark.parametrize("device", sorted(set(sparsecore.known_devices()) - AVAILABLE - {"reference"}))
 def test_a_device_that_cannot_run_here_says_so_at_compile(device):
     refused(lambda: sparsecore.compile(mask(), device=device), f"device {device!r}", types=(RuntimeError,))
