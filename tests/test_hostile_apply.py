@@ -36,8 +36,9 @@ def processors(model) -> list:
 def refused_untouched(fields, types=(ValueError, TypeError), **kwargs):
     before = processors(MODEL)
     arguments = {"method": "lvsa", "device": "cpu", "num_steps": 10, **kwargs}
-    refused(lambda: sparse.apply(MODEL, **arguments), fields, types=types)
+    error = refused(lambda: sparse.apply(MODEL, **arguments), fields, types=types)
     assert processors(MODEL) == before, "a refused apply() changed the model"
+    return error
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=25)
@@ -160,6 +161,16 @@ def test_pasa_dense_layers_beyond_the_models_layers_are_refused():
     refused_untouched("dense_layers", method="pasa", dense_layers=(10 ** 12,))
     handle = sparse.apply(MODEL, method="pasa", device="cpu", num_steps=10, dense_layers=(len(MODEL.blocks) - 1,))
     handle.remove()
+
+
+def test_radial_dense_layers_at_or_past_the_models_layers_are_refused():
+    """Radial's ``dense_layers`` (the first that many layers run dense) at or past the model's layer count made every
+    layer dense without a word, the method never running; refused as PASA's layers are, by the same check."""
+    layers = len(MODEL.blocks)
+    for count in (layers, layers + 1, 10 ** 12):
+        error = refused_untouched("dense_layers", method="radial", dense_layers=count)
+        assert f"{layers} self-attention layers" in str(error) and "pass" in str(error), str(error)
+    sparse.apply(MODEL, method="radial", device="cpu", num_steps=10, dense_layers=layers - 1).remove()
 
 
 @pytest.mark.parametrize("value", [True, None, 1, ["auto"], np.array(["auto"]), np.array(["auto", "model"])])

@@ -89,7 +89,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
                 raise ValueError(f"mask_strategy: expected windows for the model's {heads} heads, got {strategy.heads} "
                                  f"a layer; pass a strategy written for this model")
         session = SESSIONS[method](num_steps=num_steps, **params)                              # checks them now
-        dense_layers = session.params.dense_layers if method == "pasa" else ()
+        dense_layers = getattr(session.params, "dense_layers", ())     # PASA's indices, Radial's leading count
     elif callable(method):
         dense_layers = ()
         if params:
@@ -127,9 +127,7 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     if any(isinstance(hook, _Hook) for hook in transformer._forward_pre_hooks.values()):   # its processors replaced
         raise ValueError("transformer: sparsecore is already applied to this model (an earlier handle's hooks are on "
                          "it, though its processors were replaced); call remove() on the earlier handle first")
-    if dense_layers and dense_layers[-1] >= len(modules):        # PASA's layers are the integration's order
-        raise ValueError(f"dense_layers: expected layers of the model's {len(modules)} self-attention layers "
-                         f"(0..{len(modules) - 1}), got {list(dense_layers)}; pass indices below {len(modules)}")
+    check_dense_layers(dense_layers, len(modules))
     strategy = params.get("mask_strategy") if method == "sta" else None
     if strategy is not None and strategy.layers != frozenset(range(len(modules))):   # another model's numbering
         layers = sorted(strategy.layers)
@@ -156,6 +154,19 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
     handle._hooks = [transformer.register_forward_pre_hook(_Hook(handle._pre_forward), with_kwargs=True),
                      transformer.register_forward_hook(_Hook(handle._post_forward), always_call=True)]
     return handle
+
+
+def check_dense_layers(dense_layers: int | tuple[int, ...], layers: int) -> None:
+    """A method's ``dense_layers`` (the integration's layer order) against the model's ``layers``: PASA's indices
+    must name its layers, Radial's count of leading dense layers must leave one sparse (else the method never runs)."""
+    if isinstance(dense_layers, int) and dense_layers >= layers:
+        got = dense_layers if dense_layers < 10 ** 12 else f"an int of {dense_layers.bit_length()} bits"
+        raise ValueError(f"dense_layers: expected fewer than the model's {layers} self-attention layers (that many "
+                         f"leading layers run dense; {layers} or more make every layer dense), got {got}; pass a "
+                         f"count below {layers}, or handle.remove() for dense attention")
+    if not isinstance(dense_layers, int) and dense_layers and dense_layers[-1] >= layers:
+        raise ValueError(f"dense_layers: expected layers of the model's {layers} self-attention layers "
+                         f"(0..{layers - 1}), got {list(dense_layers)}; pass indices below {layers}")
 
 
 class _Hook(RefusesCopies):
