@@ -250,3 +250,32 @@ def test_one_off_plans_at_a_step_past_any_run_name_the_step():
         for step in (MAX_STEPS, 10**400):
             error = refused(lambda: plan(step), "step", types=(ValueError,))
             assert "num_steps" not in str(error), (name, str(error))
+
+
+class Counted:
+    """An iterable of ``n`` ints (no length) that counts the ones read."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.read = n, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.read += 1
+            yield i
+
+
+def test_step_and_layer_lists_are_read_up_to_a_bound_and_shown_short():
+    """``search_steps=range(10**6)`` (or PASA's ``dense_layers``) was checked item by item (0.8 s, linear in the
+    claim) and AdaSpa's error printed every value (a 7.9 MB message); a list is now read up to what a run's steps or a
+    model's layers can hold, and messages show a few values."""
+    from sparsecore.methods.contract import MAX_LAYERS
+    steps, layers = Counted(10**6), Counted(10**6)
+    refused(lambda: adaspa.session(num_steps=50, search_steps=steps), "search_steps")
+    refused(lambda: pasa.session(num_steps=50, dense_layers=layers), "dense_layers")
+    assert steps.read <= MAX_STEPS + 1 and layers.read <= MAX_LAYERS + 1, (steps.read, layers.read)
+    for call, field in ((lambda: adaspa.session(num_steps=50, search_steps=range(40, 5000)), "search_steps"),
+                        (lambda: adaspa.session(num_steps=50, search_steps=[12] * 5000), "search_steps"),
+                        (lambda: pasa.session(num_steps=50, dense_layers=[0] * 5000), "dense_layers"),
+                        (lambda: adaspa.session(num_steps=50, search_steps=range(10**19)), "search_steps")):
+        error = refused(call, field)
+        assert len(str(error)) < 400, f"{len(str(error))} characters: {str(error)[:400]}"

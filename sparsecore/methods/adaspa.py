@@ -67,9 +67,9 @@ from sparsecore.ir.validation import check_bool, check_int
 from sparsecore.search import block_mass
 
 from . import causal
-from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer,
-                       check_lse, check_num_steps, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
-                       geometry_meta, params_from)
+from .contract import (MAX_STEPS, HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple,
+                       check_layer, check_lse, check_num_steps, check_qk, check_scale, check_shard, check_step,
+                       fixed_block_offsets, geometry_meta, params_from, shown)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .selection import SinkLayout, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask, top_video
 
@@ -116,7 +116,7 @@ class AdaSpaParams:
         set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "warmup_steps", check_int(self.warmup_steps, "warmup_steps", 0))
         set_(self, "head_adaptive", check_bool(self.head_adaptive, "head_adaptive"))
-        set_(self, "search_steps", check_int_tuple(self.search_steps, "search_steps"))
+        set_(self, "search_steps", check_int_tuple(self.search_steps, "search_steps", MAX_STEPS, "steps"))
         set_(self, "scale", check_scale(self.scale))
         set_(self, "approximation", check_approximation(self.approximation))
         if not isinstance(self.impl, str):
@@ -128,7 +128,7 @@ class AdaSpaParams:
             raise ValueError(f"first_search: expected one of {list(FIRST_SEARCHES)}, got {self.first_search!r}")
         if self.first_search == "cached" and (not self.search_steps or self.search_steps[0] < 1):
             raise ValueError(f"first_search='cached' takes the LSE of the step before the first search, got "
-                             f"search_steps={list(self.search_steps)}; search from step 1 on, or use 'fused'")
+                             f"search_steps={shown(self.search_steps)}; search from step 1 on, or use 'fused'")
 
     @property
     def first_search_kind(self) -> str:
@@ -267,7 +267,7 @@ class AdaSpaSession:
         searches = self.params.search_steps
         if not searches or any(s < self.params.warmup_steps or s >= self.num_steps for s in searches):
             raise ValueError(f"search_steps: expected steps in [warmup_steps={self.params.warmup_steps}, "
-                             f"num_steps={self.num_steps}), got {list(searches)}")
+                             f"num_steps={self.num_steps}), got {shown(searches)}")
         self._masks: dict[int, BlockMask] = {}
         self._searched: dict[int, int] = {}         # per layer: the step of its last search
         self._lse: dict[int, torch.Tensor] = {}

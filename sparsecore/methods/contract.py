@@ -17,6 +17,7 @@ Nothing here imports a device library.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable
@@ -124,14 +125,25 @@ def check_scale(value: Any) -> float | None:
     return check_fraction(value, "scale", 0.0, SCALE_MAX, open_low=True)
 
 
-def check_int_tuple(values: Any, field: str, minimum: int = 0) -> tuple[int, ...]:
-    """A sequence of ints as a sorted tuple of distinct values."""
+def check_int_tuple(values: Any, field: str, limit: int, unit: str, minimum: int = 0) -> tuple[int, ...]:
+    """A sequence of at most ``limit`` ints (``unit``: what they are) as a sorted tuple of distinct values; at most
+    ``limit + 1`` of them are read."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{field}: expected a sequence of ints, got {type(values).__name__} {values!r}")
-    checked = [check_int(x, f"{field}[{i}]", minimum) for i, x in enumerate(values)]
+        raise TypeError(f"{field}: expected a sequence of ints, got {type(values).__name__}")
+    read = list(itertools.islice(values, limit + 1))
+    if len(read) > limit:
+        raise ValueError(f"{field}: expected at most {limit:,} distinct {unit}, got more; pass the {unit} meant, "
+                         f"each once")
+    checked = [check_int(x, f"{field}[{i}]", minimum) for i, x in enumerate(read)]
     if len(set(checked)) != len(checked):
-        raise ValueError(f"{field}: expected distinct values, got {list(values)}")
+        raise ValueError(f"{field}: expected distinct values, got {shown(checked)}")
     return tuple(sorted(checked))
+
+
+def shown(values: Any, head: int = 6) -> str:
+    """A list of ints for a message: its first ``head`` values, then its length where longer."""
+    values = [v if abs(v) < 10 ** 12 else f"<an int of {v.bit_length()} bits>" for v in values]
+    return str(values) if len(values) <= head else f"[{', '.join(map(str, values[:head]))}, ... ({len(values):,})]"
 
 
 def check_geometry(geometry: Any, num_heads: Any) -> int:
@@ -179,6 +191,7 @@ def check_layer(layer: Any) -> int | None:
 
 
 MAX_STEPS = 100_000   # denoising steps a session takes: more than any sampler's, checked before per-step arrays
+MAX_LAYERS = 10_000   # a model's layers at most: more than any model's, checked before a list of layers is read
 
 
 def check_num_steps(num_steps: Any, minimum: int = 1) -> int:

@@ -83,9 +83,9 @@ from sparsecore.noise import SEED_LIMIT, GumbelNoise, head_keys
 
 from . import causal
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
-from .contract import (HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple, check_layer,
-                       check_num_steps, check_qk, check_scale, check_shard, check_step, fixed_block_offsets,
-                       geometry_meta, params_from)
+from .contract import (MAX_LAYERS, HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple,
+                       check_layer, check_num_steps, check_qk, check_scale, check_shard, check_step,
+                       fixed_block_offsets, geometry_meta, params_from)
 from .selection import (Selection, SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz,
                         sink_mask, sink_rows, sorted_top)
 
@@ -129,7 +129,7 @@ class PASAParams:
         set_(self, "block_size", check_int(self.block_size, "block_size", 1))
         set_(self, "group_size", check_int(self.group_size, "group_size", 1))
         set_(self, "approximation", check_approximation(self.approximation))
-        set_(self, "dense_layers", check_int_tuple(self.dense_layers, "dense_layers"))
+        set_(self, "dense_layers", check_int_tuple(self.dense_layers, "dense_layers", MAX_LAYERS, "layers"))
         set_(self, "scale", check_scale(self.scale))
 
     def meta(self) -> dict[str, Any]:

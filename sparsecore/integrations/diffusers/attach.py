@@ -14,7 +14,7 @@ import diffusers
 import torch
 
 from sparsecore.methods import SESSIONS, sta
-from sparsecore.methods.contract import check_num_steps
+from sparsecore.methods.contract import check_num_steps, shown
 from sparsecore.registry import checked_options, device_name, device_type, registered_backends
 
 from . import parallel
@@ -166,7 +166,7 @@ def check_dense_layers(dense_layers: int | tuple[int, ...], layers: int) -> None
                          f"count below {layers}, or handle.remove() for dense attention")
     if not isinstance(dense_layers, int) and dense_layers and dense_layers[-1] >= layers:
         raise ValueError(f"dense_layers: expected layers of the model's {layers} self-attention layers "
-                         f"(0..{layers - 1}), got {list(dense_layers)}; pass indices below {layers}")
+                         f"(0..{layers - 1}), got {shown(dense_layers)}; pass indices below {layers}")
 
 
 class _Hook(RefusesCopies):
