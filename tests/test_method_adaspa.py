@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from functools import partial
 
@@ -630,3 +631,27 @@ def test_a_step_at_wan_6x_holds_64_mib_of_keys_not_the_batch_elements_1_16_gb():
     rows, keys = mass_steps(12, 12, 188_760, 128, 1 << 24, 64)
     assert keys % 64 == 0 and 12 * keys * 128 * 4 <= 64 << 20 and 12 * rows * keys * 4 <= 64 << 20
     assert -(-188_760 // keys) <= 20                              # a handful of key steps per batch element
+
+
+def test_a_run_shorter_than_the_default_schedule_names_num_steps_and_a_schedule_that_fits():
+    """A session of fewer than 31 steps with the default schedule (the paper's, for 50 steps) was refused with
+    "search_steps: expected steps in [warmup_steps=10, num_steps=5), got [10, 30]": two parameters the caller never
+    passed, and no remedy. It now names num_steps, says the defaults are the paper's 50-step schedule and gives one in
+    the paper's fractions of the run; that schedule is taken for every short run."""
+    with pytest.raises(ValueError) as info:
+        adaspa.session(num_steps=5)
+    message = str(info.value)
+    assert message.startswith("num_steps:") and "50" in message and "warmup_steps=1, search_steps=(1, 3)" in message
+    for num_steps in range(1, 31):
+        with pytest.raises(ValueError, match="num_steps") as info:
+            adaspa.session(num_steps=num_steps)
+        example = str(info.value).split("e.g. ")[1].split(" (")[0]
+        params = dict(part.split("=") for part in example.split(", ", 1))
+        session = adaspa.session(num_steps=num_steps, warmup_steps=int(params["warmup_steps"]),
+                                 search_steps=ast.literal_eval(params["search_steps"]))
+        assert session.params.search_steps[-1] < num_steps
+    assert adaspa.session(num_steps=31).params.search_steps == (10, 30)
+    with pytest.raises(ValueError, match=r"search_steps: .*\[10, 30\] \(the default\).*; pass") as info:
+        adaspa.session(num_steps=50, warmup_steps=20)          # the default searches fall before the warm-up
+    with pytest.raises(ValueError, match=r"warmup_steps=10 \(the default\).*; pass"):
+        adaspa.session(num_steps=8, search_steps=(2, 5))

@@ -68,8 +68,8 @@ from sparsecore.search import block_mass
 
 from . import causal
 from .contract import (MAX_STEPS, HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple,
-                       check_layer, check_lse, check_num_steps, check_qk, check_scale, check_shard, check_step,
-                       fixed_block_offsets, geometry_meta, params_from, shown)
+                       check_layer, check_lse, check_num_steps, check_qk, check_scale, check_search_steps, check_shard,
+                       check_step, fixed_block_offsets, geometry_meta, params_from, shown)
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .selection import SinkLayout, dense_mask, keep_count, rows_from_top, selection_nnz, sink_mask, top_video
 
@@ -264,10 +264,7 @@ class AdaSpaSession:
                              f"got {store!r}")
         self.store = store
         self.params = params_from(AdaSpaParams, METHOD, params)
-        searches = self.params.search_steps
-        if not searches or any(s < self.params.warmup_steps or s >= self.num_steps for s in searches):
-            raise ValueError(f"search_steps: expected steps in [warmup_steps={self.params.warmup_steps}, "
-                             f"num_steps={self.num_steps}), got {shown(searches)}")
+        check_search_steps(METHOD, self.params.warmup_steps, self.params.search_steps, self.num_steps, params)
         self._masks: dict[int, BlockMask] = {}
         self._searched: dict[int, int] = {}         # per layer: the step of its last search
         self._lse: dict[int, torch.Tensor] = {}
@@ -320,8 +317,9 @@ class AdaSpaSession:
             return dense_mask(geometry, shard.size, _meta(geometry, p, layer, step, action.label))
         if action.label == "search":
             if mass is not None and lse is None:
+                later = shown(p.search_steps[1:]) if p.search_steps[1:] else "later"
                 raise ValueError(f"lse: the first search step's masses need the LSE of the same dense pass (to "
-                                 f"cache for step {p.search_steps[1:] or 'later'} searches), got mass without lse")
+                                 f"cache for step {later} searches), got mass without lse")
             found = _search(geometry, shard, p, layer, step, q, k, lse, mass, action.label)
             self._masks[layer], self._lse[layer] = self._stored(found.mask), self._stored(found.lse)
             self._inputs[layer], self._searched[layer] = inputs, step

@@ -203,6 +203,26 @@ def check_num_steps(num_steps: Any, minimum: int = 1) -> int:
     return num_steps
 
 
+def check_search_steps(method: str, warmup: int, searches: tuple[int, ...], num_steps: int,
+                       given: Mapping[str, Any]) -> None:
+    """A search schedule: at least one search step, all in ``[warmup, num_steps)``. ``given``: the caller's
+    parameters, so that the message says which values are defaults and gives a schedule that fits ``num_steps``
+    (the paper's fractions: the first 20% of the steps dense, searches at 20% and 60%)."""
+    if searches and all(warmup <= s < num_steps for s in searches):
+        return
+    first = min(round(0.2 * num_steps), num_steps - 1)
+    example = (f"warmup_steps={first}, search_steps="
+               f"{tuple(sorted({first, min(max(round(0.6 * num_steps), first), num_steps - 1)}))}")
+    if "warmup_steps" not in given and "search_steps" not in given:
+        raise ValueError(f"num_steps: {method}'s default warmup_steps={warmup}, search_steps={searches} are the "
+                         f"paper's schedule for 50 steps and need num_steps >= {searches[-1] + 1}, got {num_steps}; "
+                         f"pass a schedule for {num_steps} steps, e.g. {example} (the paper's fractions of a run)")
+    defaults = {name: "" if name in given else " (the default)" for name in ("warmup_steps", "search_steps")}
+    raise ValueError(f"search_steps: expected steps in [warmup_steps={warmup}{defaults['warmup_steps']}, num_steps="
+                     f"{num_steps}), got {shown(searches)}{defaults['search_steps']}; pass warmup_steps and "
+                     f"search_steps that fit, e.g. {example}")
+
+
 def check_step(step: Any, num_steps: int | None = None) -> int:
     step = check_int(step, "step", 0)
     if num_steps is not None and step >= num_steps:
