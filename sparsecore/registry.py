@@ -287,6 +287,14 @@ def device_type(device: str) -> str:
     return kind
 
 
+def takes_tensors_on(device: str, backend: str | None, tensor_device: str) -> bool:
+    """Whether kernels compiled for ``device`` (by ``backend``, or by any of the device's) take tensors on
+    ``tensor_device`` (a torch device type; an emulator's CPU tensors included)."""
+    kind = device_type(device)
+    return any(b.tensor_device_problem(device, tensor_device) is None for b in registered_backends().values()
+               if kind in b.capabilities.devices and backend in (None, b.name))
+
+
 def candidates(mask: "BlockMask", device: str, name: str | None) -> list[Backend]:
     """The backends for ``device`` that take ``mask``, most preferred first, not yet checked to run here
     (:func:`first_available` checks them in this order).

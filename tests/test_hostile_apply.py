@@ -178,3 +178,29 @@ def test_dense_attention_of_another_type_is_a_type_error_naming_the_field(value)
     """A NumPy array ``["auto"]`` was taken (and kept on the handle as an array), ``["auto", "model"]`` failed with
     NumPy's 'truth value of an array ... is ambiguous', and True or None were ValueErrors."""
     refused_untouched("dense_attention", types=(TypeError,), dense_attention=value)
+
+
+def test_a_model_on_another_device_than_applied_for_is_named_at_its_first_forward(monkeypatch):
+    """apply(device=...) for one device and the model run on another (apply(device=pipe.device) before pipe.to(...)):
+    the dense steps ran, and the first sparse step failed inside the kernel ("q: tensors are on 'cpu' but the kernel
+    was compiled for device 'xpu'; ... or compile for their device"), naming compile, not apply. Emulated on the CPU:
+    the portable backend claims an 'xpu' here, and the model stays on the CPU."""
+    from test_integration_diffusers import forward, wan_inputs
+
+    monkeypatch.setattr(sparsecore.registered_backends()["portable"], "unavailable_reason", lambda device: None)
+    model, inputs = tiny_wan(), wan_inputs(batch=1)
+    handle = sparse.apply(model, method="radial", device="xpu", num_steps=2, dense_steps=1, block_size=16)
+    try:
+        with pytest.raises(ValueError, match=r"^device: .*'cpu' tensors.*apply\(\) was given device='xpu'.*"
+                                             r"transformer\.to\('xpu'\).*apply\(transformer, device='cpu'"):
+            forward(model, inputs, 999.0)                    # step 0: a dense step
+        assert handle.stats() == []                          # refused before any attention ran
+    finally:
+        handle.remove()
+    handle = sparse.apply(model, method="radial", device="cpu", num_steps=2, dense_steps=1, block_size=16)
+    try:                                                     # the remedy runs both steps
+        for timestep in (999.0, 500.0):
+            assert torch.isfinite(forward(model, inputs, timestep)).all()
+        assert [row["action"] for row in handle.stats()][-1] == "plan"
+    finally:
+        handle.remove()

@@ -43,7 +43,8 @@ def apply(transformer: Any, method: str | MethodProvider = "lvsa", device: str =
             (``params`` go to ``method.session(num_steps=num_steps, **params)``), or a callable
             ``(geometry, num_heads, step, layer) -> BlockMask``.
         device: the device the kernels are compiled for (``"cuda"``, ``"cpu"``, ``"npu"``..., or a torch.device such as
-            ``pipe.device``); the model's tensors must be there when it runs.
+            ``pipe.device``); the model's tensors must be there when it runs (a forward on another device type raises
+            ValueError at its first attention call, dense steps included).
         backend: a sparsecore backend name, or None for the preferred one per mask and inputs.
         num_steps: denoising steps per run (the pipeline's ``num_inference_steps``).
         backend_options: options of the named ``backend`` for every kernel (its options dataclass, e.g.

@@ -25,6 +25,7 @@ from sparsecore.ir import BlockMask
 from sparsecore.ir.uploads import refuse_capture
 from sparsecore.ir.validation import check_bool, check_index
 from sparsecore.methods import HeadShard, sta
+from sparsecore.registry import generation, takes_tensors_on
 
 from . import op, parallel
 from .audit import NO_SEQUENCE_SPLIT, make_audit
@@ -80,6 +81,7 @@ class SparseAttentionHandle:
         self._processors: list[SparseProcessor] = []             # sparsecore's, one per layer
         self._ran: set[int] = set()                              # the layers that ran in this forward
         self._hooks: list[Any] = []
+        self._device_seen: tuple[str, int] | None = None          # (tensor device type, registry state) checked
         self.id = op.register(self, model)
 
     # ---------------------------------------------------------------- public API
@@ -307,6 +309,12 @@ class SparseAttentionHandle:
                 "twice in one forward" if layer in self._ran else f"beyond its {len(self._processors)} layers"
             raise RuntimeError(f"sparsecore: self-attention layer {layer} called {where}; each layer runs once a "
                                f"forward; {self.dense_remedy()}")
+        if (seen := (query.device.type, generation())) != self._device_seen:    # where apply() compiles, once a type
+            if not takes_tensors_on(self.device, self.backend, seen[0]):
+                raise ValueError(f"device: the model runs on {seen[0]!r} tensors (layer {layer}), apply() was given "
+                                 f"device={self.device!r}; move it with transformer.to({self.device!r}), or remove() "
+                                 f"this handle and apply(transformer, device={str(query.device)!r}, ...)")
+            self._device_seen = seen
         processor = self._processors[layer]
         self._ran.add(layer)
         layout = parallel.layout(processor._parallel_config)
