@@ -16,9 +16,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from host_reads import HostReads
+from largest_result import LargestResult
 from oracle import block_lists, dense_attention, expand_to_tokens
 
 import sparsecore
@@ -296,21 +296,6 @@ def _to_cpu(chunks):
             for c in chunks]
 
 
-class _LargestResult(TorchDispatchMode):
-    """The most elements of any tensor an op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(result):
-            if isinstance(tensor, torch.Tensor):
-                self.most = max(self.most, tensor.numel())
-        return result
-
-
 def test_finding_spans_makes_no_tensor_larger_than_its_window_or_its_rows(monkeypatch):
     """A full mask of 2 heads x 40 x 40 blocks lists 3,200 entries; compared 256 at a time, no temporary of the
     search for equal rows holds more than 257 elements (the window and one; there are 80 rows); comparing the whole
@@ -318,7 +303,7 @@ def test_finding_spans_makes_no_tensor_larger_than_its_window_or_its_rows(monkey
     mask = BlockMask.full(2, 400, 400, 10).to("cpu")
     monkeypatch.setattr(lowering, "SPAN_WINDOW", 256)
     lengths = mask.row_lengths.reshape(-1)
-    with _LargestResult() as largest:
+    with LargestResult() as largest:
         same = lowering._same_as_previous(mask, lengths)
     assert largest.most <= 257, largest.most
     assert same.tolist() == [i % 40 != 0 for i in range(80)]

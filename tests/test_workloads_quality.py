@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from largest_result import LargestResult
 from oracle import dense_attention, expand_to_tokens
 from strategies import block_masks
 
@@ -220,21 +220,6 @@ def test_fidelity_names_inputs_on_different_devices():
         attention_fidelity(q, q.to("meta"), q, mask)
 
 
-class _LargestResult(TorchDispatchMode):
-    """The most elements of any tensor an op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(result):
-            if isinstance(tensor, torch.Tensor):
-                self.most = max(self.most, tensor.numel())
-        return result
-
-
 def test_rows_that_keep_little_or_nothing_stay_within_max_elements():
     """Rows whose kept mass is below 1e-30 (empty rows too: a causal or sparse mask has many) were redone with
     their heads' values gathered once per row, ``[rows, L_kv, D]``: head_dim times ``max_elements`` (an empty mask
@@ -245,7 +230,7 @@ def test_rows_that_keep_little_or_nothing_stay_within_max_elements():
     k[:, :, 32:] *= 12                                    # keys 32.. dwarf keys ..32: rows keep < 1e-180
     offsets = BlockMask.uniform_offsets(64, 16)
     weak = BlockMask.from_lists([[[0, 1], [], [0], []]] * 2, offsets, offsets)
-    with _LargestResult() as largest:
+    with LargestResult() as largest:
         fid = attention_fidelity(q, k, v, weak, max_elements=512, compute_dtype=torch.float64)
     assert largest.most <= q[0].numel(), largest.most         # the inputs' size: a chunk's scores are 512
     recall, rel_l2, cosine, min_recall = oracle_fidelity(q, k, v, weak, with_min_recall=True)
