@@ -133,3 +133,40 @@ def test_stats_rows_read_a_watchs_count_and_seconds_together(events, monkeypatch
     monkeypatch.setattr(_Device, "synchronize", staticmethod(synchronize))
     row, = stats.rows()
     assert ended and (row["ms"], row["ms_total"]) == (2000.0, 2000.0), row
+
+
+def test_two_threads_making_a_records_first_timed_call_at_once_keep_both_regions(monkeypatch):
+    """``Stats.time`` made a record's watch with an unlocked check-then-set: two threads timing a record's first call
+    at once each saw no watch and made one; a region timed on the watch that was replaced was lost (1 call of 2)."""
+    import threading
+
+    from sparsecore.geometry import VideoGeometry
+    from sparsecore.integrations.diffusers import stats as stats_module
+    made, entered, both_made = [], threading.Event(), threading.Barrier(2)
+
+    class Watch(timing.Stopwatch):
+        def __enter__(self):
+            entered.set()
+            return super().__enter__()
+
+    def make(device):                    # both threads past the check before either sets the watch, where they can be
+        watch = Watch(device)
+        made.append(watch)
+        try:
+            both_made.wait(timeout=1.0)
+        except threading.BrokenBarrierError:     # the other thread waits for the lock: only one watch is made
+            pass
+        if len(made) == 2 and watch is made[1]:
+            assert entered.wait(timeout=10)      # the first watch times its region before this one replaces it
+        return watch
+    monkeypatch.setattr(stats_module, "Stopwatch", make)
+    stats = stats_module.Stats()
+    stats.timing = True
+    record = stats.record(0, 0, 0, VideoGeometry(1, 2, 2), 4, 1, None, "sparse")
+    like = torch.zeros(1)
+    threads = [threading.Thread(target=stats.time, args=(record, like, lambda: None)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert record.watch.count == 2, f"{len(made)} watches made, the record's counted {record.watch.count} calls"

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import threading
 import time
 
 import torch
@@ -71,6 +72,7 @@ class Stats:
         self.dense_kernel: str | None = None   # what the processors' dense call ran (they set it, the planner reads it)
         self._records: dict[tuple, Record] = {}
         self.counts = HostCounts()                # the records' kept-pair counts made on a GPU
+        self._watch_lock = threading.Lock()       # a record's first timed calls in two threads make one watch
 
     def record(self, run: int, layer: int, step: int, geometry: VideoGeometry, seq_len: int, heads: int,
                shard: HeadShard | None, action: str) -> Record:
@@ -89,12 +91,16 @@ class Stats:
         return self._records[key]
 
     def time(self, record: Record, like: torch.Tensor, fn: Callable[[], Any]) -> Any:
-        """``fn()``, timed into ``record`` on ``like``'s device when timing is on."""
+        """``fn()``, timed into ``record`` on ``like``'s device when timing is on (threads share one watch)."""
         if not self.timing:
             return fn()
-        if record.watch is None:
-            record.watch = Stopwatch(like.device)
-        with record.watch:
+        watch = record.watch
+        if watch is None:
+            with self._watch_lock:
+                if record.watch is None:
+                    record.watch = Stopwatch(like.device)
+                watch = record.watch
+        with watch:
             return fn()
 
     def planned(self, plan: Callable[[], Any], device: torch.device) -> Any:
