@@ -173,6 +173,17 @@ def test_radial_dense_layers_at_or_past_the_models_layers_are_refused():
     sparse.apply(MODEL, method="radial", device="cpu", num_steps=10, dense_layers=layers - 1).remove()
 
 
+@pytest.mark.parametrize("method, params, field", [("radial", {"dense_steps": 10}, "dense_steps"),
+                                                   ("sta", {"dense_steps": 12}, "dense_steps"),
+                                                   ("pasa", {"dense_fraction": 1.0}, "dense_fraction"),
+                                                   ("adaspa", {"warmup_steps": 10}, "search_steps")])
+def test_leading_dense_steps_that_cover_the_run_are_refused(method, params, field):
+    """A method configured so that every one of the run's steps is dense never runs: refused at apply(), the model
+    untouched, as Radial's ``dense_layers`` covering every layer is (Radial, STA and PASA took it without a word)."""
+    error = refused_untouched(field, method=method, **params)
+    assert "num_steps=10" in str(error) and "pass" in str(error), str(error)
+
+
 @pytest.mark.parametrize("value", [True, None, 1, ["auto"], np.array(["auto"]), np.array(["auto", "model"])])
 def test_dense_attention_of_another_type_is_a_type_error_naming_the_field(value):
     """A NumPy array ``["auto"]`` was taken (and kept on the handle as an array), ``["auto", "model"]`` failed with

@@ -289,3 +289,15 @@ def test_each_row_of_a_sparse_step_lists_its_blocks_ascending(geometry):
     rows = [indices[indptr[h, i]:indptr[h, i + 1]] for h in range(2) for i in range(mask.num_q_blocks)]
     assert all(len(row) > 1 for row in rows)
     assert all((np.diff(row) > 0).all() for row in rows), [row for row in rows if not (np.diff(row) > 0).all()][:2]
+
+
+def test_a_dense_fraction_that_leaves_no_sparse_step_is_refused_naming_the_remedy():
+    """``dense_fraction=1.0`` (or a run so short that ``ceil(dense_fraction * num_steps)`` covers it: one step at the
+    default 0.2) made every step dense without a word: PASA never ran. Refused, as AdaSpa's ``warmup_steps`` are."""
+    for steps, params, got in ((50, {"dense_fraction": 1.0}, "1.0"), (50, {"dense_fraction": 0.99}, "0.99"),
+                               (1, {}, r"0.2 \(the default\)")):
+        with pytest.raises(ValueError, match=rf"dense_fraction: expected .*num_steps={steps}.*got {got}.*; pass"):
+            pasa.session(steps, **params)
+    for steps in (1, 3, 50):                 # the largest fraction the message names leaves one sparse step
+        session = pasa.session(steps, dense_fraction=(steps - 1) / steps)
+        assert [session.action(None, step).dense for step in range(steps)] == [True] * (steps - 1) + [False]

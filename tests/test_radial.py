@@ -174,6 +174,17 @@ def test_plan_is_dense_at_the_dense_steps_and_layers_as_the_sessions_action_says
         radial.plan(geometry, 2, step=3, layer=0, **{**params, "block_size": 4096})
 
 
+def test_dense_steps_that_leave_no_sparse_step_are_refused_naming_the_remedy():
+    """``dense_steps >= num_steps`` made every step dense without a word: Radial Attention never ran. Refused, as
+    AdaSpa's ``warmup_steps`` and the integration's Radial ``dense_layers`` are; a one-off plan() at a dense step of a
+    longer run is still the dense mask."""
+    for steps, dense in ((4, 4), (4, 5), (1, 10 ** 30)):
+        with pytest.raises(ValueError, match=f"dense_steps: expected fewer than num_steps={steps} .*; pass"):
+            radial.session(steps, dense_steps=dense)
+    assert not radial.session(4, dense_steps=3).action(VideoGeometry(8, 8, 16), 3).dense
+    assert radial.plan(VideoGeometry(8, 8, 16), 2, step=0, dense_steps=10 ** 30).meta["action"] == "dense"
+
+
 @pytest.mark.parametrize("params, error, match", [
     ({"decay_factor": 0}, ValueError, "decay_factor"), ({"decay_factor": "1"}, TypeError, "decay_factor"),
     ({"sink": 1}, TypeError, "sink"), ({"dense_steps": -1}, ValueError, "dense_steps"),

@@ -231,6 +231,16 @@ def test_bad_parameters_raise_naming_the_field(params, error, match):
         sta.session(4, **params)
 
 
+def test_dense_steps_that_leave_no_sparse_step_are_refused_naming_the_remedy():
+    """``dense_steps >= num_steps`` made every step dense without a word (a mask strategy's steps were not even
+    read): STA never ran. Refused as Radial's and AdaSpa's are; a one-off plan() at a dense step is still dense."""
+    for params in ({}, {"mask_strategy": {"0_0_0": [1, 1, 1]}}):
+        for dense in (3, 4, 10 ** 30):
+            with pytest.raises(ValueError, match="dense_steps: expected fewer than num_steps=3 .*; pass"):
+                sta.session(3, dense_steps=dense, **params)
+    assert sta.plan(VideoGeometry(4, 8, 8), 1, step=0, dense_steps=10 ** 30).density() == 1
+
+
 def test_strategies_missing_steps_and_too_many_blocks_are_refused_before_any_step():
     strategy = {f"{s}_0_0": [1, 1, 1] for s in range(2)}
     with pytest.raises(ValueError, match="got none for step 2"):
@@ -245,7 +255,7 @@ def test_strategies_missing_steps_and_too_many_blocks_are_refused_before_any_ste
                                                                                  layer=0)
     with pytest.raises(ValueError, match="gives 1 heads' windows, the model has 3"):
         sta.plan(VideoGeometry(4, 8, 8), 3, step=1, layer=0, mask_strategy={"1_0_0": [1, 1, 1]})
-    assert sta.session(3, mask_strategy=strategy, dense_steps=3).action(VideoGeometry(4, 8, 8), 2, 0).dense
+    assert sta.session(3, mask_strategy={"2_0_0": [1, 1, 1]}, dense_steps=2).action(VideoGeometry(4, 8, 8), 1, 0).dense
     with pytest.raises(ValueError, match="no windows for layer 1"):              # at a dense step already
         sta.session(2, mask_strategy=strategy, dense_steps=1).action(VideoGeometry(4, 8, 8), 0, 1)
     with pytest.raises(ValueError, match="exceed the int32 index limit.*use larger tiles"):

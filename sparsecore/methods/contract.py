@@ -223,6 +223,20 @@ def check_search_steps(method: str, warmup: int, searches: tuple[int, ...], num_
                      f"search_steps that fit, e.g. {example}")
 
 
+def check_sparse_steps(field: str, value: Any, given: Mapping[str, Any], dense: int, num_steps: int,
+                       largest: Any) -> None:
+    """Leading dense steps (``dense``, from ``field``'s ``value``) that leave a sparse step of the run: a method that
+    would never run sparse is refused, as the integration refuses dense layers covering the model. ``given``: the
+    caller's parameters (a default is named as one); ``largest``: the largest ``value`` that leaves one."""
+    if dense < num_steps:
+        return
+    shown_value = value if not isinstance(value, int) or value < 10 ** 12 else f"an int of {value.bit_length()} bits"
+    default = "" if field in given else " (the default)"
+    raise ValueError(f"{field}: expected fewer than num_steps={num_steps} leading dense steps (the method would never "
+                     f"run sparse), got {shown_value}{default}, which makes all {num_steps} steps dense; pass "
+                     f"{field} <= {largest!r}, or run dense attention without a sparse method")
+
+
 def check_step(step: Any, num_steps: int | None = None) -> int:
     step = check_int(step, "step", 0)
     if num_steps is not None and step >= num_steps:

@@ -47,7 +47,7 @@ Where the paper is silent, we chose:
   scores tied exactly at a row's ``k``-th value (the row top-k kernel keeps the lowest ids; torch's
   ``topk``, where no kernel takes the scores, whichever it meets: a stable sort that agrees cost 4.5x
   the time and twice the memory at 6x on a CPU).
-- Dense steps: ``ceil(dense_fraction * num_steps)`` (10 of 50); ``dense_layers``
+- Dense steps: ``ceil(dense_fraction * num_steps)`` (10 of 50; refused where that is every step); ``dense_layers``
   (default ``(0,)``: PISA's first dense layer) are dense at every step.
 - ``l_t`` for step ``t >= 1`` is ``mean |v_t - v_(t-1)|``; step 0 (no predecessor) takes
   ``l_1`` if it is ever sparse. The mean in ``l_t / mean(l)`` is over the sparse steps.
@@ -84,7 +84,7 @@ from sparsecore.noise import SEED_LIMIT, GumbelNoise, head_keys
 from . import causal
 from .approximation import check_approximation, check_causal, unselected_of, with_unselected
 from .contract import (MAX_LAYERS, HeadShard, StepAction, check_fraction, check_geometry, check_int_tuple,
-                       check_layer, check_num_steps, check_qk, check_scale, check_shard, check_step,
+                       check_layer, check_num_steps, check_qk, check_scale, check_shard, check_sparse_steps, check_step,
                        fixed_block_offsets, geometry_meta, params_from)
 from .selection import (Selection, SinkLayout, block_means, dense_mask, keep_count, rows_from_top, selection_nnz,
                         sink_mask, sink_rows, sorted_top)
@@ -168,8 +168,7 @@ class CurvatureProfile:
         """Read a profile written by :meth:`save`; anything else raises ``ValueError`` naming the file."""
         try:
             data = parse_json(Path(path).read_bytes(), "the file")["l1_change"]
-            if not isinstance(data, list) or not all(x is None or (isinstance(x, (int, float))
-                                                                    and not isinstance(x, bool)) for x in data):
+            if not isinstance(data, list) or not all(x is None or type(x) in (int, float) for x in data):   # no bool
                 raise ValueError(f"l1_change: expected a list of numbers or null, got {str(data)[:80]}")
             return cls(np.array([np.nan if x is None else x for x in data], dtype=np.float64))
         except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
@@ -337,10 +336,11 @@ class PASASession:
     def __init__(self, num_steps: int, profile: CurvatureProfile | None = None, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(PASAParams, METHOD, params)
+        n, p = self.num_steps, self.params
+        check_sparse_steps("dense_fraction", p.dense_fraction, params, dense_steps(n, p.dense_fraction), n, (n - 1) / n)
         self.profile = profile                                        # checked by density_schedule
-        self.schedule = density_schedule(self.num_steps, self.params.density,
-                                         dense_fraction=self.params.dense_fraction, profile=profile,
-                                         min_density=self.params.min_density)
+        self.schedule = density_schedule(n, p.density, dense_fraction=p.dense_fraction, profile=profile,
+                                         min_density=p.min_density)
 
     def action(self, geometry: VideoGeometry | None, step: int, layer: int | None = None) -> StepAction:
         step = check_step(step, self.num_steps)

@@ -50,7 +50,7 @@ from sparsecore.ir.memo import LruMemo
 from sparsecore.ir.validation import check_bool, check_int, frozen
 
 from .contract import (HeadShard, StepAction, check_bidirectional, check_fraction, check_geometry,
-                       check_layer, check_num_steps, check_one_off_step, check_shard, check_step,
+                       check_layer, check_num_steps, check_one_off_step, check_shard, check_sparse_steps, check_step,
                        fixed_block_offsets, geometry_meta, params_from)
 from .selection import dense_mask, shared_mask
 
@@ -185,7 +185,9 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     and layers dense attention's (frame-sized blocks), as the session's action says; ``**params``:
     :class:`RadialParams` fields."""
     step, layer = check_one_off_step(step), check_layer(layer)
-    session = RadialSession(step + 1, **params)
+    asked = params_from(RadialParams, METHOD, params)
+    session = RadialSession(step + 1, **{**vars(asked), "dense_steps": 0})    # a run of step + 1 steps, planned as
+    session.params = asked                                                    # the dense_steps asked for say
     if session.action(geometry, step, layer).dense and session.dense_at(step, layer):    # the action's checks first
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
@@ -203,6 +205,8 @@ class RadialSession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(RadialParams, METHOD, params)
+        dense = self.params.dense_steps
+        check_sparse_steps("dense_steps", dense, params, min(dense, self.num_steps), self.num_steps, self.num_steps - 1)
         self._masks = LruMemo(MASKS_KEPT)                        # (geometry, heads) -> mask
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
