@@ -14,6 +14,7 @@ for subprocesses). Linux only (``/proc/self/status``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import resource
 import subprocess
@@ -62,7 +63,8 @@ def bounded(headroom: int = HEADROOM, seconds: float = SECONDS) -> Iterator[None
 
 def refused(call: Callable[[], Any], fields: tuple[str, ...] | str, types: tuple[type, ...] = (ValueError, TypeError),
             headroom: int = HEADROOM) -> BaseException:
-    """``call()`` must raise one of ``types`` within the bounds, with a message naming one of ``fields``."""
+    """``call()`` must raise one of ``types`` within the bounds, with a message naming one of ``fields``. What a call
+    wrongly accepted is undone (:func:`undo`), so that the next calls of a module fail for their own reasons."""
     fields = (fields,) if isinstance(fields, str) else fields
     with bounded(headroom):
         try:
@@ -71,10 +73,53 @@ def refused(call: Callable[[], Any], fields: tuple[str, ...] | str, types: tuple
             message = str(err)
             error = err
         else:
-            raise AssertionError(f"accepted, returned {str(result)[:200]}; expected {types} naming {fields}")
+            message = None
+    if message is None:
+        try:
+            raise AssertionError(f"accepted {described(call)}, returned {str(result)[:200]}; expected {types} naming "
+                                 f"{fields}")
+        finally:
+            undo(result)
     assert any(field in message for field in fields), f"{type(error).__name__}: {message!r} names none of {fields}"
     assert "\n" not in message.strip(), f"a multi-line message: {message!r}"
     return error
+
+
+def undo(result: Any) -> None:
+    """``result.remove()`` where it takes no arguments (an ``apply()``'s handle): a model left patched would make every
+    later ``apply()`` of the module fail as 'already applied'. Anything else (a list's ``remove(x)``) is left as is."""
+    remove = getattr(result, "remove", None)
+    if not callable(remove):
+        return
+    try:
+        parameters = inspect.signature(remove).parameters.values()
+    except (TypeError, ValueError):                   # a callable without a signature: not a handle's method
+        return
+    if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        remove()
+
+
+def described(call: Callable[[], Any]) -> str:
+    """``call`` for a message: its source line, place and free variables (``**arguments``' values)."""
+    code = getattr(call, "__code__", None)
+    if code is None:
+        return repr(call)[:200]
+    try:
+        source = f"`{inspect.getsource(call).strip().splitlines()[0][:200]}`"
+    except OSError:                                   # no source at hand
+        source = call.__qualname__
+    values = "".join(f"; {name}={str(cell.cell_contents)[:200]}" for name, cell in
+                     zip(code.co_freevars, call.__closure__ or ()) if cell_set(cell))
+    return f"{source} ({Path(code.co_filename).name}:{code.co_firstlineno}{values})"
+
+
+def cell_set(cell: Any) -> bool:
+    """Whether a closure's variable has a value yet."""
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def run_bounded(code: str, memory: int = HEADROOM, seconds: float = 120.0,

@@ -8,6 +8,8 @@ processors as they were; nothing may wait for the first forward to fail.
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +217,30 @@ def test_a_model_on_another_device_than_applied_for_is_named_at_its_first_forwar
         assert [row["action"] for row in handle.stats()][-1] == "plan"
     finally:
         handle.remove()
+
+
+def test_refused_removes_a_handle_it_was_wrongly_given_and_names_the_call():
+    """``refused`` left a handle that ``apply`` wrongly accepted on the model: every later ``apply`` of the module then
+    failed as 'already applied', hiding the first failure's cause. It removes it, naming the call it was given by."""
+    model = types.SimpleNamespace(handle=None)
+
+    class Handle:
+        def remove(self) -> None:
+            model.handle = None
+
+    def accepting_apply(target, **params):
+        if target.handle is not None:
+            raise ValueError("transformer: sparsecore is already applied to this model")
+        target.handle = Handle()
+        return target.handle
+    arguments = {"method": "radial", "num_steps": 10, "dense_steps": 10}
+    for _ in range(2):                  # the second is refused as the first was, not as 'already applied'
+        with pytest.raises(AssertionError, match="accepted") as failed:
+            refused(lambda: accepting_apply(model, **arguments), "dense_steps")
+        assert model.handle is None, "the accepted handle was left on the model"
+        message = str(failed.value)
+        assert "accepting_apply(model, **arguments)" in message and "'dense_steps': 10" in message, message
+    kept = [1, 2]
+    with pytest.raises(AssertionError, match="accepted"):
+        refused(lambda: kept, "lists")    # a remove() that takes an argument is not a handle's
+    assert kept == [1, 2]
