@@ -185,9 +185,7 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     and layers dense attention's (frame-sized blocks), as the session's action says; ``**params``:
     :class:`RadialParams` fields."""
     step, layer = check_one_off_step(step), check_layer(layer)
-    asked = params_from(RadialParams, METHOD, params)
-    session = RadialSession(step + 1, **{**vars(asked), "dense_steps": 0})    # a run of step + 1 steps, planned as
-    session.params = asked                                                    # the dense_steps asked for say
+    session = RadialSession(step + 1, **params)
     if session.action(geometry, step, layer).dense and session.dense_at(step, layer):    # the action's checks first
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
@@ -205,8 +203,6 @@ class RadialSession:
     def __init__(self, num_steps: int, **params: Any) -> None:
         self.num_steps = check_num_steps(num_steps)
         self.params = params_from(RadialParams, METHOD, params)
-        dense = self.params.dense_steps
-        check_sparse_steps("dense_steps", dense, params, min(dense, self.num_steps), self.num_steps, self.num_steps - 1)
         self._masks = LruMemo(MASKS_KEPT)                        # (geometry, heads) -> mask
 
     def action(self, geometry: VideoGeometry, step: int, layer: int | None = None) -> StepAction:
@@ -243,5 +239,9 @@ class RadialSession:
 
 
 def session(num_steps: int = 50, **params: Any) -> RadialSession:
-    """A :class:`RadialSession` for a run of ``num_steps`` denoising steps."""
-    return RadialSession(num_steps, **params)
+    """A :class:`RadialSession` for a run of ``num_steps`` denoising steps, refused where ``dense_steps`` leaves no
+    sparse step (:func:`.contract.check_sparse_steps`)."""
+    run = RadialSession(num_steps, **params)
+    dense = run.params.dense_steps
+    check_sparse_steps("dense_steps", dense, params, min(dense, run.num_steps), run.num_steps, run.num_steps - 1)
+    return run

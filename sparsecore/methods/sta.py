@@ -184,10 +184,8 @@ def plan(geometry: VideoGeometry, num_heads: int, *, step: int = 0, layer: int |
     ``**params``: :class:`STAParams` fields. Run it on q, k, v gathered into that order and scatter the output back."""
     step, layer = check_one_off_step(step), check_layer(layer)
     p = params_from(STAParams, METHOD, params)                    # a strategy's file read once
-    if step < p.dense_steps:                                  # the action's checks (the strategy's layer, tiles)
-        dense_step = STASession(step + 1, **{**vars(p), "dense_steps": 0, "mask_strategy": None})
-        dense_step.params = p                                 # a run of step + 1 steps, dense at this one
-        dense_step.action(geometry, step, layer)
+    if step < p.dense_steps:
+        STASession(step + 1, **vars(p)).action(geometry, step, layer)      # its checks (the strategy's layer, tiles)
         shard = check_shard(heads, check_geometry(geometry, num_heads))
         return dense_mask(geometry, shard.size, {"method": METHOD, "paper": PAPER, "layer": layer, "step": step,
                                                  "action": "dense", "params": p.summary(),
@@ -209,10 +207,9 @@ class STASession:
         self._masks = LruMemo(MASKS_KEPT)                                  # (geometry, head windows) -> mask
         self._warned_grids: set[tuple[int, int, int]] = set()             # grids a gridless strategy warned of
         strategy, first = self.params.mask_strategy, self.params.dense_steps
-        check_sparse_steps("dense_steps", first, params, min(first, self.num_steps), self.num_steps, self.num_steps - 1)
         self._window_masks = LruMemo(WINDOW_MASKS_KEPT if strategy is None else      # one-head masks (head_groups):
                                      max(WINDOW_MASKS_KEPT, len(strategy.windows)))  # every window of one geometry
-        if strategy is not None:                                      # work in the strategy's steps, not num_steps
+        if strategy is not None and first < self.num_steps:           # work in the strategy's steps, not num_steps
             listed = sorted(step for step in strategy.steps if first <= step < self.num_steps)
             if len(listed) != self.num_steps - first:
                 gap = next((first + i for i, step in enumerate(listed) if step != first + i), first + len(listed))
@@ -352,5 +349,9 @@ class STASession:
 
 
 def session(num_steps: int = 50, **params: Any) -> STASession:
-    """An :class:`STASession` for a run of ``num_steps`` denoising steps."""
-    return STASession(num_steps, **params)
+    """An :class:`STASession` for a run of ``num_steps`` denoising steps, refused where ``dense_steps`` leaves no
+    sparse step (:func:`.contract.check_sparse_steps`)."""
+    run = STASession(num_steps, **params)
+    first = run.params.dense_steps
+    check_sparse_steps("dense_steps", first, params, min(first, run.num_steps), run.num_steps, run.num_steps - 1)
+    return run
