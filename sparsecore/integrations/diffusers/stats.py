@@ -94,12 +94,10 @@ class Stats:
         """``fn()``, timed into ``record`` on ``like``'s device when timing is on (threads share one watch)."""
         if not self.timing:
             return fn()
-        watch = record.watch
-        if watch is None:
-            with self._watch_lock:
-                if record.watch is None:
-                    record.watch = Stopwatch(like.device)
-                watch = record.watch
+        with self._watch_lock:
+            if record.watch is None:
+                record.watch = Stopwatch(like.device)
+            watch = record.watch
         with watch:
             return fn()
 
